@@ -1,0 +1,3 @@
+from jaxinf.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,55 @@
+"""Kronecker-factored, eigenvalue-corrected curvature (EK-FAC), stage by stage.
+
+1. :mod:`~jaxinf.curvature.covariance`: ``A`` and ``S`` (init / update / finalize);
+2. :mod:`~jaxinf.curvature.eigen`: ``Q_A, e_A, Q_S, e_S``;
+3. :mod:`~jaxinf.curvature.correction`: ``Lambda`` (init / update / finalize);
+4. :mod:`~jaxinf.curvature.precondition`: strategies, damping and ``P(G)``.
+"""
+
+from jaxinf.curvature.correction import (
+    LambdaState,
+    kfac_lambda,
+    lambda_finalize,
+    lambda_init,
+    lambda_update,
+    rotated_gradient,
+)
+from jaxinf.curvature.covariance import (
+    Covariance,
+    CovarianceState,
+    covariance_finalize,
+    covariance_init,
+    covariance_update,
+)
+from jaxinf.curvature.eigen import Eigen, eigendecompose, symmetric_eigh
+from jaxinf.curvature.precondition import (
+    STRATEGIES,
+    Curvature,
+    curvature,
+    damping,
+    inverse_eigenvalues,
+    precondition,
+)
+
+__all__ = [
+    "STRATEGIES",
+    "Covariance",
+    "CovarianceState",
+    "Curvature",
+    "Eigen",
+    "LambdaState",
+    "covariance_finalize",
+    "covariance_init",
+    "covariance_update",
+    "curvature",
+    "damping",
+    "eigendecompose",
+    "inverse_eigenvalues",
+    "kfac_lambda",
+    "lambda_finalize",
+    "lambda_init",
+    "lambda_update",
+    "precondition",
+    "rotated_gradient",
+    "symmetric_eigh",
+]

@@ -1,0 +1,84 @@
+"""Stage 3, eigenvalue correction: the EK-FAC ``Lambda`` of every tracked layer.
+
+    Lambda = sum_n (Q_S^T G[n] Q_A)^2 / N_seq          (elementwise square)
+
+the variance of the per-sequence gradients ``G[n] = sum_t g[n,t] a[n,t]^T`` in
+the Kronecker eigenbasis, normalized per sequence (kronfluence's convention).
+The rotated gradient is formed from rotated tokens,
+``Q_S^T G[n] Q_A = sum_t (Q_S^T g[n,t]) (Q_A^T a[n,t])^T``, so no gradient is
+ever materialized per token, only one ``[d_out, d_in']`` matrix per sequence.
+
+Without an eigenbasis (``eigen=None``) the same accumulation gives the diagonal
+strategy's ``Lambda = sum_n G[n]^2 / N_seq``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+
+import jax
+import jax.numpy as jnp
+
+from jaxinf.capture import Captured, LayerSpec
+from jaxinf.curvature.eigen import Eigen
+
+Array = jax.Array
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class LambdaState:
+    """Running sums ``sum_n (Q_S^T G[n] Q_A)^2`` per block and the sequence count ``N_seq``."""
+
+    Lambda: dict[str, Array]
+    count: Array
+
+
+def lambda_init(layers: Mapping[str, LayerSpec], dtype=jnp.float32) -> LambdaState:
+    """Zero sums for every tracked block."""
+    return LambdaState(
+        Lambda={k: jnp.zeros(s.lead + (s.d_out, s.d_in_aug), dtype) for k, s in layers.items()},
+        count=jnp.zeros((), dtype),
+    )
+
+
+def rotated_gradient(a: Array, g: Array, Q_A: Array | None, Q_S: Array | None, dtype) -> Array:
+    """``Q_S^T G[n] Q_A = sum_t (Q_S^T g[n,t]) (Q_A^T a[n,t])^T`` per sequence: ``[*lead, B, d_out, d_in']``.
+
+    Tokens are rotated before the sum over t, so the only parameter-sized
+    tensor is one per sequence. With no eigenbasis this is ``G[n]`` itself.
+    """
+    a = a.astype(dtype)
+    g = g.astype(dtype)
+    if Q_A is not None:
+        a = jnp.einsum("...bti,...ij->...btj", a, Q_A.astype(dtype))
+        g = jnp.einsum("...bto,...op->...btp", g, Q_S.astype(dtype))
+    return jnp.einsum("...btp,...btj->...bpj", g, a)
+
+
+def sequence_count(mask: Array) -> Array:
+    """``N_seq`` of a batch: sequences with at least one unmasked token (padding rows do not count)."""
+    return jnp.any(mask > 0, axis=-1).sum()
+
+
+def lambda_update(state: LambdaState, captured: Captured, eigen: Eigen | None) -> LambdaState:
+    """Adds one batch: ``Lambda += sum_n (Q_S^T G[n] Q_A)^2`` (``G[n]^2`` when ``eigen`` is None)."""
+    out = {}
+    for k, acc in state.Lambda.items():
+        Q_A = None if eigen is None else eigen.Q_A[k]
+        Q_S = None if eigen is None else eigen.Q_S[k]
+        R = rotated_gradient(captured.a[k], captured.g[k], Q_A, Q_S, acc.dtype)
+        out[k] = acc + jnp.sum(R * R, axis=-3)
+    count = state.count + sequence_count(captured.mask).astype(state.count.dtype)
+    return LambdaState(Lambda=out, count=count)
+
+
+def lambda_finalize(state: LambdaState) -> dict[str, Array]:
+    """``Lambda = sum_n (Q_S^T G[n] Q_A)^2 / N_seq``."""
+    return {k: v / state.count for k, v in state.Lambda.items()}
+
+
+def kfac_lambda(eigen: Eigen) -> dict[str, Array]:
+    """K-FAC's eigenvalues of ``A kron S`` in the same layout: ``Lambda[i, j] = e_S[i] * e_A[j]``."""
+    return {k: eigen.e_S[k][..., :, None] * eigen.e_A[k][..., None, :] for k in eigen.e_A}

@@ -1,0 +1,201 @@
+"""Query gradients, their low-rank approximation, and influence scores.
+
+The influence of document n on query q is
+
+    I(q, n) = sum_layers <P(G_q), G[n]>_F = sum_layers sum_t g[n,t]^T P(G_q) a[n,t]
+
+where ``G_q`` is the gradient of the query's measurement (summed NLL of its
+completion tokens) and ``P`` the preconditioner of :mod:`jaxinf.curvature`.
+Positive means that a gradient step on document n lowers the query's loss, i.e.
+raises the completion's log-probability. Scores are raw by default
+(kronfluence's convention: no sign flip, no 1/N); ``per_nat`` divides each
+query's row by its completion NLL, as Ruis et al. report.
+
+Documents are never turned into parameter-sized gradients per token. Per block,
+:func:`contraction_plan` picks from the shapes the cheaper of contracting the
+query factors with the tokens (``sum_t (g_t . u_k)(v_k . a_t)``) and forming one
+``[d_out, d_in']`` gradient per document.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+
+import jax
+import jax.numpy as jnp
+
+from jaxinf.capture import Captured, LayerSpec, per_sequence_gradient
+from jaxinf.curvature import Curvature, damping, inverse_eigenvalues, precondition, rotated_gradient
+from jaxinf.curvature.eigen import eig_dtype
+
+Array = jax.Array
+
+NORMALIZATIONS = ("none", "per_nat")
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class QueryGradients:
+    """Preconditioned query gradients per block, ready for scoring.
+
+    A block is either in ``full`` (``[*lead, Q, d_out, d_in']``) or, once rank-r
+    truncated, in ``left`` (``[*lead, Q, d_out, r]``, singular values folded in)
+    and ``right`` (``[*lead, Q, d_in', r]``): ``P(G_q) ~= left @ right^T``.
+    ``loss`` holds each query's measurement (its completion NLL).
+    """
+
+    full: dict[str, Array]
+    left: dict[str, Array]
+    right: dict[str, Array]
+    loss: Array
+
+    @property
+    def num_queries(self) -> int:
+        return int(self.loss.shape[0])
+
+
+def low_rank(P: Array, rank: int) -> tuple[Array, Array]:
+    """Rank-r truncated SVD ``P ~= (U_r diag(s_r)) V_r^T`` per matrix of ``P`` ``[..., d_out, d_in']``."""
+    dtype = P.dtype
+    U, s, Vt = jnp.linalg.svd(P.astype(eig_dtype()), full_matrices=False)
+    left = U[..., :, :rank] * s[..., None, :rank]
+    right = jnp.swapaxes(Vt[..., :rank, :], -1, -2)
+    return left.astype(dtype), right.astype(dtype)
+
+
+def prepare_queries(
+    G: Mapping[str, Array],
+    loss: Array,
+    curv: Curvature,
+    damping_value: float | None,
+    rank: int | None,
+) -> QueryGradients:
+    """``P(G_q)`` for every block, replaced by its rank-r SVD where ``min(d_out, d_in') > r``."""
+    P = precondition(G, curv, damping(curv, damping_value))
+    full, left, right = {}, {}, {}
+    for k, p in P.items():
+        if rank is not None and min(p.shape[-2:]) > rank:
+            left[k], right[k] = low_rank(p, rank)
+        else:
+            full[k] = p
+    return QueryGradients(full=full, left=left, right=right, loss=loss)
+
+
+def contraction_plan(B: int, T: int, Q: int, d_out: int, d_in: int, rank: int | None) -> str:
+    """``"tokens"`` or ``"documents"``: the cheaper order (in FLOPs) for one layer of ``sum_t g^T P a``.
+
+    tokens:    rank-r factors against every token, ``2 B T Q r (d_out + d_in)``;
+               with a full ``P``, ``2 B T Q d_out d_in``.
+    documents: one gradient per document then a dot with each ``P``,
+               ``2 B T d_out d_in + 2 B Q d_out d_in`` (plus ``2 Q r d_out d_in`` to rebuild ``P``).
+    """
+    docs = 2 * B * T * d_out * d_in + 2 * B * Q * d_out * d_in
+    if rank is None:
+        tokens = 2 * B * T * Q * d_out * d_in
+    else:
+        tokens = 2 * B * T * Q * rank * (d_out + d_in)
+        docs += 2 * Q * rank * d_out * d_in
+    return "tokens" if tokens <= docs else "documents"
+
+
+def _block_scores(qg: QueryGradients, k: str, a: Array, g: Array, per_token: bool, plan: str | None) -> Array:
+    """One block's ``sum_t g[n,t]^T P(G_q) a[n,t]``: ``[*lead, Q, B]`` (``[*lead, Q, B, T]`` per token)."""
+    B, T = a.shape[-3], a.shape[-2]
+    d_out, d_in = g.shape[-1], a.shape[-1]
+    lowr = k in qg.left
+    Q = qg.loss.shape[0]
+    rank = qg.left[k].shape[-1] if lowr else None
+    if per_token:
+        plan = "tokens"
+    elif plan is None:
+        plan = contraction_plan(B, T, Q, d_out, d_in, rank)
+    if plan == "tokens":
+        if lowr:
+            gl = jnp.einsum("...bto,...qor->...qbtr", g, qg.left[k].astype(g.dtype))
+            ar = jnp.einsum("...bti,...qir->...qbtr", a, qg.right[k].astype(a.dtype))
+            per_tok = jnp.sum(gl * ar, axis=-1)
+        else:
+            Pa = jnp.einsum("...qoi,...bti->...qbto", qg.full[k].astype(a.dtype), a)
+            per_tok = jnp.einsum("...qbto,...bto->...qbt", Pa, g)
+        return per_tok if per_token else per_tok.sum(-1)
+    P = qg.full[k] if not lowr else jnp.einsum("...qor,...qir->...qoi", qg.left[k], qg.right[k])
+    G = per_sequence_gradient(a, g)
+    return jnp.einsum("...qoi,...boi->...qb", P.astype(G.dtype), G)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Scores:
+    """Scores of one document batch: ``total`` ``[Q, B]``; optionally ``per_layer`` (block -> ``[*lead, Q, B]``)
+    and ``per_token`` ``[Q, B, T]``. Both breakdowns sum to ``total``."""
+
+    total: Array
+    per_layer: dict[str, Array] | None = None
+    per_token: Array | None = None
+
+
+def pairwise_scores(
+    qg: QueryGradients,
+    captured: Captured,
+    *,
+    per_layer: bool = False,
+    per_token: bool = False,
+    plan: str | None = None,
+) -> Scores:
+    """``I(q, n) = sum_layers sum_t g[n,t]^T P(G_q) a[n,t]`` for every query and document of the batch."""
+    blocks = {}
+    for k in captured.a:
+        if k not in qg.full and k not in qg.left:
+            raise KeyError(f"layer {k!r} has no query gradient")
+        blocks[k] = _block_scores(qg, k, captured.a[k], captured.g[k], per_token, plan)
+    if per_token:
+        tok = sum(_sum_lead(v, 3) for v in blocks.values())
+        return Scores(total=tok.sum(-1), per_layer={k: v.sum(-1) for k, v in blocks.items()} if per_layer else None,
+                      per_token=tok)
+    total = sum(_sum_lead(v, 2) for v in blocks.values())
+    return Scores(total=total, per_layer=blocks if per_layer else None)
+
+
+def _sum_lead(x: Array, trailing: int) -> Array:
+    """Sums the layer axes of a stacked block's array, keeping the ``trailing`` axes."""
+    lead = x.ndim - trailing
+    return x.sum(axis=tuple(range(lead))) if lead else x
+
+
+def self_scores(curv: Curvature, damping_value: float | None, captured: Captured) -> Array:
+    """Self-influence ``<P(G[n]), G[n]>`` per document: ``sum (Q_S^T G[n] Q_A)^2 / (Lambda + lambda)``.
+
+    (``sum G[n]^2`` for identity, ``sum G[n]^2 / (Lambda + lambda)`` for diagonal.)
+    """
+    damp = damping(curv, damping_value)
+    total = 0.0
+    for k in captured.a:
+        dtype = curv.Lambda[k].dtype if curv.Lambda is not None else captured.a[k].dtype
+        rotated = curv.strategy in ("kfac", "ekfac")
+        R = rotated_gradient(captured.a[k], captured.g[k],
+                             curv.Q_A[k] if rotated else None, curv.Q_S[k] if rotated else None, dtype)
+        if curv.strategy == "identity":
+            per_layer = jnp.sum(R * R, axis=(-2, -1))
+        else:
+            lead = R.ndim - 3
+            inv = jnp.expand_dims(inverse_eigenvalues(curv.Lambda[k], damp[k]), lead)
+            per_layer = jnp.sum(R * R * inv, axis=(-2, -1))
+        total = total + _sum_lead(per_layer, 1)
+    return total
+
+
+def normalize(scores: Array, query_loss: Array, how: str) -> Array:
+    """``none``: raw scores; ``per_nat``: each query's row divided by its completion NLL."""
+    if how == "none":
+        return scores
+    if how == "per_nat":
+        return scores / query_loss[:, None]
+    raise ValueError(f"scores.normalize: unknown normalization {how!r} (choose from {', '.join(NORMALIZATIONS)})")
+
+
+def expand_layer_scores(per_layer: Mapping[str, Array], layers: Mapping[str, LayerSpec]) -> dict[str, Array]:
+    """Per-layer score entries (``layers.3.mlp.up_proj`` -> ``[Q, B]``) from per-block arrays."""
+    from jaxinf.capture import expand
+
+    return expand(per_layer, layers, axis=0)
