@@ -25,9 +25,9 @@ from collections.abc import Mapping
 import jax
 import jax.numpy as jnp
 
-from jaxinf.capture import Captured, LayerSpec, per_sequence_gradient
+from jaxinf.capture import Captured, LayerSpec, expand, per_sequence_gradient
 from jaxinf.curvature import Curvature, damping, inverse_eigenvalues, precondition, rotated_gradient
-from jaxinf.curvature.eigen import eig_dtype
+from jaxinf.precision import float_dtype
 
 Array = jax.Array
 
@@ -58,7 +58,7 @@ class QueryGradients:
 def low_rank(P: Array, rank: int) -> tuple[Array, Array]:
     """Rank-r truncated SVD ``P ~= (U_r diag(s_r)) V_r^T`` per matrix of ``P`` ``[..., d_out, d_in']``."""
     dtype = P.dtype
-    U, s, Vt = jnp.linalg.svd(P.astype(eig_dtype()), full_matrices=False)
+    U, s, Vt = jnp.linalg.svd(P.astype(float_dtype()), full_matrices=False)
     left = U[..., :, :rank] * s[..., None, :rank]
     right = jnp.swapaxes(Vt[..., :rank, :], -1, -2)
     return left.astype(dtype), right.astype(dtype)
@@ -101,6 +101,7 @@ def contraction_plan(B: int, T: int, Q: int, d_out: int, d_in: int, rank: int | 
 
 def _block_scores(qg: QueryGradients, k: str, a: Array, g: Array, per_token: bool, plan: str | None) -> Array:
     """One block's ``sum_t g[n,t]^T P(G_q) a[n,t]``: ``[*lead, Q, B]`` (``[*lead, Q, B, T]`` per token)."""
+    a, g = a.astype(float_dtype()), g.astype(float_dtype())
     B, T = a.shape[-3], a.shape[-2]
     d_out, d_in = g.shape[-1], a.shape[-1]
     lowr = k in qg.left
@@ -196,6 +197,4 @@ def normalize(scores: Array, query_loss: Array, how: str) -> Array:
 
 def expand_layer_scores(per_layer: Mapping[str, Array], layers: Mapping[str, LayerSpec]) -> dict[str, Array]:
     """Per-layer score entries (``layers.3.mlp.up_proj`` -> ``[Q, B]``) from per-block arrays."""
-    from jaxinf.capture import expand
-
     return expand(per_layer, layers, axis=0)

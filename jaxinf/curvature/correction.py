@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxinf.capture import Captured, LayerSpec
+from jaxinf.precision import float_dtype
 from jaxinf.curvature.eigen import Eigen
 
 Array = jax.Array
@@ -35,8 +36,9 @@ class LambdaState:
     count: Array
 
 
-def lambda_init(layers: Mapping[str, LayerSpec], dtype=jnp.float32) -> LambdaState:
-    """Zero sums for every tracked block."""
+def lambda_init(layers: Mapping[str, LayerSpec], dtype=None) -> LambdaState:
+    """Zero sums for every tracked block (in the working precision unless ``dtype`` is given)."""
+    dtype = dtype or float_dtype()
     return LambdaState(
         Lambda={k: jnp.zeros(s.lead + (s.d_out, s.d_in_aug), dtype) for k, s in layers.items()},
         count=jnp.zeros((), dtype),

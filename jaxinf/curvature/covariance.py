@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxinf.capture import Captured, LayerSpec
+from jaxinf.precision import float_dtype
 
 Array = jax.Array
 
@@ -40,8 +41,9 @@ class Covariance:
     count: dict[str, Array]
 
 
-def covariance_init(layers: Mapping[str, LayerSpec], dtype=jnp.float32) -> CovarianceState:
-    """Zero sums for every tracked block."""
+def covariance_init(layers: Mapping[str, LayerSpec], dtype=None) -> CovarianceState:
+    """Zero sums for every tracked block (in the working precision unless ``dtype`` is given)."""
+    dtype = dtype or float_dtype()
     return CovarianceState(
         A={k: jnp.zeros(s.lead + (s.d_in_aug, s.d_in_aug), dtype) for k, s in layers.items()},
         S={k: jnp.zeros(s.lead + (s.d_out, s.d_out), dtype) for k, s in layers.items()},

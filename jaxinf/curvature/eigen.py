@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxinf.curvature.covariance import Covariance
+from jaxinf.precision import float_dtype
 
 Array = jax.Array
 
@@ -33,14 +34,9 @@ class Eigen:
     e_S: dict[str, Array]
 
 
-def eig_dtype():
-    """float64 when x64 is enabled (as for kronfluence's eigendecomposition), else float32."""
-    return jnp.float64 if jax.config.jax_enable_x64 else jnp.float32
-
-
 def symmetric_eigh(M: Array) -> tuple[Array, Array]:
     """``M = Q diag(e) Q^T`` of the symmetrized ``M`` (batched over leading axes), ``e >= 0``, ascending."""
-    M = M.astype(eig_dtype())
+    M = M.astype(float_dtype())
     M = 0.5 * (M + jnp.swapaxes(M, -1, -2))
     e, Q = jnp.linalg.eigh(M)
     failed = ~(jnp.all(jnp.isfinite(e)) & jnp.all(jnp.isfinite(Q)))
