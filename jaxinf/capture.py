@@ -315,14 +315,15 @@ def capture(
     """
     if not layers:
         raise CaptureError("no tracked layer")
+    shape = jax.eval_shape(lambda p, b: loss_fn(p, b, {})[0], params, batch).shape
+    if shape != mask.shape:
+        raise CaptureError(f"token losses of shape {shape} do not match the mask {mask.shape}")
     probes = zero_probes(layers, tuple(mask.shape))
 
     def losses_of(p):
         return loss_fn(params, batch, p)
 
     token_losses, vjp, inputs = jax.vjp(losses_of, probes, has_aux=True)
-    if token_losses.shape != mask.shape:
-        raise CaptureError(f"token losses of shape {token_losses.shape} do not match the mask {mask.shape}")
     (g,) = vjp(jnp.ones_like(token_losses))
     a_out, g_out = {}, {}
     for name, spec in layers.items():

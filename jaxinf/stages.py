@@ -104,10 +104,11 @@ def score_batch(
     *,
     per_layer: bool = False,
     per_token: bool = False,
+    plan: str | None = None,
 ) -> tuple[Scores, Array]:
     """Pairwise scores of one document batch against all queries, and the documents' losses."""
     captured = capture_train(task, layers, params, batch, None)
-    return pairwise_scores(queries, captured, per_layer=per_layer, per_token=per_token), captured.loss
+    return pairwise_scores(queries, captured, per_layer=per_layer, per_token=per_token, plan=plan), captured.loss
 
 
 def self_influence_batch(
@@ -128,6 +129,15 @@ def check_finite(losses: Array, what: str, names: list[str] | None = None) -> No
         i = int(bad[0])
         label = names[i] if names is not None else f"#{i}"
         raise CaptureError(f"{what} {label}: loss is not finite ({float(np.asarray(losses)[i])})")
+
+
+def check_queries(batch, names: list[str] | None = None) -> None:
+    """Raises naming the first query whose measurement has no token (an empty completion)."""
+    counts = np.asarray(batch["weights"]).sum(-1)
+    real = np.asarray(batch["mask"]).sum(-1) > 0
+    for i in np.flatnonzero(real & (counts == 0)):
+        label = names[i] if names is not None else f"#{int(i)}"
+        raise CaptureError(f"query {label}: empty completion (no token enters the measurement)")
 
 
 def run_stage(stage: Stage, inputs: tuple, batches: Iterable, key: Array | None, *, what: str = "document",

@@ -204,36 +204,60 @@ def _layer_norm(x: Array, p: Params, eps: float = 1e-5) -> Array:
     return (x - mu) * jax.lax.rsqrt(var + eps) * p["scale"] + p["bias"]
 
 
-def tiny_lm_apply(params: Params, tokens: Array, mask: Array, tap: Tap, *, n_heads: int = 2) -> Array:
-    """Logits ``[B, T, vocab]`` of the tiny GPT; every projection and ``lm_head`` is a tracked layer."""
-    B, T = tokens.shape
+def tiny_lm_block(h: Array, p: Params, attend: Array, tap: Tap, n_heads: int) -> Array:
+    """One pre-LN block: causal self-attention (``attn.{q,k,v,o}_proj``) then a GELU MLP (``mlp.fc_in/fc_out``)."""
+    B, T = h.shape[:2]
+
+    def proj(name, x):
+        group, layer = name.split(".")
+        return tap.linear(name, x, p[group][layer]["kernel"], p[group][layer]["bias"])
+
+    x = _layer_norm(h, p["ln1"])
+    q, k, v = (proj(f"attn.{n}_proj", x) for n in "qkv")
+    d = q.shape[-1] // n_heads
+    q, k, v = (z.reshape(B, T, n_heads, d) for z in (q, k, v))
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(d)
+    logits = jnp.where(attend, logits, jnp.finfo(logits.dtype).min)
+    o = jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(logits, axis=-1), v).reshape(B, T, -1)
+    h = h + proj("attn.o_proj", o)
+    x = jax.nn.gelu(proj("mlp.fc_in", _layer_norm(h, p["ln2"])))
+    return h + proj("mlp.fc_out", x)
+
+
+def tiny_lm_apply(params: Params, tokens: Array, mask: Array, tap: Tap, *, n_heads: int = 2,
+                  unroll: bool = False) -> Array:
+    """Logits ``[B, T, vocab]`` of the tiny GPT; every projection and ``lm_head`` is a tracked layer.
+
+    Layers run under ``tap.scan("layers", ...)`` (blocks ``layers.*.mlp.fc_in``, ...), or with
+    ``unroll`` one by one as separately named layers (``layers.0.mlp.fc_in``, ...).
+    """
+    T = tokens.shape[1]
     h = params["embed"][tokens] + params["pos"][:T]
-    causal = jnp.tril(jnp.ones((T, T), bool))
-    attend = causal[None, None] & (mask[:, None, None, :] > 0)
-
-    def block(h, p, tap):
-        x = _layer_norm(h, p["ln1"])
-        q = tap.linear("attn.q_proj", x, p["attn"]["q_proj"]["kernel"], p["attn"]["q_proj"]["bias"])
-        k = tap.linear("attn.k_proj", x, p["attn"]["k_proj"]["kernel"], p["attn"]["k_proj"]["bias"])
-        v = tap.linear("attn.v_proj", x, p["attn"]["v_proj"]["kernel"], p["attn"]["v_proj"]["bias"])
-        d = q.shape[-1] // n_heads
-        q, k, v = (z.reshape(B, T, n_heads, d) for z in (q, k, v))
-        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(d)
-        logits = jnp.where(attend, logits, jnp.finfo(logits.dtype).min)
-        o = jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(logits, axis=-1), v).reshape(B, T, -1)
-        h = h + tap.linear("attn.o_proj", o, p["attn"]["o_proj"]["kernel"], p["attn"]["o_proj"]["bias"])
-        x = _layer_norm(h, p["ln2"])
-        x = jax.nn.gelu(tap.linear("mlp.fc_in", x, p["mlp"]["fc_in"]["kernel"], p["mlp"]["fc_in"]["bias"]))
-        return h + tap.linear("mlp.fc_out", x, p["mlp"]["fc_out"]["kernel"], p["mlp"]["fc_out"]["bias"])
-
-    h = tap.scan("layers", block, h, params["layers"])
+    attend = jnp.tril(jnp.ones((T, T), bool))[None, None] & (mask[:, None, None, :] > 0)
+    block = lambda h, p, t: tiny_lm_block(h, p, attend, t, n_heads)
+    if unroll:
+        for i in range(params["layers"]["ln1"]["scale"].shape[0]):
+            h = block(h, jax.tree.map(lambda x: x[i], params["layers"]), _Prefixed(tap, f"layers.{i}."))
+    else:
+        h = tap.scan("layers", block, h, params["layers"])
     h = _layer_norm(h, params["ln_f"])
     return tap.linear("lm_head", h, params["lm_head"]["kernel"])
 
 
-def tiny_lm_task(n_heads: int = 2) -> Task:
+class _Prefixed:
+    """A view of a tap that prefixes layer names (for the unrolled tiny GPT)."""
+
+    def __init__(self, tap: Tap, prefix: str):
+        self.tap, self.prefix = tap, prefix
+
+    def linear(self, name, x, kernel, bias=None):
+        return self.tap.linear(self.prefix + name, x, kernel, bias)
+
+
+def tiny_lm_task(n_heads: int = 2, unroll: bool = False) -> Task:
     """The causal-LM task on the tiny GPT."""
-    return causal_lm_task(lambda p, tokens, mask, tap: tiny_lm_apply(p, tokens, mask, tap, n_heads=n_heads))
+    return causal_lm_task(lambda p, tokens, mask, tap: tiny_lm_apply(p, tokens, mask, tap, n_heads=n_heads,
+                                                                     unroll=unroll))
 
 
 def lm_batch(sequences: list[list[int]], length: int | None = None, prompt_lengths: list[int] | None = None) -> Batch:

@@ -50,6 +50,8 @@ class Curvature:
 
 def curvature(strategy: str, eigen: Eigen | None = None, Lambda: Mapping[str, Array] | None = None) -> Curvature:
     """Assembles a :class:`Curvature`, checking that the strategy has what it needs."""
+    if strategy not in STRATEGIES:
+        raise ValueError(f"factors.strategy: unknown strategy {strategy!r} (choose from {', '.join(STRATEGIES)})")
     if strategy == "identity":
         return Curvature(strategy, None, None, None)
     if Lambda is None:

@@ -1,0 +1,82 @@
+"""Tiny models, documents and queries shared by the engine tests, and the brute-force oracle."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxinf import capture, tasks
+
+DOCS = [[1, 2, 3, 4, 5, 6], [3, 4, 5], [7, 8, 9, 10, 11, 12, 13], [2, 2, 9, 1], [5, 1], [6, 7, 8, 9, 10]]
+QUERIES = [([1, 2, 3], [4, 5]), ([9, 10], [11]), ([2, 2], [9, 1, 3])]
+
+
+def tiny_lm(dtype=jnp.float64, seed=0, **kw):
+    task = tasks.tiny_lm_task()
+    params = tasks.tiny_lm_init(jax.random.key(seed), vocab=16, d_model=8, d_ff=12, n_layers=2, max_len=16,
+                                dtype=dtype, **kw)
+    return task, params
+
+
+def doc_batch(docs=DOCS, length=None):
+    return tasks.lm_batch(docs, length)
+
+
+def query_batch(queries=QUERIES, length=None):
+    return tasks.lm_batch([p + c for p, c in queries], length, [len(p) for p, _ in queries])
+
+
+def layers_of(task, params, batch, track="all"):
+    layers = capture.find_layers(lambda p, b, pr: task.train_loss(p, b, pr, None), params, batch)
+    return capture.select_layers(layers, track)
+
+
+def tracked_param_subtree(params, layers):
+    """The kernel (and bias) of each tracked block, keyed by block name (HF-style dotted path with '*')."""
+    out = {}
+    for name in layers:
+        node = params
+        for part in name.split("."):
+            if part == capture.STACK:
+                continue
+            node = node[part]
+        out[name] = node
+    return out
+
+
+def with_tracked(params, layers, sub):
+    """``params`` with the tracked blocks' kernels and biases replaced by ``sub``."""
+    params = jax.tree.map(lambda x: x, params)  # shallow structural copy
+
+    def set_path(tree, parts, value):
+        tree = dict(tree)
+        if len(parts) == 1:
+            tree[parts[0]] = value
+        else:
+            tree[parts[0]] = set_path(tree[parts[0]], parts[1:], value)
+        return tree
+
+    for name, value in sub.items():
+        parts = [p for p in name.split(".") if p != capture.STACK]
+        params = set_path(params, parts, value)
+    return params
+
+
+def per_example_grads(loss_of_row, params, layers, batch):
+    """Oracle: ``vmap(grad)`` of each row's summed loss w.r.t. the tracked layers' parameters, flattened: ``[B, P]``."""
+    sub = tracked_param_subtree(params, layers)
+
+    def row_loss(sub, row):
+        full = with_tracked(params, layers, sub)
+        one = jax.tree.map(lambda x: x[None], row)
+        return loss_of_row(full, one).sum()
+
+    grads = jax.vmap(jax.grad(row_loss), in_axes=(None, 0))(sub, batch)
+    leaves = jax.tree.leaves(grads)
+    return jnp.concatenate([g.reshape(g.shape[0], -1) for g in leaves], axis=1)
+
+
+def rel_err(x, y):
+    x, y = np.asarray(x), np.asarray(y)
+    return float(np.max(np.abs(x - y)) / max(np.max(np.abs(y)), 1e-300))

@@ -1,0 +1,180 @@
+"""Curvature stages against dense oracles built explicitly on tiny layers (float64)."""
+
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from engine_fixtures import doc_batch, layers_of, rel_err, tiny_lm
+from jaxinf import capture, curvature, stages, tasks
+from jaxinf.curvature import Covariance
+
+TOL = 1e-10  # float64 agreement with the dense oracles
+
+
+def _mlp_setup(n=24, sizes=(3, 4, 2), seed=0):
+    task = tasks.mlp_task("classification")
+    key = jax.random.key(seed)
+    params = tasks.mlp_init(key, sizes, jnp.float64)
+    x = jax.random.normal(jax.random.fold_in(key, 1), (n, 1, sizes[0]), jnp.float64)
+    y = jax.random.randint(jax.random.fold_in(key, 2), (n, 1), 0, sizes[-1])
+    batch = {"x": x, "y": y, "mask": jnp.ones((n, 1), jnp.float64)}
+    layers = capture.find_layers(lambda p, b, pr: task.train_loss(p, b, pr, None), params, batch)
+    return task, params, batch, layers
+
+
+def _dense_pieces(task, params, batch, layers, name):
+    """Oracle per-example gradients vec(G[n]) (row-major [d_out, d_in']) and per-token a, g, with numpy."""
+    cap = capture.capture(lambda p, b, pr: task.train_loss(p, b, pr, None), params, batch, layers, batch["mask"])
+    a = np.asarray(cap.a[name]).reshape(-1, cap.a[name].shape[-1])
+    g = np.asarray(cap.g[name]).reshape(-1, cap.g[name].shape[-1])
+    G = np.einsum("bto,bti->boi", np.asarray(cap.g[name]), np.asarray(cap.a[name]))
+    return a, g, G.reshape(G.shape[0], -1), G.shape[1:]
+
+
+def test_ekfac_lambda_is_the_fisher_diagonal_in_the_kronecker_eigenbasis():
+    with jax.enable_x64(True):
+        task, params, batch, layers = _mlp_setup()
+        curv, pieces = stages.fit_curvature(task, layers, params, [batch], strategy="ekfac", fisher="empirical")
+        for name in layers:
+            a, g, vecG, shape = _dense_pieces(task, params, batch, layers, name)
+            n = vecG.shape[0]
+            A, S = a.T @ a / len(a), g.T @ g / len(g)
+            cov = pieces["covariance"]
+            assert rel_err(cov.A[name], A) < TOL and rel_err(cov.S[name], S) < TOL
+            eig = pieces["eigen"]
+            Q_A, Q_S = np.asarray(eig.Q_A[name]), np.asarray(eig.Q_S[name])
+            assert rel_err(Q_A @ np.diag(np.asarray(eig.e_A[name])) @ Q_A.T, A) < TOL
+            assert rel_err(Q_S @ np.diag(np.asarray(eig.e_S[name])) @ Q_S.T, S) < TOL
+            F = vecG.T @ vecG / n                      # the layer's Fisher (1/N) sum vec(G) vec(G)^T
+            Q = np.kron(Q_S, Q_A)                      # row-major vec: vec(Q_S^T G Q_A) = Q^T vec(G)
+            oracle = np.diag(Q.T @ F @ Q).reshape(shape)
+            assert rel_err(curv.Lambda[name], oracle) < TOL, name
+
+
+def test_diagonal_lambda_is_the_fisher_diagonal():
+    with jax.enable_x64(True):
+        task, params, batch, layers = _mlp_setup()
+        curv, _ = stages.fit_curvature(task, layers, params, [batch], strategy="diagonal", fisher="empirical")
+        for name in layers:
+            _, _, vecG, shape = _dense_pieces(task, params, batch, layers, name)
+            oracle = np.diag(vecG.T @ vecG / len(vecG)).reshape(shape)
+            assert rel_err(curv.Lambda[name], oracle) < TOL
+
+
+@pytest.mark.parametrize("damping", [1e-3, 0.5])
+def test_kfac_and_ekfac_preconditioning_equal_dense_solves(damping):
+    with jax.enable_x64(True):
+        task, params, batch, layers = _mlp_setup()
+        qbatch = jax.tree.map(lambda x: x[:3], batch)
+        G, _ = stages.query_gradients(task, layers, params, qbatch)
+        for strategy in ("kfac", "ekfac"):
+            curv, pieces = stages.fit_curvature(task, layers, params, [batch], strategy=strategy, fisher="empirical")
+            P = curvature.precondition(G, curv, curvature.damping(curv, damping))
+            for name in layers:
+                a, g, vecG, shape = _dense_pieces(task, params, batch, layers, name)
+                d = int(np.prod(shape))
+                if strategy == "kfac":
+                    A, S = a.T @ a / len(a), g.T @ g / len(g)
+                    M = np.kron(S, A) + damping * np.eye(d)       # (A kron S + lambda I) in row-major vec
+                else:
+                    eig = pieces["eigen"]
+                    Q = np.kron(np.asarray(eig.Q_S[name]), np.asarray(eig.Q_A[name]))
+                    M = Q @ np.diag(np.asarray(curv.Lambda[name]).ravel()) @ Q.T + damping * np.eye(d)
+                q = np.asarray(G[name]).reshape(3, d)
+                oracle = np.linalg.solve(M, q.T).T.reshape((3,) + shape)
+                assert rel_err(P[name], oracle) < 1e-9, (strategy, name)
+
+
+def test_heuristic_damping_is_a_tenth_of_the_mean_lambda_per_layer():
+    with jax.enable_x64(True):
+        task, params, batch, layers = _mlp_setup()
+        curv, _ = stages.fit_curvature(task, layers, params, [batch], strategy="ekfac", fisher="empirical")
+        damp = curvature.damping(curv, None)
+        for name in layers:
+            assert float(damp[name]) == pytest.approx(0.1 * float(np.mean(np.asarray(curv.Lambda[name]))), rel=1e-14)
+
+
+def test_large_damping_tends_to_the_identity_score():
+    """lambda * I(q, n) -> <G_q, G_n> as lambda grows (the preconditioner tends to I / lambda)."""
+    with jax.enable_x64(True):
+        from jaxinf import scoring
+
+        task, params, batch, layers = _mlp_setup()
+        qbatch = jax.tree.map(lambda x: x[:3], batch)
+        G, qloss = stages.query_gradients(task, layers, params, qbatch)
+        ident = scoring.prepare_queries(G, qloss, curvature.curvature("identity"), None, None)
+        reference = np.asarray(stages.score_batch(task, layers, params, ident, batch)[0].total)
+        curv, _ = stages.fit_curvature(task, layers, params, [batch], strategy="ekfac", fisher="empirical")
+        errors = []
+        for lam in (1e-2, 1e0, 1e2, 1e4, 1e6):
+            qg = scoring.prepare_queries(G, qloss, curv, lam, None)
+            scores = np.asarray(stages.score_batch(task, layers, params, qg, batch)[0].total)
+            errors.append(rel_err(lam * scores, reference))
+        assert all(e2 < e1 for e1, e2 in zip(errors, errors[1:])), errors
+        assert errors[-1] < 1e-5
+
+
+def test_eigendecomposition_guards():
+    with jax.enable_x64(True):
+        M = jnp.array([[2.0, 1.0 + 1e-12], [1.0, 2.0]])          # slightly asymmetric: symmetrized
+        e, Q = curvature.symmetric_eigh(M)
+        assert rel_err(Q @ jnp.diag(e) @ Q.T, 0.5 * (M + M.T)) < 1e-14
+        neg = jnp.array([[1.0, 0.0], [0.0, -1e-18]])                # round-off negative eigenvalue: clipped
+        e, _ = curvature.symmetric_eigh(neg)
+        assert float(e.min()) == 0.0
+        cov = Covariance(A={"w": jnp.eye(3)}, S={"w": 2 * jnp.eye(2)}, count={"w": jnp.ones(())})
+        eig = curvature.eigendecompose(cov)
+        assert eig.Q_A["w"].dtype == jnp.float64
+
+
+def _exact_sampled_fisher_S(apply, params, tokens, mask, weights, layers, vocab):
+    """E over labels drawn from the model of sum_t g g^T / N_tok, by enumerating every label combination."""
+    batch = {"tokens": tokens, "mask": mask, "weights": weights}
+    logits = apply(params, tokens, mask, capture.Tap({}))
+    probs = np.asarray(jax.nn.softmax(logits[0, :-1], axis=-1))        # [T-1, V]
+    targets = [t for t in range(1, tokens.shape[1]) if weights[0, t] > 0]
+    def loss_fn(p, b, pr):
+        tap = capture.Tap(pr)
+        lg = apply(p, b["tokens"], b["mask"], tap)
+        nll = tasks.token_nll(lg[:, :-1], b["labels"]) * b["weights"][:, 1:]
+        return jnp.pad(nll, ((0, 0), (0, 1))), tap.inputs
+
+    capture_g = jax.jit(lambda b: capture.capture(loss_fn, params, b, layers, b["mask"]).g)
+    total = {k: 0.0 for k in layers}
+    for combo in itertools.product(range(vocab), repeat=len(targets)):
+        labels = np.zeros(tokens.shape[1] - 1, np.int32)
+        prob = 1.0
+        for t, y in zip(targets, combo):
+            labels[t - 1] = y
+            prob *= probs[t - 1, y]
+        g_all = capture_g({**batch, "labels": jnp.asarray(labels)[None]})
+        for k in layers:
+            g = np.asarray(g_all[k]).reshape(-1, g_all[k].shape[-1])
+            total[k] = total[k] + prob * (g.T @ g)
+    return {k: v / float(mask.sum()) for k, v in total.items()}
+
+
+def test_sampled_fisher_covariance_converges_to_the_exact_expectation():
+    """Labels sampled from the model: S converges to its closed-form expectation over all labels (vocab 3)."""
+    with jax.enable_x64(True):
+        vocab = 3
+        task = tasks.tiny_lm_task()
+        params = tasks.tiny_lm_init(jax.random.key(3), vocab=vocab, d_model=4, d_ff=6, n_layers=1, max_len=8,
+                                    dtype=jnp.float64)
+        one = tasks.lm_batch([[0, 2, 1, 2]])
+        layers = layers_of(task, params, one, ["layers.*.mlp.*", "lm_head"])
+        apply = lambda p, t, m, tap: tasks.tiny_lm_apply(p, t, m, tap)
+        exact = _exact_sampled_fisher_S(apply, params, one["tokens"], one["mask"], one["weights"], layers, vocab)
+        stage = stages.covariance_stage(task, layers, "sampled")
+
+        def sampled(num_batches, reps=50):
+            batch = jax.tree.map(lambda x: jnp.repeat(x, reps, axis=0), one)
+            cov = stages.run_stage(stage, (params,), [batch] * num_batches, jax.random.key(7))
+            return max(rel_err(cov.S[k], exact[k]) for k in layers)
+
+        few, many = sampled(1, reps=10), sampled(40)
+        print(f"sampled-Fisher S rel. error: 10 samples {few:.3f}, 2000 samples {many:.4f}")
+        assert many < 0.05 and many < few / 3
