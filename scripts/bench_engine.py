@@ -1,0 +1,108 @@
+"""Engine speed: each stage's step against a plain jitted forward+backward step, in one process.
+
+Same model, same batch of documents: a plain training step (``value_and_grad``
+of the summed loss w.r.t. all parameters), the covariance update, the Lambda
+update and scoring against 32 queries at rank 32 (MLP layers tracked, as in
+Ruis et al.). Prints a markdown table of median times and the ratios to the
+forward+backward step.
+
+    python scripts/bench_engine.py [--d-model 256 --layers 4 --seq 256 --batch 8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+
+from jaxinf import capture, curvature, scoring, stages, tasks
+
+
+def timed(fn, *args, repeats: int):
+    """Median wall time of ``fn(*args)`` after one warm-up call (compilation excluded)."""
+    jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--d-model", type=int, default=256)
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--heads", type=int, default=4)
+    ap.add_argument("--vocab", type=int, default=2048)
+    ap.add_argument("--seq", type=int, default=256)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--queries", type=int, default=32)
+    ap.add_argument("--rank", type=int, default=32)
+    ap.add_argument("--track", default="mlp")
+    ap.add_argument("--repeats", type=int, default=5)
+    args = ap.parse_args(argv)
+
+    d, T, B = args.d_model, args.seq, args.batch
+    params = tasks.tiny_lm_init(jax.random.key(0), vocab=args.vocab, d_model=d, n_layers=args.layers,
+                                n_heads=args.heads, d_ff=4 * d, max_len=T)
+    task = tasks.tiny_lm_task(n_heads=args.heads)
+    tokens = jax.random.randint(jax.random.key(1), (B, T), 0, args.vocab)
+    batch = {"tokens": tokens, "mask": jnp.ones((B, T)), "weights": jnp.ones((B, T)).at[:, 0].set(0.0)}
+    layers = capture.select_layers(
+        capture.find_layers(lambda p, b, pr: task.train_loss(p, b, pr, None), params, batch), args.track)
+    key = jax.random.key(2)
+
+    @jax.jit
+    def train_step(params, batch):
+        return jax.value_and_grad(lambda p: task.train_loss(p, batch, {}, None)[0].sum())(params)
+
+    cov_stage = stages.covariance_stage(task, layers, "sampled")
+    lam_stage = stages.lambda_stage(task, layers, "sampled")
+    cov_step = jax.jit(cov_stage.update)
+    lam_step = jax.jit(lam_stage.update)
+    cov_state = cov_stage.init()
+    lam_state = lam_stage.init()
+
+    # A fitted curvature and 32 rank-32 queries (queries are documents' prefixes: only the shapes matter).
+    cov_state1, _ = cov_step(cov_state, params, batch, key)
+    eigen = curvature.eigendecompose(cov_stage.finalize(cov_state1))
+    lam_state1, _ = lam_step(lam_state, params, eigen, batch, key)
+    curv = curvature.curvature("ekfac", eigen, lam_stage.finalize(lam_state1))
+    qtok = jax.random.randint(jax.random.key(3), (args.queries, 64), 0, args.vocab)
+    qbatch = {"tokens": qtok, "mask": jnp.ones((args.queries, 64)),
+              "weights": jnp.zeros((args.queries, 64)).at[:, 32:].set(1.0)}
+    G, qloss = jax.jit(lambda p, b: stages.query_gradients(task, layers, p, b))(params, qbatch)
+    qg = jax.jit(lambda G, l, c: scoring.prepare_queries(G, l, c, None, args.rank))(G, qloss, curv)
+    score_step = jax.jit(lambda p, q, b: stages.score_batch(task, layers, p, q, b)[0].total)
+
+    rows = [
+        ("forward+backward (value_and_grad, all params)", train_step, (params, batch)),
+        ("covariance update (A, S)", cov_step, (cov_state, params, batch, key)),
+        ("Lambda update (EK-FAC)", lam_step, (lam_state, params, eigen, batch, key)),
+        (f"scores ({args.queries} queries, rank {args.rank})", score_step, (params, qg, batch)),
+    ]
+    n_params = sum(x.size for x in jax.tree.leaves(params))
+    tracked = sum(s.num_params for s in layers.values())
+    print(f"# jaxinf engine benchmark on {jax.devices()[0].platform} ({jax.device_count()} device(s)), "
+          f"jax {jax.__version__}")
+    print(f"model: tiny GPT d_model={d} d_ff={4 * d} layers={args.layers} vocab={args.vocab}, "
+          f"{n_params / 1e6:.2f}M params, tracked ({args.track}): {tracked / 1e6:.2f}M; batch {B} x {T} tokens\n")
+    print("| step | median time (ms) | ratio to fwd+bwd | tokens/s |")
+    print("|---|---|---|---|")
+    base = None
+    for name, fn, fargs in rows:
+        t = timed(fn, *fargs, repeats=args.repeats)
+        base = base or t
+        print(f"| {name} | {1e3 * t:.1f} | {t / base:.2f}x | {B * T / t:,.0f} |")
+    plans = {k: scoring.contraction_plan(B, T, args.queries, s.d_out, s.d_in_aug,
+                                         args.rank if min(s.d_out, s.d_in_aug) > args.rank else None)
+             for k, s in layers.items()}
+    print(f"\ncontraction plan per block: {plans}")
+
+
+if __name__ == "__main__":
+    main()
