@@ -1,0 +1,318 @@
+"""Run configuration: frozen dataclasses read from YAML, with ``section.key=value`` overrides.
+
+Every key has a type, a default and a docstring-like help text, and names the
+first pipeline stage whose results it changes (``affects``). A resumed run
+compares its config with the one it started with: a key that changes the
+results of a stage that has already saved progress is refused, listing the
+differing keys; keys that affect no result (``run.out``, ``mesh.*``, save
+intervals) may change freely, e.g. to resume on a slice of another size.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+STAGES = ("covariance", "eigen", "lambda", "queries", "scores", "exports", "analysis")
+
+
+class ConfigError(ValueError):
+    """A config file, key or value that cannot be used; the message names the file and the key."""
+
+
+def key(default, help: str, affects: str | None, choices: tuple | None = None):
+    """A config field: its default, what it means, and the first stage whose results it changes."""
+    assert affects is None or affects in STAGES, affects
+    factory = (lambda: list(default)) if isinstance(default, list) else None
+    kw = dict(default_factory=factory) if factory else dict(default=default)
+    return dataclasses.field(metadata=dict(help=help, affects=affects, choices=choices), **kw)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    checkpoint: str | None = key(None, "Hugging Face directory: config.json, *.safetensors, tokenizer.json", "covariance")
+    dtype: str = key("float32", "compute and parameter dtype", "covariance", ("float32", "bfloat16", "float64"))
+    scan_layers: bool = key(True, "stack the decoder layers under lax.scan (faster compiles for deep models)", None)
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    documents: str | None = key(None, "documents: a JSONL file or a TFDS dataset directory (jaxinf prepare)", "covariance")
+    queries: str | None = key(None, "queries: JSONL, or the Ruis et al. release JSON", "queries")
+    max_length: int = key(512, "tokens per document (longer documents are truncated or split)", "covariance")
+    long_documents: str = key("truncate", "what to do with documents longer than max_length", "covariance",
+                              ("truncate", "split"))
+    batch_size: int = key(8, "documents per batch (per process)", "covariance")
+    query_batch_size: int = key(8, "queries per batch when computing query gradients", None)
+
+
+@dataclasses.dataclass(frozen=True)
+class FactorsConfig:
+    strategy: str = key("ekfac", "curvature: identity | diagonal | kfac | ekfac", "lambda",
+                        ("identity", "diagonal", "kfac", "ekfac"))
+    fisher: str = key("sampled", "labels for the curvature: sampled from the model (true Fisher) or the data's",
+                      "covariance", ("sampled", "empirical"))
+    track: Union[str, list[str]] = key("mlp", "tracked layers: mlp | all | a list of name patterns", "covariance")
+    max_documents: int | None = key(None, "documents used to fit the curvature (null: all)", "covariance")
+    seed: int = key(0, "PRNG seed of the sampled labels", "covariance")
+    from_run: str | None = key(None, "reuse the fitted factors of another run directory (YAML key: factors.from)",
+                               "covariance")
+    save_every: int = key(100, "batches between checkpoints of the covariance and Lambda sums", None)
+
+
+@dataclasses.dataclass(frozen=True)
+class ScoresConfig:
+    damping: float | None = key(None, "damping lambda (null: 0.1 x mean(Lambda) per layer)", "queries")
+    query_rank: int | None = key(None, "rank of the preconditioned query gradients (null: full)", "queries")
+    normalize: str = key("none", "none (raw, kronfluence's convention) | per_nat (divided by the completion NLL)",
+                         "exports", ("none", "per_nat"))
+    self_influence: bool = key(False, "also compute each document's self-influence (self_influence.npy)", "scores")
+    topk: int = key(20, "top and bottom documents per query in topk.jsonl and the report", "exports")
+    save_every: int = key(100, "batches between saved score chunks", None)
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    data: int = key(1, "devices along the data axis (documents)", None)
+    model: int = key(1, "devices along the model axis (parameters, factors, query gradients)", None)
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    out: str = key("runs/default", "the run directory", None)
+    precision: str = key("float32", "working precision of the engine", "covariance", ("float32", "float64"))
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    factors: FactorsConfig = dataclasses.field(default_factory=FactorsConfig)
+    scores: ScoresConfig = dataclasses.field(default_factory=ScoresConfig)
+    mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+    run: RunConfig = dataclasses.field(default_factory=RunConfig)
+
+
+SECTIONS = {f.name: f.type for f in dataclasses.fields(Config)}
+_YAML_NAMES = {("factors", "from"): "from_run"}          # YAML key -> field name, where a keyword is in the way
+_FIELD_NAMES = {v: k[1] for k, v in _YAML_NAMES.items()}
+
+
+def _section_class(name: str):
+    return typing.get_type_hints(Config)[name]
+
+
+def _fields(section: str) -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(_section_class(section))}
+
+
+def yaml_name(section: str, field: str) -> str:
+    return f"{section}.{_FIELD_NAMES.get(field, field)}"
+
+
+def all_keys() -> list[str]:
+    """Every config key, as written in YAML (``section.key``)."""
+    return [yaml_name(s, f) for s in SECTIONS for f in _fields(s)]
+
+
+def _coerce(value: Any, tp: Any, where: str, choices: tuple | None) -> Any:
+    """``value`` checked against the field's type (and choices); ints are accepted where floats are."""
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        options = typing.get_args(tp)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _coerce(value, option, where, choices)
+            except ConfigError as e:
+                errors.append(str(e))
+        names = " or ".join(_type_name(o) for o in options)
+        raise ConfigError(f"{where}: expected {names}, got {value!r}")
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        return [_coerce(v, item, f"{where}[{i}]", None) for i, v in enumerate(value)]
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            raise ConfigError(f"{where}: expected one of {typing.get_args(tp)}, got {value!r}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        if choices and value not in choices:
+            raise ConfigError(f"{where}: expected one of {', '.join(choices)}, got {value!r}")
+        return value
+    raise TypeError(f"unsupported config type {tp} at {where}")
+
+
+def _type_name(tp) -> str:
+    if tp is type(None):
+        return "null"
+    if typing.get_origin(tp) is list:
+        return "a list"
+    return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(tp, str(tp))
+
+
+def _unknown(where: str, name: str, known: list[str]) -> ConfigError:
+    near = difflib.get_close_matches(name, known, n=1)
+    hint = f" (did you mean {near[0]!r}?)" if near else ""
+    return ConfigError(f"{where}: unknown key {name!r}{hint}")
+
+
+def from_dict(raw: dict, source: str = "config") -> Config:
+    """A validated :class:`Config` from nested dicts; errors name ``source`` and the key."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: expected a mapping of sections, got {type(raw).__name__}")
+    sections = {}
+    for section, values in raw.items():
+        if section not in SECTIONS:
+            raise _unknown(source, str(section), list(SECTIONS))
+        if values is None:
+            values = {}
+        if not isinstance(values, dict):
+            raise ConfigError(f"{source}: {section}: expected a mapping of keys, got {values!r}")
+        fields = _fields(section)
+        hints = typing.get_type_hints(_section_class(section))
+        kwargs = {}
+        for name, value in values.items():
+            field = _YAML_NAMES.get((section, name), name)
+            if field not in fields or field in _FIELD_NAMES and name == field:
+                raise _unknown(source, f"{section}.{name}", all_keys())
+            kwargs[field] = _coerce(value, hints[field], f"{source}: {section}.{name}", fields[field].metadata["choices"])
+        sections[section] = _section_class(section)(**kwargs)
+    config = Config(**sections)
+    _check_values(config, source)
+    return config
+
+
+def _check_values(config: Config, source: str) -> None:
+    positive = [("data", "max_length"), ("data", "batch_size"), ("data", "query_batch_size"),
+                ("factors", "save_every"), ("scores", "save_every"), ("scores", "topk"),
+                ("mesh", "data"), ("mesh", "model"), ("scores", "query_rank"), ("factors", "max_documents")]
+    for section, name in positive:
+        value = getattr(getattr(config, section), name)
+        if value is not None and value < 1:
+            raise ConfigError(f"{source}: {section}.{name}: must be at least 1, got {value}")
+    if config.scores.damping is not None and config.scores.damping < 0:
+        raise ConfigError(f"{source}: scores.damping: must be non-negative, got {config.scores.damping}")
+
+
+def to_dict(config: Config) -> dict:
+    """The config as nested dicts with YAML key names (``factors.from``)."""
+    out = {}
+    for section in SECTIONS:
+        obj = getattr(config, section)
+        out[section] = {_FIELD_NAMES.get(f.name, f.name): getattr(obj, f.name) for f in dataclasses.fields(obj)}
+    return out
+
+
+def parse_override(text: str) -> tuple[str, str, Any]:
+    """``section.key=value`` -> (section, key, YAML-parsed value)."""
+    if "=" not in text:
+        raise ConfigError(f"command line: override {text!r} is not of the form section.key=value")
+    path, value = text.split("=", 1)
+    if path.count(".") != 1:
+        raise ConfigError(f"command line: override key {path!r} is not of the form section.key")
+    section, name = path.split(".")
+    try:
+        parsed = yaml.safe_load(value) if value != "" else None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"command line: {path}: cannot parse value {value!r} ({e.problem})") from None
+    return section, name, parsed
+
+
+def load(path: str | Path | None, overrides: list[str] = ()) -> Config:
+    """The config of a YAML file (or the defaults when ``path`` is None) with overrides applied."""
+    raw: dict = {}
+    source = "defaults"
+    if path is not None:
+        source = str(path)
+        try:
+            text = Path(path).read_text()
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: no such config file") from None
+        except OSError as e:
+            raise ConfigError(f"{path}: cannot read ({e.strerror})") from None
+        try:
+            raw = yaml.safe_load(text) or {}
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            line = f":{mark.line + 1}" if mark is not None else ""
+            raise ConfigError(f"{path}{line}: invalid YAML ({getattr(e, 'problem', e)})") from None
+    from_dict(raw, source)  # the file alone must be valid, so its errors name the file
+    for text in overrides:
+        section, name, value = parse_override(text)
+        raw.setdefault(section, {})
+        if not isinstance(raw[section], dict):
+            raw[section] = {}
+        raw[section][name] = value
+    return from_dict(raw, "command line" if overrides else source)
+
+
+def affects(section: str, field: str) -> str | None:
+    return _fields(section)[field].metadata["affects"]
+
+
+def fingerprint(config: Config) -> str:
+    """A hash of every key that changes some result (keys with ``affects`` set)."""
+    relevant = {yaml_name(s, f): v for (s, f), v in _result_keys(config).items()}
+    return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _result_keys(config: Config) -> dict[tuple[str, str], Any]:
+    out = {}
+    for section in SECTIONS:
+        obj = getattr(config, section)
+        for f in dataclasses.fields(obj):
+            if f.metadata["affects"] is not None:
+                out[(section, f.name)] = getattr(obj, f.name)
+    return out
+
+
+def changed_keys(old: Config, new: Config) -> list[tuple[str, str]]:
+    """Keys that change results and differ between two configs, with the first stage each affects."""
+    a, b = _result_keys(old), _result_keys(new)
+    return [(yaml_name(*k), affects(*k)) for k in a if a[k] != b[k]]
+
+
+def describe() -> str:
+    """Every key with its default and meaning: what ``jaxinf run --help-config`` prints."""
+    lines = []
+    for section in SECTIONS:
+        lines.append(f"{section}:")
+        for f in dataclasses.fields(_section_class(section)):
+            default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+            lines.append(f"  {_FIELD_NAMES.get(f.name, f.name)}: {json.dumps(default)}    # {f.metadata['help']}")
+    return "\n".join(lines)

@@ -1,0 +1,355 @@
+"""The run directory: ``run.json``, Orbax checkpoints of every stage, and atomic exports.
+
+Layout::
+
+    RUN/
+      run.json                 config, fingerprint, library versions, status of each stage
+      state/<stage>/<step>/    Orbax checkpoints (covariance and Lambda sums every K batches,
+                               eigendecomposition, Lambda, query gradients, score chunks)
+      scores.npy, queries.jsonl, documents.jsonl, topk.jsonl, summary.json, report/
+
+Saving is atomic twice over: Orbax writes a step into a temporary directory and
+renames it when complete, and only then does the store write the step's
+``jaxinf_manifest.json`` (SHA-256 of every file, written to a temporary name and
+renamed). A step without a manifest was interrupted and is ignored; a step
+whose files do not match their checksums is reported and never used: resume
+falls back to the previous good step (or recomputes), saying so.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import hashlib
+import importlib.metadata
+import json
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+from jaxinf import config as cfg
+
+log = logging.getLogger("jaxinf")
+MANIFEST = "jaxinf_manifest.json"
+PACKAGES = ("jaxinf", "jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy", "tensorflow-datasets")
+
+
+class StoreError(RuntimeError):
+    """A run directory that cannot be used as asked (the message names the path)."""
+
+
+class CorruptCheckpoint(StoreError):
+    """A saved step whose files do not match the checksums written when it was saved."""
+
+
+def versions() -> dict[str, str]:
+    out = {}
+    for name in PACKAGES:
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    if "jaxinf" not in out:
+        from jaxinf import __version__
+
+        out["jaxinf"] = __version__
+    return out
+
+
+def write_atomic(path: Path, data: bytes | str) -> None:
+    """Writes ``path`` through a temporary file in the same directory and a rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    mode = "wb" if isinstance(data, bytes) else "w"
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, mode) as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def write_json(path: Path, obj: Any) -> None:
+    write_atomic(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def save_npy(path: Path, array: np.ndarray) -> None:
+    """``np.save`` through a temporary file and a rename (never a half-written .npy)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.save(f, array)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def _hash_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _step_files(step_dir: Path) -> list[Path]:
+    return sorted(p for p in step_dir.rglob("*") if p.is_file() and p.name != MANIFEST)
+
+
+def write_manifest(step_dir: Path) -> None:
+    """Checksums of every file of a finished step, written last (atomically)."""
+    files = {str(p.relative_to(step_dir)): {"sha256": _hash_file(p), "bytes": p.stat().st_size}
+             for p in _step_files(step_dir)}
+    write_json(step_dir / MANIFEST, {"files": files})
+
+
+def verify_manifest(step_dir: Path) -> None:
+    """Raises :class:`CorruptCheckpoint` naming the first missing, truncated or altered file."""
+    manifest = step_dir / MANIFEST
+    try:
+        files = json.loads(manifest.read_text())["files"]
+    except FileNotFoundError:
+        raise CorruptCheckpoint(f"{step_dir}: incomplete checkpoint (no {MANIFEST})") from None
+    except (ValueError, KeyError):
+        raise CorruptCheckpoint(f"{manifest}: unreadable manifest") from None
+    for rel, info in files.items():
+        path = step_dir / rel
+        if not path.exists():
+            raise CorruptCheckpoint(f"{path}: missing checkpoint file")
+        if path.stat().st_size != info["bytes"]:
+            raise CorruptCheckpoint(f"{path}: truncated or resized checkpoint file "
+                                    f"({path.stat().st_size} bytes, saved {info['bytes']})")
+        if _hash_file(path) != info["sha256"]:
+            raise CorruptCheckpoint(f"{path}: corrupted checkpoint file (checksum mismatch)")
+
+
+def _abstract(tree):
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
+                        tree)
+
+
+class StageStore:
+    """Orbax checkpoints of one stage: numbered steps, each verified against its manifest."""
+
+    def __init__(self, root: Path, keep: int | None):
+        import orbax.checkpoint as ocp
+
+        self.root = Path(root)
+        self._ocp = ocp
+        self._keep = keep
+        self._manager = None
+
+    @property
+    def manager(self):
+        if self._manager is None:
+            ocp = self._ocp
+            options = ocp.CheckpointManagerOptions(max_to_keep=self._keep, enable_async_checkpointing=False,
+                                                   create=True)
+            self._manager = ocp.CheckpointManager(self.root, options=options)
+        return self._manager
+
+    def steps(self) -> list[int]:
+        """Steps on disk with a manifest, ascending (unverified)."""
+        if not self.root.exists():
+            return []
+        out = []
+        for p in self.root.iterdir():
+            if p.is_dir() and p.name.isdigit() and (p / MANIFEST).exists():
+                out.append(int(p.name))
+        return sorted(out)
+
+    def save(self, step: int, tree) -> None:
+        """Saves ``tree`` as ``step`` and writes its manifest once Orbax has committed it."""
+        step_dir = self.root / str(step)
+        if step_dir.exists():  # a leftover of an interrupted save (no manifest): replace it
+            shutil.rmtree(step_dir)
+            self._manager = None
+        self.manager.save(step, args=self._ocp.args.StandardSave(tree), force=True)
+        self.manager.wait_until_finished()
+        if jax.process_index() == 0:
+            write_manifest(step_dir)
+
+    def restore(self, step: int, like) -> Any:
+        """The tree saved at ``step``, after verifying its checksums; ``like`` gives shapes, dtypes, shardings."""
+        verify_manifest(self.root / str(step))
+        return self.manager.restore(step, args=self._ocp.args.StandardRestore(_abstract(like)))
+
+    def latest(self, like) -> tuple[int, Any] | None:
+        """The newest step that verifies; corrupted steps are reported and skipped."""
+        for step in reversed(self.steps()):
+            try:
+                return step, self.restore(step, like)
+            except CorruptCheckpoint as e:
+                log.warning("%s: not used; falling back to an earlier checkpoint", e)
+        return None
+
+    def discard_after(self, step: int | None) -> None:
+        """Deletes every step after ``step`` (all when None): they are not part of the run being resumed."""
+        if not self.root.exists():
+            return
+        for p in self.root.iterdir():
+            if p.is_dir() and p.name.isdigit() and (step is None or int(p.name) > step):
+                shutil.rmtree(p, ignore_errors=True)
+        self._manager = None
+
+    def clear(self) -> None:
+        shutil.rmtree(self.root, ignore_errors=True)
+        self._manager = None
+
+
+class RunStore:
+    """A run directory: config and stage status in ``run.json``, stage checkpoints under ``state/``."""
+
+    def __init__(self, root: Path, record: dict):
+        self.root = Path(root)
+        self.record = record
+
+    # ------------------------------------------------------------------ opening
+
+    @classmethod
+    def open(cls, config: cfg.Config, overwrite: bool = False) -> RunStore:
+        """Creates ``config.run.out`` or resumes it.
+
+        A run directory started with another config is refused when a key that
+        changes results differs and the stage it affects has saved progress;
+        ``overwrite`` deletes the run directory's contents and starts over.
+        """
+        root = Path(config.run.out)
+        record_path = root / "run.json"
+        _check_writable(root)
+        if overwrite and root.exists():
+            for p in root.iterdir():
+                shutil.rmtree(p) if p.is_dir() else p.unlink()
+        if record_path.exists():
+            try:
+                record = json.loads(record_path.read_text())
+                old = cfg.from_dict(record["config"], str(record_path))
+            except (ValueError, KeyError, cfg.ConfigError) as e:
+                raise StoreError(f"{record_path}: unreadable run record ({e}); use --overwrite to start over") from None
+            store = cls(root, record)
+            store._check_resume(old, config)
+            record["config"] = cfg.to_dict(config)
+            record["fingerprint"] = cfg.fingerprint(config)
+            record["versions"] = versions()
+            store._write()
+            return store
+        if root.exists() and any(p.name != ".gitkeep" for p in root.iterdir()):
+            raise StoreError(f"{root}: exists and is not a jaxinf run directory (no run.json); "
+                             "choose another run.out or use --overwrite")
+        record = {
+            "config": cfg.to_dict(config),
+            "fingerprint": cfg.fingerprint(config),
+            "versions": versions(),
+            "created": _now(),
+            "stages": {s: {"status": "pending"} for s in cfg.STAGES},
+        }
+        store = cls(root, record)
+        store._write()
+        return store
+
+    def _check_resume(self, old: cfg.Config, new: cfg.Config) -> None:
+        changed = cfg.changed_keys(old, new)
+        if not changed:
+            return
+        order = {s: i for i, s in enumerate(cfg.STAGES)}
+        first = min(order[stage] for _, stage in changed)
+        started = [s for s in cfg.STAGES[first:] if self.status(s) != "pending" or self.stage(s).steps()]
+        refused = [k for k, stage in changed if any(order[s] >= order[stage] for s in started)]
+        if refused:
+            raise StoreError(
+                f"{self.root}: run started with another config; these keys would change results already saved: "
+                f"{', '.join(refused)} (use --overwrite to start over, or another run.out)")
+        for s in cfg.STAGES[first:]:
+            self.record["stages"][s] = {"status": "pending"}
+
+    # ------------------------------------------------------------------ status
+
+    def _write(self) -> None:
+        self.record["updated"] = _now()
+        if jax.process_index() == 0:
+            write_json(self.root / "run.json", self.record)
+
+    def status(self, stage: str) -> str:
+        return self.record["stages"].get(stage, {}).get("status", "pending")
+
+    def mark(self, stage: str, status: str, **info) -> None:
+        entry = {"status": status, **info}
+        if status == "done":
+            entry["finished"] = _now()
+        self.record["stages"][stage] = entry
+        self._write()
+
+    def stage(self, name: str, keep: int | None = 2) -> StageStore:
+        return StageStore(self.root / "state" / name, keep)
+
+    def path(self, *parts: str) -> Path:
+        return self.root.joinpath(*parts)
+
+    # ------------------------------------------------------------------ stage results
+
+    def save_result(self, stage: str, tree) -> None:
+        """A finished stage's result, as the single step 0 of its store; marks the stage done."""
+        st = self.stage(stage, keep=1)
+        st.clear()
+        st.save(0, tree)
+        self.mark(stage, "done")
+
+    def load_result(self, stage: str, like) -> Any | None:
+        """A done stage's result, or None (with a warning) if it is missing or corrupted."""
+        if self.status(stage) != "done":
+            return None
+        try:
+            return self.stage(stage, keep=1).restore(0, like)
+        except (CorruptCheckpoint, FileNotFoundError) as e:
+            log.warning("%s: stage %s will be recomputed", e, stage)
+            self.mark(stage, "pending")
+            return None
+
+    # ------------------------------------------------------------------ score chunks
+
+    def chunks(self, stage: str) -> StageStore:
+        """Chunked results (one step per chunk, numbered by the batch index it ends at; all kept)."""
+        return self.stage(stage, keep=None)
+
+
+def _check_writable(root: Path) -> None:
+    probe = root
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir():
+        raise StoreError(f"{root}: cannot create the run directory ({probe} is not a directory)")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise StoreError(f"{root}: output directory is not writable")
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def iter_jsonl(path: Path) -> Iterable[dict]:
+    with open(path) as f:
+        for line in f:
+            if line.strip():
+                yield json.loads(line)
+
+
+def write_jsonl(path: Path, rows: Iterable[dict]) -> None:
+    write_atomic(Path(path), "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))

@@ -1,0 +1,158 @@
+"""Configs (YAML, overrides, validation) and the run store (Orbax steps, manifests, resume rules)."""
+
+import json
+from pathlib import Path
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxinf import config as cfg
+from jaxinf import store
+
+
+def test_yaml_and_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("factors:\n  strategy: kfac\n  from: prev\nscores:\n  damping: 1e-3\n  query_rank: 32\n")
+    c = cfg.load(path, ["factors.track=[a.*, b]", "run.out=x"])
+    assert c.factors.strategy == "kfac" and c.factors.from_run == "prev" and c.factors.track == ["a.*", "b"]
+    assert c.scores.damping == 1e-3 and c.scores.query_rank == 32 and c.run.out == "x"
+    assert cfg.to_dict(c)["factors"]["from"] == "prev"
+    assert cfg.from_dict(cfg.to_dict(c)) == c
+
+
+@pytest.mark.parametrize("text, message", [
+    ("factors:\n  stratgy: kfac\n", r"c.yaml: unknown key 'factors.stratgy' \(did you mean 'factors.strategy'\?\)"),
+    ("factors:\n  strategy: kfc\n", r"c.yaml: factors.strategy: expected one of identity, diagonal, kfac, ekfac"),
+    ("data:\n  max_length: ten\n", r"c.yaml: data.max_length: expected an integer, got 'ten'"),
+    ("data:\n  batch_size: 0\n", r"c.yaml: data.batch_size: must be at least 1"),
+    ("scores:\n  damping: [1]\n", r"c.yaml: scores.damping: expected a number or null"),
+    ("model: [1, 2]\n", r"c.yaml: model: expected a mapping of keys"),
+    ("factors: {strategy: kfac\n", r"c.yaml:\d+: invalid YAML"),
+])
+def test_bad_configs_name_the_file_and_key(tmp_path, text, message):
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    with pytest.raises(cfg.ConfigError, match=message):
+        cfg.load(path)
+
+
+def test_bad_overrides_and_missing_file(tmp_path):
+    with pytest.raises(cfg.ConfigError, match=r"command line: unknown key 'mesh.dta'"):
+        cfg.load(None, ["mesh.dta=2"])
+    with pytest.raises(cfg.ConfigError, match=r"not of the form section.key=value"):
+        cfg.load(None, ["mesh"])
+    with pytest.raises(cfg.ConfigError, match=r"nope.yaml: no such config file"):
+        cfg.load(tmp_path / "nope.yaml")
+
+
+def test_every_key_has_help_and_a_known_stage():
+    for section in cfg.SECTIONS:
+        for f in cfg._fields(section):
+            meta = cfg._fields(section)[f].metadata
+            assert meta["help"] and (meta["affects"] is None or meta["affects"] in cfg.STAGES)
+    assert len(cfg.describe().splitlines()) == len(cfg.all_keys()) + len(cfg.SECTIONS)
+
+
+def test_shipped_configs_are_valid():
+    configs = sorted(Path(__file__).parent.parent.joinpath("configs").glob("**/*.yaml"))
+    assert configs
+    for path in configs:
+        cfg.load(path)
+    reference = cfg.load(Path(__file__).parent.parent / "configs/reference.yaml")
+    assert reference == cfg.Config()            # the reference documents every default
+    text = (Path(__file__).parent.parent / "configs/reference.yaml").read_text()
+    for name in cfg.all_keys():
+        assert f"  {name.split('.')[1]}:" in text, name
+
+
+def _config(tmp_path, **over):
+    overrides = [f"run.out={tmp_path / 'run'}"] + [f"{k}={v}" for k, v in over.items()]
+    return cfg.load(None, overrides)
+
+
+def test_stage_steps_and_manifest(tmp_path):
+    run = store.RunStore.open(_config(tmp_path))
+    st = run.stage("covariance")
+    tree = {"A": {"x": jnp.arange(6.0).reshape(2, 3)}, "count": jnp.array(3.0)}
+    for step in (10, 20, 30):
+        st.save(step, jax_tree_scale(tree, step))
+    assert st.steps() == [20, 30]                      # two kept
+    step, restored = st.latest(tree)
+    assert step == 30 and float(restored["count"]) == 90.0
+    # corrupt the newest step: it is reported and the previous one is used
+    victim = next(p for p in (tmp_path / "run/state/covariance/30").rglob("*") if p.is_file() and p.stat().st_size > 100
+                  and p.name != store.MANIFEST)
+    data = bytearray(victim.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    victim.write_bytes(bytes(data))
+    with pytest.raises(store.CorruptCheckpoint, match=r"corrupted checkpoint file"):
+        st.restore(30, tree)
+    step, restored = st.latest(tree)
+    assert step == 20 and float(restored["count"]) == 60.0
+    # a truncated file is reported as such
+    victim.write_bytes(bytes(data[:10]))
+    with pytest.raises(store.CorruptCheckpoint, match=r"truncated"):
+        st.restore(30, tree)
+    # a step without a manifest (interrupted save) is invisible
+    (tmp_path / "run/state/covariance/20" / store.MANIFEST).unlink()
+    assert st.steps() == [30]
+
+
+def jax_tree_scale(tree, s):
+    return {"A": {"x": tree["A"]["x"] * s}, "count": tree["count"] * s}
+
+
+def test_resume_refuses_changed_results_and_allows_the_rest(tmp_path):
+    run = store.RunStore.open(_config(tmp_path))
+    run.stage("covariance").save(5, {"x": jnp.ones(2)})
+    run.mark("covariance", "running", step=5)
+    # damping only affects the query stage, which has not started: allowed
+    store.RunStore.open(_config(tmp_path, **{"scores.damping": 0.01}))
+    # mesh and save intervals never change results: allowed
+    store.RunStore.open(_config(tmp_path, **{"scores.damping": 0.01, "mesh.data": 2, "factors.save_every": 7}))
+    with pytest.raises(store.StoreError, match=r"would change results already saved: factors.fisher, run.precision"):
+        store.RunStore.open(_config(tmp_path, **{"scores.damping": 0.01, "factors.fisher": "empirical",
+                                                 "run.precision": "float64"}))
+    fresh = store.RunStore.open(_config(tmp_path, **{"factors.fisher": "empirical"}), overwrite=True)
+    assert fresh.status("covariance") == "pending" and not fresh.stage("covariance").steps()
+    record = json.loads((tmp_path / "run/run.json").read_text())
+    assert record["config"]["factors"]["fisher"] == "empirical" and "jax" in record["versions"]
+
+
+def test_refusals_before_anything_is_written(tmp_path):
+    other = tmp_path / "run"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    with pytest.raises(store.StoreError, match=r"not a jaxinf run directory"):
+        store.RunStore.open(_config(tmp_path))
+    assert sorted(p.name for p in other.iterdir()) == ["notes.txt"]
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        import os
+
+        if os.access(locked, os.W_OK):  # running as root: permissions do not bind
+            pytest.skip("permissions are not enforced for this user")
+        with pytest.raises(store.StoreError, match=r"not writable"):
+            store.RunStore.open(cfg.load(None, [f"run.out={locked / 'run'}"]))
+    finally:
+        locked.chmod(0o700)
+
+
+def test_unwritable_output_is_refused_even_as_root(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(store.StoreError, match=r"is not a directory"):
+        store.RunStore.open(cfg.load(None, [f"run.out={blocker / 'run'}"]))
+
+
+def test_results_and_atomic_npy(tmp_path):
+    run = store.RunStore.open(_config(tmp_path))
+    run.save_result("eigen", {"Q": jnp.eye(3)})
+    assert run.status("eigen") == "done"
+    np.testing.assert_array_equal(np.asarray(run.load_result("eigen", {"Q": jnp.eye(3)})["Q"]), np.eye(3))
+    store.save_npy(tmp_path / "s.npy", np.ones((2, 3), np.float32))
+    assert np.load(tmp_path / "s.npy").shape == (2, 3)
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
