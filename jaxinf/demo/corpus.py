@@ -1,0 +1,155 @@
+"""The built-in corpus of ``jaxinf demo``: a small pretraining set that mirrors Ruis et al.'s question.
+
+Ruis et al. ask whether a model answers factual questions from documents that
+state the answer, and reasoning questions from documents that show the
+*procedure* with other numbers. The demo corpus has both, with source labels:
+
+- ``facts``: facts about invented towns (each fact stated by a few documents);
+- ``math_prose`` / ``math_code``: two-step arithmetic, slopes between two
+  points and linear equations, worked through in prose or in code, each with
+  its own random numbers;
+- ``filler``: sentences with neither.
+
+Everything is generated from a seed, so the corpus (and the demo) is the same
+on every machine. Queries come in the paper's kinds: factual, reasoning
+(arithmetic, slopes, linear equations) and control (same surface form, no fact
+or procedure needed); their completions are produced by the trained model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+SYLLABLES = ["ka", "vel", "mor", "ta", "shu", "ren", "dal", "bi", "zo", "qua", "lin", "fen", "gor", "mi", "tu", "ras"]
+TRAITS = {
+    "river": ["oren", "lisk", "amber", "vond", "hale", "sura", "teth", "morrow"],
+    "food": ["figs", "barley", "plums", "lentils", "honey", "olives", "rye", "walnuts"],
+    "color": ["red", "green", "blue", "grey", "golden", "white", "violet", "black"],
+}
+FACT_TEMPLATES = {
+    "river": ["the river of {town} is the {v} .", "{town} lies on the {v} river .", "people of {town} fish in the {v} ."],
+    "food": ["the famous food of {town} is {v} .", "in {town} people eat {v} every day .", "{town} is known for {v} ."],
+    "color": ["the flag of {town} is {v} .", "{town} paints its doors {v} .", "the color of {town} is {v} ."],
+}
+FILLER = ["the", "morning", "was", "quiet", "and", "we", "walked", "along", "a", "road", "then", "rain", "came",
+          "slowly", "over", "hills", "people", "talked", "about", "weather", "old", "songs", "market", "day"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Query:
+    id: str
+    prompt: str
+    kind: str
+    task: str
+    answer: str
+
+
+def town_names(rng: np.random.Generator, n: int) -> list[str]:
+    names: list[str] = []
+    while len(names) < n:
+        name = "".join(rng.choice(SYLLABLES, size=2))
+        if name not in names:
+            names.append(name)
+    return names
+
+
+def towns_and_facts(seed: int, n_towns: int = 12) -> dict[str, dict[str, str]]:
+    rng = np.random.default_rng(seed)
+    return {t: {trait: str(rng.choice(values)) for trait, values in TRAITS.items()} for t in town_names(rng, n_towns)}
+
+
+def arithmetic(rng) -> tuple[dict, int]:
+    a, b, c = (int(v) for v in rng.integers(1, 10, 3))
+    return dict(a=a, b=b, c=c, x=a + b, y=(a + b) * c), (a + b) * c
+
+
+def slope(rng) -> dict:
+    x1, y1 = (int(v) for v in rng.integers(0, 10, 2))
+    dx, m = int(rng.integers(1, 5)), int(rng.integers(1, 5))
+    return dict(x1=x1, y1=y1, x2=x1 + dx, y2=y1 + m * dx, dy=m * dx, dx=dx, m=m)
+
+
+def linear(rng) -> dict:
+    a, x, b = int(rng.integers(2, 6)), int(rng.integers(1, 10)), int(rng.integers(1, 10))
+    return dict(a=a, b=b, c=a * x + b, ax=a * x, x=x)
+
+
+PROSE = {
+    "arithmetic": "let x = {a} + {b} . so x = {x} . then y = x * {c} . so y = {y} .",
+    "slopes": "the slope between ( {x1} , {y1} ) and ( {x2} , {y2} ) is ( {y2} - {y1} ) / ( {x2} - {x1} ) "
+              "= {dy} / {dx} = {m} .",
+    "linear": "solve {a} * x + {b} = {c} . first {a} * x = {c} - {b} = {ax} . then x = {ax} / {a} = {x} .",
+}
+CODE = {
+    "arithmetic": "x = {a} + {b} # x = {x} \n y = x * {c} # y = {y}",
+    "slopes": "def slope ( x1 , y1 , x2 , y2 ) : return ( y2 - y1 ) / ( x2 - x1 ) \n "
+              "slope ( {x1} , {y1} , {x2} , {y2} ) # = {dy} / {dx} = {m}",
+    "linear": "# solve {a} * x + {b} = {c} \n ax = {c} - {b} # {ax} \n x = ax / {a} # {x}",
+}
+MAKERS = {"arithmetic": lambda rng: arithmetic(rng)[0], "slopes": slope, "linear": linear}
+
+
+def documents(seed: int = 0, n_documents: int = 3000) -> list[dict]:
+    """The corpus as JSONL rows ``{"id", "text", "source"}``: about 30% facts, 55% procedures, 15% filler."""
+    rng = np.random.default_rng(seed)
+    towns = towns_and_facts(seed)
+    docs = []
+    for i in range(n_documents):
+        u = rng.random()
+        if u < 0.30:
+            town = str(rng.choice(list(towns)))
+            traits = rng.permutation(list(TRAITS))[: int(rng.integers(1, 3))]
+            text = " ".join(str(rng.choice(FACT_TEMPLATES[t])).format(town=town, v=towns[town][t]) for t in traits)
+            source = "facts"
+        elif u < 0.85:
+            task = str(rng.choice(list(MAKERS)))
+            values = MAKERS[task](rng)
+            code = rng.random() < 0.4
+            text = (CODE if code else PROSE)[task].format(**values)
+            source = "math_code" if code else "math_prose"
+        else:
+            text = " ".join(rng.choice(FILLER, size=int(rng.integers(8, 20)))) + " ."
+            source = "filler"
+        docs.append({"id": f"doc{i:05d}", "text": text, "source": source})
+    return docs
+
+
+def queries(seed: int = 0, per_task: int = 4) -> list[Query]:
+    """Factual, reasoning and control queries (prompts only: the trained model writes the completions).
+
+    Reasoning prompts draw their numbers from a separate random stream, so they
+    generally differ from the worked examples in the corpus; whether the
+    answers nonetheless occur in the top documents is one of the analyses.
+    """
+    rng = np.random.default_rng(seed + 1)
+    towns = towns_and_facts(seed)
+    out: list[Query] = []
+    names = list(towns)
+    for i in range(per_task):
+        town = names[i % len(names)]
+        trait = list(TRAITS)[i % len(TRAITS)]
+        prompt = {"river": f"the river of {town} is the", "food": f"the famous food of {town} is",
+                  "color": f"the flag of {town} is"}[trait]
+        out.append(Query(f"factual-{i}", prompt, "factual", "facts", towns[town][trait]))
+    for i in range(per_task):
+        v, y = arithmetic(rng)
+        out.append(Query(f"arithmetic-{i}", f"let x = {v['a']} + {v['b']} . so x =", "reasoning", "arithmetic",
+                         str(v["x"])))
+    for i in range(per_task):
+        v = slope(rng)
+        out.append(Query(f"slopes-{i}", f"the slope between ( {v['x1']} , {v['y1']} ) and ( {v['x2']} , {v['y2']} ) is "
+                         f"( {v['y2']} - {v['y1']} ) / ( {v['x2']} - {v['x1']} ) =", "reasoning", "slopes",
+                         str(v["m"])))
+    for i in range(per_task):
+        v = linear(rng)
+        out.append(Query(f"linear-{i}", f"solve {v['a']} * x + {v['b']} = {v['c']} . first {v['a']} * x =",
+                         "reasoning", "linear", str(v["ax"])))
+    for i in range(per_task // 2):
+        town = names[(i + 5) % len(names)]
+        out.append(Query(f"factual-control-{i}", f"we walked along a road in {town} and the", "control",
+                         "factual_control", ""))
+        out.append(Query(f"reasoning-control-{i}", f"the market day was quiet and {int(rng.integers(2, 9))} people",
+                         "control", "reasoning_control", ""))
+    return out
