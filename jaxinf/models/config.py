@@ -70,7 +70,7 @@ class ModelConfig:
       ``logit_scale``, optional per-head LayerNorm of q and k (``qk_norm``).
 
     ``dtype`` is the compute dtype, ``param_dtype`` the storage dtype of the
-    parameters; ``scan`` stacks the layers for ``lax.scan`` (``remat``
+    parameters (default: ``dtype``); ``scan`` stacks the layers for ``lax.scan`` (``remat``
     recomputes each layer's activations in the backward pass).
     """
 
@@ -100,7 +100,7 @@ class ModelConfig:
     parallel_residual: bool = True
     initializer_range: float = 0.02
     dtype: str = "float32"
-    param_dtype: str = "float32"
+    param_dtype: str | None = None
     scan: bool = True
     remat: bool = False
 
@@ -112,6 +112,8 @@ class ModelConfig:
             fix("head_dim", self.hidden_size // self.num_heads if self.num_heads else 0)
         if self.rotary_dim is None:
             fix("rotary_dim", self.head_dim)
+        if self.param_dtype is None:
+            fix("param_dtype", self.dtype)
         for k in ("dtype", "param_dtype"):
             fix(k, jnp.dtype(getattr(self, k)).name)
         problems = []

@@ -380,7 +380,7 @@ def from_hf(
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"{path}: not a checkpoint directory")
-    config = read_config(path, dtype=dtype, param_dtype=param_dtype or dtype, scan=scan, remat=remat)
+    config = read_config(path, dtype=dtype, param_dtype=param_dtype, scan=scan, remat=remat)
     try:
         config.check_dtypes()
     except ConfigError as e:

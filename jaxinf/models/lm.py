@@ -15,6 +15,7 @@ planning a 35B run) and :func:`jaxinf.models.from_hf` (a checkpoint).
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Mapping
 from typing import Any
 
@@ -76,16 +77,33 @@ class LM:
                        for x in jax.tree.leaves(self.params)))
 
 
+def _string_keys(tree: Any) -> Any:
+    """Nested dicts with every key a string (``nnx.List`` layers are keyed 0, 1, ...; Orbax restores "0", "1")."""
+    if isinstance(tree, Mapping):
+        return {str(k): _string_keys(v) for k, v in tree.items()}
+    return tree
+
+
 def _split(module: DecoderLM) -> tuple[Any, Params]:
     graphdef, state = nnx.split(module)
-    return graphdef, nnx.to_pure_dict(state)
+    return graphdef, _string_keys(nnx.to_pure_dict(state))
 
 
 def init(config: ModelConfig, key: Array | int = 0) -> LM:
-    """A model with random weights: kernels and embeddings ``N(0, initializer_range^2)``, biases 0, norm scales 1."""
+    """A model with random weights: kernels and embeddings ``N(0, initializer_range^2)``, biases 0, norm scales 1.
+
+    ``key``: a PRNG key or an integer seed. The parameters are created by one
+    jitted program (on the default device), each layer of a stack from its own key.
+    """
     config.check_dtypes()
-    graphdef, params = _split(DecoderLM(config, nnx.Rngs(params=key)))
-    return LM(config, graphdef, params)
+    key = jax.random.key(key) if isinstance(key, int) else key
+    return LM(config, abstract(config).graphdef, _initializer(config)(key))
+
+
+@functools.lru_cache(maxsize=16)
+def _initializer(config: ModelConfig):
+    """The jitted ``key -> params`` of a config (compiled once per config)."""
+    return jax.jit(lambda k: _split(DecoderLM(config, nnx.Rngs(params=k)))[1])
 
 
 def abstract(config: ModelConfig) -> LM:
