@@ -18,7 +18,7 @@ from models_support import LEGACY, write_tokenizer
 from jaxinf.models import CheckpointError, ModelError, from_hf, parameter_paths, read_config
 from jaxinf.models import __main__ as cli
 from jaxinf.models.config import config_from_hf
-from jaxinf.models.hf import read_header, read_tensor, tensor_index
+from jaxinf.models.hf import read_converted, read_header, read_tensor, tensor_index
 
 
 def _copy(src: Path, dst: Path) -> Path:
@@ -90,6 +90,23 @@ def test_reader_handles_bfloat16_and_checks_offsets(tmp_path):
     (tmp_path / "c.safetensors").write_bytes(b"\xff" * 8 + raw[8:])
     with pytest.raises(CheckpointError, match=r"c\.safetensors: not a safetensors file"):
         read_header(tmp_path / "c.safetensors")
+
+
+@pytest.mark.parametrize("chunk", [1, 24, 10**6])
+def test_converted_reads_in_blocks(tmp_path, chunk):
+    """Transposed and converted reads give ``weight.T`` in the target dtype, whatever the block size (bytes)."""
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((7, 5)).astype(ml_dtypes.bfloat16)
+    v = rng.standard_normal(9).astype(np.float32)
+    _save_safetensors(tmp_path / "a.safetensors", {"w": w, "v": v})
+    info = read_header(tmp_path / "a.safetensors")
+    with open(tmp_path / "a.safetensors", "rb") as f:
+        out = np.full((5, 7), np.nan, np.float32)
+        read_converted(info["w"], f, out, transpose=True, chunk=chunk)
+        np.testing.assert_array_equal(out, w.T.astype(np.float32))
+        out = np.full(9, np.nan, ml_dtypes.bfloat16)
+        read_converted(info["v"], f, out, transpose=False, chunk=chunk)
+        np.testing.assert_array_equal(out, v.astype(ml_dtypes.bfloat16))
 
 
 def test_place_gets_each_parameter_once_in_its_final_layout(hf_checkpoint):

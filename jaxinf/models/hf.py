@@ -1,15 +1,16 @@
 """Hugging Face checkpoint import, without torch: ``config.json``, ``*.safetensors``, ``tokenizer.json``.
 
 :func:`from_hf` builds the model's structure abstractly (no memory), then fills
-it one parameter at a time. Each parameter is read tensor by tensor straight
-from the safetensors files into a host buffer of the parameter's final dtype
-and layout (kernels transposed to ``[d_in, d_out]``; with stacked layers the
-``num_layers`` tensors of one parameter go into its ``[num_layers, ...]``
-buffer), and handed to ``place(name, array) -> jax.Array``. Host memory beyond
-what ``place`` keeps is therefore one parameter buffer plus one source tensor.
-The default ``place`` is ``jax.device_put``, which on CPU adopts the (64-byte
-aligned) buffer without copying; a sharded run passes a ``place`` that puts
-each parameter on its mesh.
+it one parameter at a time: a host buffer of the parameter's final dtype and
+layout (kernels ``[d_in, d_out]``; with stacked layers, ``[num_layers, ...]``
+holding one checkpoint tensor per layer) is filled straight from the
+safetensors files, tensors that need a transpose or a dtype conversion passing
+through in blocks of 16 MiB, and is handed to ``place(name, array) -> jax.Array``.
+Host memory beyond what ``place`` keeps is therefore one parameter buffer plus
+one block. The default ``place`` is ``jax.device_put``, which on CPU adopts the
+(64-byte aligned) buffer without copying, so loading onto the host costs the
+model plus one block; a sharded run passes a ``place`` that puts each
+parameter on its mesh.
 
 The safetensors format is read directly (an 8-byte little-endian header size, a
 JSON header of ``{name: {dtype, shape, data_offsets}}``, then the raw data):
@@ -59,6 +60,7 @@ _DTYPES = {
 }
 _FLOATS = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}
 _MAX_HEADER = 100 * 2**20
+CHUNK = 16 * 2**20  # bytes of a checkpoint tensor converted at a time
 
 
 class CheckpointError(ModelError):
@@ -298,9 +300,9 @@ def load_params(
 ) -> tuple[dict, list[str]]:
     """The parameters of the (abstract) ``lm`` read from ``path``, and the checkpoint tensors left unused.
 
-    For each parameter: a host buffer of its dtype and shape, filled one
-    checkpoint tensor at a time (transposed and converted in the copy), then
-    ``place(parameter_path, buffer)``.
+    Names, shapes and dtypes of all tensors are checked first; then for each
+    parameter a host buffer of its dtype and shape is filled one checkpoint
+    tensor at a time (:func:`read_converted`) and passed to ``place(parameter_path, buffer)``.
     """
     place = _default_place if place is None else place
     tensors, where = tensor_index(path)
@@ -332,19 +334,38 @@ def load_params(
                 f = handles.get(info.file)
                 if f is None:
                     f = handles[info.file] = stack.enter_context(open(info.file, "rb"))
-                target = buf[i] if src.stacked else buf
-                if not src.transpose and _DTYPES[info.dtype] == src.dtype:
-                    read_tensor(info, f, target)
-                else:
-                    np.copyto(target, _oriented(read_tensor(info, f), src.transpose), casting="unsafe")
+                read_converted(info, f, buf[i] if src.stacked else buf, src.transpose)
             flat[src.path] = place(src.path, buf)
             del buf
     skipped = sorted(set(tensors) - used)
     return _unflatten(lm.params, flat), skipped
 
 
-def _oriented(x: np.ndarray, transpose: bool) -> np.ndarray:
-    return x.T if transpose else x
+def read_converted(info: TensorInfo, f: BinaryIO, out: np.ndarray, transpose: bool, chunk: int = CHUNK) -> None:
+    """Reads a tensor into ``out`` converted to ``out.dtype`` (and transposed: ``out = weight.T``).
+
+    Without conversion the data is read straight into ``out``; otherwise in
+    blocks of leading rows of at most ``chunk`` bytes, so the only memory
+    beyond ``out`` is one block.
+    """
+    dtype = _DTYPES[info.dtype]
+    if not transpose and dtype == out.dtype:
+        read_tensor(info, f, out)
+        return
+    shape = info.shape if info.shape else (1,)
+    row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize
+    step = max(1, chunk // max(row_bytes, 1))
+    target = out.reshape(shape) if not transpose else out
+    for r0 in range(0, shape[0], step):
+        r1 = min(shape[0], r0 + step)
+        rows = (r1 - r0,) + tuple(shape[1:])
+        nbytes = int(np.prod(rows, dtype=np.int64)) * dtype.itemsize
+        block = read_tensor(TensorInfo(info.file, info.dtype, rows, info.start + r0 * row_bytes,
+                                       info.start + r0 * row_bytes + nbytes), f)
+        if transpose:
+            np.copyto(target[:, r0:r1], block.T, casting="unsafe")
+        else:
+            np.copyto(target[r0:r1], block, casting="unsafe")
 
 
 def _default_place(name: str, x: np.ndarray) -> jax.Array:
