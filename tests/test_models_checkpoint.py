@@ -301,3 +301,14 @@ def test_command_line_reports_bad_input_in_one_line(hf_checkpoint, tmp_path, cap
     assert cli.main([str(directory)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "tokenizer.json" in err and "vocab_size 61" in err
+
+
+def test_missing_oracle_skips_or_fails_in_ci(monkeypatch):
+    from conftest import oracle
+
+    monkeypatch.delenv("JAXINF_REQUIRE_ORACLES", raising=False)
+    with pytest.raises(pytest.skip.Exception):
+        oracle("jaxinf_no_such_oracle")
+    monkeypatch.setenv("JAXINF_REQUIRE_ORACLES", "1")
+    with pytest.raises(pytest.fail.Exception, match="required oracle missing"):
+        oracle("jaxinf_no_such_oracle")

@@ -70,8 +70,9 @@ class ModelConfig:
       ``logit_scale``, optional per-head LayerNorm of q and k (``qk_norm``).
 
     ``dtype`` is the compute dtype, ``param_dtype`` the storage dtype of the
-    parameters (default: ``dtype``); ``scan`` stacks the layers for ``lax.scan`` (``remat``
-    recomputes each layer's activations in the backward pass).
+    parameters (default: ``dtype``); ``scan`` stacks the layers for ``lax.scan``
+    (``remat`` then recomputes each layer's activations in the backward pass;
+    it has no effect on unstacked layers).
     """
 
     family: str
@@ -114,9 +115,12 @@ class ModelConfig:
             fix("rotary_dim", self.head_dim)
         if self.param_dtype is None:
             fix("param_dtype", self.dtype)
-        for k in ("dtype", "param_dtype"):
-            fix(k, jnp.dtype(getattr(self, k)).name)
         problems = []
+        for k in ("dtype", "param_dtype"):
+            try:
+                fix(k, jnp.dtype(getattr(self, k)).name)
+            except TypeError:
+                problems.append(f"{k} {getattr(self, k)!r} is not a dtype")
         if self.family not in FAMILIES:
             problems.append(f"family {self.family!r} is not one of {', '.join(FAMILIES)}")
         if self.num_heads <= 0 or self.num_kv_heads <= 0 or self.num_heads % self.num_kv_heads:
@@ -132,7 +136,7 @@ class ModelConfig:
         if self.rope_type not in ROPE_TYPES:
             problems.append(f"rope_type {self.rope_type!r} is not one of {', '.join(ROPE_TYPES)}")
         for k in ("dtype", "param_dtype"):
-            if getattr(self, k) not in DTYPES:
+            if getattr(self, k) not in DTYPES and not any(k in p for p in problems):
                 problems.append(f"{k} {getattr(self, k)!r} is not one of {', '.join(DTYPES)}")
         if min(self.vocab_size, self.hidden_size, self.intermediate_size, self.num_layers) <= 0:
             problems.append("vocab_size, hidden_size, intermediate_size and num_layers must be positive")

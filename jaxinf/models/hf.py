@@ -27,7 +27,7 @@ import dataclasses
 import json
 import struct
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -415,8 +415,3 @@ def from_hf(
     info = {"checkpoint": str(path), "skipped_tensors": skipped}
     return LM(config, shell.graphdef, params, info), tok
 
-
-def iter_tensors(path: str | Path) -> Iterator[tuple[str, TensorInfo]]:
-    """``(name, info)`` of every tensor of a checkpoint directory (headers only)."""
-    tensors, _ = tensor_index(Path(path))
-    yield from tensors.items()
