@@ -157,6 +157,14 @@ def test_unused_tensors_are_reported(hf_checkpoint, tmp_path):
     assert lm.info["skipped_tensors"] == ["model.layers.0.self_attn.rotary_emb.inv_freq"]
 
 
+def test_tied_checkpoint_may_store_the_output_projection(hf_checkpoint, tmp_path, recwarn):
+    def add(t):
+        t["lm_head.weight"] = t["model.embed_tokens.weight"]
+
+    lm, _ = from_hf(_single_file(hf_checkpoint("cohere"), tmp_path / "tied", add), tokenizer=False)
+    assert lm.config.tie_embeddings and lm.info["skipped_tensors"] == [] and not recwarn.list
+
+
 def test_tokenizer_is_returned_and_may_be_smaller_than_the_vocabulary(hf_checkpoint):
     lm, tok = from_hf(hf_checkpoint("cohere"))
     assert tok.encode("w3 w7").ids == [3, 7]

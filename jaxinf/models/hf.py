@@ -325,6 +325,8 @@ def load_params(
             found.append(info)
             used.update(names)
         plan.append((src, found))
+    if lm.config.tie_embeddings:  # some tied checkpoints also store the (identical) output projection
+        used.update({"lm_head.weight", "embed_out.weight"})
     flat: dict[str, Any] = {}
     with ExitStack() as stack:
         handles: dict[Path, BinaryIO] = {}
