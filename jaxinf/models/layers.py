@@ -1,0 +1,196 @@
+"""Building blocks shared by the model families: tracked linear layers, norms, rotary, attention.
+
+Every linear layer is a :class:`Linear` that computes through
+:meth:`jaxinf.capture.Tap.linear` under its Hugging Face module name, so the
+engine tracks it. Parameters follow Flax's names and orientation (``kernel``
+``[d_in, d_out]``, ``bias``, ``scale``, ``embedding``); :mod:`jaxinf.models.hf`
+maps them to checkpoint tensors (a kernel is the transposed ``weight``).
+
+Precision follows transformers: norms and the attention softmax are computed in
+at least float32 and cast back to the compute dtype; the rotary tables are
+computed in float64 on the host and cast to the compute dtype (transformers
+computes them in float32, so float32 tables differ from it by rounding only).
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxinf.capture import Tap
+from jaxinf.models.config import ModelConfig
+
+Array = jax.Array
+
+
+def _normal(rngs: nnx.Rngs, shape: tuple[int, ...], std: float, dtype: str) -> Array:
+    return (std * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype)
+
+
+def upcast(dtype) -> jnp.dtype:
+    """The dtype norms and softmax are computed in: ``dtype`` promoted to at least float32."""
+    return jnp.promote_types(dtype, jnp.float32)
+
+
+class Linear(nnx.Module):
+    """``s = x @ kernel (+ bias)``, a tracked layer named ``name`` (its Hugging Face module path).
+
+    ``kernel``: ``[d_in, d_out]`` (the checkpoint's ``weight`` transposed), ``bias``: ``[d_out]``.
+    """
+
+    def __init__(self, name: str, d_in: int, d_out: int, *, bias: bool, config: ModelConfig, rngs: nnx.Rngs):
+        self.name = name
+        self.kernel = nnx.Param(_normal(rngs, (d_in, d_out), config.initializer_range, config.param_dtype))
+        self.bias = nnx.Param(jnp.zeros((d_out,), config.param_dtype)) if bias else None
+
+    def __call__(self, x: Array, tap: Tap, prefix: str = "") -> Array:
+        bias = None if self.bias is None else self.bias[...]
+        return tap.linear(prefix + self.name, x, self.kernel[...], bias)
+
+
+class Embed(nnx.Module):
+    """Token embedding ``embedding[token]``: ``embedding`` ``[vocab, hidden]``."""
+
+    def __init__(self, config: ModelConfig, rngs: nnx.Rngs):
+        shape = (config.vocab_size, config.hidden_size)
+        self.embedding = nnx.Param(_normal(rngs, shape, config.initializer_range, config.param_dtype))
+
+    def __call__(self, tokens: Array, dtype) -> Array:
+        return jnp.take(self.embedding[...], tokens, axis=0).astype(dtype)
+
+
+class RMSNorm(nnx.Module):
+    """``y = scale * x / sqrt(mean(x^2) + eps)`` over the last axis (Llama)."""
+
+    def __init__(self, size: int, eps: float, config: ModelConfig):
+        self.eps = eps
+        self.scale = nnx.Param(jnp.ones((size,), config.param_dtype))
+
+    def __call__(self, x: Array) -> Array:
+        h = x.astype(upcast(x.dtype))
+        h = h * jax.lax.rsqrt(jnp.mean(h * h, axis=-1, keepdims=True) + self.eps)
+        return (self.scale[...].astype(x.dtype) * h.astype(x.dtype)).astype(x.dtype)
+
+
+class LayerNorm(nnx.Module):
+    """``y = scale * (x - mean(x)) / sqrt(var(x) + eps) (+ bias)`` over the last axis.
+
+    ``scale`` may have leading axes (Cohere's per-head q/k norm: ``[heads, head_dim]``).
+    Computed in at least float32 and cast back.
+    """
+
+    def __init__(self, shape: tuple[int, ...], eps: float, bias: bool, config: ModelConfig):
+        self.eps = eps
+        self.scale = nnx.Param(jnp.ones(shape, config.param_dtype))
+        self.bias = nnx.Param(jnp.zeros(shape, config.param_dtype)) if bias else None
+
+    def __call__(self, x: Array) -> Array:
+        dt = upcast(x.dtype)
+        h = x.astype(dt)
+        mu = jnp.mean(h, axis=-1, keepdims=True)
+        var = jnp.mean(jnp.square(h - mu), axis=-1, keepdims=True)
+        h = (h - mu) * jax.lax.rsqrt(var + self.eps) * self.scale[...].astype(dt)
+        if self.bias is not None:
+            h = h + self.bias[...].astype(dt)
+        return h.astype(x.dtype)
+
+
+def activation(name: str, x: Array) -> Array:
+    """``silu(x) = x sigmoid(x)``, exact ``gelu`` (erf), ``gelu_tanh`` (tanh approximation), ``relu``."""
+    if name == "silu":
+        return jax.nn.silu(x)
+    if name == "gelu":
+        return jax.nn.gelu(x, approximate=False)
+    if name == "gelu_tanh":
+        return jax.nn.gelu(x, approximate=True)
+    if name == "relu":
+        return jax.nn.relu(x)
+    raise ValueError(f"unknown activation {name!r}")
+
+
+# --------------------------------------------------------------------------- rotary embedding
+
+
+def inverse_frequencies(config: ModelConfig) -> np.ndarray:
+    """``inv_freq[i] = theta^(-2i / rotary_dim)`` for ``i < rotary_dim / 2``, then the rope scaling (float64).
+
+    ``linear``: ``inv_freq / factor``. ``llama3`` (wavelength ``w = 2 pi / inv_freq``,
+    ``L`` the original context): unchanged where ``w < L / high_freq_factor``,
+    ``inv_freq / factor`` where ``w > L / low_freq_factor``, and in between
+    ``(1 - s) inv_freq / factor + s inv_freq`` with
+    ``s = (L / w - low_freq_factor) / (high_freq_factor - low_freq_factor)``.
+    """
+    c = config
+    inv = 1.0 / c.rope_theta ** (np.arange(0, c.rotary_dim, 2, dtype=np.float64) / c.rotary_dim)
+    if c.rope_type == "linear":
+        inv = inv / c.rope_factor
+    elif c.rope_type == "llama3":
+        L = c.rope_original_max_position
+        wavelength = 2 * math.pi / inv
+        scaled = np.where(wavelength > L / c.rope_low_freq_factor, inv / c.rope_factor, inv)
+        s = (L / wavelength - c.rope_low_freq_factor) / (c.rope_high_freq_factor - c.rope_low_freq_factor)
+        smooth = (1 - s) * scaled / c.rope_factor + s * scaled
+        medium = (wavelength >= L / c.rope_high_freq_factor) & (wavelength <= L / c.rope_low_freq_factor)
+        inv = np.where(medium, smooth, scaled)
+    return inv
+
+
+def rotary_tables(config: ModelConfig, length: int, dtype) -> tuple[Array, Array]:
+    """``cos`` and ``sin`` of the angles ``t * inv_freq[i]`` for positions ``t < length``: ``[length, rotary_dim/2]``."""
+    angles = np.arange(length, dtype=np.float64)[:, None] * inverse_frequencies(config)[None, :]
+    return jnp.asarray(np.cos(angles).astype(dtype)), jnp.asarray(np.sin(angles).astype(dtype))
+
+
+def apply_rotary(x: Array, cos: Array, sin: Array, interleaved: bool) -> Array:
+    """Rotates the first ``2 * cos.shape[-1]`` features of each head of ``x`` ``[B, T, heads, head_dim]``.
+
+    Pair ``(u_i, v_i)`` becomes ``(u_i cos_ti - v_i sin_ti, v_i cos_ti + u_i sin_ti)``,
+    where the pairs are ``(x[i], x[i + R/2])`` (halves: Llama, GPT-NeoX) or
+    ``(x[2i], x[2i+1])`` (``interleaved``: Cohere); features past ``R`` pass through.
+    """
+    R = 2 * cos.shape[-1]
+    if R == 0:
+        return x
+    rot, rest = x[..., :R], x[..., R:]
+    c, s = cos[None, :, None, :], sin[None, :, None, :]
+    if interleaved:
+        pairs = rot.reshape(rot.shape[:-1] + (R // 2, 2))
+        u, v = pairs[..., 0], pairs[..., 1]
+        rot = jnp.stack([u * c - v * s, v * c + u * s], axis=-1).reshape(rot.shape)
+    else:
+        u, v = rot[..., : R // 2], rot[..., R // 2:]
+        rot = jnp.concatenate([u * c - v * s, v * c + u * s], axis=-1)
+    return jnp.concatenate([rot, rest], axis=-1) if rest.shape[-1] else rot
+
+
+# --------------------------------------------------------------------------- attention
+
+
+def attention_mask(mask: Array) -> Array:
+    """``allowed[b, t, s] = (s <= t) and mask[b, s]``: causal attention to real tokens, ``[B, T, T]``."""
+    T = mask.shape[-1]
+    causal = jnp.tril(jnp.ones((T, T), bool))
+    return causal[None] & (mask[:, None, :] > 0)
+
+
+def attention(q: Array, k: Array, v: Array, allowed: Array) -> Array:
+    """Grouped-query softmax attention, ``softmax(q k^T / sqrt(head_dim)) v`` per head.
+
+    ``q`` ``[B, T, H, D]``, ``k``/``v`` ``[B, S, K, D]`` with ``H = K * G``: query
+    head ``h`` reads key/value head ``h // G``. Disallowed scores are replaced by
+    the dtype's most negative value (a fully masked row stays finite).
+    The softmax runs in at least float32.
+    """
+    B, T, H, D = q.shape
+    K = k.shape[2]
+    qg = q.reshape(B, T, K, H // K, D)
+    scores = jnp.einsum("btkgd,bskd->bkgts", qg, k) * jnp.asarray(D ** -0.5, q.dtype)
+    dt = upcast(scores.dtype)
+    scores = jnp.where(allowed[:, None, None], scores.astype(dt), jnp.finfo(dt).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+    return out.reshape(B, T, H * D)

@@ -1,0 +1,196 @@
+"""Tiny random Hugging Face checkpoints and the transformers oracle for the model tests.
+
+Every checkpoint is built here with ``XxxConfig(...)`` + ``XxxForCausalLM(config)``
++ ``save_pretrained`` (nothing is downloaded). Weights are redrawn at unit scale
+(``weight ~ N(0, 1/fan_in)``, embeddings ``N(0, 1)``, norm weights ``1 + N(0, 0.2^2)``,
+biases ``N(0, 0.2^2)``) so that logits are O(1) and every component matters.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+
+from conftest import oracle
+
+VOCAB = 61
+TOKENIZER_TOKENS = 50  # fewer than VOCAB: checkpoints may pad the embedding beyond the tokenizer
+
+_BASE = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4)
+
+# name -> (transformers family, config kwargs, save_pretrained max_shard_size or None)
+# Checkpoints in LEGACY get their config.json rewritten in the transformers 4 layout
+# (rope_theta / rope_scaling / rotary_pct / rotary_emb_base instead of rope_parameters),
+# which transformers 5 still reads: both sides must interpret it the same way.
+CHECKPOINTS = {
+    # grouped-query attention, separate lm_head, sharded safetensors with an index
+    "llama": ("llama", dict(_BASE, num_key_value_heads=2, rms_norm_eps=1e-5,
+                            rope_parameters={"rope_type": "default", "rope_theta": 10000.0}), "40KB"),
+    # explicit head_dim != hidden/heads, biases, tied embeddings, llama3 rope scaling, tanh gelu
+    "llama_variant": ("llama", dict(_BASE, num_key_value_heads=1, head_dim=12, attention_bias=True, mlp_bias=True,
+                                    tie_word_embeddings=True, hidden_act="gelu_pytorch_tanh",
+                                    rope_parameters={"rope_type": "llama3", "rope_theta": 10000.0, "factor": 4.0,
+                                                     "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                                     "original_max_position_embeddings": 16}), None),
+    # parallel residual, partial rotary (half of each head)
+    "gpt_neox": ("gpt_neox", dict(_BASE, rotary_pct=0.5, use_parallel_residual=True), None),
+    # sequential residual, a quarter of each head rotated, sharded
+    "gpt_neox_sequential": ("gpt_neox", dict(_BASE, use_parallel_residual=False), "40KB"),
+    # grouped-query attention, tied embeddings, logit scale, sharded
+    "cohere": ("cohere", dict(_BASE, num_key_value_heads=2, logit_scale=0.25, pad_token_id=0, bos_token_id=1,
+                              eos_token_id=2, rope_parameters={"rope_type": "default", "rope_theta": 1000.0}), "40KB"),
+    # per-head q/k LayerNorm (Command R+), untied head
+    "cohere_qk_norm": ("cohere", dict(_BASE, num_key_value_heads=4, use_qk_norm=True, tie_word_embeddings=False,
+                                      logit_scale=0.5, pad_token_id=0, bos_token_id=1, eos_token_id=2), None),
+}
+
+LEGACY = {
+    "llama_variant": {"rope_theta": 10000.0, "rope_scaling": {
+        "rope_type": "llama3", "factor": 4.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 16}},
+    "gpt_neox_sequential": {"rotary_pct": 0.25, "rotary_emb_base": 500.0},
+}
+
+_CLASSES = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM", "llama.modeling_llama"),
+    "gpt_neox": ("GPTNeoXConfig", "GPTNeoXForCausalLM", "gpt_neox.modeling_gpt_neox"),
+    "cohere": ("CohereConfig", "CohereForCausalLM", "cohere.modeling_cohere"),
+}
+
+
+def randomize(model, seed: int = 0) -> None:
+    """Redraws every parameter at unit scale (see the module docstring)."""
+    torch = oracle("torch")
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=g, dtype=torch.float64)
+            if "norm" in name:
+                value = 1.0 + 0.2 * noise if name.endswith("weight") else 0.2 * noise
+            elif name.endswith("bias"):
+                value = 0.2 * noise
+            elif "embed" in name and "embed_out" not in name:
+                value = noise
+            else:
+                value = noise / math.sqrt(p.shape[-1])
+            p.copy_(value.to(p.dtype))
+
+
+def write_tokenizer(directory: Path, n_tokens: int = TOKENIZER_TOKENS) -> None:
+    """A word-level ``tokenizer.json`` with ``n_tokens`` ids (``[UNK]`` and ``w1`` ... ``w{n-1}``)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {"[UNK]": 0, **{f"w{i}": i for i in range(1, n_tokens)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(directory / "tokenizer.json"))
+
+
+def hf_model(name: str, seed: int = 0):
+    """A randomized transformers model of checkpoint ``name`` (float32, eval mode)."""
+    transformers = oracle("transformers")
+    family, kwargs, _ = CHECKPOINTS[name]
+    config_cls, model_cls, _ = _CLASSES[family]
+    config = getattr(transformers, config_cls)(**kwargs)
+    model = getattr(transformers, model_cls)(config).eval()
+    randomize(model, seed)
+    return model
+
+
+def save_checkpoint(name: str, directory: Path, *, dtype=None, seed: int = 0) -> Path:
+    """Saves the randomized model ``name`` (optionally cast, e.g. to bfloat16) with its tokenizer."""
+    model = hf_model(name, seed)
+    if dtype is not None:
+        model = model.to(dtype)
+    shard = CHECKPOINTS[name][2]
+    model.save_pretrained(directory, **({"max_shard_size": shard} if shard else {}))
+    if name in LEGACY:
+        cfg = config_json(directory)
+        del cfg["rope_parameters"]
+        cfg.update(LEGACY[name])
+        (directory / "config.json").write_text(json.dumps(cfg, indent=2))
+    write_tokenizer(directory)
+    return directory
+
+
+@contextlib.contextmanager
+def float64_transformers():
+    """Runs transformers' model code with its float32 upcasts made float64 upcasts.
+
+    transformers computes norms, the attention softmax and the rotary tables
+    in float32 even in a ``.double()`` model (explicit ``.float()``,
+    ``torch.float32`` and ``dtype=torch.float``), which limits its agreement
+    with any float64 computation to ~1e-7. For the float64 oracle, each model
+    module's ``torch`` is replaced by a view of torch in which ``float32`` and
+    ``float`` are ``float64``, and ``Tensor.float`` converts to float64; the
+    model code itself is unchanged.
+    """
+    torch = oracle("torch")
+    import importlib
+
+    class Torch64:
+        float32 = torch.float64
+        float = torch.float64
+
+        def __getattr__(self, name):
+            return getattr(torch, name)
+
+    modules = [importlib.import_module(f"transformers.models.{m}") for _, _, m in _CLASSES.values()]
+    modules.append(importlib.import_module("transformers.modeling_rope_utils"))
+    saved = [(m, m.torch) for m in modules]
+    to_float = torch.Tensor.float
+    try:
+        for m in modules:
+            m.torch = Torch64()
+        torch.Tensor.float = lambda self, *args, **kwargs: self.to(torch.float64)
+        yield
+    finally:
+        torch.Tensor.float = to_float
+        for m, t in saved:
+            m.torch = t
+
+
+def hf_logits(directory: Path, tokens: np.ndarray, mask: np.ndarray, float64: bool = False) -> np.ndarray:
+    """transformers' logits for a saved checkpoint (eager attention; float64 through :func:`float64_transformers`)."""
+    torch = oracle("torch")
+    transformers = oracle("transformers")
+    ctx = float64_transformers() if float64 else contextlib.nullcontext()
+    with ctx, torch.no_grad():
+        model = transformers.AutoModelForCausalLM.from_pretrained(
+            directory, dtype=torch.float64 if float64 else torch.float32, attn_implementation="eager").eval()
+        out = model(input_ids=torch.tensor(np.asarray(tokens), dtype=torch.long),
+                    attention_mask=torch.tensor(np.asarray(mask), dtype=torch.long)).logits
+    return out.numpy()
+
+
+def hf_token_losses(logits: np.ndarray, tokens: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """torch's cross-entropy of next tokens, weighted like ``jaxinf.tasks.next_token_losses`` (last position 0)."""
+    torch = oracle("torch")
+    lg = torch.tensor(logits[:, :-1])
+    ce = torch.nn.functional.cross_entropy(lg.reshape(-1, lg.shape[-1]), torch.tensor(tokens[:, 1:]).reshape(-1).long(),
+                                           reduction="none").reshape(lg.shape[:2]).numpy()
+    out = np.zeros(tokens.shape, ce.dtype)
+    out[:, :-1] = ce * weights[:, 1:]
+    return out
+
+
+def padded_batch(seed: int = 0, lengths=(11, 7, 4), vocab: int = VOCAB) -> dict[str, np.ndarray]:
+    """A right-padded document batch (pad id 0) as numpy arrays: tokens, mask, weights."""
+    rng = np.random.default_rng(seed)
+    T = max(lengths)
+    tokens = np.zeros((len(lengths), T), np.int32)
+    mask = np.zeros((len(lengths), T), np.float32)
+    for i, n in enumerate(lengths):
+        tokens[i, :n] = rng.integers(1, vocab, n)
+        mask[i, :n] = 1
+    weights = mask.copy()
+    weights[:, 0] = 0
+    return {"tokens": tokens, "mask": mask, "weights": weights}
+
+
+def config_json(directory: Path) -> dict:
+    return json.loads((directory / "config.json").read_text())
