@@ -13,17 +13,15 @@ import numpy as np
 
 
 def default_ks(n_documents: int) -> list[int]:
-    """k from 50 to 10% of the corpus: 50, 100, 200, 500, 1000, ... below ``ceil(0.1 N)``, then
+    """k from 50 to 10% of the corpus: the 1-2-5 series 50, 100, 200, 500, 1000, ... below ``ceil(0.1 N)``, then
     ``ceil(0.1 N)`` itself. A corpus under 500 documents gets the single k = ``ceil(0.1 N)``."""
     cap = max(1, math.ceil(0.1 * n_documents - 1e-9))
     ks = []
-    base = 50
-    while base < cap:
-        for m in (1, 2, 5):
-            if base * m < cap:
-                ks.append(base * m)
-        base *= 10
-    return sorted(set(ks)) + [cap]
+    decade = 10
+    while decade < cap:
+        ks += [decade * m for m in (1, 2, 5) if 50 <= decade * m < cap]
+        decade *= 10
+    return ks + [cap]
 
 
 def corpus_shares(codes: np.ndarray, n_sources: int, tokens: np.ndarray | None) -> dict:
