@@ -367,3 +367,41 @@ def test_token_export_naming_an_unknown_document(tmp_path):
         f.write(json.dumps({"query": "q0", "document": "nope", "rank": 9, "tokens": []}) + "\n")
     with pytest.raises(AnalysisError, match="document 'nope' is not in documents.jsonl"):
         analyze(run, FAST, write=False, log=lambda *_: None)
+
+
+# ----------------------------------------------------------------------------- degenerate sizes
+
+
+@pytest.mark.filterwarnings("error")
+@pytest.mark.parametrize("Q,N", [(1, 1), (2, 2), (3, 1), (1, 5)])
+def test_tiny_runs_complete_without_warnings(tmp_path, Q, N):
+    s = np.arange(Q * N, dtype=float).reshape(Q, N) - 1
+    run = make_run(tmp_path / "run", s, kinds=["reasoning"] * Q, tasks=["t"] * Q, sources=["a"] * N, tokens=[0] * N,
+                   texts=["x 1"] * N)
+    out = analyze(run, FAST, log=lambda *_: None)
+    assert (run / "report" / "index.html").exists()
+    assert any("token count of 0" in n for n in out["notes"])
+    if N == 1:
+        assert any("same score for every document" in n for n in out["notes"])
+        assert json.loads((run / "summary.json").read_text())["correlations"]["matrix"][0][0] is None
+
+
+@pytest.mark.heavy
+def test_memory_stays_bounded_on_a_large_matrix(tmp_path):
+    """80 x 1,000,000 (305 MiB of float32): the whole analysis stays within 300 MB of the
+    resident memory of merely reading the inputs (bound set before measuring)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "bench_analysis.py"
+    sys.path.insert(0, str(script.parent))
+    import bench_analysis
+
+    bench_analysis.generate(tmp_path, 80, 1_000_000)
+    rss = {}
+    for stage in ("baseline", "analyze"):
+        out = subprocess.run([sys.executable, str(script), "--stage", stage, "--dir", str(tmp_path)],
+                             capture_output=True, text=True, check=True)
+        rss[stage] = json.loads(out.stdout.strip().splitlines()[-1])["peak_rss_mb"]
+    assert rss["analyze"] - rss["baseline"] < 300, rss

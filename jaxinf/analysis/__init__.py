@@ -2,12 +2,12 @@
 
 Reads only ``scores.npy``, ``queries.jsonl``, ``documents.jsonl`` and the optional exports
 (formats in :mod:`jaxinf.analysis.io`); never the engine. One module per analysis:
-correlations, concentration, powerlaw, sources, answers, layers; :mod:`.analyze` drives them
+correlations, concentration, powerlaw, sources, answers, layers; :mod:`.driver` drives them
 in two streaming passes, :mod:`.report` writes the report, :mod:`.release` converts the
 released data of Ruis et al. (2024) into a run directory.
 """
 
-from jaxinf.analysis.analyze import Options, analyze
+from jaxinf.analysis.driver import Options, analyze
 from jaxinf.analysis.io import AnalysisError
 
 __all__ = ["AnalysisError", "Options", "analyze"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from jaxinf.analysis.analyze import analyze
+from jaxinf.analysis.driver import analyze
 from jaxinf.analysis.io import AnalysisError
 
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from array import array
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,19 +49,32 @@ class AnalysisError(ValueError):
 # ----------------------------------------------------------------------------- JSONL
 
 
+_SCAN = json.JSONDecoder().scan_once  # the C scanner behind json.loads, without its per-call overhead
+
+
 def iter_jsonl(path: Path) -> Iterator[tuple[int, dict]]:
-    """Yield (line number, object) for each non-blank line; bad JSON is an AnalysisError."""
+    """Yield (line number, object) for each non-blank line; bad JSON is an AnalysisError.
+
+    Each line must hold exactly one JSON object (anything after it but whitespace is an error).
+    """
     path = Path(path)
+    scan = _SCAN
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
             try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise AnalysisError(f"{path.name} line {lineno}: invalid JSON ({e.msg})") from None
-            if not isinstance(obj, dict):
-                raise AnalysisError(f"{path.name} line {lineno}: expected a JSON object, got {type(obj).__name__}")
+                obj, end = scan(line, 0)
+                if type(obj) is not dict or line[end:].strip():
+                    raise ValueError
+            except (StopIteration, ValueError):
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise AnalysisError(f"{path.name} line {lineno}: invalid JSON ({e.msg})") from None
+                if not isinstance(obj, dict):
+                    raise AnalysisError(
+                        f"{path.name} line {lineno}: expected a JSON object, got {type(obj).__name__}") from None
             yield lineno, obj
 
 
@@ -197,46 +211,51 @@ class Documents:
 
 
 def read_documents(path: Path) -> Documents:
+    """Read documents.jsonl into compact arrays (source codes, token counts, id hashes), in one pass."""
     path = Path(path)
     if not path.exists():
         raise AnalysisError(f"{path.name}: missing (expected at {path})")
-    codes: list[int] = []
+    codes = array("i")
+    tokens = array("q")
+    hashes = array("q")
     names: dict[str, int] = {}
-    tokens: list[int] = []
-    hashes: list[int] = []
     n_missing_source = n_missing_tokens = n_text = 0
     for lineno, obj in iter_jsonl(path):
-        where = f"{path.name} line {lineno}"
-        if "id" not in obj:
-            raise AnalysisError(f"{where}: missing field id")
-        did = _id_str(obj["id"], where)
+        did = obj.get("id")
+        if type(did) is not str:
+            if did is None:
+                raise AnalysisError(f"{path.name} line {lineno}: missing field id")
+            did = _id_str(did, f"{path.name} line {lineno}")
         hashes.append(hash(did))
         src = obj.get("source")
-        if src is None or src == "":
-            n_missing_source += 1
-            src = UNKNOWN
-        elif not isinstance(src, str):
-            raise AnalysisError(f"{where}: field source must be a string, got {src!r}")
-        codes.append(names.setdefault(src, len(names)))
+        code = names.get(src) if type(src) is str else None
+        if code is None:
+            if src is None or src == "":
+                n_missing_source += 1
+                src = UNKNOWN
+            elif not isinstance(src, str):
+                raise AnalysisError(f"{path.name} line {lineno}: field source must be a string, got {src!r}")
+            code = names.setdefault(src, len(names))
+        codes.append(code)
         tok = obj.get("tokens")
-        if tok is None:
+        if type(tok) is int and tok >= 0:
+            tokens.append(tok)
+        elif tok is None:
             n_missing_tokens += 1
             tokens.append(0)
-        elif isinstance(tok, bool) or not isinstance(tok, int) or tok < 0:
-            raise AnalysisError(f"{where}: field tokens must be a non-negative integer, got {tok!r}")
         else:
-            tokens.append(tok)
-        if isinstance(obj.get("text"), str):
+            raise AnalysisError(f"{path.name} line {lineno}: field tokens must be a non-negative integer, got {tok!r}")
+        if "text" in obj and isinstance(obj["text"], str):
             n_text += 1
     if not codes:
         raise AnalysisError(f"{path.name}: no documents")
-    _check_unique_ids(path, np.asarray(hashes, np.int64))
+    _check_unique_ids(path, np.frombuffer(hashes, np.int64))
     return Documents(
         path=path,
         n=len(codes),
-        source_codes=np.asarray(codes, np.int32),
+        source_codes=np.frombuffer(codes, f"i{codes.itemsize}").astype(np.int32),
         source_names=list(names),
-        tokens=None if n_missing_tokens else np.asarray(tokens, np.int64),
+        tokens=None if n_missing_tokens else np.frombuffer(tokens, np.int64).copy(),
         n_missing_source=n_missing_source,
         n_missing_tokens=n_missing_tokens,
         n_with_text=n_text,

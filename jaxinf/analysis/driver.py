@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+from threadpoolctl import threadpool_limits
 
 from jaxinf.analysis import answers as ans
 from jaxinf.analysis import concentration as conc
@@ -57,6 +58,9 @@ class Options:
     report_documents: int = 5  # top and bottom documents per query shown with text in the report
     tokens_shown: int = 10
     chunk_columns: int = 65536
+    # BLAS threads for the column pass's Q x Q products (None: the library default). One is
+    # plenty for Q ~ 100, and multi-threaded BLAS slows down badly on a busy machine.
+    blas_threads: int | None = 1
     snippet_chars: int = 400
 
 
@@ -107,18 +111,20 @@ def _column_pass(scores: ScoreMatrix, queries: Queries, docs: Documents, chunk: 
     npos = np.zeros(Q, np.int64)
     nneg = np.zeros(Q, np.int64)
     for start, x in scores.column_chunks(chunk):
-        bad = ~np.isfinite(x)
-        if bad.any():
-            q, c = (int(v) for v in np.argwhere(bad)[0])
-            n = start + c
-            did = docs.fetch([n])[n][0]
-            what = "NaN" if np.isnan(x[q, c]) else "inf"
-            raise AnalysisError(f"scores.npy: {what} at query row {q} (id {queries.ids[q]!r}), "
-                                f"document column {n} (id {did!r})")
+        rowsum = x.sum(axis=1)
+        if not np.isfinite(rowsum).all():  # a NaN/inf entry (or an overflowing sum: then nothing is reported)
+            bad = ~np.isfinite(x)
+            if bad.any():
+                q, c = (int(v) for v in np.argwhere(bad)[0])
+                n = start + c
+                did = docs.fetch([n])[n][0]
+                what = "NaN" if np.isnan(x[q, c]) else "inf"
+                raise AnalysisError(f"scores.npy: {what} at query row {q} (id {queries.ids[q]!r}), "
+                                    f"document column {n} (id {did!r})")
         acc.update(x)
-        pos += np.clip(x, 0, None).sum(axis=1)
-        neg += np.clip(-x, 0, None).sum(axis=1)
-        tot += x.sum(axis=1)
+        tot += rowsum
+        pos += np.maximum(x, 0.0).sum(axis=1)
+        neg -= np.minimum(x, 0.0).sum(axis=1)
         npos += (x > 0).sum(axis=1)
         nneg += (x < 0).sum(axis=1)
     totals = [{"positive": float(pos[q]), "negative": float(neg[q]), "absolute": float(pos[q] + neg[q]),
@@ -152,6 +158,9 @@ def analyze(run_dir, options: Options = Options(), text_source: TextSource | Non
     if docs.tokens is None:
         notes.append(f"{docs.n_missing_tokens} of {N} documents have no token count; "
                      "source multipliers by tokens are skipped (by count only)")
+    elif docs.tokens.sum() == 0:
+        docs.tokens = None
+        notes.append("every document has a token count of 0; source multipliers by tokens are skipped (by count only)")
     already_per_nat = (config.get("scores") or {}).get("normalize") == "per_nat"
     if already_per_nat:
         notes.append("run.json: scores.normalize=per_nat, so scores are already per nat; per-nat totals are the totals")
@@ -163,8 +172,13 @@ def analyze(run_dir, options: Options = Options(), text_source: TextSource | Non
     # ---- pass 1: columns
     t = time.time()
     log(f"analyze: {Q} queries x {N} documents; pass 1 (correlations, totals)")
-    r, totals = _column_pass(scores, queries, docs, o.chunk_columns)
+    with threadpool_limits(limits=o.blas_threads, user_api="blas"):
+        r, totals = _column_pass(scores, queries, docs, o.chunk_columns)
     timings["pass_columns_s"] = time.time() - t
+    constant = [queries.ids[q] for q in range(Q) if not np.isfinite(r[q, q])]
+    if constant:
+        notes.append(f"{len(constant)} queries have the same score for every document; their correlations are "
+                     f"undefined (null, blank in the heat map): ids {_ids_text(constant)}")
 
     # ---- pass 2: rows
     t = time.time()
@@ -192,10 +206,11 @@ def analyze(run_dir, options: Options = Options(), text_source: TextSource | Non
             out.append(src.source_multipliers(
                 docs.source_codes[ranked], source_ks, shares["count"],
                 None if docs.tokens is None else docs.tokens[ranked], shares.get("tokens")))
-        rows.top_idx.append(top[:keep_top])
-        rows.top_val.append(tv[:keep_top])
-        rows.bottom_idx.append(bottom[:keep_bottom])
-        rows.bottom_val.append(bv[:keep_bottom])
+        # copies, not views: a view would keep the whole k_max-long arrays of every row alive
+        rows.top_idx.append(top[:keep_top].copy())
+        rows.top_val.append(tv[:keep_top].copy())
+        rows.bottom_idx.append(bottom[:keep_bottom].copy())
+        rows.bottom_val.append(bv[:keep_bottom].copy())
         rows.ranked_pos.append(tv[:top_n][tv[:top_n] > 0])
     timings["pass_rows_s"] = time.time() - t
 
@@ -370,11 +385,20 @@ def _sources_block(queries, docs, rows, ks) -> dict:
             if measure not in lst[0]:
                 continue
             stack = np.stack([m[measure] for m in lst])  # [Q, K, S]
-            out["by_kind"][side][measure] = {
-                kind: {"mean": np.nanmean(stack[kinds == kind], axis=0),
-                       "std": np.nanstd(stack[kinds == kind], axis=0, ddof=1) if (kinds == kind).sum() > 1 else None}
-                for kind in present_kinds(queries.kinds)}
+            out["by_kind"][side][measure] = {kind: _mean_std(stack[kinds == kind])
+                                             for kind in present_kinds(queries.kinds)}
     return out
+
+
+def _mean_std(stack: np.ndarray) -> dict:
+    """Mean and standard deviation (ddof=1) over axis 0 of the finite entries; NaN where there are too few."""
+    ok = np.isfinite(stack)
+    n = ok.sum(axis=0)
+    x = np.where(ok, stack, 0.0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean = x.sum(axis=0) / n
+        var = (np.where(ok, stack - mean, 0.0) ** 2).sum(axis=0) / (n - 1)
+    return {"mean": np.where(n > 0, mean, np.nan), "std": np.where(n > 1, np.sqrt(var), np.nan)}
 
 
 def _texts(run_dir, config, fetched, text_source, notes) -> tuple[dict[int, str], str]:
