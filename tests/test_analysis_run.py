@@ -270,10 +270,16 @@ def test_scores_already_per_nat_are_not_divided_again(tmp_path):
 def test_texts_from_the_corpus_named_in_run_json(tmp_path):
     run, _ = _basic(tmp_path, texts=None)
     corpus = tmp_path / "corpus.jsonl"
-    aio.write_jsonl(corpus, ({"id": f"d{n}", "text": f"corpus text {n}", "source": "x"} for n in range(600)))
+    # even lines start with their id (skipped unparsed when not wanted), odd ones do not
+    aio.write_jsonl(corpus, ({"id": f"d{n}", "text": f"corpus text {n}", "source": "x"} if n % 2 == 0 else
+                             {"text": f"corpus text {n}", "id": f"d{n}"} for n in range(600)))
+    want = ["d3", "d4", "d599", "d0", "nope"]
+    assert aio.jsonl_text_source(corpus)(want) == {f"d{n}": f"corpus text {n}" for n in (3, 4, 599, 0)}
     (run / "run.json").write_text(json.dumps({"config": {"data": {"documents": str(corpus)}}}))
     out = analyze(run, FAST, write=False, log=lambda *_: None)
     assert out["answers"]["available"] and "run.json" in out["text_source"]
+    assert out["top_documents"][0]["top"][0]["id"] in {f"d{n}" for n in range(600)}
+    assert not any("texts were not found" in n for n in out["notes"])
     calls = []
 
     def source(ids):

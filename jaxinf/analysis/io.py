@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from array import array
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -288,6 +289,9 @@ def write_documents(path: Path, records: Iterable[Mapping]) -> None:
     write_jsonl(path, records)
 
 
+_LEADING_ID = re.compile(r'\s*\{\s*"id"\s*:\s*("(?:[^"\\]|\\.)*"|-?\d+)\s*[,}]')
+
+
 def jsonl_text_source(path: Path) -> TextSource:
     """A text source over a corpus JSONL file (``{"id", "text", ...}`` lines), read in one streaming pass per call."""
     path = Path(path)
@@ -300,6 +304,9 @@ def jsonl_text_source(path: Path) -> TextSource:
         with open(path, encoding="utf-8") as f:
             for line in f:
                 if not line.strip():
+                    continue
+                m = _LEADING_ID.match(line)  # lines that start with their id are skipped unparsed
+                if m is not None and str(json.loads(m.group(1))) not in want:
                     continue
                 obj = json.loads(line)
                 did = str(obj.get("id"))

@@ -186,8 +186,8 @@ def fig_powerlaw(path: Path, s: dict, ranked_pos: list[np.ndarray]) -> None:
         _save(fig, path)
 
 
-def fig_sources(path: Path, s: dict) -> None:
-    """Mean multiplier (by count) of each source per kind: lines over k, or bars when there is one k."""
+def fig_sources(path: Path, s: dict, measure: str = "count") -> None:
+    """Mean multiplier (by count or tokens) of each source per kind: lines over k, or bars when there is one k."""
     so = s["sources"]
     kinds = present_kinds(s["queries"]["kind"])
     ks = np.asarray(so["ks"])
@@ -199,7 +199,7 @@ def fig_sources(path: Path, s: dict) -> None:
         for i, side in enumerate(("top", "bottom")):
             for j, kind in enumerate(kinds):
                 ax = axes[i][j]
-                mean = np.asarray(so["by_kind"][side]["count"][kind]["mean"], np.float64)  # [K, S]
+                mean = np.asarray(so["by_kind"][side][measure][kind]["mean"], np.float64)  # [K, S]
                 if ks.size > 1:
                     for si, name in enumerate(names):
                         ax.plot(ks, mean[:, si], marker="o", ms=3, color=cmap(si % 10), label=lab(name))
@@ -212,7 +212,7 @@ def fig_sources(path: Path, s: dict) -> None:
                 ax.axhline(1, color="k", lw=0.6, ls=":")
                 ax.set_title(lab(f"{kind}: {side}-{ks[0] if ks.size == 1 else 'k'}"))
                 if j == 0:
-                    ax.set_ylabel("multiplier vs corpus share (by count)")
+                    ax.set_ylabel(f"multiplier vs corpus share (by {measure})")
         if ks.size > 1:
             axes[0][-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1))
         _save(fig, path)
@@ -315,6 +315,8 @@ def write_report(out: Path, s: dict, queries, rows, fetched, texts, docs, o) -> 
         make("per_nat.png", fig_per_nat, s)
     make("powerlaw.png", fig_powerlaw, s, rows.ranked_pos)
     make("sources.png", fig_sources, s)
+    if s["sources"]["by_tokens"]:
+        make("sources_tokens.png", fig_sources, s, "tokens")
     if s["answers"].get("available"):
         make("answers.png", fig_answers, s)
     if s["layers"].get("available"):
@@ -444,7 +446,9 @@ def _sec_sources(s: dict) -> str:
     return ('<section id="sources"><h2>4. Data sources of the top and bottom documents</h2>'
             "<p>Multiplier = share of a source among a query's top-k (bottom-k) documents divided by its share of "
             "the corpus, by document count and by tokens, averaged over the queries of a kind (1 = as in the corpus).</p>"
-            + corpus + _figure("sources.png", "sources")
+            + corpus + _figure("sources.png", "sources by count")
+            + (_figure("sources_tokens.png", "sources by tokens") if so["by_tokens"] else
+               "<p>By tokens: not available (documents without token counts).</p>")
             + _table(["side", "by", "kind", "k", *[esc(n) for n in so["sources"]]], rows) + "</section>")
 
 
