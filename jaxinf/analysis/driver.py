@@ -140,6 +140,7 @@ def analyze(run_dir, options: Options = Options(), text_source: TextSource | Non
     timings: dict[str, float] = {}
     queries, docs, scores = _validate(run_dir)
     config = read_run_config(run_dir)
+    exports = _read_exports(run_dir, queries, docs)
     Q, N = scores.shape
     notes: list[str] = _conversion_notes(run_dir)
     o = options
@@ -231,7 +232,7 @@ def analyze(run_dir, options: Options = Options(), text_source: TextSource | Non
 
     # ---- layers and tokens
     t = time.time()
-    layers_out, tokens_out = _layers_and_tokens(run_dir, queries, docs, scores, o, notes)
+    layers_out, tokens_out = _layers_and_tokens(exports, queries, scores, o, notes)
     timings["layers_tokens_s"] = time.time() - t
 
     # ---- summary
@@ -469,10 +470,10 @@ def _answers(queries, rows, fetched, texts, ks, notes) -> dict:
     }
 
 
-def _layers_and_tokens(run_dir, queries, docs, scores, o, notes):
+def _read_exports(run_dir, queries, docs):
+    """Read and cross-check the optional topk/layer/token exports (before any heavy work)."""
     topk = read_topk(run_dir / "topk.jsonl")
     exported = read_layer_exports(run_dir)
-    layers_out: dict = {"available": False, "reason": "not exported (no layers.json / layer_scores.npy)"}
     id_pos = {qid: i for i, qid in enumerate(queries.ids)}
     need_ids: dict[str, None] = {}
     if exported is not None:
@@ -502,7 +503,13 @@ def _layers_and_tokens(run_dir, queries, docs, scores, o, notes):
     for did in need_ids:
         if did not in index:
             raise AnalysisError(f"topk.jsonl/topk_tokens.jsonl: document {did!r} is not in documents.jsonl")
+    return topk, exported, records, index
 
+
+def _layers_and_tokens(exports, queries, scores, o, notes):
+    topk, exported, records, index = exports
+    layers_out: dict = {"available": False, "reason": "not exported (no layers.json / layer_scores.npy)"}
+    id_pos = {qid: i for i, qid in enumerate(queries.ids)}
     if exported is not None:
         names, ls = exported
         numbers, rule = lay.layer_numbers(names)
