@@ -81,3 +81,13 @@ def test_converter_refuses_a_non_empty_directory(tmp_path):
     with pytest.raises(AnalysisError, match="not empty"):
         convert_release(path, tmp_path / "x")
     assert [p.name for p in (tmp_path / "x").iterdir()] == ["keep.txt"]
+
+
+def test_missing_oracle_skips_or_fails(monkeypatch):
+    monkeypatch.delenv("JAXINF_REQUIRE_ORACLES", raising=False)
+    with pytest.raises(pytest.skip.Exception, match="gone"):
+        require_or_skip(False, "gone")
+    monkeypatch.setenv("JAXINF_REQUIRE_ORACLES", "1")
+    with pytest.raises(pytest.fail.Exception, match="JAXINF_REQUIRE_ORACLES=1 but missing: gone"):
+        require_or_skip(False, "gone")
+    require_or_skip(True, "present")
