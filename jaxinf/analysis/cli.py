@@ -1,0 +1,29 @@
+"""``jaxinf analyze RUN_DIR [--from-release RELEASE_JSON]``."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from jaxinf.analysis.driver import analyze
+from jaxinf.analysis.io import AnalysisError
+
+
+def run_analyze(args) -> int:
+    """Run the analysis; a bad input is one line on stderr and exit status 2."""
+    try:
+        if args.from_release:
+            from jaxinf.analysis.release import convert_release
+
+            convert_release(Path(args.from_release), Path(args.run_dir))
+            print(f"analyze: converted {args.from_release} into {args.run_dir}")
+        s = analyze(Path(args.run_dir))
+    except AnalysisError as e:
+        print(f"jaxinf analyze: error: {e}", file=sys.stderr)
+        return 2
+    out = Path(args.run_dir)
+    print(f"analyze: wrote {out / 'summary.json'}, {out / 'report' / 'index.html'} and {out / 'report' / 'summary.md'}"
+          f" in {s['timings']['total_s']:.1f} s")
+    for n in s["notes"]:
+        print(f"analyze: note: {n}")
+    return 0

@@ -1,0 +1,218 @@
+"""Query-query correlations of influence scores (Ruis et al. 2024, finding 1).
+
+Two queries whose score vectors over the whole corpus are correlated rely on the same
+documents. The statistics here are over the Q x Q Pearson matrix, grouped by query kind and
+task; groups of query *pairs* are compared with a permutation test over query labels,
+because pairs sharing a query are not independent.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from jaxinf.analysis.groups import ALL_KINDS, describe
+
+
+class PearsonAccumulator:
+    """Streaming Pearson correlation of the rows of a [Q, N] matrix fed in column chunks.
+
+    ``r_ij = C_ij / sqrt(C_ii C_jj)`` with ``C = sum_n (x_in - m_i)(x_jn - m_j)``. To stay
+    accurate in one pass it accumulates shifted sums: with a fixed shift ``k_i`` (the first
+    chunk's row mean), ``u = x - k``, ``C = sum_n u u^T - (sum_n u)(sum_n u)^T / N``.
+    """
+
+    def __init__(self, n_rows: int):
+        self.n = 0
+        self.shift: np.ndarray | None = None
+        self.s1 = np.zeros(n_rows)
+        self.s2 = np.zeros((n_rows, n_rows))
+
+    def update(self, chunk: np.ndarray) -> None:
+        chunk = np.asarray(chunk, np.float64)
+        if self.shift is None:
+            self.shift = chunk.mean(axis=1)
+        u = chunk - self.shift[:, None]
+        self.n += chunk.shape[1]
+        self.s1 += u.sum(axis=1)
+        self.s2 += u @ u.T
+
+    def result(self) -> np.ndarray:
+        """The Q x Q Pearson matrix; a row with zero variance gets NaN correlations."""
+        c = self.s2 - np.outer(self.s1, self.s1) / self.n
+        d = np.sqrt(np.clip(np.diag(c), 0.0, None))
+        with np.errstate(invalid="ignore", divide="ignore"):
+            r = c / np.outer(d, d)
+        r = np.clip(r, -1.0, 1.0)
+        np.fill_diagonal(r, np.where(d > 0, 1.0, np.nan))
+        return r
+
+
+def pearson_matrix(scores: np.ndarray, chunk: int = 65536) -> np.ndarray:
+    """Pearson correlation of every pair of rows of an in-memory [Q, N] matrix (see PearsonAccumulator)."""
+    acc = PearsonAccumulator(scores.shape[0])
+    for s in range(0, scores.shape[1], chunk):
+        acc.update(scores[:, s : s + chunk])
+    return acc.result()
+
+
+# ----------------------------------------------------------------------------- pair groups
+
+PairRule = Callable[[np.ndarray, np.ndarray], np.ndarray]
+_KIND_CODE = {k: i for i, k in enumerate(ALL_KINDS)}
+
+
+def encode_labels(kinds: Sequence[str], tasks: Sequence[str | None]) -> tuple[np.ndarray, np.ndarray]:
+    """Integer codes for kinds (index into ALL_KINDS) and tasks (-1 for a missing task)."""
+    names = {t: i for i, t in enumerate(sorted({t for t in tasks if t is not None}))}
+    k = np.asarray([_KIND_CODE[x] for x in kinds], np.int64)
+    t = np.asarray([-1 if x is None else names[x] for x in tasks], np.int64)
+    return k, t
+
+
+def within_task(kind: str | None = None) -> PairRule:
+    """Pairs of queries with the same (known) task, optionally both of the given kind."""
+    def rule(k, t):
+        m = (t[:, None] == t[None, :]) & (t >= 0)[:, None]
+        if kind is not None:
+            c = k == _KIND_CODE[kind]
+            m &= c[:, None] & c[None, :]
+        return m
+    return rule
+
+
+def across_tasks(kind: str | None = None) -> PairRule:
+    """Pairs of queries with different (known) tasks, optionally both of the given kind."""
+    def rule(k, t):
+        known = t >= 0
+        m = (t[:, None] != t[None, :]) & known[:, None] & known[None, :]
+        if kind is not None:
+            c = k == _KIND_CODE[kind]
+            m &= c[:, None] & c[None, :]
+        return m
+    return rule
+
+
+def kind_pair(a: str, b: str) -> PairRule:
+    """Pairs with one query of kind a and one of kind b (unordered)."""
+    def rule(k, t):
+        ia, ib = k == _KIND_CODE[a], k == _KIND_CODE[b]
+        return (ia[:, None] & ib[None, :]) | (ib[:, None] & ia[None, :])
+    return rule
+
+
+def one_task(task_code: int) -> PairRule:
+    """Pairs of queries that both have the task with the given code."""
+    def rule(k, t):
+        m = t == task_code
+        return m[:, None] & m[None, :]
+    return rule
+
+
+def pair_mask(rule: PairRule, kinds: Sequence[str], tasks: Sequence[str | None]) -> np.ndarray:
+    """Boolean [Q, Q] mask of the pairs i < j selected by a rule (each unordered pair once)."""
+    return np.triu(np.asarray(rule(*encode_labels(kinds, tasks)), bool), 1)
+
+
+def group_values(r: np.ndarray, rule: PairRule, kinds, tasks) -> np.ndarray:
+    return r[pair_mask(rule, kinds, tasks)]
+
+
+def permutation_test(r: np.ndarray, kinds: Sequence[str], tasks: Sequence[str | None], rule_a: PairRule,
+                     rule_b: PairRule, n_permutations: int = 2000, seed: int = 0) -> dict:
+    """Difference of the mean pair correlation of two groups, with a permutation p-value.
+
+    Statistic ``d = mean_{(i,j) in A} r_ij - mean_{(i,j) in B} r_ij``. Under the null hypothesis
+    the (kind, task) labels are exchangeable between queries, so the labels are permuted
+    jointly across queries (the matrix stays fixed) and
+    ``p = (1 + #{|d_perm| >= |d_obs|}) / (1 + n_permutations)`` (two-sided). Permutations that
+    leave a group empty are not counted.
+    """
+    kinds, tasks = encode_labels(kinds, tasks)
+    finite = np.isfinite(r)
+
+    def stat(k, t):
+        ma = np.triu(np.asarray(rule_a(k, t), bool), 1) & finite
+        mb = np.triu(np.asarray(rule_b(k, t), bool), 1) & finite
+        if not ma.any() or not mb.any():
+            return np.nan, int(ma.sum()), int(mb.sum())
+        return float(r[ma].mean() - r[mb].mean()), int(ma.sum()), int(mb.sum())
+
+    d, na, nb = stat(kinds, tasks)
+    out = {"difference": None if np.isnan(d) else d, "n_pairs_a": na, "n_pairs_b": nb, "p_value": None,
+           "n_permutations": 0}
+    if np.isnan(d):
+        return out
+    rng = np.random.default_rng(seed)
+    hits = used = 0
+    for _ in range(n_permutations):
+        perm = rng.permutation(len(kinds))
+        dp, _, _ = stat(kinds[perm], tasks[perm])
+        if np.isnan(dp):
+            continue
+        used += 1
+        hits += abs(dp) >= abs(d) - 1e-12
+    out["n_permutations"] = used
+    out["p_value"] = (1 + hits) / (1 + used)
+    return out
+
+
+@dataclass(frozen=True)
+class Comparison:
+    name: str
+    a: str
+    b: str
+    rule_a: PairRule
+    rule_b: PairRule
+
+
+#: The comparisons reported by default, named after the groups they compare.
+DEFAULT_COMPARISONS = (
+    Comparison("within task: reasoning vs factual", "reasoning, same task", "factual, same task",
+               within_task("reasoning"), within_task("factual")),
+    Comparison("reasoning: within task vs across tasks", "reasoning, same task", "reasoning, different tasks",
+               within_task("reasoning"), across_tasks("reasoning")),
+    Comparison("within task: reasoning vs control", "reasoning, same task", "control, same task",
+               within_task("reasoning"), within_task("control")),
+    Comparison("reasoning-reasoning vs reasoning-control", "reasoning-reasoning", "reasoning-control",
+               kind_pair("reasoning", "reasoning"), kind_pair("reasoning", "control")),
+    Comparison("all queries: within task vs across tasks", "same task", "different tasks",
+               within_task(), across_tasks()),
+)
+
+
+def heatmap_order(kinds: Sequence[str], tasks: Sequence[str | None]) -> np.ndarray:
+    """Query order for the heat map: by kind (factual, reasoning, control, unknown), then task, then file order."""
+    return np.asarray(sorted(range(len(kinds)), key=lambda i: (_KIND_CODE[kinds[i]], tasks[i] or "", i)))
+
+
+def correlation_summary(r: np.ndarray, kinds: Sequence[str], tasks: Sequence[str | None],
+                        n_permutations: int = 2000, seed: int = 0) -> dict:
+    """Every group statistic and comparison of the Pearson matrix r."""
+    present = [k for k in ALL_KINDS if k in kinds]
+    task_names = sorted({t for t in tasks if t is not None})
+    task_kind = {}
+    for k, t in zip(kinds, tasks):
+        if t is not None:
+            task_kind.setdefault(t, k)
+    out = {
+        "within_task": {t: {"kind": task_kind[t], **describe(group_values(r, one_task(i), kinds, tasks))}
+                        for i, t in enumerate(task_names)},
+        "kind_pairs": {},
+        "within_task_by_kind": {k: describe(group_values(r, within_task(k), kinds, tasks)) for k in present},
+        "across_tasks_by_kind": {k: describe(group_values(r, across_tasks(k), kinds, tasks)) for k in present},
+        "within_task_all": describe(group_values(r, within_task(), kinds, tasks)),
+        "across_tasks_all": describe(group_values(r, across_tasks(), kinds, tasks)),
+        "comparisons": [],
+        "test": "permutation of (kind, task) labels across queries; two-sided; p = (1 + hits) / (1 + permutations)",
+    }
+    for i, a in enumerate(present):
+        for b in present[i:]:
+            out["kind_pairs"][f"{a}-{b}"] = describe(group_values(r, kind_pair(a, b), kinds, tasks))
+    for c in DEFAULT_COMPARISONS:
+        res = permutation_test(r, kinds, tasks, c.rule_a, c.rule_b, n_permutations, seed)
+        out["comparisons"].append({"name": c.name, "group_a": c.a, "group_b": c.b, **res})
+    return out
+

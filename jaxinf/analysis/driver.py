@@ -1,0 +1,639 @@
+"""``jaxinf analyze RUN_DIR``: every statistic of the paper over a run's exported results.
+
+Two streaming passes over ``scores.npy``, so a 80 x 5,000,000 matrix never sits in memory:
+
+1. column chunks of all queries: NaN/inf check, the Q x Q Pearson matrix, per-query totals;
+2. one row (query) at a time: the top and bottom ``k_max`` documents (``argpartition``, then
+   sorted), from which concentration, power-law tails and source multipliers are computed.
+
+Then the texts of the needed top documents are fetched (documents.jsonl ``text``, else the
+pluggable text source), answers are searched, optional layer/token exports are read, and the
+outputs are written: ``summary.json``, ``report/`` (index.html, PNG figures, summary.md).
+Every input is validated before anything is written, and outputs replace the old ones only
+when complete, so a failed analysis leaves the run directory as it was.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+from threadpoolctl import threadpool_limits
+
+from jaxinf.analysis import answers as ans
+from jaxinf.analysis import concentration as conc
+from jaxinf.analysis import correlations as corr
+from jaxinf.analysis import layers as lay
+from jaxinf.analysis import powerlaw as pl
+from jaxinf.analysis import sources as src
+from jaxinf.analysis.groups import by_kind, compare_kinds, describe, present_kinds
+from jaxinf.analysis.io import (UNKNOWN, AnalysisError, Documents, Queries, ScoreMatrix, TextSource,
+                                iter_topk_tokens, jsonl_text_source, read_documents, read_layer_exports,
+                                read_queries, read_run_config, read_topk)
+
+SUMMARY_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Options:
+    """Knobs of the analysis; the defaults are the paper's choices where it states them."""
+
+    fractions: tuple[float, ...] = (0.002, 0.01, 0.02, 0.05)
+    source_ks: tuple[int, ...] | None = None  # None: sources.default_ks(N)
+    answer_ks: tuple[int, ...] = (10, 50, 500)
+    powerlaw_top: int = 1000
+    powerlaw_min_tail: int = 10
+    powerlaw_candidates: int = 50
+    powerlaw_bootstrap: int = 100
+    permutations: int = 2000
+    seed: int = 0
+    listed: int = 10  # top and bottom documents per query listed in summary.json
+    report_documents: int = 5  # top and bottom documents per query shown with text in the report
+    tokens_shown: int = 10
+    chunk_columns: int = 65536
+    # BLAS threads for the column pass's Q x Q products (None: the library default). One is
+    # plenty for Q ~ 100, and multi-threaded BLAS slows down badly on a busy machine.
+    blas_threads: int | None = 1
+    snippet_chars: int = 400
+
+
+@dataclass
+class RowResults:
+    totals: list = field(default_factory=list)
+    concentration: list = field(default_factory=list)
+    tail_pos: list = field(default_factory=list)
+    tail_neg: list = field(default_factory=list)
+    src_top: list = field(default_factory=list)
+    src_bottom: list = field(default_factory=list)
+    top_idx: list = field(default_factory=list)
+    top_val: list = field(default_factory=list)
+    bottom_idx: list = field(default_factory=list)
+    bottom_val: list = field(default_factory=list)
+    ranked_pos: list = field(default_factory=list)  # top scores for the rank-size figure
+
+
+def _ranked(row: np.ndarray, k: int, descending: bool) -> np.ndarray:
+    """Indices of the k largest (smallest) entries, sorted by score then index."""
+    n = row.size
+    key = -row if descending else row
+    idx = np.argpartition(key, k - 1)[:k] if k < n else np.arange(n)
+    order = np.lexsort((idx, key[idx]))
+    return idx[order]
+
+
+def _validate(run_dir: Path) -> tuple[Queries, Documents, ScoreMatrix]:
+    if not run_dir.is_dir():
+        raise AnalysisError(f"{run_dir}: not a directory")
+    scores = ScoreMatrix(run_dir / "scores.npy")
+    queries = read_queries(run_dir / "queries.jsonl")
+    docs = read_documents(run_dir / "documents.jsonl")
+    Q, N = scores.shape
+    if Q != len(queries):
+        raise AnalysisError(f"scores.npy: shape {scores.shape} but queries.jsonl has {len(queries)} lines")
+    if N != docs.n:
+        raise AnalysisError(f"scores.npy: shape {scores.shape} but documents.jsonl has {docs.n} lines")
+    return queries, docs, scores
+
+
+def _column_pass(scores: ScoreMatrix, queries: Queries, docs: Documents, chunk: int):
+    Q, N = scores.shape
+    acc = corr.PearsonAccumulator(Q)
+    pos = np.zeros(Q)
+    neg = np.zeros(Q)
+    tot = np.zeros(Q)
+    npos = np.zeros(Q, np.int64)
+    nneg = np.zeros(Q, np.int64)
+    for start, x in scores.column_chunks(chunk):
+        rowsum = x.sum(axis=1)
+        if not np.isfinite(rowsum).all():  # a NaN/inf entry (or an overflowing sum: then nothing is reported)
+            bad = ~np.isfinite(x)
+            if bad.any():
+                q, c = (int(v) for v in np.argwhere(bad)[0])
+                n = start + c
+                did = docs.fetch([n])[n][0]
+                what = "NaN" if np.isnan(x[q, c]) else "inf"
+                raise AnalysisError(f"scores.npy: {what} at query row {q} (id {queries.ids[q]!r}), "
+                                    f"document column {n} (id {did!r})")
+        acc.update(x)
+        tot += rowsum
+        pos += np.maximum(x, 0.0).sum(axis=1)
+        neg -= np.minimum(x, 0.0).sum(axis=1)
+        npos += (x > 0).sum(axis=1)
+        nneg += (x < 0).sum(axis=1)
+    totals = [{"positive": float(pos[q]), "negative": float(neg[q]), "absolute": float(pos[q] + neg[q]),
+               "sum": float(tot[q]), "n_positive": int(npos[q]), "n_negative": int(nneg[q])} for q in range(Q)]
+    return acc.result(), totals
+
+
+def analyze(run_dir, options: Options = Options(), text_source: TextSource | None = None,
+            write: bool = True, log=print) -> dict:
+    """Analyse a run directory; returns the summary (also written to summary.json when ``write``)."""
+    run_dir = Path(run_dir)
+    t_start = time.time()
+    timings: dict[str, float] = {}
+    queries, docs, scores = _validate(run_dir)
+    config = read_run_config(run_dir)
+    exports = _read_exports(run_dir, queries, docs)
+    Q, N = scores.shape
+    notes: list[str] = _conversion_notes(run_dir)
+    o = options
+
+    # ---- labels and fallbacks
+    unknown_kind = [i for i, k in enumerate(queries.kinds) if k == UNKNOWN]
+    if unknown_kind:
+        raw = sorted({repr(queries.raw_kinds[i]) for i in unknown_kind})
+        notes.append(f"{len(unknown_kind)} queries have a missing or unknown kind ({', '.join(raw)}); "
+                     f"they form the 'unknown' kind: ids {_ids_text([queries.ids[i] for i in unknown_kind])}")
+    no_task = [i for i, t in enumerate(queries.tasks) if t is None]
+    if no_task:
+        notes.append(f"{len(no_task)} queries have no task; they are left out of within-task and across-task groups")
+    if docs.n_missing_source:
+        notes.append(f"{docs.n_missing_source} of {N} documents have no source; they form the 'unknown' source")
+    if docs.tokens is None:
+        notes.append(f"{docs.n_missing_tokens} of {N} documents have no token count; "
+                     "source multipliers by tokens are skipped (by count only)")
+    elif docs.tokens.sum() == 0:
+        docs.tokens = None
+        notes.append("every document has a token count of 0; source multipliers by tokens are skipped (by count only)")
+    already_per_nat = (config.get("scores") or {}).get("normalize") == "per_nat"
+    if already_per_nat:
+        notes.append("run.json: scores.normalize=per_nat, so scores are already per nat; per-nat totals are the totals")
+    elif not queries.has_loss:
+        notes.append("queries.jsonl has no loss (completion NLL); per-nat numbers are skipped")
+    elif not np.isfinite(queries.loss).all():
+        notes.append(f"{int((~np.isfinite(queries.loss)).sum())} queries have no loss; their per-nat numbers are null")
+
+    # ---- pass 1: columns
+    t = time.time()
+    log(f"analyze: {Q} queries x {N} documents; pass 1 (correlations, totals)")
+    with threadpool_limits(limits=o.blas_threads, user_api="blas"):
+        r, totals = _column_pass(scores, queries, docs, o.chunk_columns)
+    timings["pass_columns_s"] = time.time() - t
+    constant = [queries.ids[q] for q in range(Q) if not np.isfinite(r[q, q])]
+    if constant:
+        notes.append(f"{len(constant)} queries have the same score for every document; their correlations are "
+                     f"undefined (null, blank in the heat map): ids {_ids_text(constant)}")
+
+    # ---- pass 2: rows
+    t = time.time()
+    log("analyze: pass 2 (concentration, power laws, sources)")
+    source_ks = sorted(set(min(k, N) for k in (o.source_ks or src.default_ks(N))))
+    answer_ks = sorted(set(min(k, N) for k in o.answer_ks))
+    top_n = min(o.powerlaw_top, N)
+    k_max = max([conc.top_count(max(o.fractions), N), *source_ks, *answer_ks, top_n, min(o.listed, N)])
+    keep_top = max(*answer_ks, min(o.listed, N), min(o.report_documents, N))
+    keep_bottom = min(max(o.listed, o.report_documents), N)
+    shares = src.corpus_shares(docs.source_codes, len(docs.source_names), docs.tokens)
+    rows = RowResults()
+    for q in range(Q):
+        row = scores.row(q)
+        top = _ranked(row, k_max, True)
+        bottom = _ranked(row, k_max, False)
+        tv, bv = row[top], row[bottom]
+        T = totals[q]
+        rows.concentration.append(conc.concentration_shares(tv, bv, T["positive"], T["negative"], N, o.fractions))
+        rows.tail_pos.append(pl.tail_fits(tv, top_n, o.powerlaw_min_tail, o.powerlaw_candidates,
+                                          o.powerlaw_bootstrap, o.seed + q))
+        rows.tail_neg.append(pl.tail_fits(-bv, top_n, o.powerlaw_min_tail, o.powerlaw_candidates,
+                                          o.powerlaw_bootstrap, o.seed + Q + q))
+        for ranked, out in ((top, rows.src_top), (bottom, rows.src_bottom)):
+            out.append(src.source_multipliers(
+                docs.source_codes[ranked], source_ks, shares["count"],
+                None if docs.tokens is None else docs.tokens[ranked], shares.get("tokens")))
+        # copies, not views: a view would keep the whole k_max-long arrays of every row alive
+        rows.top_idx.append(top[:keep_top].copy())
+        rows.top_val.append(tv[:keep_top].copy())
+        rows.bottom_idx.append(bottom[:keep_bottom].copy())
+        rows.bottom_val.append(bv[:keep_bottom].copy())
+        rows.ranked_pos.append(tv[:top_n][tv[:top_n] > 0])
+    timings["pass_rows_s"] = time.time() - t
+
+    # ---- documents needed: ids and texts
+    t = time.time()
+    need = set()
+    for q in range(Q):
+        need.update(rows.top_idx[q].tolist())
+        need.update(rows.bottom_idx[q].tolist())
+    fetched = docs.fetch(need)
+    texts, text_origin = _texts(run_dir, config, fetched, text_source, notes)
+    timings["fetch_texts_s"] = time.time() - t
+
+    # ---- answers
+    t = time.time()
+    answers = _answers(queries, rows, fetched, texts, answer_ks, notes)
+    timings["answers_s"] = time.time() - t
+
+    # ---- layers and tokens
+    t = time.time()
+    layers_out, tokens_out = _layers_and_tokens(exports, queries, scores, o, notes)
+    timings["layers_tokens_s"] = time.time() - t
+
+    # ---- summary
+    t = time.time()
+    kinds = queries.kinds
+    correlations = corr.correlation_summary(r, kinds, queries.tasks, o.permutations, o.seed)
+    correlations["matrix"] = r
+    correlations["order"] = corr.heatmap_order(kinds, queries.tasks)
+    summary = {
+        "version": SUMMARY_VERSION,
+        "run_dir": str(run_dir),
+        "n_queries": Q,
+        "n_documents": N,
+        "options": asdict(o),
+        "notes": notes,
+        "queries": _queries_block(queries),
+        "documents": _documents_block(docs, shares),
+        "correlations": correlations,
+        "concentration": _concentration_block(queries, rows, totals, o, already_per_nat, N),
+        "powerlaw": _powerlaw_block(queries, rows, top_n),
+        "sources": _sources_block(queries, docs, rows, source_ks),
+        "answers": answers,
+        "layers": layers_out,
+        "tokens": tokens_out,
+        "top_documents": _top_documents(queries, rows, fetched, docs, o.listed),
+        "text_source": text_origin,
+    }
+    timings["summaries_s"] = time.time() - t
+    if write:
+        t = time.time()
+        from jaxinf.analysis import report
+
+        _write_outputs(run_dir, summary, queries, rows, fetched, texts, docs, o, report)
+        timings["report_s"] = time.time() - t
+    timings["total_s"] = time.time() - t_start
+    summary["timings"] = timings
+    if write:
+        _write_json_atomic(run_dir / "summary.json", summary)
+    return summary
+
+
+# ----------------------------------------------------------------------------- blocks
+
+
+def _conversion_notes(run_dir: Path) -> list[str]:
+    """Notes of conversion.json (written by converters such as jaxinf.analysis.release), if any."""
+    p = run_dir / "conversion.json"
+    if not p.exists():
+        return []
+    try:
+        notes = json.loads(p.read_text()).get("notes", [])
+    except (json.JSONDecodeError, AttributeError):
+        raise AnalysisError("conversion.json: invalid JSON object") from None
+    if not isinstance(notes, list) or not all(isinstance(n, str) for n in notes):
+        raise AnalysisError("conversion.json: field notes must be a list of strings")
+    return [f"conversion.json: {n}" for n in notes]
+
+
+def _ids_text(ids, limit: int = 20) -> str:
+    s = ", ".join(map(str, ids[:limit]))
+    return s + (f", ... ({len(ids) - limit} more)" if len(ids) > limit else "")
+
+
+def _queries_block(queries: Queries) -> dict:
+    kinds: dict[str, int] = {}
+    tasks: dict[str, dict] = {}
+    for k, t in zip(queries.kinds, queries.tasks):
+        kinds[k] = kinds.get(k, 0) + 1
+        key = t if t is not None else "(none)"
+        tasks.setdefault(key, {"kind": k, "count": 0})["count"] += 1
+    return {"kinds": kinds, "tasks": tasks, "ids": queries.ids, "kind": queries.kinds, "task": queries.tasks,
+            "loss": [None if not np.isfinite(x) else float(x) for x in queries.loss]}
+
+
+def _documents_block(docs: Documents, shares: dict) -> dict:
+    out = {}
+    for s, name in enumerate(docs.source_names):
+        d = {"count": int(shares["counts"][s]), "share_count": float(shares["count"][s])}
+        if "tokens" in shares:
+            d["tokens"] = int(shares["token_counts"][s])
+            d["share_tokens"] = float(shares["tokens"][s])
+        out[name] = d
+    return {"sources": out, "n_missing_source": docs.n_missing_source, "n_missing_tokens": docs.n_missing_tokens,
+            "n_with_text": docs.n_with_text}
+
+
+def _concentration_block(queries, rows, totals, o, already_per_nat, N) -> dict:
+    kinds = queries.kinds
+    per_nat = [conc.per_nat(totals[q], queries.loss[q], already_per_nat) for q in range(len(kinds))]
+    have_nat = any(p is not None for p in per_nat)
+    out = {
+        "fractions": list(o.fractions),
+        "k": rows.concentration[0]["k"],
+        "per_query": [{"positive": c["positive"], "negative": c["negative"]} for c in rows.concentration],
+        "totals": totals,
+        "by_kind": {},
+        "compare_kinds": {},
+        "per_nat": None,
+    }
+    for side in ("positive", "negative"):
+        out["by_kind"][side] = {f: by_kind([c[side][i] for c in rows.concentration], kinds)
+                                for i, f in enumerate(o.fractions)}
+        out["compare_kinds"][side] = {f: compare_kinds([c[side][i] for c in rows.concentration], kinds)
+                                      for i, f in enumerate(o.fractions)}
+    if have_nat:
+        out["per_nat"] = {
+            "per_query": per_nat,
+            "already_per_nat": already_per_nat,
+            "by_kind": {key: by_kind([p[key] if p else None for p in per_nat], kinds)
+                        for key in ("absolute", "positive", "negative")},
+            "compare_kinds": compare_kinds([p["absolute"] if p else None for p in per_nat], kinds),
+        }
+    if N < 500:
+        out["caveat"] = (f"the corpus has only {N} documents, so every fraction up to "
+                         f"{1 / N:.2%} is the single top document")
+    return out
+
+
+def _powerlaw_block(queries, rows, top_n) -> dict:
+    kinds = queries.kinds
+    out = {"top_n": top_n, "positive": {}, "negative": {}}
+    for side, tails in (("positive", rows.tail_pos), ("negative", rows.tail_neg)):
+        slopes = [t["loglog"]["slope"] for t in tails]
+        alphas = [t["clauset"]["alpha"] for t in tails]
+        plausible = [None if t["clauset"]["p_value"] is None else t["clauset"]["p_value"] >= 0.1 for t in tails]
+        out[side] = {
+            "per_query": tails,
+            "slope_by_kind": by_kind(slopes, kinds),
+            "alpha_by_kind": by_kind(alphas, kinds),
+            "plausible_share_by_kind": {k: _share([p for p, kk in zip(plausible, kinds) if kk == k])
+                                        for k in present_kinds(kinds)},
+            "compare_slope": compare_kinds(slopes, kinds),
+            "compare_alpha": compare_kinds(alphas, kinds),
+        }
+    return out
+
+
+def _share(flags) -> dict:
+    f = [x for x in flags if x is not None]
+    return {"n": len(f), "share": (sum(f) / len(f)) if f else None}
+
+
+def _sources_block(queries, docs, rows, ks) -> dict:
+    kinds = np.asarray(queries.kinds)
+    out = {"ks": ks, "sources": docs.source_names, "by_kind": {}, "per_query": {"top": [], "bottom": []},
+           "by_tokens": docs.tokens is not None}
+    for side, lst in (("top", rows.src_top), ("bottom", rows.src_bottom)):
+        out["per_query"][side] = lst
+        out["by_kind"][side] = {}
+        for measure in ("count", "tokens"):
+            if measure not in lst[0]:
+                continue
+            stack = np.stack([m[measure] for m in lst])  # [Q, K, S]
+            out["by_kind"][side][measure] = {kind: _mean_std(stack[kinds == kind])
+                                             for kind in present_kinds(queries.kinds)}
+    return out
+
+
+def _mean_std(stack: np.ndarray) -> dict:
+    """Mean and standard deviation (ddof=1) over axis 0 of the finite entries; NaN where there are too few."""
+    ok = np.isfinite(stack)
+    n = ok.sum(axis=0)
+    x = np.where(ok, stack, 0.0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean = x.sum(axis=0) / n
+        var = (np.where(ok, stack - mean, 0.0) ** 2).sum(axis=0) / (n - 1)
+    return {"mean": np.where(n > 0, mean, np.nan), "std": np.where(n > 1, np.sqrt(var), np.nan)}
+
+
+def _texts(run_dir, config, fetched, text_source, notes) -> tuple[dict[int, str], str]:
+    texts = {i: t for i, (_, t) in fetched.items() if t is not None}
+    missing = [i for i in fetched if i not in texts]
+    origin = "documents.jsonl"
+    if missing:
+        source = text_source
+        if source is None:
+            path = ((config.get("data") or {}).get("documents"))
+            if isinstance(path, str) and path:
+                p = Path(path)
+                cands = [p] if p.is_absolute() else [run_dir / p, Path.cwd() / p]
+                found = next((c for c in cands if c.is_file()), None)
+                if found is not None and found.suffix in (".jsonl", ".json"):
+                    source = jsonl_text_source(found)
+                    origin = f"{found} (run.json config.data.documents)"
+                elif found is None:
+                    notes.append(f"run.json: config.data.documents={path!r} not found; document texts unavailable")
+                else:
+                    notes.append(f"run.json: config.data.documents={path!r} is not a JSONL file; "
+                                 "pass a text source to read it")
+        else:
+            origin = "text source given by the caller"
+        if source is not None:
+            got = source([fetched[i][0] for i in missing])
+            for i in missing:
+                tx = got.get(fetched[i][0])
+                if isinstance(tx, str):
+                    texts[i] = tx
+        still = sum(1 for i in fetched if i not in texts)
+        if still == len(fetched):
+            origin = "none"
+            notes.append("no document texts are available (documents.jsonl has no text and no corpus file "
+                         "was found); answers are not searched and the report shows ids only")
+        elif still:
+            notes.append(f"{still} of {len(fetched)} needed document texts were not found; they are skipped")
+    return texts, origin
+
+
+def _answers(queries, rows, fetched, texts, ks, notes) -> dict:
+    if not texts:
+        return {"available": False, "reason": "no document texts"}
+    per_query = []
+    flags: dict[str, list] = {}
+    for q in range(len(queries)):
+        items, rule = ans.answer_items(queries.prompts[q], queries.completions[q], queries.kinds[q],
+                                       queries.tasks[q], queries.answers[q])
+        ranked = [texts.get(int(i)) for i in rows.top_idx[q][: max(ks)]]
+        res = ans.answers_in_top(items, ranked, ks)
+        per_query.append({"query": queries.ids[q], "kind": queries.kinds[q], "rule": rule, "items": items,
+                          "by_k": res})
+        flags[queries.ids[q]] = res
+    kinds = dict(zip(queries.ids, queries.kinds))
+    no_items = [p["query"] for p in per_query if not p["items"]]
+    if no_items:
+        notes.append(f"{len(no_items)} queries have no answer items (no answer field, and none found in "
+                     f"the completion); they are left out of the answer shares: ids {_ids_text(no_items)}")
+    return {
+        "available": True,
+        "ks": ks,
+        "per_query": per_query,
+        "share_found_all_by_kind": ans.share_by_kind(flags, kinds, "found_all"),
+        "share_found_any_by_kind": ans.share_by_kind(flags, kinds, "found_any"),
+        "mean_recall_by_kind": {k: [describe([r[j]["recall"] for qid, r in flags.items() if kinds[qid] == k])["mean"]
+                                    for j in range(len(ks))] for k in present_kinds(queries.kinds)},
+        "n_without_items": len(no_items),
+    }
+
+
+def _read_exports(run_dir, queries, docs):
+    """Read and cross-check the optional topk/layer/token exports (before any heavy work)."""
+    topk = read_topk(run_dir / "topk.jsonl")
+    exported = read_layer_exports(run_dir)
+    id_pos = {qid: i for i, qid in enumerate(queries.ids)}
+    need_ids: dict[str, None] = {}
+    if exported is not None:
+        names, ls = exported
+        if topk is None:
+            raise AnalysisError("layer_scores.npy: present but topk.jsonl is missing (its top lists give the document order)")
+        if ls.shape[0] != len(queries):
+            raise AnalysisError(f"layer_scores.npy: shape {ls.shape} but queries.jsonl has {len(queries)} lines")
+        for qid in queries.ids:
+            top = topk.top.get(qid)
+            if top is None:
+                raise AnalysisError(f"topk.jsonl: no line for query {qid!r}, needed by layer_scores.npy")
+            if len(top) < ls.shape[1]:
+                raise AnalysisError(f"layer_scores.npy: shape {ls.shape} but topk.jsonl lists {len(top)} top "
+                                    f"documents for query {qid!r}")
+            for e in top[: ls.shape[1]]:
+                need_ids[str(e["id"])] = None
+    records = []
+    tok_path = run_dir / "topk_tokens.jsonl"
+    if tok_path.exists():
+        for rec in iter_topk_tokens(tok_path):
+            if rec.query not in id_pos:
+                raise AnalysisError(f"topk_tokens.jsonl: query {rec.query!r} is not in queries.jsonl")
+            records.append(rec)
+            need_ids[rec.document] = None
+    index = _find_ids(docs, list(need_ids))
+    for did in need_ids:
+        if did not in index:
+            raise AnalysisError(f"topk.jsonl/topk_tokens.jsonl: document {did!r} is not in documents.jsonl")
+    return topk, exported, records, index
+
+
+def _layers_and_tokens(exports, queries, scores, o, notes):
+    topk, exported, records, index = exports
+    layers_out: dict = {"available": False, "reason": "not exported (no layers.json / layer_scores.npy)"}
+    id_pos = {qid: i for i, qid in enumerate(queries.ids)}
+    if exported is not None:
+        names, ls = exported
+        numbers, rule = lay.layer_numbers(names)
+        bins = lay.layer_bins(numbers)
+        share = lay.layer_shares(ls)
+        bshare = lay.bin_shares(share, bins)
+        resid = []
+        for q, qid in enumerate(queries.ids):
+            for k, e in enumerate(topk.top[qid][: ls.shape[1]]):
+                total = scores_value(scores, q, index[str(e["id"])])
+                resid.append(abs(ls[q, k].sum() - total) / max(abs(total), 1e-30))
+        max_rel = float(max(resid)) if resid else None
+        if max_rel is not None and max_rel > 1e-3:
+            notes.append(f"layer_scores.npy: per-layer scores do not sum to scores.npy "
+                         f"(largest relative difference {max_rel:.3g}); layer shares may be off")
+        layers_out = {
+            "available": True, "names": names, "block_numbers": numbers, "block_rule": rule, "bins": bins,
+            "top_k": int(ls.shape[1]), "share_per_query": share,
+            "bin_share_per_query": bshare,
+            "bin_share_by_kind": {b: by_kind(bshare[b], queries.kinds) for b in lay.BINS},
+            "mean_share_by_kind": {k: np.nanmean(share[np.asarray(queries.kinds) == k], axis=0)
+                                   for k in present_kinds(queries.kinds)},
+            "sum_check_max_relative_difference": max_rel,
+            "definition": "share[q, l] = sum_k |I_l(q, d_k)| / sum_{k, l'} |I_l'(q, d_k)| over the top-K documents",
+        }
+    if not records:
+        tokens_out = {"available": False, "reason": "not exported (no topk_tokens.jsonl)"}
+    else:
+        entries = []
+        resid = []
+        for rec in records:
+            q = id_pos[rec.query]
+            total = scores_value(scores, q, index[rec.document])
+            resid.append(abs(rec.scores.sum() - total) / max(abs(total), 1e-30))
+            entries.append({"query": rec.query, "document": rec.document, "rank": rec.rank,
+                            "n_tokens": len(rec.texts), "score": total,
+                            "top_tokens": lay.top_tokens(rec.texts, rec.scores, o.tokens_shown),
+                            "_texts": rec.texts, "_scores": rec.scores})
+        max_rel = float(max(resid))
+        if max_rel > 1e-3:
+            notes.append(f"topk_tokens.jsonl: per-token scores do not sum to scores.npy "
+                         f"(largest relative difference {max_rel:.3g})")
+        tokens_out = {"available": True, "records": entries, "sum_check_max_relative_difference": max_rel}
+    return layers_out, tokens_out
+
+
+def scores_value(scores: ScoreMatrix, q: int, n: int) -> float:
+    buf = np.empty(1, scores.dtype)
+    with open(scores.path, "rb") as f:
+        scores._read(f, buf, q, n)
+    return float(buf[0])
+
+
+def _find_ids(docs: Documents, ids: list[str]) -> dict[str, int]:
+    """File positions of the given document ids (one streaming pass)."""
+    want = set(ids)
+    out: dict[str, int] = {}
+    if not want:
+        return out
+    with open(docs.path, encoding="utf-8") as f:
+        n = 0
+        for line in f:
+            if not line.strip():
+                continue
+            did = str(json.loads(line)["id"])
+            if did in want:
+                out[did] = n
+                if len(out) == len(want):
+                    break
+            n += 1
+    return out
+
+
+def _top_documents(queries, rows, fetched, docs, listed) -> list[dict]:
+    out = []
+    for q, qid in enumerate(queries.ids):
+        def entries(idx, val):
+            return [{"id": fetched[int(i)][0], "source": docs.source_names[docs.source_codes[int(i)]],
+                     "score": float(v), "column": int(i)} for i, v in zip(idx[:listed], val[:listed])]
+        out.append({"query": qid, "top": entries(rows.top_idx[q], rows.top_val[q]),
+                    "bottom": entries(rows.bottom_idx[q], rows.bottom_val[q])})
+    return out
+
+
+# ----------------------------------------------------------------------------- writing
+
+
+def to_jsonable(obj):
+    """Plain JSON types: arrays to lists, NaN/inf to null, private keys (leading '_') dropped."""
+    if isinstance(obj, dict):
+        return {str(k): to_jsonable(v) for k, v in obj.items() if not str(k).startswith("_")}
+    if isinstance(obj, (list, tuple)):
+        return [to_jsonable(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return to_jsonable(obj.tolist())
+    if isinstance(obj, (np.floating, float)):
+        v = float(obj)
+        return v if math.isfinite(v) else None
+    if isinstance(obj, np.integer):
+        return int(obj)
+    if isinstance(obj, np.bool_):
+        return bool(obj)
+    return obj
+
+
+def _write_json_atomic(path: Path, obj) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(to_jsonable(obj), indent=1, ensure_ascii=False, allow_nan=False))
+    os.replace(tmp, path)
+
+
+def _write_outputs(run_dir, summary, queries, rows, fetched, texts, docs, o, report) -> None:
+    """Build report/ in a fresh temporary directory, then swap it in for the old one."""
+    tmp = Path(tempfile.mkdtemp(prefix=".report-", dir=run_dir))
+    try:
+        report.write_report(tmp, summary, queries, rows, fetched, texts, docs, o)
+        final = run_dir / "report"
+        old = None
+        if final.exists():
+            old = run_dir / f".report-old-{os.getpid()}"
+            os.replace(final, old)
+        os.replace(tmp, final)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
