@@ -1,0 +1,1 @@
+"""Data: documents (JSONL, TFDS), queries, tokenization and batching; see docs/data.md."""
