@@ -334,3 +334,14 @@ def test_batched_losses_equal_unpadded_one_by_one(corpus, encoder, mode):
             np.testing.assert_allclose(got[j], alone, rtol=1e-5, atol=1e-5)
             checked += 1
     assert checked > 8
+
+
+def test_empty_corpus_plan_and_out_of_range_batches(corpus, encoder):
+    plan = make_plan(np.zeros(0, np.int64), batch_size=4, max_length=16)
+    assert (plan.num_rows, plan.num_steps, plan.report.padding_fraction) == (0, 0, 0.0)
+    assert plan.sum_chunks(np.zeros((2, 0))).shape == (2, 0)
+    docs, lengths = corpus
+    batches = DocumentBatches(docs, encoder, make_plan(lengths, batch_size=64, max_length=32))
+    assert len(batches) == 2 and list(batches.iterate(2)) == []
+    with pytest.raises(IndexError, match="batch 2 out of range for 2 batches"):
+        batches.batch(2)

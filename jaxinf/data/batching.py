@@ -144,6 +144,8 @@ class Plan:
         values = np.asarray(values)
         if values.shape[-1] != self.num_rows:
             raise ValueError(f"expected {self.num_rows} rows on the last axis, got {values.shape[-1]}")
+        if self.num_rows == 0:
+            return np.zeros(values.shape, values.dtype)
         return np.add.reduceat(values, self.first_row, axis=-1)
 
 
@@ -215,7 +217,7 @@ def make_plan(
 
     L = max_length
     counts = chunk_counts(lengths, L, long_documents)
-    first_row = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
+    first_row = (np.cumsum(counts) - counts).astype(np.int64)
     R = int(counts.sum())
     row_document = np.repeat(np.arange(len(lengths), dtype=np.int64), counts)
     row_chunk = np.arange(R, dtype=np.int64) - np.repeat(first_row, counts)
@@ -290,6 +292,8 @@ class DocumentBatches:
 
     def batch(self, step: int) -> Batch:
         """Batch ``step`` of this host."""
+        if not 0 <= step < self.plan.num_steps:
+            raise IndexError(f"batch {step} out of range for {self.plan.num_steps} batches")
         return next(self.iterate(step, step + 1))
 
     def iterate(self, start: int = 0, stop: int | None = None) -> Iterator[Batch]:

@@ -13,7 +13,7 @@ def prepare_command(input_path: str, out_dir: str) -> int:
 
     try:
         report = prepare(input_path, out_dir)
-    except DataError as e:
+    except (DataError, OSError) as e:  # bad input, or the disk (full, no permission): one line, no traceback
         print(f"jaxinf prepare: {e}", file=sys.stderr)
         return 1
     print(report.summary())
