@@ -12,6 +12,7 @@ import pytest
 
 from data_support import corpus_texts, documents_file, make_tokenizer
 from jaxinf import tasks
+from jaxinf.capture import Tap
 from jaxinf.data.batching import (
     DocumentBatches,
     bucket_lengths,
@@ -24,6 +25,7 @@ from jaxinf.data.batching import (
 )
 from jaxinf.data.documents import JsonlDocuments
 from jaxinf.data.errors import DataError
+from jaxinf.data.queries import Query, encode_queries, query_batches
 from jaxinf.data.tokenize import TextEncoder, load_tokenizer, special_tokens_around
 
 
@@ -309,31 +311,62 @@ def test_prefetch_order_errors_and_close():
 # --------------------------------------------------------------------------- the causal-LM task on these batches
 
 
+def _sequence_losses(params, batch):
+    """``tasks.next_token_losses`` of the tiny GPT's logits, summed per sequence: ``[B]``."""
+    logits = tasks.tiny_lm_apply(params, batch["tokens"], batch["mask"], Tap({}))
+    return tasks.next_token_losses(logits, batch, None).sum(axis=1)
+
+
+_sequence_losses_jit = jax.jit(_sequence_losses)
+
+
+def _model_batch(b):
+    return {k: jnp.asarray(b[k]) for k in ("tokens", "mask", "weights")}
+
+
 @pytest.mark.parametrize("mode", ["truncate", "split"])
 def test_batched_losses_equal_unpadded_one_by_one(corpus, encoder, mode):
     """Summed NLL per row from a padded, bucketed batch = the same sequence's loss alone, unpadded."""
     docs, lengths = corpus
     batches = document_batches(docs, encoder, batch_size=8, max_length=24, long_documents=mode, window_batches=2,
                                buckets=(12, 24), lengths=lengths)
-    task = tasks.tiny_lm_task()
     params = tasks.tiny_lm_init(jax.random.key(0), vocab=encoder.vocab_size, d_model=16, d_ff=32, max_len=24)
-    batch_loss = jax.jit(lambda p, b: task.train_loss(p, b, {}, None)[0].sum(axis=1))
     tokens_of = encoder.encode_documents(docs.texts(range(len(docs))))
     plan = batches.plan
     checked = 0
     for s in (0, len(batches) - 1):  # the longest batch and the last (with padding rows)
         b = batches.batch(s)
-        got = np.asarray(batch_loss(params, {k: jnp.asarray(b[k]) for k in ("tokens", "mask", "weights")}))
+        got = np.asarray(_sequence_losses_jit(params, _model_batch(b)))
         for j, r in enumerate(b["row"].tolist()):
             if r < 0:
                 assert got[j] == 0.0
                 continue
             st, n = int(plan.row_start[r]), int(plan.row_length[r])
             seq = tokens_of[int(plan.row_document[r])][st : st + n].tolist()
-            alone = float(batch_loss(params, tasks.lm_batch([seq]))[0])  # [1, n]: no padding at all
+            alone = float(_sequence_losses_jit(params, tasks.lm_batch([seq]))[0])  # [1, n]: no padding at all
             np.testing.assert_allclose(got[j], alone, rtol=1e-5, atol=1e-5)
             checked += 1
     assert checked > 8
+
+
+def test_query_losses_equal_completion_nll_one_by_one(encoder):
+    """A padded query batch gives each query's summed completion NLL, as the unpadded query alone does."""
+    queries = [Query(i, str(i), p, c, origin=f"q:{i}") for i, (p, c) in enumerate(
+        [("the river of zorv is", " long and tall."), ("three plus four makes", " seven"),
+         ("", "every day people walk"), ("naïve café", " — 42.")])]
+    encoded = encode_queries(queries, encoder)
+    params = tasks.tiny_lm_init(jax.random.key(1), vocab=encoder.vocab_size, d_model=16, d_ff=32, max_len=64)
+    (batch,) = query_batches(encoded, batch_size=6, max_length=64)
+    got = np.asarray(_sequence_losses_jit(params, _model_batch(batch)))
+    for e, value in zip(encoded, got):
+        alone = tasks.lm_batch([e.ids.tolist()], prompt_lengths=[e.prompt_length])
+        np.testing.assert_allclose(value, float(_sequence_losses_jit(params, alone)[0]), rtol=1e-5, atol=1e-5)
+        # and by hand: -log p of each completion token given everything before it
+        logits = tasks.tiny_lm_apply(params, jnp.asarray(e.ids[None]), jnp.ones((1, len(e.ids))), Tap({}))[0]
+        logp = jax.nn.log_softmax(logits, axis=-1)
+        by_hand = -sum(float(logp[t - 1, e.ids[t]]) for t in range(e.prompt_length, len(e.ids)))
+        np.testing.assert_allclose(value, by_hand, rtol=1e-5, atol=1e-5)
+    assert got[4:].tolist() == [0.0, 0.0]  # padding rows
 
 
 def test_empty_corpus_plan_and_out_of_range_batches(corpus, encoder):
