@@ -1,30 +1,108 @@
-"""The ``jaxinf`` command line."""
+"""The ``jaxinf`` command line: run, demo, analyze, prepare.
+
+Bad input (a config key, a file, a line, a tensor) is reported as one line on
+stderr, ``jaxinf COMMAND: error: ...``, with exit status 2 and no traceback;
+whatever was already computed stays in the run directory.
+"""
 
 from __future__ import annotations
 
 import argparse
+import logging
+import os
 import sys
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """The exception classes that mean bad input rather than a bug (reported in one line)."""
+    from jaxinf.analysis.io import AnalysisError
+    from jaxinf.capture import CaptureError
+    from jaxinf.config import ConfigError
+    from jaxinf.data.errors import DataError
+    from jaxinf.models import ModelError
+    from jaxinf.pipeline import InputError
+    from jaxinf.store import StoreError
+
+    return (AnalysisError, CaptureError, ConfigError, DataError, ModelError, InputError, StoreError)
+
+
+def _setup_logging(quiet: bool) -> None:
+    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="jaxinf: %(message)s",
+                        stream=sys.stderr, force=True)
+    for noisy in ("absl", "orbax", "jax._src", "tensorflow_datasets"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def _run(args) -> int:
+    from jaxinf import config as cfg
+    from jaxinf import pipeline
+
+    if args.help_config:
+        print(cfg.describe())
+        return 0
+    if args.config is None:
+        raise cfg.ConfigError("jaxinf run: give a config file (configs/reference.yaml lists every key)")
+    config = cfg.load(args.config, args.overrides)
+    pipeline.run(config, overwrite=args.overwrite)
+    return 0
+
+
+def _demo(args) -> int:
+    from jaxinf import example
+
+    example.main()
+    return 0
+
+
+def _analyze(args) -> int:
+    from jaxinf.analysis.cli import run_analyze
+
+    return run_analyze(args)
+
+
+def _prepare(args) -> int:
+    from jaxinf.data.cli import prepare_command
+
+    return prepare_command(args.input, args.out_dir)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="jaxinf", description="EK-FAC influence functions for LLMs in JAX")
+    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("demo", help="run the built-in end-to-end example")
+
+    run = sub.add_parser("run", help="all stages of a config, resumable: curvature, queries, scores, exports, report")
+    run.add_argument("config", nargs="?", help="YAML config (configs/reference.yaml lists every key)")
+    run.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
+    run.add_argument("--overwrite", action="store_true", help="delete the run directory's contents and start over")
+    run.add_argument("--help-config", action="store_true", help="print every config key with its default")
+    run.set_defaults(handler=_run)
+
+    demo = sub.add_parser("demo", help="the built-in end-to-end example (no downloads)")
+    demo.set_defaults(handler=_demo)
+
     an = sub.add_parser("analyze", help="the paper's statistics and the report of a run directory")
     an.add_argument("run_dir", help="run directory (scores.npy, queries.jsonl, documents.jsonl)")
     an.add_argument("--from-release", metavar="RELEASE_JSON",
                     help="first convert Ruis et al.'s release_{7B,35B}.json into RUN_DIR (absent or empty)")
+    an.set_defaults(handler=_analyze)
+
+    prep = sub.add_parser("prepare", help="convert a documents JSONL file to a TFDS array_record dataset")
+    prep.add_argument("input", metavar="INPUT.jsonl", help="documents, one JSON object per line")
+    prep.add_argument("out_dir", metavar="OUT_DIR", help="the dataset directory to write (must not exist or be empty)")
+    prep.set_defaults(handler=_prepare)
+
     args = parser.parse_args(argv)
-    if args.command == "analyze":
-        from jaxinf.analysis.cli import run_analyze
-
-        return run_analyze(args)
-    if args.command == "demo":
-        from jaxinf import example
-
-        example.main()
-        return 0
-    return 2
+    _setup_logging(args.quiet)
+    try:
+        return args.handler(args)
+    except _user_errors() as e:
+        print(f"jaxinf {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"jaxinf {args.command}: interrupted; run it again to resume", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -1,0 +1,21 @@
+"""The data subcommands of the command line (``jaxinf prepare``)."""
+
+from __future__ import annotations
+
+import sys
+
+from jaxinf.data.errors import DataError
+
+
+def prepare_command(input_path: str, out_dir: str) -> int:
+    """``jaxinf prepare INPUT.jsonl OUT_DIR``: prints what was kept and skipped; bad input is one line on stderr, exit 2."""
+    from jaxinf.data.prepare import prepare
+
+    try:
+        report = prepare(input_path, out_dir)
+    except (DataError, OSError) as e:  # bad input, or the disk (full, no permission): one line, no traceback
+        print(f"jaxinf prepare: error: {e}", file=sys.stderr)
+        return 2
+    print(report.summary())
+    print(f"wrote {out_dir} (TFDS array_record, split train; read it with data.documents={out_dir})")
+    return 0

@@ -1,0 +1,150 @@
+"""``jaxinf prepare``: a documents JSONL file to a TFDS array_record dataset directory.
+
+The dataset has one split, ``train``, in the file's order (TFDS shuffling is
+off), with the features ``id``, ``text``, ``source`` (text), ``extra`` (the
+other fields of the line, as a JSON object in text) and ``line`` (the 1-based
+line of the JSONL file). Its ``metadata.json`` records what was skipped and
+defaulted (the counts of :class:`~jaxinf.data.documents.ReadReport`) and the
+input's SHA-256, so a reader reports them too. Read it back with
+:func:`jaxinf.data.documents.open_documents` (``data.documents: OUT_DIR``), or
+with TFDS itself: ``tfds.builder_from_directory(OUT_DIR).as_data_source("train")``.
+
+Nothing already there is lost: the dataset is written in a temporary
+directory beside ``OUT_DIR`` and renamed to it only when complete and valid;
+an ``OUT_DIR`` that exists and is not empty is refused. TensorFlow is never
+imported (TFDS writes array_record without it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from jaxinf.data.documents import PREPARED_MARK, ReadReport, iter_jsonl_documents
+from jaxinf.data.errors import DataError
+
+BUILDER_NAME = "jaxinf_documents"
+DATASET_VERSION = "1.0.0"
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """The SHA-256 of a file's bytes, in hex."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _builder_class():
+    import tensorflow_datasets as tfds
+
+    class JaxinfDocuments(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+        """Documents of one JSONL file, in file order."""
+
+        name = BUILDER_NAME
+        VERSION = tfds.core.Version(DATASET_VERSION)
+        RELEASE_NOTES = {DATASET_VERSION: "Written by jaxinf prepare."}
+        # No source files beside the class (checksums, dataset card). Saying so also keeps TFDS 4.9 off a
+        # code path that imports `importlib_resources`, which it declares only for Python < 3.9.
+        code_path = None
+
+        def __init__(self, *, input_path: str, **kwargs):
+            self._input_path = input_path
+            self.read_report = ReadReport(input_path)
+            self.data_error: DataError | None = None
+            self._jaxinf_metadata = tfds.core.MetadataDict(writer=PREPARED_MARK, input=os.path.basename(input_path))
+            super().__init__(**kwargs)
+
+        def _info(self):
+            text = tfds.features.Text()
+            return tfds.core.DatasetInfo(
+                builder=self,
+                description=f"Documents of {os.path.basename(self._input_path)}, written by jaxinf prepare.",
+                features=tfds.features.FeaturesDict({
+                    "id": text, "text": text, "source": text, "extra": text,
+                    "line": tfds.features.Scalar(np.int64),
+                }),
+                disable_shuffling=True,
+                metadata=self._jaxinf_metadata,
+            )
+
+        def _split_generators(self, dl_manager):
+            return {"train": self._generate_examples()}
+
+        def _generate_examples(self):
+            try:
+                for i, (_, _, rec) in enumerate(iter_jsonl_documents(self._input_path, self.read_report)):
+                    yield i, {"id": rec["id"], "text": rec["text"], "source": rec["source"],
+                              "extra": json.dumps(rec["extra"], ensure_ascii=False), "line": rec["line"]}
+            except DataError as e:
+                self.data_error = e  # kept so the caller re-raises it as it is, whatever TFDS wraps it in
+                raise
+            r = self.read_report
+            if r.documents == 0:
+                self.data_error = DataError(r.summary().replace(": 0 documents", ": no documents", 1))
+                raise self.data_error
+            self._jaxinf_metadata.update(empty=r.empty, blank_lines=r.blank_lines, default_ids=r.default_ids,
+                                  default_sources=r.default_sources, documents=r.documents)
+
+    return JaxinfDocuments
+
+
+@contextlib.contextmanager
+def _quiet_tfds():
+    """TFDS prints a banner to stdout and draws progress bars; the command line reports its own summary."""
+    import tensorflow_datasets as tfds
+    from tensorflow_datasets.core.utils import tqdm_utils
+
+    before = getattr(tqdm_utils, "_active", True)
+    tfds.display_progress_bar(False)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield
+    finally:
+        tfds.display_progress_bar(before)
+
+
+def prepare(input_path: str | os.PathLike, out_dir: str | os.PathLike) -> ReadReport:
+    """Writes the documents of ``input_path`` (JSONL) as a TFDS array_record dataset in ``out_dir``.
+
+    Guarantees: the dataset holds exactly the documents a
+    :class:`~jaxinf.data.documents.JsonlDocuments` reads from the same file, in
+    the same order, with the same ids, sources, extra fields and lines; on any
+    error (a :class:`DataError` naming file and line, or anything else) ``out_dir``
+    is left as it was. Returns the counts of what was kept, skipped and defaulted.
+    """
+    input_path, out = str(input_path), Path(out_dir)
+    if not Path(input_path).is_file():
+        raise DataError(f"{input_path}: no such file")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise DataError(f"{out}: already exists and is not empty; nothing was written")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.prepare-", dir=out.parent))
+    try:
+        builder = _builder_class()(input_path=input_path, data_dir=str(tmp / "data"), file_format="array_record")
+        builder._jaxinf_metadata["sha256"] = file_sha256(input_path)
+        try:
+            with _quiet_tfds():
+                builder.download_and_prepare(download_dir=str(tmp / "downloads"))
+        except Exception:
+            if builder.data_error is not None:
+                raise builder.data_error from None
+            raise
+        if builder.data_error is not None:  # pragma: no cover - TFDS re-raises generator errors
+            raise builder.data_error
+        built = Path(builder.data_dir)
+        if out.exists():
+            out.rmdir()  # empty, checked above
+        os.rename(built, out)
+        return builder.read_report
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
