@@ -11,6 +11,7 @@ import argparse
 import logging
 import os
 import sys
+from pathlib import Path
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
@@ -41,17 +42,20 @@ def _run(args) -> int:
     if args.help_config:
         print(cfg.describe())
         return 0
-    if args.config is None:
-        raise cfg.ConfigError("jaxinf run: give a config file (configs/reference.yaml lists every key)")
-    config = cfg.load(args.config, args.overrides)
+    path, overrides = args.config, list(args.overrides)
+    if path is not None and "=" in path and not Path(path).exists():  # only overrides: start from the defaults
+        path, overrides = None, [path] + overrides
+    if path is None and not overrides:
+        raise cfg.ConfigError("give a config file or section.key=value overrides (configs/reference.yaml lists every key)")
+    config = cfg.load(path, overrides)
     pipeline.run(config, overwrite=args.overwrite)
     return 0
 
 
 def _demo(args) -> int:
-    from jaxinf import example
+    from jaxinf import demo
 
-    example.main()
+    demo.main(args.out)
     return 0
 
 
@@ -73,13 +77,15 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="all stages of a config, resumable: curvature, queries, scores, exports, report")
-    run.add_argument("config", nargs="?", help="YAML config (configs/reference.yaml lists every key)")
+    run.add_argument("config", nargs="?", help="YAML config (configs/reference.yaml lists every key); optional when "
+                     "every setting is given as an override")
     run.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
     run.add_argument("--overwrite", action="store_true", help="delete the run directory's contents and start over")
     run.add_argument("--help-config", action="store_true", help="print every config key with its default")
     run.set_defaults(handler=_run)
 
-    demo = sub.add_parser("demo", help="the built-in end-to-end example (no downloads)")
+    demo = sub.add_parser("demo", help="the built-in end-to-end example: corpus, model, influence, report")
+    demo.add_argument("--out", default="runs/demo", help="where the demo writes everything (default runs/demo)")
     demo.set_defaults(handler=_demo)
 
     an = sub.add_parser("analyze", help="the paper's statistics and the report of a run directory")

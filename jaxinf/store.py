@@ -26,6 +26,7 @@ import json
 import logging
 import os
 import shutil
+import signal
 import tempfile
 from collections.abc import Iterable
 from pathlib import Path
@@ -47,6 +48,17 @@ class StoreError(RuntimeError):
 
 class CorruptCheckpoint(StoreError):
     """A saved step whose files do not match the checksums written when it was saved."""
+
+
+def fault_point(where: str, step: int) -> None:
+    """Fault injection for resume tests: SIGKILL this process when ``JAXINF_FAULT`` is ``f"{where}:{step}"``.
+
+    Points: ``<stage>:<batch>`` after a batch is computed (before any save it
+    triggers) and ``<stage>:before-manifest:<step>`` after Orbax has committed a
+    step but before its manifest is written.
+    """
+    if os.environ.get("JAXINF_FAULT") == f"{where}:{step}":
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def versions() -> dict[str, str]:
@@ -184,6 +196,7 @@ class StageStore:
             self._manager = None
         self.manager.save(step, args=self._ocp.args.StandardSave(tree), force=True)
         self.manager.wait_until_finished()
+        fault_point(f"{self.root.name}:before-manifest", step)
         if jax.process_index() == 0:
             write_manifest(step_dir)
 

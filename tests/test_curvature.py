@@ -178,3 +178,26 @@ def test_sampled_fisher_covariance_converges_to_the_exact_expectation():
         few, many = sampled(1, reps=10), sampled(40)
         print(f"sampled-Fisher S rel. error: 10 samples {few:.3f}, 2000 samples {many:.4f}")
         assert many < 0.05 and many < few / 3
+
+
+def test_eigendecomposition_of_many_stacked_blocks_does_not_hang(tmp_path):
+    """Regression: a jitted program with several batched LAPACK eigh calls deadlocked on 2 cores (jaxlib 0.10).
+
+    Three fresh processes each decompose six stacked blocks under jit; each must finish within 60 s.
+    """
+    import subprocess
+    import sys
+
+    code = (
+        "import jax, jax.numpy as jnp\n"
+        "from jaxinf import curvature\n"
+        "k = jax.random.split(jax.random.key(0), 6)\n"
+        "def spd(k, n): x = jax.random.normal(k, (4, n, 2 * n)); return x @ jnp.swapaxes(x, -1, -2)\n"
+        "cov = curvature.Covariance(A={str(i): spd(k[i], 96 + 32 * i) for i in range(3)},\n"
+        "    S={str(i): spd(k[3 + i], 256 - 32 * i) for i in range(3)}, count={str(i): jnp.ones(()) for i in range(3)})\n"
+        "jax.block_until_ready(jax.jit(curvature.eigendecompose)(cov)); print('ok')\n")
+    for _ in range(3):
+        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                           cwd=str(tmp_path), env={**__import__("os").environ,
+                                                   "PYTHONPATH": str(__import__("pathlib").Path(__file__).parent.parent)})
+        assert r.stdout.strip() == "ok", r.stderr[-1000:]

@@ -21,7 +21,7 @@ from jaxinf.curvature.covariance import (
     covariance_init,
     covariance_update,
 )
-from jaxinf.curvature.eigen import Eigen, eigendecompose, symmetric_eigh
+from jaxinf.curvature.eigen import Eigen, eigendecompose, stacked_eigh, symmetric_eigh
 from jaxinf.curvature.precondition import (
     STRATEGIES,
     Curvature,
@@ -51,5 +51,6 @@ __all__ = [
     "lambda_update",
     "precondition",
     "rotated_gradient",
+    "stacked_eigh",
     "symmetric_eigh",
 ]

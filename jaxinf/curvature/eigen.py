@@ -8,6 +8,13 @@ zero: ``A`` and ``S`` are positive semi-definite, so a negative eigenvalue is
 round-off. If ``eigh`` fails (NaN output on a finite input) the factor is
 decomposed again after adding a small multiple of the identity, which is then
 subtracted from the eigenvalues.
+
+The matrices of a stacked block are decomposed one at a time (``lax.map`` of
+an unbatched ``eigh``): on the CPU, jaxlib 0.10 spreads a *batched* LAPACK
+``eigh`` over XLA's thread pool, and a program holding several of them can
+deadlock on a host with few cores. Decomposing layer by layer costs nothing
+(each ``eigh`` is itself the bulk of the work), and on a mesh the layer axis is
+sharded, so each device maps over its own layers.
 """
 
 from __future__ import annotations
@@ -35,26 +42,33 @@ class Eigen:
 
 
 def symmetric_eigh(M: Array) -> tuple[Array, Array]:
-    """``M = Q diag(e) Q^T`` of the symmetrized ``M`` (batched over leading axes), ``e >= 0``, ascending."""
+    """``M = Q diag(e) Q^T`` of one symmetrized matrix ``M`` ``[n, n]``: ``e >= 0`` ascending, ``Q`` orthonormal columns."""
     M = M.astype(float_dtype())
-    M = 0.5 * (M + jnp.swapaxes(M, -1, -2))
+    M = 0.5 * (M + M.T)
     e, Q = jnp.linalg.eigh(M)
     failed = ~(jnp.all(jnp.isfinite(e)) & jnp.all(jnp.isfinite(Q)))
 
     def retry(M):
         n = M.shape[-1]
-        jitter = 1e-7 * jnp.maximum(jnp.trace(M, axis1=-2, axis2=-1) / n, 1e-30)
-        e, Q = jnp.linalg.eigh(M + jitter[..., None, None] * jnp.eye(n, dtype=M.dtype))
-        return e - jitter[..., None], Q
+        jitter = 1e-7 * jnp.maximum(jnp.trace(M) / n, 1e-30)
+        e, Q = jnp.linalg.eigh(M + jitter * jnp.eye(n, dtype=M.dtype))
+        return e - jitter, Q
 
     e, Q = jax.lax.cond(failed, retry, lambda M: (e, Q), M)
     return jnp.maximum(e, 0.0), Q
+
+
+def stacked_eigh(M: Array) -> tuple[Array, Array]:
+    """:func:`symmetric_eigh` of every matrix of ``M`` ``[*lead, n, n]``, one after another (see the module docstring)."""
+    flat = M.reshape((-1,) + M.shape[-2:])
+    e, Q = jax.lax.map(symmetric_eigh, flat)
+    return e.reshape(M.shape[:-1]), Q.reshape(M.shape)
 
 
 def eigendecompose(cov: Covariance) -> Eigen:
     """Eigendecomposition of every block's ``A`` and ``S``."""
     Q_A, e_A, Q_S, e_S = {}, {}, {}, {}
     for k in cov.A:
-        e_A[k], Q_A[k] = symmetric_eigh(cov.A[k])
-        e_S[k], Q_S[k] = symmetric_eigh(cov.S[k])
+        e_A[k], Q_A[k] = stacked_eigh(cov.A[k])
+        e_S[k], Q_S[k] = stacked_eigh(cov.S[k])
     return Eigen(Q_A=Q_A, e_A=e_A, Q_S=Q_S, e_S=e_S)

@@ -12,7 +12,7 @@ Tracked layers carry their Hugging Face module names (``model.layers.3.mlp.up_pr
 """
 
 from jaxinf.models.config import ConfigError, ModelConfig, ModelError, config_from_hf
-from jaxinf.models.hf import CheckpointError, from_hf, load_tokenizer, read_config
+from jaxinf.models.hf import CheckpointError, from_hf, load_tokenizer, read_config, save_hf
 from jaxinf.models.lm import LM, abstract, init, parameter_paths
 
 __all__ = [
@@ -28,4 +28,5 @@ __all__ = [
     "load_tokenizer",
     "parameter_paths",
     "read_config",
+    "save_hf",
 ]

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import struct
 import warnings
 from collections.abc import Callable
@@ -417,3 +418,42 @@ def from_hf(
     info = {"checkpoint": str(path), "skipped_tensors": skipped}
     return LM(config, shell.graphdef, params, info), tok
 
+
+
+# --------------------------------------------------------------------------- saving
+
+
+def save_hf(lm: LM, path: str | Path, hf_config: dict, tokenizer=None) -> Path:
+    """Writes ``lm`` as a Hugging Face checkpoint directory: ``config.json``, ``model.safetensors``, ``tokenizer.json``.
+
+    The inverse of :func:`from_hf`: every parameter goes back to its checkpoint
+    tensor(s) (a stacked parameter to one tensor per layer, a kernel transposed
+    to ``weight``). ``hf_config`` is the ``config.json`` to write; it must
+    describe ``lm`` (checked by reading it back as a :class:`ModelConfig`).
+    Files are written under a temporary name and renamed.
+    """
+    from safetensors.numpy import save_file
+
+    path = Path(path)
+    back = config_from_hf(hf_config, "hf_config")
+    mine = dataclasses.replace(lm.config, dtype=back.dtype, param_dtype=back.param_dtype, scan=back.scan,
+                               remat=back.remat)
+    if back != mine:
+        raise ConfigError(f"save_hf: config.json does not describe the model ({back} vs {lm.config})")
+    path.mkdir(parents=True, exist_ok=True)
+    flat = parameter_paths(lm.params)
+    tensors: dict[str, np.ndarray] = {}
+    for src in param_sources(lm):
+        value = np.asarray(jax.device_get(flat[src.path]))
+        per_layer = [value[i] for i in range(value.shape[0])] if src.stacked else [value]
+        for names, tensor in zip(src.names, per_layer):
+            tensors[names[0]] = np.ascontiguousarray(tensor.T if src.transpose else tensor)
+    tmp = path / ".model.safetensors.tmp"
+    save_file(tensors, str(tmp), metadata={"format": "pt"})
+    os.replace(tmp, path / "model.safetensors")
+    (path / ".config.json.tmp").write_text(json.dumps(hf_config, indent=2) + "\n")
+    os.replace(path / ".config.json.tmp", path / "config.json")
+    if tokenizer is not None:
+        tokenizer.save(str(path / ".tokenizer.json.tmp"))
+        os.replace(path / ".tokenizer.json.tmp", path / "tokenizer.json")
+    return path

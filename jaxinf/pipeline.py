@@ -1,0 +1,695 @@
+"""The stages end to end: what ``jaxinf run CONFIG`` does.
+
+    covariance -> eigen -> lambda -> queries -> scores -> exports -> analysis
+
+Every stage reads what the previous ones saved in the run directory
+(:mod:`jaxinf.store`) and saves its own result there, so a run killed at any
+moment resumes where it stopped: the accumulating stages (covariance, Lambda,
+scores) from their last checkpoint, the others from the last finished stage.
+Batches are deterministic (:mod:`jaxinf.data.batching`) and the sampled labels
+of batch ``i`` use ``fold_in(key, i)``, so a resumed run computes exactly what an
+uninterrupted one would.
+
+The numeric work is the engine's (:mod:`jaxinf.stages`); this module only
+drives it: one jitted step per stage, called per batch through an
+:class:`Executor` that places batches and, on a mesh, shards them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxinf import capture, curvature, scoring, stages
+from jaxinf import config as cfg
+from jaxinf.progress import Progress
+from jaxinf.store import RunStore, StoreError, fault_point, save_npy, write_json
+
+log = logging.getLogger("jaxinf")
+
+
+class InputError(ValueError):
+    """A missing or unusable input named by the config (file, directory, key)."""
+
+
+# --------------------------------------------------------------------------- execution
+
+
+class Executor:
+    """Where the stages run: compiles steps and puts batches on devices (one device here).
+
+    The sharded version (mesh with ``data`` and ``model`` axes) keeps this
+    interface: :meth:`jit` compiles a step once, :meth:`put` places a host batch.
+    """
+
+    def jit(self, fn: Callable, *, donate_argnums=()) -> Callable:
+        return jax.jit(fn, donate_argnums=donate_argnums)
+
+    def put(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+        keys = ("tokens", "mask", "weights")
+        return {k: jnp.asarray(batch[k]) for k in keys if k in batch}
+
+
+# --------------------------------------------------------------------------- inputs
+
+
+@dataclasses.dataclass
+class Inputs:
+    """What a run reads once: model, task, tracked layers, tokenizer, documents, queries and their plans."""
+
+    lm: Any
+    task: Any
+    layers: dict[str, capture.LayerSpec]
+    encoder: Any
+    documents: Any
+    lengths: np.ndarray
+    plan: Any
+    fit_plan: Any
+    fit_documents: Any
+    queries: list
+
+
+class _Head:
+    """The first ``n`` documents of a source (the documents that fit the curvature)."""
+
+    def __init__(self, source, n: int):
+        self.source, self.n = source, n
+        self.name = getattr(source, "name", "documents")
+
+    def __len__(self) -> int:
+        return self.n
+
+    def texts(self, indices):
+        return self.source.texts(indices)
+
+    def documents(self, indices):
+        return self.source.documents(indices)
+
+
+def check_inputs(config: cfg.Config) -> None:
+    """One-line errors for missing inputs, before anything is created."""
+    for key, value, kind in (("model.checkpoint", config.model.checkpoint, "dir"),
+                             ("data.documents", config.data.documents, "any"),
+                             ("data.queries", config.data.queries, "file")):
+        if value is None:
+            raise InputError(f"{key}: not set (give it in the config or as {key}=PATH)")
+        p = Path(value)
+        if value.startswith("tfds:"):
+            continue
+        if kind == "dir" and not p.is_dir():
+            raise InputError(f"{key}: {value}: no such directory")
+        if kind == "file" and not p.is_file():
+            raise InputError(f"{key}: {value}: no such file")
+        if kind == "any" and not p.exists():
+            raise InputError(f"{key}: {value}: no such file or directory")
+    if config.factors.from_run is not None and not (Path(config.factors.from_run) / "run.json").is_file():
+        raise InputError(f"factors.from: {config.factors.from_run}: not a jaxinf run directory (no run.json)")
+
+
+def document_lengths(store: RunStore, documents, encoder) -> np.ndarray:
+    """Token counts of every document, counted once per run and kept in ``state/plan/`` (keyed by file and tokenizer)."""
+    from jaxinf.data.batching import document_lengths as count
+
+    key = {"documents": _file_key(getattr(documents, "name", "")), "size": len(documents),
+           "tokenizer": _text_hash(encoder.tokenizer.to_str())}
+    meta, path = store.path("state", "plan", "lengths.json"), store.path("state", "plan", "lengths.npy")
+    if meta.exists() and path.exists():
+        try:
+            if json.loads(meta.read_text()) == key:
+                return np.load(path)
+        except ValueError:
+            pass
+    t0 = time.perf_counter()
+    lengths = count(documents, encoder)
+    log.info("tokenized %d documents (%d tokens) in %.1fs", len(lengths), int(lengths.sum()), time.perf_counter() - t0)
+    if jax.process_index() == 0:
+        save_npy(path, lengths)
+        write_json(meta, key)
+    return lengths
+
+
+def _file_key(name: str) -> list:
+    p = Path(name)
+    if p.is_file():
+        st = p.stat()
+        return [str(p.resolve()), st.st_size, int(st.st_mtime)]
+    return [name]
+
+
+def _text_hash(text: str) -> str:
+    import hashlib
+
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def buckets(max_length: int) -> tuple[int, ...]:
+    """Padded batch lengths: multiples of ``max(16, min(64, max_length // 8))`` (see :func:`jaxinf.data.batching.bucket_lengths`).
+
+    Short limits get fine buckets (16, 32, 48, 64 for 64 tokens), long ones at most about ten shapes.
+    """
+    from jaxinf.data.batching import bucket_lengths
+
+    return bucket_lengths(max_length, smallest=max(16, min(64, max_length // 8)))
+
+
+def load_inputs(config: cfg.Config, store: RunStore) -> Inputs:
+    """Model, tokenizer, tracked layers, documents with their plans, and queries."""
+    from jaxinf import models
+    from jaxinf.data.batching import make_plan
+    from jaxinf.data.documents import open_documents
+    from jaxinf.data.queries import read_queries
+    from jaxinf.data.tokenize import TextEncoder
+
+    t0 = time.perf_counter()
+    lm, tokenizer = models.from_hf(config.model.checkpoint, dtype=config.model.dtype, scan=config.model.scan_layers)
+    log.info("model: %s, %s parameters (%s), loaded in %.1fs", config.model.checkpoint, f"{lm.num_params:,}",
+             config.model.dtype, time.perf_counter() - t0)
+    task = lm.task()
+    dummy = {"tokens": jnp.zeros((1, 8), jnp.int32), "mask": jnp.ones((1, 8)), "weights": jnp.ones((1, 8))}
+    layers = capture.select_layers(
+        capture.find_layers(lambda p, b, pr: task.train_loss(p, b, pr, None), lm.params, dummy), config.factors.track)
+    n_tracked = sum(s.num_params for s in layers.values())
+    log.info("tracking %d layers (%s parameters) matching factors.track=%s",
+             sum(len(s.layer_names) for s in layers.values()), f"{n_tracked:,}", config.factors.track)
+    encoder = TextEncoder(tokenizer)
+    documents = open_documents(config.data.documents)
+    lengths = document_lengths(store, documents, encoder)
+    d = config.data
+    plan_args = dict(batch_size=d.batch_size, max_length=d.max_length, long_documents=d.long_documents,
+                     process_count=jax.process_count(), buckets=buckets(d.max_length))
+    plan = make_plan(lengths, **plan_args)
+    log.info("documents: %s", plan.report.summary())
+    n_fit = len(lengths) if config.factors.max_documents is None else min(config.factors.max_documents, len(lengths))
+    fit_documents = documents if n_fit == len(lengths) else _Head(documents, n_fit)
+    fit_plan = plan if n_fit == len(lengths) else make_plan(lengths[:n_fit], **plan_args)
+    queries = read_queries(config.data.queries)
+    log.info("queries: %d from %s", len(queries), config.data.queries)
+    return Inputs(lm, task, layers, encoder, documents, lengths, plan, fit_plan, fit_documents, queries)
+
+
+# --------------------------------------------------------------------------- driving a stage
+
+
+def _finite_or_raise(losses: np.ndarray, batch: dict, inputs: Inputs, what: str) -> None:
+    bad = np.flatnonzero(~np.isfinite(losses) & (batch["index"] >= 0))
+    if bad.size:
+        doc = inputs.documents.documents([int(batch["index"][bad[0]])])[0]
+        raise stages.CaptureError(f'{getattr(inputs.documents, "name", "documents")}:{doc.line}: document '
+                                  f'"{doc.id}": {what} loss is not finite ({float(losses[bad[0]])})')
+
+
+def plan_key(plan) -> dict:
+    """What fixes which documents batch ``i`` holds: a checkpoint numbered by batch index is only valid under it."""
+    return {"processes": int(plan.process_count), "batch_size": int(plan.batch_size), "batches": int(plan.num_steps)}
+
+
+def check_plan(store: RunStore, name: str, plan) -> None:
+    """Refuses to resume a stage whose checkpoints were made with documents grouped into batches differently."""
+    saved = store.record["stages"].get(name, {}).get("plan")
+    if saved is not None and saved != plan_key(plan) and store.status(name) != "done":
+        raise StoreError(f"{store.root}: stage {name} was checkpointed with {saved['processes']} process(es) x "
+                         f"{saved['batch_size']} documents per batch ({saved['batches']} batches); resume it with the "
+                         f"same number of processes, or use --overwrite")
+
+
+def accumulate(
+    store: RunStore,
+    name: str,
+    stage: stages.Stage,
+    step_inputs: tuple,
+    batches,
+    key: jax.Array | None,
+    save_every: int,
+    executor: Executor,
+    inputs: Inputs,
+):
+    """Drives an accumulating stage over ``batches`` with checkpoints every ``save_every`` batches; resumes."""
+    check_plan(store, name, batches.plan)
+    st = store.stage(name)
+    init = stage.init()
+    total = len(batches)
+    resumed = st.latest(init)
+    start, state = (0, init) if resumed is None else resumed
+    st.discard_after(start if resumed else None)
+    if start:
+        log.info("%s: resuming at batch %d of %d", name, start, total)
+    key_info = plan_key(batches.plan)
+    store.mark(name, "running", step=start, total=total, plan=key_info)
+    update = executor.jit(stage.update, donate_argnums=(0,))
+    progress = Progress(name, total, start)
+    pending = None
+    for i, batch in enumerate(batches.iterate(start), start=start):
+        k = None if key is None else jax.random.fold_in(key, i)
+        state, losses = update(state, *step_inputs, executor.put(batch), k)
+        if pending is not None:
+            _finite_or_raise(np.asarray(pending[0]), pending[1], inputs, name)
+        pending = (losses, batch)
+        progress.update(int(batch["mask"].sum()))
+        fault_point(name, i + 1)
+        if (i + 1) % save_every == 0 or i + 1 == total:
+            _finite_or_raise(np.asarray(pending[0]), pending[1], inputs, name)
+            pending = None
+            st.save(i + 1, state)
+            store.mark(name, "running", step=i + 1, total=total, plan=key_info)
+    seconds = progress.close()
+    log.info("%s: %d batches in %.1fs", name, total - start, seconds)
+    return stage.finalize(state)
+
+
+def _batches(inputs: Inputs, plan, source):
+    from jaxinf.data.batching import DocumentBatches
+
+    return DocumentBatches(source, inputs.encoder, plan, process_index=jax.process_index())
+
+
+# --------------------------------------------------------------------------- the stages
+
+
+def _shapes(inputs: Inputs) -> dict:
+    """Abstract shapes of the covariance, eigendecomposition and Lambda of the tracked layers."""
+    cov = stages.covariance_stage(inputs.task, inputs.layers)
+    lam = stages.lambda_stage(inputs.task, inputs.layers)
+    cov_like = jax.eval_shape(lambda: cov.finalize(cov.init()))
+    return {"covariance": jax.eval_shape(cov.init), "eigen": jax.eval_shape(curvature.eigendecompose, cov_like),
+            "lambda": jax.eval_shape(lambda: lam.finalize(lam.init()))}
+
+
+def fit_curvature(config: cfg.Config, store: RunStore, inputs: Inputs, executor: Executor) -> curvature.Curvature:
+    """Covariance, eigendecomposition and Lambda (or another run's, with ``factors.from``)."""
+    strategy, fisher = config.factors.strategy, config.factors.fisher
+    if config.factors.from_run is not None:
+        return _curvature_from(config, inputs)
+    if strategy == "identity":
+        for s in ("covariance", "eigen", "lambda"):
+            store.mark(s, "done", skipped="identity strategy")
+        return curvature.curvature("identity")
+    base = jax.random.key(config.factors.seed)
+    shapes = _shapes(inputs)
+    fit_batches = _batches(inputs, inputs.fit_plan, inputs.fit_documents)
+    eigen = None
+    if strategy in ("kfac", "ekfac"):
+        eigen = store.load_result("eigen", _zeros(shapes["eigen"]))
+        if eigen is None:
+            cov_stage = stages.covariance_stage(inputs.task, inputs.layers, fisher)
+            cov = accumulate(store, "covariance", cov_stage, (inputs.lm.params,), fit_batches,
+                             jax.random.fold_in(base, 0), config.factors.save_every, executor, inputs)
+            store.mark("covariance", "done")
+            t0 = time.perf_counter()
+            eigen = jax.jit(curvature.eigendecompose)(cov)
+            _check_finite_tree({"Q_A": eigen.Q_A, "Q_S": eigen.Q_S}, "eigendecomposition")
+            store.save_result("eigen", eigen)
+            log.info("eigen: %d blocks decomposed in %.1fs", len(inputs.layers), time.perf_counter() - t0)
+    else:
+        store.mark("covariance", "done", skipped=f"{strategy} strategy")
+        store.mark("eigen", "done", skipped=f"{strategy} strategy")
+    if strategy == "kfac":
+        Lambda = curvature.kfac_lambda(eigen)
+        store.mark("lambda", "done", source="kfac eigenvalues")
+    else:
+        Lambda = store.load_result("lambda", _zeros(shapes["lambda"]))
+        if Lambda is None:
+            lam_stage = stages.lambda_stage(inputs.task, inputs.layers, fisher)
+            Lambda = accumulate(store, "lambda", lam_stage, (inputs.lm.params, eigen), fit_batches,
+                                jax.random.fold_in(base, 1), config.factors.save_every, executor, inputs)
+            _check_finite_tree(Lambda, "Lambda")
+            store.save_result("lambda", Lambda)
+    return curvature.curvature(strategy, eigen, Lambda)
+
+
+def _zeros(shapes):
+    return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+
+
+def _check_finite_tree(tree, what: str) -> None:
+    for k, v in (tree.items() if isinstance(tree, dict) else []):
+        if isinstance(v, dict):
+            _check_finite_tree(v, f"{what} {k}")
+        elif not bool(jnp.all(jnp.isfinite(v))):
+            raise stages.CaptureError(f"{what} of layer {k} is not finite")
+
+
+def _curvature_from(config: cfg.Config, inputs: Inputs) -> curvature.Curvature:
+    """The fitted curvature of another run directory (``factors.from``), checked against this run's model and layers."""
+    other = Path(config.factors.from_run)
+    record = json.loads((other / "run.json").read_text())
+    theirs = cfg.from_dict(record["config"], str(other / "run.json"))
+    mismatched = [k for k in ("checkpoint", "dtype") if getattr(theirs.model, k) != getattr(config.model, k)]
+    mismatched += [f"factors.{k}" for k in ("strategy", "fisher", "track", "max_documents", "seed")
+                   if getattr(theirs.factors, k) != getattr(config.factors, k)]
+    if theirs.run.precision != config.run.precision:
+        mismatched.append("run.precision")
+    if mismatched:
+        raise StoreError(f"factors.from: {other} was fitted with other settings: {', '.join(mismatched)}")
+    ostore = RunStore(other, record)
+    if ostore.status("lambda") != "done":
+        raise StoreError(f"factors.from: {other} has no finished curvature (stage lambda is {ostore.status('lambda')})")
+    strategy = config.factors.strategy
+    shapes = _shapes(inputs)
+    eigen = None
+    if strategy == "identity":
+        return curvature.curvature("identity")
+    if strategy in ("kfac", "ekfac"):
+        eigen = ostore.load_result("eigen", _zeros(shapes["eigen"]))
+        if eigen is None:
+            raise StoreError(f"factors.from: {other}: the eigendecomposition is missing or corrupted")
+    if strategy == "kfac":
+        Lambda = curvature.kfac_lambda(eigen)
+    else:
+        Lambda = ostore.load_result("lambda", _zeros(shapes["lambda"]))
+        if Lambda is None:
+            raise StoreError(f"factors.from: {other}: Lambda is missing or corrupted")
+    log.info("curvature: reusing the %s factors of %s", strategy, other)
+    return curvature.curvature(strategy, eigen, Lambda)
+
+
+def query_gradients(config: cfg.Config, store: RunStore, inputs: Inputs, curv, executor: Executor):
+    """Preconditioned (and optionally rank-r) query gradients of every query; a saved result is reused."""
+    from jaxinf.data.queries import encode_queries, query_batches
+
+    encoded = encode_queries(inputs.queries, inputs.encoder, max_length=config.data.max_length)
+    batches = query_batches(encoded, batch_size=config.data.query_batch_size, max_length=config.data.max_length)
+    grad_fn = executor.jit(lambda p, b: stages.query_gradients(inputs.task, inputs.layers, p, b))
+    prep_fn = executor.jit(lambda G, loss, c: scoring.prepare_queries(G, loss, c, config.scores.damping,
+                                                                       config.scores.query_rank))
+    like = jax.eval_shape(lambda: _prepare_all(inputs, batches, grad_fn, prep_fn, curv, check=False))
+    saved = store.load_result("queries", _zeros(like))
+    if saved is not None:
+        return saved, encoded
+    store.mark("queries", "running")
+    t0 = time.perf_counter()
+    qg = _prepare_all(inputs, batches, grad_fn, prep_fn, curv, check=True)
+    bad = np.flatnonzero(~np.isfinite(np.asarray(qg.loss)))
+    if bad.size:
+        q = inputs.queries[int(bad[0])]
+        raise stages.CaptureError(f'{q.origin}: query "{q.id}": completion loss is not finite')
+    store.save_result("queries", qg)
+    log.info("queries: %d query gradients in %.1fs (rank %s, damping %s)", qg.num_queries, time.perf_counter() - t0,
+             config.scores.query_rank or "full", config.scores.damping if config.scores.damping is not None
+             else "0.1 x mean(Lambda)")
+    return qg, encoded
+
+
+def _prepare_all(inputs, batches, grad_fn, prep_fn, curv, check: bool) -> scoring.QueryGradients:
+    """Query gradients batch by batch, each preconditioned (and truncated) at once, then joined along Q."""
+    parts = []
+    for batch in batches:
+        if check:
+            stages.check_queries(batch, [inputs.queries[i].id if i >= 0 else "padding" for i in batch["index"]])
+        b = {k: jnp.asarray(batch[k]) for k in ("tokens", "mask", "weights")}
+        G, loss = grad_fn(inputs.lm.params, b)
+        parts.append((prep_fn(G, loss, curv), int((batch["index"] >= 0).sum())))
+    return _join_queries(parts)
+
+
+def _join_queries(parts) -> scoring.QueryGradients:
+    def cat(trees, axis_of):
+        return {k: jnp.concatenate([jax.lax.slice_in_dim(t[k], 0, n, axis=axis_of(t[k])) for t, n in trees],
+                                   axis=axis_of(trees[0][0][k])) for k in trees[0][0]}
+
+    full = cat([(p.full, n) for p, n in parts], lambda x: x.ndim - 3)
+    left = cat([(p.left, n) for p, n in parts], lambda x: x.ndim - 3)
+    right = cat([(p.right, n) for p, n in parts], lambda x: x.ndim - 3)
+    loss = jnp.concatenate([p.loss[:n] for p, n in parts])
+    return scoring.QueryGradients(full=full, left=left, right=right, loss=loss)
+
+
+def score_documents(config: cfg.Config, store: RunStore, inputs: Inputs, qg, curv, executor: Executor) -> dict:
+    """Scores of every document row against every query, saved in chunks of ``scores.save_every`` batches."""
+    st = store.chunks("scores")
+    batches = _batches(inputs, inputs.plan, inputs.documents)
+    check_plan(store, "scores", inputs.plan)
+    key_info = plan_key(inputs.plan)
+    total = len(batches)
+    chunks, start = _load_chunks(st, config.scores.self_influence)
+    if start:
+        log.info("scores: resuming at batch %d of %d", start, total)
+    store.mark("scores", "running", step=start, total=total, plan=key_info)
+    want_self = config.scores.self_influence
+
+    def step(params, q, c, b):
+        cap = stages.capture_train(inputs.task, inputs.layers, params, b, None)
+        out = {"scores": scoring.pairwise_scores(q, cap).total, "loss": cap.loss}
+        if want_self:
+            out["self"] = scoring.self_scores(c, config.scores.damping, cap)
+        return out
+
+    score_fn = executor.jit(step)
+    progress = Progress("scores", total, start)
+    buffer: list[tuple[dict, np.ndarray]] = []
+    chunk_start = start
+    for i, batch in enumerate(batches.iterate(start), start=start):
+        out = score_fn(inputs.lm.params, qg, curv, executor.put(batch))
+        buffer.append((out, batch["index"]))
+        progress.update(int(batch["mask"].sum()))
+        fault_point("scores", i + 1)
+        if (i + 1) % config.scores.save_every == 0 or i + 1 == total:
+            chunk = _flush(buffer, inputs)
+            chunk["start"] = np.asarray(chunk_start, np.int64)
+            st.save(i + 1, chunk)
+            chunks.append(chunk)
+            chunk_start = i + 1
+            buffer = []
+            store.mark("scores", "running", step=i + 1, total=total, plan=key_info)
+    seconds = progress.close()
+    log.info("scores: %d batches in %.1fs", total - start, seconds)
+    store.mark("scores", "done", total=total, plan=key_info)
+    return _assemble(chunks, inputs, qg.num_queries)
+
+
+def _flush(buffer, inputs: Inputs) -> dict:
+    """One chunk on the host: the batches' scores, losses and document indices, non-finite losses rejected."""
+    index = np.concatenate([ix for _, ix in buffer]).astype(np.int64)
+    out = {"index": index}
+    for key in buffer[0][0]:
+        out[key] = np.concatenate([np.asarray(o[key]) for o, _ in buffer], axis=-1)
+    _finite_or_raise(out["loss"], {"index": index}, inputs, "document")
+    return out
+
+
+def _load_chunks(st, want_self: bool) -> tuple[list[dict], int]:
+    """The verified chunks that continue each other from batch 0, and the batch after them; later ones are dropped."""
+    from jaxinf.store import verify_manifest
+
+    chunks, end = [], 0
+    for step in st.steps():
+        try:
+            verify_manifest(st.root / str(step))
+            restored = st.manager.restore(step, args=st._ocp.args.StandardRestore())
+            chunk = {k: np.asarray(v) for k, v in restored.items()}
+        except Exception as e:  # corrupted or unreadable: recompute from here
+            log.warning("%s: score chunk %d not used (%s); recomputing from batch %d", st.root, step, e, end)
+            break
+        if int(chunk["start"]) != end or ("self" in chunk) != want_self:
+            break
+        chunks.append(chunk)
+        end = step
+    st.discard_after(end if chunks else None)
+    return chunks, end
+
+
+def _assemble(chunks: list[dict], inputs: Inputs, num_queries: int) -> dict:
+    """Per-document results: chunk rows summed into their document's column (split documents add up)."""
+    from jaxinf.data.batching import scatter_columns
+
+    N = inputs.plan.num_documents
+    out = {"scores": np.zeros((num_queries, N), np.float64), "loss": np.zeros(N, np.float64)}
+    if chunks and "self" in chunks[0]:
+        out["self"] = np.zeros(N, np.float64)
+    for c in chunks:
+        for key in out:
+            scatter_columns(out[key], c[key], c["index"])
+    return out
+
+
+# --------------------------------------------------------------------------- exports
+
+
+def export(config: cfg.Config, store: RunStore, inputs: Inputs, results: dict, qg, encoded, executor: Executor) -> None:
+    """``scores.npy``, ``queries.jsonl``, ``documents.jsonl``, ``topk.jsonl``, and the per-layer and per-token
+    breakdowns of each query's top documents (``layers.json``, ``layer_scores.npy``, ``topk_tokens.jsonl``)."""
+    from jaxinf.analysis import io
+
+    if jax.process_index() != 0:
+        return
+    qloss = np.asarray(qg.loss, np.float64)
+    scores = scoring.normalize(results["scores"], qloss, config.scores.normalize)
+    io.write_scores(store.path("scores.npy"), scores)
+    if "self" in results:
+        save_npy(store.path("self_influence.npy"), results["self"].astype(np.float32))
+    io.write_queries(store.path("queries.jsonl"), (
+        {"id": q.id, "prompt": q.prompt, "completion": q.completion, "kind": q.kind, "task": q.task,
+         "answer": q.answer, "loss": float(qloss[i]), "tokens": len(encoded[i].ids),
+         "completion_tokens": encoded[i].completion_length}
+        for i, q in enumerate(inputs.queries)))
+    io.write_documents(store.path("documents.jsonl"), _document_rows(inputs, results["loss"]))
+    k = min(config.scores.topk, inputs.plan.num_documents)
+    top = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    bottom = np.argsort(scores, axis=1, kind="stable")[:, :k]
+    needed = sorted(set(top.ravel().tolist()) | set(bottom.ravel().tolist()))
+    docs = {d.index: d for d in inputs.documents.documents(needed)}
+
+    def entry(q, d):
+        text = " ".join(docs[d].text.split())
+        return {"id": docs[d].id, "source": docs[d].source, "score": float(scores[q, d]),
+                "snippet": text[:300] + ("..." if len(text) > 300 else "")}
+
+    io.write_topk(store.path("topk.jsonl"), (
+        {"query": q.id, "top": [entry(i, int(d)) for d in top[i]], "bottom": [entry(i, int(d)) for d in bottom[i]]}
+        for i, q in enumerate(inputs.queries)))
+    export_breakdowns(config, store, inputs, qg, top, docs, executor)
+    store.mark("exports", "done")
+
+
+def _document_rows(inputs: Inputs, losses: np.ndarray) -> Iterator[dict]:
+    n = inputs.plan.num_documents
+    for lo in range(0, n, 4096):
+        for doc in inputs.documents.documents(list(range(lo, min(lo + 4096, n)))):
+            yield {"id": doc.id, "source": doc.source, "tokens": int(inputs.lengths[doc.index]),
+                   "loss": float(losses[doc.index])}
+
+
+class _Subset:
+    """The documents ``indices`` of a source, as a source of their own (index i is ``indices[i]``)."""
+
+    def __init__(self, source, indices: list[int]):
+        self.source, self.indices = source, list(indices)
+        self.name = getattr(source, "name", "documents")
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def texts(self, idx):
+        return self.source.texts([self.indices[i] for i in idx])
+
+    def documents(self, idx):
+        return self.source.documents([self.indices[i] for i in idx])
+
+
+def layer_order(layers: dict[str, capture.LayerSpec]) -> list[str]:
+    """Per-layer names in model order: by layer index, blocks in call order within a layer, unstacked layers last."""
+    stacked, rest = [], []
+    for position, spec in enumerate(layers.values()):
+        for i, name in zip(spec.layer_indices or (None,), spec.layer_names):
+            (stacked if i is not None else rest).append((i if i is not None else 0, position, name))
+    return [n for _, _, n in sorted(stacked)] + [n for _, _, n in rest]
+
+
+def export_breakdowns(config, store, inputs: Inputs, qg, top: np.ndarray, docs: dict, executor: Executor) -> None:
+    """Per-layer and per-token scores of each query's top documents, from one more pass over just those documents."""
+    from jaxinf.analysis import io
+    from jaxinf.data.batching import DocumentBatches, make_plan
+
+    t0 = time.perf_counter()
+    wanted = sorted(set(top.ravel().tolist()))
+    subset = _Subset(inputs.documents, wanted)
+    plan = make_plan(inputs.lengths[wanted], batch_size=config.data.batch_size, max_length=config.data.max_length,
+                     long_documents=config.data.long_documents, buckets=buckets(config.data.max_length))
+    names = layer_order(inputs.layers)
+    column = {name: j for j, name in enumerate(names)}
+    Q = qg.num_queries
+    per_layer = np.zeros((len(names), Q, len(wanted)))
+    tokens: dict[int, list[tuple[int, list[int], np.ndarray]]] = {}   # subset doc -> [(chunk, ids, [Q, n])]
+
+    def step(params, q, b):
+        s, _ = stages.score_batch(inputs.task, inputs.layers, params, q, b, per_layer=True, per_token=True)
+        return scoring.expand_layer_scores(s.per_layer, inputs.layers), s.per_token
+
+    fn = executor.jit(step)
+    for batch in DocumentBatches(subset, inputs.encoder, plan):
+        layer_scores, token_scores = fn(inputs.lm.params, qg, executor.put(batch))
+        stacked = np.stack([np.asarray(layer_scores[n]) for n in names])            # [L, Q, B]
+        token_scores = np.asarray(token_scores)
+        for j, d in enumerate(batch["index"].tolist()):
+            if d < 0:
+                continue
+            per_layer[:, :, d] += stacked[:, :, j]
+            n = int(batch["mask"][j].sum())
+            tokens.setdefault(d, []).append((int(batch["chunk"][j]), batch["tokens"][j, :n].tolist(),
+                                             token_scores[:, j, :n]))
+    position = {d: i for i, d in enumerate(wanted)}
+    layer_top = np.stack([per_layer[:, q, [position[int(d)] for d in top[q]]].T for q in range(Q)])  # [Q, K, L]
+    io.write_layer_exports(store.root, names, layer_top)
+    vocab = inputs.encoder.tokenizer
+
+    def records():
+        for q, query in enumerate(inputs.queries):
+            for rank, d in enumerate(top[q].tolist()):
+                ids, sc = _join_chunks(tokens[position[d]], q)
+                yield {"query": query.id, "document": docs[d].id, "rank": rank,
+                       "tokens": [{"text": vocab.id_to_token(t) or "", "score": float(v)} for t, v in zip(ids, sc)]}
+
+    io.write_topk_tokens(store.path("topk_tokens.jsonl"), records())
+    log.info("exports: per-layer and per-token scores of %d top documents in %.1fs", len(wanted),
+             time.perf_counter() - t0)
+
+
+def _join_chunks(chunks: list, q: int) -> tuple[list[int], np.ndarray]:
+    """A document's tokens and query ``q``'s per-token scores, its chunks joined (a shared token's scores added)."""
+    chunks = sorted(chunks, key=lambda c: c[0])
+    ids, scores = list(chunks[0][1]), list(chunks[0][2][q])
+    for _, more_ids, more in chunks[1:]:
+        scores[-1] += more[q][0]
+        ids += more_ids[1:]
+        scores += list(more[q][1:])
+    return ids, np.asarray(scores)
+
+
+def analyze(store: RunStore, inputs: Inputs) -> None:
+    """The paper's statistics and the report (:func:`jaxinf.analysis.driver.analyze`) on the exports."""
+    from jaxinf.analysis.driver import analyze as run_analysis
+
+    if jax.process_index() != 0:
+        return
+    store.mark("analysis", "running")
+    summary = run_analysis(store.root, text_source=_text_source(inputs.documents), log=log.info)
+    for note in summary.get("notes", []):
+        log.info("analysis note: %s", note)
+    store.mark("analysis", "done")
+    log.info("report: %s", store.path("report", "index.html"))
+
+
+def _text_source(documents) -> Callable:
+    """Texts by document id, found by one streaming pass over the corpus (JSONL or TFDS alike)."""
+
+    def texts(ids):
+        wanted, found = set(map(str, ids)), {}
+        n = len(documents)
+        for lo in range(0, n, 4096):
+            for doc in documents.documents(list(range(lo, min(lo + 4096, n)))):
+                if doc.id in wanted:
+                    found[doc.id] = doc.text
+            if len(found) == len(wanted):
+                break
+        return found
+
+    return texts
+
+
+# --------------------------------------------------------------------------- the run
+
+
+def run(config: cfg.Config, overwrite: bool = False, executor: Executor | None = None) -> Path:
+    """All stages, resumable; returns the run directory."""
+    check_inputs(config)
+    if config.run.precision == "float64":
+        jax.config.update("jax_enable_x64", True)
+    store = RunStore.open(config, overwrite=overwrite)
+    log.info("run directory %s (config fingerprint %s)", store.root, store.record["fingerprint"])
+    executor = executor or Executor()
+    inputs = load_inputs(config, store)
+    curv = fit_curvature(config, store, inputs, executor)
+    qg, encoded = query_gradients(config, store, inputs, curv, executor)
+    results = score_documents(config, store, inputs, qg, curv, executor)
+    export(config, store, inputs, results, qg, encoded, executor)
+    log.info("exports written to %s", store.root)
+    analyze(store, inputs)
+    return store.root
