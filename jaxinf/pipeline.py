@@ -247,6 +247,7 @@ def accumulate(
     update = executor.jit(stage.update, donate_argnums=(0,))
     progress = Progress(name, total, start)
     pending = None
+    save_seconds = 0.0
     for i, batch in enumerate(batches.iterate(start), start=start):
         k = None if key is None else jax.random.fold_in(key, i)
         state, losses = update(state, *step_inputs, executor.put(batch), k)
@@ -258,10 +259,14 @@ def accumulate(
         if (i + 1) % save_every == 0 or i + 1 == total:
             _finite_or_raise(np.asarray(pending[0]), pending[1], inputs, name)
             pending = None
+            t_save = time.perf_counter()
             st.save(i + 1, state)
+            save_seconds += time.perf_counter() - t_save
             store.mark(name, "running", step=i + 1, total=total, plan=key_info)
     seconds = progress.close()
-    log.info("%s: %d batches in %.1fs", name, total - start, seconds)
+    log.info("%s: %d batches in %.1fs (%.1fs saving checkpoints)", name, total - start, seconds, save_seconds)
+    store.record["stages"][name]["timing"] = {"seconds": round(seconds, 3), "save_seconds": round(save_seconds, 3),
+                                              "batches": total - start}
     return stage.finalize(state)
 
 
@@ -302,11 +307,11 @@ def fit_curvature(config: cfg.Config, store: RunStore, inputs: Inputs, executor:
             cov_stage = stages.covariance_stage(inputs.task, inputs.layers, fisher)
             cov = accumulate(store, "covariance", cov_stage, (inputs.lm.params,), fit_batches,
                              jax.random.fold_in(base, 0), config.factors.save_every, executor, inputs)
-            store.mark("covariance", "done")
+            store.mark("covariance", "done", timing=store.record["stages"]["covariance"].get("timing"))
             t0 = time.perf_counter()
             eigen = jax.jit(curvature.eigendecompose)(cov)
             _check_finite_tree({"Q_A": eigen.Q_A, "Q_S": eigen.Q_S}, "eigendecomposition")
-            store.save_result("eigen", eigen)
+            store.save_result("eigen", eigen, seconds=time.perf_counter() - t0)
             log.info("eigen: %d blocks decomposed in %.1fs", len(inputs.layers), time.perf_counter() - t0)
     else:
         store.mark("covariance", "done", skipped=f"{strategy} strategy")
@@ -321,7 +326,7 @@ def fit_curvature(config: cfg.Config, store: RunStore, inputs: Inputs, executor:
             Lambda = accumulate(store, "lambda", lam_stage, (inputs.lm.params, eigen), fit_batches,
                                 jax.random.fold_in(base, 1), config.factors.save_every, executor, inputs)
             _check_finite_tree(Lambda, "Lambda")
-            store.save_result("lambda", Lambda)
+            store.save_result("lambda", Lambda, timing=store.record["stages"]["lambda"].get("timing"))
     return curvature.curvature(strategy, eigen, Lambda)
 
 
@@ -391,7 +396,7 @@ def query_gradients(config: cfg.Config, store: RunStore, inputs: Inputs, curv, e
     if bad.size:
         q = inputs.queries[int(bad[0])]
         raise stages.CaptureError(f'{q.origin}: query "{q.id}": completion loss is not finite')
-    store.save_result("queries", qg)
+    store.save_result("queries", qg, seconds=time.perf_counter() - t0)
     log.info("queries: %d query gradients in %.1fs (rank %s, damping %s)", qg.num_queries, time.perf_counter() - t0,
              config.scores.query_rank or "full", config.scores.damping if config.scores.damping is not None
              else "0.1 x mean(Lambda)")
@@ -444,6 +449,7 @@ def score_documents(config: cfg.Config, store: RunStore, inputs: Inputs, qg, cur
 
     score_fn = executor.jit(step)
     progress = Progress("scores", total, start)
+    save_seconds = 0.0
     buffer: list[tuple[dict, np.ndarray]] = []
     chunk_start = start
     for i, batch in enumerate(batches.iterate(start), start=start):
@@ -454,14 +460,17 @@ def score_documents(config: cfg.Config, store: RunStore, inputs: Inputs, qg, cur
         if (i + 1) % config.scores.save_every == 0 or i + 1 == total:
             chunk = _flush(buffer, inputs)
             chunk["start"] = np.asarray(chunk_start, np.int64)
+            t_save = time.perf_counter()
             st.save(i + 1, chunk)
+            save_seconds += time.perf_counter() - t_save
             chunks.append(chunk)
             chunk_start = i + 1
             buffer = []
             store.mark("scores", "running", step=i + 1, total=total, plan=key_info)
     seconds = progress.close()
-    log.info("scores: %d batches in %.1fs", total - start, seconds)
-    store.mark("scores", "done", total=total, plan=key_info)
+    log.info("scores: %d batches in %.1fs (%.1fs saving chunks)", total - start, seconds, save_seconds)
+    store.mark("scores", "done", total=total, plan=key_info, timing={
+        "seconds": round(seconds, 3), "save_seconds": round(save_seconds, 3), "batches": total - start})
     return _assemble(chunks, inputs, qg.num_queries)
 
 
@@ -520,6 +529,7 @@ def export(config: cfg.Config, store: RunStore, inputs: Inputs, results: dict, q
 
     if jax.process_index() != 0:
         return
+    t0 = time.perf_counter()
     qloss = np.asarray(qg.loss, np.float64)
     scores = scoring.normalize(results["scores"], qloss, config.scores.normalize)
     io.write_scores(store.path("scores.npy"), scores)
@@ -546,7 +556,7 @@ def export(config: cfg.Config, store: RunStore, inputs: Inputs, results: dict, q
         {"query": q.id, "top": [entry(i, int(d)) for d in top[i]], "bottom": [entry(i, int(d)) for d in bottom[i]]}
         for i, q in enumerate(inputs.queries)))
     export_breakdowns(config, store, inputs, qg, top, docs, executor)
-    store.mark("exports", "done")
+    store.mark("exports", "done", seconds=round(time.perf_counter() - t0, 3))
 
 
 def _document_rows(inputs: Inputs, losses: np.ndarray) -> Iterator[dict]:
@@ -650,10 +660,11 @@ def analyze(store: RunStore, inputs: Inputs) -> None:
     if jax.process_index() != 0:
         return
     store.mark("analysis", "running")
+    t0 = time.perf_counter()
     summary = run_analysis(store.root, text_source=_text_source(inputs.documents), log=log.info)
     for note in summary.get("notes", []):
         log.info("analysis note: %s", note)
-    store.mark("analysis", "done")
+    store.mark("analysis", "done", seconds=round(time.perf_counter() - t0, 3))
     log.info("report: %s", store.path("report", "index.html"))
 
 

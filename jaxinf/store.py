@@ -318,12 +318,12 @@ class RunStore:
 
     # ------------------------------------------------------------------ stage results
 
-    def save_result(self, stage: str, tree) -> None:
-        """A finished stage's result, as the single step 0 of its store; marks the stage done."""
+    def save_result(self, stage: str, tree, **info) -> None:
+        """A finished stage's result, as the single step 0 of its store; marks the stage done (with ``info``)."""
         st = self.stage(stage, keep=1)
         st.clear()
         st.save(0, tree)
-        self.mark(stage, "done")
+        self.mark(stage, "done", **{k: (round(v, 3) if isinstance(v, float) else v) for k, v in info.items()})
 
     def load_result(self, stage: str, like) -> Any | None:
         """A done stage's result, or None (with a warning) if it is missing or corrupted."""
