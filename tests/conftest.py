@@ -21,7 +21,7 @@ def require_oracle(what: str | os.PathLike | bool, reason: str):
     if ok:
         return what
     if os.environ.get("JAXINF_REQUIRE_ORACLES") == "1":
-        pytest.fail(f"{reason} (required: JAXINF_REQUIRE_ORACLES=1)", pytrace=False)
+        pytest.fail(f"required oracle missing under JAXINF_REQUIRE_ORACLES=1: {reason}", pytrace=False)
     pytest.skip(reason)
 
 

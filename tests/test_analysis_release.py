@@ -88,6 +88,6 @@ def test_missing_oracle_skips_or_fails(monkeypatch):
     with pytest.raises(pytest.skip.Exception, match="gone"):
         require_oracle(False, "gone")
     monkeypatch.setenv("JAXINF_REQUIRE_ORACLES", "1")
-    with pytest.raises(pytest.fail.Exception, match="JAXINF_REQUIRE_ORACLES=1 but missing: gone"):
+    with pytest.raises(pytest.fail.Exception, match="required oracle missing under JAXINF_REQUIRE_ORACLES=1: gone"):
         require_oracle(False, "gone")
     require_oracle(True, "present")

@@ -168,3 +168,25 @@ def test_factors_from_another_run_are_reused(world, reference, tmp_path):
                                                                  "factors.fisher": "empirical"})],
                  env(world["cache"]))
     assert bad.returncode == 2 and "was fitted with other settings: factors.fisher" in bad.stderr
+
+
+def test_the_run_report_shows_top_documents_and_correlations_in_chromium(reference):
+    """The run's report, loaded in headless Chromium: every query with its top documents and their sources,
+    and the query-query correlation matrix, with every figure loaded."""
+    from chromium_cdp import chromium_path, inspect_page
+    from conftest import require_oracle
+
+    exe = chromium_path()
+    require_oracle(exe is not None, "chromium is not installed (apt-get install chromium)")
+    page = inspect_page((reference / "report" / "index.html").as_uri(), exe)
+    assert page["scripts"] == 0
+    text = page["text"]
+    section = text[text.index("Queries and their top and bottom documents"):]
+    for line in (reference / "topk.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        at = section.index(row["query"])
+        for doc in row["top"]:
+            assert doc["id"] in section[at:] and doc["source"] in section[at:]
+    images = {i["src"]: i for i in page["images"]}
+    assert "correlations.png" in images
+    assert all(i["complete"] and i["width"] > 0 for i in images.values())

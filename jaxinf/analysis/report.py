@@ -497,10 +497,15 @@ def _sec_layers_tokens(s: dict, queries) -> str:
     return "".join(out) + "</section>"
 
 
+OPEN_QUERIES = 40
+"""Reports with at most this many queries show every query's documents expanded."""
+
+
 def _sec_queries(s, queries, rows, fetched, texts, docs, o) -> str:
     ans = {p["query"]: p for p in s["answers"].get("per_query", [])} if s["answers"].get("available") else {}
     out = ['<section id="queries"><h2>Queries and their top and bottom documents</h2>']
     n = o.report_documents
+    opened = " open" if len(queries.ids) <= OPEN_QUERIES else ""  # long reports start collapsed
     for q, qid in enumerate(queries.ids):
         a = ans.get(qid)
         items = ""
@@ -508,7 +513,7 @@ def _sec_queries(s, queries, rows, fetched, texts, docs, o) -> str:
             last = a["by_k"][-1]
             marks = ", ".join(f"{esc(it)} {'&#10003;' if f else '&#10007;'}" for it, f in zip(a["items"], last["found"]))
             items = f"<p>Answer items ({esc(a['rule'])}), found in the top {last['k']}: {marks or '<i>none</i>'}</p>"
-        body = [f"<details><summary>[{esc(queries.kinds[q])} / {esc(queries.tasks[q] or '(none)')}] "
+        body = [f"<details{opened}><summary>[{esc(queries.kinds[q])} / {esc(queries.tasks[q] or '(none)')}] "
                 f"<b>{esc(qid)}</b>: {_snippet(queries.prompts[q], 160)}</summary>"
                 f'<p><b>Prompt</b></p><div class="doc">{esc(queries.prompts[q])}</div>'
                 f'<p><b>Completion</b></p><div class="doc">{esc(queries.completions[q])}</div>{items}']

@@ -24,8 +24,8 @@ log = logging.getLogger("jaxinf")
 
 DEMO_CONFIG = {
     "data": {"max_length": 64, "batch_size": 32, "query_batch_size": 8},
-    "factors": {"strategy": "ekfac", "fisher": "sampled", "track": "mlp", "save_every": 25},
-    "scores": {"query_rank": 16, "topk": 10, "save_every": 25},
+    "factors": {"strategy": "ekfac", "fisher": "sampled", "track": "mlp"},
+    "scores": {"query_rank": 16, "topk": 10},
 }
 
 
