@@ -302,7 +302,7 @@ def fit_curvature(config: cfg.Config, store: RunStore, inputs: Inputs, executor:
     fit_batches = _batches(inputs, inputs.fit_plan, inputs.fit_documents)
     eigen = None
     if strategy in ("kfac", "ekfac"):
-        eigen = store.load_result("eigen", _zeros(shapes["eigen"]))
+        eigen = store.load_result("eigen", shapes["eigen"])
         if eigen is None:
             cov_stage = stages.covariance_stage(inputs.task, inputs.layers, fisher)
             cov = accumulate(store, "covariance", cov_stage, (inputs.lm.params,), fit_batches,
@@ -320,7 +320,7 @@ def fit_curvature(config: cfg.Config, store: RunStore, inputs: Inputs, executor:
         Lambda = curvature.kfac_lambda(eigen)
         store.mark("lambda", "done", source="kfac eigenvalues")
     else:
-        Lambda = store.load_result("lambda", _zeros(shapes["lambda"]))
+        Lambda = store.load_result("lambda", shapes["lambda"])
         if Lambda is None:
             lam_stage = stages.lambda_stage(inputs.task, inputs.layers, fisher)
             Lambda = accumulate(store, "lambda", lam_stage, (inputs.lm.params, eigen), fit_batches,
@@ -328,10 +328,6 @@ def fit_curvature(config: cfg.Config, store: RunStore, inputs: Inputs, executor:
             _check_finite_tree(Lambda, "Lambda")
             store.save_result("lambda", Lambda, timing=store.record["stages"]["lambda"].get("timing"))
     return curvature.curvature(strategy, eigen, Lambda)
-
-
-def _zeros(shapes):
-    return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
 
 
 def _check_finite_tree(tree, what: str) -> None:
@@ -363,13 +359,13 @@ def _curvature_from(config: cfg.Config, inputs: Inputs) -> curvature.Curvature:
     if strategy == "identity":
         return curvature.curvature("identity")
     if strategy in ("kfac", "ekfac"):
-        eigen = ostore.load_result("eigen", _zeros(shapes["eigen"]))
+        eigen = ostore.load_result("eigen", shapes["eigen"])
         if eigen is None:
             raise StoreError(f"factors.from: {other}: the eigendecomposition is missing or corrupted")
     if strategy == "kfac":
         Lambda = curvature.kfac_lambda(eigen)
     else:
-        Lambda = ostore.load_result("lambda", _zeros(shapes["lambda"]))
+        Lambda = ostore.load_result("lambda", shapes["lambda"])
         if Lambda is None:
             raise StoreError(f"factors.from: {other}: Lambda is missing or corrupted")
     log.info("curvature: reusing the %s factors of %s", strategy, other)
@@ -386,7 +382,7 @@ def query_gradients(config: cfg.Config, store: RunStore, inputs: Inputs, curv, e
     prep_fn = executor.jit(lambda G, loss, c: scoring.prepare_queries(G, loss, c, config.scores.damping,
                                                                        config.scores.query_rank))
     like = jax.eval_shape(lambda: _prepare_all(inputs, batches, grad_fn, prep_fn, curv, check=False))
-    saved = store.load_result("queries", _zeros(like))
+    saved = store.load_result("queries", like)
     if saved is not None:
         return saved, encoded
     store.mark("queries", "running")
@@ -486,14 +482,10 @@ def _flush(buffer, inputs: Inputs) -> dict:
 
 def _load_chunks(st, want_self: bool) -> tuple[list[dict], int]:
     """The verified chunks that continue each other from batch 0, and the batch after them; later ones are dropped."""
-    from jaxinf.store import verify_manifest
-
     chunks, end = [], 0
     for step in st.steps():
         try:
-            verify_manifest(st.root / str(step))
-            restored = st.manager.restore(step, args=st._ocp.args.StandardRestore())
-            chunk = {k: np.asarray(v) for k, v in restored.items()}
+            chunk = {k: np.asarray(v) for k, v in st.restore(step).items()}
         except Exception as e:  # corrupted or unreadable: recompute from here
             log.warning("%s: score chunk %d not used (%s); recomputing from batch %d", st.root, step, e, end)
             break

@@ -200,10 +200,15 @@ class StageStore:
         if jax.process_index() == 0:
             write_manifest(step_dir)
 
-    def restore(self, step: int, like) -> Any:
-        """The tree saved at ``step``, after verifying its checksums; ``like`` gives shapes, dtypes, shardings."""
+    def restore(self, step: int, like=None) -> Any:
+        """The tree saved at ``step``, after verifying its checksums.
+
+        ``like`` (arrays or ``jax.ShapeDtypeStruct``) gives shapes, dtypes and shardings; without it
+        the tree comes back as saved, as host arrays.
+        """
         verify_manifest(self.root / str(step))
-        return self.manager.restore(step, args=self._ocp.args.StandardRestore(_abstract(like)))
+        target = None if like is None else _abstract(like)
+        return self.manager.restore(step, args=self._ocp.args.StandardRestore(target))
 
     def latest(self, like) -> tuple[int, Any] | None:
         """The newest step that verifies; corrupted steps are reported and skipped."""

@@ -45,8 +45,8 @@ def test_exports_match_the_engine_document_by_document(world, reference):
     inputs = pipeline.Inputs(lm, lm.task(), None, TextEncoder(tok), None, None, None, None, None, None)
     inputs.layers = pipeline.load_inputs(config, run).layers
     shapes = pipeline._shapes(inputs)
-    eigen = run.load_result("eigen", pipeline._zeros(shapes["eigen"]))
-    Lambda = run.load_result("lambda", pipeline._zeros(shapes["lambda"]))
+    eigen = run.load_result("eigen", shapes["eigen"])
+    Lambda = run.load_result("lambda", shapes["lambda"])
     curv = pipeline.curvature.curvature("ekfac", eigen, Lambda)
     encoder = TextEncoder(tok)
     (qb,) = query_batches(encode_queries(read_queries(world["queries"]), encoder))
