@@ -32,7 +32,8 @@ import numpy as np
 from jaxinf import capture, curvature, scoring, stages
 from jaxinf import config as cfg
 from jaxinf.progress import Progress
-from jaxinf.store import RunStore, StoreError, fault_point, save_npy, write_json
+from jaxinf.atomic import save_npy, write_json
+from jaxinf.store import RunStore, StoreError, fault_point
 
 log = logging.getLogger("jaxinf")
 
@@ -596,7 +597,6 @@ def export_breakdowns(config, store, inputs: Inputs, qg, top: np.ndarray, docs: 
     plan = make_plan(inputs.lengths[wanted], batch_size=config.data.batch_size, max_length=config.data.max_length,
                      long_documents=config.data.long_documents, buckets=buckets(config.data.max_length))
     names = layer_order(inputs.layers)
-    column = {name: j for j, name in enumerate(names)}
     Q = qg.num_queries
     per_layer = np.zeros((len(names), Q, len(wanted)))
     tokens: dict[int, list[tuple[int, list[int], np.ndarray]]] = {}   # subset doc -> [(chunk, ids, [Q, n])]

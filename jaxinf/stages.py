@@ -34,7 +34,7 @@ from jaxinf.curvature import (
     lambda_init,
     lambda_update,
 )
-from jaxinf.scoring import QueryGradients, Scores, pairwise_scores, prepare_queries, self_scores
+from jaxinf.scoring import QueryGradients, Scores, pairwise_scores, self_scores
 from jaxinf.tasks import Task
 
 Array = jax.Array

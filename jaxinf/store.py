@@ -18,7 +18,6 @@ falls back to the previous good step (or recomputes), saying so.
 
 from __future__ import annotations
 
-import contextlib
 import datetime
 import hashlib
 import importlib.metadata
@@ -27,15 +26,13 @@ import logging
 import os
 import shutil
 import signal
-import tempfile
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import jax
-import numpy as np
 
 from jaxinf import config as cfg
+from jaxinf.atomic import write_json
 
 log = logging.getLogger("jaxinf")
 MANIFEST = "jaxinf_manifest.json"
@@ -73,45 +70,6 @@ def versions() -> dict[str, str]:
 
         out["jaxinf"] = __version__
     return out
-
-
-def write_atomic(path: Path, data: bytes | str) -> None:
-    """Writes ``path`` through a temporary file in the same directory and a rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    mode = "wb" if isinstance(data, bytes) else "w"
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, mode) as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
-def write_json(path: Path, obj: Any) -> None:
-    write_atomic(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
-
-
-def save_npy(path: Path, array: np.ndarray) -> None:
-    """``np.save`` through a temporary file and a rename (never a half-written .npy)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.save(f, array)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
 
 
 def _hash_file(path: Path) -> str:
@@ -360,14 +318,3 @@ def _check_writable(root: Path) -> None:
 
 def _now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-
-
-def iter_jsonl(path: Path) -> Iterable[dict]:
-    with open(path) as f:
-        for line in f:
-            if line.strip():
-                yield json.loads(line)
-
-
-def write_jsonl(path: Path, rows: Iterable[dict]) -> None:
-    write_atomic(Path(path), "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))

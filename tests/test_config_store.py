@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from jaxinf import config as cfg
-from jaxinf import store
+from jaxinf import atomic, store
 
 
 def test_yaml_and_overrides(tmp_path):
@@ -153,6 +153,6 @@ def test_results_and_atomic_npy(tmp_path):
     run.save_result("eigen", {"Q": jnp.eye(3)})
     assert run.status("eigen") == "done"
     np.testing.assert_array_equal(np.asarray(run.load_result("eigen", {"Q": jnp.eye(3)})["Q"]), np.eye(3))
-    store.save_npy(tmp_path / "s.npy", np.ones((2, 3), np.float32))
+    atomic.save_npy(tmp_path / "s.npy", np.ones((2, 3), np.float32))
     assert np.load(tmp_path / "s.npy").shape == (2, 3)
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]

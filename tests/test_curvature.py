@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from engine_fixtures import doc_batch, layers_of, rel_err, tiny_lm
+from engine_fixtures import layers_of, rel_err
 from jaxinf import capture, curvature, stages, tasks
 from jaxinf.curvature import Covariance
 

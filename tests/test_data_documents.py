@@ -215,7 +215,7 @@ def test_cli_round_trip_without_tensorflow(tmp_path):
     src = tmp_path / "docs.jsonl"
     texts = corpus_texts(40) + ["ünïcödé\tand\nnewlines"]
     write_jsonl(src, [{"id": f"d{i}", "text": t, "source": f"s{i % 4}", "x": [i]} for i, t in enumerate(texts)])
-    bad = write_jsonl(tmp_path / "bad.jsonl", [{"text": "ok"}, {"text": 3}])
+    write_jsonl(tmp_path / "bad.jsonl", [{"text": "ok"}, {"text": 3}])
     script = textwrap.dedent(f"""
         import json, sys
         from jaxinf import cli

@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 from threadpoolctl import threadpool_limits
 
+from jaxinf import atomic
 from jaxinf.analysis import answers as ans
 from jaxinf.analysis import concentration as conc
 from jaxinf.analysis import correlations as corr
@@ -616,9 +617,7 @@ def to_jsonable(obj):
 
 
 def _write_json_atomic(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(to_jsonable(obj), indent=1, ensure_ascii=False, allow_nan=False))
-    os.replace(tmp, path)
+    atomic.write_atomic(path, json.dumps(to_jsonable(obj), indent=1, ensure_ascii=False, allow_nan=False))
 
 
 def _write_outputs(run_dir, summary, queries, rows, fetched, texts, docs, o, report) -> None:

@@ -35,6 +35,8 @@ from pathlib import Path
 
 import numpy as np
 
+from jaxinf import atomic
+
 KINDS = ("factual", "reasoning", "control")
 UNKNOWN = "unknown"
 
@@ -81,12 +83,7 @@ def iter_jsonl(path: Path) -> Iterator[tuple[int, dict]]:
 
 def write_jsonl(path: Path, records: Iterable[Mapping]) -> None:
     """Write records one JSON object per line (UTF-8, no ASCII escaping), atomically."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for r in records:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
+    atomic.write_jsonl(path, records)
 
 
 def _id_str(value, where: str) -> str:
@@ -392,10 +389,7 @@ class ScoreMatrix:
 
 def write_scores(path: Path, scores: np.ndarray) -> None:
     """Write ``scores.npy`` (float32, C order), atomically."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp.npy")
-    np.save(tmp, np.ascontiguousarray(scores, dtype=np.float32))
-    os.replace(tmp, path)
+    atomic.save_npy(path, np.ascontiguousarray(scores, dtype=np.float32))
 
 
 # ----------------------------------------------------------------------------- topk.jsonl
@@ -441,12 +435,8 @@ def write_layer_exports(run_dir: Path, names: Sequence[str], layer_scores: np.nd
     layer_scores = np.asarray(layer_scores)
     if layer_scores.ndim != 3 or layer_scores.shape[2] != len(names):
         raise ValueError(f"layer_scores must be [Q, K, {len(names)}], got {layer_scores.shape}")
-    tmp = run_dir / "layers.json.tmp"
-    tmp.write_text(json.dumps({"names": list(names)}))
-    os.replace(tmp, run_dir / "layers.json")
-    write_scores_3d = run_dir / "layer_scores.tmp.npy"
-    np.save(write_scores_3d, np.ascontiguousarray(layer_scores, dtype=np.float32))
-    os.replace(write_scores_3d, run_dir / "layer_scores.npy")
+    atomic.write_json(run_dir / "layers.json", {"names": list(names)})
+    atomic.save_npy(run_dir / "layer_scores.npy", np.ascontiguousarray(layer_scores, dtype=np.float32))
 
 
 def read_layer_exports(run_dir: Path) -> tuple[list[str], np.ndarray] | None:
