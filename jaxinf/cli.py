@@ -22,9 +22,10 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from jaxinf.data.errors import DataError
     from jaxinf.models import ModelError
     from jaxinf.pipeline import InputError
+    from jaxinf.sharding import ShardingError
     from jaxinf.store import StoreError
 
-    return (AnalysisError, CaptureError, ConfigError, DataError, ModelError, InputError, StoreError)
+    return (AnalysisError, CaptureError, ConfigError, DataError, ModelError, InputError, ShardingError, StoreError)
 
 
 def _setup_logging(quiet: bool) -> None:

@@ -100,7 +100,23 @@ def make_executor(config: cfg.Config) -> Executor:
         return Executor()
     mesh = sharding.make_mesh(config.mesh.data, config.mesh.model)
     log.info("%s", sharding.describe(mesh))
-    return sharding.MeshExecutor(mesh, batch_size=config.data.batch_size)
+    executor = sharding.MeshExecutor(mesh, batch_size=config.data.batch_size)
+    if config.model.checkpoint is not None:  # every layout, from the checkpoint's config.json alone
+        from jaxinf import models
+
+        lm = models.abstract(models.read_config(config.model.checkpoint, dtype=config.model.dtype,
+                                                scan=config.model.scan_layers))
+        layers = tracked_layers(lm, config.factors.track)
+        executor.preflight(lm.params, _shapes(Inputs(lm, lm.task(), layers, *([None] * 7))))
+    return executor
+
+
+def tracked_layers(lm, track) -> dict[str, capture.LayerSpec]:
+    """The layers of ``lm`` (possibly abstract) that ``factors.track`` selects."""
+    task = lm.task()
+    dummy = {"tokens": jnp.zeros((1, 8), jnp.int32), "mask": jnp.ones((1, 8)), "weights": jnp.ones((1, 8))}
+    return capture.select_layers(
+        capture.find_layers(lambda p, b, pr: task.train_loss(p, b, pr, None), lm.params, dummy), track)
 
 
 # --------------------------------------------------------------------------- inputs
@@ -221,9 +237,7 @@ def load_inputs(config: cfg.Config, store: RunStore, executor: Executor | None =
     log.info("model: %s, %s parameters (%s), loaded in %.1fs", config.model.checkpoint, f"{lm.num_params:,}",
              config.model.dtype, time.perf_counter() - t0)
     task = lm.task()
-    dummy = {"tokens": jnp.zeros((1, 8), jnp.int32), "mask": jnp.ones((1, 8)), "weights": jnp.ones((1, 8))}
-    layers = capture.select_layers(
-        capture.find_layers(lambda p, b, pr: task.train_loss(p, b, pr, None), lm.params, dummy), config.factors.track)
+    layers = tracked_layers(lm, config.factors.track)
     n_tracked = sum(s.num_params for s in layers.values())
     log.info("tracking %d layers (%s parameters) matching factors.track=%s",
              sum(len(s.layer_names) for s in layers.values()), f"{n_tracked:,}", config.factors.track)

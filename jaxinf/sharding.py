@@ -173,7 +173,8 @@ def resolve(mesh_shape: Mapping[str, int], family: str, axes: tuple[str, ...], s
     for axis in REQUIRED.get(family, ()):
         size = mesh_shape.get(axis, 1)
         if size > 1 and axis not in used and _large(family, shape):
-            dims = ", ".join(f"{a}={n}" for a, n in zip(axes, shape) if a != "replicated")
+            candidates = {logical for logical, ax in RULES[family] if ax == axis}
+            dims = ", ".join(f"{a}={n}" for a, n in zip(axes, shape) if a in candidates)
             raise ShardingError(f"mesh.{axis}={size} divides no dimension of {what} {list(shape)} ({dims}); "
                                 f"choose a mesh.{axis} that divides one of them")
     return P(*[None if not a else (a[0] if len(a) == 1 else tuple(a)) for a in assigned])
@@ -376,40 +377,76 @@ def fingerprint(tree: dict) -> str:
 # --------------------------------------------------------------------------- eigendecomposition on a mesh
 
 
+def _dims(spec: P, ndim: int) -> list[tuple[str, ...]]:
+    """A partition spec as one tuple of mesh axes per dimension."""
+    out = [() if a is None else (a,) if isinstance(a, str) else tuple(a) for a in spec]
+    return out + [()] * (ndim - len(out))
+
+
+def _spec(dims: list[tuple[str, ...]]) -> P:
+    return P(*[None if not a else a[0] if len(a) == 1 else a for a in dims])
+
+
+def leading_path(spec: P, ndim: int) -> list[P]:
+    """The layouts that take an array from ``spec`` to ``P(("data", "model"), None, ...)``, one mesh axis at a time.
+
+    XLA's SPMD partitioner moves one mesh axis from one dimension to another
+    with an all-to-all, but falls back to replicating the whole array when both
+    axes move at once (e.g. rows on ``model`` and columns on ``data`` to the
+    leading axis on both); stepping through these layouts keeps every move an all-to-all.
+    """
+    dims = _dims(spec, ndim)
+    path = []
+    for axis in AXES:
+        if axis in dims[0]:
+            continue
+        dims = [dims[0]] + [tuple(a for a in d if a != axis) for d in dims[1:]]
+        dims[0] = tuple(a for a in AXES if a in dims[0] or a == axis)
+        path.append(_spec(dims))
+    return path
+
+
+def _move(x: jax.Array, mesh: Mesh, specs: list[P]) -> jax.Array:
+    for spec in specs:
+        x = jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+    return x
+
+
 def distributed_eigendecompose(cov, mesh: Mesh):
     """:func:`jaxinf.curvature.eigendecompose` with different matrices on different devices.
 
-    The ``A`` and ``S`` matrices of every block and layer are grouped by size
-    ``n``; each group ``[m, n, n]`` is padded to a multiple of the device count
-    with zero matrices, split over all devices along ``m`` (each device then
-    holds whole matrices), decomposed by :func:`~jaxinf.curvature.eigen.stacked_eigh`
-    inside ``shard_map`` (each device maps an unbatched ``eigh`` over its own
-    matrices) and split back. Call it under ``jax.jit``.
+    For each factor ``[*lead, n, n]`` (``A`` or ``S`` of a block): its matrices are
+    padded with zero matrices to a multiple of the device count and moved, by
+    all-to-alls (:func:`leading_path`), from their stored layout to one split over
+    every device along the matrix index, so each device holds whole matrices;
+    each device decomposes its own with :func:`~jaxinf.curvature.eigen.stacked_eigh`
+    (``shard_map``: an unbatched ``eigh`` per matrix, mapped); the eigenvectors and
+    eigenvalues are moved back to the stored layout the same way and the padding
+    dropped. Call it under ``jax.jit``.
     """
     from jaxinf.curvature.eigen import Eigen, stacked_eigh
 
-    items = []  # (block, which, array [*lead, n, n])
-    for k in cov.A:
-        items += [(k, "A", cov.A[k]), (k, "S", cov.S[k])]
-    groups: dict[int, list] = {}
-    for item in items:
-        groups.setdefault(int(item[2].shape[-1]), []).append(item)
     devices = mesh.devices.size
-    out: dict[tuple[str, str], tuple[jax.Array, jax.Array]] = {}
-    spec = P(ALL)
-    for n, members in groups.items():
-        flat = jnp.concatenate([m.reshape((-1, n, n)) for _, _, m in members])
-        count = flat.shape[0]
-        flat = jnp.pad(flat, ((0, (-count) % devices), (0, 0), (0, 0)))
-        flat = jax.lax.with_sharding_constraint(flat, NamedSharding(mesh, spec))
-        e, Q = jax.shard_map(stacked_eigh, mesh=mesh, in_specs=spec, out_specs=(spec, spec))(flat)
-        start = 0
-        for k, which, m in members:
-            size = math.prod(m.shape[:-2])
-            out[(k, which)] = (e[start:start + size].reshape(m.shape[:-1]), Q[start:start + size].reshape(m.shape))
-            start += size
-    return Eigen(Q_A={k: out[(k, "A")][1] for k in cov.A}, e_A={k: out[(k, "A")][0] for k in cov.A},
-                 Q_S={k: out[(k, "S")][1] for k in cov.A}, e_S={k: out[(k, "S")][0] for k in cov.A})
+    shape = mesh_shape(mesh)
+    every = P(ALL)
+    out: dict[str, dict[str, jax.Array]] = {"Q_A": {}, "e_A": {}, "Q_S": {}, "e_S": {}}
+    for k in cov.A:
+        for which, M in (("A", cov.A[k]), ("S", cov.S[k])):
+            n = M.shape[-1]
+            flat = M.reshape((-1, n, n))
+            count = flat.shape[0]
+            flat = jnp.pad(flat, ((0, (-count) % devices), (0, 0), (0, 0)))
+            _, axes = logical_axes("Q_" + which, 3)
+            stored = resolve(shape, "factor", axes, flat.shape, f"Q_{which} of {k}")
+            stored_e = resolve(shape, "eigenvalues", logical_axes("e_" + which, 2)[1], flat.shape[:2],
+                               f"e_{which} of {k}")
+            flat = _move(flat, mesh, [stored] + leading_path(stored, 3))
+            e, Q = jax.shard_map(stacked_eigh, mesh=mesh, in_specs=every, out_specs=(every, every))(flat)
+            Q = _move(Q, mesh, list(reversed([stored] + leading_path(stored, 3)[:-1])))  # back, step by step
+            e = _move(e, mesh, list(reversed([stored_e] + leading_path(stored_e, 2)[:-1])))
+            out["Q_" + which][k] = Q[:count].reshape(M.shape)
+            out["e_" + which][k] = e[:count].reshape(M.shape[:-1])
+    return Eigen(**out)
 
 
 # --------------------------------------------------------------------------- placing data
@@ -485,6 +522,13 @@ class MeshExecutor:
                                 f"the data axis that each process feeds (mesh.data={mesh.devices.shape[0]}, "
                                 f"{jax.process_count()} process(es)); use a multiple of {self.per_group}")
         self._process_groups = None
+
+    def preflight(self, params, states: Mapping[str, Any]) -> None:
+        """Computes the sharding of every parameter and stage state (abstract shapes), so that a dimension the
+        mesh does not divide is reported before any work (raises :class:`ShardingError`)."""
+        self.shardings(params, "param")
+        for field, tree in states.items():
+            self.shardings(tree, "Lambda" if field.lower() == "lambda" else None)
 
     # -------------------------------------------------------------- compiling and placing
 
