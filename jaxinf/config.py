@@ -41,6 +41,8 @@ class ModelConfig:
     checkpoint: str | None = key(None, "Hugging Face directory: config.json, *.safetensors, tokenizer.json", "covariance")
     dtype: str = key("float32", "compute and parameter dtype", "covariance", ("float32", "bfloat16", "float64"))
     scan_layers: bool = key(True, "stack the decoder layers under lax.scan (faster compiles for deep models)", None)
+    remat: bool = key(False, "recompute each layer's activations in the backward pass (with scan_layers): less memory "
+                      "per document, one more forward pass", None)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -82,6 +82,9 @@ class Executor:
     def like(self, shapes, field: str | None = None):
         return _zeros(shapes)
 
+    def prepare_queries(self, G, loss, curv, damping_value, rank):
+        return scoring.prepare_queries(G, loss, curv, damping_value, rank)
+
     def eigendecompose(self, cov):
         return jax.jit(curvature.eigendecompose)(cov)
 
@@ -105,7 +108,7 @@ def make_executor(config: cfg.Config) -> Executor:
         from jaxinf import models
 
         lm = models.abstract(models.read_config(config.model.checkpoint, dtype=config.model.dtype,
-                                                scan=config.model.scan_layers))
+                                                scan=config.model.scan_layers, remat=config.model.remat))
         layers = tracked_layers(lm, config.factors.track)
         executor.preflight(lm.params, _shapes(Inputs(lm, lm.task(), layers, *([None] * 7))))
     return executor
@@ -233,7 +236,7 @@ def load_inputs(config: cfg.Config, store: RunStore, executor: Executor | None =
     t0 = time.perf_counter()
     executor = executor or Executor()
     lm, tokenizer = models.from_hf(config.model.checkpoint, dtype=config.model.dtype, scan=config.model.scan_layers,
-                                   place=executor.place_param)
+                                   remat=config.model.remat, place=executor.place_param)
     log.info("model: %s, %s parameters (%s), loaded in %.1fs", config.model.checkpoint, f"{lm.num_params:,}",
              config.model.dtype, time.perf_counter() - t0)
     task = lm.task()
@@ -439,8 +442,8 @@ def query_gradients(config: cfg.Config, store: RunStore, inputs: Inputs, curv, e
     encoded = encode_queries(inputs.queries, inputs.encoder, max_length=config.data.max_length)
     batches = query_batches(encoded, batch_size=config.data.query_batch_size, max_length=config.data.max_length)
     grad_fn = executor.jit(lambda p, b: stages.query_gradients(inputs.task, inputs.layers, p, b))
-    prep_fn = executor.jit(lambda G, loss, c: scoring.prepare_queries(G, loss, c, config.scores.damping,
-                                                                       config.scores.query_rank))
+    prep_fn = executor.jit(lambda G, loss, c: executor.prepare_queries(G, loss, c, config.scores.damping,
+                                                                        config.scores.query_rank))
     like = jax.eval_shape(lambda: _prepare_all(inputs, batches, grad_fn, prep_fn, curv, executor, check=False))
     saved = store.load_result("queries", executor.like(like))
     if saved is not None:

@@ -91,6 +91,8 @@ RULES: dict[str, tuple[tuple[str, str], ...]] = {
     "eigenvalues": (("rows", "model"), ("layers", "model")),
     # Preconditioned query gradients: on `model` (every data shard scores its documents against all queries).
     "query": (("rows", "model"), ("cols", "model"), ("layers", "model"), ("queries", "model"), ("rank", "model")),
+    # Large intermediates the engine marks with `constrain`: documents on `data`, features on `model`.
+    "activation": (("batch", "data"), ("rows", "model"), ("cols", "model"), ("layers", "model")),
     # Document batches and everything with one entry per document row.
     "batch": (("batch", "data"),),
     "replicated": (),
@@ -187,23 +189,46 @@ def _large(family: str, shape: tuple[int, ...]) -> bool:
     return len(shape) >= 2 and math.prod(shape) > 1
 
 
+def constrain(x: jax.Array, axes: tuple[str, ...]) -> jax.Array:
+    """``x`` pinned to the layout its logical ``axes`` get under :data:`RULES` ``["activation"]``, when traced under
+    a mesh (:func:`jit_on`, as :class:`MeshExecutor` traces its steps); ``x`` itself otherwise.
+
+    The engine marks the few large intermediates whose layout XLA's propagation
+    would otherwise get wrong (e.g. the per-document rotated gradients of the
+    Lambda stage), so they stay split over ``data`` (documents) and ``model``.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or not set(AXES) <= set(mesh.axis_names):
+        return x
+    shape = dict(zip(mesh.axis_names, mesh.axis_sizes))
+    axes = ("layers",) * (x.ndim - len(axes)) + tuple(axes)
+    return jax.lax.with_sharding_constraint(x, resolve(shape, "activation", axes, tuple(x.shape), "activation"))
+
+
 def mesh_shape(mesh: Mesh) -> dict[str, int]:
     return dict(zip(mesh.axis_names, mesh.devices.shape))
 
 
 def param_spec(mesh: Mesh, path: str, shape: tuple[int, ...]) -> P:
     """The partition spec of the parameter at dotted ``path`` (see :data:`PARAM_AXES`)."""
-    axes = param_axes(path, len(shape))
-    family = "replicated" if axes and axes[-1] == "replicated" else "param"
-    return resolve(mesh_shape(mesh), family, axes, tuple(shape), f"parameter {path}")
+    return param_specs(mesh_shape(mesh), {path: jax.ShapeDtypeStruct(tuple(shape), jnp.float32)})[path]
+
+
+def param_specs(shape: Mapping[str, int], params) -> Any:
+    """The :class:`PartitionSpec` of every parameter of a (possibly abstract) tree on a mesh of ``shape``."""
+    def one(path, leaf):
+        name = _dotted(path)
+        axes = param_axes(name, leaf.ndim)
+        family = "replicated" if axes and axes[-1] == "replicated" else "param"
+        return resolve(shape, family, axes, tuple(leaf.shape), f"parameter {name}")
+
+    return jax.tree_util.tree_map_with_path(one, params)
 
 
 def param_shardings(mesh: Mesh, params) -> Any:
     """A :class:`NamedSharding` for every parameter of a (possibly abstract) parameter tree."""
-    def one(path, leaf):
-        return NamedSharding(mesh, param_spec(mesh, _dotted(path), tuple(leaf.shape)))
-
-    return jax.tree_util.tree_map_with_path(one, params)
+    return jax.tree.map(lambda spec: NamedSharding(mesh, spec), param_specs(mesh_shape(mesh), params),
+                        is_leaf=lambda x: isinstance(x, P))
 
 
 def _dotted(path) -> str:
@@ -231,15 +256,31 @@ def tree_shardings(mesh: Mesh, tree, field: str | None = None) -> Any:
     ``Q_S``, ``Lambda``, ``left``, ...) or by ``field`` for plain dicts
     (``field="Lambda"`` for the finalized Lambda). Unknown leaves are replicated.
     """
-    shape = mesh_shape(mesh)
+    return jax.tree.map(lambda spec: NamedSharding(mesh, spec), tree_specs(mesh_shape(mesh), tree, field),
+                        is_leaf=lambda x: isinstance(x, P))
 
+
+def tree_specs(shape: Mapping[str, int], tree, field: str | None = None) -> Any:
+    """:func:`tree_shardings` as partition specs, for a mesh of ``shape`` (no devices needed)."""
     def one(path, leaf):
         name = field or _field(path) or ""
         family, axes = logical_axes(name, len(leaf.shape))
         what = f"{name} of {_block(path) or 'a layer'}"
-        return NamedSharding(mesh, resolve(shape, family, axes, tuple(leaf.shape), what))
+        return resolve(shape, family, axes, tuple(leaf.shape), what)
 
     return jax.tree_util.tree_map_with_path(one, tree)
+
+
+def shard_bytes(tree, specs, shape: Mapping[str, int]) -> int:
+    """Bytes one device holds of ``tree`` (arrays or shapes) laid out by ``specs`` on a mesh of ``shape``."""
+    total = 0
+    leaves = jax.tree.leaves(tree)
+    spec_leaves = jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, P))
+    for x, spec in zip(leaves, spec_leaves, strict=True):
+        dims = _dims(spec, len(x.shape))
+        local = [n // math.prod(shape.get(a, 1) for a in d) for n, d in zip(x.shape, dims)]
+        total += math.prod(local) * jnp.dtype(x.dtype).itemsize
+    return int(total)
 
 
 def batch_spec(ndim: int) -> P:
@@ -449,6 +490,35 @@ def distributed_eigendecompose(cov, mesh: Mesh):
     return Eigen(**out)
 
 
+def distributed_low_rank(P_: jax.Array, rank: int, mesh: Mesh) -> tuple[jax.Array, jax.Array]:
+    """:func:`jaxinf.scoring.low_rank` of ``P`` ``[*layers, Q, d_out, d_in']`` with different matrices on different devices.
+
+    As in :func:`distributed_eigendecompose`: the matrices are padded to a multiple of
+    the device count, moved (all-to-alls) from the query-gradient layout to whole
+    matrices per device, truncated there (``shard_map`` of ``low_rank``: an
+    unbatched SVD per matrix) and the factors moved back to their layout.
+    Call it under ``jax.jit``.
+    """
+    from jaxinf.scoring import low_rank
+
+    devices = mesh.devices.size
+    shape = mesh_shape(mesh)
+    every = P(ALL)
+    d_out, d_in = P_.shape[-2:]
+    flat = P_.reshape((-1, d_out, d_in))
+    count = flat.shape[0]
+    flat = jnp.pad(flat, ((0, (-count) % devices), (0, 0), (0, 0)))
+    stored = resolve(shape, "query", ("queries", "rows", "cols"), flat.shape, "P(G_q)")
+    flat = _move(flat, mesh, [stored] + leading_path(stored, 3))
+    left, right = jax.shard_map(lambda m: low_rank(m, rank), mesh=mesh, in_specs=every, out_specs=(every, every))(flat)
+    out = []
+    for x, axes in ((left, ("queries", "rows", "rank")), (right, ("queries", "cols", "rank"))):
+        spec = resolve(shape, "query", axes, x.shape, "query factors")
+        x = _move(x, mesh, list(reversed([spec] + leading_path(spec, 3)[:-1])))
+        out.append(x[:count].reshape(P_.shape[:-2] + x.shape[-2:]))
+    return out[0], out[1]
+
+
 # --------------------------------------------------------------------------- placing data
 
 
@@ -482,21 +552,22 @@ def abstract_tree(tree, shardings) -> Any:
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
 
 
-def sharded_bytes(tree, shardings) -> int:
-    """Bytes one device holds of ``tree`` laid out by ``shardings`` (the largest shard of each leaf)."""
-    total = 0
-    for x, s in zip(jax.tree.leaves(tree), jax.tree.leaves(shardings, is_leaf=lambda v: isinstance(v, NamedSharding))):
-        shard = s.shard_shape(tuple(x.shape))
-        total += math.prod(shard) * jnp.dtype(x.dtype).itemsize
-    return int(total)
-
-
 def describe(mesh: Mesh) -> str:
     shape = mesh_shape(mesh)
     return f"mesh data={shape['data']} x model={shape['model']} ({mesh.devices.size} {mesh.devices.flat[0].platform} devices)"
 
 
 # --------------------------------------------------------------------------- the pipeline's executor on a mesh
+
+
+def jit_on(mesh: Mesh, fn: Callable, *, donate_argnums=(), out_shardings=None) -> Callable:
+    """``jax.jit`` of ``fn`` traced under ``mesh`` (``jax.sharding.use_abstract_mesh``), for :func:`constrain`."""
+    def traced(*args):
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+            return fn(*args)
+
+    kw = {} if out_shardings is None else {"out_shardings": out_shardings}
+    return jax.jit(traced, donate_argnums=donate_argnums, **kw)
 
 
 class MeshExecutor:
@@ -533,9 +604,8 @@ class MeshExecutor:
     # -------------------------------------------------------------- compiling and placing
 
     def jit(self, fn: Callable, *, donate_argnums=(), out_shardings=None) -> Callable:
-        if out_shardings is None:
-            return jax.jit(fn, donate_argnums=donate_argnums)
-        return jax.jit(fn, donate_argnums=donate_argnums, out_shardings=out_shardings)
+        """``jax.jit`` of ``fn`` traced under this mesh (so the engine's :func:`constrain` marks take effect)."""
+        return jit_on(self.mesh, fn, donate_argnums=donate_argnums, out_shardings=out_shardings)
 
     def put(self, batch: Mapping[str, np.ndarray]) -> dict[str, jax.Array]:
         """This process's rows of a document batch, as the global batch split over ``data``."""
@@ -581,6 +651,13 @@ class MeshExecutor:
     def like(self, shapes, field: str | None = None):
         """Abstract arrays with shardings: what a checkpoint is restored onto."""
         return abstract_tree(shapes, self.shardings(shapes, field))
+
+    def prepare_queries(self, G, loss, curv, damping_value, rank):
+        """:func:`jaxinf.scoring.prepare_queries` with the rank-r SVDs spread over the devices (call under jit)."""
+        from jaxinf.scoring import prepare_queries
+
+        return prepare_queries(G, loss, curv, damping_value, rank,
+                               truncate=lambda p, r: distributed_low_rank(p, r, self.mesh))
 
     def eigendecompose(self, cov):
         """The eigendecomposition with different matrices on different devices (:func:`distributed_eigendecompose`)."""

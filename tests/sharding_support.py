@@ -247,7 +247,9 @@ def stages_task(out: Path) -> None:
         _say(f"{data}x{model}: queries")
         pcurv = ex.place(curv)
         Gm, lm_loss = ex.jit(lambda p, b: stages.query_gradients(task, layers, p, b))(params, ex.put_replicated(qhost))
-        qg = ex.jit(lambda G, l, c: scoring.prepare_queries(G, l, c, None, 4))(Gm, lm_loss, pcurv)
+        prep_fn = ex.jit(lambda G, l, c: ex.prepare_queries(G, l, c, None, 4))     # the SVDs spread over devices
+        r["collectives"]["queries"] = _collectives(prep_fn.lower(Gm, lm_loss, pcurv).compile())
+        qg = prep_fn(Gm, lm_loss, pcurv)
         qg = ex.place(qg)
         # the rank-4 factors are unique up to sign per singular vector: compare the products left @ right^T
         prod = lambda q: {k: np.einsum("...qor,...qir->...qoi", np.asarray(q.left[k]), np.asarray(q.right[k]))  # noqa: E731
