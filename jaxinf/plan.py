@@ -24,6 +24,9 @@ of :mod:`jaxinf.sharding`. Then, per mesh:
   ``plan.tokens_per_document`` tokens at ``plan.device_flops`` per device (FLOPs
   scaled linearly in tokens from ``data.max_length``).
 
+With ``factors.from`` (factors fitted by another run, e.g. on a larger slice)
+the fitting steps are left out, as the run leaves them out.
+
 A step whose peak exceeds ``plan.device_memory_gib`` fails the plan (exit 1,
 naming the stage, mesh and bytes). Tracking a layer whose factor alone would be
 larger than 64 Ki x 64 Ki (the ``lm_head`` of a 256k vocabulary under
@@ -243,20 +246,20 @@ def step_programs(config, mesh, lm, layers, global_batch: int):
     if want_self:
         score_out["self"] = rows
     programs = []
-    if strategy in ("kfac", "ekfac"):
+    fit = config.factors.from_run is None   # with factors.from, the run reuses fitted factors: no fitting steps
+    if fit and strategy in ("kfac", "ekfac"):
         programs.append(("covariance", sharding.jit_on(mesh, cov.update, donate_argnums=(0,),
                                                out_shardings=(shard(state), rows)), (state, params, batch, key),
                          global_batch))
         programs.append(("eigen", sharding.jit_on(mesh, lambda c: sharding.distributed_eigendecompose(c, mesh),
                                           out_shardings=shard(eigen)), (finished,), None))
-    if strategy in ("diagonal", "ekfac"):
+    if fit and strategy in ("diagonal", "ekfac"):
         programs.append(("lambda", sharding.jit_on(mesh, lam.update, donate_argnums=(0,), out_shardings=(shard(lstate), rows)),
                          (lstate, params, eigen if strategy == "ekfac" else None, batch, key), global_batch))
     programs.append(("query gradients", sharding.jit_on(mesh, lambda p, b: stages.query_gradients(task, layers, p, b)),
                      (params, qbatch), None))
-    truncate = lambda p, r: sharding.distributed_low_rank(p, r, mesh)  # noqa: E731  (as MeshExecutor.prepare_queries)
-    programs.append(("preconditioning", sharding.jit_on(
-        mesh, lambda G, l, c: scoring.prepare_queries(G, l, c, damping, rank, truncate=truncate)),
+    programs.append(("preconditioning", sharding.jit_on(     # as MeshExecutor.prepare_queries
+        mesh, lambda G, l, c: sharding.distributed_prepare_queries(G, l, c, damping, rank, mesh)),
                      (G, qloss, curv), None))
     programs.append(("scores", sharding.jit_on(mesh, score_step, out_shardings=score_out), (params, queries, curv, batch),
                      global_batch))

@@ -79,20 +79,13 @@ def prepare_queries(
     curv: Curvature,
     damping_value: float | None,
     rank: int | None,
-    truncate=None,
 ) -> QueryGradients:
-    """``P(G_q)`` for every block, replaced by its rank-r SVD where ``min(d_out, d_in') > r``.
-
-    ``truncate(P, rank)`` computes the truncation (default :func:`low_rank`; on a
-    mesh :func:`jaxinf.sharding.distributed_low_rank`, the same SVD with different
-    matrices on different devices).
-    """
-    truncate = low_rank if truncate is None else truncate
+    """``P(G_q)`` for every block, replaced by its rank-r SVD where ``min(d_out, d_in') > r``."""
     P = precondition(G, curv, damping(curv, damping_value))
     full, left, right = {}, {}, {}
     for k, p in P.items():
         if rank is not None and min(p.shape[-2:]) > rank:
-            left[k], right[k] = truncate(p, rank)
+            left[k], right[k] = low_rank(p, rank)
         else:
             full[k] = p
     return QueryGradients(full=full, left=left, right=right, loss=loss)

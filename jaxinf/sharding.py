@@ -490,33 +490,64 @@ def distributed_eigendecompose(cov, mesh: Mesh):
     return Eigen(**out)
 
 
-def distributed_low_rank(P_: jax.Array, rank: int, mesh: Mesh) -> tuple[jax.Array, jax.Array]:
-    """:func:`jaxinf.scoring.low_rank` of ``P`` ``[*layers, Q, d_out, d_in']`` with different matrices on different devices.
+def _to_layers(x: jax.Array, mesh: Mesh, spec: P, pad_value: float = 0.0) -> tuple[jax.Array, int]:
+    """``x`` ``[L, ...]`` padded along L to a multiple of the device count and moved from ``spec`` to L over every device."""
+    count = x.shape[0]
+    x = jnp.pad(x, [(0, (-count) % mesh.devices.size)] + [(0, 0)] * (x.ndim - 1), constant_values=pad_value)
+    return _move(x, mesh, [spec] + leading_path(spec, x.ndim)), count
 
-    As in :func:`distributed_eigendecompose`: the matrices are padded to a multiple of
-    the device count, moved (all-to-alls) from the query-gradient layout to whole
-    matrices per device, truncated there (``shard_map`` of ``low_rank``: an
-    unbatched SVD per matrix) and the factors moved back to their layout.
+
+def _from_layers(x: jax.Array, mesh: Mesh, spec: P, count: int) -> jax.Array:
+    """The inverse of :func:`_to_layers`: back to ``spec``, step by step, and the padding dropped."""
+    return _move(x, mesh, list(reversed([spec] + leading_path(spec, x.ndim)[:-1])))[:count]
+
+
+def distributed_prepare_queries(G, loss, curv, damping_value, rank, mesh: Mesh):
+    """:func:`jaxinf.scoring.prepare_queries` with whole layers on each device.
+
+    Per block, the query gradients ``G`` ``[L, Q, d_out, d_in']`` and the block's
+    curvature (``Q_A``, ``Q_S``, ``Lambda``) are padded along the layer axis to a
+    multiple of the device count and moved (all-to-alls) so that each device
+    holds every query of its own layers; each device then runs the engine's
+    ``prepare_queries`` on them (``shard_map``: preconditioning and the rank-r
+    SVDs need nothing from other layers) and the results move back to the
+    query-gradient layout. Padded layers have ``Lambda = 1`` and zero gradients.
     Call it under ``jax.jit``.
     """
-    from jaxinf.scoring import low_rank
+    from jaxinf.curvature import Curvature
+    from jaxinf.scoring import QueryGradients, prepare_queries
 
-    devices = mesh.devices.size
     shape = mesh_shape(mesh)
     every = P(ALL)
-    d_out, d_in = P_.shape[-2:]
-    flat = P_.reshape((-1, d_out, d_in))
-    count = flat.shape[0]
-    flat = jnp.pad(flat, ((0, (-count) % devices), (0, 0), (0, 0)))
-    stored = resolve(shape, "query", ("queries", "rows", "cols"), flat.shape, "P(G_q)")
-    flat = _move(flat, mesh, [stored] + leading_path(stored, 3))
-    left, right = jax.shard_map(lambda m: low_rank(m, rank), mesh=mesh, in_specs=every, out_specs=(every, every))(flat)
-    out = []
-    for x, axes in ((left, ("queries", "rows", "rank")), (right, ("queries", "cols", "rank"))):
-        spec = resolve(shape, "query", axes, x.shape, "query factors")
-        x = _move(x, mesh, list(reversed([spec] + leading_path(spec, 3)[:-1])))
-        out.append(x[:count].reshape(P_.shape[:-2] + x.shape[-2:]))
-    return out[0], out[1]
+    full, left, right = {}, {}, {}
+    for k, g in G.items():
+        stacked = g.ndim == 4
+        g = g if stacked else g[None]
+        moved, count = _to_layers(g, mesh, resolve(shape, "query", ("layers", "queries", "rows", "cols"), g.shape,
+                                                   f"G of {k}"))
+        parts = {}
+        for name in ("Q_A", "Q_S", "Lambda"):
+            x = getattr(curv, name)
+            if x is None:
+                continue
+            x = x[k] if stacked else x[k][None]
+            spec = resolve(shape, "factor", ("layers", "rows", "cols"), x.shape, f"{name} of {k}")
+            parts[name] = _to_layers(x, mesh, spec, 1.0 if name == "Lambda" else 0.0)[0]
+
+        def local(g, parts, loss):
+            c = Curvature(curv.strategy, *({k: parts[n]} if n in parts else None for n in ("Q_A", "Q_S", "Lambda")))
+            q = prepare_queries({k: g}, loss, c, damping_value, rank)
+            return q.full, q.left, q.right
+
+        f, l_, r_ = jax.shard_map(local, mesh=mesh, in_specs=(every, every, P()), out_specs=every)(moved, parts, loss)
+        for out, tree, axes in ((full, f, ("layers", "queries", "rows", "cols")),
+                                (left, l_, ("layers", "queries", "rows", "rank")),
+                                (right, r_, ("layers", "queries", "cols", "rank"))):
+            if k in tree:
+                x = tree[k]
+                x = _from_layers(x, mesh, resolve(shape, "query", axes, x.shape, f"query gradients of {k}"), count)
+                out[k] = x if stacked else x[0]
+    return QueryGradients(full=full, left=left, right=right, loss=loss)
 
 
 # --------------------------------------------------------------------------- placing data
@@ -653,11 +684,8 @@ class MeshExecutor:
         return abstract_tree(shapes, self.shardings(shapes, field))
 
     def prepare_queries(self, G, loss, curv, damping_value, rank):
-        """:func:`jaxinf.scoring.prepare_queries` with the rank-r SVDs spread over the devices (call under jit)."""
-        from jaxinf.scoring import prepare_queries
-
-        return prepare_queries(G, loss, curv, damping_value, rank,
-                               truncate=lambda p, r: distributed_low_rank(p, r, self.mesh))
+        """:func:`jaxinf.scoring.prepare_queries` with whole layers per device (:func:`distributed_prepare_queries`)."""
+        return distributed_prepare_queries(G, loss, curv, damping_value, rank, self.mesh)
 
     def eigendecompose(self, cov):
         """The eigendecomposition with different matrices on different devices (:func:`distributed_eigendecompose`)."""

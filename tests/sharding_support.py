@@ -257,6 +257,13 @@ def stages_task(out: Path) -> None:
         r["errors"]["queries"] = max(_tree_rel(prod(qg), prod(ref["queries"])), _rel(qg.loss, ref["queries"].loss),
                                      _tree_rel(qg.full, ref["queries"].full) if qg.full else 0.0)
         r["layouts"]["queries"] = _layouts(qg)
+        # the other strategies (full rank): the distributed preparation against the engine's on one device
+        for strategy in ("identity", "diagonal", "kfac"):
+            c1 = curvature.curvature(strategy, ref["eigen"],
+                                     curvature.kfac_lambda(ref["eigen"]) if strategy == "kfac" else ref["Lambda"])
+            want = jax.jit(lambda G, l, c: scoring.prepare_queries(G, l, c, 0.01, None))(G, qloss, c1)
+            got = ex.jit(lambda G, l, c: ex.prepare_queries(G, l, c, 0.01, None))(Gm, lm_loss, ex.place(c1))
+            r["errors"]["queries_" + strategy] = _tree_rel(got.full, want.full)
 
         # scores, against the single-device query gradients
         _say(f"{data}x{model}: scores")

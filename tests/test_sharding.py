@@ -27,7 +27,8 @@ def stages_report(tmp_path_factory):
 def test_every_stage_equals_one_device(stages_report, mesh):
     """A, S, the eigendecomposition, Lambda, the query gradients and the scores, each from the same inputs."""
     errors = stages_report["meshes"][mesh]["errors"]
-    assert set(errors) == {"A", "S", "eigen", "Lambda", "queries", "scores"}
+    assert set(errors) == {"A", "S", "eigen", "Lambda", "queries", "queries_identity", "queries_diagonal",
+                           "queries_kfac", "scores"}
     assert all(e <= TOLERANCE for e in errors.values()), errors
 
 
