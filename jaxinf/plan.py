@@ -392,6 +392,8 @@ def format_plan(result: dict, config) -> str:
                 lines.append(f"  {s['name']:<16} {gib(s['peak']):>9} {gib(s['arguments']):>9} "
                              f"{gib(s['temporaries']):>9} {fl} {hours} {s['seconds']:9.1f}")
     tokens = config.plan.tokens_per_document or config.data.max_length
+    if config.model.remat:
+        lines += ["", "model.remat: the FLOPs leave out the recomputed forward pass (about a third more per step)"]
     lines += ["", f"hours: {config.plan.documents:,} documents (factors.max_documents for covariance and Lambda when "
                   f"set) of {tokens} tokens at {config.plan.device_flops:.3g} FLOP/s per device; peaks are XLA's "
                   "CPU-backend memory analysis of each partitioned step"]
