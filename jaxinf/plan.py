@@ -17,9 +17,13 @@ of :mod:`jaxinf.sharding`. Then, per mesh:
   are CPU-backend numbers: an accelerator backend fuses and lays out
   differently, so read them as estimates within tens of percent;
 - **FLOPs per document** of the per-batch steps, from XLA's cost analysis of the
-  partitioned programs. XLA counts a ``while`` loop's body once, so the
-  stacked layers are unrolled for counting and the count is taken on 1 and 2
-  layers and extended linearly: ``F(L) = F(1) + (L - 1) (F(2) - F(1))``;
+  partitioned programs (so work that a layout repeats on several devices
+  counts). XLA counts a ``while`` loop's body once, so the stacked layers are
+  unrolled for counting and the count is taken on 1 and 2 layers and extended
+  linearly: ``F(L) = F(1) + (L - 1) (F(2) - F(1))``. Where the unstacked layers
+  cannot be laid out on the mesh (a factor no mesh axis divides, with no
+  layer axis to fall back to), they are counted on one device and divided
+  evenly (``flops_from``);
 - **time** of each per-document stage for ``plan.documents`` documents of
   ``plan.tokens_per_document`` tokens at ``plan.device_flops`` per device (FLOPs
   scaled linearly in tokens from ``data.max_length``).
@@ -65,6 +69,7 @@ class Step:
     outputs: int
     flops: float | None = None
     documents: int | None = None  # documents per call (per-document steps)
+    flops_from: str | None = None  # "mesh": the partitioned program's count; "one device": divided evenly
     seconds: float = 0.0          # compile time
 
 
@@ -278,17 +283,29 @@ def compile_steps(config, mesh, lm, layers, global_batch: int, flops: bool = Tru
         log.info("plan: %s on %dx%d compiled in %.1fs (peak %.2f GiB per device)", name, *mesh.devices.shape,
                  step.seconds, step.peak / GiB)
     if flops:
+        import jax
+
+        from jaxinf import sharding
+
         L = lm.config.num_layers
-        counts = {}
+        counts, where = {}, "mesh"
         for n in (1, 2):
             small, small_layers = abstract_model(config, num_layers=n, scan=False)
-            for name, fn, args, docs in step_programs(config, mesh, small, small_layers, global_batch):
+            try:
+                programs, scale = step_programs(config, mesh, small, small_layers, global_batch), 1.0
+            except sharding.ShardingError:
+                # unstacked layers have no layer axis to fall back to: count this model's FLOPs on one device
+                one = sharding.make_mesh(1, 1, jax.devices()[:1])
+                programs, scale, where = step_programs(config, one, small, small_layers, global_batch), \
+                    1.0 / mesh.devices.size, "one device"
+            for name, fn, args, docs in programs:
                 if docs is not None:
-                    counts.setdefault(name, []).append(_flops(fn.lower(*args).compile()))
+                    counts.setdefault(name, []).append(scale * _flops(fn.lower(*args).compile()))
         for step in out:
             if step.name in counts:
                 f1, f2 = counts[step.name]
                 step.flops = f1 + (L - 1) * (f2 - f1)
+                step.flops_from = where
     return out
 
 
@@ -387,11 +404,15 @@ def format_plan(result: dict, config) -> str:
             lines.append(f"  {'step':<16} {'peak GiB':>9} {'args GiB':>9} {'temp GiB':>9} {'TFLOP/doc':>10} "
                          f"{'hours':>9} {'compile s':>9}")
             for s in m["steps"]:
-                fl = f"{s['flops_per_document'] / 1e12:10.3f}" if "flops_per_document" in s else f"{'-':>10}"
+                fl = f"{s['flops_per_document'] / 1e12:9.3f}{'*' if s.get('flops_from') == 'one device' else ' '}" \
+                    if "flops_per_document" in s else f"{'-':>10}"
                 hours = f"{s['hours']:9.1f}" if "hours" in s else f"{'-':>9}"
                 lines.append(f"  {s['name']:<16} {gib(s['peak']):>9} {gib(s['arguments']):>9} "
                              f"{gib(s['temporaries']):>9} {fl} {hours} {s['seconds']:9.1f}")
     tokens = config.plan.tokens_per_document or config.data.max_length
+    if any(s.get("flops_from") == "one device" for m in result["meshes"] for s in m["steps"]):
+        lines += ["", "*: FLOPs counted on one device and divided evenly (the unstacked layers the count uses have "
+                      "a factor that no mesh axis divides)"]
     if config.model.remat:
         lines += ["", "model.remat: the FLOPs leave out the recomputed forward pass (about a third more per step)"]
     lines += ["", f"hours: {config.plan.documents:,} documents (factors.max_documents for covariance and Lambda when "
