@@ -26,6 +26,7 @@ import time
 
 os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+sys.stdout.reconfigure(line_buffering=True)
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
