@@ -85,8 +85,8 @@ def test_plan_compiles_every_step_and_refuses_what_does_not_fit(tmp_path):
     assert len(failures) == 6 and failures[0] == (
         f"jaxinf plan: does not fit: mesh 4x2: stage covariance needs {m['steps'][0]['peak'] / GiB:.2f} GiB per device, "
         "more than plan.device_memory_gib=0.0001"), r.stdout
-    # bytes per device fall as the model axis grows
-    config = cfg.load(None, overrides(w, tmp_path / "run", **settings))
+    # bytes per device fall as the model axis grows (8 documents per step: one per data row on 8x1)
+    config = cfg.load(None, overrides(w, tmp_path / "run", **{**settings, "data.batch_size": 8}))
     static = [m["static"] for m in plan.plan(config, [(8, 1), (4, 2), (2, 4), (1, 8)], compile=False)["meshes"]]
     for key in ("parameters", "queries"):
         assert [s[key] for s in static] == sorted((s[key] for s in static), reverse=True), key
