@@ -1,10 +1,12 @@
-"""Two processes of one jax.distributed run on localhost (one CPU device each) score like one process.
+"""Two processes of one jax.distributed run on localhost score like one process.
 
-The two processes split every step's documents (each reads only its own slice
-of the corpus), reduce A, S and Lambda with cross-process collectives, save the
-Orbax checkpoints collectively, and process 0 alone writes the exports and the
-report. The Fisher is the empirical one: with two processes the documents are
-grouped into batches differently, and the sampled labels of batch i depend on i.
+Each process has two simulated CPU devices and the mesh is 2 x 2: `data`
+across the processes, `model` within each. The two processes split every
+step's documents (each reads only its own slice of the corpus), reduce A, S and
+Lambda with cross-process collectives, save the Orbax checkpoints collectively,
+and process 0 alone writes the exports and the report. The Fisher is the
+empirical one: with two processes the documents are grouped into batches
+differently, and the sampled labels of batch i depend on i.
 """
 
 from __future__ import annotations
@@ -33,12 +35,13 @@ def test_two_processes_give_the_scores_of_one(world, tmp_path):
     one = tmp_path / "one"
     pipeline.run(cfg.load(None, overrides(world, one, **SETTINGS)))
     two = tmp_path / "two"
-    env = device_env(1, world["root"] / "xla-cache")
-    env.pop("XLA_FLAGS")
-    rs = run_processes(2, ["run", *overrides(world, two, **SETTINGS, **{"mesh.data": 2})], env, timeout=900)
+    env = device_env(2, world["root"] / "xla-cache")                  # two devices per process
+    rs = run_processes(2, ["run", *overrides(world, two, **SETTINGS, **{"mesh.data": 2, "mesh.model": 2})], env,
+                       timeout=900)
     for i, r in enumerate(rs):
         assert r.returncode == 0, f"process {i}:\n{r.stderr[-4000:]}"
-        assert f"process {i} of 2" in r.stderr
+        assert f"process {i} of 2 (2 local device(s), 4 in all)" in r.stderr
+        assert "mesh data=2 x model=2 (4 cpu devices)" in r.stderr
         assert "documents: 24 documents, 24 rows" in r.stderr and "3 batches per host" in r.stderr
     assert "report:" in rs[0].stderr and "report:" not in rs[1].stderr       # process 0 alone writes the report
     a, b = np.load(one / "scores.npy"), np.load(two / "scores.npy")
