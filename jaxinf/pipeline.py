@@ -96,10 +96,11 @@ class Executor:
 
 
 def make_executor(config: cfg.Config) -> Executor:
-    """The executor of ``mesh.*``: one device for a 1 x 1 mesh in one process, a :class:`~jaxinf.sharding.MeshExecutor` otherwise."""
+    """The executor of ``mesh.*``: the default device for a 1 x 1 mesh in one process (whatever the host has),
+    a :class:`~jaxinf.sharding.MeshExecutor` otherwise."""
     from jaxinf import sharding
 
-    if config.mesh.data * config.mesh.model == 1 and jax.process_count() == 1 and jax.device_count() == 1:
+    if config.mesh.data * config.mesh.model == 1 and jax.process_count() == 1:
         return Executor()
     mesh = sharding.make_mesh(config.mesh.data, config.mesh.model)
     log.info("%s", sharding.describe(mesh))
