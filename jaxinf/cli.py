@@ -1,4 +1,4 @@
-"""The ``jaxinf`` command line: run, demo, analyze, prepare.
+"""The ``jaxinf`` command line: run, plan, demo, analyze, prepare.
 
 Bad input (a config key, a file, a line, a tensor) is reported as one line on
 stderr, ``jaxinf COMMAND: error: ...``, with exit status 2 and no traceback;
@@ -22,9 +22,12 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from jaxinf.data.errors import DataError
     from jaxinf.models import ModelError
     from jaxinf.pipeline import InputError
+    from jaxinf.plan import PlanError
+    from jaxinf.sharding import ShardingError
     from jaxinf.store import StoreError
 
-    return (AnalysisError, CaptureError, ConfigError, DataError, ModelError, InputError, StoreError)
+    return (AnalysisError, CaptureError, ConfigError, DataError, ModelError, InputError, PlanError, ShardingError,
+            StoreError)
 
 
 def _setup_logging(quiet: bool) -> None:
@@ -50,6 +53,20 @@ def _run(args) -> int:
     config = cfg.load(path, overrides)
     pipeline.run(config, overwrite=args.overwrite)
     return 0
+
+
+def _plan(args) -> int:
+    from jaxinf import config as cfg
+    from jaxinf import plan
+
+    path, overrides = args.config, list(args.overrides)
+    if path is not None and "=" in path and not Path(path).exists():
+        path, overrides = None, [path] + overrides
+    config = cfg.load(path, overrides)
+    meshes = [plan.parse_mesh(m) for m in args.mesh] if args.mesh else [(config.mesh.data, config.mesh.model)]
+    if not args.no_compile:
+        plan.prepare_devices(meshes)   # before jax starts: the simulated devices the meshes need
+    return plan.command(config, meshes, compile=not args.no_compile, json_out=args.json)
 
 
 def _demo(args) -> int:
@@ -83,6 +100,16 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--overwrite", action="store_true", help="delete the run directory's contents and start over")
     run.add_argument("--help-config", action="store_true", help="print every config key with its default")
     run.set_defaults(handler=_run)
+
+    pl = sub.add_parser("plan", help="memory and cost of each stage on a mesh, from the model's config.json alone "
+                        "(no weights): bytes per device, XLA's compiled peak per step, FLOPs per document, time")
+    pl.add_argument("config", help="YAML config (model.checkpoint: a directory with config.json; see configs/paper/)")
+    pl.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
+    pl.add_argument("--mesh", action="append", metavar="DATAxMODEL",
+                    help="plan this mesh instead of mesh.data x mesh.model (repeatable)")
+    pl.add_argument("--no-compile", action="store_true", help="only the bytes per device (no XLA compilation)")
+    pl.add_argument("--json", metavar="FILE", help="also write the plan as JSON")
+    pl.set_defaults(handler=_plan)
 
     demo = sub.add_parser("demo", help="the built-in end-to-end example: corpus, model, influence, report")
     demo.add_argument("--out", default="runs/demo", help="where the demo writes everything (default runs/demo)")

@@ -41,6 +41,8 @@ class ModelConfig:
     checkpoint: str | None = key(None, "Hugging Face directory: config.json, *.safetensors, tokenizer.json", "covariance")
     dtype: str = key("float32", "compute and parameter dtype", "covariance", ("float32", "bfloat16", "float64"))
     scan_layers: bool = key(True, "stack the decoder layers under lax.scan (faster compiles for deep models)", None)
+    remat: bool = key(False, "recompute each layer's activations in the backward pass (with scan_layers): less memory "
+                      "per document, one more forward pass", None)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,6 +85,24 @@ class ScoresConfig:
 class MeshConfig:
     data: int = key(1, "devices along the data axis (documents)", None)
     model: int = key(1, "devices along the model axis (parameters, factors, query gradients)", None)
+    coordinator: str | None = key(None, "multi-process runs: HOST:PORT of process 0's coordinator, or auto (TPU pods, "
+                                  "SLURM, Open MPI); null: one process", None)
+    num_processes: int | None = key(None, "multi-process runs: number of processes (with mesh.coordinator=HOST:PORT)",
+                                    None)
+    process_id: int | None = key(None, "multi-process runs: this process's index, 0 .. num_processes-1 "
+                                 "(with mesh.coordinator=HOST:PORT)", None)
+
+
+@dataclasses.dataclass(frozen=True)
+class PlanConfig:
+    device_memory_gib: float | None = key(None, "jaxinf plan: memory per device in GiB; a step that needs more fails "
+                                          "the plan (null: no check)", None)
+    device_flops: float = key(1e14, "jaxinf plan: sustained FLOP/s per device for the time estimate", None)
+    hosts: int = key(1, "jaxinf plan: processes of the planned slice (each feeds its own documents)", None)
+    documents: int = key(5_000_000, "jaxinf plan: documents to score in the time estimate", None)
+    tokens_per_document: int | None = key(None, "jaxinf plan: mean tokens per document in the time estimate "
+                                          "(null: data.max_length)", None)
+    queries: int = key(80, "jaxinf plan: number of queries (the query file is not read)", None)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,6 +119,7 @@ class Config:
     scores: ScoresConfig = dataclasses.field(default_factory=ScoresConfig)
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
     run: RunConfig = dataclasses.field(default_factory=RunConfig)
+    plan: PlanConfig = dataclasses.field(default_factory=PlanConfig)
 
 
 SECTIONS = {f.name: f.type for f in dataclasses.fields(Config)}
@@ -220,11 +241,19 @@ def from_dict(raw: dict, source: str = "config") -> Config:
 def _check_values(config: Config, source: str) -> None:
     positive = [("data", "max_length"), ("data", "batch_size"), ("data", "query_batch_size"),
                 ("factors", "save_every"), ("scores", "save_every"), ("scores", "topk"),
-                ("mesh", "data"), ("mesh", "model"), ("scores", "query_rank"), ("factors", "max_documents")]
+                ("mesh", "data"), ("mesh", "model"), ("scores", "query_rank"), ("factors", "max_documents"),
+                ("mesh", "num_processes"), ("plan", "hosts"), ("plan", "documents"), ("plan", "tokens_per_document"),
+                ("plan", "queries")]
     for section, name in positive:
         value = getattr(getattr(config, section), name)
         if value is not None and value < 1:
             raise ConfigError(f"{source}: {section}.{name}: must be at least 1, got {value}")
+    if config.mesh.process_id is not None and config.mesh.process_id < 0:
+        raise ConfigError(f"{source}: mesh.process_id: must be non-negative, got {config.mesh.process_id}")
+    for name in ("device_memory_gib", "device_flops"):
+        value = getattr(config.plan, name)
+        if value is not None and value <= 0:
+            raise ConfigError(f"{source}: plan.{name}: must be positive, got {value}")
     if config.scores.damping is not None and config.scores.damping < 0:
         raise ConfigError(f"{source}: scores.damping: must be non-negative, got {config.scores.damping}")
 

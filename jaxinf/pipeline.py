@@ -46,18 +46,82 @@ class InputError(ValueError):
 
 
 class Executor:
-    """Where the stages run: compiles steps and puts batches on devices (one device here).
+    """Where the stages run: compiles steps, places batches, states and results, and brings results back.
 
-    The sharded version (mesh with ``data`` and ``model`` axes) keeps this
-    interface: :meth:`jit` compiles a step once, :meth:`put` places a host batch.
+    This one runs on the default device. :class:`jaxinf.sharding.MeshExecutor`
+    has the same interface on a ``data x model`` mesh (possibly spanning
+    several processes); :func:`make_executor` picks one from ``mesh.*``.
     """
 
-    def jit(self, fn: Callable, *, donate_argnums=()) -> Callable:
+    mesh = None
+    groups = (0, 1)  # (this process's slice of the corpus, number of slices)
+
+    def jit(self, fn: Callable, *, donate_argnums=(), out_shardings=None) -> Callable:
         return jax.jit(fn, donate_argnums=donate_argnums)
 
     def put(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
         keys = ("tokens", "mask", "weights")
         return {k: jnp.asarray(batch[k]) for k in keys if k in batch}
+
+    def put_replicated(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+        return self.put(batch)
+
+    place_param = None  # jaxinf.models.from_hf's default placement
+
+    def place(self, tree, field: str | None = None):
+        return tree
+
+    def shardings(self, tree, field: str | None = None):
+        return None
+
+    def rows(self, ndim: int = 1, last: bool = False):
+        return None
+
+    def init(self, stage: stages.Stage):
+        return stage.init()
+
+    def like(self, shapes, field: str | None = None):
+        return shapes  # abstract shapes: Orbax restores onto the default device
+
+    def prepare_queries(self, G, loss, curv, damping_value, rank):
+        return scoring.prepare_queries(G, loss, curv, damping_value, rank)
+
+    def eigendecompose(self, cov):
+        return jax.jit(curvature.eigendecompose)(cov)
+
+    def fetch(self, x) -> np.ndarray:
+        return np.asarray(x)
+
+    def gather_rows(self, local: np.ndarray) -> np.ndarray:
+        return np.asarray(local)
+
+
+def make_executor(config: cfg.Config) -> Executor:
+    """The executor of ``mesh.*``: the default device for a 1 x 1 mesh in one process (whatever the host has),
+    a :class:`~jaxinf.sharding.MeshExecutor` otherwise."""
+    from jaxinf import sharding
+
+    if config.mesh.data * config.mesh.model == 1 and jax.process_count() == 1:
+        return Executor()
+    mesh = sharding.make_mesh(config.mesh.data, config.mesh.model)
+    log.info("%s", sharding.describe(mesh))
+    executor = sharding.MeshExecutor(mesh, batch_size=config.data.batch_size)
+    if config.model.checkpoint is not None:  # every layout, from the checkpoint's config.json alone
+        from jaxinf import models
+
+        lm = models.abstract(models.read_config(config.model.checkpoint, dtype=config.model.dtype,
+                                                scan=config.model.scan_layers, remat=config.model.remat))
+        layers = tracked_layers(lm, config.factors.track)
+        executor.preflight(lm.params, _shapes(Inputs(lm, lm.task(), layers, *([None] * 7))))
+    return executor
+
+
+def tracked_layers(lm, track) -> dict[str, capture.LayerSpec]:
+    """The layers of ``lm`` (possibly abstract) that ``factors.track`` selects."""
+    task = lm.task()
+    dummy = {"tokens": jnp.zeros((1, 8), jnp.int32), "mask": jnp.ones((1, 8)), "weights": jnp.ones((1, 8))}
+    return capture.select_layers(
+        capture.find_layers(lambda p, b, pr: task.train_loss(p, b, pr, None), lm.params, dummy), track)
 
 
 # --------------------------------------------------------------------------- inputs
@@ -162,8 +226,9 @@ def buckets(max_length: int) -> tuple[int, ...]:
     return bucket_lengths(max_length, smallest=max(16, min(64, max_length // 8)))
 
 
-def load_inputs(config: cfg.Config, store: RunStore) -> Inputs:
-    """Model, tokenizer, tracked layers, documents with their plans, and queries."""
+def load_inputs(config: cfg.Config, store: RunStore, executor: Executor | None = None) -> Inputs:
+    """Model (each parameter placed by the executor as it is read), tokenizer, tracked layers, documents with
+    their plans (one slice of the corpus per group of processes on the ``data`` axis), and queries."""
     from jaxinf import models
     from jaxinf.data.batching import make_plan
     from jaxinf.data.documents import open_documents
@@ -171,13 +236,13 @@ def load_inputs(config: cfg.Config, store: RunStore) -> Inputs:
     from jaxinf.data.tokenize import TextEncoder
 
     t0 = time.perf_counter()
-    lm, tokenizer = models.from_hf(config.model.checkpoint, dtype=config.model.dtype, scan=config.model.scan_layers)
+    executor = executor or Executor()
+    lm, tokenizer = models.from_hf(config.model.checkpoint, dtype=config.model.dtype, scan=config.model.scan_layers,
+                                   remat=config.model.remat, place=executor.place_param)
     log.info("model: %s, %s parameters (%s), loaded in %.1fs", config.model.checkpoint, f"{lm.num_params:,}",
              config.model.dtype, time.perf_counter() - t0)
     task = lm.task()
-    dummy = {"tokens": jnp.zeros((1, 8), jnp.int32), "mask": jnp.ones((1, 8)), "weights": jnp.ones((1, 8))}
-    layers = capture.select_layers(
-        capture.find_layers(lambda p, b, pr: task.train_loss(p, b, pr, None), lm.params, dummy), config.factors.track)
+    layers = tracked_layers(lm, config.factors.track)
     n_tracked = sum(s.num_params for s in layers.values())
     log.info("tracking %d layers (%s parameters) matching factors.track=%s",
              sum(len(s.layer_names) for s in layers.values()), f"{n_tracked:,}", config.factors.track)
@@ -186,7 +251,7 @@ def load_inputs(config: cfg.Config, store: RunStore) -> Inputs:
     lengths = document_lengths(store, documents, encoder)
     d = config.data
     plan_args = dict(batch_size=d.batch_size, max_length=d.max_length, long_documents=d.long_documents,
-                     process_count=jax.process_count(), buckets=buckets(d.max_length))
+                     process_count=executor.groups[1], buckets=buckets(d.max_length))
     plan = make_plan(lengths, **plan_args)
     log.info("documents: %s", plan.report.summary())
     n_fit = len(lengths) if config.factors.max_documents is None else min(config.factors.max_documents, len(lengths))
@@ -236,7 +301,7 @@ def accumulate(
     """Drives an accumulating stage over ``batches`` with checkpoints every ``save_every`` batches; resumes."""
     check_plan(store, name, batches.plan)
     st = store.stage(name)
-    init = stage.init()
+    init = executor.init(stage)
     total = len(batches)
     resumed = st.latest(init)
     start, state = (0, init) if resumed is None else resumed
@@ -245,7 +310,7 @@ def accumulate(
         log.info("%s: resuming at batch %d of %d", name, start, total)
     key_info = plan_key(batches.plan)
     store.mark(name, "running", step=start, total=total, plan=key_info)
-    update = executor.jit(stage.update, donate_argnums=(0,))
+    update = executor.jit(stage.update, donate_argnums=(0,), out_shardings=(executor.shardings(init), executor.rows()))
     progress = Progress(name, total, start)
     pending = None
     save_seconds = 0.0
@@ -253,12 +318,12 @@ def accumulate(
         k = None if key is None else jax.random.fold_in(key, i)
         state, losses = update(state, *step_inputs, executor.put(batch), k)
         if pending is not None:
-            _finite_or_raise(np.asarray(pending[0]), pending[1], inputs, name)
-        pending = (losses, batch)
+            _finite_or_raise(executor.fetch(pending[0]), pending[1], inputs, name)
+        pending = (losses, {"index": executor.gather_rows(batch["index"])})
         progress.update(int(batch["mask"].sum()))
         fault_point(name, i + 1)
         if (i + 1) % save_every == 0 or i + 1 == total:
-            _finite_or_raise(np.asarray(pending[0]), pending[1], inputs, name)
+            _finite_or_raise(executor.fetch(pending[0]), pending[1], inputs, name)
             pending = None
             t_save = time.perf_counter()
             st.save(i + 1, state)
@@ -271,10 +336,10 @@ def accumulate(
     return stage.finalize(state)
 
 
-def _batches(inputs: Inputs, plan, source):
+def _batches(inputs: Inputs, plan, source, executor: Executor):
     from jaxinf.data.batching import DocumentBatches
 
-    return DocumentBatches(source, inputs.encoder, plan, process_index=jax.process_index())
+    return DocumentBatches(source, inputs.encoder, plan, process_index=executor.groups[0])
 
 
 # --------------------------------------------------------------------------- the stages
@@ -293,25 +358,25 @@ def fit_curvature(config: cfg.Config, store: RunStore, inputs: Inputs, executor:
     """Covariance, eigendecomposition and Lambda (or another run's, with ``factors.from``)."""
     strategy, fisher = config.factors.strategy, config.factors.fisher
     if config.factors.from_run is not None:
-        return _curvature_from(config, inputs)
+        return _curvature_from(config, inputs, executor)
     if strategy == "identity":
         for s in ("covariance", "eigen", "lambda"):
             store.mark(s, "done", skipped="identity strategy")
         return curvature.curvature("identity")
     base = jax.random.key(config.factors.seed)
     shapes = _shapes(inputs)
-    fit_batches = _batches(inputs, inputs.fit_plan, inputs.fit_documents)
+    fit_batches = _batches(inputs, inputs.fit_plan, inputs.fit_documents, executor)
     eigen = None
     if strategy in ("kfac", "ekfac"):
-        eigen = store.load_result("eigen", shapes["eigen"])
+        eigen = store.load_result("eigen", executor.like(shapes["eigen"]))
         if eigen is None:
             cov_stage = stages.covariance_stage(inputs.task, inputs.layers, fisher)
             cov = accumulate(store, "covariance", cov_stage, (inputs.lm.params,), fit_batches,
                              jax.random.fold_in(base, 0), config.factors.save_every, executor, inputs)
             store.mark("covariance", "done", timing=store.record["stages"]["covariance"].get("timing"))
             t0 = time.perf_counter()
-            eigen = jax.jit(curvature.eigendecompose)(cov)
-            _check_finite_tree({"Q_A": eigen.Q_A, "Q_S": eigen.Q_S}, "eigendecomposition")
+            eigen = executor.eigendecompose(cov)
+            _check_finite_tree({"Q_A": eigen.Q_A, "Q_S": eigen.Q_S}, "eigendecomposition", executor.fetch)
             store.save_result("eigen", eigen, seconds=time.perf_counter() - t0)
             log.info("eigen: %d blocks decomposed in %.1fs", len(inputs.layers), time.perf_counter() - t0)
     else:
@@ -321,25 +386,25 @@ def fit_curvature(config: cfg.Config, store: RunStore, inputs: Inputs, executor:
         Lambda = curvature.kfac_lambda(eigen)
         store.mark("lambda", "done", source="kfac eigenvalues")
     else:
-        Lambda = store.load_result("lambda", shapes["lambda"])
+        Lambda = store.load_result("lambda", executor.like(shapes["lambda"], "Lambda"))
         if Lambda is None:
             lam_stage = stages.lambda_stage(inputs.task, inputs.layers, fisher)
             Lambda = accumulate(store, "lambda", lam_stage, (inputs.lm.params, eigen), fit_batches,
                                 jax.random.fold_in(base, 1), config.factors.save_every, executor, inputs)
-            _check_finite_tree(Lambda, "Lambda")
+            _check_finite_tree(Lambda, "Lambda", executor.fetch)
             store.save_result("lambda", Lambda, timing=store.record["stages"]["lambda"].get("timing"))
     return curvature.curvature(strategy, eigen, Lambda)
 
 
-def _check_finite_tree(tree, what: str) -> None:
+def _check_finite_tree(tree, what: str, fetch: Callable = np.asarray) -> None:
     for k, v in (tree.items() if isinstance(tree, dict) else []):
         if isinstance(v, dict):
-            _check_finite_tree(v, f"{what} {k}")
-        elif not bool(jnp.all(jnp.isfinite(v))):
+            _check_finite_tree(v, f"{what} {k}", fetch)
+        elif not bool(fetch(jnp.all(jnp.isfinite(v)))):
             raise stages.CaptureError(f"{what} of layer {k} is not finite")
 
 
-def _curvature_from(config: cfg.Config, inputs: Inputs) -> curvature.Curvature:
+def _curvature_from(config: cfg.Config, inputs: Inputs, executor: Executor) -> curvature.Curvature:
     """The fitted curvature of another run directory (``factors.from``), checked against this run's model and layers."""
     other = Path(config.factors.from_run)
     record = json.loads((other / "run.json").read_text())
@@ -360,13 +425,13 @@ def _curvature_from(config: cfg.Config, inputs: Inputs) -> curvature.Curvature:
     if strategy == "identity":
         return curvature.curvature("identity")
     if strategy in ("kfac", "ekfac"):
-        eigen = ostore.load_result("eigen", shapes["eigen"])
+        eigen = ostore.load_result("eigen", executor.like(shapes["eigen"]))
         if eigen is None:
             raise StoreError(f"factors.from: {other}: the eigendecomposition is missing or corrupted")
     if strategy == "kfac":
         Lambda = curvature.kfac_lambda(eigen)
     else:
-        Lambda = ostore.load_result("lambda", shapes["lambda"])
+        Lambda = ostore.load_result("lambda", executor.like(shapes["lambda"], "Lambda"))
         if Lambda is None:
             raise StoreError(f"factors.from: {other}: Lambda is missing or corrupted")
     log.info("curvature: reusing the %s factors of %s", strategy, other)
@@ -380,16 +445,16 @@ def query_gradients(config: cfg.Config, store: RunStore, inputs: Inputs, curv, e
     encoded = encode_queries(inputs.queries, inputs.encoder, max_length=config.data.max_length)
     batches = query_batches(encoded, batch_size=config.data.query_batch_size, max_length=config.data.max_length)
     grad_fn = executor.jit(lambda p, b: stages.query_gradients(inputs.task, inputs.layers, p, b))
-    prep_fn = executor.jit(lambda G, loss, c: scoring.prepare_queries(G, loss, c, config.scores.damping,
-                                                                       config.scores.query_rank))
-    like = jax.eval_shape(lambda: _prepare_all(inputs, batches, grad_fn, prep_fn, curv, check=False))
-    saved = store.load_result("queries", like)
+    prep_fn = executor.jit(lambda G, loss, c: executor.prepare_queries(G, loss, c, config.scores.damping,
+                                                                        config.scores.query_rank))
+    like = jax.eval_shape(lambda: _prepare_all(inputs, batches, grad_fn, prep_fn, curv, executor, check=False))
+    saved = store.load_result("queries", executor.like(like))
     if saved is not None:
         return saved, encoded
     store.mark("queries", "running")
     t0 = time.perf_counter()
-    qg = _prepare_all(inputs, batches, grad_fn, prep_fn, curv, check=True)
-    bad = np.flatnonzero(~np.isfinite(np.asarray(qg.loss)))
+    qg = executor.place(_prepare_all(inputs, batches, grad_fn, prep_fn, curv, executor, check=True))
+    bad = np.flatnonzero(~np.isfinite(executor.fetch(qg.loss)))
     if bad.size:
         q = inputs.queries[int(bad[0])]
         raise stages.CaptureError(f'{q.origin}: query "{q.id}": completion loss is not finite')
@@ -400,14 +465,13 @@ def query_gradients(config: cfg.Config, store: RunStore, inputs: Inputs, curv, e
     return qg, encoded
 
 
-def _prepare_all(inputs, batches, grad_fn, prep_fn, curv, check: bool) -> scoring.QueryGradients:
+def _prepare_all(inputs, batches, grad_fn, prep_fn, curv, executor: Executor, check: bool) -> scoring.QueryGradients:
     """Query gradients batch by batch, each preconditioned (and truncated) at once, then joined along Q."""
     parts = []
     for batch in batches:
         if check:
             stages.check_queries(batch, [inputs.queries[i].id if i >= 0 else "padding" for i in batch["index"]])
-        b = {k: jnp.asarray(batch[k]) for k in ("tokens", "mask", "weights")}
-        G, loss = grad_fn(inputs.lm.params, b)
+        G, loss = grad_fn(inputs.lm.params, executor.put_replicated(batch))
         parts.append((prep_fn(G, loss, curv), int((batch["index"] >= 0).sum())))
     return _join_queries(parts)
 
@@ -427,7 +491,7 @@ def _join_queries(parts) -> scoring.QueryGradients:
 def score_documents(config: cfg.Config, store: RunStore, inputs: Inputs, qg, curv, executor: Executor) -> dict:
     """Scores of every document row against every query, saved in chunks of ``scores.save_every`` batches."""
     st = store.chunks("scores")
-    batches = _batches(inputs, inputs.plan, inputs.documents)
+    batches = _batches(inputs, inputs.plan, inputs.documents, executor)
     check_plan(store, "scores", inputs.plan)
     key_info = plan_key(inputs.plan)
     total = len(batches)
@@ -444,18 +508,21 @@ def score_documents(config: cfg.Config, store: RunStore, inputs: Inputs, qg, cur
             out["self"] = scoring.self_scores(c, config.scores.damping, cap)
         return out
 
-    score_fn = executor.jit(step)
+    outs = {"scores": executor.rows(2, last=True), "loss": executor.rows()}
+    if want_self:
+        outs["self"] = executor.rows()
+    score_fn = executor.jit(step, out_shardings=outs if executor.mesh is not None else None)
     progress = Progress("scores", total, start)
     save_seconds = 0.0
     buffer: list[tuple[dict, np.ndarray]] = []
     chunk_start = start
     for i, batch in enumerate(batches.iterate(start), start=start):
         out = score_fn(inputs.lm.params, qg, curv, executor.put(batch))
-        buffer.append((out, batch["index"]))
+        buffer.append((out, executor.gather_rows(batch["index"])))
         progress.update(int(batch["mask"].sum()))
         fault_point("scores", i + 1)
         if (i + 1) % config.scores.save_every == 0 or i + 1 == total:
-            chunk = _flush(buffer, inputs)
+            chunk = _flush(buffer, inputs, executor.fetch)
             chunk["start"] = np.asarray(chunk_start, np.int64)
             t_save = time.perf_counter()
             st.save(i + 1, chunk)
@@ -471,12 +538,12 @@ def score_documents(config: cfg.Config, store: RunStore, inputs: Inputs, qg, cur
     return _assemble(chunks, inputs, qg.num_queries)
 
 
-def _flush(buffer, inputs: Inputs) -> dict:
+def _flush(buffer, inputs: Inputs, fetch: Callable = np.asarray) -> dict:
     """One chunk on the host: the batches' scores, losses and document indices, non-finite losses rejected."""
     index = np.concatenate([ix for _, ix in buffer]).astype(np.int64)
     out = {"index": index}
     for key in buffer[0][0]:
-        out[key] = np.concatenate([np.asarray(o[key]) for o, _ in buffer], axis=-1)
+        out[key] = np.concatenate([fetch(o[key]) for o, _ in buffer], axis=-1)
     _finite_or_raise(out["loss"], {"index": index}, inputs, "document")
     return out
 
@@ -520,20 +587,20 @@ def export(config: cfg.Config, store: RunStore, inputs: Inputs, results: dict, q
     breakdowns of each query's top documents (``layers.json``, ``layer_scores.npy``, ``topk_tokens.jsonl``)."""
     from jaxinf.analysis import io
 
-    if jax.process_index() != 0:
-        return
     t0 = time.perf_counter()
-    qloss = np.asarray(qg.loss, np.float64)
+    primary = jax.process_index() == 0  # every process computes (the breakdowns run on the mesh); process 0 writes
+    qloss = executor.fetch(qg.loss).astype(np.float64)
     scores = scoring.normalize(results["scores"], qloss, config.scores.normalize)
-    io.write_scores(store.path("scores.npy"), scores)
-    if "self" in results:
-        save_npy(store.path("self_influence.npy"), results["self"].astype(np.float32))
-    io.write_queries(store.path("queries.jsonl"), (
-        {"id": q.id, "prompt": q.prompt, "completion": q.completion, "kind": q.kind, "task": q.task,
-         "answer": q.answer, "loss": float(qloss[i]), "tokens": len(encoded[i].ids),
-         "completion_tokens": encoded[i].completion_length}
-        for i, q in enumerate(inputs.queries)))
-    io.write_documents(store.path("documents.jsonl"), _document_rows(inputs, results["loss"]))
+    if primary:
+        io.write_scores(store.path("scores.npy"), scores)
+        if "self" in results:
+            save_npy(store.path("self_influence.npy"), results["self"].astype(np.float32))
+        io.write_queries(store.path("queries.jsonl"), (
+            {"id": q.id, "prompt": q.prompt, "completion": q.completion, "kind": q.kind, "task": q.task,
+             "answer": q.answer, "loss": float(qloss[i]), "tokens": len(encoded[i].ids),
+             "completion_tokens": encoded[i].completion_length}
+            for i, q in enumerate(inputs.queries)))
+        io.write_documents(store.path("documents.jsonl"), _document_rows(inputs, results["loss"]))
     k = min(config.scores.topk, inputs.plan.num_documents)
     top = np.argsort(-scores, axis=1, kind="stable")[:, :k]
     bottom = np.argsort(scores, axis=1, kind="stable")[:, :k]
@@ -545,9 +612,10 @@ def export(config: cfg.Config, store: RunStore, inputs: Inputs, results: dict, q
         return {"id": docs[d].id, "source": docs[d].source, "score": float(scores[q, d]),
                 "snippet": text[:300] + ("..." if len(text) > 300 else "")}
 
-    io.write_topk(store.path("topk.jsonl"), (
-        {"query": q.id, "top": [entry(i, int(d)) for d in top[i]], "bottom": [entry(i, int(d)) for d in bottom[i]]}
-        for i, q in enumerate(inputs.queries)))
+    if primary:
+        io.write_topk(store.path("topk.jsonl"), (
+            {"query": q.id, "top": [entry(i, int(d)) for d in top[i]], "bottom": [entry(i, int(d)) for d in bottom[i]]}
+            for i, q in enumerate(inputs.queries)))
     export_breakdowns(config, store, inputs, qg, top, docs, executor)
     store.mark("exports", "done", seconds=round(time.perf_counter() - t0, 3))
 
@@ -595,7 +663,8 @@ def export_breakdowns(config, store, inputs: Inputs, qg, top: np.ndarray, docs: 
     wanted = sorted(set(top.ravel().tolist()))
     subset = _Subset(inputs.documents, wanted)
     plan = make_plan(inputs.lengths[wanted], batch_size=config.data.batch_size, max_length=config.data.max_length,
-                     long_documents=config.data.long_documents, buckets=buckets(config.data.max_length))
+                     long_documents=config.data.long_documents, buckets=buckets(config.data.max_length),
+                     process_count=executor.groups[1])
     names = layer_order(inputs.layers)
     Q = qg.num_queries
     per_layer = np.zeros((len(names), Q, len(wanted)))
@@ -606,19 +675,22 @@ def export_breakdowns(config, store, inputs: Inputs, qg, top: np.ndarray, docs: 
         return scoring.expand_layer_scores(s.per_layer, inputs.layers), s.per_token
 
     fn = executor.jit(step)
-    for batch in DocumentBatches(subset, inputs.encoder, plan):
+    for batch in DocumentBatches(subset, inputs.encoder, plan, process_index=executor.groups[0]):
         layer_scores, token_scores = fn(inputs.lm.params, qg, executor.put(batch))
-        stacked = np.stack([np.asarray(layer_scores[n]) for n in names])            # [L, Q, B]
-        token_scores = np.asarray(token_scores)
-        for j, d in enumerate(batch["index"].tolist()):
+        stacked = np.stack([executor.fetch(layer_scores[n]) for n in names])        # [L, Q, B]
+        token_scores = executor.fetch(token_scores)
+        rows = {k: executor.gather_rows(batch[k]) for k in ("index", "chunk", "mask", "tokens")}  # every process's
+        for j, d in enumerate(rows["index"].tolist()):
             if d < 0:
                 continue
             per_layer[:, :, d] += stacked[:, :, j]
-            n = int(batch["mask"][j].sum())
-            tokens.setdefault(d, []).append((int(batch["chunk"][j]), batch["tokens"][j, :n].tolist(),
+            n = int(rows["mask"][j].sum())
+            tokens.setdefault(d, []).append((int(rows["chunk"][j]), rows["tokens"][j, :n].tolist(),
                                              token_scores[:, j, :n]))
     position = {d: i for i, d in enumerate(wanted)}
     layer_top = np.stack([per_layer[:, q, [position[int(d)] for d in top[q]]].T for q in range(Q)])  # [Q, K, L]
+    if jax.process_index() != 0:
+        return
     io.write_layer_exports(store.root, names, layer_top)
     vocab = inputs.encoder.tokenizer
 
@@ -680,15 +752,30 @@ def _text_source(documents) -> Callable:
 # --------------------------------------------------------------------------- the run
 
 
+def _open_store(config: cfg.Config, overwrite: bool) -> RunStore:
+    """The run directory; with several processes, process 0 creates (or overwrites) it before the others open it."""
+    if jax.process_count() == 1:
+        return RunStore.open(config, overwrite=overwrite)
+    from jax.experimental import multihost_utils
+
+    store = RunStore.open(config, overwrite=overwrite) if jax.process_index() == 0 else None
+    multihost_utils.sync_global_devices("jaxinf: run directory opened")
+    return store or RunStore.open(config, overwrite=False)
+
+
 def run(config: cfg.Config, overwrite: bool = False, executor: Executor | None = None) -> Path:
     """All stages, resumable; returns the run directory."""
+    from jaxinf import sharding
+
     check_inputs(config)
+    sharding.initialize(config.mesh)                 # before anything touches a device
+    sharding.check_agreement(cfg.to_dict(config))    # every process runs the same config
     if config.run.precision == "float64":
         jax.config.update("jax_enable_x64", True)
-    store = RunStore.open(config, overwrite=overwrite)
+    executor = executor or make_executor(config)     # mesh and batch shape errors before the run directory is made
+    store = _open_store(config, overwrite)
     log.info("run directory %s (config fingerprint %s)", store.root, store.record["fingerprint"])
-    executor = executor or Executor()
-    inputs = load_inputs(config, store)
+    inputs = load_inputs(config, store, executor)
     curv = fit_curvature(config, store, inputs, executor)
     qg, encoded = query_gradients(config, store, inputs, curv, executor)
     results = score_documents(config, store, inputs, qg, curv, executor)

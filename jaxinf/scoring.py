@@ -56,9 +56,18 @@ class QueryGradients:
 
 
 def low_rank(P: Array, rank: int) -> tuple[Array, Array]:
-    """Rank-r truncated SVD ``P ~= (U_r diag(s_r)) V_r^T`` per matrix of ``P`` ``[..., d_out, d_in']``."""
+    """Rank-r truncated SVD ``P ~= (U_r diag(s_r)) V_r^T`` per matrix of ``P`` ``[..., d_out, d_in']``.
+
+    The matrices are decomposed one after another (``lax.map`` of an unbatched
+    SVD), like :func:`jaxinf.curvature.eigen.stacked_eigh`: on the CPU a batched
+    LAPACK SVD waits on XLA's thread pool from inside it, and with several
+    devices executing at once (a mesh) every pool thread can end up waiting.
+    """
     dtype = P.dtype
-    U, s, Vt = jnp.linalg.svd(P.astype(float_dtype()), full_matrices=False)
+    flat = P.reshape((-1,) + P.shape[-2:]).astype(float_dtype())
+    U, s, Vt = jax.lax.map(lambda m: jnp.linalg.svd(m, full_matrices=False), flat)
+    U, s, Vt = U.reshape(P.shape[:-1] + U.shape[-1:]), s.reshape(P.shape[:-2] + s.shape[-1:]), \
+        Vt.reshape(P.shape[:-2] + Vt.shape[-2:])
     left = U[..., :, :rank] * s[..., None, :rank]
     right = jnp.swapaxes(Vt[..., :rank, :], -1, -2)
     return left.astype(dtype), right.astype(dtype)

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 from jaxinf.capture import Captured, LayerSpec
 from jaxinf.precision import float_dtype
 from jaxinf.curvature.eigen import Eigen
+from jaxinf.sharding import constrain
 
 Array = jax.Array
 
@@ -70,7 +71,7 @@ def lambda_update(state: LambdaState, captured: Captured, eigen: Eigen | None) -
     for k, acc in state.Lambda.items():
         Q_A = None if eigen is None else eigen.Q_A[k]
         Q_S = None if eigen is None else eigen.Q_S[k]
-        R = rotated_gradient(captured.a[k], captured.g[k], Q_A, Q_S, acc.dtype)
+        R = constrain(rotated_gradient(captured.a[k], captured.g[k], Q_A, Q_S, acc.dtype), ("batch", "rows", "cols"))
         out[k] = acc + jnp.sum(R * R, axis=-3)
     count = state.count + sequence_count(captured.mask).astype(state.count.dtype)
     return LambdaState(Lambda=out, count=count)

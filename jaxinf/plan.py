@@ -1,0 +1,453 @@
+"""``jaxinf plan CONFIG``: memory and cost of every stage on a mesh, without any weights.
+
+The model is built from its ``config.json`` alone (:func:`jaxinf.models.abstract`:
+shapes and dtypes, nothing allocated), the tracked layers are found by tracing it
+abstractly, and every array of the run gets its layout from the partition rules
+of :mod:`jaxinf.sharding`. Then, per mesh:
+
+- **static bytes per device**: parameters, factors (``A`` and ``S``; the
+  eigenbases ``Q_A``, ``Q_S`` take as much again), ``Lambda`` and the
+  preconditioned query gradients, counted from their shapes and layouts
+  (:func:`static_bytes`; no device needed);
+- **compiled peak per device** of each stage's step (covariance, eigen, Lambda,
+  query gradients, preconditioning, scores): the step is lowered with abstract
+  inputs carrying their shardings and compiled by XLA for the mesh on simulated
+  CPU devices, and XLA's memory analysis of the partitioned program gives its
+  peak (arguments + outputs + temporaries, donated buffers counted once). These
+  are CPU-backend numbers: an accelerator backend fuses and lays out
+  differently, so read them as estimates within tens of percent;
+- **FLOPs per document** of the per-batch steps, from XLA's cost analysis of the
+  partitioned programs (so work that a layout repeats on several devices
+  counts). XLA counts a ``while`` loop's body once, so the stacked layers are
+  unrolled for counting and the count is taken on 1 and 2 layers and extended
+  linearly: ``F(L) = F(1) + (L - 1) (F(2) - F(1))``. Where the unstacked layers
+  cannot be laid out on the mesh (a factor no mesh axis divides, with no
+  layer axis to fall back to), they are counted on one device and divided
+  evenly (``flops_from``);
+- **time** of each per-document stage for ``plan.documents`` documents of
+  ``plan.tokens_per_document`` tokens at ``plan.device_flops`` per device (FLOPs
+  scaled linearly in tokens from ``data.max_length``).
+
+With ``factors.from`` (factors fitted by another run, e.g. on a larger slice)
+the fitting steps are left out, as the run leaves them out.
+
+A step whose peak exceeds ``plan.device_memory_gib`` fails the plan (exit 1,
+naming the stage, mesh and bytes). Tracking a layer whose factor alone would be
+larger than 64 Ki x 64 Ki (the ``lm_head`` of a 256k vocabulary under
+``factors.track: all``) is refused up front.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("jaxinf")
+
+GiB = 2**30
+MAX_FACTOR_DIM = 65536
+
+
+class PlanError(ValueError):
+    """A config the planner cannot plan (one line, names what)."""
+
+
+@dataclasses.dataclass
+class Step:
+    """One compiled step on one mesh: XLA's memory analysis per device, and FLOPs per device per call."""
+
+    name: str
+    peak: int
+    arguments: int
+    temporaries: int
+    outputs: int
+    flops: float | None = None
+    documents: int | None = None  # documents per call (per-document steps)
+    flops_from: str | None = None  # "mesh": the partitioned program's count; "one device": divided evenly
+    seconds: float = 0.0          # compile time
+
+
+@dataclasses.dataclass
+class MeshPlan:
+    data: int
+    model: int
+    hosts: int
+    groups: int
+    global_batch: int
+    static: dict[str, int]
+    steps: list[Step] = dataclasses.field(default_factory=list)
+
+    @property
+    def devices(self) -> int:
+        return self.data * self.model
+
+
+# --------------------------------------------------------------------------- the model, without weights
+
+
+def abstract_model(config, num_layers: int | None = None, scan: bool | None = None):
+    """The abstract LM of ``model.checkpoint``'s config.json and its tracked layers."""
+    from jaxinf import models
+    from jaxinf.pipeline import tracked_layers
+
+    if config.model.checkpoint is None:
+        raise PlanError("model.checkpoint: not set (a directory with the model's config.json; weights are not read)")
+    mc = models.read_config(config.model.checkpoint, dtype=config.model.dtype,
+                            scan=config.model.scan_layers if scan is None else scan,
+                            remat=config.model.remat)
+    if num_layers is not None:
+        mc = mc.replace(num_layers=num_layers)
+    lm = models.abstract(mc)
+    return lm, tracked_layers(lm, config.factors.track)
+
+
+def check_layers(layers) -> None:
+    """Refuses a tracked layer whose factor could never be decomposed on one device (e.g. a 256k-vocabulary lm_head)."""
+    for name, spec in layers.items():
+        n = max(spec.d_in_aug, spec.d_out)
+        if n > MAX_FACTOR_DIM:
+            gb = n * n * 4 / 1e9
+            raise PlanError(f"factors.track tracks {name}, whose factor {'S' if spec.d_out >= spec.d_in_aug else 'A'} "
+                            f"would be {n} x {n} ({gb:,.0f} GB in float32, decomposed whole on one device); track "
+                            "mlp or a list of patterns without it")
+
+
+def stage_shapes(lm, layers, config) -> dict[str, Any]:
+    """Abstract covariance sums, eigenbases, Lambda and query gradients of the tracked layers."""
+    import jax
+    import jax.numpy as jnp
+
+    from jaxinf import curvature, scoring, stages
+    from jaxinf.precision import float_dtype
+
+    task = lm.task()
+    cov = stages.covariance_stage(task, layers)
+    lam = stages.lambda_stage(task, layers)
+    state = jax.eval_shape(cov.init)
+    finished = jax.eval_shape(cov.finalize, state)
+    eigen = jax.eval_shape(curvature.eigendecompose, finished)
+    Lambda = jax.eval_shape(lambda: lam.finalize(lam.init()))
+    Q = config.plan.queries
+    G = {k: jax.ShapeDtypeStruct(s.lead + (Q, s.d_out, s.d_in_aug), float_dtype()) for k, s in layers.items()}
+    loss = jax.ShapeDtypeStruct((Q,), jnp.float32)
+    strategy = config.factors.strategy
+    curv = jax.eval_shape(lambda e, L: curvature.curvature(strategy, e, L), eigen, Lambda) \
+        if strategy != "identity" else curvature.curvature("identity")
+    queries = jax.eval_shape(lambda G, l, c: scoring.prepare_queries(G, l, c, config.scores.damping,
+                                                                     config.scores.query_rank), G, loss, curv)
+    return {"covariance": state, "finished": finished, "eigen": eigen, "Lambda": Lambda, "queries": queries,
+            "curvature": curv}
+
+
+def static_bytes(lm, shapes: dict, data: int, model: int) -> dict[str, int]:
+    """Bytes per device of parameters, factors (A, S), eigenbases (Q, e), Lambda and query gradients."""
+    from jaxinf import sharding
+
+    mesh = {"data": data, "model": model}
+    cov = shapes["finished"]
+    out = {"parameters": sharding.shard_bytes(lm.params, sharding.param_specs(mesh, lm.params), mesh),
+           "factors": sharding.shard_bytes((cov.A, cov.S), sharding.tree_specs(mesh, (cov.A, cov.S), "A"), mesh),
+           "eigenbases": sharding.shard_bytes(shapes["eigen"], sharding.tree_specs(mesh, shapes["eigen"]), mesh),
+           "Lambda": sharding.shard_bytes(shapes["Lambda"], sharding.tree_specs(mesh, shapes["Lambda"], "Lambda"), mesh),
+           "queries": sharding.shard_bytes(shapes["queries"], sharding.tree_specs(mesh, shapes["queries"]), mesh)}
+    return out
+
+
+def simulated_groups(data: int, model: int, hosts: int) -> int:
+    """Slices of the corpus read per step when ``hosts`` processes own consecutive devices of a ``data x model`` mesh
+    (as :func:`jaxinf.sharding.make_mesh` orders them)."""
+    import numpy as np
+
+    from jaxinf import sharding
+
+    n = data * model
+    if hosts < 1 or n % hosts:
+        raise PlanError(f"plan.hosts={hosts} does not divide the {n} devices of mesh {data}x{model}")
+    per_host = n // hosts
+    layout = dataclasses.make_dataclass("Layout", ["devices"])(np.arange(n).reshape(data, model))
+    return sharding.data_groups(layout, process_of=lambda i: int(i) // per_host, process=0)[1]
+
+
+# --------------------------------------------------------------------------- compiling the steps
+
+
+def _memory(name: str, compiled, seconds: float) -> Step:
+    m = compiled.memory_analysis()
+    # arguments + outputs + temporaries, donated (aliased) buffers once. (The CPU backend's peak_memory_in_bytes
+    # leaves the temporaries out, so it is not used.)
+    peak = m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes
+    return Step(name, peak, int(m.argument_size_in_bytes), int(m.temp_size_in_bytes), int(m.output_size_in_bytes),
+                seconds=seconds)
+
+
+def _flops(compiled) -> float:
+    cost = compiled.cost_analysis()
+    if isinstance(cost, list):
+        cost = cost[0]
+    return float(cost.get("flops", 0.0))
+
+
+def step_programs(config, mesh, lm, layers, global_batch: int):
+    """Every stage's step for ``mesh``, as ``(name, jitted function, abstract args, documents per call)``."""
+    import jax
+    import jax.numpy as jnp
+
+    from jaxinf import curvature, scoring, sharding, stages
+
+    task = lm.task()
+    fisher = config.factors.fisher
+    cov = stages.covariance_stage(task, layers, fisher)
+    lam = stages.lambda_stage(task, layers, fisher)
+    shard = lambda tree, field=None: sharding.tree_shardings(mesh, tree, field)  # noqa: E731
+    absd = sharding.abstract_tree
+    params = absd(lm.params, sharding.param_shardings(mesh, lm.params))
+    T = config.data.max_length
+    rows = jax.sharding.NamedSharding(mesh, sharding.batch_spec(1))
+    batch_sh = jax.sharding.NamedSharding(mesh, sharding.batch_spec(2))
+    batch = {"tokens": jax.ShapeDtypeStruct((global_batch, T), jnp.int32, sharding=batch_sh),
+             "mask": jax.ShapeDtypeStruct((global_batch, T), jnp.float32, sharding=batch_sh),
+             "weights": jax.ShapeDtypeStruct((global_batch, T), jnp.float32, sharding=batch_sh)}
+    replicated = jax.sharding.NamedSharding(mesh, sharding.P())
+    qb = config.data.query_batch_size
+    qbatch = {k: jax.ShapeDtypeStruct((qb, T), v.dtype, sharding=replicated) for k, v in batch.items()}
+    key = jax.eval_shape(lambda: jax.random.key(0)) if fisher == "sampled" else None
+    state = jax.eval_shape(cov.init)
+    state = absd(state, shard(state))
+    finished = jax.eval_shape(cov.finalize, state)
+    finished = absd(finished, shard(finished))
+    eigen = jax.eval_shape(curvature.eigendecompose, finished)
+    eigen = absd(eigen, shard(eigen))
+    lstate = jax.eval_shape(lam.init)
+    lstate = absd(lstate, shard(lstate))
+    Lambda = jax.eval_shape(lam.finalize, lstate)
+    Lambda = absd(Lambda, shard(Lambda, "Lambda"))
+    strategy = config.factors.strategy
+    curv = curvature.curvature(strategy, eigen, Lambda) if strategy != "identity" else curvature.curvature("identity")
+    damping, rank = config.scores.damping, config.scores.query_rank
+    G, qloss = jax.eval_shape(lambda p, b: stages.query_gradients(task, layers, p, b), params, qbatch)
+    G = absd(G, shard(G, "full"))
+    qloss = jax.ShapeDtypeStruct(qloss.shape, qloss.dtype, sharding=replicated)
+    Q = config.plan.queries
+    qfull = jax.eval_shape(
+        lambda c: scoring.prepare_queries({k: jnp.zeros(s.lead + (Q, s.d_out, s.d_in_aug)) for k, s in layers.items()},
+                                          jnp.zeros(Q), c, damping, rank), curv)
+    queries = absd(qfull, shard(qfull))
+    want_self = config.scores.self_influence
+
+    def score_step(p, q, c, b):
+        cap = stages.capture_train(task, layers, p, b, None)
+        out = {"scores": scoring.pairwise_scores(q, cap).total, "loss": cap.loss}
+        if want_self:
+            out["self"] = scoring.self_scores(c, damping, cap)
+        return out
+
+    score_out = {"scores": jax.sharding.NamedSharding(mesh, sharding.rows_spec(2)), "loss": rows}
+    if want_self:
+        score_out["self"] = rows
+    programs = []
+    fit = config.factors.from_run is None   # with factors.from, the run reuses fitted factors: no fitting steps
+    if fit and strategy in ("kfac", "ekfac"):
+        programs.append(("covariance", sharding.jit_on(mesh, cov.update, donate_argnums=(0,),
+                                               out_shardings=(shard(state), rows)), (state, params, batch, key),
+                         global_batch))
+        programs.append(("eigen", sharding.jit_on(mesh, lambda c: sharding.distributed_eigendecompose(c, mesh),
+                                          out_shardings=shard(eigen)), (finished,), None))
+    if fit and strategy in ("diagonal", "ekfac"):
+        programs.append(("lambda", sharding.jit_on(mesh, lam.update, donate_argnums=(0,), out_shardings=(shard(lstate), rows)),
+                         (lstate, params, eigen if strategy == "ekfac" else None, batch, key), global_batch))
+    programs.append(("query gradients", sharding.jit_on(mesh, lambda p, b: stages.query_gradients(task, layers, p, b)),
+                     (params, qbatch), None))
+    programs.append(("preconditioning", sharding.jit_on(     # as MeshExecutor.prepare_queries
+        mesh, lambda G, l, c: sharding.distributed_prepare_queries(G, l, c, damping, rank, mesh)),
+                     (G, qloss, curv), None))
+    programs.append(("scores", sharding.jit_on(mesh, score_step, out_shardings=score_out), (params, queries, curv, batch),
+                     global_batch))
+    return programs
+
+
+def compile_steps(config, mesh, lm, layers, global_batch: int, flops: bool = True) -> list[Step]:
+    """Compiles every step for ``mesh``: memory from the real (stacked) program, FLOPs from 1- and 2-layer ones."""
+    out = []
+    for name, fn, args, docs in step_programs(config, mesh, lm, layers, global_batch):
+        t0 = time.perf_counter()
+        compiled = fn.lower(*args).compile()
+        step = _memory(name, compiled, time.perf_counter() - t0)
+        step.documents = docs
+        out.append(step)
+        log.info("plan: %s on %dx%d compiled in %.1fs (peak %.2f GiB per device)", name, *mesh.devices.shape,
+                 step.seconds, step.peak / GiB)
+    if flops:
+        import jax
+
+        from jaxinf import sharding
+
+        L = lm.config.num_layers
+        counts, where = {}, "mesh"
+        for n in (1, 2):
+            small, small_layers = abstract_model(config, num_layers=n, scan=False)
+            try:
+                programs, scale = step_programs(config, mesh, small, small_layers, global_batch), 1.0
+            except sharding.ShardingError:
+                # unstacked layers have no layer axis to fall back to: count this model's FLOPs on one device
+                one = sharding.make_mesh(1, 1, jax.devices()[:1])
+                programs, scale, where = step_programs(config, one, small, small_layers, global_batch), \
+                    1.0 / mesh.devices.size, "one device"
+            for name, fn, args, docs in programs:
+                if docs is not None:
+                    counts.setdefault(name, []).append(scale * _flops(fn.lower(*args).compile()))
+        for step in out:
+            if step.name in counts:
+                f1, f2 = counts[step.name]
+                step.flops = f1 + (L - 1) * (f2 - f1)
+                step.flops_from = where
+    return out
+
+
+# --------------------------------------------------------------------------- the plan
+
+
+def plan(config, meshes: Iterable[tuple[int, int]], compile: bool = True) -> dict:
+    """The plan of ``config`` for each ``(data, model)`` mesh; see the module docstring."""
+    import jax
+
+    from jaxinf import sharding
+
+    if config.run.precision == "float64":
+        jax.config.update("jax_enable_x64", True)
+    lm, layers = abstract_model(config)
+    check_layers(layers)
+    shapes = stage_shapes(lm, layers, config)
+    tracked = sum(s.num_params for s in layers.values())
+    result = {"model": config.model.checkpoint, "family": lm.config.family, "parameters": lm.num_params,
+              "parameter_dtype": lm.config.param_dtype, "tracked_layers": sum(len(s.layer_names) for s in layers.values()),
+              "tracked_parameters": int(tracked), "precision": config.run.precision, "meshes": []}
+    for data, model in meshes:
+        groups = simulated_groups(data, model, config.plan.hosts)
+        per_group = data // groups
+        if config.data.batch_size % per_group:
+            raise PlanError(f"data.batch_size={config.data.batch_size} does not split over the {per_group} data-axis "
+                            f"position(s) each of the {groups} corpus slices feeds (mesh {data}x{model}, "
+                            f"plan.hosts={config.plan.hosts})")
+        mp = MeshPlan(data, model, config.plan.hosts, groups, groups * config.data.batch_size,
+                      static_bytes(lm, shapes, data, model))
+        if compile:
+            if jax.device_count() < data * model:
+                raise PlanError(f"mesh {data}x{model} needs {data * model} devices, {jax.device_count()} available "
+                                "(jaxinf plan simulates them when it starts jax itself)")
+            mesh = sharding.make_mesh(data, model, jax.devices()[: data * model])
+            mp.steps = compile_steps(config, mesh, lm, layers, mp.global_batch)
+        result["meshes"].append(_mesh_dict(mp, config))
+    return result
+
+
+def _mesh_dict(mp: MeshPlan, config) -> dict:
+    tokens = config.plan.tokens_per_document or config.data.max_length
+    scale = tokens / config.data.max_length
+    steps = []
+    for s in mp.steps:
+        d = dataclasses.asdict(s)
+        if s.flops is not None and s.documents:
+            per_doc = s.flops * mp.devices / s.documents * scale
+            d["flops_per_document"] = per_doc
+            n = config.factors.max_documents if s.name in ("covariance", "lambda") and config.factors.max_documents \
+                else config.plan.documents
+            d["documents_timed"] = n
+            d["hours"] = n * per_doc / (mp.devices * config.plan.device_flops) / 3600
+        steps.append(d)
+    return {"data": mp.data, "model": mp.model, "devices": mp.devices, "hosts": mp.hosts, "corpus_slices": mp.groups,
+            "global_batch": mp.global_batch, "static": mp.static, "steps": steps}
+
+
+def check_fit(result: dict, memory_gib: float | None) -> list[str]:
+    """One message per step (and mesh) whose peak exceeds ``memory_gib`` per device."""
+    if memory_gib is None:
+        return []
+    limit = memory_gib * GiB
+    bad = []
+    for m in result["meshes"]:
+        static = sum(m["static"][k] for k in ("parameters", "factors", "Lambda", "queries"))
+        if not m["steps"] and static > limit:
+            bad.append(f"mesh {m['data']}x{m['model']}: parameters, factors, Lambda and query gradients alone need "
+                       f"{static / GiB:.2f} GiB per device, more than plan.device_memory_gib={memory_gib:g}")
+        for s in m["steps"]:
+            if s["peak"] > limit:
+                bad.append(f"mesh {m['data']}x{m['model']}: stage {s['name']} needs {s['peak'] / GiB:.2f} GiB per "
+                           f"device, more than plan.device_memory_gib={memory_gib:g}")
+    return bad
+
+
+def format_plan(result: dict, config) -> str:
+    """The plan as text: a header, and per mesh the static bytes and one row per step."""
+    def gib(b):
+        return f"{b / GiB:8.2f}"
+
+    lines = [f"model {result['model']} ({result['family']}, {result['parameters']:,} parameters in "
+             f"{result['parameter_dtype']}); tracking {result['tracked_layers']} layers "
+             f"({result['tracked_parameters']:,} parameters), factors.track={config.factors.track}, "
+             f"strategy {config.factors.strategy}, engine precision {result['precision']}",
+             f"queries {config.plan.queries}, query rank {config.scores.query_rank or 'full'}, "
+             f"{config.data.max_length} tokens per row, data.batch_size {config.data.batch_size} per corpus slice"]
+    for m in result["meshes"]:
+        st = m["static"]
+        lines += ["", f"mesh data={m['data']} x model={m['model']} ({m['devices']} devices, {m['hosts']} host(s), "
+                      f"{m['corpus_slices']} corpus slice(s), {m['global_batch']} documents per step)",
+                  "  per device (GiB): parameters " + gib(st["parameters"]).strip() + ", factors A+S "
+                  + gib(st["factors"]).strip() + " (eigenbases " + gib(st["eigenbases"]).strip() + "), Lambda "
+                  + gib(st["Lambda"]).strip() + ", query gradients " + gib(st["queries"]).strip()]
+        if m["steps"]:
+            lines.append(f"  {'step':<16} {'peak GiB':>9} {'args GiB':>9} {'temp GiB':>9} {'TFLOP/doc':>10} "
+                         f"{'hours':>9} {'compile s':>9}")
+            for s in m["steps"]:
+                fl = f"{s['flops_per_document'] / 1e12:9.3f}{'*' if s.get('flops_from') == 'one device' else ' '}" \
+                    if "flops_per_document" in s else f"{'-':>10}"
+                hours = f"{s['hours']:9.1f}" if "hours" in s else f"{'-':>9}"
+                lines.append(f"  {s['name']:<16} {gib(s['peak']):>9} {gib(s['arguments']):>9} "
+                             f"{gib(s['temporaries']):>9} {fl} {hours} {s['seconds']:9.1f}")
+    tokens = config.plan.tokens_per_document or config.data.max_length
+    if any(s.get("flops_from") == "one device" for m in result["meshes"] for s in m["steps"]):
+        lines += ["", "*: FLOPs counted on one device and divided evenly (the unstacked layers the count uses have "
+                      "a factor that no mesh axis divides)"]
+    if config.model.remat:
+        lines += ["", "model.remat: the FLOPs leave out the recomputed forward pass (about a third more per step)"]
+    lines += ["", f"hours: {config.plan.documents:,} documents (factors.max_documents for covariance and Lambda when "
+                  f"set) of {tokens} tokens at {config.plan.device_flops:.3g} FLOP/s per device; peaks are XLA's "
+                  "CPU-backend memory analysis of each partitioned step"]
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- the command
+
+
+def parse_mesh(text: str) -> tuple[int, int]:
+    try:
+        d, m = text.lower().split("x")
+        return int(d), int(m)
+    except ValueError:
+        raise PlanError(f"--mesh {text!r}: expected DATAxMODEL, e.g. 8x8") from None
+
+
+def prepare_devices(meshes: list[tuple[int, int]]) -> None:
+    """Simulates enough CPU devices for the largest mesh, if jax has not started yet (else leaves it as it is)."""
+    need = max(d * m for d, m in meshes)
+    flags = os.environ.get("XLA_FLAGS", "")
+    if "xla_force_host_platform_device_count" not in flags:
+        os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={need}".strip()
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+
+def command(config, meshes: list[tuple[int, int]] | None, compile: bool, json_out: str | None) -> int:
+    meshes = meshes or [(config.mesh.data, config.mesh.model)]
+    result = plan(config, meshes, compile=compile)
+    print(format_plan(result, config))
+    if json_out:
+        Path(json_out).write_text(json.dumps(result, indent=1) + "\n")
+    problems = check_fit(result, config.plan.device_memory_gib)
+    for p in problems:
+        print(f"jaxinf plan: does not fit: {p}")
+    return 1 if problems else 0

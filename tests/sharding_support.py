@@ -1,0 +1,288 @@
+"""Sharding tests run on simulated devices in a fresh process: helpers and the worker that does the work.
+
+The device count of the CPU platform is fixed when jax initializes
+(``XLA_FLAGS=--xla_force_host_platform_device_count=8``), and the main pytest
+process needs one device, so every multi-device check runs here, in a
+subprocess started by :func:`run_worker`, and reports numbers as JSON:
+
+    python tests/sharding_support.py stages OUT.json     # every stage on 4 meshes vs one device
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+MESHES = ((8, 1), (4, 2), (2, 4), (1, 8))
+TOLERANCE = 1e-5  # max |sharded - single| / max |single|, float32; fixed before the first run
+
+
+def device_env(devices: int, cache: Path | None = None) -> dict:
+    """Environment of a subprocess with ``devices`` simulated CPU devices (and a shared compilation cache)."""
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    env["JAX_PLATFORMS"] = "cpu"
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    env["PYTHONUNBUFFERED"] = "1"
+    env["OPENBLAS_NUM_THREADS"] = "1"   # every simulated device calls LAPACK at once (see sharding.limit_cpu_blas)
+    if cache is not None:
+        env["JAX_COMPILATION_CACHE_DIR"] = str(cache)
+        env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+        env["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
+    return env
+
+
+def run_worker(task: str, out: Path, devices: int = 8, cache: Path | None = None, timeout: int = 600) -> dict:
+    """Runs ``task`` of this file in a subprocess with ``devices`` devices; returns its JSON report."""
+    r = subprocess.run([sys.executable, str(Path(__file__).resolve()), task, str(out)], env=device_env(devices, cache),
+                       capture_output=True, text=True, timeout=timeout, cwd=REPO)
+    if r.returncode != 0:
+        raise AssertionError(f"worker {task} failed ({r.returncode}):\n{r.stderr[-4000:]}")
+    return {**json.loads(Path(out).read_text()), "stderr": r.stderr}
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def run_processes(n: int, args: list[str], env: dict, per_process: list[list[str]] | None = None,
+                  timeout: int = 600) -> list[subprocess.CompletedProcess]:
+    """``python -m jaxinf ARGS`` as ``n`` processes of one jax.distributed run on localhost (one CPU device each)."""
+    port = free_port()
+    procs = []
+    for i in range(n):
+        extra = [f"mesh.coordinator=127.0.0.1:{port}", f"mesh.num_processes={n}", f"mesh.process_id={i}"]
+        extra += per_process[i] if per_process else []
+        procs.append(subprocess.Popen([sys.executable, "-m", "jaxinf", *map(str, args), *extra], env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO))
+    results = []
+    try:
+        for p in procs:
+            out, err = p.communicate(timeout=timeout)
+            results.append(subprocess.CompletedProcess(p.args, p.returncode, out, err))
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.communicate()
+    return results
+
+
+# --------------------------------------------------------------------------- the worker
+
+
+def tiny_llama():
+    """A 2-layer Llama (hidden 32, MLP 48, 4 heads, 2 KV heads, vocab 64) with random weights."""
+    from jaxinf import models
+
+    config = models.ModelConfig(family="llama", vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=2,
+                                num_heads=4, num_kv_heads=2, max_position_embeddings=64)
+    return models.init(config, 0)
+
+
+def document_batches(n_batches: int = 3, batch: int = 8, length: int = 24, seed: int = 0) -> list[dict]:
+    """Host (numpy) causal-LM batches with ragged rows (padding included) and one all-padding row."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n_batches):
+        lengths = rng.integers(2, length + 1, size=batch)
+        lengths[-1] = 0 if len(out) == 1 else lengths[-1]
+        tokens = rng.integers(3, 64, size=(batch, length)).astype(np.int32)
+        mask = (np.arange(length)[None] < lengths[:, None]).astype(np.float32)
+        weights = mask.copy()
+        weights[:, 0] = 0.0
+        out.append({"tokens": tokens * mask.astype(np.int32), "mask": mask, "weights": weights})
+    return out
+
+
+def query_batch(n: int = 5, length: int = 16, seed: int = 1) -> dict:
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(3, 64, size=(n, length)).astype(np.int32)
+    lengths = rng.integers(6, length + 1, size=n)
+    mask = (np.arange(length)[None] < lengths[:, None]).astype(np.float32)
+    weights = mask * (np.arange(length)[None] >= 4)
+    return {"tokens": tokens * mask.astype(np.int32), "mask": mask, "weights": weights.astype(np.float32)}
+
+
+def _say(*args) -> None:
+    print(*args, file=sys.stderr, flush=True)
+
+
+def _collectives(compiled) -> list[str]:
+    kinds = ("all-reduce", "reduce-scatter", "all-gather", "all-to-all", "collective-permute")
+    text = compiled.as_text()
+    return sorted(k for k in kinds if f" {k}(" in text or f" {k}-start(" in text)
+
+
+def _rel(x, y) -> float:
+    import numpy as np
+
+    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    return float(np.max(np.abs(x - y)) / max(np.max(np.abs(y)), 1e-30))
+
+
+def _tree_rel(a, b) -> float:
+    import jax
+
+    return max(_rel(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+def _layouts(tree) -> dict:
+    """Per leaf: its partition spec and whether it is fully replicated."""
+    import jax
+
+    out = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        name = jax.tree_util.keystr(path)
+        out[name] = {"spec": str(leaf.sharding.spec), "replicated": bool(leaf.sharding.is_fully_replicated),
+                     "shape": list(leaf.shape)}
+    return out
+
+
+def stages_task(out: Path) -> None:
+    """Covariance, eigen, Lambda, query gradients and scores on every mesh of :data:`MESHES` vs one device.
+
+    Each sharded stage gets the single-device result of the stage before it (placed
+    on the mesh), so the comparison isolates that stage's own sharding. The
+    covariance uses the sampled (true) Fisher: labels come from counter-based
+    keys and are the same on every layout.
+    """
+    import jax
+    import numpy as np
+
+    from jaxinf import capture, curvature, scoring, sharding, stages
+
+    lm = tiny_llama()
+    task = lm.task()
+    host_batches = document_batches()
+    qhost = query_batch()
+    dev = lambda b: {k: jax.numpy.asarray(v) for k, v in b.items()}  # noqa: E731
+    layers = capture.select_layers(capture.find_layers(lambda p, b, pr: task.train_loss(p, b, pr, None), lm.params,
+                                                       dev(host_batches[0])), "mlp")
+    key = jax.random.key(3)
+    cov_stage = stages.covariance_stage(task, layers, "sampled")
+    lam_stage = stages.lambda_stage(task, layers, "sampled")
+
+    # ------------------------------------------------ single device
+    ref = {}
+    state = cov_stage.init()
+    up = jax.jit(cov_stage.update)
+    for i, b in enumerate(host_batches):
+        state, _ = up(state, lm.params, dev(b), jax.random.fold_in(key, i))
+    ref["cov"] = cov_stage.finalize(state)
+    ref["eigen"] = jax.jit(curvature.eigendecompose)(ref["cov"])
+    state = lam_stage.init()
+    up = jax.jit(lam_stage.update)
+    for i, b in enumerate(host_batches):
+        state, _ = up(state, lm.params, ref["eigen"], dev(b), jax.random.fold_in(key, 100 + i))
+    ref["Lambda"] = lam_stage.finalize(state)
+    curv = curvature.curvature("ekfac", ref["eigen"], ref["Lambda"])
+    G, qloss = jax.jit(lambda p, b: stages.query_gradients(task, layers, p, b))(lm.params, dev(qhost))
+    prep = jax.jit(lambda G, l, c: scoring.prepare_queries(G, l, c, None, 4))
+    ref["queries"] = prep(G, qloss, curv)
+
+    def score_step(p, q, b):
+        s, loss = stages.score_batch(task, layers, p, q, b)
+        return {"scores": s.total, "loss": loss}
+
+    ref["scores"] = [jax.jit(score_step)(lm.params, ref["queries"], dev(b)) for b in host_batches]
+
+    report = {"meshes": {}}
+    for data, model in MESHES:
+        mesh = sharding.make_mesh(data, model)
+        ex = sharding.MeshExecutor(mesh, batch_size=8)
+        params = ex.place(lm.params, "param")
+        r: dict = {"collectives": {}, "errors": {}, "layouts": {}}
+
+        # covariance
+        _say(f"{data}x{model}: covariance")
+        state = ex.init(cov_stage)
+        up = ex.jit(cov_stage.update, donate_argnums=(0,), out_shardings=(ex.shardings(state), ex.rows()))
+        r["collectives"]["covariance"] = _collectives(
+            up.lower(state, params, ex.put(host_batches[0]), key).compile())
+        for i, b in enumerate(host_batches):
+            state, _ = up(state, params, ex.put(b), jax.random.fold_in(key, i))
+        r["layouts"]["covariance_state"] = _layouts(state)
+        cov = jax.jit(cov_stage.finalize, out_shardings=ex.shardings(jax.eval_shape(cov_stage.finalize, state)))(state)
+        r["errors"]["A"] = _tree_rel(cov.A, ref["cov"].A)
+        r["errors"]["S"] = _tree_rel(cov.S, ref["cov"].S)
+        r["layouts"]["covariance"] = _layouts(cov)
+
+        # eigendecomposition, from the single-device covariance
+        _say(f"{data}x{model}: eigen")
+        placed_cov = ex.place(ref["cov"])
+        eig_fn = jax.jit(lambda c: sharding.distributed_eigendecompose(c, mesh),
+                         out_shardings=ex.shardings(jax.eval_shape(curvature.eigendecompose, ref["cov"])))
+        r["collectives"]["eigen"] = _collectives(eig_fn.lower(placed_cov).compile())
+        eigen = ex.eigendecompose(placed_cov)
+        r["errors"]["eigen"] = _tree_rel(eigen, ref["eigen"])
+        r["layouts"]["eigen"] = _layouts(eigen)
+
+        # Lambda, from the single-device eigenbasis
+        _say(f"{data}x{model}: lambda")
+        placed_eigen = ex.place(ref["eigen"])
+        state = ex.init(lam_stage)
+        up = ex.jit(lam_stage.update, donate_argnums=(0,), out_shardings=(ex.shardings(state), ex.rows()))
+        r["collectives"]["lambda"] = _collectives(
+            up.lower(state, params, placed_eigen, ex.put(host_batches[0]), key).compile())
+        for i, b in enumerate(host_batches):
+            state, _ = up(state, params, placed_eigen, ex.put(b), jax.random.fold_in(key, 100 + i))
+        Lam = jax.jit(lam_stage.finalize, out_shardings=ex.shardings(jax.eval_shape(lam_stage.finalize, state),
+                                                                     "Lambda"))(state)
+        r["errors"]["Lambda"] = _tree_rel(Lam, ref["Lambda"])
+        r["layouts"]["Lambda"] = _layouts({"Lambda": Lam})
+
+        # query gradients, preconditioned by the single-device curvature
+        _say(f"{data}x{model}: queries")
+        pcurv = ex.place(curv)
+        Gm, lm_loss = ex.jit(lambda p, b: stages.query_gradients(task, layers, p, b))(params, ex.put_replicated(qhost))
+        prep_fn = ex.jit(lambda G, l, c: ex.prepare_queries(G, l, c, None, 4))     # the SVDs spread over devices
+        r["collectives"]["queries"] = _collectives(prep_fn.lower(Gm, lm_loss, pcurv).compile())
+        qg = prep_fn(Gm, lm_loss, pcurv)
+        qg = ex.place(qg)
+        # the rank-4 factors are unique up to sign per singular vector: compare the products left @ right^T
+        prod = lambda q: {k: np.einsum("...qor,...qir->...qoi", np.asarray(q.left[k]), np.asarray(q.right[k]))  # noqa: E731
+                          for k in q.left}
+        r["errors"]["queries"] = max(_tree_rel(prod(qg), prod(ref["queries"])), _rel(qg.loss, ref["queries"].loss),
+                                     _tree_rel(qg.full, ref["queries"].full) if qg.full else 0.0)
+        r["layouts"]["queries"] = _layouts(qg)
+        # the other strategies (full rank): the distributed preparation against the engine's on one device
+        for strategy in ("identity", "diagonal", "kfac"):
+            c1 = curvature.curvature(strategy, ref["eigen"],
+                                     curvature.kfac_lambda(ref["eigen"]) if strategy == "kfac" else ref["Lambda"])
+            want = jax.jit(lambda G, l, c: scoring.prepare_queries(G, l, c, 0.01, None))(G, qloss, c1)
+            got = ex.jit(lambda G, l, c: ex.prepare_queries(G, l, c, 0.01, None))(Gm, lm_loss, ex.place(c1))
+            r["errors"]["queries_" + strategy] = _tree_rel(got.full, want.full)
+
+        # scores, against the single-device query gradients
+        _say(f"{data}x{model}: scores")
+        pq = ex.place(ref["queries"])
+        fn = ex.jit(score_step, out_shardings={"scores": ex.rows(2, last=True), "loss": ex.rows()})
+        r["collectives"]["scores"] = _collectives(fn.lower(params, pq, ex.put(host_batches[0])).compile())
+        errs = []
+        for b, want in zip(host_batches, ref["scores"]):
+            got = fn(params, pq, ex.put(b))
+            errs.append(_tree_rel(got, want))
+            r["layouts"]["scores"] = _layouts(got)
+        r["errors"]["scores"] = max(errs)
+        r["layouts"]["params"] = _layouts(params)
+        report["meshes"][f"{data}x{model}"] = r
+    Path(out).write_text(json.dumps(report, indent=1))
+
+
+TASKS = {"stages": stages_task}
+
+if __name__ == "__main__":
+    TASKS[sys.argv[1]](Path(sys.argv[2]))

@@ -1,0 +1,107 @@
+"""``jaxinf plan``: bytes per device against a hand count for Command R 35B on 64 and 256 devices, compiled
+steps on simulated devices, and the refusals (a stage that does not fit, a 256k x 256k factor)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pipeline_support import make_world, overrides
+from sharding_support import REPO, device_env
+from jaxinf import config as cfg
+from jaxinf import plan
+
+CONFIG_64 = REPO / "configs/paper/command-r-35b_v5p-128.yaml"
+CONFIG_256 = REPO / "configs/paper/command-r-35b_v5p-512.yaml"
+GiB = 2**30
+
+
+def hand_count(data: int, model: int, queries: int = 80, rank: int = 32) -> dict[str, int]:
+    """Command R 35B by hand: hidden H 8192, MLP I 22528, 40 layers, vocabulary 256000 (tied), bf16 parameters.
+
+    Every matrix of the model is split over `model` (its MLP / attention width or vocabulary divides);
+    the norm scales are replicated. Factors, eigenbases and Lambda are float32, split over both axes;
+    the rank-32 query gradients over `model`.
+    """
+    H, I, L, V = 8192, 22528, 40, 256000
+    matrices = V * H + L * (4 * H * H + 3 * H * I)          # embedding; q, k, v, o; gate, up, down
+    norms = L * H + H                                       # input_layernorm per layer, final norm
+    parameters = 2 * (matrices // model + norms)
+    factors = 4 * L * 3 * (H * H + I * I) // (model * data)   # A and S of gate, up (H, I) and down (I, H)
+    Lambda = 4 * L * 3 * H * I // (model * data)
+    queries_bytes = 4 * L * queries * rank * 3 * (H + I) // model   # left [d_out, r] and right [d_in, r] per block
+    queries_bytes += 4 * queries                                    # each query's completion NLL, replicated
+    return {"parameters": parameters, "factors": factors, "Lambda": Lambda, "queries": queries_bytes}
+
+
+@pytest.mark.parametrize("config_file, data, model", [(CONFIG_64, 8, 8), (CONFIG_256, 16, 16)])
+def test_bytes_per_device_match_a_hand_count(config_file, data, model):
+    config = cfg.load(config_file)
+    assert (config.mesh.data, config.mesh.model) == (data, model)
+    result = plan.plan(config, [(data, model)], compile=False)
+    assert result["parameters"] == 34_980_831_232 and result["tracked_layers"] == 120
+    static = result["meshes"][0]["static"]
+    want = hand_count(data, model)
+    assert {k: static[k] for k in want} == want
+    assert static["eigenbases"] >= static["factors"]                # Q_A, Q_S as large as A, S, plus e
+    if data * model == 64:   # 35.0B bf16 parameters over 8; 257 GiB of factors and 82.5 GiB of Lambda over 64
+        assert round(static["parameters"] / GiB, 2) == 8.15 and round(static["factors"] / GiB, 2) == 4.01
+        assert round(static["Lambda"] / GiB, 2) == 1.29 and round(static["queries"] / GiB, 2) == 4.39
+
+
+def test_tracking_a_256k_vocabulary_head_is_refused():
+    config = cfg.load(CONFIG_64, ["factors.track=all"])
+    with pytest.raises(plan.PlanError, match=r"^factors\.track tracks lm_head, whose factor S would be 256000 x 256000 "
+                                             r"\(262 GB in float32, decomposed whole on one device\)"):
+        plan.plan(config, [(8, 8)], compile=False)
+
+
+def _plan(args, devices=8, timeout=900):
+    env = device_env(devices)
+    env.pop("XLA_FLAGS")   # jaxinf plan simulates the devices its meshes need
+    return subprocess.run([sys.executable, "-m", "jaxinf", "plan", *map(str, args)], env=env, capture_output=True,
+                          text=True, cwd=REPO, timeout=timeout)
+
+
+def test_plan_compiles_every_step_and_refuses_what_does_not_fit(tmp_path):
+    """The tiny Llama on a 4x2 mesh: every step compiled, with FLOPs per document for the per-document steps;
+    a memory limit below the steps' peaks fails the plan, naming each stage."""
+    w = make_world(tmp_path / "world", n_documents=4, n_queries=2)
+    out = tmp_path / "plan.json"
+    settings = {"scores.query_rank": 4, "data.batch_size": 4, "plan.device_memory_gib": 0.0001}
+    r = _plan(["--mesh", "4x2", "--json", out, *overrides(w, tmp_path / "run", **settings)])
+    assert r.returncode == 1, r.stderr[-3000:]
+    (m,) = json.loads(out.read_text())["meshes"]
+    assert [s["name"] for s in m["steps"]] == ["covariance", "eigen", "lambda", "query gradients", "preconditioning",
+                                               "scores"]
+    assert all(s["peak"] > 0 for s in m["steps"])
+    per_doc = {s["name"]: s["flops_per_document"] for s in m["steps"] if "flops_per_document" in s}
+    assert set(per_doc) == {"covariance", "lambda", "scores"} and all(v > 0 for v in per_doc.values())
+    failures = [line for line in r.stdout.splitlines() if line.startswith("jaxinf plan: does not fit:")]
+    assert len(failures) == 6 and failures[0] == (
+        f"jaxinf plan: does not fit: mesh 4x2: stage covariance needs {m['steps'][0]['peak'] / GiB:.2f} GiB per device, "
+        "more than plan.device_memory_gib=0.0001"), r.stdout
+    # bytes per device fall as the model axis grows (8 documents per step: one per data row on 8x1)
+    config = cfg.load(None, overrides(w, tmp_path / "run", **{**settings, "data.batch_size": 8}))
+    static = [m["static"] for m in plan.plan(config, [(8, 1), (4, 2), (2, 4), (1, 8)], compile=False)["meshes"]]
+    for key in ("parameters", "queries"):
+        assert [s[key] for s in static] == sorted((s[key] for s in static), reverse=True), key
+        assert static[-1][key] < static[0][key]
+
+
+@pytest.mark.heavy
+def test_command_r_35b_on_64_and_256_devices(tmp_path):
+    """The whole plan of the paper's 35B setting, compiled for 64 and 256 simulated devices (a few minutes)."""
+    for config_file, data, model in ((CONFIG_64, 8, 8), (CONFIG_256, 16, 16)):
+        out = tmp_path / f"{data}x{model}.json"
+        r = _plan([config_file, "--json", out], devices=data * model, timeout=1800)
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+        m = json.loads(out.read_text())["meshes"][0]
+        want = hand_count(data, model)
+        assert {k: m["static"][k] for k in want} == want
+        assert all(0 < s["peak"] <= 95 * GiB for s in m["steps"]), m["steps"]
+        assert f"mesh data={data} x model={model} ({data * model} devices" in r.stdout
