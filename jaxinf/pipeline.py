@@ -59,6 +59,21 @@ class Executor:
         return {k: jnp.asarray(batch[k]) for k in keys if k in batch}
 
 
+def lapack_threads(threads: int = 1):
+    """Caps the BLAS/LAPACK threads of the ``eigh`` and SVD calls XLA makes on the CPU (a ``with`` block).
+
+    On the CPU, XLA runs LAPACK (jaxlib's ``eigh``, ``svd``) inside its own thread
+    pool, and the BLAS library behind it starts threads of its own on top. On a
+    busy host the oversubscribed threads wait on each other: on 2 shared cores the
+    eigendecomposition of a 6M-parameter Llama's MLP factors took 23-33 s this way
+    and 1.3 s with one BLAS thread (``scripts/bench_vs_kronfluence.py``). The
+    computations must finish inside the block (block on their results).
+    """
+    from threadpoolctl import threadpool_limits
+
+    return threadpool_limits(limits=threads, user_api="blas")
+
+
 # --------------------------------------------------------------------------- inputs
 
 
@@ -304,7 +319,8 @@ def fit_curvature(config: cfg.Config, store: RunStore, inputs: Inputs, executor:
                              jax.random.fold_in(base, 0), config.factors.save_every, executor, inputs)
             store.mark("covariance", "done")
             t0 = time.perf_counter()
-            eigen = jax.jit(curvature.eigendecompose)(cov)
+            with lapack_threads():
+                eigen = jax.block_until_ready(jax.jit(curvature.eigendecompose)(cov))
             _check_finite_tree({"Q_A": eigen.Q_A, "Q_S": eigen.Q_S}, "eigendecomposition")
             store.save_result("eigen", eigen)
             log.info("eigen: %d blocks decomposed in %.1fs", len(inputs.layers), time.perf_counter() - t0)
@@ -386,7 +402,8 @@ def query_gradients(config: cfg.Config, store: RunStore, inputs: Inputs, curv, e
         return saved, encoded
     store.mark("queries", "running")
     t0 = time.perf_counter()
-    qg = _prepare_all(inputs, batches, grad_fn, prep_fn, curv, check=True)
+    with lapack_threads():
+        qg = jax.block_until_ready(_prepare_all(inputs, batches, grad_fn, prep_fn, curv, check=True))
     bad = np.flatnonzero(~np.isfinite(np.asarray(qg.loss)))
     if bad.size:
         q = inputs.queries[int(bad[0])]
