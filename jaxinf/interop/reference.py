@@ -164,12 +164,17 @@ def score_arguments(damping: float | None, query_rank: int | None, precision: st
         per_sample_gradient_dtype=dtype, precondition_dtype=dtype, score_dtype=dtype)
 
 
-def load_model(checkpoint: str | Path, precision: str):
-    """The transformers model of a checkpoint directory, in eval mode, float64 or float32 (eager attention)."""
+def load_model(checkpoint: str | Path, precision: str, attention: str = "eager"):
+    """The transformers model of a checkpoint directory, in eval mode, float64 or float32.
+
+    ``attention``: transformers' ``attn_implementation``; eager (the default here)
+    is the one whose float64 arithmetic the parity tests pin down, sdpa is
+    transformers' own default.
+    """
     transformers = importlib.import_module("transformers")
     dtype = torch.float64 if precision == "float64" else torch.float32
     return transformers.AutoModelForCausalLM.from_pretrained(str(checkpoint), dtype=dtype,
-                                                             attn_implementation="eager").eval()
+                                                             attn_implementation=attention).eval()
 
 
 def tracked_modules(model, patterns: str | Sequence[str]) -> list[str]:
