@@ -23,7 +23,8 @@ increase over the stage's start, and kronfluence / jaxinf. kronfluence calls
 ``gc.collect()`` between steps; objects alive before its stages (JAX's among
 them) are frozen out of the collector so that it is not charged for them.
 
-    python scripts/bench_vs_kronfluence.py --size small [--size tiny ...] [--torch-threads N] [--json PATH]
+    python scripts/bench_vs_kronfluence.py --size small [--size tiny ...] [--torch-threads N]
+        [--scan-layers true --scan-layers false] [--json PATH]
 """
 
 from __future__ import annotations
@@ -89,7 +90,8 @@ class Stage:
             self.peak = max(self.peak, rss())
 
     def row(self) -> dict:
-        return {"seconds": self.seconds, "peak_mib": self.peak / MiB, "increase_mib": (self.peak - self.start_rss) / MiB}
+        return {"seconds": self.seconds, "peak_mib": self.peak / MiB,
+                "increase_mib": (self.peak - self.start_rss) / MiB}
 
 
 # --------------------------------------------------------------------------- the world
@@ -188,7 +190,8 @@ def run_kronfluence(w: dict, size: dict, args, out: Path) -> dict:
 # --------------------------------------------------------------------------- jaxinf
 
 
-def run_jaxinf(w: dict, size: dict, args, out: Path, timed: bool) -> dict:
+def run_jaxinf(w: dict, size: dict, args, out: Path, timed: bool, compiled: dict, scan: bool = True) -> dict:
+    """The jaxinf stages; ``compiled`` keeps this size's stage functions, so the timed pass reuses their programs."""
     import jax
 
     from jaxinf import config as cfg
@@ -200,7 +203,8 @@ def run_jaxinf(w: dict, size: dict, args, out: Path, timed: bool) -> dict:
                              f"data.queries={w['queries']}", f"data.max_length={size['length']}",
                              f"data.batch_size={args.batch_size}", f"data.query_batch_size={size['queries']}",
                              "factors.strategy=ekfac", "factors.fisher=sampled", "factors.save_every=1000000",
-                             f"scores.query_rank={args.query_rank}", "scores.save_every=1000000", f"run.out={out}"])
+                             f"scores.query_rank={args.query_rank}", "scores.save_every=1000000", f"run.out={out}",
+                             f"model.scan_layers={str(scan).lower()}"])
     store = RunStore.open(config, overwrite=True)
     inputs = pipeline.load_inputs(config, store)
     executor = pipeline.Executor()
@@ -214,12 +218,15 @@ def run_jaxinf(w: dict, size: dict, args, out: Path, timed: bool) -> dict:
         with s.measure():
             result = jax.block_until_ready(fn())
         st[name] = s.row()
-        print(f"  jaxinf{'' if timed else ' (cold)'} {name}: {s.seconds:.1f}s", flush=True)
+        print(f"  jaxinf{'' if scan else ' (unrolled)'}{'' if timed else ' (cold)'} {name}: {s.seconds:.1f}s",
+              flush=True)
         return result
 
-    cov_stage, lam_stage = _STAGES.setdefault("cov", stages.covariance_stage(inputs.task, inputs.layers, "sampled")), \
-        _STAGES.setdefault("lam", stages.lambda_stage(inputs.task, inputs.layers, "sampled"))
-    eigh = _STAGES.setdefault("eigh", jax.jit(curvature.eigendecompose))
+    if not compiled:
+        compiled.update(cov=stages.covariance_stage(inputs.task, inputs.layers, "sampled"),
+                        lam=stages.lambda_stage(inputs.task, inputs.layers, "sampled"),
+                        eigh=jax.jit(curvature.eigendecompose))
+    cov_stage, lam_stage, eigh = compiled["cov"], compiled["lam"], compiled["eigh"]
     cov = stage("covariance", lambda: pipeline.accumulate(store, "covariance", cov_stage, (params,), batches,
                                                           jax.random.fold_in(key, 0), config.factors.save_every,
                                                           executor, inputs))
@@ -247,15 +254,13 @@ def run_jaxinf(w: dict, size: dict, args, out: Path, timed: bool) -> dict:
     return {"stages": st, "tokens": int(inputs.plan.report.tokens), "scores": results["scores"]}
 
 
-_STAGES: dict = {}
-
 
 # --------------------------------------------------------------------------- report
 
 
-def table(name: str, size: dict, w: dict, kf: dict, jx: dict, cold: dict) -> str:
-    lines = [f"### {name}: Llama {size['hidden']}/{size['intermediate']} x {size['layers']} layers, vocab "
-             f"{size['vocab']}, {w['params'] / 1e6:.2f}M parameters; {size['documents']} documents "
+def table(name: str, size: dict, w: dict, kf: dict, jx: dict, cold: dict, variant: str) -> str:
+    lines = [f"### {name}, jaxinf {variant}: Llama {size['hidden']}/{size['intermediate']} x {size['layers']} "
+             f"layers, vocab {size['vocab']}, {w['params'] / 1e6:.2f}M parameters; {size['documents']} documents "
              f"({kf['tokens']:,} tokens, up to {size['length']} each), {size['queries']} queries",
              "",
              "| stage | kronfluence s | jaxinf s | kronfluence / jaxinf | kronfluence tok/s | jaxinf tok/s "
@@ -286,6 +291,8 @@ def main(argv=None) -> None:
     ap.add_argument("--documents", type=int, help="override the size's number of documents")
     ap.add_argument("--query-rank", type=int, default=32)
     ap.add_argument("--torch-threads", type=int, default=0, help="torch.set_num_threads (default: torch's own)")
+    ap.add_argument("--scan-layers", action="append", choices=["true", "false"],
+                    help="jaxinf's model.scan_layers; repeat to time both (default: true, jaxinf's default)")
     ap.add_argument("--workdir", help="where the models, data and results go (default: a temporary directory)")
     ap.add_argument("--json", help="write every measurement to this file")
     args = ap.parse_args(argv)
@@ -313,20 +320,25 @@ def main(argv=None) -> None:
         root = workdir / name
         w = build(root, size)
         print(f"\n{name}: {w['params'] / 1e6:.2f}M parameters", flush=True)
-        cold = run_jaxinf(w, size, args, root / "jaxinf-cold", timed=False)
+        variants = [v == "true" for v in (args.scan_layers or ["true"])]
+        compiled = {scan: {} for scan in variants}
+        cold = {scan: run_jaxinf(w, size, args, root / f"jaxinf-cold-{scan}", False, compiled[scan], scan)
+                for scan in variants}
         kf = run_kronfluence(w, size, args, root / "kronfluence")
-        jx = run_jaxinf(w, size, args, root / "jaxinf", timed=True)
-        corr = [float(np.corrcoef(kf["scores"][q], jx["scores"][q])[0, 1]) for q in range(len(kf["scores"]))]
-        with open("/proc/loadavg") as f:
-            load_end = " ".join(f.read().split()[:3])
-        text = table(name, size, w, kf, jx, cold)
-        text += (f"\n\nScores agree across the libraries up to sampling noise (each draws its own labels): "
-                 f"per-query Pearson {min(corr):.3f}-{max(corr):.3f}. torch threads: {kf['threads']}. "
-                 f"Load average at the end: {load_end}.")
-        print("\n" + text + "\n", flush=True)
-        report["sizes"][name] = {"size": size, "params": w["params"], "kronfluence": _plain(kf), "jaxinf": _plain(jx),
-                                 "jaxinf_cold": _plain(cold), "pearson": corr, "load_at_end": load_end,
-                                 "table": text}
+        report["sizes"][name] = {"size": size, "params": w["params"], "kronfluence": _plain(kf)}
+        for scan in variants:
+            jx = run_jaxinf(w, size, args, root / f"jaxinf-{scan}", True, compiled[scan], scan)
+            corr = [float(np.corrcoef(kf["scores"][q], jx["scores"][q])[0, 1]) for q in range(len(kf["scores"]))]
+            with open("/proc/loadavg") as f:
+                load_end = " ".join(f.read().split()[:3])
+            variant = "model.scan_layers: " + str(scan).lower()
+            text = table(name, size, w, kf, jx, cold[scan], variant)
+            text += (f"\n\nScores agree across the libraries up to sampling noise (each draws its own labels): "
+                     f"per-query Pearson {min(corr):.3f}-{max(corr):.3f}. torch threads: {kf['threads']}. "
+                     f"Load average at the end: {load_end}.")
+            print("\n" + text + "\n", flush=True)
+            report["sizes"][name][variant] = {"jaxinf": _plain(jx), "jaxinf_cold": _plain(cold[scan]),
+                                              "pearson": corr, "load_at_end": load_end, "table": text}
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
 

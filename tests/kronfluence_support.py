@@ -31,7 +31,10 @@ _cache: dict = {}
 def write_corpus(root: Path, n_documents: int, n_queries: int, seed: int, vocab: int = 50) -> tuple[Path, Path]:
     """``docs.jsonl`` (6-16 random words each) and ``queries.jsonl`` (3-8 word prompt, 1-4 word completion)."""
     rng = np.random.default_rng(seed)
-    words = lambda lo, hi: " ".join(f"w{t}" for t in rng.integers(1, vocab, int(rng.integers(lo, hi + 1))))  # noqa: E731
+
+    def words(lo: int, hi: int) -> str:
+        return " ".join(f"w{t}" for t in rng.integers(1, vocab, int(rng.integers(lo, hi + 1))))
+
     docs, queries = root / "docs.jsonl", root / "queries.jsonl"
     with open(docs, "w") as f:
         for i in range(n_documents):
@@ -195,8 +198,9 @@ class Kronfluence:
         name = name or f"self_{factors_name}_{damping}"
         args = self.ref.score_arguments(damping, None, self.precision)
         with self.context():
-            self.analyzer.compute_self_scores(name, factors_name, self.documents, per_device_train_batch_size=self.batch,
-                                              score_args=args, overwrite_output_dir=True)
+            self.analyzer.compute_self_scores(name, factors_name, self.documents,
+                                              per_device_train_batch_size=self.batch, score_args=args,
+                                              overwrite_output_dir=True)
             return self.analyzer.load_self_scores(name)["all_modules"].double().numpy()
 
 

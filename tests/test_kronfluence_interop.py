@@ -217,3 +217,18 @@ def test_import_refuses_a_run_that_has_results_and_export_an_unfinished_one(llam
     assert code == 2 and "state/eigen: the run has no finished eigendecomposition" in err
     code, _, err = _main(["kronfluence", "export", tmp_path / "nothing", tmp_path / "out"], capsys)
     assert code == 2 and "nothing: not a jaxinf run directory (no run.json)" in err
+
+
+def test_compare_divides_kronfluence_by_the_completion_nll_for_per_nat_runs(llama, tmp_path):
+    """A run that exports per-nat scores is compared with kronfluence's raw scores divided the same way."""
+    from jaxinf.interop.compare import compare
+
+    run = _copy(llama["run"], tmp_path / "per_nat")
+    record = json.loads((run / "run.json").read_text())
+    record["config"]["scores"]["normalize"] = "per_nat"
+    (run / "run.json").write_text(json.dumps(record))
+    losses = np.asarray([json.loads(line)["loss"] for line in (run / "queries.jsonl").read_text().splitlines()])
+    np.save(run / "scores.npy", (np.load(run / "scores.npy") / losses[:, None]).astype(np.float32))
+    report = compare(llama["kron"].root, run, factors="ekfac", scores=["pairwise"])
+    assert report["stages"]["scores"]["rel_error"] <= TOL
+    assert any("per nat" in note for note in report["notes"])

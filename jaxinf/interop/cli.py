@@ -3,8 +3,20 @@
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
+
+
+def _strict(x):
+    """The report with NaN and infinities as null (strict JSON)."""
+    if isinstance(x, dict):
+        return {k: _strict(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_strict(v) for v in x]
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    return x
 
 
 def compare_command(args) -> int:
@@ -13,11 +25,13 @@ def compare_command(args) -> int:
     from jaxinf.store import write_json
 
     report = compare(args.kronfluence, args.run, factors=args.factors, scores=args.scores, topk=args.topk)
+    table = format_table(report)
+    report = _strict(report)
     if args.json == "-":
         json.dump(report, sys.stdout, indent=2)
         sys.stdout.write("\n")
         return 0
-    sys.stdout.write(format_table(report))
+    sys.stdout.write(table)
     if args.json is not None:
         write_json(Path(args.json), report)
     return 0
@@ -68,6 +82,7 @@ def add_parsers(sub) -> None:
     imp.set_defaults(handler=import_command)
     exp = ksub.add_parser("export", help="a run's factors as a kronfluence factors_* directory")
     exp.add_argument("run", metavar="RUN_DIR", help="the jaxinf run directory")
-    exp.add_argument("out", metavar="OUT_DIR", help="the factors directory to write (e.g. influence_results/NAME/factors_jaxinf)")
+    exp.add_argument("out", metavar="OUT_DIR",
+                     help="the factors directory to write (e.g. influence_results/NAME/factors_jaxinf)")
     exp.add_argument("--overwrite", action="store_true", help="replace the factor files of OUT_DIR")
     exp.set_defaults(handler=export_command)

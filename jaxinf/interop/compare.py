@@ -149,7 +149,8 @@ def _score_rows(scores: kf.Scores, run: transfer.RunFactors, topk: int, notes: l
                          "max_abs_error": float(np.max(np.abs(mine - ref))) if ref.size else 0.0,
                          "min_pearson": min((r["pearson"] for r in queries), default=math.nan),
                          "min_spearman": min((r["spearman"] for r in queries), default=math.nan),
-                         "mean_topk_overlap": float(np.mean([r["topk_overlap"] for r in queries])) if queries else math.nan,
+                         "mean_topk_overlap": float(np.mean([r["topk_overlap"] for r in queries]))
+                         if queries else math.nan,
                          "topk": topk, "queries": queries}
     if scores.self_influence is not None:
         path = run.root / "self_influence.npy"
@@ -243,8 +244,7 @@ def format_table(report: dict) -> str:
         rows = stages[stage]
         quantities = list(next(iter(rows.values())))
         width = max(len(n) for n in rows)
-        head = "".join(f" {('N_tok' if q == 'tokens' else q) + ' rel. err' if q != 'tokens' else 'N_tok (kf, jaxinf)':>18}"
-                       for q in quantities)
+        head = "".join(f" {'N_tok (kf, jaxinf)' if q == 'tokens' else q + ' rel. err':>18}" for q in quantities)
         lines.append(f"{stage}: {'layer':<{width}}{head}")
         for name, values in rows.items():
             cells = []

@@ -60,7 +60,7 @@ def _rows(sequences: Sequence[np.ndarray], targets: Sequence[np.ndarray], length
 
 
 def document_examples(ids: Sequence[np.ndarray], max_length: int, length: int | None = None) -> list[dict]:
-    """Documents (token ids from jaxinf's encoder) truncated to ``max_length``: every token but the first is a target."""
+    """Documents (jaxinf's token ids) truncated to ``max_length``: every token but the first is a target."""
     cut = [np.asarray(x[:max_length]) for x in ids]
     if any(len(x) == 0 for x in cut):
         raise ValueError("an empty document has no row (jaxinf does not count it either)")
