@@ -1,4 +1,4 @@
-"""The ``jaxinf`` command line: run, plan, demo, analyze, prepare.
+"""The ``jaxinf`` command line: run, plan, demo, analyze, prepare, compare, kronfluence.
 
 Bad input (a config key, a file, a line, a tensor) is reported as one line on
 stderr, ``jaxinf COMMAND: error: ...``, with exit status 2 and no traceback;
@@ -20,14 +20,15 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from jaxinf.capture import CaptureError
     from jaxinf.config import ConfigError
     from jaxinf.data.errors import DataError
+    from jaxinf.interop.kronfluence import InteropError
     from jaxinf.models import ModelError
     from jaxinf.pipeline import InputError
     from jaxinf.plan import PlanError
     from jaxinf.sharding import ShardingError
     from jaxinf.store import StoreError
 
-    return (AnalysisError, CaptureError, ConfigError, DataError, ModelError, InputError, PlanError, ShardingError,
-            StoreError)
+    return (AnalysisError, CaptureError, ConfigError, DataError, InteropError, ModelError, InputError, PlanError,
+            ShardingError, StoreError)
 
 
 def _setup_logging(quiet: bool) -> None:
@@ -125,6 +126,10 @@ def main(argv: list[str] | None = None) -> int:
     prep.add_argument("input", metavar="INPUT.jsonl", help="documents, one JSON object per line")
     prep.add_argument("out_dir", metavar="OUT_DIR", help="the dataset directory to write (must not exist or be empty)")
     prep.set_defaults(handler=_prepare)
+
+    from jaxinf.interop.cli import add_parsers
+
+    add_parsers(sub)  # compare, kronfluence import|export
 
     args = parser.parse_args(argv)
     _setup_logging(args.quiet)

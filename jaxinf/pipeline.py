@@ -124,6 +124,22 @@ def tracked_layers(lm, track) -> dict[str, capture.LayerSpec]:
         capture.find_layers(lambda p, b, pr: task.train_loss(p, b, pr, None), lm.params, dummy), track)
 
 
+def lapack_threads(threads: int = 1):
+    """Caps the BLAS/LAPACK threads of the ``eigh`` and SVD calls XLA makes on the CPU (a ``with`` block).
+
+    On the CPU, XLA runs LAPACK (jaxlib's ``eigh``, ``svd``) inside its own thread
+    pool, and the BLAS library behind it starts threads of its own on top. On a
+    busy host the oversubscribed threads wait on each other: on 2 shared cores the
+    eigendecomposition of a 6M-parameter Llama's MLP factors took 23-33 s this way
+    and 1.3 s with one BLAS thread (``scripts/bench_vs_kronfluence.py``). The
+    computations must finish inside the block (block on their results).
+    """
+    import scipy.linalg  # noqa: F401  (loads the OpenBLAS that jaxlib's CPU LAPACK kernels call)
+    from threadpoolctl import threadpool_limits
+
+    return threadpool_limits(limits=threads, user_api="blas")
+
+
 # --------------------------------------------------------------------------- inputs
 
 
@@ -375,7 +391,8 @@ def fit_curvature(config: cfg.Config, store: RunStore, inputs: Inputs, executor:
                              jax.random.fold_in(base, 0), config.factors.save_every, executor, inputs)
             store.mark("covariance", "done", timing=store.record["stages"]["covariance"].get("timing"))
             t0 = time.perf_counter()
-            eigen = executor.eigendecompose(cov)
+            with lapack_threads():
+                eigen = jax.block_until_ready(executor.eigendecompose(cov))
             _check_finite_tree({"Q_A": eigen.Q_A, "Q_S": eigen.Q_S}, "eigendecomposition", executor.fetch)
             store.save_result("eigen", eigen, seconds=time.perf_counter() - t0)
             log.info("eigen: %d blocks decomposed in %.1fs", len(inputs.layers), time.perf_counter() - t0)
@@ -453,7 +470,9 @@ def query_gradients(config: cfg.Config, store: RunStore, inputs: Inputs, curv, e
         return saved, encoded
     store.mark("queries", "running")
     t0 = time.perf_counter()
-    qg = executor.place(_prepare_all(inputs, batches, grad_fn, prep_fn, curv, executor, check=True))
+    with lapack_threads():
+        qg = jax.block_until_ready(executor.place(_prepare_all(inputs, batches, grad_fn, prep_fn, curv, executor,
+                                                               check=True)))
     bad = np.flatnonzero(~np.isfinite(executor.fetch(qg.loss)))
     if bad.size:
         q = inputs.queries[int(bad[0])]

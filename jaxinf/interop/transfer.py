@@ -1,0 +1,401 @@
+"""Factor interchange: kronfluence factors into a jaxinf run directory, and a run's factors in kronfluence's layout.
+
+**Import** (:func:`import_factors`, ``jaxinf kronfluence import KRON_DIR CONFIG``)
+writes the factors of a kronfluence ``factors_*`` directory into the run
+directory of a config (``run.out``) as the results of its curvature stages, through
+the same :class:`jaxinf.store.RunStore` a run uses:
+
+- ``state/covariance/0``: the covariance sums and ``N_tok`` (a
+  :class:`~jaxinf.curvature.CovarianceState`, as a run checkpoints them);
+- ``state/eigen/0``: ``Q_A, e_A, Q_S, e_S`` (an :class:`~jaxinf.curvature.Eigen`);
+  the eigenvalues are kept as kronfluence wrote them (it does not clip round-off
+  negatives at 0 as jaxinf does), so jaxinf scores with exactly kronfluence's factors;
+- ``state/lambda/0``: ``Lambda = lambda_matrix / num_lambda_processed``, and
+  ``state/lambda_sums/0`` the sums and ``N_seq`` themselves (a
+  :class:`~jaxinf.curvature.LambdaState`), so that an export gives back the same files.
+
+The stages are marked done (``run.json`` names the source directory), so
+``jaxinf run CONFIG`` continues with the query gradients and scores, and any
+other run can use them with ``factors.from: RUN_DIR``. The strategy and the
+Fisher of ``factor_arguments.json`` must be the config's; every module must be a
+layer the config tracks, with its shapes; tensors are converted to the run's
+precision (``run.precision``).
+
+**Export** (:func:`export_factors`, ``jaxinf kronfluence export RUN_DIR OUT``) writes a
+run's factors as a kronfluence ``factors_*`` directory (put it at
+``OUTPUT_DIR/ANALYSIS_NAME/factors_NAME`` and call kronfluence's scoring with
+``factors_name=NAME``): the covariance sums and counts and the eigendecomposition
+as the run saved them, and Lambda as its sums and ``N_seq`` when the run has them
+(imported runs), otherwise as ``Lambda`` itself with ``num_lambda_processed = 1``
+(a finished jaxinf run keeps only the normalized Lambda); kronfluence divides by
+that count before use, so it preconditions with exactly the run's Lambda.
+
+Both directions are exact: kronfluence -> jaxinf -> kronfluence gives back the
+same tensors, jaxinf -> kronfluence -> jaxinf the same stage results, when the
+run's precision is the factors' dtype.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxinf import capture
+from jaxinf import config as cfg
+from jaxinf.curvature import CovarianceState, Eigen, LambdaState, covariance_init, lambda_init
+from jaxinf.interop import kronfluence as kf
+from jaxinf.interop.kronfluence import InteropError
+from jaxinf.store import CorruptCheckpoint, RunStore
+
+log = logging.getLogger("jaxinf")
+LAMBDA_SUMS = "lambda_sums"
+
+
+# --------------------------------------------------------------------------- the run side
+
+
+def precision(config: cfg.Config):
+    """The run's working precision for the duration of a ``with`` block (x64 for ``run.precision: float64``)."""
+    return jax.enable_x64(config.run.precision == "float64")
+
+
+def tracked_layers(config: cfg.Config) -> dict[str, capture.LayerSpec]:
+    """The layers a run of ``config`` tracks, from the checkpoint's ``config.json`` alone (no weights read)."""
+    from jaxinf import models
+
+    if config.model.checkpoint is None:
+        raise InteropError("model.checkpoint: not set (the tracked layers come from the model)")
+    lm = models.abstract(models.read_config(config.model.checkpoint, dtype=config.model.dtype,
+                                            scan=config.model.scan_layers))
+    task = lm.task()
+    dummy = {"tokens": jnp.zeros((1, 8), jnp.int32), "mask": jnp.ones((1, 8)), "weights": jnp.ones((1, 8))}
+    found = capture.find_layers(lambda p, b, pr: task.train_loss(p, b, pr, None), lm.params, dummy)
+    return capture.select_layers(found, config.factors.track)
+
+
+def layer_index(layers: dict[str, capture.LayerSpec]) -> dict[str, tuple[str, int | None]]:
+    """Per-layer name (the Hugging Face module name) -> (block name, index along the block's layer axis or None)."""
+    out = {}
+    for block, spec in layers.items():
+        if spec.stacked:
+            for i, name in enumerate(spec.layer_names):
+                out[name] = (block, i)
+        else:
+            out[spec.name] = (block, None)
+    return out
+
+
+def per_layer(tree: dict, layers: dict[str, capture.LayerSpec]) -> dict[str, np.ndarray]:
+    """Per-block arrays -> per-layer numpy arrays (a stacked block's leading axis split)."""
+    return {name: np.asarray(tree[block] if i is None else tree[block][i])
+            for name, (block, i) in layer_index(layers).items()}
+
+
+@dataclasses.dataclass
+class RunFactors:
+    """What a run directory holds of the curvature, as numpy arrays keyed by block.
+
+    ``covariance``: the sums and ``N_tok`` per block; ``eigen``; ``Lambda``
+    (normalized); ``lambda_sums``: the sums and ``N_seq`` when the run keeps them
+    (imported runs). ``source`` is the run directory the factors are in (another
+    one when the run reused factors with ``factors.from``).
+    """
+
+    root: Path
+    source: Path
+    config: cfg.Config
+    layers: dict[str, capture.LayerSpec]
+    covariance: CovarianceState | None
+    eigen: Eigen | None
+    Lambda: dict[str, np.ndarray] | None
+    lambda_sums: LambdaState | None
+
+    @property
+    def strategy(self) -> str:
+        return self.config.factors.strategy
+
+
+def read_record(run_dir: Path) -> dict:
+    path = Path(run_dir) / "run.json"
+    if not path.is_file():
+        raise InteropError(f"{run_dir}: not a jaxinf run directory (no run.json)")
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise InteropError(f"{path}: unreadable run record ({e})") from None
+
+
+def _numpy(tree):
+    return jax.tree.map(np.asarray, tree)
+
+
+def _restore(store: RunStore, stage: str, step: int | None, like):
+    """A saved step of a stage (the latest when ``step`` is None), verified; None when the stage has none."""
+    st = store.stage(stage, keep=None)
+    try:
+        if step is None:
+            found = st.latest(like)
+            return None if found is None else found[1]
+        if step not in st.steps():
+            return None
+        return st.restore(step, like)
+    except (CorruptCheckpoint, FileNotFoundError, ValueError) as e:
+        raise InteropError(f"{st.root}: cannot be read ({e})") from None
+
+
+def _fitted(store: RunStore, stage: str) -> bool:
+    entry = store.record.get("stages", {}).get(stage, {})
+    return entry.get("status") == "done" and "skipped" not in entry
+
+
+def load_run(run_dir: str | Path) -> RunFactors:
+    """The curvature of a run directory (following ``factors.from``); arrays in the run's precision."""
+    root = Path(run_dir)
+    record = read_record(root)
+    config = cfg.from_dict(record["config"], str(root / "run.json"))
+    source, store = root, RunStore(root, record)
+    seen = {root.resolve()}
+    while config.factors.from_run is not None and not _fitted(store, "eigen") and not _fitted(store, "lambda"):
+        source = Path(config.factors.from_run)
+        if source.resolve() in seen:
+            raise InteropError(f"{root}: factors.from loops back to {source}")
+        seen.add(source.resolve())
+        store = RunStore(source, read_record(source))
+    strategy = config.factors.strategy
+    with precision(config):
+        layers = tracked_layers(config)
+        cov = eigen = Lambda = sums = None
+        if strategy in ("kfac", "ekfac"):
+            if _fitted(store, "covariance"):
+                cov = _restore(store, "covariance", None, covariance_init(layers))
+            if _fitted(store, "eigen"):
+                eigen = _restore(store, "eigen", 0, _eigen_like(layers))
+        if strategy in ("diagonal", "ekfac") and _fitted(store, "lambda"):
+            Lambda = _restore(store, "lambda", 0, {k: jnp.zeros(s.lead + (s.d_out, s.d_in_aug), _dtype())
+                                                   for k, s in layers.items()})
+            sums = _restore(store, LAMBDA_SUMS, None, lambda_init(layers))
+        return RunFactors(root, source, config, layers, _numpy(cov), _numpy(eigen), _numpy(Lambda), _numpy(sums))
+
+
+def _dtype():
+    from jaxinf.precision import float_dtype
+
+    return float_dtype()
+
+
+def _eigen_like(layers) -> Eigen:
+    z = lambda *shape: jnp.zeros(shape, _dtype())  # noqa: E731
+    return Eigen(Q_A={k: z(*s.lead, s.d_in_aug, s.d_in_aug) for k, s in layers.items()},
+                 e_A={k: z(*s.lead, s.d_in_aug) for k, s in layers.items()},
+                 Q_S={k: z(*s.lead, s.d_out, s.d_out) for k, s in layers.items()},
+                 e_S={k: z(*s.lead, s.d_out) for k, s in layers.items()})
+
+
+# --------------------------------------------------------------------------- checks shared with compare
+
+
+def expected_shapes(spec: capture.LayerSpec) -> dict[str, tuple[int, ...]]:
+    """The shape of every kronfluence factor of one layer."""
+    i, o = spec.d_in_aug, spec.d_out
+    return {"activation_covariance": (i, i), "gradient_covariance": (o, o),
+            "num_activation_covariance_processed": (1,), "num_gradient_covariance_processed": (1,),
+            "activation_eigenvectors": (i, i), "activation_eigenvalues": (i,),
+            "gradient_eigenvectors": (o, o), "gradient_eigenvalues": (o,),
+            "lambda_matrix": (o, i), "num_lambda_processed": (1,)}
+
+
+def check_modules(factors: kf.Factors, layers: dict[str, capture.LayerSpec], what: str) -> None:
+    """Every module of every file is a tracked layer of the same shapes, and every tracked layer is there."""
+    index = layer_index(layers)
+    for factor, per_module in factors.tensors.items():
+        path = kf.file_of(factors.directory, factor)
+        for module, tensor in per_module.items():
+            if module not in index:
+                raise InteropError(f"{path}: module {module} maps to no layer {what} tracks "
+                                   f"(tracked: {', '.join(sorted(index))})")
+            block, _ = index[module]
+            want = expected_shapes(layers[block])[factor]
+            if tuple(tensor.shape) != want:
+                raise InteropError(f"{path}: tensor {module} has shape {tuple(tensor.shape)}, but layer {module} of "
+                                   f"{what} needs {want} (factors of another model?)")
+        for name in index:
+            if name not in per_module:
+                raise InteropError(f"{path}: layer {name} ({what} tracks it) has no tensor here")
+
+
+def check_strategy(path: Path, arguments: dict, config: cfg.Config, what: str) -> None:
+    strategy = str(arguments.get("strategy", "ekfac"))
+    if strategy != config.factors.strategy:
+        raise InteropError(f"{path}: kronfluence strategy {strategy}, but {what} uses factors.strategy "
+                           f"{config.factors.strategy}")
+
+
+# --------------------------------------------------------------------------- import
+
+
+def _block_count(factors: kf.Factors, names: tuple[str, ...], layers, block: str) -> float:
+    """The one count a block has in jaxinf, from kronfluence's per-module count files (which must agree)."""
+    spec = layers[block]
+    counts = {}
+    for factor in names:
+        for module in spec.layer_names:
+            counts[(factor, module)] = factors.count(factor, module)
+    values = set(counts.values())
+    if len(values) != 1:
+        (f0, m0), c0 = next(iter(counts.items()))
+        (f1, m1), c1 = next((k, v) for k, v in counts.items() if v != c0)
+        raise InteropError(f"{kf.file_of(factors.directory, f1)}: module {m1} counts {c1}, but "
+                           f"{kf.file_of(factors.directory, f0).name} counts {c0} for {m0}; jaxinf keeps one count "
+                           f"per block ({block})")
+    return float(values.pop())
+
+
+def _stack(per_module: dict[str, np.ndarray], spec: capture.LayerSpec, dtype) -> jax.Array:
+    arrays = [np.asarray(per_module[n]) for n in spec.layer_names]
+    x = np.stack(arrays) if spec.stacked else arrays[0]
+    return jnp.asarray(x.astype(dtype))
+
+
+def import_factors(source: str | Path, config: cfg.Config, *, factors_name: str | None = None,
+                   overwrite: bool = False) -> Path:
+    """kronfluence's factors into ``config.run.out`` as the results of its curvature stages (module docstring)."""
+    dirs = kf.locate(source, factors=factors_name)
+    if dirs.factors is None:
+        raise InteropError(f"{source}: no kronfluence factors_* directory")
+    factors = kf.read_factors(dirs.factors, groups=("covariance", "eigen", "lambda"))
+    check_strategy(dirs.factors / kf.FACTOR_ARGUMENTS, factors.arguments, config, "the config")
+    if factors.fisher != config.factors.fisher:
+        raise InteropError(f"{dirs.factors / kf.FACTOR_ARGUMENTS}: fitted with the {factors.fisher} Fisher "
+                           f"(use_empirical_fisher={factors.arguments.get('use_empirical_fisher')}), but the config "
+                           f"has factors.fisher {config.factors.fisher}")
+    strategy = config.factors.strategy
+    kf.require(factors, strategy)
+    if strategy == "diagonal":
+        factors.tensors = {k: v for k, v in factors.tensors.items() if k in kf.LAMBDA}
+    if strategy == "kfac":
+        factors.tensors = {k: v for k, v in factors.tensors.items() if k not in kf.LAMBDA}
+    _check_fresh(Path(config.run.out), overwrite)
+    with precision(config):
+        layers = tracked_layers(config)
+        check_modules(factors, layers, "the config")
+        dtype = np.dtype(jnp.dtype(_dtype()).name)
+        stored = {np.dtype(v.dtype) for f, t in factors.tensors.items() if not f.startswith("num_") for v in t.values()}
+        if any(d.itemsize > dtype.itemsize for d in stored):
+            log.warning("kronfluence factors in %s are rounded to the run's %s (run.precision)",
+                        ", ".join(sorted(d.name for d in stored)), dtype.name)
+        t = factors.tensors
+        groups = factors.groups
+        cov = eigen = Lambda = sums = None
+        if "covariance" in groups:
+            cov = CovarianceState(
+                A={b: _stack(t["activation_covariance"], s, dtype) for b, s in layers.items()},
+                S={b: _stack(t["gradient_covariance"], s, dtype) for b, s in layers.items()},
+                count={b: jnp.asarray(_block_count(factors, kf.COVARIANCE[2:], layers, b), dtype) for b in layers})
+        if "eigen" in groups:
+            eigen = Eigen(Q_A={b: _stack(t["activation_eigenvectors"], s, dtype) for b, s in layers.items()},
+                          e_A={b: _stack(t["activation_eigenvalues"], s, dtype) for b, s in layers.items()},
+                          Q_S={b: _stack(t["gradient_eigenvectors"], s, dtype) for b, s in layers.items()},
+                          e_S={b: _stack(t["gradient_eigenvalues"], s, dtype) for b, s in layers.items()})
+        if "lambda" in groups:
+            counts = {_block_count(factors, kf.LAMBDA[1:], layers, b) for b in layers}
+            if len(counts) != 1:
+                raise InteropError(f"{kf.file_of(factors.directory, 'num_lambda_processed')}: modules count different "
+                                   f"numbers of sequences ({sorted(counts)}); jaxinf keeps one N_seq")
+            n_seq = jnp.asarray(counts.pop(), dtype)
+            sums = LambdaState(Lambda={b: _stack(t["lambda_matrix"], s, dtype) for b, s in layers.items()}, count=n_seq)
+            Lambda = {b: v / sums.count for b, v in sums.Lambda.items()}
+        store = RunStore.open(config, overwrite=overwrite)
+        origin = f"kronfluence {dirs.factors.resolve()}"
+        if strategy in ("identity", "diagonal"):
+            for s in ("covariance", "eigen"):
+                store.mark(s, "done", skipped=f"{strategy} strategy")
+        if cov is not None:
+            store.stage("covariance").save(0, cov)
+            store.mark("covariance", "done", source=origin)
+        elif strategy in ("kfac", "ekfac"):
+            store.mark("covariance", "done", skipped=f"not in {origin}")
+        if eigen is not None:
+            store.save_result("eigen", eigen)
+            store.mark("eigen", "done", source=origin)
+        if strategy == "identity":
+            store.mark("lambda", "done", skipped="identity strategy")
+        elif strategy == "kfac":
+            store.mark("lambda", "done", source="kfac eigenvalues")
+        else:
+            store.save_result("lambda", Lambda)
+            store.stage(LAMBDA_SUMS, keep=1).save(0, sums)
+            store.mark("lambda", "done", source=origin)
+    log.info("imported the %s factors of %s (%d layers) into %s", strategy, dirs.factors,
+             len(layer_index(layers)), store.root)
+    return store.root
+
+
+def _check_fresh(root: Path, overwrite: bool) -> None:
+    """Import writes the curvature of a run that has computed nothing yet (or is overwritten)."""
+    if overwrite or not (root / "run.json").exists():
+        return
+    record = read_record(root)
+    started = [s for s, e in record.get("stages", {}).items() if e.get("status") != "pending"]
+    if started:
+        raise InteropError(f"{root}: the run already has results (stages {', '.join(started)}); import into a new "
+                           f"run.out or use --overwrite")
+
+
+# --------------------------------------------------------------------------- export
+
+
+def export_factors(run_dir: str | Path, out: str | Path, *, overwrite: bool = False) -> Path:
+    """A run's factors as a kronfluence ``factors_*`` directory (module docstring)."""
+    out = Path(out)
+    run = load_run(run_dir)
+    strategy = run.strategy
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise InteropError(f"{out}: exists and is not empty; choose another directory or use --overwrite")
+    if strategy in ("kfac", "ekfac") and run.eigen is None:
+        raise InteropError(f"{run.source / 'state' / 'eigen'}: the run has no finished eigendecomposition")
+    if strategy in ("diagonal", "ekfac") and run.Lambda is None:
+        raise InteropError(f"{run.source / 'state' / 'lambda'}: the run has no finished Lambda")
+    layers = run.layers
+    tensors: dict[str, dict[str, np.ndarray]] = {}
+    dtypes = set()
+    if run.covariance is not None:
+        c = run.covariance
+        tensors["activation_covariance"] = per_layer(c.A, layers)
+        tensors["gradient_covariance"] = per_layer(c.S, layers)
+        counts = {name: np.asarray([round(float(c.count[block]))], np.int64)
+                  for name, (block, _) in layer_index(layers).items()}
+        tensors["num_activation_covariance_processed"] = counts
+        tensors["num_gradient_covariance_processed"] = dict(counts)
+    elif strategy in ("kfac", "ekfac"):
+        log.info("%s: no covariance sums in the run; kronfluence scores without them", run.source)
+    if run.eigen is not None and strategy in ("kfac", "ekfac"):
+        e = run.eigen
+        tensors["activation_eigenvectors"] = per_layer(e.Q_A, layers)
+        tensors["activation_eigenvalues"] = per_layer(e.e_A, layers)
+        tensors["gradient_eigenvectors"] = per_layer(e.Q_S, layers)
+        tensors["gradient_eigenvalues"] = per_layer(e.e_S, layers)
+    if strategy in ("diagonal", "ekfac"):
+        if run.lambda_sums is not None:
+            tensors["lambda_matrix"] = per_layer(run.lambda_sums.Lambda, layers)
+            n = round(float(run.lambda_sums.count))
+        else:
+            tensors["lambda_matrix"] = per_layer(run.Lambda, layers)
+            n = 1
+        tensors["num_lambda_processed"] = {name: np.asarray([n], np.int64) for name in layer_index(layers)}
+    for factor, per_module in tensors.items():
+        if not factor.startswith("num_"):
+            dtypes.update(np.dtype(v.dtype).name for v in per_module.values())
+    dtype = dtypes.pop() if len(dtypes) == 1 else ("float64" if run.config.run.precision == "float64" else "float32")
+    if out.exists() and overwrite:
+        for p in out.glob("*.safetensors"):
+            p.unlink()
+    arguments = kf.factor_arguments(strategy, run.config.factors.fisher, dtype)
+    kf.write_factors(out, arguments, tensors)
+    log.info("exported the %s factors of %s (%d layers) to %s", strategy, run.source, len(layer_index(layers)), out)
+    return out

@@ -1,0 +1,149 @@
+"""Parity with kronfluence in float64: factors, pairwise and self-influence scores, every strategy.
+
+For each family (tiny random Llama, GPT-NeoX, Cohere saved as Hugging Face
+directories), the same documents and queries go through
+
+- ``jaxinf run`` (in this process): EK-FAC, empirical Fisher, heuristic damping,
+  self-influence, float64 (``run.precision`` and ``model.dtype``); its factors and
+  exports are compared with kronfluence's through ``jaxinf.interop.compare`` (what
+  ``jaxinf compare`` prints);
+- the jaxinf engine on the same documents for the rest of the matrix, reusing the
+  run's eigendecomposition and Lambda: identity, diagonal, K-FAC and EK-FAC x
+  damping (the heuristic ``0.1 * mean(Lambda)`` and a given value), pairwise and
+  self-influence; query batching at rank 4 for every strategy, and at rank 32 for
+  EK-FAC (on GPT-NeoX this truncates ``dense_h_to_4h``, the one layer with
+  ``min(d_out, d_in') > 32``, and keeps the others whole);
+- kronfluence (``jaxinf.interop.reference.CausalLMTask``, all dtypes float64,
+  transformers' float32 upcasts made float64, full SVD) with the same settings.
+
+Tolerance (fixed): relative error ``||jaxinf - kronfluence|| / ||kronfluence|| <= 1e-6``
+for A, S, e_A, e_S, Lambda (per layer) and the score matrices (per configuration).
+"""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import kronfluence_support as ks
+
+TOL = 1e-6
+STRATEGIES = ("identity", "diagonal", "kfac", "ekfac")
+DAMPINGS = (None, 0.01)            # the heuristic, and a given lambda
+
+
+def _configs():
+    """(strategy, damping, query rank) of every pairwise comparison; self-influence for those with full rank."""
+    for strategy in STRATEGIES:
+        for damping in DAMPINGS if strategy != "identity" else (None,):
+            yield strategy, damping, None
+    for strategy in STRATEGIES:
+        yield strategy, None, 4
+    yield "ekfac", None, 32
+
+
+def jaxinf_matrix(w: dict, run_dir) -> dict:
+    """The engine's scores for every configuration on the world's documents, with the run's factors (float64)."""
+    from jaxinf import curvature, models, scoring, stages
+    from jaxinf.data.batching import document_batches
+    from jaxinf.data.documents import open_documents
+    from jaxinf.data.queries import encode_queries, query_batches, read_queries
+    from jaxinf.data.tokenize import TextEncoder
+    from jaxinf.interop import transfer
+
+    with jax.enable_x64(True):
+        run = transfer.load_run(run_dir)
+        layers = run.layers
+        lm, tok = models.from_hf(w["model"], dtype="float64")
+        task = lm.task()
+        encoder = TextEncoder(tok)
+        source = open_documents(str(w["docs"]))
+        (batch,) = list(document_batches(source, encoder, batch_size=len(source), max_length=ks.MAX_LENGTH))
+        order = np.argsort(batch["index"])
+        keys = ("tokens", "mask", "weights")
+        captured = jax.jit(lambda p, b: stages.capture_train(task, layers, p, b, None))(
+            lm.params, {k: jnp.asarray(batch[k]) for k in keys})
+        (qb,) = query_batches(encode_queries(read_queries(str(w["queries"])), encoder, max_length=ks.MAX_LENGTH))
+        G, qloss = jax.jit(lambda p, b: stages.query_gradients(task, layers, p, b))(
+            lm.params, {k: jnp.asarray(qb[k]) for k in keys})
+        eigen = jax.tree.map(jnp.asarray, run.eigen)
+        diag = curvature.lambda_finalize(curvature.lambda_update(curvature.lambda_init(layers), captured, None))
+        curvs = {"identity": curvature.curvature("identity"),
+                 "diagonal": curvature.curvature("diagonal", None, diag),
+                 "kfac": curvature.curvature("kfac", eigen, curvature.kfac_lambda(eigen)),
+                 "ekfac": curvature.curvature("ekfac", eigen, jax.tree.map(jnp.asarray, run.Lambda))}
+        pairwise, self_scores = {}, {}
+        for strategy, damping, rank in _configs():
+            qg = scoring.prepare_queries(G, qloss, curvs[strategy], damping, rank)
+            pairwise[(strategy, damping, rank)] = np.asarray(scoring.pairwise_scores(qg, captured).total)[:, order]
+            if rank is None:
+                self_scores[(strategy, damping)] = np.asarray(
+                    scoring.self_scores(curvs[strategy], damping, captured))[order]
+        return {"pairwise": pairwise, "self": self_scores, "diagonal_lambda": transfer.per_layer(diag, layers)}
+
+
+@pytest.fixture(scope="module", params=ks.FAMILIES)
+def parity(request, tmp_path_factory):
+    """Everything one family's parity tests look at: the run, its comparison report, both sides' scores."""
+    from jaxinf.interop import kronfluence as kf
+    from jaxinf.interop.compare import compare
+
+    w = ks.world(tmp_path_factory, request.param)
+    run_dir = ks.parity_run(w)
+    kron = ks.kronfluence(tmp_path_factory, w)
+    for strategy in STRATEGIES:
+        kron.fit(strategy)
+    kron.pairwise("ekfac", None, None, name="pairwise")
+    kron.self_scores("ekfac", None, name="self")
+    report = compare(kron.root, run_dir, factors="ekfac", scores=["pairwise", "self"])
+    mine = jaxinf_matrix(w, run_dir)
+    rows = []
+    for strategy, damping, rank in _configs():
+        err = ks.rel_error(mine["pairwise"][(strategy, damping, rank)], kron.pairwise(strategy, damping, rank))
+        rows.append({"strategy": strategy, "damping": damping, "rank": rank, "quantity": "pairwise", "rel_error": err})
+        if rank is None:
+            err = ks.rel_error(mine["self"][(strategy, damping)], kron.self_scores(strategy, damping))
+            rows.append({"strategy": strategy, "damping": damping, "rank": None, "quantity": "self", "rel_error": err})
+    diagonal = kf.read_factors(kron.root / "factors_diagonal")
+    diag_err = max(ks.rel_error(mine["diagonal_lambda"][m], diagonal.Lambda(m)) for m in diagonal.modules)
+    result = {"family": request.param, "report": report, "rows": rows, "diagonal_lambda": diag_err,
+              "kron": kron, "run": run_dir, "world": w}
+    print(f"\n{request.param}: factors and the run's exports (jaxinf compare):")
+    print(json.dumps(report["max_rel_error"], indent=1))
+    print(f"{request.param}: diagonal Lambda max rel. error {diag_err:.2e}")
+    for r in rows:
+        print(f"{request.param:<9} {r['strategy']:<9} damping={str(r['damping']):<5} rank={str(r['rank']):<5} "
+              f"{r['quantity']:<9} {r['rel_error']:.2e}")
+    return result
+
+
+def test_factors_match_per_layer(parity):
+    """A, S, their eigenvalues and Lambda of every layer, the token counts, and the diagonal strategy's Lambda."""
+    report = parity["report"]
+    for stage, quantities in (("covariance", ("A", "S")), ("eigen", ("e_A", "e_S")), ("lambda", ("Lambda",))):
+        rows = report["stages"][stage]
+        assert len(rows) == 9 if parity["family"] != "gpt_neox" else len(rows) == 6
+        for layer, values in rows.items():
+            for q in quantities:
+                assert values[q] <= TOL, (stage, layer, q, values[q])
+            if stage == "covariance":
+                assert values["tokens"][0] == values["tokens"][1]
+    assert parity["diagonal_lambda"] <= TOL
+
+
+def test_run_exports_match(parity):
+    """The run's scores.npy and self_influence.npy (float32 exports) against kronfluence's EK-FAC scores."""
+    stages = parity["report"]["stages"]
+    assert stages["scores"]["rel_error"] <= TOL
+    assert stages["self_influence"]["rel_error"] <= TOL
+    assert all(q["topk_overlap"] == 1.0 for q in stages["scores"]["queries"])
+
+
+def test_every_strategy_damping_and_rank_matches(parity):
+    bad = [r for r in parity["rows"] if not r["rel_error"] <= TOL]
+    assert not bad, bad
+    assert len(parity["rows"]) == 2 * 7 + 4 + 1     # pairwise and self at full rank, rank 4, rank 32
