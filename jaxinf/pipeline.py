@@ -134,7 +134,9 @@ def lapack_threads(threads: int = 1):
     and 1.3 s with one BLAS thread (``scripts/bench_vs_kronfluence.py``). The
     computations must finish inside the block (block on their results).
     """
-    import scipy.linalg  # noqa: F401  (loads the OpenBLAS that jaxlib's CPU LAPACK kernels call)
+    import importlib
+
+    importlib.import_module("scipy.linalg")  # loads the OpenBLAS that jaxlib's CPU LAPACK kernels call
     from threadpoolctl import threadpool_limits
 
     return threadpool_limits(limits=threads, user_api="blas")

@@ -601,7 +601,9 @@ def limit_cpu_blas(mesh: Mesh) -> None:
     """
     if mesh.devices.size == 1 or mesh.devices.flat[0].platform != "cpu":
         return
-    import scipy.linalg  # noqa: F401  (loads the OpenBLAS that jaxlib's CPU LAPACK kernels call)
+    import importlib
+
+    importlib.import_module("scipy.linalg")  # loads the OpenBLAS that jaxlib's CPU LAPACK kernels call
     from threadpoolctl import threadpool_limits
 
     threadpool_limits(limits=1, user_api="blas")
