@@ -122,7 +122,7 @@ class StageStore:
     def __init__(self, root: Path, keep: int | None):
         import orbax.checkpoint as ocp
 
-        self.root = Path(root)
+        self.root = Path(root).absolute()  # Orbax refuses relative checkpoint paths (run.out=runs/mine)
         self._ocp = ocp
         self._keep = keep
         self._manager = None

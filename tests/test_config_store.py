@@ -99,6 +99,17 @@ def test_stage_steps_and_manifest(tmp_path):
     assert st.steps() == [30]
 
 
+def test_a_relative_run_directory_checkpoints_and_resumes(tmp_path, monkeypatch):
+    """run.out=runs/mine (relative, as the README's commands and the demo use it): Orbax needs absolute paths."""
+    monkeypatch.chdir(tmp_path)
+    tree = {"A": {"x": jnp.arange(6.0).reshape(2, 3)}, "count": jnp.array(3.0)}
+    run = store.RunStore.open(cfg.load(None, ["run.out=runs/mine"]))
+    run.stage("covariance").save(5, tree)
+    step, restored = store.RunStore.open(cfg.load(None, ["run.out=runs/mine"])).stage("covariance").latest(tree)
+    assert step == 5 and float(restored["count"]) == 3.0
+    assert (tmp_path / "runs/mine/state/covariance/5" / store.MANIFEST).is_file()
+
+
 def jax_tree_scale(tree, s):
     return {"A": {"x": tree["A"]["x"] * s}, "count": tree["count"] * s}
 

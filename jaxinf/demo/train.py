@@ -90,7 +90,7 @@ def train(workdir: Path, texts: list[str], *, steps: int = 1200, batch_size: int
     schedule = optax.warmup_cosine_decay_schedule(0.0, lr, min(100, steps // 10), steps, lr / 20)
     opt = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=0.01))
     state = {"params": lm.params, "opt": opt.init(lm.params), "step": jnp.zeros((), jnp.int32)}
-    manager = ocp.CheckpointManager(workdir / "train", options=ocp.CheckpointManagerOptions(
+    manager = ocp.CheckpointManager((workdir / "train").absolute(), options=ocp.CheckpointManagerOptions(
         max_to_keep=1, enable_async_checkpointing=False, create=True))
     start = 0
     if manager.latest_step() is not None:
