@@ -124,11 +124,12 @@ def self_influence_batch(
 
 def check_finite(losses: Array, what: str, names: list[str] | None = None) -> None:
     """Raises naming the first sequence (``what`` = "document" / "query") whose loss is not finite."""
-    bad = np.flatnonzero(~np.isfinite(np.asarray(losses)))
+    losses = np.asarray(losses)
+    bad = np.flatnonzero(~np.isfinite(losses))
     if bad.size:
         i = int(bad[0])
         label = names[i] if names is not None else f"#{i}"
-        raise CaptureError(f"{what} {label}: loss is not finite ({float(np.asarray(losses)[i])})")
+        raise CaptureError(f"{what} {label}: loss is not finite ({float(losses[i])})")
 
 
 def check_queries(batch, names: list[str] | None = None) -> None:
@@ -142,13 +143,24 @@ def check_queries(batch, names: list[str] | None = None) -> None:
 
 def run_stage(stage: Stage, inputs: tuple, batches: Iterable, key: Array | None, *, what: str = "document",
               jit: bool = True):
-    """Drives a stage over batches in memory: the loop that tests and examples use."""
+    """Drives a stage over batches in memory: the loop that tests and examples use.
+
+    Each batch's losses are checked while the next batch runs (one batch late, no wait on the device)."""
     update = jax.jit(stage.update) if jit else stage.update
     state = stage.init()
+
+    def check(i, losses):
+        check_finite(losses, what, [f"in batch {i} row {j}" for j in range(len(losses))])
+
+    pending = None
     for i, batch in enumerate(batches):
         k = None if key is None else jax.random.fold_in(key, i)
         state, losses = update(state, *inputs, batch, k)
-        check_finite(losses, what, [f"in batch {i} row {j}" for j in range(len(losses))])
+        if pending is not None:
+            check(*pending)
+        pending = (i, losses)
+    if pending is not None:
+        check(*pending)
     return stage.finalize(state)
 
 

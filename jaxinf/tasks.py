@@ -36,6 +36,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxinf.capture import Inputs, Probes, Tap
 
@@ -280,14 +281,15 @@ def lm_batch(sequences: list[list[int]], length: int | None = None, prompt_lengt
     with them only the tokens after each prompt are (a query's completion).
     """
     T = length or max(len(s) for s in sequences)
-    tokens = jnp.zeros((len(sequences), T), jnp.int32)
-    mask = jnp.zeros((len(sequences), T), jnp.float32)
-    weights = jnp.zeros((len(sequences), T), jnp.float32)
+    tokens = np.zeros((len(sequences), T), np.int32)   # filled on the host: one transfer, no program per length
+    mask = np.zeros((len(sequences), T), np.float32)
+    weights = np.zeros((len(sequences), T), np.float32)
     for i, s in enumerate(sequences):
         if len(s) > T:
             raise ValueError(f"sequence {i} has {len(s)} tokens, more than the batch length {T}")
         start = 1 if prompt_lengths is None else prompt_lengths[i]
-        tokens = tokens.at[i, : len(s)].set(jnp.asarray(s, jnp.int32))
-        mask = mask.at[i, : len(s)].set(1.0)
-        weights = weights.at[i, start : len(s)].set(1.0)
+        tokens[i, : len(s)] = s
+        mask[i, : len(s)] = 1.0
+        weights[i, start : len(s)] = 1.0
+    tokens, mask, weights = jnp.asarray(tokens), jnp.asarray(mask), jnp.asarray(weights)
     return {"tokens": tokens, "mask": mask, "weights": weights}
