@@ -320,3 +320,15 @@ def test_missing_oracle_skips_or_fails_in_ci(monkeypatch):
     monkeypatch.setenv("JAXINF_REQUIRE_ORACLES", "1")
     with pytest.raises(pytest.fail.Exception, match="required oracle missing"):
         oracle("jaxinf_no_such_oracle")
+
+
+def test_every_bad_dtype_of_a_model_config_is_named():
+    """A bad ``dtype`` is reported next to a bad ``param_dtype`` (neither message hides the other)."""
+    from jaxinf.models import ModelConfig
+
+    base = dict(family="llama", vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4)
+    with pytest.raises(ModelError) as info:
+        ModelConfig(**base, dtype="int8", param_dtype="not-a-dtype")
+    assert "dtype 'int8' is not one of" in str(info.value)
+    assert "param_dtype 'not-a-dtype' is not a dtype" in str(info.value)
+    assert ModelConfig(**base, dtype="bf16" if False else "bfloat16").param_dtype == "bfloat16"

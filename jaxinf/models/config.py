@@ -118,9 +118,14 @@ class ModelConfig:
         problems = []
         for k in ("dtype", "param_dtype"):
             try:
-                fix(k, jnp.dtype(getattr(self, k)).name)
+                name = jnp.dtype(getattr(self, k)).name
             except TypeError:
                 problems.append(f"{k} {getattr(self, k)!r} is not a dtype")
+                continue
+            if name in DTYPES:
+                fix(k, name)
+            else:
+                problems.append(f"{k} {getattr(self, k)!r} is not one of {', '.join(DTYPES)}")
         if self.family not in FAMILIES:
             problems.append(f"family {self.family!r} is not one of {', '.join(FAMILIES)}")
         if self.num_heads <= 0 or self.num_kv_heads <= 0 or self.num_heads % self.num_kv_heads:
@@ -135,9 +140,6 @@ class ModelConfig:
             problems.append(f"activation {self.activation!r} is not one of {', '.join(ACTIVATIONS)}")
         if self.rope_type not in ROPE_TYPES:
             problems.append(f"rope_type {self.rope_type!r} is not one of {', '.join(ROPE_TYPES)}")
-        for k in ("dtype", "param_dtype"):
-            if getattr(self, k) not in DTYPES and not any(k in p for p in problems):
-                problems.append(f"{k} {getattr(self, k)!r} is not one of {', '.join(DTYPES)}")
         if min(self.vocab_size, self.hidden_size, self.intermediate_size, self.num_layers) <= 0:
             problems.append("vocab_size, hidden_size, intermediate_size and num_layers must be positive")
         if problems:
