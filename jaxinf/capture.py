@@ -253,7 +253,7 @@ def select_layers(layers: Mapping[str, LayerSpec], track: str | Sequence[str]) -
         if any(fnmatch.fnmatchcase(spec.name, p) for p in patterns):
             chosen[spec.name] = spec
             continue
-        full = LayerSpec(**{**dataclasses.asdict(spec), "indices": None})
+        full = dataclasses.replace(spec, indices=None)
         idx = tuple(
             i for i, n in zip(full.layer_indices, full.layer_names)
             if any(fnmatch.fnmatchcase(n, p) for p in patterns)

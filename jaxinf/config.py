@@ -17,7 +17,7 @@ import json
 import types
 import typing
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, Union
 
 import yaml
 
@@ -151,14 +151,13 @@ def _coerce(value: Any, tp: Any, where: str, choices: tuple | None) -> Any:
         options = typing.get_args(tp)
         if value is None and type(None) in options:
             return None
-        errors = []
         for option in options:
             if option is type(None):
                 continue
             try:
                 return _coerce(value, option, where, choices)
-            except ConfigError as e:
-                errors.append(str(e))
+            except ConfigError:
+                pass
         names = " or ".join(_type_name(o) for o in options)
         raise ConfigError(f"{where}: expected {names}, got {value!r}")
     if origin is list:
@@ -166,10 +165,6 @@ def _coerce(value: Any, tp: Any, where: str, choices: tuple | None) -> Any:
         if not isinstance(value, list):
             raise ConfigError(f"{where}: expected a list, got {value!r}")
         return [_coerce(v, item, f"{where}[{i}]", None) for i, v in enumerate(value)]
-    if origin is Literal:
-        if value not in typing.get_args(tp):
-            raise ConfigError(f"{where}: expected one of {typing.get_args(tp)}, got {value!r}")
-        return value
     if tp is bool:
         if not isinstance(value, bool):
             raise ConfigError(f"{where}: expected true or false, got {value!r}")

@@ -58,10 +58,6 @@ class LM:
         """The causal-LM task (documents: summed next-token NLL; queries: completion NLL)."""
         return causal_lm_task(self.apply)
 
-    def module(self, params: Params | None = None) -> DecoderLM:
-        """The NNX module holding ``params`` (this model's by default)."""
-        return nnx.merge(self.graphdef, self.params if params is None else params)
-
     def replace(self, **changes: Any) -> LM:
         return dataclasses.replace(self, **changes)
 
