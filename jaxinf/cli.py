@@ -39,6 +39,15 @@ def _setup_logging(quiet: bool) -> None:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
+def config_arguments(args) -> tuple[str | None, list[str]]:
+    """``CONFIG [section.key=value ...]`` as (path, overrides); a first argument with ``=`` that is not a file
+    is an override (only overrides: start from the defaults)."""
+    path, overrides = args.config, list(args.overrides)
+    if path is not None and "=" in path and not Path(path).exists():
+        path, overrides = None, [path] + overrides
+    return path, overrides
+
+
 def _run(args) -> int:
     from jaxinf import config as cfg
     from jaxinf import pipeline
@@ -46,9 +55,7 @@ def _run(args) -> int:
     if args.help_config:
         print(cfg.describe())
         return 0
-    path, overrides = args.config, list(args.overrides)
-    if path is not None and "=" in path and not Path(path).exists():  # only overrides: start from the defaults
-        path, overrides = None, [path] + overrides
+    path, overrides = config_arguments(args)
     if path is None and not overrides:
         raise cfg.ConfigError("give a config file or section.key=value overrides (configs/reference.yaml lists every key)")
     config = cfg.load(path, overrides)
@@ -60,10 +67,7 @@ def _plan(args) -> int:
     from jaxinf import config as cfg
     from jaxinf import plan
 
-    path, overrides = args.config, list(args.overrides)
-    if path is not None and "=" in path and not Path(path).exists():
-        path, overrides = None, [path] + overrides
-    config = cfg.load(path, overrides)
+    config = cfg.load(*config_arguments(args))
     meshes = [plan.parse_mesh(m) for m in args.mesh] if args.mesh else [(config.mesh.data, config.mesh.model)]
     if not args.no_compile:
         plan.prepare_devices(meshes)   # before jax starts: the simulated devices the meshes need

@@ -32,6 +32,7 @@ import numpy as np
 from jaxinf import capture, curvature, scoring, stages
 from jaxinf import config as cfg
 from jaxinf.progress import Progress
+from jaxinf.sharding import lapack_threads
 from jaxinf.atomic import save_npy, write_json
 from jaxinf.store import RunStore, StoreError, fault_point
 
@@ -124,24 +125,6 @@ def tracked_layers(lm, track) -> dict[str, capture.LayerSpec]:
         capture.find_layers(lambda p, b, pr: task.train_loss(p, b, pr, None), lm.params, dummy), track)
 
 
-def lapack_threads(threads: int = 1):
-    """Caps the BLAS/LAPACK threads of the ``eigh`` and SVD calls XLA makes on the CPU (a ``with`` block).
-
-    On the CPU, XLA runs LAPACK (jaxlib's ``eigh``, ``svd``) inside its own thread
-    pool, and the BLAS library behind it starts threads of its own on top. On a
-    busy host the oversubscribed threads wait on each other: on 2 shared cores the
-    eigendecomposition of a 6M-parameter Llama's MLP factors took 23-33 s this way
-    and 1.3 s with one BLAS thread (``scripts/bench_vs_kronfluence.py``). The
-    computations must finish inside the block (block on their results).
-    """
-    import importlib
-
-    importlib.import_module("scipy.linalg")  # loads the OpenBLAS that jaxlib's CPU LAPACK kernels call
-    from threadpoolctl import threadpool_limits
-
-    return threadpool_limits(limits=threads, user_api="blas")
-
-
 # --------------------------------------------------------------------------- inputs
 
 
@@ -159,23 +142,6 @@ class Inputs:
     fit_plan: Any
     fit_documents: Any
     queries: list
-
-
-class _Head:
-    """The first ``n`` documents of a source (the documents that fit the curvature)."""
-
-    def __init__(self, source, n: int):
-        self.source, self.n = source, n
-        self.name = getattr(source, "name", "documents")
-
-    def __len__(self) -> int:
-        return self.n
-
-    def texts(self, indices):
-        return self.source.texts(indices)
-
-    def documents(self, indices):
-        return self.source.documents(indices)
 
 
 def check_inputs(config: cfg.Config) -> None:
@@ -273,7 +239,7 @@ def load_inputs(config: cfg.Config, store: RunStore, executor: Executor | None =
     plan = make_plan(lengths, **plan_args)
     log.info("documents: %s", plan.report.summary())
     n_fit = len(lengths) if config.factors.max_documents is None else min(config.factors.max_documents, len(lengths))
-    fit_documents = documents if n_fit == len(lengths) else _Head(documents, n_fit)
+    fit_documents = documents if n_fit == len(lengths) else _Subset(documents, range(n_fit))
     fit_plan = plan if n_fit == len(lengths) else make_plan(lengths[:n_fit], **plan_args)
     queries = read_queries(config.data.queries)
     log.info("queries: %d from %s", len(queries), config.data.queries)
@@ -316,7 +282,9 @@ def accumulate(
     executor: Executor,
     inputs: Inputs,
 ):
-    """Drives an accumulating stage over ``batches`` with checkpoints every ``save_every`` batches; resumes."""
+    """Drives an accumulating stage over ``batches`` with checkpoints every ``save_every`` batches; resumes.
+
+    Returns the finalized result and the timing of this pass (seconds, seconds saving checkpoints, batches)."""
     check_plan(store, name, batches.plan)
     st = store.stage(name)
     init = executor.init(stage)
@@ -349,9 +317,8 @@ def accumulate(
             store.mark(name, "running", step=i + 1, total=total, plan=key_info)
     seconds = progress.close()
     log.info("%s: %d batches in %.1fs (%.1fs saving checkpoints)", name, total - start, seconds, save_seconds)
-    store.record["stages"][name]["timing"] = {"seconds": round(seconds, 3), "save_seconds": round(save_seconds, 3),
-                                              "batches": total - start}
-    return stage.finalize(state)
+    timing = {"seconds": round(seconds, 3), "save_seconds": round(save_seconds, 3), "batches": total - start}
+    return stage.finalize(state), timing
 
 
 def _batches(inputs: Inputs, plan, source, executor: Executor):
@@ -389,9 +356,9 @@ def fit_curvature(config: cfg.Config, store: RunStore, inputs: Inputs, executor:
         eigen = store.load_result("eigen", executor.like(shapes["eigen"]))
         if eigen is None:
             cov_stage = stages.covariance_stage(inputs.task, inputs.layers, fisher)
-            cov = accumulate(store, "covariance", cov_stage, (inputs.lm.params,), fit_batches,
-                             jax.random.fold_in(base, 0), config.factors.save_every, executor, inputs)
-            store.mark("covariance", "done", timing=store.record["stages"]["covariance"].get("timing"))
+            cov, timing = accumulate(store, "covariance", cov_stage, (inputs.lm.params,), fit_batches,
+                                     jax.random.fold_in(base, 0), config.factors.save_every, executor, inputs)
+            store.mark("covariance", "done", timing=timing)
             t0 = time.perf_counter()
             with lapack_threads():
                 eigen = jax.block_until_ready(executor.eigendecompose(cov))
@@ -408,10 +375,10 @@ def fit_curvature(config: cfg.Config, store: RunStore, inputs: Inputs, executor:
         Lambda = store.load_result("lambda", executor.like(shapes["lambda"], "Lambda"))
         if Lambda is None:
             lam_stage = stages.lambda_stage(inputs.task, inputs.layers, fisher)
-            Lambda = accumulate(store, "lambda", lam_stage, (inputs.lm.params, eigen), fit_batches,
-                                jax.random.fold_in(base, 1), config.factors.save_every, executor, inputs)
+            Lambda, timing = accumulate(store, "lambda", lam_stage, (inputs.lm.params, eigen), fit_batches,
+                                        jax.random.fold_in(base, 1), config.factors.save_every, executor, inputs)
             _check_finite_tree(Lambda, "Lambda", executor.fetch)
-            store.save_result("lambda", Lambda, timing=store.record["stages"]["lambda"].get("timing"))
+            store.save_result("lambda", Lambda, timing=timing)
     return curvature.curvature(strategy, eigen, Lambda)
 
 
@@ -466,10 +433,11 @@ def query_gradients(config: cfg.Config, store: RunStore, inputs: Inputs, curv, e
     grad_fn = executor.jit(lambda p, b: stages.query_gradients(inputs.task, inputs.layers, p, b))
     prep_fn = executor.jit(lambda G, loss, c: executor.prepare_queries(G, loss, c, config.scores.damping,
                                                                         config.scores.query_rank))
-    like = jax.eval_shape(lambda: _prepare_all(inputs, batches, grad_fn, prep_fn, curv, executor, check=False))
-    saved = store.load_result("queries", executor.like(like))
-    if saved is not None:
-        return saved, encoded
+    if store.status("queries") == "done":
+        like = jax.eval_shape(lambda: _prepare_all(inputs, batches, grad_fn, prep_fn, curv, executor, check=False))
+        saved = store.load_result("queries", executor.like(like))
+        if saved is not None:
+            return saved, encoded
     store.mark("queries", "running")
     t0 = time.perf_counter()
     with lapack_threads():
@@ -642,11 +610,11 @@ def export(config: cfg.Config, store: RunStore, inputs: Inputs, results: dict, q
 
 
 def _document_rows(inputs: Inputs, losses: np.ndarray) -> Iterator[dict]:
-    n = inputs.plan.num_documents
-    for lo in range(0, n, 4096):
-        for doc in inputs.documents.documents(list(range(lo, min(lo + 4096, n)))):
-            yield {"id": doc.id, "source": doc.source, "tokens": int(inputs.lengths[doc.index]),
-                   "loss": float(losses[doc.index])}
+    from jaxinf.data.documents import iter_documents
+
+    for doc in iter_documents(inputs.documents, chunk=4096):
+        yield {"id": doc.id, "source": doc.source, "tokens": int(inputs.lengths[doc.index]),
+               "loss": float(losses[doc.index])}
 
 
 class _Subset:
@@ -693,13 +661,12 @@ def export_breakdowns(config, store, inputs: Inputs, qg, top: np.ndarray, docs: 
 
     def step(params, q, b):
         s, _ = stages.score_batch(inputs.task, inputs.layers, params, q, b, per_layer=True, per_token=True)
-        return scoring.expand_layer_scores(s.per_layer, inputs.layers), s.per_token
+        per_layer = scoring.expand_layer_scores(s.per_layer, inputs.layers)
+        return jnp.stack([per_layer[n] for n in names]), s.per_token                   # [L, Q, B], [Q, B, T]
 
     fn = executor.jit(step)
     for batch in DocumentBatches(subset, inputs.encoder, plan, process_index=executor.groups[0]):
-        layer_scores, token_scores = fn(inputs.lm.params, qg, executor.put(batch))
-        stacked = np.stack([executor.fetch(layer_scores[n]) for n in names])        # [L, Q, B]
-        token_scores = executor.fetch(token_scores)
+        stacked, token_scores = map(executor.fetch, fn(inputs.lm.params, qg, executor.put(batch)))
         rows = {k: executor.gather_rows(batch[k]) for k in ("index", "chunk", "mask", "tokens")}  # every process's
         for j, d in enumerate(rows["index"].tolist()):
             if d < 0:
@@ -756,15 +723,15 @@ def analyze(store: RunStore, inputs: Inputs) -> None:
 def _text_source(documents) -> Callable:
     """Texts by document id, found by one streaming pass over the corpus (JSONL or TFDS alike)."""
 
+    from jaxinf.data.documents import iter_documents
+
     def texts(ids):
         wanted, found = set(map(str, ids)), {}
-        n = len(documents)
-        for lo in range(0, n, 4096):
-            for doc in documents.documents(list(range(lo, min(lo + 4096, n)))):
-                if doc.id in wanted:
-                    found[doc.id] = doc.text
+        for doc in iter_documents(documents, chunk=4096):
             if len(found) == len(wanted):
                 break
+            if doc.id in wanted:
+                found[doc.id] = doc.text
         return found
 
     return texts

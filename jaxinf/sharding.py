@@ -54,7 +54,6 @@ an unbatched ``eigh`` per matrix).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -411,10 +410,6 @@ def check_agreement(config_dict: dict) -> None:
                                 "start every process with the same config and overrides")
 
 
-def fingerprint(tree: dict) -> str:
-    return hashlib.sha256(json.dumps(_flatten_config(tree), sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
 # --------------------------------------------------------------------------- eigendecomposition on a mesh
 
 
@@ -591,22 +586,34 @@ def describe(mesh: Mesh) -> str:
 # --------------------------------------------------------------------------- the pipeline's executor on a mesh
 
 
-def limit_cpu_blas(mesh: Mesh) -> None:
-    """One BLAS thread per device on a mesh of several CPU devices (simulated devices share the host's cores).
+def lapack_threads(threads: int = 1):
+    """Caps the BLAS/LAPACK threads of the ``eigh`` and SVD calls XLA makes on the CPU (a ``with`` block).
 
-    There every device calls LAPACK at once (the eigendecompositions, the query
-    SVDs), and OpenBLAS's own threads then oversubscribe the cores: 64 SVDs of
-    768 x 256 on 8 simulated devices of a 2-core host took 83 s with OpenBLAS's
-    default threads and 0.4 s with one.
+    On the CPU, XLA runs LAPACK (jaxlib's ``eigh``, ``svd``) inside its own thread
+    pool, and the BLAS library behind it starts threads of its own on top. On a
+    busy host the oversubscribed threads wait on each other: on 2 shared cores the
+    eigendecomposition of a 6M-parameter Llama's MLP factors took 23-33 s this way
+    and 1.3 s with one BLAS thread (``scripts/bench_vs_kronfluence.py``). The
+    computations must finish inside the block (block on their results).
     """
-    if mesh.devices.size == 1 or mesh.devices.flat[0].platform != "cpu":
-        return
     import importlib
 
     importlib.import_module("scipy.linalg")  # loads the OpenBLAS that jaxlib's CPU LAPACK kernels call
     from threadpoolctl import threadpool_limits
 
-    threadpool_limits(limits=1, user_api="blas")
+    return threadpool_limits(limits=threads, user_api="blas")
+
+
+def limit_cpu_blas(mesh: Mesh) -> None:
+    """One BLAS thread per device, for the whole process, on a mesh of several CPU devices.
+
+    Simulated devices share the host's cores and every device calls LAPACK at once
+    (the eigendecompositions, the query SVDs): 64 SVDs of 768 x 256 on 8 simulated
+    devices of a 2-core host took 83 s with OpenBLAS's default threads and 0.4 s with one.
+    """
+    if mesh.devices.size == 1 or mesh.devices.flat[0].platform != "cpu":
+        return
+    lapack_threads(1)   # the limit holds until it is restored, which is never here
 
 
 def jit_on(mesh: Mesh, fn: Callable, *, donate_argnums=(), out_shardings=None) -> Callable:

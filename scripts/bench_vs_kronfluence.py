@@ -229,7 +229,7 @@ def run_jaxinf(w: dict, size: dict, args, out: Path, timed: bool, compiled: dict
     cov_stage, lam_stage, eigh = compiled["cov"], compiled["lam"], compiled["eigh"]
     cov = stage("covariance", lambda: pipeline.accumulate(store, "covariance", cov_stage, (params,), batches,
                                                           jax.random.fold_in(key, 0), config.factors.save_every,
-                                                          executor, inputs))
+                                                          executor, inputs)[0])
 
     def eigen_stage():
         with pipeline.lapack_threads():          # as jaxinf run does
@@ -240,8 +240,8 @@ def run_jaxinf(w: dict, size: dict, args, out: Path, timed: bool, compiled: dict
     eigen = stage("eigen", eigen_stage)
 
     def lambda_stage():
-        L = pipeline.accumulate(store, "lambda", lam_stage, (params, eigen), batches, jax.random.fold_in(key, 1),
-                                config.factors.save_every, executor, inputs)
+        L, _ = pipeline.accumulate(store, "lambda", lam_stage, (params, eigen), batches, jax.random.fold_in(key, 1),
+                                   config.factors.save_every, executor, inputs)
         store.save_result("lambda", L)
         return L
 

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import yaml
 
+from jaxinf.atomic import write_jsonl
+
 log = logging.getLogger("jaxinf")
 
 DEMO_CONFIG = {
@@ -42,14 +44,14 @@ def main(out: str | Path = "runs/demo", n_documents: int = 3000, train_steps: in
     docs_path = data / "documents.jsonl"
     docs = corpus.documents(0, n_documents)
     if not docs_path.exists():
-        _write_jsonl(docs_path, docs)
+        write_jsonl(docs_path, docs)
         log.info("demo: wrote %d documents to %s", len(docs), docs_path)
     lm, tok, model_dir = train.train(out, [d["text"] for d in docs], steps=train_steps)
     queries_path = data / "queries.jsonl"
     if not queries_path.exists():
         prompts = corpus.queries(0)
         completions = train.complete(lm, tok, [q.prompt for q in prompts])
-        _write_jsonl(queries_path, [{"id": q.id, "prompt": q.prompt, "completion": c, "kind": q.kind,
+        write_jsonl(queries_path, [{"id": q.id, "prompt": q.prompt, "completion": c, "kind": q.kind,
                                      "task": q.task, "answer": q.answer or None}
                                     for q, c in zip(prompts, completions)])
         log.info("demo: the model completed %d queries (%s)", len(prompts), queries_path)
@@ -63,12 +65,6 @@ def main(out: str | Path = "runs/demo", n_documents: int = 3000, train_steps: in
     _print_highlights(run_dir)
     log.info("demo: done in %.0fs; open %s", time.perf_counter() - t0, run_dir / "report" / "index.html")
     return run_dir
-
-
-def _write_jsonl(path: Path, rows: list[dict]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    tmp.replace(path)
 
 
 def _print_highlights(run_dir: Path) -> None:

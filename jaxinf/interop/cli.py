@@ -22,7 +22,7 @@ def _strict(x):
 def compare_command(args) -> int:
     """Prints the comparison table (or the JSON report with ``--json -``); writes the JSON to ``--json PATH``."""
     from jaxinf.interop.compare import compare, format_table
-    from jaxinf.store import write_json
+    from jaxinf.atomic import write_json
 
     report = compare(args.kronfluence, args.run, factors=args.factors, scores=args.scores, topk=args.topk)
     table = format_table(report)
@@ -41,10 +41,9 @@ def import_command(args) -> int:
     from jaxinf import config as cfg
     from jaxinf.interop.transfer import import_factors
 
-    path, overrides = args.config, list(args.overrides)
-    if path is not None and "=" in path and not Path(path).exists():
-        path, overrides = None, [path] + overrides
-    config = cfg.load(path, overrides)
+    from jaxinf.cli import config_arguments
+
+    config = cfg.load(*config_arguments(args))
     root = import_factors(args.kronfluence, config, factors_name=args.factors, overwrite=args.overwrite)
     print(f"{root}: curvature imported; `jaxinf run` with this config (or factors.from={root}) scores with it")
     return 0

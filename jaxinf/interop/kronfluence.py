@@ -187,15 +187,12 @@ def read_tensors(path: Path) -> dict[str, np.ndarray]:
 
 
 def write_tensors(path: Path, tensors: dict[str, np.ndarray], metadata: dict[str, str] | None = None) -> None:
-    """A safetensors file written under a temporary name and renamed."""
-    import os
+    """A safetensors file, written atomically (:func:`jaxinf.atomic.write_atomic`)."""
+    from safetensors.numpy import save
 
-    from safetensors.numpy import save_file
+    from jaxinf.atomic import write_atomic
 
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
+    write_atomic(path, save({k: np.ascontiguousarray(v) for k, v in tensors.items()}, metadata=metadata))
 
 
 def file_of(directory: Path, factor: str) -> Path:
@@ -316,7 +313,7 @@ def write_factors(directory: str | Path, arguments: dict, tensors: dict[str, dic
     metadata = {k: str(v) for k, v in arguments.items()}
     for factor, per_module in tensors.items():
         write_tensors(file_of(directory, factor), per_module, metadata)
-    from jaxinf.store import write_json
+    from jaxinf.atomic import write_json
 
     write_json(directory / FACTOR_ARGUMENTS, arguments)
     return directory

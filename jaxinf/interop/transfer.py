@@ -67,16 +67,13 @@ def precision(config: cfg.Config):
 
 def tracked_layers(config: cfg.Config) -> dict[str, capture.LayerSpec]:
     """The layers a run of ``config`` tracks, from the checkpoint's ``config.json`` alone (no weights read)."""
-    from jaxinf import models
+    from jaxinf import models, pipeline
 
     if config.model.checkpoint is None:
         raise InteropError("model.checkpoint: not set (the tracked layers come from the model)")
     lm = models.abstract(models.read_config(config.model.checkpoint, dtype=config.model.dtype,
                                             scan=config.model.scan_layers))
-    task = lm.task()
-    dummy = {"tokens": jnp.zeros((1, 8), jnp.int32), "mask": jnp.ones((1, 8)), "weights": jnp.ones((1, 8))}
-    found = capture.find_layers(lambda p, b, pr: task.train_loss(p, b, pr, None), lm.params, dummy)
-    return capture.select_layers(found, config.factors.track)
+    return pipeline.tracked_layers(lm, config.factors.track)
 
 
 def layer_index(layers: dict[str, capture.LayerSpec]) -> dict[str, tuple[str, int | None]]:
@@ -173,13 +170,13 @@ def load_run(run_dir: str | Path) -> RunFactors:
         cov = eigen = Lambda = sums = None
         if strategy in ("kfac", "ekfac"):
             if _fitted(store, "covariance"):
-                cov = _restore(store, "covariance", None, covariance_init(layers))
+                cov = _restore(store, "covariance", None, jax.eval_shape(lambda: covariance_init(layers)))
             if _fitted(store, "eigen"):
                 eigen = _restore(store, "eigen", 0, _eigen_like(layers))
         if strategy in ("diagonal", "ekfac") and _fitted(store, "lambda"):
-            Lambda = _restore(store, "lambda", 0, {k: jnp.zeros(s.lead + (s.d_out, s.d_in_aug), _dtype())
+            Lambda = _restore(store, "lambda", 0, {k: jax.ShapeDtypeStruct(s.lead + (s.d_out, s.d_in_aug), _dtype())
                                                    for k, s in layers.items()})
-            sums = _restore(store, LAMBDA_SUMS, None, lambda_init(layers))
+            sums = _restore(store, LAMBDA_SUMS, None, jax.eval_shape(lambda: lambda_init(layers)))
         return RunFactors(root, source, config, layers, _numpy(cov), _numpy(eigen), _numpy(Lambda), _numpy(sums))
 
 
@@ -190,7 +187,8 @@ def _dtype():
 
 
 def _eigen_like(layers) -> Eigen:
-    z = lambda *shape: jnp.zeros(shape, _dtype())  # noqa: E731
+    """The shapes of the eigendecomposition of ``layers`` (a restore template; nothing is allocated)."""
+    z = lambda *shape: jax.ShapeDtypeStruct(shape, _dtype())  # noqa: E731
     return Eigen(Q_A={k: z(*s.lead, s.d_in_aug, s.d_in_aug) for k, s in layers.items()},
                  e_A={k: z(*s.lead, s.d_in_aug) for k, s in layers.items()},
                  Q_S={k: z(*s.lead, s.d_out, s.d_out) for k, s in layers.items()},
