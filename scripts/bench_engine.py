@@ -4,7 +4,10 @@ Same model, same batch of documents: a plain training step (``value_and_grad``
 of the summed loss w.r.t. all parameters), the covariance update, the Lambda
 update and scoring against 32 queries at rank 32 (MLP layers tracked, as in
 Ruis et al.). Prints a markdown table of median times and the ratios to the
-forward+backward step.
+forward+backward step. Also timed: the capture alone (forward, and backward
+with respect to the probes: what every stage pays before its own work), scoring
+in each contraction order (``scoring.contraction_plan`` picks one per block),
+and preparing the queries (preconditioning and the rank-r SVDs).
 
     python scripts/bench_engine.py [--d-model 256 --layers 4 --seq 256 --batch 8]
 """
@@ -19,6 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxinf import capture, curvature, scoring, stages, tasks
+from jaxinf.pipeline import lapack_threads
 
 
 def timed(fn, *args, repeats: int):
@@ -78,12 +82,22 @@ def main(argv=None) -> None:
     G, qloss = jax.jit(lambda p, b: stages.query_gradients(task, layers, p, b))(params, qbatch)
     qg = jax.jit(lambda G, l, c: scoring.prepare_queries(G, l, c, None, args.rank))(G, qloss, curv)
     score_step = jax.jit(lambda p, q, b: stages.score_batch(task, layers, p, q, b)[0].total)
+    capture_step = jax.jit(lambda p, b: stages.capture_train(task, layers, p, b, None))
+
+    def score_in(order):
+        return jax.jit(lambda p, q, b: stages.score_batch(task, layers, p, q, b, plan=order)[0].total)
+
+    prepare = jax.jit(lambda G, l, c: scoring.prepare_queries(G, l, c, None, args.rank))
 
     rows = [
         ("forward+backward (value_and_grad, all params)", train_step, (params, batch)),
         ("covariance update (A, S)", cov_step, (cov_state, params, batch, key)),
         ("Lambda update (EK-FAC)", lam_step, (lam_state, params, eigen, batch, key)),
         (f"scores ({args.queries} queries, rank {args.rank})", score_step, (params, qg, batch)),
+        ("capture alone (forward, backward w.r.t. the probes)", capture_step, (params, batch)),
+        ("scores, tokens order in every block", score_in("tokens"), (params, qg, batch)),
+        ("scores, documents order in every block", score_in("documents"), (params, qg, batch)),
+        (f"prepare {args.queries} queries (precondition, rank-{args.rank} SVDs)", prepare, (G, qloss, curv)),
     ]
     n_params = sum(x.size for x in jax.tree.leaves(params))
     tracked = sum(s.num_params for s in layers.values())
@@ -94,10 +108,12 @@ def main(argv=None) -> None:
     print("| step | median time (ms) | ratio to fwd+bwd | tokens/s |")
     print("|---|---|---|---|")
     base = None
-    for name, fn, fargs in rows:
-        t = timed(fn, *fargs, repeats=args.repeats)
-        base = base or t
-        print(f"| {name} | {1e3 * t:.1f} | {t / base:.2f}x | {B * T / t:,.0f} |")
+    with lapack_threads():  # as jaxinf run prepares queries (XLA's own matrix products do not use BLAS threads)
+        for name, fn, fargs in rows:
+            t = timed(fn, *fargs, repeats=args.repeats)
+            base = base or t
+            rate = "-" if name.startswith("prepare") else f"{B * T / t:,.0f}"   # queries, not the batch
+            print(f"| {name} | {1e3 * t:.1f} | {t / base:.2f}x | {rate} |")
     plans = {k: scoring.contraction_plan(B, T, args.queries, s.d_out, s.d_in_aug,
                                          args.rank if min(s.d_out, s.d_in_aug) > args.rank else None)
              for k, s in layers.items()}
