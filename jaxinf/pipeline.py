@@ -84,11 +84,10 @@ class Executor:
     def like(self, shapes, field: str | None = None):
         return shapes  # abstract shapes: Orbax restores onto the default device
 
-    def prepare_queries(self, G, loss, curv, damping_value, rank):
-        return scoring.prepare_queries(G, loss, curv, damping_value, rank)
-
     def eigendecompose(self, cov):
-        return jax.jit(curvature.eigendecompose)(cov)
+        """One jitted program per factor (:func:`jaxinf.curvature.eigendecompose` with ``eigh=``)."""
+        eigh = jax.jit(curvature.stacked_eigh)
+        return curvature.eigendecompose(cov, lambda M, which: eigh(M))
 
     def fetch(self, x) -> np.ndarray:
         return np.asarray(x)
@@ -357,7 +356,7 @@ def fit_curvature(config: cfg.Config, store: RunStore, inputs: Inputs, executor:
         if eigen is None:
             cov_stage = stages.covariance_stage(inputs.task, inputs.layers, fisher)
             cov, timing = accumulate(store, "covariance", cov_stage, (inputs.lm.params,), fit_batches,
-                                     jax.random.fold_in(base, 0), config.factors.save_every, executor, inputs)
+                                     stages.stage_key(base, "covariance"), config.factors.save_every, executor, inputs)
             store.mark("covariance", "done", timing=timing)
             t0 = time.perf_counter()
             with lapack_threads():
@@ -376,7 +375,7 @@ def fit_curvature(config: cfg.Config, store: RunStore, inputs: Inputs, executor:
         if Lambda is None:
             lam_stage = stages.lambda_stage(inputs.task, inputs.layers, fisher)
             Lambda, timing = accumulate(store, "lambda", lam_stage, (inputs.lm.params, eigen), fit_batches,
-                                        jax.random.fold_in(base, 1), config.factors.save_every, executor, inputs)
+                                        stages.stage_key(base, "lambda"), config.factors.save_every, executor, inputs)
             _check_finite_tree(Lambda, "Lambda", executor.fetch)
             store.save_result("lambda", Lambda, timing=timing)
     return curvature.curvature(strategy, eigen, Lambda)
@@ -430,19 +429,17 @@ def query_gradients(config: cfg.Config, store: RunStore, inputs: Inputs, curv, e
 
     encoded = encode_queries(inputs.queries, inputs.encoder, max_length=config.data.max_length)
     batches = query_batches(encoded, batch_size=config.data.query_batch_size, max_length=config.data.max_length)
-    grad_fn = executor.jit(lambda p, b: stages.query_gradients(inputs.task, inputs.layers, p, b))
-    prep_fn = executor.jit(lambda G, loss, c: executor.prepare_queries(G, loss, c, config.scores.damping,
-                                                                        config.scores.query_rank))
+    prep_fn = executor.jit(lambda p, b, c: stages.prepared_queries(inputs.task, inputs.layers, p, b, c,
+                                                                     config.scores.damping, config.scores.query_rank))
     if store.status("queries") == "done":
-        like = jax.eval_shape(lambda: _prepare_all(inputs, batches, grad_fn, prep_fn, curv, executor, check=False))
+        like = jax.eval_shape(lambda: _prepare_all(inputs, batches, prep_fn, curv, executor, check=False))
         saved = store.load_result("queries", executor.like(like))
         if saved is not None:
             return saved, encoded
     store.mark("queries", "running")
     t0 = time.perf_counter()
     with lapack_threads():
-        qg = jax.block_until_ready(executor.place(_prepare_all(inputs, batches, grad_fn, prep_fn, curv, executor,
-                                                               check=True)))
+        qg = jax.block_until_ready(executor.place(_prepare_all(inputs, batches, prep_fn, curv, executor, check=True)))
     bad = np.flatnonzero(~np.isfinite(executor.fetch(qg.loss)))
     if bad.size:
         q = inputs.queries[int(bad[0])]
@@ -454,14 +451,15 @@ def query_gradients(config: cfg.Config, store: RunStore, inputs: Inputs, curv, e
     return qg, encoded
 
 
-def _prepare_all(inputs, batches, grad_fn, prep_fn, curv, executor: Executor, check: bool) -> scoring.QueryGradients:
-    """Query gradients batch by batch, each preconditioned (and truncated) at once, then joined along Q."""
+def _prepare_all(inputs, batches, prep_fn, curv, executor: Executor, check: bool) -> scoring.QueryGradients:
+    """Preconditioned (and truncated) query gradients batch by batch (:func:`jaxinf.stages.prepared_queries`),
+    joined along Q."""
     parts = []
     for batch in batches:
         if check:
             stages.check_queries(batch, [inputs.queries[i].id if i >= 0 else "padding" for i in batch["index"]])
-        G, loss = grad_fn(inputs.lm.params, executor.put_replicated(batch))
-        parts.append((prep_fn(G, loss, curv), int((batch["index"] >= 0).sum())))
+        parts.append((prep_fn(inputs.lm.params, executor.put_replicated(batch), curv),
+                      int((batch["index"] >= 0).sum())))
     return _join_queries(parts)
 
 
@@ -490,12 +488,8 @@ def score_documents(config: cfg.Config, store: RunStore, inputs: Inputs, qg, cur
     store.mark("scores", "running", step=start, total=total, plan=key_info)
     want_self = config.scores.self_influence
 
-    def step(params, q, c, b):
-        cap = stages.capture_train(inputs.task, inputs.layers, params, b, None)
-        out = {"scores": scoring.pairwise_scores(q, cap).total, "loss": cap.loss}
-        if want_self:
-            out["self"] = scoring.self_scores(c, config.scores.damping, cap)
-        return out
+    step = stages.score_step(inputs.task, inputs.layers, self_influence=want_self,
+                             damping_value=config.scores.damping)
 
     outs = {"scores": executor.rows(2, last=True), "loss": executor.rows()}
     if want_self:

@@ -230,25 +230,14 @@ def step_programs(config, mesh, lm, layers, global_batch: int):
     strategy = config.factors.strategy
     curv = curvature.curvature(strategy, eigen, Lambda) if strategy != "identity" else curvature.curvature("identity")
     damping, rank = config.scores.damping, config.scores.query_rank
-    G, qloss = jax.eval_shape(lambda p, b: stages.query_gradients(task, layers, p, b), params, qbatch)
-    G = absd(G, shard(G, "full"))
-    qloss = jax.ShapeDtypeStruct(qloss.shape, qloss.dtype, sharding=replicated)
     Q = config.plan.queries
     qfull = jax.eval_shape(
         lambda c: scoring.prepare_queries({k: jnp.zeros(s.lead + (Q, s.d_out, s.d_in_aug)) for k, s in layers.items()},
                                           jnp.zeros(Q), c, damping, rank), curv)
     queries = absd(qfull, shard(qfull))
-    want_self = config.scores.self_influence
-
-    def score_step(p, q, c, b):
-        cap = stages.capture_train(task, layers, p, b, None)
-        out = {"scores": scoring.pairwise_scores(q, cap).total, "loss": cap.loss}
-        if want_self:
-            out["self"] = scoring.self_scores(c, damping, cap)
-        return out
-
+    score_step = stages.score_step(task, layers, self_influence=config.scores.self_influence, damping_value=damping)
     score_out = {"scores": jax.sharding.NamedSharding(mesh, sharding.rows_spec(2)), "loss": rows}
-    if want_self:
+    if config.scores.self_influence:
         score_out["self"] = rows
     programs = []
     fit = config.factors.from_run is None   # with factors.from, the run reuses fitted factors: no fitting steps
@@ -256,16 +245,16 @@ def step_programs(config, mesh, lm, layers, global_batch: int):
         programs.append(("covariance", sharding.jit_on(mesh, cov.update, donate_argnums=(0,),
                                                out_shardings=(shard(state), rows)), (state, params, batch, key),
                          global_batch))
-        programs.append(("eigen", sharding.jit_on(mesh, lambda c: sharding.distributed_eigendecompose(c, mesh),
-                                          out_shardings=shard(eigen)), (finished,), None))
+        # one program per factor (as MeshExecutor.eigendecompose): the largest factor's is the step's peak
+        factors = [("A", m) for m in finished.A.values()] + [("S", m) for m in finished.S.values()]
+        which, M = max(factors, key=lambda f: (f[1].shape[-1], f[1].shape[:-2]))
+        programs.append(("eigen", sharding.eigh_program(mesh, M, which), (M,), None))
     if fit and strategy in ("diagonal", "ekfac"):
         programs.append(("lambda", sharding.jit_on(mesh, lam.update, donate_argnums=(0,), out_shardings=(shard(lstate), rows)),
                          (lstate, params, eigen if strategy == "ekfac" else None, batch, key), global_batch))
-    programs.append(("query gradients", sharding.jit_on(mesh, lambda p, b: stages.query_gradients(task, layers, p, b)),
-                     (params, qbatch), None))
-    programs.append(("preconditioning", sharding.jit_on(     # as MeshExecutor.prepare_queries
-        mesh, lambda G, l, c: sharding.distributed_prepare_queries(G, l, c, damping, rank, mesh)),
-                     (G, qloss, curv), None))
+    programs.append(("queries", sharding.jit_on(   # as pipeline.query_gradients: prepared layer by layer
+        mesh, lambda p, b, c: stages.prepared_queries(task, layers, p, b, c, damping, rank)), (params, qbatch, curv),
+        None))
     programs.append(("scores", sharding.jit_on(mesh, score_step, out_shardings=score_out), (params, queries, curv, batch),
                      global_batch))
     return programs

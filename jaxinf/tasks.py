@@ -1,7 +1,7 @@
 """What the loss and the measurement are.
 
 A :class:`Task` gives the engine two loss functions in the form of
-:mod:`jaxinf.capture` (per-token losses plus the tracked layers' inputs):
+:mod:`jaxinf.capture` (per-token losses ``[B, T]``, tracked layers routed through a tap):
 
 - ``train_loss(params, batch, probes, key)``: the loss of a training document,
   summed over its tokens. With a PRNG ``key`` the labels are *sampled from the
@@ -38,7 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxinf.capture import Inputs, Probes, Tap
+from jaxinf.capture import Probes, Tap
 
 Array = jax.Array
 Params = Any
@@ -48,8 +48,8 @@ Batch = dict[str, Array]
 class Task(NamedTuple):
     """A task's two loss functions; see the module docstring."""
 
-    train_loss: Callable[[Params, Batch, Probes, Array | None], tuple[Array, Inputs]]
-    measurement: Callable[[Params, Batch, Probes], tuple[Array, Inputs]]
+    train_loss: Callable[[Params, Batch, Probes | None, Array | None], Array]
+    measurement: Callable[[Params, Batch, Probes | None], Array]
 
 
 # --------------------------------------------------------------------------- losses
@@ -104,7 +104,7 @@ def causal_lm_task(apply: Callable[[Params, Array, Array, Tap], Array]) -> Task:
     def train_loss(params, batch, probes, key=None):
         tap = Tap(probes)
         logits = apply(params, batch["tokens"], batch["mask"], tap)
-        return next_token_losses(logits, batch, key), tap.inputs
+        return next_token_losses(logits, batch, key)
 
     def measurement(params, batch, probes):
         return train_loss(params, batch, probes, None)
@@ -159,7 +159,7 @@ def mlp_task(kind: str = "classification") -> Task:
             if key is not None:
                 y = jax.lax.stop_gradient(out) + jax.random.normal(key, out.shape, out.dtype)
             loss = 0.5 * jnp.sum((y - out) ** 2, axis=-1)
-        return loss * batch["mask"], tap.inputs
+        return loss * batch["mask"]
 
     def measurement(params, batch, probes):
         return train_loss(params, batch, probes, None)

@@ -4,10 +4,12 @@ Same model, same batch of documents: a plain training step (``value_and_grad``
 of the summed loss w.r.t. all parameters), the covariance update, the Lambda
 update and scoring against 32 queries at rank 32 (MLP layers tracked, as in
 Ruis et al.). Prints a markdown table of median times and the ratios to the
-forward+backward step. Also timed: the capture alone (forward, and backward
-with respect to the probes: what every stage pays before its own work), scoring
-in each contraction order (``scoring.contraction_plan`` picks one per block),
-and preparing the queries (preconditioning and the rank-r SVDs).
+forward+backward step. Also timed: the engine's pass alone (forward, and the
+backward pass to every tracked layer with a trivial statistic: what every stage
+pays before its own work), scoring in each contraction order
+(``scoring.contraction_plan`` picks one per block), and the query stage
+(query gradients preconditioned and truncated layer by layer in the backward
+pass, as ``jaxinf run`` does, against preconditioning given gradients).
 
     python scripts/bench_engine.py [--d-model 256 --layers 4 --seq 256 --batch 8]
 """
@@ -62,7 +64,7 @@ def main(argv=None) -> None:
 
     @jax.jit
     def train_step(params, batch):
-        return jax.value_and_grad(lambda p: task.train_loss(p, batch, {}, None)[0].sum())(params)
+        return jax.value_and_grad(lambda p: task.train_loss(p, batch, None, None).sum())(params)
 
     cov_stage = stages.covariance_stage(task, layers, "sampled")
     lam_stage = stages.lambda_stage(task, layers, "sampled")
@@ -82,7 +84,9 @@ def main(argv=None) -> None:
     G, qloss = jax.jit(lambda p, b: stages.query_gradients(task, layers, p, b))(params, qbatch)
     qg = jax.jit(lambda G, l, c: scoring.prepare_queries(G, l, c, None, args.rank))(G, qloss, curv)
     score_step = jax.jit(lambda p, q, b: stages.score_batch(task, layers, p, q, b)[0].total)
-    capture_step = jax.jit(lambda p, b: stages.capture_train(task, layers, p, b, None))
+    capture_step = jax.jit(lambda p, b: stages.train_statistics(task, layers, p, b, None,
+                                                                lambda a, g, c: jnp.sum(g, axis=(0, 1))))
+    streamed = jax.jit(lambda p, b, c: stages.prepared_queries(task, layers, p, b, c, None, args.rank))
 
     def score_in(order):
         return jax.jit(lambda p, q, b: stages.score_batch(task, layers, p, q, b, plan=order)[0].total)
@@ -94,10 +98,13 @@ def main(argv=None) -> None:
         ("covariance update (A, S)", cov_step, (cov_state, params, batch, key)),
         ("Lambda update (EK-FAC)", lam_step, (lam_state, params, eigen, batch, key)),
         (f"scores ({args.queries} queries, rank {args.rank})", score_step, (params, qg, batch)),
-        ("capture alone (forward, backward w.r.t. the probes)", capture_step, (params, batch)),
+        ("engine pass alone (forward, backward to every tracked layer)", capture_step, (params, batch)),
         ("scores, tokens order in every block", score_in("tokens"), (params, qg, batch)),
         ("scores, documents order in every block", score_in("documents"), (params, qg, batch)),
-        (f"prepare {args.queries} queries (precondition, rank-{args.rank} SVDs)", prepare, (G, qloss, curv)),
+        (f"prepare {args.queries} given query gradients (precondition, rank-{args.rank} SVDs)", prepare,
+         (G, qloss, curv)),
+        (f"query stage: {args.queries} queries' gradients prepared layer by layer in the backward pass", streamed,
+         (params, qbatch, curv)),
     ]
     n_params = sum(x.size for x in jax.tree.leaves(params))
     tracked = sum(s.num_params for s in layers.values())
@@ -112,7 +119,7 @@ def main(argv=None) -> None:
         for name, fn, fargs in rows:
             t = timed(fn, *fargs, repeats=args.repeats)
             base = base or t
-            rate = "-" if name.startswith("prepare") else f"{B * T / t:,.0f}"   # queries, not the batch
+            rate = "-" if "queries" in name.split("(")[0] else f"{B * T / t:,.0f}"   # queries, not the batch
             print(f"| {name} | {1e3 * t:.1f} | {t / base:.2f}x | {rate} |")
     plans = {k: scoring.contraction_plan(B, T, args.queries, s.d_out, s.d_in_aug,
                                          args.rank if min(s.d_out, s.d_in_aug) > args.rank else None)

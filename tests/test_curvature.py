@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from engine_fixtures import layers_of, rel_err
+from engine_fixtures import capture_ag, layers_of, rel_err
 from jaxinf import capture, curvature, stages, tasks
 from jaxinf.curvature import Covariance
 
@@ -27,7 +27,7 @@ def _mlp_setup(n=24, sizes=(3, 4, 2), seed=0):
 
 def _dense_pieces(task, params, batch, layers, name):
     """Oracle per-example gradients vec(G[n]) (row-major [d_out, d_in']) and per-token a, g, with numpy."""
-    cap = capture.capture(lambda p, b, pr: task.train_loss(p, b, pr, None), params, batch, layers, batch["mask"])
+    cap = capture_ag(lambda p, b, pr: task.train_loss(p, b, pr, None), params, batch, layers)
     a = np.asarray(cap.a[name]).reshape(-1, cap.a[name].shape[-1])
     g = np.asarray(cap.g[name]).reshape(-1, cap.g[name].shape[-1])
     G = np.einsum("bto,bti->boi", np.asarray(cap.g[name]), np.asarray(cap.a[name]))
@@ -140,9 +140,9 @@ def _exact_sampled_fisher_S(apply, params, tokens, mask, weights, layers, vocab)
         tap = capture.Tap(pr)
         lg = apply(p, b["tokens"], b["mask"], tap)
         nll = tasks.token_nll(lg[:, :-1], b["labels"]) * b["weights"][:, 1:]
-        return jnp.pad(nll, ((0, 0), (0, 1))), tap.inputs
+        return jnp.pad(nll, ((0, 0), (0, 1)))
 
-    capture_g = jax.jit(lambda b: capture.capture(loss_fn, params, b, layers, b["mask"]).g)
+    capture_g = jax.jit(lambda b: capture_ag(loss_fn, params, b, layers).g)
     total = {k: 0.0 for k in layers}
     for combo in itertools.product(range(vocab), repeat=len(targets)):
         labels = np.zeros(tokens.shape[1] - 1, np.int32)
