@@ -39,6 +39,25 @@ def _setup_logging(quiet: bool) -> None:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
+def enable_compilation_cache() -> str | None:
+    """XLA's persistent compilation cache, on by default: a second run of the same programs skips compiling them.
+
+    The directory is ``$JAXINF_COMPILATION_CACHE`` (empty: off), else ``$JAX_COMPILATION_CACHE_DIR`` when the
+    user set JAX's own, else ``~/.cache/jaxinf/xla``. Every program is cached, however quick its compilation.
+    """
+    import jax
+
+    where = os.environ.get("JAXINF_COMPILATION_CACHE")
+    if where is None:
+        where = os.environ.get("JAX_COMPILATION_CACHE_DIR") or str(Path.home() / ".cache" / "jaxinf" / "xla")
+    if not where:
+        return None
+    jax.config.update("jax_compilation_cache_dir", where)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    return where
+
+
 def config_arguments(args) -> tuple[str | None, list[str]]:
     """``CONFIG [section.key=value ...]`` as (path, overrides); a first argument with ``=`` that is not a file
     is an override (only overrides: start from the defaults)."""
@@ -59,6 +78,7 @@ def _run(args) -> int:
     if path is None and not overrides:
         raise cfg.ConfigError("give a config file or section.key=value overrides (configs/reference.yaml lists every key)")
     config = cfg.load(path, overrides)
+    enable_compilation_cache()
     pipeline.run(config, overwrite=args.overwrite)
     return 0
 
@@ -77,6 +97,7 @@ def _plan(args) -> int:
 def _demo(args) -> int:
     from jaxinf import demo
 
+    enable_compilation_cache()
     demo.main(args.out)
     return 0
 

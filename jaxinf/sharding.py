@@ -91,7 +91,7 @@ RULES: dict[str, tuple[tuple[str, str], ...]] = {
     # Preconditioned query gradients: on `model` (every data shard scores its documents against all queries).
     "query": (("rows", "model"), ("cols", "model"), ("layers", "model"), ("queries", "model"), ("rank", "model")),
     # Large intermediates the engine marks with `constrain`: documents on `data`, features on `model`.
-    "activation": (("batch", "data"), ("rows", "model"), ("cols", "model"), ("layers", "model")),
+    "activation": (("batch", "data"), ("rows", "model"), ("cols", "model"), ("layers", "model"), ("vocab", "model")),
     # Document batches and everything with one entry per document row.
     "batch": (("batch", "data"),),
     "replicated": (),
@@ -188,20 +188,26 @@ def _large(family: str, shape: tuple[int, ...]) -> bool:
     return len(shape) >= 2 and math.prod(shape) > 1
 
 
-def constrain(x: jax.Array, axes: tuple[str, ...]) -> jax.Array:
-    """``x`` pinned to the layout its logical ``axes`` get under :data:`RULES` ``["activation"]``, when traced under
+def constrain(x: jax.Array, axes: tuple[str, ...], family: str = "activation") -> jax.Array:
+    """``x`` pinned to the layout its logical ``axes`` get under :data:`RULES` ``[family]``, when traced under
     a mesh (:func:`jit_on`, as :class:`MeshExecutor` traces its steps); ``x`` itself otherwise.
 
     The engine marks the few large intermediates whose layout XLA's propagation
-    would otherwise get wrong (e.g. the per-document rotated gradients of the
-    Lambda stage), so they stay split over ``data`` (documents) and ``model``.
+    would otherwise get wrong: the per-document rotated gradients of the Lambda
+    stage stay split over ``data`` (documents) and ``model``, and each layer's
+    statistic (``family="factor"`` or ``"query"``) is laid out as the stage's
+    state that it is added to, so no device holds a layer's whole factor.
     """
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or not set(AXES) <= set(mesh.axis_names):
         return x
     shape = dict(zip(mesh.axis_names, mesh.axis_sizes))
     axes = ("layers",) * (x.ndim - len(axes)) + tuple(axes)
-    return jax.lax.with_sharding_constraint(x, resolve(shape, "activation", axes, tuple(x.shape), "activation"))
+    try:
+        spec = resolve(shape, family, axes, tuple(x.shape), family)
+    except ShardingError:   # one layer's share of a state split along its layers: left to XLA
+        return x
+    return jax.lax.with_sharding_constraint(x, spec)
 
 
 def mesh_shape(mesh: Mesh) -> dict[str, int]:

@@ -11,7 +11,13 @@ pays before its own work), scoring in each contraction order
 (query gradients preconditioned and truncated layer by layer in the backward
 pass, as ``jaxinf run`` does, against preconditioning given gradients).
 
-    python scripts/bench_engine.py [--d-model 256 --layers 4 --seq 256 --batch 8]
+With ``--dtype bfloat16`` the parameters (and so the activations) are bf16; with
+``--peak-tflops`` (the device's peak for that dtype) each row also gets its
+model-FLOPs utilisation: XLA's FLOP count of the compiled step over its time,
+as a fraction of the peak.
+
+    python scripts/bench_engine.py [--d-model 256 --layers 4 --seq 256 --batch 8] [--dtype bfloat16]
+        [--peak-tflops 989]
 """
 
 from __future__ import annotations
@@ -50,11 +56,13 @@ def main(argv=None) -> None:
     ap.add_argument("--rank", type=int, default=32)
     ap.add_argument("--track", default="mlp")
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="parameter dtype")
+    ap.add_argument("--peak-tflops", type=float, help="the device's peak TFLOP/s for --dtype: adds an MFU column")
     args = ap.parse_args(argv)
 
     d, T, B = args.d_model, args.seq, args.batch
     params = tasks.tiny_lm_init(jax.random.key(0), vocab=args.vocab, d_model=d, n_layers=args.layers,
-                                n_heads=args.heads, d_ff=4 * d, max_len=T)
+                                n_heads=args.heads, d_ff=4 * d, max_len=T, dtype=jnp.dtype(args.dtype))
     task = tasks.tiny_lm_task(n_heads=args.heads)
     tokens = jax.random.randint(jax.random.key(1), (B, T), 0, args.vocab)
     batch = {"tokens": tokens, "mask": jnp.ones((B, T)), "weights": jnp.ones((B, T)).at[:, 0].set(0.0)}
@@ -111,16 +119,22 @@ def main(argv=None) -> None:
     print(f"# jaxinf engine benchmark on {jax.devices()[0].platform} ({jax.device_count()} device(s)), "
           f"jax {jax.__version__}")
     print(f"model: tiny GPT d_model={d} d_ff={4 * d} layers={args.layers} vocab={args.vocab}, "
-          f"{n_params / 1e6:.2f}M params, tracked ({args.track}): {tracked / 1e6:.2f}M; batch {B} x {T} tokens\n")
-    print("| step | median time (ms) | ratio to fwd+bwd | tokens/s |")
-    print("|---|---|---|---|")
+          f"{n_params / 1e6:.2f}M params ({args.dtype}), tracked ({args.track}): {tracked / 1e6:.2f}M; "
+          f"batch {B} x {T} tokens\n")
+    print("| step | median time (ms) | ratio to fwd+bwd | tokens/s | MFU |")
+    print("|---|---|---|---|---|")
     base = None
     with lapack_threads():  # as jaxinf run prepares queries (XLA's own matrix products do not use BLAS threads)
         for name, fn, fargs in rows:
             t = timed(fn, *fargs, repeats=args.repeats)
             base = base or t
             rate = "-" if "queries" in name.split("(")[0] else f"{B * T / t:,.0f}"   # queries, not the batch
-            print(f"| {name} | {1e3 * t:.1f} | {t / base:.2f}x | {rate} |")
+            mfu = "-"
+            if args.peak_tflops:
+                flops = fn.lower(*fargs).compile().cost_analysis()
+                flops = float((flops[0] if isinstance(flops, list) else flops).get("flops", 0.0))
+                mfu = f"{flops / t / (args.peak_tflops * 1e12):.1%}"
+            print(f"| {name} | {1e3 * t:.1f} | {t / base:.2f}x | {rate} | {mfu} |")
     plans = {k: scoring.contraction_plan(B, T, args.queries, s.d_out, s.d_in_aug,
                                          args.rank if min(s.d_out, s.d_in_aug) > args.rank else None)
              for k, s in layers.items()}

@@ -221,3 +221,22 @@ def test_failed_eigh_falls_back_to_a_jittered_decomposition(monkeypatch):
         assert len(calls) == 2 and bool(jnp.all(jnp.isfinite(e)))
         assert rel_err(Q @ jnp.diag(e) @ Q.T, M) < 1e-6           # the jitter (1e-7 x mean eigenvalue) is undone
         np.testing.assert_allclose(np.asarray(e), np.linalg.eigvalsh(np.asarray(M)), rtol=1e-6, atol=1e-6)
+
+
+def test_sampled_labels_follow_the_predictive_distribution_without_a_vocabulary_wide_cumsum():
+    """The chunked inverse CDF draws the labels the whole-vocabulary inverse CDF draws from the same uniforms
+    (all but float-rounding ties), and their frequencies match softmax(logits) within 5 binomial sigmas."""
+    logits = jax.random.normal(jax.random.key(0), (2, 3, 1037)) * 3      # 1037: not a multiple of the chunks
+    keys = jax.random.split(jax.random.key(1), 4000)
+    ys = np.asarray(jax.vmap(lambda k: tasks.sample_labels(k, logits))(keys))
+
+    def whole(k):
+        F = jnp.cumsum(jax.nn.softmax(logits, -1), -1)
+        u = jax.random.uniform(k, F.shape[:-1] + (1,), F.dtype) * F[..., -1:]
+        return jnp.minimum(jnp.sum(F <= u, -1), logits.shape[-1] - 1)
+
+    assert (ys == np.asarray(jax.vmap(whole)(keys))).mean() > 0.999
+    p = np.asarray(jax.nn.softmax(logits, -1))[0, 0]
+    freq = np.bincount(ys[:, 0, 0], minlength=1037) / len(keys)
+    assert np.all(np.abs(freq - p) <= 5 * np.sqrt(p * (1 - p) / len(keys)) + 1e-3)
+    assert ys.min() >= 0 and ys.max() < 1037

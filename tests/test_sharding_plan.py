@@ -80,7 +80,8 @@ def test_plan_compiles_every_step_and_refuses_what_does_not_fit(tmp_path):
     per_doc = {s["name"]: s["flops_per_document"] for s in m["steps"] if "flops_per_document" in s}
     assert set(per_doc) == {"covariance", "lambda", "scores"} and all(v > 0 for v in per_doc.values())
     failures = [line for line in r.stdout.splitlines() if line.startswith("jaxinf plan: does not fit:")]
-    assert len(failures) == 5 and failures[0] == (
+    over = [s for s in m["steps"] if s["peak"] > 0.0001 * GiB]
+    assert len(over) >= 4 and len(failures) == len(over) and failures[0] == (
         f"jaxinf plan: does not fit: mesh 4x2: stage covariance needs {m['steps'][0]['peak'] / GiB:.2f} GiB per device, "
         "more than plan.device_memory_gib=0.0001"), r.stdout
     # bytes per device fall as the model axis grows (8 documents per step: one per data row on 8x1)

@@ -73,7 +73,7 @@ def lambda_statistic(a: Array, g: Array, eigen: Mapping[str, Array] | None) -> A
     Q_A = None if eigen is None else eigen["Q_A"]
     Q_S = None if eigen is None else eigen["Q_S"]
     R = constrain(rotated_gradient(a, g, Q_A, Q_S, dtype), ("batch", "rows", "cols"))
-    return jnp.sum(R * R, axis=0)
+    return constrain(jnp.sum(R * R, axis=0), ("rows", "cols"), "factor")
 
 
 def lambda_context(eigen: Eigen | None) -> dict[str, dict[str, Array]] | None:

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 
 from jaxinf.capture import LayerSpec
 from jaxinf.precision import float_dtype
+from jaxinf.sharding import constrain
 
 Array = jax.Array
 
@@ -64,7 +65,8 @@ def token_outer_sum(x: Array, dtype) -> Array:
 def covariance_statistic(a: Array, g: Array, context=None) -> dict[str, Array]:
     """One layer's share of a batch: ``{"A": sum a a^T, "S": sum g g^T}`` (in the working precision)."""
     dtype = float_dtype()
-    return {"A": token_outer_sum(a, dtype), "S": token_outer_sum(g, dtype)}
+    return {"A": constrain(token_outer_sum(a, dtype), ("rows", "cols"), "factor"),
+            "S": constrain(token_outer_sum(g, dtype), ("rows", "cols"), "factor")}
 
 
 def covariance_update(state: CovarianceState, stats: Mapping[str, dict[str, Array]], mask: Array) -> CovarianceState:
