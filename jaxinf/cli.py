@@ -46,8 +46,12 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
 
 def _setup_logging(quiet: bool) -> None:
+    from jaxinf.failures import HideLibraryTracebacks
+
     logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="jaxinf: %(message)s",
                         stream=sys.stderr, force=True)
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(HideLibraryTracebacks())
     for noisy in ("absl", "orbax", "jax._src", "tensorflow_datasets"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")

@@ -11,6 +11,7 @@ failed save leaves the previous checkpoint, and the next run resumes from it).
 from __future__ import annotations
 
 import errno
+import logging
 import re
 
 from jaxinf.store import EnvironmentFailure
@@ -59,3 +60,13 @@ def environment_failure(exc: BaseException, root, stage: str) -> EnvironmentFail
     what, todo = CONDITIONS[code]
     return EnvironmentFailure(f"{path or root}: {what} (stage {stage}); everything finished is kept in {root}; "
                               f"{todo} and run the same command again to resume")
+
+
+class HideLibraryTracebacks(logging.Filter):
+    """Drops a library's log record carrying a traceback of one of these conditions (Orbax logs the failed write of
+    each of its writer threads so), since the run reports the condition itself in one line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name == "jaxinf" or not record.exc_info or record.exc_info[1] is None:
+            return True
+        return find_condition(record.exc_info[1]) is None

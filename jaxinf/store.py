@@ -52,14 +52,19 @@ class CorruptCheckpoint(StoreError):
 
 
 def fault_point(where: str, step: int) -> None:
-    """Fault injection for resume tests: SIGKILL this process when ``JAXINF_FAULT`` is ``f"{where}:{step}"``.
+    """Fault injection for resume tests: SIGKILL this process when ``JAXINF_FAULT`` is ``f"{where}:{step}"``
+    (SIGSTOP when it is ``f"{where}:{step}:stop"``: the process stays, holding what it holds, until killed).
 
     Points: ``<stage>:<batch>`` after a batch is computed (before any save it
-    triggers) and ``<stage>:before-manifest:<step>`` after Orbax has committed a
-    step but before its manifest is written.
+    triggers), ``<stage>:before-manifest:<step>`` after Orbax has committed a
+    step but before its manifest is written, and ``overwrite:0`` after a run
+    started with ``--overwrite`` has started cleanly but before the old run is deleted.
     """
-    if os.environ.get("JAXINF_FAULT") == f"{where}:{step}":
+    point = os.environ.get("JAXINF_FAULT")
+    if point == f"{where}:{step}":
         os.kill(os.getpid(), signal.SIGKILL)
+    elif point == f"{where}:{step}:stop":
+        os.kill(os.getpid(), signal.SIGSTOP)
 
 
 def versions() -> dict[str, str]:
@@ -238,8 +243,7 @@ class RunStore:
             record["config"] = cfg.to_dict(config)
             record["fingerprint"] = cfg.fingerprint(config)
             record["versions"] = versions()
-            store._write()
-            return store
+            return store  # written with the next update: a start refused before then leaves run.json as it was
         record = {
             "config": cfg.to_dict(config),
             "fingerprint": cfg.fingerprint(config),
