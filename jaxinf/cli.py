@@ -46,7 +46,9 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
 
 def _setup_logging(quiet: bool) -> None:
-    from jaxinf.failures import HideLibraryTracebacks
+    from jaxinf.failures import HideLibraryTracebacks, install_unraisable_hook
+
+    install_unraisable_hook()
 
     logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="jaxinf: %(message)s",
                         stream=sys.stderr, force=True)

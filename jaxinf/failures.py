@@ -13,6 +13,8 @@ from __future__ import annotations
 import errno
 import logging
 import re
+import sys
+from pathlib import Path
 
 from jaxinf.store import EnvironmentFailure
 
@@ -35,8 +37,12 @@ def _chain(exc: BaseException):
         exc = exc.__cause__ or exc.__context__
 
 
-def find_condition(exc: BaseException) -> tuple[int, str | None] | None:
-    """(errno, path or None) of the first out-of-space, read-only or permission error in ``exc``'s chain."""
+def find_condition(exc: BaseException, root=None) -> tuple[int, str | None] | None:
+    """(errno, path or None) of the first out-of-space, read-only or permission error in ``exc``'s chain.
+
+    The path is the ``OSError``'s file name or, when the condition is known only from a library's message, the
+    longest absolute path in the message under ``root`` (the run directory); None when there is none.
+    """
     for e in _chain(exc):
         if isinstance(e, OSError) and e.errno in CONDITIONS:
             return e.errno, e.filename if isinstance(e.filename, str) else None
@@ -44,8 +50,9 @@ def find_condition(exc: BaseException) -> tuple[int, str | None] | None:
         text = str(e)
         for needle, code in _TEXTS.items():
             if needle in text:
-                m = re.search(r"(/[^\s'\":,]+)", text)
-                return code, m.group(1) if m else None
+                under = str(Path(root).absolute()) if root is not None else None
+                paths = [m for m in re.findall(r"/[^\s'\":,()\[\]]+", text) if under is not None and m.startswith(under)]
+                return code, max(paths, key=len) if paths else None
     return None
 
 
@@ -53,13 +60,33 @@ def environment_failure(exc: BaseException, root, stage: str) -> EnvironmentFail
     """The one-line failure for ``exc`` raised while ``stage`` of the run in ``root`` was running, or None."""
     if type(exc).__module__.startswith("jaxinf"):  # already one line about an input, said by jaxinf itself
         return None
-    found = find_condition(exc)
+    found = find_condition(exc, root)
     if found is None:
         return None
     code, path = found
     what, todo = CONDITIONS[code]
     return EnvironmentFailure(f"{path or root}: {what} (stage {stage}); everything finished is kept in {root}; "
                               f"{todo} and run the same command again to resume")
+
+
+def is_closed_loop_noise(exc_type, exc: BaseException, tb) -> bool:
+    """Whether an exception that a C extension could not raise (``sys.unraisablehook``) is TensorStore completing a
+    future of a failed Orbax write after Orbax closed its event loop (``RuntimeError: Event loop is closed`` raised
+    in asyncio's ``call_soon_threadsafe``): noise of a failure that the run reports itself."""
+    if exc_type is not RuntimeError or str(exc) != "Event loop is closed" or tb is None:
+        return False
+    return tb.tb_frame.f_code.co_name == "call_soon_threadsafe"
+
+
+def install_unraisable_hook() -> None:
+    """Drops :func:`is_closed_loop_noise` exceptions; every other unraisable exception is printed as before."""
+    previous = sys.unraisablehook
+
+    def hook(args):
+        if not is_closed_loop_noise(args.exc_type, args.exc_value, args.exc_traceback):
+            previous(args)
+
+    sys.unraisablehook = hook
 
 
 class HideLibraryTracebacks(logging.Filter):

@@ -168,8 +168,8 @@ def reconcile(store: RunStore, model_fp: dict, documents: dict, queries: dict) -
     started = _started(store)
     invalid: list[str] = []
     if old is None and started:
-        log.warning("%s: no input fingerprints recorded (the run was started by an older jaxinf); the saved results "
-                    "are taken to match the current inputs", store.root)
+        log.warning("%s: no input fingerprints recorded (the run was started by an older jaxinf, or its factors were "
+                    "imported); the saved results are taken to match the current inputs", store.root)
     elif old is not None and started:
         reasons = []
         od, oq = old.get("documents", {}), old.get("queries", {})

@@ -803,6 +803,10 @@ def _run_locked(config: cfg.Config, executor: Executor, aside: rundir.Aside | No
             fingerprint.reconcile(store, model_fp,
                                   fingerprint.documents_fingerprint(inputs.documents, len(inputs.fit_documents)),
                                   fingerprint.queries_fingerprint(inputs.queries, config.data.queries))
+            if jax.process_count() > 1:                  # process 0 deleted what changed inputs invalidated
+                from jax.experimental import multihost_utils
+
+                multihost_utils.sync_global_devices("jaxinf: inputs checked")
         except BaseException:
             if aside is not None:
                 aside.restore()
