@@ -1,8 +1,9 @@
 """``jaxinf run`` against a hostile world, through the command line: inputs changed in place, a second process,
 ``--overwrite``, bad values, a full disk, a read-only directory, a damaged ``run.json``.
 
-One finished run (12 documents, 2 queries, a tiny model) is made once; each test works on a copy of it (model,
-data and run directory side by side, named by relative paths, so a copy resumes like the original).
+One finished run (12 documents in one batch, 2 queries, a tiny model: few compiled shapes) is made once; each
+test works on a copy of it (model, data and run directory side by side, named by relative paths, so a copy
+resumes like the original).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import pytest
 from pipeline_support import REPO, env, jaxinf, make_world
 
 SETTINGS = {"model.checkpoint": "model", "data.documents": "docs.jsonl", "data.queries": "queries.jsonl",
-            "data.max_length": 48, "data.batch_size": 4, "factors.save_every": 2, "scores.save_every": 2,
+            "data.max_length": 48, "data.batch_size": 12, "factors.save_every": 2, "scores.save_every": 2,
             "scores.topk": 3, "factors.fisher": "empirical", "factors.max_documents": 8, "run.out": "run"}
 ALL_STAGES = "covariance, eigen, lambda, queries, scores, exports, analysis"
 
