@@ -73,7 +73,7 @@ class FactorsConfig:
 
 @dataclasses.dataclass(frozen=True)
 class ScoresConfig:
-    damping: float | None = key(None, "damping lambda (null: 0.1 x mean(Lambda) per layer)", "queries")
+    damping: float | None = key(None, "damping lambda, a finite number >= 0 (null: 0.1 x mean(Lambda) per layer)", "queries")
     query_rank: int | None = key(None, "rank of the preconditioned query gradients (null: full)", "queries")
     normalize: str = key("none", "none (raw, kronfluence's convention) | per_nat (divided by the completion NLL)",
                          "exports", ("none", "per_nat"))

@@ -336,6 +336,20 @@ def test_a_read_only_run_directory_is_one_line(base, tmp_path):
                             "was written"
 
 
+@pytest.mark.skipif(os.geteuid() == 0, reason="permissions do not bind for root (the read-only mount test covers "
+                                              "the same path)")
+def test_an_unwritable_run_directory_is_one_line(base, tmp_path):
+    d = clone(base, tmp_path / "w")
+    (d / "run").chmod(0o555)
+    try:
+        r = jaxinf(args(), base["env"], cwd=d)
+    finally:
+        (d / "run").chmod(0o755)
+    assert r.returncode == 3
+    assert error_line(r) == "run: output directory is not writable (permission denied; stage: start); nothing " \
+                            "was written"
+
+
 def test_a_damaged_run_json_is_restored_or_says_what_overwrite_deletes(base, tmp_path):
     d = clone(base, tmp_path / "w")
     run = d / "run"
