@@ -29,12 +29,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxinf import capture, curvature, scoring, stages
+from jaxinf import capture, curvature, failures, fingerprint, preflight, rundir, scoring, stages
 from jaxinf import config as cfg
 from jaxinf.progress import Progress
 from jaxinf.sharding import lapack_threads
 from jaxinf.atomic import save_npy, write_json
-from jaxinf.store import RunStore, StoreError, fault_point
+from jaxinf.lock import RunLock
+from jaxinf.store import RunStore, StoreError, check_writable, fault_point
 
 log = logging.getLogger("jaxinf")
 
@@ -169,6 +170,8 @@ def document_lengths(store: RunStore, documents, encoder) -> np.ndarray:
 
     key = {"documents": _file_key(getattr(documents, "name", "")), "size": len(documents),
            "tokenizer": _text_hash(encoder.tokenizer.to_str())}
+    if hasattr(documents, "content_digest"):  # an edit within the same second and size changes the content
+        key["content"] = documents.content_digest()
     meta, path = store.path("state", "plan", "lengths.json"), store.path("state", "plan", "lengths.npy")
     if meta.exists() and path.exists():
         try:
@@ -229,9 +232,11 @@ def load_inputs(config: cfg.Config, store: RunStore, executor: Executor | None =
     n_tracked = sum(s.num_params for s in layers.values())
     log.info("tracking %d layers (%s parameters) matching factors.track=%s",
              sum(len(s.layer_names) for s in layers.values()), f"{n_tracked:,}", config.factors.track)
+    preflight.log_query_rank(config.scores.query_rank, layers)
     encoder = TextEncoder(tokenizer)
     documents = open_documents(config.data.documents)
     lengths = document_lengths(store, documents, encoder)
+    preflight.check_corpus(lengths, getattr(documents, "name", config.data.documents), config.factors.max_documents)
     d = config.data
     plan_args = dict(batch_size=d.batch_size, max_length=d.max_length, long_documents=d.long_documents,
                      process_count=executor.groups[1], buckets=buckets(d.max_length))
@@ -746,22 +751,85 @@ def _open_store(config: cfg.Config, overwrite: bool) -> RunStore:
 
 
 def run(config: cfg.Config, overwrite: bool = False, executor: Executor | None = None) -> Path:
-    """All stages, resumable; returns the run directory."""
+    """All stages, resumable; returns the run directory.
+
+    Holds the run directory's lock (:mod:`jaxinf.lock`) throughout. With ``overwrite`` the old run is set aside
+    and deleted only once the new one has started cleanly (:mod:`jaxinf.rundir`). Inputs whose content changed
+    since the run started are refused or invalidate the stages depending on them (:mod:`jaxinf.fingerprint`).
+    """
     from jaxinf import sharding
 
     check_inputs(config)
+    preflight.check_model_limits(config)
     sharding.initialize(config.mesh)                 # before anything touches a device
     sharding.check_agreement(cfg.to_dict(config))    # every process runs the same config
     if config.run.precision == "float64":
         jax.config.update("jax_enable_x64", True)
     executor = executor or make_executor(config)     # mesh and batch shape errors before the run directory is made
-    store = _open_store(config, overwrite)
-    log.info("run directory %s (config fingerprint %s)", store.root, store.record["fingerprint"])
-    inputs = load_inputs(config, store, executor)
-    curv = fit_curvature(config, store, inputs, executor)
-    qg, encoded = query_gradients(config, store, inputs, curv, executor)
-    results = score_documents(config, store, inputs, qg, curv, executor)
-    export(config, store, inputs, results, qg, encoded, executor)
-    log.info("exports written to %s", store.root)
-    analyze(store, inputs)
+    lock, aside = _claim(config, overwrite)
+    try:
+        return _run_locked(config, executor, aside)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _claim(config: cfg.Config, overwrite: bool) -> tuple[RunLock | None, rundir.Aside | None]:
+    """Process 0: the run directory checked (never another kind of directory), locked, a killed ``--overwrite``
+    finished, and with ``overwrite`` the old run set aside."""
+    if jax.process_index() != 0:
+        return None, None
+    root = Path(config.run.out)
+    check_writable(root)
+    rundir.check_target(root, overwrite)
+    lock = RunLock(root).acquire()
+    try:
+        rundir.recover_interrupted(root)
+        return lock, (rundir.set_aside(root) if overwrite else None)
+    except BaseException:
+        lock.release()
+        raise
+
+
+def _run_locked(config: cfg.Config, executor: Executor, aside: rundir.Aside | None) -> Path:
+    store = None
+    try:
+        try:
+            store = _open_store(config, overwrite=False)
+            log.info("run directory %s (config fingerprint %s)", store.root, store.record["fingerprint"])
+            model_fp = fingerprint.check_model(store, config.model.checkpoint)
+            inputs = load_inputs(config, store, executor)
+            fingerprint.check_unchanged(model_fp, config.model.checkpoint)
+            fingerprint.reconcile(store, model_fp,
+                                  fingerprint.documents_fingerprint(inputs.documents, len(inputs.fit_documents)),
+                                  fingerprint.queries_fingerprint(inputs.queries, config.data.queries))
+            if jax.process_count() > 1:                  # process 0 deleted what changed inputs invalidated
+                from jax.experimental import multihost_utils
+
+                multihost_utils.sync_global_devices("jaxinf: inputs checked")
+        except BaseException:
+            if aside is not None:
+                aside.restore()
+            raise
+        if aside is not None:                        # the new run has started cleanly: the old one can go
+            fault_point("overwrite", 0)
+            aside.discard()
+        curv = fit_curvature(config, store, inputs, executor)
+        qg, encoded = query_gradients(config, store, inputs, curv, executor)
+        results = score_documents(config, store, inputs, qg, curv, executor)
+        export(config, store, inputs, results, qg, encoded, executor)
+        log.info("exports written to %s", store.root)
+        analyze(store, inputs)
+    except Exception as e:
+        failure = failures.environment_failure(e, Path(config.run.out), _running_stage(store))
+        if failure is None:
+            raise
+        raise failure from e
     return store.root
+
+
+def _running_stage(store: RunStore | None) -> str:
+    """The first stage not done (the one a failure interrupted), or "start" before the run directory is open."""
+    if store is None:
+        return "start"
+    return next((s for s in cfg.STAGES if store.status(s) != "done"), "analysis")

@@ -338,10 +338,21 @@ def load_params(
                 if f is None:
                     f = handles[info.file] = stack.enter_context(open(info.file, "rb"))
                 read_converted(info, f, buf[i] if src.stacked else buf, src.transpose)
+                check_finite(tensors, info, buf[i] if src.stacked else buf)
             flat[src.path] = place(src.path, buf)
             del buf
     skipped = sorted(set(tensors) - used)
     return _unflatten(lm.params, flat), skipped
+
+
+def check_finite(tensors: dict[str, TensorInfo], info: TensorInfo, values: np.ndarray) -> None:
+    """Raises :class:`CheckpointError` naming the file and tensor when ``values`` (just read) has a NaN or infinity."""
+    flat, block = values.reshape(-1), 1 << 24            # a bounded temporary, whatever the tensor's size
+    bad = sum(int(flat[i:i + block].size - np.isfinite(flat[i:i + block]).sum()) for i in range(0, flat.size, block))
+    if bad:
+        name = next((n for n, t in tensors.items() if t is info), "?")
+        raise CheckpointError(f"{info.file}: tensor {name} has {bad} non-finite value(s) (NaN or infinity); "
+                              "stage: loading the model")
 
 
 def read_converted(info: TensorInfo, f: BinaryIO, out: np.ndarray, transpose: bool, chunk: int = CHUNK) -> None:
