@@ -766,12 +766,33 @@ def run(config: cfg.Config, overwrite: bool = False, executor: Executor | None =
     if config.run.precision == "float64":
         jax.config.update("jax_enable_x64", True)
     executor = executor or make_executor(config)     # mesh and batch shape errors before the run directory is made
+    check_statistics(config, executor)
     lock, aside = _claim(config, overwrite)
     try:
         return _run_locked(config, executor, aside)
     finally:
         if lock is not None:
             lock.release()
+
+
+def check_statistics(config: cfg.Config, executor: Executor) -> None:
+    """Before any batch: a tracked layer whose statistic alone cannot fit a device is named with the key that would
+    make it fit (:func:`jaxinf.plan.check_layers_fit`). The memory is ``plan.device_memory_gib`` when set, else what
+    an accelerator reports (``bytes_limit``); on a CPU with no setting nothing is checked."""
+    from jaxinf import plan
+
+    device = jax.devices()[0]
+    if config.plan.device_memory_gib is not None:
+        limit, source = int(config.plan.device_memory_gib * 2**30), f"plan.device_memory_gib={config.plan.device_memory_gib:g}"
+    else:
+        stats = device.memory_stats() if device.platform != "cpu" else None
+        limit = (stats or {}).get("bytes_limit")
+        source = f"the memory of {device.device_kind}"
+    if limit is None:
+        return
+    _, layers = plan.abstract_model(config)
+    rows = max(config.data.batch_size * executor.groups[1] // config.mesh.data, 1)
+    plan.check_layers_fit(config, layers, rows, config.mesh.model, int(limit), source)
 
 
 def _claim(config: cfg.Config, overwrite: bool) -> tuple[RunLock | None, rundir.Aside | None]:
