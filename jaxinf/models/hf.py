@@ -225,22 +225,32 @@ def param_sources(lm: LM) -> list[ParamSource]:
     A parameter path ``model.layers.mlp.up_proj.kernel`` of a stacked model is
     read from ``model.layers.{i}.mlp.up_proj.weight`` for every layer ``i``;
     leaves ``kernel``/``scale``/``embedding`` are Hugging Face ``weight``.
-    GPT-NeoX checkpoints name the output projection ``embed_out``.
+    Each name is also accepted without the backbone prefix (a checkpoint of
+    the bare backbone, such as the original ``gpt2``), and ``lm_head.weight``
+    under the family's ``head_aliases`` (GPT-NeoX: ``embed_out.weight``).
+    A kernel is the transposed ``weight`` unless the family stores linear
+    weights as ``[d_in, d_out]`` (GPT-2's ``Conv1D``).
     """
-    c = lm.config
+    c, fam = lm.config, lm.config.spec
     out = []
     for path, leaf in parameter_paths(lm.params).items():
         parts = path.split(".")
         module, leaf_name = parts[:-1], _LEAVES[parts[-1]]
-        stacked = c.scan and module[:2] == [c.backbone, "layers"]
+        stacked = c.scan and module[:2] == [c.backbone, fam.layers]
         if stacked:
             names = tuple(".".join(module[:2] + [str(i)] + module[2:] + [leaf_name]) for i in range(c.num_layers))
         else:
             names = (".".join(module + [leaf_name]),)
-        aliased = tuple((n, "embed_out.weight") if c.family == "gpt_neox" and n == "lm_head.weight" else (n,)
-                        for n in names)
-        out.append(ParamSource(path, tuple(leaf.shape), np.dtype(leaf.dtype), aliased, stacked,
-                               parts[-1] == "kernel"))
+        aliased = []
+        for n in names:
+            if n == "lm_head.weight":
+                aliased.append((n, *fam.head_aliases))
+            elif n.startswith(c.backbone + "."):
+                aliased.append((n, n[len(c.backbone) + 1:]))
+            else:
+                aliased.append((n,))
+        out.append(ParamSource(path, tuple(leaf.shape), np.dtype(leaf.dtype), tuple(aliased), stacked,
+                               parts[-1] == "kernel" and fam.linear_transposed))
     return out
 
 
@@ -327,7 +337,7 @@ def load_params(
             used.update(names)
         plan.append((src, found))
     if lm.config.tie_embeddings:  # some tied checkpoints also store the (identical) output projection
-        used.update({"lm_head.weight", "embed_out.weight"})
+        used.update({"lm_head.weight", *lm.config.spec.head_aliases})
     flat: dict[str, Any] = {}
     with ExitStack() as stack:
         handles: dict[Path, BinaryIO] = {}

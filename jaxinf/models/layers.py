@@ -53,10 +53,10 @@ class Linear(nnx.Module):
 
 
 class Embed(nnx.Module):
-    """Token embedding ``embedding[token]``: ``embedding`` ``[vocab, hidden]``."""
+    """Embedding ``embedding[id]``: ``embedding`` ``[rows, hidden]`` (``rows``: the vocabulary, or positions)."""
 
-    def __init__(self, config: ModelConfig, rngs: nnx.Rngs):
-        shape = (config.vocab_size, config.hidden_size)
+    def __init__(self, config: ModelConfig, rngs: nnx.Rngs, rows: int | None = None):
+        shape = (config.vocab_size if rows is None else rows, config.hidden_size)
         self.embedding = nnx.Param(_normal(rngs, shape, config.initializer_range, config.param_dtype))
 
     def __call__(self, tokens: Array, dtype) -> Array:
@@ -64,36 +64,49 @@ class Embed(nnx.Module):
 
 
 class RMSNorm(nnx.Module):
-    """``y = scale * x / sqrt(mean(x^2) + eps)`` over the last axis (Llama)."""
+    """``y = (offset + scale) * x / sqrt(mean(x^2) + eps)`` over the last axis.
 
-    def __init__(self, size: int, eps: float, config: ModelConfig):
+    ``offset`` 0 (Llama: the product is taken in the input dtype, ``scale * y.astype(x.dtype)``)
+    or 1 (Gemma: ``scale`` is stored as ``w - 1``, initialized to 0, and the
+    product is taken in at least float32 before the cast back). ``scale`` may
+    have leading axes that broadcast against ``x``.
+    """
+
+    def __init__(self, size: int | tuple[int, ...], eps: float, config: ModelConfig, offset: float = 0.0):
         self.eps = eps
-        self.scale = nnx.Param(jnp.ones((size,), config.param_dtype))
+        self.offset = offset
+        shape = (size,) if isinstance(size, int) else tuple(size)
+        self.scale = nnx.Param(jnp.full(shape, 1.0 - offset, config.param_dtype))
 
     def __call__(self, x: Array) -> Array:
-        h = x.astype(upcast(x.dtype))
+        dt = upcast(x.dtype)
+        h = x.astype(dt)
         h = h * jax.lax.rsqrt(jnp.mean(h * h, axis=-1, keepdims=True) + self.eps)
+        if self.offset:
+            return (h * (self.offset + self.scale[...].astype(dt))).astype(x.dtype)
         return (self.scale[...].astype(x.dtype) * h.astype(x.dtype)).astype(x.dtype)
 
 
 class LayerNorm(nnx.Module):
     """``y = scale * (x - mean(x)) / sqrt(var(x) + eps) (+ bias)`` over the last axis.
 
-    ``scale`` may have leading axes (Cohere's per-head q/k norm: ``[heads, head_dim]``).
-    Computed in at least float32 and cast back.
+    ``scale`` may have leading axes (Cohere's per-head q/k norm: ``[heads, head_dim]``);
+    ``parametric=False`` has neither scale nor bias (OLMo). Computed in at least float32 and cast back.
     """
 
-    def __init__(self, shape: tuple[int, ...], eps: float, bias: bool, config: ModelConfig):
+    def __init__(self, shape: tuple[int, ...], eps: float, bias: bool, config: ModelConfig, parametric: bool = True):
         self.eps = eps
-        self.scale = nnx.Param(jnp.ones(shape, config.param_dtype))
-        self.bias = nnx.Param(jnp.zeros(shape, config.param_dtype)) if bias else None
+        self.scale = nnx.Param(jnp.ones(shape, config.param_dtype)) if parametric else None
+        self.bias = nnx.Param(jnp.zeros(shape, config.param_dtype)) if bias and parametric else None
 
     def __call__(self, x: Array) -> Array:
         dt = upcast(x.dtype)
         h = x.astype(dt)
         mu = jnp.mean(h, axis=-1, keepdims=True)
         var = jnp.mean(jnp.square(h - mu), axis=-1, keepdims=True)
-        h = (h - mu) * jax.lax.rsqrt(var + self.eps) * self.scale[...].astype(dt)
+        h = (h - mu) * jax.lax.rsqrt(var + self.eps)
+        if self.scale is not None:
+            h = h * self.scale[...].astype(dt)
         if self.bias is not None:
             h = h + self.bias[...].astype(dt)
         return h.astype(x.dtype)
@@ -115,7 +128,7 @@ def activation(name: str, x: Array) -> Array:
 # --------------------------------------------------------------------------- rotary embedding
 
 
-def inverse_frequencies(config: ModelConfig) -> np.ndarray:
+def inverse_frequencies(config: ModelConfig, sliding: bool = False) -> np.ndarray:
     """``inv_freq[i] = theta^(-2i / rotary_dim)`` for ``i < rotary_dim / 2``, then the rope scaling (float64).
 
     ``linear``: ``inv_freq / factor``. ``llama3`` (wavelength ``w = 2 pi / inv_freq``,
@@ -123,8 +136,12 @@ def inverse_frequencies(config: ModelConfig) -> np.ndarray:
     ``inv_freq / factor`` where ``w > L / low_freq_factor``, and in between
     ``(1 - s) inv_freq / factor + s inv_freq`` with
     ``s = (L / w - low_freq_factor) / (high_freq_factor - low_freq_factor)``.
+    For a ``sliding`` layer of a config with ``sliding_rope_theta`` (Gemma 3's
+    local layers): ``theta = sliding_rope_theta`` and no scaling.
     """
     c = config
+    if sliding and c.sliding_rope_theta is not None:
+        return 1.0 / c.sliding_rope_theta ** (np.arange(0, c.rotary_dim, 2, dtype=np.float64) / c.rotary_dim)
     inv = 1.0 / c.rope_theta ** (np.arange(0, c.rotary_dim, 2, dtype=np.float64) / c.rotary_dim)
     if c.rope_type == "linear":
         inv = inv / c.rope_factor
@@ -140,9 +157,17 @@ def inverse_frequencies(config: ModelConfig) -> np.ndarray:
 
 
 def rotary_tables(config: ModelConfig, length: int, dtype) -> tuple[Array, Array]:
-    """``cos`` and ``sin`` of the angles ``t * inv_freq[i]`` for positions ``t < length``: ``[length, rotary_dim/2]``."""
-    angles = np.arange(length, dtype=np.float64)[:, None] * inverse_frequencies(config)[None, :]
-    return jnp.asarray(np.cos(angles).astype(dtype)), jnp.asarray(np.sin(angles).astype(dtype))
+    """``cos`` and ``sin`` of the angles ``t * inv_freq[i]`` for positions ``t < length``, per layer kind.
+
+    Shape ``[kinds, length, rotary_dim/2]`` over :attr:`ModelConfig.kinds`; a kind
+    without rotary embedding gets ``cos = 1, sin = 0`` (the identity rotation).
+    """
+    cos, sin = [], []
+    for sliding, rotary in config.kinds:
+        angles = np.arange(length, dtype=np.float64)[:, None] * inverse_frequencies(config, sliding)[None, :]
+        cos.append(np.cos(angles) if rotary else np.ones_like(angles))
+        sin.append(np.sin(angles) if rotary else np.zeros_like(angles))
+    return jnp.asarray(np.stack(cos).astype(dtype)), jnp.asarray(np.stack(sin).astype(dtype))
 
 
 def apply_rotary(x: Array, cos: Array, sin: Array, interleaved: bool) -> Array:
@@ -170,25 +195,39 @@ def apply_rotary(x: Array, cos: Array, sin: Array, interleaved: bool) -> Array:
 # --------------------------------------------------------------------------- attention
 
 
-def attention_mask(mask: Array) -> Array:
-    """``allowed[b, t, s] = (s <= t) and mask[b, s]``: causal attention to real tokens, ``[B, T, T]``."""
+def attention_mask(mask: Array, config: ModelConfig) -> Array:
+    """``allowed[k, b, t, s]``: causal attention to real tokens, per layer kind ``k``, ``[kinds, B, T, T]``.
+
+    ``(s <= t) and mask[b, s]``, and for a sliding kind also ``t - s < sliding_window``.
+    """
     T = mask.shape[-1]
-    causal = jnp.tril(jnp.ones((T, T), bool))
-    return causal[None] & (mask[:, None, :] > 0)
+    t, s = jnp.arange(T)[:, None], jnp.arange(T)[None, :]
+    out = []
+    for sliding, _ in config.kinds:
+        allowed = s <= t
+        if sliding:
+            allowed = allowed & (t - s < config.sliding_window)
+        out.append(allowed[None] & (mask[:, None, :] > 0))
+    return jnp.stack(out)
 
 
-def attention(q: Array, k: Array, v: Array, allowed: Array) -> Array:
-    """Grouped-query softmax attention, ``softmax(q k^T / sqrt(head_dim)) v`` per head.
+def attention(q: Array, k: Array, v: Array, allowed: Array, scale: float | None = None,
+              softcap: float | None = None) -> Array:
+    """Grouped-query softmax attention, ``softmax(cap(scale * q k^T)) v`` per head.
 
     ``q`` ``[B, T, H, D]``, ``k``/``v`` ``[B, S, K, D]`` with ``H = K * G``: query
-    head ``h`` reads key/value head ``h // G``. Disallowed scores are replaced by
-    the dtype's most negative value (a fully masked row stays finite).
-    The softmax runs in at least float32.
+    head ``h`` reads key/value head ``h // G``. ``scale`` defaults to
+    ``D ** -0.5``; ``cap(x) = softcap * tanh(x / softcap)`` when ``softcap`` is set
+    (Gemma 2), computed in the compute dtype. Disallowed scores are replaced by
+    the dtype's most negative value (a fully masked row stays finite). The
+    softmax runs in at least float32.
     """
     B, T, H, D = q.shape
     K = k.shape[2]
     qg = q.reshape(B, T, K, H // K, D)
-    scores = jnp.einsum("btkgd,bskd->bkgts", qg, k) * jnp.asarray(D ** -0.5, q.dtype)
+    scores = jnp.einsum("btkgd,bskd->bkgts", qg, k) * jnp.asarray(D ** -0.5 if scale is None else scale, q.dtype)
+    if softcap is not None:
+        scores = jnp.tanh(scores / jnp.asarray(softcap, scores.dtype)) * jnp.asarray(softcap, scores.dtype)
     dt = upcast(scores.dtype)
     scores = jnp.where(allowed[:, None, None], scores.astype(dt), jnp.finfo(dt).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)

@@ -1,0 +1,63 @@
+"""Cohere / Command R (``CohereForCausalLM``): one bias-free LayerNorm, parallel branches, interleaved rotary.
+
+``x = ln(h); h += attn(x) + mlp(x)``, gated MLP, rotary on interleaved pairs
+of whole heads, logits scaled by ``logit_scale``, optional per-head LayerNorm
+of q and k (``use_qk_norm``, weights ``[heads, head_dim]``). Checkpoint names
+as Llama's without ``post_attention_layernorm``; ``self_attn.{q,k}_norm`` when
+``use_qk_norm``; ``lm_head`` tied to ``model.embed_tokens`` by default.
+"""
+
+from __future__ import annotations
+
+from flax import nnx
+
+from jaxinf.models.config import ModelConfig, apply_rope, common_fields, read_rope
+from jaxinf.models.families import Family
+from jaxinf.models.layers import LayerNorm
+from jaxinf.models.parts import GatedMLP, SelfAttention
+
+
+def read_config(f) -> dict:
+    kw = common_fields(f)
+    kw.update(
+        norm_eps=f("layer_norm_eps", "float", 1e-5),
+        attention_bias=f("attention_bias", "bool", False),
+        tie_embeddings=f("tie_word_embeddings", "bool", True),
+        logit_scale=f("logit_scale", "float", 0.0625),
+        qk_norm=f("use_qk_norm", "bool", False),
+    )
+    rope = read_rope(f, 500000.0)
+    if rope["partial"] != 1.0:
+        raise f.error("partial_rotary_factor", f"is {rope['partial']}, but cohere rotates whole heads")
+    return apply_rope(kw, rope)
+
+
+def head_norms(c: ModelConfig) -> dict:
+    """Cohere's per-head q/k LayerNorms (weights ``[heads, head_dim]``, no bias), when ``qk_norm``."""
+    if not c.qk_norm:
+        return {}
+    return dict(q_norm=LayerNorm((c.num_heads, c.head_dim), c.norm_eps, False, c),
+                k_norm=LayerNorm((c.num_kv_heads, c.head_dim), c.norm_eps, False, c))
+
+
+class CohereBlock(nnx.Module):
+    """``x = ln(h); h += attn(x) + mlp(x)`` (one LayerNorm without bias, parallel branches)."""
+
+    def __init__(self, config: ModelConfig, rngs: nnx.Rngs):
+        self.input_layernorm = LayerNorm((config.hidden_size,), config.norm_eps, False, config)
+        self.self_attn = SelfAttention(config, rngs, interleaved=True, **head_norms(config))
+        self.mlp = GatedMLP(config, rngs)
+
+    def __call__(self, h, ctx, tap, prefix):
+        x = self.input_layernorm(h)
+        return h + self.self_attn(x, ctx, tap, prefix) + self.mlp(x, tap, prefix)
+
+
+FAMILY = Family(
+    name="cohere",
+    architectures=("CohereForCausalLM",),
+    model_types=("cohere",),
+    read_config=read_config,
+    block=CohereBlock,
+    final_norm=lambda c: LayerNorm((c.hidden_size,), c.norm_eps, False, c),
+)

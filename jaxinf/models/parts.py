@@ -1,0 +1,160 @@
+"""The attention and MLP modules that the families' blocks are made of.
+
+Each module takes the per-layer :class:`Context` (rotary tables and attention
+mask of the layer's kind) and calls every linear layer through the tap under
+its Hugging Face name relative to the block (``self_attn.q_proj``,
+``mlp.up_proj``), so the engine tracks it as ``{backbone}.{layers}.{i}.<name>``.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxinf.capture import Tap
+from jaxinf.models.config import ModelConfig
+from jaxinf.models.layers import Linear, activation, apply_rotary, attention
+
+Array = jax.Array
+
+
+class Context(NamedTuple):
+    """What one layer of a forward pass reads besides its input: its kind's rotary tables and attention mask."""
+
+    cos: Array
+    sin: Array
+    allowed: Array
+
+
+def attend(q: Array, k: Array, v: Array, ctx: Context, config: ModelConfig, interleaved: bool = False) -> Array:
+    """Rotary embedding of ``q`` and ``k`` (halves, or ``interleaved`` pairs), then :func:`~jaxinf.models.layers.attention`.
+
+    The score scale is ``query_pre_attn_scalar ** -0.5`` when the config sets
+    it (Gemma 2 and 3), else ``head_dim ** -0.5``; ``attn_softcap`` caps the scores.
+    """
+    q = apply_rotary(q, ctx.cos, ctx.sin, interleaved)
+    k = apply_rotary(k, ctx.cos, ctx.sin, interleaved)
+    c = config
+    scale = None if c.query_pre_attn_scalar is None else c.query_pre_attn_scalar ** -0.5
+    return attention(q, k, v, ctx.allowed, scale, c.attn_softcap)
+
+
+def clip(x: Array, config: ModelConfig) -> Array:
+    """``clamp(x, -clip_qkv, clip_qkv)`` when the config sets ``clip_qkv`` (OLMo), else ``x``."""
+    return x if config.clip_qkv is None else jnp.clip(x, -config.clip_qkv, config.clip_qkv)
+
+
+class SelfAttention(nnx.Module):
+    """Grouped-query attention with separate ``q/k/v/o_proj`` (and q/k norms where the family has them).
+
+    ``q = x Wq (+ bq)`` as ``[B, T, heads, head_dim]``, ``k, v`` with
+    ``num_kv_heads``, each clipped by :func:`clip`. ``q_norm``/``k_norm``
+    (modules built by the family) normalize q and k before the rotary embedding:
+    per head (``flat=False``: Cohere, Qwen3, Gemma 3) or over the whole
+    projection before it is split into heads (``flat=True``: OLMo 2).
+    ``qkv_bias``/``o_bias`` default to ``config.attention_bias``.
+    """
+
+    def __init__(self, config: ModelConfig, rngs: nnx.Rngs, *, qkv_bias: bool | None = None,
+                 o_bias: bool | None = None, q_norm: nnx.Module | None = None, k_norm: nnx.Module | None = None,
+                 flat: bool = False, interleaved: bool = False, o_name: str = "o_proj"):
+        c = config
+        H, q, kv = c.hidden_size, c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+        qkv_bias = c.attention_bias if qkv_bias is None else qkv_bias
+        o_bias = c.attention_bias if o_bias is None else o_bias
+        self.config, self.flat, self.interleaved = c, flat, interleaved
+        self.q_proj = Linear("self_attn.q_proj", H, q, bias=qkv_bias, config=c, rngs=rngs)
+        self.k_proj = Linear("self_attn.k_proj", H, kv, bias=qkv_bias, config=c, rngs=rngs)
+        self.v_proj = Linear("self_attn.v_proj", H, kv, bias=qkv_bias, config=c, rngs=rngs)
+        setattr(self, o_name, Linear(f"self_attn.{o_name}", q, H, bias=o_bias, config=c, rngs=rngs))
+        self.o_name = o_name
+        self.q_norm, self.k_norm = q_norm, k_norm
+
+    def __call__(self, x: Array, ctx: Context, tap: Tap, prefix: str) -> Array:
+        c = self.config
+        B, T, _ = x.shape
+        q = clip(self.q_proj(x, tap, prefix), c)
+        k = clip(self.k_proj(x, tap, prefix), c)
+        v = clip(self.v_proj(x, tap, prefix), c)
+        if self.flat and self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = q.reshape(B, T, c.num_heads, c.head_dim)
+        k = k.reshape(B, T, c.num_kv_heads, c.head_dim)
+        v = v.reshape(B, T, c.num_kv_heads, c.head_dim)
+        if not self.flat and self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        return getattr(self, self.o_name)(attend(q, k, v, ctx, c, self.interleaved), tap, prefix)
+
+
+class FusedAttention(nnx.Module):
+    """Attention with one fused input projection whose output is ``[q | k | v]`` (Phi-3 ``qkv_proj``, GPT-2 ``c_attn``).
+
+    ``q`` is the first ``heads * head_dim`` features, ``k`` and ``v`` the next
+    ``num_kv_heads * head_dim`` each; ``out`` projects the heads back. The
+    fused projection is tracked as stored.
+    """
+
+    def __init__(self, config: ModelConfig, rngs: nnx.Rngs, *, names: tuple[str, str], bias: bool, prefix: str):
+        c = config
+        q, kv = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+        self.config, self.names = c, names
+        setattr(self, names[0], Linear(f"{prefix}.{names[0]}", c.hidden_size, q + 2 * kv, bias=bias, config=c,
+                                       rngs=rngs))
+        setattr(self, names[1], Linear(f"{prefix}.{names[1]}", q, c.hidden_size, bias=bias, config=c, rngs=rngs))
+
+    def __call__(self, x: Array, ctx: Context, tap: Tap, prefix: str) -> Array:
+        c = self.config
+        B, T, _ = x.shape
+        q_size, kv_size = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+        qkv = getattr(self, self.names[0])(x, tap, prefix)
+        q = qkv[..., :q_size].reshape(B, T, c.num_heads, c.head_dim)
+        k = qkv[..., q_size:q_size + kv_size].reshape(B, T, c.num_kv_heads, c.head_dim)
+        v = qkv[..., q_size + kv_size:].reshape(B, T, c.num_kv_heads, c.head_dim)
+        return getattr(self, self.names[1])(attend(q, k, v, ctx, c), tap, prefix)
+
+
+class GatedMLP(nnx.Module):
+    """``down_proj(act(gate_proj(x)) * up_proj(x))`` (Llama and most families)."""
+
+    def __init__(self, config: ModelConfig, rngs: nnx.Rngs, bias: bool | None = None):
+        H, I = config.hidden_size, config.intermediate_size
+        b = config.mlp_bias if bias is None else bias
+        self.act = config.activation
+        self.gate_proj = Linear("mlp.gate_proj", H, I, bias=b, config=config, rngs=rngs)
+        self.up_proj = Linear("mlp.up_proj", H, I, bias=b, config=config, rngs=rngs)
+        self.down_proj = Linear("mlp.down_proj", I, H, bias=b, config=config, rngs=rngs)
+
+    def __call__(self, x: Array, tap: Tap, prefix: str) -> Array:
+        gated = activation(self.act, self.gate_proj(x, tap, prefix)) * self.up_proj(x, tap, prefix)
+        return self.down_proj(gated, tap, prefix)
+
+
+class FusedGatedMLP(nnx.Module):
+    """``down_proj(act(g) * u)`` with ``[g | u] = gate_up_proj(x)`` (Phi-3; the fused projection is tracked as stored)."""
+
+    def __init__(self, config: ModelConfig, rngs: nnx.Rngs):
+        H, I = config.hidden_size, config.intermediate_size
+        self.act = config.activation
+        self.gate_up_proj = Linear("mlp.gate_up_proj", H, 2 * I, bias=False, config=config, rngs=rngs)
+        self.down_proj = Linear("mlp.down_proj", I, H, bias=False, config=config, rngs=rngs)
+
+    def __call__(self, x: Array, tap: Tap, prefix: str) -> Array:
+        gate, up = jnp.split(self.gate_up_proj(x, tap, prefix), 2, axis=-1)
+        return self.down_proj(activation(self.act, gate) * up, tap, prefix)
+
+
+class PlainMLP(nnx.Module):
+    """``names[1](act(names[0](x)))``: GPT-NeoX ``dense_h_to_4h``/``dense_4h_to_h``, GPT-2 ``c_fc``/``c_proj``."""
+
+    def __init__(self, config: ModelConfig, rngs: nnx.Rngs, names: tuple[str, str], bias: bool = True):
+        H, I = config.hidden_size, config.intermediate_size
+        self.act, self.names = config.activation, names
+        setattr(self, names[0], Linear(f"mlp.{names[0]}", H, I, bias=bias, config=config, rngs=rngs))
+        setattr(self, names[1], Linear(f"mlp.{names[1]}", I, H, bias=bias, config=config, rngs=rngs))
+
+    def __call__(self, x: Array, tap: Tap, prefix: str) -> Array:
+        up, down = (getattr(self, n) for n in self.names)
+        return down(activation(self.act, up(x, tap, prefix)), tap, prefix)
