@@ -26,8 +26,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import struct
-import warnings
 from collections.abc import Callable
 from contextlib import ExitStack
 from pathlib import Path
@@ -309,9 +309,10 @@ def load_params(
     lm: LM,
     place: Place | None = None,
 ) -> tuple[dict, list[str]]:
-    """The parameters of the (abstract) ``lm`` read from ``path``, and the checkpoint tensors left unused.
+    """The parameters of the (abstract) ``lm`` read from ``path``, and the buffers left unused (:func:`check_unused`).
 
-    Names, shapes and dtypes of all tensors are checked first; then for each
+    Names, shapes and dtypes of all tensors, and that no other tensor is left
+    unused, are checked first; then for each
     parameter a host buffer of its dtype and shape is filled one checkpoint
     tensor at a time (:func:`read_converted`) and passed to ``place(parameter_path, buffer)``.
     """
@@ -338,6 +339,7 @@ def load_params(
         plan.append((src, found))
     if lm.config.tie_embeddings:  # some tied checkpoints also store the (identical) output projection
         used.update({"lm_head.weight", *lm.config.spec.head_aliases})
+    skipped = check_unused(lm, sorted(set(tensors) - used), where)
     flat: dict[str, Any] = {}
     with ExitStack() as stack:
         handles: dict[Path, BinaryIO] = {}
@@ -350,8 +352,22 @@ def load_params(
                 read_converted(info, f, buf[i] if src.stacked else buf, src.transpose)
             flat[src.path] = place(src.path, buf)
             del buf
-    skipped = sorted(set(tensors) - used)
     return _unflatten(lm.params, flat), skipped
+
+
+def check_unused(lm: LM, unused: list[str], where: Path) -> list[str]:
+    """The unused checkpoint tensors that are buffers transformers recomputes (``Family.buffers``); any other is an error.
+
+    A tensor that no parameter reads could change the function in transformers
+    (a bias this family does not have, a tensor of another architecture), so it
+    is a :class:`CheckpointError` naming it rather than a warning.
+    """
+    patterns = [re.compile(p) for p in lm.config.spec.buffers]
+    bad = [n for n in unused if not any(p.search(n) for p in patterns)]
+    if bad:
+        more = f" (and {len(bad) - 1} more: {', '.join(bad[1:4])}{', ...' if len(bad) > 4 else ''})" if bad[1:] else ""
+        raise CheckpointError(f"{where}: tensor {bad[0]} is not used by jaxinf's {lm.config.family} model{more}")
+    return unused
 
 
 def read_converted(info: TensorInfo, f: BinaryIO, out: np.ndarray, transpose: bool, chunk: int = CHUNK) -> None:
@@ -408,8 +424,9 @@ def from_hf(
     array)`` puts each parameter where it belongs (``name`` its dotted path in
     ``lm.params``, ``array`` its full host buffer); default ``jax.device_put``.
     Returns ``(lm, tokenizer)`` (tokenizer None when ``tokenizer=False``);
-    checkpoint tensors the model does not use are listed in
-    ``lm.info["skipped_tensors"]`` and warned about.
+    a checkpoint tensor the model does not use is an error, except buffers
+    that transformers also recomputes (rotary ``inv_freq``, causal masks),
+    which are listed in ``lm.info["skipped_tensors"]``.
     """
     path = Path(path)
     if not path.is_dir():
@@ -422,9 +439,6 @@ def from_hf(
     tok = load_tokenizer(path, config.vocab_size) if tokenizer else None
     shell = abstract(config)
     params, skipped = load_params(path, shell, place)
-    if skipped:
-        shown = ", ".join(skipped[:5]) + (", ..." if len(skipped) > 5 else "")
-        warnings.warn(f"{path}: {len(skipped)} checkpoint tensor(s) not used by the model: {shown}", stacklevel=2)
     info = {"checkpoint": str(path), "skipped_tensors": skipped}
     return LM(config, shell.graphdef, params, info), tok
 
