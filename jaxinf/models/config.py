@@ -406,3 +406,35 @@ def apply_rope(kw: dict[str, Any], rope: dict[str, Any]) -> dict[str, Any]:
     kw["rotary_dim"] = int(kw["head_dim"] * rope.pop("partial"))
     kw.update(rope)
     return kw
+
+
+def patterned_layers(f: Fields, num_layers: int, pattern: int) -> tuple[str, ...]:
+    """``layer_types`` of a config, else every ``pattern``-th layer full and the others sliding (the older
+    ``sliding_window_pattern`` field when present)."""
+    types = f("layer_types", "list", None)
+    f.read.update({"sliding_window_pattern", "_sliding_window_pattern"})  # what layer_types was made from
+    if types is None:
+        pattern = f("sliding_window_pattern", "int", pattern)
+        types = ["sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(num_layers)]
+    return tuple(types)
+
+
+def per_type_rope(f: Fields, default_theta: float, local_theta_field: str | None = None) -> dict[str, Any]:
+    """The rotary fields of configs whose ``rope_parameters`` may be keyed by layer type (Gemma 3, OLMo 3).
+
+    Full-attention layers take the ``full_attention`` entry (any supported
+    rope type); sliding layers the ``sliding_attention`` entry, which must be
+    unscaled (``default``), giving ``sliding_rope_theta``. A flat layout gives
+    both the same rope, or, with ``local_theta_field`` (Gemma 3's
+    ``rope_local_base_freq``), sliding layers that theta.
+    """
+    full = read_rope(f, default_theta, layer_type="full_attention")
+    params = f.cfg.get("rope_parameters") or {}
+    if isinstance(params, Mapping) and set(params) & set(LAYER_TYPES):
+        sliding = read_rope(f, default_theta, layer_type="sliding_attention")
+        if sliding["rope_type"] != "default" or sliding["partial"] != full["partial"]:
+            raise f.error("rope_parameters.sliding_attention", "is scaled or partial: not implemented by jaxinf")
+        full["sliding_rope_theta"] = sliding["rope_theta"]
+    elif local_theta_field is not None:
+        full["sliding_rope_theta"] = f(local_theta_field, "float", None)
+    return full

@@ -8,6 +8,7 @@ its Hugging Face name relative to the block (``self_attn.q_proj``,
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import NamedTuple
 
 import jax
@@ -158,3 +159,69 @@ class PlainMLP(nnx.Module):
     def __call__(self, x: Array, tap: Tap, prefix: str) -> Array:
         up, down = (getattr(self, n) for n in self.names)
         return down(activation(self.act, up(x, tap, prefix)), tap, prefix)
+
+
+# --------------------------------------------------------------------------- blocks
+
+
+class PreNormBlock(nnx.Module):
+    """``h += attn(norm1(h)); h += mlp(norm2(h))`` under the family's attribute names.
+
+    ``names``: (first norm, attention, second norm, MLP); Llama's are
+    ``input_layernorm``, ``self_attn``, ``post_attention_layernorm``, ``mlp``.
+    """
+
+    def __init__(self, norm1: nnx.Module, attn: nnx.Module, norm2: nnx.Module, mlp: nnx.Module,
+                 names: tuple[str, str, str, str] = ("input_layernorm", "self_attn", "post_attention_layernorm", "mlp")):
+        self.names = names
+        for name, module in zip(names, (norm1, attn, norm2, mlp)):
+            setattr(self, name, module)
+
+    def __call__(self, h: Array, ctx: Context, tap: Tap, prefix: str) -> Array:
+        norm1, attn, norm2, mlp = (getattr(self, n) for n in self.names)
+        h = h + attn(norm1(h), ctx, tap, prefix)
+        return h + mlp(norm2(h), tap, prefix)
+
+
+class SandwichBlock(nnx.Module):
+    """``h += post_attention_layernorm(attn(input_layernorm(h)))``, then
+    ``h += post_feedforward_layernorm(mlp(pre_feedforward_layernorm(h)))`` (Gemma 2 and 3)."""
+
+    def __init__(self, norm: Callable[[], nnx.Module], attn: nnx.Module, mlp: nnx.Module):
+        self.input_layernorm = norm()
+        self.self_attn = attn
+        self.post_attention_layernorm = norm()
+        self.pre_feedforward_layernorm = norm()
+        self.mlp = mlp
+        self.post_feedforward_layernorm = norm()
+
+    def __call__(self, h: Array, ctx: Context, tap: Tap, prefix: str) -> Array:
+        h = h + self.post_attention_layernorm(self.self_attn(self.input_layernorm(h), ctx, tap, prefix))
+        return h + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(h), tap, prefix))
+
+
+class PostNormBlock(nnx.Module):
+    """``h += post_attention_layernorm(attn(h)); h += post_feedforward_layernorm(mlp(h))`` (OLMo 2 and 3)."""
+
+    def __init__(self, norm: Callable[[], nnx.Module], attn: nnx.Module, mlp: nnx.Module):
+        self.self_attn = attn
+        self.post_attention_layernorm = norm()
+        self.mlp = mlp
+        self.post_feedforward_layernorm = norm()
+
+    def __call__(self, h: Array, ctx: Context, tap: Tap, prefix: str) -> Array:
+        h = h + self.post_attention_layernorm(self.self_attn(h, ctx, tap, prefix))
+        return h + self.post_feedforward_layernorm(self.mlp(h, tap, prefix))
+
+
+class ParallelBlock(nnx.Module):
+    """``x = input_layernorm(h); h += attn(x) + mlp(x)`` (Cohere, Cohere2, StableLM with a parallel residual)."""
+
+    def __init__(self, norm: nnx.Module, attn: nnx.Module, mlp: nnx.Module):
+        self.input_layernorm = norm
+        self.self_attn = attn
+        self.mlp = mlp
+
+    def __call__(self, h: Array, ctx: Context, tap: Tap, prefix: str) -> Array:
+        x = self.input_layernorm(h)
+        return h + self.self_attn(x, ctx, tap, prefix) + self.mlp(x, tap, prefix)

@@ -60,7 +60,8 @@ class Family:
     check: Callable[[Any], list[str]] = _no_problems
 
 
-_MODULES = ("llama", "gpt_neox", "cohere")
+_MODULES = ("llama", "gpt_neox", "cohere", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "olmo", "olmo2",
+            "olmo3", "gpt2", "phi3", "cohere2", "stablelm", "smollm3")
 
 FAMILIES: dict[str, Family] = {}
 for _name in _MODULES:

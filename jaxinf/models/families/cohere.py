@@ -14,7 +14,7 @@ from flax import nnx
 from jaxinf.models.config import ModelConfig, apply_rope, common_fields, read_rope
 from jaxinf.models.families import Family
 from jaxinf.models.layers import LayerNorm
-from jaxinf.models.parts import GatedMLP, SelfAttention
+from jaxinf.models.parts import GatedMLP, ParallelBlock, SelfAttention
 
 
 def read_config(f) -> dict:
@@ -40,17 +40,15 @@ def head_norms(c: ModelConfig) -> dict:
                 k_norm=LayerNorm((c.num_kv_heads, c.head_dim), c.norm_eps, False, c))
 
 
-class CohereBlock(nnx.Module):
+def block(config: ModelConfig, rngs: nnx.Rngs) -> ParallelBlock:
     """``x = ln(h); h += attn(x) + mlp(x)`` (one LayerNorm without bias, parallel branches)."""
+    c = config
+    return ParallelBlock(LayerNorm((c.hidden_size,), c.norm_eps, False, c),
+                         SelfAttention(c, rngs, interleaved=True, **head_norms(c)), GatedMLP(c, rngs))
 
-    def __init__(self, config: ModelConfig, rngs: nnx.Rngs):
-        self.input_layernorm = LayerNorm((config.hidden_size,), config.norm_eps, False, config)
-        self.self_attn = SelfAttention(config, rngs, interleaved=True, **head_norms(config))
-        self.mlp = GatedMLP(config, rngs)
 
-    def __call__(self, h, ctx, tap, prefix):
-        x = self.input_layernorm(h)
-        return h + self.self_attn(x, ctx, tap, prefix) + self.mlp(x, tap, prefix)
+def final_norm(c: ModelConfig) -> LayerNorm:
+    return LayerNorm((c.hidden_size,), c.norm_eps, False, c)
 
 
 FAMILY = Family(
@@ -58,6 +56,6 @@ FAMILY = Family(
     architectures=("CohereForCausalLM",),
     model_types=("cohere",),
     read_config=read_config,
-    block=CohereBlock,
-    final_norm=lambda c: LayerNorm((c.hidden_size,), c.norm_eps, False, c),
+    block=block,
+    final_norm=final_norm,
 )

@@ -14,7 +14,7 @@ from flax import nnx
 from jaxinf.models.config import ModelConfig, apply_rope, common_fields, read_rope
 from jaxinf.models.families import Family
 from jaxinf.models.layers import RMSNorm
-from jaxinf.models.parts import GatedMLP, SelfAttention
+from jaxinf.models.parts import GatedMLP, PreNormBlock, SelfAttention
 
 
 def read_config(f) -> dict:
@@ -28,18 +28,11 @@ def read_config(f) -> dict:
     return apply_rope(kw, read_rope(f, 10000.0))
 
 
-class LlamaBlock(nnx.Module):
-    """``h += attn(rms1(h)); h += mlp(rms2(h))``."""
-
-    def __init__(self, config: ModelConfig, rngs: nnx.Rngs):
-        self.input_layernorm = RMSNorm(config.hidden_size, config.norm_eps, config)
-        self.self_attn = SelfAttention(config, rngs)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.norm_eps, config)
-        self.mlp = GatedMLP(config, rngs)
-
-    def __call__(self, h, ctx, tap, prefix):
-        h = h + self.self_attn(self.input_layernorm(h), ctx, tap, prefix)
-        return h + self.mlp(self.post_attention_layernorm(h), tap, prefix)
+def block(config: ModelConfig, rngs: nnx.Rngs, **attention) -> PreNormBlock:
+    """``h += attn(rms1(h)); h += mlp(rms2(h))`` (``attention``: :class:`SelfAttention` options of a variant)."""
+    c = config
+    return PreNormBlock(RMSNorm(c.hidden_size, c.norm_eps, c), SelfAttention(c, rngs, **attention),
+                        RMSNorm(c.hidden_size, c.norm_eps, c), GatedMLP(c, rngs))
 
 
 def rms_final_norm(config: ModelConfig) -> RMSNorm:
@@ -51,6 +44,6 @@ FAMILY = Family(
     architectures=("LlamaForCausalLM",),
     model_types=("llama",),
     read_config=read_config,
-    block=LlamaBlock,
+    block=block,
     final_norm=rms_final_norm,
 )
