@@ -33,8 +33,11 @@ def _expanded_names(layers):
 
 
 def _hf_linear_names(name):
+    """The linear modules of the transformers model: ``nn.Linear`` and GPT-2's ``Conv1D``."""
     torch = oracle("torch")
-    return [n for n, m in hf_model(name).named_modules() if isinstance(m, torch.nn.Linear)]
+    from transformers.pytorch_utils import Conv1D
+
+    return [n for n, m in hf_model(name).named_modules() if isinstance(m, (torch.nn.Linear, Conv1D))]
 
 
 @pytest.mark.parametrize("name", list(CHECKPOINTS))
