@@ -139,3 +139,24 @@ def test_jaxinf_run_end_to_end(hf_checkpoint, tmp_path, name):
     names = json.loads((run / "layers.json").read_text())["names"]
     mlp = {"phi3": ("gate_up", "down"), "gemma2": ("gate", "up", "down")}[name]
     assert names == [f"model.layers.{i}.mlp.{p}_proj" for i in range(2) for p in mlp]
+
+
+# config.json shapes of public checkpoints (configs/models/) and their parameter counts as published
+PUBLIC = {"olmo-2-7b": ("olmo2", 7_298_617_344), "qwen2.5-7b": ("qwen2", 7_615_616_512),
+          "llama-3.1-8b": ("llama", 8_030_261_248), "gemma-2-9b": ("gemma2", 9_241_705_984),
+          "mistral-7b": ("mistral", 7_241_732_096)}
+
+
+@pytest.mark.parametrize("model", list(PUBLIC))
+@pytest.mark.parametrize("host", ["8xh100", "v5p-32"])
+def test_jaxinf_plan_no_compile_on_public_shapes(model, host, capsys):
+    """`jaxinf plan --no-compile` on one 8-GPU host and one TPU slice: the plan fits, with the published size."""
+    from jaxinf import cli
+    from pipeline_support import REPO
+
+    out = capsys.readouterr()
+    assert cli.main(["plan", str(REPO / f"configs/plan/{model}_{host}.yaml"), "--no-compile"]) == 0
+    out = capsys.readouterr().out
+    family, parameters = PUBLIC[model]
+    assert f"({family}, {parameters:,} parameters" in out
+    assert "does not fit" not in out

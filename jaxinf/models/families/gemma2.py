@@ -24,6 +24,7 @@ from jaxinf.models.parts import GatedMLP, SandwichBlock, SelfAttention
 def gemma2_fields(f, kw: dict) -> dict:
     """The fields Gemma 2 and 3 share beyond Llama's: norms, soft-caps, attention scale, sliding layers."""
     kw["activation"] = f.activation("hidden_activation", "gelu_pytorch_tanh")
+    f.read.add("hidden_act")  # public Gemma 2/3 configs also carry hidden_act, which transformers does not read
     f.refuse("use_bidirectional_attention", (None, False))
     kw.update(
         norm_eps=f("rms_norm_eps", "float", 1e-6),
