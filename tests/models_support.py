@@ -87,6 +87,21 @@ CHECKPOINTS = {
     # a layer without rotary embedding
     "smollm3": ("smollm3", dict(_TWO, num_key_value_heads=2, no_rope_layers=[1, 0], pad_token_id=0,
                                 bos_token_id=1, eos_token_id=2), None),
+    # ---- rope scalings where these families use them (the 11-token test sequence exceeds each original context)
+    # YaRN (Qwen2.5 long context): blended frequencies and the attention temperature on cos/sin
+    "qwen2_yarn": ("qwen2", dict(_TWO, num_key_value_heads=2, head_dim=16, max_position_embeddings=32,
+                                 rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
+                                                  "original_max_position_embeddings": 8, "beta_fast": 8.0}), None),
+    # dynamic NTK: the base grows with a sequence longer than max_position_embeddings
+    "llama_dynamic": ("llama", dict(_TWO, max_position_embeddings=8,
+                                    rope_parameters={"rope_type": "dynamic", "rope_theta": 10000.0,
+                                                     "factor": 2.0}), None),
+    # longrope (Phi-3 128k): the long factors beyond original_max_position_embeddings
+    "phi3_longrope": ("phi3", dict(_TWO, pad_token_id=0, bos_token_id=1, eos_token_id=2, max_position_embeddings=64,
+                                   original_max_position_embeddings=8,
+                                   rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0,
+                                                    "long_factor": [1.0, 1.5, 3.0, 7.0],
+                                                    "short_factor": [1.0, 1.1, 1.2, 1.3]}), None),
 }
 
 LEGACY = {
@@ -181,8 +196,9 @@ def float64_transformers():
     ``torch.float32`` and ``dtype=torch.float``), which limits its agreement
     with any float64 computation to ~1e-7. For the float64 oracle, each model
     module's ``torch`` is replaced by a view of torch in which ``float32`` and
-    ``float`` are ``float64``, and ``Tensor.float`` converts to float64; the
-    model code itself is unchanged.
+    ``float`` are ``float64``, ``Tensor.float`` converts to float64, and the
+    default dtype (of tensors made from Python floats) is float64; the model
+    code itself is unchanged.
     """
     torch = oracle("torch")
     import importlib
@@ -198,12 +214,15 @@ def float64_transformers():
     modules.append(importlib.import_module("transformers.modeling_rope_utils"))
     saved = [(m, m.torch) for m in modules]
     to_float = torch.Tensor.float
+    default = torch.get_default_dtype()
     try:
         for m in modules:
             m.torch = Torch64()
         torch.Tensor.float = lambda self, *args, **kwargs: self.to(torch.float64)
+        torch.set_default_dtype(torch.float64)  # tensors made from Python floats (dynamic rope's base)
         yield
     finally:
+        torch.set_default_dtype(default)
         torch.Tensor.float = to_float
         for m, t in saved:
             m.torch = t

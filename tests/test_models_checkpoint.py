@@ -263,16 +263,19 @@ def test_unknown_architecture(hf_checkpoint, tmp_path):
     cfg = json.loads((directory / "config.json").read_text())
     cfg["architectures"], cfg["model_type"] = ["MambaForCausalLM"], "mamba"
     (directory / "config.json").write_text(json.dumps(cfg))
+    from jaxinf.models.families import FAMILIES
+
+    supported = ", ".join(a for family in FAMILIES.values() for a in family.architectures)
+    assert supported.startswith("LlamaForCausalLM, GPTNeoXForCausalLM, CohereForCausalLM, MistralForCausalLM")
     assert _error(directory) == (f"{directory / 'config.json'}: field architectures: unknown architecture "
-                                 "'MambaForCausalLM' (supported: LlamaForCausalLM, GPTNeoXForCausalLM, "
-                                 "CohereForCausalLM)")
+                                 f"'MambaForCausalLM' (supported: {supported})")
 
 
 @pytest.mark.parametrize("field,value,message", [
     ("hidden_size", None, "field hidden_size is missing"),
     ("num_attention_heads", "four", "field num_attention_heads has value 'four', expected int"),
     ("hidden_act", "mish", "field hidden_act is 'mish', not supported"),
-    ("rope_parameters", {"rope_type": "yarn", "factor": 2.0}, "field rope_parameters.rope_type is 'yarn'"),
+    ("rope_parameters", {"rope_type": "mrope", "factor": 2.0}, "field rope_parameters.rope_type is 'mrope'"),
     # fields that change the computation and that cohere does not have: refused, not ignored
     ("sliding_window", 4, "field sliding_window is not implemented by jaxinf's cohere (it may change the computation)"),
     ("final_logit_softcapping", 30.0, "field final_logit_softcapping is not implemented by jaxinf's cohere"),

@@ -18,6 +18,7 @@ naming the file and the field.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -26,7 +27,7 @@ import jax.numpy as jnp
 
 DTYPES = ("float32", "bfloat16", "float16", "float64")
 ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu")
-ROPE_TYPES = ("default", "linear", "llama3")
+ROPE_TYPES = ("default", "linear", "llama3", "dynamic", "yarn", "longrope")
 LAYER_TYPES = ("full_attention", "sliding_attention")
 
 # Hugging Face names for the activations above (config.json "hidden_act").
@@ -110,6 +111,12 @@ class ModelConfig:
     rope_low_freq_factor: float = 1.0
     rope_high_freq_factor: float = 4.0
     rope_original_max_position: int = 8192
+    rope_attention_factor: float = 1.0
+    rope_beta_fast: float = 32.0
+    rope_beta_slow: float = 1.0
+    rope_truncate: bool = True
+    rope_long_factor: tuple[float, ...] | None = None
+    rope_short_factor: tuple[float, ...] | None = None
     max_position_embeddings: int = 2048
     norm_eps: float = 1e-5
     activation: str = "silu"
@@ -145,7 +152,7 @@ class ModelConfig:
             fix("rotary_dim", self.head_dim)
         if self.param_dtype is None:
             fix("param_dtype", self.dtype)
-        for k in ("layer_types", "rope_layers"):
+        for k in ("layer_types", "rope_layers", "rope_long_factor", "rope_short_factor"):
             if getattr(self, k) is not None:
                 fix(k, tuple(getattr(self, k)))
         problems = []
@@ -167,6 +174,10 @@ class ModelConfig:
             problems.append(f"activation {self.activation!r} is not one of {', '.join(ACTIVATIONS)}")
         if self.rope_type not in ROPE_TYPES:
             problems.append(f"rope_type {self.rope_type!r} is not one of {', '.join(ROPE_TYPES)}")
+        if self.rope_type == "longrope" and not (
+                len(self.rope_long_factor or ()) == len(self.rope_short_factor or ()) == self.rotary_dim // 2):
+            problems.append(f"longrope needs long_factor and short_factor of rotary_dim/2 = {self.rotary_dim // 2} "
+                            "values each")
         if min(self.vocab_size, self.hidden_size, self.intermediate_size, self.num_layers) <= 0:
             problems.append("vocab_size, hidden_size, intermediate_size and num_layers must be positive")
         for k in ("layer_types", "rope_layers"):
@@ -328,11 +339,10 @@ def read_rope(f: Fields, default_theta: float, default_partial: float = 1.0,
     if rope_type not in ROPE_TYPES:
         raise ConfigError(f"{source}: field {key}.rope_type is {rope_type!r}, not supported "
                           f"(supported: {', '.join(ROPE_TYPES)})")
-    known = {"rope_type", "type", "rope_theta", "partial_rotary_factor", "factor", "low_freq_factor",
-             "high_freq_factor", "original_max_position_embeddings"}
+    known = {"rope_type", "type", "rope_theta", "partial_rotary_factor"} | _ROPE_FIELDS[rope_type]
     extra = sorted(k for k, v in params.items() if k not in known and v is not None)
     if extra:
-        raise ConfigError(f"{source}: field {key}.{extra[0]} is not implemented by jaxinf")
+        raise ConfigError(f"{source}: field {key}.{extra[0]} is not implemented by jaxinf for rope type {rope_type}")
     theta = _field(params, "rope_theta", sub, "float", None)
     if theta is None:
         theta = f("rope_theta", "float", None)
@@ -344,16 +354,60 @@ def read_rope(f: Fields, default_theta: float, default_partial: float = 1.0,
     if partial is None:
         partial = f("rotary_pct", "float", default_partial)
     out: dict[str, Any] = {"rope_type": rope_type, "rope_theta": theta, "partial": partial}
-    if rope_type in ("linear", "llama3"):
+    max_pos = f("max_position_embeddings", "int", 2048 if rope_type == "dynamic" else 8192)
+    if rope_type in ("llama3", "yarn", "longrope"):
+        # transformers prefers a top-level original_max_position_embeddings (Phi-3) for yarn and longrope
+        top = f("original_max_position_embeddings", "int", None) if rope_type != "llama3" else None
+        original = top if top is not None else _field(params, "original_max_position_embeddings", sub, "int", max_pos)
+        out["rope_original_max_position"] = original
+    if rope_type in ("linear", "llama3", "dynamic"):
         out["rope_factor"] = _field(params, "factor", sub, "float")
-    elif params.get("factor") not in (None, 1, 1.0):
-        raise ConfigError(f"{source}: field {key}.factor is {params['factor']!r}, unused by rope type {rope_type}")
     if rope_type == "llama3":
         out["rope_low_freq_factor"] = _field(params, "low_freq_factor", sub, "float")
         out["rope_high_freq_factor"] = _field(params, "high_freq_factor", sub, "float")
-        out["rope_original_max_position"] = _field(
-            params, "original_max_position_embeddings", sub, "int", f("max_position_embeddings", "int", 8192))
+    if rope_type in ("yarn", "longrope"):
+        factor = _field(params, "factor", sub, "float", None)
+        factor = max_pos / original if factor is None else factor
+        attention = _field(params, "attention_factor", sub, "float", None)
+        out["rope_factor"] = factor
+        if rope_type == "yarn":
+            mscale = _field(params, "mscale", sub, "float", None)
+            mscale_all = _field(params, "mscale_all_dim", sub, "float", None)
+            if attention is None:
+                attention = (yarn_mscale(factor, mscale) / yarn_mscale(factor, mscale_all) if mscale and mscale_all
+                             else yarn_mscale(factor))
+            out["rope_beta_fast"] = _field(params, "beta_fast", sub, "float", None) or 32.0
+            out["rope_beta_slow"] = _field(params, "beta_slow", sub, "float", None) or 1.0
+            out["rope_truncate"] = _field(params, "truncate", sub, "bool", True)
+        else:
+            if attention is None:
+                attention = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
+            for k in ("long_factor", "short_factor"):
+                values = _field(params, k, sub, "list")
+                if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+                    raise ConfigError(f"{sub}.{k} must be a list of numbers")
+                out[f"rope_{k}"] = tuple(float(v) for v in values)
+        out["rope_attention_factor"] = float(attention)
+    elif params.get("factor") not in (None, 1, 1.0) and rope_type == "default":
+        raise ConfigError(f"{source}: field {key}.factor is {params['factor']!r}, unused by rope type {rope_type}")
     return out
+
+
+# The rope_parameters fields each rope type reads (beyond rope_type, rope_theta, partial_rotary_factor).
+_ROPE_FIELDS = {
+    "default": {"factor"},
+    "linear": {"factor"},
+    "dynamic": {"factor"},
+    "llama3": {"factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"},
+    "yarn": {"factor", "attention_factor", "beta_fast", "beta_slow", "mscale", "mscale_all_dim", "truncate",
+             "original_max_position_embeddings"},
+    "longrope": {"factor", "attention_factor", "long_factor", "short_factor", "original_max_position_embeddings"},
+}
+
+
+def yarn_mscale(scale: float, mscale: float = 1.0) -> float:
+    """YaRN's attention temperature: ``0.1 mscale ln(scale) + 1`` for ``scale > 1``, else 1."""
+    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
 
 
 def config_from_hf(cfg: Mapping[str, Any], source: str = "config.json", **overrides: Any) -> ModelConfig:

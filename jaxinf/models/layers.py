@@ -128,21 +128,32 @@ def activation(name: str, x: Array) -> Array:
 # --------------------------------------------------------------------------- rotary embedding
 
 
-def inverse_frequencies(config: ModelConfig, sliding: bool = False) -> np.ndarray:
-    """``inv_freq[i] = theta^(-2i / rotary_dim)`` for ``i < rotary_dim / 2``, then the rope scaling (float64).
+def inverse_frequencies(config: ModelConfig, sliding: bool = False, length: int = 0) -> np.ndarray:
+    """``inv_freq[i] = theta^(-2i / R)`` for ``i < R / 2`` (``R = rotary_dim``), then the rope scaling (float64).
 
-    ``linear``: ``inv_freq / factor``. ``llama3`` (wavelength ``w = 2 pi / inv_freq``,
-    ``L`` the original context): unchanged where ``w < L / high_freq_factor``,
-    ``inv_freq / factor`` where ``w > L / low_freq_factor``, and in between
-    ``(1 - s) inv_freq / factor + s inv_freq`` with
-    ``s = (L / w - low_freq_factor) / (high_freq_factor - low_freq_factor)``.
+    - ``linear``: ``inv_freq / factor``.
+    - ``llama3`` (wavelength ``w = 2 pi / inv_freq``, ``L`` the original context):
+      unchanged where ``w < L / high_freq_factor``, ``inv_freq / factor`` where
+      ``w > L / low_freq_factor``, and in between ``(1 - s) inv_freq / factor + s inv_freq``
+      with ``s = (L / w - low_freq_factor) / (high_freq_factor - low_freq_factor)``.
+    - ``dynamic`` (NTK): for ``length > max_position_embeddings = M``,
+      ``theta' = theta (factor length / M - factor + 1)^(R / (R - 2))``; else unchanged
+      (transformers' rule for a forward pass of ``length`` positions).
+    - ``yarn``: ``inv_freq (1 - e) / factor + inv_freq e`` with ``e = 1 - clip((i - lo) / (hi - lo), 0, 1)``,
+      ``lo, hi`` the dimensions where ``beta_fast`` and ``beta_slow`` rotations fit the
+      original context ``L``: ``d(b) = R ln(L / (2 pi b)) / (2 ln theta)``, floored and
+      ceiled when ``truncate``, clipped to ``[0, R - 1]``.
+    - ``longrope``: ``inv_freq / long_factor`` when ``length > L``, else ``inv_freq / short_factor``.
+
     For a ``sliding`` layer of a config with ``sliding_rope_theta`` (Gemma 3's
     local layers): ``theta = sliding_rope_theta`` and no scaling.
     """
     c = config
+    R = c.rotary_dim
+    exponents = np.arange(0, R, 2, dtype=np.float64) / R
     if sliding and c.sliding_rope_theta is not None:
-        return 1.0 / c.sliding_rope_theta ** (np.arange(0, c.rotary_dim, 2, dtype=np.float64) / c.rotary_dim)
-    inv = 1.0 / c.rope_theta ** (np.arange(0, c.rotary_dim, 2, dtype=np.float64) / c.rotary_dim)
+        return 1.0 / c.sliding_rope_theta ** exponents
+    inv = 1.0 / c.rope_theta ** exponents
     if c.rope_type == "linear":
         inv = inv / c.rope_factor
     elif c.rope_type == "llama3":
@@ -153,20 +164,43 @@ def inverse_frequencies(config: ModelConfig, sliding: bool = False) -> np.ndarra
         smooth = (1 - s) * scaled / c.rope_factor + s * scaled
         medium = (wavelength >= L / c.rope_high_freq_factor) & (wavelength <= L / c.rope_low_freq_factor)
         inv = np.where(medium, smooth, scaled)
+    elif c.rope_type == "dynamic" and length > c.max_position_embeddings:
+        M, f = c.max_position_embeddings, c.rope_factor
+        inv = 1.0 / (c.rope_theta * (f * length / M - (f - 1)) ** (R / (R - 2))) ** exponents
+    elif c.rope_type == "yarn":
+        L = c.rope_original_max_position
+
+        def dim(rotations: float) -> float:
+            return R * math.log(L / (rotations * 2 * math.pi)) / (2 * math.log(c.rope_theta))
+
+        lo, hi = dim(c.rope_beta_fast), dim(c.rope_beta_slow)
+        if c.rope_truncate:
+            lo, hi = math.floor(lo), math.ceil(hi)
+        lo, hi = max(lo, 0), min(hi, R - 1)
+        if lo == hi:
+            hi += 0.001
+        extrapolation = 1 - np.clip((np.arange(R // 2, dtype=np.float64) - lo) / (hi - lo), 0, 1)
+        inv = inv / c.rope_factor * (1 - extrapolation) + inv * extrapolation
+    elif c.rope_type == "longrope":
+        factors = c.rope_long_factor if length > c.rope_original_max_position else c.rope_short_factor
+        inv = inv / np.asarray(factors, np.float64)
     return inv
 
 
 def rotary_tables(config: ModelConfig, length: int, dtype) -> tuple[Array, Array]:
     """``cos`` and ``sin`` of the angles ``t * inv_freq[i]`` for positions ``t < length``, per layer kind.
 
-    Shape ``[kinds, length, rotary_dim/2]`` over :attr:`ModelConfig.kinds`; a kind
+    Shape ``[kinds, length, rotary_dim/2]`` over :attr:`ModelConfig.kinds`; both
+    are multiplied by ``rope_attention_factor`` (yarn, longrope; 1 otherwise,
+    and for sliding layers with their own ``sliding_rope_theta``); a kind
     without rotary embedding gets ``cos = 1, sin = 0`` (the identity rotation).
     """
     cos, sin = [], []
     for sliding, rotary in config.kinds:
-        angles = np.arange(length, dtype=np.float64)[:, None] * inverse_frequencies(config, sliding)[None, :]
-        cos.append(np.cos(angles) if rotary else np.ones_like(angles))
-        sin.append(np.sin(angles) if rotary else np.zeros_like(angles))
+        angles = np.arange(length, dtype=np.float64)[:, None] * inverse_frequencies(config, sliding, length)[None, :]
+        scale = 1.0 if sliding and config.sliding_rope_theta is not None else config.rope_attention_factor
+        cos.append(scale * np.cos(angles) if rotary else np.ones_like(angles))
+        sin.append(scale * np.sin(angles) if rotary else np.zeros_like(angles))
     return jnp.asarray(np.stack(cos).astype(dtype)), jnp.asarray(np.stack(sin).astype(dtype))
 
 

@@ -21,7 +21,7 @@ from jaxinf.models.parts import FusedAttention, FusedGatedMLP, PreNormBlock
 def read_config(f) -> dict:
     kw = common_fields(f)
     window = f("sliding_window", "int", None)
-    f("original_max_position_embeddings", "int", None)  # read by the longrope scaling only, which is refused
+    f("original_max_position_embeddings", "int", None)  # read by the yarn and longrope scalings only
     kw.update(
         norm_eps=f("rms_norm_eps", "float", 1e-5),
         tie_embeddings=f("tie_word_embeddings", "bool", False),
