@@ -87,6 +87,9 @@ CHECKPOINTS = {
     # a layer without rotary embedding
     "smollm3": ("smollm3", dict(_TWO, num_key_value_heads=2, no_rope_layers=[1, 0], pad_token_id=0,
                                 bos_token_id=1, eos_token_id=2), None),
+    # mixture of 4 experts, 2 per token, with a sliding window
+    "mixtral": ("mixtral", dict(_TWO, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
+                                sliding_window=4), None),
     # ---- rope scalings where these families use them (the 11-token test sequence exceeds each original context)
     # YaRN (Qwen2.5 long context): blended frequencies and the attention temperature on cos/sin
     "qwen2_yarn": ("qwen2", dict(_TWO, num_key_value_heads=2, head_dim=16, max_position_embeddings=32,
@@ -129,6 +132,7 @@ _CLASSES = {
     "cohere2": ("Cohere2Config", "Cohere2ForCausalLM", "cohere2.modeling_cohere2"),
     "stablelm": ("StableLmConfig", "StableLmForCausalLM", "stablelm.modeling_stablelm"),
     "smollm3": ("SmolLM3Config", "SmolLM3ForCausalLM", "smollm3.modeling_smollm3"),
+    "mixtral": ("MixtralConfig", "MixtralForCausalLM", "mixtral.modeling_mixtral"),
 }
 
 
@@ -229,13 +233,15 @@ def float64_transformers():
 
 
 def hf_logits(directory: Path, tokens: np.ndarray, mask: np.ndarray, float64: bool = False) -> np.ndarray:
-    """transformers' logits for a saved checkpoint (eager attention; float64 through :func:`float64_transformers`)."""
+    """transformers' logits for a saved checkpoint (eager attention and experts; float64 through
+    :func:`float64_transformers`)."""
     torch = oracle("torch")
     transformers = oracle("transformers")
     ctx = float64_transformers() if float64 else contextlib.nullcontext()
     with ctx, torch.no_grad():
+        moe = {"experts_implementation": "eager"} if "num_local_experts" in config_json(Path(directory)) else {}
         model = transformers.AutoModelForCausalLM.from_pretrained(
-            directory, dtype=torch.float64 if float64 else torch.float32, attn_implementation="eager").eval()
+            directory, dtype=torch.float64 if float64 else torch.float32, attn_implementation="eager", **moe).eval()
         out = model(input_ids=torch.tensor(np.asarray(tokens), dtype=torch.long),
                     attention_mask=torch.tensor(np.asarray(mask), dtype=torch.long)).logits
     return out.numpy()

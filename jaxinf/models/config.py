@@ -88,7 +88,8 @@ class ModelConfig:
     Attention scores are ``q k / sqrt(query_pre_attn_scalar or head_dim)``,
     soft-capped as ``c tanh(x / c)`` with ``c = attn_softcap`` when set;
     ``clip_qkv`` clamps q, k and v to ``[-clip, clip]``; logits are
-    ``logit_scale * x`` then soft-capped by ``final_softcap``.
+    ``logit_scale * x`` then soft-capped by ``final_softcap``. A mixture of
+    experts routes each token to ``experts_per_token`` of ``num_experts`` experts.
 
     ``dtype`` is the compute dtype, ``param_dtype`` the storage dtype of the
     parameters (default: ``dtype``); ``scan`` stacks the layers for ``lax.scan``
@@ -134,6 +135,8 @@ class ModelConfig:
     final_softcap: float | None = None
     query_pre_attn_scalar: float | None = None
     clip_qkv: float | None = None
+    num_experts: int = 0
+    experts_per_token: int = 0
     initializer_range: float = 0.02
     dtype: str = "float32"
     param_dtype: str | None = None
@@ -190,6 +193,8 @@ class ModelConfig:
                 problems.append(f"layer_types {bad} are not among {', '.join(LAYER_TYPES)}")
             if "sliding_attention" in self.layer_types and not (self.sliding_window or 0) > 0:
                 problems.append("sliding_attention layers need a positive sliding_window")
+        if self.num_experts and not 0 < self.experts_per_token <= self.num_experts:
+            problems.append(f"experts_per_token={self.experts_per_token} must be in 1..num_experts={self.num_experts}")
         if self.family not in FAMILIES:
             problems.append(f"family {self.family!r} is not one of {', '.join(FAMILIES)}")
         elif not problems:

@@ -229,7 +229,8 @@ def param_sources(lm: LM) -> list[ParamSource]:
     the bare backbone, such as the original ``gpt2``), and ``lm_head.weight``
     under the family's ``head_aliases`` (GPT-NeoX: ``embed_out.weight``).
     A kernel is the transposed ``weight`` unless the family stores linear
-    weights as ``[d_in, d_out]`` (GPT-2's ``Conv1D``).
+    weights as ``[d_in, d_out]`` (GPT-2's ``Conv1D``); the family's ``renames``
+    map module paths to checkpoint names where they differ (Mixtral's experts).
     """
     c, fam = lm.config, lm.config.spec
     out = []
@@ -241,6 +242,8 @@ def param_sources(lm: LM) -> list[ParamSource]:
             names = tuple(".".join(module[:2] + [str(i)] + module[2:] + [leaf_name]) for i in range(c.num_layers))
         else:
             names = (".".join(module + [leaf_name]),)
+        for pattern, replacement in fam.renames:
+            names = tuple(re.sub(pattern, replacement, n) for n in names)
         aliased = []
         for n in names:
             if n == "lm_head.weight":

@@ -225,3 +225,65 @@ class ParallelBlock(nnx.Module):
     def __call__(self, h: Array, ctx: Context, tap: Tap, prefix: str) -> Array:
         x = self.input_layernorm(h)
         return h + self.self_attn(x, ctx, tap, prefix) + self.mlp(x, tap, prefix)
+
+
+# --------------------------------------------------------------------------- mixture of experts
+
+
+class Expert(nnx.Module):
+    """One expert's gated MLP, tracked as ``mlp.experts.{index}.{gate,up,down}_proj``."""
+
+    def __init__(self, config: ModelConfig, rngs: nnx.Rngs, index: int):
+        H, I = config.hidden_size, config.intermediate_size
+        self.act = config.activation
+        name = f"mlp.experts.{index}"
+        self.gate_proj = Linear(f"{name}.gate_proj", H, I, bias=False, config=config, rngs=rngs)
+        self.up_proj = Linear(f"{name}.up_proj", H, I, bias=False, config=config, rngs=rngs)
+        self.down_proj = Linear(f"{name}.down_proj", I, H, bias=False, config=config, rngs=rngs)
+
+    def __call__(self, x: Array, tap: Tap, prefix: str) -> Array:
+        gated = activation(self.act, self.gate_proj(x, tap, prefix)) * self.up_proj(x, tap, prefix)
+        return self.down_proj(gated, tap, prefix)
+
+
+def route(logits: Array, k: int) -> tuple[Array, Array]:
+    """Top-``k`` routing: ``(weights, routed)``, both ``[..., experts]``.
+
+    ``p = softmax(logits)`` in at least float32; each token's ``k`` largest
+    ``p`` renormalized to sum to 1 are its weights (0 for the other experts);
+    ``routed`` marks the ``k`` chosen experts.
+    """
+    probs = jax.nn.softmax(logits.astype(jnp.promote_types(logits.dtype, jnp.float32)), axis=-1)
+    top, index = jax.lax.top_k(probs, k)
+    top = top / top.sum(-1, keepdims=True)
+    chosen = jax.nn.one_hot(index, logits.shape[-1], dtype=top.dtype)  # [..., k, experts]
+    return jnp.einsum("...k,...ke->...e", top, chosen), chosen.sum(-2) > 0
+
+
+class SparseMoE(nnx.Module):
+    """A mixture of gated-MLP experts: ``y = sum_e w_e(x) expert_e(x)`` over each token's top-k experts.
+
+    The router ``mlp.gate`` (a tracked layer too) gives the weights ``w`` of
+    :func:`route`. Every expert is computed as a tracked layer on the whole
+    batch with the tokens not routed to it zeroed at its input: with no biases
+    its input ``a`` and its output gradient ``g`` are zero at those tokens, so
+    the engine's sums for an expert (``A``, ``S``, ``Lambda``, per-document
+    gradients) run over the tokens routed to it, and its output enters the
+    residual multiplied by the router weight as in the model. The function is
+    the sparse model's exactly (each expert sees its own tokens); the cost is
+    ``num_experts / experts_per_token`` times its MLP FLOPs.
+    """
+
+    def __init__(self, config: ModelConfig, rngs: nnx.Rngs):
+        c = config
+        self.k = c.experts_per_token
+        self.gate = Linear("mlp.gate", c.hidden_size, c.num_experts, bias=False, config=c, rngs=rngs)
+        self.experts = nnx.List([Expert(c, rngs, e) for e in range(c.num_experts)])
+
+    def __call__(self, x: Array, tap: Tap, prefix: str) -> Array:
+        weights, routed = route(self.gate(x, tap, prefix), self.k)
+        out = jnp.zeros_like(x)
+        for e, expert in enumerate(self.experts):
+            y = expert(x * routed[..., e:e + 1].astype(x.dtype), tap, prefix)
+            out = out + (y * weights[..., e:e + 1]).astype(x.dtype)
+        return out

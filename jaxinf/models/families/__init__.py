@@ -39,6 +39,9 @@ class Family:
     - ``buffers``: regular expressions of checkpoint tensors that are not
       parameters and that transformers recomputes and ignores on loading
       (rotary ``inv_freq``, causal-mask buffers); any other unused tensor is an error;
+    - ``renames``: ``(pattern, replacement)`` regular expressions from a
+      parameter's module path to its checkpoint name, where the two differ
+      (Mixtral: ``mlp.experts.{e}.gate_proj`` is stored as ``block_sparse_moe.experts.{e}.w1``);
     - ``check(config) -> [problem, ...]``: what this family cannot build.
     """
 
@@ -57,11 +60,12 @@ class Family:
     head_aliases: tuple[str, ...] = ()
     linear_transposed: bool = True
     buffers: tuple[str, ...] = (r"\.rotary_emb\.inv_freq$",)
+    renames: tuple[tuple[str, str], ...] = ()
     check: Callable[[Any], list[str]] = _no_problems
 
 
 _MODULES = ("llama", "gpt_neox", "cohere", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "olmo", "olmo2",
-            "olmo3", "gpt2", "phi3", "cohere2", "stablelm", "smollm3")
+            "olmo3", "gpt2", "phi3", "cohere2", "stablelm", "smollm3", "mixtral")
 
 FAMILIES: dict[str, Family] = {}
 for _name in _MODULES:
