@@ -302,6 +302,18 @@ def test_tokenizer_larger_than_the_vocabulary(hf_checkpoint, tmp_path):
     assert from_hf(directory, tokenizer=False)[1] is None
 
 
+def test_pytorch_bin_is_refused_with_the_conversion_command(hf_checkpoint, tmp_path):
+    """No pickle is ever loaded: a checkpoint with only pytorch_model.bin gets one line saying how to convert it."""
+    directory = tmp_path / "bin"
+    directory.mkdir()
+    (directory / "config.json").write_text((hf_checkpoint("llama") / "config.json").read_text())
+    (directory / "pytorch_model.bin").write_bytes(b"\x80\x02not really a pickle")
+    assert _error(directory, tokenizer=False) == (
+        f"{directory}: only pytorch_model.bin (a pickle, which jaxinf never loads); convert it to safetensors with "
+        f"python -c \"from transformers import AutoModelForCausalLM as M; M.from_pretrained('{directory}')"
+        f".save_pretrained('{directory}-safetensors')\" and load that directory")
+
+
 def test_not_a_checkpoint(tmp_path):
     assert _error(tmp_path / "nowhere") == f"{tmp_path / 'nowhere'}: not a checkpoint directory"
     (tmp_path / "config.json").write_text("{not json")

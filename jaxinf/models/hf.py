@@ -171,6 +171,12 @@ def tensor_index(path: Path) -> tuple[dict[str, TensorInfo], Path]:
         return tensors, index_file
     files = [path / SINGLE] if (path / SINGLE).exists() else sorted(path.glob("*.safetensors"))
     if not files:
+        pickles = sorted(p.name for p in path.glob("*.bin")) + sorted(p.name for p in path.glob("*.pt"))
+        if pickles:
+            raise CheckpointError(
+                f"{path}: only {pickles[0]} (a pickle, which jaxinf never loads); convert it to safetensors with "
+                f"python -c \"from transformers import AutoModelForCausalLM as M; "
+                f"M.from_pretrained('{path}').save_pretrained('{path}-safetensors')\" and load that directory")
         raise CheckpointError(f"{path}: no {SINGLE}, {INDEX} or *.safetensors file")
     tensors: dict[str, TensorInfo] = {}
     for file in files:
