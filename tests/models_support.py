@@ -90,6 +90,12 @@ CHECKPOINTS = {
     # mixture of 4 experts, 2 per token, with a sliding window
     "mixtral": ("mixtral", dict(_TWO, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
                                 sliding_window=4), None),
+    # Qwen3's attention, 4 experts of 20 features, 2 per token, probabilities not renormalized
+    "qwen3_moe": ("qwen3_moe", dict(_TWO, num_key_value_heads=2, num_experts=4, num_experts_per_tok=2,
+                                    moe_intermediate_size=20, norm_topk_prob=False), None),
+    # whole-projection q/k norms then clip_qkv, renormalized top-2 of 4 experts
+    "olmoe": ("olmoe", dict(_TWO, num_experts=4, num_experts_per_tok=2, norm_topk_prob=True, clip_qkv=0.5,
+                            pad_token_id=0), None),
     # ---- rope scalings where these families use them (the 11-token test sequence exceeds each original context)
     # YaRN (Qwen2.5 long context): blended frequencies and the attention temperature on cos/sin
     "qwen2_yarn": ("qwen2", dict(_TWO, num_key_value_heads=2, head_dim=16, max_position_embeddings=32,
@@ -133,6 +139,8 @@ _CLASSES = {
     "stablelm": ("StableLmConfig", "StableLmForCausalLM", "stablelm.modeling_stablelm"),
     "smollm3": ("SmolLM3Config", "SmolLM3ForCausalLM", "smollm3.modeling_smollm3"),
     "mixtral": ("MixtralConfig", "MixtralForCausalLM", "mixtral.modeling_mixtral"),
+    "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", "qwen3_moe.modeling_qwen3_moe"),
+    "olmoe": ("OlmoeConfig", "OlmoeForCausalLM", "olmoe.modeling_olmoe"),
 }
 
 
@@ -239,7 +247,8 @@ def hf_logits(directory: Path, tokens: np.ndarray, mask: np.ndarray, float64: bo
     transformers = oracle("transformers")
     ctx = float64_transformers() if float64 else contextlib.nullcontext()
     with ctx, torch.no_grad():
-        moe = {"experts_implementation": "eager"} if "num_local_experts" in config_json(Path(directory)) else {}
+        moe = {"experts_implementation": "eager"} if {"num_local_experts", "num_experts"} & set(
+            config_json(Path(directory))) else {}
         model = transformers.AutoModelForCausalLM.from_pretrained(
             directory, dtype=torch.float64 if float64 else torch.float32, attn_implementation="eager", **moe).eval()
         out = model(input_ids=torch.tensor(np.asarray(tokens), dtype=torch.long),

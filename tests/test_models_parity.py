@@ -42,6 +42,8 @@ FEATURES = {
     "qwen2_yarn": [{"rope_type": "default"}, {"rope_attention_factor": 1.0}],
     "llama_dynamic": [{"rope_type": "default"}],
     "phi3_longrope": [{"rope_original_max_position": 64}],  # the short factors
+    "qwen3_moe": [{"moe_renormalize": True}],
+    "olmoe": [{"clip_qkv": None}],
 }
 
 

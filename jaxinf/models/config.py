@@ -137,6 +137,7 @@ class ModelConfig:
     clip_qkv: float | None = None
     num_experts: int = 0
     experts_per_token: int = 0
+    moe_renormalize: bool = True
     initializer_range: float = 0.02
     dtype: str = "float32"
     param_dtype: str | None = None

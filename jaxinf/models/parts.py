@@ -52,10 +52,11 @@ class SelfAttention(nnx.Module):
     """Grouped-query attention with separate ``q/k/v/o_proj`` (and q/k norms where the family has them).
 
     ``q = x Wq (+ bq)`` as ``[B, T, heads, head_dim]``, ``k, v`` with
-    ``num_kv_heads``, each clipped by :func:`clip`. ``q_norm``/``k_norm``
-    (modules built by the family) normalize q and k before the rotary embedding:
-    per head (``flat=False``: Cohere, Qwen3, Gemma 3) or over the whole
-    projection before it is split into heads (``flat=True``: OLMo 2).
+    ``num_kv_heads``. ``q_norm``/``k_norm`` (modules built by the family)
+    normalize q and k before the rotary embedding: per head (``flat=False``:
+    Cohere, Qwen3, Gemma 3) or over the whole projection before it is split into
+    heads (``flat=True``: OLMo 2, OLMoE); q, k and v are then clipped by :func:`clip`
+    (OLMo, OLMoE: after the whole-projection norm, as OLMoE does).
     ``qkv_bias``/``o_bias`` default to ``config.attention_bias``.
     """
 
@@ -77,11 +78,10 @@ class SelfAttention(nnx.Module):
     def __call__(self, x: Array, ctx: Context, tap: Tap, prefix: str) -> Array:
         c = self.config
         B, T, _ = x.shape
-        q = clip(self.q_proj(x, tap, prefix), c)
-        k = clip(self.k_proj(x, tap, prefix), c)
-        v = clip(self.v_proj(x, tap, prefix), c)
+        q, k = self.q_proj(x, tap, prefix), self.k_proj(x, tap, prefix)
         if self.flat and self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = clip(q, c), clip(k, c), clip(self.v_proj(x, tap, prefix), c)
         q = q.reshape(B, T, c.num_heads, c.head_dim)
         k = k.reshape(B, T, c.num_kv_heads, c.head_dim)
         v = v.reshape(B, T, c.num_kv_heads, c.head_dim)
@@ -246,16 +246,18 @@ class Expert(nnx.Module):
         return self.down_proj(gated, tap, prefix)
 
 
-def route(logits: Array, k: int) -> tuple[Array, Array]:
+def route(logits: Array, k: int, renormalize: bool = True) -> tuple[Array, Array]:
     """Top-``k`` routing: ``(weights, routed)``, both ``[..., experts]``.
 
     ``p = softmax(logits)`` in at least float32; each token's ``k`` largest
-    ``p`` renormalized to sum to 1 are its weights (0 for the other experts);
+    ``p`` (renormalized to sum to 1 when ``renormalize``: Mixtral, and Qwen3-MoE
+    and OLMoE with ``norm_topk_prob``) are its weights (0 for the other experts);
     ``routed`` marks the ``k`` chosen experts.
     """
     probs = jax.nn.softmax(logits.astype(jnp.promote_types(logits.dtype, jnp.float32)), axis=-1)
     top, index = jax.lax.top_k(probs, k)
-    top = top / top.sum(-1, keepdims=True)
+    if renormalize:
+        top = top / top.sum(-1, keepdims=True)
     chosen = jax.nn.one_hot(index, logits.shape[-1], dtype=top.dtype)  # [..., k, experts]
     return jnp.einsum("...k,...ke->...e", top, chosen), chosen.sum(-2) > 0
 
@@ -276,12 +278,12 @@ class SparseMoE(nnx.Module):
 
     def __init__(self, config: ModelConfig, rngs: nnx.Rngs):
         c = config
-        self.k = c.experts_per_token
+        self.k, self.renormalize = c.experts_per_token, c.moe_renormalize
         self.gate = Linear("mlp.gate", c.hidden_size, c.num_experts, bias=False, config=c, rngs=rngs)
         self.experts = nnx.List([Expert(c, rngs, e) for e in range(c.num_experts)])
 
     def __call__(self, x: Array, tap: Tap, prefix: str) -> Array:
-        weights, routed = route(self.gate(x, tap, prefix), self.k)
+        weights, routed = route(self.gate(x, tap, prefix), self.k, self.renormalize)
         out = jnp.zeros_like(x)
         for e, expert in enumerate(self.experts):
             y = expert(x * routed[..., e:e + 1].astype(x.dtype), tap, prefix)
