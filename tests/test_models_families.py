@@ -1,9 +1,12 @@
-"""The family registry: every family tested, each family feature active in its test, strict refusals, `jaxinf run`.
+"""The family registry: every family tested, strict refusals, GPT-2's bare checkpoints, `track: mlp`, run and plan.
 
 Parity itself is in test_models_parity.py (every checkpoint of
-``models_support.CHECKPOINTS`` at 1e-4 in float32 and 1e-10 in float64); the
-tests here check the registry against the checkpoints, that a checkpoint of one family renamed to another is refused, and that two
-families with fused projections and sliding windows run end to end.
+``models_support.CHECKPOINTS`` at 1e-4 in float32 and 1e-10 in float64, each
+feature a checkpoint exercises shown to matter); here: every registered family
+has a checkpoint there, a checkpoint of one family renamed to another is
+refused, `factors.track: mlp` means the same for every family, `jaxinf run`
+works end to end on Phi-3 (Gemma 2 with -m heavy), and `jaxinf plan
+--no-compile` fits the public shapes in configs/models/.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from models_support import CHECKPOINTS, padded_batch
-from test_models_checkpoint import _copy, _error, _single_file
+import test_models_checkpoint as checkpoint_tests  # its helpers (a module import: its tests are not collected twice)
 
 from jaxinf import capture
 from jaxinf.models import LM, abstract, from_hf
@@ -29,7 +32,7 @@ def test_every_family_has_a_parity_checkpoint():
 
 
 def _rename(directory, tmp_path, architecture, model_type, drop=()):
-    out = _copy(directory, tmp_path / f"{directory.name}-as-{model_type}")
+    out = checkpoint_tests._copy(directory, tmp_path / f"{directory.name}-as-{model_type}")
     cfg = json.loads((out / "config.json").read_text())
     cfg["architectures"], cfg["model_type"] = [architecture], model_type
     for k in drop:
@@ -41,14 +44,16 @@ def _rename(directory, tmp_path, architecture, model_type, drop=()):
 def test_a_checkpoint_renamed_to_llama_is_refused(hf_checkpoint, tmp_path):
     """The workaround of renaming `architectures` loads nothing silently: the window or the biases are named."""
     mistral = _rename(hf_checkpoint("mistral"), tmp_path, "LlamaForCausalLM", "llama")
-    assert _error(mistral) == (f"{mistral / 'config.json'}: field sliding_window is not implemented by jaxinf's "
-                               "llama (it may change the computation)")
+    assert checkpoint_tests._error(mistral) == (
+        f"{mistral / 'config.json'}: field sliding_window is not implemented by jaxinf's llama "
+        "(it may change the computation)")
     qwen2 = _rename(hf_checkpoint("qwen2"), tmp_path, "LlamaForCausalLM", "llama")
-    assert _error(qwen2).startswith(f"{qwen2 / 'config.json'}: field layer_types is not implemented by jaxinf's llama")
+    assert checkpoint_tests._error(qwen2).startswith(
+        f"{qwen2 / 'config.json'}: field layer_types is not implemented by jaxinf's llama")
     # with only the fields Llama knows left, the q/k/v biases are still refused
     qwen2 = _rename(hf_checkpoint("qwen2"), tmp_path / "bare", "LlamaForCausalLM", "llama",
                     drop=("layer_types", "use_sliding_window", "sliding_window", "max_window_layers"))
-    message = _error(qwen2)
+    message = checkpoint_tests._error(qwen2)
     assert message.startswith(f"{qwen2 / 'model.safetensors'}: tensor model.layers.0.self_attn.")
     assert ".bias is not used by jaxinf's llama model (and 5 more" in message
 
@@ -60,7 +65,7 @@ def test_gpt2_reads_a_bare_backbone_checkpoint(hf_checkpoint, tmp_path):
         t.clear()
         t.update(renamed, **{"h.0.attn.bias": np.tril(np.ones((1, 1, 16, 16), np.float32))})
 
-    directory = _single_file(hf_checkpoint("gpt2"), tmp_path / "bare", strip)
+    directory = checkpoint_tests._single_file(hf_checkpoint("gpt2"), tmp_path / "bare", strip)
     bare, _ = from_hf(directory, tokenizer=False)
     full, _ = from_hf(hf_checkpoint("gpt2"), tokenizer=False)
     assert bare.info["skipped_tensors"] == ["h.0.attn.bias"]
