@@ -279,22 +279,22 @@ def read_config(path: str | Path, **overrides: Any) -> ModelConfig:
 
 
 def load_tokenizer(path: str | Path, vocab_size: int | None = None):
-    """The ``tokenizers.Tokenizer`` of ``tokenizer.json``; checks that its ids fit ``vocab_size``.
+    """The ``tokenizers.Tokenizer`` of a checkpoint (:func:`jaxinf.models.tokenizer.read_tokenizer`: ``tokenizer.json``,
+    or ``vocab.json`` + ``merges.txt``); checks that its ids fit ``vocab_size``.
 
     A model's embedding may have more rows than the tokenizer has tokens
     (checkpoints pad the vocabulary, e.g. Pythia's 50304 rows for 50277
     tokens), so only a token id ``>= vocab_size`` is an error.
     """
-    from tokenizers import Tokenizer
+    from jaxinf.models.tokenizer import TokenizerError, read_tokenizer
 
     file = Path(path) / "tokenizer.json"
-    if not file.exists():
-        raise CheckpointError(f"{file}: file is missing (the tokenizer)")
     try:
-        tok = Tokenizer.from_file(str(file))
-    except Exception as e:  # the tokenizers library raises plain Exceptions
-        first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise CheckpointError(f"{file}: not a tokenizers tokenizer ({first})") from None
+        tok = read_tokenizer(path)
+    except TokenizerError as e:
+        raise CheckpointError(str(e)) from None
+    if not file.exists():
+        file = Path(path) / "vocab.json"
     if vocab_size is not None:
         vocab = tok.get_vocab(with_added_tokens=True)
         top = max(vocab.values(), default=-1)
