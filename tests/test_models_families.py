@@ -105,7 +105,8 @@ def test_jaxinf_run_end_to_end(hf_checkpoint, tmp_path, name):
             f.write(json.dumps({"id": f"q{i}", "prompt": f"w{i + 3} w{i + 5}", "completion": f"w{i + 7} w9"}) + "\n")
     out = tmp_path / "run"
     args = {"model.checkpoint": hf_checkpoint(name), "data.documents": docs, "data.queries": queries,
-            "data.max_length": 12, "data.batch_size": 4, "scores.topk": 2, "run.out": out}
+            "data.max_length": 12, "data.batch_size": 4, "scores.topk": 2, "run.out": out,
+            "factors.strategy": "kfac"}
     run = jaxinf_run([f"{k}={v}" for k, v in args.items()])
     scores = np.load(run / "scores.npy")
     assert scores.shape == (2, 8) and np.isfinite(scores).all() and np.abs(scores).max() > 0
