@@ -89,10 +89,11 @@ def test_track_mlp_means_the_same_for_every_family(hf_checkpoint, name, expected
         assert (mlp[expected[0]].d_in, mlp[expected[0]].d_out) == (32, 96)
 
 
-@pytest.mark.parametrize("name", ["phi3", pytest.param("gemma2", marks=pytest.mark.heavy)])
+@pytest.mark.parametrize("name", ["phi3", pytest.param("gemma2", marks=pytest.mark.heavy),
+                                  pytest.param("mixtral", marks=pytest.mark.heavy)])
 def test_jaxinf_run_end_to_end(hf_checkpoint, tmp_path, name):
-    """`jaxinf run` on a fused-projection, sliding-window family (and, with -m heavy, a soft-capped one): finite
-    scores for every query and document, factors over the family's MLP layers (~45 s each)."""
+    """`jaxinf run` on a fused-projection, sliding-window family (and, with -m heavy, a soft-capped one and a
+    mixture of experts): finite scores for every query and document, factors over the family's MLP layers."""
     from kronfluence_support import jaxinf_run
 
     rng = np.random.default_rng(0)
@@ -111,6 +112,10 @@ def test_jaxinf_run_end_to_end(hf_checkpoint, tmp_path, name):
     scores = np.load(run / "scores.npy")
     assert scores.shape == (2, 8) and np.isfinite(scores).all() and np.abs(scores).max() > 0
     names = json.loads((run / "layers.json").read_text())["names"]
+    if name == "mixtral":   # the router and every expert's projections, per layer
+        mlp = ["gate", *(f"experts.{e}.{p}_proj" for e in range(4) for p in ("gate", "up", "down"))]
+        assert sorted(names) == sorted(f"model.layers.{i}.mlp.{p}" for i in range(2) for p in mlp)
+        return
     mlp = {"phi3": ("gate_up", "down"), "gemma2": ("gate", "up", "down")}[name]
     assert names == [f"model.layers.{i}.mlp.{p}_proj" for i in range(2) for p in mlp]
 
