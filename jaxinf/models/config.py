@@ -56,7 +56,7 @@ IGNORED = frozenset({
     "finetuning_task", "prefix", "pruned_heads", "torchscript", "tf_legacy_loss", "use_bfloat16",
     "_attn_implementation_autoset", "attn_implementation", "pretraining_tp",
     "router_aux_loss_coef", "output_router_logits", "use_flash_attn", "cache_implementation", "final_dropout",
-    "layerdrop", "gradient_checkpointing", "init_std", "image_token_index", "bad_words_ids",
+    "layerdrop", "gradient_checkpointing", "init_std", "bad_words_ids",
     "begin_suppress_tokens", "diversity_penalty",
     "do_sample", "early_stopping", "encoder_no_repeat_ngram_size", "exponential_decay_length_penalty",
     "forced_bos_token_id", "forced_eos_token_id", "length_penalty", "max_length", "min_length",
