@@ -96,6 +96,9 @@ CHECKPOINTS = {
     # whole-projection q/k norms then clip_qkv, renormalized top-2 of 4 experts
     "olmoe": ("olmoe", dict(_TWO, num_experts=4, num_experts_per_tok=2, norm_topk_prob=True, clip_qkv=0.5,
                             pad_token_id=0), None),
+    # multi-query attention in a fused c_attn (nn.Linear), learned positions, tied head
+    "gpt_bigcode": ("gpt_bigcode", dict(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=16, n_inner=48),
+                    None),
     # ---- rope scalings where these families use them (the 11-token test sequence exceeds each original context)
     # YaRN (Qwen2.5 long context): blended frequencies and the attention temperature on cos/sin
     "qwen2_yarn": ("qwen2", dict(_TWO, num_key_value_heads=2, head_dim=16, max_position_embeddings=32,
@@ -141,6 +144,7 @@ _CLASSES = {
     "mixtral": ("MixtralConfig", "MixtralForCausalLM", "mixtral.modeling_mixtral"),
     "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", "qwen3_moe.modeling_qwen3_moe"),
     "olmoe": ("OlmoeConfig", "OlmoeForCausalLM", "olmoe.modeling_olmoe"),
+    "gpt_bigcode": ("GPTBigCodeConfig", "GPTBigCodeForCausalLM", "gpt_bigcode.modeling_gpt_bigcode"),
 }
 
 

@@ -65,7 +65,8 @@ class Family:
 
 
 _MODULES = ("llama", "gpt_neox", "cohere", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "olmo", "olmo2",
-            "olmo3", "gpt2", "phi3", "cohere2", "stablelm", "smollm3", "mixtral", "qwen3_moe", "olmoe")
+            "olmo3", "gpt2", "phi3", "cohere2", "stablelm", "smollm3", "mixtral", "qwen3_moe", "olmoe",
+            "gpt_bigcode")
 
 FAMILIES: dict[str, Family] = {}
 for _name in _MODULES:

@@ -46,6 +46,7 @@ def check(c: ModelConfig) -> list[str]:
         "gpt2 needs head_dim * num_heads == hidden_size and no grouped-query attention"]
 
 
+
 def layer_norm(c: ModelConfig) -> LayerNorm:
     return LayerNorm((c.hidden_size,), c.norm_eps, True, c)
 
