@@ -100,15 +100,16 @@ RULES: dict[str, tuple[tuple[str, str], ...]] = {
 # Families whose tensors must be split over a mesh axis larger than 1 (else ShardingError).
 REQUIRED = {"param": ("model",), "factor": ("model",), "query": ("model",), "batch": ("data",)}
 
-_COLUMN = r"(q_proj|k_proj|v_proj|query_key_value|gate_proj|up_proj|dense_h_to_4h|fc_in)"
-_ROW = r"(o_proj|down_proj|dense|dense_4h_to_h|fc_out)"
+_COLUMN = r"(q_proj|k_proj|v_proj|qkv_proj|query_key_value|c_attn|gate_proj|up_proj|gate_up_proj|dense_h_to_4h|c_fc|fc_in)"
+_ROW = r"(o_proj|down_proj|dense|dense_4h_to_h|c_proj|fc_out)"
 
 # Parameter path (dotted, as jaxinf.models.parameter_paths writes it) -> logical axes of the trailing dims.
 PARAM_AXES: tuple[tuple[str, tuple[str, ...] | None], ...] = (
     (rf"(^|\.){_COLUMN}\.kernel$", ("embed", "ff")),
     (rf"(^|\.){_COLUMN}\.bias$", ("ff",)),
     (rf"(^|\.){_ROW}\.kernel$", ("ff", "embed")),
-    (r"(^|\.)(embed_tokens|embed_in|embed_out)\.(embedding|weight)$", ("vocab", "embed")),
+    (r"(^|\.)(embed_tokens|embed_in|embed_out|wte)\.(embedding|weight)$", ("vocab", "embed")),
+    (r"(^|\.)wpe\.embedding$", ("positions", "embed")),
     (r"(^|\.)embed$", ("vocab", "embed")),
     (r"(^|\.)lm_head\.kernel$", ("embed", "vocab")),
     (r"\.kernel$", ("in", "out")),

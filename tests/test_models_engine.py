@@ -33,8 +33,18 @@ def _expanded_names(layers):
 
 
 def _hf_linear_names(name):
+    """The linear maps of the transformers model: ``nn.Linear``, GPT-2's ``Conv1D``, a mixture's router, and
+    each expert's ``{gate,up,down}_proj`` (transformers 5 stores an expert layer's experts as one fused module)."""
     torch = oracle("torch")
-    return [n for n, m in hf_model(name).named_modules() if isinstance(m, torch.nn.Linear)]
+    from transformers.pytorch_utils import Conv1D
+
+    out = []
+    for n, m in hf_model(name).named_modules():
+        if isinstance(m, (torch.nn.Linear, Conv1D)) or type(m).__name__.endswith("TopKRouter"):
+            out.append(n)
+        elif type(m).__name__.endswith("Experts"):
+            out += [f"{n}.{e}.{p}_proj" for e in range(m.num_experts) for p in ("gate", "up", "down")]
+    return out
 
 
 @pytest.mark.parametrize("name", list(CHECKPOINTS))
