@@ -128,7 +128,7 @@ def main(argv=None) -> None:
         for name, fn, fargs in rows:
             t = timed(fn, *fargs, repeats=args.repeats)
             base = base or t
-            rate = "-" if "queries" in name.split("(")[0] else f"{B * T / t:,.0f}"   # queries, not the batch
+            rate = "-" if "quer" in name.split("(")[0] else f"{B * T / t:,.0f}"   # queries, not the batch
             mfu = "-"
             if args.peak_tflops:
                 flops = fn.lower(*fargs).compile().cost_analysis()
