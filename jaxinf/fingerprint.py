@@ -43,7 +43,7 @@ import shutil
 from pathlib import Path
 
 from jaxinf import config as cfg
-from jaxinf.store import RunStore, StoreError
+from jaxinf.store import RunStore, StoreError, file_sha256
 
 log = logging.getLogger("jaxinf")
 
@@ -56,15 +56,6 @@ MODEL_PATTERNS = ("config.json", "*.safetensors", "model.safetensors.index.json"
 
 class InputChanged(StoreError):
     """An input of a run that changed since the run started, where the change cannot be absorbed by recomputing."""
-
-
-def file_sha256(path: Path) -> str:
-    """SHA-256 of a file's bytes, read in 4 MiB blocks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def stamp(path: Path) -> list[int]:

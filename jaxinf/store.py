@@ -81,7 +81,8 @@ def versions() -> dict[str, str]:
     return out
 
 
-def _hash_file(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """SHA-256 of a file's bytes, read in 4 MiB blocks."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 22), b""):
@@ -95,7 +96,7 @@ def _step_files(step_dir: Path) -> list[Path]:
 
 def write_manifest(step_dir: Path) -> None:
     """Checksums of every file of a finished step, written last (atomically)."""
-    files = {str(p.relative_to(step_dir)): {"sha256": _hash_file(p), "bytes": p.stat().st_size}
+    files = {str(p.relative_to(step_dir)): {"sha256": file_sha256(p), "bytes": p.stat().st_size}
              for p in _step_files(step_dir)}
     write_json(step_dir / MANIFEST, {"files": files})
 
@@ -116,7 +117,7 @@ def verify_manifest(step_dir: Path) -> None:
         if path.stat().st_size != info["bytes"]:
             raise CorruptCheckpoint(f"{path}: truncated or resized checkpoint file "
                                     f"({path.stat().st_size} bytes, saved {info['bytes']})")
-        if _hash_file(path) != info["sha256"]:
+        if file_sha256(path) != info["sha256"]:
             raise CorruptCheckpoint(f"{path}: corrupted checkpoint file (checksum mismatch)")
 
 
