@@ -236,7 +236,10 @@ def load_inputs(config: cfg.Config, store: RunStore, executor: Executor | None =
     encoder = TextEncoder(tokenizer)
     documents = open_documents(config.data.documents)
     lengths = document_lengths(store, documents, encoder)
-    preflight.check_corpus(lengths, getattr(documents, "name", config.data.documents), config.factors.max_documents)
+    from jaxinf.models.tokenizer import tokenizer_file
+
+    preflight.check_corpus(lengths, getattr(documents, "name", config.data.documents), config.factors.max_documents,
+                           str(tokenizer_file(config.model.checkpoint)))
     d = config.data
     plan_args = dict(batch_size=d.batch_size, max_length=d.max_length, long_documents=d.long_documents,
                      process_count=executor.groups[1], buckets=buckets(d.max_length))

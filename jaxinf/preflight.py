@@ -37,10 +37,14 @@ def check_model_limits(config: cfg.Config) -> None:
                              f"max_position_embeddings={limit} ({Path(config.model.checkpoint) / 'config.json'})")
 
 
-def check_corpus(lengths: np.ndarray, name: str, max_documents: int | None) -> None:
-    """At least one document of at least 2 tokens, among all and among the first ``max_documents`` (the fit)."""
+def check_corpus(lengths: np.ndarray, name: str, max_documents: int | None, tokenizer: str | None = None) -> None:
+    """At least one document of at least 2 tokens, among all and among the first ``max_documents`` (the fit).
+
+    ``tokenizer`` (its file) is named too: non-empty documents that it turns into fewer than 2 tokens each are
+    the tokenizer's doing."""
     if not (np.asarray(lengths) >= 2).any():
-        raise PreflightError(f"no documents with at least 2 tokens in {name} ({len(lengths)} documents kept; "
+        under = f" with the tokenizer {tokenizer}" if tokenizer and len(lengths) else ""
+        raise PreflightError(f"no documents with at least 2 tokens in {name}{under} ({len(lengths)} documents kept; "
                              "stage covariance)")
     if max_documents is not None and not (np.asarray(lengths[:max_documents]) >= 2).any():
         raise PreflightError(f"no documents with at least 2 tokens among the first {max_documents} "

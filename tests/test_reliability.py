@@ -263,6 +263,19 @@ def test_an_empty_corpus_is_named_before_the_covariance_pass(base, tmp_path, con
     assert not (d / "run" / "state" / "covariance").exists()
 
 
+def test_a_tokenizer_that_yields_no_token_pair_is_named():
+    """Documents kept but each tokenized to fewer than 2 tokens: the tokenizer file is named beside the documents."""
+    import numpy as np
+
+    from jaxinf import preflight
+
+    with pytest.raises(preflight.PreflightError) as e:
+        preflight.check_corpus(np.array([1, 0, 1]), "docs.jsonl", None, "model/tokenizer.json")
+    assert str(e.value) == ("no documents with at least 2 tokens in docs.jsonl with the tokenizer model/tokenizer.json "
+                            "(3 documents kept; stage covariance)")
+    preflight.check_corpus(np.array([1, 2]), "docs.jsonl", None, "model/tokenizer.json")   # one is enough
+
+
 def test_a_non_finite_weight_is_named_when_the_model_is_loaded(base, tmp_path):
     from safetensors.numpy import load_file, save_file
 

@@ -59,6 +59,12 @@ def read_tokenizer(path: str | Path):
     raise TokenizerError(f"{file}: file is missing (the tokenizer)")
 
 
+def tokenizer_file(path: str | Path) -> Path:
+    """The file :func:`read_tokenizer` reads the tokenizer from: ``tokenizer.json``, else ``vocab.json``."""
+    path = Path(path)
+    return path / "tokenizer.json" if (path / "tokenizer.json").exists() else path / "vocab.json"
+
+
 def byte_level_bpe(path: Path):
     """GPT-2's byte-level BPE from ``vocab.json`` + ``merges.txt`` (+ ``tokenizer_config.json``'s added tokens)."""
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
