@@ -24,7 +24,11 @@ increase over the stage's start, and kronfluence / jaxinf. kronfluence calls
 them) are frozen out of the collector so that it is not charged for them.
 
     python scripts/bench_vs_kronfluence.py --size small [--size tiny ...] [--torch-threads N]
-        [--scan-layers true --scan-layers false] [--json PATH]
+        [--scan-layers true --scan-layers false] [--json PATH] [--whole-process]
+
+``--whole-process`` also times each library as a user meets it (``whole_process``): ``jaxinf run`` in a fresh
+process with an empty compilation cache (every stage, exports and the report), the same again with the cache it
+filled, and kronfluence's stages in a fresh process of their own.
 """
 
 from __future__ import annotations
@@ -132,7 +136,7 @@ def build(root: Path, size: dict, seed: int = 0) -> dict:
 # --------------------------------------------------------------------------- kronfluence
 
 
-def run_kronfluence(w: dict, size: dict, args, out: Path) -> dict:
+def run_kronfluence(w: dict, size: dict, args, out: Path, warmup: bool = True) -> dict:
     import torch
     from kronfluence.analyzer import Analyzer, prepare_model
 
@@ -182,7 +186,8 @@ def run_kronfluence(w: dict, size: dict, args, out: Path) -> dict:
         gc.collect()
         gc.freeze()
         try:
-            all_stages("warmup", warm_docs, False)
+            if warmup:
+                all_stages("warmup", warm_docs, False)
             all_stages("timed", documents, True)
         finally:
             gc.unfreeze()
@@ -300,7 +305,14 @@ def main(argv=None) -> None:
                     help="jaxinf's model.scan_layers; repeat to time both (default: true, jaxinf's default)")
     ap.add_argument("--workdir", help="where the models, data and results go (default: a temporary directory)")
     ap.add_argument("--json", help="write every measurement to this file")
+    ap.add_argument("--whole-process", action="store_true",
+                    help="also time each library as a whole fresh process, cold (jaxinf run twice: cold, then with "
+                         "its compilation cache)")
+    ap.add_argument("--kronfluence-process", help=argparse.SUPPRESS)
+    ap.add_argument("--size-json", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.kronfluence_process:
+        return kronfluence_process(args)
     sizes = args.size or ["tiny", "small"]
 
     import jax
@@ -329,6 +341,13 @@ def main(argv=None) -> None:
         compiled = {scan: {} for scan in variants}
         cold = {scan: run_jaxinf(w, size, args, root / f"jaxinf-cold-{scan}", False, compiled[scan], scan)
                 for scan in variants}
+        if args.whole_process:
+            res = whole_process(w, size, args, root)
+            text = whole_process_table(name, res)
+            print("\n" + text + "\n", flush=True)
+            report.setdefault("whole_process", {})[name] = {
+                k: {"seconds": v["seconds"], **({"pearson": v["pearson"]} if "pearson" in v else {})}
+                for k, v in res.items()} | {"table": text}
         kf = run_kronfluence(w, size, args, root / "kronfluence")
         report["sizes"][name] = {"size": size, "params": w["params"], "kronfluence": _plain(kf)}
         for scan in variants:
@@ -346,6 +365,74 @@ def main(argv=None) -> None:
                                               "pearson": corr, "load_at_end": load_end, "table": text}
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+
+
+# --------------------------------------------------------------------------- whole processes, cold
+
+
+def whole_process(w: dict, size: dict, args, root: Path) -> dict:
+    """Each library as a user meets it: one fresh process each, cold, timed from start to exit.
+
+    jaxinf: ``python -m jaxinf run`` (every stage, exports and the report included) with an empty compilation
+    cache, then again with the cache the first run filled; kronfluence: this script's kronfluence stages with no
+    warm-up (``--kronfluence-process``), in a process of its own. Same model, documents, queries and settings;
+    the scores of both are compared per query (each library samples its own labels for the true Fisher).
+    """
+    import subprocess
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    overrides = [f"model.checkpoint={w['model']}", f"data.documents={w['docs']}", f"data.queries={w['queries']}",
+                 f"data.max_length={size['length']}", f"data.batch_size={args.batch_size}",
+                 f"data.query_batch_size={size['queries']}", "factors.strategy=ekfac", "factors.fisher=sampled",
+                 f"scores.query_rank={args.query_rank}"]
+    out = {}
+    for label, cache in (("jaxinf, cold", root / "xla-cold"), ("jaxinf, second run", root / "xla-cold")):
+        run_dir = root / ("process-" + label.split(", ")[1].replace(" ", "-"))
+        t0 = time.perf_counter()
+        r = subprocess.run([sys.executable, "-m", "jaxinf", "-q", "run", *overrides, f"run.out={run_dir}",
+                            "--overwrite"], env={**env, "JAXINF_COMPILATION_CACHE": str(cache)},
+                           capture_output=True, text=True)
+        if r.returncode:
+            raise SystemExit(f"jaxinf run failed: {r.stderr[-2000:]}")
+        out[label] = {"seconds": time.perf_counter() - t0, "scores": np.load(run_dir / "scores.npy")}
+        print(f"  whole process, {label}: {out[label]['seconds']:.1f}s", flush=True)
+    kf_dir = root / "process-kronfluence"
+    t0 = time.perf_counter()
+    r = subprocess.run([sys.executable, __file__, "--kronfluence-process", str(root), "--batch-size",
+                        str(args.batch_size), "--query-rank", str(args.query_rank), "--torch-threads",
+                        str(args.torch_threads), "--torch-device", args.torch_device,
+                        "--size-json", json.dumps(size)], env=env, capture_output=True, text=True)
+    if r.returncode:
+        raise SystemExit(f"kronfluence process failed: {r.stderr[-2000:]}")
+    out["kronfluence"] = {"seconds": time.perf_counter() - t0, "scores": np.load(kf_dir / "scores.npy")}
+    print(f"  whole process, kronfluence: {out['kronfluence']['seconds']:.1f}s", flush=True)
+    kf = out["kronfluence"]["scores"]
+    for label in ("jaxinf, cold", "jaxinf, second run"):
+        jx = out[label]["scores"]
+        out[label]["pearson"] = [float(np.corrcoef(kf[q], jx[q])[0, 1]) for q in range(len(kf))]
+    return out
+
+
+def whole_process_table(name: str, res: dict) -> str:
+    kf = res["kronfluence"]["seconds"]
+    lines = [f"### {name}: whole process, cold (each library in its own fresh process)", "",
+             "| process | wall s | kronfluence / this | per-query Pearson with kronfluence |", "|---|---|---|---|",
+             f"| kronfluence (imports, all stages, no warm-up) | {kf:.1f} | 1.00x | - |"]
+    for label in ("jaxinf, cold", "jaxinf, second run"):
+        r = res[label]
+        lines.append(f"| `jaxinf run` ({label.split(', ')[1]}: every stage, exports, report) | {r['seconds']:.1f} | "
+                     f"{kf / r['seconds']:.2f}x | {min(r['pearson']):.3f}-{max(r['pearson']):.3f} |")
+    return "\n".join(lines)
+
+
+def kronfluence_process(args) -> None:
+    """``--kronfluence-process ROOT``: kronfluence alone on ROOT's world, no warm-up; scores to ROOT/process-kronfluence."""
+    root = Path(args.kronfluence_process)
+    w = {"model": root / "model", "docs": root / "docs.jsonl", "queries": root / "queries.jsonl"}
+    out = root / "process-kronfluence"
+    out.mkdir(parents=True, exist_ok=True)
+    kf = run_kronfluence(w, json.loads(args.size_json), args, out, warmup=False)
+    np.save(out / "scores.npy", kf["scores"])
 
 
 def _plain(d: dict) -> dict:
