@@ -8,7 +8,8 @@ tracked linear layer ``s = a @ kernel (+ bias)`` and every token t of sequence n
   ``L_n = sum_t loss[n, t]`` with respect to the layer output,
 
 and every stage consumes them through one *statistic* per layer,
-``f(a, g, context) -> result``: ``sum a a^T`` and ``sum g g^T`` (covariance),
+``f(a, g, mask, context) -> result`` (``mask`` ``[B, T]``: the layer's own
+tokens): ``sum a a^T`` and ``sum g g^T`` and the token count (covariance),
 ``sum_n (Q_S^T G[n] Q_A)^2`` (Lambda), ``[Q, B]`` scores against the layer's
 preconditioned query gradients, self-influence, or the query gradients
 ``G_q`` themselves. :func:`layer_statistics` evaluates ``f`` of every tracked
@@ -32,20 +33,26 @@ returns
 - for ``s``: that cotangent unchanged, so the backward pass continues through
   the layer exactly as without the tap (the weight and input gradients are the
   matmul's, outside the custom VJP);
-- for ``z``: ``f(a, g, context)``, with ``a`` the layer input saved by the
-  forward rule and ``g`` the cotangent of ``s``.
+- for ``z``: ``f(a, g, mask, context)``, with ``a`` the layer input saved by the
+  forward rule, ``g`` the cotangent of ``s`` and ``mask`` the layer's tokens.
 
 :func:`layer_statistics` pulls back the cotangent ``1`` of every token loss
 with respect to the probes ``z`` (one ``jax.vjp``). The cotangent arriving at
 ``s`` is then ``sum_{n', t'} d loss[n', t'] / d s[n, t]``; rows of a batch do
 not interact (no operation of the model mixes sequences), so this is
 ``dL_n / ds[n, t] = g[n, t]``, the gradient of the sequence's own summed loss,
-and the "gradient" returned for ``z`` is ``f(a, g, context)`` evaluated on the
+and the "gradient" returned for ``z`` is ``f(a, g, mask, context)`` evaluated on the
 true ``a`` and ``g`` of the batch. The value is a statistic, not a derivative
 (``z`` does not enter the loss): the VJP is only the vehicle that runs ``f``
 at the right point of the backward pass. Padding is excluded by zeroing ``a``
 and ``g`` at masked tokens before ``f`` sees them (``a``'s appended 1 is the
 mask itself).
+
+**A layer's own tokens.** A layer that sees only some tokens of the batch (an
+expert of a mixture: the tokens routed to it) passes them to :meth:`Tap.linear`
+as ``tokens`` ``[B, T]``; its mask is then ``probes.mask * tokens``, so its ``a``
+and ``g`` are zero elsewhere and ``f`` receives that mask, from which a stage
+counts the layer's own tokens and sequences (``N_tok``, ``N_seq`` per layer).
 
 Layers stacked under ``lax.scan`` go through :meth:`Tap.scan`, which passes
 each layer its own slice of the probes and contexts as scan inputs; the
@@ -159,9 +166,10 @@ class _Discovery:
         self.layers[spec.name] = spec
 
 
-Statistic = Callable[[Array, Array, Any], Any]
-"""``f(a, g, context) -> result`` of one layer: ``a`` ``[B, T, d_in']`` and ``g`` ``[B, T, d_out]`` (zero at masked
-tokens), ``context`` the layer's slice of what the stage passes (eigenbases, query gradients, or None)."""
+Statistic = Callable[[Array, Array, Array, Any], Any]
+"""``f(a, g, mask, context) -> result`` of one layer: ``a`` ``[B, T, d_in']`` and ``g`` ``[B, T, d_out]`` (zero at
+masked tokens), ``mask`` ``[B, T]`` the layer's own tokens (the batch's mask times the layer's ``tokens``, see
+:meth:`Tap.linear`), ``context`` the layer's slice of what the stage passes (eigenbases, query gradients, or None)."""
 
 
 @jax.tree_util.register_dataclass
@@ -193,7 +201,7 @@ LossFn = Callable[[Params, Batch, Probes | None], Array]
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
 def _observed(statistic: Statistic, bias: bool, s: Array, x: Array, mask: Array, z: Any, context: Any,
               active: Array | None) -> Array:
-    """The identity on the layer output ``s``; its VJP returns ``statistic(a, g, context)`` as the cotangent of ``z``."""
+    """The identity on ``s``; its VJP returns ``statistic(a, g, mask, context)`` as the cotangent of ``z``."""
     return s
 
 
@@ -205,7 +213,7 @@ def _observed_bwd(statistic, bias, residuals, g):
     x, mask, context, active = residuals
 
     def compute():
-        return statistic(augment(x, mask, bias), g * mask.astype(g.dtype)[..., None], context)
+        return statistic(augment(x, mask, bias), g * mask.astype(g.dtype)[..., None], mask, context)
 
     if active is None:
         stat = compute()
@@ -236,8 +244,13 @@ class Tap:
         self._stack = _stack
         self._layer = _layer   # inside a scan: this layer's (z, context, active) per inner name
 
-    def linear(self, name: str, x: Array, kernel: Array, bias: Array | None = None) -> Array:
-        """``s = x @ kernel + bias``; when the layer is tracked, its statistic is formed in the backward pass."""
+    def linear(self, name: str, x: Array, kernel: Array, bias: Array | None = None, tokens: Array | None = None
+               ) -> Array:
+        """``s = x @ kernel + bias``; when the layer is tracked, its statistic is formed in the backward pass.
+
+        ``tokens`` ``[B, T]`` (None: all) marks the tokens that belong to this layer (an expert: the tokens routed
+        to it); the layer's mask is ``probes.mask * tokens``, so its statistic runs over those tokens only.
+        """
         s = jnp.matmul(x, kernel.astype(x.dtype))
         if bias is not None:
             s = s + bias.astype(s.dtype)
@@ -266,7 +279,10 @@ class Tap:
             raise CaptureError(f"layer {self._prefix + name!r}: output of shape {s.shape} does not match the mask "
                                f"{self.probes.mask.shape}")
         z, context, active = probe
-        return _observed(self.probes.statistic, bias is not None, s, x, self.probes.mask, z, context, active)
+        mask = self.probes.mask
+        if tokens is not None:
+            mask = mask * jax.lax.stop_gradient(tokens).astype(mask.dtype)
+        return _observed(self.probes.statistic, bias is not None, s, x, mask, z, context, active)
 
     def scan(
         self,
@@ -367,7 +383,8 @@ def _result_shape(statistic: Statistic, spec: LayerSpec, batch_shape: tuple[int,
     """Abstract result of ``statistic`` on one layer of ``spec`` (``context`` is that layer's slice)."""
     a = jax.ShapeDtypeStruct(tuple(batch_shape) + (spec.d_in_aug,), spec.dtype)
     g = jax.ShapeDtypeStruct(tuple(batch_shape) + (spec.d_out,), spec.dtype)
-    return jax.eval_shape(statistic, a, g, context)
+    mask = jax.ShapeDtypeStruct(tuple(batch_shape), jnp.float32)
+    return jax.eval_shape(statistic, a, g, mask, context)
 
 
 def _full_stack(x: Array, spec: LayerSpec) -> Array:
@@ -386,7 +403,7 @@ def layer_statistics(
     *,
     mask: Array,
 ) -> tuple[dict[str, Any], Array]:
-    """``statistic(a, g, context[name])`` of every tracked block, formed inside one backward pass; and ``L_n``.
+    """``statistic(a, g, mask, context[name])`` of every tracked block, formed inside one backward pass; and ``L_n``.
 
     Returns the per-block results (with the block's leading layer axis ``[*lead, ...]``
     when stacked, one entry per tracked index) and the sequence losses ``[B]``.
@@ -427,9 +444,10 @@ def layer_statistics(
 
 
 def joint(statistics: Mapping[str, Statistic]) -> Statistic:
-    """Several statistics in one backward pass: ``f(a, g, context) = {name: f_name(a, g, context[name])}``."""
-    def statistic(a: Array, g: Array, context: Any) -> dict[str, Any]:
-        return {name: f(a, g, None if context is None else context[name]) for name, f in statistics.items()}
+    """Several statistics in one backward pass: ``f(a, g, mask, context) = {name: f_name(a, g, mask, context[name])}``.
+    """
+    def statistic(a: Array, g: Array, mask: Array, context: Any) -> dict[str, Any]:
+        return {name: f(a, g, mask, None if context is None else context[name]) for name, f in statistics.items()}
 
     return statistic
 

@@ -98,7 +98,7 @@ def covariance_stage(task: Task, layers: Mapping[str, LayerSpec], fisher: str = 
 
     def update(state, params, batch, key):
         stats, losses = train_statistics(task, layers, params, batch, _fisher_key(fisher, key), covariance_statistic)
-        return covariance_update(state, stats, batch["mask"]), losses
+        return covariance_update(state, stats), losses
 
     return Stage(init=lambda: covariance_init(layers), update=update, finalize=covariance_finalize)
 
@@ -109,12 +109,12 @@ def lambda_stage(task: Task, layers: Mapping[str, LayerSpec], fisher: str = "sam
     def update(state, params, eigen, batch, key):
         stats, losses = train_statistics(task, layers, params, batch, _fisher_key(fisher, key), lambda_statistic,
                                          lambda_context(eigen))
-        return lambda_update(state, stats, batch["mask"]), losses
+        return lambda_update(state, stats), losses
 
     return Stage(init=lambda: lambda_init(layers), update=update, finalize=lambda_finalize)
 
 
-def _sequence_gradient(a: Array, g: Array, context=None) -> Array:
+def _sequence_gradient(a: Array, g: Array, mask: Array, context=None) -> Array:
     return per_sequence_gradient(a, g)
 
 
@@ -129,7 +129,7 @@ def prepared_queries(task: Task, layers: Mapping[str, LayerSpec], params, batch,
 
     The same as :func:`jaxinf.scoring.prepare_queries` of :func:`query_gradients`, without ever holding
     the query gradients of all layers: each layer's ``G_q`` is preconditioned and truncated where it exists."""
-    def statistic(a, g, factors):
+    def statistic(a, g, mask, factors):
         return prepare_layer(per_sequence_gradient(a, g), curv.strategy, factors, damping_value, rank)
 
     blocks, loss = measurement_statistics(task, layers, params, batch, statistic, curvature_context(curv))
@@ -138,9 +138,9 @@ def prepared_queries(task: Task, layers: Mapping[str, LayerSpec], params, batch,
 
 def _document_statistic(per_token: bool, plan: str | None, strategy: str | None, damping_value: float | None):
     """The statistic of a scoring pass: scores against the query gradients, and self-influence when ``strategy``."""
-    stats = {"scores": lambda a, g, q: block_scores(a, g, q, per_token=per_token, plan=plan)}
+    stats = {"scores": lambda a, g, m, q: block_scores(a, g, q, per_token=per_token, plan=plan)}
     if strategy is not None:
-        stats["self"] = lambda a, g, c: self_influence(a, g, c, strategy, damping_value)
+        stats["self"] = lambda a, g, m, c: self_influence(a, g, c, strategy, damping_value)
     return joint(stats)
 
 
@@ -194,7 +194,7 @@ def self_influence_batch(
     """Self-influence ``<P(G[n]), G[n]>`` of one document batch, and the documents' losses."""
     factors = curvature_context(curv)
     blocks, losses = train_statistics(task, layers, params, batch, None,
-                                      lambda a, g, c: self_influence(a, g, c, curv.strategy, damping_value), factors)
+                                      lambda a, g, m, c: self_influence(a, g, c, curv.strategy, damping_value), factors)
     return sum(v.sum(axis=tuple(range(v.ndim - 1))) for v in blocks.values()), losses
 
 

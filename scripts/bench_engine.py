@@ -93,7 +93,7 @@ def main(argv=None) -> None:
     qg = jax.jit(lambda G, l, c: scoring.prepare_queries(G, l, c, None, args.rank))(G, qloss, curv)
     score_step = jax.jit(lambda p, q, b: stages.score_batch(task, layers, p, q, b)[0].total)
     capture_step = jax.jit(lambda p, b: stages.train_statistics(task, layers, p, b, None,
-                                                                lambda a, g, c: jnp.sum(g, axis=(0, 1))))
+                                                                lambda a, g, m, c: jnp.sum(g, axis=(0, 1))))
     streamed = jax.jit(lambda p, b, c: stages.prepared_queries(task, layers, p, b, c, None, args.rank))
 
     def score_in(order):

@@ -97,6 +97,6 @@ jax.tree_util.register_pytree_node(Captured, lambda c: ((c.a, c.g, c.loss), None
 
 def capture_ag(loss_fn, params, batch, layers, mask=None):
     """The engine's own mechanism with the identity statistic ``f(a, g) = (a, g)``: every layer's ``a`` and ``g``."""
-    stats, loss = capture.layer_statistics(loss_fn, params, batch, layers, lambda a, g, c: {"a": a, "g": g},
+    stats, loss = capture.layer_statistics(loss_fn, params, batch, layers, lambda a, g, m, c: {"a": a, "g": g},
                                            mask=batch["mask"] if mask is None else mask)
     return Captured(stats, loss)

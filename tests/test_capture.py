@@ -118,7 +118,7 @@ def test_bad_inputs_are_named():
     layers = layers_of(task, params, batch, "mlp")
     bad = {"layers.*.mlp.fc_in": jnp.zeros((3, 12))}      # the block has 2 layers: a context of 3 is refused
     with pytest.raises(CaptureError, match=r"layer 'layers\.\*\.mlp\.fc_in': context of leading shape \(3,\)"):
-        capture.layer_statistics(fn, params, batch, layers, lambda a, g, c: a.sum(), bad, mask=batch["mask"])
+        capture.layer_statistics(fn, params, batch, layers, lambda a, g, m, c: a.sum(), bad, mask=batch["mask"])
     with pytest.raises(CaptureError, match=r"token losses of shape .* do not match the mask"):
         capture_ag(fn, params, batch, layers, batch["mask"][:, :3])
     with pytest.raises(CaptureError, match=r"calls no Tap.linear"):

@@ -130,6 +130,27 @@ def test_eigendecomposition_guards():
         assert eig.Q_A["w"].dtype == jnp.float64
 
 
+def test_a_layer_with_no_token_has_zero_finite_curvature_and_contributes_nothing():
+    """Per-layer counts ``[*lead]``: a layer (here layer 1 of a stacked block) with count 0 finalizes to
+    ``A = S = Lambda = 0``, not NaN, and ``1 / (Lambda + lambda)`` is 0 where ``Lambda + lambda = 0``."""
+    spec = capture.LayerSpec("b.*.w", d_in=3, d_out=2, bias=False, stack=2)
+    state = curvature.covariance_init({"b.*.w": spec})
+    assert state.count["b.*.w"].shape == (2,)
+    stats = {"b.*.w": {"A": jnp.stack([2 * jnp.eye(3), jnp.zeros((3, 3))]),
+                       "S": jnp.stack([4 * jnp.eye(2), jnp.zeros((2, 2))]), "count": jnp.array([2.0, 0.0])}}
+    cov = curvature.covariance_finalize(curvature.covariance_update(state, stats))
+    np.testing.assert_array_equal(cov.A["b.*.w"], jnp.stack([jnp.eye(3), jnp.zeros((3, 3))]))
+    np.testing.assert_array_equal(cov.S["b.*.w"], jnp.stack([2 * jnp.eye(2), jnp.zeros((2, 2))]))
+    lam = curvature.lambda_init({"b.*.w": spec})
+    lam = curvature.lambda_update(lam, {"b.*.w": {"Lambda": jnp.stack([3 * jnp.ones((2, 3)), jnp.zeros((2, 3))]),
+                                                  "count": jnp.array([3.0, 0.0])}})
+    Lambda = curvature.lambda_finalize(lam)["b.*.w"]
+    np.testing.assert_array_equal(Lambda, jnp.stack([jnp.ones((2, 3)), jnp.zeros((2, 3))]))
+    inv = curvature.inverse_eigenvalues(Lambda, curvature.block_damping(Lambda, None))
+    np.testing.assert_allclose(inv[0], 1 / 1.1, rtol=1e-6)
+    np.testing.assert_array_equal(inv[1], 0.0)
+
+
 def _exact_sampled_fisher_S(apply, params, tokens, mask, weights, layers, vocab):
     """E over labels drawn from the model of sum_t g g^T / N_tok, by enumerating every label combination."""
     batch = {"tokens": tokens, "mask": mask, "weights": weights}

@@ -104,7 +104,7 @@ def sampled_agreement(tmp_path_factory, family: str, sizes: tuple[int, ...], see
             theirs = kron.pairwise("ekfac", None, None, name="pairwise")[:, :n_score]
             factors = kf.read_factors(kron.root / "factors_ekfac")
             A, S = transfer.per_layer(cov.A, layers), transfer.per_layer(cov.S, layers)
-            count = {name: float(cov.count[block]) for name, (block, _) in transfer.layer_index(layers).items()}
+            count = {name: float(n) for name, n in transfer.per_layer(cov.count, layers).items()}
             L = transfer.per_layer(curv.Lambda, layers)
             row = {"documents": n,
                    "A": max(ks.rel_error(A[m], factors.A(m)) for m in factors.modules),

@@ -95,3 +95,81 @@ def test_expert_gradients_equal_per_document_gradients_of_a_dense_oracle():
                 assert np.abs(G).max() == 0 and np.abs(oracle).max() == 0
             else:
                 assert np.abs(G).max() > 1e-6, name
+
+
+def test_expert_factors_are_averages_over_its_own_tokens_against_a_dense_oracle():
+    """Each expert's ``A``, ``S`` (covariance stage) and ``Lambda`` (eigenvalue correction) over its own tokens.
+
+    Oracle, float64, 1e-10: ``A_e = sum_{routed (n,t)} a a^T / N_e`` and ``S_e`` alike, with ``a``, ``g`` the tap's
+    and the routed tokens ``N_e`` from the router; ``Lambda_e = sum_n (Q_S^T G[n] Q_A)^2 / N_seq,e`` with ``G[n]``
+    the ``vmap(grad)`` per-document gradient and ``N_seq,e`` the sequences with a token routed to ``e``. The router
+    (an ordinary layer) counts every token. The expert that receives no token has count 0 and zero factors, and the
+    scores and self-influence (heuristic damping, which is 0 for it) stay finite, that expert contributing nothing.
+    """
+    from jaxinf import stages
+
+    with jax.enable_x64(True):
+        lm, params = _model()
+        task = lm.task()
+        loss_fn = lambda p, b, pr: task.train_loss(p, b, pr, None)  # noqa: E731
+        batch = {k: jnp.asarray(v) for k, v in padded_batch().items()}
+        found = capture.find_layers(loss_fn, params, batch)
+        layers = capture.select_layers(found, ["*.mlp.gate", "*.mlp.experts.*"])
+        (router_name,) = capture.select_layers(found, ["*.mlp.gate"])
+
+        def row_loss(p, tokens, mask, weights):
+            one = {"tokens": tokens[None], "mask": mask[None], "weights": weights[None]}
+            return loss_fn(p, one, None).sum()
+
+        @jax.jit
+        def oracle_inputs(params, batch):
+            cap = capture_ag(loss_fn, params, batch, layers)
+            per_doc = jax.vmap(jax.grad(row_loss), in_axes=(None, 0, 0, 0))(
+                params, batch["tokens"], batch["mask"], batch["weights"])
+            return cap, per_doc
+
+        cap, per_doc = oracle_inputs(params, batch)
+        curv, pieces = stages.fit_curvature(task, layers, params, [batch], strategy="ekfac", fisher="empirical")
+        cov, eigen = pieces["covariance"], pieces["eigen"]
+
+        mask = np.asarray(batch["mask"]) > 0
+        _, routed = route(cap.a[router_name] @ params["model"]["layers"]["0"]["mlp"]["gate"]["kernel"], TOP_K)
+        routed = np.asarray(routed) & mask[:, :, None]                               # [B, T, experts]
+        assert float(cov.count[router_name]) == mask.sum()
+
+        for name in layers:
+            if name == router_name:
+                continue
+            expert, proj = int(name.split(".")[5]), name.split(".")[-1]
+            r = routed[..., expert]
+            n_tok, n_seq = r.sum(), r.any(-1).sum()
+            assert float(cov.count[name]) == n_tok, name
+            a = np.asarray(cap.a[name]) * r[..., None]
+            g = np.asarray(cap.g[name]) * r[..., None]
+            A = np.einsum("bti,btj->ij", a, a) / max(n_tok, 1)
+            S = np.einsum("bti,btj->ij", g, g) / max(n_tok, 1)
+            np.testing.assert_allclose(np.asarray(cov.A[name]), A, rtol=0, atol=1e-10, err_msg=name)
+            np.testing.assert_allclose(np.asarray(cov.S[name]), S, rtol=0, atol=1e-10, err_msg=name)
+            G = np.swapaxes(np.asarray(per_doc["model"]["layers"]["0"]["mlp"]["experts"][str(expert)][proj]["kernel"]),
+                            -1, -2)                                                  # [B, d_out, d_in]
+            Q_A, Q_S = np.asarray(eigen.Q_A[name]), np.asarray(eigen.Q_S[name])
+            Lambda = np.sum((Q_S.T @ G @ Q_A) ** 2, axis=0) / max(n_seq, 1)
+            np.testing.assert_allclose(np.asarray(curv.Lambda[name]), Lambda, rtol=0, atol=1e-10, err_msg=name)
+            if expert == EMPTY:
+                assert n_tok == 0 and n_seq == 0
+                for x in (cov.A[name], cov.S[name], curv.Lambda[name]):
+                    assert np.isfinite(np.asarray(x)).all() and np.abs(np.asarray(x)).max() == 0, name
+            else:
+                assert 0 < n_tok < mask.sum() and np.abs(A).max() > 1e-6 and np.abs(S).max() > 1e-12, name
+
+        @jax.jit
+        def scores_of(params, curv, batch):
+            queries = stages.prepared_queries(task, layers, params, batch, curv, None, None)
+            return stages.score_batch(task, layers, params, queries, batch, per_layer=True, curv=curv)[0]
+
+        scores = scores_of(params, curv, batch)
+        assert np.isfinite(np.asarray(scores.total)).all() and np.isfinite(np.asarray(scores.self)).all()
+        assert np.abs(np.asarray(scores.total)).max() > 0
+        for name in layers:
+            if ".experts.4." in name:
+                assert np.abs(np.asarray(scores.per_layer[name])).max() == 0, name

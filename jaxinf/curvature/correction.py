@@ -4,6 +4,10 @@
 
 the variance of the per-sequence gradients ``G[n] = sum_t g[n,t] a[n,t]^T`` in
 the Kronecker eigenbasis, normalized per sequence (kronfluence's convention).
+``N_seq`` is counted per layer: the sequences with at least one of the layer's
+tokens (for an ordinary layer every non-padding sequence; for an expert of a
+mixture, the sequences with a token routed to it). A layer with no token has
+``Lambda = 0`` (see :func:`lambda_finalize`).
 The rotated gradient is formed from rotated tokens,
 ``Q_S^T G[n] Q_A = sum_t (Q_S^T g[n,t]) (Q_A^T a[n,t])^T``, so no gradient is
 ever materialized per token, only one ``[d_out, d_in']`` matrix per sequence.
@@ -26,6 +30,7 @@ import jax.numpy as jnp
 
 from jaxinf.capture import LayerSpec
 from jaxinf.precision import float_dtype
+from jaxinf.curvature.covariance import per_count
 from jaxinf.curvature.eigen import Eigen
 from jaxinf.sharding import constrain
 
@@ -35,10 +40,10 @@ Array = jax.Array
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class LambdaState:
-    """Running sums ``sum_n (Q_S^T G[n] Q_A)^2`` per block and the sequence count ``N_seq``."""
+    """Running sums ``sum_n (Q_S^T G[n] Q_A)^2`` and sequence counts ``N_seq`` ``[*lead]`` per block."""
 
     Lambda: dict[str, Array]
-    count: Array
+    count: dict[str, Array]
 
 
 def lambda_init(layers: Mapping[str, LayerSpec], dtype=None) -> LambdaState:
@@ -46,7 +51,7 @@ def lambda_init(layers: Mapping[str, LayerSpec], dtype=None) -> LambdaState:
     dtype = dtype or float_dtype()
     return LambdaState(
         Lambda={k: jnp.zeros(s.lead + (s.d_out, s.d_in_aug), dtype) for k, s in layers.items()},
-        count=jnp.zeros((), dtype),
+        count={k: jnp.zeros(s.lead, dtype) for k, s in layers.items()},
     )
 
 
@@ -64,16 +69,18 @@ def rotated_gradient(a: Array, g: Array, Q_A: Array | None, Q_S: Array | None, d
     return jnp.einsum("btp,btj->bpj", g, a)
 
 
-def lambda_statistic(a: Array, g: Array, eigen: Mapping[str, Array] | None) -> Array:
-    """One layer's share of a batch: ``sum_n (Q_S^T G[n] Q_A)^2`` (``sum_n G[n]^2`` when ``eigen`` is None).
+def lambda_statistic(a: Array, g: Array, mask: Array, eigen: Mapping[str, Array] | None) -> dict[str, Array]:
+    """One layer's share of a batch: ``{"Lambda": sum_n (Q_S^T G[n] Q_A)^2, "count": N_seq}``.
 
-    ``eigen``: the layer's ``{"Q_A": ..., "Q_S": ...}``.
+    ``sum_n G[n]^2`` when ``eigen`` is None; ``eigen``: the layer's ``{"Q_A": ..., "Q_S": ...}``.
+    ``N_seq`` is :func:`sequence_count` of the layer's own ``mask``.
     """
     dtype = float_dtype()
     Q_A = None if eigen is None else eigen["Q_A"]
     Q_S = None if eigen is None else eigen["Q_S"]
     R = constrain(rotated_gradient(a, g, Q_A, Q_S, dtype), ("batch", "rows", "cols"))
-    return constrain(jnp.sum(R * R, axis=0), ("rows", "cols"), "factor")
+    return {"Lambda": constrain(jnp.sum(R * R, axis=0), ("rows", "cols"), "factor"),
+            "count": sequence_count(mask).astype(dtype)}
 
 
 def lambda_context(eigen: Eigen | None) -> dict[str, dict[str, Array]] | None:
@@ -84,20 +91,20 @@ def lambda_context(eigen: Eigen | None) -> dict[str, dict[str, Array]] | None:
 
 
 def sequence_count(mask: Array) -> Array:
-    """``N_seq`` of a batch: sequences with at least one unmasked token (padding rows do not count)."""
+    """``N_seq`` of a mask ``[B, T]``: sequences with at least one unmasked token (padding rows do not count)."""
     return jnp.any(mask > 0, axis=-1).sum()
 
 
-def lambda_update(state: LambdaState, stats: Mapping[str, Array], mask: Array) -> LambdaState:
-    """Adds one batch: ``Lambda += sum_n (Q_S^T G[n] Q_A)^2`` (``stats``: per block), ``N_seq += sequences``."""
-    out = {k: acc + stats[k].astype(acc.dtype) for k, acc in state.Lambda.items()}
-    count = state.count + sequence_count(mask).astype(state.count.dtype)
+def lambda_update(state: LambdaState, stats: Mapping[str, dict[str, Array]]) -> LambdaState:
+    """Adds one batch: ``Lambda += sum_n (Q_S^T G[n] Q_A)^2``, ``N_seq += sequences`` (``stats``: per block)."""
+    out = {k: acc + stats[k]["Lambda"].astype(acc.dtype) for k, acc in state.Lambda.items()}
+    count = {k: c + stats[k]["count"].astype(c.dtype) for k, c in state.count.items()}
     return LambdaState(Lambda=out, count=count)
 
 
 def lambda_finalize(state: LambdaState) -> dict[str, Array]:
-    """``Lambda = sum_n (Q_S^T G[n] Q_A)^2 / N_seq``."""
-    return {k: v / state.count for k, v in state.Lambda.items()}
+    """``Lambda = sum_n (Q_S^T G[n] Q_A)^2 / max(N_seq, 1)`` per layer (0 for a layer with no sequence)."""
+    return {k: per_count(v, state.count[k]) for k, v in state.Lambda.items()}
 
 
 def kfac_lambda(eigen: Eigen) -> dict[str, Array]:

@@ -2,13 +2,17 @@
 
     A = sum_{n,t} a[n,t] a[n,t]^T / N_tok        S = sum_{n,t} g[n,t] g[n,t]^T / N_tok
 
-over unmasked tokens (padding excluded), with ``N_tok`` counted per layer. This
-is kronfluence's normalization: both factors are divided by the token count,
-so their Kronecker product approximates the Fisher per token.
+over the layer's own unmasked tokens (padding excluded), with ``N_tok`` the
+count of those tokens, per layer. This is kronfluence's normalization: both
+factors are divided by the token count, so their Kronecker product
+approximates the Fisher per token. For an ordinary layer the tokens are all
+the batch's; for an expert of a mixture they are the tokens routed to it
+(:meth:`jaxinf.capture.Tap.linear`'s ``tokens``), so each expert's factors are
+averages over its own tokens. A layer that never receives a token has zero
+sums and ``N_tok = 0``: its factors are zero (see :func:`covariance_finalize`).
 
-Each layer's sums are formed inside the backward pass by
-:func:`covariance_statistic` (:func:`jaxinf.capture.layer_statistics`); the
-token count is the batch's, the same for every layer.
+Each layer's sums and count are formed inside the backward pass by
+:func:`covariance_statistic` (:func:`jaxinf.capture.layer_statistics`).
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ Array = jax.Array
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class CovarianceState:
-    """Running sums of the covariance stage: ``sum a a^T``, ``sum g g^T`` and token counts per block."""
+    """Running sums of the covariance stage: ``sum a a^T``, ``sum g g^T`` and the token counts ``[*lead]`` per block."""
 
     A: dict[str, Array]
     S: dict[str, Array]
@@ -39,7 +43,8 @@ class CovarianceState:
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class Covariance:
-    """The finished factors: ``A`` ``[*lead, d_in', d_in']`` and ``S`` ``[*lead, d_out, d_out]``, and ``N_tok``."""
+    """The finished factors: ``A`` ``[*lead, d_in', d_in']`` and ``S`` ``[*lead, d_out, d_out]``, and ``N_tok``
+    ``[*lead]`` (per layer)."""
 
     A: dict[str, Array]
     S: dict[str, Array]
@@ -52,7 +57,7 @@ def covariance_init(layers: Mapping[str, LayerSpec], dtype=None) -> CovarianceSt
     return CovarianceState(
         A={k: jnp.zeros(s.lead + (s.d_in_aug, s.d_in_aug), dtype) for k, s in layers.items()},
         S={k: jnp.zeros(s.lead + (s.d_out, s.d_out), dtype) for k, s in layers.items()},
-        count={k: jnp.zeros((), dtype) for k in layers},
+        count={k: jnp.zeros(s.lead, dtype) for k, s in layers.items()},
     )
 
 
@@ -62,26 +67,38 @@ def token_outer_sum(x: Array, dtype) -> Array:
     return jnp.einsum("bti,btj->ij", x, x)
 
 
-def covariance_statistic(a: Array, g: Array, context=None) -> dict[str, Array]:
-    """One layer's share of a batch: ``{"A": sum a a^T, "S": sum g g^T}`` (in the working precision)."""
+def covariance_statistic(a: Array, g: Array, mask: Array, context=None) -> dict[str, Array]:
+    """One layer's share of a batch: ``{"A": sum a a^T, "S": sum g g^T, "count": sum mask}`` (working precision).
+
+    ``mask`` is the layer's own (an expert's: its routed tokens), so ``count`` is the layer's token count.
+    """
     dtype = float_dtype()
     return {"A": constrain(token_outer_sum(a, dtype), ("rows", "cols"), "factor"),
-            "S": constrain(token_outer_sum(g, dtype), ("rows", "cols"), "factor")}
+            "S": constrain(token_outer_sum(g, dtype), ("rows", "cols"), "factor"),
+            "count": mask.astype(dtype).sum()}
 
 
-def covariance_update(state: CovarianceState, stats: Mapping[str, dict[str, Array]], mask: Array) -> CovarianceState:
-    """Adds one batch: ``A += sum a a^T``, ``S += sum g g^T`` (``stats``: per block), ``N_tok += sum mask``."""
-    tokens = mask.sum()
+def covariance_update(state: CovarianceState, stats: Mapping[str, dict[str, Array]]) -> CovarianceState:
+    """Adds one batch: ``A += sum a a^T``, ``S += sum g g^T``, ``N_tok += sum mask`` (``stats``: per block)."""
     A, S, count = {}, {}, {}
     for k in state.A:
         A[k] = state.A[k] + stats[k]["A"].astype(state.A[k].dtype)
         S[k] = state.S[k] + stats[k]["S"].astype(state.S[k].dtype)
-        count[k] = state.count[k] + tokens.astype(state.count[k].dtype)
+        count[k] = state.count[k] + stats[k]["count"].astype(state.count[k].dtype)
     return CovarianceState(A=A, S=S, count=count)
 
 
+def per_count(total: Array, count: Array) -> Array:
+    """``total / max(count, 1)`` with ``count`` ``[*lead]`` broadcast over ``total``'s two trailing axes.
+
+    A layer that never received a token has ``total = 0`` and ``count = 0``: the result is 0, not NaN.
+    """
+    return total / jnp.maximum(count, 1)[..., None, None]
+
+
 def covariance_finalize(state: CovarianceState) -> Covariance:
-    """``A = sum a a^T / N_tok`` and ``S = sum g g^T / N_tok``."""
-    A = {k: v / state.count[k] for k, v in state.A.items()}
-    S = {k: v / state.count[k] for k, v in state.S.items()}
+    """``A = sum a a^T / max(N_tok, 1)`` and ``S = sum g g^T / max(N_tok, 1)`` per layer (0 for a layer with no
+    token)."""
+    A = {k: per_count(v, state.count[k]) for k, v in state.A.items()}
+    S = {k: per_count(v, state.count[k]) for k, v in state.S.items()}
     return Covariance(A=A, S=S, count=dict(state.count))

@@ -14,7 +14,9 @@ with its own basis and eigenvalues:
   ``Lambda = sum_n (Q_S^T G[n] Q_A)^2 / N_seq``.
 
 The damping ``lambda`` is a given value or, as in kronfluence, the heuristic
-``0.1 * mean(Lambda)`` of each layer.
+``0.1 * mean(Lambda)`` of each layer. Where ``Lambda + lambda = 0`` (a layer
+that never received a token, with the heuristic damping) the inverse is 0: the
+layer contributes nothing (:func:`inverse_eigenvalues`).
 """
 
 from __future__ import annotations
@@ -78,8 +80,15 @@ def damping(curv: Curvature, value: float | None) -> dict[str, Array] | None:
 
 
 def inverse_eigenvalues(Lambda: Array, damp: Array) -> Array:
-    """``1 / (Lambda + lambda)`` of one block, ``damp`` broadcast over the layer axes."""
-    return 1.0 / (Lambda + damp[..., None, None])
+    """``1 / (Lambda + lambda)`` of one block, ``damp`` broadcast over the layer axes; 0 where ``Lambda + lambda = 0``.
+
+    ``Lambda + lambda = 0`` only where no curvature was fitted: a layer that never received a token (an expert
+    the router never chose) has ``Lambda = 0`` and heuristic damping ``0.1 * mean(Lambda) = 0``. Its inverse is
+    defined as 0, so that layer contributes nothing to preconditioned gradients, scores or self-influence.
+    """
+    total = Lambda + damp[..., None, None]
+    nonzero = total != 0
+    return jnp.where(nonzero, 1.0 / jnp.where(nonzero, total, 1), 0)
 
 
 def precondition_block(g: Array, strategy: str, factors: Mapping[str, Array] | None, damp: Array | None) -> Array:

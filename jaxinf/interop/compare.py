@@ -87,10 +87,12 @@ def _factor_rows(factors: kf.Factors, run: transfer.RunFactors) -> dict:
     if "covariance" in groups and run.covariance is not None:
         c = run.covariance
         A, S = transfer.per_layer(c.A, layers), transfer.per_layer(c.S, layers)
+        counts = transfer.per_layer(c.count, layers)
         rows = {}
-        for name, (block, _) in index.items():
-            n = float(c.count[block])
-            rows[name] = {"A": rel_error(A[name] / n, factors.A(name)), "S": rel_error(S[name] / n, factors.S(name)),
+        for name in index:
+            n = float(counts[name])
+            rows[name] = {"A": rel_error(A[name] / max(n, 1), factors.A(name)),
+                          "S": rel_error(S[name] / max(n, 1), factors.S(name)),
                           "tokens": [factors.count("num_activation_covariance_processed", name), int(round(n))]}
         out["covariance"] = rows
     if "eigen" in groups and run.eigen is not None:

@@ -5,13 +5,13 @@ writes the factors of a kronfluence ``factors_*`` directory into the run
 directory of a config (``run.out``) as the results of its curvature stages, through
 the same :class:`jaxinf.store.RunStore` a run uses:
 
-- ``state/covariance/0``: the covariance sums and ``N_tok`` (a
+- ``state/covariance/0``: the covariance sums and ``N_tok`` per layer (a
   :class:`~jaxinf.curvature.CovarianceState`, as a run checkpoints them);
 - ``state/eigen/0``: ``Q_A, e_A, Q_S, e_S`` (an :class:`~jaxinf.curvature.Eigen`);
   the eigenvalues are kept as kronfluence wrote them (it does not clip round-off
   negatives at 0 as jaxinf does), so jaxinf scores with exactly kronfluence's factors;
 - ``state/lambda/0``: ``Lambda = lambda_matrix / num_lambda_processed``, and
-  ``state/lambda_sums/0`` the sums and ``N_seq`` themselves (a
+  ``state/lambda_sums/0`` the sums and ``N_seq`` per layer themselves (a
   :class:`~jaxinf.curvature.LambdaState`), so that an export gives back the same files.
 
 The stages are marked done (``run.json`` names the source directory), so
@@ -48,7 +48,7 @@ import numpy as np
 
 from jaxinf import capture
 from jaxinf import config as cfg
-from jaxinf.curvature import CovarianceState, Eigen, LambdaState, covariance_init, lambda_init
+from jaxinf.curvature import CovarianceState, Eigen, LambdaState, covariance_init, lambda_finalize, lambda_init
 from jaxinf.interop import kronfluence as kf
 from jaxinf.interop.kronfluence import InteropError
 from jaxinf.store import CorruptCheckpoint, RunStore
@@ -237,21 +237,20 @@ def check_strategy(path: Path, arguments: dict, config: cfg.Config, what: str) -
 # --------------------------------------------------------------------------- import
 
 
-def _block_count(factors: kf.Factors, names: tuple[str, ...], layers, block: str) -> float:
-    """The one count a block has in jaxinf, from kronfluence's per-module count files (which must agree)."""
-    spec = layers[block]
-    counts = {}
-    for factor in names:
-        for module in spec.layer_names:
-            counts[(factor, module)] = factors.count(factor, module)
-    values = set(counts.values())
-    if len(values) != 1:
-        (f0, m0), c0 = next(iter(counts.items()))
-        (f1, m1), c1 = next((k, v) for k, v in counts.items() if v != c0)
-        raise InteropError(f"{kf.file_of(factors.directory, f1)}: module {m1} counts {c1}, but "
-                           f"{kf.file_of(factors.directory, f0).name} counts {c0} for {m0}; jaxinf keeps one count "
-                           f"per block ({block})")
-    return float(values.pop())
+def _block_counts(factors: kf.Factors, names: tuple[str, ...], spec: capture.LayerSpec, dtype) -> jax.Array:
+    """A block's per-layer counts ``[*lead]`` from kronfluence's per-module count files ``names`` (which must agree
+    for each module: jaxinf keeps one token count per layer for ``A`` and ``S``)."""
+    values = []
+    for module in spec.layer_names:
+        counts = {factor: factors.count(factor, module) for factor in names}
+        if len(set(counts.values())) != 1:
+            (f0, c0), (f1, c1) = next(iter(counts.items())), next((f, c) for f, c in counts.items()
+                                                                  if c != next(iter(counts.values())))
+            raise InteropError(f"{kf.file_of(factors.directory, f1)}: module {module} counts {c1}, but "
+                               f"{kf.file_of(factors.directory, f0).name} counts {c0}; jaxinf keeps one count "
+                               f"per layer")
+        values.append(float(counts[names[0]]))
+    return jnp.asarray(np.asarray(values if spec.stacked else values[0], dtype))
 
 
 def _stack(per_module: dict[str, np.ndarray], spec: capture.LayerSpec, dtype) -> jax.Array:
@@ -294,20 +293,16 @@ def import_factors(source: str | Path, config: cfg.Config, *, factors_name: str 
             cov = CovarianceState(
                 A={b: _stack(t["activation_covariance"], s, dtype) for b, s in layers.items()},
                 S={b: _stack(t["gradient_covariance"], s, dtype) for b, s in layers.items()},
-                count={b: jnp.asarray(_block_count(factors, kf.COVARIANCE[2:], layers, b), dtype) for b in layers})
+                count={b: _block_counts(factors, kf.COVARIANCE[2:], s, dtype) for b, s in layers.items()})
         if "eigen" in groups:
             eigen = Eigen(Q_A={b: _stack(t["activation_eigenvectors"], s, dtype) for b, s in layers.items()},
                           e_A={b: _stack(t["activation_eigenvalues"], s, dtype) for b, s in layers.items()},
                           Q_S={b: _stack(t["gradient_eigenvectors"], s, dtype) for b, s in layers.items()},
                           e_S={b: _stack(t["gradient_eigenvalues"], s, dtype) for b, s in layers.items()})
         if "lambda" in groups:
-            counts = {_block_count(factors, kf.LAMBDA[1:], layers, b) for b in layers}
-            if len(counts) != 1:
-                raise InteropError(f"{kf.file_of(factors.directory, 'num_lambda_processed')}: modules count different "
-                                   f"numbers of sequences ({sorted(counts)}); jaxinf keeps one N_seq")
-            n_seq = jnp.asarray(counts.pop(), dtype)
-            sums = LambdaState(Lambda={b: _stack(t["lambda_matrix"], s, dtype) for b, s in layers.items()}, count=n_seq)
-            Lambda = {b: v / sums.count for b, v in sums.Lambda.items()}
+            sums = LambdaState(Lambda={b: _stack(t["lambda_matrix"], s, dtype) for b, s in layers.items()},
+                               count={b: _block_counts(factors, kf.LAMBDA[1:], s, dtype) for b, s in layers.items()})
+            Lambda = lambda_finalize(sums)
         store = RunStore.open(config, overwrite=overwrite)
         origin = f"kronfluence {dirs.factors.resolve()}"
         if strategy in ("identity", "diagonal"):
@@ -366,8 +361,7 @@ def export_factors(run_dir: str | Path, out: str | Path, *, overwrite: bool = Fa
         c = run.covariance
         tensors["activation_covariance"] = per_layer(c.A, layers)
         tensors["gradient_covariance"] = per_layer(c.S, layers)
-        counts = {name: np.asarray([round(float(c.count[block]))], np.int64)
-                  for name, (block, _) in layer_index(layers).items()}
+        counts = {name: np.asarray([round(float(n))], np.int64) for name, n in per_layer(c.count, layers).items()}
         tensors["num_activation_covariance_processed"] = counts
         tensors["num_gradient_covariance_processed"] = dict(counts)
     elif strategy in ("kfac", "ekfac"):
@@ -381,11 +375,11 @@ def export_factors(run_dir: str | Path, out: str | Path, *, overwrite: bool = Fa
     if strategy in ("diagonal", "ekfac"):
         if run.lambda_sums is not None:
             tensors["lambda_matrix"] = per_layer(run.lambda_sums.Lambda, layers)
-            n = round(float(run.lambda_sums.count))
+            n_seq = {name: round(float(n)) for name, n in per_layer(run.lambda_sums.count, layers).items()}
         else:
             tensors["lambda_matrix"] = per_layer(run.Lambda, layers)
-            n = 1
-        tensors["num_lambda_processed"] = {name: np.asarray([n], np.int64) for name in layer_index(layers)}
+            n_seq = {name: 1 for name in layer_index(layers)}
+        tensors["num_lambda_processed"] = {name: np.asarray([n], np.int64) for name, n in n_seq.items()}
     for factor, per_module in tensors.items():
         if not factor.startswith("num_"):
             dtypes.update(np.dtype(v.dtype).name for v in per_module.values())

@@ -47,9 +47,10 @@ class Linear(nnx.Module):
         self.kernel = nnx.Param(_normal(rngs, (d_in, d_out), config.initializer_range, config.param_dtype))
         self.bias = nnx.Param(jnp.zeros((d_out,), config.param_dtype)) if bias else None
 
-    def __call__(self, x: Array, tap: Tap, prefix: str = "") -> Array:
+    def __call__(self, x: Array, tap: Tap, prefix: str = "", tokens: Array | None = None) -> Array:
+        """``tokens`` ``[B, T]``: the tokens that belong to this layer (an expert's routed tokens; None: all)."""
         bias = None if self.bias is None else self.bias[...]
-        return tap.linear(prefix + self.name, x, self.kernel[...], bias)
+        return tap.linear(prefix + self.name, x, self.kernel[...], bias, tokens)
 
 
 class Embed(nnx.Module):

@@ -241,9 +241,10 @@ class Expert(nnx.Module):
         self.up_proj = Linear(f"{name}.up_proj", H, I, bias=False, config=config, rngs=rngs)
         self.down_proj = Linear(f"{name}.down_proj", I, H, bias=False, config=config, rngs=rngs)
 
-    def __call__(self, x: Array, tap: Tap, prefix: str) -> Array:
-        gated = activation(self.act, self.gate_proj(x, tap, prefix)) * self.up_proj(x, tap, prefix)
-        return self.down_proj(gated, tap, prefix)
+    def __call__(self, x: Array, tap: Tap, prefix: str, tokens: Array | None = None) -> Array:
+        """``tokens`` ``[B, T]``: the tokens routed to this expert, the tracked tokens of its three projections."""
+        gated = activation(self.act, self.gate_proj(x, tap, prefix, tokens)) * self.up_proj(x, tap, prefix, tokens)
+        return self.down_proj(gated, tap, prefix, tokens)
 
 
 def route(logits: Array, k: int, renormalize: bool = True) -> tuple[Array, Array]:
@@ -271,7 +272,10 @@ class SparseMoE(nnx.Module):
     its input ``a`` and its output gradient ``g`` are zero at those tokens, so
     the engine's sums for an expert (``A``, ``S``, ``Lambda``, per-document
     gradients) run over the tokens routed to it, and its output enters the
-    residual multiplied by the router weight as in the model. The function is
+    residual multiplied by the router weight as in the model. The routed tokens
+    are also passed to the tap as the expert's ``tokens``, so its counts are its
+    own: ``A`` and ``S`` are divided by its routed-token count and ``Lambda`` by
+    the number of sequences with a token routed to it. The function is
     the sparse model's exactly (each expert sees its own tokens); the cost is
     ``num_experts / experts_per_token`` times its MLP FLOPs.
     """
@@ -286,6 +290,6 @@ class SparseMoE(nnx.Module):
         weights, routed = route(self.gate(x, tap, prefix), self.k, self.renormalize)
         out = jnp.zeros_like(x)
         for e, expert in enumerate(self.experts):
-            y = expert(x * routed[..., e:e + 1].astype(x.dtype), tap, prefix)
+            y = expert(x * routed[..., e:e + 1].astype(x.dtype), tap, prefix, routed[..., e])
             out = out + (y * weights[..., e:e + 1]).astype(x.dtype)
         return out
