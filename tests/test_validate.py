@@ -162,3 +162,37 @@ def test_divergence_stops_with_one_line(tmp_path, capsys):
     assert cli.main(args) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "diverged: loss is not finite" in err[0] and "seed 0" in err[0], err
+
+
+# ----------------------------------------------------------------------------- supports
+
+
+def test_query_reader_keeps_supports(tmp_path):
+    from jaxinf.data.errors import DataError
+    from jaxinf.data.queries import read_queries
+
+    path = tmp_path / "q.jsonl"
+    path.write_text('{"id": "a", "prompt": "p", "completion": "c", "supports": ["d1", 7]}\n'
+                    '{"id": "b", "prompt": "p", "completion": "c"}\n')
+    a, b = read_queries(path)
+    assert a.supports == ("d1", "7") and b.supports == () and "supports" not in a.extra
+    path.write_text('{"id": "a", "prompt": "p", "completion": "c", "supports": "d1"}\n')
+    with pytest.raises(DataError, match=r'q.jsonl:1: field "supports" must be a list'):
+        read_queries(path)
+
+
+def test_demo_supports_are_the_documents_stating_the_fact():
+    from jaxinf.demo import corpus
+
+    docs = corpus.documents(0, 300)
+    factual = [q for q in corpus.queries(0) if q.kind == "factual"]
+    towns = corpus.towns_and_facts(0)
+    for q in factual:
+        town, trait = q.fact
+        ids = corpus.supports(docs, q)
+        assert ids, q
+        for d in docs:                       # independent check: the trait's value and the town in one fact document
+            states = d["source"] == "facts" and any(
+                t.format(town=town, v=towns[town][trait]) in d["text"] for t in corpus.FACT_TEMPLATES[trait])
+            assert (d["id"] in ids) == states, (q, d)
+    assert all(not corpus.supports(docs, q) for q in corpus.queries(0) if q.kind != "factual")
