@@ -196,3 +196,69 @@ def test_demo_supports_are_the_documents_stating_the_fact():
                 t.format(town=town, v=towns[town][trait]) in d["text"] for t in corpus.FACT_TEMPLATES[trait])
             assert (d["id"] in ids) == states, (q, d)
     assert all(not corpus.supports(docs, q) for q in corpus.queries(0) if q.kind != "factual")
+
+
+# ----------------------------------------------------------------------------- PBRF against a dense oracle
+
+
+@pytest.mark.heavy
+def test_pbrf_is_the_damped_gauss_newton_response_for_small_eps():
+    """For small eps the PBRF influence is ``G_q^T (F + lambda I)^{-1} grad L_m`` with F the Gauss-Newton matrix
+    of the mean document loss, built here densely (per document ``J^T (diag p - p p^T) J``) for one small layer."""
+    import jax
+    import jax.numpy as jnp
+
+    from jaxinf.validate import world as W
+
+    jax.config.update("jax_enable_x64", True)
+    try:
+        w = W.builtin(12)
+        lm = w.lm.replace(params=jax.tree.map(lambda x: x.astype(jnp.float64), w.lm.params))
+        task = lm.task()
+        params = lm.params
+        docs = {k: jnp.asarray(v) for k, v in w.documents.items()}
+        docs["mask"], docs["weights"] = docs["mask"].astype(jnp.float64), docs["weights"].astype(jnp.float64)
+        queries = {k: jnp.asarray(v) for k, v in w.queries.items()}
+        queries = {**queries, "mask": queries["mask"].astype(jnp.float64),
+                   "weights": queries["weights"].astype(jnp.float64)}
+        name = "model.layers.*.self_attn.k_proj"
+        path = ("model", "layers", "self_attn", "k_proj", "kernel")
+
+        def get(p):
+            for k in path:
+                p = p[k]
+            return p
+
+        def put(p, x):
+            p = jax.tree.map(lambda y: y, p)
+            node = p
+            for k in path[:-1]:
+                node = node[k]
+            node[path[-1]] = x
+            return p
+
+        theta = get(params)
+        shape, size = theta.shape, theta.size
+        logits_of = lambda flat, b: lm.apply(put(params, flat.reshape(shape)), b["tokens"], b["mask"])
+        F = jnp.zeros((size, size))
+        for i in range(w.num_documents):
+            b = {k: v[i:i + 1] for k, v in docs.items()}
+            J = jax.jacfwd(lambda f: logits_of(f, b)[0, :-1])(theta.ravel())          # [T-1, V, P]
+            p = jax.nn.softmax(logits_of(theta.ravel(), b)[0, :-1], -1)             # [T-1, V]
+            HJ = p[:, :, None] * J - p[:, :, None] * jnp.einsum("tv,tvp->tp", p, J)[:, None, :]
+            F = F + jnp.einsum("t,tvp,tvq->pq", b["weights"][0, 1:], J, HJ)
+        F = F / w.num_documents
+        lam = 1e-3
+        g_doc = jax.vmap(lambda i: jax.grad(lambda f: task.train_loss(
+            put(params, f.reshape(shape)), {k: jax.lax.dynamic_slice_in_dim(v, i, 1) for k, v in docs.items()},
+            {}, None)[0].sum())(theta.ravel()))(jnp.arange(3))                      # [3, P]
+        g_q = jax.vmap(lambda q: jax.grad(lambda f: retrain.measurements(
+            task, put(params, f.reshape(shape)), queries)[q])(theta.ravel()))(jnp.arange(4))   # [4, P]
+        expect = np.asarray(g_q @ jnp.linalg.solve(F + lam * jnp.eye(size), g_doc.T))        # [4, 3]
+
+        got, ratio = pbrf.pbrf_influence(lm, task, params, docs, {k: v[:4] for k, v in queries.items()},
+                                         np.arange(3), [name], damping=lam, eps=1e-4, iterations=200)
+        assert np.max(ratio) < 1e-4
+        np.testing.assert_allclose(got, expect, rtol=0, atol=0.01 * np.abs(expect).max())
+    finally:
+        jax.config.update("jax_enable_x64", False)

@@ -53,9 +53,13 @@ def tracked_mask(params, layer_names) -> dict:
     return jax.tree_util.tree_map_with_path(leaf, params)
 
 
+def _at_least_f32(x: jax.Array) -> jax.Array:
+    return x.astype(jnp.promote_types(x.dtype, jnp.float32))
+
+
 def bregman(logits: jax.Array, ref_logprobs: jax.Array, weights: jax.Array) -> jax.Array:
     """``sum_t w[t+1] KL(p_ref[t] || softmax(logits[t]))`` per document, ``[N]`` (position t predicts t+1)."""
-    logq = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), -1)
+    logq = jax.nn.log_softmax(_at_least_f32(logits[:, :-1]), -1)
     logp = ref_logprobs[:, :-1]
     kl = jnp.sum(jnp.exp(logp) * (logp - logq), -1)
     return jnp.sum(kl * weights[:, 1:], -1)
@@ -100,7 +104,7 @@ def pbrf_influence(lm, task, params_s, documents, queries, doc_indices, layer_na
                    iterations: int) -> tuple[np.ndarray, np.ndarray]:
     """``I_pbrf`` ``[Q, len(doc_indices)]`` and each optimization's final/initial gradient norm."""
     mask = tracked_mask(params_s, layer_names)
-    ref = jax.nn.log_softmax(lm.apply(params_s, documents["tokens"], documents["mask"]).astype(jnp.float32), -1)
+    ref = jax.nn.log_softmax(_at_least_f32(lm.apply(params_s, documents["tokens"], documents["mask"])), -1)
     base = measurements(task, params_s, queries)
     response = make_pbrf(lm, task, mask, damping=damping, eps=eps, iterations=iterations)
     run = jax.jit(jax.vmap(response, in_axes=(None, None, None, None, 0)))
