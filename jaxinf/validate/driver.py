@@ -19,8 +19,8 @@ the fingerprint; adding subsets or seeds reuses the retrainings already done.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
-import io
 import json
 import logging
 import math
@@ -68,7 +68,7 @@ def load_world(config: cfg.Config) -> World:
     if config.validate.start == "scratch":
         from jaxinf import models
 
-        world = World(**{**world.__dict__, "lm": models.init(world.lm.config, config.validate.seed)})
+        world = dataclasses.replace(world, lm=models.init(world.lm.config, config.validate.seed))
     return world
 
 
