@@ -91,7 +91,7 @@ def test_bregman_is_the_kl_and_zero_at_the_reference():
 def test_bad_settings_are_config_errors(override, key, capsys):
     with pytest.raises(cfg.ConfigError, match=key):
         cfg.load(None, [override])
-    assert cli.main(["validate", override, "--out", "/nonexistent/never-written"]) == 2
+    assert cli.main(["-q", "validate", override, "--out", "/nonexistent/never-written"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("jaxinf validate: error:") and key in err[0]
 
@@ -106,8 +106,7 @@ def test_from_is_the_yaml_key():
 
 TINY = ["validate.builtin_documents=24", "validate.subsets=3", "validate.seeds=2", "validate.steps=12",
         "validate.batch_size=4", "validate.group=4", "validate.strategies=[identity,diagonal]",
-        "validate.dampings=[0.01,null]", "validate.pbrf_documents=3", "validate.pbrf_iterations=5",
-        "validate.recall_k=[1,5]"]
+        "validate.dampings=[0.01,null]", "validate.recall_k=[1,5]"]
 
 
 def test_validate_end_to_end_schema_and_resume(tmp_path, monkeypatch):
@@ -147,8 +146,8 @@ def test_validate_end_to_end_schema_and_resume(tmp_path, monkeypatch):
         assert len(entry["ci95"]) == 2
         assert set(on_disk["recall"][s]) >= {"mrr", "recall_at"} and set(on_disk["recall"][s]["recall_at"]) == {"1", "5"}
         assert on_disk["recall"][s]["queries"] > 0 and 0 < on_disk["recall"][s]["mrr"] <= 1
-        assert isinstance(on_disk["pbrf"][s], float)
     assert set(on_disk["lds_by_damping"]["diagonal"]) == {"heuristic", "0.01"}
+    assert on_disk["pbrf"] == {}                                  # validate.pbrf is off by default
     html = (out / "report" / "index.html").read_text()
     assert "lds.png" in html and "scatter_1.png" in html and (out / "report" / "lds.png").stat().st_size > 0
 
@@ -158,7 +157,7 @@ def test_validate_end_to_end_schema_and_resume(tmp_path, monkeypatch):
 
 
 def test_divergence_stops_with_one_line(tmp_path, capsys):
-    args = ["validate", *TINY, "validate.learning_rate=1e30", "validate.pbrf=false", "--out", str(tmp_path / "v")]
+    args = ["-q", "validate", *TINY, "validate.learning_rate=1e30", "--out", str(tmp_path / "v")]
     assert cli.main(args) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "diverged: loss is not finite" in err[0] and "seed 0" in err[0], err
@@ -262,3 +261,13 @@ def test_pbrf_is_the_damped_gauss_newton_response_for_small_eps():
         np.testing.assert_allclose(got, expect, rtol=0, atol=0.01 * np.abs(expect).max())
     finally:
         jax.config.update("jax_enable_x64", False)
+
+
+@pytest.mark.heavy
+def test_validate_with_pbrf(tmp_path):
+    from jaxinf.validate import driver
+
+    config = cfg.load(None, TINY + ["validate.pbrf=true", "validate.pbrf_documents=3", "validate.pbrf_iterations=5"])
+    result = json.loads(json.dumps(driver.validate(config, tmp_path / "val")))
+    assert set(result["pbrf"]) == {"identity", "diagonal"} and all(isinstance(x, float) for x in result["pbrf"].values())
+    assert result["pbrf_detail"]["damping"] == 0.01 and len(result["pbrf_detail"]["documents"]) == 3
