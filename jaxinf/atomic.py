@@ -16,15 +16,46 @@ from typing import Any
 import numpy as np
 
 
+def current_umask() -> int:
+    """The process's umask, read without changing it where the system tells (Linux ``/proc``)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)  # elsewhere: set and restore (not thread-safe, but only where /proc is missing)
+    os.umask(mask)
+    return mask
+
+
+def usual_mode(directory: bool = False) -> int:
+    """The permissions ``open``/``mkdir`` would give a new file or directory: 0666 or 0777 less the umask.
+
+    Temporary files and directories are created 0600/0700; what is renamed into place gets these instead.
+    """
+    return (0o777 if directory else 0o666) & ~current_umask()
+
+
+def make_temp_dir(prefix: str, parent: Path) -> Path:
+    """A new temporary directory in ``parent`` with the usual permissions (for building a directory renamed later)."""
+    tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+    os.chmod(tmp, usual_mode(directory=True))
+    return tmp
+
+
 def write_atomic(path: Path, data: bytes | str | Callable[[Any], None]) -> None:
     """Writes ``path`` through a temporary file in the same directory, ``fsync`` and a rename.
 
-    ``data`` is the content, or a function that writes it to the open binary file.
+    ``data`` is the content, or a function that writes it to the open binary file. The file gets the usual
+    permissions (:func:`usual_mode`, 0644 under umask 022), not the temporary file's 0600.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, usual_mode())
         with os.fdopen(fd, "wb") as f:
             if callable(data):
                 data(f)
@@ -33,9 +64,11 @@ def write_atomic(path: Path, data: bytes | str | Callable[[Any], None]) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if isinstance(e, OSError) and e.filename is None:  # a failed write names no file: name the one being written
+            raise OSError(e.errno, e.strerror, str(path)) from e
         raise
 
 

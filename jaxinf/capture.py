@@ -1,32 +1,63 @@
-"""How the engine sees a model: probes, captured layer inputs, and their gradients.
+"""How the engine sees a model: per-layer statistics formed inside the backward pass.
 
 Everything the curvature and scoring stages need from a model is, for every
 tracked linear layer ``s = a @ kernel (+ bias)`` and every token t of sequence n,
 
 - ``a[n, t]``: the layer input, with a 1 appended when the layer has a bias, and
 - ``g[n, t] = dL_n / ds[n, t]``: the gradient of the sequence loss
-  ``L_n = sum_t loss[n, t]`` with respect to the layer output.
+  ``L_n = sum_t loss[n, t]`` with respect to the layer output,
 
-Both come from a single mechanism. The model is written as a *loss function*
+and every stage consumes them through one *statistic* per layer,
+``f(a, g, context) -> result``: ``sum a a^T`` and ``sum g g^T`` (covariance),
+``sum_n (Q_S^T G[n] Q_A)^2`` (Lambda), ``[Q, B]`` scores against the layer's
+preconditioned query gradients, self-influence, or the query gradients
+``G_q`` themselves. :func:`layer_statistics` evaluates ``f`` of every tracked
+layer *where that layer's a and g exist*: inside the backward pass, at the
+moment the backward pass reaches the layer. ``a`` and ``g`` of all layers are
+never held at once; a step's memory is the parameters, the stage's state, the
+residual stream that the backward pass keeps anyway (one per layer under
+``remat``) and one layer's working set.
 
-    loss_fn(params, batch, probes) -> (token_losses [B, T], inputs)
+**The mechanism.** The model is written as a *loss function*
 
-in which every tracked linear layer goes through :meth:`Tap.linear`. The tap
-adds a zero *probe* to the layer output, ``s = a @ kernel + bias + probe``, and
-records the input ``a`` into ``inputs``. Since the probe enters the output
-additively, ``dL/dprobe[n, t] = dL_n/ds[n, t] = g[n, t]``: one reverse pass of
-the loss with respect to the probes (cotangent 1 for every token loss) yields
-every layer's per-token output gradients, without computing any weight gradient.
-Sequences of a batch do not interact, so the gradient of the summed batch loss
-at sequence n equals that of ``L_n`` alone.
+    loss_fn(params, batch, probes) -> token_losses [B, T]
 
-The tap is an ordinary Python object that lives only while the loss function is
-traced; the function stays pure from the outside (probes in, inputs out), so it
-works under ``jit``, ``vmap``, ``grad`` and sharding. Layers stacked under
-``lax.scan`` go through :meth:`Tap.scan`, which slices the probes per layer and
-returns the stacked inputs as the scan's outputs: a scanned layer is one *block*
-named with a ``*`` for the layer index (``layers.*.mlp.up_proj``) and yields one
-entry per layer index (``layers.0.mlp.up_proj``, ``layers.1.mlp.up_proj``, ...).
+in which every tracked linear layer goes through :meth:`Tap.linear`. For a
+tracked layer the tap computes ``s = a @ kernel + bias`` and passes ``s``
+through :func:`_observed`, an identity on ``s`` with a custom VJP that also
+takes a zero *statistic probe* ``z`` (shaped like ``f``'s result) and the
+layer's ``context``. Its backward rule receives the cotangent of ``s`` and
+returns
+
+- for ``s``: that cotangent unchanged, so the backward pass continues through
+  the layer exactly as without the tap (the weight and input gradients are the
+  matmul's, outside the custom VJP);
+- for ``z``: ``f(a, g, context)``, with ``a`` the layer input saved by the
+  forward rule and ``g`` the cotangent of ``s``.
+
+:func:`layer_statistics` pulls back the cotangent ``1`` of every token loss
+with respect to the probes ``z`` (one ``jax.vjp``). The cotangent arriving at
+``s`` is then ``sum_{n', t'} d loss[n', t'] / d s[n, t]``; rows of a batch do
+not interact (no operation of the model mixes sequences), so this is
+``dL_n / ds[n, t] = g[n, t]``, the gradient of the sequence's own summed loss,
+and the "gradient" returned for ``z`` is ``f(a, g, context)`` evaluated on the
+true ``a`` and ``g`` of the batch. The value is a statistic, not a derivative
+(``z`` does not enter the loss): the VJP is only the vehicle that runs ``f``
+at the right point of the backward pass. Padding is excluded by zeroing ``a``
+and ``g`` at masked tokens before ``f`` sees them (``a``'s appended 1 is the
+mask itself).
+
+Layers stacked under ``lax.scan`` go through :meth:`Tap.scan`, which passes
+each layer its own slice of the probes and contexts as scan inputs; the
+transpose of the scan stacks the per-layer cotangents, so a scanned *block*
+(named with ``*`` for the layer index, ``layers.*.mlp.up_proj``) yields its
+statistics with a leading layer axis, one entry per layer index. Under
+``remat`` (``jax.checkpoint`` of the scanned layer) each layer's forward pass,
+``a`` included, is recomputed in the backward pass, and ``f`` runs right after:
+only the residual stream between layers is stored across the whole depth. The
+same holds under ``jit``, ``vmap`` (``f`` then sees one sequence's ``a``, ``g``)
+and sharding (``f``'s collectives, e.g. a sum over documents split on the
+``data`` axis, are those of its own einsums).
 
 Kernels follow Flax's orientation (``[d_in, d_out]``, ``s = a @ kernel``); the
 engine's matrices follow the paper's (``W: d_out x d_in``, per-sequence gradient
@@ -41,6 +72,7 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import functools
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -51,9 +83,6 @@ import numpy as np
 Array = jax.Array
 Params = Any
 Batch = Any
-Probes = Mapping[str, Array]
-Inputs = dict[str, Array]
-LossFn = Callable[[Params, Batch, Probes], tuple[Array, Inputs]]
 
 STACK = "*"
 """The placeholder for the layer index in the name of a scanned (stacked) block."""
@@ -130,28 +159,85 @@ class _Discovery:
         self.layers[spec.name] = spec
 
 
+Statistic = Callable[[Array, Array, Any], Any]
+"""``f(a, g, context) -> result`` of one layer: ``a`` ``[B, T, d_in']`` and ``g`` ``[B, T, d_out]`` (zero at masked
+tokens), ``context`` the layer's slice of what the stage passes (eigenbases, query gradients, or None)."""
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Probes:
+    """What a loss function's taps need to form the statistic of every tracked block.
+
+    ``z``: zero statistic probes per block (shaped like ``statistic``'s result, with the
+    block's leading layer axis when stacked); ``context``: per block, the pytree ``statistic``
+    receives (leading layer axis when stacked); ``active``: per stacked block whose tracked
+    indices are a subset, ``1.0`` at tracked layers (None otherwise); ``mask``: ``[B, T]``.
+    """
+
+    statistic: Statistic = dataclasses.field(metadata=dict(static=True))
+    z: dict[str, Any]
+    context: dict[str, Any]
+    active: dict[str, Array | None]
+    mask: Array
+
+    def layer(self, name: str) -> tuple[Any, Any, Array | None] | None:
+        if name not in self.z:
+            return None
+        return self.z[name], self.context[name], self.active[name]
+
+
+LossFn = Callable[[Params, Batch, Probes | None], Array]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _observed(statistic: Statistic, bias: bool, s: Array, x: Array, mask: Array, z: Any, context: Any,
+              active: Array | None) -> Array:
+    """The identity on the layer output ``s``; its VJP returns ``statistic(a, g, context)`` as the cotangent of ``z``."""
+    return s
+
+
+def _observed_fwd(statistic, bias, s, x, mask, z, context, active):
+    return s, (x, mask, context, active)
+
+
+def _observed_bwd(statistic, bias, residuals, g):
+    x, mask, context, active = residuals
+
+    def compute():
+        return statistic(augment(x, mask, bias), g * mask.astype(g.dtype)[..., None], context)
+
+    if active is None:
+        stat = compute()
+    else:   # a layer of a partially tracked stack: only the tracked ones compute
+        stat = jax.lax.cond(active > 0, compute, lambda: jax.tree.map(lambda r: jnp.zeros(r.shape, r.dtype),
+                                                                        jax.eval_shape(compute)))
+    zeros = functools.partial(jax.tree.map, jnp.zeros_like)
+    return g, jnp.zeros_like(x), jnp.zeros_like(mask), stat, zeros(context), zeros(active)
+
+
+_observed.defvjp(_observed_fwd, _observed_bwd)
+
+
 class Tap:
     """The tracked-layer recorder of one application of a loss function.
 
-    Create one from the ``probes`` argument at the top of a loss function, route
-    every tracked linear layer through :meth:`linear` and scanned layer stacks
-    through :meth:`scan`, and return ``tap.inputs`` beside the token losses.
-    Layers whose name has no probe are computed as plain linear layers.
+    Create one from the ``probes`` argument at the top of a loss function and
+    route every tracked linear layer through :meth:`linear` and scanned layer
+    stacks through :meth:`scan`. Layers without a probe (or with ``probes=None``)
+    are computed as plain linear layers.
     """
 
-    def __init__(self, probes: Probes | _Discovery | None = None, *, _prefix: str = "", _stack: int = 0):
-        if isinstance(probes, _Discovery):
-            self._discovery: _Discovery | None = probes
-            self.probes: Probes = {}
-        else:
-            self._discovery = None
-            self.probes = {} if probes is None else probes
+    def __init__(self, probes: Probes | _Discovery | None = None, *, _prefix: str = "", _stack: int = 0,
+                 _layer: Mapping[str, tuple] | None = None):
+        self._discovery = probes if isinstance(probes, _Discovery) else None
+        self.probes = probes if isinstance(probes, Probes) else None
         self._prefix = _prefix
         self._stack = _stack
-        self.inputs: Inputs = {}
+        self._layer = _layer   # inside a scan: this layer's (z, context, active) per inner name
 
     def linear(self, name: str, x: Array, kernel: Array, bias: Array | None = None) -> Array:
-        """``s = x @ kernel + bias (+ probe)``; records ``x`` when the layer is tracked."""
+        """``s = x @ kernel + bias``; when the layer is tracked, its statistic is formed in the backward pass."""
         s = jnp.matmul(x, kernel.astype(x.dtype))
         if bias is not None:
             s = s + bias.astype(s.dtype)
@@ -171,15 +257,16 @@ class Tap:
                     stack=self._stack,
                 )
             )
-        probe = self.probes.get(name)
+        if self.probes is None:
+            return s
+        probe = self._layer.get(name) if self._layer is not None else self.probes.layer(name)
         if probe is None:
             return s
-        if probe.shape != s.shape:
-            raise CaptureError(
-                f"layer {self._prefix + name!r}: probe of shape {probe.shape} does not match its output {s.shape}"
-            )
-        self.inputs[name] = x
-        return s + probe.astype(s.dtype)
+        if self.probes.mask.shape != s.shape[:-1]:
+            raise CaptureError(f"layer {self._prefix + name!r}: output of shape {s.shape} does not match the mask "
+                               f"{self.probes.mask.shape}")
+        z, context, active = probe
+        return _observed(self.probes.statistic, bias is not None, s, x, self.probes.mask, z, context, active)
 
     def scan(
         self,
@@ -193,29 +280,30 @@ class Tap:
         """``lax.scan`` of ``body(carry, layer_params, tap) -> carry`` over stacked layers.
 
         Layers called inside ``body`` as ``tap.linear("mlp.up_proj", ...)`` form the
-        blocks ``f"{prefix}.*.mlp.up_proj"``; their probes are sliced per layer
-        and their inputs stacked along a leading layer axis. ``remat`` recomputes
-        each layer's activations in the backward pass (``jax.checkpoint``).
+        blocks ``f"{prefix}.*.mlp.up_proj"``; each layer receives its own slice of
+        the block's probes and context, and the block's statistics come out with a
+        leading layer axis. ``remat`` recomputes each layer's activations in the
+        backward pass (``jax.checkpoint``), so only the carry is kept per layer.
         """
         if self._stack:
             raise CaptureError(f"nested Tap.scan under {self._prefix!r} is not supported")
         length = int(jax.tree.leaves(stacked_params)[0].shape[0])
         inner_prefix = f"{prefix}.{STACK}."
-        inner = {k[len(inner_prefix):]: v for k, v in self.probes.items() if k.startswith(inner_prefix)}
-        discovery = self._discovery
+        per_layer: dict[str, tuple] = {}
+        if self.probes is not None:
+            per_layer = {k[len(inner_prefix):]: self.probes.layer(k) for k in self.probes.z
+                         if k.startswith(inner_prefix)}
+        discovery, probes = self._discovery, self.probes
 
         def step(c, xs):
             layer_params, layer_probes = xs
-            tap = Tap(discovery if discovery is not None else layer_probes,
-                      _prefix=self._prefix + inner_prefix, _stack=length)
-            c = body(c, layer_params, tap)
-            return c, tap.inputs
+            tap = Tap(discovery if discovery is not None else probes, _prefix=self._prefix + inner_prefix,
+                      _stack=length, _layer=layer_probes)
+            return body(c, layer_params, tap), None
 
         if remat:
             step = jax.checkpoint(step)
-        carry, stacked_inputs = jax.lax.scan(step, carry, (stacked_params, inner))
-        for k, v in stacked_inputs.items():
-            self.inputs[inner_prefix + k] = v
+        carry, _ = jax.lax.scan(step, carry, (stacked_params, per_layer))
         return carry
 
 
@@ -266,31 +354,6 @@ def select_layers(layers: Mapping[str, LayerSpec], track: str | Sequence[str]) -
     return chosen
 
 
-def zero_probes(layers: Mapping[str, LayerSpec], batch_shape: tuple[int, int]) -> dict[str, Array]:
-    """Zero probes of each tracked layer's output shape: ``[stack, B, T, d_out]`` or ``[B, T, d_out]``."""
-    probes = {}
-    for spec in layers.values():
-        lead = (spec.stack,) if spec.stacked else ()
-        probes[spec.name] = jnp.zeros(lead + tuple(batch_shape) + (spec.d_out,), spec.dtype)
-    return probes
-
-
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
-class Captured:
-    """What one batch gives the engine, per tracked block.
-
-    ``a[name]``: ``[*lead, B, T, d_in']`` (bias 1 appended), ``g[name]``: ``[*lead, B, T, d_out]``,
-    both zero at masked tokens; ``loss``: ``[B]`` sequence losses ``L_n``;
-    ``mask``: ``[B, T]`` the tokens that count (1) and padding (0).
-    """
-
-    a: dict[str, Array]
-    g: dict[str, Array]
-    loss: Array
-    mask: Array
-
-
 def augment(x: Array, mask: Array, bias: bool) -> Array:
     """``a``: the layer input zeroed at masked tokens, with the mask itself appended as the bias 1."""
     m = mask.astype(x.dtype)[..., None]
@@ -300,42 +363,75 @@ def augment(x: Array, mask: Array, bias: bool) -> Array:
     return x
 
 
-def capture(
+def _result_shape(statistic: Statistic, spec: LayerSpec, batch_shape: tuple[int, ...], context: Any) -> Any:
+    """Abstract result of ``statistic`` on one layer of ``spec`` (``context`` is that layer's slice)."""
+    a = jax.ShapeDtypeStruct(tuple(batch_shape) + (spec.d_in_aug,), spec.dtype)
+    g = jax.ShapeDtypeStruct(tuple(batch_shape) + (spec.d_out,), spec.dtype)
+    return jax.eval_shape(statistic, a, g, context)
+
+
+def _full_stack(x: Array, spec: LayerSpec) -> Array:
+    """A per-tracked-layer array of a partially tracked stack, scattered to the whole stack (zeros elsewhere)."""
+    full = jnp.zeros((spec.stack,) + x.shape[1:], x.dtype)
+    return full.at[jnp.asarray(spec.indices)].set(x)
+
+
+def layer_statistics(
     loss_fn: LossFn,
     params: Params,
     batch: Batch,
     layers: Mapping[str, LayerSpec],
+    statistic: Statistic,
+    context: Mapping[str, Any] | None = None,
+    *,
     mask: Array,
-) -> Captured:
-    """Per-token inputs ``a`` and output gradients ``g`` of every tracked layer on one batch.
+) -> tuple[dict[str, Any], Array]:
+    """``statistic(a, g, context[name])`` of every tracked block, formed inside one backward pass; and ``L_n``.
 
-    ``g = dL/dprobe`` at zero probes, by one reverse pass of the token losses
-    with cotangent 1 (so each sequence's ``g`` is that of its own summed loss);
-    ``mask`` ``[B, T]`` zeroes padding in both ``a`` and ``g``.
+    Returns the per-block results (with the block's leading layer axis ``[*lead, ...]``
+    when stacked, one entry per tracked index) and the sequence losses ``[B]``.
+    ``context[name]`` carries the block's leading layer axis too (None: no context).
+    See the module docstring for why the cotangent of a statistic probe is the statistic.
     """
     if not layers:
         raise CaptureError("no tracked layer")
-    shape = jax.eval_shape(lambda p, b: loss_fn(p, b, {})[0], params, batch).shape
+    mask = jnp.asarray(mask)
+    shape = jax.eval_shape(lambda p, b: loss_fn(p, b, None), params, batch).shape
     if shape != mask.shape:
         raise CaptureError(f"token losses of shape {shape} do not match the mask {mask.shape}")
-    probes = zero_probes(layers, tuple(mask.shape))
-
-    def losses_of(p):
-        return loss_fn(params, batch, p)
-
-    token_losses, vjp, inputs = jax.vjp(losses_of, probes, has_aux=True)
-    (g,) = vjp(jnp.ones_like(token_losses))
-    a_out, g_out = {}, {}
+    context = dict(context or {})
+    z, ctx, active = {}, {}, {}
     for name, spec in layers.items():
-        if name not in inputs:
-            raise CaptureError(f"layer {name!r} has a probe but the loss function did not record its input")
-        x, gg = inputs[name], g[name]
+        c = context.get(name)
+        for leaf in jax.tree.leaves(c):
+            if spec.stacked and leaf.shape[:1] != spec.lead:
+                raise CaptureError(f"layer {name!r}: context of leading shape {leaf.shape[:1]} for a block of "
+                                   f"{spec.lead[0]} tracked layers")
+        one = jax.tree.map(lambda x: x[0], c) if spec.stacked else c
+        result = _result_shape(statistic, spec, mask.shape, one)
+        lead = (spec.stack,) if spec.stacked else ()
+        z[name] = jax.tree.map(lambda r: jnp.zeros(lead + r.shape, r.dtype), result)
+        partial = spec.stacked and spec.indices is not None
+        ctx[name] = jax.tree.map(lambda x: _full_stack(x, spec), c) if partial else c
+        active[name] = _full_stack(jnp.ones((len(spec.indices),), mask.dtype), spec) if partial else None
+
+    def losses_of(z):
+        return loss_fn(params, batch, Probes(statistic, z, ctx, active, mask.astype(jnp.float32)))
+
+    token_losses, vjp = jax.vjp(losses_of, z)
+    (stats,) = vjp(jnp.ones_like(token_losses))
+    for name, spec in layers.items():
         if spec.stacked and spec.indices is not None:
-            sel = jnp.asarray(spec.indices)
-            x, gg = x[sel], gg[sel]
-        a_out[name] = augment(x, mask, spec.bias)
-        g_out[name] = gg * mask.astype(gg.dtype)[..., None]
-    return Captured(a=a_out, g=g_out, loss=token_losses.sum(-1), mask=mask)
+            stats[name] = jax.tree.map(lambda x: x[jnp.asarray(spec.indices)], stats[name])
+    return stats, token_losses.sum(-1)
+
+
+def joint(statistics: Mapping[str, Statistic]) -> Statistic:
+    """Several statistics in one backward pass: ``f(a, g, context) = {name: f_name(a, g, context[name])}``."""
+    def statistic(a: Array, g: Array, context: Any) -> dict[str, Any]:
+        return {name: f(a, g, None if context is None else context[name]) for name, f in statistics.items()}
+
+    return statistic
 
 
 def per_sequence_gradient(a: Array, g: Array) -> Array:

@@ -2,7 +2,8 @@
 
 Bad input (a config key, a file, a line, a tensor) is reported as one line on
 stderr, ``jaxinf COMMAND: error: ...``, with exit status 2 and no traceback;
-whatever was already computed stays in the run directory.
+whatever was already computed stays in the run directory. :data:`EXIT_CODES`
+lists every status (docs/data.md shows the same table).
 """
 
 from __future__ import annotations
@@ -12,6 +13,18 @@ import logging
 import os
 import sys
 from pathlib import Path
+
+
+EXIT_CODES = {
+    0: "success",
+    1: "jaxinf plan: a planned step does not fit (plan.device_memory_gib); any command: an unexpected error "
+       "(a bug: a traceback)",
+    2: "bad input, config or run directory, one line naming the file, line, key or path: also a run directory in "
+       "use by another process, a changed model or tokenizer, a refused --overwrite",
+    3: "the machine refused a write: no space left, a read-only or unwritable run directory; one line naming the "
+       "path and the stage; everything finished is kept and the same command resumes",
+    130: "interrupted (Ctrl-C); the same command resumes",
+}
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
@@ -24,20 +37,46 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from jaxinf.models import ModelError
     from jaxinf.pipeline import InputError
     from jaxinf.plan import PlanError
+    from jaxinf.preflight import PreflightError
     from jaxinf.sharding import ShardingError
     from jaxinf.store import StoreError
     from jaxinf.validate.world import ValidationError
 
     return (AnalysisError, CaptureError, ConfigError, DataError, InteropError, ModelError, InputError, PlanError,
-            ShardingError, StoreError, ValidationError)
+            PreflightError, ShardingError, StoreError, ValidationError)
 
 
 def _setup_logging(quiet: bool) -> None:
+    from jaxinf.failures import HideLibraryTracebacks, install_unraisable_hook
+
+    install_unraisable_hook()
+
     logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="jaxinf: %(message)s",
                         stream=sys.stderr, force=True)
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(HideLibraryTracebacks())
     for noisy in ("absl", "orbax", "jax._src", "tensorflow_datasets"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def enable_compilation_cache() -> str | None:
+    """XLA's persistent compilation cache, on by default: a second run of the same programs skips compiling them.
+
+    The directory is ``$JAXINF_COMPILATION_CACHE`` (empty: off), else ``$JAX_COMPILATION_CACHE_DIR`` when the
+    user set JAX's own, else ``~/.cache/jaxinf/xla``. Every program is cached, however quick its compilation.
+    """
+    import jax
+
+    where = os.environ.get("JAXINF_COMPILATION_CACHE")
+    if where is None:
+        where = os.environ.get("JAX_COMPILATION_CACHE_DIR") or str(Path.home() / ".cache" / "jaxinf" / "xla")
+    if not where:
+        return None
+    jax.config.update("jax_compilation_cache_dir", where)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    return where
 
 
 def config_arguments(args) -> tuple[str | None, list[str]]:
@@ -60,6 +99,7 @@ def _run(args) -> int:
     if path is None and not overrides:
         raise cfg.ConfigError("give a config file or section.key=value overrides (configs/reference.yaml lists every key)")
     config = cfg.load(path, overrides)
+    enable_compilation_cache()
     pipeline.run(config, overwrite=args.overwrite)
     return 0
 
@@ -80,6 +120,7 @@ def _validate(args) -> int:
     from jaxinf.validate.driver import validate
 
     config = cfg.load(*config_arguments(args))
+    enable_compilation_cache()
     validate(config, args.out)
     return 0
 
@@ -87,6 +128,7 @@ def _validate(args) -> int:
 def _demo(args) -> int:
     from jaxinf import demo
 
+    enable_compilation_cache()
     demo.main(args.out)
     return 0
 
@@ -112,7 +154,8 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("config", nargs="?", help="YAML config (configs/reference.yaml lists every key); optional when "
                      "every setting is given as an override")
     run.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
-    run.add_argument("--overwrite", action="store_true", help="delete the run directory's contents and start over")
+    run.add_argument("--overwrite", action="store_true", help="start the run directory over (a jaxinf run only): the "
+                     "old run is deleted once the new one has started cleanly")
     run.add_argument("--help-config", action="store_true", help="print every config key with its default")
     run.set_defaults(handler=_run)
 
@@ -156,8 +199,13 @@ def main(argv: list[str] | None = None) -> int:
 
     args = parser.parse_args(argv)
     _setup_logging(args.quiet)
+    from jaxinf.store import EnvironmentFailure
+
     try:
         return args.handler(args)
+    except EnvironmentFailure as e:
+        print(f"jaxinf {args.command}: error: {e}", file=sys.stderr)
+        return 3
     except _user_errors() as e:
         print(f"jaxinf {args.command}: error: {e}", file=sys.stderr)
         return 2

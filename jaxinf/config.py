@@ -14,6 +14,7 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import math
 import types
 import typing
 from pathlib import Path
@@ -72,7 +73,7 @@ class FactorsConfig:
 
 @dataclasses.dataclass(frozen=True)
 class ScoresConfig:
-    damping: float | None = key(None, "damping lambda (null: 0.1 x mean(Lambda) per layer)", "queries")
+    damping: float | None = key(None, "damping lambda, a finite number >= 0 (null: 0.1 x mean(Lambda) per layer)", "queries")
     query_rank: int | None = key(None, "rank of the preconditioned query gradients (null: full)", "queries")
     normalize: str = key("none", "none (raw, kronfluence's convention) | per_nat (divided by the completion NLL)",
                          "exports", ("none", "per_nat"))
@@ -299,8 +300,9 @@ def _check_values(config: Config, source: str) -> None:
     if not v.recall_k or any(k < 1 for k in v.recall_k):
         raise ConfigError(f"{source}: validate.recall_k: expected a non-empty list of positive integers, got "
                           f"{v.recall_k}")
-    if config.scores.damping is not None and config.scores.damping < 0:
-        raise ConfigError(f"{source}: scores.damping: must be non-negative, got {config.scores.damping}")
+    damping = config.scores.damping
+    if damping is not None and not (math.isfinite(damping) and damping >= 0):
+        raise ConfigError(f"{source}: scores.damping: must be a finite number at least 0 (or null), got {damping}")
 
 
 def to_dict(config: Config) -> dict:

@@ -29,12 +29,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxinf import capture, curvature, scoring, stages
+from jaxinf import capture, curvature, failures, fingerprint, preflight, rundir, scoring, stages
 from jaxinf import config as cfg
 from jaxinf.progress import Progress
 from jaxinf.sharding import lapack_threads
 from jaxinf.atomic import save_npy, write_json
-from jaxinf.store import RunStore, StoreError, fault_point
+from jaxinf.lock import RunLock
+from jaxinf.store import RunStore, StoreError, check_writable, fault_point
 
 log = logging.getLogger("jaxinf")
 
@@ -84,11 +85,10 @@ class Executor:
     def like(self, shapes, field: str | None = None):
         return shapes  # abstract shapes: Orbax restores onto the default device
 
-    def prepare_queries(self, G, loss, curv, damping_value, rank):
-        return scoring.prepare_queries(G, loss, curv, damping_value, rank)
-
     def eigendecompose(self, cov):
-        return jax.jit(curvature.eigendecompose)(cov)
+        """One jitted program per factor (:func:`jaxinf.curvature.eigendecompose` with ``eigh=``)."""
+        eigh = jax.jit(curvature.stacked_eigh)
+        return curvature.eigendecompose(cov, lambda M, which: eigh(M))
 
     def fetch(self, x) -> np.ndarray:
         return np.asarray(x)
@@ -170,6 +170,8 @@ def document_lengths(store: RunStore, documents, encoder) -> np.ndarray:
 
     key = {"documents": _file_key(getattr(documents, "name", "")), "size": len(documents),
            "tokenizer": _text_hash(encoder.tokenizer.to_str())}
+    if hasattr(documents, "content_digest"):  # an edit within the same second and size changes the content
+        key["content"] = documents.content_digest()
     meta, path = store.path("state", "plan", "lengths.json"), store.path("state", "plan", "lengths.npy")
     if meta.exists() and path.exists():
         try:
@@ -230,9 +232,14 @@ def load_inputs(config: cfg.Config, store: RunStore, executor: Executor | None =
     n_tracked = sum(s.num_params for s in layers.values())
     log.info("tracking %d layers (%s parameters) matching factors.track=%s",
              sum(len(s.layer_names) for s in layers.values()), f"{n_tracked:,}", config.factors.track)
+    preflight.log_query_rank(config.scores.query_rank, layers)
     encoder = TextEncoder(tokenizer)
     documents = open_documents(config.data.documents)
     lengths = document_lengths(store, documents, encoder)
+    from jaxinf.models.tokenizer import tokenizer_file
+
+    preflight.check_corpus(lengths, getattr(documents, "name", config.data.documents), config.factors.max_documents,
+                           str(tokenizer_file(config.model.checkpoint)))
     d = config.data
     plan_args = dict(batch_size=d.batch_size, max_length=d.max_length, long_documents=d.long_documents,
                      process_count=executor.groups[1], buckets=buckets(d.max_length))
@@ -357,7 +364,7 @@ def fit_curvature(config: cfg.Config, store: RunStore, inputs: Inputs, executor:
         if eigen is None:
             cov_stage = stages.covariance_stage(inputs.task, inputs.layers, fisher)
             cov, timing = accumulate(store, "covariance", cov_stage, (inputs.lm.params,), fit_batches,
-                                     jax.random.fold_in(base, 0), config.factors.save_every, executor, inputs)
+                                     stages.stage_key(base, "covariance"), config.factors.save_every, executor, inputs)
             store.mark("covariance", "done", timing=timing)
             t0 = time.perf_counter()
             with lapack_threads():
@@ -376,7 +383,7 @@ def fit_curvature(config: cfg.Config, store: RunStore, inputs: Inputs, executor:
         if Lambda is None:
             lam_stage = stages.lambda_stage(inputs.task, inputs.layers, fisher)
             Lambda, timing = accumulate(store, "lambda", lam_stage, (inputs.lm.params, eigen), fit_batches,
-                                        jax.random.fold_in(base, 1), config.factors.save_every, executor, inputs)
+                                        stages.stage_key(base, "lambda"), config.factors.save_every, executor, inputs)
             _check_finite_tree(Lambda, "Lambda", executor.fetch)
             store.save_result("lambda", Lambda, timing=timing)
     return curvature.curvature(strategy, eigen, Lambda)
@@ -430,19 +437,17 @@ def query_gradients(config: cfg.Config, store: RunStore, inputs: Inputs, curv, e
 
     encoded = encode_queries(inputs.queries, inputs.encoder, max_length=config.data.max_length)
     batches = query_batches(encoded, batch_size=config.data.query_batch_size, max_length=config.data.max_length)
-    grad_fn = executor.jit(lambda p, b: stages.query_gradients(inputs.task, inputs.layers, p, b))
-    prep_fn = executor.jit(lambda G, loss, c: executor.prepare_queries(G, loss, c, config.scores.damping,
-                                                                        config.scores.query_rank))
+    prep_fn = executor.jit(lambda p, b, c: stages.prepared_queries(inputs.task, inputs.layers, p, b, c,
+                                                                     config.scores.damping, config.scores.query_rank))
     if store.status("queries") == "done":
-        like = jax.eval_shape(lambda: _prepare_all(inputs, batches, grad_fn, prep_fn, curv, executor, check=False))
+        like = jax.eval_shape(lambda: _prepare_all(inputs, batches, prep_fn, curv, executor, check=False))
         saved = store.load_result("queries", executor.like(like))
         if saved is not None:
             return saved, encoded
     store.mark("queries", "running")
     t0 = time.perf_counter()
     with lapack_threads():
-        qg = jax.block_until_ready(executor.place(_prepare_all(inputs, batches, grad_fn, prep_fn, curv, executor,
-                                                               check=True)))
+        qg = jax.block_until_ready(executor.place(_prepare_all(inputs, batches, prep_fn, curv, executor, check=True)))
     bad = np.flatnonzero(~np.isfinite(executor.fetch(qg.loss)))
     if bad.size:
         q = inputs.queries[int(bad[0])]
@@ -454,14 +459,15 @@ def query_gradients(config: cfg.Config, store: RunStore, inputs: Inputs, curv, e
     return qg, encoded
 
 
-def _prepare_all(inputs, batches, grad_fn, prep_fn, curv, executor: Executor, check: bool) -> scoring.QueryGradients:
-    """Query gradients batch by batch, each preconditioned (and truncated) at once, then joined along Q."""
+def _prepare_all(inputs, batches, prep_fn, curv, executor: Executor, check: bool) -> scoring.QueryGradients:
+    """Preconditioned (and truncated) query gradients batch by batch (:func:`jaxinf.stages.prepared_queries`),
+    joined along Q."""
     parts = []
     for batch in batches:
         if check:
             stages.check_queries(batch, [inputs.queries[i].id if i >= 0 else "padding" for i in batch["index"]])
-        G, loss = grad_fn(inputs.lm.params, executor.put_replicated(batch))
-        parts.append((prep_fn(G, loss, curv), int((batch["index"] >= 0).sum())))
+        parts.append((prep_fn(inputs.lm.params, executor.put_replicated(batch), curv),
+                      int((batch["index"] >= 0).sum())))
     return _join_queries(parts)
 
 
@@ -490,12 +496,8 @@ def score_documents(config: cfg.Config, store: RunStore, inputs: Inputs, qg, cur
     store.mark("scores", "running", step=start, total=total, plan=key_info)
     want_self = config.scores.self_influence
 
-    def step(params, q, c, b):
-        cap = stages.capture_train(inputs.task, inputs.layers, params, b, None)
-        out = {"scores": scoring.pairwise_scores(q, cap).total, "loss": cap.loss}
-        if want_self:
-            out["self"] = scoring.self_scores(c, config.scores.damping, cap)
-        return out
+    step = stages.score_step(inputs.task, inputs.layers, self_influence=want_self,
+                             damping_value=config.scores.damping)
 
     outs = {"scores": executor.rows(2, last=True), "loss": executor.rows()}
     if want_self:
@@ -752,22 +754,106 @@ def _open_store(config: cfg.Config, overwrite: bool) -> RunStore:
 
 
 def run(config: cfg.Config, overwrite: bool = False, executor: Executor | None = None) -> Path:
-    """All stages, resumable; returns the run directory."""
+    """All stages, resumable; returns the run directory.
+
+    Holds the run directory's lock (:mod:`jaxinf.lock`) throughout. With ``overwrite`` the old run is set aside
+    and deleted only once the new one has started cleanly (:mod:`jaxinf.rundir`). Inputs whose content changed
+    since the run started are refused or invalidate the stages depending on them (:mod:`jaxinf.fingerprint`).
+    """
     from jaxinf import sharding
 
     check_inputs(config)
+    preflight.check_model_limits(config)
     sharding.initialize(config.mesh)                 # before anything touches a device
     sharding.check_agreement(cfg.to_dict(config))    # every process runs the same config
     if config.run.precision == "float64":
         jax.config.update("jax_enable_x64", True)
     executor = executor or make_executor(config)     # mesh and batch shape errors before the run directory is made
-    store = _open_store(config, overwrite)
-    log.info("run directory %s (config fingerprint %s)", store.root, store.record["fingerprint"])
-    inputs = load_inputs(config, store, executor)
-    curv = fit_curvature(config, store, inputs, executor)
-    qg, encoded = query_gradients(config, store, inputs, curv, executor)
-    results = score_documents(config, store, inputs, qg, curv, executor)
-    export(config, store, inputs, results, qg, encoded, executor)
-    log.info("exports written to %s", store.root)
-    analyze(store, inputs)
+    check_statistics(config, executor)
+    lock, aside = _claim(config, overwrite)
+    try:
+        return _run_locked(config, executor, aside)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def check_statistics(config: cfg.Config, executor: Executor) -> None:
+    """Before any batch: a tracked layer whose statistic alone cannot fit a device is named with the key that would
+    make it fit (:func:`jaxinf.plan.check_layers_fit`). The memory is ``plan.device_memory_gib`` when set, else what
+    an accelerator reports (``bytes_limit``); on a CPU with no setting nothing is checked."""
+    from jaxinf import plan
+
+    device = jax.devices()[0]
+    if config.plan.device_memory_gib is not None:
+        limit, source = int(config.plan.device_memory_gib * 2**30), f"plan.device_memory_gib={config.plan.device_memory_gib:g}"
+    else:
+        stats = device.memory_stats() if device.platform != "cpu" else None
+        limit = (stats or {}).get("bytes_limit")
+        source = f"the memory of {device.device_kind}"
+    if limit is None:
+        return
+    _, layers = plan.abstract_model(config)
+    rows = max(config.data.batch_size * executor.groups[1] // config.mesh.data, 1)
+    plan.check_layers_fit(config, layers, rows, config.mesh.model, int(limit), source)
+
+
+def _claim(config: cfg.Config, overwrite: bool) -> tuple[RunLock | None, rundir.Aside | None]:
+    """Process 0: the run directory checked (never another kind of directory), locked, a killed ``--overwrite``
+    finished, and with ``overwrite`` the old run set aside."""
+    if jax.process_index() != 0:
+        return None, None
+    root = Path(config.run.out)
+    check_writable(root)
+    rundir.check_target(root, overwrite)
+    lock = RunLock(root).acquire()
+    try:
+        rundir.recover_interrupted(root)
+        return lock, (rundir.set_aside(root) if overwrite else None)
+    except BaseException:
+        lock.release()
+        raise
+
+
+def _run_locked(config: cfg.Config, executor: Executor, aside: rundir.Aside | None) -> Path:
+    store = None
+    try:
+        try:
+            store = _open_store(config, overwrite=False)
+            log.info("run directory %s (config fingerprint %s)", store.root, store.record["fingerprint"])
+            model_fp = fingerprint.check_model(store, config.model.checkpoint)
+            inputs = load_inputs(config, store, executor)
+            fingerprint.check_unchanged(model_fp, config.model.checkpoint)
+            fingerprint.reconcile(store, model_fp,
+                                  fingerprint.documents_fingerprint(inputs.documents, len(inputs.fit_documents)),
+                                  fingerprint.queries_fingerprint(inputs.queries, config.data.queries))
+            if jax.process_count() > 1:                  # process 0 deleted what changed inputs invalidated
+                from jax.experimental import multihost_utils
+
+                multihost_utils.sync_global_devices("jaxinf: inputs checked")
+        except BaseException:
+            if aside is not None:
+                aside.restore()
+            raise
+        if aside is not None:                        # the new run has started cleanly: the old one can go
+            fault_point("overwrite", 0)
+            aside.discard()
+        curv = fit_curvature(config, store, inputs, executor)
+        qg, encoded = query_gradients(config, store, inputs, curv, executor)
+        results = score_documents(config, store, inputs, qg, curv, executor)
+        export(config, store, inputs, results, qg, encoded, executor)
+        log.info("exports written to %s", store.root)
+        analyze(store, inputs)
+    except Exception as e:
+        failure = failures.environment_failure(e, Path(config.run.out), _running_stage(store))
+        if failure is None:
+            raise
+        raise failure from e
     return store.root
+
+
+def _running_stage(store: RunStore | None) -> str:
+    """The first stage not done (the one a failure interrupted), or "start" before the run directory is open."""
+    if store is None:
+        return "start"
+    return next((s for s in cfg.STAGES if store.status(s) != "done"), "analysis")

@@ -174,6 +174,74 @@ def simulated_groups(data: int, model: int, hosts: int) -> int:
     return sharding.data_groups(layout, process_of=lambda i: int(i) // per_host, process=0)[1]
 
 
+# --------------------------------------------------------------------------- one layer's working set
+
+F32 = 4
+STAGE_KEYS = {
+    "covariance": "data.batch_size (documents per data row) or data.max_length",
+    "lambda": "data.batch_size (documents per data row) or data.max_length",
+    "queries": "data.query_batch_size",
+    "scores": "data.batch_size (documents per data row), scores.query_rank or mesh.model",
+}
+"""The settings that shrink each stage's per-layer working set, named when a layer does not fit."""
+
+
+def layer_working_set(stage: str, spec, *, rows: int, tokens: int, queries: int, query_batch: int,
+                      rank: int | None, model: int) -> int:
+    """Bytes per device of one layer's statistic as the backward pass forms it (float32; an estimate).
+
+    With ``n = d_in'``, ``o = d_out``, ``R = rows`` documents per data row, ``T`` tokens and ``m`` = ``mesh.model``:
+
+    - covariance: ``a`` and ``g`` of the layer, ``R T (n + o)``, and the layer's sums ``(n^2 + o^2) / m``;
+    - lambda: the rotated tokens, ``R T (n + o)``, and the rotated gradients ``R o n / m``;
+    - queries: a query batch's ``G_q``, its ``P(G_q)`` and the SVD's copy, ``3 q o n`` (the SVD is not split);
+    - scores: the contraction :func:`jaxinf.scoring.contraction_plan` picks: tokens, ``2 Q R T r / m``
+      (``Q R T o / m`` at full rank); documents, ``(Q + R) o n / m``.
+    """
+    from jaxinf.scoring import contraction_plan
+
+    n, o = spec.d_in_aug, spec.d_out
+    if stage == "covariance":
+        values = rows * tokens * (n + o) + (n * n + o * o) / model
+    elif stage == "lambda":
+        values = rows * tokens * (n + o) + rows * o * n / model
+    elif stage == "queries":
+        values = 3 * query_batch * o * n
+    elif stage == "scores":
+        r = rank if rank is not None and min(n, o) > rank else None
+        if contraction_plan(rows, tokens, queries, o, n, r) == "tokens":
+            values = (2 * queries * rows * tokens * r if r else queries * rows * tokens * o) / model
+        else:
+            values = (queries + rows) * o * n / model
+    else:
+        raise ValueError(f"no working set for stage {stage!r}")
+    return int(values * F32)
+
+
+def largest_layers(config, layers, rows: int, model: int) -> dict[str, tuple[str, int]]:
+    """Per stage, the tracked block whose one layer has the largest working set, and its bytes per device."""
+    out = {}
+    for stage in STAGE_KEYS:
+        sizes = {name: layer_working_set(stage, spec, rows=rows, tokens=config.data.max_length,
+                                         queries=config.plan.queries, query_batch=config.data.query_batch_size,
+                                         rank=config.scores.query_rank, model=model)
+                 for name, spec in layers.items()}
+        name = max(sizes, key=sizes.get)
+        out[stage] = (name, sizes[name])
+    return out
+
+
+def check_layers_fit(config, layers, rows: int, model: int, memory_bytes: int | None, source: str) -> None:
+    """Raises :class:`PlanError` naming the first stage whose largest layer alone exceeds ``memory_bytes``."""
+    if memory_bytes is None:
+        return
+    for stage, (name, size) in largest_layers(config, layers, rows, model).items():
+        if size > memory_bytes:
+            raise PlanError(f"stage {stage}: one layer of {name} needs about {size / GiB:.2f} GiB per device for "
+                            f"its statistic, more than {source} ({memory_bytes / GiB:.2f} GiB); lower "
+                            f"{STAGE_KEYS[stage]}")
+
+
 # --------------------------------------------------------------------------- compiling the steps
 
 
@@ -230,25 +298,14 @@ def step_programs(config, mesh, lm, layers, global_batch: int):
     strategy = config.factors.strategy
     curv = curvature.curvature(strategy, eigen, Lambda) if strategy != "identity" else curvature.curvature("identity")
     damping, rank = config.scores.damping, config.scores.query_rank
-    G, qloss = jax.eval_shape(lambda p, b: stages.query_gradients(task, layers, p, b), params, qbatch)
-    G = absd(G, shard(G, "full"))
-    qloss = jax.ShapeDtypeStruct(qloss.shape, qloss.dtype, sharding=replicated)
     Q = config.plan.queries
     qfull = jax.eval_shape(
         lambda c: scoring.prepare_queries({k: jnp.zeros(s.lead + (Q, s.d_out, s.d_in_aug)) for k, s in layers.items()},
                                           jnp.zeros(Q), c, damping, rank), curv)
     queries = absd(qfull, shard(qfull))
-    want_self = config.scores.self_influence
-
-    def score_step(p, q, c, b):
-        cap = stages.capture_train(task, layers, p, b, None)
-        out = {"scores": scoring.pairwise_scores(q, cap).total, "loss": cap.loss}
-        if want_self:
-            out["self"] = scoring.self_scores(c, damping, cap)
-        return out
-
+    score_step = stages.score_step(task, layers, self_influence=config.scores.self_influence, damping_value=damping)
     score_out = {"scores": jax.sharding.NamedSharding(mesh, sharding.rows_spec(2)), "loss": rows}
-    if want_self:
+    if config.scores.self_influence:
         score_out["self"] = rows
     programs = []
     fit = config.factors.from_run is None   # with factors.from, the run reuses fitted factors: no fitting steps
@@ -256,16 +313,16 @@ def step_programs(config, mesh, lm, layers, global_batch: int):
         programs.append(("covariance", sharding.jit_on(mesh, cov.update, donate_argnums=(0,),
                                                out_shardings=(shard(state), rows)), (state, params, batch, key),
                          global_batch))
-        programs.append(("eigen", sharding.jit_on(mesh, lambda c: sharding.distributed_eigendecompose(c, mesh),
-                                          out_shardings=shard(eigen)), (finished,), None))
+        # one program per factor (as MeshExecutor.eigendecompose): the largest factor's is the step's peak
+        factors = [("A", m) for m in finished.A.values()] + [("S", m) for m in finished.S.values()]
+        which, M = max(factors, key=lambda f: (f[1].shape[-1], f[1].shape[:-2]))
+        programs.append(("eigen", sharding.eigh_program(mesh, M, which), (M,), None))
     if fit and strategy in ("diagonal", "ekfac"):
         programs.append(("lambda", sharding.jit_on(mesh, lam.update, donate_argnums=(0,), out_shardings=(shard(lstate), rows)),
                          (lstate, params, eigen if strategy == "ekfac" else None, batch, key), global_batch))
-    programs.append(("query gradients", sharding.jit_on(mesh, lambda p, b: stages.query_gradients(task, layers, p, b)),
-                     (params, qbatch), None))
-    programs.append(("preconditioning", sharding.jit_on(     # as MeshExecutor.prepare_queries
-        mesh, lambda G, l, c: sharding.distributed_prepare_queries(G, l, c, damping, rank, mesh)),
-                     (G, qloss, curv), None))
+    programs.append(("queries", sharding.jit_on(   # as pipeline.query_gradients: prepared layer by layer
+        mesh, lambda p, b, c: stages.prepared_queries(task, layers, p, b, c, damping, rank)), (params, qbatch, curv),
+        None))
     programs.append(("scores", sharding.jit_on(mesh, score_step, out_shardings=score_out), (params, queries, curv, batch),
                      global_batch))
     return programs
@@ -342,7 +399,9 @@ def plan(config, meshes: Iterable[tuple[int, int]], compile: bool = True) -> dic
                                 "(jaxinf plan simulates them when it starts jax itself)")
             mesh = sharding.make_mesh(data, model, jax.devices()[: data * model])
             mp.steps = compile_steps(config, mesh, lm, layers, mp.global_batch)
-        result["meshes"].append(_mesh_dict(mp, config))
+        entry = _mesh_dict(mp, config)
+        entry["largest_layers"] = largest_layers(config, layers, max(mp.global_batch // data, 1), model)
+        result["meshes"].append(entry)
     return result
 
 
@@ -377,8 +436,13 @@ def check_fit(result: dict, memory_gib: float | None) -> list[str]:
                        f"{static / GiB:.2f} GiB per device, more than plan.device_memory_gib={memory_gib:g}")
         for s in m["steps"]:
             if s["peak"] > limit:
-                bad.append(f"mesh {m['data']}x{m['model']}: stage {s['name']} needs {s['peak'] / GiB:.2f} GiB per "
-                           f"device, more than plan.device_memory_gib={memory_gib:g}")
+                msg = (f"mesh {m['data']}x{m['model']}: stage {s['name']} needs {s['peak'] / GiB:.2f} GiB per "
+                       f"device, more than plan.device_memory_gib={memory_gib:g}")
+                largest = m.get("largest_layers", {}).get(s["name"])
+                if largest is not None:
+                    msg += (f"; its largest layer statistic is {largest[0]} (about {largest[1] / GiB:.2f} GiB); "
+                            f"lower {STAGE_KEYS[s['name']]}")
+                bad.append(msg)
     return bad
 
 
@@ -400,6 +464,9 @@ def format_plan(result: dict, config) -> str:
                   "  per device (GiB): parameters " + gib(st["parameters"]).strip() + ", factors A+S "
                   + gib(st["factors"]).strip() + " (eigenbases " + gib(st["eigenbases"]).strip() + "), Lambda "
                   + gib(st["Lambda"]).strip() + ", query gradients " + gib(st["queries"]).strip()]
+        if m.get("largest_layers"):
+            lines.append("  largest layer statistic per stage (GiB, estimate): " + ", ".join(
+                f"{stage} {name} {size / GiB:.2f}" for stage, (name, size) in m["largest_layers"].items()))
         if m["steps"]:
             lines.append(f"  {'step':<16} {'peak GiB':>9} {'args GiB':>9} {'temp GiB':>9} {'TFLOP/doc':>10} "
                          f"{'hours':>9} {'compile s':>9}")
@@ -432,12 +499,23 @@ def parse_mesh(text: str) -> tuple[int, int]:
         raise PlanError(f"--mesh {text!r}: expected DATAxMODEL, e.g. 8x8") from None
 
 
+NO_HOISTING = "--xla_disable_hlo_passes=while-loop-invariant-code-motion,while-loop-expensive-invariant-code-motion"
+"""XLA flag the planner compiles with. The CPU backend computes bf16 matrix products in float32, so a bf16 weight
+used inside the layer loop gets a float32 convert, which loop-invariant code motion then hoists out of the loop as
+a float32 copy of every layer's weights at once (for Command R 35B on 16 x 16, 8 GiB per device). Accelerators
+multiply bf16 natively and make no such copy; with the hoisting off, the convert stays one layer's."""
+
+
 def prepare_devices(meshes: list[tuple[int, int]]) -> None:
-    """Simulates enough CPU devices for the largest mesh, if jax has not started yet (else leaves it as it is)."""
+    """Simulates enough CPU devices for the largest mesh, if jax has not started yet (else leaves it as it is),
+    and compiles without loop-invariant code motion (:data:`NO_HOISTING`)."""
     need = max(d * m for d, m in meshes)
     flags = os.environ.get("XLA_FLAGS", "")
     if "xla_force_host_platform_device_count" not in flags:
-        os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={need}".strip()
+        flags = f"{flags} --xla_force_host_platform_device_count={need}"
+    if "xla_disable_hlo_passes" not in flags:
+        flags = f"{flags} {NO_HOISTING}"
+    os.environ["XLA_FLAGS"] = flags.strip()
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 

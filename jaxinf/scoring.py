@@ -11,7 +11,14 @@ raises the completion's log-probability. Scores are raw by default
 (kronfluence's convention: no sign flip, no 1/N); ``per_nat`` divides each
 query's row by its completion NLL, as Ruis et al. report.
 
-Documents are never turned into parameter-sized gradients per token. Per block,
+Every per-layer quantity here is a *statistic* of :func:`jaxinf.capture.layer_statistics`,
+evaluated inside the backward pass where the layer's ``a`` and ``g`` exist:
+:func:`block_scores` (``[Q, B]``, or ``[Q, B, T]`` per token) against the layer's
+slice of the query gradients, :func:`self_influence` against its slice of the
+curvature, and :func:`prepare_layer` (the query gradient ``G_q`` of a query
+batch, preconditioned and truncated at once).
+
+Documents are never turned into parameter-sized gradients per token. Per layer,
 :func:`contraction_plan` picks from the shapes the cheaper (in FLOPs and memory
 traffic) of contracting the query factors with the tokens
 (``sum_t (g_t . u_k)(v_k . a_t)``) and forming one ``[d_out, d_in']`` gradient per
@@ -26,8 +33,15 @@ from collections.abc import Mapping
 import jax
 import jax.numpy as jnp
 
-from jaxinf.capture import Captured, LayerSpec, expand, per_sequence_gradient
-from jaxinf.curvature import Curvature, damping, inverse_eigenvalues, precondition, rotated_gradient
+from jaxinf.capture import LayerSpec, expand, per_sequence_gradient
+from jaxinf.curvature import (
+    Curvature,
+    block_damping,
+    curvature_context,
+    inverse_eigenvalues,
+    precondition_block,
+    rotated_gradient,
+)
 from jaxinf.precision import float_dtype
 
 Array = jax.Array
@@ -74,6 +88,26 @@ def low_rank(P: Array, rank: int) -> tuple[Array, Array]:
     return left.astype(dtype), right.astype(dtype)
 
 
+def prepare_layer(G: Array, strategy: str, factors: Mapping[str, Array] | None, damping_value: float | None,
+                  rank: int | None) -> dict[str, Array]:
+    """``P(G_q)`` of one block's query gradients ``[*lead, Q, d_out, d_in']``: ``{"full": P}``, or its rank-r SVD
+    ``{"left", "right"}`` where ``min(d_out, d_in') > r``. ``factors``: the block's :func:`curvature_context`."""
+    damp = None if factors is None else block_damping(factors["Lambda"], damping_value)
+    P = precondition_block(G, strategy, factors, damp)
+    if rank is not None and min(P.shape[-2:]) > rank:
+        left, right = low_rank(P, rank)
+        return {"left": left, "right": right}
+    return {"full": P}
+
+
+def query_gradients_of(blocks: Mapping[str, Mapping[str, Array]], loss: Array) -> QueryGradients:
+    """A :class:`QueryGradients` from per-block :func:`prepare_layer` results."""
+    full = {k: v["full"] for k, v in blocks.items() if "full" in v}
+    left = {k: v["left"] for k, v in blocks.items() if "left" in v}
+    right = {k: v["right"] for k, v in blocks.items() if "right" in v}
+    return QueryGradients(full=full, left=left, right=right, loss=loss)
+
+
 def prepare_queries(
     G: Mapping[str, Array],
     loss: Array,
@@ -81,15 +115,17 @@ def prepare_queries(
     damping_value: float | None,
     rank: int | None,
 ) -> QueryGradients:
-    """``P(G_q)`` for every block, replaced by its rank-r SVD where ``min(d_out, d_in') > r``."""
-    P = precondition(G, curv, damping(curv, damping_value))
-    full, left, right = {}, {}, {}
-    for k, p in P.items():
-        if rank is not None and min(p.shape[-2:]) > rank:
-            left[k], right[k] = low_rank(p, rank)
-        else:
-            full[k] = p
-    return QueryGradients(full=full, left=left, right=right, loss=loss)
+    """:func:`prepare_layer` of every block of given query gradients ``G`` (block -> ``[*lead, Q, d_out, d_in']``)."""
+    context = curvature_context(curv)
+    return query_gradients_of({k: prepare_layer(g, curv.strategy, None if context is None else context[k],
+                                                damping_value, rank) for k, g in G.items()}, loss)
+
+
+def query_context(qg: QueryGradients) -> dict[str, dict[str, Array]]:
+    """Per block, the slice of the query gradients that :func:`block_scores` takes: ``{"full"}`` or ``{"left", "right"}``."""
+    out = {k: {"full": v} for k, v in qg.full.items()}
+    out.update({k: {"left": v, "right": qg.right[k]} for k, v in qg.left.items()})
+    return out
 
 
 FLOPS_PER_BYTE = 16
@@ -125,91 +161,81 @@ def contraction_plan(B: int, T: int, Q: int, d_out: int, d_in: int, rank: int | 
     return "tokens" if tokens <= docs else "documents"
 
 
-def _block_scores(qg: QueryGradients, k: str, a: Array, g: Array, per_token: bool, plan: str | None) -> Array:
-    """One block's ``sum_t g[n,t]^T P(G_q) a[n,t]``: ``[*lead, Q, B]`` (``[*lead, Q, B, T]`` per token)."""
+def block_scores(a: Array, g: Array, q: Mapping[str, Array], *, per_token: bool = False,
+                 plan: str | None = None) -> Array:
+    """One layer's ``sum_t g[n,t]^T P(G_q) a[n,t]``: ``[Q, B]`` (``[Q, B, T]`` per token).
+
+    ``q``: the layer's ``{"full": [Q, d_out, d_in']}`` or ``{"left": [Q, d_out, r], "right": [Q, d_in', r]}``
+    (``P(G_q) ~= left @ right^T``); the contraction order is :func:`contraction_plan`'s unless given.
+    """
     a, g = a.astype(float_dtype()), g.astype(float_dtype())
     B, T = a.shape[-3], a.shape[-2]
     d_out, d_in = g.shape[-1], a.shape[-1]
-    lowr = k in qg.left
-    Q = qg.loss.shape[0]
-    rank = qg.left[k].shape[-1] if lowr else None
+    lowr = "left" in q
+    Q = (q["left"] if lowr else q["full"]).shape[0]
+    rank = q["left"].shape[-1] if lowr else None
     if per_token:
         plan = "tokens"
     elif plan is None:
         plan = contraction_plan(B, T, Q, d_out, d_in, rank)
     if plan == "tokens":
         if lowr:
-            gl = jnp.einsum("...bto,...qor->...qbtr", g, qg.left[k].astype(g.dtype))
-            ar = jnp.einsum("...bti,...qir->...qbtr", a, qg.right[k].astype(a.dtype))
+            gl = jnp.einsum("bto,qor->qbtr", g, q["left"].astype(g.dtype))
+            ar = jnp.einsum("bti,qir->qbtr", a, q["right"].astype(a.dtype))
             per_tok = jnp.sum(gl * ar, axis=-1)
         else:
-            Pa = jnp.einsum("...qoi,...bti->...qbto", qg.full[k].astype(a.dtype), a)
-            per_tok = jnp.einsum("...qbto,...bto->...qbt", Pa, g)
+            Pa = jnp.einsum("qoi,bti->qbto", q["full"].astype(a.dtype), a)
+            per_tok = jnp.einsum("qbto,bto->qbt", Pa, g)
         return per_tok if per_token else per_tok.sum(-1)
-    P = qg.full[k] if not lowr else jnp.einsum("...qor,...qir->...qoi", qg.left[k], qg.right[k])
+    P = q["full"] if not lowr else jnp.einsum("qor,qir->qoi", q["left"], q["right"])
     G = per_sequence_gradient(a, g)
-    return jnp.einsum("...qoi,...boi->...qb", P.astype(G.dtype), G)
+    return jnp.einsum("qoi,boi->qb", P.astype(G.dtype), G)
+
+
+def self_influence(a: Array, g: Array, factors: Mapping[str, Array] | None, strategy: str,
+                   damping_value: float | None) -> Array:
+    """One layer's ``<P(G[n]), G[n]>`` per document ``[B]``: ``sum (Q_S^T G[n] Q_A)^2 / (Lambda + lambda)``.
+
+    (``sum G[n]^2`` for identity, ``sum G[n]^2 / (Lambda + lambda)`` for diagonal.) ``factors``: the layer's
+    :func:`~jaxinf.curvature.curvature_context`.
+    """
+    dtype = factors["Lambda"].dtype if factors is not None else float_dtype()
+    rotated = strategy in ("kfac", "ekfac")
+    R = rotated_gradient(a, g, factors["Q_A"] if rotated else None, factors["Q_S"] if rotated else None, dtype)
+    if strategy == "identity":
+        return jnp.sum(R * R, axis=(-2, -1))
+    inv = inverse_eigenvalues(factors["Lambda"], block_damping(factors["Lambda"], damping_value))
+    return jnp.sum(R * R * inv, axis=(-2, -1))
 
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class Scores:
-    """Scores of one document batch: ``total`` ``[Q, B]``; optionally ``per_layer`` (block -> ``[*lead, Q, B]``)
-    and ``per_token`` ``[Q, B, T]``. Both breakdowns sum to ``total``."""
+    """Scores of one document batch: ``total`` ``[Q, B]``; optionally ``per_layer`` (block -> ``[*lead, Q, B]``),
+    ``per_token`` ``[Q, B, T]`` (both breakdowns sum to ``total``) and ``self`` (self-influence ``[B]``)."""
 
     total: Array
     per_layer: dict[str, Array] | None = None
     per_token: Array | None = None
+    self: Array | None = None
 
 
-def pairwise_scores(
-    qg: QueryGradients,
-    captured: Captured,
-    *,
-    per_layer: bool = False,
-    per_token: bool = False,
-    plan: str | None = None,
-) -> Scores:
-    """``I(q, n) = sum_layers sum_t g[n,t]^T P(G_q) a[n,t]`` for every query and document of the batch."""
-    blocks = {}
-    for k in captured.a:
-        if k not in qg.full and k not in qg.left:
-            raise KeyError(f"layer {k!r} has no query gradient")
-        blocks[k] = _block_scores(qg, k, captured.a[k], captured.g[k], per_token, plan)
+def collect_scores(blocks: Mapping[str, Array], *, per_layer: bool = False, per_token: bool = False,
+                   self_blocks: Mapping[str, Array] | None = None) -> Scores:
+    """:class:`Scores` from per-block :func:`block_scores` (``[*lead, Q, B(, T)]``) and :func:`self_influence`."""
+    self_total = None if self_blocks is None else sum(_sum_lead(v, 1) for v in self_blocks.values())
     if per_token:
         tok = sum(_sum_lead(v, 3) for v in blocks.values())
         return Scores(total=tok.sum(-1), per_layer={k: v.sum(-1) for k, v in blocks.items()} if per_layer else None,
-                      per_token=tok)
+                      per_token=tok, self=self_total)
     total = sum(_sum_lead(v, 2) for v in blocks.values())
-    return Scores(total=total, per_layer=blocks if per_layer else None)
+    return Scores(total=total, per_layer=dict(blocks) if per_layer else None, self=self_total)
 
 
 def _sum_lead(x: Array, trailing: int) -> Array:
     """Sums the layer axes of a stacked block's array, keeping the ``trailing`` axes."""
     lead = x.ndim - trailing
     return x.sum(axis=tuple(range(lead))) if lead else x
-
-
-def self_scores(curv: Curvature, damping_value: float | None, captured: Captured) -> Array:
-    """Self-influence ``<P(G[n]), G[n]>`` per document: ``sum (Q_S^T G[n] Q_A)^2 / (Lambda + lambda)``.
-
-    (``sum G[n]^2`` for identity, ``sum G[n]^2 / (Lambda + lambda)`` for diagonal.)
-    """
-    damp = damping(curv, damping_value)
-    total = 0.0
-    for k in captured.a:
-        dtype = curv.Lambda[k].dtype if curv.Lambda is not None else captured.a[k].dtype
-        rotated = curv.strategy in ("kfac", "ekfac")
-        R = rotated_gradient(captured.a[k], captured.g[k],
-                             curv.Q_A[k] if rotated else None, curv.Q_S[k] if rotated else None, dtype)
-        if curv.strategy == "identity":
-            per_layer = jnp.sum(R * R, axis=(-2, -1))
-        else:
-            lead = R.ndim - 3
-            inv = jnp.expand_dims(inverse_eigenvalues(curv.Lambda[k], damp[k]), lead)
-            per_layer = jnp.sum(R * R * inv, axis=(-2, -1))
-        total = total + _sum_lead(per_layer, 1)
-    return total
 
 
 def normalize(scores: Array, query_loss: Array, how: str) -> Array:

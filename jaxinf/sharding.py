@@ -46,10 +46,10 @@ compares every process's config with process 0's. Each process reads only the
 documents of its own slice of the ``data`` axis (:func:`data_groups`) and
 contributes them with ``jax.make_array_from_process_local_data``.
 
-**Eigendecomposition.** :func:`distributed_eigendecompose` gathers whole
-factor matrices onto devices, different matrices on different devices, and each
+**Eigendecomposition.** :func:`distributed_eigh` gathers whole matrices of
+one factor onto devices, different matrices on different devices, and each
 device decomposes its own ones (``shard_map`` of :func:`jaxinf.curvature.eigen.stacked_eigh`,
-an unbatched ``eigh`` per matrix).
+an unbatched ``eigh`` per matrix); one program per factor.
 """
 
 from __future__ import annotations
@@ -91,7 +91,7 @@ RULES: dict[str, tuple[tuple[str, str], ...]] = {
     # Preconditioned query gradients: on `model` (every data shard scores its documents against all queries).
     "query": (("rows", "model"), ("cols", "model"), ("layers", "model"), ("queries", "model"), ("rank", "model")),
     # Large intermediates the engine marks with `constrain`: documents on `data`, features on `model`.
-    "activation": (("batch", "data"), ("rows", "model"), ("cols", "model"), ("layers", "model")),
+    "activation": (("batch", "data"), ("rows", "model"), ("cols", "model"), ("layers", "model"), ("vocab", "model")),
     # Document batches and everything with one entry per document row.
     "batch": (("batch", "data"),),
     "replicated": (),
@@ -100,15 +100,16 @@ RULES: dict[str, tuple[tuple[str, str], ...]] = {
 # Families whose tensors must be split over a mesh axis larger than 1 (else ShardingError).
 REQUIRED = {"param": ("model",), "factor": ("model",), "query": ("model",), "batch": ("data",)}
 
-_COLUMN = r"(q_proj|k_proj|v_proj|query_key_value|gate_proj|up_proj|dense_h_to_4h|fc_in)"
-_ROW = r"(o_proj|down_proj|dense|dense_4h_to_h|fc_out)"
+_COLUMN = r"(q_proj|k_proj|v_proj|qkv_proj|query_key_value|c_attn|gate_proj|up_proj|gate_up_proj|dense_h_to_4h|c_fc|fc_in)"
+_ROW = r"(o_proj|down_proj|dense|dense_4h_to_h|c_proj|fc_out)"
 
 # Parameter path (dotted, as jaxinf.models.parameter_paths writes it) -> logical axes of the trailing dims.
 PARAM_AXES: tuple[tuple[str, tuple[str, ...] | None], ...] = (
     (rf"(^|\.){_COLUMN}\.kernel$", ("embed", "ff")),
     (rf"(^|\.){_COLUMN}\.bias$", ("ff",)),
     (rf"(^|\.){_ROW}\.kernel$", ("ff", "embed")),
-    (r"(^|\.)(embed_tokens|embed_in|embed_out)\.(embedding|weight)$", ("vocab", "embed")),
+    (r"(^|\.)(embed_tokens|embed_in|embed_out|wte)\.(embedding|weight)$", ("vocab", "embed")),
+    (r"(^|\.)wpe\.embedding$", ("positions", "embed")),
     (r"(^|\.)embed$", ("vocab", "embed")),
     (r"(^|\.)lm_head\.kernel$", ("embed", "vocab")),
     (r"\.kernel$", ("in", "out")),
@@ -188,20 +189,26 @@ def _large(family: str, shape: tuple[int, ...]) -> bool:
     return len(shape) >= 2 and math.prod(shape) > 1
 
 
-def constrain(x: jax.Array, axes: tuple[str, ...]) -> jax.Array:
-    """``x`` pinned to the layout its logical ``axes`` get under :data:`RULES` ``["activation"]``, when traced under
+def constrain(x: jax.Array, axes: tuple[str, ...], family: str = "activation") -> jax.Array:
+    """``x`` pinned to the layout its logical ``axes`` get under :data:`RULES` ``[family]``, when traced under
     a mesh (:func:`jit_on`, as :class:`MeshExecutor` traces its steps); ``x`` itself otherwise.
 
     The engine marks the few large intermediates whose layout XLA's propagation
-    would otherwise get wrong (e.g. the per-document rotated gradients of the
-    Lambda stage), so they stay split over ``data`` (documents) and ``model``.
+    would otherwise get wrong: the per-document rotated gradients of the Lambda
+    stage stay split over ``data`` (documents) and ``model``, and each layer's
+    statistic (``family="factor"`` or ``"query"``) is laid out as the stage's
+    state that it is added to, so no device holds a layer's whole factor.
     """
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or not set(AXES) <= set(mesh.axis_names):
         return x
     shape = dict(zip(mesh.axis_names, mesh.axis_sizes))
     axes = ("layers",) * (x.ndim - len(axes)) + tuple(axes)
-    return jax.lax.with_sharding_constraint(x, resolve(shape, "activation", axes, tuple(x.shape), "activation"))
+    try:
+        spec = resolve(shape, family, axes, tuple(x.shape), family)
+    except ShardingError:   # one layer's share of a state split along its layers: left to XLA
+        return x
+    return jax.lax.with_sharding_constraint(x, spec)
 
 
 def mesh_shape(mesh: Mesh) -> dict[str, int]:
@@ -448,101 +455,36 @@ def _move(x: jax.Array, mesh: Mesh, specs: list[P]) -> jax.Array:
     return x
 
 
-def distributed_eigendecompose(cov, mesh: Mesh):
-    """:func:`jaxinf.curvature.eigendecompose` with different matrices on different devices.
+def distributed_eigh(M: jax.Array, which: str, mesh: Mesh) -> tuple[jax.Array, jax.Array]:
+    """:func:`jaxinf.curvature.eigen.stacked_eigh` of one factor ``M`` ``[*lead, n, n]`` (``which``: "A" or "S"),
+    different matrices on different devices.
 
-    For each factor ``[*lead, n, n]`` (``A`` or ``S`` of a block): its matrices are
-    padded with zero matrices to a multiple of the device count and moved, by
-    all-to-alls (:func:`leading_path`), from their stored layout to one split over
-    every device along the matrix index, so each device holds whole matrices;
-    each device decomposes its own with :func:`~jaxinf.curvature.eigen.stacked_eigh`
-    (``shard_map``: an unbatched ``eigh`` per matrix, mapped); the eigenvectors and
-    eigenvalues are moved back to the stored layout the same way and the padding
-    dropped. Call it under ``jax.jit``.
+    The matrices are padded with zero matrices to a multiple of the device count and
+    moved, by all-to-alls (:func:`leading_path`), from their stored layout to one split
+    over every device along the matrix index, so each device holds whole matrices;
+    each device decomposes its own (``shard_map``: an unbatched ``eigh`` per matrix,
+    mapped); the eigenvectors and eigenvalues move back to the stored layout the same
+    way and the padding is dropped. Call it under ``jax.jit``, one factor per program
+    (:func:`jaxinf.curvature.eigendecompose` with ``eigh=``), so that a device holds one
+    factor's matrices at a time.
     """
-    from jaxinf.curvature.eigen import Eigen, stacked_eigh
+    from jaxinf.curvature.eigen import stacked_eigh
 
     devices = mesh.devices.size
     shape = mesh_shape(mesh)
     every = P(ALL)
-    out: dict[str, dict[str, jax.Array]] = {"Q_A": {}, "e_A": {}, "Q_S": {}, "e_S": {}}
-    for k in cov.A:
-        for which, M in (("A", cov.A[k]), ("S", cov.S[k])):
-            n = M.shape[-1]
-            flat = M.reshape((-1, n, n))
-            count = flat.shape[0]
-            flat = jnp.pad(flat, ((0, (-count) % devices), (0, 0), (0, 0)))
-            _, axes = logical_axes("Q_" + which, 3)
-            stored = resolve(shape, "factor", axes, flat.shape, f"Q_{which} of {k}")
-            stored_e = resolve(shape, "eigenvalues", logical_axes("e_" + which, 2)[1], flat.shape[:2],
-                               f"e_{which} of {k}")
-            flat = _move(flat, mesh, [stored] + leading_path(stored, 3))
-            e, Q = jax.shard_map(stacked_eigh, mesh=mesh, in_specs=every, out_specs=(every, every))(flat)
-            Q = _move(Q, mesh, list(reversed([stored] + leading_path(stored, 3)[:-1])))  # back, step by step
-            e = _move(e, mesh, list(reversed([stored_e] + leading_path(stored_e, 2)[:-1])))
-            out["Q_" + which][k] = Q[:count].reshape(M.shape)
-            out["e_" + which][k] = e[:count].reshape(M.shape[:-1])
-    return Eigen(**out)
-
-
-def _to_layers(x: jax.Array, mesh: Mesh, spec: P, pad_value: float = 0.0) -> tuple[jax.Array, int]:
-    """``x`` ``[L, ...]`` padded along L to a multiple of the device count and moved from ``spec`` to L over every device."""
-    count = x.shape[0]
-    x = jnp.pad(x, [(0, (-count) % mesh.devices.size)] + [(0, 0)] * (x.ndim - 1), constant_values=pad_value)
-    return _move(x, mesh, [spec] + leading_path(spec, x.ndim)), count
-
-
-def _from_layers(x: jax.Array, mesh: Mesh, spec: P, count: int) -> jax.Array:
-    """The inverse of :func:`_to_layers`: back to ``spec``, step by step, and the padding dropped."""
-    return _move(x, mesh, list(reversed([spec] + leading_path(spec, x.ndim)[:-1])))[:count]
-
-
-def distributed_prepare_queries(G, loss, curv, damping_value, rank, mesh: Mesh):
-    """:func:`jaxinf.scoring.prepare_queries` with whole layers on each device.
-
-    Per block, the query gradients ``G`` ``[L, Q, d_out, d_in']`` and the block's
-    curvature (``Q_A``, ``Q_S``, ``Lambda``) are padded along the layer axis to a
-    multiple of the device count and moved (all-to-alls) so that each device
-    holds every query of its own layers; each device then runs the engine's
-    ``prepare_queries`` on them (``shard_map``: preconditioning and the rank-r
-    SVDs need nothing from other layers) and the results move back to the
-    query-gradient layout. Padded layers have ``Lambda = 1`` and zero gradients.
-    Call it under ``jax.jit``.
-    """
-    from jaxinf.curvature import Curvature
-    from jaxinf.scoring import QueryGradients, prepare_queries
-
-    shape = mesh_shape(mesh)
-    every = P(ALL)
-    full, left, right = {}, {}, {}
-    for k, g in G.items():
-        stacked = g.ndim == 4
-        g = g if stacked else g[None]
-        moved, count = _to_layers(g, mesh, resolve(shape, "query", ("layers", "queries", "rows", "cols"), g.shape,
-                                                   f"G of {k}"))
-        parts = {}
-        for name in ("Q_A", "Q_S", "Lambda"):
-            x = getattr(curv, name)
-            if x is None:
-                continue
-            x = x[k] if stacked else x[k][None]
-            spec = resolve(shape, "factor", ("layers", "rows", "cols"), x.shape, f"{name} of {k}")
-            parts[name] = _to_layers(x, mesh, spec, 1.0 if name == "Lambda" else 0.0)[0]
-
-        def local(g, parts, loss):
-            c = Curvature(curv.strategy, *({k: parts[n]} if n in parts else None for n in ("Q_A", "Q_S", "Lambda")))
-            q = prepare_queries({k: g}, loss, c, damping_value, rank)
-            return q.full, q.left, q.right
-
-        f, l_, r_ = jax.shard_map(local, mesh=mesh, in_specs=(every, every, P()), out_specs=every)(moved, parts, loss)
-        for out, tree, axes in ((full, f, ("layers", "queries", "rows", "cols")),
-                                (left, l_, ("layers", "queries", "rows", "rank")),
-                                (right, r_, ("layers", "queries", "cols", "rank"))):
-            if k in tree:
-                x = tree[k]
-                x = _from_layers(x, mesh, resolve(shape, "query", axes, x.shape, f"query gradients of {k}"), count)
-                out[k] = x if stacked else x[0]
-    return QueryGradients(full=full, left=left, right=right, loss=loss)
+    n = M.shape[-1]
+    flat = M.reshape((-1, n, n))
+    count = flat.shape[0]
+    flat = jnp.pad(flat, ((0, (-count) % devices), (0, 0), (0, 0)))
+    _, axes = logical_axes("Q_" + which, 3)
+    stored = resolve(shape, "factor", axes, flat.shape, f"Q_{which}")
+    stored_e = resolve(shape, "eigenvalues", logical_axes("e_" + which, 2)[1], flat.shape[:2], f"e_{which}")
+    flat = _move(flat, mesh, [stored] + leading_path(stored, 3))
+    e, Q = jax.shard_map(stacked_eigh, mesh=mesh, in_specs=every, out_specs=(every, every))(flat)
+    Q = _move(Q, mesh, list(reversed([stored] + leading_path(stored, 3)[:-1])))  # back, step by step
+    e = _move(e, mesh, list(reversed([stored_e] + leading_path(stored_e, 2)[:-1])))
+    return e[:count].reshape(M.shape[:-1]), Q[:count].reshape(M.shape)
 
 
 # --------------------------------------------------------------------------- placing data
@@ -624,6 +566,14 @@ def jit_on(mesh: Mesh, fn: Callable, *, donate_argnums=(), out_shardings=None) -
 
     kw = {} if out_shardings is None else {"out_shardings": out_shardings}
     return jax.jit(traced, donate_argnums=donate_argnums, **kw)
+
+
+def eigh_program(mesh: Mesh, M, which: str) -> Callable:
+    """The jitted :func:`distributed_eigh` of a factor shaped like ``M`` (``which``: "A" or "S"), with its result
+    laid out as the eigenvalues and eigenvectors are stored."""
+    out = (tree_shardings(mesh, jax.ShapeDtypeStruct(M.shape[:-1], M.dtype), "e_" + which),
+           tree_shardings(mesh, jax.ShapeDtypeStruct(M.shape, M.dtype), "Q_" + which))
+    return jit_on(mesh, lambda m: distributed_eigh(m, which, mesh), out_shardings=out)
 
 
 class MeshExecutor:
@@ -709,16 +659,22 @@ class MeshExecutor:
         """Abstract arrays with shardings: what a checkpoint is restored onto."""
         return abstract_tree(shapes, self.shardings(shapes, field))
 
-    def prepare_queries(self, G, loss, curv, damping_value, rank):
-        """:func:`jaxinf.scoring.prepare_queries` with whole layers per device (:func:`distributed_prepare_queries`)."""
-        return distributed_prepare_queries(G, loss, curv, damping_value, rank, self.mesh)
+    def eigh_program(self, M, which: str):
+        return eigh_program(self.mesh, M, which)
 
     def eigendecompose(self, cov):
-        """The eigendecomposition with different matrices on different devices (:func:`distributed_eigendecompose`)."""
+        """The eigendecomposition, one factor per program, different matrices on different devices."""
         from jaxinf.curvature import eigendecompose
 
-        out = self.shardings(jax.eval_shape(eigendecompose, cov))
-        return jax.jit(lambda c: distributed_eigendecompose(c, self.mesh), out_shardings=out)(cov)
+        cache: dict = {}
+
+        def eigh(M, which):
+            key = (which, M.shape, M.dtype)
+            if key not in cache:
+                cache[key] = self.eigh_program(M, which)
+            return cache[key](M)
+
+        return eigendecompose(cov, eigh)
 
     # -------------------------------------------------------------- bringing results to the host
 

@@ -20,21 +20,34 @@ from typing import Any, NamedTuple
 import jax
 import numpy as np
 
-from jaxinf.capture import Captured, CaptureError, LayerSpec, capture, per_sequence_gradient
+from jaxinf.capture import CaptureError, LayerSpec, joint, layer_statistics, per_sequence_gradient
 from jaxinf.curvature import (
     Curvature,
     Eigen,
     covariance_finalize,
     covariance_init,
+    covariance_statistic,
     covariance_update,
     curvature,
+    curvature_context,
     eigendecompose,
     kfac_lambda,
+    lambda_context,
     lambda_finalize,
     lambda_init,
+    lambda_statistic,
     lambda_update,
 )
-from jaxinf.scoring import QueryGradients, Scores, pairwise_scores, self_scores
+from jaxinf.scoring import (
+    QueryGradients,
+    Scores,
+    block_scores,
+    collect_scores,
+    prepare_layer,
+    query_context,
+    query_gradients_of,
+    self_influence,
+)
 from jaxinf.tasks import Task
 
 Array = jax.Array
@@ -49,14 +62,18 @@ class Stage(NamedTuple):
     finalize: Callable[[Any], Any]
 
 
-def capture_train(task: Task, layers: Mapping[str, LayerSpec], params, batch, key: Array | None) -> Captured:
-    """``a`` and ``g`` of a document batch under the training loss (labels sampled when ``key`` is given)."""
-    return capture(lambda p, b, pr: task.train_loss(p, b, pr, key), params, batch, layers, batch["mask"])
+def train_statistics(task: Task, layers: Mapping[str, LayerSpec], params, batch, key: Array | None, statistic,
+                     context=None) -> tuple[dict, Array]:
+    """Per-layer ``statistic`` of a document batch under the training loss (labels sampled when ``key`` is given),
+    and the documents' losses ``[B]``."""
+    return layer_statistics(lambda p, b, pr: task.train_loss(p, b, pr, key), params, batch, layers, statistic,
+                            context, mask=batch["mask"])
 
 
-def capture_measurement(task: Task, layers: Mapping[str, LayerSpec], params, batch) -> Captured:
-    """``a`` and ``g`` of a query batch under the measurement."""
-    return capture(task.measurement, params, batch, layers, batch["mask"])
+def measurement_statistics(task: Task, layers: Mapping[str, LayerSpec], params, batch, statistic,
+                           context=None) -> tuple[dict, Array]:
+    """Per-layer ``statistic`` of a query batch under the measurement, and the measurements ``[Q]``."""
+    return layer_statistics(task.measurement, params, batch, layers, statistic, context, mask=batch["mask"])
 
 
 def _fisher_key(fisher: str, key: Array | None) -> Array | None:
@@ -69,12 +86,19 @@ def _fisher_key(fisher: str, key: Array | None) -> Array | None:
     return key
 
 
+def stage_key(seed: Array, stage: str) -> Array:
+    """The key of a fitting stage's sampled labels: ``fold_in(seed, 0)`` for the covariance, ``1`` for Lambda.
+
+    Batch ``i`` then uses ``fold_in(stage_key, i)``: the library and ``jaxinf run`` sample the same labels."""
+    return jax.random.fold_in(seed, {"covariance": 0, "lambda": 1}[stage])
+
+
 def covariance_stage(task: Task, layers: Mapping[str, LayerSpec], fisher: str = "sampled") -> Stage:
     """Stage 1: ``update(state, params, batch, key)`` accumulates ``A`` and ``S``."""
 
     def update(state, params, batch, key):
-        captured = capture_train(task, layers, params, batch, _fisher_key(fisher, key))
-        return covariance_update(state, captured), captured.loss
+        stats, losses = train_statistics(task, layers, params, batch, _fisher_key(fisher, key), covariance_statistic)
+        return covariance_update(state, stats, batch["mask"]), losses
 
     return Stage(init=lambda: covariance_init(layers), update=update, finalize=covariance_finalize)
 
@@ -83,16 +107,41 @@ def lambda_stage(task: Task, layers: Mapping[str, LayerSpec], fisher: str = "sam
     """Stage 3: ``update(state, params, eigen, batch, key)`` accumulates ``Lambda`` (``eigen=None``: diagonal)."""
 
     def update(state, params, eigen, batch, key):
-        captured = capture_train(task, layers, params, batch, _fisher_key(fisher, key))
-        return lambda_update(state, captured, eigen), captured.loss
+        stats, losses = train_statistics(task, layers, params, batch, _fisher_key(fisher, key), lambda_statistic,
+                                         lambda_context(eigen))
+        return lambda_update(state, stats, batch["mask"]), losses
 
     return Stage(init=lambda: lambda_init(layers), update=update, finalize=lambda_finalize)
 
 
+def _sequence_gradient(a: Array, g: Array, context=None) -> Array:
+    return per_sequence_gradient(a, g)
+
+
 def query_gradients(task: Task, layers: Mapping[str, LayerSpec], params, batch) -> tuple[dict[str, Array], Array]:
     """Per-query measurement gradients ``G_q = sum_t g a^T`` (``[*lead, Q, d_out, d_in']``) and measurements ``[Q]``."""
-    captured = capture_measurement(task, layers, params, batch)
-    return {k: per_sequence_gradient(captured.a[k], captured.g[k]) for k in layers}, captured.loss
+    return measurement_statistics(task, layers, params, batch, _sequence_gradient)
+
+
+def prepared_queries(task: Task, layers: Mapping[str, LayerSpec], params, batch, curv: Curvature,
+                     damping_value: float | None, rank: int | None) -> QueryGradients:
+    """Stage 5: ``P(G_q)`` of a query batch (rank-r where asked), each layer's formed in the backward pass.
+
+    The same as :func:`jaxinf.scoring.prepare_queries` of :func:`query_gradients`, without ever holding
+    the query gradients of all layers: each layer's ``G_q`` is preconditioned and truncated where it exists."""
+    def statistic(a, g, factors):
+        return prepare_layer(per_sequence_gradient(a, g), curv.strategy, factors, damping_value, rank)
+
+    blocks, loss = measurement_statistics(task, layers, params, batch, statistic, curvature_context(curv))
+    return query_gradients_of(blocks, loss)
+
+
+def _document_statistic(per_token: bool, plan: str | None, strategy: str | None, damping_value: float | None):
+    """The statistic of a scoring pass: scores against the query gradients, and self-influence when ``strategy``."""
+    stats = {"scores": lambda a, g, q: block_scores(a, g, q, per_token=per_token, plan=plan)}
+    if strategy is not None:
+        stats["self"] = lambda a, g, c: self_influence(a, g, c, strategy, damping_value)
+    return joint(stats)
 
 
 def score_batch(
@@ -105,18 +154,48 @@ def score_batch(
     per_layer: bool = False,
     per_token: bool = False,
     plan: str | None = None,
+    curv: Curvature | None = None,
+    damping_value: float | None = None,
 ) -> tuple[Scores, Array]:
-    """Pairwise scores of one document batch against all queries, and the documents' losses."""
-    captured = capture_train(task, layers, params, batch, None)
-    return pairwise_scores(queries, captured, per_layer=per_layer, per_token=per_token, plan=plan), captured.loss
+    """Stage 6: pairwise scores of one document batch against all queries (and, given ``curv``, the documents'
+    self-influence, in the same backward pass), and the documents' losses."""
+    factors = None if curv is None else curvature_context(curv)
+    qctx = query_context(queries)
+    missing = [k for k in layers if k not in qctx]
+    if missing:
+        raise CaptureError(f"layer {missing[0]!r} has no query gradient")
+    context = {k: {"scores": qctx[k], **({} if curv is None else {"self": None if factors is None else factors[k]})}
+               for k in layers}
+    blocks, losses = train_statistics(task, layers, params, batch, None,
+                                      _document_statistic(per_token, plan, None if curv is None else curv.strategy,
+                                                          damping_value), context)
+    scores = collect_scores({k: v["scores"] for k, v in blocks.items()}, per_layer=per_layer, per_token=per_token,
+                            self_blocks=None if curv is None else {k: v["self"] for k, v in blocks.items()})
+    return scores, losses
+
+
+def score_step(task: Task, layers: Mapping[str, LayerSpec], *, self_influence: bool, damping_value: float | None):
+    """The scoring step of ``jaxinf run`` and ``jaxinf plan``: ``(params, queries, curv, batch) ->
+    {"scores": [Q, B], "loss": [B](, "self": [B])}``."""
+    def step(params, queries, curv, batch):
+        s, loss = score_batch(task, layers, params, queries, batch, curv=curv if self_influence else None,
+                              damping_value=damping_value)
+        out = {"scores": s.total, "loss": loss}
+        if self_influence:
+            out["self"] = s.self
+        return out
+
+    return step
 
 
 def self_influence_batch(
     task: Task, layers: Mapping[str, LayerSpec], params, curv: Curvature, damping_value: float | None, batch
 ) -> tuple[Array, Array]:
     """Self-influence ``<P(G[n]), G[n]>`` of one document batch, and the documents' losses."""
-    captured = capture_train(task, layers, params, batch, None)
-    return self_scores(curv, damping_value, captured), captured.loss
+    factors = curvature_context(curv)
+    blocks, losses = train_statistics(task, layers, params, batch, None,
+                                      lambda a, g, c: self_influence(a, g, c, curv.strategy, damping_value), factors)
+    return sum(v.sum(axis=tuple(range(v.ndim - 1))) for v in blocks.values()), losses
 
 
 # --------------------------------------------------------------------------- in-memory drivers
@@ -183,13 +262,14 @@ def fit_curvature(
         return curvature("identity"), pieces
     eigen: Eigen | None = None
     if strategy in ("kfac", "ekfac"):
-        cov = run_stage(covariance_stage(task, layers, fisher), (params,), batches, key, jit=jit)
+        cov = run_stage(covariance_stage(task, layers, fisher), (params,), batches,
+                        None if key is None else stage_key(key, "covariance"), jit=jit)
         eigen = eigendecompose(cov)
         pieces.update(covariance=cov, eigen=eigen)
     if strategy == "kfac":
         Lambda = kfac_lambda(eigen)
     else:
-        lam_key = None if key is None else jax.random.fold_in(key, 1_000_003)
-        Lambda = run_stage(lambda_stage(task, layers, fisher), (params, eigen), batches, lam_key, jit=jit)
+        Lambda = run_stage(lambda_stage(task, layers, fisher), (params, eigen), batches,
+                           None if key is None else stage_key(key, "lambda"), jit=jit)
     pieces["Lambda"] = Lambda
     return curvature(strategy, eigen, Lambda), pieces

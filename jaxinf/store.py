@@ -43,19 +43,28 @@ class StoreError(RuntimeError):
     """A run directory that cannot be used as asked (the message names the path)."""
 
 
+class EnvironmentFailure(StoreError):
+    """The machine refuses what a run needs (no space left, a read-only or unwritable run directory); exit 3."""
+
+
 class CorruptCheckpoint(StoreError):
     """A saved step whose files do not match the checksums written when it was saved."""
 
 
 def fault_point(where: str, step: int) -> None:
-    """Fault injection for resume tests: SIGKILL this process when ``JAXINF_FAULT`` is ``f"{where}:{step}"``.
+    """Fault injection for resume tests: SIGKILL this process when ``JAXINF_FAULT`` is ``f"{where}:{step}"``
+    (SIGSTOP when it is ``f"{where}:{step}:stop"``: the process stays, holding what it holds, until killed).
 
     Points: ``<stage>:<batch>`` after a batch is computed (before any save it
-    triggers) and ``<stage>:before-manifest:<step>`` after Orbax has committed a
-    step but before its manifest is written.
+    triggers), ``<stage>:before-manifest:<step>`` after Orbax has committed a
+    step but before its manifest is written, and ``overwrite:0`` after a run
+    started with ``--overwrite`` has started cleanly but before the old run is deleted.
     """
-    if os.environ.get("JAXINF_FAULT") == f"{where}:{step}":
+    point = os.environ.get("JAXINF_FAULT")
+    if point == f"{where}:{step}":
         os.kill(os.getpid(), signal.SIGKILL)
+    elif point == f"{where}:{step}:stop":
+        os.kill(os.getpid(), signal.SIGSTOP)
 
 
 def versions() -> dict[str, str]:
@@ -72,7 +81,8 @@ def versions() -> dict[str, str]:
     return out
 
 
-def _hash_file(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """SHA-256 of a file's bytes, read in 4 MiB blocks."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 22), b""):
@@ -86,7 +96,7 @@ def _step_files(step_dir: Path) -> list[Path]:
 
 def write_manifest(step_dir: Path) -> None:
     """Checksums of every file of a finished step, written last (atomically)."""
-    files = {str(p.relative_to(step_dir)): {"sha256": _hash_file(p), "bytes": p.stat().st_size}
+    files = {str(p.relative_to(step_dir)): {"sha256": file_sha256(p), "bytes": p.stat().st_size}
              for p in _step_files(step_dir)}
     write_json(step_dir / MANIFEST, {"files": files})
 
@@ -107,7 +117,7 @@ def verify_manifest(step_dir: Path) -> None:
         if path.stat().st_size != info["bytes"]:
             raise CorruptCheckpoint(f"{path}: truncated or resized checkpoint file "
                                     f"({path.stat().st_size} bytes, saved {info['bytes']})")
-        if _hash_file(path) != info["sha256"]:
+        if file_sha256(path) != info["sha256"]:
             raise CorruptCheckpoint(f"{path}: corrupted checkpoint file (checksum mismatch)")
 
 
@@ -206,30 +216,35 @@ class RunStore:
 
         A run directory started with another config is refused when a key that
         changes results differs and the stage it affects has saved progress;
-        ``overwrite`` deletes the run directory's contents and starts over.
+        ``overwrite`` deletes the run directory's contents and starts over (only
+        a jaxinf run's: another non-empty directory is refused either way).
+        ``jaxinf run --overwrite`` does not come here with ``overwrite`` but sets
+        the old run aside first (:mod:`jaxinf.rundir`).
         """
+        from jaxinf import rundir
+
         root = Path(config.run.out)
         record_path = root / "run.json"
-        _check_writable(root)
+        check_writable(root)
+        rundir.check_target(root, overwrite)
         if overwrite and root.exists():
+            rundir.recover_interrupted(root)
             for p in root.iterdir():
-                shutil.rmtree(p) if p.is_dir() else p.unlink()
-        if record_path.exists():
+                if p.name not in rundir.OURS:
+                    shutil.rmtree(p) if p.is_dir() else p.unlink()
+        record = rundir.read_record(root)
+        if record is not None:
             try:
-                record = json.loads(record_path.read_text())
                 old = cfg.from_dict(record["config"], str(record_path))
-            except (ValueError, KeyError, cfg.ConfigError) as e:
-                raise StoreError(f"{record_path}: unreadable run record ({e}); use --overwrite to start over") from None
+            except cfg.ConfigError as e:
+                raise StoreError(f"{record_path}: unreadable run record ({e}); --overwrite would delete "
+                                 f"{rundir.describe_contents(root)}") from None
             store = cls(root, record)
             store._check_resume(old, config)
             record["config"] = cfg.to_dict(config)
             record["fingerprint"] = cfg.fingerprint(config)
             record["versions"] = versions()
-            store._write()
-            return store
-        if root.exists() and any(p.name != ".gitkeep" for p in root.iterdir()):
-            raise StoreError(f"{root}: exists and is not a jaxinf run directory (no run.json); "
-                             "choose another run.out or use --overwrite")
+            return store  # written with the next update: a start refused before then leaves run.json as it was
         record = {
             "config": cfg.to_dict(config),
             "fingerprint": cfg.fingerprint(config),
@@ -259,9 +274,16 @@ class RunStore:
     # ------------------------------------------------------------------ status
 
     def _write(self) -> None:
+        """``run.json``, then its copy ``state/run.json`` (from which a damaged ``run.json`` is restored)."""
         self.record["updated"] = _now()
         if jax.process_index() == 0:
             write_json(self.root / "run.json", self.record)
+            write_json(self.root / "state" / "run.json", self.record)
+
+    def update(self, **fields) -> None:
+        """Sets top-level entries of ``run.json`` (such as ``inputs``) and writes it."""
+        self.record.update(fields)
+        self._write()
 
     def status(self, stage: str) -> str:
         return self.record["stages"].get(stage, {}).get("status", "pending")
@@ -306,14 +328,30 @@ class RunStore:
         return self.stage(stage, keep=None)
 
 
-def _check_writable(root: Path) -> None:
+def check_writable(root: Path) -> None:
+    """Raises :class:`EnvironmentFailure` when ``root`` cannot be created or written (nothing is written)."""
     probe = root
     while not probe.exists():
         probe = probe.parent
     if not probe.is_dir():
         raise StoreError(f"{root}: cannot create the run directory ({probe} is not a directory)")
     if not os.access(probe, os.W_OK | os.X_OK):
-        raise StoreError(f"{root}: output directory is not writable")
+        import errno
+
+        reason = "read-only file system" if _errno_of_write(probe) == errno.EROFS else "permission denied"
+        raise EnvironmentFailure(f"{root}: output directory is not writable ({reason}; stage: start); "
+                                 "nothing was written")
+
+
+def _errno_of_write(directory: Path) -> int:
+    """The errno of creating a file in ``directory`` (0 when it can be created; the probe is removed)."""
+    import tempfile
+
+    try:
+        with tempfile.TemporaryFile(dir=directory):
+            return 0
+    except OSError as e:
+        return e.errno or 0
 
 
 def _now() -> str:

@@ -1,7 +1,7 @@
 """What the loss and the measurement are.
 
 A :class:`Task` gives the engine two loss functions in the form of
-:mod:`jaxinf.capture` (per-token losses plus the tracked layers' inputs):
+:mod:`jaxinf.capture` (per-token losses ``[B, T]``, tracked layers routed through a tap):
 
 - ``train_loss(params, batch, probes, key)``: the loss of a training document,
   summed over its tokens. With a PRNG ``key`` the labels are *sampled from the
@@ -38,7 +38,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxinf.capture import Inputs, Probes, Tap
+from jaxinf.capture import Probes, Tap
+from jaxinf.sharding import constrain
 
 Array = jax.Array
 Params = Any
@@ -48,29 +49,50 @@ Batch = dict[str, Array]
 class Task(NamedTuple):
     """A task's two loss functions; see the module docstring."""
 
-    train_loss: Callable[[Params, Batch, Probes, Array | None], tuple[Array, Inputs]]
-    measurement: Callable[[Params, Batch, Probes], tuple[Array, Inputs]]
+    train_loss: Callable[[Params, Batch, Probes | None, Array | None], Array]
+    measurement: Callable[[Params, Batch, Probes | None], Array]
 
 
 # --------------------------------------------------------------------------- losses
 
 
+SAMPLING_CHUNKS = 512
+"""Chunks of the vocabulary in :func:`sample_labels`: 512 divides the vocabulary splits of meshes up to 512 wide."""
+
+
 def sample_labels(key: Array, logits: Array) -> Array:
     """Labels drawn from the model's predictive distribution ``softmax(logits)`` (no gradient flows).
 
-    Inverse-CDF sampling: with ``F`` the cumulative sum of ``softmax(logits)`` over
-    the vocabulary and one ``u ~ U[0, F_V)`` per position, the label is
+    Inverse-CDF sampling: with ``F`` the cumulative sum of ``p = softmax(logits)``
+    over the vocabulary and one ``u ~ U[0, F_V)`` per position, the label is
     ``y = #{k : F_k <= u}``, so ``P(y = k) = F_k - F_{k-1} = p_k``. One random
     number per position instead of one per vocabulary entry (Gumbel-max, as in
     ``jax.random.categorical``), which on the CPU cost more than the rest of the
-    sampling pass's extra work (about 80 ms of a 300 ms batch of 8 x 128 tokens,
-    vocabulary 4096; ``scripts/bench_vs_kronfluence.py``).
+    sampling pass's extra work.
+
+    ``F`` is never formed over the whole vocabulary: the vocabulary is cut into
+    :data:`SAMPLING_CHUNKS` chunks of ``W`` entries (zero-padded), the chunk
+    ``j = #{c : C_c <= u}`` is found from the cumulative chunk totals ``C``, and the
+    label is ``j W + #{i : f_i <= u - C_(j-1)}`` with ``f`` the cumulative sum within
+    chunk ``j`` alone: the same ``y`` (up to the order of the float additions), with
+    ``[.., chunks]`` and ``[.., W]`` arrays instead of a vocabulary-wide cumulative sum,
+    which a mesh that splits the vocabulary would have to gather onto every device
+    (3.5 GiB per device for one 2048-token document of a 256k vocabulary).
     """
     logits = jax.lax.stop_gradient(logits)
     logits = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
-    F = jnp.cumsum(jax.nn.softmax(logits, axis=-1), axis=-1)
-    u = jax.random.uniform(key, F.shape[:-1] + (1,), F.dtype) * F[..., -1:]
-    return jnp.minimum(jnp.sum(F <= u, axis=-1), logits.shape[-1] - 1)
+    V = logits.shape[-1]
+    width = -(-V // SAMPLING_CHUNKS)
+    chunks = -(-V // width)
+    p = jax.nn.softmax(logits, axis=-1)
+    p = jnp.pad(p, [(0, 0)] * (p.ndim - 1) + [(0, chunks * width - V)]).reshape(p.shape[:-1] + (chunks, width))
+    C = jnp.cumsum(p.sum(-1), axis=-1)                                       # [..., chunks]
+    u = jax.random.uniform(key, C.shape[:-1] + (1,), C.dtype) * C[..., -1:]
+    j = jnp.minimum(jnp.sum(C <= u, axis=-1), chunks - 1)                    # [...]
+    before = jnp.where(j > 0, jnp.take_along_axis(C, jnp.maximum(j - 1, 0)[..., None], axis=-1)[..., 0], 0.0)
+    f = jnp.cumsum(jnp.take_along_axis(p, j[..., None, None], axis=-2)[..., 0, :], axis=-1)   # [..., width]
+    y = j * width + jnp.sum(f <= (u[..., 0] - before)[..., None], axis=-1)
+    return jnp.minimum(y, V - 1)
 
 
 def token_nll(logits: Array, labels: Array) -> Array:
@@ -84,8 +106,11 @@ def token_nll(logits: Array, labels: Array) -> Array:
 def next_token_losses(logits: Array, batch: Batch, key: Array | None) -> Array:
     """``weights[n, t+1] * -log p(target | logits[n, t])`` with a zero last position: ``[B, T]``.
 
-    The target is the next data token, or with ``key`` a label sampled from the model.
+    The target is the next data token, or with ``key`` a label sampled from the model. On a mesh the
+    logits stay split over the vocabulary (``model`` axis): at 2048 tokens and a 256k vocabulary one
+    document's float32 logits alone are 2 GiB.
     """
+    logits = constrain(logits, ("batch", "tokens", "vocab"))
     targets = batch["tokens"][:, 1:]
     pred = logits[:, :-1]
     if key is not None:
@@ -104,7 +129,7 @@ def causal_lm_task(apply: Callable[[Params, Array, Array, Tap], Array]) -> Task:
     def train_loss(params, batch, probes, key=None):
         tap = Tap(probes)
         logits = apply(params, batch["tokens"], batch["mask"], tap)
-        return next_token_losses(logits, batch, key), tap.inputs
+        return next_token_losses(logits, batch, key)
 
     def measurement(params, batch, probes):
         return train_loss(params, batch, probes, None)
@@ -159,7 +184,7 @@ def mlp_task(kind: str = "classification") -> Task:
             if key is not None:
                 y = jax.lax.stop_gradient(out) + jax.random.normal(key, out.shape, out.dtype)
             loss = 0.5 * jnp.sum((y - out) ** 2, axis=-1)
-        return loss * batch["mask"], tap.inputs
+        return loss * batch["mask"]
 
     def measurement(params, batch, probes):
         return train_loss(params, batch, probes, None)

@@ -4,12 +4,20 @@ Same model, same batch of documents: a plain training step (``value_and_grad``
 of the summed loss w.r.t. all parameters), the covariance update, the Lambda
 update and scoring against 32 queries at rank 32 (MLP layers tracked, as in
 Ruis et al.). Prints a markdown table of median times and the ratios to the
-forward+backward step. Also timed: the capture alone (forward, and backward
-with respect to the probes: what every stage pays before its own work), scoring
-in each contraction order (``scoring.contraction_plan`` picks one per block),
-and preparing the queries (preconditioning and the rank-r SVDs).
+forward+backward step. Also timed: the engine's pass alone (forward, and the
+backward pass to every tracked layer with a trivial statistic: what every stage
+pays before its own work), scoring in each contraction order
+(``scoring.contraction_plan`` picks one per block), and the query stage
+(query gradients preconditioned and truncated layer by layer in the backward
+pass, as ``jaxinf run`` does, against preconditioning given gradients).
 
-    python scripts/bench_engine.py [--d-model 256 --layers 4 --seq 256 --batch 8]
+With ``--dtype bfloat16`` the parameters (and so the activations) are bf16; with
+``--peak-tflops`` (the device's peak for that dtype) each row also gets its
+model-FLOPs utilisation: XLA's FLOP count of the compiled step over its time,
+as a fraction of the peak.
+
+    python scripts/bench_engine.py [--d-model 256 --layers 4 --seq 256 --batch 8] [--dtype bfloat16]
+        [--peak-tflops 989]
 """
 
 from __future__ import annotations
@@ -48,11 +56,13 @@ def main(argv=None) -> None:
     ap.add_argument("--rank", type=int, default=32)
     ap.add_argument("--track", default="mlp")
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="parameter dtype")
+    ap.add_argument("--peak-tflops", type=float, help="the device's peak TFLOP/s for --dtype: adds an MFU column")
     args = ap.parse_args(argv)
 
     d, T, B = args.d_model, args.seq, args.batch
     params = tasks.tiny_lm_init(jax.random.key(0), vocab=args.vocab, d_model=d, n_layers=args.layers,
-                                n_heads=args.heads, d_ff=4 * d, max_len=T)
+                                n_heads=args.heads, d_ff=4 * d, max_len=T, dtype=jnp.dtype(args.dtype))
     task = tasks.tiny_lm_task(n_heads=args.heads)
     tokens = jax.random.randint(jax.random.key(1), (B, T), 0, args.vocab)
     batch = {"tokens": tokens, "mask": jnp.ones((B, T)), "weights": jnp.ones((B, T)).at[:, 0].set(0.0)}
@@ -62,7 +72,7 @@ def main(argv=None) -> None:
 
     @jax.jit
     def train_step(params, batch):
-        return jax.value_and_grad(lambda p: task.train_loss(p, batch, {}, None)[0].sum())(params)
+        return jax.value_and_grad(lambda p: task.train_loss(p, batch, None, None).sum())(params)
 
     cov_stage = stages.covariance_stage(task, layers, "sampled")
     lam_stage = stages.lambda_stage(task, layers, "sampled")
@@ -82,7 +92,9 @@ def main(argv=None) -> None:
     G, qloss = jax.jit(lambda p, b: stages.query_gradients(task, layers, p, b))(params, qbatch)
     qg = jax.jit(lambda G, l, c: scoring.prepare_queries(G, l, c, None, args.rank))(G, qloss, curv)
     score_step = jax.jit(lambda p, q, b: stages.score_batch(task, layers, p, q, b)[0].total)
-    capture_step = jax.jit(lambda p, b: stages.capture_train(task, layers, p, b, None))
+    capture_step = jax.jit(lambda p, b: stages.train_statistics(task, layers, p, b, None,
+                                                                lambda a, g, c: jnp.sum(g, axis=(0, 1))))
+    streamed = jax.jit(lambda p, b, c: stages.prepared_queries(task, layers, p, b, c, None, args.rank))
 
     def score_in(order):
         return jax.jit(lambda p, q, b: stages.score_batch(task, layers, p, q, b, plan=order)[0].total)
@@ -94,26 +106,35 @@ def main(argv=None) -> None:
         ("covariance update (A, S)", cov_step, (cov_state, params, batch, key)),
         ("Lambda update (EK-FAC)", lam_step, (lam_state, params, eigen, batch, key)),
         (f"scores ({args.queries} queries, rank {args.rank})", score_step, (params, qg, batch)),
-        ("capture alone (forward, backward w.r.t. the probes)", capture_step, (params, batch)),
+        ("engine pass alone (forward, backward to every tracked layer)", capture_step, (params, batch)),
         ("scores, tokens order in every block", score_in("tokens"), (params, qg, batch)),
         ("scores, documents order in every block", score_in("documents"), (params, qg, batch)),
-        (f"prepare {args.queries} queries (precondition, rank-{args.rank} SVDs)", prepare, (G, qloss, curv)),
+        (f"prepare {args.queries} given query gradients (precondition, rank-{args.rank} SVDs)", prepare,
+         (G, qloss, curv)),
+        (f"query stage: {args.queries} queries' gradients prepared layer by layer in the backward pass", streamed,
+         (params, qbatch, curv)),
     ]
     n_params = sum(x.size for x in jax.tree.leaves(params))
     tracked = sum(s.num_params for s in layers.values())
     print(f"# jaxinf engine benchmark on {jax.devices()[0].platform} ({jax.device_count()} device(s)), "
           f"jax {jax.__version__}")
     print(f"model: tiny GPT d_model={d} d_ff={4 * d} layers={args.layers} vocab={args.vocab}, "
-          f"{n_params / 1e6:.2f}M params, tracked ({args.track}): {tracked / 1e6:.2f}M; batch {B} x {T} tokens\n")
-    print("| step | median time (ms) | ratio to fwd+bwd | tokens/s |")
-    print("|---|---|---|---|")
+          f"{n_params / 1e6:.2f}M params ({args.dtype}), tracked ({args.track}): {tracked / 1e6:.2f}M; "
+          f"batch {B} x {T} tokens\n")
+    print("| step | median time (ms) | ratio to fwd+bwd | tokens/s | MFU |")
+    print("|---|---|---|---|---|")
     base = None
     with lapack_threads():  # as jaxinf run prepares queries (XLA's own matrix products do not use BLAS threads)
         for name, fn, fargs in rows:
             t = timed(fn, *fargs, repeats=args.repeats)
             base = base or t
-            rate = "-" if name.startswith("prepare") else f"{B * T / t:,.0f}"   # queries, not the batch
-            print(f"| {name} | {1e3 * t:.1f} | {t / base:.2f}x | {rate} |")
+            rate = "-" if "quer" in name.split("(")[0] else f"{B * T / t:,.0f}"   # queries, not the batch
+            mfu = "-"
+            if args.peak_tflops:
+                flops = fn.lower(*fargs).compile().cost_analysis()
+                flops = float((flops[0] if isinstance(flops, list) else flops).get("flops", 0.0))
+                mfu = f"{flops / t / (args.peak_tflops * 1e12):.1%}"
+            print(f"| {name} | {1e3 * t:.1f} | {t / base:.2f}x | {rate} | {mfu} |")
     plans = {k: scoring.contraction_plan(B, T, args.queries, s.d_out, s.d_in_aug,
                                          args.rank if min(s.d_out, s.d_in_aug) > args.rank else None)
              for k, s in layers.items()}

@@ -151,8 +151,11 @@ def run_kronfluence(w: dict, size: dict, args, out: Path) -> dict:
     with ref.quiet():
         model = ref.load_model(w["model"], "float32", attention="sdpa")     # transformers' default
         task = ref.CausalLMTask(ref.tracked_modules(model, "mlp"), torch.Generator().manual_seed(0))
+        cuda = args.torch_device == "cuda" or (args.torch_device == "auto" and torch.cuda.is_available())
+        if cuda:
+            model = model.to("cuda")
         model = prepare_model(model, task)
-        analyzer = Analyzer("bench", model, task, cpu=True, disable_tqdm=True, output_dir=str(out))
+        analyzer = Analyzer("bench", model, task, cpu=not cuda, disable_tqdm=True, output_dir=str(out))
 
         def all_stages(name, docs, timed):
             steps = [
@@ -291,6 +294,8 @@ def main(argv=None) -> None:
     ap.add_argument("--documents", type=int, help="override the size's number of documents")
     ap.add_argument("--query-rank", type=int, default=32)
     ap.add_argument("--torch-threads", type=int, default=0, help="torch.set_num_threads (default: torch's own)")
+    ap.add_argument("--torch-device", default="cpu", choices=["cpu", "cuda", "auto"],
+                    help="where kronfluence runs (auto: the GPU when torch sees one; jaxinf runs on jax's default)")
     ap.add_argument("--scan-layers", action="append", choices=["true", "false"],
                     help="jaxinf's model.scan_layers; repeat to time both (default: true, jaxinf's default)")
     ap.add_argument("--workdir", help="where the models, data and results go (default: a temporary directory)")

@@ -80,3 +80,23 @@ def per_example_grads(loss_of_row, params, layers, batch):
 def rel_err(x, y):
     x, y = np.asarray(x), np.asarray(y)
     return float(np.max(np.abs(x - y)) / max(np.max(np.abs(y)), 1e-300))
+
+
+class Captured:
+    """``a`` and ``g`` of every tracked block (``[*lead, B, T, d]``) and the sequence losses, for oracle checks."""
+
+    def __init__(self, stats, loss):
+        self.a = {k: v["a"] for k, v in stats.items()}
+        self.g = {k: v["g"] for k, v in stats.items()}
+        self.loss = loss
+
+
+jax.tree_util.register_pytree_node(Captured, lambda c: ((c.a, c.g, c.loss), None),
+                                   lambda _, ch: Captured({k: {"a": ch[0][k], "g": ch[1][k]} for k in ch[0]}, ch[2]))
+
+
+def capture_ag(loss_fn, params, batch, layers, mask=None):
+    """The engine's own mechanism with the identity statistic ``f(a, g) = (a, g)``: every layer's ``a`` and ``g``."""
+    stats, loss = capture.layer_statistics(loss_fn, params, batch, layers, lambda a, g, c: {"a": a, "g": g},
+                                           mask=batch["mask"] if mask is None else mask)
+    return Captured(stats, loss)

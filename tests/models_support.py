@@ -21,6 +21,7 @@ VOCAB = 61
 TOKENIZER_TOKENS = 50  # fewer than VOCAB: checkpoints may pad the embedding beyond the tokenizer
 
 _BASE = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4)
+_TWO = dict(_BASE, num_hidden_layers=2)
 
 # name -> (transformers family, config kwargs, save_pretrained max_shard_size or None)
 # Checkpoints in LEGACY get their config.json rewritten in the transformers 4 layout
@@ -46,6 +47,73 @@ CHECKPOINTS = {
     # per-head q/k LayerNorm (Command R+), untied head
     "cohere_qk_norm": ("cohere", dict(_BASE, num_key_value_heads=4, use_qk_norm=True, tie_word_embeddings=False,
                                       logit_scale=0.5, pad_token_id=0, bos_token_id=1, eos_token_id=2), None),
+    # ---- the families added with the registry: 2 layers, sequences (11 tokens) longer than the windows (4)
+    # sliding window on every layer
+    "mistral": ("mistral", dict(_TWO, num_key_value_heads=2, sliding_window=4), None),
+    # q/k/v biases (not o), layer 1 sliding (use_sliding_window from max_window_layers on)
+    "qwen2": ("qwen2", dict(_TWO, num_key_value_heads=2, use_sliding_window=True, sliding_window=4,
+                            max_window_layers=1), None),
+    # per-head q/k RMSNorms, explicit head_dim, biases everywhere
+    "qwen3": ("qwen3", dict(_TWO, num_key_value_heads=2, head_dim=12, attention_bias=True), None),
+    # (1 + w) RMSNorms, sqrt(hidden) embedding scale, GeGLU, tied head, multi-query
+    "gemma": ("gemma", dict(_TWO, num_key_value_heads=1, head_dim=8), None),
+    # sandwich norms, attention and final soft-caps, query_pre_attn_scalar, sliding then full layer
+    "gemma2": ("gemma2", dict(_TWO, num_key_value_heads=2, head_dim=8, query_pre_attn_scalar=6, sliding_window=4,
+                              attn_logit_softcapping=2.0, final_logit_softcapping=3.0), None),
+    # q/k norms, local rope base on the sliding layer, linearly scaled global rope on the full one
+    "gemma3": ("gemma3", dict(_TWO, num_key_value_heads=2, head_dim=8, query_pre_attn_scalar=8, sliding_window=4,
+                              layer_types=["sliding_attention", "full_attention"],
+                              rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 100.0},
+                                               "full_attention": {"rope_type": "linear", "factor": 2.0,
+                                                                  "rope_theta": 10000.0}}), None),
+    # non-parametric LayerNorms, clip_qkv (active at unit-scale weights)
+    "olmo": ("olmo", dict(_TWO, clip_qkv=0.5, pad_token_id=0), None),
+    # post-norms, q/k RMSNorms over the whole projections
+    "olmo2": ("olmo2", dict(_TWO, num_key_value_heads=2, pad_token_id=0), None),
+    # OLMo 2 with a sliding layer
+    "olmo3": ("olmo3", dict(_TWO, num_key_value_heads=2, pad_token_id=0, sliding_window=4,
+                            layer_types=["sliding_attention", "full_attention"]), None),
+    # Conv1D weights [d_in, d_out], learned positions, tied head
+    "gpt2": ("gpt2", dict(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=16, n_inner=48), None),
+    # fused qkv_proj and gate_up_proj, partial rotary, sliding window
+    "phi3": ("phi3", dict(_TWO, num_key_value_heads=2, sliding_window=4, pad_token_id=0, bos_token_id=1,
+                          eos_token_id=2, rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                                           "partial_rotary_factor": 0.5}), None),
+    # a sliding layer with interleaved rotary and a full layer without rotary
+    "cohere2": ("cohere2", dict(_TWO, num_key_value_heads=2, sliding_window=4, pad_token_id=0, bos_token_id=1,
+                                eos_token_id=2, layer_types=["sliding_attention", "full_attention"]), None),
+    # LayerNorms with bias, a quarter of each head rotated, q/k/v biases, grouped-query attention
+    "stablelm": ("stablelm", dict(_TWO, num_key_value_heads=2, use_qkv_bias=True, bos_token_id=1, eos_token_id=2), None),
+    # a layer without rotary embedding
+    "smollm3": ("smollm3", dict(_TWO, num_key_value_heads=2, no_rope_layers=[1, 0], pad_token_id=0,
+                                bos_token_id=1, eos_token_id=2), None),
+    # mixture of 4 experts, 2 per token, with a sliding window
+    "mixtral": ("mixtral", dict(_TWO, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
+                                sliding_window=4), None),
+    # Qwen3's attention, 4 experts of 20 features, 2 per token, probabilities not renormalized
+    "qwen3_moe": ("qwen3_moe", dict(_TWO, num_key_value_heads=2, num_experts=4, num_experts_per_tok=2,
+                                    moe_intermediate_size=20, norm_topk_prob=False), None),
+    # whole-projection q/k norms then clip_qkv, renormalized top-2 of 4 experts
+    "olmoe": ("olmoe", dict(_TWO, num_experts=4, num_experts_per_tok=2, norm_topk_prob=True, clip_qkv=0.5,
+                            pad_token_id=0), None),
+    # multi-query attention in a fused c_attn (nn.Linear), learned positions, tied head
+    "gpt_bigcode": ("gpt_bigcode", dict(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=16, n_inner=48),
+                    None),
+    # ---- rope scalings where these families use them (the 11-token test sequence exceeds each original context)
+    # YaRN (Qwen2.5 long context): blended frequencies and the attention temperature on cos/sin
+    "qwen2_yarn": ("qwen2", dict(_TWO, num_key_value_heads=2, head_dim=16, max_position_embeddings=32,
+                                 rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
+                                                  "original_max_position_embeddings": 8, "beta_fast": 8.0}), None),
+    # dynamic NTK: the base grows with a sequence longer than max_position_embeddings
+    "llama_dynamic": ("llama", dict(_TWO, max_position_embeddings=8,
+                                    rope_parameters={"rope_type": "dynamic", "rope_theta": 10000.0,
+                                                     "factor": 2.0}), None),
+    # longrope (Phi-3 128k): the long factors beyond original_max_position_embeddings
+    "phi3_longrope": ("phi3", dict(_TWO, pad_token_id=0, bos_token_id=1, eos_token_id=2, max_position_embeddings=64,
+                                   original_max_position_embeddings=8,
+                                   rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0,
+                                                    "long_factor": [1.0, 1.5, 3.0, 7.0],
+                                                    "short_factor": [1.0, 1.1, 1.2, 1.3]}), None),
 }
 
 LEGACY = {
@@ -59,6 +127,24 @@ _CLASSES = {
     "llama": ("LlamaConfig", "LlamaForCausalLM", "llama.modeling_llama"),
     "gpt_neox": ("GPTNeoXConfig", "GPTNeoXForCausalLM", "gpt_neox.modeling_gpt_neox"),
     "cohere": ("CohereConfig", "CohereForCausalLM", "cohere.modeling_cohere"),
+    "mistral": ("MistralConfig", "MistralForCausalLM", "mistral.modeling_mistral"),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", "qwen2.modeling_qwen2"),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", "qwen3.modeling_qwen3"),
+    "gemma": ("GemmaConfig", "GemmaForCausalLM", "gemma.modeling_gemma"),
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", "gemma2.modeling_gemma2"),
+    "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", "gemma3.modeling_gemma3"),
+    "olmo": ("OlmoConfig", "OlmoForCausalLM", "olmo.modeling_olmo"),
+    "olmo2": ("Olmo2Config", "Olmo2ForCausalLM", "olmo2.modeling_olmo2"),
+    "olmo3": ("Olmo3Config", "Olmo3ForCausalLM", "olmo3.modeling_olmo3"),
+    "gpt2": ("GPT2Config", "GPT2LMHeadModel", "gpt2.modeling_gpt2"),
+    "phi3": ("Phi3Config", "Phi3ForCausalLM", "phi3.modeling_phi3"),
+    "cohere2": ("Cohere2Config", "Cohere2ForCausalLM", "cohere2.modeling_cohere2"),
+    "stablelm": ("StableLmConfig", "StableLmForCausalLM", "stablelm.modeling_stablelm"),
+    "smollm3": ("SmolLM3Config", "SmolLM3ForCausalLM", "smollm3.modeling_smollm3"),
+    "mixtral": ("MixtralConfig", "MixtralForCausalLM", "mixtral.modeling_mixtral"),
+    "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", "qwen3_moe.modeling_qwen3_moe"),
+    "olmoe": ("OlmoeConfig", "OlmoeForCausalLM", "olmoe.modeling_olmoe"),
+    "gpt_bigcode": ("GPTBigCodeConfig", "GPTBigCodeForCausalLM", "gpt_bigcode.modeling_gpt_bigcode"),
 }
 
 
@@ -69,11 +155,11 @@ def randomize(model, seed: int = 0) -> None:
     with torch.no_grad():
         for name, p in model.named_parameters():
             noise = torch.randn(p.shape, generator=g, dtype=torch.float64)
-            if "norm" in name:
+            if "norm" in name or ".ln_" in name:
                 value = 1.0 + 0.2 * noise if name.endswith("weight") else 0.2 * noise
             elif name.endswith("bias"):
                 value = 0.2 * noise
-            elif "embed" in name and "embed_out" not in name:
+            elif ("embed" in name and "embed_out" not in name) or ".wte." in name or ".wpe." in name:
                 value = noise
             else:
                 value = noise / math.sqrt(p.shape[-1])
@@ -126,8 +212,9 @@ def float64_transformers():
     ``torch.float32`` and ``dtype=torch.float``), which limits its agreement
     with any float64 computation to ~1e-7. For the float64 oracle, each model
     module's ``torch`` is replaced by a view of torch in which ``float32`` and
-    ``float`` are ``float64``, and ``Tensor.float`` converts to float64; the
-    model code itself is unchanged.
+    ``float`` are ``float64``, ``Tensor.float`` converts to float64, and the
+    default dtype (of tensors made from Python floats) is float64; the model
+    code itself is unchanged.
     """
     torch = oracle("torch")
     import importlib
@@ -143,25 +230,31 @@ def float64_transformers():
     modules.append(importlib.import_module("transformers.modeling_rope_utils"))
     saved = [(m, m.torch) for m in modules]
     to_float = torch.Tensor.float
+    default = torch.get_default_dtype()
     try:
         for m in modules:
             m.torch = Torch64()
         torch.Tensor.float = lambda self, *args, **kwargs: self.to(torch.float64)
+        torch.set_default_dtype(torch.float64)  # tensors made from Python floats (dynamic rope's base)
         yield
     finally:
+        torch.set_default_dtype(default)
         torch.Tensor.float = to_float
         for m, t in saved:
             m.torch = t
 
 
 def hf_logits(directory: Path, tokens: np.ndarray, mask: np.ndarray, float64: bool = False) -> np.ndarray:
-    """transformers' logits for a saved checkpoint (eager attention; float64 through :func:`float64_transformers`)."""
+    """transformers' logits for a saved checkpoint (eager attention and experts; float64 through
+    :func:`float64_transformers`)."""
     torch = oracle("torch")
     transformers = oracle("transformers")
     ctx = float64_transformers() if float64 else contextlib.nullcontext()
     with ctx, torch.no_grad():
+        moe = {"experts_implementation": "eager"} if {"num_local_experts", "num_experts"} & set(
+            config_json(Path(directory))) else {}
         model = transformers.AutoModelForCausalLM.from_pretrained(
-            directory, dtype=torch.float64 if float64 else torch.float32, attn_implementation="eager").eval()
+            directory, dtype=torch.float64 if float64 else torch.float32, attn_implementation="eager", **moe).eval()
         out = model(input_ids=torch.tensor(np.asarray(tokens), dtype=torch.long),
                     attention_mask=torch.tensor(np.asarray(mask), dtype=torch.long)).logits
     return out.numpy()

@@ -223,9 +223,8 @@ def stages_task(out: Path) -> None:
         # eigendecomposition, from the single-device covariance
         _say(f"{data}x{model}: eigen")
         placed_cov = ex.place(ref["cov"])
-        eig_fn = jax.jit(lambda c: sharding.distributed_eigendecompose(c, mesh),
-                         out_shardings=ex.shardings(jax.eval_shape(curvature.eigendecompose, ref["cov"])))
-        r["collectives"]["eigen"] = _collectives(eig_fn.lower(placed_cov).compile())
+        big = max(placed_cov.A.values(), key=lambda m: m.shape[-1])
+        r["collectives"]["eigen"] = _collectives(ex.eigh_program(big, "A").lower(big).compile())
         eigen = ex.eigendecompose(placed_cov)
         r["errors"]["eigen"] = _tree_rel(eigen, ref["eigen"])
         r["layouts"]["eigen"] = _layouts(eigen)
@@ -247,10 +246,10 @@ def stages_task(out: Path) -> None:
         # query gradients, preconditioned by the single-device curvature
         _say(f"{data}x{model}: queries")
         pcurv = ex.place(curv)
-        Gm, lm_loss = ex.jit(lambda p, b: stages.query_gradients(task, layers, p, b))(params, ex.put_replicated(qhost))
-        prep_fn = ex.jit(lambda G, l, c: ex.prepare_queries(G, l, c, None, 4))     # the SVDs spread over devices
-        r["collectives"]["queries"] = _collectives(prep_fn.lower(Gm, lm_loss, pcurv).compile())
-        qg = prep_fn(Gm, lm_loss, pcurv)
+        qput = ex.put_replicated(qhost)
+        prep_fn = ex.jit(lambda p, b, c: stages.prepared_queries(task, layers, p, b, c, None, 4))  # layer by layer
+        r["collectives"]["queries"] = _collectives(prep_fn.lower(params, qput, pcurv).compile())
+        qg = prep_fn(params, qput, pcurv)
         qg = ex.place(qg)
         # the rank-4 factors are unique up to sign per singular vector: compare the products left @ right^T
         prod = lambda q: {k: np.einsum("...qor,...qir->...qoi", np.asarray(q.left[k]), np.asarray(q.right[k]))  # noqa: E731
@@ -258,12 +257,13 @@ def stages_task(out: Path) -> None:
         r["errors"]["queries"] = max(_tree_rel(prod(qg), prod(ref["queries"])), _rel(qg.loss, ref["queries"].loss),
                                      _tree_rel(qg.full, ref["queries"].full) if qg.full else 0.0)
         r["layouts"]["queries"] = _layouts(qg)
-        # the other strategies (full rank): the distributed preparation against the engine's on one device
+        # the other strategies (full rank): the streamed preparation on the mesh against prepare_queries on one device
         for strategy in ("identity", "diagonal", "kfac"):
             c1 = curvature.curvature(strategy, ref["eigen"],
                                      curvature.kfac_lambda(ref["eigen"]) if strategy == "kfac" else ref["Lambda"])
             want = jax.jit(lambda G, l, c: scoring.prepare_queries(G, l, c, 0.01, None))(G, qloss, c1)
-            got = ex.jit(lambda G, l, c: ex.prepare_queries(G, l, c, 0.01, None))(Gm, lm_loss, ex.place(c1))
+            got = ex.jit(lambda p, b, c: stages.prepared_queries(task, layers, p, b, c, 0.01, None))(
+                params, qput, ex.place(c1))
             r["errors"]["queries_" + strategy] = _tree_rel(got.full, want.full)
 
         # scores, against the single-device query gradients

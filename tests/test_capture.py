@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from engine_fixtures import doc_batch, layers_of, rel_err, tiny_lm, tracked_param_subtree
+from engine_fixtures import capture_ag, doc_batch, layers_of, rel_err, tiny_lm, tracked_param_subtree
 from jaxinf import capture, tasks
 from jaxinf.capture import CaptureError, Tap
 
@@ -40,9 +40,9 @@ def test_sum_of_per_sequence_gradients_is_the_weight_gradient():
         task, params = tiny_lm(jnp.float64)
         batch = doc_batch()
         layers = layers_of(task, params, batch)
-        cap = jax.jit(lambda p, b: capture.capture(lambda pp, bb, pr: task.train_loss(pp, bb, pr, None),
-                                                   p, b, layers, b["mask"]))(params, batch)
-        grads = jax.grad(lambda p: task.train_loss(p, batch, {}, None)[0].sum())(params)
+        cap = jax.jit(lambda p, b: capture_ag(lambda pp, bb, pr: task.train_loss(pp, bb, pr, None),
+                                              p, b, layers))(params, batch)
+        grads = jax.grad(lambda p: task.train_loss(p, batch, None, None).sum())(params)
         gsub = tracked_param_subtree(grads, layers)
         for name, spec in layers.items():
             G = capture.per_sequence_gradient(cap.a[name], cap.g[name]).sum(-3)  # [*lead, d_out, d_in']
@@ -56,7 +56,7 @@ def test_padding_is_masked_and_bias_column_is_the_mask():
     task, params = tiny_lm(jnp.float32)
     batch = doc_batch(length=9)
     layers = layers_of(task, params, batch, "mlp")
-    cap = capture.capture(lambda p, b, pr: task.train_loss(p, b, pr, None), params, batch, layers, batch["mask"])
+    cap = capture_ag(lambda p, b, pr: task.train_loss(p, b, pr, None), params, batch, layers)
     a, g = cap.a["layers.*.mlp.fc_in"], cap.g["layers.*.mlp.fc_in"]
     pad = np.asarray(batch["mask"]) == 0
     assert np.all(np.asarray(a)[:, pad] == 0) and np.all(np.asarray(g)[:, pad] == 0)
@@ -69,9 +69,8 @@ def test_capture_under_vmap_matches_the_batch():
     batch = doc_batch(length=8)
     layers = layers_of(task, params, batch, "mlp")
     fn = lambda p, b, pr: task.train_loss(p, b, pr, None)
-    whole = capture.capture(fn, params, batch, layers, batch["mask"])
-    one = jax.vmap(lambda row: capture.capture(fn, params, jax.tree.map(lambda x: x[None], row), layers,
-                                               row["mask"][None]))(batch)
+    whole = capture_ag(fn, params, batch, layers)
+    one = jax.vmap(lambda row: capture_ag(fn, params, jax.tree.map(lambda x: x[None], row), layers))(batch)
     for k in layers:
         np.testing.assert_allclose(np.asarray(one.g[k][:, :, 0]), np.asarray(jnp.moveaxis(whole.g[k], 1, 0)),
                                    rtol=1e-5, atol=1e-6)
@@ -85,13 +84,13 @@ def test_scanned_block_gives_one_entry_per_layer_index():
     batch = doc_batch(length=8)
     layers = layers_of(task, params, batch, "mlp")
     fn = lambda p, b, pr: task.train_loss(p, b, pr, None)
-    scanned = capture.capture(fn, params, batch, layers, batch["mask"])
+    scanned = capture_ag(fn, params, batch, layers)
 
     unrolled_task = tasks.tiny_lm_task(unroll=True)
     ufn = lambda p, b, pr: unrolled_task.train_loss(p, b, pr, None)
     ulayers = capture.select_layers(capture.find_layers(ufn, params, batch), "mlp")
     assert set(ulayers) == {"layers.0.mlp.fc_in", "layers.1.mlp.fc_in", "layers.0.mlp.fc_out", "layers.1.mlp.fc_out"}
-    unrolled = capture.capture(ufn, params, batch, ulayers, batch["mask"])
+    unrolled = capture_ag(ufn, params, batch, ulayers)
     for tree in ("a", "g"):
         expanded = capture.expand(getattr(scanned, tree), layers)
         for name, value in expanded.items():
@@ -105,8 +104,8 @@ def test_index_subset_of_a_stacked_block():
     fn = lambda p, b, pr: task.train_loss(p, b, pr, None)
     all_layers = layers_of(task, params, batch, "mlp")
     one = capture.select_layers(all_layers, ["layers.1.mlp.*"])
-    full = capture.capture(fn, params, batch, all_layers, batch["mask"])
-    part = capture.capture(fn, params, batch, one, batch["mask"])
+    full = capture_ag(fn, params, batch, all_layers)
+    part = capture_ag(fn, params, batch, one)
     for k in one:
         assert part.a[k].shape[0] == 1
         np.testing.assert_allclose(np.asarray(part.g[k][0]), np.asarray(full.g[k][1]), rtol=1e-6)
@@ -117,11 +116,11 @@ def test_bad_inputs_are_named():
     batch = doc_batch()
     fn = lambda p, b, pr: task.train_loss(p, b, pr, None)
     layers = layers_of(task, params, batch, "mlp")
-    bad = {"layers.*.mlp.fc_in": jnp.zeros((2, 3, 3, 12))}
-    with pytest.raises(CaptureError, match=r"layer 'layers\.\*\.mlp\.fc_in': probe of shape"):
-        fn(params, batch, bad)
+    bad = {"layers.*.mlp.fc_in": jnp.zeros((3, 12))}      # the block has 2 layers: a context of 3 is refused
+    with pytest.raises(CaptureError, match=r"layer 'layers\.\*\.mlp\.fc_in': context of leading shape \(3,\)"):
+        capture.layer_statistics(fn, params, batch, layers, lambda a, g, c: a.sum(), bad, mask=batch["mask"])
     with pytest.raises(CaptureError, match=r"token losses of shape .* do not match the mask"):
-        capture.capture(fn, params, batch, layers, batch["mask"][:, :3])
+        capture_ag(fn, params, batch, layers, batch["mask"][:, :3])
     with pytest.raises(CaptureError, match=r"calls no Tap.linear"):
         capture.find_layers(lambda p, b, pr: (b["mask"], {}), params, batch)
     with pytest.raises(CaptureError, match=r"no token axis"):

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from engine_fixtures import layers_of, rel_err
+from engine_fixtures import capture_ag, layers_of, rel_err
 from jaxinf import capture, curvature, stages, tasks
 from jaxinf.curvature import Covariance
 
@@ -27,7 +27,7 @@ def _mlp_setup(n=24, sizes=(3, 4, 2), seed=0):
 
 def _dense_pieces(task, params, batch, layers, name):
     """Oracle per-example gradients vec(G[n]) (row-major [d_out, d_in']) and per-token a, g, with numpy."""
-    cap = capture.capture(lambda p, b, pr: task.train_loss(p, b, pr, None), params, batch, layers, batch["mask"])
+    cap = capture_ag(lambda p, b, pr: task.train_loss(p, b, pr, None), params, batch, layers)
     a = np.asarray(cap.a[name]).reshape(-1, cap.a[name].shape[-1])
     g = np.asarray(cap.g[name]).reshape(-1, cap.g[name].shape[-1])
     G = np.einsum("bto,bti->boi", np.asarray(cap.g[name]), np.asarray(cap.a[name]))
@@ -140,9 +140,9 @@ def _exact_sampled_fisher_S(apply, params, tokens, mask, weights, layers, vocab)
         tap = capture.Tap(pr)
         lg = apply(p, b["tokens"], b["mask"], tap)
         nll = tasks.token_nll(lg[:, :-1], b["labels"]) * b["weights"][:, 1:]
-        return jnp.pad(nll, ((0, 0), (0, 1))), tap.inputs
+        return jnp.pad(nll, ((0, 0), (0, 1)))
 
-    capture_g = jax.jit(lambda b: capture.capture(loss_fn, params, b, layers, b["mask"]).g)
+    capture_g = jax.jit(lambda b: capture_ag(loss_fn, params, b, layers).g)
     total = {k: 0.0 for k in layers}
     for combo in itertools.product(range(vocab), repeat=len(targets)):
         labels = np.zeros(tokens.shape[1] - 1, np.int32)
@@ -221,3 +221,22 @@ def test_failed_eigh_falls_back_to_a_jittered_decomposition(monkeypatch):
         assert len(calls) == 2 and bool(jnp.all(jnp.isfinite(e)))
         assert rel_err(Q @ jnp.diag(e) @ Q.T, M) < 1e-6           # the jitter (1e-7 x mean eigenvalue) is undone
         np.testing.assert_allclose(np.asarray(e), np.linalg.eigvalsh(np.asarray(M)), rtol=1e-6, atol=1e-6)
+
+
+def test_sampled_labels_follow_the_predictive_distribution_without_a_vocabulary_wide_cumsum():
+    """The chunked inverse CDF draws the labels the whole-vocabulary inverse CDF draws from the same uniforms
+    (all but float-rounding ties), and their frequencies match softmax(logits) within 5 binomial sigmas."""
+    logits = jax.random.normal(jax.random.key(0), (2, 3, 1037)) * 3      # 1037: not a multiple of the chunks
+    keys = jax.random.split(jax.random.key(1), 4000)
+    ys = np.asarray(jax.vmap(lambda k: tasks.sample_labels(k, logits))(keys))
+
+    def whole(k):
+        F = jnp.cumsum(jax.nn.softmax(logits, -1), -1)
+        u = jax.random.uniform(k, F.shape[:-1] + (1,), F.dtype) * F[..., -1:]
+        return jnp.minimum(jnp.sum(F <= u, -1), logits.shape[-1] - 1)
+
+    assert (ys == np.asarray(jax.vmap(whole)(keys))).mean() > 0.999
+    p = np.asarray(jax.nn.softmax(logits, -1))[0, 0]
+    freq = np.bincount(ys[:, 0, 0], minlength=1037) / len(keys)
+    assert np.all(np.abs(freq - p) <= 5 * np.sqrt(p * (1 - p) / len(keys)) + 1e-3)
+    assert ys.min() >= 0 and ys.max() < 1037

@@ -65,24 +65,25 @@ def jaxinf_matrix(w: dict, run_dir) -> dict:
         (batch,) = list(document_batches(source, encoder, batch_size=len(source), max_length=ks.MAX_LENGTH))
         order = np.argsort(batch["index"])
         keys = ("tokens", "mask", "weights")
-        captured = jax.jit(lambda p, b: stages.capture_train(task, layers, p, b, None))(
-            lm.params, {k: jnp.asarray(batch[k]) for k in keys})
+        docs = {k: jnp.asarray(batch[k]) for k in keys}
         (qb,) = query_batches(encode_queries(read_queries(str(w["queries"])), encoder, max_length=ks.MAX_LENGTH))
         G, qloss = jax.jit(lambda p, b: stages.query_gradients(task, layers, p, b))(
             lm.params, {k: jnp.asarray(qb[k]) for k in keys})
         eigen = jax.tree.map(jnp.asarray, run.eigen)
-        diag = curvature.lambda_finalize(curvature.lambda_update(curvature.lambda_init(layers), captured, None))
+        diag = stages.run_stage(stages.lambda_stage(task, layers, "empirical"), (lm.params, None), [docs], None)
         curvs = {"identity": curvature.curvature("identity"),
                  "diagonal": curvature.curvature("diagonal", None, diag),
                  "kfac": curvature.curvature("kfac", eigen, curvature.kfac_lambda(eigen)),
                  "ekfac": curvature.curvature("ekfac", eigen, jax.tree.map(jnp.asarray, run.Lambda))}
         pairwise, self_scores = {}, {}
+        score = jax.jit(lambda p, q, b: stages.score_batch(task, layers, p, q, b)[0].total)
+        self_of = jax.jit(lambda p, c, b, damping: stages.self_influence_batch(task, layers, p, c, damping, b)[0],
+                          static_argnums=3)
         for strategy, damping, rank in _configs():
             qg = scoring.prepare_queries(G, qloss, curvs[strategy], damping, rank)
-            pairwise[(strategy, damping, rank)] = np.asarray(scoring.pairwise_scores(qg, captured).total)[:, order]
+            pairwise[(strategy, damping, rank)] = np.asarray(score(lm.params, qg, docs))[:, order]
             if rank is None:
-                self_scores[(strategy, damping)] = np.asarray(
-                    scoring.self_scores(curvs[strategy], damping, captured))[order]
+                self_scores[(strategy, damping)] = np.asarray(self_of(lm.params, curvs[strategy], docs, damping))[order]
         return {"pairwise": pairwise, "self": self_scores, "diagonal_lambda": transfer.per_layer(diag, layers)}
 
 

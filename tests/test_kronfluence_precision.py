@@ -80,7 +80,7 @@ def sampled_agreement(tmp_path_factory, family: str, sizes: tuple[int, ...], see
         (qb,) = query_batches(encode_queries(read_queries(str(w["queries"])), encoder, max_length=ks.MAX_LENGTH))
         G, qloss = jax.jit(lambda p, b: stages.query_gradients(task, layers, p, b))(
             lm.params, {k: jnp.asarray(qb[k]) for k in keys})
-        scored = jax.jit(lambda p, b: stages.capture_train(task, layers, p, b, None))(lm.params, batches[0])
+        score = jax.jit(lambda p, q, b: stages.score_batch(task, layers, p, q, b)[0].total)
         cov_stage, lam_stage = stages.covariance_stage(task, layers, "sampled"), stages.lambda_stage(task, layers,
                                                                                                      "sampled")
         cov_step, lam_step = jax.jit(cov_stage.update), jax.jit(lam_stage.update)
@@ -97,7 +97,7 @@ def sampled_agreement(tmp_path_factory, family: str, sizes: tuple[int, ...], see
                 state, _ = lam_step(state, lm.params, eigen, b, jax.random.fold_in(key, 10_000 + i))
             curv = curvature.curvature("ekfac", eigen, lam_stage.finalize(state))
             qg = scoring.prepare_queries(G, qloss, curv, None, None)
-            mine = np.asarray(scoring.pairwise_scores(qg, scored).total)[:, order]
+            mine = np.asarray(score(lm.params, qg, batches[0]))[:, order]
             kron = ks.Kronfluence(w, tmp_path_factory.mktemp(f"kf-sampled-{n}"), fisher="sampled", seed=seed,
                                   n_documents=n)
             kron.fit("ekfac")

@@ -147,14 +147,26 @@ def test_stacked_and_per_layer_parameters_hold_the_same_tensors(hf_checkpoint):
     np.testing.assert_array_equal(stacked.params["lm_head"]["kernel"], tensors["embed_out.weight"].T)
 
 
-def test_unused_tensors_are_reported(hf_checkpoint, tmp_path):
-    def add(t):
+def test_unused_tensors_are_errors_except_recomputed_buffers(hf_checkpoint, tmp_path):
+    """An unused tensor could change the function (a Qwen2 q_proj bias in a checkpoint renamed to Llama): refused.
+
+    Buffers that transformers recomputes and ignores (rotary inv_freq) are skipped and listed.
+    """
+    def add_buffer(t):
         t["model.layers.0.self_attn.rotary_emb.inv_freq"] = np.ones(4, np.float32)
 
-    directory = _single_file(hf_checkpoint("cohere"), tmp_path / "extra", add)
-    with pytest.warns(UserWarning, match="1 checkpoint tensor"):
-        lm, _ = from_hf(directory, tokenizer=False)
+    directory = _single_file(hf_checkpoint("cohere"), tmp_path / "buffer", add_buffer)
+    lm, _ = from_hf(directory, tokenizer=False)
     assert lm.info["skipped_tensors"] == ["model.layers.0.self_attn.rotary_emb.inv_freq"]
+
+    def add_bias(t):
+        for i in range(3):
+            t[f"model.layers.{i}.self_attn.q_proj.bias"] = np.ones(32, np.float32)
+
+    directory = _single_file(hf_checkpoint("llama"), tmp_path / "bias", add_bias)
+    assert _error(directory) == (f"{directory / 'model.safetensors'}: tensor model.layers.0.self_attn.q_proj.bias "
+                                 "is not used by jaxinf's llama model (and 2 more: model.layers.1.self_attn.q_proj.bias, "
+                                 "model.layers.2.self_attn.q_proj.bias)")
 
 
 def test_tied_checkpoint_may_store_the_output_projection(hf_checkpoint, tmp_path, recwarn):
@@ -251,16 +263,24 @@ def test_unknown_architecture(hf_checkpoint, tmp_path):
     cfg = json.loads((directory / "config.json").read_text())
     cfg["architectures"], cfg["model_type"] = ["MambaForCausalLM"], "mamba"
     (directory / "config.json").write_text(json.dumps(cfg))
+    from jaxinf.models.families import FAMILIES
+
+    supported = ", ".join(a for family in FAMILIES.values() for a in family.architectures)
+    assert supported.startswith("LlamaForCausalLM, GPTNeoXForCausalLM, CohereForCausalLM, MistralForCausalLM")
     assert _error(directory) == (f"{directory / 'config.json'}: field architectures: unknown architecture "
-                                 "'MambaForCausalLM' (supported: LlamaForCausalLM, GPTNeoXForCausalLM, "
-                                 "CohereForCausalLM)")
+                                 f"'MambaForCausalLM' (supported: {supported})")
 
 
 @pytest.mark.parametrize("field,value,message", [
     ("hidden_size", None, "field hidden_size is missing"),
     ("num_attention_heads", "four", "field num_attention_heads has value 'four', expected int"),
     ("hidden_act", "mish", "field hidden_act is 'mish', not supported"),
-    ("rope_parameters", {"rope_type": "yarn", "factor": 2.0}, "field rope_parameters.rope_type is 'yarn'"),
+    ("rope_parameters", {"rope_type": "mrope", "factor": 2.0}, "field rope_parameters.rope_type is 'mrope'"),
+    # fields that change the computation and that cohere does not have: refused, not ignored
+    ("sliding_window", 4, "field sliding_window is not implemented by jaxinf's cohere (it may change the computation)"),
+    ("final_logit_softcapping", 30.0, "field final_logit_softcapping is not implemented by jaxinf's cohere"),
+    ("rope_parameters", {"rope_type": "default", "rope_theta": 10.0, "beta_fast": 2.0},
+     "field rope_parameters.beta_fast is not implemented by jaxinf"),
 ])
 def test_bad_config_fields(hf_checkpoint, tmp_path, field, value, message):
     directory = _copy(hf_checkpoint("cohere"), tmp_path / "cfg")
@@ -280,6 +300,18 @@ def test_tokenizer_larger_than_the_vocabulary(hf_checkpoint, tmp_path):
     (directory / "tokenizer.json").unlink()
     assert _error(directory) == f"{directory / 'tokenizer.json'}: file is missing (the tokenizer)"
     assert from_hf(directory, tokenizer=False)[1] is None
+
+
+def test_pytorch_bin_is_refused_with_the_conversion_command(hf_checkpoint, tmp_path):
+    """No pickle is ever loaded: a checkpoint with only pytorch_model.bin gets one line saying how to convert it."""
+    directory = tmp_path / "bin"
+    directory.mkdir()
+    (directory / "config.json").write_text((hf_checkpoint("llama") / "config.json").read_text())
+    (directory / "pytorch_model.bin").write_bytes(b"\x80\x02not really a pickle")
+    assert _error(directory, tokenizer=False) == (
+        f"{directory}: only pytorch_model.bin (a pickle, which jaxinf never loads); convert it to safetensors with "
+        f"python -c \"from transformers import AutoModelForCausalLM as M; M.from_pretrained('{directory}')"
+        f".save_pretrained('{directory}-safetensors')\" and load that directory")
 
 
 def test_not_a_checkpoint(tmp_path):

@@ -12,6 +12,7 @@ import numpy as np
 import optax
 import pytest
 from conftest import oracle
+from engine_fixtures import capture_ag
 from models_support import CHECKPOINTS, hf_model, padded_batch
 
 from jaxinf import capture, scoring, stages, tasks
@@ -32,8 +33,18 @@ def _expanded_names(layers):
 
 
 def _hf_linear_names(name):
+    """The linear maps of the transformers model: ``nn.Linear``, GPT-2's ``Conv1D``, a mixture's router, and
+    each expert's ``{gate,up,down}_proj`` (transformers 5 stores an expert layer's experts as one fused module)."""
     torch = oracle("torch")
-    return [n for n, m in hf_model(name).named_modules() if isinstance(m, torch.nn.Linear)]
+    from transformers.pytorch_utils import Conv1D
+
+    out = []
+    for n, m in hf_model(name).named_modules():
+        if isinstance(m, (torch.nn.Linear, Conv1D)) or type(m).__name__.endswith("TopKRouter"):
+            out.append(n)
+        elif type(m).__name__.endswith("Experts"):
+            out += [f"{n}.{e}.{p}_proj" for e in range(m.num_experts) for p in ("gate", "up", "down")]
+    return out
 
 
 @pytest.mark.parametrize("name", list(CHECKPOINTS))
@@ -84,8 +95,8 @@ def captured(hf_checkpoint):
 
                 @jax.jit
                 def run(params, batch):
-                    cap = capture.capture(loss_fn, params, batch, layers, batch["mask"])
-                    grads = jax.grad(lambda p: loss_fn(p, batch, {})[0].sum())(params)
+                    cap = capture_ag(loss_fn, params, batch, layers)
+                    grads = jax.grad(lambda p: loss_fn(p, batch, None).sum())(params)
                     return cap, grads
 
                 cache[name, scan] = (lm, layers, *jax.device_get(run(lm.params, batch)))
@@ -240,7 +251,7 @@ def test_training_with_optax_and_remat():
     batch = tasks.lm_batch([[1, 2, 3, 4, 5, 6, 7, 8], [3, 5, 7, 9, 11, 13], [2, 4, 6, 8, 10]])
 
     def loss(p, lm=lm):
-        return lm.task().train_loss(p, batch, {}, None)[0].sum() / batch["weights"].sum()
+        return lm.task().train_loss(p, batch, None, None).sum() / batch["weights"].sum()
 
     remat = init(_tiny(remat=True), 0)
     g, g_remat = jax.jit(lambda p: (jax.grad(loss)(p), jax.grad(lambda q: loss(q, remat))(p)))(lm.params)

@@ -7,7 +7,9 @@ rotary, parallel and sequential residuals, tied embeddings, logit scale, q/k
 norm, llama3 rope scaling, sharded safetensors, legacy config.json layouts).
 The float32 oracle is transformers unchanged; the float64 oracle is
 transformers with its internal float32 upcasts made float64
-(``models_support.float64_transformers``).
+(``models_support.float64_transformers``). In float32, switching off each
+feature a checkpoint exercises (``FEATURES``: a sliding window, a soft-cap, a
+rope scaling, ...) must move the logits more than 1e-2 away from transformers'.
 """
 
 from __future__ import annotations
@@ -20,9 +22,29 @@ from conftest import oracle
 from models_support import CHECKPOINTS, hf_logits, hf_token_losses, padded_batch
 
 from jaxinf import tasks
-from jaxinf.models import from_hf
+from jaxinf.models import LM, abstract, from_hf
 
 TOLERANCE = {"float32": 1e-4, "float64": 1e-10}
+
+# checkpoint -> config changes that each switch off one feature its test exercises: each must move the
+# logits away from transformers' by more than 1e-2 (in float32), so that parity at 1e-4 is not vacuous
+FEATURES = {
+    "mistral": [{"sliding_window": None, "layer_types": None}],
+    "qwen2": [{"sliding_window": None, "layer_types": None}],
+    "gemma2": [{"attn_softcap": None}, {"final_softcap": None}, {"query_pre_attn_scalar": None},
+               {"sliding_window": None, "layer_types": None}],
+    "gemma3": [{"sliding_rope_theta": None}],
+    "olmo": [{"clip_qkv": None}],
+    "olmo3": [{"sliding_window": None, "layer_types": None}],
+    "phi3": [{"sliding_window": None, "layer_types": None}, {"rotary_dim": 8}],
+    "cohere2": [{"rope_layers": None}],
+    "smollm3": [{"rope_layers": None}],
+    "qwen2_yarn": [{"rope_type": "default"}, {"rope_attention_factor": 1.0}],
+    "llama_dynamic": [{"rope_type": "default"}],
+    "phi3_longrope": [{"rope_original_max_position": 64}],  # the short factors
+    "qwen3_moe": [{"moe_renormalize": True}],
+    "olmoe": [{"clip_qkv": None}],
+}
 
 
 def _jax_batch(b):
@@ -52,6 +74,12 @@ def test_logits_and_token_losses_match_transformers(hf_checkpoint, name, precisi
     assert logit_diff <= tol
     assert loss_diff <= tol
     assert np.abs(ref[real]).max() > 0.5  # the comparison is not between near-zero logits
+    if precision == "float32":
+        for change in FEATURES.get(name, []):
+            without = lm.config.replace(**change)
+            other = jax.jit(LM(without, abstract(without).graphdef, lm.params).apply)(lm.params, batch["tokens"],
+                                                                                      batch["mask"])
+            assert np.abs(np.asarray(other) - ref)[real].max() > 1e-2, change
 
 
 @pytest.mark.parametrize("name", ["llama", "gpt_neox", "cohere"])

@@ -35,8 +35,8 @@ def test_identity_scores_equal_per_example_gradient_dot_products(track):
         docs, queries = doc_batch(), query_batch()
         layers = layers_of(task, params, docs, track)
         scores = _scores(task, layers, params, curvature.curvature("identity"), docs, queries).total
-        gd = per_example_grads(lambda p, b: task.train_loss(p, b, {}, None)[0], params, layers, docs)
-        gq = per_example_grads(lambda p, b: task.measurement(p, b, {})[0], params, layers, queries)
+        gd = per_example_grads(lambda p, b: task.train_loss(p, b, None, None), params, layers, docs)
+        gq = per_example_grads(lambda p, b: task.measurement(p, b, None), params, layers, queries)
         assert rel_err(scores, gq @ gd.T) < 1e-10
 
 
@@ -50,7 +50,7 @@ def test_identity_on_the_mlp_task_equals_per_example_gradients():
                  "mask": jnp.ones((10, 1), jnp.float64)}
         layers = layers_of(task, params, batch)
         scores = _scores(task, layers, params, curvature.curvature("identity"), batch, batch).total
-        g = per_example_grads(lambda p, b: task.train_loss(p, b, {}, None)[0], params, layers, batch)
+        g = per_example_grads(lambda p, b: task.train_loss(p, b, None, None), params, layers, batch)
         assert rel_err(scores, g @ g.T) < 1e-10
 
 

@@ -19,7 +19,6 @@ import json
 import math
 import os
 import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -622,7 +621,7 @@ def _write_json_atomic(path: Path, obj) -> None:
 
 def _write_outputs(run_dir, summary, queries, rows, fetched, texts, docs, o, report) -> None:
     """Build report/ in a fresh temporary directory, then swap it in for the old one."""
-    tmp = Path(tempfile.mkdtemp(prefix=".report-", dir=run_dir))
+    tmp = atomic.make_temp_dir(".report-", run_dir)
     try:
         report.write_report(tmp, summary, queries, rows, fetched, texts, docs, o)
         final = run_dir / "report"

@@ -9,8 +9,10 @@
 from jaxinf.curvature.correction import (
     LambdaState,
     kfac_lambda,
+    lambda_context,
     lambda_finalize,
     lambda_init,
+    lambda_statistic,
     lambda_update,
     rotated_gradient,
 )
@@ -19,16 +21,20 @@ from jaxinf.curvature.covariance import (
     CovarianceState,
     covariance_finalize,
     covariance_init,
+    covariance_statistic,
     covariance_update,
 )
 from jaxinf.curvature.eigen import Eigen, eigendecompose, stacked_eigh, symmetric_eigh
 from jaxinf.curvature.precondition import (
     STRATEGIES,
     Curvature,
+    block_damping,
     curvature,
+    curvature_context,
     damping,
     inverse_eigenvalues,
     precondition,
+    precondition_block,
 )
 
 __all__ = [
@@ -40,16 +46,22 @@ __all__ = [
     "LambdaState",
     "covariance_finalize",
     "covariance_init",
+    "covariance_statistic",
     "covariance_update",
+    "block_damping",
     "curvature",
+    "curvature_context",
     "damping",
     "eigendecompose",
     "inverse_eigenvalues",
     "kfac_lambda",
+    "lambda_context",
     "lambda_finalize",
     "lambda_init",
+    "lambda_statistic",
     "lambda_update",
     "precondition",
+    "precondition_block",
     "rotated_gradient",
     "stacked_eigh",
     "symmetric_eigh",

@@ -10,6 +10,10 @@ ever materialized per token, only one ``[d_out, d_in']`` matrix per sequence.
 
 Without an eigenbasis (``eigen=None``) the same accumulation gives the diagonal
 strategy's ``Lambda = sum_n G[n]^2 / N_seq``.
+
+Each layer's sum is formed inside the backward pass by :func:`lambda_statistic`
+(:func:`jaxinf.capture.layer_statistics`), with that layer's eigenbases as its
+context, so the rotated gradients exist for one layer at a time.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from collections.abc import Mapping
 import jax
 import jax.numpy as jnp
 
-from jaxinf.capture import Captured, LayerSpec
+from jaxinf.capture import LayerSpec
 from jaxinf.precision import float_dtype
 from jaxinf.curvature.eigen import Eigen
 from jaxinf.sharding import constrain
@@ -47,7 +51,7 @@ def lambda_init(layers: Mapping[str, LayerSpec], dtype=None) -> LambdaState:
 
 
 def rotated_gradient(a: Array, g: Array, Q_A: Array | None, Q_S: Array | None, dtype) -> Array:
-    """``Q_S^T G[n] Q_A = sum_t (Q_S^T g[n,t]) (Q_A^T a[n,t])^T`` per sequence: ``[*lead, B, d_out, d_in']``.
+    """``Q_S^T G[n] Q_A = sum_t (Q_S^T g[n,t]) (Q_A^T a[n,t])^T`` per sequence: ``[B, d_out, d_in']``.
 
     Tokens are rotated before the sum over t, so the only parameter-sized
     tensor is one per sequence. With no eigenbasis this is ``G[n]`` itself.
@@ -55,9 +59,28 @@ def rotated_gradient(a: Array, g: Array, Q_A: Array | None, Q_S: Array | None, d
     a = a.astype(dtype)
     g = g.astype(dtype)
     if Q_A is not None:
-        a = jnp.einsum("...bti,...ij->...btj", a, Q_A.astype(dtype))
-        g = jnp.einsum("...bto,...op->...btp", g, Q_S.astype(dtype))
-    return jnp.einsum("...btp,...btj->...bpj", g, a)
+        a = jnp.einsum("bti,ij->btj", a, Q_A.astype(dtype))
+        g = jnp.einsum("bto,op->btp", g, Q_S.astype(dtype))
+    return jnp.einsum("btp,btj->bpj", g, a)
+
+
+def lambda_statistic(a: Array, g: Array, eigen: Mapping[str, Array] | None) -> Array:
+    """One layer's share of a batch: ``sum_n (Q_S^T G[n] Q_A)^2`` (``sum_n G[n]^2`` when ``eigen`` is None).
+
+    ``eigen``: the layer's ``{"Q_A": ..., "Q_S": ...}``.
+    """
+    dtype = float_dtype()
+    Q_A = None if eigen is None else eigen["Q_A"]
+    Q_S = None if eigen is None else eigen["Q_S"]
+    R = constrain(rotated_gradient(a, g, Q_A, Q_S, dtype), ("batch", "rows", "cols"))
+    return constrain(jnp.sum(R * R, axis=0), ("rows", "cols"), "factor")
+
+
+def lambda_context(eigen: Eigen | None) -> dict[str, dict[str, Array]] | None:
+    """The per-block context of :func:`lambda_statistic`: each block's eigenbases (None: the diagonal strategy)."""
+    if eigen is None:
+        return None
+    return {k: {"Q_A": eigen.Q_A[k], "Q_S": eigen.Q_S[k]} for k in eigen.Q_A}
 
 
 def sequence_count(mask: Array) -> Array:
@@ -65,15 +88,10 @@ def sequence_count(mask: Array) -> Array:
     return jnp.any(mask > 0, axis=-1).sum()
 
 
-def lambda_update(state: LambdaState, captured: Captured, eigen: Eigen | None) -> LambdaState:
-    """Adds one batch: ``Lambda += sum_n (Q_S^T G[n] Q_A)^2`` (``G[n]^2`` when ``eigen`` is None)."""
-    out = {}
-    for k, acc in state.Lambda.items():
-        Q_A = None if eigen is None else eigen.Q_A[k]
-        Q_S = None if eigen is None else eigen.Q_S[k]
-        R = constrain(rotated_gradient(captured.a[k], captured.g[k], Q_A, Q_S, acc.dtype), ("batch", "rows", "cols"))
-        out[k] = acc + jnp.sum(R * R, axis=-3)
-    count = state.count + sequence_count(captured.mask).astype(state.count.dtype)
+def lambda_update(state: LambdaState, stats: Mapping[str, Array], mask: Array) -> LambdaState:
+    """Adds one batch: ``Lambda += sum_n (Q_S^T G[n] Q_A)^2`` (``stats``: per block), ``N_seq += sequences``."""
+    out = {k: acc + stats[k].astype(acc.dtype) for k, acc in state.Lambda.items()}
+    count = state.count + sequence_count(mask).astype(state.count.dtype)
     return LambdaState(Lambda=out, count=count)
 
 

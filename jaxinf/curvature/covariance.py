@@ -5,6 +5,10 @@
 over unmasked tokens (padding excluded), with ``N_tok`` counted per layer. This
 is kronfluence's normalization: both factors are divided by the token count,
 so their Kronecker product approximates the Fisher per token.
+
+Each layer's sums are formed inside the backward pass by
+:func:`covariance_statistic` (:func:`jaxinf.capture.layer_statistics`); the
+token count is the batch's, the same for every layer.
 """
 
 from __future__ import annotations
@@ -15,8 +19,9 @@ from collections.abc import Mapping
 import jax
 import jax.numpy as jnp
 
-from jaxinf.capture import Captured, LayerSpec
+from jaxinf.capture import LayerSpec
 from jaxinf.precision import float_dtype
+from jaxinf.sharding import constrain
 
 Array = jax.Array
 
@@ -52,18 +57,25 @@ def covariance_init(layers: Mapping[str, LayerSpec], dtype=None) -> CovarianceSt
 
 
 def token_outer_sum(x: Array, dtype) -> Array:
-    """``sum_{n,t} x[n,t] x[n,t]^T`` over the batch and token axes of ``x`` ``[*lead, B, T, d]``."""
+    """``sum_{n,t} x[n,t] x[n,t]^T`` over the batch and token axes of ``x`` ``[B, T, d]``."""
     x = x.astype(dtype)
-    return jnp.einsum("...bti,...btj->...ij", x, x)
+    return jnp.einsum("bti,btj->ij", x, x)
 
 
-def covariance_update(state: CovarianceState, captured: Captured) -> CovarianceState:
-    """Adds one batch: ``A += sum a a^T``, ``S += sum g g^T``, ``N_tok += sum mask``."""
-    tokens = captured.mask.sum()
+def covariance_statistic(a: Array, g: Array, context=None) -> dict[str, Array]:
+    """One layer's share of a batch: ``{"A": sum a a^T, "S": sum g g^T}`` (in the working precision)."""
+    dtype = float_dtype()
+    return {"A": constrain(token_outer_sum(a, dtype), ("rows", "cols"), "factor"),
+            "S": constrain(token_outer_sum(g, dtype), ("rows", "cols"), "factor")}
+
+
+def covariance_update(state: CovarianceState, stats: Mapping[str, dict[str, Array]], mask: Array) -> CovarianceState:
+    """Adds one batch: ``A += sum a a^T``, ``S += sum g g^T`` (``stats``: per block), ``N_tok += sum mask``."""
+    tokens = mask.sum()
     A, S, count = {}, {}, {}
     for k in state.A:
-        A[k] = state.A[k] + token_outer_sum(captured.a[k], state.A[k].dtype)
-        S[k] = state.S[k] + token_outer_sum(captured.g[k], state.S[k].dtype)
+        A[k] = state.A[k] + stats[k]["A"].astype(state.A[k].dtype)
+        S[k] = state.S[k] + stats[k]["S"].astype(state.S[k].dtype)
         count[k] = state.count[k] + tokens.astype(state.count[k].dtype)
     return CovarianceState(A=A, S=S, count=count)
 

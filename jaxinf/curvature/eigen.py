@@ -20,6 +20,7 @@ sharded, so each device maps over its own layers.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -65,10 +66,16 @@ def stacked_eigh(M: Array) -> tuple[Array, Array]:
     return e.reshape(M.shape[:-1]), Q.reshape(M.shape)
 
 
-def eigendecompose(cov: Covariance) -> Eigen:
-    """Eigendecomposition of every block's ``A`` and ``S``."""
+def eigendecompose(cov: Covariance, eigh: Callable[[Array, str], tuple[Array, Array]] | None = None) -> Eigen:
+    """Eigendecomposition of every block's ``A`` and ``S``, one factor after another.
+
+    ``eigh(M, which)`` decomposes one factor ``M`` ``[*lead, n, n]`` (``which``: "A" or "S");
+    by default :func:`stacked_eigh`. A driver passes its own (a jitted or distributed one), so that
+    one program holds one factor at a time and a step's memory is that of the largest factor.
+    """
+    eigh = eigh or (lambda M, which: stacked_eigh(M))
     Q_A, e_A, Q_S, e_S = {}, {}, {}, {}
     for k in cov.A:
-        e_A[k], Q_A[k] = stacked_eigh(cov.A[k])
-        e_S[k], Q_S[k] = stacked_eigh(cov.S[k])
+        e_A[k], Q_A[k] = eigh(cov.A[k], "A")
+        e_S[k], Q_S[k] = eigh(cov.S[k], "S")
     return Eigen(Q_A=Q_A, e_A=e_A, Q_S=Q_S, e_S=e_S)

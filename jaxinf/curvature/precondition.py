@@ -63,13 +63,18 @@ def curvature(strategy: str, eigen: Eigen | None = None, Lambda: Mapping[str, Ar
     return Curvature(strategy, dict(eigen.Q_A), dict(eigen.Q_S), dict(Lambda))
 
 
+def block_damping(Lambda: Array, value: float | None) -> Array:
+    """``lambda`` of a block's layers (shape ``[*lead]``): ``value``, or ``0.1 * mean(Lambda)`` of each layer."""
+    if value is None:
+        return HEURISTIC_DAMPING_SCALE * jnp.mean(Lambda, axis=(-2, -1))
+    return jnp.full(Lambda.shape[:-2], value, Lambda.dtype)
+
+
 def damping(curv: Curvature, value: float | None) -> dict[str, Array] | None:
-    """``lambda`` per layer (shape ``[*lead]``): ``value``, or ``0.1 * mean(Lambda)`` when ``value`` is None."""
+    """:func:`block_damping` of every block (None for the identity strategy)."""
     if curv.Lambda is None:
         return None
-    if value is None:
-        return {k: HEURISTIC_DAMPING_SCALE * jnp.mean(L, axis=(-2, -1)) for k, L in curv.Lambda.items()}
-    return {k: jnp.full(L.shape[:-2], value, L.dtype) for k, L in curv.Lambda.items()}
+    return {k: block_damping(L, value) for k, L in curv.Lambda.items()}
 
 
 def inverse_eigenvalues(Lambda: Array, damp: Array) -> Array:
@@ -77,26 +82,39 @@ def inverse_eigenvalues(Lambda: Array, damp: Array) -> Array:
     return 1.0 / (Lambda + damp[..., None, None])
 
 
-def _per_example(x: Array, lead: int) -> Array:
-    """Inserts the example axis after the ``lead`` layer axes of a factor, to broadcast against ``[*lead, n, ...]``."""
-    return jnp.expand_dims(x, lead)
+def precondition_block(g: Array, strategy: str, factors: Mapping[str, Array] | None, damp: Array | None) -> Array:
+    """``P(G) = Q_S [ (Q_S^T G Q_A) / (Lambda + lambda) ] Q_A^T`` of one block's gradients ``[*lead, n, d_out, d_in']``.
+
+    ``factors``: the block's ``Lambda`` (and ``Q_A``, ``Q_S`` for kfac and ekfac), each
+    ``[*lead, ...]``; ``damp``: ``[*lead]``. The example axis ``n`` broadcasts against them.
+    """
+    if strategy == "identity":
+        return g
+    dtype = factors["Lambda"].dtype
+    inv = jnp.expand_dims(inverse_eigenvalues(factors["Lambda"], damp), -3)
+    g = g.astype(dtype)
+    if strategy == "diagonal":
+        return g * inv
+    Q_A = jnp.expand_dims(factors["Q_A"].astype(dtype), -3)
+    Q_S = jnp.expand_dims(factors["Q_S"].astype(dtype), -3)
+    rotated = jnp.swapaxes(Q_S, -1, -2) @ g @ Q_A
+    return Q_S @ (rotated * inv) @ jnp.swapaxes(Q_A, -1, -2)
+
+
+def curvature_context(curv: Curvature) -> dict[str, dict[str, Array]] | None:
+    """Per block, the factors a preconditioning step needs (``Lambda``, ``Q_A``, ``Q_S``); None for identity."""
+    if curv.Lambda is None:
+        return None
+    out = {}
+    for k, L in curv.Lambda.items():
+        out[k] = {"Lambda": L}
+        if curv.Q_A is not None:
+            out[k].update(Q_A=curv.Q_A[k], Q_S=curv.Q_S[k])
+    return out
 
 
 def precondition(G: Mapping[str, Array], curv: Curvature, damp: Mapping[str, Array] | None) -> dict[str, Array]:
-    """``P(G) = Q_S [ (Q_S^T G Q_A) / (Lambda + lambda) ] Q_A^T`` for per-example gradients ``[*lead, n, d_out, d_in']``."""
-    if curv.strategy == "identity":
-        return dict(G)
-    out = {}
-    for k, g in G.items():
-        lead = g.ndim - 3
-        dtype = curv.Lambda[k].dtype
-        inv = _per_example(inverse_eigenvalues(curv.Lambda[k], damp[k]), lead)
-        g = g.astype(dtype)
-        if curv.strategy == "diagonal":
-            out[k] = g * inv
-            continue
-        Q_A = _per_example(curv.Q_A[k].astype(dtype), lead)
-        Q_S = _per_example(curv.Q_S[k].astype(dtype), lead)
-        rotated = jnp.swapaxes(Q_S, -1, -2) @ g @ Q_A
-        out[k] = Q_S @ (rotated * inv) @ jnp.swapaxes(Q_A, -1, -2)
-    return out
+    """:func:`precondition_block` of every block's per-example gradients ``[*lead, n, d_out, d_in']``."""
+    context = curvature_context(curv)
+    return {k: precondition_block(g, curv.strategy, None if context is None else context[k],
+                                  None if damp is None else damp[k]) for k, g in G.items()}

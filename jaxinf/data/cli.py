@@ -8,14 +8,17 @@ from jaxinf.data.errors import DataError
 
 
 def prepare_command(input_path: str, out_dir: str) -> int:
-    """``jaxinf prepare INPUT.jsonl OUT_DIR``: prints what was kept and skipped; bad input is one line on stderr, exit 2."""
+    """``jaxinf prepare INPUT.jsonl OUT_DIR``: prints what was kept and skipped; bad input is one line on stderr, exit 2 (a disk error: 3)."""
     from jaxinf.data.prepare import prepare
 
     try:
         report = prepare(input_path, out_dir)
-    except (DataError, OSError) as e:  # bad input, or the disk (full, no permission): one line, no traceback
+    except DataError as e:  # bad input: one line, no traceback
         print(f"jaxinf prepare: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # the disk (full, no permission): one line, exit 3 as for jaxinf run (jaxinf.cli.EXIT_CODES)
+        print(f"jaxinf prepare: error: {e}", file=sys.stderr)
+        return 3
     print(report.summary())
     print(f"wrote {out_dir} (TFDS array_record, split train; read it with data.documents={out_dir})")
     return 0

@@ -36,6 +36,7 @@ by one scan when the dataset is opened, skipped and counted.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Iterator, Sequence
@@ -215,13 +216,15 @@ def _iter_raw_lines(path: str) -> Iterator[tuple[int, int, bytes]]:
             offset += len(raw)
 
 
-def iter_jsonl_documents(path: str | os.PathLike, report: ReadReport | None = None) -> Iterator[tuple[int, int, dict]]:
+def iter_jsonl_documents(path: str | os.PathLike, report: ReadReport | None = None,
+                         line_digests: bytearray | None = None) -> Iterator[tuple[int, int, dict]]:
     """Validates a documents JSONL file line by line: yields ``(byte offset, byte end, record)`` of each kept document.
 
     ``record`` is as :func:`parse_document` returns. ``report`` (if given) is
     filled with the counts as the lines go by. After the last line, duplicate
     ids raise :class:`DataError` naming both lines, so a consumer that reaches
-    the end has seen a valid file.
+    the end has seen a valid file. ``line_digests`` (if given) gets the 8-byte
+    BLAKE2b digest of each kept document's line appended, in order.
     """
     path = str(path)
     report = report if report is not None else ReadReport(path)
@@ -239,6 +242,8 @@ def iter_jsonl_documents(path: str | os.PathLike, report: ReadReport | None = No
         report.default_ids += rec["default_id"]
         report.default_sources += rec["default_source"]
         ids.add(rec["id"])
+        if line_digests is not None:
+            line_digests += hashlib.blake2b(raw, digest_size=8).digest()
         yield offset, offset + len(raw), rec
     suspects = ids.suspects()
     if suspects:
@@ -270,7 +275,8 @@ class JsonlDocuments:
         self.name = self.path
         self.report = ReadReport(self.path)
         starts, ends, lines = [], [], []
-        for start, end, rec in iter_jsonl_documents(self.path, self.report):
+        self._digests = bytearray()
+        for start, end, rec in iter_jsonl_documents(self.path, self.report, self._digests):
             starts.append(start)
             ends.append(end)
             lines.append(rec["line"])
@@ -278,6 +284,12 @@ class JsonlDocuments:
         self._end = np.asarray(ends, np.int64)
         self._line = np.asarray(lines, np.int64)
         self._stamp = self._file_stamp()
+
+    def content_digest(self, n: int | None = None) -> str:
+        """SHA-256 of the first ``n`` kept documents (all when None): over the 8-byte BLAKE2b digests of their
+        lines, taken during the validating scan (no other pass over the file)."""
+        count = len(self) if n is None else min(int(n), len(self))
+        return hashlib.sha256(bytes(self._digests[:8 * count])).hexdigest()
 
     def _file_stamp(self) -> tuple[int, int]:
         st = os.stat(self.path)

@@ -23,11 +23,11 @@ import io
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
+from jaxinf.atomic import make_temp_dir
 from jaxinf.data.documents import PREPARED_MARK, ReadReport, iter_jsonl_documents
 from jaxinf.data.errors import DataError
 
@@ -128,7 +128,7 @@ def prepare(input_path: str | os.PathLike, out_dir: str | os.PathLike) -> ReadRe
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise DataError(f"{out}: already exists and is not empty; nothing was written")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.prepare-", dir=out.parent))
+    tmp = make_temp_dir(f".{out.name}.prepare-", out.parent)
     try:
         builder = _builder_class()(input_path=input_path, data_dir=str(tmp / "data"), file_format="array_record")
         builder._jaxinf_metadata["sha256"] = file_sha256(input_path)

@@ -99,7 +99,7 @@ def train(workdir: Path, texts: list[str], *, steps: int = 1200, batch_size: int
         log.info("demo model: resuming training at step %d of %d", start, steps)
 
     def loss_fn(params, batch):
-        token_losses, _ = task.train_loss(params, batch, {}, None)
+        token_losses = task.train_loss(params, batch, None, None)
         return token_losses.sum() / batch["weights"].sum()
 
     @jax.jit

@@ -45,7 +45,7 @@ def _inspect(args) -> int:
             mark = "mlp" if name in mlp else "   "
             print(f"  {mark} {name}  [{spec.d_out} x {spec.d_in_aug}]" + (f" x {spec.stack}" if spec.stacked else ""))
         if lm.info.get("skipped_tensors"):
-            print(f"unused checkpoint tensors: {', '.join(lm.info['skipped_tensors'])}")
+            print(f"skipped buffers (recomputed, as transformers does): {', '.join(lm.info['skipped_tensors'])}")
     return 0
 
 

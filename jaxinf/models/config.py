@@ -1,32 +1,37 @@
-"""What a decoder LM is made of: one frozen, hashable config for all three families.
+"""What a decoder LM is made of: one frozen, hashable config for every family.
 
-A :class:`ModelConfig` describes a Llama, GPT-NeoX (Pythia) or Cohere (Command R)
-model completely: shapes, the rotary embedding, the norms, biases, ties, and
-the dtypes and layer stacking of *this* implementation. It is static (it lives
-in the NNX graph definition), so two models with equal configs share compiled
-programs.
+A :class:`ModelConfig` describes a model of one of the registered families
+(:mod:`jaxinf.models.families`) completely: shapes, the rotary embedding,
+biases, ties, attention windows and soft-caps, and the dtypes and layer
+stacking of *this* implementation. It is static (it lives in the NNX graph
+definition), so two models with equal configs share compiled programs. What a
+family fixes in code (its norms, where they sit, which projections carry
+biases) is in its module; what its ``config.json`` may vary is here.
 
-:func:`config_from_hf` reads a Hugging Face ``config.json`` dictionary; every
-field it needs and cannot find, or finds with a value this implementation does
-not support, is a :class:`ConfigError` naming the file and the field.
+:func:`config_from_hf` reads a Hugging Face ``config.json`` dictionary through
+the family's reader (a :class:`Fields`). Every field it needs and cannot find,
+finds with a value this implementation does not support, or does not know at
+all (a field that might change the computation) is a :class:`ConfigError`
+naming the file and the field.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
-FAMILIES = ("llama", "gpt_neox", "cohere")
 DTYPES = ("float32", "bfloat16", "float16", "float64")
 ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu")
-ROPE_TYPES = ("default", "linear", "llama3")
+ROPE_TYPES = ("default", "linear", "llama3", "dynamic", "yarn", "longrope")
+LAYER_TYPES = ("full_attention", "sliding_attention")
 
 # Hugging Face names for the activations above (config.json "hidden_act").
-_HF_ACTIVATIONS = {
+HF_ACTIVATIONS = {
     "silu": "silu",
     "swish": "silu",
     "gelu": "gelu",
@@ -36,13 +41,29 @@ _HF_ACTIVATIONS = {
     "relu": "relu",
 }
 
-# config.json "architectures" / "model_type" -> family.
-_HF_ARCHITECTURES = {
-    "LlamaForCausalLM": "llama",
-    "GPTNeoXForCausalLM": "gpt_neox",
-    "CohereForCausalLM": "cohere",
-}
-_HF_MODEL_TYPES = {"llama": "llama", "gpt_neox": "gpt_neox", "cohere": "cohere"}
+# config.json fields that do not change the function a checkpoint computes in
+# evaluation (metadata, token ids, generation, caching, dropout, attention
+# kernels, the parameters' storage dtype): read by no family, refused by none.
+IGNORED = frozenset({
+    "_name_or_path", "architectures", "model_type", "transformers_version", "torch_dtype", "dtype", "auto_map",
+    "bos_token_id", "eos_token_id", "pad_token_id", "sep_token_id", "decoder_start_token_id",
+    "use_cache", "output_attentions", "output_hidden_states", "return_dict", "use_return_dict",
+    "attention_dropout", "hidden_dropout", "hidden_dropout_prob", "attention_probs_dropout_prob", "resid_pdrop",
+    "embd_pdrop", "attn_pdrop", "embedding_dropout", "classifier_dropout", "summary_first_dropout",
+    "summary_activation", "summary_proj_to_labels", "summary_type", "summary_use_proj", "task_specific_params",
+    "id2label", "label2id", "problem_type", "tokenizer_class", "is_decoder", "is_encoder_decoder",
+    "add_cross_attention", "tie_encoder_decoder", "chunk_size_feed_forward", "cross_attention_hidden_size",
+    "finetuning_task", "prefix", "pruned_heads", "torchscript", "tf_legacy_loss", "use_bfloat16",
+    "_attn_implementation_autoset", "attn_implementation", "pretraining_tp",
+    "router_aux_loss_coef", "output_router_logits", "use_flash_attn", "cache_implementation", "final_dropout",
+    "layerdrop", "gradient_checkpointing", "init_std", "bad_words_ids",
+    "begin_suppress_tokens", "diversity_penalty",
+    "do_sample", "early_stopping", "encoder_no_repeat_ngram_size", "exponential_decay_length_penalty",
+    "forced_bos_token_id", "forced_eos_token_id", "length_penalty", "max_length", "min_length",
+    "no_repeat_ngram_size", "num_beam_groups", "num_beams", "num_return_sequences", "output_scores",
+    "remove_invalid_values", "repetition_penalty", "return_dict_in_generate", "suppress_tokens", "temperature",
+    "top_k", "top_p", "typical_p",
+})
 
 
 class ModelError(ValueError):
@@ -55,19 +76,21 @@ class ConfigError(ModelError):
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    """A decoder-only LM of one of :data:`FAMILIES`.
+    """A decoder-only LM of one of the registered families (:data:`jaxinf.models.families.FAMILIES`).
 
-    Family semantics (all pre-norm, causal, rotary):
+    Each family's module documents its block; the fields here are what the
+    families' ``config.json`` files vary. All families are causal decoders;
+    every layer ``i`` attends with the kind ``layer_types[i]``
+    (``full_attention`` or ``sliding_attention``: keys ``s`` with
+    ``t - sliding_window < s <= t``) and applies the rotary embedding when
+    ``rope_layers[i]`` (both default to every layer full and rotated).
+    Sliding layers use ``sliding_rope_theta`` when it is set.
 
-    - ``llama``: ``h += attn(rms(h)); h += mlp(rms(h))``, gated MLP
-      ``down(act(gate(x)) * up(x))``, RMSNorm, rotary on halves of each head.
-    - ``gpt_neox``: LayerNorm with bias, fused ``query_key_value`` (per head
-      ``[q, k, v]``), rotary on the first ``rotary_dim`` features of each head,
-      MLP ``dense_4h_to_h(act(dense_h_to_4h(x)))``; ``parallel_residual``:
-      ``h += attn(ln1(h)) + mlp(ln2(h))``, otherwise sequential.
-    - ``cohere``: one LayerNorm without bias, ``h += attn(x) + mlp(x)`` with
-      ``x = ln(h)``, gated MLP, rotary on interleaved pairs, logits scaled by
-      ``logit_scale``, optional per-head LayerNorm of q and k (``qk_norm``).
+    Attention scores are ``q k / sqrt(query_pre_attn_scalar or head_dim)``,
+    soft-capped as ``c tanh(x / c)`` with ``c = attn_softcap`` when set;
+    ``clip_qkv`` clamps q, k and v to ``[-clip, clip]``; logits are
+    ``logit_scale * x`` then soft-capped by ``final_softcap``. A mixture of
+    experts routes each token to ``experts_per_token`` of ``num_experts`` experts.
 
     ``dtype`` is the compute dtype, ``param_dtype`` the storage dtype of the
     parameters (default: ``dtype``); ``scan`` stacks the layers for ``lax.scan``
@@ -90,6 +113,12 @@ class ModelConfig:
     rope_low_freq_factor: float = 1.0
     rope_high_freq_factor: float = 4.0
     rope_original_max_position: int = 8192
+    rope_attention_factor: float = 1.0
+    rope_beta_fast: float = 32.0
+    rope_beta_slow: float = 1.0
+    rope_truncate: bool = True
+    rope_long_factor: tuple[float, ...] | None = None
+    rope_short_factor: tuple[float, ...] | None = None
     max_position_embeddings: int = 2048
     norm_eps: float = 1e-5
     activation: str = "silu"
@@ -99,6 +128,17 @@ class ModelConfig:
     logit_scale: float = 1.0
     qk_norm: bool = False
     parallel_residual: bool = True
+    sliding_window: int | None = None
+    layer_types: tuple[str, ...] | None = None
+    rope_layers: tuple[bool, ...] | None = None
+    sliding_rope_theta: float | None = None
+    attn_softcap: float | None = None
+    final_softcap: float | None = None
+    query_pre_attn_scalar: float | None = None
+    clip_qkv: float | None = None
+    num_experts: int = 0
+    experts_per_token: int = 0
+    moe_renormalize: bool = True
     initializer_range: float = 0.02
     dtype: str = "float32"
     param_dtype: str | None = None
@@ -106,6 +146,8 @@ class ModelConfig:
     remat: bool = False
 
     def __post_init__(self):
+        from jaxinf.models.families import FAMILIES
+
         fix = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 (frozen dataclass defaults)
         if self.num_kv_heads is None:
             fix("num_kv_heads", self.num_heads)
@@ -115,6 +157,9 @@ class ModelConfig:
             fix("rotary_dim", self.head_dim)
         if self.param_dtype is None:
             fix("param_dtype", self.dtype)
+        for k in ("layer_types", "rope_layers", "rope_long_factor", "rope_short_factor"):
+            if getattr(self, k) is not None:
+                fix(k, tuple(getattr(self, k)))
         problems = []
         for k in ("dtype", "param_dtype"):
             try:
@@ -126,22 +171,36 @@ class ModelConfig:
                 fix(k, name)
             else:
                 problems.append(f"{k} {getattr(self, k)!r} is not one of {', '.join(DTYPES)}")
-        if self.family not in FAMILIES:
-            problems.append(f"family {self.family!r} is not one of {', '.join(FAMILIES)}")
         if self.num_heads <= 0 or self.num_kv_heads <= 0 or self.num_heads % self.num_kv_heads:
             problems.append(f"num_heads={self.num_heads} is not a positive multiple of num_kv_heads={self.num_kv_heads}")
-        if self.family == "gpt_neox" and self.num_kv_heads != self.num_heads:
-            problems.append("gpt_neox has no grouped-query attention (num_kv_heads must equal num_heads)")
-        if self.family == "gpt_neox" and self.head_dim * self.num_heads != self.hidden_size:
-            problems.append("gpt_neox needs head_dim * num_heads == hidden_size")
         if not (0 <= self.rotary_dim <= self.head_dim and self.rotary_dim % 2 == 0):
             problems.append(f"rotary_dim={self.rotary_dim} must be even and at most head_dim={self.head_dim}")
         if self.activation not in ACTIVATIONS:
             problems.append(f"activation {self.activation!r} is not one of {', '.join(ACTIVATIONS)}")
         if self.rope_type not in ROPE_TYPES:
             problems.append(f"rope_type {self.rope_type!r} is not one of {', '.join(ROPE_TYPES)}")
+        if self.rope_type == "longrope" and not (
+                len(self.rope_long_factor or ()) == len(self.rope_short_factor or ()) == self.rotary_dim // 2):
+            problems.append(f"longrope needs long_factor and short_factor of rotary_dim/2 = {self.rotary_dim // 2} "
+                            "values each")
         if min(self.vocab_size, self.hidden_size, self.intermediate_size, self.num_layers) <= 0:
             problems.append("vocab_size, hidden_size, intermediate_size and num_layers must be positive")
+        for k in ("layer_types", "rope_layers"):
+            v = getattr(self, k)
+            if v is not None and len(v) != self.num_layers:
+                problems.append(f"{k} has {len(v)} entries for {self.num_layers} layers")
+        if self.layer_types is not None:
+            bad = sorted(set(self.layer_types) - set(LAYER_TYPES))
+            if bad:
+                problems.append(f"layer_types {bad} are not among {', '.join(LAYER_TYPES)}")
+            if "sliding_attention" in self.layer_types and not (self.sliding_window or 0) > 0:
+                problems.append("sliding_attention layers need a positive sliding_window")
+        if self.num_experts and not 0 < self.experts_per_token <= self.num_experts:
+            problems.append(f"experts_per_token={self.experts_per_token} must be in 1..num_experts={self.num_experts}")
+        if self.family not in FAMILIES:
+            problems.append(f"family {self.family!r} is not one of {', '.join(FAMILIES)}")
+        elif not problems:
+            problems.extend(FAMILIES[self.family].check(self))
         if problems:
             raise ConfigError("model config: " + "; ".join(problems))
 
@@ -149,9 +208,33 @@ class ModelConfig:
         return dataclasses.replace(self, **changes)
 
     @property
+    def spec(self):
+        """The :class:`jaxinf.models.families.Family` of this config."""
+        from jaxinf.models.families import FAMILIES
+
+        return FAMILIES[self.family]
+
+    @property
     def backbone(self) -> str:
         """The Hugging Face name of the module holding embeddings, layers and final norm."""
-        return "gpt_neox" if self.family == "gpt_neox" else "model"
+        return self.spec.backbone
+
+    def layer_kind(self, i: int) -> tuple[bool, bool]:
+        """``(sliding, rotary)`` of layer ``i``."""
+        sliding = self.layer_types is not None and self.layer_types[i] == "sliding_attention"
+        rotary = self.rope_layers is None or bool(self.rope_layers[i])
+        return sliding, rotary
+
+    @property
+    def kinds(self) -> tuple[tuple[bool, bool], ...]:
+        """The distinct ``(sliding, rotary)`` kinds of the layers, in order of first appearance."""
+        return tuple(dict.fromkeys(self.layer_kind(i) for i in range(self.num_layers)))
+
+    @property
+    def layer_kind_indices(self) -> tuple[int, ...]:
+        """Per layer, the index of its kind in :attr:`kinds`."""
+        kinds = self.kinds
+        return tuple(kinds.index(self.layer_kind(i)) for i in range(self.num_layers))
 
     def check_dtypes(self) -> None:
         """float64 needs ``jax.enable_x64``; without it jax would silently compute in float32."""
@@ -175,124 +258,244 @@ def _field(cfg: Mapping[str, Any], key: str, source: str, kind: str = "int", def
         "float": isinstance(value, (int, float)) and not isinstance(value, bool),
         "bool": isinstance(value, bool),
         "str": isinstance(value, str),
+        "list": isinstance(value, list),
+        "object": isinstance(value, Mapping),
     }[kind]
     if not ok:
         raise ConfigError(f"{source}: field {key} has value {value!r}, expected {kind}")
     return {"int": int, "float": float}.get(kind, lambda v: v)(value)
 
 
+class Fields:
+    """Typed reads of one ``config.json`` that remember which fields were read.
+
+    ``f(key, kind, default)`` reads a field (:func:`_field`); ``f.refuse(key,
+    ...)`` rejects a field whose value is not neutral; :meth:`unread` lists the
+    fields that no read touched, that are not in :data:`IGNORED` and that are not
+    null: :func:`config_from_hf` refuses them, since jaxinf cannot know that they
+    leave the computation unchanged.
+    """
+
+    def __init__(self, cfg: Mapping[str, Any], source: str):
+        self.cfg, self.source, self.read = cfg, source, set()
+
+    def __call__(self, key: str, kind: str = "int", default: Any = ...) -> Any:
+        self.read.add(key)
+        return _field(self.cfg, key, self.source, kind, default)
+
+    def error(self, key: str, message: str) -> ConfigError:
+        return ConfigError(f"{self.source}: field {key} {message}")
+
+    def refuse(self, key: str, neutral: tuple = (None,), why: str = "is not implemented by jaxinf") -> None:
+        """A :class:`ConfigError` when ``key`` is present with a value other than those in ``neutral``."""
+        self.read.add(key)
+        value = self.cfg.get(key)
+        if value not in neutral:
+            raise self.error(key, f"is {value!r}: {why}")
+
+    def activation(self, key: str, default: str) -> str:
+        act = self(key, "str", default)
+        if act not in HF_ACTIVATIONS:
+            raise self.error(key, f"is {act!r}, not supported (supported: {', '.join(HF_ACTIVATIONS)})")
+        return HF_ACTIVATIONS[act]
+
+    def unread(self) -> list[str]:
+        return sorted(k for k, v in self.cfg.items() if k not in self.read and k not in IGNORED and v is not None)
+
+
 def family_of(cfg: Mapping[str, Any], source: str) -> str:
     """The family of a ``config.json``: from ``architectures``, else ``model_type``."""
+    from jaxinf.models.families import FAMILIES
+
+    by_arch = {a: name for name, fam in FAMILIES.items() for a in fam.architectures}
+    by_type = {t: name for name, fam in FAMILIES.items() for t in fam.model_types}
     archs = cfg.get("architectures") or []
     if isinstance(archs, str):
         archs = [archs]
     for a in archs:
-        if a in _HF_ARCHITECTURES:
-            return _HF_ARCHITECTURES[a]
+        if a in by_arch:
+            return by_arch[a]
     mt = cfg.get("model_type")
-    if not archs and mt in _HF_MODEL_TYPES:
-        return _HF_MODEL_TYPES[mt]
+    if not archs and mt in by_type:
+        return by_type[mt]
     name = archs[0] if archs else mt
-    supported = ", ".join(_HF_ARCHITECTURES)
+    supported = ", ".join(by_arch)
     raise ConfigError(f"{source}: field architectures: unknown architecture {name!r} (supported: {supported})")
 
 
-def _rope(cfg: Mapping[str, Any], source: str, default_theta: float, default_partial: float) -> dict[str, Any]:
-    """Rotary fields from ``rope_parameters`` (transformers 5) or ``rope_theta``/``rope_scaling``/``rotary_pct``."""
+def read_rope(f: Fields, default_theta: float, default_partial: float = 1.0,
+              layer_type: str | None = None) -> dict[str, Any]:
+    """Rotary fields from ``rope_parameters`` (transformers 5) or ``rope_theta``/``rope_scaling``/``rotary_pct``.
+
+    ``layer_type``: the entry of a ``rope_parameters`` keyed by layer type
+    (Gemma 3: ``{"full_attention": {...}, "sliding_attention": {...}}``).
+    Returns ``rope_type``, ``rope_theta``, ``partial`` and the scaling fields
+    of the type; any other rope type is a :class:`ConfigError` naming it.
+    """
+    cfg, source = f.cfg, f.source
     key = "rope_parameters" if cfg.get("rope_parameters") else "rope_scaling"
+    f.read.update({"rope_parameters", "rope_scaling"})
     params = cfg.get(key) or {}
     if not isinstance(params, Mapping):
         raise ConfigError(f"{source}: field {key} has value {params!r}, expected an object")
+    if layer_type is not None and set(params) & set(LAYER_TYPES):
+        key = f"{key}.{layer_type}"
+        params = params.get(layer_type) or {}
     sub = f"{source}: {key}"
     rope_type = params.get("rope_type", params.get("type")) or "default"
     if rope_type not in ROPE_TYPES:
         raise ConfigError(f"{source}: field {key}.rope_type is {rope_type!r}, not supported "
                           f"(supported: {', '.join(ROPE_TYPES)})")
+    known = {"rope_type", "type", "rope_theta", "partial_rotary_factor"} | _ROPE_FIELDS[rope_type]
+    extra = sorted(k for k, v in params.items() if k not in known and v is not None)
+    if extra:
+        raise ConfigError(f"{source}: field {key}.{extra[0]} is not implemented by jaxinf for rope type {rope_type}")
     theta = _field(params, "rope_theta", sub, "float", None)
     if theta is None:
-        theta = _field(cfg, "rope_theta", source, "float", None)
+        theta = f("rope_theta", "float", None)
     if theta is None:
-        theta = _field(cfg, "rotary_emb_base", source, "float", default_theta)
+        theta = f("rotary_emb_base", "float", default_theta)
     partial = _field(params, "partial_rotary_factor", sub, "float", None)
     if partial is None:
-        partial = _field(cfg, "partial_rotary_factor", source, "float", None)
+        partial = f("partial_rotary_factor", "float", None)
     if partial is None:
-        partial = _field(cfg, "rotary_pct", source, "float", default_partial)
+        partial = f("rotary_pct", "float", default_partial)
     out: dict[str, Any] = {"rope_type": rope_type, "rope_theta": theta, "partial": partial}
-    if rope_type in ("linear", "llama3"):
+    max_pos = f("max_position_embeddings", "int", 2048 if rope_type == "dynamic" else 8192)
+    if rope_type in ("llama3", "yarn", "longrope"):
+        # transformers prefers a top-level original_max_position_embeddings (Phi-3) for yarn and longrope
+        top = f("original_max_position_embeddings", "int", None) if rope_type != "llama3" else None
+        original = top if top is not None else _field(params, "original_max_position_embeddings", sub, "int", max_pos)
+        out["rope_original_max_position"] = original
+    if rope_type in ("linear", "llama3", "dynamic"):
         out["rope_factor"] = _field(params, "factor", sub, "float")
     if rope_type == "llama3":
         out["rope_low_freq_factor"] = _field(params, "low_freq_factor", sub, "float")
         out["rope_high_freq_factor"] = _field(params, "high_freq_factor", sub, "float")
-        out["rope_original_max_position"] = _field(
-            params, "original_max_position_embeddings", sub, "int", _field(cfg, "max_position_embeddings", source, "int", 8192))
+    if rope_type in ("yarn", "longrope"):
+        factor = _field(params, "factor", sub, "float", None)
+        factor = max_pos / original if factor is None else factor
+        attention = _field(params, "attention_factor", sub, "float", None)
+        out["rope_factor"] = factor
+        if rope_type == "yarn":
+            mscale = _field(params, "mscale", sub, "float", None)
+            mscale_all = _field(params, "mscale_all_dim", sub, "float", None)
+            if attention is None:
+                attention = (yarn_mscale(factor, mscale) / yarn_mscale(factor, mscale_all) if mscale and mscale_all
+                             else yarn_mscale(factor))
+            out["rope_beta_fast"] = _field(params, "beta_fast", sub, "float", None) or 32.0
+            out["rope_beta_slow"] = _field(params, "beta_slow", sub, "float", None) or 1.0
+            out["rope_truncate"] = _field(params, "truncate", sub, "bool", True)
+        else:
+            if attention is None:
+                attention = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
+            for k in ("long_factor", "short_factor"):
+                values = _field(params, k, sub, "list")
+                if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+                    raise ConfigError(f"{sub}.{k} must be a list of numbers")
+                out[f"rope_{k}"] = tuple(float(v) for v in values)
+        out["rope_attention_factor"] = float(attention)
+    elif params.get("factor") not in (None, 1, 1.0) and rope_type == "default":
+        raise ConfigError(f"{source}: field {key}.factor is {params['factor']!r}, unused by rope type {rope_type}")
     return out
+
+
+# The rope_parameters fields each rope type reads (beyond rope_type, rope_theta, partial_rotary_factor).
+_ROPE_FIELDS = {
+    "default": {"factor"},
+    "linear": {"factor"},
+    "dynamic": {"factor"},
+    "llama3": {"factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"},
+    "yarn": {"factor", "attention_factor", "beta_fast", "beta_slow", "mscale", "mscale_all_dim", "truncate",
+             "original_max_position_embeddings"},
+    "longrope": {"factor", "attention_factor", "long_factor", "short_factor", "original_max_position_embeddings"},
+}
+
+
+def yarn_mscale(scale: float, mscale: float = 1.0) -> float:
+    """YaRN's attention temperature: ``0.1 mscale ln(scale) + 1`` for ``scale > 1``, else 1."""
+    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
 
 
 def config_from_hf(cfg: Mapping[str, Any], source: str = "config.json", **overrides: Any) -> ModelConfig:
     """The :class:`ModelConfig` of a Hugging Face ``config.json`` (``overrides``: dtype, scan, ...).
 
-    Reads both the transformers 5 layout (``rope_parameters``) and the older one
-    (``rope_theta``, ``rope_scaling``, ``rotary_pct``, ``rotary_emb_base``),
-    with the defaults transformers applies when a field is absent.
+    The family (from ``architectures``, else ``model_type``) reads its fields
+    with the defaults transformers applies when a field is absent; both the
+    transformers 5 layout (``rope_parameters``) and the older one
+    (``rope_theta``, ``rope_scaling``, ``rotary_pct``, ``rotary_emb_base``) are
+    read. A non-null field that the family does not read and that is not in
+    :data:`IGNORED` is a :class:`ConfigError` naming it.
     """
+    from jaxinf.models.families import FAMILIES
+
     family = family_of(cfg, source)
-    f = lambda key, kind="int", default=...: _field(cfg, key, source, kind, default)  # noqa: E731
-    heads = f("num_attention_heads")
-    hidden = f("hidden_size")
-    act = f("hidden_act", "str", "gelu" if family == "gpt_neox" else "silu")
-    if act not in _HF_ACTIVATIONS:
-        raise ConfigError(f"{source}: field hidden_act is {act!r}, not supported "
-                          f"(supported: {', '.join(_HF_ACTIVATIONS)})")
-    kw: dict[str, Any] = dict(
-        family=family,
-        vocab_size=f("vocab_size"),
-        hidden_size=hidden,
-        intermediate_size=f("intermediate_size"),
-        num_layers=f("num_hidden_layers"),
-        num_heads=heads,
-        max_position_embeddings=f("max_position_embeddings", "int", 2048),
-        initializer_range=f("initializer_range", "float", 0.02),
-        activation=_HF_ACTIVATIONS[act],
-    )
-    if family == "llama":
-        rope = _rope(cfg, source, 10000.0, 1.0)
-        kw.update(
-            num_kv_heads=f("num_key_value_heads", "int", heads),
-            head_dim=f("head_dim", "int", None) or hidden // heads,
-            norm_eps=f("rms_norm_eps", "float", 1e-6),
-            attention_bias=f("attention_bias", "bool", False),
-            mlp_bias=f("mlp_bias", "bool", False),
-            tie_embeddings=f("tie_word_embeddings", "bool", False),
-        )
-    elif family == "gpt_neox":
-        rope = _rope(cfg, source, 10000.0, 0.25)
-        kw.update(
-            head_dim=hidden // heads,
-            norm_eps=f("layer_norm_eps", "float", 1e-5),
-            attention_bias=f("attention_bias", "bool", True),
-            mlp_bias=True,
-            tie_embeddings=f("tie_word_embeddings", "bool", False),
-            parallel_residual=f("use_parallel_residual", "bool", True),
-        )
-    else:
-        rope = _rope(cfg, source, 500000.0, 1.0)
-        kw.update(
-            num_kv_heads=f("num_key_value_heads", "int", heads),
-            head_dim=f("head_dim", "int", None) or hidden // heads,
-            norm_eps=f("layer_norm_eps", "float", 1e-5),
-            attention_bias=f("attention_bias", "bool", False),
-            tie_embeddings=f("tie_word_embeddings", "bool", True),
-            logit_scale=f("logit_scale", "float", 0.0625),
-            qk_norm=f("use_qk_norm", "bool", False),
-        )
-    partial = rope.pop("partial")
-    if family == "cohere" and partial != 1.0:
-        raise ConfigError(f"{source}: field partial_rotary_factor is {partial}, but cohere rotates whole heads")
-    kw["rotary_dim"] = int(kw["head_dim"] * partial)
-    kw.update(rope)
+    f = Fields(cfg, source)
+    kw = FAMILIES[family].read_config(f)
+    kw.update(family=family, initializer_range=f("initializer_range", "float", 0.02))
+    unread = f.unread()
+    if unread:
+        raise ConfigError(f"{source}: field {unread[0]} is not implemented by jaxinf's {family} "
+                          f"(it may change the computation)" + (f"; also {', '.join(unread[1:])}" if unread[1:] else ""))
     kw.update(overrides)
     try:
         return ModelConfig(**kw)
     except ConfigError as e:
         raise ConfigError(f"{source}: {str(e).removeprefix('model config: ')}") from None
+
+
+def common_fields(f: Fields, act_default: str = "silu") -> dict[str, Any]:
+    """The fields every Llama-like ``config.json`` names alike: sizes, heads, activation, positions."""
+    heads = f("num_attention_heads")
+    hidden = f("hidden_size")
+    return dict(
+        vocab_size=f("vocab_size"),
+        hidden_size=hidden,
+        intermediate_size=f("intermediate_size"),
+        num_layers=f("num_hidden_layers"),
+        num_heads=heads,
+        num_kv_heads=f("num_key_value_heads", "int", heads),
+        head_dim=f("head_dim", "int", None) or hidden // heads,
+        max_position_embeddings=f("max_position_embeddings", "int", 2048),
+        activation=f.activation("hidden_act", act_default),
+    )
+
+
+def apply_rope(kw: dict[str, Any], rope: dict[str, Any]) -> dict[str, Any]:
+    """``kw`` with the rotary fields of :func:`read_rope` (``rotary_dim`` from its ``partial``)."""
+    rope = dict(rope)
+    kw["rotary_dim"] = int(kw["head_dim"] * rope.pop("partial"))
+    kw.update(rope)
+    return kw
+
+
+def patterned_layers(f: Fields, num_layers: int, pattern: int) -> tuple[str, ...]:
+    """``layer_types`` of a config, else every ``pattern``-th layer full and the others sliding (the older
+    ``sliding_window_pattern`` field when present)."""
+    types = f("layer_types", "list", None)
+    f.read.update({"sliding_window_pattern", "_sliding_window_pattern"})  # what layer_types was made from
+    if types is None:
+        pattern = f("sliding_window_pattern", "int", pattern)
+        types = ["sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(num_layers)]
+    return tuple(types)
+
+
+def per_type_rope(f: Fields, default_theta: float, local_theta_field: str | None = None) -> dict[str, Any]:
+    """The rotary fields of configs whose ``rope_parameters`` may be keyed by layer type (Gemma 3, OLMo 3).
+
+    Full-attention layers take the ``full_attention`` entry (any supported
+    rope type); sliding layers the ``sliding_attention`` entry, which must be
+    unscaled (``default``), giving ``sliding_rope_theta``. A flat layout gives
+    both the same rope, or, with ``local_theta_field`` (Gemma 3's
+    ``rope_local_base_freq``), sliding layers that theta.
+    """
+    full = read_rope(f, default_theta, layer_type="full_attention")
+    params = f.cfg.get("rope_parameters") or {}
+    if isinstance(params, Mapping) and set(params) & set(LAYER_TYPES):
+        sliding = read_rope(f, default_theta, layer_type="sliding_attention")
+        if sliding["rope_type"] != "default" or sliding["partial"] != full["partial"]:
+            raise f.error("rope_parameters.sliding_attention", "is scaled or partial: not implemented by jaxinf")
+        full["sliding_rope_theta"] = sliding["rope_theta"]
+    elif local_theta_field is not None:
+        full["sliding_rope_theta"] = f(local_theta_field, "float", None)
+    return full

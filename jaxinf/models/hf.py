@@ -26,8 +26,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import struct
-import warnings
 from collections.abc import Callable
 from contextlib import ExitStack
 from pathlib import Path
@@ -171,6 +171,12 @@ def tensor_index(path: Path) -> tuple[dict[str, TensorInfo], Path]:
         return tensors, index_file
     files = [path / SINGLE] if (path / SINGLE).exists() else sorted(path.glob("*.safetensors"))
     if not files:
+        pickles = sorted(p.name for p in path.glob("*.bin")) + sorted(p.name for p in path.glob("*.pt"))
+        if pickles:
+            raise CheckpointError(
+                f"{path}: only {pickles[0]} (a pickle, which jaxinf never loads); convert it to safetensors with "
+                f"python -c \"from transformers import AutoModelForCausalLM as M; "
+                f"M.from_pretrained('{path}').save_pretrained('{path}-safetensors')\" and load that directory")
         raise CheckpointError(f"{path}: no {SINGLE}, {INDEX} or *.safetensors file")
     tensors: dict[str, TensorInfo] = {}
     for file in files:
@@ -225,22 +231,35 @@ def param_sources(lm: LM) -> list[ParamSource]:
     A parameter path ``model.layers.mlp.up_proj.kernel`` of a stacked model is
     read from ``model.layers.{i}.mlp.up_proj.weight`` for every layer ``i``;
     leaves ``kernel``/``scale``/``embedding`` are Hugging Face ``weight``.
-    GPT-NeoX checkpoints name the output projection ``embed_out``.
+    Each name is also accepted without the backbone prefix (a checkpoint of
+    the bare backbone, such as the original ``gpt2``), and ``lm_head.weight``
+    under the family's ``head_aliases`` (GPT-NeoX: ``embed_out.weight``).
+    A kernel is the transposed ``weight`` unless the family stores linear
+    weights as ``[d_in, d_out]`` (GPT-2's ``Conv1D``); the family's ``renames``
+    map module paths to checkpoint names where they differ (Mixtral's experts).
     """
-    c = lm.config
+    c, fam = lm.config, lm.config.spec
     out = []
     for path, leaf in parameter_paths(lm.params).items():
         parts = path.split(".")
         module, leaf_name = parts[:-1], _LEAVES[parts[-1]]
-        stacked = c.scan and module[:2] == [c.backbone, "layers"]
+        stacked = c.scan and module[:2] == [c.backbone, fam.layers]
         if stacked:
             names = tuple(".".join(module[:2] + [str(i)] + module[2:] + [leaf_name]) for i in range(c.num_layers))
         else:
             names = (".".join(module + [leaf_name]),)
-        aliased = tuple((n, "embed_out.weight") if c.family == "gpt_neox" and n == "lm_head.weight" else (n,)
-                        for n in names)
-        out.append(ParamSource(path, tuple(leaf.shape), np.dtype(leaf.dtype), aliased, stacked,
-                               parts[-1] == "kernel"))
+        for pattern, replacement in fam.renames:
+            names = tuple(re.sub(pattern, replacement, n) for n in names)
+        aliased = []
+        for n in names:
+            if n == "lm_head.weight":
+                aliased.append((n, *fam.head_aliases))
+            elif n.startswith(c.backbone + "."):
+                aliased.append((n, n[len(c.backbone) + 1:]))
+            else:
+                aliased.append((n,))
+        out.append(ParamSource(path, tuple(leaf.shape), np.dtype(leaf.dtype), tuple(aliased), stacked,
+                               parts[-1] == "kernel" and fam.linear_transposed))
     return out
 
 
@@ -260,22 +279,22 @@ def read_config(path: str | Path, **overrides: Any) -> ModelConfig:
 
 
 def load_tokenizer(path: str | Path, vocab_size: int | None = None):
-    """The ``tokenizers.Tokenizer`` of ``tokenizer.json``; checks that its ids fit ``vocab_size``.
+    """The ``tokenizers.Tokenizer`` of a checkpoint (:func:`jaxinf.models.tokenizer.read_tokenizer`: ``tokenizer.json``,
+    or ``vocab.json`` + ``merges.txt``); checks that its ids fit ``vocab_size``.
 
     A model's embedding may have more rows than the tokenizer has tokens
     (checkpoints pad the vocabulary, e.g. Pythia's 50304 rows for 50277
     tokens), so only a token id ``>= vocab_size`` is an error.
     """
-    from tokenizers import Tokenizer
+    from jaxinf.models.tokenizer import TokenizerError, read_tokenizer
 
     file = Path(path) / "tokenizer.json"
-    if not file.exists():
-        raise CheckpointError(f"{file}: file is missing (the tokenizer)")
     try:
-        tok = Tokenizer.from_file(str(file))
-    except Exception as e:  # the tokenizers library raises plain Exceptions
-        first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise CheckpointError(f"{file}: not a tokenizers tokenizer ({first})") from None
+        tok = read_tokenizer(path)
+    except TokenizerError as e:
+        raise CheckpointError(str(e)) from None
+    if not file.exists():
+        file = Path(path) / "vocab.json"
     if vocab_size is not None:
         vocab = tok.get_vocab(with_added_tokens=True)
         top = max(vocab.values(), default=-1)
@@ -299,9 +318,10 @@ def load_params(
     lm: LM,
     place: Place | None = None,
 ) -> tuple[dict, list[str]]:
-    """The parameters of the (abstract) ``lm`` read from ``path``, and the checkpoint tensors left unused.
+    """The parameters of the (abstract) ``lm`` read from ``path``, and the buffers left unused (:func:`check_unused`).
 
-    Names, shapes and dtypes of all tensors are checked first; then for each
+    Names, shapes and dtypes of all tensors, and that no other tensor is left
+    unused, are checked first; then for each
     parameter a host buffer of its dtype and shape is filled one checkpoint
     tensor at a time (:func:`read_converted`) and passed to ``place(parameter_path, buffer)``.
     """
@@ -327,7 +347,8 @@ def load_params(
             used.update(names)
         plan.append((src, found))
     if lm.config.tie_embeddings:  # some tied checkpoints also store the (identical) output projection
-        used.update({"lm_head.weight", "embed_out.weight"})
+        used.update({"lm_head.weight", *lm.config.spec.head_aliases})
+    skipped = check_unused(lm, sorted(set(tensors) - used), where)
     flat: dict[str, Any] = {}
     with ExitStack() as stack:
         handles: dict[Path, BinaryIO] = {}
@@ -338,10 +359,35 @@ def load_params(
                 if f is None:
                     f = handles[info.file] = stack.enter_context(open(info.file, "rb"))
                 read_converted(info, f, buf[i] if src.stacked else buf, src.transpose)
+                check_finite(tensors, info, buf[i] if src.stacked else buf)
             flat[src.path] = place(src.path, buf)
             del buf
-    skipped = sorted(set(tensors) - used)
     return _unflatten(lm.params, flat), skipped
+
+
+def check_finite(tensors: dict[str, TensorInfo], info: TensorInfo, values: np.ndarray) -> None:
+    """Raises :class:`CheckpointError` naming the file and tensor when ``values`` (just read) has a NaN or infinity."""
+    flat, block = values.reshape(-1), 1 << 24            # a bounded temporary, whatever the tensor's size
+    bad = sum(int(flat[i:i + block].size - np.isfinite(flat[i:i + block]).sum()) for i in range(0, flat.size, block))
+    if bad:
+        name = next((n for n, t in tensors.items() if t is info), "?")
+        raise CheckpointError(f"{info.file}: tensor {name} has {bad} non-finite value(s) (NaN or infinity); "
+                              "stage: loading the model")
+
+
+def check_unused(lm: LM, unused: list[str], where: Path) -> list[str]:
+    """The unused checkpoint tensors that are buffers transformers recomputes (``Family.buffers``); any other is an error.
+
+    A tensor that no parameter reads could change the function in transformers
+    (a bias this family does not have, a tensor of another architecture), so it
+    is a :class:`CheckpointError` naming it rather than a warning.
+    """
+    patterns = [re.compile(p) for p in lm.config.spec.buffers]
+    bad = [n for n in unused if not any(p.search(n) for p in patterns)]
+    if bad:
+        more = f" (and {len(bad) - 1} more: {', '.join(bad[1:4])}{', ...' if len(bad) > 4 else ''})" if bad[1:] else ""
+        raise CheckpointError(f"{where}: tensor {bad[0]} is not used by jaxinf's {lm.config.family} model{more}")
+    return unused
 
 
 def read_converted(info: TensorInfo, f: BinaryIO, out: np.ndarray, transpose: bool, chunk: int = CHUNK) -> None:
@@ -398,8 +444,9 @@ def from_hf(
     array)`` puts each parameter where it belongs (``name`` its dotted path in
     ``lm.params``, ``array`` its full host buffer); default ``jax.device_put``.
     Returns ``(lm, tokenizer)`` (tokenizer None when ``tokenizer=False``);
-    checkpoint tensors the model does not use are listed in
-    ``lm.info["skipped_tensors"]`` and warned about.
+    a checkpoint tensor the model does not use is an error, except buffers
+    that transformers also recomputes (rotary ``inv_freq``, causal masks),
+    which are listed in ``lm.info["skipped_tensors"]``.
     """
     path = Path(path)
     if not path.is_dir():
@@ -412,9 +459,6 @@ def from_hf(
     tok = load_tokenizer(path, config.vocab_size) if tokenizer else None
     shell = abstract(config)
     params, skipped = load_params(path, shell, place)
-    if skipped:
-        shown = ", ".join(skipped[:5]) + (", ..." if len(skipped) > 5 else "")
-        warnings.warn(f"{path}: {len(skipped)} checkpoint tensor(s) not used by the model: {shown}", stacklevel=2)
     info = {"checkpoint": str(path), "skipped_tensors": skipped}
     return LM(config, shell.graphdef, params, info), tok
 

@@ -53,10 +53,10 @@ class Linear(nnx.Module):
 
 
 class Embed(nnx.Module):
-    """Token embedding ``embedding[token]``: ``embedding`` ``[vocab, hidden]``."""
+    """Embedding ``embedding[id]``: ``embedding`` ``[rows, hidden]`` (``rows``: the vocabulary, or positions)."""
 
-    def __init__(self, config: ModelConfig, rngs: nnx.Rngs):
-        shape = (config.vocab_size, config.hidden_size)
+    def __init__(self, config: ModelConfig, rngs: nnx.Rngs, rows: int | None = None):
+        shape = (config.vocab_size if rows is None else rows, config.hidden_size)
         self.embedding = nnx.Param(_normal(rngs, shape, config.initializer_range, config.param_dtype))
 
     def __call__(self, tokens: Array, dtype) -> Array:
@@ -64,36 +64,49 @@ class Embed(nnx.Module):
 
 
 class RMSNorm(nnx.Module):
-    """``y = scale * x / sqrt(mean(x^2) + eps)`` over the last axis (Llama)."""
+    """``y = (offset + scale) * x / sqrt(mean(x^2) + eps)`` over the last axis.
 
-    def __init__(self, size: int, eps: float, config: ModelConfig):
+    ``offset`` 0 (Llama: the product is taken in the input dtype, ``scale * y.astype(x.dtype)``)
+    or 1 (Gemma: ``scale`` is stored as ``w - 1``, initialized to 0, and the
+    product is taken in at least float32 before the cast back). ``scale`` may
+    have leading axes that broadcast against ``x``.
+    """
+
+    def __init__(self, size: int | tuple[int, ...], eps: float, config: ModelConfig, offset: float = 0.0):
         self.eps = eps
-        self.scale = nnx.Param(jnp.ones((size,), config.param_dtype))
+        self.offset = offset
+        shape = (size,) if isinstance(size, int) else tuple(size)
+        self.scale = nnx.Param(jnp.full(shape, 1.0 - offset, config.param_dtype))
 
     def __call__(self, x: Array) -> Array:
-        h = x.astype(upcast(x.dtype))
+        dt = upcast(x.dtype)
+        h = x.astype(dt)
         h = h * jax.lax.rsqrt(jnp.mean(h * h, axis=-1, keepdims=True) + self.eps)
+        if self.offset:
+            return (h * (self.offset + self.scale[...].astype(dt))).astype(x.dtype)
         return (self.scale[...].astype(x.dtype) * h.astype(x.dtype)).astype(x.dtype)
 
 
 class LayerNorm(nnx.Module):
     """``y = scale * (x - mean(x)) / sqrt(var(x) + eps) (+ bias)`` over the last axis.
 
-    ``scale`` may have leading axes (Cohere's per-head q/k norm: ``[heads, head_dim]``).
-    Computed in at least float32 and cast back.
+    ``scale`` may have leading axes (Cohere's per-head q/k norm: ``[heads, head_dim]``);
+    ``parametric=False`` has neither scale nor bias (OLMo). Computed in at least float32 and cast back.
     """
 
-    def __init__(self, shape: tuple[int, ...], eps: float, bias: bool, config: ModelConfig):
+    def __init__(self, shape: tuple[int, ...], eps: float, bias: bool, config: ModelConfig, parametric: bool = True):
         self.eps = eps
-        self.scale = nnx.Param(jnp.ones(shape, config.param_dtype))
-        self.bias = nnx.Param(jnp.zeros(shape, config.param_dtype)) if bias else None
+        self.scale = nnx.Param(jnp.ones(shape, config.param_dtype)) if parametric else None
+        self.bias = nnx.Param(jnp.zeros(shape, config.param_dtype)) if bias and parametric else None
 
     def __call__(self, x: Array) -> Array:
         dt = upcast(x.dtype)
         h = x.astype(dt)
         mu = jnp.mean(h, axis=-1, keepdims=True)
         var = jnp.mean(jnp.square(h - mu), axis=-1, keepdims=True)
-        h = (h - mu) * jax.lax.rsqrt(var + self.eps) * self.scale[...].astype(dt)
+        h = (h - mu) * jax.lax.rsqrt(var + self.eps)
+        if self.scale is not None:
+            h = h * self.scale[...].astype(dt)
         if self.bias is not None:
             h = h + self.bias[...].astype(dt)
         return h.astype(x.dtype)
@@ -115,17 +128,32 @@ def activation(name: str, x: Array) -> Array:
 # --------------------------------------------------------------------------- rotary embedding
 
 
-def inverse_frequencies(config: ModelConfig) -> np.ndarray:
-    """``inv_freq[i] = theta^(-2i / rotary_dim)`` for ``i < rotary_dim / 2``, then the rope scaling (float64).
+def inverse_frequencies(config: ModelConfig, sliding: bool = False, length: int = 0) -> np.ndarray:
+    """``inv_freq[i] = theta^(-2i / R)`` for ``i < R / 2`` (``R = rotary_dim``), then the rope scaling (float64).
 
-    ``linear``: ``inv_freq / factor``. ``llama3`` (wavelength ``w = 2 pi / inv_freq``,
-    ``L`` the original context): unchanged where ``w < L / high_freq_factor``,
-    ``inv_freq / factor`` where ``w > L / low_freq_factor``, and in between
-    ``(1 - s) inv_freq / factor + s inv_freq`` with
-    ``s = (L / w - low_freq_factor) / (high_freq_factor - low_freq_factor)``.
+    - ``linear``: ``inv_freq / factor``.
+    - ``llama3`` (wavelength ``w = 2 pi / inv_freq``, ``L`` the original context):
+      unchanged where ``w < L / high_freq_factor``, ``inv_freq / factor`` where
+      ``w > L / low_freq_factor``, and in between ``(1 - s) inv_freq / factor + s inv_freq``
+      with ``s = (L / w - low_freq_factor) / (high_freq_factor - low_freq_factor)``.
+    - ``dynamic`` (NTK): for ``length > max_position_embeddings = M``,
+      ``theta' = theta (factor length / M - factor + 1)^(R / (R - 2))``; else unchanged
+      (transformers' rule for a forward pass of ``length`` positions).
+    - ``yarn``: ``inv_freq (1 - e) / factor + inv_freq e`` with ``e = 1 - clip((i - lo) / (hi - lo), 0, 1)``,
+      ``lo, hi`` the dimensions where ``beta_fast`` and ``beta_slow`` rotations fit the
+      original context ``L``: ``d(b) = R ln(L / (2 pi b)) / (2 ln theta)``, floored and
+      ceiled when ``truncate``, clipped to ``[0, R - 1]``.
+    - ``longrope``: ``inv_freq / long_factor`` when ``length > L``, else ``inv_freq / short_factor``.
+
+    For a ``sliding`` layer of a config with ``sliding_rope_theta`` (Gemma 3's
+    local layers): ``theta = sliding_rope_theta`` and no scaling.
     """
     c = config
-    inv = 1.0 / c.rope_theta ** (np.arange(0, c.rotary_dim, 2, dtype=np.float64) / c.rotary_dim)
+    R = c.rotary_dim
+    exponents = np.arange(0, R, 2, dtype=np.float64) / R
+    if sliding and c.sliding_rope_theta is not None:
+        return 1.0 / c.sliding_rope_theta ** exponents
+    inv = 1.0 / c.rope_theta ** exponents
     if c.rope_type == "linear":
         inv = inv / c.rope_factor
     elif c.rope_type == "llama3":
@@ -136,13 +164,44 @@ def inverse_frequencies(config: ModelConfig) -> np.ndarray:
         smooth = (1 - s) * scaled / c.rope_factor + s * scaled
         medium = (wavelength >= L / c.rope_high_freq_factor) & (wavelength <= L / c.rope_low_freq_factor)
         inv = np.where(medium, smooth, scaled)
+    elif c.rope_type == "dynamic" and length > c.max_position_embeddings:
+        M, f = c.max_position_embeddings, c.rope_factor
+        inv = 1.0 / (c.rope_theta * (f * length / M - (f - 1)) ** (R / (R - 2))) ** exponents
+    elif c.rope_type == "yarn":
+        L = c.rope_original_max_position
+
+        def dim(rotations: float) -> float:
+            return R * math.log(L / (rotations * 2 * math.pi)) / (2 * math.log(c.rope_theta))
+
+        lo, hi = dim(c.rope_beta_fast), dim(c.rope_beta_slow)
+        if c.rope_truncate:
+            lo, hi = math.floor(lo), math.ceil(hi)
+        lo, hi = max(lo, 0), min(hi, R - 1)
+        if lo == hi:
+            hi += 0.001
+        extrapolation = 1 - np.clip((np.arange(R // 2, dtype=np.float64) - lo) / (hi - lo), 0, 1)
+        inv = inv / c.rope_factor * (1 - extrapolation) + inv * extrapolation
+    elif c.rope_type == "longrope":
+        factors = c.rope_long_factor if length > c.rope_original_max_position else c.rope_short_factor
+        inv = inv / np.asarray(factors, np.float64)
     return inv
 
 
 def rotary_tables(config: ModelConfig, length: int, dtype) -> tuple[Array, Array]:
-    """``cos`` and ``sin`` of the angles ``t * inv_freq[i]`` for positions ``t < length``: ``[length, rotary_dim/2]``."""
-    angles = np.arange(length, dtype=np.float64)[:, None] * inverse_frequencies(config)[None, :]
-    return jnp.asarray(np.cos(angles).astype(dtype)), jnp.asarray(np.sin(angles).astype(dtype))
+    """``cos`` and ``sin`` of the angles ``t * inv_freq[i]`` for positions ``t < length``, per layer kind.
+
+    Shape ``[kinds, length, rotary_dim/2]`` over :attr:`ModelConfig.kinds`; both
+    are multiplied by ``rope_attention_factor`` (yarn, longrope; 1 otherwise,
+    and for sliding layers with their own ``sliding_rope_theta``); a kind
+    without rotary embedding gets ``cos = 1, sin = 0`` (the identity rotation).
+    """
+    cos, sin = [], []
+    for sliding, rotary in config.kinds:
+        angles = np.arange(length, dtype=np.float64)[:, None] * inverse_frequencies(config, sliding, length)[None, :]
+        scale = 1.0 if sliding and config.sliding_rope_theta is not None else config.rope_attention_factor
+        cos.append(scale * np.cos(angles) if rotary else np.ones_like(angles))
+        sin.append(scale * np.sin(angles) if rotary else np.zeros_like(angles))
+    return jnp.asarray(np.stack(cos).astype(dtype)), jnp.asarray(np.stack(sin).astype(dtype))
 
 
 def apply_rotary(x: Array, cos: Array, sin: Array, interleaved: bool) -> Array:
@@ -170,25 +229,39 @@ def apply_rotary(x: Array, cos: Array, sin: Array, interleaved: bool) -> Array:
 # --------------------------------------------------------------------------- attention
 
 
-def attention_mask(mask: Array) -> Array:
-    """``allowed[b, t, s] = (s <= t) and mask[b, s]``: causal attention to real tokens, ``[B, T, T]``."""
+def attention_mask(mask: Array, config: ModelConfig) -> Array:
+    """``allowed[k, b, t, s]``: causal attention to real tokens, per layer kind ``k``, ``[kinds, B, T, T]``.
+
+    ``(s <= t) and mask[b, s]``, and for a sliding kind also ``t - s < sliding_window``.
+    """
     T = mask.shape[-1]
-    causal = jnp.tril(jnp.ones((T, T), bool))
-    return causal[None] & (mask[:, None, :] > 0)
+    t, s = jnp.arange(T)[:, None], jnp.arange(T)[None, :]
+    out = []
+    for sliding, _ in config.kinds:
+        allowed = s <= t
+        if sliding:
+            allowed = allowed & (t - s < config.sliding_window)
+        out.append(allowed[None] & (mask[:, None, :] > 0))
+    return jnp.stack(out)
 
 
-def attention(q: Array, k: Array, v: Array, allowed: Array) -> Array:
-    """Grouped-query softmax attention, ``softmax(q k^T / sqrt(head_dim)) v`` per head.
+def attention(q: Array, k: Array, v: Array, allowed: Array, scale: float | None = None,
+              softcap: float | None = None) -> Array:
+    """Grouped-query softmax attention, ``softmax(cap(scale * q k^T)) v`` per head.
 
     ``q`` ``[B, T, H, D]``, ``k``/``v`` ``[B, S, K, D]`` with ``H = K * G``: query
-    head ``h`` reads key/value head ``h // G``. Disallowed scores are replaced by
-    the dtype's most negative value (a fully masked row stays finite).
-    The softmax runs in at least float32.
+    head ``h`` reads key/value head ``h // G``. ``scale`` defaults to
+    ``D ** -0.5``; ``cap(x) = softcap * tanh(x / softcap)`` when ``softcap`` is set
+    (Gemma 2), computed in the compute dtype. Disallowed scores are replaced by
+    the dtype's most negative value (a fully masked row stays finite). The
+    softmax runs in at least float32.
     """
     B, T, H, D = q.shape
     K = k.shape[2]
     qg = q.reshape(B, T, K, H // K, D)
-    scores = jnp.einsum("btkgd,bskd->bkgts", qg, k) * jnp.asarray(D ** -0.5, q.dtype)
+    scores = jnp.einsum("btkgd,bskd->bkgts", qg, k) * jnp.asarray(D ** -0.5 if scale is None else scale, q.dtype)
+    if softcap is not None:
+        scores = jnp.tanh(scores / jnp.asarray(softcap, scores.dtype)) * jnp.asarray(softcap, scores.dtype)
     dt = upcast(scores.dtype)
     scores = jnp.where(allowed[:, None, None], scores.astype(dt), jnp.finfo(dt).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)

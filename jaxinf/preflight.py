@@ -1,0 +1,65 @@
+"""Checks of config values against the model and the corpus, before the stage they would spoil.
+
+- ``data.max_length`` above the model's ``max_position_embeddings`` is an error
+  naming both (before any weight is read);
+- a corpus without a document of at least 2 tokens (a document's first token
+  is no target, so such documents add nothing to any sum) is an error naming the
+  file, before the covariance pass;
+- ``scores.query_rank`` at or above a layer's smaller dimension keeps that
+  layer's query gradients at full rank (exact); the log says so per layer.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from jaxinf import config as cfg
+
+log = logging.getLogger("jaxinf")
+
+
+class PreflightError(ValueError):
+    """A config value that cannot work with this model or corpus (the message names both)."""
+
+
+def check_model_limits(config: cfg.Config) -> None:
+    """``data.max_length`` must fit the model's positions (``max_position_embeddings`` of its config.json)."""
+    from jaxinf import models
+
+    if config.model.checkpoint is None:
+        return
+    limit = models.read_config(config.model.checkpoint).max_position_embeddings
+    if config.data.max_length > limit:
+        raise PreflightError(f"data.max_length={config.data.max_length} is above the model's "
+                             f"max_position_embeddings={limit} ({Path(config.model.checkpoint) / 'config.json'})")
+
+
+def check_corpus(lengths: np.ndarray, name: str, max_documents: int | None, tokenizer: str | None = None) -> None:
+    """At least one document of at least 2 tokens, among all and among the first ``max_documents`` (the fit).
+
+    ``tokenizer`` (its file) is named too: non-empty documents that it turns into fewer than 2 tokens each are
+    the tokenizer's doing."""
+    if not (np.asarray(lengths) >= 2).any():
+        under = f" with the tokenizer {tokenizer}" if tokenizer and len(lengths) else ""
+        raise PreflightError(f"no documents with at least 2 tokens in {name}{under} ({len(lengths)} documents kept; "
+                             "stage covariance)")
+    if max_documents is not None and not (np.asarray(lengths[:max_documents]) >= 2).any():
+        raise PreflightError(f"no documents with at least 2 tokens among the first {max_documents} "
+                             f"(factors.max_documents) of {name}; stage covariance")
+
+
+def log_query_rank(rank: int | None, layers: dict) -> list[str]:
+    """Logs each tracked block whose smaller dimension is at most ``rank`` (kept at full rank); returns their names."""
+    if rank is None:
+        return []
+    full = []
+    for name, spec in layers.items():
+        smaller = min(spec.d_out, spec.d_in_aug)
+        if smaller <= rank:
+            full.append(name)
+            log.info("scores.query_rank=%d is not below the smaller dimension of %s (%d x %d): full rank for that "
+                     "layer", rank, name, spec.d_out, spec.d_in_aug)
+    return full

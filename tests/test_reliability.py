@@ -1,0 +1,396 @@
+"""``jaxinf run`` against a hostile world, through the command line: inputs changed in place, a second process,
+``--overwrite``, bad values, a full disk, a read-only directory, a damaged ``run.json``.
+
+One finished run (12 documents in one batch, 2 queries, a tiny model: few compiled shapes) is made once; each
+test works on a copy of it (model, data and run directory side by side, named by relative paths, so a copy
+resumes like the original).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipeline_support import REPO, env, jaxinf, make_world
+
+SETTINGS = {"model.checkpoint": "model", "data.documents": "docs.jsonl", "data.queries": "queries.jsonl",
+            "data.max_length": 48, "data.batch_size": 12, "factors.save_every": 2, "scores.save_every": 2,
+            "scores.topk": 3, "factors.fisher": "empirical", "factors.max_documents": 8, "run.out": "run"}
+ALL_STAGES = "covariance, eigen, lambda, queries, scores, exports, analysis"
+
+
+def args(*flags: str, **extra) -> list[str]:
+    settings = {**SETTINGS, **{k.replace("__", "."): v for k, v in extra.items()}}
+    return ["run", *flags, *(f"{k}={v}" for k, v in settings.items())]
+
+
+def umask_022():
+    os.umask(0o022)
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    """A finished run in ``BASE/run`` of the world in ``BASE`` (model/, docs.jsonl, queries.jsonl)."""
+    root = tmp_path_factory.mktemp("reliability")
+    make_world(root, n_documents=12, n_queries=2)
+    e = env(tmp_path_factory.mktemp("xla-cache"))
+    r = jaxinf(args(), e, cwd=root, preexec_fn=umask_022)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return {"root": root, "env": e}
+
+
+def clone(base: dict, dest: Path, run: bool = True) -> Path:
+    shutil.copytree(base["root"], dest, symlinks=True, ignore=None if run else shutil.ignore_patterns("run"))
+    return dest
+
+
+def error_line(r: subprocess.CompletedProcess) -> str:
+    """The one error line of a failed command (and no traceback)."""
+    assert "Traceback" not in r.stderr, r.stderr[-3000:]
+    lines = [line for line in r.stderr.splitlines() if line.startswith("jaxinf run: error: ")]
+    assert len(lines) == 1, r.stderr[-3000:]
+    return lines[0][len("jaxinf run: error: "):]
+
+
+def lines_of(path: Path) -> list[str]:
+    return path.read_text().splitlines()
+
+
+def snapshot(run: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(run)): p.read_bytes() for p in sorted(run.rglob("*"))
+            if p.is_file() and p.name != ".jaxinf.lock"}
+
+
+def ran(stage: str, stderr: str) -> bool:
+    """Whether the run computed batches of ``stage`` (not just resumed a finished one)."""
+    return re.search(rf"^jaxinf: {stage}: [1-9]\d* batches in", stderr, re.M) is not None
+
+
+def ids(path: Path) -> list[str]:
+    return [json.loads(line)["id"] for line in lines_of(path)]
+
+
+def assert_same_scores_by_id(new: Path, old: Path) -> None:
+    """Scores of the same (query, document) pairs agree, whatever order the files now list them in."""
+    qn, qo = ids(new / "queries.jsonl"), ids(old / "queries.jsonl")
+    dn, do = ids(new / "documents.jsonl"), ids(old / "documents.jsonl")
+    assert sorted(qn) == sorted(qo) and sorted(dn) == sorted(do)
+    a, b = np.load(new / "scores.npy"), np.load(old / "scores.npy")
+    reordered = b[[qo.index(q) for q in qn]][:, [do.index(d) for d in dn]]
+    np.testing.assert_allclose(a, reordered, rtol=1e-5, atol=1e-6 * np.abs(b).max())
+    top_new = {json.loads(t)["query"]: [d["id"] for d in json.loads(t)["top"]] for t in lines_of(new / "topk.jsonl")}
+    top_old = {json.loads(t)["query"]: [d["id"] for d in json.loads(t)["top"]] for t in lines_of(old / "topk.jsonl")}
+    assert top_new == top_old
+
+
+def test_exports_have_the_usual_permissions(base):
+    """Under umask 022 every exported file is 0644 and every directory 0755 (temporary files are 0600)."""
+    run = base["root"] / "run"
+    exported = [p for p in run.rglob("*") if "state" not in p.relative_to(run).parts[:1]] + [run / "state/run.json"]
+    assert any(p.name == "scores.npy" for p in exported) and any(p.name == "index.html" for p in exported)
+    modes = {str(p.relative_to(run)): oct(p.stat().st_mode & 0o777) for p in exported}
+    assert modes == {k: ("0o755" if (run / k).is_dir() else "0o644") for k in modes}
+
+
+def _wait_stopped(proc: subprocess.Popen, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, f"the first run ended ({proc.returncode}) before its stop point"
+        state = Path(f"/proc/{proc.pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        if state == "T":
+            return
+        time.sleep(0.2)
+    raise AssertionError("the first run did not reach its stop point")
+
+
+def test_edited_inputs_are_recomputed_and_a_second_process_is_locked_out(base, tmp_path):
+    """Documents after the fitted ones and the queries edited in place (order reversed): the first resume
+    recomputes query gradients and scores, keeping the curvature; while it holds the run directory a second
+    `jaxinf run` (with another damping) exits 2 at once naming it; once the first is killed its lock is no
+    obstacle, and the finished run labels every score with the right query and document."""
+    d = clone(base, tmp_path / "w")
+    docs = lines_of(d / "docs.jsonl")
+    (d / "docs.jsonl").write_text("\n".join(docs[:8] + docs[8:][::-1]) + "\n")
+    (d / "queries.jsonl").write_text("\n".join(lines_of(d / "queries.jsonl")[::-1]) + "\n")
+    record = (d / "run" / "run.json").read_bytes()
+    with open(tmp_path / "first.log", "w") as log:
+        first = subprocess.Popen([sys.executable, "-m", "jaxinf", *args()], cwd=d, stderr=log, stdout=log,
+                                 env={**base["env"], "JAXINF_FAULT": "scores:1:stop"})
+    try:
+        _wait_stopped(first)
+        second = jaxinf(args(scores__damping=0.5), base["env"], cwd=d)
+        assert second.returncode == 2
+        assert error_line(second) == (f"run: in use by another jaxinf process (host {socket.gethostname()} pid "
+                                      f"{first.pid}); wait for it to finish or stop it, or choose another run.out")
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+    log = (tmp_path / "first.log").read_text()
+    assert "docs.jsonl: the documents changed since this run started; recomputing queries, scores, exports, " \
+           "analysis" in log and "queries.jsonl: the queries changed since this run started" in log, log[-3000:]
+    assert json.loads((d / "run" / "run.json").read_text())["config"]["scores"]["damping"] is None
+    assert record != (d / "run" / "run.json").read_bytes()          # the first run recorded the new fingerprints
+    third = jaxinf(args(), base["env"], cwd=d)
+    assert third.returncode == 0, third.stderr[-3000:]
+    assert not ran("covariance", third.stderr) and not ran("lambda", third.stderr) and ran("scores", third.stderr)
+    assert ids(d / "run" / "documents.jsonl")[8:] == [json.loads(line)["id"] for line in docs[8:][::-1]]
+    assert_same_scores_by_id(d / "run", base["root"] / "run")
+
+
+def test_edited_fitted_documents_recompute_every_stage_and_drop_old_exports(base, tmp_path):
+    d = clone(base, tmp_path / "w")
+    docs = lines_of(d / "docs.jsonl")
+    first = json.loads(docs[0])
+    docs[0] = json.dumps({**first, "text": first["text"] + " again"})
+    (d / "docs.jsonl").write_text("\n".join(docs) + "\n")
+    r = jaxinf(args(), {**base["env"], "JAXINF_FAULT": "covariance:1"}, cwd=d)
+    assert r.returncode == -signal.SIGKILL, r.stderr[-3000:]
+    assert ("docs.jsonl: the first 8 documents (those the curvature is fitted on) changed since this run started; "
+            f"recomputing {ALL_STAGES}") in r.stderr
+    run = d / "run"
+    assert not (run / "scores.npy").exists() and not (run / "topk.jsonl").exists() and not (run / "report").exists()
+    assert not (run / "state" / "eigen").exists() and not (run / "state" / "scores").exists()
+    stages = json.loads((run / "run.json").read_text())["stages"]
+    assert stages["covariance"]["status"] == "running" and stages["scores"]["status"] == "pending"
+
+
+def test_a_changed_model_or_tokenizer_is_refused(base, tmp_path):
+    from safetensors.numpy import load_file, save_file
+
+    d = clone(base, tmp_path / "w")
+    before = snapshot(d / "run")
+    weights = load_file(d / "model" / "model.safetensors")
+    name = sorted(weights)[0]
+    weights[name] = weights[name] * np.float32(1.5)
+    save_file(weights, d / "model" / "model.safetensors", metadata={"format": "np"})
+    r = jaxinf(args(), base["env"], cwd=d)
+    assert r.returncode == 2
+    assert re.fullmatch(r"model/model\.safetensors: changed since this run started \(stage covariance onwards was "
+                        r"computed with the model as it was; every stage depends on it\); restore it, or start over "
+                        r"with --overwrite or another run\.out", error_line(r))
+    shutil.copy(base["root"] / "model" / "model.safetensors", d / "model" / "model.safetensors")  # back as it was
+    tokenizer = json.loads((d / "model" / "tokenizer.json").read_text())
+    tokenizer["model"]["vocab"] = dict(reversed(list(tokenizer["model"]["vocab"].items())))   # same words, other file
+    (d / "model" / "tokenizer.json").write_text(json.dumps(tokenizer))
+    r = jaxinf(args(), base["env"], cwd=d)
+    assert r.returncode == 2
+    assert error_line(r).startswith("model/tokenizer.json: changed since this run started")
+    assert snapshot(d / "run") == before
+
+
+def test_overwrite_keeps_the_old_run_until_the_new_one_has_started(base, tmp_path):
+    d = clone(base, tmp_path / "w")
+    run = d / "run"
+    before = snapshot(run)
+    good = (d / "docs.jsonl").read_text()
+    (d / "docs.jsonl").write_text(good.replace('"text"', '"text":', 1))       # line 1 is no longer JSON
+    r = jaxinf(args("--overwrite"), base["env"], cwd=d)
+    assert r.returncode == 2 and error_line(r).startswith("docs.jsonl:1: invalid JSON")
+    assert snapshot(run) == before and not (run / ".jaxinf-previous").exists()
+    (d / "docs.jsonl").write_text(good)
+    # killed after the new run started but before the old one was deleted: the next start puts the old one back
+    r = jaxinf(args("--overwrite", scores__damping=0.5), {**base["env"], "JAXINF_FAULT": "overwrite:0"}, cwd=d)
+    assert r.returncode == -signal.SIGKILL and (run / ".jaxinf-previous" / "scores.npy").exists()
+    r = jaxinf(args(scores__damping=0.5), base["env"], cwd=d)
+    assert r.returncode == 2 and "an --overwrite was interrupted before the new run started; the previous run " \
+                                 "is restored" in r.stderr
+    assert error_line(r).endswith("these keys would change results already saved: scores.damping "
+                                  "(use --overwrite to start over, or another run.out)")
+    assert snapshot(run) == before
+    # started cleanly: the old run is gone, the new config recorded
+    r = jaxinf(args("--overwrite", scores__damping=0.5), {**base["env"], "JAXINF_FAULT": "covariance:1"}, cwd=d)
+    assert r.returncode == -signal.SIGKILL, r.stderr[-3000:]
+    assert not (run / ".jaxinf-previous").exists() and not (run / "scores.npy").exists()
+    record = json.loads((run / "run.json").read_text())
+    assert record["config"]["scores"]["damping"] == 0.5 and record["stages"]["covariance"]["status"] == "running"
+
+
+@pytest.mark.parametrize("flags", [(), ("--overwrite",)])
+def test_a_directory_that_is_not_a_run_is_never_written(base, tmp_path, flags):
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    r = jaxinf(args(*flags, run__out=other), base["env"], cwd=base["root"])
+    assert r.returncode == 2
+    line = error_line(r)
+    verb = "will not be overwritten: it" if flags else "exists and"
+    assert line == f"{other}: {verb} is not a jaxinf run directory (no run.json; it holds notes.txt); choose " \
+                   "another run.out"
+    assert "--overwrite" not in line and sorted(p.name for p in other.iterdir()) == ["notes.txt"]
+
+
+@pytest.mark.parametrize("extra, message", [
+    ({"scores__damping": "inf"}, "command line: scores.damping: must be a finite number at least 0 (or null), got inf"),
+    ({"scores__damping": "nan"}, "command line: scores.damping: must be a finite number at least 0 (or null), got nan"),
+    ({"data__max_length": 100}, "data.max_length=100 is above the model's max_position_embeddings=64 "
+                                "(model/config.json)"),
+])
+def test_bad_values_are_refused_before_anything_is_written(base, tmp_path, extra, message):
+    r = jaxinf(args(run__out=tmp_path / "fresh", **extra), base["env"], cwd=base["root"])
+    assert r.returncode == 2 and error_line(r) == message
+    assert not (tmp_path / "fresh").exists()
+
+
+def test_query_rank_above_a_layer_is_logged_as_full_rank(base, tmp_path):
+    r = jaxinf(args(run__out=tmp_path / "fresh", scores__query_rank=40), {**base["env"], "JAXINF_FAULT": "covariance:1"},
+               cwd=base["root"])
+    assert r.returncode == -signal.SIGKILL, r.stderr[-3000:]
+    logged = re.findall(r"scores\.query_rank=40 is not below the smaller dimension of (\S+) \((\d+) x (\d+)\): full "
+                        r"rank for that layer", r.stderr)
+    assert sorted(n for n, _, _ in logged) == [f"model.layers.*.mlp.{p}_proj" for p in ("down", "gate", "up")]
+    assert all(min(int(a), int(b)) == 32 for _, a, b in logged)
+
+
+@pytest.mark.parametrize("content", ["", '{"id": "a", "text": ""}\n{"id": "b", "text": "  "}\n'])
+def test_an_empty_corpus_is_named_before_the_covariance_pass(base, tmp_path, content):
+    d = clone(base, tmp_path / "w", run=False)
+    (d / "docs.jsonl").write_text(content)
+    r = jaxinf(args(), base["env"], cwd=d)
+    assert r.returncode == 2
+    assert error_line(r).startswith("no documents with at least 2 tokens in docs.jsonl (0 documents kept; "
+                                    "stage covariance)")
+    assert not (d / "run" / "state" / "covariance").exists()
+
+
+def test_a_tokenizer_that_yields_no_token_pair_is_named():
+    """Documents kept but each tokenized to fewer than 2 tokens: the tokenizer file is named beside the documents."""
+    import numpy as np
+
+    from jaxinf import preflight
+
+    with pytest.raises(preflight.PreflightError) as e:
+        preflight.check_corpus(np.array([1, 0, 1]), "docs.jsonl", None, "model/tokenizer.json")
+    assert str(e.value) == ("no documents with at least 2 tokens in docs.jsonl with the tokenizer model/tokenizer.json "
+                            "(3 documents kept; stage covariance)")
+    preflight.check_corpus(np.array([1, 2]), "docs.jsonl", None, "model/tokenizer.json")   # one is enough
+
+
+def test_a_non_finite_weight_is_named_when_the_model_is_loaded(base, tmp_path):
+    from safetensors.numpy import load_file, save_file
+
+    d = clone(base, tmp_path / "w", run=False)
+    weights = load_file(d / "model" / "model.safetensors")
+    weights["model.layers.1.mlp.down_proj.weight"][3, 5] = np.nan
+    save_file(weights, d / "model" / "model.safetensors", metadata={"format": "np"})
+    r = jaxinf(args(), base["env"], cwd=d)
+    assert r.returncode == 2
+    assert error_line(r) == ("model/model.safetensors: tensor model.layers.1.mlp.down_proj.weight has 1 non-finite "
+                             "value(s) (NaN or infinity); stage: loading the model")
+
+
+def _mount_namespace(tmp_path: Path) -> list[str]:
+    """The command prefix for a private mount namespace in which tmpfs can be mounted, or skip saying why."""
+    probe = tmp_path / "probe"
+    probe.mkdir()
+    why = "unshare is not installed"
+    if shutil.which("unshare"):
+        for prefix in (["unshare", "-m"], ["unshare", "-rm"]):
+            r = subprocess.run([*prefix, "sh", "-c", f"mount -t tmpfs -o size=64k tmpfs {probe}"],
+                               capture_output=True, text=True)
+            if r.returncode == 0:
+                return prefix
+            why = f"{' '.join(prefix)} cannot mount a tmpfs here ({r.stderr.strip()[:200]})"
+    pytest.skip(why)
+
+
+def test_a_full_disk_is_one_line_and_the_next_run_resumes(base, tmp_path):
+    """The run on a tmpfs with 64 KiB to spare after the later documents were edited (scores to recompute): it
+    stops at the first save that does not fit, with exit 3 and one line naming the path and stage; with more
+    space the same command finishes from what was kept (curvature and query gradients are not recomputed)."""
+    prefix = _mount_namespace(tmp_path)
+    d = clone(base, tmp_path / "w")
+    docs = lines_of(d / "docs.jsonl")
+    (d / "docs.jsonl").write_text("\n".join(docs[:8] + docs[8:][::-1]) + "\n")
+    for name in ("state/scores", "report", "scores.npy", "topk_tokens.jsonl", "summary.json"):  # what the edit
+        path = d / "run" / name                     # invalidates, deleted first so the run cannot free that space
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    (d / "disk").mkdir()
+    (d / "saved").mkdir()
+    command = " ".join(f"'{a}'" for a in ["python", "-m", "jaxinf", *args(run__out="disk/run")])
+    script = ("mount -t tmpfs -o size=4m tmpfs disk && cp -a run disk/run && used=$(du -sk disk | cut -f1) && "
+              "mount -o remount,size=$((used + 64))k disk || exit 1; "
+              f"{command} 2> first.log; echo $? > first.rc; ls -R disk/run > kept.txt; "
+              f"mount -o remount,size=16m disk && {command} 2> second.log; echo $? > second.rc; cp -r disk/run/. saved/")
+    environment = {**base["env"], "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    subprocess.run([*prefix, "bash", "-c", script], cwd=d, env=environment, check=True, timeout=600)
+    first = subprocess.CompletedProcess([], int((d / "first.rc").read_text()), "", (d / "first.log").read_text())
+    assert first.returncode == 3, first.stderr[-3000:]
+    m = re.fullmatch(r"(\S+): no space left on device \(stage (\w+)\); everything finished is kept in disk/run; "
+                     r"free some space and run the same command again to resume", error_line(first))
+    assert m and m.group(2) in ("scores", "exports", "analysis") and "disk/run" in m.group(1), error_line(first)
+    assert "lambda" in (d / "kept.txt").read_text() and "queries" in (d / "kept.txt").read_text()
+    second = (d / "second.log").read_text()
+    assert (d / "second.rc").read_text().strip() == "0", second[-3000:]
+    assert not ran("covariance", second) and not ran("lambda", second)
+    assert "query gradients in" not in second
+    assert_same_scores_by_id(d / "saved", base["root"] / "run")
+
+
+def test_a_read_only_run_directory_is_one_line(base, tmp_path):
+    prefix = _mount_namespace(tmp_path)
+    d = clone(base, tmp_path / "w")
+    command = " ".join(f"'{a}'" for a in ["python", "-m", "jaxinf", *args()])
+    environment = {**base["env"], "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    r = subprocess.run([*prefix, "bash", "-c", f"mount --bind run run && mount -o remount,bind,ro run && {command}"],
+                       cwd=d, env=environment, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 3, r.stderr[-3000:]
+    assert error_line(r) == "run: output directory is not writable (read-only file system; stage: start); nothing " \
+                            "was written"
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="permissions do not bind for root (the read-only mount test covers "
+                                              "the same path)")
+def test_an_unwritable_run_directory_is_one_line(base, tmp_path):
+    d = clone(base, tmp_path / "w")
+    (d / "run").chmod(0o555)
+    try:
+        r = jaxinf(args(), base["env"], cwd=d)
+    finally:
+        (d / "run").chmod(0o755)
+    assert r.returncode == 3
+    assert error_line(r) == "run: output directory is not writable (permission denied; stage: start); nothing " \
+                            "was written"
+
+
+def test_a_damaged_run_json_is_restored_or_says_what_overwrite_deletes(base, tmp_path):
+    d = clone(base, tmp_path / "w")
+    run = d / "run"
+    (run / "run.json").write_text('{"config": {"model": ')
+    r = jaxinf(args(), base["env"], cwd=d)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "run/run.json: unreadable (" in r.stderr and "restored from its copy run/state/run.json" in r.stderr
+    assert not any(ran(s, r.stderr) for s in ("covariance", "lambda", "scores"))
+    assert json.loads((run / "run.json").read_text())["stages"]["analysis"]["status"] == "done"
+    np.testing.assert_array_equal(np.load(run / "scores.npy"), np.load(base["root"] / "run" / "scores.npy"))
+    for path in (run / "run.json", run / "state" / "run.json"):
+        path.write_text("[1, 2")
+    r = jaxinf(args(), base["env"], cwd=d)
+    assert r.returncode == 2
+    line = error_line(r)
+    assert line.startswith("run/run.json: unreadable (") and ", and its copy run/state/run.json is too " in line
+    listed = line[line.index("--overwrite would delete everything in run: "):]
+    for entry in sorted(p.name for p in run.iterdir() if not p.name.startswith(".")):
+        assert (f"{entry}/ (" if (run / entry).is_dir() else entry) in listed
+    total = sum(1 for p in run.rglob("*") if p.is_file() and not p.name.startswith(".jaxinf"))
+    assert listed.endswith(f"({total} files, {sum(p.stat().st_size for p in run.rglob('*') if p.is_file() and not p.name.startswith('.jaxinf')):,} bytes)")
+
+
+def test_documented_exit_codes_are_the_programs():
+    from jaxinf import cli
+
+    text = (REPO / "docs" / "data.md").read_text()
+    section = text[text.index("## Exit codes"):]
+    documented = {int(m.group(1)) for m in re.finditer(r"^\| (\d+) \|", section, re.M)}
+    assert documented == set(cli.EXIT_CODES)
+    assert "exits with status 1" not in text               # jaxinf prepare exits 2 on bad input
