@@ -204,15 +204,18 @@ def test_demo_supports_are_the_documents_stating_the_fact():
 def test_pbrf_is_the_damped_gauss_newton_response_for_small_eps():
     """For small eps the PBRF influence is ``G_q^T (F + lambda I)^{-1} grad L_m`` with F the Gauss-Newton matrix
     of the mean document loss, built here densely (per document ``J^T (diag p - p p^T) J``) for one small layer."""
+    import dataclasses
+
     import jax
     import jax.numpy as jnp
 
+    from jaxinf import models
     from jaxinf.validate import world as W
 
     jax.config.update("jax_enable_x64", True)
     try:
         w = W.builtin(12)
-        lm = w.lm.replace(params=jax.tree.map(lambda x: x.astype(jnp.float64), w.lm.params))
+        lm = models.init(dataclasses.replace(w.lm.config, dtype="float64", param_dtype="float64"), 0)
         task = lm.task()
         params = lm.params
         docs = {k: jnp.asarray(v) for k, v in w.documents.items()}
@@ -250,7 +253,7 @@ def test_pbrf_is_the_damped_gauss_newton_response_for_small_eps():
         lam = 1e-3
         g_doc = jax.vmap(lambda i: jax.grad(lambda f: task.train_loss(
             put(params, f.reshape(shape)), {k: jax.lax.dynamic_slice_in_dim(v, i, 1) for k, v in docs.items()},
-            {}, None)[0].sum())(theta.ravel()))(jnp.arange(3))                      # [3, P]
+            None, None).sum())(theta.ravel()))(jnp.arange(3))                      # [3, P]
         g_q = jax.vmap(lambda q: jax.grad(lambda f: retrain.measurements(
             task, put(params, f.reshape(shape)), queries)[q])(theta.ravel()))(jnp.arange(4))   # [4, P]
         expect = np.asarray(g_q @ jnp.linalg.solve(F + lam * jnp.eye(size), g_doc.T))        # [4, 3]

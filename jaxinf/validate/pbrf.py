@@ -77,7 +77,7 @@ def make_pbrf(lm, task, mask, *, damping: float, eps: float, iterations: int):
             params = jax.tree.map(lambda p, d, k: p + k * d, params_s, delta, mask)
             logits = lm.apply(params, documents["tokens"], documents["mask"])
             D = bregman(logits, ref_logprobs, documents["weights"]).mean()
-            Lm = task.train_loss(params, doc, {}, None)[0].sum()
+            Lm = task.train_loss(params, doc, None, None).sum()
             prox = sum(jnp.sum((k * d) ** 2) for d, k in zip(jax.tree.leaves(delta), jax.tree.leaves(mask)))
             return D + eps * Lm + 0.5 * damping * prox
 

@@ -75,13 +75,13 @@ def optimizer(proc: Procedure) -> optax.GradientTransformation:
 
 def mean_token_loss(task, params, batch) -> jax.Array:
     """The training loss of a minibatch: summed next-token NLL over its targets / number of targets."""
-    token_losses, _ = task.train_loss(params, batch, {}, None)
+    token_losses = task.train_loss(params, batch, None, None)
     return token_losses.sum() / jnp.maximum(batch["weights"][:, 1:].sum(), 1.0)
 
 
 def measurements(task, params, queries) -> jax.Array:
     """Each query's measurement (summed NLL of its completion tokens), ``[Q]``."""
-    token_losses, _ = task.measurement(params, queries, {})
+    token_losses = task.measurement(params, queries, None)
     return token_losses.sum(-1)
 
 
