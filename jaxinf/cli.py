@@ -197,7 +197,11 @@ def main(argv: list[str] | None = None) -> int:
 
     add_parsers(sub)  # compare, kronfluence import|export
 
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command == "validate" and all("=" in e and not e.startswith("-") for e in extra):
+        args.overrides = list(args.overrides) + extra   # jaxinf validate CONFIG --out DIR section.key=value ...
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     _setup_logging(args.quiet)
     from jaxinf.store import EnvironmentFailure
 

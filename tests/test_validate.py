@@ -91,7 +91,7 @@ def test_bregman_is_the_kl_and_zero_at_the_reference():
 def test_bad_settings_are_config_errors(override, key, capsys):
     with pytest.raises(cfg.ConfigError, match=key):
         cfg.load(None, [override])
-    assert cli.main(["-q", "validate", override, "--out", "/nonexistent/never-written"]) == 2
+    assert cli.main(["-q", "validate", "--out", "/nonexistent/never-written", override]) == 2   # overrides after --out
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("jaxinf validate: error:") and key in err[0]
 
