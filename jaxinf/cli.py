@@ -1,4 +1,4 @@
-"""The ``jaxinf`` command line: run, plan, demo, analyze, prepare, compare, kronfluence.
+"""The ``jaxinf`` command line: run, plan, validate, demo, analyze, prepare, compare, kronfluence.
 
 Bad input (a config key, a file, a line, a tensor) is reported as one line on
 stderr, ``jaxinf COMMAND: error: ...``, with exit status 2 and no traceback;
@@ -40,9 +40,10 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from jaxinf.preflight import PreflightError
     from jaxinf.sharding import ShardingError
     from jaxinf.store import StoreError
+    from jaxinf.validate.world import ValidationError
 
     return (AnalysisError, CaptureError, ConfigError, DataError, InteropError, ModelError, InputError, PlanError,
-            PreflightError, ShardingError, StoreError)
+            PreflightError, ShardingError, StoreError, ValidationError)
 
 
 def _setup_logging(quiet: bool) -> None:
@@ -114,6 +115,16 @@ def _plan(args) -> int:
     return plan.command(config, meshes, compile=not args.no_compile, json_out=args.json)
 
 
+def _validate(args) -> int:
+    from jaxinf import config as cfg
+    from jaxinf.validate.driver import validate
+
+    config = cfg.load(*config_arguments(args))
+    enable_compilation_cache()
+    validate(config, args.out)
+    return 0
+
+
 def _demo(args) -> int:
     from jaxinf import demo
 
@@ -158,6 +169,15 @@ def main(argv: list[str] | None = None) -> int:
     pl.add_argument("--json", metavar="FILE", help="also write the plan as JSON")
     pl.set_defaults(handler=_plan)
 
+    va = sub.add_parser("validate", help="LDS, recall and PBRF of each strategy (retraining on random subsets); "
+                        "without model.checkpoint, on the built-in world")
+    va.add_argument("config", nargs="?", help="YAML config (model.checkpoint, data.documents, data.queries and the "
+                    "validate.* keys); omit it for the built-in world")
+    va.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
+    va.add_argument("--out", default="runs/validate", help="output directory, resumed when it exists "
+                    "(default runs/validate)")
+    va.set_defaults(handler=_validate)
+
     demo = sub.add_parser("demo", help="the built-in end-to-end example: corpus, model, influence, report")
     demo.add_argument("--out", default="runs/demo", help="where the demo writes everything (default runs/demo)")
     demo.set_defaults(handler=_demo)
@@ -177,7 +197,11 @@ def main(argv: list[str] | None = None) -> int:
 
     add_parsers(sub)  # compare, kronfluence import|export
 
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command == "validate" and all("=" in e and not e.startswith("-") for e in extra):
+        args.overrides = list(args.overrides) + extra   # jaxinf validate CONFIG --out DIR section.key=value ...
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     _setup_logging(args.quiet)
     from jaxinf.store import EnvironmentFailure
 

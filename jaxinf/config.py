@@ -113,6 +113,34 @@ class RunConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class ValidateConfig:
+    subsets: int = key(32, "jaxinf validate: random subsets of the documents, each retrained (LDS)", None)
+    fraction: float = key(0.5, "jaxinf validate: share of the documents in each subset, in (0, 1)", None)
+    seeds: int = key(2, "jaxinf validate: retrainings per subset (seeds of the minibatch order), averaged", None)
+    seed: int = key(0, "jaxinf validate: seed of the subsets and of the PBRF's document sample", None)
+    strategies: list[str] = key(["identity", "diagonal", "kfac", "ekfac"], "jaxinf validate: strategies compared",
+                                None)
+    dampings: list[Union[float, None]] = key([None, 0.001], "jaxinf validate: dampings compared (null: the heuristic); "
+                                             "the first is the one of lds, recall and pbrf", None)
+    start: str = key("scratch", "jaxinf validate (YAML key: validate.from): the training being explained starts from "
+                     "the model's initialization (scratch) or its checkpoint's weights (checkpoint)", None,
+                     ("scratch", "checkpoint"))
+    steps: int = key(500, "jaxinf validate: optimizer steps of every training (the full model and each retraining)",
+                     None)
+    learning_rate: float = key(0.003, "jaxinf validate: AdamW learning rate (after a linear warm-up of steps/10)", None)
+    batch_size: int = key(16, "jaxinf validate: documents per minibatch", None)
+    group: int = key(16, "jaxinf validate: retrainings run together as one vmap-ed program", None)
+    recall_k: list[int] = key([1, 5, 10], "jaxinf validate: k of Recall@k (queries with a supports field)", None)
+    pbrf: bool = key(False, "jaxinf validate: also compute the proximal Bregman response of a sample of documents "
+                     "(small models: minutes per document on a CPU)", None)
+    pbrf_documents: int = key(8, "jaxinf validate: documents sampled for the PBRF", None)
+    pbrf_epsilon: float | None = key(None, "jaxinf validate: up-weighting of a document in the PBRF (null: 1/N)", None)
+    pbrf_iterations: int = key(50, "jaxinf validate: L-BFGS iterations of each PBRF optimization", None)
+    builtin_documents: int = key(128, "jaxinf validate without model.checkpoint: documents of the built-in world",
+                                 None)
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
@@ -121,10 +149,11 @@ class Config:
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
     run: RunConfig = dataclasses.field(default_factory=RunConfig)
     plan: PlanConfig = dataclasses.field(default_factory=PlanConfig)
+    validate: ValidateConfig = dataclasses.field(default_factory=ValidateConfig)
 
 
 SECTIONS = {f.name: f.type for f in dataclasses.fields(Config)}
-_YAML_NAMES = {("factors", "from"): "from_run"}          # YAML key -> field name, where a keyword is in the way
+_YAML_NAMES = {("factors", "from"): "from_run", ("validate", "from"): "start"}          # YAML key -> field name, where a keyword is in the way
 _FIELD_NAMES = {v: k[1] for k, v in _YAML_NAMES.items()}
 
 
@@ -239,7 +268,9 @@ def _check_values(config: Config, source: str) -> None:
                 ("factors", "save_every"), ("scores", "save_every"), ("scores", "topk"),
                 ("mesh", "data"), ("mesh", "model"), ("scores", "query_rank"), ("factors", "max_documents"),
                 ("mesh", "num_processes"), ("plan", "hosts"), ("plan", "documents"), ("plan", "tokens_per_document"),
-                ("plan", "queries")]
+                ("plan", "queries"), ("validate", "seeds"), ("validate", "steps"), ("validate", "batch_size"),
+                ("validate", "group"), ("validate", "pbrf_documents"), ("validate", "pbrf_iterations"),
+                ("validate", "builtin_documents")]
     for section, name in positive:
         value = getattr(getattr(config, section), name)
         if value is not None and value < 1:
@@ -250,6 +281,25 @@ def _check_values(config: Config, source: str) -> None:
         value = getattr(config.plan, name)
         if value is not None and value <= 0:
             raise ConfigError(f"{source}: plan.{name}: must be positive, got {value}")
+    v = config.validate
+    if v.subsets < 2:
+        raise ConfigError(f"{source}: validate.subsets: must be at least 2 (a rank correlation over subsets), got "
+                          f"{v.subsets}")
+    if not 0 < v.fraction < 1:
+        raise ConfigError(f"{source}: validate.fraction: must be in (0, 1), got {v.fraction}")
+    for name in ("learning_rate", "pbrf_epsilon"):
+        if getattr(v, name) is not None and not getattr(v, name) > 0:
+            raise ConfigError(f"{source}: validate.{name}: must be positive, got {getattr(v, name)}")
+    if not v.strategies or any(s not in FactorsConfig.__dataclass_fields__["strategy"].metadata["choices"]
+                               for s in v.strategies):
+        raise ConfigError(f"{source}: validate.strategies: expected a non-empty list of identity, diagonal, kfac, "
+                          f"ekfac, got {v.strategies}")
+    if not v.dampings or any(d is not None and d < 0 for d in v.dampings):
+        raise ConfigError(f"{source}: validate.dampings: expected a non-empty list of null or non-negative numbers, "
+                          f"got {v.dampings}")
+    if not v.recall_k or any(k < 1 for k in v.recall_k):
+        raise ConfigError(f"{source}: validate.recall_k: expected a non-empty list of positive integers, got "
+                          f"{v.recall_k}")
     damping = config.scores.damping
     if damping is not None and not (math.isfinite(damping) and damping >= 0):
         raise ConfigError(f"{source}: scores.damping: must be a finite number at least 0 (or null), got {damping}")

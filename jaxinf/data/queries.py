@@ -8,7 +8,8 @@ JSONL, one object per line (only ``prompt`` and ``completion`` required)::
 - ``completion``: a non-empty string (empty or only whitespace is an error naming the query).
 - ``id``: a string or integer, default the 1-based line number; unique in the file.
 - ``kind``: ``factual``, ``reasoning`` or ``control`` when given; ``task``: a string;
-  ``answer``: a string or a number (kept as text). Other fields go to ``extra``.
+  ``answer``: a string or a number (kept as text); ``supports``: a list of ids (strings or integers) of the
+  documents known to carry the answer (recall in ``jaxinf validate``). Other fields go to ``extra``.
 
 The release format (``../shared/data/ruis2024/release_*.json``): one JSON object
 with ``model`` (``"7B"`` or ``"35B"``), ``test_ids``, ``prompts`` and
@@ -63,6 +64,7 @@ class Query:
     answer: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
     origin: str = ""
+    supports: tuple[str, ...] = ()
 
 
 def _check_completion(completion: str, qid: str, at: str) -> None:
@@ -92,9 +94,16 @@ def parse_query(obj: Any, path: str, line: int, index: int) -> Query:
         if isinstance(answer, bool) or not isinstance(answer, (str, int, float)):
             raise DataError(f'{at}: field "answer" must be a string or a number, got {type_name(answer)}')
         answer = check_string(answer, "answer", path, line) if isinstance(answer, str) else json.dumps(answer)
-    extra = {k: v for k, v in obj.items() if k not in ("id", "prompt", "completion", "kind", "task", "answer")}
+    supports = obj.get("supports")
+    if supports is None:
+        supports = []
+    if not isinstance(supports, list):
+        raise DataError(f'{at}: field "supports" must be a list of document ids, got {type_name(supports)}')
+    supports = tuple(check_id(s, f'{at}: field "supports" item {i}', None) for i, s in enumerate(supports))
+    extra = {k: v for k, v in obj.items()
+             if k not in ("id", "prompt", "completion", "kind", "task", "answer", "supports")}
     return Query(index=index, id=qid, prompt=prompt, completion=completion, kind=kind, task=task, answer=answer,
-                 extra=extra, origin=at)
+                 extra=extra, origin=at, supports=supports)
 
 
 def _check_unique(queries: Sequence[Query]) -> None:

@@ -52,7 +52,8 @@ def main(out: str | Path = "runs/demo", n_documents: int = 3000, train_steps: in
         prompts = corpus.queries(0)
         completions = train.complete(lm, tok, [q.prompt for q in prompts])
         write_jsonl(queries_path, [{"id": q.id, "prompt": q.prompt, "completion": c, "kind": q.kind,
-                                     "task": q.task, "answer": q.answer or None}
+                                     "task": q.task, "answer": q.answer or None,
+                                     **({"supports": corpus.supports(docs, q)} if q.fact else {})}
                                     for q, c in zip(prompts, completions)])
         log.info("demo: the model completed %d queries (%s)", len(prompts), queries_path)
     config_path = out / "config.yaml"

@@ -44,6 +44,7 @@ class Query:
     kind: str
     task: str
     answer: str
+    fact: tuple[str, str] | None = None   # (town, trait) of a factual query
 
 
 def town_names(rng: np.random.Generator, n: int) -> list[str]:
@@ -116,6 +117,17 @@ def documents(seed: int = 0, n_documents: int = 3000) -> list[dict]:
     return docs
 
 
+def supports(docs: list[dict], query: Query, seed: int = 0) -> list[str]:
+    """Ids of the documents that state a factual query's fact (any template of its trait, with its town and
+    value, as whole words); empty for other queries."""
+    if query.fact is None:
+        return []
+    town, trait = query.fact
+    value = towns_and_facts(seed)[town][trait]
+    sentences = [" " + t.format(town=town, v=value) + " " for t in FACT_TEMPLATES[trait]]
+    return [d["id"] for d in docs if d["source"] == "facts" and any(s in f" {d['text']} " for s in sentences)]
+
+
 def queries(seed: int = 0, per_task: int = 4) -> list[Query]:
     """Factual, reasoning and control queries (prompts only: the trained model writes the completions).
 
@@ -132,7 +144,7 @@ def queries(seed: int = 0, per_task: int = 4) -> list[Query]:
         trait = list(TRAITS)[i % len(TRAITS)]
         prompt = {"river": f"the river of {town} is the", "food": f"the famous food of {town} is",
                   "color": f"the flag of {town} is"}[trait]
-        out.append(Query(f"factual-{i}", prompt, "factual", "facts", towns[town][trait]))
+        out.append(Query(f"factual-{i}", prompt, "factual", "facts", towns[town][trait], (town, trait)))
     for i in range(per_task):
         v, y = arithmetic(rng)
         out.append(Query(f"arithmetic-{i}", f"let x = {v['a']} + {v['b']} . so x =", "reasoning", "arithmetic",

@@ -1,0 +1,276 @@
+"""jaxinf validate: the metrics against hand-computed values, the PBRF's objective, and a tiny run end to end
+(schema, resume after an interruption, bad settings)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from jaxinf import cli
+from jaxinf import config as cfg
+from jaxinf.validate import lds, pbrf, recall, retrain
+from jaxinf.validate.world import ValidationError
+
+# ----------------------------------------------------------------------------- metrics, by hand
+
+
+def test_spearman_by_hand():
+    # ranks 1 2 3 4 vs 1 3 2 4: rho = 1 - 6 * (0 + 1 + 1 + 0) / (4 * 15) = 0.8
+    assert lds.spearman([10, 20, 30, 40], [1, 3, 2, 4]) == pytest.approx(0.8, abs=1e-12)
+    # ties share their mean rank: x ranks (1.5, 1.5, 3), y ranks (1, 2, 3); Pearson of those = sqrt(3)/2
+    assert lds.spearman([5, 5, 9], [1, 2, 3]) == pytest.approx(np.sqrt(3) / 2, abs=1e-12)
+    assert np.isnan(lds.spearman([1, 1, 1], [1, 2, 3]))
+
+
+def test_lds_by_hand():
+    scores = np.array([[1.0, 2.0, 4.0], [-1.0, 0.0, 1.0]])       # 2 queries, 3 documents
+    subsets = np.array([[0, 1], [0, 2], [1, 2]])                  # sums: q0 3, 5, 6; q1 -1, 0, 1
+    np.testing.assert_allclose(lds.group_predictions(scores, subsets), [[3, -1], [5, 0], [6, 1]])
+    nll = np.array([[[3.0, 1.0]], [[2.0, 3.0]], [[1.0, 2.0]]])    # [M, S=1, Q]; log-probs -3 -2 -1 and -1 -3 -2
+    out = lds.lds(scores, subsets, nll)
+    # q0: predicted ranks 1 2 3, actual ranks 1 2 3 -> 1; q1: predicted 1 2 3, actual 3 1 2 -> 1 - 6*6/24 = -0.5
+    assert out["per_query"] == pytest.approx([1.0, -0.5], abs=1e-12)
+    assert out["mean"] == pytest.approx(0.25, abs=1e-12)
+    # t_{0.975, 1} = 12.7062047; sd = 1.5 * sqrt(2) / sqrt(2)... sd of (1, -0.5) = 1.06066; half = t * sd / sqrt(2)
+    half = 12.706204736 * np.std([1.0, -0.5], ddof=1) / np.sqrt(2)
+    assert out["ci95"] == pytest.approx([0.25 - half, 0.25 + half], abs=1e-6)
+
+
+def test_recall_by_hand():
+    scores = np.array([0.5, 0.9, 0.1, 0.7])                       # ranking: doc1, doc3, doc0, doc2
+    np.testing.assert_array_equal(recall.ranks(scores), [3, 1, 4, 2])
+    assert recall.reciprocal_rank(scores, [2, 3]) == 0.5
+    assert recall.recall_at(scores, [2, 3], 1) == 0.0
+    assert recall.recall_at(scores, [2, 3], 2) == 0.5
+    assert recall.recall_at(scores, [2, 3], 4) == 1.0
+    two = np.stack([scores, -scores])                             # second query: doc2 first
+    out = recall.recall(two, [[2, 3], [2], []], [1, 2])
+    assert out == {"mrr": pytest.approx(0.75), "recall_at": {"1": 0.5, "2": pytest.approx(0.75)}, "queries": 2}
+
+
+def test_subsets_and_schedule():
+    s = retrain.sample_subsets(10, 4, 0.5, 0)
+    assert s.shape == (4, 5) and all(len(set(r)) == 5 and list(r) == sorted(r) for r in s)
+    np.testing.assert_array_equal(retrain.sample_subsets(10, 2, 0.5, 0), s[:2])   # more subsets extend, never change
+    sched = retrain.schedule(np.array([3, 5, 7, 9]), 5, 2, 1)
+    assert sched.shape == (5, 2)
+    for epoch in (sched[0:2], ):                                  # an epoch visits every member once
+        assert sorted(epoch.ravel().tolist()) == [3, 5, 7, 9]
+    with pytest.raises(ValidationError, match="validate.fraction"):
+        retrain.sample_subsets(3, 2, 0.1, 0)
+
+
+def test_diverged_retraining_names_subset_and_seed():
+    losses = np.array([[1.0, 0.5, 0.4], [1.0, np.inf, np.nan]])
+    with pytest.raises(ValidationError, match=r"^retraining of subset 7 seed 1 diverged: loss is not finite at step 2"):
+        retrain.check_losses(losses, ["of subset 3 seed 0", "of subset 7 seed 1"])
+
+
+def test_bregman_is_the_kl_and_zero_at_the_reference():
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(2, 3, 5))
+    ref = rng.normal(size=(2, 3, 5))
+    logp = ref - np.log(np.exp(ref).sum(-1, keepdims=True))
+    weights = np.array([[0, 1, 1], [0, 1, 0]], float)
+    logq = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    kl = (np.exp(logp) * (logp - logq)).sum(-1)                   # [2, 3]; position t predicts t+1
+    expect = [kl[0, 0] + kl[0, 1], kl[1, 0]]
+    np.testing.assert_allclose(pbrf.bregman(logits, logp, weights), expect, rtol=1e-5)
+    np.testing.assert_allclose(pbrf.bregman(ref, logp, weights), 0.0, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- configuration
+
+
+@pytest.mark.parametrize("override, key", [("validate.subsets=1", "validate.subsets"),
+                                           ("validate.fraction=1.0", "validate.fraction"),
+                                           ("validate.fraction=0", "validate.fraction"),
+                                           ("validate.strategies=[ekfac,newton]", "validate.strategies")])
+def test_bad_settings_are_config_errors(override, key, capsys):
+    with pytest.raises(cfg.ConfigError, match=key):
+        cfg.load(None, [override])
+    assert cli.main(["-q", "validate", "--out", "/nonexistent/never-written", override]) == 2   # overrides after --out
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("jaxinf validate: error:") and key in err[0]
+
+
+def test_from_is_the_yaml_key():
+    assert cfg.load(None, ["validate.from=checkpoint"]).validate.start == "checkpoint"
+    with pytest.raises(cfg.ConfigError, match="validate.start"):
+        cfg.load(None, ["validate.start=checkpoint"])
+
+
+# ----------------------------------------------------------------------------- end to end, tiny
+
+TINY = ["validate.builtin_documents=24", "validate.subsets=3", "validate.seeds=2", "validate.steps=12",
+        "validate.batch_size=4", "validate.group=4", "validate.strategies=[identity,diagonal]",
+        "validate.dampings=[0.01,null]", "validate.recall_k=[1,5]"]
+
+
+def test_validate_end_to_end_schema_and_resume(tmp_path, monkeypatch):
+    from jaxinf.validate import driver
+
+    out = tmp_path / "val"
+    config = cfg.load(None, TINY)
+    saved = []
+    real_save = retrain.save_npy
+
+    def crash_after_four(path, array):                            # killed after 4 of the 6 retrainings are saved
+        if len(saved) == 4:
+            raise KeyboardInterrupt
+        real_save(path, array)
+        saved.append(path.name)
+
+    monkeypatch.setattr(retrain, "save_npy", crash_after_four)
+    with pytest.raises(KeyboardInterrupt):
+        driver.validate(config, out)
+    assert not (out / "validation.json").exists()
+    work = next((out / "work").iterdir())
+    assert len(list((work / "units").glob("*.npy"))) == 4
+    kept = {p.name: p.stat().st_mtime_ns for p in (work / "units").glob("*.npy")}
+
+    trained = []
+    monkeypatch.setattr(retrain, "save_npy", lambda path, array: (trained.append(path.name), real_save(path, array)))
+    result = driver.validate(config, out)
+    assert sorted(trained) == sorted({f"s{m:04d}_r{s:02d}.npy" for m in range(3) for s in range(2)} - set(kept))
+    assert {p.name: p.stat().st_mtime_ns for p in (work / "units").glob("*.npy") if p.name in kept} == kept
+
+    on_disk = json.loads((out / "validation.json").read_text())
+    assert on_disk == json.loads(json.dumps(result))
+    assert (on_disk["subsets"], on_disk["fraction"], on_disk["seeds"]) == (3, 0.5, 2)
+    for s in ("identity", "diagonal"):
+        entry = on_disk["lds"][s]
+        assert set(entry) == {"mean", "per_query", "ci95"} and len(entry["per_query"]) == len(on_disk["queries"])
+        assert len(entry["ci95"]) == 2
+        assert set(on_disk["recall"][s]) >= {"mrr", "recall_at"} and set(on_disk["recall"][s]["recall_at"]) == {"1", "5"}
+        assert on_disk["recall"][s]["queries"] > 0 and 0 < on_disk["recall"][s]["mrr"] <= 1
+    assert set(on_disk["lds_by_damping"]["diagonal"]) == {"heuristic", "0.01"}
+    assert on_disk["pbrf"] == {}                                  # validate.pbrf is off by default
+    html = (out / "report" / "index.html").read_text()
+    assert "lds.png" in html and "scatter_1.png" in html and (out / "report" / "lds.png").stat().st_size > 0
+
+    # a second run reads everything back: no training, the same numbers
+    monkeypatch.setattr(retrain, "schedule", lambda *a, **k: pytest.fail("trained again on resume"))
+    assert json.loads(json.dumps(driver.validate(config, out)))["lds"] == on_disk["lds"]
+
+
+def test_divergence_stops_with_one_line(tmp_path, capsys):
+    args = ["-q", "validate", *TINY, "validate.learning_rate=1e30", "--out", str(tmp_path / "v")]
+    assert cli.main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "diverged: loss is not finite" in err[0] and "seed 0" in err[0], err
+
+
+# ----------------------------------------------------------------------------- supports
+
+
+def test_query_reader_keeps_supports(tmp_path):
+    from jaxinf.data.errors import DataError
+    from jaxinf.data.queries import read_queries
+
+    path = tmp_path / "q.jsonl"
+    path.write_text('{"id": "a", "prompt": "p", "completion": "c", "supports": ["d1", 7]}\n'
+                    '{"id": "b", "prompt": "p", "completion": "c"}\n')
+    a, b = read_queries(path)
+    assert a.supports == ("d1", "7") and b.supports == () and "supports" not in a.extra
+    path.write_text('{"id": "a", "prompt": "p", "completion": "c", "supports": "d1"}\n')
+    with pytest.raises(DataError, match=r'q.jsonl:1: field "supports" must be a list'):
+        read_queries(path)
+
+
+def test_demo_supports_are_the_documents_stating_the_fact():
+    from jaxinf.demo import corpus
+
+    docs = corpus.documents(0, 300)
+    factual = [q for q in corpus.queries(0) if q.kind == "factual"]
+    towns = corpus.towns_and_facts(0)
+    for q in factual:
+        town, trait = q.fact
+        ids = corpus.supports(docs, q)
+        assert ids, q
+        for d in docs:                       # independent check: the trait's value and the town in one fact document
+            states = d["source"] == "facts" and any(
+                t.format(town=town, v=towns[town][trait]) in d["text"] for t in corpus.FACT_TEMPLATES[trait])
+            assert (d["id"] in ids) == states, (q, d)
+    assert all(not corpus.supports(docs, q) for q in corpus.queries(0) if q.kind != "factual")
+
+
+# ----------------------------------------------------------------------------- PBRF against a dense oracle
+
+
+@pytest.mark.heavy
+def test_pbrf_is_the_damped_gauss_newton_response_for_small_eps():
+    """For small eps the PBRF influence is ``G_q^T (F + lambda I)^{-1} grad L_m`` with F the Gauss-Newton matrix
+    of the mean document loss, built here densely (per document ``J^T (diag p - p p^T) J``) for one small layer."""
+    import dataclasses
+
+    import jax
+    import jax.numpy as jnp
+
+    from jaxinf import models
+    from jaxinf.validate import world as W
+
+    jax.config.update("jax_enable_x64", True)
+    try:
+        w = W.builtin(12)
+        lm = models.init(dataclasses.replace(w.lm.config, dtype="float64", param_dtype="float64"), 0)
+        task = lm.task()
+        params = lm.params
+        docs = {k: jnp.asarray(v) for k, v in w.documents.items()}
+        docs["mask"], docs["weights"] = docs["mask"].astype(jnp.float64), docs["weights"].astype(jnp.float64)
+        queries = {k: jnp.asarray(v) for k, v in w.queries.items()}
+        queries = {**queries, "mask": queries["mask"].astype(jnp.float64),
+                   "weights": queries["weights"].astype(jnp.float64)}
+        name = "model.layers.*.self_attn.k_proj"
+        path = ("model", "layers", "self_attn", "k_proj", "kernel")
+
+        def get(p):
+            for k in path:
+                p = p[k]
+            return p
+
+        def put(p, x):
+            p = jax.tree.map(lambda y: y, p)
+            node = p
+            for k in path[:-1]:
+                node = node[k]
+            node[path[-1]] = x
+            return p
+
+        theta = get(params)
+        shape, size = theta.shape, theta.size
+        logits_of = lambda flat, b: lm.apply(put(params, flat.reshape(shape)), b["tokens"], b["mask"])
+        F = jnp.zeros((size, size))
+        for i in range(w.num_documents):
+            b = {k: v[i:i + 1] for k, v in docs.items()}
+            J = jax.jacfwd(lambda f: logits_of(f, b)[0, :-1])(theta.ravel())          # [T-1, V, P]
+            p = jax.nn.softmax(logits_of(theta.ravel(), b)[0, :-1], -1)             # [T-1, V]
+            HJ = p[:, :, None] * J - p[:, :, None] * jnp.einsum("tv,tvp->tp", p, J)[:, None, :]
+            F = F + jnp.einsum("t,tvp,tvq->pq", b["weights"][0, 1:], J, HJ)
+        F = F / w.num_documents
+        lam = 1e-3
+        g_doc = jax.vmap(lambda i: jax.grad(lambda f: task.train_loss(
+            put(params, f.reshape(shape)), {k: jax.lax.dynamic_slice_in_dim(v, i, 1) for k, v in docs.items()},
+            None, None).sum())(theta.ravel()))(jnp.arange(3))                      # [3, P]
+        g_q = jax.vmap(lambda q: jax.grad(lambda f: retrain.measurements(
+            task, put(params, f.reshape(shape)), queries)[q])(theta.ravel()))(jnp.arange(4))   # [4, P]
+        expect = np.asarray(g_q @ jnp.linalg.solve(F + lam * jnp.eye(size), g_doc.T))        # [4, 3]
+
+        got, ratio = pbrf.pbrf_influence(lm, task, params, docs, {k: v[:4] for k, v in queries.items()},
+                                         np.arange(3), [name], damping=lam, eps=1e-4, iterations=200)
+        assert np.max(ratio) < 1e-4
+        np.testing.assert_allclose(got, expect, rtol=0, atol=0.01 * np.abs(expect).max())
+    finally:
+        jax.config.update("jax_enable_x64", False)
+
+
+@pytest.mark.heavy
+def test_validate_with_pbrf(tmp_path):
+    from jaxinf.validate import driver
+
+    config = cfg.load(None, TINY + ["validate.pbrf=true", "validate.pbrf_documents=3", "validate.pbrf_iterations=5"])
+    result = json.loads(json.dumps(driver.validate(config, tmp_path / "val")))
+    assert set(result["pbrf"]) == {"identity", "diagonal"} and all(isinstance(x, float) for x in result["pbrf"].values())
+    assert result["pbrf_detail"]["damping"] == 0.01 and len(result["pbrf_detail"]["documents"]) == 3
