@@ -223,16 +223,16 @@ class Scores:
 def collect_scores(blocks: Mapping[str, Array], *, per_layer: bool = False, per_token: bool = False,
                    self_blocks: Mapping[str, Array] | None = None) -> Scores:
     """:class:`Scores` from per-block :func:`block_scores` (``[*lead, Q, B(, T)]``) and :func:`self_influence`."""
-    self_total = None if self_blocks is None else sum(_sum_lead(v, 1) for v in self_blocks.values())
+    self_total = None if self_blocks is None else sum(sum_layers(v, 1) for v in self_blocks.values())
     if per_token:
-        tok = sum(_sum_lead(v, 3) for v in blocks.values())
+        tok = sum(sum_layers(v, 3) for v in blocks.values())
         return Scores(total=tok.sum(-1), per_layer={k: v.sum(-1) for k, v in blocks.items()} if per_layer else None,
                       per_token=tok, self=self_total)
-    total = sum(_sum_lead(v, 2) for v in blocks.values())
+    total = sum(sum_layers(v, 2) for v in blocks.values())
     return Scores(total=total, per_layer=dict(blocks) if per_layer else None, self=self_total)
 
 
-def _sum_lead(x: Array, trailing: int) -> Array:
+def sum_layers(x: Array, trailing: int) -> Array:
     """Sums the layer axes of a stacked block's array, keeping the ``trailing`` axes."""
     lead = x.ndim - trailing
     return x.sum(axis=tuple(range(lead))) if lead else x

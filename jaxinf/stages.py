@@ -47,6 +47,7 @@ from jaxinf.scoring import (
     query_context,
     query_gradients_of,
     self_influence,
+    sum_layers,
 )
 from jaxinf.tasks import Task
 
@@ -195,7 +196,7 @@ def self_influence_batch(
     factors = curvature_context(curv)
     blocks, losses = train_statistics(task, layers, params, batch, None,
                                       lambda a, g, m, c: self_influence(a, g, c, curv.strategy, damping_value), factors)
-    return sum(v.sum(axis=tuple(range(v.ndim - 1))) for v in blocks.values()), losses
+    return sum(sum_layers(v, 1) for v in blocks.values()), losses
 
 
 # --------------------------------------------------------------------------- in-memory drivers
