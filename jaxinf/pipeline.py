@@ -347,19 +347,20 @@ def _shapes(inputs: Inputs) -> dict:
 
 
 def fit_curvature(config: cfg.Config, store: RunStore, inputs: Inputs, executor: Executor) -> curvature.Curvature:
-    """Covariance, eigendecomposition and Lambda (or another run's, with ``factors.from``)."""
-    strategy, fisher = config.factors.strategy, config.factors.fisher
+    """The stages the strategy needs: covariance, eigendecomposition and Lambda (or another run's, with
+    ``factors.from``)."""
     if config.factors.from_run is not None:
         return _curvature_from(config, inputs, executor)
-    if strategy == "identity":
+    strategy, fisher = curvature.strategy(config.factors.strategy), config.factors.fisher
+    if not strategy.writes:
         for s in ("covariance", "eigen", "lambda"):
-            store.mark(s, "done", skipped="identity strategy")
-        return curvature.curvature("identity")
+            store.mark(s, "done", skipped=f"{strategy.name} strategy")
+        return curvature.curvature(strategy)
     base = jax.random.key(config.factors.seed)
     shapes = _shapes(inputs)
     fit_batches = _batches(inputs, inputs.fit_plan, inputs.fit_documents, executor)
-    eigen = None
-    if strategy in ("kfac", "ekfac"):
+
+    def eigen():
         eigen = store.load_result("eigen", executor.like(shapes["eigen"]))
         if eigen is None:
             cov_stage = stages.covariance_stage(inputs.task, inputs.layers, fisher)
@@ -372,21 +373,25 @@ def fit_curvature(config: cfg.Config, store: RunStore, inputs: Inputs, executor:
             _check_finite_tree({"Q_A": eigen.Q_A, "Q_S": eigen.Q_S}, "eigendecomposition", executor.fetch)
             store.save_result("eigen", eigen, seconds=time.perf_counter() - t0)
             log.info("eigen: %d blocks decomposed in %.1fs", len(inputs.layers), time.perf_counter() - t0)
-    else:
-        store.mark("covariance", "done", skipped=f"{strategy} strategy")
-        store.mark("eigen", "done", skipped=f"{strategy} strategy")
-    if strategy == "kfac":
-        Lambda = curvature.kfac_lambda(eigen)
-        store.mark("lambda", "done", source="kfac eigenvalues")
-    else:
+        return eigen
+
+    def fit_lambda(basis):
         Lambda = store.load_result("lambda", executor.like(shapes["lambda"], "Lambda"))
         if Lambda is None:
             lam_stage = stages.lambda_stage(inputs.task, inputs.layers, fisher)
-            Lambda, timing = accumulate(store, "lambda", lam_stage, (inputs.lm.params, eigen), fit_batches,
+            Lambda, timing = accumulate(store, "lambda", lam_stage, (inputs.lm.params, basis), fit_batches,
                                         stages.stage_key(base, "lambda"), config.factors.save_every, executor, inputs)
             _check_finite_tree(Lambda, "Lambda", executor.fetch)
             store.save_result("lambda", Lambda, timing=timing)
-    return curvature.curvature(strategy, eigen, Lambda)
+        return Lambda
+
+    if not strategy.eigen:
+        store.mark("covariance", "done", skipped=f"{strategy.name} strategy")
+        store.mark("eigen", "done", skipped=f"{strategy.name} strategy")
+    curv = curvature.assemble(strategy, eigen, fit_lambda)
+    if strategy.needs_lambda and not strategy.fits_lambda:
+        store.mark("lambda", "done", source=f"{strategy.name} {strategy.lambda_source}")
+    return curv
 
 
 def _check_finite_tree(tree, what: str, fetch: Callable = np.asarray) -> None:
@@ -412,23 +417,26 @@ def _curvature_from(config: cfg.Config, inputs: Inputs, executor: Executor) -> c
     ostore = RunStore(other, record)
     if ostore.status("lambda") != "done":
         raise StoreError(f"factors.from: {other} has no finished curvature (stage lambda is {ostore.status('lambda')})")
-    strategy = config.factors.strategy
+    strategy = curvature.strategy(config.factors.strategy)
+    if not strategy.writes:
+        return curvature.curvature(strategy)
     shapes = _shapes(inputs)
-    eigen = None
-    if strategy == "identity":
-        return curvature.curvature("identity")
-    if strategy in ("kfac", "ekfac"):
+
+    def eigen():
         eigen = ostore.load_result("eigen", executor.like(shapes["eigen"]))
         if eigen is None:
             raise StoreError(f"factors.from: {other}: the eigendecomposition is missing or corrupted")
-    if strategy == "kfac":
-        Lambda = curvature.kfac_lambda(eigen)
-    else:
+        return eigen
+
+    def saved_lambda(basis):
         Lambda = ostore.load_result("lambda", executor.like(shapes["lambda"], "Lambda"))
         if Lambda is None:
             raise StoreError(f"factors.from: {other}: Lambda is missing or corrupted")
-    log.info("curvature: reusing the %s factors of %s", strategy, other)
-    return curvature.curvature(strategy, eigen, Lambda)
+        return Lambda
+
+    curv = curvature.assemble(strategy, eigen, saved_lambda)
+    log.info("curvature: reusing the %s factors of %s", strategy.name, other)
+    return curv
 
 
 def query_gradients(config: cfg.Config, store: RunStore, inputs: Inputs, curv, executor: Executor):

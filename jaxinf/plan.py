@@ -136,9 +136,8 @@ def stage_shapes(lm, layers, config) -> dict[str, Any]:
     Q = config.plan.queries
     G = {k: jax.ShapeDtypeStruct(s.lead + (Q, s.d_out, s.d_in_aug), float_dtype()) for k, s in layers.items()}
     loss = jax.ShapeDtypeStruct((Q,), jnp.float32)
-    strategy = config.factors.strategy
-    curv = jax.eval_shape(lambda e, L: curvature.curvature(strategy, e, L), eigen, Lambda) \
-        if strategy != "identity" else curvature.curvature("identity")
+    curv = jax.eval_shape(lambda e, L: curvature.assemble(config.factors.strategy, lambda: e, lambda basis: L),
+                          eigen, Lambda)
     queries = jax.eval_shape(lambda G, l, c: scoring.prepare_queries(G, l, c, config.scores.damping,
                                                                      config.scores.query_rank), G, loss, curv)
     return {"covariance": state, "finished": finished, "eigen": eigen, "Lambda": Lambda, "queries": queries,
@@ -295,8 +294,8 @@ def step_programs(config, mesh, lm, layers, global_batch: int):
     lstate = absd(lstate, shard(lstate))
     Lambda = jax.eval_shape(lam.finalize, lstate)
     Lambda = absd(Lambda, shard(Lambda, "Lambda"))
-    strategy = config.factors.strategy
-    curv = curvature.curvature(strategy, eigen, Lambda) if strategy != "identity" else curvature.curvature("identity")
+    strategy = curvature.strategy(config.factors.strategy)
+    curv = curvature.curvature(strategy, eigen if strategy.eigen else None, Lambda if strategy.needs_lambda else None)
     damping, rank = config.scores.damping, config.scores.query_rank
     Q = config.plan.queries
     qfull = jax.eval_shape(
@@ -309,7 +308,7 @@ def step_programs(config, mesh, lm, layers, global_batch: int):
         score_out["self"] = rows
     programs = []
     fit = config.factors.from_run is None   # with factors.from, the run reuses fitted factors: no fitting steps
-    if fit and strategy in ("kfac", "ekfac"):
+    if fit and strategy.eigen:
         programs.append(("covariance", sharding.jit_on(mesh, cov.update, donate_argnums=(0,),
                                                out_shardings=(shard(state), rows)), (state, params, batch, key),
                          global_batch))
@@ -317,9 +316,9 @@ def step_programs(config, mesh, lm, layers, global_batch: int):
         factors = [("A", m) for m in finished.A.values()] + [("S", m) for m in finished.S.values()]
         which, M = max(factors, key=lambda f: (f[1].shape[-1], f[1].shape[:-2]))
         programs.append(("eigen", sharding.eigh_program(mesh, M, which), (M,), None))
-    if fit and strategy in ("diagonal", "ekfac"):
+    if fit and strategy.fits_lambda:
         programs.append(("lambda", sharding.jit_on(mesh, lam.update, donate_argnums=(0,), out_shardings=(shard(lstate), rows)),
-                         (lstate, params, eigen if strategy == "ekfac" else None, batch, key), global_batch))
+                         (lstate, params, eigen if strategy.eigen else None, batch, key), global_batch))
     programs.append(("queries", sharding.jit_on(   # as pipeline.query_gradients: prepared layer by layer
         mesh, lambda p, b, c: stages.prepared_queries(task, layers, p, b, c, damping, rank)), (params, qbatch, curv),
         None))

@@ -14,9 +14,10 @@ query's row by its completion NLL, as Ruis et al. report.
 Every per-layer quantity here is a *statistic* of :func:`jaxinf.capture.layer_statistics`,
 evaluated inside the backward pass where the layer's ``a`` and ``g`` exist:
 :func:`block_scores` (``[Q, B]``, or ``[Q, B, T]`` per token) against the layer's
-slice of the query gradients, :func:`self_influence` against its slice of the
-curvature, and :func:`prepare_layer` (the query gradient ``G_q`` of a query
-batch, preconditioned and truncated at once).
+slice of the query gradients, self-influence against its slice of the curvature
+(the strategy's :meth:`~jaxinf.curvature.Strategy.self_score`), and
+:func:`prepare_layer` (the query gradient ``G_q`` of a query batch,
+preconditioned and truncated at once).
 
 Documents are never turned into parameter-sized gradients per token. Per layer,
 :func:`contraction_plan` picks from the shapes the cheaper (in FLOPs and memory
@@ -34,14 +35,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxinf.capture import LayerSpec, expand, per_sequence_gradient
-from jaxinf.curvature import (
-    Curvature,
-    block_damping,
-    curvature_context,
-    inverse_eigenvalues,
-    precondition_block,
-    rotated_gradient,
-)
+from jaxinf.curvature import Curvature, Strategy, block_damping, curvature_context
 from jaxinf.precision import float_dtype
 
 Array = jax.Array
@@ -88,12 +82,13 @@ def low_rank(P: Array, rank: int) -> tuple[Array, Array]:
     return left.astype(dtype), right.astype(dtype)
 
 
-def prepare_layer(G: Array, strategy: str, factors: Mapping[str, Array] | None, damping_value: float | None,
+def prepare_layer(G: Array, strategy: Strategy, factors: Mapping[str, Array] | None, damping_value: float | None,
                   rank: int | None) -> dict[str, Array]:
-    """``P(G_q)`` of one block's query gradients ``[*lead, Q, d_out, d_in']``: ``{"full": P}``, or its rank-r SVD
-    ``{"left", "right"}`` where ``min(d_out, d_in') > r``. ``factors``: the block's :func:`curvature_context`."""
+    """``P(G_q)`` of one block's query gradients ``[*lead, Q, d_out, d_in']`` (the strategy's
+    :meth:`~jaxinf.curvature.Strategy.precondition`): ``{"full": P}``, or its rank-r SVD ``{"left", "right"}``
+    where ``min(d_out, d_in') > r``. ``factors``: the block's :func:`curvature_context`."""
     damp = None if factors is None else block_damping(factors["Lambda"], damping_value)
-    P = precondition_block(G, strategy, factors, damp)
+    P = strategy.precondition(G, factors, damp)
     if rank is not None and min(P.shape[-2:]) > rank:
         left, right = low_rank(P, rank)
         return {"left": left, "right": right}
@@ -192,22 +187,6 @@ def block_scores(a: Array, g: Array, q: Mapping[str, Array], *, per_token: bool 
     return jnp.einsum("qoi,boi->qb", P.astype(G.dtype), G)
 
 
-def self_influence(a: Array, g: Array, factors: Mapping[str, Array] | None, strategy: str,
-                   damping_value: float | None) -> Array:
-    """One layer's ``<P(G[n]), G[n]>`` per document ``[B]``: ``sum (Q_S^T G[n] Q_A)^2 / (Lambda + lambda)``.
-
-    (``sum G[n]^2`` for identity, ``sum G[n]^2 / (Lambda + lambda)`` for diagonal.) ``factors``: the layer's
-    :func:`~jaxinf.curvature.curvature_context`.
-    """
-    dtype = factors["Lambda"].dtype if factors is not None else float_dtype()
-    rotated = strategy in ("kfac", "ekfac")
-    R = rotated_gradient(a, g, factors["Q_A"] if rotated else None, factors["Q_S"] if rotated else None, dtype)
-    if strategy == "identity":
-        return jnp.sum(R * R, axis=(-2, -1))
-    inv = inverse_eigenvalues(factors["Lambda"], block_damping(factors["Lambda"], damping_value))
-    return jnp.sum(R * R * inv, axis=(-2, -1))
-
-
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class Scores:
@@ -222,7 +201,8 @@ class Scores:
 
 def collect_scores(blocks: Mapping[str, Array], *, per_layer: bool = False, per_token: bool = False,
                    self_blocks: Mapping[str, Array] | None = None) -> Scores:
-    """:class:`Scores` from per-block :func:`block_scores` (``[*lead, Q, B(, T)]``) and :func:`self_influence`."""
+    """:class:`Scores` from per-block :func:`block_scores` (``[*lead, Q, B(, T)]``) and self-influence (``[*lead, B]``,
+    :meth:`~jaxinf.curvature.Strategy.self_score`)."""
     self_total = None if self_blocks is None else sum(sum_layers(v, 1) for v in self_blocks.values())
     if per_token:
         tok = sum(sum_layers(v, 3) for v in blocks.values())

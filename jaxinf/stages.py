@@ -23,15 +23,14 @@ import numpy as np
 from jaxinf.capture import CaptureError, LayerSpec, joint, layer_statistics, per_sequence_gradient
 from jaxinf.curvature import (
     Curvature,
-    Eigen,
+    Strategy,
+    assemble,
     covariance_finalize,
     covariance_init,
     covariance_statistic,
     covariance_update,
-    curvature,
     curvature_context,
     eigendecompose,
-    kfac_lambda,
     lambda_context,
     lambda_finalize,
     lambda_init,
@@ -46,9 +45,9 @@ from jaxinf.scoring import (
     prepare_layer,
     query_context,
     query_gradients_of,
-    self_influence,
     sum_layers,
 )
+from jaxinf.precision import float_dtype
 from jaxinf.tasks import Task
 
 Array = jax.Array
@@ -137,11 +136,11 @@ def prepared_queries(task: Task, layers: Mapping[str, LayerSpec], params, batch,
     return query_gradients_of(blocks, loss)
 
 
-def _document_statistic(per_token: bool, plan: str | None, strategy: str | None, damping_value: float | None):
+def _document_statistic(per_token: bool, plan: str | None, strategy: Strategy | None, damping_value: float | None):
     """The statistic of a scoring pass: scores against the query gradients, and self-influence when ``strategy``."""
     stats = {"scores": lambda a, g, m, q: block_scores(a, g, q, per_token=per_token, plan=plan)}
     if strategy is not None:
-        stats["self"] = lambda a, g, m, c: self_influence(a, g, c, strategy, damping_value)
+        stats["self"] = lambda a, g, m, c: strategy.self_score(a, g, c, damping_value, float_dtype())
     return joint(stats)
 
 
@@ -195,7 +194,8 @@ def self_influence_batch(
     """Self-influence ``<P(G[n]), G[n]>`` of one document batch, and the documents' losses."""
     factors = curvature_context(curv)
     blocks, losses = train_statistics(task, layers, params, batch, None,
-                                      lambda a, g, m, c: self_influence(a, g, c, curv.strategy, damping_value), factors)
+                                      lambda a, g, m, c: curv.strategy.self_score(a, g, c, damping_value, float_dtype()),
+                                      factors)
     return sum(sum_layers(v, 1) for v in blocks.values()), losses
 
 
@@ -250,27 +250,28 @@ def fit_curvature(
     params,
     batches: list,
     *,
-    strategy: str = "ekfac",
+    strategy: str | Strategy = "ekfac",
     fisher: str = "sampled",
     key: Array | None = None,
     jit: bool = True,
 ) -> tuple[Curvature, dict]:
-    """Covariance, eigendecomposition and Lambda over in-memory batches; returns the curvature and the pieces."""
+    """The stages ``strategy`` needs (covariance, eigendecomposition, Lambda) over in-memory batches; returns the
+    curvature and the pieces."""
     pieces: dict = {}
     if fisher == "sampled" and key is None:
         key = jax.random.key(0)
-    if strategy == "identity":
-        return curvature("identity"), pieces
-    eigen: Eigen | None = None
-    if strategy in ("kfac", "ekfac"):
+
+    def eigen():
         cov = run_stage(covariance_stage(task, layers, fisher), (params,), batches,
                         None if key is None else stage_key(key, "covariance"), jit=jit)
-        eigen = eigendecompose(cov)
-        pieces.update(covariance=cov, eigen=eigen)
-    if strategy == "kfac":
-        Lambda = kfac_lambda(eigen)
-    else:
-        Lambda = run_stage(lambda_stage(task, layers, fisher), (params, eigen), batches,
-                           None if key is None else stage_key(key, "lambda"), jit=jit)
-    pieces["Lambda"] = Lambda
-    return curvature(strategy, eigen, Lambda), pieces
+        pieces.update(covariance=cov, eigen=eigendecompose(cov))
+        return pieces["eigen"]
+
+    def fit_lambda(basis):
+        return run_stage(lambda_stage(task, layers, fisher), (params, basis), batches,
+                         None if key is None else stage_key(key, "lambda"), jit=jit)
+
+    curv = assemble(strategy, eigen, fit_lambda)
+    if curv.Lambda is not None:
+        pieces["Lambda"] = curv.Lambda
+    return curv, pieces

@@ -48,7 +48,16 @@ import numpy as np
 
 from jaxinf import capture
 from jaxinf import config as cfg
-from jaxinf.curvature import CovarianceState, Eigen, LambdaState, covariance_init, lambda_finalize, lambda_init
+from jaxinf.curvature import (
+    CovarianceState,
+    Eigen,
+    LambdaState,
+    Strategy,
+    covariance_init,
+    lambda_finalize,
+    lambda_init,
+    strategy,
+)
 from jaxinf.interop import kronfluence as kf
 from jaxinf.interop.kronfluence import InteropError
 from jaxinf.store import CorruptCheckpoint, RunStore
@@ -114,8 +123,8 @@ class RunFactors:
     lambda_sums: LambdaState | None
 
     @property
-    def strategy(self) -> str:
-        return self.config.factors.strategy
+    def strategy(self) -> Strategy:
+        return strategy(self.config.factors.strategy)
 
 
 def read_record(run_dir: Path) -> dict:
@@ -164,16 +173,15 @@ def load_run(run_dir: str | Path) -> RunFactors:
             raise InteropError(f"{root}: factors.from loops back to {source}")
         seen.add(source.resolve())
         store = RunStore(source, read_record(source))
-    strategy = config.factors.strategy
+    s = strategy(config.factors.strategy)
     with precision(config):
         layers = tracked_layers(config)
         cov = eigen = Lambda = sums = None
-        if strategy in ("kfac", "ekfac"):
-            if _fitted(store, "covariance"):
-                cov = _restore(store, "covariance", None, jax.eval_shape(lambda: covariance_init(layers)))
-            if _fitted(store, "eigen"):
-                eigen = _restore(store, "eigen", 0, _eigen_like(layers))
-        if strategy in ("diagonal", "ekfac") and _fitted(store, "lambda"):
+        if s.covariance and _fitted(store, "covariance"):
+            cov = _restore(store, "covariance", None, jax.eval_shape(lambda: covariance_init(layers)))
+        if s.eigen and _fitted(store, "eigen"):
+            eigen = _restore(store, "eigen", 0, _eigen_like(layers))
+        if s.fits_lambda and _fitted(store, "lambda"):
             Lambda = _restore(store, "lambda", 0, {k: jax.ShapeDtypeStruct(s.lead + (s.d_out, s.d_in_aug), _dtype())
                                                    for k, s in layers.items()})
             sums = _restore(store, LAMBDA_SUMS, None, jax.eval_shape(lambda: lambda_init(layers)))
@@ -271,12 +279,10 @@ def import_factors(source: str | Path, config: cfg.Config, *, factors_name: str 
         raise InteropError(f"{dirs.factors / kf.FACTOR_ARGUMENTS}: fitted with the {factors.fisher} Fisher "
                            f"(use_empirical_fisher={factors.arguments.get('use_empirical_fisher')}), but the config "
                            f"has factors.fisher {config.factors.fisher}")
-    strategy = config.factors.strategy
-    kf.require(factors, strategy)
-    if strategy == "diagonal":
-        factors.tensors = {k: v for k, v in factors.tensors.items() if k in kf.LAMBDA}
-    if strategy == "kfac":
-        factors.tensors = {k: v for k, v in factors.tensors.items() if k not in kf.LAMBDA}
+    s = strategy(config.factors.strategy)
+    kf.require(factors, s.name)
+    factors.tensors = {k: v for k, v in factors.tensors.items()
+                       if any(k in kf.GROUPS[group] for group in s.writes)}   # only what this strategy fits
     _check_fresh(Path(config.run.out), overwrite)
     with precision(config):
         layers = tracked_layers(config)
@@ -305,26 +311,26 @@ def import_factors(source: str | Path, config: cfg.Config, *, factors_name: str 
             Lambda = lambda_finalize(sums)
         store = RunStore.open(config, overwrite=overwrite)
         origin = f"kronfluence {dirs.factors.resolve()}"
-        if strategy in ("identity", "diagonal"):
-            for s in ("covariance", "eigen"):
-                store.mark(s, "done", skipped=f"{strategy} strategy")
+        if not s.eigen:
+            for stage in ("covariance", "eigen"):
+                store.mark(stage, "done", skipped=f"{s.name} strategy")
         if cov is not None:
             store.stage("covariance").save(0, cov)
             store.mark("covariance", "done", source=origin)
-        elif strategy in ("kfac", "ekfac"):
+        elif s.covariance:
             store.mark("covariance", "done", skipped=f"not in {origin}")
         if eigen is not None:
             store.save_result("eigen", eigen)
             store.mark("eigen", "done", source=origin)
-        if strategy == "identity":
-            store.mark("lambda", "done", skipped="identity strategy")
-        elif strategy == "kfac":
-            store.mark("lambda", "done", source="kfac eigenvalues")
+        if not s.needs_lambda:
+            store.mark("lambda", "done", skipped=f"{s.name} strategy")
+        elif not s.fits_lambda:
+            store.mark("lambda", "done", source=f"{s.name} {s.lambda_source}")
         else:
             store.save_result("lambda", Lambda)
             store.stage(LAMBDA_SUMS, keep=1).save(0, sums)
             store.mark("lambda", "done", source=origin)
-    log.info("imported the %s factors of %s (%d layers) into %s", strategy, dirs.factors,
+    log.info("imported the %s factors of %s (%d layers) into %s", s.name, dirs.factors,
              len(layer_index(layers)), store.root)
     return store.root
 
@@ -347,12 +353,12 @@ def export_factors(run_dir: str | Path, out: str | Path, *, overwrite: bool = Fa
     """A run's factors as a kronfluence ``factors_*`` directory (module docstring)."""
     out = Path(out)
     run = load_run(run_dir)
-    strategy = run.strategy
+    s = run.strategy
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise InteropError(f"{out}: exists and is not empty; choose another directory or use --overwrite")
-    if strategy in ("kfac", "ekfac") and run.eigen is None:
+    if s.eigen and run.eigen is None:
         raise InteropError(f"{run.source / 'state' / 'eigen'}: the run has no finished eigendecomposition")
-    if strategy in ("diagonal", "ekfac") and run.Lambda is None:
+    if s.fits_lambda and run.Lambda is None:
         raise InteropError(f"{run.source / 'state' / 'lambda'}: the run has no finished Lambda")
     layers = run.layers
     tensors: dict[str, dict[str, np.ndarray]] = {}
@@ -364,15 +370,15 @@ def export_factors(run_dir: str | Path, out: str | Path, *, overwrite: bool = Fa
         counts = {name: np.asarray([round(float(n))], np.int64) for name, n in per_layer(c.count, layers).items()}
         tensors["num_activation_covariance_processed"] = counts
         tensors["num_gradient_covariance_processed"] = dict(counts)
-    elif strategy in ("kfac", "ekfac"):
+    elif s.covariance:
         log.info("%s: no covariance sums in the run; kronfluence scores without them", run.source)
-    if run.eigen is not None and strategy in ("kfac", "ekfac"):
+    if run.eigen is not None and s.eigen:
         e = run.eigen
         tensors["activation_eigenvectors"] = per_layer(e.Q_A, layers)
         tensors["activation_eigenvalues"] = per_layer(e.e_A, layers)
         tensors["gradient_eigenvectors"] = per_layer(e.Q_S, layers)
         tensors["gradient_eigenvalues"] = per_layer(e.e_S, layers)
-    if strategy in ("diagonal", "ekfac"):
+    if s.fits_lambda:
         if run.lambda_sums is not None:
             tensors["lambda_matrix"] = per_layer(run.lambda_sums.Lambda, layers)
             n_seq = {name: round(float(n)) for name, n in per_layer(run.lambda_sums.count, layers).items()}
@@ -387,7 +393,7 @@ def export_factors(run_dir: str | Path, out: str | Path, *, overwrite: bool = Fa
     if out.exists() and overwrite:
         for p in out.glob("*.safetensors"):
             p.unlink()
-    arguments = kf.factor_arguments(strategy, run.config.factors.fisher, dtype)
+    arguments = kf.factor_arguments(s.name, run.config.factors.fisher, dtype)
     kf.write_factors(out, arguments, tensors)
-    log.info("exported the %s factors of %s (%d layers) to %s", strategy, run.source, len(layer_index(layers)), out)
+    log.info("exported the %s factors of %s (%d layers) to %s", s.name, run.source, len(layer_index(layers)), out)
     return out
