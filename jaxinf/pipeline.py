@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxinf import capture, curvature, failures, fingerprint, preflight, rundir, scoring, stages
+from jaxinf import capture, curvature, failures, fingerprint, precision, preflight, rundir, scoring, stages
 from jaxinf import config as cfg
 from jaxinf.progress import Progress
 from jaxinf.sharding import lapack_threads
@@ -113,7 +113,8 @@ def make_executor(config: cfg.Config) -> Executor:
         lm = models.abstract(models.read_config(config.model.checkpoint, dtype=config.model.dtype,
                                                 scan=config.model.scan_layers, remat=config.model.remat))
         layers = tracked_layers(lm, config.factors.track)
-        executor.preflight(lm.params, _shapes(Inputs(lm, lm.task(), layers, *([None] * 7))))
+        executor.preflight(lm.params, _shapes(Inputs(lm, lm.task(), layers, *([None] * 7)),
+                                              precision.statistics_dtype(config.run.precision)))
     return executor
 
 
@@ -337,10 +338,11 @@ def _batches(inputs: Inputs, plan, source, executor: Executor):
 # --------------------------------------------------------------------------- the stages
 
 
-def _shapes(inputs: Inputs) -> dict:
-    """Abstract shapes of the covariance, eigendecomposition and Lambda of the tracked layers."""
-    cov = stages.covariance_stage(inputs.task, inputs.layers)
-    lam = stages.lambda_stage(inputs.task, inputs.layers)
+def _shapes(inputs: Inputs, dtype=None) -> dict:
+    """Abstract shapes of the covariance, eigendecomposition and Lambda of the tracked layers in the statistics
+    ``dtype`` (by default the layers' own, :func:`jaxinf.precision.layers_dtype`)."""
+    cov = stages.covariance_stage(inputs.task, inputs.layers, dtype=dtype)
+    lam = stages.lambda_stage(inputs.task, inputs.layers, dtype=dtype)
     cov_like = jax.eval_shape(lambda: cov.finalize(cov.init()))
     return {"covariance": jax.eval_shape(cov.init), "eigen": jax.eval_shape(curvature.eigendecompose, cov_like),
             "lambda": jax.eval_shape(lambda: lam.finalize(lam.init()))}
@@ -356,14 +358,15 @@ def fit_curvature(config: cfg.Config, store: RunStore, inputs: Inputs, executor:
         for s in ("covariance", "eigen", "lambda"):
             store.mark(s, "done", skipped=f"{strategy.name} strategy")
         return curvature.curvature(strategy)
+    dtype = precision.statistics_dtype(config.run.precision)
     base = jax.random.key(config.factors.seed)
-    shapes = _shapes(inputs)
+    shapes = _shapes(inputs, dtype)
     fit_batches = _batches(inputs, inputs.fit_plan, inputs.fit_documents, executor)
 
     def eigen():
         eigen = store.load_result("eigen", executor.like(shapes["eigen"]))
         if eigen is None:
-            cov_stage = stages.covariance_stage(inputs.task, inputs.layers, fisher)
+            cov_stage = stages.covariance_stage(inputs.task, inputs.layers, fisher, dtype)
             cov, timing = accumulate(store, "covariance", cov_stage, (inputs.lm.params,), fit_batches,
                                      stages.stage_key(base, "covariance"), config.factors.save_every, executor, inputs)
             store.mark("covariance", "done", timing=timing)
@@ -378,7 +381,7 @@ def fit_curvature(config: cfg.Config, store: RunStore, inputs: Inputs, executor:
     def fit_lambda(basis):
         Lambda = store.load_result("lambda", executor.like(shapes["lambda"], "Lambda"))
         if Lambda is None:
-            lam_stage = stages.lambda_stage(inputs.task, inputs.layers, fisher)
+            lam_stage = stages.lambda_stage(inputs.task, inputs.layers, fisher, dtype)
             Lambda, timing = accumulate(store, "lambda", lam_stage, (inputs.lm.params, basis), fit_batches,
                                         stages.stage_key(base, "lambda"), config.factors.save_every, executor, inputs)
             _check_finite_tree(Lambda, "Lambda", executor.fetch)
@@ -420,7 +423,7 @@ def _curvature_from(config: cfg.Config, inputs: Inputs, executor: Executor) -> c
     strategy = curvature.strategy(config.factors.strategy)
     if not strategy.writes:
         return curvature.curvature(strategy)
-    shapes = _shapes(inputs)
+    shapes = _shapes(inputs, precision.statistics_dtype(config.run.precision))
 
     def eigen():
         eigen = ostore.load_result("eigen", executor.like(shapes["eigen"]))
@@ -445,8 +448,10 @@ def query_gradients(config: cfg.Config, store: RunStore, inputs: Inputs, curv, e
 
     encoded = encode_queries(inputs.queries, inputs.encoder, max_length=config.data.max_length)
     batches = query_batches(encoded, batch_size=config.data.query_batch_size, max_length=config.data.max_length)
+    dtype = precision.statistics_dtype(config.run.precision)
     prep_fn = executor.jit(lambda p, b, c: stages.prepared_queries(inputs.task, inputs.layers, p, b, c,
-                                                                     config.scores.damping, config.scores.query_rank))
+                                                                     config.scores.damping, config.scores.query_rank,
+                                                                     dtype))
     if store.status("queries") == "done":
         like = jax.eval_shape(lambda: _prepare_all(inputs, batches, prep_fn, curv, executor, check=False))
         saved = store.load_result("queries", executor.like(like))
@@ -505,7 +510,8 @@ def score_documents(config: cfg.Config, store: RunStore, inputs: Inputs, qg, cur
     want_self = config.scores.self_influence
 
     step = stages.score_step(inputs.task, inputs.layers, self_influence=want_self,
-                             damping_value=config.scores.damping)
+                             damping_value=config.scores.damping,
+                             dtype=precision.statistics_dtype(config.run.precision))
 
     outs = {"scores": executor.rows(2, last=True), "loss": executor.rows()}
     if want_self:
@@ -670,7 +676,8 @@ def export_breakdowns(config, store, inputs: Inputs, qg, top: np.ndarray, docs: 
     tokens: dict[int, list[tuple[int, list[int], np.ndarray]]] = {}   # subset doc -> [(chunk, ids, [Q, n])]
 
     def step(params, q, b):
-        s, _ = stages.score_batch(inputs.task, inputs.layers, params, q, b, per_layer=True, per_token=True)
+        s, _ = stages.score_batch(inputs.task, inputs.layers, params, q, b, per_layer=True, per_token=True,
+                                  dtype=precision.statistics_dtype(config.run.precision))
         per_layer = scoring.expand_layer_scores(s.per_layer, inputs.layers)
         return jnp.stack([per_layer[n] for n in names]), s.per_token                   # [L, Q, B], [Q, B, T]
 
@@ -774,8 +781,7 @@ def run(config: cfg.Config, overwrite: bool = False, executor: Executor | None =
     preflight.check_model_limits(config)
     sharding.initialize(config.mesh)                 # before anything touches a device
     sharding.check_agreement(cfg.to_dict(config))    # every process runs the same config
-    if config.run.precision == "float64":
-        jax.config.update("jax_enable_x64", True)
+    precision.enable(config.run.precision)          # float64 arrays, before the model is loaded (jaxinf.precision)
     executor = executor or make_executor(config)     # mesh and batch shape errors before the run directory is made
     check_statistics(config, executor)
     lock, aside = _claim(config, overwrite)

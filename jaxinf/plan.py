@@ -124,22 +124,23 @@ def stage_shapes(lm, layers, config) -> dict[str, Any]:
     import jax.numpy as jnp
 
     from jaxinf import curvature, scoring, stages
-    from jaxinf.precision import float_dtype
+    from jaxinf.precision import statistics_dtype
 
     task = lm.task()
-    cov = stages.covariance_stage(task, layers)
-    lam = stages.lambda_stage(task, layers)
+    dtype = statistics_dtype(config.run.precision)
+    cov = stages.covariance_stage(task, layers, dtype=dtype)
+    lam = stages.lambda_stage(task, layers, dtype=dtype)
     state = jax.eval_shape(cov.init)
     finished = jax.eval_shape(cov.finalize, state)
     eigen = jax.eval_shape(curvature.eigendecompose, finished)
     Lambda = jax.eval_shape(lambda: lam.finalize(lam.init()))
     Q = config.plan.queries
-    G = {k: jax.ShapeDtypeStruct(s.lead + (Q, s.d_out, s.d_in_aug), float_dtype()) for k, s in layers.items()}
+    G = {k: jax.ShapeDtypeStruct(s.lead + (Q, s.d_out, s.d_in_aug), dtype) for k, s in layers.items()}
     loss = jax.ShapeDtypeStruct((Q,), jnp.float32)
     curv = jax.eval_shape(lambda e, L: curvature.assemble(config.factors.strategy, lambda: e, lambda basis: L),
                           eigen, Lambda)
     queries = jax.eval_shape(lambda G, l, c: scoring.prepare_queries(G, l, c, config.scores.damping,
-                                                                     config.scores.query_rank), G, loss, curv)
+                                                                     config.scores.query_rank, dtype), G, loss, curv)
     return {"covariance": state, "finished": finished, "eigen": eigen, "Lambda": Lambda, "queries": queries,
             "curvature": curv}
 
@@ -266,11 +267,13 @@ def step_programs(config, mesh, lm, layers, global_batch: int):
     import jax.numpy as jnp
 
     from jaxinf import curvature, scoring, sharding, stages
+    from jaxinf.precision import statistics_dtype
 
     task = lm.task()
     fisher = config.factors.fisher
-    cov = stages.covariance_stage(task, layers, fisher)
-    lam = stages.lambda_stage(task, layers, fisher)
+    dtype = statistics_dtype(config.run.precision)
+    cov = stages.covariance_stage(task, layers, fisher, dtype)
+    lam = stages.lambda_stage(task, layers, fisher, dtype)
     shard = lambda tree, field=None: sharding.tree_shardings(mesh, tree, field)  # noqa: E731
     absd = sharding.abstract_tree
     params = absd(lm.params, sharding.param_shardings(mesh, lm.params))
@@ -299,10 +302,12 @@ def step_programs(config, mesh, lm, layers, global_batch: int):
     damping, rank = config.scores.damping, config.scores.query_rank
     Q = config.plan.queries
     qfull = jax.eval_shape(
-        lambda c: scoring.prepare_queries({k: jnp.zeros(s.lead + (Q, s.d_out, s.d_in_aug)) for k, s in layers.items()},
-                                          jnp.zeros(Q), c, damping, rank), curv)
+        lambda c: scoring.prepare_queries({k: jnp.zeros(s.lead + (Q, s.d_out, s.d_in_aug), dtype)
+                                           for k, s in layers.items()}, jnp.zeros(Q, dtype), c, damping, rank, dtype),
+        curv)
     queries = absd(qfull, shard(qfull))
-    score_step = stages.score_step(task, layers, self_influence=config.scores.self_influence, damping_value=damping)
+    score_step = stages.score_step(task, layers, self_influence=config.scores.self_influence, damping_value=damping,
+                                   dtype=dtype)
     score_out = {"scores": jax.sharding.NamedSharding(mesh, sharding.rows_spec(2)), "loss": rows}
     if config.scores.self_influence:
         score_out["self"] = rows
@@ -320,8 +325,8 @@ def step_programs(config, mesh, lm, layers, global_batch: int):
         programs.append(("lambda", sharding.jit_on(mesh, lam.update, donate_argnums=(0,), out_shardings=(shard(lstate), rows)),
                          (lstate, params, eigen if strategy.eigen else None, batch, key), global_batch))
     programs.append(("queries", sharding.jit_on(   # as pipeline.query_gradients: prepared layer by layer
-        mesh, lambda p, b, c: stages.prepared_queries(task, layers, p, b, c, damping, rank)), (params, qbatch, curv),
-        None))
+        mesh, lambda p, b, c: stages.prepared_queries(task, layers, p, b, c, damping, rank, dtype)),
+        (params, qbatch, curv), None))
     programs.append(("scores", sharding.jit_on(mesh, score_step, out_shardings=score_out), (params, queries, curv, batch),
                      global_batch))
     return programs
@@ -372,10 +377,9 @@ def plan(config, meshes: Iterable[tuple[int, int]], compile: bool = True) -> dic
     """The plan of ``config`` for each ``(data, model)`` mesh; see the module docstring."""
     import jax
 
-    from jaxinf import sharding
+    from jaxinf import precision, sharding
 
-    if config.run.precision == "float64":
-        jax.config.update("jax_enable_x64", True)
+    precision.enable(config.run.precision)
     lm, layers = abstract_model(config)
     check_layers(layers)
     shapes = stage_shapes(lm, layers, config)

@@ -36,7 +36,7 @@ import jax.numpy as jnp
 
 from jaxinf.capture import LayerSpec, expand, per_sequence_gradient
 from jaxinf.curvature import Curvature, Strategy, block_damping, curvature_context
-from jaxinf.precision import float_dtype
+from jaxinf.precision import working_dtype
 
 Array = jax.Array
 
@@ -64,8 +64,10 @@ class QueryGradients:
         return int(self.loss.shape[0])
 
 
-def low_rank(P: Array, rank: int) -> tuple[Array, Array]:
-    """Rank-r truncated SVD ``P ~= (U_r diag(s_r)) V_r^T`` per matrix of ``P`` ``[..., d_out, d_in']``.
+def low_rank(P: Array, rank: int, dtype=None) -> tuple[Array, Array]:
+    """Rank-r truncated SVD ``P ~= (U_r diag(s_r)) V_r^T`` per matrix of ``P`` ``[..., d_out, d_in']``, computed in
+    the statistics dtype ``dtype`` (by default :func:`~jaxinf.precision.working_dtype` of ``P``) and returned in
+    ``P``'s.
 
     The matrices are decomposed one after another (``lax.map`` of an unbatched
     SVD), like :func:`jaxinf.curvature.eigen.stacked_eigh`: on the CPU a batched
@@ -73,7 +75,7 @@ def low_rank(P: Array, rank: int) -> tuple[Array, Array]:
     devices executing at once (a mesh) every pool thread can end up waiting.
     """
     dtype = P.dtype
-    flat = P.reshape((-1,) + P.shape[-2:]).astype(float_dtype())
+    flat = P.reshape((-1,) + P.shape[-2:]).astype(dtype or working_dtype(P))
     U, s, Vt = jax.lax.map(lambda m: jnp.linalg.svd(m, full_matrices=False), flat)
     U, s, Vt = U.reshape(P.shape[:-1] + U.shape[-1:]), s.reshape(P.shape[:-2] + s.shape[-1:]), \
         Vt.reshape(P.shape[:-2] + Vt.shape[-2:])
@@ -83,14 +85,15 @@ def low_rank(P: Array, rank: int) -> tuple[Array, Array]:
 
 
 def prepare_layer(G: Array, strategy: Strategy, factors: Mapping[str, Array] | None, damping_value: float | None,
-                  rank: int | None) -> dict[str, Array]:
+                  rank: int | None, dtype=None) -> dict[str, Array]:
     """``P(G_q)`` of one block's query gradients ``[*lead, Q, d_out, d_in']`` (the strategy's
     :meth:`~jaxinf.curvature.Strategy.precondition`): ``{"full": P}``, or its rank-r SVD ``{"left", "right"}``
-    where ``min(d_out, d_in') > r``. ``factors``: the block's :func:`curvature_context`."""
+    (:func:`low_rank` in ``dtype``) where ``min(d_out, d_in') > r``. ``factors``: the block's
+    :func:`curvature_context`."""
     damp = None if factors is None else block_damping(factors["Lambda"], damping_value)
     P = strategy.precondition(G, factors, damp)
     if rank is not None and min(P.shape[-2:]) > rank:
-        left, right = low_rank(P, rank)
+        left, right = low_rank(P, rank, dtype)
         return {"left": left, "right": right}
     return {"full": P}
 
@@ -109,11 +112,12 @@ def prepare_queries(
     curv: Curvature,
     damping_value: float | None,
     rank: int | None,
+    dtype=None,
 ) -> QueryGradients:
     """:func:`prepare_layer` of every block of given query gradients ``G`` (block -> ``[*lead, Q, d_out, d_in']``)."""
     context = curvature_context(curv)
     return query_gradients_of({k: prepare_layer(g, curv.strategy, None if context is None else context[k],
-                                                damping_value, rank) for k, g in G.items()}, loss)
+                                                damping_value, rank, dtype) for k, g in G.items()}, loss)
 
 
 def query_context(qg: QueryGradients) -> dict[str, dict[str, Array]]:
@@ -157,13 +161,15 @@ def contraction_plan(B: int, T: int, Q: int, d_out: int, d_in: int, rank: int | 
 
 
 def block_scores(a: Array, g: Array, q: Mapping[str, Array], *, per_token: bool = False,
-                 plan: str | None = None) -> Array:
-    """One layer's ``sum_t g[n,t]^T P(G_q) a[n,t]``: ``[Q, B]`` (``[Q, B, T]`` per token).
+                 plan: str | None = None, dtype=None) -> Array:
+    """One layer's ``sum_t g[n,t]^T P(G_q) a[n,t]``: ``[Q, B]`` (``[Q, B, T]`` per token), in the statistics dtype
+    ``dtype`` (by default :func:`~jaxinf.precision.working_dtype` of ``a``, ``g`` and ``q``).
 
     ``q``: the layer's ``{"full": [Q, d_out, d_in']}`` or ``{"left": [Q, d_out, r], "right": [Q, d_in', r]}``
     (``P(G_q) ~= left @ right^T``); the contraction order is :func:`contraction_plan`'s unless given.
     """
-    a, g = a.astype(float_dtype()), g.astype(float_dtype())
+    dtype = dtype or working_dtype(a, g, *q.values())
+    a, g = a.astype(dtype), g.astype(dtype)
     B, T = a.shape[-3], a.shape[-2]
     d_out, d_in = g.shape[-1], a.shape[-1]
     lowr = "left" in q

@@ -48,6 +48,7 @@ import numpy as np
 
 from jaxinf import capture
 from jaxinf import config as cfg
+from jaxinf import precision
 from jaxinf.curvature import (
     CovarianceState,
     Eigen,
@@ -67,11 +68,6 @@ LAMBDA_SUMS = "lambda_sums"
 
 
 # --------------------------------------------------------------------------- the run side
-
-
-def precision(config: cfg.Config):
-    """The run's working precision for the duration of a ``with`` block (x64 for ``run.precision: float64``)."""
-    return jax.enable_x64(config.run.precision == "float64")
 
 
 def tracked_layers(config: cfg.Config) -> dict[str, capture.LayerSpec]:
@@ -174,29 +170,24 @@ def load_run(run_dir: str | Path) -> RunFactors:
         seen.add(source.resolve())
         store = RunStore(source, read_record(source))
     s = strategy(config.factors.strategy)
-    with precision(config):
+    dtype = precision.statistics_dtype(config.run.precision)
+    with precision.scoped(config.run.precision):
         layers = tracked_layers(config)
         cov = eigen = Lambda = sums = None
         if s.covariance and _fitted(store, "covariance"):
-            cov = _restore(store, "covariance", None, jax.eval_shape(lambda: covariance_init(layers)))
+            cov = _restore(store, "covariance", None, jax.eval_shape(lambda: covariance_init(layers, dtype)))
         if s.eigen and _fitted(store, "eigen"):
-            eigen = _restore(store, "eigen", 0, _eigen_like(layers))
+            eigen = _restore(store, "eigen", 0, _eigen_like(layers, dtype))
         if s.fits_lambda and _fitted(store, "lambda"):
-            Lambda = _restore(store, "lambda", 0, {k: jax.ShapeDtypeStruct(s.lead + (s.d_out, s.d_in_aug), _dtype())
-                                                   for k, s in layers.items()})
-            sums = _restore(store, LAMBDA_SUMS, None, jax.eval_shape(lambda: lambda_init(layers)))
+            Lambda = _restore(store, "lambda", 0, {k: jax.ShapeDtypeStruct(spec.lead + (spec.d_out, spec.d_in_aug),
+                                                                           dtype) for k, spec in layers.items()})
+            sums = _restore(store, LAMBDA_SUMS, None, jax.eval_shape(lambda: lambda_init(layers, dtype)))
         return RunFactors(root, source, config, layers, _numpy(cov), _numpy(eigen), _numpy(Lambda), _numpy(sums))
 
 
-def _dtype():
-    from jaxinf.precision import float_dtype
-
-    return float_dtype()
-
-
-def _eigen_like(layers) -> Eigen:
-    """The shapes of the eigendecomposition of ``layers`` (a restore template; nothing is allocated)."""
-    z = lambda *shape: jax.ShapeDtypeStruct(shape, _dtype())  # noqa: E731
+def _eigen_like(layers, dtype) -> Eigen:
+    """The shapes of the eigendecomposition of ``layers`` in ``dtype`` (a restore template; nothing is allocated)."""
+    z = lambda *shape: jax.ShapeDtypeStruct(shape, dtype)  # noqa: E731
     return Eigen(Q_A={k: z(*s.lead, s.d_in_aug, s.d_in_aug) for k, s in layers.items()},
                  e_A={k: z(*s.lead, s.d_in_aug) for k, s in layers.items()},
                  Q_S={k: z(*s.lead, s.d_out, s.d_out) for k, s in layers.items()},
@@ -284,10 +275,10 @@ def import_factors(source: str | Path, config: cfg.Config, *, factors_name: str 
     factors.tensors = {k: v for k, v in factors.tensors.items()
                        if any(k in kf.GROUPS[group] for group in s.writes)}   # only what this strategy fits
     _check_fresh(Path(config.run.out), overwrite)
-    with precision(config):
+    with precision.scoped(config.run.precision):
         layers = tracked_layers(config)
         check_modules(factors, layers, "the config")
-        dtype = np.dtype(jnp.dtype(_dtype()).name)
+        dtype = np.dtype(precision.statistics_dtype(config.run.precision).name)
         stored = {np.dtype(v.dtype) for f, t in factors.tensors.items() if not f.startswith("num_") for v in t.values()}
         if any(d.itemsize > dtype.itemsize for d in stored):
             log.warning("kronfluence factors in %s are rounded to the run's %s (run.precision)",
