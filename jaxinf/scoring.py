@@ -75,7 +75,7 @@ def low_rank(P: Array, rank: int, dtype=None) -> tuple[Array, Array]:
     devices executing at once (a mesh) every pool thread can end up waiting.
     """
     dtype = P.dtype
-    flat = P.reshape((-1,) + P.shape[-2:]).astype(dtype or working_dtype(P))
+    flat = P.reshape((-1,) + P.shape[-2:]).astype(working_dtype(P) if dtype is None else dtype)
     U, s, Vt = jax.lax.map(lambda m: jnp.linalg.svd(m, full_matrices=False), flat)
     U, s, Vt = U.reshape(P.shape[:-1] + U.shape[-1:]), s.reshape(P.shape[:-2] + s.shape[-1:]), \
         Vt.reshape(P.shape[:-2] + Vt.shape[-2:])
@@ -168,7 +168,7 @@ def block_scores(a: Array, g: Array, q: Mapping[str, Array], *, per_token: bool 
     ``q``: the layer's ``{"full": [Q, d_out, d_in']}`` or ``{"left": [Q, d_out, r], "right": [Q, d_in', r]}``
     (``P(G_q) ~= left @ right^T``); the contraction order is :func:`contraction_plan`'s unless given.
     """
-    dtype = dtype or working_dtype(a, g, *q.values())
+    dtype = working_dtype(a, g, *q.values()) if dtype is None else dtype
     a, g = a.astype(dtype), g.astype(dtype)
     B, T = a.shape[-3], a.shape[-2]
     d_out, d_in = g.shape[-1], a.shape[-1]

@@ -100,7 +100,7 @@ def stage_key(seed: Array, stage: str) -> Array:
 
 def covariance_stage(task: Task, layers: Mapping[str, LayerSpec], fisher: str = "sampled", dtype=None) -> Stage:
     """Stage 1: ``update(state, params, batch, key)`` accumulates ``A`` and ``S`` (in ``dtype``)."""
-    dtype = dtype or layers_dtype(layers)
+    dtype = layers_dtype(layers) if dtype is None else dtype
     statistic = functools.partial(covariance_statistic, dtype=dtype)
 
     def update(state, params, batch, key):
@@ -113,7 +113,7 @@ def covariance_stage(task: Task, layers: Mapping[str, LayerSpec], fisher: str = 
 def lambda_stage(task: Task, layers: Mapping[str, LayerSpec], fisher: str = "sampled", dtype=None) -> Stage:
     """Stage 3: ``update(state, params, eigen, batch, key)`` accumulates ``Lambda`` (``eigen=None``: diagonal) in
     ``dtype``."""
-    dtype = dtype or layers_dtype(layers)
+    dtype = layers_dtype(layers) if dtype is None else dtype
     statistic = functools.partial(lambda_statistic, dtype=dtype)
 
     def update(state, params, eigen, batch, key):
@@ -139,7 +139,7 @@ def prepared_queries(task: Task, layers: Mapping[str, LayerSpec], params, batch,
 
     The same as :func:`jaxinf.scoring.prepare_queries` of :func:`query_gradients`, without ever holding
     the query gradients of all layers: each layer's ``G_q`` is preconditioned and truncated where it exists."""
-    dtype = dtype or layers_dtype(layers)
+    dtype = layers_dtype(layers) if dtype is None else dtype
 
     def statistic(a, g, mask, factors):
         return prepare_layer(per_sequence_gradient(a, g), curv.strategy, factors, damping_value, rank, dtype)
@@ -173,7 +173,7 @@ def score_batch(
 ) -> tuple[Scores, Array]:
     """Stage 6: pairwise scores of one document batch against all queries (and, given ``curv``, the documents'
     self-influence, in the same backward pass), and the documents' losses."""
-    dtype = dtype or layers_dtype(layers)
+    dtype = layers_dtype(layers) if dtype is None else dtype
     factors = None if curv is None else curvature_context(curv)
     qctx = query_context(queries)
     missing = [k for k in layers if k not in qctx]
@@ -210,7 +210,7 @@ def self_influence_batch(
 ) -> tuple[Array, Array]:
     """Self-influence ``<P(G[n]), G[n]>`` of one document batch, and the documents' losses."""
     factors = curvature_context(curv)
-    dtype = dtype or layers_dtype(layers)
+    dtype = layers_dtype(layers) if dtype is None else dtype
     blocks, losses = train_statistics(task, layers, params, batch, None,
                                       lambda a, g, m, c: curv.strategy.self_score(a, g, c, damping_value, dtype),
                                       factors)

@@ -49,7 +49,7 @@ class LambdaState:
 def lambda_init(layers: Mapping[str, LayerSpec], dtype=None) -> LambdaState:
     """Zero sums for every tracked block in the statistics dtype ``dtype`` (by default the layers'
     :func:`~jaxinf.precision.layers_dtype`)."""
-    dtype = dtype or layers_dtype(layers)
+    dtype = layers_dtype(layers) if dtype is None else dtype
     return LambdaState(
         Lambda={k: jnp.zeros(s.lead + (s.d_out, s.d_in_aug), dtype) for k, s in layers.items()},
         count={k: jnp.zeros(s.lead, dtype) for k, s in layers.items()},
@@ -78,7 +78,7 @@ def lambda_statistic(a: Array, g: Array, mask: Array, eigen: Mapping[str, Array]
     ``sum_n G[n]^2`` when ``eigen`` is None; ``eigen``: the layer's ``{"Q_A": ..., "Q_S": ...}``.
     ``N_seq`` is :func:`sequence_count` of the layer's own ``mask``.
     """
-    dtype = dtype or working_dtype(a, g)
+    dtype = working_dtype(a, g) if dtype is None else dtype
     Q_A = None if eigen is None else eigen["Q_A"]
     Q_S = None if eigen is None else eigen["Q_S"]
     R = constrain(rotated_gradient(a, g, Q_A, Q_S, dtype), ("batch", "rows", "cols"))

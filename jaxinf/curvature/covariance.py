@@ -54,7 +54,7 @@ class Covariance:
 def covariance_init(layers: Mapping[str, LayerSpec], dtype=None) -> CovarianceState:
     """Zero sums for every tracked block in the statistics dtype ``dtype`` (by default the layers'
     :func:`~jaxinf.precision.layers_dtype`)."""
-    dtype = dtype or layers_dtype(layers)
+    dtype = layers_dtype(layers) if dtype is None else dtype
     return CovarianceState(
         A={k: jnp.zeros(s.lead + (s.d_in_aug, s.d_in_aug), dtype) for k, s in layers.items()},
         S={k: jnp.zeros(s.lead + (s.d_out, s.d_out), dtype) for k, s in layers.items()},
@@ -74,7 +74,7 @@ def covariance_statistic(a: Array, g: Array, mask: Array, context=None, *, dtype
 
     ``mask`` is the layer's own (an expert's: its routed tokens), so ``count`` is the layer's token count.
     """
-    dtype = dtype or working_dtype(a, g)
+    dtype = working_dtype(a, g) if dtype is None else dtype
     return {"A": constrain(token_outer_sum(a, dtype), ("rows", "cols"), "factor"),
             "S": constrain(token_outer_sum(g, dtype), ("rows", "cols"), "factor"),
             "count": mask.astype(dtype).sum()}
