@@ -39,7 +39,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from jaxinf.plan import PlanError
     from jaxinf.preflight import PreflightError
     from jaxinf.partitioning import ShardingError
-    from jaxinf.store import StoreError
+    from jaxinf.rundir import StoreError
     from jaxinf.validate.world import ValidationError
 
     return (AnalysisError, CaptureError, ConfigError, DataError, InteropError, ModelError, InputError, PlanError,

@@ -38,7 +38,8 @@ from jaxinf.hostenv import lapack_threads, mesh_lapack_threads
 from jaxinf.meshes import check_agreement, initialize
 from jaxinf.atomic import save_npy, write_json
 from jaxinf.lock import RunLock
-from jaxinf.store import RunStore, StoreError, check_writable, fault_point
+from jaxinf.rundir import StoreError
+from jaxinf.store import RunStore, check_writable, fault_point
 
 log = logging.getLogger("jaxinf")
 
