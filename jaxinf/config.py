@@ -357,6 +357,15 @@ def load(path: str | Path | None, overrides: list[str] = ()) -> Config:
     return from_dict(raw, "command line" if overrides else source)
 
 
+def config_arguments(args) -> tuple[str | None, list[str]]:
+    """``CONFIG [section.key=value ...]`` as (path, overrides); a first argument with ``=`` that is not a file
+    is an override (only overrides: start from the defaults)."""
+    path, overrides = args.config, list(args.overrides)
+    if path is not None and "=" in path and not Path(path).exists():
+        path, overrides = None, [path] + overrides
+    return path, overrides
+
+
 def affects(section: str, field: str) -> str | None:
     return _fields(section)[field].metadata["affects"]
 

@@ -39,7 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxinf.capture import Probes, Tap
-from jaxinf.sharding import constrain
+from jaxinf.partitioning import constrain
 
 Array = jax.Array
 Params = Any

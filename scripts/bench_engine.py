@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxinf import capture, curvature, scoring, stages, tasks
-from jaxinf.pipeline import lapack_threads
+from jaxinf.hostenv import lapack_threads
 
 
 def timed(fn, *args, repeats: int):

@@ -32,7 +32,7 @@ from jaxinf.capture import LayerSpec
 from jaxinf.precision import float_dtype
 from jaxinf.curvature.covariance import per_count
 from jaxinf.curvature.eigen import Eigen
-from jaxinf.sharding import constrain
+from jaxinf.partitioning import constrain
 
 Array = jax.Array
 

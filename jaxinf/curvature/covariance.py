@@ -25,7 +25,7 @@ import jax.numpy as jnp
 
 from jaxinf.capture import LayerSpec
 from jaxinf.precision import float_dtype
-from jaxinf.sharding import constrain
+from jaxinf.partitioning import constrain
 
 Array = jax.Array
 
