@@ -86,7 +86,7 @@ def _run(args) -> int:
     if args.help_config:
         print(cfg.describe())
         return 0
-    path, overrides = cfg.config_arguments(args)
+    path, overrides = cfg.config_arguments(args.config, args.overrides)
     if path is None and not overrides:
         raise cfg.ConfigError("give a config file or section.key=value overrides (configs/reference.yaml lists every key)")
     config = cfg.load(path, overrides)
@@ -99,7 +99,7 @@ def _plan(args) -> int:
     from jaxinf import config as cfg
     from jaxinf import plan
 
-    config = cfg.load(*cfg.config_arguments(args))
+    config = cfg.load(*cfg.config_arguments(args.config, args.overrides))
     meshes = [plan.parse_mesh(m) for m in args.mesh] if args.mesh else [(config.mesh.data, config.mesh.model)]
     if not args.no_compile:
         plan.prepare_devices(meshes)   # before jax starts: the simulated devices the meshes need
@@ -110,7 +110,7 @@ def _validate(args) -> int:
     from jaxinf import config as cfg
     from jaxinf.validate.driver import validate
 
-    config = cfg.load(*cfg.config_arguments(args))
+    config = cfg.load(*cfg.config_arguments(args.config, args.overrides))
     enable_compilation_cache()
     validate(config, args.out)
     return 0
