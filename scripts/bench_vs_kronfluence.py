@@ -205,6 +205,8 @@ def run_jaxinf(w: dict, size: dict, args, out: Path, timed: bool, compiled: dict
     from jaxinf import config as cfg
     from jaxinf import curvature, pipeline, stages
     from jaxinf.data.batching import DocumentBatches
+    from jaxinf.executor import DeviceExecutor
+    from jaxinf.hostenv import lapack_threads
     from jaxinf.store import RunStore
 
     config = cfg.load(None, [f"model.checkpoint={w['model']}", f"data.documents={w['docs']}",
@@ -215,7 +217,7 @@ def run_jaxinf(w: dict, size: dict, args, out: Path, timed: bool, compiled: dict
                              f"model.scan_layers={str(scan).lower()}"])
     store = RunStore.open(config, overwrite=True)
     inputs = pipeline.load_inputs(config, store)
-    executor = pipeline.Executor()
+    executor = DeviceExecutor()
     params = inputs.lm.params
     batches = DocumentBatches(inputs.fit_documents, inputs.encoder, inputs.fit_plan)
     key = jax.random.key(config.factors.seed)
@@ -240,7 +242,7 @@ def run_jaxinf(w: dict, size: dict, args, out: Path, timed: bool, compiled: dict
                                                           executor, inputs)[0])
 
     def eigen_stage():
-        with pipeline.lapack_threads():          # as jaxinf run does
+        with lapack_threads():                   # as jaxinf run does
             e = jax.block_until_ready(eigh(cov))
         store.save_result("eigen", e)
         return e

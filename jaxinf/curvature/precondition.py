@@ -14,6 +14,7 @@ from collections.abc import Callable, Mapping
 
 import jax
 
+from jaxinf.axes import logical
 from jaxinf.curvature import strategies
 from jaxinf.curvature.eigen import Eigen
 from jaxinf.curvature.inverse import block_damping
@@ -27,9 +28,9 @@ class Curvature:
     """What preconditioning needs: the strategy, the eigenbases (kfac, ekfac) and ``Lambda``."""
 
     strategy: strategies.Strategy = dataclasses.field(metadata=dict(static=True))
-    Q_A: dict[str, Array] | None
-    Q_S: dict[str, Array] | None
-    Lambda: dict[str, Array] | None
+    Q_A: dict[str, Array] | None = logical("factor", "rows", "cols")
+    Q_S: dict[str, Array] | None = logical("factor", "rows", "cols")
+    Lambda: dict[str, Array] | None = logical("factor", "rows", "cols")
 
     def __post_init__(self):
         if not isinstance(self.strategy, strategies.Strategy):
