@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxinf import capture, curvature, failures, fingerprint, preflight, rundir, scoring, stages
+from jaxinf import capture, curvature, failures, fingerprint, precision, preflight, rundir, scoring, stages
 from jaxinf import config as cfg
 from jaxinf.progress import Progress
 from jaxinf.distributed import eigendecompose
@@ -61,7 +61,8 @@ def check_layouts(config: cfg.Config, executor: Executor) -> None:
     lm = models.abstract(models.read_config(config.model.checkpoint, dtype=config.model.dtype,
                                             scan=config.model.scan_layers, remat=config.model.remat))
     layers = tracked_layers(lm, config.factors.track)
-    executor.preflight(lm.params, _shapes(Inputs(lm, lm.task(), layers, *([None] * 7))))
+    executor.preflight(lm.params, _shapes(Inputs(lm, lm.task(), layers, *([None] * 7)),
+                                          precision.statistics_dtype(config.run.precision)))
 
 
 def tracked_layers(lm, track) -> dict[str, capture.LayerSpec]:
@@ -284,32 +285,35 @@ def _batches(inputs: Inputs, plan, source, executor: Executor):
 # --------------------------------------------------------------------------- the stages
 
 
-def _shapes(inputs: Inputs) -> dict:
-    """Abstract shapes of the covariance, eigendecomposition and Lambda of the tracked layers."""
-    cov = stages.covariance_stage(inputs.task, inputs.layers)
-    lam = stages.lambda_stage(inputs.task, inputs.layers)
+def _shapes(inputs: Inputs, dtype=None) -> dict:
+    """Abstract shapes of the covariance, eigendecomposition and Lambda of the tracked layers in the statistics
+    ``dtype`` (by default the layers' own, :func:`jaxinf.precision.layers_dtype`)."""
+    cov = stages.covariance_stage(inputs.task, inputs.layers, dtype=dtype)
+    lam = stages.lambda_stage(inputs.task, inputs.layers, dtype=dtype)
     cov_like = jax.eval_shape(lambda: cov.finalize(cov.init()))
     return {"covariance": jax.eval_shape(cov.init), "eigen": jax.eval_shape(curvature.eigendecompose, cov_like),
             "lambda": jax.eval_shape(lambda: lam.finalize(lam.init()))}
 
 
 def fit_curvature(config: cfg.Config, store: RunStore, inputs: Inputs, executor: Executor) -> curvature.Curvature:
-    """Covariance, eigendecomposition and Lambda (or another run's, with ``factors.from``)."""
-    strategy, fisher = config.factors.strategy, config.factors.fisher
+    """The stages the strategy needs: covariance, eigendecomposition and Lambda (or another run's, with
+    ``factors.from``)."""
     if config.factors.from_run is not None:
         return _curvature_from(config, inputs, executor)
-    if strategy == "identity":
+    strategy, fisher = curvature.strategy(config.factors.strategy), config.factors.fisher
+    if not strategy.writes:
         for s in ("covariance", "eigen", "lambda"):
-            store.mark(s, "done", skipped="identity strategy")
-        return curvature.curvature("identity")
+            store.mark(s, "done", skipped=f"{strategy.name} strategy")
+        return curvature.curvature(strategy)
+    dtype = precision.statistics_dtype(config.run.precision)
     base = jax.random.key(config.factors.seed)
-    shapes = _shapes(inputs)
+    shapes = _shapes(inputs, dtype)
     fit_batches = _batches(inputs, inputs.fit_plan, inputs.fit_documents, executor)
-    eigen = None
-    if strategy in ("kfac", "ekfac"):
+
+    def eigen():
         eigen = store.load_result("eigen", executor.like(shapes["eigen"]))
         if eigen is None:
-            cov_stage = stages.covariance_stage(inputs.task, inputs.layers, fisher)
+            cov_stage = stages.covariance_stage(inputs.task, inputs.layers, fisher, dtype)
             cov, timing = accumulate(store, "covariance", cov_stage, (inputs.lm.params,), fit_batches,
                                      stages.stage_key(base, "covariance"), config.factors.save_every, executor, inputs)
             store.mark("covariance", "done", timing=timing)
@@ -319,21 +323,25 @@ def fit_curvature(config: cfg.Config, store: RunStore, inputs: Inputs, executor:
             _check_finite_tree({"Q_A": eigen.Q_A, "Q_S": eigen.Q_S}, "eigendecomposition", executor.fetch)
             store.save_result("eigen", eigen, seconds=time.perf_counter() - t0)
             log.info("eigen: %d blocks decomposed in %.1fs", len(inputs.layers), time.perf_counter() - t0)
-    else:
-        store.mark("covariance", "done", skipped=f"{strategy} strategy")
-        store.mark("eigen", "done", skipped=f"{strategy} strategy")
-    if strategy == "kfac":
-        Lambda = curvature.kfac_lambda(eigen)
-        store.mark("lambda", "done", source="kfac eigenvalues")
-    else:
+        return eigen
+
+    def fit_lambda(basis):
         Lambda = store.load_result("lambda", executor.like(shapes["lambda"], "Lambda"))
         if Lambda is None:
-            lam_stage = stages.lambda_stage(inputs.task, inputs.layers, fisher)
-            Lambda, timing = accumulate(store, "lambda", lam_stage, (inputs.lm.params, eigen), fit_batches,
+            lam_stage = stages.lambda_stage(inputs.task, inputs.layers, fisher, dtype)
+            Lambda, timing = accumulate(store, "lambda", lam_stage, (inputs.lm.params, basis), fit_batches,
                                         stages.stage_key(base, "lambda"), config.factors.save_every, executor, inputs)
             _check_finite_tree(Lambda, "Lambda", executor.fetch)
             store.save_result("lambda", Lambda, timing=timing)
-    return curvature.curvature(strategy, eigen, Lambda)
+        return Lambda
+
+    if not strategy.eigen:
+        store.mark("covariance", "done", skipped=f"{strategy.name} strategy")
+        store.mark("eigen", "done", skipped=f"{strategy.name} strategy")
+    curv = curvature.assemble(strategy, eigen, fit_lambda)
+    if strategy.needs_lambda and not strategy.fits_lambda:
+        store.mark("lambda", "done", source=f"{strategy.name} {strategy.lambda_source}")
+    return curv
 
 
 def _check_finite_tree(tree, what: str, fetch: Callable = np.asarray) -> None:
@@ -359,23 +367,26 @@ def _curvature_from(config: cfg.Config, inputs: Inputs, executor: Executor) -> c
     ostore = RunStore(other, record)
     if ostore.status("lambda") != "done":
         raise StoreError(f"factors.from: {other} has no finished curvature (stage lambda is {ostore.status('lambda')})")
-    strategy = config.factors.strategy
-    shapes = _shapes(inputs)
-    eigen = None
-    if strategy == "identity":
-        return curvature.curvature("identity")
-    if strategy in ("kfac", "ekfac"):
+    strategy = curvature.strategy(config.factors.strategy)
+    if not strategy.writes:
+        return curvature.curvature(strategy)
+    shapes = _shapes(inputs, precision.statistics_dtype(config.run.precision))
+
+    def eigen():
         eigen = ostore.load_result("eigen", executor.like(shapes["eigen"]))
         if eigen is None:
             raise StoreError(f"factors.from: {other}: the eigendecomposition is missing or corrupted")
-    if strategy == "kfac":
-        Lambda = curvature.kfac_lambda(eigen)
-    else:
+        return eigen
+
+    def saved_lambda(basis):
         Lambda = ostore.load_result("lambda", executor.like(shapes["lambda"], "Lambda"))
         if Lambda is None:
             raise StoreError(f"factors.from: {other}: Lambda is missing or corrupted")
-    log.info("curvature: reusing the %s factors of %s", strategy, other)
-    return curvature.curvature(strategy, eigen, Lambda)
+        return Lambda
+
+    curv = curvature.assemble(strategy, eigen, saved_lambda)
+    log.info("curvature: reusing the %s factors of %s", strategy.name, other)
+    return curv
 
 
 def query_gradients(config: cfg.Config, store: RunStore, inputs: Inputs, curv, executor: Executor):
@@ -384,8 +395,10 @@ def query_gradients(config: cfg.Config, store: RunStore, inputs: Inputs, curv, e
 
     encoded = encode_queries(inputs.queries, inputs.encoder, max_length=config.data.max_length)
     batches = query_batches(encoded, batch_size=config.data.query_batch_size, max_length=config.data.max_length)
+    dtype = precision.statistics_dtype(config.run.precision)
     prep_fn = executor.jit(lambda p, b, c: stages.prepared_queries(inputs.task, inputs.layers, p, b, c,
-                                                                     config.scores.damping, config.scores.query_rank))
+                                                                     config.scores.damping, config.scores.query_rank,
+                                                                     dtype))
     if store.status("queries") == "done":
         like = jax.eval_shape(lambda: _prepare_all(inputs, batches, prep_fn, curv, executor, check=False))
         saved = store.load_result("queries", executor.like(like))
@@ -444,7 +457,8 @@ def score_documents(config: cfg.Config, store: RunStore, inputs: Inputs, qg, cur
     want_self = config.scores.self_influence
 
     step = stages.score_step(inputs.task, inputs.layers, self_influence=want_self,
-                             damping_value=config.scores.damping)
+                             damping_value=config.scores.damping,
+                             dtype=precision.statistics_dtype(config.run.precision))
 
     outs = {"scores": executor.rows(2, last=True), "loss": executor.rows()}
     if want_self:
@@ -609,7 +623,8 @@ def export_breakdowns(config, store, inputs: Inputs, qg, top: np.ndarray, docs: 
     tokens: dict[int, list[tuple[int, list[int], np.ndarray]]] = {}   # subset doc -> [(chunk, ids, [Q, n])]
 
     def step(params, q, b):
-        s, _ = stages.score_batch(inputs.task, inputs.layers, params, q, b, per_layer=True, per_token=True)
+        s, _ = stages.score_batch(inputs.task, inputs.layers, params, q, b, per_layer=True, per_token=True,
+                                  dtype=precision.statistics_dtype(config.run.precision))
         per_layer = scoring.expand_layer_scores(s.per_layer, inputs.layers)
         return jnp.stack([per_layer[n] for n in names]), s.per_token                   # [L, Q, B], [Q, B, T]
 
@@ -711,8 +726,7 @@ def run(config: cfg.Config, overwrite: bool = False, executor: Executor | None =
     preflight.check_model_limits(config)
     initialize(config.mesh)                          # before anything touches a device
     check_agreement(cfg.to_dict(config))             # every process runs the same config
-    if config.run.precision == "float64":
-        jax.config.update("jax_enable_x64", True)
+    precision.enable(config.run.precision)           # float64 arrays, before the model is loaded (jaxinf.precision)
     if executor is None:                             # mesh and batch shape errors before the run directory is made
         executor = make_executor(config)
         check_layouts(config, executor)

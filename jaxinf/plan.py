@@ -124,23 +124,23 @@ def stage_shapes(lm, layers, config) -> dict[str, Any]:
     import jax.numpy as jnp
 
     from jaxinf import curvature, scoring, stages
-    from jaxinf.precision import float_dtype
+    from jaxinf.precision import statistics_dtype
 
     task = lm.task()
-    cov = stages.covariance_stage(task, layers)
-    lam = stages.lambda_stage(task, layers)
+    dtype = statistics_dtype(config.run.precision)
+    cov = stages.covariance_stage(task, layers, dtype=dtype)
+    lam = stages.lambda_stage(task, layers, dtype=dtype)
     state = jax.eval_shape(cov.init)
     finished = jax.eval_shape(cov.finalize, state)
     eigen = jax.eval_shape(curvature.eigendecompose, finished)
     Lambda = jax.eval_shape(lambda: lam.finalize(lam.init()))
     Q = config.plan.queries
-    G = {k: jax.ShapeDtypeStruct(s.lead + (Q, s.d_out, s.d_in_aug), float_dtype()) for k, s in layers.items()}
+    G = {k: jax.ShapeDtypeStruct(s.lead + (Q, s.d_out, s.d_in_aug), dtype) for k, s in layers.items()}
     loss = jax.ShapeDtypeStruct((Q,), jnp.float32)
-    strategy = config.factors.strategy
-    curv = jax.eval_shape(lambda e, L: curvature.curvature(strategy, e, L), eigen, Lambda) \
-        if strategy != "identity" else curvature.curvature("identity")
+    curv = jax.eval_shape(lambda e, L: curvature.assemble(config.factors.strategy, lambda: e, lambda basis: L),
+                          eigen, Lambda)
     queries = jax.eval_shape(lambda G, l, c: scoring.prepare_queries(G, l, c, config.scores.damping,
-                                                                     config.scores.query_rank), G, loss, curv)
+                                                                     config.scores.query_rank, dtype), G, loss, curv)
     return {"covariance": state, "finished": finished, "eigen": eigen, "Lambda": Lambda, "queries": queries,
             "curvature": curv}
 
@@ -270,11 +270,13 @@ def step_programs(config, mesh, lm, layers, global_batch: int):
     from jaxinf.distributed import eigh_program
     from jaxinf.meshes import abstract_tree, jit_on
     from jaxinf.partitioning import batch_spec, param_shardings, rows_spec, tree_shardings
+    from jaxinf.precision import statistics_dtype
 
     task = lm.task()
     fisher = config.factors.fisher
-    cov = stages.covariance_stage(task, layers, fisher)
-    lam = stages.lambda_stage(task, layers, fisher)
+    dtype = statistics_dtype(config.run.precision)
+    cov = stages.covariance_stage(task, layers, fisher, dtype)
+    lam = stages.lambda_stage(task, layers, fisher, dtype)
     shard = lambda tree, field=None: tree_shardings(mesh, tree, field)  # noqa: E731
     absd = abstract_tree
     params = absd(lm.params, param_shardings(mesh, lm.params))
@@ -298,21 +300,23 @@ def step_programs(config, mesh, lm, layers, global_batch: int):
     lstate = absd(lstate, shard(lstate))
     Lambda = jax.eval_shape(lam.finalize, lstate)
     Lambda = absd(Lambda, shard(Lambda, "Lambda"))
-    strategy = config.factors.strategy
-    curv = curvature.curvature(strategy, eigen, Lambda) if strategy != "identity" else curvature.curvature("identity")
+    strategy = curvature.strategy(config.factors.strategy)
+    curv = curvature.curvature(strategy, eigen if strategy.eigen else None, Lambda if strategy.needs_lambda else None)
     damping, rank = config.scores.damping, config.scores.query_rank
     Q = config.plan.queries
     qfull = jax.eval_shape(
-        lambda c: scoring.prepare_queries({k: jnp.zeros(s.lead + (Q, s.d_out, s.d_in_aug)) for k, s in layers.items()},
-                                          jnp.zeros(Q), c, damping, rank), curv)
+        lambda c: scoring.prepare_queries({k: jnp.zeros(s.lead + (Q, s.d_out, s.d_in_aug), dtype)
+                                           for k, s in layers.items()}, jnp.zeros(Q, dtype), c, damping, rank, dtype),
+        curv)
     queries = absd(qfull, shard(qfull))
-    score_step = stages.score_step(task, layers, self_influence=config.scores.self_influence, damping_value=damping)
+    score_step = stages.score_step(task, layers, self_influence=config.scores.self_influence, damping_value=damping,
+                                   dtype=dtype)
     score_out = {"scores": jax.sharding.NamedSharding(mesh, rows_spec(2)), "loss": rows}
     if config.scores.self_influence:
         score_out["self"] = rows
     programs = []
     fit = config.factors.from_run is None   # with factors.from, the run reuses fitted factors: no fitting steps
-    if fit and strategy in ("kfac", "ekfac"):
+    if fit and strategy.eigen:
         programs.append(("covariance", jit_on(mesh, cov.update, donate_argnums=(0,),
                                              out_shardings=(shard(state), rows)), (state, params, batch, key),
                          global_batch))
@@ -320,12 +324,12 @@ def step_programs(config, mesh, lm, layers, global_batch: int):
         factors = [("A", m) for m in finished.A.values()] + [("S", m) for m in finished.S.values()]
         which, M = max(factors, key=lambda f: (f[1].shape[-1], f[1].shape[:-2]))
         programs.append(("eigen", eigh_program(mesh, M, which), (M,), None))
-    if fit and strategy in ("diagonal", "ekfac"):
+    if fit and strategy.fits_lambda:
         programs.append(("lambda", jit_on(mesh, lam.update, donate_argnums=(0,), out_shardings=(shard(lstate), rows)),
-                         (lstate, params, eigen if strategy == "ekfac" else None, batch, key), global_batch))
+                         (lstate, params, eigen if strategy.eigen else None, batch, key), global_batch))
     programs.append(("queries", jit_on(   # as pipeline.query_gradients: prepared layer by layer
-        mesh, lambda p, b, c: stages.prepared_queries(task, layers, p, b, c, damping, rank)), (params, qbatch, curv),
-        None))
+        mesh, lambda p, b, c: stages.prepared_queries(task, layers, p, b, c, damping, rank, dtype)),
+        (params, qbatch, curv), None))
     programs.append(("scores", jit_on(mesh, score_step, out_shardings=score_out), (params, queries, curv, batch),
                      global_batch))
     return programs
@@ -377,10 +381,10 @@ def plan(config, meshes: Iterable[tuple[int, int]], compile: bool = True) -> dic
     """The plan of ``config`` for each ``(data, model)`` mesh; see the module docstring."""
     import jax
 
+    from jaxinf import precision
     from jaxinf.meshes import make_mesh
 
-    if config.run.precision == "float64":
-        jax.config.update("jax_enable_x64", True)
+    precision.enable(config.run.precision)
     lm, layers = abstract_model(config)
     check_layers(layers)
     shapes = stage_shapes(lm, layers, config)

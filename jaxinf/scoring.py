@@ -14,9 +14,10 @@ query's row by its completion NLL, as Ruis et al. report.
 Every per-layer quantity here is a *statistic* of :func:`jaxinf.capture.layer_statistics`,
 evaluated inside the backward pass where the layer's ``a`` and ``g`` exist:
 :func:`block_scores` (``[Q, B]``, or ``[Q, B, T]`` per token) against the layer's
-slice of the query gradients, :func:`self_influence` against its slice of the
-curvature, and :func:`prepare_layer` (the query gradient ``G_q`` of a query
-batch, preconditioned and truncated at once).
+slice of the query gradients, self-influence against its slice of the curvature
+(the strategy's :meth:`~jaxinf.curvature.Strategy.self_score`), and
+:func:`prepare_layer` (the query gradient ``G_q`` of a query batch,
+preconditioned and truncated at once).
 
 Documents are never turned into parameter-sized gradients per token. Per layer,
 :func:`contraction_plan` picks from the shapes the cheaper (in FLOPs and memory
@@ -35,15 +36,8 @@ import jax.numpy as jnp
 
 from jaxinf.axes import logical
 from jaxinf.capture import LayerSpec, expand, per_sequence_gradient
-from jaxinf.curvature import (
-    Curvature,
-    block_damping,
-    curvature_context,
-    inverse_eigenvalues,
-    precondition_block,
-    rotated_gradient,
-)
-from jaxinf.precision import float_dtype
+from jaxinf.curvature import Curvature, Strategy, block_damping, curvature_context
+from jaxinf.precision import working_dtype
 
 Array = jax.Array
 
@@ -71,8 +65,10 @@ class QueryGradients:
         return int(self.loss.shape[0])
 
 
-def low_rank(P: Array, rank: int) -> tuple[Array, Array]:
-    """Rank-r truncated SVD ``P ~= (U_r diag(s_r)) V_r^T`` per matrix of ``P`` ``[..., d_out, d_in']``.
+def low_rank(P: Array, rank: int, dtype=None) -> tuple[Array, Array]:
+    """Rank-r truncated SVD ``P ~= (U_r diag(s_r)) V_r^T`` per matrix of ``P`` ``[..., d_out, d_in']``, computed in
+    the statistics dtype ``dtype`` (by default :func:`~jaxinf.precision.working_dtype` of ``P``) and returned in
+    ``P``'s.
 
     The matrices are decomposed one after another (``lax.map`` of an unbatched
     SVD), like :func:`jaxinf.curvature.eigen.stacked_eigh`: on the CPU a batched
@@ -80,7 +76,7 @@ def low_rank(P: Array, rank: int) -> tuple[Array, Array]:
     devices executing at once (a mesh) every pool thread can end up waiting.
     """
     dtype = P.dtype
-    flat = P.reshape((-1,) + P.shape[-2:]).astype(float_dtype())
+    flat = P.reshape((-1,) + P.shape[-2:]).astype(working_dtype(P) if dtype is None else dtype)
     U, s, Vt = jax.lax.map(lambda m: jnp.linalg.svd(m, full_matrices=False), flat)
     U, s, Vt = U.reshape(P.shape[:-1] + U.shape[-1:]), s.reshape(P.shape[:-2] + s.shape[-1:]), \
         Vt.reshape(P.shape[:-2] + Vt.shape[-2:])
@@ -89,14 +85,16 @@ def low_rank(P: Array, rank: int) -> tuple[Array, Array]:
     return left.astype(dtype), right.astype(dtype)
 
 
-def prepare_layer(G: Array, strategy: str, factors: Mapping[str, Array] | None, damping_value: float | None,
-                  rank: int | None) -> dict[str, Array]:
-    """``P(G_q)`` of one block's query gradients ``[*lead, Q, d_out, d_in']``: ``{"full": P}``, or its rank-r SVD
-    ``{"left", "right"}`` where ``min(d_out, d_in') > r``. ``factors``: the block's :func:`curvature_context`."""
+def prepare_layer(G: Array, strategy: Strategy, factors: Mapping[str, Array] | None, damping_value: float | None,
+                  rank: int | None, dtype=None) -> dict[str, Array]:
+    """``P(G_q)`` of one block's query gradients ``[*lead, Q, d_out, d_in']`` (the strategy's
+    :meth:`~jaxinf.curvature.Strategy.precondition`): ``{"full": P}``, or its rank-r SVD ``{"left", "right"}``
+    (:func:`low_rank` in ``dtype``) where ``min(d_out, d_in') > r``. ``factors``: the block's
+    :func:`curvature_context`."""
     damp = None if factors is None else block_damping(factors["Lambda"], damping_value)
-    P = precondition_block(G, strategy, factors, damp)
+    P = strategy.precondition(G, factors, damp)
     if rank is not None and min(P.shape[-2:]) > rank:
-        left, right = low_rank(P, rank)
+        left, right = low_rank(P, rank, dtype)
         return {"left": left, "right": right}
     return {"full": P}
 
@@ -115,11 +113,12 @@ def prepare_queries(
     curv: Curvature,
     damping_value: float | None,
     rank: int | None,
+    dtype=None,
 ) -> QueryGradients:
     """:func:`prepare_layer` of every block of given query gradients ``G`` (block -> ``[*lead, Q, d_out, d_in']``)."""
     context = curvature_context(curv)
     return query_gradients_of({k: prepare_layer(g, curv.strategy, None if context is None else context[k],
-                                                damping_value, rank) for k, g in G.items()}, loss)
+                                                damping_value, rank, dtype) for k, g in G.items()}, loss)
 
 
 def query_context(qg: QueryGradients) -> dict[str, dict[str, Array]]:
@@ -163,13 +162,15 @@ def contraction_plan(B: int, T: int, Q: int, d_out: int, d_in: int, rank: int | 
 
 
 def block_scores(a: Array, g: Array, q: Mapping[str, Array], *, per_token: bool = False,
-                 plan: str | None = None) -> Array:
-    """One layer's ``sum_t g[n,t]^T P(G_q) a[n,t]``: ``[Q, B]`` (``[Q, B, T]`` per token).
+                 plan: str | None = None, dtype=None) -> Array:
+    """One layer's ``sum_t g[n,t]^T P(G_q) a[n,t]``: ``[Q, B]`` (``[Q, B, T]`` per token), in the statistics dtype
+    ``dtype`` (by default :func:`~jaxinf.precision.working_dtype` of ``a``, ``g`` and ``q``).
 
     ``q``: the layer's ``{"full": [Q, d_out, d_in']}`` or ``{"left": [Q, d_out, r], "right": [Q, d_in', r]}``
     (``P(G_q) ~= left @ right^T``); the contraction order is :func:`contraction_plan`'s unless given.
     """
-    a, g = a.astype(float_dtype()), g.astype(float_dtype())
+    dtype = working_dtype(a, g, *q.values()) if dtype is None else dtype
+    a, g = a.astype(dtype), g.astype(dtype)
     B, T = a.shape[-3], a.shape[-2]
     d_out, d_in = g.shape[-1], a.shape[-1]
     lowr = "left" in q
@@ -193,22 +194,6 @@ def block_scores(a: Array, g: Array, q: Mapping[str, Array], *, per_token: bool 
     return jnp.einsum("qoi,boi->qb", P.astype(G.dtype), G)
 
 
-def self_influence(a: Array, g: Array, factors: Mapping[str, Array] | None, strategy: str,
-                   damping_value: float | None) -> Array:
-    """One layer's ``<P(G[n]), G[n]>`` per document ``[B]``: ``sum (Q_S^T G[n] Q_A)^2 / (Lambda + lambda)``.
-
-    (``sum G[n]^2`` for identity, ``sum G[n]^2 / (Lambda + lambda)`` for diagonal.) ``factors``: the layer's
-    :func:`~jaxinf.curvature.curvature_context`.
-    """
-    dtype = factors["Lambda"].dtype if factors is not None else float_dtype()
-    rotated = strategy in ("kfac", "ekfac")
-    R = rotated_gradient(a, g, factors["Q_A"] if rotated else None, factors["Q_S"] if rotated else None, dtype)
-    if strategy == "identity":
-        return jnp.sum(R * R, axis=(-2, -1))
-    inv = inverse_eigenvalues(factors["Lambda"], block_damping(factors["Lambda"], damping_value))
-    return jnp.sum(R * R * inv, axis=(-2, -1))
-
-
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class Scores:
@@ -223,7 +208,8 @@ class Scores:
 
 def collect_scores(blocks: Mapping[str, Array], *, per_layer: bool = False, per_token: bool = False,
                    self_blocks: Mapping[str, Array] | None = None) -> Scores:
-    """:class:`Scores` from per-block :func:`block_scores` (``[*lead, Q, B(, T)]``) and :func:`self_influence`."""
+    """:class:`Scores` from per-block :func:`block_scores` (``[*lead, Q, B(, T)]``) and self-influence (``[*lead, B]``,
+    :meth:`~jaxinf.curvature.Strategy.self_score`)."""
     self_total = None if self_blocks is None else sum(sum_layers(v, 1) for v in self_blocks.values())
     if per_token:
         tok = sum(sum_layers(v, 3) for v in blocks.values())

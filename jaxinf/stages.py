@@ -10,10 +10,15 @@ so they are not baked into the compiled program.
 
 The per-batch key for the true Fisher is ``fold_in(key, batch_index)``, so a
 resumed run samples the same labels as an uninterrupted one.
+
+Every constructor and step takes the statistics dtype ``dtype`` (a run passes
+``run.precision``'s, :func:`jaxinf.precision.statistics_dtype`); without one it is
+the tracked layers' :func:`~jaxinf.precision.layers_dtype`.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, NamedTuple
 
@@ -23,15 +28,14 @@ import numpy as np
 from jaxinf.capture import CaptureError, LayerSpec, joint, layer_statistics, per_sequence_gradient
 from jaxinf.curvature import (
     Curvature,
-    Eigen,
+    Strategy,
+    assemble,
     covariance_finalize,
     covariance_init,
     covariance_statistic,
     covariance_update,
-    curvature,
     curvature_context,
     eigendecompose,
-    kfac_lambda,
     lambda_context,
     lambda_finalize,
     lambda_init,
@@ -46,9 +50,9 @@ from jaxinf.scoring import (
     prepare_layer,
     query_context,
     query_gradients_of,
-    self_influence,
     sum_layers,
 )
+from jaxinf.precision import layers_dtype
 from jaxinf.tasks import Task
 
 Array = jax.Array
@@ -94,25 +98,30 @@ def stage_key(seed: Array, stage: str) -> Array:
     return jax.random.fold_in(seed, {"covariance": 0, "lambda": 1}[stage])
 
 
-def covariance_stage(task: Task, layers: Mapping[str, LayerSpec], fisher: str = "sampled") -> Stage:
-    """Stage 1: ``update(state, params, batch, key)`` accumulates ``A`` and ``S``."""
+def covariance_stage(task: Task, layers: Mapping[str, LayerSpec], fisher: str = "sampled", dtype=None) -> Stage:
+    """Stage 1: ``update(state, params, batch, key)`` accumulates ``A`` and ``S`` (in ``dtype``)."""
+    dtype = layers_dtype(layers) if dtype is None else dtype
+    statistic = functools.partial(covariance_statistic, dtype=dtype)
 
     def update(state, params, batch, key):
-        stats, losses = train_statistics(task, layers, params, batch, _fisher_key(fisher, key), covariance_statistic)
+        stats, losses = train_statistics(task, layers, params, batch, _fisher_key(fisher, key), statistic)
         return covariance_update(state, stats), losses
 
-    return Stage(init=lambda: covariance_init(layers), update=update, finalize=covariance_finalize)
+    return Stage(init=lambda: covariance_init(layers, dtype), update=update, finalize=covariance_finalize)
 
 
-def lambda_stage(task: Task, layers: Mapping[str, LayerSpec], fisher: str = "sampled") -> Stage:
-    """Stage 3: ``update(state, params, eigen, batch, key)`` accumulates ``Lambda`` (``eigen=None``: diagonal)."""
+def lambda_stage(task: Task, layers: Mapping[str, LayerSpec], fisher: str = "sampled", dtype=None) -> Stage:
+    """Stage 3: ``update(state, params, eigen, batch, key)`` accumulates ``Lambda`` (``eigen=None``: diagonal) in
+    ``dtype``."""
+    dtype = layers_dtype(layers) if dtype is None else dtype
+    statistic = functools.partial(lambda_statistic, dtype=dtype)
 
     def update(state, params, eigen, batch, key):
-        stats, losses = train_statistics(task, layers, params, batch, _fisher_key(fisher, key), lambda_statistic,
+        stats, losses = train_statistics(task, layers, params, batch, _fisher_key(fisher, key), statistic,
                                          lambda_context(eigen))
         return lambda_update(state, stats), losses
 
-    return Stage(init=lambda: lambda_init(layers), update=update, finalize=lambda_finalize)
+    return Stage(init=lambda: lambda_init(layers, dtype), update=update, finalize=lambda_finalize)
 
 
 def _sequence_gradient(a: Array, g: Array, mask: Array, context=None) -> Array:
@@ -125,23 +134,26 @@ def query_gradients(task: Task, layers: Mapping[str, LayerSpec], params, batch) 
 
 
 def prepared_queries(task: Task, layers: Mapping[str, LayerSpec], params, batch, curv: Curvature,
-                     damping_value: float | None, rank: int | None) -> QueryGradients:
+                     damping_value: float | None, rank: int | None, dtype=None) -> QueryGradients:
     """Stage 5: ``P(G_q)`` of a query batch (rank-r where asked), each layer's formed in the backward pass.
 
     The same as :func:`jaxinf.scoring.prepare_queries` of :func:`query_gradients`, without ever holding
     the query gradients of all layers: each layer's ``G_q`` is preconditioned and truncated where it exists."""
+    dtype = layers_dtype(layers) if dtype is None else dtype
+
     def statistic(a, g, mask, factors):
-        return prepare_layer(per_sequence_gradient(a, g), curv.strategy, factors, damping_value, rank)
+        return prepare_layer(per_sequence_gradient(a, g), curv.strategy, factors, damping_value, rank, dtype)
 
     blocks, loss = measurement_statistics(task, layers, params, batch, statistic, curvature_context(curv))
     return query_gradients_of(blocks, loss)
 
 
-def _document_statistic(per_token: bool, plan: str | None, strategy: str | None, damping_value: float | None):
+def _document_statistic(per_token: bool, plan: str | None, strategy: Strategy | None, damping_value: float | None,
+                        dtype):
     """The statistic of a scoring pass: scores against the query gradients, and self-influence when ``strategy``."""
-    stats = {"scores": lambda a, g, m, q: block_scores(a, g, q, per_token=per_token, plan=plan)}
+    stats = {"scores": lambda a, g, m, q: block_scores(a, g, q, per_token=per_token, plan=plan, dtype=dtype)}
     if strategy is not None:
-        stats["self"] = lambda a, g, m, c: self_influence(a, g, c, strategy, damping_value)
+        stats["self"] = lambda a, g, m, c: strategy.self_score(a, g, c, damping_value, dtype)
     return joint(stats)
 
 
@@ -157,9 +169,11 @@ def score_batch(
     plan: str | None = None,
     curv: Curvature | None = None,
     damping_value: float | None = None,
+    dtype=None,
 ) -> tuple[Scores, Array]:
     """Stage 6: pairwise scores of one document batch against all queries (and, given ``curv``, the documents'
     self-influence, in the same backward pass), and the documents' losses."""
+    dtype = layers_dtype(layers) if dtype is None else dtype
     factors = None if curv is None else curvature_context(curv)
     qctx = query_context(queries)
     missing = [k for k in layers if k not in qctx]
@@ -169,18 +183,19 @@ def score_batch(
                for k in layers}
     blocks, losses = train_statistics(task, layers, params, batch, None,
                                       _document_statistic(per_token, plan, None if curv is None else curv.strategy,
-                                                          damping_value), context)
+                                                          damping_value, dtype), context)
     scores = collect_scores({k: v["scores"] for k, v in blocks.items()}, per_layer=per_layer, per_token=per_token,
                             self_blocks=None if curv is None else {k: v["self"] for k, v in blocks.items()})
     return scores, losses
 
 
-def score_step(task: Task, layers: Mapping[str, LayerSpec], *, self_influence: bool, damping_value: float | None):
+def score_step(task: Task, layers: Mapping[str, LayerSpec], *, self_influence: bool, damping_value: float | None,
+               dtype=None):
     """The scoring step of ``jaxinf run`` and ``jaxinf plan``: ``(params, queries, curv, batch) ->
     {"scores": [Q, B], "loss": [B](, "self": [B])}``."""
     def step(params, queries, curv, batch):
         s, loss = score_batch(task, layers, params, queries, batch, curv=curv if self_influence else None,
-                              damping_value=damping_value)
+                              damping_value=damping_value, dtype=dtype)
         out = {"scores": s.total, "loss": loss}
         if self_influence:
             out["self"] = s.self
@@ -190,12 +205,15 @@ def score_step(task: Task, layers: Mapping[str, LayerSpec], *, self_influence: b
 
 
 def self_influence_batch(
-    task: Task, layers: Mapping[str, LayerSpec], params, curv: Curvature, damping_value: float | None, batch
+    task: Task, layers: Mapping[str, LayerSpec], params, curv: Curvature, damping_value: float | None, batch,
+    dtype=None,
 ) -> tuple[Array, Array]:
     """Self-influence ``<P(G[n]), G[n]>`` of one document batch, and the documents' losses."""
     factors = curvature_context(curv)
+    dtype = layers_dtype(layers) if dtype is None else dtype
     blocks, losses = train_statistics(task, layers, params, batch, None,
-                                      lambda a, g, m, c: self_influence(a, g, c, curv.strategy, damping_value), factors)
+                                      lambda a, g, m, c: curv.strategy.self_score(a, g, c, damping_value, dtype),
+                                      factors)
     return sum(sum_layers(v, 1) for v in blocks.values()), losses
 
 
@@ -250,27 +268,29 @@ def fit_curvature(
     params,
     batches: list,
     *,
-    strategy: str = "ekfac",
+    strategy: str | Strategy = "ekfac",
     fisher: str = "sampled",
     key: Array | None = None,
     jit: bool = True,
+    dtype=None,
 ) -> tuple[Curvature, dict]:
-    """Covariance, eigendecomposition and Lambda over in-memory batches; returns the curvature and the pieces."""
+    """The stages ``strategy`` needs (covariance, eigendecomposition, Lambda) over in-memory batches, in ``dtype``;
+    returns the curvature and the pieces."""
     pieces: dict = {}
     if fisher == "sampled" and key is None:
         key = jax.random.key(0)
-    if strategy == "identity":
-        return curvature("identity"), pieces
-    eigen: Eigen | None = None
-    if strategy in ("kfac", "ekfac"):
-        cov = run_stage(covariance_stage(task, layers, fisher), (params,), batches,
+
+    def eigen():
+        cov = run_stage(covariance_stage(task, layers, fisher, dtype), (params,), batches,
                         None if key is None else stage_key(key, "covariance"), jit=jit)
-        eigen = eigendecompose(cov)
-        pieces.update(covariance=cov, eigen=eigen)
-    if strategy == "kfac":
-        Lambda = kfac_lambda(eigen)
-    else:
-        Lambda = run_stage(lambda_stage(task, layers, fisher), (params, eigen), batches,
-                           None if key is None else stage_key(key, "lambda"), jit=jit)
-    pieces["Lambda"] = Lambda
-    return curvature(strategy, eigen, Lambda), pieces
+        pieces.update(covariance=cov, eigen=eigendecompose(cov))
+        return pieces["eigen"]
+
+    def fit_lambda(basis):
+        return run_stage(lambda_stage(task, layers, fisher, dtype), (params, basis), batches,
+                         None if key is None else stage_key(key, "lambda"), jit=jit)
+
+    curv = assemble(strategy, eigen, fit_lambda)
+    if curv.Lambda is not None:
+        pieces["Lambda"] = curv.Lambda
+    return curv, pieces

@@ -261,3 +261,16 @@ def test_sampled_labels_follow_the_predictive_distribution_without_a_vocabulary_
     freq = np.bincount(ys[:, 0, 0], minlength=1037) / len(keys)
     assert np.all(np.abs(freq - p) <= 5 * np.sqrt(p * (1 - p) / len(keys)) + 1e-3)
     assert ys.min() >= 0 and ys.max() < 1037
+
+
+def test_the_config_offers_exactly_the_registered_strategies():
+    """``factors.strategy``'s choices (config.py, below the engine) are the names of the strategy objects, and a
+    name outside them is refused in one line naming it and the known ones."""
+    from jaxinf.config import FactorsConfig
+
+    assert FactorsConfig.__dataclass_fields__["strategy"].metadata["choices"] == tuple(curvature.STRATEGIES)
+    for name, s in curvature.STRATEGIES.items():
+        assert curvature.strategy(name) is s and curvature.strategy(s) is s
+    with pytest.raises(ValueError, match=r"^factors.strategy: unknown strategy 'kfc' \(choose from identity, "
+                                         r"diagonal, kfac, ekfac\)$"):
+        curvature.strategy("kfc")

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 
 from jaxinf.axes import logical
 from jaxinf.capture import LayerSpec
-from jaxinf.precision import float_dtype
+from jaxinf.precision import layers_dtype, working_dtype
 from jaxinf.curvature.covariance import per_count
 from jaxinf.curvature.eigen import Eigen
 from jaxinf.partitioning import constrain
@@ -48,8 +48,9 @@ class LambdaState:
 
 
 def lambda_init(layers: Mapping[str, LayerSpec], dtype=None) -> LambdaState:
-    """Zero sums for every tracked block (in the working precision unless ``dtype`` is given)."""
-    dtype = dtype or float_dtype()
+    """Zero sums for every tracked block in the statistics dtype ``dtype`` (by default the layers'
+    :func:`~jaxinf.precision.layers_dtype`)."""
+    dtype = layers_dtype(layers) if dtype is None else dtype
     return LambdaState(
         Lambda={k: jnp.zeros(s.lead + (s.d_out, s.d_in_aug), dtype) for k, s in layers.items()},
         count={k: jnp.zeros(s.lead, dtype) for k, s in layers.items()},
@@ -70,13 +71,15 @@ def rotated_gradient(a: Array, g: Array, Q_A: Array | None, Q_S: Array | None, d
     return jnp.einsum("btp,btj->bpj", g, a)
 
 
-def lambda_statistic(a: Array, g: Array, mask: Array, eigen: Mapping[str, Array] | None) -> dict[str, Array]:
-    """One layer's share of a batch: ``{"Lambda": sum_n (Q_S^T G[n] Q_A)^2, "count": N_seq}``.
+def lambda_statistic(a: Array, g: Array, mask: Array, eigen: Mapping[str, Array] | None, *,
+                     dtype=None) -> dict[str, Array]:
+    """One layer's share of a batch: ``{"Lambda": sum_n (Q_S^T G[n] Q_A)^2, "count": N_seq}`` in the statistics
+    dtype ``dtype`` (by default :func:`~jaxinf.precision.working_dtype` of ``a`` and ``g``).
 
     ``sum_n G[n]^2`` when ``eigen`` is None; ``eigen``: the layer's ``{"Q_A": ..., "Q_S": ...}``.
     ``N_seq`` is :func:`sequence_count` of the layer's own ``mask``.
     """
-    dtype = float_dtype()
+    dtype = working_dtype(a, g) if dtype is None else dtype
     Q_A = None if eigen is None else eigen["Q_A"]
     Q_S = None if eigen is None else eigen["Q_S"]
     R = constrain(rotated_gradient(a, g, Q_A, Q_S, dtype), ("batch", "rows", "cols"))

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 
 from jaxinf.axes import logical
 from jaxinf.capture import LayerSpec
-from jaxinf.precision import float_dtype
+from jaxinf.precision import layers_dtype, working_dtype
 from jaxinf.partitioning import constrain
 
 Array = jax.Array
@@ -53,8 +53,9 @@ class Covariance:
 
 
 def covariance_init(layers: Mapping[str, LayerSpec], dtype=None) -> CovarianceState:
-    """Zero sums for every tracked block (in the working precision unless ``dtype`` is given)."""
-    dtype = dtype or float_dtype()
+    """Zero sums for every tracked block in the statistics dtype ``dtype`` (by default the layers'
+    :func:`~jaxinf.precision.layers_dtype`)."""
+    dtype = layers_dtype(layers) if dtype is None else dtype
     return CovarianceState(
         A={k: jnp.zeros(s.lead + (s.d_in_aug, s.d_in_aug), dtype) for k, s in layers.items()},
         S={k: jnp.zeros(s.lead + (s.d_out, s.d_out), dtype) for k, s in layers.items()},
@@ -68,12 +69,13 @@ def token_outer_sum(x: Array, dtype) -> Array:
     return jnp.einsum("bti,btj->ij", x, x)
 
 
-def covariance_statistic(a: Array, g: Array, mask: Array, context=None) -> dict[str, Array]:
-    """One layer's share of a batch: ``{"A": sum a a^T, "S": sum g g^T, "count": sum mask}`` (working precision).
+def covariance_statistic(a: Array, g: Array, mask: Array, context=None, *, dtype=None) -> dict[str, Array]:
+    """One layer's share of a batch: ``{"A": sum a a^T, "S": sum g g^T, "count": sum mask}`` in the statistics dtype
+    ``dtype`` (by default :func:`~jaxinf.precision.working_dtype` of ``a`` and ``g``).
 
     ``mask`` is the layer's own (an expert's: its routed tokens), so ``count`` is the layer's token count.
     """
-    dtype = float_dtype()
+    dtype = working_dtype(a, g) if dtype is None else dtype
     return {"A": constrain(token_outer_sum(a, dtype), ("rows", "cols"), "factor"),
             "S": constrain(token_outer_sum(g, dtype), ("rows", "cols"), "factor"),
             "count": mask.astype(dtype).sum()}

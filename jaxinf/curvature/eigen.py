@@ -2,10 +2,10 @@
 
     A = Q_A diag(e_A) Q_A^T        S = Q_S diag(e_S) Q_S^T
 
-Each factor is symmetrized first (``(M + M^T) / 2``), decomposed in float64
-when x64 is enabled (float32 otherwise), and its eigenvalues are clipped at
-zero: ``A`` and ``S`` are positive semi-definite, so a negative eigenvalue is
-round-off. If ``eigh`` fails (NaN output on a finite input) the factor is
+Each factor is symmetrized first (``(M + M^T) / 2``), decomposed in its own
+dtype (the statistics dtype it was accumulated in, at least float32), and its
+eigenvalues are clipped at zero: ``A`` and ``S`` are positive semi-definite, so
+a negative eigenvalue is round-off. If ``eigh`` fails (NaN output on a finite input) the factor is
 decomposed again after adding a small multiple of the identity, which is then
 subtracted from the eigenvalues.
 
@@ -27,7 +27,7 @@ import jax.numpy as jnp
 
 from jaxinf.axes import logical
 from jaxinf.curvature.covariance import Covariance
-from jaxinf.precision import float_dtype
+from jaxinf.precision import working_dtype
 
 Array = jax.Array
 
@@ -44,8 +44,9 @@ class Eigen:
 
 
 def symmetric_eigh(M: Array) -> tuple[Array, Array]:
-    """``M = Q diag(e) Q^T`` of one symmetrized matrix ``M`` ``[n, n]``: ``e >= 0`` ascending, ``Q`` orthonormal columns."""
-    M = M.astype(float_dtype())
+    """``M = Q diag(e) Q^T`` of one symmetrized matrix ``M`` ``[n, n]``: ``e >= 0`` ascending, ``Q`` orthonormal columns
+    (in ``M``'s dtype, at least float32)."""
+    M = M.astype(working_dtype(M))
     M = 0.5 * (M + M.T)
     e, Q = jnp.linalg.eigh(M)
     failed = ~(jnp.all(jnp.isfinite(e)) & jnp.all(jnp.isfinite(Q)))

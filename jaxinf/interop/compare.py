@@ -178,7 +178,7 @@ def compare(kronfluence_dir: str | Path, run_dir: str | Path, *, factors: str | 
     named = lambda p: str(p) if p is not None else None  # noqa: E731
     report: dict = {"kronfluence": {"factors": named(dirs.factors), "pairwise": named(dirs.pairwise),
                                     "self_scores": named(dirs.self_scores)},
-                    "run": str(Path(run_dir)), "strategy": run.strategy, "stages": {}, "notes": notes}
+                    "run": str(Path(run_dir)), "strategy": run.strategy.name, "stages": {}, "notes": notes}
     if dirs.factors is not None:
         fac = kf.read_factors(dirs.factors, groups=("covariance", "eigen", "lambda"))
         transfer.check_strategy(dirs.factors / kf.FACTOR_ARGUMENTS, fac.arguments, run.config, f"the run {run.root}")

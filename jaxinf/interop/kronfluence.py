@@ -41,6 +41,8 @@ from typing import Any
 
 import numpy as np
 
+from jaxinf.curvature.strategies import STRATEGIES
+
 FACTOR_ARGUMENTS = "factor_arguments.json"
 SCORE_ARGUMENTS = "score_arguments.json"
 PAIRWISE = "pairwise_scores.safetensors"
@@ -53,10 +55,10 @@ EIGEN = ("activation_eigenvectors", "activation_eigenvalues", "gradient_eigenvec
 LAMBDA = ("lambda_matrix", "num_lambda_processed")
 GROUPS = {"covariance": COVARIANCE, "eigen": EIGEN, "lambda": LAMBDA}
 
-# What each strategy's fit writes (kronfluence's FactorConfig), and what scoring with it needs.
-WRITES = {"identity": (), "diagonal": ("lambda",), "kfac": ("covariance", "eigen"),
-          "ekfac": ("covariance", "eigen", "lambda")}
-NEEDS = {"identity": (), "diagonal": ("lambda",), "kfac": ("eigen",), "ekfac": ("eigen", "lambda")}
+# What each strategy's fit writes (kronfluence's FactorConfig), and what scoring with it needs: the groups the
+# strategies declare (jaxinf.curvature.strategies), which are kronfluence's.
+WRITES = {name: s.writes for name, s in STRATEGIES.items()}
+NEEDS = {name: s.needs for name, s in STRATEGIES.items()}
 
 # kronfluence 1.0.1's FactorArguments, field by field (its defaults), so that
 # ``FactorArguments(**json.load(factor_arguments.json))`` accepts what jaxinf writes.

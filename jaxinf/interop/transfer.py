@@ -48,7 +48,17 @@ import numpy as np
 
 from jaxinf import capture
 from jaxinf import config as cfg
-from jaxinf.curvature import CovarianceState, Eigen, LambdaState, covariance_init, lambda_finalize, lambda_init
+from jaxinf import precision
+from jaxinf.curvature import (
+    CovarianceState,
+    Eigen,
+    LambdaState,
+    Strategy,
+    covariance_init,
+    lambda_finalize,
+    lambda_init,
+    strategy,
+)
 from jaxinf.interop import kronfluence as kf
 from jaxinf.interop.kronfluence import InteropError
 from jaxinf.store import CorruptCheckpoint, RunStore
@@ -58,11 +68,6 @@ LAMBDA_SUMS = "lambda_sums"
 
 
 # --------------------------------------------------------------------------- the run side
-
-
-def precision(config: cfg.Config):
-    """The run's working precision for the duration of a ``with`` block (x64 for ``run.precision: float64``)."""
-    return jax.enable_x64(config.run.precision == "float64")
 
 
 def tracked_layers(config: cfg.Config) -> dict[str, capture.LayerSpec]:
@@ -114,8 +119,8 @@ class RunFactors:
     lambda_sums: LambdaState | None
 
     @property
-    def strategy(self) -> str:
-        return self.config.factors.strategy
+    def strategy(self) -> Strategy:
+        return strategy(self.config.factors.strategy)
 
 
 def read_record(run_dir: Path) -> dict:
@@ -164,31 +169,25 @@ def load_run(run_dir: str | Path) -> RunFactors:
             raise InteropError(f"{root}: factors.from loops back to {source}")
         seen.add(source.resolve())
         store = RunStore(source, read_record(source))
-    strategy = config.factors.strategy
-    with precision(config):
+    s = strategy(config.factors.strategy)
+    dtype = precision.statistics_dtype(config.run.precision)
+    with precision.scoped(config.run.precision):
         layers = tracked_layers(config)
         cov = eigen = Lambda = sums = None
-        if strategy in ("kfac", "ekfac"):
-            if _fitted(store, "covariance"):
-                cov = _restore(store, "covariance", None, jax.eval_shape(lambda: covariance_init(layers)))
-            if _fitted(store, "eigen"):
-                eigen = _restore(store, "eigen", 0, _eigen_like(layers))
-        if strategy in ("diagonal", "ekfac") and _fitted(store, "lambda"):
-            Lambda = _restore(store, "lambda", 0, {k: jax.ShapeDtypeStruct(s.lead + (s.d_out, s.d_in_aug), _dtype())
-                                                   for k, s in layers.items()})
-            sums = _restore(store, LAMBDA_SUMS, None, jax.eval_shape(lambda: lambda_init(layers)))
+        if s.covariance and _fitted(store, "covariance"):
+            cov = _restore(store, "covariance", None, jax.eval_shape(lambda: covariance_init(layers, dtype)))
+        if s.eigen and _fitted(store, "eigen"):
+            eigen = _restore(store, "eigen", 0, _eigen_like(layers, dtype))
+        if s.fits_lambda and _fitted(store, "lambda"):
+            Lambda = _restore(store, "lambda", 0, {k: jax.ShapeDtypeStruct(spec.lead + (spec.d_out, spec.d_in_aug),
+                                                                           dtype) for k, spec in layers.items()})
+            sums = _restore(store, LAMBDA_SUMS, None, jax.eval_shape(lambda: lambda_init(layers, dtype)))
         return RunFactors(root, source, config, layers, _numpy(cov), _numpy(eigen), _numpy(Lambda), _numpy(sums))
 
 
-def _dtype():
-    from jaxinf.precision import float_dtype
-
-    return float_dtype()
-
-
-def _eigen_like(layers) -> Eigen:
-    """The shapes of the eigendecomposition of ``layers`` (a restore template; nothing is allocated)."""
-    z = lambda *shape: jax.ShapeDtypeStruct(shape, _dtype())  # noqa: E731
+def _eigen_like(layers, dtype) -> Eigen:
+    """The shapes of the eigendecomposition of ``layers`` in ``dtype`` (a restore template; nothing is allocated)."""
+    z = lambda *shape: jax.ShapeDtypeStruct(shape, dtype)  # noqa: E731
     return Eigen(Q_A={k: z(*s.lead, s.d_in_aug, s.d_in_aug) for k, s in layers.items()},
                  e_A={k: z(*s.lead, s.d_in_aug) for k, s in layers.items()},
                  Q_S={k: z(*s.lead, s.d_out, s.d_out) for k, s in layers.items()},
@@ -271,17 +270,15 @@ def import_factors(source: str | Path, config: cfg.Config, *, factors_name: str 
         raise InteropError(f"{dirs.factors / kf.FACTOR_ARGUMENTS}: fitted with the {factors.fisher} Fisher "
                            f"(use_empirical_fisher={factors.arguments.get('use_empirical_fisher')}), but the config "
                            f"has factors.fisher {config.factors.fisher}")
-    strategy = config.factors.strategy
-    kf.require(factors, strategy)
-    if strategy == "diagonal":
-        factors.tensors = {k: v for k, v in factors.tensors.items() if k in kf.LAMBDA}
-    if strategy == "kfac":
-        factors.tensors = {k: v for k, v in factors.tensors.items() if k not in kf.LAMBDA}
+    s = strategy(config.factors.strategy)
+    kf.require(factors, s.name)
+    factors.tensors = {k: v for k, v in factors.tensors.items()
+                       if any(k in kf.GROUPS[group] for group in s.writes)}   # only what this strategy fits
     _check_fresh(Path(config.run.out), overwrite)
-    with precision(config):
+    with precision.scoped(config.run.precision):
         layers = tracked_layers(config)
         check_modules(factors, layers, "the config")
-        dtype = np.dtype(jnp.dtype(_dtype()).name)
+        dtype = np.dtype(precision.statistics_dtype(config.run.precision).name)
         stored = {np.dtype(v.dtype) for f, t in factors.tensors.items() if not f.startswith("num_") for v in t.values()}
         if any(d.itemsize > dtype.itemsize for d in stored):
             log.warning("kronfluence factors in %s are rounded to the run's %s (run.precision)",
@@ -305,26 +302,26 @@ def import_factors(source: str | Path, config: cfg.Config, *, factors_name: str 
             Lambda = lambda_finalize(sums)
         store = RunStore.open(config, overwrite=overwrite)
         origin = f"kronfluence {dirs.factors.resolve()}"
-        if strategy in ("identity", "diagonal"):
-            for s in ("covariance", "eigen"):
-                store.mark(s, "done", skipped=f"{strategy} strategy")
+        if not s.eigen:
+            for stage in ("covariance", "eigen"):
+                store.mark(stage, "done", skipped=f"{s.name} strategy")
         if cov is not None:
             store.stage("covariance").save(0, cov)
             store.mark("covariance", "done", source=origin)
-        elif strategy in ("kfac", "ekfac"):
+        elif s.covariance:
             store.mark("covariance", "done", skipped=f"not in {origin}")
         if eigen is not None:
             store.save_result("eigen", eigen)
             store.mark("eigen", "done", source=origin)
-        if strategy == "identity":
-            store.mark("lambda", "done", skipped="identity strategy")
-        elif strategy == "kfac":
-            store.mark("lambda", "done", source="kfac eigenvalues")
+        if not s.needs_lambda:
+            store.mark("lambda", "done", skipped=f"{s.name} strategy")
+        elif not s.fits_lambda:
+            store.mark("lambda", "done", source=f"{s.name} {s.lambda_source}")
         else:
             store.save_result("lambda", Lambda)
             store.stage(LAMBDA_SUMS, keep=1).save(0, sums)
             store.mark("lambda", "done", source=origin)
-    log.info("imported the %s factors of %s (%d layers) into %s", strategy, dirs.factors,
+    log.info("imported the %s factors of %s (%d layers) into %s", s.name, dirs.factors,
              len(layer_index(layers)), store.root)
     return store.root
 
@@ -347,12 +344,12 @@ def export_factors(run_dir: str | Path, out: str | Path, *, overwrite: bool = Fa
     """A run's factors as a kronfluence ``factors_*`` directory (module docstring)."""
     out = Path(out)
     run = load_run(run_dir)
-    strategy = run.strategy
+    s = run.strategy
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise InteropError(f"{out}: exists and is not empty; choose another directory or use --overwrite")
-    if strategy in ("kfac", "ekfac") and run.eigen is None:
+    if s.eigen and run.eigen is None:
         raise InteropError(f"{run.source / 'state' / 'eigen'}: the run has no finished eigendecomposition")
-    if strategy in ("diagonal", "ekfac") and run.Lambda is None:
+    if s.fits_lambda and run.Lambda is None:
         raise InteropError(f"{run.source / 'state' / 'lambda'}: the run has no finished Lambda")
     layers = run.layers
     tensors: dict[str, dict[str, np.ndarray]] = {}
@@ -364,15 +361,15 @@ def export_factors(run_dir: str | Path, out: str | Path, *, overwrite: bool = Fa
         counts = {name: np.asarray([round(float(n))], np.int64) for name, n in per_layer(c.count, layers).items()}
         tensors["num_activation_covariance_processed"] = counts
         tensors["num_gradient_covariance_processed"] = dict(counts)
-    elif strategy in ("kfac", "ekfac"):
+    elif s.covariance:
         log.info("%s: no covariance sums in the run; kronfluence scores without them", run.source)
-    if run.eigen is not None and strategy in ("kfac", "ekfac"):
+    if run.eigen is not None and s.eigen:
         e = run.eigen
         tensors["activation_eigenvectors"] = per_layer(e.Q_A, layers)
         tensors["activation_eigenvalues"] = per_layer(e.e_A, layers)
         tensors["gradient_eigenvectors"] = per_layer(e.Q_S, layers)
         tensors["gradient_eigenvalues"] = per_layer(e.e_S, layers)
-    if strategy in ("diagonal", "ekfac"):
+    if s.fits_lambda:
         if run.lambda_sums is not None:
             tensors["lambda_matrix"] = per_layer(run.lambda_sums.Lambda, layers)
             n_seq = {name: round(float(n)) for name, n in per_layer(run.lambda_sums.count, layers).items()}
@@ -387,7 +384,7 @@ def export_factors(run_dir: str | Path, out: str | Path, *, overwrite: bool = Fa
     if out.exists() and overwrite:
         for p in out.glob("*.safetensors"):
             p.unlink()
-    arguments = kf.factor_arguments(strategy, run.config.factors.fisher, dtype)
+    arguments = kf.factor_arguments(s.name, run.config.factors.fisher, dtype)
     kf.write_factors(out, arguments, tensors)
-    log.info("exported the %s factors of %s (%d layers) to %s", strategy, run.source, len(layer_index(layers)), out)
+    log.info("exported the %s factors of %s (%d layers) to %s", s.name, run.source, len(layer_index(layers)), out)
     return out

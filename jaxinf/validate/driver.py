@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxinf import config as cfg
+from jaxinf import curvature
 from jaxinf.atomic import save_npy, write_atomic, write_json
 from jaxinf.validate import lds as lds_mod
 from jaxinf.validate import pbrf as pbrf_mod
@@ -70,6 +71,9 @@ def load_world(config: cfg.Config) -> World:
 
         world = dataclasses.replace(world, lm=models.init(world.lm.config, config.validate.seed))
     return world
+
+
+HEURISTIC_FROM = curvature.strategy("ekfac")   # the strategy whose Lambda gives the PBRF's heuristic damping
 
 
 def overall_heuristic(Lambda) -> float:
@@ -135,16 +139,18 @@ def validate(config: cfg.Config, out: str | Path) -> dict:
     score = jax.jit(lambda p, qg, b: stages.score_batch(task, layers, p, qg, b)[0].total)
     G = None
     for strategy in v.strategies:
-        dampings = [None] if strategy == "identity" else v.dampings
+        resolved = curvature.strategy(strategy)
+        dampings = v.dampings if resolved.needs_lambda else [None]
         paths = {damping_label(d): work / "scores" / f"{strategy}_{damping_label(d)}.npy" for d in dampings}
-        if all(p.exists() for p in paths.values()) and (strategy != "ekfac" or (work / "heuristic.json").exists()):
+        if all(p.exists() for p in paths.values()) and (resolved != HEURISTIC_FROM
+                                                         or (work / "heuristic.json").exists()):
             scores.update({(strategy, lab): np.load(p) for lab, p in paths.items()})
             continue
         if G is None:
             G, qloss = stages.query_gradients(task, layers, params, queries)
-        curv, pieces = stages.fit_curvature(task, layers, params, batches, strategy=strategy,
+        curv, pieces = stages.fit_curvature(task, layers, params, batches, strategy=resolved,
                                             key=jax.random.key(config.factors.seed))
-        if strategy == "ekfac":
+        if resolved == HEURISTIC_FROM:
             write_json(work / "heuristic.json", {"damping": overall_heuristic(pieces["Lambda"])})
         for d in dampings:
             qg = scoring.prepare_queries(G, qloss, curv, d, None)
@@ -167,7 +173,7 @@ def validate(config: cfg.Config, out: str | Path) -> dict:
 
     # 4. LDS, recall, PBRF
     primary = damping_label(v.dampings[0])
-    pick = {s: (s, "heuristic" if s == "identity" else primary) for s in v.strategies}
+    pick = {s: (s, primary if curvature.strategy(s).needs_lambda else damping_label(None)) for s in v.strategies}
     lds_all = {s: {lab: lds_mod.lds(sc, subsets, meas) for (s2, lab), sc in scores.items() if s2 == s}
                for s in v.strategies}
     result: dict = {
