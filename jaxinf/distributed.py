@@ -19,11 +19,12 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from jaxinf.axes import field_axes
 from jaxinf.curvature import Covariance, Eigen
 from jaxinf.curvature import eigendecompose as eigendecompose_factors
 from jaxinf.curvature.eigen import stacked_eigh
 from jaxinf.meshes import jit_on
-from jaxinf.partitioning import ALL, AXES, dims_spec, logical_axes, mesh_shape, resolve, spec_dims, tree_shardings
+from jaxinf.partitioning import ALL, AXES, dims_spec, mesh_shape, resolve, spec_dims, tree_shardings
 
 
 def leading_path(spec: P, ndim: int) -> list[P]:
@@ -70,9 +71,9 @@ def distributed_eigh(M: jax.Array, which: str, mesh: Mesh) -> tuple[jax.Array, j
     flat = M.reshape((-1, n, n))
     count = flat.shape[0]
     flat = jnp.pad(flat, ((0, (-count) % devices), (0, 0), (0, 0)))
-    _, axes = logical_axes("Q_" + which, 3)
-    stored = resolve(shape, "factor", axes, flat.shape, f"Q_{which}")
-    stored_e = resolve(shape, "eigenvalues", logical_axes("e_" + which, 2)[1], flat.shape[:2], f"e_{which}")
+    q_axes, e_axes = field_axes(Eigen, "Q_" + which).of_rank(3), field_axes(Eigen, "e_" + which).of_rank(2)
+    stored = resolve(shape, q_axes.family, q_axes.names, flat.shape, f"Q_{which}")
+    stored_e = resolve(shape, e_axes.family, e_axes.names, flat.shape[:2], f"e_{which}")
     flat = _move(flat, mesh, [stored] + leading_path(stored, 3))
     e, Q = jax.shard_map(stacked_eigh, mesh=mesh, in_specs=every, out_specs=(every, every))(flat)
     Q = _move(Q, mesh, list(reversed([stored] + leading_path(stored, 3)[:-1])))  # back, step by step
@@ -83,8 +84,8 @@ def distributed_eigh(M: jax.Array, which: str, mesh: Mesh) -> tuple[jax.Array, j
 def eigh_program(mesh: Mesh, M, which: str) -> Callable:
     """The jitted :func:`distributed_eigh` of a factor shaped like ``M`` (``which``: "A" or "S"), with its result
     laid out as the eigenvalues and eigenvectors are stored."""
-    out = (tree_shardings(mesh, jax.ShapeDtypeStruct(M.shape[:-1], M.dtype), "e_" + which),
-           tree_shardings(mesh, jax.ShapeDtypeStruct(M.shape, M.dtype), "Q_" + which))
+    out = (tree_shardings(mesh, jax.ShapeDtypeStruct(M.shape[:-1], M.dtype), field_axes(Eigen, "e_" + which)),
+           tree_shardings(mesh, jax.ShapeDtypeStruct(M.shape, M.dtype), field_axes(Eigen, "Q_" + which)))
     return jit_on(mesh, lambda m: distributed_eigh(m, which, mesh), out_shardings=out)
 
 

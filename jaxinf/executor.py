@@ -26,7 +26,7 @@ from jax.sharding import PartitionSpec as P
 
 from jaxinf import config as cfg
 from jaxinf.meshes import abstract_tree, data_groups, describe, jit_on, make_mesh, placer, put_tree, rows_per_group
-from jaxinf.partitioning import ShardingError, batch_spec, param_shardings, rows_spec, tree_shardings
+from jaxinf.partitioning import ShardingError, batch_spec, rows_spec, tree_shardings
 from jaxinf.stages import Stage
 
 log = logging.getLogger("jaxinf")
@@ -40,11 +40,12 @@ class Executor(Protocol):
     """The mesh the arrays live on; None on the default device."""
     groups: tuple[int, int]
     """(this process's slice of the corpus, number of slices)."""
-    place_param: Callable[[str, np.ndarray], jax.Array] | None
+    place_param: Callable[[str, np.ndarray, Any], jax.Array] | None
     """Puts one parameter onto its sharding as the checkpoint is read (None: :func:`jaxinf.models.from_hf`'s default)."""
 
-    def preflight(self, params, states: Mapping[str, Any]) -> None:
-        """Checks that every parameter and stage state (abstract shapes) can be placed, before any work."""
+    def preflight(self, trees: Mapping[str, tuple[Any, Any]]) -> None:
+        """Checks that every tree (``name -> (abstract tree, declared axes or None)``: the parameters and the
+        stage states) can be placed, before any work."""
 
     def jit(self, fn: Callable, *, donate_argnums=(), out_shardings=None) -> Callable:
         """``fn`` compiled for where the arrays live."""
@@ -55,10 +56,11 @@ class Executor(Protocol):
     def put_replicated(self, batch: Mapping[str, np.ndarray]) -> dict[str, jax.Array]:
         """A batch every device needs whole (the queries); every process passes the same values."""
 
-    def place(self, tree, field: str | None = None):
-        """An engine pytree (or a parameter tree with ``field="param"``) moved onto its shardings."""
+    def place(self, tree, declared=None):
+        """An engine pytree moved onto its shardings (``declared``: the axes of a tree that declares none itself,
+        as :func:`jaxinf.axes.declared_axes` takes them: a model's parameter axes, a field's bare value)."""
 
-    def shardings(self, tree, field: str | None = None):
+    def shardings(self, tree, declared=None):
         """The sharding of every array of ``tree`` (None: wherever JAX puts it)."""
 
     def rows(self, ndim: int = 1, last: bool = False):
@@ -67,7 +69,7 @@ class Executor(Protocol):
     def init(self, stage: Stage):
         """A stage's zero state, created where it lives."""
 
-    def like(self, shapes, field: str | None = None):
+    def like(self, shapes, declared=None):
         """Abstract arrays (with their shardings): what a checkpoint is restored onto."""
 
     def fetch(self, x) -> np.ndarray:
@@ -84,7 +86,7 @@ class DeviceExecutor:
     groups = (0, 1)  # (this process's slice of the corpus, number of slices)
     place_param = None  # jaxinf.models.from_hf's default placement
 
-    def preflight(self, params, states: Mapping[str, Any]) -> None:
+    def preflight(self, trees: Mapping[str, tuple[Any, Any]]) -> None:
         return None
 
     def jit(self, fn: Callable, *, donate_argnums=(), out_shardings=None) -> Callable:
@@ -97,10 +99,10 @@ class DeviceExecutor:
     def put_replicated(self, batch: Mapping[str, np.ndarray]) -> dict[str, jax.Array]:
         return self.put(batch)
 
-    def place(self, tree, field: str | None = None):
+    def place(self, tree, declared=None):
         return tree
 
-    def shardings(self, tree, field: str | None = None):
+    def shardings(self, tree, declared=None):
         return None
 
     def rows(self, ndim: int = 1, last: bool = False):
@@ -109,7 +111,7 @@ class DeviceExecutor:
     def init(self, stage: Stage):
         return stage.init()
 
-    def like(self, shapes, field: str | None = None):
+    def like(self, shapes, declared=None):
         return shapes  # abstract shapes: Orbax restores onto the default device
 
     def fetch(self, x) -> np.ndarray:
@@ -146,12 +148,11 @@ class MeshExecutor:
                                 f"{jax.process_count()} process(es)); use a multiple of {self.per_group}")
         self._process_groups = None
 
-    def preflight(self, params, states: Mapping[str, Any]) -> None:
-        """Computes the sharding of every parameter and stage state (abstract shapes), so that a dimension the
-        mesh does not divide is reported before any work (raises :class:`ShardingError`)."""
-        self.shardings(params, "param")
-        for field, tree in states.items():
-            self.shardings(tree, "Lambda" if field.lower() == "lambda" else None)
+    def preflight(self, trees: Mapping[str, tuple[Any, Any]]) -> None:
+        """Computes the sharding of every tree (``name -> (abstract tree, declared axes or None)``), so that a
+        dimension the mesh does not divide is reported before any work (raises :class:`ShardingError`)."""
+        for tree, declared in trees.values():
+            self.shardings(tree, declared)
 
     # -------------------------------------------------------------- compiling and placing
 
@@ -179,17 +180,18 @@ class MeshExecutor:
         replicated = NamedSharding(self.mesh, P())
         return {k: put_tree(np.asarray(batch[k]), replicated) for k in ("tokens", "mask", "weights") if k in batch}
 
-    def place_param(self, path: str, x: np.ndarray) -> jax.Array:
-        return placer(self.mesh)(path, x)
+    def place_param(self, path: str, x: np.ndarray, axes) -> jax.Array:
+        """One parameter read from a checkpoint, onto the sharding of its declared :class:`~jaxinf.axes.Axes`."""
+        return placer(self.mesh)(path, x, axes)
 
-    def place(self, tree, field: str | None = None):
-        """An engine pytree (or a parameter tree with ``field="param"``) moved onto its shardings."""
-        return put_tree(tree, self.shardings(tree, field))
+    def place(self, tree, declared=None):
+        """A pytree moved onto the shardings of its declared logical axes (:meth:`shardings`)."""
+        return put_tree(tree, self.shardings(tree, declared))
 
-    def shardings(self, tree, field: str | None = None):
-        if field == "param":
-            return param_shardings(self.mesh, tree)
-        return tree_shardings(self.mesh, tree, field)
+    def shardings(self, tree, declared=None):
+        """Each array's sharding under :mod:`jaxinf.partitioning`'s rules, from the logical axes it declares
+        (``declared`` for a tree that carries none: see :func:`jaxinf.axes.declared_axes`)."""
+        return tree_shardings(self.mesh, tree, declared)
 
     def rows(self, ndim: int = 1, last: bool = False) -> NamedSharding:
         """Sharding of per-row outputs: rows over ``data`` on the first (or ``last``) axis."""
@@ -200,9 +202,9 @@ class MeshExecutor:
         like = jax.eval_shape(stage.init)
         return jax.jit(stage.init, out_shardings=self.shardings(like))()
 
-    def like(self, shapes, field: str | None = None):
+    def like(self, shapes, declared=None):
         """Abstract arrays with shardings: what a checkpoint is restored onto."""
-        return abstract_tree(shapes, self.shardings(shapes, field))
+        return abstract_tree(shapes, self.shardings(shapes, declared))
 
     # -------------------------------------------------------------- bringing results to the host
 

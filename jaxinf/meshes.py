@@ -26,7 +26,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 
-from jaxinf.partitioning import AXES, ShardingError, mesh_shape, param_spec
+from jaxinf.axes import Axes
+from jaxinf.partitioning import AXES, ShardingError, mesh_shape, resolve
 
 log = logging.getLogger("jaxinf")
 
@@ -150,16 +151,17 @@ def check_agreement(config_dict: dict) -> None:
 # --------------------------------------------------------------------------- placing data
 
 
-def placer(mesh: Mesh) -> Callable[[str, np.ndarray], jax.Array]:
-    """``place(path, host_array)`` for :func:`jaxinf.models.from_hf`: puts one parameter onto its sharding.
+def placer(mesh: Mesh) -> Callable[[str, np.ndarray, Axes], jax.Array]:
+    """``place(path, host_array, axes)`` for :func:`jaxinf.models.from_hf`: puts one parameter onto the sharding
+    of its declared logical ``axes`` (``path`` names it in errors).
 
     Each device receives only its own slice (``jax.make_array_from_callback``),
     so device memory never holds a whole parameter and host memory one
     parameter buffer at a time.
     """
-    def place(path: str, x: np.ndarray) -> jax.Array:
-        sharding = NamedSharding(mesh, param_spec(mesh, path, x.shape))
-        return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+    def place(path: str, x: np.ndarray, axes: Axes) -> jax.Array:
+        spec = resolve(mesh_shape(mesh), axes.family, axes.names, tuple(x.shape), f"parameter {path}")
+        return jax.make_array_from_callback(x.shape, NamedSharding(mesh, spec), lambda index: x[index])
 
     return place
 

@@ -23,7 +23,8 @@ A run's devices form a :class:`jax.sharding.Mesh` with two axes:
   ``model`` too (and, where a dimension allows it, over ``data``), so no device
   ever holds all of them.
 
-**Logical axes.** Each array dimension has a *logical* name (:func:`logical_axes`):
+**Logical axes.** Each array dimension has a *logical* name, declared where the array is made
+(:mod:`jaxinf.axes`: the engine pytrees' field metadata, the models' parameter metadata):
 
 =================  ==========================================================
 tensors            logical axes of the trailing dimensions
@@ -52,7 +53,6 @@ split over it (a large parameter, a factor, a query gradient, a batch), a
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -60,6 +60,8 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
+
+from jaxinf.axes import Axes, declared_axes
 
 AXES = ("data", "model")
 ALL = AXES  # a dimension split over every device (data-major)
@@ -91,57 +93,6 @@ RULES: dict[str, tuple[tuple[str, str], ...]] = {
 
 # Families whose tensors must be split over a mesh axis larger than 1 (else ShardingError).
 REQUIRED = {"param": ("model",), "factor": ("model",), "query": ("model",), "batch": ("data",)}
-
-_COLUMN = r"(q_proj|k_proj|v_proj|qkv_proj|query_key_value|c_attn|gate_proj|up_proj|gate_up_proj|dense_h_to_4h|c_fc|fc_in)"
-_ROW = r"(o_proj|down_proj|dense|dense_4h_to_h|c_proj|fc_out)"
-
-# Parameter path (dotted, as jaxinf.models.parameter_paths writes it) -> logical axes of the trailing dims.
-PARAM_AXES: tuple[tuple[str, tuple[str, ...] | None], ...] = (
-    (rf"(^|\.){_COLUMN}\.kernel$", ("embed", "ff")),
-    (rf"(^|\.){_COLUMN}\.bias$", ("ff",)),
-    (rf"(^|\.){_ROW}\.kernel$", ("ff", "embed")),
-    (r"(^|\.)(embed_tokens|embed_in|embed_out|wte)\.(embedding|weight)$", ("vocab", "embed")),
-    (r"(^|\.)wpe\.embedding$", ("positions", "embed")),
-    (r"(^|\.)embed$", ("vocab", "embed")),
-    (r"(^|\.)lm_head\.kernel$", ("embed", "vocab")),
-    (r"\.kernel$", ("in", "out")),
-    (r".*", None),  # norms, biases of row layers, position tables: replicated
-)
-
-# Field of an engine pytree (dataclass attribute) -> (family, logical axes of the trailing dims).
-FIELDS: dict[str, tuple[str, tuple[str, ...]]] = {
-    "A": ("factor", ("rows", "cols")),
-    "S": ("factor", ("rows", "cols")),
-    "Q_A": ("factor", ("rows", "cols")),
-    "Q_S": ("factor", ("rows", "cols")),
-    "Lambda": ("factor", ("rows", "cols")),
-    "e_A": ("eigenvalues", ("rows",)),
-    "e_S": ("eigenvalues", ("rows",)),
-    "full": ("query", ("queries", "rows", "cols")),
-    "left": ("query", ("queries", "rows", "rank")),
-    "right": ("query", ("queries", "cols", "rank")),
-    "count": ("replicated", ()),
-    "loss": ("replicated", ()),
-}
-
-
-def param_axes(path: str, ndim: int) -> tuple[str, ...]:
-    """Logical axes of a parameter from its dotted path: a rule of :data:`PARAM_AXES`, leading axes ``layers``."""
-    for pattern, axes in PARAM_AXES:
-        if re.search(pattern, path):
-            if axes is None or len(axes) > ndim:
-                return ("replicated",) * ndim
-            return ("layers",) * (ndim - len(axes)) + axes
-    raise AssertionError("unreachable")  # pragma: no cover
-
-
-def logical_axes(field: str, ndim: int) -> tuple[str, tuple[str, ...]]:
-    """``(family, axes)`` of an engine array named ``field`` with ``ndim`` dimensions (extra leading axes: ``layers``)."""
-    family, axes = FIELDS.get(field, ("replicated", ()))
-    if family == "replicated" or len(axes) > ndim:
-        return "replicated", ("replicated",) * ndim
-    return family, ("layers",) * (ndim - len(axes)) + axes
-
 
 def resolve(mesh_shape: Mapping[str, int], family: str, axes: tuple[str, ...], shape: tuple[int, ...],
             what: str) -> P:
@@ -208,66 +159,29 @@ def mesh_shape(mesh: Mesh) -> dict[str, int]:
     return dict(zip(mesh.axis_names, mesh.devices.shape))
 
 
-def param_spec(mesh: Mesh, path: str, shape: tuple[int, ...]) -> P:
-    """The partition spec of the parameter at dotted ``path`` (see :data:`PARAM_AXES`)."""
-    return param_specs(mesh_shape(mesh), {path: jax.ShapeDtypeStruct(tuple(shape), jnp.float32)})[path]
+def tree_specs(shape: Mapping[str, int], tree, declared=None) -> Any:
+    """The :class:`PartitionSpec` of every array of ``tree`` (arrays or shapes) on a mesh of ``shape`` (no devices
+    needed), from the logical axes the arrays declare (:func:`jaxinf.axes.declared_axes`; ``declared`` for a
+    tree that carries no declarations itself: a model's :func:`~jaxinf.models.parameter_axes`, or
+    :func:`~jaxinf.axes.field_axes` for a field's bare value). An array without a declared layout is an error.
+    """
+    resolved = declared_axes(tree, declared)
+
+    def one(path, axes, leaf):
+        what = f"{'parameter' if axes.family == 'param' else axes.family} {_dotted(path) or 'array'}"
+        return resolve(shape, axes.family, axes.names, tuple(leaf.shape), what)
+
+    return jax.tree_util.tree_map_with_path(one, resolved, tree, is_leaf=lambda x: isinstance(x, Axes))
 
 
-def param_specs(shape: Mapping[str, int], params) -> Any:
-    """The :class:`PartitionSpec` of every parameter of a (possibly abstract) tree on a mesh of ``shape``."""
-    def one(path, leaf):
-        name = _dotted(path)
-        axes = param_axes(name, leaf.ndim)
-        family = "replicated" if axes and axes[-1] == "replicated" else "param"
-        return resolve(shape, family, axes, tuple(leaf.shape), f"parameter {name}")
-
-    return jax.tree_util.tree_map_with_path(one, params)
-
-
-def param_shardings(mesh: Mesh, params) -> Any:
-    """A :class:`NamedSharding` for every parameter of a (possibly abstract) parameter tree."""
-    return jax.tree.map(lambda spec: NamedSharding(mesh, spec), param_specs(mesh_shape(mesh), params),
+def tree_shardings(mesh: Mesh, tree, declared=None) -> Any:
+    """A :class:`NamedSharding` for every array of ``tree``: :func:`tree_specs` on ``mesh``."""
+    return jax.tree.map(lambda spec: NamedSharding(mesh, spec), tree_specs(mesh_shape(mesh), tree, declared),
                         is_leaf=lambda x: isinstance(x, P))
 
 
 def _dotted(path) -> str:
     return ".".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
-
-
-def _field(path) -> str | None:
-    """The innermost dataclass attribute on a key path (``Q_A`` in ``Eigen.Q_A["layers.*.fc_in"]``)."""
-    field = None
-    for k in path:
-        if isinstance(k, jax.tree_util.GetAttrKey):
-            field = k.name
-    return field
-
-
-def _block(path) -> str:
-    keys = [k.key for k in path if isinstance(k, jax.tree_util.DictKey)]
-    return str(keys[-1]) if keys else ""
-
-
-def tree_shardings(mesh: Mesh, tree, field: str | None = None) -> Any:
-    """A :class:`NamedSharding` for every array of an engine pytree (covariance, eigen, Lambda, curvature, queries).
-
-    Each leaf is classified by the dataclass attribute it sits under (``A``,
-    ``Q_S``, ``Lambda``, ``left``, ...) or by ``field`` for plain dicts
-    (``field="Lambda"`` for the finalized Lambda). Unknown leaves are replicated.
-    """
-    return jax.tree.map(lambda spec: NamedSharding(mesh, spec), tree_specs(mesh_shape(mesh), tree, field),
-                        is_leaf=lambda x: isinstance(x, P))
-
-
-def tree_specs(shape: Mapping[str, int], tree, field: str | None = None) -> Any:
-    """:func:`tree_shardings` as partition specs, for a mesh of ``shape`` (no devices needed)."""
-    def one(path, leaf):
-        name = field or _field(path) or ""
-        family, axes = logical_axes(name, len(leaf.shape))
-        what = f"{name} of {_block(path) or 'a layer'}"
-        return resolve(shape, family, axes, tuple(leaf.shape), what)
-
-    return jax.tree_util.tree_map_with_path(one, tree)
 
 
 def shard_bytes(tree, specs, shape: Mapping[str, int]) -> int:

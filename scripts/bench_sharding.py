@@ -45,7 +45,8 @@ def device_bytes(tree) -> int:
 
 
 def measured(repeats: int = 5) -> list[dict]:
-    from jaxinf import capture, curvature, models, stages
+    from jaxinf import capture, curvature, models, scoring, stages
+    from jaxinf.axes import field_axes
     from jaxinf.distributed import eigendecompose
     from jaxinf.executor import MeshExecutor
     from jaxinf.hostenv import mesh_lapack_threads
@@ -72,7 +73,7 @@ def measured(repeats: int = 5) -> list[dict]:
     rows = []
     for data, model in MESHES:
         ex = MeshExecutor(make_mesh(data, model), batch_size=8)
-        params = ex.place(lm.params, "param")
+        params = ex.place(lm.params, models.parameter_axes(lm.config))
         cov_stage, lam_stage = stages.covariance_stage(task, layers, "empirical"), stages.lambda_stage(task, layers,
                                                                                                        "empirical")
         state = ex.init(cov_stage)
@@ -86,11 +87,11 @@ def measured(repeats: int = 5) -> list[dict]:
         up = ex.jit(lam_stage.update, donate_argnums=(0,), out_shardings=(ex.shardings(lstate), ex.rows()))
         for b in docs:
             lstate, _ = up(lstate, params, eigen, ex.put(b), None)
-        Lambda = jax.jit(lam_stage.finalize, out_shardings=ex.shardings(jax.eval_shape(lam_stage.finalize, lstate),
-                                                                        "Lambda"))(lstate)
+        lam_shardings = ex.shardings(jax.eval_shape(lam_stage.finalize, lstate), field_axes(curvature.LambdaState, "Lambda"))
+        Lambda = jax.jit(lam_stage.finalize, out_shardings=lam_shardings)(lstate)
         curv = curvature.curvature("ekfac", eigen, Lambda)
         G, loss = ex.jit(lambda p, b: stages.query_gradients(task, layers, p, b))(params, ex.put_replicated(queries))
-        qg = ex.place(ex.jit(lambda G, l, c: ex.prepare_queries(G, l, c, None, 8))(G, loss, curv))
+        qg = ex.place(ex.jit(lambda G, l, c: scoring.prepare_queries(G, l, c, None, 8))(G, loss, curv))
 
         def score(p, q, b):
             s, losses = stages.score_batch(task, layers, p, q, b)

@@ -162,7 +162,8 @@ def stages_task(out: Path) -> None:
     import jax
     import numpy as np
 
-    from jaxinf import capture, curvature, scoring, stages
+    from jaxinf import capture, curvature, models, scoring, stages
+    from jaxinf.axes import field_axes
     from jaxinf.distributed import eigendecompose, eigh_program
     from jaxinf.executor import MeshExecutor
     from jaxinf.hostenv import mesh_lapack_threads
@@ -207,7 +208,7 @@ def stages_task(out: Path) -> None:
     for data, model in MESHES:
         mesh = make_mesh(data, model)
         ex = MeshExecutor(mesh, batch_size=8)
-        params = ex.place(lm.params, "param")
+        params = ex.place(lm.params, models.parameter_axes(lm.config))
         r: dict = {"collectives": {}, "errors": {}, "layouts": {}}
 
         # covariance
@@ -243,8 +244,8 @@ def stages_task(out: Path) -> None:
             up.lower(state, params, placed_eigen, ex.put(host_batches[0]), key).compile())
         for i, b in enumerate(host_batches):
             state, _ = up(state, params, placed_eigen, ex.put(b), jax.random.fold_in(key, 100 + i))
-        Lam = jax.jit(lam_stage.finalize, out_shardings=ex.shardings(jax.eval_shape(lam_stage.finalize, state),
-                                                                     "Lambda"))(state)
+        lam_shardings = ex.shardings(jax.eval_shape(lam_stage.finalize, state), field_axes(curvature.LambdaState, "Lambda"))
+        Lam = jax.jit(lam_stage.finalize, out_shardings=lam_shardings)(state)
         r["errors"]["Lambda"] = _tree_rel(Lam, ref["Lambda"])
         r["layouts"]["Lambda"] = _layouts({"Lambda": Lam})
 

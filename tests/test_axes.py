@@ -1,18 +1,64 @@
-"""Declared logical axes: every model parameter and every engine pytree, against the name-based rules they replace."""
+"""Declared logical axes: every model parameter and every engine pytree, against the name-based rules they replaced.
+
+Before the declarations, jaxinf chose layouts by regular expressions over Hugging
+Face parameter names and by a table of pytree field names. Those rules are kept
+here, and only here, as an independent oracle: a declaration that drifts from
+what the layouts always were fails these tests.
+"""
 
 import dataclasses
 import itertools
+import re
 
 import jax
 import jax.numpy as jnp
 import pytest
 
 from engine_fixtures import doc_batch, layers_of, tiny_lm
-from jaxinf import curvature, models, partitioning, scoring
+from jaxinf import curvature, models, scoring
 from jaxinf.axes import REPLICATED, Axes, AxesError, declared_axes, field_axes, logical
 from jaxinf.models.families import FAMILIES
 
 MOE = ("mixtral", "qwen3_moe", "olmoe")
+
+_COLUMN = r"(q_proj|k_proj|v_proj|qkv_proj|query_key_value|c_attn|gate_proj|up_proj|gate_up_proj|dense_h_to_4h|c_fc|fc_in)"
+_ROW = r"(o_proj|down_proj|dense|dense_4h_to_h|c_proj|fc_out)"
+PARAM_RULES = (   # dotted parameter path -> logical axes of the trailing dims (None: replicated)
+    (rf"(^|\.){_COLUMN}\.kernel$", ("embed", "ff")),
+    (rf"(^|\.){_COLUMN}\.bias$", ("ff",)),
+    (rf"(^|\.){_ROW}\.kernel$", ("ff", "embed")),
+    (r"(^|\.)(embed_tokens|embed_in|embed_out|wte)\.(embedding|weight)$", ("vocab", "embed")),
+    (r"(^|\.)wpe\.embedding$", ("positions", "embed")),
+    (r"(^|\.)embed$", ("vocab", "embed")),
+    (r"(^|\.)lm_head\.kernel$", ("embed", "vocab")),
+    (r"\.kernel$", ("in", "out")),
+    (r".*", None),
+)
+FIELD_RULES = {   # engine pytree field -> (family, logical axes of the trailing dims)
+    "A": ("factor", ("rows", "cols")), "S": ("factor", ("rows", "cols")),
+    "Q_A": ("factor", ("rows", "cols")), "Q_S": ("factor", ("rows", "cols")),
+    "Lambda": ("factor", ("rows", "cols")),
+    "e_A": ("eigenvalues", ("rows",)), "e_S": ("eigenvalues", ("rows",)),
+    "full": ("query", ("queries", "rows", "cols")), "left": ("query", ("queries", "rows", "rank")),
+    "right": ("query", ("queries", "cols", "rank")),
+    "count": ("replicated", ()), "loss": ("replicated", ()),
+}
+
+
+def param_axes(path: str, ndim: int) -> tuple[str, ...]:
+    """The old rule: logical axes of a parameter from its dotted path, leading axes ``layers``."""
+    axes = next(a for pattern, a in PARAM_RULES if re.search(pattern, path))
+    if axes is None or len(axes) > ndim:
+        return ("replicated",) * ndim
+    return ("layers",) * (ndim - len(axes)) + axes
+
+
+def logical_axes(field: str, ndim: int) -> tuple[str, tuple[str, ...]]:
+    """The old rule: ``(family, axes)`` of an engine array under dataclass field ``field``."""
+    family, axes = FIELD_RULES[field]
+    if family == "replicated" or len(axes) > ndim:
+        return "replicated", ("replicated",) * ndim
+    return family, ("layers",) * (ndim - len(axes)) + axes
 
 
 def _configs(family):
@@ -27,14 +73,14 @@ def _configs(family):
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_declared_parameter_axes_equal_the_name_rules(family):
-    """Each parameter's declared axes are what sharding's regular expressions over its path give."""
+    """Each parameter's declared axes are what the old regular expressions over its path give."""
     for config in _configs(family):
         lm = models.abstract(config)
         declared = models.parameter_paths(declared_axes(lm.params, models.parameter_axes(config)))
         leaves = models.parameter_paths(lm.params)
         assert declared.keys() == leaves.keys()
         for path, leaf in leaves.items():
-            axes = partitioning.param_axes(path, leaf.ndim)
+            axes = param_axes(path, leaf.ndim)
             family_rule = "replicated" if axes and axes[-1] == "replicated" else "param"
             assert (declared[path].family, declared[path].names) == (family_rule, axes), (config, path)
 
@@ -66,7 +112,7 @@ def _engine_trees():
 
 
 def test_declared_engine_axes_equal_the_field_name_rules():
-    """Each array of every engine pytree gets the (family, axes) that sharding's field-name table gives it."""
+    """Each array of every engine pytree gets the (family, axes) that the old field-name table gives it."""
     trees, Lambda = _engine_trees()
     for what, tree in trees.items():
         declared = declared_axes(tree)
@@ -74,12 +120,12 @@ def test_declared_engine_axes_equal_the_field_name_rules():
         got = jax.tree.leaves(declared)
         assert len(got) == len(flat), what
         for (path, leaf), axes in zip(flat, got):
-            family, names = partitioning.logical_axes(_innermost_field(path), len(leaf.shape))
+            family, names = logical_axes(_innermost_field(path), len(leaf.shape))
             assert (axes.family, axes.names) == (family, names), (what, path)
     # a bare field value (the finalized Lambda) takes its field's declaration, as field="Lambda" did
     for axes, leaf in zip(jax.tree.leaves(declared_axes(Lambda, field_axes(curvature.LambdaState, "Lambda"))),
                           jax.tree.leaves(Lambda)):
-        assert (axes.family, axes.names) == partitioning.logical_axes("Lambda", len(leaf.shape))
+        assert (axes.family, axes.names) == logical_axes("Lambda", len(leaf.shape))
 
 
 def test_leading_axes_are_layers_and_short_arrays_are_replicated():

@@ -5,7 +5,7 @@ it one parameter at a time: a host buffer of the parameter's final dtype and
 layout (kernels ``[d_in, d_out]``; with stacked layers, ``[num_layers, ...]``
 holding one checkpoint tensor per layer) is filled straight from the
 safetensors files, tensors that need a transpose or a dtype conversion passing
-through in blocks of 16 MiB, and is handed to ``place(name, array) -> jax.Array``.
+through in blocks of 16 MiB, and is handed to ``place(name, array, axes) -> jax.Array``.
 Host memory beyond what ``place`` keeps is therefore one parameter buffer plus
 one block. The default ``place`` is ``jax.device_put``, which on CPU adopts the
 (64-byte aligned) buffer without copying, so loading onto the host costs the
@@ -37,10 +37,12 @@ import jax
 import ml_dtypes
 import numpy as np
 
+from jaxinf.axes import Axes
 from jaxinf.models.config import ConfigError, ModelConfig, ModelError, config_from_hf
-from jaxinf.models.lm import LM, abstract, parameter_paths
+from jaxinf.models.lm import LM, abstract, parameter_axes, parameter_paths
 
-Place = Callable[[str, np.ndarray], jax.Array]
+Place = Callable[[str, np.ndarray, Axes], jax.Array]
+"""``place(parameter_path, host_buffer, axes)``: puts one parameter where it belongs, by its declared axes."""
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
@@ -323,9 +325,11 @@ def load_params(
     Names, shapes and dtypes of all tensors, and that no other tensor is left
     unused, are checked first; then for each
     parameter a host buffer of its dtype and shape is filled one checkpoint
-    tensor at a time (:func:`read_converted`) and passed to ``place(parameter_path, buffer)``.
+    tensor at a time (:func:`read_converted`) and passed to ``place(parameter_path, buffer, axes)`` with the
+    parameter's declared :class:`~jaxinf.axes.Axes` (:func:`~jaxinf.models.parameter_axes`).
     """
     place = _default_place if place is None else place
+    declared = parameter_paths(parameter_axes(lm.config))
     tensors, where = tensor_index(path)
     sources = param_sources(lm)
     used: set[str] = set()
@@ -360,7 +364,7 @@ def load_params(
                     f = handles[info.file] = stack.enter_context(open(info.file, "rb"))
                 read_converted(info, f, buf[i] if src.stacked else buf, src.transpose)
                 check_finite(tensors, info, buf[i] if src.stacked else buf)
-            flat[src.path] = place(src.path, buf)
+            flat[src.path] = place(src.path, buf, declared[src.path].of_rank(buf.ndim))
             del buf
     return _unflatten(lm.params, flat), skipped
 
@@ -417,7 +421,7 @@ def read_converted(info: TensorInfo, f: BinaryIO, out: np.ndarray, transpose: bo
             np.copyto(target[r0:r1], block, casting="unsafe")
 
 
-def _default_place(name: str, x: np.ndarray) -> jax.Array:
+def _default_place(name: str, x: np.ndarray, axes: Axes) -> jax.Array:
     return jax.device_put(x)
 
 
@@ -441,8 +445,9 @@ def from_hf(
 
     ``dtype`` is the compute dtype and, unless ``param_dtype`` is given, the
     parameters' dtype (each tensor is converted as it is read). ``place(name,
-    array)`` puts each parameter where it belongs (``name`` its dotted path in
-    ``lm.params``, ``array`` its full host buffer); default ``jax.device_put``.
+    array, axes)`` puts each parameter where it belongs (``name`` its dotted path in
+    ``lm.params``, ``array`` its full host buffer, ``axes`` its declared logical
+    axes); default ``jax.device_put``.
     Returns ``(lm, tokenizer)`` (tokenizer None when ``tokenizer=False``);
     a checkpoint tensor the model does not use is an error, except buffers
     that transformers also recomputes (rotary ``inv_freq``, causal masks),
