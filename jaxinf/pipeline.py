@@ -61,8 +61,10 @@ def check_layouts(config: cfg.Config, executor: Executor) -> None:
     lm = models.abstract(models.read_config(config.model.checkpoint, dtype=config.model.dtype,
                                             scan=config.model.scan_layers, remat=config.model.remat))
     layers = tracked_layers(lm, config.factors.track)
-    executor.preflight(lm.params, _shapes(Inputs(lm, lm.task(), layers, *([None] * 7)),
-                                          precision.statistics_dtype(config.run.precision)))
+    shapes = _shapes(Inputs(lm, lm.task(), layers, *([None] * 7)), precision.statistics_dtype(config.run.precision))
+    executor.preflight({"parameters": (lm.params, models.parameter_axes(lm.config)),
+                        "covariance": (shapes["covariance"], None), "eigen": (shapes["eigen"], None),
+                        "lambda": (shapes["lambda"], curvature.LAMBDA_AXES)})
 
 
 def tracked_layers(lm, track) -> dict[str, capture.LayerSpec]:
@@ -326,7 +328,7 @@ def fit_curvature(config: cfg.Config, store: RunStore, inputs: Inputs, executor:
         return eigen
 
     def fit_lambda(basis):
-        Lambda = store.load_result("lambda", executor.like(shapes["lambda"], "Lambda"))
+        Lambda = store.load_result("lambda", executor.like(shapes["lambda"], curvature.LAMBDA_AXES))
         if Lambda is None:
             lam_stage = stages.lambda_stage(inputs.task, inputs.layers, fisher, dtype)
             Lambda, timing = accumulate(store, "lambda", lam_stage, (inputs.lm.params, basis), fit_batches,
@@ -379,7 +381,7 @@ def _curvature_from(config: cfg.Config, inputs: Inputs, executor: Executor) -> c
         return eigen
 
     def saved_lambda(basis):
-        Lambda = ostore.load_result("lambda", executor.like(shapes["lambda"], "Lambda"))
+        Lambda = ostore.load_result("lambda", executor.like(shapes["lambda"], curvature.LAMBDA_AXES))
         if Lambda is None:
             raise StoreError(f"factors.from: {other}: Lambda is missing or corrupted")
         return Lambda

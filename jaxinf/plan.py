@@ -147,14 +147,17 @@ def stage_shapes(lm, layers, config) -> dict[str, Any]:
 
 def static_bytes(lm, shapes: dict, data: int, model: int) -> dict[str, int]:
     """Bytes per device of parameters, factors (A, S), eigenbases (Q, e), Lambda and query gradients."""
-    from jaxinf.partitioning import param_specs, shard_bytes, tree_specs
+    from jaxinf import curvature, models
+    from jaxinf.axes import field_axes
+    from jaxinf.partitioning import shard_bytes, tree_specs
 
     mesh = {"data": data, "model": model}
     cov = shapes["finished"]
-    out = {"parameters": shard_bytes(lm.params, param_specs(mesh, lm.params), mesh),
-           "factors": shard_bytes((cov.A, cov.S), tree_specs(mesh, (cov.A, cov.S), "A"), mesh),
+    factors = (field_axes(curvature.Covariance, "A"), field_axes(curvature.Covariance, "S"))
+    out = {"parameters": shard_bytes(lm.params, tree_specs(mesh, lm.params, models.parameter_axes(lm.config)), mesh),
+           "factors": shard_bytes((cov.A, cov.S), tree_specs(mesh, (cov.A, cov.S), factors), mesh),
            "eigenbases": shard_bytes(shapes["eigen"], tree_specs(mesh, shapes["eigen"]), mesh),
-           "Lambda": shard_bytes(shapes["Lambda"], tree_specs(mesh, shapes["Lambda"], "Lambda"), mesh),
+           "Lambda": shard_bytes(shapes["Lambda"], tree_specs(mesh, shapes["Lambda"], curvature.LAMBDA_AXES), mesh),
            "queries": shard_bytes(shapes["queries"], tree_specs(mesh, shapes["queries"]), mesh)}
     return out
 
@@ -266,10 +269,10 @@ def step_programs(config, mesh, lm, layers, global_batch: int):
     import jax
     import jax.numpy as jnp
 
-    from jaxinf import curvature, scoring, stages
+    from jaxinf import curvature, models, scoring, stages
     from jaxinf.distributed import eigh_program
     from jaxinf.meshes import abstract_tree, jit_on
-    from jaxinf.partitioning import batch_spec, param_shardings, rows_spec, tree_shardings
+    from jaxinf.partitioning import batch_spec, rows_spec, tree_shardings
     from jaxinf.precision import statistics_dtype
 
     task = lm.task()
@@ -277,9 +280,9 @@ def step_programs(config, mesh, lm, layers, global_batch: int):
     dtype = statistics_dtype(config.run.precision)
     cov = stages.covariance_stage(task, layers, fisher, dtype)
     lam = stages.lambda_stage(task, layers, fisher, dtype)
-    shard = lambda tree, field=None: tree_shardings(mesh, tree, field)  # noqa: E731
+    shard = lambda tree, declared=None: tree_shardings(mesh, tree, declared)  # noqa: E731
     absd = abstract_tree
-    params = absd(lm.params, param_shardings(mesh, lm.params))
+    params = absd(lm.params, shard(lm.params, models.parameter_axes(lm.config)))
     T = config.data.max_length
     rows = jax.sharding.NamedSharding(mesh, batch_spec(1))
     batch_sh = jax.sharding.NamedSharding(mesh, batch_spec(2))
@@ -299,7 +302,7 @@ def step_programs(config, mesh, lm, layers, global_batch: int):
     lstate = jax.eval_shape(lam.init)
     lstate = absd(lstate, shard(lstate))
     Lambda = jax.eval_shape(lam.finalize, lstate)
-    Lambda = absd(Lambda, shard(Lambda, "Lambda"))
+    Lambda = absd(Lambda, shard(Lambda, curvature.LAMBDA_AXES))
     strategy = curvature.strategy(config.factors.strategy)
     curv = curvature.curvature(strategy, eigen if strategy.eigen else None, Lambda if strategy.needs_lambda else None)
     damping, rank = config.scores.damping, config.scores.query_rank

@@ -9,6 +9,7 @@
 """
 
 from jaxinf.curvature.correction import (
+    LAMBDA_AXES,
     LambdaState,
     kfac_lambda,
     lambda_context,
@@ -38,6 +39,7 @@ __all__ = [
     "CovarianceState",
     "Curvature",
     "Eigen",
+    "LAMBDA_AXES",
     "LambdaState",
     "Strategy",
     "assemble",

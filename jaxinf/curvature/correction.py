@@ -28,7 +28,7 @@ from collections.abc import Mapping
 import jax
 import jax.numpy as jnp
 
-from jaxinf.axes import logical
+from jaxinf.axes import field_axes, logical
 from jaxinf.capture import LayerSpec
 from jaxinf.precision import layers_dtype, working_dtype
 from jaxinf.curvature.covariance import per_count
@@ -45,6 +45,10 @@ class LambdaState:
 
     Lambda: dict[str, Array] = logical("factor", "rows", "cols")
     count: dict[str, Array] = logical("replicated")
+
+
+LAMBDA_AXES = field_axes(LambdaState, "Lambda")
+"""The layout of a finalized Lambda (:func:`lambda_finalize`'s bare dict of blocks): its field's declaration."""
 
 
 def lambda_init(layers: Mapping[str, LayerSpec], dtype=None) -> LambdaState:
