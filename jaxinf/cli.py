@@ -29,7 +29,7 @@ EXIT_CODES = {
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     """The exception classes that mean bad input rather than a bug (reported in one line)."""
-    from jaxinf.analysis.io import AnalysisError
+    from jaxinf.exports.formats import AnalysisError
     from jaxinf.capture import CaptureError
     from jaxinf.config import ConfigError
     from jaxinf.data.errors import DataError

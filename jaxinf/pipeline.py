@@ -576,7 +576,7 @@ def _assemble(chunks: list[dict], inputs: Inputs, num_queries: int) -> dict:
 def export(config: cfg.Config, store: RunStore, inputs: Inputs, results: dict, qg, encoded, executor: Executor) -> None:
     """``scores.npy``, ``queries.jsonl``, ``documents.jsonl``, ``topk.jsonl``, and the per-layer and per-token
     breakdowns of each query's top documents (``layers.json``, ``layer_scores.npy``, ``topk_tokens.jsonl``)."""
-    from jaxinf.analysis import io
+    from jaxinf.exports import formats as io
 
     t0 = time.perf_counter()
     primary = jax.process_index() == 0  # every process computes (the breakdowns run on the mesh); process 0 writes
@@ -647,7 +647,7 @@ def layer_order(layers: dict[str, capture.LayerSpec]) -> list[str]:
 
 def export_breakdowns(config, store, inputs: Inputs, qg, top: np.ndarray, docs: dict, executor: Executor) -> None:
     """Per-layer and per-token scores of each query's top documents, from one more pass over just those documents."""
-    from jaxinf.analysis import io
+    from jaxinf.exports import formats as io
     from jaxinf.data.batching import DocumentBatches, make_plan
 
     t0 = time.perf_counter()

@@ -34,9 +34,10 @@ from jaxinf.analysis import layers as lay
 from jaxinf.analysis import powerlaw as pl
 from jaxinf.analysis import sources as src
 from jaxinf.analysis.groups import by_kind, compare_kinds, describe, present_kinds
-from jaxinf.analysis.io import (UNKNOWN, AnalysisError, Documents, Queries, ScoreMatrix, TextSource,
-                                iter_topk_tokens, jsonl_text_source, read_documents, read_layer_exports,
-                                read_queries, read_run_config, read_topk)
+from jaxinf.analysis.texts import TextSource, jsonl_text_source
+from jaxinf.exports.formats import (UNKNOWN, AnalysisError, Documents, Queries, ScoreMatrix, iter_topk_tokens,
+                                    read_documents, read_exported_queries, read_layer_exports, read_run_config,
+                                    read_topk)
 
 SUMMARY_VERSION = 1
 
@@ -92,7 +93,7 @@ def _validate(run_dir: Path) -> tuple[Queries, Documents, ScoreMatrix]:
     if not run_dir.is_dir():
         raise AnalysisError(f"{run_dir}: not a directory")
     scores = ScoreMatrix(run_dir / "scores.npy")
-    queries = read_queries(run_dir / "queries.jsonl")
+    queries = read_exported_queries(run_dir / "queries.jsonl")
     docs = read_documents(run_dir / "documents.jsonl")
     Q, N = scores.shape
     if Q != len(queries):
