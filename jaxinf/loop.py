@@ -125,14 +125,14 @@ def run_batches(
     unsaved: list[tuple[Any, dict]] = []                       # (outputs on the device, rows) since the last save
     save_seconds, end = 0.0, start
 
-    def check(upto: int) -> None:
-        while len(unchecked) > upto:
+    def check() -> None:
+        while unchecked:
             i, losses, index = unchecked.pop(0)
             check_losses(device.fetch(losses), index, i, non_finite)
 
     def save(at: int) -> None:
         nonlocal save_seconds, unsaved
-        check(0)
+        check()
         fetched = [(None if out is None else jax.tree.map(device.fetch, out), rows) for out, rows in unsaved]
         t_save = time.perf_counter()
         saves.save(at, carry, fetched)
@@ -142,7 +142,7 @@ def run_batches(
     for i, batch in enumerate(batches(start), start=start):
         carry, outputs, losses = step(carry, device.put(batch), i)
         rows = {k: device.gather_rows(batch[k]) for k in fields}
-        check(0)   # the previous batch's losses, while this batch runs
+        check()   # the previous batch's losses, while this batch runs
         if losses is not None:
             unchecked.append((i, losses, rows.get("index")))
         unsaved.append((outputs, rows))
