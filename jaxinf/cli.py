@@ -38,8 +38,8 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from jaxinf.models import ModelError
     from jaxinf.plan import PlanError
     from jaxinf.preflight import PreflightError
-    from jaxinf.sharding import ShardingError
-    from jaxinf.store import StoreError
+    from jaxinf.partitioning import ShardingError
+    from jaxinf.rundir import StoreError
     from jaxinf.validate.world import ValidationError
 
     return (AnalysisError, CaptureError, ConfigError, DataError, InteropError, ModelError, InputError, PlanError,
@@ -79,15 +79,6 @@ def enable_compilation_cache() -> str | None:
     return where
 
 
-def config_arguments(args) -> tuple[str | None, list[str]]:
-    """``CONFIG [section.key=value ...]`` as (path, overrides); a first argument with ``=`` that is not a file
-    is an override (only overrides: start from the defaults)."""
-    path, overrides = args.config, list(args.overrides)
-    if path is not None and "=" in path and not Path(path).exists():
-        path, overrides = None, [path] + overrides
-    return path, overrides
-
-
 def _run(args) -> int:
     from jaxinf import config as cfg
     from jaxinf import pipeline
@@ -95,7 +86,7 @@ def _run(args) -> int:
     if args.help_config:
         print(cfg.describe())
         return 0
-    path, overrides = config_arguments(args)
+    path, overrides = cfg.config_arguments(args.config, args.overrides)
     if path is None and not overrides:
         raise cfg.ConfigError("give a config file or section.key=value overrides (configs/reference.yaml lists every key)")
     config = cfg.load(path, overrides)
@@ -108,7 +99,7 @@ def _plan(args) -> int:
     from jaxinf import config as cfg
     from jaxinf import plan
 
-    config = cfg.load(*config_arguments(args))
+    config = cfg.load(*cfg.config_arguments(args.config, args.overrides))
     meshes = [plan.parse_mesh(m) for m in args.mesh] if args.mesh else [(config.mesh.data, config.mesh.model)]
     if not args.no_compile:
         plan.prepare_devices(meshes)   # before jax starts: the simulated devices the meshes need
@@ -119,7 +110,7 @@ def _validate(args) -> int:
     from jaxinf import config as cfg
     from jaxinf.validate.driver import validate
 
-    config = cfg.load(*config_arguments(args))
+    config = cfg.load(*cfg.config_arguments(args.config, args.overrides))
     enable_compilation_cache()
     validate(config, args.out)
     return 0

@@ -329,6 +329,17 @@ def parse_override(text: str) -> tuple[str, str, Any]:
     return section, name, parsed
 
 
+def config_arguments(first: str | None, rest: list[str]) -> tuple[str | None, list[str]]:
+    """A command line's ``CONFIG [section.key=value ...]`` as (path, overrides) for :func:`load`.
+
+    A first argument with ``=`` that is not a file is an override (only overrides: start from the defaults).
+    """
+    path, overrides = first, list(rest)
+    if path is not None and "=" in path and not Path(path).exists():
+        path, overrides = None, [path] + overrides
+    return path, overrides
+
+
 def load(path: str | Path | None, overrides: list[str] = ()) -> Config:
     """The config of a YAML file (or the defaults when ``path`` is None) with overrides applied."""
     raw: dict = {}

@@ -43,7 +43,8 @@ import shutil
 from pathlib import Path
 
 from jaxinf import config as cfg
-from jaxinf.store import RunStore, StoreError, file_sha256
+from jaxinf.rundir import StoreError
+from jaxinf.store import RunStore, file_sha256
 
 log = logging.getLogger("jaxinf")
 

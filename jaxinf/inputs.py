@@ -22,6 +22,7 @@ import numpy as np
 from jaxinf import capture, preflight
 from jaxinf import config as cfg
 from jaxinf.atomic import save_npy, write_json
+from jaxinf.executor import DeviceExecutor, Executor
 from jaxinf.store import RunStore
 
 log = logging.getLogger("jaxinf")
@@ -127,23 +128,19 @@ def buckets(max_length: int) -> tuple[int, ...]:
     return bucket_lengths(max_length, smallest=max(16, min(64, max_length // 8)))
 
 
-def load_inputs(config: cfg.Config, store: RunStore, executor=None) -> Inputs:
-    """Model, tokenizer, tracked layers, documents with their plans, and queries.
-
-    ``executor`` (:class:`jaxinf.pipeline.Executor` or a mesh executor) places each parameter as it is read and says
-    which slice of the corpus is this process's (one per group of processes on the ``data`` axis); without one, the
-    parameters stay where they are read and the plan covers the whole corpus in one slice.
-    """
+def load_inputs(config: cfg.Config, store: RunStore, executor: Executor | None = None) -> Inputs:
+    """Model (each parameter placed by the executor as it is read), tokenizer, tracked layers, documents with
+    their plans (one slice of the corpus per group of processes on the ``data`` axis), and queries."""
     from jaxinf import models
     from jaxinf.data.batching import make_plan
     from jaxinf.data.documents import open_documents
     from jaxinf.data.queries import read_queries
     from jaxinf.data.tokenize import TextEncoder
 
-    place, groups = (None, (0, 1)) if executor is None else (executor.place_param, executor.groups)
     t0 = time.perf_counter()
+    executor = executor or DeviceExecutor()
     lm, tokenizer = models.from_hf(config.model.checkpoint, dtype=config.model.dtype, scan=config.model.scan_layers,
-                                   remat=config.model.remat, place=place)
+                                   remat=config.model.remat, place=executor.place_param)
     log.info("model: %s, %s parameters (%s), loaded in %.1fs", config.model.checkpoint, f"{lm.num_params:,}",
              config.model.dtype, time.perf_counter() - t0)
     task = lm.task()
@@ -161,7 +158,7 @@ def load_inputs(config: cfg.Config, store: RunStore, executor=None) -> Inputs:
                            str(tokenizer_file(config.model.checkpoint)))
     d = config.data
     plan_args = dict(batch_size=d.batch_size, max_length=d.max_length, long_documents=d.long_documents,
-                     process_count=groups[1], buckets=buckets(d.max_length))
+                     process_count=executor.groups[1], buckets=buckets(d.max_length))
     plan = make_plan(lengths, **plan_args)
     log.info("documents: %s", plan.report.summary())
     n_fit = len(lengths) if config.factors.max_documents is None else min(config.factors.max_documents, len(lengths))

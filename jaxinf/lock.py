@@ -20,8 +20,7 @@ import os
 import socket
 from pathlib import Path
 
-from jaxinf.rundir import LOCK_FILE
-from jaxinf.store import StoreError
+from jaxinf.rundir import LOCK_FILE, StoreError
 
 
 class RunLocked(StoreError):

@@ -43,7 +43,8 @@ NonFinite = Callable[[int, int, "int | None", float], str]
 
 
 class Device(Protocol):
-    """How the loop meets the device: :class:`jaxinf.pipeline.Executor` and the mesh executor have this shape."""
+    """How the loop meets the device: the part of :class:`jaxinf.executor.Executor` it uses (the loop sits below
+    the executors, so that :func:`jaxinf.stages.run_stage` can use it too)."""
 
     def put(self, batch: dict) -> dict: ...
 

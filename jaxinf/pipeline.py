@@ -33,12 +33,16 @@ import numpy as np
 
 from jaxinf import curvature, failures, fingerprint, preflight, rundir, scoring, stages
 from jaxinf import config as cfg
+from jaxinf.distributed import eigendecompose
+from jaxinf.executor import Executor, make_executor
 from jaxinf.exports.stage import export
+from jaxinf.hostenv import lapack_threads, mesh_lapack_threads
 from jaxinf.inputs import Inputs, check_inputs, load_inputs, non_finite_loss, text_source, tracked_layers
 from jaxinf.lock import RunLock
 from jaxinf.loop import SavedChunks, SavedState, plan_key, run_batches
-from jaxinf.sharding import lapack_threads
-from jaxinf.store import RunStore, StoreError, check_writable, fault_point
+from jaxinf.meshes import check_agreement, initialize
+from jaxinf.rundir import StoreError
+from jaxinf.store import RunStore, check_writable, fault_point
 
 log = logging.getLogger("jaxinf")
 
@@ -46,74 +50,17 @@ log = logging.getLogger("jaxinf")
 # --------------------------------------------------------------------------- execution
 
 
-class Executor:
-    """Where the stages run: compiles steps, places batches, states and results, and brings results back.
+def check_layouts(config: cfg.Config, executor: Executor) -> None:
+    """Every parameter and stage state of ``model.checkpoint`` (from its config.json alone) checked against the
+    executor's layouts, so a mesh that cannot hold them is reported before the run directory is made."""
+    if executor.mesh is None or config.model.checkpoint is None:
+        return
+    from jaxinf import models
 
-    This one runs on the default device. :class:`jaxinf.sharding.MeshExecutor`
-    has the same interface on a ``data x model`` mesh (possibly spanning
-    several processes); :func:`make_executor` picks one from ``mesh.*``.
-    """
-
-    mesh = None
-    groups = (0, 1)  # (this process's slice of the corpus, number of slices)
-
-    def jit(self, fn: Callable, *, donate_argnums=(), out_shardings=None) -> Callable:
-        return jax.jit(fn, donate_argnums=donate_argnums)
-
-    def put(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
-        keys = ("tokens", "mask", "weights")
-        return {k: jnp.asarray(batch[k]) for k in keys if k in batch}
-
-    def put_replicated(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
-        return self.put(batch)
-
-    place_param = None  # jaxinf.models.from_hf's default placement
-
-    def place(self, tree, field: str | None = None):
-        return tree
-
-    def shardings(self, tree, field: str | None = None):
-        return None
-
-    def rows(self, ndim: int = 1, last: bool = False):
-        return None
-
-    def init(self, stage: stages.Stage):
-        return stage.init()
-
-    def like(self, shapes, field: str | None = None):
-        return shapes  # abstract shapes: Orbax restores onto the default device
-
-    def eigendecompose(self, cov):
-        """One jitted program per factor (:func:`jaxinf.curvature.eigendecompose` with ``eigh=``)."""
-        eigh = jax.jit(curvature.stacked_eigh)
-        return curvature.eigendecompose(cov, lambda M, which: eigh(M))
-
-    def fetch(self, x) -> np.ndarray:
-        return np.asarray(x)
-
-    def gather_rows(self, local: np.ndarray) -> np.ndarray:
-        return np.asarray(local)
-
-
-def make_executor(config: cfg.Config) -> Executor:
-    """The executor of ``mesh.*``: the default device for a 1 x 1 mesh in one process (whatever the host has),
-    a :class:`~jaxinf.sharding.MeshExecutor` otherwise."""
-    from jaxinf import sharding
-
-    if config.mesh.data * config.mesh.model == 1 and jax.process_count() == 1:
-        return Executor()
-    mesh = sharding.make_mesh(config.mesh.data, config.mesh.model)
-    log.info("%s", sharding.describe(mesh))
-    executor = sharding.MeshExecutor(mesh, batch_size=config.data.batch_size)
-    if config.model.checkpoint is not None:  # every layout, from the checkpoint's config.json alone
-        from jaxinf import models
-
-        lm = models.abstract(models.read_config(config.model.checkpoint, dtype=config.model.dtype,
-                                                scan=config.model.scan_layers, remat=config.model.remat))
-        layers = tracked_layers(lm, config.factors.track)
-        executor.preflight(lm.params, _shapes(Inputs(lm, lm.task(), layers, *([None] * 7))))
-    return executor
+    lm = models.abstract(models.read_config(config.model.checkpoint, dtype=config.model.dtype,
+                                            scan=config.model.scan_layers, remat=config.model.remat))
+    layers = tracked_layers(lm, config.factors.track)
+    executor.preflight(lm.params, _shapes(Inputs(lm, lm.task(), layers, *([None] * 7))))
 
 
 # --------------------------------------------------------------------------- the stages
@@ -178,7 +125,7 @@ def fit_curvature(config: cfg.Config, store: RunStore, inputs: Inputs, executor:
             store.mark("covariance", "done", timing=timing)
             t0 = time.perf_counter()
             with lapack_threads():
-                eigen = jax.block_until_ready(executor.eigendecompose(cov))
+                eigen = jax.block_until_ready(eigendecompose(cov, executor.mesh))
             _check_finite_tree({"Q_A": eigen.Q_A, "Q_S": eigen.Q_S}, "eigendecomposition", executor.fetch)
             store.save_result("eigen", eigen, seconds=time.perf_counter() - t0)
             log.info("eigen: %d blocks decomposed in %.1fs", len(inputs.layers), time.perf_counter() - t0)
@@ -368,22 +315,23 @@ def run(config: cfg.Config, overwrite: bool = False, executor: Executor | None =
     and deleted only once the new one has started cleanly (:mod:`jaxinf.rundir`). Inputs whose content changed
     since the run started are refused or invalidate the stages depending on them (:mod:`jaxinf.fingerprint`).
     """
-    from jaxinf import sharding
-
     check_inputs(config)
     preflight.check_model_limits(config)
-    sharding.initialize(config.mesh)                 # before anything touches a device
-    sharding.check_agreement(cfg.to_dict(config))    # every process runs the same config
+    initialize(config.mesh)                          # before anything touches a device
+    check_agreement(cfg.to_dict(config))             # every process runs the same config
     if config.run.precision == "float64":
         jax.config.update("jax_enable_x64", True)
-    executor = executor or make_executor(config)     # mesh and batch shape errors before the run directory is made
-    check_statistics(config, executor)
-    lock, aside = _claim(config, overwrite)
-    try:
-        return _run_locked(config, executor, aside)
-    finally:
-        if lock is not None:
-            lock.release()
+    if executor is None:                             # mesh and batch shape errors before the run directory is made
+        executor = make_executor(config)
+        check_layouts(config, executor)
+    with mesh_lapack_threads(executor.mesh):         # the process's BLAS threads, restored when the run ends
+        check_statistics(config, executor)
+        lock, aside = _claim(config, overwrite)
+        try:
+            return _run_locked(config, executor, aside)
+        finally:
+            if lock is not None:
+                lock.release()
 
 
 def check_statistics(config: cfg.Config, executor: Executor) -> None:

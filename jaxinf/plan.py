@@ -3,7 +3,7 @@
 The model is built from its ``config.json`` alone (:func:`jaxinf.models.abstract`:
 shapes and dtypes, nothing allocated), the tracked layers are found by tracing it
 abstractly, and every array of the run gets its layout from the partition rules
-of :mod:`jaxinf.sharding`. Then, per mesh:
+of :mod:`jaxinf.partitioning`. Then, per mesh:
 
 - **static bytes per device**: parameters, factors (``A`` and ``S``; the
   eigenbases ``Q_A``, ``Q_S`` take as much again), ``Lambda`` and the
@@ -147,31 +147,31 @@ def stage_shapes(lm, layers, config) -> dict[str, Any]:
 
 def static_bytes(lm, shapes: dict, data: int, model: int) -> dict[str, int]:
     """Bytes per device of parameters, factors (A, S), eigenbases (Q, e), Lambda and query gradients."""
-    from jaxinf import sharding
+    from jaxinf.partitioning import param_specs, shard_bytes, tree_specs
 
     mesh = {"data": data, "model": model}
     cov = shapes["finished"]
-    out = {"parameters": sharding.shard_bytes(lm.params, sharding.param_specs(mesh, lm.params), mesh),
-           "factors": sharding.shard_bytes((cov.A, cov.S), sharding.tree_specs(mesh, (cov.A, cov.S), "A"), mesh),
-           "eigenbases": sharding.shard_bytes(shapes["eigen"], sharding.tree_specs(mesh, shapes["eigen"]), mesh),
-           "Lambda": sharding.shard_bytes(shapes["Lambda"], sharding.tree_specs(mesh, shapes["Lambda"], "Lambda"), mesh),
-           "queries": sharding.shard_bytes(shapes["queries"], sharding.tree_specs(mesh, shapes["queries"]), mesh)}
+    out = {"parameters": shard_bytes(lm.params, param_specs(mesh, lm.params), mesh),
+           "factors": shard_bytes((cov.A, cov.S), tree_specs(mesh, (cov.A, cov.S), "A"), mesh),
+           "eigenbases": shard_bytes(shapes["eigen"], tree_specs(mesh, shapes["eigen"]), mesh),
+           "Lambda": shard_bytes(shapes["Lambda"], tree_specs(mesh, shapes["Lambda"], "Lambda"), mesh),
+           "queries": shard_bytes(shapes["queries"], tree_specs(mesh, shapes["queries"]), mesh)}
     return out
 
 
 def simulated_groups(data: int, model: int, hosts: int) -> int:
     """Slices of the corpus read per step when ``hosts`` processes own consecutive devices of a ``data x model`` mesh
-    (as :func:`jaxinf.sharding.make_mesh` orders them)."""
+    (as :func:`jaxinf.meshes.make_mesh` orders them)."""
     import numpy as np
 
-    from jaxinf import sharding
+    from jaxinf.meshes import data_groups
 
     n = data * model
     if hosts < 1 or n % hosts:
         raise PlanError(f"plan.hosts={hosts} does not divide the {n} devices of mesh {data}x{model}")
     per_host = n // hosts
     layout = dataclasses.make_dataclass("Layout", ["devices"])(np.arange(n).reshape(data, model))
-    return sharding.data_groups(layout, process_of=lambda i: int(i) // per_host, process=0)[1]
+    return data_groups(layout, process_of=lambda i: int(i) // per_host, process=0)[1]
 
 
 # --------------------------------------------------------------------------- one layer's working set
@@ -266,22 +266,25 @@ def step_programs(config, mesh, lm, layers, global_batch: int):
     import jax
     import jax.numpy as jnp
 
-    from jaxinf import curvature, scoring, sharding, stages
+    from jaxinf import curvature, scoring, stages
+    from jaxinf.distributed import eigh_program
+    from jaxinf.meshes import abstract_tree, jit_on
+    from jaxinf.partitioning import batch_spec, param_shardings, rows_spec, tree_shardings
 
     task = lm.task()
     fisher = config.factors.fisher
     cov = stages.covariance_stage(task, layers, fisher)
     lam = stages.lambda_stage(task, layers, fisher)
-    shard = lambda tree, field=None: sharding.tree_shardings(mesh, tree, field)  # noqa: E731
-    absd = sharding.abstract_tree
-    params = absd(lm.params, sharding.param_shardings(mesh, lm.params))
+    shard = lambda tree, field=None: tree_shardings(mesh, tree, field)  # noqa: E731
+    absd = abstract_tree
+    params = absd(lm.params, param_shardings(mesh, lm.params))
     T = config.data.max_length
-    rows = jax.sharding.NamedSharding(mesh, sharding.batch_spec(1))
-    batch_sh = jax.sharding.NamedSharding(mesh, sharding.batch_spec(2))
+    rows = jax.sharding.NamedSharding(mesh, batch_spec(1))
+    batch_sh = jax.sharding.NamedSharding(mesh, batch_spec(2))
     batch = {"tokens": jax.ShapeDtypeStruct((global_batch, T), jnp.int32, sharding=batch_sh),
              "mask": jax.ShapeDtypeStruct((global_batch, T), jnp.float32, sharding=batch_sh),
              "weights": jax.ShapeDtypeStruct((global_batch, T), jnp.float32, sharding=batch_sh)}
-    replicated = jax.sharding.NamedSharding(mesh, sharding.P())
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     qb = config.data.query_batch_size
     qbatch = {k: jax.ShapeDtypeStruct((qb, T), v.dtype, sharding=replicated) for k, v in batch.items()}
     key = jax.eval_shape(lambda: jax.random.key(0)) if fisher == "sampled" else None
@@ -304,26 +307,26 @@ def step_programs(config, mesh, lm, layers, global_batch: int):
                                           jnp.zeros(Q), c, damping, rank), curv)
     queries = absd(qfull, shard(qfull))
     score_step = stages.score_step(task, layers, self_influence=config.scores.self_influence, damping_value=damping)
-    score_out = {"scores": jax.sharding.NamedSharding(mesh, sharding.rows_spec(2)), "loss": rows}
+    score_out = {"scores": jax.sharding.NamedSharding(mesh, rows_spec(2)), "loss": rows}
     if config.scores.self_influence:
         score_out["self"] = rows
     programs = []
     fit = config.factors.from_run is None   # with factors.from, the run reuses fitted factors: no fitting steps
     if fit and strategy in ("kfac", "ekfac"):
-        programs.append(("covariance", sharding.jit_on(mesh, cov.update, donate_argnums=(0,),
-                                               out_shardings=(shard(state), rows)), (state, params, batch, key),
+        programs.append(("covariance", jit_on(mesh, cov.update, donate_argnums=(0,),
+                                             out_shardings=(shard(state), rows)), (state, params, batch, key),
                          global_batch))
-        # one program per factor (as MeshExecutor.eigendecompose): the largest factor's is the step's peak
+        # one program per factor (as distributed.eigendecompose): the largest factor's is the step's peak
         factors = [("A", m) for m in finished.A.values()] + [("S", m) for m in finished.S.values()]
         which, M = max(factors, key=lambda f: (f[1].shape[-1], f[1].shape[:-2]))
-        programs.append(("eigen", sharding.eigh_program(mesh, M, which), (M,), None))
+        programs.append(("eigen", eigh_program(mesh, M, which), (M,), None))
     if fit and strategy in ("diagonal", "ekfac"):
-        programs.append(("lambda", sharding.jit_on(mesh, lam.update, donate_argnums=(0,), out_shardings=(shard(lstate), rows)),
+        programs.append(("lambda", jit_on(mesh, lam.update, donate_argnums=(0,), out_shardings=(shard(lstate), rows)),
                          (lstate, params, eigen if strategy == "ekfac" else None, batch, key), global_batch))
-    programs.append(("queries", sharding.jit_on(   # as pipeline.query_gradients: prepared layer by layer
+    programs.append(("queries", jit_on(   # as pipeline.query_gradients: prepared layer by layer
         mesh, lambda p, b, c: stages.prepared_queries(task, layers, p, b, c, damping, rank)), (params, qbatch, curv),
         None))
-    programs.append(("scores", sharding.jit_on(mesh, score_step, out_shardings=score_out), (params, queries, curv, batch),
+    programs.append(("scores", jit_on(mesh, score_step, out_shardings=score_out), (params, queries, curv, batch),
                      global_batch))
     return programs
 
@@ -342,7 +345,8 @@ def compile_steps(config, mesh, lm, layers, global_batch: int, flops: bool = Tru
     if flops:
         import jax
 
-        from jaxinf import sharding
+        from jaxinf.meshes import make_mesh
+        from jaxinf.partitioning import ShardingError
 
         L = lm.config.num_layers
         counts, where = {}, "mesh"
@@ -350,9 +354,9 @@ def compile_steps(config, mesh, lm, layers, global_batch: int, flops: bool = Tru
             small, small_layers = abstract_model(config, num_layers=n, scan=False)
             try:
                 programs, scale = step_programs(config, mesh, small, small_layers, global_batch), 1.0
-            except sharding.ShardingError:
+            except ShardingError:
                 # unstacked layers have no layer axis to fall back to: count this model's FLOPs on one device
-                one = sharding.make_mesh(1, 1, jax.devices()[:1])
+                one = make_mesh(1, 1, jax.devices()[:1])
                 programs, scale, where = step_programs(config, one, small, small_layers, global_batch), \
                     1.0 / mesh.devices.size, "one device"
             for name, fn, args, docs in programs:
@@ -373,7 +377,7 @@ def plan(config, meshes: Iterable[tuple[int, int]], compile: bool = True) -> dic
     """The plan of ``config`` for each ``(data, model)`` mesh; see the module docstring."""
     import jax
 
-    from jaxinf import sharding
+    from jaxinf.meshes import make_mesh
 
     if config.run.precision == "float64":
         jax.config.update("jax_enable_x64", True)
@@ -397,7 +401,7 @@ def plan(config, meshes: Iterable[tuple[int, int]], compile: bool = True) -> dic
             if jax.device_count() < data * model:
                 raise PlanError(f"mesh {data}x{model} needs {data * model} devices, {jax.device_count()} available "
                                 "(jaxinf plan simulates them when it starts jax itself)")
-            mesh = sharding.make_mesh(data, model, jax.devices()[: data * model])
+            mesh = make_mesh(data, model, jax.devices()[: data * model])
             mp.steps = compile_steps(config, mesh, lm, layers, mp.global_batch)
         entry = _mesh_dict(mp, config)
         entry["largest_layers"] = largest_layers(config, layers, max(mp.global_batch // data, 1), model)

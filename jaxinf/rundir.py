@@ -38,6 +38,10 @@ LOCK_FILE = ".jaxinf.lock"
 OURS = {LOCK_FILE, PREVIOUS, DISCARDED, ".gitkeep"}   # entries that never make a directory "not empty"
 
 
+class StoreError(RuntimeError):
+    """A run directory that cannot be used as asked (the message names the path)."""
+
+
 def is_run(root: Path) -> bool:
     """Whether ``root`` is a jaxinf run directory (``run.json`` or its copy ``state/run.json``)."""
     return (root / RECORD).is_file() or root.joinpath(*RECORD_COPY).is_file()
@@ -52,8 +56,6 @@ def foreign_entries(root: Path) -> list[str]:
 
 def check_target(root: Path, overwrite: bool) -> None:
     """Refuses a ``run.out`` that exists, is not empty and is not a jaxinf run, with or without ``--overwrite``."""
-    from jaxinf.store import StoreError
-
     if not root.exists() or is_run(root) or (root / PREVIOUS).is_dir():
         return
     if not root.is_dir():
@@ -127,8 +129,6 @@ def read_record(root: Path) -> dict | None:
     """``run.json``, or its intact copy ``state/run.json`` (restored, with a warning) when ``run.json`` is damaged
     or missing; None when neither exists. Raises ``StoreError`` saying what ``--overwrite`` would delete when
     neither can be read."""
-    from jaxinf.store import StoreError
-
     path, copy = root / RECORD, root.joinpath(*RECORD_COPY)
     if not path.exists() and not copy.exists():
         return None

@@ -33,6 +33,7 @@ from collections.abc import Mapping
 import jax
 import jax.numpy as jnp
 
+from jaxinf.axes import logical
 from jaxinf.capture import LayerSpec, expand, per_sequence_gradient
 from jaxinf.curvature import (
     Curvature,
@@ -60,10 +61,10 @@ class QueryGradients:
     ``loss`` holds each query's measurement (its completion NLL).
     """
 
-    full: dict[str, Array]
-    left: dict[str, Array]
-    right: dict[str, Array]
-    loss: Array
+    full: dict[str, Array] = logical("query", "queries", "rows", "cols")
+    left: dict[str, Array] = logical("query", "queries", "rows", "rank")
+    right: dict[str, Array] = logical("query", "queries", "cols", "rank")
+    loss: Array = logical("replicated")
 
     @property
     def num_queries(self) -> int:

@@ -32,15 +32,13 @@ from typing import Any
 import jax
 
 from jaxinf import config as cfg
+from jaxinf import rundir
 from jaxinf.atomic import write_json
+from jaxinf.rundir import StoreError
 
 log = logging.getLogger("jaxinf")
 MANIFEST = "jaxinf_manifest.json"
 PACKAGES = ("jaxinf", "jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy", "tensorflow-datasets")
-
-
-class StoreError(RuntimeError):
-    """A run directory that cannot be used as asked (the message names the path)."""
 
 
 class EnvironmentFailure(StoreError):
@@ -222,8 +220,6 @@ class RunStore:
         ``jaxinf run --overwrite`` does not come here with ``overwrite`` but sets
         the old run aside first (:mod:`jaxinf.rundir`).
         """
-        from jaxinf import rundir
-
         root = Path(config.run.out)
         record_path = root / "run.json"
         check_writable(root)

@@ -11,7 +11,7 @@ here, with a BOS post-processor like a checkpoint's tokenizer.json. The corpus
 is written as JSONL and read back through the data layer, so the data numbers
 include reading, JSON parsing, tokenization and filling batches.
 
-Scoring: ``jaxinf.stages.score_batch`` on ``tasks.tiny_lm_init`` (d_model 128,
+Scoring: ``jaxinf.stages.score_batch`` on ``testing.tiny_lm_init`` (d_model 128,
 4 layers, d_ff 512), MLP layers tracked, EK-FAC fitted on a few batches,
 32 queries preconditioned at rank 32, over the same batches (each shape
 compiled before timing). The model's vocabulary is measured twice: 32k (the
@@ -127,7 +127,7 @@ class Scorer:
         import jax
         import jax.numpy as jnp
 
-        from jaxinf import capture, scoring, stages, tasks
+        from jaxinf import capture, scoring, stages, testing
 
         self.jax, self.vocab, self.encoder = jax, vocab, encoder
         self.batches = DocumentBatches(docs, encoder, plan)
@@ -135,8 +135,8 @@ class Scorer:
         host = [self.batches.batch(s) for s in self.steps]
         self.tokens = sum(int(b["mask"].sum()) for b in host)
         self.data = [self.to_model(b) for b in host]
-        task = tasks.tiny_lm_task(n_heads=4)
-        self.params = tasks.tiny_lm_init(jax.random.key(seed), vocab=vocab, d_model=128, n_layers=4, n_heads=4,
+        task = testing.tiny_lm_task(n_heads=4)
+        self.params = testing.tiny_lm_init(jax.random.key(seed), vocab=vocab, d_model=128, n_layers=4, n_heads=4,
                                          d_ff=512, max_len=plan.max_length)
         layers = capture.select_layers(
             capture.find_layers(lambda p, b, pr: task.train_loss(p, b, pr, None), self.params, self.data[-1]), "mlp")

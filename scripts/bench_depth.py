@@ -42,12 +42,12 @@ def main(argv=None) -> None:
 
     import jax
 
-    from jaxinf import sharding
+    from jaxinf.meshes import make_mesh
 
     groups = plan.simulated_groups(data, model, config.plan.hosts)
     B = (args.batch or config.data.batch_size) * groups            # documents per step
     T = config.data.max_length
-    mesh = sharding.make_mesh(data, model, jax.devices()[: data * model])
+    mesh = make_mesh(data, model, jax.devices()[: data * model])
     rows = {}
     hidden = None
     for n in args.layers:

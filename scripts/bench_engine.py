@@ -29,8 +29,8 @@ import time
 import jax
 import jax.numpy as jnp
 
-from jaxinf import capture, curvature, scoring, stages, tasks
-from jaxinf.pipeline import lapack_threads
+from jaxinf import capture, curvature, scoring, stages, testing
+from jaxinf.hostenv import lapack_threads
 
 
 def timed(fn, *args, repeats: int):
@@ -61,9 +61,9 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
 
     d, T, B = args.d_model, args.seq, args.batch
-    params = tasks.tiny_lm_init(jax.random.key(0), vocab=args.vocab, d_model=d, n_layers=args.layers,
+    params = testing.tiny_lm_init(jax.random.key(0), vocab=args.vocab, d_model=d, n_layers=args.layers,
                                 n_heads=args.heads, d_ff=4 * d, max_len=T, dtype=jnp.dtype(args.dtype))
-    task = tasks.tiny_lm_task(n_heads=args.heads)
+    task = testing.tiny_lm_task(n_heads=args.heads)
     tokens = jax.random.randint(jax.random.key(1), (B, T), 0, args.vocab)
     batch = {"tokens": tokens, "mask": jnp.ones((B, T)), "weights": jnp.ones((B, T)).at[:, 0].set(0.0)}
     layers = capture.select_layers(

@@ -45,7 +45,11 @@ def device_bytes(tree) -> int:
 
 
 def measured(repeats: int = 5) -> list[dict]:
-    from jaxinf import capture, curvature, models, sharding, stages
+    from jaxinf import capture, curvature, models, stages
+    from jaxinf.distributed import eigendecompose
+    from jaxinf.executor import MeshExecutor
+    from jaxinf.hostenv import mesh_lapack_threads
+    from jaxinf.meshes import make_mesh
 
     config = models.ModelConfig(family="llama", vocab_size=1024, hidden_size=256, intermediate_size=768, num_layers=4,
                                 num_heads=8, num_kv_heads=4, max_position_embeddings=256)
@@ -67,7 +71,7 @@ def measured(repeats: int = 5) -> list[dict]:
                                                        dev), "mlp")
     rows = []
     for data, model in MESHES:
-        ex = sharding.MeshExecutor(sharding.make_mesh(data, model), batch_size=8)
+        ex = MeshExecutor(make_mesh(data, model), batch_size=8)
         params = ex.place(lm.params, "param")
         cov_stage, lam_stage = stages.covariance_stage(task, layers, "empirical"), stages.lambda_stage(task, layers,
                                                                                                        "empirical")
@@ -76,7 +80,8 @@ def measured(repeats: int = 5) -> list[dict]:
         for b in docs:
             state, _ = up(state, params, ex.put(b), None)
         cov = jax.jit(cov_stage.finalize, out_shardings=ex.shardings(jax.eval_shape(cov_stage.finalize, state)))(state)
-        eigen = ex.eigendecompose(cov)
+        with mesh_lapack_threads(ex.mesh):
+            eigen = jax.block_until_ready(eigendecompose(cov, ex.mesh))
         lstate = ex.init(lam_stage)
         up = ex.jit(lam_stage.update, donate_argnums=(0,), out_shardings=(ex.shardings(lstate), ex.rows()))
         for b in docs:

@@ -206,6 +206,8 @@ def run_jaxinf(w: dict, size: dict, args, out: Path, timed: bool, compiled: dict
     from jaxinf import config as cfg
     from jaxinf import curvature, pipeline, stages
     from jaxinf.data.batching import DocumentBatches
+    from jaxinf.executor import DeviceExecutor
+    from jaxinf.hostenv import lapack_threads
     from jaxinf.inputs import load_inputs
     from jaxinf.store import RunStore
 
@@ -217,7 +219,7 @@ def run_jaxinf(w: dict, size: dict, args, out: Path, timed: bool, compiled: dict
                              f"model.scan_layers={str(scan).lower()}"])
     store = RunStore.open(config, overwrite=True)
     inputs = load_inputs(config, store)
-    executor = pipeline.Executor()
+    executor = DeviceExecutor()
     params = inputs.lm.params
     batches = DocumentBatches(inputs.fit_documents, inputs.encoder, inputs.fit_plan)
     key = jax.random.key(config.factors.seed)
@@ -242,7 +244,7 @@ def run_jaxinf(w: dict, size: dict, args, out: Path, timed: bool, compiled: dict
                                                           executor, inputs)[0])
 
     def eigen_stage():
-        with pipeline.lapack_threads():          # as jaxinf run does
+        with lapack_threads():                   # as jaxinf run does
             e = jax.block_until_ready(eigh(cov))
         store.save_result("eigen", e)
         return e

@@ -2,21 +2,79 @@
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxinf import capture, tasks
+from jaxinf import capture, tasks, testing
+from jaxinf.capture import Tap
+from jaxinf.tasks import Params, Task, sample_labels, token_nll
+
+Array = jax.Array
 
 DOCS = [[1, 2, 3, 4, 5, 6], [3, 4, 5], [7, 8, 9, 10, 11, 12, 13], [2, 2, 9, 1], [5, 1], [6, 7, 8, 9, 10]]
 QUERIES = [([1, 2, 3], [4, 5]), ([9, 10], [11]), ([2, 2], [9, 1, 3])]
 
 
 def tiny_lm(dtype=jnp.float64, seed=0, **kw):
-    task = tasks.tiny_lm_task()
-    params = tasks.tiny_lm_init(jax.random.key(seed), vocab=16, d_model=8, d_ff=12, n_layers=2, max_len=16,
-                                dtype=dtype, **kw)
+    task = testing.tiny_lm_task()
+    params = testing.tiny_lm_init(jax.random.key(seed), vocab=16, d_model=8, d_ff=12, n_layers=2, max_len=16,
+                                  dtype=dtype, **kw)
     return task, params
+
+
+def mlp_init(key: Array, sizes: tuple[int, ...], dtype=jnp.float32) -> Params:
+    """Parameters of an MLP with layers ``fc0, fc1, ...`` (kernel ``[d_in, d_out]`` and bias)."""
+    params = {}
+    for i, (d_in, d_out) in enumerate(zip(sizes[:-1], sizes[1:])):
+        key, k = jax.random.split(key)
+        params[f"fc{i}"] = {
+            "kernel": (jax.random.normal(k, (d_in, d_out)) / math.sqrt(d_in)).astype(dtype),
+            "bias": jnp.full((d_out,), 0.01 * (i + 1), dtype),
+        }
+    return params
+
+
+def mlp_apply(params: Params, x: Array, tap: Tap) -> Array:
+    """``tanh`` MLP on inputs ``[B, 1, d]`` (one "token" per example)."""
+    n = len(params)
+    for i in range(n):
+        layer = params[f"fc{i}"]
+        x = tap.linear(f"fc{i}", x, layer["kernel"], layer["bias"])
+        if i < n - 1:
+            x = jnp.tanh(x)
+    return x
+
+
+def mlp_task(kind: str = "classification") -> Task:
+    """An MLP for classification (labels ``y`` ``[B, 1]`` int) or regression (targets ``y`` ``[B, 1, d]``).
+
+    Loss per example: cross-entropy, or ``0.5 ||y - f(x)||^2`` (the NLL of a
+    unit-variance Gaussian, whose sampled labels are ``f(x) + N(0, I)``). The
+    measurement is the same loss on the query's own label.
+    """
+    if kind not in ("classification", "regression"):
+        raise ValueError(f"unknown MLP task kind {kind!r}")
+
+    def train_loss(params, batch, probes, key=None):
+        tap = Tap(probes)
+        out = mlp_apply(params, batch["x"], tap)
+        if kind == "classification":
+            y = batch["y"] if key is None else sample_labels(key, out)
+            loss = token_nll(out, y)
+        else:
+            y = batch["y"]
+            if key is not None:
+                y = jax.lax.stop_gradient(out) + jax.random.normal(key, out.shape, out.dtype)
+            loss = 0.5 * jnp.sum((y - out) ** 2, axis=-1)
+        return loss * batch["mask"]
+
+    def measurement(params, batch, probes):
+        return train_loss(params, batch, probes, None)
+
+    return Task(train_loss=train_loss, measurement=measurement)
 
 
 def doc_batch(docs=DOCS, length=None):

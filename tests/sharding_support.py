@@ -28,7 +28,7 @@ def device_env(devices: int, cache: Path | None = None) -> dict:
     env["JAX_PLATFORMS"] = "cpu"
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
     env["PYTHONUNBUFFERED"] = "1"
-    env["OPENBLAS_NUM_THREADS"] = "1"   # every simulated device calls LAPACK at once (see sharding.limit_cpu_blas)
+    env["OPENBLAS_NUM_THREADS"] = "1"   # every simulated device calls LAPACK at once (see hostenv.mesh_lapack_threads)
     if cache is not None:
         env["JAX_COMPILATION_CACHE_DIR"] = str(cache)
         env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
@@ -162,7 +162,11 @@ def stages_task(out: Path) -> None:
     import jax
     import numpy as np
 
-    from jaxinf import capture, curvature, scoring, sharding, stages
+    from jaxinf import capture, curvature, scoring, stages
+    from jaxinf.distributed import eigendecompose, eigh_program
+    from jaxinf.executor import MeshExecutor
+    from jaxinf.hostenv import mesh_lapack_threads
+    from jaxinf.meshes import make_mesh
 
     lm = tiny_llama()
     task = lm.task()
@@ -201,8 +205,8 @@ def stages_task(out: Path) -> None:
 
     report = {"meshes": {}}
     for data, model in MESHES:
-        mesh = sharding.make_mesh(data, model)
-        ex = sharding.MeshExecutor(mesh, batch_size=8)
+        mesh = make_mesh(data, model)
+        ex = MeshExecutor(mesh, batch_size=8)
         params = ex.place(lm.params, "param")
         r: dict = {"collectives": {}, "errors": {}, "layouts": {}}
 
@@ -224,8 +228,9 @@ def stages_task(out: Path) -> None:
         _say(f"{data}x{model}: eigen")
         placed_cov = ex.place(ref["cov"])
         big = max(placed_cov.A.values(), key=lambda m: m.shape[-1])
-        r["collectives"]["eigen"] = _collectives(ex.eigh_program(big, "A").lower(big).compile())
-        eigen = ex.eigendecompose(placed_cov)
+        r["collectives"]["eigen"] = _collectives(eigh_program(mesh, big, "A").lower(big).compile())
+        with mesh_lapack_threads(mesh):
+            eigen = jax.block_until_ready(eigendecompose(placed_cov, mesh))
         r["errors"]["eigen"] = _tree_rel(eigen, ref["eigen"])
         r["layouts"]["eigen"] = _layouts(eigen)
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from engine_fixtures import capture_ag, doc_batch, layers_of, rel_err, tiny_lm, tracked_param_subtree
-from jaxinf import capture, tasks
+from jaxinf import capture, testing
 from jaxinf.capture import CaptureError, Tap
 
 
@@ -86,7 +86,7 @@ def test_scanned_block_gives_one_entry_per_layer_index():
     fn = lambda p, b, pr: task.train_loss(p, b, pr, None)
     scanned = capture_ag(fn, params, batch, layers)
 
-    unrolled_task = tasks.tiny_lm_task(unroll=True)
+    unrolled_task = testing.tiny_lm_task(unroll=True)
     ufn = lambda p, b, pr: unrolled_task.train_loss(p, b, pr, None)
     ulayers = capture.select_layers(capture.find_layers(ufn, params, batch), "mlp")
     assert set(ulayers) == {"layers.0.mlp.fc_in", "layers.1.mlp.fc_in", "layers.0.mlp.fc_out", "layers.1.mlp.fc_out"}

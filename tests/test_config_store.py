@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from jaxinf import config as cfg
-from jaxinf import atomic, store
+from jaxinf import atomic, rundir, store
 
 
 def test_yaml_and_overrides(tmp_path):
@@ -122,7 +122,7 @@ def test_resume_refuses_changed_results_and_allows_the_rest(tmp_path):
     store.RunStore.open(_config(tmp_path, **{"scores.damping": 0.01}))
     # mesh and save intervals never change results: allowed
     store.RunStore.open(_config(tmp_path, **{"scores.damping": 0.01, "mesh.data": 2, "factors.save_every": 7}))
-    with pytest.raises(store.StoreError, match=r"would change results already saved: factors.fisher, run.precision"):
+    with pytest.raises(rundir.StoreError, match=r"would change results already saved: factors.fisher, run.precision"):
         store.RunStore.open(_config(tmp_path, **{"scores.damping": 0.01, "factors.fisher": "empirical",
                                                  "run.precision": "float64"}))
     fresh = store.RunStore.open(_config(tmp_path, **{"factors.fisher": "empirical"}), overwrite=True)
@@ -135,7 +135,7 @@ def test_refusals_before_anything_is_written(tmp_path):
     other = tmp_path / "run"
     other.mkdir()
     (other / "notes.txt").write_text("mine")
-    with pytest.raises(store.StoreError, match=r"not a jaxinf run directory"):
+    with pytest.raises(rundir.StoreError, match=r"not a jaxinf run directory"):
         store.RunStore.open(_config(tmp_path))
     assert sorted(p.name for p in other.iterdir()) == ["notes.txt"]
     locked = tmp_path / "locked"
@@ -146,7 +146,7 @@ def test_refusals_before_anything_is_written(tmp_path):
 
         if os.access(locked, os.W_OK):  # running as root: permissions do not bind
             pytest.skip("permissions are not enforced for this user")
-        with pytest.raises(store.StoreError, match=r"not writable"):
+        with pytest.raises(rundir.StoreError, match=r"not writable"):
             store.RunStore.open(cfg.load(None, [f"run.out={locked / 'run'}"]))
     finally:
         locked.chmod(0o700)
@@ -155,7 +155,7 @@ def test_refusals_before_anything_is_written(tmp_path):
 def test_unwritable_output_is_refused_even_as_root(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("x")
-    with pytest.raises(store.StoreError, match=r"is not a directory"):
+    with pytest.raises(rundir.StoreError, match=r"is not a directory"):
         store.RunStore.open(cfg.load(None, [f"run.out={blocker / 'run'}"]))
 
 

@@ -7,17 +7,17 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from engine_fixtures import capture_ag, layers_of, rel_err
-from jaxinf import capture, curvature, stages, tasks
+from engine_fixtures import capture_ag, layers_of, mlp_init, mlp_task, rel_err
+from jaxinf import capture, curvature, stages, tasks, testing
 from jaxinf.curvature import Covariance
 
 TOL = 1e-10  # float64 agreement with the dense oracles
 
 
 def _mlp_setup(n=24, sizes=(3, 4, 2), seed=0):
-    task = tasks.mlp_task("classification")
+    task = mlp_task("classification")
     key = jax.random.key(seed)
-    params = tasks.mlp_init(key, sizes, jnp.float64)
+    params = mlp_init(key, sizes, jnp.float64)
     x = jax.random.normal(jax.random.fold_in(key, 1), (n, 1, sizes[0]), jnp.float64)
     y = jax.random.randint(jax.random.fold_in(key, 2), (n, 1), 0, sizes[-1])
     batch = {"x": x, "y": y, "mask": jnp.ones((n, 1), jnp.float64)}
@@ -182,12 +182,12 @@ def test_sampled_fisher_covariance_converges_to_the_exact_expectation():
     """Labels sampled from the model: S converges to its closed-form expectation over all labels (vocab 3)."""
     with jax.enable_x64(True):
         vocab = 3
-        task = tasks.tiny_lm_task()
-        params = tasks.tiny_lm_init(jax.random.key(3), vocab=vocab, d_model=4, d_ff=6, n_layers=1, max_len=8,
+        task = testing.tiny_lm_task()
+        params = testing.tiny_lm_init(jax.random.key(3), vocab=vocab, d_model=4, d_ff=6, n_layers=1, max_len=8,
                                     dtype=jnp.float64)
         one = tasks.lm_batch([[0, 2, 1, 2]])
         layers = layers_of(task, params, one, ["layers.*.mlp.*", "lm_head"])
-        apply = lambda p, t, m, tap: tasks.tiny_lm_apply(p, t, m, tap)
+        apply = lambda p, t, m, tap: testing.tiny_lm_apply(p, t, m, tap)
         exact = _exact_sampled_fisher_S(apply, params, one["tokens"], one["mask"], one["weights"], layers, vocab)
         stage = stages.covariance_stage(task, layers, "sampled")
 

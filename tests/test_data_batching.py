@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from data_support import corpus_texts, documents_file, make_tokenizer
-from jaxinf import tasks
+from jaxinf import tasks, testing
 from jaxinf.capture import Tap
 from jaxinf.data.batching import (
     DocumentBatches,
@@ -313,7 +313,7 @@ def test_prefetch_order_errors_and_close():
 
 def _sequence_losses(params, batch):
     """``tasks.next_token_losses`` of the tiny GPT's logits, summed per sequence: ``[B]``."""
-    logits = tasks.tiny_lm_apply(params, batch["tokens"], batch["mask"], Tap({}))
+    logits = testing.tiny_lm_apply(params, batch["tokens"], batch["mask"], Tap({}))
     return tasks.next_token_losses(logits, batch, None).sum(axis=1)
 
 
@@ -330,7 +330,7 @@ def test_batched_losses_equal_unpadded_one_by_one(corpus, encoder, mode):
     docs, lengths = corpus
     batches = document_batches(docs, encoder, batch_size=8, max_length=24, long_documents=mode, window_batches=2,
                                buckets=(12, 24), lengths=lengths)
-    params = tasks.tiny_lm_init(jax.random.key(0), vocab=encoder.vocab_size, d_model=16, d_ff=32, max_len=24)
+    params = testing.tiny_lm_init(jax.random.key(0), vocab=encoder.vocab_size, d_model=16, d_ff=32, max_len=24)
     tokens_of = encoder.encode_documents(docs.texts(range(len(docs))))
     plan = batches.plan
     checked = 0
@@ -355,14 +355,14 @@ def test_query_losses_equal_completion_nll_one_by_one(encoder):
         [("the river of zorv is", " long and tall."), ("three plus four makes", " seven"),
          ("", "every day people walk"), ("naïve café", " — 42.")])]
     encoded = encode_queries(queries, encoder)
-    params = tasks.tiny_lm_init(jax.random.key(1), vocab=encoder.vocab_size, d_model=16, d_ff=32, max_len=64)
+    params = testing.tiny_lm_init(jax.random.key(1), vocab=encoder.vocab_size, d_model=16, d_ff=32, max_len=64)
     (batch,) = query_batches(encoded, batch_size=6, max_length=64)
     got = np.asarray(_sequence_losses_jit(params, _model_batch(batch)))
     for e, value in zip(encoded, got):
         alone = tasks.lm_batch([e.ids.tolist()], prompt_lengths=[e.prompt_length])
         np.testing.assert_allclose(value, float(_sequence_losses_jit(params, alone)[0]), rtol=1e-5, atol=1e-5)
         # and by hand: -log p of each completion token given everything before it
-        logits = tasks.tiny_lm_apply(params, jnp.asarray(e.ids[None]), jnp.ones((1, len(e.ids))), Tap({}))[0]
+        logits = testing.tiny_lm_apply(params, jnp.asarray(e.ids[None]), jnp.ones((1, len(e.ids))), Tap({}))[0]
         logp = jax.nn.log_softmax(logits, axis=-1)
         by_hand = -sum(float(logp[t - 1, e.ids[t]]) for t in range(e.prompt_length, len(e.ids)))
         np.testing.assert_allclose(value, by_hand, rtol=1e-5, atol=1e-5)

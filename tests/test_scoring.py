@@ -10,6 +10,8 @@ from engine_fixtures import (
     QUERIES,
     doc_batch,
     layers_of,
+    mlp_init,
+    mlp_task,
     per_example_grads,
     query_batch,
     rel_err,
@@ -42,9 +44,9 @@ def test_identity_scores_equal_per_example_gradient_dot_products(track):
 
 def test_identity_on_the_mlp_task_equals_per_example_gradients():
     with jax.enable_x64(True):
-        task = tasks.mlp_task("regression")
+        task = mlp_task("regression")
         key = jax.random.key(4)
-        params = tasks.mlp_init(key, (5, 7, 3), jnp.float64)
+        params = mlp_init(key, (5, 7, 3), jnp.float64)
         batch = {"x": jax.random.normal(key, (10, 1, 5), jnp.float64),
                  "y": jax.random.normal(jax.random.fold_in(key, 1), (10, 1, 3), jnp.float64),
                  "mask": jnp.ones((10, 1), jnp.float64)}
@@ -162,9 +164,9 @@ def test_invariances_batch_size_padding_order_and_jit(fitted):
 def test_jit_and_no_jit_agree():
     """The stages and scores give the same numbers traced under jit and run op by op."""
     with jax.enable_x64(True):
-        task = tasks.mlp_task("classification")
+        task = mlp_task("classification")
         key = jax.random.key(5)
-        params = tasks.mlp_init(key, (4, 6, 3), jnp.float64)
+        params = mlp_init(key, (4, 6, 3), jnp.float64)
         batch = {"x": jax.random.normal(key, (12, 1, 4), jnp.float64),
                  "y": jax.random.randint(key, (12, 1), 0, 3), "mask": jnp.ones((12, 1), jnp.float64)}
         layers = layers_of(task, params, batch)

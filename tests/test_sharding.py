@@ -14,7 +14,7 @@ import pytest
 
 from pipeline_support import make_world, overrides
 from sharding_support import MESHES, TOLERANCE, device_env, run_processes, run_worker
-from jaxinf import sharding
+from jaxinf import partitioning
 
 
 @pytest.fixture(scope="module")
@@ -76,101 +76,62 @@ def test_no_full_rematerialization(stages_report):
 
 def test_rules_pick_the_first_dimension_that_divides():
     mesh = {"data": 4, "model": 8}
-    resolve = sharding.resolve
+    resolve = partitioning.resolve
     assert resolve(mesh, "factor", ("layers", "rows", "cols"), (40, 8192, 8192), "A") == \
-        sharding.P(None, "model", "data")
+        partitioning.P(None, "model", "data")
     # a bias makes d_in + 1 odd: the factor of such a layer goes on the layer axis (both mesh axes if they fit)
     assert resolve(mesh, "factor", ("layers", "rows", "cols"), (32, 2049, 2049), "A") == \
-        sharding.P(("model", "data"), None, None)
+        partitioning.P(("model", "data"), None, None)
     assert resolve(mesh, "factor", ("layers", "rows", "cols"), (24, 2049, 2049), "A") == \
-        sharding.P("model", None, None)                   # 24 layers: split on model, replicated over data
+        partitioning.P("model", None, None)                   # 24 layers: split on model, replicated over data
     # Lambda [L, d_out, d_in + 1]: rows on model; the odd columns cannot take data, the rows can
     assert resolve(mesh, "factor", ("layers", "rows", "cols"), (24, 8192, 2049), "Lambda") == \
-        sharding.P(None, ("model", "data"), None)
-    assert sharding.param_axes("model.layers.mlp.up_proj.kernel", 3) == ("layers", "embed", "ff")
-    assert sharding.param_axes("model.layers.3.mlp.down_proj.kernel", 2) == ("ff", "embed")
-    assert sharding.param_axes("model.embed_tokens.embedding", 2) == ("vocab", "embed")
-    assert sharding.param_axes("model.norm.scale", 1) == ("replicated",)
+        partitioning.P(None, ("model", "data"), None)
+    assert partitioning.param_axes("model.layers.mlp.up_proj.kernel", 3) == ("layers", "embed", "ff")
+    assert partitioning.param_axes("model.layers.3.mlp.down_proj.kernel", 2) == ("ff", "embed")
+    assert partitioning.param_axes("model.embed_tokens.embedding", 2) == ("vocab", "embed")
+    assert partitioning.param_axes("model.norm.scale", 1) == ("replicated",)
     # a parameter whose feature dimension does not divide falls back to its other dimension
-    assert resolve(mesh, "param", ("vocab", "embed"), (50277, 2048), "embedding") == sharding.P(None, "model")
+    assert resolve(mesh, "param", ("vocab", "embed"), (50277, 2048), "embedding") == partitioning.P(None, "model")
 
 
 def test_a_dimension_the_model_axis_does_not_divide_is_named():
-    with pytest.raises(sharding.ShardingError, match=r"^mesh\.model=8 divides no dimension of parameter "
+    with pytest.raises(partitioning.ShardingError, match=r"^mesh\.model=8 divides no dimension of parameter "
                        r"model\.layers\.mlp\.up_proj\.kernel \[2, 36, 44\] \(embed=36, ff=44\); choose a mesh\.model "
                        r"that divides one of them$"):
-        sharding.resolve({"data": 1, "model": 8}, "param", ("layers", "embed", "ff"), (2, 36, 44),
+        partitioning.resolve({"data": 1, "model": 8}, "param", ("layers", "embed", "ff"), (2, 36, 44),
                          "parameter model.layers.mlp.up_proj.kernel")
-    with pytest.raises(sharding.ShardingError, match=r"factor A of layers\.\*\.fc_in \[3, 33, 33\]"):
-        sharding.resolve({"data": 1, "model": 2}, "factor", ("layers", "rows", "cols"), (3, 33, 33),
+    with pytest.raises(partitioning.ShardingError, match=r"factor A of layers\.\*\.fc_in \[3, 33, 33\]"):
+        partitioning.resolve({"data": 1, "model": 2}, "factor", ("layers", "rows", "cols"), (3, 33, 33),
                          "factor A of layers.*.fc_in")
 
 
-# --------------------------------------------------------------------------- bad input, before any work
+def test_both_executors_declare_the_executor_interface():
+    """The pipeline drives stages only through executor.Executor; both executors provide every part of it."""
+    import jax
+
+    from jaxinf.executor import DeviceExecutor, Executor, MeshExecutor
+    from jaxinf.meshes import make_mesh
+
+    mesh = make_mesh(1, 1, jax.devices()[:1])
+    for executor in (DeviceExecutor(), MeshExecutor(mesh, batch_size=4)):
+        assert isinstance(executor, Executor), type(executor)
+    assert DeviceExecutor().mesh is None and MeshExecutor(mesh).mesh is mesh
 
 
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    root = tmp_path_factory.mktemp("world")
-    return {**make_world(root, n_documents=16, n_queries=4), "root": root}
+def test_blas_thread_limits_are_restored_after_the_block():
+    """hostenv's limits hold inside the ``with`` block only: the process's BLAS pools are as they were after it."""
+    import scipy.linalg  # noqa: F401  (the BLAS that lapack_threads limits, loaded before the outer limit)
+    from threadpoolctl import threadpool_info, threadpool_limits
 
+    from jaxinf.hostenv import lapack_threads
 
-def _jaxinf(args, devices, tmp_path):
-    import subprocess
-    import sys
+    def blas():
+        return [p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas"]
 
-    from sharding_support import REPO
-
-    env = device_env(devices)
-    return subprocess.run([sys.executable, "-m", "jaxinf", *map(str, args)], env=env, capture_output=True, text=True,
-                          cwd=REPO, timeout=300)
-
-
-def _one_error_line(r, pattern):
-    lines = [line for line in r.stderr.strip().splitlines() if line.startswith("jaxinf run: error:")]
-    assert r.returncode == 2 and len(lines) == 1 and re.search(pattern, lines[0]), r.stderr[-3000:]
-    assert "Traceback" not in r.stderr
-
-
-@pytest.mark.parametrize("extra, pattern", [
-    ({"mesh.data": 3, "mesh.model": 2},
-     r"mesh\.data=3 x mesh\.model=2 = 6 devices, but 8 device\(s\) are available .*make mesh\.data x mesh\.model equal 8"),
-    ({"mesh.data": 8, "mesh.model": 1, "data.batch_size": 4},
-     r"data\.batch_size=4 does not split over the 8 position\(s\) of the data axis"),
-])
-def test_bad_meshes_are_one_line_errors_before_any_work(world, tmp_path, extra, pattern):
-    out = tmp_path / "run"
-    r = _jaxinf(["run", *overrides(world, out, **extra)], 8, tmp_path)
-    _one_error_line(r, pattern)
-    assert not out.exists()
-
-
-def test_a_model_the_mesh_cannot_split_is_refused_naming_the_dimension(tmp_path):
-    """hidden 36, MLP 44 and a vocabulary of 44 words: mesh.model=8 divides no dimension of the output projection (nor of the MLP)."""
-    from jaxinf import models
-
-    w = make_world(tmp_path / "odd", n_documents=4, n_queries=2)
-    hf = json.loads((w["model"] / "config.json").read_text())
-    hf.update(hidden_size=36, intermediate_size=44, num_attention_heads=2, num_key_value_heads=2)
-    tok = models.load_tokenizer(w["model"])
-    models.save_hf(models.init(models.config_from_hf(hf), 0), w["model"], hf, tok)
-    out = tmp_path / "run"
-    r = _jaxinf(["run", *overrides(w, out, **{"mesh.data": 1, "mesh.model": 8})], 8, tmp_path)
-    _one_error_line(r, r"mesh\.model=8 divides no dimension of parameter lm_head\.kernel \[36, (\d+)\] "
-                       r"\(embed=36, vocab=\1\); choose a mesh\.model that divides one of them$")
-    assert not out.exists()
-
-
-def test_processes_with_different_configs_refuse_to_start(world, tmp_path):
-    env = device_env(1)
-    env.pop("XLA_FLAGS")
-    out = tmp_path / "run"
-    rs = run_processes(2, ["run", *overrides(world, out, **{"mesh.data": 2})], env,
-                       per_process=[[], ["data.batch_size=2"]], timeout=300)
-    for r in rs:
-        lines = [line for line in r.stderr.strip().splitlines() if line.startswith("jaxinf run: error:")]
-        assert r.returncode == 2 and len(lines) == 1, r.stderr[-3000:]
-        assert lines[0].endswith("process 1 was started with another config than process 0: data.batch_size "
-                                 "(4 on process 0, 2 on process 1); start every process with the same config and "
-                                 "overrides"), lines[0]
-    assert not out.exists()
+    with threadpool_limits(limits=3, user_api="blas"):
+        with lapack_threads(1):
+            inside = blas()
+        after = blas()
+    assert inside and set(inside) == {1}, inside
+    assert set(after) == {3}, after

@@ -4,7 +4,8 @@ Reads only ``scores.npy``, ``queries.jsonl``, ``documents.jsonl`` and the option
 (formats in :mod:`jaxinf.exports.formats`); never the engine. One module per analysis:
 correlations, concentration, powerlaw, sources, answers, layers; :mod:`.driver` drives them
 in two streaming passes, :mod:`.report` writes the report, :mod:`.release` converts the
-released data of Ruis et al. (2024) into a run directory.
+released data of Ruis et al. (2024) into a run directory; :mod:`.breakdowns` reads and
+summarises the optional per-layer and per-token exports.
 """
 
 from jaxinf.analysis.driver import Options, analyze

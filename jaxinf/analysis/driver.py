@@ -28,16 +28,15 @@ from threadpoolctl import threadpool_limits
 
 from jaxinf import atomic
 from jaxinf.analysis import answers as ans
+from jaxinf.analysis.breakdowns import read_breakdowns, summarize_breakdowns
 from jaxinf.analysis import concentration as conc
 from jaxinf.analysis import correlations as corr
-from jaxinf.analysis import layers as lay
 from jaxinf.analysis import powerlaw as pl
 from jaxinf.analysis import sources as src
 from jaxinf.analysis.groups import by_kind, compare_kinds, describe, present_kinds
 from jaxinf.analysis.texts import TextSource, jsonl_text_source
-from jaxinf.exports.formats import (UNKNOWN, AnalysisError, Documents, Queries, ScoreMatrix, iter_topk_tokens,
-                                    read_documents, read_exported_queries, read_layer_exports, read_run_config,
-                                    read_topk)
+from jaxinf.exports.formats import (UNKNOWN, AnalysisError, Documents, Queries, ScoreMatrix, read_documents,
+                                    read_exported_queries, read_run_config)
 
 SUMMARY_VERSION = 1
 
@@ -135,18 +134,94 @@ def _column_pass(scores: ScoreMatrix, queries: Queries, docs: Documents, chunk: 
 
 def analyze(run_dir, options: Options = Options(), text_source: TextSource | None = None,
             write: bool = True, log=print) -> dict:
-    """Analyse a run directory; returns the summary (also written to summary.json when ``write``)."""
+    """Analyse a run directory; returns the summary (also written to summary.json when ``write``).
+
+    The phases, each timed in ``summary["timings"]``: the inputs validated and read, pass 1 over
+    column chunks, pass 2 over rows, the texts of the documents the summary names, answers, the
+    layer and token breakdowns, the summary's blocks, and the report.
+    """
     run_dir = Path(run_dir)
     t_start = time.time()
     timings: dict[str, float] = {}
     queries, docs, scores = _validate(run_dir)
     config = read_run_config(run_dir)
-    exports = _read_exports(run_dir, queries, docs)
+    breakdowns = read_breakdowns(run_dir, queries, docs)
     Q, N = scores.shape
     notes: list[str] = _conversion_notes(run_dir)
+    already_per_nat = _input_notes(queries, docs, config, notes)
     o = options
 
-    # ---- labels and fallbacks
+    t = time.time()
+    log(f"analyze: {Q} queries x {N} documents; pass 1 (correlations, totals)")
+    r, totals = _columns_phase(scores, queries, docs, o, notes)
+    timings["pass_columns_s"] = time.time() - t
+
+    t = time.time()
+    log("analyze: pass 2 (concentration, power laws, sources)")
+    sizes = row_sizes(o, N)
+    shares = src.corpus_shares(docs.source_codes, len(docs.source_names), docs.tokens)
+    rows = _row_pass(scores, totals, docs, shares, sizes, o)
+    timings["pass_rows_s"] = time.time() - t
+
+    t = time.time()
+    fetched = docs.fetch(_needed_documents(rows))
+    texts, text_origin = _texts(run_dir, config, fetched, text_source, notes)
+    timings["fetch_texts_s"] = time.time() - t
+
+    t = time.time()
+    answers = _answers(queries, rows, fetched, texts, sizes.answer_ks, notes)
+    timings["answers_s"] = time.time() - t
+
+    t = time.time()
+    layers_out, tokens_out = summarize_breakdowns(breakdowns, queries, scores, o.tokens_shown, notes)
+    timings["layers_tokens_s"] = time.time() - t
+
+    t = time.time()
+    summary = {
+        "version": SUMMARY_VERSION,
+        "run_dir": str(run_dir),
+        "n_queries": Q,
+        "n_documents": N,
+        "options": asdict(o),
+        "notes": notes,
+        "queries": _queries_block(queries),
+        "documents": _documents_block(docs, shares),
+        "correlations": _correlations_block(r, queries, o),
+        "concentration": _concentration_block(queries, rows, totals, o, already_per_nat, N),
+        "powerlaw": _powerlaw_block(queries, rows, sizes.top_n),
+        "sources": _sources_block(queries, docs, rows, sizes.source_ks),
+        "answers": answers,
+        "layers": layers_out,
+        "tokens": tokens_out,
+        "top_documents": _top_documents(queries, rows, fetched, docs, o.listed),
+        "text_source": text_origin,
+    }
+    timings["summaries_s"] = time.time() - t
+    if write:
+        t = time.time()
+        from jaxinf.analysis import report
+
+        _write_outputs(run_dir, summary, queries, rows, fetched, texts, docs, o, report)
+        timings["report_s"] = time.time() - t
+    timings["total_s"] = time.time() - t_start
+    summary["timings"] = timings
+    if write:
+        _write_json_atomic(run_dir / "summary.json", summary)
+    return summary
+
+
+# ----------------------------------------------------------------------------- phases
+
+
+def _input_notes(queries: Queries, docs: Documents, config: dict, notes: list[str]) -> bool:
+    """Notes on missing labels and fallbacks, appended to ``notes``; True when the scores are already per nat.
+
+    Queries without a kind form the 'unknown' kind, queries without a task are left out of task
+    groups, documents without a source form the 'unknown' source; without token counts (or with
+    all of them 0, then ``docs.tokens`` is set to None) source multipliers are by count only;
+    without query losses per-nat numbers are skipped.
+    """
+    N = docs.n
     unknown_kind = [i for i, k in enumerate(queries.kinds) if k == UNKNOWN]
     if unknown_kind:
         raw = sorted({repr(queries.raw_kinds[i]) for i in unknown_kind})
@@ -170,109 +245,87 @@ def analyze(run_dir, options: Options = Options(), text_source: TextSource | Non
         notes.append("queries.jsonl has no loss (completion NLL); per-nat numbers are skipped")
     elif not np.isfinite(queries.loss).all():
         notes.append(f"{int((~np.isfinite(queries.loss)).sum())} queries have no loss; their per-nat numbers are null")
+    return already_per_nat
 
-    # ---- pass 1: columns
-    t = time.time()
-    log(f"analyze: {Q} queries x {N} documents; pass 1 (correlations, totals)")
+
+def _columns_phase(scores: ScoreMatrix, queries: Queries, docs: Documents, o: Options,
+                   notes: list[str]) -> tuple[np.ndarray, list[dict]]:
+    """Pass 1 (:func:`_column_pass` under ``o.blas_threads``): the Q x Q Pearson matrix and per-query totals.
+
+    A query with the same score for every document has an undefined correlation (a note names it).
+    """
     with threadpool_limits(limits=o.blas_threads, user_api="blas"):
         r, totals = _column_pass(scores, queries, docs, o.chunk_columns)
-    timings["pass_columns_s"] = time.time() - t
-    constant = [queries.ids[q] for q in range(Q) if not np.isfinite(r[q, q])]
+    constant = [queries.ids[q] for q in range(len(queries)) if not np.isfinite(r[q, q])]
     if constant:
         notes.append(f"{len(constant)} queries have the same score for every document; their correlations are "
                      f"undefined (null, blank in the heat map): ids {_ids_text(constant)}")
+    return r, totals
 
-    # ---- pass 2: rows
-    t = time.time()
-    log("analyze: pass 2 (concentration, power laws, sources)")
+
+@dataclass(frozen=True)
+class RowSizes:
+    """How many ranked documents pass 2 needs per query, each capped at the corpus size ``N``."""
+
+    source_ks: list[int]   # the top-k of the source multipliers
+    answer_ks: list[int]   # the top-k searched for answers
+    top_n: int             # the top documents the power-law tails are fitted on
+    k_max: int             # ranked on each side: the most any statistic needs
+    keep_top: int          # top documents kept per query (answers, summary.json, report)
+    keep_bottom: int       # bottom documents kept per query (summary.json, report)
+
+
+def row_sizes(o: Options, N: int) -> RowSizes:
+    """The :class:`RowSizes` of the options on a corpus of ``N`` documents."""
     source_ks = sorted(set(min(k, N) for k in (o.source_ks or src.default_ks(N))))
     answer_ks = sorted(set(min(k, N) for k in o.answer_ks))
     top_n = min(o.powerlaw_top, N)
     k_max = max([conc.top_count(max(o.fractions), N), *source_ks, *answer_ks, top_n, min(o.listed, N)])
     keep_top = max(*answer_ks, min(o.listed, N), min(o.report_documents, N))
     keep_bottom = min(max(o.listed, o.report_documents), N)
-    shares = src.corpus_shares(docs.source_codes, len(docs.source_names), docs.tokens)
+    return RowSizes(source_ks, answer_ks, top_n, k_max, keep_top, keep_bottom)
+
+
+def _row_pass(scores: ScoreMatrix, totals: list[dict], docs: Documents, shares: dict, sizes: RowSizes,
+              o: Options) -> RowResults:
+    """Pass 2, one query (row) at a time: its top and bottom ``k_max`` documents and what they give.
+
+    Per query: concentration shares of the top/bottom fractions, power-law fits of both tails,
+    source multipliers of both sides, and the kept top/bottom documents with their scores.
+    """
+    Q, N = scores.shape
     rows = RowResults()
     for q in range(Q):
         row = scores.row(q)
-        top = _ranked(row, k_max, True)
-        bottom = _ranked(row, k_max, False)
+        top = _ranked(row, sizes.k_max, True)
+        bottom = _ranked(row, sizes.k_max, False)
         tv, bv = row[top], row[bottom]
         T = totals[q]
         rows.concentration.append(conc.concentration_shares(tv, bv, T["positive"], T["negative"], N, o.fractions))
-        rows.tail_pos.append(pl.tail_fits(tv, top_n, o.powerlaw_min_tail, o.powerlaw_candidates,
+        rows.tail_pos.append(pl.tail_fits(tv, sizes.top_n, o.powerlaw_min_tail, o.powerlaw_candidates,
                                           o.powerlaw_bootstrap, o.seed + q))
-        rows.tail_neg.append(pl.tail_fits(-bv, top_n, o.powerlaw_min_tail, o.powerlaw_candidates,
+        rows.tail_neg.append(pl.tail_fits(-bv, sizes.top_n, o.powerlaw_min_tail, o.powerlaw_candidates,
                                           o.powerlaw_bootstrap, o.seed + Q + q))
         for ranked, out in ((top, rows.src_top), (bottom, rows.src_bottom)):
             out.append(src.source_multipliers(
-                docs.source_codes[ranked], source_ks, shares["count"],
+                docs.source_codes[ranked], sizes.source_ks, shares["count"],
                 None if docs.tokens is None else docs.tokens[ranked], shares.get("tokens")))
         # copies, not views: a view would keep the whole k_max-long arrays of every row alive
-        rows.top_idx.append(top[:keep_top].copy())
-        rows.top_val.append(tv[:keep_top].copy())
-        rows.bottom_idx.append(bottom[:keep_bottom].copy())
-        rows.bottom_val.append(bv[:keep_bottom].copy())
-        rows.ranked_pos.append(tv[:top_n][tv[:top_n] > 0])
-    timings["pass_rows_s"] = time.time() - t
+        rows.top_idx.append(top[:sizes.keep_top].copy())
+        rows.top_val.append(tv[:sizes.keep_top].copy())
+        rows.bottom_idx.append(bottom[:sizes.keep_bottom].copy())
+        rows.bottom_val.append(bv[:sizes.keep_bottom].copy())
+        rows.ranked_pos.append(tv[:sizes.top_n][tv[:sizes.top_n] > 0])
+    return rows
 
-    # ---- documents needed: ids and texts
-    t = time.time()
+
+def _needed_documents(rows: RowResults) -> set[int]:
+    """The columns of every kept top and bottom document: the documents whose ids and texts are fetched."""
     need = set()
-    for q in range(Q):
+    for q in range(len(rows.top_idx)):
         need.update(rows.top_idx[q].tolist())
         need.update(rows.bottom_idx[q].tolist())
-    fetched = docs.fetch(need)
-    texts, text_origin = _texts(run_dir, config, fetched, text_source, notes)
-    timings["fetch_texts_s"] = time.time() - t
-
-    # ---- answers
-    t = time.time()
-    answers = _answers(queries, rows, fetched, texts, answer_ks, notes)
-    timings["answers_s"] = time.time() - t
-
-    # ---- layers and tokens
-    t = time.time()
-    layers_out, tokens_out = _layers_and_tokens(exports, queries, scores, o, notes)
-    timings["layers_tokens_s"] = time.time() - t
-
-    # ---- summary
-    t = time.time()
-    kinds = queries.kinds
-    correlations = corr.correlation_summary(r, kinds, queries.tasks, o.permutations, o.seed)
-    correlations["matrix"] = r
-    correlations["order"] = corr.heatmap_order(kinds, queries.tasks)
-    summary = {
-        "version": SUMMARY_VERSION,
-        "run_dir": str(run_dir),
-        "n_queries": Q,
-        "n_documents": N,
-        "options": asdict(o),
-        "notes": notes,
-        "queries": _queries_block(queries),
-        "documents": _documents_block(docs, shares),
-        "correlations": correlations,
-        "concentration": _concentration_block(queries, rows, totals, o, already_per_nat, N),
-        "powerlaw": _powerlaw_block(queries, rows, top_n),
-        "sources": _sources_block(queries, docs, rows, source_ks),
-        "answers": answers,
-        "layers": layers_out,
-        "tokens": tokens_out,
-        "top_documents": _top_documents(queries, rows, fetched, docs, o.listed),
-        "text_source": text_origin,
-    }
-    timings["summaries_s"] = time.time() - t
-    if write:
-        t = time.time()
-        from jaxinf.analysis import report
-
-        _write_outputs(run_dir, summary, queries, rows, fetched, texts, docs, o, report)
-        timings["report_s"] = time.time() - t
-    timings["total_s"] = time.time() - t_start
-    summary["timings"] = timings
-    if write:
-        _write_json_atomic(run_dir / "summary.json", summary)
-    return summary
+    return need
 
 
 # ----------------------------------------------------------------------------- blocks
@@ -318,6 +371,14 @@ def _documents_block(docs: Documents, shares: dict) -> dict:
         out[name] = d
     return {"sources": out, "n_missing_source": docs.n_missing_source, "n_missing_tokens": docs.n_missing_tokens,
             "n_with_text": docs.n_with_text}
+
+
+def _correlations_block(r: np.ndarray, queries: Queries, o: Options) -> dict:
+    """The correlations between queries' scores: pass 1's Pearson matrix, its group summaries and heat-map order."""
+    correlations = corr.correlation_summary(r, queries.kinds, queries.tasks, o.permutations, o.seed)
+    correlations["matrix"] = r
+    correlations["order"] = corr.heatmap_order(queries.kinds, queries.tasks)
+    return correlations
 
 
 def _concentration_block(queries, rows, totals, o, already_per_nat, N) -> dict:
@@ -469,119 +530,6 @@ def _answers(queries, rows, fetched, texts, ks, notes) -> dict:
                                     for j in range(len(ks))] for k in present_kinds(queries.kinds)},
         "n_without_items": len(no_items),
     }
-
-
-def _read_exports(run_dir, queries, docs):
-    """Read and cross-check the optional topk/layer/token exports (before any heavy work)."""
-    topk = read_topk(run_dir / "topk.jsonl")
-    exported = read_layer_exports(run_dir)
-    id_pos = {qid: i for i, qid in enumerate(queries.ids)}
-    need_ids: dict[str, None] = {}
-    if exported is not None:
-        names, ls = exported
-        if topk is None:
-            raise AnalysisError("layer_scores.npy: present but topk.jsonl is missing (its top lists give the document order)")
-        if ls.shape[0] != len(queries):
-            raise AnalysisError(f"layer_scores.npy: shape {ls.shape} but queries.jsonl has {len(queries)} lines")
-        for qid in queries.ids:
-            top = topk.top.get(qid)
-            if top is None:
-                raise AnalysisError(f"topk.jsonl: no line for query {qid!r}, needed by layer_scores.npy")
-            if len(top) < ls.shape[1]:
-                raise AnalysisError(f"layer_scores.npy: shape {ls.shape} but topk.jsonl lists {len(top)} top "
-                                    f"documents for query {qid!r}")
-            for e in top[: ls.shape[1]]:
-                need_ids[str(e["id"])] = None
-    records = []
-    tok_path = run_dir / "topk_tokens.jsonl"
-    if tok_path.exists():
-        for rec in iter_topk_tokens(tok_path):
-            if rec.query not in id_pos:
-                raise AnalysisError(f"topk_tokens.jsonl: query {rec.query!r} is not in queries.jsonl")
-            records.append(rec)
-            need_ids[rec.document] = None
-    index = _find_ids(docs, list(need_ids))
-    for did in need_ids:
-        if did not in index:
-            raise AnalysisError(f"topk.jsonl/topk_tokens.jsonl: document {did!r} is not in documents.jsonl")
-    return topk, exported, records, index
-
-
-def _layers_and_tokens(exports, queries, scores, o, notes):
-    topk, exported, records, index = exports
-    layers_out: dict = {"available": False, "reason": "not exported (no layers.json / layer_scores.npy)"}
-    id_pos = {qid: i for i, qid in enumerate(queries.ids)}
-    if exported is not None:
-        names, ls = exported
-        numbers, rule = lay.layer_numbers(names)
-        bins = lay.layer_bins(numbers)
-        share = lay.layer_shares(ls)
-        bshare = lay.bin_shares(share, bins)
-        resid = []
-        for q, qid in enumerate(queries.ids):
-            for k, e in enumerate(topk.top[qid][: ls.shape[1]]):
-                total = scores_value(scores, q, index[str(e["id"])])
-                resid.append(abs(ls[q, k].sum() - total) / max(abs(total), 1e-30))
-        max_rel = float(max(resid)) if resid else None
-        if max_rel is not None and max_rel > 1e-3:
-            notes.append(f"layer_scores.npy: per-layer scores do not sum to scores.npy "
-                         f"(largest relative difference {max_rel:.3g}); layer shares may be off")
-        layers_out = {
-            "available": True, "names": names, "block_numbers": numbers, "block_rule": rule, "bins": bins,
-            "top_k": int(ls.shape[1]), "share_per_query": share,
-            "bin_share_per_query": bshare,
-            "bin_share_by_kind": {b: by_kind(bshare[b], queries.kinds) for b in lay.BINS},
-            "mean_share_by_kind": {k: np.nanmean(share[np.asarray(queries.kinds) == k], axis=0)
-                                   for k in present_kinds(queries.kinds)},
-            "sum_check_max_relative_difference": max_rel,
-            "definition": "share[q, l] = sum_k |I_l(q, d_k)| / sum_{k, l'} |I_l'(q, d_k)| over the top-K documents",
-        }
-    if not records:
-        tokens_out = {"available": False, "reason": "not exported (no topk_tokens.jsonl)"}
-    else:
-        entries = []
-        resid = []
-        for rec in records:
-            q = id_pos[rec.query]
-            total = scores_value(scores, q, index[rec.document])
-            resid.append(abs(rec.scores.sum() - total) / max(abs(total), 1e-30))
-            entries.append({"query": rec.query, "document": rec.document, "rank": rec.rank,
-                            "n_tokens": len(rec.texts), "score": total,
-                            "top_tokens": lay.top_tokens(rec.texts, rec.scores, o.tokens_shown),
-                            "_texts": rec.texts, "_scores": rec.scores})
-        max_rel = float(max(resid))
-        if max_rel > 1e-3:
-            notes.append(f"topk_tokens.jsonl: per-token scores do not sum to scores.npy "
-                         f"(largest relative difference {max_rel:.3g})")
-        tokens_out = {"available": True, "records": entries, "sum_check_max_relative_difference": max_rel}
-    return layers_out, tokens_out
-
-
-def scores_value(scores: ScoreMatrix, q: int, n: int) -> float:
-    buf = np.empty(1, scores.dtype)
-    with open(scores.path, "rb") as f:
-        scores._read(f, buf, q, n)
-    return float(buf[0])
-
-
-def _find_ids(docs: Documents, ids: list[str]) -> dict[str, int]:
-    """File positions of the given document ids (one streaming pass)."""
-    want = set(ids)
-    out: dict[str, int] = {}
-    if not want:
-        return out
-    with open(docs.path, encoding="utf-8") as f:
-        n = 0
-        for line in f:
-            if not line.strip():
-                continue
-            did = str(json.loads(line)["id"])
-            if did in want:
-                out[did] = n
-                if len(out) == len(want):
-                    break
-            n += 1
-    return out
 
 
 def _top_documents(queries, rows, fetched, docs, listed) -> list[dict]:

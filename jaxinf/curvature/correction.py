@@ -28,11 +28,12 @@ from collections.abc import Mapping
 import jax
 import jax.numpy as jnp
 
+from jaxinf.axes import logical
 from jaxinf.capture import LayerSpec
 from jaxinf.precision import float_dtype
 from jaxinf.curvature.covariance import per_count
 from jaxinf.curvature.eigen import Eigen
-from jaxinf.sharding import constrain
+from jaxinf.partitioning import constrain
 
 Array = jax.Array
 
@@ -42,8 +43,8 @@ Array = jax.Array
 class LambdaState:
     """Running sums ``sum_n (Q_S^T G[n] Q_A)^2`` and sequence counts ``N_seq`` ``[*lead]`` per block."""
 
-    Lambda: dict[str, Array]
-    count: dict[str, Array]
+    Lambda: dict[str, Array] = logical("factor", "rows", "cols")
+    count: dict[str, Array] = logical("replicated")
 
 
 def lambda_init(layers: Mapping[str, LayerSpec], dtype=None) -> LambdaState:

@@ -23,9 +23,10 @@ from collections.abc import Mapping
 import jax
 import jax.numpy as jnp
 
+from jaxinf.axes import logical
 from jaxinf.capture import LayerSpec
 from jaxinf.precision import float_dtype
-from jaxinf.sharding import constrain
+from jaxinf.partitioning import constrain
 
 Array = jax.Array
 
@@ -35,9 +36,9 @@ Array = jax.Array
 class CovarianceState:
     """Running sums of the covariance stage: ``sum a a^T``, ``sum g g^T`` and the token counts ``[*lead]`` per block."""
 
-    A: dict[str, Array]
-    S: dict[str, Array]
-    count: dict[str, Array]
+    A: dict[str, Array] = logical("factor", "rows", "cols")
+    S: dict[str, Array] = logical("factor", "rows", "cols")
+    count: dict[str, Array] = logical("replicated")
 
 
 @jax.tree_util.register_dataclass
@@ -46,9 +47,9 @@ class Covariance:
     """The finished factors: ``A`` ``[*lead, d_in', d_in']`` and ``S`` ``[*lead, d_out, d_out]``, and ``N_tok``
     ``[*lead]`` (per layer)."""
 
-    A: dict[str, Array]
-    S: dict[str, Array]
-    count: dict[str, Array]
+    A: dict[str, Array] = logical("factor", "rows", "cols")
+    S: dict[str, Array] = logical("factor", "rows", "cols")
+    count: dict[str, Array] = logical("replicated")
 
 
 def covariance_init(layers: Mapping[str, LayerSpec], dtype=None) -> CovarianceState:

@@ -25,6 +25,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
+from jaxinf.axes import logical
 from jaxinf.curvature.covariance import Covariance
 from jaxinf.precision import float_dtype
 
@@ -36,10 +37,10 @@ Array = jax.Array
 class Eigen:
     """Eigenvectors (columns) and eigenvalues of ``A`` and ``S`` per block."""
 
-    Q_A: dict[str, Array]
-    e_A: dict[str, Array]
-    Q_S: dict[str, Array]
-    e_S: dict[str, Array]
+    Q_A: dict[str, Array] = logical("factor", "rows", "cols")
+    e_A: dict[str, Array] = logical("eigenvalues", "rows")
+    Q_S: dict[str, Array] = logical("factor", "rows", "cols")
+    e_S: dict[str, Array] = logical("eigenvalues", "rows")
 
 
 def symmetric_eigh(M: Array) -> tuple[Array, Array]:

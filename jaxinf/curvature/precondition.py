@@ -27,6 +27,7 @@ from collections.abc import Mapping
 import jax
 import jax.numpy as jnp
 
+from jaxinf.axes import logical
 from jaxinf.curvature.eigen import Eigen
 
 Array = jax.Array
@@ -41,9 +42,9 @@ class Curvature:
     """What preconditioning needs: the strategy, the eigenbases (kfac, ekfac) and ``Lambda``."""
 
     strategy: str = dataclasses.field(metadata=dict(static=True))
-    Q_A: dict[str, Array] | None
-    Q_S: dict[str, Array] | None
-    Lambda: dict[str, Array] | None
+    Q_A: dict[str, Array] | None = logical("factor", "rows", "cols")
+    Q_S: dict[str, Array] | None = logical("factor", "rows", "cols")
+    Lambda: dict[str, Array] | None = logical("factor", "rows", "cols")
 
     def __post_init__(self):
         if self.strategy not in STRATEGIES:

@@ -21,6 +21,7 @@ import numpy as np
 from jaxinf import capture, scoring, stages
 from jaxinf import config as cfg
 from jaxinf.atomic import save_npy
+from jaxinf.executor import Executor
 from jaxinf.exports import formats
 from jaxinf.inputs import Inputs, Subset, buckets, non_finite_loss
 from jaxinf.loop import Kept, run_batches
@@ -29,13 +30,12 @@ from jaxinf.store import RunStore
 log = logging.getLogger("jaxinf")
 
 
-def export(config: cfg.Config, store: RunStore, inputs: Inputs, results: dict, qg, encoded, executor) -> None:
+def export(config: cfg.Config, store: RunStore, inputs: Inputs, results: dict, qg, encoded, executor: Executor) -> None:
     """``scores.npy``, ``queries.jsonl``, ``documents.jsonl``, ``topk.jsonl``, and the per-layer and per-token
     breakdowns of each query's top documents (``layers.json``, ``layer_scores.npy``, ``topk_tokens.jsonl``).
 
     ``results`` are the scoring stage's per-document sums (``scores``, ``loss``, optionally ``self``), ``qg`` the
-    prepared query gradients, ``encoded`` the encoded queries, ``executor`` the run's
-    (:class:`jaxinf.pipeline.Executor` or a mesh executor)."""
+    prepared query gradients, ``encoded`` the encoded queries."""
     t0 = time.perf_counter()
     primary = jax.process_index() == 0  # every process computes (the breakdowns run on the mesh); process 0 writes
     qloss = executor.fetch(qg.loss).astype(np.float64)
@@ -86,7 +86,7 @@ def layer_order(layers: dict[str, capture.LayerSpec]) -> list[str]:
     return [n for _, _, n in sorted(stacked)] + [n for _, _, n in rest]
 
 
-def export_breakdowns(config, store, inputs: Inputs, qg, top: np.ndarray, docs: dict, executor) -> None:
+def export_breakdowns(config, store, inputs: Inputs, qg, top: np.ndarray, docs: dict, executor: Executor) -> None:
     """Per-layer and per-token scores of each query's top documents, from one more pass over just those documents.
 
     The pass is not resumed (the exports stage runs again whole) and checks no loss: the scoring stage has already

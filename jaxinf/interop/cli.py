@@ -41,9 +41,7 @@ def import_command(args) -> int:
     from jaxinf import config as cfg
     from jaxinf.interop.transfer import import_factors
 
-    from jaxinf.cli import config_arguments
-
-    config = cfg.load(*config_arguments(args))
+    config = cfg.load(*cfg.config_arguments(args.config, args.overrides))
     root = import_factors(args.kronfluence, config, factors_name=args.factors, overwrite=args.overwrite)
     print(f"{root}: curvature imported; `jaxinf run` with this config (or factors.from={root}) scores with it")
     return 0

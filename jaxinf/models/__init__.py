@@ -4,6 +4,7 @@
 - :class:`LM`: config + NNX graph + parameters (a nested dict of arrays), with the
   functional core ``lm.apply(params, tokens, mask, tap) -> logits`` and ``lm.task()``;
 - :func:`init` (random weights), :func:`abstract` (shapes only, no memory),
+  :func:`parameter_axes` (the declared logical axes of every parameter),
   :func:`from_hf` (a checkpoint directory, read tensor by tensor without torch),
   :func:`read_config`, :func:`load_tokenizer`.
 
@@ -13,7 +14,7 @@ Tracked layers carry their Hugging Face module names (``model.layers.3.mlp.up_pr
 
 from jaxinf.models.config import ConfigError, ModelConfig, ModelError, config_from_hf
 from jaxinf.models.hf import CheckpointError, from_hf, load_tokenizer, read_config, save_hf
-from jaxinf.models.lm import LM, abstract, init, parameter_paths
+from jaxinf.models.lm import LM, abstract, init, parameter_axes, parameter_paths
 
 __all__ = [
     "LM",
@@ -26,6 +27,7 @@ __all__ = [
     "from_hf",
     "init",
     "load_tokenizer",
+    "parameter_axes",
     "parameter_paths",
     "read_config",
     "save_hf",

@@ -24,7 +24,7 @@ from flax import nnx
 
 from jaxinf.capture import Tap
 from jaxinf.models.config import ModelConfig
-from jaxinf.models.layers import Embed, Linear, attention_mask, rotary_tables
+from jaxinf.models.layers import HEAD, POSITIONS, VOCAB, Embed, Linear, attention_mask, rotary_tables
 from jaxinf.models.parts import Context
 
 Array = jax.Array
@@ -47,9 +47,9 @@ class Backbone(nnx.Module):
 
     def __init__(self, config: ModelConfig, rngs: nnx.Rngs):
         fam = config.spec
-        setattr(self, fam.embed, Embed(config, rngs))
+        setattr(self, fam.embed, Embed(config, rngs, VOCAB))
         if fam.positions is not None:
-            setattr(self, fam.positions, Embed(config, rngs, rows=config.max_position_embeddings))
+            setattr(self, fam.positions, Embed(config, rngs, POSITIONS, rows=config.max_position_embeddings))
         if config.scan:
             layers = stacked_blocks(config, rngs)
         else:
@@ -77,7 +77,7 @@ class DecoderLM(nnx.Module):
         if config.tie_embeddings:
             self.lm_head = None
         else:
-            self.lm_head = Linear("lm_head", config.hidden_size, config.vocab_size, bias=False,
+            self.lm_head = Linear("lm_head", config.hidden_size, config.vocab_size, bias=False, axes=HEAD,
                                   config=config, rngs=rngs)
 
     def __call__(self, tokens: Array, mask: Array, tap: Tap | None = None) -> Array:

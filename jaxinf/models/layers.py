@@ -6,6 +6,11 @@ engine tracks it. Parameters follow Flax's names and orientation (``kernel``
 ``[d_in, d_out]``, ``bias``, ``scale``, ``embedding``); :mod:`jaxinf.models.hf`
 maps them to checkpoint tensors (a kernel is the transposed ``weight``).
 
+Each parameter declares its logical axes (:class:`jaxinf.axes.Axes`) in its
+``nnx.Param`` metadata: a linear layer's by its role (:data:`COLUMN`, :data:`ROW`,
+:data:`HEAD`, :data:`ROUTER`), embeddings ``vocab``/``positions`` by ``embed``, norms
+replicated. :func:`jaxinf.models.parameter_axes` reads them back.
+
 Precision follows transformers: norms and the attention softmax are computed in
 at least float32 and cast back to the compute dtype; the rotary tables are
 computed in float64 on the host and cast to the compute dtype (transformers
@@ -15,16 +20,44 @@ computes them in float32, so float32 tables differ from it by rounding only).
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxinf.axes import REPLICATED, Axes, param
 from jaxinf.capture import Tap
 from jaxinf.models.config import ModelConfig
 
 Array = jax.Array
+
+
+class LinearAxes(NamedTuple):
+    """The logical axes of a linear layer's ``kernel`` ``[d_in, d_out]`` and ``bias`` ``[d_out]``."""
+
+    kernel: Axes
+    bias: Axes
+
+
+COLUMN = LinearAxes(param("embed", "ff"), param("ff"))
+"""From the residual stream to a wider space (q/k/v, gate/up, fused input projections): split along ``ff``."""
+
+ROW = LinearAxes(param("ff", "embed"), REPLICATED)
+"""Back to the residual stream (o_proj, down_proj): the kernel split along its input; the small bias replicated."""
+
+HEAD = LinearAxes(param("embed", "vocab"), REPLICATED)
+"""The output projection ``lm_head`` ``[hidden, vocab]``."""
+
+ROUTER = LinearAxes(param("in", "out"), REPLICATED)
+"""A mixture of experts' router ``[hidden, experts]``."""
+
+VOCAB = param("vocab", "embed")
+"""The token embedding ``[vocab, hidden]``."""
+
+POSITIONS = param("positions", "embed")
+"""A learned position embedding ``[positions, hidden]``."""
 
 
 def _normal(rngs: nnx.Rngs, shape: tuple[int, ...], std: float, dtype: str) -> Array:
@@ -42,10 +75,12 @@ class Linear(nnx.Module):
     ``kernel``: ``[d_in, d_out]`` (the checkpoint's ``weight`` transposed), ``bias``: ``[d_out]``.
     """
 
-    def __init__(self, name: str, d_in: int, d_out: int, *, bias: bool, config: ModelConfig, rngs: nnx.Rngs):
+    def __init__(self, name: str, d_in: int, d_out: int, *, bias: bool, axes: LinearAxes, config: ModelConfig,
+                 rngs: nnx.Rngs):
         self.name = name
-        self.kernel = nnx.Param(_normal(rngs, (d_in, d_out), config.initializer_range, config.param_dtype))
-        self.bias = nnx.Param(jnp.zeros((d_out,), config.param_dtype)) if bias else None
+        self.kernel = nnx.Param(_normal(rngs, (d_in, d_out), config.initializer_range, config.param_dtype),
+                                axes=axes.kernel)
+        self.bias = nnx.Param(jnp.zeros((d_out,), config.param_dtype), axes=axes.bias) if bias else None
 
     def __call__(self, x: Array, tap: Tap, prefix: str = "", tokens: Array | None = None) -> Array:
         """``tokens`` ``[B, T]``: the tokens that belong to this layer (an expert's routed tokens; None: all)."""
@@ -54,11 +89,14 @@ class Linear(nnx.Module):
 
 
 class Embed(nnx.Module):
-    """Embedding ``embedding[id]``: ``embedding`` ``[rows, hidden]`` (``rows``: the vocabulary, or positions)."""
+    """Embedding ``embedding[id]``: ``embedding`` ``[rows, hidden]`` (``rows``: the vocabulary, or positions).
 
-    def __init__(self, config: ModelConfig, rngs: nnx.Rngs, rows: int | None = None):
+    ``axes``: :data:`VOCAB` or :data:`POSITIONS`.
+    """
+
+    def __init__(self, config: ModelConfig, rngs: nnx.Rngs, axes: Axes, rows: int | None = None):
         shape = (config.vocab_size if rows is None else rows, config.hidden_size)
-        self.embedding = nnx.Param(_normal(rngs, shape, config.initializer_range, config.param_dtype))
+        self.embedding = nnx.Param(_normal(rngs, shape, config.initializer_range, config.param_dtype), axes=axes)
 
     def __call__(self, tokens: Array, dtype) -> Array:
         return jnp.take(self.embedding[...], tokens, axis=0).astype(dtype)
@@ -77,7 +115,7 @@ class RMSNorm(nnx.Module):
         self.eps = eps
         self.offset = offset
         shape = (size,) if isinstance(size, int) else tuple(size)
-        self.scale = nnx.Param(jnp.full(shape, 1.0 - offset, config.param_dtype))
+        self.scale = nnx.Param(jnp.full(shape, 1.0 - offset, config.param_dtype), axes=REPLICATED)
 
     def __call__(self, x: Array) -> Array:
         dt = upcast(x.dtype)
@@ -97,8 +135,8 @@ class LayerNorm(nnx.Module):
 
     def __init__(self, shape: tuple[int, ...], eps: float, bias: bool, config: ModelConfig, parametric: bool = True):
         self.eps = eps
-        self.scale = nnx.Param(jnp.ones(shape, config.param_dtype)) if parametric else None
-        self.bias = nnx.Param(jnp.zeros(shape, config.param_dtype)) if bias and parametric else None
+        self.scale = nnx.Param(jnp.ones(shape, config.param_dtype), axes=REPLICATED) if parametric else None
+        self.bias = nnx.Param(jnp.zeros(shape, config.param_dtype), axes=REPLICATED) if bias and parametric else None
 
     def __call__(self, x: Array) -> Array:
         dt = upcast(x.dtype)

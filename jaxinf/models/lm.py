@@ -114,6 +114,23 @@ def abstract(config: ModelConfig) -> LM:
     return LM(config, graphdef, params)
 
 
+def parameter_axes(config: ModelConfig) -> dict[str, Any]:
+    """The declared logical axes of every parameter: a tree shaped like the parameters, with
+    :class:`jaxinf.axes.Axes` leaves (each ``nnx.Param``'s ``axes`` metadata, see :mod:`jaxinf.models.layers`).
+
+    A declaration names a parameter's trailing dimensions; stacked layers add a leading ``layers`` axis
+    (:func:`jaxinf.axes.declared_axes` resolves them against the parameters).
+    """
+    module = nnx.eval_shape(lambda: DecoderLM(config, nnx.Rngs(params=0)))
+    out: dict[str, Any] = {}
+    for path, variable in nnx.to_flat_state(nnx.state(module)):
+        node = out
+        for key in path[:-1]:
+            node = node.setdefault(str(key), {})
+        node[str(path[-1])] = variable.get_metadata()["axes"]
+    return out
+
+
 def parameter_paths(params: Params) -> dict[str, Any]:
     """``{"model.layers.mlp.up_proj.kernel": leaf, ...}``: each parameter under its dotted path."""
     out = {}

@@ -17,7 +17,7 @@ from flax import nnx
 
 from jaxinf.capture import Tap
 from jaxinf.models.config import ModelConfig
-from jaxinf.models.layers import Linear, activation, apply_rotary, attention
+from jaxinf.models.layers import COLUMN, ROUTER, ROW, Linear, activation, apply_rotary, attention
 
 Array = jax.Array
 
@@ -68,10 +68,11 @@ class SelfAttention(nnx.Module):
         qkv_bias = c.attention_bias if qkv_bias is None else qkv_bias
         o_bias = c.attention_bias if o_bias is None else o_bias
         self.config, self.flat, self.interleaved = c, flat, interleaved
-        self.q_proj = Linear("self_attn.q_proj", H, q, bias=qkv_bias, config=c, rngs=rngs)
-        self.k_proj = Linear("self_attn.k_proj", H, kv, bias=qkv_bias, config=c, rngs=rngs)
-        self.v_proj = Linear("self_attn.v_proj", H, kv, bias=qkv_bias, config=c, rngs=rngs)
-        setattr(self, o_name, Linear(f"self_attn.{o_name}", q, H, bias=o_bias, config=c, rngs=rngs))
+        self.q_proj = Linear("self_attn.q_proj", H, q, bias=qkv_bias, axes=COLUMN, config=c, rngs=rngs)
+        self.k_proj = Linear("self_attn.k_proj", H, kv, bias=qkv_bias, axes=COLUMN, config=c, rngs=rngs)
+        self.v_proj = Linear("self_attn.v_proj", H, kv, bias=qkv_bias, axes=COLUMN, config=c, rngs=rngs)
+        setattr(self, o_name, Linear(f"self_attn.{o_name}", q, H, bias=o_bias, axes=ROW, config=c,
+                                     rngs=rngs))
         self.o_name = o_name
         self.q_norm, self.k_norm = q_norm, k_norm
 
@@ -102,9 +103,10 @@ class FusedAttention(nnx.Module):
         c = config
         q, kv = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
         self.config, self.names = c, names
-        setattr(self, names[0], Linear(f"{prefix}.{names[0]}", c.hidden_size, q + 2 * kv, bias=bias, config=c,
+        setattr(self, names[0], Linear(f"{prefix}.{names[0]}", c.hidden_size, q + 2 * kv, bias=bias, axes=COLUMN,
+                                       config=c, rngs=rngs))
+        setattr(self, names[1], Linear(f"{prefix}.{names[1]}", q, c.hidden_size, bias=bias, axes=ROW, config=c,
                                        rngs=rngs))
-        setattr(self, names[1], Linear(f"{prefix}.{names[1]}", q, c.hidden_size, bias=bias, config=c, rngs=rngs))
 
     def __call__(self, x: Array, ctx: Context, tap: Tap, prefix: str) -> Array:
         c = self.config
@@ -124,9 +126,9 @@ class GatedMLP(nnx.Module):
         H, I = config.hidden_size, config.intermediate_size
         b = config.mlp_bias if bias is None else bias
         self.act = config.activation
-        self.gate_proj = Linear("mlp.gate_proj", H, I, bias=b, config=config, rngs=rngs)
-        self.up_proj = Linear("mlp.up_proj", H, I, bias=b, config=config, rngs=rngs)
-        self.down_proj = Linear("mlp.down_proj", I, H, bias=b, config=config, rngs=rngs)
+        self.gate_proj = Linear("mlp.gate_proj", H, I, bias=b, axes=COLUMN, config=config, rngs=rngs)
+        self.up_proj = Linear("mlp.up_proj", H, I, bias=b, axes=COLUMN, config=config, rngs=rngs)
+        self.down_proj = Linear("mlp.down_proj", I, H, bias=b, axes=ROW, config=config, rngs=rngs)
 
     def __call__(self, x: Array, tap: Tap, prefix: str) -> Array:
         gated = activation(self.act, self.gate_proj(x, tap, prefix)) * self.up_proj(x, tap, prefix)
@@ -139,8 +141,8 @@ class FusedGatedMLP(nnx.Module):
     def __init__(self, config: ModelConfig, rngs: nnx.Rngs):
         H, I = config.hidden_size, config.intermediate_size
         self.act = config.activation
-        self.gate_up_proj = Linear("mlp.gate_up_proj", H, 2 * I, bias=False, config=config, rngs=rngs)
-        self.down_proj = Linear("mlp.down_proj", I, H, bias=False, config=config, rngs=rngs)
+        self.gate_up_proj = Linear("mlp.gate_up_proj", H, 2 * I, bias=False, axes=COLUMN, config=config, rngs=rngs)
+        self.down_proj = Linear("mlp.down_proj", I, H, bias=False, axes=ROW, config=config, rngs=rngs)
 
     def __call__(self, x: Array, tap: Tap, prefix: str) -> Array:
         gate, up = jnp.split(self.gate_up_proj(x, tap, prefix), 2, axis=-1)
@@ -153,8 +155,8 @@ class PlainMLP(nnx.Module):
     def __init__(self, config: ModelConfig, rngs: nnx.Rngs, names: tuple[str, str], bias: bool = True):
         H, I = config.hidden_size, config.intermediate_size
         self.act, self.names = config.activation, names
-        setattr(self, names[0], Linear(f"mlp.{names[0]}", H, I, bias=bias, config=config, rngs=rngs))
-        setattr(self, names[1], Linear(f"mlp.{names[1]}", I, H, bias=bias, config=config, rngs=rngs))
+        setattr(self, names[0], Linear(f"mlp.{names[0]}", H, I, bias=bias, axes=COLUMN, config=config, rngs=rngs))
+        setattr(self, names[1], Linear(f"mlp.{names[1]}", I, H, bias=bias, axes=ROW, config=config, rngs=rngs))
 
     def __call__(self, x: Array, tap: Tap, prefix: str) -> Array:
         up, down = (getattr(self, n) for n in self.names)
@@ -237,9 +239,9 @@ class Expert(nnx.Module):
         H, I = config.hidden_size, config.intermediate_size
         self.act = config.activation
         name = f"mlp.experts.{index}"
-        self.gate_proj = Linear(f"{name}.gate_proj", H, I, bias=False, config=config, rngs=rngs)
-        self.up_proj = Linear(f"{name}.up_proj", H, I, bias=False, config=config, rngs=rngs)
-        self.down_proj = Linear(f"{name}.down_proj", I, H, bias=False, config=config, rngs=rngs)
+        self.gate_proj = Linear(f"{name}.gate_proj", H, I, bias=False, axes=COLUMN, config=config, rngs=rngs)
+        self.up_proj = Linear(f"{name}.up_proj", H, I, bias=False, axes=COLUMN, config=config, rngs=rngs)
+        self.down_proj = Linear(f"{name}.down_proj", I, H, bias=False, axes=ROW, config=config, rngs=rngs)
 
     def __call__(self, x: Array, tap: Tap, prefix: str, tokens: Array | None = None) -> Array:
         """``tokens`` ``[B, T]``: the tokens routed to this expert, the tracked tokens of its three projections."""
@@ -283,7 +285,7 @@ class SparseMoE(nnx.Module):
     def __init__(self, config: ModelConfig, rngs: nnx.Rngs):
         c = config
         self.k, self.renormalize = c.experts_per_token, c.moe_renormalize
-        self.gate = Linear("mlp.gate", c.hidden_size, c.num_experts, bias=False, config=c, rngs=rngs)
+        self.gate = Linear("mlp.gate", c.hidden_size, c.num_experts, bias=False, axes=ROUTER, config=c, rngs=rngs)
         self.experts = nnx.List([Expert(c, rngs, e) for e in range(c.num_experts)])
 
     def __call__(self, x: Array, tap: Tap, prefix: str) -> Array:

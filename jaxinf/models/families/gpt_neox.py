@@ -17,7 +17,7 @@ from flax import nnx
 
 from jaxinf.models.config import ModelConfig, apply_rope, read_rope
 from jaxinf.models.families import Family
-from jaxinf.models.layers import LayerNorm, Linear, apply_rotary, attention
+from jaxinf.models.layers import COLUMN, ROW, LayerNorm, Linear, apply_rotary, attention
 from jaxinf.models.parts import PlainMLP
 
 
@@ -57,8 +57,8 @@ class NeoXAttention(nnx.Module):
         c = config
         H, b = c.hidden_size, c.attention_bias
         self.heads, self.head_dim = c.num_heads, c.head_dim
-        self.query_key_value = Linear("attention.query_key_value", H, 3 * H, bias=b, config=c, rngs=rngs)
-        self.dense = Linear("attention.dense", H, H, bias=b, config=c, rngs=rngs)
+        self.query_key_value = Linear("attention.query_key_value", H, 3 * H, bias=b, axes=COLUMN, config=c, rngs=rngs)
+        self.dense = Linear("attention.dense", H, H, bias=b, axes=ROW, config=c, rngs=rngs)
 
     def __call__(self, x, ctx, tap, prefix):
         B, T, _ = x.shape

@@ -1,0 +1,149 @@
+"""The package's shape, read from its source (``ast``; nothing is imported or run).
+
+- No import circle between ``jaxinf`` modules. Every ``import`` counts, at the
+  top of a module or inside a function: a circle broken only by importing late
+  is still a circle in the layering.
+- No module over :data:`MAX_LINES` lines (one job per module).
+
+The graph has one node per module file (a package is its ``__init__.py``). An
+import names the modules it executes: ``import a.b`` and ``from a.b import c``
+name ``a.b``, or ``a.b.c`` when ``c`` is itself a module. A submodule's import
+also runs its packages' ``__init__``, but that edge is left out: a package that
+gathers its own submodules is not a circle of layers.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGE = "jaxinf"
+MAX_LINES = 600
+
+
+def module_files(root: Path = ROOT, package: str = PACKAGE) -> dict[str, Path]:
+    """Dotted module name -> source file, for every ``.py`` under ``root/package``."""
+    out = {}
+    for path in sorted((root / package).rglob("*.py")):
+        parts = list(path.relative_to(root).with_suffix("").parts)
+        if parts[-1] == "__init__":
+            parts = parts[:-1]
+        out[".".join(parts)] = path
+    return out
+
+
+def _base(module: str, path: Path, node: ast.ImportFrom) -> str:
+    """The absolute module an ``ImportFrom`` names (relative imports resolved against ``module``)."""
+    if not node.level:
+        return node.module or ""
+    package = module.split(".") if path.name == "__init__.py" else module.split(".")[:-1]
+    package = package[: len(package) - (node.level - 1)]
+    return ".".join(package + ([node.module] if node.module else []))
+
+
+def imports_of(module: str, path: Path, modules: set[str]) -> dict[str, int]:
+    """The package's modules that ``module`` imports anywhere in its source -> line of the first such import."""
+    found: dict[str, int] = {}
+
+    def add(name: str, line: int) -> None:
+        while name and name not in modules:   # `import jaxinf.a.b` where b is an attribute: jaxinf.a
+            name = name.rpartition(".")[0]
+        if name and name != module:
+            found.setdefault(name, line)
+
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                add(alias.name, node.lineno)
+        elif isinstance(node, ast.ImportFrom):
+            base = _base(module, path, node)
+            for alias in node.names:
+                full = f"{base}.{alias.name}"
+                add(full if full in modules else base, node.lineno)
+    return found
+
+
+def import_graph(root: Path = ROOT, package: str = PACKAGE) -> dict[str, dict[str, int]]:
+    """Module -> {imported module: line} over every module of ``package``."""
+    files = module_files(root, package)
+    return {m: imports_of(m, p, set(files)) for m, p in files.items()}
+
+
+def find_circle(graph: dict[str, dict[str, int]]) -> list[str] | None:
+    """One import circle ``[a, b, ..., a]`` of ``graph``, or None (depth-first search, visiting in name order)."""
+    state: dict[str, int] = {}   # 1: on the current path, 2: finished
+    path: list[str] = []
+
+    def visit(m: str) -> list[str] | None:
+        state[m] = 1
+        path.append(m)
+        for n in sorted(graph.get(m, {})):
+            if state.get(n) == 1:
+                return path[path.index(n):] + [n]
+            if n not in state:
+                found = visit(n)
+                if found:
+                    return found
+        path.pop()
+        state[m] = 2
+        return None
+
+    for m in sorted(graph):
+        if m not in state:
+            found = visit(m)
+            if found:
+                return found
+    return None
+
+
+def describe_circle(circle: list[str], graph: dict[str, dict[str, int]]) -> str:
+    """``a (line 12) -> b (line 40) -> a``: each step with the line of the import that makes it."""
+    steps = [f"{a} (line {graph[a][b]})" for a, b in zip(circle, circle[1:])]
+    return " -> ".join(steps + [circle[-1]])
+
+
+def test_no_import_circle():
+    graph = import_graph()
+    assert "jaxinf.pipeline" in graph and graph["jaxinf.pipeline"], "the graph reads the package's imports"
+    circle = find_circle(graph)
+    assert circle is None, f"import circle: {describe_circle(circle, graph)}"
+
+
+def test_a_circle_is_found(tmp_path):
+    """The check itself: a circle made through a function-level, relative import is named."""
+    pkg = tmp_path / "pkg"
+    (pkg / "sub").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "sub" / "__init__.py").write_text("")
+    (pkg / "a.py").write_text("from pkg.sub import b\n")
+    (pkg / "sub" / "b.py").write_text("def f():\n    from .. import c\n")
+    (pkg / "c.py").write_text("import pkg.a\n")
+    (pkg / "d.py").write_text("from pkg import a\n")
+    graph = import_graph(tmp_path, "pkg")
+    circle = find_circle(graph)
+    assert circle == ["pkg.a", "pkg.sub.b", "pkg.c", "pkg.a"]
+    assert describe_circle(circle, graph) == "pkg.a (line 1) -> pkg.sub.b (line 2) -> pkg.c (line 1) -> pkg.a"
+    del graph["pkg.c"]["pkg.a"]
+    assert find_circle(graph) is None
+
+
+# Modules over the limit whose split is under way elsewhere in issue 15 (pipeline.py into inputs, loop and
+# exports; analysis.driver.analyze into its phases): while only these are over it, the size check is an
+# expected failure; any other module over the limit fails it. Drop a name once its module is split.
+SPLIT_UNDER_WAY = {"jaxinf.pipeline", "jaxinf.analysis.driver"}
+
+
+def _oversized() -> dict[str, int]:
+    sizes = {m: len(p.read_text().splitlines()) for m, p in module_files().items()}
+    return {m: n for m, n in sorted(sizes.items()) if n > MAX_LINES}
+
+
+def test_module_sizes():
+    over = _oversized()
+    message = f"modules over {MAX_LINES} lines: " + ", ".join(f"{m} ({n})" for m, n in over.items())
+    if over and set(over) <= SPLIT_UNDER_WAY:
+        pytest.xfail(message)
+    assert not over, message
