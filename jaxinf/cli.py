@@ -29,13 +29,13 @@ EXIT_CODES = {
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     """The exception classes that mean bad input rather than a bug (reported in one line)."""
-    from jaxinf.analysis.io import AnalysisError
     from jaxinf.capture import CaptureError
     from jaxinf.config import ConfigError
     from jaxinf.data.errors import DataError
+    from jaxinf.exports.formats import AnalysisError
+    from jaxinf.inputs import InputError
     from jaxinf.interop.kronfluence import InteropError
     from jaxinf.models import ModelError
-    from jaxinf.pipeline import InputError
     from jaxinf.plan import PlanError
     from jaxinf.preflight import PreflightError
     from jaxinf.partitioning import ShardingError

@@ -94,7 +94,7 @@ class MeshPlan:
 def abstract_model(config, num_layers: int | None = None, scan: bool | None = None):
     """The abstract LM of ``model.checkpoint``'s config.json and its tracked layers."""
     from jaxinf import models
-    from jaxinf.pipeline import tracked_layers
+    from jaxinf.inputs import tracked_layers
 
     if config.model.checkpoint is None:
         raise PlanError("model.checkpoint: not set (a directory with the model's config.json; weights are not read)")

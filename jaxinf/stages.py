@@ -52,6 +52,7 @@ from jaxinf.scoring import (
     query_gradients_of,
     sum_layers,
 )
+from jaxinf.loop import Kept, Step, run_batches
 from jaxinf.precision import layers_dtype
 from jaxinf.tasks import Task
 
@@ -220,16 +221,6 @@ def self_influence_batch(
 # --------------------------------------------------------------------------- in-memory drivers
 
 
-def check_finite(losses: Array, what: str, names: list[str] | None = None) -> None:
-    """Raises naming the first sequence (``what`` = "document" / "query") whose loss is not finite."""
-    losses = np.asarray(losses)
-    bad = np.flatnonzero(~np.isfinite(losses))
-    if bad.size:
-        i = int(bad[0])
-        label = names[i] if names is not None else f"#{i}"
-        raise CaptureError(f"{what} {label}: loss is not finite ({float(losses[i])})")
-
-
 def check_queries(batch, names: list[str] | None = None) -> None:
     """Raises naming the first query whose measurement has no token (an empty completion)."""
     counts = np.asarray(batch["weights"]).sum(-1)
@@ -239,26 +230,30 @@ def check_queries(batch, names: list[str] | None = None) -> None:
         raise CaptureError(f"query {label}: empty completion (no token enters the measurement)")
 
 
+def stage_step(update: Callable, inputs: tuple, key: Array | None) -> Step:
+    """A stage's ``update`` as the per-batch loop's step (:func:`jaxinf.loop.run_batches`): batch ``i`` is folded
+    into the state with the key ``fold_in(key, i)`` (no key without one); no outputs besides the losses."""
+
+    def step(state, batch, i):
+        state, losses = update(state, *inputs, batch, None if key is None else jax.random.fold_in(key, i))
+        return state, None, losses
+
+    return step
+
+
 def run_stage(stage: Stage, inputs: tuple, batches: Iterable, key: Array | None, *, what: str = "document",
               jit: bool = True):
-    """Drives a stage over batches in memory: the loop that tests and examples use.
+    """Drives a stage over batches in memory: the loop that tests and examples use (:func:`jaxinf.loop.run_batches`,
+    nothing saved, no progress shown).
 
     Each batch's losses are checked while the next batch runs (one batch late, no wait on the device)."""
     update = jax.jit(stage.update) if jit else stage.update
-    state = stage.init()
 
-    def check(i, losses):
-        check_finite(losses, what, [f"in batch {i} row {j}" for j in range(len(losses))])
+    def non_finite(batch: int, row: int, index, value: float) -> str:
+        return f"{what} in batch {batch} row {row}: loss is not finite ({value})"
 
-    pending = None
-    for i, batch in enumerate(batches):
-        k = None if key is None else jax.random.fold_in(key, i)
-        state, losses = update(state, *inputs, batch, k)
-        if pending is not None:
-            check(*pending)
-        pending = (i, losses)
-    if pending is not None:
-        check(*pending)
+    state, _ = run_batches(what, stage_step(update, inputs, key), lambda start: batches, stage.init(), Kept(),
+                           total=None, non_finite=non_finite, fields=(), report=False)
     return stage.finalize(state)
 
 

@@ -53,10 +53,11 @@ def fault_point(where: str, step: int) -> None:
     """Fault injection for resume tests: SIGKILL this process when ``JAXINF_FAULT`` is ``f"{where}:{step}"``
     (SIGSTOP when it is ``f"{where}:{step}:stop"``: the process stays, holding what it holds, until killed).
 
-    Points: ``<stage>:<batch>`` after a batch is computed (before any save it
-    triggers), ``<stage>:before-manifest:<step>`` after Orbax has committed a
-    step but before its manifest is written, and ``overwrite:0`` after a run
-    started with ``--overwrite`` has started cleanly but before the old run is deleted.
+    Points: ``<stage>:<batch>`` after a batch of a per-batch pass is computed
+    (:func:`jaxinf.loop.run_batches`; before any save it triggers),
+    ``<stage>:before-manifest:<step>`` after Orbax has committed a step but
+    before its manifest is written, and ``overwrite:0`` after a run started
+    with ``--overwrite`` has started cleanly but before the old run is deleted.
     """
     point = os.environ.get("JAXINF_FAULT")
     if point == f"{where}:{step}":

@@ -86,10 +86,10 @@ def stage(name: str, d: Path) -> dict:
     from jaxinf.analysis import correlations as corr
     from jaxinf.analysis import powerlaw as pl
     from jaxinf.analysis import sources as srcs
-    from jaxinf.analysis.io import ScoreMatrix, read_documents, read_queries
+    from jaxinf.exports.formats import ScoreMatrix, read_documents, read_exported_queries
 
     opts = A.Options()
-    queries = read_queries(d / "queries.jsonl")
+    queries = read_exported_queries(d / "queries.jsonl")
     docs = read_documents(d / "documents.jsonl")
     scores = ScoreMatrix(d / "scores.npy")
     Q, N = scores.shape

@@ -11,8 +11,9 @@ SVD on both sides), in float32, with the same batch size:
   ``fit_lambda_matrices``, ``compute_pairwise_scores`` (query gradients, then the
   training gradients), after a warm-up of every stage on a few documents;
 - jaxinf, through the pipeline's own stage functions (``jaxinf run`` minus the
-  exports and the report): covariance and Lambda (``pipeline.accumulate``, one
-  checkpoint at the end), eigendecomposition, query gradients, scores. A first
+  exports and the report): covariance and Lambda (``pipeline.accumulate``, through
+  the per-batch loop of ``jaxinf.loop``, one checkpoint at the end),
+  eigendecomposition, query gradients, scores. A first
   pass compiles every program (its times, "cold", include compilation); the
   timed pass runs with the compiled programs in JAX's compilation cache, as a
   second ``jaxinf run`` on the same shapes does.
@@ -207,6 +208,7 @@ def run_jaxinf(w: dict, size: dict, args, out: Path, timed: bool, compiled: dict
     from jaxinf.data.batching import DocumentBatches
     from jaxinf.executor import DeviceExecutor
     from jaxinf.hostenv import lapack_threads
+    from jaxinf.inputs import load_inputs
     from jaxinf.store import RunStore
 
     config = cfg.load(None, [f"model.checkpoint={w['model']}", f"data.documents={w['docs']}",
@@ -216,7 +218,7 @@ def run_jaxinf(w: dict, size: dict, args, out: Path, timed: bool, compiled: dict
                              f"scores.query_rank={args.query_rank}", "scores.save_every=1000000", f"run.out={out}",
                              f"model.scan_layers={str(scan).lower()}"])
     store = RunStore.open(config, overwrite=True)
-    inputs = pipeline.load_inputs(config, store)
+    inputs = load_inputs(config, store)
     executor = DeviceExecutor()
     params = inputs.lm.params
     batches = DocumentBatches(inputs.fit_documents, inputs.encoder, inputs.fit_plan)

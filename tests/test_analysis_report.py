@@ -9,7 +9,7 @@ from chromium_cdp import chromium_path, inspect_page
 from conftest import require_oracle
 
 from jaxinf.analysis import analyze
-from jaxinf.analysis import io as aio
+from jaxinf.exports import formats as aio
 
 SCRIPT = "<script>window.__pwned = 'script'; document.title = 'PWNED';</script>"
 IMG = "<img src=x onerror=\"window.__pwned = 'img'; document.title = 'PWNED'\">"

@@ -11,7 +11,8 @@ import pytest
 
 from jaxinf import cli
 from jaxinf.analysis import AnalysisError, analyze
-from jaxinf.analysis import io as aio
+from jaxinf.analysis.texts import jsonl_text_source
+from jaxinf.exports import formats as aio
 from analysis_fixtures import FAST, make_run, structured_scores
 
 KINDS = ["factual"] * 4 + ["reasoning"] * 8 + ["control"] * 4
@@ -189,7 +190,7 @@ def test_truncated_and_foreign_score_files(tmp_path):
 def test_bad_query_lines(tmp_path, line, message):
     (tmp_path / "queries.jsonl").write_text('{"id": "q0", "prompt": "p", "completion": "c"}\n' + line + "\n")
     with pytest.raises(AnalysisError) as e:
-        aio.read_queries(tmp_path / "queries.jsonl")
+        aio.read_exported_queries(tmp_path / "queries.jsonl")
     assert str(e.value).startswith(message)
 
 
@@ -274,7 +275,7 @@ def test_texts_from_the_corpus_named_in_run_json(tmp_path):
     aio.write_jsonl(corpus, ({"id": f"d{n}", "text": f"corpus text {n}", "source": "x"} if n % 2 == 0 else
                              {"text": f"corpus text {n}", "id": f"d{n}"} for n in range(600)))
     want = ["d3", "d4", "d599", "d0", "nope"]
-    assert aio.jsonl_text_source(corpus)(want) == {f"d{n}": f"corpus text {n}" for n in (3, 4, 599, 0)}
+    assert jsonl_text_source(corpus)(want) == {f"d{n}": f"corpus text {n}" for n in (3, 4, 599, 0)}
     (run / "run.json").write_text(json.dumps({"config": {"data": {"documents": str(corpus)}}}))
     out = analyze(run, FAST, write=False, log=lambda *_: None)
     assert out["answers"]["available"] and "run.json" in out["text_source"]

@@ -14,6 +14,7 @@ import pytest
 from pipeline_support import env, jaxinf, make_world, overrides
 from jaxinf import config as cfg
 from jaxinf import pipeline, scoring, stages, store
+from jaxinf.inputs import Inputs, load_inputs
 
 
 @pytest.fixture(scope="module")
@@ -42,8 +43,8 @@ def test_exports_match_the_engine_document_by_document(world, reference):
     lm, tok = models.from_hf(world["model"])
     config = cfg.load(None, overrides(world, reference))
     run = store.RunStore.open(config)
-    inputs = pipeline.Inputs(lm, lm.task(), None, TextEncoder(tok), None, None, None, None, None, None)
-    inputs.layers = pipeline.load_inputs(config, run).layers
+    inputs = Inputs(lm, lm.task(), None, TextEncoder(tok), None, None, None, None, None, None)
+    inputs.layers = load_inputs(config, run).layers
     shapes = pipeline._shapes(inputs)
     eigen = run.load_result("eigen", shapes["eigen"])
     Lambda = run.load_result("lambda", shapes["lambda"])

@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 from jaxinf.analysis.driver import analyze
-from jaxinf.analysis.io import AnalysisError
+from jaxinf.exports.formats import AnalysisError
 
 
 def run_analyze(args) -> int:

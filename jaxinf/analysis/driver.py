@@ -34,8 +34,9 @@ from jaxinf.analysis import correlations as corr
 from jaxinf.analysis import powerlaw as pl
 from jaxinf.analysis import sources as src
 from jaxinf.analysis.groups import by_kind, compare_kinds, describe, present_kinds
-from jaxinf.analysis.io import (UNKNOWN, AnalysisError, Documents, Queries, ScoreMatrix, TextSource,
-                                jsonl_text_source, read_documents, read_queries, read_run_config)
+from jaxinf.analysis.texts import TextSource, jsonl_text_source
+from jaxinf.exports.formats import (UNKNOWN, AnalysisError, Documents, Queries, ScoreMatrix, read_documents,
+                                    read_exported_queries, read_run_config)
 
 SUMMARY_VERSION = 1
 
@@ -91,7 +92,7 @@ def _validate(run_dir: Path) -> tuple[Queries, Documents, ScoreMatrix]:
     if not run_dir.is_dir():
         raise AnalysisError(f"{run_dir}: not a directory")
     scores = ScoreMatrix(run_dir / "scores.npy")
-    queries = read_queries(run_dir / "queries.jsonl")
+    queries = read_exported_queries(run_dir / "queries.jsonl")
     docs = read_documents(run_dir / "documents.jsonl")
     Q, N = scores.shape
     if Q != len(queries):

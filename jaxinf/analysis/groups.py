@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import numpy as np
 from scipy import stats
 
-from jaxinf.analysis.io import KINDS, UNKNOWN
+from jaxinf.exports.formats import KINDS, UNKNOWN
 
 ALL_KINDS = (*KINDS, UNKNOWN)
 

@@ -72,13 +72,13 @@ LAMBDA_SUMS = "lambda_sums"
 
 def tracked_layers(config: cfg.Config) -> dict[str, capture.LayerSpec]:
     """The layers a run of ``config`` tracks, from the checkpoint's ``config.json`` alone (no weights read)."""
-    from jaxinf import models, pipeline
+    from jaxinf import inputs, models
 
     if config.model.checkpoint is None:
         raise InteropError("model.checkpoint: not set (the tracked layers come from the model)")
     lm = models.abstract(models.read_config(config.model.checkpoint, dtype=config.model.dtype,
                                             scan=config.model.scan_layers))
-    return pipeline.tracked_layers(lm, config.factors.track)
+    return inputs.tracked_layers(lm, config.factors.track)
 
 
 def layer_index(layers: dict[str, capture.LayerSpec]) -> dict[str, tuple[str, int | None]]:

@@ -1,7 +1,8 @@
-"""The run-directory formats the analysis reads, and the writers that define them.
+"""The files of a run directory's exports: one writer and one reader per format, defined once here.
 
-Every file format of a run directory that the analysis touches is defined here, once:
-the pipeline calls the writers, the analysis calls the readers.
+The exports stage (:mod:`jaxinf.exports.stage`) and the converter of released data
+(:mod:`jaxinf.analysis.release`) write them; the analysis (:mod:`jaxinf.analysis`) reads them.
+This module imports nothing of the engine, so reading a run needs no JAX.
 
 - ``scores.npy``: float [Q, N], C order; row q is query-file line q, column n is
   document-file line n. Read in column chunks or rows with ``pread``, never whole.
@@ -27,9 +28,8 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 from array import array
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -40,13 +40,8 @@ from jaxinf import atomic
 KINDS = ("factual", "reasoning", "control")
 UNKNOWN = "unknown"
 
-#: A text source maps document ids (as strings) to their texts; ids it cannot find are
-#: simply absent from the result. The pipeline may pass any such callable (e.g. a TFDS reader).
-TextSource = Callable[[Sequence[str]], Mapping[str, str]]
-
-
 class AnalysisError(ValueError):
-    """Bad input to the analysis; the message is one line naming the file and field."""
+    """A run-directory file the analysis cannot use; the message is one line naming the file and field."""
 
 
 # ----------------------------------------------------------------------------- JSONL
@@ -116,7 +111,8 @@ class Queries:
         return bool(np.isfinite(self.loss).any())
 
 
-def read_queries(path: Path) -> Queries:
+def read_exported_queries(path: Path) -> Queries:
+    """An exported ``queries.jsonl`` (not the query file a run reads: that is :func:`jaxinf.data.queries.read_queries`)."""
     path = Path(path)
     if not path.exists():
         raise AnalysisError(f"{path.name}: missing (expected at {path})")
@@ -284,36 +280,6 @@ def _check_unique_ids(path: Path, hashes: np.ndarray) -> None:
 
 def write_documents(path: Path, records: Iterable[Mapping]) -> None:
     write_jsonl(path, records)
-
-
-_LEADING_ID = re.compile(r'\s*\{\s*"id"\s*:\s*("(?:[^"\\]|\\.)*"|-?\d+)\s*[,}]')
-
-
-def jsonl_text_source(path: Path) -> TextSource:
-    """A text source over a corpus JSONL file (``{"id", "text", ...}`` lines), read in one streaming pass per call."""
-    path = Path(path)
-
-    def texts(ids: Sequence[str]) -> dict[str, str]:
-        want = set(map(str, ids))
-        out: dict[str, str] = {}
-        if not want:
-            return out
-        with open(path, encoding="utf-8") as f:
-            for line in f:
-                if not line.strip():
-                    continue
-                m = _LEADING_ID.match(line)  # lines that start with their id are skipped unparsed
-                if m is not None and str(json.loads(m.group(1))) not in want:
-                    continue
-                obj = json.loads(line)
-                did = str(obj.get("id"))
-                if did in want and did not in out and isinstance(obj.get("text"), str):
-                    out[did] = obj["text"]
-                    if len(out) == len(want):
-                        break
-        return out
-
-    return texts
 
 
 # ----------------------------------------------------------------------------- scores

@@ -1,0 +1,214 @@
+"""What a run reads, once: model, tokenizer, tracked layers, documents with their batch plans, and queries.
+
+Missing inputs are refused before anything is created (:func:`check_inputs`); the documents' token
+counts are counted once per run and kept in the run directory (:func:`document_lengths`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxinf import capture, preflight
+from jaxinf import config as cfg
+from jaxinf.atomic import save_npy, write_json
+from jaxinf.executor import DeviceExecutor, Executor
+from jaxinf.store import RunStore
+
+log = logging.getLogger("jaxinf")
+
+
+class InputError(ValueError):
+    """A missing or unusable input named by the config (file, directory, key)."""
+
+
+def tracked_layers(lm, track) -> dict[str, capture.LayerSpec]:
+    """The layers of ``lm`` (possibly abstract) that ``factors.track`` selects."""
+    task = lm.task()
+    dummy = {"tokens": jnp.zeros((1, 8), jnp.int32), "mask": jnp.ones((1, 8)), "weights": jnp.ones((1, 8))}
+    return capture.select_layers(
+        capture.find_layers(lambda p, b, pr: task.train_loss(p, b, pr, None), lm.params, dummy), track)
+
+
+@dataclasses.dataclass
+class Inputs:
+    """What a run reads once: model, task, tracked layers, tokenizer, documents, queries and their plans."""
+
+    lm: Any
+    task: Any
+    layers: dict[str, capture.LayerSpec]
+    encoder: Any
+    documents: Any
+    lengths: np.ndarray
+    plan: Any
+    fit_plan: Any
+    fit_documents: Any
+    queries: list
+
+    def batches(self, plan, source, process_index: int):
+        """This process's batches of ``source`` under ``plan`` (:class:`jaxinf.data.batching.DocumentBatches`)."""
+        from jaxinf.data.batching import DocumentBatches
+
+        return DocumentBatches(source, self.encoder, plan, process_index=process_index)
+
+
+def check_inputs(config: cfg.Config) -> None:
+    """One-line errors for missing inputs, before anything is created."""
+    for key, value, kind in (("model.checkpoint", config.model.checkpoint, "dir"),
+                             ("data.documents", config.data.documents, "any"),
+                             ("data.queries", config.data.queries, "file")):
+        if value is None:
+            raise InputError(f"{key}: not set (give it in the config or as {key}=PATH)")
+        p = Path(value)
+        if value.startswith("tfds:"):
+            continue
+        if kind == "dir" and not p.is_dir():
+            raise InputError(f"{key}: {value}: no such directory")
+        if kind == "file" and not p.is_file():
+            raise InputError(f"{key}: {value}: no such file")
+        if kind == "any" and not p.exists():
+            raise InputError(f"{key}: {value}: no such file or directory")
+    if config.factors.from_run is not None and not (Path(config.factors.from_run) / "run.json").is_file():
+        raise InputError(f"factors.from: {config.factors.from_run}: not a jaxinf run directory (no run.json)")
+
+
+def document_lengths(store: RunStore, documents, encoder) -> np.ndarray:
+    """Token counts of every document, counted once per run and kept in ``state/plan/`` (keyed by file and tokenizer)."""
+    from jaxinf.data.batching import document_lengths as count
+
+    key = {"documents": _file_key(getattr(documents, "name", "")), "size": len(documents),
+           "tokenizer": _text_hash(encoder.tokenizer.to_str())}
+    if hasattr(documents, "content_digest"):  # an edit within the same second and size changes the content
+        key["content"] = documents.content_digest()
+    meta, path = store.path("state", "plan", "lengths.json"), store.path("state", "plan", "lengths.npy")
+    if meta.exists() and path.exists():
+        try:
+            if json.loads(meta.read_text()) == key:
+                return np.load(path)
+        except ValueError:
+            pass
+    t0 = time.perf_counter()
+    lengths = count(documents, encoder)
+    log.info("tokenized %d documents (%d tokens) in %.1fs", len(lengths), int(lengths.sum()), time.perf_counter() - t0)
+    if jax.process_index() == 0:
+        save_npy(path, lengths)
+        write_json(meta, key)
+    return lengths
+
+
+def _file_key(name: str) -> list:
+    p = Path(name)
+    if p.is_file():
+        st = p.stat()
+        return [str(p.resolve()), st.st_size, int(st.st_mtime)]
+    return [name]
+
+
+def _text_hash(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def buckets(max_length: int) -> tuple[int, ...]:
+    """Padded batch lengths: multiples of ``max(16, min(64, max_length // 8))`` (see :func:`jaxinf.data.batching.bucket_lengths`).
+
+    Short limits get fine buckets (16, 32, 48, 64 for 64 tokens), long ones at most about ten shapes.
+    """
+    from jaxinf.data.batching import bucket_lengths
+
+    return bucket_lengths(max_length, smallest=max(16, min(64, max_length // 8)))
+
+
+def load_inputs(config: cfg.Config, store: RunStore, executor: Executor | None = None) -> Inputs:
+    """Model (each parameter placed by the executor as it is read), tokenizer, tracked layers, documents with
+    their plans (one slice of the corpus per group of processes on the ``data`` axis), and queries."""
+    from jaxinf import models
+    from jaxinf.data.batching import make_plan
+    from jaxinf.data.documents import open_documents
+    from jaxinf.data.queries import read_queries
+    from jaxinf.data.tokenize import TextEncoder
+
+    t0 = time.perf_counter()
+    executor = executor or DeviceExecutor()
+    lm, tokenizer = models.from_hf(config.model.checkpoint, dtype=config.model.dtype, scan=config.model.scan_layers,
+                                   remat=config.model.remat, place=executor.place_param)
+    log.info("model: %s, %s parameters (%s), loaded in %.1fs", config.model.checkpoint, f"{lm.num_params:,}",
+             config.model.dtype, time.perf_counter() - t0)
+    task = lm.task()
+    layers = tracked_layers(lm, config.factors.track)
+    n_tracked = sum(s.num_params for s in layers.values())
+    log.info("tracking %d layers (%s parameters) matching factors.track=%s",
+             sum(len(s.layer_names) for s in layers.values()), f"{n_tracked:,}", config.factors.track)
+    preflight.log_query_rank(config.scores.query_rank, layers)
+    encoder = TextEncoder(tokenizer)
+    documents = open_documents(config.data.documents)
+    lengths = document_lengths(store, documents, encoder)
+    from jaxinf.models.tokenizer import tokenizer_file
+
+    preflight.check_corpus(lengths, getattr(documents, "name", config.data.documents), config.factors.max_documents,
+                           str(tokenizer_file(config.model.checkpoint)))
+    d = config.data
+    plan_args = dict(batch_size=d.batch_size, max_length=d.max_length, long_documents=d.long_documents,
+                     process_count=executor.groups[1], buckets=buckets(d.max_length))
+    plan = make_plan(lengths, **plan_args)
+    log.info("documents: %s", plan.report.summary())
+    n_fit = len(lengths) if config.factors.max_documents is None else min(config.factors.max_documents, len(lengths))
+    fit_documents = documents if n_fit == len(lengths) else Subset(documents, range(n_fit))
+    fit_plan = plan if n_fit == len(lengths) else make_plan(lengths[:n_fit], **plan_args)
+    queries = read_queries(config.data.queries)
+    log.info("queries: %d from %s", len(queries), config.data.queries)
+    return Inputs(lm, task, layers, encoder, documents, lengths, plan, fit_plan, fit_documents, queries)
+
+
+class Subset:
+    """The documents ``indices`` of a source, as a source of their own (index i is ``indices[i]``)."""
+
+    def __init__(self, source, indices: list[int]):
+        self.source, self.indices = source, list(indices)
+        self.name = getattr(source, "name", "documents")
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def texts(self, idx):
+        return self.source.texts([self.indices[i] for i in idx])
+
+    def documents(self, idx):
+        return self.source.documents([self.indices[i] for i in idx])
+
+
+def non_finite_loss(source, what: str) -> Callable[[int, int, int, float], str]:
+    """The message of the per-batch loop (:func:`jaxinf.loop.run_batches`) for a document of ``source`` whose
+    ``what`` loss is not finite: the file, the document's line and its id."""
+
+    def message(batch: int, row: int, index: int, value: float) -> str:
+        doc = source.documents([index])[0]
+        return f'{getattr(source, "name", "documents")}:{doc.line}: document "{doc.id}": {what} loss is not finite ({value})'
+
+    return message
+
+
+def text_source(documents) -> Callable:
+    """Texts by document id, found by one streaming pass over the corpus (JSONL or TFDS alike)."""
+
+    from jaxinf.data.documents import iter_documents
+
+    def texts(ids):
+        wanted, found = set(map(str, ids)), {}
+        for doc in iter_documents(documents, chunk=4096):
+            if len(found) == len(wanted):
+                break
+            if doc.id in wanted:
+                found[doc.id] = doc.text
+        return found
+
+    return texts

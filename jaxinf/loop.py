@@ -1,0 +1,277 @@
+"""The per-batch loop: one step driven over batches, resumable, with the checks every pass needs.
+
+Every per-batch pass runs through :func:`run_batches`: the covariance and Lambda sums and the
+scores of ``jaxinf run`` (:mod:`jaxinf.pipeline`), the per-layer and per-token breakdowns of its
+exports (:mod:`jaxinf.exports.stage`), and the library's in-memory :func:`jaxinf.stages.run_stage`.
+For each batch ``i``, from the point the pass resumes at, it
+
+- calls ``step(carry, batch, i) -> (carry, outputs, losses)`` (compiled once by the caller);
+- checks the previous batch's losses while this one runs (one batch late: the host never waits
+  on the device), and every unchecked batch before a save (:func:`check_losses`);
+- reports progress (:class:`jaxinf.progress.Progress`);
+- offers the fault point ``<name>:<i + 1>`` of the kill/resume tests (:func:`jaxinf.store.fault_point`),
+  after the batch is computed and before any save it triggers;
+- every ``saves.every`` batches and after the last, hands the carry and the outputs since the
+  previous save to the pass's :class:`Saves`, which a resumed pass restarts from.
+
+The saves are where a pass's result goes: :class:`SavedState` checkpoints the carry (the running
+sums of the covariance and Lambda), :class:`SavedChunks` writes the outputs in chunks (the scores),
+:class:`Kept` keeps the outputs in memory (a pass that is not resumed). The loop knows no device:
+the caller passes how batches are placed and results fetched (an executor), or :data:`IN_MEMORY`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable
+from typing import Any, Protocol
+
+import jax
+import numpy as np
+
+from jaxinf.capture import CaptureError
+from jaxinf.progress import Progress
+from jaxinf.store import RunStore, StoreError, fault_point
+
+log = logging.getLogger("jaxinf")
+
+#: ``(carry, batch, i) -> (carry, outputs or None, losses [B] or None)``: one batch of a pass.
+Step = Callable[[Any, Any, int], tuple[Any, Any, Any]]
+#: ``(batch, row, document index or None, loss) -> message``: names a row whose loss is not finite.
+NonFinite = Callable[[int, int, "int | None", float], str]
+
+
+class Device(Protocol):
+    """How the loop meets the device: the part of :class:`jaxinf.executor.Executor` it uses (the loop sits below
+    the executors, so that :func:`jaxinf.stages.run_stage` can use it too)."""
+
+    def put(self, batch: dict) -> dict: ...
+
+    def fetch(self, x) -> np.ndarray: ...
+
+    def gather_rows(self, local: np.ndarray) -> np.ndarray: ...
+
+
+class _InMemory:
+    """Batches used as given (arrays already), results read with ``np.asarray``: the library's in-memory loops."""
+
+    def put(self, batch):
+        return batch
+
+    def fetch(self, x) -> np.ndarray:
+        return np.asarray(x)
+
+    def gather_rows(self, local) -> np.ndarray:
+        return np.asarray(local)
+
+
+IN_MEMORY = _InMemory()
+
+
+class Saves(Protocol):
+    """Where a pass's result goes, and where a resumed pass restarts from."""
+
+    every: int | None   # save after every this many batches (None: after the last only)
+    noun: str           # what the closing log line says the saving time was spent on ("" for nothing saved)
+
+    def resume(self, carry) -> tuple[int, Any]:
+        """The first batch to compute and the carry to start from (``carry`` is the fresh one)."""
+
+    def begin(self, start: int, total: int | None) -> None:
+        """The pass starts at batch ``start`` of ``total``."""
+
+    def save(self, step: int, carry, batches: list[tuple[Any, dict]]) -> None:
+        """Batches up to ``step`` are done: ``carry`` after them, and the outputs (on the host) and rows of each
+        batch since the previous save."""
+
+
+def check_losses(losses: np.ndarray, index: np.ndarray | None, batch: int, non_finite: NonFinite) -> None:
+    """Raises :class:`~jaxinf.capture.CaptureError` naming the first row of ``batch`` whose loss is not finite;
+    rows whose document ``index`` is negative are padding and not checked."""
+    bad = ~np.isfinite(losses)
+    if index is not None:
+        bad &= index >= 0
+    rows = np.flatnonzero(bad)
+    if rows.size:
+        row = int(rows[0])
+        raise CaptureError(non_finite(batch, row, None if index is None else int(index[row]), float(losses[row])))
+
+
+def run_batches(
+    name: str,
+    step: Step,
+    batches: Callable[[int], Iterable[dict]],
+    carry,
+    saves: Saves,
+    *,
+    total: int | None,
+    non_finite: NonFinite,
+    device: Device = IN_MEMORY,
+    fields: tuple[str, ...] = ("index",),
+    report: bool = True,
+) -> tuple[Any, dict]:
+    """Drives ``step`` over ``batches(start)`` (the batches from the resume point on); returns the final carry and
+    the timing of this pass (seconds, seconds saving, batches computed).
+
+    ``fields`` are the batch's host arrays brought back with its outputs (every process's rows: ``index`` names the
+    documents, the others are the caller's); ``report`` shows progress and logs the pass's totals."""
+    start, carry = saves.resume(carry)
+    if start:
+        log.info("%s: resuming at batch %d of %d", name, start, total)
+    saves.begin(start, total)
+    progress = Progress(name, total, start) if report else None
+    t0 = time.perf_counter()
+    unchecked: list[tuple[int, Any, np.ndarray | None]] = []   # (batch, losses on the device, document index)
+    unsaved: list[tuple[Any, dict]] = []                       # (outputs on the device, rows) since the last save
+    save_seconds, end = 0.0, start
+
+    def check() -> None:
+        while unchecked:
+            i, losses, index = unchecked.pop(0)
+            check_losses(device.fetch(losses), index, i, non_finite)
+
+    def save(at: int) -> None:
+        nonlocal save_seconds, unsaved
+        check()
+        fetched = [(None if out is None else jax.tree.map(device.fetch, out), rows) for out, rows in unsaved]
+        t_save = time.perf_counter()
+        saves.save(at, carry, fetched)
+        save_seconds += time.perf_counter() - t_save
+        unsaved = []
+
+    for i, batch in enumerate(batches(start), start=start):
+        carry, outputs, losses = step(carry, device.put(batch), i)
+        rows = {k: device.gather_rows(batch[k]) for k in fields}
+        check()   # the previous batch's losses, while this batch runs
+        if losses is not None:
+            unchecked.append((i, losses, rows.get("index")))
+        unsaved.append((outputs, rows))
+        if progress is not None:
+            progress.update(int(batch["mask"].sum()))
+        fault_point(name, i + 1)
+        end = i + 1
+        if (saves.every is not None and end % saves.every == 0) or end == total:
+            save(end)
+    if unsaved:
+        save(end)
+    seconds = progress.close() if progress is not None else time.perf_counter() - t0
+    if report:
+        log.info("%s: %d batches in %.1fs%s", name, end - start, seconds,
+                 f" ({save_seconds:.1f}s saving {saves.noun})" if saves.noun else "")
+    return carry, {"seconds": round(seconds, 3), "save_seconds": round(save_seconds, 3), "batches": end - start}
+
+
+# --------------------------------------------------------------------------- what a pass saves
+
+
+class Kept:
+    """Outputs kept in memory (``batches``: each batch's outputs and rows, in order), nothing written: a pass that
+    is not resumed. ``every=1`` brings each batch's outputs to the host as soon as the next one is running."""
+
+    noun = ""
+
+    def __init__(self, every: int | None = None):
+        self.every = every
+        self.batches: list[tuple[Any, dict]] = []
+
+    def resume(self, carry) -> tuple[int, Any]:
+        return 0, carry
+
+    def begin(self, start: int, total: int | None) -> None:
+        pass
+
+    def save(self, step: int, carry, batches: list[tuple[Any, dict]]) -> None:
+        self.batches.extend(batches)
+
+
+def plan_key(plan) -> dict:
+    """What fixes which documents batch ``i`` holds: a checkpoint numbered by batch index is only valid under it."""
+    return {"processes": int(plan.process_count), "batch_size": int(plan.batch_size), "batches": int(plan.num_steps)}
+
+
+def check_plan(store: RunStore, name: str, plan) -> None:
+    """Refuses to resume a stage whose checkpoints were made with documents grouped into batches differently."""
+    saved = store.record["stages"].get(name, {}).get("plan")
+    if saved is not None and saved != plan_key(plan) and store.status(name) != "done":
+        raise StoreError(f"{store.root}: stage {name} was checkpointed with {saved['processes']} process(es) x "
+                         f"{saved['batch_size']} documents per batch ({saved['batches']} batches); resume it with the "
+                         f"same number of processes, or use --overwrite")
+
+
+class _InRunDirectory:
+    """A stage of the run directory saved every ``every`` batches of ``plan``; its progress recorded in ``run.json``."""
+
+    def __init__(self, store: RunStore, name: str, plan, every: int, keep: int | None):
+        check_plan(store, name, plan)
+        self.store, self.name, self.every, self.key = store, name, every, plan_key(plan)
+        self.steps = store.stage(name, keep=keep)
+        self.total: int | None = None
+
+    def begin(self, start: int, total: int | None) -> None:
+        self.total = total
+        self.store.mark(self.name, "running", step=start, total=total, plan=self.key)
+
+    def _saved(self, step: int) -> None:
+        self.store.mark(self.name, "running", step=step, total=self.total, plan=self.key)
+
+
+class SavedState(_InRunDirectory):
+    """The carry is the result so far (the covariance and Lambda sums): step ``k`` of the stage's store holds the
+    carry after batch ``k`` (the last two kept); a resumed pass starts from the newest step that verifies."""
+
+    noun = "checkpoints"
+
+    def __init__(self, store: RunStore, name: str, plan, every: int):
+        super().__init__(store, name, plan, every, keep=2)
+
+    def resume(self, carry) -> tuple[int, Any]:
+        resumed = self.steps.latest(carry)
+        start, carry = (0, carry) if resumed is None else resumed
+        self.steps.discard_after(start if resumed else None)
+        return start, carry
+
+    def save(self, step: int, carry, batches: list[tuple[Any, dict]]) -> None:
+        self.steps.save(step, carry)
+        self._saved(step)
+
+
+class SavedChunks(_InRunDirectory):
+    """The outputs are the result (the scores): step ``k`` of the stage's store holds the batches since the previous
+    step, joined along their last (row) axis: ``index`` (the rows' documents), the ``outputs`` and ``start`` (the
+    first batch). ``chunks`` holds them all on the host, the resumed ones first; a resumed pass keeps the chunks that
+    continue each other from batch 0 and starts after them."""
+
+    noun = "chunks"
+
+    def __init__(self, store: RunStore, name: str, plan, every: int, outputs: tuple[str, ...]):
+        super().__init__(store, name, plan, every, keep=None)
+        self.keys = {"index", "start", *outputs}
+        self.chunks: list[dict] = []
+        self.end = 0
+
+    def resume(self, carry) -> tuple[int, Any]:
+        chunks, end = [], 0
+        for step in self.steps.steps():
+            try:
+                chunk = {k: np.asarray(v) for k, v in self.steps.restore(step).items()}
+            except Exception as e:  # corrupted or unreadable: recompute from here
+                log.warning("%s: chunk %d not used (%s); recomputing from batch %d", self.steps.root, step, e, end)
+                break
+            if int(chunk["start"]) != end or set(chunk) != self.keys:
+                break
+            chunks.append(chunk)
+            end = step
+        self.steps.discard_after(end if chunks else None)
+        self.chunks, self.end = chunks, end
+        return end, carry
+
+    def save(self, step: int, carry, batches: list[tuple[Any, dict]]) -> None:
+        chunk = {"index": np.concatenate([rows["index"] for _, rows in batches]).astype(np.int64)}
+        for key in batches[0][0]:
+            chunk[key] = np.concatenate([out[key] for out, _ in batches], axis=-1)
+        chunk["start"] = np.asarray(self.end, np.int64)
+        self.steps.save(step, chunk)
+        self.chunks.append(chunk)
+        self.end = step
+        self._saved(step)
