@@ -17,8 +17,6 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-import pytest
-
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = "jaxinf"
 MAX_LINES = 600
@@ -130,12 +128,6 @@ def test_a_circle_is_found(tmp_path):
     assert find_circle(graph) is None
 
 
-# Modules over the limit whose split is under way elsewhere in issue 15 (pipeline.py into inputs, loop and
-# exports; analysis.driver.analyze into its phases): while only these are over it, the size check is an
-# expected failure; any other module over the limit fails it. Drop a name once its module is split.
-SPLIT_UNDER_WAY = {"jaxinf.pipeline", "jaxinf.analysis.driver"}
-
-
 def _oversized() -> dict[str, int]:
     sizes = {m: len(p.read_text().splitlines()) for m, p in module_files().items()}
     return {m: n for m, n in sorted(sizes.items()) if n > MAX_LINES}
@@ -144,6 +136,4 @@ def _oversized() -> dict[str, int]:
 def test_module_sizes():
     over = _oversized()
     message = f"modules over {MAX_LINES} lines: " + ", ".join(f"{m} ({n})" for m, n in over.items())
-    if over and set(over) <= SPLIT_UNDER_WAY:
-        pytest.xfail(message)
     assert not over, message
