@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from models_support import LEGACY, write_tokenizer
 
+from jaxinf.axes import Axes
 from jaxinf.models import CheckpointError, ModelError, from_hf, parameter_paths, read_config
 from jaxinf.models import __main__ as cli
 from jaxinf.models.config import config_from_hf
@@ -113,17 +114,21 @@ def test_place_gets_each_parameter_once_in_its_final_layout(hf_checkpoint):
     directory = hf_checkpoint("llama")  # sharded
     calls = []
 
-    def place(name, array):
-        calls.append((name, array.shape, array.dtype))
+    def place(name, array, axes):
+        calls.append((name, array.shape, array.dtype, axes))
         return jnp.asarray(array) * 0 + 1  # a visible transformation
 
     lm, _ = from_hf(directory, place=place, dtype="bfloat16", tokenizer=False)
     names = list(parameter_paths(lm.params))
     assert [c[0] for c in calls] == names
-    assert all(dt == ml_dtypes.bfloat16 for _, _, dt in calls)
-    shapes = dict((n, s) for n, s, _ in calls)
+    assert all(dt == ml_dtypes.bfloat16 for _, _, dt, _ in calls)
+    shapes = dict((n, s) for n, s, _, _ in calls)
     assert shapes["model.layers.mlp.up_proj.kernel"] == (3, 32, 48)  # stacked, [layers, d_in, d_out]
     assert shapes["lm_head.kernel"] == (32, 61)
+    axes = dict((n, a) for n, _, _, a in calls)                      # each with its declared layout, at its rank
+    assert axes["model.layers.mlp.up_proj.kernel"] == Axes("param", ("layers", "embed", "ff"))
+    assert axes["lm_head.kernel"] == Axes("param", ("embed", "vocab"))
+    assert axes["model.norm.scale"] == Axes("replicated", ("replicated",))
     assert all(float(x.min()) == 1.0 for x in jax.tree.leaves(lm.params))
 
 
