@@ -29,9 +29,10 @@ def make_world(root: Path, n_documents: int = 48, n_queries: int = 6, seed: int 
         for d in docs:
             f.write(json.dumps(d) + "\n")
     with open(root / "queries.jsonl", "w") as f:
-        for q in queries:
+        for i, q in enumerate(queries):   # the first query names a supporting document (exported as given)
             f.write(json.dumps({"id": q.id, "prompt": q.prompt, "completion": "1 2 3 .", "kind": q.kind,
-                                "task": q.task, "answer": q.answer or None}) + "\n")
+                                "task": q.task, "answer": q.answer or None,
+                                **({"supports": [docs[0]["id"]]} if i == 0 else {})}) + "\n")
     return {"model": root / "model", "docs": root / "docs.jsonl", "queries": root / "queries.jsonl"}
 
 

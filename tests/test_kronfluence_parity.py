@@ -87,7 +87,10 @@ def jaxinf_matrix(w: dict, run_dir) -> dict:
         return {"pairwise": pairwise, "self": self_scores, "diagonal_lambda": transfer.per_layer(diag, layers)}
 
 
-@pytest.fixture(scope="module", params=ks.FAMILIES)
+# Llama (no biases) and GPT-NeoX (biases, parallel residual) run in CI; Cohere, a third layout of the same
+# blocks, only with -m heavy (it adds about 75 s to a 2-core CI run).
+@pytest.fixture(scope="module", params=[pytest.param(f, marks=pytest.mark.heavy) if f == "cohere" else f
+                                        for f in ks.FAMILIES])
 def parity(request, tmp_path_factory):
     """Everything one family's parity tests look at: the run, its comparison report, both sides' scores."""
     from jaxinf.interop import kronfluence as kf

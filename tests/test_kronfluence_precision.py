@@ -128,6 +128,7 @@ def _check_convergence(rows):
     assert min(last["pearson"]) > min(first["pearson"])
 
 
+@pytest.mark.heavy
 def test_sampled_labels_agree_more_as_documents_grow(tmp_path_factory):
     _check_convergence(sampled_agreement(tmp_path_factory, "llama", (32, 512)))
 

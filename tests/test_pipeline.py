@@ -63,6 +63,7 @@ def test_exports_match_the_engine_document_by_document(world, reference):
         np.testing.assert_allclose(np.asarray(score(one))[:, 0], scores[:, n], rtol=2e-4, atol=2e-4 * np.abs(scores).max())
     rows = [json.loads(line) for line in (reference / "queries.jsonl").read_text().splitlines()]
     np.testing.assert_allclose([r["loss"] for r in rows], np.asarray(qloss), rtol=1e-5)
+    assert rows[0]["supports"] == ["doc00000"] and all("supports" not in r for r in rows[1:])
     documents = [json.loads(line) for line in (reference / "documents.jsonl").read_text().splitlines()]
     assert [d["id"] for d in documents] == [f"doc{i:05d}" for i in range(48)]
     top = [json.loads(line) for line in (reference / "topk.jsonl").read_text().splitlines()]

@@ -31,6 +31,7 @@ def world(tmp_path_factory):
 SETTINGS = {"factors.fisher": "empirical", "data.max_length": 32, "factors.save_every": 3, "scores.save_every": 3}
 
 
+@pytest.mark.heavy  # 100 s on 2 cores: two processes each compiling every stage
 def test_two_processes_give_the_scores_of_one(world, tmp_path):
     one = tmp_path / "one"
     pipeline.run(cfg.load(None, overrides(world, one, **SETTINGS)))
