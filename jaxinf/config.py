@@ -75,6 +75,9 @@ class FactorsConfig:
 class ScoresConfig:
     damping: float | None = key(None, "damping lambda, a finite number >= 0 (null: 0.1 x mean(Lambda) per layer)", "queries")
     query_rank: int | None = key(None, "rank of the preconditioned query gradients (null: full)", "queries")
+    query_svd: str = key("randomized", "how the rank-r truncation finds the top singular vectors: randomized (a "
+                         "range finder with a fixed key, then a small SVD) | full (the SVD of each whole matrix)",
+                         "queries", ("randomized", "full"))
     normalize: str = key("none", "none (raw, kronfluence's convention) | per_nat (divided by the completion NLL)",
                          "exports", ("none", "per_nat"))
     self_influence: bool = key(False, "also compute each document's self-influence (self_influence.npy)", "scores")

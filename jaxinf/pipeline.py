@@ -210,7 +210,7 @@ def query_gradients(config: cfg.Config, store: RunStore, inputs: Inputs, curv, e
     dtype = precision.statistics_dtype(config.run.precision)
     prep_fn = executor.jit(lambda p, b, c: stages.prepared_queries(inputs.task, inputs.layers, p, b, c,
                                                                      config.scores.damping, config.scores.query_rank,
-                                                                     dtype))
+                                                                     dtype, config.scores.query_svd))
     if store.status("queries") == "done":
         like = jax.eval_shape(lambda: _prepare_all(inputs, batches, prep_fn, curv, executor, check=False))
         saved = store.load_result("queries", executor.like(like))

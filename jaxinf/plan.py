@@ -140,7 +140,8 @@ def stage_shapes(lm, layers, config) -> dict[str, Any]:
     curv = jax.eval_shape(lambda e, L: curvature.assemble(config.factors.strategy, lambda: e, lambda basis: L),
                           eigen, Lambda)
     queries = jax.eval_shape(lambda G, l, c: scoring.prepare_queries(G, l, c, config.scores.damping,
-                                                                     config.scores.query_rank, dtype), G, loss, curv)
+                                                                     config.scores.query_rank, dtype,
+                                                                     config.scores.query_svd), G, loss, curv)
     return {"covariance": state, "finished": finished, "eigen": eigen, "Lambda": Lambda, "queries": queries,
             "curvature": curv}
 
@@ -309,7 +310,8 @@ def step_programs(config, mesh, lm, layers, global_batch: int):
     Q = config.plan.queries
     qfull = jax.eval_shape(
         lambda c: scoring.prepare_queries({k: jnp.zeros(s.lead + (Q, s.d_out, s.d_in_aug), dtype)
-                                           for k, s in layers.items()}, jnp.zeros(Q, dtype), c, damping, rank, dtype),
+                                           for k, s in layers.items()}, jnp.zeros(Q, dtype), c, damping, rank, dtype,
+                                          config.scores.query_svd),
         curv)
     queries = absd(qfull, shard(qfull))
     score_step = stages.score_step(task, layers, self_influence=config.scores.self_influence, damping_value=damping,

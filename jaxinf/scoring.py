@@ -65,36 +65,95 @@ class QueryGradients:
         return int(self.loss.shape[0])
 
 
-def low_rank(P: Array, rank: int, dtype=None) -> tuple[Array, Array]:
+SVD_METHODS = ("randomized", "full")
+"""``scores.query_svd``: how :func:`low_rank` finds the top singular vectors."""
+
+OVERSAMPLE = 8
+"""Extra columns of the randomized range finder beyond the rank (Halko, Martinsson & Tropp 2011, section 4.2)."""
+
+POWER_ITERATIONS = 2
+"""Subspace iterations of the randomized range finder: the error of a rank-r fit decays like
+``(s_{r+1} / s_r)^(2q+1)`` in the ratio of neighbouring singular values."""
+
+
+def _per_matrix(fn, *xs):
+    """``fn`` applied to each matrix of ``xs`` (``[batch, m, n]``) one after another (``lax.map``): a batched
+    LAPACK call waits on XLA's CPU thread pool from inside it, and with several devices executing at once (a
+    mesh) every pool thread can end up waiting."""
+    return jax.lax.map(lambda args: fn(*args), xs)
+
+
+def _thin_svd(M: Array) -> tuple[Array, Array, Array]:
+    """``U, s, V^T`` of each matrix of ``M`` ``[batch, m, n]`` (:func:`_per_matrix`), each decomposed standing up:
+    a wide matrix as its transpose (``M^T = V s U^T``), which LAPACK through XLA does many times faster."""
+    svd = lambda m: jnp.linalg.svd(m, full_matrices=False)
+    if M.shape[-2] >= M.shape[-1]:
+        return _per_matrix(svd, M)
+    V, s, Ut = _per_matrix(svd, jnp.swapaxes(M, -1, -2))
+    return jnp.swapaxes(Ut, -1, -2), s, jnp.swapaxes(V, -1, -2)
+
+
+def _orthonormal_basis(Y: Array) -> Array:
+    """An orthonormal basis ``[batch, m, k]`` of the columns of each ``Y`` ``[batch, m, k]`` (reduced QR)."""
+    return _per_matrix(lambda y: jnp.linalg.qr(y)[0], Y)
+
+
+def range_finder(P: Array, k: int, iterations: int = POWER_ITERATIONS, seed: int = 0) -> Array:
+    """An orthonormal ``Q`` ``[batch, m, k]`` with ``P ~= Q Q^T P`` for each ``P`` ``[batch, m, n]``: the randomized
+    range finder with subspace iteration (Halko, Martinsson & Tropp 2011, algorithm 4.4),
+
+        Q = orth(P W),   then ``iterations`` times   Q = orth(P orth(P^T Q)),
+
+    with ``W`` ``[n, k]`` standard normal from a fixed key (``seed``), so the same ``P`` always gives the same
+    ``Q``. Exact (``Q Q^T P = P``) when ``rank(P) <= k``."""
+    W = jax.random.normal(jax.random.key(seed), (P.shape[-1], k), P.dtype)
+    Q = _orthonormal_basis(P @ W)
+    for _ in range(iterations):
+        Z = _orthonormal_basis(jnp.swapaxes(P, -1, -2) @ Q)
+        Q = _orthonormal_basis(P @ Z)
+    return Q
+
+
+def low_rank(P: Array, rank: int, dtype=None, svd: str = "randomized") -> tuple[Array, Array]:
     """Rank-r truncated SVD ``P ~= (U_r diag(s_r)) V_r^T`` per matrix of ``P`` ``[..., d_out, d_in']``, computed in
     the statistics dtype ``dtype`` (by default :func:`~jaxinf.precision.working_dtype` of ``P``) and returned in
-    ``P``'s.
+    ``P``'s; ``(left, right) = (U_r diag(s_r), V_r)``.
 
-    The matrices are decomposed one after another (``lax.map`` of an unbatched
-    SVD), like :func:`jaxinf.curvature.eigen.stacked_eigh`: on the CPU a batched
-    LAPACK SVD waits on XLA's thread pool from inside it, and with several
-    devices executing at once (a mesh) every pool thread can end up waiting.
+    ``svd="full"``: the SVD of each whole matrix (kronfluence's ``use_full_svd=True``). ``svd="randomized"``: the
+    SVD of the small ``B = Q^T P`` (``[k, d_in']``, ``k = r + OVERSAMPLE``) for the :func:`range_finder` basis
+    ``Q`` of ``P``, so that ``U = Q U_B``: a few matrix products and decompositions of ``k``-wide matrices instead
+    of one of a ``min(d_out, d_in')``-wide matrix. It equals the full SVD's truncation where ``rank(P) <= k``;
+    otherwise its error approaches the full SVD's as the singular values past ``r`` fall off (Halko et al.,
+    section 10; tests/test_scoring.py measures the gap on preconditioned query gradients). Where ``k`` reaches
+    ``min(d_out, d_in')`` there is nothing to save and the full SVD is used.
     """
-    dtype = P.dtype
+    if svd not in SVD_METHODS:
+        raise ValueError(f"scores.query_svd: {svd!r} is not one of {', '.join(SVD_METHODS)}")
+    out_dtype = P.dtype
     flat = P.reshape((-1,) + P.shape[-2:]).astype(working_dtype(P) if dtype is None else dtype)
-    U, s, Vt = jax.lax.map(lambda m: jnp.linalg.svd(m, full_matrices=False), flat)
-    U, s, Vt = U.reshape(P.shape[:-1] + U.shape[-1:]), s.reshape(P.shape[:-2] + s.shape[-1:]), \
-        Vt.reshape(P.shape[:-2] + Vt.shape[-2:])
-    left = U[..., :, :rank] * s[..., None, :rank]
-    right = jnp.swapaxes(Vt[..., :rank, :], -1, -2)
-    return left.astype(dtype), right.astype(dtype)
+    k = rank + OVERSAMPLE
+    if svd == "randomized" and k < min(P.shape[-2:]):
+        Q = range_finder(flat, k)
+        Ub, s, Vt = _thin_svd(jnp.swapaxes(Q, -1, -2) @ flat)
+        U = Q @ Ub[..., :, :rank]
+    else:
+        U, s, Vt = _thin_svd(flat)
+        U = U[..., :, :rank]
+    left = (U * s[..., None, :rank]).reshape(P.shape[:-1] + (rank,))
+    right = jnp.swapaxes(Vt[..., :rank, :], -1, -2).reshape(P.shape[:-2] + (P.shape[-1], rank))
+    return left.astype(out_dtype), right.astype(out_dtype)
 
 
 def prepare_layer(G: Array, strategy: Strategy, factors: Mapping[str, Array] | None, damping_value: float | None,
-                  rank: int | None, dtype=None) -> dict[str, Array]:
+                  rank: int | None, dtype=None, svd: str = "randomized") -> dict[str, Array]:
     """``P(G_q)`` of one block's query gradients ``[*lead, Q, d_out, d_in']`` (the strategy's
     :meth:`~jaxinf.curvature.Strategy.precondition`): ``{"full": P}``, or its rank-r SVD ``{"left", "right"}``
-    (:func:`low_rank` in ``dtype``) where ``min(d_out, d_in') > r``. ``factors``: the block's
+    (:func:`low_rank` in ``dtype`` by the method ``svd``) where ``min(d_out, d_in') > r``. ``factors``: the block's
     :func:`curvature_context`."""
     damp = None if factors is None else block_damping(factors["Lambda"], damping_value)
     P = strategy.precondition(G, factors, damp)
     if rank is not None and min(P.shape[-2:]) > rank:
-        left, right = low_rank(P, rank, dtype)
+        left, right = low_rank(P, rank, dtype, svd)
         return {"left": left, "right": right}
     return {"full": P}
 
@@ -114,11 +173,12 @@ def prepare_queries(
     damping_value: float | None,
     rank: int | None,
     dtype=None,
+    svd: str = "randomized",
 ) -> QueryGradients:
     """:func:`prepare_layer` of every block of given query gradients ``G`` (block -> ``[*lead, Q, d_out, d_in']``)."""
     context = curvature_context(curv)
     return query_gradients_of({k: prepare_layer(g, curv.strategy, None if context is None else context[k],
-                                                damping_value, rank, dtype) for k, g in G.items()}, loss)
+                                                damping_value, rank, dtype, svd) for k, g in G.items()}, loss)
 
 
 def query_context(qg: QueryGradients) -> dict[str, dict[str, Array]]:

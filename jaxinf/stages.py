@@ -135,7 +135,7 @@ def query_gradients(task: Task, layers: Mapping[str, LayerSpec], params, batch) 
 
 
 def prepared_queries(task: Task, layers: Mapping[str, LayerSpec], params, batch, curv: Curvature,
-                     damping_value: float | None, rank: int | None, dtype=None) -> QueryGradients:
+                     damping_value: float | None, rank: int | None, dtype=None, svd: str = "randomized") -> QueryGradients:
     """Stage 5: ``P(G_q)`` of a query batch (rank-r where asked), each layer's formed in the backward pass.
 
     The same as :func:`jaxinf.scoring.prepare_queries` of :func:`query_gradients`, without ever holding
@@ -143,7 +143,7 @@ def prepared_queries(task: Task, layers: Mapping[str, LayerSpec], params, batch,
     dtype = layers_dtype(layers) if dtype is None else dtype
 
     def statistic(a, g, mask, factors):
-        return prepare_layer(per_sequence_gradient(a, g), curv.strategy, factors, damping_value, rank, dtype)
+        return prepare_layer(per_sequence_gradient(a, g), curv.strategy, factors, damping_value, rank, dtype, svd)
 
     blocks, loss = measurement_statistics(task, layers, params, batch, statistic, curvature_context(curv))
     return query_gradients_of(blocks, loss)

@@ -3,8 +3,11 @@
 For each size, a random Llama (transformers ``LlamaForCausalLM``) is saved as a
 Hugging Face directory with a word-level tokenizer, with random documents and
 queries; both libraries then fit EK-FAC on the MLP layers (true Fisher, sampled
-labels) and score every document against every query at query rank ``r`` (full
-SVD on both sides), in float32, with the same batch size:
+labels) and score every document against every query at query rank ``r``, in
+float32, with the same batch size. ``--query-svd`` picks how both libraries
+truncate the query gradients: ``randomized`` (the default of both: jaxinf's range
+finder, kronfluence's ``torch.svd_lowrank``) or ``full`` (the SVD of each whole
+matrix on both sides):
 
 - kronfluence 1.0 (``jaxinf.interop.reference.CausalLMTask`` on jaxinf's token ids):
   ``fit_covariance_matrices``, ``perform_eigendecomposition``,
@@ -151,7 +154,7 @@ def run_kronfluence(w: dict, size: dict, args, out: Path, warmup: bool = True) -
     warm_docs = ref.Examples(documents.examples[: 2 * args.batch_size])
     tokens = int(sum(int(e["attention_mask"].sum()) for e in documents.examples))
     factor_args = ref.factor_arguments("ekfac", "sampled", "float32")
-    score_args = ref.score_arguments(None, args.query_rank, "float32")
+    score_args = ref.score_arguments(None, args.query_rank, "float32", svd=args.query_svd)
     stages = {}
     with ref.quiet():
         model = ref.load_model(w["model"], "float32", attention="sdpa")     # transformers' default
@@ -215,7 +218,8 @@ def run_jaxinf(w: dict, size: dict, args, out: Path, timed: bool, compiled: dict
                              f"data.queries={w['queries']}", f"data.max_length={size['length']}",
                              f"data.batch_size={args.batch_size}", f"data.query_batch_size={size['queries']}",
                              "factors.strategy=ekfac", "factors.fisher=sampled", "factors.save_every=1000000",
-                             f"scores.query_rank={args.query_rank}", "scores.save_every=1000000", f"run.out={out}",
+                             f"scores.query_rank={args.query_rank}", f"scores.query_svd={args.query_svd}",
+                             "scores.save_every=1000000", f"run.out={out}",
                              f"model.scan_layers={str(scan).lower()}"])
     store = RunStore.open(config, overwrite=True)
     inputs = load_inputs(config, store)
@@ -302,6 +306,9 @@ def main(argv=None) -> None:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--documents", type=int, help="override the size's number of documents")
     ap.add_argument("--query-rank", type=int, default=32)
+    ap.add_argument("--query-svd", default="randomized", choices=["randomized", "full"],
+                    help="how both libraries truncate the query gradients at --query-rank (default: randomized, the "
+                         "default of both)")
     ap.add_argument("--torch-threads", type=int, default=0, help="torch.set_num_threads (default: torch's own)")
     ap.add_argument("--torch-device", default="cpu", choices=["cpu", "cuda", "auto"],
                     help="where kronfluence runs (auto: the GPU when torch sees one; jaxinf runs on jax's default)")
@@ -388,7 +395,7 @@ def whole_process(w: dict, size: dict, args, root: Path) -> dict:
     overrides = [f"model.checkpoint={w['model']}", f"data.documents={w['docs']}", f"data.queries={w['queries']}",
                  f"data.max_length={size['length']}", f"data.batch_size={args.batch_size}",
                  f"data.query_batch_size={size['queries']}", "factors.strategy=ekfac", "factors.fisher=sampled",
-                 f"scores.query_rank={args.query_rank}"]
+                 f"scores.query_rank={args.query_rank}", f"scores.query_svd={args.query_svd}"]
     out = {}
     for label, cache in (("jaxinf, cold", root / "xla-cold"), ("jaxinf, second run", root / "xla-cold")):
         run_dir = root / ("process-" + label.split(", ")[1].replace(" ", "-"))
@@ -403,7 +410,8 @@ def whole_process(w: dict, size: dict, args, root: Path) -> dict:
     kf_dir = root / "process-kronfluence"
     t0 = time.perf_counter()
     r = subprocess.run([sys.executable, __file__, "--kronfluence-process", str(root), "--batch-size",
-                        str(args.batch_size), "--query-rank", str(args.query_rank), "--torch-threads",
+                        str(args.batch_size), "--query-rank", str(args.query_rank), "--query-svd", args.query_svd,
+                        "--torch-threads",
                         str(args.torch_threads), "--torch-device", args.torch_device,
                         "--size-json", json.dumps(size)], env=env, capture_output=True, text=True)
     if r.returncode:

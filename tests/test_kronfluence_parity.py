@@ -80,7 +80,7 @@ def jaxinf_matrix(w: dict, run_dir) -> dict:
         self_of = jax.jit(lambda p, c, b, damping: stages.self_influence_batch(task, layers, p, c, damping, b)[0],
                           static_argnums=3)
         for strategy, damping, rank in _configs():
-            qg = scoring.prepare_queries(G, qloss, curvs[strategy], damping, rank)
+            qg = scoring.prepare_queries(G, qloss, curvs[strategy], damping, rank, svd="full")
             pairwise[(strategy, damping, rank)] = np.asarray(score(lm.params, qg, docs))[:, order]
             if rank is None:
                 self_scores[(strategy, damping)] = np.asarray(self_of(lm.params, curvs[strategy], docs, damping))[order]

@@ -150,15 +150,17 @@ def factor_arguments(strategy: str, fisher: str, precision: str) -> FactorArgume
 
 
 def score_arguments(damping: float | None, query_rank: int | None, precision: str, *,
-                    per_module: bool = False) -> ScoreArguments:
-    """kronfluence's score arguments for jaxinf's ``scores.damping`` (None: the heuristic) and ``scores.query_rank``.
+                    per_module: bool = False, svd: str = "full") -> ScoreArguments:
+    """kronfluence's score arguments for jaxinf's ``scores.damping`` (None: the heuristic), ``scores.query_rank``
+    and ``scores.query_svd`` (``svd``).
 
-    The rank-r truncation uses the full SVD, as jaxinf does (kronfluence's
-    default is a randomized one).
+    ``svd="full"`` (the default here) truncates with the full SVD, the one method
+    both libraries compute alike; ``"randomized"`` takes kronfluence's own
+    randomized SVD (``torch.svd_lowrank``, another random sketch than jaxinf's).
     """
     dtype = torch.float64 if precision == "float64" else torch.float32
     return ScoreArguments(
-        damping_factor=damping, query_gradient_low_rank=query_rank, use_full_svd=True,
+        damping_factor=damping, query_gradient_low_rank=query_rank, use_full_svd=svd == "full",
         compute_per_module_scores=per_module,
         query_gradient_svd_dtype=torch.float64 if precision == "float64" else torch.float32,
         per_sample_gradient_dtype=dtype, precondition_dtype=dtype, score_dtype=dtype)
