@@ -198,6 +198,18 @@ class Probes:
 LossFn = Callable[[Params, Batch, Probes | None], Array]
 
 
+def tokens_matmul(x: Array, kernel: Array) -> Array:
+    """``x @ kernel`` for ``x`` ``[..., d_in]``, with every leading axis (batch, tokens) merged into one.
+
+    The same product as ``jnp.matmul``; written as one 2-D matrix product because
+    XLA's CPU backend computes the transposed product of the backward pass (the
+    weight gradient ``x^T dy``) about twice as fast when it contracts one merged
+    axis instead of the batch and token axes: 6.8 against 14.8 ms for the VJP of
+    ``[8, 128, 256] @ [256, 1024]``, and 475 against 617 ms for the forward and
+    backward pass of a 4-layer Llama (hidden 256, batch 8 x 128) on 2 CPU cores."""
+    return jnp.matmul(x.reshape(-1, x.shape[-1]), kernel).reshape(x.shape[:-1] + kernel.shape[-1:])
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
 def _observed(statistic: Statistic, bias: bool, s: Array, x: Array, mask: Array, z: Any, context: Any,
               active: Array | None) -> Array:
@@ -251,7 +263,7 @@ class Tap:
         ``tokens`` ``[B, T]`` (None: all) marks the tokens that belong to this layer (an expert: the tokens routed
         to it); the layer's mask is ``probes.mask * tokens``, so its statistic runs over those tokens only.
         """
-        s = jnp.matmul(x, kernel.astype(x.dtype))
+        s = tokens_matmul(x, kernel.astype(x.dtype))
         if bias is not None:
             s = s + bias.astype(s.dtype)
         if self._discovery is not None:

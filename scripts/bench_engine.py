@@ -99,7 +99,8 @@ def main(argv=None) -> None:
     def score_in(order):
         return jax.jit(lambda p, q, b: stages.score_batch(task, layers, p, q, b, plan=order)[0].total)
 
-    prepare = jax.jit(lambda G, l, c: scoring.prepare_queries(G, l, c, None, args.rank))
+    def prepare_by(svd):
+        return jax.jit(lambda G, l, c: scoring.prepare_queries(G, l, c, None, args.rank, svd=svd))
 
     rows = [
         ("forward+backward (value_and_grad, all params)", train_step, (params, batch)),
@@ -109,8 +110,10 @@ def main(argv=None) -> None:
         ("engine pass alone (forward, backward to every tracked layer)", capture_step, (params, batch)),
         ("scores, tokens order in every block", score_in("tokens"), (params, qg, batch)),
         ("scores, documents order in every block", score_in("documents"), (params, qg, batch)),
-        (f"prepare {args.queries} given query gradients (precondition, rank-{args.rank} SVDs)", prepare,
-         (G, qloss, curv)),
+        (f"prepare {args.queries} given query gradients (precondition, rank-{args.rank} randomized SVDs)",
+         prepare_by("randomized"), (G, qloss, curv)),
+        (f"prepare {args.queries} given query gradients (precondition, rank-{args.rank} full SVDs)",
+         prepare_by("full"), (G, qloss, curv)),
         (f"query stage: {args.queries} queries' gradients prepared layer by layer in the backward pass", streamed,
          (params, qbatch, curv)),
     ]

@@ -28,7 +28,7 @@ increase over the stage's start, and kronfluence / jaxinf. kronfluence calls
 them) are frozen out of the collector so that it is not charged for them.
 
     python scripts/bench_vs_kronfluence.py --size small [--size tiny ...] [--torch-threads N]
-        [--scan-layers true --scan-layers false] [--json PATH] [--whole-process]
+        [--scan-layers true --scan-layers false] [--json PATH] [--whole-process | --whole-process-only]
 
 ``--whole-process`` also times each library as a user meets it (``whole_process``): ``jaxinf run`` in a fresh
 process with an empty compilation cache (every stage, exports and the report), the same again with the cache it
@@ -319,6 +319,8 @@ def main(argv=None) -> None:
     ap.add_argument("--whole-process", action="store_true",
                     help="also time each library as a whole fresh process, cold (jaxinf run twice: cold, then with "
                          "its compilation cache)")
+    ap.add_argument("--whole-process-only", action="store_true",
+                    help="only the whole-process timing (no stage-by-stage passes in this process)")
     ap.add_argument("--kronfluence-process", help=argparse.SUPPRESS)
     ap.add_argument("--size-json", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -350,15 +352,18 @@ def main(argv=None) -> None:
         print(f"\n{name}: {w['params'] / 1e6:.2f}M parameters", flush=True)
         variants = [v == "true" for v in (args.scan_layers or ["true"])]
         compiled = {scan: {} for scan in variants}
-        cold = {scan: run_jaxinf(w, size, args, root / f"jaxinf-cold-{scan}", False, compiled[scan], scan)
-                for scan in variants}
-        if args.whole_process:
+        cold = {} if args.whole_process_only else {
+            scan: run_jaxinf(w, size, args, root / f"jaxinf-cold-{scan}", False, compiled[scan], scan)
+            for scan in variants}
+        if args.whole_process or args.whole_process_only:
             res = whole_process(w, size, args, root)
             text = whole_process_table(name, res)
             print("\n" + text + "\n", flush=True)
             report.setdefault("whole_process", {})[name] = {
                 k: {"seconds": v["seconds"], **({"pearson": v["pearson"]} if "pearson" in v else {})}
                 for k, v in res.items()} | {"table": text}
+        if args.whole_process_only:
+            continue
         kf = run_kronfluence(w, size, args, root / "kronfluence")
         report["sizes"][name] = {"size": size, "params": w["params"], "kronfluence": _plain(kf)}
         for scan in variants:

@@ -17,7 +17,7 @@ from engine_fixtures import (
     rel_err,
     tiny_lm,
 )
-from jaxinf import curvature, scoring, stages, tasks, testing
+from jaxinf import curvature, scoring, stages, tasks
 from jaxinf.capture import CaptureError
 
 STRATEGIES = ("identity", "diagonal", "kfac", "ekfac")

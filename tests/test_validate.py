@@ -274,3 +274,55 @@ def test_validate_with_pbrf(tmp_path):
     result = json.loads(json.dumps(driver.validate(config, tmp_path / "val")))
     assert set(result["pbrf"]) == {"identity", "diagonal"} and all(isinstance(x, float) for x in result["pbrf"].values())
     assert result["pbrf_detail"]["damping"] == 0.01 and len(result["pbrf_detail"]["documents"]) == 3
+
+
+# ----------------------------------------------------------------------------- a user's checkpoint
+
+
+def test_validate_fine_tunes_a_user_checkpoint(tmp_path, monkeypatch):
+    """``validate.from: checkpoint`` on a config's world (a Hugging Face directory, a JSONL corpus, queries with
+    ``supports``): the full model and every retraining start from the checkpoint's weights exactly, the results
+    have the schema, and recall is measured on the query that names its supporting document. ``from: scratch``
+    starts every training from the model's initialization instead, in a work directory of its own."""
+    import jax
+
+    from pipeline_support import make_world
+
+    from jaxinf import models
+    from jaxinf.validate import driver
+
+    w = make_world(tmp_path / "world", n_documents=24, n_queries=4, seed=1)   # weights unlike validate.seed 0's
+    settings = [f"model.checkpoint={w['model']}", f"data.documents={w['docs']}", f"data.queries={w['queries']}",
+                "data.max_length=48", "validate.subsets=3", "validate.seeds=1", "validate.steps=8",
+                "validate.batch_size=4", "validate.group=3", "validate.strategies=[identity]",
+                "validate.dampings=[0.01]", "validate.recall_k=[1,5]"]
+    starts = []
+    real = retrain.make_trainer
+
+    def spy(task, proc):                                   # records the parameters every training starts from
+        many, one = real(task, proc)
+        record = lambda f: lambda params0, *a: (starts.append(params0), f(params0, *a))[1]
+        return record(many), record(one)
+
+    monkeypatch.setattr(retrain, "make_trainer", spy)
+    config = cfg.load(None, settings + ["validate.from=checkpoint"])
+    result = driver.validate(config, tmp_path / "val")
+    lm, _ = models.from_hf(str(w["model"]), dtype=config.model.dtype, scan=config.model.scan_layers)
+    same = lambda p: jax.tree_util.tree_all(jax.tree_util.tree_map(lambda x, y: bool(np.array_equal(x, y)), p,
+                                                                    lm.params))
+    assert len(starts) >= 2 and all(same(p) for p in starts)
+    assert result["procedure"]["from"] == "checkpoint" and str(w["model"]) in result["world"]
+    assert result["documents"] == 24 and len(result["queries"]) == 4
+    assert np.isfinite(result["lds"]["identity"]["mean"]) and len(result["lds"]["identity"]["per_query"]) == 4
+    assert result["recall"]["identity"]["queries"] == 1 and set(result["recall"]["identity"]["recall_at"]) == {"1", "5"}
+
+    class Stop(Exception):
+        pass
+
+    starts.clear()
+    monkeypatch.setattr(retrain, "make_trainer", lambda task, proc: (None, lambda params0, *a: (
+        starts.append(params0), (_ for _ in ()).throw(Stop()))))
+    with pytest.raises(Stop):
+        driver.validate(cfg.load(None, settings + ["validate.from=scratch"]), tmp_path / "val")
+    assert len(starts) == 1 and not same(starts[0])
+    assert len(list((tmp_path / "val" / "work").iterdir())) == 2
