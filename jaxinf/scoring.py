@@ -37,6 +37,7 @@ import jax.numpy as jnp
 from jaxinf.axes import logical
 from jaxinf.capture import LayerSpec, expand, per_sequence_gradient
 from jaxinf.curvature import Curvature, Strategy, block_damping, curvature_context
+from jaxinf.lapack import orthonormal_basis, thin_svd
 from jaxinf.precision import working_dtype
 
 Array = jax.Array
@@ -72,34 +73,12 @@ OVERSAMPLE = 8
 """Extra columns of the randomized range finder beyond the rank (Halko, Martinsson & Tropp 2011, section 4.2)."""
 
 POWER_ITERATIONS = 2
-"""Subspace iterations of the randomized range finder: the error of a rank-r fit decays like
-``(s_{r+1} / s_r)^(2q+1)`` in the ratio of neighbouring singular values."""
-
-
-def _per_matrix(fn, *xs):
-    """``fn`` applied to each matrix of ``xs`` (``[batch, m, n]``) one after another (``lax.map``): a batched
-    LAPACK call waits on XLA's CPU thread pool from inside it, and with several devices executing at once (a
-    mesh) every pool thread can end up waiting."""
-    return jax.lax.map(lambda args: fn(*args), xs)
-
-
-def _thin_svd(M: Array) -> tuple[Array, Array, Array]:
-    """``U, s, V^T`` of each matrix of ``M`` ``[batch, m, n]`` (:func:`_per_matrix`), each decomposed standing up:
-    a wide matrix as its transpose (``M^T = V s U^T``), which LAPACK through XLA does many times faster."""
-    svd = lambda m: jnp.linalg.svd(m, full_matrices=False)
-    if M.shape[-2] >= M.shape[-1]:
-        return _per_matrix(svd, M)
-    V, s, Ut = _per_matrix(svd, jnp.swapaxes(M, -1, -2))
-    return jnp.swapaxes(Ut, -1, -2), s, jnp.swapaxes(V, -1, -2)
-
-
-def _orthonormal_basis(Y: Array) -> Array:
-    """An orthonormal basis ``[batch, m, k]`` of the columns of each ``Y`` ``[batch, m, k]`` (reduced QR)."""
-    return _per_matrix(lambda y: jnp.linalg.qr(y)[0], Y)
+"""Subspace iterations ``q`` of the randomized range finder: the sketch sees the spectrum raised to the power
+``2q + 1``, so singular values past the rank weigh less against the top ones (Halko et al. 2011, section 4.5)."""
 
 
 def range_finder(P: Array, k: int, iterations: int = POWER_ITERATIONS, seed: int = 0) -> Array:
-    """An orthonormal ``Q`` ``[batch, m, k]`` with ``P ~= Q Q^T P`` for each ``P`` ``[batch, m, n]``: the randomized
+    """An orthonormal ``Q`` ``[..., m, k]`` with ``P ~= Q Q^T P`` for each matrix of ``P`` ``[..., m, n]``: the randomized
     range finder with subspace iteration (Halko, Martinsson & Tropp 2011, algorithm 4.4),
 
         Q = orth(P W),   then ``iterations`` times   Q = orth(P orth(P^T Q)),
@@ -107,10 +86,10 @@ def range_finder(P: Array, k: int, iterations: int = POWER_ITERATIONS, seed: int
     with ``W`` ``[n, k]`` standard normal from a fixed key (``seed``), so the same ``P`` always gives the same
     ``Q``. Exact (``Q Q^T P = P``) when ``rank(P) <= k``."""
     W = jax.random.normal(jax.random.key(seed), (P.shape[-1], k), P.dtype)
-    Q = _orthonormal_basis(P @ W)
+    Q = orthonormal_basis(P @ W)
     for _ in range(iterations):
-        Z = _orthonormal_basis(jnp.swapaxes(P, -1, -2) @ Q)
-        Q = _orthonormal_basis(P @ Z)
+        Z = orthonormal_basis(jnp.swapaxes(P, -1, -2) @ Q)
+        Q = orthonormal_basis(P @ Z)
     return Q
 
 
@@ -130,17 +109,17 @@ def low_rank(P: Array, rank: int, dtype=None, svd: str = "randomized") -> tuple[
     if svd not in SVD_METHODS:
         raise ValueError(f"scores.query_svd: {svd!r} is not one of {', '.join(SVD_METHODS)}")
     out_dtype = P.dtype
-    flat = P.reshape((-1,) + P.shape[-2:]).astype(working_dtype(P) if dtype is None else dtype)
+    P = P.astype(working_dtype(P) if dtype is None else dtype)
     k = rank + OVERSAMPLE
     if svd == "randomized" and k < min(P.shape[-2:]):
-        Q = range_finder(flat, k)
-        Ub, s, Vt = _thin_svd(jnp.swapaxes(Q, -1, -2) @ flat)
+        Q = range_finder(P, k)
+        Ub, s, Vt = thin_svd(jnp.swapaxes(Q, -1, -2) @ P)
         U = Q @ Ub[..., :, :rank]
     else:
-        U, s, Vt = _thin_svd(flat)
+        U, s, Vt = thin_svd(P)
         U = U[..., :, :rank]
-    left = (U * s[..., None, :rank]).reshape(P.shape[:-1] + (rank,))
-    right = jnp.swapaxes(Vt[..., :rank, :], -1, -2).reshape(P.shape[:-2] + (P.shape[-1], rank))
+    left = U * s[..., None, :rank]
+    right = jnp.swapaxes(Vt[..., :rank, :], -1, -2)
     return left.astype(out_dtype), right.astype(out_dtype)
 
 

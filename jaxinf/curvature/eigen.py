@@ -9,12 +9,11 @@ a negative eigenvalue is round-off. If ``eigh`` fails (NaN output on a finite in
 decomposed again after adding a small multiple of the identity, which is then
 subtracted from the eigenvalues.
 
-The matrices of a stacked block are decomposed one at a time (``lax.map`` of
-an unbatched ``eigh``): on the CPU, jaxlib 0.10 spreads a *batched* LAPACK
-``eigh`` over XLA's thread pool, and a program holding several of them can
-deadlock on a host with few cores. Decomposing layer by layer costs nothing
-(each ``eigh`` is itself the bulk of the work), and on a mesh the layer axis is
-sharded, so each device maps over its own layers.
+The matrices of a stacked block are decomposed one at a time
+(:func:`jaxinf.lapack.per_matrix`: a batched LAPACK ``eigh`` can deadlock XLA's
+CPU thread pool). Decomposing layer by layer costs nothing (each ``eigh`` is
+itself the bulk of the work), and on a mesh the layer axis is sharded, so each
+device maps over its own layers.
 """
 
 from __future__ import annotations
@@ -27,6 +26,7 @@ import jax.numpy as jnp
 
 from jaxinf.axes import logical
 from jaxinf.curvature.covariance import Covariance
+from jaxinf.lapack import per_matrix
 from jaxinf.precision import working_dtype
 
 Array = jax.Array
@@ -63,9 +63,7 @@ def symmetric_eigh(M: Array) -> tuple[Array, Array]:
 
 def stacked_eigh(M: Array) -> tuple[Array, Array]:
     """:func:`symmetric_eigh` of every matrix of ``M`` ``[*lead, n, n]``, one after another (see the module docstring)."""
-    flat = M.reshape((-1,) + M.shape[-2:])
-    e, Q = jax.lax.map(symmetric_eigh, flat)
-    return e.reshape(M.shape[:-1]), Q.reshape(M.shape)
+    return per_matrix(symmetric_eigh, M)
 
 
 def eigendecompose(cov: Covariance, eigh: Callable[[Array, str], tuple[Array, Array]] | None = None) -> Eigen:
