@@ -119,7 +119,8 @@ class RunConfig:
 class ValidateConfig:
     subsets: int = key(32, "jaxinf validate: random subsets of the documents, each retrained (LDS)", None)
     fraction: float = key(0.5, "jaxinf validate: share of the documents in each subset, in (0, 1)", None)
-    seeds: int = key(2, "jaxinf validate: retrainings per subset (seeds of the minibatch order), averaged", None)
+    seeds: int = key(5, "jaxinf validate: retrainings per subset (seeds of the minibatch order), averaged (5, as "
+                     "kronfluence's LDS protocol)", None)
     seed: int = key(0, "jaxinf validate: seed of the subsets and of the PBRF's document sample", None)
     strategies: list[str] = key(["identity", "diagonal", "kfac", "ekfac"], "jaxinf validate: strategies compared",
                                 None)
