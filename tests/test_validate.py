@@ -38,6 +38,15 @@ def test_lds_by_hand():
     assert out["ci95"] == pytest.approx([0.25 - half, 0.25 + half], abs=1e-6)
 
 
+def test_pbrf_correlation_leaves_out_unconverged_optimizations():
+    scores = np.array([[1.0, 2.0, 3.0, 4.0, 0.0]])
+    response = np.array([[1.0, 2.0, 3.0, 4.0, 100.0]])              # the last optimization diverged
+    ratio = np.array([0.01, 0.02, 0.05, 0.03, 13.0])
+    assert pbrf.converged_pearson(scores, response, ratio) == pytest.approx(1.0)
+    assert pbrf.mean_pearson(scores, response) < 0
+    assert np.isnan(pbrf.converged_pearson(scores, response, np.array([0.01, 0.5, 0.5, 0.02, 13.0])))
+
+
 def test_recall_by_hand():
     scores = np.array([0.5, 0.9, 0.1, 0.7])                       # ranking: doc1, doc3, doc0, doc2
     np.testing.assert_array_equal(recall.ranks(scores), [3, 1, 4, 2])
@@ -272,8 +281,13 @@ def test_validate_with_pbrf(tmp_path):
 
     config = cfg.load(None, TINY + ["validate.pbrf=true", "validate.pbrf_documents=3", "validate.pbrf_iterations=5"])
     result = json.loads(json.dumps(driver.validate(config, tmp_path / "val")))
-    assert set(result["pbrf"]) == {"identity", "diagonal"} and all(isinstance(x, float) for x in result["pbrf"].values())
-    assert result["pbrf_detail"]["damping"] == 0.01 and len(result["pbrf_detail"]["documents"]) == 3
+    detail = result["pbrf_detail"]
+    assert detail["damping"] == 0.01 and len(detail["documents"]) == 3 and len(detail["gradient_norm_ratio"]) == 3
+    assert detail["converged"] == sum(r < detail["converged_below"] for r in detail["gradient_norm_ratio"])
+    assert set(result["pbrf"]) == set(detail["all_documents"]) == {"identity", "diagonal"}
+    assert all(isinstance(x, float) for x in detail["all_documents"].values())
+    # the correlation counts converged optimizations only: with fewer than 3 there is none (null)
+    assert all((x is None) == (detail["converged"] < 3) for x in result["pbrf"].values())
 
 
 # ----------------------------------------------------------------------------- a user's checkpoint

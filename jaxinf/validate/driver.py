@@ -206,11 +206,23 @@ def validate(config: cfg.Config, out: str | Path) -> dict:
                                                     damping=lam, eps=eps, iterations=v.pbrf_iterations)
             write_atomic(pbrf_path, lambda f: np.savez(f, influence=I_pbrf, ratio=ratio))
             log.info("validate: PBRF of %d documents in %.0fs", len(sample), time.perf_counter() - t0)
-        result["pbrf"] = {s: pbrf_mod.mean_pearson(scores[pick[s]][:, sample], I_pbrf) for s in v.strategies}
+        converged = ratio < pbrf_mod.CONVERGED
+        if not converged.all():
+            log.warning("validate: PBRF: %d of %d optimizations did not converge (final gradient norm above %g of "
+                        "its start: %s); they are left out of the correlation",
+                        int((~converged).sum()), len(sample), pbrf_mod.CONVERGED,
+                        ", ".join(world.doc_ids[i] for i in sample[~converged]))
+        result["pbrf"] = {s: pbrf_mod.converged_pearson(scores[pick[s]][:, sample], I_pbrf, ratio)
+                          for s in v.strategies}
         result["pbrf_detail"] = {"documents": [world.doc_ids[i] for i in sample], "epsilon": eps, "damping": lam,
                                  "iterations": v.pbrf_iterations,
+                                 "gradient_norm_ratio": [float(x) for x in ratio],
                                  "gradient_norm_ratio_max": float(np.max(ratio)),
-                                 "correlation": "mean over queries of Pearson's r across the sampled documents"}
+                                 "converged": int(converged.sum()), "converged_below": pbrf_mod.CONVERGED,
+                                 "correlation": "mean over queries of Pearson's r across the sampled documents whose "
+                                                "optimization converged (null: fewer than 3)",
+                                 "all_documents": {s: pbrf_mod.mean_pearson(scores[pick[s]][:, sample], I_pbrf)
+                                                   for s in v.strategies}}
     result["seconds"] = round(time.perf_counter() - t_start, 1)
     result = _finite(result)
     out.mkdir(parents=True, exist_ok=True)

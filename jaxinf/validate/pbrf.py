@@ -119,6 +119,17 @@ def pearson(x: np.ndarray, y: np.ndarray) -> float:
     return float((x * y).sum() / denom) if denom > 0 else float("nan")
 
 
+CONVERGED = 0.1
+"""A PBRF optimization counts as converged when its final gradient norm is below this share of its initial one."""
+
+
+def converged_pearson(scores: np.ndarray, pbrf: np.ndarray, ratio: np.ndarray, threshold: float = CONVERGED) -> float:
+    """:func:`mean_pearson` over the documents whose optimization converged (``ratio < threshold``, ``ratio`` the
+    final/initial gradient norm of each); NaN when fewer than 3 did (a correlation needs at least 3 points)."""
+    keep = np.asarray(ratio) < threshold
+    return mean_pearson(np.asarray(scores)[:, keep], np.asarray(pbrf)[:, keep]) if keep.sum() >= 3 else float("nan")
+
+
 def mean_pearson(scores: np.ndarray, pbrf: np.ndarray) -> float:
     """Mean over queries of Pearson's r between a method's scores and the PBRF influence, both ``[Q, n]``
     (queries where either side is constant are left out)."""
