@@ -67,6 +67,14 @@ def test_end_to_end_numbers_match_direct_computations(tmp_path):
     html = (run / "report" / "index.html").read_text()
     assert "not exported" in html
     assert (run / "report" / "summary.md").read_text().startswith("# Influence analysis")
+    # the paper's findings are tested on the run's own numbers and head the report
+    from jaxinf.analysis import findings
+    first, second = summary["findings"]
+    assert first["name"] == "procedural knowledge" and second["name"] == "answers in the top documents"
+    assert first["p_value"] == summary["correlations"]["comparisons"][0]["p_value"]
+    assert second["holds"] is None and "answer items" in second["statistic"]   # no query here has an answer
+    assert 'id="findings"' in html and findings.verdict_text(second) in html
+    assert findings.verdict_text(first) in (run / "report" / "summary.md").read_text()
     for name in ("correlations.png", "concentration.png", "per_nat.png", "powerlaw.png", "sources.png", "answers.png"):
         assert (run / "report" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert f'src="{name}"' in html

@@ -295,3 +295,56 @@ def test_layer_shares_formula():
 def test_top_tokens():
     out = lay.top_tokens(["a", "b", "c", "d"], np.array([0.1, 3.0, -2.0, 1.0]), 2)
     assert [(t["text"], t["position"]) for t in out] == [("b", 1), ("d", 3)]
+
+
+def _findings_world(reasoning_shared: float, seed: int = 3):
+    """Scores of 6 factual queries (one task, independent documents) and 3 reasoning tasks of 4 queries whose
+    scores share a task component of weight ``reasoning_shared``."""
+    rng = np.random.default_rng(seed)
+    base = {t: rng.normal(size=400) for t in ("arith", "slopes", "linear")}
+    rows, kinds, tasks = [], [], []
+    for _ in range(6):
+        rows.append(rng.normal(size=400)), kinds.append("factual"), tasks.append("facts")
+    for t in base:
+        for _ in range(4):
+            rows.append(reasoning_shared * base[t] + rng.normal(size=400)), kinds.append("reasoning"), tasks.append(t)
+    return corr.correlation_summary(np.corrcoef(np.asarray(rows)), kinds, tasks, 1000, 0)
+
+
+def test_procedural_finding_holds_only_for_a_planted_shared_component():
+    from jaxinf.analysis import findings
+
+    planted = findings.procedural_correlation(_findings_world(1.0))
+    assert planted["holds"] is True and planted["p_value"] < findings.ALPHA
+    assert planted["reasoning"] > 0.3 > abs(planted["factual"])
+    null = findings.procedural_correlation(_findings_world(0.0))
+    assert null["holds"] is False and null["p_value"] > findings.ALPHA
+    none = findings.procedural_correlation(corr.correlation_summary(
+        np.corrcoef(np.random.default_rng(0).normal(size=(4, 50))), ["reasoning"] * 4, ["a", "a", "b", "b"], 100, 0))
+    assert none["holds"] is None and "not testable" in findings.verdict_text(none)
+
+
+def _answers_block(factual: list[bool], reasoning: list[bool], ks=(10, 50, 500)) -> dict:
+    per_query = [{"query": f"{kind}-{i}", "kind": kind, "by_k": [
+        {"k": k, "found_all": f if k == 10 else True, "recall": float(f)} for k in ks]}
+        for kind, flags in (("factual", factual), ("reasoning", reasoning)) for i, f in enumerate(flags)]
+    return {"available": True, "ks": list(ks), "per_query": per_query}
+
+
+def test_answer_finding_is_a_one_sided_fisher_test_at_the_top_one_percent():
+    from jaxinf.analysis import findings
+
+    assert findings.answer_k([10, 50, 500], 3000) == 10        # 1% of 3,000 is 30
+    assert findings.answer_k([10, 50, 500], 5_000_000) == 500
+    assert findings.answer_k([10, 50, 500], 200) == 10          # none within 1%: the smallest
+    res = findings.answers_retrieved(_answers_block([True] * 6, [False] * 14 + [True] * 4), 3000)
+    # hypergeometric tail by hand: 24 queries, 10 found, 6 factual all found
+    assert res["k"] == 10 and res["table"] == [[6, 0], [4, 14]]
+    assert res["p_value"] == pytest.approx(math.comb(10, 6) / math.comb(24, 6), rel=1e-9)
+    assert res["holds"] is True
+    same = findings.answers_retrieved(_answers_block([True, False] * 3, [True, False] * 9), 3000)
+    assert same["holds"] is False and same["p_value"] > 0.5
+    reversed_ = findings.answers_retrieved(_answers_block([False] * 6, [True] * 18), 3000)
+    assert reversed_["holds"] is False
+    assert findings.answers_retrieved({"available": False}, 3000)["holds"] is None
+    assert findings.answers_retrieved(_answers_block([True] * 3, []), 3000)["holds"] is None

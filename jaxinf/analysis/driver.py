@@ -31,6 +31,7 @@ from jaxinf.analysis import answers as ans
 from jaxinf.analysis.breakdowns import read_breakdowns, summarize_breakdowns
 from jaxinf.analysis import concentration as conc
 from jaxinf.analysis import correlations as corr
+from jaxinf.analysis import findings as fnd
 from jaxinf.analysis import powerlaw as pl
 from jaxinf.analysis import sources as src
 from jaxinf.analysis.groups import by_kind, compare_kinds, describe, present_kinds
@@ -177,6 +178,7 @@ def analyze(run_dir, options: Options = Options(), text_source: TextSource | Non
     timings["layers_tokens_s"] = time.time() - t
 
     t = time.time()
+    correlations = _correlations_block(r, queries, o)
     summary = {
         "version": SUMMARY_VERSION,
         "run_dir": str(run_dir),
@@ -186,7 +188,8 @@ def analyze(run_dir, options: Options = Options(), text_source: TextSource | Non
         "notes": notes,
         "queries": _queries_block(queries),
         "documents": _documents_block(docs, shares),
-        "correlations": _correlations_block(r, queries, o),
+        "correlations": correlations,
+        "findings": fnd.evaluate(correlations, answers, N),
         "concentration": _concentration_block(queries, rows, totals, o, already_per_nat, N),
         "powerlaw": _powerlaw_block(queries, rows, sizes.top_n),
         "sources": _sources_block(queries, docs, rows, sizes.source_ks),

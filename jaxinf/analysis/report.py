@@ -16,6 +16,7 @@ import matplotlib
 import numpy as np
 from matplotlib.figure import Figure
 
+from jaxinf.analysis import findings as fnd
 from jaxinf.analysis.groups import present_kinds
 from jaxinf.analysis.layers import BINS
 
@@ -322,7 +323,7 @@ def write_report(out: Path, s: dict, queries, rows, fetched, texts, docs, o) -> 
     if s["layers"].get("available"):
         make("layers.png", fig_layers, s)
 
-    parts = [_head(s), _notes(s), _sec_correlations(s), _sec_concentration(s), _sec_powerlaw(s),
+    parts = [_head(s), _notes(s), _sec_findings(s), _sec_correlations(s), _sec_concentration(s), _sec_powerlaw(s),
              _sec_sources(s), _sec_answers(s), _sec_layers_tokens(s, queries), _sec_queries(s, queries, rows, fetched,
                                                                                           texts, docs, o)]
     (out / "index.html").write_text("".join(parts) + "</main></body></html>\n", encoding="utf-8")
@@ -355,6 +356,15 @@ def _notes(s: dict) -> str:
         return '<section id="notes"><p>No fallbacks were used and nothing was skipped.</p></section>'
     items = "".join(f"<li>{esc(n)}</li>" for n in s["notes"])
     return f'<section id="notes" class="notes"><h2>Notes and fallbacks</h2><ul>{items}</ul></section>'
+
+
+def _sec_findings(s: dict) -> str:
+    rows = [[esc(f["name"]), esc(f["claim"]), esc(f["statistic"]), esc(f["test"]), esc(fnd.verdict_text(f))]
+            for f in s.get("findings", [])]
+    return ('<section id="findings"><h2>Findings of Ruis et al. (2024), tested on this run</h2>'
+            f"<p>Each finding holds when its effect goes the claimed way at p &lt; {fnd.ALPHA}; "
+            "the sections below have the numbers behind it.</p>"
+            + _table(["finding", "claim", "measured", "test", "verdict"], rows) + "</section>")
 
 
 def _sec_correlations(s: dict) -> str:
@@ -543,8 +553,11 @@ def summary_markdown(s: dict) -> str:
     L = [f"# Influence analysis: {s['n_queries']} queries x {s['n_documents']} documents", ""]
     if s["notes"]:
         L += ["## Notes", ""] + [f"- {_md(n)}" for n in s["notes"]] + [""]
+    L += ["## Findings of Ruis et al. (2024), tested on this run", ""]
+    for f in s.get("findings", []):
+        L.append(f"- **{f['name']}** ({f['claim']}): {fnd.verdict_text(f)}. {f['statistic']}. Test: {f['test']}.")
     c = s["correlations"]
-    L += ["## Within-task correlations", "", "| task | kind | pairs | mean r | std |", "|---|---|---|---|---|"]
+    L += ["", "## Within-task correlations", "", "| task | kind | pairs | mean r | std |", "|---|---|---|---|---|"]
     for t, d in c["within_task"].items():
         L.append(f"| {_md(t)} | {d['kind']} | {d['n']} | {_m(d['mean'])} | {_m(d['std'])} |")
     L += ["", "| comparison | mean A - mean B | p (permutation) |", "|---|---|---|"]

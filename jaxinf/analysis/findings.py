@@ -1,0 +1,100 @@
+"""The paper's two headline findings as tests that a run passes or fails (Ruis et al. 2024, sections 5.1-5.2).
+
+Each finding is a claim about the model, a statistic computed from this run's
+summary, a test with a p-value, and a verdict: ``holds`` is true when the
+effect goes the claimed way *and* ``p < ALPHA``, false when it does not, and
+None when the run lacks the queries to test it (no factual or no reasoning
+queries, no document texts). Nothing here knows which world produced the
+scores; the demo's report reads the same verdicts as a user's run.
+
+1. *Procedural knowledge.* Reasoning queries of one task draw on the same
+   documents, factual queries on different ones: the mean within-task Pearson
+   correlation of influence is higher for reasoning queries than for factual
+   ones. Test: the permutation test of the correlation block's comparison
+   "within task: reasoning vs factual" (labels permuted across queries,
+   two-sided).
+2. *Answers are retrieved for facts, not for reasoning.* A factual query's
+   answer occurs in its top-k documents more often than a reasoning query's.
+   A query counts as found when every one of its answer items occurs in one of
+   its top-k documents (:mod:`jaxinf.analysis.answers`). Test: one-sided
+   Fisher exact test on the 2 x 2 table (factual, reasoning) x (found, not).
+   ``k`` is the largest searched k within the top 1% of the documents (the
+   paper's 500 of 5 million is 0.01%), or the smallest searched k if none is.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+ALPHA = 0.01
+TOP_SHARE = 0.01
+
+
+def answer_k(ks: Sequence[int], n_documents: int) -> int:
+    """The k of finding 2: the largest of ``ks`` that is at most ``TOP_SHARE * n_documents``, else the smallest."""
+    within = [k for k in ks if k <= TOP_SHARE * n_documents]
+    return max(within) if within else min(ks)
+
+
+def _verdict(effect_right_way: bool, p: float) -> bool:
+    return bool(effect_right_way and p < ALPHA)
+
+
+def procedural_correlation(correlations: dict) -> dict:
+    """Finding 1 from the correlation block: its "within task: reasoning vs factual" comparison."""
+    out = {"name": "procedural knowledge",
+           "claim": "reasoning queries of one task correlate more with each other (within-task Pearson r of their "
+                    "influence over all documents) than factual queries do",
+           "test": f"permutation of (kind, task) labels across queries, two-sided; holds if the difference is "
+                   f"positive and p < {ALPHA}"}
+    cmp = next((c for c in correlations["comparisons"] if c["name"] == "within task: reasoning vs factual"), None)
+    if cmp is None or cmp["p_value"] is None:
+        return {**out, "holds": None, "p_value": None,
+                "statistic": "not testable: the run needs at least two reasoning and two factual queries of a task"}
+    a = correlations["within_task_by_kind"]["reasoning"]["mean"]
+    b = correlations["within_task_by_kind"]["factual"]["mean"]
+    return {**out, "holds": _verdict(cmp["difference"] > 0, cmp["p_value"]), "p_value": cmp["p_value"],
+            "reasoning": a, "factual": b, "difference": cmp["difference"],
+            "statistic": f"mean within-task r: reasoning {a:.3g} ({cmp['n_pairs_a']} pairs), factual {b:.3g} "
+                         f"({cmp['n_pairs_b']} pairs)"}
+
+
+def answers_retrieved(answers: dict, n_documents: int) -> dict:
+    """Finding 2 from the answers block: factual vs reasoning queries whose answer occurs in the top k."""
+    from scipy.stats import fisher_exact
+
+    out = {"name": "answers in the top documents",
+           "claim": "factual queries find their answer in their top documents more often than reasoning queries do",
+           "test": f"one-sided Fisher exact test (factual, reasoning) x (every answer item found in the top k, "
+                   f"not); holds if the factual share is larger and p < {ALPHA}"}
+    if not answers.get("available"):
+        return {**out, "holds": None, "p_value": None, "statistic": "not testable: no document texts"}
+    k = answer_k(answers["ks"], n_documents)
+    j = list(answers["ks"]).index(k)
+    found = {"factual": [], "reasoning": []}
+    for q in answers["per_query"]:
+        row = q["by_k"][j]
+        if q["kind"] in found and row["recall"] is not None:
+            found[q["kind"]].append(bool(row["found_all"]))
+    f, r = found["factual"], found["reasoning"]
+    if not f or not r:
+        return {**out, "k": k, "holds": None, "p_value": None,
+                "statistic": "not testable: the run needs factual and reasoning queries with answer items"}
+    table = [[sum(f), len(f) - sum(f)], [sum(r), len(r) - sum(r)]]
+    p = float(fisher_exact(table, alternative="greater").pvalue)
+    share_f, share_r = sum(f) / len(f), sum(r) / len(r)
+    return {**out, "k": k, "holds": _verdict(share_f > share_r, p), "p_value": p, "factual": share_f,
+            "reasoning": share_r, "table": table,
+            "statistic": f"answer in the top {k}: factual {sum(f)}/{len(f)}, reasoning {sum(r)}/{len(r)}"}
+
+
+def evaluate(correlations: dict, answers: dict, n_documents: int) -> list[dict]:
+    """Both findings, in the paper's order."""
+    return [procedural_correlation(correlations), answers_retrieved(answers, n_documents)]
+
+
+def verdict_text(f: dict) -> str:
+    """One line: "holds", "does not hold" or "not testable", with the p-value."""
+    if f["holds"] is None:
+        return "not testable"
+    return ("holds" if f["holds"] else "does not hold") + f" (p = {f['p_value']:.2g})"
