@@ -31,6 +31,9 @@ DEMO_CONFIG = {
 }
 
 
+QUERIES_PER_TASK = 8
+
+
 def main(out: str | Path = "runs/demo", n_documents: int = 3000, train_steps: int = 1200) -> Path:
     """Runs (or resumes, or reuses) every step of the demo; returns the run directory."""
     from jaxinf import config as cfg
@@ -49,12 +52,9 @@ def main(out: str | Path = "runs/demo", n_documents: int = 3000, train_steps: in
     lm, tok, model_dir = train.train(out, [d["text"] for d in docs], steps=train_steps)
     queries_path = data / "queries.jsonl"
     if not queries_path.exists():
-        prompts = corpus.queries(0)
+        prompts = corpus.queries(0, QUERIES_PER_TASK)
         completions = train.complete(lm, tok, [q.prompt for q in prompts])
-        write_jsonl(queries_path, [{"id": q.id, "prompt": q.prompt, "completion": c, "kind": q.kind,
-                                     "task": q.task, "answer": q.answer or None,
-                                     **({"supports": corpus.supports(docs, q)} if q.fact else {})}
-                                    for q, c in zip(prompts, completions)])
+        write_jsonl(queries_path, [query_row(q, c, docs) for q, c in zip(prompts, completions)])
         log.info("demo: the model completed %d queries (%s)", len(prompts), queries_path)
     config_path = out / "config.yaml"
     raw = {**DEMO_CONFIG, "model": {"checkpoint": str(model_dir)},
@@ -68,8 +68,30 @@ def main(out: str | Path = "runs/demo", n_documents: int = 3000, train_steps: in
     return run_dir
 
 
+def query_row(q, completion: str, docs: list[dict]) -> dict:
+    """A row of ``queries.jsonl``. Its ``answer`` is what the analysis searches the top documents for: a
+    factual query's fact, and the final number of a reasoning query's completion, i.e. the answer the model
+    gave, right or wrong (searching for a correct answer the model did not give would say nothing about
+    where the model's answer came from); ``correct_answer`` keeps the right one."""
+    from jaxinf.analysis.answers import numbers_in
+    from jaxinf.demo import corpus
+
+    row = {"id": q.id, "prompt": q.prompt, "completion": completion, "kind": q.kind, "task": q.task,
+           "answer": q.answer or None}
+    if q.kind == "reasoning":
+        given = numbers_in(completion)
+        row["answer"] = given[-1] if given else None
+        row["correct_answer"] = q.answer
+    if q.fact:
+        row["supports"] = corpus.supports(docs, q)
+    return row
+
+
 def _print_highlights(run_dir: Path) -> None:
-    """For one query of each task: its completion and the sources of its three most influential documents."""
+    """For one query of each task: its completion and the sources of its three most influential documents;
+    then the verdict on each of the paper's findings (:mod:`jaxinf.analysis.findings`)."""
+    from jaxinf.analysis.findings import verdict_text
+
     queries = {q["id"]: q for q in map(json.loads, (run_dir / "queries.jsonl").read_text().splitlines())}
     seen = set()
     for line in (run_dir / "topk.jsonl").read_text().splitlines():
@@ -81,3 +103,7 @@ def _print_highlights(run_dir: Path) -> None:
         print(f"\n[{q['kind']}/{q['task']}] {q['prompt']!r} -> {q['completion']!r}")
         for doc in row["top"][:3]:
             print(f"  {doc['score']:+10.2f}  {doc['source']:<10}  {doc['snippet'][:90]}")
+    summary = json.loads((run_dir / "summary.json").read_text())
+    print()
+    for f in summary["findings"]:
+        print(f"finding, {f['name']}: {verdict_text(f)}; {f['statistic']}")

@@ -10,6 +10,12 @@ state the answer, and reasoning questions from documents that show the
   its own random numbers;
 - ``filler``: sentences with neither.
 
+So that the paper's findings *can* show, and neither is forced (docs/analysis.md):
+the numbers run to tens and hundreds, so a given answer is rare in the corpus;
+the problems of the first ``HELD_OUT`` queries of each task never occur in it,
+so no document works a query's own problem; and the tokenizer spells numbers
+digit by digit (:func:`jaxinf.demo.train.build_tokenizer`).
+
 Everything is generated from a seed, so the corpus (and the demo) is the same
 on every machine. Queries come in the paper's kinds: factual, reasoning
 (arithmetic, slopes, linear equations) and control (same surface form, no fact
@@ -43,8 +49,9 @@ class Query:
     prompt: str
     kind: str
     task: str
-    answer: str
+    answer: str                           # the final answer (searched for in the top documents)
     fact: tuple[str, str] | None = None   # (town, trait) of a factual query
+    next: str = ""                        # the correct text right after the prompt (empty for controls)
 
 
 def town_names(rng: np.random.Generator, n: int) -> list[str]:
@@ -61,19 +68,20 @@ def towns_and_facts(seed: int, n_towns: int = 12) -> dict[str, dict[str, str]]:
     return {t: {trait: str(rng.choice(values)) for trait, values in TRAITS.items()} for t in town_names(rng, n_towns)}
 
 
-def arithmetic(rng) -> tuple[dict, int]:
-    a, b, c = (int(v) for v in rng.integers(1, 10, 3))
-    return dict(a=a, b=b, c=c, x=a + b, y=(a + b) * c), (a + b) * c
+def arithmetic(rng) -> dict:
+    a, b = (int(v) for v in rng.integers(10, 50, 2))
+    c = int(rng.integers(3, 10))
+    return dict(a=a, b=b, c=c, x=a + b, y=(a + b) * c)
 
 
 def slope(rng) -> dict:
-    x1, y1 = (int(v) for v in rng.integers(0, 10, 2))
-    dx, m = int(rng.integers(1, 5)), int(rng.integers(1, 5))
+    x1, y1 = (int(v) for v in rng.integers(0, 30, 2))
+    dx, m = int(rng.integers(2, 10)), int(rng.integers(40, 100))
     return dict(x1=x1, y1=y1, x2=x1 + dx, y2=y1 + m * dx, dy=m * dx, dx=dx, m=m)
 
 
 def linear(rng) -> dict:
-    a, x, b = int(rng.integers(2, 6)), int(rng.integers(1, 10)), int(rng.integers(1, 10))
+    a, x, b = int(rng.integers(3, 10)), int(rng.integers(50, 100)), int(rng.integers(10, 50))
     return dict(a=a, b=b, c=a * x + b, ax=a * x, x=x)
 
 
@@ -89,13 +97,35 @@ CODE = {
               "slope ( {x1} , {y1} , {x2} , {y2} ) # = {dy} / {dx} = {m}",
     "linear": "# solve {a} * x + {b} = {c} \n ax = {c} - {b} # {ax} \n x = ax / {a} # {x}",
 }
-MAKERS = {"arithmetic": lambda rng: arithmetic(rng)[0], "slopes": slope, "linear": linear}
+MAKERS = {"arithmetic": arithmetic, "slopes": slope, "linear": linear}
+# What a reasoning query shows of its problem (its prompt's numbers) and what it asks for (the final answer).
+PROMPTS = {
+    "arithmetic": "let x = {a} + {b} . so x =",
+    "slopes": "the slope between ( {x1} , {y1} ) and ( {x2} , {y2} ) is ( {y2} - {y1} ) / ( {x2} - {x1} ) =",
+    "linear": "solve {a} * x + {b} = {c} . first {a} * x =",
+}
+PROBLEM = {"arithmetic": ("a", "b"), "slopes": ("x1", "y1", "x2", "y2"), "linear": ("a", "b", "c")}
+ANSWER = {"arithmetic": "y", "slopes": "m", "linear": "x"}
+NEXT = {"arithmetic": "x", "slopes": "m", "linear": "ax"}   # the number right after the prompt
+HELD_OUT = 16   # the first HELD_OUT query problems of each task never occur in the corpus
+
+
+def query_problems(seed: int, task: str, n: int) -> list[dict]:
+    """The first ``n`` problems of a task's queries: a random stream of their own per task, so that
+    asking for more queries extends the list and never changes it."""
+    rng = np.random.default_rng([seed + 1, list(MAKERS).index(task)])
+    return [MAKERS[task](rng) for _ in range(n)]
+
+
+def problem_key(task: str, values: dict) -> tuple:
+    return (task, *(values[k] for k in PROBLEM[task]))
 
 
 def documents(seed: int = 0, n_documents: int = 3000) -> list[dict]:
     """The corpus as JSONL rows ``{"id", "text", "source"}``: about 30% facts, 55% procedures, 15% filler."""
     rng = np.random.default_rng(seed)
     towns = towns_and_facts(seed)
+    held_out = {problem_key(t, v) for t in MAKERS for v in query_problems(seed, t, HELD_OUT)}
     docs = []
     for i in range(n_documents):
         u = rng.random()
@@ -107,6 +137,8 @@ def documents(seed: int = 0, n_documents: int = 3000) -> list[dict]:
         elif u < 0.85:
             task = str(rng.choice(list(MAKERS)))
             values = MAKERS[task](rng)
+            while problem_key(task, values) in held_out:
+                values = MAKERS[task](rng)
             code = rng.random() < 0.4
             text = (CODE if code else PROSE)[task].format(**values)
             source = "math_code" if code else "math_prose"
@@ -131,10 +163,15 @@ def supports(docs: list[dict], query: Query, seed: int = 0) -> list[str]:
 def queries(seed: int = 0, per_task: int = 4) -> list[Query]:
     """Factual, reasoning and control queries (prompts only: the trained model writes the completions).
 
-    Reasoning prompts draw their numbers from a separate random stream, so they
-    generally differ from the worked examples in the corpus; whether the
-    answers nonetheless occur in the top documents is one of the analyses.
+    Reasoning prompts draw their problems from a stream of their own per task
+    (:func:`query_problems`), and the corpus holds none of them out of the first
+    ``HELD_OUT``; whether the answers nonetheless occur in the top documents is
+    one of the analyses. A query's ``answer`` is its final answer; ``next`` is
+    the number right after its prompt (the built-in validation world measures it).
     """
+    if per_task > HELD_OUT:
+        raise ValueError(f"per_task={per_task}: at most {HELD_OUT} (only that many query problems are held out "
+                         "of the corpus)")
     rng = np.random.default_rng(seed + 1)
     towns = towns_and_facts(seed)
     out: list[Query] = []
@@ -144,20 +181,12 @@ def queries(seed: int = 0, per_task: int = 4) -> list[Query]:
         trait = list(TRAITS)[i % len(TRAITS)]
         prompt = {"river": f"the river of {town} is the", "food": f"the famous food of {town} is",
                   "color": f"the flag of {town} is"}[trait]
-        out.append(Query(f"factual-{i}", prompt, "factual", "facts", towns[town][trait], (town, trait)))
-    for i in range(per_task):
-        v, y = arithmetic(rng)
-        out.append(Query(f"arithmetic-{i}", f"let x = {v['a']} + {v['b']} . so x =", "reasoning", "arithmetic",
-                         str(v["x"])))
-    for i in range(per_task):
-        v = slope(rng)
-        out.append(Query(f"slopes-{i}", f"the slope between ( {v['x1']} , {v['y1']} ) and ( {v['x2']} , {v['y2']} ) is "
-                         f"( {v['y2']} - {v['y1']} ) / ( {v['x2']} - {v['x1']} ) =", "reasoning", "slopes",
-                         str(v["m"])))
-    for i in range(per_task):
-        v = linear(rng)
-        out.append(Query(f"linear-{i}", f"solve {v['a']} * x + {v['b']} = {v['c']} . first {v['a']} * x =",
-                         "reasoning", "linear", str(v["ax"])))
+        out.append(Query(f"factual-{i}", prompt, "factual", "facts", towns[town][trait], (town, trait),
+                         towns[town][trait]))
+    for task in MAKERS:
+        for i, v in enumerate(query_problems(seed, task, per_task)):
+            out.append(Query(f"{task}-{i}", PROMPTS[task].format(**v), "reasoning", task, str(v[ANSWER[task]]),
+                             next=str(v[NEXT[task]])))
     for i in range(per_task // 2):
         town = names[(i + 5) % len(names)]
         out.append(Query(f"factual-control-{i}", f"we walked along a road in {town} and the", "control",

@@ -28,16 +28,24 @@ SPECIAL = ("<pad>", "<bos>", "<eos>", "<unk>")
 
 
 def build_tokenizer(texts: list[str]):
-    """A word-level tokenizer over the corpus words, with ``<bos> text <eos>`` for documents.
+    """A word-level tokenizer over the corpus words whose numbers are spelled digit by digit.
 
-    Decoding joins words with single spaces, so a decoded completion re-encodes to the same tokens.
+    Every whitespace-separated word of the corpus that is not a number is one
+    token; a number is its digits (``305`` -> ``3 ##0 ##5``, a WordPiece
+    vocabulary of ``0``-``9`` and ``##0``-``##9``), so the model meets numbers
+    it never saw in training as digits it knows, as a BPE model would. Documents
+    are encoded as ``<bos> text <eos>``. Decoding joins words with single spaces
+    and digits within a number, so a decoded completion re-encodes to the same
+    tokens.
     """
-    from tokenizers import Tokenizer, models as tmodels, pre_tokenizers, processors
+    from tokenizers import Tokenizer, decoders, models as tmodels, pre_tokenizers, processors
 
-    words = sorted({w for t in texts for w in t.split()})
-    vocab = {tok: i for i, tok in enumerate(list(SPECIAL) + words)}
-    tok = Tokenizer(tmodels.WordLevel(vocab, unk_token="<unk>"))
+    digits = [str(d) for d in range(10)]
+    words = sorted({w for t in texts for w in t.split() if not w.isdigit()})
+    vocab = {tok: i for i, tok in enumerate(list(SPECIAL) + digits + ["##" + d for d in digits] + words)}
+    tok = Tokenizer(tmodels.WordPiece(vocab, unk_token="<unk>", continuing_subword_prefix="##"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.decoder = decoders.WordPiece(prefix="##", cleanup=False)
     tok.post_processor = processors.TemplateProcessing(
         single="<bos> $A <eos>", special_tokens=[("<bos>", vocab["<bos>"]), ("<eos>", vocab["<eos>"])])
     return tok

@@ -62,12 +62,12 @@ def builtin(n_documents: int = 128, per_task: int = 6, seed: int = 0) -> World:
 
     docs = corpus.documents(seed, n_documents)
     texts = [d["text"] for d in docs]
-    tok = train.build_tokenizer(texts + [q.prompt + " " + q.answer for q in corpus.queries(seed, per_task)])
+    tok = train.build_tokenizer(texts + [q.prompt + " " + q.next for q in corpus.queries(seed, per_task)])
     ids = [e.ids for e in tok.encode_batch(texts)]
     T = int(max(map(len, ids)))
-    queries = [q for q in corpus.queries(seed, per_task) if q.answer]
+    queries = [q for q in corpus.queries(seed, per_task) if q.next]
     bos = tok.token_to_id("<bos>")
-    q_ids = [[bos] + tok.encode(q.prompt, add_special_tokens=False).ids + tok.encode(q.answer, add_special_tokens=False).ids
+    q_ids = [[bos] + tok.encode(q.prompt, add_special_tokens=False).ids + tok.encode(q.next, add_special_tokens=False).ids
              for q in queries]
     prompt_lengths = [1 + len(tok.encode(q.prompt, add_special_tokens=False).ids) for q in queries]
     hf = train.hf_config(tok.get_vocab_size(), max_positions=max(T, max(map(len, q_ids))), **BUILTIN_MODEL)
