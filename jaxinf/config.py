@@ -136,8 +136,8 @@ class ValidateConfig:
     group: int = key(16, "jaxinf validate: retrainings run together as one vmap-ed program", None)
     recall_k: list[int] = key([1, 5, 10], "jaxinf validate: k of Recall@k (queries with a supports field)", None)
     pbrf: bool = key(False, "jaxinf validate: also compute the proximal Bregman response of a sample of documents "
-                     "(small models: minutes per document on a CPU)", None)
-    pbrf_documents: int = key(8, "jaxinf validate: documents sampled for the PBRF", None)
+                     "(small models: seconds to minutes per document on a CPU)", None)
+    pbrf_documents: int = key(32, "jaxinf validate: documents sampled for the PBRF", None)
     pbrf_epsilon: float | None = key(None, "jaxinf validate: up-weighting of a document in the PBRF (null: 1/N)", None)
     pbrf_iterations: int = key(50, "jaxinf validate: L-BFGS iterations of each PBRF optimization", None)
     builtin_documents: int = key(128, "jaxinf validate without model.checkpoint: documents of the built-in world",

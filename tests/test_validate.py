@@ -275,12 +275,45 @@ def test_pbrf_is_the_damped_gauss_newton_response_for_small_eps():
         jax.config.update("jax_enable_x64", False)
 
 
+def test_pbrf_chunks_resume_from_the_finished_ones(tmp_path):
+    """The PBRF's documents run ``chunk`` at a time (one shape, the last chunk padded), each finished chunk written
+    and read back on the next call, so a killed run loses at most one chunk; an unreadable unit or one of other
+    documents is recomputed."""
+    calls = []
+
+    def fn(idx):                       # stands in for one vmap-ed chunk of optimizations
+        calls.append(list(idx))
+        return np.stack([idx * 10.0, idx * 100.0], 1), idx / 1000.0
+
+    units = tmp_path / "pbrf"
+    values, ratio = pbrf.in_chunks(fn, [1, 4, 7], 2, units)
+    assert calls == [[1, 4], [7, 7]]                                     # one shape: the last chunk padded
+    np.testing.assert_array_equal(values, [[10, 100], [40, 400], [70, 700]])
+    np.testing.assert_array_equal(ratio, [0.001, 0.004, 0.007])
+    assert sorted(p.name for p in units.iterdir()) == ["chunk_00000.npz", "chunk_00002.npz"]
+    calls.clear()
+    assert np.array_equal(pbrf.in_chunks(fn, [1, 4, 7], 2, units)[0], values) and calls == []   # all read back
+    (units / "chunk_00002.npz").write_bytes(b"not a zip")              # torn by a kill: recomputed
+    pbrf.in_chunks(fn, [1, 4, 7], 2, units)
+    assert calls == [[7, 7]]
+    calls.clear()
+    values2, _ = pbrf.in_chunks(fn, [2, 4, 7], 2, units)               # other documents: not reused
+    assert calls == [[2, 4]] and values2[0].tolist() == [20, 200]
+    seen = []
+    pbrf.in_chunks(fn, [2, 4, 7], 2, units, lambda n, computed: seen.append((n, computed)))
+    assert seen == [(2, False), (1, False)]                             # progress counts read-back chunks too
+    seen.clear()
+    pbrf.in_chunks(fn, [5], 8, None, lambda n, computed: seen.append((n, computed)))   # no units: nothing written
+    assert seen == [(1, True)] and calls[-1] == [5]
+
+
 @pytest.mark.heavy
 def test_validate_with_pbrf(tmp_path):
     from jaxinf.validate import driver
 
     config = cfg.load(None, TINY + ["validate.pbrf=true", "validate.pbrf_documents=3", "validate.pbrf_iterations=5"])
     result = json.loads(json.dumps(driver.validate(config, tmp_path / "val")))
+    assert len(list((tmp_path / "val").rglob("pbrf_*/chunk_00000.npz"))) == 1   # the chunk units of the optimization
     detail = result["pbrf_detail"]
     assert detail["damping"] == 0.01 and len(detail["documents"]) == 3 and len(detail["gradient_norm_ratio"]) == 3
     assert detail["converged"] == sum(r < detail["converged_below"] for r in detail["gradient_norm_ratio"])

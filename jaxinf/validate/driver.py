@@ -9,7 +9,8 @@ Layout of the output directory ``DIR``::
         full.npz                 the model trained on all documents (the one that is scored)
         scores/<strategy>_<damping>.npy
         units/s<subset>_r<seed>.npy   the queries' measurements under one retrained model
-        pbrf.npy                 the PBRF influence of the sampled documents
+        pbrf_<settings>.npz      the PBRF influence of the sampled documents
+        pbrf_<settings>/chunk_<first>.npz   one chunk of PBRF optimizations (a killed run resumes from them)
 
 Every file is written atomically, so a killed validation restarts from what
 was saved. Settings that change the retrainings (the world, ``validate.from``,
@@ -203,7 +204,8 @@ def validate(config: cfg.Config, out: str | Path) -> dict:
         else:
             t0 = time.perf_counter()
             I_pbrf, ratio = pbrf_mod.pbrf_influence(world.lm, task, params, docs, queries, sample, list(layers),
-                                                    damping=lam, eps=eps, iterations=v.pbrf_iterations)
+                                                    damping=lam, eps=eps, iterations=v.pbrf_iterations,
+                                                    units=pbrf_path.with_suffix(""))
             write_atomic(pbrf_path, lambda f: np.savez(f, influence=I_pbrf, ratio=ratio))
             log.info("validate: PBRF of %d documents in %.0fs", len(sample), time.perf_counter() - t0)
         converged = ratio < pbrf_mod.CONVERGED

@@ -32,11 +32,15 @@ reported so a reader can see how converged it is.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
+from jaxinf.atomic import write_atomic
+from jaxinf.progress import Progress
 from jaxinf.validate.retrain import measurements
 
 
@@ -101,15 +105,72 @@ def make_pbrf(lm, task, mask, *, damping: float, eps: float, iterations: int):
 
 
 def pbrf_influence(lm, task, params_s, documents, queries, doc_indices, layer_names, *, damping: float, eps: float,
-                   iterations: int) -> tuple[np.ndarray, np.ndarray]:
-    """``I_pbrf`` ``[Q, len(doc_indices)]`` and each optimization's final/initial gradient norm."""
+                   iterations: int, units: Path | None = None, chunk: int = 4) -> tuple[np.ndarray, np.ndarray]:
+    """``I_pbrf`` ``[Q, len(doc_indices)]`` and each optimization's final/initial gradient norm.
+
+    The documents are optimized ``chunk`` at a time, one ``vmap``-ed program, resumably
+    (:func:`in_chunks`: with ``units``, a killed run loses at most the chunk in flight). A small chunk
+    costs little: the line search runs every document of a chunk to the slowest one anyway.
+    """
     mask = tracked_mask(params_s, layer_names)
     ref = jax.nn.log_softmax(_at_least_f32(lm.apply(params_s, documents["tokens"], documents["mask"])), -1)
-    base = measurements(task, params_s, queries)
+    base = np.asarray(measurements(task, params_s, queries))
     response = make_pbrf(lm, task, mask, damping=damping, eps=eps, iterations=iterations)
     run = jax.jit(jax.vmap(response, in_axes=(None, None, None, None, 0)))
-    meas, ratio = run(params_s, ref, documents, queries, jnp.asarray(doc_indices, jnp.int32))
-    return -(np.asarray(meas) - np.asarray(base)[None]).T / eps, np.asarray(ratio)
+    doc_indices = np.asarray(doc_indices, np.int64)
+    tokens = int(np.asarray(documents["weights"]).sum()) * iterations
+    progress = Progress("pbrf", len(doc_indices), unit="documents", interval=30.0)
+
+    def optimize(idx):
+        meas, ratio = run(params_s, ref, documents, queries, jnp.asarray(idx, jnp.int32))
+        return np.asarray(meas), np.asarray(ratio)
+
+    meas, ratio = in_chunks(optimize, doc_indices, chunk, units,
+                            lambda n, computed: progress.update(tokens * n if computed else 0, n))
+    progress.close()
+    return -(meas - base[None]).T / eps, ratio
+
+
+def in_chunks(fn, indices: np.ndarray, chunk: int, units: Path | None = None, done=None):
+    """``fn`` over ``indices`` ``chunk`` at a time, concatenated: ``fn(idx [chunk]) -> (values [chunk, ...],
+    ratio [chunk])``. The last chunk is padded by repeating its first index, so ``fn`` sees one shape (one
+    compilation). With ``units``, each chunk's result is written there (``chunk_<first position>.npz``,
+    atomically) as it finishes and read back instead of recomputed; a unit that is unreadable or holds other
+    indices is recomputed. ``done(n, computed)`` is called after each chunk with its count and whether it was
+    computed (rather than read back)."""
+    indices = np.asarray(indices, np.int64)
+    n = len(indices)
+    chunk = max(1, min(chunk, n))
+    values, ratio = [], []
+    for lo in range(0, n, chunk):
+        idx = indices[lo : lo + chunk]
+        path = None if units is None else Path(units) / f"chunk_{lo:05d}.npz"
+        got = _read_unit(path, idx)
+        computed = got is None
+        if computed:
+            v, r = fn(np.concatenate([idx, np.full(chunk - len(idx), idx[0])]))
+            got = np.asarray(v)[: len(idx)], np.asarray(r)[: len(idx)]
+            if path is not None:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                write_atomic(path, lambda f: np.savez(f, documents=idx, values=got[0], ratio=got[1]))
+        values.append(got[0])
+        ratio.append(got[1])
+        if done is not None:
+            done(len(idx), computed)
+    return np.concatenate(values), np.concatenate(ratio)
+
+
+def _read_unit(path: Path | None, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """A finished chunk's (values, ratios), or None when it is missing, unreadable or of other indices."""
+    if path is None or not path.exists():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            if not np.array_equal(z["documents"], idx):
+                return None
+            return z["values"], z["ratio"]
+    except (OSError, ValueError, KeyError, EOFError):
+        return None
 
 
 def pearson(x: np.ndarray, y: np.ndarray) -> float:
