@@ -87,6 +87,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxinf.partitioning import unpadded
+
 Array = jax.Array
 Params = Any
 Batch = Any
@@ -324,6 +326,7 @@ class Tap:
 
         def step(c, xs):
             layer_params, layer_probes = xs
+            layer_probes = unpadded(layer_probes)     # a context stack padded by partitioning.streamed
             tap = Tap(discovery if discovery is not None else probes, _prefix=self._prefix + inner_prefix,
                       _stack=length, _layer=layer_probes)
             return body(c, layer_params, tap), None
@@ -435,7 +438,7 @@ def layer_statistics(
             if spec.stacked and leaf.shape[:1] != spec.lead:
                 raise CaptureError(f"layer {name!r}: context of leading shape {leaf.shape[:1]} for a block of "
                                    f"{spec.lead[0]} tracked layers")
-        one = jax.tree.map(lambda x: x[0], c) if spec.stacked else c
+        one = unpadded(jax.tree.map(lambda x: x[0], c)) if spec.stacked else c
         result = _result_shape(statistic, spec, mask.shape, one)
         lead = (spec.stack,) if spec.stacked else ()
         z[name] = jax.tree.map(lambda r: jnp.zeros(lead + r.shape, r.dtype), result)

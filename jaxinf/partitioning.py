@@ -52,6 +52,7 @@ split over it (a large parameter, a factor, a query gradient, a batch), a
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping
 from typing import Any
@@ -61,7 +62,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jaxinf.axes import Axes, declared_axes
+from jaxinf.axes import LAYERS, Axes, declared_axes
 
 AXES = ("data", "model")
 ALL = AXES  # a dimension split over every device (data-major)
@@ -153,6 +154,65 @@ def constrain(x: jax.Array, axes: tuple[str, ...], family: str = "activation") -
     except ShardingError:   # one layer's share of a state split along its layers: left to XLA
         return x
     return jax.lax.with_sharding_constraint(x, spec)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Padded:
+    """A stack whose per-layer arrays were padded by :func:`streamed`; ``shape``: one layer's true shape."""
+
+    array: jax.Array
+    shape: tuple[int, ...] = dataclasses.field(metadata=dict(static=True))
+
+    def unpad(self) -> jax.Array:
+        """The true array: ``array`` sliced to ``shape`` on its trailing dimensions (any leading layer axis kept)."""
+        lead = self.array.ndim - len(self.shape)
+        return self.array[(slice(None),) * lead + tuple(slice(0, n) for n in self.shape)]
+
+
+def unpadded(tree):
+    """``tree`` with every :class:`Padded` leaf replaced by its true array."""
+    return jax.tree.map(lambda x: x.unpad() if isinstance(x, Padded) else x, tree,
+                        is_leaf=lambda x: isinstance(x, Padded))
+
+
+def streamed(tree, declared=None):
+    """``tree`` (stacked state that a layer loop slices one layer at a time: eigenbases, ``Lambda``, query
+    gradients) with no mesh axis on its ``layers`` axis, inside a step traced under a mesh; ``tree`` itself
+    otherwise.
+
+    An array whose rules split its layers, because no mesh axis divides its other dimensions (the
+    ``d_in + 1`` rows of a factor of a layer with a bias), would make XLA's partitioner gather the whole stack
+    to take one layer from it ("involuntary full rematerialization"). Such an array is padded here along its
+    first other dimension to a multiple of the devices that split its layers, and those devices are moved to
+    that dimension: one all-to-all per step, the same bytes per device. It comes back as :class:`Padded`; the
+    layer loop slices one layer and :func:`unpadded` cuts the padding off (:meth:`jaxinf.capture.Tap.scan`).
+    The stored state keeps its split layers. Arrays whose layers are not split are returned untouched.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or not set(AXES) <= set(mesh.axis_names):
+        return tree
+    shape = dict(zip(mesh.axis_names, mesh.axis_sizes))
+
+    def one(axes, x):
+        try:
+            dims = spec_dims(resolve(shape, axes.family, axes.names, tuple(x.shape), axes.family), x.ndim)
+        except ShardingError:
+            return x
+        layer_dims = [d for d, name in enumerate(axes.names) if name == LAYERS]
+        moved = tuple(a for d in layer_dims for a in dims[d])
+        if not moved or len(layer_dims) == x.ndim:
+            return x
+        target = len(layer_dims)             # the first dimension after the layer axes
+        split = math.prod(shape[a] for a in moved + dims[target])
+        pad = [(0, 0)] * x.ndim
+        pad[target] = (0, -x.shape[target] % split)
+        new = [() if d in layer_dims else dims[d] for d in range(x.ndim)]
+        new[target] = dims[target] + moved
+        padded = jax.lax.with_sharding_constraint(jnp.pad(x, pad), dims_spec(new))
+        return Padded(padded, tuple(x.shape[len(layer_dims):]))
+
+    return jax.tree.map(one, declared_axes(tree, declared), tree, is_leaf=lambda a: isinstance(a, Axes))
 
 
 def mesh_shape(mesh: Mesh) -> dict[str, int]:

@@ -53,6 +53,7 @@ from jaxinf.scoring import (
     sum_layers,
 )
 from jaxinf.loop import Kept, Step, run_batches
+from jaxinf.partitioning import streamed
 from jaxinf.precision import layers_dtype
 from jaxinf.tasks import Task
 
@@ -119,7 +120,7 @@ def lambda_stage(task: Task, layers: Mapping[str, LayerSpec], fisher: str = "sam
 
     def update(state, params, eigen, batch, key):
         stats, losses = train_statistics(task, layers, params, batch, _fisher_key(fisher, key), statistic,
-                                         lambda_context(eigen))
+                                         lambda_context(streamed(eigen)))
         return lambda_update(state, stats), losses
 
     return Stage(init=lambda: lambda_init(layers, dtype), update=update, finalize=lambda_finalize)
@@ -145,7 +146,7 @@ def prepared_queries(task: Task, layers: Mapping[str, LayerSpec], params, batch,
     def statistic(a, g, mask, factors):
         return prepare_layer(per_sequence_gradient(a, g), curv.strategy, factors, damping_value, rank, dtype, svd)
 
-    blocks, loss = measurement_statistics(task, layers, params, batch, statistic, curvature_context(curv))
+    blocks, loss = measurement_statistics(task, layers, params, batch, statistic, curvature_context(streamed(curv)))
     return query_gradients_of(blocks, loss)
 
 
@@ -175,8 +176,8 @@ def score_batch(
     """Stage 6: pairwise scores of one document batch against all queries (and, given ``curv``, the documents'
     self-influence, in the same backward pass), and the documents' losses."""
     dtype = layers_dtype(layers) if dtype is None else dtype
-    factors = None if curv is None else curvature_context(curv)
-    qctx = query_context(queries)
+    factors = None if curv is None else curvature_context(streamed(curv))
+    qctx = query_context(streamed(queries))
     missing = [k for k in layers if k not in qctx]
     if missing:
         raise CaptureError(f"layer {missing[0]!r} has no query gradient")
@@ -210,7 +211,7 @@ def self_influence_batch(
     dtype=None,
 ) -> tuple[Array, Array]:
     """Self-influence ``<P(G[n]), G[n]>`` of one document batch, and the documents' losses."""
-    factors = curvature_context(curv)
+    factors = curvature_context(streamed(curv))
     dtype = layers_dtype(layers) if dtype is None else dtype
     blocks, losses = train_statistics(task, layers, params, batch, None,
                                       lambda a, g, m, c: curv.strategy.self_score(a, g, c, damping_value, dtype),

@@ -288,7 +288,67 @@ def stages_task(out: Path) -> None:
     Path(out).write_text(json.dumps(report, indent=1))
 
 
-TASKS = {"stages": stages_task}
+def biased_task(out: Path) -> None:
+    """Lambda, query preparation and scores (with self-influence) of a Llama whose MLP layers have biases, on a
+    2x4 mesh against one device. Its factors (``d_in + 1`` = 65 and 257 rows) are stored split along their 8
+    layers, which the layer loops must slice without gathering the stack (:func:`jaxinf.partitioning.streamed`;
+    at these sizes XLA warns when it gathers one)."""
+    import dataclasses
+
+    import jax
+
+    from jaxinf import capture, curvature, models, stages
+    from jaxinf.executor import MeshExecutor
+    from jaxinf.meshes import make_mesh
+
+    lm = tiny_llama()
+    lm = models.init(dataclasses.replace(lm.config, num_layers=8, hidden_size=64, intermediate_size=256,
+                                         mlp_bias=True), 0)
+    task = lm.task()
+    dev = lambda b: {k: jax.numpy.asarray(v) for k, v in b.items()}  # noqa: E731
+    batches, qhost = document_batches(2), query_batch()
+    layers = capture.select_layers(capture.find_layers(lambda p, b, pr: task.train_loss(p, b, pr, None), lm.params,
+                                                       dev(batches[0])), "mlp")
+    key = jax.random.key(3)
+    cov_stage, lam_stage = stages.covariance_stage(task, layers), stages.lambda_stage(task, layers)
+    state = cov_stage.init()
+    for i, b in enumerate(batches):
+        state, _ = jax.jit(cov_stage.update)(state, lm.params, dev(b), jax.random.fold_in(key, i))
+    eigen = jax.jit(curvature.eigendecompose)(cov_stage.finalize(state))
+
+    def lam(ex, params, eig):
+        st = ex.init(lam_stage) if ex else lam_stage.init()
+        up = ex.jit(lam_stage.update) if ex else jax.jit(lam_stage.update)
+        for i, b in enumerate(batches):
+            st, _ = up(st, params, eig, ex.put(b) if ex else dev(b), jax.random.fold_in(key, 100 + i))
+        return lam_stage.finalize(st)
+
+    def rest(ex, params, curv, q):
+        jit = ex.jit if ex else jax.jit
+        qg = jit(lambda p, b, c: stages.prepared_queries(task, layers, p, b, c, None, None))(params, q, curv)
+        if ex:
+            qg = ex.place(qg)
+        s, _ = jit(lambda p, g, c, b: stages.score_batch(task, layers, p, g, b, curv=c, damping_value=None))(
+            params, qg, curv, ex.put(batches[0]) if ex else dev(batches[0]))
+        return qg.full, s.total, s.self
+
+    Lambda = lam(None, lm.params, eigen)
+    curv = curvature.curvature("ekfac", eigen, Lambda)
+    ref = rest(None, lm.params, curv, dev(qhost))
+
+    mesh = make_mesh(2, 4)
+    ex = MeshExecutor(mesh, batch_size=8)
+    params = ex.place(lm.params, models.parameter_axes(lm.config))
+    placed = ex.place(eigen)
+    r = {"Q_A_spec": _layouts(placed)[".Q_A['model.layers.*.mlp.down_proj']"]["spec"], "errors": {}}
+    r["errors"]["Lambda"] = _tree_rel(lam(ex, params, placed), Lambda)
+    got = rest(ex, params, ex.place(curv), ex.put_replicated(qhost))
+    for name, a, b in zip(("queries", "scores", "self"), got, ref):
+        r["errors"][name] = _tree_rel(a, b)
+    Path(out).write_text(json.dumps(r, indent=1))
+
+
+TASKS = {"stages": stages_task, "biased": biased_task}
 
 if __name__ == "__main__":
     TASKS[sys.argv[1]](Path(sys.argv[2]))

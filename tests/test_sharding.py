@@ -71,6 +71,16 @@ def test_no_full_rematerialization(stages_report):
     assert "Involuntary full rematerialization" not in stages_report["stderr"]
 
 
+def test_factors_split_along_their_layers_are_sliced_without_gathering_the_stack(tmp_path):
+    """A Llama with MLP biases on 2x4: its factors' odd rows go on the layer axis when stored; the layer loops of
+    Lambda, query preparation and scoring re-lay them out (``partitioning.streamed``) instead of letting XLA
+    replicate the stack, and every result equals one device's."""
+    r = run_worker("biased", tmp_path / "biased.json")
+    assert r["Q_A_spec"] == "P(('model', 'data'), None, None)", r   # the case at hand: stored split along layers
+    assert all(e < TOLERANCE for e in r["errors"].values()), r["errors"]
+    assert "Involuntary full rematerialization" not in r["stderr"]
+
+
 # --------------------------------------------------------------------------- the rules, without devices
 
 
@@ -89,6 +99,34 @@ def test_rules_pick_the_first_dimension_that_divides():
         partitioning.P(None, ("model", "data"), None)
     # a parameter whose feature dimension does not divide falls back to its other dimension
     assert resolve(mesh, "param", ("vocab", "embed"), (50277, 2048), "embedding") == partitioning.P(None, "model")
+
+
+def test_streamed_moves_a_layer_split_onto_padded_rows():
+    """Inside a step traced under a mesh, a stack split along its layers is padded along its rows to a multiple
+    of the devices that split the layers, and those devices move to the rows; other stacks are untouched."""
+    import jax
+    import jax.numpy as jnp
+
+    from jaxinf.axes import Axes
+
+    declared = {"A": Axes("factor", ("rows", "cols")), "e": Axes("eigenvalues", ("rows",)),
+                "even": Axes("factor", ("rows", "cols"))}
+    tree = {"A": jnp.zeros((32, 2049, 2049)), "e": jnp.zeros((32, 2049)), "even": jnp.zeros((32, 1024, 1024))}
+    mesh = jax.sharding.AbstractMesh((4, 8), ("data", "model"))
+
+    def traced(t):
+        with jax.sharding.use_abstract_mesh(mesh):
+            return partitioning.streamed(t, declared)
+
+    out = jax.eval_shape(traced, tree)
+    assert isinstance(out["A"], partitioning.Padded) and out["A"].shape == (2049, 2049)
+    assert out["A"].array.shape == (32, 2080, 2049)           # 2049 rows padded to a multiple of 8 x 4 devices
+    assert isinstance(out["e"], partitioning.Padded) and out["e"].array.shape == (32, 2056)   # model only: 8
+    assert not isinstance(out["even"], partitioning.Padded)    # rows on model, columns on data: already whole layers
+    x = jnp.arange(2 * 5 * 3.0).reshape(2, 5, 3)
+    assert (partitioning.unpadded({"x": partitioning.Padded(jnp.pad(x, ((0, 0), (0, 3), (0, 0))), (5, 3))})["x"]
+            == x).all()
+    assert partitioning.streamed(tree, declared) is tree       # outside a mesh: nothing to do
 
 
 def test_a_dimension_the_model_axis_does_not_divide_is_named():
