@@ -101,8 +101,9 @@ def abstract_model(config, num_layers: int | None = None, scan: bool | None = No
     mc = models.read_config(config.model.checkpoint, dtype=config.model.dtype,
                             scan=config.model.scan_layers if scan is None else scan,
                             remat=config.model.remat)
-    if num_layers is not None:
-        mc = mc.replace(num_layers=num_layers)
+    if num_layers is not None:   # the first layers, with their own kinds (sliding or full attention, rotary or not)
+        mc = mc.replace(num_layers=num_layers, **{k: getattr(mc, k)[:num_layers] for k in ("layer_types", "rope_layers")
+                                                  if getattr(mc, k) is not None})
     lm = models.abstract(mc)
     return lm, tracked_layers(lm, config.factors.track)
 

@@ -125,3 +125,15 @@ def test_a_layer_whose_statistic_cannot_fit_is_named_before_the_first_batch(tmp_
                                              r"plan\.device_memory_gib=1e-06 .* lower data\.batch_size"):
         pipeline.run(config)
     assert not (tmp_path / "run").exists()
+
+
+def test_models_with_per_layer_kinds_shrink_with_their_first_layers():
+    """The plan counts FLOPs on 1- and 2-layer copies of the model; Gemma 2's per-layer attention kinds
+    (``layer_types``, sliding and full alternating) shrink with it instead of failing the config check."""
+    config = cfg.load(REPO / "configs/plan/gemma-2-9b_8xh100.yaml")
+    full, _ = plan.abstract_model(config)
+    assert len(full.config.layer_types) == full.config.num_layers == 42
+    for n in (1, 2):
+        small, layers = plan.abstract_model(config, num_layers=n, scan=False)
+        assert small.config.num_layers == n and small.config.layer_types == full.config.layer_types[:n]
+        assert layers
