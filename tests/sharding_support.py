@@ -345,6 +345,11 @@ def biased_task(out: Path) -> None:
     got = rest(ex, params, ex.place(curv), ex.put_replicated(qhost))
     for name, a, b in zip(("queries", "scores", "self"), got, ref):
         r["errors"][name] = _tree_rel(a, b)
+    # rank-4 query gradients: their right factors [L, Q, d_in + 1, 4] are stored split along layers too
+    q4 = jax.jit(lambda p, b, c: stages.prepared_queries(task, layers, p, b, c, None, 4))(lm.params, dev(qhost), curv)
+    score4 = lambda p, g, b: stages.score_batch(task, layers, p, g, b)[0].total  # noqa: E731
+    r["errors"]["scores_rank4"] = _tree_rel(ex.jit(score4)(params, ex.place(q4), ex.put(batches[0])),
+                                            jax.jit(score4)(lm.params, q4, dev(batches[0])))
     Path(out).write_text(json.dumps(r, indent=1))
 
 
