@@ -71,10 +71,12 @@ def test_no_full_rematerialization(stages_report):
     assert "Involuntary full rematerialization" not in stages_report["stderr"]
 
 
+@pytest.mark.heavy
 def test_factors_split_along_their_layers_are_sliced_without_gathering_the_stack(tmp_path):
     """A Llama with MLP biases on 2x4: its factors' odd rows go on the layer axis when stored; the layer loops of
     Lambda, query preparation and scoring re-lay them out (``partitioning.streamed``) instead of letting XLA
-    replicate the stack, and every result equals one device's."""
+    replicate the stack, and every result equals one device's. Heavy (about a minute on 2 cores: eight simulated
+    devices compile every step); ``test_streamed_moves_a_layer_split_onto_padded_rows`` checks the layout in CI."""
     r = run_worker("biased", tmp_path / "biased.json")
     assert r["Q_A_spec"] == "P(('model', 'data'), None, None)", r   # the case at hand: stored split along layers
     assert all(e < TOLERANCE for e in r["errors"].values()), r["errors"]
