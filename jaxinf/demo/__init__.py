@@ -105,5 +105,5 @@ def _print_highlights(run_dir: Path) -> None:
             print(f"  {doc['score']:+10.2f}  {doc['source']:<10}  {doc['snippet'][:90]}")
     summary = json.loads((run_dir / "summary.json").read_text())
     print()
-    for f in summary["findings"]:
+    for f in summary.get("findings", []):   # a summary written before findings were tested has none
         print(f"finding, {f['name']}: {verdict_text(f)}; {f['statistic']}")
