@@ -200,6 +200,27 @@ def contraction_plan(B: int, T: int, Q: int, d_out: int, d_in: int, rank: int | 
     return "tokens" if tokens <= docs else "documents"
 
 
+def _token_scores(a: Array, g: Array, q: Mapping[str, Array], per_token: bool) -> Array:
+    """The tokens order of :func:`block_scores`: ``g[n,t]^T P a[n,t]`` per token, then summed over t unless
+    ``per_token``: ``[Q, B]`` or ``[Q, B, T]``.
+
+    Every token of the batch is one row of a ``[B T, d]`` matrix: XLA's CPU backend multiplies the query factors
+    with the merged rows about 1.3 times as fast as with the batch and token axes of a 4-D einsum (a scoring step
+    of the Llama of ``scripts/bench_vs_kronfluence.py --size small``, 16 queries at rank 32: 406 against 528 ms
+    per batch of 8 x 128 tokens)."""
+    lead = a.shape[:-1]                                  # [B, T]
+    a2, g2 = a.reshape(-1, a.shape[-1]), g.reshape(-1, g.shape[-1])
+    if "left" in q:
+        gl = jnp.einsum("no,qor->nqr", g2, q["left"].astype(g.dtype))
+        ar = jnp.einsum("ni,qir->nqr", a2, q["right"].astype(a.dtype))
+        per_tok = jnp.sum(gl * ar, axis=-1)
+    else:
+        Pa = jnp.einsum("ni,qoi->nqo", a2, q["full"].astype(a.dtype))
+        per_tok = jnp.einsum("nqo,no->nq", Pa, g2)
+    per_tok = per_tok.reshape(lead + per_tok.shape[-1:])            # [B, T, Q]
+    return jnp.moveaxis(per_tok if per_token else per_tok.sum(-2), -1, 0)
+
+
 def block_scores(a: Array, g: Array, q: Mapping[str, Array], *, per_token: bool = False,
                  plan: str | None = None, dtype=None) -> Array:
     """One layer's ``sum_t g[n,t]^T P(G_q) a[n,t]``: ``[Q, B]`` (``[Q, B, T]`` per token), in the statistics dtype
@@ -220,14 +241,7 @@ def block_scores(a: Array, g: Array, q: Mapping[str, Array], *, per_token: bool 
     elif plan is None:
         plan = contraction_plan(B, T, Q, d_out, d_in, rank)
     if plan == "tokens":
-        if lowr:
-            gl = jnp.einsum("bto,qor->qbtr", g, q["left"].astype(g.dtype))
-            ar = jnp.einsum("bti,qir->qbtr", a, q["right"].astype(a.dtype))
-            per_tok = jnp.sum(gl * ar, axis=-1)
-        else:
-            Pa = jnp.einsum("qoi,bti->qbto", q["full"].astype(a.dtype), a)
-            per_tok = jnp.einsum("qbto,bto->qbt", Pa, g)
-        return per_tok if per_token else per_tok.sum(-1)
+        return _token_scores(a, g, q, per_token)
     P = q["full"] if not lowr else jnp.einsum("qor,qir->qoi", q["left"], q["right"])
     G = per_sequence_gradient(a, g)
     return jnp.einsum("qoi,boi->qb", P.astype(G.dtype), G)
