@@ -87,8 +87,18 @@ def lambda_statistic(a: Array, g: Array, mask: Array, eigen: Mapping[str, Array]
     Q_A = None if eigen is None else eigen["Q_A"]
     Q_S = None if eigen is None else eigen["Q_S"]
     R = constrain(rotated_gradient(a, g, Q_A, Q_S, dtype), ("batch", "rows", "cols"))
-    return {"Lambda": constrain(jnp.sum(R * R, axis=0), ("rows", "cols"), "factor"),
+    return {"Lambda": constrain(sum_over_sequences(R * R), ("rows", "cols"), "factor"),
             "count": sequence_count(mask).astype(dtype)}
+
+
+def sum_over_sequences(x: Array) -> Array:
+    """``sum_n x[n]`` over the leading (sequence) axis, written as the product of a row of ones with ``x``.
+
+    The same sum as ``x.sum(0)``; XLA's CPU backend hands a reduction over a short leading
+    axis to a library kernel that took about 1.4 times as long for the whole Lambda step as this product does
+    (a Lambda step of the Llama of ``scripts/bench_vs_kronfluence.py --size small``: 783 against 538 ms on a
+    busy host, in one run)."""
+    return jnp.einsum("n,n...->...", jnp.ones(x.shape[:1], x.dtype), x)
 
 
 def lambda_context(eigen: Eigen | None) -> dict[str, dict[str, Array]] | None:
