@@ -94,10 +94,9 @@ def lambda_statistic(a: Array, g: Array, mask: Array, eigen: Mapping[str, Array]
 def sum_over_sequences(x: Array) -> Array:
     """``sum_n x[n]`` over the leading (sequence) axis, written as the product of a row of ones with ``x``.
 
-    The same sum as ``x.sum(0)``; XLA's CPU backend hands a reduction over a short leading
-    axis to a library kernel that took about 1.4 times as long for the whole Lambda step as this product does
-    (a Lambda step of the Llama of ``scripts/bench_vs_kronfluence.py --size small``: 783 against 538 ms on a
-    busy host, in one run)."""
+    The same sum as ``x.sum(0)``; XLA's CPU backend hands a reduction over a short leading axis to a library
+    kernel that was the slowest operation of the Lambda step (the Lambda row of ``scripts/bench_engine.py``,
+    before and after, in docs/benchmarks.md: 2.05x to 1.53x of a forward+backward step)."""
     return jnp.einsum("n,n...->...", jnp.ones(x.shape[:1], x.dtype), x)
 
 
