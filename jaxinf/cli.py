@@ -193,6 +193,13 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = list(args.overrides) + extra   # jaxinf validate CONFIG --out DIR section.key=value ...
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    from jaxinf.hostenv import reuse_freed_memory
+
+    try:
+        reuse_freed_memory()  # before JAX starts its CPU client
+    except ValueError as e:
+        print(f"jaxinf {args.command}: error: {e}", file=sys.stderr)
+        return 2
     _setup_logging(args.quiet)
     from jaxinf.store import EnvironmentFailure
 

@@ -45,6 +45,9 @@ def timed(fn, *args, repeats: int):
 
 
 def main(argv=None) -> None:
+    from jaxinf.hostenv import reuse_freed_memory
+
+    reuse_freed_memory()  # as the jaxinf command does, before JAX starts (JAXINF_HOST_HEAP=default: glibc's own)
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--d-model", type=int, default=256)
     ap.add_argument("--layers", type=int, default=4)

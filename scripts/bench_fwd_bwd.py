@@ -5,7 +5,10 @@ The baseline every stage of both jaxinf and kronfluence builds on: a jitted
 ``[batch * tokens, d_in]`` matrix product, ``capture.tokens_matmul``) and as a
 plain batched ``jnp.matmul``, against transformers' ``LlamaForCausalLM`` (torch,
 CPU) on the same shapes; and a 2048 x 2048 matrix product in XLA and in numpy
-for the host's arithmetic rate. Medians of ``--repeats`` calls after a warm-up.
+for the host's arithmetic rate. Medians of ``--repeats`` calls after a warm-up,
+with the process's minor page faults per call. The process's C heap is set as
+the ``jaxinf`` command sets it (``jaxinf.hostenv.reuse_freed_memory``);
+``JAXINF_HOST_HEAP=default`` runs it with glibc's own settings instead.
 
     python scripts/bench_fwd_bwd.py [--hidden 256] [--layers 4] [--vocab 4096] [--batch 8] [--seq 128]
 """
@@ -14,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import resource
 import statistics
 import sys
 import time
@@ -24,17 +28,22 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 
-def median_ms(fn, repeats: int) -> float:
+def median_ms(fn, repeats: int) -> tuple[float, float]:
+    """Median milliseconds of ``fn()`` after a warm-up call, and the minor page faults per call."""
     fn()
     times = []
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     for _ in range(repeats):
         t0 = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t0)
-    return 1000 * statistics.median(times)
+    return 1000 * statistics.median(times), (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / repeats
 
 
 def main(argv=None) -> None:
+    from jaxinf.hostenv import reuse_freed_memory
+
+    heap = reuse_freed_memory()  # as jaxinf does, before JAX starts (JAXINF_HOST_HEAP=default: glibc's own)
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--hidden", type=int, default=256)
     ap.add_argument("--layers", type=int, default=4)
@@ -85,15 +94,16 @@ def main(argv=None) -> None:
     n = 2048
     a = jnp.ones((n, n), jnp.float32)
     product = jax.jit(lambda x: x @ x)
-    xla = median_ms(lambda: jax.block_until_ready(product(a)), args.repeats)
+    xla, _ = median_ms(lambda: jax.block_until_ready(product(a)), args.repeats)
     a_np = np.ones((n, n), np.float32)
-    numpy_ms = median_ms(lambda: a_np @ a_np, args.repeats)
+    numpy_ms, _ = median_ms(lambda: a_np @ a_np, args.repeats)
 
     print(f"# forward+backward of a Llama (hidden {args.hidden}, {args.layers} layers, vocab {args.vocab}), "
-          f"batch {args.batch} x {args.seq}; jax {jax.__version__} on {jax.devices()[0].platform}\n")
-    print("| step | median ms |\n|---|---|")
-    for name, ms in rows:
-        print(f"| {name} | {ms:.1f} |")
+          f"batch {args.batch} x {args.seq}; jax {jax.__version__} on {jax.devices()[0].platform}; C heap: "
+          f"{'glibc reuses freed blocks (jaxinf.hostenv)' if heap else 'glibc defaults'}\n")
+    print("| step | median ms | page faults per step |\n|---|---|---|")
+    for name, (ms, faults) in rows:
+        print(f"| {name} | {ms:.1f} | {faults:,.0f} |")
     flops = 2 * n ** 3
     print(f"\n{n} x {n} matrix product: XLA {flops / xla / 1e6:.0f} GFLOP/s, numpy {flops / numpy_ms / 1e6:.0f} GFLOP/s")
 

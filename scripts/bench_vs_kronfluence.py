@@ -301,6 +301,9 @@ def table(name: str, size: dict, w: dict, kf: dict, jx: dict, cold: dict, varian
 
 
 def main(argv=None) -> None:
+    from jaxinf.hostenv import reuse_freed_memory
+
+    reuse_freed_memory()  # as the jaxinf command does, before JAX starts (JAXINF_HOST_HEAP=default: glibc's own)
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--size", action="append", choices=list(SIZES), help="sizes to run (default: tiny, small)")
     ap.add_argument("--batch-size", type=int, default=8)
