@@ -77,8 +77,8 @@ def reuse_freed_memory(environ=os.environ) -> bool:
     XLA's CPU backend allocates the buffers of every execution with ``malloc``: one 201 MiB block per
     forward+backward step of the Llama of ``scripts/bench_fwd_bwd.py``. glibc serves a block that large with a
     fresh ``mmap`` (always above 32 MiB, and from a thread's own arena whenever its 64 MiB heap is too small) and
-    unmaps it on ``free``, so each step faults in every page of its temporaries again: 52,000 page faults and
-    0.13 s of kernel time per step there. With one arena (``M_ARENA_MAX=1``), no ``mmap`` (``M_MMAP_MAX=0``) and
+    unmaps it on ``free``, so each step faults in every page of its temporaries again: 52,000 page faults per
+    step there (the script prints them). With one arena (``M_ARENA_MAX=1``), no ``mmap`` (``M_MMAP_MAX=0``) and
     a 2 GiB trim threshold, freed blocks stay in the heap and the next step takes them again. The speed-up is in
     docs/benchmarks.md ("The C heap"); the price is that the heap keeps its peak size until the process exits.
 
