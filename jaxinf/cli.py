@@ -137,6 +137,14 @@ def _prepare(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if argv is None:  # the command itself, not a call from Python: start again with huge pages where they help
+        from jaxinf.hostenv import restart_with_huge_pages
+
+        try:
+            restart_with_huge_pages()
+        except ValueError as e:
+            print(f"jaxinf: error: {e}", file=sys.stderr)
+            return 2
     parser = argparse.ArgumentParser(prog="jaxinf", description="EK-FAC influence functions for LLMs in JAX")
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -193,13 +201,6 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = list(args.overrides) + extra   # jaxinf validate CONFIG --out DIR section.key=value ...
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    from jaxinf.hostenv import reuse_freed_memory
-
-    try:
-        reuse_freed_memory()  # before JAX starts its CPU client
-    except ValueError as e:
-        print(f"jaxinf {args.command}: error: {e}", file=sys.stderr)
-        return 2
     _setup_logging(args.quiet)
     from jaxinf.store import EnvironmentFailure
 

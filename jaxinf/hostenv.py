@@ -1,5 +1,5 @@
 """Host environment: the process's BLAS/LAPACK thread pools, limited for a ``with`` block and restored after it;
-and the C heap, set once at start-up so that XLA's CPU buffers are reused instead of faulted in every step.
+and the C heap's huge pages, set at start-up so that XLA's CPU buffers are not faulted in 4 KiB at a time.
 
 On the CPU, XLA runs LAPACK (jaxlib's ``eigh``, ``svd``) inside its own thread
 pool, and the BLAS library behind it starts threads of its own on top. On a
@@ -8,23 +8,29 @@ LAPACK run inside :func:`lapack_threads`, and a run on a mesh of simulated CPU
 devices inside :func:`mesh_lapack_threads`. Both restore the pools as they
 found them when the block ends, so nothing of the process is changed for good.
 
-The one lasting change is :func:`reuse_freed_memory`, which the ``jaxinf``
-command calls before JAX starts (a library user calls it the same way).
+The one lasting change is made at start-up: the ``jaxinf`` command restarts
+itself in :func:`huge_page_environment` when that is not None, so that glibc
+backs XLA's large CPU buffers with huge pages (a library user starts Python
+with the same ``GLIBC_TUNABLES``).
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import importlib
 import importlib.metadata
 import importlib.util
 import os
 import platform
+import sys
 from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING
 
-from jax.sharding import Mesh
 from threadpoolctl import threadpool_limits
+
+if TYPE_CHECKING:  # the jaxinf command imports this module before anything else: it does not import JAX
+    from jax.sharding import Mesh
 
 
 @contextlib.contextmanager
@@ -53,11 +59,10 @@ def mesh_lapack_threads(mesh: Mesh | None) -> contextlib.AbstractContextManager:
     return lapack_threads(1)
 
 
-M_TRIM_THRESHOLD, M_MMAP_MAX, M_ARENA_MAX = -1, -4, -8
-"""glibc's ``mallopt`` parameters (``malloc.h``)."""
+HUGE_PAGES_TUNABLE = "glibc.malloc.hugetlb"
+"""The glibc tunable (2.35 and later) with which ``malloc`` asks the kernel for huge pages: ``1`` advises them."""
 
-HEAP_TRIM_THRESHOLD = 2**31 - 1
-"""Free memory at the top of the heap that glibc keeps rather than returns (bytes; ``mallopt`` takes an int)."""
+THP_MODE = "/sys/kernel/mm/transparent_hugepage/enabled"
 
 
 def computes_on_cpu(environ=os.environ) -> bool:
@@ -71,30 +76,62 @@ def computes_on_cpu(environ=os.environ) -> bool:
     return not plugins and all(importlib.util.find_spec(m) is None for m in ("jax_plugins", "libtpu"))
 
 
-def reuse_freed_memory(environ=os.environ) -> bool:
-    """Keeps freed blocks of the C heap in the process, so that XLA's CPU buffers are reused from step to step.
+def transparent_huge_pages(path: str = THP_MODE) -> str:
+    """The kernel's transparent huge page mode: ``always``, ``madvise`` or ``never`` (also when unreadable)."""
+    try:
+        text = Path(path).read_text()
+    except OSError:
+        return "never"
+    chosen = text[text.find("[") + 1:text.find("]")] if "[" in text else ""
+    return chosen if chosen in ("always", "madvise") else "never"
+
+
+def huge_page_environment(environ=os.environ, libc: tuple[str, str] | None = None,
+                          thp: str | None = None) -> dict[str, str] | None:
+    """The environment in which to start this process again so that glibc backs its large blocks with
+    transparent huge pages; None when nothing would change.
 
     XLA's CPU backend allocates the buffers of every execution with ``malloc``: one 201 MiB block per
     forward+backward step of the Llama of ``scripts/bench_fwd_bwd.py``. glibc serves a block that large with a
-    fresh ``mmap`` (always above 32 MiB, and from a thread's own arena whenever its 64 MiB heap is too small) and
-    unmaps it on ``free``, so each step faults in every page of its temporaries again: 52,000 page faults per
-    step there (the script prints them). With one arena (``M_ARENA_MAX=1``), no ``mmap`` (``M_MMAP_MAX=0``) and
-    a 2 GiB trim threshold, freed blocks stay in the heap and the next step takes them again. The speed-up is in
-    docs/benchmarks.md ("The C heap"); the price is that the heap keeps its peak size until the process exits.
+    fresh ``mmap`` and unmaps it on ``free``, so each step faults in every 4 KiB page of its temporaries again:
+    52,000 page faults per step there (the script prints them). With the tunable ``glibc.malloc.hugetlb=1``
+    glibc advises huge pages for such blocks and the kernel faults them in 2 MiB at a time: about a thousand
+    faults per step. The speed-up is in docs/benchmarks.md ("The C heap"). glibc reads its tunables only when a
+    process starts, hence a new start (the ``jaxinf`` command re-executes itself, same process id).
 
-    Applies when the C library is glibc, the process computes on the CPU (:func:`computes_on_cpu`: an
-    accelerator's buffers are not the host's) and ``JAXINF_HOST_HEAP`` is ``reuse`` (or unset), not ``default``
-    (glibc's own settings); any other value is a ``ValueError``. It must run before JAX starts its CPU client,
-    whose threads choose their arena at their first allocation. Returns whether the settings were made.
+    Returns the environment (``GLIBC_TUNABLES`` extended) when the C library is glibc 2.35 or later, the kernel
+    gives huge pages on advice (``thp``: :func:`transparent_huge_pages`), the process computes on the CPU
+    (:func:`computes_on_cpu`: an accelerator's buffers are not the host's), ``GLIBC_TUNABLES`` does not set the
+    tunable already, and ``JAXINF_HOST_HEAP`` is ``huge-pages`` (or unset), not ``default`` (glibc's own
+    settings); any other value of it is a ``ValueError``.
     """
-    choice = environ.get("JAXINF_HOST_HEAP", "reuse")
-    if choice not in ("reuse", "default"):
-        raise ValueError(f"JAXINF_HOST_HEAP={choice!r}: expected 'reuse' (the default) or 'default' "
+    choice = environ.get("JAXINF_HOST_HEAP", "huge-pages")
+    if choice not in ("huge-pages", "default"):
+        raise ValueError(f"JAXINF_HOST_HEAP={choice!r}: expected 'huge-pages' (the default) or 'default' "
                          "(glibc's own malloc settings)")
-    if choice == "default" or platform.libc_ver()[0] != "glibc":
-        return False
-    if not computes_on_cpu(environ):
-        return False
-    mallopt = ctypes.CDLL(None).mallopt
-    return all(mallopt(param, value) == 1 for param, value in
-               ((M_ARENA_MAX, 1), (M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, HEAP_TRIM_THRESHOLD)))
+    name, version = platform.libc_ver() if libc is None else libc
+    tunables = environ.get("GLIBC_TUNABLES", "")
+    if (choice == "default" or name != "glibc" or _version(version) < (2, 35)
+            or (transparent_huge_pages() if thp is None else thp) == "never"
+            or HUGE_PAGES_TUNABLE + "=" in tunables or not computes_on_cpu(environ)):
+        return None
+    return {**environ, "GLIBC_TUNABLES": ":".join(filter(None, (tunables, HUGE_PAGES_TUNABLE + "=1")))}
+
+
+def restart_with_huge_pages() -> None:
+    """Executes this process again in :func:`huge_page_environment` when that is not None (same process id,
+    interpreter, options and arguments: ``sys.orig_argv``); returns when it is None. Call it first thing, before
+    anything is read or written."""
+    env = huge_page_environment()
+    if env is not None:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
+
+
+def _version(text: str) -> tuple[int, ...]:
+    """``"2.36"`` as ``(2, 36)``; ``()`` when it is not a dotted number."""
+    try:
+        return tuple(int(part) for part in text.split("."))
+    except ValueError:
+        return ()

@@ -45,9 +45,9 @@ def timed(fn, *args, repeats: int):
 
 
 def main(argv=None) -> None:
-    from jaxinf.hostenv import reuse_freed_memory
+    from jaxinf.hostenv import restart_with_huge_pages
 
-    reuse_freed_memory()  # as the jaxinf command does, before JAX starts (JAXINF_HOST_HEAP=default: glibc's own)
+    restart_with_huge_pages()  # as the jaxinf command does (JAXINF_HOST_HEAP=default: glibc's own heap)
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--d-model", type=int, default=256)
     ap.add_argument("--layers", type=int, default=4)

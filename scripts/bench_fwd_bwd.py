@@ -6,9 +6,10 @@ The baseline every stage of both jaxinf and kronfluence builds on: a jitted
 plain batched ``jnp.matmul``, against transformers' ``LlamaForCausalLM`` (torch,
 CPU) on the same shapes; and a 2048 x 2048 matrix product in XLA and in numpy
 for the host's arithmetic rate. Medians of ``--repeats`` calls after a warm-up,
-with the process's minor page faults per call. The process's C heap is set as
-the ``jaxinf`` command sets it (``jaxinf.hostenv.reuse_freed_memory``);
-``JAXINF_HOST_HEAP=default`` runs it with glibc's own settings instead.
+with the process's minor page faults per call. The script starts itself with
+huge pages for glibc's large blocks as the ``jaxinf`` command does
+(``jaxinf.hostenv.restart_with_huge_pages``); ``JAXINF_HOST_HEAP=default`` runs
+it with glibc's own settings instead.
 
     python scripts/bench_fwd_bwd.py [--hidden 256] [--layers 4] [--vocab 4096] [--batch 8] [--seq 128]
 """
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import resource
 import statistics
 import sys
@@ -41,9 +43,10 @@ def median_ms(fn, repeats: int) -> tuple[float, float]:
 
 
 def main(argv=None) -> None:
-    from jaxinf.hostenv import reuse_freed_memory
+    from jaxinf.hostenv import HUGE_PAGES_TUNABLE, restart_with_huge_pages
 
-    heap = reuse_freed_memory()  # as jaxinf does, before JAX starts (JAXINF_HOST_HEAP=default: glibc's own)
+    restart_with_huge_pages()  # as the jaxinf command does (JAXINF_HOST_HEAP=default: glibc's own heap)
+    heap = HUGE_PAGES_TUNABLE + "=1" in os.environ.get("GLIBC_TUNABLES", "")
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--hidden", type=int, default=256)
     ap.add_argument("--layers", type=int, default=4)
@@ -100,7 +103,7 @@ def main(argv=None) -> None:
 
     print(f"# forward+backward of a Llama (hidden {args.hidden}, {args.layers} layers, vocab {args.vocab}), "
           f"batch {args.batch} x {args.seq}; jax {jax.__version__} on {jax.devices()[0].platform}; C heap: "
-          f"{'glibc reuses freed blocks (jaxinf.hostenv)' if heap else 'glibc defaults'}\n")
+          f"{'huge pages (glibc.malloc.hugetlb=1)' if heap else 'glibc defaults'}\n")
     print("| step | median ms | page faults per step |\n|---|---|---|")
     for name, (ms, faults) in rows:
         print(f"| {name} | {ms:.1f} | {faults:,.0f} |")

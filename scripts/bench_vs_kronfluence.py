@@ -30,6 +30,9 @@ them) are frozen out of the collector so that it is not charged for them.
     python scripts/bench_vs_kronfluence.py --size small [--size tiny ...] [--torch-threads N]
         [--scan-layers true --scan-layers false] [--json PATH] [--whole-process | --whole-process-only]
 
+Both libraries in this process run on glibc's own heap settings; ``jaxinf run`` in its own process
+(``--whole-process``) starts itself with huge pages as it does for a user (``jaxinf.hostenv``).
+
 ``--whole-process`` also times each library as a user meets it (``whole_process``): ``jaxinf run`` in a fresh
 process with an empty compilation cache (every stage, exports and the report), the same again with the cache it
 filled, and kronfluence's stages in a fresh process of their own.
@@ -301,9 +304,6 @@ def table(name: str, size: dict, w: dict, kf: dict, jx: dict, cold: dict, varian
 
 
 def main(argv=None) -> None:
-    from jaxinf.hostenv import reuse_freed_memory
-
-    reuse_freed_memory()  # as the jaxinf command does, before JAX starts (JAXINF_HOST_HEAP=default: glibc's own)
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--size", action="append", choices=list(SIZES), help="sizes to run (default: tiny, small)")
     ap.add_argument("--batch-size", type=int, default=8)

@@ -14,10 +14,6 @@ from pathlib import Path
 
 import pytest
 
-from jaxinf.hostenv import reuse_freed_memory
-
-reuse_freed_memory()  # the C heap as the jaxinf command sets it, before any test starts JAX
-
 
 def require_oracle(what: str | os.PathLike | bool, reason: str):
     """``what`` (a path that must exist, or a flag that must be true); else skip with ``reason``, or fail under JAXINF_REQUIRE_ORACLES=1."""
