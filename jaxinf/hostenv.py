@@ -94,9 +94,9 @@ def huge_page_environment(environ=os.environ, libc: tuple[str, str] | None = Non
     XLA's CPU backend allocates the buffers of every execution with ``malloc``: one 201 MiB block per
     forward+backward step of the Llama of ``scripts/bench_fwd_bwd.py``. glibc serves a block that large with a
     fresh ``mmap`` and unmaps it on ``free``, so each step faults in every 4 KiB page of its temporaries again:
-    52,000 page faults per step there (the script prints them). With the tunable ``glibc.malloc.hugetlb=1``
-    glibc advises huge pages for such blocks and the kernel faults them in 2 MiB at a time: about a thousand
-    faults per step. The speed-up is in docs/benchmarks.md ("The C heap"). glibc reads its tunables only when a
+    about 53,000 page faults per step there (the script prints them). With the tunable ``glibc.malloc.hugetlb=1``
+    glibc advises huge pages for such blocks and the kernel faults them in 2 MiB at a time: 2,000-3,000 faults
+    per step. The speed-up is in docs/benchmarks.md ("The C heap"). glibc reads its tunables only when a
     process starts, hence a new start (the ``jaxinf`` command re-executes itself, same process id).
 
     Returns the environment (``GLIBC_TUNABLES`` extended) when the C library is glibc 2.35 or later, the kernel
@@ -123,7 +123,7 @@ def restart_with_huge_pages() -> None:
     interpreter, options and arguments: ``sys.orig_argv``); returns when it is None. Call it first thing, before
     anything is read or written."""
     env = huge_page_environment()
-    if env is not None:
+    if env is not None and sys.executable:  # an embedded interpreter has no executable to start again
         sys.stdout.flush()
         sys.stderr.flush()
         os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
