@@ -126,6 +126,23 @@ def lambda_stage(task: Task, layers: Mapping[str, LayerSpec], fisher: str = "sam
     return Stage(init=lambda: lambda_init(layers, dtype), update=update, finalize=lambda_finalize)
 
 
+def index_step(task: Task, layers: Mapping[str, LayerSpec], dtype=None):
+    """The index pass (:mod:`jaxinf.indexing`): ``(params, basis, batch) -> {"cells": [B, C], "energy": [B, L],
+    "kept": [B, L], "loss": [B]}``, each document row's kept block of ``Q_S^T G[n] Q_A`` under the data's labels
+    (the gradients the scores use), its gradient energy and the block's, per tracked layer. ``basis``: per block,
+    the kept columns of the eigenbases (:func:`jaxinf.indexing.kept_basis`)."""
+    from jaxinf.indexing import flatten_rows, index_statistic
+
+    dtype = layers_dtype(layers) if dtype is None else dtype
+    statistic = functools.partial(index_statistic, dtype=dtype)
+
+    def step(params, basis, batch):
+        blocks, losses = train_statistics(task, layers, params, batch, None, statistic, streamed(basis))
+        return {**flatten_rows(blocks, layers), "loss": losses}
+
+    return step
+
+
 def _sequence_gradient(a: Array, g: Array, mask: Array, context=None) -> Array:
     return per_sequence_gradient(a, g)
 

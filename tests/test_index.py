@@ -1,0 +1,138 @@
+"""The EK-FAC index (jaxinf.indexing): exact when full, bounded and certified when not.
+
+The oracle is the scoring pass itself (``stages.score_batch``, tested against per-example gradients in
+test_scoring.py): the index must reproduce its scores from the stored blocks alone."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from engine_fixtures import DOCS, doc_batch, layers_of, query_batch, tiny_lm
+from jaxinf import indexing, scoring, stages
+from jaxinf.curvature import Curvature
+
+MORE_DOCS = DOCS + [[(3 * i + j) % 15 + 1 for j in range(2 + i % 6)] for i in range(18)]
+
+
+_FITS: dict = {}
+
+
+def _fit(dtype, track="all", docs=MORE_DOCS):
+    """The tiny LM's EK-FAC on ``docs``, fitted once per dtype (call under the matching ``jax.enable_x64``)."""
+    if dtype not in _FITS:
+        _FITS[dtype] = _fit_now(dtype, track, docs)
+    return _FITS[dtype]
+
+
+def _fit_now(dtype, track, docs):
+    task, params = tiny_lm(dtype=dtype)
+    batch = doc_batch(docs)
+    layers = layers_of(task, params, batch, track)
+    curv, pieces = stages.fit_curvature(task, layers, params, [batch], strategy="ekfac", key=jax.random.key(3))
+    return task, params, layers, batch, curv, pieces["eigen"]
+
+
+def _index(task, params, layers, batch, curv, eigen, k):
+    sizes = indexing.block_sizes(layers, k)
+    selection = indexing.select_cells(eigen, sizes)
+    basis = indexing.kept_basis(curv.Q_A, curv.Q_S, selection)
+    rows = jax.jit(stages.index_step(task, layers))(params, basis, batch)
+    return selection, {k: np.asarray(v) for k, v in rows.items()}
+
+
+def _queries(task, params, layers, curv, rank=None, damping=None):
+    return jax.jit(lambda p, c: stages.prepared_queries(task, layers, p, query_batch(), c, damping, rank, svd="full")
+                   )(params, curv)
+
+
+def _exact(task, params, layers, qg, batch):
+    return np.asarray(jax.jit(lambda p, q, b: stages.score_batch(task, layers, p, q, b)[0].total)(params, qg, batch))
+
+
+@pytest.mark.parametrize("dtype,tol", [(jnp.float64, 1e-10), (jnp.float32, 1e-5)])
+@pytest.mark.parametrize("rank", [None, 2])
+def test_a_full_index_gives_the_exact_scores_and_a_zero_bound(dtype, tol, rank):
+    with jax.enable_x64(dtype == jnp.float64):
+        _full_index_is_exact(dtype, tol, rank)
+
+
+def _full_index_is_exact(dtype, tol, rank):
+    task, params, layers, batch, curv, eigen = _fit(dtype)
+    selection, rows = _index(task, params, layers, batch, curv, eigen, None)
+    qg = _queries(task, params, layers, curv, rank)
+    iq = indexing.index_queries(qg, curv.Q_A, curv.Q_S, curv.Lambda, selection, layers)
+    got = indexing.index_scores(np.asarray(iq.cells, np.float64), rows["cells"].astype(np.float64))
+    want = _exact(task, params, layers, qg, batch)
+    assert np.max(np.abs(got - want)) <= tol * np.max(np.abs(want))
+    bound = indexing.score_bounds(np.asarray(iq.rest), indexing.residual_norms(rows["energy"], rows["kept"], 1e-7))
+    assert np.all(bound == 0)
+    np.testing.assert_allclose(np.asarray(iq.fidelity), 1.0)
+    # the stored energy is ||G[n]||^2 (here all of it is kept)
+    np.testing.assert_allclose(rows["energy"], rows["kept"], rtol=tol * 100)
+
+
+@jax.enable_x64(True)
+def test_the_bound_holds_and_the_certified_tails_are_exact():
+    task, params, layers, batch, curv, eigen = _fit(jnp.float64)
+    qg = _queries(task, params, layers, curv, damping=1e-4)
+    exact = _exact(task, params, layers, qg, batch)
+    for k in (1, 2, 4):
+        selection, rows = _index(task, params, layers, batch, curv, eigen, k)
+        iq = indexing.index_queries(qg, curv.Q_A, curv.Q_S, curv.Lambda, selection, layers)
+        approx = indexing.index_scores(np.asarray(iq.cells), rows["cells"])
+        bound = indexing.score_bounds(np.asarray(iq.rest), indexing.residual_norms(rows["energy"], rows["kept"], 0.0))
+        assert np.all(np.abs(exact - approx) <= bound * (1 + 1e-9) + 1e-12)
+        assert np.any(np.abs(exact - approx) > 1e-8), "a truncated index that is exact tests nothing"
+        for top in (1, 3, 5):
+            cand = indexing.certify_candidates(approx, bound, top)
+            certified = np.where(cand[None, :], exact, -np.inf)
+            for q in range(exact.shape[0]):
+                want = set(np.argsort(-exact[q], kind="stable")[:top].tolist())
+                got = set(np.argsort(-certified[q], kind="stable")[:top].tolist())
+                assert got == want
+                low = np.where(cand, exact[q], np.inf)
+                assert set(np.argsort(low, kind="stable")[:top].tolist()) == set(np.argsort(exact[q], kind="stable")[:top].tolist())
+
+
+@jax.enable_x64(True)
+def test_the_index_is_independent_of_damping_and_strategy():
+    """One index answers a damping sweep and K-FAC as well as EK-FAC: only the query side changes."""
+    task, params, layers, batch, curv, eigen = _fit(jnp.float64)
+    selection, rows = _index(task, params, layers, batch, curv, eigen, None)
+    from jaxinf.curvature import kfac_lambda, strategy
+
+    kfac = Curvature(strategy("kfac"), curv.Q_A, curv.Q_S, kfac_lambda(eigen))
+    for c, damping in ((curv, 1e-3), (curv, 10.0), (kfac, None)):
+        qg = _queries(task, params, layers, c, damping=damping)
+        iq = indexing.index_queries(qg, c.Q_A, c.Q_S, curv.Lambda, selection, layers)
+        got = indexing.index_scores(np.asarray(iq.cells), rows["cells"])
+        want = _exact(task, params, layers, qg, batch)
+        assert np.max(np.abs(got - want)) <= 1e-10 * np.max(np.abs(want))
+
+
+def test_predicted_correlation_is_the_kept_share_of_curvature_weighted_energy():
+    P = jnp.asarray([[3.0, 0.0], [0.0, 4.0]])
+    assert float(indexing.predicted_correlation(jnp.sum(P[:1] ** 2), jnp.sum(P ** 2))) == pytest.approx(0.6)
+    assert float(indexing.predicted_correlation(jnp.asarray(0.0), jnp.asarray(0.0))) == 1.0
+
+
+@jax.enable_x64(True)
+def test_gradient_energy_is_the_frobenius_norm_of_the_sequence_gradient():
+    rng = np.random.default_rng(0)
+    a, g = rng.normal(size=(3, 5, 4)), rng.normal(size=(3, 5, 6))
+    G = np.einsum("bto,bti->boi", g, a)
+    np.testing.assert_allclose(np.asarray(indexing.gradient_energy(jnp.asarray(a), jnp.asarray(g))),
+                               (G ** 2).sum((1, 2)), rtol=1e-12)
+
+
+def test_select_cells_keeps_the_largest_eigenvalues_first():
+    from jaxinf.curvature.eigen import Eigen
+
+    e = {"x": jnp.asarray([0.1, 3.0, 2.0, 0.0])}
+    eig = Eigen(Q_A={"x": jnp.eye(4)}, e_A=e, Q_S={"x": jnp.eye(4)}, e_S=e)
+    sel = indexing.select_cells(eig, {"x": (2, 3)})
+    assert np.asarray(sel.rows["x"]).tolist() == [1, 2]
+    assert np.asarray(sel.cols["x"]).tolist() == [1, 2, 0]
