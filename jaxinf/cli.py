@@ -1,4 +1,4 @@
-"""The ``jaxinf`` command line: run, plan, validate, demo, analyze, prepare, compare, kronfluence.
+"""The ``jaxinf`` command line: run, query, plan, validate, demo, analyze, prepare, compare, kronfluence.
 
 Bad input (a config key, a file, a line, a tensor) is reported as one line on
 stderr, ``jaxinf COMMAND: error: ...``, with exit status 2 and no traceback;
@@ -95,6 +95,31 @@ def _run(args) -> int:
     return 0
 
 
+def _query(args) -> int:
+    from jaxinf import config as cfg
+    from jaxinf import pipeline, rundir
+
+    run_dir = Path(args.run)
+    if (run_dir / "manifest.json").is_file() and run_dir.parent.name == "state":   # the index directory itself
+        run_dir = run_dir.parent.parent
+    record = rundir.read_record(run_dir) if run_dir.is_dir() else None
+    if record is None or "config" not in record:
+        raise cfg.ConfigError(f"{run_dir}: not a jaxinf run directory (no run.json)")
+    if not (run_dir / "state" / "index" / "manifest.json").is_file():
+        raise cfg.ConfigError(f"{run_dir}: the run has no EK-FAC index (build one: jaxinf run CONFIG index.k=32, "
+                              f"or index.k=full)")
+    if not Path(args.queries).is_file():
+        raise cfg.ConfigError(f"{args.queries}: no such queries file")
+    out = args.out or str(run_dir.parent / f"{run_dir.name}-{Path(args.queries).stem}")
+    raw = cfg.to_dict(cfg.from_dict(record["config"], str(run_dir / "run.json")))
+    raw["data"]["queries"], raw["run"]["out"] = str(args.queries), str(out)
+    raw["factors"]["from"], raw["scores"]["mode"], raw["index"]["k"] = str(run_dir), "index", None
+    config = cfg.with_overrides(raw, list(args.overrides), str(run_dir / "run.json"))
+    enable_compilation_cache()
+    pipeline.run(config, overwrite=args.overwrite)
+    return 0
+
+
 def _plan(args) -> int:
     from jaxinf import config as cfg
     from jaxinf import plan
@@ -157,6 +182,16 @@ def main(argv: list[str] | None = None) -> int:
                      "old run is deleted once the new one has started cleanly")
     run.add_argument("--help-config", action="store_true", help="print every config key with its default")
     run.set_defaults(handler=_run)
+
+    qu = sub.add_parser("query", help="new queries against a run's EK-FAC index (index.k): no pass over the "
+                        "documents; writes what jaxinf run writes, the top and bottom documents certified exact")
+    qu.add_argument("run", metavar="RUN_OR_INDEX", help="a run directory that built an index (or its state/index)")
+    qu.add_argument("queries", metavar="QUERIES", help="queries JSONL (or a Ruis et al. release file)")
+    qu.add_argument("overrides", nargs="*", metavar="section.key=value",
+                    help="overrides of the run's config (scores.damping, scores.query_rank, factors.strategy=kfac, ...)")
+    qu.add_argument("--out", help="the output run directory (default: RUN-QUERIES beside the run)")
+    qu.add_argument("--overwrite", action="store_true", help="start the output directory over")
+    qu.set_defaults(handler=_query)
 
     pl = sub.add_parser("plan", help="memory and cost of each stage on a mesh, from the model's config.json alone "
                         "(no weights): bytes per device, XLA's compiled peak per step, FLOPs per document, time")

@@ -22,7 +22,10 @@ from typing import Any, Union
 
 import yaml
 
-STAGES = ("covariance", "eigen", "lambda", "queries", "scores", "exports", "analysis")
+STAGES = ("covariance", "eigen", "lambda", "queries", "scores", "exports", "analysis", "index")
+"""Every stage of a run, each after the stages it depends on. The index (``index.k``) comes last: it depends on
+the documents and the eigenbasis only, so a new index over a finished run recomputes nothing else; a run with
+``scores.mode: index`` builds it before its scores (:mod:`jaxinf.pipeline`)."""
 
 
 class ConfigError(ValueError):
@@ -83,6 +86,18 @@ class ScoresConfig:
     self_influence: bool = key(False, "also compute each document's self-influence (self_influence.npy)", "scores")
     topk: int = key(20, "top and bottom documents per query in topk.jsonl and the report", "exports")
     save_every: int = key(100, "batches between saved score chunks", None)
+    mode: str = key("exact", "exact (a scoring pass over every document) | index (scores from the EK-FAC index, "
+                    "index.k, or factors.from's index; the top and bottom scores.topk certified exact)", "scores",
+                    ("exact", "index"))
+
+
+@dataclasses.dataclass(frozen=True)
+class IndexConfig:
+    k: Union[int, str, None] = key(None, "EK-FAC index: eigen-directions kept per factor and layer (the block "
+                                   "(Q_S^T G Q_A)[:k, :k] of the largest eigenvalues), full (every cell: exact), or "
+                                   "null (no index)", "index")
+    dtype: str = key("float32", "EK-FAC index: storage dtype of the kept cells", "index", ("float32", "float16"))
+    save_every: int = key(100, "EK-FAC index: batches between flushes of the index rows", None)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -150,6 +165,7 @@ class Config:
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     factors: FactorsConfig = dataclasses.field(default_factory=FactorsConfig)
     scores: ScoresConfig = dataclasses.field(default_factory=ScoresConfig)
+    index: IndexConfig = dataclasses.field(default_factory=IndexConfig)
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
     run: RunConfig = dataclasses.field(default_factory=RunConfig)
     plan: PlanConfig = dataclasses.field(default_factory=PlanConfig)
@@ -269,7 +285,7 @@ def from_dict(raw: dict, source: str = "config") -> Config:
 
 def _check_values(config: Config, source: str) -> None:
     positive = [("data", "max_length"), ("data", "batch_size"), ("data", "query_batch_size"),
-                ("factors", "save_every"), ("scores", "save_every"), ("scores", "topk"),
+                ("factors", "save_every"), ("scores", "save_every"), ("index", "save_every"), ("scores", "topk"),
                 ("mesh", "data"), ("mesh", "model"), ("scores", "query_rank"), ("factors", "max_documents"),
                 ("mesh", "num_processes"), ("plan", "hosts"), ("plan", "documents"), ("plan", "tokens_per_document"),
                 ("plan", "queries"), ("validate", "seeds"), ("validate", "steps"), ("validate", "batch_size"),
@@ -304,6 +320,18 @@ def _check_values(config: Config, source: str) -> None:
     if not v.recall_k or any(k < 1 for k in v.recall_k):
         raise ConfigError(f"{source}: validate.recall_k: expected a non-empty list of positive integers, got "
                           f"{v.recall_k}")
+    k = config.index.k
+    if isinstance(k, str) and k != "full" or isinstance(k, int) and k < 1:
+        raise ConfigError(f"{source}: index.k: expected a positive integer, full or null, got {k!r}")
+    if config.scores.mode == "index" and k is None and config.factors.from_run is None:
+        raise ConfigError(f"{source}: scores.mode: index needs an index: set index.k (an integer or full), or "
+                          f"factors.from a run that built one")
+    if (k is not None or config.scores.mode == "index") and config.factors.strategy not in ("kfac", "ekfac"):
+        raise ConfigError(f"{source}: index.k and scores.mode: index need a Kronecker eigenbasis (factors.strategy "
+                          f"ekfac or kfac), got {config.factors.strategy}")
+    if config.scores.mode == "index" and config.scores.self_influence:
+        raise ConfigError(f"{source}: scores.self_influence needs scores.mode: exact (the index keeps no "
+                          f"self-influence)")
     damping = config.scores.damping
     if damping is not None and not (math.isfinite(damping) and damping >= 0):
         raise ConfigError(f"{source}: scores.damping: must be a finite number at least 0 (or null), got {damping}")
@@ -363,6 +391,13 @@ def load(path: str | Path | None, overrides: list[str] = ()) -> Config:
             line = f":{mark.line + 1}" if mark is not None else ""
             raise ConfigError(f"{path}{line}: invalid YAML ({getattr(e, 'problem', e)})") from None
     from_dict(raw, source)  # the file alone must be valid, so its errors name the file
+    return with_overrides(raw, overrides, source)
+
+
+def with_overrides(raw: dict, overrides: list[str], source: str) -> Config:
+    """The config of nested dicts ``raw`` (valid on its own, read from ``source``) with ``section.key=value``
+    overrides applied."""
+    raw = {k: dict(v) if isinstance(v, dict) else v for k, v in raw.items()}
     for text in overrides:
         section, name, value = parse_override(text)
         raw.setdefault(section, {})

@@ -50,7 +50,7 @@ log = logging.getLogger("jaxinf")
 
 # Files of a finished run that the exports and the analysis write (deleted when those stages are recomputed).
 EXPORTS = ("scores.npy", "self_influence.npy", "queries.jsonl", "documents.jsonl", "topk.jsonl", "layers.json",
-           "layer_scores.npy", "topk_tokens.jsonl", "summary.json", "report")
+           "layer_scores.npy", "topk_tokens.jsonl", "summary.json", "report", "index_bounds.npy", "index.json")
 TOKENIZER_FILES = ("tokenizer.json",)
 MODEL_PATTERNS = ("config.json", "*.safetensors", "model.safetensors.index.json")
 

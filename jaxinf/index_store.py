@@ -9,10 +9,11 @@ invalidates it like any other stage):
   rows have been flushed, so a killed build resumes at the first batch not written.
 - ``cells.npy`` ``[rows, C]`` (``index.dtype``): each row's kept block of ``Q_S^T G Q_A`` (:mod:`jaxinf.indexing`),
   a memory map: a query reads it in slices, never whole.
-- ``energy.npy``, ``kept.npy`` ``[rows, L]`` float32: ``||G||_F^2`` and the kept block's energy per tracked layer.
+- ``bands.npy`` ``[rows, E]`` float32: the energy of ``Q_S^T G Q_A`` in each pair of bands of eigen-directions
+  (:func:`jaxinf.indexing.bands`; the kept block's first), block after block: they add up to ``||G||_F^2``.
 - ``documents.npy`` ``[rows]`` int64: the document of each row (-1 for padding; a split document has several).
 - ``loss.npy`` ``[rows]`` float64: each row's training loss (the data's labels).
-- ``selection.npz``: the kept eigen-directions (:class:`jaxinf.indexing.Selection`).
+- ``selection.npz``: the eigen-directions in decreasing eigenvalue (:class:`jaxinf.indexing.Selection`).
 
 Rows are those of the run's batch plan: batch ``i`` holds rows ``[i R, (i + 1) R)``.
 """
@@ -33,7 +34,7 @@ log = logging.getLogger("jaxinf")
 
 FORMAT = 1
 DTYPES = {"float32": np.float32, "float16": np.float16}
-ARRAYS = ("cells", "energy", "kept", "documents", "loss")
+ARRAYS = ("cells", "bands", "documents", "loss")
 
 
 class IndexError_(StoreError):
@@ -67,7 +68,7 @@ class IndexWriter:
     def __init__(self, root: Path, manifest: dict, every: int):
         self.root, self.every = Path(root), every
         old = read_manifest(self.root)
-        keys = ("format", "blocks", "cells", "layers", "dtype", "batches", "plan", "inputs")
+        keys = ("format", "blocks", "cells", "bands", "layers", "dtype", "batches", "plan", "inputs")
         if old is not None and any(old.get(k) != manifest.get(k) for k in keys):
             log.warning("%s: built from other inputs or settings; rebuilding the index", self.root)
             old = None
@@ -84,9 +85,8 @@ class IndexWriter:
             raise IndexError_(f"{self.root}: {rows_per_batch} rows per batch, the index was begun with "
                               f"{m['rows_per_batch']} (resume with the same number of processes)")
         R = m["batches"] * m["rows_per_batch"]
-        L = len(m["layers"])
-        shapes = {"cells": ((R, m["cells"]), DTYPES[m["dtype"]]), "energy": ((R, L), np.float32),
-                  "kept": ((R, L), np.float32), "documents": ((R,), np.int64), "loss": ((R,), np.float64)}
+        shapes = {"cells": ((R, m["cells"]), DTYPES[m["dtype"]]), "bands": ((R, m["bands"]), np.float32),
+                  "documents": ((R,), np.int64), "loss": ((R,), np.float64)}
         self.root.mkdir(parents=True, exist_ok=True)
         self.maps = {}
         for name, (shape, dtype) in shapes.items():
@@ -118,7 +118,7 @@ class IndexWriter:
         first = step - len(batches)
         for j, (out, meta) in enumerate(batches):
             lo = (first + j) * R
-            for name in ("cells", "energy", "kept"):
+            for name in ("cells", "bands"):
                 self.maps[name][lo:lo + R] = np.asarray(out[name]).astype(self.maps[name].dtype)
             self.maps["loss"][lo:lo + R] = np.asarray(out["loss"], np.float64)
             self.maps["documents"][lo:lo + R] = np.asarray(meta["index"], np.int64)
@@ -171,7 +171,7 @@ class IndexReader:
 
 
 def save_selection(root: Path, selection) -> None:
-    """The kept eigen-directions as ``selection.npz`` (``rows/NAME`` and ``cols/NAME`` per block)."""
+    """The order of the eigen-directions as ``selection.npz`` (``rows/NAME`` and ``cols/NAME`` per block)."""
     from jaxinf.atomic import write_atomic
 
     arrays = {f"rows/{k}": np.asarray(v) for k, v in selection.rows.items()}

@@ -7,16 +7,18 @@ For a tracked layer the influence of document n on query q is (:mod:`jaxinf.scor
 
 because ``Q_S`` and ``Q_A`` are orthogonal. The index stores, per document and layer, the block
 ``R_n[rows, cols]`` of the eigen-directions with the largest eigenvalues (``k_S`` of ``S``, ``k_A`` of ``A``:
-:func:`select_cells`), the document's gradient energy ``||G[n]||_F^2 = ||R_n||_F^2`` and the block's energy.
+:func:`select_cells`) and the energy of the rest, band by band (``||G[n]||_F^2 = ||R_n||_F^2`` in all).
 Nothing about the queries, the damping or the eigenvalue correction is baked in: a query set, a damping
 sweep, or K-FAC instead of EK-FAC, is one matrix product against the stored blocks
 (:func:`index_scores`).
 
 What the block leaves out is bounded. By Cauchy-Schwarz, per layer,
 
-    |exact - index| = |sum_{ij not kept} Pr_q[i, j] R_n[i, j]| <= ||Pr_q,rest||_F ||R_n,rest||_F,
+    |exact - index| = |sum_{ij not kept} Pr_q[i, j] R_n[i, j]|
+                    <= sum_{bands (b, c) not kept} ||Pr_q[b, c]||_F ||R_n[b, c]||_F
 
-and ``||R_n,rest||_F^2 = ||G[n]||_F^2 - ||R_n,kept||_F^2`` (:func:`score_bounds`). Documents whose bound
+with the directions cut into :func:`bands` of growing width past the kept ones; the index stores each
+document's energy in every pair of bands (:func:`score_bounds`). Documents whose bound
 reaches across a query's k-th score are scored exactly again (:func:`certify_candidates`), so the top and
 bottom k reported are exactly EK-FAC's. With every cell kept the bound is 0 and the index scores are the
 exact scores.
@@ -48,8 +50,9 @@ Array = jax.Array
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class Selection:
-    """The kept eigen-directions of every block: ``rows`` ``[*lead, k_S]`` (columns of ``Q_S``) and ``cols``
-    ``[*lead, k_A]`` (columns of ``Q_A``), each ordered by decreasing eigenvalue."""
+    """The eigen-directions of every block ordered by decreasing eigenvalue: ``rows`` ``[*lead, d_out]`` (columns
+    of ``Q_S``) and ``cols`` ``[*lead, d_in']`` (columns of ``Q_A``). The index keeps the first ``k_S`` rows and
+    ``k_A`` columns in this order (:func:`block_sizes`); the others fall into :func:`bands`."""
 
     rows: dict[str, Array]
     cols: dict[str, Array]
@@ -57,22 +60,37 @@ class Selection:
 
 def block_sizes(layers: Mapping[str, LayerSpec], k: int | None) -> dict[str, tuple[int, int]]:
     """``(k_S, k_A)`` of each block: ``min(k, d_out)``, ``min(k, d_in')`` (``k=None``: every direction)."""
-    return {name: (s.d_out if k is None else min(k, s.d_out), s.d_in_aug if k is None else min(k, s.d_in_aug))
-            for name, s in layers.items()}
+    return {name: (kept_size(k, s.d_out), kept_size(k, s.d_in_aug)) for name, s in layers.items()}
 
 
-def select_cells(eigen: Eigen, sizes: Mapping[str, tuple[int, int]]) -> Selection:
-    """The ``k_S`` largest eigenvalues of ``S`` and the ``k_A`` largest of ``A`` per layer (indices, largest first)."""
-    def top(e, k):
-        return jnp.argsort(-e, axis=-1, stable=True)[..., :k].astype(jnp.int32)
-
-    return Selection(rows={k: top(eigen.e_S[k], sizes[k][0]) for k in sizes},
-                     cols={k: top(eigen.e_A[k], sizes[k][1]) for k in sizes})
+def kept_size(k: int | None, d: int) -> int:
+    """Directions kept of a factor of ``d`` (``k=None``: all of them)."""
+    return d if k is None else min(k, d)
 
 
-def kept_basis(Q_A: Mapping[str, Array], Q_S: Mapping[str, Array], selection: Selection) -> dict[str, dict]:
-    """Per block, the kept columns of the eigenbases: ``{"Q_A": [*lead, d_in', k_A], "Q_S": [*lead, d_out, k_S]}``
-    (the context of :func:`index_statistic`)."""
+def bands(k: int, d: int) -> list[tuple[int, int]]:
+    """The eigen-directions ``0 .. d-1`` (decreasing eigenvalue) cut into bands: the kept ``[0, k)``, then
+    ``[k, 2k)``, ``[2k, 4k)``, ... (each twice the last) up to ``d``. The bound on a score's error is a
+    Cauchy-Schwarz inequality per pair of bands, so it is tight where a query's and a document's energy sit in
+    the same bands, and costs one stored number per pair."""
+    out, lo, width = [(0, k)], k, k
+    while lo < d:
+        out.append((lo, min(lo + width, d)))
+        lo, width = lo + width, 2 * width
+    return out
+
+
+def select_cells(eigen: Eigen) -> Selection:
+    """Every block's eigen-directions of ``S`` and ``A`` ordered by decreasing eigenvalue."""
+    def order(e):
+        return jnp.argsort(-e, axis=-1, stable=True).astype(jnp.int32)
+
+    return Selection(rows={k: order(v) for k, v in eigen.e_S.items()}, cols={k: order(v) for k, v in eigen.e_A.items()})
+
+
+def ordered_basis(Q_A: Mapping[str, Array], Q_S: Mapping[str, Array], selection: Selection) -> dict[str, dict]:
+    """Per block, the eigenbases with their columns in the selection's order: ``{"Q_A": [*lead, d_in', d_in'],
+    "Q_S": [*lead, d_out, d_out]}`` (the context of :func:`index_statistic`)."""
     def take(Q, idx):
         return jnp.take_along_axis(Q, idx[..., None, :], axis=-1)
 
@@ -87,15 +105,28 @@ def gradient_energy(a: Array, g: Array) -> Array:
     return jnp.sum(Ka * Kg, axis=(-2, -1))
 
 
-def index_statistic(a: Array, g: Array, mask: Array, basis: Mapping[str, Array], *, dtype=None) -> dict[str, Array]:
-    """One layer's index rows of a batch: the kept block ``R_n[rows, cols] = Q_S,kept^T G[n] Q_A,kept``
-    ``[B, k_S, k_A]``, the gradient energy ``||G[n]||_F^2`` and the block's energy ``||R_n,kept||_F^2`` ``[B]``.
+def band_energies(a: Array, g: Array, rows: list[tuple[int, int]], cols: list[tuple[int, int]]) -> Array:
+    """``||R_n[band_i, band_j]||_F^2`` for every pair of a row band of ``S`` and a column band of ``A``:
+    ``[B, bands_S, bands_A]``, from the rotated tokens ``a`` (``Q_A^T a``) and ``g`` (``Q_S^T g``) by
+    :func:`gradient_energy` of each band's coordinates."""
+    Ka = jnp.stack([jnp.einsum("bti,bsi->bts", a[..., lo:hi], a[..., lo:hi]) for lo, hi in cols], axis=1)
+    Kg = jnp.stack([jnp.einsum("bto,bso->bts", g[..., lo:hi], g[..., lo:hi]) for lo, hi in rows], axis=1)
+    return jnp.einsum("bits,bjts->bij", Kg, Ka)
 
-    ``basis``: the layer's :func:`kept_basis`. Computed in ``dtype`` (by default the working dtype of ``a``, ``g``)."""
+
+def index_statistic(a: Array, g: Array, mask: Array, basis: Mapping[str, Array], *, k: int | None,
+                    dtype=None) -> dict[str, Array]:
+    """One layer's index rows of a batch: the kept block ``R_n[:k_S, :k_A]`` of ``R_n = Q_S^T G[n] Q_A`` (directions
+    in decreasing eigenvalue) ``[B, k_S, k_A]``, and the energy of every pair of :func:`bands`
+    ``[B, bands_S, bands_A]`` (the kept block's is ``[0, 0]``; they add up to ``||G[n]||_F^2``).
+
+    ``basis``: the layer's :func:`ordered_basis`. Computed in ``dtype`` (by default the working dtype of ``a``, ``g``)."""
     dtype = working_dtype(a, g) if dtype is None else dtype
-    a, g = a.astype(dtype), g.astype(dtype)
-    block = rotated_gradient(a, g, basis["Q_A"], basis["Q_S"], dtype)
-    return {"cells": block, "energy": gradient_energy(a, g), "kept": jnp.sum(block * block, axis=(-2, -1))}
+    a = jnp.einsum("bti,ij->btj", a.astype(dtype), basis["Q_A"].astype(dtype))
+    g = jnp.einsum("bto,op->btp", g.astype(dtype), basis["Q_S"].astype(dtype))
+    k_S, k_A = kept_size(k, g.shape[-1]), kept_size(k, a.shape[-1])
+    block = jnp.einsum("btp,btj->bpj", g[..., :k_S], a[..., :k_A])
+    return {"cells": block, "bands": band_energies(a, g, bands(k_S, g.shape[-1]), bands(k_A, a.shape[-1]))}
 
 
 def _rows_first(x: Array, lead: int, trailing: int) -> Array:
@@ -106,21 +137,20 @@ def _rows_first(x: Array, lead: int, trailing: int) -> Array:
 
 def flatten_rows(blocks: Mapping[str, Mapping[str, Array]], layers: Mapping[str, LayerSpec]) -> dict[str, Array]:
     """Per-block :func:`index_statistic` results (``[*lead, B, ...]``) as one row per sequence: ``cells``
-    ``[B, C]`` (blocks in name order, each ``[*lead, k_S, k_A]`` flattened), ``energy`` and ``kept`` ``[B, L]``
-    (one column per tracked layer)."""
+    ``[B, C]`` (blocks in name order, each ``[*lead, k_S, k_A]`` flattened) and ``bands`` ``[B, E]`` (each block's
+    ``[*lead, bands_S, bands_A]`` flattened)."""
     names = sorted(layers)
     lead = {k: len(layers[k].lead) for k in names}
-    return {"cells": jnp.concatenate([_rows_first(blocks[k]["cells"], lead[k], 2) for k in names], axis=1),
-            "energy": jnp.concatenate([_rows_first(blocks[k]["energy"], lead[k], 0) for k in names], axis=1),
-            "kept": jnp.concatenate([_rows_first(blocks[k]["kept"], lead[k], 0) for k in names], axis=1)}
+    return {key: jnp.concatenate([_rows_first(blocks[k][key], lead[k], 2) for k in names], axis=1)
+            for key in ("cells", "bands")}
 
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class IndexQueries:
     """Queries in index space: ``cells`` ``[Q, C]`` (the kept block of ``Pr_q = Q_S^T P(G_q) Q_A``, laid out as the
-    index's rows), ``rest`` ``[Q, L]`` (``||Pr_q,rest||_F`` per tracked layer) and ``fidelity`` ``[Q]``
-    (:func:`predicted_correlation`)."""
+    index's rows), ``rest`` ``[Q, E]`` (``||Pr_q[band_i, band_j]||_F`` of every pair of bands, 0 for the kept block)
+    and ``fidelity`` ``[Q]`` (:func:`predicted_correlation`)."""
 
     cells: Array
     rest: Array
@@ -143,14 +173,6 @@ def rotated_queries(qg: QueryGradients, Q_A: Mapping[str, Array], Q_S: Mapping[s
     return out
 
 
-def kept_mask(selection: Selection, layers: Mapping[str, LayerSpec], name: str) -> Array:
-    """``[*lead, d_out, d_in']``: 1 at the kept cells of block ``name``, 0 elsewhere."""
-    s = layers[name]
-    rows = jax.nn.one_hot(selection.rows[name], s.d_out).sum(-2)       # [*lead, d_out]
-    cols = jax.nn.one_hot(selection.cols[name], s.d_in_aug).sum(-2)    # [*lead, d_in']
-    return rows[..., :, None] * cols[..., None, :]
-
-
 def predicted_correlation(kept: Array, total: Array) -> Array:
     """``rho_q = sqrt(sum_kept Pr_q^2 Lambda / sum_all Pr_q^2 Lambda)``: the correlation over documents of index and
     exact scores if the rotated document gradients had independent entries of variance ``Lambda`` (1 where the
@@ -158,36 +180,42 @@ def predicted_correlation(kept: Array, total: Array) -> Array:
     return jnp.where(total > 0, jnp.sqrt(jnp.clip(kept / jnp.where(total > 0, total, 1), 0, 1)), 1.0)
 
 
+def band_sums(x: Array, rows: list[tuple[int, int]], cols: list[tuple[int, int]]) -> Array:
+    """``sum x[band_i, band_j]`` over the last two axes: ``[..., bands_S, bands_A]``."""
+    return jnp.stack([jnp.stack([x[..., r0:r1, c0:c1].sum((-2, -1)) for c0, c1 in cols], -1) for r0, r1 in rows], -2)
+
+
 def index_queries(qg: QueryGradients, Q_A: Mapping[str, Array], Q_S: Mapping[str, Array], variance: Mapping[str, Array],
-                  selection: Selection, layers: Mapping[str, LayerSpec]) -> IndexQueries:
+                  selection: Selection, layers: Mapping[str, LayerSpec], k: int | None) -> IndexQueries:
     """Prepared queries (:class:`~jaxinf.scoring.QueryGradients`, damping and truncation already applied) in index
-    space: the kept cells of ``Pr_q``, the norm of the rest per layer, and the predicted correlation with the
-    exact scores under ``variance`` (the fitted EK-FAC ``Lambda``)."""
-    Pr = rotated_queries(qg, Q_A, Q_S)
-    names = sorted(layers)
+    space for an index keeping ``k`` directions per factor: the kept cells of ``Pr_q``, the norm of each other pair
+    of bands, and the predicted correlation with the exact scores under ``variance`` (the fitted ``Lambda``)."""
+    basis = ordered_basis(Q_A, Q_S, selection)
+    Pr = rotated_queries(qg, {n: b["Q_A"] for n, b in basis.items()}, {n: b["Q_S"] for n, b in basis.items()})
     cells, rest, num, den = [], [], 0.0, 0.0
-    for k in names:
-        lead = len(layers[k].lead)
-        P = Pr[k]
-        block = jnp.take_along_axis(P, jnp.expand_dims(selection.rows[k], -2)[..., None], axis=-2)
-        block = jnp.take_along_axis(block, jnp.expand_dims(selection.cols[k], -2)[..., None, :], axis=-1)
-        cells.append(_rows_first(block, lead, 2))
-        outside = 1.0 - jnp.expand_dims(kept_mask(selection, layers, k), -3).astype(P.dtype)
-        rest.append(_rows_first(jnp.sqrt(jnp.sum(P * P * outside, axis=(-2, -1))), lead, 0))
-        var = jnp.expand_dims(variance[k].astype(P.dtype), -3)
-        total = P * P * var
+    for name in sorted(layers):
+        lead, s = len(layers[name].lead), layers[name]
+        k_S, k_A = kept_size(k, s.d_out), kept_size(k, s.d_in_aug)
+        P = Pr[name]
+        cells.append(_rows_first(P[..., :k_S, :k_A], lead, 2))
+        norms = jnp.sqrt(band_sums(P * P, bands(k_S, s.d_out), bands(k_A, s.d_in_aug)))
+        rest.append(_rows_first(norms.at[..., 0, 0].set(0.0), lead, 2))
+        var = jnp.take_along_axis(variance[name], selection.rows[name][..., :, None], axis=-2)
+        var = jnp.expand_dims(jnp.take_along_axis(var, selection.cols[name][..., None, :], axis=-1), -3)
+        weighted = P * P * var.astype(P.dtype)
         axes = tuple(range(lead)) + (lead + 1, lead + 2)
-        den = den + jnp.sum(total, axis=axes)
-        num = num + jnp.sum(total * (1.0 - outside), axis=axes)
+        den = den + jnp.sum(weighted, axis=axes)
+        num = num + jnp.sum(weighted[..., :k_S, :k_A], axis=axes)
     return IndexQueries(cells=jnp.concatenate(cells, axis=1), rest=jnp.concatenate(rest, axis=1),
                         fidelity=predicted_correlation(num, den))
 
 
-def residual_norms(energy: np.ndarray, kept: np.ndarray, eps: float) -> np.ndarray:
-    """``||R_n,rest||_F = sqrt(||G[n]||^2 - ||R_n,kept||^2)`` per row and layer, with ``eps ||G[n]||^2`` added under
-    the root for the round-off of the subtraction (``eps``: the storage dtype's resolution), so the bound holds."""
-    energy = energy.astype(np.float64)
-    return np.sqrt(np.maximum(energy - kept.astype(np.float64), 0.0) + eps * np.abs(energy))
+def residual_norms(bands: np.ndarray, eps: float) -> np.ndarray:
+    """``||R_n[band_i, band_j]||_F`` per row and pair of bands ``[R, E]``, with ``eps`` times the row's whole energy
+    added under the root for the round-off of the Gram sums that formed them, so the bound holds."""
+    bands = bands.astype(np.float64)
+    total = np.abs(bands).sum(axis=1, keepdims=True)
+    return np.sqrt(np.maximum(bands, 0.0) + eps * total)
 
 
 def index_scores(queries: np.ndarray, cells: np.ndarray) -> np.ndarray:
@@ -196,7 +224,8 @@ def index_scores(queries: np.ndarray, cells: np.ndarray) -> np.ndarray:
 
 
 def score_bounds(rest_q: np.ndarray, rest_n: np.ndarray) -> np.ndarray:
-    """``[Q, R]``: ``sum_layers ||Pr_q,rest||_F ||R_n,rest||_F``, a bound on ``|exact - index|`` of every pair."""
+    """``[Q, R]``: ``sum_layers sum_(i,j) != kept ||Pr_q[band_i, band_j]||_F ||R_n[band_i, band_j]||_F``, a bound on
+    ``|exact - index|`` of every pair (Cauchy-Schwarz on each pair of bands)."""
     return rest_q @ rest_n.T
 
 

@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxinf import curvature, failures, fingerprint, precision, preflight, rundir, scoring, stages
+from jaxinf import curvature, failures, fingerprint, index_run, precision, preflight, rundir, scoring, stages
 from jaxinf import config as cfg
 from jaxinf.distributed import eigendecompose
 from jaxinf.executor import Executor, make_executor
@@ -154,6 +154,19 @@ def fit_curvature(config: cfg.Config, store: RunStore, inputs: Inputs, executor:
     if strategy.needs_lambda and not strategy.fits_lambda:
         store.mark("lambda", "done", source=f"{strategy.name} {strategy.lambda_source}")
     return curv
+
+
+def saved_eigen(config: cfg.Config, store: RunStore, inputs: Inputs, executor: Executor) -> curvature.Eigen:
+    """The eigendecomposition this run preconditions with: its own, or ``factors.from``'s."""
+    source = store
+    if config.factors.from_run is not None:
+        other = Path(config.factors.from_run)
+        source = RunStore(other, json.loads((other / "run.json").read_text()))
+    shapes = _shapes(inputs, precision.statistics_dtype(config.run.precision))
+    eigen = source.load_result("eigen", executor.like(shapes["eigen"]))
+    if eigen is None:
+        raise StoreError(f"{source.root}: the eigendecomposition is missing or corrupted (stage eigen)")
+    return eigen
 
 
 def _check_finite_tree(tree, what: str, fetch: Callable = np.asarray) -> None:
@@ -411,10 +424,18 @@ def _run_locked(config: cfg.Config, executor: Executor, aside: rundir.Aside | No
             aside.discard()
         curv = fit_curvature(config, store, inputs, executor)
         qg, encoded = query_gradients(config, store, inputs, curv, executor)
-        results = score_documents(config, store, inputs, qg, curv, executor)
+        if config.scores.mode == "index":
+            eigen = saved_eigen(config, store, inputs, executor)
+            if config.index.k is not None:
+                index_run.build_index(config, store, inputs, curv, eigen, executor)
+            results = index_run.scores_from_index(config, store, inputs, qg, curv, eigen, executor)
+        else:
+            results = score_documents(config, store, inputs, qg, curv, executor)
         export(config, store, inputs, results, qg, encoded, executor)
         log.info("exports written to %s", store.root)
         analyze(store, inputs)
+        if config.index.k is not None and config.scores.mode == "exact":
+            index_run.build_index(config, store, inputs, curv, saved_eigen(config, store, inputs, executor), executor)
     except Exception as e:
         failure = failures.environment_failure(e, Path(config.run.out), _running_stage(store))
         if failure is None:

@@ -416,7 +416,26 @@ def plan(config, meshes: Iterable[tuple[int, int]], compile: bool = True) -> dic
         entry = _mesh_dict(mp, config)
         entry["largest_layers"] = largest_layers(config, layers, max(mp.global_batch // data, 1), model)
         result["meshes"].append(entry)
+    if config.index.k is not None:
+        result["index"] = index_size(config, layers, [d * m for d, m in meshes])
     return result
+
+
+def index_size(config, layers, devices: list[int]) -> dict:
+    """The EK-FAC index of ``plan.documents`` documents (one row each, :mod:`jaxinf.indexing`): cells and bytes per
+    document, the whole index, its share per device when the documents are split over every device, and a query's
+    matrix-product FLOPs per document (``2 x cells``)."""
+    from jaxinf.indexing import block_sizes
+
+    sizes = block_sizes(layers, None if config.index.k == "full" else config.index.k)
+    cells = sum(k_S * k_A * max(len(layers[n].layer_names), 1) for n, (k_S, k_A) in sizes.items())
+    n_layers = sum(len(s.layer_names) for s in layers.values())
+    per_doc = cells * {"float32": 4, "float16": 2}[config.index.dtype] + 8 * n_layers + 16
+    total = per_doc * config.plan.documents
+    return {"k": config.index.k, "dtype": config.index.dtype, "cells": int(cells), "bytes_per_document": int(per_doc),
+            "documents": config.plan.documents, "bytes": int(total),
+            "bytes_per_device": {str(d): int(-(-total // d)) for d in devices},
+            "query_flops_per_document": 2 * int(cells)}
 
 
 def _mesh_dict(mp: MeshPlan, config) -> dict:
@@ -490,6 +509,12 @@ def format_plan(result: dict, config) -> str:
                 hours = f"{s['hours']:9.1f}" if "hours" in s else f"{'-':>9}"
                 lines.append(f"  {s['name']:<16} {gib(s['peak']):>9} {gib(s['arguments']):>9} "
                              f"{gib(s['temporaries']):>9} {fl} {hours} {s['seconds']:9.1f}")
+    if "index" in result:
+        ix = result["index"]
+        lines += ["", f"index (index.k={ix['k']}, {ix['dtype']}): {ix['cells']:,} cells, {ix['bytes_per_document'] / 2**10:,.1f} "
+                      f"KiB per document; {ix['documents']:,} documents: {ix['bytes'] / 2**40:,.3f} TiB ("
+                      + ", ".join(f"{b / GiB:,.2f} GiB per device on {d}" for d, b in ix["bytes_per_device"].items())
+                      + f"); a query costs {ix['query_flops_per_document']:,} FLOPs per document"]
     tokens = config.plan.tokens_per_document or config.data.max_length
     if any(s.get("flops_from") == "one device" for m in result["meshes"] for s in m["steps"]):
         lines += ["", "*: FLOPs counted on one device and divided evenly (the unstacked layers the count uses have "

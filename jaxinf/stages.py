@@ -126,15 +126,15 @@ def lambda_stage(task: Task, layers: Mapping[str, LayerSpec], fisher: str = "sam
     return Stage(init=lambda: lambda_init(layers, dtype), update=update, finalize=lambda_finalize)
 
 
-def index_step(task: Task, layers: Mapping[str, LayerSpec], dtype=None):
-    """The index pass (:mod:`jaxinf.indexing`): ``(params, basis, batch) -> {"cells": [B, C], "energy": [B, L],
-    "kept": [B, L], "loss": [B]}``, each document row's kept block of ``Q_S^T G[n] Q_A`` under the data's labels
-    (the gradients the scores use), its gradient energy and the block's, per tracked layer. ``basis``: per block,
-    the kept columns of the eigenbases (:func:`jaxinf.indexing.kept_basis`)."""
+def index_step(task: Task, layers: Mapping[str, LayerSpec], k: int | None, dtype=None):
+    """The index pass (:mod:`jaxinf.indexing`): ``(params, basis, batch) -> {"cells": [B, C], "bands": [B, E],
+    "loss": [B]}``, each document row's kept block of ``Q_S^T G[n] Q_A`` (``k`` directions per factor, None: all)
+    under the data's labels (the gradients the scores use) and the energy of each pair of bands of the rest.
+    ``basis``: per block, the eigenbases in decreasing eigenvalue (:func:`jaxinf.indexing.ordered_basis`)."""
     from jaxinf.indexing import flatten_rows, index_statistic
 
     dtype = layers_dtype(layers) if dtype is None else dtype
-    statistic = functools.partial(index_statistic, dtype=dtype)
+    statistic = functools.partial(index_statistic, k=k, dtype=dtype)
 
     def step(params, basis, batch):
         blocks, losses = train_statistics(task, layers, params, batch, None, statistic, streamed(basis))

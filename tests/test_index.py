@@ -36,11 +36,10 @@ def _fit_now(dtype, track, docs):
 
 
 def _index(task, params, layers, batch, curv, eigen, k):
-    sizes = indexing.block_sizes(layers, k)
-    selection = indexing.select_cells(eigen, sizes)
-    basis = indexing.kept_basis(curv.Q_A, curv.Q_S, selection)
-    rows = jax.jit(stages.index_step(task, layers))(params, basis, batch)
-    return selection, {k: np.asarray(v) for k, v in rows.items()}
+    selection = indexing.select_cells(eigen)
+    basis = indexing.ordered_basis(curv.Q_A, curv.Q_S, selection)
+    rows = jax.jit(stages.index_step(task, layers, k))(params, basis, batch)
+    return selection, {name: np.asarray(v) for name, v in rows.items()}
 
 
 def _queries(task, params, layers, curv, rank=None, damping=None):
@@ -63,15 +62,15 @@ def _full_index_is_exact(dtype, tol, rank):
     task, params, layers, batch, curv, eigen = _fit(dtype)
     selection, rows = _index(task, params, layers, batch, curv, eigen, None)
     qg = _queries(task, params, layers, curv, rank)
-    iq = indexing.index_queries(qg, curv.Q_A, curv.Q_S, curv.Lambda, selection, layers)
+    iq = indexing.index_queries(qg, curv.Q_A, curv.Q_S, curv.Lambda, selection, layers, None)
     got = indexing.index_scores(np.asarray(iq.cells, np.float64), rows["cells"].astype(np.float64))
     want = _exact(task, params, layers, qg, batch)
     assert np.max(np.abs(got - want)) <= tol * np.max(np.abs(want))
-    bound = indexing.score_bounds(np.asarray(iq.rest), indexing.residual_norms(rows["energy"], rows["kept"], 1e-7))
+    bound = indexing.score_bounds(np.asarray(iq.rest), indexing.residual_norms(rows["bands"], 1e-7))
     assert np.all(bound == 0)
     np.testing.assert_allclose(np.asarray(iq.fidelity), 1.0)
-    # the stored energy is ||G[n]||^2 (here all of it is kept)
-    np.testing.assert_allclose(rows["energy"], rows["kept"], rtol=tol * 100)
+    # one band per block, the kept one: its energy is ||G[n]||^2, the sum of the squared cells
+    np.testing.assert_allclose(rows["bands"].sum(1), (rows["cells"].astype(np.float64) ** 2).sum(1), rtol=tol * 100)
 
 
 @jax.enable_x64(True)
@@ -81,9 +80,11 @@ def test_the_bound_holds_and_the_certified_tails_are_exact():
     exact = _exact(task, params, layers, qg, batch)
     for k in (1, 2, 4):
         selection, rows = _index(task, params, layers, batch, curv, eigen, k)
-        iq = indexing.index_queries(qg, curv.Q_A, curv.Q_S, curv.Lambda, selection, layers)
+        iq = indexing.index_queries(qg, curv.Q_A, curv.Q_S, curv.Lambda, selection, layers, k)
         approx = indexing.index_scores(np.asarray(iq.cells), rows["cells"])
-        bound = indexing.score_bounds(np.asarray(iq.rest), indexing.residual_norms(rows["energy"], rows["kept"], 0.0))
+        bound = indexing.score_bounds(np.asarray(iq.rest), indexing.residual_norms(rows["bands"], 0.0))
+        coarse = _one_band_bound(iq, rows, selection, layers, k)
+        assert np.all(bound <= coarse * (1 + 1e-9)) and np.mean(bound) < np.mean(coarse)
         assert np.all(np.abs(exact - approx) <= bound * (1 + 1e-9) + 1e-12)
         assert np.any(np.abs(exact - approx) > 1e-8), "a truncated index that is exact tests nothing"
         for top in (1, 3, 5):
@@ -107,7 +108,7 @@ def test_the_index_is_independent_of_damping_and_strategy():
     kfac = Curvature(strategy("kfac"), curv.Q_A, curv.Q_S, kfac_lambda(eigen))
     for c, damping in ((curv, 1e-3), (curv, 10.0), (kfac, None)):
         qg = _queries(task, params, layers, c, damping=damping)
-        iq = indexing.index_queries(qg, c.Q_A, c.Q_S, curv.Lambda, selection, layers)
+        iq = indexing.index_queries(qg, c.Q_A, c.Q_S, curv.Lambda, selection, layers, None)
         got = indexing.index_scores(np.asarray(iq.cells), rows["cells"])
         want = _exact(task, params, layers, qg, batch)
         assert np.max(np.abs(got - want)) <= 1e-10 * np.max(np.abs(want))
@@ -128,11 +129,31 @@ def test_gradient_energy_is_the_frobenius_norm_of_the_sequence_gradient():
                                (G ** 2).sum((1, 2)), rtol=1e-12)
 
 
-def test_select_cells_keeps_the_largest_eigenvalues_first():
+def _one_band_bound(iq, rows, selection, layers, k):
+    """The bound with the whole rest of each layer as one band: ||Pr_q,rest|| ||R_n,rest|| per layer."""
+    q_rest = np.asarray(iq.rest, np.float64)
+    out, at = 0.0, 0
+    for name in sorted(layers):
+        s = layers[name]
+        width = len(indexing.bands(indexing.kept_size(k, s.d_out), s.d_out)) * \
+            len(indexing.bands(indexing.kept_size(k, s.d_in_aug), s.d_in_aug))
+        for _ in range(max(len(s.layer_names), 1)):
+            q = np.sqrt((q_rest[:, at:at + width] ** 2).sum(1))
+            n = np.sqrt(np.maximum(rows["bands"][:, at + 1:at + width].astype(np.float64).sum(1), 0))
+            out = out + q[:, None] * n[None, :]
+            at += width
+    return out
+
+
+def test_bands_double_past_the_kept_directions():
+    assert indexing.bands(2, 11) == [(0, 2), (2, 4), (4, 8), (8, 11)]
+    assert indexing.bands(5, 5) == [(0, 5)]
+
+
+def test_select_cells_orders_by_decreasing_eigenvalue():
     from jaxinf.curvature.eigen import Eigen
 
     e = {"x": jnp.asarray([0.1, 3.0, 2.0, 0.0])}
     eig = Eigen(Q_A={"x": jnp.eye(4)}, e_A=e, Q_S={"x": jnp.eye(4)}, e_S=e)
-    sel = indexing.select_cells(eig, {"x": (2, 3)})
-    assert np.asarray(sel.rows["x"]).tolist() == [1, 2]
-    assert np.asarray(sel.cols["x"]).tolist() == [1, 2, 0]
+    sel = indexing.select_cells(eig)
+    assert np.asarray(sel.rows["x"]).tolist() == [1, 2, 0, 3]

@@ -50,6 +50,8 @@ def export(config: cfg.Config, store: RunStore, inputs: Inputs, results: dict, q
              "completion_tokens": encoded[i].completion_length, **({"supports": list(q.supports)} if q.supports else {})}
             for i, q in enumerate(inputs.queries)))
         formats.write_documents(store.path("documents.jsonl"), _document_rows(inputs, results["loss"]))
+        if "bound" in results:     # scores.mode: index (jaxinf.index_run)
+            _write_index_exports(store, inputs, results, qloss, config.scores.normalize)
     k = min(config.scores.topk, inputs.plan.num_documents)
     top = np.argsort(-scores, axis=1, kind="stable")[:, :k]
     bottom = np.argsort(scores, axis=1, kind="stable")[:, :k]
@@ -67,6 +69,20 @@ def export(config: cfg.Config, store: RunStore, inputs: Inputs, results: dict, q
             for i, q in enumerate(inputs.queries)))
     export_breakdowns(config, store, inputs, qg, top, docs, executor)
     store.mark("exports", "done", seconds=round(time.perf_counter() - t0, 3))
+
+
+def _write_index_exports(store: RunStore, inputs: Inputs, results: dict, qloss: np.ndarray, normalize: str) -> None:
+    """``index_bounds.npy`` (a bound on ``|exact - scores.npy|`` per query and document, 0 where the score is exact,
+    normalized like the scores) and ``index.json`` (per query: the predicted correlation with the exact scores,
+    the largest bound; the documents scored exactly to certify the tails)."""
+    from jaxinf.atomic import write_json
+
+    bound = np.abs(scoring.normalize(results["bound"], qloss, normalize))
+    save_npy(store.path("index_bounds.npy"), np.ascontiguousarray(bound, np.float32))
+    write_json(store.path("index.json"), {
+        "rescored_documents": int(results["certified"].sum()),
+        "queries": [{"id": q.id, "predicted_correlation": float(results["fidelity"][i]),
+                     "max_bound": float(bound[i].max(initial=0.0))} for i, q in enumerate(inputs.queries)]})
 
 
 def _document_rows(inputs: Inputs, losses: np.ndarray) -> Iterator[dict]:

@@ -1,0 +1,96 @@
+"""The EK-FAC index in ``jaxinf run`` and ``jaxinf query``: built once, exact when full, certified tails when
+truncated, new queries without a pass over the documents, and refusals in one line."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from pipeline_support import env, jaxinf, make_world, overrides
+from jaxinf import config as cfg
+from jaxinf import pipeline
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("world")
+    w = {**make_world(root), "root": root, "cache": root / "xla-cache"}
+    lines = w["queries"].read_text().splitlines()
+    (root / "first.jsonl").write_text("\n".join(lines[:3]) + "\n")
+    (root / "second.jsonl").write_text("\n".join(lines[3:]) + "\n")
+    return w
+
+
+@pytest.fixture(scope="module")
+def exact(world):
+    """The exact run over all queries (the oracle), with a full index built after it."""
+    out = world["root"] / "exact"
+    pipeline.run(cfg.load(None, overrides(world, out, **{"index.k": "full"})))
+    return out
+
+
+def _topk(run):
+    return {r["query"]: ([d["id"] for d in r["top"]], [d["id"] for d in r["bottom"]])
+            for r in map(json.loads, (run / "topk.jsonl").read_text().splitlines())}
+
+
+def test_a_full_index_scores_like_the_scoring_pass(world, exact):
+    out = world["root"] / "full"
+    pipeline.run(cfg.load(None, overrides(world, out, **{"index.k": "full", "scores.mode": "index"})))
+    got, want = np.load(out / "scores.npy"), np.load(exact / "scores.npy")
+    assert np.max(np.abs(got - want)) <= 1e-5 * np.max(np.abs(want))
+    record = json.loads((out / "run.json").read_text())
+    assert record["stages"]["scores"]["rescored"] == 0          # the bound is 0: nothing to certify
+    assert "scores" not in {p.name for p in (out / "state").iterdir()} or record["stages"]["scores"]["mode"] == "index"
+    assert _topk(out) == _topk(exact)
+
+
+def test_new_queries_against_the_index_match_an_exact_run(world, exact, tmp_path):
+    """``jaxinf query``: a new query file against the run's index gives the exact run's scores for those queries."""
+    first = tmp_path / "first"
+    pipeline.run(cfg.load(None, overrides(world, first, **{"index.k": "full", "data.queries": world["root"] / "first.jsonl"})))
+    out = tmp_path / "answers"
+    r = jaxinf(["query", first, world["root"] / "second.jsonl", "--out", out], env(world["cache"]))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert not (out / "state" / "covariance").exists() and not (out / "state" / "index").exists()
+    got, want = np.load(out / "scores.npy"), np.load(exact / "scores.npy")[3:]
+    assert np.max(np.abs(got - want)) <= 1e-5 * np.max(np.abs(want))
+    assert (out / "report" / "index.html").exists() and (out / "topk_tokens.jsonl").exists()
+    # an index built from other documents is refused in one line, nothing written
+    bad = jaxinf(["query", tmp_path / "nowhere", world["root"] / "second.jsonl"], env(world["cache"]))
+    assert bad.returncode == 2 and "not a jaxinf run directory" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_a_truncated_index_certifies_the_exact_tails(world, exact, tmp_path):
+    out = tmp_path / "k2"
+    pipeline.run(cfg.load(None, overrides(world, out, **{"index.k": 2, "scores.mode": "index"})))
+    record = json.loads((out / "run.json").read_text())
+    assert record["stages"]["scores"]["rescored"] > 0
+    assert _topk(out) == _topk(exact)
+    got, want = np.load(out / "scores.npy"), np.load(exact / "scores.npy")
+    bound = np.load(out / "index_bounds.npy")
+    assert np.all(np.abs(got - want) <= bound * (1 + 1e-4) + 1e-5 * np.max(np.abs(want)))
+    report = json.loads((out / "index.json").read_text())
+    assert report["rescored_documents"] == record["stages"]["scores"]["rescored"]
+    assert all(0 < q["predicted_correlation"] <= 1 for q in report["queries"])
+
+
+def test_changed_documents_invalidate_the_index(world, tmp_path):
+    import shutil
+
+    docs = tmp_path / "docs.jsonl"
+    shutil.copy(world["docs"], docs)
+    out = tmp_path / "run"
+    args = overrides(world, out, **{"index.k": 2, "data.documents": docs})
+    pipeline.run(cfg.load(None, args))
+    before = np.load(out / "state" / "index" / "cells.npy").copy()
+    lines = docs.read_text().splitlines()
+    row = json.loads(lines[5])
+    row["text"] = "a different text " + row["text"]
+    lines[5] = json.dumps(row)
+    docs.write_text("\n".join(lines) + "\n")
+    pipeline.run(cfg.load(None, args))
+    after = np.load(out / "state" / "index" / "cells.npy")
+    assert before.shape == after.shape and not np.array_equal(before, after)
