@@ -114,6 +114,7 @@ def _query(args) -> int:
     raw = cfg.to_dict(cfg.from_dict(record["config"], str(run_dir / "run.json")))
     raw["data"]["queries"], raw["run"]["out"] = str(args.queries), str(out)
     raw["factors"]["from"], raw["scores"]["mode"], raw["index"]["k"] = str(run_dir), "index", None
+    raw["scores"]["self_influence"] = False
     config = cfg.with_overrides(raw, list(args.overrides), str(run_dir / "run.json"))
     enable_compilation_cache()
     pipeline.run(config, overwrite=args.overwrite)

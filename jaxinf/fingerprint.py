@@ -175,6 +175,8 @@ def reconcile(store: RunStore, model_fp: dict, documents: dict, queries: dict) -
         if reasons:
             first = min(cfg.STAGES.index(stage) for stage, _ in reasons)
             invalid = [s for s in cfg.STAGES[first:] if s in started]
+            if all(stage == "queries" for stage, _ in reasons):   # the index depends on the documents only
+                invalid = [s for s in invalid if s != "index"]
             for _, why in reasons:
                 log.warning("%s since this run started; recomputing %s", why, ", ".join(invalid) or "nothing")
             invalidate(store, invalid)

@@ -75,39 +75,73 @@ def _manifest(config: cfg.Config, store: RunStore, inputs: Inputs, eigen, sizes)
                        "eigen": eigen_fingerprint(eigen), "precision": config.run.precision}}
 
 
+class IndexBuild:
+    """An index being written: its writer (the per-batch saves), the eigenbases in decreasing eigenvalue that its
+    statistic rotates with, and ``k``."""
+
+    def __init__(self, config: cfg.Config, store: RunStore, inputs: Inputs, curv, eigen):
+        if jax.process_count() > 1:
+            raise IndexError_("index.k: building an index with several processes is not supported yet (build it "
+                              "with one process, then query it from any)")
+        self.config, self.store, self.root = config, store, index_root(store)
+        self.k = kept_directions(config.index.k)
+        selection = indexing.select_cells(eigen)
+        self.manifest = _manifest(config, store, inputs, eigen, indexing.block_sizes(inputs.layers, self.k))
+        self.writer = IndexWriter(self.root, self.manifest, config.index.save_every)
+        save_selection(self.root, selection)
+        self.basis = indexing.ordered_basis(curv.Q_A, curv.Q_S, selection)
+        store.mark("index", "running")
+
+    def done(self, timing: dict) -> None:
+        m = self.writer.manifest
+        per_row = m["cells"] * np.dtype(m["dtype"]).itemsize + 4 * m["bands"] + 16
+        self.store.mark("index", "done", k=m["k"], cells=m["cells"], bytes_per_row=int(per_row),
+                        eigen=m["inputs"]["eigen"], timing=timing)
+        log.info("index: %d cells per document row (%s), %.1f MiB", m["cells"], m["dtype"],
+                 per_row * m["batches"] * (m["rows_per_batch"] or 0) / 2**20)
+
+
 def build_index(config: cfg.Config, store: RunStore, inputs: Inputs, curv, eigen, executor) -> Path:
-    """Stage ``index``: every document row's kept block, energies and loss, written batch by batch (resumable)."""
-    root = index_root(store)
+    """Stage ``index`` as a pass of its own (a finished run given ``index.k``, or ``scores.mode: index``): every
+    document row's kept block and band energies, written batch by batch (resumable)."""
     if store.status("index") == "done":
-        return root
-    if jax.process_count() > 1:
-        raise IndexError_("index.k: building an index with several processes is not supported yet (build it with "
-                          "one process, then query it from any)")
-    k = kept_directions(config.index.k)
-    sizes = indexing.block_sizes(inputs.layers, k)
-    selection = indexing.select_cells(eigen)
-    manifest = _manifest(config, store, inputs, eigen, sizes)
-    writer = IndexWriter(root, manifest, config.index.save_every)
-    save_selection(root, selection)
-    basis = indexing.ordered_basis(curv.Q_A, curv.Q_S, selection)
-    dtype = precision.statistics_dtype(config.run.precision)
-    index_fn = executor.jit(stages.index_step(inputs.task, inputs.layers, k, dtype))
+        return index_root(store)
+    build = IndexBuild(config, store, inputs, curv, eigen)
+    index_fn = executor.jit(stages.index_step(inputs.task, inputs.layers, build.k,
+                                              precision.statistics_dtype(config.run.precision)))
     params = inputs.lm.params
 
     def step(carry, batch, i):
-        out = index_fn(params, basis, batch)
+        out = index_fn(params, build.basis, batch)
         return carry, out, out["loss"]
 
     batches = inputs.batches(inputs.plan, inputs.documents, executor.groups[0])
-    store.mark("index", "running")
-    _, timing = run_batches("index", step, batches.iterate, None, writer, total=len(batches),
+    _, timing = run_batches("index", step, batches.iterate, None, build.writer, total=len(batches),
                             non_finite=non_finite_loss(inputs.documents, "document"), device=executor)
-    per_row = manifest["cells"] * np.dtype(config.index.dtype).itemsize + 4 * manifest["bands"] + 16
-    store.mark("index", "done", k=config.index.k, cells=manifest["cells"], bytes_per_row=int(per_row),
-               eigen=manifest["inputs"]["eigen"], timing=timing)
-    log.info("index: %d cells per document row (%s), %.1f MiB", manifest["cells"], config.index.dtype,
-             per_row * writer.manifest["batches"] * writer.manifest["rows_per_batch"] / 2**20)
-    return root
+    build.done(timing)
+    return build.root
+
+
+class ScoresAndIndex:
+    """The saves of a scoring pass that also writes the index: each save writes the index rows first (flushed), then
+    the score chunk, so a killed pass never has a chunk whose index rows are missing; a resumed pass starts after
+    the last chunk and rewrites any index rows past it with the same values."""
+
+    def __init__(self, chunks, writer: IndexWriter):
+        self.chunks, self.writer = chunks, writer
+        self.every, self.noun = chunks.every, "score chunks and index rows"
+
+    def resume(self, carry):
+        return self.chunks.resume(carry)
+
+    def begin(self, start: int, total: int | None) -> None:
+        self.writer.begin(start, total)
+        self.chunks.begin(start, total)
+
+    def save(self, step: int, carry, batches) -> None:
+        index_keys, score_keys = ("cells", "bands", "loss"), ("scores", "loss")
+        self.writer.save(step, carry, [({k: out[k] for k in index_keys}, rows) for out, rows in batches])
+        self.chunks.save(step, carry, [({k: out[k] for k in score_keys}, rows) for out, rows in batches])
 
 
 def kept_directions(k: int | str | None) -> int | None:
@@ -119,6 +153,13 @@ def _source_root(config: cfg.Config, store: RunStore) -> Path:
     if config.index.k is None and config.factors.from_run is not None:
         return Path(config.factors.from_run) / "state" / "index"
     return index_root(store)
+
+
+def check_available(config: cfg.Config) -> None:
+    """Before anything is created: the index a ``scores.mode: index`` run reads from ``factors.from`` exists, is
+    complete and readable (:class:`~jaxinf.index_store.IndexReader`); one line naming the file otherwise."""
+    if config.scores.mode == "index" and config.index.k is None and config.factors.from_run is not None:
+        IndexReader(Path(config.factors.from_run) / "state" / "index")
 
 
 def check_index(reader: IndexReader, store: RunStore, inputs: Inputs, eigen) -> None:

@@ -275,14 +275,21 @@ def score_documents(config: cfg.Config, store: RunStore, inputs: Inputs, qg, cur
     want_self = config.scores.self_influence
     saves = SavedChunks(store, "scores", inputs.plan, config.scores.save_every,
                         ("scores", "loss", "self") if want_self else ("scores", "loss"))
-    score = stages.score_step(inputs.task, inputs.layers, self_influence=want_self,
-                              damping_value=config.scores.damping,
-                              dtype=precision.statistics_dtype(config.run.precision))
-
-    outs = {"scores": executor.rows(2, last=True), "loss": executor.rows()}
-    if want_self:
-        outs["self"] = executor.rows()
-    score_fn = executor.jit(score, out_shardings=outs if executor.mesh is not None else None)
+    dtype = precision.statistics_dtype(config.run.precision)
+    build = None
+    if (config.index.k is not None and not want_self and executor.mesh is None and store.status("index") != "done"
+            and not store.chunks("scores").steps()):   # the index rides on this pass from its start (jaxinf.index_run)
+        build = index_run.IndexBuild(config, store, inputs, curv, saved_eigen(config, store, inputs, executor))
+        saves = index_run.ScoresAndIndex(saves, build.writer)
+        fn = executor.jit(stages.score_and_index_step(inputs.task, inputs.layers, build.k, dtype))
+        score_fn = lambda p, q, c, b: fn(p, q, build.basis, b)  # noqa: E731
+    else:
+        score = stages.score_step(inputs.task, inputs.layers, self_influence=want_self,
+                                  damping_value=config.scores.damping, dtype=dtype)
+        outs = {"scores": executor.rows(2, last=True), "loss": executor.rows()}
+        if want_self:
+            outs["self"] = executor.rows()
+        score_fn = executor.jit(score, out_shardings=outs if executor.mesh is not None else None)
 
     def step(carry, batch, i):
         out = score_fn(inputs.lm.params, qg, curv, batch)
@@ -291,7 +298,10 @@ def score_documents(config: cfg.Config, store: RunStore, inputs: Inputs, qg, cur
     _, timing = run_batches("scores", step, batches.iterate, None, saves, total=len(batches),
                             non_finite=non_finite_loss(inputs.documents, "document"), device=executor)
     store.mark("scores", "done", total=len(batches), plan=plan_key(inputs.plan), timing=timing)
-    return _assemble(saves.chunks, inputs, qg.num_queries)
+    if build is not None:
+        build.done(timing)
+    chunks = saves.chunks.chunks if build is not None else saves.chunks
+    return _assemble(chunks, inputs, qg.num_queries)
 
 
 def _assemble(chunks: list[dict], inputs: Inputs, num_queries: int) -> dict:
@@ -345,6 +355,7 @@ def run(config: cfg.Config, overwrite: bool = False, executor: Executor | None =
     since the run started are refused or invalidate the stages depending on them (:mod:`jaxinf.fingerprint`).
     """
     check_inputs(config)
+    index_run.check_available(config)
     preflight.check_model_limits(config)
     initialize(config.mesh)                          # before anything touches a device
     check_agreement(cfg.to_dict(config))             # every process runs the same config

@@ -425,12 +425,13 @@ def index_size(config, layers, devices: list[int]) -> dict:
     """The EK-FAC index of ``plan.documents`` documents (one row each, :mod:`jaxinf.indexing`): cells and bytes per
     document, the whole index, its share per device when the documents are split over every device, and a query's
     matrix-product FLOPs per document (``2 x cells``)."""
-    from jaxinf.indexing import block_sizes
+    from jaxinf.indexing import bands, block_sizes
 
     sizes = block_sizes(layers, None if config.index.k == "full" else config.index.k)
-    cells = sum(k_S * k_A * max(len(layers[n].layer_names), 1) for n, (k_S, k_A) in sizes.items())
-    n_layers = sum(len(s.layer_names) for s in layers.values())
-    per_doc = cells * {"float32": 4, "float16": 2}[config.index.dtype] + 8 * n_layers + 16
+    cells = sum(k_S * k_A * len(layers[n].layer_names) for n, (k_S, k_A) in sizes.items())
+    n_bands = sum(len(bands(k_S, layers[n].d_out)) * len(bands(k_A, layers[n].d_in_aug)) * len(layers[n].layer_names)
+                  for n, (k_S, k_A) in sizes.items())
+    per_doc = cells * {"float32": 4, "float16": 2}[config.index.dtype] + 4 * n_bands + 16
     total = per_doc * config.plan.documents
     return {"k": config.index.k, "dtype": config.index.dtype, "cells": int(cells), "bytes_per_document": int(per_doc),
             "documents": config.plan.documents, "bytes": int(total),

@@ -223,6 +223,28 @@ def score_step(task: Task, layers: Mapping[str, LayerSpec], *, self_influence: b
     return step
 
 
+def score_and_index_step(task: Task, layers: Mapping[str, LayerSpec], k: int | None, dtype=None):
+    """The scoring pass that also writes the EK-FAC index (``index.k`` in a run with ``scores.mode: exact``):
+    ``(params, queries, basis, batch) -> {"scores": [Q, B], "loss": [B], "cells": [B, C], "bands": [B, E]}``. One
+    backward pass forms both statistics where each layer's ``a`` and ``g`` exist (:func:`index_step`'s rows,
+    :func:`score_batch`'s scores), so the index costs its rotation and copy, not another pass."""
+    from jaxinf.indexing import flatten_rows, index_statistic
+
+    dtype = layers_dtype(layers) if dtype is None else dtype
+    statistic = joint({"scores": lambda a, g, m, q: block_scores(a, g, q, dtype=dtype),
+                       "index": functools.partial(index_statistic, k=k, dtype=dtype)})
+
+    def step(params, queries, basis, batch):
+        qctx, bctx = query_context(streamed(queries)), streamed(basis)
+        context = {name: {"scores": qctx[name], "index": bctx[name]} for name in layers}
+        blocks, losses = train_statistics(task, layers, params, batch, None, statistic, context)
+        scores = collect_scores({name: v["scores"] for name, v in blocks.items()})
+        return {"scores": scores.total, "loss": losses,
+                **flatten_rows({name: v["index"] for name, v in blocks.items()}, layers)}
+
+    return step
+
+
 def self_influence_batch(
     task: Task, layers: Mapping[str, LayerSpec], params, curv: Curvature, damping_value: float | None, batch,
     dtype=None,

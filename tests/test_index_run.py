@@ -57,7 +57,7 @@ def test_new_queries_against_the_index_match_an_exact_run(world, exact, tmp_path
     assert not (out / "state" / "covariance").exists() and not (out / "state" / "index").exists()
     got, want = np.load(out / "scores.npy"), np.load(exact / "scores.npy")[3:]
     assert np.max(np.abs(got - want)) <= 1e-5 * np.max(np.abs(want))
-    assert (out / "report" / "index.html").exists() and (out / "topk_tokens.jsonl").exists()
+    assert (out / "topk_tokens.jsonl").exists() and "index fidelity" in (out / "report" / "index.html").read_text()
     # an index built from other documents is refused in one line, nothing written
     bad = jaxinf(["query", tmp_path / "nowhere", world["root"] / "second.jsonl"], env(world["cache"]))
     assert bad.returncode == 2 and "not a jaxinf run directory" in bad.stderr and "Traceback" not in bad.stderr
@@ -94,3 +94,38 @@ def test_changed_documents_invalidate_the_index(world, tmp_path):
     pipeline.run(cfg.load(None, args))
     after = np.load(out / "state" / "index" / "cells.npy")
     assert before.shape == after.shape and not np.array_equal(before, after)
+
+
+def test_a_killed_index_build_resumes_to_the_same_index(world, exact, tmp_path):
+    """SIGKILL in the index pass (its own pass over a finished run) after batch 7: the rerun resumes at the last
+    flushed batch (6, with index.save_every=2) and ends with the index of an uninterrupted build."""
+    out = tmp_path / "killed"
+    args = ["run", *overrides(world, out, **{"factors.from": exact, "index.k": 2, "index.save_every": 2,
+                                             "scores.mode": "index"})]
+    e = env(world["cache"])
+    r = jaxinf(args, {**e, "JAXINF_FAULT": "index:7"})
+    assert r.returncode == -9, r.stderr[-2000:]
+    assert json.loads((out / "state" / "index" / "manifest.json").read_text())["written"] == 6
+    final = jaxinf(args, e)
+    assert final.returncode == 0, final.stderr[-3000:]
+    assert "index: resuming at batch 6 of 12" in final.stderr
+    again = tmp_path / "uninterrupted"
+    assert jaxinf(["run", *overrides(world, again, **{"factors.from": exact, "index.k": 2, "scores.mode": "index"})],
+                  e).returncode == 0
+    for name in ("cells", "bands", "documents"):
+        np.testing.assert_array_equal(np.load(out / "state" / "index" / f"{name}.npy"),
+                                      np.load(again / "state" / "index" / f"{name}.npy"))
+    np.testing.assert_array_equal(np.load(out / "scores.npy"), np.load(again / "scores.npy"))
+
+
+def test_a_torn_index_is_refused_in_one_line(world, exact, tmp_path):
+    import shutil
+
+    run = tmp_path / "copy"
+    shutil.copytree(exact, run)
+    cells = run / "state" / "index" / "cells.npy"
+    with open(cells, "r+b") as f:
+        f.truncate(cells.stat().st_size // 2)
+    r = jaxinf(["query", run, world["root"] / "second.jsonl", "--out", tmp_path / "out"], env(world["cache"]))
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert "cells.npy" in r.stderr.strip().splitlines()[-1]

@@ -1,0 +1,134 @@
+"""The EK-FAC index against the exact scoring pass, on the bench world of ``bench_vs_kronfluence.py``.
+
+    python scripts/bench_index.py [--size small] [--k 8 --k 32 --k full] [--json PATH]
+
+1. ``jaxinf run`` with ``scores.mode: exact`` (the oracle): every stage's time from its ``run.json``.
+2. For each ``k``: ``jaxinf run`` with ``factors.from`` the oracle, ``index.k=k`` and ``scores.mode: index``
+   (the index pass, then scores from the index with the tails certified): the index pass, the matrix product and
+   the certification, and the agreement of its ``scores.npy`` with the oracle's per query (Pearson, Spearman,
+   top-10 and top-100 overlap of both tails), beside each query's predicted correlation (``index.json``).
+3. A new set of queries (as many as the world's, new text) against the largest-``k`` index with ``jaxinf query``
+   (its own process, compilation cache warm from a first call) against ``jaxinf run`` of the same queries with
+   ``factors.from`` (the exact scoring pass): whole process and scoring stage.
+
+Each run is a fresh ``python -m jaxinf`` process; times are wall-clock seconds on this machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from scipy import stats
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+
+
+def jaxinf(args, cache: Path) -> float:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "JAXINF_COMPILATION_CACHE": str(cache)}
+    t0 = time.perf_counter()
+    r = subprocess.run([sys.executable, "-m", "jaxinf", "-q", *map(str, args)], env=env, capture_output=True,
+                       text=True)
+    if r.returncode:
+        raise SystemExit(f"jaxinf {' '.join(map(str, args[:2]))} failed: {r.stderr[-3000:]}")
+    return time.perf_counter() - t0
+
+
+def stage_seconds(run: Path) -> dict:
+    stages = json.loads((run / "run.json").read_text())["stages"]
+    out = {}
+    for name, st in stages.items():
+        t = st.get("timing", {}).get("seconds", st.get("seconds"))
+        if t is not None:
+            out[name] = float(t)
+    return out
+
+
+def overlap(a: np.ndarray, b: np.ndarray, k: int) -> float:
+    return len(set(np.argsort(-a)[:k]) & set(np.argsort(-b)[:k])) / k
+
+
+def agreement(got: np.ndarray, want: np.ndarray) -> dict:
+    rows = []
+    for q in range(len(want)):
+        rows.append({"pearson": float(np.corrcoef(got[q], want[q])[0, 1]),
+                     "spearman": float(stats.spearmanr(got[q], want[q]).statistic),
+                     "top10": overlap(got[q], want[q], 10), "top100": overlap(got[q], want[q], 100),
+                     "bottom10": overlap(-got[q], -want[q], 10), "bottom100": overlap(-got[q], -want[q], 100)})
+    return {k: float(np.mean([r[k] for r in rows])) for k in rows[0]} | {"min_spearman": min(r["spearman"] for r in rows)}
+
+
+def main(argv=None) -> None:
+    import bench_vs_kronfluence as bench
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--size", default="small", choices=list(bench.SIZES))
+    ap.add_argument("--k", action="append", help="index.k values (default 8, 32, full)")
+    ap.add_argument("--root", default="/tmp/jaxinf-bench-index")
+    ap.add_argument("--query-rank", type=int, default=32)
+    ap.add_argument("--json")
+    args = ap.parse_args(argv)
+    ks = args.k or ["8", "32", "full"]
+    size = bench.SIZES[args.size]
+    root = Path(args.root)
+    w = bench.build(root / "world", size)
+    new_queries = root / "world" / "new_queries.jsonl"
+    rng = np.random.default_rng(1)
+    words = lambda n: " ".join(f"w{t}" for t in rng.integers(1, size["vocab"], n))  # noqa: E731
+    new_queries.write_text("".join(json.dumps({"id": f"n{i}", "prompt": words(24), "completion": words(8)}) + "\n"
+                                   for i in range(size["queries"])))
+    base = [f"model.checkpoint={w['model']}", f"data.documents={w['docs']}", f"data.queries={w['queries']}",
+            f"data.max_length={size['length']}", "data.batch_size=8", f"data.query_batch_size={size['queries']}",
+            "factors.strategy=ekfac", "factors.fisher=sampled", f"scores.query_rank={args.query_rank}",
+            "scores.query_svd=full", "scores.topk=100"]
+    cache = root / "xla"
+    result = {"size": args.size, "documents": size["documents"], "queries": size["queries"], "k": {}}
+    exact = root / "exact"
+    result["exact_process_seconds"] = jaxinf(["run", *base, f"run.out={exact}", "--overwrite"], cache)
+    result["exact_stages"] = stage_seconds(exact)
+    want = np.load(exact / "scores.npy")
+    print(f"exact run: {result['exact_process_seconds']:.1f}s, stages {result['exact_stages']}", flush=True)
+    for k in ks:
+        out = root / f"index-{k}"
+        seconds = jaxinf(["run", *base, f"run.out={out}", f"factors.from={exact}", f"index.k={k}",
+                          "scores.mode=index", "--overwrite"], cache)
+        record = json.loads((out / "run.json").read_text())["stages"]
+        fid = json.loads((out / "index.json").read_text())
+        row = {"process_seconds": seconds, "index_pass_seconds": record["index"]["timing"]["seconds"],
+               "cells": record["index"]["cells"], "bytes_per_row": record["index"]["bytes_per_row"],
+               "product_seconds": record["scores"]["product_seconds"], "rescored": record["scores"]["rescored"],
+               "scores_stage_seconds": record["scores"]["seconds"],
+               "predicted_correlation": float(np.mean([q["predicted_correlation"] for q in fid["queries"]])),
+               **agreement(np.load(out / "scores.npy"), want)}
+        result["k"][k] = row
+        print(f"k={k}: {json.dumps(row)}", flush=True)
+    largest = root / f"index-{ks[-1]}"
+    answers = root / "answers"
+    jaxinf(["query", largest, new_queries, "--out", answers, "--overwrite"], cache)          # fills the cache
+    q_seconds = jaxinf(["query", largest, new_queries, "--out", answers, "--overwrite"], cache)
+    exact_new = root / "exact-new"
+    jaxinf(["run", *base, f"data.queries={new_queries}", f"run.out={exact_new}", f"factors.from={exact}",
+            "--overwrite"], cache)
+    e_seconds = jaxinf(["run", *base, f"data.queries={new_queries}", f"run.out={exact_new}", f"factors.from={exact}",
+                        "--overwrite"], cache)
+    qrec = json.loads((answers / "run.json").read_text())["stages"]
+    result["new_queries"] = {"query_process_seconds": q_seconds, "exact_process_seconds": e_seconds,
+                             "index_product_seconds": qrec["scores"]["product_seconds"],
+                             "index_scores_stage_seconds": qrec["scores"]["seconds"],
+                             "exact_scores_stage_seconds": stage_seconds(exact_new).get("scores"),
+                             "rescored": qrec["scores"]["rescored"],
+                             **agreement(np.load(answers / "scores.npy"), np.load(exact_new / "scores.npy"))}
+    print(f"new queries: {json.dumps(result['new_queries'])}", flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
