@@ -280,8 +280,8 @@ def step_programs(config, mesh, lm, layers, global_batch: int):
     task = lm.task()
     fisher = config.factors.fisher
     dtype = statistics_dtype(config.run.precision)
-    cov = stages.covariance_stage(task, layers, fisher, dtype)
-    lam = stages.lambda_stage(task, layers, fisher, dtype)
+    cov = stages.covariance_stage(task, layers, fisher, dtype, config.run.matmul_precision)
+    lam = stages.lambda_stage(task, layers, fisher, dtype, config.run.matmul_precision)
     shard = lambda tree, declared=None: tree_shardings(mesh, tree, declared)  # noqa: E731
     absd = abstract_tree
     params = absd(lm.params, shard(lm.params, models.parameter_axes(lm.config)))
@@ -316,7 +316,7 @@ def step_programs(config, mesh, lm, layers, global_batch: int):
         curv)
     queries = absd(qfull, shard(qfull))
     score_step = stages.score_step(task, layers, self_influence=config.scores.self_influence, damping_value=damping,
-                                   dtype=dtype)
+                                   dtype=dtype, precision=config.run.matmul_precision)
     score_out = {"scores": jax.sharding.NamedSharding(mesh, rows_spec(2)), "loss": rows}
     if config.scores.self_influence:
         score_out["self"] = rows
@@ -334,7 +334,8 @@ def step_programs(config, mesh, lm, layers, global_batch: int):
         programs.append(("lambda", jit_on(mesh, lam.update, donate_argnums=(0,), out_shardings=(shard(lstate), rows)),
                          (lstate, params, eigen if strategy.eigen else None, batch, key), global_batch))
     programs.append(("queries", jit_on(   # as pipeline.query_gradients: prepared layer by layer
-        mesh, lambda p, b, c: stages.prepared_queries(task, layers, p, b, c, damping, rank, dtype)),
+        mesh, lambda p, b, c: stages.prepared_queries(task, layers, p, b, c, damping, rank, dtype,
+                                                precision=config.run.matmul_precision)),
         (params, qbatch, curv), None))
     programs.append(("scores", jit_on(mesh, score_step, out_shardings=score_out), (params, queries, curv, batch),
                      global_batch))
