@@ -190,3 +190,24 @@ def test_unknown_matmul_precision_is_refused():
         matmul_precision("tf32")
     with pytest.raises(cfg.ConfigError, match="run.matmul_precision"):
         cfg.load(None, ["run.matmul_precision=tf32"])
+
+
+def test_the_emulated_accelerator_products_of_the_precision_table():
+    """scripts/precision_table.py's emulation (docs/method.md's table): TF32 keeps 10 mantissa bits (nearest, ties
+    to even), bfloat16 7, and bf16x3's products are far closer to float32's than one bfloat16 pass."""
+    import importlib.util
+
+    import numpy as np
+
+    spec = importlib.util.spec_from_file_location("precision_table", ROOT.parent / "scripts/precision_table.py")
+    table = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(table)
+    x = np.array([1.0, 1 + 2**-11, 1 + 3 * 2**-11, 1 + 2**-10 + 2**-12, -(1 + 2**-8 + 2**-9)])
+    assert table.to_tf32(x).tolist() == [1.0, 1.0, 1 + 2**-9, 1 + 2**-10, -(1 + 2**-8 + 2**-9)]
+    assert table.to_bf16(x).tolist() == [1.0, 1.0, 1.0, 1.0, -(1 + 2**-7)]
+    rng = np.random.default_rng(0)
+    a, b = rng.standard_normal((64, 256)), rng.standard_normal((256, 32))
+    exact = a @ b
+    err = {m: np.linalg.norm(table.product(m)(a, b) - exact) / np.linalg.norm(exact) for m in table.MODES}
+    assert err["float64"] == 0 and err["float32"] < 1e-6
+    assert err["float32"] < err["bf16x3"] < 1e-4 < err["tf32"] < err["bf16"] < 1e-2, err
