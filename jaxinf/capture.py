@@ -88,6 +88,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxinf.partitioning import unpadded
+from jaxinf.precision import matmul_precision
 
 Array = jax.Array
 Params = Any
@@ -226,7 +227,8 @@ def _observed_bwd(statistic, bias, residuals, g):
     x, mask, context, active = residuals
 
     def compute():
-        return statistic(augment(x, mask, bias), g * mask.astype(g.dtype)[..., None], mask, context)
+        with jax.named_scope("statistic"):   # names the statistic's ops in profiles and in the lowered program
+            return statistic(augment(x, mask, bias), g * mask.astype(g.dtype)[..., None], mask, context)
 
     if active is None:
         stat = compute()
@@ -466,9 +468,10 @@ def joint(statistics: Mapping[str, Statistic]) -> Statistic:
     return statistic
 
 
-def per_sequence_gradient(a: Array, g: Array) -> Array:
-    """``G[n] = sum_t g[n,t] a[n,t]^T``: ``[*lead, B, d_out, d_in']`` (parameter-sized per sequence)."""
-    return jnp.einsum("...bto,...bti->...boi", g, a)
+def per_sequence_gradient(a: Array, g: Array, precision=None) -> Array:
+    """``G[n] = sum_t g[n,t] a[n,t]^T``: ``[*lead, B, d_out, d_in']`` (parameter-sized per sequence), at the matmul
+    precision ``precision`` (:func:`jaxinf.precision.matmul_precision`)."""
+    return jnp.einsum("...bto,...bti->...boi", g, a, precision=matmul_precision(precision))
 
 
 def expand(tree: Mapping[str, Array], layers: Mapping[str, LayerSpec], axis: int = 0) -> dict[str, Array]:

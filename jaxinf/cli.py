@@ -125,11 +125,17 @@ def _plan(args) -> int:
     from jaxinf import config as cfg
     from jaxinf import plan
 
+    from jaxinf.chips import chip
+
     config = cfg.load(*cfg.config_arguments(args.config, args.overrides))
     meshes = [plan.parse_mesh(m) for m in args.mesh] if args.mesh else [(config.mesh.data, config.mesh.model)]
+    try:
+        device = chip(args.chip, args.peak_tflops, args.hbm_gbps)
+    except ValueError as e:
+        raise plan.PlanError(str(e)) from None
     if not args.no_compile:
         plan.prepare_devices(meshes)   # before jax starts: the simulated devices the meshes need
-    return plan.command(config, meshes, compile=not args.no_compile, json_out=args.json)
+    return plan.command(config, meshes, compile=not args.no_compile, json_out=args.json, chip=device)
 
 
 def _validate(args) -> int:
@@ -202,6 +208,10 @@ def main(argv: list[str] | None = None) -> int:
                     help="plan this mesh instead of mesh.data x mesh.model (repeatable)")
     pl.add_argument("--no-compile", action="store_true", help="only the bytes per device (no XLA compilation)")
     pl.add_argument("--json", metavar="FILE", help="also write the plan as JSON")
+    pl.add_argument("--chip", choices=("h100", "h200", "a100", "v5e", "v5p", "v6e"),
+                    help="time each per-document step as a roofline on this chip (jaxinf/chips.py)")
+    pl.add_argument("--peak-tflops", type=float, metavar="T", help="a custom peak matrix TFLOP/s (replaces the chip's)")
+    pl.add_argument("--hbm-gbps", type=float, metavar="B", help="a custom HBM bandwidth in GB/s (replaces the chip's)")
     pl.set_defaults(handler=_plan)
 
     va = sub.add_parser("validate", help="LDS, recall and PBRF of each strategy (retraining on random subsets); "

@@ -128,6 +128,9 @@ class PlanConfig:
 class RunConfig:
     out: str = key("runs/default", "the run directory", None)
     precision: str = key("float32", "working precision of the engine", "covariance", ("float32", "float64"))
+    matmul_precision: str = key("highest", "matmul precision of every statistic contraction on an accelerator: highest "
+                                "(float32), high (bf16x3 or TF32), default (one bf16 pass); the model keeps its own; "
+                                "docs/method.md, Matmul precision", "covariance", ("default", "high", "highest"))
 
 
 @dataclasses.dataclass(frozen=True)

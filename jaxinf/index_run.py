@@ -108,7 +108,8 @@ def build_index(config: cfg.Config, store: RunStore, inputs: Inputs, curv, eigen
         return index_root(store)
     build = IndexBuild(config, store, inputs, curv, eigen)
     index_fn = executor.jit(stages.index_step(inputs.task, inputs.layers, build.k,
-                                              precision.statistics_dtype(config.run.precision)))
+                                              precision.statistics_dtype(config.run.precision),
+                                              config.run.matmul_precision))
     params = inputs.lm.params
 
     def step(carry, batch, i):
@@ -194,7 +195,8 @@ def scores_from_index(config: cfg.Config, store: RunStore, inputs: Inputs, qg, c
     t0 = time.perf_counter()
     selection = load_selection(reader.selection)
     k = kept_directions(reader.manifest["k"])
-    iq = jax.jit(lambda q, QA, QS, L, sel: indexing.index_queries(q, QA, QS, L, sel, inputs.layers, k))(
+    iq = jax.jit(lambda q, QA, QS, L, sel: indexing.index_queries(q, QA, QS, L, sel, inputs.layers, k,
+                                                                  config.run.matmul_precision))(
         qg, curv.Q_A, curv.Q_S, curv.Lambda, selection)
     q_cells, q_rest = executor.fetch(iq.cells).astype(np.float32), executor.fetch(iq.rest).astype(np.float64)
     fidelity = executor.fetch(iq.fidelity).astype(np.float64)
@@ -240,7 +242,8 @@ def exact_scores(config: cfg.Config, inputs: Inputs, qg, wanted: list[int], exec
                      long_documents=config.data.long_documents, buckets=buckets(config.data.max_length),
                      process_count=executor.groups[1])
     score = executor.jit(stages.score_step(inputs.task, inputs.layers, self_influence=False, damping_value=None,
-                                           dtype=precision.statistics_dtype(config.run.precision)))
+                                           dtype=precision.statistics_dtype(config.run.precision),
+                                           precision=config.run.matmul_precision))
 
     def step(carry, batch, i):
         out = score(inputs.lm.params, qg, None, batch)

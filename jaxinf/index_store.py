@@ -189,3 +189,29 @@ def load_selection(arrays: dict[str, np.ndarray]):
     rows = {k[len("rows/"):]: jnp.asarray(v) for k, v in arrays.items() if k.startswith("rows/")}
     cols = {k[len("cols/"):]: jnp.asarray(v) for k, v in arrays.items() if k.startswith("cols/")}
     return Selection(rows=rows, cols=cols)
+
+
+def index_size(config, layers, devices: list[int]) -> dict:
+    """The index of ``plan.documents`` documents (one row each) for ``jaxinf plan``: cells and bytes per document,
+    the whole index, its share per device when the documents are split over every device, and a query's
+    matrix-product FLOPs per document (``2 x cells``)."""
+    from jaxinf.indexing import bands, block_sizes
+
+    sizes = block_sizes(layers, None if config.index.k == "full" else config.index.k)
+    cells = sum(k_S * k_A * len(layers[n].layer_names) for n, (k_S, k_A) in sizes.items())
+    n_bands = sum(len(bands(k_S, layers[n].d_out)) * len(bands(k_A, layers[n].d_in_aug)) * len(layers[n].layer_names)
+                  for n, (k_S, k_A) in sizes.items())
+    per_doc = cells * np.dtype(DTYPES[config.index.dtype]).itemsize + 4 * n_bands + 16
+    total = per_doc * config.plan.documents
+    return {"k": config.index.k, "dtype": config.index.dtype, "cells": int(cells), "bytes_per_document": int(per_doc),
+            "documents": config.plan.documents, "bytes": int(total),
+            "bytes_per_device": {str(d): int(-(-total // d)) for d in devices},
+            "query_flops_per_document": 2 * int(cells)}
+
+
+def format_size(ix: dict) -> str:
+    """:func:`index_size` as one line of ``jaxinf plan``'s output."""
+    per_device = ", ".join(f"{b / 2**30:,.2f} GiB per device on {d}" for d, b in ix["bytes_per_device"].items())
+    return (f"index (index.k={ix['k']}, {ix['dtype']}): {ix['cells']:,} cells, {ix['bytes_per_document'] / 2**10:,.1f} "
+            f"KiB per document; {ix['documents']:,} documents: {ix['bytes'] / 2**40:,.3f} TiB ({per_device}); a query "
+            f"costs {ix['query_flops_per_document']:,} FLOPs per document, the rows read in slices")

@@ -32,6 +32,7 @@ variance ``Lambda``): the correlation over documents of index and exact scores i
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Mapping
 
 import jax
@@ -41,7 +42,7 @@ import numpy as np
 from jaxinf.capture import LayerSpec
 from jaxinf.curvature.correction import rotated_gradient
 from jaxinf.curvature.eigen import Eigen
-from jaxinf.precision import working_dtype
+from jaxinf.precision import matmul_precision, working_dtype
 from jaxinf.scoring import QueryGradients
 
 Array = jax.Array
@@ -97,36 +98,43 @@ def ordered_basis(Q_A: Mapping[str, Array], Q_S: Mapping[str, Array], selection:
     return {k: {"Q_A": take(Q_A[k], selection.cols[k]), "Q_S": take(Q_S[k], selection.rows[k])} for k in selection.rows}
 
 
-def gradient_energy(a: Array, g: Array) -> Array:
+def gradient_energy(a: Array, g: Array, precision=None) -> Array:
     """``||G[n]||_F^2 = sum_{t,t'} (a_t . a_t') (g_t . g_t')`` per sequence ``[B]``, from the tokens' Gram matrices
     (``T^2 (d_in' + d_out)`` products per sequence instead of the ``T d_out d_in'`` of forming ``G[n]``)."""
-    Ka = jnp.einsum("bti,bsi->bts", a, a)
-    Kg = jnp.einsum("bto,bso->bts", g, g)
+    precision = matmul_precision(precision)
+    Ka = jnp.einsum("bti,bsi->bts", a, a, precision=precision)
+    Kg = jnp.einsum("bto,bso->bts", g, g, precision=precision)
     return jnp.sum(Ka * Kg, axis=(-2, -1))
 
 
-def band_energies(a: Array, g: Array, rows: list[tuple[int, int]], cols: list[tuple[int, int]]) -> Array:
+def band_energies(a: Array, g: Array, rows: list[tuple[int, int]], cols: list[tuple[int, int]],
+                  precision=None) -> Array:
     """``||R_n[band_i, band_j]||_F^2`` for every pair of a row band of ``S`` and a column band of ``A``:
     ``[B, bands_S, bands_A]``, from the rotated tokens ``a`` (``Q_A^T a``) and ``g`` (``Q_S^T g``) by
     :func:`gradient_energy` of each band's coordinates."""
-    Ka = jnp.stack([jnp.einsum("bti,bsi->bts", a[..., lo:hi], a[..., lo:hi]) for lo, hi in cols], axis=1)
-    Kg = jnp.stack([jnp.einsum("bto,bso->bts", g[..., lo:hi], g[..., lo:hi]) for lo, hi in rows], axis=1)
-    return jnp.einsum("bits,bjts->bij", Kg, Ka)
+    precision = matmul_precision(precision)
+    Ka = jnp.stack([jnp.einsum("bti,bsi->bts", a[..., lo:hi], a[..., lo:hi], precision=precision) for lo, hi in cols],
+                   axis=1)
+    Kg = jnp.stack([jnp.einsum("bto,bso->bts", g[..., lo:hi], g[..., lo:hi], precision=precision) for lo, hi in rows],
+                   axis=1)
+    return jnp.einsum("bits,bjts->bij", Kg, Ka, precision=precision)
 
 
 def index_statistic(a: Array, g: Array, mask: Array, basis: Mapping[str, Array], *, k: int | None,
-                    dtype=None) -> dict[str, Array]:
+                    dtype=None, precision=None) -> dict[str, Array]:
     """One layer's index rows of a batch: the kept block ``R_n[:k_S, :k_A]`` of ``R_n = Q_S^T G[n] Q_A`` (directions
     in decreasing eigenvalue) ``[B, k_S, k_A]``, and the energy of every pair of :func:`bands`
     ``[B, bands_S, bands_A]`` (the kept block's is ``[0, 0]``; they add up to ``||G[n]||_F^2``).
 
-    ``basis``: the layer's :func:`ordered_basis`. Computed in ``dtype`` (by default the working dtype of ``a``, ``g``)."""
+    ``basis``: the layer's :func:`ordered_basis`. Computed in ``dtype`` (by default the working dtype of ``a``, ``g``)
+    at the matmul ``precision`` (:func:`~jaxinf.precision.matmul_precision`)."""
     dtype = working_dtype(a, g) if dtype is None else dtype
-    a = jnp.einsum("bti,ij->btj", a.astype(dtype), basis["Q_A"].astype(dtype))
-    g = jnp.einsum("bto,op->btp", g.astype(dtype), basis["Q_S"].astype(dtype))
+    p = matmul_precision(precision)
+    a = jnp.einsum("bti,ij->btj", a.astype(dtype), basis["Q_A"].astype(dtype), precision=p)
+    g = jnp.einsum("bto,op->btp", g.astype(dtype), basis["Q_S"].astype(dtype), precision=p)
     k_S, k_A = kept_size(k, g.shape[-1]), kept_size(k, a.shape[-1])
-    block = jnp.einsum("btp,btj->bpj", g[..., :k_S], a[..., :k_A])
-    return {"cells": block, "bands": band_energies(a, g, bands(k_S, g.shape[-1]), bands(k_A, a.shape[-1]))}
+    block = jnp.einsum("btp,btj->bpj", g[..., :k_S], a[..., :k_A], precision=p)
+    return {"cells": block, "bands": band_energies(a, g, bands(k_S, g.shape[-1]), bands(k_A, a.shape[-1]), p)}
 
 
 def _rows_first(x: Array, lead: int, trailing: int) -> Array:
@@ -157,19 +165,21 @@ class IndexQueries:
     fidelity: Array
 
 
-def rotated_queries(qg: QueryGradients, Q_A: Mapping[str, Array], Q_S: Mapping[str, Array]) -> dict[str, Array]:
+def rotated_queries(qg: QueryGradients, Q_A: Mapping[str, Array], Q_S: Mapping[str, Array],
+                    precision=None) -> dict[str, Array]:
     """``Pr_q = Q_S^T P(G_q) Q_A`` per block ``[*lead, Q, d_out, d_in']``; a rank-r ``P = left right^T`` is rotated
     as ``(Q_S^T left)(Q_A^T right)^T``."""
+    mm = functools.partial(jnp.matmul, precision=matmul_precision(precision))
     out = {}
     for k in list(qg.full) + list(qg.left):
         QA, QS = jnp.expand_dims(Q_A[k], -3), jnp.expand_dims(Q_S[k], -3)
         if k in qg.full:
             P = qg.full[k].astype(QA.dtype)
-            out[k] = jnp.swapaxes(QS, -1, -2) @ P @ QA
+            out[k] = mm(mm(jnp.swapaxes(QS, -1, -2), P), QA)
         else:
-            left = jnp.swapaxes(QS, -1, -2) @ qg.left[k].astype(QS.dtype)
-            right = jnp.swapaxes(QA, -1, -2) @ qg.right[k].astype(QA.dtype)
-            out[k] = left @ jnp.swapaxes(right, -1, -2)
+            left = mm(jnp.swapaxes(QS, -1, -2), qg.left[k].astype(QS.dtype))
+            right = mm(jnp.swapaxes(QA, -1, -2), qg.right[k].astype(QA.dtype))
+            out[k] = mm(left, jnp.swapaxes(right, -1, -2))
     return out
 
 
@@ -186,12 +196,14 @@ def band_sums(x: Array, rows: list[tuple[int, int]], cols: list[tuple[int, int]]
 
 
 def index_queries(qg: QueryGradients, Q_A: Mapping[str, Array], Q_S: Mapping[str, Array], variance: Mapping[str, Array],
-                  selection: Selection, layers: Mapping[str, LayerSpec], k: int | None) -> IndexQueries:
+                  selection: Selection, layers: Mapping[str, LayerSpec], k: int | None,
+                  precision=None) -> IndexQueries:
     """Prepared queries (:class:`~jaxinf.scoring.QueryGradients`, damping and truncation already applied) in index
     space for an index keeping ``k`` directions per factor: the kept cells of ``Pr_q``, the norm of each other pair
     of bands, and the predicted correlation with the exact scores under ``variance`` (the fitted ``Lambda``)."""
     basis = ordered_basis(Q_A, Q_S, selection)
-    Pr = rotated_queries(qg, {n: b["Q_A"] for n, b in basis.items()}, {n: b["Q_S"] for n, b in basis.items()})
+    Pr = rotated_queries(qg, {n: b["Q_A"] for n, b in basis.items()}, {n: b["Q_S"] for n, b in basis.items()},
+                         precision)
     cells, rest, num, den = [], [], 0.0, 0.0
     for name in sorted(layers):
         lead, s = len(layers[name].lead), layers[name]

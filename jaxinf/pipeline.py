@@ -125,7 +125,7 @@ def fit_curvature(config: cfg.Config, store: RunStore, inputs: Inputs, executor:
     def eigen():
         eigen = store.load_result("eigen", executor.like(shapes["eigen"]))
         if eigen is None:
-            cov_stage = stages.covariance_stage(inputs.task, inputs.layers, fisher, dtype)
+            cov_stage = stages.covariance_stage(inputs.task, inputs.layers, fisher, dtype, config.run.matmul_precision)
             cov, timing = accumulate(store, "covariance", cov_stage, (inputs.lm.params,), fit_batches,
                                      stages.stage_key(base, "covariance"), config.factors.save_every, executor, inputs)
             store.mark("covariance", "done", timing=timing)
@@ -140,7 +140,7 @@ def fit_curvature(config: cfg.Config, store: RunStore, inputs: Inputs, executor:
     def fit_lambda(basis):
         Lambda = store.load_result("lambda", executor.like(shapes["lambda"], curvature.LAMBDA_AXES))
         if Lambda is None:
-            lam_stage = stages.lambda_stage(inputs.task, inputs.layers, fisher, dtype)
+            lam_stage = stages.lambda_stage(inputs.task, inputs.layers, fisher, dtype, config.run.matmul_precision)
             Lambda, timing = accumulate(store, "lambda", lam_stage, (inputs.lm.params, basis), fit_batches,
                                         stages.stage_key(base, "lambda"), config.factors.save_every, executor, inputs)
             _check_finite_tree(Lambda, "Lambda", executor.fetch)
@@ -223,7 +223,8 @@ def query_gradients(config: cfg.Config, store: RunStore, inputs: Inputs, curv, e
     dtype = precision.statistics_dtype(config.run.precision)
     prep_fn = executor.jit(lambda p, b, c: stages.prepared_queries(inputs.task, inputs.layers, p, b, c,
                                                                      config.scores.damping, config.scores.query_rank,
-                                                                     dtype, config.scores.query_svd))
+                                                                     dtype, config.scores.query_svd,
+                                                                     config.run.matmul_precision))
     if store.status("queries") == "done":
         like = jax.eval_shape(lambda: _prepare_all(inputs, batches, prep_fn, curv, executor, check=False))
         saved = store.load_result("queries", executor.like(like))
@@ -281,11 +282,13 @@ def score_documents(config: cfg.Config, store: RunStore, inputs: Inputs, qg, cur
             and not store.chunks("scores").steps()):   # the index rides on this pass from its start (jaxinf.index_run)
         build = index_run.IndexBuild(config, store, inputs, curv, saved_eigen(config, store, inputs, executor))
         saves = index_run.ScoresAndIndex(saves, build.writer)
-        fn = executor.jit(stages.score_and_index_step(inputs.task, inputs.layers, build.k, dtype))
+        fn = executor.jit(stages.score_and_index_step(inputs.task, inputs.layers, build.k, dtype,
+                                                      config.run.matmul_precision))
         score_fn = lambda p, q, c, b: fn(p, q, build.basis, b)  # noqa: E731
     else:
         score = stages.score_step(inputs.task, inputs.layers, self_influence=want_self,
-                                  damping_value=config.scores.damping, dtype=dtype)
+                                  damping_value=config.scores.damping, dtype=dtype,
+                                  precision=config.run.matmul_precision)
         outs = {"scores": executor.rows(2, last=True), "loss": executor.rows()}
         if want_self:
             outs["self"] = executor.rows()

@@ -71,6 +71,8 @@ class Step:
     documents: int | None = None  # documents per call (per-document steps)
     flops_from: str | None = None  # "mesh": the partitioned program's count; "one device": divided evenly
     seconds: float = 0.0          # compile time
+    bytes_accessed: float | None = None  # XLA's bytes accessed per device per call (counted as the FLOPs)
+    model_flops: float | None = None     # of which the model's own pass (per-document steps; jaxinf.chips)
 
 
 @dataclasses.dataclass
@@ -260,14 +262,22 @@ def _memory(name: str, compiled, seconds: float) -> Step:
 
 
 def _flops(compiled) -> float:
+    return _cost(compiled)[0]
+
+
+def _cost(compiled) -> tuple[float, float]:
+    """XLA's cost analysis of a compiled program: ``(flops, bytes accessed)``."""
     cost = compiled.cost_analysis()
     if isinstance(cost, list):
         cost = cost[0]
-    return float(cost.get("flops", 0.0))
+    return float(cost.get("flops", 0.0)), float(cost.get("bytes accessed", 0.0))
 
 
-def step_programs(config, mesh, lm, layers, global_batch: int):
-    """Every stage's step for ``mesh``, as ``(name, jitted function, abstract args, documents per call)``."""
+def step_programs(config, mesh, lm, layers, global_batch: int, with_pass: bool = False):
+    """Every stage's step for ``mesh``, as ``(name, jitted function, abstract args, documents per call)``; with
+    ``with_pass``, also ``pass``: the model's own pass of a document batch (forward, and backward to every tracked
+    layer) with a statistic that does no arithmetic, whose FLOPs the roofline (:mod:`jaxinf.chips`) takes at the
+    model's rate."""
     import jax
     import jax.numpy as jnp
 
@@ -280,8 +290,8 @@ def step_programs(config, mesh, lm, layers, global_batch: int):
     task = lm.task()
     fisher = config.factors.fisher
     dtype = statistics_dtype(config.run.precision)
-    cov = stages.covariance_stage(task, layers, fisher, dtype)
-    lam = stages.lambda_stage(task, layers, fisher, dtype)
+    cov = stages.covariance_stage(task, layers, fisher, dtype, config.run.matmul_precision)
+    lam = stages.lambda_stage(task, layers, fisher, dtype, config.run.matmul_precision)
     shard = lambda tree, declared=None: tree_shardings(mesh, tree, declared)  # noqa: E731
     absd = abstract_tree
     params = absd(lm.params, shard(lm.params, models.parameter_axes(lm.config)))
@@ -316,7 +326,7 @@ def step_programs(config, mesh, lm, layers, global_batch: int):
         curv)
     queries = absd(qfull, shard(qfull))
     score_step = stages.score_step(task, layers, self_influence=config.scores.self_influence, damping_value=damping,
-                                   dtype=dtype)
+                                   dtype=dtype, precision=config.run.matmul_precision)
     score_out = {"scores": jax.sharding.NamedSharding(mesh, rows_spec(2)), "loss": rows}
     if config.scores.self_influence:
         score_out["self"] = rows
@@ -334,10 +344,16 @@ def step_programs(config, mesh, lm, layers, global_batch: int):
         programs.append(("lambda", jit_on(mesh, lam.update, donate_argnums=(0,), out_shardings=(shard(lstate), rows)),
                          (lstate, params, eigen if strategy.eigen else None, batch, key), global_batch))
     programs.append(("queries", jit_on(   # as pipeline.query_gradients: prepared layer by layer
-        mesh, lambda p, b, c: stages.prepared_queries(task, layers, p, b, c, damping, rank, dtype)),
+        mesh, lambda p, b, c: stages.prepared_queries(task, layers, p, b, c, damping, rank, dtype,
+                                                precision=config.run.matmul_precision)),
         (params, qbatch, curv), None))
     programs.append(("scores", jit_on(mesh, score_step, out_shardings=score_out), (params, queries, curv, batch),
                      global_batch))
+    if with_pass:
+        def model_pass(p, b):
+            return stages.train_statistics(task, layers, p, b, None, lambda a, g, m, c: jnp.sum(g, axis=(0, 1)))
+
+        programs.append(("pass", jit_on(mesh, model_pass), (params, batch), global_batch))
     return programs
 
 
@@ -363,28 +379,32 @@ def compile_steps(config, mesh, lm, layers, global_batch: int, flops: bool = Tru
         for n in (1, 2):
             small, small_layers = abstract_model(config, num_layers=n, scan=False)
             try:
-                programs, scale = step_programs(config, mesh, small, small_layers, global_batch), 1.0
+                programs, scale = step_programs(config, mesh, small, small_layers, global_batch, True), 1.0
             except ShardingError:
                 # unstacked layers have no layer axis to fall back to: count this model's FLOPs on one device
                 one = make_mesh(1, 1, jax.devices()[:1])
-                programs, scale, where = step_programs(config, one, small, small_layers, global_batch), \
+                programs, scale, where = step_programs(config, one, small, small_layers, global_batch, True), \
                     1.0 / mesh.devices.size, "one device"
             for name, fn, args, docs in programs:
                 if docs is not None:
-                    counts.setdefault(name, []).append(scale * _flops(fn.lower(*args).compile()))
+                    counts.setdefault(name, []).append([scale * c for c in _cost(fn.lower(*args).compile())])
+        linear = lambda c1, c2: c1 + (L - 1) * (c2 - c1)  # noqa: E731
         for step in out:
             if step.name in counts:
-                f1, f2 = counts[step.name]
-                step.flops = f1 + (L - 1) * (f2 - f1)
+                (f1, b1), (f2, b2) = counts[step.name]
+                step.flops = linear(f1, f2)
                 step.flops_from = where
+                step.bytes_accessed = linear(b1, b2)
+                step.model_flops = linear(counts["pass"][0][0], counts["pass"][1][0])
     return out
 
 
 # --------------------------------------------------------------------------- the plan
 
 
-def plan(config, meshes: Iterable[tuple[int, int]], compile: bool = True) -> dict:
-    """The plan of ``config`` for each ``(data, model)`` mesh; see the module docstring."""
+def plan(config, meshes: Iterable[tuple[int, int]], compile: bool = True, chip=None) -> dict:
+    """The plan of ``config`` for each ``(data, model)`` mesh; see the module docstring. ``chip``: a
+    :class:`jaxinf.chips.Chip` whose roofline times each per-document step."""
     import jax
 
     from jaxinf import precision
@@ -398,6 +418,8 @@ def plan(config, meshes: Iterable[tuple[int, int]], compile: bool = True) -> dic
     result = {"model": config.model.checkpoint, "family": lm.config.family, "parameters": lm.num_params,
               "parameter_dtype": lm.config.param_dtype, "tracked_layers": sum(len(s.layer_names) for s in layers.values()),
               "tracked_parameters": int(tracked), "precision": config.run.precision, "meshes": []}
+    if chip is not None:
+        result["chip"] = dataclasses.asdict(chip)
     for data, model in meshes:
         groups = simulated_groups(data, model, config.plan.hosts)
         per_group = data // groups
@@ -413,33 +435,17 @@ def plan(config, meshes: Iterable[tuple[int, int]], compile: bool = True) -> dic
                                 "(jaxinf plan simulates them when it starts jax itself)")
             mesh = make_mesh(data, model, jax.devices()[: data * model])
             mp.steps = compile_steps(config, mesh, lm, layers, mp.global_batch)
-        entry = _mesh_dict(mp, config)
+        entry = _mesh_dict(mp, config, chip)
         entry["largest_layers"] = largest_layers(config, layers, max(mp.global_batch // data, 1), model)
         result["meshes"].append(entry)
     if config.index.k is not None:
+        from jaxinf.index_store import index_size
+
         result["index"] = index_size(config, layers, [d * m for d, m in meshes])
     return result
 
 
-def index_size(config, layers, devices: list[int]) -> dict:
-    """The EK-FAC index of ``plan.documents`` documents (one row each, :mod:`jaxinf.indexing`): cells and bytes per
-    document, the whole index, its share per device when the documents are split over every device, and a query's
-    matrix-product FLOPs per document (``2 x cells``)."""
-    from jaxinf.indexing import bands, block_sizes
-
-    sizes = block_sizes(layers, None if config.index.k == "full" else config.index.k)
-    cells = sum(k_S * k_A * len(layers[n].layer_names) for n, (k_S, k_A) in sizes.items())
-    n_bands = sum(len(bands(k_S, layers[n].d_out)) * len(bands(k_A, layers[n].d_in_aug)) * len(layers[n].layer_names)
-                  for n, (k_S, k_A) in sizes.items())
-    per_doc = cells * {"float32": 4, "float16": 2}[config.index.dtype] + 4 * n_bands + 16
-    total = per_doc * config.plan.documents
-    return {"k": config.index.k, "dtype": config.index.dtype, "cells": int(cells), "bytes_per_document": int(per_doc),
-            "documents": config.plan.documents, "bytes": int(total),
-            "bytes_per_device": {str(d): int(-(-total // d)) for d in devices},
-            "query_flops_per_document": 2 * int(cells)}
-
-
-def _mesh_dict(mp: MeshPlan, config) -> dict:
+def _mesh_dict(mp: MeshPlan, config, chip=None) -> dict:
     tokens = config.plan.tokens_per_document or config.data.max_length
     scale = tokens / config.data.max_length
     steps = []
@@ -452,6 +458,13 @@ def _mesh_dict(mp: MeshPlan, config) -> dict:
                 else config.plan.documents
             d["documents_timed"] = n
             d["hours"] = n * per_doc / (mp.devices * config.plan.device_flops) / 3600
+            if chip is not None and s.bytes_accessed is not None:   # per call, per device; calls for n documents
+                from jaxinf.chips import roofline
+
+                r = roofline(chip, s.flops * scale, s.bytes_accessed * scale,
+                             None if s.model_flops is None else s.model_flops * scale, config.model.dtype,
+                             config.run.precision, config.run.matmul_precision)
+                d["roofline"] = {**r, "hours": n / s.documents * r["seconds"] / 3600}
         steps.append(d)
     return {"data": mp.data, "model": mp.model, "devices": mp.devices, "hosts": mp.hosts, "corpus_slices": mp.groups,
             "global_batch": mp.global_batch, "static": mp.static, "steps": steps}
@@ -502,20 +515,28 @@ def format_plan(result: dict, config) -> str:
             lines.append("  largest layer statistic per stage (GiB, estimate): " + ", ".join(
                 f"{stage} {name} {size / GiB:.2f}" for stage, (name, size) in m["largest_layers"].items()))
         if m["steps"]:
+            chip = result.get("chip")
             lines.append(f"  {'step':<16} {'peak GiB':>9} {'args GiB':>9} {'temp GiB':>9} {'TFLOP/doc':>10} "
-                         f"{'hours':>9} {'compile s':>9}")
+                         f"{'hours':>9} {'compile s':>9}" + (f" {'GB/doc':>8} {'compute s':>9} {'memory s':>9} "
+                                                             f"{'hours@chip':>10}  bound" if chip else ""))
             for s in m["steps"]:
                 fl = f"{s['flops_per_document'] / 1e12:9.3f}{'*' if s.get('flops_from') == 'one device' else ' '}" \
                     if "flops_per_document" in s else f"{'-':>10}"
                 hours = f"{s['hours']:9.1f}" if "hours" in s else f"{'-':>9}"
-                lines.append(f"  {s['name']:<16} {gib(s['peak']):>9} {gib(s['arguments']):>9} "
-                             f"{gib(s['temporaries']):>9} {fl} {hours} {s['seconds']:9.1f}")
+                row = (f"  {s['name']:<16} {gib(s['peak']):>9} {gib(s['arguments']):>9} "
+                       f"{gib(s['temporaries']):>9} {fl} {hours} {s['seconds']:9.1f}")
+                if chip and "roofline" in s:
+                    r = s["roofline"]
+                    per_doc_gb = s["bytes_accessed"] * m["devices"] / s["documents"] / 1e9
+                    row += (f" {per_doc_gb:8.3f} {r['compute_s']:9.3g} {r['memory_s']:9.3g} {r['hours']:10.1f}  "
+                            f"{r['bound']}")
+                elif chip:
+                    row += f" {'-':>8} {'-':>9} {'-':>9} {'-':>10}  -"
+                lines.append(row)
     if "index" in result:
-        ix = result["index"]
-        lines += ["", f"index (index.k={ix['k']}, {ix['dtype']}): {ix['cells']:,} cells, {ix['bytes_per_document'] / 2**10:,.1f} "
-                      f"KiB per document; {ix['documents']:,} documents: {ix['bytes'] / 2**40:,.3f} TiB ("
-                      + ", ".join(f"{b / GiB:,.2f} GiB per device on {d}" for d, b in ix["bytes_per_device"].items())
-                      + f"); a query costs {ix['query_flops_per_document']:,} FLOPs per document"]
+        from jaxinf.index_store import format_size
+
+        lines += ["", format_size(result["index"])]
     tokens = config.plan.tokens_per_document or config.data.max_length
     if any(s.get("flops_from") == "one device" for m in result["meshes"] for s in m["steps"]):
         lines += ["", "*: FLOPs counted on one device and divided evenly (the unstacked layers the count uses have "
@@ -525,6 +546,13 @@ def format_plan(result: dict, config) -> str:
     lines += ["", f"hours: {config.plan.documents:,} documents (factors.max_documents for covariance and Lambda when "
                   f"set) of {tokens} tokens at {config.plan.device_flops:.3g} FLOP/s per device; peaks are XLA's "
                   "CPU-backend memory analysis of each partitioned step"]
+    if result.get("chip"):
+        c = result["chip"]
+        lines += [f"chip {c['name']}: roofline of each per-document step per call and device (compute s, memory s: "
+                  f"the model's pass at its dtype's rate ({c['bf16'] / 1e12:g} TFLOP/s in bfloat16), the statistics "
+                  f"at the float32 rate of run.matmul_precision={config.run.matmul_precision}, XLA's bytes accessed "
+                  f"at {c['hbm'] / 1e9:g} GB/s); hours@chip: the larger of the two for the documents above; bound: "
+                  "the binding resource (jaxinf/chips.py)"]
     return "\n".join(lines)
 
 
@@ -559,9 +587,9 @@ def prepare_devices(meshes: list[tuple[int, int]]) -> None:
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 
-def command(config, meshes: list[tuple[int, int]] | None, compile: bool, json_out: str | None) -> int:
+def command(config, meshes: list[tuple[int, int]] | None, compile: bool, json_out: str | None, chip=None) -> int:
     meshes = meshes or [(config.mesh.data, config.mesh.model)]
-    result = plan(config, meshes, compile=compile)
+    result = plan(config, meshes, compile=compile, chip=chip)
     print(format_plan(result, config))
     if json_out:
         Path(json_out).write_text(json.dumps(result, indent=1) + "\n")

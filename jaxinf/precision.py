@@ -74,3 +74,35 @@ def scoped(precision: str):
     statistics_dtype(precision)
     with jax.enable_x64(precision == "float64"):
         yield
+
+
+# --------------------------------------------------------------------------- matmul precision of the statistics
+
+MATMUL_PRECISIONS = ("default", "high", "highest")
+"""``run.matmul_precision``: how many bfloat16 passes an accelerator may spend on a float32 statistic contraction.
+
+``default``: the backend's choice (one bfloat16 pass on a TPU, TF32 on an A100/H100 where XLA allows it);
+``high``: three bfloat16 passes (bf16x3, about 16 significant bits) or TF32; ``highest``: full float32 (bf16x6 on
+a TPU). On a CPU all three give the same numbers. The table in docs/method.md ("Matmul precision") measures each
+against float64 on the CPU by emulating the passes (``scripts/precision_table.py``)."""
+
+MATMUL_PRECISION = "highest"
+"""The default of ``run.matmul_precision``, chosen by that table: a single bfloat16 pass or TF32 costs the
+statistics 2-3 significant digits, which the inverse amplifies where ``Lambda + lambda`` is small."""
+
+
+def matmul_precision(name: str | None = None) -> jax.lax.Precision:
+    """The ``lax.Precision`` that every statistic contraction of the engine passes as ``precision=``: ``name`` (one of
+    :data:`MATMUL_PRECISIONS`; None: :data:`MATMUL_PRECISION`).
+
+    This is the one mechanism by which a statistic states its precision: the covariance sums, the eigenbasis
+    rotations, Lambda, query preconditioning and truncation, the scores and self-influence each call it with the
+    ``precision`` argument their stage was given (``run.matmul_precision``) and pass the result to every
+    ``einsum``/``matmul``. The model's own forward and backward pass is left at the model's precision (no
+    ``precision=``). ``tests/test_matmul_precision.py`` checks every stage's lowered program for it."""
+    name = MATMUL_PRECISION if name is None else name
+    if isinstance(name, jax.lax.Precision):
+        return name
+    if name not in MATMUL_PRECISIONS:
+        raise ValueError(f"run.matmul_precision: unknown precision {name!r} (choose from {', '.join(MATMUL_PRECISIONS)})")
+    return jax.lax.Precision[name.upper()]

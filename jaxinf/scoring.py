@@ -29,6 +29,7 @@ document.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Mapping
 
 import jax
@@ -38,7 +39,7 @@ from jaxinf.axes import logical
 from jaxinf.capture import LayerSpec, expand, per_sequence_gradient
 from jaxinf.curvature import Curvature, Strategy, block_damping, curvature_context
 from jaxinf.lapack import orthonormal_basis, thin_svd
-from jaxinf.precision import working_dtype
+from jaxinf.precision import matmul_precision, working_dtype
 
 Array = jax.Array
 
@@ -77,23 +78,24 @@ POWER_ITERATIONS = 2
 ``2q + 1``, so singular values past the rank weigh less against the top ones (Halko et al. 2011, section 4.5)."""
 
 
-def range_finder(P: Array, k: int, iterations: int = POWER_ITERATIONS, seed: int = 0) -> Array:
+def range_finder(P: Array, k: int, iterations: int = POWER_ITERATIONS, seed: int = 0, precision=None) -> Array:
     """An orthonormal ``Q`` ``[..., m, k]`` with ``P ~= Q Q^T P`` for each matrix of ``P`` ``[..., m, n]``: the randomized
     range finder with subspace iteration (Halko, Martinsson & Tropp 2011, algorithm 4.4),
 
         Q = orth(P W),   then ``iterations`` times   Q = orth(P orth(P^T Q)),
 
     with ``W`` ``[n, k]`` standard normal from a fixed key (``seed``), so the same ``P`` always gives the same
-    ``Q``. Exact (``Q Q^T P = P``) when ``rank(P) <= k``."""
+    ``Q``. Exact (``Q Q^T P = P``) when ``rank(P) <= k``. Products at the matmul precision ``precision``."""
+    mm = functools.partial(jnp.matmul, precision=matmul_precision(precision))
     W = jax.random.normal(jax.random.key(seed), (P.shape[-1], k), P.dtype)
-    Q = orthonormal_basis(P @ W)
+    Q = orthonormal_basis(mm(P, W))
     for _ in range(iterations):
-        Z = orthonormal_basis(jnp.swapaxes(P, -1, -2) @ Q)
-        Q = orthonormal_basis(P @ Z)
+        Z = orthonormal_basis(mm(jnp.swapaxes(P, -1, -2), Q))
+        Q = orthonormal_basis(mm(P, Z))
     return Q
 
 
-def low_rank(P: Array, rank: int, dtype=None, svd: str = "randomized") -> tuple[Array, Array]:
+def low_rank(P: Array, rank: int, dtype=None, svd: str = "randomized", precision=None) -> tuple[Array, Array]:
     """Rank-r truncated SVD ``P ~= (U_r diag(s_r)) V_r^T`` per matrix of ``P`` ``[..., d_out, d_in']``, computed in
     the statistics dtype ``dtype`` (by default :func:`~jaxinf.precision.working_dtype` of ``P``) and returned in
     ``P``'s; ``(left, right) = (U_r diag(s_r), V_r)``.
@@ -104,7 +106,8 @@ def low_rank(P: Array, rank: int, dtype=None, svd: str = "randomized") -> tuple[
     of one of a ``min(d_out, d_in')``-wide matrix. It equals the full SVD's truncation where ``rank(P) <= k``;
     otherwise its error approaches the full SVD's as the singular values past ``r`` fall off (Halko et al.,
     section 10; tests/test_scoring.py measures the gap on preconditioned query gradients). Where ``k`` reaches
-    ``min(d_out, d_in')`` there is nothing to save and the full SVD is used.
+    ``min(d_out, d_in')`` there is nothing to save and the full SVD is used. Products at the matmul precision
+    ``precision`` (``run.matmul_precision``).
     """
     if svd not in SVD_METHODS:
         raise ValueError(f"scores.query_svd: {svd!r} is not one of {', '.join(SVD_METHODS)}")
@@ -112,9 +115,10 @@ def low_rank(P: Array, rank: int, dtype=None, svd: str = "randomized") -> tuple[
     P = P.astype(working_dtype(P) if dtype is None else dtype)
     k = rank + OVERSAMPLE
     if svd == "randomized" and k < min(P.shape[-2:]):
-        Q = range_finder(P, k)
-        Ub, s, Vt = thin_svd(jnp.swapaxes(Q, -1, -2) @ P)
-        U = Q @ Ub[..., :, :rank]
+        mm = functools.partial(jnp.matmul, precision=matmul_precision(precision))
+        Q = range_finder(P, k, precision=precision)
+        Ub, s, Vt = thin_svd(mm(jnp.swapaxes(Q, -1, -2), P))
+        U = mm(Q, Ub[..., :, :rank])
     else:
         U, s, Vt = thin_svd(P)
         U = U[..., :, :rank]
@@ -124,15 +128,15 @@ def low_rank(P: Array, rank: int, dtype=None, svd: str = "randomized") -> tuple[
 
 
 def prepare_layer(G: Array, strategy: Strategy, factors: Mapping[str, Array] | None, damping_value: float | None,
-                  rank: int | None, dtype=None, svd: str = "randomized") -> dict[str, Array]:
+                  rank: int | None, dtype=None, svd: str = "randomized", precision=None) -> dict[str, Array]:
     """``P(G_q)`` of one block's query gradients ``[*lead, Q, d_out, d_in']`` (the strategy's
     :meth:`~jaxinf.curvature.Strategy.precondition`): ``{"full": P}``, or its rank-r SVD ``{"left", "right"}``
     (:func:`low_rank` in ``dtype`` by the method ``svd``) where ``min(d_out, d_in') > r``. ``factors``: the block's
     :func:`curvature_context`."""
     damp = None if factors is None else block_damping(factors["Lambda"], damping_value)
-    P = strategy.precondition(G, factors, damp)
+    P = strategy.precondition(G, factors, damp, precision)
     if rank is not None and min(P.shape[-2:]) > rank:
-        left, right = low_rank(P, rank, dtype, svd)
+        left, right = low_rank(P, rank, dtype, svd, precision)
         return {"left": left, "right": right}
     return {"full": P}
 
@@ -153,11 +157,14 @@ def prepare_queries(
     rank: int | None,
     dtype=None,
     svd: str = "randomized",
+    precision=None,
 ) -> QueryGradients:
-    """:func:`prepare_layer` of every block of given query gradients ``G`` (block -> ``[*lead, Q, d_out, d_in']``)."""
+    """:func:`prepare_layer` of every block of given query gradients ``G`` (block -> ``[*lead, Q, d_out, d_in']``), at
+    the matmul precision ``precision``."""
     context = curvature_context(curv)
     return query_gradients_of({k: prepare_layer(g, curv.strategy, None if context is None else context[k],
-                                                damping_value, rank, dtype, svd) for k, g in G.items()}, loss)
+                                                damping_value, rank, dtype, svd, precision) for k, g in G.items()},
+                             loss)
 
 
 def query_context(qg: QueryGradients) -> dict[str, dict[str, Array]]:
@@ -200,7 +207,7 @@ def contraction_plan(B: int, T: int, Q: int, d_out: int, d_in: int, rank: int | 
     return "tokens" if tokens <= docs else "documents"
 
 
-def _token_scores(a: Array, g: Array, q: Mapping[str, Array], per_token: bool) -> Array:
+def _token_scores(a: Array, g: Array, q: Mapping[str, Array], per_token: bool, precision=None) -> Array:
     """The tokens order of :func:`block_scores`: ``g[n,t]^T P a[n,t]`` per token, then summed over t unless
     ``per_token``: ``[Q, B]`` or ``[Q, B, T]``.
 
@@ -208,26 +215,28 @@ def _token_scores(a: Array, g: Array, q: Mapping[str, Array], per_token: bool) -
     with the merged rows much faster than with the batch and token axes of a 4-D einsum (the scores row of
     ``scripts/bench_engine.py``, before and after, in docs/benchmarks.md: 1.43x to 0.89x of a forward+backward
     step)."""
+    einsum = functools.partial(jnp.einsum, precision=matmul_precision(precision))
     lead = a.shape[:-1]                                  # [B, T]
     a2, g2 = a.reshape(-1, a.shape[-1]), g.reshape(-1, g.shape[-1])
     if "left" in q:
-        gl = jnp.einsum("no,qor->nqr", g2, q["left"].astype(g.dtype))
-        ar = jnp.einsum("ni,qir->nqr", a2, q["right"].astype(a.dtype))
+        gl = einsum("no,qor->nqr", g2, q["left"].astype(g.dtype))
+        ar = einsum("ni,qir->nqr", a2, q["right"].astype(a.dtype))
         per_tok = jnp.sum(gl * ar, axis=-1)
     else:
-        Pa = jnp.einsum("ni,qoi->nqo", a2, q["full"].astype(a.dtype))
-        per_tok = jnp.einsum("nqo,no->nq", Pa, g2)
+        Pa = einsum("ni,qoi->nqo", a2, q["full"].astype(a.dtype))
+        per_tok = einsum("nqo,no->nq", Pa, g2)
     per_tok = per_tok.reshape(lead + per_tok.shape[-1:])            # [B, T, Q]
     return jnp.moveaxis(per_tok if per_token else per_tok.sum(-2), -1, 0)
 
 
 def block_scores(a: Array, g: Array, q: Mapping[str, Array], *, per_token: bool = False,
-                 plan: str | None = None, dtype=None) -> Array:
+                 plan: str | None = None, dtype=None, precision=None) -> Array:
     """One layer's ``sum_t g[n,t]^T P(G_q) a[n,t]``: ``[Q, B]`` (``[Q, B, T]`` per token), in the statistics dtype
     ``dtype`` (by default :func:`~jaxinf.precision.working_dtype` of ``a``, ``g`` and ``q``).
 
     ``q``: the layer's ``{"full": [Q, d_out, d_in']}`` or ``{"left": [Q, d_out, r], "right": [Q, d_in', r]}``
-    (``P(G_q) ~= left @ right^T``); the contraction order is :func:`contraction_plan`'s unless given.
+    (``P(G_q) ~= left @ right^T``); the contraction order is :func:`contraction_plan`'s unless given. Products at
+    the matmul precision ``precision`` (``run.matmul_precision``).
     """
     dtype = working_dtype(a, g, *q.values()) if dtype is None else dtype
     a, g = a.astype(dtype), g.astype(dtype)
@@ -241,10 +250,11 @@ def block_scores(a: Array, g: Array, q: Mapping[str, Array], *, per_token: bool 
     elif plan is None:
         plan = contraction_plan(B, T, Q, d_out, d_in, rank)
     if plan == "tokens":
-        return _token_scores(a, g, q, per_token)
-    P = q["full"] if not lowr else jnp.einsum("qor,qir->qoi", q["left"], q["right"])
-    G = per_sequence_gradient(a, g)
-    return jnp.einsum("qoi,boi->qb", P.astype(G.dtype), G)
+        return _token_scores(a, g, q, per_token, precision)
+    einsum = functools.partial(jnp.einsum, precision=matmul_precision(precision))
+    P = q["full"] if not lowr else einsum("qor,qir->qoi", q["left"], q["right"])
+    G = per_sequence_gradient(a, g, precision)
+    return einsum("qoi,boi->qb", P.astype(G.dtype), G)
 
 
 @jax.tree_util.register_dataclass

@@ -13,7 +13,9 @@ resumed run samples the same labels as an uninterrupted one.
 
 Every constructor and step takes the statistics dtype ``dtype`` (a run passes
 ``run.precision``'s, :func:`jaxinf.precision.statistics_dtype`); without one it is
-the tracked layers' :func:`~jaxinf.precision.layers_dtype`.
+the tracked layers' :func:`~jaxinf.precision.layers_dtype`. They also take the matmul precision ``precision`` of
+every statistic contraction (a run passes ``run.matmul_precision``; None: the default of
+:func:`jaxinf.precision.matmul_precision`); the model's own forward and backward pass keep the model's precision.
 """
 
 from __future__ import annotations
@@ -100,10 +102,11 @@ def stage_key(seed: Array, stage: str) -> Array:
     return jax.random.fold_in(seed, {"covariance": 0, "lambda": 1}[stage])
 
 
-def covariance_stage(task: Task, layers: Mapping[str, LayerSpec], fisher: str = "sampled", dtype=None) -> Stage:
+def covariance_stage(task: Task, layers: Mapping[str, LayerSpec], fisher: str = "sampled", dtype=None,
+                     precision=None) -> Stage:
     """Stage 1: ``update(state, params, batch, key)`` accumulates ``A`` and ``S`` (in ``dtype``)."""
     dtype = layers_dtype(layers) if dtype is None else dtype
-    statistic = functools.partial(covariance_statistic, dtype=dtype)
+    statistic = functools.partial(covariance_statistic, dtype=dtype, precision=precision)
 
     def update(state, params, batch, key):
         stats, losses = train_statistics(task, layers, params, batch, _fisher_key(fisher, key), statistic)
@@ -112,11 +115,12 @@ def covariance_stage(task: Task, layers: Mapping[str, LayerSpec], fisher: str = 
     return Stage(init=lambda: covariance_init(layers, dtype), update=update, finalize=covariance_finalize)
 
 
-def lambda_stage(task: Task, layers: Mapping[str, LayerSpec], fisher: str = "sampled", dtype=None) -> Stage:
+def lambda_stage(task: Task, layers: Mapping[str, LayerSpec], fisher: str = "sampled", dtype=None,
+                 precision=None) -> Stage:
     """Stage 3: ``update(state, params, eigen, batch, key)`` accumulates ``Lambda`` (``eigen=None``: diagonal) in
     ``dtype``."""
     dtype = layers_dtype(layers) if dtype is None else dtype
-    statistic = functools.partial(lambda_statistic, dtype=dtype)
+    statistic = functools.partial(lambda_statistic, dtype=dtype, precision=precision)
 
     def update(state, params, eigen, batch, key):
         stats, losses = train_statistics(task, layers, params, batch, _fisher_key(fisher, key), statistic,
@@ -126,7 +130,7 @@ def lambda_stage(task: Task, layers: Mapping[str, LayerSpec], fisher: str = "sam
     return Stage(init=lambda: lambda_init(layers, dtype), update=update, finalize=lambda_finalize)
 
 
-def index_step(task: Task, layers: Mapping[str, LayerSpec], k: int | None, dtype=None):
+def index_step(task: Task, layers: Mapping[str, LayerSpec], k: int | None, dtype=None, precision=None):
     """The index pass (:mod:`jaxinf.indexing`): ``(params, basis, batch) -> {"cells": [B, C], "bands": [B, E],
     "loss": [B]}``, each document row's kept block of ``Q_S^T G[n] Q_A`` (``k`` directions per factor, None: all)
     under the data's labels (the gradients the scores use) and the energy of each pair of bands of the rest.
@@ -134,7 +138,7 @@ def index_step(task: Task, layers: Mapping[str, LayerSpec], k: int | None, dtype
     from jaxinf.indexing import flatten_rows, index_statistic
 
     dtype = layers_dtype(layers) if dtype is None else dtype
-    statistic = functools.partial(index_statistic, k=k, dtype=dtype)
+    statistic = functools.partial(index_statistic, k=k, dtype=dtype, precision=precision)
 
     def step(params, basis, batch):
         blocks, losses = train_statistics(task, layers, params, batch, None, statistic, streamed(basis))
@@ -143,17 +147,20 @@ def index_step(task: Task, layers: Mapping[str, LayerSpec], k: int | None, dtype
     return step
 
 
-def _sequence_gradient(a: Array, g: Array, mask: Array, context=None) -> Array:
-    return per_sequence_gradient(a, g)
+def _sequence_gradient(a: Array, g: Array, mask: Array, context=None, *, precision=None) -> Array:
+    return per_sequence_gradient(a, g, precision)
 
 
-def query_gradients(task: Task, layers: Mapping[str, LayerSpec], params, batch) -> tuple[dict[str, Array], Array]:
+def query_gradients(task: Task, layers: Mapping[str, LayerSpec], params, batch,
+                    precision=None) -> tuple[dict[str, Array], Array]:
     """Per-query measurement gradients ``G_q = sum_t g a^T`` (``[*lead, Q, d_out, d_in']``) and measurements ``[Q]``."""
-    return measurement_statistics(task, layers, params, batch, _sequence_gradient)
+    return measurement_statistics(task, layers, params, batch,
+                                  functools.partial(_sequence_gradient, precision=precision))
 
 
 def prepared_queries(task: Task, layers: Mapping[str, LayerSpec], params, batch, curv: Curvature,
-                     damping_value: float | None, rank: int | None, dtype=None, svd: str = "randomized") -> QueryGradients:
+                     damping_value: float | None, rank: int | None, dtype=None, svd: str = "randomized",
+                     precision=None) -> QueryGradients:
     """Stage 5: ``P(G_q)`` of a query batch (rank-r where asked), each layer's formed in the backward pass.
 
     The same as :func:`jaxinf.scoring.prepare_queries` of :func:`query_gradients`, without ever holding
@@ -161,18 +168,20 @@ def prepared_queries(task: Task, layers: Mapping[str, LayerSpec], params, batch,
     dtype = layers_dtype(layers) if dtype is None else dtype
 
     def statistic(a, g, mask, factors):
-        return prepare_layer(per_sequence_gradient(a, g), curv.strategy, factors, damping_value, rank, dtype, svd)
+        return prepare_layer(per_sequence_gradient(a, g, precision), curv.strategy, factors, damping_value, rank, dtype,
+                             svd, precision)
 
     blocks, loss = measurement_statistics(task, layers, params, batch, statistic, curvature_context(streamed(curv)))
     return query_gradients_of(blocks, loss)
 
 
 def _document_statistic(per_token: bool, plan: str | None, strategy: Strategy | None, damping_value: float | None,
-                        dtype):
+                        dtype, precision=None):
     """The statistic of a scoring pass: scores against the query gradients, and self-influence when ``strategy``."""
-    stats = {"scores": lambda a, g, m, q: block_scores(a, g, q, per_token=per_token, plan=plan, dtype=dtype)}
+    stats = {"scores": lambda a, g, m, q: block_scores(a, g, q, per_token=per_token, plan=plan, dtype=dtype,
+                                                       precision=precision)}
     if strategy is not None:
-        stats["self"] = lambda a, g, m, c: strategy.self_score(a, g, c, damping_value, dtype)
+        stats["self"] = lambda a, g, m, c: strategy.self_score(a, g, c, damping_value, dtype, precision)
     return joint(stats)
 
 
@@ -189,6 +198,7 @@ def score_batch(
     curv: Curvature | None = None,
     damping_value: float | None = None,
     dtype=None,
+    precision=None,
 ) -> tuple[Scores, Array]:
     """Stage 6: pairwise scores of one document batch against all queries (and, given ``curv``, the documents'
     self-influence, in the same backward pass), and the documents' losses."""
@@ -202,19 +212,19 @@ def score_batch(
                for k in layers}
     blocks, losses = train_statistics(task, layers, params, batch, None,
                                       _document_statistic(per_token, plan, None if curv is None else curv.strategy,
-                                                          damping_value, dtype), context)
+                                                          damping_value, dtype, precision), context)
     scores = collect_scores({k: v["scores"] for k, v in blocks.items()}, per_layer=per_layer, per_token=per_token,
                             self_blocks=None if curv is None else {k: v["self"] for k, v in blocks.items()})
     return scores, losses
 
 
 def score_step(task: Task, layers: Mapping[str, LayerSpec], *, self_influence: bool, damping_value: float | None,
-               dtype=None):
+               dtype=None, precision=None):
     """The scoring step of ``jaxinf run`` and ``jaxinf plan``: ``(params, queries, curv, batch) ->
     {"scores": [Q, B], "loss": [B](, "self": [B])}``."""
     def step(params, queries, curv, batch):
         s, loss = score_batch(task, layers, params, queries, batch, curv=curv if self_influence else None,
-                              damping_value=damping_value, dtype=dtype)
+                              damping_value=damping_value, dtype=dtype, precision=precision)
         out = {"scores": s.total, "loss": loss}
         if self_influence:
             out["self"] = s.self
@@ -223,7 +233,7 @@ def score_step(task: Task, layers: Mapping[str, LayerSpec], *, self_influence: b
     return step
 
 
-def score_and_index_step(task: Task, layers: Mapping[str, LayerSpec], k: int | None, dtype=None):
+def score_and_index_step(task: Task, layers: Mapping[str, LayerSpec], k: int | None, dtype=None, precision=None):
     """The scoring pass that also writes the EK-FAC index (``index.k`` in a run with ``scores.mode: exact``):
     ``(params, queries, basis, batch) -> {"scores": [Q, B], "loss": [B], "cells": [B, C], "bands": [B, E]}``. One
     backward pass forms both statistics where each layer's ``a`` and ``g`` exist (:func:`index_step`'s rows,
@@ -231,8 +241,8 @@ def score_and_index_step(task: Task, layers: Mapping[str, LayerSpec], k: int | N
     from jaxinf.indexing import flatten_rows, index_statistic
 
     dtype = layers_dtype(layers) if dtype is None else dtype
-    statistic = joint({"scores": lambda a, g, m, q: block_scores(a, g, q, dtype=dtype),
-                       "index": functools.partial(index_statistic, k=k, dtype=dtype)})
+    statistic = joint({"scores": lambda a, g, m, q: block_scores(a, g, q, dtype=dtype, precision=precision),
+                       "index": functools.partial(index_statistic, k=k, dtype=dtype, precision=precision)})
 
     def step(params, queries, basis, batch):
         qctx, bctx = query_context(streamed(queries)), streamed(basis)
@@ -247,13 +257,14 @@ def score_and_index_step(task: Task, layers: Mapping[str, LayerSpec], k: int | N
 
 def self_influence_batch(
     task: Task, layers: Mapping[str, LayerSpec], params, curv: Curvature, damping_value: float | None, batch,
-    dtype=None,
+    dtype=None, precision=None,
 ) -> tuple[Array, Array]:
     """Self-influence ``<P(G[n]), G[n]>`` of one document batch, and the documents' losses."""
     factors = curvature_context(streamed(curv))
     dtype = layers_dtype(layers) if dtype is None else dtype
     blocks, losses = train_statistics(task, layers, params, batch, None,
-                                      lambda a, g, m, c: curv.strategy.self_score(a, g, c, damping_value, dtype),
+                                      lambda a, g, m, c: curv.strategy.self_score(a, g, c, damping_value, dtype,
+                                                                                  precision),
                                       factors)
     return sum(sum_layers(v, 1) for v in blocks.values()), losses
 
@@ -308,6 +319,7 @@ def fit_curvature(
     key: Array | None = None,
     jit: bool = True,
     dtype=None,
+    precision=None,
 ) -> tuple[Curvature, dict]:
     """The stages ``strategy`` needs (covariance, eigendecomposition, Lambda) over in-memory batches, in ``dtype``;
     returns the curvature and the pieces."""
@@ -316,13 +328,13 @@ def fit_curvature(
         key = jax.random.key(0)
 
     def eigen():
-        cov = run_stage(covariance_stage(task, layers, fisher, dtype), (params,), batches,
+        cov = run_stage(covariance_stage(task, layers, fisher, dtype, precision), (params,), batches,
                         None if key is None else stage_key(key, "covariance"), jit=jit)
         pieces.update(covariance=cov, eigen=eigendecompose(cov))
         return pieces["eigen"]
 
     def fit_lambda(basis):
-        return run_stage(lambda_stage(task, layers, fisher, dtype), (params, basis), batches,
+        return run_stage(lambda_stage(task, layers, fisher, dtype, precision), (params, basis), batches,
                          None if key is None else stage_key(key, "lambda"), jit=jit)
 
     curv = assemble(strategy, eigen, fit_lambda)

@@ -353,7 +353,126 @@ def biased_task(out: Path) -> None:
     Path(out).write_text(json.dumps(r, indent=1))
 
 
-TASKS = {"stages": stages_task, "biased": biased_task}
+def distributed_task(out: Path) -> None:
+    """One process of a two-process ``jax.distributed`` run on localhost (one CPU device each, a 2 x 1 mesh with
+    ``data`` across the processes), started by :func:`run_distributed` with ``JAXINF_TEST_COORDINATOR`` and
+    ``JAXINF_TEST_PROCESS``: the processes initialize and compare their configs as ``jaxinf run`` does, each feeds
+    its own rows of a batch, and the covariance (A and S reduced across the processes, sampled labels) and the
+    scores (columns split across them) are compared with this process's own single-device result of the whole
+    batch. A few seconds of work: the full pipeline on two processes is ``test_sharding_multiprocess.py``'s heavy
+    test."""
+    import os
+    import time
+
+    import jax
+    import numpy as np
+
+    from jaxinf import capture, config as cfg, meshes, scoring, stages, testing
+    from jaxinf.executor import MeshExecutor
+
+    process = int(os.environ["JAXINF_TEST_PROCESS"])
+    config = cfg.load(None, [f"mesh.coordinator={os.environ['JAXINF_TEST_COORDINATOR']}", "mesh.num_processes=2",
+                             f"mesh.process_id={process}", "mesh.data=2", "data.batch_size=2"])
+    assert meshes.initialize(config.mesh)
+    meshes.check_agreement(cfg.to_dict(config))
+    _say(f"process {jax.process_index()} of {jax.process_count()}: initialized ({time.process_time():.1f} s CPU)")
+    (whole,) = document_batches(1, batch=4, length=16)
+    local = jax.local_devices()[0]
+    on_local = lambda b: {k: jax.device_put(np.asarray(v), local) for k, v in b.items()}  # noqa: E731
+    task = testing.tiny_lm_task()        # the engine's own tiny GPT: the least to compile
+    shapes = jax.eval_shape(lambda: testing.tiny_lm_init(jax.random.key(0), vocab=64, n_layers=1, max_len=16))
+    rng = np.random.default_rng(0)   # random weights made on the host: no eager op to compile
+    host_params = jax.tree.map(lambda s: (0.3 * rng.standard_normal(s.shape)).astype(s.dtype), shapes)
+    params_local = jax.device_put(host_params, local)
+    layers = capture.select_layers(capture.find_layers(lambda p, b, pr: task.train_loss(p, b, pr, None), params_local,
+                                                       on_local(whole)), "mlp")
+    key = jax.device_put(jax.random.key(3), local)
+    mesh = meshes.make_mesh(2, 1)
+    ex = MeshExecutor(mesh, batch_size=2)
+    group = ex.groups[0]
+    mine = {k: v[2 * group: 2 * group + 2] for k, v in whole.items()}      # this process's slice of the batch
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    params = meshes.put_tree(host_params, jax.tree.map(lambda _: replicated, host_params))
+    r: dict = {"process": jax.process_index(), "processes": jax.process_count(), "group": group, "errors": {}}
+
+    cov_stage = stages.covariance_stage(task, layers, "sampled")
+    state = ex.init(cov_stage)
+    up = ex.jit(cov_stage.update, donate_argnums=(0,), out_shardings=(ex.shardings(state), ex.rows()))
+    state, _ = up(state, params, ex.put(mine), jax.random.key(3))       # uncommitted: the mesh's program takes it
+    want, _ = jax.jit(cov_stage.update)(cov_stage.init(), params_local, on_local(whole), key)
+    r["errors"]["A"] = _tree_rel({k: ex.fetch(v) for k, v in state.A.items()}, want.A)
+    r["errors"]["S"] = _tree_rel({k: ex.fetch(v) for k, v in state.S.items()}, want.S)
+    _say(f"process {process}: covariance ({time.process_time():.1f} s CPU)")
+
+    # any query gradients will do (identity strategy): no program to make them
+    qg = scoring.QueryGradients(
+        full={k: rng.standard_normal(s.lead + (3, s.d_out, s.d_in_aug)).astype(np.float32) for k, s in layers.items()},
+        left={}, right={}, loss=np.ones(3, np.float32))
+    step = stages.score_step(task, layers, self_influence=False, damping_value=None)
+    got = ex.jit(step, out_shardings={"scores": ex.rows(2, last=True), "loss": ex.rows()})(
+        params, ex.place(qg), None, ex.put(mine))
+    ref = jax.jit(step)(params_local, jax.device_put(qg, local), None, on_local(whole))
+    r["errors"]["scores"] = _tree_rel({k: ex.fetch(v) for k, v in got.items()}, ref)
+    _say(f"process {process}: scores ({time.process_time():.1f} s CPU)")
+    Path(out).write_text(json.dumps(r))
+
+
+def lost_peer_task(out: Path) -> None:
+    """Process 1 fails at once; process 0 waits for it in ``jax.distributed.initialize`` (the harness's own test)."""
+    import os
+
+    import jax
+
+    if os.environ["JAXINF_TEST_PROCESS"] == "1":
+        raise SystemExit("process 1: stopped on purpose")
+    jax.distributed.initialize(coordinator_address=os.environ["JAXINF_TEST_COORDINATOR"], num_processes=2,
+                               process_id=0)
+
+
+def run_distributed(task: str, outs: list[Path], timeout: float, devices: int = 1, grace: float = 10) -> list[dict]:
+    """``task`` of this file as ``len(outs)`` processes of one ``jax.distributed`` run on localhost; their JSON reports.
+
+    Fails naming each process that exited with an error (and its last lines), or, when ``timeout`` seconds pass,
+    each process that had not finished (a process waiting in a collective for one that died names the dead one
+    first: once a process fails, the others get ``grace`` seconds before they are stopped)."""
+    import time
+
+    env = device_env(devices)
+    env["JAXINF_TEST_COORDINATOR"] = f"127.0.0.1:{free_port()}"
+    procs = []
+    for i, out in enumerate(outs):
+        logs = open(Path(out).with_suffix(".log"), "w")
+        procs.append((subprocess.Popen([sys.executable, str(Path(__file__).resolve()), task, str(out)],
+                                       env={**env, "JAXINF_TEST_PROCESS": str(i)}, stdout=logs,
+                                       stderr=subprocess.STDOUT, cwd=REPO), logs))
+    start = time.monotonic()
+    deadline = start + timeout
+    try:
+        while any(p.poll() is None for p, _ in procs) and time.monotonic() < deadline:
+            if any(p.poll() not in (None, 0) for p, _ in procs):
+                deadline = min(deadline, time.monotonic() + grace)
+            time.sleep(0.1)
+    finally:
+        hung = [i for i, (p, _) in enumerate(procs) if p.poll() is None]
+        for p, logs in procs:
+            if p.poll() is None:
+                p.kill()
+            p.wait()
+            logs.close()
+
+    def tail(i: int) -> str:
+        return "\n".join(Path(outs[i]).with_suffix(".log").read_text().splitlines()[-15:])
+
+    failed = [i for i, (p, _) in enumerate(procs) if i not in hung and p.returncode != 0]
+    problems = [f"process {i} of {len(outs)} exited with {procs[i][0].returncode}:\n{tail(i)}" for i in failed]
+    problems += [f"process {i} of {len(outs)} hung: not finished {time.monotonic() - start:.0f} s after the start "
+                 f"(timeout {timeout:.0f} s); its last lines:\n{tail(i)}" for i in hung]
+    if problems:
+        raise AssertionError("\n".join(problems))
+    return [json.loads(Path(out).read_text()) for out in outs]
+
+
+TASKS = {"stages": stages_task, "biased": biased_task, "distributed": distributed_task, "lost-peer": lost_peer_task}
 
 if __name__ == "__main__":
     TASKS[sys.argv[1]](Path(sys.argv[2]))

@@ -161,13 +161,13 @@ def test_select_cells_orders_by_decreasing_eigenvalue():
 
 def test_plan_counts_the_index_bytes_per_document():
     from jaxinf import config as cfg
-    from jaxinf import plan
+    from jaxinf import index_store
     from jaxinf.capture import LayerSpec
 
     layers = {"layers.*.mlp.up": LayerSpec("layers.*.mlp.up", d_in=8, d_out=20, bias=True, stack=3),
               "head": LayerSpec("head", d_in=4, d_out=4, bias=False)}
     config = cfg.load(None, ["index.k=4", "index.dtype=float16", "plan.documents=1000"])
-    got = plan.index_size(config, layers, [8])
+    got = index_store.index_size(config, layers, [8])
     # up: k_S=4 of 20 (bands [0,4) [4,8) [8,16) [16,20)), k_A=4 of 9 (bands [0,4) [4,8) [8,9)), 3 layers; head: 4x4
     assert got["cells"] == 3 * 16 + 16
     assert got["bytes_per_document"] == 2 * got["cells"] + 4 * (3 * 4 * 3 + 1) + 16

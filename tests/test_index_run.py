@@ -57,7 +57,7 @@ def test_new_queries_against_the_index_match_an_exact_run(world, exact, tmp_path
     assert not (out / "state" / "covariance").exists() and not (out / "state" / "index").exists()
     got, want = np.load(out / "scores.npy"), np.load(exact / "scores.npy")[3:]
     assert np.max(np.abs(got - want)) <= 1e-5 * np.max(np.abs(want))
-    assert (out / "topk_tokens.jsonl").exists() and "index fidelity" in (out / "report" / "index.html").read_text()
+    assert (out / "topk_tokens.jsonl").exists() and "EK-FAC index, predicted correlation" in (out / "report" / "index.html").read_text()
     # an index built from other documents is refused in one line, nothing written
     bad = jaxinf(["query", tmp_path / "nowhere", world["root"] / "second.jsonl"], env(world["cache"]))
     assert bad.returncode == 2 and "not a jaxinf run directory" in bad.stderr and "Traceback" not in bad.stderr

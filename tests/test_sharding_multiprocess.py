@@ -1,4 +1,9 @@
-"""Two processes of one jax.distributed run on localhost score like one process.
+"""Two processes of one jax.distributed run on localhost compute what one process does.
+
+The default suite runs :func:`test_two_processes_reduce_and_score_like_one`: two
+processes with one CPU device each, a few seconds of work (the covariance reduced
+across them and the scores split between them), failing with the name of a
+process that died or hung. The heavy test runs the whole pipeline:
 
 Each process has two simulated CPU devices and the mesh is 2 x 2: `data`
 across the processes, `model` within each. The two processes split every
@@ -17,9 +22,27 @@ import numpy as np
 import pytest
 
 from pipeline_support import make_world, overrides
-from sharding_support import TOLERANCE, device_env, run_processes
+from sharding_support import TOLERANCE, device_env, run_distributed, run_processes
 from jaxinf import config as cfg
 from jaxinf import pipeline
+
+
+def test_two_processes_reduce_and_score_like_one(tmp_path):
+    """The path every multi-host run takes: jax.distributed on two local processes, the config agreement, each
+    process's rows put into one global batch, cross-process collectives; against one device, same tolerance."""
+    reports = run_distributed("distributed", [tmp_path / "p0.json", tmp_path / "p1.json"], timeout=240)
+    assert [(r["process"], r["processes"]) for r in reports] == [(0, 2), (1, 2)]
+    assert sorted(r["group"] for r in reports) == [0, 1]                   # each process feeds its own data row
+    for r in reports:
+        assert set(r["errors"]) == {"A", "S", "scores"} and max(r["errors"].values()) <= TOLERANCE, r
+
+
+def test_a_process_that_dies_or_hangs_is_named(tmp_path):
+    """The harness itself: a worker that fails is named with its exit status and its last lines, the other (stuck
+    waiting for it in jax.distributed.initialize) as hung."""
+    with pytest.raises(AssertionError, match=r"(?s)^process 1 of 2 exited with 1:.*stopped on purpose\n"
+                                             r"process 0 of 2 hung: not finished \d+ s after the start"):
+        run_distributed("lost-peer", [tmp_path / "p0.json", tmp_path / "p1.json"], timeout=60, grace=2)
 
 
 @pytest.fixture(scope="module")

@@ -72,9 +72,20 @@ def test_plan_compiles_every_step_and_refuses_what_does_not_fit(tmp_path):
     w = make_world(tmp_path / "world", n_documents=4, n_queries=2)
     out = tmp_path / "plan.json"
     settings = {"scores.query_rank": 4, "data.batch_size": 4, "plan.device_memory_gib": 0.0001}
-    r = _plan(["--mesh", "4x2", "--json", out, *overrides(w, tmp_path / "run", **settings)])
+    r = _plan(["--mesh", "4x2", "--json", out, "--chip", "h100", *overrides(w, tmp_path / "run", **settings)])
     assert r.returncode == 1, r.stderr[-3000:]
     (m,) = json.loads(out.read_text())["meshes"]
+    # the roofline on an H100: each per-document step's time is the larger of compute and memory, which it names
+    for s in m["steps"]:
+        if s["name"] not in ("covariance", "lambda", "scores"):
+            assert "roofline" not in s
+            continue
+        rf = s["roofline"]
+        assert s["bytes_accessed"] > 0 and 0 < s["model_flops"] <= s["flops"], s
+        assert rf["seconds"] == max(rf["compute_s"], rf["memory_s"]) > 0
+        assert rf["bound"] == ("HBM" if rf["memory_s"] > rf["compute_s"] else rf["bound"])
+        assert rf["bound"] in ("HBM", "compute", "compute (statistics)")
+    assert "chip h100: roofline of each per-document step" in r.stdout and " bound" in r.stdout
     assert [s["name"] for s in m["steps"]] == ["covariance", "eigen", "lambda", "queries", "scores"]
     assert all(s["peak"] > 0 for s in m["steps"])
     per_doc = {s["name"]: s["flops_per_document"] for s in m["steps"] if "flops_per_document" in s}
@@ -137,3 +148,28 @@ def test_models_with_per_layer_kinds_shrink_with_their_first_layers():
         small, layers = plan.abstract_model(config, num_layers=n, scan=False)
         assert small.config.num_layers == n and small.config.layer_types == full.config.layer_types[:n]
         assert layers
+
+
+def test_chip_rooflines():
+    """The roofline of jaxinf.chips: FLOPs at the chip's rate for each part, bytes at HBM bandwidth, the larger binds;
+    a TPU's float32 statistics run at its bfloat16 peak over the passes of run.matmul_precision."""
+    from jaxinf import chips
+
+    assert set(chips.CHIPS) == {"h100", "h200", "a100", "v5e", "v5p", "v6e"}
+    v5e = chips.chip("v5e")
+    r = chips.roofline(v5e, flops=2 * 197e12, bytes_accessed=819e9, model_flops=197e12, model_dtype="bfloat16",
+                       stats_dtype="float32", precision="highest")
+    assert r["compute_s"] == pytest.approx(1 + 6) and r["memory_s"] == pytest.approx(1)
+    assert r["seconds"] == pytest.approx(7) and r["bound"] == "compute (statistics)"
+    r = chips.roofline(v5e, 197e12, 819e9 * 10, 197e12, "bfloat16", "float32", "high")
+    assert r["bound"] == "HBM" and r["seconds"] == pytest.approx(10)
+    h100 = chips.chip("h100")
+    assert h100.peak("float32", "highest") == 67e12 and h100.peak("float32", "high") == 494e12
+    r = chips.roofline(h100, 989e12 * 2, 0, 989e12 * 2, "bfloat16", "float32", "highest")
+    assert r["bound"] == "compute" and r["seconds"] == pytest.approx(2)
+    custom = chips.chip(None, peak_tflops=100, hbm_gbps=1000)
+    assert custom.peak("bfloat16") == custom.peak("float32") == 1e14 and custom.hbm == 1e12
+    with pytest.raises(ValueError, match="needs both --peak-tflops and --hbm-gbps"):
+        chips.chip(None, peak_tflops=100)
+    with pytest.raises(ValueError, match=r"unknown chip"):
+        chips.chip("tpu9")

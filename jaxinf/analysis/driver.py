@@ -36,7 +36,7 @@ from jaxinf.analysis import powerlaw as pl
 from jaxinf.analysis import sources as src
 from jaxinf.analysis.groups import by_kind, compare_kinds, describe, present_kinds
 from jaxinf.analysis.texts import TextSource, jsonl_text_source
-from jaxinf.exports.formats import (UNKNOWN, AnalysisError, Documents, Queries, ScoreMatrix, read_documents,
+from jaxinf.exports.formats import (UNKNOWN, AnalysisError, read_index_fidelity, Documents, Queries, ScoreMatrix, read_documents,
                                     read_exported_queries, read_run_config)
 
 SUMMARY_VERSION = 1
@@ -133,20 +133,6 @@ def _column_pass(scores: ScoreMatrix, queries: Queries, docs: Documents, chunk: 
     return acc.result(), totals
 
 
-def _index_fidelity(run_dir: Path) -> dict | None:
-    """``index.json`` of a run scored from the EK-FAC index (each query's predicted correlation with the exact
-    scores, the documents rescored to certify the tails), or None for exact scores."""
-    path = Path(run_dir) / "index.json"
-    if not path.exists():
-        return None
-    try:
-        data = json.loads(path.read_text())
-        return {"rescored_documents": int(data["rescored_documents"]),
-                "predicted_correlation": {q["id"]: float(q["predicted_correlation"]) for q in data["queries"]}}
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise AnalysisError(f"{path}: malformed index fidelity ({e})") from None
-
-
 def analyze(run_dir, options: Options = Options(), text_source: TextSource | None = None,
             write: bool = True, log=print) -> dict:
     """Analyse a run directory; returns the summary (also written to summary.json when ``write``).
@@ -212,7 +198,7 @@ def analyze(run_dir, options: Options = Options(), text_source: TextSource | Non
         "tokens": tokens_out,
         "top_documents": _top_documents(queries, rows, fetched, docs, o.listed),
         "text_source": text_origin,
-        "index": _index_fidelity(run_dir),
+        "index": read_index_fidelity(run_dir / "index.json"),
     }
     timings["summaries_s"] = time.time() - t
     if write:

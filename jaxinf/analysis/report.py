@@ -513,12 +513,8 @@ OPEN_QUERIES = 40
 
 def _sec_queries(s, queries, rows, fetched, texts, docs, o) -> str:
     ans = {p["query"]: p for p in s["answers"].get("per_query", [])} if s["answers"].get("available") else {}
+    index = s.get("index") or {}
     out = ['<section id="queries"><h2>Queries and their top and bottom documents</h2>']
-    index = s.get("index")
-    if index:
-        out.append(f"<p>Scores from the EK-FAC index (<code>index.json</code>): each query shows its predicted "
-                   f"correlation with the exact scores; the top and bottom documents are exact ("
-                   f"{fmt(index['rescored_documents'])} documents scored exactly again to certify them).</p>")
     n = o.report_documents
     opened = " open" if len(queries.ids) <= OPEN_QUERIES else ""  # long reports start collapsed
     for q, qid in enumerate(queries.ids):
@@ -528,8 +524,7 @@ def _sec_queries(s, queries, rows, fetched, texts, docs, o) -> str:
             last = a["by_k"][-1]
             marks = ", ".join(f"{esc(it)} {'&#10003;' if f else '&#10007;'}" for it, f in zip(a["items"], last["found"]))
             items = f"<p>Answer items ({esc(a['rule'])}), found in the top {last['k']}: {marks or '<i>none</i>'}</p>"
-        fidelity = (index or {}).get("predicted_correlation", {}).get(qid)
-        fid = "" if fidelity is None else f" (index fidelity {fmt(fidelity)})"
+        fid = f" (EK-FAC index, predicted correlation {fmt(index['predicted_correlation'][qid])})" if index else ""
         body = [f"<details{opened}><summary>[{esc(queries.kinds[q])} / {esc(queries.tasks[q] or '(none)')}] "
                 f"<b>{esc(qid)}</b>{fid}: {_snippet(queries.prompts[q], 160)}</summary>"
                 f'<p><b>Prompt</b></p><div class="doc">{esc(queries.prompts[q])}</div>'

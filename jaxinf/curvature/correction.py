@@ -30,7 +30,7 @@ import jax.numpy as jnp
 
 from jaxinf.axes import field_axes, logical
 from jaxinf.capture import LayerSpec
-from jaxinf.precision import layers_dtype, working_dtype
+from jaxinf.precision import layers_dtype, matmul_precision, working_dtype
 from jaxinf.curvature.covariance import per_count
 from jaxinf.curvature.eigen import Eigen
 from jaxinf.partitioning import constrain
@@ -61,24 +61,27 @@ def lambda_init(layers: Mapping[str, LayerSpec], dtype=None) -> LambdaState:
     )
 
 
-def rotated_gradient(a: Array, g: Array, Q_A: Array | None, Q_S: Array | None, dtype) -> Array:
+def rotated_gradient(a: Array, g: Array, Q_A: Array | None, Q_S: Array | None, dtype, precision=None) -> Array:
     """``Q_S^T G[n] Q_A = sum_t (Q_S^T g[n,t]) (Q_A^T a[n,t])^T`` per sequence: ``[B, d_out, d_in']``.
 
     Tokens are rotated before the sum over t, so the only parameter-sized
-    tensor is one per sequence. With no eigenbasis this is ``G[n]`` itself.
+    tensor is one per sequence. With no eigenbasis this is ``G[n]`` itself. ``precision``: the matmul precision
+    (:func:`~jaxinf.precision.matmul_precision`).
     """
+    precision = matmul_precision(precision)
     a = a.astype(dtype)
     g = g.astype(dtype)
     if Q_A is not None:
-        a = jnp.einsum("bti,ij->btj", a, Q_A.astype(dtype))
-        g = jnp.einsum("bto,op->btp", g, Q_S.astype(dtype))
-    return jnp.einsum("btp,btj->bpj", g, a)
+        a = jnp.einsum("bti,ij->btj", a, Q_A.astype(dtype), precision=precision)
+        g = jnp.einsum("bto,op->btp", g, Q_S.astype(dtype), precision=precision)
+    return jnp.einsum("btp,btj->bpj", g, a, precision=precision)
 
 
 def lambda_statistic(a: Array, g: Array, mask: Array, eigen: Mapping[str, Array] | None, *,
-                     dtype=None) -> dict[str, Array]:
+                     dtype=None, precision=None) -> dict[str, Array]:
     """One layer's share of a batch: ``{"Lambda": sum_n (Q_S^T G[n] Q_A)^2, "count": N_seq}`` in the statistics
-    dtype ``dtype`` (by default :func:`~jaxinf.precision.working_dtype` of ``a`` and ``g``).
+    dtype ``dtype`` (by default :func:`~jaxinf.precision.working_dtype` of ``a`` and ``g``), at the matmul precision
+    ``precision`` (``run.matmul_precision``).
 
     ``sum_n G[n]^2`` when ``eigen`` is None; ``eigen``: the layer's ``{"Q_A": ..., "Q_S": ...}``.
     ``N_seq`` is :func:`sequence_count` of the layer's own ``mask``.
@@ -86,18 +89,18 @@ def lambda_statistic(a: Array, g: Array, mask: Array, eigen: Mapping[str, Array]
     dtype = working_dtype(a, g) if dtype is None else dtype
     Q_A = None if eigen is None else eigen["Q_A"]
     Q_S = None if eigen is None else eigen["Q_S"]
-    R = constrain(rotated_gradient(a, g, Q_A, Q_S, dtype), ("batch", "rows", "cols"))
-    return {"Lambda": constrain(sum_over_sequences(R * R), ("rows", "cols"), "factor"),
+    R = constrain(rotated_gradient(a, g, Q_A, Q_S, dtype, precision), ("batch", "rows", "cols"))
+    return {"Lambda": constrain(sum_over_sequences(R * R, precision), ("rows", "cols"), "factor"),
             "count": sequence_count(mask).astype(dtype)}
 
 
-def sum_over_sequences(x: Array) -> Array:
+def sum_over_sequences(x: Array, precision=None) -> Array:
     """``sum_n x[n]`` over the leading (sequence) axis, written as the product of a row of ones with ``x``.
 
     The same sum as ``x.sum(0)``; XLA's CPU backend hands a reduction over a short leading axis to a library
     kernel that was the slowest operation of the Lambda step (the Lambda row of ``scripts/bench_engine.py``,
     before and after, in docs/benchmarks.md: 2.05x to 1.53x of a forward+backward step)."""
-    return jnp.einsum("n,n...->...", jnp.ones(x.shape[:1], x.dtype), x)
+    return jnp.einsum("n,n...->...", jnp.ones(x.shape[:1], x.dtype), x, precision=matmul_precision(precision))
 
 
 def lambda_context(eigen: Eigen | None) -> dict[str, dict[str, Array]] | None:

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 
 from jaxinf.axes import logical
 from jaxinf.capture import LayerSpec
-from jaxinf.precision import layers_dtype, working_dtype
+from jaxinf.precision import layers_dtype, matmul_precision, working_dtype
 from jaxinf.partitioning import constrain
 
 Array = jax.Array
@@ -63,25 +63,28 @@ def covariance_init(layers: Mapping[str, LayerSpec], dtype=None) -> CovarianceSt
     )
 
 
-def token_outer_sum(x: Array, dtype) -> Array:
-    """``sum_{n,t} x[n,t] x[n,t]^T`` over the batch and token axes of ``x`` ``[B, T, d]``.
+def token_outer_sum(x: Array, dtype, precision=None) -> Array:
+    """``sum_{n,t} x[n,t] x[n,t]^T`` over the batch and token axes of ``x`` ``[B, T, d]``, at the matmul precision
+    ``precision`` (:func:`~jaxinf.precision.matmul_precision`).
 
     Written as one product of the ``[B T, d]`` matrix with itself: XLA's CPU backend contracts one merged axis
     much faster than the batch and token axes of a 3-D einsum (the covariance row of ``scripts/bench_engine.py``,
     before and after, in docs/benchmarks.md: 1.59x to 1.17x of a forward+backward step)."""
     x = x.astype(dtype).reshape(-1, x.shape[-1])
-    return jnp.einsum("ni,nj->ij", x, x)
+    return jnp.einsum("ni,nj->ij", x, x, precision=matmul_precision(precision))
 
 
-def covariance_statistic(a: Array, g: Array, mask: Array, context=None, *, dtype=None) -> dict[str, Array]:
+def covariance_statistic(a: Array, g: Array, mask: Array, context=None, *, dtype=None,
+                         precision=None) -> dict[str, Array]:
     """One layer's share of a batch: ``{"A": sum a a^T, "S": sum g g^T, "count": sum mask}`` in the statistics dtype
-    ``dtype`` (by default :func:`~jaxinf.precision.working_dtype` of ``a`` and ``g``).
+    ``dtype`` (by default :func:`~jaxinf.precision.working_dtype` of ``a`` and ``g``), at the matmul precision
+    ``precision`` (``run.matmul_precision``).
 
     ``mask`` is the layer's own (an expert's: its routed tokens), so ``count`` is the layer's token count.
     """
     dtype = working_dtype(a, g) if dtype is None else dtype
-    return {"A": constrain(token_outer_sum(a, dtype), ("rows", "cols"), "factor"),
-            "S": constrain(token_outer_sum(g, dtype), ("rows", "cols"), "factor"),
+    return {"A": constrain(token_outer_sum(a, dtype, precision), ("rows", "cols"), "factor"),
+            "S": constrain(token_outer_sum(g, dtype, precision), ("rows", "cols"), "factor"),
             "count": mask.astype(dtype).sum()}
 
 

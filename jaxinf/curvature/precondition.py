@@ -80,9 +80,11 @@ def curvature_context(curv: Curvature) -> dict[str, dict[str, Array]] | None:
     return out
 
 
-def precondition(G: Mapping[str, Array], curv: Curvature, damp: Mapping[str, Array] | None) -> dict[str, Array]:
+def precondition(G: Mapping[str, Array], curv: Curvature, damp: Mapping[str, Array] | None,
+                 precision=None) -> dict[str, Array]:
     """The strategy's :meth:`~jaxinf.curvature.strategies.Strategy.precondition` of every block's per-example
-    gradients ``[*lead, n, d_out, d_in']``."""
+    gradients ``[*lead, n, d_out, d_in']``, at the matmul precision ``precision``."""
     context = curvature_context(curv)
-    return {k: curv.strategy.precondition(g, None if context is None else context[k], None if damp is None else damp[k])
+    return {k: curv.strategy.precondition(g, None if context is None else context[k], None if damp is None else damp[k],
+                                          precision)
             for k, g in G.items()}

@@ -46,6 +46,7 @@ import jax.numpy as jnp
 from jaxinf.curvature.correction import kfac_lambda, rotated_gradient
 from jaxinf.curvature.eigen import Eigen
 from jaxinf.curvature.inverse import block_damping, inverse_eigenvalues
+from jaxinf.precision import matmul_precision
 
 Array = jax.Array
 
@@ -106,12 +107,14 @@ class Strategy:
         """``(Q_A, Q_S)`` of a layer's factors, or ``(None, None)`` for the raw basis (``Q_A = Q_S = I``)."""
         return None, None
 
-    def precondition(self, g: Array, factors: Mapping[str, Array] | None, damp: Array | None) -> Array:
+    def precondition(self, g: Array, factors: Mapping[str, Array] | None, damp: Array | None,
+                     precision=None) -> Array:
         """``P(G) = Q_S [ (Q_S^T G Q_A) / (Lambda + lambda) ] Q_A^T`` of one block's gradients
         ``[*lead, n, d_out, d_in']`` in the strategy's basis (``G / (Lambda + lambda)`` in the raw basis).
 
         ``factors``: the block's ``Lambda`` (and ``Q_A``, ``Q_S`` in an eigenbasis), each ``[*lead, ...]``;
-        ``damp``: ``[*lead]``. The example axis ``n`` broadcasts against them. Formed in ``Lambda``'s dtype.
+        ``damp``: ``[*lead]``. The example axis ``n`` broadcasts against them. Formed in ``Lambda``'s dtype, at the
+        matmul precision ``precision`` (``run.matmul_precision``).
         """
         dtype = factors["Lambda"].dtype
         inv = jnp.expand_dims(inverse_eigenvalues(factors["Lambda"], damp), -3)
@@ -121,18 +124,20 @@ class Strategy:
             return g * inv
         Q_A = jnp.expand_dims(Q_A.astype(dtype), -3)
         Q_S = jnp.expand_dims(Q_S.astype(dtype), -3)
-        rotated = jnp.swapaxes(Q_S, -1, -2) @ g @ Q_A
-        return Q_S @ (rotated * inv) @ jnp.swapaxes(Q_A, -1, -2)
+        mm = lambda x, y: jnp.matmul(x, y, precision=matmul_precision(precision))   # noqa: E731
+        rotated = mm(mm(jnp.swapaxes(Q_S, -1, -2), g), Q_A)
+        return mm(mm(Q_S, rotated * inv), jnp.swapaxes(Q_A, -1, -2))
 
     def self_score(self, a: Array, g: Array, factors: Mapping[str, Array] | None, damping_value: float | None,
-                   dtype) -> Array:
+                   dtype, precision=None) -> Array:
         """One layer's ``<P(G[n]), G[n]>`` per document ``[B]``: ``sum (Q_S^T G[n] Q_A)^2 / (Lambda + lambda)``
-        (``sum G[n]^2 / (Lambda + lambda)`` in the raw basis), in ``Lambda``'s dtype.
+        (``sum G[n]^2 / (Lambda + lambda)`` in the raw basis), in ``Lambda``'s dtype, at the matmul precision
+        ``precision``.
 
         ``factors``: the layer's :func:`~jaxinf.curvature.curvature_context`.
         """
         Lambda = factors["Lambda"]
-        R = rotated_gradient(a, g, *self.basis(factors), Lambda.dtype)
+        R = rotated_gradient(a, g, *self.basis(factors), Lambda.dtype, precision)
         inv = inverse_eigenvalues(Lambda, block_damping(Lambda, damping_value))
         return jnp.sum(R * R * inv, axis=(-2, -1))
 
@@ -146,14 +151,15 @@ class Identity(Strategy):
     eigen: bool = False
     lambda_source: str = "none"
 
-    def precondition(self, g: Array, factors: Mapping[str, Array] | None, damp: Array | None) -> Array:
+    def precondition(self, g: Array, factors: Mapping[str, Array] | None, damp: Array | None,
+                     precision=None) -> Array:
         """``P(G) = G`` (in ``G``'s own dtype)."""
         return g
 
     def self_score(self, a: Array, g: Array, factors: Mapping[str, Array] | None, damping_value: float | None,
-                   dtype) -> Array:
-        """One layer's ``<G[n], G[n]> = sum G[n]^2`` per document ``[B]``, in ``dtype``."""
-        R = rotated_gradient(a, g, None, None, dtype)
+                   dtype, precision=None) -> Array:
+        """One layer's ``<G[n], G[n]> = sum G[n]^2`` per document ``[B]``, in ``dtype`` (at ``precision``)."""
+        R = rotated_gradient(a, g, None, None, dtype, precision)
         return jnp.sum(R * R, axis=(-2, -1))
 
 

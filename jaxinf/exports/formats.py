@@ -488,3 +488,16 @@ def read_run_config(run_dir: Path) -> dict:
     if not isinstance(cfg, dict):
         raise AnalysisError("run.json: field config must be an object")
     return cfg
+
+
+def read_index_fidelity(path: Path) -> dict | None:
+    """``index.json`` of a run scored from the EK-FAC index (each query's predicted correlation with the exact
+    scores, the documents rescored to certify the tails), or None when there is none (exact scores)."""
+    if not path.exists():
+        return None
+    try:
+        data = json.loads(path.read_text())
+        return {"rescored_documents": int(data["rescored_documents"]),
+                "predicted_correlation": {q["id"]: float(q["predicted_correlation"]) for q in data["queries"]}}
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise AnalysisError(f"{path}: malformed index fidelity ({e})") from None

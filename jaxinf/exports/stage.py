@@ -120,7 +120,8 @@ def export_breakdowns(config, store, inputs: Inputs, qg, top: np.ndarray, docs: 
 
     def breakdown(params, q, b):
         s, _ = stages.score_batch(inputs.task, inputs.layers, params, q, b, per_layer=True, per_token=True,
-                                  dtype=precision.statistics_dtype(config.run.precision))
+                                  dtype=precision.statistics_dtype(config.run.precision),
+                                  precision=config.run.matmul_precision)
         per_layer = scoring.expand_layer_scores(s.per_layer, inputs.layers)
         return jnp.stack([per_layer[n] for n in names]), s.per_token                   # [L, Q, B], [Q, B, T]
 
