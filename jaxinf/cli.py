@@ -197,8 +197,8 @@ def main(argv: list[str] | None = None) -> int:
     add_parsers(sub)  # compare, kronfluence import|export
 
     args, extra = parser.parse_known_args(argv)
-    if extra and args.command == "validate" and all("=" in e and not e.startswith("-") for e in extra):
-        args.overrides = list(args.overrides) + extra   # jaxinf validate CONFIG --out DIR section.key=value ...
+    if extra and hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+        args.overrides = list(args.overrides) + extra   # jaxinf run CONFIG --overwrite section.key=value ...
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     _setup_logging(args.quiet)

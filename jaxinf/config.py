@@ -279,12 +279,15 @@ def _check_values(config: Config, source: str) -> None:
         value = getattr(getattr(config, section), name)
         if value is not None and value < 1:
             raise ConfigError(f"{source}: {section}.{name}: must be at least 1, got {value}")
+    if config.data.max_length < 2:   # one token has no next token: no loss, all-zero S and Lambda, zero scores
+        raise ConfigError(f"{source}: data.max_length: must be at least 2 (a document needs two tokens for one "
+                          f"next-token prediction), got {config.data.max_length}")
     if config.mesh.process_id is not None and config.mesh.process_id < 0:
         raise ConfigError(f"{source}: mesh.process_id: must be non-negative, got {config.mesh.process_id}")
     for name in ("device_memory_gib", "device_flops"):
         value = getattr(config.plan, name)
-        if value is not None and value <= 0:
-            raise ConfigError(f"{source}: plan.{name}: must be positive, got {value}")
+        if value is not None and not (math.isfinite(value) and value > 0):
+            raise ConfigError(f"{source}: plan.{name}: must be a positive finite number, got {value}")
     v = config.validate
     if v.subsets < 2:
         raise ConfigError(f"{source}: validate.subsets: must be at least 2 (a rank correlation over subsets), got "

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxinf import capture, preflight
+from jaxinf import capture, preflight, rundir
 from jaxinf import config as cfg
 from jaxinf.atomic import save_npy, write_json
 from jaxinf.executor import DeviceExecutor, Executor
@@ -78,8 +78,9 @@ def check_inputs(config: cfg.Config) -> None:
             raise InputError(f"{key}: {value}: no such file")
         if kind == "any" and not p.exists():
             raise InputError(f"{key}: {value}: no such file or directory")
-    if config.factors.from_run is not None and not (Path(config.factors.from_run) / "run.json").is_file():
-        raise InputError(f"factors.from: {config.factors.from_run}: not a jaxinf run directory (no run.json)")
+    if config.factors.from_run is not None and not rundir.is_run(Path(config.factors.from_run)):
+        raise InputError(f"factors.from: {config.factors.from_run}: not a jaxinf run directory "
+                         f"({rundir.why_not_run(Path(config.factors.from_run))})")
 
 
 def document_lengths(store: RunStore, documents, encoder) -> np.ndarray:
@@ -166,7 +167,18 @@ def load_inputs(config: cfg.Config, store: RunStore, executor: Executor | None =
     fit_plan = plan if n_fit == len(lengths) else make_plan(lengths[:n_fit], **plan_args)
     queries = read_queries(config.data.queries)
     log.info("queries: %d from %s", len(queries), config.data.queries)
+    check_queries(queries, encoder, config)
     return Inputs(lm, task, layers, encoder, documents, lengths, plan, fit_plan, fit_documents, queries)
+
+
+def check_queries(queries, encoder, config: cfg.Config) -> None:
+    """Every query tokenized and checked against the settings (a completion with tokens, the query within
+    ``data.max_length``, one batch shape) at start-up, before an ``--overwrite`` deletes the old run and before any
+    pass: the queries stage would otherwise meet a bad query only after the curvature was fitted."""
+    from jaxinf.data.queries import encode_queries, query_batches
+
+    encoded = encode_queries(queries, encoder, max_length=config.data.max_length)
+    query_batches(encoded, batch_size=config.data.query_batch_size, max_length=config.data.max_length)
 
 
 class Subset:

@@ -164,12 +164,31 @@ def _check_finite_tree(tree, what: str, fetch: Callable = np.asarray) -> None:
             raise stages.CaptureError(f"{what} of layer {k} is not finite")
 
 
-def _curvature_from(config: cfg.Config, inputs: Inputs, executor: Executor) -> curvature.Curvature:
-    """The fitted curvature of another run directory (``factors.from``), checked against this run's model and layers."""
+def check_factors_from(config: cfg.Config, model_fp: dict | None) -> RunStore | None:
+    """The run directory of ``factors.from`` (None without it), checked against this run: the settings that change
+    the curvature, and the *content* of the model and tokenizer (``model_fp``, :func:`jaxinf.fingerprint.check_model`)
+    against the fingerprints that run recorded, so that weights edited under the same path are refused and the same
+    weights under another path or in a copy are accepted. A run that recorded none (started by an older jaxinf, or
+    with imported factors) is compared by the checkpoint's resolved path."""
+    if config.factors.from_run is None:
+        return None
     other = Path(config.factors.from_run)
-    record = json.loads((other / "run.json").read_text())
-    theirs = cfg.from_dict(record["config"], str(other / "run.json"))
-    mismatched = [k for k in ("checkpoint", "dtype") if getattr(theirs.model, k) != getattr(config.model, k)]
+    try:
+        record = rundir.read_record(other)
+        theirs = cfg.from_dict(record["config"], str(other / "run.json"))
+    except (cfg.ConfigError, TypeError, KeyError) as e:
+        raise StoreError(f"factors.from: {other / 'run.json'}: unreadable run record ({e})") from None
+    recorded = record.get("inputs") or {}
+    mismatched = []
+    if model_fp is not None and "model" in recorded:
+        for kind in ("model", "tokenizer"):
+            mine = {n: f["sha256"] for n, f in model_fp[kind]["files"].items()}
+            if mine != {n: f.get("sha256") for n, f in recorded.get(kind, {}).get("files", {}).items()}:
+                mismatched.append(f"the {kind}'s content ({config.model.checkpoint} is not the {kind} of "
+                                  f"{theirs.model.checkpoint} as that run read it)")
+    elif Path(theirs.model.checkpoint or "").resolve() != Path(config.model.checkpoint or "").resolve():
+        mismatched.append("model.checkpoint")
+    mismatched += [f"model.{k}" for k in ("dtype",) if getattr(theirs.model, k) != getattr(config.model, k)]
     mismatched += [f"factors.{k}" for k in ("strategy", "fisher", "track", "max_documents", "seed")
                    if getattr(theirs.factors, k) != getattr(config.factors, k)]
     if theirs.run.precision != config.run.precision:
@@ -179,6 +198,14 @@ def _curvature_from(config: cfg.Config, inputs: Inputs, executor: Executor) -> c
     ostore = RunStore(other, record)
     if ostore.status("lambda") != "done":
         raise StoreError(f"factors.from: {other} has no finished curvature (stage lambda is {ostore.status('lambda')})")
+    return ostore
+
+
+def _curvature_from(config: cfg.Config, inputs: Inputs, executor: Executor) -> curvature.Curvature:
+    """The fitted curvature of another run directory (``factors.from``), checked against this run's model and layers
+    (:func:`check_factors_from`, at start-up)."""
+    other = Path(config.factors.from_run)
+    ostore = RunStore(other, rundir.read_record(other))
     strategy = curvature.strategy(config.factors.strategy)
     if not strategy.writes:
         return curvature.curvature(strategy)
@@ -369,24 +396,26 @@ def check_statistics(config: cfg.Config, executor: Executor) -> None:
     plan.check_layers_fit(config, layers, rows, config.mesh.model, int(limit), source)
 
 
-def _claim(config: cfg.Config, overwrite: bool) -> tuple[RunLock | None, rundir.Aside | None]:
+def _claim(config: cfg.Config, overwrite: bool) -> tuple[RunLock | None, rundir.Aside | rundir.Fresh | None]:
     """Process 0: the run directory checked (never another kind of directory), locked, a killed ``--overwrite``
-    finished, and with ``overwrite`` the old run set aside."""
+    finished, and with ``overwrite`` the old run set aside; a new (or empty) directory is removed again (emptied) if
+    the start fails (:class:`jaxinf.rundir.Fresh`)."""
     if jax.process_index() != 0:
         return None, None
     root = Path(config.run.out)
     check_writable(root)
     rundir.check_target(root, overwrite)
+    fresh = rundir.Fresh(root, created=not root.exists()) if rundir.is_fresh(root) else None
     lock = RunLock(root).acquire()
     try:
         rundir.recover_interrupted(root)
-        return lock, (rundir.set_aside(root) if overwrite else None)
+        return lock, ((rundir.set_aside(root) if overwrite else None) or fresh)   # undone if the start fails
     except BaseException:
         lock.release()
         raise
 
 
-def _run_locked(config: cfg.Config, executor: Executor, aside: rundir.Aside | None) -> Path:
+def _run_locked(config: cfg.Config, executor: Executor, aside: rundir.Aside | rundir.Fresh | None) -> Path:
     store = None
     try:
         try:
@@ -398,6 +427,7 @@ def _run_locked(config: cfg.Config, executor: Executor, aside: rundir.Aside | No
             fingerprint.reconcile(store, model_fp,
                                   fingerprint.documents_fingerprint(inputs.documents, len(inputs.fit_documents)),
                                   fingerprint.queries_fingerprint(inputs.queries, config.data.queries))
+            check_factors_from(config, model_fp)
             if jax.process_count() > 1:                  # process 0 deleted what changed inputs invalidated
                 from jax.experimental import multihost_utils
 
@@ -406,7 +436,7 @@ def _run_locked(config: cfg.Config, executor: Executor, aside: rundir.Aside | No
             if aside is not None:
                 aside.restore()
             raise
-        if aside is not None:                        # the new run has started cleanly: the old one can go
+        if isinstance(aside, rundir.Aside):          # the new run has started cleanly: the old one can go
             fault_point("overwrite", 0)
             aside.discard()
         curv = fit_curvature(config, store, inputs, executor)

@@ -241,8 +241,10 @@ class RunStore:
             record["config"] = cfg.to_dict(config)
             record["fingerprint"] = cfg.fingerprint(config)
             record["versions"] = versions()
+            record.setdefault("format", rundir.MARKER)
             return store  # written with the next update: a start refused before then leaves run.json as it was
         record = {
+            "format": rundir.MARKER,
             "config": cfg.to_dict(config),
             "fingerprint": cfg.fingerprint(config),
             "versions": versions(),

@@ -394,3 +394,75 @@ def test_documented_exit_codes_are_the_programs():
     documented = {int(m.group(1)) for m in re.finditer(r"^\| (\d+) \|", section, re.M)}
     assert documented == set(cli.EXIT_CODES)
     assert "exits with status 1" not in text               # jaxinf prepare exits 2 on bad input
+
+
+# --------------------------------------------------------------------------- issue 25: nothing lost, nothing left
+
+
+def test_overwrite_refused_by_a_query_longer_than_max_length_keeps_the_finished_run(base, tmp_path):
+    """Issue 25, case 1: every query is tokenized and checked against data.max_length at start-up, so a refused
+    --overwrite restores the finished run byte for byte instead of failing at the queries stage after deleting it
+    (and without computing anything)."""
+    d = clone(base, tmp_path / "w")
+    before = snapshot(d / "run")
+    r = jaxinf(args("--overwrite", data__max_length=8), base["env"], cwd=d)
+    assert r.returncode == 2
+    assert re.fullmatch(r'queries\.jsonl:\d+: query "[^"]+" has \d+ tokens, more than data\.max_length \(8\)',
+                        error_line(r)), error_line(r)
+    assert not ran("covariance", r.stderr)
+    assert snapshot(d / "run") == before and not (d / "run" / ".jaxinf-previous").exists()
+
+
+@pytest.mark.parametrize("record", ["run.json", "state/run.json"])
+def test_a_foreign_run_json_does_not_make_a_run_directory(base, tmp_path, record):
+    """Issue 25, case 2: a directory is a jaxinf run by its run.json's marker, not by the file's name: another tool's
+    run.json (or state/run.json) is refused with --overwrite, and nothing in it is deleted or added."""
+    fake = tmp_path / "fakerun"
+    (fake / record).parent.mkdir(parents=True, exist_ok=True)
+    (fake / record).write_text('{"results": [1]}\n')
+    (fake / "data.csv").write_text("precious\n")
+    before = snapshot(fake)
+    r = jaxinf(args("--overwrite", run__out=fake), base["env"], cwd=base["root"])
+    assert r.returncode == 2
+    entries = "data.csv, run.json" if record == "run.json" else "data.csv, state"
+    assert error_line(r) == (f"{fake}: will not be overwritten: it is not a jaxinf run directory (its run.json is not "
+                             f"a jaxinf run record; it holds {entries}); choose another run.out")
+    assert snapshot(fake) == before and sorted(p.name for p in fake.iterdir()) == sorted(entries.split(", "))
+    r = jaxinf(args(factors__from=fake, run__out=tmp_path / "new"), base["env"], cwd=base["root"])
+    assert r.returncode == 2 and error_line(r) == (f"factors.from: {fake}: not a jaxinf run directory (its run.json "
+                                                   "is not a jaxinf run record)")
+    assert not (tmp_path / "new").exists()
+
+
+def test_a_run_record_carries_the_marker(base):
+    from jaxinf import rundir
+
+    record = json.loads((base["root"] / "run" / "run.json").read_text())
+    assert record["format"] == rundir.MARKER and rundir.is_record(record)
+    legacy = {k: v for k, v in record.items() if k != "format"}        # a run started before the marker
+    assert rundir.is_record(legacy) and not rundir.is_record({"results": [1]})
+    assert not rundir.is_record({**legacy, "versions": {"numpy": "2"}})
+
+
+def test_an_input_error_after_the_lock_leaves_nothing_behind(base, tmp_path):
+    """Issue 25, case 12: an error found once the run directory was locked (here a query too long for
+    data.max_length) removes what the start wrote: a new directory is gone, an empty one is empty again."""
+    r = jaxinf(args(run__out=tmp_path / "new", data__max_length=8), base["env"], cwd=base["root"])
+    assert r.returncode == 2 and "more than data.max_length (8)" in error_line(r)
+    assert not (tmp_path / "new").exists()
+    (tmp_path / "empty").mkdir()
+    r = jaxinf(args(run__out=tmp_path / "empty", data__max_length=8), base["env"], cwd=base["root"])
+    assert r.returncode == 2 and list((tmp_path / "empty").iterdir()) == []
+
+
+def test_options_are_accepted_after_overrides(monkeypatch):
+    """Issue 25, case 9: `jaxinf run CONFIG --overwrite data.foo=1` parses (the override reaches the config)."""
+    from jaxinf import cli, pipeline
+
+    seen = {}
+    monkeypatch.setattr(pipeline, "run", lambda config, overwrite: seen.update(config=config, overwrite=overwrite))
+    monkeypatch.setattr(cli, "enable_compilation_cache", lambda: None)
+    assert cli.main(["-q", "run", "data.max_length=7", "--overwrite", "data.batch_size=3"]) == 0
+    assert seen["overwrite"] and seen["config"].data.max_length == 7 and seen["config"].data.batch_size == 3
+    assert cli.main(["-q", "run", "--overwrite", "data.max_length=9", "run.out=x"]) == 0
+    assert seen["config"].data.max_length == 9 and seen["config"].run.out == "x"
