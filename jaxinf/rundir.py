@@ -288,8 +288,8 @@ def claim_output(root: Path, kind: str, key: str = "--out"):
     from jaxinf.lock import RunLock
     from jaxinf.store import check_writable
 
-    check_writable(root)
     check_output(root, kind, key)
+    check_writable(root)
     lock = RunLock(root).acquire()
     try:
         check_output(root, kind, key)    # again under the lock: another process may have written it meanwhile

@@ -466,3 +466,63 @@ def test_options_are_accepted_after_overrides(monkeypatch):
     assert seen["overwrite"] and seen["config"].data.max_length == 7 and seen["config"].data.batch_size == 3
     assert cli.main(["-q", "run", "--overwrite", "data.max_length=9", "run.out=x"]) == 0
     assert seen["config"].data.max_length == 9 and seen["config"].run.out == "x"
+
+
+def _one_error(capsys, command: str) -> str:
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    lines = [line for line in err.splitlines() if line.startswith(f"jaxinf {command}: error: ")]
+    assert len(lines) == 1, err
+    return lines[0][len(f"jaxinf {command}: error: "):]
+
+
+@pytest.mark.parametrize("command", ["validate", "demo"])
+def test_validate_and_demo_out_follow_the_run_directory_rule(tmp_path, capsys, command):
+    """Issue 25, cases 3 and 8: `validate --out` and `demo --out` refuse a jaxinf run directory, a foreign non-empty
+    directory and a file, in one line, writing nothing; a directory in use is locked out as a run is."""
+    from jaxinf import cli, rundir
+    from jaxinf.lock import RunLock
+
+    run = tmp_path / "run"
+    (run / "report").mkdir(parents=True)
+    (run / "run.json").write_text(json.dumps({"format": rundir.MARKER, "config": {}, "stages": {}}))
+    (run / "report" / "index.html").write_text("the run's report")
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    (tmp_path / "file").write_text("a file")
+    cases = [(run, f"{run}: is a jaxinf run directory (jaxinf run writes it); choose another --out"),
+             (foreign, f"{foreign}: exists and is not a jaxinf {command} directory (it holds notes.txt); choose "
+                       "another --out"),
+             (tmp_path / "file", f"{tmp_path / 'file'}: exists and is not a directory; choose another --out")]
+    before = snapshot(tmp_path)
+    for out, message in cases:
+        assert cli.main(["-q", command, "--out", str(out)]) == 2
+        assert _one_error(capsys, command) == message
+    assert snapshot(tmp_path) == before and not (run / ".jaxinf.lock").exists()
+    other = "demo" if command == "validate" else "validate"
+    theirs = tmp_path / other
+    rundir.claim_output(theirs, other).release()
+    assert cli.main(["-q", command, "--out", str(theirs)]) == 2
+    assert _one_error(capsys, command) == (f"{theirs}: is the output directory of jaxinf {other}, not of jaxinf "
+                                           f"{command}; choose another --out")
+    mine = tmp_path / command
+    held = rundir.claim_output(mine, command)   # its own directory, in use by another process
+    try:
+        rundir.check_output(mine, command)
+        with pytest.raises(rundir.StoreError, match="in use by another jaxinf process"):
+            RunLock(mine).acquire()
+    finally:
+        held.release()
+
+
+def test_validate_out_is_checked_before_the_world_is_read(tmp_path, capsys, monkeypatch):
+    """A refused --out is found before any input is read (nothing is computed or written)."""
+    from jaxinf import cli
+    from jaxinf.validate import driver
+
+    monkeypatch.setattr(driver, "load_world", lambda config: pytest.fail("the world was read"))
+    (tmp_path / "x").mkdir()
+    (tmp_path / "x" / "data.csv").write_text("1")
+    assert cli.main(["-q", "validate", "--out", str(tmp_path / "x"), "validate.steps=3"]) == 2
+    assert "is not a jaxinf validate directory" in _one_error(capsys, "validate")
