@@ -310,6 +310,11 @@ def _check_values(config: Config, source: str) -> None:
     damping = config.scores.damping
     if damping is not None and not (math.isfinite(damping) and damping >= 0):
         raise ConfigError(f"{source}: scores.damping: must be a finite number at least 0 (or null), got {damping}")
+    tiny = 2.0 ** -149 if config.run.precision == "float32" else 5e-324   # the smallest positive (subnormal) number
+    if damping is not None and damping > 0 and 1.0 / damping < tiny:
+        raise ConfigError(f"{source}: scores.damping: {damping:g} has an inverse that underflows "
+                          f"run.precision={config.run.precision} (every score would be 0); choose one near Lambda's "
+                          "scale, or null for 0.1 x mean(Lambda)")
 
 
 def to_dict(config: Config) -> dict:

@@ -204,6 +204,9 @@ def non_finite_loss(source, what: str) -> Callable[[int, int, int, float], str]:
 
     def message(batch: int, row: int, index: int, value: float) -> str:
         doc = source.documents([index])[0]
+        if value == float("-inf"):   # the scores stage's mark of a finite loss with a score that is not finite
+            return (f'{getattr(source, "name", "documents")}:{doc.line}: document "{doc.id}": its score against a '
+                    "query is not finite")
         return f'{getattr(source, "name", "documents")}:{doc.line}: document "{doc.id}": {what} loss is not finite ({value})'
 
     return message

@@ -21,6 +21,7 @@ on a mesh, shards them.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -128,6 +129,9 @@ def fit_curvature(config: cfg.Config, store: RunStore, inputs: Inputs, executor:
             cov_stage = stages.covariance_stage(inputs.task, inputs.layers, fisher, dtype)
             cov, timing = accumulate(store, "covariance", cov_stage, (inputs.lm.params,), fit_batches,
                                      stages.stage_key(base, "covariance"), config.factors.save_every, executor, inputs)
+            _check_finite_tree(cov, "covariance", executor.fetch,
+                               f": the model {config.model.checkpoint} overflows {jnp.dtype(dtype).name} on the "
+                               f"documents of {config.data.documents}")
             store.mark("covariance", "done", timing=timing)
             t0 = time.perf_counter()
             with lapack_threads():
@@ -156,12 +160,14 @@ def fit_curvature(config: cfg.Config, store: RunStore, inputs: Inputs, executor:
     return curv
 
 
-def _check_finite_tree(tree, what: str, fetch: Callable = np.asarray) -> None:
+def _check_finite_tree(tree, what: str, fetch: Callable = np.asarray, why: str = "") -> None:
+    if dataclasses.is_dataclass(tree):    # a stage's result (the covariance sums): its dict fields by name
+        tree = {f.name: getattr(tree, f.name) for f in dataclasses.fields(tree) if isinstance(getattr(tree, f.name), dict)}
     for k, v in (tree.items() if isinstance(tree, dict) else []):
         if isinstance(v, dict):
-            _check_finite_tree(v, f"{what} {k}", fetch)
-        elif not bool(fetch(jnp.all(jnp.isfinite(v)))):
-            raise stages.CaptureError(f"{what} of layer {k} is not finite")
+            _check_finite_tree(v, f"{what} {k}", fetch, why)
+        elif hasattr(v, "dtype") and jnp.issubdtype(v.dtype, jnp.inexact) and not bool(fetch(jnp.all(jnp.isfinite(v)))):
+            raise stages.CaptureError(f"{what} of layer {k} is not finite{why}")
 
 
 def check_factors_from(config: cfg.Config, model_fp: dict | None) -> RunStore | None:
@@ -251,11 +257,27 @@ def query_gradients(config: cfg.Config, store: RunStore, inputs: Inputs, curv, e
     if bad.size:
         q = inputs.queries[int(bad[0])]
         raise stages.CaptureError(f'{q.origin}: query "{q.id}": completion loss is not finite')
+    _check_query_gradients(qg, inputs, config, executor)
     store.save_result("queries", qg, seconds=time.perf_counter() - t0)
     log.info("queries: %d query gradients in %.1fs (rank %s, damping %s)", qg.num_queries, time.perf_counter() - t0,
              config.scores.query_rank or "full", config.scores.damping if config.scores.damping is not None
              else "0.1 x mean(Lambda)")
     return qg, encoded
+
+
+def _check_query_gradients(qg: scoring.QueryGradients, inputs: Inputs, config: cfg.Config, executor: Executor) -> None:
+    """Every query's preconditioned gradient finite, or one line naming the first query and layer whose is not (the
+    model's logits or gradients overflow on it): nothing non-finite is saved or scored."""
+    for part in ("full", "left", "right"):
+        for k, x in getattr(qg, part).items():
+            axis = x.ndim - 3
+            finite = executor.fetch(jnp.all(jnp.isfinite(x), axis=tuple(a for a in range(x.ndim) if a != axis)))
+            bad = np.flatnonzero(~np.asarray(finite))
+            if bad.size:
+                q = inputs.queries[int(bad[0])]
+                raise stages.CaptureError(f'{q.origin}: query "{q.id}": its preconditioned gradient of layer {k} is '
+                                          f"not finite (the model {config.model.checkpoint} overflows "
+                                          f"{jnp.dtype(x.dtype).name} on it)")
 
 
 def _prepare_all(inputs, batches, prep_fn, curv, executor: Executor, check: bool) -> scoring.QueryGradients:
@@ -300,12 +322,18 @@ def score_documents(config: cfg.Config, store: RunStore, inputs: Inputs, qg, cur
 
     def step(carry, batch, i):
         out = score_fn(inputs.lm.params, qg, curv, batch)
-        return carry, out, out["loss"]
+        finite = jnp.all(jnp.isfinite(out["scores"]), axis=0) & (jnp.isfinite(out["self"]) if want_self else True)
+        return carry, out, jnp.where(jnp.isfinite(out["loss"]) & ~finite, -jnp.inf, out["loss"])  # -inf: a bad score
 
     _, timing = run_batches("scores", step, batches.iterate, None, saves, total=len(batches),
                             non_finite=non_finite_loss(inputs.documents, "document"), device=executor)
+    results = _assemble(saves.chunks, inputs, qg.num_queries)
+    for key, value in results.items():      # nothing non-finite is exported (rows are checked batch by batch above)
+        if not np.all(np.isfinite(value)):
+            raise stages.CaptureError(f"scores: the {key} of {config.data.documents} assembled from the saved chunks "
+                                      f"are not finite ({int((~np.isfinite(value)).sum())} entries)")
     store.mark("scores", "done", total=len(batches), plan=plan_key(inputs.plan), timing=timing)
-    return _assemble(saves.chunks, inputs, qg.num_queries)
+    return results
 
 
 def _assemble(chunks: list[dict], inputs: Inputs, num_queries: int) -> dict:
@@ -440,6 +468,7 @@ def _run_locked(config: cfg.Config, executor: Executor, aside: rundir.Aside | ru
             fault_point("overwrite", 0)
             aside.discard()
         curv = fit_curvature(config, store, inputs, executor)
+        preflight.check_curvature(curv, config.scores.damping, executor.fetch, f"the documents of {config.data.documents}")
         qg, encoded = query_gradients(config, store, inputs, curv, executor)
         results = score_documents(config, store, inputs, qg, curv, executor)
         export(config, store, inputs, results, qg, encoded, executor)

@@ -526,3 +526,92 @@ def test_validate_out_is_checked_before_the_world_is_read(tmp_path, capsys, monk
     (tmp_path / "x" / "data.csv").write_text("1")
     assert cli.main(["-q", "validate", "--out", str(tmp_path / "x"), "validate.steps=3"]) == 2
     assert "is not a jaxinf validate directory" in _one_error(capsys, "validate")
+
+
+def _scaled_lm_head(d: Path, factor: float) -> None:
+    from safetensors.numpy import load_file, save_file
+
+    weights = load_file(d / "model" / "model.safetensors")
+    weights["lm_head.weight"] = weights["lm_head.weight"] * np.float32(factor)
+    assert np.isfinite(weights["lm_head.weight"]).all()
+    save_file(weights, d / "model" / "model.safetensors", metadata={"format": "np"})
+
+
+@pytest.mark.parametrize("extra, message", [
+    ({"factors__strategy": "identity"},
+     r'queries\.jsonl:1: query "[^"]+": its preconditioned gradient of layer \S+ is not finite \(the model model '
+     r"overflows float32 on it\)"),
+    ({}, r"covariance S of layer \S+ is not finite: the model model overflows float32 on the documents of docs\.jsonl"),
+])
+def test_overflowing_logits_stop_the_stage_that_meets_them(base, tmp_path, extra, message):
+    """Issue 25, case 5: an lm_head scaled by 1e37 (finite weights, overflowing logits) stops the stage that meets the
+    overflow with one line naming the model or the query, and no scores.npy is written (it was, with NaN entries)."""
+    d = clone(base, tmp_path / "w", run=False)
+    _scaled_lm_head(d, 1e37)
+    r = jaxinf(args(**extra), base["env"], cwd=d)
+    assert r.returncode == 2
+    assert re.fullmatch(message, error_line(r)), error_line(r)
+    assert not (d / "run" / "scores.npy").exists()
+
+
+def test_a_saturated_model_gives_an_all_zero_fit_that_is_refused(base, tmp_path):
+    """Issue 25, case 7: with the sampled Fisher, a model whose predictions are saturated samples its own labels with
+    probability 1, so every gradient, S and Lambda are exactly 0: refused in one line before any query."""
+    d = clone(base, tmp_path / "w", run=False)
+    _scaled_lm_head(d, 1e37)
+    r = jaxinf(args(factors__fisher="sampled"), base["env"], cwd=d)
+    assert r.returncode == 2
+    assert error_line(r) == ("Lambda is zero in every tracked layer (3 blocks): no token of the documents of docs.jsonl "
+                             "gave a non-zero gradient (documents of one token, or a model whose predictions are "
+                             "saturated), so every score would be 0")
+    assert not ran("queries", r.stderr) and not (d / "run" / "scores.npy").exists()
+
+
+def test_a_one_token_max_length_is_refused():
+    """Issue 25, case 7: data.max_length=1 leaves no next-token prediction (all-zero S and Lambda): a config error."""
+    from jaxinf import config as cfg
+
+    with pytest.raises(cfg.ConfigError, match=r"^command line: data\.max_length: must be at least 2 \(a document "
+                                              r"needs two tokens for one next-token prediction\), got 1$"):
+        cfg.load(None, ["data.max_length=1"])
+    with pytest.raises(cfg.ConfigError, match="plan.device_flops: must be a positive finite number, got nan"):
+        cfg.load(None, ["plan.device_flops=nan"])
+
+
+def test_factors_from_compares_content_and_refuses_a_swamping_damping(base, tmp_path):
+    """Issue 25, cases 4 and 7: factors.from accepts the same weights under another path (it refused them by path)
+    and refuses weights edited in place under the same path (it reused the stale curvature); a damping whose inverse
+    underflows (every score 0) is refused in one line, and one that swamps Lambda is warned about."""
+    d = clone(base, tmp_path / "w")
+    shutil.copytree(d / "model", d / "copy")
+    r = jaxinf(args(model__checkpoint="copy", factors__from="run", run__out="reuse", scores__damping=1e12), base["env"],
+               cwd=d)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "reusing the ekfac factors of run" in r.stderr and not ran("covariance", r.stderr)
+    assert re.search(r"scores\.damping=1e\+12 is \S+ times the largest Lambda \(\S+, layer \S+\): the curvature is "
+                     r"ignored", r.stderr), r.stderr[-3000:]
+    r = jaxinf(args(factors__from="run", run__out="tiny", scores__damping=1e300), base["env"], cwd=d)
+    assert r.returncode == 2 and error_line(r) == ("command line: scores.damping: 1e+300 has an inverse that "
+                                                   "underflows run.precision=float32 (every score would be 0); choose "
+                                                   "one near Lambda's scale, or null for 0.1 x mean(Lambda)")
+    assert not (d / "tiny").exists()
+    _scaled_lm_head(d, 1.5)
+    r = jaxinf(args(factors__from="run", run__out="stale"), base["env"], cwd=d)
+    assert r.returncode == 2
+    assert error_line(r) == ("factors.from: run was fitted with other settings: the model's content (model is not the "
+                             "model of model as that run read it)")
+    assert not (d / "stale").exists()
+
+
+def test_a_non_finite_score_names_the_document():
+    from jaxinf.inputs import non_finite_loss
+
+    class Docs:
+        name = "docs.jsonl"
+
+        def documents(self, idx):
+            return [type("D", (), {"line": 7, "id": "d7"})() for _ in idx]
+
+    message = non_finite_loss(Docs(), "document")
+    assert message(0, 0, 3, float("-inf")) == 'docs.jsonl:7: document "d7": its score against a query is not finite'
+    assert message(0, 0, 3, float("nan")) == 'docs.jsonl:7: document "d7": document loss is not finite (nan)'
