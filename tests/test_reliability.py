@@ -615,3 +615,26 @@ def test_a_non_finite_score_names_the_document():
     message = non_finite_loss(Docs(), "document")
     assert message(0, 0, 3, float("-inf")) == 'docs.jsonl:7: document "d7": its score against a query is not finite'
     assert message(0, 0, 3, float("nan")) == 'docs.jsonl:7: document "d7": document loss is not finite (nan)'
+
+
+def test_tracebacks_of_issue_25_are_one_line(tmp_path, capsys, monkeypatch):
+    """Issue 25, case 8: `plan --mesh 3x0`, `compare --json DIRECTORY` and a refused write in `analyze` (a read-only
+    run directory) are one line each (exit 2, 2 and 3), not tracebacks."""
+    import errno
+
+    from jaxinf import cli
+    from jaxinf.analysis import cli as analysis_cli
+
+    assert cli.main(["-q", "plan", "data.max_length=8", "--mesh", "3x0"]) == 2
+    assert _one_error(capsys, "plan") == "--mesh '3x0': both sizes must be at least 1, e.g. 8x8"
+    assert cli.main(["-q", "compare", "--kronfluence", str(tmp_path), "--run", str(tmp_path), "--json",
+                     str(tmp_path)]) == 2
+    assert _one_error(capsys, "compare") == f"--json {tmp_path}: is a directory; give the path of a file to write"
+
+    def read_only(path):
+        raise OSError(errno.EROFS, "Read-only file system", str(path / "summary.json"))
+
+    monkeypatch.setattr(analysis_cli, "analyze", read_only)
+    assert cli.main(["-q", "analyze", str(tmp_path)]) == 3
+    assert _one_error(capsys, "analyze") == (f"{tmp_path / 'summary.json'}: read-only file system; make it writable "
+                                             "and run the same command again")
