@@ -471,15 +471,24 @@ def _run_locked(config: cfg.Config, executor: Executor, aside: rundir.Aside | ru
         preflight.check_curvature(curv, config.scores.damping, executor.fetch, f"the documents of {config.data.documents}")
         qg, encoded = query_gradients(config, store, inputs, curv, executor)
         results = score_documents(config, store, inputs, qg, curv, executor)
-        export(config, store, inputs, results, qg, encoded, executor)
-        log.info("exports written to %s", store.root)
-        analyze(store, inputs)
+        exported = not _finished(store, "exports", ("scores.npy", "queries.jsonl", "documents.jsonl", "topk.jsonl"))
+        if exported:
+            export(config, store, inputs, results, qg, encoded, executor)
+            log.info("exports written to %s", store.root)
+        if exported or not _finished(store, "analysis", ("summary.json", "report/index.html")):
+            analyze(store, inputs)
     except Exception as e:
         failure = failures.environment_failure(e, Path(config.run.out), _running_stage(store))
         if failure is None:
             raise
         raise failure from e
     return store.root
+
+
+def _finished(store: RunStore, stage: str, files: tuple[str, ...]) -> bool:
+    """Whether ``stage`` is done and its files are in place: a rerun of a finished run redoes nothing (a stage that
+    a changed input or setting invalidated is pending again, :mod:`jaxinf.fingerprint`)."""
+    return store.status(stage) == "done" and all(store.path(*f.split("/")).is_file() for f in files)
 
 
 def _running_stage(store: RunStore | None) -> str:

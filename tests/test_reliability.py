@@ -638,3 +638,22 @@ def test_tracebacks_of_issue_25_are_one_line(tmp_path, capsys, monkeypatch):
     assert cli.main(["-q", "analyze", str(tmp_path)]) == 3
     assert _one_error(capsys, "analyze") == (f"{tmp_path / 'summary.json'}: read-only file system; make it writable "
                                              "and run the same command again")
+
+
+def test_a_finished_run_run_again_redoes_nothing(base, tmp_path):
+    """Issue 25, case 11: a rerun of a finished run computes no batch, no breakdown and no analysis, and leaves every
+    export byte for byte; a deleted report is written again (its stage's files are checked, not only its status)."""
+    d = clone(base, tmp_path / "w")
+    def results(run: Path) -> dict:   # run.json records the time; the token counts' cache key names the (copied) file
+        return {k: v for k, v in snapshot(run).items() if "run.json" not in k and not k.startswith("state/plan")}
+
+    before = results(d / "run")
+    r = jaxinf(args(), base["env"], cwd=d)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert not any(ran(s, r.stderr) for s in ("covariance", "lambda", "scores", "breakdowns"))
+    assert "analyze:" not in r.stderr and "query gradients in" not in r.stderr
+    assert results(d / "run") == before
+    shutil.rmtree(d / "run" / "report")
+    r = jaxinf(args(), base["env"], cwd=d)
+    assert r.returncode == 0 and (d / "run" / "report" / "index.html").is_file() and "analyze:" in r.stderr
+    assert not ran("breakdowns", r.stderr)
