@@ -206,7 +206,8 @@ def test_overwrite_keeps_the_old_run_until_the_new_one_has_started(base, tmp_pat
     assert r.returncode == 2 and "an --overwrite was interrupted before the new run started; the previous run " \
                                  "is restored" in r.stderr
     assert error_line(r).endswith("these keys would change results already saved: scores.damping "
-                                  "(use --overwrite to start over, or another run.out)")
+                                  "(use --overwrite to start over, or another run.out; factors.from=run with another "
+                                  "run.out keeps its fitted curvature)")
     assert snapshot(run) == before
     # started cleanly: the old run is gone, the new config recorded
     r = jaxinf(args("--overwrite", scores__damping=0.5), {**base["env"], "JAXINF_FAULT": "covariance:1"}, cwd=d)
@@ -653,7 +654,11 @@ def test_a_finished_run_run_again_redoes_nothing(base, tmp_path):
     assert not any(ran(s, r.stderr) for s in ("covariance", "lambda", "scores", "breakdowns"))
     assert "analyze:" not in r.stderr and "query gradients in" not in r.stderr
     assert results(d / "run") == before
+    r = jaxinf(args(scores__topk=2), base["env"], cwd=d)      # only the exports depend on it: redone, not refused
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert not any(ran(s, r.stderr) for s in ("covariance", "lambda", "scores")) and ran("breakdowns", r.stderr)
+    assert all(len(json.loads(line)["top"]) == 2 for line in lines_of(d / "run" / "topk.jsonl"))
     shutil.rmtree(d / "run" / "report")
-    r = jaxinf(args(), base["env"], cwd=d)
+    r = jaxinf(args(scores__topk=2), base["env"], cwd=d)
     assert r.returncode == 0 and (d / "run" / "report" / "index.html").is_file() and "analyze:" in r.stderr
     assert not ran("breakdowns", r.stderr)
