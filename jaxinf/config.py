@@ -310,6 +310,9 @@ def _check_values(config: Config, source: str) -> None:
     damping = config.scores.damping
     if damping is not None and not (math.isfinite(damping) and damping >= 0):
         raise ConfigError(f"{source}: scores.damping: must be a finite number at least 0 (or null), got {damping}")
+    if config.model.dtype == "float64" and config.run.precision != "float64":   # 64-bit jax is run.precision's switch
+        raise ConfigError(f"{source}: model.dtype: float64 needs run.precision=float64 (64-bit arithmetic), got "
+                          f"run.precision={config.run.precision}")
     tiny = 2.0 ** -149 if config.run.precision == "float32" else 5e-324   # the smallest positive (subnormal) number
     if damping is not None and damping > 0 and 1.0 / damping < tiny:
         raise ConfigError(f"{source}: scores.damping: {damping:g} has an inverse that underflows "

@@ -662,3 +662,30 @@ def test_a_finished_run_run_again_redoes_nothing(base, tmp_path):
     r = jaxinf(args(scores__topk=2), base["env"], cwd=d)
     assert r.returncode == 0 and (d / "run" / "report" / "index.html").is_file() and "analyze:" in r.stderr
     assert not ran("breakdowns", r.stderr)
+
+
+def test_messages_of_issue_25_case_12(tmp_path):
+    """Issue 25, case 12: model.dtype=float64 names run.precision (not a Python API); a file given for a directory
+    and the reverse say so; another tool's run.json is not read as a run record (no KeyError leaks)."""
+    from jaxinf import config as cfg
+    from jaxinf.inputs import InputError, check_inputs
+    from jaxinf.interop.kronfluence import InteropError
+    from jaxinf.interop.transfer import read_record
+
+    with pytest.raises(cfg.ConfigError, match=r"^command line: model\.dtype: float64 needs run\.precision=float64 "
+                                              r"\(64-bit arithmetic\), got run\.precision=float32$"):
+        cfg.load(None, ["model.dtype=float64"])
+    cfg.load(None, ["model.dtype=float64", "run.precision=float64"])
+    (tmp_path / "file").write_text("x")
+    (tmp_path / "dir").mkdir()
+    for settings, message in (
+            ({"model.checkpoint": tmp_path / "file", "data.documents": tmp_path / "file", "data.queries": tmp_path / "file"},
+             f"model.checkpoint: {tmp_path / 'file'}: is a file, not a directory"),
+            ({"model.checkpoint": tmp_path / "dir", "data.documents": tmp_path / "file", "data.queries": tmp_path / "dir"},
+             f"data.queries: {tmp_path / 'dir'}: is a directory, not a file")):
+        with pytest.raises(InputError) as e:
+            check_inputs(cfg.load(None, [f"{k}={v}" for k, v in settings.items()]))
+        assert str(e.value) == message
+    (tmp_path / "dir" / "run.json").write_text('{"results": [1]}')
+    with pytest.raises(InteropError, match="its run.json is not a jaxinf run record"):
+        read_record(tmp_path / "dir")
