@@ -235,8 +235,9 @@ class Fresh:
 
 
 def is_fresh(root: Path) -> bool:
-    """Whether ``root`` does not exist or holds nothing but bookkeeping (what :class:`Fresh` may remove)."""
-    return not root.exists() or (root.is_dir() and not foreign_entries(root))
+    """Whether ``root`` does not exist or holds nothing but bookkeeping (what :class:`Fresh` may remove); never when
+    it holds an old run that a killed ``--overwrite`` set aside (:func:`recover_interrupted` moves it back)."""
+    return not root.exists() or (root.is_dir() and not foreign_entries(root) and not (root / PREVIOUS).exists())
 
 
 # --------------------------------------------------------------------------- validate --out, demo --out

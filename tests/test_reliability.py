@@ -689,3 +689,23 @@ def test_messages_of_issue_25_case_12(tmp_path):
     (tmp_path / "dir" / "run.json").write_text('{"results": [1]}')
     with pytest.raises(InteropError, match="its run.json is not a jaxinf run record"):
         read_record(tmp_path / "dir")
+
+
+def test_a_failed_start_never_removes_a_run_set_aside_by_a_killed_overwrite(tmp_path):
+    """A directory holding only an old run that a killed --overwrite set aside is not a fresh directory: a start
+    that then fails must not remove the run that recover_interrupted moves back."""
+    from jaxinf import rundir
+
+    root = tmp_path / "run"
+    (root / rundir.PREVIOUS).mkdir(parents=True)
+    (root / rundir.PREVIOUS / "scores.npy").write_text("old")
+    assert not rundir.is_fresh(root)
+    assert rundir.is_fresh(tmp_path / "new")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / rundir.LOCK_FILE).write_text("")
+    assert rundir.is_fresh(empty)
+    fresh = rundir.Fresh(empty, created=False)
+    (empty / "run.json").write_text("{}")
+    fresh.restore()
+    assert empty.is_dir() and list(empty.iterdir()) == []
