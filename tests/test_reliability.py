@@ -709,3 +709,19 @@ def test_a_failed_start_never_removes_a_run_set_aside_by_a_killed_overwrite(tmp_
     (empty / "run.json").write_text("{}")
     fresh.restore()
     assert empty.is_dir() and list(empty.iterdir()) == []
+
+
+def test_changed_supports_redo_only_the_exports(base, tmp_path):
+    """Issue 25, case 11: a query's `supports` (or any label) changed in place redoes the exports and the analysis, not
+    the query gradients or the scores, whose prompts and completions are unchanged."""
+    d = clone(base, tmp_path / "w")
+    rows = [json.loads(line) for line in lines_of(d / "queries.jsonl")]
+    rows[0]["supports"] = [json.loads(lines_of(d / "docs.jsonl")[1])["id"]]
+    (d / "queries.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    r = jaxinf(args(), base["env"], cwd=d)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert ("queries.jsonl: only the queries' ids or labels changed (not their prompts or completions) since this run "
+            "started; recomputing exports, analysis") in r.stderr
+    assert "query gradients in" not in r.stderr and not ran("scores", r.stderr)
+    assert json.loads(lines_of(d / "run" / "queries.jsonl")[0])["supports"] == rows[0]["supports"]
+    np.testing.assert_array_equal(np.load(d / "run" / "scores.npy"), np.load(base["root"] / "run" / "scores.npy"))
