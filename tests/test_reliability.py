@@ -725,3 +725,19 @@ def test_changed_supports_redo_only_the_exports(base, tmp_path):
     assert "query gradients in" not in r.stderr and not ran("scores", r.stderr)
     assert json.loads(lines_of(d / "run" / "queries.jsonl")[0])["supports"] == rows[0]["supports"]
     np.testing.assert_array_equal(np.load(d / "run" / "scores.npy"), np.load(base["root"] / "run" / "scores.npy"))
+
+
+def test_the_eta_leaves_out_the_compiling_first_step(monkeypatch):
+    """Issue 25, case 13: a first step of 100 s (compilation) then steps of 1 s: the ETA after the second step is
+    that of 1-s steps, not of the 50-s average (the first ETA of a five-minute stage read two hours)."""
+    import io
+
+    from jaxinf import progress
+
+    clock = iter([0.0, 100.0, 101.0, 101.0])
+    monkeypatch.setattr(progress.time, "perf_counter", lambda: next(clock))
+    p = progress.Progress("covariance", total=10, stream=io.StringIO())
+    p.enabled = False
+    p.update(50)                      # t = 100: the compiled first step
+    p.update(50)                      # t = 101: one steady step
+    assert p.line() == "covariance: 2/10 batches, 50 tokens/s, elapsed 0:01:41, ETA 0:00:08"
