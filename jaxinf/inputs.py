@@ -179,6 +179,16 @@ def check_queries(queries, encoder, config: cfg.Config) -> None:
 
     encoded = encode_queries(queries, encoder, max_length=config.data.max_length)
     query_batches(encoded, batch_size=config.data.query_batch_size, max_length=config.data.max_length)
+    unk = getattr(getattr(encoder.tokenizer, "model", None), "unk_token", None)
+    unk_id = encoder.tokenizer.token_to_id(unk) if isinstance(unk, str) else None
+    if unk_id is None:
+        return
+    for q, e in zip(queries, encoded):
+        start = len(encoder.prefix)
+        for part, ids in (("prompt", e.ids[start:e.prompt_length]), ("completion", e.ids[e.prompt_length:])):
+            if len(ids) and np.all(ids == unk_id):
+                log.warning('%s: query "%s": every token of its %s is the tokenizer\'s unknown token %s (%d tokens): '
+                            "the model sees none of its words", q.origin, q.id, part, unk, len(ids))
 
 
 class Subset:

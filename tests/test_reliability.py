@@ -741,3 +741,22 @@ def test_the_eta_leaves_out_the_compiling_first_step(monkeypatch):
     p.update(50)                      # t = 100: the compiled first step
     p.update(50)                      # t = 101: one steady step
     assert p.line() == "covariance: 2/10 batches, 50 tokens/s, elapsed 0:01:41, ETA 0:00:08"
+
+
+def test_a_query_of_unknown_tokens_is_warned_about(tmp_path, caplog):
+    """Issue 25, case 12: a query whose completion is made only of words the tokenizer does not know is one warning."""
+    import logging
+
+    from jaxinf import config as cfg
+    from jaxinf.data.queries import read_queries
+    from jaxinf.data.tokenize import TextEncoder
+    from jaxinf.inputs import check_queries
+
+    world = make_world(tmp_path, n_documents=4, n_queries=1)
+    (tmp_path / "q.jsonl").write_text(json.dumps({"id": "q", "prompt": "the river of", "completion": "zzqx wvvk"}) + "\n")
+    with caplog.at_level(logging.WARNING, logger="jaxinf"):
+        check_queries(read_queries(str(tmp_path / "q.jsonl")), TextEncoder(world["model"] / "tokenizer.json"),
+                      cfg.load(None, ["data.max_length=16"]))
+    assert [r.getMessage() for r in caplog.records] == [
+        f'{tmp_path / "q.jsonl"}:1: query "q": every token of its completion is the tokenizer\'s unknown token <unk> '
+        "(2 tokens): the model sees none of its words"]
