@@ -760,3 +760,17 @@ def test_a_query_of_unknown_tokens_is_warned_about(tmp_path, caplog):
     assert [r.getMessage() for r in caplog.records] == [
         f'{tmp_path / "q.jsonl"}:1: query "q": every token of its completion is the tokenizer\'s unknown token <unk> '
         "(2 tokens): the model sees none of its words"]
+
+
+def test_compare_says_why_token_counts_are_marked():
+    """Issue 25, case 12: `compare` against a run on other data marked token counts "(!)" without saying why."""
+    from jaxinf.interop.compare import format_table
+
+    report = {"kronfluence": {"factors": "ekfac", "pairwise": None, "self_scores": None}, "run": "run",
+              "strategy": "ekfac", "notes": [],
+              "stages": {"covariance": {"mlp": {"A": 0.0, "tokens": [10, 12]}}}}
+    table = format_table(report)
+    assert "10, 12 (!)" in table
+    assert "note: (!) marks a layer whose token counts differ: the two fits saw different tokens" in table
+    report["stages"]["covariance"]["mlp"]["tokens"] = [12, 12]
+    assert "(!)" not in format_table(report)
