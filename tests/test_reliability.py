@@ -774,3 +774,9 @@ def test_compare_says_why_token_counts_are_marked():
     assert "note: (!) marks a layer whose token counts differ: the two fits saw different tokens" in table
     report["stages"]["covariance"]["mlp"]["tokens"] = [12, 12]
     assert "(!)" not in format_table(report)
+
+
+def test_the_report_leads_with_each_querys_documents(base):
+    """Issue 25, case 13: the queries' top and bottom documents come right after the findings, not at the bottom."""
+    html = (base["root"] / "run" / "report" / "index.html").read_text()
+    assert html.index('id="findings"') < html.index('id="queries"') < html.index('id="correlations"')
