@@ -281,24 +281,3 @@ def check_output(root: Path, kind: str, key: str = "--out") -> None:
         return
     shown = ", ".join(entries[:5]) + (", ..." if len(entries) > 5 else "")
     raise StoreError(f"{root}: exists and is not a jaxinf {kind} directory (it holds {shown}); choose another {key}")
-
-
-def claim_output(root: Path, kind: str, key: str = "--out"):
-    """``root`` checked (:func:`check_output`), created, locked with the run directory's lock
-    (:class:`jaxinf.lock.RunLock`) and marked as ``kind``'s; returns the lock (release it when done)."""
-    from jaxinf.lock import RunLock
-    from jaxinf.store import check_writable
-
-    check_output(root, kind, key)
-    check_writable(root)
-    lock = RunLock(root).acquire()
-    try:
-        check_output(root, kind, key)    # again under the lock: another process may have written it meanwhile
-        if _output_kind(root) != kind:
-            from jaxinf.atomic import write_json
-
-            write_json(root / OUTPUT_MARKER, {"format": f"jaxinf {kind}"})
-    except BaseException:
-        lock.release()
-        raise
-    return lock

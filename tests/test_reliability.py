@@ -482,7 +482,7 @@ def test_validate_and_demo_out_follow_the_run_directory_rule(tmp_path, capsys, c
     """Issue 25, cases 3 and 8: `validate --out` and `demo --out` refuse a jaxinf run directory, a foreign non-empty
     directory and a file, in one line, writing nothing; a directory in use is locked out as a run is."""
     from jaxinf import cli, rundir
-    from jaxinf.lock import RunLock
+    from jaxinf.lock import RunLock, claim_output
 
     run = tmp_path / "run"
     (run / "report").mkdir(parents=True)
@@ -503,12 +503,12 @@ def test_validate_and_demo_out_follow_the_run_directory_rule(tmp_path, capsys, c
     assert snapshot(tmp_path) == before and not (run / ".jaxinf.lock").exists()
     other = "demo" if command == "validate" else "validate"
     theirs = tmp_path / other
-    rundir.claim_output(theirs, other).release()
+    claim_output(theirs, other).release()
     assert cli.main(["-q", command, "--out", str(theirs)]) == 2
     assert _one_error(capsys, command) == (f"{theirs}: is the output directory of jaxinf {other}, not of jaxinf "
                                            f"{command}; choose another --out")
     mine = tmp_path / command
-    held = rundir.claim_output(mine, command)   # its own directory, in use by another process
+    held = claim_output(mine, command)   # its own directory, in use by another process
     try:
         rundir.check_output(mine, command)
         with pytest.raises(rundir.StoreError, match="in use by another jaxinf process"):

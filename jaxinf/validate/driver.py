@@ -35,6 +35,7 @@ import numpy as np
 from jaxinf import config as cfg
 from jaxinf import curvature, rundir
 from jaxinf.atomic import save_npy, write_atomic, write_json
+from jaxinf.lock import claim_output
 from jaxinf.validate import lds as lds_mod
 from jaxinf.validate import pbrf as pbrf_mod
 from jaxinf.validate import recall as recall_mod
@@ -106,7 +107,7 @@ def validate(config: cfg.Config, out: str | Path) -> dict:
     if int(round(v.fraction * N)) < v.batch_size:
         raise ValidationError(f"validate.batch_size: {v.batch_size} is more than the {int(round(v.fraction * N))} "
                               "documents of a subset")
-    lock = rundir.claim_output(out, "validate")  # one process at a time, as a run directory
+    lock = claim_output(out, "validate")  # one process at a time, as a run directory
     try:
         return _validate(config, out, world, t_start)
     finally:
