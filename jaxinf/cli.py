@@ -243,8 +243,8 @@ def main(argv: list[str] | None = None) -> int:
     add_parsers(sub)  # compare, kronfluence import|export
 
     args, extra = parser.parse_known_args(argv)
-    if extra and args.command == "validate" and all("=" in e and not e.startswith("-") for e in extra):
-        args.overrides = list(args.overrides) + extra   # jaxinf validate CONFIG --out DIR section.key=value ...
+    if extra and hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+        args.overrides = list(args.overrides) + extra   # jaxinf run CONFIG --overwrite section.key=value ...
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     _setup_logging(args.quiet)
@@ -261,6 +261,16 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"jaxinf {args.command}: interrupted; run it again to resume", file=sys.stderr)
         return 130
+    except Exception as e:   # a write the machine refused (read-only, no space, permissions) in any command: one line
+        from jaxinf.failures import CONDITIONS, find_condition
+
+        found = find_condition(e)
+        if found is None:
+            raise
+        what, todo = CONDITIONS[found[0]]
+        print(f"jaxinf {args.command}: error: {found[1] or 'a write'}: {what}; {todo.split(' or choose')[0]} and run "
+              "the same command again", file=sys.stderr)
+        return 3
 
 
 if __name__ == "__main__":

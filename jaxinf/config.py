@@ -298,12 +298,15 @@ def _check_values(config: Config, source: str) -> None:
         value = getattr(getattr(config, section), name)
         if value is not None and value < 1:
             raise ConfigError(f"{source}: {section}.{name}: must be at least 1, got {value}")
+    if config.data.max_length < 2:   # one token has no next token: no loss, all-zero S and Lambda, zero scores
+        raise ConfigError(f"{source}: data.max_length: must be at least 2 (a document needs two tokens for one "
+                          f"next-token prediction), got {config.data.max_length}")
     if config.mesh.process_id is not None and config.mesh.process_id < 0:
         raise ConfigError(f"{source}: mesh.process_id: must be non-negative, got {config.mesh.process_id}")
     for name in ("device_memory_gib", "device_flops"):
         value = getattr(config.plan, name)
-        if value is not None and value <= 0:
-            raise ConfigError(f"{source}: plan.{name}: must be positive, got {value}")
+        if value is not None and not (math.isfinite(value) and value > 0):
+            raise ConfigError(f"{source}: plan.{name}: must be a positive finite number, got {value}")
     v = config.validate
     if v.subsets < 2:
         raise ConfigError(f"{source}: validate.subsets: must be at least 2 (a rank correlation over subsets), got "
@@ -338,6 +341,14 @@ def _check_values(config: Config, source: str) -> None:
     damping = config.scores.damping
     if damping is not None and not (math.isfinite(damping) and damping >= 0):
         raise ConfigError(f"{source}: scores.damping: must be a finite number at least 0 (or null), got {damping}")
+    if config.model.dtype == "float64" and config.run.precision != "float64":   # 64-bit jax is run.precision's switch
+        raise ConfigError(f"{source}: model.dtype: float64 needs run.precision=float64 (64-bit arithmetic), got "
+                          f"run.precision={config.run.precision}")
+    tiny = 2.0 ** -149 if config.run.precision == "float32" else 5e-324   # the smallest positive (subnormal) number
+    if damping is not None and damping > 0 and 1.0 / damping < tiny:
+        raise ConfigError(f"{source}: scores.damping: {damping:g} has an inverse that underflows "
+                          f"run.precision={config.run.precision} (every score would be 0); choose one near Lambda's "
+                          "scale, or null for 0.1 x mean(Lambda)")
 
 
 def to_dict(config: Config) -> dict:

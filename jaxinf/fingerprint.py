@@ -21,7 +21,9 @@ docs/data.md ("Changed inputs"):
 - the documents the curvature was fitted on changed: every stage is recomputed;
 - only later documents changed: scores, exports and analysis are recomputed,
   the curvature and the query gradients are kept;
-- queries changed: query gradients, scores, exports and analysis are recomputed.
+- queries changed: query gradients, scores, exports and analysis are recomputed;
+  only their ids or labels (kind, task, answer, supports, extra fields): the exports
+  and the analysis.
 
 Stages are recomputed by deleting their checkpoints and marking them pending, and
 the exports of the old inputs are deleted with them, so a run directory never
@@ -110,8 +112,10 @@ def documents_fingerprint(documents, n_fit: int) -> dict:
 def queries_fingerprint(queries, path: str) -> dict:
     """Fingerprint of the parsed queries (their content, not their line numbers)."""
     rows = [{k: v for k, v in dataclasses.asdict(q).items() if k != "origin"} for q in queries]
+    measured = [[q.prompt, q.completion] for q in queries]   # all the query gradients and scores depend on
     return {"path": str(path), "count": len(rows),
-            "sha256": hashlib.sha256(json.dumps(rows, sort_keys=True, default=str).encode()).hexdigest()}
+            "sha256": hashlib.sha256(json.dumps(rows, sort_keys=True, default=str).encode()).hexdigest(),
+            "measured": hashlib.sha256(json.dumps(measured).encode()).hexdigest()}
 
 
 def _started(store: RunStore) -> list[str]:
@@ -171,7 +175,11 @@ def reconcile(store: RunStore, model_fp: dict, documents: dict, queries: dict) -
         elif (od.get("sha256"), od.get("count")) != (documents["sha256"], documents["count"]):
             reasons.append(("scores", f"{documents['path']}: the documents changed"))
         if (oq.get("sha256"), oq.get("count")) != (queries["sha256"], queries["count"]):
-            reasons.append(("queries", f"{queries['path']}: the queries changed"))
+            if oq.get("measured") is not None and oq.get("measured") == queries["measured"]:
+                reasons.append(("exports", f"{queries['path']}: only the queries' ids or labels changed (not their "
+                                           "prompts or completions)"))
+            else:
+                reasons.append(("queries", f"{queries['path']}: the queries changed"))
         if reasons:
             first = min(cfg.STAGES.index(stage) for stage, _ in reasons)
             invalid = [s for s in cfg.STAGES[first:] if s in started]

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxinf import capture, preflight
+from jaxinf import capture, preflight, rundir
 from jaxinf import config as cfg
 from jaxinf.atomic import save_npy, write_json
 from jaxinf.executor import DeviceExecutor, Executor
@@ -73,13 +73,14 @@ def check_inputs(config: cfg.Config) -> None:
         if value.startswith("tfds:"):
             continue
         if kind == "dir" and not p.is_dir():
-            raise InputError(f"{key}: {value}: no such directory")
+            raise InputError(f"{key}: {value}: " + ("is a file, not a directory" if p.exists() else "no such directory"))
         if kind == "file" and not p.is_file():
-            raise InputError(f"{key}: {value}: no such file")
+            raise InputError(f"{key}: {value}: " + ("is a directory, not a file" if p.is_dir() else "no such file"))
         if kind == "any" and not p.exists():
             raise InputError(f"{key}: {value}: no such file or directory")
-    if config.factors.from_run is not None and not (Path(config.factors.from_run) / "run.json").is_file():
-        raise InputError(f"factors.from: {config.factors.from_run}: not a jaxinf run directory (no run.json)")
+    if config.factors.from_run is not None and not rundir.is_run(Path(config.factors.from_run)):
+        raise InputError(f"factors.from: {config.factors.from_run}: not a jaxinf run directory "
+                         f"({rundir.why_not_run(Path(config.factors.from_run))})")
 
 
 def document_lengths(store: RunStore, documents, encoder) -> np.ndarray:
@@ -166,7 +167,28 @@ def load_inputs(config: cfg.Config, store: RunStore, executor: Executor | None =
     fit_plan = plan if n_fit == len(lengths) else make_plan(lengths[:n_fit], **plan_args)
     queries = read_queries(config.data.queries)
     log.info("queries: %d from %s", len(queries), config.data.queries)
+    check_queries(queries, encoder, config)
     return Inputs(lm, task, layers, encoder, documents, lengths, plan, fit_plan, fit_documents, queries)
+
+
+def check_queries(queries, encoder, config: cfg.Config) -> None:
+    """Every query tokenized and checked against the settings (a completion with tokens, the query within
+    ``data.max_length``, one batch shape) at start-up, before an ``--overwrite`` deletes the old run and before any
+    pass: the queries stage would otherwise meet a bad query only after the curvature was fitted."""
+    from jaxinf.data.queries import encode_queries, query_batches
+
+    encoded = encode_queries(queries, encoder, max_length=config.data.max_length)
+    query_batches(encoded, batch_size=config.data.query_batch_size, max_length=config.data.max_length)
+    unk = getattr(getattr(encoder.tokenizer, "model", None), "unk_token", None)
+    unk_id = encoder.tokenizer.token_to_id(unk) if isinstance(unk, str) else None
+    if unk_id is None:
+        return
+    for q, e in zip(queries, encoded):
+        start = len(encoder.prefix)
+        for part, ids in (("prompt", e.ids[start:e.prompt_length]), ("completion", e.ids[e.prompt_length:])):
+            if len(ids) and np.all(ids == unk_id):
+                log.warning('%s: query "%s": every token of its %s is the tokenizer\'s unknown token %s (%d tokens): '
+                            "the model sees none of its words", q.origin, q.id, part, unk, len(ids))
 
 
 class Subset:
@@ -192,6 +214,9 @@ def non_finite_loss(source, what: str) -> Callable[[int, int, int, float], str]:
 
     def message(batch: int, row: int, index: int, value: float) -> str:
         doc = source.documents([index])[0]
+        if value == float("-inf"):   # the scores stage's mark of a finite loss with a score that is not finite
+            return (f'{getattr(source, "name", "documents")}:{doc.line}: document "{doc.id}": its score against a '
+                    "query is not finite")
         return f'{getattr(source, "name", "documents")}:{doc.line}: document "{doc.id}": {what} loss is not finite ({value})'
 
     return message

@@ -69,3 +69,24 @@ class RunLock:
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+def claim_output(root: Path, kind: str, key: str = "--out"):
+    """The output directory of ``jaxinf validate --out`` or ``jaxinf demo --out`` (``kind``): checked
+    (:func:`jaxinf.rundir.check_output`), created, locked with a run directory's lock (:class:`RunLock`) and marked as
+    ``kind``'s; returns the lock (release it when done)."""
+    from jaxinf.atomic import write_json
+    from jaxinf.rundir import OUTPUT_MARKER, _output_kind, check_output
+    from jaxinf.store import check_writable
+
+    check_output(root, kind, key)
+    check_writable(root)
+    lock = RunLock(root).acquire()
+    try:
+        check_output(root, kind, key)    # again under the lock: another process may have written it meanwhile
+        if _output_kind(root) != kind:
+            write_json(root / OUTPUT_MARKER, {"format": f"jaxinf {kind}"})
+    except BaseException:
+        lock.release()
+        raise
+    return lock

@@ -21,7 +21,7 @@ on a mesh, shards them.
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import logging
 import time
 from collections.abc import Callable
@@ -128,6 +128,9 @@ def fit_curvature(config: cfg.Config, store: RunStore, inputs: Inputs, executor:
             cov_stage = stages.covariance_stage(inputs.task, inputs.layers, fisher, dtype, config.run.matmul_precision)
             cov, timing = accumulate(store, "covariance", cov_stage, (inputs.lm.params,), fit_batches,
                                      stages.stage_key(base, "covariance"), config.factors.save_every, executor, inputs)
+            _check_finite_tree(cov, "covariance", executor.fetch,
+                               f": the model {config.model.checkpoint} overflows {jnp.dtype(dtype).name} on the "
+                               f"documents of {config.data.documents}")
             store.mark("covariance", "done", timing=timing)
             t0 = time.perf_counter()
             with lapack_threads():
@@ -169,20 +172,41 @@ def saved_eigen(config: cfg.Config, store: RunStore, inputs: Inputs, executor: E
     return eigen
 
 
-def _check_finite_tree(tree, what: str, fetch: Callable = np.asarray) -> None:
+def _check_finite_tree(tree, what: str, fetch: Callable = np.asarray, why: str = "") -> None:
+    if dataclasses.is_dataclass(tree):    # a stage's result (the covariance sums): its dict fields by name
+        tree = {f.name: getattr(tree, f.name) for f in dataclasses.fields(tree) if isinstance(getattr(tree, f.name), dict)}
     for k, v in (tree.items() if isinstance(tree, dict) else []):
         if isinstance(v, dict):
-            _check_finite_tree(v, f"{what} {k}", fetch)
-        elif not bool(fetch(jnp.all(jnp.isfinite(v)))):
-            raise stages.CaptureError(f"{what} of layer {k} is not finite")
+            _check_finite_tree(v, f"{what} {k}", fetch, why)
+        elif hasattr(v, "dtype") and jnp.issubdtype(v.dtype, jnp.inexact) and not bool(fetch(jnp.all(jnp.isfinite(v)))):
+            raise stages.CaptureError(f"{what} of layer {k} is not finite{why}")
 
 
-def _curvature_from(config: cfg.Config, inputs: Inputs, executor: Executor) -> curvature.Curvature:
-    """The fitted curvature of another run directory (``factors.from``), checked against this run's model and layers."""
+def check_factors_from(config: cfg.Config, model_fp: dict | None) -> RunStore | None:
+    """The run directory of ``factors.from`` (None without it), checked against this run: the settings that change
+    the curvature, and the *content* of the model and tokenizer (``model_fp``, :func:`jaxinf.fingerprint.check_model`)
+    against the fingerprints that run recorded, so that weights edited under the same path are refused and the same
+    weights under another path or in a copy are accepted. A run that recorded none (started by an older jaxinf, or
+    with imported factors) is compared by the checkpoint's resolved path."""
+    if config.factors.from_run is None:
+        return None
     other = Path(config.factors.from_run)
-    record = json.loads((other / "run.json").read_text())
-    theirs = cfg.from_dict(record["config"], str(other / "run.json"))
-    mismatched = [k for k in ("checkpoint", "dtype") if getattr(theirs.model, k) != getattr(config.model, k)]
+    try:
+        record = rundir.read_record(other)
+        theirs = cfg.from_dict(record["config"], str(other / "run.json"))
+    except (cfg.ConfigError, TypeError, KeyError) as e:
+        raise StoreError(f"factors.from: {other / 'run.json'}: unreadable run record ({e})") from None
+    recorded = record.get("inputs") or {}
+    mismatched = []
+    if model_fp is not None and "model" in recorded:
+        for kind in ("model", "tokenizer"):
+            mine = {n: f["sha256"] for n, f in model_fp[kind]["files"].items()}
+            if mine != {n: f.get("sha256") for n, f in recorded.get(kind, {}).get("files", {}).items()}:
+                mismatched.append(f"the {kind}'s content ({config.model.checkpoint} is not the {kind} of "
+                                  f"{theirs.model.checkpoint} as that run read it)")
+    elif Path(theirs.model.checkpoint or "").resolve() != Path(config.model.checkpoint or "").resolve():
+        mismatched.append("model.checkpoint")
+    mismatched += [f"model.{k}" for k in ("dtype",) if getattr(theirs.model, k) != getattr(config.model, k)]
     mismatched += [f"factors.{k}" for k in ("strategy", "fisher", "track", "max_documents", "seed")
                    if getattr(theirs.factors, k) != getattr(config.factors, k)]
     if theirs.run.precision != config.run.precision:
@@ -192,6 +216,14 @@ def _curvature_from(config: cfg.Config, inputs: Inputs, executor: Executor) -> c
     ostore = RunStore(other, record)
     if ostore.status("lambda") != "done":
         raise StoreError(f"factors.from: {other} has no finished curvature (stage lambda is {ostore.status('lambda')})")
+    return ostore
+
+
+def _curvature_from(config: cfg.Config, inputs: Inputs, executor: Executor) -> curvature.Curvature:
+    """The fitted curvature of another run directory (``factors.from``), checked against this run's model and layers
+    (:func:`check_factors_from`, at start-up)."""
+    other = Path(config.factors.from_run)
+    ostore = RunStore(other, rundir.read_record(other))
     strategy = curvature.strategy(config.factors.strategy)
     if not strategy.writes:
         return curvature.curvature(strategy)
@@ -238,11 +270,27 @@ def query_gradients(config: cfg.Config, store: RunStore, inputs: Inputs, curv, e
     if bad.size:
         q = inputs.queries[int(bad[0])]
         raise stages.CaptureError(f'{q.origin}: query "{q.id}": completion loss is not finite')
+    _check_query_gradients(qg, inputs, config, executor)
     store.save_result("queries", qg, seconds=time.perf_counter() - t0)
     log.info("queries: %d query gradients in %.1fs (rank %s, damping %s)", qg.num_queries, time.perf_counter() - t0,
              config.scores.query_rank or "full", config.scores.damping if config.scores.damping is not None
              else "0.1 x mean(Lambda)")
     return qg, encoded
+
+
+def _check_query_gradients(qg: scoring.QueryGradients, inputs: Inputs, config: cfg.Config, executor: Executor) -> None:
+    """Every query's preconditioned gradient finite, or one line naming the first query and layer whose is not (the
+    model's logits or gradients overflow on it): nothing non-finite is saved or scored."""
+    for part in ("full", "left", "right"):
+        for k, x in getattr(qg, part).items():
+            axis = x.ndim - 3
+            finite = executor.fetch(jnp.all(jnp.isfinite(x), axis=tuple(a for a in range(x.ndim) if a != axis)))
+            bad = np.flatnonzero(~np.asarray(finite))
+            if bad.size:
+                q = inputs.queries[int(bad[0])]
+                raise stages.CaptureError(f'{q.origin}: query "{q.id}": its preconditioned gradient of layer {k} is '
+                                          f"not finite (the model {config.model.checkpoint} overflows "
+                                          f"{jnp.dtype(x.dtype).name} on it)")
 
 
 def _prepare_all(inputs, batches, prep_fn, curv, executor: Executor, check: bool) -> scoring.QueryGradients:
@@ -296,15 +344,21 @@ def score_documents(config: cfg.Config, store: RunStore, inputs: Inputs, qg, cur
 
     def step(carry, batch, i):
         out = score_fn(inputs.lm.params, qg, curv, batch)
-        return carry, out, out["loss"]
+        finite = jnp.all(jnp.isfinite(out["scores"]), axis=0) & (jnp.isfinite(out["self"]) if want_self else True)
+        return carry, out, jnp.where(jnp.isfinite(out["loss"]) & ~finite, -jnp.inf, out["loss"])  # -inf: a bad score
 
     _, timing = run_batches("scores", step, batches.iterate, None, saves, total=len(batches),
                             non_finite=non_finite_loss(inputs.documents, "document"), device=executor)
+    chunks = saves.chunks.chunks if build is not None else saves.chunks
+    results = _assemble(chunks, inputs, qg.num_queries)
+    for key, value in results.items():      # nothing non-finite is exported (rows are checked batch by batch above)
+        if not np.all(np.isfinite(value)):
+            raise stages.CaptureError(f"scores: the {key} of {config.data.documents} assembled from the saved chunks "
+                                      f"are not finite ({int((~np.isfinite(value)).sum())} entries)")
     store.mark("scores", "done", total=len(batches), plan=plan_key(inputs.plan), timing=timing)
     if build is not None:
         build.done(timing)
-    chunks = saves.chunks.chunks if build is not None else saves.chunks
-    return _assemble(chunks, inputs, qg.num_queries)
+    return results
 
 
 def _assemble(chunks: list[dict], inputs: Inputs, num_queries: int) -> dict:
@@ -396,24 +450,26 @@ def check_statistics(config: cfg.Config, executor: Executor) -> None:
     plan.check_layers_fit(config, layers, rows, config.mesh.model, int(limit), source)
 
 
-def _claim(config: cfg.Config, overwrite: bool) -> tuple[RunLock | None, rundir.Aside | None]:
+def _claim(config: cfg.Config, overwrite: bool) -> tuple[RunLock | None, rundir.Aside | rundir.Fresh | None]:
     """Process 0: the run directory checked (never another kind of directory), locked, a killed ``--overwrite``
-    finished, and with ``overwrite`` the old run set aside."""
+    finished, and with ``overwrite`` the old run set aside; a new (or empty) directory is removed again (emptied) if
+    the start fails (:class:`jaxinf.rundir.Fresh`)."""
     if jax.process_index() != 0:
         return None, None
     root = Path(config.run.out)
     check_writable(root)
     rundir.check_target(root, overwrite)
+    fresh = rundir.Fresh(root, created=not root.exists()) if rundir.is_fresh(root) else None
     lock = RunLock(root).acquire()
     try:
         rundir.recover_interrupted(root)
-        return lock, (rundir.set_aside(root) if overwrite else None)
+        return lock, ((rundir.set_aside(root) if overwrite else None) or fresh)   # undone if the start fails
     except BaseException:
         lock.release()
         raise
 
 
-def _run_locked(config: cfg.Config, executor: Executor, aside: rundir.Aside | None) -> Path:
+def _run_locked(config: cfg.Config, executor: Executor, aside: rundir.Aside | rundir.Fresh | None) -> Path:
     store = None
     try:
         try:
@@ -425,6 +481,7 @@ def _run_locked(config: cfg.Config, executor: Executor, aside: rundir.Aside | No
             fingerprint.reconcile(store, model_fp,
                                   fingerprint.documents_fingerprint(inputs.documents, len(inputs.fit_documents)),
                                   fingerprint.queries_fingerprint(inputs.queries, config.data.queries))
+            check_factors_from(config, model_fp)
             if jax.process_count() > 1:                  # process 0 deleted what changed inputs invalidated
                 from jax.experimental import multihost_utils
 
@@ -433,10 +490,11 @@ def _run_locked(config: cfg.Config, executor: Executor, aside: rundir.Aside | No
             if aside is not None:
                 aside.restore()
             raise
-        if aside is not None:                        # the new run has started cleanly: the old one can go
+        if isinstance(aside, rundir.Aside):          # the new run has started cleanly: the old one can go
             fault_point("overwrite", 0)
             aside.discard()
         curv = fit_curvature(config, store, inputs, executor)
+        preflight.check_curvature(curv, config.scores.damping, executor.fetch, f"the documents of {config.data.documents}")
         qg, encoded = query_gradients(config, store, inputs, curv, executor)
         if config.scores.mode == "index":
             eigen = saved_eigen(config, store, inputs, executor)
@@ -445,9 +503,12 @@ def _run_locked(config: cfg.Config, executor: Executor, aside: rundir.Aside | No
             results = index_run.scores_from_index(config, store, inputs, qg, curv, eigen, executor)
         else:
             results = score_documents(config, store, inputs, qg, curv, executor)
-        export(config, store, inputs, results, qg, encoded, executor)
-        log.info("exports written to %s", store.root)
-        analyze(store, inputs)
+        exported = not _finished(store, "exports", ("scores.npy", "queries.jsonl", "documents.jsonl", "topk.jsonl"))
+        if exported:
+            export(config, store, inputs, results, qg, encoded, executor)
+            log.info("exports written to %s", store.root)
+        if exported or not _finished(store, "analysis", ("summary.json", "report/index.html")):
+            analyze(store, inputs)
         if config.index.k is not None and config.scores.mode == "exact":
             index_run.build_index(config, store, inputs, curv, saved_eigen(config, store, inputs, executor), executor)
     except Exception as e:
@@ -456,6 +517,15 @@ def _run_locked(config: cfg.Config, executor: Executor, aside: rundir.Aside | No
             raise
         raise failure from e
     return store.root
+
+
+def _finished(store: RunStore, stage: str, files: tuple[str, ...]) -> bool:
+    """Whether ``stage`` is done and its files are in place: a rerun of a finished run redoes nothing (a stage that
+    a changed input or setting invalidated is pending again, :mod:`jaxinf.fingerprint`). With several processes the
+    status alone decides, so that every process takes the same branch (the exports' breakdowns are collective)."""
+    if store.status(stage) != "done":
+        return False
+    return jax.process_count() > 1 or all(store.path(*f.split("/")).is_file() for f in files)
 
 
 def _running_stage(store: RunStore | None) -> str:

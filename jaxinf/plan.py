@@ -562,9 +562,12 @@ def format_plan(result: dict, config) -> str:
 def parse_mesh(text: str) -> tuple[int, int]:
     try:
         d, m = text.lower().split("x")
-        return int(d), int(m)
+        d, m = int(d), int(m)
     except ValueError:
         raise PlanError(f"--mesh {text!r}: expected DATAxMODEL, e.g. 8x8") from None
+    if d < 1 or m < 1:
+        raise PlanError(f"--mesh {text!r}: both sizes must be at least 1, e.g. 8x8")
+    return d, m
 
 
 NO_HOISTING = "--xla_disable_hlo_passes=while-loop-invariant-code-motion,while-loop-expensive-invariant-code-motion"

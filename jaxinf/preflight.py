@@ -63,3 +63,40 @@ def log_query_rank(rank: int | None, layers: dict) -> list[str]:
             log.info("scores.query_rank=%d is not below the smaller dimension of %s (%d x %d): full rank for that "
                      "layer", rank, name, spec.d_out, spec.d_in_aug)
     return full
+
+
+def check_curvature(curv, damping: float | None, fetch=np.asarray, source: str = "the fitted documents") -> None:
+    """A degenerate fit, before any query is preconditioned with it (issue 25, case 7).
+
+    - ``Lambda`` all zero in every tracked layer (no document contributed a token: every score would be 0, or with
+      the heuristic damping undefined): an error naming ``source``; in some layers only (an expert of a mixture
+      that no token was routed to): one warning naming them, since they contribute nothing to any score;
+    - a ``scores.damping`` that swamps ``Lambda`` (over 1e6 times its largest entry): one warning, since the
+      curvature is then ignored and the scores are those of ``factors.strategy=identity`` divided by the damping (one
+      whose inverse underflows, every score 0, is a config error: :func:`jaxinf.config.load`).
+    """
+    Lambda = getattr(curv, "Lambda", None)
+    if not Lambda:
+        return
+    largest = {k: float(fetch(_abs_max(L))) for k, L in Lambda.items()}
+    zero = sorted(k for k, v in largest.items() if v == 0)
+    if len(zero) == len(largest):
+        raise PreflightError(f"Lambda is zero in every tracked layer ({len(zero)} blocks): no token of {source} gave "
+                             "a non-zero gradient (documents of one token, or a model whose predictions are saturated), "
+                             "so every score would be 0")
+    if zero:
+        log.warning("Lambda is zero in %d tracked block(s) (%s): no token reached them, so they add nothing to any "
+                    "score", len(zero), ", ".join(zero))
+    if damping is None or damping == 0:
+        return
+    top_name, top = max(largest.items(), key=lambda kv: kv[1])
+    if damping > 1e6 * top:
+        log.warning("scores.damping=%g is %.3g times the largest Lambda (%.3g, layer %s): the curvature is ignored, "
+                    "the scores are factors.strategy=identity's divided by the damping", damping, damping / top, top,
+                    top_name)
+
+
+def _abs_max(x):
+    import jax.numpy as jnp
+
+    return jnp.max(jnp.abs(x))

@@ -37,13 +37,21 @@ class Progress:
         self.tty = getattr(self.stream, "isatty", lambda: False)()
         self.interval = 0.5 if self.tty else interval
         self.enabled = jax.process_index() == 0
+        self.first: tuple[int, int, float] | None = None   # (steps done, tokens, time) after the first step
 
     def line(self) -> str:
-        elapsed = time.perf_counter() - self.t0
-        rate = self.tokens / elapsed if elapsed > 0 else 0.0
-        steps = self.done - self.start_step
-        eta = (self.total - self.done) * elapsed / steps if steps else float("nan")
-        eta_text = _duration(eta) if steps else "?"
+        """Tokens/s and ETA from the steady state: the steps after the first one of this pass, whose time is mostly
+        compilation (counting it as throughput made the first ETA of a five-minute stage read two hours)."""
+        now = time.perf_counter()
+        elapsed = now - self.t0
+        steady = self.first is not None and self.done > self.first[0]
+        if steady:
+            done0, tokens0, t1 = self.first
+            rate = (self.tokens - tokens0) / (now - t1) if now > t1 else 0.0
+            eta_text = _duration((self.total - self.done) * (now - t1) / (self.done - done0))
+        else:
+            rate = self.tokens / elapsed if elapsed > 0 else 0.0
+            eta_text = _duration(0) if self.done >= self.total else "?"
         return (f"{self.stage}: {self.done}/{self.total} {self.unit}, {rate:,.0f} tokens/s, "
                 f"elapsed {_duration(elapsed)}, ETA {eta_text}")
 
@@ -51,6 +59,8 @@ class Progress:
         self.done += steps
         self.tokens += int(tokens)
         now = time.perf_counter()
+        if self.first is None:   # the end of the first (compiling) step: where the steady state starts
+            self.first = (self.done, self.tokens, now)
         if self.enabled and (now - self.last >= self.interval or self.done == self.total):
             self.last = now
             if self.tty:

@@ -1,8 +1,13 @@
 """What a run directory is, a safe ``--overwrite``, and a damaged ``run.json``.
 
-A directory is a *jaxinf run* when it holds ``run.json`` or ``state/run.json``
-(the copy the store writes beside every ``run.json``). Nothing here ever deletes
-or empties a directory that is not one.
+A directory is a *jaxinf run* when its ``run.json`` or ``state/run.json`` (the
+copy the store writes beside every ``run.json``) is a jaxinf run record: it
+carries the marker ``"format": "jaxinf run"`` (runs started before the marker:
+a config, stage status, config fingerprint and jaxinf version), never a file
+name alone: other tools write files called ``run.json``. A run whose two
+records are both damaged is still recognised by its lock file ``.jaxinf.lock``
+(only jaxinf writes it), so that the error can say what ``--overwrite`` would
+delete. Nothing here ever deletes or empties a directory that is not one.
 
 ``--overwrite`` (:func:`set_aside`) moves the entries of the old run into
 ``RUN/.jaxinf-previous/`` (renames within the directory: no copy, no space
@@ -42,9 +47,45 @@ class StoreError(RuntimeError):
     """A run directory that cannot be used as asked (the message names the path)."""
 
 
+MARKER = "jaxinf run"   # run.json's "format": what makes a directory a jaxinf run
+
+
+def is_record(record) -> bool:
+    """Whether a parsed ``run.json`` is a jaxinf run's: the marker, or (a run started before the marker) a config,
+    the stages' status, the config's fingerprint and the jaxinf version."""
+    if not isinstance(record, dict):
+        return False
+    if record.get("format") == MARKER:
+        return True
+    versions = record.get("versions")
+    return (isinstance(record.get("config"), dict) and isinstance(record.get("stages"), dict)
+            and isinstance(record.get("fingerprint"), str) and isinstance(versions, dict) and "jaxinf" in versions)
+
+
+def _holds_record(path: Path) -> bool | None:
+    """True: ``path`` is a jaxinf run record; False: absent or another tool's; None: a file that cannot be parsed."""
+    if not path.is_file():
+        return False
+    try:
+        return is_record(json.loads(path.read_text()))
+    except (OSError, ValueError):
+        return None
+
+
 def is_run(root: Path) -> bool:
-    """Whether ``root`` is a jaxinf run directory (``run.json`` or its copy ``state/run.json``)."""
-    return (root / RECORD).is_file() or root.joinpath(*RECORD_COPY).is_file()
+    """Whether ``root`` is a jaxinf run directory: ``run.json`` or its copy ``state/run.json`` is a jaxinf run record
+    (:func:`is_record`), or neither can be parsed and the directory holds jaxinf's lock file (a damaged run)."""
+    found = [_holds_record(root / RECORD), _holds_record(root.joinpath(*RECORD_COPY))]
+    if any(f is True for f in found):
+        return True
+    return any(f is None for f in found) and (root / LOCK_FILE).is_file()
+
+
+def why_not_run(root: Path) -> str:
+    """Why ``root`` (not :func:`is_run`) is not a jaxinf run directory, in a few words."""
+    if (root / RECORD).exists() or root.joinpath(*RECORD_COPY).exists():
+        return "its run.json is not a jaxinf run record"
+    return "no run.json"
 
 
 def foreign_entries(root: Path) -> list[str]:
@@ -54,18 +95,19 @@ def foreign_entries(root: Path) -> list[str]:
     return sorted(p.name for p in root.iterdir() if p.name not in OURS)
 
 
-def check_target(root: Path, overwrite: bool) -> None:
-    """Refuses a ``run.out`` that exists, is not empty and is not a jaxinf run, with or without ``--overwrite``."""
+def check_target(root: Path, overwrite: bool, key: str = "run.out") -> None:
+    """Refuses a ``run.out`` that exists, is not empty and is not a jaxinf run, with or without ``--overwrite``
+    (``key`` names the setting in the message: ``run.out``, ``--out``)."""
     if not root.exists() or is_run(root) or (root / PREVIOUS).is_dir():
         return
     if not root.is_dir():
-        raise StoreError(f"{root}: exists and is not a directory; choose another run.out")
+        raise StoreError(f"{root}: exists and is not a directory; choose another {key}")
     entries = foreign_entries(root)
     if entries:
         shown = ", ".join(entries[:5]) + (", ..." if len(entries) > 5 else "")
         verb = "will not be overwritten: it" if overwrite else "exists and"
-        raise StoreError(f"{root}: {verb} is not a jaxinf run directory (no run.json; it holds {shown}); "
-                         "choose another run.out")
+        raise StoreError(f"{root}: {verb} is not a jaxinf run directory ({why_not_run(root)}; it holds {shown}); "
+                         f"choose another {key}")
 
 
 def recover_interrupted(root: Path) -> None:
@@ -165,3 +207,77 @@ def describe_contents(root: Path) -> str:
         total_files, total_bytes = total_files + len(files), total_bytes + size
         parts.append(f"{p.name}/ ({len(files)} files)" if p.is_dir() else p.name)
     return f"everything in {root}: {', '.join(parts)} ({total_files} files, {total_bytes:,} bytes)"
+
+
+# --------------------------------------------------------------------------- a refused start leaves nothing
+
+
+class Fresh:
+    """A run directory that this start created or found empty (bookkeeping aside): a start that fails removes what
+    it wrote, its lock file, and the directory itself when it created it, so a refused start leaves nothing."""
+
+    def __init__(self, root: Path, created: bool):
+        self.root, self.created = root, created
+
+    def restore(self) -> None:
+        if not self.root.is_dir():
+            return
+        _remove_entries(self.root)
+        (self.root / LOCK_FILE).unlink(missing_ok=True)
+        if self.created:
+            try:
+                self.root.rmdir()
+            except OSError:   # something else appeared in it meanwhile: left as it is
+                pass
+
+    def discard(self) -> None:
+        pass
+
+
+def is_fresh(root: Path) -> bool:
+    """Whether ``root`` does not exist or holds nothing but bookkeeping (what :class:`Fresh` may remove); never when
+    it holds an old run that a killed ``--overwrite`` set aside (:func:`recover_interrupted` moves it back)."""
+    return not root.exists() or (root.is_dir() and not foreign_entries(root) and not (root / PREVIOUS).exists())
+
+
+# --------------------------------------------------------------------------- validate --out, demo --out
+
+OUTPUT_MARKER = ".jaxinf-output"   # in DIR of `jaxinf validate --out DIR` and `jaxinf demo --out DIR`: which command
+LEGACY_OUTPUTS = {                 # what the command wrote before the marker (a directory holding only these is its)
+    "validate": ({"work"}, {"work", "validation.json", "report"}),
+    "demo": ({"data"}, {"data", "model", "train", "config.yaml", "run"}),
+}
+
+
+def _output_kind(root: Path) -> str | None:
+    try:
+        record = json.loads((root / OUTPUT_MARKER).read_text())
+    except (OSError, ValueError):
+        return None
+    kind = record.get("format", "") if isinstance(record, dict) else ""
+    return kind[len("jaxinf "):] if kind.startswith("jaxinf ") else None
+
+
+def check_output(root: Path, kind: str, key: str = "--out") -> None:
+    """The rule of ``jaxinf validate --out`` and ``jaxinf demo --out`` (``kind``), as :func:`check_target` is
+    ``jaxinf run``'s: a directory that does not exist, is empty, or is that command's own (its marker
+    ``.jaxinf-output``, or only what that command writes) is accepted; a file, a jaxinf run directory, another
+    command's directory and any other non-empty directory are refused, and nothing is written."""
+    if not root.exists():
+        return
+    if not root.is_dir():
+        raise StoreError(f"{root}: exists and is not a directory; choose another {key}")
+    theirs = _output_kind(root)
+    if theirs == kind:
+        return
+    if theirs is not None:
+        raise StoreError(f"{root}: is the output directory of jaxinf {theirs}, not of jaxinf {kind}; choose another "
+                         f"{key}")
+    if is_run(root):
+        raise StoreError(f"{root}: is a jaxinf run directory (jaxinf run writes it); choose another {key}")
+    entries = [e for e in foreign_entries(root) if e != OUTPUT_MARKER]
+    required, allowed = LEGACY_OUTPUTS[kind]
+    if not entries or (required <= set(entries) <= allowed):
+        return
+    shown = ", ".join(entries[:5]) + (", ..." if len(entries) > 5 else "")
+    raise StoreError(f"{root}: exists and is not a jaxinf {kind} directory (it holds {shown}); choose another {key}")

@@ -241,8 +241,10 @@ class RunStore:
             record["config"] = cfg.to_dict(config)
             record["fingerprint"] = cfg.fingerprint(config)
             record["versions"] = versions()
+            record.setdefault("format", rundir.MARKER)
             return store  # written with the next update: a start refused before then leaves run.json as it was
         record = {
+            "format": rundir.MARKER,
             "config": cfg.to_dict(config),
             "fingerprint": cfg.fingerprint(config),
             "versions": versions(),
@@ -260,11 +262,14 @@ class RunStore:
         order = {s: i for i, s in enumerate(cfg.STAGES)}
         first = min(order[stage] for _, stage in changed)
         started = [s for s in cfg.STAGES[first:] if self.status(s) != "pending" or self.stage(s).steps()]
-        refused = [k for k, stage in changed if any(order[s] >= order[stage] for s in started)]
+        redone = ("exports", "analysis")   # written from saved results alone: a key of theirs redoes them, never refused
+        refused = [k for k, stage in changed if stage not in redone and any(order[s] >= order[stage] for s in started)]
         if refused:
+            keep = ("" if any(order[stage] <= order["lambda"] for k, stage in changed if k in refused) else
+                    f"; factors.from={self.root} with another run.out keeps its fitted curvature")
             raise StoreError(
                 f"{self.root}: run started with another config; these keys would change results already saved: "
-                f"{', '.join(refused)} (use --overwrite to start over, or another run.out)")
+                f"{', '.join(refused)} (use --overwrite to start over, or another run.out{keep})")
         for s in cfg.STAGES[first:]:
             self.record["stages"][s] = {"status": "pending"}
 

@@ -246,6 +246,29 @@ def test_missing_tensor_in_a_sharded_checkpoint(hf_checkpoint, tmp_path):
     assert _error(directory).endswith("model.safetensors.index.json: shard model-00009-of-00009.safetensors is missing")
 
 
+def test_a_single_file_beside_a_sharded_index_is_refused(hf_checkpoint, tmp_path):
+    """Issue 25, case 10: transformers loads model.safetensors before the index; jaxinf loaded the shards. Both
+    present (different weights) is ambiguous: refused in one line naming both."""
+    directory = _copy(hf_checkpoint("llama"), tmp_path / "both")
+    single = _single_file(hf_checkpoint("llama"), tmp_path / "single", lambda t: None)
+    shutil.copy(single / "model.safetensors", directory / "model.safetensors")
+    assert _error(directory) == (f"{directory}: both model.safetensors and model.safetensors.index.json (sharded "
+                                 "weights); transformers loads model.safetensors, so which weights are meant is "
+                                 "ambiguous: remove one of them")
+
+
+@pytest.mark.parametrize("model_type", ["llamazing", "mistral"])
+def test_a_model_type_that_is_not_the_architectures_is_refused(hf_checkpoint, tmp_path, model_type):
+    """Issue 25, case 10: `"model_type": "llamazing"` or `"mistral"` beside LlamaForCausalLM ran silently as Llama."""
+    directory = _copy(hf_checkpoint("llama"), tmp_path / model_type)
+    cfg = json.loads((directory / "config.json").read_text())
+    cfg["model_type"] = model_type
+    (directory / "config.json").write_text(json.dumps(cfg))
+    assert _error(directory) == (f"{directory / 'config.json'}: field model_type: {model_type!r} is not the model type "
+                                 "of architecture 'LlamaForCausalLM' ('llama'); transformers would load another model: "
+                                 "fix config.json")
+
+
 def test_misshaped_tensor(hf_checkpoint, tmp_path):
     def transpose(t):
         t["model.layers.1.mlp.up_proj.weight"] = np.ascontiguousarray(t["model.layers.1.mlp.up_proj.weight"].T)

@@ -206,7 +206,8 @@ def test_overwrite_keeps_the_old_run_until_the_new_one_has_started(base, tmp_pat
     assert r.returncode == 2 and "an --overwrite was interrupted before the new run started; the previous run " \
                                  "is restored" in r.stderr
     assert error_line(r).endswith("these keys would change results already saved: scores.damping "
-                                  "(use --overwrite to start over, or another run.out)")
+                                  "(use --overwrite to start over, or another run.out; factors.from=run with another "
+                                  "run.out keeps its fitted curvature)")
     assert snapshot(run) == before
     # started cleanly: the old run is gone, the new config recorded
     r = jaxinf(args("--overwrite", scores__damping=0.5), {**base["env"], "JAXINF_FAULT": "covariance:1"}, cwd=d)
@@ -394,3 +395,388 @@ def test_documented_exit_codes_are_the_programs():
     documented = {int(m.group(1)) for m in re.finditer(r"^\| (\d+) \|", section, re.M)}
     assert documented == set(cli.EXIT_CODES)
     assert "exits with status 1" not in text               # jaxinf prepare exits 2 on bad input
+
+
+# --------------------------------------------------------------------------- issue 25: nothing lost, nothing left
+
+
+def test_overwrite_refused_by_a_query_longer_than_max_length_keeps_the_finished_run(base, tmp_path):
+    """Issue 25, case 1: every query is tokenized and checked against data.max_length at start-up, so a refused
+    --overwrite restores the finished run byte for byte instead of failing at the queries stage after deleting it
+    (and without computing anything)."""
+    d = clone(base, tmp_path / "w")
+    before = snapshot(d / "run")
+    r = jaxinf(args("--overwrite", data__max_length=8), base["env"], cwd=d)
+    assert r.returncode == 2
+    assert re.fullmatch(r'queries\.jsonl:\d+: query "[^"]+" has \d+ tokens, more than data\.max_length \(8\)',
+                        error_line(r)), error_line(r)
+    assert not ran("covariance", r.stderr)
+    assert snapshot(d / "run") == before and not (d / "run" / ".jaxinf-previous").exists()
+
+
+@pytest.mark.parametrize("record", ["run.json", "state/run.json"])
+def test_a_foreign_run_json_does_not_make_a_run_directory(base, tmp_path, record):
+    """Issue 25, case 2: a directory is a jaxinf run by its run.json's marker, not by the file's name: another tool's
+    run.json (or state/run.json) is refused with --overwrite, and nothing in it is deleted or added."""
+    fake = tmp_path / "fakerun"
+    (fake / record).parent.mkdir(parents=True, exist_ok=True)
+    (fake / record).write_text('{"results": [1]}\n')
+    (fake / "data.csv").write_text("precious\n")
+    before = snapshot(fake)
+    r = jaxinf(args("--overwrite", run__out=fake), base["env"], cwd=base["root"])
+    assert r.returncode == 2
+    entries = "data.csv, run.json" if record == "run.json" else "data.csv, state"
+    assert error_line(r) == (f"{fake}: will not be overwritten: it is not a jaxinf run directory (its run.json is not "
+                             f"a jaxinf run record; it holds {entries}); choose another run.out")
+    assert snapshot(fake) == before and sorted(p.name for p in fake.iterdir()) == sorted(entries.split(", "))
+    r = jaxinf(args(factors__from=fake, run__out=tmp_path / "new"), base["env"], cwd=base["root"])
+    assert r.returncode == 2 and error_line(r) == (f"factors.from: {fake}: not a jaxinf run directory (its run.json "
+                                                   "is not a jaxinf run record)")
+    assert not (tmp_path / "new").exists()
+
+
+def test_a_run_record_carries_the_marker(base):
+    from jaxinf import rundir
+
+    record = json.loads((base["root"] / "run" / "run.json").read_text())
+    assert record["format"] == rundir.MARKER and rundir.is_record(record)
+    legacy = {k: v for k, v in record.items() if k != "format"}        # a run started before the marker
+    assert rundir.is_record(legacy) and not rundir.is_record({"results": [1]})
+    assert not rundir.is_record({**legacy, "versions": {"numpy": "2"}})
+
+
+def test_an_input_error_after_the_lock_leaves_nothing_behind(base, tmp_path):
+    """Issue 25, case 12: an error found once the run directory was locked (here a query too long for
+    data.max_length) removes what the start wrote: a new directory is gone, an empty one is empty again."""
+    r = jaxinf(args(run__out=tmp_path / "new", data__max_length=8), base["env"], cwd=base["root"])
+    assert r.returncode == 2 and "more than data.max_length (8)" in error_line(r)
+    assert not (tmp_path / "new").exists()
+    (tmp_path / "empty").mkdir()
+    r = jaxinf(args(run__out=tmp_path / "empty", data__max_length=8), base["env"], cwd=base["root"])
+    assert r.returncode == 2 and list((tmp_path / "empty").iterdir()) == []
+
+
+def test_options_are_accepted_after_overrides(monkeypatch):
+    """Issue 25, case 9: `jaxinf run CONFIG --overwrite data.foo=1` parses (the override reaches the config)."""
+    from jaxinf import cli, pipeline
+
+    seen = {}
+    monkeypatch.setattr(pipeline, "run", lambda config, overwrite: seen.update(config=config, overwrite=overwrite))
+    monkeypatch.setattr(cli, "enable_compilation_cache", lambda: None)
+    assert cli.main(["-q", "run", "data.max_length=7", "--overwrite", "data.batch_size=3"]) == 0
+    assert seen["overwrite"] and seen["config"].data.max_length == 7 and seen["config"].data.batch_size == 3
+    assert cli.main(["-q", "run", "--overwrite", "data.max_length=9", "run.out=x"]) == 0
+    assert seen["config"].data.max_length == 9 and seen["config"].run.out == "x"
+
+
+def _one_error(capsys, command: str) -> str:
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    lines = [line for line in err.splitlines() if line.startswith(f"jaxinf {command}: error: ")]
+    assert len(lines) == 1, err
+    return lines[0][len(f"jaxinf {command}: error: "):]
+
+
+@pytest.mark.parametrize("command", ["validate", "demo"])
+def test_validate_and_demo_out_follow_the_run_directory_rule(tmp_path, capsys, command):
+    """Issue 25, cases 3 and 8: `validate --out` and `demo --out` refuse a jaxinf run directory, a foreign non-empty
+    directory and a file, in one line, writing nothing; a directory in use is locked out as a run is."""
+    from jaxinf import cli, rundir
+    from jaxinf.lock import RunLock, claim_output
+
+    run = tmp_path / "run"
+    (run / "report").mkdir(parents=True)
+    (run / "run.json").write_text(json.dumps({"format": rundir.MARKER, "config": {}, "stages": {}}))
+    (run / "report" / "index.html").write_text("the run's report")
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    (tmp_path / "file").write_text("a file")
+    cases = [(run, f"{run}: is a jaxinf run directory (jaxinf run writes it); choose another --out"),
+             (foreign, f"{foreign}: exists and is not a jaxinf {command} directory (it holds notes.txt); choose "
+                       "another --out"),
+             (tmp_path / "file", f"{tmp_path / 'file'}: exists and is not a directory; choose another --out")]
+    before = snapshot(tmp_path)
+    for out, message in cases:
+        assert cli.main(["-q", command, "--out", str(out)]) == 2
+        assert _one_error(capsys, command) == message
+    assert snapshot(tmp_path) == before and not (run / ".jaxinf.lock").exists()
+    other = "demo" if command == "validate" else "validate"
+    theirs = tmp_path / other
+    claim_output(theirs, other).release()
+    assert cli.main(["-q", command, "--out", str(theirs)]) == 2
+    assert _one_error(capsys, command) == (f"{theirs}: is the output directory of jaxinf {other}, not of jaxinf "
+                                           f"{command}; choose another --out")
+    mine = tmp_path / command
+    held = claim_output(mine, command)   # its own directory, in use by another process
+    try:
+        rundir.check_output(mine, command)
+        with pytest.raises(rundir.StoreError, match="in use by another jaxinf process"):
+            RunLock(mine).acquire()
+    finally:
+        held.release()
+
+
+def test_validate_out_is_checked_before_the_world_is_read(tmp_path, capsys, monkeypatch):
+    """A refused --out is found before any input is read (nothing is computed or written)."""
+    from jaxinf import cli
+    from jaxinf.validate import driver
+
+    monkeypatch.setattr(driver, "load_world", lambda config: pytest.fail("the world was read"))
+    (tmp_path / "x").mkdir()
+    (tmp_path / "x" / "data.csv").write_text("1")
+    assert cli.main(["-q", "validate", "--out", str(tmp_path / "x"), "validate.steps=3"]) == 2
+    assert "is not a jaxinf validate directory" in _one_error(capsys, "validate")
+
+
+def _scaled_lm_head(d: Path, factor: float) -> None:
+    from safetensors.numpy import load_file, save_file
+
+    weights = load_file(d / "model" / "model.safetensors")
+    weights["lm_head.weight"] = weights["lm_head.weight"] * np.float32(factor)
+    assert np.isfinite(weights["lm_head.weight"]).all()
+    save_file(weights, d / "model" / "model.safetensors", metadata={"format": "np"})
+
+
+@pytest.mark.parametrize("extra, message", [
+    ({"factors__strategy": "identity"},
+     r'queries\.jsonl:1: query "[^"]+": its preconditioned gradient of layer \S+ is not finite \(the model model '
+     r"overflows float32 on it\)"),
+    ({}, r"covariance S of layer \S+ is not finite: the model model overflows float32 on the documents of docs\.jsonl"),
+])
+def test_overflowing_logits_stop_the_stage_that_meets_them(base, tmp_path, extra, message):
+    """Issue 25, case 5: an lm_head scaled by 1e37 (finite weights, overflowing logits) stops the stage that meets the
+    overflow with one line naming the model or the query, and no scores.npy is written (it was, with NaN entries)."""
+    d = clone(base, tmp_path / "w", run=False)
+    _scaled_lm_head(d, 1e37)
+    r = jaxinf(args(**extra), base["env"], cwd=d)
+    assert r.returncode == 2
+    assert re.fullmatch(message, error_line(r)), error_line(r)
+    assert not (d / "run" / "scores.npy").exists()
+
+
+def test_a_saturated_model_gives_an_all_zero_fit_that_is_refused(base, tmp_path):
+    """Issue 25, case 7: with the sampled Fisher, a model whose predictions are saturated samples its own labels with
+    probability 1, so every gradient, S and Lambda are exactly 0: refused in one line before any query."""
+    d = clone(base, tmp_path / "w", run=False)
+    _scaled_lm_head(d, 1e37)
+    r = jaxinf(args(factors__fisher="sampled"), base["env"], cwd=d)
+    assert r.returncode == 2
+    assert error_line(r) == ("Lambda is zero in every tracked layer (3 blocks): no token of the documents of docs.jsonl "
+                             "gave a non-zero gradient (documents of one token, or a model whose predictions are "
+                             "saturated), so every score would be 0")
+    assert not ran("queries", r.stderr) and not (d / "run" / "scores.npy").exists()
+
+
+def test_a_one_token_max_length_is_refused():
+    """Issue 25, case 7: data.max_length=1 leaves no next-token prediction (all-zero S and Lambda): a config error."""
+    from jaxinf import config as cfg
+
+    with pytest.raises(cfg.ConfigError, match=r"^command line: data\.max_length: must be at least 2 \(a document "
+                                              r"needs two tokens for one next-token prediction\), got 1$"):
+        cfg.load(None, ["data.max_length=1"])
+    with pytest.raises(cfg.ConfigError, match="plan.device_flops: must be a positive finite number, got nan"):
+        cfg.load(None, ["plan.device_flops=nan"])
+
+
+def test_factors_from_compares_content_and_refuses_a_swamping_damping(base, tmp_path):
+    """Issue 25, cases 4 and 7: factors.from accepts the same weights under another path (it refused them by path)
+    and refuses weights edited in place under the same path (it reused the stale curvature); a damping whose inverse
+    underflows (every score 0) is refused in one line, and one that swamps Lambda is warned about."""
+    d = clone(base, tmp_path / "w")
+    shutil.copytree(d / "model", d / "copy")
+    r = jaxinf(args(model__checkpoint="copy", factors__from="run", run__out="reuse", scores__damping=1e12), base["env"],
+               cwd=d)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "reusing the ekfac factors of run" in r.stderr and not ran("covariance", r.stderr)
+    assert re.search(r"scores\.damping=1e\+12 is \S+ times the largest Lambda \(\S+, layer \S+\): the curvature is "
+                     r"ignored", r.stderr), r.stderr[-3000:]
+    r = jaxinf(args(factors__from="run", run__out="tiny", scores__damping=1e300), base["env"], cwd=d)
+    assert r.returncode == 2 and error_line(r) == ("command line: scores.damping: 1e+300 has an inverse that "
+                                                   "underflows run.precision=float32 (every score would be 0); choose "
+                                                   "one near Lambda's scale, or null for 0.1 x mean(Lambda)")
+    assert not (d / "tiny").exists()
+    _scaled_lm_head(d, 1.5)
+    r = jaxinf(args(factors__from="run", run__out="stale"), base["env"], cwd=d)
+    assert r.returncode == 2
+    assert error_line(r) == ("factors.from: run was fitted with other settings: the model's content (model is not the "
+                             "model of model as that run read it)")
+    assert not (d / "stale").exists()
+
+
+def test_a_non_finite_score_names_the_document():
+    from jaxinf.inputs import non_finite_loss
+
+    class Docs:
+        name = "docs.jsonl"
+
+        def documents(self, idx):
+            return [type("D", (), {"line": 7, "id": "d7"})() for _ in idx]
+
+    message = non_finite_loss(Docs(), "document")
+    assert message(0, 0, 3, float("-inf")) == 'docs.jsonl:7: document "d7": its score against a query is not finite'
+    assert message(0, 0, 3, float("nan")) == 'docs.jsonl:7: document "d7": document loss is not finite (nan)'
+
+
+def test_tracebacks_of_issue_25_are_one_line(tmp_path, capsys, monkeypatch):
+    """Issue 25, case 8: `plan --mesh 3x0`, `compare --json DIRECTORY` and a refused write in `analyze` (a read-only
+    run directory) are one line each (exit 2, 2 and 3), not tracebacks."""
+    import errno
+
+    from jaxinf import cli
+    from jaxinf.analysis import cli as analysis_cli
+
+    assert cli.main(["-q", "plan", "data.max_length=8", "--mesh", "3x0"]) == 2
+    assert _one_error(capsys, "plan") == "--mesh '3x0': both sizes must be at least 1, e.g. 8x8"
+    assert cli.main(["-q", "compare", "--kronfluence", str(tmp_path), "--run", str(tmp_path), "--json",
+                     str(tmp_path)]) == 2
+    assert _one_error(capsys, "compare") == f"--json {tmp_path}: is a directory; give the path of a file to write"
+
+    def read_only(path):
+        raise OSError(errno.EROFS, "Read-only file system", str(path / "summary.json"))
+
+    monkeypatch.setattr(analysis_cli, "analyze", read_only)
+    assert cli.main(["-q", "analyze", str(tmp_path)]) == 3
+    assert _one_error(capsys, "analyze") == (f"{tmp_path / 'summary.json'}: read-only file system; make it writable "
+                                             "and run the same command again")
+
+
+def test_a_finished_run_run_again_redoes_nothing(base, tmp_path):
+    """Issue 25, case 11: a rerun of a finished run computes no batch, no breakdown and no analysis, and leaves every
+    export byte for byte; a deleted report is written again (its stage's files are checked, not only its status)."""
+    d = clone(base, tmp_path / "w")
+    def results(run: Path) -> dict:   # run.json records the time; the token counts' cache key names the (copied) file
+        return {k: v for k, v in snapshot(run).items() if "run.json" not in k and not k.startswith("state/plan")}
+
+    before = results(d / "run")
+    r = jaxinf(args(), base["env"], cwd=d)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert not any(ran(s, r.stderr) for s in ("covariance", "lambda", "scores", "breakdowns"))
+    assert "analyze:" not in r.stderr and "query gradients in" not in r.stderr
+    assert results(d / "run") == before
+    r = jaxinf(args(scores__topk=2), base["env"], cwd=d)      # only the exports depend on it: redone, not refused
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert not any(ran(s, r.stderr) for s in ("covariance", "lambda", "scores")) and ran("breakdowns", r.stderr)
+    assert all(len(json.loads(line)["top"]) == 2 for line in lines_of(d / "run" / "topk.jsonl"))
+    shutil.rmtree(d / "run" / "report")
+    r = jaxinf(args(scores__topk=2), base["env"], cwd=d)
+    assert r.returncode == 0 and (d / "run" / "report" / "index.html").is_file() and "analyze:" in r.stderr
+    assert not ran("breakdowns", r.stderr)
+
+
+def test_messages_of_issue_25_case_12(tmp_path):
+    """Issue 25, case 12: model.dtype=float64 names run.precision (not a Python API); a file given for a directory
+    and the reverse say so; another tool's run.json is not read as a run record (no KeyError leaks)."""
+    from jaxinf import config as cfg
+    from jaxinf.inputs import InputError, check_inputs
+    from jaxinf.interop.kronfluence import InteropError
+    from jaxinf.interop.transfer import read_record
+
+    with pytest.raises(cfg.ConfigError, match=r"^command line: model\.dtype: float64 needs run\.precision=float64 "
+                                              r"\(64-bit arithmetic\), got run\.precision=float32$"):
+        cfg.load(None, ["model.dtype=float64"])
+    cfg.load(None, ["model.dtype=float64", "run.precision=float64"])
+    (tmp_path / "file").write_text("x")
+    (tmp_path / "dir").mkdir()
+    for settings, message in (
+            ({"model.checkpoint": tmp_path / "file", "data.documents": tmp_path / "file", "data.queries": tmp_path / "file"},
+             f"model.checkpoint: {tmp_path / 'file'}: is a file, not a directory"),
+            ({"model.checkpoint": tmp_path / "dir", "data.documents": tmp_path / "file", "data.queries": tmp_path / "dir"},
+             f"data.queries: {tmp_path / 'dir'}: is a directory, not a file")):
+        with pytest.raises(InputError) as e:
+            check_inputs(cfg.load(None, [f"{k}={v}" for k, v in settings.items()]))
+        assert str(e.value) == message
+    (tmp_path / "dir" / "run.json").write_text('{"results": [1]}')
+    with pytest.raises(InteropError, match="its run.json is not a jaxinf run record"):
+        read_record(tmp_path / "dir")
+
+
+def test_a_failed_start_never_removes_a_run_set_aside_by_a_killed_overwrite(tmp_path):
+    """A directory holding only an old run that a killed --overwrite set aside is not a fresh directory: a start
+    that then fails must not remove the run that recover_interrupted moves back."""
+    from jaxinf import rundir
+
+    root = tmp_path / "run"
+    (root / rundir.PREVIOUS).mkdir(parents=True)
+    (root / rundir.PREVIOUS / "scores.npy").write_text("old")
+    assert not rundir.is_fresh(root)
+    assert rundir.is_fresh(tmp_path / "new")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / rundir.LOCK_FILE).write_text("")
+    assert rundir.is_fresh(empty)
+    fresh = rundir.Fresh(empty, created=False)
+    (empty / "run.json").write_text("{}")
+    fresh.restore()
+    assert empty.is_dir() and list(empty.iterdir()) == []
+
+
+def test_changed_supports_redo_only_the_exports(base, tmp_path):
+    """Issue 25, case 11: a query's `supports` (or any label) changed in place redoes the exports and the analysis, not
+    the query gradients or the scores, whose prompts and completions are unchanged."""
+    d = clone(base, tmp_path / "w")
+    rows = [json.loads(line) for line in lines_of(d / "queries.jsonl")]
+    rows[0]["supports"] = [json.loads(lines_of(d / "docs.jsonl")[1])["id"]]
+    (d / "queries.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    r = jaxinf(args(), base["env"], cwd=d)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert ("queries.jsonl: only the queries' ids or labels changed (not their prompts or completions) since this run "
+            "started; recomputing exports, analysis") in r.stderr
+    assert "query gradients in" not in r.stderr and not ran("scores", r.stderr)
+    assert json.loads(lines_of(d / "run" / "queries.jsonl")[0])["supports"] == rows[0]["supports"]
+    np.testing.assert_array_equal(np.load(d / "run" / "scores.npy"), np.load(base["root"] / "run" / "scores.npy"))
+
+
+def test_the_eta_leaves_out_the_compiling_first_step(monkeypatch):
+    """Issue 25, case 13: a first step of 100 s (compilation) then steps of 1 s: the ETA after the second step is
+    that of 1-s steps, not of the 50-s average (the first ETA of a five-minute stage read two hours)."""
+    import io
+
+    from jaxinf import progress
+
+    clock = iter([0.0, 100.0, 101.0, 101.0])
+    monkeypatch.setattr(progress.time, "perf_counter", lambda: next(clock))
+    p = progress.Progress("covariance", total=10, stream=io.StringIO())
+    p.enabled = False
+    p.update(50)                      # t = 100: the compiled first step
+    p.update(50)                      # t = 101: one steady step
+    assert p.line() == "covariance: 2/10 batches, 50 tokens/s, elapsed 0:01:41, ETA 0:00:08"
+
+
+def test_a_query_of_unknown_tokens_is_warned_about(tmp_path, caplog):
+    """Issue 25, case 12: a query whose completion is made only of words the tokenizer does not know is one warning."""
+    import logging
+
+    from jaxinf import config as cfg
+    from jaxinf.data.queries import read_queries
+    from jaxinf.data.tokenize import TextEncoder
+    from jaxinf.inputs import check_queries
+
+    world = make_world(tmp_path, n_documents=4, n_queries=1)
+    (tmp_path / "q.jsonl").write_text(json.dumps({"id": "q", "prompt": "the river of", "completion": "zzqx wvvk"}) + "\n")
+    with caplog.at_level(logging.WARNING, logger="jaxinf"):
+        check_queries(read_queries(str(tmp_path / "q.jsonl")), TextEncoder(world["model"] / "tokenizer.json"),
+                      cfg.load(None, ["data.max_length=16"]))
+    assert [r.getMessage() for r in caplog.records] == [
+        f'{tmp_path / "q.jsonl"}:1: query "q": every token of its completion is the tokenizer\'s unknown token <unk> '
+        "(2 tokens): the model sees none of its words"]
+
+
+def test_compare_says_why_token_counts_are_marked():
+    """Issue 25, case 12: `compare` against a run on other data marked token counts "(!)" without saying why."""
+    from jaxinf.interop.compare import format_table
+
+    report = {"kronfluence": {"factors": "ekfac", "pairwise": None, "self_scores": None}, "run": "run",
+              "strategy": "ekfac", "notes": [],
+              "stages": {"covariance": {"mlp": {"A": 0.0, "tokens": [10, 12]}}}}
+    table = format_table(report)
+    assert "10, 12 (!)" in table
+    assert "note: (!) marks a layer whose token counts differ: the two fits saw different tokens" in table
+    report["stages"]["covariance"]["mlp"]["tokens"] = [12, 12]
+    assert "(!)" not in format_table(report)
+
+
+def test_the_report_leads_with_each_querys_documents(base):
+    """Issue 25, case 13: the queries' top and bottom documents come right after the findings, not at the bottom."""
+    html = (base["root"] / "run" / "report" / "index.html").read_text()
+    assert html.index('id="findings"') < html.index('id="queries"') < html.index('id="correlations"')

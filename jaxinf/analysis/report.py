@@ -323,9 +323,9 @@ def write_report(out: Path, s: dict, queries, rows, fetched, texts, docs, o) -> 
     if s["layers"].get("available"):
         make("layers.png", fig_layers, s)
 
-    parts = [_head(s), _notes(s), _sec_findings(s), _sec_correlations(s), _sec_concentration(s), _sec_powerlaw(s),
-             _sec_sources(s), _sec_answers(s), _sec_layers_tokens(s, queries), _sec_queries(s, queries, rows, fetched,
-                                                                                          texts, docs, o)]
+    parts = [_head(s), _notes(s), _sec_findings(s), _sec_queries(s, queries, rows, fetched, texts, docs, o),
+             _sec_correlations(s), _sec_concentration(s), _sec_powerlaw(s), _sec_sources(s), _sec_answers(s),
+             _sec_layers_tokens(s, queries)]   # each query's documents first: what a reader opens the report for
     (out / "index.html").write_text("".join(parts) + "</main></body></html>\n", encoding="utf-8")
     (out / "summary.md").write_text(summary_markdown(s), encoding="utf-8")
 
@@ -513,8 +513,8 @@ OPEN_QUERIES = 40
 
 def _sec_queries(s, queries, rows, fetched, texts, docs, o) -> str:
     ans = {p["query"]: p for p in s["answers"].get("per_query", [])} if s["answers"].get("available") else {}
-    index = s.get("index") or {}
-    out = ['<section id="queries"><h2>Queries and their top and bottom documents</h2>']
+    out = ['<section id="queries"><h2>Queries and their top and bottom documents</h2>'
+           "<p>One collapsible entry per query; the browser's find (Ctrl+F) also searches and opens closed ones.</p>"]
     n = o.report_documents
     opened = " open" if len(queries.ids) <= OPEN_QUERIES else ""  # long reports start collapsed
     for q, qid in enumerate(queries.ids):
@@ -524,7 +524,7 @@ def _sec_queries(s, queries, rows, fetched, texts, docs, o) -> str:
             last = a["by_k"][-1]
             marks = ", ".join(f"{esc(it)} {'&#10003;' if f else '&#10007;'}" for it, f in zip(a["items"], last["found"]))
             items = f"<p>Answer items ({esc(a['rule'])}), found in the top {last['k']}: {marks or '<i>none</i>'}</p>"
-        fid = f" (EK-FAC index, predicted correlation {fmt(index['predicted_correlation'][qid])})" if index else ""
+        fid = f" (EK-FAC index, predicted correlation {fmt(s['index']['predicted_correlation'][qid])})" if s.get("index") else ""
         body = [f"<details{opened}><summary>[{esc(queries.kinds[q])} / {esc(queries.tasks[q] or '(none)')}] "
                 f"<b>{esc(qid)}</b>{fid}: {_snippet(queries.prompts[q], 160)}</summary>"
                 f'<p><b>Prompt</b></p><div class="doc">{esc(queries.prompts[q])}</div>'

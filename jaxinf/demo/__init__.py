@@ -36,12 +36,22 @@ QUERIES_PER_TASK = 8
 
 def main(out: str | Path = "runs/demo", n_documents: int = 3000, train_steps: int = 1200) -> Path:
     """Runs (or resumes, or reuses) every step of the demo; returns the run directory."""
+    from jaxinf.lock import claim_output
+
+    out = Path(out)
+    lock = claim_output(out, "demo")   # the output-directory rule and lock of jaxinf run's
+    try:
+        return _main(out, n_documents, train_steps)
+    finally:
+        lock.release()
+
+
+def _main(out: Path, n_documents: int, train_steps: int) -> Path:
     from jaxinf import config as cfg
     from jaxinf import pipeline
     from jaxinf.demo import corpus, train
 
     t0 = time.perf_counter()
-    out = Path(out)
     data = out / "data"
     data.mkdir(parents=True, exist_ok=True)
     docs_path = data / "documents.jsonl"

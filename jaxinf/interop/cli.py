@@ -23,7 +23,14 @@ def compare_command(args) -> int:
     """Prints the comparison table (or the JSON report with ``--json -``); writes the JSON to ``--json PATH``."""
     from jaxinf.interop.compare import compare, format_table
     from jaxinf.atomic import write_json
+    from jaxinf.interop.kronfluence import InteropError
 
+    if args.json not in (None, "-"):     # a path that cannot take the file is refused before the comparison
+        target = Path(args.json)
+        if target.is_dir():
+            raise InteropError(f"--json {args.json}: is a directory; give the path of a file to write")
+        if not target.parent.is_dir():
+            raise InteropError(f"--json {args.json}: no such directory {target.parent}")
     report = compare(args.kronfluence, args.run, factors=args.factors, scores=args.scores, topk=args.topk)
     table = format_table(report)
     report = _strict(report)

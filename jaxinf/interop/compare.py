@@ -240,9 +240,11 @@ def format_table(report: dict) -> str:
              f"self-influence {k['self_scores'] or '-'}",
              f"jaxinf run:  {report['run']} (strategy {report['strategy']})", ""]
     stages = report["stages"]
+    flagged = False
     for stage in ("covariance", "eigen", "lambda"):
         if stage not in stages:
             continue
+        flagged |= any(v[0] != v[1] for values in stages[stage].values() for q, v in values.items() if q == "tokens")
         rows = stages[stage]
         quantities = list(next(iter(rows.values())))
         width = max(len(n) for n in rows)
@@ -271,6 +273,10 @@ def format_table(report: dict) -> str:
         lines.append(f"self-influence: rel. error {_fmt(s['rel_error'])}, Pearson {_fmt(s['pearson'])}, "
                      f"Spearman {_fmt(s['spearman'])}")
         lines.append("")
+    if flagged:
+        lines.append("note: (!) marks a layer whose token counts differ: the two fits saw different tokens (other "
+                     "documents, data.max_length, factors.max_documents or tokenizer), so their factors are not "
+                     "expected to agree")
     for note in report["notes"]:
         lines.append(f"note: {note}")
     return "\n".join(lines).rstrip() + "\n"

@@ -128,9 +128,14 @@ def read_record(run_dir: Path) -> dict:
     if not path.is_file():
         raise InteropError(f"{run_dir}: not a jaxinf run directory (no run.json)")
     try:
-        return json.loads(path.read_text())
+        record = json.loads(path.read_text())
     except (OSError, ValueError) as e:
         raise InteropError(f"{path}: unreadable run record ({e})") from None
+    from jaxinf.rundir import is_record
+
+    if not is_record(record) or not isinstance(record.get("config"), dict):
+        raise InteropError(f"{run_dir}: not a jaxinf run directory (its run.json is not a jaxinf run record)")
+    return record
 
 
 def _numpy(tree):

@@ -312,10 +312,15 @@ def family_of(cfg: Mapping[str, Any], source: str) -> str:
     archs = cfg.get("architectures") or []
     if isinstance(archs, str):
         archs = [archs]
+    mt = cfg.get("model_type")
     for a in archs:
         if a in by_arch:
+            types = FAMILIES[by_arch[a]].model_types
+            if mt is not None and mt not in types:   # transformers builds the model of model_type's config class
+                raise ConfigError(f"{source}: field model_type: {mt!r} is not the model type of architecture {a!r} "
+                                  f"({', '.join(map(repr, types))}); transformers would load another model: fix "
+                                  "config.json")
             return by_arch[a]
-    mt = cfg.get("model_type")
     if not archs and mt in by_type:
         return by_type[mt]
     name = archs[0] if archs else mt

@@ -154,6 +154,9 @@ def tensor_index(path: Path) -> tuple[dict[str, TensorInfo], Path]:
     ``model.safetensors``, else all ``*.safetensors`` files of the directory.
     """
     index_file = path / INDEX
+    if index_file.exists() and (path / SINGLE).exists():   # transformers would load the single file, jaxinf the shards
+        raise CheckpointError(f"{path}: both {SINGLE} and {INDEX} (sharded weights); transformers loads {SINGLE}, so "
+                              "which weights are meant is ambiguous: remove one of them")
     if index_file.exists():
         raw = _read_json(index_file)
         weight_map = raw.get("weight_map") if isinstance(raw, dict) else None

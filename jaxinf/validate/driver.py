@@ -33,8 +33,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxinf import config as cfg
-from jaxinf import curvature
+from jaxinf import curvature, rundir
 from jaxinf.atomic import save_npy, write_atomic, write_json
+from jaxinf.lock import claim_output
 from jaxinf.validate import lds as lds_mod
 from jaxinf.validate import pbrf as pbrf_mod
 from jaxinf.validate import recall as recall_mod
@@ -97,16 +98,27 @@ def _load_params(path: Path, like):
 
 def validate(config: cfg.Config, out: str | Path) -> dict:
     """Runs (or resumes) the whole validation; returns what it writes to ``DIR/validation.json``."""
-    from jaxinf import capture, scoring, stages
-
     t_start = time.perf_counter()
     v = config.validate
     out = Path(out)
+    rundir.check_output(out, "validate")       # the output-directory rule of jaxinf run's (nothing written if refused)
     world = load_world(config)
     N = world.num_documents
     if int(round(v.fraction * N)) < v.batch_size:
         raise ValidationError(f"validate.batch_size: {v.batch_size} is more than the {int(round(v.fraction * N))} "
                               "documents of a subset")
+    lock = claim_output(out, "validate")  # one process at a time, as a run directory
+    try:
+        return _validate(config, out, world, t_start)
+    finally:
+        lock.release()
+
+
+def _validate(config: cfg.Config, out: Path, world: World, t_start: float) -> dict:
+    from jaxinf import capture, scoring, stages
+
+    v = config.validate
+    N = world.num_documents
     work = out / "work" / fingerprint(config)
     work.mkdir(parents=True, exist_ok=True)
     log.info("validate: %s; work directory %s", world.name, work)
