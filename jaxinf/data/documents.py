@@ -388,7 +388,7 @@ class TfdsDocuments:
                  shard_lengths: Sequence[int] | None = None):
         self._ds = data_source
         self.name = name
-        self._id_field, self._text_field, self._source_field = self._fields = tuple(fields)
+        self._id_field, self._text_field, self._source_field = self._fields = self.field_names = tuple(fields)
         features = set(feature_names)
         if self._text_field not in features:
             raise DataError(f'{name}: the dataset has no feature "{self._text_field}" (it has '

@@ -226,10 +226,7 @@ class _JsonlShard:
         if self.shard.compression == "gzip":
             return io.BufferedReader(gzip.GzipFile(fileobj=f), buffer_size=1 << 20), f
         if self.shard.compression == "zstd":
-            import zstandard
-
-            return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(f, read_across_frames=True),
-                                     buffer_size=1 << 20), f
+            return io.BufferedReader(_ZstdReader(f), buffer_size=1 << 20), f
         return f, f
 
     def raw_lines(self) -> Iterator[tuple[int, int, bytes]]:
@@ -299,6 +296,42 @@ class _JsonlShard:
                 os.unlink(self.data_path)
             except OSError:
                 pass
+
+
+class _ZstdReader(io.RawIOBase):
+    """Decompresses a zstd file frame after frame; a file that ends inside a frame is an error (``EOFError``),
+    which ``zstandard``'s own stream reader does not report."""
+
+    def __init__(self, f):
+        import zstandard
+
+        self._f, self._dctx = f, zstandard.ZstdDecompressor()
+        self._obj = self._dctx.decompressobj()
+        self._buf = b""
+        self._started = False
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        while not self._buf:
+            chunk = self._f.read(1 << 20)
+            if not chunk:
+                if self._started and not self._obj.eof:
+                    raise EOFError("the file ends inside a zstd frame (truncated)")
+                return 0
+            while chunk:
+                self._started = True
+                self._buf += self._obj.decompress(chunk)
+                chunk = b""
+                if self._obj.eof:
+                    chunk = self._obj.unused_data
+                    self._obj = self._dctx.decompressobj()
+                    self._started = bool(chunk)
+        n = min(len(b), len(self._buf))
+        b[:n] = self._buf[:n]
+        self._buf = self._buf[n:]
+        return n
 
 
 def _row(path: str, row: int) -> str:
@@ -472,6 +505,7 @@ class ShardedDocuments:
                  source_field: str = "source", spill_dir: str | os.PathLike | None = None):
         self.name = str(spec)
         self.fields = _Fields(text_field, id_field, source_field)
+        self.field_names = self.fields.names
         shards, ignored = list_shards(self.name)
         self.shards = shards
         self.report = ReadReport(self.name)
