@@ -202,7 +202,9 @@ def non_finite_loss(source, what: str) -> Callable[[int, int, int, float], str]:
 
     def message(batch: int, row: int, index: int, value: float) -> str:
         doc = source.documents([index])[0]
-        return f'{getattr(source, "name", "documents")}:{doc.line}: document "{doc.id}": {what} loss is not finite ({value})'
+        shard_of = getattr(source, "shard_of", None)   # a corpus of shards: the shard, and the line or row in it
+        name = shard_of(index) if shard_of is not None else getattr(source, "name", "documents")
+        return f'{name}:{doc.line}: document "{doc.id}": {what} loss is not finite ({value})'
 
     return message
 

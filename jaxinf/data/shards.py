@@ -338,32 +338,58 @@ def _row(path: str, row: int) -> str:
     return f"{path}: row {row}"
 
 
-class _TableShard:
-    """A Parquet or Arrow shard, read with pyarrow."""
+class _OpenTables:
+    """The Parquet and Arrow shards of a corpus that are open now, at most ``size`` (least recently used closed):
+    a mapped or open file per shard would make the resident memory (mapped pages) and the open files follow the
+    number of shards, not the work at hand."""
 
-    def __init__(self, shard: Shard):
+    def __init__(self, size: int = 2):
+        self.size, self.open = size, []
+
+    def use(self, reader: "_TableShard") -> None:
+        if reader in self.open:
+            self.open.remove(reader)
+        self.open.append(reader)
+        while len(self.open) > self.size:
+            self.open.pop(0)._release()
+
+
+class _TableShard:
+    """A Parquet or Arrow shard, read with pyarrow; opened only while it is read (:class:`_OpenTables`)."""
+
+    def __init__(self, shard: Shard, tables: _OpenTables | None = None):
         self.shard = shard
         self.display = str(shard.path)
+        self._tables = tables or _OpenTables()
         self._cache: tuple[Any, Any] | None = None
-        self._table = None
-        try:
-            import pyarrow as pa
-            import pyarrow.parquet as pq
+        self._table = self._pf = None
+        self._open()
+        self.schema = self._pf.schema_arrow if self._pf is not None else self._table.schema
+        if self._pf is not None:
+            meta = self._pf.metadata
+            self._group_rows = np.asarray([meta.row_group(i).num_rows for i in range(meta.num_row_groups)], np.int64)
+            self._group_start = np.concatenate([[0], np.cumsum(self._group_rows)])
 
-            if shard.kind == "parquet":
-                self._pf = pq.ParquetFile(str(shard.path), memory_map=True)
-                self.schema = self._pf.schema_arrow
-                meta = self._pf.metadata
-                self._group_rows = np.asarray([meta.row_group(i).num_rows for i in range(meta.num_row_groups)],
-                                              np.int64)
-                self._group_start = np.concatenate([[0], np.cumsum(self._group_rows)])
-            else:
-                self._table = _read_arrow(shard.path, pa)
-                self.schema = self._table.schema
-        except DataError:
-            raise
-        except Exception as e:  # pyarrow raises ArrowInvalid, ArrowIOError, OSError ... for a broken file
-            raise DataError(f"{self.display}: not a readable {shard.kind.capitalize()} file ({_one_line(e)})") from None
+    def _open(self) -> None:
+        if self._table is None and self._pf is None:
+            try:
+                import pyarrow as pa
+                import pyarrow.parquet as pq
+
+                if self.shard.kind == "parquet":
+                    self._pf = pq.ParquetFile(str(self.shard.path))
+                else:
+                    self._table = _read_arrow(self.shard.path, pa)
+            except Exception as e:  # pyarrow raises ArrowInvalid, ArrowIOError, OSError ... for a broken file
+                raise DataError(f"{self.display}: not a readable {self.shard.kind.capitalize()} file "
+                                f"({_one_line(e)})") from None
+        self._tables.use(self)
+
+    def _release(self) -> None:
+        if self._pf is not None:
+            self._pf.close()
+        self._table = self._pf = None
+        self._cache = None
 
     def check_columns(self, fields: _Fields) -> None:
         import pyarrow.types as t
@@ -381,6 +407,7 @@ class _TableShard:
                 raise DataError(f'{self.display}: column "{name}" must hold {what}, got {self.schema.field(name).type}')
 
     def _batches(self, columns: list[str]) -> Iterator[Any]:
+        self._open()
         try:
             if self._table is not None:
                 yield from self._table.select(columns).to_batches(max_chunksize=8192)
@@ -429,6 +456,7 @@ class _TableShard:
                 yield row, row - 1, 0, digest, doc_id, defaulted_id, defaulted_source
 
     def _rows(self, rows: list[int], columns: list[str]) -> dict[str, list]:
+        self._open()
         if self._table is not None:
             taken = self._table.select(columns).take(rows)
             return {c: taken.column(c).to_pylist() for c in columns}
@@ -467,7 +495,7 @@ class _TableShard:
         return out
 
     def close(self) -> None:
-        self._cache = None
+        self._release()
 
 
 def _read_arrow(path: Path, pa) -> Any:
@@ -517,8 +545,9 @@ class ShardedDocuments:
         if any(s.compression for s in shards):
             self._spill_tmp = tempfile.mkdtemp(prefix="jaxinf-spill-", dir=spill)
             self._finalizer = weakref.finalize(self, shutil.rmtree, self._spill_tmp, True)
+        tables = _OpenTables()
         self._readers = [_JsonlShard(s, Path(self._spill_tmp) if self._spill_tmp else None) if s.kind == "jsonl"
-                         else _TableShard(s) for s in shards]
+                         else _TableShard(s, tables) for s in shards]
         shard_ix, lines, starts, ends = array.array("i"), array.array("q"), array.array("q"), array.array("q")
         digests = bytearray()
         ids = _IdChecker()
