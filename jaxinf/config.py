@@ -55,6 +55,8 @@ class DataConfig:
     id_field: str = key("id", "documents: the field holding the id (absent: the line or row)", "exports")
     source_field: str = key("source", "documents: the field holding the source (absent: the shard's name, or "
                             "\"unknown\" for a single file)", "exports")
+    dedupe: str = key("none", "documents: exact skips a document whose text equals an earlier one's (counted, listed in "
+                      "the log); not for TFDS datasets", "covariance", ("none", "exact"))
     queries: str | None = key(None, "queries: JSONL, or the Ruis et al. release JSON", "queries")
     max_length: int = key(512, "tokens per document (longer documents are truncated or split)", "covariance")
     long_documents: str = key("truncate", "what to do with documents longer than max_length", "covariance",

@@ -158,8 +158,11 @@ def load_inputs(config: cfg.Config, store: RunStore, executor: Executor | None =
     preflight.log_query_rank(config.scores.query_rank, layers)
     encoder = TextEncoder(tokenizer)
     documents = open_documents(config.data.documents, text_field=config.data.text_field,
-                               id_field=config.data.id_field, source_field=config.data.source_field)
+                               id_field=config.data.id_field, source_field=config.data.source_field,
+                               dedupe=config.data.dedupe)
     log.info("documents: %s", documents.report.summary())
+    for dup, kept in getattr(documents, "duplicates", [])[:1000]:
+        log.info("duplicate document %r skipped (the same text as %r)", dup, kept)
     lengths = document_lengths(store, documents, encoder,
                                config.data.max_length if config.data.long_documents == "truncate" else None)
     from jaxinf.models.tokenizer import tokenizer_file

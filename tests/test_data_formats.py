@@ -190,3 +190,18 @@ def test_every_format_gives_byte_identical_scores(world, fmt):
     inputs = json.loads((out / "run.json").read_text())["inputs"]["documents"]
     assert len(inputs["shards"]) == (1 if fmt == "tfds" else 3)
     shutil.rmtree(out)
+
+
+def test_exact_dedupe_skips_counts_and_lists_duplicates(tmp_path):
+    recs = [{"id": f"d{i}", "text": f"text {i % 4}", "source": "s"} for i in range(10)]
+    root = write_shards(iter(recs), tmp_path / "d", "parquet", shards=2, per_shard=5)
+    assert len(open_documents(root)) == 10
+    docs = open_documents(root, dedupe="exact")
+    assert [d.id for d in docs] == ["d0", "d1", "d2", "d3"]
+    assert docs.report.duplicates == 6 and docs.duplicates[:2] == [("d4", "d0"), ("d5", "d1")]
+    assert "6 exact duplicates skipped (d4 = d0, d5 = d1, d6 = d2, ...)" in docs.report.summary()
+    assert [s["count"] for s in docs.shard_digests()] == [4, 0]
+    assert docs.content_digest() == open_documents(
+        write_shards(iter(recs[:4]), tmp_path / "e", "parquet", shards=2, per_shard=5)).content_digest()
+    with pytest.raises(DataError, match="data.dedupe=exact is not supported for TFDS"):
+        open_documents("tfds:whatever", dedupe="exact")

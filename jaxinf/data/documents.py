@@ -82,6 +82,8 @@ class ReadReport:
     default_sources: int = 0
     ignored_files: int = 0
     shard_sources: bool = False  # a corpus of several shards: missing sources are the shard's name
+    duplicates: int = 0  # data.dedupe: exact: documents skipped as exact duplicates of an earlier one
+    duplicate_examples: list = field(default_factory=list)  # the first few, "id = id of the kept document"
 
     def summary(self) -> str:
         """One line for a log: counts of kept, skipped and defaulted documents."""
@@ -95,6 +97,9 @@ class ReadReport:
         if self.default_sources:
             to = "their shard's name" if self.shard_sources else f'"{DEFAULT_SOURCE}"'
             parts.append(f"{self.default_sources} sources defaulted to {to}")
+        if self.duplicates:
+            parts.append(f"{self.duplicates} exact duplicates skipped (" + ", ".join(self.duplicate_examples)
+                         + (", ..." if self.duplicates > len(self.duplicate_examples) else "") + ")")
         if self.ignored_files:
             parts.append(f"{self.ignored_files} files of other kinds ignored")
         return f"{self.path}: " + ", ".join(parts)
@@ -554,7 +559,7 @@ def open_tfds_name(name: str, data_dir: str | os.PathLike | None = None, split: 
 
 def open_documents(spec: str | os.PathLike, *, data_dir: str | os.PathLike | None = None,
                    split: str = "train", text_field: str = "text", id_field: str = "id",
-                   source_field: str = "source") -> DocumentSource:
+                   source_field: str = "source", dedupe: str = "none") -> DocumentSource:
     """The document source ``data.documents`` names.
 
     - a directory holding ``dataset_info.json`` but no ``state.json`` (what ``jaxinf prepare`` writes): a TFDS
@@ -564,21 +569,28 @@ def open_documents(spec: str | os.PathLike, *, data_dir: str | os.PathLike | Non
     - any other file, directory or glob of JSONL, gzip/zstd JSONL, Parquet or Arrow shards (a ``datasets``
       ``save_to_disk`` directory too): :class:`jaxinf.data.shards.ShardedDocuments`.
 
-    ``text_field``, ``id_field`` and ``source_field`` (``data.text_field`` ...) name the columns.
+    ``text_field``, ``id_field`` and ``source_field`` (``data.text_field`` ...) name the columns. ``dedupe``
+    (``data.dedupe``): ``exact`` skips documents whose text equals an earlier one's (counted in the report);
+    not for TFDS datasets.
     """
     from jaxinf.data.shards import ShardedDocuments, is_glob, shard_format
 
     spec = str(spec)
     fields = (id_field, text_field, source_field)
+    p = Path(spec)
+    tfds_dir = p.is_dir() and (p / "dataset_info.json").is_file() and not (p / "state.json").is_file()
+    if dedupe != "none" and (spec.startswith("tfds:") or tfds_dir):
+        raise DataError(f"{spec}: data.dedupe={dedupe} is not supported for TFDS datasets (de-duplicate the JSONL, "
+                        "Parquet or Arrow shards instead)")
     if spec.startswith("tfds:"):
         return open_tfds_name(spec[len("tfds:"):], data_dir, split, fields)
-    p = Path(spec)
-    if p.is_dir() and (p / "dataset_info.json").is_file() and not (p / "state.json").is_file():
+    if tfds_dir:
         return open_tfds_directory(p, split, fields)
-    if p.is_file() and fields == DEFAULT_FIELDS and shard_format(p) in (None, ("jsonl", None)):
+    if p.is_file() and fields == DEFAULT_FIELDS and dedupe == "none" and shard_format(p) in (None, ("jsonl", None)):
         return JsonlDocuments(p)
     if p.exists() or is_glob(spec):
-        return ShardedDocuments(spec, text_field=text_field, id_field=id_field, source_field=source_field)
+        return ShardedDocuments(spec, text_field=text_field, id_field=id_field, source_field=source_field,
+                                dedupe=dedupe)
     raise DataError(f"{spec}: no such file or directory (documents are a JSONL, Parquet or Arrow file, a directory "
                     "or glob of them, a TFDS dataset directory or tfds:NAME)")
 

@@ -530,7 +530,9 @@ class ShardedDocuments:
     """
 
     def __init__(self, spec: str | os.PathLike, *, text_field: str = "text", id_field: str = "id",
-                 source_field: str = "source", spill_dir: str | os.PathLike | None = None):
+                 source_field: str = "source", spill_dir: str | os.PathLike | None = None, dedupe: str = "none"):
+        if dedupe not in ("none", "exact"):
+            raise DataError(f"data.dedupe: must be none or exact, got {dedupe!r}")
         self.name = str(spec)
         self.fields = _Fields(text_field, id_field, source_field)
         self.field_names = self.fields.names
@@ -579,6 +581,37 @@ class ShardedDocuments:
         suspects = ids.suspects()
         if suspects:
             self._raise_duplicate(suspects)
+        self.duplicates: list[tuple[str, str]] = []
+        if dedupe == "exact":
+            self._dedupe()
+
+    def _dedupe(self, listed: int = 1000) -> None:
+        """Exact de-duplication (``data.dedupe: exact``): of documents with the same text (16-byte BLAKE2b of it,
+        from one more sequential read of the texts), the first is kept; the others are skipped and counted
+        (``report.duplicates``), and the first ``listed`` are kept as (id, id of the document kept) pairs."""
+        n = len(self)
+        text_digests = bytearray()
+        for lo in range(0, n, 4096):
+            for text in self.texts(range(lo, min(lo + 4096, n))):
+                text_digests += hashlib.blake2b(text.encode("utf-8"), digest_size=16).digest()
+        keys = np.frombuffer(bytes(text_digests), np.uint64).reshape(n, 2) if n else np.zeros((0, 2), np.uint64)
+        _, first, inverse = np.unique(keys, axis=0, return_index=True, return_inverse=True)
+        inverse = np.asarray(inverse).reshape(-1)
+        keep = np.zeros(n, bool)
+        keep[first] = True
+        dropped = np.nonzero(~keep)[0]
+        if not len(dropped):
+            return
+        pairs = list(zip(dropped[:listed].tolist(), first[inverse[dropped[:listed]]].tolist()))
+        docs = {d.index: d.id for d in self.documents(sorted({i for p in pairs for i in p}))}
+        self.duplicates = [(docs[a], docs[b]) for a, b in pairs]
+        self.report.duplicates = int(len(dropped))
+        self.report.duplicate_examples = [f"{a} = {b}" for a, b in self.duplicates[:3]]
+        self._shard, self._line = self._shard[keep], self._line[keep]
+        self._start, self._end = self._start[keep], self._end[keep]
+        self._digests = np.frombuffer(self._digests, np.uint64)[keep].tobytes()
+        self.shard_counts = np.bincount(self._shard, minlength=len(self.shards)).astype(np.int64)
+        self.report.documents = len(self._line)
 
     def _default_id(self, k: int):
         if self._single:

@@ -101,7 +101,7 @@ def from_config(config: cfg.Config) -> World:
     lm, tokenizer = models.from_hf(config.model.checkpoint, dtype=config.model.dtype, scan=config.model.scan_layers)
     encoder = TextEncoder(tokenizer)
     source = open_documents(config.data.documents, text_field=config.data.text_field, id_field=config.data.id_field,
-                            source_field=config.data.source_field)
+                            source_field=config.data.source_field, dedupe=config.data.dedupe)
     docs = source.documents(range(len(source)))
     ids = [e[: config.data.max_length].tolist()
            for e in encoder.encode_documents([d.text for d in docs], config.data.max_length)]
