@@ -205,3 +205,29 @@ def test_exact_dedupe_skips_counts_and_lists_duplicates(tmp_path):
         write_shards(iter(recs[:4]), tmp_path / "e", "parquet", shards=2, per_shard=5)).content_digest()
     with pytest.raises(DataError, match="data.dedupe=exact is not supported for TFDS"):
         open_documents("tfds:whatever", dedupe="exact")
+
+
+@pytest.mark.parametrize("fmt", WRITE_FORMATS)
+def test_an_edited_shard_changes_its_fingerprint_only(tmp_path, fmt):
+    from jaxinf.fingerprint import changed_shards, documents_fingerprint
+
+    root = write_shards(iter(RECORDS), tmp_path / "a", fmt, shards=3, per_shard=20)
+    before = documents_fingerprint(open_documents(root), 10)
+    edited = [dict(r) for r in RECORDS]
+    edited[45]["text"] = "edited"
+    shutil.rmtree(root)
+    write_shards(iter(edited), root, fmt, shards=3, per_shard=20)
+    after = documents_fingerprint(open_documents(root), 10)
+    assert after["fit"] == before["fit"] and after["sha256"] != before["sha256"]
+    assert changed_shards(before["shards"], after["shards"]) == " (shard data-00002-of-00003 changed)"
+
+
+def test_tfds_is_fingerprinted_by_content(tmp_path):
+    from jaxinf.data.prepare import prepare
+    from jaxinf.fingerprint import documents_fingerprint
+
+    src = write_shards(iter(RECORDS), tmp_path / "src", "jsonl", shards=1)
+    prepare(src, tmp_path / "ds")
+    fp = documents_fingerprint(open_documents(tmp_path / "ds"), 5)
+    assert fp["count"] == 49 and sum(s["count"] for s in fp["shards"]) == 49
+    assert fp["sha256"] == open_documents(tmp_path / "ds").content_digest() != fp["fit"]["sha256"]
