@@ -59,13 +59,10 @@ from typing import Any
 import numpy as np
 
 from jaxinf.data.documents import (
-    BOM,
-    DEFAULT_FIELDS,
     DEFAULT_SOURCE,
     Document,
     ReadReport,
     _IdChecker,
-    check_id,
     check_string,
     decode_line,
     iter_documents,
@@ -263,7 +260,8 @@ class _JsonlShard:
                 spill.close()
 
     def scan(self, fields: _Fields, default_id, default_source: str, report: ReadReport):
-        """Validates every line: yields ``(line, start, end, digest, id, default_id, default_source)`` per kept document."""
+        """Validates every line: yields ``(line, start, end, digest, id, default_id, default_source)`` per kept
+        document."""
         for number, offset, raw in self.raw_lines():
             obj = decode_line(raw, self.display, number, strip_bom=number == 1)
             if obj is None:
@@ -419,7 +417,8 @@ class _TableShard:
             raise DataError(f"{self.display}: cannot read ({_one_line(e)})") from None
 
     def scan(self, fields: _Fields, default_id, default_source: str, report: ReadReport):
-        """Validates every row: yields ``(row from 1, row from 0, 0, digest, id, default_id, default_source)`` per kept document."""
+        """Validates every row: yields ``(row from 1, row from 0, 0, digest, id, default_id, default_source)`` per
+        kept document."""
         self.check_columns(fields)
         names = set(self.schema.names)
         has_id, has_source = fields.id in names, fields.source in names
@@ -704,7 +703,7 @@ class ShardedDocuments:
             self._finalizer()
 
 
-__all__ = ["ShardedDocuments", "Shard", "list_shards", "shard_format", "shard_name", "BOM", "check_id"]
+__all__ = ["ShardedDocuments", "Shard", "list_shards", "shard_format", "shard_name", "write_shards"]
 
 
 # --------------------------------------------------------------------------- writing shards (tests, benchmarks)
