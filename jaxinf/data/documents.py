@@ -383,14 +383,15 @@ def _plain(value: Any, path: str, name: str) -> Any:
 class TfdsDocuments:
     """Random access to the documents of a TFDS data source (``tfds.data_source`` / ``as_data_source``).
 
-    Opening reads every record once (the validating scan): the kept records, and an 8-byte BLAKE2b digest
-    of each kept document's id, source and text, from which :meth:`content_digest` and, with the dataset's
-    shard lengths, :meth:`shard_digests` are computed (a content fingerprint, shard by shard).
+    A dataset of ``jaxinf prepare`` is fingerprinted by the SHA-256 of each of its array_record files (a read at
+    disk speed, no pass over the records). Any other is read once when opened (the validating scan): the kept
+    records, and an 8-byte BLAKE2b digest of each kept document's id, source and text. From either come
+    :meth:`content_digest` and :meth:`shard_digests` (a content fingerprint, shard by shard).
     """
 
     def __init__(self, data_source: Any, name: str, *, feature_names: Sequence[str], prepared: bool,
                  report: ReadReport | None = None, fields: tuple[str, str, str] = DEFAULT_FIELDS,
-                 shard_lengths: Sequence[int] | None = None):
+                 shard_lengths: Sequence[int] | None = None, shard_files: Sequence[Any] | None = None):
         self._ds = data_source
         self.name = name
         self._id_field, self._text_field, self._source_field = self._fields = self.field_names = tuple(fields)
@@ -403,7 +404,14 @@ class TfdsDocuments:
         self._has_source = self._source_field in features
         self.report = report if report is not None else ReadReport(name)
         self._shard_lengths = [int(n) for n in shard_lengths] if shard_lengths else [len(data_source)]
-        self._rows, self._digests, self._kept_per_shard = self._scan()
+        self._files = [str(f) for f in shard_files] if shard_files else []
+        if prepared and len(self._files) == len(self._shard_lengths) and sum(self._shard_lengths) == len(data_source):
+            # Written by jaxinf prepare (no empty texts): fingerprinted by its files' bytes, no pass over the records.
+            self._rows, self._digests, self._kept_per_shard = None, None, list(self._shard_lengths)
+            self._file_digests = [_file_sha256(f) for f in self._files]
+            self.report.documents = len(data_source)
+        else:
+            self._rows, self._digests, self._kept_per_shard = self._scan()
 
     def _scan(self) -> tuple[np.ndarray | None, bytes, list[int]]:
         """Record numbers of the non-empty documents and their digests (one pass over the records), counting what is
@@ -445,16 +453,32 @@ class TfdsDocuments:
         return rows, bytes(digests), kept_per_shard
 
     def content_digest(self, n: int | None = None) -> str:
-        """SHA-256 of the first ``n`` kept documents' digests (all when None), taken during the scan."""
+        """SHA-256 of the first ``n`` kept documents (all when None): of their digests taken during the scan; for a
+        dataset of ``jaxinf prepare``, of the SHA-256 of each array_record file wholly among them and the digests of
+        the records of the one cut by ``n`` (read for that alone)."""
         count = len(self) if n is None else min(int(n), len(self))
-        return hashlib.sha256(self._digests[: 8 * count]).hexdigest()
+        if self._digests is not None:
+            return hashlib.sha256(self._digests[: 8 * count]).hexdigest()
+        h, lo = hashlib.sha256(b"files"), 0
+        for length, digest in zip(self._shard_lengths, self._file_digests):
+            if lo + length <= count:
+                h.update(bytes.fromhex(digest))
+            elif lo < count:
+                for r in range(lo, count, 1024):
+                    for doc in self.documents(range(r, min(r + 1024, count))):
+                        h.update(hashlib.blake2b(f"{doc.id}\0{doc.source}\0{doc.text}".encode(), digest_size=8).digest())
+            lo += length
+        return h.hexdigest()
 
     def shard_digests(self) -> list[dict]:
-        """``[{"name", "count", "sha256"}]`` per array_record shard of the split, from the scan's digests."""
+        """``[{"name", "count", "sha256"}]`` per array_record shard of the split: from the scan's digests, or the
+        file's SHA-256 (``jaxinf prepare``)."""
         out, lo = [], 0
         for k, count in enumerate(self._kept_per_shard):
-            out.append({"name": f"shard {k}", "count": count,
-                        "sha256": hashlib.sha256(self._digests[8 * lo: 8 * (lo + count)]).hexdigest()})
+            digest = (hashlib.sha256(self._digests[8 * lo: 8 * (lo + count)]).hexdigest() if self._digests is not None
+                      else self._file_digests[k])
+            name = os.path.basename(self._files[k]) if k < len(self._files) else f"shard {k}"
+            out.append({"name": name, "count": count, "sha256": digest})
             lo += count
         return out
 
@@ -503,6 +527,14 @@ class TfdsDocuments:
         return iter_documents(self)
 
 
+def _file_sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def _tfds():
     import tensorflow_datasets as tfds
 
@@ -522,9 +554,14 @@ def _from_builder(builder: Any, name: str, split: str, data_source: Any = None,
         for k in ("empty", "blank_lines", "default_ids", "default_sources"):
             setattr(report, k, int(metadata.get(k, 0)))
     ds = builder.as_data_source(split=split) if data_source is None else data_source
-    shard_lengths = list(getattr(builder.info.splits[split], "shard_lengths", None) or [])
+    info = builder.info.splits[split]
+    shard_lengths = list(getattr(info, "shard_lengths", None) or [])
+    try:
+        shard_files = list(getattr(info, "filepaths", None) or [])
+    except Exception:  # a split without files of its own
+        shard_files = []
     return TfdsDocuments(ds, name, feature_names=features, prepared=prepared, report=report, fields=fields,
-                         shard_lengths=shard_lengths)
+                         shard_lengths=shard_lengths, shard_files=shard_files)
 
 
 def open_tfds_directory(path: str | os.PathLike, split: str = "train",
