@@ -457,8 +457,12 @@ class _TableShard:
     def _rows(self, rows: list[int], columns: list[str]) -> dict[str, list]:
         self._open()
         if self._table is not None:
-            taken = self._table.select(columns).take(rows)
-            return {c: taken.column(c).to_pylist() for c in columns}
+            if rows and rows[-1] - rows[0] == len(rows) - 1 and rows == sorted(rows):  # a run of rows: one slice
+                part = self._table.slice(rows[0], len(rows))
+                return {c: part.column(c).to_pylist() for c in columns}
+            # One element at a time: Table.take concatenates the chunks of every column first (0.3 s for a 26 MB
+            # shard, for a single row); indexing a chunked column finds the row's chunk and copies nothing else.
+            return {c: [self._table.column(c)[r].as_py() for r in rows] for c in columns}
         out: dict[str, list] = {c: [] for c in columns}
         groups = np.searchsorted(self._group_start, rows, side="right") - 1
         for r, g in zip(rows, groups.tolist()):
