@@ -329,6 +329,33 @@ def measure_format(fmt: str, spec: str, tokenizer: str, max_length: int, batch_s
     return out
 
 
+def huge_line(mb: float, whole: bool, max_length: int) -> str:
+    """One document of one ``mb`` MB line (and a small one): token counts and the first batch, truncated at
+    ``max_length``, with the bounded prefix, or (``whole``) counting its tokens in the whole text as before issue 25.
+    Run in a process of its own (peak RSS)."""
+    from jaxinf.data.batching import document_batches
+
+    words = [r["text"] for r in word_records(200, seed=2)]
+    text, n = [], 0
+    while n < mb * 2**20:
+        text.append(words[len(text) % len(words)])
+        n += len(text[-1]) + 1
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "huge.jsonl"
+        with open(path, "w") as f:
+            f.write(json.dumps({"id": "huge", "text": " ".join(text)}) + "\n" + json.dumps({"text": "a b c"}) + "\n")
+        del text
+        encoder = TextEncoder(train_tokenizer(words, 4000))
+        docs = JsonlDocuments(path)
+        t0 = time.perf_counter()
+        lengths = document_lengths(docs, encoder, limit=None if whole else max_length)
+        next(iter(document_batches(docs, encoder, batch_size=2, max_length=max_length, lengths=lengths)))
+        t = time.perf_counter() - t0
+    hwm = int(next(line for line in open("/proc/self/status") if line.startswith("VmHWM")).split()[1]) / 2**10
+    return (f"one {mb:g} MB line, max_length {max_length}, {'whole text' if whole else 'bounded prefix'}: "
+            f"token counts + first batch {t:.2f} s, {int(lengths[0])} tokens counted, peak RSS {hwm:.0f} MiB")
+
+
 def formats_main(args) -> dict:
     import subprocess
 
@@ -394,9 +421,15 @@ def main(argv=None) -> dict:
     ap.add_argument("--workdir", help="--formats: keep the written corpora here (reused tokenizer)")
     ap.add_argument("--no-tokenize", action="store_true", help="--formats: read only (raw, scan, sequential and "
                     "random texts), no tokenization passes")
+    ap.add_argument("--huge-line", type=float, metavar="MB", help="one document of one MB-sized line (issue 25): "
+                    "token counts and a batch at --max-length; with --whole, counted in the whole text")
+    ap.add_argument("--whole", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--measure", nargs=2, metavar=("FORMAT", "SPEC"), help=argparse.SUPPRESS)
     ap.add_argument("--tokenizer", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.huge_line:
+        print(huge_line(args.huge_line, args.whole, args.max_length))
+        return {}
     if args.measure:
         print(json.dumps(measure_format(args.measure[0], args.measure[1], args.tokenizer, args.max_length,
                                         args.batch_size, not args.no_tokenize)))
