@@ -42,9 +42,9 @@ def test_pbrf_correlation_leaves_out_unconverged_optimizations():
     scores = np.array([[1.0, 2.0, 3.0, 4.0, 0.0]])
     response = np.array([[1.0, 2.0, 3.0, 4.0, 100.0]])              # the last optimization diverged
     ratio = np.array([0.01, 0.02, 0.05, 0.03, 13.0])
-    assert pbrf.converged_pearson(scores, response, ratio) == pytest.approx(1.0)
+    assert pbrf.converged_pearson(scores, response, ratio, 0.1) == pytest.approx(1.0)
     assert pbrf.mean_pearson(scores, response) < 0
-    assert np.isnan(pbrf.converged_pearson(scores, response, np.array([0.01, 0.5, 0.5, 0.02, 13.0])))
+    assert np.isnan(pbrf.converged_pearson(scores, response, np.array([0.01, 0.5, 0.5, 0.02, 13.0]), 0.1))
 
 
 def test_recall_by_hand():
@@ -111,6 +111,132 @@ def test_from_is_the_yaml_key():
         cfg.load(None, ["validate.start=checkpoint"])
 
 
+# ----------------------------------------------------------------------------- nothing stale, nothing ignored
+
+
+def _user_world(tmp_path, n_documents=8):
+    from pipeline_support import make_world
+
+    w = make_world(tmp_path / "world", n_documents=n_documents, n_queries=2, seed=1)
+    return w, [f"model.checkpoint={w['model']}", f"data.documents={w['docs']}", f"data.queries={w['queries']}",
+               "data.max_length=48", "validate.batch_size=2"]
+
+
+def _edit_line(path, i, field, value):
+    lines = path.read_text().splitlines()
+    row = json.loads(lines[i])
+    row[field] = value
+    lines[i] = json.dumps(row)
+    path.write_text("\n".join(lines) + "\n")
+
+
+def test_every_input_and_setting_that_changes_a_result_changes_its_key(tmp_path):
+    """The work directories a validation reuses are named by hashes of the content of the inputs (not their
+    paths) and of every setting that changes them: each change below gives a new key for what it changes (and
+    only for that), and undoing it gives the old key back."""
+    from jaxinf.validate import driver
+
+    w, base = _user_world(tmp_path)
+    keys = lambda *extra: driver.keys(driver.load_config(None, base + list(extra)))
+    k0 = keys()
+    assert keys() == k0 and set(k0) == {"training", "scores"}
+    for setting, changes in [("factors.track=all", "scores"), ("factors.seed=7", "scores"),
+                             ("factors.fisher=empirical", "scores"), ("validate.steps=7", "training"),
+                             ("validate.seed=3", "training"), ("validate.fraction=0.25", "training"),
+                             ("validate.learning_rate=0.01", "training"), ("validate.batch_size=3", "training"),
+                             ("validate.from=checkpoint", "training")]:
+        k = keys(setting)
+        assert k["scores"] != k0["scores"], setting
+        assert (k["training"] != k0["training"]) == (changes == "training"), setting
+    for setting in ("validate.subsets=5", "validate.seeds=3", "validate.dampings=[0.5]", "validate.group=2",
+                    "run.out=elsewhere"):   # more subsets or seeds extend; dampings name their score files
+        assert keys(setting) == k0, setting
+    # the issue's example: these two used to share one key
+    assert keys("factors.track=mlp", "factors.seed=7") != keys("factors.track=all", "factors.seed=3")
+
+    # inputs edited in place (same paths): documents, queries, and the weights where training starts from them
+    original = w["docs"].read_text()
+    _edit_line(w["docs"], 3, "text", "an edited document about nothing")
+    assert keys()["training"] != k0["training"]
+    w["docs"].write_text(original)
+    assert keys() == k0
+    original = w["queries"].read_text()
+    _edit_line(w["queries"], 1, "completion", "4 5 6 .")
+    assert keys()["training"] != k0["training"]
+    w["queries"].write_text(original)
+    assert keys() == k0
+
+    import safetensors.numpy as stn
+
+    k_ckpt = keys("validate.from=checkpoint")
+    (weights,) = w["model"].glob("*.safetensors")
+    tensors = stn.load_file(str(weights))
+    name = sorted(tensors)[0]
+    tensors[name] = tensors[name] + np.float32(1e-3)
+    stn.save_file(tensors, str(weights))
+    assert keys("validate.from=checkpoint")["training"] != k_ckpt["training"]
+    assert keys() == k0          # from scratch the checkpoint's weights are not used (its architecture is)
+
+
+def test_built_in_world_tracks_all_layers_unless_told():
+    from jaxinf.validate import driver
+
+    assert driver.load_config(None, []).factors.track == "all"
+    assert driver.load_config(None, ["factors.track=mlp"]).factors.track == "mlp"
+    assert driver.load_config(None, ["model.checkpoint=/x"]).factors.track == "mlp"   # a user's world: the default
+
+
+def test_built_in_world_honours_a_track_file_setting(tmp_path):
+    from jaxinf.validate import driver
+
+    path = tmp_path / "v.yaml"
+    path.write_text("factors: {track: mlp}\nvalidate: {subsets: 4}\n")
+    assert driver.load_config(str(path), []).factors.track == "mlp"
+    path.write_text("validate: {subsets: 4}\n")
+    assert driver.load_config(str(path), []).factors.track == "all"
+
+
+@pytest.mark.parametrize("override, key", [("factors.strategy=kfac", "factors.strategy"),
+                                           ("scores.damping=0.1", "scores.damping"),
+                                           ("scores.query_rank=4", "scores.query_rank"),
+                                           ("scores.normalize=per_nat", "scores.normalize"),
+                                           ("factors.max_documents=10", "factors.max_documents"),
+                                           ("run.precision=float64", "run.precision"),
+                                           ("mesh.data=2", "mesh.data"),
+                                           ("model.dtype=bfloat16", "model.dtype"),
+                                           ("data.documents=d.jsonl", "data.documents")])
+def test_settings_validate_cannot_honour_are_refused(override, key, tmp_path, capsys):
+    out = tmp_path / "v"
+    assert cli.main(["-q", "validate", override, "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("jaxinf validate: error: jaxinf validate cannot honour") and key in err[0]
+    assert not out.exists()                                       # refused before anything is written
+
+
+def test_settings_that_change_nothing_are_accepted():
+    from jaxinf.validate import driver
+
+    driver.check_settings(cfg.load(None, ["run.out=x", "data.batch_size=3", "scores.topk=5", "plan.hosts=4",
+                                          "factors.track=all", "factors.fisher=empirical", "factors.seed=3"]))
+    with pytest.raises(ValidationError, match="model.dtype"):
+        driver.check_settings(cfg.load(None, ["model.checkpoint=/x", "model.dtype=float64"]))
+    driver.check_settings(cfg.load(None, ["model.checkpoint=/x", "model.dtype=bfloat16", "data.max_length=64"]))
+
+
+def test_validate_and_analyze_take_the_run_directory_lock(tmp_path, capsys):
+    from jaxinf.lock import RunLock
+
+    out = tmp_path / "v"
+    with RunLock(out):
+        assert cli.main(["-q", "validate", "--out", str(out), *TINY]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "in use by another jaxinf process" in err[0], err
+        assert cli.main(["-q", "analyze", str(out)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "in use by another jaxinf process" in err[0], err
+    assert not (out / "work").exists()
+
+
 # ----------------------------------------------------------------------------- end to end, tiny
 
 TINY = ["validate.builtin_documents=24", "validate.subsets=3", "validate.seeds=2", "validate.steps=12",
@@ -133,6 +259,7 @@ def test_validate_end_to_end_schema_and_resume(tmp_path, monkeypatch):
         saved.append(path.name)
 
     monkeypatch.setattr(retrain, "save_npy", crash_after_four)
+    schedule_before = retrain.schedule
     with pytest.raises(KeyboardInterrupt):
         driver.validate(config, out)
     assert not (out / "validation.json").exists()
@@ -163,6 +290,38 @@ def test_validate_end_to_end_schema_and_resume(tmp_path, monkeypatch):
     # a second run reads everything back: no training, the same numbers
     monkeypatch.setattr(retrain, "schedule", lambda *a, **k: pytest.fail("trained again on resume"))
     assert json.loads(json.dumps(driver.validate(config, out)))["lds"] == on_disk["lds"]
+
+    # reruns into the same directory after a change: what it changes is recomputed, nothing else is
+    written = []
+    real_driver_save = driver.save_npy
+    monkeypatch.setattr(driver, "save_npy", lambda path, a: (written.append(path), real_driver_save(path, a)))
+    (first_scores,) = (work / "scores").iterdir()
+    # (factors.seed and factors.fisher change the same key: test_every_input_and_setting_that_changes_a_result...)
+    r = driver.validate(cfg.load(None, TINY + ["factors.track=all"]), out)   # no retraining: schedule fails
+    assert len(written) == 3 and len({p.parent for p in written}) == 1, written      # identity, diagonal x 2
+    assert written[0].parent != first_scores and len(list((work / "scores").iterdir())) == 2
+    assert any("self_attn" in name for name in r["tracked_layers"])
+    assert not any("self_attn" in name for name in on_disk["tracked_layers"])
+    written.clear()
+    r = driver.validate(cfg.load(None, TINY + ["validate.dampings=[0.1,null]"]), out)
+    assert [p.name for p in written] == ["diagonal_0.1.npy"] and written[0].parent == first_scores
+    assert r["damping"] == "0.1" and set(r["lds_by_damping"]["diagonal"]) == {"0.1", "heuristic"}
+
+    real_schedule = schedule_before
+    seeds = []
+    monkeypatch.setattr(retrain, "schedule", lambda m, steps, b, seed: (seeds.append(seed), real_schedule(m, steps, b, seed))[1])
+    r = driver.validate(cfg.load(None, TINY + ["validate.subsets=4"]), out)   # one more subset: only it is trained
+    assert sorted(seeds) == [4000, 4001] and r["subsets"] == 4 and len(r["lds"]["identity"]["per_query"]) > 0
+
+    class Stop(Exception):
+        pass
+
+    def stop(*a, **k):
+        raise Stop
+    monkeypatch.setattr(retrain, "schedule", stop)
+    with pytest.raises(Stop):                                      # other steps: the full model is trained again
+        driver.validate(cfg.load(None, TINY + ["validate.steps=13"]), out)
+    assert len(list((out / "work").iterdir())) == 2
 
 
 def test_divergence_stops_with_one_line(tmp_path, capsys):
@@ -373,3 +532,24 @@ def test_validate_fine_tunes_a_user_checkpoint(tmp_path, monkeypatch):
         driver.validate(cfg.load(None, settings + ["validate.from=scratch"]), tmp_path / "val")
     assert len(starts) == 1 and not same(starts[0])
     assert len(list((tmp_path / "val" / "work").iterdir())) == 2
+
+    # a rerun with nothing changed reads everything back (no training); after an input is edited in place (same
+    # paths), the full model is trained again: nothing of the old work directory is read
+    driver.validate(config, tmp_path / "val")
+    import safetensors.numpy as stn
+
+    (weights,) = w["model"].glob("*.safetensors")
+    tensors = stn.load_file(str(weights))
+    name = sorted(tensors)[0]
+    edits = [(w["docs"], lambda: _edit_line(w["docs"], 5, "text", "an edited document")),
+             (w["queries"], lambda: _edit_line(w["queries"], 2, "completion", "4 5 6 .")),
+             (weights, lambda: stn.save_file({**tensors, name: tensors[name] * np.float32(1.01)}, str(weights)))]
+    for path, edit in edits:
+        original = path.read_bytes()
+        edit()
+        starts.clear()
+        with pytest.raises(Stop):
+            driver.validate(config, tmp_path / "val")
+        assert len(starts) == 1, path
+        path.write_bytes(original)
+    driver.validate(config, tmp_path / "val")                       # restored: reused again
