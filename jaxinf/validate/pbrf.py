@@ -123,11 +123,16 @@ def make_pbrf(lm, task, mask, *, damping, eps: float, iterations: int, tolerance
             return (i < iterations) & (ratio > tolerance)
 
         def step(carry):
+            # the gradient at delta (the line search's, kept in the state) decides: converged, delta is kept (and
+            # the loop ends), so the returned point is the one whose gradient met the tolerance
             i, delta, state, _ = carry
             value, grad = value_and_grad(delta, state=state)
             grad = masked(grad)
+            ratio = optax.tree.norm(grad) / g0
             updates, state = opt.update(grad, state, delta, value=value, grad=grad, value_fn=objective)
-            return i + 1, optax.apply_updates(delta, updates), state, optax.tree.norm(grad) / g0
+            moved = optax.apply_updates(delta, updates)
+            delta = jax.tree.map(lambda new, old: jnp.where(ratio > tolerance, new, old), moved, delta)
+            return i + 1, delta, state, ratio
 
         ratio0 = jnp.asarray(jnp.inf, g0.dtype)
         _, delta, _, _ = jax.lax.while_loop(keep_going, step, (0, delta0, opt.init(delta0), ratio0))
