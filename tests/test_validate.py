@@ -32,7 +32,10 @@ def test_lds_by_hand():
     out = lds.lds(scores, subsets, nll)
     # q0: predicted ranks 1 2 3, actual ranks 1 2 3 -> 1; q1: predicted 1 2 3, actual 3 1 2 -> 1 - 6*6/24 = -0.5
     assert out["per_query"] == pytest.approx([1.0, -0.5], abs=1e-12)
-    assert out["mean"] == pytest.approx(0.25, abs=1e-12)
+    assert out["mean"] == pytest.approx(0.25, abs=1e-12) and out["undefined"] == 0
+    flat = np.concatenate([nll, nll[:, :, :1] * 0 + 7.0], 2)            # a third query whose NLL never changes
+    out3 = lds.lds(np.vstack([scores, scores[:1]]), subsets, flat)
+    assert out3["per_query"][2] is None and out3["undefined"] == 1 and out3["mean"] == pytest.approx(0.25)
     # t_{0.975, 1} = 12.7062047; sd = 1.5 * sqrt(2) / sqrt(2)... sd of (1, -0.5) = 1.06066; half = t * sd / sqrt(2)
     half = 12.706204736 * np.std([1.0, -0.5], ddof=1) / np.sqrt(2)
     assert out["ci95"] == pytest.approx([0.25 - half, 0.25 + half], abs=1e-6)
@@ -293,7 +296,9 @@ def test_validate_end_to_end_schema_and_resume(tmp_path, monkeypatch):
     assert (on_disk["subsets"], on_disk["fraction"], on_disk["seeds"]) == (3, 0.5, 2)
     for s in ("identity", "diagonal"):
         entry = on_disk["lds"][s]
-        assert set(entry) == {"mean", "per_query", "ci95"} and len(entry["per_query"]) == len(on_disk["queries"])
+        assert set(entry) == {"mean", "per_query", "ci95", "undefined"}
+        assert len(entry["per_query"]) == len(on_disk["queries"])
+        assert entry["undefined"] == sum(x is None for x in entry["per_query"])
         assert len(entry["ci95"]) == 2
         assert set(on_disk["recall"][s]) >= {"mrr", "recall_at"} and set(on_disk["recall"][s]["recall_at"]) == {"1", "5"}
         # MRR and Recall@k recomputed by hand from the saved scores and the world's supporting documents
