@@ -139,7 +139,8 @@ class ValidateConfig:
                      "(small models: seconds to minutes per document on a CPU)", None)
     pbrf_documents: int = key(32, "jaxinf validate: documents sampled for the PBRF", None)
     pbrf_epsilon: float | None = key(None, "jaxinf validate: up-weighting of a document in the PBRF (null: 1/N)", None)
-    pbrf_iterations: int = key(50, "jaxinf validate: most L-BFGS iterations of each PBRF optimization", None)
+    pbrf_iterations: int = key(2000, "jaxinf validate: most L-BFGS iterations of each PBRF optimization (it stops "
+                               "earlier, at validate.pbrf_tolerance)", None)
     pbrf_tolerance: float = key(1e-3, "jaxinf validate: a PBRF optimization stops (converged) when its gradient norm "
                                 "is at most this share of its start", None)
     builtin_documents: int = key(128, "jaxinf validate without model.checkpoint: documents of the built-in world",
