@@ -140,9 +140,9 @@ def _plan(args) -> int:
 
 def _validate(args) -> int:
     from jaxinf import config as cfg
-    from jaxinf.validate.driver import validate
+    from jaxinf.validate.driver import load_config, validate
 
-    config = cfg.load(*cfg.config_arguments(args.config, args.overrides))
+    config = load_config(*cfg.config_arguments(args.config, args.overrides))
     enable_compilation_cache()
     validate(config, args.out)
     return 0

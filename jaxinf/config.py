@@ -165,7 +165,10 @@ class ValidateConfig:
                      "(small models: seconds to minutes per document on a CPU)", None)
     pbrf_documents: int = key(32, "jaxinf validate: documents sampled for the PBRF", None)
     pbrf_epsilon: float | None = key(None, "jaxinf validate: up-weighting of a document in the PBRF (null: 1/N)", None)
-    pbrf_iterations: int = key(50, "jaxinf validate: L-BFGS iterations of each PBRF optimization", None)
+    pbrf_iterations: int = key(2000, "jaxinf validate: most L-BFGS iterations of each PBRF optimization (it stops "
+                               "earlier, at validate.pbrf_tolerance)", None)
+    pbrf_tolerance: float = key(1e-3, "jaxinf validate: a PBRF optimization stops (converged) when its gradient norm "
+                                "is at most this share of its start", None)
     builtin_documents: int = key(128, "jaxinf validate without model.checkpoint: documents of the built-in world",
                                  None)
 
@@ -321,7 +324,7 @@ def _check_values(config: Config, source: str) -> None:
                           f"{v.subsets}")
     if not 0 < v.fraction < 1:
         raise ConfigError(f"{source}: validate.fraction: must be in (0, 1), got {v.fraction}")
-    for name in ("learning_rate", "pbrf_epsilon"):
+    for name in ("learning_rate", "pbrf_epsilon", "pbrf_tolerance"):
         if getattr(v, name) is not None and not getattr(v, name) > 0:
             raise ConfigError(f"{source}: validate.{name}: must be positive, got {getattr(v, name)}")
     if not v.strategies or any(s not in FactorsConfig.__dataclass_fields__["strategy"].metadata["choices"]

@@ -40,7 +40,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxinf.capture import LayerSpec
-from jaxinf.curvature.correction import rotated_gradient
 from jaxinf.curvature.eigen import Eigen
 from jaxinf.precision import matmul_precision, working_dtype
 from jaxinf.scoring import QueryGradients

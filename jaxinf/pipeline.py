@@ -22,6 +22,7 @@ on a mesh, shards them.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import time
 from collections.abc import Callable

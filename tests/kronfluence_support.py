@@ -114,7 +114,7 @@ class Kronfluence:
     """
 
     def __init__(self, w: dict, root: Path, *, precision: str = "float64", fisher: str = "empirical",
-                 seed: int = 0, n_documents: int | None = None):
+                 seed: int = 0, n_documents: int | None = None, track: str = "mlp"):
         oracle("kronfluence")
         torch = oracle("torch")
         from jaxinf.interop import reference as ref
@@ -128,7 +128,7 @@ class Kronfluence:
         self.queries = ref.Examples(ref.query_examples(encoded))
         with self.context():
             model = ref.load_model(w["model"], precision)
-            self.modules = ref.tracked_modules(model, "mlp")
+            self.modules = ref.tracked_modules(model, track)
             self.task = ref.CausalLMTask(self.modules, torch.Generator().manual_seed(seed))
             model = prepare_model(model, self.task)
             self.analyzer = Analyzer("parity", model, self.task, cpu=True, disable_tqdm=True, output_dir=str(root))

@@ -71,7 +71,16 @@ def test_end_to_end_numbers_match_direct_computations(tmp_path):
     from jaxinf.analysis import findings
     first, second = summary["findings"]
     assert first["name"] == "procedural knowledge" and second["name"] == "answers in the top documents"
-    assert first["p_value"] == summary["correlations"]["comparisons"][0]["p_value"]
+    # finding 1 recomputed from the stored scores: the mean within-task r of reasoning pairs minus factual pairs
+    same = lambda kind: [r[i, j] for i in range(16) for j in range(i + 1, 16)
+                         if KINDS[i] == KINDS[j] == kind and TASKS[i] == TASKS[j]]
+    d = np.mean(same("reasoning")) - np.mean(same("factual"))
+    assert first["reasoning"] == pytest.approx(np.mean(same("reasoning")), abs=1e-10)
+    assert first["difference"] == pytest.approx(d, abs=1e-10)
+    n = summary["correlations"]["comparisons"][0]["n_permutations"]
+    assert n == FAST.permutations and 1 <= first["p_value"] * (1 + n) <= 1 + n    # (1 + hits) / (1 + permutations)
+    assert first["p_value"] * (1 + n) == pytest.approx(round(first["p_value"] * (1 + n)), abs=1e-9)
+    assert first["holds"] == (d > 0 and first["p_value"] < findings.ALPHA)
     assert second["holds"] is None and "answer items" in second["statistic"]   # no query here has an answer
     assert 'id="findings"' in html and findings.verdict_text(second) in html
     assert findings.verdict_text(first) in (run / "report" / "summary.md").read_text()

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from engine_fixtures import DOCS, doc_batch, layers_of, query_batch, tiny_lm
-from jaxinf import indexing, scoring, stages
+from jaxinf import indexing, stages
 from jaxinf.curvature import Curvature
 
 MORE_DOCS = DOCS + [[(3 * i + j) % 15 + 1 for j in range(2 + i % 6)] for i in range(18)]

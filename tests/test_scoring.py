@@ -127,10 +127,20 @@ def test_rank_r_queries_are_exact_at_the_matrix_rank(fitted):
 
         exact = stages.score_batch(task, layers, params, truncated(None), docs)[0].total
         assert rel_err(exact, ref) < 1e-10
+        errors = []
         for r in (1, 4):
             approx = np.asarray(stages.score_batch(task, layers, params, truncated(r), docs)[0].total)
             corr = [np.corrcoef(approx[q], ref[q])[0, 1] for q in range(len(QUERIES))]
             print(f"rank {r}: per-query correlation with full rank {np.round(corr, 4)}")
+            errors.append(rel_err(approx, ref))
+            # each truncation is the best rank-r approximation (Eckart-Young): its error is the tail of the spectrum
+            for k, P in full.full.items():
+                left, right = scoring.low_rank(P, r, svd="full")
+                s_all = np.linalg.svd(np.asarray(P), compute_uv=False)
+                tail = np.sqrt((s_all[..., r:] ** 2).sum(-1))
+                gap = np.linalg.norm(np.asarray(P - left @ jnp.swapaxes(right, -1, -2)), axis=(-2, -1))
+                np.testing.assert_allclose(gap, tail, rtol=1e-8, atol=1e-12 * float(np.abs(s_all).max()))
+        assert 0 < errors[1] < errors[0], errors                      # a larger rank is closer to the full scores
         # prepare_queries applies the truncation only where it saves something (min(d_out, d_in') > r)
         qg = scoring.prepare_queries(G, qloss, curvs["ekfac"], None, 8)
         assert set(qg.left) == {k for k, s in layers.items() if min(s.d_out, s.d_in_aug) > 8}

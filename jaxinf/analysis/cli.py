@@ -10,7 +10,19 @@ from jaxinf.exports.formats import AnalysisError
 
 
 def run_analyze(args) -> int:
-    """Run the analysis; a bad input is one line on stderr and exit status 2."""
+    """Run the analysis; a bad input is one line on stderr and exit status 2. Holds the run directory's lock
+    (:class:`jaxinf.lock.RunLock`) while it writes there, as ``jaxinf run`` does."""
+    from jaxinf.lock import RunLock
+
+    lock = RunLock(args.run_dir).acquire() if args.from_release or Path(args.run_dir).is_dir() else None
+    try:
+        return _run_analyze(args)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _run_analyze(args) -> int:
     try:
         if args.from_release:
             from jaxinf.analysis.release import convert_release

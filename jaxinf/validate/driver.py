@@ -1,21 +1,37 @@
 """``jaxinf validate``: the full model, every strategy's scores, the retrainings, LDS, recall, PBRF and the report.
 
-Layout of the output directory ``DIR``::
+Layout of the output directory ``DIR`` (locked while a validation writes it, :mod:`jaxinf.lock`)::
 
     DIR/
       validation.json            the results (schema in docs/validation.md)
       report/index.html          LDS by strategy and damping, predicted vs actual per strategy
-      work/<fingerprint>/        everything resumable, keyed by the settings that change it:
+      work/<training key>/       everything resumable, keyed by what it depends on:
+        key.json                 what the key hashes (for a reader; the key is the hash)
         full.npz                 the model trained on all documents (the one that is scored)
-        scores/<strategy>_<damping>.npy
         units/s<subset>_r<seed>.npy   the queries' measurements under one retrained model
-        pbrf_<settings>.npz      the PBRF influence of the sampled documents
-        pbrf_<settings>/chunk_<first>.npz   one chunk of PBRF optimizations (a killed run resumes from them)
+        scores/<scores key>/<strategy>_<damping>.npy, heuristic.json, key.json
+        pbrf/<pbrf key>.npz      the PBRF influence of the sampled documents
+        pbrf/<pbrf key>/chunk_<first>.npz   one chunk of PBRF optimizations (a killed run resumes from them)
 
-Every file is written atomically, so a killed validation restarts from what
-was saved. Settings that change the retrainings (the world, ``validate.from``,
-``steps``, ``learning_rate``, ``batch_size``, ``fraction``, ``seed``) choose
-the fingerprint; adding subsets or seeds reuses the retrainings already done.
+Nothing stale is ever reused: each key is a hash of the *content* of what the
+result depends on (:func:`world_fingerprint`: the documents' and queries' token
+arrays, the starting parameters and the architecture, i.e. the files as read, not
+their paths), of the code that computes it (:func:`code_version`: the jaxinf
+sources and the versions of jax, flax and optax), and of every setting that
+changes it:
+
+- training key (full model, retrainings): the world, ``validate.from``, ``steps``,
+  ``learning_rate``, ``batch_size``, ``fraction``, ``seed``;
+- scores key: the training key, the tracked layers (``factors.track``, resolved
+  to layer names), ``factors.fisher``, ``factors.seed`` (strategy and damping
+  name the file);
+- PBRF key: the scores key (its damping is EK-FAC's per-layer heuristic), the
+  damping, ``pbrf_epsilon``, ``pbrf_iterations``, ``pbrf_tolerance`` and the
+  sampled documents.
+
+Adding subsets or seeds reuses the retrainings already done (the first subsets
+never change). A setting of the config that validate cannot honour is refused
+in one line (:func:`check_settings`), never ignored.
 """
 
 from __future__ import annotations
@@ -50,15 +66,155 @@ def damping_label(d: float | None) -> str:
     return "heuristic" if d is None else repr(float(d))
 
 
-def fingerprint(config: cfg.Config) -> str:
-    """A hash of every setting that changes the full model or the retrainings."""
+# Keys whose value changes nothing validate computes nor how it computes it (where to write a run, what a plan
+# assumes, checkpoint intervals, batch sizes of jaxinf run): any value is accepted.
+NO_EFFECT = {"run.out", "data.batch_size", "data.query_batch_size", "factors.save_every", "scores.save_every",
+             "scores.topk", "model.scan_layers", "model.remat", *(k for k in cfg.all_keys() if k.startswith("plan."))}
+# Keys validate honours, by world.
+HONOURED_ALWAYS = {"factors.track", "factors.fisher", "factors.seed", "model.checkpoint"}
+HONOURED_USER = {"model.dtype", "data.documents", "data.queries", "data.max_length"}
+WHY_NOT = {
+    "factors.strategy": "it compares every strategy of validate.strategies",
+    "factors.max_documents": "the curvature is fitted on every document",
+    "factors.from": "the curvature is fitted on the model it trains",
+    "scores.damping": "use validate.dampings",
+    "scores.query_rank": "queries are not rank-truncated",
+    "scores.query_svd": "queries are not rank-truncated",
+    "scores.normalize": "scores are compared raw",
+    "scores.self_influence": "it computes no self-influence",
+    "data.long_documents": "documents are truncated to data.max_length",
+    "run.precision": "it computes in model.dtype",
+    "model.dtype": "the built-in world is float32; validate does not run in float64",
+    "data.documents": "the built-in world has its own documents (set model.checkpoint to validate yours)",
+    "data.queries": "the built-in world has its own queries (set model.checkpoint to validate yours)",
+    "data.max_length": "the built-in world's documents are whole (set model.checkpoint to validate yours)",
+}
+
+
+def check_settings(config: cfg.Config) -> None:
+    """Refuses, in one line naming the keys, every setting that differs from its default and that ``jaxinf
+    validate`` cannot honour on this world (nothing is silently ignored)."""
+    default = cfg.to_dict(cfg.Config())
+    given = cfg.to_dict(config)
+    honoured = HONOURED_ALWAYS | (HONOURED_USER if config.model.checkpoint is not None else set())
+    bad = []
+    for section, values in given.items():
+        if section == "validate":
+            continue
+        for name, value in values.items():
+            k = f"{section}.{name}"
+            if value != default[section][name] and k not in NO_EFFECT and k not in honoured:
+                bad.append(f"{k}={json.dumps(value)} ({WHY_NOT.get(k, 'validate runs on one device' if section == 'mesh' else 'not used by validate')})")
+    if config.model.checkpoint is not None and config.model.dtype == "float64":
+        bad.append("model.dtype=\"float64\" (validate does not run in float64)")
+    if bad:
+        raise ValidationError("jaxinf validate cannot honour " + "; ".join(bad) + "; leave them at their defaults")
+
+
+def code_version() -> str:
+    """A hash of the code that computes every result: the source of every ``jaxinf`` module and the versions of
+    jax, jaxlib, flax and optax (any change to any of them is a new key: nothing computed by other code is kept)."""
+    global _CODE_VERSION
+    if _CODE_VERSION is None:
+        import importlib.metadata as md
+
+        import jaxinf
+
+        h = hashlib.sha256()
+        root = Path(jaxinf.__file__).parent
+        for f in sorted(root.rglob("*.py")):
+            h.update(str(f.relative_to(root)).encode() + b"\0" + f.read_bytes() + b"\0")
+        for name in ("jax", "jaxlib", "flax", "optax"):
+            try:
+                h.update(f"{name}={md.version(name)}\0".encode())
+            except md.PackageNotFoundError:
+                pass
+        _CODE_VERSION = h.hexdigest()[:16]
+    return _CODE_VERSION
+
+
+_CODE_VERSION: str | None = None
+
+
+def _hash_arrays(h, named) -> None:
+    for name, x in named:
+        x = np.ascontiguousarray(np.asarray(x))
+        h.update(f"{name}|{x.dtype.str}|{x.shape}\0".encode())
+        h.update(x.tobytes())
+
+
+def world_fingerprint(world: World) -> str:
+    """A hash of the content validate trains and measures on: the documents' and queries' token, mask and weight
+    arrays (so the files as read and tokenized, not their paths), the documents' ids, the starting parameters and
+    the architecture."""
+    h = hashlib.sha256()
+    _hash_arrays(h, sorted(world.documents.items()))
+    _hash_arrays(h, (("q:" + k, v) for k, v in sorted(world.queries.items())))
+    h.update(json.dumps(world.doc_ids).encode())
+    h.update(repr(world.lm.config).encode())
+    _hash_arrays(h, ((jax.tree_util.keystr(p), x) for p, x in jax.tree_util.tree_leaves_with_path(world.lm.params)))
+    return h.hexdigest()
+
+
+def _key(relevant: dict) -> str:
+    return hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def training_settings(config: cfg.Config, world_fp: str) -> dict:
+    """Everything the full model and the retrainings depend on."""
     v = config.validate
-    world = ({"builtin": v.builtin_documents} if config.model.checkpoint is None else
-             {"checkpoint": config.model.checkpoint, "documents": config.data.documents, "queries": config.data.queries,
-              "max_length": config.data.max_length, "dtype": config.model.dtype})
-    relevant = dict(world=world, start=v.start, steps=v.steps, lr=v.learning_rate, batch=v.batch_size,
-                    fraction=v.fraction, seed=v.seed)
-    return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:12]
+    return dict(code=code_version(), world=world_fp, start=v.start, steps=v.steps, lr=v.learning_rate,
+                batch=v.batch_size, fraction=v.fraction, seed=v.seed)
+
+
+def scores_settings(config: cfg.Config, training: dict, layers) -> dict:
+    """Everything the scores depend on beyond the strategy and damping (which name their files)."""
+    return dict(training=_key(training), layers=sorted(layers), fisher=config.factors.fisher,
+                factors_seed=config.factors.seed)
+
+
+def tracked_layers(world: World, params) -> dict:
+    """The world's tracked layers (``factors.track`` resolved against the model)."""
+    from jaxinf import capture
+
+    task = world.lm.task()
+    one = {k: np.asarray(x)[:1] for k, x in world.documents.items()}
+    return capture.select_layers(capture.find_layers(
+        lambda p, b, pr: task.train_loss(p, b, pr, None), params, one), world.track)
+
+
+def keys(config: cfg.Config, world: World | None = None) -> dict[str, str]:
+    """The training and scores keys (module docstring) of a config (its world loaded when not given): the names
+    of the work directories a validation of it reads and writes."""
+    world = load_world(config) if world is None else world
+    training = training_settings(config, world_fingerprint(world))
+    return {"training": _key(training),
+            "scores": _key(scores_settings(config, training, tracked_layers(world, world.lm.params)))}
+
+
+def _keyed_dir(root: Path, relevant: dict) -> Path:
+    """``root/<hash of relevant>``, with ``key.json`` recording what was hashed."""
+    d = root / _key(relevant)
+    d.mkdir(parents=True, exist_ok=True)
+    if not (d / "key.json").exists():
+        write_json(d / "key.json", relevant)
+    return d
+
+
+def load_config(path: str | None, overrides: list[str]) -> cfg.Config:
+    """The config of ``jaxinf validate``: :func:`jaxinf.config.load`, except that on the built-in world (no
+    ``model.checkpoint``) ``factors.track`` defaults to ``all`` (the built-in world's measured setting) unless the
+    config file or the command line gives it."""
+    import yaml
+
+    config = cfg.load(path, overrides)
+    given = any(o.split("=", 1)[0].strip() == "factors.track" for o in overrides)
+    if path is not None and not given:
+        raw = yaml.safe_load(Path(path).read_text()) or {}
+        given = isinstance(raw.get("factors"), dict) and "track" in raw["factors"]
+    if config.model.checkpoint is None and not given:
+        config = dataclasses.replace(config, factors=dataclasses.replace(config.factors, track="all"))
+    return config
 
 
 def load_world(config: cfg.Config) -> World:
@@ -66,7 +222,7 @@ def load_world(config: cfg.Config) -> World:
         if config.validate.start == "checkpoint":
             raise ValidationError("validate.from: checkpoint needs model.checkpoint (the built-in world starts from "
                                   "scratch)")
-        return builtin(config.validate.builtin_documents)
+        return dataclasses.replace(builtin(config.validate.builtin_documents), track=config.factors.track)
     world = from_config(config)
     if config.validate.start == "scratch":
         from jaxinf import models
@@ -78,12 +234,11 @@ def load_world(config: cfg.Config) -> World:
 HEURISTIC_FROM = curvature.strategy("ekfac")   # the strategy whose Lambda gives the PBRF's heuristic damping
 
 
-def overall_heuristic(Lambda) -> float:
-    """One damping for the whole model, for the PBRF: ``0.1 * mean(Lambda)`` over every entry of every tracked
-    layer's EK-FAC ``Lambda`` (the per-layer heuristic of the scores, pooled)."""
-    total = sum(float(jnp.sum(x)) for x in Lambda.values())
-    count = sum(int(np.prod(x.shape)) for x in Lambda.values())
-    return 0.1 * total / count
+def layer_dampings(Lambda) -> dict[str, list]:
+    """The scores' heuristic damping of each tracked layer, ``0.1 * mean(Lambda)`` of that layer's EK-FAC
+    ``Lambda`` (:func:`jaxinf.curvature.block_damping`), as nested lists (one per stacked layer); the PBRF's
+    proximal term uses these, so it inverts the same matrix as EK-FAC's scores."""
+    return {name: np.asarray(curvature.block_damping(x, None), np.float64).tolist() for name, x in Lambda.items()}
 
 
 def _save_params(path: Path, params) -> None:
@@ -97,7 +252,11 @@ def _load_params(path: Path, like):
 
 
 def validate(config: cfg.Config, out: str | Path) -> dict:
-    """Runs (or resumes) the whole validation; returns what it writes to ``DIR/validation.json``."""
+    """Runs (or resumes) the whole validation; returns what it writes to ``DIR/validation.json``.
+
+    Holds ``DIR``'s lock throughout, under the output-directory rule of ``jaxinf run`` (:func:`jaxinf.lock.claim_output`):
+    one process at a time writes it, and nothing is written when a setting or the directory is refused."""
+    check_settings(config)
     t_start = time.perf_counter()
     v = config.validate
     out = Path(out)
@@ -115,12 +274,12 @@ def validate(config: cfg.Config, out: str | Path) -> dict:
 
 
 def _validate(config: cfg.Config, out: Path, world: World, t_start: float) -> dict:
-    from jaxinf import capture, scoring, stages
+    from jaxinf import scoring, stages
 
     v = config.validate
     N = world.num_documents
-    work = out / "work" / fingerprint(config)
-    work.mkdir(parents=True, exist_ok=True)
+    training = training_settings(config, world_fingerprint(world))
+    work = _keyed_dir(out / "work", training)
     log.info("validate: %s; work directory %s", world.name, work)
     proc = retrain.Procedure(v.steps, v.learning_rate, v.batch_size)
     task = world.lm.task()
@@ -144,8 +303,9 @@ def _validate(config: cfg.Config, out: Path, world: World, t_start: float) -> di
     base = np.asarray(retrain.measurements(task, params, queries), np.float64)
 
     # 2. every strategy's scores at every damping
-    layers = capture.select_layers(capture.find_layers(
-        lambda p, b, pr: task.train_loss(p, b, pr, None), params, {k: x[:1] for k, x in docs.items()}), world.track)
+    layers = tracked_layers(world, params)
+    scoring_settings = scores_settings(config, training, layers)
+    score_dir = _keyed_dir(work / "scores", scoring_settings)
     batches = [{k: x[lo:lo + 64] for k, x in docs.items()} for lo in range(0, N, 64)]
     scores: dict[tuple[str, str], np.ndarray] = {}
     t0 = time.perf_counter()
@@ -154,24 +314,24 @@ def _validate(config: cfg.Config, out: Path, world: World, t_start: float) -> di
     for strategy in v.strategies:
         resolved = curvature.strategy(strategy)
         dampings = v.dampings if resolved.needs_lambda else [None]
-        paths = {damping_label(d): work / "scores" / f"{strategy}_{damping_label(d)}.npy" for d in dampings}
-        if all(p.exists() for p in paths.values()) and (resolved != HEURISTIC_FROM
-                                                         or (work / "heuristic.json").exists()):
-            scores.update({(strategy, lab): np.load(p) for lab, p in paths.items()})
+        paths = {damping_label(d): score_dir / f"{strategy}_{damping_label(d)}.npy" for d in dampings}
+        scores.update({(strategy, lab): np.load(p) for lab, p in paths.items() if p.exists()})
+        missing = [d for d in dampings if (strategy, damping_label(d)) not in scores]
+        if not missing and (resolved != HEURISTIC_FROM or (score_dir / "heuristic.json").exists()):
             continue
         if G is None:
             G, qloss = stages.query_gradients(task, layers, params, queries)
         curv, pieces = stages.fit_curvature(task, layers, params, batches, strategy=resolved,
-                                            key=jax.random.key(config.factors.seed))
+                                            fisher=config.factors.fisher, key=jax.random.key(config.factors.seed))
         if resolved == HEURISTIC_FROM:
-            write_json(work / "heuristic.json", {"damping": overall_heuristic(pieces["Lambda"])})
-        for d in dampings:
+            write_json(score_dir / "heuristic.json", {"damping": layer_dampings(pieces["Lambda"])})
+        for d in missing:
             qg = scoring.prepare_queries(G, qloss, curv, d, None)
             s = np.concatenate([np.asarray(score(params, qg, b)) for b in batches], 1).astype(np.float64)
             save_npy(paths[damping_label(d)], s)
             scores[(strategy, damping_label(d))] = s
-    heuristic = (json.loads((work / "heuristic.json").read_text())["damping"]
-                 if (work / "heuristic.json").exists() else None)
+    heuristic = (json.loads((score_dir / "heuristic.json").read_text())["damping"]
+                 if (score_dir / "heuristic.json").exists() else None)
     log.info("validate: scores of %d strategies x dampings in %.0fs", len(scores), time.perf_counter() - t0)
 
     # 3. the retrainings
@@ -196,7 +356,9 @@ def _validate(config: cfg.Config, out: Path, world: World, t_start: float) -> di
         "pbrf": {},
         "damping": primary,
         "lds_by_damping": lds_all,
-        "world": world.name, "documents": N, "queries": world.query_ids, "query_kinds": world.query_kinds,
+        "world": world.name, "world_fingerprint": training["world"], "code_version": training["code"],
+        "tracked_layers": sorted(layers), "fisher": config.factors.fisher, "factors_seed": config.factors.seed,
+        "documents": N, "queries": world.query_ids, "query_kinds": world.query_kinds,
         "procedure": {"from": v.start, "steps": v.steps, "learning_rate": v.learning_rate,
                       "batch_size": v.batch_size, "optimizer": "adamw (weight decay 0.01, clip 1.0, warm-up steps/10)"},
         "full_model_measurements": base.tolist(),
@@ -209,7 +371,10 @@ def _validate(config: cfg.Config, out: Path, world: World, t_start: float) -> di
                                   "(or give a number first in validate.dampings)")
         rng = np.random.default_rng(v.seed + 1)
         sample = np.sort(rng.choice(N, min(v.pbrf_documents, N), replace=False))
-        pbrf_path = work / f"pbrf_{damping_label(lam)}_{eps!r}_{v.pbrf_iterations}_{len(sample)}.npz"
+        pbrf_settings = dict(scores=_key(scoring_settings), damping=lam, epsilon=eps, iterations=v.pbrf_iterations,
+                             tolerance=v.pbrf_tolerance, documents=sample.tolist())
+        (work / "pbrf").mkdir(exist_ok=True)
+        pbrf_path = work / "pbrf" / f"{_key(pbrf_settings)}.npz"
         if pbrf_path.exists():
             with np.load(pbrf_path, allow_pickle=False) as z:
                 I_pbrf, ratio = z["influence"], z["ratio"]
@@ -217,29 +382,29 @@ def _validate(config: cfg.Config, out: Path, world: World, t_start: float) -> di
             t0 = time.perf_counter()
             I_pbrf, ratio = pbrf_mod.pbrf_influence(world.lm, task, params, docs, queries, sample, list(layers),
                                                     damping=lam, eps=eps, iterations=v.pbrf_iterations,
-                                                    units=pbrf_path.with_suffix(""))
+                                                    tolerance=v.pbrf_tolerance, units=pbrf_path.with_suffix(""))
             write_atomic(pbrf_path, lambda f: np.savez(f, influence=I_pbrf, ratio=ratio))
             log.info("validate: PBRF of %d documents in %.0fs", len(sample), time.perf_counter() - t0)
-        converged = ratio < pbrf_mod.CONVERGED
+        converged = ratio <= v.pbrf_tolerance
         if not converged.all():
             log.warning("validate: PBRF: %d of %d optimizations did not converge (final gradient norm above %g of "
                         "its start: %s); they are left out of the correlation",
-                        int((~converged).sum()), len(sample), pbrf_mod.CONVERGED,
+                        int((~converged).sum()), len(sample), v.pbrf_tolerance,
                         ", ".join(world.doc_ids[i] for i in sample[~converged]))
-        result["pbrf"] = {s: pbrf_mod.converged_pearson(scores[pick[s]][:, sample], I_pbrf, ratio)
+        result["pbrf"] = {s: pbrf_mod.converged_pearson(scores[pick[s]][:, sample], I_pbrf, ratio,
+                                                              v.pbrf_tolerance)
                           for s in v.strategies}
         result["pbrf_detail"] = {"documents": [world.doc_ids[i] for i in sample], "epsilon": eps, "damping": lam,
-                                 "iterations": v.pbrf_iterations,
+                                 "iterations": v.pbrf_iterations, "tolerance": v.pbrf_tolerance,
                                  "gradient_norm_ratio": [float(x) for x in ratio],
                                  "gradient_norm_ratio_max": float(np.max(ratio)),
-                                 "converged": int(converged.sum()), "converged_below": pbrf_mod.CONVERGED,
+                                 "converged": int(converged.sum()), "converged_below": v.pbrf_tolerance,
                                  "correlation": "mean over queries of Pearson's r across the sampled documents whose "
                                                 "optimization converged (null: fewer than 3)",
                                  "all_documents": {s: pbrf_mod.mean_pearson(scores[pick[s]][:, sample], I_pbrf)
                                                    for s in v.strategies}}
     result["seconds"] = round(time.perf_counter() - t_start, 1)
     result = _finite(result)
-    out.mkdir(parents=True, exist_ok=True)
     write_json(out / "validation.json", result)
     from jaxinf.validate import report
 

@@ -53,9 +53,11 @@ def mean_ci95(values: np.ndarray) -> tuple[float, tuple[float, float]]:
 
 
 def lds(scores: np.ndarray, subsets: np.ndarray, measurements: np.ndarray) -> dict:
-    """``{"mean", "per_query", "ci95"}`` of one method's ``scores`` ``[Q, N]`` against the retrained
-    ``measurements`` ``[M, S, Q]`` (NLLs; averaged over seeds, negated)."""
+    """``{"mean", "per_query", "ci95", "undefined"}`` of one method's ``scores`` ``[Q, N]`` against the retrained
+    ``measurements`` ``[M, S, Q]`` (NLLs; averaged over seeds, negated). ``undefined`` counts the queries whose
+    LDS is not defined (a constant prediction or outcome: null in ``per_query``), which the mean and the
+    interval leave out."""
     per_query = lds_per_query(group_predictions(scores, subsets), -measurements.mean(1))
     mean, ci = mean_ci95(per_query)
     return {"mean": mean, "per_query": [None if not np.isfinite(x) else float(x) for x in per_query],
-            "ci95": list(ci)}
+            "ci95": list(ci), "undefined": int((~np.isfinite(per_query)).sum())}

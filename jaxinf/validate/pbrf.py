@@ -14,8 +14,11 @@ with
   ``theta_s``, summed over its target tokens (for softmax cross-entropy the Bregman divergence in the
   logits is exactly this KL, whatever the label), over all N training documents;
 - ``L_m(theta)``: the training loss of document m (summed next-token NLL, the ``L_n`` of the scores);
-- ``lambda``: the damping; its Hessian at ``theta_s`` is the Gauss-Newton matrix (the Fisher) of the
-  mean per-document loss plus ``lambda I``, the matrix influence inverts.
+- ``lambda``: the damping, each tracked layer's own (the proximal term is
+  ``sum_layers (lambda_l / 2) ||theta_l - theta_s,l||^2``, with ``lambda_l`` the damping that layer's scores
+  use: a given value, or the per-layer heuristic ``0.1 * mean(Lambda_l)``); the Hessian at ``theta_s`` is the
+  Gauss-Newton matrix (the Fisher) of the mean per-document loss plus ``diag(lambda_l)``, the matrix that
+  the influence scores invert layer by layer.
 
 Only the tracked layers' parameters move (the rest stay at ``theta_s``), as
 the influence scores consider only them. The PBRF influence of m on query q is
@@ -24,10 +27,11 @@ the finite difference
     I_pbrf(q, m) = -( f_q(theta*(eps)) - f_q(theta_s) ) / eps
 
 with ``f_q`` the measurement (completion NLL), which to first order in eps is
-``G_q^T (F + lambda I)^{-1} G_m = I(q, m)``. The minimization runs L-BFGS
-(optax) from ``theta_s`` for a fixed number of iterations, ``vmap``-ed over
-the sampled documents; its final gradient norm relative to the first is
-reported so a reader can see how converged it is.
+``G_q^T (F + lambda)^{-1} G_m = I(q, m)``. The minimization runs L-BFGS
+(optax) from ``theta_s``, ``vmap``-ed over the sampled documents, until the
+gradient norm of J over the tracked parameters falls to ``tolerance`` times
+its value at ``theta_s`` (or ``iterations`` are spent); the final ratio is
+reported so a reader can see how converged each is.
 """
 
 from __future__ import annotations
@@ -69,10 +73,33 @@ def bregman(logits: jax.Array, ref_logprobs: jax.Array, weights: jax.Array) -> j
     return jnp.sum(kl * weights[:, 1:], -1)
 
 
-def make_pbrf(lm, task, mask, *, damping: float, eps: float, iterations: int):
+def damping_tree(params, layer_names, damping) -> dict:
+    """Each parameter leaf's ``lambda``, same tree as ``params``: 0 outside the tracked layers; in a tracked layer
+    its damping, ``damping`` when a number, else ``damping[layer name]``, an array of the layer's leading (stacked
+    layer) axes broadcast over the leaf's other axes."""
+    owners = {n.replace(".*", ""): n for n in layer_names}
+
+    def leaf(path, x):
+        names = [str(getattr(p, "key", getattr(p, "name", p))) for p in path]
+        owner = next((owners[".".join(names[:i])] for i in range(1, len(names)) if ".".join(names[:i]) in owners),
+                     None)
+        if owner is None:
+            return jnp.zeros((), x.dtype)
+        if isinstance(damping, (int, float)):
+            return jnp.asarray(damping, x.dtype)
+        lam = jnp.asarray(damping[owner], x.dtype)
+        return lam.reshape(lam.shape + (1,) * (x.ndim - lam.ndim))
+
+    return jax.tree_util.tree_map_with_path(leaf, params)
+
+
+def make_pbrf(lm, task, mask, *, damping, eps: float, iterations: int, tolerance: float = 0.0):
     """``response(params_s, documents, queries, doc_index) -> (measurement [Q], grad-norm ratio)`` for one
-    document (``vmap`` it over documents); the objective is the module docstring's."""
+    document (``vmap`` it over documents); the objective is the module docstring's. ``damping``: a number, or a
+    tree like ``params`` (:func:`damping_tree`). L-BFGS stops when the tracked parameters' gradient norm is at
+    most ``tolerance`` times its initial value, or after ``iterations`` iterations."""
     opt = optax.lbfgs()
+    lam_tree = damping if not isinstance(damping, (int, float)) else jax.tree.map(lambda k: k * damping, mask)
 
     def response(params_s, ref_logprobs, documents, queries, m):
         doc = {k: jax.lax.dynamic_slice_in_dim(v, m, 1) for k, v in documents.items()}
@@ -82,40 +109,55 @@ def make_pbrf(lm, task, mask, *, damping: float, eps: float, iterations: int):
             logits = lm.apply(params, documents["tokens"], documents["mask"])
             D = bregman(logits, ref_logprobs, documents["weights"]).mean()
             Lm = task.train_loss(params, doc, None, None).sum()
-            prox = sum(jnp.sum((k * d) ** 2) for d, k in zip(jax.tree.leaves(delta), jax.tree.leaves(mask)))
-            return D + eps * Lm + 0.5 * damping * prox
+            prox = sum(jnp.sum(lam * (k * d) ** 2) for d, k, lam in
+                       zip(jax.tree.leaves(delta), jax.tree.leaves(mask), jax.tree.leaves(lam_tree)))
+            return D + eps * Lm + 0.5 * prox
 
         value_and_grad = optax.value_and_grad_from_state(objective)
+        masked = lambda g: jax.tree.map(lambda x, k: x * k, g, mask)
         delta0 = jax.tree.map(jnp.zeros_like, params_s)
-        g0 = optax.tree.norm(jax.grad(objective)(delta0))
+        g0 = optax.tree.norm(masked(jax.grad(objective)(delta0)))
 
-        def step(_, carry):
-            delta, state = carry
+        def keep_going(carry):
+            i, _, _, ratio = carry
+            return (i < iterations) & (ratio > tolerance)
+
+        def step(carry):
+            # the gradient at delta (the line search's, kept in the state) decides: converged, delta is kept (and
+            # the loop ends), so the returned point is the one whose gradient met the tolerance
+            i, delta, state, _ = carry
             value, grad = value_and_grad(delta, state=state)
-            grad = jax.tree.map(lambda g, k: g * k, grad, mask)
+            grad = masked(grad)
+            ratio = optax.tree.norm(grad) / g0
             updates, state = opt.update(grad, state, delta, value=value, grad=grad, value_fn=objective)
-            return optax.apply_updates(delta, updates), state
+            moved = optax.apply_updates(delta, updates)
+            delta = jax.tree.map(lambda new, old: jnp.where(ratio > tolerance, new, old), moved, delta)
+            return i + 1, delta, state, ratio
 
-        delta, _ = jax.lax.fori_loop(0, iterations, step, (delta0, opt.init(delta0)))
-        g = jax.tree.map(lambda x, k: x * k, jax.grad(objective)(delta), mask)
+        ratio0 = jnp.asarray(jnp.inf, g0.dtype)
+        _, delta, _, _ = jax.lax.while_loop(keep_going, step, (0, delta0, opt.init(delta0), ratio0))
+        g = masked(jax.grad(objective)(delta))
         params = jax.tree.map(lambda p, d, k: p + k * d, params_s, delta, mask)
         return measurements(task, params, queries), optax.tree.norm(g) / g0
 
     return response
 
 
-def pbrf_influence(lm, task, params_s, documents, queries, doc_indices, layer_names, *, damping: float, eps: float,
-                   iterations: int, units: Path | None = None, chunk: int = 4) -> tuple[np.ndarray, np.ndarray]:
+def pbrf_influence(lm, task, params_s, documents, queries, doc_indices, layer_names, *, damping, eps: float,
+                   iterations: int, tolerance: float = 0.0, units: Path | None = None,
+                   chunk: int = 4) -> tuple[np.ndarray, np.ndarray]:
     """``I_pbrf`` ``[Q, len(doc_indices)]`` and each optimization's final/initial gradient norm.
 
+    ``damping``: one number for every tracked layer, or ``{layer name: lambda [*lead]}`` (each layer's own).
     The documents are optimized ``chunk`` at a time, one ``vmap``-ed program, resumably
     (:func:`in_chunks`: with ``units``, a killed run loses at most the chunk in flight). A small chunk
     costs little: the line search runs every document of a chunk to the slowest one anyway.
     """
     mask = tracked_mask(params_s, layer_names)
+    lam = damping_tree(params_s, layer_names, damping)
     ref = jax.nn.log_softmax(_at_least_f32(lm.apply(params_s, documents["tokens"], documents["mask"])), -1)
     base = np.asarray(measurements(task, params_s, queries))
-    response = make_pbrf(lm, task, mask, damping=damping, eps=eps, iterations=iterations)
+    response = make_pbrf(lm, task, mask, damping=lam, eps=eps, iterations=iterations, tolerance=tolerance)
     run = jax.jit(jax.vmap(response, in_axes=(None, None, None, None, 0)))
     doc_indices = np.asarray(doc_indices, np.int64)
     tokens = int(np.asarray(documents["weights"]).sum()) * iterations
@@ -180,14 +222,10 @@ def pearson(x: np.ndarray, y: np.ndarray) -> float:
     return float((x * y).sum() / denom) if denom > 0 else float("nan")
 
 
-CONVERGED = 0.1
-"""A PBRF optimization counts as converged when its final gradient norm is below this share of its initial one."""
-
-
-def converged_pearson(scores: np.ndarray, pbrf: np.ndarray, ratio: np.ndarray, threshold: float = CONVERGED) -> float:
-    """:func:`mean_pearson` over the documents whose optimization converged (``ratio < threshold``, ``ratio`` the
+def converged_pearson(scores: np.ndarray, pbrf: np.ndarray, ratio: np.ndarray, threshold: float) -> float:
+    """:func:`mean_pearson` over the documents whose optimization converged (``ratio <= threshold``, ``ratio`` the
     final/initial gradient norm of each); NaN when fewer than 3 did (a correlation needs at least 3 points)."""
-    keep = np.asarray(ratio) < threshold
+    keep = np.asarray(ratio) <= threshold
     return mean_pearson(np.asarray(scores)[:, keep], np.asarray(pbrf)[:, keep]) if keep.sum() >= 3 else float("nan")
 
 
