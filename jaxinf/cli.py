@@ -113,7 +113,9 @@ def _query(args) -> int:
     out = args.out or str(run_dir.parent / f"{run_dir.name}-{Path(args.queries).stem}")
     raw = cfg.to_dict(cfg.from_dict(record["config"], str(run_dir / "run.json")))
     raw["data"]["queries"], raw["run"]["out"] = str(args.queries), str(out)
-    raw["factors"]["from"], raw["scores"]["mode"], raw["index"]["k"] = str(run_dir), "index", None
+    curvature_from = raw["factors"]["from"] or str(run_dir)   # where the run's own curvature lives
+    raw["factors"]["from"], raw["scores"]["mode"], raw["index"]["k"] = curvature_from, "index", None
+    raw["index"]["from"] = str(run_dir)
     raw["scores"]["self_influence"] = False
     config = cfg.with_overrides(raw, list(args.overrides), str(run_dir / "run.json"))
     enable_compilation_cache()

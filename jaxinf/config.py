@@ -106,6 +106,9 @@ class IndexConfig:
                                    "null (no index)", "index")
     dtype: str = key("float32", "EK-FAC index: storage dtype of the kept cells", "index", ("float32", "float16"))
     save_every: int = key(100, "EK-FAC index: batches between flushes of the index rows", None)
+    from_run: str | None = key(None, "EK-FAC index: with scores.mode: index, read the index of this run directory "
+                               "(YAML key: index.from; null: this run's, or factors.from's; jaxinf query sets it)",
+                               "scores")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -187,7 +190,7 @@ class Config:
 
 
 SECTIONS = {f.name: f.type for f in dataclasses.fields(Config)}
-_YAML_NAMES = {("factors", "from"): "from_run", ("validate", "from"): "start"}          # YAML key -> field name, where a keyword is in the way
+_YAML_NAMES = {("factors", "from"): "from_run", ("validate", "from"): "start", ("index", "from"): "from_run"}          # YAML key -> field name, where a keyword is in the way
 _FIELD_NAMES = {v: k[1] for k, v in _YAML_NAMES.items()}
 
 
@@ -340,9 +343,9 @@ def _check_values(config: Config, source: str) -> None:
     k = config.index.k
     if isinstance(k, str) and k != "full" or isinstance(k, int) and k < 1:
         raise ConfigError(f"{source}: index.k: expected a positive integer, full or null, got {k!r}")
-    if config.scores.mode == "index" and k is None and config.factors.from_run is None:
+    if config.scores.mode == "index" and k is None and config.factors.from_run is None and config.index.from_run is None:
         raise ConfigError(f"{source}: scores.mode: index needs an index: set index.k (an integer or full), or "
-                          f"factors.from a run that built one")
+                          f"index.from (or factors.from) a run that built one")
     if (k is not None or config.scores.mode == "index") and config.factors.strategy not in ("kfac", "ekfac"):
         raise ConfigError(f"{source}: index.k and scores.mode: index need a Kronecker eigenbasis (factors.strategy "
                           f"ekfac or kfac), got {config.factors.strategy}")

@@ -512,6 +512,8 @@ def _run_locked(config: cfg.Config, executor: Executor, aside: rundir.Aside | ru
             analyze(store, inputs)
         if config.index.k is not None and config.scores.mode == "exact":
             index_run.build_index(config, store, inputs, curv, saved_eigen(config, store, inputs, executor), executor)
+        elif config.index.k is None and "note" not in store.record["stages"].get("index", {}):
+            store.mark("index", "pending", note="no index requested (index.k: null)")
     except Exception as e:
         failure = failures.environment_failure(e, Path(config.run.out), _running_stage(store))
         if failure is None:

@@ -116,6 +116,13 @@ def test_a_killed_index_build_resumes_to_the_same_index(world, exact, tmp_path):
         np.testing.assert_array_equal(np.load(out / "state" / "index" / f"{name}.npy"),
                                       np.load(again / "state" / "index" / f"{name}.npy"))
     np.testing.assert_array_equal(np.load(out / "scores.npy"), np.load(again / "scores.npy"))
+    # a run that reused another's factors: jaxinf query reads its index and the curvature where it lives
+    answers = tmp_path / "answers"
+    r = jaxinf(["query", out, world["root"] / "second.jsonl", "--out", answers], e)
+    assert r.returncode == 0, r.stderr[-3000:]
+    record = json.loads((answers / "run.json").read_text())["config"]
+    assert record["factors"]["from"] == str(exact) and record["index"]["from"] == str(out)
+    assert _topk(answers) == {q: t for q, t in _topk(exact).items() if q in _topk(answers)}
 
 
 def test_a_torn_index_is_refused_in_one_line(world, exact, tmp_path):
