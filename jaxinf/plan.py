@@ -48,6 +48,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from jaxinf.index_store import format_size, index_size   # no jax: the simulated devices are set up later
+
 log = logging.getLogger("jaxinf")
 
 GiB = 2**30
@@ -439,8 +441,6 @@ def plan(config, meshes: Iterable[tuple[int, int]], compile: bool = True, chip=N
         entry["largest_layers"] = largest_layers(config, layers, max(mp.global_batch // data, 1), model)
         result["meshes"].append(entry)
     if config.index.k is not None:
-        from jaxinf.index_store import index_size
-
         result["index"] = index_size(config, layers, [d * m for d, m in meshes])
     return result
 
@@ -534,8 +534,6 @@ def format_plan(result: dict, config) -> str:
                     row += f" {'-':>8} {'-':>9} {'-':>9} {'-':>10}  -"
                 lines.append(row)
     if "index" in result:
-        from jaxinf.index_store import format_size
-
         lines += ["", format_size(result["index"])]
     tokens = config.plan.tokens_per_document or config.data.max_length
     if any(s.get("flops_from") == "one device" for m in result["meshes"] for s in m["steps"]):

@@ -237,7 +237,7 @@ def test_settings_that_change_nothing_are_accepted():
     driver.check_settings(cfg.load(None, ["run.out=x", "data.batch_size=3", "scores.topk=5", "plan.hosts=4",
                                           "factors.track=all", "factors.fisher=empirical", "factors.seed=3"]))
     with pytest.raises(ValidationError, match="model.dtype"):
-        driver.check_settings(cfg.load(None, ["model.checkpoint=/x", "model.dtype=float64"]))
+        driver.check_settings(cfg.load(None, ["model.checkpoint=/x", "model.dtype=float64", "run.precision=float64"]))
     driver.check_settings(cfg.load(None, ["model.checkpoint=/x", "model.dtype=bfloat16", "data.max_length=64"]))
 
 
