@@ -14,7 +14,8 @@ def run_analyze(args) -> int:
     (:class:`jaxinf.lock.RunLock`) while it writes there, as ``jaxinf run`` does."""
     from jaxinf.lock import RunLock
 
-    lock = RunLock(args.run_dir).acquire() if args.from_release or Path(args.run_dir).is_dir() else None
+    # a conversion (--from-release) needs an absent or empty directory, so it is not locked before it is made
+    lock = RunLock(args.run_dir).acquire() if not args.from_release and Path(args.run_dir).is_dir() else None
     try:
         return _run_analyze(args)
     finally:
