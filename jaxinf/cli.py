@@ -238,9 +238,6 @@ def main(argv: list[str] | None = None) -> int:
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     _setup_logging(args.quiet)
-    from jaxinf.hostenv import heap_mode
-
-    logging.getLogger("jaxinf").info("host heap: %s", heap_mode())
     from jaxinf.errors import EnvironmentFailure, UserError
 
     try:

@@ -453,7 +453,8 @@ def _run_locked(config: cfg.Config, executor: Executor, aside: rundir.Aside | ru
     try:
         try:
             store = _open_store(config, overwrite=False)
-            log.info("run directory %s (config fingerprint %s)", store.root, store.record["fingerprint"])
+            log.info("run directory %s (config fingerprint %s, host heap %s)", store.root, store.record["fingerprint"],
+                     store.record.get("heap", "default"))
             model_fp = fingerprint.check_model(store, config.model.checkpoint)
             inputs = load_inputs(config, store, executor)
             fingerprint.check_unchanged(model_fp, config.model.checkpoint)
