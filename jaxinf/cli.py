@@ -167,7 +167,8 @@ def _analyze(args) -> int:
 def _prepare(args) -> int:
     from jaxinf.data.cli import prepare_command
 
-    return prepare_command(args.input, args.out_dir)
+    return prepare_command(args.input, args.out_dir, text_field=args.text_field, id_field=args.id_field,
+                           source_field=args.source_field)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -235,8 +236,13 @@ def main(argv: list[str] | None = None) -> int:
                     help="first convert Ruis et al.'s release_{7B,35B}.json into RUN_DIR (absent or empty)")
     an.set_defaults(handler=_analyze)
 
-    prep = sub.add_parser("prepare", help="convert a documents JSONL file to a TFDS array_record dataset")
-    prep.add_argument("input", metavar="INPUT.jsonl", help="documents, one JSON object per line")
+    prep = sub.add_parser("prepare", help="convert documents (JSONL, .jsonl.gz/.zst, Parquet, Arrow shards) to a TFDS "
+                          "array_record dataset")
+    prep.add_argument("input", metavar="INPUT", help="documents: a JSONL file, or a file, directory or glob of JSONL, "
+                      "gzip/zstd JSONL, Parquet or Arrow shards (a datasets save_to_disk directory too)")
+    for name in ("text", "id", "source"):
+        prep.add_argument(f"--{name}-field", default=name, metavar="NAME",
+                          help=f"the field holding each document's {name} (data.{name}_field; default {name})")
     prep.add_argument("out_dir", metavar="OUT_DIR", help="the dataset directory to write (must not exist or be empty)")
     prep.set_defaults(handler=_prepare)
 

@@ -175,7 +175,7 @@ def test_open_documents_errors(tmp_path):
     with pytest.raises(DataError, match="no such file or directory"):
         open_documents(tmp_path / "missing.jsonl")
     (tmp_path / "plain_dir").mkdir()
-    with pytest.raises(DataError, match="not a TFDS dataset directory"):
+    with pytest.raises(DataError, match="no JSONL, Parquet or Arrow files in the directory"):
         open_documents(tmp_path / "plain_dir")
     with pytest.raises(DataError, match="^tfds:no_such_dataset_xyz: "):
         open_documents("tfds:no_such_dataset_xyz", data_dir=tmp_path)

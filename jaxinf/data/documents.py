@@ -36,6 +36,7 @@ by one scan when the dataset is opened, skipped and counted.
 
 from __future__ import annotations
 
+import array
 import hashlib
 import json
 import os
@@ -49,6 +50,7 @@ import numpy as np
 from jaxinf.data.errors import DataError, type_name, where
 
 DEFAULT_SOURCE = "unknown"
+DEFAULT_FIELDS = ("id", "text", "source")  # (data.id_field, data.text_field, data.source_field)
 BOM = b"\xef\xbb\xbf"
 
 
@@ -78,6 +80,10 @@ class ReadReport:
     blank_lines: int = 0
     default_ids: int = 0
     default_sources: int = 0
+    ignored_files: int = 0
+    shard_sources: bool = False  # a corpus of several shards: missing sources are the shard's name
+    duplicates: int = 0  # data.dedupe: exact: documents skipped as exact duplicates of an earlier one
+    duplicate_examples: list = field(default_factory=list)  # the first few, "id = id of the kept document"
 
     def summary(self) -> str:
         """One line for a log: counts of kept, skipped and defaulted documents."""
@@ -89,7 +95,13 @@ class ReadReport:
         if self.default_ids:
             parts.append(f"{self.default_ids} ids defaulted to the line number")
         if self.default_sources:
-            parts.append(f'{self.default_sources} sources defaulted to "{DEFAULT_SOURCE}"')
+            to = "their shard's name" if self.shard_sources else f'"{DEFAULT_SOURCE}"'
+            parts.append(f"{self.default_sources} sources defaulted to {to}")
+        if self.duplicates:
+            parts.append(f"{self.duplicates} exact duplicates skipped (" + ", ".join(self.duplicate_examples)
+                         + (", ..." if self.duplicates > len(self.duplicate_examples) else "") + ")")
+        if self.ignored_files:
+            parts.append(f"{self.ignored_files} files of other kinds ignored")
         return f"{self.path}: " + ", ".join(parts)
 
     def to_dict(self) -> dict[str, Any]:
@@ -147,32 +159,35 @@ def check_string(value: Any, name: str, path: str, line: int | None) -> str:
     return value
 
 
-def check_id(value: Any, path: str, line: int | None) -> str:
+def check_id(value: Any, path: str, line: int | None, name: str = "id") -> str:
     """A document or query id as a string: a string as is, an integer as its decimal string."""
     if isinstance(value, int) and not isinstance(value, bool):
         return str(value)
     if isinstance(value, str):
-        return check_string(value, "id", path, line)
-    raise DataError(f'{where(path, line)}: field "id" must be a string or an integer, got {type_name(value)}')
+        return check_string(value, name, path, line)
+    raise DataError(f'{where(path, line)}: field "{name}" must be a string or an integer, got {type_name(value)}')
 
 
-def parse_document(obj: Any, path: str, line: int, default_id: str) -> dict[str, Any] | None:
+def parse_document(obj: Any, path: str, line: int, default_id: str, fields: tuple[str, str, str] = DEFAULT_FIELDS,
+                   default_source: str = DEFAULT_SOURCE) -> dict[str, Any] | None:
     """The validated fields of one document line, or ``None`` when its text is empty (to skip).
 
-    Returns ``{"id", "text", "source", "extra", "line", "default_id", "default_source"}``.
+    ``fields`` names the id, text and source fields (``data.id_field``, ``data.text_field``,
+    ``data.source_field``). Returns ``{"id", "text", "source", "extra", "line", "default_id", "default_source"}``.
     """
+    id_field, text_field, source_field = fields
     if not isinstance(obj, dict):
         raise DataError(f"{where(path, line)}: expected a JSON object, got {type_name(obj)}")
-    if "text" not in obj:
-        raise DataError(f'{where(path, line)}: missing field "text"')
-    text = check_string(obj["text"], "text", path, line)
-    has_id = "id" in obj
-    doc_id = check_id(obj["id"], path, line) if has_id else default_id
-    has_source = "source" in obj
-    source = check_string(obj["source"], "source", path, line) if has_source else DEFAULT_SOURCE
+    if text_field not in obj:
+        raise DataError(f'{where(path, line)}: missing field "{text_field}"')
+    text = check_string(obj[text_field], text_field, path, line)
+    has_id = id_field in obj
+    doc_id = check_id(obj[id_field], path, line, id_field) if has_id else default_id
+    has_source = source_field in obj
+    source = check_string(obj[source_field], source_field, path, line) if has_source else default_source
     if not text.strip():
         return None
-    extra = {k: v for k, v in obj.items() if k not in ("id", "text", "source")}
+    extra = {k: v for k, v in obj.items() if k not in fields}
     return {"id": doc_id, "text": text, "source": source, "extra": extra, "line": line,
             "default_id": not has_id, "default_source": not has_source}
 
@@ -366,41 +381,106 @@ def _plain(value: Any, path: str, name: str) -> Any:
 
 
 class TfdsDocuments:
-    """Random access to the documents of a TFDS data source (``tfds.data_source`` / ``as_data_source``)."""
+    """Random access to the documents of a TFDS data source (``tfds.data_source`` / ``as_data_source``).
+
+    A dataset of ``jaxinf prepare`` is fingerprinted by the SHA-256 of each of its array_record files (a read at
+    disk speed, no pass over the records). Any other is read once when opened (the validating scan): the kept
+    records, and an 8-byte BLAKE2b digest of each kept document's id, source and text. From either come
+    :meth:`content_digest` and :meth:`shard_digests` (a content fingerprint, shard by shard).
+    """
 
     def __init__(self, data_source: Any, name: str, *, feature_names: Sequence[str], prepared: bool,
-                 report: ReadReport | None = None):
+                 report: ReadReport | None = None, fields: tuple[str, str, str] = DEFAULT_FIELDS,
+                 shard_lengths: Sequence[int] | None = None, shard_files: Sequence[Any] | None = None):
         self._ds = data_source
         self.name = name
+        self._id_field, self._text_field, self._source_field = self._fields = self.field_names = tuple(fields)
         features = set(feature_names)
-        if "text" not in features:
-            raise DataError(f'{name}: the dataset has no feature "text" (it has {", ".join(sorted(features))})')
+        if self._text_field not in features:
+            raise DataError(f'{name}: the dataset has no feature "{self._text_field}" (it has '
+                            f'{", ".join(sorted(features))}; set data.text_field)')
         self._prepared = prepared
-        self._has_id = "id" in features
-        self._has_source = "source" in features
+        self._has_id = self._id_field in features
+        self._has_source = self._source_field in features
         self.report = report if report is not None else ReadReport(name)
-        if prepared:
-            self._rows = None
+        self._shard_lengths = [int(n) for n in shard_lengths] if shard_lengths else [len(data_source)]
+        self._files = [str(f) for f in shard_files] if shard_files else []
+        if prepared and len(self._files) == len(self._shard_lengths) and sum(self._shard_lengths) == len(data_source):
+            # Written by jaxinf prepare (no empty texts): fingerprinted by its files' bytes, no pass over the records.
+            self._rows, self._digests, self._kept_per_shard = None, None, list(self._shard_lengths)
+            self._file_digests = [_file_sha256(f) for f in self._files]
             self.report.documents = len(data_source)
         else:
-            self._rows = self._scan()
+            self._rows, self._digests, self._kept_per_shard = self._scan()
 
-    def _scan(self) -> np.ndarray:
-        """Record numbers of the non-empty documents (one pass over the texts), counting what is skipped or defaulted."""
-        keep = []
+    def _scan(self) -> tuple[np.ndarray | None, bytes, list[int]]:
+        """Record numbers of the non-empty documents and their digests (one pass over the records), counting what is
+        skipped or defaulted."""
+        keep = array.array("q")
+        digests = bytearray()
         n = len(self._ds)
+        bounds = np.cumsum(self._shard_lengths) if sum(self._shard_lengths) == n else np.asarray([n])
+        kept_per_shard = [0] * len(bounds)
+        shard = 0
         for lo in range(0, n, 1024):
             for r, raw in zip(range(lo, min(lo + 1024, n)), self._get(range(lo, min(lo + 1024, n)))):
-                text = check_string(_plain(raw["text"], self.name, "text"), "text", self.name, None)
-                if text.strip():
-                    keep.append(r)
+                while r >= bounds[shard]:
+                    shard += 1
+                where_ = f"{self.name} record {r}"
+                text = check_string(_plain(raw[self._text_field], self.name, self._text_field), self._text_field,
+                                    where_, None)
+                if not text.strip():
+                    continue
+                doc_id = check_id(_plain(raw[self._id_field], self.name, self._id_field), where_, None,
+                                  self._id_field) if self._has_id else str(r)
+                source = (check_string(_plain(raw[self._source_field], self.name, self._source_field),
+                                       self._source_field, where_, None) if self._has_source else DEFAULT_SOURCE)
+                keep.append(r)
+                kept_per_shard[shard] += 1
+                digests += hashlib.blake2b(doc_id.encode() + b"\0" + source.encode() + b"\0" + text.encode(),
+                                           digest_size=8).digest()
+        if not self._prepared:
+            self.report.documents = len(keep)
+            self.report.empty = n - len(keep)
+            if not self._has_id:
+                self.report.default_ids = len(keep)
+            if not self._has_source:
+                self.report.default_sources = len(keep)
+        elif len(keep) != n:  # pragma: no cover - jaxinf prepare writes no empty text
+            raise DataError(f"{self.name}: {n - len(keep)} empty documents in a dataset written by jaxinf prepare")
         self.report.documents = len(keep)
-        self.report.empty = n - len(keep)
-        if not self._has_id:
-            self.report.default_ids = len(keep)
-        if not self._has_source:
-            self.report.default_sources = len(keep)
-        return np.asarray(keep, np.int64)
+        rows = None if len(keep) == n else np.frombuffer(keep, np.int64)
+        return rows, bytes(digests), kept_per_shard
+
+    def content_digest(self, n: int | None = None) -> str:
+        """SHA-256 of the first ``n`` kept documents (all when None): of their digests taken during the scan; for a
+        dataset of ``jaxinf prepare``, of the SHA-256 of each array_record file wholly among them and the digests of
+        the records of the one cut by ``n`` (read for that alone)."""
+        count = len(self) if n is None else min(int(n), len(self))
+        if self._digests is not None:
+            return hashlib.sha256(self._digests[: 8 * count]).hexdigest()
+        h, lo = hashlib.sha256(b"files"), 0
+        for length, digest in zip(self._shard_lengths, self._file_digests):
+            if lo + length <= count:
+                h.update(bytes.fromhex(digest))
+            elif lo < count:
+                for r in range(lo, count, 1024):
+                    for doc in self.documents(range(r, min(r + 1024, count))):
+                        h.update(hashlib.blake2b(f"{doc.id}\0{doc.source}\0{doc.text}".encode(), digest_size=8).digest())
+            lo += length
+        return h.hexdigest()
+
+    def shard_digests(self) -> list[dict]:
+        """``[{"name", "count", "sha256"}]`` per array_record shard of the split: from the scan's digests, or the
+        file's SHA-256 (``jaxinf prepare``)."""
+        out, lo = [], 0
+        for k, count in enumerate(self._kept_per_shard):
+            digest = (hashlib.sha256(self._digests[8 * lo: 8 * (lo + count)]).hexdigest() if self._digests is not None
+                      else self._file_digests[k])
+            name = os.path.basename(self._files[k]) if k < len(self._files) else f"shard {k}"
+            out.append({"name": name, "count": count, "sha256": digest})
+            lo += count
+        return out
 
     def _get(self, rows: Sequence[int]) -> list[dict]:
         rows = [int(r) for r in rows]
@@ -420,7 +500,7 @@ class TfdsDocuments:
 
     def texts(self, indices: Sequence[int]) -> list[str]:
         """The texts of the documents at ``indices``, in that order."""
-        return [_plain(raw["text"], self.name, "text") for _, raw in self._records(indices)]
+        return [_plain(raw[self._text_field], self.name, self._text_field) for _, raw in self._records(indices)]
 
     def documents(self, indices: Sequence[int]) -> list[Document]:
         """The documents at ``indices``, in that order."""
@@ -428,9 +508,10 @@ class TfdsDocuments:
         for i, (row, raw) in zip(indices, self._records(indices)):
             rec = {k: _plain(v, self.name, k) for k, v in raw.items()}
             where_ = f"{self.name} record {row}"
-            text = check_string(rec.pop("text"), "text", where_, None)
-            doc_id = check_id(rec.pop("id"), where_, None) if self._has_id else str(row)
-            source = check_string(rec.pop("source"), "source", where_, None) if self._has_source else DEFAULT_SOURCE
+            text = check_string(rec.pop(self._text_field), self._text_field, where_, None)
+            doc_id = check_id(rec.pop(self._id_field), where_, None, self._id_field) if self._has_id else str(row)
+            source = (check_string(rec.pop(self._source_field), self._source_field, where_, None)
+                      if self._has_source else DEFAULT_SOURCE)
             if self._prepared:
                 extra = json.loads(rec.pop("extra"))
                 line = int(rec.pop("line"))
@@ -446,27 +527,45 @@ class TfdsDocuments:
         return iter_documents(self)
 
 
+def _file_sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def _tfds():
     import tensorflow_datasets as tfds
 
     return tfds
 
 
-def _from_builder(builder: Any, name: str, split: str, data_source: Any = None) -> TfdsDocuments:
+def _from_builder(builder: Any, name: str, split: str, data_source: Any = None,
+                  fields: tuple[str, str, str] = DEFAULT_FIELDS) -> TfdsDocuments:
     if split not in builder.info.splits:
         raise DataError(f'{name}: no split "{split}" (it has {", ".join(sorted(builder.info.splits))})')
     features = list(builder.info.features.keys())
     metadata = dict(builder.info.metadata or {})
-    prepared = metadata.get("writer") == PREPARED_MARK and set(PREPARED_FEATURES) <= set(features)
+    prepared = (metadata.get("writer") == PREPARED_MARK and set(PREPARED_FEATURES) <= set(features)
+                and tuple(fields) == DEFAULT_FIELDS)
     report = ReadReport(name)
     if prepared:
         for k in ("empty", "blank_lines", "default_ids", "default_sources"):
             setattr(report, k, int(metadata.get(k, 0)))
     ds = builder.as_data_source(split=split) if data_source is None else data_source
-    return TfdsDocuments(ds, name, feature_names=features, prepared=prepared, report=report)
+    info = builder.info.splits[split]
+    shard_lengths = list(getattr(info, "shard_lengths", None) or [])
+    try:
+        shard_files = list(getattr(info, "filepaths", None) or [])
+    except Exception:  # a split without files of its own
+        shard_files = []
+    return TfdsDocuments(ds, name, feature_names=features, prepared=prepared, report=report, fields=fields,
+                         shard_lengths=shard_lengths, shard_files=shard_files)
 
 
-def open_tfds_directory(path: str | os.PathLike, split: str = "train") -> TfdsDocuments:
+def open_tfds_directory(path: str | os.PathLike, split: str = "train",
+                        fields: tuple[str, str, str] = DEFAULT_FIELDS) -> TfdsDocuments:
     """The documents of a TFDS dataset directory (one holding ``dataset_info.json``), via ``as_data_source``."""
     path = str(path)
     if not (Path(path) / "dataset_info.json").is_file():
@@ -475,10 +574,11 @@ def open_tfds_directory(path: str | os.PathLike, split: str = "train") -> TfdsDo
         builder = _tfds().builder_from_directory(path)
     except Exception as e:  # TFDS raises many types for a broken directory
         raise DataError(f"{path}: cannot open the TFDS dataset ({_one_line(e)})") from None
-    return _from_builder(builder, path, split)
+    return _from_builder(builder, path, split, fields=fields)
 
 
-def open_tfds_name(name: str, data_dir: str | os.PathLike | None = None, split: str = "train") -> TfdsDocuments:
+def open_tfds_name(name: str, data_dir: str | os.PathLike | None = None, split: str = "train",
+                   fields: tuple[str, str, str] = DEFAULT_FIELDS) -> TfdsDocuments:
     """The documents of a TFDS dataset found by name (``tfds.data_source(name, data_dir=...)``); never downloads."""
     tfds = _tfds()
     try:
@@ -491,27 +591,45 @@ def open_tfds_name(name: str, data_dir: str | os.PathLike | None = None, split: 
         raise DataError(f'tfds:{name}: no split "{split}" (it has {", ".join(sorted(builder.info.splits))})')
     # Read through tfds.data_source itself, so the name resolves exactly as TFDS resolves it.
     ds = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
-    return _from_builder(builder, f"tfds:{name}", split, ds)
+    return _from_builder(builder, f"tfds:{name}", split, ds, fields=fields)
 
 
 def open_documents(spec: str | os.PathLike, *, data_dir: str | os.PathLike | None = None,
-                   split: str = "train") -> DocumentSource:
+                   split: str = "train", text_field: str = "text", id_field: str = "id",
+                   source_field: str = "source", dedupe: str = "none") -> DocumentSource:
     """The document source ``data.documents`` names.
 
-    - a ``.jsonl`` file: :class:`JsonlDocuments`;
-    - a directory holding ``dataset_info.json`` (what ``jaxinf prepare`` writes): a TFDS dataset directory;
-    - ``tfds:NAME`` (``NAME[/CONFIG][:VERSION]``): a TFDS dataset found by name in ``data_dir``.
+    - a directory holding ``dataset_info.json`` but no ``state.json`` (what ``jaxinf prepare`` writes): a TFDS
+      dataset directory;
+    - ``tfds:NAME`` (``NAME[/CONFIG][:VERSION]``): a TFDS dataset found by name in ``data_dir``;
+    - one plain JSONL file with the default field names: :class:`JsonlDocuments`;
+    - any other file, directory or glob of JSONL, gzip/zstd JSONL, Parquet or Arrow shards (a ``datasets``
+      ``save_to_disk`` directory too): :class:`jaxinf.data.shards.ShardedDocuments`.
+
+    ``text_field``, ``id_field`` and ``source_field`` (``data.text_field`` ...) name the columns. ``dedupe``
+    (``data.dedupe``): ``exact`` skips documents whose text equals an earlier one's (counted in the report);
+    not for TFDS datasets.
     """
+    from jaxinf.data.shards import ShardedDocuments, is_glob, shard_format
+
     spec = str(spec)
-    if spec.startswith("tfds:"):
-        return open_tfds_name(spec[len("tfds:"):], data_dir, split)
+    fields = (id_field, text_field, source_field)
     p = Path(spec)
-    if p.is_dir():
-        return open_tfds_directory(p, split)
-    if p.is_file():
+    tfds_dir = p.is_dir() and (p / "dataset_info.json").is_file() and not (p / "state.json").is_file()
+    if dedupe != "none" and (spec.startswith("tfds:") or tfds_dir):
+        raise DataError(f"{spec}: data.dedupe={dedupe} is not supported for TFDS datasets (de-duplicate the JSONL, "
+                        "Parquet or Arrow shards instead)")
+    if spec.startswith("tfds:"):
+        return open_tfds_name(spec[len("tfds:"):], data_dir, split, fields)
+    if tfds_dir:
+        return open_tfds_directory(p, split, fields)
+    if p.is_file() and fields == DEFAULT_FIELDS and dedupe == "none" and shard_format(p) in (None, ("jsonl", None)):
         return JsonlDocuments(p)
-    raise DataError(f"{spec}: no such file or directory (documents are a .jsonl file, a TFDS dataset "
-                    "directory or tfds:NAME)")
+    if p.exists() or is_glob(spec):
+        return ShardedDocuments(spec, text_field=text_field, id_field=id_field, source_field=source_field,
+                                dedupe=dedupe)
+    raise DataError(f"{spec}: no such file or directory (documents are a JSONL, Parquet or Arrow file, a directory "
+                    "or glob of them, a TFDS dataset directory or tfds:NAME)")
 
 
 def _one_line(e: BaseException) -> str:

@@ -100,9 +100,11 @@ def from_config(config: cfg.Config) -> World:
             raise ValidationError(f"data.{name}: needed by jaxinf validate with a config")
     lm, tokenizer = models.from_hf(config.model.checkpoint, dtype=config.model.dtype, scan=config.model.scan_layers)
     encoder = TextEncoder(tokenizer)
-    source = open_documents(config.data.documents)
+    source = open_documents(config.data.documents, text_field=config.data.text_field, id_field=config.data.id_field,
+                            source_field=config.data.source_field, dedupe=config.data.dedupe)
     docs = source.documents(range(len(source)))
-    ids = [e[: config.data.max_length].tolist() for e in encoder.encode_documents([d.text for d in docs])]
+    ids = [e[: config.data.max_length].tolist()
+           for e in encoder.encode_documents([d.text for d in docs], config.data.max_length)]
     queries = read_queries(config.data.queries)
     encoded = encode_queries(queries, encoder, max_length=config.data.max_length)
     index = {d.id: i for i, d in enumerate(docs)}
