@@ -141,8 +141,8 @@ def load_inputs(config: cfg.Config, store: RunStore, executor: Executor | None =
     their plans (one slice of the corpus per group of processes on the ``data`` axis), and queries."""
     from jaxinf import models
     from jaxinf.data.batching import make_plan
-    from jaxinf.data.documents import open_documents
     from jaxinf.data.queries import read_queries
+    from jaxinf.data.sources import open_documents
     from jaxinf.data.tokenize import TextEncoder
 
     t0 = time.perf_counter()

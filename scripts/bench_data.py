@@ -219,7 +219,7 @@ FORMAT_NAMES = ("jsonl", "jsonl.gz", "jsonl.zst", "parquet", "arrow", "hf", "tfd
 def write_formats(root: Path, n_docs: int, shards: int, formats) -> dict:
     """Writes the corpus once per format under ``root``; returns ``{format: (spec, bytes on disk, seconds)}``."""
     from jaxinf.data.prepare import prepare
-    from jaxinf.data.shards import write_shards
+    from jaxinf.data.shard_writer import write_shards
 
     out = {}
     per = -(-n_docs // shards)
@@ -293,7 +293,7 @@ def measure_format(fmt: str, spec: str, tokenizer: str, max_length: int, batch_s
     """One format in this process: raw read, validating scan, token counts, one pass of batches; peak RSS after each."""
     import resource
 
-    from jaxinf.data.documents import open_documents
+    from jaxinf.data.sources import open_documents
 
     def rss() -> float:
         """Peak RSS of this process so far, MiB: VmHWM (reset at exec, unlike ru_maxrss, which a child started by

@@ -14,7 +14,8 @@ import pytest
 
 from data_support import corpus_texts, documents_file, write_jsonl
 from jaxinf import cli
-from jaxinf.data.documents import Document, JsonlDocuments, open_documents
+from jaxinf.data.documents import Document, JsonlDocuments
+from jaxinf.data.sources import open_documents
 from jaxinf.data.errors import DataError
 from jaxinf.data.prepare import prepare
 

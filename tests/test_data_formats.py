@@ -13,9 +13,11 @@ import pytest
 from pipeline_support import make_world, overrides
 from jaxinf import config as cfg
 from jaxinf import pipeline
-from jaxinf.data.documents import Document, open_documents
+from jaxinf.data.documents import Document
 from jaxinf.data.errors import DataError
-from jaxinf.data.shards import WRITE_FORMATS, ShardedDocuments, write_shards
+from jaxinf.data.shard_writer import WRITE_FORMATS, write_shards
+from jaxinf.data.shards import ShardedDocuments
+from jaxinf.data.sources import open_documents
 
 
 def _records(path: Path) -> list[dict]:

@@ -18,10 +18,12 @@ from jaxinf.data.batching import (
     prefetch,
     scatter_columns,
 )
-from jaxinf.data.documents import Document, JsonlDocuments, ReadReport, TfdsDocuments, open_documents
+from jaxinf.data.documents import Document, JsonlDocuments, ReadReport
 from jaxinf.data.errors import DataError
 from jaxinf.data.queries import Query, encode_queries, query_batches, read_queries, read_release, release_documents
 from jaxinf.data.shards import ShardedDocuments
+from jaxinf.data.sources import open_documents
+from jaxinf.data.tfds_documents import TfdsDocuments
 from jaxinf.data.tokenize import EncodedQuery, TextEncoder, load_tokenizer
 
 __all__ = [

@@ -7,7 +7,7 @@ other fields of the line, as a JSON object in text) and ``line`` (the 1-based
 line, or row, within its file). Its ``metadata.json`` records what was skipped and
 defaulted (the counts of :class:`~jaxinf.data.documents.ReadReport`) and the
 input's SHA-256, so a reader reports them too. Read it back with
-:func:`jaxinf.data.documents.open_documents` (``data.documents: OUT_DIR``), or
+:func:`jaxinf.data.sources.open_documents` (``data.documents: OUT_DIR``), or
 with TFDS itself: ``tfds.builder_from_directory(OUT_DIR).as_data_source("train")``.
 
 Nothing already there is lost: the dataset is written in a temporary
@@ -30,9 +30,11 @@ from typing import Any
 import numpy as np
 
 from jaxinf.atomic import make_temp_dir
-from jaxinf.data.documents import PREPARED_MARK, ReadReport, iter_documents, iter_jsonl_documents, open_documents
-from jaxinf.data.shards import shard_format
+from jaxinf.data.documents import ReadReport, iter_documents, iter_jsonl_documents
 from jaxinf.data.errors import DataError
+from jaxinf.data.shard_files import shard_format
+from jaxinf.data.sources import open_documents
+from jaxinf.data.tfds_documents import PREPARED_MARK
 
 BUILDER_NAME = "jaxinf_documents"
 DATASET_VERSION = "1.0.0"
@@ -128,7 +130,7 @@ def prepare(input_path: str | os.PathLike, out_dir: str | os.PathLike, *, text_f
     directory or glob of JSONL, compressed JSONL, Parquet or Arrow shards (validated by one scan first,
     :class:`~jaxinf.data.shards.ShardedDocuments`, with the given field names).
 
-    Guarantees: the dataset holds exactly the documents :func:`~jaxinf.data.documents.open_documents` reads
+    Guarantees: the dataset holds exactly the documents :func:`~jaxinf.data.sources.open_documents` reads
     from the same input, in the same order, with the same ids, sources, extra fields and lines (of their
     shard); on any error (a :class:`DataError` naming file and line, or anything else) ``out_dir``
     is left as it was. Returns the counts of what was kept, skipped and defaulted.

@@ -87,8 +87,8 @@ def builtin(n_documents: int = 128, per_task: int = 6, seed: int = 0) -> World:
 def from_config(config: cfg.Config) -> World:
     """The world of a config: ``model.checkpoint``, ``data.documents``, ``data.queries`` (module docstring)."""
     from jaxinf import models, tasks
-    from jaxinf.data.documents import open_documents
     from jaxinf.data.queries import encode_queries, read_queries
+    from jaxinf.data.sources import open_documents
     from jaxinf.data.tokenize import TextEncoder
 
     for name in ("checkpoint",):
