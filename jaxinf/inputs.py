@@ -89,6 +89,7 @@ def document_lengths(store: RunStore, documents, encoder, limit: int | None = No
     ``limit``: ``data.max_length`` when documents are truncated; a very long document is then counted in a bounded
     prefix (:meth:`jaxinf.data.tokenize.TextEncoder.encode_documents`)."""
     from jaxinf.data.batching import document_lengths as count
+    from jaxinf.data.progress import PassProgress
 
     key = {"documents": _file_key(getattr(documents, "name", "")), "size": len(documents),
            "tokenizer": _text_hash(encoder.tokenizer.to_str())}
@@ -105,9 +106,7 @@ def document_lengths(store: RunStore, documents, encoder, limit: int | None = No
                 return np.load(path)
         except ValueError:
             pass
-    t0 = time.perf_counter()
-    lengths = count(documents, encoder, limit=limit)
-    log.info("tokenized %d documents (%d tokens) in %.1fs", len(lengths), int(lengths.sum()), time.perf_counter() - t0)
+    lengths = count(documents, encoder, limit=limit, progress=PassProgress("token counts", len(documents)))
     if jax.process_index() == 0:
         save_npy(path, lengths)
         write_json(meta, key)

@@ -45,7 +45,7 @@ from __future__ import annotations
 
 import queue
 import threading
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -255,17 +255,23 @@ def make_plan(
 
 
 def document_lengths(source: DocumentSource, encoder: TextEncoder, *, chunk: int = 2048,
-                     limit: int | None = None) -> np.ndarray:
+                     limit: int | None = None, progress: Callable[[int, int], None] | None = None) -> np.ndarray:
     """Token count of every document of ``source`` (special tokens included): one tokenization pass.
 
     Reading the next chunk of texts overlaps with tokenizing the current one. ``limit`` (``data.max_length`` when
     documents are truncated): a very long document is counted in a bounded prefix
     (:meth:`TextEncoder.encode_documents`), a lower bound above ``limit``; pass the same limit to the plan's batches.
+    ``progress`` (e.g. :class:`jaxinf.data.progress.PassProgress`) is called after each chunk with the documents
+    and tokens counted so far.
     """
     n = len(source)
     spans = [(lo, min(lo + chunk, n)) for lo in range(0, n, chunk)]
-    parts = [encoder.document_lengths(texts, limit)
-             for texts in prefetch(source.texts(range(lo, hi)) for lo, hi in spans)]
+    parts, done, tokens = [], 0, 0
+    for texts in prefetch(source.texts(range(lo, hi)) for lo, hi in spans):
+        parts.append(encoder.document_lengths(texts, limit))
+        done, tokens = done + len(parts[-1]), tokens + int(parts[-1].sum())
+        if progress is not None:
+            progress(done, tokens)
     return np.concatenate(parts) if parts else np.zeros(0, np.int64)
 
 
