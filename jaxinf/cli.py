@@ -137,6 +137,10 @@ def _plan(args) -> int:
         raise plan.PlanError(str(e)) from None
     if not args.no_compile:
         plan.prepare_devices(meshes)   # before jax starts: the simulated devices the meshes need
+    if args.corpus:
+        from jaxinf import plan_corpus
+
+        return plan_corpus.command(config, meshes, compile=not args.no_compile, json_out=args.json, chip=device)
     return plan.command(config, meshes, compile=not args.no_compile, json_out=args.json, chip=device)
 
 
@@ -211,6 +215,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="plan this mesh instead of mesh.data x mesh.model (repeatable)")
     pl.add_argument("--no-compile", action="store_true", help="only the bytes per device (no XLA compilation)")
     pl.add_argument("--json", metavar="FILE", help="also write the plan as JSON")
+    pl.add_argument("--corpus", action="store_true",
+                    help="count data.documents with the checkpoint's tokenizer (one tokenization pass): its documents, "
+                    "tokens, rows and the passes over it, and the hours for it")
     pl.add_argument("--chip", choices=("h100", "h200", "a100", "v5e", "v5p", "v6e"),
                     help="time each per-document step as a roofline on this chip (jaxinf/chips.py)")
     pl.add_argument("--peak-tflops", type=float, metavar="T", help="a custom peak matrix TFLOP/s (replaces the chip's)")
