@@ -27,25 +27,6 @@ EXIT_CODES = {
 }
 
 
-def _user_errors() -> tuple[type[BaseException], ...]:
-    """The exception classes that mean bad input rather than a bug (reported in one line)."""
-    from jaxinf.capture import CaptureError
-    from jaxinf.config import ConfigError
-    from jaxinf.data.errors import DataError
-    from jaxinf.exports.formats import AnalysisError
-    from jaxinf.inputs import InputError
-    from jaxinf.interop.kronfluence import InteropError
-    from jaxinf.models import ModelError
-    from jaxinf.plan import PlanError
-    from jaxinf.preflight import PreflightError
-    from jaxinf.partitioning import ShardingError
-    from jaxinf.rundir import StoreError
-    from jaxinf.validate.world import ValidationError
-
-    return (AnalysisError, CaptureError, ConfigError, DataError, InteropError, ModelError, InputError, PlanError,
-            PreflightError, ShardingError, StoreError, ValidationError)
-
-
 def _setup_logging(quiet: bool) -> None:
     from jaxinf.failures import HideLibraryTracebacks, install_unraisable_hook
 
@@ -175,15 +156,22 @@ def _prepare(args) -> int:
                            source_field=args.source_field)
 
 
-def main(argv: list[str] | None = None) -> int:
-    if argv is None:  # the command itself, not a call from Python: start again with huge pages where they help
-        from jaxinf.hostenv import restart_with_huge_pages
+def entry() -> int:
+    """The ``jaxinf`` command (its console script and ``python -m jaxinf``): started again with huge pages where they
+    help (:func:`jaxinf.hostenv.restart_with_huge_pages`), then :func:`main` on the command line's arguments. Only
+    the command restarts its process: a script or notebook calling :func:`main` is never re-executed."""
+    from jaxinf.hostenv import restart_with_huge_pages
 
-        try:
-            restart_with_huge_pages()
-        except ValueError as e:
-            print(f"jaxinf: error: {e}", file=sys.stderr)
-            return 2
+    try:
+        restart_with_huge_pages()
+    except ValueError as e:
+        print(f"jaxinf: error: {e}", file=sys.stderr)
+        return 2
+    return main(sys.argv[1:])
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The command line on ``argv`` (default ``sys.argv[1:]``), in this process as it is (no restart)."""
     parser = argparse.ArgumentParser(prog="jaxinf", description="EK-FAC influence functions for LLMs in JAX")
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -263,16 +251,16 @@ def main(argv: list[str] | None = None) -> int:
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     _setup_logging(args.quiet)
-    from jaxinf.store import EnvironmentFailure
+    from jaxinf.hostenv import heap_mode
+
+    logging.getLogger("jaxinf").info("host heap: %s", heap_mode())
+    from jaxinf.errors import EnvironmentFailure, UserError
 
     try:
         return args.handler(args)
-    except EnvironmentFailure as e:
+    except (EnvironmentFailure, UserError) as e:   # jaxinf.errors: one line, the kind's exit code
         print(f"jaxinf {args.command}: error: {e}", file=sys.stderr)
-        return 3
-    except _user_errors() as e:
-        print(f"jaxinf {args.command}: error: {e}", file=sys.stderr)
-        return 2
+        return e.exit_code
     except KeyboardInterrupt:
         print(f"jaxinf {args.command}: interrupted; run it again to resume", file=sys.stderr)
         return 130
@@ -289,4 +277,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(entry())

@@ -22,13 +22,15 @@ from typing import Any, Union
 
 import yaml
 
+from jaxinf.errors import UserError
+
 STAGES = ("covariance", "eigen", "lambda", "queries", "scores", "exports", "analysis", "index")
 """Every stage of a run, each after the stages it depends on. The index (``index.k``) comes last: it depends on
 the documents and the eigenbasis only, so a new index over a finished run recomputes nothing else; a run with
 ``scores.mode: index`` builds it before its scores (:mod:`jaxinf.pipeline`)."""
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A config file, key or value that cannot be used; the message names the file and the key."""
 
 

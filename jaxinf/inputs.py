@@ -13,7 +13,7 @@ import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
@@ -22,13 +22,22 @@ import numpy as np
 from jaxinf import capture, preflight, rundir
 from jaxinf import config as cfg
 from jaxinf.atomic import save_npy, write_json
+from jaxinf.errors import UserError
 from jaxinf.executor import DeviceExecutor, Executor
 from jaxinf.store import RunStore
+
+if TYPE_CHECKING:
+    from jaxinf.data.batching import Plan
+    from jaxinf.data.documents import DocumentSource
+    from jaxinf.data.queries import Query
+    from jaxinf.data.tokenize import TextEncoder
+    from jaxinf.models.lm import LM
+    from jaxinf.tasks import Task
 
 log = logging.getLogger("jaxinf")
 
 
-class InputError(ValueError):
+class InputError(UserError):
     """A missing or unusable input named by the config (file, directory, key)."""
 
 
@@ -44,16 +53,16 @@ def tracked_layers(lm, track) -> dict[str, capture.LayerSpec]:
 class Inputs:
     """What a run reads once: model, task, tracked layers, tokenizer, documents, queries and their plans."""
 
-    lm: Any
-    task: Any
+    lm: LM
+    task: Task
     layers: dict[str, capture.LayerSpec]
-    encoder: Any
-    documents: Any
-    lengths: np.ndarray
-    plan: Any
-    fit_plan: Any
-    fit_documents: Any
-    queries: list
+    encoder: TextEncoder
+    documents: DocumentSource          # the corpus scored (one column of the scores per document)
+    lengths: np.ndarray                # tokens per document, before truncation or splitting
+    plan: Plan                         # how the scored documents are grouped into batches
+    fit_plan: Plan                     # the same for the documents the curvature is fitted on
+    fit_documents: DocumentSource      # the first factors.max_documents documents (all of them without it)
+    queries: list[Query]
 
     def batches(self, plan, source, process_index: int):
         """This process's batches of ``source`` under ``plan`` (:class:`jaxinf.data.batching.DocumentBatches`)."""

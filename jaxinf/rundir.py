@@ -33,6 +33,8 @@ import os
 import shutil
 from pathlib import Path
 
+from jaxinf.errors import UserError
+
 log = logging.getLogger("jaxinf")
 
 RECORD = "run.json"
@@ -43,7 +45,7 @@ LOCK_FILE = ".jaxinf.lock"
 OURS = {LOCK_FILE, PREVIOUS, DISCARDED, ".gitkeep"}   # entries that never make a directory "not empty"
 
 
-class StoreError(RuntimeError):
+class StoreError(UserError, RuntimeError):
     """A run directory that cannot be used as asked (the message names the path)."""
 
 

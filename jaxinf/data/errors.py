@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from jaxinf.errors import UserError
 
-class DataError(ValueError):
+
+class DataError(UserError):
     """Bad input data or settings.
 
     The message is always a single line that names where the problem is: a file

@@ -22,9 +22,10 @@ from typing import Any
 import numpy as np
 
 from jaxinf import config as cfg
+from jaxinf.errors import UserError
 
 
-class ValidationError(ValueError):
+class ValidationError(UserError):
     """Bad input to ``jaxinf validate`` or a retraining that cannot go on (one line, naming what)."""
 
 

@@ -1,7 +1,7 @@
 """kronfluence on the same model, documents and queries as a jaxinf run: the PyTorch reference side.
 
-This module needs torch, transformers and kronfluence (the test extra); nothing
-else in jaxinf imports it. It gives kronfluence exactly what ``jaxinf run``
+This module needs torch, transformers and kronfluence (the test extra), so it lives with the
+tests, outside the package (``scripts/bench_vs_kronfluence.py`` imports it from here too). It gives kronfluence exactly what ``jaxinf run``
 computes with:
 
 - :func:`document_examples` / :func:`query_examples`: the token ids jaxinf's own

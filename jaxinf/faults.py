@@ -1,0 +1,23 @@
+"""Fault injection for the kill/resume tests: a process killed (or stopped) at a named point of its work."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+
+def fault_point(where: str, step: int) -> None:
+    """Fault injection for resume tests: SIGKILL this process when ``JAXINF_FAULT`` is ``f"{where}:{step}"``
+    (SIGSTOP when it is ``f"{where}:{step}:stop"``: the process stays, holding what it holds, until killed).
+
+    Points: ``<stage>:<batch>`` after a batch of a per-batch pass is computed
+    (:func:`jaxinf.loop.run_batches`; before any save it triggers),
+    ``<stage>:before-manifest:<step>`` after Orbax has committed a step but
+    before its manifest is written, and ``overwrite:0`` after a run started
+    with ``--overwrite`` has started cleanly but before the old run is deleted.
+    """
+    point = os.environ.get("JAXINF_FAULT")
+    if point == f"{where}:{step}":
+        os.kill(os.getpid(), signal.SIGKILL)
+    elif point == f"{where}:{step}:stop":
+        os.kill(os.getpid(), signal.SIGSTOP)
