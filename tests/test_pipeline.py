@@ -34,7 +34,7 @@ def reference(world):
 def test_exports_match_the_engine_document_by_document(world, reference):
     """scores.npy, column by column, equals scoring each document alone with the run's curvature and queries."""
     from jaxinf import models
-    from jaxinf.data.documents import open_documents
+    from jaxinf.data.sources import open_documents
     from jaxinf.data.queries import encode_queries, query_batches, read_queries
     from jaxinf.data.tokenize import TextEncoder
 
