@@ -30,7 +30,7 @@ from jaxinf import indexing, programs
 from jaxinf.index_store import IndexError_, IndexReader, IndexWriter, load_selection, save_selection
 from jaxinf.inputs import Inputs, Subset, buckets, non_finite_loss
 from jaxinf.loop import Kept, run_batches
-from jaxinf.saved import plan_key
+from jaxinf.saved import SavedState, plan_key
 from jaxinf.store import RunStore
 
 log = logging.getLogger("jaxinf")
@@ -142,6 +142,49 @@ class ScoresAndIndex:
         index_keys, score_keys = ("cells", "bands", "loss"), ("scores", "loss")
         self.writer.save(step, carry, [({k: out[k] for k in index_keys}, rows) for out, rows in batches])
         self.chunks.save(step, carry, [({k: out[k] for k in score_keys}, rows) for out, rows in batches])
+
+
+class StateAndIndex:
+    """The saves of a Lambda pass that also writes the index: each save writes the index rows first (flushed), then
+    the Lambda checkpoint, so a checkpoint never runs ahead of the rows; a resumed pass starts after the checkpoint
+    and rewrites any rows past it with the same values (the empirical Fisher's gradients are deterministic)."""
+
+    def __init__(self, state, writer: IndexWriter):
+        self.state, self.writer = state, writer
+        self.every, self.noun = state.every, "checkpoints and index rows"
+
+    def resume(self, carry):
+        return self.state.resume(carry)
+
+    def begin(self, start: int, total: int | None) -> None:
+        self.writer.begin(start, total)
+        self.state.begin(start, total)
+
+    def save(self, step: int, carry, batches) -> None:
+        self.writer.save(step, carry, batches)
+        self.state.save(step, carry, [])
+
+
+def lambda_with_index(config: cfg.Config, store: RunStore, inputs: Inputs, eigen, batches, executor):
+    """Stage ``lambda`` and the index in one pass over every document (:func:`jaxinf.programs.index_in_lambda`):
+    the Lambda sums checkpointed as :func:`jaxinf.pipeline.accumulate` does, each batch's index rows written beside
+    them. Returns Lambda and the pass's timing; the index is marked done."""
+    build = IndexBuild(config, store, inputs, eigen, eigen)
+    program = programs.lambda_and_index(config, inputs.task, inputs.layers)
+    update = program.jit(executor)
+    params = inputs.lm.params
+
+    def step(carry, batch, i):
+        carry, out = update(carry, params, eigen, build.basis, batch)
+        return carry, out, out["loss"]
+
+    saves = StateAndIndex(SavedState(store, "lambda", batches.plan, config.factors.save_every), build.writer)
+    state, timing = run_batches("lambda", step, batches.iterate, executor.init(program.stage), saves,
+                                total=len(batches), non_finite=non_finite_loss(inputs.documents, "lambda"),
+                                device=executor)
+    build.done(timing)
+    log.info("index: written by the Lambda pass (empirical Fisher: its gradients are the scores')")
+    return program.stage.finalize(state), timing
 
 
 def kept_directions(k: int | str | None) -> int | None:

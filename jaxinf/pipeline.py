@@ -134,9 +134,13 @@ def curvature_stages(config: cfg.Config, store: RunStore, inputs: Inputs, execut
     def fit_lambda(basis):
         Lambda = store.load_result("lambda", executor.like(shapes["lambda"], curvature.LAMBDA_AXES))
         if Lambda is None:
-            Lambda, timing = accumulate(store, programs.lambda_(config, inputs.task, inputs.layers),
-                                        (inputs.lm.params, basis), fit_batches,
-                                        stages.stage_key(base, "lambda"), config.factors.save_every, executor, inputs)
+            if (programs.index_in_lambda(config, executor.mesh is None) and store.status("index") != "done"
+                    and not store.stage("lambda").steps()):   # the index rides on this pass from its start
+                Lambda, timing = index_run.lambda_with_index(config, store, inputs, basis, fit_batches, executor)
+            else:
+                Lambda, timing = accumulate(store, programs.lambda_(config, inputs.task, inputs.layers),
+                                            (inputs.lm.params, basis), fit_batches, stages.stage_key(base, "lambda"),
+                                            config.factors.save_every, executor, inputs)
             _check_finite_tree(Lambda, "Lambda", executor.fetch)
             store.save_result("lambda", Lambda, timing=timing)
         return Lambda

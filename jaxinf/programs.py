@@ -145,6 +145,16 @@ def scores_and_index(config, task: Task, layers: Mapping[str, LayerSpec]) -> Pro
                    ("params", "queries", "basis", "batch"))
 
 
+def lambda_and_index(config, task: Task, layers: Mapping[str, LayerSpec]) -> Program:
+    """The Lambda pass that also writes the index (the empirical Fisher; :func:`jaxinf.stages.lambda_and_index_step`):
+    the Lambda stage's state, plus each document row's index cells."""
+    k = None if config.index.k == "full" else config.index.k
+    dtype, mp = _dtype(config), config.run.matmul_precision
+    return Program("lambda+index", stages.lambda_and_index_step(task, layers, k, dtype, mp),
+                   ("state", "params", "eigen", "basis", "batch"), donate=(0,),
+                   stage=stages.lambda_stage(task, layers, config.factors.fisher, dtype, mp))
+
+
 def breakdowns(config, task: Task, layers: Mapping[str, LayerSpec]) -> Program:
     """The exports' pass over each query's top documents: per-layer scores ``[L, Q, B]`` (layers in
     :func:`jaxinf.scoring.layer_order`) and per-token scores ``[Q, B, T]``."""
@@ -174,18 +184,19 @@ def programs(config, task: Task, layers: Mapping[str, LayerSpec], *, one_device:
     if config.factors.from_run is None and strategy.eigen:
         out["covariance"] = covariance(config, task, layers)
     if config.factors.from_run is None and strategy.fits_lambda:
-        out["lambda"] = lambda_(config, task, layers)
+        out["lambda"] = (lambda_and_index(config, task, layers) if index_in_lambda(config, one_device)
+                         else lambda_(config, task, layers))
     out["queries"] = queries(config, task, layers)
     build = config.index.k is not None
     if config.scores.mode == "index":
-        if build:
+        if build and not index_in_lambda(config, one_device):
             out["index"] = index(config, task, layers)
         out["scores"] = scores(config, task, layers, self_influence=False)
-    elif fused_index(config, one_device):
+    elif fused_index(config, one_device) and not index_in_lambda(config, one_device):
         out["scores"] = scores_and_index(config, task, layers)
     else:
         out["scores"] = scores(config, task, layers)
-        if build:
+        if build and not index_in_lambda(config, one_device):
             out["index"] = index(config, task, layers)
     out["breakdowns"] = breakdowns(config, task, layers)
     return out
@@ -203,6 +214,17 @@ def fitted_shapes(task: Task, layers: Mapping[str, LayerSpec], dtype=None) -> di
     finished = jax.eval_shape(cov.finalize, state)
     return {"covariance": state, "finished": finished, "eigen": jax.eval_shape(eigendecompose, finished),
             "lambda": jax.eval_shape(lambda: lam.finalize(lam.init()))}
+
+
+def index_in_lambda(config, one_device: bool) -> bool:
+    """Whether the Lambda pass writes the index (:func:`lambda_and_index`): ``index.k`` set, EK-FAC or diagonal
+    fitted here under the empirical Fisher (whose gradients are the index's), over every document
+    (``factors.max_documents`` not set), on one device."""
+    from jaxinf.curvature import strategy as strategy_of
+
+    return (config.index.k is not None and config.factors.fisher == "empirical" and config.factors.from_run is None
+            and strategy_of(config.factors.strategy).fits_lambda and strategy_of(config.factors.strategy).eigen
+            and config.factors.max_documents is None and one_device)
 
 
 def fused_index(config, one_device: bool) -> bool:

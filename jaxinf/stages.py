@@ -147,6 +147,28 @@ def index_step(task: Task, layers: Mapping[str, LayerSpec], k: int | None, dtype
     return step
 
 
+def lambda_and_index_step(task: Task, layers: Mapping[str, LayerSpec], k: int | None, dtype=None, precision=None):
+    """The Lambda pass that also writes the EK-FAC index, under the empirical Fisher (whose gradients, under the
+    data's labels, are the ones the scores and the index use): ``(state, params, eigen, basis, batch) -> (state,
+    {"cells": [B, C], "bands": [B, E], "loss": [B]})``. One backward pass forms both statistics where each layer's
+    ``a`` and ``g`` exist (:func:`lambda_stage`'s update, :func:`index_step`'s rows), so a run that scores from the
+    index needs no pass over the corpus besides the covariance and this one."""
+    from jaxinf.indexing import BASIS_AXES, flatten_rows, index_statistic
+
+    dtype = layers_dtype(layers) if dtype is None else dtype
+    statistic = joint({"lambda": functools.partial(lambda_statistic, dtype=dtype, precision=precision),
+                       "index": functools.partial(index_statistic, k=k, dtype=dtype, precision=precision)})
+
+    def update(state, params, eigen, basis, batch):
+        lctx, bctx = lambda_context(streamed(eigen)), streamed(basis, BASIS_AXES)
+        context = {name: {"lambda": lctx[name], "index": bctx[name]} for name in layers}
+        blocks, losses = train_statistics(task, layers, params, batch, None, statistic, context)
+        state = lambda_update(state, {name: v["lambda"] for name, v in blocks.items()})
+        return state, {**flatten_rows({name: v["index"] for name, v in blocks.items()}, layers), "loss": losses}
+
+    return update
+
+
 def _sequence_gradient(a: Array, g: Array, mask: Array, context=None, *, precision=None) -> Array:
     return per_sequence_gradient(a, g, precision)
 

@@ -11,6 +11,11 @@
    (its own process, compilation cache warm from a first call) against ``jaxinf run`` of the same queries with
    ``factors.from`` (the exact scoring pass): whole process and scoring stage.
 
+With ``--empirical-whole-run`` instead: under ``factors.fisher: empirical`` the Lambda pass writes the index, so
+``jaxinf run index.k=full scores.mode=index`` makes two passes over the corpus where the exact run makes three;
+both whole runs (fresh processes, the compilation cache warm from a first call of each), ``--repeat`` times
+alternating, with their stage times and the agreement of the scores.
+
 Each run is a fresh ``python -m jaxinf`` process; times are wall-clock seconds on this machine.
 """
 
@@ -76,6 +81,9 @@ def main(argv=None) -> None:
     ap.add_argument("--json")
     ap.add_argument("--reuse", action="store_true", help="keep the runs a previous call left in --root (their "
                     "numbers are not measured again)")
+    ap.add_argument("--empirical-whole-run", action="store_true", help="the whole-run comparison under the "
+                    "empirical Fisher (see the module docstring)")
+    ap.add_argument("--repeat", type=int, default=3)
     args = ap.parse_args(argv)
     ks = args.k or ["8", "32", "full"]
     size = bench.SIZES[args.size]
@@ -92,6 +100,8 @@ def main(argv=None) -> None:
             "factors.strategy=ekfac", "factors.fisher=sampled", f"scores.query_rank={args.query_rank}",
             "scores.query_svd=full", "scores.topk=100"]
     cache = root / "xla"
+    if args.empirical_whole_run:
+        return empirical_whole_run(base, root, cache, args)
     result = {"size": args.size, "documents": size["documents"], "queries": size["queries"], "k": {}}
     exact = root / "exact"
 
@@ -136,6 +146,28 @@ def main(argv=None) -> None:
                              "rescored": qrec["scores"]["rescored"],
                              **agreement(np.load(answers / "scores.npy"), np.load(exact_new / "scores.npy"))}
     print(f"new queries: {json.dumps(result['new_queries'])}", flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
+
+
+def empirical_whole_run(base: list[str], root: Path, cache: Path, args) -> None:
+    """Whole ``jaxinf run`` processes under the empirical Fisher: exact scoring (covariance, Lambda, scores) against
+    a full index written by the Lambda pass (covariance, Lambda+index, scores from the index)."""
+    base = [b.replace("factors.fisher=sampled", "factors.fisher=empirical") for b in base]
+    runs = {"exact": ["scores.mode=exact"], "index": ["index.k=full", "scores.mode=index"]}
+    times: dict[str, list[float]] = {k: [] for k in runs}
+    for name, extra in runs.items():      # a first call of each fills the compilation cache
+        jaxinf(["run", *base, *extra, f"run.out={root / ('whole-' + name)}", "--overwrite"], cache)
+    for _ in range(args.repeat):
+        for name, extra in runs.items():
+            times[name].append(jaxinf(["run", *base, *extra, f"run.out={root / ('whole-' + name)}", "--overwrite"],
+                                      cache))
+    result = {"size": args.size, "fisher": "empirical",
+              **{name: {"process_seconds": sorted(t), "stages": stage_seconds(root / f"whole-{name}")}
+                 for name, t in times.items()},
+              "ratio_of_medians": float(np.median(times["exact"]) / np.median(times["index"])),
+              **agreement(np.load(root / "whole-index" / "scores.npy"), np.load(root / "whole-exact" / "scores.npy"))}
+    print(json.dumps(result, indent=1), flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
 

@@ -47,6 +47,34 @@ def test_a_full_index_scores_like_the_scoring_pass(world, exact):
     assert _topk(out) == _topk(exact)
 
 
+def test_under_the_empirical_fisher_the_lambda_pass_writes_the_index(world, tmp_path):
+    """factors.fisher=empirical: the Lambda pass's gradients are the scores', so it writes the index itself and a
+    scores.mode=index run makes two passes over the corpus (covariance, Lambda); a full index scores like the exact
+    scoring pass. Killed in that pass, the rerun finishes Lambda, builds the index in a pass of its own, and ends
+    with the same index and scores."""
+    empirical = {"factors.fisher": "empirical"}
+    oracle = tmp_path / "oracle"
+    pipeline.run(cfg.load(None, overrides(world, oracle, **empirical)))
+    out = tmp_path / "fused"
+    pipeline.run(cfg.load(None, overrides(world, out, **{**empirical, "index.k": "full", "scores.mode": "index"})))
+    got, want = np.load(out / "scores.npy"), np.load(oracle / "scores.npy")
+    assert np.max(np.abs(got - want)) <= 1e-5 * np.max(np.abs(want))
+    stages = json.loads((out / "run.json").read_text())["stages"]
+    assert stages["index"]["status"] == "done" and stages["index"]["timing"] == stages["lambda"]["timing"]
+    killed = tmp_path / "killed"
+    args = ["run", *overrides(world, killed, **{**empirical, "index.k": "full", "scores.mode": "index"})]
+    e = env(world["cache"])
+    r = jaxinf(args, {**e, "JAXINF_FAULT": "lambda:5"})
+    assert r.returncode == -9, r.stderr[-2000:]
+    final = jaxinf(args, e)
+    assert final.returncode == 0, final.stderr[-3000:]
+    assert "lambda: resuming at batch 4 of 12" in final.stderr
+    for name in ("cells", "bands", "documents"):
+        np.testing.assert_array_equal(np.load(killed / "state" / "index" / f"{name}.npy"),
+                                      np.load(out / "state" / "index" / f"{name}.npy"))
+    np.testing.assert_array_equal(np.load(killed / "scores.npy"), got)
+
+
 def test_new_queries_against_the_index_match_an_exact_run(world, exact, tmp_path):
     """``jaxinf query``: a new query file against the run's index gives the exact run's scores for those queries."""
     first = tmp_path / "first"
