@@ -11,14 +11,19 @@ delete. Nothing here ever deletes or empties a directory that is not one.
 
 ``--overwrite`` (:func:`set_aside`) moves the entries of the old run into
 ``RUN/.jaxinf-previous/`` (renames within the directory: no copy, no space
-needed) and the new run starts in the emptied directory. Only once the new run
-has started cleanly (config valid, model, documents and queries read,
-fingerprints recorded) is the old run deleted (:meth:`Aside.discard`); if the
-start fails, the new run's files are removed and the old run is moved back
-(:meth:`Aside.restore`). A start killed before either leaves
-``.jaxinf-previous/``, which the next start finds and moves back
-(:func:`recover_interrupted`) before doing anything else; a kill during the
-deletion leaves ``.jaxinf-discarded/``, which is deleted.
+needed) once every check that can be made before work starts has passed, and
+the new run starts in the emptied directory. Only once the new run has
+*finished* (every stage, the exports, the analysis and any index) is the old
+run deleted (:meth:`Aside.discard`); a failure of any kind before that (an
+input error at start-up, a non-finite value met by a later stage, an exception
+in the exports, a full disk, Ctrl-C) removes the new attempt's files and moves
+the old run back as it was, byte for byte (:meth:`Aside.restore`): a failed
+``--overwrite`` keeps nothing of the new attempt, and the same command starts
+it over. Until then both runs occupy the disk. A process killed before either
+(SIGKILL, SIGTERM, the machine lost) leaves ``.jaxinf-previous/``, which the
+next start finds and moves back (:func:`recover_interrupted`) before doing
+anything else; a kill during the deletion leaves ``.jaxinf-discarded/``, which
+is deleted.
 
 A ``run.json`` that cannot be read is restored from ``state/run.json`` when that
 copy is intact (the stage results are then verified against their checksums as
@@ -118,7 +123,7 @@ def recover_interrupted(root: Path) -> None:
         _remove_entries(root)
         _move_entries(root / PREVIOUS, root)
         (root / PREVIOUS).rmdir()
-        log.warning("%s: an --overwrite was interrupted before the new run started; the previous run is restored",
+        log.warning("%s: an --overwrite was interrupted before the new run finished; the previous run is restored",
                     root)
 
 
@@ -129,15 +134,18 @@ class Aside:
         self.root = root
         self.previous = root / PREVIOUS
 
-    def restore(self) -> None:
-        """The new run's files removed and the old run moved back (the start failed)."""
-        if self.previous.is_dir():
-            _remove_entries(self.root)
-            _move_entries(self.previous, self.root)
-            self.previous.rmdir()
+    def restore(self) -> bool:
+        """The new run's files removed and the old run moved back (the new run failed); whether there was one to move
+        back (not once :meth:`discard` has begun)."""
+        if not self.previous.is_dir():
+            return False
+        _remove_entries(self.root)
+        _move_entries(self.previous, self.root)
+        self.previous.rmdir()
+        return True
 
     def discard(self) -> None:
-        """The old run deleted (the new one started cleanly); renamed first so a kill cannot leave half of it."""
+        """The old run deleted (the new one finished); renamed first so a kill cannot leave half of it."""
         if self.previous.is_dir():
             os.replace(self.previous, self.root / DISCARDED)
             shutil.rmtree(self.root / DISCARDED)
