@@ -13,7 +13,8 @@ import matplotlib
 import numpy as np
 from matplotlib.figure import Figure
 
-from jaxinf.analysis.report import CSP, RC, _figure, _save, _table, esc, fmt, lab
+from jaxinf.analysis.figures import RC, _save, lab
+from jaxinf.analysis.report import CSP, _figure, _table, esc, fmt
 
 
 def standardize(x: np.ndarray) -> np.ndarray:
