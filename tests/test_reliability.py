@@ -843,3 +843,17 @@ def test_the_report_leads_with_each_querys_documents(base):
     """Issue 25, case 13: the queries' top and bottom documents come right after the findings, not at the bottom."""
     html = (base["root"] / "run" / "report" / "index.html").read_text()
     assert html.index('id="findings"') < html.index('id="queries"') < html.index('id="correlations"')
+
+
+def test_the_exported_token_context_is_the_tokenizers_decoding(base):
+    """Issue 25, case 13: topk_tokens.jsonl carries each token's decoded text in place, so the report's context column
+    reads as the tokenizer decodes the document (words apart), not as token strings run together."""
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(base["root"] / "model" / "tokenizer.json"))
+    records = [json.loads(line) for line in lines_of(base["root"] / "run" / "topk_tokens.jsonl")]
+    assert records
+    for rec in records:
+        ids = [tok.token_to_id(t["text"]) for t in rec["tokens"]]
+        assert "".join(t["piece"] for t in rec["tokens"]) == tok.decode(ids, skip_special_tokens=False)
+    assert any(t["piece"].startswith(" ") for t in records[0]["tokens"])     # words apart, as decoded

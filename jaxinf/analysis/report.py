@@ -67,18 +67,25 @@ def _snippet(text: str | None, n: int) -> str:
     return esc(t[:n] + ("\u2026" if len(t) > n else ""))
 
 
-def _highlight(texts: list[str], scores: np.ndarray, top: list[dict], window: int = 60) -> str:
-    """The document's tokens around its top tokens, top tokens in <mark> (each token escaped)."""
+def _highlight(texts: list[str], scores: np.ndarray, top: list[dict], window: int = 60,
+               decoded: bool = False) -> str:
+    """The document's tokens around its top tokens, top tokens in <mark> (each token escaped). ``decoded``: ``texts``
+    are the tokens' decoded pieces (:func:`jaxinf.data.tokenize.token_pieces`), so each stretch shown is the
+    tokenizer's decode of that window (its leading space dropped) with the marked tokens' text in <mark>; otherwise
+    the raw token strings of an older export, run together."""
     marks = {t["position"] for t in top}
     keep = set()
     for p in marks:
         keep.update(range(max(0, p - window // 2), min(len(texts), p + window // 2)))
     out, prev = [], -2
     for i in sorted(keep):
+        tok = texts[i]
         if i != prev + 1:
-            out.append(" \u2026 ")
-        tok = esc(texts[i])
-        out.append(f'<mark title="{fmt(scores[i])}">{tok}</mark>' if i in marks else tok)
+            out.append(" \u2026 " if i > 0 else "")
+            tok = tok.lstrip() if decoded else tok
+        lead = tok[:len(tok) - len(tok.lstrip())] if decoded else ""     # a word's space stays outside its mark
+        out.append(f'{esc(lead)}<mark title="{fmt(scores[i])}">{esc(tok[len(lead):])}</mark>' if i in marks
+                   else esc(tok))
         prev = i
     return "".join(out)
 
@@ -284,7 +291,8 @@ def _sec_layers_tokens(s: dict, queries) -> str:
         for e in to["records"]:
             tops = ", ".join(f"<code>{esc(t['text'])}</code> ({fmt(t['score'])})" for t in e["top_tokens"])
             rows.append([esc(e["query"]), esc(e["document"]), fmt(e["rank"]), fmt(e["score"]), tops,
-                         f'<div class="doc">{_highlight(e["_texts"], e["_scores"], e["top_tokens"])}</div>'])
+                         '<div class="doc">' + _highlight(e["_texts"], e["_scores"], e["top_tokens"],
+                                                          decoded=e.get("_decoded", False)) + "</div>"])
         out.append(_table(["query", "document", "rank", "score", "top tokens", "context"], rows))
     return "".join(out) + "</section>"
 
