@@ -1,9 +1,11 @@
 """The report: ``report/index.html`` with PNG figures beside it, and ``report/summary.md``.
 
-The page is static: no script, no external resource, a Content-Security-Policy that forbids
-scripts, and every piece of text that comes from the run (document text, ids, sources, query
-text, kinds, tasks, notes) passes through :func:`esc` (``html.escape`` with quotes). The
-figures are drawn by :mod:`jaxinf.analysis.figures`.
+The page has no external resource and one script of its own, the search box of
+:mod:`jaxinf.analysis.page`, whose Content-Security-Policy lets no other script run; every
+piece of text that comes from the run (document text, ids, sources, query text, kinds, tasks,
+notes) passes through :func:`esc` (``html.escape`` with quotes). The figures are drawn by
+:mod:`jaxinf.analysis.figures`. :data:`CSP` (no script at all) is the policy of the static
+pages that have no search, such as ``jaxinf validate``'s report.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from jaxinf.analysis import findings as fnd
+from jaxinf.analysis import page
 from jaxinf.analysis.figures import (fig_answers, fig_concentration, fig_correlation_groups, fig_correlations,
                                      fig_layers, fig_per_nat, fig_powerlaw, fig_sources)
 from jaxinf.analysis.groups import present_kinds
@@ -115,22 +118,15 @@ def write_report(out: Path, s: dict, queries, rows, fetched, texts, docs, o) -> 
     parts = [_head(s), _notes(s), _sec_findings(s), _sec_queries(s, queries, rows, fetched, texts, docs, o),
              _sec_correlations(s), _sec_concentration(s), _sec_powerlaw(s), _sec_sources(s), _sec_answers(s),
              _sec_layers_tokens(s, queries)]   # each query's documents first: what a reader opens the report for
-    (out / "index.html").write_text("".join(parts) + "</main></body></html>\n", encoding="utf-8")
+    (out / "index.html").write_text("".join(parts) + f"</main>{page.SCRIPT}</body></html>\n", encoding="utf-8")
     (out / "summary.md").write_text(summary_markdown(s), encoding="utf-8")
 
 
 def _head(s: dict) -> str:
-    css = ("body{font-family:sans-serif;margin:0;background:#fafafa;color:#222}main{max-width:1100px;margin:auto;"
-           "padding:1em 2em}table{border-collapse:collapse;margin:.5em 0 1em;font-size:.85em}"
-           "td,th{border:1px solid #ccc;padding:2px 6px;text-align:left;vertical-align:top}th{background:#eee}"
-           "figure{margin:1em 0}img{max-width:100%}.notes{background:#fff4d6;border:1px solid #e6c35c;padding:.5em 1em}"
-           "details{background:#fff;border:1px solid #ddd;margin:.3em 0;padding:.3em .6em}"
-           "summary{cursor:pointer}.doc{font-family:monospace;font-size:.8em;white-space:pre-wrap;max-width:60em}"
-           "mark{background:#ffd54f}code{background:#eee;padding:0 .2em}")
     return (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
-            f'<meta http-equiv="Content-Security-Policy" content="{CSP}">'
+            f'<meta http-equiv="Content-Security-Policy" content="{page.CSP}">'
             f'<meta name="viewport" content="width=device-width, initial-scale=1">'
-            f"<title>jaxinf analysis</title><style>{css}</style></head><body><main>"
+            f"<title>jaxinf analysis</title><style>{page.STYLE}</style></head><body><main>"
             f"<h1>Influence analysis</h1><p>Run directory <code>{esc(s['run_dir'])}</code>: "
             f"{s['n_queries']} queries &times; {s['n_documents']} documents. Every number is in "
             f"<code>summary.json</code>; a short version is in <a href=\"summary.md\">summary.md</a>. "
@@ -304,7 +300,9 @@ OPEN_QUERIES = 40
 def _sec_queries(s, queries, rows, fetched, texts, docs, o) -> str:
     ans = {p["query"]: p for p in s["answers"].get("per_query", [])} if s["answers"].get("available") else {}
     out = ['<section id="queries"><h2>Queries and their top and bottom documents</h2>'
-           "<p>One collapsible entry per query; the browser's find (Ctrl+F) also searches and opens closed ones.</p>"]
+           "<p>One collapsible entry per query. The box below keeps the queries whose kind, task, id, prompt or "
+           "completion hold every word typed, and in the others the documents (id, source, text) that do; the "
+           "browser's find (Ctrl+F) also searches and opens closed entries.</p>" + page.SEARCH_BOX]
     n = o.report_documents
     opened = " open" if len(queries.ids) <= OPEN_QUERIES else ""  # long reports start collapsed
     for q, qid in enumerate(queries.ids):
@@ -315,10 +313,10 @@ def _sec_queries(s, queries, rows, fetched, texts, docs, o) -> str:
             marks = ", ".join(f"{esc(it)} {'&#10003;' if f else '&#10007;'}" for it, f in zip(a["items"], last["found"]))
             items = f"<p>Answer items ({esc(a['rule'])}), found in the top {last['k']}: {marks or '<i>none</i>'}</p>"
         fid = f" (EK-FAC index, predicted correlation {fmt(s['index']['predicted_correlation'][qid])})" if s.get("index") else ""
-        body = [f"<details{opened}><summary>[{esc(queries.kinds[q])} / {esc(queries.tasks[q] or '(none)')}] "
-                f"<b>{esc(qid)}</b>{fid}: {_snippet(queries.prompts[q], 160)}</summary>"
-                f'<p><b>Prompt</b></p><div class="doc">{esc(queries.prompts[q])}</div>'
-                f'<p><b>Completion</b></p><div class="doc">{esc(queries.completions[q])}</div>{items}']
+        body = [f'<details class="query"{opened}><summary class="qtext">[{esc(queries.kinds[q])} / '
+                f"{esc(queries.tasks[q] or '(none)')}] <b>{esc(qid)}</b>{fid}: {_snippet(queries.prompts[q], 160)}</summary>"
+                f'<p><b>Prompt</b></p><div class="doc qtext">{esc(queries.prompts[q])}</div>'
+                f'<p><b>Completion</b></p><div class="doc qtext">{esc(queries.completions[q])}</div>{items}']
         for side, idx, val in (("top", rows.top_idx[q], rows.top_val[q]), ("bottom", rows.bottom_idx[q], rows.bottom_val[q])):
             trs = []
             for rank, (i, v) in enumerate(zip(idx[:n], val[:n]), 1):
