@@ -23,7 +23,10 @@ it over. Until then both runs occupy the disk. A process killed before either
 (SIGKILL, SIGTERM, the machine lost) leaves ``.jaxinf-previous/``, which the
 next start finds and moves back (:func:`recover_interrupted`) before doing
 anything else; a kill during the deletion leaves ``.jaxinf-discarded/``, which
-is deleted.
+is deleted. Entries move by renames, one by one; while the old run's entries
+are moving (aside, or back), the marker ``.jaxinf-moving`` says that what
+``RUN`` holds is the old run's, so that a kill half-way through a move is
+finished by the next start without taking them for the new attempt's.
 
 A ``run.json`` that cannot be read is restored from ``state/run.json`` when that
 copy is intact (the stage results are then verified against their checksums as
@@ -44,8 +47,9 @@ RECORD = "run.json"
 RECORD_COPY = ("state", "run.json")
 PREVIOUS = ".jaxinf-previous"
 DISCARDED = ".jaxinf-discarded"
+MOVING = ".jaxinf-moving"     # while it exists, every entry of RUN is the old run's (moving aside, or moving back)
 LOCK_FILE = ".jaxinf.lock"
-OURS = {LOCK_FILE, PREVIOUS, DISCARDED, ".gitkeep"}   # entries that never make a directory "not empty"
+OURS = {LOCK_FILE, PREVIOUS, DISCARDED, MOVING, ".gitkeep"}   # entries that never make a directory "not empty"
 
 
 class StoreError(RuntimeError):
@@ -117,31 +121,45 @@ def check_target(root: Path, overwrite: bool, key: str = "run.out") -> None:
 
 def recover_interrupted(root: Path) -> None:
     """Finishes what a killed ``--overwrite`` left: moves an old run set aside back, deletes one being deleted."""
-    if (root / DISCARDED).exists():
-        shutil.rmtree(root / DISCARDED)
     if (root / PREVIOUS).is_dir():
-        _remove_entries(root)
-        _move_entries(root / PREVIOUS, root)
-        (root / PREVIOUS).rmdir()
+        _move_back(root)
         log.warning("%s: an --overwrite was interrupted before the new run finished; the previous run is restored",
                     root)
+    (root / MOVING).unlink(missing_ok=True)
+    if (root / DISCARDED).exists():
+        shutil.rmtree(root / DISCARDED)
+
+
+def _move_back(root: Path) -> None:
+    """The old run in ``root/.jaxinf-previous/`` moved back, whatever entries ``root`` holds and wherever a kill
+    stopped an earlier move. Every step is a rename, repeatable: the new attempt's entries go into
+    ``.jaxinf-discarded/`` first (deleted last); the marker ``.jaxinf-moving`` then says that what ``root`` holds is
+    the old run's (so a rerun after a kill moves the rest back without taking those for the new attempt's)."""
+    if not (root / MOVING).exists():
+        if (root / DISCARDED).exists():                # left by a kill: garbage either way
+            shutil.rmtree(root / DISCARDED)
+        (root / DISCARDED).mkdir()
+        _move_entries(root, root / DISCARDED)
+        (root / MOVING).touch()
+    _move_entries(root / PREVIOUS, root)
+    (root / PREVIOUS).rmdir()
+    (root / MOVING).unlink()
+    shutil.rmtree(root / DISCARDED, ignore_errors=True)
 
 
 class Aside:
-    """An old run moved into ``RUN/.jaxinf-previous/`` while a new one starts in ``RUN``."""
+    """An old run moved into ``RUN/.jaxinf-previous/`` while a new one runs in ``RUN``."""
 
     def __init__(self, root: Path):
         self.root = root
         self.previous = root / PREVIOUS
 
     def restore(self) -> bool:
-        """The new run's files removed and the old run moved back (the new run failed); whether there was one to move
-        back (not once :meth:`discard` has begun)."""
+        """The new attempt's files removed and the old run moved back (the new run failed); whether there was one to
+        move back (not once :meth:`discard` has begun)."""
         if not self.previous.is_dir():
             return False
-        _remove_entries(self.root)
-        _move_entries(self.previous, self.root)
-        self.previous.rmdir()
+        _move_back(self.root)
         return True
 
     def discard(self) -> None:
@@ -152,12 +170,15 @@ class Aside:
 
 
 def set_aside(root: Path) -> Aside | None:
-    """Moves the run in ``root`` into ``root/.jaxinf-previous/``; None when there is nothing to set aside."""
+    """Moves the run in ``root`` into ``root/.jaxinf-previous/``; None when there is nothing to set aside. The marker
+    ``.jaxinf-moving`` stands while entries move, so that a kill half-way is undone by moving them back."""
     if not root.is_dir() or not is_run(root):
         return None
     aside = Aside(root)
+    (root / MOVING).touch()
     aside.previous.mkdir()
     _move_entries(root, aside.previous)
+    (root / MOVING).unlink()
     return aside
 
 

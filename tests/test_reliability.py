@@ -774,6 +774,34 @@ def test_a_failed_start_never_removes_a_run_set_aside_by_a_killed_overwrite(tmp_
     assert empty.is_dir() and list(empty.iterdir()) == []
 
 
+@pytest.mark.parametrize("state", ["setting aside", "moving the new attempt out", "moving the old run back"])
+def test_an_overwrite_killed_while_moving_entries_loses_nothing(tmp_path, state):
+    """Issue 25, case 1: a kill while the old run's entries are moved aside, or while a failed attempt is undone, is
+    finished by the next start: the old run comes back whole, never taken for the new attempt's files."""
+    from jaxinf import rundir
+
+    root = tmp_path / "run"
+    previous, discarded = root / rundir.PREVIOUS, root / rundir.DISCARDED
+    previous.mkdir(parents=True)
+    old = {"run.json": '{"format": "jaxinf run"}', "scores.npy": "old scores", "report": "old report"}
+    where = {"setting aside": {"run.json": root, "scores.npy": previous, "report": previous},
+             "moving the new attempt out": {"run.json": previous, "scores.npy": previous, "report": previous},
+             "moving the old run back": {"run.json": root, "scores.npy": previous, "report": previous}}[state]
+    for name, text in old.items():
+        (where[name] / name).write_text(text)
+    if state != "moving the new attempt out":
+        (root / rundir.MOVING).touch()                   # every entry of root is the old run's
+    if state == "moving the new attempt out":
+        (root / "run.json").write_text('{"format": "jaxinf run", "new": 1}')   # the new attempt, half moved out
+        discarded.mkdir()
+        (discarded / "state").mkdir()
+    if state == "moving the old run back":
+        discarded.mkdir()
+        (discarded / "scores.npy").write_text("new scores")
+    rundir.recover_interrupted(root)
+    assert {p.name: p.read_text() for p in root.iterdir()} == old
+
+
 def test_changed_supports_redo_only_the_exports(base, tmp_path):
     """Issue 25, case 11: a query's `supports` (or any label) changed in place redoes the exports and the analysis, not
     the query gradients or the scores, whose prompts and completions are unchanged."""
