@@ -39,6 +39,7 @@ import json
 import logging
 import os
 import shutil
+import time
 from pathlib import Path
 
 log = logging.getLogger("jaxinf")
@@ -159,6 +160,7 @@ class Aside:
         move back (not once :meth:`discard` has begun)."""
         if not self.previous.is_dir():
             return False
+        _wait_for_writers(self.root)
         _move_back(self.root)
         return True
 
@@ -167,6 +169,37 @@ class Aside:
         if self.previous.is_dir():
             os.replace(self.previous, self.root / DISCARDED)
             shutil.rmtree(self.root / DISCARDED)
+
+
+WRITERS_QUIET_S, WRITERS_LIMIT_S = 0.5, 30.0
+
+
+def _wait_for_writers(root: Path) -> None:
+    """Until the temporary directories of a failed Orbax save under ``root/state`` stop changing (for
+    :data:`WRITERS_QUIET_S`, at most :data:`WRITERS_LIMIT_S`): Orbax's writer threads (TensorStore) go on writing a
+    failed save's other files, by path, after the failure is raised; moved away too early, those files would be
+    written again into the old run put back in its place."""
+    def state() -> list[tuple[str, int, int]]:
+        found = []
+        for tmp in (root / "state").rglob("*.orbax-checkpoint-tmp*") if (root / "state").is_dir() else ():
+            files = [tmp] if tmp.is_file() else tmp.rglob("*")
+            found += [(str(f), st.st_size, st.st_mtime_ns) for f in files if (st := _stat(f)) is not None]
+        return sorted(found)
+
+    before, deadline = state(), time.monotonic() + WRITERS_LIMIT_S
+    while before and time.monotonic() < deadline:
+        time.sleep(WRITERS_QUIET_S)
+        now = state()
+        if now == before:
+            return
+        before = now
+
+
+def _stat(path: Path) -> os.stat_result | None:
+    try:
+        return path.stat()
+    except OSError:   # renamed or removed meanwhile
+        return None
 
 
 def set_aside(root: Path) -> Aside | None:

@@ -802,6 +802,36 @@ def test_an_overwrite_killed_while_moving_entries_loses_nothing(tmp_path, state)
     assert {p.name: p.read_text() for p in root.iterdir()} == old
 
 
+def test_a_failed_overwrite_waits_for_the_writers_of_a_failed_save(tmp_path):
+    """Orbax's writer threads go on writing a failed save's files, by path, after the failure is raised (seen on a
+    full disk): the old run is put back only once they stop, so none of their files lands in it."""
+    import threading
+
+    from jaxinf import rundir
+
+    root = tmp_path / "run"
+    (root / "state").mkdir(parents=True)
+    (root / "run.json").write_text('{"format": "jaxinf run"}')
+    (root / "state" / "run.json").write_text('{"format": "jaxinf run"}')
+    (root / "scores.npy").write_text("old scores")
+    before = snapshot(root)
+    aside = rundir.set_aside(root)
+    tmp = root / "state" / "covariance" / "1.orbax-checkpoint-tmp" / "d"
+    tmp.mkdir(parents=True)
+
+    def writer():
+        for i in range(6):
+            time.sleep(0.2)
+            tmp.mkdir(parents=True, exist_ok=True)
+            (tmp / f"chunk{i}").write_bytes(b"x")
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+    assert aside.restore()
+    thread.join()
+    assert snapshot(root) == before and sorted(p.name for p in root.iterdir()) == ["run.json", "scores.npy", "state"]
+
+
 def test_changed_supports_redo_only_the_exports(base, tmp_path):
     """Issue 25, case 11: a query's `supports` (or any label) changed in place redoes the exports and the analysis, not
     the query gradients or the scores, whose prompts and completions are unchanged."""
