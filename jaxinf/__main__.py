@@ -1,3 +1,3 @@
-from jaxinf.cli import main
+from jaxinf.cli import entry
 
-raise SystemExit(main())
+raise SystemExit(entry())

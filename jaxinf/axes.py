@@ -28,6 +28,8 @@ from typing import Any
 
 import jax
 
+from jaxinf.errors import JaxinfError
+
 LAYERS = "layers"
 """The logical name of a leading (stacking) dimension."""
 
@@ -35,7 +37,7 @@ REPLICATED_FAMILY = "replicated"
 """The family of arrays every device holds whole (norm scales, counts, losses)."""
 
 
-class AxesError(ValueError):
+class AxesError(JaxinfError, ValueError):
     """An array without a declared layout, or a declaration that does not fit its pytree (names which)."""
 
 

@@ -87,6 +87,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxinf.errors import UserError
 from jaxinf.partitioning import unpadded
 from jaxinf.precision import matmul_precision
 
@@ -98,7 +99,7 @@ STACK = "*"
 """The placeholder for the layer index in the name of a scanned (stacked) block."""
 
 
-class CaptureError(ValueError):
+class CaptureError(UserError):
     """A loss function, a layer selection or a batch that the engine cannot use."""
 
 
@@ -206,9 +207,8 @@ def tokens_matmul(x: Array, kernel: Array) -> Array:
 
     The same product as ``jnp.matmul``; written as one 2-D matrix product because
     XLA's CPU backend computes the transposed product of the backward pass (the
-    weight gradient ``x^T dy``) about twice as fast when it contracts one merged
-    axis instead of the batch and token axes (``scripts/bench_fwd_bwd.py`` times a Llama's forward and backward
-    pass both ways: 349 against 504 ms on 2 CPU cores)."""
+    weight gradient ``x^T dy``) faster when it contracts one merged axis instead of the batch and token axes
+    (``scripts/bench_fwd_bwd.py`` times both; docs/benchmarks.md, "Measurements behind code decisions")."""
     return jnp.matmul(x.reshape(-1, x.shape[-1]), kernel).reshape(x.shape[:-1] + kernel.shape[-1:])
 
 

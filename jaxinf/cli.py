@@ -27,25 +27,6 @@ EXIT_CODES = {
 }
 
 
-def _user_errors() -> tuple[type[BaseException], ...]:
-    """The exception classes that mean bad input rather than a bug (reported in one line)."""
-    from jaxinf.capture import CaptureError
-    from jaxinf.config import ConfigError
-    from jaxinf.data.errors import DataError
-    from jaxinf.exports.formats import AnalysisError
-    from jaxinf.inputs import InputError
-    from jaxinf.interop.kronfluence import InteropError
-    from jaxinf.models import ModelError
-    from jaxinf.plan import PlanError
-    from jaxinf.preflight import PreflightError
-    from jaxinf.partitioning import ShardingError
-    from jaxinf.rundir import StoreError
-    from jaxinf.validate.world import ValidationError
-
-    return (AnalysisError, CaptureError, ConfigError, DataError, InteropError, ModelError, InputError, PlanError,
-            PreflightError, ShardingError, StoreError, ValidationError)
-
-
 def _setup_logging(quiet: bool) -> None:
     from jaxinf.failures import HideLibraryTracebacks, install_unraisable_hook
 
@@ -137,6 +118,10 @@ def _plan(args) -> int:
         raise plan.PlanError(str(e)) from None
     if not args.no_compile:
         plan.prepare_devices(meshes)   # before jax starts: the simulated devices the meshes need
+    if args.corpus:
+        from jaxinf import plan_corpus
+
+        return plan_corpus.command(config, meshes, compile=not args.no_compile, json_out=args.json, chip=device)
     return plan.command(config, meshes, compile=not args.no_compile, json_out=args.json, chip=device)
 
 
@@ -167,18 +152,26 @@ def _analyze(args) -> int:
 def _prepare(args) -> int:
     from jaxinf.data.cli import prepare_command
 
-    return prepare_command(args.input, args.out_dir)
+    return prepare_command(args.input, args.out_dir, text_field=args.text_field, id_field=args.id_field,
+                           source_field=args.source_field)
+
+
+def entry() -> int:
+    """The ``jaxinf`` command (its console script and ``python -m jaxinf``): started again with huge pages where they
+    help (:func:`jaxinf.hostenv.restart_with_huge_pages`), then :func:`main` on the command line's arguments. Only
+    the command restarts its process: a script or notebook calling :func:`main` is never re-executed."""
+    from jaxinf.hostenv import restart_with_huge_pages
+
+    try:
+        restart_with_huge_pages()
+    except ValueError as e:
+        print(f"jaxinf: error: {e}", file=sys.stderr)
+        return 2
+    return main(sys.argv[1:])
 
 
 def main(argv: list[str] | None = None) -> int:
-    if argv is None:  # the command itself, not a call from Python: start again with huge pages where they help
-        from jaxinf.hostenv import restart_with_huge_pages
-
-        try:
-            restart_with_huge_pages()
-        except ValueError as e:
-            print(f"jaxinf: error: {e}", file=sys.stderr)
-            return 2
+    """The command line on ``argv`` (default ``sys.argv[1:]``), in this process as it is (no restart)."""
     parser = argparse.ArgumentParser(prog="jaxinf", description="EK-FAC influence functions for LLMs in JAX")
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -210,6 +203,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="plan this mesh instead of mesh.data x mesh.model (repeatable)")
     pl.add_argument("--no-compile", action="store_true", help="only the bytes per device (no XLA compilation)")
     pl.add_argument("--json", metavar="FILE", help="also write the plan as JSON")
+    pl.add_argument("--corpus", action="store_true",
+                    help="count data.documents with the checkpoint's tokenizer (one tokenization pass): its documents, "
+                    "tokens, rows and the passes over it, and the hours for it")
     pl.add_argument("--chip", choices=("h100", "h200", "a100", "v5e", "v5p", "v6e"),
                     help="time each per-document step as a roofline on this chip (jaxinf/chips.py)")
     pl.add_argument("--peak-tflops", type=float, metavar="T", help="a custom peak matrix TFLOP/s (replaces the chip's)")
@@ -235,8 +231,13 @@ def main(argv: list[str] | None = None) -> int:
                     help="first convert Ruis et al.'s release_{7B,35B}.json into RUN_DIR (absent or empty)")
     an.set_defaults(handler=_analyze)
 
-    prep = sub.add_parser("prepare", help="convert a documents JSONL file to a TFDS array_record dataset")
-    prep.add_argument("input", metavar="INPUT.jsonl", help="documents, one JSON object per line")
+    prep = sub.add_parser("prepare", help="convert documents (JSONL, .jsonl.gz/.zst, Parquet, Arrow shards) to a TFDS "
+                          "array_record dataset")
+    prep.add_argument("input", metavar="INPUT", help="documents: a JSONL file, or a file, directory or glob of JSONL, "
+                      "gzip/zstd JSONL, Parquet or Arrow shards (a datasets save_to_disk directory too)")
+    for name in ("text", "id", "source"):
+        prep.add_argument(f"--{name}-field", default=name, metavar="NAME",
+                          help=f"the field holding each document's {name} (data.{name}_field; default {name})")
     prep.add_argument("out_dir", metavar="OUT_DIR", help="the dataset directory to write (must not exist or be empty)")
     prep.set_defaults(handler=_prepare)
 
@@ -250,16 +251,13 @@ def main(argv: list[str] | None = None) -> int:
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     _setup_logging(args.quiet)
-    from jaxinf.store import EnvironmentFailure
+    from jaxinf.errors import EnvironmentFailure, UserError
 
     try:
         return args.handler(args)
-    except EnvironmentFailure as e:
+    except (EnvironmentFailure, UserError) as e:   # jaxinf.errors: one line, the kind's exit code
         print(f"jaxinf {args.command}: error: {e}", file=sys.stderr)
-        return 3
-    except _user_errors() as e:
-        print(f"jaxinf {args.command}: error: {e}", file=sys.stderr)
-        return 2
+        return e.exit_code
     except KeyboardInterrupt:
         print(f"jaxinf {args.command}: interrupted; run it again to resume", file=sys.stderr)
         return 130
@@ -276,4 +274,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(entry())

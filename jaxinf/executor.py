@@ -24,7 +24,6 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jaxinf import config as cfg
 from jaxinf.meshes import abstract_tree, data_groups, describe, jit_on, make_mesh, placer, put_tree, rows_per_group
 from jaxinf.partitioning import ShardingError, batch_spec, rows_spec, tree_shardings
 from jaxinf.stages import Stage
@@ -236,8 +235,8 @@ class MeshExecutor:
         return np.concatenate([every[p] for p in self._process_groups], axis=0)
 
 
-def make_executor(config: cfg.Config) -> Executor:
-    """The executor of ``mesh.*``: the default device for a 1 x 1 mesh in one process (whatever the host has),
+def make_executor(config) -> Executor:
+    """The executor of a :class:`jaxinf.config.Config`'s ``mesh.*``: the default device for a 1 x 1 mesh in one process (whatever the host has),
     a :class:`MeshExecutor` otherwise (a mesh or batch size that does not fit raises :class:`ShardingError`)."""
     if config.mesh.data * config.mesh.model == 1 and jax.process_count() == 1:
         return DeviceExecutor()

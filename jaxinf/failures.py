@@ -3,7 +3,7 @@
 :func:`environment_failure` looks through an exception and its causes (Orbax
 and TensorStore wrap the ``OSError`` of a failed write in their own types, or
 keep only its text) for one of these conditions and, if found, returns the
-:class:`~jaxinf.store.EnvironmentFailure` to raise instead: the path, the stage
+:class:`~jaxinf.errors.EnvironmentFailure` to raise instead: the path, the stage
 that was running, and that everything finished is kept (saves are atomic, so a
 failed save leaves the previous checkpoint, and the next run resumes from it).
 """
@@ -16,7 +16,7 @@ import re
 import sys
 from pathlib import Path
 
-from jaxinf.store import EnvironmentFailure
+from jaxinf.errors import EnvironmentFailure
 
 CONDITIONS = {  # errno -> (what it means, what to do)
     errno.ENOSPC: ("no space left on device", "free some space"),

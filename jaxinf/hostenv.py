@@ -37,9 +37,8 @@ if TYPE_CHECKING:  # the jaxinf command imports this module before anything else
 def lapack_threads(threads: int = 1) -> Iterator[None]:
     """Caps the BLAS/LAPACK threads of the ``eigh`` and SVD calls XLA makes on the CPU inside the block.
 
-    On 2 shared cores the eigendecomposition of a 6M-parameter Llama's MLP
-    factors took 23-33 s with OpenBLAS's default threads and 1.3 s with one BLAS
-    thread (``scripts/bench_vs_kronfluence.py``). The computations must finish
+    One BLAS thread makes the eigendecompositions many times faster on a busy host
+    (docs/benchmarks.md, "Measurements behind code decisions"). The computations must finish
     inside the block (block on their results); the previous limits are restored on exit.
     """
     importlib.import_module("scipy.linalg")  # loads the OpenBLAS that jaxlib's CPU LAPACK kernels call
@@ -51,8 +50,8 @@ def mesh_lapack_threads(mesh: Mesh | None) -> contextlib.AbstractContextManager:
     """One BLAS thread per device inside the block, on a mesh of several CPU devices; no change otherwise.
 
     Simulated devices share the host's cores and every device calls LAPACK at once
-    (the eigendecompositions, the query SVDs): 64 SVDs of 768 x 256 on 8 simulated
-    devices of a 2-core host took 83 s with OpenBLAS's default threads and 0.4 s with one.
+    (the eigendecompositions, the query SVDs), so the default threads oversubscribe the
+    cores (docs/benchmarks.md, "Measurements behind code decisions").
     """
     if mesh is None or mesh.devices.size == 1 or mesh.devices.flat[0].platform != "cpu":
         return contextlib.nullcontext()
@@ -127,6 +126,15 @@ def restart_with_huge_pages() -> None:
         sys.stdout.flush()
         sys.stderr.flush()
         os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
+
+
+def heap_mode(environ=os.environ) -> str:
+    """How this process's C heap was set up: ``huge-pages`` when ``GLIBC_TUNABLES`` advises them
+    (:func:`huge_page_environment`, set by the ``jaxinf`` command's restart or by the user), else ``default``
+    (glibc's own settings: another C library, an old glibc, the kernel's refusal, an accelerator, a library caller,
+    or ``JAXINF_HOST_HEAP=default``). Recorded in ``run.json``."""
+    tunables = environ.get("GLIBC_TUNABLES", "").split(":")
+    return "huge-pages" if HUGE_PAGES_TUNABLE + "=1" in tunables else "default"
 
 
 def _version(text: str) -> tuple[int, ...]:

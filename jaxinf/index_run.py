@@ -26,10 +26,11 @@ import jax
 import numpy as np
 
 from jaxinf import config as cfg
-from jaxinf import indexing, precision, stages
+from jaxinf import indexing, programs
 from jaxinf.index_store import IndexError_, IndexReader, IndexWriter, load_selection, save_selection
 from jaxinf.inputs import Inputs, Subset, buckets, non_finite_loss
-from jaxinf.loop import Kept, plan_key, run_batches
+from jaxinf.loop import Kept, run_batches
+from jaxinf.saved import plan_key
 from jaxinf.store import RunStore
 
 log = logging.getLogger("jaxinf")
@@ -107,9 +108,7 @@ def build_index(config: cfg.Config, store: RunStore, inputs: Inputs, curv, eigen
     if store.status("index") == "done":
         return index_root(store)
     build = IndexBuild(config, store, inputs, curv, eigen)
-    index_fn = executor.jit(stages.index_step(inputs.task, inputs.layers, build.k,
-                                              precision.statistics_dtype(config.run.precision),
-                                              config.run.matmul_precision))
+    index_fn = programs.index(config, inputs.task, inputs.layers).jit(executor)
     params = inputs.lm.params
 
     def step(carry, batch, i):
@@ -248,9 +247,7 @@ def exact_scores(config: cfg.Config, inputs: Inputs, qg, wanted: list[int], exec
     plan = make_plan(inputs.lengths[wanted], batch_size=config.data.batch_size, max_length=config.data.max_length,
                      long_documents=config.data.long_documents, buckets=buckets(config.data.max_length),
                      process_count=executor.groups[1])
-    score = executor.jit(stages.score_step(inputs.task, inputs.layers, self_influence=False, damping_value=None,
-                                           dtype=precision.statistics_dtype(config.run.precision),
-                                           precision=config.run.matmul_precision))
+    score = programs.scores(config, inputs.task, inputs.layers, self_influence=False).jit(executor)
 
     def step(carry, batch, i):
         out = score(inputs.lm.params, qg, None, batch)

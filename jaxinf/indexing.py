@@ -40,6 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxinf.capture import LayerSpec
+from jaxinf.axes import field_axes
 from jaxinf.curvature.eigen import Eigen
 from jaxinf.precision import matmul_precision, working_dtype
 from jaxinf.scoring import QueryGradients
@@ -86,6 +87,10 @@ def select_cells(eigen: Eigen) -> Selection:
         return jnp.argsort(-e, axis=-1, stable=True).astype(jnp.int32)
 
     return Selection(rows={k: order(v) for k, v in eigen.e_S.items()}, cols={k: order(v) for k, v in eigen.e_A.items()})
+
+
+BASIS_AXES = field_axes(Eigen, "Q_A")
+"""The layout of every array of an :func:`ordered_basis` (a factor's eigenbasis, as :class:`Eigen` declares it)."""
 
 
 def ordered_basis(Q_A: Mapping[str, Array], Q_S: Mapping[str, Array], selection: Selection) -> dict[str, dict]:

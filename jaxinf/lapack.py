@@ -7,8 +7,8 @@ and with several simulated devices executing at once (a mesh) every pool thread
 can end up waiting. So every decomposition of a stack runs as ``lax.map`` of the
 unbatched one (:func:`per_matrix`), which costs nothing where each decomposition
 is the bulk of the work, and on a mesh each device maps over its own share of a
-sharded stack. (A batched QR of 48 matrices of 1024 x 40 also took 2.8 s against
-0.15 s mapped, on 2 shared cores.)
+sharded stack. (Mapped is also faster on a few cores: docs/benchmarks.md,
+"Measurements behind code decisions".)
 """
 
 from __future__ import annotations
@@ -32,8 +32,8 @@ def per_matrix(fn: Callable, *stacks: Array):
 
 def thin_svd(M: Array) -> tuple[Array, Array, Array]:
     """``M = U diag(s) V^T`` (reduced) of each matrix of ``M`` ``[*lead, m, n]``: ``U, s, V^T``, each matrix
-    decomposed standing up, a wide one as its transpose (``M^T = V diag(s) U^T``), which LAPACK through XLA does many
-    times faster (48 matrices of 256 x 1024: 2.2 s as they are, 1.3 s transposed, on 2 cores)."""
+    decomposed standing up, a wide one as its transpose (``M^T = V diag(s) U^T``), which LAPACK through XLA does
+    faster (docs/benchmarks.md, "Measurements behind code decisions")."""
     svd = lambda m: jnp.linalg.svd(m, full_matrices=False)
     if M.shape[-2] >= M.shape[-1]:
         return per_matrix(svd, M)

@@ -9,14 +9,15 @@ For each batch ``i``, from the point the pass resumes at, it
 - checks the previous batch's losses while this one runs (one batch late: the host never waits
   on the device), and every unchecked batch before a save (:func:`check_losses`);
 - reports progress (:class:`jaxinf.progress.Progress`);
-- offers the fault point ``<name>:<i + 1>`` of the kill/resume tests (:func:`jaxinf.store.fault_point`),
+- offers the fault point ``<name>:<i + 1>`` of the kill/resume tests (:func:`jaxinf.faults.fault_point`),
   after the batch is computed and before any save it triggers;
 - every ``saves.every`` batches and after the last, hands the carry and the outputs since the
   previous save to the pass's :class:`Saves`, which a resumed pass restarts from.
 
-The saves are where a pass's result goes: :class:`SavedState` checkpoints the carry (the running
-sums of the covariance and Lambda), :class:`SavedChunks` writes the outputs in chunks (the scores),
-:class:`Kept` keeps the outputs in memory (a pass that is not resumed). The loop knows no device:
+The saves are where a pass's result goes: :class:`Kept` keeps the outputs in memory (a pass that is
+not resumed); in a run directory, :class:`jaxinf.saved.SavedState` checkpoints the carry (the running
+sums of the covariance and Lambda) and :class:`jaxinf.saved.SavedChunks` writes the outputs in chunks
+(the scores). The loop imports nothing of run directories or checkpoints. The loop knows no device:
 the caller passes how batches are placed and results fetched (an executor), or :data:`IN_MEMORY`.
 """
 
@@ -32,7 +33,7 @@ import numpy as np
 
 from jaxinf.capture import CaptureError
 from jaxinf.progress import Progress
-from jaxinf.store import RunStore, StoreError, fault_point
+from jaxinf.faults import fault_point
 
 log = logging.getLogger("jaxinf")
 
@@ -112,7 +113,8 @@ def run_batches(
     report: bool = True,
 ) -> tuple[Any, dict]:
     """Drives ``step`` over ``batches(start)`` (the batches from the resume point on); returns the final carry and
-    the timing of this pass (seconds, seconds saving, batches computed).
+    the timing of this pass (seconds, seconds saving, batches computed, and ``compile_seconds``: the first batch's
+    call, which traces and compiles the step while the host waits; the computations themselves run asynchronously).
 
     ``fields`` are the batch's host arrays brought back with its outputs (every process's rows: ``index`` names the
     documents, the others are the caller's); ``report`` shows progress and logs the pass's totals."""
@@ -140,8 +142,12 @@ def run_batches(
         save_seconds += time.perf_counter() - t_save
         unsaved = []
 
+    compile_seconds = None
     for i, batch in enumerate(batches(start), start=start):
+        t_call = time.perf_counter()
         carry, outputs, losses = step(carry, device.put(batch), i)
+        if compile_seconds is None:   # the first call traces and compiles; the computation itself runs asynchronously
+            compile_seconds = time.perf_counter() - t_call
         rows = {k: device.gather_rows(batch[k]) for k in fields}
         check()   # the previous batch's losses, while this batch runs
         if losses is not None:
@@ -159,7 +165,10 @@ def run_batches(
     if report:
         log.info("%s: %d batches in %.1fs%s", name, end - start, seconds,
                  f" ({save_seconds:.1f}s saving {saves.noun})" if saves.noun else "")
-    return carry, {"seconds": round(seconds, 3), "save_seconds": round(save_seconds, 3), "batches": end - start}
+    timing = {"seconds": round(seconds, 3), "save_seconds": round(save_seconds, 3), "batches": end - start}
+    if compile_seconds is not None:
+        timing["compile_seconds"] = round(compile_seconds, 3)
+    return carry, timing
 
 
 # --------------------------------------------------------------------------- what a pass saves
@@ -183,95 +192,3 @@ class Kept:
 
     def save(self, step: int, carry, batches: list[tuple[Any, dict]]) -> None:
         self.batches.extend(batches)
-
-
-def plan_key(plan) -> dict:
-    """What fixes which documents batch ``i`` holds: a checkpoint numbered by batch index is only valid under it."""
-    return {"processes": int(plan.process_count), "batch_size": int(plan.batch_size), "batches": int(plan.num_steps)}
-
-
-def check_plan(store: RunStore, name: str, plan) -> None:
-    """Refuses to resume a stage whose checkpoints were made with documents grouped into batches differently."""
-    saved = store.record["stages"].get(name, {}).get("plan")
-    if saved is not None and saved != plan_key(plan) and store.status(name) != "done":
-        raise StoreError(f"{store.root}: stage {name} was checkpointed with {saved['processes']} process(es) x "
-                         f"{saved['batch_size']} documents per batch ({saved['batches']} batches); resume it with the "
-                         f"same number of processes, or use --overwrite")
-
-
-class _InRunDirectory:
-    """A stage of the run directory saved every ``every`` batches of ``plan``; its progress recorded in ``run.json``."""
-
-    def __init__(self, store: RunStore, name: str, plan, every: int, keep: int | None):
-        check_plan(store, name, plan)
-        self.store, self.name, self.every, self.key = store, name, every, plan_key(plan)
-        self.steps = store.stage(name, keep=keep)
-        self.total: int | None = None
-
-    def begin(self, start: int, total: int | None) -> None:
-        self.total = total
-        self.store.mark(self.name, "running", step=start, total=total, plan=self.key)
-
-    def _saved(self, step: int) -> None:
-        self.store.mark(self.name, "running", step=step, total=self.total, plan=self.key)
-
-
-class SavedState(_InRunDirectory):
-    """The carry is the result so far (the covariance and Lambda sums): step ``k`` of the stage's store holds the
-    carry after batch ``k`` (the last two kept); a resumed pass starts from the newest step that verifies."""
-
-    noun = "checkpoints"
-
-    def __init__(self, store: RunStore, name: str, plan, every: int):
-        super().__init__(store, name, plan, every, keep=2)
-
-    def resume(self, carry) -> tuple[int, Any]:
-        resumed = self.steps.latest(carry)
-        start, carry = (0, carry) if resumed is None else resumed
-        self.steps.discard_after(start if resumed else None)
-        return start, carry
-
-    def save(self, step: int, carry, batches: list[tuple[Any, dict]]) -> None:
-        self.steps.save(step, carry)
-        self._saved(step)
-
-
-class SavedChunks(_InRunDirectory):
-    """The outputs are the result (the scores): step ``k`` of the stage's store holds the batches since the previous
-    step, joined along their last (row) axis: ``index`` (the rows' documents), the ``outputs`` and ``start`` (the
-    first batch). ``chunks`` holds them all on the host, the resumed ones first; a resumed pass keeps the chunks that
-    continue each other from batch 0 and starts after them."""
-
-    noun = "chunks"
-
-    def __init__(self, store: RunStore, name: str, plan, every: int, outputs: tuple[str, ...]):
-        super().__init__(store, name, plan, every, keep=None)
-        self.keys = {"index", "start", *outputs}
-        self.chunks: list[dict] = []
-        self.end = 0
-
-    def resume(self, carry) -> tuple[int, Any]:
-        chunks, end = [], 0
-        for step in self.steps.steps():
-            try:
-                chunk = {k: np.asarray(v) for k, v in self.steps.restore(step).items()}
-            except Exception as e:  # corrupted or unreadable: recompute from here
-                log.warning("%s: chunk %d not used (%s); recomputing from batch %d", self.steps.root, step, e, end)
-                break
-            if int(chunk["start"]) != end or set(chunk) != self.keys:
-                break
-            chunks.append(chunk)
-            end = step
-        self.steps.discard_after(end if chunks else None)
-        self.chunks, self.end = chunks, end
-        return end, carry
-
-    def save(self, step: int, carry, batches: list[tuple[Any, dict]]) -> None:
-        chunk = {"index": np.concatenate([rows["index"] for _, rows in batches]).astype(np.int64)}
-        for key in batches[0][0]:
-            chunk[key] = np.concatenate([out[key] for out, _ in batches], axis=-1)
-        chunk["start"] = np.asarray(self.end, np.int64)
-        self.steps.save(step, chunk)
-        self.chunks.append(chunk)
-        self.end = step
-        self._saved(step)

@@ -63,12 +63,13 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jaxinf.axes import LAYERS, Axes, declared_axes
+from jaxinf.errors import UserError
 
 AXES = ("data", "model")
 ALL = AXES  # a dimension split over every device (data-major)
 
 
-class ShardingError(ValueError):
+class ShardingError(UserError):
     """A mesh, a process layout or a tensor shape that cannot be sharded as asked (one line, names what)."""
 
 

@@ -32,18 +32,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxinf import curvature, failures, fingerprint, index_run, precision, preflight, rundir, scoring, stages
+from jaxinf import curvature, failures, fingerprint, index_run, precision, preflight, programs, rundir, scoring, stages
 from jaxinf import config as cfg
 from jaxinf.distributed import eigendecompose
 from jaxinf.executor import Executor, make_executor
 from jaxinf.exports.stage import export
+from jaxinf.faults import fault_point
 from jaxinf.hostenv import lapack_threads, mesh_lapack_threads
 from jaxinf.inputs import Inputs, check_inputs, load_inputs, non_finite_loss, text_source, tracked_layers
 from jaxinf.lock import RunLock
-from jaxinf.loop import SavedChunks, SavedState, plan_key, run_batches
+from jaxinf.loop import run_batches
 from jaxinf.meshes import check_agreement, initialize
 from jaxinf.rundir import StoreError
-from jaxinf.store import RunStore, check_writable, fault_point
+from jaxinf.saved import SavedChunks, SavedState, plan_key
+from jaxinf.store import RunStore, check_writable
 
 log = logging.getLogger("jaxinf")
 
@@ -61,7 +63,7 @@ def check_layouts(config: cfg.Config, executor: Executor) -> None:
     lm = models.abstract(models.read_config(config.model.checkpoint, dtype=config.model.dtype,
                                             scan=config.model.scan_layers, remat=config.model.remat))
     layers = tracked_layers(lm, config.factors.track)
-    shapes = _shapes(Inputs(lm, lm.task(), layers, *([None] * 7)), precision.statistics_dtype(config.run.precision))
+    shapes = programs.fitted_shapes(lm.task(), layers, precision.statistics_dtype(config.run.precision))
     executor.preflight({"parameters": (lm.params, models.parameter_axes(lm.config)),
                         "covariance": (shapes["covariance"], None), "eigen": (shapes["eigen"], None),
                         "lambda": (shapes["lambda"], curvature.LAMBDA_AXES)})
@@ -72,8 +74,7 @@ def check_layouts(config: cfg.Config, executor: Executor) -> None:
 
 def accumulate(
     store: RunStore,
-    name: str,
-    stage: stages.Stage,
+    program: programs.Program,
     step_inputs: tuple,
     batches,
     key: jax.Array | None,
@@ -85,12 +86,11 @@ def accumulate(
     its state checkpointed every ``save_every`` batches; resumes from the newest checkpoint.
 
     Returns the finalized result and the timing of this pass (seconds, seconds saving checkpoints, batches)."""
+    name, stage = program.name, program.stage
     saves = SavedState(store, name, batches.plan, save_every)
-    init = executor.init(stage)
-    update = executor.jit(stage.update, donate_argnums=(0,), out_shardings=(executor.shardings(init), executor.rows()))
-    state, timing = run_batches(name, stages.stage_step(update, step_inputs, key), batches.iterate, init, saves,
-                                total=len(batches), non_finite=non_finite_loss(inputs.documents, name),
-                                device=executor)
+    state, timing = run_batches(name, stages.stage_step(program.jit(executor), step_inputs, key), batches.iterate,
+                                executor.init(stage), saves, total=len(batches),
+                                non_finite=non_finite_loss(inputs.documents, name), device=executor)
     return stage.finalize(state), timing
 
 
@@ -98,36 +98,26 @@ def _batches(inputs: Inputs, plan, source, executor: Executor):
     return inputs.batches(plan, source, executor.groups[0])
 
 
-def _shapes(inputs: Inputs, dtype=None) -> dict:
-    """Abstract shapes of the covariance, eigendecomposition and Lambda of the tracked layers in the statistics
-    ``dtype`` (by default the layers' own, :func:`jaxinf.precision.layers_dtype`)."""
-    cov = stages.covariance_stage(inputs.task, inputs.layers, dtype=dtype)
-    lam = stages.lambda_stage(inputs.task, inputs.layers, dtype=dtype)
-    cov_like = jax.eval_shape(lambda: cov.finalize(cov.init()))
-    return {"covariance": jax.eval_shape(cov.init), "eigen": jax.eval_shape(curvature.eigendecompose, cov_like),
-            "lambda": jax.eval_shape(lambda: lam.finalize(lam.init()))}
-
-
-def fit_curvature(config: cfg.Config, store: RunStore, inputs: Inputs, executor: Executor) -> curvature.Curvature:
+def curvature_stages(config: cfg.Config, store: RunStore, inputs: Inputs, executor: Executor) -> curvature.Curvature:
     """The stages the strategy needs: covariance, eigendecomposition and Lambda (or another run's, with
     ``factors.from``)."""
     if config.factors.from_run is not None:
         return _curvature_from(config, inputs, executor)
-    strategy, fisher = curvature.strategy(config.factors.strategy), config.factors.fisher
+    strategy = curvature.strategy(config.factors.strategy)
     if not strategy.writes:
         for s in ("covariance", "eigen", "lambda"):
             store.mark(s, "done", skipped=f"{strategy.name} strategy")
         return curvature.curvature(strategy)
     dtype = precision.statistics_dtype(config.run.precision)
     base = jax.random.key(config.factors.seed)
-    shapes = _shapes(inputs, dtype)
+    shapes = programs.fitted_shapes(inputs.task, inputs.layers, dtype)
     fit_batches = _batches(inputs, inputs.fit_plan, inputs.fit_documents, executor)
 
     def eigen():
         eigen = store.load_result("eigen", executor.like(shapes["eigen"]))
         if eigen is None:
-            cov_stage = stages.covariance_stage(inputs.task, inputs.layers, fisher, dtype, config.run.matmul_precision)
-            cov, timing = accumulate(store, "covariance", cov_stage, (inputs.lm.params,), fit_batches,
+            cov, timing = accumulate(store, programs.covariance(config, inputs.task, inputs.layers),
+                                     (inputs.lm.params,), fit_batches,
                                      stages.stage_key(base, "covariance"), config.factors.save_every, executor, inputs)
             _check_finite_tree(cov, "covariance", executor.fetch,
                                f": the model {config.model.checkpoint} overflows {jnp.dtype(dtype).name} on the "
@@ -144,8 +134,8 @@ def fit_curvature(config: cfg.Config, store: RunStore, inputs: Inputs, executor:
     def fit_lambda(basis):
         Lambda = store.load_result("lambda", executor.like(shapes["lambda"], curvature.LAMBDA_AXES))
         if Lambda is None:
-            lam_stage = stages.lambda_stage(inputs.task, inputs.layers, fisher, dtype, config.run.matmul_precision)
-            Lambda, timing = accumulate(store, "lambda", lam_stage, (inputs.lm.params, basis), fit_batches,
+            Lambda, timing = accumulate(store, programs.lambda_(config, inputs.task, inputs.layers),
+                                        (inputs.lm.params, basis), fit_batches,
                                         stages.stage_key(base, "lambda"), config.factors.save_every, executor, inputs)
             _check_finite_tree(Lambda, "Lambda", executor.fetch)
             store.save_result("lambda", Lambda, timing=timing)
@@ -166,7 +156,7 @@ def saved_eigen(config: cfg.Config, store: RunStore, inputs: Inputs, executor: E
     if config.factors.from_run is not None:
         other = Path(config.factors.from_run)
         source = RunStore(other, json.loads((other / "run.json").read_text()))
-    shapes = _shapes(inputs, precision.statistics_dtype(config.run.precision))
+    shapes = programs.fitted_shapes(inputs.task, inputs.layers, precision.statistics_dtype(config.run.precision))
     eigen = source.load_result("eigen", executor.like(shapes["eigen"]))
     if eigen is None:
         raise StoreError(f"{source.root}: the eigendecomposition is missing or corrupted (stage eigen)")
@@ -228,7 +218,7 @@ def _curvature_from(config: cfg.Config, inputs: Inputs, executor: Executor) -> c
     strategy = curvature.strategy(config.factors.strategy)
     if not strategy.writes:
         return curvature.curvature(strategy)
-    shapes = _shapes(inputs, precision.statistics_dtype(config.run.precision))
+    shapes = programs.fitted_shapes(inputs.task, inputs.layers, precision.statistics_dtype(config.run.precision))
 
     def eigen():
         eigen = ostore.load_result("eigen", executor.like(shapes["eigen"]))
@@ -247,17 +237,13 @@ def _curvature_from(config: cfg.Config, inputs: Inputs, executor: Executor) -> c
     return curv
 
 
-def query_gradients(config: cfg.Config, store: RunStore, inputs: Inputs, curv, executor: Executor):
+def queries_stage(config: cfg.Config, store: RunStore, inputs: Inputs, curv, executor: Executor):
     """Preconditioned (and optionally rank-r) query gradients of every query; a saved result is reused."""
     from jaxinf.data.queries import encode_queries, query_batches
 
     encoded = encode_queries(inputs.queries, inputs.encoder, max_length=config.data.max_length)
     batches = query_batches(encoded, batch_size=config.data.query_batch_size, max_length=config.data.max_length)
-    dtype = precision.statistics_dtype(config.run.precision)
-    prep_fn = executor.jit(lambda p, b, c: stages.prepared_queries(inputs.task, inputs.layers, p, b, c,
-                                                                     config.scores.damping, config.scores.query_rank,
-                                                                     dtype, config.scores.query_svd,
-                                                                     config.run.matmul_precision))
+    prep_fn = programs.queries(config, inputs.task, inputs.layers).jit(executor)
     if store.status("queries") == "done":
         like = jax.eval_shape(lambda: _prepare_all(inputs, batches, prep_fn, curv, executor, check=False))
         saved = store.load_result("queries", executor.like(like))
@@ -318,30 +304,22 @@ def _join_queries(parts) -> scoring.QueryGradients:
     return scoring.QueryGradients(full=full, left=left, right=right, loss=loss)
 
 
-def score_documents(config: cfg.Config, store: RunStore, inputs: Inputs, qg, curv, executor: Executor) -> dict:
+def scores_stage(config: cfg.Config, store: RunStore, inputs: Inputs, qg, curv, executor: Executor) -> dict:
     """Scores of every document row against every query, saved in chunks of ``scores.save_every`` batches
-    (:class:`jaxinf.loop.SavedChunks`); a resumed pass keeps the chunks saved."""
+    (:class:`jaxinf.saved.SavedChunks`); a resumed pass keeps the chunks saved."""
     batches = _batches(inputs, inputs.plan, inputs.documents, executor)
     want_self = config.scores.self_influence
     saves = SavedChunks(store, "scores", inputs.plan, config.scores.save_every,
                         ("scores", "loss", "self") if want_self else ("scores", "loss"))
-    dtype = precision.statistics_dtype(config.run.precision)
     build = None
-    if (config.index.k is not None and not want_self and executor.mesh is None and store.status("index") != "done"
+    if (programs.fused_index(config, executor.mesh is None) and store.status("index") != "done"
             and not store.chunks("scores").steps()):   # the index rides on this pass from its start (jaxinf.index_run)
         build = index_run.IndexBuild(config, store, inputs, curv, saved_eigen(config, store, inputs, executor))
         saves = index_run.ScoresAndIndex(saves, build.writer)
-        fn = executor.jit(stages.score_and_index_step(inputs.task, inputs.layers, build.k, dtype,
-                                                      config.run.matmul_precision))
+        fn = programs.scores_and_index(config, inputs.task, inputs.layers).jit(executor)
         score_fn = lambda p, q, c, b: fn(p, q, build.basis, b)  # noqa: E731
     else:
-        score = stages.score_step(inputs.task, inputs.layers, self_influence=want_self,
-                                  damping_value=config.scores.damping, dtype=dtype,
-                                  precision=config.run.matmul_precision)
-        outs = {"scores": executor.rows(2, last=True), "loss": executor.rows()}
-        if want_self:
-            outs["self"] = executor.rows()
-        score_fn = executor.jit(score, out_shardings=outs if executor.mesh is not None else None)
+        score_fn = programs.scores(config, inputs.task, inputs.layers).jit(executor)
 
     def step(carry, batch, i):
         out = score_fn(inputs.lm.params, qg, curv, batch)
@@ -376,7 +354,7 @@ def _assemble(chunks: list[dict], inputs: Inputs, num_queries: int) -> dict:
     return out
 
 
-def analyze(store: RunStore, inputs: Inputs) -> None:
+def analysis_stage(store: RunStore, inputs: Inputs) -> None:
     """The paper's statistics and the report (:func:`jaxinf.analysis.driver.analyze`) on the exports."""
     from jaxinf.analysis.driver import analyze as run_analysis
 
@@ -477,7 +455,8 @@ def _run_locked(config: cfg.Config, executor: Executor, claimed: rundir.Aside | 
     try:
         try:
             store = _open_store(config, overwrite=False)
-            log.info("run directory %s (config fingerprint %s)", store.root, store.record["fingerprint"])
+            log.info("run directory %s (config fingerprint %s, host heap %s)", store.root, store.record["fingerprint"],
+                     store.record.get("heap", "default"))
             model_fp = fingerprint.check_model(store, config.model.checkpoint)
             inputs = load_inputs(config, store, executor)
             fingerprint.check_unchanged(model_fp, config.model.checkpoint)
@@ -493,22 +472,22 @@ def _run_locked(config: cfg.Config, executor: Executor, claimed: rundir.Aside | 
             if isinstance(claimed, rundir.Fresh):    # a refused start leaves nothing; a failure later keeps its work
                 claimed.restore()
             raise
-        curv = fit_curvature(config, store, inputs, executor)
+        curv = curvature_stages(config, store, inputs, executor)
         preflight.check_curvature(curv, config.scores.damping, executor.fetch, f"the documents of {config.data.documents}")
-        qg, encoded = query_gradients(config, store, inputs, curv, executor)
+        qg, encoded = queries_stage(config, store, inputs, curv, executor)
         if config.scores.mode == "index":
             eigen = saved_eigen(config, store, inputs, executor)
             if config.index.k is not None:
                 index_run.build_index(config, store, inputs, curv, eigen, executor)
             results = index_run.scores_from_index(config, store, inputs, qg, curv, eigen, executor)
         else:
-            results = score_documents(config, store, inputs, qg, curv, executor)
+            results = scores_stage(config, store, inputs, qg, curv, executor)
         exported = not _finished(store, "exports", ("scores.npy", "queries.jsonl", "documents.jsonl", "topk.jsonl"))
         if exported:
             export(config, store, inputs, results, qg, encoded, executor)
             log.info("exports written to %s", store.root)
         if exported or not _finished(store, "analysis", ("summary.json", "report/index.html")):
-            analyze(store, inputs)
+            analysis_stage(store, inputs)
         if config.index.k is not None and config.scores.mode == "exact":
             index_run.build_index(config, store, inputs, curv, saved_eigen(config, store, inputs, executor), executor)
         elif config.index.k is None and "note" not in store.record["stages"].get("index", {}):

@@ -48,6 +48,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from jaxinf.errors import UserError
 from jaxinf.index_store import format_size, index_size   # no jax: the simulated devices are set up later
 
 log = logging.getLogger("jaxinf")
@@ -56,7 +57,7 @@ GiB = 2**30
 MAX_FACTOR_DIM = 65536
 
 
-class PlanError(ValueError):
+class PlanError(UserError):
     """A config the planner cannot plan (one line, names what)."""
 
 
@@ -124,21 +125,17 @@ def check_layers(layers) -> None:
 
 
 def stage_shapes(lm, layers, config) -> dict[str, Any]:
-    """Abstract covariance sums, eigenbases, Lambda and query gradients of the tracked layers."""
+    """Abstract covariance sums, eigenbases, Lambda (:func:`jaxinf.programs.fitted_shapes`) and the query gradients of
+    ``plan.queries`` queries, of the tracked layers."""
     import jax
     import jax.numpy as jnp
 
-    from jaxinf import curvature, scoring, stages
+    from jaxinf import curvature, programs, scoring
     from jaxinf.precision import statistics_dtype
 
-    task = lm.task()
     dtype = statistics_dtype(config.run.precision)
-    cov = stages.covariance_stage(task, layers, dtype=dtype)
-    lam = stages.lambda_stage(task, layers, dtype=dtype)
-    state = jax.eval_shape(cov.init)
-    finished = jax.eval_shape(cov.finalize, state)
-    eigen = jax.eval_shape(curvature.eigendecompose, finished)
-    Lambda = jax.eval_shape(lambda: lam.finalize(lam.init()))
+    fitted = programs.fitted_shapes(lm.task(), layers, dtype)
+    eigen, Lambda = fitted["eigen"], fitted["lambda"]
     Q = config.plan.queries
     G = {k: jax.ShapeDtypeStruct(s.lead + (Q, s.d_out, s.d_in_aug), dtype) for k, s in layers.items()}
     loss = jax.ShapeDtypeStruct((Q,), jnp.float32)
@@ -147,8 +144,7 @@ def stage_shapes(lm, layers, config) -> dict[str, Any]:
     queries = jax.eval_shape(lambda G, l, c: scoring.prepare_queries(G, l, c, config.scores.damping,
                                                                      config.scores.query_rank, dtype,
                                                                      config.scores.query_svd), G, loss, curv)
-    return {"covariance": state, "finished": finished, "eigen": eigen, "Lambda": Lambda, "queries": queries,
-            "curvature": curv}
+    return {**fitted, "queries": queries, "curvature": curv}
 
 
 def static_bytes(lm, shapes: dict, data: int, model: int) -> dict[str, int]:
@@ -163,7 +159,7 @@ def static_bytes(lm, shapes: dict, data: int, model: int) -> dict[str, int]:
     out = {"parameters": shard_bytes(lm.params, tree_specs(mesh, lm.params, models.parameter_axes(lm.config)), mesh),
            "factors": shard_bytes((cov.A, cov.S), tree_specs(mesh, (cov.A, cov.S), factors), mesh),
            "eigenbases": shard_bytes(shapes["eigen"], tree_specs(mesh, shapes["eigen"]), mesh),
-           "Lambda": shard_bytes(shapes["Lambda"], tree_specs(mesh, shapes["Lambda"], curvature.LAMBDA_AXES), mesh),
+           "Lambda": shard_bytes(shapes["lambda"], tree_specs(mesh, shapes["lambda"], curvature.LAMBDA_AXES), mesh),
            "queries": shard_bytes(shapes["queries"], tree_specs(mesh, shapes["queries"]), mesh)}
     return out
 
@@ -185,52 +181,13 @@ def simulated_groups(data: int, model: int, hosts: int) -> int:
 
 # --------------------------------------------------------------------------- one layer's working set
 
-F32 = 4
-STAGE_KEYS = {
-    "covariance": "data.batch_size (documents per data row) or data.max_length",
-    "lambda": "data.batch_size (documents per data row) or data.max_length",
-    "queries": "data.query_batch_size",
-    "scores": "data.batch_size (documents per data row), scores.query_rank or mesh.model",
-}
-"""The settings that shrink each stage's per-layer working set, named when a layer does not fit."""
-
-
-def layer_working_set(stage: str, spec, *, rows: int, tokens: int, queries: int, query_batch: int,
-                      rank: int | None, model: int) -> int:
-    """Bytes per device of one layer's statistic as the backward pass forms it (float32; an estimate).
-
-    With ``n = d_in'``, ``o = d_out``, ``R = rows`` documents per data row, ``T`` tokens and ``m`` = ``mesh.model``:
-
-    - covariance: ``a`` and ``g`` of the layer, ``R T (n + o)``, and the layer's sums ``(n^2 + o^2) / m``;
-    - lambda: the rotated tokens, ``R T (n + o)``, and the rotated gradients ``R o n / m``;
-    - queries: a query batch's ``G_q``, its ``P(G_q)`` and the SVD's copy, ``3 q o n`` (the SVD is not split);
-    - scores: the contraction :func:`jaxinf.scoring.contraction_plan` picks: tokens, ``2 Q R T r / m``
-      (``Q R T o / m`` at full rank); documents, ``(Q + R) o n / m``.
-    """
-    from jaxinf.scoring import contraction_plan
-
-    n, o = spec.d_in_aug, spec.d_out
-    if stage == "covariance":
-        values = rows * tokens * (n + o) + (n * n + o * o) / model
-    elif stage == "lambda":
-        values = rows * tokens * (n + o) + rows * o * n / model
-    elif stage == "queries":
-        values = 3 * query_batch * o * n
-    elif stage == "scores":
-        r = rank if rank is not None and min(n, o) > rank else None
-        if contraction_plan(rows, tokens, queries, o, n, r) == "tokens":
-            values = (2 * queries * rows * tokens * r if r else queries * rows * tokens * o) / model
-        else:
-            values = (queries + rows) * o * n / model
-    else:
-        raise ValueError(f"no working set for stage {stage!r}")
-    return int(values * F32)
-
 
 def largest_layers(config, layers, rows: int, model: int) -> dict[str, tuple[str, int]]:
     """Per stage, the tracked block whose one layer has the largest working set, and its bytes per device."""
+    from jaxinf.programs import SHRINK, layer_working_set
+
     out = {}
-    for stage in STAGE_KEYS:
+    for stage in SHRINK:
         sizes = {name: layer_working_set(stage, spec, rows=rows, tokens=config.data.max_length,
                                          queries=config.plan.queries, query_batch=config.data.query_batch_size,
                                          rank=config.scores.query_rank, model=model)
@@ -242,13 +199,15 @@ def largest_layers(config, layers, rows: int, model: int) -> dict[str, tuple[str
 
 def check_layers_fit(config, layers, rows: int, model: int, memory_bytes: int | None, source: str) -> None:
     """Raises :class:`PlanError` naming the first stage whose largest layer alone exceeds ``memory_bytes``."""
+    from jaxinf.programs import SHRINK
+
     if memory_bytes is None:
         return
     for stage, (name, size) in largest_layers(config, layers, rows, model).items():
         if size > memory_bytes:
             raise PlanError(f"stage {stage}: one layer of {name} needs about {size / GiB:.2f} GiB per device for "
                             f"its statistic, more than {source} ({memory_bytes / GiB:.2f} GiB); lower "
-                            f"{STAGE_KEYS[stage]}")
+                            f"{SHRINK[stage]}")
 
 
 # --------------------------------------------------------------------------- compiling the steps
@@ -275,88 +234,91 @@ def _cost(compiled) -> tuple[float, float]:
     return float(cost.get("flops", 0.0)), float(cost.get("bytes accessed", 0.0))
 
 
-def step_programs(config, mesh, lm, layers, global_batch: int, with_pass: bool = False):
-    """Every stage's step for ``mesh``, as ``(name, jitted function, abstract args, documents per call)``; with
-    ``with_pass``, also ``pass``: the model's own pass of a document batch (forward, and backward to every tracked
-    layer) with a statistic that does no arithmetic, whose FLOPs the roofline (:mod:`jaxinf.chips`) takes at the
-    model's rate."""
+def abstract_arguments(config, mesh, lm, layers, shapes: dict, global_batch: int) -> dict[str, Any]:
+    """Every argument a stage's program takes (:data:`jaxinf.programs.ARGUMENTS`), abstract (shapes, dtypes and the
+    shardings the run gives them on ``mesh``; ``shapes``: :func:`stage_shapes`): a batch of ``global_batch`` rows of ``data.max_length`` tokens, a
+    query batch of ``data.query_batch_size``, ``plan.queries`` preconditioned query gradients. ``state`` is
+    per program (its stage's) and filled in by :func:`step_programs`."""
     import jax
     import jax.numpy as jnp
 
-    from jaxinf import curvature, models, scoring, stages
-    from jaxinf.distributed import eigh_program
-    from jaxinf.meshes import abstract_tree, jit_on
-    from jaxinf.partitioning import batch_spec, rows_spec, tree_shardings
+    from jaxinf import curvature, models, scoring
+    from jaxinf.meshes import abstract_tree
+    from jaxinf.partitioning import batch_spec, tree_shardings
     from jaxinf.precision import statistics_dtype
 
-    task = lm.task()
-    fisher = config.factors.fisher
+    def absd(tree, declared=None):
+        return abstract_tree(tree, tree_shardings(mesh, tree, declared))
+
     dtype = statistics_dtype(config.run.precision)
-    cov = stages.covariance_stage(task, layers, fisher, dtype, config.run.matmul_precision)
-    lam = stages.lambda_stage(task, layers, fisher, dtype, config.run.matmul_precision)
-    shard = lambda tree, declared=None: tree_shardings(mesh, tree, declared)  # noqa: E731
-    absd = abstract_tree
-    params = absd(lm.params, shard(lm.params, models.parameter_axes(lm.config)))
     T = config.data.max_length
-    rows = jax.sharding.NamedSharding(mesh, batch_spec(1))
     batch_sh = jax.sharding.NamedSharding(mesh, batch_spec(2))
     batch = {"tokens": jax.ShapeDtypeStruct((global_batch, T), jnp.int32, sharding=batch_sh),
              "mask": jax.ShapeDtypeStruct((global_batch, T), jnp.float32, sharding=batch_sh),
              "weights": jax.ShapeDtypeStruct((global_batch, T), jnp.float32, sharding=batch_sh)}
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    qb = config.data.query_batch_size
-    qbatch = {k: jax.ShapeDtypeStruct((qb, T), v.dtype, sharding=replicated) for k, v in batch.items()}
-    key = jax.eval_shape(lambda: jax.random.key(0)) if fisher == "sampled" else None
-    state = jax.eval_shape(cov.init)
-    state = absd(state, shard(state))
-    finished = jax.eval_shape(cov.finalize, state)
-    finished = absd(finished, shard(finished))
-    eigen = jax.eval_shape(curvature.eigendecompose, finished)
-    eigen = absd(eigen, shard(eigen))
-    lstate = jax.eval_shape(lam.init)
-    lstate = absd(lstate, shard(lstate))
-    Lambda = jax.eval_shape(lam.finalize, lstate)
-    Lambda = absd(Lambda, shard(Lambda, curvature.LAMBDA_AXES))
+    qbatch = {k: jax.ShapeDtypeStruct((config.data.query_batch_size, T), v.dtype, sharding=replicated)
+              for k, v in batch.items()}
+    eigen = absd(shapes["eigen"])
+    Lambda = absd(shapes["lambda"], curvature.LAMBDA_AXES)
     strategy = curvature.strategy(config.factors.strategy)
     curv = curvature.curvature(strategy, eigen if strategy.eigen else None, Lambda if strategy.needs_lambda else None)
-    damping, rank = config.scores.damping, config.scores.query_rank
     Q = config.plan.queries
-    qfull = jax.eval_shape(
+    queries = jax.eval_shape(
         lambda c: scoring.prepare_queries({k: jnp.zeros(s.lead + (Q, s.d_out, s.d_in_aug), dtype)
-                                           for k, s in layers.items()}, jnp.zeros(Q, dtype), c, damping, rank, dtype,
-                                          config.scores.query_svd),
-        curv)
-    queries = absd(qfull, shard(qfull))
-    score_step = stages.score_step(task, layers, self_influence=config.scores.self_influence, damping_value=damping,
-                                   dtype=dtype, precision=config.run.matmul_precision)
-    score_out = {"scores": jax.sharding.NamedSharding(mesh, rows_spec(2)), "loss": rows}
-    if config.scores.self_influence:
-        score_out["self"] = rows
-    programs = []
-    fit = config.factors.from_run is None   # with factors.from, the run reuses fitted factors: no fitting steps
-    if fit and strategy.eigen:
-        programs.append(("covariance", jit_on(mesh, cov.update, donate_argnums=(0,),
-                                             out_shardings=(shard(state), rows)), (state, params, batch, key),
-                         global_batch))
-        # one program per factor (as distributed.eigendecompose): the largest factor's is the step's peak
-        factors = [("A", m) for m in finished.A.values()] + [("S", m) for m in finished.S.values()]
-        which, M = max(factors, key=lambda f: (f[1].shape[-1], f[1].shape[:-2]))
-        programs.append(("eigen", eigh_program(mesh, M, which), (M,), None))
-    if fit and strategy.fits_lambda:
-        programs.append(("lambda", jit_on(mesh, lam.update, donate_argnums=(0,), out_shardings=(shard(lstate), rows)),
-                         (lstate, params, eigen if strategy.eigen else None, batch, key), global_batch))
-    programs.append(("queries", jit_on(   # as pipeline.query_gradients: prepared layer by layer
-        mesh, lambda p, b, c: stages.prepared_queries(task, layers, p, b, c, damping, rank, dtype,
-                                                precision=config.run.matmul_precision)),
-        (params, qbatch, curv), None))
-    programs.append(("scores", jit_on(mesh, score_step, out_shardings=score_out), (params, queries, curv, batch),
-                     global_batch))
+                                           for k, s in layers.items()}, jnp.zeros(Q, dtype), c,
+                                          config.scores.damping, config.scores.query_rank, dtype,
+                                          config.scores.query_svd), curv)
+    basis = {k: {"Q_A": eigen.Q_A[k], "Q_S": eigen.Q_S[k]} for k in layers}   # columns reordered: same shapes
+    return {"params": absd(lm.params, models.parameter_axes(lm.config)), "eigen": eigen if strategy.eigen else None,
+            "curv": curv, "queries": absd(queries), "basis": basis, "batch": batch, "qbatch": qbatch,
+            "key": jax.eval_shape(lambda: jax.random.key(0)) if config.factors.fisher == "sampled" else None}
+
+
+def step_programs(config, mesh, lm, layers, global_batch: int, with_pass: bool = False,
+                  one_device: bool | None = None):
+    """Every stage's step for ``mesh``, as ``(name, jitted function, abstract args, documents per call)``: the
+    programs the run compiles (:func:`jaxinf.programs.programs`, compiled as :meth:`~jaxinf.programs.Program.jit`
+    compiles them for the run), and the eigendecomposition of the largest factor. With ``with_pass``, also ``pass``:
+    the model's own pass of a document batch (forward, and backward to every tracked layer) with a statistic that
+    does no arithmetic, whose FLOPs the roofline (:mod:`jaxinf.chips`) takes at the model's rate. ``one_device``:
+    whether the run is on one device without a mesh (:func:`jaxinf.executor.make_executor`'s rule: a 1 x 1 mesh in
+    one process), which decides whether the scoring pass writes the index (None: from ``mesh`` and ``plan.hosts``)."""
+    import jax
+    import jax.numpy as jnp
+
+    from jaxinf import programs, stages
+    from jaxinf.distributed import eigh_program
+    from jaxinf.executor import MeshExecutor
+    from jaxinf.meshes import abstract_tree, jit_on
+    from jaxinf.partitioning import tree_shardings
+
+    task = lm.task()
+    executor = MeshExecutor(mesh)
+    shapes = stage_shapes(lm, layers, config)
+    args = abstract_arguments(config, mesh, lm, layers, shapes, global_batch)
+    out = []
+    if one_device is None:
+        one_device = mesh.devices.size == 1 and config.plan.hosts == 1
+    for name, program in programs.programs(config, task, layers, one_device=one_device).items():
+        given = dict(args)
+        if program.stage is not None:
+            state = jax.eval_shape(program.stage.init)
+            given["state"] = abstract_tree(state, tree_shardings(mesh, state))
+        out.append((name, program.jit(executor), tuple(given[a] for a in program.args),
+                    global_batch if program.per_document else None))
+        if name == "covariance":
+            # one program per factor (as distributed.eigendecompose): the largest factor's is the eigen step's peak
+            finished = abstract_tree(shapes["finished"], tree_shardings(mesh, shapes["finished"]))
+            factors = [("A", m) for m in finished.A.values()] + [("S", m) for m in finished.S.values()]
+            which, M = max(factors, key=lambda f: (f[1].shape[-1], f[1].shape[:-2]))
+            out.append(("eigen", eigh_program(mesh, M, which), (M,), None))
     if with_pass:
         def model_pass(p, b):
             return stages.train_statistics(task, layers, p, b, None, lambda a, g, m, c: jnp.sum(g, axis=(0, 1)))
 
-        programs.append(("pass", jit_on(mesh, model_pass), (params, batch), global_batch))
-    return programs
+        out.append(("pass", jit_on(mesh, model_pass), (args["params"], args["batch"]), global_batch))
+    return out
 
 
 def compile_steps(config, mesh, lm, layers, global_batch: int, flops: bool = True) -> list[Step]:
@@ -456,6 +418,8 @@ def _mesh_dict(mp: MeshPlan, config, chip=None) -> dict:
             d["flops_per_document"] = per_doc
             n = config.factors.max_documents if s.name in ("covariance", "lambda") and config.factors.max_documents \
                 else config.plan.documents
+            if s.name == "breakdowns":   # each query's top documents only
+                n = min(n, config.plan.queries * config.scores.topk)
             d["documents_timed"] = n
             d["hours"] = n * per_doc / (mp.devices * config.plan.device_flops) / 3600
             if chip is not None and s.bytes_accessed is not None:   # per call, per device; calls for n documents
@@ -472,6 +436,8 @@ def _mesh_dict(mp: MeshPlan, config, chip=None) -> dict:
 
 def check_fit(result: dict, memory_gib: float | None) -> list[str]:
     """One message per step (and mesh) whose peak exceeds ``memory_gib`` per device."""
+    from jaxinf.programs import SHRINK
+
     if memory_gib is None:
         return []
     limit = memory_gib * GiB
@@ -488,7 +454,7 @@ def check_fit(result: dict, memory_gib: float | None) -> list[str]:
                 largest = m.get("largest_layers", {}).get(s["name"])
                 if largest is not None:
                     msg += (f"; its largest layer statistic is {largest[0]} (about {largest[1] / GiB:.2f} GiB); "
-                            f"lower {STAGE_KEYS[s['name']]}")
+                            f"lower {SHRINK[s['name']]}")
                 bad.append(msg)
     return bad
 

@@ -17,11 +17,12 @@ from pathlib import Path
 import numpy as np
 
 from jaxinf import config as cfg
+from jaxinf.errors import UserError
 
 log = logging.getLogger("jaxinf")
 
 
-class PreflightError(ValueError):
+class PreflightError(UserError):
     """A config value that cannot work with this model or corpus (the message names both)."""
 
 

@@ -42,6 +42,8 @@ import shutil
 import time
 from pathlib import Path
 
+from jaxinf.errors import UserError
+
 log = logging.getLogger("jaxinf")
 
 RECORD = "run.json"
@@ -53,7 +55,7 @@ LOCK_FILE = ".jaxinf.lock"
 OURS = {LOCK_FILE, PREVIOUS, DISCARDED, MOVING, ".gitkeep"}   # entries that never make a directory "not empty"
 
 
-class StoreError(RuntimeError):
+class StoreError(UserError, RuntimeError):
     """A run directory that cannot be used as asked (the message names the path)."""
 
 

@@ -20,7 +20,7 @@ slice of the query gradients, self-influence against its slice of the curvature
 preconditioned and truncated at once).
 
 Documents are never turned into parameter-sized gradients per token. Per layer,
-:func:`contraction_plan` picks from the shapes the cheaper (in FLOPs and memory
+:func:`contraction_order` picks from the shapes the cheaper (in FLOPs and memory
 traffic) of contracting the query factors with the tokens
 (``sum_t (g_t . u_k)(v_k . a_t)``) and forming one ``[d_out, d_in']`` gradient per
 document.
@@ -175,11 +175,11 @@ def query_context(qg: QueryGradients) -> dict[str, dict[str, Array]]:
 
 
 FLOPS_PER_BYTE = 16
-"""The device balance assumed by :func:`contraction_plan`: FLOPs a device does in the time it moves one byte of
+"""The device balance assumed by :func:`contraction_order`: FLOPs a device does in the time it moves one byte of
 memory (about 16 for a CPU host, more for accelerators' f32 and far more for their bf16 matrix units)."""
 
 
-def contraction_plan(B: int, T: int, Q: int, d_out: int, d_in: int, rank: int | None) -> str:
+def contraction_order(B: int, T: int, Q: int, d_out: int, d_in: int, rank: int | None) -> str:
     """``"tokens"`` or ``"documents"``: the cheaper order for one layer of ``sum_t g^T P a``.
 
     The cost is ``FLOPs + FLOPS_PER_BYTE * bytes`` (a roofline: the documents order
@@ -193,9 +193,8 @@ def contraction_plan(B: int, T: int, Q: int, d_out: int, d_in: int, rank: int | 
                (each gradient written and read, each ``P`` read); with rank r, ``P`` is rebuilt
                first: ``2 Q r d_out d_in`` FLOPs and ``4 Q d_out d_in`` more bytes.
 
-    Measured on 2 CPU cores (``python scripts/bench_engine.py --vocab 4096 --seq 128 --batch 8 --queries 16
-    --rank 32``: B=8, T=128, Q=16, r=32, d_model 256, d_ff 1024), FLOPs alone chose the documents order,
-    which took 392 ms per batch against the tokens order's 212 ms.
+    Bytes count beside FLOPs because FLOPs alone choose the slower order on a CPU (docs/benchmarks.md,
+    "Measurements behind code decisions").
     """
     size = d_out * d_in
     docs = 2 * B * T * size + 2 * B * Q * size + FLOPS_PER_BYTE * 4 * (2 * B + Q) * size
@@ -230,12 +229,12 @@ def _token_scores(a: Array, g: Array, q: Mapping[str, Array], per_token: bool, p
 
 
 def block_scores(a: Array, g: Array, q: Mapping[str, Array], *, per_token: bool = False,
-                 plan: str | None = None, dtype=None, precision=None) -> Array:
+                 order: str | None = None, dtype=None, precision=None) -> Array:
     """One layer's ``sum_t g[n,t]^T P(G_q) a[n,t]``: ``[Q, B]`` (``[Q, B, T]`` per token), in the statistics dtype
     ``dtype`` (by default :func:`~jaxinf.precision.working_dtype` of ``a``, ``g`` and ``q``).
 
     ``q``: the layer's ``{"full": [Q, d_out, d_in']}`` or ``{"left": [Q, d_out, r], "right": [Q, d_in', r]}``
-    (``P(G_q) ~= left @ right^T``); the contraction order is :func:`contraction_plan`'s unless given. Products at
+    (``P(G_q) ~= left @ right^T``); the contraction order is :func:`contraction_order`'s unless given. Products at
     the matmul precision ``precision`` (``run.matmul_precision``).
     """
     dtype = working_dtype(a, g, *q.values()) if dtype is None else dtype
@@ -246,10 +245,10 @@ def block_scores(a: Array, g: Array, q: Mapping[str, Array], *, per_token: bool 
     Q = (q["left"] if lowr else q["full"]).shape[0]
     rank = q["left"].shape[-1] if lowr else None
     if per_token:
-        plan = "tokens"
-    elif plan is None:
-        plan = contraction_plan(B, T, Q, d_out, d_in, rank)
-    if plan == "tokens":
+        order = "tokens"
+    elif order is None:
+        order = contraction_order(B, T, Q, d_out, d_in, rank)
+    if order == "tokens":
         return _token_scores(a, g, q, per_token, precision)
     einsum = functools.partial(jnp.einsum, precision=matmul_precision(precision))
     P = q["full"] if not lowr else einsum("qor,qir->qoi", q["left"], q["right"])
@@ -300,3 +299,12 @@ def normalize(scores: Array, query_loss: Array, how: str) -> Array:
 def expand_layer_scores(per_layer: Mapping[str, Array], layers: Mapping[str, LayerSpec]) -> dict[str, Array]:
     """Per-layer score entries (``layers.3.mlp.up_proj`` -> ``[Q, B]``) from per-block arrays."""
     return expand(per_layer, layers, axis=0)
+
+
+def layer_order(layers: dict[str, LayerSpec]) -> list[str]:
+    """Per-layer names in model order: by layer index, blocks in call order within a layer, unstacked layers last."""
+    stacked, rest = [], []
+    for position, spec in enumerate(layers.values()):
+        for i, name in zip(spec.layer_indices or (None,), spec.layer_names):
+            (stacked if i is not None else rest).append((i if i is not None else 0, position, name))
+    return [n for _, _, n in sorted(stacked)] + [n for _, _, n in rest]

@@ -135,13 +135,13 @@ def index_step(task: Task, layers: Mapping[str, LayerSpec], k: int | None, dtype
     "loss": [B]}``, each document row's kept block of ``Q_S^T G[n] Q_A`` (``k`` directions per factor, None: all)
     under the data's labels (the gradients the scores use) and the energy of each pair of bands of the rest.
     ``basis``: per block, the eigenbases in decreasing eigenvalue (:func:`jaxinf.indexing.ordered_basis`)."""
-    from jaxinf.indexing import flatten_rows, index_statistic
+    from jaxinf.indexing import BASIS_AXES, flatten_rows, index_statistic
 
     dtype = layers_dtype(layers) if dtype is None else dtype
     statistic = functools.partial(index_statistic, k=k, dtype=dtype, precision=precision)
 
     def step(params, basis, batch):
-        blocks, losses = train_statistics(task, layers, params, batch, None, statistic, streamed(basis))
+        blocks, losses = train_statistics(task, layers, params, batch, None, statistic, streamed(basis, BASIS_AXES))
         return {**flatten_rows(blocks, layers), "loss": losses}
 
     return step
@@ -175,10 +175,10 @@ def prepared_queries(task: Task, layers: Mapping[str, LayerSpec], params, batch,
     return query_gradients_of(blocks, loss)
 
 
-def _document_statistic(per_token: bool, plan: str | None, strategy: Strategy | None, damping_value: float | None,
+def _document_statistic(per_token: bool, order: str | None, strategy: Strategy | None, damping_value: float | None,
                         dtype, precision=None):
     """The statistic of a scoring pass: scores against the query gradients, and self-influence when ``strategy``."""
-    stats = {"scores": lambda a, g, m, q: block_scores(a, g, q, per_token=per_token, plan=plan, dtype=dtype,
+    stats = {"scores": lambda a, g, m, q: block_scores(a, g, q, per_token=per_token, order=order, dtype=dtype,
                                                        precision=precision)}
     if strategy is not None:
         stats["self"] = lambda a, g, m, c: strategy.self_score(a, g, c, damping_value, dtype, precision)
@@ -194,7 +194,7 @@ def score_batch(
     *,
     per_layer: bool = False,
     per_token: bool = False,
-    plan: str | None = None,
+    order: str | None = None,
     curv: Curvature | None = None,
     damping_value: float | None = None,
     dtype=None,
@@ -211,7 +211,7 @@ def score_batch(
     context = {k: {"scores": qctx[k], **({} if curv is None else {"self": None if factors is None else factors[k]})}
                for k in layers}
     blocks, losses = train_statistics(task, layers, params, batch, None,
-                                      _document_statistic(per_token, plan, None if curv is None else curv.strategy,
+                                      _document_statistic(per_token, order, None if curv is None else curv.strategy,
                                                           damping_value, dtype, precision), context)
     scores = collect_scores({k: v["scores"] for k, v in blocks.items()}, per_layer=per_layer, per_token=per_token,
                             self_blocks=None if curv is None else {k: v["self"] for k, v in blocks.items()})
@@ -238,14 +238,14 @@ def score_and_index_step(task: Task, layers: Mapping[str, LayerSpec], k: int | N
     ``(params, queries, basis, batch) -> {"scores": [Q, B], "loss": [B], "cells": [B, C], "bands": [B, E]}``. One
     backward pass forms both statistics where each layer's ``a`` and ``g`` exist (:func:`index_step`'s rows,
     :func:`score_batch`'s scores), so the index costs its rotation and copy, not another pass."""
-    from jaxinf.indexing import flatten_rows, index_statistic
+    from jaxinf.indexing import BASIS_AXES, flatten_rows, index_statistic
 
     dtype = layers_dtype(layers) if dtype is None else dtype
     statistic = joint({"scores": lambda a, g, m, q: block_scores(a, g, q, dtype=dtype, precision=precision),
                        "index": functools.partial(index_statistic, k=k, dtype=dtype, precision=precision)})
 
     def step(params, queries, basis, batch):
-        qctx, bctx = query_context(streamed(queries)), streamed(basis)
+        qctx, bctx = query_context(streamed(queries)), streamed(basis, BASIS_AXES)
         context = {name: {"scores": qctx[name], "index": bctx[name]} for name in layers}
         blocks, losses = train_statistics(task, layers, params, batch, None, statistic, context)
         scores = collect_scores({name: v["scores"] for name, v in blocks.items()})

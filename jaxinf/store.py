@@ -25,8 +25,6 @@ import json
 import logging
 import os
 import shutil
-import signal
-import time
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +33,9 @@ import jax
 from jaxinf import config as cfg
 from jaxinf import rundir
 from jaxinf.atomic import write_json
+from jaxinf.errors import EnvironmentFailure
+from jaxinf.faults import fault_point
+from jaxinf.hostenv import heap_mode
 from jaxinf.rundir import StoreError
 
 log = logging.getLogger("jaxinf")
@@ -42,37 +43,8 @@ MANIFEST = "jaxinf_manifest.json"
 PACKAGES = ("jaxinf", "jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy", "tensorflow-datasets")
 
 
-class EnvironmentFailure(StoreError):
-    """The machine refuses what a run needs (no space left, a read-only or unwritable run directory); exit 3."""
-
-
 class CorruptCheckpoint(StoreError):
     """A saved step whose files do not match the checksums written when it was saved."""
-
-
-def fault_point(where: str, step: int) -> None:
-    """Fault injection for resume tests: SIGKILL this process when ``JAXINF_FAULT`` is ``f"{where}:{step}"``
-    (SIGSTOP when it is ``f"{where}:{step}:stop"``: the process stays, holding what it holds, until killed;
-    SIGINT, as Ctrl-C, when ``f"{where}:{step}:interrupt"``; a ``RuntimeError`` raised here, a failure the run
-    did not foresee, when ``f"{where}:{step}:raise"``).
-
-    Points: ``<stage>:<batch>`` after a batch of a per-batch pass is computed
-    (:func:`jaxinf.loop.run_batches`; before any save it triggers; the exports'
-    pass is ``breakdowns``), ``<stage>:before-manifest:<step>`` after Orbax has
-    committed a step but before its manifest is written, and ``overwrite:0``
-    after a run started with ``--overwrite`` has finished but before the old run
-    is deleted.
-    """
-    point = os.environ.get("JAXINF_FAULT")
-    if point == f"{where}:{step}":
-        os.kill(os.getpid(), signal.SIGKILL)
-    elif point == f"{where}:{step}:stop":
-        os.kill(os.getpid(), signal.SIGSTOP)
-    elif point == f"{where}:{step}:interrupt":
-        os.kill(os.getpid(), signal.SIGINT)
-        time.sleep(5)   # the handler raises KeyboardInterrupt between two bytecodes, well before this ends
-    elif point == f"{where}:{step}:raise":
-        raise RuntimeError(f"fault injected at {where}:{step} (JAXINF_FAULT)")
 
 
 def versions() -> dict[str, str]:
@@ -250,6 +222,7 @@ class RunStore:
             record["config"] = cfg.to_dict(config)
             record["fingerprint"] = cfg.fingerprint(config)
             record["versions"] = versions()
+            record["heap"] = heap_mode()
             record.setdefault("format", rundir.MARKER)
             return store  # written with the next update: a start refused before then leaves run.json as it was
         record = {
@@ -257,6 +230,7 @@ class RunStore:
             "config": cfg.to_dict(config),
             "fingerprint": cfg.fingerprint(config),
             "versions": versions(),
+            "heap": heap_mode(),
             "created": _now(),
             "stages": {s: {"status": "pending"} for s in cfg.STAGES},
         }

@@ -7,7 +7,7 @@ Ruis et al.). Prints a markdown table of median times and the ratios to the
 forward+backward step. Also timed: the engine's pass alone (forward, and the
 backward pass to every tracked layer with a trivial statistic: what every stage
 pays before its own work), scoring in each contraction order
-(``scoring.contraction_plan`` picks one per block), and the query stage
+(``scoring.contraction_order`` picks one per block), and the query stage
 (query gradients preconditioned and truncated layer by layer in the backward
 pass, as ``jaxinf run`` does, against preconditioning given gradients).
 
@@ -100,7 +100,7 @@ def main(argv=None) -> None:
     streamed = jax.jit(lambda p, b, c: stages.prepared_queries(task, layers, p, b, c, None, args.rank))
 
     def score_in(order):
-        return jax.jit(lambda p, q, b: stages.score_batch(task, layers, p, q, b, plan=order)[0].total)
+        return jax.jit(lambda p, q, b: stages.score_batch(task, layers, p, q, b, order=order)[0].total)
 
     def prepare_by(svd):
         return jax.jit(lambda G, l, c: scoring.prepare_queries(G, l, c, None, args.rank, svd=svd))
@@ -141,7 +141,7 @@ def main(argv=None) -> None:
                 flops = float((flops[0] if isinstance(flops, list) else flops).get("flops", 0.0))
                 mfu = f"{flops / t / (args.peak_tflops * 1e12):.1%}"
             print(f"| {name} | {1e3 * t:.1f} | {t / base:.2f}x | {rate} | {mfu} |")
-    plans = {k: scoring.contraction_plan(B, T, args.queries, s.d_out, s.d_in_aug,
+    plans = {k: scoring.contraction_order(B, T, args.queries, s.d_out, s.d_in_aug,
                                          args.rank if min(s.d_out, s.d_in_aug) > args.rank else None)
              for k, s in layers.items()}
     print(f"\ncontraction plan per block: {plans}")

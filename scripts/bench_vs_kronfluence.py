@@ -9,7 +9,7 @@ truncate the query gradients: ``randomized`` (the default of both: jaxinf's rang
 finder, kronfluence's ``torch.svd_lowrank``) or ``full`` (the SVD of each whole
 matrix on both sides):
 
-- kronfluence 1.0 (``jaxinf.interop.reference.CausalLMTask`` on jaxinf's token ids):
+- kronfluence 1.0 (``tests/kronfluence_reference.py``'s ``CausalLMTask`` on jaxinf's token ids):
   ``fit_covariance_matrices``, ``perform_eigendecomposition``,
   ``fit_lambda_matrices``, ``compute_pairwise_scores`` (query gradients, then the
   training gradients), after a warm-up of every stage on a few documents;
@@ -147,7 +147,8 @@ def run_kronfluence(w: dict, size: dict, args, out: Path, warmup: bool = True) -
     import torch
     from kronfluence.analyzer import Analyzer, prepare_model
 
-    from jaxinf.interop import reference as ref
+    sys.path.insert(0, str(ROOT / "tests"))   # the PyTorch reference side lives with the tests, not in the package
+    import kronfluence_reference as ref
 
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)
@@ -266,8 +267,8 @@ def run_jaxinf(w: dict, size: dict, args, out: Path, timed: bool, compiled: dict
 
     Lambda = stage("lambda", lambda_stage)
     curv = curvature.curvature("ekfac", eigen, Lambda)
-    qg, _ = stage("queries", lambda: pipeline.query_gradients(config, store, inputs, curv, executor))
-    results = stage("scores", lambda: pipeline.score_documents(config, store, inputs, qg, curv, executor))
+    qg, _ = stage("queries", lambda: pipeline.queries_stage(config, store, inputs, curv, executor))
+    results = stage("scores", lambda: pipeline.scores_stage(config, store, inputs, qg, curv, executor))
     st["queries+scores"] = {k: st["queries"][k] + st["scores"][k] if k == "seconds" else
                             max(st["queries"][k], st["scores"][k]) for k in st["scores"]}
     return {"stages": st, "tokens": int(inputs.plan.report.tokens), "scores": results["scores"]}

@@ -4,7 +4,7 @@ Everything is built here (nothing is downloaded): a tiny random Llama, GPT-NeoX
 or Cohere from ``models_support`` saved as a Hugging Face directory with a
 word-level tokenizer, random documents of 6-16 words and queries of a 3-8 word
 prompt and a 1-4 word completion. Both libraries see the token ids of jaxinf's
-encoder (:mod:`jaxinf.interop.reference`).
+encoder (``tests/kronfluence_reference.py``).
 
 Worlds and kronfluence analyses are built once per session and shared by the
 test modules (a cache in this module, keyed by family and settings).
@@ -117,7 +117,7 @@ class Kronfluence:
                  seed: int = 0, n_documents: int | None = None, track: str = "mlp"):
         oracle("kronfluence")
         torch = oracle("torch")
-        from jaxinf.interop import reference as ref
+        import kronfluence_reference as ref
         from kronfluence.analyzer import Analyzer, prepare_model
 
         self.ref, self.precision, self.fisher = ref, precision, fisher

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from jaxinf.hostenv import HUGE_PAGES_TUNABLE, huge_page_environment, transparent_huge_pages
+from jaxinf.hostenv import HUGE_PAGES_TUNABLE, heap_mode, huge_page_environment, transparent_huge_pages
 
 ROOT = Path(__file__).resolve().parents[1]
 GLIBC, THP = ("glibc", "2.36"), "madvise"
@@ -62,14 +62,32 @@ def test_huge_pages_stop_the_page_faults_of_large_buffers():
 def test_the_command_starts_itself_again_with_huge_pages_once():
     code = ("import os, sys\n"
             "print('tunables:', os.environ.get('GLIBC_TUNABLES'), flush=True)\n"
-            "from jaxinf.cli import main\n"
+            "from jaxinf.cli import entry\n"
             "sys.argv = ['jaxinf', '--help']\n"
-            "main()\n")
+            "entry()\n")
     r = subprocess.run([sys.executable, "-c", code], env=cpu_env(), capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     lines = r.stdout.splitlines()
     assert [x for x in lines if x.startswith("tunables:")] == ["tunables: None", f"tunables: {HUGE}"]
     assert any("usage: jaxinf" in x for x in lines)
+
+
+def test_a_caller_of_main_is_never_started_again():
+    """``jaxinf.cli.main()`` from a script or notebook runs in that process as it is (no restart, the script's
+    own lines run once), and says in one line which heap it has."""
+    code = ("import os, sys\n"
+            "print('started', flush=True)\n"
+            "from jaxinf.cli import main\n"
+            "sys.argv = ['jaxinf', 'plan', '--help']\n"
+            "try:\n"
+            "    main()\n"
+            "except SystemExit:\n"
+            "    pass\n"
+            "print('still here', os.environ.get('GLIBC_TUNABLES'), flush=True)\n")
+    r = subprocess.run([sys.executable, "-c", code], env=cpu_env(), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.count("started") == 1 and "still here None" in r.stdout
+    assert heap_mode({}) == "default" and heap_mode({"GLIBC_TUNABLES": "a=1:" + HUGE}) == "huge-pages"
 
 
 def test_huge_pages_apply_on_the_cpu_with_glibc_and_the_kernel_s_consent():

@@ -13,7 +13,7 @@ directories), the same documents and queries go through
   self-influence; query batching at rank 4 for every strategy, and at rank 32 for
   EK-FAC (on GPT-NeoX this truncates ``dense_h_to_4h``, the one layer with
   ``min(d_out, d_in') > 32``, and keeps the others whole);
-- kronfluence (``jaxinf.interop.reference.CausalLMTask``, all dtypes float64,
+- kronfluence (``kronfluence_reference.CausalLMTask``, all dtypes float64,
   transformers' float32 upcasts made float64, full SVD) with the same settings.
 
 Tolerance (fixed): relative error ``||jaxinf - kronfluence|| / ||kronfluence|| <= 1e-10``
@@ -55,7 +55,7 @@ def jaxinf_matrix(w: dict, run_dir, configs=None) -> dict:
     run's factors (float64)."""
     from jaxinf import curvature, models, scoring, stages
     from jaxinf.data.batching import document_batches
-    from jaxinf.data.documents import open_documents
+    from jaxinf.data.sources import open_documents
     from jaxinf.data.queries import encode_queries, query_batches, read_queries
     from jaxinf.data.tokenize import TextEncoder
     from jaxinf.interop import transfer

@@ -137,3 +137,71 @@ def test_module_sizes():
     over = _oversized()
     message = f"modules over {MAX_LINES} lines: " + ", ".join(f"{m} ({n})" for m, n in over.items())
     assert not over, message
+
+
+
+LAYERS = [
+    ("base", ("errors", "atomic", "faults", "hostenv")),
+    ("engine", ("axes", "precision", "lapack", "partitioning", "capture", "tasks", "curvature", "scoring", "indexing",
+                "stages", "programs", "loop", "progress")),
+    ("models", ("models",)),
+    ("data", ("data",)),
+    ("sharding", ("meshes", "distributed", "executor")),
+    ("files", ("config", "lock", "rundir", "store", "saved", "fingerprint", "index_store", "exports.formats")),
+    ("analysis", ("analysis",)),
+    ("run", ("inputs", "preflight", "chips", "plan", "plan_corpus", "index_run", "exports", "failures", "pipeline",
+             "testing")),
+    ("around", ("validate", "demo", "interop")),
+    ("commands", ("cli", "__main__")),
+]
+"""The package's layers, bottom up (docs/architecture.md): a module imports only its own layer and those below.
+The engine (the method's arithmetic, its stages and programs, the per-batch loop) sits on ``base`` alone, so
+``from jaxinf import stages`` is the library without config files, run directories or checkpoints. A module is in
+the layer of the longest entry naming it or a package above it."""
+
+
+def layer_of(module: str) -> int | None:
+    """The index in :data:`LAYERS` of ``module`` (None for the package itself); raises for a module in no layer."""
+    name = module.partition(".")[2]
+    if not name:
+        return None
+    found = [(len(p), i) for i, (_, entries) in enumerate(LAYERS) for p in entries
+             if name == p or name.startswith(p + ".")]
+    assert found, f"{module} is in no layer of tests/test_layering.py LAYERS"
+    return max(found)[1]
+
+
+def upward_imports(graph: dict[str, dict[str, int]]) -> list[str]:
+    """Every import of a module from a higher layer, as ``a (layer) imports b (layer) (line n)``."""
+    out = []
+    for m in sorted(graph):
+        for n, line in sorted(graph[m].items()):
+            lm, ln = layer_of(m), layer_of(n)
+            if lm is not None and ln is not None and ln > lm:
+                out.append(f"{m} ({LAYERS[lm][0]}) imports {n} ({LAYERS[ln][0]}) (line {line})")
+    return out
+
+
+def test_no_import_goes_up_a_layer():
+    graph = import_graph()
+    up = upward_imports(graph)
+    assert not up, "imports that go up a layer: " + "; ".join(up)
+
+
+def test_an_upward_import_is_found():
+    """The check itself: the engine importing the run directory is named."""
+    graph = {"jaxinf.stages": {"jaxinf.store": 12}, "jaxinf.store": {"jaxinf.capture": 3}, "jaxinf.capture": {}}
+    assert upward_imports(graph) == ["jaxinf.stages (engine) imports jaxinf.store (files) (line 12)"]
+
+
+def test_the_library_api_loads_no_run_directory_code():
+    """Importing the engine (as a library user does) loads no Orbax, run directory, config or checkpoint code."""
+    import subprocess
+    import sys
+
+    code = ("import sys, jaxinf.stages, jaxinf.programs, jaxinf.loop\n"
+            "bad = sorted(m for m in sys.modules if m.split('.')[0] == 'orbax' or m in ('jaxinf.store', "
+            "'jaxinf.rundir', 'jaxinf.config', 'jaxinf.saved', 'jaxinf.pipeline', 'jaxinf.cli'))\n"
+            "print(bad)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr

@@ -140,7 +140,7 @@ def test_every_stage_states_its_matmul_precision(checkpoint, precision, settings
     programs = lowered_stages(checkpoint, *settings, *extra)
     counts = {name: check_program(name, text, want) for name, text in programs.items()}
     strategy = settings[0].split("=")[1]
-    stats = {"queries", "scores"} | ({"covariance"} if strategy in ("kfac", "ekfac") else set()) | (
+    stats = {"queries", "scores", "breakdowns"} | ({"covariance"} if strategy in ("kfac", "ekfac") else set()) | (
         {"lambda"} if strategy in ("diagonal", "ekfac") else set())
     assert {k for k, n in counts.items() if n > 0} == stats, counts
     assert counts.get("eigen", 0) == 0
@@ -164,7 +164,7 @@ def test_score_contraction_orders_and_breakdowns_state_it(order):
     qg = jax.eval_shape(lambda G, l, c: scoring.prepare_queries(G, l, c, None, 2), G, loss, curv)
 
     def score(p, q, c, b):
-        s, _ = stages.score_batch(task, layers, p, q, b, per_token=order == "tokens", per_layer=True, plan=None
+        s, _ = stages.score_batch(task, layers, p, q, b, per_token=order == "tokens", per_layer=True, order=None
                                   if order == "tokens" else order, curv=c, precision="high")
         return s
 

@@ -91,25 +91,25 @@ def test_per_layer_and_per_token_scores_sum_to_the_total(fitted):
         assert rel_err(plain, s.total) < 1e-12
 
 
-@pytest.mark.parametrize("plan", ["tokens", "documents"])
+@pytest.mark.parametrize("order", ["tokens", "documents"])
 @pytest.mark.parametrize("rank", [None, 2])
-def test_both_contraction_orders_agree(fitted, plan, rank):
+def test_both_contraction_orders_agree(fitted, order, rank):
     task, params, docs, layers, curvs = fitted
     with jax.enable_x64(True):
         ref = _scores(task, layers, params, curvs["ekfac"], docs, query_batch(), rank=rank).total
-        forced = _scores(task, layers, params, curvs["ekfac"], docs, query_batch(), rank=rank, plan=plan).total
+        forced = _scores(task, layers, params, curvs["ekfac"], docs, query_batch(), rank=rank, order=order).total
         assert rel_err(forced, ref) < 1e-12
 
 
-def test_contraction_plan_follows_the_shapes():
-    assert scoring.contraction_plan(B=8, T=512, Q=32, d_out=4096, d_in=4096, rank=32) == "tokens"
-    assert scoring.contraction_plan(B=8, T=512, Q=32, d_out=4096, d_in=4096, rank=None) == "documents"
-    assert scoring.contraction_plan(B=8, T=2048, Q=80, d_out=512, d_in=512, rank=32) == "documents"
+def test_contraction_order_follows_the_shapes():
+    assert scoring.contraction_order(B=8, T=512, Q=32, d_out=4096, d_in=4096, rank=32) == "tokens"
+    assert scoring.contraction_order(B=8, T=512, Q=32, d_out=4096, d_in=4096, rank=None) == "documents"
+    assert scoring.contraction_order(B=8, T=2048, Q=80, d_out=512, d_in=512, rank=32) == "documents"
     # fewer FLOPs per document, but B + Q parameter-sized matrices through memory: the tokens order is faster
-    # (measured, see contraction_plan); FLOPs alone would pick documents here
+    # (measured, see contraction_order); FLOPs alone would pick documents here
     B, T, Q, d_out, d_in, r = 8, 128, 16, 1024, 256, 32
     assert 2 * B * T * Q * r * (d_out + d_in) > 2 * B * T * d_out * d_in + 2 * B * Q * d_out * d_in + 2 * Q * r * d_out * d_in
-    assert scoring.contraction_plan(B=B, T=T, Q=Q, d_out=d_out, d_in=d_in, rank=r) == "tokens"
+    assert scoring.contraction_order(B=B, T=T, Q=Q, d_out=d_out, d_in=d_in, rank=r) == "tokens"
 
 
 def test_rank_r_queries_are_exact_at_the_matrix_rank(fitted):

@@ -12,7 +12,7 @@ import pytest
 from pipeline_support import make_world, overrides
 from sharding_support import REPO, device_env
 from jaxinf import config as cfg
-from jaxinf import plan
+from jaxinf import plan, programs
 
 CONFIG_64 = REPO / "configs/paper/command-r-35b_v5p-128.yaml"
 CONFIG_256 = REPO / "configs/paper/command-r-35b_v5p-512.yaml"
@@ -77,7 +77,7 @@ def test_plan_compiles_every_step_and_refuses_what_does_not_fit(tmp_path):
     (m,) = json.loads(out.read_text())["meshes"]
     # the roofline on an H100: each per-document step's time is the larger of compute and memory, which it names
     for s in m["steps"]:
-        if s["name"] not in ("covariance", "lambda", "scores"):
+        if s["name"] not in ("covariance", "lambda", "scores", "breakdowns"):
             assert "roofline" not in s
             continue
         rf = s["roofline"]
@@ -86,10 +86,12 @@ def test_plan_compiles_every_step_and_refuses_what_does_not_fit(tmp_path):
         assert rf["bound"] == ("HBM" if rf["memory_s"] > rf["compute_s"] else rf["bound"])
         assert rf["bound"] in ("HBM", "compute", "compute (statistics)")
     assert "chip h100: roofline of each per-document step" in r.stdout and " bound" in r.stdout
-    assert [s["name"] for s in m["steps"]] == ["covariance", "eigen", "lambda", "queries", "scores"]
+    assert [s["name"] for s in m["steps"]] == ["covariance", "eigen", "lambda", "queries", "scores", "breakdowns"]
     assert all(s["peak"] > 0 for s in m["steps"])
     per_doc = {s["name"]: s["flops_per_document"] for s in m["steps"] if "flops_per_document" in s}
-    assert set(per_doc) == {"covariance", "lambda", "scores"} and all(v > 0 for v in per_doc.values())
+    assert set(per_doc) == {"covariance", "lambda", "scores", "breakdowns"} and all(v > 0 for v in per_doc.values())
+    timed = {s["name"]: s["documents_timed"] for s in m["steps"] if "documents_timed" in s}
+    assert timed["breakdowns"] == min(80 * 3, timed["scores"])   # plan.queries (80) x scores.topk (3) at most
     failures = [line for line in r.stdout.splitlines() if line.startswith("jaxinf plan: does not fit:")]
     over = [s for s in m["steps"] if s["peak"] > 0.0001 * GiB]
     assert len(over) >= 4 and len(failures) == len(over) and failures[0].startswith(
@@ -126,9 +128,9 @@ def test_a_layer_whose_statistic_cannot_fit_is_named_before_the_first_batch(tmp_
 
     spec = LayerSpec("layers.*.mlp.down_proj", d_in=11, d_out=7, bias=True, stack=2)
     kw = dict(rows=3, tokens=5, queries=4, query_batch=2, model=2)
-    assert plan.layer_working_set("covariance", spec, rank=None, **kw) == 4 * (3 * 5 * (12 + 7) + (144 + 49) / 2)
-    assert plan.layer_working_set("lambda", spec, rank=None, **kw) == 4 * (3 * 5 * 19 + 3 * 7 * 12 / 2)
-    assert plan.layer_working_set("queries", spec, rank=None, **kw) == 4 * 3 * 2 * 7 * 12
+    assert programs.layer_working_set("covariance", spec, rank=None, **kw) == 4 * (3 * 5 * (12 + 7) + (144 + 49) / 2)
+    assert programs.layer_working_set("lambda", spec, rank=None, **kw) == 4 * (3 * 5 * 19 + 3 * 7 * 12 / 2)
+    assert programs.layer_working_set("queries", spec, rank=None, **kw) == 4 * 3 * 2 * 7 * 12
     w = make_world(tmp_path / "world", n_documents=4, n_queries=2)
     config = cfg.load(None, overrides(w, tmp_path / "run", **{"plan.device_memory_gib": 1e-6}))
     with pytest.raises(plan.PlanError, match=r"^stage covariance: one layer of model\.layers\.\*\.mlp\.\w+ needs about "

@@ -38,11 +38,12 @@ from pathlib import Path
 import numpy as np
 
 from jaxinf import atomic
+from jaxinf.errors import UserError
 
 KINDS = ("factual", "reasoning", "control")
 UNKNOWN = "unknown"
 
-class AnalysisError(ValueError):
+class AnalysisError(UserError):
     """A run-directory file the analysis cannot use; the message is one line naming the file and field."""
 
 

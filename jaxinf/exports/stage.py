@@ -15,10 +15,9 @@ import time
 from collections.abc import Iterator
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from jaxinf import capture, precision, scoring, stages
+from jaxinf import programs, scoring
 from jaxinf import config as cfg
 from jaxinf.atomic import save_npy
 from jaxinf.data.tokenize import token_pieces
@@ -94,15 +93,6 @@ def _document_rows(inputs: Inputs, losses: np.ndarray) -> Iterator[dict]:
                "loss": float(losses[doc.index])}
 
 
-def layer_order(layers: dict[str, capture.LayerSpec]) -> list[str]:
-    """Per-layer names in model order: by layer index, blocks in call order within a layer, unstacked layers last."""
-    stacked, rest = [], []
-    for position, spec in enumerate(layers.values()):
-        for i, name in zip(spec.layer_indices or (None,), spec.layer_names):
-            (stacked if i is not None else rest).append((i if i is not None else 0, position, name))
-    return [n for _, _, n in sorted(stacked)] + [n for _, _, n in rest]
-
-
 def export_breakdowns(config, store, inputs: Inputs, qg, top: np.ndarray, docs: dict, executor: Executor) -> None:
     """Per-layer and per-token scores of each query's top documents, from one more pass over just those documents.
 
@@ -116,17 +106,9 @@ def export_breakdowns(config, store, inputs: Inputs, qg, top: np.ndarray, docs: 
     plan = make_plan(inputs.lengths[wanted], batch_size=config.data.batch_size, max_length=config.data.max_length,
                      long_documents=config.data.long_documents, buckets=buckets(config.data.max_length),
                      process_count=executor.groups[1])
-    names = layer_order(inputs.layers)
+    names = scoring.layer_order(inputs.layers)
     Q = qg.num_queries
-
-    def breakdown(params, q, b):
-        s, _ = stages.score_batch(inputs.task, inputs.layers, params, q, b, per_layer=True, per_token=True,
-                                  dtype=precision.statistics_dtype(config.run.precision),
-                                  precision=config.run.matmul_precision)
-        per_layer = scoring.expand_layer_scores(s.per_layer, inputs.layers)
-        return jnp.stack([per_layer[n] for n in names]), s.per_token                   # [L, Q, B], [Q, B, T]
-
-    fn = executor.jit(breakdown)
+    fn = programs.breakdowns(config, inputs.task, inputs.layers).jit(executor)
 
     def step(carry, batch, i):
         return carry, fn(inputs.lm.params, qg, batch), None

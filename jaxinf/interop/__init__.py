@@ -6,8 +6,9 @@
   (``jaxinf kronfluence import``) and a run's factors in kronfluence's layout
   (``jaxinf kronfluence export``);
 - :mod:`jaxinf.interop.compare`: ``jaxinf compare``, per stage, layer and query;
-- :mod:`jaxinf.interop.reference`: kronfluence run on the same model, documents,
-  queries and settings as a jaxinf config (needs torch, transformers, kronfluence).
+- kronfluence run on the same model, documents, queries and settings as a jaxinf
+  config is ``tests/kronfluence_reference.py`` (it needs torch, transformers and
+  kronfluence, so it is not shipped in the package).
 
 Module names map one to one: jaxinf's per-layer names are the Hugging Face module
 names kronfluence sees (``model.layers.3.mlp.up_proj``); a scanned block

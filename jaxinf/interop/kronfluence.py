@@ -42,6 +42,7 @@ from typing import Any
 import numpy as np
 
 from jaxinf.curvature.strategies import STRATEGIES
+from jaxinf.errors import UserError
 
 FACTOR_ARGUMENTS = "factor_arguments.json"
 SCORE_ARGUMENTS = "score_arguments.json"
@@ -84,7 +85,7 @@ FACTOR_ARGUMENT_DEFAULTS: dict[str, Any] = {
 }
 
 
-class InteropError(ValueError):
+class InteropError(UserError):
     """A kronfluence directory or file that cannot be used as asked; the message names the file, module or tensor."""
 
 

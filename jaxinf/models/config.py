@@ -25,6 +25,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from jaxinf.errors import UserError
+
 DTYPES = ("float32", "bfloat16", "float16", "float64")
 ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu")
 ROPE_TYPES = ("default", "linear", "llama3", "dynamic", "yarn", "longrope")
@@ -66,7 +68,7 @@ IGNORED = frozenset({
 })
 
 
-class ModelError(ValueError):
+class ModelError(UserError):
     """A model config or checkpoint that cannot be used; the message is one line naming the file and field or tensor."""
 
 

@@ -1,7 +1,7 @@
 """kronfluence on the same model, documents and queries as a jaxinf run: the PyTorch reference side.
 
-This module needs torch, transformers and kronfluence (the test extra); nothing
-else in jaxinf imports it. It gives kronfluence exactly what ``jaxinf run``
+This module needs torch, transformers and kronfluence (the test extra), so it lives with the
+tests, outside the package (``scripts/bench_vs_kronfluence.py`` imports it from here too). It gives kronfluence exactly what ``jaxinf run``
 computes with:
 
 - :func:`document_examples` / :func:`query_examples`: the token ids jaxinf's own
@@ -87,8 +87,8 @@ class Examples(torch.utils.data.Dataset):
 
 def encoded_inputs(checkpoint: str | Path, documents: str | Path, queries: str | Path, max_length: int):
     """jaxinf's token ids of a documents file and a queries file (the same encoder ``jaxinf run`` uses)."""
-    from jaxinf.data.documents import open_documents
     from jaxinf.data.queries import encode_queries, read_queries
+    from jaxinf.data.sources import open_documents
     from jaxinf.data.tokenize import TextEncoder
 
     encoder = TextEncoder(Path(checkpoint))

@@ -1,0 +1,83 @@
+"""One program per stage (:mod:`jaxinf.programs`): the programs ``jaxinf run`` compiles are the programs ``jaxinf
+plan`` compiles, found by their StableHLO, and settings reach the planner as they reach the run."""
+
+from __future__ import annotations
+
+import hashlib
+
+import jax
+import pytest
+
+from pipeline_support import make_world, overrides
+from jaxinf import config as cfg
+from jaxinf import pipeline, plan
+from jaxinf.executor import MeshExecutor
+from jaxinf.meshes import make_mesh
+
+
+def fingerprint(lowered) -> str:
+    return hashlib.sha256(lowered.as_text().encode()).hexdigest()
+
+
+class Recording(MeshExecutor):
+    """The run's executor on a 1 x 1 mesh, recording the StableHLO fingerprint of every program it runs."""
+
+    def __init__(self, mesh, seen: set[str]):
+        super().__init__(mesh)
+        self.seen = seen
+
+    def jit(self, fn, *, donate_argnums=(), out_shardings=None):
+        jitted = super().jit(fn, donate_argnums=donate_argnums, out_shardings=out_shardings)
+
+        def call(*args):
+            if not any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(args)):
+                self.seen.add(fingerprint(jitted.lower(*args)))
+            return jitted(*args)
+
+        return call
+
+
+@pytest.mark.parametrize("settings", [
+    {"scores.query_svd": "full", "scores.query_rank": 2},
+    {"scores.self_influence": "true", "factors.strategy": "kfac"},
+    {"index.k": 2},
+])
+def test_the_planner_compiles_the_programs_the_run_runs(tmp_path, settings):
+    """Every per-batch program the planner compiles for a 1 x 1 mesh is one the run compiled and ran (same
+    StableHLO: same function, settings, argument shapes, dtypes and layouts). Documents are longer than
+    ``data.max_length`` and the queries fill it, so the run's batches have the planner's shapes."""
+    w = make_world(tmp_path / "world", n_documents=6, n_queries=2)
+    config = cfg.load(None, overrides(w, tmp_path / "run", **{"data.max_length": 16, "data.query_batch_size": 2,
+                                                              "plan.queries": 2, **settings}))
+    mesh = make_mesh(1, 1, jax.devices()[:1])
+    seen: set[str] = set()
+    pipeline.run(config, executor=Recording(mesh, seen))
+    lm, layers = plan.abstract_model(config)
+    planned = {name: fingerprint(fn.lower(*args))
+               for name, fn, args, _ in plan.step_programs(config, mesh, lm, layers, config.data.batch_size,
+                                                           one_device=False)   # as the run on a mesh executor
+               if name != "eigen"}   # the eigendecomposition: one shared function (jaxinf.distributed.eigh_program)
+    want = {"covariance", "queries", "scores", "breakdowns"} | (
+        {"lambda"} if config.factors.strategy == "ekfac" else set()) | ({"index"} if "index.k" in settings else set())
+    assert set(planned) == want
+    missing = [name for name, f in planned.items() if f not in seen]
+    assert not missing, f"planned programs the run never compiled: {missing}"
+
+
+def test_settings_reach_the_planned_queries_program(tmp_path):
+    """``scores.query_svd=full`` plans the full-SVD program, not the randomized one (they differ)."""
+    w = make_world(tmp_path / "world", n_documents=2, n_queries=2)
+    mesh = make_mesh(1, 1, jax.devices()[:1])
+
+    def queries_program(svd: str) -> str:
+        config = cfg.load(None, overrides(w, tmp_path / "run", **{"data.max_length": 16, "scores.query_rank": 2,
+                                                                  "scores.query_svd": svd}))
+        lm, layers = plan.abstract_model(config)
+        (text,) = [fn.lower(*args).as_text() for name, fn, args, _ in
+                   plan.step_programs(config, mesh, lm, layers, config.data.batch_size) if name == "queries"]
+        return text
+
+    full, randomized = queries_program("full"), queries_program("randomized")
+    assert full != randomized
+    assert "rng_bit_generator" in randomized or "threefry" in randomized
+    assert "rng_bit_generator" not in full and "threefry" not in full
