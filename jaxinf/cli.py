@@ -181,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
                      "every setting is given as an override")
     run.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
     run.add_argument("--overwrite", action="store_true", help="start the run directory over (a jaxinf run only): the "
-                     "old run is deleted once the new one has started cleanly")
+                     "old run is kept aside until the new one has finished, and put back if it fails")
     run.add_argument("--help-config", action="store_true", help="print every config key with its default")
     run.set_defaults(handler=_run)
 

@@ -56,8 +56,9 @@ def find_condition(exc: BaseException, root=None) -> tuple[int, str | None] | No
     return None
 
 
-def environment_failure(exc: BaseException, root, stage: str) -> EnvironmentFailure | None:
-    """The one-line failure for ``exc`` raised while ``stage`` of the run in ``root`` was running, or None."""
+def environment_failure(exc: BaseException, root, stage: str, restored: bool = False) -> EnvironmentFailure | None:
+    """The one-line failure for ``exc`` raised while ``stage`` of the run in ``root`` was running, or None.
+    ``restored``: the run was an ``--overwrite`` whose previous run is back in ``root`` (:mod:`jaxinf.rundir`)."""
     if type(exc).__module__.startswith("jaxinf"):  # already one line about an input, said by jaxinf itself
         return None
     found = find_condition(exc, root)
@@ -65,6 +66,10 @@ def environment_failure(exc: BaseException, root, stage: str) -> EnvironmentFail
         return None
     code, path = found
     what, todo = CONDITIONS[code]
+    if restored:
+        return EnvironmentFailure(f"{path or root}: {what} (stage {stage}); --overwrite did not finish: the previous "
+                                  f"run is back in {root} as it was and the new attempt is removed; {todo} and run the "
+                                  "same command again to start it over")
     return EnvironmentFailure(f"{path or root}: {what} (stage {stage}); everything finished is kept in {root}; "
                               f"{todo} and run the same command again to resume")
 

@@ -390,9 +390,10 @@ def _open_store(config: cfg.Config, overwrite: bool) -> RunStore:
 def run(config: cfg.Config, overwrite: bool = False, executor: Executor | None = None) -> Path:
     """All stages, resumable; returns the run directory.
 
-    Holds the run directory's lock (:mod:`jaxinf.lock`) throughout. With ``overwrite`` the old run is set aside
-    and deleted only once the new one has started cleanly (:mod:`jaxinf.rundir`). Inputs whose content changed
-    since the run started are refused or invalidate the stages depending on them (:mod:`jaxinf.fingerprint`).
+    Holds the run directory's lock (:mod:`jaxinf.lock`) throughout. With ``overwrite`` the old run is set aside,
+    deleted only once the new one has finished and put back on any failure (:mod:`jaxinf.rundir`). Inputs whose
+    content changed since the run started are refused or invalidate the stages depending on them
+    (:mod:`jaxinf.fingerprint`).
     """
     check_inputs(config)
     index_run.check_available(config)
@@ -446,14 +447,15 @@ def _claim(config: cfg.Config, overwrite: bool) -> tuple[RunLock | None, rundir.
     lock = RunLock(root).acquire()
     try:
         rundir.recover_interrupted(root)
-        return lock, ((rundir.set_aside(root) if overwrite else None) or fresh)   # undone if the start fails
+        return lock, ((rundir.set_aside(root) if overwrite else None) or fresh)   # Fresh: undone if the start fails
     except BaseException:
         lock.release()
         raise
 
 
-def _run_locked(config: cfg.Config, executor: Executor, aside: rundir.Aside | rundir.Fresh | None) -> Path:
+def _run_locked(config: cfg.Config, executor: Executor, claimed: rundir.Aside | rundir.Fresh | None) -> Path:
     store = None
+    aside = claimed if isinstance(claimed, rundir.Aside) else None   # --overwrite: back on any failure (BaseException)
     try:
         try:
             store = _open_store(config, overwrite=False)
@@ -471,12 +473,9 @@ def _run_locked(config: cfg.Config, executor: Executor, aside: rundir.Aside | ru
 
                 multihost_utils.sync_global_devices("jaxinf: inputs checked")
         except BaseException:
-            if aside is not None:
-                aside.restore()
+            if isinstance(claimed, rundir.Fresh):    # a refused start leaves nothing; a failure later keeps its work
+                claimed.restore()
             raise
-        if isinstance(aside, rundir.Aside):          # the new run has started cleanly: the old one can go
-            fault_point("overwrite", 0)
-            aside.discard()
         curv = curvature_stages(config, store, inputs, executor)
         preflight.check_curvature(curv, config.scores.damping, executor.fetch, f"the documents of {config.data.documents}")
         qg, encoded = queries_stage(config, store, inputs, curv, executor)
@@ -497,12 +496,31 @@ def _run_locked(config: cfg.Config, executor: Executor, aside: rundir.Aside | ru
             index_run.build_index(config, store, inputs, curv, saved_eigen(config, store, inputs, executor), executor)
         elif config.index.k is None and "note" not in store.record["stages"].get("index", {}):
             store.mark("index", "pending", note="no index requested (index.k: null)")
-    except Exception as e:
-        failure = failures.environment_failure(e, Path(config.run.out), _running_stage(store))
+        if aside is not None:                        # the new run has finished: only now can the old one go
+            fault_point("overwrite", 0)
+            aside.discard()
+    except BaseException as e:
+        stage, restored = _running_stage(store), aside is not None and _put_back(aside, e)
+        failure = failures.environment_failure(e, Path(config.run.out), stage, restored) if isinstance(e, Exception) \
+            else None
         if failure is None:
             raise
         raise failure from e
     return store.root
+
+
+def _put_back(aside: rundir.Aside, e: BaseException) -> bool:
+    """An ``--overwrite`` that failed in any way: the new attempt removed and the old run moved back as it was."""
+    try:
+        restored = aside.restore()
+    except OSError as err:   # the next start moves it back (rundir.recover_interrupted)
+        log.warning("%s: --overwrite did not finish and the previous run could not be moved back yet (%s); it is "
+                    "in %s and the next jaxinf run on the directory restores it", aside.root, err, aside.previous)
+        return False
+    if restored:
+        log.warning("%s: --overwrite did not finish (%s); the previous run is back as it was and the new attempt is "
+                    "removed (the same command starts it over)", aside.root, type(e).__name__)
+    return restored
 
 
 def _finished(store: RunStore, stage: str, files: tuple[str, ...]) -> bool:

@@ -11,14 +11,22 @@ delete. Nothing here ever deletes or empties a directory that is not one.
 
 ``--overwrite`` (:func:`set_aside`) moves the entries of the old run into
 ``RUN/.jaxinf-previous/`` (renames within the directory: no copy, no space
-needed) and the new run starts in the emptied directory. Only once the new run
-has started cleanly (config valid, model, documents and queries read,
-fingerprints recorded) is the old run deleted (:meth:`Aside.discard`); if the
-start fails, the new run's files are removed and the old run is moved back
-(:meth:`Aside.restore`). A start killed before either leaves
-``.jaxinf-previous/``, which the next start finds and moves back
-(:func:`recover_interrupted`) before doing anything else; a kill during the
-deletion leaves ``.jaxinf-discarded/``, which is deleted.
+needed) once every check that can be made before work starts has passed, and
+the new run starts in the emptied directory. Only once the new run has
+*finished* (every stage, the exports, the analysis and any index) is the old
+run deleted (:meth:`Aside.discard`); a failure of any kind before that (an
+input error at start-up, a non-finite value met by a later stage, an exception
+in the exports, a full disk, Ctrl-C) removes the new attempt's files and moves
+the old run back as it was, byte for byte (:meth:`Aside.restore`): a failed
+``--overwrite`` keeps nothing of the new attempt, and the same command starts
+it over. Until then both runs occupy the disk. A process killed before either
+(SIGKILL, SIGTERM, the machine lost) leaves ``.jaxinf-previous/``, which the
+next start finds and moves back (:func:`recover_interrupted`) before doing
+anything else; a kill during the deletion leaves ``.jaxinf-discarded/``, which
+is deleted. Entries move by renames, one by one; while the old run's entries
+are moving (aside, or back), the marker ``.jaxinf-moving`` says that what
+``RUN`` holds is the old run's, so that a kill half-way through a move is
+finished by the next start without taking them for the new attempt's.
 
 A ``run.json`` that cannot be read is restored from ``state/run.json`` when that
 copy is intact (the stage results are then verified against their checksums as
@@ -31,6 +39,7 @@ import json
 import logging
 import os
 import shutil
+import time
 from pathlib import Path
 
 from jaxinf.errors import UserError
@@ -41,8 +50,9 @@ RECORD = "run.json"
 RECORD_COPY = ("state", "run.json")
 PREVIOUS = ".jaxinf-previous"
 DISCARDED = ".jaxinf-discarded"
+MOVING = ".jaxinf-moving"     # while it exists, every entry of RUN is the old run's (moving aside, or moving back)
 LOCK_FILE = ".jaxinf.lock"
-OURS = {LOCK_FILE, PREVIOUS, DISCARDED, ".gitkeep"}   # entries that never make a directory "not empty"
+OURS = {LOCK_FILE, PREVIOUS, DISCARDED, MOVING, ".gitkeep"}   # entries that never make a directory "not empty"
 
 
 class StoreError(UserError, RuntimeError):
@@ -114,44 +124,96 @@ def check_target(root: Path, overwrite: bool, key: str = "run.out") -> None:
 
 def recover_interrupted(root: Path) -> None:
     """Finishes what a killed ``--overwrite`` left: moves an old run set aside back, deletes one being deleted."""
+    if (root / PREVIOUS).is_dir():
+        _move_back(root)
+        log.warning("%s: an --overwrite was interrupted before the new run finished; the previous run is restored",
+                    root)
+    (root / MOVING).unlink(missing_ok=True)
     if (root / DISCARDED).exists():
         shutil.rmtree(root / DISCARDED)
-    if (root / PREVIOUS).is_dir():
-        _remove_entries(root)
-        _move_entries(root / PREVIOUS, root)
-        (root / PREVIOUS).rmdir()
-        log.warning("%s: an --overwrite was interrupted before the new run started; the previous run is restored",
-                    root)
+
+
+def _move_back(root: Path) -> None:
+    """The old run in ``root/.jaxinf-previous/`` moved back, whatever entries ``root`` holds and wherever a kill
+    stopped an earlier move. Every step is a rename, repeatable: the new attempt's entries go into
+    ``.jaxinf-discarded/`` first (deleted last); the marker ``.jaxinf-moving`` then says that what ``root`` holds is
+    the old run's (so a rerun after a kill moves the rest back without taking those for the new attempt's)."""
+    if not (root / MOVING).exists():
+        if (root / DISCARDED).exists():                # left by a kill: garbage either way
+            shutil.rmtree(root / DISCARDED)
+        (root / DISCARDED).mkdir()
+        _move_entries(root, root / DISCARDED)
+        (root / MOVING).touch()
+    _move_entries(root / PREVIOUS, root)
+    (root / PREVIOUS).rmdir()
+    (root / MOVING).unlink()
+    shutil.rmtree(root / DISCARDED, ignore_errors=True)
 
 
 class Aside:
-    """An old run moved into ``RUN/.jaxinf-previous/`` while a new one starts in ``RUN``."""
+    """An old run moved into ``RUN/.jaxinf-previous/`` while a new one runs in ``RUN``."""
 
     def __init__(self, root: Path):
         self.root = root
         self.previous = root / PREVIOUS
 
-    def restore(self) -> None:
-        """The new run's files removed and the old run moved back (the start failed)."""
-        if self.previous.is_dir():
-            _remove_entries(self.root)
-            _move_entries(self.previous, self.root)
-            self.previous.rmdir()
+    def restore(self) -> bool:
+        """The new attempt's files removed and the old run moved back (the new run failed); whether there was one to
+        move back (not once :meth:`discard` has begun)."""
+        if not self.previous.is_dir():
+            return False
+        _wait_for_writers(self.root)
+        _move_back(self.root)
+        return True
 
     def discard(self) -> None:
-        """The old run deleted (the new one started cleanly); renamed first so a kill cannot leave half of it."""
+        """The old run deleted (the new one finished); renamed first so a kill cannot leave half of it."""
         if self.previous.is_dir():
             os.replace(self.previous, self.root / DISCARDED)
             shutil.rmtree(self.root / DISCARDED)
 
 
+WRITERS_QUIET_S, WRITERS_LIMIT_S = 0.5, 30.0
+
+
+def _wait_for_writers(root: Path) -> None:
+    """Until the temporary directories of a failed Orbax save under ``root/state`` stop changing (for
+    :data:`WRITERS_QUIET_S`, at most :data:`WRITERS_LIMIT_S`): Orbax's writer threads (TensorStore) go on writing a
+    failed save's other files, by path, after the failure is raised; moved away too early, those files would be
+    written again into the old run put back in its place."""
+    def state() -> list[tuple[str, int, int]]:
+        found = []
+        for tmp in (root / "state").rglob("*.orbax-checkpoint-tmp*") if (root / "state").is_dir() else ():
+            files = [tmp] if tmp.is_file() else tmp.rglob("*")
+            found += [(str(f), st.st_size, st.st_mtime_ns) for f in files if (st := _stat(f)) is not None]
+        return sorted(found)
+
+    before, deadline = state(), time.monotonic() + WRITERS_LIMIT_S
+    while before and time.monotonic() < deadline:
+        time.sleep(WRITERS_QUIET_S)
+        now = state()
+        if now == before:
+            return
+        before = now
+
+
+def _stat(path: Path) -> os.stat_result | None:
+    try:
+        return path.stat()
+    except OSError:   # renamed or removed meanwhile
+        return None
+
+
 def set_aside(root: Path) -> Aside | None:
-    """Moves the run in ``root`` into ``root/.jaxinf-previous/``; None when there is nothing to set aside."""
+    """Moves the run in ``root`` into ``root/.jaxinf-previous/``; None when there is nothing to set aside. The marker
+    ``.jaxinf-moving`` stands while entries move, so that a kill half-way is undone by moving them back."""
     if not root.is_dir() or not is_run(root):
         return None
     aside = Aside(root)
+    (root / MOVING).touch()
     aside.previous.mkdir()
     _move_entries(root, aside.previous)
+    (root / MOVING).unlink()
     return aside
 
 

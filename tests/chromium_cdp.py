@@ -109,8 +109,11 @@ class _Browser:
         shutil.rmtree(self.profile, ignore_errors=True)
 
 
-def inspect_page(url: str, exe: str | None = None, settle_s: float = 1.0, timeout: float = 60) -> dict:
-    """Load url in a fresh headless Chromium and return the PROBE result (a dict)."""
+def inspect_page(url: str, exe: str | None = None, settle_s: float = 1.0, timeout: float = 60,
+                 steps: tuple[str, ...] = ()) -> dict:
+    """Load url in a fresh headless Chromium and return the PROBE result (a dict). ``steps``: JavaScript
+    expressions evaluated in order after the load, in the page (as a user's actions would run), their JSON
+    values returned under ``"steps"``."""
     b = _Browser(exe or chromium_path() or "chromium")
     try:
         target = b.send("Target.createTarget", {"url": "about:blank"})["targetId"]
@@ -121,6 +124,13 @@ def inspect_page(url: str, exe: str | None = None, settle_s: float = 1.0, timeou
         b.wait_event("Page.loadEventFired", s, timeout)
         time.sleep(settle_s)  # let any late handler (e.g. an img onerror) run before probing
         res = b.send("Runtime.evaluate", {"expression": PROBE, "returnByValue": True}, session=s)
-        return json.loads(res["result"]["value"])
+        out = json.loads(res["result"]["value"])
+        out["steps"] = []
+        for step in steps:
+            res = b.send("Runtime.evaluate", {"expression": step, "returnByValue": True}, session=s)
+            if "exceptionDetails" in res:
+                raise RuntimeError(f"{step[:80]}: {res['exceptionDetails']}")
+            out["steps"].append(res["result"].get("value"))
+        return out
     finally:
         b.close()

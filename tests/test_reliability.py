@@ -189,7 +189,7 @@ def test_a_changed_model_or_tokenizer_is_refused(base, tmp_path):
     assert snapshot(d / "run") == before
 
 
-def test_overwrite_keeps_the_old_run_until_the_new_one_has_started(base, tmp_path):
+def test_overwrite_keeps_the_old_run_until_the_new_one_has_finished(base, tmp_path):
     d = clone(base, tmp_path / "w")
     run = d / "run"
     before = snapshot(run)
@@ -199,22 +199,62 @@ def test_overwrite_keeps_the_old_run_until_the_new_one_has_started(base, tmp_pat
     assert r.returncode == 2 and error_line(r).startswith("docs.jsonl:1: invalid JSON")
     assert snapshot(run) == before and not (run / ".jaxinf-previous").exists()
     (d / "docs.jsonl").write_text(good)
-    # killed after the new run started but before the old one was deleted: the next start puts the old one back
+    # killed after the new run finished but before the old one was deleted: the next start puts the old one back
     r = jaxinf(args("--overwrite", scores__damping=0.5), {**base["env"], "JAXINF_FAULT": "overwrite:0"}, cwd=d)
     assert r.returncode == -signal.SIGKILL and (run / ".jaxinf-previous" / "scores.npy").exists()
     r = jaxinf(args(scores__damping=0.5), base["env"], cwd=d)
-    assert r.returncode == 2 and "an --overwrite was interrupted before the new run started; the previous run " \
+    assert r.returncode == 2 and "an --overwrite was interrupted before the new run finished; the previous run " \
                                  "is restored" in r.stderr
     assert error_line(r).endswith("these keys would change results already saved: scores.damping "
                                   "(use --overwrite to start over, or another run.out; factors.from=run with another "
                                   "run.out keeps its fitted curvature)")
     assert snapshot(run) == before
-    # started cleanly: the old run is gone, the new config recorded
+    # killed half-way through the new run (it had started cleanly): the old run waits aside until the next start
     r = jaxinf(args("--overwrite", scores__damping=0.5), {**base["env"], "JAXINF_FAULT": "covariance:1"}, cwd=d)
     assert r.returncode == -signal.SIGKILL, r.stderr[-3000:]
-    assert not (run / ".jaxinf-previous").exists() and not (run / "scores.npy").exists()
+    assert (run / ".jaxinf-previous" / "scores.npy").read_bytes() == before["scores.npy"]
     record = json.loads((run / "run.json").read_text())
     assert record["config"]["scores"]["damping"] == 0.5 and record["stages"]["covariance"]["status"] == "running"
+    # the same command again: the old run is put back first, then set aside again, and deleted once this one finished
+    r = jaxinf(args("--overwrite", scores__damping=0.5), base["env"], cwd=d)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "an --overwrite was interrupted before the new run finished; the previous run is restored" in r.stderr
+    assert not (run / ".jaxinf-previous").exists() and not (run / ".jaxinf-discarded").exists()
+    assert json.loads((run / "run.json").read_text())["config"]["scores"]["damping"] == 0.5
+    assert (run / "scores.npy").read_bytes() != before["scores.npy"]
+
+
+@pytest.mark.parametrize("fault, code", [
+    ("scores:1:raise", 1),               # an exception the run did not foresee, in the scores stage
+    ("breakdowns:1:interrupt", 130),     # Ctrl-C during the exports (their breakdown pass)
+    ("overwrite:0:raise", 1),            # everything written, the old run not yet deleted
+])
+def test_a_failed_overwrite_puts_the_finished_run_back(base, tmp_path, fault, code):
+    """Issue 25, case 1: whatever stops an --overwrite before the new run has finished, the finished run comes back
+    byte for byte (scores.npy, the exports, the report, state/) and nothing of the new attempt is kept."""
+    d = clone(base, tmp_path / "w")
+    before = snapshot(d / "run")
+    r = jaxinf(args("--overwrite", scores__damping=0.5), {**base["env"], "JAXINF_FAULT": fault}, cwd=d)
+    assert r.returncode == code, r.stderr[-3000:]
+    assert ran("covariance", r.stderr)                               # the new run had got well past its start
+    assert re.search(r"^jaxinf: \S+: --overwrite did not finish \((RuntimeError|KeyboardInterrupt)\); the previous run "
+                     r"is back as it was and the new attempt is removed", r.stderr, re.M), r.stderr[-3000:]
+    assert snapshot(d / "run") == before
+    assert sorted(p.name for p in (d / "run").iterdir()) == sorted({k.split("/")[0] for k in before} | {".jaxinf.lock"})
+
+
+def test_an_overwrite_meeting_a_non_finite_value_in_a_later_stage_puts_the_run_back(base, tmp_path):
+    """Issue 25, cases 1 and 5: an --overwrite with weights whose logits overflow (the identity strategy fits nothing,
+    so the queries stage is the first to meet them) stops there in one line, and the finished run is back."""
+    d = clone(base, tmp_path / "w")
+    before = snapshot(d / "run")
+    _scaled_lm_head(d, 1e37)
+    r = jaxinf(args("--overwrite", factors__strategy="identity"), base["env"], cwd=d)
+    assert r.returncode == 2
+    assert re.fullmatch(r'queries\.jsonl:1: query "[^"]+": its preconditioned gradient of layer \S+ is not finite '
+                        r"\(the model model overflows float32 on it\)", error_line(r)), error_line(r)
+    assert "the previous run is back as it was" in r.stderr
+    assert snapshot(d / "run") == before
 
 
 @pytest.mark.parametrize("flags", [(), ("--overwrite",)])
@@ -336,6 +376,29 @@ def test_a_full_disk_is_one_line_and_the_next_run_resumes(base, tmp_path):
     assert not ran("covariance", second) and not ran("lambda", second)
     assert "query gradients in" not in second
     assert_same_scores_by_id(d / "saved", base["root"] / "run")
+
+
+def test_an_overwrite_on_a_full_disk_puts_the_run_back(base, tmp_path):
+    """Issue 25, case 1: an --overwrite keeps the old run until the new one finishes, so on a disk with 64 KiB to
+    spare the new run fails at its first save that does not fit; the one line says the previous run is back, and it
+    is, byte for byte, with nothing of the new attempt left."""
+    prefix = _mount_namespace(tmp_path)
+    d = clone(base, tmp_path / "w")
+    (d / "disk").mkdir()
+    (d / "saved").mkdir()
+    command = " ".join(f"'{a}'" for a in ["python", "-m", "jaxinf", *args("--overwrite", run__out="disk/run",
+                                                                         scores__damping=0.5)])
+    script = ("mount -t tmpfs -o size=4m tmpfs disk && cp -a run disk/run && used=$(du -sk disk | cut -f1) && "
+              "mount -o remount,size=$((used + 64))k disk || exit 1; "
+              f"{command} 2> first.log; echo $? > first.rc; cp -a disk/run/. saved/")
+    environment = {**base["env"], "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    subprocess.run([*prefix, "bash", "-c", script], cwd=d, env=environment, check=True, timeout=600)
+    first = subprocess.CompletedProcess([], int((d / "first.rc").read_text()), "", (d / "first.log").read_text())
+    assert first.returncode == 3, first.stderr[-3000:]
+    assert re.fullmatch(r"\S+: no space left on device \(stage \w+\); --overwrite did not finish: the previous run is "
+                        r"back in disk/run as it was and the new attempt is removed; free some space and run the same "
+                        r"command again to start it over", error_line(first)), error_line(first)
+    assert snapshot(d / "saved") == snapshot(d / "run")
 
 
 def test_a_read_only_run_directory_is_one_line(base, tmp_path):
@@ -711,6 +774,64 @@ def test_a_failed_start_never_removes_a_run_set_aside_by_a_killed_overwrite(tmp_
     assert empty.is_dir() and list(empty.iterdir()) == []
 
 
+@pytest.mark.parametrize("state", ["setting aside", "moving the new attempt out", "moving the old run back"])
+def test_an_overwrite_killed_while_moving_entries_loses_nothing(tmp_path, state):
+    """Issue 25, case 1: a kill while the old run's entries are moved aside, or while a failed attempt is undone, is
+    finished by the next start: the old run comes back whole, never taken for the new attempt's files."""
+    from jaxinf import rundir
+
+    root = tmp_path / "run"
+    previous, discarded = root / rundir.PREVIOUS, root / rundir.DISCARDED
+    previous.mkdir(parents=True)
+    old = {"run.json": '{"format": "jaxinf run"}', "scores.npy": "old scores", "report": "old report"}
+    where = {"setting aside": {"run.json": root, "scores.npy": previous, "report": previous},
+             "moving the new attempt out": {"run.json": previous, "scores.npy": previous, "report": previous},
+             "moving the old run back": {"run.json": root, "scores.npy": previous, "report": previous}}[state]
+    for name, text in old.items():
+        (where[name] / name).write_text(text)
+    if state != "moving the new attempt out":
+        (root / rundir.MOVING).touch()                   # every entry of root is the old run's
+    if state == "moving the new attempt out":
+        (root / "run.json").write_text('{"format": "jaxinf run", "new": 1}')   # the new attempt, half moved out
+        discarded.mkdir()
+        (discarded / "state").mkdir()
+    if state == "moving the old run back":
+        discarded.mkdir()
+        (discarded / "scores.npy").write_text("new scores")
+    rundir.recover_interrupted(root)
+    assert {p.name: p.read_text() for p in root.iterdir()} == old
+
+
+def test_a_failed_overwrite_waits_for_the_writers_of_a_failed_save(tmp_path):
+    """Orbax's writer threads go on writing a failed save's files, by path, after the failure is raised (seen on a
+    full disk): the old run is put back only once they stop, so none of their files lands in it."""
+    import threading
+
+    from jaxinf import rundir
+
+    root = tmp_path / "run"
+    (root / "state").mkdir(parents=True)
+    (root / "run.json").write_text('{"format": "jaxinf run"}')
+    (root / "state" / "run.json").write_text('{"format": "jaxinf run"}')
+    (root / "scores.npy").write_text("old scores")
+    before = snapshot(root)
+    aside = rundir.set_aside(root)
+    tmp = root / "state" / "covariance" / "1.orbax-checkpoint-tmp" / "d"
+    tmp.mkdir(parents=True)
+
+    def writer():
+        for i in range(6):
+            time.sleep(0.2)
+            tmp.mkdir(parents=True, exist_ok=True)
+            (tmp / f"chunk{i}").write_bytes(b"x")
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+    assert aside.restore()
+    thread.join()
+    assert snapshot(root) == before and sorted(p.name for p in root.iterdir()) == ["run.json", "scores.npy", "state"]
+
+
 def test_changed_supports_redo_only_the_exports(base, tmp_path):
     """Issue 25, case 11: a query's `supports` (or any label) changed in place redoes the exports and the analysis, not
     the query gradients or the scores, whose prompts and completions are unchanged."""
@@ -780,3 +901,17 @@ def test_the_report_leads_with_each_querys_documents(base):
     """Issue 25, case 13: the queries' top and bottom documents come right after the findings, not at the bottom."""
     html = (base["root"] / "run" / "report" / "index.html").read_text()
     assert html.index('id="findings"') < html.index('id="queries"') < html.index('id="correlations"')
+
+
+def test_the_exported_token_context_is_the_tokenizers_decoding(base):
+    """Issue 25, case 13: topk_tokens.jsonl carries each token's decoded text in place, so the report's context column
+    reads as the tokenizer decodes the document (words apart), not as token strings run together."""
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(base["root"] / "model" / "tokenizer.json"))
+    records = [json.loads(line) for line in lines_of(base["root"] / "run" / "topk_tokens.jsonl")]
+    assert records
+    for rec in records:
+        ids = [tok.token_to_id(t["text"]) for t in rec["tokens"]]
+        assert "".join(t["piece"] for t in rec["tokens"]) == tok.decode(ids, skip_special_tokens=False)
+    assert any(t["piece"].startswith(" ") for t in records[0]["tokens"])     # words apart, as decoded

@@ -118,7 +118,8 @@ def summarize_breakdowns(breakdowns: Breakdowns, queries: Queries, scores: Score
             entries.append({"query": rec.query, "document": rec.document, "rank": rec.rank,
                             "n_tokens": len(rec.texts), "score": total,
                             "top_tokens": lay.top_tokens(rec.texts, rec.scores, tokens_shown),
-                            "_texts": rec.texts, "_scores": rec.scores})
+                            "_texts": rec.pieces or rec.texts, "_decoded": rec.pieces is not None,
+                            "_scores": rec.scores})
         max_rel = float(max(resid))
         if max_rel > 1e-3:
             notes.append(f"topk_tokens.jsonl: per-token scores do not sum to scores.npy "

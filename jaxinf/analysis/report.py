@@ -1,10 +1,11 @@
 """The report: ``report/index.html`` with PNG figures beside it, and ``report/summary.md``.
 
-The page is static: no script, no external resource, a Content-Security-Policy that forbids
-scripts, and every piece of text that comes from the run (document text, ids, sources, query
-text, kinds, tasks, notes) passes through :func:`esc` (``html.escape`` with quotes). Figure
-labels that come from the run pass through :func:`lab`, so ``$`` in a name is just a dollar
-(never matplotlib math text).
+The page has no external resource and one script of its own, the search box of
+:mod:`jaxinf.analysis.page`, whose Content-Security-Policy lets no other script run; every
+piece of text that comes from the run (document text, ids, sources, query text, kinds, tasks,
+notes) passes through :func:`esc` (``html.escape`` with quotes). The figures are drawn by
+:mod:`jaxinf.analysis.figures`. :data:`CSP` (no script at all) is the policy of the static
+pages that have no search, such as ``jaxinf validate``'s report.
 """
 
 from __future__ import annotations
@@ -12,27 +13,21 @@ from __future__ import annotations
 import html
 from pathlib import Path
 
-import matplotlib
 import numpy as np
-from matplotlib.figure import Figure
 
 from jaxinf.analysis import findings as fnd
+from jaxinf.analysis import page
+from jaxinf.analysis.figures import (fig_answers, fig_concentration, fig_correlation_groups, fig_correlations,
+                                     fig_layers, fig_per_nat, fig_powerlaw, fig_sources)
 from jaxinf.analysis.groups import present_kinds
 from jaxinf.analysis.layers import BINS
 
-KIND_COLORS = {"factual": "#1f77b4", "reasoning": "#d62728", "control": "#7f7f7f", "unknown": "#9467bd"}
-RC = {"font.size": 9, "axes.titlesize": 10}
 CSP = "default-src 'none'; img-src 'self'; style-src 'unsafe-inline'; script-src 'none'; object-src 'none'"
 
 
 def esc(x) -> str:
     """HTML-escaped text of anything (quotes too)."""
     return html.escape("" if x is None else str(x), quote=True)
-
-
-def lab(x) -> str:
-    """A figure label from run data: ``$`` escaped so matplotlib never parses it as math text."""
-    return ("" if x is None else str(x)).replace("$", r"\$")
 
 
 def fmt(x, digits: int = 3) -> str:
@@ -48,216 +43,6 @@ def fmt(x, digits: int = 3) -> str:
     if x != 0 and (abs(x) < 1e-3 or abs(x) >= 1e5):
         return f"{x:.{digits - 1}e}"
     return f"{x:.{digits}g}"
-
-
-def _save(fig: Figure, path: Path) -> None:
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-
-
-# ----------------------------------------------------------------------------- figures
-
-
-def fig_correlations(path: Path, s: dict) -> None:
-    c = s["correlations"]
-    r = np.asarray(c["matrix"], np.float64)
-    order = np.asarray(c["order"])
-    kinds = np.asarray(s["queries"]["kind"])[order]
-    tasks = np.asarray([t if t is not None else "(none)" for t in s["queries"]["task"]], dtype=object)[order]
-    with matplotlib.rc_context(RC):
-        fig = Figure(figsize=(7.5, 6.5))
-        ax = fig.add_subplot()
-        im = ax.imshow(r[np.ix_(order, order)], cmap="RdBu_r", vmin=-1, vmax=1, interpolation="nearest")
-        fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="Pearson correlation")
-        labels = [lab(f"{k}: {t}") for k, t in zip(kinds, tasks)]
-        starts = [0] + [i for i in range(1, len(labels)) if labels[i] != labels[i - 1]]
-        ends = starts[1:] + [len(labels)]
-        for b in starts[1:]:
-            ax.axhline(b - 0.5, color="k", lw=0.6)
-            ax.axvline(b - 0.5, color="k", lw=0.6)
-        mids = [(a + b - 1) / 2 for a, b in zip(starts, ends)]
-        ax.set_yticks(mids, [labels[a] for a in starts])
-        ax.set_xticks(mids, [labels[a] for a in starts], rotation=60, ha="right")
-        ax.set_title("Query-query correlation of influence scores (ordered by kind and task)")
-        _save(fig, path)
-
-
-def fig_correlation_groups(path: Path, s: dict) -> None:
-    c = s["correlations"]
-    rows = [(f"within {t}", d) for t, d in c["within_task"].items()]
-    rows += [(f"pairs {k}", d) for k, d in c["kind_pairs"].items()]
-    rows = [(n, d) for n, d in rows if d["n"]]
-    with matplotlib.rc_context(RC):
-        fig = Figure(figsize=(7, 0.3 * max(len(rows), 3) + 1))
-        ax = fig.add_subplot()
-        if not rows:
-            ax.text(0.5, 0.5, "no query pairs", ha="center", va="center")
-        else:
-            y = np.arange(len(rows))
-            means = [d["mean"] for _, d in rows]
-            stds = [d["std"] or 0.0 for _, d in rows]
-            ax.barh(y, means, xerr=stds, color="#8fb3d9", ecolor="k", capsize=2)
-            ax.set_yticks(y, [lab(n) for n, _ in rows])
-            ax.invert_yaxis()
-            ax.axvline(0, color="k", lw=0.6)
-        ax.set_xlabel("mean Pearson correlation of query pairs (+/- std)")
-        ax.set_title("Correlations by group")
-        _save(fig, path)
-
-
-def fig_concentration(path: Path, s: dict) -> None:
-    cs = s["concentration"]
-    fr = np.asarray(cs["fractions"]) * 100
-    with matplotlib.rc_context(RC):
-        fig = Figure(figsize=(9, 3.6))
-        for j, side in enumerate(("positive", "negative")):
-            ax = fig.add_subplot(1, 2, j + 1)
-            for kind in present_kinds(s["queries"]["kind"]):
-                m = [cs["by_kind"][side][f][kind]["mean"] for f in cs["fractions"]]
-                sd = [cs["by_kind"][side][f][kind]["std"] or 0.0 for f in cs["fractions"]]
-                m = np.asarray([np.nan if v is None else v for v in m])
-                ax.errorbar(fr, m, yerr=sd, marker="o", capsize=2, label=kind, color=KIND_COLORS[kind])
-            ax.set_xscale("log")
-            ax.set_xticks(fr, [f"{x:g}%" for x in fr])
-            ax.minorticks_off()
-            ax.set_xlabel("top documents (% of corpus)" if side == "positive" else "bottom documents (% of corpus)")
-            ax.set_ylabel(f"share of total {side} influence")
-            ax.set_title(f"{side.capitalize()} influence held by the {'top' if side == 'positive' else 'bottom'} documents")
-            ax.legend()
-        _save(fig, path)
-
-
-def fig_per_nat(path: Path, s: dict) -> None:
-    pn = s["concentration"]["per_nat"]
-    kinds = s["queries"]["kind"]
-    with matplotlib.rc_context(RC):
-        fig = Figure(figsize=(6, 3.6))
-        ax = fig.add_subplot()
-        ks = present_kinds(kinds)
-        data = [[p["absolute"] for p, k in zip(pn["per_query"], kinds) if k == kind and p] for kind in ks]
-        for i, (kind, d) in enumerate(zip(ks, data)):
-            x = np.full(len(d), i) + np.linspace(-0.15, 0.15, len(d)) if d else []
-            ax.scatter(x, d, s=10, color=KIND_COLORS[kind])
-            if d:
-                ax.hlines(np.median(d), i - 0.3, i + 0.3, color="k")
-        ax.set_xticks(range(len(ks)), ks)
-        if any(v > 0 for d in data for v in d):
-            ax.set_yscale("log")
-        ax.set_ylabel("sum |influence| / completion NLL (per nat)")
-        ax.set_title("Total absolute influence per nat of query information (bar: median)")
-        _save(fig, path)
-
-
-def fig_powerlaw(path: Path, s: dict, ranked_pos: list[np.ndarray]) -> None:
-    p = s["powerlaw"]["positive"]
-    kinds = s["queries"]["kind"]
-    tasks = s["queries"]["task"]
-    with matplotlib.rc_context(RC):
-        fig = Figure(figsize=(10, 3.8))
-        ax = fig.add_subplot(1, 2, 1)
-        shown = set()
-        for q, (k, t) in enumerate(zip(kinds, tasks)):
-            key = (k, t)
-            if key in shown or len(ranked_pos[q]) < 3:
-                continue
-            shown.add(key)
-            v = ranked_pos[q]
-            r = np.arange(1, len(v) + 1)
-            line = ax.loglog(r, v, lw=1, color=KIND_COLORS[k], alpha=0.8, label=lab(f"{t or '(none)'} ({s['queries']['ids'][q]})"))
-            fit = p["per_query"][q]["loglog"]
-            if fit["slope"] is not None:
-                ax.loglog(r, 10 ** fit["intercept"] * r ** fit["slope"], ls="--", lw=0.8, color=line[0].get_color())
-        if not shown:
-            ax.text(0.5, 0.5, "fewer than 3 positive scores", ha="center", va="center", transform=ax.transAxes)
-        else:
-            ax.legend(fontsize=7)
-        ax.set_xlabel("rank")
-        ax.set_ylabel("influence score")
-        ax.set_title("Ranked positive scores, first query of each task (dashed: log-log fit)")
-        ax2 = fig.add_subplot(1, 2, 2)
-        ks = present_kinds(kinds)
-        for i, kind in enumerate(ks):
-            vals = [pq["loglog"]["slope"] for pq, k in zip(p["per_query"], kinds) if k == kind]
-            vals = [v for v in vals if v is not None]
-            if vals:
-                ax2.scatter(i + np.linspace(-0.15, 0.15, len(vals)), vals, s=10, color=KIND_COLORS[kind])
-                ax2.hlines(np.median(vals), i - 0.3, i + 0.3, color="k")
-        ax2.set_xticks(range(len(ks)), ks)
-        ax2.set_ylabel("log-log slope of the top scores")
-        ax2.set_title("Power-law slope per query (bar: median)")
-        _save(fig, path)
-
-
-def fig_sources(path: Path, s: dict, measure: str = "count") -> None:
-    """Mean multiplier (by count or tokens) of each source per kind: lines over k, or bars when there is one k."""
-    so = s["sources"]
-    kinds = present_kinds(s["queries"]["kind"])
-    ks = np.asarray(so["ks"])
-    names = so["sources"]
-    cmap = matplotlib.colormaps["tab10"]
-    with matplotlib.rc_context(RC):
-        fig = Figure(figsize=(3.2 * len(kinds) + 2, 6), layout="constrained")
-        axes = fig.subplots(2, len(kinds), squeeze=False, sharey="row")
-        for i, side in enumerate(("top", "bottom")):
-            for j, kind in enumerate(kinds):
-                ax = axes[i][j]
-                mean = np.asarray(so["by_kind"][side][measure][kind]["mean"], np.float64)  # [K, S]
-                if ks.size > 1:
-                    for si, name in enumerate(names):
-                        ax.plot(ks, mean[:, si], marker="o", ms=3, color=cmap(si % 10), label=lab(name))
-                    ax.set_xscale("log")
-                    ax.set_xlabel("k")
-                else:
-                    ax.bar(np.arange(len(names)), mean[0], color=[cmap(si % 10) for si in range(len(names))],
-                           label=[lab(n) for n in names])
-                    ax.set_xticks(np.arange(len(names)), [lab(n) for n in names], rotation=60, ha="right")
-                ax.axhline(1, color="k", lw=0.6, ls=":")
-                ax.set_title(lab(f"{kind}: {side}-{ks[0] if ks.size == 1 else 'k'}"))
-                if j == 0:
-                    ax.set_ylabel(f"multiplier vs corpus share (by {measure})")
-        if ks.size > 1:
-            axes[0][-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1))
-        _save(fig, path)
-
-
-def fig_answers(path: Path, s: dict) -> None:
-    a = s["answers"]
-    kinds = [k for k in present_kinds(s["queries"]["kind"]) if k in a["share_found_any_by_kind"]]
-    with matplotlib.rc_context(RC):
-        fig = Figure(figsize=(8, 3.5))
-        for j, key in enumerate(("share_found_any_by_kind", "share_found_all_by_kind")):
-            ax = fig.add_subplot(1, 2, j + 1)
-            w = 0.8 / max(len(a["ks"]), 1)
-            for i, k in enumerate(a["ks"]):
-                vals = [a[key][kind][i] for kind in kinds]
-                vals = [np.nan if v is None else v for v in vals]
-                ax.bar(np.arange(len(kinds)) + (i - (len(a["ks"]) - 1) / 2) * w, vals, width=w, label=f"top {k}")
-            ax.set_xticks(range(len(kinds)), [lab(k) for k in kinds])
-            ax.set_ylim(0, 1)
-            ax.set_ylabel("share of queries")
-            ax.set_title("any answer item found" if j == 0 else "every answer item found")
-            ax.legend(fontsize=7)
-        _save(fig, path)
-
-
-def fig_layers(path: Path, s: dict) -> None:
-    la = s["layers"]
-    with matplotlib.rc_context(RC):
-        fig = Figure(figsize=(8, 3.5))
-        ax = fig.add_subplot()
-        x = np.arange(len(la["names"]))
-        bins = np.asarray(la["bins"])
-        for b, shade in zip(BINS, ("#f2f2f2", "#e0e0e0", "#f2f2f2")):
-            idx = np.flatnonzero(bins == b)
-            if idx.size:
-                ax.axvspan(idx.min() - 0.5, idx.max() + 0.5, color=shade, zorder=0)
-                ax.text((idx.min() + idx.max()) / 2, 1.0, b, ha="center", va="top", transform=ax.get_xaxis_transform())
-        for kind, m in la["mean_share_by_kind"].items():
-            ax.plot(x, m, marker="o", ms=3, color=KIND_COLORS[kind], label=kind)
-        ax.set_xlabel("tracked layer (model order)")
-        ax.set_ylabel("share of |influence| of the top documents")
-        ax.set_title("Influence by layer")
-        ax.legend()
-        _save(fig, path)
 
 
 # ----------------------------------------------------------------------------- HTML
@@ -285,18 +70,25 @@ def _snippet(text: str | None, n: int) -> str:
     return esc(t[:n] + ("\u2026" if len(t) > n else ""))
 
 
-def _highlight(texts: list[str], scores: np.ndarray, top: list[dict], window: int = 60) -> str:
-    """The document's tokens around its top tokens, top tokens in <mark> (each token escaped)."""
+def _highlight(texts: list[str], scores: np.ndarray, top: list[dict], window: int = 60,
+               decoded: bool = False) -> str:
+    """The document's tokens around its top tokens, top tokens in <mark> (each token escaped). ``decoded``: ``texts``
+    are the tokens' decoded pieces (:func:`jaxinf.data.tokenize.token_pieces`), so each stretch shown is the
+    tokenizer's decode of that window (its leading space dropped) with the marked tokens' text in <mark>; otherwise
+    the raw token strings of an older export, run together."""
     marks = {t["position"] for t in top}
     keep = set()
     for p in marks:
         keep.update(range(max(0, p - window // 2), min(len(texts), p + window // 2)))
     out, prev = [], -2
     for i in sorted(keep):
+        tok = texts[i]
         if i != prev + 1:
-            out.append(" \u2026 ")
-        tok = esc(texts[i])
-        out.append(f'<mark title="{fmt(scores[i])}">{tok}</mark>' if i in marks else tok)
+            out.append(" \u2026 " if i > 0 else "")
+            tok = tok.lstrip() if decoded else tok
+        lead = tok[:len(tok) - len(tok.lstrip())] if decoded else ""     # a word's space stays outside its mark
+        out.append(f'{esc(lead)}<mark title="{fmt(scores[i])}">{esc(tok[len(lead):])}</mark>' if i in marks
+                   else esc(tok))
         prev = i
     return "".join(out)
 
@@ -326,22 +118,15 @@ def write_report(out: Path, s: dict, queries, rows, fetched, texts, docs, o) -> 
     parts = [_head(s), _notes(s), _sec_findings(s), _sec_queries(s, queries, rows, fetched, texts, docs, o),
              _sec_correlations(s), _sec_concentration(s), _sec_powerlaw(s), _sec_sources(s), _sec_answers(s),
              _sec_layers_tokens(s, queries)]   # each query's documents first: what a reader opens the report for
-    (out / "index.html").write_text("".join(parts) + "</main></body></html>\n", encoding="utf-8")
+    (out / "index.html").write_text("".join(parts) + f"</main>{page.SCRIPT}</body></html>\n", encoding="utf-8")
     (out / "summary.md").write_text(summary_markdown(s), encoding="utf-8")
 
 
 def _head(s: dict) -> str:
-    css = ("body{font-family:sans-serif;margin:0;background:#fafafa;color:#222}main{max-width:1100px;margin:auto;"
-           "padding:1em 2em}table{border-collapse:collapse;margin:.5em 0 1em;font-size:.85em}"
-           "td,th{border:1px solid #ccc;padding:2px 6px;text-align:left;vertical-align:top}th{background:#eee}"
-           "figure{margin:1em 0}img{max-width:100%}.notes{background:#fff4d6;border:1px solid #e6c35c;padding:.5em 1em}"
-           "details{background:#fff;border:1px solid #ddd;margin:.3em 0;padding:.3em .6em}"
-           "summary{cursor:pointer}.doc{font-family:monospace;font-size:.8em;white-space:pre-wrap;max-width:60em}"
-           "mark{background:#ffd54f}code{background:#eee;padding:0 .2em}")
     return (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
-            f'<meta http-equiv="Content-Security-Policy" content="{CSP}">'
+            f'<meta http-equiv="Content-Security-Policy" content="{page.CSP}">'
             f'<meta name="viewport" content="width=device-width, initial-scale=1">'
-            f"<title>jaxinf analysis</title><style>{css}</style></head><body><main>"
+            f"<title>jaxinf analysis</title><style>{page.STYLE}</style></head><body><main>"
             f"<h1>Influence analysis</h1><p>Run directory <code>{esc(s['run_dir'])}</code>: "
             f"{s['n_queries']} queries &times; {s['n_documents']} documents. Every number is in "
             f"<code>summary.json</code>; a short version is in <a href=\"summary.md\">summary.md</a>. "
@@ -502,7 +287,8 @@ def _sec_layers_tokens(s: dict, queries) -> str:
         for e in to["records"]:
             tops = ", ".join(f"<code>{esc(t['text'])}</code> ({fmt(t['score'])})" for t in e["top_tokens"])
             rows.append([esc(e["query"]), esc(e["document"]), fmt(e["rank"]), fmt(e["score"]), tops,
-                         f'<div class="doc">{_highlight(e["_texts"], e["_scores"], e["top_tokens"])}</div>'])
+                         '<div class="doc">' + _highlight(e["_texts"], e["_scores"], e["top_tokens"],
+                                                          decoded=e.get("_decoded", False)) + "</div>"])
         out.append(_table(["query", "document", "rank", "score", "top tokens", "context"], rows))
     return "".join(out) + "</section>"
 
@@ -514,7 +300,9 @@ OPEN_QUERIES = 40
 def _sec_queries(s, queries, rows, fetched, texts, docs, o) -> str:
     ans = {p["query"]: p for p in s["answers"].get("per_query", [])} if s["answers"].get("available") else {}
     out = ['<section id="queries"><h2>Queries and their top and bottom documents</h2>'
-           "<p>One collapsible entry per query; the browser's find (Ctrl+F) also searches and opens closed ones.</p>"]
+           "<p>One collapsible entry per query. The box below keeps the queries whose kind, task, id, prompt or "
+           "completion hold every word typed, and in the others the documents (id, source, text) that do; the "
+           "browser's find (Ctrl+F) also searches and opens closed entries.</p>" + page.SEARCH_BOX]
     n = o.report_documents
     opened = " open" if len(queries.ids) <= OPEN_QUERIES else ""  # long reports start collapsed
     for q, qid in enumerate(queries.ids):
@@ -525,10 +313,10 @@ def _sec_queries(s, queries, rows, fetched, texts, docs, o) -> str:
             marks = ", ".join(f"{esc(it)} {'&#10003;' if f else '&#10007;'}" for it, f in zip(a["items"], last["found"]))
             items = f"<p>Answer items ({esc(a['rule'])}), found in the top {last['k']}: {marks or '<i>none</i>'}</p>"
         fid = f" (EK-FAC index, predicted correlation {fmt(s['index']['predicted_correlation'][qid])})" if s.get("index") else ""
-        body = [f"<details{opened}><summary>[{esc(queries.kinds[q])} / {esc(queries.tasks[q] or '(none)')}] "
-                f"<b>{esc(qid)}</b>{fid}: {_snippet(queries.prompts[q], 160)}</summary>"
-                f'<p><b>Prompt</b></p><div class="doc">{esc(queries.prompts[q])}</div>'
-                f'<p><b>Completion</b></p><div class="doc">{esc(queries.completions[q])}</div>{items}']
+        body = [f'<details class="query"{opened}><summary class="qtext">[{esc(queries.kinds[q])} / '
+                f"{esc(queries.tasks[q] or '(none)')}] <b>{esc(qid)}</b>{fid}: {_snippet(queries.prompts[q], 160)}</summary>"
+                f'<p><b>Prompt</b></p><div class="doc qtext">{esc(queries.prompts[q])}</div>'
+                f'<p><b>Completion</b></p><div class="doc qtext">{esc(queries.completions[q])}</div>{items}']
         for side, idx, val in (("top", rows.top_idx[q], rows.top_val[q]), ("bottom", rows.bottom_idx[q], rows.bottom_val[q])):
             trs = []
             for rank, (i, v) in enumerate(zip(idx[:n], val[:n]), 1):

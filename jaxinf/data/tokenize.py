@@ -27,6 +27,7 @@ from typing import NamedTuple
 
 import numpy as np
 from tokenizers import Tokenizer
+from tokenizers.decoders import DecodeStream
 
 from jaxinf.data.errors import DataError
 
@@ -73,6 +74,17 @@ def special_tokens_around(tokenizer: Tokenizer) -> tuple[tuple[int, ...], tuple[
     if n_special == 0:
         return (), ()
     raise DataError("tokenizer: cannot tell where its post-processor puts its special tokens")
+
+
+def token_pieces(tokenizer: Tokenizer, ids: Sequence[int]) -> list[str]:
+    """Each token's text in place, as the tokenizer's own decoder writes it when decoding ``ids`` one by one
+    (``DecodeStream``): a WordPiece ``##ing`` is ``ing``, a word after another ``" word"``, a byte-level BPE ``Ġthe``
+    ``" the"``, and a token that only ends a character split over several tokens carries that character (the
+    tokens before it ""). Joined, the pieces are ``tokenizer.decode(ids, skip_special_tokens=False)``, and a window
+    of them that starts at a word is the decode of that window (its leading space aside): what a report shows as a
+    token's context, rather than raw token strings run together."""
+    stream = DecodeStream(skip_special_tokens=False)
+    return [stream.step(tokenizer, int(i)) or "" for i in ids]
 
 
 def prefix_chars(limit: int) -> int:

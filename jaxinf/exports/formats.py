@@ -13,8 +13,10 @@ This module imports nothing of the engine, so reading a run needs no JAX.
 - ``layers.json``: ``{"names": [tracked layer names in model order]}``.
 - ``layer_scores.npy``: float [Q, K, L], per-layer scores of query q's top-K documents in the
   order of that query's ``top`` list in topk.jsonl.
-- ``topk_tokens.jsonl``: ``{"query", "document", "rank", "tokens": [{"text", "score"}...]}``,
-  one line per (query, top document), every token of the document in order.
+- ``topk_tokens.jsonl``: ``{"query", "document", "rank", "tokens": [{"text", "piece", "score"}...]}``,
+  one line per (query, top document), every token of the document in order: ``text`` the token
+  as the vocabulary spells it (``##ing``, ``Ġthe``), ``piece`` (optional) its text in place as the
+  tokenizer decodes the document (``ing``, `` the``; :func:`jaxinf.data.tokenize.token_pieces`).
 
 Fallbacks, all recorded in ``notes`` and shown in the report: a query whose ``kind`` is
 missing or not one of ``factual``/``reasoning``/``control`` is put in the ``unknown`` kind;
@@ -438,7 +440,7 @@ def read_layer_exports(run_dir: Path) -> tuple[list[str], np.ndarray] | None:
 
 
 def write_topk_tokens(path: Path, records: Iterable[Mapping]) -> None:
-    """Write topk_tokens.jsonl: ``{"query", "document", "rank", "tokens": [{"text", "score"}...]}`` per line."""
+    """Write topk_tokens.jsonl: ``{"query", "document", "rank", "tokens": [{"text", "piece", "score"}...]}`` per line."""
     write_jsonl(path, records)
 
 
@@ -449,6 +451,7 @@ class TokenRecord:
     rank: int
     texts: list[str]
     scores: np.ndarray
+    pieces: list[str] | None = None   # each token's decoded text in place, when exported
 
 
 def iter_topk_tokens(path: Path) -> Iterator[TokenRecord]:
@@ -463,6 +466,14 @@ def iter_topk_tokens(path: Path) -> Iterator[TokenRecord]:
                 isinstance(t, dict) and isinstance(t.get("text"), str) and isinstance(t.get("score"), (int, float))
                 and not isinstance(t.get("score"), bool) for t in toks):
             raise AnalysisError(f"{where}: field tokens must be a list of {{text: str, score: number}}")
+        pieces = [t.get("piece") for t in toks]
+        if any(p is not None for p in pieces):
+            bad = next((i for i, p in enumerate(pieces) if not isinstance(p, str)), None)
+            if bad is not None:
+                raise AnalysisError(f"{where}: field tokens[{bad}].piece must be a string (every token has one or "
+                                    "none does)")
+        else:
+            pieces = None
         scores = np.asarray([t["score"] for t in toks], np.float64)
         if not np.isfinite(scores).all():
             raise AnalysisError(f"{where}: non-finite token score at token {int(np.flatnonzero(~np.isfinite(scores))[0])}")
@@ -470,7 +481,7 @@ def iter_topk_tokens(path: Path) -> Iterator[TokenRecord]:
         if isinstance(rank, bool) or not isinstance(rank, int) or rank < 0:
             raise AnalysisError(f"{where}: field rank must be a non-negative integer")
         yield TokenRecord(_id_str(obj["query"], where), _id_str(obj["document"], where), rank,
-                          [t["text"] for t in toks], scores)
+                          [t["text"] for t in toks], scores, pieces)
 
 
 # ----------------------------------------------------------------------------- run.json

@@ -20,6 +20,7 @@ import numpy as np
 from jaxinf import programs, scoring
 from jaxinf import config as cfg
 from jaxinf.atomic import save_npy
+from jaxinf.data.tokenize import token_pieces
 from jaxinf.executor import Executor
 from jaxinf.exports import formats
 from jaxinf.inputs import Inputs, Subset, buckets, non_finite_loss
@@ -139,7 +140,8 @@ def export_breakdowns(config, store, inputs: Inputs, qg, top: np.ndarray, docs: 
             for rank, d in enumerate(top[q].tolist()):
                 ids, sc = _join_chunks(tokens[position[d]], q)
                 yield {"query": query.id, "document": docs[d].id, "rank": rank,
-                       "tokens": [{"text": vocab.id_to_token(t) or "", "score": float(v)} for t, v in zip(ids, sc)]}
+                       "tokens": [{"text": vocab.id_to_token(t) or "", "piece": piece, "score": float(v)}
+                                  for t, piece, v in zip(ids, token_pieces(vocab, ids), sc)]}
 
     formats.write_topk_tokens(store.path("topk_tokens.jsonl"), records())
     log.info("exports: per-layer and per-token scores of %d top documents in %.1fs", len(wanted),

@@ -1,8 +1,8 @@
 """``DIR/report/index.html`` of ``jaxinf validate``: LDS by strategy and damping, predicted vs actual per strategy.
 
-Static like the run report (:mod:`jaxinf.analysis.report`, whose escaping it
-reuses): no script, a Content-Security-Policy that forbids scripts, every text
-from the inputs through ``esc`` and every figure label through ``lab``.
+Static, with the run report's escaping (:mod:`jaxinf.analysis.report`) but not
+its search box: no script, a Content-Security-Policy that forbids scripts, every
+text from the inputs through ``esc`` and every figure label through ``lab``.
 """
 
 from __future__ import annotations
@@ -13,7 +13,8 @@ import matplotlib
 import numpy as np
 from matplotlib.figure import Figure
 
-from jaxinf.analysis.report import CSP, RC, _figure, _save, _table, esc, fmt, lab
+from jaxinf.analysis.figures import RC, _save, lab
+from jaxinf.analysis.report import CSP, _figure, _table, esc, fmt
 
 
 def standardize(x: np.ndarray) -> np.ndarray:
