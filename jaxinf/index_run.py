@@ -146,7 +146,7 @@ class ScoresAndIndex:
 
 def kept_directions(k: int | str | None) -> int | None:
     """``index.k`` as the directions kept per factor: an integer, or None for ``full`` (every direction)."""
-    return None if k == "full" else k
+    return None if isinstance(k, str) else k   # a string is "full" (config validation)
 
 
 def source_root(config: cfg.Config, store: RunStore | None) -> Path:
@@ -156,6 +156,7 @@ def source_root(config: cfg.Config, store: RunStore | None) -> Path:
         return Path(config.index.from_run) / "state" / "index"
     if config.index.k is None and config.factors.from_run is not None:
         return Path(config.factors.from_run) / "state" / "index"
+    assert store is not None, "an index built by this run needs its store"   # check_available passes None only above
     return index_root(store)
 
 
