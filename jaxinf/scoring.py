@@ -31,10 +31,11 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections.abc import Iterable, Mapping
-from typing import cast
+from typing import TypeVar, cast
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxinf.axes import logical
 from jaxinf.capture import LayerSpec, expand, per_sequence_gradient
@@ -293,7 +294,10 @@ def sum_layers(x: Array, trailing: int) -> Array:
     return x.sum(axis=tuple(range(lead))) if lead else x
 
 
-def normalize(scores: Array, query_loss: Array, how: str) -> Array:
+_Scores = TypeVar("_Scores", Array, np.ndarray)
+
+
+def normalize(scores: _Scores, query_loss: Array | np.ndarray, how: str) -> _Scores:
     """``none``: raw scores; ``per_nat``: each query's row divided by its completion NLL."""
     if how == "none":
         return scores

@@ -48,7 +48,8 @@ class AnalysisError(UserError):
 # ----------------------------------------------------------------------------- JSONL
 
 
-_SCAN = json.JSONDecoder().scan_once  # the C scanner behind json.loads, without its per-call overhead
+# the C scanner behind json.loads, without its per-call overhead (typeshed does not declare the attribute)
+_SCAN = json.JSONDecoder().scan_once  # type: ignore[attr-defined]
 
 
 def iter_jsonl(path: Path) -> Iterator[tuple[int, dict]]:
@@ -327,7 +328,7 @@ class ScoreMatrix:
     def _read(self, f, out_row: np.ndarray, q: int, start: int) -> None:
         nbytes = out_row.size * self.dtype.itemsize
         pos = self.offset + (q * self.shape[1] + start) * self.dtype.itemsize
-        view = memoryview(out_row).cast("B")
+        view = memoryview(out_row).cast("B")  # type: ignore[arg-type]  # an ndarray is a buffer
         got = 0
         while got < nbytes:
             n = os.preadv(f.fileno(), [view[got:]], pos + got)
