@@ -118,6 +118,10 @@ def _plan(args) -> int:
         raise plan.PlanError(str(e)) from None
     if not args.no_compile:
         plan.prepare_devices(meshes)   # before jax starts: the simulated devices the meshes need
+    if args.corpus:
+        from jaxinf import plan_corpus
+
+        return plan_corpus.command(config, meshes, compile=not args.no_compile, json_out=args.json, chip=device)
     return plan.command(config, meshes, compile=not args.no_compile, json_out=args.json, chip=device)
 
 
@@ -148,7 +152,8 @@ def _analyze(args) -> int:
 def _prepare(args) -> int:
     from jaxinf.data.cli import prepare_command
 
-    return prepare_command(args.input, args.out_dir)
+    return prepare_command(args.input, args.out_dir, text_field=args.text_field, id_field=args.id_field,
+                           source_field=args.source_field)
 
 
 def entry() -> int:
@@ -198,6 +203,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="plan this mesh instead of mesh.data x mesh.model (repeatable)")
     pl.add_argument("--no-compile", action="store_true", help="only the bytes per device (no XLA compilation)")
     pl.add_argument("--json", metavar="FILE", help="also write the plan as JSON")
+    pl.add_argument("--corpus", action="store_true",
+                    help="count data.documents with the checkpoint's tokenizer (one tokenization pass): its documents, "
+                    "tokens, rows and the passes over it, and the hours for it")
     pl.add_argument("--chip", choices=("h100", "h200", "a100", "v5e", "v5p", "v6e"),
                     help="time each per-document step as a roofline on this chip (jaxinf/chips.py)")
     pl.add_argument("--peak-tflops", type=float, metavar="T", help="a custom peak matrix TFLOP/s (replaces the chip's)")
@@ -223,8 +231,13 @@ def main(argv: list[str] | None = None) -> int:
                     help="first convert Ruis et al.'s release_{7B,35B}.json into RUN_DIR (absent or empty)")
     an.set_defaults(handler=_analyze)
 
-    prep = sub.add_parser("prepare", help="convert a documents JSONL file to a TFDS array_record dataset")
-    prep.add_argument("input", metavar="INPUT.jsonl", help="documents, one JSON object per line")
+    prep = sub.add_parser("prepare", help="convert documents (JSONL, .jsonl.gz/.zst, Parquet, Arrow shards) to a TFDS "
+                          "array_record dataset")
+    prep.add_argument("input", metavar="INPUT", help="documents: a JSONL file, or a file, directory or glob of JSONL, "
+                      "gzip/zstd JSONL, Parquet or Arrow shards (a datasets save_to_disk directory too)")
+    for name in ("text", "id", "source"):
+        prep.add_argument(f"--{name}-field", default=name, metavar="NAME",
+                          help=f"the field holding each document's {name} (data.{name}_field; default {name})")
     prep.add_argument("out_dir", metavar="OUT_DIR", help="the dataset directory to write (must not exist or be empty)")
     prep.set_defaults(handler=_prepare)
 
@@ -238,9 +251,6 @@ def main(argv: list[str] | None = None) -> int:
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     _setup_logging(args.quiet)
-    from jaxinf.hostenv import heap_mode
-
-    logging.getLogger("jaxinf").info("host heap: %s", heap_mode())
     from jaxinf.errors import EnvironmentFailure, UserError
 
     try:

@@ -53,7 +53,15 @@ class ModelConfig:
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
-    documents: str | None = key(None, "documents: a JSONL file or a TFDS dataset directory (jaxinf prepare)", "covariance")
+    documents: str | None = key(None, "documents: a file, directory or glob of JSONL (.gz, .zst), Parquet or Arrow "
+                                "shards, a datasets save_to_disk directory, a TFDS directory (jaxinf prepare) or "
+                                "tfds:NAME", "covariance")
+    text_field: str = key("text", "documents: the field (column, feature) holding the text", "covariance")
+    id_field: str = key("id", "documents: the field holding the id (absent: the line or row)", "exports")
+    source_field: str = key("source", "documents: the field holding the source (absent: the shard's name, or "
+                            "\"unknown\" for a single file)", "exports")
+    dedupe: str = key("none", "documents: exact skips a document whose text equals an earlier one's (counted, listed in "
+                      "the log); not for TFDS datasets", "covariance", ("none", "exact"))
     queries: str | None = key(None, "queries: JSONL, or the Ruis et al. release JSON", "queries")
     max_length: int = key(512, "tokens per document (longer documents are truncated or split)", "covariance")
     long_documents: str = key("truncate", "what to do with documents longer than max_length", "covariance",

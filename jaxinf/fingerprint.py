@@ -6,8 +6,9 @@
   safetensors index) and, separately, of ``tokenizer.json``;
 - the documents: of every kept document, and of the first ``factors.max_documents``
   of them (the ones the curvature is fitted on), taken from the 8-byte digests of
-  their lines that the validating scan of the JSONL file computes as it reads them
-  (:meth:`jaxinf.data.documents.JsonlDocuments.content_digest`; no other pass);
+  their lines (JSONL, compressed or not) or of their id, source and text (Parquet, Arrow, TFDS) that the
+  validating scan computes as it reads them (``content_digest`` of every document source; no other pass),
+  and of each shard (``shard_digests``), so the log names the shards that changed;
 - the queries: of their parsed content (id, prompt, completion, kind, task, answer),
   so again no other read of the file.
 
@@ -91,13 +92,18 @@ def model_files(checkpoint: str | Path) -> tuple[list[Path], list[Path]]:
 def documents_fingerprint(documents, n_fit: int) -> dict:
     """Fingerprint of all kept documents and of the first ``n_fit`` (those the curvature is fitted on).
 
-    JSONL: from the digests of the validating scan. A TFDS directory: its files' names, sizes and mtimes (any
-    change counts as a change of every document). ``tfds:NAME``: the name only (not content-checked).
+    Every reader of :mod:`jaxinf.data` keeps per-document digests from its validating scan (``content_digest``,
+    ``shard_digests``). A source without them (a user's own): a directory by its files' names, sizes and mtimes,
+    anything else by its name only.
     """
     digest = getattr(documents, "content_digest", None)
     if digest is not None:
-        return {"path": str(documents.name), "count": len(documents), "sha256": digest(),
-                "fit": {"count": int(n_fit), "sha256": digest(n_fit)}}
+        out = {"path": str(documents.name), "count": len(documents), "sha256": digest(),
+               "fit": {"count": int(n_fit), "sha256": digest(n_fit)}}
+        shards = getattr(documents, "shard_digests", None)
+        if shards is not None:
+            out["shards"] = shards()
+        return out
     root = Path(str(documents.name))
     if root.is_dir():
         listing = sorted((str(p.relative_to(root)), p.stat().st_size, p.stat().st_mtime_ns)
@@ -117,6 +123,19 @@ def queries_fingerprint(queries, path: str) -> dict:
     return {"path": str(path), "count": len(rows),
             "sha256": hashlib.sha256(json.dumps(rows, sort_keys=True, default=str).encode()).hexdigest(),
             "measured": hashlib.sha256(json.dumps(measured).encode()).hexdigest()}
+
+
+def changed_shards(before: list | None, now: list | None) -> str:
+    """`` (shards a, b changed)``: the shards whose content digests differ, for a log line; empty when unknown."""
+    if not before or not now:
+        return ""
+    old = {s["name"]: s["sha256"] for s in before}
+    new = {s["name"]: s["sha256"] for s in now}
+    names = [n for n in sorted(set(old) | set(new)) if old.get(n) != new.get(n)]
+    if not names or len(names) == len(set(old) | set(new)) == 1:
+        return ""
+    shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+    return f" (shard{'s' if len(names) > 1 else ''} {shown} changed)"
 
 
 def _started(store: RunStore) -> list[str]:
@@ -170,11 +189,12 @@ def reconcile(store: RunStore, model_fp: dict, documents: dict, queries: dict) -
     elif old is not None and started:
         reasons = []
         od, oq = old.get("documents", {}), old.get("queries", {})
+        where_ = changed_shards(od.get("shards"), documents.get("shards"))
         if od.get("fit") != documents["fit"]:
-            reasons.append(("covariance", f"{documents['path']}: the first {documents['fit']['count']} documents "
-                                          "(those the curvature is fitted on) changed"))
+            reasons.append(("covariance", f"{documents['path']}{where_}: the first {documents['fit']['count']} "
+                                          "documents (those the curvature is fitted on) changed"))
         elif (od.get("sha256"), od.get("count")) != (documents["sha256"], documents["count"]):
-            reasons.append(("scores", f"{documents['path']}: the documents changed"))
+            reasons.append(("scores", f"{documents['path']}{where_}: the documents changed"))
         if (oq.get("sha256"), oq.get("count")) != (queries["sha256"], queries["count"]):
             if oq.get("measured") is not None and oq.get("measured") == queries["measured"]:
                 reasons.append(("exports", f"{queries['path']}: only the queries' ids or labels changed (not their "

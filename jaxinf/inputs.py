@@ -79,8 +79,8 @@ def check_inputs(config: cfg.Config) -> None:
         if value is None:
             raise InputError(f"{key}: not set (give it in the config or as {key}=PATH)")
         p = Path(value)
-        if value.startswith("tfds:"):
-            continue
+        if value.startswith("tfds:") or (kind == "any" and any(c in value for c in "*?[")):
+            continue  # a TFDS name or a glob of shards: open_documents names what is missing
         if kind == "dir" and not p.is_dir():
             raise InputError(f"{key}: {value}: " + ("is a file, not a directory" if p.exists() else "no such directory"))
         if kind == "file" and not p.is_file():
@@ -92,14 +92,22 @@ def check_inputs(config: cfg.Config) -> None:
                          f"({rundir.why_not_run(Path(config.factors.from_run))})")
 
 
-def document_lengths(store: RunStore, documents, encoder) -> np.ndarray:
-    """Token counts of every document, counted once per run and kept in ``state/plan/`` (keyed by file and tokenizer)."""
+def document_lengths(store: RunStore, documents, encoder, limit: int | None = None) -> np.ndarray:
+    """Token counts of every document, counted once per run and kept in ``state/plan/`` (keyed by file and tokenizer).
+
+    ``limit``: ``data.max_length`` when documents are truncated; a very long document is then counted in a bounded
+    prefix (:meth:`jaxinf.data.tokenize.TextEncoder.encode_documents`)."""
     from jaxinf.data.batching import document_lengths as count
+    from jaxinf.data.progress import PassProgress
 
     key = {"documents": _file_key(getattr(documents, "name", "")), "size": len(documents),
            "tokenizer": _text_hash(encoder.tokenizer.to_str())}
     if hasattr(documents, "content_digest"):  # an edit within the same second and size changes the content
         key["content"] = documents.content_digest()
+    if getattr(documents, "field_names", None) not in (None, ("id", "text", "source")):
+        key["fields"] = list(documents.field_names)
+    if limit is not None:
+        key["prefix_limit"] = int(limit)
     meta, path = store.path("state", "plan", "lengths.json"), store.path("state", "plan", "lengths.npy")
     if meta.exists() and path.exists():
         try:
@@ -107,9 +115,7 @@ def document_lengths(store: RunStore, documents, encoder) -> np.ndarray:
                 return np.load(path)
         except ValueError:
             pass
-    t0 = time.perf_counter()
-    lengths = count(documents, encoder)
-    log.info("tokenized %d documents (%d tokens) in %.1fs", len(lengths), int(lengths.sum()), time.perf_counter() - t0)
+    lengths = count(documents, encoder, limit=limit, progress=PassProgress("token counts", len(documents)))
     if jax.process_index() == 0:
         save_npy(path, lengths)
         write_json(meta, key)
@@ -143,8 +149,8 @@ def load_inputs(config: cfg.Config, store: RunStore, executor: Executor | None =
     their plans (one slice of the corpus per group of processes on the ``data`` axis), and queries."""
     from jaxinf import models
     from jaxinf.data.batching import make_plan
-    from jaxinf.data.documents import open_documents
     from jaxinf.data.queries import read_queries
+    from jaxinf.data.sources import open_documents
     from jaxinf.data.tokenize import TextEncoder
 
     t0 = time.perf_counter()
@@ -162,8 +168,14 @@ def load_inputs(config: cfg.Config, store: RunStore, executor: Executor | None =
              sum(len(s.layer_names) for s in layers.values()), f"{n_tracked:,}", config.factors.track)
     preflight.log_query_rank(config.scores.query_rank, layers)
     encoder = TextEncoder(tokenizer)
-    documents = open_documents(config.data.documents)
-    lengths = document_lengths(store, documents, encoder)
+    documents = open_documents(config.data.documents, text_field=config.data.text_field,
+                               id_field=config.data.id_field, source_field=config.data.source_field,
+                               dedupe=config.data.dedupe)
+    log.info("documents: %s", documents.report.summary())
+    for dup, kept in getattr(documents, "duplicates", [])[:1000]:
+        log.info("duplicate document %r skipped (the same text as %r)", dup, kept)
+    lengths = document_lengths(store, documents, encoder,
+                               config.data.max_length if config.data.long_documents == "truncate" else None)
     from jaxinf.models.tokenizer import tokenizer_file
 
     preflight.check_corpus(lengths, getattr(documents, "name", config.data.documents), config.factors.max_documents,
@@ -227,10 +239,11 @@ def non_finite_loss(source, what: str) -> Callable[[int, int, int | None, float]
     def message(batch: int, row: int, index: int | None, value: float) -> str:
         assert index is not None, "the batches' rows name their documents (run_batches' fields hold index)"
         doc = source.documents([index])[0]
+        shard_of = getattr(source, "shard_of", None)   # a corpus of shards: the shard, and the line or row in it
+        name = shard_of(index) if shard_of is not None else getattr(source, "name", "documents")
         if value == float("-inf"):   # the scores stage's mark of a finite loss with a score that is not finite
-            return (f'{getattr(source, "name", "documents")}:{doc.line}: document "{doc.id}": its score against a '
-                    "query is not finite")
-        return f'{getattr(source, "name", "documents")}:{doc.line}: document "{doc.id}": {what} loss is not finite ({value})'
+            return f'{name}:{doc.line}: document "{doc.id}": its score against a query is not finite'
+        return f'{name}:{doc.line}: document "{doc.id}": {what} loss is not finite ({value})'
 
     return message
 

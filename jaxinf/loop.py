@@ -119,7 +119,8 @@ def run_batches(
     report: bool = True,
 ) -> tuple[Any, dict]:
     """Drives ``step`` over ``batches(start)`` (the batches from the resume point on); returns the final carry and
-    the timing of this pass (seconds, seconds saving, batches computed).
+    the timing of this pass (seconds, seconds saving, batches computed, and ``compile_seconds``: the first batch's
+    call, which traces and compiles the step while the host waits; the computations themselves run asynchronously).
 
     ``fields`` are the batch's host arrays brought back with its outputs (every process's rows: ``index`` names the
     documents, the others are the caller's); ``report`` shows progress and logs the pass's totals."""
@@ -147,8 +148,12 @@ def run_batches(
         save_seconds += time.perf_counter() - t_save
         unsaved = []
 
+    compile_seconds = None
     for i, batch in enumerate(batches(start), start=start):
+        t_call = time.perf_counter()
         carry, outputs, losses = step(carry, device.put(batch), i)
+        if compile_seconds is None:   # the first call traces and compiles; the computation itself runs asynchronously
+            compile_seconds = time.perf_counter() - t_call
         rows = {k: device.gather_rows(batch[k]) for k in fields}
         check()   # the previous batch's losses, while this batch runs
         if losses is not None:
@@ -166,7 +171,10 @@ def run_batches(
     if report:
         log.info("%s: %d batches in %.1fs%s", name, end - start, seconds,
                  f" ({save_seconds:.1f}s saving {saves.noun})" if saves.noun else "")
-    return carry, {"seconds": round(seconds, 3), "save_seconds": round(save_seconds, 3), "batches": end - start}
+    timing = {"seconds": round(seconds, 3), "save_seconds": round(save_seconds, 3), "batches": end - start}
+    if compile_seconds is not None:
+        timing["compile_seconds"] = round(compile_seconds, 3)
+    return carry, timing
 
 
 # --------------------------------------------------------------------------- what a pass saves

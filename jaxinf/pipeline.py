@@ -461,7 +461,8 @@ def _run_locked(config: cfg.Config, executor: Executor, aside: rundir.Aside | ru
     try:
         try:
             store = _open_store(config, overwrite=False)
-            log.info("run directory %s (config fingerprint %s)", store.root, store.record["fingerprint"])
+            log.info("run directory %s (config fingerprint %s, host heap %s)", store.root, store.record["fingerprint"],
+                     store.record.get("heap", "default"))
             assert config.model.checkpoint is not None and config.data.queries is not None   # run's check_inputs
             model_fp = fingerprint.check_model(store, config.model.checkpoint)
             inputs = load_inputs(config, store, executor)

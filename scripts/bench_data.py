@@ -2,6 +2,14 @@
 
     python scripts/bench_data.py              # the numbers in docs/benchmarks.md (## Data)
     python scripts/bench_data.py --quick      # a smaller corpus, for a smoke run
+    python scripts/bench_data.py --formats --docs 1000000 --shards 64   # corpora in every format (issue 28)
+
+``--formats``: a synthetic corpus of ``--docs`` documents of 50-500 words in ``--shards`` shards is written
+in every format jaxinf reads (JSONL, .jsonl.gz, .jsonl.zst, Parquet, Arrow, a datasets save_to_disk
+directory, and a TFDS dataset written by ``jaxinf prepare``); then, one fresh process per format (so each
+peak RSS is its own), the raw read of the same files (the limit: bytes read and decompressed, or the text
+column decoded), the validating scan (``open_documents``), the token counts (one tokenization pass) and
+one sequential pass of batches (read, tokenize, fill), with the process's peak RSS after each.
 
 The corpus is synthetic but shaped like a pretraining sample: Zipf-distributed
 pseudo-words with punctuation, digits and line breaks, document lengths drawn
@@ -184,6 +192,217 @@ class Scorer:
         return time.perf_counter() - t0
 
 
+# --------------------------------------------------------------------------- corpora in every format
+
+
+def word_records(n_docs: int, seed: int = 0, words: int = 20000):
+    """``n_docs`` records ``{"id", "text", "source"}`` of 50-500 Zipf-distributed pseudo-words, generated in blocks."""
+    rng = np.random.default_rng(seed)
+    letters = np.array(list("etaoinshrdlcumwfgypbvkjxqz"))
+    vocab = np.array(["".join(rng.choice(letters, k)) for k in rng.integers(1, 10, words)], dtype=object)
+    zipf = 1.0 / np.arange(1, words + 1) ** 1.05
+    zipf /= zipf.sum()
+    for lo in range(0, n_docs, 10000):
+        hi = min(lo + 10000, n_docs)
+        sizes = rng.integers(50, 501, hi - lo)
+        ids = rng.choice(words, int(sizes.sum()), p=zipf)
+        start = 0
+        for i, size in zip(range(lo, hi), sizes.tolist()):
+            text = " ".join(vocab[ids[start:start + size]].tolist())
+            start += size
+            yield {"id": f"doc{i}", "text": text, "source": ("web", "wiki", "code")[i % 3]}
+
+
+FORMAT_NAMES = ("jsonl", "jsonl.gz", "jsonl.zst", "parquet", "arrow", "hf", "tfds")
+
+
+def write_formats(root: Path, n_docs: int, shards: int, formats) -> dict:
+    """Writes the corpus once per format under ``root``; returns ``{format: (spec, bytes on disk, seconds)}``."""
+    from jaxinf.data.prepare import prepare
+    from jaxinf.data.shard_writer import write_shards
+
+    out = {}
+    per = -(-n_docs // shards)
+    for fmt in formats:
+        t0 = time.perf_counter()
+        done = root / f".{fmt}-{n_docs}-{shards}.done"
+        if done.exists():  # written by an earlier run in the same --workdir
+            spec = str(root / fmt)
+        elif fmt == "tfds":
+            src = out["jsonl"][0] if "jsonl" in out else str(write_shards(word_records(n_docs), root / "jsonl-src",
+                                                                          "jsonl", shards, per))
+            prepare(src, root / "tfds")
+            spec = str(root / "tfds")
+        else:
+            spec = str(write_shards(word_records(n_docs), root / fmt, fmt, shards, per))
+        done.touch()
+        size = sum(p.stat().st_size for p in Path(spec).rglob("*") if p.is_file())
+        out[fmt] = (spec, size, time.perf_counter() - t0)
+        log(f"wrote {fmt}: {size / 2**20:.0f} MiB in {out[fmt][2]:.0f} s")
+    return out
+
+
+def raw_read(fmt: str, spec: str) -> tuple[int, int]:
+    """(documents, text bytes) read the plainest way the format allows: the limit of any reader."""
+    import gzip
+
+    docs = nbytes = 0
+    files = sorted(p for p in Path(spec).rglob("*") if p.is_file())
+    if fmt in ("jsonl", "jsonl.gz", "jsonl.zst"):
+        for p in files:
+            if fmt == "jsonl":
+                f = open(p, "rb")
+            elif fmt == "jsonl.gz":
+                f = gzip.open(p, "rb")
+            else:
+                import zstandard
+
+                f = zstandard.ZstdDecompressor().stream_reader(open(p, "rb"))
+            with f:
+                for block in iter(lambda: f.read(1 << 22), b""):
+                    nbytes += len(block)
+                    docs += block.count(b"\n")
+    elif fmt in ("parquet", "arrow", "hf"):
+        import pyarrow as pa
+        import pyarrow.compute as pc
+        import pyarrow.parquet as pq
+
+        for p in files:
+            if p.suffix == ".parquet":
+                batches = pq.ParquetFile(str(p)).iter_batches(columns=["text"])
+            elif p.suffix == ".arrow":
+                batches = pa.ipc.open_stream(pa.memory_map(str(p))).read_all().select(["text"]).to_batches()
+            else:
+                continue
+            for b in batches:
+                docs += b.num_rows
+                nbytes += int(pc.sum(pc.binary_length(b.column(0))).as_py() or 0)
+    else:
+        import tensorflow_datasets as tfds
+
+        ds = tfds.builder_from_directory(spec).as_data_source("train")
+        for lo in range(0, len(ds), 1024):
+            for r in ds.__getitems__(list(range(lo, min(lo + 1024, len(ds))))):
+                docs += 1
+                nbytes += len(r["text"])
+    return docs, nbytes
+
+
+def measure_format(fmt: str, spec: str, tokenizer: str, max_length: int, batch_size: int,
+                   tokenize: bool = True) -> dict:
+    """One format in this process: raw read, validating scan, token counts, one pass of batches; peak RSS after each."""
+    import resource
+
+    from jaxinf.data.sources import open_documents
+
+    def rss() -> float:
+        """Peak RSS of this process so far, MiB: VmHWM (reset at exec, unlike ru_maxrss, which a child started by
+        fork and exec inherits from its parent's size)."""
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 2**10
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10
+
+    out = {"format": fmt, "rss_start_mib": rss()}
+    encoder = TextEncoder(tokenizer)
+    docs, t = timed(lambda: open_documents(spec))
+    out.update(documents=len(docs), scan_s=t, rss_scan_mib=rss())
+    chars, t = timed(lambda: sum(len(x) for lo in range(0, len(docs), 2048)
+                                 for x in docs.texts(range(lo, min(lo + 2048, len(docs))))))
+    out.update(text_chars=chars, sequential_s=t, rss_sequential_mib=rss())
+    picks = np.random.default_rng(0).choice(len(docs), min(1000, len(docs)), replace=False)
+    _, t = timed(lambda: [docs.texts([int(i)]) for i in picks])
+    out.update(random_docs=len(picks), random_s=t)
+    picks = np.sort(np.random.default_rng(1).choice(len(docs), min(1000, len(docs)), replace=False))
+    _, t = timed(lambda: docs.texts(picks.tolist()))   # as the stages read: one call, the indices sorted
+    out.update(random_batch_s=t)
+    if tokenize:
+        lengths, t = timed(lambda: document_lengths(docs, encoder, limit=max_length))
+        out.update(tokens=int(lengths.sum()), counts_s=t, rss_counts_mib=rss())
+        plan = make_plan(lengths, batch_size=batch_size, max_length=max_length)
+        (tokens, t) = batching_pass(docs, encoder, plan)
+        out.update(batch_tokens=tokens, batch_s=t)
+    out["rss_peak_mib"] = rss()
+    (docs_n, nbytes), t = timed(lambda: raw_read(fmt, spec))   # last: its own peak does not count in the above
+    out.update(raw_docs=docs_n, raw_text_mib=nbytes / 2**20, raw_s=t, rss_with_raw_mib=rss())
+    return out
+
+
+def huge_line(mb: float, whole: bool, max_length: int) -> str:
+    """One document of one ``mb`` MB line (and a small one): token counts and the first batch, truncated at
+    ``max_length``, with the bounded prefix, or (``whole``) counting its tokens in the whole text as before issue 25.
+    Run in a process of its own (peak RSS)."""
+    from jaxinf.data.batching import document_batches
+
+    words = [r["text"] for r in word_records(200, seed=2)]
+    text, n = [], 0
+    while n < mb * 2**20:
+        text.append(words[len(text) % len(words)])
+        n += len(text[-1]) + 1
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "huge.jsonl"
+        with open(path, "w") as f:
+            f.write(json.dumps({"id": "huge", "text": " ".join(text)}) + "\n" + json.dumps({"text": "a b c"}) + "\n")
+        del text
+        encoder = TextEncoder(train_tokenizer(words, 4000))
+        docs = JsonlDocuments(path)
+        t0 = time.perf_counter()
+        lengths = document_lengths(docs, encoder, limit=None if whole else max_length)
+        next(iter(document_batches(docs, encoder, batch_size=2, max_length=max_length, lengths=lengths)))
+        t = time.perf_counter() - t0
+    hwm = int(next(line for line in open("/proc/self/status") if line.startswith("VmHWM")).split()[1]) / 2**10
+    return (f"one {mb:g} MB line, max_length {max_length}, {'whole text' if whole else 'bounded prefix'}: "
+            f"token counts + first batch {t:.2f} s, {int(lengths[0])} tokens counted, peak RSS {hwm:.0f} MiB")
+
+
+def formats_main(args) -> dict:
+    import subprocess
+
+    root = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="bench-formats-"))
+    root.mkdir(parents=True, exist_ok=True)
+    formats = args.only.split(",") if args.only else FORMAT_NAMES
+    tok_path = root / "tokenizer.json"
+    if not tok_path.exists():
+        train_tokenizer([r["text"] for r in word_records(args.train_docs, seed=1)], args.vocab).save(str(tok_path))
+    written = write_formats(root, args.docs, args.shards, formats)
+    rows = []
+    for fmt in formats:
+        spec = written[fmt][0]
+        cmd = [sys.executable, __file__, "--measure", fmt, spec, "--tokenizer", str(tok_path),
+               "--max-length", str(args.max_length), "--batch-size", str(args.batch_size)]
+        cmd += ["--no-tokenize"] if args.no_tokenize else []
+        res = subprocess.run(cmd, capture_output=True, text=True)
+        if res.returncode != 0:
+            raise SystemExit(f"{fmt}: {res.stderr[-2000:]}")
+        row = json.loads(res.stdout.splitlines()[-1])
+        row.update(disk_mib=written[fmt][1] / 2**20, write_s=written[fmt][2])
+        rows.append(row)
+        log(json.dumps(row))
+    print(f"{args.docs} documents of 50-500 words in {args.shards} shards; {os.cpu_count()} CPUs (shared), "
+          f"load average {os.getloadavg()[0]:.1f}; max_length {args.max_length}")
+    print("| format | on disk MiB | raw read docs/s | scan docs/s | sequential texts docs/s | random texts docs/s "
+          "(one a call / 1,000 sorted in one call) | "
+          "token counts docs/s (M tokens/s) | batches docs/s (M tokens/s) | peak RSS MiB (after scan / all) |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        n = r["documents"]
+        tok = (f"{n / r['counts_s']:,.0f} ({r['tokens'] / r['counts_s'] / 1e6:.2f}) | "
+               f"{n / r['batch_s']:,.0f} ({r['batch_tokens'] / r['batch_s'] / 1e6:.2f})" if "counts_s" in r
+               else "- | -")
+        print(f"| {r['format']} | {r['disk_mib']:.0f} | {r['raw_docs'] / r['raw_s']:,.0f} | {n / r['scan_s']:,.0f} | "
+              f"{n / r['sequential_s']:,.0f} | {r['random_docs'] / r['random_s']:,.0f} / "
+              f"{r['random_docs'] / r['random_batch_s']:,.0f} | {tok} | "
+              f"{r['rss_scan_mib']:.0f} / {r['rss_peak_mib']:.0f} |")
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=2))
+    if not args.workdir:
+        import shutil
+
+        shutil.rmtree(root, ignore_errors=True)
+    return {"rows": rows}
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--docs", type=int, default=20000, help="documents in the synthetic corpus")
@@ -196,7 +415,27 @@ def main(argv=None) -> dict:
     ap.add_argument("--rounds", type=int, default=2, help="interleaved (data, scoring) rounds; the best of each is kept")
     ap.add_argument("--quick", action="store_true", help="a small run (2000 documents, 8k vocabulary)")
     ap.add_argument("--json", type=Path, help="also write the results here")
+    ap.add_argument("--formats", action="store_true", help="corpora in every format (see above) instead of scoring")
+    ap.add_argument("--shards", type=int, default=64, help="--formats: shards per format")
+    ap.add_argument("--only", help="--formats: a comma-separated subset of " + ",".join(FORMAT_NAMES))
+    ap.add_argument("--workdir", help="--formats: keep the written corpora here (reused tokenizer)")
+    ap.add_argument("--no-tokenize", action="store_true", help="--formats: read only (raw, scan, sequential and "
+                    "random texts), no tokenization passes")
+    ap.add_argument("--huge-line", type=float, metavar="MB", help="one document of one MB-sized line (issue 25): "
+                    "token counts and a batch at --max-length; with --whole, counted in the whole text")
+    ap.add_argument("--whole", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--measure", nargs=2, metavar=("FORMAT", "SPEC"), help=argparse.SUPPRESS)
+    ap.add_argument("--tokenizer", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.huge_line:
+        print(huge_line(args.huge_line, args.whole, args.max_length))
+        return {}
+    if args.measure:
+        print(json.dumps(measure_format(args.measure[0], args.measure[1], args.tokenizer, args.max_length,
+                                        args.batch_size, not args.no_tokenize)))
+        return {}
+    if args.formats:
+        return formats_main(args)
     if args.quick:
         args.docs, args.train_docs, args.vocab, args.score_batches, args.rounds = 2000, 1000, 8000, 4, 1
 

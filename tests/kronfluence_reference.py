@@ -87,8 +87,8 @@ class Examples(torch.utils.data.Dataset):
 
 def encoded_inputs(checkpoint: str | Path, documents: str | Path, queries: str | Path, max_length: int):
     """jaxinf's token ids of a documents file and a queries file (the same encoder ``jaxinf run`` uses)."""
-    from jaxinf.data.documents import open_documents
     from jaxinf.data.queries import encode_queries, read_queries
+    from jaxinf.data.sources import open_documents
     from jaxinf.data.tokenize import TextEncoder
 
     encoder = TextEncoder(Path(checkpoint))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 
@@ -378,3 +379,45 @@ def test_empty_corpus_plan_and_out_of_range_batches(corpus, encoder):
     assert len(batches) == 2 and list(batches.iterate(2)) == []
     with pytest.raises(IndexError, match="batch 2 out of range for 2 batches"):
         batches.batch(2)
+
+
+def test_a_huge_document_is_tokenized_in_a_bounded_prefix(tmp_path, encoder):
+    """Issue 25, case 6: a truncated document is tokenized in a prefix, and its first max_length tokens are exactly
+    those of the whole text (documents, lengths and the batches that breakdowns use alike)."""
+    from jaxinf.data.tokenize import prefix_chars
+
+    huge = " ".join(corpus_texts(4000, seed=3))           # about 200k characters, one line
+    small = corpus_texts(3)
+    path = tmp_path / "docs.jsonl"
+    with open(path, "w") as f:
+        for i, text in enumerate([small[0], huge, small[1]]):
+            f.write(json.dumps({"id": f"d{i}", "text": text}) + "\n")
+    docs = JsonlDocuments(path)
+    whole = encoder.encode_documents([huge])[0]
+    calls = []
+    original = encoder.tokenizer
+
+    class Spy:
+        def __getattr__(self, name):
+            return getattr(original, name)
+
+        def encode(self, text, *a, **k):
+            calls.append(len(text))
+            return original.encode(text, *a, **k)
+
+    encoder.tokenizer = Spy()
+    try:
+        lengths = document_lengths(docs, encoder, limit=32)
+        batches = document_batches(docs, encoder, batch_size=3, max_length=32, lengths=lengths)
+        (batch,) = list(batches)
+    finally:
+        encoder.tokenizer = original
+    assert calls and max(calls) <= 4 * prefix_chars(32) < len(huge)       # never the whole text
+    assert 32 < lengths[1] < len(whole)                                  # a lower bound above the limit
+    row = int(np.nonzero(batch["index"] == 1)[0][0])
+    assert batch["tokens"][row].tolist() == whole[:32].tolist()
+    assert batches.plan.report.truncated_documents == 3
+    # Counted whole (an older plan), the same batch: only the first max_length tokens are used either way.
+    full = document_lengths(docs, encoder)
+    (again,) = list(document_batches(docs, encoder, batch_size=3, max_length=32, lengths=full))
+    assert np.array_equal(again["tokens"], batch["tokens"])

@@ -14,7 +14,8 @@ import pytest
 
 from data_support import corpus_texts, documents_file, write_jsonl
 from jaxinf import cli
-from jaxinf.data.documents import Document, JsonlDocuments, open_documents
+from jaxinf.data.documents import Document, JsonlDocuments
+from jaxinf.data.sources import open_documents
 from jaxinf.data.errors import DataError
 from jaxinf.data.prepare import prepare
 
@@ -175,7 +176,7 @@ def test_open_documents_errors(tmp_path):
     with pytest.raises(DataError, match="no such file or directory"):
         open_documents(tmp_path / "missing.jsonl")
     (tmp_path / "plain_dir").mkdir()
-    with pytest.raises(DataError, match="not a TFDS dataset directory"):
+    with pytest.raises(DataError, match="no JSONL, Parquet or Arrow files in the directory"):
         open_documents(tmp_path / "plain_dir")
     with pytest.raises(DataError, match="^tfds:no_such_dataset_xyz: "):
         open_documents("tfds:no_such_dataset_xyz", data_dir=tmp_path)

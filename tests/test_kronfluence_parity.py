@@ -55,7 +55,7 @@ def jaxinf_matrix(w: dict, run_dir, configs=None) -> dict:
     run's factors (float64)."""
     from jaxinf import curvature, models, scoring, stages
     from jaxinf.data.batching import document_batches
-    from jaxinf.data.documents import open_documents
+    from jaxinf.data.sources import open_documents
     from jaxinf.data.queries import encode_queries, query_batches, read_queries
     from jaxinf.data.tokenize import TextEncoder
     from jaxinf.interop import transfer

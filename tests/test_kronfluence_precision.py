@@ -62,7 +62,7 @@ def sampled_agreement(tmp_path_factory, family: str, sizes: tuple[int, ...], see
     jaxinf and kronfluence both fitting the true Fisher (their own label draws) on the first N documents."""
     from jaxinf import curvature, models, scoring, stages
     from jaxinf.data.batching import document_batches
-    from jaxinf.data.documents import open_documents
+    from jaxinf.data.sources import open_documents
     from jaxinf.data.queries import encode_queries, query_batches, read_queries
     from jaxinf.data.tokenize import TextEncoder
     from jaxinf.interop import kronfluence as kf

@@ -149,7 +149,8 @@ LAYERS = [
     ("sharding", ("meshes", "distributed", "executor")),
     ("files", ("config", "lock", "rundir", "store", "saved", "fingerprint", "index_store", "exports.formats")),
     ("analysis", ("analysis",)),
-    ("run", ("inputs", "preflight", "chips", "plan", "index_run", "exports", "failures", "pipeline", "testing")),
+    ("run", ("inputs", "preflight", "chips", "plan", "plan_corpus", "index_run", "exports", "failures", "pipeline",
+             "testing")),
     ("around", ("validate", "demo", "interop")),
     ("commands", ("cli", "__main__")),
 ]

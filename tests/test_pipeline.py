@@ -13,8 +13,8 @@ import pytest
 
 from pipeline_support import env, jaxinf, make_world, overrides
 from jaxinf import config as cfg
-from jaxinf import pipeline, scoring, stages, store
-from jaxinf.inputs import Inputs, load_inputs
+from jaxinf import pipeline, programs, scoring, stages, store
+from jaxinf.inputs import load_inputs
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +34,7 @@ def reference(world):
 def test_exports_match_the_engine_document_by_document(world, reference):
     """scores.npy, column by column, equals scoring each document alone with the run's curvature and queries."""
     from jaxinf import models
-    from jaxinf.data.documents import open_documents
+    from jaxinf.data.sources import open_documents
     from jaxinf.data.queries import encode_queries, query_batches, read_queries
     from jaxinf.data.tokenize import TextEncoder
 
@@ -43,19 +43,18 @@ def test_exports_match_the_engine_document_by_document(world, reference):
     lm, tok = models.from_hf(world["model"])
     config = cfg.load(None, overrides(world, reference))
     run = store.RunStore.open(config)
-    inputs = Inputs(lm, lm.task(), None, TextEncoder(tok), None, None, None, None, None, None)
-    inputs.layers = load_inputs(config, run).layers
-    shapes = pipeline._shapes(inputs)
+    layers = load_inputs(config, run).layers
+    shapes = programs.fitted_shapes(lm.task(), layers)
     eigen = run.load_result("eigen", shapes["eigen"])
     Lambda = run.load_result("lambda", shapes["lambda"])
     curv = pipeline.curvature.curvature("ekfac", eigen, Lambda)
     encoder = TextEncoder(tok)
     (qb,) = query_batches(encode_queries(read_queries(world["queries"]), encoder))
     qb = {k: jnp.asarray(v) for k, v in qb.items() if k != "index"}
-    G, qloss = stages.query_gradients(inputs.task, inputs.layers, lm.params, qb)
+    G, qloss = stages.query_gradients(lm.task(), layers, lm.params, qb)
     qg = scoring.prepare_queries(G, qloss, curv, None, None)
     docs = open_documents(world["docs"])
-    score = jax.jit(lambda b: stages.score_batch(inputs.task, inputs.layers, lm.params, qg, b)[0].total)
+    score = jax.jit(lambda b: stages.score_batch(lm.task(), layers, lm.params, qg, b)[0].total)
     for n in (0, 7, 23, 47):
         ids = encoder.encode_documents(docs.texts([n]))[0]
         one = {"tokens": jnp.asarray(ids[None]), "mask": jnp.ones((1, len(ids))),
@@ -71,6 +70,10 @@ def test_exports_match_the_engine_document_by_document(world, reference):
     record = json.loads((reference / "run.json").read_text())
     assert all(v["status"] == "done" for k, v in record["stages"].items() if k != "index")
     assert record["stages"]["index"] == {"status": "pending", "note": "no index requested (index.k: null)"}
+    for stage in ("covariance", "lambda", "scores"):   # each pass's compile time (its first call) within its time
+        timing = record["stages"][stage]["timing"]
+        assert 0 < timing["compile_seconds"] <= timing["seconds"], (stage, timing)
+    assert record["heap"] in ("huge-pages", "default")
     assert (reference / "report" / "index.html").exists() and (reference / "summary.json").exists()
     names = json.loads((reference / "layers.json").read_text())["names"]
     assert names == [f"model.layers.{i}.mlp.{p}_proj" for i in range(2) for p in ("gate", "up", "down")]

@@ -1,4 +1,5 @@
-"""Data: documents (JSONL, TFDS), queries, tokenization and batching (see docs/data.md).
+"""Data: documents (JSONL, compressed JSONL, Parquet, Arrow shards, TFDS), queries, tokenization and batching
+(see docs/data.md).
 
 The layer between files and the engine's causal-LM batches (``tokens``,
 ``mask``, ``weights``, plus ``index`` / ``chunk`` / ``row`` to map rows back to
@@ -17,14 +18,17 @@ from jaxinf.data.batching import (
     prefetch,
     scatter_columns,
 )
-from jaxinf.data.documents import Document, JsonlDocuments, ReadReport, TfdsDocuments, open_documents
+from jaxinf.data.documents import Document, JsonlDocuments, ReadReport
 from jaxinf.data.errors import DataError
 from jaxinf.data.queries import Query, encode_queries, query_batches, read_queries, read_release, release_documents
+from jaxinf.data.shards import ShardedDocuments
+from jaxinf.data.sources import open_documents
+from jaxinf.data.tfds_documents import TfdsDocuments
 from jaxinf.data.tokenize import EncodedQuery, TextEncoder, load_tokenizer
 
 __all__ = [
     "DataError", "Document", "DocumentBatches", "EncodedQuery", "JsonlDocuments", "Plan", "PlanReport", "Query",
-    "ReadReport", "TextEncoder", "TfdsDocuments", "bucket_lengths", "document_batches", "document_lengths",
+    "ReadReport", "ShardedDocuments", "TextEncoder", "TfdsDocuments", "bucket_lengths", "document_batches", "document_lengths",
     "encode_queries", "load_tokenizer", "make_plan", "open_documents", "prefetch", "query_batches", "read_queries",
     "read_release", "release_documents", "scatter_columns",
 ]

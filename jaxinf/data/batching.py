@@ -45,7 +45,7 @@ from __future__ import annotations
 
 import queue
 import threading
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -254,14 +254,24 @@ def make_plan(
                 first_row=first_row, order=order, step_length=step_length, report=report)
 
 
-def document_lengths(source: DocumentSource, encoder: TextEncoder, *, chunk: int = 2048) -> np.ndarray:
+def document_lengths(source: DocumentSource, encoder: TextEncoder, *, chunk: int = 2048,
+                     limit: int | None = None, progress: Callable[[int, int], None] | None = None) -> np.ndarray:
     """Token count of every document of ``source`` (special tokens included): one tokenization pass.
 
-    Reading the next chunk of texts overlaps with tokenizing the current one.
+    Reading the next chunk of texts overlaps with tokenizing the current one. ``limit`` (``data.max_length`` when
+    documents are truncated): a very long document is counted in a bounded prefix
+    (:meth:`TextEncoder.encode_documents`), a lower bound above ``limit``; pass the same limit to the plan's batches.
+    ``progress`` (e.g. :class:`jaxinf.data.progress.PassProgress`) is called after each chunk with the documents
+    and tokens counted so far.
     """
     n = len(source)
     spans = [(lo, min(lo + chunk, n)) for lo in range(0, n, chunk)]
-    parts = [encoder.document_lengths(texts) for texts in prefetch(source.texts(range(lo, hi)) for lo, hi in spans)]
+    parts, done, tokens = [], 0, 0
+    for texts in prefetch(source.texts(range(lo, hi)) for lo, hi in spans):
+        parts.append(encoder.document_lengths(texts, limit))
+        done, tokens = done + len(parts[-1]), tokens + int(parts[-1].sum())
+        if progress is not None:
+            progress(done, tokens)
     return np.concatenate(parts) if parts else np.zeros(0, np.int64)
 
 
@@ -310,9 +320,13 @@ class DocumentBatches:
                 yield self._fill(int(self.plan.step_length[s]), r, ids)
 
     def _tokenize(self, docs: np.ndarray) -> list[np.ndarray]:
-        encoded = self.encoder.encode_documents(self.source.texts(docs.tolist()))
+        limit = self.plan.max_length if self.plan.long_documents == "truncate" else None
+        encoded = self.encoder.encode_documents(self.source.texts(docs.tolist()), limit)
         for d, ids in zip(docs.tolist(), encoded):
-            if len(ids) != self.plan.lengths[d]:
+            counted = int(self.plan.lengths[d])
+            if limit is not None and len(ids) > limit and counted > limit:
+                continue  # truncated either way (counted whole or in a prefix): only the first `limit` ids are used
+            if len(ids) != counted:
                 doc = self.source.documents([d])[0]
                 raise DataError(
                     f'{self.source.name}:{doc.line}: document "{doc.id}" has {len(ids)} tokens but the plan counted '
@@ -355,7 +369,7 @@ def document_batches(
 ) -> DocumentBatches:
     """This host's batches of ``source``: :func:`make_plan` on ``lengths`` (counted by :func:`document_lengths` if not given)."""
     if lengths is None:
-        lengths = document_lengths(source, encoder)
+        lengths = document_lengths(source, encoder, limit=max_length if long_documents == "truncate" else None)
     plan = make_plan(lengths, batch_size=batch_size, max_length=max_length, long_documents=long_documents,
                      window_batches=window_batches, buckets=buckets, process_count=process_count)
     return DocumentBatches(source, encoder, plan, process_index=process_index)

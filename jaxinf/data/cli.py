@@ -7,12 +7,12 @@ import sys
 from jaxinf.data.errors import DataError
 
 
-def prepare_command(input_path: str, out_dir: str) -> int:
-    """``jaxinf prepare INPUT.jsonl OUT_DIR``: prints what was kept and skipped; bad input is one line on stderr, exit 2 (a disk error: 3)."""
+def prepare_command(input_path: str, out_dir: str, **fields: str) -> int:
+    """``jaxinf prepare INPUT OUT_DIR [--text-field ...]``: prints what was kept and skipped; bad input is one line on stderr, exit 2 (a disk error: 3)."""
     from jaxinf.data.prepare import prepare
 
     try:
-        report = prepare(input_path, out_dir)
+        report = prepare(input_path, out_dir, **fields)
     except DataError as e:  # bad input: one line, no traceback
         print(f"jaxinf prepare: error: {e}", file=sys.stderr)
         return 2

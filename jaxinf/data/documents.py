@@ -1,4 +1,4 @@
-"""Documents: the records influence is scored for, read from JSONL or from a TFDS dataset.
+"""Documents: the records influence is scored for, and the reader of one JSONL file.
 
 Every source gives random access to its documents by *index*: the document's
 position among the kept documents of the file, 0-based, which is the column of
@@ -24,14 +24,9 @@ The rules, each applied the same way by every reader (and by ``jaxinf prepare``)
 - Any other field is kept as given in ``Document.extra``.
 - Lines holding only whitespace are skipped and counted (``ReadReport.blank_lines``).
 
-TFDS: a dataset directory (one holding ``dataset_info.json``, as written by
-``jaxinf prepare``) or a dataset name that ``tfds.data_source`` finds (written
-``tfds:NAME``), read through ``tfds.data_source`` / ``builder.as_data_source``
-(array_record, random access, TensorFlow is never imported). Its features
-``text`` (required), ``id`` and ``source`` follow the rules above; ids absent
-from a dataset default to the 0-based record number. Other features go to
-``extra``. Empty texts in datasets not written by ``jaxinf prepare`` are found
-by one scan when the dataset is opened, skipped and counted.
+The other readers follow the same rules: :mod:`jaxinf.data.tfds_documents` (TFDS datasets),
+:mod:`jaxinf.data.shards` (files, directories and globs of JSONL, compressed JSONL, Parquet
+and Arrow shards); :func:`jaxinf.data.sources.open_documents` picks one for ``data.documents``.
 """
 
 from __future__ import annotations
@@ -41,7 +36,6 @@ import json
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
@@ -49,6 +43,7 @@ import numpy as np
 from jaxinf.data.errors import DataError, type_name, where
 
 DEFAULT_SOURCE = "unknown"
+DEFAULT_FIELDS = ("id", "text", "source")  # (data.id_field, data.text_field, data.source_field)
 BOM = b"\xef\xbb\xbf"
 
 
@@ -78,6 +73,10 @@ class ReadReport:
     blank_lines: int = 0
     default_ids: int = 0
     default_sources: int = 0
+    ignored_files: int = 0
+    shard_sources: bool = False  # a corpus of several shards: missing sources are the shard's name
+    duplicates: int = 0  # data.dedupe: exact: documents skipped as exact duplicates of an earlier one
+    duplicate_examples: list = field(default_factory=list)  # the first few, "id = id of the kept document"
 
     def summary(self) -> str:
         """One line for a log: counts of kept, skipped and defaulted documents."""
@@ -89,7 +88,13 @@ class ReadReport:
         if self.default_ids:
             parts.append(f"{self.default_ids} ids defaulted to the line number")
         if self.default_sources:
-            parts.append(f'{self.default_sources} sources defaulted to "{DEFAULT_SOURCE}"')
+            to = "their shard's name" if self.shard_sources else f'"{DEFAULT_SOURCE}"'
+            parts.append(f"{self.default_sources} sources defaulted to {to}")
+        if self.duplicates:
+            parts.append(f"{self.duplicates} exact duplicates skipped (" + ", ".join(self.duplicate_examples)
+                         + (", ..." if self.duplicates > len(self.duplicate_examples) else "") + ")")
+        if self.ignored_files:
+            parts.append(f"{self.ignored_files} files of other kinds ignored")
         return f"{self.path}: " + ", ".join(parts)
 
     def to_dict(self) -> dict[str, Any]:
@@ -147,37 +152,40 @@ def check_string(value: Any, name: str, path: str, line: int | None) -> str:
     return value
 
 
-def check_id(value: Any, path: str, line: int | None) -> str:
+def check_id(value: Any, path: str, line: int | None, name: str = "id") -> str:
     """A document or query id as a string: a string as is, an integer as its decimal string."""
     if isinstance(value, int) and not isinstance(value, bool):
         return str(value)
     if isinstance(value, str):
-        return check_string(value, "id", path, line)
-    raise DataError(f'{where(path, line)}: field "id" must be a string or an integer, got {type_name(value)}')
+        return check_string(value, name, path, line)
+    raise DataError(f'{where(path, line)}: field "{name}" must be a string or an integer, got {type_name(value)}')
 
 
-def parse_document(obj: Any, path: str, line: int, default_id: str) -> dict[str, Any] | None:
+def parse_document(obj: Any, path: str, line: int, default_id: str, fields: tuple[str, str, str] = DEFAULT_FIELDS,
+                   default_source: str = DEFAULT_SOURCE) -> dict[str, Any] | None:
     """The validated fields of one document line, or ``None`` when its text is empty (to skip).
 
-    Returns ``{"id", "text", "source", "extra", "line", "default_id", "default_source"}``.
+    ``fields`` names the id, text and source fields (``data.id_field``, ``data.text_field``,
+    ``data.source_field``). Returns ``{"id", "text", "source", "extra", "line", "default_id", "default_source"}``.
     """
+    id_field, text_field, source_field = fields
     if not isinstance(obj, dict):
         raise DataError(f"{where(path, line)}: expected a JSON object, got {type_name(obj)}")
-    if "text" not in obj:
-        raise DataError(f'{where(path, line)}: missing field "text"')
-    text = check_string(obj["text"], "text", path, line)
-    has_id = "id" in obj
-    doc_id = check_id(obj["id"], path, line) if has_id else default_id
-    has_source = "source" in obj
-    source = check_string(obj["source"], "source", path, line) if has_source else DEFAULT_SOURCE
+    if text_field not in obj:
+        raise DataError(f'{where(path, line)}: missing field "{text_field}"')
+    text = check_string(obj[text_field], text_field, path, line)
+    has_id = id_field in obj
+    doc_id = check_id(obj[id_field], path, line, id_field) if has_id else default_id
+    has_source = source_field in obj
+    source = check_string(obj[source_field], source_field, path, line) if has_source else default_source
     if not text.strip():
         return None
-    extra = {k: v for k, v in obj.items() if k not in ("id", "text", "source")}
+    extra = {k: v for k, v in obj.items() if k not in fields}
     return {"id": doc_id, "text": text, "source": source, "extra": extra, "line": line,
             "default_id": not has_id, "default_source": not has_source}
 
 
-class _IdChecker:
+class IdChecker:
     """Finds duplicate ids among millions without keeping the ids: 64-bit hashes, then a second look on collision."""
 
     def __init__(self) -> None:
@@ -228,7 +236,7 @@ def iter_jsonl_documents(path: str | os.PathLike, report: ReadReport | None = No
     """
     path = str(path)
     report = report if report is not None else ReadReport(path)
-    ids = _IdChecker()
+    ids = IdChecker()
     for number, offset, raw in _iter_raw_lines(path):
         obj = decode_line(raw, path, number, strip_bom=number == 1)
         if obj is None:
@@ -341,179 +349,3 @@ def iter_documents(source: DocumentSource, chunk: int = 1024) -> Iterator[Docume
     """Every document of ``source`` in index order, read ``chunk`` at a time."""
     for lo in range(0, len(source), chunk):
         yield from source.documents(range(lo, min(lo + chunk, len(source))))
-
-
-# --------------------------------------------------------------------------- TFDS
-
-PREPARED_FEATURES = ("id", "text", "source", "extra", "line")
-PREPARED_MARK = "jaxinf.prepare"
-
-
-def _plain(value: Any, path: str, name: str) -> Any:
-    """A TFDS feature value as a plain Python value (bytes as UTF-8 text, arrays as lists)."""
-    if isinstance(value, bytes):
-        try:
-            return value.decode("utf-8")
-        except UnicodeDecodeError as e:
-            raise DataError(f'{path}: feature "{name}" is not valid UTF-8 at byte {e.start + 1}') from None
-    if isinstance(value, np.ndarray):
-        return [_plain(v, path, name) for v in value] if value.dtype == object else value.tolist()
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, dict):
-        return {k: _plain(v, path, f"{name}/{k}") for k, v in value.items()}
-    return value
-
-
-class TfdsDocuments:
-    """Random access to the documents of a TFDS data source (``tfds.data_source`` / ``as_data_source``)."""
-
-    def __init__(self, data_source: Any, name: str, *, feature_names: Sequence[str], prepared: bool,
-                 report: ReadReport | None = None):
-        self._ds = data_source
-        self.name = name
-        features = set(feature_names)
-        if "text" not in features:
-            raise DataError(f'{name}: the dataset has no feature "text" (it has {", ".join(sorted(features))})')
-        self._prepared = prepared
-        self._has_id = "id" in features
-        self._has_source = "source" in features
-        self.report = report if report is not None else ReadReport(name)
-        if prepared:
-            self._rows = None
-            self.report.documents = len(data_source)
-        else:
-            self._rows = self._scan()
-
-    def _scan(self) -> np.ndarray:
-        """Record numbers of the non-empty documents (one pass over the texts), counting what is skipped or defaulted."""
-        keep = []
-        n = len(self._ds)
-        for lo in range(0, n, 1024):
-            for r, raw in zip(range(lo, min(lo + 1024, n)), self._get(range(lo, min(lo + 1024, n)))):
-                text = check_string(_plain(raw["text"], self.name, "text"), "text", self.name, None)
-                if text.strip():
-                    keep.append(r)
-        self.report.documents = len(keep)
-        self.report.empty = n - len(keep)
-        if not self._has_id:
-            self.report.default_ids = len(keep)
-        if not self._has_source:
-            self.report.default_sources = len(keep)
-        return np.asarray(keep, np.int64)
-
-    def _get(self, rows: Sequence[int]) -> list[dict]:
-        rows = [int(r) for r in rows]
-        getitems = getattr(self._ds, "__getitems__", None)
-        return list(getitems(rows)) if getitems is not None else [self._ds[r] for r in rows]
-
-    def __len__(self) -> int:
-        return self.report.documents
-
-    def _records(self, indices: Sequence[int]) -> list[tuple[int, dict]]:
-        indices = [int(i) for i in indices]
-        for i in indices:
-            if not 0 <= i < len(self):
-                raise IndexError(f"document index {i} out of range for {len(self)} documents")
-        rows = indices if self._rows is None else [int(self._rows[i]) for i in indices]
-        return list(zip(rows, self._get(rows)))
-
-    def texts(self, indices: Sequence[int]) -> list[str]:
-        """The texts of the documents at ``indices``, in that order."""
-        return [_plain(raw["text"], self.name, "text") for _, raw in self._records(indices)]
-
-    def documents(self, indices: Sequence[int]) -> list[Document]:
-        """The documents at ``indices``, in that order."""
-        out = []
-        for i, (row, raw) in zip(indices, self._records(indices)):
-            rec = {k: _plain(v, self.name, k) for k, v in raw.items()}
-            where_ = f"{self.name} record {row}"
-            text = check_string(rec.pop("text"), "text", where_, None)
-            doc_id = check_id(rec.pop("id"), where_, None) if self._has_id else str(row)
-            source = check_string(rec.pop("source"), "source", where_, None) if self._has_source else DEFAULT_SOURCE
-            if self._prepared:
-                extra = json.loads(rec.pop("extra"))
-                line = int(rec.pop("line"))
-            else:
-                extra, line = rec, row
-            out.append(Document(index=int(i), id=doc_id, text=text, source=source, extra=extra, line=line))
-        return out
-
-    def __getitem__(self, i: int) -> Document:
-        return self.documents([i])[0]
-
-    def __iter__(self) -> Iterator[Document]:
-        return iter_documents(self)
-
-
-def _tfds():
-    import tensorflow_datasets as tfds
-
-    return tfds
-
-
-def _from_builder(builder: Any, name: str, split: str, data_source: Any = None) -> TfdsDocuments:
-    if split not in builder.info.splits:
-        raise DataError(f'{name}: no split "{split}" (it has {", ".join(sorted(builder.info.splits))})')
-    features = list(builder.info.features.keys())
-    metadata = dict(builder.info.metadata or {})
-    prepared = metadata.get("writer") == PREPARED_MARK and set(PREPARED_FEATURES) <= set(features)
-    report = ReadReport(name)
-    if prepared:
-        for k in ("empty", "blank_lines", "default_ids", "default_sources"):
-            setattr(report, k, int(metadata.get(k, 0)))
-    ds = builder.as_data_source(split=split) if data_source is None else data_source
-    return TfdsDocuments(ds, name, feature_names=features, prepared=prepared, report=report)
-
-
-def open_tfds_directory(path: str | os.PathLike, split: str = "train") -> TfdsDocuments:
-    """The documents of a TFDS dataset directory (one holding ``dataset_info.json``), via ``as_data_source``."""
-    path = str(path)
-    if not (Path(path) / "dataset_info.json").is_file():
-        raise DataError(f"{path}: not a TFDS dataset directory (no dataset_info.json)")
-    try:
-        builder = _tfds().builder_from_directory(path)
-    except Exception as e:  # TFDS raises many types for a broken directory
-        raise DataError(f"{path}: cannot open the TFDS dataset ({_one_line(e)})") from None
-    return _from_builder(builder, path, split)
-
-
-def open_tfds_name(name: str, data_dir: str | os.PathLike | None = None, split: str = "train") -> TfdsDocuments:
-    """The documents of a TFDS dataset found by name (``tfds.data_source(name, data_dir=...)``); never downloads."""
-    tfds = _tfds()
-    try:
-        builder = tfds.builder(name, data_dir=data_dir)
-    except Exception as e:
-        raise DataError(f"tfds:{name}: cannot find the dataset ({_one_line(e)})") from None
-    if not builder.is_prepared():
-        raise DataError(f"tfds:{name}: the dataset is not prepared in {builder.data_dir}")
-    if split not in builder.info.splits:
-        raise DataError(f'tfds:{name}: no split "{split}" (it has {", ".join(sorted(builder.info.splits))})')
-    # Read through tfds.data_source itself, so the name resolves exactly as TFDS resolves it.
-    ds = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
-    return _from_builder(builder, f"tfds:{name}", split, ds)
-
-
-def open_documents(spec: str | os.PathLike, *, data_dir: str | os.PathLike | None = None,
-                   split: str = "train") -> DocumentSource:
-    """The document source ``data.documents`` names.
-
-    - a ``.jsonl`` file: :class:`JsonlDocuments`;
-    - a directory holding ``dataset_info.json`` (what ``jaxinf prepare`` writes): a TFDS dataset directory;
-    - ``tfds:NAME`` (``NAME[/CONFIG][:VERSION]``): a TFDS dataset found by name in ``data_dir``.
-    """
-    spec = str(spec)
-    if spec.startswith("tfds:"):
-        return open_tfds_name(spec[len("tfds:"):], data_dir, split)
-    p = Path(spec)
-    if p.is_dir():
-        return open_tfds_directory(p, split)
-    if p.is_file():
-        return JsonlDocuments(p)
-    raise DataError(f"{spec}: no such file or directory (documents are a .jsonl file, a TFDS dataset "
-                    "directory or tfds:NAME)")
-
-
-def _one_line(e: BaseException) -> str:
-    text = " ".join(str(e).split())
-    return text[:300] if text else type(e).__name__

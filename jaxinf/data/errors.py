@@ -30,3 +30,14 @@ def type_name(value: object) -> str:
     if isinstance(value, dict):
         return "object"
     return type(value).__name__
+
+
+def where_row(path: str, row: int) -> str:
+    """``path: row N``, the prefix of a message about a row of a Parquet or Arrow file (rows from 1)."""
+    return f"{path}: row {row}"
+
+
+def one_line(e: BaseException) -> str:
+    """A library's exception as at most 300 characters of one line (its type's name when it says nothing)."""
+    text = " ".join(str(e).split())
+    return text[:300] if text else type(e).__name__

@@ -1,12 +1,13 @@
-"""``jaxinf prepare``: a documents JSONL file to a TFDS array_record dataset directory.
+"""``jaxinf prepare``: documents (a JSONL file, or a file, directory or glob of JSONL, gzip/zstd JSONL, Parquet or
+Arrow shards) to a TFDS array_record dataset directory.
 
-The dataset has one split, ``train``, in the file's order (TFDS shuffling is
+The dataset has one split, ``train``, in the input's order (TFDS shuffling is
 off), with the features ``id``, ``text``, ``source`` (text), ``extra`` (the
 other fields of the line, as a JSON object in text) and ``line`` (the 1-based
-line of the JSONL file). Its ``metadata.json`` records what was skipped and
+line, or row, within its file). Its ``metadata.json`` records what was skipped and
 defaulted (the counts of :class:`~jaxinf.data.documents.ReadReport`) and the
 input's SHA-256, so a reader reports them too. Read it back with
-:func:`jaxinf.data.documents.open_documents` (``data.documents: OUT_DIR``), or
+:func:`jaxinf.data.sources.open_documents` (``data.documents: OUT_DIR``), or
 with TFDS itself: ``tfds.builder_from_directory(OUT_DIR).as_data_source("train")``.
 
 Nothing already there is lost: the dataset is written in a temporary
@@ -24,12 +25,16 @@ import json
 import os
 import shutil
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from jaxinf.atomic import make_temp_dir
-from jaxinf.data.documents import PREPARED_MARK, ReadReport, iter_jsonl_documents
+from jaxinf.data.documents import ReadReport, iter_documents, iter_jsonl_documents
 from jaxinf.data.errors import DataError
+from jaxinf.data.shard_files import shard_format
+from jaxinf.data.sources import open_documents
+from jaxinf.data.tfds_documents import PREPARED_MARK
 
 BUILDER_NAME = "jaxinf_documents"
 DATASET_VERSION = "1.0.0"
@@ -57,9 +62,10 @@ def _builder_class():
         # code path that imports `importlib_resources`, which it declares only for Python < 3.9.
         code_path = None
 
-        def __init__(self, *, input_path: str, **kwargs):
+        def __init__(self, *, input_path: str, source: Any = None, **kwargs):
             self._input_path = input_path
-            self.read_report = ReadReport(input_path)
+            self._source = source  # an opened corpus of shards (validated), or None for one JSONL file
+            self.read_report = source.report if source is not None else ReadReport(input_path)
             self.data_error: DataError | None = None
             self._jaxinf_metadata = tfds.core.MetadataDict(writer=PREPARED_MARK, input=os.path.basename(input_path))
             super().__init__(**kwargs)
@@ -82,9 +88,12 @@ def _builder_class():
 
         def _generate_examples(self):
             try:
-                for i, (_, _, rec) in enumerate(iter_jsonl_documents(self._input_path, self.read_report)):
+                records = (iter_jsonl_documents(self._input_path, self.read_report) if self._source is None
+                           else ((0, 0, vars(d)) for d in iter_documents(self._source)))
+                for i, (_, _, rec) in enumerate(records):
                     yield i, {"id": rec["id"], "text": rec["text"], "source": rec["source"],
-                              "extra": json.dumps(rec["extra"], ensure_ascii=False), "line": rec["line"]}
+                              "extra": json.dumps(rec["extra"], ensure_ascii=False, default=str),
+                              "line": rec["line"]}
             except DataError as e:
                 self.data_error = e  # kept so the caller re-raises it as it is, whatever TFDS wraps it in
                 raise
@@ -113,25 +122,38 @@ def _quiet_tfds():
         tfds.display_progress_bar(before)
 
 
-def prepare(input_path: str | os.PathLike, out_dir: str | os.PathLike) -> ReadReport:
-    """Writes the documents of ``input_path`` (JSONL) as a TFDS array_record dataset in ``out_dir``.
+def prepare(input_path: str | os.PathLike, out_dir: str | os.PathLike, *, text_field: str = "text",
+            id_field: str = "id", source_field: str = "source") -> ReadReport:
+    """Writes the documents of ``input_path`` as a TFDS array_record dataset in ``out_dir``.
 
-    Guarantees: the dataset holds exactly the documents a
-    :class:`~jaxinf.data.documents.JsonlDocuments` reads from the same file, in
-    the same order, with the same ids, sources, extra fields and lines; on any
-    error (a :class:`DataError` naming file and line, or anything else) ``out_dir``
+    ``input_path`` is anything ``data.documents`` accepts but a TFDS dataset: one JSONL file, or a file,
+    directory or glob of JSONL, compressed JSONL, Parquet or Arrow shards (validated by one scan first,
+    :class:`~jaxinf.data.shards.ShardedDocuments`, with the given field names).
+
+    Guarantees: the dataset holds exactly the documents :func:`~jaxinf.data.sources.open_documents` reads
+    from the same input, in the same order, with the same ids, sources, extra fields and lines (of their
+    shard); on any error (a :class:`DataError` naming file and line, or anything else) ``out_dir``
     is left as it was. Returns the counts of what was kept, skipped and defaulted.
     """
     input_path, out = str(input_path), Path(out_dir)
-    if not Path(input_path).is_file():
+    p = Path(input_path)
+    one_jsonl = (p.is_file() and (id_field, text_field, source_field) == ("id", "text", "source")
+                 and shard_format(p) in (None, ("jsonl", None)))
+    if not one_jsonl and not p.exists() and not any(c in input_path for c in "*?["):
         raise DataError(f"{input_path}: no such file")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise DataError(f"{out}: already exists and is not empty; nothing was written")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = make_temp_dir(f".{out.name}.prepare-", out.parent)
     try:
-        builder = _builder_class()(input_path=input_path, data_dir=str(tmp / "data"), file_format="array_record")
-        builder._jaxinf_metadata["sha256"] = file_sha256(input_path)
+        source = None
+        if not one_jsonl:
+            if p.is_dir() and (p / "dataset_info.json").is_file() and not (p / "state.json").is_file():
+                raise DataError(f"{input_path}: already a TFDS dataset; nothing to prepare")
+            source = open_documents(input_path, text_field=text_field, id_field=id_field, source_field=source_field)
+        builder = _builder_class()(input_path=input_path, source=source, data_dir=str(tmp / "data"),
+                                   file_format="array_record")
+        builder._jaxinf_metadata["sha256"] = file_sha256(input_path) if one_jsonl else source.content_digest()
         try:
             with _quiet_tfds():
                 builder.download_and_prepare(download_dir=str(tmp / "downloads"))

@@ -88,8 +88,8 @@ def builtin(n_documents: int = 128, per_task: int = 6, seed: int = 0) -> World:
 def from_config(config: cfg.Config) -> World:
     """The world of a config: ``model.checkpoint``, ``data.documents``, ``data.queries`` (module docstring)."""
     from jaxinf import models, tasks
-    from jaxinf.data.documents import open_documents
     from jaxinf.data.queries import encode_queries, read_queries
+    from jaxinf.data.sources import open_documents
     from jaxinf.data.tokenize import TextEncoder
 
     for name in ("checkpoint",):
@@ -103,9 +103,11 @@ def from_config(config: cfg.Config) -> World:
             and config.data.queries is not None)
     lm, tokenizer = models.from_hf(config.model.checkpoint, dtype=config.model.dtype, scan=config.model.scan_layers)
     encoder = TextEncoder(tokenizer)
-    source = open_documents(config.data.documents)
+    source = open_documents(config.data.documents, text_field=config.data.text_field, id_field=config.data.id_field,
+                            source_field=config.data.source_field, dedupe=config.data.dedupe)
     docs = source.documents(range(len(source)))
-    ids = [e[: config.data.max_length].tolist() for e in encoder.encode_documents([d.text for d in docs])]
+    ids = [e[: config.data.max_length].tolist()
+           for e in encoder.encode_documents([d.text for d in docs], config.data.max_length)]
     queries = read_queries(config.data.queries)
     encoded = encode_queries(queries, encoder, max_length=config.data.max_length)
     index = {d.id: i for i, d in enumerate(docs)}
