@@ -129,7 +129,8 @@ def _walk(node: Any, where: str) -> Any:
                                        f"{where + '.' if where else ''}{name}.{f.name}")
         return dataclasses.replace(node, **changes)
     if isinstance(node, Mapping):
-        return type(node)((k, _walk(v, f"{where}[{k!r}]")) for k, v in node.items())
+        # the concrete mapping types of a tree (dict, FrozenDict) take (key, value) pairs; Mapping itself declares none
+        return type(node)((k, _walk(v, f"{where}[{k!r}]")) for k, v in node.items())  # type: ignore[call-arg]
     if isinstance(node, (list, tuple)) and not hasattr(node, "_fields"):
         return type(node)(_walk(v, f"{where}[{i}]") for i, v in enumerate(node))
     raise AxesError(f"{where or 'the tree'}: an array {getattr(node, 'shape', '')} with no declared logical axes "

@@ -320,7 +320,7 @@ class Tap:
             raise CaptureError(f"nested Tap.scan under {self._prefix!r} is not supported")
         length = int(jax.tree.leaves(stacked_params)[0].shape[0])
         inner_prefix = f"{prefix}.{STACK}."
-        per_layer: dict[str, tuple] = {}
+        per_layer: dict[str, tuple | None] = {}
         if self.probes is not None:
             per_layer = {k[len(inner_prefix):]: self.probes.layer(k) for k in self.probes.z
                          if k.startswith(inner_prefix)}
@@ -339,10 +339,12 @@ class Tap:
         return carry
 
 
-def find_layers(loss_fn: LossFn, params: Params, batch: Batch) -> dict[str, LayerSpec]:
+def find_layers(loss_fn: Callable[[Params, Batch, Any], Array], params: Params, batch: Batch
+                ) -> dict[str, LayerSpec]:
     """Every linear layer that ``loss_fn`` routes through a tap, with its shapes.
 
-    Traces the function abstractly (``jax.eval_shape``: no FLOPs, no memory).
+    Traces the function abstractly (``jax.eval_shape``: no FLOPs, no memory). ``loss_fn`` is a :data:`LossFn`
+    called here with a discovery object in place of its probes, which it hands to :class:`Tap` as it would them.
     """
     discovery = _Discovery()
     jax.eval_shape(lambda p, b: loss_fn(p, b, discovery), params, batch)
@@ -446,7 +448,7 @@ def layer_statistics(
         z[name] = jax.tree.map(lambda r: jnp.zeros(lead + r.shape, r.dtype), result)
         partial = spec.stacked and spec.indices is not None
         ctx[name] = jax.tree.map(lambda x: _full_stack(x, spec), c) if partial else c
-        active[name] = _full_stack(jnp.ones((len(spec.indices),), mask.dtype), spec) if partial else None
+        active[name] = _full_stack(jnp.ones((len(spec.layer_indices),), mask.dtype), spec) if partial else None
 
     def losses_of(z):
         return loss_fn(params, batch, Probes(statistic, z, ctx, active, mask.astype(jnp.float32)))

@@ -47,7 +47,10 @@ class Chip:
             return self.bf16
         if self.tpu:
             return self.bf16 / {"highest": 6, "high": 3, "default": 1}[precision]
-        return self.f32 if precision == "highest" else self.tf32
+        if precision == "highest":
+            return self.f32
+        assert self.tf32 is not None, f"{self.name}: a GPU chip has a TF32 peak"   # None only on a TPU
+        return self.tf32
 
 
 CHIPS = {

@@ -398,11 +398,12 @@ def config_arguments(first: str | None, rest: list[str]) -> tuple[str | None, li
     """
     path, overrides = first, list(rest)
     if path is not None and "=" in path and not Path(path).exists():
-        path, overrides = None, [path] + overrides
+        overrides = [path] + overrides
+        path = None
     return path, overrides
 
 
-def load(path: str | Path | None, overrides: list[str] = ()) -> Config:
+def load(path: str | Path | None, overrides: typing.Sequence[str] = ()) -> Config:
     """The config of a YAML file (or the defaults when ``path`` is None) with overrides applied."""
     raw: dict = {}
     source = "defaults"
@@ -424,7 +425,7 @@ def load(path: str | Path | None, overrides: list[str] = ()) -> Config:
     return with_overrides(raw, overrides, source)
 
 
-def with_overrides(raw: dict, overrides: list[str], source: str) -> Config:
+def with_overrides(raw: dict, overrides: typing.Sequence[str], source: str) -> Config:
     """The config of nested dicts ``raw`` (valid on its own, read from ``source``) with ``section.key=value``
     overrides applied."""
     raw = {k: dict(v) if isinstance(v, dict) else v for k, v in raw.items()}
@@ -460,7 +461,8 @@ def _result_keys(config: Config) -> dict[tuple[str, str], Any]:
 def changed_keys(old: Config, new: Config) -> list[tuple[str, str]]:
     """Keys that change results and differ between two configs, with the first stage each affects."""
     a, b = _result_keys(old), _result_keys(new)
-    return [(yaml_name(*k), affects(*k)) for k in a if a[k] != b[k]]
+    # _result_keys holds only the keys that affect some stage
+    return [(yaml_name(*k), typing.cast(str, affects(*k))) for k in a if a[k] != b[k]]
 
 
 def describe() -> str:
@@ -469,6 +471,6 @@ def describe() -> str:
     for section in SECTIONS:
         lines.append(f"{section}:")
         for f in dataclasses.fields(_section_class(section)):
-            default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+            default = f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
             lines.append(f"  {_FIELD_NAMES.get(f.name, f.name)}: {json.dumps(default)}    # {f.metadata['help']}")
     return "\n".join(lines)

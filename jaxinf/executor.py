@@ -35,12 +35,18 @@ log = logging.getLogger("jaxinf")
 class Executor(Protocol):
     """Where the stages run: compiles steps, places batches, states and results, and brings results back."""
 
-    mesh: Mesh | None
-    """The mesh the arrays live on; None on the default device."""
     groups: tuple[int, int]
     """(this process's slice of the corpus, number of slices)."""
-    place_param: Callable[[str, np.ndarray, Any], jax.Array] | None
-    """Puts one parameter onto its sharding as the checkpoint is read (None: :func:`jaxinf.models.from_hf`'s default)."""
+
+    # read-only members (properties here), so that an executor's own narrower attribute or method satisfies them
+    @property
+    def mesh(self) -> Mesh | None:
+        """The mesh the arrays live on; None on the default device."""
+
+    @property
+    def place_param(self) -> Callable[[str, np.ndarray, Any], jax.Array] | None:
+        """Puts one parameter onto its sharding as the checkpoint is read (None: :func:`jaxinf.models.from_hf`'s
+        default)."""
 
     def preflight(self, trees: Mapping[str, tuple[Any, Any]]) -> None:
         """Checks that every tree (``name -> (abstract tree, declared axes or None)``: the parameters and the
@@ -145,7 +151,7 @@ class MeshExecutor:
             raise ShardingError(f"data.batch_size={batch_size} does not split over the {self.per_group} position(s) of "
                                 f"the data axis that each process feeds (mesh.data={mesh.devices.shape[0]}, "
                                 f"{jax.process_count()} process(es)); use a multiple of {self.per_group}")
-        self._process_groups = None
+        self._process_groups: list[int] | None = None
 
     def preflight(self, trees: Mapping[str, tuple[Any, Any]]) -> None:
         """Computes the sharding of every tree (``name -> (abstract tree, declared axes or None)``), so that a

@@ -29,7 +29,7 @@ _TEXTS = {"No space left on device": errno.ENOSPC, "Disk quota exceeded": errno.
           "Read-only file system": errno.EROFS, "Permission denied": errno.EACCES}
 
 
-def _chain(exc: BaseException):
+def _chain(exc: BaseException | None):
     seen = set()
     while exc is not None and id(exc) not in seen:
         seen.add(id(exc))

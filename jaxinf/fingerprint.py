@@ -44,6 +44,7 @@ import logging
 import os
 import shutil
 from pathlib import Path
+from typing import Any
 
 from jaxinf import config as cfg
 from jaxinf.rundir import StoreError
@@ -148,7 +149,7 @@ def check_model(store: RunStore, checkpoint: str) -> dict:
     """
     old = store.record.get("inputs") or {}
     model, tokenizer = model_files(checkpoint)
-    current = {"model": {"path": str(checkpoint), "files": files_fingerprint(model, old.get("model", {}).get("files"))},
+    current: dict[str, dict[str, Any]] = {"model": {"path": str(checkpoint), "files": files_fingerprint(model, old.get("model", {}).get("files"))},
                "tokenizer": {"path": str(checkpoint),
                              "files": files_fingerprint(tokenizer, old.get("tokenizer", {}).get("files"))}}
     started = _started(store)

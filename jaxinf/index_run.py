@@ -171,7 +171,8 @@ def lambda_with_index(config: cfg.Config, store: RunStore, inputs: Inputs, eigen
     them. Returns Lambda and the pass's timing; the index is marked done."""
     build = IndexBuild(config, store, inputs, eigen, eigen)
     program = programs.lambda_and_index(config, inputs.task, inputs.layers)
-    update = program.jit(executor)
+    stage, update = program.stage, program.jit(executor)
+    assert stage is not None   # an accumulating program
     params = inputs.lm.params
 
     def step(carry, batch, i):
@@ -179,17 +180,17 @@ def lambda_with_index(config: cfg.Config, store: RunStore, inputs: Inputs, eigen
         return carry, out, out["loss"]
 
     saves = StateAndIndex(SavedState(store, "lambda", batches.plan, config.factors.save_every), build.writer)
-    state, timing = run_batches("lambda", step, batches.iterate, executor.init(program.stage), saves,
+    state, timing = run_batches("lambda", step, batches.iterate, executor.init(stage), saves,
                                 total=len(batches), non_finite=non_finite_loss(inputs.documents, "lambda"),
                                 device=executor)
     build.done(timing)
     log.info("index: written by the Lambda pass (empirical Fisher: its gradients are the scores')")
-    return program.stage.finalize(state), timing
+    return stage.finalize(state), timing
 
 
 def kept_directions(k: int | str | None) -> int | None:
     """``index.k`` as the directions kept per factor: an integer, or None for ``full`` (every direction)."""
-    return None if k == "full" else k
+    return None if isinstance(k, str) else k   # a string is "full" (config validation)
 
 
 def source_root(config: cfg.Config, store: RunStore | None) -> Path:
@@ -199,6 +200,7 @@ def source_root(config: cfg.Config, store: RunStore | None) -> Path:
         return Path(config.index.from_run) / "state" / "index"
     if config.index.k is None and config.factors.from_run is not None:
         return Path(config.factors.from_run) / "state" / "index"
+    assert store is not None, "an index built by this run needs its store"   # check_available passes None only above
     return index_root(store)
 
 

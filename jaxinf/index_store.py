@@ -75,7 +75,7 @@ class IndexWriter:
             for name in ARRAYS:
                 (self.root / f"{name}.npy").unlink(missing_ok=True)
         self.manifest = dict(old) if old is not None else {**manifest, "written": 0, "rows_per_batch": None}
-        self.maps: dict[str, np.ndarray] | None = None
+        self.maps: dict[str, np.memmap] | None = None
 
     def _open(self, rows_per_batch: int) -> None:
         m = self.manifest
@@ -114,6 +114,7 @@ class IndexWriter:
         rows = len(batches[0][1]["index"])
         if self.maps is None:
             self._open(rows)
+        assert self.maps is not None   # _open made them
         R = self.manifest["rows_per_batch"]
         first = step - len(batches)
         for j, (out, meta) in enumerate(batches):
@@ -177,7 +178,8 @@ def save_selection(root: Path, selection) -> None:
     arrays = {f"rows/{k}": np.asarray(v) for k, v in selection.rows.items()}
     arrays.update({f"cols/{k}": np.asarray(v) for k, v in selection.cols.items()})
     Path(root).mkdir(parents=True, exist_ok=True)
-    write_atomic(Path(root) / "selection.npz", lambda f: np.savez(f, **arrays))
+    # the names are rows/... and cols/..., never savez's own keyword allow_pickle
+    write_atomic(Path(root) / "selection.npz", lambda f: np.savez(f, **arrays))  # type: ignore[arg-type]
 
 
 def load_selection(arrays: dict[str, np.ndarray]):

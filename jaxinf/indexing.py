@@ -187,7 +187,7 @@ def rotated_queries(qg: QueryGradients, Q_A: Mapping[str, Array], Q_S: Mapping[s
     return out
 
 
-def predicted_correlation(kept: Array, total: Array) -> Array:
+def predicted_correlation(kept: Array | float, total: Array | float) -> Array:
     """``rho_q = sqrt(sum_kept Pr_q^2 Lambda / sum_all Pr_q^2 Lambda)``: the correlation over documents of index and
     exact scores if the rotated document gradients had independent entries of variance ``Lambda`` (1 where the
     query has no curvature-weighted energy)."""
@@ -208,7 +208,10 @@ def index_queries(qg: QueryGradients, Q_A: Mapping[str, Array], Q_S: Mapping[str
     basis = ordered_basis(Q_A, Q_S, selection)
     Pr = rotated_queries(qg, {n: b["Q_A"] for n, b in basis.items()}, {n: b["Q_S"] for n, b in basis.items()},
                          precision)
-    cells, rest, num, den = [], [], 0.0, 0.0
+    cells: list[Array] = []
+    rest: list[Array] = []
+    num: Array | float = 0.0
+    den: Array | float = 0.0
     for name in sorted(layers):
         lead, s = len(layers[name].lead), layers[name]
         k_S, k_A = kept_size(k, s.d_out), kept_size(k, s.d_in_aug)

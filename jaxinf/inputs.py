@@ -61,7 +61,7 @@ class Inputs:
     lengths: np.ndarray                # tokens per document, before truncation or splitting
     plan: Plan                         # how the scored documents are grouped into batches
     fit_plan: Plan                     # the same for the documents the curvature is fitted on
-    fit_documents: DocumentSource      # the first factors.max_documents documents (all of them without it)
+    fit_documents: DocumentSource | Subset   # the first factors.max_documents documents (all of them without it)
     queries: list[Query]
 
     def batches(self, plan, source, process_index: int):
@@ -154,6 +154,8 @@ def load_inputs(config: cfg.Config, store: RunStore, executor: Executor | None =
     from jaxinf.data.tokenize import TextEncoder
 
     t0 = time.perf_counter()
+    assert (config.model.checkpoint is not None and config.data.documents is not None  # set: see check_inputs
+            and config.data.queries is not None)
     executor = executor or DeviceExecutor()
     lm, tokenizer = models.from_hf(config.model.checkpoint, dtype=config.model.dtype, scan=config.model.scan_layers,
                                    remat=config.model.remat, place=executor.place_param)
@@ -179,6 +181,7 @@ def load_inputs(config: cfg.Config, store: RunStore, executor: Executor | None =
     preflight.check_corpus(lengths, getattr(documents, "name", config.data.documents), config.factors.max_documents,
                            str(tokenizer_file(config.model.checkpoint)))
     d = config.data
+    plan_args: dict   # make_plan's keywords (ints, a string, a tuple)
     plan_args = dict(batch_size=d.batch_size, max_length=d.max_length, long_documents=d.long_documents,
                      process_count=executor.groups[1], buckets=buckets(d.max_length))
     plan = make_plan(lengths, **plan_args)
@@ -215,7 +218,7 @@ def check_queries(queries, encoder, config: cfg.Config) -> None:
 class Subset:
     """The documents ``indices`` of a source, as a source of their own (index i is ``indices[i]``)."""
 
-    def __init__(self, source, indices: list[int]):
+    def __init__(self, source, indices: list[int] | range):
         self.source, self.indices = source, list(indices)
         self.name = getattr(source, "name", "documents")
 
@@ -229,11 +232,12 @@ class Subset:
         return self.source.documents([self.indices[i] for i in idx])
 
 
-def non_finite_loss(source, what: str) -> Callable[[int, int, int, float], str]:
+def non_finite_loss(source, what: str) -> Callable[[int, int, int | None, float], str]:
     """The message of the per-batch loop (:func:`jaxinf.loop.run_batches`) for a document of ``source`` whose
     ``what`` loss is not finite: the file, the document's line and its id."""
 
-    def message(batch: int, row: int, index: int, value: float) -> str:
+    def message(batch: int, row: int, index: int | None, value: float) -> str:
+        assert index is not None, "the batches' rows name their documents (run_batches' fields hold index)"
         doc = source.documents([index])[0]
         shard_of = getattr(source, "shard_of", None)   # a corpus of shards: the shard, and the line or row in it
         name = shard_of(index) if shard_of is not None else getattr(source, "name", "documents")

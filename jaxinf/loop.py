@@ -73,8 +73,14 @@ IN_MEMORY = _InMemory()
 class Saves(Protocol):
     """Where a pass's result goes, and where a resumed pass restarts from."""
 
-    every: int | None   # save after every this many batches (None: after the last only)
-    noun: str           # what the closing log line says the saving time was spent on ("" for nothing saved)
+    # read-only members (properties here), so that a saver's own narrower attribute (every: int) satisfies them
+    @property
+    def every(self) -> int | None:
+        """Save after every this many batches (None: after the last only)."""
+
+    @property
+    def noun(self) -> str:
+        """What the closing log line says the saving time was spent on ("" for nothing saved)."""
 
     def resume(self, carry) -> tuple[int, Any]:
         """The first batch to compute and the carry to start from (``carry`` is the fresh one)."""
@@ -122,7 +128,7 @@ def run_batches(
     if start:
         log.info("%s: resuming at batch %d of %d", name, start, total)
     saves.begin(start, total)
-    progress = Progress(name, total, start) if report else None
+    progress = Progress(name, total, start) if report and total is not None else None   # a line needs a total
     t0 = time.perf_counter()
     unchecked: list[tuple[int, Any, np.ndarray | None]] = []   # (batch, losses on the device, document index)
     unsaved: list[tuple[Any, dict]] = []                       # (outputs on the device, rows) since the last save

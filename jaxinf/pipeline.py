@@ -87,6 +87,7 @@ def accumulate(
 
     Returns the finalized result and the timing of this pass (seconds, seconds saving checkpoints, batches)."""
     name, stage = program.name, program.stage
+    assert stage is not None, f"{name}: not an accumulating stage"
     saves = SavedState(store, name, batches.plan, save_every)
     state, timing = run_batches(name, stages.stage_step(program.jit(executor), step_inputs, key), batches.iterate,
                                 executor.init(stage), saves, total=len(batches),
@@ -188,6 +189,8 @@ def check_factors_from(config: cfg.Config, model_fp: dict | None) -> RunStore | 
     other = Path(config.factors.from_run)
     try:
         record = rundir.read_record(other)
+        if record is None:
+            raise StoreError(f"factors.from: {other}: no run.json (nor its copy state/run.json)")
         theirs = cfg.from_dict(record["config"], str(other / "run.json"))
     except (cfg.ConfigError, TypeError, KeyError) as e:
         raise StoreError(f"factors.from: {other / 'run.json'}: unreadable run record ({e})") from None
@@ -217,8 +220,11 @@ def check_factors_from(config: cfg.Config, model_fp: dict | None) -> RunStore | 
 def _curvature_from(config: cfg.Config, inputs: Inputs, executor: Executor) -> curvature.Curvature:
     """The fitted curvature of another run directory (``factors.from``), checked against this run's model and layers
     (:func:`check_factors_from`, at start-up)."""
+    assert config.factors.from_run is not None   # the caller's condition
     other = Path(config.factors.from_run)
-    ostore = RunStore(other, rundir.read_record(other))
+    record = rundir.read_record(other)
+    assert record is not None   # check_factors_from read it at start-up
+    ostore = RunStore(other, record)
     strategy = curvature.strategy(config.factors.strategy)
     if not strategy.writes:
         return curvature.curvature(strategy)
@@ -313,6 +319,7 @@ def scores_stage(config: cfg.Config, store: RunStore, inputs: Inputs, qg, curv, 
     (:class:`jaxinf.saved.SavedChunks`); a resumed pass keeps the chunks saved."""
     batches = _batches(inputs, inputs.plan, inputs.documents, executor)
     want_self = config.scores.self_influence
+    saves: SavedChunks | index_run.ScoresAndIndex
     saves = SavedChunks(store, "scores", inputs.plan, config.scores.save_every,
                         ("scores", "loss", "self") if want_self else ("scores", "loss"))
     build = None
@@ -332,7 +339,7 @@ def scores_stage(config: cfg.Config, store: RunStore, inputs: Inputs, qg, curv, 
 
     _, timing = run_batches("scores", step, batches.iterate, None, saves, total=len(batches),
                             non_finite=non_finite_loss(inputs.documents, "document"), device=executor)
-    chunks = saves.chunks.chunks if build is not None else saves.chunks
+    chunks = saves.chunks.chunks if isinstance(saves, index_run.ScoresAndIndex) else saves.chunks
     results = _assemble(chunks, inputs, qg.num_queries)
     for key, value in results.items():      # nothing non-finite is exported (rows are checked batch by batch above)
         if not np.all(np.isfinite(value)):
@@ -421,6 +428,7 @@ def check_statistics(config: cfg.Config, executor: Executor) -> None:
     from jaxinf import plan
 
     device = jax.devices()[0]
+    limit: int | None
     if config.plan.device_memory_gib is not None:
         limit, source = int(config.plan.device_memory_gib * 2**30), f"plan.device_memory_gib={config.plan.device_memory_gib:g}"
     else:
@@ -461,6 +469,7 @@ def _run_locked(config: cfg.Config, executor: Executor, claimed: rundir.Aside | 
             store = _open_store(config, overwrite=False)
             log.info("run directory %s (config fingerprint %s, host heap %s)", store.root, store.record["fingerprint"],
                      store.record.get("heap", "default"))
+            assert config.model.checkpoint is not None and config.data.queries is not None   # run's check_inputs
             model_fp = fingerprint.check_model(store, config.model.checkpoint)
             inputs = load_inputs(config, store, executor)
             fingerprint.check_unchanged(model_fp, config.model.checkpoint)

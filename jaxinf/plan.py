@@ -192,7 +192,7 @@ def largest_layers(config, layers, rows: int, model: int) -> dict[str, tuple[str
                                          queries=config.plan.queries, query_batch=config.data.query_batch_size,
                                          rank=config.scores.query_rank, model=model)
                  for name, spec in layers.items()}
-        name = max(sizes, key=sizes.get)
+        name = max(sizes, key=sizes.__getitem__)
         out[stage] = (name, sizes[name])
     return out
 
@@ -339,7 +339,8 @@ def compile_steps(config, mesh, lm, layers, global_batch: int, flops: bool = Tru
         from jaxinf.partitioning import ShardingError
 
         L = lm.config.num_layers
-        counts, where = {}, "mesh"
+        counts: dict[str, list[list[float]]] = {}   # per step: (FLOPs, bytes) at 1 and 2 layers
+        where = "mesh"
         for n in (1, 2):
             small, small_layers = abstract_model(config, num_layers=n, scan=False)
             try:
@@ -525,8 +526,8 @@ def format_plan(result: dict, config) -> str:
 
 def parse_mesh(text: str) -> tuple[int, int]:
     try:
-        d, m = text.lower().split("x")
-        d, m = int(d), int(m)
+        data, model = text.lower().split("x")
+        d, m = int(data), int(model)
     except ValueError:
         raise PlanError(f"--mesh {text!r}: expected DATAxMODEL, e.g. 8x8") from None
     if d < 1 or m < 1:

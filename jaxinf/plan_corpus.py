@@ -17,11 +17,15 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+if TYPE_CHECKING:
+    from jaxinf import config as cfg
 
-def corpus_plan(config) -> tuple[dict, object]:
+
+def corpus_plan(config) -> tuple[dict, cfg.Config]:
     """The corpus of ``config`` counted (a JSON-able dict: documents, tokens, the plan's report, the passes) and
     ``config`` with ``plan.documents`` and ``plan.tokens_per_document`` set to the corpus's rows and its batches'
     token slots per row (padding, padding rows of the last batches included: what the steps compute). Raises
@@ -48,7 +52,7 @@ def corpus_plan(config) -> tuple[dict, object]:
     report = make_plan(lengths, **args).report
     n_fit = len(lengths) if config.factors.max_documents is None else min(config.factors.max_documents, len(lengths))
     fit = report if n_fit == len(lengths) else make_plan(lengths[:n_fit], **args).report
-    passes = []
+    passes: list[dict[str, Any]] = []
     if config.factors.from_run is None:
         passes += [{"stage": "covariance", "documents": n_fit, "rows": fit.rows, "tokens": fit.tokens},
                    {"stage": "lambda", "documents": n_fit, "rows": fit.rows, "tokens": fit.tokens}]

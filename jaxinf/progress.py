@@ -44,8 +44,7 @@ class Progress:
         compilation (counting it as throughput made the first ETA of a five-minute stage read two hours)."""
         now = time.perf_counter()
         elapsed = now - self.t0
-        steady = self.first is not None and self.done > self.first[0]
-        if steady:
+        if self.first is not None and self.done > self.first[0]:   # steady
             done0, tokens0, t1 = self.first
             rate = (self.tokens - tokens0) / (now - t1) if now > t1 else 0.0
             eta_text = _duration((self.total - self.done) * (now - t1) / (self.done - done0))

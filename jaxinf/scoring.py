@@ -30,10 +30,12 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
+from typing import TypeVar, cast
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxinf.axes import logical
 from jaxinf.capture import LayerSpec, expand, per_sequence_gradient
@@ -268,16 +270,21 @@ class Scores:
     self: Array | None = None
 
 
+def _sum(arrays: Iterable[Array]) -> Array:
+    """``sum(arrays)`` of one or more blocks' arrays (there is always a tracked block; ``sum`` of none would be 0)."""
+    return cast(Array, sum(arrays))
+
+
 def collect_scores(blocks: Mapping[str, Array], *, per_layer: bool = False, per_token: bool = False,
                    self_blocks: Mapping[str, Array] | None = None) -> Scores:
     """:class:`Scores` from per-block :func:`block_scores` (``[*lead, Q, B(, T)]``) and self-influence (``[*lead, B]``,
     :meth:`~jaxinf.curvature.Strategy.self_score`)."""
-    self_total = None if self_blocks is None else sum(sum_layers(v, 1) for v in self_blocks.values())
+    self_total = None if self_blocks is None else _sum(sum_layers(v, 1) for v in self_blocks.values())
     if per_token:
-        tok = sum(sum_layers(v, 3) for v in blocks.values())
+        tok = _sum(sum_layers(v, 3) for v in blocks.values())
         return Scores(total=tok.sum(-1), per_layer={k: v.sum(-1) for k, v in blocks.items()} if per_layer else None,
                       per_token=tok, self=self_total)
-    total = sum(sum_layers(v, 2) for v in blocks.values())
+    total = _sum(sum_layers(v, 2) for v in blocks.values())
     return Scores(total=total, per_layer=dict(blocks) if per_layer else None, self=self_total)
 
 
@@ -287,7 +294,10 @@ def sum_layers(x: Array, trailing: int) -> Array:
     return x.sum(axis=tuple(range(lead))) if lead else x
 
 
-def normalize(scores: Array, query_loss: Array, how: str) -> Array:
+_Scores = TypeVar("_Scores", Array, np.ndarray)
+
+
+def normalize(scores: _Scores, query_loss: Array | np.ndarray, how: str) -> _Scores:
     """``none``: raw scores; ``per_nat``: each query's row divided by its completion NLL."""
     if how == "none":
         return scores
@@ -301,9 +311,10 @@ def expand_layer_scores(per_layer: Mapping[str, Array], layers: Mapping[str, Lay
     return expand(per_layer, layers, axis=0)
 
 
-def layer_order(layers: dict[str, LayerSpec]) -> list[str]:
+def layer_order(layers: Mapping[str, LayerSpec]) -> list[str]:
     """Per-layer names in model order: by layer index, blocks in call order within a layer, unstacked layers last."""
-    stacked, rest = [], []
+    stacked: list[tuple[int, int, str]] = []   # (layer index, position, name)
+    rest: list[tuple[int, int, str]] = []
     for position, spec in enumerate(layers.values()):
         for i, name in zip(spec.layer_indices or (None,), spec.layer_names):
             (stacked if i is not None else rest).append((i if i is not None else 0, position, name))

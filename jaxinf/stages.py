@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import jax
 import numpy as np
@@ -288,7 +288,7 @@ def self_influence_batch(
                                       lambda a, g, m, c: curv.strategy.self_score(a, g, c, damping_value, dtype,
                                                                                   precision),
                                       factors)
-    return sum(sum_layers(v, 1) for v in blocks.values()), losses
+    return cast(Array, sum(sum_layers(v, 1) for v in blocks.values())), losses   # blocks: at least one
 
 
 # --------------------------------------------------------------------------- in-memory drivers

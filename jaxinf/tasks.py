@@ -153,5 +153,4 @@ def lm_batch(sequences: list[list[int]], length: int | None = None, prompt_lengt
         tokens[i, : len(s)] = s
         mask[i, : len(s)] = 1.0
         weights[i, start : len(s)] = 1.0
-    tokens, mask, weights = jnp.asarray(tokens), jnp.asarray(mask), jnp.asarray(weights)
-    return {"tokens": tokens, "mask": mask, "weights": weights}
+    return {"tokens": jnp.asarray(tokens), "mask": jnp.asarray(mask), "weights": jnp.asarray(weights)}

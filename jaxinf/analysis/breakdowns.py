@@ -87,6 +87,7 @@ def summarize_breakdowns(breakdowns: Breakdowns, queries: Queries, scores: Score
         bins = lay.layer_bins(numbers)
         share = lay.layer_shares(ls)
         bshare = lay.bin_shares(share, bins)
+        assert topk is not None   # read_breakdowns refuses layer scores without topk.jsonl
         resid = []
         for q, qid in enumerate(queries.ids):
             for k, e in enumerate(topk.top[qid][: ls.shape[1]]):

@@ -36,7 +36,7 @@ def concentration_shares(top_desc: np.ndarray, bottom_asc: np.ndarray, total_pos
     ``top_desc`` / ``bottom_asc`` must hold at least the k largest / smallest scores. A query
     without positive (negative) scores gets None for that side.
     """
-    out = {"fractions": [float(f) for f in fractions], "k": [], "positive": [], "negative": []}
+    out: dict[str, list] = {"fractions": [float(f) for f in fractions], "k": [], "positive": [], "negative": []}
     cpos = np.cumsum(np.clip(np.asarray(top_desc, np.float64), 0, None))
     cneg = np.cumsum(np.clip(-np.asarray(bottom_asc, np.float64), 0, None))
     for f in fractions:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -130,7 +131,7 @@ def permutation_test(r: np.ndarray, kinds: Sequence[str], tasks: Sequence[str | 
     ``p = (1 + #{|d_perm| >= |d_obs|}) / (1 + n_permutations)`` (two-sided). Permutations that
     leave a group empty are not counted.
     """
-    kinds, tasks = encode_labels(kinds, tasks)
+    kind_codes, task_codes = encode_labels(kinds, tasks)
     finite = np.isfinite(r)
 
     def stat(k, t):
@@ -140,7 +141,7 @@ def permutation_test(r: np.ndarray, kinds: Sequence[str], tasks: Sequence[str | 
             return np.nan, int(ma.sum()), int(mb.sum())
         return float(r[ma].mean() - r[mb].mean()), int(ma.sum()), int(mb.sum())
 
-    d, na, nb = stat(kinds, tasks)
+    d, na, nb = stat(kind_codes, task_codes)
     out = {"difference": None if np.isnan(d) else d, "n_pairs_a": na, "n_pairs_b": nb, "p_value": None,
            "n_permutations": 0}
     if np.isnan(d):
@@ -148,8 +149,8 @@ def permutation_test(r: np.ndarray, kinds: Sequence[str], tasks: Sequence[str | 
     rng = np.random.default_rng(seed)
     hits = used = 0
     for _ in range(n_permutations):
-        perm = rng.permutation(len(kinds))
-        dp, _, _ = stat(kinds[perm], tasks[perm])
+        perm = rng.permutation(len(kind_codes))
+        dp, _, _ = stat(kind_codes[perm], task_codes[perm])
         if np.isnan(dp):
             continue
         used += 1
@@ -193,11 +194,11 @@ def correlation_summary(r: np.ndarray, kinds: Sequence[str], tasks: Sequence[str
     """Every group statistic and comparison of the Pearson matrix r."""
     present = [k for k in ALL_KINDS if k in kinds]
     task_names = sorted({t for t in tasks if t is not None})
-    task_kind = {}
+    task_kind: dict[str, str] = {}
     for k, t in zip(kinds, tasks):
         if t is not None:
             task_kind.setdefault(t, k)
-    out = {
+    out: dict[str, Any] = {
         "within_task": {t: {"kind": task_kind[t], **describe(group_values(r, one_task(i), kinds, tasks))}
                         for i, t in enumerate(task_names)},
         "kind_pairs": {},

@@ -15,7 +15,7 @@ from jaxinf.analysis.groups import present_kinds
 from jaxinf.analysis.layers import BINS
 
 KIND_COLORS = {"factual": "#1f77b4", "reasoning": "#d62728", "control": "#7f7f7f", "unknown": "#9467bd"}
-RC = {"font.size": 9, "axes.titlesize": 10}
+RC: dict[matplotlib.typing.RcKeyType, float] = {"font.size": 9, "axes.titlesize": 10}   # what rc_context takes
 
 
 def lab(x) -> str:
@@ -85,9 +85,9 @@ def fig_concentration(path: Path, s: dict) -> None:
         for j, side in enumerate(("positive", "negative")):
             ax = fig.add_subplot(1, 2, j + 1)
             for kind in present_kinds(s["queries"]["kind"]):
-                m = [cs["by_kind"][side][f][kind]["mean"] for f in cs["fractions"]]
+                means = [cs["by_kind"][side][f][kind]["mean"] for f in cs["fractions"]]
                 sd = [cs["by_kind"][side][f][kind]["std"] or 0.0 for f in cs["fractions"]]
-                m = np.asarray([np.nan if v is None else v for v in m])
+                m = np.asarray([np.nan if v is None else v for v in means])
                 ax.errorbar(fr, m, yerr=sd, marker="o", capsize=2, label=kind, color=KIND_COLORS[kind])
             ax.set_xscale("log")
             ax.set_xticks(fr, [f"{x:g}%" for x in fr])
@@ -108,7 +108,7 @@ def fig_per_nat(path: Path, s: dict) -> None:
         ks = present_kinds(kinds)
         data = [[p["absolute"] for p, k in zip(pn["per_query"], kinds) if k == kind and p] for kind in ks]
         for i, (kind, d) in enumerate(zip(ks, data)):
-            x = np.full(len(d), i) + np.linspace(-0.15, 0.15, len(d)) if d else []
+            x: np.ndarray | list = np.full(len(d), i) + np.linspace(-0.15, 0.15, len(d)) if d else []
             ax.scatter(x, d, s=10, color=KIND_COLORS[kind])
             if d:
                 ax.hlines(np.median(d), i - 0.3, i + 0.3, color="k")

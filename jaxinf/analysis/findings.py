@@ -71,7 +71,7 @@ def answers_retrieved(answers: dict, n_documents: int) -> dict:
         return {**out, "holds": None, "p_value": None, "statistic": "not testable: no document texts"}
     k = answer_k(answers["ks"], n_documents)
     j = list(answers["ks"]).index(k)
-    found = {"factual": [], "reasoning": []}
+    found: dict[str, list[bool]] = {"factual": [], "reasoning": []}
     for q in answers["per_query"]:
         row = q["by_k"][j]
         if q["kind"] in found and row["recall"] is not None:

@@ -26,7 +26,7 @@ def present_kinds(kinds: Sequence[str]) -> list[str]:
     return [k for k in ALL_KINDS if k in kinds]
 
 
-def by_kind(values: Sequence, kinds: Sequence[str]) -> dict:
+def by_kind(values: Sequence | np.ndarray, kinds: Sequence[str]) -> dict:
     """describe() of the per-query values of each kind present."""
     v = np.asarray([np.nan if x is None else x for x in values], np.float64)
     k = np.asarray(kinds)

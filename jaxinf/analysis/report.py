@@ -77,7 +77,7 @@ def _highlight(texts: list[str], scores: np.ndarray, top: list[dict], window: in
     tokenizer's decode of that window (its leading space dropped) with the marked tokens' text in <mark>; otherwise
     the raw token strings of an older export, run together."""
     marks = {t["position"] for t in top}
-    keep = set()
+    keep: set[int] = set()
     for p in marks:
         keep.update(range(max(0, p - window // 2), min(len(texts), p + window // 2)))
     out, prev = [], -2

@@ -53,7 +53,7 @@ def source_multipliers(ranked_codes: np.ndarray, ks: Sequence[int], corpus_count
         for i, k in enumerate(ks):
             c = np.bincount(ranked_codes[:k], minlength=S)
             by_count[i] = (c / k) / corpus_count_share
-            if by_tokens is not None:
+            if by_tokens is not None and ranked_tokens is not None:   # both or neither
                 t = np.bincount(ranked_codes[:k], weights=ranked_tokens[:k].astype(np.float64), minlength=S)
                 if t.sum() > 0:
                     by_tokens[i] = (t / t.sum()) / corpus_token_share

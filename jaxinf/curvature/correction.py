@@ -72,6 +72,7 @@ def rotated_gradient(a: Array, g: Array, Q_A: Array | None, Q_S: Array | None, d
     a = a.astype(dtype)
     g = g.astype(dtype)
     if Q_A is not None:
+        assert Q_S is not None, "an eigenbasis has both Q_A and Q_S"
         a = jnp.einsum("bti,ij->btj", a, Q_A.astype(dtype), precision=precision)
         g = jnp.einsum("bto,op->btp", g, Q_S.astype(dtype), precision=precision)
     return jnp.einsum("btp,btj->bpj", g, a, precision=precision)

@@ -75,7 +75,7 @@ def curvature_context(curv: Curvature) -> dict[str, dict[str, Array]] | None:
     out = {}
     for k, L in curv.Lambda.items():
         out[k] = {"Lambda": L}
-        if curv.Q_A is not None:
+        if curv.Q_A is not None and curv.Q_S is not None:   # both or neither (curvature())
             out[k].update(Q_A=curv.Q_A[k], Q_S=curv.Q_S[k])
     return out
 

@@ -100,6 +100,7 @@ class Strategy:
         if self.lambda_source == "none":
             return None
         if self.lambda_source == "eigenvalues":
+            assert eigen is not None, f"{self.name}: Lambda from the eigenvalues needs the eigendecomposition"
             return kfac_lambda(eigen)
         return fit(eigen if self.eigen else None)
 
@@ -116,11 +117,12 @@ class Strategy:
         ``damp``: ``[*lead]``. The example axis ``n`` broadcasts against them. Formed in ``Lambda``'s dtype, at the
         matmul precision ``precision`` (``run.matmul_precision``).
         """
+        assert factors is not None and damp is not None, f"{self.name}: preconditioning needs Lambda and damping"
         dtype = factors["Lambda"].dtype
         inv = jnp.expand_dims(inverse_eigenvalues(factors["Lambda"], damp), -3)
         g = g.astype(dtype)
         Q_A, Q_S = self.basis(factors)
-        if Q_A is None:
+        if Q_A is None or Q_S is None:   # both or neither
             return g * inv
         Q_A = jnp.expand_dims(Q_A.astype(dtype), -3)
         Q_S = jnp.expand_dims(Q_S.astype(dtype), -3)
@@ -136,6 +138,7 @@ class Strategy:
 
         ``factors``: the layer's :func:`~jaxinf.curvature.curvature_context`.
         """
+        assert factors is not None, f"{self.name}: a self-score needs Lambda"
         Lambda = factors["Lambda"]
         R = rotated_gradient(a, g, *self.basis(factors), Lambda.dtype, precision)
         inv = inverse_eigenvalues(Lambda, block_damping(Lambda, damping_value))

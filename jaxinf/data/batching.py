@@ -78,7 +78,7 @@ def bucket_lengths(max_length: int, smallest: int = 64) -> tuple[int, ...]:
     """
     if max_length < 1:
         raise DataError(f"data.max_length: must be positive, got {max_length}")
-    out = []
+    out: list[int] = []
     for m in _multipliers():
         if smallest * m >= max_length:
             return tuple(out) + (max_length,)
@@ -382,7 +382,7 @@ def scatter_columns(matrix: np.ndarray, values: np.ndarray, index: np.ndarray) -
     """
     index = np.asarray(index)
     keep = index >= 0
-    np.add.at(matrix, (..., index[keep]), np.asarray(values)[..., keep])
+    np.add.at(matrix, (..., index[keep]), np.asarray(values)[..., keep])  # type: ignore[arg-type]  # stubs: no tuple index
     return matrix
 
 

@@ -153,7 +153,9 @@ def prepare(input_path: str | os.PathLike, out_dir: str | os.PathLike, *, text_f
             source = open_documents(input_path, text_field=text_field, id_field=id_field, source_field=source_field)
         builder = _builder_class()(input_path=input_path, source=source, data_dir=str(tmp / "data"),
                                    file_format="array_record")
-        builder._jaxinf_metadata["sha256"] = file_sha256(input_path) if one_jsonl else source.content_digest()
+        # every reader open_documents returns has content_digest; DocumentSource (what batching needs) does not say so
+        builder._jaxinf_metadata["sha256"] = (file_sha256(input_path) if source is None
+                                              else source.content_digest())  # type: ignore[attr-defined]
         try:
             with _quiet_tfds():
                 builder.download_and_prepare(download_dir=str(tmp / "downloads"))

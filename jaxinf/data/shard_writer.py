@@ -7,6 +7,7 @@ import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 WRITE_FORMATS = ("jsonl", "jsonl.gz", "jsonl.zst", "parquet", "arrow", "hf")
 
@@ -33,6 +34,7 @@ def write_shards(records: Iterator[dict], out_dir: str | os.PathLike, fmt: str, 
         path = out / name
         taken = 0
         if fmt.startswith("jsonl"):
+            f: Any   # a gzip, zstandard or plain binary file: each writes bytes
             if fmt == "jsonl.gz":
                 f = gzip.open(path, "wb", compresslevel=6)
             elif fmt == "jsonl.zst":

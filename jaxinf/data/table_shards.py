@@ -24,7 +24,8 @@ class OpenTables:
     number of shards, not the work at hand."""
 
     def __init__(self, size: int = 2):
-        self.size, self.open = size, []
+        self.size = size
+        self.open: list[TableShard] = []
 
     def use(self, reader: TableShard) -> None:
         if reader in self.open:
@@ -37,18 +38,21 @@ class OpenTables:
 class TableShard:
     """A Parquet or Arrow shard, read with pyarrow; opened only while it is read (:class:`OpenTables`)."""
 
+    _table: Any = None   # the Arrow table, while open (set by _open; pyarrow has no type stubs)
+    _pf: Any = None      # the Parquet file, while open
+
+
     def __init__(self, shard: Shard, tables: OpenTables | None = None):
         self.shard = shard
         self.display = str(shard.path)
         self._tables = tables or OpenTables()
         self._cache: tuple[Any, Any] | None = None
-        self._table = self._pf = None
         self._open()
         self.schema = self._pf.schema_arrow if self._pf is not None else self._table.schema
         if self._pf is not None:
             meta = self._pf.metadata
             self._group_rows = np.asarray([meta.row_group(i).num_rows for i in range(meta.num_row_groups)], np.int64)
-            self._group_start = np.concatenate([[0], np.cumsum(self._group_rows)])
+            self._group_start: np.ndarray = np.concatenate([[0], np.cumsum(self._group_rows)])
 
     def _open(self) -> None:
         if self._table is None and self._pf is None:
@@ -125,7 +129,7 @@ class TableShard:
                     doc_id, defaulted_id = str(doc_id), False
                 source = sources[j] if sources is not None else None
                 defaulted_source = source is None
-                if defaulted_source:
+                if source is None:   # defaulted_source
                     source = default_source
                 try:
                     digest = blake(doc_id.encode() + b"\0" + source.encode() + b"\0" + text.encode(),

@@ -132,6 +132,7 @@ class TextEncoder:
                 out[j] = np.asarray(e.ids, np.int32)
         for j, t in enumerate(texts):
             if out[j] is None:
+                assert limit is not None   # only a text over the bound is left
                 out[j] = self.encode_prefix(t, int(limit))
         return out  # type: ignore[return-value]
 

@@ -17,6 +17,7 @@ import json
 import logging
 import time
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -24,7 +25,7 @@ from jaxinf.atomic import write_jsonl
 
 log = logging.getLogger("jaxinf")
 
-DEMO_CONFIG = {
+DEMO_CONFIG: dict[str, dict[str, Any]] = {
     "data": {"max_length": 64, "batch_size": 32, "query_batch_size": 8},
     "factors": {"strategy": "ekfac", "fisher": "sampled", "track": "mlp"},
     "scores": {"query_rank": 16, "topk": 10},

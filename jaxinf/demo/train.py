@@ -154,7 +154,7 @@ def complete(lm: models.LM, tok, prompts: list[str], max_new: int = 24) -> list[
         tokens[j, : len(e)] = e
     forward = jax.jit(lambda params, t, m: lm.apply(params, t, m))
     done = np.zeros(len(prompts), bool)
-    generated = [[] for _ in prompts]
+    generated: list[list[int]] = [[] for _ in prompts]
     for step in range(max_new):
         mask = (np.arange(T)[None, :] < lengths[:, None]).astype(np.float32)
         logits = np.asarray(forward(lm.params, jnp.asarray(tokens), jnp.asarray(mask)))

@@ -50,7 +50,8 @@ class AnalysisError(UserError):
 # ----------------------------------------------------------------------------- JSONL
 
 
-_SCAN = json.JSONDecoder().scan_once  # the C scanner behind json.loads, without its per-call overhead
+# the C scanner behind json.loads, without its per-call overhead (typeshed does not declare the attribute)
+_SCAN = json.JSONDecoder().scan_once  # type: ignore[attr-defined]
 
 
 def iter_jsonl(path: Path) -> Iterator[tuple[int, dict]]:
@@ -329,7 +330,7 @@ class ScoreMatrix:
     def _read(self, f, out_row: np.ndarray, q: int, start: int) -> None:
         nbytes = out_row.size * self.dtype.itemsize
         pos = self.offset + (q * self.shape[1] + start) * self.dtype.itemsize
-        view = memoryview(out_row).cast("B")
+        view = memoryview(out_row).cast("B")  # type: ignore[arg-type]  # an ndarray is a buffer
         got = 0
         while got < nbytes:
             n = os.preadv(f.fileno(), [view[got:]], pos + got)
@@ -466,7 +467,7 @@ def iter_topk_tokens(path: Path) -> Iterator[TokenRecord]:
                 isinstance(t, dict) and isinstance(t.get("text"), str) and isinstance(t.get("score"), (int, float))
                 and not isinstance(t.get("score"), bool) for t in toks):
             raise AnalysisError(f"{where}: field tokens must be a list of {{text: str, score: number}}")
-        pieces = [t.get("piece") for t in toks]
+        pieces: list | None = [t.get("piece") for t in toks]
         if any(p is not None for p in pieces):
             bad = next((i for i, p in enumerate(pieces) if not isinstance(p, str)), None)
             if bad is not None:

@@ -28,6 +28,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -142,7 +143,7 @@ def _score_rows(scores: kf.Scores, run: transfer.RunFactors, topk: int, notes: l
                 raise InteropError(f"{run.root / 'queries.jsonl'}: needed for per-nat scores (scores.normalize)")
             ref = ref / losses[:, None]
             notes.append("the run's scores are per nat; kronfluence's are divided by the same completion NLLs")
-        queries = []
+        queries: list[dict[str, Any]] = []
         for q in range(ref.shape[0]):
             queries.append({"query": ids[q] if q < len(ids) else str(q), "pearson": pearson(mine[q], ref[q]),
                             "spearman": spearman(mine[q], ref[q]), "topk_overlap": topk_overlap(mine[q], ref[q], topk),

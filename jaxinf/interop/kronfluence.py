@@ -37,7 +37,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -345,7 +345,7 @@ def _total(tensors: dict[str, np.ndarray], path: Path) -> tuple[np.ndarray, dict
     if len(shapes) != 1:
         raise InteropError(f"{path}: per-module scores of different shapes {sorted(shapes)}")
     per = {k: v.astype(np.float64) for k, v in tensors.items()}
-    return sum(per.values()), per
+    return cast(np.ndarray, sum(per.values())), per   # tensors is not empty: refused above
 
 
 def read_scores(directory: str | Path) -> Scores:

@@ -41,6 +41,7 @@ import dataclasses
 import json
 import logging
 from pathlib import Path
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -83,7 +84,7 @@ def tracked_layers(config: cfg.Config) -> dict[str, capture.LayerSpec]:
 
 def layer_index(layers: dict[str, capture.LayerSpec]) -> dict[str, tuple[str, int | None]]:
     """Per-layer name (the Hugging Face module name) -> (block name, index along the block's layer axis or None)."""
-    out = {}
+    out: dict[str, tuple[str, int | None]] = {}
     for block, spec in layers.items():
         if spec.stacked:
             for i, name in enumerate(spec.layer_names):
@@ -192,7 +193,9 @@ def load_run(run_dir: str | Path) -> RunFactors:
 
 def _eigen_like(layers, dtype) -> Eigen:
     """The shapes of the eigendecomposition of ``layers`` in ``dtype`` (a restore template; nothing is allocated)."""
-    z = lambda *shape: jax.ShapeDtypeStruct(shape, dtype)  # noqa: E731
+    def z(*shape: int) -> Any:   # an abstract leaf standing where the restored Array goes
+        return jax.ShapeDtypeStruct(shape, dtype)
+
     return Eigen(Q_A={k: z(*s.lead, s.d_in_aug, s.d_in_aug) for k, s in layers.items()},
                  e_A={k: z(*s.lead, s.d_in_aug) for k, s in layers.items()},
                  Q_S={k: z(*s.lead, s.d_out, s.d_out) for k, s in layers.items()},
@@ -358,7 +361,7 @@ def export_factors(run_dir: str | Path, out: str | Path, *, overwrite: bool = Fa
         raise InteropError(f"{run.source / 'state' / 'lambda'}: the run has no finished Lambda")
     layers = run.layers
     tensors: dict[str, dict[str, np.ndarray]] = {}
-    dtypes = set()
+    dtypes: set[str] = set()
     if run.covariance is not None:
         c = run.covariance
         tensors["activation_covariance"] = per_layer(c.A, layers)
@@ -379,6 +382,7 @@ def export_factors(run_dir: str | Path, out: str | Path, *, overwrite: bool = Fa
             tensors["lambda_matrix"] = per_layer(run.lambda_sums.Lambda, layers)
             n_seq = {name: round(float(n)) for name, n in per_layer(run.lambda_sums.count, layers).items()}
         else:
+            assert run.Lambda is not None   # refused above
             tensors["lambda_matrix"] = per_layer(run.Lambda, layers)
             n_seq = {name: 1 for name in layer_index(layers)}
         tensors["num_lambda_processed"] = {name: np.asarray([n], np.int64) for name, n in n_seq.items()}

@@ -106,9 +106,11 @@ class ModelConfig:
     intermediate_size: int
     num_layers: int
     num_heads: int
-    num_kv_heads: int | None = None
-    head_dim: int | None = None
-    rotary_dim: int | None = None
+    # None in the constructor: derived by __post_init__ (num_heads, hidden_size // num_heads, head_dim), so the
+    # attribute is always an int; the checker cannot follow __post_init__'s object.__setattr__, hence the ignores.
+    num_kv_heads: int = None  # type: ignore[assignment]
+    head_dim: int = None  # type: ignore[assignment]
+    rotary_dim: int = None  # type: ignore[assignment]
     rope_theta: float = 10000.0
     rope_type: str = "default"
     rope_factor: float = 1.0
@@ -143,7 +145,7 @@ class ModelConfig:
     moe_renormalize: bool = True
     initializer_range: float = 0.02
     dtype: str = "float32"
-    param_dtype: str | None = None
+    param_dtype: str = None  # type: ignore[assignment]   # None in the constructor: dtype (__post_init__)
     scan: bool = True
     remat: bool = False
 
@@ -241,7 +243,8 @@ class ModelConfig:
     def check_dtypes(self) -> None:
         """float64 needs ``jax.enable_x64``; without it jax would silently compute in float32."""
         for k in ("dtype", "param_dtype"):
-            if getattr(self, k) == "float64" and not jax.config.jax_enable_x64:
+            # jax.config declares its flags as they are read, not as attributes
+            if getattr(self, k) == "float64" and not jax.config.jax_enable_x64:  # type: ignore[attr-defined]
                 raise ConfigError(f"model {k} float64 needs 64-bit jax (use `with jax.enable_x64(True):`)")
 
 
@@ -279,7 +282,8 @@ class Fields:
     """
 
     def __init__(self, cfg: Mapping[str, Any], source: str):
-        self.cfg, self.source, self.read = cfg, source, set()
+        self.cfg, self.source = cfg, source
+        self.read: set[str] = set()
 
     def __call__(self, key: str, kind: str = "int", default: Any = ...) -> Any:
         self.read.add(key)

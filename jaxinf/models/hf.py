@@ -24,6 +24,7 @@ file and the tensor or field.
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import os
 import re
@@ -31,7 +32,7 @@ import struct
 from collections.abc import Callable
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import jax
 import ml_dtypes
@@ -131,12 +132,12 @@ def aligned_empty(shape: tuple[int, ...], dtype, align: int = 64) -> np.ndarray:
     return raw[offset: offset + n].view(dtype).reshape(shape)
 
 
-def read_tensor(info: TensorInfo, f: BinaryIO, out: np.ndarray | None = None) -> np.ndarray:
+def read_tensor(info: TensorInfo, f: io.BufferedIOBase, out: np.ndarray | None = None) -> np.ndarray:
     """The tensor's data read from the open file ``f`` into ``out`` (a new array when None)."""
     if out is None:
         out = np.empty(info.shape, _DTYPES[info.dtype])
     f.seek(info.start)
-    view = memoryview(out.reshape(-1).view(np.uint8))
+    view = memoryview(out.reshape(-1).view(np.uint8))  # type: ignore[arg-type]  # an ndarray is a buffer
     got = 0
     while got < len(view):
         n = f.readinto(view[got:])
@@ -168,7 +169,7 @@ def tensor_index(path: Path) -> tuple[dict[str, TensorInfo], Path]:
             if not file.exists():
                 raise CheckpointError(f"{index_file}: shard {fname} is missing")
             headers[fname] = read_header(file)
-        tensors = {}
+        tensors: dict[str, TensorInfo] = {}
         for name, fname in weight_map.items():
             if name not in headers[fname]:
                 raise CheckpointError(f"{path / fname}: tensor {name} (listed in {INDEX}) is missing")
@@ -183,7 +184,7 @@ def tensor_index(path: Path) -> tuple[dict[str, TensorInfo], Path]:
                 f"python -c \"from transformers import AutoModelForCausalLM as M; "
                 f"M.from_pretrained('{path}').save_pretrained('{path}-safetensors')\" and load that directory")
         raise CheckpointError(f"{path}: no {SINGLE}, {INDEX} or *.safetensors file")
-    tensors: dict[str, TensorInfo] = {}
+    tensors = {}
     for file in files:
         for name, info in read_header(file).items():
             if name in tensors:
@@ -358,7 +359,7 @@ def load_params(
     skipped = check_unused(lm, sorted(set(tensors) - used), where)
     flat: dict[str, Any] = {}
     with ExitStack() as stack:
-        handles: dict[Path, BinaryIO] = {}
+        handles: dict[Path, io.BufferedIOBase] = {}
         for src, infos in plan:
             buf = aligned_empty(src.shape, src.dtype)
             for i, info in enumerate(infos):
@@ -397,7 +398,7 @@ def check_unused(lm: LM, unused: list[str], where: Path) -> list[str]:
     return unused
 
 
-def read_converted(info: TensorInfo, f: BinaryIO, out: np.ndarray, transpose: bool, chunk: int = CHUNK) -> None:
+def read_converted(info: TensorInfo, f: io.BufferedIOBase, out: np.ndarray, transpose: bool, chunk: int = CHUNK) -> None:
     """Reads a tensor into ``out`` converted to ``out.dtype`` (and transposed: ``out = weight.T``).
 
     Without conversion the data is read straight into ``out``; otherwise in

@@ -279,6 +279,7 @@ def attention_mask(mask: Array, config: ModelConfig) -> Array:
     for sliding, _ in config.kinds:
         allowed = s <= t
         if sliding:
+            assert config.sliding_window is not None   # ModelConfig refuses sliding layers without a window
             allowed = allowed & (t - s < config.sliding_window)
         out.append(allowed[None] & (mask[:, None, :] > 0))
     return jnp.stack(out)

@@ -80,13 +80,13 @@ class SelfAttention(nnx.Module):
         c = self.config
         B, T, _ = x.shape
         q, k = self.q_proj(x, tap, prefix), self.k_proj(x, tap, prefix)
-        if self.flat and self.q_norm is not None:
+        if self.flat and self.q_norm is not None and self.k_norm is not None:   # both or neither
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = clip(q, c), clip(k, c), clip(self.v_proj(x, tap, prefix), c)
         q = q.reshape(B, T, c.num_heads, c.head_dim)
         k = k.reshape(B, T, c.num_kv_heads, c.head_dim)
         v = v.reshape(B, T, c.num_kv_heads, c.head_dim)
-        if not self.flat and self.q_norm is not None:
+        if not self.flat and self.q_norm is not None and self.k_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         return getattr(self, self.o_name)(attend(q, k, v, ctx, c, self.interleaved), tap, prefix)
 

@@ -243,7 +243,7 @@ def layer_dampings(Lambda) -> dict[str, list]:
 
 def _save_params(path: Path, params) -> None:
     flat = {jax.tree_util.keystr(p): np.asarray(x) for p, x in jax.tree_util.tree_leaves_with_path(params)}
-    write_atomic(path, lambda f: np.savez(f, **flat))
+    write_atomic(path, lambda f: np.savez(f, **flat))  # type: ignore[arg-type]  # keys: tree paths, never allow_pickle
 
 
 def _load_params(path: Path, like):

@@ -189,7 +189,7 @@ def in_chunks(fn, indices: np.ndarray, chunk: int, units: Path | None = None, do
         path = None if units is None else Path(units) / f"chunk_{lo:05d}.npz"
         got = _read_unit(path, idx)
         computed = got is None
-        if computed:
+        if got is None:
             v, r = fn(np.concatenate([idx, np.full(chunk - len(idx), idx[0])]))
             got = np.asarray(v)[: len(idx)], np.asarray(r)[: len(idx)]
             if path is not None:

@@ -60,7 +60,7 @@ def schedule(members: np.ndarray, steps: int, batch_size: int, seed: int) -> np.
     if batch_size > len(members):
         raise ValidationError(f"validate.batch_size: {batch_size} is more than the {len(members)} documents of a subset")
     rng = np.random.default_rng(seed)
-    out = []
+    out: list[np.ndarray] = []
     while len(out) < steps:
         order = members[rng.permutation(len(members))]
         out.extend(order[lo:lo + batch_size] for lo in range(0, len(order) - batch_size + 1, batch_size))
@@ -85,7 +85,7 @@ def measurements(task, params, queries) -> jax.Array:
     return token_losses.sum(-1)
 
 
-def make_trainer(task, proc: Procedure) -> Callable:
+def make_trainer(task, proc: Procedure) -> tuple[Callable, Callable]:
     """``train(params0, documents, queries, schedules [G, steps, B]) -> (measurements [G, Q], losses [G, steps])``.
 
     One jitted program: G models from the same ``params0``, each trained along its own schedule.

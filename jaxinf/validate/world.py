@@ -99,6 +99,8 @@ def from_config(config: cfg.Config) -> World:
     for name in ("documents", "queries"):
         if getattr(config.data, name) is None:
             raise ValidationError(f"data.{name}: needed by jaxinf validate with a config")
+    assert (config.model.checkpoint is not None and config.data.documents is not None  # refused above
+            and config.data.queries is not None)
     lm, tokenizer = models.from_hf(config.model.checkpoint, dtype=config.model.dtype, scan=config.model.scan_layers)
     encoder = TextEncoder(tokenizer)
     source = open_documents(config.data.documents, text_field=config.data.text_field, id_field=config.data.id_field,
