@@ -467,14 +467,14 @@ def iter_topk_tokens(path: Path) -> Iterator[TokenRecord]:
                 isinstance(t, dict) and isinstance(t.get("text"), str) and isinstance(t.get("score"), (int, float))
                 and not isinstance(t.get("score"), bool) for t in toks):
             raise AnalysisError(f"{where}: field tokens must be a list of {{text: str, score: number}}")
-        pieces: list | None = [t.get("piece") for t in toks]
-        if any(p is not None for p in pieces):
-            bad = next((i for i, p in enumerate(pieces) if not isinstance(p, str)), None)
+        given = [t.get("piece") for t in toks]
+        pieces: list | None = None
+        if any(p is not None for p in given):
+            bad = next((i for i, p in enumerate(given) if not isinstance(p, str)), None)
             if bad is not None:
                 raise AnalysisError(f"{where}: field tokens[{bad}].piece must be a string (every token has one or "
                                     "none does)")
-        else:
-            pieces = None
+            pieces = given
         scores = np.asarray([t["score"] for t in toks], np.float64)
         if not np.isfinite(scores).all():
             raise AnalysisError(f"{where}: non-finite token score at token {int(np.flatnonzero(~np.isfinite(scores))[0])}")
