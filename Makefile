@@ -32,7 +32,8 @@ install-test: $(VENV)
 demo: install
 	$(PYTHON) -m jaxinf demo
 
-# The type checker first (configured in pyproject's [tool.mypy]: the package, zero findings), then the tests.
+# The linter and the type checker first (pyproject's [tool.ruff] and [tool.mypy]: zero findings), then the tests.
 test: install-test
+	$(PYTHON) -m ruff check .
 	$(PYTHON) -m mypy
 	$(PYTHON) -m pytest

@@ -14,7 +14,6 @@ import os
 import sys
 from pathlib import Path
 
-
 EXIT_CODES = {
     0: "success",
     1: "jaxinf plan: a planned step does not fit (plan.device_memory_gib); any command: an unexpected error "
@@ -107,7 +106,6 @@ def _query(args) -> int:
 def _plan(args) -> int:
     from jaxinf import config as cfg
     from jaxinf import plan
-
     from jaxinf.chips import chip
 
     config = cfg.load(*cfg.config_arguments(args.config, args.overrides))

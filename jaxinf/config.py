@@ -76,7 +76,7 @@ class FactorsConfig:
                         ("identity", "diagonal", "kfac", "ekfac"))
     fisher: str = key("sampled", "labels for the curvature: sampled from the model (true Fisher) or the data's",
                       "covariance", ("sampled", "empirical"))
-    track: Union[str, list[str]] = key("mlp", "tracked layers: mlp | all | a list of name patterns", "covariance")
+    track: str | list[str] = key("mlp", "tracked layers: mlp | all | a list of name patterns", "covariance")
     max_documents: int | None = key(None, "documents used to fit the curvature (null: all)", "covariance")
     seed: int = key(0, "PRNG seed of the sampled labels", "covariance")
     from_run: str | None = key(None, "reuse the fitted factors of another run directory (YAML key: factors.from)",
@@ -103,7 +103,7 @@ class ScoresConfig:
 
 @dataclasses.dataclass(frozen=True)
 class IndexConfig:
-    k: Union[int, str, None] = key(None, "EK-FAC index: eigen-directions kept per factor and layer (the block "
+    k: int | str | None = key(None, "EK-FAC index: eigen-directions kept per factor and layer (the block "
                                    "(Q_S^T G Q_A)[:k, :k] of the largest eigenvalues), full (every cell: exact), or "
                                    "null (no index)", "index")
     dtype: str = key("float32", "EK-FAC index: storage dtype of the kept cells", "index", ("float32", "float16"))
@@ -155,7 +155,7 @@ class ValidateConfig:
     seed: int = key(0, "jaxinf validate: seed of the subsets and of the PBRF's document sample", None)
     strategies: list[str] = key(["identity", "diagonal", "kfac", "ekfac"], "jaxinf validate: strategies compared",
                                 None)
-    dampings: list[Union[float, None]] = key([None, 0.001], "jaxinf validate: dampings compared (null: the heuristic); "
+    dampings: list[float | None] = key([None, 0.001], "jaxinf validate: dampings compared (null: the heuristic); "
                                              "the first is the one of lds, recall and pbrf", None)
     start: str = key("scratch", "jaxinf validate (YAML key: validate.from): the training being explained starts from "
                      "the model's initialization (scratch) or its checkpoint's weights (checkpoint)", None,

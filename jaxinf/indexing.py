@@ -39,8 +39,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxinf.capture import LayerSpec
 from jaxinf.axes import field_axes
+from jaxinf.capture import LayerSpec
 from jaxinf.curvature.eigen import Eigen
 from jaxinf.precision import matmul_precision, working_dtype
 from jaxinf.scoring import QueryGradients

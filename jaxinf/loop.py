@@ -32,8 +32,8 @@ import jax
 import numpy as np
 
 from jaxinf.capture import CaptureError
-from jaxinf.progress import Progress
 from jaxinf.faults import fault_point
+from jaxinf.progress import Progress
 
 log = logging.getLogger("jaxinf")
 

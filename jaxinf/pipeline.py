@@ -32,8 +32,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxinf import curvature, failures, fingerprint, index_run, precision, preflight, programs, rundir, scoring, stages
 from jaxinf import config as cfg
+from jaxinf import curvature, failures, fingerprint, index_run, precision, preflight, programs, rundir, scoring, stages
 from jaxinf.distributed import eigendecompose
 from jaxinf.executor import Executor, make_executor
 from jaxinf.exports.stage import export

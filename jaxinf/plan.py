@@ -49,7 +49,7 @@ from pathlib import Path
 from typing import Any
 
 from jaxinf.errors import UserError
-from jaxinf.index_store import format_size, index_size   # no jax: the simulated devices are set up later
+from jaxinf.index_store import format_size, index_size  # no jax: the simulated devices are set up later
 
 log = logging.getLogger("jaxinf")
 

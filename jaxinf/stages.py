@@ -44,6 +44,9 @@ from jaxinf.curvature import (
     lambda_statistic,
     lambda_update,
 )
+from jaxinf.loop import Kept, Step, run_batches
+from jaxinf.partitioning import streamed
+from jaxinf.precision import layers_dtype
 from jaxinf.scoring import (
     QueryGradients,
     Scores,
@@ -54,9 +57,6 @@ from jaxinf.scoring import (
     query_gradients_of,
     sum_layers,
 )
-from jaxinf.loop import Kept, Step, run_batches
-from jaxinf.partitioning import streamed
-from jaxinf.precision import layers_dtype
 from jaxinf.tasks import Task
 
 Array = jax.Array

@@ -66,7 +66,7 @@ def generate(d: Path, Q: int, N: int, seed: int = 0) -> None:
     favoured = (src == SOURCES.index("math_and_trivia")).astype(np.float32) * 3.0
     with open(d / "scores.npy", "wb") as f:
         np.lib.format.write_array_header_1_0(f, {"descr": "<f4", "fortran_order": False, "shape": (Q, N)})
-        for q, (kind, task) in enumerate(lab):
+        for kind, task in lab:
             w = {"factual": 0.3, "reasoning": 0.8, "control": 0.2}[kind]
             row = w * comp[task] + (1 - w) * heavy()
             if kind == "reasoning":
@@ -81,9 +81,9 @@ def text_source(ids):
 def stage(name: str, d: Path) -> dict:
     """Run one stage in this (fresh) process; returns its wall time and peak RSS."""
     t0 = time.time()
-    from jaxinf.analysis import driver as A
     from jaxinf.analysis import concentration as conc
     from jaxinf.analysis import correlations as corr
+    from jaxinf.analysis import driver as A
     from jaxinf.analysis import powerlaw as pl
     from jaxinf.analysis import sources as srcs
     from jaxinf.exports.formats import ScoreMatrix, read_documents, read_exported_queries

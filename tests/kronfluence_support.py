@@ -18,7 +18,6 @@ import warnings
 from pathlib import Path
 
 import numpy as np
-
 from conftest import oracle
 
 MAX_LENGTH = 16

@@ -14,7 +14,6 @@ import math
 from pathlib import Path
 
 import numpy as np
-
 from conftest import oracle
 
 VOCAB = 61

@@ -367,7 +367,8 @@ def distributed_task(out: Path) -> None:
     import jax
     import numpy as np
 
-    from jaxinf import capture, config as cfg, meshes, scoring, stages, testing
+    from jaxinf import capture, meshes, scoring, stages, testing
+    from jaxinf import config as cfg
     from jaxinf.executor import MeshExecutor
 
     process = int(os.environ["JAXINF_TEST_PROCESS"])

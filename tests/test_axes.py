@@ -13,8 +13,8 @@ import re
 import jax
 import jax.numpy as jnp
 import pytest
-
 from engine_fixtures import doc_batch, layers_of, tiny_lm
+
 from jaxinf import curvature, models, scoring
 from jaxinf.axes import REPLICATED, Axes, AxesError, declared_axes, field_axes, logical
 from jaxinf.models.families import FAMILIES

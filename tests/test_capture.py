@@ -4,8 +4,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from engine_fixtures import capture_ag, doc_batch, layers_of, rel_err, tiny_lm, tracked_param_subtree
+
 from jaxinf import capture, testing
 from jaxinf.capture import CaptureError, Tap
 

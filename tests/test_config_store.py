@@ -7,8 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxinf import config as cfg
 from jaxinf import atomic, rundir, store
+from jaxinf import config as cfg
 
 
 def test_yaml_and_overrides(tmp_path):

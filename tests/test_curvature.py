@@ -6,8 +6,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from engine_fixtures import capture_ag, layers_of, mlp_init, mlp_task, rel_err
+
 from jaxinf import capture, curvature, stages, tasks, testing
 from jaxinf.curvature import Covariance
 

@@ -10,8 +10,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from data_support import corpus_texts, documents_file, make_tokenizer
+
 from jaxinf import tasks, testing
 from jaxinf.capture import Tap
 from jaxinf.data.batching import (

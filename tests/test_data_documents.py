@@ -11,13 +11,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from data_support import corpus_texts, documents_file, write_jsonl
+
 from jaxinf import cli
 from jaxinf.data.documents import Document, JsonlDocuments
-from jaxinf.data.sources import open_documents
 from jaxinf.data.errors import DataError
 from jaxinf.data.prepare import prepare
+from jaxinf.data.sources import open_documents
 
 REPO = Path(__file__).resolve().parents[1]
 

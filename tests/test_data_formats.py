@@ -9,8 +9,8 @@ import shutil
 from pathlib import Path
 
 import pytest
-
 from pipeline_support import make_world, overrides
+
 from jaxinf import config as cfg
 from jaxinf import pipeline
 from jaxinf.data.documents import Document

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import numpy as np
-
 from data_support import documents_file, make_tokenizer
+
 from jaxinf.data.batching import document_lengths
 from jaxinf.data.documents import JsonlDocuments
 from jaxinf.data.progress import PassProgress, format_duration

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from data_support import make_tokenizer, write_jsonl
+
 from jaxinf.data.errors import DataError
 from jaxinf.data.queries import (
     Query,

@@ -9,8 +9,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from engine_fixtures import DOCS, doc_batch, layers_of, query_batch, tiny_lm
+
 from jaxinf import indexing, stages
 from jaxinf.curvature import Curvature
 

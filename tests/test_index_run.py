@@ -7,8 +7,8 @@ import json
 
 import numpy as np
 import pytest
-
 from pipeline_support import env, jaxinf, make_world, overrides
+
 from jaxinf import config as cfg
 from jaxinf import pipeline
 

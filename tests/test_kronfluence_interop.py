@@ -19,10 +19,10 @@ import json
 import re
 import shutil
 
+import kronfluence_support as ks
 import numpy as np
 import pytest
 
-import kronfluence_support as ks
 from jaxinf import cli
 from jaxinf.interop import kronfluence as kf
 from jaxinf.interop import transfer

@@ -29,10 +29,9 @@ import json
 
 import jax
 import jax.numpy as jnp
+import kronfluence_support as ks
 import numpy as np
 import pytest
-
-import kronfluence_support as ks
 
 TOL = 1e-10
 EXPORT_TOL = 2.0 ** -24            # the float32 exports: rounding to float32 and nothing else
@@ -55,8 +54,8 @@ def jaxinf_matrix(w: dict, run_dir, configs=None) -> dict:
     run's factors (float64)."""
     from jaxinf import curvature, models, scoring, stages
     from jaxinf.data.batching import document_batches
-    from jaxinf.data.sources import open_documents
     from jaxinf.data.queries import encode_queries, query_batches, read_queries
+    from jaxinf.data.sources import open_documents
     from jaxinf.data.tokenize import TextEncoder
     from jaxinf.interop import transfer
 

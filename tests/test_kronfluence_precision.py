@@ -20,10 +20,9 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import kronfluence_support as ks
 import numpy as np
 import pytest
-
-import kronfluence_support as ks
 
 FLOAT32_MIN_PEARSON = 0.999
 FLOAT32_MAX_REL_ERROR = 1e-4
@@ -62,8 +61,8 @@ def sampled_agreement(tmp_path_factory, family: str, sizes: tuple[int, ...], see
     jaxinf and kronfluence both fitting the true Fisher (their own label draws) on the first N documents."""
     from jaxinf import curvature, models, scoring, stages
     from jaxinf.data.batching import document_batches
-    from jaxinf.data.sources import open_documents
     from jaxinf.data.queries import encode_queries, query_batches, read_queries
+    from jaxinf.data.sources import open_documents
     from jaxinf.data.tokenize import TextEncoder
     from jaxinf.interop import kronfluence as kf
     from jaxinf.interop import transfer

@@ -13,15 +13,14 @@ from __future__ import annotations
 
 import json
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from models_support import CHECKPOINTS, padded_batch
 import test_models_checkpoint as checkpoint_tests  # its helpers (a module import: its tests are not collected twice)
+from models_support import CHECKPOINTS, padded_batch
 
 from jaxinf import capture
-from jaxinf.models import LM, abstract, from_hf
+from jaxinf.models import from_hf
 from jaxinf.models.families import FAMILIES
 
 
@@ -130,8 +129,9 @@ PUBLIC = {"olmo-2-7b": ("olmo2", 7_298_617_344), "qwen2.5-7b": ("qwen2", 7_615_6
 @pytest.mark.parametrize("host", ["8xh100", "v5p-32"])
 def test_jaxinf_plan_no_compile_on_public_shapes(model, host, capsys):
     """`jaxinf plan --no-compile` on one 8-GPU host and one TPU slice: the plan fits, with the published size."""
-    from jaxinf import cli
     from pipeline_support import REPO
+
+    from jaxinf import cli
 
     out = capsys.readouterr()
     assert cli.main(["plan", str(REPO / f"configs/plan/{model}_{host}.yaml"), "--no-compile"]) == 0

@@ -10,8 +10,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from pipeline_support import env, jaxinf, make_world, overrides
+
 from jaxinf import config as cfg
 from jaxinf import pipeline, programs, scoring, stages, store
 from jaxinf.inputs import load_inputs
@@ -34,8 +34,8 @@ def reference(world):
 def test_exports_match_the_engine_document_by_document(world, reference):
     """scores.npy, column by column, equals scoring each document alone with the run's curvature and queries."""
     from jaxinf import models
-    from jaxinf.data.sources import open_documents
     from jaxinf.data.queries import encode_queries, query_batches, read_queries
+    from jaxinf.data.sources import open_documents
     from jaxinf.data.tokenize import TextEncoder
 
     scores = np.load(reference / "scores.npy")

@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 
 import pytest
+from pipeline_support import make_world, overrides
 
 from jaxinf import cli
 from jaxinf.data.tokenize import load_tokenizer
-from pipeline_support import make_world, overrides
 
 
 @pytest.fixture(scope="module")

@@ -7,8 +7,8 @@ import hashlib
 
 import jax
 import pytest
-
 from pipeline_support import make_world, overrides
+
 from jaxinf import config as cfg
 from jaxinf import pipeline, plan
 from jaxinf.executor import MeshExecutor

@@ -21,7 +21,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from pipeline_support import REPO, env, jaxinf, make_world
 
 SETTINGS = {"model.checkpoint": "model", "data.documents": "docs.jsonl", "data.queries": "queries.jsonl",

@@ -4,7 +4,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from engine_fixtures import (
     DOCS,
     QUERIES,
@@ -17,6 +16,7 @@ from engine_fixtures import (
     rel_err,
     tiny_lm,
 )
+
 from jaxinf import curvature, scoring, stages, tasks
 from jaxinf.capture import CaptureError
 
@@ -134,7 +134,7 @@ def test_rank_r_queries_are_exact_at_the_matrix_rank(fitted):
             print(f"rank {r}: per-query correlation with full rank {np.round(corr, 4)}")
             errors.append(rel_err(approx, ref))
             # each truncation is the best rank-r approximation (Eckart-Young): its error is the tail of the spectrum
-            for k, P in full.full.items():
+            for P in full.full.values():
                 left, right = scoring.low_rank(P, r, svd="full")
                 s_all = np.linalg.svd(np.asarray(P), compute_uv=False)
                 tail = np.sqrt((s_all[..., r:] ** 2).sum(-1))

@@ -7,13 +7,9 @@ count is fixed when jax starts, and this process keeps its single device.
 
 from __future__ import annotations
 
-import json
-import re
-
 import pytest
+from sharding_support import MESHES, TOLERANCE, run_worker
 
-from pipeline_support import make_world, overrides
-from sharding_support import MESHES, TOLERANCE, device_env, run_processes, run_worker
 from jaxinf import partitioning
 
 

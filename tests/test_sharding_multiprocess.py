@@ -20,9 +20,9 @@ import json
 
 import numpy as np
 import pytest
-
 from pipeline_support import make_world, overrides
 from sharding_support import TOLERANCE, device_env, run_distributed, run_processes
+
 from jaxinf import config as cfg
 from jaxinf import pipeline
 

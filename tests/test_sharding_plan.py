@@ -8,9 +8,9 @@ import subprocess
 import sys
 
 import pytest
-
 from pipeline_support import make_world, overrides
 from sharding_support import REPO, device_env
+
 from jaxinf import config as cfg
 from jaxinf import plan, programs
 

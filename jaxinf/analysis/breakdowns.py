@@ -16,8 +16,17 @@ import numpy as np
 
 from jaxinf.analysis import layers as lay
 from jaxinf.analysis.groups import by_kind, present_kinds
-from jaxinf.exports.formats import (AnalysisError, Documents, Queries, ScoreMatrix, TokenRecord, TopK,
-                                    iter_topk_tokens, read_layer_exports, read_topk)
+from jaxinf.exports.formats import (
+    AnalysisError,
+    Documents,
+    Queries,
+    ScoreMatrix,
+    TokenRecord,
+    TopK,
+    iter_topk_tokens,
+    read_layer_exports,
+    read_topk,
+)
 
 
 class Breakdowns(NamedTuple):

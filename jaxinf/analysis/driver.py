@@ -28,16 +28,25 @@ from threadpoolctl import threadpool_limits
 
 from jaxinf import atomic
 from jaxinf.analysis import answers as ans
-from jaxinf.analysis.breakdowns import read_breakdowns, summarize_breakdowns
 from jaxinf.analysis import concentration as conc
 from jaxinf.analysis import correlations as corr
 from jaxinf.analysis import findings as fnd
 from jaxinf.analysis import powerlaw as pl
 from jaxinf.analysis import sources as src
+from jaxinf.analysis.breakdowns import read_breakdowns, summarize_breakdowns
 from jaxinf.analysis.groups import by_kind, compare_kinds, describe, present_kinds
 from jaxinf.analysis.texts import TextSource, jsonl_text_source
-from jaxinf.exports.formats import (UNKNOWN, AnalysisError, read_index_fidelity, Documents, Queries, ScoreMatrix, read_documents,
-                                    read_exported_queries, read_run_config)
+from jaxinf.exports.formats import (
+    UNKNOWN,
+    AnalysisError,
+    Documents,
+    Queries,
+    ScoreMatrix,
+    read_documents,
+    read_exported_queries,
+    read_index_fidelity,
+    read_run_config,
+)
 
 SUMMARY_VERSION = 1
 

@@ -17,8 +17,16 @@ import numpy as np
 
 from jaxinf.analysis import findings as fnd
 from jaxinf.analysis import page
-from jaxinf.analysis.figures import (fig_answers, fig_concentration, fig_correlation_groups, fig_correlations,
-                                     fig_layers, fig_per_nat, fig_powerlaw, fig_sources)
+from jaxinf.analysis.figures import (
+    fig_answers,
+    fig_concentration,
+    fig_correlation_groups,
+    fig_correlations,
+    fig_layers,
+    fig_per_nat,
+    fig_powerlaw,
+    fig_sources,
+)
 from jaxinf.analysis.groups import present_kinds
 from jaxinf.analysis.layers import BINS
 

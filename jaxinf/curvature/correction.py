@@ -30,10 +30,10 @@ import jax.numpy as jnp
 
 from jaxinf.axes import field_axes, logical
 from jaxinf.capture import LayerSpec
-from jaxinf.precision import layers_dtype, matmul_precision, working_dtype
 from jaxinf.curvature.covariance import per_count
 from jaxinf.curvature.eigen import Eigen
 from jaxinf.partitioning import constrain
+from jaxinf.precision import layers_dtype, matmul_precision, working_dtype
 
 Array = jax.Array
 

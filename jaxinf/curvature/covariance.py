@@ -25,8 +25,8 @@ import jax.numpy as jnp
 
 from jaxinf.axes import logical
 from jaxinf.capture import LayerSpec
-from jaxinf.precision import layers_dtype, matmul_precision, working_dtype
 from jaxinf.partitioning import constrain
+from jaxinf.precision import layers_dtype, matmul_precision, working_dtype
 
 Array = jax.Array
 

@@ -21,8 +21,15 @@ from typing import Any
 
 import numpy as np
 
-from jaxinf.data.documents import (DEFAULT_FIELDS, DEFAULT_SOURCE, Document, ReadReport, check_id, check_string,
-                                   iter_documents)
+from jaxinf.data.documents import (
+    DEFAULT_FIELDS,
+    DEFAULT_SOURCE,
+    Document,
+    ReadReport,
+    check_id,
+    check_string,
+    iter_documents,
+)
 from jaxinf.data.errors import DataError, one_line
 
 PREPARED_FEATURES = ("id", "text", "source", "extra", "line")

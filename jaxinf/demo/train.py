@@ -38,7 +38,8 @@ def build_tokenizer(texts: list[str]):
     and digits within a number, so a decoded completion re-encodes to the same
     tokens.
     """
-    from tokenizers import Tokenizer, decoders, models as tmodels, pre_tokenizers, processors
+    from tokenizers import Tokenizer, decoders, pre_tokenizers, processors
+    from tokenizers import models as tmodels
 
     digits = [str(d) for d in range(10)]
     words = sorted({w for t in texts for w in t.split() if not w.isdigit()})

@@ -17,8 +17,8 @@ from collections.abc import Iterator
 import jax
 import numpy as np
 
-from jaxinf import programs, scoring
 from jaxinf import config as cfg
+from jaxinf import programs, scoring
 from jaxinf.atomic import save_npy
 from jaxinf.data.tokenize import token_pieces
 from jaxinf.executor import Executor

@@ -21,8 +21,8 @@ def _strict(x):
 
 def compare_command(args) -> int:
     """Prints the comparison table (or the JSON report with ``--json -``); writes the JSON to ``--json PATH``."""
-    from jaxinf.interop.compare import compare, format_table
     from jaxinf.atomic import write_json
+    from jaxinf.interop.compare import compare, format_table
     from jaxinf.interop.kronfluence import InteropError
 
     if args.json not in (None, "-"):     # a path that cannot take the file is refused before the comparison

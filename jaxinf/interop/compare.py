@@ -217,7 +217,7 @@ def _maxima(stages: dict) -> dict:
         if stage in ("scores", "self_influence"):
             out[stage] = rows["rel_error"]
             continue
-        for name, values in rows.items():
+        for values in rows.values():
             for q, v in values.items():
                 if q != "tokens":
                     key = f"{stage}.{q}"

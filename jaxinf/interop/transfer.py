@@ -47,9 +47,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxinf import capture
+from jaxinf import capture, precision
 from jaxinf import config as cfg
-from jaxinf import precision
 from jaxinf.curvature import (
     CovarianceState,
     Eigen,

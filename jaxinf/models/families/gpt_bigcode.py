@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 
-from jaxinf.models.families import Family
 from jaxinf.models.families.gpt2 import FAMILY as GPT2
 from jaxinf.models.families.gpt2 import read_config as gpt2_config
 
