@@ -778,8 +778,9 @@ def test_validate_fine_tunes_a_user_checkpoint(tmp_path, monkeypatch):
     starts = []
     real = retrain.make_trainer
 
-    def spy(task, proc):                                   # records the parameters every training starts from
-        many, one = real(task, proc)
+    def spy(task, proc, stacked_starts=False):             # records the parameters every training starts from
+        assert not stacked_starts                          # the default protocol: shared starts
+        many, one = real(task, proc, stacked_starts)
         record = lambda f: lambda params0, *a: (starts.append(params0), f(params0, *a))[1]
         return record(many), record(one)
 
@@ -799,7 +800,7 @@ def test_validate_fine_tunes_a_user_checkpoint(tmp_path, monkeypatch):
         pass
 
     starts.clear()
-    monkeypatch.setattr(retrain, "make_trainer", lambda task, proc: (None, lambda params0, *a: (
+    monkeypatch.setattr(retrain, "make_trainer", lambda task, proc, stacked_starts=False: (None, lambda params0, *a: (
         starts.append(params0), (_ for _ in ()).throw(Stop()))))
     with pytest.raises(Stop):
         driver.validate(cfg.load(None, settings + ["validate.from=scratch"]), tmp_path / "val")
