@@ -29,7 +29,7 @@ NAMES = {"identity": "identity", "diagonal": "diagonal", "kfac": "K-FAC", "ekfac
 def row(steps: int, result: dict, seconds: float) -> str:
     proc = result["procedure"]
     cells = [str(steps), proc["subset_steps"], proc["subset_init"], str(proc["retraining_steps"])]
-    for s, e in result["lds"].items():
+    for e in result["lds"].values():
         lo, hi = e["ci95"]
         cells.append(f"{e['mean']:.3f} [{lo:.2f}, {hi:.2f}]" if e["mean"] is not None else "undefined")
     ek, ident = result["lds"].get("ekfac", {}).get("mean"), result["lds"].get("identity", {}).get("mean")

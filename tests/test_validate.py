@@ -122,6 +122,19 @@ def test_subsets_and_schedule():
         retrain.sample_subsets(3, 2, 0.1, 0)
 
 
+def test_subset_steps_by_hand():
+    # fixed: the full model's steps whatever the subset
+    assert retrain.subset_steps("fixed", 500, 128, 64, 16) == 500
+    # epochs: 500 steps over 128 documents in batches of 16 are 500 / 8 = 62.5 passes; a subset of 64 has 4
+    # minibatches a pass: 250 steps. A subset of 40 (2 whole minibatches a pass; the remainder is dropped) 125.
+    assert retrain.subset_steps("epochs", 500, 128, 64, 16) == 250
+    assert retrain.subset_steps("epochs", 500, 128, 40, 16) == 125
+    # rounding and the floor of one step: 10 * 1 / 7 = 1.43 -> 1; 3 * 1 / 7 = 0.43 -> at least 1
+    assert retrain.subset_steps("epochs", 10, 112, 16, 16) == 1 and retrain.subset_steps("epochs", 3, 112, 16, 16) == 1
+    with pytest.raises(ValidationError, match="validate.subset_steps"):
+        retrain.subset_steps("passes", 500, 128, 64, 16)
+
+
 def test_diverged_retraining_names_subset_and_seed():
     losses = np.array([[1.0, 0.5, 0.4], [1.0, np.inf, np.nan]])
     with pytest.raises(ValidationError, match=r"^retraining of subset 7 seed 1 diverged: loss is not finite at step 2"):

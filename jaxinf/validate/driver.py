@@ -352,7 +352,7 @@ def _validate(config: cfg.Config, out: Path, world: World, t_start: float) -> di
     if fresh:
         from jaxinf import models
 
-        starts = lambda seed: models.init(world.lm.config, seed).params  # noqa: E731
+        starts = lambda seed: models.init(world.lm.config, seed).params
     t0 = time.perf_counter()
 
     def progress(done, total):

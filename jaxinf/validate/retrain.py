@@ -70,7 +70,7 @@ def subset_steps(protocol: str, steps: int, n_documents: int, size: int, batch_s
         return steps
     if protocol != "epochs":
         raise ValidationError(f"validate.subset_steps: expected fixed or epochs, got {protocol!r}")
-    return max(1, int(round(steps * (size // batch_size) / (n_documents // batch_size))))
+    return max(1, round(steps * (size // batch_size) / (n_documents // batch_size)))
 
 
 def fresh_seed(subset: int, seed: int) -> int:
