@@ -160,8 +160,17 @@ class ValidateConfig:
     start: str = key("scratch", "jaxinf validate (YAML key: validate.from): the training being explained starts from "
                      "the model's initialization (scratch) or its checkpoint's weights (checkpoint)", None,
                      ("scratch", "checkpoint"))
-    steps: int = key(500, "jaxinf validate: optimizer steps of every training (the full model and each retraining)",
+    steps: int = key(500, "jaxinf validate: optimizer steps of the full model (and of each retraining with "
+                     "validate.subset_steps: fixed)",
                      None)
+    subset_steps: str = key("fixed", "jaxinf validate: optimizer steps of each retraining: fixed (validate.steps, as "
+                            "the full model) or epochs (as many passes over its subset as the full model makes over "
+                            "all documents: steps scale with validate.fraction)", None, ("fixed", "epochs"))
+    subset_init: str = key("shared", "jaxinf validate: where each retraining starts: shared (the full model's starting "
+                           "parameters) or fresh (its own initialization, seed 1000 (subset + 1) + seed; needs "
+                           "validate.from: scratch)", None, ("shared", "fresh"))
+    bootstrap: int = key(1000, "jaxinf validate: resamples of the subsets (with replacement) behind each LDS's 95% "
+                         "interval", None)
     learning_rate: float = key(0.003, "jaxinf validate: AdamW learning rate (after a linear warm-up of steps/10)", None)
     batch_size: int = key(16, "jaxinf validate: documents per minibatch", None)
     group: int = key(16, "jaxinf validate: retrainings run together as one vmap-ed program", None)
@@ -309,7 +318,7 @@ def _check_values(config: Config, source: str) -> None:
                 ("mesh", "num_processes"), ("plan", "hosts"), ("plan", "documents"), ("plan", "tokens_per_document"),
                 ("plan", "queries"), ("validate", "seeds"), ("validate", "steps"), ("validate", "batch_size"),
                 ("validate", "group"), ("validate", "pbrf_documents"), ("validate", "pbrf_iterations"),
-                ("validate", "builtin_documents")]
+                ("validate", "builtin_documents"), ("validate", "bootstrap")]
     for section, name in positive:
         value = getattr(getattr(config, section), name)
         if value is not None and value < 1:
@@ -329,6 +338,9 @@ def _check_values(config: Config, source: str) -> None:
                           f"{v.subsets}")
     if not 0 < v.fraction < 1:
         raise ConfigError(f"{source}: validate.fraction: must be in (0, 1), got {v.fraction}")
+    if v.subset_init == "fresh" and v.start == "checkpoint":
+        raise ConfigError(f"{source}: validate.subset_init: fresh starts each retraining from its own random "
+                          "initialization, which validate.from: checkpoint (fine-tuning the checkpoint) excludes")
     for name in ("learning_rate", "pbrf_epsilon", "pbrf_tolerance"):
         if getattr(v, name) is not None and not getattr(v, name) > 0:
             raise ConfigError(f"{source}: validate.{name}: must be positive, got {getattr(v, name)}")

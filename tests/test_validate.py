@@ -38,7 +38,40 @@ def test_lds_by_hand():
     assert out3["per_query"][2] is None and out3["undefined"] == 1 and out3["mean"] == pytest.approx(0.25)
     # t_{0.975, 1} = 12.7062047; sd = 1.5 * sqrt(2) / sqrt(2)... sd of (1, -0.5) = 1.06066; half = t * sd / sqrt(2)
     half = 12.706204736 * np.std([1.0, -0.5], ddof=1) / np.sqrt(2)
-    assert out["ci95"] == pytest.approx([0.25 - half, 0.25 + half], abs=1e-6)
+    assert out["ci95_queries"] == pytest.approx([0.25 - half, 0.25 + half], abs=1e-6)
+    ci, left_out = lds.bootstrap_ci95(lds.group_predictions(scores, subsets), -nll.mean(1), 1000, 0)
+    assert out["ci95"] == pytest.approx(list(ci), abs=0) and out["bootstrap_undefined"] == left_out
+
+
+def test_bootstrap_interval_by_hand():
+    """4 subsets, 5 resamples with seed 0: numpy.random.default_rng(0).integers(0, 4, (5, 4)) draws the subsets
+    (3 2 2 1), (1 0 0 0), (0 3 2 3), (2 2 3 2), (2 2 2 3)."""
+    assert np.random.default_rng(0).integers(0, 4, (5, 4)).tolist() == [[3, 2, 2, 1], [1, 0, 0, 0], [0, 3, 2, 3],
+                                                                         [2, 2, 3, 2], [2, 2, 2, 3]]
+    predicted = np.array([[1.0, 4.0], [2.0, 3.0], [3.0, 2.0], [4.0, 1.0]])     # [M=4, Q=2]
+    actual = np.array([[1.0, 1.0], [3.0, 2.0], [2.0, 3.0], [4.0, 4.0]])
+    # query 0, resample (3 2 2 1): predicted 4 3 3 2 -> ranks 4 2.5 2.5 1, actual 4 2 2 3 -> ranks 4 1.5 1.5 3;
+    # centred (1.5 0 0 -1.5) . (1.5 -1 -1 0.5) = 1.5 over sqrt(4.5 * 4.5): rho = 1/3. The other four resamples
+    # order predicted and actual alike (e.g. (1 0 0 0): 2 1 1 1 and 3 1 1 1): rho = 1. Query 1 is reversed in
+    # every resample (each holds two distinct subsets): rho = -1. Per resample the mean: -1/3, 0, 0, 0, 0.
+    # Percentiles (linear, positions 0.025 * 4 = 0.1 and 3.9 of the sorted values): -1/3 + 0.1 / 3 = -0.3, 0.
+    ci, left_out = lds.bootstrap_ci95(predicted, actual, 5, 0)
+    assert ci == pytest.approx((-0.3, 0.0), abs=1e-12) and left_out == 0
+    # query 0 alone: 1/3, 1, 1, 1, 1 -> 1/3 + 0.1 * 2/3 = 0.4 and 1
+    assert lds.bootstrap_ci95(predicted[:, :1], actual[:, :1], 5, 0)[0] == pytest.approx((0.4, 1.0), abs=1e-12)
+    # a query whose outcome never changes has no LDS in any resample: left out of the mean, nothing else moves
+    flat = np.concatenate([actual, np.full((4, 1), 7.0)], 1)
+    assert lds.bootstrap_ci95(np.concatenate([predicted, predicted[:, :1]], 1), flat, 5, 0)[0] == \
+        pytest.approx((-0.3, 0.0), abs=1e-12)
+    # no query defined in any resample: the interval is undefined and every resample is counted as left out
+    ci, left_out = lds.bootstrap_ci95(predicted, np.full((4, 2), 7.0), 5, 0)
+    assert np.isnan(ci).all() and left_out == 5
+    # a resample that repeats one subset M times has no LDS: of 200 resamples of 2 subsets, those drawing the same
+    # subset twice (107 with seed 0) are left out; the others give query 0's rho of 1
+    two = np.random.default_rng(0).integers(0, 2, (200, 2))
+    repeated = int((two[:, 0] == two[:, 1]).sum())
+    assert repeated == 107
+    assert lds.bootstrap_ci95(predicted[:2, :1], actual[:2, :1], 200, 0) == ((1.0, 1.0), repeated)
 
 
 def test_lds_sign_follows_the_convention_end_to_end():
@@ -89,6 +122,19 @@ def test_subsets_and_schedule():
         retrain.sample_subsets(3, 2, 0.1, 0)
 
 
+def test_subset_steps_by_hand():
+    # fixed: the full model's steps whatever the subset
+    assert retrain.subset_steps("fixed", 500, 128, 64, 16) == 500
+    # epochs: 500 steps over 128 documents in batches of 16 are 500 / 8 = 62.5 passes; a subset of 64 has 4
+    # minibatches a pass: 250 steps. A subset of 40 (2 whole minibatches a pass; the remainder is dropped) 125.
+    assert retrain.subset_steps("epochs", 500, 128, 64, 16) == 250
+    assert retrain.subset_steps("epochs", 500, 128, 40, 16) == 125
+    # rounding and the floor of one step: 10 * 1 / 7 = 1.43 -> 1; 3 * 1 / 7 = 0.43 -> at least 1
+    assert retrain.subset_steps("epochs", 10, 112, 16, 16) == 1 and retrain.subset_steps("epochs", 3, 112, 16, 16) == 1
+    with pytest.raises(ValidationError, match="validate.subset_steps"):
+        retrain.subset_steps("passes", 500, 128, 64, 16)
+
+
 def test_diverged_retraining_names_subset_and_seed():
     losses = np.array([[1.0, 0.5, 0.4], [1.0, np.inf, np.nan]])
     with pytest.raises(ValidationError, match=r"^retraining of subset 7 seed 1 diverged: loss is not finite at step 2"):
@@ -112,6 +158,9 @@ def test_bregman_is_the_kl_and_zero_at_the_reference():
 
 
 @pytest.mark.parametrize("override, key", [("validate.subsets=1", "validate.subsets"),
+                                           ("validate.subset_steps=passes", "validate.subset_steps"),
+                                           ("validate.subset_init=random", "validate.subset_init"),
+                                           ("validate.bootstrap=0", "validate.bootstrap"),
                                            ("validate.fraction=1.0", "validate.fraction"),
                                            ("validate.fraction=0", "validate.fraction"),
                                            ("validate.strategies=[ekfac,newton]", "validate.strategies")])
@@ -121,6 +170,16 @@ def test_bad_settings_are_config_errors(override, key, capsys):
     assert cli.main(["-q", "validate", "--out", "/nonexistent/never-written", override]) == 2   # overrides after --out
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("jaxinf validate: error:") and key in err[0]
+
+
+def test_fresh_initializations_need_training_from_scratch(capsys):
+    with pytest.raises(cfg.ConfigError, match="validate.subset_init"):
+        cfg.load(None, ["validate.subset_init=fresh", "validate.from=checkpoint"])
+    assert cfg.load(None, ["validate.subset_init=fresh"]).validate.subset_init == "fresh"
+    assert cli.main(["-q", "validate", "--out", "/nonexistent/never-written", "validate.subset_init=fresh",
+                     "validate.from=checkpoint"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "validate.subset_init" in err[0], err
 
 
 def test_from_is_the_yaml_key():
@@ -157,7 +216,7 @@ def test_every_input_and_setting_that_changes_a_result_changes_its_key(tmp_path)
     w, base = _user_world(tmp_path)
     keys = lambda *extra: driver.keys(driver.load_config(None, base + list(extra)))
     k0 = keys()
-    assert keys() == k0 and set(k0) == {"training", "scores"}
+    assert keys() == k0 and set(k0) == {"training", "retraining", "scores"}
     for setting, changes in [("factors.track=all", "scores"), ("factors.seed=7", "scores"),
                              ("factors.fisher=empirical", "scores"), ("validate.steps=7", "training"),
                              ("validate.seed=3", "training"), ("validate.fraction=0.25", "training"),
@@ -166,9 +225,18 @@ def test_every_input_and_setting_that_changes_a_result_changes_its_key(tmp_path)
         k = keys(setting)
         assert k["scores"] != k0["scores"], setting
         assert (k["training"] != k0["training"]) == (changes == "training"), setting
+        assert (k["retraining"] != k0["retraining"]) == (changes == "training"), setting
+    # the retraining protocol: new retrainings, the same full model and scores
+    for setting in ("validate.subset_steps=epochs", "validate.subset_init=fresh"):
+        k = keys(setting)
+        assert k["retraining"] != k0["retraining"] and k["training"] == k0["training"], setting
+        assert k["scores"] == k0["scores"], setting
+    both = keys("validate.subset_steps=epochs", "validate.subset_init=fresh")["retraining"]
+    assert len({both, keys("validate.subset_steps=epochs")["retraining"],
+                keys("validate.subset_init=fresh")["retraining"], k0["retraining"]}) == 4
     for setting in ("validate.subsets=5", "validate.seeds=3", "validate.dampings=[0.5]", "validate.group=2",
-                    "run.out=elsewhere"):   # more subsets or seeds extend; dampings name their score files
-        assert keys(setting) == k0, setting
+                    "validate.bootstrap=10", "run.out=elsewhere"):   # more subsets or seeds extend; dampings name
+        assert keys(setting) == k0, setting                            # their score files; the bootstrap is not kept
     # the issue's example: these two used to share one key
     assert keys("factors.track=mlp", "factors.seed=7") != keys("factors.track=all", "factors.seed=3")
 
@@ -282,24 +350,28 @@ def test_validate_end_to_end_schema_and_resume(tmp_path, monkeypatch):
         driver.validate(config, out)
     assert not (out / "validation.json").exists()
     work = next((out / "work").iterdir())
-    assert len(list((work / "units").glob("*.npy"))) == 4
-    kept = {p.name: p.stat().st_mtime_ns for p in (work / "units").glob("*.npy")}
+    (units,) = (work / "units").iterdir()                         # keyed by the retraining protocol
+    assert len(list(units.glob("*.npy"))) == 4
+    kept = {p.name: p.stat().st_mtime_ns for p in units.glob("*.npy")}
 
     trained = []
     monkeypatch.setattr(retrain, "save_npy", lambda path, array: (trained.append(path.name), real_save(path, array)))
     result = driver.validate(config, out)
     assert sorted(trained) == sorted({f"s{m:04d}_r{s:02d}.npy" for m in range(3) for s in range(2)} - set(kept))
-    assert {p.name: p.stat().st_mtime_ns for p in (work / "units").glob("*.npy") if p.name in kept} == kept
+    assert {p.name: p.stat().st_mtime_ns for p in units.glob("*.npy") if p.name in kept} == kept
 
     on_disk = json.loads((out / "validation.json").read_text())
     assert on_disk == json.loads(json.dumps(result))
     assert (on_disk["subsets"], on_disk["fraction"], on_disk["seeds"]) == (3, 0.5, 2)
+    assert (on_disk["procedure"]["subset_steps"], on_disk["procedure"]["retraining_steps"],
+            on_disk["procedure"]["subset_init"]) == ("fixed", 12, "shared")
+    assert on_disk["bootstrap"]["resamples"] == 1000
     for s in ("identity", "diagonal"):
         entry = on_disk["lds"][s]
-        assert set(entry) == {"mean", "per_query", "ci95", "undefined"}
+        assert set(entry) == {"mean", "per_query", "ci95", "ci95_queries", "undefined", "bootstrap_undefined"}
         assert len(entry["per_query"]) == len(on_disk["queries"])
         assert entry["undefined"] == sum(x is None for x in entry["per_query"])
-        assert len(entry["ci95"]) == 2
+        assert len(entry["ci95"]) == 2 and len(entry["ci95_queries"]) == 2
         assert set(on_disk["recall"][s]) >= {"mrr", "recall_at"} and set(on_disk["recall"][s]["recall_at"]) == {"1", "5"}
         # MRR and Recall@k recomputed by hand from the saved scores and the world's supporting documents
         (scores,) = (work / "scores").glob(f"*/{s}_{'heuristic' if s == 'identity' else '0.01'}.npy")
@@ -354,6 +426,76 @@ def test_validate_end_to_end_schema_and_resume(tmp_path, monkeypatch):
     with pytest.raises(Stop):                                      # other steps: the full model is trained again
         driver.validate(cfg.load(None, TINY + ["validate.steps=13"]), out)
     assert len(list((out / "work").iterdir())) == 2
+
+
+def test_retraining_protocols_count_steps_and_starts(tmp_path, monkeypatch):
+    """``subset_steps: epochs`` trains a retraining on half the documents for half the full model's optimizer
+    steps (counted: the losses its scan returns, one per step), ``fixed`` for as many; ``subset_init: fresh``
+    starts retraining (m, s) from ``models.init(config, 1000 (m + 1) + s)``, ``shared`` every one from the full
+    model's start. A protocol change into the same directory retrains (new units under a new key) and reuses the
+    full model and the scores."""
+    import jax
+
+    from jaxinf import models
+    from jaxinf.validate import driver
+
+    calls = []
+    real = retrain.make_trainer
+
+    def counting(task, proc, stacked_starts=False):
+        many, one = real(task, proc, stacked_starts)
+
+        def many_(p, d, q, sched):
+            meas, losses = many(p, d, q, sched)
+            calls.append(("many", np.asarray(losses).shape, jax.tree_util.tree_leaves(p)))
+            return meas, losses
+
+        def one_(p, d, q, sched):
+            out = one(p, d, q, sched)
+            calls.append(("one", np.asarray(out[1]).shape, None))
+            return out
+        return many_, one_
+
+    monkeypatch.setattr(retrain, "make_trainer", counting)
+    saved = []
+    real_save = driver.save_npy
+    monkeypatch.setattr(driver, "save_npy", lambda path, a: (saved.append(path), real_save(path, a)))
+    small = TINY + ["validate.subsets=2", "validate.strategies=[identity]", "validate.dampings=[null]"]
+    out = tmp_path / "v"   # 24 documents, batch 4: the full model makes 12 steps = 2 passes of 6 minibatches
+    config = cfg.load(None, small)
+    start = [np.asarray(x) for x in jax.tree_util.tree_leaves(driver.load_world(config).lm.params)]
+
+    r = driver.validate(config, out)
+    assert [(c[0], c[1]) for c in calls] == [("one", (12,)), ("many", (4, 12))]   # 2 subsets x 2 seeds, one group
+    assert all(np.array_equal(np.asarray(x), y) for x, y in zip(calls[1][2], start))
+    assert (r["procedure"]["subset_steps"], r["procedure"]["retraining_steps"], r["procedure"]["subset_init"]) == \
+        ("fixed", 12, "shared")
+    assert len(saved) == 1
+
+    calls.clear(), saved.clear()
+    r = driver.validate(cfg.load(None, small + ["validate.subset_steps=epochs"]), out)
+    # subsets of 12 documents: 3 minibatches a pass, 2 passes = 6 steps; full model and scores reused
+    assert [(c[0], c[1]) for c in calls] == [("many", (4, 6))] and saved == []
+    assert (r["procedure"]["subset_steps"], r["procedure"]["retraining_steps"]) == ("epochs", 6)
+    assert all(np.array_equal(np.asarray(x), y) for x, y in zip(calls[0][2], start))
+
+    calls.clear()
+    r = driver.validate(cfg.load(None, small + ["validate.subset_steps=epochs", "validate.subset_init=fresh"]), out)
+    assert [(c[0], c[1]) for c in calls] == [("many", (4, 6))] and saved == []
+    lm = driver.load_world(config).lm
+    for g, (m, s) in enumerate([(0, 0), (0, 1), (1, 0), (1, 1)]):      # the order retrain_all trains them in
+        own = jax.tree_util.tree_leaves(models.init(lm.config, 1000 * (m + 1) + s).params)
+        assert all(np.array_equal(np.asarray(x)[g], np.asarray(y)) for x, y in zip(calls[0][2], own)), (m, s)
+    assert not all(np.array_equal(np.asarray(x)[0], y) for x, y in zip(calls[0][2], start))
+    assert r["procedure"]["subset_init"] == "fresh"
+
+    # three protocols, three sets of retrainings, each its own outcome
+    (work,) = (out / "work").iterdir()
+    units = sorted((work / "units").iterdir())
+    assert len(units) == 3
+    first = [np.load(u / "s0000_r00.npy") for u in units]
+    assert not np.array_equal(first[0], first[1]) and not np.array_equal(first[1], first[2]) \
+        and not np.array_equal(first[0], first[2])
 
 
 def test_divergence_stops_with_one_line(tmp_path, capsys):
@@ -635,7 +777,6 @@ def test_validate_fine_tunes_a_user_checkpoint(tmp_path, monkeypatch):
     have the schema, and recall is measured on the query that names its supporting document. ``from: scratch``
     starts every training from the model's initialization instead, in a work directory of its own."""
     import jax
-
     from pipeline_support import make_world
 
     from jaxinf import models
@@ -649,8 +790,9 @@ def test_validate_fine_tunes_a_user_checkpoint(tmp_path, monkeypatch):
     starts = []
     real = retrain.make_trainer
 
-    def spy(task, proc):                                   # records the parameters every training starts from
-        many, one = real(task, proc)
+    def spy(task, proc, stacked_starts=False):             # records the parameters every training starts from
+        assert not stacked_starts                          # the default protocol: shared starts
+        many, one = real(task, proc, stacked_starts)
         record = lambda f: lambda params0, *a: (starts.append(params0), f(params0, *a))[1]
         return record(many), record(one)
 
@@ -670,7 +812,7 @@ def test_validate_fine_tunes_a_user_checkpoint(tmp_path, monkeypatch):
         pass
 
     starts.clear()
-    monkeypatch.setattr(retrain, "make_trainer", lambda task, proc: (None, lambda params0, *a: (
+    monkeypatch.setattr(retrain, "make_trainer", lambda task, proc, stacked_starts=False: (None, lambda params0, *a: (
         starts.append(params0), (_ for _ in ()).throw(Stop()))))
     with pytest.raises(Stop):
         driver.validate(cfg.load(None, settings + ["validate.from=scratch"]), tmp_path / "val")

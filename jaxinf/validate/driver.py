@@ -8,7 +8,7 @@ Layout of the output directory ``DIR`` (locked while a validation writes it, :mo
       work/<training key>/       everything resumable, keyed by what it depends on:
         key.json                 what the key hashes (for a reader; the key is the hash)
         full.npz                 the model trained on all documents (the one that is scored)
-        units/s<subset>_r<seed>.npy   the queries' measurements under one retrained model
+        units/<retraining key>/s<subset>_r<seed>.npy   the queries' measurements under one retrained model
         scores/<scores key>/<strategy>_<damping>.npy, heuristic.json, key.json
         pbrf/<pbrf key>.npz      the PBRF influence of the sampled documents
         pbrf/<pbrf key>/chunk_<first>.npz   one chunk of PBRF optimizations (a killed run resumes from them)
@@ -22,6 +22,8 @@ changes it:
 
 - training key (full model, retrainings): the world, ``validate.from``, ``steps``,
   ``learning_rate``, ``batch_size``, ``fraction``, ``seed``;
+- retraining key (the retrainings' measurements): the training key and the
+  protocol, ``subset_steps`` and ``subset_init``;
 - scores key: the training key, the tracked layers (``factors.track``, resolved
   to layer names), ``factors.fisher``, ``factors.seed`` (strategy and damping
   name the file);
@@ -167,6 +169,12 @@ def training_settings(config: cfg.Config, world_fp: str) -> dict:
                 batch=v.batch_size, fraction=v.fraction, seed=v.seed)
 
 
+def retraining_settings(config: cfg.Config, training: dict) -> dict:
+    """Everything the retrainings depend on beyond the training key: the protocol (docs/validation.md)."""
+    return dict(training=_key(training), subset_steps=config.validate.subset_steps,
+                subset_init=config.validate.subset_init)
+
+
 def scores_settings(config: cfg.Config, training: dict, layers) -> dict:
     """Everything the scores depend on beyond the strategy and damping (which name their files)."""
     return dict(training=_key(training), layers=sorted(layers), fisher=config.factors.fisher,
@@ -184,11 +192,11 @@ def tracked_layers(world: World, params) -> dict:
 
 
 def keys(config: cfg.Config, world: World | None = None) -> dict[str, str]:
-    """The training and scores keys (module docstring) of a config (its world loaded when not given): the names
-    of the work directories a validation of it reads and writes."""
+    """The training, retraining and scores keys (module docstring) of a config (its world loaded when not given):
+    the names of the work directories a validation of it reads and writes."""
     world = load_world(config) if world is None else world
     training = training_settings(config, world_fingerprint(world))
-    return {"training": _key(training),
+    return {"training": _key(training), "retraining": _key(retraining_settings(config, training)),
             "scores": _key(scores_settings(config, training, tracked_layers(world, world.lm.params)))}
 
 
@@ -283,7 +291,7 @@ def _validate(config: cfg.Config, out: Path, world: World, t_start: float) -> di
     log.info("validate: %s; work directory %s", world.name, work)
     proc = retrain.Procedure(v.steps, v.learning_rate, v.batch_size)
     task = world.lm.task()
-    train_many, train_one = retrain.make_trainer(task, proc)
+    _, train_one = retrain.make_trainer(task, proc)
     docs = {k: jnp.asarray(x) for k, x in world.documents.items()}
     queries = {k: jnp.asarray(x) for k, x in world.queries.items()}
     params0 = world.lm.params
@@ -334,20 +342,31 @@ def _validate(config: cfg.Config, out: Path, world: World, t_start: float) -> di
                  if (score_dir / "heuristic.json").exists() else None)
     log.info("validate: scores of %d strategies x dampings in %.0fs", len(scores), time.perf_counter() - t0)
 
-    # 3. the retrainings
+    # 3. the retrainings, under the protocol of validate.subset_steps and validate.subset_init
     subsets = retrain.sample_subsets(N, v.subsets, v.fraction, v.seed)
+    sub_proc = retrain.Procedure(retrain.subset_steps(v.subset_steps, v.steps, N, subsets.shape[1], v.batch_size),
+                                 v.learning_rate, v.batch_size)
+    fresh = v.subset_init == "fresh"
+    train_many, _ = retrain.make_trainer(task, sub_proc, stacked_starts=fresh)
+    starts = None
+    if fresh:
+        from jaxinf import models
+
+        starts = lambda seed: models.init(world.lm.config, seed).params
     t0 = time.perf_counter()
 
     def progress(done, total):
         log.info("validate: %d of %d retrainings (%.0fs)", done, total, time.perf_counter() - t0)
 
-    meas = retrain.retrain_all(train_many, params0, docs, queries, subsets, v.seeds, proc, work / "units",
-                               min(v.group, v.subsets * v.seeds), progress)
+    meas = retrain.retrain_all(train_many, params0, docs, queries, subsets, v.seeds, sub_proc,
+                               _keyed_dir(work / "units", retraining_settings(config, training)),
+                               min(v.group, v.subsets * v.seeds), progress, starts)
 
     # 4. LDS, recall, PBRF
     primary = damping_label(v.dampings[0])
     pick = {s: (s, primary if curvature.strategy(s).needs_lambda else damping_label(None)) for s in v.strategies}
-    lds_all = {s: {lab: lds_mod.lds(sc, subsets, meas) for (s2, lab), sc in scores.items() if s2 == s}
+    lds_all = {s: {lab: lds_mod.lds(sc, subsets, meas, v.bootstrap, v.seed) for (s2, lab), sc in scores.items()
+                   if s2 == s}
                for s in v.strategies}
     result: dict = {
         "lds": {s: lds_all[s][pick[s][1]] for s in v.strategies},
@@ -360,7 +379,13 @@ def _validate(config: cfg.Config, out: Path, world: World, t_start: float) -> di
         "tracked_layers": sorted(layers), "fisher": config.factors.fisher, "factors_seed": config.factors.seed,
         "documents": N, "queries": world.query_ids, "query_kinds": world.query_kinds,
         "procedure": {"from": v.start, "steps": v.steps, "learning_rate": v.learning_rate,
-                      "batch_size": v.batch_size, "optimizer": "adamw (weight decay 0.01, clip 1.0, warm-up steps/10)"},
+                      "batch_size": v.batch_size, "optimizer": "adamw (weight decay 0.01, clip 1.0, warm-up steps/10)",
+                      "subset_steps": v.subset_steps, "retraining_steps": sub_proc.steps,
+                      "subset_init": v.subset_init,
+                      "retraining_start": ("its own initialization, seed 1000 (subset + 1) + seed" if fresh
+                                           else "the full model's starting parameters")},
+        "bootstrap": {"resamples": v.bootstrap, "seed": v.seed,
+                      "interval": "2.5th and 97.5th percentile of the mean LDS over resamples of the subsets"},
         "full_model_measurements": base.tolist(),
     }
     if v.pbrf:

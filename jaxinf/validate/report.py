@@ -24,7 +24,7 @@ def standardize(x: np.ndarray) -> np.ndarray:
 
 
 def fig_lds(path: Path, result: dict) -> None:
-    """Bars: mean LDS of each strategy at each damping, with the 95% interval."""
+    """Bars: mean LDS of each strategy at each damping, with the 95% interval (bootstrap over subsets)."""
     by = result["lds_by_damping"]
     strategies = list(by)
     labels = sorted({d for s in by.values() for d in s}, key=lambda d: (d != "heuristic", d))
@@ -72,10 +72,11 @@ def write(out: Path, result: dict, predicted: dict[str, np.ndarray], actual: np.
     rows = []
     for s, e in result["lds"].items():
         rec = result["recall"][s]
-        rows.append([esc(s), fmt(e["mean"]), f"[{fmt(e['ci95'][0])}, {fmt(e['ci95'][1])}]", fmt(rec["mrr"])]
+        rows.append([esc(s), fmt(e["mean"]), f"[{fmt(e['ci95'][0])}, {fmt(e['ci95'][1])}]",
+                     f"[{fmt(e['ci95_queries'][0])}, {fmt(e['ci95_queries'][1])}]", fmt(rec["mrr"])]
                     + [fmt(x) for x in rec["recall_at"].values()] + [fmt(result["pbrf"].get(s))])
     ks = next(iter(result["recall"].values()))["recall_at"]
-    header = ["strategy", "LDS", "95% CI", "MRR"] + [f"Recall@{esc(k)}" for k in ks] + ["PBRF r"]
+    header = ["strategy", "LDS", "95% CI (bootstrap over subsets)", "95% CI (t over queries)", "MRR"] + [f"Recall@{esc(k)}" for k in ks] + ["PBRF r"]
     by_damping = [[esc(s), esc(d), fmt(e["mean"]), f"[{fmt(e['ci95'][0])}, {fmt(e['ci95'][1])}]"]
                   for s, ds in result["lds_by_damping"].items() for d, e in ds.items()]
     proc = result["procedure"]
@@ -89,10 +90,14 @@ figure{{display:inline-block;margin:4px}}</style></head><body>
 <p>{esc(result["world"])}. {fmt(result["subsets"])} subsets of {fmt(result["fraction"])} of the
 {fmt(result["documents"])} documents, {fmt(result["seeds"])} seed(s) each; training from {esc(proc["from"])},
 {fmt(proc["steps"])} steps of {esc(proc["optimizer"])}, learning rate {fmt(proc["learning_rate"])}, batch
-{fmt(proc["batch_size"])}. Damping of the summary: {esc(result["damping"])}. {fmt(result["seconds"])} s.</p>
+{fmt(proc["batch_size"])}. Retraining protocol: steps {esc(proc["subset_steps"])} ({fmt(proc["retraining_steps"])}
+steps per retraining), initialization {esc(proc["subset_init"])} (each retraining starts from
+{esc(proc["retraining_start"])}). The LDS's 95% interval is a percentile bootstrap over the subsets
+({fmt(result["bootstrap"]["resamples"])} resamples). Damping of the summary: {esc(result["damping"])}.
+{fmt(result["seconds"])} s.</p>
 <h2>Summary</h2>{_table(header, rows)}
 <h2>LDS by strategy and damping</h2>{_figure("lds.png", "LDS by strategy and damping")}
-{_table(["strategy", "damping", "LDS", "95% CI"], by_damping)}
+{_table(["strategy", "damping", "LDS", "95% CI (bootstrap over subsets)"], by_damping)}
 <h2>Predicted vs actual</h2><p>Each point is one subset and one query: the sum of the subset's scores against
 the query's log-probability under the models retrained on the subset, both standardized per query.</p>
 {scatters}

@@ -7,8 +7,15 @@ minibatches of ``batch_size`` documents drawn without replacement, epoch after
 epoch, in an order fixed by the seed; the loss of a step is the mean next-token
 NLL over the batch's target tokens. ``from: scratch`` starts from the world's
 initial parameters (the config's initialization), ``from: checkpoint`` from the
-checkpoint's; both start every retraining from the same point, so the seed
-changes only the order of the minibatches.
+checkpoint's.
+
+The retraining protocol (``validate.subset_steps``, ``validate.subset_init``):
+a retraining runs the full model's ``steps`` (``fixed``) or as many passes over
+its subset as the full model makes over all documents (``epochs``,
+:func:`subset_steps`), with a warm-up of a tenth of its own steps; it starts
+from the full model's starting point (``shared``: its seed changes only the
+order of the minibatches) or from its own initialization (``fresh``:
+:func:`fresh_seed` seeds both the order and the initialization).
 
 Every subset has the same size ``round(fraction * N)``, so a group of
 retrainings is one program: the parameters, optimizer states and minibatch
@@ -54,6 +61,24 @@ def sample_subsets(n_documents: int, count: int, fraction: float, seed: int) -> 
     return np.stack([np.sort(rng.choice(n_documents, size, replace=False)) for _ in range(count)])
 
 
+def subset_steps(protocol: str, steps: int, n_documents: int, size: int, batch_size: int) -> int:
+    """Optimizer steps of a retraining on ``size`` of the ``n_documents`` documents when the full model trains
+    ``steps``: ``steps`` for ``fixed``; for ``epochs`` the same number of passes over the subset as the full model
+    makes over all documents, ``max(1, round(steps * floor(size / B) / floor(N / B)))`` with ``B = batch_size`` (a
+    pass is ``floor(n / B)`` minibatches: :func:`schedule` drops an epoch's short remainder)."""
+    if protocol == "fixed":
+        return steps
+    if protocol != "epochs":
+        raise ValidationError(f"validate.subset_steps: expected fixed or epochs, got {protocol!r}")
+    return max(1, round(steps * (size // batch_size) / (n_documents // batch_size)))
+
+
+def fresh_seed(subset: int, seed: int) -> int:
+    """The seed of retraining (subset m, seed s): ``1000 (m + 1) + s``, of its minibatch order and, with
+    ``validate.subset_init: fresh``, of its initialization."""
+    return 1000 * (subset + 1) + seed
+
+
 def schedule(members: np.ndarray, steps: int, batch_size: int, seed: int) -> np.ndarray:
     """Document indices of every minibatch, ``[steps, batch_size]``: ``members`` shuffled by ``seed`` epoch after
     epoch (a batch never straddles two epochs; a final short remainder of an epoch is dropped)."""
@@ -85,10 +110,11 @@ def measurements(task, params, queries) -> jax.Array:
     return token_losses.sum(-1)
 
 
-def make_trainer(task, proc: Procedure) -> tuple[Callable, Callable]:
+def make_trainer(task, proc: Procedure, stacked_starts: bool = False) -> tuple[Callable, Callable]:
     """``train(params0, documents, queries, schedules [G, steps, B]) -> (measurements [G, Q], losses [G, steps])``.
 
-    One jitted program: G models from the same ``params0``, each trained along its own schedule.
+    One jitted program: G models, each trained along its own schedule, from the same ``params0`` or, with
+    ``stacked_starts``, model g from ``params0[g]`` (every leaf stacked on a leading axis of G).
     """
     opt = optimizer(proc)
 
@@ -103,7 +129,7 @@ def make_trainer(task, proc: Procedure) -> tuple[Callable, Callable]:
         (params, _), losses = jax.lax.scan(step, (params0, opt.init(params0)), sched)
         return measurements(task, params, queries), losses, params
 
-    many = jax.vmap(lambda p, d, q, s: one(p, d, q, s)[:2], in_axes=(None, None, None, 0))
+    many = jax.vmap(lambda p, d, q, s: one(p, d, q, s)[:2], in_axes=(0 if stacked_starts else None, None, None, 0))
     return jax.jit(many), jax.jit(one)
 
 
@@ -122,19 +148,26 @@ def unit_path(root: Path, subset: int, seed: int) -> Path:
 
 
 def retrain_all(train_many: Callable, params0, documents, queries, subsets: np.ndarray, seeds: int,
-                proc: Procedure, root: Path, group: int, progress: Callable[[int, int], None] | None = None) -> np.ndarray:
+                proc: Procedure, root: Path, group: int, progress: Callable[[int, int], None] | None = None,
+                starts: Callable[[int], object] | None = None) -> np.ndarray:
     """Measurements of every (subset, seed) retraining, ``[M, S, Q]``: read from ``root`` where saved, trained
-    (``group`` at a time) and saved otherwise. The seed of subset m, seed s is ``1000 * (m + 1) + s``."""
+    (``group`` at a time) and saved otherwise. The seed of subset m, seed s is :func:`fresh_seed`; every retraining
+    starts from ``params0``, or with ``starts`` (and a ``train_many`` of ``stacked_starts``) from
+    ``starts(fresh_seed(m, s))``."""
     units = [(m, s) for m in range(len(subsets)) for s in range(seeds)]
     todo = [u for u in units if not unit_path(root, *u).exists()]
     done = len(units) - len(todo)
     for lo in range(0, len(todo), group):
         chunk = todo[lo:lo + group]
-        sched = np.stack([schedule(subsets[m], proc.steps, proc.batch_size, 1000 * (m + 1) + s) for m, s in chunk])
+        sched = np.stack([schedule(subsets[m], proc.steps, proc.batch_size, fresh_seed(m, s)) for m, s in chunk])
         pad = group - len(chunk)              # one compiled shape: the last group is padded with copies
         if pad:
             sched = np.concatenate([sched, np.repeat(sched[:1], pad, 0)])
-        meas, losses = train_many(params0, documents, queries, jnp.asarray(sched))
+        start = params0
+        if starts is not None:
+            inits = [starts(fresh_seed(m, s)) for m, s in chunk]
+            start = jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *(inits + inits[:1] * pad))
+        meas, losses = train_many(start, documents, queries, jnp.asarray(sched))
         meas, losses = np.asarray(meas)[: len(chunk)], np.asarray(losses)[: len(chunk)]
         check_losses(losses, [f"of subset {m} seed {s}" for m, s in chunk])
         for (m, s), row in zip(chunk, meas):
