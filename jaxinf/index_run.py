@@ -122,47 +122,32 @@ def build_index(config: cfg.Config, store: RunStore, inputs: Inputs, curv, eigen
     return build.root
 
 
-class ScoresAndIndex:
-    """The saves of a scoring pass that also writes the index: each save writes the index rows first (flushed), then
-    the score chunk, so a killed pass never has a chunk whose index rows are missing; a resumed pass starts after
-    the last chunk and rewrites any index rows past it with the same values."""
+class WithIndex:
+    """The saves of a pass that also writes the index (the scoring pass, or the Lambda pass under the empirical
+    Fisher): each save writes the batches' index rows first (flushed), then hands the pass's own outputs ``keys`` to
+    its own saves (score chunks, or the Lambda checkpoint), so they never run ahead of the rows; a resumed pass
+    starts after its own last save and rewrites any rows past it with the same values."""
 
-    def __init__(self, chunks, writer: IndexWriter):
-        self.chunks, self.writer = chunks, writer
-        self.every, self.noun = chunks.every, "score chunks and index rows"
+    INDEX_KEYS = ("cells", "bands", "loss")
+
+    def __init__(self, saves, writer: IndexWriter, keys: tuple[str, ...]):
+        self.saves, self.writer, self.keys = saves, writer, keys
+        self.noun = f"{saves.noun} and index rows"
+
+    @property
+    def every(self) -> int | None:
+        return self.saves.every
 
     def resume(self, carry):
-        return self.chunks.resume(carry)
+        return self.saves.resume(carry)
 
     def begin(self, start: int, total: int | None) -> None:
         self.writer.begin(start, total)
-        self.chunks.begin(start, total)
+        self.saves.begin(start, total)
 
     def save(self, step: int, carry, batches) -> None:
-        index_keys, score_keys = ("cells", "bands", "loss"), ("scores", "loss")
-        self.writer.save(step, carry, [({k: out[k] for k in index_keys}, rows) for out, rows in batches])
-        self.chunks.save(step, carry, [({k: out[k] for k in score_keys}, rows) for out, rows in batches])
-
-
-class StateAndIndex:
-    """The saves of a Lambda pass that also writes the index: each save writes the index rows first (flushed), then
-    the Lambda checkpoint, so a checkpoint never runs ahead of the rows; a resumed pass starts after the checkpoint
-    and rewrites any rows past it with the same values (the empirical Fisher's gradients are deterministic)."""
-
-    def __init__(self, state, writer: IndexWriter):
-        self.state, self.writer = state, writer
-        self.every, self.noun = state.every, "checkpoints and index rows"
-
-    def resume(self, carry):
-        return self.state.resume(carry)
-
-    def begin(self, start: int, total: int | None) -> None:
-        self.writer.begin(start, total)
-        self.state.begin(start, total)
-
-    def save(self, step: int, carry, batches) -> None:
-        self.writer.save(step, carry, batches)
-        self.state.save(step, carry, [])
+        self.writer.save(step, carry, [({k: out[k] for k in self.INDEX_KEYS}, rows) for out, rows in batches])
+        self.saves.save(step, carry, [({k: out[k] for k in self.keys}, rows) for out, rows in batches])
 
 
 def lambda_with_index(config: cfg.Config, store: RunStore, inputs: Inputs, eigen, batches, executor):
@@ -179,7 +164,7 @@ def lambda_with_index(config: cfg.Config, store: RunStore, inputs: Inputs, eigen
         carry, out = update(carry, params, eigen, build.basis, batch)
         return carry, out, out["loss"]
 
-    saves = StateAndIndex(SavedState(store, "lambda", batches.plan, config.factors.save_every), build.writer)
+    saves = WithIndex(SavedState(store, "lambda", batches.plan, config.factors.save_every), build.writer, ())
     state, timing = run_batches("lambda", step, batches.iterate, executor.init(stage), saves,
                                 total=len(batches), non_finite=non_finite_loss(inputs.documents, "lambda"),
                                 device=executor)

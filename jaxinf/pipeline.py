@@ -319,14 +319,14 @@ def scores_stage(config: cfg.Config, store: RunStore, inputs: Inputs, qg, curv, 
     (:class:`jaxinf.saved.SavedChunks`); a resumed pass keeps the chunks saved."""
     batches = _batches(inputs, inputs.plan, inputs.documents, executor)
     want_self = config.scores.self_influence
-    saves: SavedChunks | index_run.ScoresAndIndex
+    saves: SavedChunks | index_run.WithIndex
     saves = SavedChunks(store, "scores", inputs.plan, config.scores.save_every,
                         ("scores", "loss", "self") if want_self else ("scores", "loss"))
     build = None
     if (programs.fused_index(config, executor.mesh is None) and store.status("index") != "done"
             and not store.chunks("scores").steps()):   # the index rides on this pass from its start (jaxinf.index_run)
         build = index_run.IndexBuild(config, store, inputs, curv, saved_eigen(config, store, inputs, executor))
-        saves = index_run.ScoresAndIndex(saves, build.writer)
+        saves = index_run.WithIndex(saves, build.writer, ("scores", "loss"))
         fn = programs.scores_and_index(config, inputs.task, inputs.layers).jit(executor)
         score_fn = lambda p, q, c, b: fn(p, q, build.basis, b)  # noqa: E731
     else:
@@ -339,7 +339,7 @@ def scores_stage(config: cfg.Config, store: RunStore, inputs: Inputs, qg, curv, 
 
     _, timing = run_batches("scores", step, batches.iterate, None, saves, total=len(batches),
                             non_finite=non_finite_loss(inputs.documents, "document"), device=executor)
-    chunks = saves.chunks.chunks if isinstance(saves, index_run.ScoresAndIndex) else saves.chunks
+    chunks = saves.saves.chunks if isinstance(saves, index_run.WithIndex) else saves.chunks
     results = _assemble(chunks, inputs, qg.num_queries)
     for key, value in results.items():      # nothing non-finite is exported (rows are checked batch by batch above)
         if not np.all(np.isfinite(value)):
