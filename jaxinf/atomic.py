@@ -1,11 +1,13 @@
-"""Atomic file writes: a reader sees the old file or the new one, never half of either.
+"""Atomic file writes: a reader sees the old file or the new one, never half of either; and the one digest of a
+file's bytes (:func:`file_sha256`) that checkpoints, input fingerprints and prepared datasets record.
 
-Shared by the run store and the analysis (which does not import JAX).
+Shared by the run store, the data layer and the analysis (which does not import JAX).
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import tempfile
@@ -89,3 +91,12 @@ def write_jsonl(path: Path, records: Iterable[Mapping]) -> None:
             f.write((json.dumps(r, ensure_ascii=False) + "\n").encode("utf-8"))
 
     write_atomic(path, write)
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """SHA-256 of a file's bytes, in hex, read in 4 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()

@@ -47,8 +47,9 @@ from pathlib import Path
 from typing import Any
 
 from jaxinf import config as cfg
+from jaxinf.atomic import file_sha256
 from jaxinf.rundir import StoreError
-from jaxinf.store import RunStore, file_sha256
+from jaxinf.store import RunStore
 
 log = logging.getLogger("jaxinf")
 

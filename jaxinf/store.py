@@ -19,7 +19,6 @@ falls back to the previous good step (or recomputes), saying so.
 from __future__ import annotations
 
 import datetime
-import hashlib
 import importlib.metadata
 import json
 import logging
@@ -32,7 +31,7 @@ import jax
 
 from jaxinf import config as cfg
 from jaxinf import rundir
-from jaxinf.atomic import write_json
+from jaxinf.atomic import file_sha256, write_json
 from jaxinf.errors import EnvironmentFailure
 from jaxinf.faults import fault_point
 from jaxinf.hostenv import heap_mode
@@ -59,15 +58,6 @@ def versions() -> dict[str, str]:
 
         out["jaxinf"] = __version__
     return out
-
-
-def file_sha256(path: Path) -> str:
-    """SHA-256 of a file's bytes, read in 4 MiB blocks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _step_files(step_dir: Path) -> list[Path]:

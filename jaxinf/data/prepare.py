@@ -19,7 +19,6 @@ imported (TFDS writes array_record without it).
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import io
 import json
 import os
@@ -29,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from jaxinf.atomic import make_temp_dir
+from jaxinf.atomic import file_sha256, make_temp_dir
 from jaxinf.data.documents import ReadReport, iter_documents, iter_jsonl_documents
 from jaxinf.data.errors import DataError
 from jaxinf.data.shard_files import shard_format
@@ -38,15 +37,6 @@ from jaxinf.data.tfds_documents import PREPARED_MARK
 
 BUILDER_NAME = "jaxinf_documents"
 DATASET_VERSION = "1.0.0"
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    """The SHA-256 of a file's bytes, in hex."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _builder_class():

@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from jaxinf.atomic import file_sha256
 from jaxinf.data.documents import (
     DEFAULT_FIELDS,
     DEFAULT_SOURCE,
@@ -80,7 +81,7 @@ class TfdsDocuments:
         if prepared and len(self._files) == len(self._shard_lengths) and sum(self._shard_lengths) == len(data_source):
             # Written by jaxinf prepare (no empty texts): fingerprinted by its files' bytes, no pass over the records.
             self._rows, self._digests, self._kept_per_shard = None, None, list(self._shard_lengths)
-            self._file_digests = [_file_sha256(f) for f in self._files]
+            self._file_digests = [file_sha256(f) for f in self._files]
             self.report.documents = len(data_source)
         else:
             self._rows, self._digests, self._kept_per_shard = self._scan()
@@ -197,14 +198,6 @@ class TfdsDocuments:
 
     def __iter__(self) -> Iterator[Document]:
         return iter_documents(self)
-
-
-def _file_sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _tfds():
