@@ -1,6 +1,6 @@
 """jaxinf: EK-FAC influence functions for large language models, in JAX.
 
-The engine (`jaxinf.capture`, `jaxinf.curvature`, `jaxinf.scoring`) sees only a
+The engine (`jaxinf.engine.capture`, `jaxinf.engine.curvature`, `jaxinf.engine.scoring`) sees only a
 loss function of (params, batch, probes); models, data, the run directory and
 the analyses are adapters around it. See docs/method.md for the method, formula
 by formula, next to the function that computes it.

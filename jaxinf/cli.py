@@ -27,7 +27,7 @@ EXIT_CODES = {
 
 
 def _setup_logging(quiet: bool) -> None:
-    from jaxinf.failures import HideLibraryTracebacks, install_unraisable_hook
+    from jaxinf.run.failures import HideLibraryTracebacks, install_unraisable_hook
 
     install_unraisable_hook()
 
@@ -77,7 +77,8 @@ def _run(args) -> int:
 
 def _query(args) -> int:
     from jaxinf import config as cfg
-    from jaxinf import pipeline, rundir
+    from jaxinf import pipeline
+    from jaxinf.run import rundir
 
     run_dir = Path(args.run)
     if (run_dir / "manifest.json").is_file() and run_dir.parent.name == "state":   # the index directory itself
@@ -105,8 +106,8 @@ def _query(args) -> int:
 
 def _plan(args) -> int:
     from jaxinf import config as cfg
-    from jaxinf import plan
-    from jaxinf.chips import chip
+    from jaxinf.run import plan
+    from jaxinf.run.chips import chip
 
     config = cfg.load(*cfg.config_arguments(args.config, args.overrides))
     meshes = [plan.parse_mesh(m) for m in args.mesh] if args.mesh else [(config.mesh.data, config.mesh.model)]
@@ -117,7 +118,7 @@ def _plan(args) -> int:
     if not args.no_compile:
         plan.prepare_devices(meshes)   # before jax starts: the simulated devices the meshes need
     if args.corpus:
-        from jaxinf import plan_corpus
+        from jaxinf.run import plan_corpus
 
         return plan_corpus.command(config, meshes, compile=not args.no_compile, json_out=args.json, chip=device)
     return plan.command(config, meshes, compile=not args.no_compile, json_out=args.json, chip=device)
@@ -205,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="count data.documents with the checkpoint's tokenizer (one tokenization pass): its documents, "
                     "tokens, rows and the passes over it, and the hours for it")
     pl.add_argument("--chip", choices=("h100", "h200", "a100", "v5e", "v5p", "v6e"),
-                    help="time each per-document step as a roofline on this chip (jaxinf/chips.py)")
+                    help="time each per-document step as a roofline on this chip (jaxinf/run/chips.py)")
     pl.add_argument("--peak-tflops", type=float, metavar="T", help="a custom peak matrix TFLOP/s (replaces the chip's)")
     pl.add_argument("--hbm-gbps", type=float, metavar="B", help="a custom HBM bandwidth in GB/s (replaces the chip's)")
     pl.set_defaults(handler=_plan)
@@ -260,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"jaxinf {args.command}: interrupted; run it again to resume", file=sys.stderr)
         return 130
     except Exception as e:   # a write the machine refused (read-only, no space, permissions) in any command: one line
-        from jaxinf.failures import CONDITIONS, find_condition
+        from jaxinf.run.failures import CONDITIONS, find_condition
 
         found = find_condition(e)
         if found is None:

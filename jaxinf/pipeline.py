@@ -3,7 +3,7 @@
     covariance -> eigen -> lambda -> queries -> scores -> exports -> analysis
 
 Every stage reads what the previous ones saved in the run directory
-(:mod:`jaxinf.store`) and saves its own result there, so a run killed at any
+(:mod:`jaxinf.run.store`) and saves its own result there, so a run killed at any
 moment resumes where it stopped: the accumulating stages (covariance, Lambda,
 scores) from their last checkpoint, the others from the last finished stage.
 Batches are deterministic (:mod:`jaxinf.data.batching`) and the sampled labels
@@ -11,10 +11,10 @@ of batch ``i`` use ``fold_in(key, i)``, so a resumed run computes exactly what a
 uninterrupted one would.
 
 This module is the orchestration: the run directory claimed and locked, the
-inputs read (:mod:`jaxinf.inputs`), the curvature fitted or reused, the queries
-prepared, the documents scored, the exports written (:mod:`jaxinf.exports.stage`)
-and the analysis run. The numeric work is the engine's (:mod:`jaxinf.stages`);
-every per-batch pass goes through one loop (:mod:`jaxinf.loop`), one jitted step
+inputs read (:mod:`jaxinf.run.inputs`), the curvature fitted or reused, the queries
+prepared, the documents scored, the exports written (:mod:`jaxinf.run.exports.stage`)
+and the analysis run. The numeric work is the engine's (:mod:`jaxinf.engine.stages`);
+every per-batch pass goes through one loop (:mod:`jaxinf.engine.loop`), one jitted step
 per stage called per batch through an :class:`Executor` that places batches and,
 on a mesh, shards them.
 """
@@ -33,19 +33,20 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxinf import config as cfg
-from jaxinf import curvature, failures, fingerprint, index_run, precision, preflight, programs, rundir, scoring, stages
-from jaxinf.distributed import eigendecompose
-from jaxinf.executor import Executor, make_executor
-from jaxinf.exports.stage import export
+from jaxinf.engine import curvature, precision, programs, scoring, stages
+from jaxinf.engine.distributed import eigendecompose
+from jaxinf.engine.loop import run_batches
 from jaxinf.faults import fault_point
 from jaxinf.hostenv import lapack_threads, mesh_lapack_threads
-from jaxinf.inputs import Inputs, check_inputs, load_inputs, non_finite_loss, text_source, tracked_layers
-from jaxinf.lock import RunLock
-from jaxinf.loop import run_batches
-from jaxinf.meshes import check_agreement, initialize
-from jaxinf.rundir import StoreError
-from jaxinf.saved import SavedChunks, SavedState, plan_key
-from jaxinf.store import RunStore, check_writable
+from jaxinf.run import failures, fingerprint, index_run, preflight, rundir
+from jaxinf.run.executor import Executor, make_executor
+from jaxinf.run.exports.stage import export
+from jaxinf.run.inputs import Inputs, check_inputs, load_inputs, non_finite_loss, text_source, tracked_layers
+from jaxinf.run.lock import RunLock
+from jaxinf.run.rundir import StoreError
+from jaxinf.run.saved import SavedChunks, SavedState, plan_key
+from jaxinf.run.store import RunStore, check_writable
+from jaxinf.sharding.meshes import check_agreement, initialize
 
 log = logging.getLogger("jaxinf")
 
@@ -82,7 +83,7 @@ def accumulate(
     executor: Executor,
     inputs: Inputs,
 ):
-    """Drives an accumulating stage over ``batches`` through the per-batch loop (:func:`jaxinf.loop.run_batches`),
+    """Drives an accumulating stage over ``batches`` through the per-batch loop (:func:`jaxinf.engine.loop.run_batches`),
     its state checkpointed every ``save_every`` batches; resumes from the newest checkpoint.
 
     Returns the finalized result and the timing of this pass (seconds, seconds saving checkpoints, batches)."""
@@ -180,7 +181,7 @@ def _check_finite_tree(tree, what: str, fetch: Callable = np.asarray, why: str =
 
 def check_factors_from(config: cfg.Config, model_fp: dict | None) -> RunStore | None:
     """The run directory of ``factors.from`` (None without it), checked against this run: the settings that change
-    the curvature, and the *content* of the model and tokenizer (``model_fp``, :func:`jaxinf.fingerprint.check_model`)
+    the curvature, and the *content* of the model and tokenizer (``model_fp``, :func:`jaxinf.run.fingerprint.check_model`)
     against the fingerprints that run recorded, so that weights edited under the same path are refused and the same
     weights under another path or in a copy are accepted. A run that recorded none (started by an older jaxinf, or
     with imported factors) is compared by the checkpoint's resolved path."""
@@ -291,7 +292,7 @@ def _check_query_gradients(qg: scoring.QueryGradients, inputs: Inputs, config: c
 
 
 def _prepare_all(inputs, batches, prep_fn, curv, executor: Executor, check: bool) -> scoring.QueryGradients:
-    """Preconditioned (and truncated) query gradients batch by batch (:func:`jaxinf.stages.prepared_queries`),
+    """Preconditioned (and truncated) query gradients batch by batch (:func:`jaxinf.engine.stages.prepared_queries`),
     joined along Q."""
     parts = []
     for batch in batches:
@@ -316,7 +317,7 @@ def _join_queries(parts) -> scoring.QueryGradients:
 
 def scores_stage(config: cfg.Config, store: RunStore, inputs: Inputs, qg, curv, executor: Executor) -> dict:
     """Scores of every document row against every query, saved in chunks of ``scores.save_every`` batches
-    (:class:`jaxinf.saved.SavedChunks`); a resumed pass keeps the chunks saved."""
+    (:class:`jaxinf.run.saved.SavedChunks`); a resumed pass keeps the chunks saved."""
     batches = _batches(inputs, inputs.plan, inputs.documents, executor)
     want_self = config.scores.self_influence
     saves: SavedChunks | index_run.WithIndex
@@ -324,7 +325,7 @@ def scores_stage(config: cfg.Config, store: RunStore, inputs: Inputs, qg, curv, 
                         ("scores", "loss", "self") if want_self else ("scores", "loss"))
     build = None
     if (programs.fused_index(config, executor.mesh is None) and store.status("index") != "done"
-            and not store.chunks("scores").steps()):   # the index rides on this pass from its start (jaxinf.index_run)
+            and not store.chunks("scores").steps()):   # the index rides on this pass from its start (jaxinf.run.index_run)
         build = index_run.IndexBuild(config, store, inputs, curv, saved_eigen(config, store, inputs, executor))
         saves = index_run.WithIndex(saves, build.writer, ("scores", "loss"))
         fn = programs.scores_and_index(config, inputs.task, inputs.layers).jit(executor)
@@ -397,17 +398,17 @@ def _open_store(config: cfg.Config, overwrite: bool) -> RunStore:
 def run(config: cfg.Config, overwrite: bool = False, executor: Executor | None = None) -> Path:
     """All stages, resumable; returns the run directory.
 
-    Holds the run directory's lock (:mod:`jaxinf.lock`) throughout. With ``overwrite`` the old run is set aside,
-    deleted only once the new one has finished and put back on any failure (:mod:`jaxinf.rundir`). Inputs whose
+    Holds the run directory's lock (:mod:`jaxinf.run.lock`) throughout. With ``overwrite`` the old run is set aside,
+    deleted only once the new one has finished and put back on any failure (:mod:`jaxinf.run.rundir`). Inputs whose
     content changed since the run started are refused or invalidate the stages depending on them
-    (:mod:`jaxinf.fingerprint`).
+    (:mod:`jaxinf.run.fingerprint`).
     """
     check_inputs(config)
     index_run.check_available(config)
     preflight.check_model_limits(config)
     initialize(config.mesh)                          # before anything touches a device
     check_agreement(cfg.to_dict(config))             # every process runs the same config
-    precision.enable(config.run.precision)           # float64 arrays, before the model is loaded (jaxinf.precision)
+    precision.enable(config.run.precision)           # float64 arrays, before the model is loaded (jaxinf.engine.precision)
     if executor is None:                             # mesh and batch shape errors before the run directory is made
         executor = make_executor(config)
         check_layouts(config, executor)
@@ -423,9 +424,9 @@ def run(config: cfg.Config, overwrite: bool = False, executor: Executor | None =
 
 def check_statistics(config: cfg.Config, executor: Executor) -> None:
     """Before any batch: a tracked layer whose statistic alone cannot fit a device is named with the key that would
-    make it fit (:func:`jaxinf.plan.check_layers_fit`). The memory is ``plan.device_memory_gib`` when set, else what
+    make it fit (:func:`jaxinf.run.plan.check_layers_fit`). The memory is ``plan.device_memory_gib`` when set, else what
     an accelerator reports (``bytes_limit``); on a CPU with no setting nothing is checked."""
-    from jaxinf import plan
+    from jaxinf.run import plan
 
     device = jax.devices()[0]
     limit: int | None
@@ -445,7 +446,7 @@ def check_statistics(config: cfg.Config, executor: Executor) -> None:
 def _claim(config: cfg.Config, overwrite: bool) -> tuple[RunLock | None, rundir.Aside | rundir.Fresh | None]:
     """Process 0: the run directory checked (never another kind of directory), locked, a killed ``--overwrite``
     finished, and with ``overwrite`` the old run set aside; a new (or empty) directory is removed again (emptied) if
-    the start fails (:class:`jaxinf.rundir.Fresh`)."""
+    the start fails (:class:`jaxinf.run.rundir.Fresh`)."""
     if jax.process_index() != 0:
         return None, None
     root = Path(config.run.out)
@@ -534,7 +535,7 @@ def _put_back(aside: rundir.Aside, e: BaseException) -> bool:
 
 def _finished(store: RunStore, stage: str, files: tuple[str, ...]) -> bool:
     """Whether ``stage`` is done and its files are in place: a rerun of a finished run redoes nothing (a stage that
-    a changed input or setting invalidated is pending again, :mod:`jaxinf.fingerprint`). With several processes the
+    a changed input or setting invalidated is pending again, :mod:`jaxinf.run.fingerprint`). With several processes the
     status alone decides, so that every process takes the same branch (the exports' breakdowns are collective)."""
     if store.status(stage) != "done":
         return False

@@ -86,7 +86,7 @@ def stage(name: str, d: Path) -> dict:
     from jaxinf.analysis import driver as A
     from jaxinf.analysis import powerlaw as pl
     from jaxinf.analysis import sources as srcs
-    from jaxinf.exports.formats import ScoreMatrix, read_documents, read_exported_queries
+    from jaxinf.run.exports.formats import ScoreMatrix, read_documents, read_exported_queries
 
     opts = A.Options()
     queries = read_exported_queries(d / "queries.jsonl")

@@ -19,7 +19,7 @@ here, with a BOS post-processor like a checkpoint's tokenizer.json. The corpus
 is written as JSONL and read back through the data layer, so the data numbers
 include reading, JSON parsing, tokenization and filling batches.
 
-Scoring: ``jaxinf.stages.score_batch`` on ``testing.tiny_lm_init`` (d_model 128,
+Scoring: ``jaxinf.engine.stages.score_batch`` on ``testing.tiny_lm_init`` (d_model 128,
 4 layers, d_ff 512), MLP layers tracked, EK-FAC fitted on a few batches,
 32 queries preconditioned at rank 32, over the same batches (each shape
 compiled before timing). The model's vocabulary is measured twice: 32k (the
@@ -135,7 +135,7 @@ class Scorer:
         import jax
         import jax.numpy as jnp
 
-        from jaxinf import capture, scoring, stages, testing
+        from jaxinf.engine import capture, scoring, stages, testing
 
         self.jax, self.vocab, self.encoder = jax, vocab, encoder
         self.batches = DocumentBatches(docs, encoder, plan)

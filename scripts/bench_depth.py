@@ -34,7 +34,7 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
 
     from jaxinf import config as cfg
-    from jaxinf import plan
+    from jaxinf.run import plan
 
     config = cfg.load(args.config, args.overrides)
     data, model = config.mesh.data, config.mesh.model
@@ -42,7 +42,7 @@ def main(argv=None) -> None:
 
     import jax
 
-    from jaxinf.meshes import make_mesh
+    from jaxinf.sharding.meshes import make_mesh
 
     groups = plan.simulated_groups(data, model, config.plan.hosts)
     B = (args.batch or config.data.batch_size) * groups            # documents per step

@@ -29,7 +29,7 @@ import time
 import jax
 import jax.numpy as jnp
 
-from jaxinf import capture, curvature, scoring, stages, testing
+from jaxinf.engine import capture, curvature, scoring, stages, testing
 from jaxinf.hostenv import lapack_threads
 
 

@@ -61,8 +61,9 @@ def main(argv=None) -> None:
     import torch
     import transformers
 
-    from jaxinf import capture, models
+    from jaxinf import models
     from jaxinf.demo import train
+    from jaxinf.engine import capture
 
     hf = train.hf_config(args.vocab, hidden=args.hidden, layers=args.layers, heads=4, kv_heads=4,
                          intermediate=4 * args.hidden, max_positions=args.seq)

@@ -45,12 +45,13 @@ def device_bytes(tree) -> int:
 
 
 def measured(repeats: int = 5) -> list[dict]:
-    from jaxinf import capture, curvature, models, scoring, stages
-    from jaxinf.axes import field_axes
-    from jaxinf.distributed import eigendecompose
-    from jaxinf.executor import MeshExecutor
+    from jaxinf import models
+    from jaxinf.engine import capture, curvature, scoring, stages
+    from jaxinf.engine.distributed import eigendecompose
     from jaxinf.hostenv import mesh_lapack_threads
-    from jaxinf.meshes import make_mesh
+    from jaxinf.run.executor import MeshExecutor
+    from jaxinf.sharding.axes import field_axes
+    from jaxinf.sharding.meshes import make_mesh
 
     config = models.ModelConfig(family="llama", vocab_size=1024, hidden_size=256, intermediate_size=768, num_layers=4,
                                 num_heads=8, num_kv_heads=4, max_position_embeddings=256)
@@ -113,7 +114,7 @@ def measured(repeats: int = 5) -> list[dict]:
 
 def planned(config_file: str) -> tuple[dict, object]:
     from jaxinf import config as cfg
-    from jaxinf import plan
+    from jaxinf.run import plan
 
     config = cfg.load(config_file, ["plan.hosts=1", "data.batch_size=8"])
     return plan.plan(config, MESHES), config

@@ -15,7 +15,7 @@ matrix on both sides):
   training gradients), after a warm-up of every stage on a few documents;
 - jaxinf, through the pipeline's own stage functions (``jaxinf run`` minus the
   exports and the report): covariance and Lambda (``pipeline.accumulate``, through
-  the per-batch loop of ``jaxinf.loop``, one checkpoint at the end),
+  the per-batch loop of ``jaxinf.engine.loop``, one checkpoint at the end),
   eigendecomposition, query gradients, scores. A first
   pass compiles every program (its times, "cold", include compilation); the
   timed pass runs with the compiled programs in JAX's compilation cache, as a
@@ -211,12 +211,13 @@ def run_jaxinf(w: dict, size: dict, args, out: Path, timed: bool, compiled: dict
     import jax
 
     from jaxinf import config as cfg
-    from jaxinf import curvature, pipeline, stages
+    from jaxinf import pipeline
     from jaxinf.data.batching import DocumentBatches
-    from jaxinf.executor import DeviceExecutor
+    from jaxinf.engine import curvature, stages
     from jaxinf.hostenv import lapack_threads
-    from jaxinf.inputs import load_inputs
-    from jaxinf.store import RunStore
+    from jaxinf.run.executor import DeviceExecutor
+    from jaxinf.run.inputs import load_inputs
+    from jaxinf.run.store import RunStore
 
     config = cfg.load(None, [f"model.checkpoint={w['model']}", f"data.documents={w['docs']}",
                              f"data.queries={w['queries']}", f"data.max_length={size['length']}",

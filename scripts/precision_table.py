@@ -87,8 +87,9 @@ def elementwise(mode: str):
 
 def captured(hidden: int, layers: int, docs: int, seq: int, queries: int, seed: int) -> dict:
     """``a`` and ``g`` of every tracked MLP layer, for fitting (sampled labels), documents and queries, in float64."""
-    from jaxinf import capture, models, tasks
+    from jaxinf import models
     from jaxinf.demo import train
+    from jaxinf.engine import capture, tasks
 
     vocab = 512
     hf = train.hf_config(vocab, hidden=hidden, layers=layers, heads=4, kv_heads=2, intermediate=hidden * 8 // 3,

@@ -1,4 +1,4 @@
-"""Hand-made run directories for the analysis tests (written through jaxinf.exports.formats's writers)."""
+"""Hand-made run directories for the analysis tests (written through jaxinf.run.exports.formats's writers)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from jaxinf.analysis import Options
-from jaxinf.exports.formats import write_documents, write_queries, write_scores
+from jaxinf.run.exports.formats import write_documents, write_queries, write_scores
 
 #: Small options so that tests stay fast; statistics are unchanged, only the resampling counts shrink.
 FAST = Options(powerlaw_bootstrap=10, permutations=200)

@@ -8,9 +8,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxinf import capture, tasks, testing
-from jaxinf.capture import Tap
-from jaxinf.tasks import Params, Task, sample_labels, token_nll
+from jaxinf.engine import capture, tasks, testing
+from jaxinf.engine.capture import Tap
+from jaxinf.engine.tasks import Params, Task, sample_labels, token_nll
 
 Array = jax.Array
 

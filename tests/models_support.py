@@ -260,7 +260,7 @@ def hf_logits(directory: Path, tokens: np.ndarray, mask: np.ndarray, float64: bo
 
 
 def hf_token_losses(logits: np.ndarray, tokens: np.ndarray, weights: np.ndarray) -> np.ndarray:
-    """torch's cross-entropy of next tokens, weighted like ``jaxinf.tasks.next_token_losses`` (last position 0)."""
+    """torch's cross-entropy of next tokens, weighted like ``jaxinf.engine.tasks.next_token_losses`` (last position 0)."""
     torch = oracle("torch")
     lg = torch.tensor(logits[:, :-1])
     ce = torch.nn.functional.cross_entropy(lg.reshape(-1, lg.shape[-1]), torch.tensor(tokens[:, 1:]).reshape(-1).long(),

@@ -162,12 +162,13 @@ def stages_task(out: Path) -> None:
     import jax
     import numpy as np
 
-    from jaxinf import capture, curvature, models, scoring, stages
-    from jaxinf.axes import field_axes
-    from jaxinf.distributed import eigendecompose, eigh_program
-    from jaxinf.executor import MeshExecutor
+    from jaxinf import models
+    from jaxinf.engine import capture, curvature, scoring, stages
+    from jaxinf.engine.distributed import eigendecompose, eigh_program
     from jaxinf.hostenv import mesh_lapack_threads
-    from jaxinf.meshes import make_mesh
+    from jaxinf.run.executor import MeshExecutor
+    from jaxinf.sharding.axes import field_axes
+    from jaxinf.sharding.meshes import make_mesh
 
     lm = tiny_llama()
     task = lm.task()
@@ -291,15 +292,16 @@ def stages_task(out: Path) -> None:
 def biased_task(out: Path) -> None:
     """Lambda, query preparation and scores (with self-influence) of a Llama whose MLP layers have biases, on a
     2x4 mesh against one device. Its factors (``d_in + 1`` = 65 and 257 rows) are stored split along their 8
-    layers, which the layer loops must slice without gathering the stack (:func:`jaxinf.partitioning.streamed`;
+    layers, which the layer loops must slice without gathering the stack (:func:`jaxinf.sharding.partitioning.streamed`;
     at these sizes XLA warns when it gathers one)."""
     import dataclasses
 
     import jax
 
-    from jaxinf import capture, curvature, models, stages
-    from jaxinf.executor import MeshExecutor
-    from jaxinf.meshes import make_mesh
+    from jaxinf import models
+    from jaxinf.engine import capture, curvature, stages
+    from jaxinf.run.executor import MeshExecutor
+    from jaxinf.sharding.meshes import make_mesh
 
     lm = tiny_llama()
     lm = models.init(dataclasses.replace(lm.config, num_layers=8, hidden_size=64, intermediate_size=256,
@@ -367,9 +369,10 @@ def distributed_task(out: Path) -> None:
     import jax
     import numpy as np
 
-    from jaxinf import capture, meshes, scoring, stages, testing
     from jaxinf import config as cfg
-    from jaxinf.executor import MeshExecutor
+    from jaxinf.engine import capture, scoring, stages, testing
+    from jaxinf.run.executor import MeshExecutor
+    from jaxinf.sharding import meshes
 
     process = int(os.environ["JAXINF_TEST_PROCESS"])
     config = cfg.load(None, [f"mesh.coordinator={os.environ['JAXINF_TEST_COORDINATOR']}", "mesh.num_processes=2",

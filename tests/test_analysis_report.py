@@ -13,7 +13,7 @@ from chromium_cdp import chromium_path, inspect_page
 from conftest import require_oracle
 
 from jaxinf.analysis import analyze, page
-from jaxinf.exports import formats as aio
+from jaxinf.run.exports import formats as aio
 
 SCRIPT = "<script>window.__pwned = 'script'; document.title = 'PWNED';</script>"
 IMG = "<img src=x onerror=\"window.__pwned = 'img'; document.title = 'PWNED'\">"
@@ -165,7 +165,7 @@ def test_token_context_is_the_tokenizers_decoding(tmp_path):
 
 
 def test_a_malformed_token_piece_is_one_line(tmp_path):
-    from jaxinf.exports.formats import AnalysisError, iter_topk_tokens
+    from jaxinf.run.exports.formats import AnalysisError, iter_topk_tokens
 
     path = tmp_path / "topk_tokens.jsonl"
     aio.write_topk_tokens(path, [{"query": "q", "document": "d", "rank": 0,

@@ -13,7 +13,7 @@ from analysis_fixtures import FAST, make_run, structured_scores
 from jaxinf import cli
 from jaxinf.analysis import AnalysisError, analyze
 from jaxinf.analysis.texts import jsonl_text_source
-from jaxinf.exports import formats as aio
+from jaxinf.run.exports import formats as aio
 
 KINDS = ["factual"] * 4 + ["reasoning"] * 8 + ["control"] * 4
 TASKS = ["factual"] * 4 + ["arith"] * 4 + ["slopes"] * 4 + ["reasoning_control"] * 4

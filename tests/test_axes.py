@@ -15,9 +15,10 @@ import jax.numpy as jnp
 import pytest
 from engine_fixtures import doc_batch, layers_of, tiny_lm
 
-from jaxinf import curvature, models, scoring
-from jaxinf.axes import REPLICATED, Axes, AxesError, declared_axes, field_axes, logical
+from jaxinf import models
+from jaxinf.engine import curvature, scoring
 from jaxinf.models.families import FAMILIES
+from jaxinf.sharding.axes import REPLICATED, Axes, AxesError, declared_axes, field_axes, logical
 
 MOE = ("mixtral", "qwen3_moe", "olmoe")
 

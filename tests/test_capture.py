@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from engine_fixtures import capture_ag, doc_batch, layers_of, rel_err, tiny_lm, tracked_param_subtree
 
-from jaxinf import capture, testing
-from jaxinf.capture import CaptureError, Tap
+from jaxinf.engine import capture, testing
+from jaxinf.engine.capture import CaptureError, Tap
 
 
 def test_find_layers_names_and_shapes():

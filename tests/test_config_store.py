@@ -7,8 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxinf import atomic, rundir, store
+from jaxinf import atomic
 from jaxinf import config as cfg
+from jaxinf.run import rundir, store
 
 
 def test_yaml_and_overrides(tmp_path):

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from engine_fixtures import capture_ag, layers_of, mlp_init, mlp_task, rel_err
 
-from jaxinf import capture, curvature, stages, tasks, testing
-from jaxinf.curvature import Covariance
+from jaxinf.engine import capture, curvature, stages, tasks, testing
+from jaxinf.engine.curvature import Covariance
 
 TOL = 1e-10  # float64 agreement with the dense oracles
 
@@ -100,7 +100,7 @@ def test_heuristic_damping_is_a_tenth_of_the_mean_lambda_per_layer():
 def test_large_damping_tends_to_the_identity_score():
     """lambda * I(q, n) -> <G_q, G_n> as lambda grows (the preconditioner tends to I / lambda)."""
     with jax.enable_x64(True):
-        from jaxinf import scoring
+        from jaxinf.engine import scoring
 
         task, params, batch, layers = _mlp_setup()
         qbatch = jax.tree.map(lambda x: x[:3], batch)

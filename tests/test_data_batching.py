@@ -12,8 +12,6 @@ import numpy as np
 import pytest
 from data_support import corpus_texts, documents_file, make_tokenizer
 
-from jaxinf import tasks, testing
-from jaxinf.capture import Tap
 from jaxinf.data.batching import (
     DocumentBatches,
     bucket_lengths,
@@ -28,6 +26,8 @@ from jaxinf.data.documents import JsonlDocuments
 from jaxinf.data.errors import DataError
 from jaxinf.data.queries import Query, encode_queries, query_batches
 from jaxinf.data.tokenize import TextEncoder, load_tokenizer, special_tokens_around
+from jaxinf.engine import tasks, testing
+from jaxinf.engine.capture import Tap
 
 
 @pytest.fixture(scope="module")

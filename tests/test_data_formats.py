@@ -210,7 +210,7 @@ def test_exact_dedupe_skips_counts_and_lists_duplicates(tmp_path):
 
 @pytest.mark.parametrize("fmt", WRITE_FORMATS)
 def test_an_edited_shard_changes_its_fingerprint_only(tmp_path, fmt):
-    from jaxinf.fingerprint import changed_shards, documents_fingerprint
+    from jaxinf.run.fingerprint import changed_shards, documents_fingerprint
 
     root = write_shards(iter(RECORDS), tmp_path / "a", fmt, shards=3, per_shard=20)
     before = documents_fingerprint(open_documents(root), 10)
@@ -225,7 +225,7 @@ def test_an_edited_shard_changes_its_fingerprint_only(tmp_path, fmt):
 
 def test_tfds_is_fingerprinted_by_content(tmp_path):
     from jaxinf.data.prepare import prepare
-    from jaxinf.fingerprint import documents_fingerprint
+    from jaxinf.run.fingerprint import documents_fingerprint
 
     src = write_shards(iter(RECORDS), tmp_path / "src", "jsonl", shards=1)
     prepare(src, tmp_path / "ds")

@@ -1,4 +1,4 @@
-"""The EK-FAC index (jaxinf.indexing): exact when full, bounded and certified when not.
+"""The EK-FAC index (jaxinf.engine.indexing): exact when full, bounded and certified when not.
 
 The oracle is the scoring pass itself (``stages.score_batch``, tested against per-example gradients in
 test_scoring.py): the index must reproduce its scores from the stored blocks alone."""
@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from engine_fixtures import DOCS, doc_batch, layers_of, query_batch, tiny_lm
 
-from jaxinf import indexing, stages
-from jaxinf.curvature import Curvature
+from jaxinf.engine import indexing, stages
+from jaxinf.engine.curvature import Curvature
 
 MORE_DOCS = DOCS + [[(3 * i + j) % 15 + 1 for j in range(2 + i % 6)] for i in range(18)]
 
@@ -103,7 +103,7 @@ def test_the_index_is_independent_of_damping_and_strategy():
     """One index answers a damping sweep and K-FAC as well as EK-FAC: only the query side changes."""
     task, params, layers, batch, curv, eigen = _fit(jnp.float64)
     selection, rows = _index(task, params, layers, batch, curv, eigen, None)
-    from jaxinf.curvature import kfac_lambda, strategy
+    from jaxinf.engine.curvature import kfac_lambda, strategy
 
     kfac = Curvature(strategy("kfac"), curv.Q_A, curv.Q_S, kfac_lambda(eigen))
     for c, damping in ((curv, 1e-3), (curv, 10.0), (kfac, None)):
@@ -151,7 +151,7 @@ def test_bands_double_past_the_kept_directions():
 
 
 def test_select_cells_orders_by_decreasing_eigenvalue():
-    from jaxinf.curvature.eigen import Eigen
+    from jaxinf.engine.curvature.eigen import Eigen
 
     e = {"x": jnp.asarray([0.1, 3.0, 2.0, 0.0])}
     eig = Eigen(Q_A={"x": jnp.eye(4)}, e_A=e, Q_S={"x": jnp.eye(4)}, e_S=e)
@@ -161,8 +161,8 @@ def test_select_cells_orders_by_decreasing_eigenvalue():
 
 def test_plan_counts_the_index_bytes_per_document():
     from jaxinf import config as cfg
-    from jaxinf import index_store
-    from jaxinf.capture import LayerSpec
+    from jaxinf.engine.capture import LayerSpec
+    from jaxinf.run import index_store
 
     layers = {"layers.*.mlp.up": LayerSpec("layers.*.mlp.up", d_in=8, d_out=20, bias=True, stack=3),
               "head": LayerSpec("head", d_in=4, d_out=4, bias=False)}

@@ -207,7 +207,7 @@ def test_compare_refuses_another_strategy_and_other_shapes(llama, tmp_path, caps
 
 
 def test_import_refuses_a_run_that_has_results_and_export_an_unfinished_one(llama, tmp_path, capsys):
-    from jaxinf.store import RunStore
+    from jaxinf.run.store import RunStore
 
     code, _, err = _main(["kronfluence", "import", llama["kron"].root / "factors_ekfac",
                           *ks.overrides(llama["world"], llama["run"])], capsys)

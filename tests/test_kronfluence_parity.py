@@ -52,11 +52,12 @@ def _configs():
 def jaxinf_matrix(w: dict, run_dir, configs=None) -> dict:
     """The engine's scores for every configuration (or those of ``configs``) on the world's documents, with the
     run's factors (float64)."""
-    from jaxinf import curvature, models, scoring, stages
+    from jaxinf import models
     from jaxinf.data.batching import document_batches
     from jaxinf.data.queries import encode_queries, query_batches, read_queries
     from jaxinf.data.sources import open_documents
     from jaxinf.data.tokenize import TextEncoder
+    from jaxinf.engine import curvature, scoring, stages
     from jaxinf.interop import transfer
 
     with jax.enable_x64(True):

@@ -59,11 +59,12 @@ def test_float32_scores_correlate_per_query(tmp_path_factory, family):
 def sampled_agreement(tmp_path_factory, family: str, sizes: tuple[int, ...], seed: int = 0) -> list[dict]:
     """For each N: relative errors of A, S, Lambda (worst layer) and per-query score correlations,
     jaxinf and kronfluence both fitting the true Fisher (their own label draws) on the first N documents."""
-    from jaxinf import curvature, models, scoring, stages
+    from jaxinf import models
     from jaxinf.data.batching import document_batches
     from jaxinf.data.queries import encode_queries, query_batches, read_queries
     from jaxinf.data.sources import open_documents
     from jaxinf.data.tokenize import TextEncoder
+    from jaxinf.engine import curvature, scoring, stages
     from jaxinf.interop import kronfluence as kf
     from jaxinf.interop import transfer
     from jaxinf.interop.compare import pearson

@@ -142,22 +142,23 @@ def test_module_sizes():
 
 LAYERS = [
     ("base", ("errors", "atomic", "faults", "hostenv")),
-    ("engine", ("axes", "precision", "lapack", "partitioning", "capture", "tasks", "curvature", "scoring", "indexing",
-                "stages", "programs", "loop", "progress")),
+    ("sharding", ("sharding",)),
+    ("engine", ("engine",)),
     ("models", ("models",)),
     ("data", ("data",)),
-    ("sharding", ("meshes", "distributed", "executor")),
-    ("files", ("config", "lock", "rundir", "store", "saved", "fingerprint", "index_store", "exports.formats")),
+    ("config", ("config",)),
+    ("run", ("run",)),
     ("analysis", ("analysis",)),
-    ("run", ("inputs", "preflight", "chips", "plan", "plan_corpus", "index_run", "exports", "failures", "pipeline",
-             "testing")),
+    ("pipeline", ("pipeline",)),
     ("around", ("validate", "demo", "interop")),
     ("commands", ("cli", "__main__")),
 ]
 """The package's layers, bottom up (docs/architecture.md): a module imports only its own layer and those below.
-The engine (the method's arithmetic, its stages and programs, the per-batch loop) sits on ``base`` alone, so
-``from jaxinf import stages`` is the library without config files, run directories or checkpoints. A module is in
-the layer of the longest entry naming it or a package above it."""
+Each layer is a folder of the package (``jaxinf/sharding/``, ``jaxinf/engine/``, ``jaxinf/run/``, ...) except
+the base modules, the config, the pipeline and the command line, which sit at its root. The engine (the method's
+arithmetic, its stages and programs, the per-batch loop) sits on ``sharding`` and ``base`` alone, so
+``from jaxinf.engine import stages`` is the library without config files, run directories or checkpoints. A module
+is in the layer of the longest entry naming it or a package above it."""
 
 
 def layer_of(module: str) -> int | None:
@@ -190,8 +191,9 @@ def test_no_import_goes_up_a_layer():
 
 def test_an_upward_import_is_found():
     """The check itself: the engine importing the run directory is named."""
-    graph = {"jaxinf.stages": {"jaxinf.store": 12}, "jaxinf.store": {"jaxinf.capture": 3}, "jaxinf.capture": {}}
-    assert upward_imports(graph) == ["jaxinf.stages (engine) imports jaxinf.store (files) (line 12)"]
+    graph = {"jaxinf.engine.stages": {"jaxinf.run.store": 12}, "jaxinf.run.store": {"jaxinf.engine.capture": 3},
+             "jaxinf.engine.capture": {}}
+    assert upward_imports(graph) == ["jaxinf.engine.stages (engine) imports jaxinf.run.store (run) (line 12)"]
 
 
 def test_the_library_api_loads_no_run_directory_code():
@@ -199,9 +201,26 @@ def test_the_library_api_loads_no_run_directory_code():
     import subprocess
     import sys
 
-    code = ("import sys, jaxinf.stages, jaxinf.programs, jaxinf.loop\n"
-            "bad = sorted(m for m in sys.modules if m.split('.')[0] == 'orbax' or m in ('jaxinf.store', "
-            "'jaxinf.rundir', 'jaxinf.config', 'jaxinf.saved', 'jaxinf.pipeline', 'jaxinf.cli'))\n"
+    code = ("import sys, jaxinf.engine.stages, jaxinf.engine.programs, jaxinf.engine.loop\n"
+            "bad = sorted(m for m in sys.modules if m.split('.')[0] == 'orbax' or m.startswith('jaxinf.run')\n"
+            "             or m in ('jaxinf.config', 'jaxinf.pipeline', 'jaxinf.cli'))\n"
             "print(bad)\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
     assert out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+ROOT_MODULES = {"errors", "atomic", "faults", "hostenv", "config", "pipeline", "cli", "__main__"}
+"""The only modules at the package's root: the base, the config, the pipeline and the command line (DESIGN.md's
+layout). Everything else lives in the folder of its layer."""
+
+
+def test_folders_are_layers():
+    """Each layer is one folder (or, for the entries of :data:`ROOT_MODULES`, the root): a new module in the wrong
+    place, or a folder no layer declares, is named."""
+    root = sorted(m.split(".")[1] for m, p in module_files().items()
+                  if m.count(".") == 1 and p.name != "__init__.py")
+    assert set(root) == ROOT_MODULES, f"modules at the root of jaxinf/: {root}; expected {sorted(ROOT_MODULES)}"
+    declared = {e for _, entries in LAYERS for e in entries}
+    folders = sorted({m.split(".")[1] for m, p in module_files().items() if p.name == "__init__.py" and "." in m})
+    undeclared = [f for f in folders if f not in declared]
+    assert not undeclared, f"folders of jaxinf/ in no layer of LAYERS: {undeclared}"

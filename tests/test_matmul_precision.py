@@ -3,9 +3,9 @@ StableHLO of each stage's program, and the model's own forward and backward pass
 
 On a CPU every precision gives the same numbers, so only the program can show it: the CPU lowers the same
 StableHLO an accelerator receives. Each ``dot_general`` is traced back, through the source locations JAX writes
-into the lowered module, to the function that called ``einsum``/``matmul``: a statistic's (``jaxinf/curvature/``,
-``jaxinf/scoring.py``, ``capture.per_sequence_gradient``) must carry the chosen precision, a model's
-(``jaxinf/models/``, ``jaxinf/testing.py``, ``capture.tokens_matmul``) the default, and a dot from anywhere else fails the test until it
+into the lowered module, to the function that called ``einsum``/``matmul``: a statistic's (``jaxinf/engine/curvature/``,
+``jaxinf/engine/scoring.py``, ``capture.per_sequence_gradient``) must carry the chosen precision, a model's
+(``jaxinf/models/``, ``jaxinf/engine/testing.py``, ``capture.tokens_matmul``) the default, and a dot from anywhere else fails the test until it
 is classified here, so a new contraction cannot enter a stage without a stated precision.
 """
 
@@ -18,9 +18,10 @@ import jax
 import pytest
 
 from jaxinf import config as cfg
-from jaxinf import plan, stages
-from jaxinf.meshes import make_mesh
-from jaxinf.precision import MATMUL_PRECISIONS, matmul_precision
+from jaxinf.engine import stages
+from jaxinf.engine.precision import MATMUL_PRECISIONS, matmul_precision
+from jaxinf.run import plan
+from jaxinf.sharding.meshes import make_mesh
 
 ROOT = Path(__file__).resolve().parent.parent / "jaxinf"
 STATISTIC = "statistic"
@@ -149,7 +150,7 @@ def test_every_stage_states_its_matmul_precision(checkpoint, precision, settings
 @pytest.mark.parametrize("order", ["tokens", "documents"])
 def test_score_contraction_orders_and_breakdowns_state_it(order):
     """Both contraction orders of the scores, the per-token breakdown, query gradients and self-influence."""
-    from jaxinf import capture, curvature, scoring, tasks, testing
+    from jaxinf.engine import capture, curvature, scoring, tasks, testing
 
     task = testing.tiny_lm_task()
     params = testing.tiny_lm_init(jax.random.key(0))
@@ -168,7 +169,7 @@ def test_score_contraction_orders_and_breakdowns_state_it(order):
                                   if order == "tokens" else order, curv=c, precision="high")
         return s
 
-    from jaxinf import indexing
+    from jaxinf.engine import indexing
 
     selection = jax.eval_shape(indexing.select_cells, eigen)
     basis = jax.eval_shape(lambda c, s: indexing.ordered_basis(c.Q_A, c.Q_S, s), curv, selection)

@@ -15,7 +15,7 @@ from conftest import oracle
 from engine_fixtures import capture_ag
 from models_support import CHECKPOINTS, hf_model, padded_batch
 
-from jaxinf import capture, scoring, stages, tasks
+from jaxinf.engine import capture, scoring, stages, tasks
 from jaxinf.models import ModelConfig, abstract, config_from_hf, from_hf, init
 from jaxinf.models.hf import param_sources
 

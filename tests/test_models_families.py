@@ -19,7 +19,7 @@ import pytest
 import test_models_checkpoint as checkpoint_tests  # its helpers (a module import: its tests are not collected twice)
 from models_support import CHECKPOINTS, padded_batch
 
-from jaxinf import capture
+from jaxinf.engine import capture
 from jaxinf.models import from_hf
 from jaxinf.models.families import FAMILIES
 

@@ -19,7 +19,7 @@ import numpy as np
 from engine_fixtures import capture_ag
 from models_support import padded_batch
 
-from jaxinf import capture
+from jaxinf.engine import capture
 from jaxinf.models import ModelConfig, abstract
 from jaxinf.models.parts import route
 
@@ -106,7 +106,7 @@ def test_expert_factors_are_averages_over_its_own_tokens_against_a_dense_oracle(
     (an ordinary layer) counts every token. The expert that receives no token has count 0 and zero factors, and the
     scores and self-influence (heuristic damping, which is 0 for it) stay finite, that expert contributing nothing.
     """
-    from jaxinf import stages
+    from jaxinf.engine import stages
 
     with jax.enable_x64(True):
         lm, params = _model()

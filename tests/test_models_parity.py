@@ -21,7 +21,7 @@ import pytest
 from conftest import oracle
 from models_support import CHECKPOINTS, hf_logits, hf_token_losses, padded_batch
 
-from jaxinf import tasks
+from jaxinf.engine import tasks
 from jaxinf.models import LM, abstract, from_hf
 
 TOLERANCE = {"float32": 1e-4, "float64": 1e-10}

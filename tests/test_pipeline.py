@@ -13,8 +13,10 @@ import pytest
 from pipeline_support import env, jaxinf, make_world, overrides
 
 from jaxinf import config as cfg
-from jaxinf import pipeline, programs, scoring, stages, store
-from jaxinf.inputs import load_inputs
+from jaxinf import pipeline
+from jaxinf.engine import programs, scoring, stages
+from jaxinf.run import store
+from jaxinf.run.inputs import load_inputs
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""One program per stage (:mod:`jaxinf.programs`): the programs ``jaxinf run`` compiles are the programs ``jaxinf
+"""One program per stage (:mod:`jaxinf.engine.programs`): the programs ``jaxinf run`` compiles are the programs ``jaxinf
 plan`` compiles, found by their StableHLO, and settings reach the planner as they reach the run."""
 
 from __future__ import annotations
@@ -10,9 +10,10 @@ import pytest
 from pipeline_support import make_world, overrides
 
 from jaxinf import config as cfg
-from jaxinf import pipeline, plan
-from jaxinf.executor import MeshExecutor
-from jaxinf.meshes import make_mesh
+from jaxinf import pipeline
+from jaxinf.run import plan
+from jaxinf.run.executor import MeshExecutor
+from jaxinf.sharding.meshes import make_mesh
 
 
 def fingerprint(lowered) -> str:
@@ -56,7 +57,7 @@ def test_the_planner_compiles_the_programs_the_run_runs(tmp_path, settings):
     planned = {name: fingerprint(fn.lower(*args))
                for name, fn, args, _ in plan.step_programs(config, mesh, lm, layers, config.data.batch_size,
                                                            one_device=False)   # as the run on a mesh executor
-               if name != "eigen"}   # the eigendecomposition: one shared function (jaxinf.distributed.eigh_program)
+               if name != "eigen"}   # the eigendecomposition: one shared function (jaxinf.engine.distributed.eigh_program)
     want = {"covariance", "queries", "scores", "breakdowns"} | (
         {"lambda"} if config.factors.strategy == "ekfac" else set()) | ({"index"} if "index.k" in settings else set())
     assert set(planned) == want

@@ -307,7 +307,7 @@ def test_a_tokenizer_that_yields_no_token_pair_is_named():
     """Documents kept but each tokenized to fewer than 2 tokens: the tokenizer file is named beside the documents."""
     import numpy as np
 
-    from jaxinf import preflight
+    from jaxinf.run import preflight
 
     with pytest.raises(preflight.PreflightError) as e:
         preflight.check_corpus(np.array([1, 0, 1]), "docs.jsonl", None, "model/tokenizer.json")
@@ -498,7 +498,7 @@ def test_a_foreign_run_json_does_not_make_a_run_directory(base, tmp_path, record
 
 
 def test_a_run_record_carries_the_marker(base):
-    from jaxinf import rundir
+    from jaxinf.run import rundir
 
     record = json.loads((base["root"] / "run" / "run.json").read_text())
     assert record["format"] == rundir.MARKER and rundir.is_record(record)
@@ -543,8 +543,9 @@ def _one_error(capsys, command: str) -> str:
 def test_validate_and_demo_out_follow_the_run_directory_rule(tmp_path, capsys, command):
     """Issue 25, cases 3 and 8: `validate --out` and `demo --out` refuse a jaxinf run directory, a foreign non-empty
     directory and a file, in one line, writing nothing; a directory in use is locked out as a run is."""
-    from jaxinf import cli, rundir
-    from jaxinf.lock import RunLock, claim_output
+    from jaxinf import cli
+    from jaxinf.run import rundir
+    from jaxinf.run.lock import RunLock, claim_output
 
     run = tmp_path / "run"
     (run / "report").mkdir(parents=True)
@@ -667,7 +668,7 @@ def test_factors_from_compares_content_and_refuses_a_swamping_damping(base, tmp_
 
 
 def test_a_non_finite_score_names_the_document():
-    from jaxinf.inputs import non_finite_loss
+    from jaxinf.run.inputs import non_finite_loss
 
     class Docs:
         name = "docs.jsonl"
@@ -730,9 +731,9 @@ def test_messages_of_issue_25_case_12(tmp_path):
     """Issue 25, case 12: model.dtype=float64 names run.precision (not a Python API); a file given for a directory
     and the reverse say so; another tool's run.json is not read as a run record (no KeyError leaks)."""
     from jaxinf import config as cfg
-    from jaxinf.inputs import InputError, check_inputs
     from jaxinf.interop.kronfluence import InteropError
     from jaxinf.interop.transfer import read_record
+    from jaxinf.run.inputs import InputError, check_inputs
 
     with pytest.raises(cfg.ConfigError, match=r"^command line: model\.dtype: float64 needs run\.precision=float64 "
                                               r"\(64-bit arithmetic\), got run\.precision=float32$"):
@@ -756,7 +757,7 @@ def test_messages_of_issue_25_case_12(tmp_path):
 def test_a_failed_start_never_removes_a_run_set_aside_by_a_killed_overwrite(tmp_path):
     """A directory holding only an old run that a killed --overwrite set aside is not a fresh directory: a start
     that then fails must not remove the run that recover_interrupted moves back."""
-    from jaxinf import rundir
+    from jaxinf.run import rundir
 
     root = tmp_path / "run"
     (root / rundir.PREVIOUS).mkdir(parents=True)
@@ -777,7 +778,7 @@ def test_a_failed_start_never_removes_a_run_set_aside_by_a_killed_overwrite(tmp_
 def test_an_overwrite_killed_while_moving_entries_loses_nothing(tmp_path, state):
     """Issue 25, case 1: a kill while the old run's entries are moved aside, or while a failed attempt is undone, is
     finished by the next start: the old run comes back whole, never taken for the new attempt's files."""
-    from jaxinf import rundir
+    from jaxinf.run import rundir
 
     root = tmp_path / "run"
     previous, discarded = root / rundir.PREVIOUS, root / rundir.DISCARDED
@@ -806,7 +807,7 @@ def test_a_failed_overwrite_waits_for_the_writers_of_a_failed_save(tmp_path):
     full disk): the old run is put back only once they stop, so none of their files lands in it."""
     import threading
 
-    from jaxinf import rundir
+    from jaxinf.run import rundir
 
     root = tmp_path / "run"
     (root / "state").mkdir(parents=True)
@@ -852,7 +853,7 @@ def test_the_eta_leaves_out_the_compiling_first_step(monkeypatch):
     that of 1-s steps, not of the 50-s average (the first ETA of a five-minute stage read two hours)."""
     import io
 
-    from jaxinf import progress
+    from jaxinf.engine import progress
 
     clock = iter([0.0, 100.0, 101.0, 101.0])
     monkeypatch.setattr(progress.time, "perf_counter", lambda: next(clock))
@@ -870,7 +871,7 @@ def test_a_query_of_unknown_tokens_is_warned_about(tmp_path, caplog):
     from jaxinf import config as cfg
     from jaxinf.data.queries import read_queries
     from jaxinf.data.tokenize import TextEncoder
-    from jaxinf.inputs import check_queries
+    from jaxinf.run.inputs import check_queries
 
     world = make_world(tmp_path, n_documents=4, n_queries=1)
     (tmp_path / "q.jsonl").write_text(json.dumps({"id": "q", "prompt": "the river of", "completion": "zzqx wvvk"}) + "\n")

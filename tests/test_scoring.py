@@ -17,8 +17,8 @@ from engine_fixtures import (
     tiny_lm,
 )
 
-from jaxinf import curvature, scoring, stages, tasks
-from jaxinf.capture import CaptureError
+from jaxinf.engine import curvature, scoring, stages, tasks
+from jaxinf.engine.capture import CaptureError
 
 STRATEGIES = ("identity", "diagonal", "kfac", "ekfac")
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 from sharding_support import MESHES, TOLERANCE, run_worker
 
-from jaxinf import partitioning
+from jaxinf.sharding import partitioning
 
 
 @pytest.fixture(scope="module")
@@ -105,7 +105,7 @@ def test_streamed_moves_a_layer_split_onto_padded_rows():
     import jax
     import jax.numpy as jnp
 
-    from jaxinf.axes import Axes
+    from jaxinf.sharding.axes import Axes
 
     declared = {"A": Axes("factor", ("rows", "cols")), "e": Axes("eigenvalues", ("rows",)),
                 "even": Axes("factor", ("rows", "cols"))}
@@ -142,8 +142,8 @@ def test_both_executors_declare_the_executor_interface():
     """The pipeline drives stages only through executor.Executor; both executors provide every part of it."""
     import jax
 
-    from jaxinf.executor import DeviceExecutor, Executor, MeshExecutor
-    from jaxinf.meshes import make_mesh
+    from jaxinf.run.executor import DeviceExecutor, Executor, MeshExecutor
+    from jaxinf.sharding.meshes import make_mesh
 
     mesh = make_mesh(1, 1, jax.devices()[:1])
     for executor in (DeviceExecutor(), MeshExecutor(mesh, batch_size=4)):

@@ -12,7 +12,8 @@ from pipeline_support import make_world, overrides
 from sharding_support import REPO, device_env
 
 from jaxinf import config as cfg
-from jaxinf import plan, programs
+from jaxinf.engine import programs
+from jaxinf.run import plan
 
 CONFIG_64 = REPO / "configs/paper/command-r-35b_v5p-128.yaml"
 CONFIG_256 = REPO / "configs/paper/command-r-35b_v5p-512.yaml"
@@ -124,7 +125,7 @@ def test_a_layer_whose_statistic_cannot_fit_is_named_before_the_first_batch(tmp_
     """The per-layer working sets are the documented counts; `jaxinf run` with a memory too small for the largest
     layer's statistic stops before the run directory is made, naming the stage, the layer and the key."""
     from jaxinf import pipeline
-    from jaxinf.capture import LayerSpec
+    from jaxinf.engine.capture import LayerSpec
 
     spec = LayerSpec("layers.*.mlp.down_proj", d_in=11, d_out=7, bias=True, stack=2)
     kw = dict(rows=3, tokens=5, queries=4, query_batch=2, model=2)
@@ -153,9 +154,9 @@ def test_models_with_per_layer_kinds_shrink_with_their_first_layers():
 
 
 def test_chip_rooflines():
-    """The roofline of jaxinf.chips: FLOPs at the chip's rate for each part, bytes at HBM bandwidth, the larger binds;
+    """The roofline of jaxinf.run.chips: FLOPs at the chip's rate for each part, bytes at HBM bandwidth, the larger binds;
     a TPU's float32 statistics run at its bfloat16 peak over the passes of run.matmul_precision."""
-    from jaxinf import chips
+    from jaxinf.run import chips
 
     assert set(chips.CHIPS) == {"h100", "h200", "a100", "v5e", "v5p", "v6e"}
     v5e = chips.chip("v5e")

@@ -310,7 +310,7 @@ def test_settings_that_change_nothing_are_accepted():
 
 
 def test_validate_and_analyze_take_the_run_directory_lock(tmp_path, capsys):
-    from jaxinf.lock import RunLock
+    from jaxinf.run.lock import RunLock
 
     out = tmp_path / "v"
     with RunLock(out):

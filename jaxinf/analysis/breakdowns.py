@@ -16,7 +16,7 @@ import numpy as np
 
 from jaxinf.analysis import layers as lay
 from jaxinf.analysis.groups import by_kind, present_kinds
-from jaxinf.exports.formats import (
+from jaxinf.run.exports.formats import (
     AnalysisError,
     Documents,
     Queries,

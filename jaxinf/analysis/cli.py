@@ -6,13 +6,13 @@ import sys
 from pathlib import Path
 
 from jaxinf.analysis.driver import analyze
-from jaxinf.exports.formats import AnalysisError
+from jaxinf.run.exports.formats import AnalysisError
 
 
 def run_analyze(args) -> int:
     """Run the analysis; a bad input is one line on stderr and exit status 2. Holds the run directory's lock
-    (:class:`jaxinf.lock.RunLock`) while it writes there, as ``jaxinf run`` does."""
-    from jaxinf.lock import RunLock
+    (:class:`jaxinf.run.lock.RunLock`) while it writes there, as ``jaxinf run`` does."""
+    from jaxinf.run.lock import RunLock
 
     # a conversion (--from-release) needs an absent or empty directory, so it is not locked before it is made
     lock = RunLock(args.run_dir).acquire() if not args.from_release and Path(args.run_dir).is_dir() else None

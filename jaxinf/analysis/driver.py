@@ -36,7 +36,7 @@ from jaxinf.analysis import sources as src
 from jaxinf.analysis.breakdowns import read_breakdowns, summarize_breakdowns
 from jaxinf.analysis.groups import by_kind, compare_kinds, describe, present_kinds
 from jaxinf.analysis.texts import TextSource, jsonl_text_source
-from jaxinf.exports.formats import (
+from jaxinf.run.exports.formats import (
     UNKNOWN,
     AnalysisError,
     Documents,

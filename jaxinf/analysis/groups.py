@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import numpy as np
 from scipy import stats
 
-from jaxinf.exports.formats import KINDS, UNKNOWN
+from jaxinf.run.exports.formats import KINDS, UNKNOWN
 
 ALL_KINDS = (*KINDS, UNKNOWN)
 

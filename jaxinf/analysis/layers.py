@@ -1,7 +1,7 @@
 """Where influence comes from: layers (lower, middle, upper) and tokens of the top documents.
 
 Reads the optional exports ``layers.json`` + ``layer_scores.npy`` and ``topk_tokens.jsonl``
-(formats in :mod:`jaxinf.exports.formats`). Per the design, per-layer and per-token scores sum to
+(formats in :mod:`jaxinf.run.exports.formats`). Per the design, per-layer and per-token scores sum to
 the total score; the sums are checked against ``scores.npy`` and the largest discrepancy is
 reported.
 """

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from jaxinf.exports.formats import AnalysisError, write_documents, write_queries, write_scores
+from jaxinf.run.exports.formats import AnalysisError, write_documents, write_queries, write_scores
 
 REASONING_TASK = {"7B": "arithmetic", "35B": "linear_equations"}
 NOTES = [

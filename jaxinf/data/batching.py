@@ -31,7 +31,7 @@ per step and only a few shapes in all (few compilations). Host ``h`` takes
 rows ``[h B, (h + 1) B)`` of each step; rows past the end are padding (mask 0,
 ``index`` -1). Every host has the same number of batches, ``Plan.num_steps``.
 
-A batch (numpy arrays, the causal-LM format of :mod:`jaxinf.tasks`):
+A batch (numpy arrays, the causal-LM format of :mod:`jaxinf.engine.tasks`):
 
 - ``tokens`` ``[B, T]`` int32, right-padded with 0;
 - ``mask`` ``[B, T]`` float32, 1 at real tokens;

@@ -37,7 +37,7 @@ QUERIES_PER_TASK = 8
 
 def main(out: str | Path = "runs/demo", n_documents: int = 3000, train_steps: int = 1200) -> Path:
     """Runs (or resumes, or reuses) every step of the demo; returns the run directory."""
-    from jaxinf.lock import claim_output
+    from jaxinf.run.lock import claim_output
 
     out = Path(out)
     lock = claim_output(out, "demo")   # the output-directory rule and lock of jaxinf run's

@@ -20,7 +20,7 @@ import numpy as np
 import optax
 
 from jaxinf import models
-from jaxinf.progress import Progress
+from jaxinf.engine.progress import Progress
 
 log = logging.getLogger("jaxinf")
 

@@ -41,7 +41,7 @@ from typing import Any, cast
 
 import numpy as np
 
-from jaxinf.curvature.strategies import STRATEGIES
+from jaxinf.engine.curvature.strategies import STRATEGIES
 from jaxinf.errors import UserError
 
 FACTOR_ARGUMENTS = "factor_arguments.json"
@@ -57,7 +57,7 @@ LAMBDA = ("lambda_matrix", "num_lambda_processed")
 GROUPS = {"covariance": COVARIANCE, "eigen": EIGEN, "lambda": LAMBDA}
 
 # What each strategy's fit writes (kronfluence's FactorConfig), and what scoring with it needs: the groups the
-# strategies declare (jaxinf.curvature.strategies), which are kronfluence's.
+# strategies declare (jaxinf.engine.curvature.strategies), which are kronfluence's.
 WRITES = {name: s.writes for name, s in STRATEGIES.items()}
 NEEDS = {name: s.needs for name, s in STRATEGIES.items()}
 

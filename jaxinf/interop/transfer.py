@@ -3,16 +3,16 @@
 **Import** (:func:`import_factors`, ``jaxinf kronfluence import KRON_DIR CONFIG``)
 writes the factors of a kronfluence ``factors_*`` directory into the run
 directory of a config (``run.out``) as the results of its curvature stages, through
-the same :class:`jaxinf.store.RunStore` a run uses:
+the same :class:`jaxinf.run.store.RunStore` a run uses:
 
 - ``state/covariance/0``: the covariance sums and ``N_tok`` per layer (a
-  :class:`~jaxinf.curvature.CovarianceState`, as a run checkpoints them);
-- ``state/eigen/0``: ``Q_A, e_A, Q_S, e_S`` (an :class:`~jaxinf.curvature.Eigen`);
+  :class:`~jaxinf.engine.curvature.CovarianceState`, as a run checkpoints them);
+- ``state/eigen/0``: ``Q_A, e_A, Q_S, e_S`` (an :class:`~jaxinf.engine.curvature.Eigen`);
   the eigenvalues are kept as kronfluence wrote them (it does not clip round-off
   negatives at 0 as jaxinf does), so jaxinf scores with exactly kronfluence's factors;
 - ``state/lambda/0``: ``Lambda = lambda_matrix / num_lambda_processed``, and
   ``state/lambda_sums/0`` the sums and ``N_seq`` per layer themselves (a
-  :class:`~jaxinf.curvature.LambdaState`), so that an export gives back the same files.
+  :class:`~jaxinf.engine.curvature.LambdaState`), so that an export gives back the same files.
 
 The stages are marked done (``run.json`` names the source directory), so
 ``jaxinf run CONFIG`` continues with the query gradients and scores, and any
@@ -47,9 +47,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxinf import capture, precision
 from jaxinf import config as cfg
-from jaxinf.curvature import (
+from jaxinf.engine import capture, precision
+from jaxinf.engine.curvature import (
     CovarianceState,
     Eigen,
     LambdaState,
@@ -61,7 +61,7 @@ from jaxinf.curvature import (
 )
 from jaxinf.interop import kronfluence as kf
 from jaxinf.interop.kronfluence import InteropError
-from jaxinf.store import CorruptCheckpoint, RunStore
+from jaxinf.run.store import CorruptCheckpoint, RunStore
 
 log = logging.getLogger("jaxinf")
 LAMBDA_SUMS = "lambda_sums"
@@ -72,7 +72,8 @@ LAMBDA_SUMS = "lambda_sums"
 
 def tracked_layers(config: cfg.Config) -> dict[str, capture.LayerSpec]:
     """The layers a run of ``config`` tracks, from the checkpoint's ``config.json`` alone (no weights read)."""
-    from jaxinf import inputs, models
+    from jaxinf import models
+    from jaxinf.run import inputs
 
     if config.model.checkpoint is None:
         raise InteropError("model.checkpoint: not set (the tracked layers come from the model)")
@@ -131,7 +132,7 @@ def read_record(run_dir: Path) -> dict:
         record = json.loads(path.read_text())
     except (OSError, ValueError) as e:
         raise InteropError(f"{path}: unreadable run record ({e})") from None
-    from jaxinf.rundir import is_record
+    from jaxinf.run.rundir import is_record
 
     if not is_record(record) or not isinstance(record.get("config"), dict):
         raise InteropError(f"{run_dir}: not a jaxinf run directory (its run.json is not a jaxinf run record)")

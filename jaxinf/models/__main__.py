@@ -29,7 +29,7 @@ def _inspect(args) -> int:
     import jax
     import jax.numpy as jnp
 
-    from jaxinf import capture
+    from jaxinf.engine import capture
     from jaxinf.models.hf import from_hf
 
     with jax.enable_x64(args.dtype == "float64"):

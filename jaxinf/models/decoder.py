@@ -7,7 +7,7 @@ layer calls the tap under its Hugging Face module path (``model.layers.{i}.mlp.u
 ``lm_head``); each family's module lists its names.
 
 With ``config.scan`` the layers are one block whose parameters carry a leading
-layer axis, run by :meth:`jaxinf.capture.Tap.scan` under ``{backbone}.{layers}``
+layer axis, run by :meth:`jaxinf.engine.capture.Tap.scan` under ``{backbone}.{layers}``
 (tracked names ``model.layers.*.mlp.up_proj``, one entry per layer index) together
 with each layer's kind index (sliding or full attention, rotary or not), which
 selects the layer's rotary tables and attention mask; otherwise an ``nnx.List``
@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxinf.capture import Tap
+from jaxinf.engine.capture import Tap
 from jaxinf.models.config import ModelConfig
 from jaxinf.models.layers import HEAD, POSITIONS, VOCAB, Embed, Linear, attention_mask, rotary_tables
 from jaxinf.models.parts import Context

@@ -38,9 +38,9 @@ import jax
 import ml_dtypes
 import numpy as np
 
-from jaxinf.axes import Axes
 from jaxinf.models.config import ConfigError, ModelConfig, ModelError, config_from_hf
 from jaxinf.models.lm import LM, abstract, parameter_axes, parameter_paths
+from jaxinf.sharding.axes import Axes
 
 Place = Callable[[str, np.ndarray, Axes], jax.Array]
 """``place(parameter_path, host_buffer, axes)``: puts one parameter where it belongs, by its declared axes."""
@@ -330,7 +330,7 @@ def load_params(
     unused, are checked first; then for each
     parameter a host buffer of its dtype and shape is filled one checkpoint
     tensor at a time (:func:`read_converted`) and passed to ``place(parameter_path, buffer, axes)`` with the
-    parameter's declared :class:`~jaxinf.axes.Axes` (:func:`~jaxinf.models.parameter_axes`).
+    parameter's declared :class:`~jaxinf.sharding.axes.Axes` (:func:`~jaxinf.models.parameter_axes`).
     """
     place = _default_place if place is None else place
     declared = parameter_paths(parameter_axes(lm.config))

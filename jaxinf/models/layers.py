@@ -1,12 +1,12 @@
 """Building blocks shared by the model families: tracked linear layers, norms, rotary, attention.
 
 Every linear layer is a :class:`Linear` that computes through
-:meth:`jaxinf.capture.Tap.linear` under its Hugging Face module name, so the
+:meth:`jaxinf.engine.capture.Tap.linear` under its Hugging Face module name, so the
 engine tracks it. Parameters follow Flax's names and orientation (``kernel``
 ``[d_in, d_out]``, ``bias``, ``scale``, ``embedding``); :mod:`jaxinf.models.hf`
 maps them to checkpoint tensors (a kernel is the transposed ``weight``).
 
-Each parameter declares its logical axes (:class:`jaxinf.axes.Axes`) in its
+Each parameter declares its logical axes (:class:`jaxinf.sharding.axes.Axes`) in its
 ``nnx.Param`` metadata: a linear layer's by its role (:data:`COLUMN`, :data:`ROW`,
 :data:`HEAD`, :data:`ROUTER`), embeddings ``vocab``/``positions`` by ``embed``, norms
 replicated. :func:`jaxinf.models.parameter_axes` reads them back.
@@ -27,9 +27,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxinf.axes import REPLICATED, Axes, param
-from jaxinf.capture import Tap
+from jaxinf.engine.capture import Tap
 from jaxinf.models.config import ModelConfig
+from jaxinf.sharding.axes import REPLICATED, Axes, param
 
 Array = jax.Array
 

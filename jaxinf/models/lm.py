@@ -5,7 +5,7 @@ definition) with the parameters, a plain nested dict of arrays mirroring the
 Hugging Face module tree (``params["model"]["layers"]["mlp"]["up_proj"]["kernel"]``).
 The dict is what ``jax.grad``, optax and Orbax see; :meth:`LM.apply` is the
 functional core ``apply(params, tokens, mask, tap) -> logits`` that
-:func:`jaxinf.tasks.causal_lm_task` wraps (:meth:`LM.task`).
+:func:`jaxinf.engine.tasks.causal_lm_task` wraps (:meth:`LM.task`).
 
 Three ways to get one: :func:`init` (random weights, e.g. to train the demo
 model), :func:`abstract` (shapes and dtypes only, nothing allocated: for
@@ -24,10 +24,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxinf.capture import Tap
+from jaxinf.engine.capture import Tap
+from jaxinf.engine.tasks import Task, causal_lm_task
 from jaxinf.models.config import ModelConfig
 from jaxinf.models.decoder import DecoderLM
-from jaxinf.tasks import Task, causal_lm_task
 
 Array = jax.Array
 Params = dict[str, Any]
@@ -106,7 +106,7 @@ def abstract(config: ModelConfig) -> LM:
     """The model with ``jax.ShapeDtypeStruct`` parameters: its structure, shapes and dtypes, no memory.
 
     ``lm.apply`` works under ``jax.eval_shape`` (and so does
-    :func:`jaxinf.capture.find_layers`) with these parameters.
+    :func:`jaxinf.engine.capture.find_layers`) with these parameters.
     """
     config.check_dtypes()
     module = nnx.eval_shape(lambda: DecoderLM(config, nnx.Rngs(params=0)))
@@ -116,10 +116,10 @@ def abstract(config: ModelConfig) -> LM:
 
 def parameter_axes(config: ModelConfig) -> dict[str, Any]:
     """The declared logical axes of every parameter: a tree shaped like the parameters, with
-    :class:`jaxinf.axes.Axes` leaves (each ``nnx.Param``'s ``axes`` metadata, see :mod:`jaxinf.models.layers`).
+    :class:`jaxinf.sharding.axes.Axes` leaves (each ``nnx.Param``'s ``axes`` metadata, see :mod:`jaxinf.models.layers`).
 
     A declaration names a parameter's trailing dimensions; stacked layers add a leading ``layers`` axis
-    (:func:`jaxinf.axes.declared_axes` resolves them against the parameters).
+    (:func:`jaxinf.sharding.axes.declared_axes` resolves them against the parameters).
     """
     module = nnx.eval_shape(lambda: DecoderLM(config, nnx.Rngs(params=0)))
     out: dict[str, Any] = {}

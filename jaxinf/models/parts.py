@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxinf.capture import Tap
+from jaxinf.engine.capture import Tap
 from jaxinf.models.config import ModelConfig
 from jaxinf.models.layers import COLUMN, ROUTER, ROW, Linear, activation, apply_rotary, attention
 

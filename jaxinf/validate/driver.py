@@ -1,6 +1,6 @@
 """``jaxinf validate``: the full model, every strategy's scores, the retrainings, LDS, recall, PBRF and the report.
 
-Layout of the output directory ``DIR`` (locked while a validation writes it, :mod:`jaxinf.lock`)::
+Layout of the output directory ``DIR`` (locked while a validation writes it, :mod:`jaxinf.run.lock`)::
 
     DIR/
       validation.json            the results (schema in docs/validation.md)
@@ -51,9 +51,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxinf import config as cfg
-from jaxinf import curvature, rundir
 from jaxinf.atomic import save_npy, write_atomic, write_json
-from jaxinf.lock import claim_output
+from jaxinf.engine import curvature
+from jaxinf.run import rundir
+from jaxinf.run.lock import claim_output
 from jaxinf.validate import lds as lds_mod
 from jaxinf.validate import pbrf as pbrf_mod
 from jaxinf.validate import recall as recall_mod
@@ -183,7 +184,7 @@ def scores_settings(config: cfg.Config, training: dict, layers) -> dict:
 
 def tracked_layers(world: World, params) -> dict:
     """The world's tracked layers (``factors.track`` resolved against the model)."""
-    from jaxinf import capture
+    from jaxinf.engine import capture
 
     task = world.lm.task()
     one = {k: np.asarray(x)[:1] for k, x in world.documents.items()}
@@ -244,7 +245,7 @@ HEURISTIC_FROM = curvature.strategy("ekfac")   # the strategy whose Lambda gives
 
 def layer_dampings(Lambda) -> dict[str, list]:
     """The scores' heuristic damping of each tracked layer, ``0.1 * mean(Lambda)`` of that layer's EK-FAC
-    ``Lambda`` (:func:`jaxinf.curvature.block_damping`), as nested lists (one per stacked layer); the PBRF's
+    ``Lambda`` (:func:`jaxinf.engine.curvature.block_damping`), as nested lists (one per stacked layer); the PBRF's
     proximal term uses these, so it inverts the same matrix as EK-FAC's scores."""
     return {name: np.asarray(curvature.block_damping(x, None), np.float64).tolist() for name, x in Lambda.items()}
 
@@ -262,7 +263,7 @@ def _load_params(path: Path, like):
 def validate(config: cfg.Config, out: str | Path) -> dict:
     """Runs (or resumes) the whole validation; returns what it writes to ``DIR/validation.json``.
 
-    Holds ``DIR``'s lock throughout, under the output-directory rule of ``jaxinf run`` (:func:`jaxinf.lock.claim_output`):
+    Holds ``DIR``'s lock throughout, under the output-directory rule of ``jaxinf run`` (:func:`jaxinf.run.lock.claim_output`):
     one process at a time writes it, and nothing is written when a setting or the directory is refused."""
     check_settings(config)
     t_start = time.perf_counter()
@@ -282,7 +283,7 @@ def validate(config: cfg.Config, out: str | Path) -> dict:
 
 
 def _validate(config: cfg.Config, out: Path, world: World, t_start: float) -> dict:
-    from jaxinf import scoring, stages
+    from jaxinf.engine import scoring, stages
 
     v = config.validate
     N = world.num_documents

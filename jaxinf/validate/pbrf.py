@@ -44,7 +44,7 @@ import numpy as np
 import optax
 
 from jaxinf.atomic import write_atomic
-from jaxinf.progress import Progress
+from jaxinf.engine.progress import Progress
 from jaxinf.validate.retrain import measurements
 
 

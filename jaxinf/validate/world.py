@@ -58,8 +58,9 @@ BUILTIN_MODEL = dict(hidden=32, layers=1, heads=2, kv_heads=1, intermediate=64)
 
 def builtin(n_documents: int = 128, per_task: int = 6, seed: int = 0) -> World:
     """The built-in world (module docstring): demo corpus and queries, a one-layer Llama at initialization."""
-    from jaxinf import models, tasks
+    from jaxinf import models
     from jaxinf.demo import corpus, train
+    from jaxinf.engine import tasks
 
     docs = corpus.documents(seed, n_documents)
     texts = [d["text"] for d in docs]
@@ -87,10 +88,11 @@ def builtin(n_documents: int = 128, per_task: int = 6, seed: int = 0) -> World:
 
 def from_config(config: cfg.Config) -> World:
     """The world of a config: ``model.checkpoint``, ``data.documents``, ``data.queries`` (module docstring)."""
-    from jaxinf import models, tasks
+    from jaxinf import models
     from jaxinf.data.queries import encode_queries, read_queries
     from jaxinf.data.sources import open_documents
     from jaxinf.data.tokenize import TextEncoder
+    from jaxinf.engine import tasks
 
     for name in ("checkpoint",):
         if getattr(config.model, name) is None:

@@ -1,0 +1,159 @@
+"""The exports stage of ``jaxinf run``: the scores and what explains them, written in the formats of
+:mod:`jaxinf.run.exports.formats`.
+
+From the scoring stage's results: ``scores.npy`` (normalized as ``scores.normalize`` asks),
+``self_influence.npy``, ``queries.jsonl``, ``documents.jsonl`` and ``topk.jsonl``; then one more
+pass over each query's top documents (:func:`export_breakdowns`, through the per-batch loop of
+:mod:`jaxinf.engine.loop`) for ``layers.json``, ``layer_scores.npy`` and ``topk_tokens.jsonl``. Every
+process computes (the breakdown pass runs on the mesh); process 0 writes.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator
+
+import jax
+import numpy as np
+
+from jaxinf import config as cfg
+from jaxinf.atomic import save_npy
+from jaxinf.data.tokenize import token_pieces
+from jaxinf.engine import programs, scoring
+from jaxinf.engine.loop import Kept, run_batches
+from jaxinf.run.executor import Executor
+from jaxinf.run.exports import formats
+from jaxinf.run.inputs import Inputs, Subset, buckets, non_finite_loss
+from jaxinf.run.store import RunStore
+
+log = logging.getLogger("jaxinf")
+
+
+def export(config: cfg.Config, store: RunStore, inputs: Inputs, results: dict, qg, encoded, executor: Executor) -> None:
+    """``scores.npy``, ``queries.jsonl``, ``documents.jsonl``, ``topk.jsonl``, and the per-layer and per-token
+    breakdowns of each query's top documents (``layers.json``, ``layer_scores.npy``, ``topk_tokens.jsonl``).
+
+    ``results`` are the scoring stage's per-document sums (``scores``, ``loss``, optionally ``self``), ``qg`` the
+    prepared query gradients, ``encoded`` the encoded queries."""
+    t0 = time.perf_counter()
+    primary = jax.process_index() == 0  # every process computes (the breakdowns run on the mesh); process 0 writes
+    qloss = executor.fetch(qg.loss).astype(np.float64)
+    scores = scoring.normalize(results["scores"], qloss, config.scores.normalize)
+    if primary:
+        formats.write_scores(store.path("scores.npy"), scores)
+        if "self" in results:
+            save_npy(store.path("self_influence.npy"), results["self"].astype(np.float32))
+        formats.write_queries(store.path("queries.jsonl"), (
+            {"id": q.id, "prompt": q.prompt, "completion": q.completion, "kind": q.kind, "task": q.task,
+             "answer": q.answer, "loss": float(qloss[i]), "tokens": len(encoded[i].ids),
+             "completion_tokens": encoded[i].completion_length, **({"supports": list(q.supports)} if q.supports else {})}
+            for i, q in enumerate(inputs.queries)))
+        formats.write_documents(store.path("documents.jsonl"), _document_rows(inputs, results["loss"]))
+        if "bound" in results:     # scores.mode: index (jaxinf.run.index_run)
+            _write_index_exports(store, inputs, results, qloss, config.scores.normalize)
+    k = min(config.scores.topk, inputs.plan.num_documents)
+    top = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    bottom = np.argsort(scores, axis=1, kind="stable")[:, :k]
+    needed = sorted(set(top.ravel().tolist()) | set(bottom.ravel().tolist()))
+    docs = {d.index: d for d in inputs.documents.documents(needed)}
+
+    def entry(q, d):
+        text = " ".join(docs[d].text.split())
+        return {"id": docs[d].id, "source": docs[d].source, "score": float(scores[q, d]),
+                "snippet": text[:300] + ("..." if len(text) > 300 else "")}
+
+    if primary:
+        formats.write_topk(store.path("topk.jsonl"), (
+            {"query": q.id, "top": [entry(i, int(d)) for d in top[i]], "bottom": [entry(i, int(d)) for d in bottom[i]]}
+            for i, q in enumerate(inputs.queries)))
+    export_breakdowns(config, store, inputs, qg, top, docs, executor)
+    store.mark("exports", "done", seconds=round(time.perf_counter() - t0, 3))
+
+
+def _write_index_exports(store: RunStore, inputs: Inputs, results: dict, qloss: np.ndarray, normalize: str) -> None:
+    """``index_bounds.npy`` (a bound on ``|exact - scores.npy|`` per query and document, 0 where the score is exact,
+    normalized like the scores) and ``index.json`` (per query: the predicted correlation with the exact scores,
+    the largest bound; the documents scored exactly to certify the tails)."""
+    from jaxinf.atomic import write_json
+
+    bound = np.abs(scoring.normalize(results["bound"], qloss, normalize))
+    save_npy(store.path("index_bounds.npy"), np.ascontiguousarray(bound, np.float32))
+    write_json(store.path("index.json"), {
+        "rescored_documents": int(results["certified"].sum()),
+        "queries": [{"id": q.id, "predicted_correlation": float(results["fidelity"][i]),
+                     "max_bound": float(bound[i].max(initial=0.0))} for i, q in enumerate(inputs.queries)]})
+
+
+def _document_rows(inputs: Inputs, losses: np.ndarray) -> Iterator[dict]:
+    from jaxinf.data.documents import iter_documents
+
+    for doc in iter_documents(inputs.documents, chunk=4096):
+        yield {"id": doc.id, "source": doc.source, "tokens": int(inputs.lengths[doc.index]),
+               "loss": float(losses[doc.index])}
+
+
+def export_breakdowns(config, store, inputs: Inputs, qg, top: np.ndarray, docs: dict, executor: Executor) -> None:
+    """Per-layer and per-token scores of each query's top documents, from one more pass over just those documents.
+
+    The pass is not resumed (the exports stage runs again whole) and checks no loss: the scoring stage has already
+    checked these documents'."""
+    from jaxinf.data.batching import make_plan
+
+    t0 = time.perf_counter()
+    wanted = sorted(set(top.ravel().tolist()))
+    subset = Subset(inputs.documents, wanted)
+    plan = make_plan(inputs.lengths[wanted], batch_size=config.data.batch_size, max_length=config.data.max_length,
+                     long_documents=config.data.long_documents, buckets=buckets(config.data.max_length),
+                     process_count=executor.groups[1])
+    names = scoring.layer_order(inputs.layers)
+    Q = qg.num_queries
+    fn = programs.breakdowns(config, inputs.task, inputs.layers).jit(executor)
+
+    def step(carry, batch, i):
+        return carry, fn(inputs.lm.params, qg, batch), None
+
+    batches = inputs.batches(plan, subset, executor.groups[0])
+    kept = Kept(every=1)                                  # each batch's outputs brought to the host at once
+    run_batches("breakdowns", step, batches.iterate, None, kept, total=len(batches),
+                non_finite=non_finite_loss(subset, "document"), device=executor,
+                fields=("index", "chunk", "mask", "tokens"))   # every process's rows
+    per_layer = np.zeros((len(names), Q, len(wanted)))
+    tokens: dict[int, list[tuple[int, list[int], np.ndarray]]] = {}   # subset doc -> [(chunk, ids, [Q, n])]
+    for (stacked, token_scores), rows in kept.batches:
+        for j, d in enumerate(rows["index"].tolist()):
+            if d < 0:
+                continue
+            per_layer[:, :, d] += stacked[:, :, j]
+            n = int(rows["mask"][j].sum())
+            tokens.setdefault(d, []).append((int(rows["chunk"][j]), rows["tokens"][j, :n].tolist(),
+                                             token_scores[:, j, :n]))
+    position = {d: i for i, d in enumerate(wanted)}
+    layer_top = np.stack([per_layer[:, q, [position[int(d)] for d in top[q]]].T for q in range(Q)])  # [Q, K, L]
+    if jax.process_index() != 0:
+        return
+    formats.write_layer_exports(store.root, names, layer_top)
+    vocab = inputs.encoder.tokenizer
+
+    def records():
+        for q, query in enumerate(inputs.queries):
+            for rank, d in enumerate(top[q].tolist()):
+                ids, sc = _join_chunks(tokens[position[d]], q)
+                yield {"query": query.id, "document": docs[d].id, "rank": rank,
+                       "tokens": [{"text": vocab.id_to_token(t) or "", "piece": piece, "score": float(v)}
+                                  for t, piece, v in zip(ids, token_pieces(vocab, ids), sc)]}
+
+    formats.write_topk_tokens(store.path("topk_tokens.jsonl"), records())
+    log.info("exports: per-layer and per-token scores of %d top documents in %.1fs", len(wanted),
+             time.perf_counter() - t0)
+
+
+def _join_chunks(chunks: list, q: int) -> tuple[list[int], np.ndarray]:
+    """A document's tokens and query ``q``'s per-token scores, its chunks joined (a shared token's scores added)."""
+    chunks = sorted(chunks, key=lambda c: c[0])
+    ids, scores = list(chunks[0][1]), list(chunks[0][2][q])
+    for _, more_ids, more in chunks[1:]:
+        scores[-1] += more[q][0]
+        ids += more_ids[1:]
+        scores += list(more[q][1:])
+    return ids, np.asarray(scores)

@@ -1,0 +1,104 @@
+"""Failures of the machine rather than of the input, said in one line: no space left, read-only, no permission.
+
+:func:`environment_failure` looks through an exception and its causes (Orbax
+and TensorStore wrap the ``OSError`` of a failed write in their own types, or
+keep only its text) for one of these conditions and, if found, returns the
+:class:`~jaxinf.errors.EnvironmentFailure` to raise instead: the path, the stage
+that was running, and that everything finished is kept (saves are atomic, so a
+failed save leaves the previous checkpoint, and the next run resumes from it).
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import re
+import sys
+from pathlib import Path
+
+from jaxinf.errors import EnvironmentFailure
+
+CONDITIONS = {  # errno -> (what it means, what to do)
+    errno.ENOSPC: ("no space left on device", "free some space"),
+    errno.EDQUOT: ("disk quota exceeded", "free some space or raise the quota"),
+    errno.EROFS: ("read-only file system", "make it writable or choose another run.out"),
+    errno.EACCES: ("permission denied", "fix the permissions or choose another run.out"),
+    errno.EPERM: ("operation not permitted", "fix the permissions or choose another run.out"),
+}
+_TEXTS = {"No space left on device": errno.ENOSPC, "Disk quota exceeded": errno.EDQUOT,
+          "Read-only file system": errno.EROFS, "Permission denied": errno.EACCES}
+
+
+def _chain(exc: BaseException | None):
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        yield exc
+        exc = exc.__cause__ or exc.__context__
+
+
+def find_condition(exc: BaseException, root=None) -> tuple[int, str | None] | None:
+    """(errno, path or None) of the first out-of-space, read-only or permission error in ``exc``'s chain.
+
+    The path is the ``OSError``'s file name or, when the condition is known only from a library's message, the
+    longest absolute path in the message under ``root`` (the run directory); None when there is none.
+    """
+    for e in _chain(exc):
+        if isinstance(e, OSError) and e.errno in CONDITIONS:
+            return e.errno, e.filename if isinstance(e.filename, str) else None
+    for e in _chain(exc):
+        text = str(e)
+        for needle, code in _TEXTS.items():
+            if needle in text:
+                under = str(Path(root).absolute()) if root is not None else None
+                paths = [m for m in re.findall(r"/[^\s'\":,()\[\]]+", text) if under is not None and m.startswith(under)]
+                return code, max(paths, key=len) if paths else None
+    return None
+
+
+def environment_failure(exc: BaseException, root, stage: str, restored: bool = False) -> EnvironmentFailure | None:
+    """The one-line failure for ``exc`` raised while ``stage`` of the run in ``root`` was running, or None.
+    ``restored``: the run was an ``--overwrite`` whose previous run is back in ``root`` (:mod:`jaxinf.run.rundir`)."""
+    if type(exc).__module__.startswith("jaxinf"):  # already one line about an input, said by jaxinf itself
+        return None
+    found = find_condition(exc, root)
+    if found is None:
+        return None
+    code, path = found
+    what, todo = CONDITIONS[code]
+    if restored:
+        return EnvironmentFailure(f"{path or root}: {what} (stage {stage}); --overwrite did not finish: the previous "
+                                  f"run is back in {root} as it was and the new attempt is removed; {todo} and run the "
+                                  "same command again to start it over")
+    return EnvironmentFailure(f"{path or root}: {what} (stage {stage}); everything finished is kept in {root}; "
+                              f"{todo} and run the same command again to resume")
+
+
+def is_closed_loop_noise(exc_type, exc: BaseException, tb) -> bool:
+    """Whether an exception that a C extension could not raise (``sys.unraisablehook``) is TensorStore completing a
+    future of a failed Orbax write after Orbax closed its event loop (``RuntimeError: Event loop is closed`` raised
+    in asyncio's ``call_soon_threadsafe``): noise of a failure that the run reports itself."""
+    if exc_type is not RuntimeError or str(exc) != "Event loop is closed" or tb is None:
+        return False
+    return tb.tb_frame.f_code.co_name == "call_soon_threadsafe"
+
+
+def install_unraisable_hook() -> None:
+    """Drops :func:`is_closed_loop_noise` exceptions; every other unraisable exception is printed as before."""
+    previous = sys.unraisablehook
+
+    def hook(args):
+        if not is_closed_loop_noise(args.exc_type, args.exc_value, args.exc_traceback):
+            previous(args)
+
+    sys.unraisablehook = hook
+
+
+class HideLibraryTracebacks(logging.Filter):
+    """Drops a library's log record carrying a traceback of one of these conditions (Orbax logs the failed write of
+    each of its writer threads so), since the run reports the condition itself in one line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name == "jaxinf" or not record.exc_info or record.exc_info[1] is None:
+            return True
+        return find_condition(record.exc_info[1]) is None

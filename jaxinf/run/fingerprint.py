@@ -1,0 +1,234 @@
+"""Content fingerprints of a run's inputs, and what a changed input does to a resumed run.
+
+``run.json`` records, under ``inputs``, a SHA-256 of
+
+- every file of the model checkpoint (``config.json``, ``*.safetensors``, the
+  safetensors index) and, separately, of ``tokenizer.json``;
+- the documents: of every kept document, and of the first ``factors.max_documents``
+  of them (the ones the curvature is fitted on), taken from the 8-byte digests of
+  their lines (JSONL, compressed or not) or of their id, source and text (Parquet, Arrow, TFDS) that the
+  validating scan computes as it reads them (``content_digest`` of every document source; no other pass),
+  and of each shard (``shard_digests``), so the log names the shards that changed;
+- the queries: of their parsed content (id, prompt, completion, kind, task, answer),
+  so again no other read of the file.
+
+On a resume the fingerprints are compared with the recorded ones
+(:func:`check_model`, :func:`reconcile`). Which input does what, and why, is in
+docs/data.md ("Changed inputs"):
+
+- model or tokenizer changed: refused (:class:`InputChanged`, one line naming
+  the file): every stage depends on them, so nothing could be kept and going on
+  would silently start over;
+- the documents the curvature was fitted on changed: every stage is recomputed;
+- only later documents changed: scores, exports and analysis are recomputed,
+  the curvature and the query gradients are kept;
+- queries changed: query gradients, scores, exports and analysis are recomputed;
+  only their ids or labels (kind, task, answer, supports, extra fields): the exports
+  and the analysis.
+
+Stages are recomputed by deleting their checkpoints and marking them pending, and
+the exports of the old inputs are deleted with them, so a run directory never
+holds results of old and new inputs side by side.
+
+Hashing a checkpoint reads it once; the hash is kept with the file's size, mtime,
+ctime and inode, and a resume whose files have the same ones reuses it instead of
+reading the weights again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from jaxinf import config as cfg
+from jaxinf.atomic import file_sha256
+from jaxinf.run.rundir import StoreError
+from jaxinf.run.store import RunStore
+
+log = logging.getLogger("jaxinf")
+
+# Files of a finished run that the exports and the analysis write (deleted when those stages are recomputed).
+EXPORTS = ("scores.npy", "self_influence.npy", "queries.jsonl", "documents.jsonl", "topk.jsonl", "layers.json",
+           "layer_scores.npy", "topk_tokens.jsonl", "summary.json", "report", "index_bounds.npy", "index.json")
+TOKENIZER_FILES = ("tokenizer.json",)
+MODEL_PATTERNS = ("config.json", "*.safetensors", "model.safetensors.index.json")
+
+
+class InputChanged(StoreError):
+    """An input of a run that changed since the run started, where the change cannot be absorbed by recomputing."""
+
+
+def stamp(path: Path) -> list[int]:
+    """What changes whenever a file's content can have changed: size, mtime, ctime (ns) and inode."""
+    st = os.stat(path)
+    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
+
+
+def files_fingerprint(paths: list[Path], previous: dict | None) -> dict:
+    """``{file name: {"sha256", "stamp"}}`` of ``paths``; a hash recorded in ``previous`` under the same stamp is reused."""
+    previous = previous or {}
+    out = {}
+    for p in sorted(paths):
+        st = stamp(p)
+        old = previous.get(p.name)
+        digest = old["sha256"] if old is not None and old.get("stamp") == st else file_sha256(p)
+        out[p.name] = {"sha256": digest, "stamp": st}
+    return out
+
+
+def model_files(checkpoint: str | Path) -> tuple[list[Path], list[Path]]:
+    """(weight and config files, tokenizer files) of a checkpoint directory."""
+    root = Path(checkpoint)
+    model = {p for pattern in MODEL_PATTERNS for p in root.glob(pattern) if p.is_file()}
+    tokenizer = [root / name for name in TOKENIZER_FILES if (root / name).is_file()]
+    return sorted(model), tokenizer
+
+
+def documents_fingerprint(documents, n_fit: int) -> dict:
+    """Fingerprint of all kept documents and of the first ``n_fit`` (those the curvature is fitted on).
+
+    Every reader of :mod:`jaxinf.data` keeps per-document digests from its validating scan (``content_digest``,
+    ``shard_digests``). A source without them (a user's own): a directory by its files' names, sizes and mtimes,
+    anything else by its name only.
+    """
+    digest = getattr(documents, "content_digest", None)
+    if digest is not None:
+        out = {"path": str(documents.name), "count": len(documents), "sha256": digest(),
+               "fit": {"count": int(n_fit), "sha256": digest(n_fit)}}
+        shards = getattr(documents, "shard_digests", None)
+        if shards is not None:
+            out["shards"] = shards()
+        return out
+    root = Path(str(documents.name))
+    if root.is_dir():
+        listing = sorted((str(p.relative_to(root)), p.stat().st_size, p.stat().st_mtime_ns)
+                         for p in root.rglob("*") if p.is_file())
+        whole = hashlib.sha256(json.dumps(listing).encode()).hexdigest()
+        kind = "stat"
+    else:
+        whole, kind = hashlib.sha256(str(documents.name).encode()).hexdigest(), "name"
+    return {"path": str(documents.name), "count": len(documents), "sha256": whole, "kind": kind,
+            "fit": {"count": int(n_fit), "sha256": whole}}
+
+
+def queries_fingerprint(queries, path: str) -> dict:
+    """Fingerprint of the parsed queries (their content, not their line numbers)."""
+    rows = [{k: v for k, v in dataclasses.asdict(q).items() if k != "origin"} for q in queries]
+    measured = [[q.prompt, q.completion] for q in queries]   # all the query gradients and scores depend on
+    return {"path": str(path), "count": len(rows),
+            "sha256": hashlib.sha256(json.dumps(rows, sort_keys=True, default=str).encode()).hexdigest(),
+            "measured": hashlib.sha256(json.dumps(measured).encode()).hexdigest()}
+
+
+def changed_shards(before: list | None, now: list | None) -> str:
+    """`` (shards a, b changed)``: the shards whose content digests differ, for a log line; empty when unknown."""
+    if not before or not now:
+        return ""
+    old = {s["name"]: s["sha256"] for s in before}
+    new = {s["name"]: s["sha256"] for s in now}
+    names = [n for n in sorted(set(old) | set(new)) if old.get(n) != new.get(n)]
+    if not names or len(names) == len(set(old) | set(new)) == 1:
+        return ""
+    shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+    return f" (shard{'s' if len(names) > 1 else ''} {shown} changed)"
+
+
+def _started(store: RunStore) -> list[str]:
+    return [s for s in cfg.STAGES if store.status(s) != "pending" or store.stage(s).steps()]
+
+
+def check_model(store: RunStore, checkpoint: str) -> dict:
+    """Fingerprints of the model and tokenizer files; refuses a run whose saved results used other ones.
+
+    Returns ``{"model": {...}, "tokenizer": {...}}`` for :func:`reconcile` to record.
+    """
+    old = store.record.get("inputs") or {}
+    model, tokenizer = model_files(checkpoint)
+    current: dict[str, dict[str, Any]] = {"model": {"path": str(checkpoint), "files": files_fingerprint(model, old.get("model", {}).get("files"))},
+               "tokenizer": {"path": str(checkpoint),
+                             "files": files_fingerprint(tokenizer, old.get("tokenizer", {}).get("files"))}}
+    started = _started(store)
+    for kind in ("model", "tokenizer"):
+        if kind not in old or not started:
+            continue
+        before, now = old[kind]["files"], current[kind]["files"]
+        for name in sorted(set(before) | set(now)):
+            if before.get(name, {}).get("sha256") != now.get(name, {}).get("sha256"):
+                what = "is new" if name not in before else "is gone" if name not in now else "changed"
+                raise InputChanged(
+                    f"{Path(checkpoint) / name}: {what} since this run started (stage {started[0]} onwards was "
+                    f"computed with the {kind} as it was; every stage depends on it); restore it, or start over "
+                    "with --overwrite or another run.out")
+    return current
+
+
+def check_unchanged(model_fp: dict, checkpoint: str) -> None:
+    """Raises if a model or tokenizer file changed between hashing and loading it (a mix of two versions)."""
+    model, tokenizer = model_files(checkpoint)
+    for kind, paths in (("model", model), ("tokenizer", tokenizer)):
+        for p in paths:
+            if model_fp[kind]["files"].get(p.name, {}).get("stamp") != stamp(p):
+                raise InputChanged(f"{p}: changed while it was being read; run again when it no longer changes")
+
+
+def reconcile(store: RunStore, model_fp: dict, documents: dict, queries: dict) -> list[str]:
+    """Compares the documents and queries with the recorded fingerprints, invalidates the stages that depend on a
+    changed one (logging which and why), records all fingerprints in ``run.json``, and returns the invalidated stages."""
+    old = store.record.get("inputs")
+    current = {**model_fp, "documents": documents, "queries": queries}
+    started = _started(store)
+    invalid: list[str] = []
+    if old is None and started:
+        log.warning("%s: no input fingerprints recorded (the run was started by an older jaxinf, or its factors were "
+                    "imported); the saved results are taken to match the current inputs", store.root)
+    elif old is not None and started:
+        reasons = []
+        od, oq = old.get("documents", {}), old.get("queries", {})
+        where_ = changed_shards(od.get("shards"), documents.get("shards"))
+        if od.get("fit") != documents["fit"]:
+            reasons.append(("covariance", f"{documents['path']}{where_}: the first {documents['fit']['count']} "
+                                          "documents (those the curvature is fitted on) changed"))
+        elif (od.get("sha256"), od.get("count")) != (documents["sha256"], documents["count"]):
+            reasons.append(("scores", f"{documents['path']}{where_}: the documents changed"))
+        if (oq.get("sha256"), oq.get("count")) != (queries["sha256"], queries["count"]):
+            if oq.get("measured") is not None and oq.get("measured") == queries["measured"]:
+                reasons.append(("exports", f"{queries['path']}: only the queries' ids or labels changed (not their "
+                                           "prompts or completions)"))
+            else:
+                reasons.append(("queries", f"{queries['path']}: the queries changed"))
+        if reasons:
+            first = min(cfg.STAGES.index(stage) for stage, _ in reasons)
+            invalid = [s for s in cfg.STAGES[first:] if s in started]
+            if all(stage == "queries" for stage, _ in reasons):   # the index depends on the documents only
+                invalid = [s for s in invalid if s != "index"]
+            for _, why in reasons:
+                log.warning("%s since this run started; recomputing %s", why, ", ".join(invalid) or "nothing")
+            invalidate(store, invalid)
+    store.update(inputs=current)
+    return invalid
+
+
+def invalidate(store: RunStore, stages: list[str]) -> None:
+    """Deletes the checkpoints of ``stages`` (and the exports, if they are among them) and marks them pending."""
+    import jax
+
+    if not stages:
+        return
+    if jax.process_index() == 0:
+        for s in stages:
+            store.stage(s).clear()
+        if "exports" in stages or "scores" in stages:
+            for name in EXPORTS:
+                p = store.path(name)
+                if p.is_dir():
+                    shutil.rmtree(p)
+                elif p.exists():
+                    p.unlink()
+    for s in stages:
+        store.record["stages"][s] = {"status": "pending"}

@@ -1,0 +1,293 @@
+"""The EK-FAC index in a run: stage ``index`` (building it, one pass over the documents) and ``scores.mode: index``
+(scores from it, the tails certified exact). The math is :mod:`jaxinf.engine.indexing`'s; the files are
+:mod:`jaxinf.run.index_store`'s.
+
+Building. The index needs each document's gradient under the *data's* labels, the gradient the scores use. With
+``factors.fisher: empirical`` those are the gradients of the Lambda pass; with the true Fisher (the default) the
+Lambda pass samples its labels from the model, so its rotated gradients are not the ones a score contracts, and
+the index is one more forward and backward pass over the documents. Either way it is independent of the queries,
+the damping and the eigenvalue correction, and every later query set is answered without a pass.
+
+Scoring. The prepared queries are rotated into the eigenbasis (:func:`jaxinf.engine.indexing.index_queries`), multiplied
+with the stored rows slice by slice, and summed into their documents (a split document has several rows), with a
+bound on each score's error. The documents whose interval reaches any query's k-th score, in either tail, are
+scored again exactly (one forward and backward pass over those documents only) and their exact scores replace the
+index's, so ``topk.jsonl``'s top and bottom ``scores.topk`` are exactly what the scoring pass would give.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from jaxinf import config as cfg
+from jaxinf.engine import indexing, programs
+from jaxinf.engine.loop import Kept, run_batches
+from jaxinf.run.index_store import IndexError_, IndexReader, IndexWriter, load_selection, save_selection
+from jaxinf.run.inputs import Inputs, Subset, buckets, non_finite_loss
+from jaxinf.run.saved import SavedState, plan_key
+from jaxinf.run.store import RunStore
+
+log = logging.getLogger("jaxinf")
+
+ROWS_PER_SLICE = 65536
+"""Index rows multiplied per matrix product (bounded memory: ``ROWS_PER_SLICE x cells`` of the index at a time)."""
+
+RESOLUTION = {"float32": 2.0 ** -20, "float16": 2.0 ** -8}
+"""Relative round-off allowed for in each row's residual energy (:func:`jaxinf.engine.indexing.residual_norms`): the
+storage dtype's resolution with a few bits of headroom for the sums that formed the energies."""
+
+
+def eigen_fingerprint(eigen) -> str:
+    """A hash of every block's eigenvalues: which eigenbasis an index was built in."""
+    h = hashlib.sha256()
+    for k in sorted(eigen.e_A):
+        for e in (eigen.e_A[k], eigen.e_S[k]):
+            h.update(np.ascontiguousarray(np.asarray(jax.device_get(e), np.float64)).tobytes())
+    return h.hexdigest()[:16]
+
+
+def index_root(store: RunStore) -> Path:
+    return store.stage("index").root
+
+
+def _manifest(config: cfg.Config, store: RunStore, inputs: Inputs, eigen, sizes) -> dict:
+    names = sorted(inputs.layers)
+    layer_names = [n for k in names for n in inputs.layers[k].layer_names]
+    blocks = {}
+    for k in names:
+        s = inputs.layers[k]
+        blocks[k] = {"k_S": sizes[k][0], "k_A": sizes[k][1], "layers": len(s.layer_names),
+                     "bands_S": len(indexing.bands(sizes[k][0], s.d_out)),
+                     "bands_A": len(indexing.bands(sizes[k][1], s.d_in_aug))}
+    cells = sum(b["k_S"] * b["k_A"] * b["layers"] for b in blocks.values())
+    n_bands = sum(b["bands_S"] * b["bands_A"] * b["layers"] for b in blocks.values())
+    recorded = store.record.get("inputs", {})
+    return {"format": 1, "k": config.index.k, "dtype": config.index.dtype, "blocks": blocks, "cells": int(cells),
+            "bands": int(n_bands), "layers": layer_names, "batches": int(inputs.plan.num_steps),
+            "plan": plan_key(inputs.plan),
+            "inputs": {"model": {k: v for k, v in recorded.items() if k not in ("documents", "queries")},
+                       "documents": (recorded.get("documents") or {}).get("sha256"),
+                       "eigen": eigen_fingerprint(eigen), "precision": config.run.precision}}
+
+
+class IndexBuild:
+    """An index being written: its writer (the per-batch saves), the eigenbases in decreasing eigenvalue that its
+    statistic rotates with, and ``k``."""
+
+    def __init__(self, config: cfg.Config, store: RunStore, inputs: Inputs, curv, eigen):
+        if jax.process_count() > 1:
+            raise IndexError_("index.k: building an index with several processes is not supported yet (build it "
+                              "with one process, then query it from any)")
+        self.config, self.store, self.root = config, store, index_root(store)
+        self.k = kept_directions(config.index.k)
+        selection = indexing.select_cells(eigen)
+        self.manifest = _manifest(config, store, inputs, eigen, indexing.block_sizes(inputs.layers, self.k))
+        self.writer = IndexWriter(self.root, self.manifest, config.index.save_every)
+        save_selection(self.root, selection)
+        self.basis = indexing.ordered_basis(curv.Q_A, curv.Q_S, selection)
+        store.mark("index", "running")
+
+    def done(self, timing: dict) -> None:
+        m = self.writer.manifest
+        per_row = m["cells"] * np.dtype(m["dtype"]).itemsize + 4 * m["bands"] + 16
+        self.store.mark("index", "done", k=m["k"], cells=m["cells"], bytes_per_row=int(per_row),
+                        eigen=m["inputs"]["eigen"], timing=timing)
+        log.info("index: %d cells per document row (%s), %.1f MiB", m["cells"], m["dtype"],
+                 per_row * m["batches"] * (m["rows_per_batch"] or 0) / 2**20)
+
+
+def build_index(config: cfg.Config, store: RunStore, inputs: Inputs, curv, eigen, executor) -> Path:
+    """Stage ``index`` as a pass of its own (a finished run given ``index.k``, or ``scores.mode: index``): every
+    document row's kept block and band energies, written batch by batch (resumable)."""
+    if store.status("index") == "done":
+        return index_root(store)
+    build = IndexBuild(config, store, inputs, curv, eigen)
+    index_fn = programs.index(config, inputs.task, inputs.layers).jit(executor)
+    params = inputs.lm.params
+
+    def step(carry, batch, i):
+        out = index_fn(params, build.basis, batch)
+        return carry, out, out["loss"]
+
+    batches = inputs.batches(inputs.plan, inputs.documents, executor.groups[0])
+    _, timing = run_batches("index", step, batches.iterate, None, build.writer, total=len(batches),
+                            non_finite=non_finite_loss(inputs.documents, "document"), device=executor)
+    build.done(timing)
+    return build.root
+
+
+class WithIndex:
+    """The saves of a pass that also writes the index (the scoring pass, or the Lambda pass under the empirical
+    Fisher): each save writes the batches' index rows first (flushed), then hands the pass's own outputs ``keys`` to
+    its own saves (score chunks, or the Lambda checkpoint), so they never run ahead of the rows; a resumed pass
+    starts after its own last save and rewrites any rows past it with the same values."""
+
+    INDEX_KEYS = ("cells", "bands", "loss")
+
+    def __init__(self, saves, writer: IndexWriter, keys: tuple[str, ...]):
+        self.saves, self.writer, self.keys = saves, writer, keys
+        self.noun = f"{saves.noun} and index rows"
+
+    @property
+    def every(self) -> int | None:
+        return self.saves.every
+
+    def resume(self, carry):
+        return self.saves.resume(carry)
+
+    def begin(self, start: int, total: int | None) -> None:
+        self.writer.begin(start, total)
+        self.saves.begin(start, total)
+
+    def save(self, step: int, carry, batches) -> None:
+        self.writer.save(step, carry, [({k: out[k] for k in self.INDEX_KEYS}, rows) for out, rows in batches])
+        self.saves.save(step, carry, [({k: out[k] for k in self.keys}, rows) for out, rows in batches])
+
+
+def lambda_with_index(config: cfg.Config, store: RunStore, inputs: Inputs, eigen, batches, executor):
+    """Stage ``lambda`` and the index in one pass over every document (:func:`jaxinf.engine.programs.index_in_lambda`):
+    the Lambda sums checkpointed as :func:`jaxinf.pipeline.accumulate` does, each batch's index rows written beside
+    them. Returns Lambda and the pass's timing; the index is marked done."""
+    build = IndexBuild(config, store, inputs, eigen, eigen)
+    program = programs.lambda_and_index(config, inputs.task, inputs.layers)
+    stage, update = program.stage, program.jit(executor)
+    assert stage is not None   # an accumulating program
+    params = inputs.lm.params
+
+    def step(carry, batch, i):
+        carry, out = update(carry, params, eigen, build.basis, batch)
+        return carry, out, out["loss"]
+
+    saves = WithIndex(SavedState(store, "lambda", batches.plan, config.factors.save_every), build.writer, ())
+    state, timing = run_batches("lambda", step, batches.iterate, executor.init(stage), saves,
+                                total=len(batches), non_finite=non_finite_loss(inputs.documents, "lambda"),
+                                device=executor)
+    build.done(timing)
+    log.info("index: written by the Lambda pass (empirical Fisher: its gradients are the scores')")
+    return stage.finalize(state), timing
+
+
+def kept_directions(k: int | str | None) -> int | None:
+    """``index.k`` as the directions kept per factor: an integer, or None for ``full`` (every direction)."""
+    return None if isinstance(k, str) else k   # a string is "full" (config validation)
+
+
+def source_root(config: cfg.Config, store: RunStore | None) -> Path:
+    """The index a ``scores.mode: index`` run reads: ``index.from``'s, else this run's when it builds one
+    (``index.k``), else ``factors.from``'s."""
+    if config.index.from_run is not None:
+        return Path(config.index.from_run) / "state" / "index"
+    if config.index.k is None and config.factors.from_run is not None:
+        return Path(config.factors.from_run) / "state" / "index"
+    assert store is not None, "an index built by this run needs its store"   # check_available passes None only above
+    return index_root(store)
+
+
+def check_available(config: cfg.Config) -> None:
+    """Before anything is created: the index a ``scores.mode: index`` run reads from ``factors.from`` exists, is
+    complete and readable (:class:`~jaxinf.run.index_store.IndexReader`); one line naming the file otherwise."""
+    if config.scores.mode == "index" and (config.index.from_run is not None or config.index.k is None):
+        IndexReader(source_root(config, None))
+
+
+def check_index(reader: IndexReader, store: RunStore, inputs: Inputs, eigen) -> None:
+    """Refuses, in one line, an index built over other documents, rows, layers or eigenbasis than this run's."""
+    m, where = reader.manifest, reader.root / "manifest.json"
+    documents = (store.record.get("inputs", {}).get("documents") or {}).get("sha256")
+    if m["inputs"]["documents"] != documents:
+        raise IndexError_(f"{where}: built over other documents than {inputs.documents.name} (rebuild it: index.k)")
+    if m["plan"] != plan_key(inputs.plan):
+        raise IndexError_(f"{where}: built with another batch plan {m['plan']} (data.batch_size, data.max_length or "
+                          f"processes changed: rebuild it)")
+    if m["layers"] != [n for k in sorted(inputs.layers) for n in inputs.layers[k].layer_names]:
+        raise IndexError_(f"{where}: built for other tracked layers (factors.track)")
+    if m["inputs"]["eigen"] != eigen_fingerprint(eigen):
+        raise IndexError_(f"{where}: built in another eigenbasis (the factors were refitted: rebuild it)")
+
+
+def scores_from_index(config: cfg.Config, store: RunStore, inputs: Inputs, qg, curv, eigen, executor) -> dict:
+    """Stage ``scores`` with ``scores.mode: index``: every document's score from the index, the documents that may
+    be in some query's top or bottom ``scores.topk`` scored exactly; saved as the stage's result."""
+    N, Q = inputs.plan.num_documents, qg.num_queries
+    like = {"scores": jax.ShapeDtypeStruct((Q, N), np.float64), "loss": jax.ShapeDtypeStruct((N,), np.float64),
+            "bound": jax.ShapeDtypeStruct((Q, N), np.float64), "fidelity": jax.ShapeDtypeStruct((Q,), np.float64),
+            "certified": jax.ShapeDtypeStruct((N,), np.bool_)}
+    if store.status("scores") == "done":
+        saved = store.load_result("scores", like)
+        if saved is not None:
+            return {k: np.asarray(v) for k, v in saved.items()}
+    reader = IndexReader(source_root(config, store))
+    check_index(reader, store, inputs, eigen)
+    store.mark("scores", "running", mode="index")
+    t0 = time.perf_counter()
+    selection = load_selection(reader.selection)
+    k = kept_directions(reader.manifest["k"])
+    iq = jax.jit(lambda q, QA, QS, L, sel: indexing.index_queries(q, QA, QS, L, sel, inputs.layers, k,
+                                                                  config.run.matmul_precision))(
+        qg, curv.Q_A, curv.Q_S, curv.Lambda, selection)
+    q_cells, q_rest = executor.fetch(iq.cells).astype(np.float32), executor.fetch(iq.rest).astype(np.float64)
+    fidelity = executor.fetch(iq.fidelity).astype(np.float64)
+    rotate = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    scores, bound, loss = np.zeros((Q, N)), np.zeros((Q, N)), np.zeros(N)
+    eps = RESOLUTION[reader.manifest["dtype"]]
+    a = reader.arrays
+    for lo, hi in reader.slices(ROWS_PER_SLICE):
+        docs = np.asarray(a["documents"][lo:hi])
+        real = docs >= 0
+        s = indexing.index_scores(q_cells, np.asarray(a["cells"][lo:hi], np.float32))
+        b = indexing.score_bounds(q_rest, indexing.residual_norms(np.asarray(a["bands"][lo:hi]), eps))
+        np.add.at(scores.T, docs[real], s.T[real])
+        np.add.at(bound.T, docs[real], b.T[real])
+        np.add.at(loss, docs[real], np.asarray(a["loss"][lo:hi])[real])
+    product = time.perf_counter() - t1
+    k = min(config.scores.topk, N)
+    certified = np.zeros(N, bool)
+    if np.any(bound > 0):
+        certified = indexing.certify_candidates(scores, bound, k)
+        wanted = np.flatnonzero(certified).tolist()
+        exact = exact_scores(config, inputs, qg, wanted, executor)
+        scores[:, wanted] = exact
+        bound[:, wanted] = 0.0
+    results = {"scores": scores, "loss": loss, "bound": bound, "fidelity": fidelity, "certified": certified}
+    store.save_result("scores", results, mode="index", index=str(reader.root), rotate_seconds=rotate,
+                      product_seconds=product,
+                      rescored=int(certified.sum()), seconds=time.perf_counter() - t0,
+                      fidelity_min=float(fidelity.min()), fidelity_mean=float(fidelity.mean()))
+    log.info("scores: from the index (%d cells per row): product and bounds in %.2fs; predicted correlation with exact scores %.3f "
+             "(lowest query %.3f); %d documents rescored exactly to certify the top and bottom %d", reader.manifest["cells"],
+             product, fidelity.mean(), fidelity.min(), int(certified.sum()), k)
+    return results
+
+
+def exact_scores(config: cfg.Config, inputs: Inputs, qg, wanted: list[int], executor) -> np.ndarray:
+    """``[Q, len(wanted)]``: the exact scores of the documents ``wanted`` (one scoring pass over them alone)."""
+    from jaxinf.data.batching import make_plan, scatter_columns
+
+    Q = qg.num_queries
+    if not wanted:
+        return np.zeros((Q, 0))
+    subset = Subset(inputs.documents, wanted)
+    plan = make_plan(inputs.lengths[wanted], batch_size=config.data.batch_size, max_length=config.data.max_length,
+                     long_documents=config.data.long_documents, buckets=buckets(config.data.max_length),
+                     process_count=executor.groups[1])
+    score = programs.scores(config, inputs.task, inputs.layers, self_influence=False).jit(executor)
+
+    def step(carry, batch, i):
+        out = score(inputs.lm.params, qg, None, batch)
+        return carry, out, out["loss"]
+
+    batches = inputs.batches(plan, subset, executor.groups[0])
+    kept = Kept(every=1)
+    run_batches("certify", step, batches.iterate, None, kept, total=len(batches),
+                non_finite=non_finite_loss(subset, "document"), device=executor)
+    out = np.zeros((Q, len(wanted)))
+    for o, rows in kept.batches:
+        scatter_columns(out, o["scores"], rows["index"])
+    return out

@@ -1,0 +1,219 @@
+"""The index on disk: one dense ``[rows, cells]`` array per run, written batch by batch, resumable after a kill.
+
+A run's index lives in ``state/index/`` of its run directory (so a change of the documents or of the model
+invalidates it like any other stage):
+
+- ``manifest.json``: the format version, the cells of each block (``k_S``, ``k_A``, layers), ``index.dtype``,
+  rows per batch and batches, the plan and the fingerprints of the inputs it was built from (model, documents,
+  eigenbasis), and ``written``: how many batches are on disk. ``written`` is raised only after those batches'
+  rows have been flushed, so a killed build resumes at the first batch not written.
+- ``cells.npy`` ``[rows, C]`` (``index.dtype``): each row's kept block of ``Q_S^T G Q_A`` (:mod:`jaxinf.engine.indexing`),
+  a memory map: a query reads it in slices, never whole.
+- ``bands.npy`` ``[rows, E]`` float32: the energy of ``Q_S^T G Q_A`` in each pair of bands of eigen-directions
+  (:func:`jaxinf.engine.indexing.bands`; the kept block's first), block after block: they add up to ``||G||_F^2``.
+- ``documents.npy`` ``[rows]`` int64: the document of each row (-1 for padding; a split document has several).
+- ``loss.npy`` ``[rows]`` float64: each row's training loss (the data's labels).
+- ``selection.npz``: the eigen-directions in decreasing eigenvalue (:class:`jaxinf.engine.indexing.Selection`).
+
+Rows are those of the run's batch plan: batch ``i`` holds rows ``[i R, (i + 1) R)``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from jaxinf.atomic import write_json
+from jaxinf.run.rundir import StoreError
+
+log = logging.getLogger("jaxinf")
+
+FORMAT = 1
+DTYPES = {"float32": np.float32, "float16": np.float16}
+ARRAYS = ("cells", "bands", "documents", "loss")
+
+
+class IndexError_(StoreError):
+    """An index that cannot be used (missing, from other inputs, torn); the message names the file."""
+
+
+def manifest_path(root: Path) -> Path:
+    return Path(root) / "manifest.json"
+
+
+def read_manifest(root: Path) -> dict | None:
+    """The manifest of the index at ``root``, or None if there is none; a malformed one raises naming the file."""
+    path = manifest_path(root)
+    if not path.exists():
+        return None
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise IndexError_(f"{path}: unreadable index manifest ({e})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise IndexError_(f"{path}: not an index manifest of format {FORMAT}")
+    return manifest
+
+
+class IndexWriter:
+    """The per-batch :class:`jaxinf.engine.loop.Saves` of the index pass: each save writes the rows of the batches since
+    the previous one into the memory maps, flushes them, then records them as written in the manifest."""
+
+    noun = "index rows"
+
+    def __init__(self, root: Path, manifest: dict, every: int):
+        self.root, self.every = Path(root), every
+        old = read_manifest(self.root)
+        keys = ("format", "blocks", "cells", "bands", "layers", "dtype", "batches", "plan", "inputs")
+        if old is not None and any(old.get(k) != manifest.get(k) for k in keys):
+            log.warning("%s: built from other inputs or settings; rebuilding the index", self.root)
+            old = None
+            for name in ARRAYS:
+                (self.root / f"{name}.npy").unlink(missing_ok=True)
+        self.manifest = dict(old) if old is not None else {**manifest, "written": 0, "rows_per_batch": None}
+        self.maps: dict[str, np.memmap] | None = None
+
+    def _open(self, rows_per_batch: int) -> None:
+        m = self.manifest
+        if m["rows_per_batch"] is None:
+            m["rows_per_batch"] = int(rows_per_batch)
+        elif m["rows_per_batch"] != rows_per_batch:
+            raise IndexError_(f"{self.root}: {rows_per_batch} rows per batch, the index was begun with "
+                              f"{m['rows_per_batch']} (resume with the same number of processes)")
+        R = m["batches"] * m["rows_per_batch"]
+        shapes = {"cells": ((R, m["cells"]), DTYPES[m["dtype"]]), "bands": ((R, m["bands"]), np.float32),
+                  "documents": ((R,), np.int64), "loss": ((R,), np.float64)}
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.maps = {}
+        for name, (shape, dtype) in shapes.items():
+            path = self.root / f"{name}.npy"
+            mode = "r+" if path.exists() and m["written"] > 0 else "w+"
+            try:
+                arr = np.lib.format.open_memmap(path, mode=mode, dtype=dtype, shape=shape if mode == "w+" else None)
+            except (ValueError, OSError) as e:
+                raise IndexError_(f"{path}: cannot open the index array ({e})") from None
+            if arr.shape != shape or arr.dtype != dtype:
+                raise IndexError_(f"{path}: shape {arr.shape} {arr.dtype}, expected {shape} {np.dtype(dtype)}")
+            self.maps[name] = arr
+
+    def resume(self, carry) -> tuple[int, Any]:
+        start = int(self.manifest["written"])
+        return start, carry
+
+    def begin(self, start: int, total: int | None) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        write_json(manifest_path(self.root), self.manifest)
+
+    def save(self, step: int, carry, batches: list[tuple[Any, dict]]) -> None:
+        if not batches:
+            return
+        rows = len(batches[0][1]["index"])
+        if self.maps is None:
+            self._open(rows)
+        assert self.maps is not None   # _open made them
+        R = self.manifest["rows_per_batch"]
+        first = step - len(batches)
+        for j, (out, meta) in enumerate(batches):
+            lo = (first + j) * R
+            for name in ("cells", "bands"):
+                self.maps[name][lo:lo + R] = np.asarray(out[name]).astype(self.maps[name].dtype)
+            self.maps["loss"][lo:lo + R] = np.asarray(out["loss"], np.float64)
+            self.maps["documents"][lo:lo + R] = np.asarray(meta["index"], np.int64)
+        for arr in self.maps.values():
+            arr.flush()
+        self.manifest["written"] = int(step)
+        write_json(manifest_path(self.root), self.manifest)
+
+
+class IndexReader:
+    """A finished index, opened read-only: its manifest, selection and memory-mapped arrays."""
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+        manifest = read_manifest(self.root)
+        if manifest is None:
+            raise IndexError_(f"{self.root}: no index here (no manifest.json; build one with index.k set)")
+        if manifest["written"] != manifest["batches"]:
+            raise IndexError_(f"{manifest_path(self.root)}: the index is incomplete ({manifest['written']} of "
+                              f"{manifest['batches']} batches written); resume the run that builds it")
+        self.manifest = manifest
+        self.arrays: dict[str, np.ndarray] = {}
+        R = manifest["batches"] * manifest["rows_per_batch"]
+        for name in ARRAYS:
+            path = self.root / f"{name}.npy"
+            try:
+                arr = np.load(path, mmap_mode="r")
+            except (OSError, ValueError) as e:
+                raise IndexError_(f"{path}: unreadable index array ({e})") from None
+            if arr.shape[0] != R:
+                raise IndexError_(f"{path}: {arr.shape[0]} rows, the manifest says {R} (a torn index)")
+            self.arrays[name] = arr
+        if self.arrays["cells"].shape[1] != manifest["cells"]:
+            raise IndexError_(f"{self.root / 'cells.npy'}: {self.arrays['cells'].shape[1]} cells per row, the manifest "
+                              f"says {manifest['cells']}")
+        try:
+            with np.load(self.root / "selection.npz") as z:
+                self.selection = {k: z[k] for k in z.files}
+        except (OSError, ValueError) as e:
+            raise IndexError_(f"{self.root / 'selection.npz'}: unreadable ({e})") from None
+
+    @property
+    def rows(self) -> int:
+        return int(self.arrays["cells"].shape[0])
+
+    def slices(self, rows: int):
+        """``(start, stop)`` of consecutive row slices of at most ``rows`` rows."""
+        for lo in range(0, self.rows, rows):
+            yield lo, min(lo + rows, self.rows)
+
+
+def save_selection(root: Path, selection) -> None:
+    """The order of the eigen-directions as ``selection.npz`` (``rows/NAME`` and ``cols/NAME`` per block)."""
+    from jaxinf.atomic import write_atomic
+
+    arrays = {f"rows/{k}": np.asarray(v) for k, v in selection.rows.items()}
+    arrays.update({f"cols/{k}": np.asarray(v) for k, v in selection.cols.items()})
+    Path(root).mkdir(parents=True, exist_ok=True)
+    # the names are rows/... and cols/..., never savez's own keyword allow_pickle
+    write_atomic(Path(root) / "selection.npz", lambda f: np.savez(f, **arrays))  # type: ignore[arg-type]
+
+
+def load_selection(arrays: dict[str, np.ndarray]):
+    """The :class:`jaxinf.engine.indexing.Selection` saved by :func:`save_selection`."""
+    import jax.numpy as jnp
+
+    from jaxinf.engine.indexing import Selection
+
+    rows = {k[len("rows/"):]: jnp.asarray(v) for k, v in arrays.items() if k.startswith("rows/")}
+    cols = {k[len("cols/"):]: jnp.asarray(v) for k, v in arrays.items() if k.startswith("cols/")}
+    return Selection(rows=rows, cols=cols)
+
+
+def index_size(config, layers, devices: list[int]) -> dict:
+    """The index of ``plan.documents`` documents (one row each) for ``jaxinf plan``: cells and bytes per document,
+    the whole index, its share per device when the documents are split over every device, and a query's
+    matrix-product FLOPs per document (``2 x cells``)."""
+    from jaxinf.engine.indexing import bands, block_sizes
+
+    sizes = block_sizes(layers, None if config.index.k == "full" else config.index.k)
+    cells = sum(k_S * k_A * len(layers[n].layer_names) for n, (k_S, k_A) in sizes.items())
+    n_bands = sum(len(bands(k_S, layers[n].d_out)) * len(bands(k_A, layers[n].d_in_aug)) * len(layers[n].layer_names)
+                  for n, (k_S, k_A) in sizes.items())
+    per_doc = cells * np.dtype(DTYPES[config.index.dtype]).itemsize + 4 * n_bands + 16
+    total = per_doc * config.plan.documents
+    return {"k": config.index.k, "dtype": config.index.dtype, "cells": int(cells), "bytes_per_document": int(per_doc),
+            "documents": config.plan.documents, "bytes": int(total),
+            "bytes_per_device": {str(d): int(-(-total // d)) for d in devices},
+            "query_flops_per_document": 2 * int(cells)}
+
+
+def format_size(ix: dict) -> str:
+    """:func:`index_size` as one line of ``jaxinf plan``'s output."""
+    per_device = ", ".join(f"{b / 2**30:,.2f} GiB per device on {d}" for d, b in ix["bytes_per_device"].items())
+    return (f"index (index.k={ix['k']}, {ix['dtype']}): {ix['cells']:,} cells, {ix['bytes_per_document'] / 2**10:,.1f} "
+            f"KiB per document; {ix['documents']:,} documents: {ix['bytes'] / 2**40:,.3f} TiB ({per_device}); a query "
+            f"costs {ix['query_flops_per_document']:,} FLOPs per document, the rows read in slices")

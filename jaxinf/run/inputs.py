@@ -1,0 +1,266 @@
+"""What a run reads, once: model, tokenizer, tracked layers, documents with their batch plans, and queries.
+
+Missing inputs are refused before anything is created (:func:`check_inputs`); the documents' token
+counts are counted once per run and kept in the run directory (:func:`document_lengths`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxinf import config as cfg
+from jaxinf.atomic import save_npy, write_json
+from jaxinf.engine import capture
+from jaxinf.errors import UserError
+from jaxinf.run import preflight, rundir
+from jaxinf.run.executor import DeviceExecutor, Executor
+from jaxinf.run.store import RunStore
+
+if TYPE_CHECKING:
+    from jaxinf.data.batching import Plan
+    from jaxinf.data.documents import DocumentSource
+    from jaxinf.data.queries import Query
+    from jaxinf.data.tokenize import TextEncoder
+    from jaxinf.engine.tasks import Task
+    from jaxinf.models.lm import LM
+
+log = logging.getLogger("jaxinf")
+
+
+class InputError(UserError):
+    """A missing or unusable input named by the config (file, directory, key)."""
+
+
+def tracked_layers(lm, track) -> dict[str, capture.LayerSpec]:
+    """The layers of ``lm`` (possibly abstract) that ``factors.track`` selects."""
+    task = lm.task()
+    dummy = {"tokens": jnp.zeros((1, 8), jnp.int32), "mask": jnp.ones((1, 8)), "weights": jnp.ones((1, 8))}
+    return capture.select_layers(
+        capture.find_layers(lambda p, b, pr: task.train_loss(p, b, pr, None), lm.params, dummy), track)
+
+
+@dataclasses.dataclass
+class Inputs:
+    """What a run reads once: model, task, tracked layers, tokenizer, documents, queries and their plans."""
+
+    lm: LM
+    task: Task
+    layers: dict[str, capture.LayerSpec]
+    encoder: TextEncoder
+    documents: DocumentSource          # the corpus scored (one column of the scores per document)
+    lengths: np.ndarray                # tokens per document, before truncation or splitting
+    plan: Plan                         # how the scored documents are grouped into batches
+    fit_plan: Plan                     # the same for the documents the curvature is fitted on
+    fit_documents: DocumentSource | Subset   # the first factors.max_documents documents (all of them without it)
+    queries: list[Query]
+
+    def batches(self, plan, source, process_index: int):
+        """This process's batches of ``source`` under ``plan`` (:class:`jaxinf.data.batching.DocumentBatches`)."""
+        from jaxinf.data.batching import DocumentBatches
+
+        return DocumentBatches(source, self.encoder, plan, process_index=process_index)
+
+
+def check_inputs(config: cfg.Config) -> None:
+    """One-line errors for missing inputs, before anything is created."""
+    for key, value, kind in (("model.checkpoint", config.model.checkpoint, "dir"),
+                             ("data.documents", config.data.documents, "any"),
+                             ("data.queries", config.data.queries, "file")):
+        if value is None:
+            raise InputError(f"{key}: not set (give it in the config or as {key}=PATH)")
+        p = Path(value)
+        if value.startswith("tfds:") or (kind == "any" and any(c in value for c in "*?[")):
+            continue  # a TFDS name or a glob of shards: open_documents names what is missing
+        if kind == "dir" and not p.is_dir():
+            raise InputError(f"{key}: {value}: " + ("is a file, not a directory" if p.exists() else "no such directory"))
+        if kind == "file" and not p.is_file():
+            raise InputError(f"{key}: {value}: " + ("is a directory, not a file" if p.is_dir() else "no such file"))
+        if kind == "any" and not p.exists():
+            raise InputError(f"{key}: {value}: no such file or directory")
+    if config.factors.from_run is not None and not rundir.is_run(Path(config.factors.from_run)):
+        raise InputError(f"factors.from: {config.factors.from_run}: not a jaxinf run directory "
+                         f"({rundir.why_not_run(Path(config.factors.from_run))})")
+
+
+def document_lengths(store: RunStore, documents, encoder, limit: int | None = None) -> np.ndarray:
+    """Token counts of every document, counted once per run and kept in ``state/plan/`` (keyed by file and tokenizer).
+
+    ``limit``: ``data.max_length`` when documents are truncated; a very long document is then counted in a bounded
+    prefix (:meth:`jaxinf.data.tokenize.TextEncoder.encode_documents`)."""
+    from jaxinf.data.batching import document_lengths as count
+    from jaxinf.data.progress import PassProgress
+
+    key = {"documents": _file_key(getattr(documents, "name", "")), "size": len(documents),
+           "tokenizer": _text_hash(encoder.tokenizer.to_str())}
+    if hasattr(documents, "content_digest"):  # an edit within the same second and size changes the content
+        key["content"] = documents.content_digest()
+    if getattr(documents, "field_names", None) not in (None, ("id", "text", "source")):
+        key["fields"] = list(documents.field_names)
+    if limit is not None:
+        key["prefix_limit"] = int(limit)
+    meta, path = store.path("state", "plan", "lengths.json"), store.path("state", "plan", "lengths.npy")
+    if meta.exists() and path.exists():
+        try:
+            if json.loads(meta.read_text()) == key:
+                return np.load(path)
+        except ValueError:
+            pass
+    lengths = count(documents, encoder, limit=limit, progress=PassProgress("token counts", len(documents)))
+    if jax.process_index() == 0:
+        save_npy(path, lengths)
+        write_json(meta, key)
+    return lengths
+
+
+def _file_key(name: str) -> list:
+    p = Path(name)
+    if p.is_file():
+        st = p.stat()
+        return [str(p.resolve()), st.st_size, int(st.st_mtime)]
+    return [name]
+
+
+def _text_hash(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def buckets(max_length: int) -> tuple[int, ...]:
+    """Padded batch lengths: multiples of ``max(16, min(64, max_length // 8))`` (see :func:`jaxinf.data.batching.bucket_lengths`).
+
+    Short limits get fine buckets (16, 32, 48, 64 for 64 tokens), long ones at most about ten shapes.
+    """
+    from jaxinf.data.batching import bucket_lengths
+
+    return bucket_lengths(max_length, smallest=max(16, min(64, max_length // 8)))
+
+
+def load_inputs(config: cfg.Config, store: RunStore, executor: Executor | None = None) -> Inputs:
+    """Model (each parameter placed by the executor as it is read), tokenizer, tracked layers, documents with
+    their plans (one slice of the corpus per group of processes on the ``data`` axis), and queries."""
+    from jaxinf import models
+    from jaxinf.data.batching import make_plan
+    from jaxinf.data.queries import read_queries
+    from jaxinf.data.sources import open_documents
+    from jaxinf.data.tokenize import TextEncoder
+
+    t0 = time.perf_counter()
+    assert (config.model.checkpoint is not None and config.data.documents is not None  # set: see check_inputs
+            and config.data.queries is not None)
+    executor = executor or DeviceExecutor()
+    lm, tokenizer = models.from_hf(config.model.checkpoint, dtype=config.model.dtype, scan=config.model.scan_layers,
+                                   remat=config.model.remat, place=executor.place_param)
+    log.info("model: %s, %s parameters (%s), loaded in %.1fs", config.model.checkpoint, f"{lm.num_params:,}",
+             config.model.dtype, time.perf_counter() - t0)
+    task = lm.task()
+    layers = tracked_layers(lm, config.factors.track)
+    n_tracked = sum(s.num_params for s in layers.values())
+    log.info("tracking %d layers (%s parameters) matching factors.track=%s",
+             sum(len(s.layer_names) for s in layers.values()), f"{n_tracked:,}", config.factors.track)
+    preflight.log_query_rank(config.scores.query_rank, layers)
+    encoder = TextEncoder(tokenizer)
+    documents = open_documents(config.data.documents, text_field=config.data.text_field,
+                               id_field=config.data.id_field, source_field=config.data.source_field,
+                               dedupe=config.data.dedupe)
+    log.info("documents: %s", documents.report.summary())
+    for dup, kept in getattr(documents, "duplicates", [])[:1000]:
+        log.info("duplicate document %r skipped (the same text as %r)", dup, kept)
+    lengths = document_lengths(store, documents, encoder,
+                               config.data.max_length if config.data.long_documents == "truncate" else None)
+    from jaxinf.models.tokenizer import tokenizer_file
+
+    preflight.check_corpus(lengths, getattr(documents, "name", config.data.documents), config.factors.max_documents,
+                           str(tokenizer_file(config.model.checkpoint)))
+    d = config.data
+    plan_args: dict   # make_plan's keywords (ints, a string, a tuple)
+    plan_args = dict(batch_size=d.batch_size, max_length=d.max_length, long_documents=d.long_documents,
+                     process_count=executor.groups[1], buckets=buckets(d.max_length))
+    plan = make_plan(lengths, **plan_args)
+    log.info("documents: %s", plan.report.summary())
+    n_fit = len(lengths) if config.factors.max_documents is None else min(config.factors.max_documents, len(lengths))
+    fit_documents = documents if n_fit == len(lengths) else Subset(documents, range(n_fit))
+    fit_plan = plan if n_fit == len(lengths) else make_plan(lengths[:n_fit], **plan_args)
+    queries = read_queries(config.data.queries)
+    log.info("queries: %d from %s", len(queries), config.data.queries)
+    check_queries(queries, encoder, config)
+    return Inputs(lm, task, layers, encoder, documents, lengths, plan, fit_plan, fit_documents, queries)
+
+
+def check_queries(queries, encoder, config: cfg.Config) -> None:
+    """Every query tokenized and checked against the settings (a completion with tokens, the query within
+    ``data.max_length``, one batch shape) at start-up, before an ``--overwrite`` deletes the old run and before any
+    pass: the queries stage would otherwise meet a bad query only after the curvature was fitted."""
+    from jaxinf.data.queries import encode_queries, query_batches
+
+    encoded = encode_queries(queries, encoder, max_length=config.data.max_length)
+    query_batches(encoded, batch_size=config.data.query_batch_size, max_length=config.data.max_length)
+    unk = getattr(getattr(encoder.tokenizer, "model", None), "unk_token", None)
+    unk_id = encoder.tokenizer.token_to_id(unk) if isinstance(unk, str) else None
+    if unk_id is None:
+        return
+    for q, e in zip(queries, encoded):
+        start = len(encoder.prefix)
+        for part, ids in (("prompt", e.ids[start:e.prompt_length]), ("completion", e.ids[e.prompt_length:])):
+            if len(ids) and np.all(ids == unk_id):
+                log.warning('%s: query "%s": every token of its %s is the tokenizer\'s unknown token %s (%d tokens): '
+                            "the model sees none of its words", q.origin, q.id, part, unk, len(ids))
+
+
+class Subset:
+    """The documents ``indices`` of a source, as a source of their own (index i is ``indices[i]``)."""
+
+    def __init__(self, source, indices: list[int] | range):
+        self.source, self.indices = source, list(indices)
+        self.name = getattr(source, "name", "documents")
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def texts(self, idx):
+        return self.source.texts([self.indices[i] for i in idx])
+
+    def documents(self, idx):
+        return self.source.documents([self.indices[i] for i in idx])
+
+
+def non_finite_loss(source, what: str) -> Callable[[int, int, int | None, float], str]:
+    """The message of the per-batch loop (:func:`jaxinf.engine.loop.run_batches`) for a document of ``source`` whose
+    ``what`` loss is not finite: the file, the document's line and its id."""
+
+    def message(batch: int, row: int, index: int | None, value: float) -> str:
+        assert index is not None, "the batches' rows name their documents (run_batches' fields hold index)"
+        doc = source.documents([index])[0]
+        shard_of = getattr(source, "shard_of", None)   # a corpus of shards: the shard, and the line or row in it
+        name = shard_of(index) if shard_of is not None else getattr(source, "name", "documents")
+        if value == float("-inf"):   # the scores stage's mark of a finite loss with a score that is not finite
+            return f'{name}:{doc.line}: document "{doc.id}": its score against a query is not finite'
+        return f'{name}:{doc.line}: document "{doc.id}": {what} loss is not finite ({value})'
+
+    return message
+
+
+def text_source(documents) -> Callable:
+    """Texts by document id, found by one streaming pass over the corpus (JSONL or TFDS alike)."""
+
+    from jaxinf.data.documents import iter_documents
+
+    def texts(ids):
+        wanted, found = set(map(str, ids)), {}
+        for doc in iter_documents(documents, chunk=4096):
+            if len(found) == len(wanted):
+                break
+            if doc.id in wanted:
+                found[doc.id] = doc.text
+        return found
+
+    return texts

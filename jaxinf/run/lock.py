@@ -1,0 +1,92 @@
+"""The run directory's lock: one ``jaxinf run`` at a time writes a run directory.
+
+An advisory lock (``fcntl.flock``, exclusive, non-blocking) on ``RUN/.jaxinf.lock``,
+held from before ``run.json`` is read until the process ends. The file holds the
+holder's host and pid, for the message a second process gets; the lock itself is
+the kernel's, released when the holder exits however it exits (SIGKILL, OOM,
+a crash), so a file left behind by a killed run is no obstacle. In a multi-process
+run, process 0 takes it (the others write only what process 0 tells them to).
+
+Advisory locks bind on local file systems and on NFSv4 (Linux emulates ``flock``
+with ``fcntl`` byte-range locks there); a file system without locks makes
+``flock`` fail, which is reported as such rather than ignored.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import socket
+from pathlib import Path
+
+from jaxinf.run.rundir import LOCK_FILE, StoreError
+
+
+class RunLocked(StoreError):
+    """Another process holds the run directory's lock (the message names its host and pid)."""
+
+
+class RunLock:
+    """The lock of run directory ``root`` (created if missing); ``acquire`` raises :class:`RunLocked` when held."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+        self.path = self.root / LOCK_FILE
+        self._fd: int | None = None
+
+    def acquire(self) -> RunLock:
+        self.root.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            os.close(fd)
+            if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise RunLocked(f"{self.root}: in use by another jaxinf process ({self.holder()}); wait for it to "
+                                "finish or stop it, or choose another run.out") from None
+            raise StoreError(f"{self.path}: cannot lock the run directory ({e.strerror})") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"host {socket.gethostname()} pid {os.getpid()}\n".encode(), 0)
+        self._fd = fd
+        return self
+
+    def holder(self) -> str:
+        """``host H pid P`` as the holder wrote it (or that it is unknown)."""
+        try:
+            text = self.path.read_text().strip()
+        except OSError:
+            text = ""
+        return text or "holder unknown"
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing the last descriptor releases the flock
+            self._fd = None
+
+    def __enter__(self) -> RunLock:
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def claim_output(root: Path, kind: str, key: str = "--out"):
+    """The output directory of ``jaxinf validate --out`` or ``jaxinf demo --out`` (``kind``): checked
+    (:func:`jaxinf.run.rundir.check_output`), created, locked with a run directory's lock (:class:`RunLock`) and marked as
+    ``kind``'s; returns the lock (release it when done)."""
+    from jaxinf.atomic import write_json
+    from jaxinf.run.rundir import OUTPUT_MARKER, _output_kind, check_output
+    from jaxinf.run.store import check_writable
+
+    check_output(root, kind, key)
+    check_writable(root)
+    lock = RunLock(root).acquire()
+    try:
+        check_output(root, kind, key)    # again under the lock: another process may have written it meanwhile
+        if _output_kind(root) != kind:
+            write_json(root / OUTPUT_MARKER, {"format": f"jaxinf {kind}"})
+    except BaseException:
+        lock.release()
+        raise
+    return lock

@@ -1,0 +1,119 @@
+"""``jaxinf plan --corpus``: the corpus a run would read, counted, and the passes the run makes over it.
+
+Opens ``data.documents`` as a run opens it (the same reader, field names and ``data.dedupe``), counts every
+document's tokens with the checkpoint's tokenizer (one tokenization pass, logged with its progress; a document
+over ``data.max_length`` is counted in a bounded prefix when documents are truncated, as a run counts it) and
+makes the run's batch plan from the counts: rows, the tokens kept, what truncation cuts, the padding. The time
+estimate of :mod:`jaxinf.run.plan` is then made for these rows at their padded length instead of ``plan.documents``
+of ``plan.tokens_per_document``.
+
+The passes: the curvature is fitted in two passes over the first ``factors.max_documents`` documents
+(covariance, then Lambda), none with ``factors.from``; ``scores.mode: exact`` scores every document in one pass;
+an index (``index.k``) is built in one pass over every document. A run counts the tokens once per corpus and
+tokenizer (kept in its directory), so this count is the one the run itself would make first.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from jaxinf import config as cfg
+
+
+def corpus_plan(config) -> tuple[dict, cfg.Config]:
+    """The corpus of ``config`` counted (a JSON-able dict: documents, tokens, the plan's report, the passes) and
+    ``config`` with ``plan.documents`` and ``plan.tokens_per_document`` set to the corpus's rows and its batches'
+    token slots per row (padding, padding rows of the last batches included: what the steps compute). Raises
+    :class:`jaxinf.data.errors.DataError` for a bad corpus, as a run would."""
+    from jaxinf.data.batching import document_lengths, make_plan
+    from jaxinf.data.errors import DataError
+    from jaxinf.data.progress import PassProgress
+    from jaxinf.data.sources import open_documents
+    from jaxinf.data.tokenize import TextEncoder
+    from jaxinf.models.hf import load_tokenizer
+    from jaxinf.run.inputs import buckets
+
+    d = config.data
+    if d.documents is None:
+        raise DataError("data.documents: not set (jaxinf plan --corpus counts the documents it names)")
+    documents = open_documents(d.documents, text_field=d.text_field, id_field=d.id_field,
+                               source_field=d.source_field, dedupe=d.dedupe)
+    encoder = TextEncoder(load_tokenizer(config.model.checkpoint))
+    limit = d.max_length if d.long_documents == "truncate" else None
+    lengths = document_lengths(documents, encoder, limit=limit,
+                               progress=PassProgress("token counts", len(documents)))
+    args = dict(batch_size=d.batch_size, max_length=d.max_length, long_documents=d.long_documents,
+                buckets=buckets(d.max_length))
+    report = make_plan(lengths, **args).report
+    n_fit = len(lengths) if config.factors.max_documents is None else min(config.factors.max_documents, len(lengths))
+    fit = report if n_fit == len(lengths) else make_plan(lengths[:n_fit], **args).report
+    passes: list[dict[str, Any]] = []
+    if config.factors.from_run is None:
+        passes += [{"stage": "covariance", "documents": n_fit, "rows": fit.rows, "tokens": fit.tokens},
+                   {"stage": "lambda", "documents": n_fit, "rows": fit.rows, "tokens": fit.tokens}]
+    whole = {"documents": report.documents, "rows": report.rows, "tokens": report.tokens}
+    if config.scores.mode == "exact":
+        passes.append({"stage": "scores", **whole})
+    if config.index.k is not None:
+        passes.append({"stage": "index", **whole})
+    out = {"documents": getattr(documents, "name", d.documents), "read": documents.report.summary(),
+           "counted_documents": len(lengths), "counted_tokens": int(np.sum(lengths)),
+           "bounded_prefix": limit, "plan": report.to_dict(), "passes": passes,
+           "tokens_read": int(sum(p["tokens"] for p in passes))}
+    per_row = math.ceil(report.padded_tokens / report.rows) if report.rows else d.max_length
+    timed = dataclasses.replace(config, plan=dataclasses.replace(config.plan, documents=max(report.rows, 1),
+                                                                 tokens_per_document=max(per_row, 1)))
+    return out, timed
+
+
+def format_corpus(c: dict, config) -> str:
+    """The corpus block of ``jaxinf plan --corpus``'s text."""
+    p = c["plan"]
+    prefix = (f"; a document over data.max_length={c['bounded_prefix']} counted in a bounded prefix"
+              if c["bounded_prefix"] is not None else "")
+    lines = [f"corpus {c['read']}",
+             (f"  token counts: {c['counted_tokens']:,} tokens in {c['counted_documents']:,} documents (the "
+              f"checkpoint's tokenizer, special tokens included{prefix})"),
+             f"  rows of data.max_length={config.data.max_length} (data.long_documents={config.data.long_documents}): "
+             + ", ".join([f"{p['rows']:,} rows", f"{p['tokens']:,} tokens kept"]
+                         + ([f"{p['truncated_documents']:,} documents truncated ({p['truncated_tokens']:,} tokens cut)"]
+                            if p["truncated_documents"] else [])
+                         + ([f"{p['split_documents']:,} documents split"] if p["split_documents"] else [])
+                         + [f"{100 * p['padding_fraction']:.1f}% padding"])]
+    if c["passes"]:
+        lines.append("  passes over the corpus: " + ", ".join(
+            f"{q['stage']} ({q['documents']:,} documents, {q['rows']:,} rows, {q['tokens']:,} tokens)"
+            for q in c["passes"]) + f"; {c['tokens_read']:,} tokens in all, after one token-count pass")
+    else:
+        lines.append("  passes over the corpus: none (factors.from and scores from another run's index)")
+    return "\n".join(lines)
+
+
+def command(config, meshes: list[tuple[int, int]], compile: bool, json_out: str | None, chip=None) -> int:
+    """``jaxinf plan --corpus``: :func:`jaxinf.run.plan.command` with the corpus counted and the time estimate made for
+    it."""
+    import json
+    from pathlib import Path
+
+    from jaxinf.run import plan
+
+    corpus, timed = corpus_plan(config)
+    result = plan.plan(timed, meshes, compile=compile, chip=chip)
+    result["corpus"] = corpus
+    print(plan.format_plan(result, timed))
+    print()
+    print(format_corpus(corpus, timed))
+    print(f"  hours above: the corpus's {corpus['plan']['padded_tokens']:,} token slots of its batches (padding "
+          f"included) as {timed.plan.documents:,} rows of {timed.plan.tokens_per_document} tokens, in place of "
+          "plan.documents and plan.tokens_per_document")
+    if json_out:
+        Path(json_out).write_text(json.dumps(result, indent=1) + "\n")
+    problems = plan.check_fit(result, config.plan.device_memory_gib)
+    for p in problems:
+        print(f"jaxinf plan: does not fit: {p}")
+    return 1 if problems else 0
