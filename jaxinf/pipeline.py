@@ -44,7 +44,7 @@ from jaxinf.run.exports.stage import export
 from jaxinf.run.inputs import Inputs, check_inputs, load_inputs, non_finite_loss, text_source, tracked_layers
 from jaxinf.run.lock import RunLock
 from jaxinf.run.rundir import StoreError
-from jaxinf.run.saved import SavedChunks, SavedState, plan_key
+from jaxinf.run.saved import SavedChunks, SavedState, batch_plan_key
 from jaxinf.run.store import RunStore, check_writable
 from jaxinf.sharding.meshes import check_agreement, initialize
 
@@ -346,7 +346,7 @@ def scores_stage(config: cfg.Config, store: RunStore, inputs: Inputs, qg, curv, 
         if not np.all(np.isfinite(value)):
             raise stages.CaptureError(f"scores: the {key} of {config.data.documents} assembled from the saved chunks "
                                       f"are not finite ({int((~np.isfinite(value)).sum())} entries)")
-    store.mark("scores", "done", total=len(batches), plan=plan_key(inputs.plan), timing=timing)
+    store.mark("scores", "done", total=len(batches), plan=batch_plan_key(inputs.plan), timing=timing)
     if build is not None:
         build.done(timing)
     return results

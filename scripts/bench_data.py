@@ -45,7 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers  # noqa: E402
 
-from jaxinf.data.batching import DocumentBatches, document_lengths, make_plan, prefetch  # noqa: E402
+from jaxinf.data.batching import DocumentBatches, document_lengths, make_batch_plan, prefetch  # noqa: E402
 from jaxinf.data.documents import JsonlDocuments  # noqa: E402
 from jaxinf.data.queries import Query, encode_queries, query_batches  # noqa: E402
 from jaxinf.data.tokenize import TextEncoder  # noqa: E402
@@ -113,7 +113,7 @@ def build_data(args, workdir: Path) -> dict:
     encoder = TextEncoder(tok)
     docs, scan_s = timed(lambda: JsonlDocuments(path))
     lengths, lengths_s = timed(lambda: document_lengths(docs, encoder))
-    plan = make_plan(lengths, batch_size=args.batch_size, max_length=args.max_length)
+    plan = make_batch_plan(lengths, batch_size=args.batch_size, max_length=args.max_length)
     log(f"data ready: {len(docs)} documents, {int(lengths.sum())} tokens, plan: {plan.report.summary()}")
     return {"docs": docs, "encoder": encoder, "plan": plan, "lengths": lengths, "train_s": train_s,
             "scan_s": scan_s, "lengths_s": lengths_s}
@@ -320,7 +320,7 @@ def measure_format(fmt: str, spec: str, tokenizer: str, max_length: int, batch_s
     if tokenize:
         lengths, t = timed(lambda: document_lengths(docs, encoder, limit=max_length))
         out.update(tokens=int(lengths.sum()), counts_s=t, rss_counts_mib=rss())
-        plan = make_plan(lengths, batch_size=batch_size, max_length=max_length)
+        plan = make_batch_plan(lengths, batch_size=batch_size, max_length=max_length)
         (tokens, t) = batching_pass(docs, encoder, plan)
         out.update(batch_tokens=tokens, batch_s=t)
     out["rss_peak_mib"] = rss()

@@ -18,7 +18,7 @@ from jaxinf.data.batching import (
     chunk_counts,
     document_batches,
     document_lengths,
-    make_plan,
+    make_batch_plan,
     prefetch,
     scatter_columns,
 )
@@ -111,7 +111,7 @@ def test_split_chunks_cover_every_target_once():
     rng = np.random.default_rng(0)
     L = 7
     lengths = np.concatenate([[0, 1, 2, 6, 7, 8, 13, 14, 50], rng.integers(0, 60, 200)])
-    plan = make_plan(lengths, batch_size=3, max_length=L, long_documents="split", buckets=(4, 7))
+    plan = make_batch_plan(lengths, batch_size=3, max_length=L, long_documents="split", buckets=(4, 7))
     assert np.array_equal(np.bincount(plan.row_document, minlength=len(lengths)), chunk_counts(lengths, L, "split"))
     for d, n in enumerate(lengths):
         rows = np.flatnonzero(plan.row_document == d)
@@ -128,7 +128,7 @@ def test_split_chunks_cover_every_target_once():
 
 
 def test_truncate_counts():
-    plan = make_plan([3, 10, 12, 0], batch_size=2, max_length=10)
+    plan = make_batch_plan([3, 10, 12, 0], batch_size=2, max_length=10)
     assert plan.num_rows == 4 and plan.row_length.tolist() == [3, 10, 10, 0]
     r = plan.report
     assert (r.truncated_documents, r.truncated_tokens, r.split_documents, r.tokens) == (1, 2, 0, 23)
@@ -141,8 +141,8 @@ def test_plan_hosts_windows_and_shapes(mode, hosts):
     rng = np.random.default_rng(1)
     lengths = rng.integers(1, 300, 1000)
     kw = dict(batch_size=8, max_length=128, long_documents=mode, window_batches=4, process_count=hosts)
-    plan = make_plan(lengths, **kw)
-    again = make_plan(lengths.copy(), **kw)
+    plan = make_batch_plan(lengths, **kw)
+    again = make_batch_plan(lengths.copy(), **kw)
     assert np.array_equal(plan.order, again.order) and np.array_equal(plan.step_length, again.step_length)
     assert set(plan.step_length.tolist()) <= set(bucket_lengths(128))
     seen = []
@@ -160,19 +160,19 @@ def test_plan_hosts_windows_and_shapes(mode, hosts):
         win = plan.order[lo : lo + W]
         assert sorted(win.tolist()) == list(range(lo, min(lo + W, plan.num_rows)))
         assert np.all(np.diff(plan.row_length[win]) <= 0)
-    unsorted = make_plan(lengths, **dict(kw, window_batches=1_000_000 // G, batch_size=8))
+    unsorted = make_batch_plan(lengths, **dict(kw, window_batches=1_000_000 // G, batch_size=8))
     assert plan.report.padding_fraction < 0.35 and unsorted.report.padding_fraction < plan.report.padding_fraction
 
 
 def test_plan_rejects_bad_settings():
     with pytest.raises(DataError, match="data.long_documents"):
-        make_plan([1], batch_size=1, max_length=8, long_documents="drop")
+        make_batch_plan([1], batch_size=1, max_length=8, long_documents="drop")
     with pytest.raises(DataError, match="data.batch_size"):
-        make_plan([1], batch_size=0, max_length=8)
+        make_batch_plan([1], batch_size=0, max_length=8)
     with pytest.raises(DataError, match="data.buckets"):
-        make_plan([1], batch_size=1, max_length=8, buckets=(4,))
+        make_batch_plan([1], batch_size=1, max_length=8, buckets=(4,))
     with pytest.raises(DataError, match="at least 2 tokens"):
-        make_plan([1], batch_size=1, max_length=1, long_documents="split")
+        make_batch_plan([1], batch_size=1, max_length=1, long_documents="split")
 
 
 # --------------------------------------------------------------------------- batches
@@ -216,7 +216,7 @@ def test_batches_hold_the_planned_tokens(corpus, encoder, mode):
 
 def test_resume_reads_only_what_it_needs(corpus, encoder):
     docs, lengths = corpus
-    plan = make_plan(lengths, batch_size=4, max_length=32, long_documents="split", window_batches=3, buckets=(16, 32))
+    plan = make_batch_plan(lengths, batch_size=4, max_length=32, long_documents="split", window_batches=3, buckets=(16, 32))
     full = list(DocumentBatches(docs, encoder, plan))
     src = CountingSource(docs)
     resumed = DocumentBatches(src, encoder, plan, group_steps=2)
@@ -238,7 +238,7 @@ def test_resume_reads_only_what_it_needs(corpus, encoder):
 def test_hosts_get_disjoint_slices_of_equal_count_and_shape(corpus, encoder, mode):
     docs, lengths = corpus
     P = 3
-    plan = make_plan(lengths, batch_size=5, max_length=32, long_documents=mode, window_batches=2, process_count=P)
+    plan = make_batch_plan(lengths, batch_size=5, max_length=32, long_documents=mode, window_batches=2, process_count=P)
     per_host = [list(DocumentBatches(docs, encoder, plan, process_index=h)) for h in range(P)]
     assert len({len(b) for b in per_host}) == 1 and len(per_host[0]) == plan.num_steps
     rows = []
@@ -255,15 +255,15 @@ def test_stale_lengths_are_an_error(corpus, encoder):
     docs, lengths = corpus
     wrong = lengths.copy()
     wrong[5] += 1
-    batches = DocumentBatches(docs, encoder, make_plan(wrong, batch_size=len(docs), max_length=512))
+    batches = DocumentBatches(docs, encoder, make_batch_plan(wrong, batch_size=len(docs), max_length=512))
     with pytest.raises(DataError, match=r'docs\.jsonl:6: document "d5" has \d+ tokens but the plan counted'):
         batches.batch(0)
     with pytest.raises(DataError, match="the plan was made for 3"):
-        DocumentBatches(docs, encoder, make_plan([1, 2, 3], batch_size=1, max_length=8))
+        DocumentBatches(docs, encoder, make_batch_plan([1, 2, 3], batch_size=1, max_length=8))
 
 
 def test_scatter_columns_and_chunk_sums():
-    plan = make_plan([3, 20, 5], batch_size=2, max_length=8, long_documents="split")
+    plan = make_batch_plan([3, 20, 5], batch_size=2, max_length=8, long_documents="split")
     values = np.arange(2 * plan.num_rows, dtype=np.float64).reshape(2, plan.num_rows) + 1
     by_batches = np.zeros((2, 3))
     for s in range(plan.num_steps):
@@ -371,11 +371,11 @@ def test_query_losses_equal_completion_nll_one_by_one(encoder):
 
 
 def test_empty_corpus_plan_and_out_of_range_batches(corpus, encoder):
-    plan = make_plan(np.zeros(0, np.int64), batch_size=4, max_length=16)
+    plan = make_batch_plan(np.zeros(0, np.int64), batch_size=4, max_length=16)
     assert (plan.num_rows, plan.num_steps, plan.report.padding_fraction) == (0, 0, 0.0)
     assert plan.sum_chunks(np.zeros((2, 0))).shape == (2, 0)
     docs, lengths = corpus
-    batches = DocumentBatches(docs, encoder, make_plan(lengths, batch_size=64, max_length=32))
+    batches = DocumentBatches(docs, encoder, make_batch_plan(lengths, batch_size=64, max_length=32))
     assert len(batches) == 2 and list(batches.iterate(2)) == []
     with pytest.raises(IndexError, match="batch 2 out of range for 2 batches"):
         batches.batch(2)

@@ -585,7 +585,8 @@ def _write_outputs(run_dir, summary, queries, rows, fetched, texts, docs, o, rep
     """Build report/ in a fresh temporary directory, then swap it in for the old one."""
     tmp = atomic.make_temp_dir(".report-", run_dir)
     try:
-        report.write_report(tmp, summary, queries, rows, fetched, texts, docs, o)
+        report.write_report(tmp, summary, queries=queries, rows=rows, fetched=fetched, texts=texts, documents=docs,
+                            options=o)
         final = run_dir / "report"
         old = None
         if final.exists():

@@ -101,7 +101,11 @@ def _highlight(texts: list[str], scores: np.ndarray, top: list[dict], window: in
     return "".join(out)
 
 
-def write_report(out: Path, s: dict, queries, rows, fetched, texts, docs, o) -> None:
+def write_report(out: Path, s: dict, *, queries, rows, fetched, texts, documents, options) -> None:
+    """``out/index.html`` (the report), its figures and ``out/summary.md``, from the summary ``s`` of
+    :func:`jaxinf.analysis.driver.analyze` and what the report lists for each query: the exported ``queries``,
+    their top and bottom ``rows``, the ``fetched`` listed documents (index -> (id, text or None)), the ``texts``
+    shown for them, the exported ``documents`` (ids and sources) and the analysis ``options``."""
     out = Path(out)
     figs: dict[str, str] = {}
 
@@ -123,7 +127,7 @@ def write_report(out: Path, s: dict, queries, rows, fetched, texts, docs, o) -> 
     if s["layers"].get("available"):
         make("layers.png", fig_layers, s)
 
-    parts = [_head(s), _notes(s), _sec_findings(s), _sec_queries(s, queries, rows, fetched, texts, docs, o),
+    parts = [_head(s), _notes(s), _sec_findings(s), _sec_queries(s, queries, rows, fetched, texts, documents, options),
              _sec_correlations(s), _sec_concentration(s), _sec_powerlaw(s), _sec_sources(s), _sec_answers(s),
              _sec_layers_tokens(s, queries)]   # each query's documents first: what a reader opens the report for
     (out / "index.html").write_text("".join(parts) + f"</main>{page.SCRIPT}</body></html>\n", encoding="utf-8")
@@ -305,13 +309,13 @@ OPEN_QUERIES = 40
 """Reports with at most this many queries show every query's documents expanded."""
 
 
-def _sec_queries(s, queries, rows, fetched, texts, docs, o) -> str:
+def _sec_queries(s, queries, rows, fetched, texts, documents, options) -> str:
     ans = {p["query"]: p for p in s["answers"].get("per_query", [])} if s["answers"].get("available") else {}
     out = ['<section id="queries"><h2>Queries and their top and bottom documents</h2>'
            "<p>One collapsible entry per query. The box below keeps the queries whose kind, task, id, prompt or "
            "completion hold every word typed, and in the others the documents (id, source, text) that do; the "
            "browser's find (Ctrl+F) also searches and opens closed entries.</p>" + page.SEARCH_BOX]
-    n = o.report_documents
+    n = options.report_documents
     opened = " open" if len(queries.ids) <= OPEN_QUERIES else ""  # long reports start collapsed
     for q, qid in enumerate(queries.ids):
         a = ans.get(qid)
@@ -329,8 +333,8 @@ def _sec_queries(s, queries, rows, fetched, texts, docs, o) -> str:
             trs = []
             for rank, (i, v) in enumerate(zip(idx[:n], val[:n]), 1):
                 i = int(i)
-                trs.append([fmt(rank), esc(fetched[i][0]), esc(docs.source_names[docs.source_codes[i]]), fmt(v),
-                            f'<div class="doc">{_snippet(texts.get(i), o.snippet_chars)}</div>'])
+                trs.append([fmt(rank), esc(fetched[i][0]), esc(documents.source_names[documents.source_codes[i]]), fmt(v),
+                            f'<div class="doc">{_snippet(texts.get(i), options.snippet_chars)}</div>'])
             body.append(f"<p><b>{side.capitalize()} {len(trs)}</b></p>" + _table(["rank", "id", "source", "score", "text"], trs))
         body.append("</details>")
         out.append("".join(body))

@@ -8,13 +8,13 @@ dataset is read or written.
 """
 
 from jaxinf.data.batching import (
+    BatchPlan,
     DocumentBatches,
-    Plan,
     PlanReport,
     bucket_lengths,
     document_batches,
     document_lengths,
-    make_plan,
+    make_batch_plan,
     prefetch,
     scatter_columns,
 )
@@ -27,8 +27,8 @@ from jaxinf.data.tfds_documents import TfdsDocuments
 from jaxinf.data.tokenize import EncodedQuery, TextEncoder, load_tokenizer
 
 __all__ = [
-    "DataError", "Document", "DocumentBatches", "EncodedQuery", "JsonlDocuments", "Plan", "PlanReport", "Query",
+    "DataError", "Document", "DocumentBatches", "EncodedQuery", "JsonlDocuments", "BatchPlan", "PlanReport", "Query",
     "ReadReport", "ShardedDocuments", "TextEncoder", "TfdsDocuments", "bucket_lengths", "document_batches", "document_lengths",
-    "encode_queries", "load_tokenizer", "make_plan", "open_documents", "prefetch", "query_batches", "read_queries",
+    "encode_queries", "load_tokenizer", "make_batch_plan", "open_documents", "prefetch", "query_batches", "read_queries",
     "read_release", "release_documents", "scatter_columns",
 ]

@@ -1,6 +1,6 @@
 """Deterministic document batches: chunking, length bucketing, fixed shapes, resume and per-host slices.
 
-Everything about *which* tokens go *where* is decided by a :class:`Plan`, a
+Everything about *which* tokens go *where* is decided by a :class:`BatchPlan`, a
 pure function of the documents' token counts and the settings; tokenization
 only fills the batches in. So the same corpus, tokenizer and settings always
 give the same batches, any batch can be made without making the ones before
@@ -18,7 +18,7 @@ Rows. A document of ``n`` tokens longer than ``max_length = L`` is
   chunk sees only its own context).
 
 A document of at most ``L`` tokens is one row. Rows are numbered in document
-order; ``Plan.row_document``, ``row_chunk``, ``row_start`` and ``row_length``
+order; ``BatchPlan.row_document``, ``row_chunk``, ``row_start`` and ``row_length``
 map every row to its document (the chunk map).
 
 Steps. A step is ``P * B`` rows (``P`` hosts, ``B`` rows per host batch).
@@ -29,7 +29,7 @@ length ``T``, the smallest bucket length (:func:`bucket_lengths`) that holds its
 longest row, the same on every host, so a multi-host program sees one shape
 per step and only a few shapes in all (few compilations). Host ``h`` takes
 rows ``[h B, (h + 1) B)`` of each step; rows past the end are padding (mask 0,
-``index`` -1). Every host has the same number of batches, ``Plan.num_steps``.
+``index`` -1). Every host has the same number of batches, ``BatchPlan.num_steps``.
 
 A batch (numpy arrays, the causal-LM format of :mod:`jaxinf.engine.tasks`):
 
@@ -98,8 +98,8 @@ def chunk_counts(lengths: np.ndarray, max_length: int, long_documents: str) -> n
 
 
 @dataclass(frozen=True, eq=False)
-class Plan:
-    """Which rows go in which batch on which host; see the module docstring. Build it with :func:`make_plan`."""
+class BatchPlan:
+    """Which rows go in which batch on which host; see the module docstring. Build it with :func:`make_batch_plan`."""
 
     lengths: np.ndarray
     batch_size: int
@@ -185,7 +185,7 @@ class PlanReport:
         return dict(vars(self), padding_fraction=self.padding_fraction)
 
 
-def make_plan(
+def make_batch_plan(
     lengths: Sequence[int] | np.ndarray,
     *,
     batch_size: int,
@@ -194,7 +194,7 @@ def make_plan(
     window_batches: int = 64,
     buckets: Sequence[int] | None = None,
     process_count: int = 1,
-) -> Plan:
+) -> BatchPlan:
     """The plan for documents of ``lengths`` tokens (special tokens included, before truncation).
 
     Deterministic: equal inputs give equal plans. ``buckets`` defaults to
@@ -248,7 +248,7 @@ def make_plan(
         batches_per_host=S,
         padded_tokens=int(step_length.sum()) * G,
     )
-    return Plan(lengths=lengths, batch_size=int(batch_size), max_length=L, long_documents=long_documents,
+    return BatchPlan(lengths=lengths, batch_size=int(batch_size), max_length=L, long_documents=long_documents,
                 window_batches=int(window_batches), buckets=buckets, process_count=int(process_count),
                 row_document=row_document, row_chunk=row_chunk, row_start=row_start, row_length=row_length,
                 first_row=first_row, order=order, step_length=step_length, report=report)
@@ -276,7 +276,7 @@ def document_lengths(source: DocumentSource, encoder: TextEncoder, *, chunk: int
 
 
 class DocumentBatches:
-    """This host's batches of a :class:`Plan`, filled in by tokenizing only the documents they hold.
+    """This host's batches of a :class:`BatchPlan`, filled in by tokenizing only the documents they hold.
 
     ``len(batches)`` is the number of batches (equal on every host);
     ``batches.batch(i)`` is batch ``i``; ``batches.iterate(start)`` yields batches
@@ -284,7 +284,7 @@ class DocumentBatches:
     documents at a time (a document split over several of them is tokenized once).
     """
 
-    def __init__(self, source: DocumentSource, encoder: TextEncoder, plan: Plan, *, process_index: int = 0,
+    def __init__(self, source: DocumentSource, encoder: TextEncoder, plan: BatchPlan, *, process_index: int = 0,
                  group_steps: int = 8):
         if len(source) != plan.num_documents:
             raise DataError(f"{source.name}: {len(source)} documents, but the plan was made for {plan.num_documents}")
@@ -367,10 +367,10 @@ def document_batches(
     process_count: int = 1,
     lengths: np.ndarray | None = None,
 ) -> DocumentBatches:
-    """This host's batches of ``source``: :func:`make_plan` on ``lengths`` (counted by :func:`document_lengths` if not given)."""
+    """This host's batches of ``source``: :func:`make_batch_plan` on ``lengths`` (counted by :func:`document_lengths` if not given)."""
     if lengths is None:
         lengths = document_lengths(source, encoder, limit=max_length if long_documents == "truncate" else None)
-    plan = make_plan(lengths, batch_size=batch_size, max_length=max_length, long_documents=long_documents,
+    plan = make_batch_plan(lengths, batch_size=batch_size, max_length=max_length, long_documents=long_documents,
                      window_batches=window_batches, buckets=buckets, process_count=process_count)
     return DocumentBatches(source, encoder, plan, process_index=process_index)
 

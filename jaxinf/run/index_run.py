@@ -30,7 +30,7 @@ from jaxinf.engine import indexing, programs
 from jaxinf.engine.loop import Kept, run_batches
 from jaxinf.run.index_store import IndexError_, IndexReader, IndexWriter, load_selection, save_selection
 from jaxinf.run.inputs import Inputs, Subset, buckets, non_finite_loss
-from jaxinf.run.saved import SavedState, plan_key
+from jaxinf.run.saved import SavedState, batch_plan_key
 from jaxinf.run.store import RunStore
 
 log = logging.getLogger("jaxinf")
@@ -70,7 +70,7 @@ def _manifest(config: cfg.Config, store: RunStore, inputs: Inputs, eigen, sizes)
     recorded = store.record.get("inputs", {})
     return {"format": 1, "k": config.index.k, "dtype": config.index.dtype, "blocks": blocks, "cells": int(cells),
             "bands": int(n_bands), "layers": layer_names, "batches": int(inputs.plan.num_steps),
-            "plan": plan_key(inputs.plan),
+            "plan": batch_plan_key(inputs.plan),
             "inputs": {"model": {k: v for k, v in recorded.items() if k not in ("documents", "queries")},
                        "documents": (recorded.get("documents") or {}).get("sha256"),
                        "eigen": eigen_fingerprint(eigen), "precision": config.run.precision}}
@@ -202,7 +202,7 @@ def check_index(reader: IndexReader, store: RunStore, inputs: Inputs, eigen) -> 
     documents = (store.record.get("inputs", {}).get("documents") or {}).get("sha256")
     if m["inputs"]["documents"] != documents:
         raise IndexError_(f"{where}: built over other documents than {inputs.documents.name} (rebuild it: index.k)")
-    if m["plan"] != plan_key(inputs.plan):
+    if m["plan"] != batch_plan_key(inputs.plan):
         raise IndexError_(f"{where}: built with another batch plan {m['plan']} (data.batch_size, data.max_length or "
                           f"processes changed: rebuild it)")
     if m["layers"] != [n for k in sorted(inputs.layers) for n in inputs.layers[k].layer_names]:
@@ -268,13 +268,13 @@ def scores_from_index(config: cfg.Config, store: RunStore, inputs: Inputs, qg, c
 
 def exact_scores(config: cfg.Config, inputs: Inputs, qg, wanted: list[int], executor) -> np.ndarray:
     """``[Q, len(wanted)]``: the exact scores of the documents ``wanted`` (one scoring pass over them alone)."""
-    from jaxinf.data.batching import make_plan, scatter_columns
+    from jaxinf.data.batching import make_batch_plan, scatter_columns
 
     Q = qg.num_queries
     if not wanted:
         return np.zeros((Q, 0))
     subset = Subset(inputs.documents, wanted)
-    plan = make_plan(inputs.lengths[wanted], batch_size=config.data.batch_size, max_length=config.data.max_length,
+    plan = make_batch_plan(inputs.lengths[wanted], batch_size=config.data.batch_size, max_length=config.data.max_length,
                      long_documents=config.data.long_documents, buckets=buckets(config.data.max_length),
                      process_count=executor.groups[1])
     score = programs.scores(config, inputs.task, inputs.layers, self_influence=False).jit(executor)

@@ -28,7 +28,7 @@ from jaxinf.run.executor import DeviceExecutor, Executor
 from jaxinf.run.store import RunStore
 
 if TYPE_CHECKING:
-    from jaxinf.data.batching import Plan
+    from jaxinf.data.batching import BatchPlan
     from jaxinf.data.documents import DocumentSource
     from jaxinf.data.queries import Query
     from jaxinf.data.tokenize import TextEncoder
@@ -60,8 +60,8 @@ class Inputs:
     encoder: TextEncoder
     documents: DocumentSource          # the corpus scored (one column of the scores per document)
     lengths: np.ndarray                # tokens per document, before truncation or splitting
-    plan: Plan                         # how the scored documents are grouped into batches
-    fit_plan: Plan                     # the same for the documents the curvature is fitted on
+    plan: BatchPlan                    # how the scored documents are grouped into batches
+    fit_plan: BatchPlan                # the same for the documents the curvature is fitted on
     fit_documents: DocumentSource | Subset   # the first factors.max_documents documents (all of them without it)
     queries: list[Query]
 
@@ -149,7 +149,7 @@ def load_inputs(config: cfg.Config, store: RunStore, executor: Executor | None =
     """Model (each parameter placed by the executor as it is read), tokenizer, tracked layers, documents with
     their plans (one slice of the corpus per group of processes on the ``data`` axis), and queries."""
     from jaxinf import models
-    from jaxinf.data.batching import make_plan
+    from jaxinf.data.batching import make_batch_plan
     from jaxinf.data.queries import read_queries
     from jaxinf.data.sources import open_documents
     from jaxinf.data.tokenize import TextEncoder
@@ -182,14 +182,14 @@ def load_inputs(config: cfg.Config, store: RunStore, executor: Executor | None =
     preflight.check_corpus(lengths, getattr(documents, "name", config.data.documents), config.factors.max_documents,
                            str(tokenizer_file(config.model.checkpoint)))
     d = config.data
-    plan_args: dict   # make_plan's keywords (ints, a string, a tuple)
+    plan_args: dict   # make_batch_plan's keywords (ints, a string, a tuple)
     plan_args = dict(batch_size=d.batch_size, max_length=d.max_length, long_documents=d.long_documents,
                      process_count=executor.groups[1], buckets=buckets(d.max_length))
-    plan = make_plan(lengths, **plan_args)
+    plan = make_batch_plan(lengths, **plan_args)
     log.info("documents: %s", plan.report.summary())
     n_fit = len(lengths) if config.factors.max_documents is None else min(config.factors.max_documents, len(lengths))
     fit_documents = documents if n_fit == len(lengths) else Subset(documents, range(n_fit))
-    fit_plan = plan if n_fit == len(lengths) else make_plan(lengths[:n_fit], **plan_args)
+    fit_plan = plan if n_fit == len(lengths) else make_batch_plan(lengths[:n_fit], **plan_args)
     queries = read_queries(config.data.queries)
     log.info("queries: %d from %s", len(queries), config.data.queries)
     check_queries(queries, encoder, config)

@@ -30,7 +30,7 @@ def corpus_plan(config) -> tuple[dict, cfg.Config]:
     ``config`` with ``plan.documents`` and ``plan.tokens_per_document`` set to the corpus's rows and its batches'
     token slots per row (padding, padding rows of the last batches included: what the steps compute). Raises
     :class:`jaxinf.data.errors.DataError` for a bad corpus, as a run would."""
-    from jaxinf.data.batching import document_lengths, make_plan
+    from jaxinf.data.batching import document_lengths, make_batch_plan
     from jaxinf.data.errors import DataError
     from jaxinf.data.progress import PassProgress
     from jaxinf.data.sources import open_documents
@@ -49,9 +49,9 @@ def corpus_plan(config) -> tuple[dict, cfg.Config]:
                                progress=PassProgress("token counts", len(documents)))
     args = dict(batch_size=d.batch_size, max_length=d.max_length, long_documents=d.long_documents,
                 buckets=buckets(d.max_length))
-    report = make_plan(lengths, **args).report
+    report = make_batch_plan(lengths, **args).report
     n_fit = len(lengths) if config.factors.max_documents is None else min(config.factors.max_documents, len(lengths))
-    fit = report if n_fit == len(lengths) else make_plan(lengths[:n_fit], **args).report
+    fit = report if n_fit == len(lengths) else make_batch_plan(lengths[:n_fit], **args).report
     passes: list[dict[str, Any]] = []
     if config.factors.from_run is None:
         passes += [{"stage": "covariance", "documents": n_fit, "rows": fit.rows, "tokens": fit.tokens},

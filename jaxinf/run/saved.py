@@ -13,7 +13,7 @@ from jaxinf.run.store import RunStore, StoreError
 log = logging.getLogger("jaxinf")
 
 
-def plan_key(plan) -> dict:
+def batch_plan_key(plan) -> dict:
     """What fixes which documents batch ``i`` holds: a checkpoint numbered by batch index is only valid under it."""
     return {"processes": int(plan.process_count), "batch_size": int(plan.batch_size), "batches": int(plan.num_steps)}
 
@@ -21,7 +21,7 @@ def plan_key(plan) -> dict:
 def check_plan(store: RunStore, name: str, plan) -> None:
     """Refuses to resume a stage whose checkpoints were made with documents grouped into batches differently."""
     saved = store.record["stages"].get(name, {}).get("plan")
-    if saved is not None and saved != plan_key(plan) and store.status(name) != "done":
+    if saved is not None and saved != batch_plan_key(plan) and store.status(name) != "done":
         raise StoreError(f"{store.root}: stage {name} was checkpointed with {saved['processes']} process(es) x "
                          f"{saved['batch_size']} documents per batch ({saved['batches']} batches); resume it with the "
                          f"same number of processes, or use --overwrite")
@@ -32,7 +32,7 @@ class _InRunDirectory:
 
     def __init__(self, store: RunStore, name: str, plan, every: int, keep: int | None):
         check_plan(store, name, plan)
-        self.store, self.name, self.every, self.key = store, name, every, plan_key(plan)
+        self.store, self.name, self.every, self.key = store, name, every, batch_plan_key(plan)
         self.steps = store.stage(name, keep=keep)
         self.total: int | None = None
 

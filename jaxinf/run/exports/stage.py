@@ -98,12 +98,12 @@ def export_breakdowns(config, store, inputs: Inputs, qg, top: np.ndarray, docs: 
 
     The pass is not resumed (the exports stage runs again whole) and checks no loss: the scoring stage has already
     checked these documents'."""
-    from jaxinf.data.batching import make_plan
+    from jaxinf.data.batching import make_batch_plan
 
     t0 = time.perf_counter()
     wanted = sorted(set(top.ravel().tolist()))
     subset = Subset(inputs.documents, wanted)
-    plan = make_plan(inputs.lengths[wanted], batch_size=config.data.batch_size, max_length=config.data.max_length,
+    plan = make_batch_plan(inputs.lengths[wanted], batch_size=config.data.batch_size, max_length=config.data.max_length,
                      long_documents=config.data.long_documents, buckets=buckets(config.data.max_length),
                      process_count=executor.groups[1])
     names = scoring.layer_order(inputs.layers)
