@@ -153,8 +153,11 @@ class ValidateConfig:
     seeds: int = key(5, "jaxinf validate: retrainings per subset (seeds of the minibatch order), averaged (5, as "
                      "kronfluence's LDS protocol)", None)
     seed: int = key(0, "jaxinf validate: seed of the subsets and of the PBRF's document sample", None)
-    strategies: list[str] = key(["identity", "diagonal", "kfac", "ekfac"], "jaxinf validate: strategies compared",
-                                None)
+    strategies: list[str] = key(["identity", "diagonal", "kfac", "ekfac"], "jaxinf validate: strategies compared "
+                                "(also ekfac-index: EK-FAC through the index at index.k)", None)
+    index_ks: list[int | str] = key([], "jaxinf validate: sizes (index.k values) of the index fidelity table against "
+                                    "exact EK-FAC, beside equal-byte baselines (index.k is added when ekfac-index "
+                                    "is compared)", None)
     dampings: list[float | None] = key([None, 0.001], "jaxinf validate: dampings compared (null: the heuristic); "
                                              "the first is the one of lds, recall and pbrf", None)
     start: str = key("scratch", "jaxinf validate (YAML key: validate.from): the training being explained starts from "
@@ -344,10 +347,15 @@ def _check_values(config: Config, source: str) -> None:
     for name in ("learning_rate", "pbrf_epsilon", "pbrf_tolerance"):
         if getattr(v, name) is not None and not getattr(v, name) > 0:
             raise ConfigError(f"{source}: validate.{name}: must be positive, got {getattr(v, name)}")
-    if not v.strategies or any(s not in FactorsConfig.__dataclass_fields__["strategy"].metadata["choices"]
-                               for s in v.strategies):
+    if not v.strategies or any(s not in (*FactorsConfig.__dataclass_fields__["strategy"].metadata["choices"],
+                                         "ekfac-index") for s in v.strategies):
         raise ConfigError(f"{source}: validate.strategies: expected a non-empty list of identity, diagonal, kfac, "
-                          f"ekfac, got {v.strategies}")
+                          f"ekfac, ekfac-index, got {v.strategies}")
+    if "ekfac-index" in v.strategies and config.index.k is None:
+        raise ConfigError(f"{source}: validate.strategies: ekfac-index needs index.k (an integer or full)")
+    if any(not (k == "full" or isinstance(k, int) and not isinstance(k, bool) and k >= 1) for k in v.index_ks):
+        raise ConfigError(f"{source}: validate.index_ks: expected a list of positive integers or full, got "
+                          f"{v.index_ks}")
     if not v.dampings or any(d is not None and d < 0 for d in v.dampings):
         raise ConfigError(f"{source}: validate.dampings: expected a non-empty list of null or non-negative numbers, "
                           f"got {v.dampings}")

@@ -60,6 +60,7 @@ def sampled_agreement(tmp_path_factory, family: str, sizes: tuple[int, ...], see
     """For each N: relative errors of A, S, Lambda (worst layer) and per-query score correlations,
     jaxinf and kronfluence both fitting the true Fisher (their own label draws) on the first N documents."""
     from jaxinf import models
+    from jaxinf.analysis.correlations import pearson
     from jaxinf.data.batching import document_batches
     from jaxinf.data.queries import encode_queries, query_batches, read_queries
     from jaxinf.data.sources import open_documents
@@ -67,7 +68,6 @@ def sampled_agreement(tmp_path_factory, family: str, sizes: tuple[int, ...], see
     from jaxinf.engine import curvature, scoring, stages
     from jaxinf.interop import kronfluence as kf
     from jaxinf.interop import transfer
-    from jaxinf.interop.compare import pearson
 
     w = ks.world(tmp_path_factory, family, n_documents=max(sizes))
     n_score = min(sizes)

@@ -17,6 +17,33 @@ import numpy as np
 from jaxinf.analysis.groups import ALL_KINDS, describe
 
 
+def pearson(x: np.ndarray, y: np.ndarray) -> float:
+    """Pearson's r of two vectors (NaN when either side is constant)."""
+    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    x, y = x - x.mean(), y - y.mean()
+    den = float(np.sqrt((x * x).sum() * (y * y).sum()))
+    return float((x * y).sum() / den) if den > 0 else float("nan")
+
+
+def spearman(x: np.ndarray, y: np.ndarray) -> float:
+    """Spearman's rho: :func:`pearson` of the ranks, ties sharing their mean rank (NaN when either side is
+    constant)."""
+    from scipy.stats import rankdata
+
+    return pearson(rankdata(x), rankdata(y))
+
+
+def topk_overlap(x: np.ndarray, ref: np.ndarray, k: int) -> float:
+    """Share of ``ref``'s ``k`` largest entries that are among ``x``'s ``k`` largest (ties broken by position;
+    NaN for ``k = 0``). The bottom ``k`` are ``topk_overlap(-x, -ref, k)``."""
+    k = min(k, len(ref))
+    if k == 0:
+        return float("nan")
+    top_x = set(np.argsort(-np.asarray(x), kind="stable")[:k].tolist())
+    top_ref = set(np.argsort(-np.asarray(ref), kind="stable")[:k].tolist())
+    return len(top_x & top_ref) / k
+
+
 class PearsonAccumulator:
     """Streaming Pearson correlation of the rows of a [Q, N] matrix fed in column chunks.
 

@@ -64,6 +64,11 @@ def block_sizes(layers: Mapping[str, LayerSpec], k: int | None) -> dict[str, tup
     return {name: (kept_size(k, s.d_out), kept_size(k, s.d_in_aug)) for name, s in layers.items()}
 
 
+def kept_directions(k: int | str | None) -> int | None:
+    """``index.k`` as the directions kept per factor: an integer, or None for ``full`` (every direction)."""
+    return None if isinstance(k, str) else k   # a string is "full" (config validation)
+
+
 def kept_size(k: int | None, d: int) -> int:
     """Directions kept of a factor of ``d`` (``k=None``: all of them)."""
     return d if k is None else min(k, d)
@@ -141,7 +146,7 @@ def index_statistic(a: Array, g: Array, mask: Array, basis: Mapping[str, Array],
     return {"cells": block, "bands": band_energies(a, g, bands(k_S, g.shape[-1]), bands(k_A, a.shape[-1]), p)}
 
 
-def _rows_first(x: Array, lead: int, trailing: int) -> Array:
+def rows_first(x: Array, lead: int, trailing: int) -> Array:
     """``[*lead, B, *trailing]`` -> ``[B, prod(lead) * prod(trailing)]`` (a block's entries of one row, in order)."""
     x = jnp.moveaxis(x, lead, 0)
     return x.reshape(x.shape[0], -1) if x.ndim > 1 else x[:, None]
@@ -153,7 +158,7 @@ def flatten_rows(blocks: Mapping[str, Mapping[str, Array]], layers: Mapping[str,
     ``[*lead, bands_S, bands_A]`` flattened)."""
     names = sorted(layers)
     lead = {k: len(layers[k].lead) for k in names}
-    return {key: jnp.concatenate([_rows_first(blocks[k][key], lead[k], 2) for k in names], axis=1)
+    return {key: jnp.concatenate([rows_first(blocks[k][key], lead[k], 2) for k in names], axis=1)
             for key in ("cells", "bands")}
 
 
@@ -216,9 +221,9 @@ def index_queries(qg: QueryGradients, Q_A: Mapping[str, Array], Q_S: Mapping[str
         lead, s = len(layers[name].lead), layers[name]
         k_S, k_A = kept_size(k, s.d_out), kept_size(k, s.d_in_aug)
         P = Pr[name]
-        cells.append(_rows_first(P[..., :k_S, :k_A], lead, 2))
+        cells.append(rows_first(P[..., :k_S, :k_A], lead, 2))
         norms = jnp.sqrt(band_sums(P * P, bands(k_S, s.d_out), bands(k_A, s.d_in_aug)))
-        rest.append(_rows_first(norms.at[..., 0, 0].set(0.0), lead, 2))
+        rest.append(rows_first(norms.at[..., 0, 0].set(0.0), lead, 2))
         var = jnp.take_along_axis(variance[name], selection.rows[name][..., :, None], axis=-2)
         var = jnp.expand_dims(jnp.take_along_axis(var, selection.cols[name][..., None, :], axis=-1), -3)
         weighted = P * P * var.astype(P.dtype)

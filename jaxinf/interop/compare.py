@@ -32,6 +32,7 @@ from typing import Any
 
 import numpy as np
 
+from jaxinf.analysis.correlations import pearson, spearman, topk_overlap
 from jaxinf.interop import kronfluence as kf
 from jaxinf.interop import transfer
 from jaxinf.interop.kronfluence import InteropError
@@ -51,28 +52,6 @@ def aligned_columns(Q: np.ndarray, ref: np.ndarray) -> np.ndarray:
     sign = np.sign(np.sum(np.asarray(Q, np.float64) * np.asarray(ref, np.float64), axis=0))
     sign[sign == 0] = 1.0
     return Q * sign
-
-
-def pearson(x: np.ndarray, y: np.ndarray) -> float:
-    x, y = np.asarray(x, np.float64) - np.mean(x), np.asarray(y, np.float64) - np.mean(y)
-    den = float(np.linalg.norm(x) * np.linalg.norm(y))
-    return float(np.dot(x, y) / den) if den > 0 else math.nan
-
-
-def spearman(x: np.ndarray, y: np.ndarray) -> float:
-    from scipy.stats import rankdata
-
-    return pearson(rankdata(x), rankdata(y))
-
-
-def topk_overlap(x: np.ndarray, ref: np.ndarray, k: int) -> float:
-    """Share of ``ref``'s ``k`` largest entries that are among ``x``'s ``k`` largest."""
-    k = min(k, len(ref))
-    if k == 0:
-        return math.nan
-    top_x = set(np.argsort(-np.asarray(x), kind="stable")[:k].tolist())
-    top_ref = set(np.argsort(-np.asarray(ref), kind="stable")[:k].tolist())
-    return len(top_x & top_ref) / k
 
 
 # --------------------------------------------------------------------------- the comparison

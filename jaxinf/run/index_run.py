@@ -85,7 +85,7 @@ class IndexBuild:
             raise IndexError_("index.k: building an index with several processes is not supported yet (build it "
                               "with one process, then query it from any)")
         self.config, self.store, self.root = config, store, index_root(store)
-        self.k = kept_directions(config.index.k)
+        self.k = indexing.kept_directions(config.index.k)
         selection = indexing.select_cells(eigen)
         self.manifest = _manifest(config, store, inputs, eigen, indexing.block_sizes(inputs.layers, self.k))
         self.writer = IndexWriter(self.root, self.manifest, config.index.save_every)
@@ -173,11 +173,6 @@ def lambda_with_index(config: cfg.Config, store: RunStore, inputs: Inputs, eigen
     return stage.finalize(state), timing
 
 
-def kept_directions(k: int | str | None) -> int | None:
-    """``index.k`` as the directions kept per factor: an integer, or None for ``full`` (every direction)."""
-    return None if isinstance(k, str) else k   # a string is "full" (config validation)
-
-
 def source_root(config: cfg.Config, store: RunStore | None) -> Path:
     """The index a ``scores.mode: index`` run reads: ``index.from``'s, else this run's when it builds one
     (``index.k``), else ``factors.from``'s."""
@@ -227,7 +222,7 @@ def scores_from_index(config: cfg.Config, store: RunStore, inputs: Inputs, qg, c
     store.mark("scores", "running", mode="index")
     t0 = time.perf_counter()
     selection = load_selection(reader.selection)
-    k = kept_directions(reader.manifest["k"])
+    k = indexing.kept_directions(reader.manifest["k"])
     iq = jax.jit(lambda q, QA, QS, L, sel: indexing.index_queries(q, QA, QS, L, sel, inputs.layers, k,
                                                                   config.run.matmul_precision))(
         qg, curv.Q_A, curv.Q_S, curv.Lambda, selection)

@@ -52,9 +52,10 @@ import numpy as np
 
 from jaxinf import config as cfg
 from jaxinf.atomic import save_npy, write_atomic, write_json
-from jaxinf.engine import curvature
+from jaxinf.engine import curvature, indexing
 from jaxinf.run import rundir
 from jaxinf.run.lock import claim_output
+from jaxinf.validate import index as index_mod
 from jaxinf.validate import lds as lds_mod
 from jaxinf.validate import pbrf as pbrf_mod
 from jaxinf.validate import recall as recall_mod
@@ -72,9 +73,9 @@ def damping_label(d: float | None) -> str:
 # Keys whose value changes nothing validate computes nor how it computes it (where to write a run, what a plan
 # assumes, checkpoint intervals, batch sizes of jaxinf run): any value is accepted.
 NO_EFFECT = {"run.out", "data.batch_size", "data.query_batch_size", "factors.save_every", "scores.save_every",
-             "scores.topk", "model.scan_layers", "model.remat", *(k for k in cfg.all_keys() if k.startswith("plan."))}
+             "scores.topk", "index.save_every", "model.scan_layers", "model.remat", *(k for k in cfg.all_keys() if k.startswith("plan."))}
 # Keys validate honours, by world.
-HONOURED_ALWAYS = {"factors.track", "factors.fisher", "factors.seed", "model.checkpoint"}
+HONOURED_ALWAYS = {"factors.track", "factors.fisher", "factors.seed", "model.checkpoint", "index.k", "index.dtype"}
 HONOURED_USER = {"model.dtype", "data.documents", "data.queries", "data.max_length"}
 WHY_NOT = {
     "factors.strategy": "it compares every strategy of validate.strategies",
@@ -84,6 +85,8 @@ WHY_NOT = {
     "scores.query_rank": "queries are not rank-truncated",
     "scores.query_svd": "queries are not rank-truncated",
     "scores.normalize": "scores are compared raw",
+    "scores.mode": "add ekfac-index to validate.strategies to compare the index",
+    "index.from_run": "it builds the index of the model it trains",
     "scores.self_influence": "it computes no self-influence",
     "data.long_documents": "documents are truncated to data.max_length",
     "run.precision": "it computes in model.dtype",
@@ -92,6 +95,13 @@ WHY_NOT = {
     "data.queries": "the built-in world has its own queries (set model.checkpoint to validate yours)",
     "data.max_length": "the built-in world's documents are whole (set model.checkpoint to validate yours)",
 }
+
+
+def score_name(config: cfg.Config, strategy: str) -> str:
+    """The file name of a strategy's scores (the index's carries its size: ``ekfac-index-k8``)."""
+    if strategy != index_mod.INDEX_STRATEGY:
+        return strategy
+    return f"{strategy}-k{config.index.k}" + ("" if config.index.dtype == "float32" else f"-{config.index.dtype}")
 
 
 def check_settings(config: cfg.Config) -> None:
@@ -320,28 +330,72 @@ def _validate(config: cfg.Config, out: Path, world: World, t_start: float) -> di
     t0 = time.perf_counter()
     score = jax.jit(lambda p, qg, b: stages.score_batch(task, layers, p, qg, b)[0].total)
     G = None
+    fitted: dict[str, tuple] = {}
     for strategy in v.strategies:
-        resolved = curvature.strategy(strategy)
+        resolved = index_mod.fitted_strategy(strategy)
         dampings = v.dampings if resolved.needs_lambda else [None]
-        paths = {damping_label(d): score_dir / f"{strategy}_{damping_label(d)}.npy" for d in dampings}
+        paths = {damping_label(d): score_dir / f"{score_name(config, strategy)}_{damping_label(d)}.npy"
+                 for d in dampings}
         scores.update({(strategy, lab): np.load(p) for lab, p in paths.items() if p.exists()})
         missing = [d for d in dampings if (strategy, damping_label(d)) not in scores]
         if not missing and (resolved != HEURISTIC_FROM or (score_dir / "heuristic.json").exists()):
             continue
         if G is None:
             G, qloss = stages.query_gradients(task, layers, params, queries)
-        curv, pieces = stages.fit_curvature(task, layers, params, batches, strategy=resolved,
-                                            fisher=config.factors.fisher, key=jax.random.key(config.factors.seed))
+        if resolved.name not in fitted:
+            fitted[resolved.name] = stages.fit_curvature(task, layers, params, batches, strategy=resolved,
+                                                         fisher=config.factors.fisher,
+                                                         key=jax.random.key(config.factors.seed))
+        curv, pieces = fitted[resolved.name]
         if resolved == HEURISTIC_FROM:
             write_json(score_dir / "heuristic.json", {"damping": layer_dampings(pieces["Lambda"])})
+        rows = None
+        if strategy == index_mod.INDEX_STRATEGY:
+            basis, selection = index_mod.eigen_basis(curv, pieces["eigen"])
+            rows = index_mod.document_rows(task, layers, params, batches, basis, indexing.kept_directions(config.index.k),
+                                           config.index.dtype)
         for d in missing:
             qg = scoring.prepare_queries(G, qloss, curv, d, None)
-            s = np.concatenate([np.asarray(score(params, qg, b)) for b in batches], 1).astype(np.float64)
+            if rows is None:
+                s = np.concatenate([np.asarray(score(params, qg, b)) for b in batches], 1).astype(np.float64)
+            else:
+                s, _ = index_mod.index_scores(qg, curv, selection, layers, indexing.kept_directions(config.index.k), rows)
             save_npy(paths[damping_label(d)], s)
             scores[(strategy, damping_label(d))] = s
     heuristic = (json.loads((score_dir / "heuristic.json").read_text())["damping"]
                  if (score_dir / "heuristic.json").exists() else None)
     log.info("validate: scores of %d strategies x dampings in %.0fs", len(scores), time.perf_counter() - t0)
+
+    # 2b. the index's fidelity table against exact EK-FAC, beside equal-byte baselines
+    ks = sorted(set(v.index_ks) | ({config.index.k} if index_mod.INDEX_STRATEGY in v.strategies else set()),
+                key=lambda k: (k == "full", 0 if k == "full" else k))
+    fidelity = None
+    if ks:
+        primary_damping = v.dampings[0]
+        settings = dict(scores=_key(scoring_settings), ks=ks, damping=damping_label(primary_damping),
+                        dtype=config.index.dtype, seed=v.seed)
+        path = score_dir / f"fidelity_{_key(settings)}.json"
+        if path.exists():
+            fidelity = json.loads(path.read_text())
+        else:
+            t0 = time.perf_counter()
+            if G is None:
+                G, qloss = stages.query_gradients(task, layers, params, queries)
+            if "ekfac" not in fitted:
+                fitted["ekfac"] = stages.fit_curvature(task, layers, params, batches, strategy="ekfac",
+                                                       fisher=config.factors.fisher,
+                                                       key=jax.random.key(config.factors.seed))
+            curv, pieces = fitted["ekfac"]
+            exact = scores.get(("ekfac", damping_label(primary_damping)))
+            if exact is None:
+                qg = scoring.prepare_queries(G, qloss, curv, primary_damping, None)
+                exact = np.concatenate([np.asarray(score(params, qg, b)) for b in batches], 1).astype(np.float64)
+            fidelity = {"damping": damping_label(primary_damping), "exact": "ekfac", "dtype": config.index.dtype,
+                        "table": index_mod.fidelity_table(task, layers, params, batches, G, qloss, curv,
+                                                          pieces["eigen"], primary_damping, ks, exact, v.seed,
+                                                          config.index.dtype)}
+            write_json(path, _finite(fidelity))
+            log.info("validate: index fidelity at k = %s in %.0fs", ", ".join(map(str, ks)), time.perf_counter() - t0)
 
     # 3. the retrainings, under the protocol of validate.subset_steps and validate.subset_init
     subsets = retrain.sample_subsets(N, v.subsets, v.fraction, v.seed)
@@ -365,7 +419,8 @@ def _validate(config: cfg.Config, out: Path, world: World, t_start: float) -> di
 
     # 4. LDS, recall, PBRF
     primary = damping_label(v.dampings[0])
-    pick = {s: (s, primary if curvature.strategy(s).needs_lambda else damping_label(None)) for s in v.strategies}
+    pick = {s: (s, primary if index_mod.fitted_strategy(s).needs_lambda else damping_label(None))
+            for s in v.strategies}
     lds_all = {s: {lab: lds_mod.lds(sc, subsets, meas, v.bootstrap, v.seed) for (s2, lab), sc in scores.items()
                    if s2 == s}
                for s in v.strategies}
@@ -389,6 +444,8 @@ def _validate(config: cfg.Config, out: Path, world: World, t_start: float) -> di
                       "interval": "2.5th and 97.5th percentile of the mean LDS over resamples of the subsets"},
         "full_model_measurements": base.tolist(),
     }
+    if fidelity is not None:
+        result["index_fidelity"] = fidelity
     if v.pbrf:
         eps = v.pbrf_epsilon if v.pbrf_epsilon is not None else 1.0 / N
         lam = v.dampings[0] if v.dampings[0] is not None else heuristic

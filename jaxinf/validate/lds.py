@@ -21,18 +21,12 @@ from __future__ import annotations
 import numpy as np
 from scipy import stats
 
+from jaxinf.analysis.correlations import spearman
+
 
 def rankdata(x: np.ndarray) -> np.ndarray:
     """Ranks 1..n along the last axis, ties sharing their mean rank."""
     return stats.rankdata(x, axis=-1)
-
-
-def spearman(x: np.ndarray, y: np.ndarray) -> float:
-    """Spearman's rho: the Pearson correlation of the ranks (NaN when either side is constant)."""
-    rx, ry = rankdata(np.asarray(x, float)), rankdata(np.asarray(y, float))
-    rx, ry = rx - rx.mean(), ry - ry.mean()
-    denom = np.sqrt((rx ** 2).sum() * (ry ** 2).sum())
-    return float((rx * ry).sum() / denom) if denom > 0 else float("nan")
 
 
 def group_predictions(scores: np.ndarray, subsets: np.ndarray) -> np.ndarray:

@@ -43,6 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from jaxinf.analysis.correlations import pearson
 from jaxinf.atomic import write_atomic
 from jaxinf.engine.progress import Progress
 from jaxinf.validate.retrain import measurements
@@ -213,13 +214,6 @@ def _read_unit(path: Path | None, idx: np.ndarray) -> tuple[np.ndarray, np.ndarr
             return z["values"], z["ratio"]
     except (OSError, ValueError, KeyError, EOFError):
         return None
-
-
-def pearson(x: np.ndarray, y: np.ndarray) -> float:
-    """Pearson's r (NaN when either side is constant)."""
-    x, y = np.asarray(x, float) - np.mean(x), np.asarray(y, float) - np.mean(y)
-    denom = np.sqrt((x ** 2).sum() * (y ** 2).sum())
-    return float((x * y).sum() / denom) if denom > 0 else float("nan")
 
 
 def converged_pearson(scores: np.ndarray, pbrf: np.ndarray, ratio: np.ndarray, threshold: float) -> float:
