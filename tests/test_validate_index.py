@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from jaxinf import config as cfg
-from jaxinf.engine import scoring, stages
+from jaxinf.engine import indexing, scoring, stages
 from jaxinf.validate import driver
 from jaxinf.validate import index as index_mod
 from jaxinf.validate.world import builtin
@@ -74,7 +74,7 @@ def test_fidelity_by_hand():
     f = index_mod.fidelity(exact, approx, np.array([0.5, 0.25]))
     assert f["per_query"]["pearson"] == pytest.approx([1.0, -1.0])
     assert f["per_query"]["spearman"] == pytest.approx([1.0, -1.0])
-    assert f["tails"] == {10: 3, 100: 3}                     # at most half of the six documents
+    assert f["tails"] == {"10": 3, "100": 3}                     # at most half of the six documents
     assert f["per_query"]["top10"] == [1.0, 0.0] and f["per_query"]["bottom10"] == [1.0, 0.0]
     assert f["mean"]["predicted"] == pytest.approx(0.375) and f["min"]["pearson"] == pytest.approx(-1.0)
 
@@ -106,6 +106,7 @@ def test_validate_compares_the_index_with_exact_ekfac(tmp_path):
     table = result["index_fidelity"]["table"]
     assert list(table) == ["2", "full"] and result["index_fidelity"]["damping"] == "0.01"
     assert table["full"]["ekfac-index"]["mean"]["pearson"] == pytest.approx(1.0, abs=1e-6)
+    assert table["full"]["ekfac-index"]["rescored"] == {"10": 0.0, "100": 0.0}      # exact: nothing to certify
     assert "random-kronecker" not in table["full"]                   # full: nothing to project
     two = table["2"]
     assert set(two) == {"cells", "ekfac-index", "kfac-eigenvalues", "random-kronecker"}
@@ -115,7 +116,29 @@ def test_validate_compares_the_index_with_exact_ekfac(tmp_path):
     for method in ("ekfac-index", "kfac-eigenvalues", "random-kronecker"):
         assert -1.0 <= two[method]["mean"]["pearson"] <= 1.0
     assert 0.0 <= two["ekfac-index"]["mean"]["predicted"] <= 1.0
+    assert 0.0 < two["ekfac-index"]["rescored"]["10"] <= 1.0
     page = (out / "report" / "index.html").read_text()
     assert "The EK-FAC index against exact EK-FAC" in page and "random-kronecker" in page
     again = driver.validate(config, out)
     assert json.loads(json.dumps(again["index_fidelity"])) == json.loads(json.dumps(result["index_fidelity"]))
+
+
+def test_the_bound_holds_and_certification_keeps_the_exact_tails(small):
+    """At k = 2 on the built-in world: every |exact - index| is within its bound, and the documents certification
+    rescores include each query's exact top and bottom 3 (so the rescored tails are EK-FAC's)."""
+    s = small
+    basis, selection = index_mod.eigen_basis(s["curv"], s["eigen"])
+    rows, bands = index_mod.document_rows(s["task"], s["layers"], s["params"], s["batches"], basis, 2, with_bands=True)
+    iq = index_mod.index_queries(s["qg"], s["curv"], selection, s["layers"], 2)
+    approx = indexing.index_scores(np.asarray(iq.cells, np.float64), rows)
+    bounds = indexing.score_bounds(np.asarray(iq.rest, np.float64),
+                                   indexing.residual_norms(bands, indexing.RESOLUTION["float32"]))
+    exact = s["exact"]
+    assert np.all(np.abs(exact - approx) <= bounds + 1e-6 * np.abs(exact).max())
+    assert np.abs(exact - approx).max() > 1e-3 * np.abs(exact).max()          # k = 2 does leave something out
+    candidates = indexing.certify_candidates(approx, bounds, 3)
+    for row in exact:
+        order = np.argsort(row)
+        assert candidates[order[-3:]].all() and candidates[order[:3]].all()
+    share = index_mod.rescored_share(iq, approx, bands, "float32", 3)
+    assert share == pytest.approx(candidates.mean())

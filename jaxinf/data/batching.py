@@ -371,7 +371,7 @@ def document_batches(
     if lengths is None:
         lengths = document_lengths(source, encoder, limit=max_length if long_documents == "truncate" else None)
     plan = make_batch_plan(lengths, batch_size=batch_size, max_length=max_length, long_documents=long_documents,
-                     window_batches=window_batches, buckets=buckets, process_count=process_count)
+                           window_batches=window_batches, buckets=buckets, process_count=process_count)
     return DocumentBatches(source, encoder, plan, process_index=process_index)
 
 

@@ -234,6 +234,11 @@ def index_queries(qg: QueryGradients, Q_A: Mapping[str, Array], Q_S: Mapping[str
                         fidelity=predicted_correlation(num, den))
 
 
+RESOLUTION = {"float32": 2.0 ** -20, "float16": 2.0 ** -8}
+"""Relative round-off allowed for in each row's residual energy (:func:`residual_norms`): the
+storage dtype's resolution with a few bits of headroom for the sums that formed the energies."""
+
+
 def residual_norms(bands: np.ndarray, eps: float) -> np.ndarray:
     """``||R_n[band_i, band_j]||_F`` per row and pair of bands ``[R, E]``, with ``eps`` times the row's whole energy
     added under the root for the round-off of the Gram sums that formed them, so the bound holds."""

@@ -29,7 +29,7 @@ from jaxinf import config as cfg
 from jaxinf.engine import indexing, programs
 from jaxinf.engine.loop import Kept, run_batches
 from jaxinf.run.index_store import IndexError_, IndexReader, IndexWriter, load_selection, save_selection
-from jaxinf.run.inputs import Inputs, Subset, buckets, non_finite_loss
+from jaxinf.run.inputs import Inputs, non_finite_loss
 from jaxinf.run.saved import SavedState, batch_plan_key
 from jaxinf.run.store import RunStore
 
@@ -37,10 +37,6 @@ log = logging.getLogger("jaxinf")
 
 ROWS_PER_SLICE = 65536
 """Index rows multiplied per matrix product (bounded memory: ``ROWS_PER_SLICE x cells`` of the index at a time)."""
-
-RESOLUTION = {"float32": 2.0 ** -20, "float16": 2.0 ** -8}
-"""Relative round-off allowed for in each row's residual energy (:func:`jaxinf.engine.indexing.residual_norms`): the
-storage dtype's resolution with a few bits of headroom for the sums that formed the energies."""
 
 
 def eigen_fingerprint(eigen) -> str:
@@ -231,7 +227,7 @@ def scores_from_index(config: cfg.Config, store: RunStore, inputs: Inputs, qg, c
     rotate = time.perf_counter() - t0
     t1 = time.perf_counter()
     scores, bound, loss = np.zeros((Q, N)), np.zeros((Q, N)), np.zeros(N)
-    eps = RESOLUTION[reader.manifest["dtype"]]
+    eps = indexing.RESOLUTION[reader.manifest["dtype"]]
     a = reader.arrays
     for lo, hi in reader.slices(ROWS_PER_SLICE):
         docs = np.asarray(a["documents"][lo:hi])
@@ -263,22 +259,18 @@ def scores_from_index(config: cfg.Config, store: RunStore, inputs: Inputs, qg, c
 
 def exact_scores(config: cfg.Config, inputs: Inputs, qg, wanted: list[int], executor) -> np.ndarray:
     """``[Q, len(wanted)]``: the exact scores of the documents ``wanted`` (one scoring pass over them alone)."""
-    from jaxinf.data.batching import make_batch_plan, scatter_columns
+    from jaxinf.data.batching import scatter_columns
 
     Q = qg.num_queries
     if not wanted:
         return np.zeros((Q, 0))
-    subset = Subset(inputs.documents, wanted)
-    plan = make_batch_plan(inputs.lengths[wanted], batch_size=config.data.batch_size, max_length=config.data.max_length,
-                     long_documents=config.data.long_documents, buckets=buckets(config.data.max_length),
-                     process_count=executor.groups[1])
+    subset, batches = inputs.subset_batches(config, wanted, executor)
     score = programs.scores(config, inputs.task, inputs.layers, self_influence=False).jit(executor)
 
     def step(carry, batch, i):
         out = score(inputs.lm.params, qg, None, batch)
         return carry, out, out["loss"]
 
-    batches = inputs.batches(plan, subset, executor.groups[0])
     kept = Kept(every=1)
     run_batches("certify", step, batches.iterate, None, kept, total=len(batches),
                 non_finite=non_finite_loss(subset, "document"), device=executor)

@@ -71,6 +71,17 @@ class Inputs:
 
         return DocumentBatches(source, self.encoder, plan, process_index=process_index)
 
+    def subset_batches(self, config: cfg.Config, wanted: list[int], executor: Executor):
+        """``(Subset, this process's batches of it)`` for the documents ``wanted`` alone, batched as the corpus is
+        (a pass over a few documents: certifying the index's tails, the breakdowns of the top documents)."""
+        from jaxinf.data.batching import make_batch_plan
+
+        subset = Subset(self.documents, wanted)
+        plan = make_batch_plan(self.lengths[wanted], batch_size=config.data.batch_size,
+                               max_length=config.data.max_length, long_documents=config.data.long_documents,
+                               buckets=buckets(config.data.max_length), process_count=executor.groups[1])
+        return subset, self.batches(plan, subset, executor.groups[0])
+
 
 def check_inputs(config: cfg.Config) -> None:
     """One-line errors for missing inputs, before anything is created."""

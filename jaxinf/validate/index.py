@@ -42,12 +42,16 @@ def fitted_strategy(name: str) -> curvature.Strategy:
 
 
 def document_rows(task, layers: Mapping[str, LayerSpec], params, batches: list, basis: Mapping[str, dict],
-                  k: int | None, dtype: str = "float32") -> np.ndarray:
+                  k: int | None, dtype: str = "float32", with_bands: bool = False):
     """``[N, C]``: every document's kept cells in ``basis`` (the index pass, :func:`jaxinf.engine.stages.index_step`,
-    over in-memory batches of whole documents), rounded to the storage ``dtype`` (``index.dtype``)."""
+    over in-memory batches of whole documents), rounded to the storage ``dtype`` (``index.dtype``); with
+    ``with_bands``, also the ``[N, E]`` energies of the other pairs of bands."""
     step = jax.jit(stages.index_step(task, layers, k))
-    rows = np.concatenate([np.asarray(step(params, basis, b)["cells"]) for b in batches])
-    return rows.astype(dtype).astype(np.float64)
+    out = [step(params, basis, b) for b in batches]
+    rows = np.concatenate([np.asarray(o["cells"]) for o in out]).astype(dtype).astype(np.float64)
+    if not with_bands:
+        return rows
+    return rows, np.concatenate([np.asarray(o["bands"], np.float64) for o in out])
 
 
 def eigen_basis(curv: curvature.Curvature, eigen) -> tuple[dict[str, dict], indexing.Selection]:
@@ -79,12 +83,33 @@ def projected_queries(qg: QueryGradients, basis: Mapping[str, dict], layers: Map
                            for n in sorted(layers)], axis=1)
 
 
+def index_queries(qg: QueryGradients, curv: curvature.Curvature, selection: indexing.Selection,
+                  layers: Mapping[str, LayerSpec], k: int | None) -> indexing.IndexQueries:
+    """The prepared queries in index space (:func:`jaxinf.engine.indexing.index_queries`) under ``curv``'s basis."""
+    assert curv.Q_A is not None and curv.Q_S is not None and curv.Lambda is not None
+    return indexing.index_queries(qg, curv.Q_A, curv.Q_S, curv.Lambda, selection, layers, k)
+
+
 def index_scores(qg: QueryGradients, curv: curvature.Curvature, selection: indexing.Selection,
                  layers: Mapping[str, LayerSpec], k: int | None, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """``([Q, N] scores, [Q] predicted correlation)`` of the prepared queries against the index ``rows``."""
-    assert curv.Q_A is not None and curv.Q_S is not None and curv.Lambda is not None
-    iq = indexing.index_queries(qg, curv.Q_A, curv.Q_S, curv.Lambda, selection, layers, k)
+    iq = index_queries(qg, curv, selection, layers, k)
     return indexing.index_scores(np.asarray(iq.cells, np.float64), rows), np.asarray(iq.fidelity, np.float64)
+
+
+def rescored_share(iq: indexing.IndexQueries, scores: np.ndarray, bands: np.ndarray, dtype: str, k: int) -> float:
+    """The share of the documents that certification scores exactly again (:func:`jaxinf.engine.indexing
+    .certify_candidates`, the union over queries) so that every query's top and bottom ``k`` are exact."""
+    rest = indexing.residual_norms(bands, indexing.RESOLUTION[dtype])
+    bounds = indexing.score_bounds(np.asarray(iq.rest, np.float64), rest)
+    if not np.any(bounds > 0):
+        return 0.0          # nothing left out (a full index): the run rescores nothing either
+    return float(indexing.certify_candidates(scores, bounds, k).mean())
+
+
+def tails(n_documents: int) -> dict[int, int]:
+    """Each tail of :data:`TAILS` as compared over ``n_documents``: at most half of them."""
+    return {t: min(t, n_documents // 2) for t in TAILS}
 
 
 def fidelity(exact: np.ndarray, approx: np.ndarray, predicted: np.ndarray | None = None) -> dict:
@@ -93,15 +118,14 @@ def fidelity(exact: np.ndarray, approx: np.ndarray, predicted: np.ndarray | None
     N = exact.shape[1]
     per_query: dict[str, list] = {"pearson": [pearson(a, e) for a, e in zip(approx, exact)],
                                   "spearman": [spearman(a, e) for a, e in zip(approx, exact)]}
-    for t in TAILS:
-        k = min(t, N // 2)
+    for t, k in tails(N).items():
         per_query[f"top{t}"] = [topk_overlap(a, e, k) for a, e in zip(approx, exact)]
         per_query[f"bottom{t}"] = [topk_overlap(-a, -e, k) for a, e in zip(approx, exact)]
     if predicted is not None:
         per_query["predicted"] = [float(x) for x in predicted]
     mean = {name: float(np.nanmean(v)) if np.isfinite(v).any() else None for name, v in per_query.items()}
     minimum = {name: float(np.nanmin(v)) if np.isfinite(v).any() else None for name, v in per_query.items()}
-    return {"mean": mean, "min": minimum, "per_query": per_query, "tails": {t: min(t, N // 2) for t in TAILS}}
+    return {"mean": mean, "min": minimum, "per_query": per_query, "tails": {str(t): k for t, k in tails(N).items()}}
 
 
 def fidelity_table(task, layers: Mapping[str, LayerSpec], params, batches: list, G, qloss, curv, eigen,
@@ -117,11 +141,14 @@ def fidelity_table(task, layers: Mapping[str, LayerSpec], params, batches: list,
     out: dict = {}
     for k_value in ks:
         k = indexing.kept_directions(k_value)
-        rows = document_rows(task, layers, params, batches, basis, k, dtype)
-        s_index, predicted = index_scores(qg, curv, selection, layers, k, rows)
+        rows, bands = document_rows(task, layers, params, batches, basis, k, dtype, with_bands=True)
+        iq = index_queries(qg, curv, selection, layers, k)
+        s_index = indexing.index_scores(np.asarray(iq.cells, np.float64), rows)
         s_kfac, _ = index_scores(qg_kfac, curv, selection, layers, k, rows)
         entry = {"cells": int(rows.shape[1]),
-                 "ekfac-index": fidelity(exact, s_index, predicted),
+                 "ekfac-index": {**fidelity(exact, s_index, np.asarray(iq.fidelity, np.float64)),
+                                 "rescored": {str(t): rescored_share(iq, s_index, bands, dtype, t_k)
+                                              for t, t_k in tails(exact.shape[1]).items()}},
                  "kfac-eigenvalues": fidelity(exact, s_kfac)}
         if k is not None:
             rand = random_basis(layers, k, seed)

@@ -118,11 +118,14 @@ def _fidelity_section(fidelity: dict | None) -> str:
         for method in ("ekfac-index", "kfac-eigenvalues", "random-kronecker"):
             if method in entry:
                 mean, low = entry[method]["mean"], entry[method]["min"]
+                rescored = entry[method].get("rescored", {})
                 rows.append([esc(k), fmt(entry["cells"]), esc(method)] + [fmt(mean.get(c)) for c in cols]
-                            + [fmt(low.get("pearson"))])
+                            + [fmt(low.get("pearson"))] + [fmt(rescored.get(t)) for t in ("10", "100")])
     header = (["k", "cells per document", "method", "Pearson", "Spearman", "top-10 overlap", "bottom-10 overlap",
-               "top-100 overlap", "bottom-100 overlap", "predicted r", "lowest Pearson"])
+               "top-100 overlap", "bottom-100 overlap", "predicted r", "lowest Pearson",
+               "rescored to certify the 10 (share)", "rescored to certify the 100 (share)"])
     return (f"<h2>The EK-FAC index against exact EK-FAC</h2><p>Means over queries of each method's agreement with "
             f"exact EK-FAC (damping {esc(fidelity['damping'])}, cells stored as {esc(fidelity['dtype'])}); the three "
-            f"methods store the same cells per document. Tails of at most half the documents.</p>"
+            f"methods store the same cells per document. Tails of at most half the documents. The last columns: the "
+            f"share of the documents a run rescores exactly so that every query's top and bottom 10 (100) are EK-FAC's.</p>"
             f"{_table(header, rows)}")

@@ -24,7 +24,7 @@ from jaxinf.engine import programs, scoring
 from jaxinf.engine.loop import Kept, run_batches
 from jaxinf.run.executor import Executor
 from jaxinf.run.exports import formats
-from jaxinf.run.inputs import Inputs, Subset, buckets, non_finite_loss
+from jaxinf.run.inputs import Inputs, non_finite_loss
 from jaxinf.run.store import RunStore
 
 log = logging.getLogger("jaxinf")
@@ -98,14 +98,9 @@ def export_breakdowns(config, store, inputs: Inputs, qg, top: np.ndarray, docs: 
 
     The pass is not resumed (the exports stage runs again whole) and checks no loss: the scoring stage has already
     checked these documents'."""
-    from jaxinf.data.batching import make_batch_plan
-
     t0 = time.perf_counter()
     wanted = sorted(set(top.ravel().tolist()))
-    subset = Subset(inputs.documents, wanted)
-    plan = make_batch_plan(inputs.lengths[wanted], batch_size=config.data.batch_size, max_length=config.data.max_length,
-                     long_documents=config.data.long_documents, buckets=buckets(config.data.max_length),
-                     process_count=executor.groups[1])
+    subset, batches = inputs.subset_batches(config, wanted, executor)
     names = scoring.layer_order(inputs.layers)
     Q = qg.num_queries
     fn = programs.breakdowns(config, inputs.task, inputs.layers).jit(executor)
@@ -113,7 +108,6 @@ def export_breakdowns(config, store, inputs: Inputs, qg, top: np.ndarray, docs: 
     def step(carry, batch, i):
         return carry, fn(inputs.lm.params, qg, batch), None
 
-    batches = inputs.batches(plan, subset, executor.groups[0])
     kept = Kept(every=1)                                  # each batch's outputs brought to the host at once
     run_batches("breakdowns", step, batches.iterate, None, kept, total=len(batches),
                 non_finite=non_finite_loss(subset, "document"), device=executor,
