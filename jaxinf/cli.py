@@ -1,5 +1,10 @@
 """The ``jaxinf`` command line: run, query, plan, validate, demo, analyze, prepare, compare, kronfluence.
 
+Every verb is a handler ``<verb>_command(args) -> int`` (here, or in the ``cli`` module of its sub-package:
+``analysis/cli.py``, ``data/cli.py``, ``interop/cli.py``, whose ``add_parsers`` adds the verbs it owns). A handler
+raises :class:`~jaxinf.errors.UserError` or :class:`~jaxinf.errors.EnvironmentFailure` subclasses and never prints
+an error itself: :func:`main` reports every command's the same way.
+
 Bad input (a config key, a file, a line, a tensor) is reported as one line on
 stderr, ``jaxinf COMMAND: error: ...``, with exit status 2 and no traceback;
 whatever was already computed stays in the run directory. :data:`EXIT_CODES`
@@ -59,7 +64,7 @@ def enable_compilation_cache() -> str | None:
     return where
 
 
-def _run(args) -> int:
+def run_command(args) -> int:
     from jaxinf import config as cfg
     from jaxinf import pipeline
 
@@ -75,7 +80,7 @@ def _run(args) -> int:
     return 0
 
 
-def _query(args) -> int:
+def query_command(args) -> int:
     from jaxinf import config as cfg
     from jaxinf import pipeline
     from jaxinf.run import rundir
@@ -104,7 +109,7 @@ def _query(args) -> int:
     return 0
 
 
-def _plan(args) -> int:
+def plan_command(args) -> int:
     from jaxinf import config as cfg
     from jaxinf.run import plan
     from jaxinf.run.chips import chip
@@ -124,7 +129,7 @@ def _plan(args) -> int:
     return plan.command(config, meshes, compile=not args.no_compile, json_out=args.json, chip=device)
 
 
-def _validate(args) -> int:
+def validate_command(args) -> int:
     from jaxinf import config as cfg
     from jaxinf.validate.driver import load_config, validate
 
@@ -134,7 +139,7 @@ def _validate(args) -> int:
     return 0
 
 
-def _demo(args) -> int:
+def demo_command(args) -> int:
     from jaxinf import demo
 
     enable_compilation_cache()
@@ -142,17 +147,14 @@ def _demo(args) -> int:
     return 0
 
 
-def _analyze(args) -> int:
-    from jaxinf.analysis.cli import run_analyze
+def _handler(handler):
+    """A verb's handler: itself, or ``"module:name"`` imported only when its verb runs (not for every command)."""
+    if callable(handler):
+        return handler
+    import importlib
 
-    return run_analyze(args)
-
-
-def _prepare(args) -> int:
-    from jaxinf.data.cli import prepare_command
-
-    return prepare_command(args.input, args.out_dir, text_field=args.text_field, id_field=args.id_field,
-                           source_field=args.source_field)
+    module, name = handler.split(":")
+    return getattr(importlib.import_module(module), name)
 
 
 def entry() -> int:
@@ -182,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--overwrite", action="store_true", help="start the run directory over (a jaxinf run only): the "
                      "old run is kept aside until the new one has finished, and put back if it fails")
     run.add_argument("--help-config", action="store_true", help="print every config key with its default")
-    run.set_defaults(handler=_run)
+    run.set_defaults(handler=run_command)
 
     qu = sub.add_parser("query", help="new queries against a run's EK-FAC index (index.k): no pass over the "
                         "documents; writes what jaxinf run writes, the top and bottom documents certified exact")
@@ -192,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="overrides of the run's config (scores.damping, scores.query_rank, factors.strategy=kfac, ...)")
     qu.add_argument("--out", help="the output run directory (default: RUN-QUERIES beside the run)")
     qu.add_argument("--overwrite", action="store_true", help="start the output directory over")
-    qu.set_defaults(handler=_query)
+    qu.set_defaults(handler=query_command)
 
     pl = sub.add_parser("plan", help="memory and cost of each stage on a mesh, from the model's config.json alone "
                         "(no weights): bytes per device, XLA's compiled peak per step, FLOPs per document, time")
@@ -209,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="time each per-document step as a roofline on this chip (jaxinf/run/chips.py)")
     pl.add_argument("--peak-tflops", type=float, metavar="T", help="a custom peak matrix TFLOP/s (replaces the chip's)")
     pl.add_argument("--hbm-gbps", type=float, metavar="B", help="a custom HBM bandwidth in GB/s (replaces the chip's)")
-    pl.set_defaults(handler=_plan)
+    pl.set_defaults(handler=plan_command)
 
     va = sub.add_parser("validate", help="LDS, recall and PBRF of each strategy (retraining on random subsets); "
                         "without model.checkpoint, on the built-in world")
@@ -218,17 +220,17 @@ def main(argv: list[str] | None = None) -> int:
     va.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
     va.add_argument("--out", default="runs/validate", help="output directory, resumed when it exists "
                     "(default runs/validate)")
-    va.set_defaults(handler=_validate)
+    va.set_defaults(handler=validate_command)
 
     demo = sub.add_parser("demo", help="the built-in end-to-end example: corpus, model, influence, report")
     demo.add_argument("--out", default="runs/demo", help="where the demo writes everything (default runs/demo)")
-    demo.set_defaults(handler=_demo)
+    demo.set_defaults(handler=demo_command)
 
     an = sub.add_parser("analyze", help="the paper's statistics and the report of a run directory")
     an.add_argument("run_dir", help="run directory (scores.npy, queries.jsonl, documents.jsonl)")
     an.add_argument("--from-release", metavar="RELEASE_JSON",
                     help="first convert Ruis et al.'s release_{7B,35B}.json into RUN_DIR (absent or empty)")
-    an.set_defaults(handler=_analyze)
+    an.set_defaults(handler="jaxinf.analysis.cli:analyze_command")
 
     prep = sub.add_parser("prepare", help="convert documents (JSONL, .jsonl.gz/.zst, Parquet, Arrow shards) to a TFDS "
                           "array_record dataset")
@@ -238,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
         prep.add_argument(f"--{name}-field", default=name, metavar="NAME",
                           help=f"the field holding each document's {name} (data.{name}_field; default {name})")
     prep.add_argument("out_dir", metavar="OUT_DIR", help="the dataset directory to write (must not exist or be empty)")
-    prep.set_defaults(handler=_prepare)
+    prep.set_defaults(handler="jaxinf.data.cli:prepare_command")
 
     from jaxinf.interop.cli import add_parsers
 
@@ -253,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
     from jaxinf.errors import EnvironmentFailure, UserError
 
     try:
-        return args.handler(args)
+        return _handler(args.handler)(args)
     except (EnvironmentFailure, UserError) as e:   # jaxinf.errors: one line, the kind's exit code
         print(f"jaxinf {args.command}: error: {e}", file=sys.stderr)
         return e.exit_code

@@ -2,38 +2,33 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 from jaxinf.analysis.driver import analyze
-from jaxinf.run.exports.formats import AnalysisError
 
 
-def run_analyze(args) -> int:
-    """Run the analysis; a bad input is one line on stderr and exit status 2. Holds the run directory's lock
+def analyze_command(args) -> int:
+    """Run the analysis; a bad input raises :class:`~jaxinf.run.exports.formats.AnalysisError` (one line on stderr
+    and exit status 2 from the command line). Holds the run directory's lock
     (:class:`jaxinf.run.lock.RunLock`) while it writes there, as ``jaxinf run`` does."""
     from jaxinf.run.lock import RunLock
 
     # a conversion (--from-release) needs an absent or empty directory, so it is not locked before it is made
     lock = RunLock(args.run_dir).acquire() if not args.from_release and Path(args.run_dir).is_dir() else None
     try:
-        return _run_analyze(args)
+        return _analyze(args)
     finally:
         if lock is not None:
             lock.release()
 
 
-def _run_analyze(args) -> int:
-    try:
-        if args.from_release:
-            from jaxinf.analysis.release import convert_release
+def _analyze(args) -> int:
+    if args.from_release:
+        from jaxinf.analysis.release import convert_release
 
-            convert_release(Path(args.from_release), Path(args.run_dir))
-            print(f"analyze: converted {args.from_release} into {args.run_dir}")
-        s = analyze(Path(args.run_dir))
-    except AnalysisError as e:
-        print(f"jaxinf analyze: error: {e}", file=sys.stderr)
-        return 2
+        convert_release(Path(args.from_release), Path(args.run_dir))
+        print(f"analyze: converted {args.from_release} into {args.run_dir}")
+    s = analyze(Path(args.run_dir))
     out = Path(args.run_dir)
     print(f"analyze: wrote {out / 'summary.json'}, {out / 'report' / 'index.html'} and {out / 'report' / 'summary.md'}"
           f" in {s['timings']['total_s']:.1f} s")

@@ -2,23 +2,15 @@
 
 from __future__ import annotations
 
-import sys
 
-from jaxinf.data.errors import DataError
-
-
-def prepare_command(input_path: str, out_dir: str, **fields: str) -> int:
-    """``jaxinf prepare INPUT OUT_DIR [--text-field ...]``: prints what was kept and skipped; bad input is one line on stderr, exit 2 (a disk error: 3)."""
+def prepare_command(args) -> int:
+    """``jaxinf prepare INPUT OUT_DIR [--text-field ...]``: prints what was kept and skipped. Bad input raises
+    :class:`~jaxinf.data.errors.DataError` (a :class:`~jaxinf.errors.UserError`), which the command line reports in
+    one line (exit 2); a write the machine refuses is exit 3 there."""
     from jaxinf.data.prepare import prepare
 
-    try:
-        report = prepare(input_path, out_dir, **fields)
-    except DataError as e:  # bad input: one line, no traceback
-        print(f"jaxinf prepare: error: {e}", file=sys.stderr)
-        return 2
-    except OSError as e:  # the disk (full, no permission): one line, exit 3 as for jaxinf run (jaxinf.cli.EXIT_CODES)
-        print(f"jaxinf prepare: error: {e}", file=sys.stderr)
-        return 3
+    report = prepare(args.input, args.out_dir, text_field=args.text_field, id_field=args.id_field,
+                     source_field=args.source_field)
     print(report.summary())
-    print(f"wrote {out_dir} (TFDS array_record, split train; read it with data.documents={out_dir})")
+    print(f"wrote {args.out_dir} (TFDS array_record, split train; read it with data.documents={args.out_dir})")
     return 0
