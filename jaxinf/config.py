@@ -462,7 +462,7 @@ def affects(section: str, field: str) -> str | None:
     return _fields(section)[field].metadata["affects"]
 
 
-def fingerprint(config: Config) -> str:
+def results_key(config: Config) -> str:
     """A hash of every key that changes some result (keys with ``affects`` set)."""
     relevant = {yaml_name(s, f): v for (s, f), v in _result_keys(config).items()}
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]

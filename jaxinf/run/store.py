@@ -210,7 +210,7 @@ class RunStore:
             store = cls(root, record)
             store._check_resume(old, config)
             record["config"] = cfg.to_dict(config)
-            record["fingerprint"] = cfg.fingerprint(config)
+            record["fingerprint"] = cfg.results_key(config)
             record["versions"] = versions()
             record["heap"] = heap_mode()
             record.setdefault("format", rundir.MARKER)
@@ -218,7 +218,7 @@ class RunStore:
         record = {
             "format": rundir.MARKER,
             "config": cfg.to_dict(config),
-            "fingerprint": cfg.fingerprint(config),
+            "fingerprint": cfg.results_key(config),
             "versions": versions(),
             "heap": heap_mode(),
             "created": _now(),
