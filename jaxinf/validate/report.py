@@ -15,6 +15,7 @@ from matplotlib.figure import Figure
 
 from jaxinf.analysis.figures import RC, _save, lab
 from jaxinf.analysis.report import CSP, _figure, _table, esc, fmt
+from jaxinf.validate.index import METHODS
 
 
 def standardize(x: np.ndarray) -> np.ndarray:
@@ -115,7 +116,7 @@ def _fidelity_section(fidelity: dict | None) -> str:
     cols = ["pearson", "spearman", "top10", "bottom10", "top100", "bottom100", "predicted"]
     rows = []
     for k, entry in fidelity["table"].items():
-        for method in ("ekfac-index", "kfac-eigenvalues", "random-kronecker"):
+        for method in METHODS:
             if method in entry:
                 mean, low = entry[method]["mean"], entry[method]["min"]
                 rescored = entry[method].get("rescored", {})
