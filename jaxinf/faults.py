@@ -26,6 +26,9 @@ def fault_point(where: str, step: int) -> None:
     elif point == f"{where}:{step}:stop":
         os.kill(os.getpid(), signal.SIGSTOP)
     elif point == f"{where}:{step}:interrupt":
+        # Python's own Ctrl-C handler, even in a process started with SIGINT ignored (a background job of a
+        # non-interactive shell, as some CI runners start the tests), so the injected Ctrl-C is one
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         os.kill(os.getpid(), signal.SIGINT)
         time.sleep(5)   # the handler raises KeyboardInterrupt between two bytecodes, well before this ends
     elif point == f"{where}:{step}:raise":
