@@ -211,7 +211,7 @@ def test_eigendecomposition_of_many_stacked_blocks_does_not_hang(tmp_path):
 
     code = (
         "import jax, jax.numpy as jnp\n"
-        "from jaxinf import curvature\n"
+        "from jaxinf.engine import curvature\n"
         "k = jax.random.split(jax.random.key(0), 6)\n"
         "def spd(k, n): x = jax.random.normal(k, (4, n, 2 * n)); return x @ jnp.swapaxes(x, -1, -2)\n"
         "cov = curvature.Covariance(A={str(i): spd(k[i], 96 + 32 * i) for i in range(3)},\n"

@@ -224,3 +224,14 @@ def test_folders_are_layers():
     folders = sorted({m.split(".")[1] for m, p in module_files().items() if p.name == "__init__.py" and "." in m})
     undeclared = [f for f in folders if f not in declared]
     assert not undeclared, f"folders of jaxinf/ in no layer of LAYERS: {undeclared}"
+
+
+def test_the_readme_engine_example_runs():
+    """The README's "engine in twenty lines" is the library API a reader copies first: it runs as written."""
+    text = (ROOT / "README.md").read_text()
+    section = text[text.index("## The engine in twenty lines"):]
+    code = section[section.index("```python\n") + len("```python\n"):]
+    code = code[:code.index("```")]
+    namespace: dict = {}
+    exec(compile(code, "README.md", "exec"), namespace)
+    assert namespace["scores"].total.shape == (1, 2)
