@@ -50,8 +50,7 @@ def test_a_full_index_scores_like_the_scoring_pass(world, exact):
 def test_under_the_empirical_fisher_the_lambda_pass_writes_the_index(world, tmp_path):
     """factors.fisher=empirical: the Lambda pass's gradients are the scores', so it writes the index itself and a
     scores.mode=index run makes two passes over the corpus (covariance, Lambda); a full index scores like the exact
-    scoring pass. Killed in that pass, the rerun finishes Lambda, builds the index in a pass of its own, and ends
-    with the same index and scores."""
+    scoring pass."""
     empirical = {"factors.fisher": "empirical"}
     oracle = tmp_path / "oracle"
     pipeline.run(cfg.load(None, overrides(world, oracle, **empirical)))
@@ -61,6 +60,16 @@ def test_under_the_empirical_fisher_the_lambda_pass_writes_the_index(world, tmp_
     assert np.max(np.abs(got - want)) <= 1e-5 * np.max(np.abs(want))
     stages = json.loads((out / "run.json").read_text())["stages"]
     assert stages["index"]["status"] == "done" and stages["index"]["timing"] == stages["lambda"]["timing"]
+
+
+@pytest.mark.heavy   # the kill/resume of the index's own pass is in CI (test_a_killed_index_build_resumes_...)
+def test_killed_in_the_lambda_pass_that_writes_the_index_resumes_to_the_same_index(world, tmp_path):
+    """factors.fisher=empirical, killed in the Lambda pass that writes the index: the rerun finishes Lambda, builds
+    the index in a pass of its own, and ends with the index and scores of an uninterrupted run."""
+    empirical = {"factors.fisher": "empirical"}
+    out = tmp_path / "fused"
+    pipeline.run(cfg.load(None, overrides(world, out, **{**empirical, "index.k": "full", "scores.mode": "index"})))
+    got = np.load(out / "scores.npy")
     killed = tmp_path / "killed"
     args = ["run", *overrides(world, killed, **{**empirical, "index.k": "full", "scores.mode": "index"})]
     e = env(world["cache"])
