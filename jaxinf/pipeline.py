@@ -38,10 +38,10 @@ from jaxinf.engine.distributed import eigendecompose
 from jaxinf.engine.loop import run_batches
 from jaxinf.faults import fault_point
 from jaxinf.hostenv import lapack_threads, mesh_lapack_threads
-from jaxinf.run import failures, fingerprint, index_run, preflight, rundir
+from jaxinf.run import checks, failures, fingerprint, index_run, preflight, rundir
 from jaxinf.run.executor import Executor, make_executor
 from jaxinf.run.exports.stage import export
-from jaxinf.run.inputs import Inputs, check_inputs, load_inputs, non_finite_loss, text_source, tracked_layers
+from jaxinf.run.inputs import Inputs, load_inputs, non_finite_loss, text_source
 from jaxinf.run.lock import RunLock
 from jaxinf.run.rundir import StoreError
 from jaxinf.run.saved import SavedChunks, SavedState, batch_plan_key
@@ -52,22 +52,6 @@ log = logging.getLogger("jaxinf")
 
 
 # --------------------------------------------------------------------------- execution
-
-
-def check_layouts(config: cfg.Config, executor: Executor) -> None:
-    """Every parameter and stage state of ``model.checkpoint`` (from its config.json alone) checked against the
-    executor's layouts, so a mesh that cannot hold them is reported before the run directory is made."""
-    if executor.mesh is None or config.model.checkpoint is None:
-        return
-    from jaxinf import models
-
-    lm = models.abstract(models.read_config(config.model.checkpoint, dtype=config.model.dtype,
-                                            scan=config.model.scan_layers, remat=config.model.remat))
-    layers = tracked_layers(lm, config.factors.track)
-    shapes = programs.fitted_shapes(lm.task(), layers, precision.statistics_dtype(config.run.precision))
-    executor.preflight({"parameters": (lm.params, models.parameter_axes(lm.config)),
-                        "covariance": (shapes["covariance"], None), "eigen": (shapes["eigen"], None),
-                        "lambda": (shapes["lambda"], curvature.LAMBDA_AXES)})
 
 
 # --------------------------------------------------------------------------- the stages
@@ -403,44 +387,22 @@ def run(config: cfg.Config, overwrite: bool = False, executor: Executor | None =
     content changed since the run started are refused or invalidate the stages depending on them
     (:mod:`jaxinf.run.fingerprint`).
     """
-    check_inputs(config)
-    index_run.check_available(config)
-    preflight.check_model_limits(config)
+    model_config = checks.before_devices(config)     # the start-up checks, in order: jaxinf.run.checks
     initialize(config.mesh)                          # before anything touches a device
     check_agreement(cfg.to_dict(config))             # every process runs the same config
     precision.enable(config.run.precision)           # float64 arrays, before the model is loaded (jaxinf.engine.precision)
-    if executor is None:                             # mesh and batch shape errors before the run directory is made
+    made = executor is None
+    if made:                                         # mesh and batch shape errors before the run directory is made
         executor = make_executor(config)
-        check_layouts(config, executor)
+    assert executor is not None
     with mesh_lapack_threads(executor.mesh):         # the process's BLAS threads, restored when the run ends
-        check_statistics(config, executor)
+        checks.before_the_run_directory(config, executor, model_config, layouts=made)
         lock, aside = _claim(config, overwrite)
         try:
             return _run_locked(config, executor, aside)
         finally:
             if lock is not None:
                 lock.release()
-
-
-def check_statistics(config: cfg.Config, executor: Executor) -> None:
-    """Before any batch: a tracked layer whose statistic alone cannot fit a device is named with the key that would
-    make it fit (:func:`jaxinf.run.plan.check_layers_fit`). The memory is ``plan.device_memory_gib`` when set, else what
-    an accelerator reports (``bytes_limit``); on a CPU with no setting nothing is checked."""
-    from jaxinf.run import plan
-
-    device = jax.devices()[0]
-    limit: int | None
-    if config.plan.device_memory_gib is not None:
-        limit, source = int(config.plan.device_memory_gib * 2**30), f"plan.device_memory_gib={config.plan.device_memory_gib:g}"
-    else:
-        stats = device.memory_stats() if device.platform != "cpu" else None
-        limit = (stats or {}).get("bytes_limit")
-        source = f"the memory of {device.device_kind}"
-    if limit is None:
-        return
-    _, layers = plan.abstract_model(config)
-    rows = max(config.data.batch_size * executor.groups[1] // config.mesh.data, 1)
-    plan.check_layers_fit(config, layers, rows, config.mesh.model, int(limit), source)
 
 
 def _claim(config: cfg.Config, overwrite: bool) -> tuple[RunLock | None, rundir.Aside | rundir.Fresh | None]:

@@ -26,16 +26,13 @@ class PreflightError(UserError):
     """A config value that cannot work with this model or corpus (the message names both)."""
 
 
-def check_model_limits(config: cfg.Config) -> None:
-    """``data.max_length`` must fit the model's positions (``max_position_embeddings`` of its config.json)."""
-    from jaxinf import models
-
-    if config.model.checkpoint is None:
-        return
-    limit = models.read_config(config.model.checkpoint).max_position_embeddings
+def check_model_limits(config: cfg.Config, model_config) -> None:
+    """``data.max_length`` must fit the model's positions (``max_position_embeddings`` of its config.json, read as
+    ``model_config``)."""
+    limit = model_config.max_position_embeddings
     if config.data.max_length > limit:
         raise PreflightError(f"data.max_length={config.data.max_length} is above the model's "
-                             f"max_position_embeddings={limit} ({Path(config.model.checkpoint) / 'config.json'})")
+                             f"max_position_embeddings={limit} ({Path(config.model.checkpoint or '') / 'config.json'})")
 
 
 def check_corpus(lengths: np.ndarray, name: str, max_documents: int | None, tokenizer: str | None = None) -> None:
