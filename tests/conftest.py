@@ -14,6 +14,10 @@ from pathlib import Path
 
 import pytest
 
+# No shared token-count cache in ~/.cache (jaxinf.run.inputs.token_count_cache): every test counts its own corpus,
+# as a first run does, unless it turns the cache on itself (tests/test_plan_corpus.py). Subprocesses inherit it.
+os.environ.setdefault("JAXINF_TOKEN_COUNTS", "")
+
 
 def require_oracle(what: str | os.PathLike | bool, reason: str):
     """``what`` (a path that must exist, or a flag that must be true); else skip with ``reason``, or fail under JAXINF_REQUIRE_ORACLES=1."""

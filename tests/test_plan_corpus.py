@@ -53,3 +53,44 @@ def test_a_missing_corpus_is_one_line(world, tmp_path, capsys):
     assert [line for line in err.splitlines() if "error" in line] == [
         (f"jaxinf plan: error: {tmp_path / 'nope.jsonl'}: no such file or directory (documents are a JSONL, Parquet "
          "or Arrow file, a directory or glob of them, a TFDS dataset directory or tfds:NAME)")]
+
+
+def test_token_counts_are_kept_for_every_run_of_the_same_corpus(world, tmp_path, monkeypatch):
+    """``jaxinf plan --corpus`` counts into the shared cache; a run of the same corpus and tokenizer (any run.out)
+    takes the counts from there without tokenizing; a damaged cached copy is counted again, never trusted; an
+    edited corpus is another entry."""
+    import numpy as np
+
+    from jaxinf import config as cfg
+    from jaxinf.data import batching
+    from jaxinf.data.sources import open_documents
+    from jaxinf.data.tokenize import TextEncoder
+    from jaxinf.run import inputs
+    from jaxinf.run.store import RunStore
+
+    cache = tmp_path / "counts"
+    monkeypatch.setenv(inputs.TOKEN_COUNT_CACHE, str(cache))
+    args = overrides(world, tmp_path / "run")
+    assert cli.main(["plan", *args, "--corpus", "--no-compile"]) == 0
+    (kept,) = cache.glob("*.npy")
+    config = cfg.load(None, args)
+    limit = config.data.max_length if config.data.long_documents == "truncate" else None
+    documents, encoder = open_documents(world["docs"]), TextEncoder(load_tokenizer(world["model"]))
+    real = batching.document_lengths
+
+    def refuse(*a, **k):
+        raise AssertionError("the corpus was tokenized again")
+
+    monkeypatch.setattr(batching, "document_lengths", refuse)
+    store = RunStore.open(config, overwrite=False)
+    counted = inputs.document_lengths(store, documents, encoder, limit)
+    np.testing.assert_array_equal(counted, np.load(kept))
+    np.testing.assert_array_equal(np.load(store.path("state", "plan", "lengths.npy")), counted)
+    kept.write_bytes(b"not an array")                                     # damaged: counted again, rewritten
+    monkeypatch.setattr(batching, "document_lengths", real)
+    np.testing.assert_array_equal(inputs.document_lengths(None, documents, encoder, limit), counted)
+    np.testing.assert_array_equal(np.load(kept), counted)
+    edited = tmp_path / "docs.jsonl"
+    edited.write_text(world["docs"].read_text().replace("a", "b", 1))
+    inputs.document_lengths(None, open_documents(edited), encoder, limit)
+    assert len(list(cache.glob("*.npy"))) == 2

@@ -10,6 +10,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -104,11 +105,14 @@ def check_inputs(config: cfg.Config) -> None:
                          f"({rundir.why_not_run(Path(config.factors.from_run))})")
 
 
-def document_lengths(store: RunStore, documents, encoder, limit: int | None = None) -> np.ndarray:
-    """Token counts of every document, counted once per run and kept in ``state/plan/`` (keyed by file and tokenizer).
+def document_lengths(store: RunStore | None, documents, encoder, limit: int | None = None) -> np.ndarray:
+    """Token counts of every document, counted once per corpus and tokenizer: kept in the run's ``state/plan/``
+    and in the shared cache (:func:`token_count_cache`), both keyed by the documents' file and content, the
+    tokenizer and the prefix limit, so a second run, another ``run.out`` or ``jaxinf plan --corpus`` on the same
+    corpus does not tokenize it again.
 
     ``limit``: ``data.max_length`` when documents are truncated; a very long document is then counted in a bounded
-    prefix (:meth:`jaxinf.data.tokenize.TextEncoder.encode_documents`)."""
+    prefix (:meth:`jaxinf.data.tokenize.TextEncoder.encode_documents`). ``store`` None: the shared cache alone."""
     from jaxinf.data.batching import document_lengths as count
     from jaxinf.data.progress import PassProgress
 
@@ -120,18 +124,55 @@ def document_lengths(store: RunStore, documents, encoder, limit: int | None = No
         key["fields"] = list(documents.field_names)
     if limit is not None:
         key["prefix_limit"] = int(limit)
-    meta, path = store.path("state", "plan", "lengths.json"), store.path("state", "plan", "lengths.npy")
-    if meta.exists() and path.exists():
-        try:
-            if json.loads(meta.read_text()) == key:
-                return np.load(path)
-        except ValueError:
-            pass
-    lengths = count(documents, encoder, limit=limit, progress=PassProgress("token counts", len(documents)))
+    places = [] if store is None else [(store.path("state", "plan", "lengths.json"),
+                                        store.path("state", "plan", "lengths.npy"), False)]
+    shared = token_count_cache()
+    if shared is not None:
+        name = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:32]
+        places.append((shared / f"{name}.json", shared / f"{name}.npy", True))
+    kept = [_read_counts(meta, path, key) for meta, path, _ in places]
+    lengths = next((x for x in kept if x is not None), None)
+    if lengths is None:
+        lengths = count(documents, encoder, limit=limit, progress=PassProgress("token counts", len(documents)))
+    else:
+        where = next(path for (_, path, _), x in zip(places, kept) if x is not None)
+        log.info("token counts: %d documents, %d tokens, counted before (%s)", len(lengths), int(lengths.sum()), where)
     if jax.process_index() == 0:
-        save_npy(path, lengths)
-        write_json(meta, key)
+        for (meta, path, is_shared), found in zip(places, kept):
+            if found is not None:
+                continue
+            try:
+                save_npy(path, lengths)
+                write_json(meta, key)
+            except OSError as e:
+                if not is_shared:
+                    raise                       # the run directory's copy: a refused write is the run's failure
+                log.info("token counts: not kept in the shared cache %s (%s)", shared, e)
     return lengths
+
+
+TOKEN_COUNT_CACHE = "JAXINF_TOKEN_COUNTS"
+"""The environment variable naming the shared token-count cache's directory (empty: no shared cache)."""
+
+
+def token_count_cache() -> Path | None:
+    """The shared token-count cache: ``$JAXINF_TOKEN_COUNTS`` (empty: off), else ``~/.cache/jaxinf/token-counts``
+    (beside the compilation cache, :func:`jaxinf.cli.enable_compilation_cache`)."""
+    where = os.environ.get(TOKEN_COUNT_CACHE)
+    if where is None:
+        return Path.home() / ".cache" / "jaxinf" / "token-counts"
+    return Path(where) if where else None
+
+
+def _read_counts(meta: Path, path: Path, key: dict) -> np.ndarray | None:
+    """The counts kept at ``path`` if ``meta`` holds ``key`` and they are whole (anything else: None, count again)."""
+    try:
+        if json.loads(meta.read_text()) != key:
+            return None
+        lengths = np.load(path)
+    except (OSError, ValueError, EOFError):
+        return None
+    return lengths if lengths.ndim == 1 and len(lengths) == key["size"] else None
 
 
 def _file_key(name: str) -> list:

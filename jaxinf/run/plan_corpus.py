@@ -9,8 +9,9 @@ of ``plan.tokens_per_document``.
 
 The passes: the curvature is fitted in two passes over the first ``factors.max_documents`` documents
 (covariance, then Lambda), none with ``factors.from``; ``scores.mode: exact`` scores every document in one pass;
-an index (``index.k``) is built in one pass over every document. A run counts the tokens once per corpus and
-tokenizer (kept in its directory), so this count is the one the run itself would make first.
+an index (``index.k``) is built in one pass over every document. The counts go into the shared token-count cache
+(:func:`jaxinf.run.inputs.token_count_cache`), where a run of the same corpus and tokenizer finds them instead of
+counting again.
 """
 
 from __future__ import annotations
@@ -30,13 +31,12 @@ def corpus_plan(config) -> tuple[dict, cfg.Config]:
     ``config`` with ``plan.documents`` and ``plan.tokens_per_document`` set to the corpus's rows and its batches'
     token slots per row (padding, padding rows of the last batches included: what the steps compute). Raises
     :class:`jaxinf.data.errors.DataError` for a bad corpus, as a run would."""
-    from jaxinf.data.batching import document_lengths, make_batch_plan
+    from jaxinf.data.batching import make_batch_plan
     from jaxinf.data.errors import DataError
-    from jaxinf.data.progress import PassProgress
     from jaxinf.data.sources import open_documents
     from jaxinf.data.tokenize import TextEncoder
     from jaxinf.models.hf import load_tokenizer
-    from jaxinf.run.inputs import buckets
+    from jaxinf.run.inputs import buckets, document_lengths
 
     d = config.data
     if d.documents is None:
@@ -45,8 +45,7 @@ def corpus_plan(config) -> tuple[dict, cfg.Config]:
                                source_field=d.source_field, dedupe=d.dedupe)
     encoder = TextEncoder(load_tokenizer(config.model.checkpoint))
     limit = d.max_length if d.long_documents == "truncate" else None
-    lengths = document_lengths(documents, encoder, limit=limit,
-                               progress=PassProgress("token counts", len(documents)))
+    lengths = document_lengths(None, documents, encoder, limit=limit)   # the shared cache's, or counted into it
     args = dict(batch_size=d.batch_size, max_length=d.max_length, long_documents=d.long_documents,
                 buckets=buckets(d.max_length))
     report = make_batch_plan(lengths, **args).report
