@@ -35,11 +35,11 @@ def origin(path: str, function: str) -> str | None:
         rel = p.relative_to(ROOT).as_posix()
     except ValueError:
         return None
-    if rel.startswith("curvature/") or rel in ("scoring.py", "indexing.py"):
+    if rel.startswith("engine/curvature/") or rel in ("engine/scoring.py", "engine/indexing.py"):
         return STATISTIC
-    if rel == "capture.py":
+    if rel == "engine/capture.py":
         return {"per_sequence_gradient": STATISTIC, "tokens_matmul": MODEL}.get(function)
-    if rel.startswith("models/") or rel == "testing.py":   # the models (testing.py: the tiny one of the tests)
+    if rel.startswith("models/") or rel == "engine/testing.py":   # the models (testing.py: the tiny one of the tests)
         return MODEL
     return None
 
