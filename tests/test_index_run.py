@@ -11,6 +11,7 @@ from pipeline_support import env, jaxinf, make_world, overrides
 
 from jaxinf import config as cfg
 from jaxinf import pipeline
+from jaxinf.run import index_run
 
 
 @pytest.fixture(scope="module")
@@ -47,10 +48,12 @@ def test_a_full_index_scores_like_the_scoring_pass(world, exact):
     assert _topk(out) == _topk(exact)
 
 
-def test_under_the_empirical_fisher_the_lambda_pass_writes_the_index(world, tmp_path):
+def test_under_the_empirical_fisher_the_lambda_pass_writes_the_index(world, tmp_path, monkeypatch):
     """factors.fisher=empirical: the Lambda pass's gradients are the scores', so it writes the index itself and a
     scores.mode=index run makes two passes over the corpus (covariance, Lambda); a full index scores like the exact
-    scoring pass."""
+    scoring pass. Its rows are flushed every batch here (a buffer of one byte: rows too big to hold), so the Lambda
+    checkpoint follows them batch by batch, with the same result."""
+    monkeypatch.setattr(index_run, "BUFFER_BYTES", 1)
     empirical = {"factors.fisher": "empirical"}
     oracle = tmp_path / "oracle"
     pipeline.run(cfg.load(None, overrides(world, oracle, **empirical)))
@@ -173,3 +176,12 @@ def test_a_torn_index_is_refused_in_one_line(world, exact, tmp_path):
     r = jaxinf(["query", run, world["root"] / "second.jsonl", "--out", tmp_path / "out"], env(world["cache"]))
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
     assert "cells.npy" in r.stderr.strip().splitlines()[-1]
+
+
+def test_index_rows_are_flushed_before_they_outgrow_the_buffer():
+    manifest = {"cells": 1000, "dtype": "float32", "bands": 9}          # 4,052 bytes per row
+    per_batch = 8 * (1000 * 4 + 4 * 9 + 16)
+    assert index_run.flush_every(100, manifest, 8) == 100                 # 3 MiB: index.save_every as set
+    assert index_run.flush_every(100, {**manifest, "cells": 10**7}, 8) == 3   # 320 MB per batch: 3 fit in 1 GiB
+    assert index_run.flush_every(100, {**manifest, "cells": 10**9}, 8) == 1   # never fewer than one
+    assert index_run.BUFFER_BYTES // per_batch >= 100

@@ -72,6 +72,18 @@ def _manifest(config: cfg.Config, store: RunStore, inputs: Inputs, eigen, sizes)
                        "eigen": eigen_fingerprint(eigen), "precision": config.run.precision}}
 
 
+BUFFER_BYTES = 2**30
+"""The most index rows a pass holds between two flushes (on the device until the save, then on the host): a full
+index of a wide layer makes rows of megabytes, and ``index.save_every`` batches of them would not fit."""
+
+
+def flush_every(save_every: int, manifest: dict, rows_per_batch: int) -> int:
+    """Batches between flushes of the index rows: ``index.save_every``, fewer when that many batches of rows would
+    exceed :data:`BUFFER_BYTES` (at least 1)."""
+    per_row = manifest["cells"] * np.dtype(manifest["dtype"]).itemsize + 4 * manifest["bands"] + 16
+    return max(1, min(save_every, BUFFER_BYTES // max(1, per_row * rows_per_batch)))
+
+
 class IndexBuild:
     """An index being written: its writer (the per-batch saves), the eigenbases in decreasing eigenvalue that its
     statistic rotates with, and ``k``."""
@@ -84,7 +96,11 @@ class IndexBuild:
         self.k = indexing.kept_directions(config.index.k)
         selection = indexing.select_cells(eigen)
         self.manifest = _manifest(config, store, inputs, eigen, indexing.block_sizes(inputs.layers, self.k))
-        self.writer = IndexWriter(self.root, self.manifest, config.index.save_every)
+        every = flush_every(config.index.save_every, self.manifest, inputs.plan.batch_size)
+        if every < config.index.save_every:
+            log.info("index: rows flushed every %d batches (index.save_every=%d batches of rows would hold more than "
+                     "%.0f GiB)", every, config.index.save_every, BUFFER_BYTES / 2**30)
+        self.writer = IndexWriter(self.root, self.manifest, every)
         save_selection(self.root, selection)
         self.basis = indexing.ordered_basis(curv.Q_A, curv.Q_S, selection)
         store.mark("index", "running")
@@ -132,7 +148,8 @@ class WithIndex:
 
     @property
     def every(self) -> int | None:
-        return self.saves.every
+        """The sooner of the two: the pass's own saves, or the index rows' flushes (:func:`flush_every`)."""
+        return min(e for e in (self.saves.every, self.writer.every) if e is not None)
 
     def resume(self, carry):
         return self.saves.resume(carry)
