@@ -307,23 +307,27 @@ def scores_stage(config: cfg.Config, store: RunStore, inputs: Inputs, qg, curv, 
     saves: SavedChunks | index_run.WithIndex
     saves = SavedChunks(store, "scores", inputs.plan, config.scores.save_every,
                         ("scores", "loss", "self") if want_self else ("scores", "loss"))
-    build = None
+    build, tails = None, None
     if (programs.fused_index(config, executor.mesh is None) and store.status("index") != "done"
             and not store.chunks("scores").steps()):   # the index rides on this pass from its start (jaxinf.run.index_run)
         build = index_run.IndexBuild(config, store, inputs, curv, saved_eigen(config, store, inputs, executor))
         saves = index_run.WithIndex(saves, build.writer, ("scores", "loss"))
         fn = programs.scores_and_index(config, inputs.task, inputs.layers).jit(executor)
         score_fn = lambda p, q, c, b: fn(p, q, build.basis, b)  # noqa: E731
-    else:
-        score_fn = programs.scores(config, inputs.task, inputs.layers).jit(executor)
+    else:     # each query's top rows kept with their breakdowns as the pass goes (jaxinf.engine.tails)
+        program = programs.scores(config, inputs.task, inputs.layers, tails=inputs.plan.num_documents)
+        tails = executor.jit(lambda: programs.tails_init(config, inputs.layers, qg.num_queries),
+                             out_shardings=executor.replicated())()
+        score_fn = program.jit(executor)
 
     def step(carry, batch, i):
-        out = score_fn(inputs.lm.params, qg, curv, batch)
+        out = score_fn(inputs.lm.params, qg, curv, batch, *(() if carry is None else (carry,)))
+        carry = out.pop("tails", None)
         finite = jnp.all(jnp.isfinite(out["scores"]), axis=0) & (jnp.isfinite(out["self"]) if want_self else True)
         return carry, out, jnp.where(jnp.isfinite(out["loss"]) & ~finite, -jnp.inf, out["loss"])  # -inf: a bad score
 
-    _, timing = run_batches("scores", step, batches.iterate, None, saves, total=len(batches),
-                            non_finite=non_finite_loss(inputs.documents, "document"), device=executor)
+    tails, timing = run_batches("scores", step, batches.iterate, tails, saves, total=len(batches),
+                                non_finite=non_finite_loss(inputs.documents, "document"), device=executor)
     chunks = saves.saves.chunks if isinstance(saves, index_run.WithIndex) else saves.chunks
     results = _assemble(chunks, inputs, qg.num_queries)
     for key, value in results.items():      # nothing non-finite is exported (rows are checked batch by batch above)
@@ -333,6 +337,8 @@ def scores_stage(config: cfg.Config, store: RunStore, inputs: Inputs, qg, curv, 
     store.mark("scores", "done", total=len(batches), plan=batch_plan_key(inputs.plan), timing=timing)
     if build is not None:
         build.done(timing)
+    if tails is not None:
+        results["tails"] = jax.tree.map(executor.fetch, tails)
     return results
 
 

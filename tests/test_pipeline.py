@@ -124,6 +124,20 @@ def test_killed_anywhere_resumes_to_identical_scores(world, reference, tmp_path)
     for done in ("covariance", "lambda"):                       # finished stages are not run again
         assert not re.search(rf"^{done}: \d+/", final.stderr, re.M), final.stderr
     np.testing.assert_array_equal(np.load(out / "scores.npy"), np.load(reference / "scores.npy"))
+    # The reference kept every top document's breakdowns in its scoring pass; the resumed pass saw only batches
+    # 6-12, so the exports scored the top documents of batches 0-5 again: the same breakdowns either way.
+    scored_again = [json.loads((d / "run.json").read_text())["stages"]["exports"]["documents_scored_again"]
+                    for d in (reference, out)]
+    assert scored_again[0] == 0 and scored_again[1] > 0, scored_again
+    ref_layers, layers = np.load(reference / "layer_scores.npy"), np.load(out / "layer_scores.npy")
+    np.testing.assert_allclose(layers, ref_layers, rtol=1e-5, atol=1e-5 * np.abs(ref_layers).max())
+    ref_tokens, tokens = ([json.loads(line) for line in (d / "topk_tokens.jsonl").read_text().splitlines()]
+                          for d in (reference, out))
+    assert [(r["query"], r["document"], [t["text"] for t in r["tokens"]]) for r in tokens] == \
+        [(r["query"], r["document"], [t["text"] for t in r["tokens"]]) for r in ref_tokens]
+    scale = max(abs(t["score"]) for r in ref_tokens for t in r["tokens"])
+    np.testing.assert_allclose([t["score"] for r in tokens for t in r["tokens"]],
+                               [t["score"] for r in ref_tokens for t in r["tokens"]], rtol=1e-5, atol=1e-5 * scale)
 
 
 def test_resume_refuses_changes_that_would_change_saved_results(world, reference):

@@ -46,10 +46,13 @@ class Recording(MeshExecutor):
 def test_the_planner_compiles_the_programs_the_run_runs(tmp_path, settings):
     """Every per-batch program the planner compiles for a 1 x 1 mesh is one the run compiled and ran (same
     StableHLO: same function, settings, argument shapes, dtypes and layouts). Documents are longer than
-    ``data.max_length`` and the queries fill it, so the run's batches have the planner's shapes."""
+    ``data.max_length`` and the queries fill it, so the run's batches have the planner's shapes; they are split into
+    rows of ``data.max_length`` tokens, which the exports' breakdowns pass scores again (a split document's score is
+    in no one row the scoring pass keeps)."""
     w = make_world(tmp_path / "world", n_documents=6, n_queries=2)
     config = cfg.load(None, overrides(w, tmp_path / "run", **{"data.max_length": 16, "data.query_batch_size": 2,
-                                                              "plan.queries": 2, **settings}))
+                                                              "plan.queries": 2, "plan.documents": 6,
+                                                              "data.long_documents": "split", **settings}))
     mesh = make_mesh(1, 1, jax.devices()[:1])
     seen: set[str] = set()
     pipeline.run(config, executor=Recording(mesh, seen))

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 
 from jaxinf.engine import precision as precisions
 from jaxinf.engine import scoring, stages
+from jaxinf.engine import tails as running_tails
 from jaxinf.engine.capture import LayerSpec
 from jaxinf.engine.tasks import Task
 
@@ -34,8 +35,9 @@ ARGUMENTS = {
     "curv": "the curvature: eigenbases, Lambda or K-FAC eigenvalues, as the strategy keeps them",
     "queries": "the preconditioned query gradients P(G_q) (full or rank-r factors)",
     "basis": "per block, the eigenbases with columns in the index's order (jaxinf.engine.indexing.ordered_basis)",
-    "batch": "a document batch: tokens, mask, weights [B, T]",
+    "batch": "a document batch: tokens, mask, weights [B, T]; index (its documents, -1 for padding), chunk [B]",
     "qbatch": "a query batch: tokens, mask, weights [q, T] (weights 1 at the completion)",
+    "tails": "each query's running top rows of the scoring pass, with their breakdowns (jaxinf.engine.tails.Tails)",
     "key": "the PRNG key of the batch's sampled labels (None for the empirical Fisher)",
 }
 """The names a program's arguments take, and what each is."""
@@ -56,9 +58,10 @@ F32 = 4
 class Program:
     """One stage's step: ``fn(*arguments)`` with the named ``args`` (:data:`ARGUMENTS`).
 
-    ``donate``: the positions whose buffers the step may reuse (an accumulating stage's state); ``rows``: the
-    outputs laid out by row over the ``data`` axis, ``{name: (ndim, rows on the last axis)}`` ("losses": the
-    second element of an accumulating step's result), None where XLA places them; ``per_document``: one call per
+    ``donate``: the positions whose buffers the step may reuse (an accumulating stage's state or a carried value);
+    ``rows``: the outputs laid out by row over the ``data`` axis, ``{name: (ndim, rows on the last axis)}``
+    ("losses": the second element of an accumulating step's result), None where XLA places them; ``whole``: the
+    outputs every device holds whole (a carried value, e.g. the scoring pass's tails); ``per_document``: one call per
     document batch (its FLOPs count per document); ``stage``: the accumulating stage whose ``update`` is ``fn``."""
 
     name: str
@@ -66,6 +69,7 @@ class Program:
     args: tuple[str, ...]
     donate: tuple[int, ...] = ()
     rows: Mapping[str, tuple[int, bool]] | None = None
+    whole: tuple[str, ...] = ()
     per_document: bool = True
     stage: stages.Stage | None = None
 
@@ -77,7 +81,8 @@ class Program:
             return executor.shardings(jax.eval_shape(self.stage.init)), executor.rows()
         if self.rows is None:
             return None
-        return {k: executor.rows(ndim, last) for k, (ndim, last) in self.rows.items()}
+        return {**{k: executor.rows(ndim, last) for k, (ndim, last) in self.rows.items()},
+                **{k: executor.replicated() for k in self.whole}}
 
     def jit(self, executor) -> Callable[..., Any]:
         """The step compiled where ``executor`` keeps its arrays (the run's executor, or the planner's on simulated
@@ -117,16 +122,30 @@ def queries(config, task: Task, layers: Mapping[str, LayerSpec]) -> Program:
     return Program("queries", prepare, ("params", "qbatch", "curv"), per_document=False)
 
 
-def scores(config, task: Task, layers: Mapping[str, LayerSpec], *, self_influence: bool | None = None) -> Program:
+def scores(config, task: Task, layers: Mapping[str, LayerSpec], *, self_influence: bool | None = None,
+           tails: int | None = None) -> Program:
     """Stage 6: a document batch's scores against every query, and with ``scores.self_influence`` its
     self-influence (:func:`jaxinf.engine.stages.score_step`). ``self_influence=False``: the scores alone (the index's
-    certification pass)."""
+    certification pass). ``tails``: the number of documents the pass scores, and that it also keeps each query's
+    running top rows with their breakdowns (:mod:`jaxinf.engine.tails`), carried from batch to batch, so that the
+    exports need no second pass."""
     want_self = config.scores.self_influence if self_influence is None else self_influence
     step = stages.score_step(task, layers, self_influence=want_self,
                              damping_value=config.scores.damping if want_self else None, dtype=_dtype(config),
-                             precision=config.run.matmul_precision)
+                             precision=config.run.matmul_precision,
+                             tails_of=None if tails is None else (tails, config.scores.topk))
     rows = {"scores": (2, True), "loss": (1, False), **({"self": (1, False)} if want_self else {})}
+    if tails is not None:
+        return Program("scores", step, ("params", "queries", "curv", "batch", "tails"), donate=(4,), rows=rows,
+                       whole=("tails",))
     return Program("scores", step, ("params", "queries", "curv", "batch"), rows=rows)
+
+
+def tails_init(config, layers: Mapping[str, LayerSpec], queries: int):
+    """The zero :class:`~jaxinf.engine.tails.Tails` of the scoring pass: ``scores.topk`` slots for each of ``queries``
+    queries, rows of ``data.max_length`` tokens, in the statistics dtype."""
+    return running_tails.init(queries, config.scores.topk, len(scoring.layer_order(layers)), config.data.max_length,
+                              _dtype(config))
 
 
 def index(config, task: Task, layers: Mapping[str, LayerSpec]) -> Program:
@@ -170,13 +189,16 @@ def breakdowns(config, task: Task, layers: Mapping[str, LayerSpec]) -> Program:
     return Program("breakdowns", breakdown, ("params", "queries", "batch"))
 
 
-def programs(config, task: Task, layers: Mapping[str, LayerSpec], *, one_device: bool = True) -> dict[str, Program]:
+def programs(config, task: Task, layers: Mapping[str, LayerSpec], *, one_device: bool = True,
+             documents: int | None = None) -> dict[str, Program]:
     """The per-batch programs ``jaxinf run`` compiles for ``config``, by stage, in the order it runs them.
 
     The fitting stages the strategy needs (none with ``factors.from``); the queries; with ``scores.mode: exact`` the
     scoring pass, which also writes the index when ``index.k`` is set, the scores have no self-influence and the run
     is on ``one_device`` (else the index is a pass of its own after it); with ``scores.mode: index`` the index pass
-    (when this run builds one) and the certifying scores; and the exports' breakdowns."""
+    (when this run builds one) and the certifying scores; and the exports' breakdowns (a pass over the top documents
+    that the scoring pass's tails do not hold: all of them after a scoring pass without tails). ``documents``: the
+    number the scoring pass scores (by default ``plan.documents``, the planner's corpus)."""
     from jaxinf.engine.curvature import strategy as strategy_of
 
     strategy = strategy_of(config.factors.strategy)
@@ -195,7 +217,7 @@ def programs(config, task: Task, layers: Mapping[str, LayerSpec], *, one_device:
     elif fused_index(config, one_device) and not index_in_lambda(config, one_device):
         out["scores"] = scores_and_index(config, task, layers)
     else:
-        out["scores"] = scores(config, task, layers)
+        out["scores"] = scores(config, task, layers, tails=config.plan.documents if documents is None else documents)
         if build and not index_in_lambda(config, one_device):
             out["index"] = index(config, task, layers)
     out["breakdowns"] = breakdowns(config, task, layers)

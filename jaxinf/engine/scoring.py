@@ -181,8 +181,9 @@ FLOPS_PER_BYTE = 16
 memory (about 16 for a CPU host, more for accelerators' f32 and far more for their bf16 matrix units)."""
 
 
-def contraction_order(B: int, T: int, Q: int, d_out: int, d_in: int, rank: int | None) -> str:
-    """``"tokens"`` or ``"documents"``: the cheaper order for one layer of ``sum_t g^T P a``.
+def contraction_costs(B: int, T: int, Q: int, d_out: int, d_in: int, rank: int | None) -> tuple[float, float]:
+    """``(tokens, documents)``: the cost of scoring one ``[B, T]`` batch of one layer in each order of
+    ``sum_t g^T P a``.
 
     The cost is ``FLOPs + FLOPS_PER_BYTE * bytes`` (a roofline: the documents order
     moves parameter-sized matrices through memory; the tokens order's intermediates
@@ -205,7 +206,39 @@ def contraction_order(B: int, T: int, Q: int, d_out: int, d_in: int, rank: int |
     else:
         tokens = 2 * B * T * Q * rank * (d_out + d_in)
         docs += 2 * Q * rank * size + FLOPS_PER_BYTE * 4 * Q * size
+    return float(tokens), float(docs)
+
+
+def contraction_order(B: int, T: int, Q: int, d_out: int, d_in: int, rank: int | None) -> str:
+    """``"tokens"`` or ``"documents"``: the cheaper order of :func:`contraction_costs` for one layer."""
+    tokens, docs = contraction_costs(B, T, Q, d_out, d_in, rank)
     return "tokens" if tokens <= docs else "documents"
+
+
+def per_token_in_pass(layers: Mapping[str, LayerSpec], queries: QueryGradients, B: int, T: int, documents: int,
+                      topk: int) -> bool:
+    """Whether the scoring pass of ``documents`` documents in ``[B, T]`` batches should form per-token scores for
+    the exports (all blocks in the tokens order, whose per-token scores are the terms of the sum over ``t``) rather
+    than leave them to a second pass over each query's ``topk`` documents.
+
+    Summed over blocks (times their stacked layers ``n``), with :func:`contraction_costs`' ``tokens`` and ``docs``
+    for a batch:
+
+        in the pass:  (documents / B) n max(0, tokens - docs)             (the tokens order where it is dearer)
+        second pass:  min(Q topk, documents) n (6 T d_out d_in + tokens / B)
+
+    the second pass counted at its least: each document's forward and backward matmuls of the tracked layers
+    (``6 T d_out d_in``) and its tokens-order scores. The pass forms them when its cost is the smaller."""
+    extra = second = 0.0
+    Q = 0
+    for k, s in layers.items():
+        lowr = k in queries.left
+        q = queries.left[k] if lowr else queries.full[k]
+        Q, n = q.shape[-3], len(s.layer_names) or 1
+        tokens, docs = contraction_costs(B, T, Q, s.d_out, s.d_in_aug, q.shape[-1] if lowr else None)
+        extra += documents / B * n * max(0.0, tokens - docs)
+        second += n * (6 * T * s.d_out * s.d_in_aug + tokens / B)
+    return extra <= min(Q * topk, documents) * second
 
 
 def _token_scores(a: Array, g: Array, q: Mapping[str, Array], per_token: bool, precision=None) -> Array:
@@ -309,6 +342,12 @@ def normalize(scores: _Scores, query_loss: Array | np.ndarray, how: str) -> _Sco
 def expand_layer_scores(per_layer: Mapping[str, Array], layers: Mapping[str, LayerSpec]) -> dict[str, Array]:
     """Per-layer score entries (``layers.3.mlp.up_proj`` -> ``[Q, B]``) from per-block arrays."""
     return expand(per_layer, layers, axis=0)
+
+
+def stacked_layer_scores(per_layer: Mapping[str, Array], layers: Mapping[str, LayerSpec]) -> Array:
+    """Per-layer scores ``[L, Q, B]`` from per-block arrays, layers in :func:`layer_order`."""
+    expanded = expand_layer_scores(per_layer, layers)
+    return jnp.stack([expanded[n] for n in layer_order(layers)])
 
 
 def layer_order(layers: Mapping[str, LayerSpec]) -> list[str]:

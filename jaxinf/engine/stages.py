@@ -27,6 +27,7 @@ from typing import Any, NamedTuple, cast
 import jax
 import numpy as np
 
+from jaxinf.engine import tails as running_tails
 from jaxinf.engine.capture import CaptureError, LayerSpec, joint, layer_statistics, per_sequence_gradient
 from jaxinf.engine.curvature import (
     Curvature,
@@ -51,9 +52,11 @@ from jaxinf.engine.scoring import (
     Scores,
     block_scores,
     collect_scores,
+    per_token_in_pass,
     prepare_layer,
     query_context,
     query_gradients_of,
+    stacked_layer_scores,
     sum_layers,
 )
 from jaxinf.engine.tasks import Task
@@ -241,15 +244,25 @@ def score_batch(
 
 
 def score_step(task: Task, layers: Mapping[str, LayerSpec], *, self_influence: bool, damping_value: float | None,
-               dtype=None, precision=None):
+               dtype=None, precision=None, tails_of: tuple[int, int] | None = None):
     """The scoring step of ``jaxinf run`` and ``jaxinf plan``: ``(params, queries, curv, batch) ->
-    {"scores": [Q, B], "loss": [B](, "self": [B])}``."""
-    def step(params, queries, curv, batch):
+    {"scores": [Q, B], "loss": [B](, "self": [B])}``. With ``tails_of`` ``(documents, topk)``,
+    ``(params, queries, curv, batch, tails)`` and the updated :class:`~jaxinf.engine.tails.Tails` as ``"tails"``:
+    each query's running top rows with their per-layer scores, and their per-token scores where
+    :func:`~jaxinf.engine.scoring.per_token_in_pass` finds them cheaper here than in a second pass."""
+    keep_tails = tails_of is not None
+
+    def step(params, queries, curv, batch, tails=None):
+        per_token = keep_tails and per_token_in_pass(layers, queries, *batch["tokens"].shape, *tails_of)
         s, loss = score_batch(task, layers, params, queries, batch, curv=curv if self_influence else None,
-                              damping_value=damping_value, dtype=dtype, precision=precision)
+                              per_layer=keep_tails, per_token=per_token, damping_value=damping_value, dtype=dtype,
+                              precision=precision)
         out = {"scores": s.total, "loss": loss}
         if self_influence:
             out["self"] = s.self
+        if keep_tails:
+            out["tails"] = running_tails.update(tails, s.total, stacked_layer_scores(s.per_layer, layers),
+                                                s.per_token, batch)
         return out
 
     return step

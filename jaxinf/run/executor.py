@@ -39,6 +39,10 @@ from jaxinf.sharding.partitioning import ShardingError, batch_spec, rows_spec, t
 
 log = logging.getLogger("jaxinf")
 
+BATCH_KEYS = ("tokens", "mask", "weights", "index", "chunk")
+"""What a document batch brings to the devices: its tokens, mask and loss weights ``[B, T]``, and each row's document
+and chunk ``[B]`` (the scoring pass's tails name the rows they keep)."""
+
 
 @runtime_checkable
 class Executor(Protocol):
@@ -80,6 +84,9 @@ class Executor(Protocol):
     def rows(self, ndim: int = 1, last: bool = False):
         """The sharding of per-row outputs (rows on the first, or ``last``, axis)."""
 
+    def replicated(self):
+        """The sharding of an output every device holds whole."""
+
     def init(self, stage: Stage):
         """A stage's zero state, created where it lives."""
 
@@ -107,8 +114,7 @@ class DeviceExecutor:
         return jax.jit(fn, donate_argnums=donate_argnums)
 
     def put(self, batch: Mapping[str, np.ndarray]) -> dict[str, jax.Array]:
-        keys = ("tokens", "mask", "weights")
-        return {k: jnp.asarray(batch[k]) for k in keys if k in batch}
+        return {k: jnp.asarray(batch[k]) for k in BATCH_KEYS if k in batch}
 
     def put_replicated(self, batch: Mapping[str, np.ndarray]) -> dict[str, jax.Array]:
         return self.put(batch)
@@ -120,6 +126,9 @@ class DeviceExecutor:
         return None
 
     def rows(self, ndim: int = 1, last: bool = False):
+        return None
+
+    def replicated(self):
         return None
 
     def init(self, stage: Stage):
@@ -177,7 +186,7 @@ class MeshExecutor:
     def put(self, batch: Mapping[str, np.ndarray]) -> dict[str, jax.Array]:
         """This process's rows of a document batch, as the global batch split over ``data``."""
         out = {}
-        for k in ("tokens", "mask", "weights"):
+        for k in BATCH_KEYS:
             if k not in batch:
                 continue
             x = np.asarray(batch[k])
@@ -210,6 +219,10 @@ class MeshExecutor:
     def rows(self, ndim: int = 1, last: bool = False) -> NamedSharding:
         """Sharding of per-row outputs: rows over ``data`` on the first (or ``last``) axis."""
         return NamedSharding(self.mesh, rows_spec(ndim) if last else batch_spec(ndim))
+
+    def replicated(self) -> NamedSharding:
+        """Whole on every device."""
+        return NamedSharding(self.mesh, P())
 
     def init(self, stage: Stage):
         """A stage's zero state, created directly on its shardings."""

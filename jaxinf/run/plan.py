@@ -244,7 +244,7 @@ def abstract_arguments(config, mesh, lm, layers, shapes: dict, global_batch: int
     import jax.numpy as jnp
 
     from jaxinf import models
-    from jaxinf.engine import curvature, scoring
+    from jaxinf.engine import curvature, programs, scoring
     from jaxinf.engine.precision import statistics_dtype
     from jaxinf.sharding.meshes import abstract_tree
     from jaxinf.sharding.partitioning import batch_spec, tree_shardings
@@ -254,13 +254,14 @@ def abstract_arguments(config, mesh, lm, layers, shapes: dict, global_batch: int
 
     dtype = statistics_dtype(config.run.precision)
     T = config.data.max_length
-    batch_sh = jax.sharding.NamedSharding(mesh, batch_spec(2))
+    batch_sh, rows_sh = (jax.sharding.NamedSharding(mesh, batch_spec(n)) for n in (2, 1))
     batch = {"tokens": jax.ShapeDtypeStruct((global_batch, T), jnp.int32, sharding=batch_sh),
              "mask": jax.ShapeDtypeStruct((global_batch, T), jnp.float32, sharding=batch_sh),
              "weights": jax.ShapeDtypeStruct((global_batch, T), jnp.float32, sharding=batch_sh)}
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     qbatch = {k: jax.ShapeDtypeStruct((config.data.query_batch_size, T), v.dtype, sharding=replicated)
               for k, v in batch.items()}
+    batch.update({k: jax.ShapeDtypeStruct((global_batch,), jnp.int32, sharding=rows_sh) for k in ("index", "chunk")})
     eigen = absd(shapes["eigen"])
     Lambda = absd(shapes["lambda"], curvature.LAMBDA_AXES)
     strategy = curvature.strategy(config.factors.strategy)
@@ -274,7 +275,9 @@ def abstract_arguments(config, mesh, lm, layers, shapes: dict, global_batch: int
     basis = {k: {"Q_A": eigen.Q_A[k], "Q_S": eigen.Q_S[k]} for k in layers}   # columns reordered: same shapes
     return {"params": absd(lm.params, models.parameter_axes(lm.config)), "eigen": eigen if strategy.eigen else None,
             "curv": curv, "queries": absd(queries), "basis": basis, "batch": batch, "qbatch": qbatch,
-            "key": jax.eval_shape(lambda: jax.random.key(0)) if config.factors.fisher == "sampled" else None}
+            "key": jax.eval_shape(lambda: jax.random.key(0)) if config.factors.fisher == "sampled" else None,
+            "tails": jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
+                                  jax.eval_shape(lambda: programs.tails_init(config, layers, Q)))}
 
 
 def step_programs(config, mesh, lm, layers, global_batch: int, with_pass: bool = False,

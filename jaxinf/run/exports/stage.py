@@ -2,9 +2,10 @@
 :mod:`jaxinf.run.exports.formats`.
 
 From the scoring stage's results: ``scores.npy`` (normalized as ``scores.normalize`` asks),
-``self_influence.npy``, ``queries.jsonl``, ``documents.jsonl`` and ``topk.jsonl``; then one more
-pass over each query's top documents (:func:`export_breakdowns`, through the per-batch loop of
-:mod:`jaxinf.engine.loop`) for ``layers.json``, ``layer_scores.npy`` and ``topk_tokens.jsonl``. Every
+``self_influence.npy``, ``queries.jsonl``, ``documents.jsonl`` and ``topk.jsonl``; then the per-layer and
+per-token breakdowns of each query's top documents (``layers.json``, ``layer_scores.npy``, ``topk_tokens.jsonl``,
+:func:`export_breakdowns`): kept by the scoring pass as it went (:mod:`jaxinf.engine.tails`), and computed by one
+more pass, through the per-batch loop of :mod:`jaxinf.engine.loop`, for the documents it did not keep. Every
 process computes (the breakdown pass runs on the mesh); process 0 writes.
 """
 
@@ -21,7 +22,9 @@ from jaxinf import config as cfg
 from jaxinf.atomic import save_npy
 from jaxinf.data.tokenize import token_pieces
 from jaxinf.engine import programs, scoring
+from jaxinf.engine import tails as running_tails
 from jaxinf.engine.loop import Kept, run_batches
+from jaxinf.engine.tails import Tails
 from jaxinf.run.executor import Executor
 from jaxinf.run.exports import formats
 from jaxinf.run.inputs import Inputs, non_finite_loss
@@ -67,8 +70,8 @@ def export(config: cfg.Config, store: RunStore, inputs: Inputs, results: dict, q
         formats.write_topk(store.path("topk.jsonl"), (
             {"query": q.id, "top": [entry(i, int(d)) for d in top[i]], "bottom": [entry(i, int(d)) for d in bottom[i]]}
             for i, q in enumerate(inputs.queries)))
-    export_breakdowns(config, store, inputs, qg, top, docs, executor)
-    store.mark("exports", "done", seconds=round(time.perf_counter() - t0, 3))
+    again = export_breakdowns(config, store, inputs, qg, top, docs, executor, results.get("tails"))
+    store.mark("exports", "done", seconds=round(time.perf_counter() - t0, 3), documents_scored_again=again)
 
 
 def _write_index_exports(store: RunStore, inputs: Inputs, results: dict, qloss: np.ndarray, normalize: str) -> None:
@@ -93,16 +96,60 @@ def _document_rows(inputs: Inputs, losses: np.ndarray) -> Iterator[dict]:
                "loss": float(losses[doc.index])}
 
 
-def export_breakdowns(config, store, inputs: Inputs, qg, top: np.ndarray, docs: dict, executor: Executor) -> None:
-    """Per-layer and per-token scores of each query's top documents, from one more pass over just those documents.
+def export_breakdowns(config, store, inputs: Inputs, qg, top: np.ndarray, docs: dict, executor: Executor,
+                      tails: Tails | None = None) -> int:
+    """Per-layer and per-token scores of each query's top documents (``layers.json``, ``layer_scores.npy``,
+    ``topk_tokens.jsonl``): from the scoring pass's ``tails`` (:mod:`jaxinf.engine.tails`, host arrays) where they
+    hold a document whole, and from one more pass over the documents they do not (:func:`_breakdown_pass`). Returns
+    how many documents that pass scored."""
+    t0 = time.perf_counter()
+    Q, K = top.shape
+    names = scoring.layer_order(inputs.layers)
+    rows = np.bincount(inputs.plan.row_document, minlength=inputs.plan.num_documents)   # rows per document
+    layer_top = np.zeros((Q, K, len(names)))                                                  # [Q, K, L]
+    kept: dict[tuple[int, int], tuple[list[int], np.ndarray]] = {}     # (query, rank) -> (ids, per-token scores)
+    for q in range(Q):
+        for rank, d in enumerate(top[q].tolist()):
+            slot = None if tails is None else running_tails.found(tails, q, d, single_row=bool(rows[d] == 1))
+            if tails is not None and slot is not None:
+                n = int(tails.length[q, slot])
+                layer_top[q, rank] = tails.layers[q, slot]
+                kept[q, rank] = tails.ids[q, slot, :n].tolist(), np.asarray(tails.tokens[q, slot, :n])
+    wanted = sorted({int(top[q, rank]) for q in range(Q) for rank in range(K) if (q, rank) not in kept})
+    position = {d: i for i, d in enumerate(wanted)}
+    tokens: dict[int, list[tuple[int, list[int], np.ndarray]]] = {}
+    if wanted:
+        per_layer, tokens = _breakdown_pass(config, inputs, qg, wanted, executor)
+        for q in range(Q):
+            for rank, d in enumerate(top[q].tolist()):
+                if (q, rank) not in kept:
+                    layer_top[q, rank] = per_layer[:, q, position[d]]
+    log.info("exports: breakdowns of %d of %d top documents kept by the scoring pass, %d documents scored again "
+             "(%.1fs)", len(kept), Q * K, len(wanted), time.perf_counter() - t0)
+    if jax.process_index() != 0:
+        return len(wanted)
+    formats.write_layer_exports(store.root, names, layer_top)
+    vocab = inputs.encoder.tokenizer
+
+    def records():
+        for q, query in enumerate(inputs.queries):
+            for rank, d in enumerate(top[q].tolist()):
+                ids, sc = kept[q, rank] if (q, rank) in kept else _join_chunks(tokens[position[d]], q)
+                yield {"query": query.id, "document": docs[d].id, "rank": rank,
+                       "tokens": [{"text": vocab.id_to_token(t) or "", "piece": piece, "score": float(v)}
+                                  for t, piece, v in zip(ids, token_pieces(vocab, ids), sc)]}
+
+    formats.write_topk_tokens(store.path("topk_tokens.jsonl"), records())
+    return len(wanted)
+
+
+def _breakdown_pass(config, inputs: Inputs, qg, wanted: list[int], executor: Executor):
+    """Per-layer scores ``[L, Q, len(wanted)]`` and per-token scores (subset document -> ``[(chunk, ids, [Q, n])]``)
+    of the documents ``wanted``, from a pass over just those.
 
     The pass is not resumed (the exports stage runs again whole) and checks no loss: the scoring stage has already
     checked these documents'."""
-    t0 = time.perf_counter()
-    wanted = sorted(set(top.ravel().tolist()))
     subset, batches = inputs.subset_batches(config, wanted, executor)
-    names = scoring.layer_order(inputs.layers)
-    Q = qg.num_queries
     fn = programs.breakdowns(config, inputs.task, inputs.layers).jit(executor)
 
     def step(carry, batch, i):
@@ -112,8 +159,8 @@ def export_breakdowns(config, store, inputs: Inputs, qg, top: np.ndarray, docs: 
     run_batches("breakdowns", step, batches.iterate, None, kept, total=len(batches),
                 non_finite=non_finite_loss(subset, "document"), device=executor,
                 fields=("index", "chunk", "mask", "tokens"))   # every process's rows
-    per_layer = np.zeros((len(names), Q, len(wanted)))
-    tokens: dict[int, list[tuple[int, list[int], np.ndarray]]] = {}   # subset doc -> [(chunk, ids, [Q, n])]
+    per_layer = np.zeros((len(scoring.layer_order(inputs.layers)), qg.num_queries, len(wanted)))
+    tokens: dict[int, list[tuple[int, list[int], np.ndarray]]] = {}
     for (stacked, token_scores), rows in kept.batches:
         for j, d in enumerate(rows["index"].tolist()):
             if d < 0:
@@ -122,24 +169,7 @@ def export_breakdowns(config, store, inputs: Inputs, qg, top: np.ndarray, docs: 
             n = int(rows["mask"][j].sum())
             tokens.setdefault(d, []).append((int(rows["chunk"][j]), rows["tokens"][j, :n].tolist(),
                                              token_scores[:, j, :n]))
-    position = {d: i for i, d in enumerate(wanted)}
-    layer_top = np.stack([per_layer[:, q, [position[int(d)] for d in top[q]]].T for q in range(Q)])  # [Q, K, L]
-    if jax.process_index() != 0:
-        return
-    formats.write_layer_exports(store.root, names, layer_top)
-    vocab = inputs.encoder.tokenizer
-
-    def records():
-        for q, query in enumerate(inputs.queries):
-            for rank, d in enumerate(top[q].tolist()):
-                ids, sc = _join_chunks(tokens[position[d]], q)
-                yield {"query": query.id, "document": docs[d].id, "rank": rank,
-                       "tokens": [{"text": vocab.id_to_token(t) or "", "piece": piece, "score": float(v)}
-                                  for t, piece, v in zip(ids, token_pieces(vocab, ids), sc)]}
-
-    formats.write_topk_tokens(store.path("topk_tokens.jsonl"), records())
-    log.info("exports: per-layer and per-token scores of %d top documents in %.1fs", len(wanted),
-             time.perf_counter() - t0)
+    return per_layer, tokens
 
 
 def _join_chunks(chunks: list, q: int) -> tuple[list[int], np.ndarray]:
