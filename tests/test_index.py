@@ -172,3 +172,25 @@ def test_plan_counts_the_index_bytes_per_document():
     assert got["cells"] == 3 * 16 + 16
     assert got["bytes_per_document"] == 2 * got["cells"] + 4 * (3 * 4 * 3 + 1) + 16
     assert got["bytes"] == 1000 * got["bytes_per_document"] and got["bytes_per_device"]["8"] == got["bytes"] // 8
+
+
+def test_plan_counts_the_index_rows_held_between_flushes_in_the_writing_steps_peak():
+    """The rows a pass holds before it flushes them wait on the devices: ``jaxinf plan`` adds them to the peak of the
+    step that writes them (the scoring pass here, an index pass of its own on a mesh), and only to that step's."""
+    from jaxinf import config as cfg
+    from jaxinf.run import plan
+
+    config = cfg.load(None, ["index.k=full", "index.save_every=50", "data.batch_size=4"])
+    ix = {"k": "full", "dtype": "float32", "cells": 2**20, "bands": 64, "bytes_per_document": 4 * 2**20 + 4 * 64 + 16}
+    one = plan.index_rows_held(config, ix, {"devices": 1, "hosts": 1, "global_batch": 4, "data": 1})
+    assert one == {"step": "scores", "batches": 50, "bytes_per_device": 50 * 4 * ix["bytes_per_document"]}
+    mesh = {"devices": 8, "hosts": 1, "global_batch": 4, "data": 4, "model": 2}
+    rows = plan.index_rows_held(config, ix, mesh)
+    assert rows == {"step": "index", "batches": 50, "bytes_per_device": 50 * 1 * ix["bytes_per_document"]}
+    steps = [{"name": n, "peak": 2**29} for n in ("scores", "index")]
+    result = {"meshes": [{**mesh, "static": {k: 0 for k in ("parameters", "factors", "Lambda", "queries")},
+                          "steps": steps, "index_rows": rows}]}
+    limit = (2**29 + rows["bytes_per_device"] - 1) / 2**30          # the bare peaks fit, the index step's rows do not
+    (msg,) = plan.check_fit(result, limit)
+    assert "stage index needs" in msg and "with the index rows it holds" in msg
+    assert plan.check_fit(result, (2**29 + rows["bytes_per_device"]) / 2**30) == []

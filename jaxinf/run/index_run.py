@@ -28,7 +28,14 @@ import numpy as np
 from jaxinf import config as cfg
 from jaxinf.engine import indexing, programs
 from jaxinf.engine.loop import Kept, run_batches
-from jaxinf.run.index_store import IndexError_, IndexReader, IndexWriter, load_selection, save_selection
+from jaxinf.run.index_store import (
+    IndexError_,
+    IndexReader,
+    IndexWriter,
+    load_selection,
+    row_bytes,
+    save_selection,
+)
 from jaxinf.run.inputs import Inputs, non_finite_loss
 from jaxinf.run.saved import SavedState, batch_plan_key
 from jaxinf.run.store import RunStore
@@ -80,7 +87,7 @@ index of a wide layer makes rows of megabytes, and ``index.save_every`` batches 
 def flush_every(save_every: int, manifest: dict, rows_per_batch: int) -> int:
     """Batches between flushes of the index rows: ``index.save_every``, fewer when that many batches of rows would
     exceed :data:`BUFFER_BYTES` (at least 1)."""
-    per_row = manifest["cells"] * np.dtype(manifest["dtype"]).itemsize + 4 * manifest["bands"] + 16
+    per_row = row_bytes(manifest["cells"], manifest["dtype"], manifest["bands"])
     return max(1, min(save_every, BUFFER_BYTES // max(1, per_row * rows_per_batch)))
 
 
@@ -107,7 +114,7 @@ class IndexBuild:
 
     def done(self, timing: dict) -> None:
         m = self.writer.manifest
-        per_row = m["cells"] * np.dtype(m["dtype"]).itemsize + 4 * m["bands"] + 16
+        per_row = row_bytes(m["cells"], m["dtype"], m["bands"])
         self.store.mark("index", "done", k=m["k"], cells=m["cells"], bytes_per_row=int(per_row),
                         eigen=m["inputs"]["eigen"], timing=timing)
         log.info("index: %d cells per document row (%s), %.1f MiB", m["cells"], m["dtype"],

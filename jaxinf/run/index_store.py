@@ -41,6 +41,12 @@ class IndexError_(StoreError):
     """An index that cannot be used (missing, from other inputs, torn); the message names the file."""
 
 
+def row_bytes(cells: int, dtype: str, bands: int) -> int:
+    """Bytes of one row on disk: its ``cells`` in ``dtype`` (an ``index.dtype``), ``bands`` float32 band energies,
+    and its document (int64) and loss (float64)."""
+    return int(cells * np.dtype(DTYPES[dtype]).itemsize + 4 * bands + 16)
+
+
 def manifest_path(root: Path) -> Path:
     return Path(root) / "manifest.json"
 
@@ -203,9 +209,10 @@ def index_size(config, layers, devices: list[int]) -> dict:
     cells = sum(k_S * k_A * len(layers[n].layer_names) for n, (k_S, k_A) in sizes.items())
     n_bands = sum(len(bands(k_S, layers[n].d_out)) * len(bands(k_A, layers[n].d_in_aug)) * len(layers[n].layer_names)
                   for n, (k_S, k_A) in sizes.items())
-    per_doc = cells * np.dtype(DTYPES[config.index.dtype]).itemsize + 4 * n_bands + 16
+    per_doc = row_bytes(cells, config.index.dtype, n_bands)
     total = per_doc * config.plan.documents
-    return {"k": config.index.k, "dtype": config.index.dtype, "cells": int(cells), "bytes_per_document": int(per_doc),
+    return {"k": config.index.k, "dtype": config.index.dtype, "cells": int(cells), "bands": int(n_bands),
+            "bytes_per_document": int(per_doc),
             "documents": config.plan.documents, "bytes": int(total),
             "bytes_per_device": {str(d): int(-(-total // d)) for d in devices},
             "query_flops_per_document": 2 * int(cells)}

@@ -410,7 +410,26 @@ def plan(config, meshes: Iterable[tuple[int, int]], compile: bool = True, chip=N
         result["meshes"].append(entry)
     if config.index.k is not None:
         result["index"] = index_size(config, layers, [d * m for d, m in meshes])
+        for entry in result["meshes"]:
+            entry["index_rows"] = index_rows_held(config, result["index"], entry)
     return result
+
+
+def index_rows_held(config, ix: dict, mesh: dict) -> dict:
+    """The index rows that the pass writing them holds between two flushes
+    (:func:`jaxinf.run.index_run.flush_every` batches of ``data.batch_size`` rows per corpus slice), per device: they
+    wait on the devices, split over ``data``, until they are saved. ``step``: the pass that writes them (the Lambda
+    pass, the scoring pass, or a pass of its own, as :func:`jaxinf.engine.programs.programs` decides); :func:`check_fit`
+    adds them to its peak."""
+    from jaxinf.engine import programs
+    from jaxinf.run.index_run import flush_every
+
+    one_device = mesh["devices"] == 1 and mesh["hosts"] == 1
+    step = "lambda" if programs.index_in_lambda(config, one_device) else \
+        "scores" if programs.fused_index(config, one_device) else "index"
+    every = flush_every(config.index.save_every, ix, config.data.batch_size)
+    return {"step": step, "batches": every,
+            "bytes_per_device": every * -(-mesh["global_batch"] // mesh["data"]) * ix["bytes_per_document"]}
 
 
 def _mesh_dict(mp: MeshPlan, config, chip=None) -> dict:
@@ -453,10 +472,13 @@ def check_fit(result: dict, memory_gib: float | None) -> list[str]:
         if not m["steps"] and static > limit:
             bad.append(f"mesh {m['data']}x{m['model']}: parameters, factors, Lambda and query gradients alone need "
                        f"{static / GiB:.2f} GiB per device, more than plan.device_memory_gib={memory_gib:g}")
+        rows = m.get("index_rows", {})
         for s in m["steps"]:
-            if s["peak"] > limit:
-                msg = (f"mesh {m['data']}x{m['model']}: stage {s['name']} needs {s['peak'] / GiB:.2f} GiB per "
-                       f"device, more than plan.device_memory_gib={memory_gib:g}")
+            peak = s["peak"] + (rows["bytes_per_device"] if s["name"] == rows.get("step") else 0)
+            if peak > limit:
+                msg = (f"mesh {m['data']}x{m['model']}: stage {s['name']} needs {peak / GiB:.2f} GiB per "
+                       f"device{' with the index rows it holds' if s['name'] == rows.get('step') else ''}, more than "
+                       f"plan.device_memory_gib={memory_gib:g}")
                 largest = m.get("largest_layers", {}).get(s["name"])
                 if largest is not None:
                     msg += (f"; its largest layer statistic is {largest[0]} (about {largest[1] / GiB:.2f} GiB); "
@@ -505,6 +527,10 @@ def format_plan(result: dict, config) -> str:
                 elif chip:
                     row += f" {'-':>8} {'-':>9} {'-':>9} {'-':>10}  -"
                 lines.append(row)
+        if "index_rows" in m:
+            r = m["index_rows"]
+            lines.append(f"  index rows held by the {r['step']} step between flushes: {r['batches']} batches, "
+                         f"{gib(r['bytes_per_device']).strip()} GiB per device (in its peak for plan.device_memory_gib)")
     if "index" in result:
         lines += ["", format_size(result["index"])]
     tokens = config.plan.tokens_per_document or config.data.max_length
