@@ -92,6 +92,32 @@ def test_end_to_end_numbers_match_direct_computations(tmp_path):
         assert f'src="{name}"' in html
 
 
+def test_answers_are_searched_as_the_correct_answer_and_as_the_models_own(tmp_path):
+    """Issue 24: each query's top documents are searched for its ``answer`` and for its ``model_answer`` (else
+    what the rules take from the completion); finding 2 reports both."""
+    answers = ["14"] * 4 + ["77"] * 8 + [None] * 4            # "document n says 7n": 14 is in d2 and d14
+    completions = ["so 21 ."] * 16
+    run, s = _basic(tmp_path, answers=answers, completions=completions)
+    rows = [json.loads(line) for line in (run / "queries.jsonl").read_text().splitlines()]
+    for r in rows[4:12]:
+        r["model_answer"] = ["9999"]                           # in no document
+    aio.write_queries(run / "queries.jsonl", rows)
+    out = analyze(run, FAST, write=False, log=lambda *_: None)
+    per = out["answers"]["per_query"]
+    assert per[0]["rule"] == "answer field" and per[0]["items"] == ["14"]
+    assert per[0]["model"] == {"rule": "numbers and key phrases", "items": ["21"], "by_k": per[0]["model"]["by_k"]}
+    assert per[5]["model"]["rule"] == "model_answer field" and per[5]["model"]["items"] == ["9999"]
+    assert not any(b["found_all"] for b in per[5]["model"]["by_k"])
+    s32 = s.astype(np.float32)
+    for q, holders in ((0, (2, 14)), (5, (11, 77))):   # found at k when a document stating it is in the top k
+        order = np.argsort(-s32[q], kind="stable")
+        rank = min(int(np.flatnonzero(order == n)[0]) for n in holders)
+        assert [b["found_all"] for b in per[q]["by_k"]] == [rank < k for k in out["answers"]["ks"]]
+    second = out["findings"][1]
+    assert second["answer"] == "correct answer" and set(second["variants"]) == {"correct answer", "model's answer"}
+    assert second["variants"]["model's answer"]["table"][1] == [0, 8]
+
+
 def test_chunk_size_does_not_change_the_numbers(tmp_path):
     run, _ = _basic(tmp_path)
     from dataclasses import replace

@@ -375,10 +375,16 @@ def test_procedural_finding_is_not_produced_by_shared_wording():
     assert "vs template-matched controls: not testable" in uncontrolled["statistic"]
 
 
-def _answers_block(factual: list[bool], reasoning: list[bool], ks=(10, 50, 500)) -> dict:
-    per_query = [{"query": f"{kind}-{i}", "kind": kind, "by_k": [
-        {"k": k, "found_all": f if k == 10 else True, "recall": float(f)} for k in ks]}
-        for kind, flags in (("factual", factual), ("reasoning", reasoning)) for i, f in enumerate(flags)]
+def _answers_block(factual: list[bool], reasoning: list[bool], ks=(10, 50, 500), own=None, rule="answer field") -> dict:
+    """An answers block whose correct answers are found as flagged (at k = 10) and the model's own answers as
+    ``own`` flags (default: the same), with the first search's items taken by ``rule``."""
+    own = own or (factual, reasoning)
+
+    def by_k(f):
+        return [{"k": k, "found_all": f if k == 10 else True, "recall": float(f)} for k in ks]
+    per_query = [{"query": f"{kind}-{i}", "kind": kind, "rule": rule, "by_k": by_k(f), "model": {"by_k": by_k(o)}}
+                 for kind, flags, owns in (("factual", factual, own[0]), ("reasoning", reasoning, own[1]))
+                 for i, (f, o) in enumerate(zip(flags, owns))]
     return {"available": True, "ks": list(ks), "per_query": per_query}
 
 
@@ -399,3 +405,28 @@ def test_answer_finding_is_a_one_sided_fisher_test_at_the_top_one_percent():
     assert reversed_["holds"] is False
     assert findings.answers_retrieved({"available": False}, 3000)["holds"] is None
     assert findings.answers_retrieved(_answers_block([True] * 3, []), 3000)["holds"] is None
+
+
+def test_answer_finding_compares_one_kind_of_answer_for_both_query_kinds():
+    """Issue 24: the correct answer for both kinds, with the model's own answer reported beside it."""
+    from jaxinf.analysis import findings
+
+    # the correct answers say it holds, the model's own answers (found for reasoning too) say it does not
+    block = _answers_block([True] * 8, [False] * 24, own=([True] * 8, [True] * 24))
+    res = findings.answers_retrieved(block, 3000)
+    assert res["answer"] == "correct answer" and res["holds"] is True
+    assert res["table"] == [[8, 0], [0, 24]] and res["p_value"] == pytest.approx(1 / math.comb(32, 8), rel=1e-9)
+    own = res["variants"]["model's answer"]
+    assert own["table"] == [[8, 0], [24, 0]] and own["p_value"] == pytest.approx(1.0)
+    assert "model's answer: factual 8/8, reasoning 24/24" in res["statistic"]
+    assert "correct answer: factual 8/8, reasoning 0/24, p = " in res["statistic"]
+    # no answer field anywhere: the model's own answers for both kinds decide, and say so
+    derived = findings.answers_retrieved(_answers_block([True] * 8, [False] * 24, own=([True] * 8, [True] * 24),
+                                                        rule="step results"), 3000)
+    assert derived["answer"] == "model's answer" and derived["holds"] is False and derived["table"] == own["table"]
+    assert "correct answer: not testable" in derived["statistic"]
+    # a correct answer for factual queries only is never compared with the model's answer of reasoning ones
+    mixed = _answers_block([True] * 8, [False] * 24, own=([True] * 8, [True] * 24))
+    for q in mixed["per_query"]:
+        q["rule"] = "answer field" if q["kind"] == "factual" else "step results"
+    assert findings.answers_retrieved(mixed, 3000)["answer"] == "model's answer"

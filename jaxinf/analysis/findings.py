@@ -29,10 +29,15 @@ scores; the demo's report reads the same verdicts as a user's run.
 2. *Answers are retrieved for facts, not for reasoning.* A factual query's
    answer occurs in its top-k documents more often than a reasoning query's.
    A query counts as found when every one of its answer items occurs in one of
-   its top-k documents (:mod:`jaxinf.analysis.answers`). Test: one-sided
-   Fisher exact test on the 2 x 2 table (factual, reasoning) x (found, not).
-   ``k`` is the largest searched k within the top 1% of the documents (the
-   paper's 500 of 5 million is 0.01%), or the smallest searched k if none is.
+   its top-k documents (:mod:`jaxinf.analysis.answers`). Both kinds are
+   searched for the same kind of answer: the verdict uses the *correct*
+   answers (the ``answer`` field, over the queries that have one) when both
+   kinds have them, else the *model's own* answers (``model_answer``, or the
+   items taken from the completion); the other variant is reported beside it
+   (``variants``). Test: one-sided Fisher exact test on the 2 x 2 table
+   (factual, reasoning) x (found, not). ``k`` is the largest searched k within
+   the top 1% of the documents (the paper's 500 of 5 million is 0.01%), or the
+   smallest searched k if none is.
 """
 
 from __future__ import annotations
@@ -96,33 +101,68 @@ def procedural_correlation(correlations: dict) -> dict:
             "difference": f["difference"]}
 
 
-def answers_retrieved(answers: dict, n_documents: int) -> dict:
-    """Finding 2 from the answers block: factual vs reasoning queries whose answer occurs in the top k."""
+VARIANTS = ("correct answer", "model's answer")
+
+
+def fisher_greater(factual: Sequence[bool], reasoning: Sequence[bool]) -> tuple[list[list[int]], float]:
+    """The 2 x 2 table ``[[found, not] factual, [found, not] reasoning]`` and the one-sided Fisher exact p of
+    "factual queries are found more often" (the hypergeometric tail of the factual found count)."""
     from scipy.stats import fisher_exact
 
+    table = [[sum(factual), len(factual) - sum(factual)], [sum(reasoning), len(reasoning) - sum(reasoning)]]
+    return table, float(fisher_exact(table, alternative="greater").pvalue)
+
+
+def _answer_variant(answers: dict, j: int, variant: str) -> dict:
+    """Found flags at k index ``j`` of one variant (:data:`VARIANTS`), its table and one-sided p."""
+    found: dict[str, list[bool]] = {"factual": [], "reasoning": []}
+    for q in answers["per_query"]:
+        if q["kind"] not in found:
+            continue
+        if variant == "correct answer" and q["rule"] != "answer field":
+            continue
+        row = (q["by_k"] if variant == "correct answer" else q["model"]["by_k"])[j]
+        if row["recall"] is not None:
+            found[q["kind"]].append(bool(row["found_all"]))
+    f, r = found["factual"], found["reasoning"]
+    if not f or not r:
+        return {"testable": False, "n_factual": len(f), "n_reasoning": len(r)}
+    table, p = fisher_greater(f, r)
+    return {"testable": True, "table": table, "p_value": p, "factual": sum(f) / len(f),
+            "reasoning": sum(r) / len(r), "n_factual": len(f), "n_reasoning": len(r)}
+
+
+def answers_retrieved(answers: dict, n_documents: int) -> dict:
+    """Finding 2 from the answers block: factual vs reasoning queries whose answer occurs in the top k, for the
+    correct answers and for the model's own (module docstring)."""
     out = {"name": "answers in the top documents",
            "claim": "factual queries find their answer in their top documents more often than reasoning queries do",
            "test": f"one-sided Fisher exact test (factual, reasoning) x (every answer item found in the top k, "
-                   f"not); holds if the factual share is larger and p < {ALPHA}"}
+                   f"not), the same kind of answer for both kinds (correct if both have it, else the model's "
+                   f"own); holds if the factual share is larger and p < {ALPHA}"}
     if not answers.get("available"):
         return {**out, "holds": None, "p_value": None, "statistic": "not testable: no document texts"}
     k = answer_k(answers["ks"], n_documents)
     j = list(answers["ks"]).index(k)
-    found: dict[str, list[bool]] = {"factual": [], "reasoning": []}
-    for q in answers["per_query"]:
-        row = q["by_k"][j]
-        if q["kind"] in found and row["recall"] is not None:
-            found[q["kind"]].append(bool(row["found_all"]))
-    f, r = found["factual"], found["reasoning"]
-    if not f or not r:
-        return {**out, "k": k, "holds": None, "p_value": None,
-                "statistic": "not testable: the run needs factual and reasoning queries with answer items"}
-    table = [[sum(f), len(f) - sum(f)], [sum(r), len(r) - sum(r)]]
-    p = float(fisher_exact(table, alternative="greater").pvalue)
-    share_f, share_r = sum(f) / len(f), sum(r) / len(r)
-    return {**out, "k": k, "holds": _verdict(share_f > share_r, p), "p_value": p, "factual": share_f,
-            "reasoning": share_r, "table": table,
-            "statistic": f"answer in the top {k}: factual {sum(f)}/{len(f)}, reasoning {sum(r)}/{len(r)}"}
+    variants = {v: _answer_variant(answers, j, v) for v in VARIANTS}
+    used = next((v for v in VARIANTS if variants[v]["testable"]), None)
+
+    def text(v: str) -> str:
+        x = variants[v]
+        if not x["testable"]:
+            return f"{v}: not testable ({x['n_factual']} factual, {x['n_reasoning']} reasoning queries with one)"
+        (ff, _), (rf, _) = x["table"]
+        return f"{v}: factual {ff}/{x['n_factual']}, reasoning {rf}/{x['n_reasoning']}, p = {x['p_value']:.2g}"
+
+    statistic = f"answer in the top {k}: " + "; ".join(
+        text(v) + (" (the verdict)" if v == used else "") for v in VARIANTS)
+    if used is None:
+        return {**out, "k": k, "holds": None, "p_value": None, "variants": variants, "answer": None,
+                "statistic": "not testable: the run needs factual and reasoning queries with answer items; " + statistic}
+    x = variants[used]
+    return {**out, "k": k, "answer": used, "variants": variants,
+            "holds": _verdict(x["factual"] > x["reasoning"], x["p_value"]), "p_value": x["p_value"],
+            "factual": x["factual"], "reasoning": x["reasoning"], "table": x["table"], "statistic": statistic}
 
 
 def evaluate(correlations: dict, answers: dict, n_documents: int) -> list[dict]:
