@@ -4,7 +4,8 @@
 2. train a small Llama on it with optax (:mod:`jaxinf.demo.train`; Orbax
    checkpoints, resumed after an interruption, reused by the next run) and write
    it as a Hugging Face checkpoint directory ``model/``;
-3. let the model complete factual, reasoning and control prompts (``data/queries.jsonl``);
+3. let the model complete factual, reasoning and control prompts (``data/queries.jsonl``; the
+   template-matched controls come with their completions);
 4. ``jaxinf run`` on ``config.yaml``: EK-FAC on the MLP layers, scores of every
    document for every query, exports, the paper's analyses and ``run/report/index.html``.
 
@@ -64,8 +65,9 @@ def _main(out: Path, n_documents: int, train_steps: int) -> Path:
     queries_path = data / "queries.jsonl"
     if not queries_path.exists():
         prompts = corpus.queries(0, QUERIES_PER_TASK)
-        completions = train.complete(lm, tok, [q.prompt for q in prompts])
-        write_jsonl(queries_path, [query_row(q, c, docs) for q, c in zip(prompts, completions)])
+        free = [q for q in prompts if not q.completion]   # the template-matched controls (last) have theirs
+        completions = dict(zip((q.id for q in free), train.complete(lm, tok, [q.prompt for q in free])))
+        write_jsonl(queries_path, [query_row(q, q.completion or completions[q.id], docs) for q in prompts])
         log.info("demo: the model completed %d queries (%s)", len(prompts), queries_path)
     config_path = out / "config.yaml"
     raw = {**DEMO_CONFIG, "model": {"checkpoint": str(model_dir)},
@@ -80,10 +82,11 @@ def _main(out: Path, n_documents: int, train_steps: int) -> Path:
 
 
 def query_row(q, completion: str, docs: list[dict]) -> dict:
-    """A row of ``queries.jsonl``. Its ``answer`` is what the analysis searches the top documents for: a
-    factual query's fact, and the final number of a reasoning query's completion, i.e. the answer the model
-    gave, right or wrong (searching for a correct answer the model did not give would say nothing about
-    where the model's answer came from); ``correct_answer`` keeps the right one."""
+    """A row of ``queries.jsonl``. Its ``answer`` is the correct answer (what the prompt determines); its
+    ``model_answer`` the answer the model's completion gives in the same place (a factual completion's first
+    word; a reasoning completion's number where the answer stands, :data:`jaxinf.demo.corpus.ANSWER_PLACE`),
+    right or wrong. The analysis searches the top documents for both (finding 2 compares each kind of answer
+    across query kinds); controls have no model answer (a template-matched control's completion is given)."""
     from jaxinf.analysis.answers import numbers_in
     from jaxinf.demo import corpus
 
@@ -91,8 +94,10 @@ def query_row(q, completion: str, docs: list[dict]) -> dict:
            "answer": q.answer or None}
     if q.kind == "reasoning":
         given = numbers_in(completion)
-        row["answer"] = given[-1] if given else None
-        row["correct_answer"] = q.answer
+        row["model_answer"] = given[corpus.ANSWER_PLACE[q.task]] if given else None
+    elif q.kind == "factual":
+        words = completion.split()
+        row["model_answer"] = words[0] if words else None
     if q.fact:
         row["supports"] = corpus.supports(docs, q)
     return row
