@@ -118,6 +118,32 @@ def test_answers_are_searched_as_the_correct_answer_and_as_the_models_own(tmp_pa
     assert second["variants"]["model's answer"]["table"][1] == [0, 8]
 
 
+def test_report_shows_finding_one_against_template_matched_controls(tmp_path):
+    """Issue 24: whatever the verdict, the report lists finding 1's comparison with factual queries and with the
+    controls that share the reasoning queries' task, and finding 2's two kinds of answer."""
+    from jaxinf.analysis import findings
+    from jaxinf.analysis.report import fmt
+
+    tasks = TASKS[:12] + ["arith", "arith", "slopes", "slopes"]      # the controls match the reasoning tasks
+    rng = np.random.default_rng(0)
+    run = make_run(tmp_path / "run", structured_scores(rng, tasks, 600), kinds=KINDS, tasks=tasks,
+                   texts=[f"document {n} says {n * 7}" for n in range(600)], answers=["14"] * 16)
+    analyze(run, FAST, log=lambda *_: None)
+    summary = json.loads((run / "summary.json").read_text())
+    first, second = summary["findings"]
+    cmp = next(c for c in summary["correlations"]["comparisons"] if c["name"] == findings.CONTROLS)
+    assert cmp["n_pairs_b"] == 2 and cmp["permuted"] == "kinds within each task"
+    assert first["vs_controls"]["p_value"] == cmp["p_value"] and first["holds"] is not None
+    assert summary["correlations"]["within_task"]["arith (control)"]["n"] == 1
+    html = (run / "report" / "index.html").read_text()
+    details = html[html.index("reasoning queries against each comparison group"):]
+    row = details[details.index("vs template-matched controls"):]
+    for v in (first["reasoning_matched"], first["control_matched"], cmp["difference"], cmp["p_value"]):
+        assert fmt(v) in row[:row.index("</tr>")]
+    assert "correct answer (the verdict)" in html and "model&#x27;s answer" in html
+    assert second["answer"] == "correct answer"
+
+
 def test_chunk_size_does_not_change_the_numbers(tmp_path):
     run, _ = _basic(tmp_path)
     from dataclasses import replace

@@ -43,6 +43,7 @@ scores; the demo's report reads the same verdicts as a user's run.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 ALPHA = 0.01
 TOP_SHARE = 0.01
@@ -65,13 +66,14 @@ CONTROLS = "within task: reasoning vs template-matched control"
 def procedural_correlation(correlations: dict) -> dict:
     """Finding 1 from the correlation block: its comparisons :data:`FACTUAL` and :data:`CONTROLS` (module
     docstring); ``p_value`` is the larger of their two p-values (the intersection-union test)."""
-    out = {"name": "procedural knowledge",
-           "claim": "reasoning queries of one task correlate more with each other (within-task Pearson r of their "
-                    "influence over all documents) than factual queries do, and than template-matched controls "
-                    "(same surface form, no procedure needed) of the same task do",
-           "test": f"two permutation tests, two-sided: vs factual ((kind, task) labels permuted across queries) "
-                   f"and vs template-matched controls (kinds permuted within each task); holds if both "
-                   f"differences are positive and both p < {ALPHA} (p shown: the larger)"}
+    out: dict[str, Any] = {
+        "name": "procedural knowledge",
+        "claim": "reasoning queries of one task correlate more with each other (within-task Pearson r of their "
+                 "influence over all documents) than factual queries do, and than template-matched controls "
+                 "(same surface form, no procedure needed) of the same task do",
+        "test": f"two permutation tests, two-sided: vs factual ((kind, task) labels permuted across queries) "
+                f"and vs template-matched controls (kinds permuted within each task); holds if both "
+                f"differences are positive and both p < {ALPHA} (p shown: the larger)"}
     cmps = {c["name"]: c for c in correlations["comparisons"]}
     f, c = cmps.get(FACTUAL), cmps.get(CONTROLS)
     parts = []
