@@ -108,3 +108,25 @@ def test_queries_file_has_the_correct_answer_and_the_models_own():
 def q_x(q) -> str:
     a, b = (int(w) for w in q.prompt.split() if w.isdigit())
     return str(a + b)
+
+
+def test_answer_token_queries_measure_only_the_answer():
+    """The optional answer-token queries: the same token sequence, cut after the answer, which alone is measured."""
+    from jaxinf.demo import answer_token_row, query_row
+
+    docs = corpus.documents(0, 300)
+    qs = corpus.queries(0)
+    lin = next(q for q in qs if q.task == "linear" and q.kind == "reasoning")
+    row = answer_token_row(query_row(lin, "514 - 41 = 472 . then x = 412 / 7 = 64 .", docs))
+    assert row["prompt"] == lin.prompt + " 514 - 41 = 472 . then x = 412 / 7 =" and row["completion"] == "64"
+    ari = next(q for q in qs if q.task == "arithmetic" and q.kind == "reasoning")
+    row = answer_token_row(query_row(ari, "50 . then y = x * 3 . so y = 150 .", docs))
+    assert row["prompt"] == ari.prompt and row["completion"] == "50" and row["kind"] == "reasoning"
+    ctl = next(q for q in qs if q.task == "slopes" and q.kind == "control")
+    row = answer_token_row(query_row(ctl, ctl.completion, docs))
+    assert row["completion"] == ctl.answer and row["prompt"].endswith(f"= {ctl.answer} / 1 =")
+    fac = next(q for q in qs if q.kind == "factual")
+    assert answer_token_row(query_row(fac, "vond .", docs))["completion"] == "vond"
+    other = next(q for q in qs if q.task == "reasoning_control")
+    assert answer_token_row(query_row(other, "people talked .", docs)) is None
+    assert answer_token_row(query_row(lin, "the .", docs)) is None

@@ -9,6 +9,9 @@
 4. ``jaxinf run`` on ``config.yaml``: EK-FAC on the MLP layers, scores of every
    document for every query, exports, the paper's analyses and ``run/report/index.html``.
 
+It also writes ``data/queries_answer_tokens.jsonl`` (:func:`answer_token_row`), the queries
+whose measured tokens are only their answers; scoring it is an option (docs/analysis.md).
+
 Everything lands in ``--out`` (default ``runs/demo``); a second run reuses what exists.
 """
 
@@ -67,7 +70,10 @@ def _main(out: Path, n_documents: int, train_steps: int) -> Path:
         prompts = corpus.queries(0, QUERIES_PER_TASK)
         free = [q for q in prompts if not q.completion]   # the template-matched controls (last) have theirs
         completions = dict(zip((q.id for q in free), train.complete(lm, tok, [q.prompt for q in free])))
-        write_jsonl(queries_path, [query_row(q, q.completion or completions[q.id], docs) for q in prompts])
+        rows = [query_row(q, q.completion or completions[q.id], docs) for q in prompts]
+        write_jsonl(queries_path, rows)
+        split = [r for r in map(answer_token_row, rows) if r is not None]
+        write_jsonl(data / "queries_answer_tokens.jsonl", split)
         log.info("demo: the model completed %d queries (%s)", len(prompts), queries_path)
     config_path = out / "config.yaml"
     raw = {**DEMO_CONFIG, "model": {"checkpoint": str(model_dir)},
@@ -101,6 +107,31 @@ def query_row(q, completion: str, docs: list[dict]) -> dict:
     if q.fact:
         row["supports"] = corpus.supports(docs, q)
     return row
+
+
+def answer_token_row(row: dict) -> dict | None:
+    """The query of a ``queries.jsonl`` row whose completion is only the answer its completion gives: the
+    completion up to that answer moves to the end of the prompt, the rest after it is dropped. Scored, its
+    influence comes from the answer's tokens alone (the demo's tokenizer splits on spaces, so the tokens are
+    the original ones). The answer stands where :func:`query_row` takes ``model_answer`` from (a template-matched
+    control's copied number likewise); None for queries without one (the other controls)."""
+    from jaxinf.analysis.answers import NUMBER
+    from jaxinf.demo import corpus
+
+    completion = row["completion"]
+    if row["kind"] == "factual":
+        head, answer = "", (completion.split() or [""])[0]
+    elif row["task"] in corpus.ANSWER_PLACE:
+        numbers = list(NUMBER.finditer(completion))
+        if not numbers:
+            return None
+        m = numbers[corpus.ANSWER_PLACE[row["task"]]]
+        head, answer = completion[: m.start()].strip(), m.group(0)
+    else:
+        return None
+    if not answer:
+        return None
+    return {**row, "prompt": f"{row['prompt']} {head}" if head else row["prompt"], "completion": answer}
 
 
 def _print_highlights(run_dir: Path) -> None:
