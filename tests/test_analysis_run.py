@@ -127,7 +127,8 @@ def test_report_shows_finding_one_against_template_matched_controls(tmp_path):
     tasks = TASKS[:12] + ["arith", "arith", "slopes", "slopes"]      # the controls match the reasoning tasks
     rng = np.random.default_rng(0)
     run = make_run(tmp_path / "run", structured_scores(rng, tasks, 600), kinds=KINDS, tasks=tasks,
-                   texts=[f"document {n} says {n * 7}" for n in range(600)], answers=["14"] * 16)
+                   texts=[f"document {n} says {n * 7}" for n in range(600)], answers=["14"] * 16,
+                   losses=[1.0 + q for q in range(16)])
     analyze(run, FAST, log=lambda *_: None)
     summary = json.loads((run / "summary.json").read_text())
     first, second = summary["findings"]
@@ -135,6 +136,9 @@ def test_report_shows_finding_one_against_template_matched_controls(tmp_path):
     assert cmp["n_pairs_b"] == 2 and cmp["permuted"] == "kinds within each task"
     assert first["vs_controls"]["p_value"] == cmp["p_value"] and first["holds"] is not None
     assert summary["correlations"]["within_task"]["arith (control)"]["n"] == 1
+    # the completion NLLs of the matched groups: reasoning queries 4-11 (losses 5-12), controls 12-15 (13-16)
+    assert (first["loss_reasoning_matched"], first["loss_control_matched"]) == (8.5, 14.5)
+    assert "median completion NLL: reasoning 8.5, template-matched controls 14.5 nats" in first["statistic"]
     html = (run / "report" / "index.html").read_text()
     details = html[html.index("reasoning queries against each comparison group"):]
     row = details[details.index("vs template-matched controls"):]

@@ -128,11 +128,17 @@ def template_matched(kind: str) -> PairRule:
     queries: a control query whose task is a reasoning task's is a *template-matched control* of it (the
     same surface form, a completion that needs no procedure; docs/analysis.md)."""
     def rule(k, t):
-        r, c = k == _KIND_CODE["reasoning"], k == _KIND_CODE["control"]
-        both = np.intersect1d(t[r & (t >= 0)], t[c & (t >= 0)])
-        m = (k == _KIND_CODE[kind]) & np.isin(t, both)
+        m = _matched(k, t, kind)
         return (t[:, None] == t[None, :]) & m[:, None] & m[None, :]
     return rule
+
+
+def _matched(k: np.ndarray, t: np.ndarray, kind: str) -> np.ndarray:
+    """Which queries are of ``kind`` in a task that has both reasoning and control queries (codes of
+    :func:`encode_labels`)."""
+    r, c = k == _KIND_CODE["reasoning"], k == _KIND_CODE["control"]
+    both = np.intersect1d(t[r & (t >= 0)], t[c & (t >= 0)])
+    return (k == _KIND_CODE[kind]) & np.isin(t, both)
 
 
 def kind_pair(a: str, b: str) -> PairRule:
@@ -248,8 +254,10 @@ def heatmap_order(kinds: Sequence[str], tasks: Sequence[str | None]) -> np.ndarr
 
 
 def correlation_summary(r: np.ndarray, kinds: Sequence[str], tasks: Sequence[str | None],
-                        n_permutations: int = 2000, seed: int = 0) -> dict:
-    """Every group statistic and comparison of the Pearson matrix r."""
+                        n_permutations: int = 2000, seed: int = 0, losses: Sequence[float] | None = None) -> dict:
+    """Every group statistic and comparison of the Pearson matrix r. With the queries' completion ``losses``
+    (nats), the template-matched groups also describe them: a control far less likely than the reasoning
+    queries it matches is not matched in what dominates its gradient."""
     present = [k for k in ALL_KINDS if k in kinds]
     task_names = sorted({t for t in tasks if t is not None})
     task_kinds: dict[str, list[str]] = {}
@@ -269,6 +277,9 @@ def correlation_summary(r: np.ndarray, kinds: Sequence[str], tasks: Sequence[str
         "across_tasks_by_kind": {k: describe(group_values(r, across_tasks(k), kinds, tasks)) for k in present},
         "template_matched": {k: describe(group_values(r, template_matched(k), kinds, tasks))
                              for k in ("reasoning", "control")},
+        "template_matched_loss": None if losses is None else {
+            k: describe(np.asarray(losses, np.float64)[_matched(*encode_labels(kinds, tasks), k)])
+            for k in ("reasoning", "control")},
         "within_task_all": describe(group_values(r, within_task(), kinds, tasks)),
         "across_tasks_all": describe(group_values(r, across_tasks(), kinds, tasks)),
         "comparisons": [],

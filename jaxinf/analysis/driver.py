@@ -388,7 +388,7 @@ def _documents_block(docs: Documents, shares: dict) -> dict:
 
 def _correlations_block(r: np.ndarray, queries: Queries, o: Options) -> dict:
     """The correlations between queries' scores: pass 1's Pearson matrix, its group summaries and heat-map order."""
-    correlations = corr.correlation_summary(r, queries.kinds, queries.tasks, o.permutations, o.seed)
+    correlations = corr.correlation_summary(r, queries.kinds, queries.tasks, o.permutations, o.seed, queries.loss)
     correlations["matrix"] = r
     correlations["order"] = corr.heatmap_order(queries.kinds, queries.tasks)
     return correlations

@@ -93,6 +93,12 @@ def procedural_correlation(correlations: dict) -> dict:
         ("reasoning", "reasoning"), ("factual", "factual"), ("reasoning_matched", "reasoning in tasks with controls"),
         ("control_matched", "template-matched controls")) if means[k] is not None)
     statistic = f"mean within-task r: {shown}; " + "; ".join(parts)
+    loss = correlations.get("template_matched_loss") or {}
+    if all((loss.get(k) or {}).get("median") is not None for k in ("reasoning", "control")):
+        means["loss_reasoning_matched"] = loss["reasoning"]["median"]
+        means["loss_control_matched"] = loss["control"]["median"]
+        statistic += (f"; median completion NLL: reasoning {means['loss_reasoning_matched']:.3g}, "
+                      f"template-matched controls {means['loss_control_matched']:.3g} nats")
     out.update(means, statistic=statistic,
                vs_factual=None if f is None else {k: f[k] for k in ("difference", "p_value", "n_pairs_a", "n_pairs_b")},
                vs_controls=None if c is None else {k: c[k] for k in ("difference", "p_value", "n_pairs_a", "n_pairs_b")})
