@@ -254,7 +254,7 @@ def heatmap_order(kinds: Sequence[str], tasks: Sequence[str | None]) -> np.ndarr
 
 
 def correlation_summary(r: np.ndarray, kinds: Sequence[str], tasks: Sequence[str | None],
-                        n_permutations: int = 2000, seed: int = 0, losses: Sequence[float] | None = None) -> dict:
+                        n_permutations: int = 2000, seed: int = 0, losses: Sequence[float] | np.ndarray | None = None) -> dict:
     """Every group statistic and comparison of the Pearson matrix r. With the queries' completion ``losses``
     (nats), the template-matched groups also describe them: a control far less likely than the reasoning
     queries it matches is not matched in what dominates its gradient."""
