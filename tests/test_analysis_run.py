@@ -78,15 +78,74 @@ def test_end_to_end_numbers_match_direct_computations(tmp_path):
     assert first["reasoning"] == pytest.approx(np.mean(same("reasoning")), abs=1e-10)
     assert first["difference"] == pytest.approx(d, abs=1e-10)
     n = summary["correlations"]["comparisons"][0]["n_permutations"]
-    assert n == FAST.permutations and 1 <= first["p_value"] * (1 + n) <= 1 + n    # (1 + hits) / (1 + permutations)
-    assert first["p_value"] * (1 + n) == pytest.approx(round(first["p_value"] * (1 + n)), abs=1e-9)
-    assert first["holds"] == (d > 0 and first["p_value"] < findings.ALPHA)
+    p = first["vs_factual"]["p_value"]
+    assert n == FAST.permutations and 1 <= p * (1 + n) <= 1 + n    # (1 + hits) / (1 + permutations)
+    assert p * (1 + n) == pytest.approx(round(p * (1 + n)), abs=1e-9)
+    # no control shares a task with the reasoning queries here, so shared wording cannot be ruled out
+    assert first["holds"] is None and first["vs_controls"]["p_value"] is None
+    assert "vs template-matched controls: not testable" in first["statistic"]
     assert second["holds"] is None and "answer items" in second["statistic"]   # no query here has an answer
     assert 'id="findings"' in html and findings.verdict_text(second) in html
     assert findings.verdict_text(first) in (run / "report" / "summary.md").read_text()
     for name in ("correlations.png", "concentration.png", "per_nat.png", "powerlaw.png", "sources.png", "answers.png"):
         assert (run / "report" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert f'src="{name}"' in html
+
+
+def test_answers_are_searched_as_the_correct_answer_and_as_the_models_own(tmp_path):
+    """Issue 24: each query's top documents are searched for its ``answer`` and for its ``model_answer`` (else
+    what the rules take from the completion); finding 2 reports both."""
+    answers = ["14"] * 4 + ["77"] * 8 + [None] * 4            # "document n says 7n": 14 is in d2 and d14
+    completions = ["so 21 ."] * 16
+    run, s = _basic(tmp_path, answers=answers, completions=completions)
+    rows = [json.loads(line) for line in (run / "queries.jsonl").read_text().splitlines()]
+    for r in rows[4:12]:
+        r["model_answer"] = ["9999"]                           # in no document
+    aio.write_queries(run / "queries.jsonl", rows)
+    out = analyze(run, FAST, write=False, log=lambda *_: None)
+    per = out["answers"]["per_query"]
+    assert per[0]["rule"] == "answer field" and per[0]["items"] == ["14"]
+    assert per[0]["model"] == {"rule": "numbers and key phrases", "items": ["21"], "by_k": per[0]["model"]["by_k"]}
+    assert per[5]["model"]["rule"] == "model_answer field" and per[5]["model"]["items"] == ["9999"]
+    assert not any(b["found_all"] for b in per[5]["model"]["by_k"])
+    s32 = s.astype(np.float32)
+    for q, holders in ((0, (2, 14)), (5, (11, 77))):   # found at k when a document stating it is in the top k
+        order = np.argsort(-s32[q], kind="stable")
+        rank = min(int(np.flatnonzero(order == n)[0]) for n in holders)
+        assert [b["found_all"] for b in per[q]["by_k"]] == [rank < k for k in out["answers"]["ks"]]
+    second = out["findings"][1]
+    assert second["answer"] == "correct answer" and set(second["variants"]) == {"correct answer", "model's answer"}
+    assert second["variants"]["model's answer"]["table"][1] == [0, 8]
+
+
+def test_report_shows_finding_one_against_template_matched_controls(tmp_path):
+    """Issue 24: whatever the verdict, the report lists finding 1's comparison with factual queries and with the
+    controls that share the reasoning queries' task, and finding 2's two kinds of answer."""
+    from jaxinf.analysis import findings
+    from jaxinf.analysis.report import fmt
+
+    tasks = TASKS[:12] + ["arith", "arith", "slopes", "slopes"]      # the controls match the reasoning tasks
+    rng = np.random.default_rng(0)
+    run = make_run(tmp_path / "run", structured_scores(rng, tasks, 600), kinds=KINDS, tasks=tasks,
+                   texts=[f"document {n} says {n * 7}" for n in range(600)], answers=["14"] * 16,
+                   losses=[1.0 + q for q in range(16)])
+    analyze(run, FAST, log=lambda *_: None)
+    summary = json.loads((run / "summary.json").read_text())
+    first, second = summary["findings"]
+    cmp = next(c for c in summary["correlations"]["comparisons"] if c["name"] == findings.CONTROLS)
+    assert cmp["n_pairs_b"] == 2 and cmp["permuted"] == "kinds within each task"
+    assert first["vs_controls"]["p_value"] == cmp["p_value"] and first["holds"] is not None
+    assert summary["correlations"]["within_task"]["arith (control)"]["n"] == 1
+    # the completion NLLs of the matched groups: reasoning queries 4-11 (losses 5-12), controls 12-15 (13-16)
+    assert (first["loss_reasoning_matched"], first["loss_control_matched"]) == (8.5, 14.5)
+    assert "median completion NLL: reasoning 8.5, template-matched controls 14.5 nats" in first["statistic"]
+    html = (run / "report" / "index.html").read_text()
+    details = html[html.index("reasoning queries against each comparison group"):]
+    row = details[details.index("vs template-matched controls"):]
+    for v in (first["reasoning_matched"], first["control_matched"], cmp["difference"], cmp["p_value"]):
+        assert fmt(v) in row[:row.index("</tr>")]
+    assert "correct answer (the verdict)" in html and "model&#x27;s answer" in html
+    assert second["answer"] == "correct answer"
 
 
 def test_chunk_size_does_not_change_the_numbers(tmp_path):

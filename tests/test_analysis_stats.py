@@ -78,6 +78,31 @@ def test_permutation_p_value_matches_exact_enumeration():
     assert abs(res["p_value"] - exact) < 0.04
 
 
+def test_within_task_permutation_matches_exact_enumeration_and_keeps_tasks():
+    rng = np.random.default_rng(4)
+    r = np.corrcoef(rng.normal(size=(9, 30)))
+    kinds = ["reasoning", "reasoning", "control", "control", "reasoning", "control", "control", "reasoning", "factual"]
+    tasks = ["a", "a", "a", "a", "b", "b", "b", "b", "f"]
+    rule_a, rule_b = corr.template_matched("reasoning"), corr.template_matched("control")
+    res = corr.permutation_test(r, kinds, tasks, rule_a, rule_b, n_permutations=4000, seed=0, within_task=True)
+    k, t = corr.encode_labels(kinds, tasks)
+    ma, mb = np.triu(rule_a(k, t), 1), np.triu(rule_b(k, t), 1)
+    assert ma.sum() == 2 and mb.sum() == 2     # (0,1), (4,7) against (2,3), (5,6); the factual query is in neither
+    assert res["difference"] == pytest.approx(r[ma].mean() - r[mb].mean(), abs=1e-12)
+    hits = total = 0                            # every relabelling of kinds within task a and within task b
+    for pa in itertools.permutations(range(4)):
+        for pb in itertools.permutations(range(4, 8)):
+            p = np.asarray([*pa, *pb, 8])
+            ma, mb = np.triu(rule_a(k[p], t[p]), 1), np.triu(rule_b(k[p], t[p]), 1)
+            total += 1
+            hits += abs(r[ma].mean() - r[mb].mean()) >= abs(res["difference"]) - 1e-12
+    # Monte Carlo standard error at 4000 draws is at most 0.008; allow 5 of them.
+    assert abs(res["p_value"] - hits / total) < 0.04
+    codes = rng.integers(-1, 3, 40)
+    perm = corr._permutation(rng, codes, True)
+    assert sorted(perm.tolist()) == list(range(40)) and (codes[perm] == codes).all() and (perm != np.arange(40)).any()
+
+
 def test_permutation_detects_planted_within_task_correlation():
     rng = np.random.default_rng(2)
     base = {t: rng.normal(size=500) for t in "abcd"}
@@ -297,17 +322,22 @@ def test_top_tokens():
     assert [(t["text"], t["position"]) for t in out] == [("b", 1), ("d", 3)]
 
 
-def _findings_world(reasoning_shared: float, seed: int = 3):
+def _findings_world(reasoning_shared: float, seed: int = 3, wording: float = 0.0, controls: int = 4):
     """Scores of 6 factual queries (one task, independent documents) and 3 reasoning tasks of 4 queries whose
-    scores share a task component of weight ``reasoning_shared``."""
+    scores share a task component of weight ``reasoning_shared`` and a wording component of weight ``wording``;
+    each task has ``controls`` template-matched controls (kind control, the same task) sharing only the wording."""
     rng = np.random.default_rng(seed)
     base = {t: rng.normal(size=400) for t in ("arith", "slopes", "linear")}
+    words = {t: rng.normal(size=400) for t in base}
     rows, kinds, tasks = [], [], []
     for _ in range(6):
         rows.append(rng.normal(size=400)), kinds.append("factual"), tasks.append("facts")
     for t in base:
         for _ in range(4):
-            rows.append(reasoning_shared * base[t] + rng.normal(size=400)), kinds.append("reasoning"), tasks.append(t)
+            rows.append(reasoning_shared * base[t] + wording * words[t] + rng.normal(size=400))
+            kinds.append("reasoning"), tasks.append(t)
+        for _ in range(controls):
+            rows.append(wording * words[t] + rng.normal(size=400)), kinds.append("control"), tasks.append(t)
     return corr.correlation_summary(np.corrcoef(np.asarray(rows)), kinds, tasks, 1000, 0)
 
 
@@ -317,6 +347,7 @@ def test_procedural_finding_holds_only_for_a_planted_shared_component():
     planted = findings.procedural_correlation(_findings_world(1.0))
     assert planted["holds"] is True and planted["p_value"] < findings.ALPHA
     assert planted["reasoning"] > 0.3 > abs(planted["factual"])
+    assert planted["p_value"] == max(planted["vs_factual"]["p_value"], planted["vs_controls"]["p_value"])
     null = findings.procedural_correlation(_findings_world(0.0))
     assert null["holds"] is False and null["p_value"] > findings.ALPHA
     none = findings.procedural_correlation(corr.correlation_summary(
@@ -324,10 +355,36 @@ def test_procedural_finding_holds_only_for_a_planted_shared_component():
     assert none["holds"] is None and "not testable" in findings.verdict_text(none)
 
 
-def _answers_block(factual: list[bool], reasoning: list[bool], ks=(10, 50, 500)) -> dict:
-    per_query = [{"query": f"{kind}-{i}", "kind": kind, "by_k": [
-        {"k": k, "found_all": f if k == 10 else True, "recall": float(f)} for k in ks]}
-        for kind, flags in (("factual", factual), ("reasoning", reasoning)) for i, f in enumerate(flags)]
+def test_procedural_finding_is_not_produced_by_shared_wording():
+    """Issue 24: queries of one task share a template; wording alone must not make the finding hold."""
+    from jaxinf.analysis import findings
+
+    wording = _findings_world(0.0, wording=1.0)
+    f = findings.procedural_correlation(wording)
+    assert f["vs_factual"]["difference"] > 0.3 and f["vs_factual"]["p_value"] < findings.ALPHA  # the old verdict
+    assert f["vs_controls"]["p_value"] > findings.ALPHA and f["holds"] is False
+    assert abs(f["reasoning_matched"] - f["control_matched"]) < 0.1
+    assert "template-matched controls" in f["statistic"]
+    both = findings.procedural_correlation(_findings_world(1.0, wording=1.0))
+    # expected r: reasoning (1 + 1) / (1 + 1 + 1) = 2/3, controls 1 / (1 + 1) = 1/2, a difference of 1/6
+    assert both["holds"] is True and both["vs_controls"]["difference"] == pytest.approx(1 / 6, abs=0.06)
+    # the per-task table keeps the kinds of a task apart
+    assert wording["within_task"]["arith (control)"]["n"] == 6 and wording["within_task"]["facts"]["n"] == 15
+    uncontrolled = findings.procedural_correlation(_findings_world(1.0, controls=0))
+    assert uncontrolled["holds"] is None and uncontrolled["vs_factual"]["p_value"] < findings.ALPHA
+    assert "vs template-matched controls: not testable" in uncontrolled["statistic"]
+
+
+def _answers_block(factual: list[bool], reasoning: list[bool], ks=(10, 50, 500), own=None, rule="answer field") -> dict:
+    """An answers block whose correct answers are found as flagged (at k = 10) and the model's own answers as
+    ``own`` flags (default: the same), with the first search's items taken by ``rule``."""
+    own = own or (factual, reasoning)
+
+    def by_k(f):
+        return [{"k": k, "found_all": f if k == 10 else True, "recall": float(f)} for k in ks]
+    per_query = [{"query": f"{kind}-{i}", "kind": kind, "rule": rule, "by_k": by_k(f), "model": {"by_k": by_k(o)}}
+                 for kind, flags, owns in (("factual", factual, own[0]), ("reasoning", reasoning, own[1]))
+                 for i, (f, o) in enumerate(zip(flags, owns))]
     return {"available": True, "ks": list(ks), "per_query": per_query}
 
 
@@ -348,3 +405,28 @@ def test_answer_finding_is_a_one_sided_fisher_test_at_the_top_one_percent():
     assert reversed_["holds"] is False
     assert findings.answers_retrieved({"available": False}, 3000)["holds"] is None
     assert findings.answers_retrieved(_answers_block([True] * 3, []), 3000)["holds"] is None
+
+
+def test_answer_finding_compares_one_kind_of_answer_for_both_query_kinds():
+    """Issue 24: the correct answer for both kinds, with the model's own answer reported beside it."""
+    from jaxinf.analysis import findings
+
+    # the correct answers say it holds, the model's own answers (found for reasoning too) say it does not
+    block = _answers_block([True] * 8, [False] * 24, own=([True] * 8, [True] * 24))
+    res = findings.answers_retrieved(block, 3000)
+    assert res["answer"] == "correct answer" and res["holds"] is True
+    assert res["table"] == [[8, 0], [0, 24]] and res["p_value"] == pytest.approx(1 / math.comb(32, 8), rel=1e-9)
+    own = res["variants"]["model's answer"]
+    assert own["table"] == [[8, 0], [24, 0]] and own["p_value"] == pytest.approx(1.0)
+    assert "model's answer: factual 8/8, reasoning 24/24" in res["statistic"]
+    assert "correct answer: factual 8/8, reasoning 0/24, p = " in res["statistic"]
+    # no answer field anywhere: the model's own answers for both kinds decide, and say so
+    derived = findings.answers_retrieved(_answers_block([True] * 8, [False] * 24, own=([True] * 8, [True] * 24),
+                                                        rule="step results"), 3000)
+    assert derived["answer"] == "model's answer" and derived["holds"] is False and derived["table"] == own["table"]
+    assert "correct answer: not testable" in derived["statistic"]
+    # a correct answer for factual queries only is never compared with the model's answer of reasoning ones
+    mixed = _answers_block([True] * 8, [False] * 24, own=([True] * 8, [True] * 24))
+    for q in mixed["per_query"]:
+        q["rule"] = "answer field" if q["kind"] == "factual" else "step results"
+    assert findings.answers_retrieved(mixed, 3000)["answer"] == "model's answer"

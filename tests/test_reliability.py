@@ -838,6 +838,7 @@ def test_changed_supports_redo_only_the_exports(base, tmp_path):
     d = clone(base, tmp_path / "w")
     rows = [json.loads(line) for line in lines_of(d / "queries.jsonl")]
     rows[0]["supports"] = [json.loads(lines_of(d / "docs.jsonl")[1])["id"]]
+    rows[1]["model_answer"] = "42"     # the answer the model gave (finding 2's other variant) is carried through
     (d / "queries.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     r = jaxinf(args(), base["env"], cwd=d)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -845,6 +846,8 @@ def test_changed_supports_redo_only_the_exports(base, tmp_path):
             "started; recomputing exports, analysis") in r.stderr
     assert "query gradients in" not in r.stderr and not ran("scores", r.stderr)
     assert json.loads(lines_of(d / "run" / "queries.jsonl")[0])["supports"] == rows[0]["supports"]
+    exported = [json.loads(line) for line in lines_of(d / "run" / "queries.jsonl")[:2]]
+    assert exported[1]["model_answer"] == "42" and "model_answer" not in exported[0]
     np.testing.assert_array_equal(np.load(d / "run" / "scores.npy"), np.load(base["root"] / "run" / "scores.npy"))
 
 

@@ -13,6 +13,12 @@ from the completion, by rule:
 
 Matching is case-insensitive on whole words with whitespace collapsed; numbers match as
 numbers (``29,029`` = ``29029``, ``6.0`` = ``6``).
+
+Each query is searched twice (:func:`answers_block`): for the items above (``answer`` is the
+correct answer by the query file's contract), and for the *model's own* answer: the
+``model_answer`` field when the query has one, else the items the rules take from the
+completion. The paper's finding 2 compares one kind of answer across query kinds
+(:mod:`jaxinf.analysis.findings`).
 """
 
 from __future__ import annotations
@@ -20,6 +26,9 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping, Sequence
 from decimal import Decimal, InvalidOperation
+from typing import Any
+
+from jaxinf.analysis.groups import describe, present_kinds
 
 NUMBER = re.compile(r"(?<![\w.])[-\u2212]?\d+(?:,\d{3})*(?:\.\d+)?(?![\d])")
 # A step result: a number right after "=" that is not itself followed by an operator.
@@ -189,3 +198,40 @@ def share_by_kind(per_query: Mapping[str, list[dict]], kinds: Mapping[str, str],
             shares.append(sum(flags) / len(flags) if flags else None)
         res[kind] = shares
     return res
+
+
+def answers_block(queries: Any, top_idx: Sequence, texts: Mapping[int, str], ks: Sequence[int]) -> tuple[dict, list]:
+    """(the summary's ``answers`` block, ids of the queries without items) over each query's ranked top documents.
+
+    ``queries`` is the exported query file (:class:`jaxinf.run.exports.formats.Queries`), ``top_idx[q]`` the
+    document columns of query q's top documents in rank order, ``texts`` their texts by column. Per query:
+    ``rule``, ``items`` and ``by_k`` (:func:`answers_in_top`) of :func:`answer_items`, and ``model``, the
+    same for the model's own answer (module docstring). Shares by kind are of the first search.
+    """
+    per_query = []
+    flags: dict[str, list] = {}
+    model_answers = getattr(queries, "model_answers", None) or [None] * len(queries)
+    for q in range(len(queries)):
+        prompt, completion, kind, task = queries.prompts[q], queries.completions[q], queries.kinds[q], queries.tasks[q]
+        ranked = [texts.get(int(i)) for i in top_idx[q][: max(ks)]]
+        items, rule = answer_items(prompt, completion, kind, task, queries.answers[q])
+        if model_answers[q]:
+            own, own_rule = _dedupe([a.strip() for a in model_answers[q] if a.strip()]), "model_answer field"
+        else:
+            own, own_rule = answer_items(prompt, completion, kind, task, None)
+        res = answers_in_top(items, ranked, ks)
+        per_query.append({"query": queries.ids[q], "kind": kind, "rule": rule, "items": items, "by_k": res,
+                          "model": {"rule": own_rule, "items": own, "by_k": answers_in_top(own, ranked, ks)}})
+        flags[queries.ids[q]] = res
+    kinds = dict(zip(queries.ids, queries.kinds))
+    no_items = [p["query"] for p in per_query if not p["items"]]
+    return {
+        "available": True,
+        "ks": list(ks),
+        "per_query": per_query,
+        "share_found_all_by_kind": share_by_kind(flags, kinds, "found_all"),
+        "share_found_any_by_kind": share_by_kind(flags, kinds, "found_any"),
+        "mean_recall_by_kind": {k: [describe([r[j]["recall"] for qid, r in flags.items() if kinds[qid] == k])["mean"]
+                                    for j in range(len(ks))] for k in present_kinds(queries.kinds)},
+        "n_without_items": len(no_items),
+    }, no_items

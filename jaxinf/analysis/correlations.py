@@ -123,6 +123,24 @@ def across_tasks(kind: str | None = None) -> PairRule:
     return rule
 
 
+def template_matched(kind: str) -> PairRule:
+    """Pairs of queries of the given kind with the same task, in a task that has both reasoning and control
+    queries: a control query whose task is a reasoning task's is a *template-matched control* of it (the
+    same surface form, a completion that needs no procedure; docs/analysis.md)."""
+    def rule(k, t):
+        m = _matched(k, t, kind)
+        return (t[:, None] == t[None, :]) & m[:, None] & m[None, :]
+    return rule
+
+
+def _matched(k: np.ndarray, t: np.ndarray, kind: str) -> np.ndarray:
+    """Which queries are of ``kind`` in a task that has both reasoning and control queries (codes of
+    :func:`encode_labels`)."""
+    r, c = k == _KIND_CODE["reasoning"], k == _KIND_CODE["control"]
+    both = np.intersect1d(t[r & (t >= 0)], t[c & (t >= 0)])
+    return (k == _KIND_CODE[kind]) & np.isin(t, both)
+
+
 def kind_pair(a: str, b: str) -> PairRule:
     """Pairs with one query of kind a and one of kind b (unordered)."""
     def rule(k, t):
@@ -131,10 +149,12 @@ def kind_pair(a: str, b: str) -> PairRule:
     return rule
 
 
-def one_task(task_code: int) -> PairRule:
-    """Pairs of queries that both have the task with the given code."""
+def one_task(task_code: int, kind: str | None = None) -> PairRule:
+    """Pairs of queries that both have the task with the given code (and, optionally, both the given kind)."""
     def rule(k, t):
         m = t == task_code
+        if kind is not None:
+            m &= k == _KIND_CODE[kind]
         return m[:, None] & m[None, :]
     return rule
 
@@ -148,15 +168,29 @@ def group_values(r: np.ndarray, rule: PairRule, kinds, tasks) -> np.ndarray:
     return r[pair_mask(rule, kinds, tasks)]
 
 
+def _permutation(rng: np.random.Generator, task_codes: np.ndarray, within_task: bool) -> np.ndarray:
+    """A random permutation of the queries: of all of them, or only among the queries of each task."""
+    if not within_task:
+        return rng.permutation(len(task_codes))
+    perm = np.arange(len(task_codes))
+    for t in np.unique(task_codes):
+        idx = np.flatnonzero(task_codes == t)
+        perm[idx] = idx[rng.permutation(idx.size)]
+    return perm
+
+
 def permutation_test(r: np.ndarray, kinds: Sequence[str], tasks: Sequence[str | None], rule_a: PairRule,
-                     rule_b: PairRule, n_permutations: int = 2000, seed: int = 0) -> dict:
+                     rule_b: PairRule, n_permutations: int = 2000, seed: int = 0, within_task: bool = False) -> dict:
     """Difference of the mean pair correlation of two groups, with a permutation p-value.
 
     Statistic ``d = mean_{(i,j) in A} r_ij - mean_{(i,j) in B} r_ij``. Under the null hypothesis
     the (kind, task) labels are exchangeable between queries, so the labels are permuted
     jointly across queries (the matrix stays fixed) and
     ``p = (1 + #{|d_perm| >= |d_obs|}) / (1 + n_permutations)`` (two-sided). Permutations that
-    leave a group empty are not counted.
+    leave a group empty are not counted. With ``within_task`` the null is narrower: within each
+    task the kind labels are exchangeable, so kinds are permuted only among the queries of one
+    task (tasks stay in place). That is the test of reasoning queries against template-matched
+    controls: it asks whether the kind matters among queries of the same surface form.
     """
     kind_codes, task_codes = encode_labels(kinds, tasks)
     finite = np.isfinite(r)
@@ -176,7 +210,7 @@ def permutation_test(r: np.ndarray, kinds: Sequence[str], tasks: Sequence[str | 
     rng = np.random.default_rng(seed)
     hits = used = 0
     for _ in range(n_permutations):
-        perm = rng.permutation(len(kind_codes))
+        perm = _permutation(rng, task_codes, within_task)
         dp, _, _ = stat(kind_codes[perm], task_codes[perm])
         if np.isnan(dp):
             continue
@@ -194,12 +228,15 @@ class Comparison:
     b: str
     rule_a: PairRule
     rule_b: PairRule
+    within_task: bool = False   # permute kinds only within each task (see permutation_test)
 
 
 #: The comparisons reported by default, named after the groups they compare.
 DEFAULT_COMPARISONS = (
     Comparison("within task: reasoning vs factual", "reasoning, same task", "factual, same task",
                within_task("reasoning"), within_task("factual")),
+    Comparison("within task: reasoning vs template-matched control", "reasoning, same task (with controls)",
+               "control, same task as reasoning", template_matched("reasoning"), template_matched("control"), True),
     Comparison("reasoning: within task vs across tasks", "reasoning, same task", "reasoning, different tasks",
                within_task("reasoning"), across_tasks("reasoning")),
     Comparison("within task: reasoning vs control", "reasoning, same task", "control, same task",
@@ -217,30 +254,45 @@ def heatmap_order(kinds: Sequence[str], tasks: Sequence[str | None]) -> np.ndarr
 
 
 def correlation_summary(r: np.ndarray, kinds: Sequence[str], tasks: Sequence[str | None],
-                        n_permutations: int = 2000, seed: int = 0) -> dict:
-    """Every group statistic and comparison of the Pearson matrix r."""
+                        n_permutations: int = 2000, seed: int = 0, losses: Sequence[float] | np.ndarray | None = None) -> dict:
+    """Every group statistic and comparison of the Pearson matrix r. With the queries' completion ``losses``
+    (nats), the template-matched groups also describe them: a control far less likely than the reasoning
+    queries it matches is not matched in what dominates its gradient."""
     present = [k for k in ALL_KINDS if k in kinds]
     task_names = sorted({t for t in tasks if t is not None})
-    task_kind: dict[str, str] = {}
-    for k, t in zip(kinds, tasks):
-        if t is not None:
-            task_kind.setdefault(t, k)
+    task_kinds: dict[str, list[str]] = {}
+    for k in ALL_KINDS:
+        for kk, t in zip(kinds, tasks):
+            if t is not None and kk == k and k not in task_kinds.setdefault(t, []):
+                task_kinds[t].append(k)
+    within: dict[str, dict] = {}   # keyed by task, or by "task (kind)" for a task with queries of several kinds
+    for i, t in enumerate(task_names):
+        for k in task_kinds[t]:
+            key = t if len(task_kinds[t]) == 1 else f"{t} ({k})"
+            within[key] = {"kind": k, "task": t, **describe(group_values(r, one_task(i, k), kinds, tasks))}
     out: dict[str, Any] = {
-        "within_task": {t: {"kind": task_kind[t], **describe(group_values(r, one_task(i), kinds, tasks))}
-                        for i, t in enumerate(task_names)},
+        "within_task": within,
         "kind_pairs": {},
         "within_task_by_kind": {k: describe(group_values(r, within_task(k), kinds, tasks)) for k in present},
         "across_tasks_by_kind": {k: describe(group_values(r, across_tasks(k), kinds, tasks)) for k in present},
+        "template_matched": {k: describe(group_values(r, template_matched(k), kinds, tasks))
+                             for k in ("reasoning", "control")},
+        "template_matched_loss": None if losses is None else {
+            k: describe(np.asarray(losses, np.float64)[_matched(*encode_labels(kinds, tasks), k)])
+            for k in ("reasoning", "control")},
         "within_task_all": describe(group_values(r, within_task(), kinds, tasks)),
         "across_tasks_all": describe(group_values(r, across_tasks(), kinds, tasks)),
         "comparisons": [],
-        "test": "permutation of (kind, task) labels across queries; two-sided; p = (1 + hits) / (1 + permutations)",
+        "test": "permutation of (kind, task) labels across queries (of kinds within each task for template-matched "
+                "controls); two-sided; p = (1 + hits) / (1 + permutations)",
     }
     for i, a in enumerate(present):
         for b in present[i:]:
             out["kind_pairs"][f"{a}-{b}"] = describe(group_values(r, kind_pair(a, b), kinds, tasks))
     for c in DEFAULT_COMPARISONS:
-        res = permutation_test(r, kinds, tasks, c.rule_a, c.rule_b, n_permutations, seed)
-        out["comparisons"].append({"name": c.name, "group_a": c.a, "group_b": c.b, **res})
+        res = permutation_test(r, kinds, tasks, c.rule_a, c.rule_b, n_permutations, seed, c.within_task)
+        out["comparisons"].append({"name": c.name, "group_a": c.a, "group_b": c.b,
+                                   "permuted": "kinds within each task" if c.within_task else "(kind, task) labels",
+                                   **res})
     return out
 

@@ -34,7 +34,7 @@ from jaxinf.analysis import findings as fnd
 from jaxinf.analysis import powerlaw as pl
 from jaxinf.analysis import sources as src
 from jaxinf.analysis.breakdowns import read_breakdowns, summarize_breakdowns
-from jaxinf.analysis.groups import by_kind, compare_kinds, describe, present_kinds
+from jaxinf.analysis.groups import by_kind, compare_kinds, present_kinds
 from jaxinf.analysis.texts import TextSource, jsonl_text_source
 from jaxinf.run.exports.formats import (
     UNKNOWN,
@@ -388,7 +388,7 @@ def _documents_block(docs: Documents, shares: dict) -> dict:
 
 def _correlations_block(r: np.ndarray, queries: Queries, o: Options) -> dict:
     """The correlations between queries' scores: pass 1's Pearson matrix, its group summaries and heat-map order."""
-    correlations = corr.correlation_summary(r, queries.kinds, queries.tasks, o.permutations, o.seed)
+    correlations = corr.correlation_summary(r, queries.kinds, queries.tasks, o.permutations, o.seed, queries.loss)
     correlations["matrix"] = r
     correlations["order"] = corr.heatmap_order(queries.kinds, queries.tasks)
     return correlations
@@ -516,33 +516,14 @@ def _texts(run_dir, config, fetched, text_source, notes) -> tuple[dict[int, str]
 
 
 def _answers(queries, rows, fetched, texts, ks, notes) -> dict:
+    """The answers block (:func:`jaxinf.analysis.answers.answers_block`), with a note on queries without items."""
     if not texts:
         return {"available": False, "reason": "no document texts"}
-    per_query = []
-    flags: dict[str, list] = {}
-    for q in range(len(queries)):
-        items, rule = ans.answer_items(queries.prompts[q], queries.completions[q], queries.kinds[q],
-                                       queries.tasks[q], queries.answers[q])
-        ranked = [texts.get(int(i)) for i in rows.top_idx[q][: max(ks)]]
-        res = ans.answers_in_top(items, ranked, ks)
-        per_query.append({"query": queries.ids[q], "kind": queries.kinds[q], "rule": rule, "items": items,
-                          "by_k": res})
-        flags[queries.ids[q]] = res
-    kinds = dict(zip(queries.ids, queries.kinds))
-    no_items = [p["query"] for p in per_query if not p["items"]]
+    block, no_items = ans.answers_block(queries, rows.top_idx, texts, ks)
     if no_items:
         notes.append(f"{len(no_items)} queries have no answer items (no answer field, and none found in "
                      f"the completion); they are left out of the answer shares: ids {_ids_text(no_items)}")
-    return {
-        "available": True,
-        "ks": ks,
-        "per_query": per_query,
-        "share_found_all_by_kind": ans.share_by_kind(flags, kinds, "found_all"),
-        "share_found_any_by_kind": ans.share_by_kind(flags, kinds, "found_any"),
-        "mean_recall_by_kind": {k: [describe([r[j]["recall"] for qid, r in flags.items() if kinds[qid] == k])["mean"]
-                                    for j in range(len(ks))] for k in present_kinds(queries.kinds)},
-        "n_without_items": len(no_items),
-    }
+    return block
 
 
 def _top_documents(queries, rows, fetched, docs, listed) -> list[dict]:

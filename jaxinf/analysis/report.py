@@ -161,7 +161,34 @@ def _sec_findings(s: dict) -> str:
     return ('<section id="findings"><h2>Findings of Ruis et al. (2024), tested on this run</h2>'
             f"<p>Each finding holds when its effect goes the claimed way at p &lt; {fnd.ALPHA}; "
             "the sections below have the numbers behind it.</p>"
-            + _table(["finding", "claim", "measured", "test", "verdict"], rows) + "</section>")
+            + _table(["finding", "claim", "measured", "test", "verdict"], rows)
+            + "".join(_finding_details(f) for f in s.get("findings", [])) + "</section>")
+
+
+def _finding_details(f: dict) -> str:
+    """The comparisons behind finding 1 (vs factual, vs template-matched controls) and the answer variants of
+    finding 2, one table each, whatever the verdict."""
+    if "vs_factual" in f:
+        means = {"vs factual": (f.get("reasoning"), f.get("factual")),
+                 "vs template-matched controls": (f.get("reasoning_matched"), f.get("control_matched"))}
+        rows = [[esc(name), fmt(means[name][0]), fmt(means[name][1]), fmt(c and c["n_pairs_a"]),
+                 fmt(c and c["n_pairs_b"]), fmt(c and c["difference"]), fmt(c and c["p_value"])]
+                for name, c in (("vs factual", f["vs_factual"]), ("vs template-matched controls", f["vs_controls"]))]
+        return ("<h3>Procedural knowledge: reasoning queries against each comparison group</h3>"
+                + _table(["comparison", "mean r, reasoning", "mean r, other", "pairs, reasoning", "pairs, other",
+                          "difference", "p"], rows))
+    if "variants" in f:
+        rows = []
+        for name, v in f["variants"].items():
+            label = esc(name) + (" (the verdict)" if name == f.get("answer") else "")
+            if not v["testable"]:
+                rows.append([label, f"{v['n_factual']} queries", f"{v['n_reasoning']} queries", "not testable"])
+                continue
+            (ff, _), (rf, _) = v["table"]
+            rows.append([label, f"{ff} of {v['n_factual']}", f"{rf} of {v['n_reasoning']}", fmt(v["p_value"])])
+        return (f"<h3>Answers in the top {fmt(f.get('k'))}: each kind of answer, for both query kinds</h3>"
+                + _table(["answer searched", "factual: found", "reasoning: found", "p (one-sided Fisher)"], rows))
+    return ""
 
 
 def _sec_correlations(s: dict) -> str:

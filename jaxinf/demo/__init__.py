@@ -4,9 +4,13 @@
 2. train a small Llama on it with optax (:mod:`jaxinf.demo.train`; Orbax
    checkpoints, resumed after an interruption, reused by the next run) and write
    it as a Hugging Face checkpoint directory ``model/``;
-3. let the model complete factual, reasoning and control prompts (``data/queries.jsonl``);
+3. let the model complete factual, reasoning and control prompts (``data/queries.jsonl``; the
+   template-matched controls come with their completions);
 4. ``jaxinf run`` on ``config.yaml``: EK-FAC on the MLP layers, scores of every
    document for every query, exports, the paper's analyses and ``run/report/index.html``.
+
+It also writes ``data/queries_answer_tokens.jsonl`` (:func:`answer_token_row`), the queries
+whose measured tokens are only their answers; scoring it is an option (docs/analysis.md).
 
 Everything lands in ``--out`` (default ``runs/demo``); a second run reuses what exists.
 """
@@ -64,8 +68,12 @@ def _main(out: Path, n_documents: int, train_steps: int) -> Path:
     queries_path = data / "queries.jsonl"
     if not queries_path.exists():
         prompts = corpus.queries(0, QUERIES_PER_TASK)
-        completions = train.complete(lm, tok, [q.prompt for q in prompts])
-        write_jsonl(queries_path, [query_row(q, c, docs) for q, c in zip(prompts, completions)])
+        free = [q for q in prompts if not q.completion]   # the template-matched controls (last) have theirs
+        completions = dict(zip((q.id for q in free), train.complete(lm, tok, [q.prompt for q in free])))
+        rows = [query_row(q, q.completion or completions[q.id], docs) for q in prompts]
+        write_jsonl(queries_path, rows)
+        split = [r for r in map(answer_token_row, rows) if r is not None]
+        write_jsonl(data / "queries_answer_tokens.jsonl", split)
         log.info("demo: the model completed %d queries (%s)", len(prompts), queries_path)
     config_path = out / "config.yaml"
     raw = {**DEMO_CONFIG, "model": {"checkpoint": str(model_dir)},
@@ -80,10 +88,11 @@ def _main(out: Path, n_documents: int, train_steps: int) -> Path:
 
 
 def query_row(q, completion: str, docs: list[dict]) -> dict:
-    """A row of ``queries.jsonl``. Its ``answer`` is what the analysis searches the top documents for: a
-    factual query's fact, and the final number of a reasoning query's completion, i.e. the answer the model
-    gave, right or wrong (searching for a correct answer the model did not give would say nothing about
-    where the model's answer came from); ``correct_answer`` keeps the right one."""
+    """A row of ``queries.jsonl``. Its ``answer`` is the correct answer (what the prompt determines); its
+    ``model_answer`` the answer the model's completion gives in the same place (a factual completion's first
+    word; a reasoning completion's number where the answer stands, :data:`jaxinf.demo.corpus.ANSWER_PLACE`),
+    right or wrong. The analysis searches the top documents for both (finding 2 compares each kind of answer
+    across query kinds); controls have no model answer (a template-matched control's completion is given)."""
     from jaxinf.analysis.answers import numbers_in
     from jaxinf.demo import corpus
 
@@ -91,11 +100,38 @@ def query_row(q, completion: str, docs: list[dict]) -> dict:
            "answer": q.answer or None}
     if q.kind == "reasoning":
         given = numbers_in(completion)
-        row["answer"] = given[-1] if given else None
-        row["correct_answer"] = q.answer
+        row["model_answer"] = given[corpus.ANSWER_PLACE[q.task]] if given else None
+    elif q.kind == "factual":
+        words = completion.split()
+        row["model_answer"] = words[0] if words else None
     if q.fact:
         row["supports"] = corpus.supports(docs, q)
     return row
+
+
+def answer_token_row(row: dict) -> dict | None:
+    """The query of a ``queries.jsonl`` row whose completion is only the answer its completion gives: the
+    completion up to that answer moves to the end of the prompt, the rest after it is dropped. Scored, its
+    influence comes from the answer's tokens alone (the demo's tokenizer splits on spaces, so the tokens are
+    the original ones). The answer stands where :func:`query_row` takes ``model_answer`` from (a template-matched
+    control's copied number likewise); None for queries without one (the other controls)."""
+    from jaxinf.analysis.answers import NUMBER
+    from jaxinf.demo import corpus
+
+    completion = row["completion"]
+    if row["kind"] == "factual":
+        head, answer = "", (completion.split() or [""])[0]
+    elif row["task"] in corpus.ANSWER_PLACE:
+        numbers = list(NUMBER.finditer(completion))
+        if not numbers:
+            return None
+        m = numbers[corpus.ANSWER_PLACE[row["task"]]]
+        head, answer = completion[: m.start()].strip(), m.group(0)
+    else:
+        return None
+    if not answer:
+        return None
+    return {**row, "prompt": f"{row['prompt']} {head}" if head else row["prompt"], "completion": answer}
 
 
 def _print_highlights(run_dir: Path) -> None:

@@ -19,7 +19,11 @@ digit by digit (:func:`jaxinf.demo.train.build_tokenizer`).
 Everything is generated from a seed, so the corpus (and the demo) is the same
 on every machine. Queries come in the paper's kinds: factual, reasoning
 (arithmetic, slopes, linear equations) and control (same surface form, no fact
-or procedure needed); their completions are produced by the trained model.
+or procedure needed); the completions of factual and reasoning queries are
+produced by the trained model. Each reasoning task also has *template-matched
+controls* (:func:`template_controls`): kind ``control`` with the task's name,
+the task's own prompt and completion template, and a given completion that
+needs no procedure.
 """
 
 from __future__ import annotations
@@ -52,6 +56,7 @@ class Query:
     answer: str                           # the final answer (searched for in the top documents)
     fact: tuple[str, str] | None = None   # (town, trait) of a factual query
     next: str = ""                        # the correct text right after the prompt (empty for controls)
+    completion: str = ""                  # a given completion (template-matched controls); empty: the model's
 
 
 def town_names(rng: np.random.Generator, n: int) -> list[str]:
@@ -105,8 +110,25 @@ PROMPTS = {
     "linear": "solve {a} * x + {b} = {c} . first {a} * x =",
 }
 PROBLEM = {"arithmetic": ("a", "b"), "slopes": ("x1", "y1", "x2", "y2"), "linear": ("a", "b", "c")}
-ANSWER = {"arithmetic": "y", "slopes": "m", "linear": "x"}
+# The answer a prompt determines: an arithmetic prompt asks for x (its completion goes on to y = x * c with a c
+# of the model's choosing, so y is not determined by the prompt).
+ANSWER = {"arithmetic": "x", "slopes": "m", "linear": "x"}
+ANSWER_PLACE = {"arithmetic": 0, "slopes": -1, "linear": -1}   # which number of a completion gives that answer
 NEXT = {"arithmetic": "x", "slopes": "m", "linear": "ax"}   # the number right after the prompt
+# Template-matched controls: a reasoning task's prompt and completion template with identity operands (+ 0, * 1,
+# - 0, / 1, a line through the origin with run 1), so that every number of the completion is one of the prompt's
+# (or the identity's own): the same surface form, no procedure. No corpus document has an identity operand.
+CONTROL_PROMPTS = {
+    "arithmetic": "let x = {x} + 0 . so x =",
+    "slopes": "the slope between ( 0 , 0 ) and ( 1 , {dy} ) is ( {dy} - 0 ) / ( 1 - 0 ) =",
+    "linear": "solve 1 * x + 0 = {c} . first 1 * x =",
+}
+CONTROL_COMPLETIONS = {
+    "arithmetic": "{x} . then y = x * 1 . so y = {x} .",
+    "slopes": "{dy} / 1 = {dy} .",
+    "linear": "{c} - 0 = {c} . then x = {c} / 1 = {c} .",
+}
+CONTROL_VALUE = {"arithmetic": "x", "slopes": "dy", "linear": "c"}   # the one number a control copies
 HELD_OUT = 16   # the first HELD_OUT query problems of each task never occur in the corpus
 
 
@@ -160,13 +182,25 @@ def supports(docs: list[dict], query: Query, seed: int = 0) -> list[str]:
     return [d["id"] for d in docs if d["source"] == "facts" and any(s in f" {d['text']} " for s in sentences)]
 
 
+def template_controls(seed: int, task: str, n: int) -> list[Query]:
+    """The first ``n`` template-matched controls of a reasoning task, each with the size of the number of the
+    task's query of the same index (:data:`CONTROL_PROMPTS`); their completions are given, not the model's."""
+    out = []
+    for i, v in enumerate(query_problems(seed, task, n)):
+        value = str(v[CONTROL_VALUE[task]])
+        out.append(Query(f"{task}-control-{i}", CONTROL_PROMPTS[task].format(**v), "control", task, value,
+                         completion=CONTROL_COMPLETIONS[task].format(**v)))
+    return out
+
+
 def queries(seed: int = 0, per_task: int = 4) -> list[Query]:
-    """Factual, reasoning and control queries (prompts only: the trained model writes the completions).
+    """Factual, reasoning and control queries (prompts only: the trained model writes the completions, except
+    those of the template-matched controls, which come last: :func:`template_controls`).
 
     Reasoning prompts draw their problems from a stream of their own per task
     (:func:`query_problems`), and the corpus holds none of them out of the first
     ``HELD_OUT``; whether the answers nonetheless occur in the top documents is
-    one of the analyses. A query's ``answer`` is its final answer; ``next`` is
+    one of the analyses. A query's ``answer`` is the answer its prompt determines (:data:`ANSWER`); ``next`` is
     the number right after its prompt (the built-in validation world measures it).
     """
     if per_task > HELD_OUT:
@@ -193,4 +227,6 @@ def queries(seed: int = 0, per_task: int = 4) -> list[Query]:
                          "factual_control", ""))
         out.append(Query(f"reasoning-control-{i}", f"the market day was quiet and {int(rng.integers(2, 9))} people",
                          "control", "reasoning_control", ""))
+    for task in MAKERS:
+        out.extend(template_controls(seed, task, per_task))
     return out

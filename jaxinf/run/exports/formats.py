@@ -7,7 +7,9 @@ This module imports nothing of the engine, so reading a run needs no JAX.
 - ``scores.npy``: float [Q, N], C order; row q is query-file line q, column n is
   document-file line n. Read in column chunks or rows with ``pread``, never whole.
 - ``queries.jsonl``: ``{"id", "prompt", "completion", "kind", "task", "answer", "loss"}``
-  (id, prompt and completion required; ``loss`` is the completion's NLL in nats).
+  (id, prompt and completion required; ``loss`` is the completion's NLL in nats). ``answer`` is
+  the query's correct answer; an optional ``model_answer`` (an extra field of the query file,
+  carried through) is the answer the model's completion gives, when that is known.
 - ``documents.jsonl``: ``{"id", "source", "tokens"}`` and optionally ``"text"``.
 - ``topk.jsonl``: ``{"query": id, "top": [{"id", "source", "score", "snippet"}...], "bottom": [...]}``.
 - ``layers.json``: ``{"names": [tracked layer names in model order]}``.
@@ -106,6 +108,7 @@ class Queries:
     tasks: list[str | None]
     answers: list[list[str] | None]
     loss: np.ndarray  # float64 [Q], NaN where absent
+    model_answers: list[list[str] | None] = field(default_factory=list)  # one per query when read from a file
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -120,7 +123,7 @@ def read_exported_queries(path: Path) -> Queries:
     path = Path(path)
     if not path.exists():
         raise AnalysisError(f"{path.name}: missing (expected at {path})")
-    ids, prompts, completions, kinds, raw_kinds, tasks, answers, losses = ([] for _ in range(8))
+    ids, prompts, completions, kinds, raw_kinds, tasks, answers, model_answers, losses = ([] for _ in range(9))
     seen: dict[str, int] = {}
     for lineno, obj in iter_jsonl(path):
         where = f"{path.name} line {lineno}"
@@ -138,12 +141,8 @@ def read_exported_queries(path: Path) -> Queries:
         task = obj.get("task")
         if task is not None and not isinstance(task, str):
             raise AnalysisError(f"{where}: field task must be a string, got {task!r}")
-        answer = obj.get("answer")
-        if answer is not None:
-            items = answer if isinstance(answer, list) else [answer]
-            if not items or not all(isinstance(a, (str, int, float)) and not isinstance(a, bool) for a in items):
-                raise AnalysisError(f"{where}: field answer must be a string, a number or a non-empty list of them")
-            answer = [str(a) for a in items]
+        answer = _answer_field(obj, "answer", where)
+        model_answer = _answer_field(obj, "model_answer", where)
         loss = obj.get("loss")
         if loss is None:
             loss = math.nan
@@ -156,10 +155,23 @@ def read_exported_queries(path: Path) -> Queries:
         kinds.append(kind if kind in KINDS else UNKNOWN)
         tasks.append(task)
         answers.append(answer)
+        model_answers.append(model_answer)
         losses.append(float(loss))
     if not ids:
         raise AnalysisError(f"{path.name}: no queries")
-    return Queries(ids, prompts, completions, kinds, raw_kinds, tasks, answers, np.asarray(losses, np.float64))
+    return Queries(ids, prompts, completions, kinds, raw_kinds, tasks, answers, np.asarray(losses, np.float64),
+                   model_answers)
+
+
+def _answer_field(obj: dict, key: str, where: str) -> list[str] | None:
+    """The items of an answer field (a string, a number or a non-empty list of them) as strings; None if absent."""
+    answer = obj.get(key)
+    if answer is None:
+        return None
+    items = answer if isinstance(answer, list) else [answer]
+    if not items or not all(isinstance(a, (str, int, float)) and not isinstance(a, bool) for a in items):
+        raise AnalysisError(f"{where}: field {key} must be a string, a number or a non-empty list of them")
+    return [str(a) for a in items]
 
 
 def write_queries(path: Path, records: Iterable[Mapping]) -> None:

@@ -50,7 +50,8 @@ def export(config: cfg.Config, store: RunStore, inputs: Inputs, results: dict, q
         formats.write_queries(store.path("queries.jsonl"), (
             {"id": q.id, "prompt": q.prompt, "completion": q.completion, "kind": q.kind, "task": q.task,
              "answer": q.answer, "loss": float(qloss[i]), "tokens": len(encoded[i].ids),
-             "completion_tokens": encoded[i].completion_length, **({"supports": list(q.supports)} if q.supports else {})}
+             "completion_tokens": encoded[i].completion_length, **({"supports": list(q.supports)} if q.supports else {}),
+             **({"model_answer": q.extra["model_answer"]} if q.extra.get("model_answer") is not None else {})}
             for i, q in enumerate(inputs.queries)))
         formats.write_documents(store.path("documents.jsonl"), _document_rows(inputs, results["loss"]))
         if "bound" in results:     # scores.mode: index (jaxinf.run.index_run)
