@@ -40,7 +40,7 @@ def test_projection_layout_matches_the_document_rows(small):
     identity = {n: {"Q_A": jnp.broadcast_to(jnp.eye(spec.d_in_aug), (*spec.lead, spec.d_in_aug, spec.d_in_aug)),
                     "Q_S": jnp.broadcast_to(jnp.eye(spec.d_out), (*spec.lead, spec.d_out, spec.d_out))}
                 for n, spec in s["layers"].items()}
-    rows = index_mod.document_rows(s["task"], s["layers"], s["params"], s["batches"], identity, None)
+    rows, _ = index_mod.document_rows(s["task"], s["layers"], s["params"], s["batches"], identity, None)
     got = index_mod.projected_queries(s["qg"], identity, s["layers"]) @ rows.T
     np.testing.assert_allclose(got, s["exact"], rtol=1e-4, atol=1e-6 * np.abs(s["exact"]).max())
 
@@ -48,7 +48,7 @@ def test_projection_layout_matches_the_document_rows(small):
 def test_a_full_index_scores_like_the_scoring_pass(small):
     s = small
     basis, selection = index_mod.eigen_basis(s["curv"], s["eigen"])
-    rows = index_mod.document_rows(s["task"], s["layers"], s["params"], s["batches"], basis, None)
+    rows, _ = index_mod.document_rows(s["task"], s["layers"], s["params"], s["batches"], basis, None)
     got, predicted = index_mod.index_scores(s["qg"], s["curv"], selection, s["layers"], None, rows)
     np.testing.assert_allclose(got, s["exact"], rtol=1e-4, atol=1e-6 * np.abs(s["exact"]).max())
     np.testing.assert_allclose(predicted, 1.0)
@@ -128,7 +128,7 @@ def test_the_bound_holds_and_certification_keeps_the_exact_tails(small):
     rescores include each query's exact top and bottom 3 (so the rescored tails are EK-FAC's)."""
     s = small
     basis, selection = index_mod.eigen_basis(s["curv"], s["eigen"])
-    rows, bands = index_mod.document_rows(s["task"], s["layers"], s["params"], s["batches"], basis, 2, with_bands=True)
+    rows, bands = index_mod.document_rows(s["task"], s["layers"], s["params"], s["batches"], basis, 2)
     iq = index_mod.index_queries(s["qg"], s["curv"], selection, s["layers"], 2)
     approx = indexing.index_scores(np.asarray(iq.cells, np.float64), rows)
     bounds = indexing.score_bounds(np.asarray(iq.rest, np.float64),

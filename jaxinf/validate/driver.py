@@ -329,6 +329,10 @@ def _validate(config: cfg.Config, out: Path, world: World, t_start: float) -> di
     scores: dict[tuple[str, str], np.ndarray] = {}
     t0 = time.perf_counter()
     score = jax.jit(lambda p, qg, b: stages.score_batch(task, layers, p, qg, b)[0].total)
+
+    def exact_scores(qg) -> np.ndarray:        # every document against prepared queries: [Q, N]
+        return np.concatenate([np.asarray(score(params, qg, b)) for b in batches], 1).astype(np.float64)
+
     G = None
     fitted: dict[str, tuple] = {}
     for strategy in v.strategies:
@@ -352,12 +356,12 @@ def _validate(config: cfg.Config, out: Path, world: World, t_start: float) -> di
         rows = None
         if strategy == index_mod.INDEX_STRATEGY:
             basis, selection = index_mod.eigen_basis(curv, pieces["eigen"])
-            rows = index_mod.document_rows(task, layers, params, batches, basis, indexing.kept_directions(config.index.k),
-                                           config.index.dtype)
+            rows, _ = index_mod.document_rows(task, layers, params, batches, basis,
+                                              indexing.kept_directions(config.index.k), config.index.dtype)
         for d in missing:
             qg = scoring.prepare_queries(G, qloss, curv, d, None)
             if rows is None:
-                s = np.concatenate([np.asarray(score(params, qg, b)) for b in batches], 1).astype(np.float64)
+                s = exact_scores(qg)
             else:
                 s, _ = index_mod.index_scores(qg, curv, selection, layers, indexing.kept_directions(config.index.k), rows)
             save_npy(paths[damping_label(d)], s)
@@ -389,7 +393,7 @@ def _validate(config: cfg.Config, out: Path, world: World, t_start: float) -> di
             exact = scores.get(("ekfac", damping_label(primary_damping)))
             if exact is None:
                 qg = scoring.prepare_queries(G, qloss, curv, primary_damping, None)
-                exact = np.concatenate([np.asarray(score(params, qg, b)) for b in batches], 1).astype(np.float64)
+                exact = exact_scores(qg)
             fidelity = {"damping": damping_label(primary_damping), "exact": "ekfac", "dtype": config.index.dtype,
                         "table": index_mod.fidelity_table(task, layers, params, batches, G, qloss, curv,
                                                           pieces["eigen"], primary_damping, ks, exact, v.seed,

@@ -42,15 +42,13 @@ def fitted_strategy(name: str) -> curvature.Strategy:
 
 
 def document_rows(task, layers: Mapping[str, LayerSpec], params, batches: list, basis: Mapping[str, dict],
-                  k: int | None, dtype: str = "float32", with_bands: bool = False):
-    """``[N, C]``: every document's kept cells in ``basis`` (the index pass, :func:`jaxinf.engine.stages.index_step`,
-    over in-memory batches of whole documents), rounded to the storage ``dtype`` (``index.dtype``); with
-    ``with_bands``, also the ``[N, E]`` energies of the other pairs of bands."""
+                  k: int | None, dtype: str = "float32") -> tuple[np.ndarray, np.ndarray]:
+    """``([N, C], [N, E])``: every document's kept cells in ``basis`` (the index pass,
+    :func:`jaxinf.engine.stages.index_step`, over in-memory batches of whole documents), rounded to the storage
+    ``dtype`` (``index.dtype``), and the energies of its pairs of bands."""
     step = jax.jit(stages.index_step(task, layers, k))
     out = [step(params, basis, b) for b in batches]
     rows = np.concatenate([np.asarray(o["cells"]) for o in out]).astype(dtype).astype(np.float64)
-    if not with_bands:
-        return rows
     return rows, np.concatenate([np.asarray(o["bands"], np.float64) for o in out])
 
 
@@ -141,7 +139,7 @@ def fidelity_table(task, layers: Mapping[str, LayerSpec], params, batches: list,
     out: dict = {}
     for k_value in ks:
         k = indexing.kept_directions(k_value)
-        rows, bands = document_rows(task, layers, params, batches, basis, k, dtype, with_bands=True)
+        rows, bands = document_rows(task, layers, params, batches, basis, k, dtype)
         iq = index_queries(qg, curv, selection, layers, k)
         s_index = indexing.index_scores(np.asarray(iq.cells, np.float64), rows)
         s_kfac, _ = index_scores(qg_kfac, curv, selection, layers, k, rows)
@@ -152,7 +150,7 @@ def fidelity_table(task, layers: Mapping[str, LayerSpec], params, batches: list,
                  "kfac-eigenvalues": fidelity(exact, s_kfac)}
         if k is not None:
             rand = random_basis(layers, k, seed)
-            s_rand = projected_queries(qg, rand, layers) @ document_rows(task, layers, params, batches, rand, k, dtype).T
+            s_rand = projected_queries(qg, rand, layers) @ document_rows(task, layers, params, batches, rand, k, dtype)[0].T
             entry["random-kronecker"] = fidelity(exact, s_rand)
         out[str(k_value)] = entry
     return out
