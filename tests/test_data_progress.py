@@ -2,37 +2,39 @@
 
 from __future__ import annotations
 
+import io
+
 import numpy as np
 from data_support import documents_file, make_tokenizer
 
 from jaxinf.data.batching import document_lengths
 from jaxinf.data.documents import JsonlDocuments
-from jaxinf.data.progress import PassProgress, format_duration
 from jaxinf.data.tokenize import TextEncoder
+from jaxinf.engine.progress import Progress
 
 
-def test_durations_read_as_a_person_reads_them():
-    assert [format_duration(s) for s in (0, 12.4, 59.6, 252, 3600, 3900, 7 * 3600 + 59)] == [
-        "0s", "12s", "1m00s", "4m12s", "1h00m", "1h05m", "7h00m"]
-
-
-def test_a_line_every_interval_and_one_at_the_end_with_rates_and_eta():
+def test_running_totals_give_a_line_every_interval_and_one_at_the_end_with_rates_and_eta():
+    """The token counts' progress (:meth:`Progress.at`, running totals): a first line at once, then one per
+    interval with documents/s, tokens/s and the ETA of the steady state (after the first chunk), and always a line
+    at the end."""
     now = [100.0]
-    lines: list[str] = []
-    progress = PassProgress("token counts", 1000, every=30, clock=lambda: now[0], emit=lines.append)
+    stream = io.StringIO()
+    progress = Progress("token counts", 1000, unit="documents", interval=30, stream=stream, clock=lambda: now[0])
+    progress.enabled = True
     now[0] = 110.0
-    progress(100, 50_000)            # 10 s in: too soon, nothing
-    assert lines == []
+    progress.at(100, 50_000)            # 10 s in: the first chunk, no steady rate yet
+    now[0] = 120.0
+    progress.at(200, 100_000)           # 10 s after the first line: nothing
     now[0] = 140.0
-    progress(400, 200_000)           # 40 s in: 10 documents/s, 600 left: 60 s
+    progress.at(400, 200_000)           # 30 s after the first chunk: 10 documents/s, 600 left: 60 s
     now[0] = 150.0
-    progress(500, 250_000)           # 10 s after the last line: nothing
+    progress.at(500, 250_000)           # 10 s after the last line: nothing
     now[0] = 200.0
-    progress(1000, 500_000)          # the end: always, with the total time
-    assert lines == [
-        "token counts: 400/1,000 documents (40.0%), 200,000 tokens, 10 documents/s, 0.01 M tokens/s, ETA 1m00s",
-        ("token counts: 1,000/1,000 documents (100.0%), 500,000 tokens, 10 documents/s, 0.01 M tokens/s, "
-         "done in 1m40s"),
+    progress.at(1000, 500_000)          # the end: always
+    assert stream.getvalue().splitlines() == [
+        "token counts: 100/1,000 documents, 10.0 documents/s, 5,000 tokens/s, elapsed 0:00:10, ETA ?",
+        "token counts: 400/1,000 documents, 10.0 documents/s, 5,000 tokens/s, elapsed 0:00:40, ETA 0:01:00",
+        "token counts: 1,000/1,000 documents, 10.0 documents/s, 5,000 tokens/s, elapsed 0:01:40, ETA 0:00:00",
     ]
 
 

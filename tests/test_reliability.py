@@ -864,7 +864,7 @@ def test_the_eta_leaves_out_the_compiling_first_step(monkeypatch):
     p.enabled = False
     p.update(50)                      # t = 100: the compiled first step
     p.update(50)                      # t = 101: one steady step
-    assert p.line() == "covariance: 2/10 batches, 50 tokens/s, elapsed 0:01:41, ETA 0:00:08"
+    assert p.line() == "covariance: 2/10 batches, 1.0 batches/s, 50 tokens/s, elapsed 0:01:41, ETA 0:00:08"
 
 
 def test_a_query_of_unknown_tokens_is_warned_about(tmp_path, caplog):

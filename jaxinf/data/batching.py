@@ -261,7 +261,7 @@ def document_lengths(source: DocumentSource, encoder: TextEncoder, *, chunk: int
     Reading the next chunk of texts overlaps with tokenizing the current one. ``limit`` (``data.max_length`` when
     documents are truncated): a very long document is counted in a bounded prefix
     (:meth:`TextEncoder.encode_documents`), a lower bound above ``limit``; pass the same limit to the plan's batches.
-    ``progress`` (e.g. :class:`jaxinf.data.progress.PassProgress`) is called after each chunk with the documents
+    ``progress`` (e.g. :meth:`jaxinf.engine.progress.Progress.at`) is called after each chunk with the documents
     and tokens counted so far.
     """
     n = len(source)

@@ -114,7 +114,7 @@ def document_lengths(store: RunStore | None, documents, encoder, limit: int | No
     ``limit``: ``data.max_length`` when documents are truncated; a very long document is then counted in a bounded
     prefix (:meth:`jaxinf.data.tokenize.TextEncoder.encode_documents`). ``store`` None: the shared cache alone."""
     from jaxinf.data.batching import document_lengths as count
-    from jaxinf.data.progress import PassProgress
+    from jaxinf.engine.progress import Progress
 
     key = {"documents": _file_key(getattr(documents, "name", "")), "size": len(documents),
            "tokenizer": _text_hash(encoder.tokenizer.to_str())}
@@ -133,7 +133,9 @@ def document_lengths(store: RunStore | None, documents, encoder, limit: int | No
     kept = [_read_counts(meta, path, key) for meta, path, _ in places]
     lengths = next((x for x in kept if x is not None), None)
     if lengths is None:
-        lengths = count(documents, encoder, limit=limit, progress=PassProgress("token counts", len(documents)))
+        progress = Progress("token counts", len(documents), unit="documents", interval=30.0)
+        lengths = count(documents, encoder, limit=limit, progress=progress.at)
+        progress.close()
     else:
         where = next(path for (_, path, _), x in zip(places, kept) if x is not None)
         log.info("token counts: %d documents, %d tokens, counted before (%s)", len(lengths), int(lengths.sum()), where)
