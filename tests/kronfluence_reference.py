@@ -103,7 +103,9 @@ class CausalLMTask(Task):
 
     ``compute_train_loss(sample=True)`` draws each target position's label from
     ``softmax(logits)`` with torch's generator (jaxinf draws its own with a JAX
-    key, so the two true-Fisher estimates differ by sampling noise only).
+    key, so the two true-Fisher estimates differ by sampling noise only), unless the
+    batch brings ``sampled_labels``: labels drawn elsewhere (by jaxinf, for an exact
+    comparison of the true Fisher), used as they are in every pass.
     """
 
     def __init__(self, modules: Sequence[str] | None, generator: torch.Generator | None = None):
@@ -122,7 +124,9 @@ class CausalLMTask(Task):
     def compute_train_loss(self, batch, model, sample: bool = False):
         logits = self._logits(batch, model)
         labels = batch["labels"]
-        if sample:
+        if sample and "sampled_labels" in batch:
+            labels = batch["sampled_labels"]
+        elif sample:
             with torch.no_grad():
                 probs = torch.softmax(logits.detach().double(), dim=-1).reshape(-1, logits.size(-1))
                 drawn = torch.multinomial(probs, 1, generator=self.generator).reshape(labels.shape)

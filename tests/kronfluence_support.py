@@ -109,11 +109,14 @@ class Kronfluence:
     ``precision`` float64 runs the model in float64 with transformers' float32
     upcasts made float64 (``models_support.float64_transformers``) and every
     kronfluence dtype float64; float32 keeps kronfluence's defaults (eigendecomposition
-    in float64, the rest float32). Factors are fitted per strategy on demand.
+    in float64, the rest float32). Factors are fitted per strategy on demand. ``sampled_labels``: per document,
+    the label of each position (position t predicting token t+1) that the true Fisher uses in every pass, instead
+    of kronfluence's own draws.
     """
 
     def __init__(self, w: dict, root: Path, *, precision: str = "float64", fisher: str = "empirical",
-                 seed: int = 0, n_documents: int | None = None, track: str = "mlp"):
+                 seed: int = 0, n_documents: int | None = None, track: str = "mlp",
+                 sampled_labels: list[np.ndarray] | None = None):
         oracle("kronfluence")
         torch = oracle("torch")
         import kronfluence_reference as ref
@@ -123,7 +126,13 @@ class Kronfluence:
         doc_ids, encoded = ref.encoded_inputs(w["model"], w["docs"], w["queries"], MAX_LENGTH)
         if n_documents is not None:
             doc_ids = doc_ids[:n_documents]
-        self.documents = ref.Examples(ref.document_examples(doc_ids, MAX_LENGTH))
+        examples = ref.document_examples(doc_ids, MAX_LENGTH)
+        for example, drawn in zip(examples, sampled_labels or []):   # document i's labels at its target positions
+            labels = example["labels"]
+            full = np.zeros(len(labels), np.int64)                   # the last position predicts nothing
+            full[: len(drawn)] = np.asarray(drawn)[: len(labels)]
+            example["sampled_labels"] = torch.where(labels == ref.IGNORE, labels, torch.from_numpy(full))
+        self.documents = ref.Examples(examples)
         self.queries = ref.Examples(ref.query_examples(encoded))
         with self.context():
             model = ref.load_model(w["model"], precision)

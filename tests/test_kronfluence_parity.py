@@ -181,3 +181,59 @@ def test_attention_and_mlp_layers_match(tmp_path_factory):
     err = ks.rel_error(mine, kron.pairwise("ekfac", None, None, name="pairwise"))
     print(f"llama, factors.track=all: EK-FAC pairwise scores (float64) rel. error {err:.2e}")
     assert err <= TOL
+
+
+def test_the_true_fisher_matches_with_the_labels_jaxinf_draws(tmp_path_factory):
+    """``factors.fisher: sampled`` (the default), exactly: jaxinf's covariance and Lambda stages draw each
+    document's labels with a fixed key (the same key in both passes, so both use the same labels, as kronfluence's
+    task does), and kronfluence fits its true Fisher with those labels (``CausalLMTask`` given ``sampled_labels``).
+    A, S, Lambda per layer and the EK-FAC pairwise scores within ``TOL`` (float64); with labels of their own the two
+    differ by sampling noise (``test_kronfluence_precision``'s heavy convergence test)."""
+    from jaxinf import models
+    from jaxinf.data.batching import document_batches
+    from jaxinf.data.queries import encode_queries, query_batches, read_queries
+    from jaxinf.data.sources import open_documents
+    from jaxinf.data.tokenize import TextEncoder
+    from jaxinf.engine import curvature, scoring, stages, tasks
+    from jaxinf.interop import kronfluence as kf
+    from jaxinf.interop import transfer
+
+    w = ks.world(tmp_path_factory, "llama")
+    with jax.enable_x64(True):
+        config = ks.config(w, w["root"] / "unused", **{"factors.fisher": "sampled"})
+        layers = transfer.tracked_layers(config)
+        lm, tok = models.from_hf(w["model"], dtype="float64")
+        task = lm.task()
+        encoder = TextEncoder(tok)
+        source = open_documents(str(w["docs"]))
+        (batch,) = list(document_batches(source, encoder, batch_size=len(source), max_length=ks.MAX_LENGTH,
+                                         buckets=(ks.MAX_LENGTH,)))
+        keys = ("tokens", "mask", "weights")
+        docs = {k: jnp.asarray(batch[k]) for k in keys}
+        key = jax.random.key(7)
+        cov_stage = stages.covariance_stage(task, layers, "sampled")
+        cov = cov_stage.finalize(jax.jit(cov_stage.update)(cov_stage.init(), lm.params, docs, key)[0])
+        eigen = curvature.eigendecompose(cov)
+        lam_stage = stages.lambda_stage(task, layers, "sampled")
+        Lambda = lam_stage.finalize(jax.jit(lam_stage.update)(lam_stage.init(), lm.params, eigen, docs, key)[0])
+        drawn = np.asarray(tasks.sample_labels(key, lm.apply(lm.params, docs["tokens"], docs["mask"])[:, :-1]))
+        (qb,) = query_batches(encode_queries(read_queries(str(w["queries"])), encoder, max_length=ks.MAX_LENGTH))
+        G, qloss = stages.query_gradients(task, layers, lm.params, {k: jnp.asarray(qb[k]) for k in keys})
+        qg = scoring.prepare_queries(G, qloss, curvature.curvature("ekfac", eigen, Lambda), None, None, svd="full")
+        order = np.argsort(batch["index"])                                        # rows -> documents in file order
+        mine = np.asarray(stages.score_batch(task, layers, lm.params, qg, docs)[0].total)[:, order]
+    kron = ks.Kronfluence(w, tmp_path_factory.mktemp("kf-sampled-labels"), fisher="sampled",
+                          sampled_labels=[drawn[r] for r in order])
+    theirs = kron.pairwise("ekfac", None, None, name="pairwise")
+    factors = kf.read_factors(kron.root / "factors_ekfac")
+    A, S = transfer.per_layer(cov.A, layers), transfer.per_layer(cov.S, layers)
+    L = transfer.per_layer(Lambda, layers)
+    errors = {q: max(ks.rel_error(mine_q[m], theirs_q(m)) for m in factors.modules)
+              for q, mine_q, theirs_q in (("A", A, factors.A), ("S", S, factors.S), ("Lambda", L, factors.Lambda))}
+    errors["scores"] = ks.rel_error(mine, theirs)
+    print(f"\nllama, sampled labels shared: max rel. errors {json.dumps(errors)}")
+    assert all(e <= TOL for e in errors.values()), errors
+    own = ks.Kronfluence(w, tmp_path_factory.mktemp("kf-own-labels"), fisher="sampled")   # its own draws
+    own.fit("ekfac")
+    S_own = kf.read_factors(own.root / "factors_ekfac")
+    assert max(ks.rel_error(S[m], S_own.S(m)) for m in S_own.modules) > 1e3 * TOL   # the labels matter: not a no-op
