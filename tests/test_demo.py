@@ -130,3 +130,31 @@ def test_answer_token_queries_measure_only_the_answer():
     other = next(q for q in qs if q.task == "reasoning_control")
     assert answer_token_row(query_row(other, "people talked .", docs)) is None
     assert answer_token_row(query_row(lin, "the .", docs)) is None
+
+
+def test_what_other_code_or_settings_made_is_made_again(tmp_path):
+    """The demo reuses its corpus, model and queries only if the same code, library versions and sizes made them
+    (issue 24: it reused them whatever code wrote them)."""
+    from jaxinf import demo
+    from jaxinf.atomic import write_json
+
+    stamp = demo.written_by(3000, 1200)
+    assert demo.written_by(3000, 1200) == stamp and demo.written_by(3000, 600) != stamp
+    out = tmp_path / "demo"
+
+    def make(written: dict | None) -> None:
+        for name in demo.MADE:
+            (out / name).mkdir(parents=True, exist_ok=True)
+            (out / name / "x").write_text("made")
+        if written is not None:
+            write_json(out / demo.STAMP, written)
+
+    make(stamp)
+    assert demo.discard_stale(out, stamp) == [] and all((out / n / "x").exists() for n in demo.MADE)
+    make({**stamp, "code": "0" * 16})
+    assert demo.discard_stale(out, stamp) == ["code"]
+    assert not any((out / n).exists() for n in demo.MADE) and not (out / demo.STAMP).exists()
+    make(None)                                              # made before the stamp existed
+    assert demo.discard_stale(out, stamp) == sorted(stamp) and not (out / "model").exists()
+    (out / "run").mkdir()
+    assert demo.discard_stale(out, stamp) == [] and (out / "run").exists()   # nothing made: nothing to check

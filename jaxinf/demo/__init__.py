@@ -12,7 +12,9 @@
 It also writes ``data/queries_answer_tokens.jsonl`` (:func:`answer_token_row`), the queries
 whose measured tokens are only their answers; scoring it is an option (docs/analysis.md).
 
-Everything lands in ``--out`` (default ``runs/demo``); a second run reuses what exists.
+Everything lands in ``--out`` (default ``runs/demo``); a second run reuses what exists, if the same code and
+settings wrote it (:func:`written_by`, kept in ``written_by.json``); otherwise the corpus, the model and the
+queries are made again.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from typing import Any
 
 import yaml
 
-from jaxinf.atomic import write_jsonl
+from jaxinf.atomic import write_json, write_jsonl
 
 log = logging.getLogger("jaxinf")
 
@@ -58,7 +60,10 @@ def _main(out: Path, n_documents: int, train_steps: int) -> Path:
 
     t0 = time.perf_counter()
     data = out / "data"
+    stamp = written_by(n_documents, train_steps)
+    discard_stale(out, stamp)
     data.mkdir(parents=True, exist_ok=True)
+    write_json(out / STAMP, stamp)     # before anything is made: an interrupted demo resumes what it made
     docs_path = data / "documents.jsonl"
     docs = corpus.documents(0, n_documents)
     if not docs_path.exists():
@@ -85,6 +90,51 @@ def _main(out: Path, n_documents: int, train_steps: int) -> Path:
     _print_highlights(run_dir)
     log.info("demo: done in %.0fs; open %s", time.perf_counter() - t0, run_dir / "report" / "index.html")
     return run_dir
+
+
+STAMP = "written_by.json"
+MADE = ("data", "model", "train")
+"""What the demo makes before ``jaxinf run``: the corpus and queries, the model, its training checkpoints."""
+
+
+def written_by(n_documents: int, train_steps: int) -> dict:
+    """What the demo's corpus, model and queries depend on: the source of the code that makes them
+    (``jaxinf/demo`` and ``jaxinf/models``, hashed), the versions of jax, flax and optax that train the model, and
+    the demo's sizes."""
+    import hashlib
+    from importlib.metadata import version
+
+    root = Path(__file__).resolve().parents[1]
+    digest = hashlib.sha256()
+    for path in sorted([*(root / "demo").rglob("*.py"), *(root / "models").rglob("*.py")]):
+        digest.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes() + b"\0")
+    return {"code": digest.hexdigest()[:16], **{name: version(name) for name in ("jax", "flax", "optax")},
+            "documents": n_documents, "train_steps": train_steps}
+
+
+def discard_stale(out: Path, stamp: dict) -> list[str]:
+    """Removes what the demo made in ``out`` (:data:`MADE`) when other code or settings made it (its
+    ``written_by.json`` differs from ``stamp``, or is missing beside what it made); returns the keys that differed
+    (empty: nothing removed). ``jaxinf run`` then recomputes what the new inputs change."""
+    import shutil
+
+    path = out / STAMP
+    made = [out / name for name in MADE if (out / name).exists()]
+    if not made:
+        return []
+    try:
+        before = json.loads(path.read_text())
+    except (OSError, ValueError):
+        before = {}
+    changed = sorted(k for k in stamp if before.get(k) != stamp[k]) if isinstance(before, dict) else sorted(stamp)
+    if not changed:
+        return []
+    log.warning("demo: %s was made by other code or settings (%s differ); making the corpus, model and queries "
+                "again", out, ", ".join(changed))
+    path.unlink(missing_ok=True)
+    for p in made:
+        shutil.rmtree(p)
+    return changed
 
 
 def query_row(q, completion: str, docs: list[dict]) -> dict:
