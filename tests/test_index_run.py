@@ -115,6 +115,12 @@ def test_a_truncated_index_certifies_the_exact_tails(world, exact, tmp_path):
     report = json.loads((out / "index.json").read_text())
     assert report["rescored_documents"] == record["stages"]["scores"]["rescored"]
     assert all(0 < q["predicted_correlation"] <= 1 for q in report["queries"])
+    # the certifying pass kept the breakdowns of the top documents it rescored; the exact run (whose scoring pass
+    # wrote the index and kept none) scored them all again: the same per-layer scores either way
+    again = [json.loads((d / "run.json").read_text())["stages"]["exports"]["documents_scored_again"] for d in (out, exact)]
+    assert again[0] < again[1], again
+    mine, theirs = np.load(out / "layer_scores.npy"), np.load(exact / "layer_scores.npy")
+    np.testing.assert_allclose(mine, theirs, rtol=1e-5, atol=1e-5 * np.abs(theirs).max())
 
 
 def test_changed_documents_invalidate_the_index(world, tmp_path):

@@ -213,7 +213,8 @@ def programs(config, task: Task, layers: Mapping[str, LayerSpec], *, one_device:
     if config.scores.mode == "index":
         if build and not index_in_lambda(config, one_device):
             out["index"] = index(config, task, layers)
-        out["scores"] = scores(config, task, layers, self_influence=False)
+        out["scores"] = scores(config, task, layers, self_influence=False,
+                               tails=config.plan.documents if documents is None else documents)
     elif fused_index(config, one_device) and not index_in_lambda(config, one_device):
         out["scores"] = scores_and_index(config, task, layers)
     else:

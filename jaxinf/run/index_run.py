@@ -17,6 +17,7 @@ index's, so ``topk.jsonl``'s top and bottom ``scores.topk`` are exactly what the
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import time
@@ -264,12 +265,14 @@ def scores_from_index(config: cfg.Config, store: RunStore, inputs: Inputs, qg, c
     product = time.perf_counter() - t1
     k = min(config.scores.topk, N)
     certified = np.zeros(N, bool)
+    tails = None
     if np.any(bound > 0):
         certified = indexing.certify_candidates(scores, bound, k)
         wanted = np.flatnonzero(certified).tolist()
-        exact = exact_scores(config, inputs, qg, wanted, executor)
-        scores[:, wanted] = exact
-        bound[:, wanted] = 0.0
+        if wanted:
+            exact, tails = exact_scores(config, inputs, qg, wanted, executor)
+            scores[:, wanted] = exact
+            bound[:, wanted] = 0.0
     results = {"scores": scores, "loss": loss, "bound": bound, "fidelity": fidelity, "certified": certified}
     store.save_result("scores", results, mode="index", index=str(reader.root), rotate_seconds=rotate,
                       product_seconds=product,
@@ -278,27 +281,31 @@ def scores_from_index(config: cfg.Config, store: RunStore, inputs: Inputs, qg, c
     log.info("scores: from the index (%d cells per row): product and bounds in %.2fs; predicted correlation with exact scores %.3f "
              "(lowest query %.3f); %d documents rescored exactly to certify the top and bottom %d", reader.manifest["cells"],
              product, fidelity.mean(), fidelity.min(), int(certified.sum()), k)
+    if tails is not None:      # the exports' breakdowns of the rescored top documents (not saved with the scores)
+        results["tails"] = tails
     return results
 
 
-def exact_scores(config: cfg.Config, inputs: Inputs, qg, wanted: list[int], executor) -> np.ndarray:
-    """``[Q, len(wanted)]``: the exact scores of the documents ``wanted`` (one scoring pass over them alone)."""
+def exact_scores(config: cfg.Config, inputs: Inputs, qg, wanted: list[int], executor):
+    """``([Q, len(wanted)], tails)``: the exact scores of the documents ``wanted`` (one scoring pass over them
+    alone), and that pass's :class:`~jaxinf.engine.tails.Tails` (host arrays, documents numbered as in the corpus)."""
     from jaxinf.data.batching import scatter_columns
 
-    Q = qg.num_queries
-    if not wanted:
-        return np.zeros((Q, 0))
     subset, batches = inputs.subset_batches(config, wanted, executor)
-    score = programs.scores(config, inputs.task, inputs.layers, self_influence=False).jit(executor)
+    score = programs.scores(config, inputs.task, inputs.layers, self_influence=False, tails=len(wanted)).jit(executor)
+    tails = executor.jit(lambda: programs.tails_init(config, inputs.layers, qg.num_queries),
+                         out_shardings=executor.replicated())()
 
     def step(carry, batch, i):
-        out = score(inputs.lm.params, qg, None, batch)
-        return carry, out, out["loss"]
+        out = score(inputs.lm.params, qg, None, batch, carry)
+        return out.pop("tails"), out, out["loss"]
 
     kept = Kept(every=1)
-    run_batches("certify", step, batches.iterate, None, kept, total=len(batches),
-                non_finite=non_finite_loss(subset, "document"), device=executor)
-    out = np.zeros((Q, len(wanted)))
+    tails, _ = run_batches("certify", step, batches.iterate, tails, kept, total=len(batches),
+                           non_finite=non_finite_loss(subset, "document"), device=executor)
+    out = np.zeros((qg.num_queries, len(wanted)))
     for o, rows in kept.batches:
         scatter_columns(out, o["scores"], rows["index"])
-    return out
+    tails = jax.tree.map(executor.fetch, tails)
+    in_corpus = np.where(tails.index >= 0, np.asarray(wanted)[np.maximum(tails.index, 0)], -1)   # subset -> corpus
+    return out, dataclasses.replace(tails, index=in_corpus)
