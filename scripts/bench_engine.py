@@ -29,7 +29,7 @@ import time
 import jax
 import jax.numpy as jnp
 
-from jaxinf.engine import capture, curvature, scoring, stages, testing
+from jaxinf.engine import capture, curvature, scoring, stages, tails, testing
 from jaxinf.hostenv import lapack_threads
 
 
@@ -99,6 +99,14 @@ def main(argv=None) -> None:
                                                                 lambda a, g, m, c: jnp.sum(g, axis=(0, 1))))
     streamed = jax.jit(lambda p, b, c: stages.prepared_queries(task, layers, p, b, c, None, args.rank))
 
+    def with_tails(documents):     # the scoring program of jaxinf run: scores and each query's running top 100
+        step = stages.score_step(task, layers, self_influence=False, damping_value=None, tails_of=(documents, 100))
+        return jax.jit(lambda p, q, b, t: step(p, q, None, b, t)["tails"].score)
+
+    rows_batch = {**batch, "index": jnp.arange(B, dtype=jnp.int32), "chunk": jnp.zeros(B, jnp.int32)}
+    tails0 = tails.init(args.queries, 100, len(scoring.layer_order(layers)), T)
+    in_pass = {n: scoring.per_token_in_pass(layers, qg, B, T, n, 100) for n in (B, 10**9)}
+
     def score_in(order):
         return jax.jit(lambda p, q, b: stages.score_batch(task, layers, p, q, b, order=order)[0].total)
 
@@ -110,6 +118,10 @@ def main(argv=None) -> None:
         ("covariance update (A, S)", cov_step, (cov_state, params, batch, key)),
         ("Lambda update (EK-FAC)", lam_step, (lam_state, params, eigen, batch, key)),
         (f"scores ({args.queries} queries, rank {args.rank})", score_step, (params, qg, batch)),
+        (f"scores + running top 100 of a {B}-document corpus (per-token kept: {in_pass[B]})", with_tails(B),
+         (params, qg, rows_batch, tails0)),
+        (f"scores + running top 100 of a 10^9-document corpus (per-token kept: {in_pass[10**9]})", with_tails(10**9),
+         (params, qg, rows_batch, tails0)),
         ("engine pass alone (forward, backward to every tracked layer)", capture_step, (params, batch)),
         ("scores, tokens order in every block", score_in("tokens"), (params, qg, batch)),
         ("scores, documents order in every block", score_in("documents"), (params, qg, batch)),
