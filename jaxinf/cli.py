@@ -95,11 +95,15 @@ def query_command(args) -> int:
         raise cfg.ConfigError(f"{run_dir}: the run has no EK-FAC index (build one: jaxinf run CONFIG index.k=32, "
                               f"or index.k=full)")
     if not Path(args.queries).is_file():
-        raise cfg.ConfigError(f"{args.queries}: no such queries file")
+        what = "is a directory, not a queries file" if Path(args.queries).is_dir() else "no such queries file"
+        raise cfg.ConfigError(f"{args.queries}: {what}")
     out = args.out or str(run_dir.parent / f"{run_dir.name}-{Path(args.queries).stem}")
     raw = cfg.to_dict(cfg.from_dict(record["config"], str(run_dir / "run.json")))
     raw["data"]["queries"], raw["run"]["out"] = str(args.queries), str(out)
     curvature_from = raw["factors"]["from"] or str(run_dir)   # where the run's own curvature lives
+    if Path(out).resolve() in (run_dir.resolve(), Path(curvature_from).resolve()):
+        raise cfg.ConfigError(f"--out {out}: is the run whose index and curvature the queries are scored against; "
+                              "choose another --out")
     raw["factors"]["from"], raw["scores"]["mode"], raw["index"]["k"] = curvature_from, "index", None
     raw["index"]["from"] = str(run_dir)
     raw["scores"]["self_influence"] = False
