@@ -101,7 +101,7 @@ def query_command(args) -> int:
     raw = cfg.to_dict(cfg.from_dict(record["config"], str(run_dir / "run.json")))
     raw["data"]["queries"], raw["run"]["out"] = str(args.queries), str(out)
     curvature_from = raw["factors"]["from"] or str(run_dir)   # where the run's own curvature lives
-    if Path(out).resolve() in (run_dir.resolve(), Path(curvature_from).resolve()):
+    if os.path.realpath(out) in (os.path.realpath(run_dir), os.path.realpath(curvature_from)):   # loops: no raise
         raise cfg.ConfigError(f"--out {out}: is the run whose index and curvature the queries are scored against; "
                               "choose another --out")
     raw["factors"]["from"], raw["scores"]["mode"], raw["index"]["k"] = curvature_from, "index", None

@@ -1,0 +1,52 @@
+"""The second hostile pass of issue 25: cases that gave a traceback, lost data or said something misleading, each
+through the command line as the user met it."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from pipeline_support import make_world, overrides
+
+from jaxinf import cli
+
+
+def _one_error(capsys, command: str) -> str:
+    err = capsys.readouterr().err
+    assert "Traceback" not in err, err
+    lines = [line for line in err.splitlines() if line.startswith(f"jaxinf {command}: error: ")]
+    assert len(lines) == 1, err
+    return lines[0][len(f"jaxinf {command}: error: "):]
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    return make_world(tmp_path_factory.mktemp("world"), n_documents=8, n_queries=2)
+
+
+@pytest.mark.parametrize("target", ["dangling", "loop"])
+def test_an_output_that_is_a_broken_symlink_is_one_line(world, tmp_path, capsys, monkeypatch, target):
+    """``run.out`` or ``--out`` naming a symbolic link to nothing (a scratch volume not mounted) or a link loop was a
+    ``FileExistsError`` traceback from the lock's ``mkdir``; nothing is created anywhere."""
+    monkeypatch.chdir(tmp_path)
+    if target == "dangling":
+        os.symlink(tmp_path / "unmounted" / "runs", "out")
+    else:
+        os.symlink("loop", "out")
+        os.symlink("out", "loop")
+    before = sorted(os.listdir(tmp_path))
+    assert cli.main(["-q", "run", *overrides(world, Path("out"))]) == 2
+    assert _one_error(capsys, "run").startswith("out: cannot create the run directory (out is a symbolic link to ")
+    assert cli.main(["-q", "demo", "--out", "out"]) == 2
+    assert _one_error(capsys, "demo").startswith("out: cannot create the run directory (out is a symbolic link to ")
+    assert sorted(os.listdir(tmp_path)) == before and not (tmp_path / "unmounted").exists()
+
+
+def test_a_directory_that_cannot_be_made_is_one_line(tmp_path):
+    """A ``mkdir`` refused for a reason other than space or permissions (``/proc/x``: ENOENT) is one line too."""
+    from jaxinf.run.lock import RunLock
+    from jaxinf.run.rundir import StoreError
+
+    with pytest.raises(StoreError, match=r"^/proc/jaxinf-run: cannot create the run directory \(No such file"):
+        RunLock("/proc/jaxinf-run").acquire()
