@@ -95,7 +95,8 @@ def query_command(args) -> int:
         raise cfg.ConfigError(f"{run_dir}: the run has no EK-FAC index (build one: jaxinf run CONFIG index.k=32, "
                               f"or index.k=full)")
     if not Path(args.queries).is_file():
-        what = "is a directory, not a queries file" if Path(args.queries).is_dir() else "no such queries file"
+        what = ("is a directory, not a queries file" if Path(args.queries).is_dir() else
+                "is not a regular file" if Path(args.queries).exists() else "no such queries file")
         raise cfg.ConfigError(f"{args.queries}: {what}")
     out = args.out or str(run_dir.parent / f"{run_dir.name}-{Path(args.queries).stem}")
     raw = cfg.to_dict(cfg.from_dict(record["config"], str(run_dir / "run.json")))

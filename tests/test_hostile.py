@@ -50,3 +50,18 @@ def test_a_directory_that_cannot_be_made_is_one_line(tmp_path):
 
     with pytest.raises(StoreError, match=r"^/proc/jaxinf-run: cannot create the run directory \(No such file"):
         RunLock("/proc/jaxinf-run").acquire()
+
+
+def test_a_queries_file_that_is_not_a_regular_file_says_so(tmp_path):
+    """``data.queries=/dev/null`` or a FIFO was "no such file", though the path exists."""
+    from jaxinf import config as cfg
+    from jaxinf.run.inputs import InputError, check_inputs
+
+    (tmp_path / "dir").mkdir()
+    (tmp_path / "docs.jsonl").write_text("")
+    os.mkfifo(tmp_path / "fifo")
+    settings = {"model.checkpoint": tmp_path / "dir", "data.documents": tmp_path / "docs.jsonl",
+                "data.queries": tmp_path / "fifo"}
+    with pytest.raises(InputError) as e:
+        check_inputs(cfg.load(None, [f"{k}={v}" for k, v in settings.items()]))
+    assert str(e.value) == f"data.queries: {tmp_path / 'fifo'}: is not a regular file"

@@ -97,7 +97,8 @@ def check_inputs(config: cfg.Config) -> None:
         if kind == "dir" and not p.is_dir():
             raise InputError(f"{key}: {value}: " + ("is a file, not a directory" if p.exists() else "no such directory"))
         if kind == "file" and not p.is_file():
-            raise InputError(f"{key}: {value}: " + ("is a directory, not a file" if p.is_dir() else "no such file"))
+            raise InputError(f"{key}: {value}: " + ("is a directory, not a file" if p.is_dir() else
+                                                    "is not a regular file" if p.exists() else "no such file"))
         if kind == "any" and not p.exists():
             raise InputError(f"{key}: {value}: no such file or directory")
     if config.factors.from_run is not None and not rundir.is_run(Path(config.factors.from_run)):
