@@ -114,6 +114,10 @@ def query_command(args) -> int:
     return 0
 
 
+MAX_PLANNED_DEVICES = 1 << 24
+"""The largest mesh ``jaxinf plan`` lays out (16.7M devices; the largest machines have some hundred thousand)."""
+
+
 def plan_command(args) -> int:
     from jaxinf import config as cfg
     from jaxinf.run import plan
@@ -121,6 +125,15 @@ def plan_command(args) -> int:
 
     config = cfg.load(*cfg.config_arguments(args.config, args.overrides))
     meshes = [plan.parse_mesh(m) for m in args.mesh] if args.mesh else [(config.mesh.data, config.mesh.model)]
+    for data, model in meshes:   # the planner lays out every device: a 10^16-device mesh was a MemoryError
+        if data * model > MAX_PLANNED_DEVICES:
+            raise plan.PlanError(f"mesh {data}x{model}: {data * model:,} devices, more than the "
+                                 f"{MAX_PLANNED_DEVICES:,} the planner lays out")
+    if args.json is not None:    # a path that cannot take the file is refused before the plan is made
+        if Path(args.json).is_dir():
+            raise plan.PlanError(f"--json {args.json}: is a directory; give the path of a file to write")
+        if not Path(args.json).parent.is_dir():
+            raise plan.PlanError(f"--json {args.json}: no such directory {Path(args.json).parent}")
     try:
         device = chip(args.chip, args.peak_tflops, args.hbm_gbps)
     except ValueError as e:

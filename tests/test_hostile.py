@@ -65,3 +65,20 @@ def test_a_queries_file_that_is_not_a_regular_file_says_so(tmp_path):
     with pytest.raises(InputError) as e:
         check_inputs(cfg.load(None, [f"{k}={v}" for k, v in settings.items()]))
     assert str(e.value) == f"data.queries: {tmp_path / 'fifo'}: is not a regular file"
+
+
+def test_plan_refuses_what_it_cannot_plan_or_write_in_one_line(tmp_path, capsys):
+    """``jaxinf plan``: a mesh of 10^16 devices was a 71 PiB MemoryError traceback, ``--json`` into a missing
+    directory or onto a directory a traceback after the whole plan, a negative or infinite ``--peak-tflops`` or
+    ``--hbm-gbps`` a plan of negative or zero hours."""
+    for extra, message in (
+            (["--mesh", "99999999x99999999"], "mesh 99999999x99999999: 9,999,999,800,000,001 devices, more than the "
+                                              "16,777,216 the planner lays out"),
+            (["mesh.data=99999999", "mesh.model=99999999"], "mesh 99999999x99999999: 9,999,999,800,000,001 devices"),
+            (["--json", str(tmp_path / "no" / "p.json")], f"--json {tmp_path / 'no' / 'p.json'}: no such directory"),
+            (["--json", str(tmp_path)], f"--json {tmp_path}: is a directory; give the path of a file to write"),
+            (["--chip", "h100", "--peak-tflops", "-5"], "--peak-tflops -5: must be a positive finite number"),
+            (["--chip", "h100", "--hbm-gbps", "inf"], "--hbm-gbps inf: must be a positive finite number")):
+        assert cli.main(["-q", "plan", "data.max_length=8", "--no-compile", *extra]) == 2
+        assert _one_error(capsys, "plan").startswith(message)
+    assert os.listdir(tmp_path) == []
