@@ -82,3 +82,17 @@ def test_plan_refuses_what_it_cannot_plan_or_write_in_one_line(tmp_path, capsys)
         assert cli.main(["-q", "plan", "data.max_length=8", "--no-compile", *extra]) == 2
         assert _one_error(capsys, "plan").startswith(message)
     assert os.listdir(tmp_path) == []
+
+
+def test_prepare_into_a_broken_symlink_is_one_line_and_leaves_nothing(tmp_path, capsys):
+    """``jaxinf prepare DOCS OUT`` with OUT a dangling symbolic link converted every document, then failed on the
+    final rename with a NotADirectoryError traceback; ``/proc/x`` was a FileNotFoundError one."""
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text('{"id": "a", "text": "one two"}\n')
+    os.symlink(tmp_path / "unmounted" / "ds", tmp_path / "out")
+    assert cli.main(["-q", "prepare", str(docs), str(tmp_path / "out")]) == 2
+    assert _one_error(capsys, "prepare") == (f"{tmp_path / 'out'}: is a symbolic link to {tmp_path / 'unmounted' / 'ds'}, "
+                                             "which does not resolve to a directory; nothing was written")
+    assert sorted(os.listdir(tmp_path)) == ["docs.jsonl", "out"]
+    assert cli.main(["-q", "prepare", str(docs), "/proc/jaxinf-ds"]) == 2
+    assert _one_error(capsys, "prepare").startswith("/proc/jaxinf-ds: cannot create the dataset directory (")

@@ -19,6 +19,7 @@ imported (TFDS writes array_record without it).
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
 import json
 import os
@@ -133,8 +134,16 @@ def prepare(input_path: str | os.PathLike, out_dir: str | os.PathLike, *, text_f
         raise DataError(f"{input_path}: no such file")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise DataError(f"{out}: already exists and is not empty; nothing was written")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = make_temp_dir(f".{out.name}.prepare-", out.parent)
+    if out.is_symlink() and not out.exists():   # dangling or a loop: the final rename would fail
+        raise DataError(f"{out}: is a symbolic link to {os.readlink(out)}, which does not resolve to a directory; "
+                        "nothing was written")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = make_temp_dir(f".{out.name}.prepare-", out.parent)
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM):
+            raise   # the machine refused a write: one line, exit 3 (jaxinf.cli)
+        raise DataError(f"{out}: cannot create the dataset directory ({e.strerror}); nothing was written") from None
     try:
         source = None
         if not one_jsonl:
