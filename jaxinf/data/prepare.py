@@ -165,6 +165,11 @@ def prepare(input_path: str | os.PathLike, out_dir: str | os.PathLike, *, text_f
         if builder.data_error is not None:  # pragma: no cover - TFDS re-raises generator errors
             raise builder.data_error
         built = Path(builder.data_dir)
+        # the SHA-256 of each record file, checked when the dataset is opened: a copy cut short or a flipped byte
+        # is named there, rather than read as null or other text (its records are not scanned when opened)
+        meta = json.loads((built / "metadata.json").read_text())
+        meta["files"] = {f.name: file_sha256(f) for f in sorted(built.glob("*.array_record*"))}
+        (built / "metadata.json").write_text(json.dumps(meta))
         if out.exists():
             out.rmdir()  # empty, checked above
         os.rename(built, out)
