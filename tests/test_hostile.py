@@ -25,6 +25,17 @@ def world(tmp_path_factory):
     return make_world(tmp_path_factory.mktemp("world"), n_documents=8, n_queries=2)
 
 
+@pytest.fixture(scope="module")
+def finished(world, tmp_path_factory):
+    """A finished run of ``world`` (one batch, the empirical Fisher: few compiled programs)."""
+    from jaxinf import config as cfg
+    from jaxinf import pipeline
+
+    out = tmp_path_factory.mktemp("finished") / "run"
+    pipeline.run(cfg.load(None, overrides(world, out, **{"data.batch_size": 8, "factors.fisher": "empirical"})))
+    return out
+
+
 @pytest.mark.parametrize("target", ["dangling", "loop"])
 def test_an_output_that_is_a_broken_symlink_is_one_line(world, tmp_path, capsys, monkeypatch, target):
     """``run.out`` or ``--out`` naming a symbolic link to nothing (a scratch volume not mounted) or a link loop was a
@@ -96,3 +107,29 @@ def test_prepare_into_a_broken_symlink_is_one_line_and_leaves_nothing(tmp_path, 
     assert sorted(os.listdir(tmp_path)) == ["docs.jsonl", "out"]
     assert cli.main(["-q", "prepare", str(docs), "/proc/jaxinf-ds"]) == 2
     assert _one_error(capsys, "prepare").startswith("/proc/jaxinf-ds: cannot create the dataset directory (")
+
+
+def test_kronfluence_export_overwrite_never_deletes_what_it_did_not_write(world, finished, tmp_path, capsys):
+    """``jaxinf kronfluence export RUN DIR --overwrite`` deleted every ``*.safetensors`` in DIR: given a model's
+    checkpoint directory, its weights. It also wrote factor files into a jaxinf run directory, and a dangling
+    symbolic link was a traceback. Now only a kronfluence factors directory is overwritten, and only its factor files."""
+    import shutil
+
+    model = shutil.copytree(world["model"], tmp_path / "model")
+    before = sorted(os.listdir(model))
+    assert cli.main(["-q", "kronfluence", "export", str(finished), str(model), "--overwrite"]) == 2
+    assert _one_error(capsys, "kronfluence") == (
+        f"{model}: not a kronfluence factors directory (no factor_arguments.json; it holds {', '.join(before)}); "
+        "--overwrite replaces only factor files: choose another directory")
+    assert sorted(os.listdir(model)) == before
+    assert cli.main(["-q", "kronfluence", "export", str(finished), str(finished), "--overwrite"]) == 2
+    assert _one_error(capsys, "kronfluence") == f"{finished}: is a jaxinf run directory; export into another directory"
+    assert not (finished / "factor_arguments.json").exists()
+    os.symlink(tmp_path / "unmounted", tmp_path / "link")
+    assert cli.main(["-q", "kronfluence", "export", str(finished), str(tmp_path / "link")]) == 2
+    assert _one_error(capsys, "kronfluence").endswith("which does not resolve to a directory")
+    factors = tmp_path / "factors"
+    assert cli.main(["-q", "kronfluence", "export", str(finished), str(factors)]) == 0
+    (factors / "notes.txt").write_text("mine")
+    assert cli.main(["-q", "kronfluence", "export", str(finished), str(factors), "--overwrite"]) == 0
+    assert (factors / "notes.txt").read_text() == "mine" and (factors / "lambda_matrix.safetensors").is_file()
