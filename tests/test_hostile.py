@@ -133,3 +133,19 @@ def test_kronfluence_export_overwrite_never_deletes_what_it_did_not_write(world,
     (factors / "notes.txt").write_text("mine")
     assert cli.main(["-q", "kronfluence", "export", str(finished), str(factors), "--overwrite"]) == 0
     assert (factors / "notes.txt").read_text() == "mine" and (factors / "lambda_matrix.safetensors").is_file()
+
+
+def test_a_lock_that_cannot_be_written_leaves_nothing_and_names_its_file(tmp_path, monkeypatch, capsys):
+    """On a full disk ``jaxinf run`` (and demo, validate) created the run directory and its lock file, failed to write
+    the holder into it, and left both, saying only "a write: no space left on device"."""
+    import errno
+
+    from jaxinf.run import lock
+
+    def full(fd, data, offset):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(lock.os, "pwrite", full)
+    assert cli.main(["-q", "demo", "--out", str(tmp_path / "a" / "demo")]) == 3
+    assert _one_error(capsys, "demo").startswith(f"{tmp_path / 'a' / 'demo' / '.jaxinf.lock'}: no space left on device")
+    assert os.listdir(tmp_path) == []
