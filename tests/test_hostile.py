@@ -149,3 +149,32 @@ def test_a_lock_that_cannot_be_written_leaves_nothing_and_names_its_file(tmp_pat
     assert cli.main(["-q", "demo", "--out", str(tmp_path / "a" / "demo")]) == 3
     assert _one_error(capsys, "demo").startswith(f"{tmp_path / 'a' / 'demo' / '.jaxinf.lock'}: no space left on device")
     assert os.listdir(tmp_path) == []
+
+
+def test_a_kronfluence_export_that_fails_leaves_the_directory_as_it_was(finished, tmp_path, monkeypatch, capsys):
+    """On a full disk ``jaxinf kronfluence export`` left the factor files it had written (and none of
+    factor_arguments.json) in OUT_DIR; with --overwrite it had already deleted the previous export's."""
+    import errno
+
+    from jaxinf.interop import kronfluence as kf
+
+    out = tmp_path / "factors"
+    assert cli.main(["-q", "kronfluence", "export", str(finished), str(out)]) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    written = []
+    real = kf.write_tensors
+
+    def fills_up(path, *a, **kw):
+        if written:
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        written.append(path)
+        real(path, *a, **kw)
+
+    monkeypatch.setattr(kf, "write_tensors", fills_up)
+    assert cli.main(["-q", "kronfluence", "export", str(finished), str(out), "--overwrite"]) == 3
+    assert "no space left on device" in _one_error(capsys, "kronfluence")
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    written.clear()
+    assert cli.main(["-q", "kronfluence", "export", str(finished), str(tmp_path / "new")]) == 3
+    capsys.readouterr()
+    assert sorted(os.listdir(tmp_path)) == ["factors"]

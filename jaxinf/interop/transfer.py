@@ -411,10 +411,23 @@ def export_factors(run_dir: str | Path, out: str | Path, *, overwrite: bool = Fa
         if not factor.startswith("num_"):
             dtypes.update(np.dtype(v.dtype).name for v in per_module.values())
     dtype = dtypes.pop() if len(dtypes) == 1 else ("float64" if run.config.run.precision == "float64" else "float32")
-    if out.exists() and overwrite:   # the factor files of a kronfluence factors directory, nothing else
-        for factor in (f for group in kf.GROUPS.values() for f in group):
-            kf.file_of(out, factor).unlink(missing_ok=True)
     arguments = kf.factor_arguments(s.name, run.config.factors.fisher, dtype)
-    kf.write_factors(out, arguments, tensors)
+    # written beside OUT_DIR first, then moved in: a write that fails (a full disk) leaves OUT_DIR as it was
+    import os
+    import shutil
+
+    from jaxinf.atomic import make_temp_dir
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = make_temp_dir(f".{out.name}.export-", out.parent)
+    try:
+        kf.write_factors(tmp, arguments, tensors)
+        out.mkdir(exist_ok=True)
+        for factor in (f for group in kf.GROUPS.values() for f in group):   # a factors directory's own files only
+            kf.file_of(out, factor).unlink(missing_ok=True)
+        for p in sorted(tmp.iterdir()):
+            os.replace(p, out / p.name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     log.info("exported the %s factors of %s (%d layers) to %s", s.name, run.source, len(layer_index(layers)), out)
     return out
