@@ -508,4 +508,6 @@ def _running_stage(store: RunStore | None) -> str:
     """The first stage not done (the one a failure interrupted), or "start" before the run directory is open."""
     if store is None:
         return "start"
-    return next((s for s in cfg.STAGES if store.status(s) != "done"), "analysis")
+    fitted_elsewhere = ((store.record.get("config") or {}).get("factors") or {}).get("from") is not None
+    skip = ("covariance", "eigen", "lambda") if fitted_elsewhere else ()   # factors.from, jaxinf query: never run here
+    return next((s for s in cfg.STAGES if s not in skip and store.status(s) != "done"), "analysis")

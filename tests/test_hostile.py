@@ -178,3 +178,20 @@ def test_a_kronfluence_export_that_fails_leaves_the_directory_as_it_was(finished
     assert cli.main(["-q", "kronfluence", "export", str(finished), str(tmp_path / "new")]) == 3
     capsys.readouterr()
     assert sorted(os.listdir(tmp_path)) == ["factors"]
+
+
+def test_a_failure_of_a_run_with_factors_from_names_the_stage_it_was_in():
+    """``jaxinf query`` (and any run with factors.from) on a full disk said "(stage covariance)", a stage it never
+    runs: its covariance, eigen and Lambda stay pending, fitted by the other run."""
+    from types import SimpleNamespace
+
+    from jaxinf import config as cfg
+    from jaxinf.pipeline import _running_stage
+
+    status = {s: "pending" for s in cfg.STAGES}
+    store = SimpleNamespace(record={"config": {"factors": {"from": "run"}}}, status=lambda s: status[s])
+    assert _running_stage(store) == "queries"
+    status["queries"] = "done"
+    assert _running_stage(store) == "scores"
+    store.record["config"]["factors"]["from"] = None
+    assert _running_stage(store) == "covariance"
