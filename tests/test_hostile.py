@@ -195,3 +195,28 @@ def test_a_failure_of_a_run_with_factors_from_names_the_stage_it_was_in():
     assert _running_stage(store) == "scores"
     store.record["config"]["factors"]["from"] = None
     assert _running_stage(store) == "covariance"
+
+
+def test_an_output_inside_a_run_directory_is_refused(finished, tmp_path, capsys, monkeypatch):
+    """``jaxinf run ... run.out=RUN/state --overwrite`` took RUN's state directory (which holds a copy of RUN's record)
+    for a run, set its curvature, index and scores aside and deleted them once the new run had finished: exit 0,
+    RUN's own results gone. Any output inside a run directory is now refused, by every command that writes one."""
+    from jaxinf import config as cfg
+    from jaxinf import pipeline
+    from jaxinf.run.rundir import StoreError
+
+    before = sorted(str(p.relative_to(finished)) for p in finished.rglob("*"))
+    raw = cfg.to_dict(cfg.load(None, [f"run.out={finished / 'state'}"]))
+    for out in (finished / "state", finished / "state" / "covariance", finished / "new"):
+        raw["run"]["out"] = str(out)
+        with pytest.raises(StoreError, match=f"^{out}: is inside the jaxinf run directory {finished}; choose a run.out "
+                                             "outside it$"):
+            pipeline._claim(cfg.from_dict(raw), overwrite=True)
+    os.symlink(finished / "state", tmp_path / "link")
+    raw["run"]["out"] = str(tmp_path / "link")
+    with pytest.raises(StoreError, match="is inside the jaxinf run directory"):
+        pipeline._claim(cfg.from_dict(raw), overwrite=True)
+    assert cli.main(["-q", "demo", "--out", str(finished / "demo")]) == 2
+    assert _one_error(capsys, "demo") == f"{finished / 'demo'}: is inside the jaxinf run directory {finished}; " \
+                                         "choose a --out outside it"
+    assert sorted(str(p.relative_to(finished)) for p in finished.rglob("*")) == before

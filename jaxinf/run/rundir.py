@@ -107,9 +107,27 @@ def foreign_entries(root: Path) -> list[str]:
     return sorted(p.name for p in root.iterdir() if p.name not in OURS)
 
 
+def enclosing_run(root: Path) -> Path | None:
+    """The jaxinf run directory that ``root`` lies inside (its path as given, or with links resolved), or None.
+    A run's ``state/`` holds a copy of its record, so without this rule ``run.out=RUN/state --overwrite`` took it
+    for a run and replaced the curvature, index and scores of RUN."""
+    for path in dict.fromkeys((Path(os.path.abspath(root)), Path(os.path.realpath(root)))):
+        found = [parent for parent in path.parents if is_run(parent)]
+        if found:
+            return found[-1]   # the outermost: RUN rather than RUN/state
+    return None
+
+
+def _refuse_nested(root: Path, key: str) -> None:
+    outer = enclosing_run(root)
+    if outer is not None:
+        raise StoreError(f"{root}: is inside the jaxinf run directory {outer}; choose a {key} outside it")
+
+
 def check_target(root: Path, overwrite: bool, key: str = "run.out") -> None:
     """Refuses a ``run.out`` that exists, is not empty and is not a jaxinf run, with or without ``--overwrite``
-    (``key`` names the setting in the message: ``run.out``, ``--out``)."""
+    (``key`` names the setting in the message: ``run.out``, ``--out``), and one inside another run directory."""
+    _refuse_nested(root, key)
     if not root.exists() or is_run(root) or (root / PREVIOUS).is_dir():
         return
     if not root.is_dir():
@@ -327,6 +345,7 @@ def check_output(root: Path, kind: str, key: str = "--out") -> None:
     ``jaxinf run``'s: a directory that does not exist, is empty, or is that command's own (its marker
     ``.jaxinf-output``, or only what that command writes) is accepted; a file, a jaxinf run directory, another
     command's directory and any other non-empty directory are refused, and nothing is written."""
+    _refuse_nested(root, key)
     if not root.exists():
         return
     if not root.is_dir():
