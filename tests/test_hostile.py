@@ -125,6 +125,9 @@ def test_kronfluence_export_overwrite_never_deletes_what_it_did_not_write(world,
     assert cli.main(["-q", "kronfluence", "export", str(finished), str(finished), "--overwrite"]) == 2
     assert _one_error(capsys, "kronfluence") == f"{finished}: is a jaxinf run directory; export into another directory"
     assert not (finished / "factor_arguments.json").exists()
+    assert cli.main(["-q", "kronfluence", "export", str(finished), str(finished / "state" / "kf")]) == 2
+    assert _one_error(capsys, "kronfluence") == (f"{finished / 'state' / 'kf'}: is inside the jaxinf run directory "
+                                                 f"{finished}; export outside it")
     os.symlink(tmp_path / "unmounted", tmp_path / "link")
     assert cli.main(["-q", "kronfluence", "export", str(finished), str(tmp_path / "link")]) == 2
     assert _one_error(capsys, "kronfluence").endswith("which does not resolve to a directory")
@@ -220,3 +223,15 @@ def test_an_output_inside_a_run_directory_is_refused(finished, tmp_path, capsys,
     assert _one_error(capsys, "demo") == f"{finished / 'demo'}: is inside the jaxinf run directory {finished}; " \
                                          "choose a --out outside it"
     assert sorted(str(p.relative_to(finished)) for p in finished.rglob("*")) == before
+
+
+def test_factors_from_naming_run_out_itself_is_refused_first(world, finished):
+    """``jaxinf run CONFIG factors.from=RUN --overwrite`` with run.out RUN set the run aside, then failed with
+    "factors.from: RUN has no finished curvature (stage lambda is pending)" (and put it back)."""
+    from jaxinf import config as cfg
+    from jaxinf.run.inputs import InputError, check_inputs
+
+    for given in (str(finished), str(finished) + "/"):
+        config = cfg.load(None, overrides(world, finished, **{"factors.from": given}))
+        with pytest.raises(InputError, match=r"^factors.from: .* is run.out itself \(a run reuses its own curvature"):
+            check_inputs(config)

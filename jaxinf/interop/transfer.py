@@ -358,6 +358,8 @@ def _check_export_target(out: Path, overwrite: bool) -> None:
         raise InteropError(f"{out}: is a symbolic link to {out.readlink()}, which does not resolve to a directory")
     if out.exists() and not out.is_dir():
         raise InteropError(f"{out}: exists and is not a directory")
+    if rundir.enclosing_run(out) is not None:
+        raise InteropError(f"{out}: is inside the jaxinf run directory {rundir.enclosing_run(out)}; export outside it")
     if not out.exists() or not any(out.iterdir()):
         return
     if rundir.is_run(out):
