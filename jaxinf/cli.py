@@ -26,7 +26,8 @@ EXIT_CODES = {
     2: "bad input, config or run directory, one line naming the file, line, key or path: also a run directory in "
        "use by another process, a changed model or tokenizer, a refused --overwrite",
     3: "the machine refused a write: no space left, a read-only or unwritable run directory; one line naming the "
-       "path and the stage; everything finished is kept and the same command resumes",
+       "path and the stage; everything finished is kept and the same command resumes; also host memory exhausted "
+       "(an allocation refused)",
     130: "interrupted (Ctrl-C); the same command resumes",
 }
 
@@ -280,6 +281,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"jaxinf {args.command}: interrupted; run it again to resume", file=sys.stderr)
         return 130
+    except MemoryError as e:   # a host allocation refused (data.batch_size=10**9): a machine limit, one line
+        print(f"jaxinf {args.command}: error: out of host memory ({e or 'an allocation was refused'}); lower "
+              "data.batch_size or data.max_length (jaxinf plan CONFIG estimates each stage's memory); everything "
+              "finished is kept", file=sys.stderr)
+        return 3
     except Exception as e:   # a write the machine refused (read-only, no space, permissions) in any command: one line
         from jaxinf.run.failures import CONDITIONS, find_condition
 

@@ -235,3 +235,17 @@ def test_factors_from_naming_run_out_itself_is_refused_first(world, finished):
         config = cfg.load(None, overrides(world, finished, **{"factors.from": given}))
         with pytest.raises(InputError, match=r"^factors.from: .* is run.out itself \(a run reuses its own curvature"):
             check_inputs(config)
+
+
+def test_host_memory_exhausted_is_one_line(monkeypatch, capsys):
+    """``data.batch_size=1000000000`` was a 179 GiB ``_ArrayMemoryError`` traceback from the batch's allocation."""
+    from jaxinf import pipeline
+
+    def too_big(config, overwrite=False):
+        import numpy as np
+
+        return np.zeros((1 << 40, 1 << 20), np.int32)   # 4 EiB: refused by the allocator
+
+    monkeypatch.setattr(pipeline, "run", too_big)
+    assert cli.main(["-q", "run", "data.max_length=8"]) == 3
+    assert _one_error(capsys, "run").startswith("out of host memory (Unable to allocate ")
