@@ -249,3 +249,20 @@ def test_host_memory_exhausted_is_one_line(monkeypatch, capsys):
     monkeypatch.setattr(pipeline, "run", too_big)
     assert cli.main(["-q", "run", "data.max_length=8"]) == 3
     assert _one_error(capsys, "run").startswith("out of host memory (Unable to allocate ")
+
+
+def test_a_label_the_font_lacks_draws_without_python_warnings(tmp_path, recwarn):
+    """A query id with an emoji or a NUL printed matplotlib's "UserWarning: Glyph 128165 missing from font(s)" with
+    a source line, twice per figure, among jaxinf's own lines."""
+    import warnings
+
+    from matplotlib.figure import Figure
+
+    from jaxinf.analysis import figures
+
+    warnings.simplefilter("always")
+    fig = Figure()
+    fig.add_subplot().set_title(figures.lab("query \U0001f4a5 \x00"))
+    figures._save(fig, tmp_path / "f.png")
+    assert (tmp_path / "f.png").stat().st_size > 0
+    assert not [w for w in recwarn if "Glyph" in str(w.message)], [str(w.message) for w in recwarn]
