@@ -314,7 +314,8 @@ class JsonlDocuments:
         out = []
         with open(self.path, "rb") as f:
             if (os.fstat(f.fileno()).st_size, os.fstat(f.fileno()).st_mtime_ns) != self._stamp:
-                raise DataError(f"{self.path}: the file changed after it was indexed; open it again")
+                raise DataError(f"{self.path}: the file changed after it was indexed (while it was being read); "
+                                "open it again (a jaxinf command: run it again; what the change affects is recomputed)")
             fd = f.fileno()
             for i in indices:
                 start, end, line = int(self._start[i]), int(self._end[i]), int(self._line[i])
