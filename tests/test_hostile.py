@@ -266,3 +266,19 @@ def test_a_label_the_font_lacks_draws_without_python_warnings(tmp_path, recwarn)
     figures._save(fig, tmp_path / "f.png")
     assert (tmp_path / "f.png").stat().st_size > 0
     assert not [w for w in recwarn if "Glyph" in str(w.message)], [str(w.message) for w in recwarn]
+
+
+def test_a_compressed_file_without_its_suffix_says_it_is_compressed(tmp_path):
+    """A gzipped queries file (queries are read only as plain JSONL), or gzipped documents named .jsonl, was
+    "invalid UTF-8 at byte 2", which sends the user looking for a bad character."""
+    import gzip
+
+    from jaxinf.data.errors import DataError
+    from jaxinf.data.queries import read_queries
+
+    path = tmp_path / "queries.jsonl.gz"
+    path.write_bytes(gzip.compress(b'{"prompt": "a", "completion": "b"}\n'))
+    with pytest.raises(DataError, match=r"queries.jsonl.gz:1: invalid UTF-8 at byte 2 \(the file is gzip-compressed: "
+                                        r"documents are read compressed only when the name ends in \.jsonl\.gz; "
+                                        r"queries must be decompressed\)$"):
+        read_queries(str(path))
