@@ -428,7 +428,7 @@ class _UniqueKeyLoader(yaml.SafeLoader):
     silently dropping the first: a second ``scores:`` section would drop every key of the first)."""
 
     def construct_mapping(self, node, deep=False):
-        seen: set = set()
+        seen = set()
         for key_node, _ in node.value:
             name = self.construct_object(key_node, deep=True)
             if isinstance(name, typing.Hashable) and name in seen:
