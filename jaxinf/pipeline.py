@@ -501,7 +501,7 @@ def _finished(store: RunStore, stage: str, files: tuple[str, ...]) -> bool:
     status alone decides, so that every process takes the same branch (the exports' breakdowns are collective)."""
     if store.status(stage) != "done":
         return False
-    return jax.process_count() > 1 or all(store.path(*f.split("/")).is_file() for f in files)
+    return jax.process_count() > 1 or all(rundir.is_whole(store.path(*f.split("/"))) for f in files)
 
 
 def _running_stage(store: RunStore | None) -> str:

@@ -282,3 +282,22 @@ def test_a_compressed_file_without_its_suffix_says_it_is_compressed(tmp_path):
                                         r"documents are read compressed only when the name ends in \.jsonl\.gz; "
                                         r"queries must be decompressed\)$"):
         read_queries(str(path))
+
+
+def test_a_damaged_export_of_a_finished_run_is_redone_on_a_rerun(world, finished, tmp_path):
+    """A finished run whose scores.npy was cut short (a copy interrupted, a damaged disk) was "finished" on a rerun:
+    exit 0, nothing redone, the damaged file kept. A rerun now writes the exports again, byte-identical."""
+    import shutil
+
+    from jaxinf import config as cfg
+    from jaxinf import pipeline
+
+    run = shutil.copytree(finished, tmp_path / "run")
+    want = (run / "scores.npy").read_bytes()
+    with open(run / "scores.npy", "r+b") as f:
+        f.truncate(100)
+    with open(run / "topk.jsonl", "r+b") as f:
+        f.truncate(f.seek(0, 2) - 7)
+    pipeline.run(cfg.load(None, overrides(world, run, **{"data.batch_size": 8, "factors.fisher": "empirical"})))
+    assert (run / "scores.npy").read_bytes() == want
+    assert (run / "topk.jsonl").read_bytes() == (finished / "topk.jsonl").read_bytes()

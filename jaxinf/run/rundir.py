@@ -107,6 +107,28 @@ def foreign_entries(root: Path) -> list[str]:
     return sorted(p.name for p in root.iterdir() if p.name not in OURS)
 
 
+def is_whole(path: Path) -> bool:
+    """Whether an exported file is in place and whole, cheaply: a ``.npy`` whose header and data length agree, a
+    ``.json`` that parses, a ``.jsonl`` that ends its last line (a copy cut short, a damaged disk: redone on a rerun
+    rather than kept as finished)."""
+    try:
+        if not path.is_file():
+            return False
+        if path.suffix == ".npy":
+            import numpy as np
+
+            np.load(path, mmap_mode="r", allow_pickle=False)
+        elif path.suffix == ".json":
+            json.loads(path.read_text())
+        elif path.suffix == ".jsonl":
+            with open(path, "rb") as f:
+                f.seek(-1, os.SEEK_END)
+                return f.read(1) == b"\n"
+    except (OSError, ValueError, EOFError):
+        return False
+    return True
+
+
 def enclosing_run(root: Path) -> Path | None:
     """The jaxinf run directory that ``root`` lies inside (its path as given, or with links resolved), or None.
     A run's ``state/`` holds a copy of its record, so without this rule ``run.out=RUN/state --overwrite`` took it
