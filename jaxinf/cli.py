@@ -26,7 +26,8 @@ EXIT_CODES = {
     2: "bad input, config or run directory, one line naming the file, line, key or path: also a run directory in "
        "use by another process, a changed model or tokenizer, a refused --overwrite",
     3: "the machine refused a write: no space left, a read-only or unwritable run directory; one line naming the "
-       "path and the stage; everything finished is kept and the same command resumes",
+       "path and the stage; everything finished is kept and the same command resumes; also host memory exhausted "
+       "(an allocation refused)",
     130: "interrupted (Ctrl-C); the same command resumes",
 }
 
@@ -95,11 +96,16 @@ def query_command(args) -> int:
         raise cfg.ConfigError(f"{run_dir}: the run has no EK-FAC index (build one: jaxinf run CONFIG index.k=32, "
                               f"or index.k=full)")
     if not Path(args.queries).is_file():
-        raise cfg.ConfigError(f"{args.queries}: no such queries file")
+        what = ("is a directory, not a queries file" if Path(args.queries).is_dir() else
+                "is not a regular file" if Path(args.queries).exists() else "no such queries file")
+        raise cfg.ConfigError(f"{args.queries}: {what}")
     out = args.out or str(run_dir.parent / f"{run_dir.name}-{Path(args.queries).stem}")
     raw = cfg.to_dict(cfg.from_dict(record["config"], str(run_dir / "run.json")))
     raw["data"]["queries"], raw["run"]["out"] = str(args.queries), str(out)
     curvature_from = raw["factors"]["from"] or str(run_dir)   # where the run's own curvature lives
+    if os.path.realpath(out) in (os.path.realpath(run_dir), os.path.realpath(curvature_from)):   # loops: no raise
+        raise cfg.ConfigError(f"--out {out}: is the run whose index and curvature the queries are scored against; "
+                              "choose another --out")
     raw["factors"]["from"], raw["scores"]["mode"], raw["index"]["k"] = curvature_from, "index", None
     raw["index"]["from"] = str(run_dir)
     raw["scores"]["self_influence"] = False
@@ -109,6 +115,10 @@ def query_command(args) -> int:
     return 0
 
 
+MAX_PLANNED_DEVICES = 1 << 24
+"""The largest mesh ``jaxinf plan`` lays out (16.7M devices; the largest machines have some hundred thousand)."""
+
+
 def plan_command(args) -> int:
     from jaxinf import config as cfg
     from jaxinf.run import plan
@@ -116,6 +126,15 @@ def plan_command(args) -> int:
 
     config = cfg.load(*cfg.config_arguments(args.config, args.overrides))
     meshes = [plan.parse_mesh(m) for m in args.mesh] if args.mesh else [(config.mesh.data, config.mesh.model)]
+    for data, model in meshes:   # the planner lays out every device: a 10^16-device mesh was a MemoryError
+        if data * model > MAX_PLANNED_DEVICES:
+            raise plan.PlanError(f"mesh {data}x{model}: {data * model:,} devices, more than the "
+                                 f"{MAX_PLANNED_DEVICES:,} the planner lays out")
+    if args.json is not None:    # a path that cannot take the file is refused before the plan is made
+        if Path(args.json).is_dir():
+            raise plan.PlanError(f"--json {args.json}: is a directory; give the path of a file to write")
+        if not Path(args.json).parent.is_dir():
+            raise plan.PlanError(f"--json {args.json}: no such directory {Path(args.json).parent}")
     try:
         device = chip(args.chip, args.peak_tflops, args.hbm_gbps)
     except ValueError as e:
@@ -262,6 +281,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"jaxinf {args.command}: interrupted; run it again to resume", file=sys.stderr)
         return 130
+    except MemoryError as e:   # a host allocation refused (data.batch_size=10**9): a machine limit, one line
+        print(f"jaxinf {args.command}: error: out of host memory ({e or 'an allocation was refused'}); lower "
+              "data.batch_size or data.max_length (jaxinf plan CONFIG estimates each stage's memory); everything "
+              "finished is kept", file=sys.stderr)
+        return 3
     except Exception as e:   # a write the machine refused (read-only, no space, permissions) in any command: one line
         from jaxinf.run.failures import CONDITIONS, find_condition
 

@@ -507,11 +507,13 @@ def _finished(store: RunStore, stage: str, files: tuple[str, ...]) -> bool:
     status alone decides, so that every process takes the same branch (the exports' breakdowns are collective)."""
     if store.status(stage) != "done":
         return False
-    return jax.process_count() > 1 or all(store.path(*f.split("/")).is_file() for f in files)
+    return jax.process_count() > 1 or all(rundir.is_whole(store.path(*f.split("/"))) for f in files)
 
 
 def _running_stage(store: RunStore | None) -> str:
     """The first stage not done (the one a failure interrupted), or "start" before the run directory is open."""
     if store is None:
         return "start"
-    return next((s for s in cfg.STAGES if store.status(s) != "done"), "analysis")
+    fitted_elsewhere = ((store.record.get("config") or {}).get("factors") or {}).get("from") is not None
+    skip = ("covariance", "eigen", "lambda") if fitted_elsewhere else ()   # factors.from, jaxinf query: never run here
+    return next((s for s in cfg.STAGES if s not in skip and store.status(s) != "done"), "analysis")

@@ -30,10 +30,14 @@ def test_yaml_and_overrides(tmp_path):
     ("scores:\n  damping: [1]\n", r"c.yaml: scores.damping: expected a number or null"),
     ("model: [1, 2]\n", r"c.yaml: model: expected a mapping of keys"),
     ("factors: {strategy: kfac\n", r"c.yaml:\d+: invalid YAML"),
+    # a key given twice: PyYAML keeps the second silently, dropping scores.damping
+    ("scores:\n  damping: 1\nrun:\n  out: x\nscores:\n  topk: 3\n", r"c.yaml:5: invalid YAML \(duplicate key 'scores'\)"),
+    ("scores:\n  damping: 1\n  damping: 2\n", r"c.yaml:3: invalid YAML \(duplicate key 'damping'\)"),
+    (b"model:\n  checkpoint: \xff\xfe\n", r"c.yaml: not a YAML text file \(byte 21 is not UTF-8\)"),   # was a traceback
 ])
 def test_bad_configs_name_the_file_and_key(tmp_path, text, message):
     path = tmp_path / "c.yaml"
-    path.write_text(text)
+    path.write_bytes(text if isinstance(text, bytes) else text.encode())
     with pytest.raises(cfg.ConfigError, match=message):
         cfg.load(path)
 

@@ -223,6 +223,29 @@ def test_an_edited_shard_changes_its_fingerprint_only(tmp_path, fmt):
     assert changed_shards(before["shards"], after["shards"]) == " (shard data-00002-of-00003 changed)"
 
 
+def _flip_last_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[-100] ^= 0x20
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("damage", [_corrupt, _flip_last_byte])
+def test_a_damaged_prepared_dataset_is_one_line_naming_it(tmp_path, damage):
+    """A dataset of ``jaxinf prepare`` whose array_record file was cut short opened, then read a record's text as null
+    ("field text must be a string, got null") or gave array_record's RuntimeError traceback; one byte changed was read
+    as whatever it decoded to. prepare records each file's SHA-256, and opening the dataset checks it."""
+    from jaxinf.data.prepare import prepare
+
+    prepare(write_shards(iter(RECORDS), tmp_path / "src", "jsonl", shards=1), tmp_path / "ds")
+    assert len(open_documents(tmp_path / "ds")) == 49
+    damaged = next((tmp_path / "ds").glob("*.array_record*"))
+    damage(damaged)
+    with pytest.raises(DataError) as e:
+        list(open_documents(tmp_path / "ds"))
+    assert str(e.value) == (f"{damaged}: not the file jaxinf prepare wrote (its SHA-256 differs from the one in "
+                            "metadata.json): the dataset is damaged; prepare it again")
+
+
 def test_tfds_is_fingerprinted_by_content(tmp_path):
     from jaxinf.data.prepare import prepare
     from jaxinf.run.fingerprint import documents_fingerprint

@@ -191,3 +191,17 @@ def test_index_rows_are_flushed_before_they_outgrow_the_buffer():
     assert index_run.flush_every(100, {**manifest, "cells": 10**7}, 8) == 3   # 320 MB per batch: 3 fit in 1 GiB
     assert index_run.flush_every(100, {**manifest, "cells": 10**9}, 8) == 1   # never fewer than one
     assert index_run.BUFFER_BYTES // per_batch >= 100
+
+
+def test_query_refuses_its_own_run_as_out_and_a_directory_as_queries(world, exact, tmp_path, capsys):
+    """``--out`` naming the run the queries are scored against was refused only after ``--overwrite`` had set the
+    run aside, as "factors.from: ... has no finished curvature"; a directory as QUERIES was "no such queries file"."""
+    from jaxinf import cli
+
+    before = sorted(p.relative_to(exact) for p in exact.rglob("*"))
+    for out in (str(exact), str(exact) + "/."):
+        assert cli.main(["query", str(exact), str(world["queries"]), "--out", out, "--overwrite"]) == 2
+        assert "is the run whose index and curvature the queries are scored against" in capsys.readouterr().err
+    assert sorted(p.relative_to(exact) for p in exact.rglob("*")) == before
+    assert cli.main(["query", str(exact), str(world["root"])]) == 2
+    assert f"{world['root']}: is a directory, not a queries file" in capsys.readouterr().err

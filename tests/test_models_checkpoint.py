@@ -309,6 +309,10 @@ def test_unknown_architecture(hf_checkpoint, tmp_path):
     ("final_logit_softcapping", 30.0, "field final_logit_softcapping is not implemented by jaxinf's cohere"),
     ("rope_parameters", {"rope_type": "default", "rope_theta": 10.0, "beta_fast": 2.0},
      "field rope_parameters.beta_fast is not implemented by jaxinf"),
+    # JSON's NaN and Infinity: a NaN norm epsilon ran every stage to a non-finite loss blamed on a document
+    ("layer_norm_eps", float("nan"), "field layer_norm_eps has value nan, expected a finite float"),
+    ("layer_norm_eps", float("inf"), "field layer_norm_eps has value inf, expected a finite float"),
+    ("num_attention_heads", 0, "num_heads=0 is not a positive multiple of num_kv_heads"),   # was a ZeroDivisionError
 ])
 def test_bad_config_fields(hf_checkpoint, tmp_path, field, value, message):
     directory = _copy(hf_checkpoint("cohere"), tmp_path / "cfg")

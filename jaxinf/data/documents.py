@@ -117,6 +117,10 @@ class DocumentSource(Protocol):
 # --------------------------------------------------------------------------- JSONL
 
 
+COMPRESSED_MAGIC = {b"\x1f\x8b": "gzip", b"\x28\xb5\x2f\xfd": "zstd"}
+COMPRESSED_SUFFIX = {"gzip": ".jsonl.gz", "zstd": ".jsonl.zst"}
+
+
 def decode_line(raw: bytes, path: str, line: int, *, strip_bom: bool = False) -> Any | None:
     """The JSON value of one line, or ``None`` for a blank line.
 
@@ -128,7 +132,11 @@ def decode_line(raw: bytes, path: str, line: int, *, strip_bom: bool = False) ->
         text = text_bytes.decode("utf-8")
     except UnicodeDecodeError as e:
         offset = e.start + (len(raw) - len(text_bytes)) + 1
-        raise DataError(f"{where(path, line)}: invalid UTF-8 at byte {offset}") from None
+        packed = next((name for magic, name in COMPRESSED_MAGIC.items() if raw.startswith(magic)), None) \
+            if line == 1 else None
+        hint = (f" (the file is {packed}-compressed: documents are read compressed only when the name ends in "
+                f"{COMPRESSED_SUFFIX[packed]}; queries must be decompressed)") if packed else ""
+        raise DataError(f"{where(path, line)}: invalid UTF-8 at byte {offset}{hint}") from None
     if not text.strip():
         return None
     try:
@@ -314,7 +322,8 @@ class JsonlDocuments:
         out = []
         with open(self.path, "rb") as f:
             if (os.fstat(f.fileno()).st_size, os.fstat(f.fileno()).st_mtime_ns) != self._stamp:
-                raise DataError(f"{self.path}: the file changed after it was indexed; open it again")
+                raise DataError(f"{self.path}: the file changed after it was indexed (while it was being read); "
+                                "open it again (a jaxinf command: run it again; what the change affects is recomputed)")
             fd = f.fileno()
             for i in indices:
                 start, end, line = int(self._start[i]), int(self._end[i]), int(self._line[i])

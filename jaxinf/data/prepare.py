@@ -19,6 +19,7 @@ imported (TFDS writes array_record without it).
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
 import json
 import os
@@ -133,8 +134,16 @@ def prepare(input_path: str | os.PathLike, out_dir: str | os.PathLike, *, text_f
         raise DataError(f"{input_path}: no such file")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise DataError(f"{out}: already exists and is not empty; nothing was written")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = make_temp_dir(f".{out.name}.prepare-", out.parent)
+    if out.is_symlink() and not out.exists():   # dangling or a loop: the final rename would fail
+        raise DataError(f"{out}: is a symbolic link to {os.readlink(out)}, which does not resolve to a directory; "
+                        "nothing was written")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = make_temp_dir(f".{out.name}.prepare-", out.parent)
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM):
+            raise   # the machine refused a write: one line, exit 3 (jaxinf.cli)
+        raise DataError(f"{out}: cannot create the dataset directory ({e.strerror}); nothing was written") from None
     try:
         source = None
         if not one_jsonl:
@@ -156,6 +165,11 @@ def prepare(input_path: str | os.PathLike, out_dir: str | os.PathLike, *, text_f
         if builder.data_error is not None:  # pragma: no cover - TFDS re-raises generator errors
             raise builder.data_error
         built = Path(builder.data_dir)
+        # the SHA-256 of each record file, checked when the dataset is opened: a copy cut short or a flipped byte
+        # is named there, rather than read as null or other text (its records are not scanned when opened)
+        meta = json.loads((built / "metadata.json").read_text())
+        meta["files"] = {f.name: file_sha256(f) for f in sorted(built.glob("*.array_record*"))}
+        (built / "metadata.json").write_text(json.dumps(meta))
         if out.exists():
             out.rmdir()  # empty, checked above
         os.rename(built, out)

@@ -213,7 +213,8 @@ class ShardedDocuments:
         for k in np.unique(shard_of).tolist():
             reader = self._readers[k]
             if _stamp(reader.shard.path) != self._stamps[k]:
-                raise DataError(f"{reader.display}: the file changed after it was indexed; open it again")
+                raise DataError(f"{reader.display}: the file changed after it was indexed (while it was being read); "
+                                "open it again (a jaxinf command: run it again; what the change affects is recomputed)")
             where_k = np.nonzero(shard_of == k)[0]
             order = where_k[np.argsort(idx[where_k], kind="stable")]
             items = [(int(self._line[i]), int(self._start[i]), int(self._end[i])) for i in idx[order].tolist()]

@@ -64,7 +64,8 @@ class TfdsDocuments:
 
     def __init__(self, data_source: Any, name: str, *, feature_names: Sequence[str], prepared: bool,
                  report: ReadReport | None = None, fields: tuple[str, str, str] = DEFAULT_FIELDS,
-                 shard_lengths: Sequence[int] | None = None, shard_files: Sequence[Any] | None = None):
+                 shard_lengths: Sequence[int] | None = None, shard_files: Sequence[Any] | None = None,
+                 file_digests: dict[str, str] | None = None):
         self._ds = data_source
         self.name = name
         self._id_field, self._text_field, self._source_field = self._fields = self.field_names = tuple(fields)
@@ -82,6 +83,10 @@ class TfdsDocuments:
             # Written by jaxinf prepare (no empty texts): fingerprinted by its files' bytes, no pass over the records.
             self._rows, self._digests, self._kept_per_shard = None, None, list(self._shard_lengths)
             self._file_digests = [file_sha256(f) for f in self._files]
+            for f, digest in zip(self._files, self._file_digests):   # recorded by jaxinf prepare (when it did)
+                if file_digests and file_digests.get(Path(f).name, digest) != digest:
+                    raise DataError(f"{f}: not the file jaxinf prepare wrote (its SHA-256 differs from the one in "
+                                    "metadata.json): the dataset is damaged; prepare it again")
             self.report.documents = len(data_source)
         else:
             self._rows, self._digests, self._kept_per_shard = self._scan()
@@ -158,7 +163,14 @@ class TfdsDocuments:
     def _get(self, rows: Sequence[int]) -> list[dict]:
         rows = [int(r) for r in rows]
         getitems = getattr(self._ds, "__getitems__", None)
-        return list(getitems(rows)) if getitems is not None else [self._ds[r] for r in rows]
+        try:
+            return list(getitems(rows)) if getitems is not None else [self._ds[r] for r in rows]
+        except Exception as e:   # array_record raises RuntimeError for a truncated or corrupted file
+            if isinstance(e, OSError) and e.errno is not None:
+                raise
+            where = f"record {rows[0]}" if len(rows) == 1 else f"records {rows[0]}..{rows[-1]}"
+            raise DataError(f"{self.name}: cannot read {where} ({type(e).__name__}: {e}); the dataset's files are "
+                            "damaged") from None
 
     def __len__(self) -> int:
         return self.report.documents
@@ -225,8 +237,10 @@ def _from_builder(builder: Any, name: str, split: str, data_source: Any = None,
         shard_files = list(getattr(info, "filepaths", None) or [])
     except Exception:  # a split without files of its own
         shard_files = []
+    files = metadata.get("files")
     return TfdsDocuments(ds, name, feature_names=features, prepared=prepared, report=report, fields=fields,
-                         shard_lengths=shard_lengths, shard_files=shard_files)
+                         shard_lengths=shard_lengths, shard_files=shard_files,
+                         file_digests=files if isinstance(files, dict) else None)
 
 
 def open_tfds_directory(path: str | os.PathLike, split: str = "train",

@@ -348,13 +348,36 @@ def _check_fresh(root: Path, overwrite: bool) -> None:
 # --------------------------------------------------------------------------- export
 
 
+def _check_export_target(out: Path, overwrite: bool) -> None:
+    """``jaxinf kronfluence export``'s OUT_DIR: absent, empty, or (with ``overwrite``) a kronfluence factors directory
+    (its ``factor_arguments.json``); never a jaxinf run directory or any other non-empty directory, whose
+    ``*.safetensors`` (a model's weights) ``--overwrite`` used to delete."""
+    from jaxinf.run import rundir
+
+    if out.is_symlink() and not out.exists():
+        raise InteropError(f"{out}: is a symbolic link to {out.readlink()}, which does not resolve to a directory")
+    if out.exists() and not out.is_dir():
+        raise InteropError(f"{out}: exists and is not a directory")
+    if rundir.enclosing_run(out) is not None:
+        raise InteropError(f"{out}: is inside the jaxinf run directory {rundir.enclosing_run(out)}; export outside it")
+    if not out.exists() or not any(out.iterdir()):
+        return
+    if rundir.is_run(out):
+        raise InteropError(f"{out}: is a jaxinf run directory; export into another directory")
+    if not overwrite:
+        raise InteropError(f"{out}: exists and is not empty; choose another directory or use --overwrite")
+    if not (out / kf.FACTOR_ARGUMENTS).is_file():
+        held = ", ".join(sorted(p.name for p in out.iterdir())[:5])
+        raise InteropError(f"{out}: not a kronfluence factors directory (no {kf.FACTOR_ARGUMENTS}; it holds {held}); "
+                           "--overwrite replaces only factor files: choose another directory")
+
+
 def export_factors(run_dir: str | Path, out: str | Path, *, overwrite: bool = False) -> Path:
     """A run's factors as a kronfluence ``factors_*`` directory (module docstring)."""
     out = Path(out)
     run = load_run(run_dir)
     s = run.strategy
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise InteropError(f"{out}: exists and is not empty; choose another directory or use --overwrite")
+    _check_export_target(out, overwrite)
     if s.eigen and run.eigen is None:
         raise InteropError(f"{run.source / 'state' / 'eigen'}: the run has no finished eigendecomposition")
     if s.fits_lambda and run.Lambda is None:
@@ -390,10 +413,23 @@ def export_factors(run_dir: str | Path, out: str | Path, *, overwrite: bool = Fa
         if not factor.startswith("num_"):
             dtypes.update(np.dtype(v.dtype).name for v in per_module.values())
     dtype = dtypes.pop() if len(dtypes) == 1 else ("float64" if run.config.run.precision == "float64" else "float32")
-    if out.exists() and overwrite:
-        for p in out.glob("*.safetensors"):
-            p.unlink()
     arguments = kf.factor_arguments(s.name, run.config.factors.fisher, dtype)
-    kf.write_factors(out, arguments, tensors)
+    # written beside OUT_DIR first, then moved in: a write that fails (a full disk) leaves OUT_DIR as it was
+    import os
+    import shutil
+
+    from jaxinf.atomic import make_temp_dir
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = make_temp_dir(f".{out.name}.export-", out.parent)
+    try:
+        kf.write_factors(tmp, arguments, tensors)
+        out.mkdir(exist_ok=True)
+        for factor in (f for group in kf.GROUPS.values() for f in group):   # a factors directory's own files only
+            kf.file_of(out, factor).unlink(missing_ok=True)
+        for p in sorted(tmp.iterdir()):
+            os.replace(p, out / p.name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     log.info("exported the %s factors of %s (%d layers) to %s", s.name, run.source, len(layer_index(layers)), out)
     return out

@@ -260,14 +260,14 @@ def _field(cfg: Mapping[str, Any], key: str, source: str, kind: str = "int", def
         return default
     ok = {
         "int": isinstance(value, int) and not isinstance(value, bool) or isinstance(value, float) and value.is_integer(),
-        "float": isinstance(value, (int, float)) and not isinstance(value, bool),
+        "float": isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value),
         "bool": isinstance(value, bool),
         "str": isinstance(value, str),
         "list": isinstance(value, list),
         "object": isinstance(value, Mapping),
     }[kind]
     if not ok:
-        raise ConfigError(f"{source}: field {key} has value {value!r}, expected {kind}")
+        raise ConfigError(f"{source}: field {key} has value {value!r}, expected {'a finite float' if kind == 'float' else kind}")
     return {"int": int, "float": float}.get(kind, lambda v: v)(value)
 
 
@@ -466,7 +466,7 @@ def common_fields(f: Fields, act_default: str = "silu") -> dict[str, Any]:
         num_layers=f("num_hidden_layers"),
         num_heads=heads,
         num_kv_heads=f("num_key_value_heads", "int", heads),
-        head_dim=f("head_dim", "int", None) or hidden // heads,
+        head_dim=f("head_dim", "int", None) or (hidden // heads if heads > 0 else 0),   # heads <= 0: refused
         max_position_embeddings=f("max_position_embeddings", "int", 2048),
         activation=f.activation("hidden_act", act_default),
     )

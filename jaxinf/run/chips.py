@@ -24,6 +24,7 @@ fraction of both peaks (see docs/benchmarks.md for measured ratios).
 from __future__ import annotations
 
 import dataclasses
+import math
 
 TFLOP = 1e12
 GBPS = 1e9
@@ -72,6 +73,9 @@ def chip(name: str | None, peak_tflops: float | None = None, hbm_gbps: float | N
         raise ValueError(f"--chip {name!r}: unknown chip (choose from {', '.join(CHIPS)})")
     if name is None and (peak_tflops is None or hbm_gbps is None):
         raise ValueError("a custom chip needs both --peak-tflops and --hbm-gbps (or name one with --chip)")
+    for flag, value in (("--peak-tflops", peak_tflops), ("--hbm-gbps", hbm_gbps)):
+        if value is not None and not (math.isfinite(value) and value > 0):
+            raise ValueError(f"{flag} {value:g}: must be a positive finite number")
     c = CHIPS[name] if name is not None else Chip("custom", 0.0, 0.0, None, 0.0, 0.0)
     if peak_tflops is not None:
         p = peak_tflops * TFLOP

@@ -97,9 +97,14 @@ def check_inputs(config: cfg.Config) -> None:
         if kind == "dir" and not p.is_dir():
             raise InputError(f"{key}: {value}: " + ("is a file, not a directory" if p.exists() else "no such directory"))
         if kind == "file" and not p.is_file():
-            raise InputError(f"{key}: {value}: " + ("is a directory, not a file" if p.is_dir() else "no such file"))
+            raise InputError(f"{key}: {value}: " + ("is a directory, not a file" if p.is_dir() else
+                                                    "is not a regular file" if p.exists() else "no such file"))
         if kind == "any" and not p.exists():
             raise InputError(f"{key}: {value}: no such file or directory")
+    if config.factors.from_run is not None and config.run.out is not None and \
+            os.path.realpath(config.factors.from_run) == os.path.realpath(config.run.out):
+        raise InputError(f"factors.from: {config.factors.from_run} is run.out itself (a run reuses its own curvature "
+                         "without factors.from; to start over keeping it, use another run.out with factors.from)")
     if config.factors.from_run is not None and not rundir.is_run(Path(config.factors.from_run)):
         raise InputError(f"factors.from: {config.factors.from_run}: not a jaxinf run directory "
                          f"({rundir.why_not_run(Path(config.factors.from_run))})")

@@ -36,7 +36,14 @@ class RunLock:
         self._fd: int | None = None
 
     def acquire(self) -> RunLock:
-        self.root.mkdir(parents=True, exist_ok=True)
+        made = [p for p in (self.root, *self.root.parents) if not p.exists()]   # removed again if the lock fails
+        had_file = self.path.exists()
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM):
+                raise   # the machine refused a write: jaxinf.run.failures says it in one line, exit 3
+            raise StoreError(f"{self.root}: cannot create the run directory ({e.strerror})") from None
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -46,8 +53,19 @@ class RunLock:
                 raise RunLocked(f"{self.root}: in use by another jaxinf process ({self.holder()}); wait for it to "
                                 "finish or stop it, or choose another run.out") from None
             raise StoreError(f"{self.path}: cannot lock the run directory ({e.strerror})") from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"host {socket.gethostname()} pid {os.getpid()}\n".encode(), 0)
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"host {socket.gethostname()} pid {os.getpid()}\n".encode(), 0)
+        except OSError as e:   # a full disk: nothing left behind, and the message names the file
+            os.close(fd)
+            if not had_file:
+                self.path.unlink(missing_ok=True)
+            for p in made:
+                try:
+                    p.rmdir()
+                except OSError:
+                    break
+            raise OSError(e.errno, e.strerror, str(self.path)) from None
         self._fd = fd
         return self
 

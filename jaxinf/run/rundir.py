@@ -107,9 +107,49 @@ def foreign_entries(root: Path) -> list[str]:
     return sorted(p.name for p in root.iterdir() if p.name not in OURS)
 
 
+def is_whole(path: Path) -> bool:
+    """Whether an exported file is in place and whole, cheaply: a ``.npy`` whose header and data length agree, a
+    ``.json`` that parses, a ``.jsonl`` that ends its last line (a copy cut short, a damaged disk: redone on a rerun
+    rather than kept as finished)."""
+    try:
+        if not path.is_file():
+            return False
+        if path.suffix == ".npy":
+            import numpy as np
+
+            np.load(path, mmap_mode="r", allow_pickle=False)
+        elif path.suffix == ".json":
+            json.loads(path.read_text())
+        elif path.suffix == ".jsonl":
+            with open(path, "rb") as f:
+                f.seek(-1, os.SEEK_END)
+                return f.read(1) == b"\n"
+    except (OSError, ValueError, EOFError):
+        return False
+    return True
+
+
+def enclosing_run(root: Path) -> Path | None:
+    """The jaxinf run directory that ``root`` lies inside (its path as given, or with links resolved), or None.
+    A run's ``state/`` holds a copy of its record, so without this rule ``run.out=RUN/state --overwrite`` took it
+    for a run and replaced the curvature, index and scores of RUN."""
+    for path in dict.fromkeys((Path(os.path.abspath(root)), Path(os.path.realpath(root)))):
+        found = [parent for parent in path.parents if is_run(parent)]
+        if found:
+            return found[-1]   # the outermost: RUN rather than RUN/state
+    return None
+
+
+def _refuse_nested(root: Path, key: str) -> None:
+    outer = enclosing_run(root)
+    if outer is not None:
+        raise StoreError(f"{root}: is inside the jaxinf run directory {outer}; choose a {key} outside it")
+
+
 def check_target(root: Path, overwrite: bool, key: str = "run.out") -> None:
     """Refuses a ``run.out`` that exists, is not empty and is not a jaxinf run, with or without ``--overwrite``
-    (``key`` names the setting in the message: ``run.out``, ``--out``)."""
+    (``key`` names the setting in the message: ``run.out``, ``--out``), and one inside another run directory."""
+    _refuse_nested(root, key)
     if not root.exists() or is_run(root) or (root / PREVIOUS).is_dir():
         return
     if not root.is_dir():
@@ -327,6 +367,7 @@ def check_output(root: Path, kind: str, key: str = "--out") -> None:
     ``jaxinf run``'s: a directory that does not exist, is empty, or is that command's own (its marker
     ``.jaxinf-output``, or only what that command writes) is accepted; a file, a jaxinf run directory, another
     command's directory and any other non-empty directory are refused, and nothing is written."""
+    _refuse_nested(root, key)
     if not root.exists():
         return
     if not root.is_dir():

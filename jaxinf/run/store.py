@@ -307,6 +307,9 @@ def check_writable(root: Path) -> None:
     """Raises :class:`EnvironmentFailure` when ``root`` cannot be created or written (nothing is written)."""
     probe = root
     while not probe.exists():
+        if probe.is_symlink():   # dangling, or a loop: mkdir would fail with "File exists"
+            raise StoreError(f"{root}: cannot create the run directory ({probe} is a symbolic link to "
+                             f"{os.readlink(probe)}, which does not resolve to a directory)")
         probe = probe.parent
     if not probe.is_dir():
         raise StoreError(f"{root}: cannot create the run directory ({probe} is not a directory)")

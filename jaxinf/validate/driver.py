@@ -224,12 +224,10 @@ def load_config(path: str | None, overrides: list[str]) -> cfg.Config:
     """The config of ``jaxinf validate``: :func:`jaxinf.config.load`, except that on the built-in world (no
     ``model.checkpoint``) ``factors.track`` defaults to ``all`` (the built-in world's measured setting) unless the
     config file or the command line gives it."""
-    import yaml
-
     config = cfg.load(path, overrides)
     given = any(o.split("=", 1)[0].strip() == "factors.track" for o in overrides)
     if path is not None and not given:
-        raw = yaml.safe_load(Path(path).read_text()) or {}
+        raw = cfg.read_yaml(path) or {}
         given = isinstance(raw.get("factors"), dict) and "track" in raw["factors"]
     if config.model.checkpoint is None and not given:
         config = dataclasses.replace(config, factors=dataclasses.replace(config.factors, track="all"))

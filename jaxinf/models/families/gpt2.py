@@ -30,7 +30,7 @@ def read_config(f) -> dict:
         intermediate_size=f("n_inner", "int", None) or 4 * hidden,
         num_layers=f("n_layer"),
         num_heads=heads,
-        head_dim=hidden // heads,
+        head_dim=hidden // heads if heads > 0 else 0,   # heads <= 0: refused by ModelConfig
         rotary_dim=0,
         max_position_embeddings=f("n_positions", "int", 1024),
         activation=f.activation("activation_function", "gelu_new"),

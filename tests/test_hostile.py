@@ -1,0 +1,303 @@
+"""The second hostile pass of issue 25: cases that gave a traceback, lost data or said something misleading, each
+through the command line as the user met it."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from pipeline_support import make_world, overrides
+
+from jaxinf import cli
+
+
+def _one_error(capsys, command: str) -> str:
+    err = capsys.readouterr().err
+    assert "Traceback" not in err, err
+    lines = [line for line in err.splitlines() if line.startswith(f"jaxinf {command}: error: ")]
+    assert len(lines) == 1, err
+    return lines[0][len(f"jaxinf {command}: error: "):]
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    return make_world(tmp_path_factory.mktemp("world"), n_documents=8, n_queries=2)
+
+
+@pytest.fixture(scope="module")
+def finished(world, tmp_path_factory):
+    """A finished run of ``world`` (one batch, the empirical Fisher: few compiled programs)."""
+    from jaxinf import config as cfg
+    from jaxinf import pipeline
+
+    out = tmp_path_factory.mktemp("finished") / "run"
+    pipeline.run(cfg.load(None, overrides(world, out, **{"data.batch_size": 8, "factors.fisher": "empirical"})))
+    return out
+
+
+@pytest.mark.parametrize("target", ["dangling", "loop"])
+def test_an_output_that_is_a_broken_symlink_is_one_line(world, tmp_path, capsys, monkeypatch, target):
+    """``run.out`` or ``--out`` naming a symbolic link to nothing (a scratch volume not mounted) or a link loop was a
+    ``FileExistsError`` traceback from the lock's ``mkdir``; nothing is created anywhere."""
+    monkeypatch.chdir(tmp_path)
+    if target == "dangling":
+        os.symlink(tmp_path / "unmounted" / "runs", "out")
+    else:
+        os.symlink("loop", "out")
+        os.symlink("out", "loop")
+    before = sorted(os.listdir(tmp_path))
+    assert cli.main(["-q", "run", *overrides(world, Path("out"))]) == 2
+    assert _one_error(capsys, "run").startswith("out: cannot create the run directory (out is a symbolic link to ")
+    assert cli.main(["-q", "demo", "--out", "out"]) == 2
+    assert _one_error(capsys, "demo").startswith("out: cannot create the run directory (out is a symbolic link to ")
+    assert sorted(os.listdir(tmp_path)) == before and not (tmp_path / "unmounted").exists()
+
+
+def test_a_directory_that_cannot_be_made_is_one_line(tmp_path):
+    """A ``mkdir`` refused for a reason other than space or permissions (``/proc/x``: ENOENT) is one line too."""
+    from jaxinf.run.lock import RunLock
+    from jaxinf.run.rundir import StoreError
+
+    with pytest.raises(StoreError, match=r"^/proc/jaxinf-run: cannot create the run directory \(No such file"):
+        RunLock("/proc/jaxinf-run").acquire()
+
+
+def test_a_queries_file_that_is_not_a_regular_file_says_so(tmp_path):
+    """``data.queries=/dev/null`` or a FIFO was "no such file", though the path exists."""
+    from jaxinf import config as cfg
+    from jaxinf.run.inputs import InputError, check_inputs
+
+    (tmp_path / "dir").mkdir()
+    (tmp_path / "docs.jsonl").write_text("")
+    os.mkfifo(tmp_path / "fifo")
+    settings = {"model.checkpoint": tmp_path / "dir", "data.documents": tmp_path / "docs.jsonl",
+                "data.queries": tmp_path / "fifo"}
+    with pytest.raises(InputError) as e:
+        check_inputs(cfg.load(None, [f"{k}={v}" for k, v in settings.items()]))
+    assert str(e.value) == f"data.queries: {tmp_path / 'fifo'}: is not a regular file"
+
+
+def test_plan_refuses_what_it_cannot_plan_or_write_in_one_line(tmp_path, capsys):
+    """``jaxinf plan``: a mesh of 10^16 devices was a 71 PiB MemoryError traceback, ``--json`` into a missing
+    directory or onto a directory a traceback after the whole plan, a negative or infinite ``--peak-tflops`` or
+    ``--hbm-gbps`` a plan of negative or zero hours."""
+    for extra, message in (
+            (["--mesh", "99999999x99999999"], "mesh 99999999x99999999: 9,999,999,800,000,001 devices, more than the "
+                                              "16,777,216 the planner lays out"),
+            (["mesh.data=99999999", "mesh.model=99999999"], "mesh 99999999x99999999: 9,999,999,800,000,001 devices"),
+            (["--json", str(tmp_path / "no" / "p.json")], f"--json {tmp_path / 'no' / 'p.json'}: no such directory"),
+            (["--json", str(tmp_path)], f"--json {tmp_path}: is a directory; give the path of a file to write"),
+            (["--chip", "h100", "--peak-tflops", "-5"], "--peak-tflops -5: must be a positive finite number"),
+            (["--chip", "h100", "--hbm-gbps", "inf"], "--hbm-gbps inf: must be a positive finite number")):
+        assert cli.main(["-q", "plan", "data.max_length=8", "--no-compile", *extra]) == 2
+        assert _one_error(capsys, "plan").startswith(message)
+    assert os.listdir(tmp_path) == []
+
+
+def test_prepare_into_a_broken_symlink_is_one_line_and_leaves_nothing(tmp_path, capsys):
+    """``jaxinf prepare DOCS OUT`` with OUT a dangling symbolic link converted every document, then failed on the
+    final rename with a NotADirectoryError traceback; ``/proc/x`` was a FileNotFoundError one."""
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text('{"id": "a", "text": "one two"}\n')
+    os.symlink(tmp_path / "unmounted" / "ds", tmp_path / "out")
+    assert cli.main(["-q", "prepare", str(docs), str(tmp_path / "out")]) == 2
+    assert _one_error(capsys, "prepare") == (f"{tmp_path / 'out'}: is a symbolic link to {tmp_path / 'unmounted' / 'ds'}, "
+                                             "which does not resolve to a directory; nothing was written")
+    assert sorted(os.listdir(tmp_path)) == ["docs.jsonl", "out"]
+    assert cli.main(["-q", "prepare", str(docs), "/proc/jaxinf-ds"]) == 2
+    assert _one_error(capsys, "prepare").startswith("/proc/jaxinf-ds: cannot create the dataset directory (")
+
+
+def test_kronfluence_export_overwrite_never_deletes_what_it_did_not_write(world, finished, tmp_path, capsys):
+    """``jaxinf kronfluence export RUN DIR --overwrite`` deleted every ``*.safetensors`` in DIR: given a model's
+    checkpoint directory, its weights. It also wrote factor files into a jaxinf run directory, and a dangling
+    symbolic link was a traceback. Now only a kronfluence factors directory is overwritten, and only its factor files."""
+    import shutil
+
+    model = shutil.copytree(world["model"], tmp_path / "model")
+    before = sorted(os.listdir(model))
+    assert cli.main(["-q", "kronfluence", "export", str(finished), str(model), "--overwrite"]) == 2
+    assert _one_error(capsys, "kronfluence") == (
+        f"{model}: not a kronfluence factors directory (no factor_arguments.json; it holds {', '.join(before)}); "
+        "--overwrite replaces only factor files: choose another directory")
+    assert sorted(os.listdir(model)) == before
+    assert cli.main(["-q", "kronfluence", "export", str(finished), str(finished), "--overwrite"]) == 2
+    assert _one_error(capsys, "kronfluence") == f"{finished}: is a jaxinf run directory; export into another directory"
+    assert not (finished / "factor_arguments.json").exists()
+    assert cli.main(["-q", "kronfluence", "export", str(finished), str(finished / "state" / "kf")]) == 2
+    assert _one_error(capsys, "kronfluence") == (f"{finished / 'state' / 'kf'}: is inside the jaxinf run directory "
+                                                 f"{finished}; export outside it")
+    os.symlink(tmp_path / "unmounted", tmp_path / "link")
+    assert cli.main(["-q", "kronfluence", "export", str(finished), str(tmp_path / "link")]) == 2
+    assert _one_error(capsys, "kronfluence").endswith("which does not resolve to a directory")
+    factors = tmp_path / "factors"
+    assert cli.main(["-q", "kronfluence", "export", str(finished), str(factors)]) == 0
+    (factors / "notes.txt").write_text("mine")
+    assert cli.main(["-q", "kronfluence", "export", str(finished), str(factors), "--overwrite"]) == 0
+    assert (factors / "notes.txt").read_text() == "mine" and (factors / "lambda_matrix.safetensors").is_file()
+
+
+def test_a_lock_that_cannot_be_written_leaves_nothing_and_names_its_file(tmp_path, monkeypatch, capsys):
+    """On a full disk ``jaxinf run`` (and demo, validate) created the run directory and its lock file, failed to write
+    the holder into it, and left both, saying only "a write: no space left on device"."""
+    import errno
+
+    from jaxinf.run import lock
+
+    def full(fd, data, offset):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(lock.os, "pwrite", full)
+    assert cli.main(["-q", "demo", "--out", str(tmp_path / "a" / "demo")]) == 3
+    assert _one_error(capsys, "demo").startswith(f"{tmp_path / 'a' / 'demo' / '.jaxinf.lock'}: no space left on device")
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_kronfluence_export_that_fails_leaves_the_directory_as_it_was(finished, tmp_path, monkeypatch, capsys):
+    """On a full disk ``jaxinf kronfluence export`` left the factor files it had written (and none of
+    factor_arguments.json) in OUT_DIR; with --overwrite it had already deleted the previous export's."""
+    import errno
+
+    from jaxinf.interop import kronfluence as kf
+
+    out = tmp_path / "factors"
+    assert cli.main(["-q", "kronfluence", "export", str(finished), str(out)]) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    written = []
+    real = kf.write_tensors
+
+    def fills_up(path, *a, **kw):
+        if written:
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        written.append(path)
+        real(path, *a, **kw)
+
+    monkeypatch.setattr(kf, "write_tensors", fills_up)
+    assert cli.main(["-q", "kronfluence", "export", str(finished), str(out), "--overwrite"]) == 3
+    assert "no space left on device" in _one_error(capsys, "kronfluence")
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    written.clear()
+    assert cli.main(["-q", "kronfluence", "export", str(finished), str(tmp_path / "new")]) == 3
+    capsys.readouterr()
+    assert sorted(os.listdir(tmp_path)) == ["factors"]
+
+
+def test_a_failure_of_a_run_with_factors_from_names_the_stage_it_was_in():
+    """``jaxinf query`` (and any run with factors.from) on a full disk said "(stage covariance)", a stage it never
+    runs: its covariance, eigen and Lambda stay pending, fitted by the other run."""
+    from types import SimpleNamespace
+
+    from jaxinf import config as cfg
+    from jaxinf.pipeline import _running_stage
+
+    status = {s: "pending" for s in cfg.STAGES}
+    store = SimpleNamespace(record={"config": {"factors": {"from": "run"}}}, status=lambda s: status[s])
+    assert _running_stage(store) == "queries"
+    status["queries"] = "done"
+    assert _running_stage(store) == "scores"
+    store.record["config"]["factors"]["from"] = None
+    assert _running_stage(store) == "covariance"
+
+
+def test_an_output_inside_a_run_directory_is_refused(finished, tmp_path, capsys, monkeypatch):
+    """``jaxinf run ... run.out=RUN/state --overwrite`` took RUN's state directory (which holds a copy of RUN's record)
+    for a run, set its curvature, index and scores aside and deleted them once the new run had finished: exit 0,
+    RUN's own results gone. Any output inside a run directory is now refused, by every command that writes one."""
+    from jaxinf import config as cfg
+    from jaxinf import pipeline
+    from jaxinf.run.rundir import StoreError
+
+    before = sorted(str(p.relative_to(finished)) for p in finished.rglob("*"))
+    raw = cfg.to_dict(cfg.load(None, [f"run.out={finished / 'state'}"]))
+    for out in (finished / "state", finished / "state" / "covariance", finished / "new"):
+        raw["run"]["out"] = str(out)
+        with pytest.raises(StoreError, match=f"^{out}: is inside the jaxinf run directory {finished}; choose a run.out "
+                                             "outside it$"):
+            pipeline._claim(cfg.from_dict(raw), overwrite=True)
+    os.symlink(finished / "state", tmp_path / "link")
+    raw["run"]["out"] = str(tmp_path / "link")
+    with pytest.raises(StoreError, match="is inside the jaxinf run directory"):
+        pipeline._claim(cfg.from_dict(raw), overwrite=True)
+    assert cli.main(["-q", "demo", "--out", str(finished / "demo")]) == 2
+    assert _one_error(capsys, "demo") == f"{finished / 'demo'}: is inside the jaxinf run directory {finished}; " \
+                                         "choose a --out outside it"
+    assert sorted(str(p.relative_to(finished)) for p in finished.rglob("*")) == before
+
+
+def test_factors_from_naming_run_out_itself_is_refused_first(world, finished):
+    """``jaxinf run CONFIG factors.from=RUN --overwrite`` with run.out RUN set the run aside, then failed with
+    "factors.from: RUN has no finished curvature (stage lambda is pending)" (and put it back)."""
+    from jaxinf import config as cfg
+    from jaxinf.run.inputs import InputError, check_inputs
+
+    for given in (str(finished), str(finished) + "/"):
+        config = cfg.load(None, overrides(world, finished, **{"factors.from": given}))
+        with pytest.raises(InputError, match=r"^factors.from: .* is run.out itself \(a run reuses its own curvature"):
+            check_inputs(config)
+
+
+def test_host_memory_exhausted_is_one_line(monkeypatch, capsys):
+    """``data.batch_size=1000000000`` was a 179 GiB ``_ArrayMemoryError`` traceback from the batch's allocation."""
+    from jaxinf import pipeline
+
+    def too_big(config, overwrite=False):
+        import numpy as np
+
+        return np.zeros((1 << 40, 1 << 20), np.int32)   # 4 EiB: refused by the allocator
+
+    monkeypatch.setattr(pipeline, "run", too_big)
+    assert cli.main(["-q", "run", "data.max_length=8"]) == 3
+    assert _one_error(capsys, "run").startswith("out of host memory (Unable to allocate ")
+
+
+def test_a_label_the_font_lacks_draws_without_python_warnings(tmp_path, recwarn):
+    """A query id with an emoji or a NUL printed matplotlib's "UserWarning: Glyph 128165 missing from font(s)" with
+    a source line, twice per figure, among jaxinf's own lines."""
+    import warnings
+
+    from matplotlib.figure import Figure
+
+    from jaxinf.analysis import figures
+
+    warnings.simplefilter("always")
+    fig = Figure()
+    fig.add_subplot().set_title(figures.lab("query \U0001f4a5 \x00"))
+    figures._save(fig, tmp_path / "f.png")
+    assert (tmp_path / "f.png").stat().st_size > 0
+    assert not [w for w in recwarn if "Glyph" in str(w.message)], [str(w.message) for w in recwarn]
+
+
+def test_a_compressed_file_without_its_suffix_says_it_is_compressed(tmp_path):
+    """A gzipped queries file (queries are read only as plain JSONL), or gzipped documents named .jsonl, was
+    "invalid UTF-8 at byte 2", which sends the user looking for a bad character."""
+    import gzip
+
+    from jaxinf.data.errors import DataError
+    from jaxinf.data.queries import read_queries
+
+    path = tmp_path / "queries.jsonl.gz"
+    path.write_bytes(gzip.compress(b'{"prompt": "a", "completion": "b"}\n'))
+    with pytest.raises(DataError, match=r"queries.jsonl.gz:1: invalid UTF-8 at byte 2 \(the file is gzip-compressed: "
+                                        r"documents are read compressed only when the name ends in \.jsonl\.gz; "
+                                        r"queries must be decompressed\)$"):
+        read_queries(str(path))
+
+
+def test_a_damaged_export_of_a_finished_run_is_redone_on_a_rerun(world, finished, tmp_path):
+    """A finished run whose scores.npy was cut short (a copy interrupted, a damaged disk) was "finished" on a rerun:
+    exit 0, nothing redone, the damaged file kept. A rerun now writes the exports again, byte-identical."""
+    import shutil
+
+    from jaxinf import config as cfg
+    from jaxinf import pipeline
+
+    run = shutil.copytree(finished, tmp_path / "run")
+    want = (run / "scores.npy").read_bytes()
+    with open(run / "scores.npy", "r+b") as f:
+        f.truncate(100)
+    with open(run / "topk.jsonl", "r+b") as f:
+        f.truncate(f.seek(0, 2) - 7)
+    pipeline.run(cfg.load(None, overrides(world, run, **{"data.batch_size": 8, "factors.fisher": "empirical"})))
+    assert (run / "scores.npy").read_bytes() == want
+    assert (run / "topk.jsonl").read_bytes() == (finished / "topk.jsonl").read_bytes()
