@@ -15,7 +15,8 @@ def fault_point(where: str, step: int) -> None:
 
     Points: ``<stage>:<batch>`` after a batch of a per-batch pass is computed
     (:func:`jaxinf.engine.loop.run_batches`; before any save it triggers; the exports'
-    pass is ``breakdowns``), ``<stage>:before-manifest:<step>`` after Orbax has
+    pass is ``breakdowns``), ``exports:1`` half-way through writing the exports,
+    ``<stage>:before-manifest:<step>`` after Orbax has
     committed a step but before its manifest is written, and ``overwrite:0``
     after a run started with ``--overwrite`` has finished but before the old run
     is deleted.

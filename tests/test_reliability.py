@@ -225,7 +225,7 @@ def test_overwrite_keeps_the_old_run_until_the_new_one_has_finished(base, tmp_pa
 
 @pytest.mark.parametrize("fault, code", [
     ("scores:1:raise", 1),               # an exception the run did not foresee, in the scores stage
-    ("breakdowns:1:interrupt", 130),     # Ctrl-C during the exports (their breakdown pass)
+    ("exports:1:interrupt", 130),        # Ctrl-C during the exports (half of them written)
     ("overwrite:0:raise", 1),            # everything written, the old run not yet deleted
 ])
 def test_a_failed_overwrite_puts_the_finished_run_back(base, tmp_path, fault, code):

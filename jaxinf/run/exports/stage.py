@@ -25,6 +25,7 @@ from jaxinf.engine import programs, scoring
 from jaxinf.engine import tails as running_tails
 from jaxinf.engine.loop import Kept, run_batches
 from jaxinf.engine.tails import Tails
+from jaxinf.faults import fault_point
 from jaxinf.run.executor import Executor
 from jaxinf.run.exports import formats
 from jaxinf.run.inputs import Inputs, non_finite_loss
@@ -130,6 +131,7 @@ def export_breakdowns(config, store, inputs: Inputs, qg, top: np.ndarray, docs: 
     if jax.process_index() != 0:
         return len(wanted)
     formats.write_layer_exports(store.root, names, layer_top)
+    fault_point("exports", 1)      # half the exports written: what a Ctrl-C or a kill here leaves must not count
     vocab = inputs.encoder.tokenizer
 
     def records():
