@@ -369,6 +369,25 @@ def test_texts_from_the_corpus_named_in_run_json(tmp_path):
     assert out["answers"]["available"]
 
 
+def test_a_relative_corpus_path_is_read_where_the_run_was_started(tmp_path, monkeypatch):
+    """Issue 25: run.json names the corpus as the config gave it (relative to where ``jaxinf run`` started); analyze
+    started from another directory finds it through run.json's ``cwd``, and without that field it does not."""
+    run, _ = _basic(tmp_path, texts=None)
+    started = tmp_path / "project"
+    (started / "data").mkdir(parents=True)
+    aio.write_jsonl(started / "data" / "corpus.jsonl", ({"id": f"d{n}", "text": f"corpus text {n}"} for n in range(600)))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    record = {"config": {"data": {"documents": "data/corpus.jsonl"}}}
+    (run / "run.json").write_text(json.dumps(record))
+    out = analyze(run, FAST, write=False, log=lambda *_: None)
+    assert out["text_source"] == "none" and any("not found" in n for n in out["notes"])
+    (run / "run.json").write_text(json.dumps({**record, "cwd": str(started)}))
+    out = analyze(run, FAST, write=False, log=lambda *_: None)
+    assert out["answers"]["available"] and out["text_source"].startswith(str(started / "data" / "corpus.jsonl"))
+
+
 def test_no_texts_at_all(tmp_path):
     run, _ = _basic(tmp_path, texts=None)
     out = analyze(run, FAST, log=lambda *_: None)

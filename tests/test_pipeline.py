@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 
@@ -75,7 +76,7 @@ def test_exports_match_the_engine_document_by_document(world, reference):
     for stage in ("covariance", "lambda", "scores"):   # each pass's compile time (its first call) within its time
         timing = record["stages"][stage]["timing"]
         assert 0 < timing["compile_seconds"] <= timing["seconds"], (stage, timing)
-    assert record["heap"] in ("huge-pages", "default")
+    assert record["heap"] in ("huge-pages", "default") and record["cwd"] == os.getcwd()
     assert (reference / "report" / "index.html").exists() and (reference / "summary.json").exists()
     names = json.loads((reference / "layers.json").read_text())["names"]
     assert names == [f"model.layers.{i}.mlp.{p}_proj" for i in range(2) for p in ("gate", "up", "down")]

@@ -46,6 +46,7 @@ from jaxinf.run.exports.formats import (
     read_exported_queries,
     read_index_fidelity,
     read_run_config,
+    read_run_cwd,
 )
 
 SUMMARY_VERSION = 1
@@ -487,7 +488,8 @@ def _texts(run_dir, config, fetched, text_source, notes) -> tuple[dict[int, str]
             path = ((config.get("data") or {}).get("documents"))
             if isinstance(path, str) and path:
                 p = Path(path)
-                cands = [p] if p.is_absolute() else [run_dir / p, Path.cwd() / p]
+                started = read_run_cwd(run_dir)    # the run's own working directory, then the run's, then ours
+                cands = [p] if p.is_absolute() else [*([started / p] if started else []), run_dir / p, Path.cwd() / p]
                 found = next((c for c in cands if c.is_file()), None)
                 if found is not None and found.suffix in (".jsonl", ".json"):
                     source = jsonl_text_source(found)

@@ -213,6 +213,7 @@ class RunStore:
             record["fingerprint"] = cfg.results_key(config)
             record["versions"] = versions()
             record["heap"] = heap_mode()
+            record["cwd"] = os.getcwd()
             record.setdefault("format", rundir.MARKER)
             return store  # written with the next update: a start refused before then leaves run.json as it was
         record = {
@@ -221,6 +222,7 @@ class RunStore:
             "fingerprint": cfg.results_key(config),
             "versions": versions(),
             "heap": heap_mode(),
+            "cwd": os.getcwd(),     # where the config's relative paths mean something (jaxinf analyze from elsewhere)
             "created": _now(),
             "stages": {s: {"status": "pending"} for s in cfg.STAGES},
         }

@@ -515,6 +515,16 @@ def read_run_config(run_dir: Path) -> dict:
     return cfg
 
 
+def read_run_cwd(run_dir: Path) -> Path | None:
+    """The working directory ``jaxinf run`` was started in (``run.json``'s ``cwd``), against which the config's
+    relative paths were read; None when run.json is absent, unreadable or older than the field."""
+    try:
+        cwd = json.loads((Path(run_dir) / "run.json").read_text()).get("cwd")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return Path(cwd) if isinstance(cwd, str) and cwd else None
+
+
 def read_index_fidelity(path: Path) -> dict | None:
     """``index.json`` of a run scored from the EK-FAC index (each query's predicted correlation with the exact
     scores, the documents rescored to certify the tails), or None when there is none (exact scores)."""
