@@ -3,6 +3,7 @@ through the command line as the user met it."""
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import pytest
 from pipeline_support import make_world, overrides
 
 from jaxinf import cli
+from jaxinf.demo import train
 
 
 def _one_error(capsys, command: str) -> str:
@@ -93,6 +95,13 @@ def test_plan_refuses_what_it_cannot_plan_or_write_in_one_line(tmp_path, capsys)
         assert cli.main(["-q", "plan", "data.max_length=8", "--no-compile", *extra]) == 2
         assert _one_error(capsys, "plan").startswith(message)
     assert os.listdir(tmp_path) == []
+    # a length the model has no positions for: jaxinf run refuses it before reading a weight, and so does the plan
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps(train.hf_config(64, max_positions=128)))
+    assert cli.main(["-q", "plan", f"model.checkpoint={model}", "data.max_length=129", "--no-compile"]) == 2
+    assert _one_error(capsys, "plan").startswith("data.max_length=129 is above the model's "
+                                                 "max_position_embeddings=128")
 
 
 def test_prepare_into_a_broken_symlink_is_one_line_and_leaves_nothing(tmp_path, capsys):

@@ -378,10 +378,12 @@ def plan(config, meshes: Iterable[tuple[int, int]], compile: bool = True, chip=N
     import jax
 
     from jaxinf.engine import precision
+    from jaxinf.run import preflight
     from jaxinf.sharding.meshes import make_mesh
 
     precision.enable(config.run.precision)
     lm, layers = abstract_model(config)
+    preflight.check_model_limits(config, lm.config)    # as jaxinf run refuses it: a plan of a run that cannot start
     check_layers(layers)
     shapes = stage_shapes(lm, layers, config)
     tracked = sum(s.num_params for s in layers.values())
