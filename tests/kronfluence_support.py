@@ -74,6 +74,28 @@ def config(w: dict, out: Path, **extra):
     return cfg.load(None, overrides(w, out, **extra))
 
 
+def sampled_float64(w: dict) -> dict:
+    """What the in-process comparisons of the true Fisher start from (call inside ``jax.enable_x64(True)``): the
+    world's config under ``factors.fisher: sampled``, its tracked ``layers``, the model ``lm`` in float64 and its
+    ``task``, the text ``encoder``, the documents ``source``, and the queries' one batch ``queries`` (tokens, mask,
+    weights on the device)."""
+    import jax.numpy as jnp
+
+    from jaxinf import models
+    from jaxinf.data.queries import encode_queries, query_batches, read_queries
+    from jaxinf.data.sources import open_documents
+    from jaxinf.data.tokenize import TextEncoder
+    from jaxinf.interop import transfer
+
+    conf = config(w, w["root"] / "unused", **{"factors.fisher": "sampled"})
+    lm, tok = models.from_hf(w["model"], dtype="float64")
+    encoder = TextEncoder(tok)
+    (qb,) = query_batches(encode_queries(read_queries(str(w["queries"])), encoder, max_length=MAX_LENGTH))
+    return {"config": conf, "layers": transfer.tracked_layers(conf), "lm": lm, "task": lm.task(), "encoder": encoder,
+            "source": open_documents(str(w["docs"])),
+            "queries": {k: jnp.asarray(qb[k]) for k in ("tokens", "mask", "weights")}}
+
+
 @contextlib.contextmanager
 def global_x64_restored():
     """``jaxinf run`` with ``run.precision: float64`` turns on x64 for the process; turn it back afterwards."""

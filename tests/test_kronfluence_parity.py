@@ -189,27 +189,18 @@ def test_the_true_fisher_matches_with_the_labels_jaxinf_draws(tmp_path_factory):
     task does), and kronfluence fits its true Fisher with those labels (``CausalLMTask`` given ``sampled_labels``).
     A, S, Lambda per layer and the EK-FAC pairwise scores within ``TOL`` (float64); with labels of their own the two
     differ by sampling noise (``test_kronfluence_precision``'s heavy convergence test)."""
-    from jaxinf import models
     from jaxinf.data.batching import document_batches
-    from jaxinf.data.queries import encode_queries, query_batches, read_queries
-    from jaxinf.data.sources import open_documents
-    from jaxinf.data.tokenize import TextEncoder
     from jaxinf.engine import curvature, scoring, stages, tasks
     from jaxinf.interop import kronfluence as kf
     from jaxinf.interop import transfer
 
     w = ks.world(tmp_path_factory, "llama")
     with jax.enable_x64(True):
-        config = ks.config(w, w["root"] / "unused", **{"factors.fisher": "sampled"})
-        layers = transfer.tracked_layers(config)
-        lm, tok = models.from_hf(w["model"], dtype="float64")
-        task = lm.task()
-        encoder = TextEncoder(tok)
-        source = open_documents(str(w["docs"]))
-        (batch,) = list(document_batches(source, encoder, batch_size=len(source), max_length=ks.MAX_LENGTH,
+        x = ks.sampled_float64(w)
+        layers, lm, task, source = x["layers"], x["lm"], x["task"], x["source"]
+        (batch,) = list(document_batches(source, x["encoder"], batch_size=len(source), max_length=ks.MAX_LENGTH,
                                          buckets=(ks.MAX_LENGTH,)))
-        keys = ("tokens", "mask", "weights")
-        docs = {k: jnp.asarray(batch[k]) for k in keys}
+        docs = {k: jnp.asarray(batch[k]) for k in ("tokens", "mask", "weights")}
         key = jax.random.key(7)
         cov_stage = stages.covariance_stage(task, layers, "sampled")
         cov = cov_stage.finalize(jax.jit(cov_stage.update)(cov_stage.init(), lm.params, docs, key)[0])
@@ -217,8 +208,7 @@ def test_the_true_fisher_matches_with_the_labels_jaxinf_draws(tmp_path_factory):
         lam_stage = stages.lambda_stage(task, layers, "sampled")
         Lambda = lam_stage.finalize(jax.jit(lam_stage.update)(lam_stage.init(), lm.params, eigen, docs, key)[0])
         drawn = np.asarray(tasks.sample_labels(key, lm.apply(lm.params, docs["tokens"], docs["mask"])[:, :-1]))
-        (qb,) = query_batches(encode_queries(read_queries(str(w["queries"])), encoder, max_length=ks.MAX_LENGTH))
-        G, qloss = stages.query_gradients(task, layers, lm.params, {k: jnp.asarray(qb[k]) for k in keys})
+        G, qloss = stages.query_gradients(task, layers, lm.params, x["queries"])
         qg = scoring.prepare_queries(G, qloss, curvature.curvature("ekfac", eigen, Lambda), None, None, svd="full")
         order = np.argsort(batch["index"])                                        # rows -> documents in file order
         mine = np.asarray(stages.score_batch(task, layers, lm.params, qg, docs)[0].total)[:, order]

@@ -59,12 +59,8 @@ def test_float32_scores_correlate_per_query(tmp_path_factory, family):
 def sampled_agreement(tmp_path_factory, family: str, sizes: tuple[int, ...], seed: int = 0) -> list[dict]:
     """For each N: relative errors of A, S, Lambda (worst layer) and per-query score correlations,
     jaxinf and kronfluence both fitting the true Fisher (their own label draws) on the first N documents."""
-    from jaxinf import models
     from jaxinf.analysis.correlations import pearson
     from jaxinf.data.batching import document_batches
-    from jaxinf.data.queries import encode_queries, query_batches, read_queries
-    from jaxinf.data.sources import open_documents
-    from jaxinf.data.tokenize import TextEncoder
     from jaxinf.engine import curvature, scoring, stages
     from jaxinf.interop import kronfluence as kf
     from jaxinf.interop import transfer
@@ -73,21 +69,14 @@ def sampled_agreement(tmp_path_factory, family: str, sizes: tuple[int, ...], see
     n_score = min(sizes)
     rows = []
     with jax.enable_x64(True):
-        config = ks.config(w, w["root"] / "unused", **{"factors.fisher": "sampled"})
-        layers = transfer.tracked_layers(config)
-        lm, tok = models.from_hf(w["model"], dtype="float64")
-        task = lm.task()
-        encoder = TextEncoder(tok)
-        source = open_documents(str(w["docs"]))
-        keys = ("tokens", "mask", "weights")
+        x = ks.sampled_float64(w)
+        layers, lm, task = x["layers"], x["lm"], x["task"]
         # one plan window per batch: batch i holds documents [i B, (i + 1) B) (sorted by length inside it)
-        planned = list(document_batches(source, encoder, batch_size=n_score, max_length=ks.MAX_LENGTH,
+        planned = list(document_batches(x["source"], x["encoder"], batch_size=n_score, max_length=ks.MAX_LENGTH,
                                         buckets=(ks.MAX_LENGTH,), window_batches=1))
-        batches = [{k: jnp.asarray(b[k]) for k in keys} for b in planned]
+        batches = [{k: jnp.asarray(b[k]) for k in ("tokens", "mask", "weights")} for b in planned]
         order = np.argsort(planned[0]["index"])
-        (qb,) = query_batches(encode_queries(read_queries(str(w["queries"])), encoder, max_length=ks.MAX_LENGTH))
-        G, qloss = jax.jit(lambda p, b: stages.query_gradients(task, layers, p, b))(
-            lm.params, {k: jnp.asarray(qb[k]) for k in keys})
+        G, qloss = jax.jit(lambda p, b: stages.query_gradients(task, layers, p, b))(lm.params, x["queries"])
         score = jax.jit(lambda p, q, b: stages.score_batch(task, layers, p, q, b)[0].total)
         cov_stage, lam_stage = stages.covariance_stage(task, layers, "sampled"), stages.lambda_stage(task, layers,
                                                                                                      "sampled")
