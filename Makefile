@@ -32,11 +32,12 @@ install-test: $(VENV)
 demo: install
 	$(PYTHON) -m jaxinf demo
 
-# The linter and the type checker first (pyproject's [tool.ruff] and [tool.mypy]: zero findings), then the tests,
+# The formatter, the linter and the type checker first (pyproject's [tool.ruff] and [tool.mypy]: zero findings), then the tests,
 # on TEST_WORKERS processes (default 2), each taking whole files so a module's fixtures are built once. Most
 # of a test's time is single-threaded (tracing, compiling, Python), so two workers use two cores.
 TEST_WORKERS ?= 2
 test: install-test
+	$(PYTHON) -m ruff format --check .
 	$(PYTHON) -m ruff check .
 	$(PYTHON) -m mypy
 	$(PYTHON) -m pytest -n $(TEST_WORKERS) --dist loadfile

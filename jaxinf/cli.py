@@ -22,12 +22,12 @@ from pathlib import Path
 EXIT_CODES = {
     0: "success",
     1: "jaxinf plan: a planned step does not fit (plan.device_memory_gib); any command: an unexpected error "
-       "(a bug: a traceback)",
+    "(a bug: a traceback)",
     2: "bad input, config or run directory, one line naming the file, line, key or path: also a run directory in "
-       "use by another process, a changed model or tokenizer, a refused --overwrite",
+    "use by another process, a changed model or tokenizer, a refused --overwrite",
     3: "the machine refused a write: no space left, a read-only or unwritable run directory; one line naming the "
-       "path and the stage; everything finished is kept and the same command resumes; also host memory exhausted "
-       "(an allocation refused)",
+    "path and the stage; everything finished is kept and the same command resumes; also host memory exhausted "
+    "(an allocation refused)",
     130: "interrupted (Ctrl-C); the same command resumes",
 }
 
@@ -37,8 +37,9 @@ def _setup_logging(quiet: bool) -> None:
 
     install_unraisable_hook()
 
-    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="jaxinf: %(message)s",
-                        stream=sys.stderr, force=True)
+    logging.basicConfig(
+        level=logging.WARNING if quiet else logging.INFO, format="jaxinf: %(message)s", stream=sys.stderr, force=True
+    )
     for handler in logging.getLogger().handlers:
         handler.addFilter(HideLibraryTracebacks())
     for noisy in ("absl", "orbax", "jax._src", "tensorflow_datasets"):
@@ -74,7 +75,9 @@ def run_command(args) -> int:
         return 0
     path, overrides = cfg.config_arguments(args.config, args.overrides)
     if path is None and not overrides:
-        raise cfg.ConfigError("give a config file or section.key=value overrides (configs/reference.yaml lists every key)")
+        raise cfg.ConfigError(
+            "give a config file or section.key=value overrides (configs/reference.yaml lists every key)"
+        )
     config = cfg.load(path, overrides)
     enable_compilation_cache()
     pipeline.run(config, overwrite=args.overwrite)
@@ -87,25 +90,32 @@ def query_command(args) -> int:
     from jaxinf.run import rundir
 
     run_dir = Path(args.run)
-    if (run_dir / "manifest.json").is_file() and run_dir.parent.name == "state":   # the index directory itself
+    if (run_dir / "manifest.json").is_file() and run_dir.parent.name == "state":  # the index directory itself
         run_dir = run_dir.parent.parent
     record = rundir.read_record(run_dir) if run_dir.is_dir() else None
     if record is None or "config" not in record:
         raise cfg.ConfigError(f"{run_dir}: not a jaxinf run directory (no run.json)")
     if not (run_dir / "state" / "index" / "manifest.json").is_file():
-        raise cfg.ConfigError(f"{run_dir}: the run has no EK-FAC index (build one: jaxinf run CONFIG index.k=32, "
-                              f"or index.k=full)")
+        raise cfg.ConfigError(
+            f"{run_dir}: the run has no EK-FAC index (build one: jaxinf run CONFIG index.k=32, or index.k=full)"
+        )
     if not Path(args.queries).is_file():
-        what = ("is a directory, not a queries file" if Path(args.queries).is_dir() else
-                "is not a regular file" if Path(args.queries).exists() else "no such queries file")
+        what = (
+            "is a directory, not a queries file"
+            if Path(args.queries).is_dir()
+            else "is not a regular file"
+            if Path(args.queries).exists()
+            else "no such queries file"
+        )
         raise cfg.ConfigError(f"{args.queries}: {what}")
     out = args.out or str(run_dir.parent / f"{run_dir.name}-{Path(args.queries).stem}")
     raw = cfg.to_dict(cfg.from_dict(record["config"], str(run_dir / "run.json")))
     raw["data"]["queries"], raw["run"]["out"] = str(args.queries), str(out)
-    curvature_from = raw["factors"]["from"] or str(run_dir)   # where the run's own curvature lives
-    if os.path.realpath(out) in (os.path.realpath(run_dir), os.path.realpath(curvature_from)):   # loops: no raise
-        raise cfg.ConfigError(f"--out {out}: is the run whose index and curvature the queries are scored against; "
-                              "choose another --out")
+    curvature_from = raw["factors"]["from"] or str(run_dir)  # where the run's own curvature lives
+    if os.path.realpath(out) in (os.path.realpath(run_dir), os.path.realpath(curvature_from)):  # loops: no raise
+        raise cfg.ConfigError(
+            f"--out {out}: is the run whose index and curvature the queries are scored against; choose another --out"
+        )
     raw["factors"]["from"], raw["scores"]["mode"], raw["index"]["k"] = curvature_from, "index", None
     raw["index"]["from"] = str(run_dir)
     raw["scores"]["self_influence"] = False
@@ -126,11 +136,13 @@ def plan_command(args) -> int:
 
     config = cfg.load(*cfg.config_arguments(args.config, args.overrides))
     meshes = [plan.parse_mesh(m) for m in args.mesh] if args.mesh else [(config.mesh.data, config.mesh.model)]
-    for data, model in meshes:   # the planner lays out every device: a 10^16-device mesh was a MemoryError
+    for data, model in meshes:  # the planner lays out every device: a 10^16-device mesh was a MemoryError
         if data * model > MAX_PLANNED_DEVICES:
-            raise plan.PlanError(f"mesh {data}x{model}: {data * model:,} devices, more than the "
-                                 f"{MAX_PLANNED_DEVICES:,} the planner lays out")
-    if args.json is not None:    # a path that cannot take the file is refused before the plan is made
+            raise plan.PlanError(
+                f"mesh {data}x{model}: {data * model:,} devices, more than the "
+                f"{MAX_PLANNED_DEVICES:,} the planner lays out"
+            )
+    if args.json is not None:  # a path that cannot take the file is refused before the plan is made
         if Path(args.json).is_dir():
             raise plan.PlanError(f"--json {args.json}: is a directory; give the path of a file to write")
         if not Path(args.json).parent.is_dir():
@@ -140,7 +152,7 @@ def plan_command(args) -> int:
     except ValueError as e:
         raise plan.PlanError(str(e)) from None
     if not args.no_compile:
-        plan.prepare_devices(meshes)   # before jax starts: the simulated devices the meshes need
+        plan.prepare_devices(meshes)  # before jax starts: the simulated devices the meshes need
     if args.corpus:
         from jaxinf.run import plan_corpus
 
@@ -197,48 +209,84 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="all stages of a config, resumable: curvature, queries, scores, exports, report")
-    run.add_argument("config", nargs="?", help="YAML config (configs/reference.yaml lists every key); optional when "
-                     "every setting is given as an override")
+    run.add_argument(
+        "config",
+        nargs="?",
+        help="YAML config (configs/reference.yaml lists every key); optional when "
+        "every setting is given as an override",
+    )
     run.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
-    run.add_argument("--overwrite", action="store_true", help="start the run directory over (a jaxinf run only): the "
-                     "old run is kept aside until the new one has finished, and put back if it fails")
+    run.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start the run directory over (a jaxinf run only): the "
+        "old run is kept aside until the new one has finished, and put back if it fails",
+    )
     run.add_argument("--help-config", action="store_true", help="print every config key with its default")
     run.set_defaults(handler=run_command)
 
-    qu = sub.add_parser("query", help="new queries against a run's EK-FAC index (index.k): no pass over the "
-                        "documents; writes what jaxinf run writes, the top and bottom documents certified exact")
+    qu = sub.add_parser(
+        "query",
+        help="new queries against a run's EK-FAC index (index.k): no pass over the "
+        "documents; writes what jaxinf run writes, the top and bottom documents certified exact",
+    )
     qu.add_argument("run", metavar="RUN_OR_INDEX", help="a run directory that built an index (or its state/index)")
     qu.add_argument("queries", metavar="QUERIES", help="queries JSONL (or a Ruis et al. release file)")
-    qu.add_argument("overrides", nargs="*", metavar="section.key=value",
-                    help="overrides of the run's config (scores.damping, scores.query_rank, factors.strategy=kfac, ...)")
+    qu.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="section.key=value",
+        help="overrides of the run's config (scores.damping, scores.query_rank, factors.strategy=kfac, ...)",
+    )
     qu.add_argument("--out", help="the output run directory (default: RUN-QUERIES beside the run)")
     qu.add_argument("--overwrite", action="store_true", help="start the output directory over")
     qu.set_defaults(handler=query_command)
 
-    pl = sub.add_parser("plan", help="memory and cost of each stage on a mesh, from the model's config.json alone "
-                        "(no weights): bytes per device, XLA's compiled peak per step, FLOPs per document, time")
+    pl = sub.add_parser(
+        "plan",
+        help="memory and cost of each stage on a mesh, from the model's config.json alone "
+        "(no weights): bytes per device, XLA's compiled peak per step, FLOPs per document, time",
+    )
     pl.add_argument("config", help="YAML config (model.checkpoint: a directory with config.json; see configs/paper/)")
     pl.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
-    pl.add_argument("--mesh", action="append", metavar="DATAxMODEL",
-                    help="plan this mesh instead of mesh.data x mesh.model (repeatable)")
+    pl.add_argument(
+        "--mesh",
+        action="append",
+        metavar="DATAxMODEL",
+        help="plan this mesh instead of mesh.data x mesh.model (repeatable)",
+    )
     pl.add_argument("--no-compile", action="store_true", help="only the bytes per device (no XLA compilation)")
     pl.add_argument("--json", metavar="FILE", help="also write the plan as JSON")
-    pl.add_argument("--corpus", action="store_true",
-                    help="count data.documents with the checkpoint's tokenizer (one tokenization pass): its documents, "
-                    "tokens, rows and the passes over it, and the hours for it")
-    pl.add_argument("--chip", choices=("h100", "h200", "a100", "v5e", "v5p", "v6e"),
-                    help="time each per-document step as a roofline on this chip (jaxinf/run/chips.py)")
+    pl.add_argument(
+        "--corpus",
+        action="store_true",
+        help="count data.documents with the checkpoint's tokenizer (one tokenization pass): its documents, "
+        "tokens, rows and the passes over it, and the hours for it",
+    )
+    pl.add_argument(
+        "--chip",
+        choices=("h100", "h200", "a100", "v5e", "v5p", "v6e"),
+        help="time each per-document step as a roofline on this chip (jaxinf/run/chips.py)",
+    )
     pl.add_argument("--peak-tflops", type=float, metavar="T", help="a custom peak matrix TFLOP/s (replaces the chip's)")
     pl.add_argument("--hbm-gbps", type=float, metavar="B", help="a custom HBM bandwidth in GB/s (replaces the chip's)")
     pl.set_defaults(handler=plan_command)
 
-    va = sub.add_parser("validate", help="LDS, recall and PBRF of each strategy (retraining on random subsets); "
-                        "without model.checkpoint, on the built-in world")
-    va.add_argument("config", nargs="?", help="YAML config (model.checkpoint, data.documents, data.queries and the "
-                    "validate.* keys); omit it for the built-in world")
+    va = sub.add_parser(
+        "validate",
+        help="LDS, recall and PBRF of each strategy (retraining on random subsets); "
+        "without model.checkpoint, on the built-in world",
+    )
+    va.add_argument(
+        "config",
+        nargs="?",
+        help="YAML config (model.checkpoint, data.documents, data.queries and the "
+        "validate.* keys); omit it for the built-in world",
+    )
     va.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
-    va.add_argument("--out", default="runs/validate", help="output directory, resumed when it exists "
-                    "(default runs/validate)")
+    va.add_argument(
+        "--out", default="runs/validate", help="output directory, resumed when it exists (default runs/validate)"
+    )
     va.set_defaults(handler=validate_command)
 
     demo = sub.add_parser("demo", help="the built-in end-to-end example: corpus, model, influence, report")
@@ -247,17 +295,30 @@ def main(argv: list[str] | None = None) -> int:
 
     an = sub.add_parser("analyze", help="the paper's statistics and the report of a run directory")
     an.add_argument("run_dir", help="run directory (scores.npy, queries.jsonl, documents.jsonl)")
-    an.add_argument("--from-release", metavar="RELEASE_JSON",
-                    help="first convert Ruis et al.'s release_{7B,35B}.json into RUN_DIR (absent or empty)")
+    an.add_argument(
+        "--from-release",
+        metavar="RELEASE_JSON",
+        help="first convert Ruis et al.'s release_{7B,35B}.json into RUN_DIR (absent or empty)",
+    )
     an.set_defaults(handler="jaxinf.analysis.cli:analyze_command")
 
-    prep = sub.add_parser("prepare", help="convert documents (JSONL, .jsonl.gz/.zst, Parquet, Arrow shards) to a TFDS "
-                          "array_record dataset")
-    prep.add_argument("input", metavar="INPUT", help="documents: a JSONL file, or a file, directory or glob of JSONL, "
-                      "gzip/zstd JSONL, Parquet or Arrow shards (a datasets save_to_disk directory too)")
+    prep = sub.add_parser(
+        "prepare",
+        help="convert documents (JSONL, .jsonl.gz/.zst, Parquet, Arrow shards) to a TFDS array_record dataset",
+    )
+    prep.add_argument(
+        "input",
+        metavar="INPUT",
+        help="documents: a JSONL file, or a file, directory or glob of JSONL, "
+        "gzip/zstd JSONL, Parquet or Arrow shards (a datasets save_to_disk directory too)",
+    )
     for name in ("text", "id", "source"):
-        prep.add_argument(f"--{name}-field", default=name, metavar="NAME",
-                          help=f"the field holding each document's {name} (data.{name}_field; default {name})")
+        prep.add_argument(
+            f"--{name}-field",
+            default=name,
+            metavar="NAME",
+            help=f"the field holding each document's {name} (data.{name}_field; default {name})",
+        )
     prep.add_argument("out_dir", metavar="OUT_DIR", help="the dataset directory to write (must not exist or be empty)")
     prep.set_defaults(handler="jaxinf.data.cli:prepare_command")
 
@@ -267,7 +328,7 @@ def main(argv: list[str] | None = None) -> int:
 
     args, extra = parser.parse_known_args(argv)
     if extra and hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
-        args.overrides = list(args.overrides) + extra   # jaxinf run CONFIG --overwrite section.key=value ...
+        args.overrides = list(args.overrides) + extra  # jaxinf run CONFIG --overwrite section.key=value ...
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     _setup_logging(args.quiet)
@@ -275,26 +336,32 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return _handler(args.handler)(args)
-    except (EnvironmentFailure, UserError) as e:   # jaxinf.errors: one line, the kind's exit code
+    except (EnvironmentFailure, UserError) as e:  # jaxinf.errors: one line, the kind's exit code
         print(f"jaxinf {args.command}: error: {e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         print(f"jaxinf {args.command}: interrupted; run it again to resume", file=sys.stderr)
         return 130
-    except MemoryError as e:   # a host allocation refused (data.batch_size=10**9): a machine limit, one line
-        print(f"jaxinf {args.command}: error: out of host memory ({e or 'an allocation was refused'}); lower "
-              "data.batch_size or data.max_length (jaxinf plan CONFIG estimates each stage's memory); everything "
-              "finished is kept", file=sys.stderr)
+    except MemoryError as e:  # a host allocation refused (data.batch_size=10**9): a machine limit, one line
+        print(
+            f"jaxinf {args.command}: error: out of host memory ({e or 'an allocation was refused'}); lower "
+            "data.batch_size or data.max_length (jaxinf plan CONFIG estimates each stage's memory); everything "
+            "finished is kept",
+            file=sys.stderr,
+        )
         return 3
-    except Exception as e:   # a write the machine refused (read-only, no space, permissions) in any command: one line
+    except Exception as e:  # a write the machine refused (read-only, no space, permissions) in any command: one line
         from jaxinf.run.failures import CONDITIONS, find_condition
 
         found = find_condition(e)
         if found is None:
             raise
         what, todo = CONDITIONS[found[0]]
-        print(f"jaxinf {args.command}: error: {found[1] or 'a write'}: {what}; {todo.split(' or choose')[0]} and run "
-              "the same command again", file=sys.stderr)
+        print(
+            f"jaxinf {args.command}: error: {found[1] or 'a write'}: {what}; {todo.split(' or choose')[0]} and run "
+            "the same command again",
+            file=sys.stderr,
+        )
         return 3
 
 

@@ -31,6 +31,6 @@ def fault_point(where: str, step: int) -> None:
         # non-interactive shell, as some CI runners start the tests), so the injected Ctrl-C is one
         signal.signal(signal.SIGINT, signal.default_int_handler)
         os.kill(os.getpid(), signal.SIGINT)
-        time.sleep(5)   # the handler raises KeyboardInterrupt between two bytecodes, well before this ends
+        time.sleep(5)  # the handler raises KeyboardInterrupt between two bytecodes, well before this ends
     elif point == f"{where}:{step}:raise":
         raise RuntimeError(f"fault injected at {where}:{step} (JAXINF_FAULT)")

@@ -81,12 +81,13 @@ def transparent_huge_pages(path: str = THP_MODE) -> str:
         text = Path(path).read_text()
     except OSError:
         return "never"
-    chosen = text[text.find("[") + 1:text.find("]")] if "[" in text else ""
+    chosen = text[text.find("[") + 1 : text.find("]")] if "[" in text else ""
     return chosen if chosen in ("always", "madvise") else "never"
 
 
-def huge_page_environment(environ=os.environ, libc: tuple[str, str] | None = None,
-                          thp: str | None = None) -> dict[str, str] | None:
+def huge_page_environment(
+    environ=os.environ, libc: tuple[str, str] | None = None, thp: str | None = None
+) -> dict[str, str] | None:
     """The environment in which to start this process again so that glibc backs its large blocks with
     transparent huge pages; None when nothing would change.
 
@@ -106,13 +107,20 @@ def huge_page_environment(environ=os.environ, libc: tuple[str, str] | None = Non
     """
     choice = environ.get("JAXINF_HOST_HEAP", "huge-pages")
     if choice not in ("huge-pages", "default"):
-        raise ValueError(f"JAXINF_HOST_HEAP={choice!r}: expected 'huge-pages' (the default) or 'default' "
-                         "(glibc's own malloc settings)")
+        raise ValueError(
+            f"JAXINF_HOST_HEAP={choice!r}: expected 'huge-pages' (the default) or 'default' "
+            "(glibc's own malloc settings)"
+        )
     name, version = platform.libc_ver() if libc is None else libc
     tunables = environ.get("GLIBC_TUNABLES", "")
-    if (choice == "default" or name != "glibc" or _version(version) < (2, 35)
-            or (transparent_huge_pages() if thp is None else thp) == "never"
-            or HUGE_PAGES_TUNABLE + "=" in tunables or not computes_on_cpu(environ)):
+    if (
+        choice == "default"
+        or name != "glibc"
+        or _version(version) < (2, 35)
+        or (transparent_huge_pages() if thp is None else thp) == "never"
+        or HUGE_PAGES_TUNABLE + "=" in tunables
+        or not computes_on_cpu(environ)
+    ):
         return None
     return {**environ, "GLIBC_TUNABLES": ":".join(filter(None, (tunables, HUGE_PAGES_TUNABLE + "=1")))}
 

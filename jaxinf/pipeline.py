@@ -74,9 +74,16 @@ def accumulate(
     name, stage = program.name, program.stage
     assert stage is not None, f"{name}: not an accumulating stage"
     saves = SavedState(store, name, batches.plan, save_every)
-    state, timing = run_batches(name, stages.stage_step(program.jit(executor), step_inputs, key), batches.iterate,
-                                executor.init(stage), saves, total=len(batches),
-                                non_finite=non_finite_loss(inputs.documents, name), device=executor)
+    state, timing = run_batches(
+        name,
+        stages.stage_step(program.jit(executor), step_inputs, key),
+        batches.iterate,
+        executor.init(stage),
+        saves,
+        total=len(batches),
+        non_finite=non_finite_loss(inputs.documents, name),
+        device=executor,
+    )
     return stage.finalize(state), timing
 
 
@@ -102,12 +109,23 @@ def curvature_stages(config: cfg.Config, store: RunStore, inputs: Inputs, execut
     def eigen():
         eigen = store.load_result("eigen", executor.like(shapes["eigen"]))
         if eigen is None:
-            cov, timing = accumulate(store, programs.covariance(config, inputs.task, inputs.layers),
-                                     (inputs.lm.params,), fit_batches,
-                                     stages.stage_key(base, "covariance"), config.factors.save_every, executor, inputs)
-            _check_finite_tree(cov, "covariance", executor.fetch,
-                               f": the model {config.model.checkpoint} overflows {jnp.dtype(dtype).name} on the "
-                               f"documents of {config.data.documents}")
+            cov, timing = accumulate(
+                store,
+                programs.covariance(config, inputs.task, inputs.layers),
+                (inputs.lm.params,),
+                fit_batches,
+                stages.stage_key(base, "covariance"),
+                config.factors.save_every,
+                executor,
+                inputs,
+            )
+            _check_finite_tree(
+                cov,
+                "covariance",
+                executor.fetch,
+                f": the model {config.model.checkpoint} overflows {jnp.dtype(dtype).name} on the "
+                f"documents of {config.data.documents}",
+            )
             store.mark("covariance", "done", timing=timing)
             t0 = time.perf_counter()
             with lapack_threads():
@@ -120,13 +138,23 @@ def curvature_stages(config: cfg.Config, store: RunStore, inputs: Inputs, execut
     def fit_lambda(basis):
         Lambda = store.load_result("lambda", executor.like(shapes["lambda"], curvature.LAMBDA_AXES))
         if Lambda is None:
-            if (programs.index_in_lambda(config, executor.mesh is None) and store.status("index") != "done"
-                    and not store.stage("lambda").steps()):   # the index rides on this pass from its start
+            if (
+                programs.index_in_lambda(config, executor.mesh is None)
+                and store.status("index") != "done"
+                and not store.stage("lambda").steps()
+            ):  # the index rides on this pass from its start
                 Lambda, timing = index_run.lambda_with_index(config, store, inputs, basis, fit_batches, executor)
             else:
-                Lambda, timing = accumulate(store, programs.lambda_(config, inputs.task, inputs.layers),
-                                            (inputs.lm.params, basis), fit_batches, stages.stage_key(base, "lambda"),
-                                            config.factors.save_every, executor, inputs)
+                Lambda, timing = accumulate(
+                    store,
+                    programs.lambda_(config, inputs.task, inputs.layers),
+                    (inputs.lm.params, basis),
+                    fit_batches,
+                    stages.stage_key(base, "lambda"),
+                    config.factors.save_every,
+                    executor,
+                    inputs,
+                )
             _check_finite_tree(Lambda, "Lambda", executor.fetch)
             store.save_result("lambda", Lambda, timing=timing)
         return Lambda
@@ -154,9 +182,11 @@ def saved_eigen(config: cfg.Config, store: RunStore, inputs: Inputs, executor: E
 
 
 def _check_finite_tree(tree, what: str, fetch: Callable = np.asarray, why: str = "") -> None:
-    if dataclasses.is_dataclass(tree):    # a stage's result (the covariance sums): its dict fields by name
-        tree = {f.name: getattr(tree, f.name) for f in dataclasses.fields(tree) if isinstance(getattr(tree, f.name), dict)}
-    for k, v in (tree.items() if isinstance(tree, dict) else []):
+    if dataclasses.is_dataclass(tree):  # a stage's result (the covariance sums): its dict fields by name
+        tree = {
+            f.name: getattr(tree, f.name) for f in dataclasses.fields(tree) if isinstance(getattr(tree, f.name), dict)
+        }
+    for k, v in tree.items() if isinstance(tree, dict) else []:
         if isinstance(v, dict):
             _check_finite_tree(v, f"{what} {k}", fetch, why)
         elif hasattr(v, "dtype") and jnp.issubdtype(v.dtype, jnp.inexact) and not bool(fetch(jnp.all(jnp.isfinite(v)))):
@@ -185,13 +215,18 @@ def check_factors_from(config: cfg.Config, model_fp: dict | None) -> RunStore | 
         for kind in ("model", "tokenizer"):
             mine = {n: f["sha256"] for n, f in model_fp[kind]["files"].items()}
             if mine != {n: f.get("sha256") for n, f in recorded.get(kind, {}).get("files", {}).items()}:
-                mismatched.append(f"the {kind}'s content ({config.model.checkpoint} is not the {kind} of "
-                                  f"{theirs.model.checkpoint} as that run read it)")
+                mismatched.append(
+                    f"the {kind}'s content ({config.model.checkpoint} is not the {kind} of "
+                    f"{theirs.model.checkpoint} as that run read it)"
+                )
     elif Path(theirs.model.checkpoint or "").resolve() != Path(config.model.checkpoint or "").resolve():
         mismatched.append("model.checkpoint")
     mismatched += [f"model.{k}" for k in ("dtype",) if getattr(theirs.model, k) != getattr(config.model, k)]
-    mismatched += [f"factors.{k}" for k in ("strategy", "fisher", "track", "max_documents", "seed")
-                   if getattr(theirs.factors, k) != getattr(config.factors, k)]
+    mismatched += [
+        f"factors.{k}"
+        for k in ("strategy", "fisher", "track", "max_documents", "seed")
+        if getattr(theirs.factors, k) != getattr(config.factors, k)
+    ]
     if theirs.run.precision != config.run.precision:
         mismatched.append("run.precision")
     if mismatched:
@@ -205,10 +240,10 @@ def check_factors_from(config: cfg.Config, model_fp: dict | None) -> RunStore | 
 def _curvature_from(config: cfg.Config, inputs: Inputs, executor: Executor) -> curvature.Curvature:
     """The fitted curvature of another run directory (``factors.from``), checked against this run's model and layers
     (:func:`check_factors_from`, at start-up)."""
-    assert config.factors.from_run is not None   # the caller's condition
+    assert config.factors.from_run is not None  # the caller's condition
     other = Path(config.factors.from_run)
     record = rundir.read_record(other)
-    assert record is not None   # check_factors_from read it at start-up
+    assert record is not None  # check_factors_from read it at start-up
     ostore = RunStore(other, record)
     strategy = curvature.strategy(config.factors.strategy)
     if not strategy.writes:
@@ -254,9 +289,13 @@ def queries_stage(config: cfg.Config, store: RunStore, inputs: Inputs, curv, exe
         raise stages.CaptureError(f'{q.origin}: query "{q.id}": completion loss is not finite')
     _check_query_gradients(qg, inputs, config, executor)
     store.save_result("queries", qg, seconds=time.perf_counter() - t0)
-    log.info("queries: %d query gradients in %.1fs (rank %s, damping %s)", qg.num_queries, time.perf_counter() - t0,
-             config.scores.query_rank or "full", config.scores.damping if config.scores.damping is not None
-             else "0.1 x mean(Lambda)")
+    log.info(
+        "queries: %d query gradients in %.1fs (rank %s, damping %s)",
+        qg.num_queries,
+        time.perf_counter() - t0,
+        config.scores.query_rank or "full",
+        config.scores.damping if config.scores.damping is not None else "0.1 x mean(Lambda)",
+    )
     return qg, encoded
 
 
@@ -270,9 +309,11 @@ def _check_query_gradients(qg: scoring.QueryGradients, inputs: Inputs, config: c
             bad = np.flatnonzero(~np.asarray(finite))
             if bad.size:
                 q = inputs.queries[int(bad[0])]
-                raise stages.CaptureError(f'{q.origin}: query "{q.id}": its preconditioned gradient of layer {k} is '
-                                          f"not finite (the model {config.model.checkpoint} overflows "
-                                          f"{jnp.dtype(x.dtype).name} on it)")
+                raise stages.CaptureError(
+                    f'{q.origin}: query "{q.id}": its preconditioned gradient of layer {k} is '
+                    f"not finite (the model {config.model.checkpoint} overflows "
+                    f"{jnp.dtype(x.dtype).name} on it)"
+                )
 
 
 def _prepare_all(inputs, batches, prep_fn, curv, executor: Executor, check: bool) -> scoring.QueryGradients:
@@ -282,15 +323,20 @@ def _prepare_all(inputs, batches, prep_fn, curv, executor: Executor, check: bool
     for batch in batches:
         if check:
             stages.check_queries(batch, [inputs.queries[i].id if i >= 0 else "padding" for i in batch["index"]])
-        parts.append((prep_fn(inputs.lm.params, executor.put_replicated(batch), curv),
-                      int((batch["index"] >= 0).sum())))
+        parts.append(
+            (prep_fn(inputs.lm.params, executor.put_replicated(batch), curv), int((batch["index"] >= 0).sum()))
+        )
     return _join_queries(parts)
 
 
 def _join_queries(parts) -> scoring.QueryGradients:
     def cat(trees, axis_of):
-        return {k: jnp.concatenate([jax.lax.slice_in_dim(t[k], 0, n, axis=axis_of(t[k])) for t, n in trees],
-                                   axis=axis_of(trees[0][0][k])) for k in trees[0][0]}
+        return {
+            k: jnp.concatenate(
+                [jax.lax.slice_in_dim(t[k], 0, n, axis=axis_of(t[k])) for t, n in trees], axis=axis_of(trees[0][0][k])
+            )
+            for k in trees[0][0]
+        }
 
     full = cat([(p.full, n) for p, n in parts], lambda x: x.ndim - 3)
     left = cat([(p.left, n) for p, n in parts], lambda x: x.ndim - 3)
@@ -305,19 +351,28 @@ def scores_stage(config: cfg.Config, store: RunStore, inputs: Inputs, qg, curv, 
     batches = _batches(inputs, inputs.plan, inputs.documents, executor)
     want_self = config.scores.self_influence
     saves: SavedChunks | index_run.WithIndex
-    saves = SavedChunks(store, "scores", inputs.plan, config.scores.save_every,
-                        ("scores", "loss", "self") if want_self else ("scores", "loss"))
+    saves = SavedChunks(
+        store,
+        "scores",
+        inputs.plan,
+        config.scores.save_every,
+        ("scores", "loss", "self") if want_self else ("scores", "loss"),
+    )
     build, tails = None, None
-    if (programs.fused_index(config, executor.mesh is None) and store.status("index") != "done"
-            and not store.chunks("scores").steps()):   # the index rides on this pass from its start (jaxinf.run.index_run)
+    if (
+        programs.fused_index(config, executor.mesh is None)
+        and store.status("index") != "done"
+        and not store.chunks("scores").steps()
+    ):  # the index rides on this pass from its start (jaxinf.run.index_run)
         build = index_run.IndexBuild(config, store, inputs, curv, saved_eigen(config, store, inputs, executor))
         saves = index_run.WithIndex(saves, build.writer, ("scores", "loss"))
         fn = programs.scores_and_index(config, inputs.task, inputs.layers).jit(executor)
         score_fn = lambda p, q, c, b: fn(p, q, build.basis, b)  # noqa: E731
-    else:     # each query's top rows kept with their breakdowns as the pass goes (jaxinf.engine.tails)
+    else:  # each query's top rows kept with their breakdowns as the pass goes (jaxinf.engine.tails)
         program = programs.scores(config, inputs.task, inputs.layers, tails=inputs.plan.num_documents)
-        tails = executor.jit(lambda: programs.tails_init(config, inputs.layers, qg.num_queries),
-                             out_shardings=executor.replicated())()
+        tails = executor.jit(
+            lambda: programs.tails_init(config, inputs.layers, qg.num_queries), out_shardings=executor.replicated()
+        )()
         score_fn = program.jit(executor)
 
     def step(carry, batch, i):
@@ -326,14 +381,24 @@ def scores_stage(config: cfg.Config, store: RunStore, inputs: Inputs, qg, curv, 
         finite = jnp.all(jnp.isfinite(out["scores"]), axis=0) & (jnp.isfinite(out["self"]) if want_self else True)
         return carry, out, jnp.where(jnp.isfinite(out["loss"]) & ~finite, -jnp.inf, out["loss"])  # -inf: a bad score
 
-    tails, timing = run_batches("scores", step, batches.iterate, tails, saves, total=len(batches),
-                                non_finite=non_finite_loss(inputs.documents, "document"), device=executor)
+    tails, timing = run_batches(
+        "scores",
+        step,
+        batches.iterate,
+        tails,
+        saves,
+        total=len(batches),
+        non_finite=non_finite_loss(inputs.documents, "document"),
+        device=executor,
+    )
     chunks = saves.saves.chunks if isinstance(saves, index_run.WithIndex) else saves.chunks
     results = _assemble(chunks, inputs, qg.num_queries)
-    for key, value in results.items():      # nothing non-finite is exported (rows are checked batch by batch above)
+    for key, value in results.items():  # nothing non-finite is exported (rows are checked batch by batch above)
         if not np.all(np.isfinite(value)):
-            raise stages.CaptureError(f"scores: the {key} of {config.data.documents} assembled from the saved chunks "
-                                      f"are not finite ({int((~np.isfinite(value)).sum())} entries)")
+            raise stages.CaptureError(
+                f"scores: the {key} of {config.data.documents} assembled from the saved chunks "
+                f"are not finite ({int((~np.isfinite(value)).sum())} entries)"
+            )
     store.mark("scores", "done", total=len(batches), plan=batch_plan_key(inputs.plan), timing=timing)
     if build is not None:
         build.done(timing)
@@ -393,15 +458,15 @@ def run(config: cfg.Config, overwrite: bool = False, executor: Executor | None =
     content changed since the run started are refused or invalidate the stages depending on them
     (:mod:`jaxinf.run.fingerprint`).
     """
-    model_config = checks.before_devices(config)     # the start-up checks, in order: jaxinf.run.checks
-    initialize(config.mesh)                          # before anything touches a device
-    check_agreement(cfg.to_dict(config))             # every process runs the same config
-    precision.enable(config.run.precision)           # float64 arrays, before the model is loaded (jaxinf.engine.precision)
+    model_config = checks.before_devices(config)  # the start-up checks, in order: jaxinf.run.checks
+    initialize(config.mesh)  # before anything touches a device
+    check_agreement(cfg.to_dict(config))  # every process runs the same config
+    precision.enable(config.run.precision)  # float64 arrays, before the model is loaded (jaxinf.engine.precision)
     made = executor is None
-    if made:                                         # mesh and batch shape errors before the run directory is made
+    if made:  # mesh and batch shape errors before the run directory is made
         executor = make_executor(config)
     assert executor is not None
-    with mesh_lapack_threads(executor.mesh):         # the process's BLAS threads, restored when the run ends
+    with mesh_lapack_threads(executor.mesh):  # the process's BLAS threads, restored when the run ends
         checks.before_the_run_directory(config, executor, model_config, layouts=made)
         lock, aside = _claim(config, overwrite)
         try:
@@ -424,7 +489,7 @@ def _claim(config: cfg.Config, overwrite: bool) -> tuple[RunLock | None, rundir.
     lock = RunLock(root).acquire()
     try:
         rundir.recover_interrupted(root)
-        return lock, ((rundir.set_aside(root) if overwrite else None) or fresh)   # Fresh: undone if the start fails
+        return lock, ((rundir.set_aside(root) if overwrite else None) or fresh)  # Fresh: undone if the start fails
     except BaseException:
         lock.release()
         raise
@@ -432,30 +497,39 @@ def _claim(config: cfg.Config, overwrite: bool) -> tuple[RunLock | None, rundir.
 
 def _run_locked(config: cfg.Config, executor: Executor, claimed: rundir.Aside | rundir.Fresh | None) -> Path:
     store = None
-    aside = claimed if isinstance(claimed, rundir.Aside) else None   # --overwrite: back on any failure (BaseException)
+    aside = claimed if isinstance(claimed, rundir.Aside) else None  # --overwrite: back on any failure (BaseException)
     try:
         try:
             store = _open_store(config, overwrite=False)
-            log.info("run directory %s (config fingerprint %s, host heap %s)", store.root, store.record["fingerprint"],
-                     store.record.get("heap", "default"))
-            assert config.model.checkpoint is not None and config.data.queries is not None   # run's check_inputs
+            log.info(
+                "run directory %s (config fingerprint %s, host heap %s)",
+                store.root,
+                store.record["fingerprint"],
+                store.record.get("heap", "default"),
+            )
+            assert config.model.checkpoint is not None and config.data.queries is not None  # run's check_inputs
             model_fp = fingerprint.check_model(store, config.model.checkpoint)
             inputs = load_inputs(config, store, executor)
             fingerprint.check_unchanged(model_fp, config.model.checkpoint)
-            fingerprint.reconcile(store, model_fp,
-                                  fingerprint.documents_fingerprint(inputs.documents, len(inputs.fit_documents)),
-                                  fingerprint.queries_fingerprint(inputs.queries, config.data.queries))
+            fingerprint.reconcile(
+                store,
+                model_fp,
+                fingerprint.documents_fingerprint(inputs.documents, len(inputs.fit_documents)),
+                fingerprint.queries_fingerprint(inputs.queries, config.data.queries),
+            )
             check_factors_from(config, model_fp)
-            if jax.process_count() > 1:                  # process 0 deleted what changed inputs invalidated
+            if jax.process_count() > 1:  # process 0 deleted what changed inputs invalidated
                 from jax.experimental import multihost_utils
 
                 multihost_utils.sync_global_devices("jaxinf: inputs checked")
         except BaseException:
-            if isinstance(claimed, rundir.Fresh):    # a refused start leaves nothing; a failure later keeps its work
+            if isinstance(claimed, rundir.Fresh):  # a refused start leaves nothing; a failure later keeps its work
                 claimed.restore()
             raise
         curv = curvature_stages(config, store, inputs, executor)
-        preflight.check_curvature(curv, config.scores.damping, executor.fetch, f"the documents of {config.data.documents}")
+        preflight.check_curvature(
+            curv, config.scores.damping, executor.fetch, f"the documents of {config.data.documents}"
+        )
         qg, encoded = queries_stage(config, store, inputs, curv, executor)
         if config.scores.mode == "index":
             eigen = saved_eigen(config, store, inputs, executor)
@@ -474,13 +548,14 @@ def _run_locked(config: cfg.Config, executor: Executor, claimed: rundir.Aside | 
             index_run.build_index(config, store, inputs, curv, saved_eigen(config, store, inputs, executor), executor)
         elif config.index.k is None and "note" not in store.record["stages"].get("index", {}):
             store.mark("index", "pending", note="no index requested (index.k: null)")
-        if aside is not None:                        # the new run has finished: only now can the old one go
+        if aside is not None:  # the new run has finished: only now can the old one go
             fault_point("overwrite", 0)
             aside.discard()
     except BaseException as e:
         stage, restored = _running_stage(store), aside is not None and _put_back(aside, e)
-        failure = failures.environment_failure(e, Path(config.run.out), stage, restored) if isinstance(e, Exception) \
-            else None
+        failure = (
+            failures.environment_failure(e, Path(config.run.out), stage, restored) if isinstance(e, Exception) else None
+        )
         if failure is None:
             raise
         raise failure from e
@@ -491,13 +566,22 @@ def _put_back(aside: rundir.Aside, e: BaseException) -> bool:
     """An ``--overwrite`` that failed in any way: the new attempt removed and the old run moved back as it was."""
     try:
         restored = aside.restore()
-    except OSError as err:   # the next start moves it back (rundir.recover_interrupted)
-        log.warning("%s: --overwrite did not finish and the previous run could not be moved back yet (%s); it is "
-                    "in %s and the next jaxinf run on the directory restores it", aside.root, err, aside.previous)
+    except OSError as err:  # the next start moves it back (rundir.recover_interrupted)
+        log.warning(
+            "%s: --overwrite did not finish and the previous run could not be moved back yet (%s); it is "
+            "in %s and the next jaxinf run on the directory restores it",
+            aside.root,
+            err,
+            aside.previous,
+        )
         return False
     if restored:
-        log.warning("%s: --overwrite did not finish (%s); the previous run is back as it was and the new attempt is "
-                    "removed (the same command starts it over)", aside.root, type(e).__name__)
+        log.warning(
+            "%s: --overwrite did not finish (%s); the previous run is back as it was and the new attempt is "
+            "removed (the same command starts it over)",
+            aside.root,
+            type(e).__name__,
+        )
     return restored
 
 
@@ -515,5 +599,5 @@ def _running_stage(store: RunStore | None) -> str:
     if store is None:
         return "start"
     fitted_elsewhere = ((store.record.get("config") or {}).get("factors") or {}).get("from") is not None
-    skip = ("covariance", "eigen", "lambda") if fitted_elsewhere else ()   # factors.from, jaxinf query: never run here
+    skip = ("covariance", "eigen", "lambda") if fitted_elsewhere else ()  # factors.from, jaxinf query: never run here
     return next((s for s in cfg.STAGES if s not in skip and store.status(s) != "done"), "analysis")

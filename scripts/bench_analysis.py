@@ -34,8 +34,16 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-SOURCES = ["webdata", "code", "wiki", "stackexchange", "arxiv_markdown", "math_and_trivia", "multilingual",
-           "general_knowledge"]
+SOURCES = [
+    "webdata",
+    "code",
+    "wiki",
+    "stackexchange",
+    "arxiv_markdown",
+    "math_and_trivia",
+    "multilingual",
+    "general_knowledge",
+]
 SOURCE_P = [0.55, 0.15, 0.08, 0.07, 0.05, 0.04, 0.04, 0.02]
 KINDS = [("factual", "factual")] * 40 + [("reasoning", "arithmetic")] * 20 + [("reasoning", "slopes")] * 20
 
@@ -53,13 +61,27 @@ def generate(d: Path, Q: int, N: int, seed: int = 0) -> None:
     tokens = rng.integers(64, 2048, N)
     with open(d / "documents.jsonl", "w") as f:
         for start in range(0, N, 100_000):
-            f.write("".join(f'{{"id": "doc{n:08d}", "source": "{SOURCES[src[n]]}", "tokens": {tokens[n]}}}\n'
-                            for n in range(start, min(N, start + 100_000))))
+            f.write(
+                "".join(
+                    f'{{"id": "doc{n:08d}", "source": "{SOURCES[src[n]]}", "tokens": {tokens[n]}}}\n'
+                    for n in range(start, min(N, start + 100_000))
+                )
+            )
     with open(d / "queries.jsonl", "w") as f:
         for q, (kind, task) in enumerate(lab):
-            f.write(json.dumps({"id": f"q{q}", "prompt": f"question {q} about {task}",
-                                "completion": f"the answer is {q * 7 + 3} = {q * 7 + 3}",
-                                "kind": kind, "task": task, "loss": 5.0 + q % 7}) + "\n")
+            f.write(
+                json.dumps(
+                    {
+                        "id": f"q{q}",
+                        "prompt": f"question {q} about {task}",
+                        "completion": f"the answer is {q * 7 + 3} = {q * 7 + 3}",
+                        "kind": kind,
+                        "task": task,
+                        "loss": 5.0 + q % 7,
+                    }
+                )
+                + "\n"
+            )
     tasks = sorted({t for _, t in lab})
     heavy = lambda: rng.standard_t(2.0, N).astype(np.float32)  # noqa: E731
     comp = {t: heavy() for t in tasks}
@@ -105,8 +127,11 @@ def stage(name: str, d: Path) -> dict:
                 _, totals = A._column_pass(scores, queries, docs, opts.chunk_columns)
         ks = srcs.default_ks(N)
         shares = srcs.corpus_shares(docs.source_codes, len(docs.source_names), docs.tokens)
-        k = {"concentration": conc.top_count(max(opts.fractions), N), "powerlaw": min(opts.powerlaw_top, N),
-             "sources": max(ks)}[name]
+        k = {
+            "concentration": conc.top_count(max(opts.fractions), N),
+            "powerlaw": min(opts.powerlaw_top, N),
+            "sources": max(ks),
+        }[name]
         for q in range(Q):
             row = scores.row(q)
             top, bottom = A._ranked(row, k, True), A._ranked(row, k, False)
@@ -118,16 +143,23 @@ def stage(name: str, d: Path) -> dict:
                 pl.tail_fits(-row[bottom], k, n_bootstrap=opts.powerlaw_bootstrap, seed=Q + q)
             else:
                 for ranked in (top, bottom):
-                    srcs.source_multipliers(docs.source_codes[ranked], ks, shares["count"], docs.tokens[ranked],
-                                            shares["tokens"])
+                    srcs.source_multipliers(
+                        docs.source_codes[ranked], ks, shares["count"], docs.tokens[ranked], shares["tokens"]
+                    )
     elif name == "analyze":
         A.analyze(d, opts, text_source=text_source, log=lambda *_: None)
     elif name != "baseline":
         raise SystemExit(f"unknown stage {name}")
     t2 = time.time()
     ru = resource.getrusage(resource.RUSAGE_SELF)
-    return {"stage": name, "load_s": t1 - t0, "compute_s": t2 - t1, "wall_s": t2 - t0,
-            "cpu_s": ru.ru_utime + ru.ru_stime, "peak_rss_mb": ru.ru_maxrss / 1024}
+    return {
+        "stage": name,
+        "load_s": t1 - t0,
+        "compute_s": t2 - t1,
+        "wall_s": t2 - t0,
+        "cpu_s": ru.ru_utime + ru.ru_stime,
+        "peak_rss_mb": ru.ru_maxrss / 1024,
+    }
 
 
 def main() -> None:
@@ -147,24 +179,37 @@ def main() -> None:
         if not (d / "scores.npy").exists():
             t = time.time()
             generate(d, args.queries, args.documents)
-            print(f"generated {args.queries} x {args.documents} in {time.time() - t:.0f} s "
-                  f"({(d / 'scores.npy').stat().st_size / 2**30:.2f} GiB scores) at {d}", flush=True)
+            print(
+                f"generated {args.queries} x {args.documents} in {time.time() - t:.0f} s "
+                f"({(d / 'scores.npy').stat().st_size / 2**30:.2f} GiB scores) at {d}",
+                flush=True,
+            )
         rows = []
         load0 = os.getloadavg()[0]
         for name in ("baseline", "correlations", "concentration", "powerlaw", "sources", "analyze"):
-            out = subprocess.run([sys.executable, __file__, "--stage", name, "--dir", str(d)],
-                                 capture_output=True, text=True, env={**os.environ, "PYTHONHASHSEED": "0"})
+            out = subprocess.run(
+                [sys.executable, __file__, "--stage", name, "--dir", str(d)],
+                capture_output=True,
+                text=True,
+                env={**os.environ, "PYTHONHASHSEED": "0"},
+            )
             if out.returncode:
                 raise SystemExit(f"stage {name} failed:\n{out.stderr[-3000:]}")
             res = json.loads(out.stdout.strip().splitlines()[-1])
             rows.append(res)
             print(json.dumps(res), flush=True)
-        print(f"\n{args.queries} x {args.documents}; 1-minute load average {load0:.1f} at start, "
-              f"{os.getloadavg()[0]:.1f} at end, on {os.cpu_count()} CPUs")
-        print("\n| stage | wall time (s) | of which loading inputs (s) | CPU time (s) | peak RSS (MB) |\n"
-              "|---|---|---|---|---|")
+        print(
+            f"\n{args.queries} x {args.documents}; 1-minute load average {load0:.1f} at start, "
+            f"{os.getloadavg()[0]:.1f} at end, on {os.cpu_count()} CPUs"
+        )
+        print(
+            "\n| stage | wall time (s) | of which loading inputs (s) | CPU time (s) | peak RSS (MB) |\n"
+            "|---|---|---|---|---|"
+        )
         for r in rows:
-            print(f"| {r['stage']} | {r['wall_s']:.1f} | {r['load_s']:.1f} | {r['cpu_s']:.1f} | {r['peak_rss_mb']:.0f} |")
+            print(
+                f"| {r['stage']} | {r['wall_s']:.1f} | {r['load_s']:.1f} | {r['cpu_s']:.1f} | {r['peak_rss_mb']:.0f} |"
+            )
     finally:
         if args.dir is None and not args.keep:
             shutil.rmtree(d, ignore_errors=True)

@@ -61,11 +61,17 @@ def llama_tensors(c: dict) -> list[tuple[str, tuple[int, ...]]]:
     out = [("model.embed_tokens.weight", (V, H))]
     for i in range(L):
         p = f"model.layers.{i}."
-        out += [(p + "input_layernorm.weight", (H,)), (p + "post_attention_layernorm.weight", (H,)),
-                (p + "self_attn.q_proj.weight", (H, H)), (p + "self_attn.k_proj.weight", (kv, H)),
-                (p + "self_attn.v_proj.weight", (kv, H)), (p + "self_attn.o_proj.weight", (H, H)),
-                (p + "mlp.gate_proj.weight", (I, H)), (p + "mlp.up_proj.weight", (I, H)),
-                (p + "mlp.down_proj.weight", (H, I))]
+        out += [
+            (p + "input_layernorm.weight", (H,)),
+            (p + "post_attention_layernorm.weight", (H,)),
+            (p + "self_attn.q_proj.weight", (H, H)),
+            (p + "self_attn.k_proj.weight", (kv, H)),
+            (p + "self_attn.v_proj.weight", (kv, H)),
+            (p + "self_attn.o_proj.weight", (H, H)),
+            (p + "mlp.gate_proj.weight", (I, H)),
+            (p + "mlp.up_proj.weight", (I, H)),
+            (p + "mlp.down_proj.weight", (H, I)),
+        ]
     return out + [("model.norm.weight", (H,)), ("lm_head.weight", (V, H))]
 
 
@@ -105,8 +111,11 @@ def write_checkpoint(directory: Path, c: dict, shard_bytes: int, seed: int = 0) 
                 f.write(x.tobytes())
                 del x
     (directory / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
-    (directory / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"], "model_type": "llama",
-                                                       "torch_dtype": "bfloat16", **c}, indent=1))
+    (directory / "config.json").write_text(
+        json.dumps(
+            {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "torch_dtype": "bfloat16", **c}, indent=1
+        )
+    )
     vocab = {"[UNK]": 0, **{f"t{i}": i for i in range(1, 1000)}}
     Tokenizer(models.WordLevel(vocab, unk_token="[UNK]")).save(str(directory / "tokenizer.json"))
 
@@ -130,9 +139,17 @@ def measure(directory: str, dtype: str, scan: bool, handed_off: bool) -> dict:
     jax.block_until_ready(lm.params)
     seconds = time.perf_counter() - t
     largest_param = max(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(lm.params))
-    return {"loader": "jaxinf, handed off" if handed_off else "jaxinf", "dtype": dtype, "scan": scan,
-            "seconds": seconds, "baseline": base, "peak": peak_rss(), "final": rss(),
-            "model": 0 if handed_off else lm.nbytes, "largest_param": largest_param}
+    return {
+        "loader": "jaxinf, handed off" if handed_off else "jaxinf",
+        "dtype": dtype,
+        "scan": scan,
+        "seconds": seconds,
+        "baseline": base,
+        "peak": peak_rss(),
+        "final": rss(),
+        "model": 0 if handed_off else lm.nbytes,
+        "largest_param": largest_param,
+    }
 
 
 def measure_transformers(directory: str) -> dict:
@@ -148,8 +165,17 @@ def measure_transformers(directory: str) -> dict:
             p.sum()
     seconds = time.perf_counter() - t
     nbytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    return {"loader": "transformers", "dtype": "bfloat16", "scan": None, "seconds": seconds, "baseline": base,
-            "peak": peak_rss(), "final": rss(), "model": nbytes, "largest_param": None}
+    return {
+        "loader": "transformers",
+        "dtype": "bfloat16",
+        "scan": None,
+        "seconds": seconds,
+        "baseline": base,
+        "peak": peak_rss(),
+        "final": rss(),
+        "model": nbytes,
+        "largest_param": None,
+    }
 
 
 def largest_tensor(directory: Path) -> int:
@@ -179,9 +205,16 @@ def main() -> None:
         return
 
     directory = args.dir or Path(tempfile.mkdtemp()) / "ckpt"
-    config = {"vocab_size": args.vocab, "hidden_size": args.hidden, "intermediate_size": args.intermediate,
-              "num_hidden_layers": args.layers, "num_attention_heads": args.heads,
-              "num_key_value_heads": args.kv_heads, "rms_norm_eps": 1e-5, "tie_word_embeddings": False}
+    config = {
+        "vocab_size": args.vocab,
+        "hidden_size": args.hidden,
+        "intermediate_size": args.intermediate,
+        "num_hidden_layers": args.layers,
+        "num_attention_heads": args.heads,
+        "num_key_value_heads": args.kv_heads,
+        "rms_norm_eps": 1e-5,
+        "tie_word_embeddings": False,
+    }
     if not (directory / "config.json").exists():
         t = time.perf_counter()
         write_checkpoint(directory, config, args.shard_mib * MiB)
@@ -189,27 +222,37 @@ def main() -> None:
     files = sorted(directory.glob("*.safetensors"))
     total = sum(f.stat().st_size for f in files)
     big = largest_tensor(directory)
-    print(f"checkpoint: Llama, {args.layers} layers, hidden {args.hidden}, intermediate {args.intermediate}, "
-          f"vocab {args.vocab}; {len(files)} bf16 shards, {total / MiB:.0f} MiB; largest tensor {big / MiB:.0f} MiB\n")
+    print(
+        f"checkpoint: Llama, {args.layers} layers, hidden {args.hidden}, intermediate {args.intermediate}, "
+        f"vocab {args.vocab}; {len(files)} bf16 shards, {total / MiB:.0f} MiB; largest tensor {big / MiB:.0f} MiB\n"
+    )
     cases = [(dt, scan, "0") for dt in ("bfloat16", "float32") for scan in ("1", "0")]
     cases += [("bfloat16", "1", "1"), ("bfloat16", "0", "1")]
     if args.transformers:
         cases.append(("transformers", "-", "0"))
-    print("| loader | dtype | layers | load s | baseline MiB | peak MiB | model MiB | overhead MiB "
-          "| largest tensor MiB | largest param MiB |")
+    print(
+        "| loader | dtype | layers | load s | baseline MiB | peak MiB | model MiB | overhead MiB "
+        "| largest tensor MiB | largest param MiB |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|")
     for dtype, scan, handoff in cases:
-        proc = subprocess.run([sys.executable, __file__, "--measure", str(directory), dtype, scan, handoff],
-                              capture_output=True, text=True, cwd=ROOT)
+        proc = subprocess.run(
+            [sys.executable, __file__, "--measure", str(directory), dtype, scan, handoff],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+        )
         if proc.returncode:
             sys.exit(proc.stderr)
         r = json.loads(proc.stdout.strip().splitlines()[-1])
         overhead = r["peak"] - r["baseline"] - r["model"]
         layout = "-" if r["scan"] is None else ("stacked" if r["scan"] else "per layer")
         lp = "-" if r["largest_param"] is None else f"{r['largest_param'] / MiB:.0f}"
-        print(f"| {r['loader']} | {r['dtype']} | {layout} | {r['seconds']:.1f} | {r['baseline'] / MiB:.0f} "
-              f"| {r['peak'] / MiB:.0f} | {r['model'] / MiB:.0f} | {overhead / MiB:.0f} | {big / MiB:.0f} | {lp} |",
-              flush=True)
+        print(
+            f"| {r['loader']} | {r['dtype']} | {layout} | {r['seconds']:.1f} | {r['baseline'] / MiB:.0f} "
+            f"| {r['peak'] / MiB:.0f} | {r['model'] / MiB:.0f} | {overhead / MiB:.0f} | {big / MiB:.0f} | {lp} |",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -82,8 +82,12 @@ def train_tokenizer(texts: list[str], vocab_size: int) -> Tokenizer:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "<bos>", "<eos>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<pad>", "<bos>", "<eos>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tok.train_from_iterator(texts, trainer)
     tok.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 1)])
     return tok
@@ -115,8 +119,15 @@ def build_data(args, workdir: Path) -> dict:
     lengths, lengths_s = timed(lambda: document_lengths(docs, encoder))
     plan = make_batch_plan(lengths, batch_size=args.batch_size, max_length=args.max_length)
     log(f"data ready: {len(docs)} documents, {int(lengths.sum())} tokens, plan: {plan.report.summary()}")
-    return {"docs": docs, "encoder": encoder, "plan": plan, "lengths": lengths, "train_s": train_s,
-            "scan_s": scan_s, "lengths_s": lengths_s}
+    return {
+        "docs": docs,
+        "encoder": encoder,
+        "plan": plan,
+        "lengths": lengths,
+        "train_s": train_s,
+        "scan_s": scan_s,
+        "lengths_s": lengths_s,
+    }
 
 
 def batching_pass(docs, encoder, plan) -> tuple[int, float]:
@@ -144,14 +155,17 @@ class Scorer:
         self.tokens = sum(int(b["mask"].sum()) for b in host)
         self.data = [self.to_model(b) for b in host]
         task = testing.tiny_lm_task(n_heads=4)
-        self.params = testing.tiny_lm_init(jax.random.key(seed), vocab=vocab, d_model=128, n_layers=4, n_heads=4,
-                                         d_ff=512, max_len=plan.max_length)
+        self.params = testing.tiny_lm_init(
+            jax.random.key(seed), vocab=vocab, d_model=128, n_layers=4, n_heads=4, d_ff=512, max_len=plan.max_length
+        )
         layers = capture.select_layers(
-            capture.find_layers(lambda p, b, pr: task.train_loss(p, b, pr, None), self.params, self.data[-1]), "mlp")
+            capture.find_layers(lambda p, b, pr: task.train_loss(p, b, pr, None), self.params, self.data[-1]), "mlp"
+        )
         self.layers = sorted(layers)
         t0 = time.perf_counter()
-        curv, _ = stages.fit_curvature(task, layers, self.params, self.data[-1:], strategy="ekfac",
-                                       key=jax.random.key(seed + 1))
+        curv, _ = stages.fit_curvature(
+            task, layers, self.params, self.data[-1:], strategy="ekfac", key=jax.random.key(seed + 1)
+        )
         log(f"EK-FAC fitted on one batch in {time.perf_counter() - t0:.1f} s")
         prompts = [docs.texts([i])[0][:200] for i in range(32)]
         completions = [docs.texts([i + 32])[0][:120] for i in range(32)]
@@ -163,7 +177,9 @@ class Scorer:
         t0 = time.perf_counter()
         self.shapes = sorted({b["tokens"].shape[1] for b in self.data})
         for T in self.shapes:  # compile every shape before timing
-            jax.block_until_ready(self.score(self.params, self.qg, next(b for b in self.data if b["tokens"].shape[1] == T)))
+            jax.block_until_ready(
+                self.score(self.params, self.qg, next(b for b in self.data if b["tokens"].shape[1] == T))
+            )
         log(f"compiled score_batch for lengths {self.shapes} in {time.perf_counter() - t0:.1f} s")
         del jnp
 
@@ -208,7 +224,7 @@ def word_records(n_docs: int, seed: int = 0, words: int = 20000):
         ids = rng.choice(words, int(sizes.sum()), p=zipf)
         start = 0
         for i, size in zip(range(lo, hi), sizes.tolist()):
-            text = " ".join(vocab[ids[start:start + size]].tolist())
+            text = " ".join(vocab[ids[start : start + size]].tolist())
             start += size
             yield {"id": f"doc{i}", "text": text, "source": ("web", "wiki", "code")[i % 3]}
 
@@ -229,8 +245,11 @@ def write_formats(root: Path, n_docs: int, shards: int, formats) -> dict:
         if done.exists():  # written by an earlier run in the same --workdir
             spec = str(root / fmt)
         elif fmt == "tfds":
-            src = out["jsonl"][0] if "jsonl" in out else str(write_shards(word_records(n_docs), root / "jsonl-src",
-                                                                          "jsonl", shards, per))
+            src = (
+                out["jsonl"][0]
+                if "jsonl" in out
+                else str(write_shards(word_records(n_docs), root / "jsonl-src", "jsonl", shards, per))
+            )
             prepare(src, root / "tfds")
             spec = str(root / "tfds")
         else:
@@ -288,8 +307,9 @@ def raw_read(fmt: str, spec: str) -> tuple[int, int]:
     return docs, nbytes
 
 
-def measure_format(fmt: str, spec: str, tokenizer: str, max_length: int, batch_size: int,
-                   tokenize: bool = True) -> dict:
+def measure_format(
+    fmt: str, spec: str, tokenizer: str, max_length: int, batch_size: int, tokenize: bool = True
+) -> dict:
     """One format in this process: raw read, validating scan, token counts, one pass of batches; peak RSS after each."""
     import resource
 
@@ -308,14 +328,17 @@ def measure_format(fmt: str, spec: str, tokenizer: str, max_length: int, batch_s
     encoder = TextEncoder(tokenizer)
     docs, t = timed(lambda: open_documents(spec))
     out.update(documents=len(docs), scan_s=t, rss_scan_mib=rss())
-    chars, t = timed(lambda: sum(len(x) for lo in range(0, len(docs), 2048)
-                                 for x in docs.texts(range(lo, min(lo + 2048, len(docs))))))
+    chars, t = timed(
+        lambda: sum(
+            len(x) for lo in range(0, len(docs), 2048) for x in docs.texts(range(lo, min(lo + 2048, len(docs))))
+        )
+    )
     out.update(text_chars=chars, sequential_s=t, rss_sequential_mib=rss())
     picks = np.random.default_rng(0).choice(len(docs), min(1000, len(docs)), replace=False)
     _, t = timed(lambda: [docs.texts([int(i)]) for i in picks])
     out.update(random_docs=len(picks), random_s=t)
     picks = np.sort(np.random.default_rng(1).choice(len(docs), min(1000, len(docs)), replace=False))
-    _, t = timed(lambda: docs.texts(picks.tolist()))   # as the stages read: one call, the indices sorted
+    _, t = timed(lambda: docs.texts(picks.tolist()))  # as the stages read: one call, the indices sorted
     out.update(random_batch_s=t)
     if tokenize:
         lengths, t = timed(lambda: document_lengths(docs, encoder, limit=max_length))
@@ -324,7 +347,7 @@ def measure_format(fmt: str, spec: str, tokenizer: str, max_length: int, batch_s
         (tokens, t) = batching_pass(docs, encoder, plan)
         out.update(batch_tokens=tokens, batch_s=t)
     out["rss_peak_mib"] = rss()
-    (docs_n, nbytes), t = timed(lambda: raw_read(fmt, spec))   # last: its own peak does not count in the above
+    (docs_n, nbytes), t = timed(lambda: raw_read(fmt, spec))  # last: its own peak does not count in the above
     out.update(raw_docs=docs_n, raw_text_mib=nbytes / 2**20, raw_s=t, rss_with_raw_mib=rss())
     return out
 
@@ -352,8 +375,10 @@ def huge_line(mb: float, whole: bool, max_length: int) -> str:
         next(iter(document_batches(docs, encoder, batch_size=2, max_length=max_length, lengths=lengths)))
         t = time.perf_counter() - t0
     hwm = int(next(line for line in open("/proc/self/status") if line.startswith("VmHWM")).split()[1]) / 2**10
-    return (f"one {mb:g} MB line, max_length {max_length}, {'whole text' if whole else 'bounded prefix'}: "
-            f"token counts + first batch {t:.2f} s, {int(lengths[0])} tokens counted, peak RSS {hwm:.0f} MiB")
+    return (
+        f"one {mb:g} MB line, max_length {max_length}, {'whole text' if whole else 'bounded prefix'}: "
+        f"token counts + first batch {t:.2f} s, {int(lengths[0])} tokens counted, peak RSS {hwm:.0f} MiB"
+    )
 
 
 def formats_main(args) -> dict:
@@ -369,8 +394,19 @@ def formats_main(args) -> dict:
     rows = []
     for fmt in formats:
         spec = written[fmt][0]
-        cmd = [sys.executable, __file__, "--measure", fmt, spec, "--tokenizer", str(tok_path),
-               "--max-length", str(args.max_length), "--batch-size", str(args.batch_size)]
+        cmd = [
+            sys.executable,
+            __file__,
+            "--measure",
+            fmt,
+            spec,
+            "--tokenizer",
+            str(tok_path),
+            "--max-length",
+            str(args.max_length),
+            "--batch-size",
+            str(args.batch_size),
+        ]
         cmd += ["--no-tokenize"] if args.no_tokenize else []
         res = subprocess.run(cmd, capture_output=True, text=True)
         if res.returncode != 0:
@@ -379,21 +415,30 @@ def formats_main(args) -> dict:
         row.update(disk_mib=written[fmt][1] / 2**20, write_s=written[fmt][2])
         rows.append(row)
         log(json.dumps(row))
-    print(f"{args.docs} documents of 50-500 words in {args.shards} shards; {os.cpu_count()} CPUs (shared), "
-          f"load average {os.getloadavg()[0]:.1f}; max_length {args.max_length}")
-    print("| format | on disk MiB | raw read docs/s | scan docs/s | sequential texts docs/s | random texts docs/s "
-          "(one a call / 1,000 sorted in one call) | "
-          "token counts docs/s (M tokens/s) | batches docs/s (M tokens/s) | peak RSS MiB (after scan / all) |")
+    print(
+        f"{args.docs} documents of 50-500 words in {args.shards} shards; {os.cpu_count()} CPUs (shared), "
+        f"load average {os.getloadavg()[0]:.1f}; max_length {args.max_length}"
+    )
+    print(
+        "| format | on disk MiB | raw read docs/s | scan docs/s | sequential texts docs/s | random texts docs/s "
+        "(one a call / 1,000 sorted in one call) | "
+        "token counts docs/s (M tokens/s) | batches docs/s (M tokens/s) | peak RSS MiB (after scan / all) |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         n = r["documents"]
-        tok = (f"{n / r['counts_s']:,.0f} ({r['tokens'] / r['counts_s'] / 1e6:.2f}) | "
-               f"{n / r['batch_s']:,.0f} ({r['batch_tokens'] / r['batch_s'] / 1e6:.2f})" if "counts_s" in r
-               else "- | -")
-        print(f"| {r['format']} | {r['disk_mib']:.0f} | {r['raw_docs'] / r['raw_s']:,.0f} | {n / r['scan_s']:,.0f} | "
-              f"{n / r['sequential_s']:,.0f} | {r['random_docs'] / r['random_s']:,.0f} / "
-              f"{r['random_docs'] / r['random_batch_s']:,.0f} | {tok} | "
-              f"{r['rss_scan_mib']:.0f} / {r['rss_peak_mib']:.0f} |")
+        tok = (
+            f"{n / r['counts_s']:,.0f} ({r['tokens'] / r['counts_s'] / 1e6:.2f}) | "
+            f"{n / r['batch_s']:,.0f} ({r['batch_tokens'] / r['batch_s'] / 1e6:.2f})"
+            if "counts_s" in r
+            else "- | -"
+        )
+        print(
+            f"| {r['format']} | {r['disk_mib']:.0f} | {r['raw_docs'] / r['raw_s']:,.0f} | {n / r['scan_s']:,.0f} | "
+            f"{n / r['sequential_s']:,.0f} | {r['random_docs'] / r['random_s']:,.0f} / "
+            f"{r['random_docs'] / r['random_batch_s']:,.0f} | {tok} | "
+            f"{r['rss_scan_mib']:.0f} / {r['rss_peak_mib']:.0f} |"
+        )
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))
     if not args.workdir:
@@ -412,17 +457,27 @@ def main(argv=None) -> dict:
     ap.add_argument("--max-length", type=int, default=512)
     ap.add_argument("--score-vocab", type=int, default=512, help="the scoring model's vocabulary (token ids modulo it)")
     ap.add_argument("--score-batches", type=int, default=8, help="batches timed for scoring, spread over the plan")
-    ap.add_argument("--rounds", type=int, default=2, help="interleaved (data, scoring) rounds; the best of each is kept")
+    ap.add_argument(
+        "--rounds", type=int, default=2, help="interleaved (data, scoring) rounds; the best of each is kept"
+    )
     ap.add_argument("--quick", action="store_true", help="a small run (2000 documents, 8k vocabulary)")
     ap.add_argument("--json", type=Path, help="also write the results here")
     ap.add_argument("--formats", action="store_true", help="corpora in every format (see above) instead of scoring")
     ap.add_argument("--shards", type=int, default=64, help="--formats: shards per format")
     ap.add_argument("--only", help="--formats: a comma-separated subset of " + ",".join(FORMAT_NAMES))
     ap.add_argument("--workdir", help="--formats: keep the written corpora here (reused tokenizer)")
-    ap.add_argument("--no-tokenize", action="store_true", help="--formats: read only (raw, scan, sequential and "
-                    "random texts), no tokenization passes")
-    ap.add_argument("--huge-line", type=float, metavar="MB", help="one document of one MB-sized line (issue 25): "
-                    "token counts and a batch at --max-length; with --whole, counted in the whole text")
+    ap.add_argument(
+        "--no-tokenize",
+        action="store_true",
+        help="--formats: read only (raw, scan, sequential and random texts), no tokenization passes",
+    )
+    ap.add_argument(
+        "--huge-line",
+        type=float,
+        metavar="MB",
+        help="one document of one MB-sized line (issue 25): "
+        "token counts and a batch at --max-length; with --whole, counted in the whole text",
+    )
     ap.add_argument("--whole", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--measure", nargs=2, metavar=("FORMAT", "SPEC"), help=argparse.SUPPRESS)
     ap.add_argument("--tokenizer", help=argparse.SUPPRESS)
@@ -431,8 +486,18 @@ def main(argv=None) -> dict:
         print(huge_line(args.huge_line, args.whole, args.max_length))
         return {}
     if args.measure:
-        print(json.dumps(measure_format(args.measure[0], args.measure[1], args.tokenizer, args.max_length,
-                                        args.batch_size, not args.no_tokenize)))
+        print(
+            json.dumps(
+                measure_format(
+                    args.measure[0],
+                    args.measure[1],
+                    args.tokenizer,
+                    args.max_length,
+                    args.batch_size,
+                    not args.no_tokenize,
+                )
+            )
+        )
         return {}
     if args.formats:
         return formats_main(args)
@@ -450,29 +515,53 @@ def main(argv=None) -> dict:
             batch_s = min(batch_s, t)
             score_s = min(score_s, scorer.scoring_pass())
             fed_s = min(fed_s, scorer.fed_pass())
-            log(f"round {r}: batching {batch_tokens / t / 1e6:.2f} M tokens/s, "
-                f"scoring {scorer.tokens / score_s / 1e3:.2f} k tokens/s")
+            log(
+                f"round {r}: batching {batch_tokens / t / 1e6:.2f} M tokens/s, "
+                f"scoring {scorer.tokens / score_s / 1e3:.2f} k tokens/s"
+            )
 
     corpus_tokens = int(d["lengths"].sum())
     lengths_rate = corpus_tokens / d["lengths_s"]
     batch_rate = batch_tokens / batch_s
     score_rate = scorer.tokens / score_s
     result = {
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
-                    "load_average_before": load_before, "load_average_after": os.getloadavg()},
+        "machine": {
+            "cpus": os.cpu_count(),
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+            "load_average_before": load_before,
+            "load_average_after": os.getloadavg(),
+        },
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-        "data": {"documents": len(docs), "corpus_tokens": corpus_tokens, "vocab_size": encoder.vocab_size,
-                 "tokenizer_training_s": d["train_s"], "jsonl_scan_s": d["scan_s"],
-                 "token_counts_tokens_per_s": lengths_rate, "batch_tokens": batch_tokens,
-                 "batching_tokens_per_s": batch_rate, "plan": plan.report.to_dict()},
-        "scoring": {"vocab": args.score_vocab, "batches": len(scorer.data), "lengths": scorer.shapes,
-                    "tokens": scorer.tokens, "layers": scorer.layers, "queries": 32, "query_rank": 32,
-                    "scoring_tokens_per_s": score_rate, "fed_tokens_per_s": scorer.tokens / fed_s},
+        "data": {
+            "documents": len(docs),
+            "corpus_tokens": corpus_tokens,
+            "vocab_size": encoder.vocab_size,
+            "tokenizer_training_s": d["train_s"],
+            "jsonl_scan_s": d["scan_s"],
+            "token_counts_tokens_per_s": lengths_rate,
+            "batch_tokens": batch_tokens,
+            "batching_tokens_per_s": batch_rate,
+            "plan": plan.report.to_dict(),
+        },
+        "scoring": {
+            "vocab": args.score_vocab,
+            "batches": len(scorer.data),
+            "lengths": scorer.shapes,
+            "tokens": scorer.tokens,
+            "layers": scorer.layers,
+            "queries": 32,
+            "query_rank": 32,
+            "scoring_tokens_per_s": score_rate,
+            "fed_tokens_per_s": scorer.tokens / fed_s,
+        },
         "ratio_batching_to_scoring": batch_rate / score_rate,
         "ratio_counts_and_batching_to_scoring": 1.0 / (1.0 / lengths_rate + 1.0 / batch_rate) / score_rate,
     }
-    print(f"corpus: {len(docs)} documents, {corpus_tokens} tokens ({corpus_tokens / len(docs):.0f}/document), "
-          f"BPE vocabulary {encoder.vocab_size}; {os.cpu_count()} CPUs, load average {load_before[0]:.1f}")
+    print(
+        f"corpus: {len(docs)} documents, {corpus_tokens} tokens ({corpus_tokens / len(docs):.0f}/document), "
+        f"BPE vocabulary {encoder.vocab_size}; {os.cpu_count()} CPUs, load average {load_before[0]:.1f}"
+    )
     print(f"plan: {plan.report.summary()}")
     print(f"JSONL scan (validate + index)      {d['scan_s']:9.2f} s")
     print(f"token counts (one pass)            {lengths_rate / 1e6:9.2f} M tokens/s")

@@ -55,11 +55,18 @@ def main(argv=None) -> None:
     for every in (100, 10, 1):
         run_out = out / f"save-every-{every}"
         shutil.rmtree(run_out, ignore_errors=True)
-        jaxinf("run", str(out / "config.yaml"), f"factors.from={out / 'run'}", f"scores.save_every={every}",
-               f"run.out={run_out}")
+        jaxinf(
+            "run",
+            str(out / "config.yaml"),
+            f"factors.from={out / 'run'}",
+            f"scores.save_every={every}",
+            f"run.out={run_out}",
+        )
         t = json.loads((run_out / "run.json").read_text())["stages"]["scores"]["timing"]
-        print(f"| {every} | {t['seconds']:.1f} | {t['save_seconds']:.2f} | "
-              f"{100 * t['save_seconds'] / t['seconds']:.1f}% |")
+        print(
+            f"| {every} | {t['seconds']:.1f} | {t['save_seconds']:.2f} | "
+            f"{100 * t['save_seconds'] / t['seconds']:.1f}% |"
+        )
 
 
 if __name__ == "__main__":

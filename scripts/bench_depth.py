@@ -45,7 +45,7 @@ def main(argv=None) -> None:
     from jaxinf.sharding.meshes import make_mesh
 
     groups = plan.simulated_groups(data, model, config.plan.hosts)
-    B = (args.batch or config.data.batch_size) * groups            # documents per step
+    B = (args.batch or config.data.batch_size) * groups  # documents per step
     T = config.data.max_length
     mesh = make_mesh(data, model, jax.devices()[: data * model])
     rows = {}
@@ -61,8 +61,10 @@ def main(argv=None) -> None:
             print(f"  {name}: {n} layers compiled (temporaries {m.temp_size_in_bytes / GiB:.3f} GiB)", file=sys.stderr)
     rows_per_device = max(B // data, 1)
     stream = rows_per_device * T * hidden * 4
-    print(f"# step memory against depth: {config.model.checkpoint}, mesh {data}x{model}, {B} document(s) x {T} "
-          f"tokens per step, remat={config.model.remat}, dtype={config.model.dtype}, track={config.factors.track}")
+    print(
+        f"# step memory against depth: {config.model.checkpoint}, mesh {data}x{model}, {B} document(s) x {T} "
+        f"tokens per step, remat={config.model.remat}, dtype={config.model.dtype}, track={config.factors.track}"
+    )
     print(f"residual stream per device: {rows_per_device} x {T} x {hidden} x 4 bytes = {stream / 2**20:.1f} MiB\n")
     print("| step | layers | temporaries (GiB) | outputs (GiB) | temporaries per added layer (residual streams) |")
     print("|---|---|---|---|---|")

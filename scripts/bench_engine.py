@@ -64,13 +64,22 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
 
     d, T, B = args.d_model, args.seq, args.batch
-    params = testing.tiny_lm_init(jax.random.key(0), vocab=args.vocab, d_model=d, n_layers=args.layers,
-                                n_heads=args.heads, d_ff=4 * d, max_len=T, dtype=jnp.dtype(args.dtype))
+    params = testing.tiny_lm_init(
+        jax.random.key(0),
+        vocab=args.vocab,
+        d_model=d,
+        n_layers=args.layers,
+        n_heads=args.heads,
+        d_ff=4 * d,
+        max_len=T,
+        dtype=jnp.dtype(args.dtype),
+    )
     task = testing.tiny_lm_task(n_heads=args.heads)
     tokens = jax.random.randint(jax.random.key(1), (B, T), 0, args.vocab)
     batch = {"tokens": tokens, "mask": jnp.ones((B, T)), "weights": jnp.ones((B, T)).at[:, 0].set(0.0)}
     layers = capture.select_layers(
-        capture.find_layers(lambda p, b, pr: task.train_loss(p, b, pr, None), params, batch), args.track)
+        capture.find_layers(lambda p, b, pr: task.train_loss(p, b, pr, None), params, batch), args.track
+    )
     key = jax.random.key(2)
 
     @jax.jit
@@ -90,16 +99,20 @@ def main(argv=None) -> None:
     lam_state1, _ = lam_step(lam_state, params, eigen, batch, key)
     curv = curvature.curvature("ekfac", eigen, lam_stage.finalize(lam_state1))
     qtok = jax.random.randint(jax.random.key(3), (args.queries, 64), 0, args.vocab)
-    qbatch = {"tokens": qtok, "mask": jnp.ones((args.queries, 64)),
-              "weights": jnp.zeros((args.queries, 64)).at[:, 32:].set(1.0)}
+    qbatch = {
+        "tokens": qtok,
+        "mask": jnp.ones((args.queries, 64)),
+        "weights": jnp.zeros((args.queries, 64)).at[:, 32:].set(1.0),
+    }
     G, qloss = jax.jit(lambda p, b: stages.query_gradients(task, layers, p, b))(params, qbatch)
     qg = jax.jit(lambda G, l, c: scoring.prepare_queries(G, l, c, None, args.rank))(G, qloss, curv)
     score_step = jax.jit(lambda p, q, b: stages.score_batch(task, layers, p, q, b)[0].total)
-    capture_step = jax.jit(lambda p, b: stages.train_statistics(task, layers, p, b, None,
-                                                                lambda a, g, m, c: jnp.sum(g, axis=(0, 1))))
+    capture_step = jax.jit(
+        lambda p, b: stages.train_statistics(task, layers, p, b, None, lambda a, g, m, c: jnp.sum(g, axis=(0, 1)))
+    )
     streamed = jax.jit(lambda p, b, c: stages.prepared_queries(task, layers, p, b, c, None, args.rank))
 
-    def with_tails(documents):     # the scoring program of jaxinf run: scores and each query's running top 100
+    def with_tails(documents):  # the scoring program of jaxinf run: scores and each query's running top 100
         step = stages.score_step(task, layers, self_influence=False, damping_value=None, tails_of=(documents, 100))
         return jax.jit(lambda p, q, b, t: step(p, q, None, b, t)["tails"].score)
 
@@ -118,27 +131,46 @@ def main(argv=None) -> None:
         ("covariance update (A, S)", cov_step, (cov_state, params, batch, key)),
         ("Lambda update (EK-FAC)", lam_step, (lam_state, params, eigen, batch, key)),
         (f"scores ({args.queries} queries, rank {args.rank})", score_step, (params, qg, batch)),
-        (f"scores + running top 100 of a {B}-document corpus (per-token kept: {in_pass[B]})", with_tails(B),
-         (params, qg, rows_batch, tails0)),
-        (f"scores + running top 100 of a 10^9-document corpus (per-token kept: {in_pass[10**9]})", with_tails(10**9),
-         (params, qg, rows_batch, tails0)),
+        (
+            f"scores + running top 100 of a {B}-document corpus (per-token kept: {in_pass[B]})",
+            with_tails(B),
+            (params, qg, rows_batch, tails0),
+        ),
+        (
+            f"scores + running top 100 of a 10^9-document corpus (per-token kept: {in_pass[10**9]})",
+            with_tails(10**9),
+            (params, qg, rows_batch, tails0),
+        ),
         ("engine pass alone (forward, backward to every tracked layer)", capture_step, (params, batch)),
         ("scores, tokens order in every block", score_in("tokens"), (params, qg, batch)),
         ("scores, documents order in every block", score_in("documents"), (params, qg, batch)),
-        (f"prepare {args.queries} given query gradients (precondition, rank-{args.rank} randomized SVDs)",
-         prepare_by("randomized"), (G, qloss, curv)),
-        (f"prepare {args.queries} given query gradients (precondition, rank-{args.rank} full SVDs)",
-         prepare_by("full"), (G, qloss, curv)),
-        (f"query stage: {args.queries} queries' gradients prepared layer by layer in the backward pass", streamed,
-         (params, qbatch, curv)),
+        (
+            f"prepare {args.queries} given query gradients (precondition, rank-{args.rank} randomized SVDs)",
+            prepare_by("randomized"),
+            (G, qloss, curv),
+        ),
+        (
+            f"prepare {args.queries} given query gradients (precondition, rank-{args.rank} full SVDs)",
+            prepare_by("full"),
+            (G, qloss, curv),
+        ),
+        (
+            f"query stage: {args.queries} queries' gradients prepared layer by layer in the backward pass",
+            streamed,
+            (params, qbatch, curv),
+        ),
     ]
     n_params = sum(x.size for x in jax.tree.leaves(params))
     tracked = sum(s.num_params for s in layers.values())
-    print(f"# jaxinf engine benchmark on {jax.devices()[0].platform} ({jax.device_count()} device(s)), "
-          f"jax {jax.__version__}")
-    print(f"model: tiny GPT d_model={d} d_ff={4 * d} layers={args.layers} vocab={args.vocab}, "
-          f"{n_params / 1e6:.2f}M params ({args.dtype}), tracked ({args.track}): {tracked / 1e6:.2f}M; "
-          f"batch {B} x {T} tokens\n")
+    print(
+        f"# jaxinf engine benchmark on {jax.devices()[0].platform} ({jax.device_count()} device(s)), "
+        f"jax {jax.__version__}"
+    )
+    print(
+        f"model: tiny GPT d_model={d} d_ff={4 * d} layers={args.layers} vocab={args.vocab}, "
+        f"{n_params / 1e6:.2f}M params ({args.dtype}), tracked ({args.track}): {tracked / 1e6:.2f}M; "
+        f"batch {B} x {T} tokens\n"
+    )
     print("| step | median time (ms) | ratio to fwd+bwd | tokens/s | MFU |")
     print("|---|---|---|---|---|")
     base = None
@@ -146,16 +178,19 @@ def main(argv=None) -> None:
         for name, fn, fargs in rows:
             t = timed(fn, *fargs, repeats=args.repeats)
             base = base or t
-            rate = "-" if "quer" in name.split("(")[0] else f"{B * T / t:,.0f}"   # queries, not the batch
+            rate = "-" if "quer" in name.split("(")[0] else f"{B * T / t:,.0f}"  # queries, not the batch
             mfu = "-"
             if args.peak_tflops:
                 flops = fn.lower(*fargs).compile().cost_analysis()
                 flops = float((flops[0] if isinstance(flops, list) else flops).get("flops", 0.0))
                 mfu = f"{flops / t / (args.peak_tflops * 1e12):.1%}"
             print(f"| {name} | {1e3 * t:.1f} | {t / base:.2f}x | {rate} | {mfu} |")
-    plans = {k: scoring.contraction_order(B, T, args.queries, s.d_out, s.d_in_aug,
-                                         args.rank if min(s.d_out, s.d_in_aug) > args.rank else None)
-             for k, s in layers.items()}
+    plans = {
+        k: scoring.contraction_order(
+            B, T, args.queries, s.d_out, s.d_in_aug, args.rank if min(s.d_out, s.d_in_aug) > args.rank else None
+        )
+        for k, s in layers.items()
+    }
     print(f"\ncontraction plan per block: {plans}")
 
 

@@ -36,8 +36,9 @@ sys.path.insert(0, str(ROOT / "scripts"))
 def jaxinf(repo: Path, args, cache: Path) -> float:
     env = {**os.environ, "PYTHONPATH": str(repo), "JAXINF_COMPILATION_CACHE": str(cache)}
     t0 = time.perf_counter()
-    r = subprocess.run([sys.executable, "-m", "jaxinf", "-q", *map(str, args)], env=env, capture_output=True,
-                       text=True, cwd=repo)
+    r = subprocess.run(
+        [sys.executable, "-m", "jaxinf", "-q", *map(str, args)], env=env, capture_output=True, text=True, cwd=repo
+    )
     if r.returncode:
         raise SystemExit(f"jaxinf {' '.join(map(str, args[:2]))} failed: {r.stderr[-3000:]}")
     return time.perf_counter() - t0
@@ -47,13 +48,18 @@ def stages(run: Path) -> dict:
     from bench_index import stage_seconds
 
     exports = json.loads((run / "run.json").read_text())["stages"].get("exports", {})
-    return {**stage_seconds(run), **({"documents_scored_again": exports["documents_scored_again"]}
-                                     if "documents_scored_again" in exports else {})}
+    return {
+        **stage_seconds(run),
+        **(
+            {"documents_scored_again": exports["documents_scored_again"]} if "documents_scored_again" in exports else {}
+        ),
+    }
 
 
 def breakdowns(run: Path) -> tuple[np.ndarray, np.ndarray]:
-    tokens = [t["score"] for line in (run / "topk_tokens.jsonl").read_text().splitlines()
-              for t in json.loads(line)["tokens"]]
+    tokens = [
+        t["score"] for line in (run / "topk_tokens.jsonl").read_text().splitlines() for t in json.loads(line)["tokens"]
+    ]
     return np.load(run / "layer_scores.npy"), np.asarray(tokens)
 
 
@@ -70,13 +76,22 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     size, root = bench.SIZES[args.size], Path(args.root)
     w = bench.build(root / "world", size)
-    base = [f"model.checkpoint={w['model']}", f"data.documents={w['docs']}", f"data.queries={w['queries']}",
-            f"data.max_length={size['length']}", "data.batch_size=8", f"data.query_batch_size={size['queries']}",
-            "factors.strategy=ekfac", "factors.fisher=sampled", f"scores.query_rank={args.query_rank}",
-            "scores.query_svd=full", "scores.topk=100"]
+    base = [
+        f"model.checkpoint={w['model']}",
+        f"data.documents={w['docs']}",
+        f"data.queries={w['queries']}",
+        f"data.max_length={size['length']}",
+        "data.batch_size=8",
+        f"data.query_batch_size={size['queries']}",
+        "factors.strategy=ekfac",
+        "factors.fisher=sampled",
+        f"scores.query_rank={args.query_rank}",
+        "scores.query_svd=full",
+        "scores.topk=100",
+    ]
     repos = {"this": ROOT, **({"baseline": Path(args.baseline).resolve()} if args.baseline else {})}
     caches = {name: root / f"xla-{name}" for name in repos}
-    for name, repo in repos.items():              # fills each code's compilation cache
+    for name, repo in repos.items():  # fills each code's compilation cache
         jaxinf(repo, ["run", *base, f"run.out={root / name}", "--overwrite"], caches[name])
     rounds = []
     for _ in range(args.repeat):
@@ -88,11 +103,14 @@ def main(argv=None) -> None:
         (root / "this" / "topk.jsonl").unlink()
         seconds = jaxinf(ROOT, ["run", *base, f"run.out={root / 'this'}"], caches["this"])
         again = breakdowns(root / "this")
-        row["second_pass"] = {"process_seconds": round(seconds, 1), "stages": stages(root / "this"),
-                              "layer_scores_max_abs_difference": float(np.abs(kept[0] - again[0]).max()),
-                              "layer_scores_max_abs": float(np.abs(again[0]).max()),
-                              "token_scores_max_abs_difference": float(np.abs(kept[1] - again[1]).max()),
-                              "token_scores_max_abs": float(np.abs(again[1]).max())}
+        row["second_pass"] = {
+            "process_seconds": round(seconds, 1),
+            "stages": stages(root / "this"),
+            "layer_scores_max_abs_difference": float(np.abs(kept[0] - again[0]).max()),
+            "layer_scores_max_abs": float(np.abs(again[0]).max()),
+            "token_scores_max_abs_difference": float(np.abs(kept[1] - again[1]).max()),
+            "token_scores_max_abs": float(np.abs(again[1]).max()),
+        }
         print(json.dumps(row), flush=True)
         rounds.append(row)
     if args.json:

@@ -65,8 +65,15 @@ def main(argv=None) -> None:
     from jaxinf.demo import train
     from jaxinf.engine import capture
 
-    hf = train.hf_config(args.vocab, hidden=args.hidden, layers=args.layers, heads=4, kv_heads=4,
-                         intermediate=4 * args.hidden, max_positions=args.seq)
+    hf = train.hf_config(
+        args.vocab,
+        hidden=args.hidden,
+        layers=args.layers,
+        heads=4,
+        kv_heads=4,
+        intermediate=4 * args.hidden,
+        max_positions=args.seq,
+    )
     lm = models.init(dataclasses.replace(models.config_from_hf(hf), scan=True), 0)
     tokens_np = np.random.default_rng(0).integers(0, args.vocab, (args.batch, args.seq))
     tokens, mask = jnp.asarray(tokens_np), jnp.ones((args.batch, args.seq), jnp.float32)
@@ -84,8 +91,9 @@ def main(argv=None) -> None:
     finally:
         capture.tokens_matmul = merged
 
-    config = transformers.LlamaConfig(**{k: v for k, v in hf.items()
-                                         if k not in ("architectures", "model_type", "torch_dtype")})
+    config = transformers.LlamaConfig(
+        **{k: v for k, v in hf.items() if k not in ("architectures", "model_type", "torch_dtype")}
+    )
     model = transformers.LlamaForCausalLM(config)
     tt = torch.tensor(tokens_np)
 
@@ -102,14 +110,18 @@ def main(argv=None) -> None:
     a_np = np.ones((n, n), np.float32)
     numpy_ms, _ = median_ms(lambda: a_np @ a_np, args.repeats)
 
-    print(f"# forward+backward of a Llama (hidden {args.hidden}, {args.layers} layers, vocab {args.vocab}), "
-          f"batch {args.batch} x {args.seq}; jax {jax.__version__} on {jax.devices()[0].platform}; C heap: "
-          f"{'huge pages (glibc.malloc.hugetlb=1)' if heap else 'glibc defaults'}\n")
+    print(
+        f"# forward+backward of a Llama (hidden {args.hidden}, {args.layers} layers, vocab {args.vocab}), "
+        f"batch {args.batch} x {args.seq}; jax {jax.__version__} on {jax.devices()[0].platform}; C heap: "
+        f"{'huge pages (glibc.malloc.hugetlb=1)' if heap else 'glibc defaults'}\n"
+    )
     print("| step | median ms | page faults per step |\n|---|---|---|")
     for name, (ms, faults) in rows:
         print(f"| {name} | {ms:.1f} | {faults:,.0f} |")
-    flops = 2 * n ** 3
-    print(f"\n{n} x {n} matrix product: XLA {flops / xla / 1e6:.0f} GFLOP/s, numpy {flops / numpy_ms / 1e6:.0f} GFLOP/s")
+    flops = 2 * n**3
+    print(
+        f"\n{n} x {n} matrix product: XLA {flops / xla / 1e6:.0f} GFLOP/s, numpy {flops / numpy_ms / 1e6:.0f} GFLOP/s"
+    )
 
 
 if __name__ == "__main__":

@@ -39,8 +39,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 def jaxinf(args, cache: Path) -> float:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "JAXINF_COMPILATION_CACHE": str(cache)}
     t0 = time.perf_counter()
-    r = subprocess.run([sys.executable, "-m", "jaxinf", "-q", *map(str, args)], env=env, capture_output=True,
-                       text=True)
+    r = subprocess.run([sys.executable, "-m", "jaxinf", "-q", *map(str, args)], env=env, capture_output=True, text=True)
     if r.returncode:
         raise SystemExit(f"jaxinf {' '.join(map(str, args[:2]))} failed: {r.stderr[-3000:]}")
     return time.perf_counter() - t0
@@ -63,11 +62,19 @@ def overlap(a: np.ndarray, b: np.ndarray, k: int) -> float:
 def agreement(got: np.ndarray, want: np.ndarray) -> dict:
     rows = []
     for q in range(len(want)):
-        rows.append({"pearson": float(np.corrcoef(got[q], want[q])[0, 1]),
-                     "spearman": float(stats.spearmanr(got[q], want[q]).statistic),
-                     "top10": overlap(got[q], want[q], 10), "top100": overlap(got[q], want[q], 100),
-                     "bottom10": overlap(-got[q], -want[q], 10), "bottom100": overlap(-got[q], -want[q], 100)})
-    return {k: float(np.mean([r[k] for r in rows])) for k in rows[0]} | {"min_spearman": min(r["spearman"] for r in rows)}
+        rows.append(
+            {
+                "pearson": float(np.corrcoef(got[q], want[q])[0, 1]),
+                "spearman": float(stats.spearmanr(got[q], want[q]).statistic),
+                "top10": overlap(got[q], want[q], 10),
+                "top100": overlap(got[q], want[q], 100),
+                "bottom10": overlap(-got[q], -want[q], 10),
+                "bottom100": overlap(-got[q], -want[q], 100),
+            }
+        )
+    return {k: float(np.mean([r[k] for r in rows])) for k in rows[0]} | {
+        "min_spearman": min(r["spearman"] for r in rows)
+    }
 
 
 def main(argv=None) -> None:
@@ -79,26 +86,52 @@ def main(argv=None) -> None:
     ap.add_argument("--root", default="/tmp/jaxinf-bench-index")
     ap.add_argument("--query-rank", type=int, default=32)
     ap.add_argument("--json")
-    ap.add_argument("--reuse", action="store_true", help="keep the runs a previous call left in --root (their "
-                    "numbers are not measured again)")
-    ap.add_argument("--empirical-whole-run", action="store_true", help="the whole-run comparison under the "
-                    "empirical Fisher (see the module docstring)")
+    ap.add_argument(
+        "--reuse",
+        action="store_true",
+        help="keep the runs a previous call left in --root (their numbers are not measured again)",
+    )
+    ap.add_argument(
+        "--empirical-whole-run",
+        action="store_true",
+        help="the whole-run comparison under the empirical Fisher (see the module docstring)",
+    )
     ap.add_argument("--repeat", type=int, default=3)
     args = ap.parse_args(argv)
     ks = args.k or ["8", "32", "full"]
     size = bench.SIZES[args.size]
     root = Path(args.root)
-    w = {"model": root / "world" / "model", "docs": root / "world" / "docs.jsonl",
-         "queries": root / "world" / "queries.jsonl"} if args.reuse else bench.build(root / "world", size)
+    w = (
+        {
+            "model": root / "world" / "model",
+            "docs": root / "world" / "docs.jsonl",
+            "queries": root / "world" / "queries.jsonl",
+        }
+        if args.reuse
+        else bench.build(root / "world", size)
+    )
     new_queries = root / "world" / "new_queries.jsonl"
     rng = np.random.default_rng(1)
     words = lambda n: " ".join(f"w{t}" for t in rng.integers(1, size["vocab"], n))  # noqa: E731
-    new_queries.write_text("".join(json.dumps({"id": f"n{i}", "prompt": words(24), "completion": words(8)}) + "\n"
-                                   for i in range(size["queries"])))
-    base = [f"model.checkpoint={w['model']}", f"data.documents={w['docs']}", f"data.queries={w['queries']}",
-            f"data.max_length={size['length']}", "data.batch_size=8", f"data.query_batch_size={size['queries']}",
-            "factors.strategy=ekfac", "factors.fisher=sampled", f"scores.query_rank={args.query_rank}",
-            "scores.query_svd=full", "scores.topk=100"]
+    new_queries.write_text(
+        "".join(
+            json.dumps({"id": f"n{i}", "prompt": words(24), "completion": words(8)}) + "\n"
+            for i in range(size["queries"])
+        )
+    )
+    base = [
+        f"model.checkpoint={w['model']}",
+        f"data.documents={w['docs']}",
+        f"data.queries={w['queries']}",
+        f"data.max_length={size['length']}",
+        "data.batch_size=8",
+        f"data.query_batch_size={size['queries']}",
+        "factors.strategy=ekfac",
+        "factors.fisher=sampled",
+        f"scores.query_rank={args.query_rank}",
+        "scores.query_svd=full",
+        "scores.topk=100",
+    ]
     cache = root / "xla"
     if args.empirical_whole_run:
         return empirical_whole_run(base, root, cache, args)
@@ -108,43 +141,70 @@ def main(argv=None) -> None:
     def done(run: Path) -> bool:
         return args.reuse and (run / "scores.npy").exists()
 
-    result["exact_process_seconds"] = None if done(exact) else jaxinf(["run", *base, f"run.out={exact}",
-                                                                        "--overwrite"], cache)
+    result["exact_process_seconds"] = (
+        None if done(exact) else jaxinf(["run", *base, f"run.out={exact}", "--overwrite"], cache)
+    )
     result["exact_stages"] = stage_seconds(exact)
     want = np.load(exact / "scores.npy")
     print(f"exact run: {result['exact_process_seconds']}s, stages {result['exact_stages']}", flush=True)
     for k in ks:
         out = root / f"index-{k}"
-        seconds = None if done(out) else jaxinf(["run", *base, f"run.out={out}", f"factors.from={exact}",
-                                                   f"index.k={k}", "scores.mode=index", "--overwrite"], cache)
+        seconds = (
+            None
+            if done(out)
+            else jaxinf(
+                [
+                    "run",
+                    *base,
+                    f"run.out={out}",
+                    f"factors.from={exact}",
+                    f"index.k={k}",
+                    "scores.mode=index",
+                    "--overwrite",
+                ],
+                cache,
+            )
+        )
         record = json.loads((out / "run.json").read_text())["stages"]
         fid = json.loads((out / "index.json").read_text())
-        row = {"process_seconds": seconds, "index_pass_seconds": record["index"]["timing"]["seconds"],
-               "cells": record["index"]["cells"], "bytes_per_row": record["index"]["bytes_per_row"],
-               "rotate_seconds": record["scores"].get("rotate_seconds"),
-               "product_seconds": record["scores"]["product_seconds"], "rescored": record["scores"]["rescored"],
-               "scores_stage_seconds": record["scores"]["seconds"],
-               "predicted_correlation": float(np.mean([q["predicted_correlation"] for q in fid["queries"]])),
-               **agreement(np.load(out / "scores.npy"), want)}
+        row = {
+            "process_seconds": seconds,
+            "index_pass_seconds": record["index"]["timing"]["seconds"],
+            "cells": record["index"]["cells"],
+            "bytes_per_row": record["index"]["bytes_per_row"],
+            "rotate_seconds": record["scores"].get("rotate_seconds"),
+            "product_seconds": record["scores"]["product_seconds"],
+            "rescored": record["scores"]["rescored"],
+            "scores_stage_seconds": record["scores"]["seconds"],
+            "predicted_correlation": float(np.mean([q["predicted_correlation"] for q in fid["queries"]])),
+            **agreement(np.load(out / "scores.npy"), want),
+        }
         result["k"][k] = row
         print(f"k={k}: {json.dumps(row)}", flush=True)
     largest = root / f"index-{ks[-1]}"
     answers = root / "answers"
-    jaxinf(["query", largest, new_queries, "--out", answers, "--overwrite"], cache)          # fills the cache
+    jaxinf(["query", largest, new_queries, "--out", answers, "--overwrite"], cache)  # fills the cache
     q_seconds = jaxinf(["query", largest, new_queries, "--out", answers, "--overwrite"], cache)
     exact_new = root / "exact-new"
-    jaxinf(["run", *base, f"data.queries={new_queries}", f"run.out={exact_new}", f"factors.from={exact}",
-            "--overwrite"], cache)
-    e_seconds = jaxinf(["run", *base, f"data.queries={new_queries}", f"run.out={exact_new}", f"factors.from={exact}",
-                        "--overwrite"], cache)
+    jaxinf(
+        ["run", *base, f"data.queries={new_queries}", f"run.out={exact_new}", f"factors.from={exact}", "--overwrite"],
+        cache,
+    )
+    e_seconds = jaxinf(
+        ["run", *base, f"data.queries={new_queries}", f"run.out={exact_new}", f"factors.from={exact}", "--overwrite"],
+        cache,
+    )
     qrec = json.loads((answers / "run.json").read_text())["stages"]
-    result["new_queries"] = {"query_process_seconds": q_seconds, "exact_process_seconds": e_seconds,
-                             "index_product_seconds": qrec["scores"]["product_seconds"],
-                             "index_rotate_seconds": qrec["scores"].get("rotate_seconds"),
-                             "index_scores_stage_seconds": qrec["scores"]["seconds"],
-                             "exact_scores_stage_seconds": stage_seconds(exact_new).get("scores"),
-                             "rescored": qrec["scores"]["rescored"],
-                             **agreement(np.load(answers / "scores.npy"), np.load(exact_new / "scores.npy"))}
+    result["new_queries"] = {
+        "query_process_seconds": q_seconds,
+        "exact_process_seconds": e_seconds,
+        "index_product_seconds": qrec["scores"]["product_seconds"],
+        "index_rotate_seconds": qrec["scores"].get("rotate_seconds"),
+        "index_scores_stage_seconds": qrec["scores"]["seconds"],
+        "exact_scores_stage_seconds": stage_seconds(exact_new).get("scores"),
+        "rescored": qrec["scores"]["rescored"],
+        **agreement(np.load(answers / "scores.npy"), np.load(exact_new / "scores.npy")),
+    }
     print(f"new queries: {json.dumps(result['new_queries'])}", flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
@@ -156,17 +216,23 @@ def empirical_whole_run(base: list[str], root: Path, cache: Path, args) -> None:
     base = [b.replace("factors.fisher=sampled", "factors.fisher=empirical") for b in base]
     runs = {"exact": ["scores.mode=exact"], "index": ["index.k=full", "scores.mode=index"]}
     times: dict[str, list[float]] = {k: [] for k in runs}
-    for name, extra in runs.items():      # a first call of each fills the compilation cache
+    for name, extra in runs.items():  # a first call of each fills the compilation cache
         jaxinf(["run", *base, *extra, f"run.out={root / ('whole-' + name)}", "--overwrite"], cache)
     for _ in range(args.repeat):
         for name, extra in runs.items():
-            times[name].append(jaxinf(["run", *base, *extra, f"run.out={root / ('whole-' + name)}", "--overwrite"],
-                                      cache))
-    result = {"size": args.size, "fisher": "empirical",
-              **{name: {"process_seconds": sorted(t), "stages": stage_seconds(root / f"whole-{name}")}
-                 for name, t in times.items()},
-              "ratio_of_medians": float(np.median(times["exact"]) / np.median(times["index"])),
-              **agreement(np.load(root / "whole-index" / "scores.npy"), np.load(root / "whole-exact" / "scores.npy"))}
+            times[name].append(
+                jaxinf(["run", *base, *extra, f"run.out={root / ('whole-' + name)}", "--overwrite"], cache)
+            )
+    result = {
+        "size": args.size,
+        "fisher": "empirical",
+        **{
+            name: {"process_seconds": sorted(t), "stages": stage_seconds(root / f"whole-{name}")}
+            for name, t in times.items()
+        },
+        "ratio_of_medians": float(np.median(times["exact"]) / np.median(times["index"])),
+        **agreement(np.load(root / "whole-index" / "scores.npy"), np.load(root / "whole-exact" / "scores.npy")),
+    }
     print(json.dumps(result, indent=1), flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1) + "\n")

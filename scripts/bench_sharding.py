@@ -53,8 +53,16 @@ def measured(repeats: int = 5) -> list[dict]:
     from jaxinf.sharding.axes import field_axes
     from jaxinf.sharding.meshes import make_mesh
 
-    config = models.ModelConfig(family="llama", vocab_size=1024, hidden_size=256, intermediate_size=768, num_layers=4,
-                                num_heads=8, num_kv_heads=4, max_position_embeddings=256)
+    config = models.ModelConfig(
+        family="llama",
+        vocab_size=1024,
+        hidden_size=256,
+        intermediate_size=768,
+        num_layers=4,
+        num_heads=8,
+        num_kv_heads=4,
+        max_position_embeddings=256,
+    )
     lm = models.init(config, 0)
     task = lm.task()
     rng = np.random.default_rng(0)
@@ -69,14 +77,17 @@ def measured(repeats: int = 5) -> list[dict]:
     docs = [batch(8, 128) for _ in range(4)]
     queries = batch(16, 64, completion=16)
     dev = {k: jax.numpy.asarray(v) for k, v in docs[0].items()}
-    layers = capture.select_layers(capture.find_layers(lambda p, b, pr: task.train_loss(p, b, pr, None), lm.params,
-                                                       dev), "mlp")
+    layers = capture.select_layers(
+        capture.find_layers(lambda p, b, pr: task.train_loss(p, b, pr, None), lm.params, dev), "mlp"
+    )
     rows = []
     for data, model in MESHES:
         ex = MeshExecutor(make_mesh(data, model), batch_size=8)
         params = ex.place(lm.params, models.parameter_axes(lm.config))
-        cov_stage, lam_stage = stages.covariance_stage(task, layers, "empirical"), stages.lambda_stage(task, layers,
-                                                                                                       "empirical")
+        cov_stage, lam_stage = (
+            stages.covariance_stage(task, layers, "empirical"),
+            stages.lambda_stage(task, layers, "empirical"),
+        )
         state = ex.init(cov_stage)
         up = ex.jit(cov_stage.update, donate_argnums=(0,), out_shardings=(ex.shardings(state), ex.rows()))
         for b in docs:
@@ -88,7 +99,9 @@ def measured(repeats: int = 5) -> list[dict]:
         up = ex.jit(lam_stage.update, donate_argnums=(0,), out_shardings=(ex.shardings(lstate), ex.rows()))
         for b in docs:
             lstate, _ = up(lstate, params, eigen, ex.put(b), None)
-        lam_shardings = ex.shardings(jax.eval_shape(lam_stage.finalize, lstate), field_axes(curvature.LambdaState, "Lambda"))
+        lam_shardings = ex.shardings(
+            jax.eval_shape(lam_stage.finalize, lstate), field_axes(curvature.LambdaState, "Lambda")
+        )
         Lambda = jax.jit(lam_stage.finalize, out_shardings=lam_shardings)(lstate)
         curv = curvature.curvature("ekfac", eigen, Lambda)
         G, loss = ex.jit(lambda p, b: stages.query_gradients(task, layers, p, b))(params, ex.put_replicated(queries))
@@ -106,9 +119,16 @@ def measured(repeats: int = 5) -> list[dict]:
             t0 = time.perf_counter()
             jax.block_until_ready(fn(params, qg, placed[i % len(placed)]))
             times.append(time.perf_counter() - t0)
-        rows.append({"mesh": f"{data}x{model}", "parameters": device_bytes(params), "eigen": device_bytes(eigen),
-                     "Lambda": device_bytes(Lambda), "queries": device_bytes(qg),
-                     "score_ms": 1e3 * statistics.median(times)})
+        rows.append(
+            {
+                "mesh": f"{data}x{model}",
+                "parameters": device_bytes(params),
+                "eigen": device_bytes(eigen),
+                "Lambda": device_bytes(Lambda),
+                "queries": device_bytes(qg),
+                "score_ms": 1e3 * statistics.median(times),
+            }
+        )
     return rows
 
 
@@ -126,22 +146,35 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args(argv)
     load = os.getloadavg()
-    print(f"{jax.device_count()} simulated {jax.devices()[0].platform} devices on {os.cpu_count()} cores "
-          f"(load average {load[0]:.2f}, {load[1]:.2f}, {load[2]:.2f}), jax {jax.__version__}\n")
-    print("Measured: a small Llama (hidden 256, MLP 768, 4 layers, vocabulary 1024), MLP layers, EK-FAC, 16 queries "
-          "at rank 8; MiB held by one device after the stages ran; scoring step of 8 documents x 128 tokens.\n")
-    print("| mesh (data x model) | parameters MiB | Q_A, Q_S, e MiB | Lambda MiB | query gradients MiB | score step ms |")
+    print(
+        f"{jax.device_count()} simulated {jax.devices()[0].platform} devices on {os.cpu_count()} cores "
+        f"(load average {load[0]:.2f}, {load[1]:.2f}, {load[2]:.2f}), jax {jax.__version__}\n"
+    )
+    print(
+        "Measured: a small Llama (hidden 256, MLP 768, 4 layers, vocabulary 1024), MLP layers, EK-FAC, 16 queries "
+        "at rank 8; MiB held by one device after the stages ran; scoring step of 8 documents x 128 tokens.\n"
+    )
+    print(
+        "| mesh (data x model) | parameters MiB | Q_A, Q_S, e MiB | Lambda MiB | query gradients MiB | score step ms |"
+    )
     print("|---|---|---|---|---|---|")
     for r in measured(args.repeats):
-        print(f"| {r['mesh']} | {r['parameters'] / MiB:.2f} | {r['eigen'] / MiB:.2f} | {r['Lambda'] / MiB:.2f} | "
-              f"{r['queries'] / MiB:.2f} | {r['score_ms']:.1f} |")
+        print(
+            f"| {r['mesh']} | {r['parameters'] / MiB:.2f} | {r['eigen'] / MiB:.2f} | {r['Lambda'] / MiB:.2f} | "
+            f"{r['queries'] / MiB:.2f} | {r['score_ms']:.1f} |"
+        )
     result, config = planned(args.plan_config)
-    print(f"\nPlanned: `jaxinf plan {args.plan_config} plan.hosts=1 data.batch_size=8` on the same meshes "
-          f"({result['parameters']:,} parameters, {result['tracked_layers']} tracked layers, "
-          f"{config.data.max_length} tokens, 8 documents per step); GiB per device.\n")
+    print(
+        f"\nPlanned: `jaxinf plan {args.plan_config} plan.hosts=1 data.batch_size=8` on the same meshes "
+        f"({result['parameters']:,} parameters, {result['tracked_layers']} tracked layers, "
+        f"{config.data.max_length} tokens, 8 documents per step); GiB per device.\n"
+    )
     names = [s["name"] for s in result["meshes"][0]["steps"]]
-    print("| mesh | parameters | factors A+S | Lambda | query gradients | " + " | ".join(f"peak: {n}" for n in names)
-          + " |")
+    print(
+        "| mesh | parameters | factors A+S | Lambda | query gradients | "
+        + " | ".join(f"peak: {n}" for n in names)
+        + " |"
+    )
     print("|---" * (5 + len(names)) + "|")
     G = 2**30
     for m in result["meshes"]:

@@ -62,10 +62,10 @@ MiB = 2**20
 SIZES = {
     # name: hidden, intermediate, layers, heads, vocab, documents, max tokens per document, queries
     "tiny": dict(hidden=64, intermediate=256, layers=2, heads=4, vocab=1024, documents=256, length=64, queries=8),
-    "small": dict(hidden=256, intermediate=1024, layers=4, heads=4, vocab=4096, documents=1024, length=128,
-                  queries=16),
-    "medium": dict(hidden=512, intermediate=2048, layers=6, heads=8, vocab=8192, documents=1024, length=256,
-                   queries=16),
+    "small": dict(hidden=256, intermediate=1024, layers=4, heads=4, vocab=4096, documents=1024, length=128, queries=16),
+    "medium": dict(
+        hidden=512, intermediate=2048, layers=6, heads=8, vocab=8192, documents=1024, length=256, queries=16
+    ),
 }
 
 
@@ -101,8 +101,11 @@ class Stage:
             self.peak = max(self.peak, rss())
 
     def row(self) -> dict:
-        return {"seconds": self.seconds, "peak_mib": self.peak / MiB,
-                "increase_mib": (self.peak - self.start_rss) / MiB}
+        return {
+            "seconds": self.seconds,
+            "peak_mib": self.peak / MiB,
+            "increase_mib": (self.peak - self.start_rss) / MiB,
+        }
 
 
 # --------------------------------------------------------------------------- the world
@@ -116,10 +119,15 @@ def build(root: Path, size: dict, seed: int = 0) -> dict:
 
     root.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
-    config = transformers.LlamaConfig(vocab_size=size["vocab"], hidden_size=size["hidden"],
-                                      intermediate_size=size["intermediate"], num_hidden_layers=size["layers"],
-                                      num_attention_heads=size["heads"], num_key_value_heads=size["heads"],
-                                      max_position_embeddings=max(512, size["length"]))
+    config = transformers.LlamaConfig(
+        vocab_size=size["vocab"],
+        hidden_size=size["hidden"],
+        intermediate_size=size["intermediate"],
+        num_hidden_layers=size["layers"],
+        num_attention_heads=size["heads"],
+        num_key_value_heads=size["heads"],
+        max_position_embeddings=max(512, size["length"]),
+    )
     model = transformers.LlamaForCausalLM(config)
     model.save_pretrained(root / "model")
     vocab = {"[UNK]": 0, **{f"w{i}": i for i in range(1, size["vocab"])}}
@@ -136,8 +144,7 @@ def build(root: Path, size: dict, seed: int = 0) -> dict:
         for i in range(size["queries"]):
             f.write(json.dumps({"id": f"q{i}", "prompt": words(24), "completion": words(8)}) + "\n")
     n_params = sum(p.numel() for p in model.parameters())
-    return {"model": root / "model", "docs": root / "docs.jsonl", "queries": root / "queries.jsonl",
-            "params": n_params}
+    return {"model": root / "model", "docs": root / "docs.jsonl", "queries": root / "queries.jsonl", "params": n_params}
 
 
 # --------------------------------------------------------------------------- kronfluence
@@ -147,7 +154,7 @@ def run_kronfluence(w: dict, size: dict, args, out: Path, warmup: bool = True) -
     import torch
     from kronfluence.analyzer import Analyzer, prepare_model
 
-    sys.path.insert(0, str(ROOT / "tests"))   # the PyTorch reference side lives with the tests, not in the package
+    sys.path.insert(0, str(ROOT / "tests"))  # the PyTorch reference side lives with the tests, not in the package
     import kronfluence_reference as ref
 
     if args.torch_threads:
@@ -161,7 +168,7 @@ def run_kronfluence(w: dict, size: dict, args, out: Path, warmup: bool = True) -
     score_args = ref.score_arguments(None, args.query_rank, "float32", svd=args.query_svd)
     stages = {}
     with ref.quiet():
-        model = ref.load_model(w["model"], "float32", attention="sdpa")     # transformers' default
+        model = ref.load_model(w["model"], "float32", attention="sdpa")  # transformers' default
         task = ref.CausalLMTask(ref.tracked_modules(model, "mlp"), torch.Generator().manual_seed(0))
         cuda = args.torch_device == "cuda" or (args.torch_device == "auto" and torch.cuda.is_available())
         if cuda:
@@ -171,17 +178,45 @@ def run_kronfluence(w: dict, size: dict, args, out: Path, warmup: bool = True) -
 
         def all_stages(name, docs, timed):
             steps = [
-                ("covariance", lambda: analyzer.fit_covariance_matrices(
-                    name, docs, per_device_batch_size=args.batch_size, factor_args=factor_args,
-                    overwrite_output_dir=True)),
-                ("eigen", lambda: analyzer.perform_eigendecomposition(name, factor_args=factor_args,
-                                                                      overwrite_output_dir=True)),
-                ("lambda", lambda: analyzer.fit_lambda_matrices(
-                    name, docs, per_device_batch_size=args.batch_size, factor_args=factor_args,
-                    overwrite_output_dir=True)),
-                ("queries+scores", lambda: analyzer.compute_pairwise_scores(
-                    name, name, queries, docs, per_device_query_batch_size=len(queries),
-                    per_device_train_batch_size=args.batch_size, score_args=score_args, overwrite_output_dir=True)),
+                (
+                    "covariance",
+                    lambda: analyzer.fit_covariance_matrices(
+                        name,
+                        docs,
+                        per_device_batch_size=args.batch_size,
+                        factor_args=factor_args,
+                        overwrite_output_dir=True,
+                    ),
+                ),
+                (
+                    "eigen",
+                    lambda: analyzer.perform_eigendecomposition(
+                        name, factor_args=factor_args, overwrite_output_dir=True
+                    ),
+                ),
+                (
+                    "lambda",
+                    lambda: analyzer.fit_lambda_matrices(
+                        name,
+                        docs,
+                        per_device_batch_size=args.batch_size,
+                        factor_args=factor_args,
+                        overwrite_output_dir=True,
+                    ),
+                ),
+                (
+                    "queries+scores",
+                    lambda: analyzer.compute_pairwise_scores(
+                        name,
+                        name,
+                        queries,
+                        docs,
+                        per_device_query_batch_size=len(queries),
+                        per_device_train_batch_size=args.batch_size,
+                        score_args=score_args,
+                        overwrite_output_dir=True,
+                    ),
+                ),
             ]
             for stage, fn in steps:
                 st = Stage()
@@ -219,13 +254,25 @@ def run_jaxinf(w: dict, size: dict, args, out: Path, timed: bool, compiled: dict
     from jaxinf.run.inputs import load_inputs
     from jaxinf.run.store import RunStore
 
-    config = cfg.load(None, [f"model.checkpoint={w['model']}", f"data.documents={w['docs']}",
-                             f"data.queries={w['queries']}", f"data.max_length={size['length']}",
-                             f"data.batch_size={args.batch_size}", f"data.query_batch_size={size['queries']}",
-                             "factors.strategy=ekfac", "factors.fisher=sampled", "factors.save_every=1000000",
-                             f"scores.query_rank={args.query_rank}", f"scores.query_svd={args.query_svd}",
-                             "scores.save_every=1000000", f"run.out={out}",
-                             f"model.scan_layers={str(scan).lower()}"])
+    config = cfg.load(
+        None,
+        [
+            f"model.checkpoint={w['model']}",
+            f"data.documents={w['docs']}",
+            f"data.queries={w['queries']}",
+            f"data.max_length={size['length']}",
+            f"data.batch_size={args.batch_size}",
+            f"data.query_batch_size={size['queries']}",
+            "factors.strategy=ekfac",
+            "factors.fisher=sampled",
+            "factors.save_every=1000000",
+            f"scores.query_rank={args.query_rank}",
+            f"scores.query_svd={args.query_svd}",
+            "scores.save_every=1000000",
+            f"run.out={out}",
+            f"model.scan_layers={str(scan).lower()}",
+        ],
+    )
     store = RunStore.open(config, overwrite=True)
     inputs = load_inputs(config, store)
     executor = DeviceExecutor()
@@ -239,21 +286,35 @@ def run_jaxinf(w: dict, size: dict, args, out: Path, timed: bool, compiled: dict
         with s.measure():
             result = jax.block_until_ready(fn())
         st[name] = s.row()
-        print(f"  jaxinf{'' if scan else ' (unrolled)'}{'' if timed else ' (cold)'} {name}: {s.seconds:.1f}s",
-              flush=True)
+        print(
+            f"  jaxinf{'' if scan else ' (unrolled)'}{'' if timed else ' (cold)'} {name}: {s.seconds:.1f}s", flush=True
+        )
         return result
 
     if not compiled:
-        compiled.update(cov=stages.covariance_stage(inputs.task, inputs.layers, "sampled"),
-                        lam=stages.lambda_stage(inputs.task, inputs.layers, "sampled"),
-                        eigh=jax.jit(curvature.eigendecompose))
+        compiled.update(
+            cov=stages.covariance_stage(inputs.task, inputs.layers, "sampled"),
+            lam=stages.lambda_stage(inputs.task, inputs.layers, "sampled"),
+            eigh=jax.jit(curvature.eigendecompose),
+        )
     cov_stage, lam_stage, eigh = compiled["cov"], compiled["lam"], compiled["eigh"]
-    cov = stage("covariance", lambda: pipeline.accumulate(store, "covariance", cov_stage, (params,), batches,
-                                                          jax.random.fold_in(key, 0), config.factors.save_every,
-                                                          executor, inputs)[0])
+    cov = stage(
+        "covariance",
+        lambda: pipeline.accumulate(
+            store,
+            "covariance",
+            cov_stage,
+            (params,),
+            batches,
+            jax.random.fold_in(key, 0),
+            config.factors.save_every,
+            executor,
+            inputs,
+        )[0],
+    )
 
     def eigen_stage():
-        with lapack_threads():                   # as jaxinf run does
+        with lapack_threads():  # as jaxinf run does
             e = jax.block_until_ready(eigh(cov))
         store.save_result("eigen", e)
         return e
@@ -261,8 +322,17 @@ def run_jaxinf(w: dict, size: dict, args, out: Path, timed: bool, compiled: dict
     eigen = stage("eigen", eigen_stage)
 
     def lambda_stage():
-        L, _ = pipeline.accumulate(store, "lambda", lam_stage, (params, eigen), batches, jax.random.fold_in(key, 1),
-                                   config.factors.save_every, executor, inputs)
+        L, _ = pipeline.accumulate(
+            store,
+            "lambda",
+            lam_stage,
+            (params, eigen),
+            batches,
+            jax.random.fold_in(key, 1),
+            config.factors.save_every,
+            executor,
+            inputs,
+        )
         store.save_result("lambda", L)
         return L
 
@@ -270,38 +340,46 @@ def run_jaxinf(w: dict, size: dict, args, out: Path, timed: bool, compiled: dict
     curv = curvature.curvature("ekfac", eigen, Lambda)
     qg, _ = stage("queries", lambda: pipeline.queries_stage(config, store, inputs, curv, executor))
     results = stage("scores", lambda: pipeline.scores_stage(config, store, inputs, qg, curv, executor))
-    st["queries+scores"] = {k: st["queries"][k] + st["scores"][k] if k == "seconds" else
-                            max(st["queries"][k], st["scores"][k]) for k in st["scores"]}
+    st["queries+scores"] = {
+        k: st["queries"][k] + st["scores"][k] if k == "seconds" else max(st["queries"][k], st["scores"][k])
+        for k in st["scores"]
+    }
     return {"stages": st, "tokens": int(inputs.plan.report.tokens), "scores": results["scores"]}
-
 
 
 # --------------------------------------------------------------------------- report
 
 
 def table(name: str, size: dict, w: dict, kf: dict, jx: dict, cold: dict, variant: str) -> str:
-    lines = [f"### {name}, jaxinf {variant}: Llama {size['hidden']}/{size['intermediate']} x {size['layers']} "
-             f"layers, vocab {size['vocab']}, {w['params'] / 1e6:.2f}M parameters; {size['documents']} documents "
-             f"({kf['tokens']:,} tokens, up to {size['length']} each), {size['queries']} queries",
-             "",
-             "| stage | kronfluence s | jaxinf s | kronfluence / jaxinf | kronfluence tok/s | jaxinf tok/s "
-             "| kronfluence peak MiB (+stage) | jaxinf peak MiB (+stage) | jaxinf cold s |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"### {name}, jaxinf {variant}: Llama {size['hidden']}/{size['intermediate']} x {size['layers']} "
+        f"layers, vocab {size['vocab']}, {w['params'] / 1e6:.2f}M parameters; {size['documents']} documents "
+        f"({kf['tokens']:,} tokens, up to {size['length']} each), {size['queries']} queries",
+        "",
+        "| stage | kronfluence s | jaxinf s | kronfluence / jaxinf | kronfluence tok/s | jaxinf tok/s "
+        "| kronfluence peak MiB (+stage) | jaxinf peak MiB (+stage) | jaxinf cold s |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for stage in ("covariance", "eigen", "lambda", "queries+scores"):
         k, j, c = kf["stages"][stage], jx["stages"][stage], cold["stages"][stage]
         rate = (lambda s: "-") if stage == "eigen" else (lambda s: f"{kf['tokens'] / s:,.0f}")
-        lines.append(f"| {stage} | {k['seconds']:.1f} | {j['seconds']:.1f} | {k['seconds'] / j['seconds']:.2f}x "
-                     f"| {rate(k['seconds'])} | {rate(j['seconds'])} | {k['peak_mib']:.0f} (+{k['increase_mib']:.0f}) "
-                     f"| {j['peak_mib']:.0f} (+{j['increase_mib']:.0f}) | {c['seconds']:.1f} |")
+        lines.append(
+            f"| {stage} | {k['seconds']:.1f} | {j['seconds']:.1f} | {k['seconds'] / j['seconds']:.2f}x "
+            f"| {rate(k['seconds'])} | {rate(j['seconds'])} | {k['peak_mib']:.0f} (+{k['increase_mib']:.0f}) "
+            f"| {j['peak_mib']:.0f} (+{j['increase_mib']:.0f}) | {c['seconds']:.1f} |"
+        )
     ks = sum(kf["stages"][s]["seconds"] for s in ("covariance", "eigen", "lambda", "queries+scores"))
     js = sum(jx["stages"][s]["seconds"] for s in ("covariance", "eigen", "lambda", "queries+scores"))
     cs = sum(cold["stages"][s]["seconds"] for s in ("covariance", "eigen", "lambda", "queries+scores"))
-    lines.append(f"| **end to end** | **{ks:.1f}** | **{js:.1f}** | **{ks / js:.2f}x** | | | | | {cs:.1f} "
-                 f"({ks / cs:.2f}x) |")
+    lines.append(
+        f"| **end to end** | **{ks:.1f}** | **{js:.1f}** | **{ks / js:.2f}x** | | | | | {cs:.1f} ({ks / cs:.2f}x) |"
+    )
     j = jx["stages"]
     lines.append("")
-    lines.append(f"jaxinf queries+scores = query gradients {j['queries']['seconds']:.1f}s + scores "
-                 f"{j['scores']['seconds']:.1f}s.")
+    lines.append(
+        f"jaxinf queries+scores = query gradients {j['queries']['seconds']:.1f}s + scores "
+        f"{j['scores']['seconds']:.1f}s."
+    )
     return "\n".join(lines)
 
 
@@ -311,21 +389,39 @@ def main(argv=None) -> None:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--documents", type=int, help="override the size's number of documents")
     ap.add_argument("--query-rank", type=int, default=32)
-    ap.add_argument("--query-svd", default="randomized", choices=["randomized", "full"],
-                    help="how both libraries truncate the query gradients at --query-rank (default: randomized, the "
-                         "default of both)")
+    ap.add_argument(
+        "--query-svd",
+        default="randomized",
+        choices=["randomized", "full"],
+        help="how both libraries truncate the query gradients at --query-rank (default: randomized, the "
+        "default of both)",
+    )
     ap.add_argument("--torch-threads", type=int, default=0, help="torch.set_num_threads (default: torch's own)")
-    ap.add_argument("--torch-device", default="cpu", choices=["cpu", "cuda", "auto"],
-                    help="where kronfluence runs (auto: the GPU when torch sees one; jaxinf runs on jax's default)")
-    ap.add_argument("--scan-layers", action="append", choices=["true", "false"],
-                    help="jaxinf's model.scan_layers; repeat to time both (default: true, jaxinf's default)")
+    ap.add_argument(
+        "--torch-device",
+        default="cpu",
+        choices=["cpu", "cuda", "auto"],
+        help="where kronfluence runs (auto: the GPU when torch sees one; jaxinf runs on jax's default)",
+    )
+    ap.add_argument(
+        "--scan-layers",
+        action="append",
+        choices=["true", "false"],
+        help="jaxinf's model.scan_layers; repeat to time both (default: true, jaxinf's default)",
+    )
     ap.add_argument("--workdir", help="where the models, data and results go (default: a temporary directory)")
     ap.add_argument("--json", help="write every measurement to this file")
-    ap.add_argument("--whole-process", action="store_true",
-                    help="also time each library as a whole fresh process, cold (jaxinf run twice: cold, then with "
-                         "its compilation cache)")
-    ap.add_argument("--whole-process-only", action="store_true",
-                    help="only the whole-process timing (no stage-by-stage passes in this process)")
+    ap.add_argument(
+        "--whole-process",
+        action="store_true",
+        help="also time each library as a whole fresh process, cold (jaxinf run twice: cold, then with "
+        "its compilation cache)",
+    )
+    ap.add_argument(
+        "--whole-process-only",
+        action="store_true",
+        help="only the whole-process timing (no stage-by-stage passes in this process)",
+    )
     ap.add_argument("--kronfluence-process", help=argparse.SUPPRESS)
     ap.add_argument("--size-json", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -344,12 +440,20 @@ def main(argv=None) -> None:
 
     with open("/proc/loadavg") as f:
         load = " ".join(f.read().split()[:3])
-    print(f"# jaxinf vs kronfluence {kronfluence.__version__ if hasattr(kronfluence, '__version__') else ''}: "
-          f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, load average {load} at start; "
-          f"jax {jax.__version__} ({jax.devices()[0].platform}), torch {torch.__version__} "
-          f"({args.torch_threads or torch.get_num_threads()} threads)", flush=True)
-    report = {"load_at_start": load, "cpus": os.cpu_count(), "jax": jax.__version__, "torch": torch.__version__,
-              "sizes": {}}
+    print(
+        f"# jaxinf vs kronfluence {kronfluence.__version__ if hasattr(kronfluence, '__version__') else ''}: "
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, load average {load} at start; "
+        f"jax {jax.__version__} ({jax.devices()[0].platform}), torch {torch.__version__} "
+        f"({args.torch_threads or torch.get_num_threads()} threads)",
+        flush=True,
+    )
+    report = {
+        "load_at_start": load,
+        "cpus": os.cpu_count(),
+        "jax": jax.__version__,
+        "torch": torch.__version__,
+        "sizes": {},
+    }
     for name in sizes:
         size = dict(SIZES[name], **({"documents": args.documents} if args.documents else {}))
         root = workdir / name
@@ -357,16 +461,22 @@ def main(argv=None) -> None:
         print(f"\n{name}: {w['params'] / 1e6:.2f}M parameters", flush=True)
         variants = [v == "true" for v in (args.scan_layers or ["true"])]
         compiled = {scan: {} for scan in variants}
-        cold = {} if args.whole_process_only else {
-            scan: run_jaxinf(w, size, args, root / f"jaxinf-cold-{scan}", False, compiled[scan], scan)
-            for scan in variants}
+        cold = (
+            {}
+            if args.whole_process_only
+            else {
+                scan: run_jaxinf(w, size, args, root / f"jaxinf-cold-{scan}", False, compiled[scan], scan)
+                for scan in variants
+            }
+        )
         if args.whole_process or args.whole_process_only:
             res = whole_process(w, size, args, root)
             text = whole_process_table(name, res)
             print("\n" + text + "\n", flush=True)
             report.setdefault("whole_process", {})[name] = {
                 k: {"seconds": v["seconds"], **({"pearson": v["pearson"]} if "pearson" in v else {})}
-                for k, v in res.items()} | {"table": text}
+                for k, v in res.items()
+            } | {"table": text}
         if args.whole_process_only:
             continue
         kf = run_kronfluence(w, size, args, root / "kronfluence")
@@ -378,12 +488,19 @@ def main(argv=None) -> None:
                 load_end = " ".join(f.read().split()[:3])
             variant = "model.scan_layers: " + str(scan).lower()
             text = table(name, size, w, kf, jx, cold[scan], variant)
-            text += (f"\n\nScores agree across the libraries up to sampling noise (each draws its own labels): "
-                     f"per-query Pearson {min(corr):.3f}-{max(corr):.3f}. torch threads: {kf['threads']}. "
-                     f"Load average at the end: {load_end}.")
+            text += (
+                f"\n\nScores agree across the libraries up to sampling noise (each draws its own labels): "
+                f"per-query Pearson {min(corr):.3f}-{max(corr):.3f}. torch threads: {kf['threads']}. "
+                f"Load average at the end: {load_end}."
+            )
             print("\n" + text + "\n", flush=True)
-            report["sizes"][name][variant] = {"jaxinf": _plain(jx), "jaxinf_cold": _plain(cold[scan]),
-                                              "pearson": corr, "load_at_end": load_end, "table": text}
+            report["sizes"][name][variant] = {
+                "jaxinf": _plain(jx),
+                "jaxinf_cold": _plain(cold[scan]),
+                "pearson": corr,
+                "load_at_end": load_end,
+                "table": text,
+            }
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
 
@@ -402,28 +519,57 @@ def whole_process(w: dict, size: dict, args, root: Path) -> dict:
     import subprocess
 
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    overrides = [f"model.checkpoint={w['model']}", f"data.documents={w['docs']}", f"data.queries={w['queries']}",
-                 f"data.max_length={size['length']}", f"data.batch_size={args.batch_size}",
-                 f"data.query_batch_size={size['queries']}", "factors.strategy=ekfac", "factors.fisher=sampled",
-                 f"scores.query_rank={args.query_rank}", f"scores.query_svd={args.query_svd}"]
+    overrides = [
+        f"model.checkpoint={w['model']}",
+        f"data.documents={w['docs']}",
+        f"data.queries={w['queries']}",
+        f"data.max_length={size['length']}",
+        f"data.batch_size={args.batch_size}",
+        f"data.query_batch_size={size['queries']}",
+        "factors.strategy=ekfac",
+        "factors.fisher=sampled",
+        f"scores.query_rank={args.query_rank}",
+        f"scores.query_svd={args.query_svd}",
+    ]
     out = {}
     for label, cache in (("jaxinf, cold", root / "xla-cold"), ("jaxinf, second run", root / "xla-cold")):
         run_dir = root / ("process-" + label.split(", ")[1].replace(" ", "-"))
         t0 = time.perf_counter()
-        r = subprocess.run([sys.executable, "-m", "jaxinf", "-q", "run", *overrides, f"run.out={run_dir}",
-                            "--overwrite"], env={**env, "JAXINF_COMPILATION_CACHE": str(cache)},
-                           capture_output=True, text=True)
+        r = subprocess.run(
+            [sys.executable, "-m", "jaxinf", "-q", "run", *overrides, f"run.out={run_dir}", "--overwrite"],
+            env={**env, "JAXINF_COMPILATION_CACHE": str(cache)},
+            capture_output=True,
+            text=True,
+        )
         if r.returncode:
             raise SystemExit(f"jaxinf run failed: {r.stderr[-2000:]}")
         out[label] = {"seconds": time.perf_counter() - t0, "scores": np.load(run_dir / "scores.npy")}
         print(f"  whole process, {label}: {out[label]['seconds']:.1f}s", flush=True)
     kf_dir = root / "process-kronfluence"
     t0 = time.perf_counter()
-    r = subprocess.run([sys.executable, __file__, "--kronfluence-process", str(root), "--batch-size",
-                        str(args.batch_size), "--query-rank", str(args.query_rank), "--query-svd", args.query_svd,
-                        "--torch-threads",
-                        str(args.torch_threads), "--torch-device", args.torch_device,
-                        "--size-json", json.dumps(size)], env=env, capture_output=True, text=True)
+    r = subprocess.run(
+        [
+            sys.executable,
+            __file__,
+            "--kronfluence-process",
+            str(root),
+            "--batch-size",
+            str(args.batch_size),
+            "--query-rank",
+            str(args.query_rank),
+            "--query-svd",
+            args.query_svd,
+            "--torch-threads",
+            str(args.torch_threads),
+            "--torch-device",
+            args.torch_device,
+            "--size-json",
+            json.dumps(size),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     if r.returncode:
         raise SystemExit(f"kronfluence process failed: {r.stderr[-2000:]}")
     out["kronfluence"] = {"seconds": time.perf_counter() - t0, "scores": np.load(kf_dir / "scores.npy")}
@@ -437,13 +583,19 @@ def whole_process(w: dict, size: dict, args, root: Path) -> dict:
 
 def whole_process_table(name: str, res: dict) -> str:
     kf = res["kronfluence"]["seconds"]
-    lines = [f"### {name}: whole process, cold (each library in its own fresh process)", "",
-             "| process | wall s | kronfluence / this | per-query Pearson with kronfluence |", "|---|---|---|---|",
-             f"| kronfluence (imports, all stages, no warm-up) | {kf:.1f} | 1.00x | - |"]
+    lines = [
+        f"### {name}: whole process, cold (each library in its own fresh process)",
+        "",
+        "| process | wall s | kronfluence / this | per-query Pearson with kronfluence |",
+        "|---|---|---|---|",
+        f"| kronfluence (imports, all stages, no warm-up) | {kf:.1f} | 1.00x | - |",
+    ]
     for label in ("jaxinf, cold", "jaxinf, second run"):
         r = res[label]
-        lines.append(f"| `jaxinf run` ({label.split(', ')[1]}: every stage, exports, report) | {r['seconds']:.1f} | "
-                     f"{kf / r['seconds']:.2f}x | {min(r['pearson']):.3f}-{max(r['pearson']):.3f} |")
+        lines.append(
+            f"| `jaxinf run` ({label.split(', ')[1]}: every stage, exports, report) | {r['seconds']:.1f} | "
+            f"{kf / r['seconds']:.2f}x | {min(r['pearson']):.3f}-{max(r['pearson']):.3f} |"
+        )
     return "\n".join(lines)
 
 

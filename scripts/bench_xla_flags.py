@@ -45,8 +45,12 @@ SETTINGS: dict[str, str] = {
 def measure(flags: str, repeats: int) -> dict:
     """One fresh process of ``bench_fwd_bwd.py`` with ``flags`` added to ``XLA_FLAGS``: its rows in milliseconds."""
     env = {**os.environ, "XLA_FLAGS": (os.environ.get("XLA_FLAGS", "") + " " + flags).strip()}
-    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_fwd_bwd.py"), "--repeats", str(repeats)],
-                       env=env, capture_output=True, text=True)
+    r = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "bench_fwd_bwd.py"), "--repeats", str(repeats)],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     if r.returncode != 0:
         last = (r.stderr.strip().splitlines() or ["(no output)"])[-1]
         return {"error": last[:300]}
@@ -54,8 +58,12 @@ def measure(flags: str, repeats: int) -> dict:
     jax_ms = next(v for k, v in ms.items() if k.startswith("JAX, linear layers as one"))
     torch_ms = next(v for k, v in ms.items() if k.startswith("torch"))
     gflops = re.search(r"XLA (\d+) GFLOP/s", r.stdout)
-    return {"jax_ms": jax_ms, "torch_ms": torch_ms, "ratio": jax_ms / torch_ms,
-            "xla_gflops": int(gflops.group(1)) if gflops else None}
+    return {
+        "jax_ms": jax_ms,
+        "torch_ms": torch_ms,
+        "ratio": jax_ms / torch_ms,
+        "xla_gflops": int(gflops.group(1)) if gflops else None,
+    }
 
 
 def main(argv=None) -> None:
@@ -67,8 +75,10 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     chosen = {k: v for k, v in SETTINGS.items() if not args.only or k in args.only}
     results = {}
-    print("| setting | XLA_FLAGS | JAX ms | torch ms | JAX / torch | 2048^2 product GFLOP/s |\n|---|---|---|---|---|---|",
-          flush=True)
+    print(
+        "| setting | XLA_FLAGS | JAX ms | torch ms | JAX / torch | 2048^2 product GFLOP/s |\n|---|---|---|---|---|---|",
+        flush=True,
+    )
     for name, flags in chosen.items():
         runs = [measure(flags, args.repeats) for _ in range(args.rounds)]
         ok = [r for r in runs if "error" not in r]
@@ -80,9 +90,11 @@ def main(argv=None) -> None:
         row["ratios"] = [round(r["ratio"], 3) for r in ok]
         row["xla_gflops"] = ok[0]["xla_gflops"]
         results[name] = {"flags": flags, **row}
-        print(f"| {name} | `{flags or '(none)'}` | {row['jax_ms']:.1f} | {row['torch_ms']:.1f} | "
-              f"{row['ratio']:.2f} ({', '.join(f'{x:.2f}' for x in row['ratios'])}) | {row['xla_gflops']} |",
-              flush=True)
+        print(
+            f"| {name} | `{flags or '(none)'}` | {row['jax_ms']:.1f} | {row['torch_ms']:.1f} | "
+            f"{row['ratio']:.2f} ({', '.join(f'{x:.2f}' for x in row['ratios'])}) | {row['xla_gflops']} |",
+            flush=True,
+        )
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
 

@@ -60,7 +60,11 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", default="20000,200000", help="two corpus sizes, in documents (N1,N2)")
     ap.add_argument("--format", default="jsonl", help="jsonl, jsonl.gz, jsonl.zst, parquet, arrow or hf")
-    ap.add_argument("--shards", default="16", help="shards of each corpus: one count, or two (S1,S2: one per size, e.g. to keep the\n                    shard size fixed)")
+    ap.add_argument(
+        "--shards",
+        default="16",
+        help="shards of each corpus: one count, or two (S1,S2: one per size, e.g. to keep the\n                    shard size fixed)",
+    )
     ap.add_argument("--max-bytes-per-document", type=float, default=200.0)
     ap.add_argument("--workdir", help="keep the written corpora here (and reuse them)")
     ap.add_argument("--measure", metavar="SPEC", help=argparse.SUPPRESS)
@@ -80,9 +84,14 @@ def main(argv=None) -> int:
         raise SystemExit(f"--shards {args.shards!r}: expected one or two positive counts")
     rows = []
     for n, k in zip(sizes, shards):
-        (spec, disk, _), = write_formats(root / f"{n}-{k}", n, k, [args.format]).values()
-        res = subprocess.run([sys.executable, __file__, "--measure", spec], capture_output=True, text=True, check=False,
-                             env={**os.environ, "PYTHONPATH": str(HERE.parent)})
+        ((spec, disk, _),) = write_formats(root / f"{n}-{k}", n, k, [args.format]).values()
+        res = subprocess.run(
+            [sys.executable, __file__, "--measure", spec],
+            capture_output=True,
+            text=True,
+            check=False,
+            env={**os.environ, "PYTHONPATH": str(HERE.parent)},
+        )
         if res.returncode != 0:
             raise SystemExit(f"{args.format} at {n} documents: {res.stderr[-2000:]}")
         row = json.loads(res.stdout.splitlines()[-1])
@@ -96,15 +105,21 @@ def main(argv=None) -> int:
     (a, b) = rows
     slope = {k: (b[k] - a[k]) * 2**20 / (b["documents"] - a["documents"]) for k in ("rss_scan_mib", "rss_pass_mib")}
     print(f"{args.format}; {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}")
-    print("| documents | shards | on disk MiB | peak RSS after imports MiB | after the scan MiB | after one pass MiB | "
-          "scan docs/s | pass docs/s |")
+    print(
+        "| documents | shards | on disk MiB | peak RSS after imports MiB | after the scan MiB | after one pass MiB | "
+        "scan docs/s | pass docs/s |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['documents']:,} | {r['shards']} | {r['disk_mib']:.0f} | {r['rss_imports_mib']:.0f} | {r['rss_scan_mib']:.0f} | "
-              f"{r['rss_pass_mib']:.0f} | {r['documents'] / r['scan_s']:,.0f} | {r['documents'] / r['pass_s']:,.0f} |")
-    print(f"growth per added document: {slope['rss_scan_mib']:.0f} bytes after the scan, {slope['rss_pass_mib']:.0f} "
-          f"bytes after one pass; peak ratio {b['rss_pass_mib'] / a['rss_pass_mib']:.2f} for "
-          f"{b['documents'] / a['documents']:.0f}x the documents")
+        print(
+            f"| {r['documents']:,} | {r['shards']} | {r['disk_mib']:.0f} | {r['rss_imports_mib']:.0f} | {r['rss_scan_mib']:.0f} | "
+            f"{r['rss_pass_mib']:.0f} | {r['documents'] / r['scan_s']:,.0f} | {r['documents'] / r['pass_s']:,.0f} |"
+        )
+    print(
+        f"growth per added document: {slope['rss_scan_mib']:.0f} bytes after the scan, {slope['rss_pass_mib']:.0f} "
+        f"bytes after one pass; peak ratio {b['rss_pass_mib'] / a['rss_pass_mib']:.2f} for "
+        f"{b['documents'] / a['documents']:.0f}x the documents"
+    )
     worst = max(slope.values())
     if worst > args.max_bytes_per_document:
         print(f"NOT FLAT: {worst:.0f} bytes per document > --max-bytes-per-document {args.max_bytes_per_document:g}")

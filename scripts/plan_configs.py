@@ -27,8 +27,12 @@ def row(config: Path) -> str:
 
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "plan.json"
-        r = subprocess.run([sys.executable, "-m", "jaxinf", "plan", str(config), "--json", str(out)], cwd=REPO,
-                           capture_output=True, text=True)
+        r = subprocess.run(
+            [sys.executable, "-m", "jaxinf", "plan", str(config), "--json", str(out)],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+        )
         if not out.exists():
             raise SystemExit(f"{config}: jaxinf plan failed ({r.returncode}): {r.stderr.strip().splitlines()[-1:]}")
         plan = json.loads(out.read_text())
@@ -37,9 +41,11 @@ def row(config: Path) -> str:
     largest = max(m["steps"], key=lambda s: s["peak"])
     scores = next(s for s in m["steps"] if s["name"] == "scores")
     fits = "-" if memory is None else ("yes" if largest["peak"] <= memory * GiB else "**no**")
-    return (f"| `{config.relative_to(REPO)}` | {m['data']}x{m['model']} ({m['devices']}) | {m['global_batch']} | "
-            f"{largest['name']} {largest['peak'] / GiB:.1f} | {memory if memory is not None else '-'} | {fits} | "
-            f"{scores['flops_per_document'] / 1e12:.1f} | {scores['hours']:.1f} |")
+    return (
+        f"| `{config.relative_to(REPO)}` | {m['data']}x{m['model']} ({m['devices']}) | {m['global_batch']} | "
+        f"{largest['name']} {largest['peak'] / GiB:.1f} | {memory if memory is not None else '-'} | {fits} | "
+        f"{scores['flops_per_document'] / 1e12:.1f} | {scores['hours']:.1f} |"
+    )
 
 
 def main() -> None:
@@ -47,9 +53,12 @@ def main() -> None:
     parser.add_argument("configs", nargs="*", type=Path)
     args = parser.parse_args()
     configs = [c.resolve() for c in args.configs] or sorted((REPO / "configs" / "paper").glob("*.yaml")) + sorted(
-        (REPO / "configs" / "plan").glob("*.yaml"))
-    print("| config | mesh (devices) | documents / step | largest step, GiB | memory GiB | fits | "
-          "scores TFLOP / doc | scores hours |")
+        (REPO / "configs" / "plan").glob("*.yaml")
+    )
+    print(
+        "| config | mesh (devices) | documents / step | largest step, GiB | memory GiB | fits | "
+        "scores TFLOP / doc | scores hours |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for c in configs:
         print(row(c), flush=True)

@@ -58,6 +58,7 @@ def to_tf32(x: np.ndarray) -> np.ndarray:
 
 def product(mode: str):
     """``matmul(x, y)`` as ``mode`` computes it (see the module docstring); float32 results except float64's."""
+
     def f32(z):
         return np.asarray(z, np.float32).astype(np.float64)
 
@@ -81,8 +82,11 @@ def product(mode: str):
 
 def elementwise(mode: str):
     """The dtype of everything that is not a product: float64 for the reference, float32 otherwise."""
-    return (lambda z: np.asarray(z, np.float64)) if mode == "float64" else \
-        (lambda z: np.asarray(z, np.float32).astype(np.float64))
+    return (
+        (lambda z: np.asarray(z, np.float64))
+        if mode == "float64"
+        else (lambda z: np.asarray(z, np.float32).astype(np.float64))
+    )
 
 
 def captured(hidden: int, layers: int, docs: int, seq: int, queries: int, seed: int) -> dict:
@@ -92,8 +96,9 @@ def captured(hidden: int, layers: int, docs: int, seq: int, queries: int, seed: 
     from jaxinf.engine import capture, tasks
 
     vocab = 512
-    hf = train.hf_config(vocab, hidden=hidden, layers=layers, heads=4, kv_heads=2, intermediate=hidden * 8 // 3,
-                         max_positions=seq)
+    hf = train.hf_config(
+        vocab, hidden=hidden, layers=layers, heads=4, kv_heads=2, intermediate=hidden * 8 // 3, max_positions=seq
+    )
     lm = models.init(models.config_from_hf(hf, dtype="float64", scan=False), seed)
     task = lm.task()
     rng = np.random.default_rng(seed)
@@ -106,48 +111,55 @@ def captured(hidden: int, layers: int, docs: int, seq: int, queries: int, seed: 
     doc_batch = tasks.lm_batch(sequences(docs))
     query_batch = tasks.lm_batch(sequences(queries), prompt_lengths=[seq // 2] * queries)
     tracked = capture.select_layers(
-        capture.find_layers(lambda p, b, pr: task.train_loss(p, b, pr, None), lm.params, doc_batch), "mlp")
+        capture.find_layers(lambda p, b, pr: task.train_loss(p, b, pr, None), lm.params, doc_batch), "mlp"
+    )
 
     def keep(a, g, mask, context):
         return {"a": a, "g": g}
 
     def run(loss_fn, batch):
         stats, _ = jax.jit(lambda p, b: capture.layer_statistics(loss_fn, p, b, tracked, keep, mask=b["mask"]))(
-            lm.params, batch)
+            lm.params, batch
+        )
         return {k: {n: np.asarray(v, np.float64) for n, v in s.items()} for k, s in stats.items()}
 
     key = jax.random.key(seed + 1)
-    return {"fit": run(lambda p, b, pr: task.train_loss(p, b, pr, key), doc_batch),
-            "docs": run(lambda p, b, pr: task.train_loss(p, b, pr, None), doc_batch),
-            "queries": run(task.measurement, query_batch),
-            "tokens": float(np.asarray(doc_batch["mask"]).sum())}
+    return {
+        "fit": run(lambda p, b, pr: task.train_loss(p, b, pr, key), doc_batch),
+        "docs": run(lambda p, b, pr: task.train_loss(p, b, pr, None), doc_batch),
+        "queries": run(task.measurement, query_batch),
+        "tokens": float(np.asarray(doc_batch["mask"]).sum()),
+    }
 
 
 def statistics(data: dict, mode: str) -> dict:
     """A, S, Lambda, P(G_q) per layer and the scores, every product by ``mode``."""
     mm, el = product(mode), elementwise(mode)
-    eigh = np.linalg.eigh if mode == "float64" else \
-        (lambda M: tuple(np.asarray(r, np.float64) for r in np.linalg.eigh(np.asarray(M, np.float32))))
+    eigh = (
+        np.linalg.eigh
+        if mode == "float64"
+        else (lambda M: tuple(np.asarray(r, np.float64) for r in np.linalg.eigh(np.asarray(M, np.float32))))
+    )
     out = {"A": {}, "S": {}, "Lambda": {}, "P": {}}
     scores = 0.0
     for name in data["fit"]:
-        a, g = data["fit"][name]["a"], data["fit"][name]["g"]                  # [N, T, d]
+        a, g = data["fit"][name]["a"], data["fit"][name]["g"]  # [N, T, d]
         N, T = a.shape[:2]
         a2, g2 = a.reshape(N * T, -1), g.reshape(N * T, -1)
-        A = el(mm(a2.T, a2) / data["tokens"])                                  # covariance_statistic
+        A = el(mm(a2.T, a2) / data["tokens"])  # covariance_statistic
         S = el(mm(g2.T, g2) / data["tokens"])
         eA, QA = eigh(el((A + A.T) / 2))
         eS, QS = eigh(el((S + S.T) / 2))
-        ar, gr = mm(a2, QA).reshape(N, T, -1), mm(g2, QS).reshape(N, T, -1)   # rotated_gradient
-        R = np.stack([mm(gr[n].T, ar[n]) for n in range(N)])                  # [N, d_out, d_in]
-        Lam = el(mm(np.ones((1, N)), el(R * R).reshape(N, -1)).reshape(R.shape[1:]) / N)   # sum_over_sequences
+        ar, gr = mm(a2, QA).reshape(N, T, -1), mm(g2, QS).reshape(N, T, -1)  # rotated_gradient
+        R = np.stack([mm(gr[n].T, ar[n]) for n in range(N)])  # [N, d_out, d_in]
+        Lam = el(mm(np.ones((1, N)), el(R * R).reshape(N, -1)).reshape(R.shape[1:]) / N)  # sum_over_sequences
         damp = 0.1 * Lam.mean()
         qa, qg = data["queries"][name]["a"], data["queries"][name]["g"]
-        Gq = np.stack([mm(qg[q].T, qa[q]) for q in range(qa.shape[0])])       # per_sequence_gradient
-        P = np.stack([mm(mm(QS, el(mm(mm(QS.T, G), QA) / (Lam + damp))), QA.T) for G in Gq])   # precondition
+        Gq = np.stack([mm(qg[q].T, qa[q]) for q in range(qa.shape[0])])  # per_sequence_gradient
+        P = np.stack([mm(mm(QS, el(mm(mm(QS.T, G), QA) / (Lam + damp))), QA.T) for G in Gq])  # precondition
         da, dg = data["docs"][name]["a"], data["docs"][name]["g"]
         Gd = np.stack([mm(dg[n].T, da[n]) for n in range(da.shape[0])])
-        scores = scores + mm(P.reshape(P.shape[0], -1), Gd.reshape(Gd.shape[0], -1).T)   # block_scores
+        scores = scores + mm(P.reshape(P.shape[0], -1), Gd.reshape(Gd.shape[0], -1).T)  # block_scores
         out["A"][name], out["S"][name], out["Lambda"][name], out["P"][name] = A, S, Lam, P
     out["scores"] = el(scores)
     return out
@@ -181,13 +193,17 @@ def main() -> None:
         row["scores"] = rel(got["scores"], ref["scores"])
         row["spearman"] = min(spearman(got["scores"][q], ref["scores"][q]) for q in range(ref["scores"].shape[0]))
         rows[mode] = row
-    print(f"Llama hidden {args.hidden}, {args.layers} layers, MLP layers tracked; {args.docs} documents x "
-          f"{args.seq} tokens, {args.queries} queries; relative error against float64 (largest over layers)\n")
+    print(
+        f"Llama hidden {args.hidden}, {args.layers} layers, MLP layers tracked; {args.docs} documents x "
+        f"{args.seq} tokens, {args.queries} queries; relative error against float64 (largest over layers)\n"
+    )
     print("| mode | A | S | Lambda | P(G_q) | scores | min Spearman |")
     print("|---|---|---|---|---|---|---|")
     for mode, r in rows.items():
-        print(f"| {mode} | {r['A']:.1e} | {r['S']:.1e} | {r['Lambda']:.1e} | {r['P']:.1e} | {r['scores']:.1e} | "
-              f"{r['spearman']:.6f} |")
+        print(
+            f"| {mode} | {r['A']:.1e} | {r['S']:.1e} | {r['Lambda']:.1e} | {r['P']:.1e} | {r['scores']:.1e} | "
+            f"{r['spearman']:.6f} |"
+        )
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"settings": vars(args), "rows": rows}, f, indent=1)

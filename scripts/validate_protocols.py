@@ -41,8 +41,11 @@ def row(steps: int, result: dict, seconds: float) -> str:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", default="500,200,800", help="training lengths (validate.steps), in the order run")
-    ap.add_argument("--protocols", default=",".join(f"{a}/{b}" for a, b in PROTOCOLS),
-                    help="subset_steps/subset_init pairs, in the order run")
+    ap.add_argument(
+        "--protocols",
+        default=",".join(f"{a}/{b}" for a, b in PROTOCOLS),
+        help="subset_steps/subset_init pairs, in the order run",
+    )
     ap.add_argument("--out", required=True, help="a directory per length is made under it")
     ap.add_argument("--table", required=True, help="markdown file the rows are appended to")
     ap.add_argument("overrides", nargs="*", help="section.key=value for every run")
@@ -52,14 +55,23 @@ def main(argv: list[str] | None = None) -> None:
     first = driver.load_config(None, args.overrides)
     strategies = first.validate.strategies
     if not table.exists():
-        header = (["steps", "subset_steps", "subset_init", "steps per retraining"]
-                  + [f"{NAMES[s]} LDS [95% bootstrap CI]" for s in strategies] + ["EK-FAC / identity", "s"])
+        header = (
+            ["steps", "subset_steps", "subset_init", "steps per retraining"]
+            + [f"{NAMES[s]} LDS [95% bootstrap CI]" for s in strategies]
+            + ["EK-FAC / identity", "s"]
+        )
         table.write_text("| " + " | ".join(header) + " |\n|" + "---|" * len(header) + "\n")
     for steps in [int(x) for x in args.steps.split(",")]:
         for subset_steps, subset_init in (p.split("/") for p in args.protocols.split(",")):
-            config = driver.load_config(None, args.overrides + [f"validate.steps={steps}",
-                                                                f"validate.subset_steps={subset_steps}",
-                                                                f"validate.subset_init={subset_init}"])
+            config = driver.load_config(
+                None,
+                args.overrides
+                + [
+                    f"validate.steps={steps}",
+                    f"validate.subset_steps={subset_steps}",
+                    f"validate.subset_init={subset_init}",
+                ],
+            )
             t0 = time.perf_counter()
             result = driver.validate(config, Path(args.out) / f"steps{steps}")
             with table.open("a") as f:

@@ -13,16 +13,31 @@ from jaxinf.run.exports.formats import write_documents, write_queries, write_sco
 FAST = Options(powerlaw_bootstrap=10, permutations=200)
 
 
-def make_run(run_dir: Path, scores: np.ndarray, kinds=None, tasks=None, sources=None, tokens=None, texts=None,
-             losses=None, answers=None, query_ids=None, doc_ids=None, prompts=None, completions=None) -> Path:
+def make_run(
+    run_dir: Path,
+    scores: np.ndarray,
+    kinds=None,
+    tasks=None,
+    sources=None,
+    tokens=None,
+    texts=None,
+    losses=None,
+    answers=None,
+    query_ids=None,
+    doc_ids=None,
+    prompts=None,
+    completions=None,
+) -> Path:
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     Q, N = scores.shape
     qs = []
     for q in range(Q):
-        r = {"id": query_ids[q] if query_ids else f"q{q}",
-             "prompt": prompts[q] if prompts else f"prompt {q}",
-             "completion": completions[q] if completions else f"completion {q}"}
+        r = {
+            "id": query_ids[q] if query_ids else f"q{q}",
+            "prompt": prompts[q] if prompts else f"prompt {q}",
+            "completion": completions[q] if completions else f"completion {q}",
+        }
         if kinds is not None and kinds[q] is not None:
             r["kind"] = kinds[q]
         if tasks is not None and tasks[q] is not None:

@@ -18,8 +18,16 @@ import subprocess
 import tempfile
 import time
 
-FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 
 PROBE = """JSON.stringify({
   title: document.title,
@@ -50,8 +58,12 @@ class _Browser:
         to_r, self.to_w = map(_high, os.pipe())
         self.from_r, from_w = map(_high, os.pipe())
         cmd = " ".join([exe, *FLAGS, f"--user-data-dir={self.profile}", "--remote-debugging-pipe", "about:blank"])
-        self.proc = subprocess.Popen(["bash", "-c", f"exec {cmd} 3<&{to_r} 4>&{from_w} {to_r}<&- {from_w}>&-"],
-                                     pass_fds=(to_r, from_w), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        self.proc = subprocess.Popen(
+            ["bash", "-c", f"exec {cmd} 3<&{to_r} 4>&{from_w} {to_r}<&- {from_w}>&-"],
+            pass_fds=(to_r, from_w),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
         os.close(to_r)
         os.close(from_w)
         self.buf = b""
@@ -88,7 +100,9 @@ class _Browser:
                 raise TimeoutError("no reply from chromium")
             chunk = os.read(self.from_r, 1 << 16)
             if not chunk:
-                raise RuntimeError("chromium closed the pipe: " + self.proc.stderr.read().decode(errors="replace")[-2000:])
+                raise RuntimeError(
+                    "chromium closed the pipe: " + self.proc.stderr.read().decode(errors="replace")[-2000:]
+                )
             self.buf += chunk
         raw, self.buf = self.buf.split(b"\0", 1)
         return json.loads(raw)
@@ -109,8 +123,9 @@ class _Browser:
         shutil.rmtree(self.profile, ignore_errors=True)
 
 
-def inspect_page(url: str, exe: str | None = None, settle_s: float = 1.0, timeout: float = 60,
-                 steps: tuple[str, ...] = ()) -> dict:
+def inspect_page(
+    url: str, exe: str | None = None, settle_s: float = 1.0, timeout: float = 60, steps: tuple[str, ...] = ()
+) -> dict:
     """Load url in a fresh headless Chromium and return the PROBE result (a dict). ``steps``: JavaScript
     expressions evaluated in order after the load, in the page (as a user's actions would run), their JSON
     values returned under ``"steps"``."""

@@ -59,7 +59,8 @@ def hf_checkpoint(tmp_path_factory):
         if key not in built:
             torch_dtype = None if dtype is None else getattr(oracle("torch"), dtype)
             built[key] = models_support.save_checkpoint(
-                name, tmp_path_factory.mktemp(f"{name}-{dtype or 'float32'}"), dtype=torch_dtype)
+                name, tmp_path_factory.mktemp(f"{name}-{dtype or 'float32'}"), dtype=torch_dtype
+            )
         return built[key]
 
     return get

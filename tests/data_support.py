@@ -7,8 +7,10 @@ from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
-WORDS = ("the river of zorv is long and the mountain of quab is tall while three plus four makes seven "
-         "slope between points rises over runs answer question every day people walk").split()
+WORDS = (
+    "the river of zorv is long and the mountain of quab is tall while three plus four makes seven "
+    "slope between points rises over runs answer question every day people walk"
+).split()
 
 
 def corpus_texts(n: int = 200, seed: int = 0) -> list[str]:
@@ -35,13 +37,18 @@ def make_tokenizer(template: str = "bos", vocab_size: int = 300) -> Tokenizer:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "<s>", "</s>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<pad>", "<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tok.train_from_iterator(corpus_texts(), trainer)
     single = {"bos": "<s> $A", "eos": "$A </s>", "both": "<s> $A </s>"}.get(template)
     if single is not None:
         tok.post_processor = processors.TemplateProcessing(
-            single=single, special_tokens=[("<s>", tok.token_to_id("<s>")), ("</s>", tok.token_to_id("</s>"))])
+            single=single, special_tokens=[("<s>", tok.token_to_id("<s>")), ("</s>", tok.token_to_id("</s>"))]
+        )
     return tok
 
 
@@ -58,4 +65,6 @@ def documents_file(path: Path, n: int = 60, seed: int = 0) -> Path:
     """A documents JSONL file with ids, sources and an extra field."""
     texts = corpus_texts(n, seed)
     sources = ["wiki", "code", "webdata"]
-    return write_jsonl(path, [{"id": f"d{i}", "text": t, "source": sources[i % 3], "n": i} for i, t in enumerate(texts)])
+    return write_jsonl(
+        path, [{"id": f"d{i}", "text": t, "source": sources[i % 3], "n": i} for i, t in enumerate(texts)]
+    )

@@ -20,8 +20,9 @@ QUERIES = [([1, 2, 3], [4, 5]), ([9, 10], [11]), ([2, 2], [9, 1, 3])]
 
 def tiny_lm(dtype=jnp.float64, seed=0, **kw):
     task = testing.tiny_lm_task()
-    params = testing.tiny_lm_init(jax.random.key(seed), vocab=16, d_model=8, d_ff=12, n_layers=2, max_len=16,
-                                  dtype=dtype, **kw)
+    params = testing.tiny_lm_init(
+        jax.random.key(seed), vocab=16, d_model=8, d_ff=12, n_layers=2, max_len=16, dtype=dtype, **kw
+    )
     return task, params
 
 
@@ -149,12 +150,21 @@ class Captured:
         self.loss = loss
 
 
-jax.tree_util.register_pytree_node(Captured, lambda c: ((c.a, c.g, c.loss), None),
-                                   lambda _, ch: Captured({k: {"a": ch[0][k], "g": ch[1][k]} for k in ch[0]}, ch[2]))
+jax.tree_util.register_pytree_node(
+    Captured,
+    lambda c: ((c.a, c.g, c.loss), None),
+    lambda _, ch: Captured({k: {"a": ch[0][k], "g": ch[1][k]} for k in ch[0]}, ch[2]),
+)
 
 
 def capture_ag(loss_fn, params, batch, layers, mask=None):
     """The engine's own mechanism with the identity statistic ``f(a, g) = (a, g)``: every layer's ``a`` and ``g``."""
-    stats, loss = capture.layer_statistics(loss_fn, params, batch, layers, lambda a, g, m, c: {"a": a, "g": g},
-                                           mask=batch["mask"] if mask is None else mask)
+    stats, loss = capture.layer_statistics(
+        loss_fn,
+        params,
+        batch,
+        layers,
+        lambda a, g, m, c: {"a": a, "g": g},
+        mask=batch["mask"] if mask is None else mask,
+    )
     return Captured(stats, loss)

@@ -53,7 +53,7 @@ def _rows(sequences: Sequence[np.ndarray], targets: Sequence[np.ndarray], length
         mask[:n] = 1
         is_target = np.zeros(T, bool)
         is_target[:n] = target
-        nxt = np.flatnonzero(is_target[1:])            # position t predicts token t+1
+        nxt = np.flatnonzero(is_target[1:])  # position t predicts token t+1
         labels[nxt] = input_ids[nxt + 1]
         out.append({"input_ids": input_ids, "attention_mask": mask, "labels": labels})
     return out
@@ -118,8 +118,9 @@ class CausalLMTask(Task):
         return logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
 
     def _nll(self, logits, labels):
-        return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1),
-                                                 ignore_index=IGNORE, reduction="sum")
+        return torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=IGNORE, reduction="sum"
+        )
 
     def compute_train_loss(self, batch, model, sample: bool = False):
         logits = self._logits(batch, model)
@@ -147,14 +148,21 @@ def factor_arguments(strategy: str, fisher: str, precision: str) -> FactorArgume
     """kronfluence's factor arguments for a jaxinf ``factors.strategy``, ``factors.fisher`` and ``run.precision``."""
     dtype = torch.float64 if precision == "float64" else torch.float32
     return FactorArguments(
-        strategy=strategy, use_empirical_fisher=fisher == "empirical",
-        covariance_max_examples=None, lambda_max_examples=None,
-        activation_covariance_dtype=dtype, gradient_covariance_dtype=dtype, eigendecomposition_dtype=torch.float64,
-        per_sample_gradient_dtype=dtype, lambda_dtype=dtype)
+        strategy=strategy,
+        use_empirical_fisher=fisher == "empirical",
+        covariance_max_examples=None,
+        lambda_max_examples=None,
+        activation_covariance_dtype=dtype,
+        gradient_covariance_dtype=dtype,
+        eigendecomposition_dtype=torch.float64,
+        per_sample_gradient_dtype=dtype,
+        lambda_dtype=dtype,
+    )
 
 
-def score_arguments(damping: float | None, query_rank: int | None, precision: str, *,
-                    per_module: bool = False, svd: str = "full") -> ScoreArguments:
+def score_arguments(
+    damping: float | None, query_rank: int | None, precision: str, *, per_module: bool = False, svd: str = "full"
+) -> ScoreArguments:
     """kronfluence's score arguments for jaxinf's ``scores.damping`` (None: the heuristic), ``scores.query_rank``
     and ``scores.query_svd`` (``svd``).
 
@@ -164,10 +172,15 @@ def score_arguments(damping: float | None, query_rank: int | None, precision: st
     """
     dtype = torch.float64 if precision == "float64" else torch.float32
     return ScoreArguments(
-        damping_factor=damping, query_gradient_low_rank=query_rank, use_full_svd=svd == "full",
+        damping_factor=damping,
+        query_gradient_low_rank=query_rank,
+        use_full_svd=svd == "full",
         compute_per_module_scores=per_module,
         query_gradient_svd_dtype=torch.float64 if precision == "float64" else torch.float32,
-        per_sample_gradient_dtype=dtype, precondition_dtype=dtype, score_dtype=dtype)
+        per_sample_gradient_dtype=dtype,
+        precondition_dtype=dtype,
+        score_dtype=dtype,
+    )
 
 
 def load_model(checkpoint: str | Path, precision: str, attention: str = "eager"):
@@ -179,8 +192,9 @@ def load_model(checkpoint: str | Path, precision: str, attention: str = "eager")
     """
     transformers = importlib.import_module("transformers")
     dtype = torch.float64 if precision == "float64" else torch.float32
-    return transformers.AutoModelForCausalLM.from_pretrained(str(checkpoint), dtype=dtype,
-                                                             attn_implementation=attention).eval()
+    return transformers.AutoModelForCausalLM.from_pretrained(
+        str(checkpoint), dtype=dtype, attn_implementation=attention
+    ).eval()
 
 
 def tracked_modules(model, patterns: str | Sequence[str]) -> list[str]:

@@ -21,7 +21,7 @@ import numpy as np
 from conftest import oracle
 
 MAX_LENGTH = 16
-BATCH = 8          # jaxinf's data.batch_size in parity runs
+BATCH = 8  # jaxinf's data.batch_size in parity runs
 FAMILIES = ("llama", "gpt_neox", "cohere")
 
 _cache: dict = {}
@@ -59,10 +59,19 @@ def world(tmp_path_factory, family: str, n_documents: int = 32, n_queries: int =
 
 def overrides(w: dict, out: Path, **extra) -> list[str]:
     """``jaxinf run`` settings of a parity run (float64, empirical Fisher, self-influence) with ``extra`` on top."""
-    base = {"model.checkpoint": w["model"], "data.documents": w["docs"], "data.queries": w["queries"],
-            "data.max_length": MAX_LENGTH, "data.batch_size": BATCH, "model.dtype": "float64",
-            "run.precision": "float64", "factors.fisher": "empirical", "scores.self_influence": True,
-            "scores.topk": 3, "run.out": out}
+    base = {
+        "model.checkpoint": w["model"],
+        "data.documents": w["docs"],
+        "data.queries": w["queries"],
+        "data.max_length": MAX_LENGTH,
+        "data.batch_size": BATCH,
+        "model.dtype": "float64",
+        "run.precision": "float64",
+        "factors.fisher": "empirical",
+        "scores.self_influence": True,
+        "scores.topk": 3,
+        "run.out": out,
+    }
     base.update(extra)
     return [f"{k}={v}" for k, v in base.items()]
 
@@ -91,9 +100,15 @@ def sampled_float64(w: dict) -> dict:
     lm, tok = models.from_hf(w["model"], dtype="float64")
     encoder = TextEncoder(tok)
     (qb,) = query_batches(encode_queries(read_queries(str(w["queries"])), encoder, max_length=MAX_LENGTH))
-    return {"config": conf, "layers": transfer.tracked_layers(conf), "lm": lm, "task": lm.task(), "encoder": encoder,
-            "source": open_documents(str(w["docs"])),
-            "queries": {k: jnp.asarray(qb[k]) for k in ("tokens", "mask", "weights")}}
+    return {
+        "config": conf,
+        "layers": transfer.tracked_layers(conf),
+        "lm": lm,
+        "task": lm.task(),
+        "encoder": encoder,
+        "source": open_documents(str(w["docs"])),
+        "queries": {k: jnp.asarray(qb[k]) for k in ("tokens", "mask", "weights")},
+    }
 
 
 @contextlib.contextmanager
@@ -136,9 +151,18 @@ class Kronfluence:
     of kronfluence's own draws.
     """
 
-    def __init__(self, w: dict, root: Path, *, precision: str = "float64", fisher: str = "empirical",
-                 seed: int = 0, n_documents: int | None = None, track: str = "mlp",
-                 sampled_labels: list[np.ndarray] | None = None):
+    def __init__(
+        self,
+        w: dict,
+        root: Path,
+        *,
+        precision: str = "float64",
+        fisher: str = "empirical",
+        seed: int = 0,
+        n_documents: int | None = None,
+        track: str = "mlp",
+        sampled_labels: list[np.ndarray] | None = None,
+    ):
         oracle("kronfluence")
         torch = oracle("torch")
         import kronfluence_reference as ref
@@ -149,9 +173,9 @@ class Kronfluence:
         if n_documents is not None:
             doc_ids = doc_ids[:n_documents]
         examples = ref.document_examples(doc_ids, MAX_LENGTH)
-        for example, drawn in zip(examples, sampled_labels or []):   # document i's labels at its target positions
+        for example, drawn in zip(examples, sampled_labels or []):  # document i's labels at its target positions
             labels = example["labels"]
-            full = np.zeros(len(labels), np.int64)                   # the last position predicts nothing
+            full = np.zeros(len(labels), np.int64)  # the last position predicts nothing
             full[: len(drawn)] = np.asarray(drawn)[: len(labels)]
             example["sampled_labels"] = torch.where(labels == ref.IGNORE, labels, torch.from_numpy(full))
         self.documents = ref.Examples(examples)
@@ -201,25 +225,43 @@ class Kronfluence:
         with self.context():
             if strategy == "kfac":
                 self.fit("ekfac")
-                self.analyzer.perform_eigendecomposition(strategy, factor_args=args, overwrite_output_dir=True,
-                                                         load_from_factors_name="ekfac")
+                self.analyzer.perform_eigendecomposition(
+                    strategy, factor_args=args, overwrite_output_dir=True, load_from_factors_name="ekfac"
+                )
             else:
-                self.analyzer.fit_all_factors(strategy, self.documents, per_device_batch_size=self.batch,
-                                              factor_args=args, overwrite_output_dir=True)
+                self.analyzer.fit_all_factors(
+                    strategy,
+                    self.documents,
+                    per_device_batch_size=self.batch,
+                    factor_args=args,
+                    overwrite_output_dir=True,
+                )
         self.fitted.add(strategy)
         return strategy
 
-    def pairwise(self, strategy: str, damping: float | None = None, rank: int | None = None,
-                 name: str | None = None, factors_name: str | None = None) -> np.ndarray:
+    def pairwise(
+        self,
+        strategy: str,
+        damping: float | None = None,
+        rank: int | None = None,
+        name: str | None = None,
+        factors_name: str | None = None,
+    ) -> np.ndarray:
         """kronfluence's pairwise scores ``[queries, documents]`` (float64 numpy)."""
         factors_name = factors_name or self.fit(strategy)
         name = name or f"pairwise_{factors_name}_{damping}_{rank}"
         args = self.ref.score_arguments(damping, rank, self.precision)
         with self.context():
-            self.analyzer.compute_pairwise_scores(name, factors_name, self.queries, self.documents,
-                                                  per_device_query_batch_size=len(self.queries),
-                                                  per_device_train_batch_size=self.batch, score_args=args,
-                                                  overwrite_output_dir=True)
+            self.analyzer.compute_pairwise_scores(
+                name,
+                factors_name,
+                self.queries,
+                self.documents,
+                per_device_query_batch_size=len(self.queries),
+                per_device_train_batch_size=self.batch,
+                score_args=args,
+                overwrite_output_dir=True,
+            )
             return self.analyzer.load_pairwise_scores(name)["all_modules"].double().numpy()
 
     def self_scores(self, strategy: str, damping: float | None = None, name: str | None = None) -> np.ndarray:
@@ -228,9 +270,14 @@ class Kronfluence:
         name = name or f"self_{factors_name}_{damping}"
         args = self.ref.score_arguments(damping, None, self.precision)
         with self.context():
-            self.analyzer.compute_self_scores(name, factors_name, self.documents,
-                                              per_device_train_batch_size=self.batch, score_args=args,
-                                              overwrite_output_dir=True)
+            self.analyzer.compute_self_scores(
+                name,
+                factors_name,
+                self.documents,
+                per_device_train_batch_size=self.batch,
+                score_args=args,
+                overwrite_output_dir=True,
+            )
             return self.analyzer.load_self_scores(name)["all_modules"].double().numpy()
 
 

@@ -28,97 +28,265 @@ _TWO = dict(_BASE, num_hidden_layers=2)
 # which transformers 5 still reads: both sides must interpret it the same way.
 CHECKPOINTS = {
     # grouped-query attention, separate lm_head, sharded safetensors with an index
-    "llama": ("llama", dict(_BASE, num_key_value_heads=2, rms_norm_eps=1e-5,
-                            rope_parameters={"rope_type": "default", "rope_theta": 10000.0}), "40KB"),
+    "llama": (
+        "llama",
+        dict(
+            _BASE,
+            num_key_value_heads=2,
+            rms_norm_eps=1e-5,
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+        ),
+        "40KB",
+    ),
     # explicit head_dim != hidden/heads, biases, tied embeddings, llama3 rope scaling, tanh gelu
-    "llama_variant": ("llama", dict(_BASE, num_key_value_heads=1, head_dim=12, attention_bias=True, mlp_bias=True,
-                                    tie_word_embeddings=True, hidden_act="gelu_pytorch_tanh",
-                                    rope_parameters={"rope_type": "llama3", "rope_theta": 10000.0, "factor": 4.0,
-                                                     "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                                                     "original_max_position_embeddings": 16}), None),
+    "llama_variant": (
+        "llama",
+        dict(
+            _BASE,
+            num_key_value_heads=1,
+            head_dim=12,
+            attention_bias=True,
+            mlp_bias=True,
+            tie_word_embeddings=True,
+            hidden_act="gelu_pytorch_tanh",
+            rope_parameters={
+                "rope_type": "llama3",
+                "rope_theta": 10000.0,
+                "factor": 4.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 16,
+            },
+        ),
+        None,
+    ),
     # parallel residual, partial rotary (half of each head)
     "gpt_neox": ("gpt_neox", dict(_BASE, rotary_pct=0.5, use_parallel_residual=True), None),
     # sequential residual, a quarter of each head rotated, sharded
     "gpt_neox_sequential": ("gpt_neox", dict(_BASE, use_parallel_residual=False), "40KB"),
     # grouped-query attention, tied embeddings, logit scale, sharded
-    "cohere": ("cohere", dict(_BASE, num_key_value_heads=2, logit_scale=0.25, pad_token_id=0, bos_token_id=1,
-                              eos_token_id=2, rope_parameters={"rope_type": "default", "rope_theta": 1000.0}), "40KB"),
+    "cohere": (
+        "cohere",
+        dict(
+            _BASE,
+            num_key_value_heads=2,
+            logit_scale=0.25,
+            pad_token_id=0,
+            bos_token_id=1,
+            eos_token_id=2,
+            rope_parameters={"rope_type": "default", "rope_theta": 1000.0},
+        ),
+        "40KB",
+    ),
     # per-head q/k LayerNorm (Command R+), untied head
-    "cohere_qk_norm": ("cohere", dict(_BASE, num_key_value_heads=4, use_qk_norm=True, tie_word_embeddings=False,
-                                      logit_scale=0.5, pad_token_id=0, bos_token_id=1, eos_token_id=2), None),
+    "cohere_qk_norm": (
+        "cohere",
+        dict(
+            _BASE,
+            num_key_value_heads=4,
+            use_qk_norm=True,
+            tie_word_embeddings=False,
+            logit_scale=0.5,
+            pad_token_id=0,
+            bos_token_id=1,
+            eos_token_id=2,
+        ),
+        None,
+    ),
     # ---- the families added with the registry: 2 layers, sequences (11 tokens) longer than the windows (4)
     # sliding window on every layer
     "mistral": ("mistral", dict(_TWO, num_key_value_heads=2, sliding_window=4), None),
     # q/k/v biases (not o), layer 1 sliding (use_sliding_window from max_window_layers on)
-    "qwen2": ("qwen2", dict(_TWO, num_key_value_heads=2, use_sliding_window=True, sliding_window=4,
-                            max_window_layers=1), None),
+    "qwen2": (
+        "qwen2",
+        dict(_TWO, num_key_value_heads=2, use_sliding_window=True, sliding_window=4, max_window_layers=1),
+        None,
+    ),
     # per-head q/k RMSNorms, explicit head_dim, biases everywhere
     "qwen3": ("qwen3", dict(_TWO, num_key_value_heads=2, head_dim=12, attention_bias=True), None),
     # (1 + w) RMSNorms, sqrt(hidden) embedding scale, GeGLU, tied head, multi-query
     "gemma": ("gemma", dict(_TWO, num_key_value_heads=1, head_dim=8), None),
     # sandwich norms, attention and final soft-caps, query_pre_attn_scalar, sliding then full layer
-    "gemma2": ("gemma2", dict(_TWO, num_key_value_heads=2, head_dim=8, query_pre_attn_scalar=6, sliding_window=4,
-                              attn_logit_softcapping=2.0, final_logit_softcapping=3.0), None),
+    "gemma2": (
+        "gemma2",
+        dict(
+            _TWO,
+            num_key_value_heads=2,
+            head_dim=8,
+            query_pre_attn_scalar=6,
+            sliding_window=4,
+            attn_logit_softcapping=2.0,
+            final_logit_softcapping=3.0,
+        ),
+        None,
+    ),
     # q/k norms, local rope base on the sliding layer, linearly scaled global rope on the full one
-    "gemma3": ("gemma3", dict(_TWO, num_key_value_heads=2, head_dim=8, query_pre_attn_scalar=8, sliding_window=4,
-                              layer_types=["sliding_attention", "full_attention"],
-                              rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 100.0},
-                                               "full_attention": {"rope_type": "linear", "factor": 2.0,
-                                                                  "rope_theta": 10000.0}}), None),
+    "gemma3": (
+        "gemma3",
+        dict(
+            _TWO,
+            num_key_value_heads=2,
+            head_dim=8,
+            query_pre_attn_scalar=8,
+            sliding_window=4,
+            layer_types=["sliding_attention", "full_attention"],
+            rope_parameters={
+                "sliding_attention": {"rope_type": "default", "rope_theta": 100.0},
+                "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0},
+            },
+        ),
+        None,
+    ),
     # non-parametric LayerNorms, clip_qkv (active at unit-scale weights)
     "olmo": ("olmo", dict(_TWO, clip_qkv=0.5, pad_token_id=0), None),
     # post-norms, q/k RMSNorms over the whole projections
     "olmo2": ("olmo2", dict(_TWO, num_key_value_heads=2, pad_token_id=0), None),
     # OLMo 2 with a sliding layer
-    "olmo3": ("olmo3", dict(_TWO, num_key_value_heads=2, pad_token_id=0, sliding_window=4,
-                            layer_types=["sliding_attention", "full_attention"]), None),
+    "olmo3": (
+        "olmo3",
+        dict(
+            _TWO,
+            num_key_value_heads=2,
+            pad_token_id=0,
+            sliding_window=4,
+            layer_types=["sliding_attention", "full_attention"],
+        ),
+        None,
+    ),
     # Conv1D weights [d_in, d_out], learned positions, tied head
     "gpt2": ("gpt2", dict(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=16, n_inner=48), None),
     # fused qkv_proj and gate_up_proj, partial rotary, sliding window
-    "phi3": ("phi3", dict(_TWO, num_key_value_heads=2, sliding_window=4, pad_token_id=0, bos_token_id=1,
-                          eos_token_id=2, rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
-                                                           "partial_rotary_factor": 0.5}), None),
+    "phi3": (
+        "phi3",
+        dict(
+            _TWO,
+            num_key_value_heads=2,
+            sliding_window=4,
+            pad_token_id=0,
+            bos_token_id=1,
+            eos_token_id=2,
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5},
+        ),
+        None,
+    ),
     # a sliding layer with interleaved rotary and a full layer without rotary
-    "cohere2": ("cohere2", dict(_TWO, num_key_value_heads=2, sliding_window=4, pad_token_id=0, bos_token_id=1,
-                                eos_token_id=2, layer_types=["sliding_attention", "full_attention"]), None),
+    "cohere2": (
+        "cohere2",
+        dict(
+            _TWO,
+            num_key_value_heads=2,
+            sliding_window=4,
+            pad_token_id=0,
+            bos_token_id=1,
+            eos_token_id=2,
+            layer_types=["sliding_attention", "full_attention"],
+        ),
+        None,
+    ),
     # LayerNorms with bias, a quarter of each head rotated, q/k/v biases, grouped-query attention
-    "stablelm": ("stablelm", dict(_TWO, num_key_value_heads=2, use_qkv_bias=True, bos_token_id=1, eos_token_id=2), None),
+    "stablelm": (
+        "stablelm",
+        dict(_TWO, num_key_value_heads=2, use_qkv_bias=True, bos_token_id=1, eos_token_id=2),
+        None,
+    ),
     # a layer without rotary embedding
-    "smollm3": ("smollm3", dict(_TWO, num_key_value_heads=2, no_rope_layers=[1, 0], pad_token_id=0,
-                                bos_token_id=1, eos_token_id=2), None),
+    "smollm3": (
+        "smollm3",
+        dict(_TWO, num_key_value_heads=2, no_rope_layers=[1, 0], pad_token_id=0, bos_token_id=1, eos_token_id=2),
+        None,
+    ),
     # mixture of 4 experts, 2 per token, with a sliding window
-    "mixtral": ("mixtral", dict(_TWO, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
-                                sliding_window=4), None),
+    "mixtral": (
+        "mixtral",
+        dict(_TWO, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, sliding_window=4),
+        None,
+    ),
     # Qwen3's attention, 4 experts of 20 features, 2 per token, probabilities not renormalized
-    "qwen3_moe": ("qwen3_moe", dict(_TWO, num_key_value_heads=2, num_experts=4, num_experts_per_tok=2,
-                                    moe_intermediate_size=20, norm_topk_prob=False), None),
+    "qwen3_moe": (
+        "qwen3_moe",
+        dict(
+            _TWO,
+            num_key_value_heads=2,
+            num_experts=4,
+            num_experts_per_tok=2,
+            moe_intermediate_size=20,
+            norm_topk_prob=False,
+        ),
+        None,
+    ),
     # whole-projection q/k norms then clip_qkv, renormalized top-2 of 4 experts
-    "olmoe": ("olmoe", dict(_TWO, num_experts=4, num_experts_per_tok=2, norm_topk_prob=True, clip_qkv=0.5,
-                            pad_token_id=0), None),
+    "olmoe": (
+        "olmoe",
+        dict(_TWO, num_experts=4, num_experts_per_tok=2, norm_topk_prob=True, clip_qkv=0.5, pad_token_id=0),
+        None,
+    ),
     # multi-query attention in a fused c_attn (nn.Linear), learned positions, tied head
-    "gpt_bigcode": ("gpt_bigcode", dict(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=16, n_inner=48),
-                    None),
+    "gpt_bigcode": (
+        "gpt_bigcode",
+        dict(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=16, n_inner=48),
+        None,
+    ),
     # ---- rope scalings where these families use them (the 11-token test sequence exceeds each original context)
     # YaRN (Qwen2.5 long context): blended frequencies and the attention temperature on cos/sin
-    "qwen2_yarn": ("qwen2", dict(_TWO, num_key_value_heads=2, head_dim=16, max_position_embeddings=32,
-                                 rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
-                                                  "original_max_position_embeddings": 8, "beta_fast": 8.0}), None),
+    "qwen2_yarn": (
+        "qwen2",
+        dict(
+            _TWO,
+            num_key_value_heads=2,
+            head_dim=16,
+            max_position_embeddings=32,
+            rope_parameters={
+                "rope_type": "yarn",
+                "rope_theta": 10000.0,
+                "factor": 4.0,
+                "original_max_position_embeddings": 8,
+                "beta_fast": 8.0,
+            },
+        ),
+        None,
+    ),
     # dynamic NTK: the base grows with a sequence longer than max_position_embeddings
-    "llama_dynamic": ("llama", dict(_TWO, max_position_embeddings=8,
-                                    rope_parameters={"rope_type": "dynamic", "rope_theta": 10000.0,
-                                                     "factor": 2.0}), None),
+    "llama_dynamic": (
+        "llama",
+        dict(
+            _TWO,
+            max_position_embeddings=8,
+            rope_parameters={"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0},
+        ),
+        None,
+    ),
     # longrope (Phi-3 128k): the long factors beyond original_max_position_embeddings
-    "phi3_longrope": ("phi3", dict(_TWO, pad_token_id=0, bos_token_id=1, eos_token_id=2, max_position_embeddings=64,
-                                   original_max_position_embeddings=8,
-                                   rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0,
-                                                    "long_factor": [1.0, 1.5, 3.0, 7.0],
-                                                    "short_factor": [1.0, 1.1, 1.2, 1.3]}), None),
+    "phi3_longrope": (
+        "phi3",
+        dict(
+            _TWO,
+            pad_token_id=0,
+            bos_token_id=1,
+            eos_token_id=2,
+            max_position_embeddings=64,
+            original_max_position_embeddings=8,
+            rope_parameters={
+                "rope_type": "longrope",
+                "rope_theta": 10000.0,
+                "long_factor": [1.0, 1.5, 3.0, 7.0],
+                "short_factor": [1.0, 1.1, 1.2, 1.3],
+            },
+        ),
+        None,
+    ),
 }
 
 LEGACY = {
-    "llama_variant": {"rope_theta": 10000.0, "rope_scaling": {
-        "rope_type": "llama3", "factor": 4.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-        "original_max_position_embeddings": 16}},
+    "llama_variant": {
+        "rope_theta": 10000.0,
+        "rope_scaling": {
+            "rope_type": "llama3",
+            "factor": 4.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 16,
+        },
+    },
     "gpt_neox_sequential": {"rotary_pct": 0.25, "rotary_emb_base": 500.0},
 }
 
@@ -250,12 +418,18 @@ def hf_logits(directory: Path, tokens: np.ndarray, mask: np.ndarray, float64: bo
     transformers = oracle("transformers")
     ctx = float64_transformers() if float64 else contextlib.nullcontext()
     with ctx, torch.no_grad():
-        moe = {"experts_implementation": "eager"} if {"num_local_experts", "num_experts"} & set(
-            config_json(Path(directory))) else {}
+        moe = (
+            {"experts_implementation": "eager"}
+            if {"num_local_experts", "num_experts"} & set(config_json(Path(directory)))
+            else {}
+        )
         model = transformers.AutoModelForCausalLM.from_pretrained(
-            directory, dtype=torch.float64 if float64 else torch.float32, attn_implementation="eager", **moe).eval()
-        out = model(input_ids=torch.tensor(np.asarray(tokens), dtype=torch.long),
-                    attention_mask=torch.tensor(np.asarray(mask), dtype=torch.long)).logits
+            directory, dtype=torch.float64 if float64 else torch.float32, attn_implementation="eager", **moe
+        ).eval()
+        out = model(
+            input_ids=torch.tensor(np.asarray(tokens), dtype=torch.long),
+            attention_mask=torch.tensor(np.asarray(mask), dtype=torch.long),
+        ).logits
     return out.numpy()
 
 
@@ -263,8 +437,13 @@ def hf_token_losses(logits: np.ndarray, tokens: np.ndarray, weights: np.ndarray)
     """torch's cross-entropy of next tokens, weighted like ``jaxinf.engine.tasks.next_token_losses`` (last position 0)."""
     torch = oracle("torch")
     lg = torch.tensor(logits[:, :-1])
-    ce = torch.nn.functional.cross_entropy(lg.reshape(-1, lg.shape[-1]), torch.tensor(tokens[:, 1:]).reshape(-1).long(),
-                                           reduction="none").reshape(lg.shape[:2]).numpy()
+    ce = (
+        torch.nn.functional.cross_entropy(
+            lg.reshape(-1, lg.shape[-1]), torch.tensor(tokens[:, 1:]).reshape(-1).long(), reduction="none"
+        )
+        .reshape(lg.shape[:2])
+        .numpy()
+    )
     out = np.zeros(tokens.shape, ce.dtype)
     out[:, :-1] = ce * weights[:, 1:]
     return out

@@ -28,7 +28,7 @@ def device_env(devices: int, cache: Path | None = None) -> dict:
     env["JAX_PLATFORMS"] = "cpu"
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
     env["PYTHONUNBUFFERED"] = "1"
-    env["OPENBLAS_NUM_THREADS"] = "1"   # every simulated device calls LAPACK at once (see hostenv.mesh_lapack_threads)
+    env["OPENBLAS_NUM_THREADS"] = "1"  # every simulated device calls LAPACK at once (see hostenv.mesh_lapack_threads)
     if cache is not None:
         env["JAX_COMPILATION_CACHE_DIR"] = str(cache)
         env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
@@ -38,8 +38,14 @@ def device_env(devices: int, cache: Path | None = None) -> dict:
 
 def run_worker(task: str, out: Path, devices: int = 8, cache: Path | None = None, timeout: int = 600) -> dict:
     """Runs ``task`` of this file in a subprocess with ``devices`` devices; returns its JSON report."""
-    r = subprocess.run([sys.executable, str(Path(__file__).resolve()), task, str(out)], env=device_env(devices, cache),
-                       capture_output=True, text=True, timeout=timeout, cwd=REPO)
+    r = subprocess.run(
+        [sys.executable, str(Path(__file__).resolve()), task, str(out)],
+        env=device_env(devices, cache),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=REPO,
+    )
     if r.returncode != 0:
         raise AssertionError(f"worker {task} failed ({r.returncode}):\n{r.stderr[-4000:]}")
     return {**json.loads(Path(out).read_text()), "stderr": r.stderr}
@@ -53,16 +59,25 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def run_processes(n: int, args: list[str], env: dict, per_process: list[list[str]] | None = None,
-                  timeout: int = 600) -> list[subprocess.CompletedProcess]:
+def run_processes(
+    n: int, args: list[str], env: dict, per_process: list[list[str]] | None = None, timeout: int = 600
+) -> list[subprocess.CompletedProcess]:
     """``python -m jaxinf ARGS`` as ``n`` processes of one jax.distributed run on localhost (one CPU device each)."""
     port = free_port()
     procs = []
     for i in range(n):
         extra = [f"mesh.coordinator=127.0.0.1:{port}", f"mesh.num_processes={n}", f"mesh.process_id={i}"]
         extra += per_process[i] if per_process else []
-        procs.append(subprocess.Popen([sys.executable, "-m", "jaxinf", *map(str, args), *extra], env=env,
-                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO))
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "-m", "jaxinf", *map(str, args), *extra],
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+                cwd=REPO,
+            )
+        )
     results = []
     try:
         for p in procs:
@@ -83,8 +98,16 @@ def tiny_llama():
     """A 2-layer Llama (hidden 32, MLP 48, 4 heads, 2 KV heads, vocab 64) with random weights."""
     from jaxinf import models
 
-    config = models.ModelConfig(family="llama", vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=2,
-                                num_heads=4, num_kv_heads=2, max_position_embeddings=64)
+    config = models.ModelConfig(
+        family="llama",
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=48,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        max_position_embeddings=64,
+    )
     return models.init(config, 0)
 
 
@@ -146,8 +169,11 @@ def _layouts(tree) -> dict:
     out = {}
     for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
         name = jax.tree_util.keystr(path)
-        out[name] = {"spec": str(leaf.sharding.spec), "replicated": bool(leaf.sharding.is_fully_replicated),
-                     "shape": list(leaf.shape)}
+        out[name] = {
+            "spec": str(leaf.sharding.spec),
+            "replicated": bool(leaf.sharding.is_fully_replicated),
+            "shape": list(leaf.shape),
+        }
     return out
 
 
@@ -175,8 +201,9 @@ def stages_task(out: Path) -> None:
     host_batches = document_batches()
     qhost = query_batch()
     dev = lambda b: {k: jax.numpy.asarray(v) for k, v in b.items()}  # noqa: E731
-    layers = capture.select_layers(capture.find_layers(lambda p, b, pr: task.train_loss(p, b, pr, None), lm.params,
-                                                       dev(host_batches[0])), "mlp")
+    layers = capture.select_layers(
+        capture.find_layers(lambda p, b, pr: task.train_loss(p, b, pr, None), lm.params, dev(host_batches[0])), "mlp"
+    )
     key = jax.random.key(3)
     cov_stage = stages.covariance_stage(task, layers, "sampled")
     lam_stage = stages.lambda_stage(task, layers, "sampled")
@@ -216,8 +243,7 @@ def stages_task(out: Path) -> None:
         _say(f"{data}x{model}: covariance")
         state = ex.init(cov_stage)
         up = ex.jit(cov_stage.update, donate_argnums=(0,), out_shardings=(ex.shardings(state), ex.rows()))
-        r["collectives"]["covariance"] = _collectives(
-            up.lower(state, params, ex.put(host_batches[0]), key).compile())
+        r["collectives"]["covariance"] = _collectives(up.lower(state, params, ex.put(host_batches[0]), key).compile())
         for i, b in enumerate(host_batches):
             state, _ = up(state, params, ex.put(b), jax.random.fold_in(key, i))
         r["layouts"]["covariance_state"] = _layouts(state)
@@ -242,10 +268,13 @@ def stages_task(out: Path) -> None:
         state = ex.init(lam_stage)
         up = ex.jit(lam_stage.update, donate_argnums=(0,), out_shardings=(ex.shardings(state), ex.rows()))
         r["collectives"]["lambda"] = _collectives(
-            up.lower(state, params, placed_eigen, ex.put(host_batches[0]), key).compile())
+            up.lower(state, params, placed_eigen, ex.put(host_batches[0]), key).compile()
+        )
         for i, b in enumerate(host_batches):
             state, _ = up(state, params, placed_eigen, ex.put(b), jax.random.fold_in(key, 100 + i))
-        lam_shardings = ex.shardings(jax.eval_shape(lam_stage.finalize, state), field_axes(curvature.LambdaState, "Lambda"))
+        lam_shardings = ex.shardings(
+            jax.eval_shape(lam_stage.finalize, state), field_axes(curvature.LambdaState, "Lambda")
+        )
         Lam = jax.jit(lam_stage.finalize, out_shardings=lam_shardings)(state)
         r["errors"]["Lambda"] = _tree_rel(Lam, ref["Lambda"])
         r["layouts"]["Lambda"] = _layouts({"Lambda": Lam})
@@ -259,18 +288,25 @@ def stages_task(out: Path) -> None:
         qg = prep_fn(params, qput, pcurv)
         qg = ex.place(qg)
         # the rank-4 factors are unique up to sign per singular vector: compare the products left @ right^T
-        prod = lambda q: {k: np.einsum("...qor,...qir->...qoi", np.asarray(q.left[k]), np.asarray(q.right[k]))  # noqa: E731
-                          for k in q.left}
-        r["errors"]["queries"] = max(_tree_rel(prod(qg), prod(ref["queries"])), _rel(qg.loss, ref["queries"].loss),
-                                     _tree_rel(qg.full, ref["queries"].full) if qg.full else 0.0)
+        prod = lambda q: {
+            k: np.einsum("...qor,...qir->...qoi", np.asarray(q.left[k]), np.asarray(q.right[k]))  # noqa: E731
+            for k in q.left
+        }
+        r["errors"]["queries"] = max(
+            _tree_rel(prod(qg), prod(ref["queries"])),
+            _rel(qg.loss, ref["queries"].loss),
+            _tree_rel(qg.full, ref["queries"].full) if qg.full else 0.0,
+        )
         r["layouts"]["queries"] = _layouts(qg)
         # the other strategies (full rank): the streamed preparation on the mesh against prepare_queries on one device
         for strategy in ("identity", "diagonal", "kfac"):
-            c1 = curvature.curvature(strategy, ref["eigen"],
-                                     curvature.kfac_lambda(ref["eigen"]) if strategy == "kfac" else ref["Lambda"])
+            c1 = curvature.curvature(
+                strategy, ref["eigen"], curvature.kfac_lambda(ref["eigen"]) if strategy == "kfac" else ref["Lambda"]
+            )
             want = jax.jit(lambda G, l, c: scoring.prepare_queries(G, l, c, 0.01, None))(G, qloss, c1)
             got = ex.jit(lambda p, b, c: stages.prepared_queries(task, layers, p, b, c, 0.01, None))(
-                params, qput, ex.place(c1))
+                params, qput, ex.place(c1)
+            )
             r["errors"]["queries_" + strategy] = _tree_rel(got.full, want.full)
 
         # scores, against the single-device query gradients
@@ -304,13 +340,15 @@ def biased_task(out: Path) -> None:
     from jaxinf.sharding.meshes import make_mesh
 
     lm = tiny_llama()
-    lm = models.init(dataclasses.replace(lm.config, num_layers=8, hidden_size=64, intermediate_size=256,
-                                         mlp_bias=True), 0)
+    lm = models.init(
+        dataclasses.replace(lm.config, num_layers=8, hidden_size=64, intermediate_size=256, mlp_bias=True), 0
+    )
     task = lm.task()
     dev = lambda b: {k: jax.numpy.asarray(v) for k, v in b.items()}  # noqa: E731
     batches, qhost = document_batches(2), query_batch()
-    layers = capture.select_layers(capture.find_layers(lambda p, b, pr: task.train_loss(p, b, pr, None), lm.params,
-                                                       dev(batches[0])), "mlp")
+    layers = capture.select_layers(
+        capture.find_layers(lambda p, b, pr: task.train_loss(p, b, pr, None), lm.params, dev(batches[0])), "mlp"
+    )
     key = jax.random.key(3)
     cov_stage, lam_stage = stages.covariance_stage(task, layers), stages.lambda_stage(task, layers)
     state = cov_stage.init()
@@ -331,7 +369,8 @@ def biased_task(out: Path) -> None:
         if ex:
             qg = ex.place(qg)
         s, _ = jit(lambda p, g, c, b: stages.score_batch(task, layers, p, g, b, curv=c, damping_value=None))(
-            params, qg, curv, ex.put(batches[0]) if ex else dev(batches[0]))
+            params, qg, curv, ex.put(batches[0]) if ex else dev(batches[0])
+        )
         return qg.full, s.total, s.self
 
     Lambda = lam(None, lm.params, eigen)
@@ -350,8 +389,9 @@ def biased_task(out: Path) -> None:
     # rank-4 query gradients: their right factors [L, Q, d_in + 1, 4] are stored split along layers too
     q4 = jax.jit(lambda p, b, c: stages.prepared_queries(task, layers, p, b, c, None, 4))(lm.params, dev(qhost), curv)
     score4 = lambda p, g, b: stages.score_batch(task, layers, p, g, b)[0].total  # noqa: E731
-    r["errors"]["scores_rank4"] = _tree_rel(ex.jit(score4)(params, ex.place(q4), ex.put(batches[0])),
-                                            jax.jit(score4)(lm.params, q4, dev(batches[0])))
+    r["errors"]["scores_rank4"] = _tree_rel(
+        ex.jit(score4)(params, ex.place(q4), ex.put(batches[0])), jax.jit(score4)(lm.params, q4, dev(batches[0]))
+    )
     Path(out).write_text(json.dumps(r, indent=1))
 
 
@@ -375,26 +415,35 @@ def distributed_task(out: Path) -> None:
     from jaxinf.sharding import meshes
 
     process = int(os.environ["JAXINF_TEST_PROCESS"])
-    config = cfg.load(None, [f"mesh.coordinator={os.environ['JAXINF_TEST_COORDINATOR']}", "mesh.num_processes=2",
-                             f"mesh.process_id={process}", "mesh.data=2", "data.batch_size=2"])
+    config = cfg.load(
+        None,
+        [
+            f"mesh.coordinator={os.environ['JAXINF_TEST_COORDINATOR']}",
+            "mesh.num_processes=2",
+            f"mesh.process_id={process}",
+            "mesh.data=2",
+            "data.batch_size=2",
+        ],
+    )
     assert meshes.initialize(config.mesh)
     meshes.check_agreement(cfg.to_dict(config))
     _say(f"process {jax.process_index()} of {jax.process_count()}: initialized ({time.process_time():.1f} s CPU)")
     (whole,) = document_batches(1, batch=4, length=16)
     local = jax.local_devices()[0]
     on_local = lambda b: {k: jax.device_put(np.asarray(v), local) for k, v in b.items()}  # noqa: E731
-    task = testing.tiny_lm_task()        # the engine's own tiny GPT: the least to compile
+    task = testing.tiny_lm_task()  # the engine's own tiny GPT: the least to compile
     shapes = jax.eval_shape(lambda: testing.tiny_lm_init(jax.random.key(0), vocab=64, n_layers=1, max_len=16))
-    rng = np.random.default_rng(0)   # random weights made on the host: no eager op to compile
+    rng = np.random.default_rng(0)  # random weights made on the host: no eager op to compile
     host_params = jax.tree.map(lambda s: (0.3 * rng.standard_normal(s.shape)).astype(s.dtype), shapes)
     params_local = jax.device_put(host_params, local)
-    layers = capture.select_layers(capture.find_layers(lambda p, b, pr: task.train_loss(p, b, pr, None), params_local,
-                                                       on_local(whole)), "mlp")
+    layers = capture.select_layers(
+        capture.find_layers(lambda p, b, pr: task.train_loss(p, b, pr, None), params_local, on_local(whole)), "mlp"
+    )
     key = jax.device_put(jax.random.key(3), local)
     mesh = meshes.make_mesh(2, 1)
     ex = MeshExecutor(mesh, batch_size=2)
     group = ex.groups[0]
-    mine = {k: v[2 * group: 2 * group + 2] for k, v in whole.items()}      # this process's slice of the batch
+    mine = {k: v[2 * group : 2 * group + 2] for k, v in whole.items()}  # this process's slice of the batch
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     params = meshes.put_tree(host_params, jax.tree.map(lambda _: replicated, host_params))
     r: dict = {"process": jax.process_index(), "processes": jax.process_count(), "group": group, "errors": {}}
@@ -402,7 +451,7 @@ def distributed_task(out: Path) -> None:
     cov_stage = stages.covariance_stage(task, layers, "sampled")
     state = ex.init(cov_stage)
     up = ex.jit(cov_stage.update, donate_argnums=(0,), out_shardings=(ex.shardings(state), ex.rows()))
-    state, _ = up(state, params, ex.put(mine), jax.random.key(3))       # uncommitted: the mesh's program takes it
+    state, _ = up(state, params, ex.put(mine), jax.random.key(3))  # uncommitted: the mesh's program takes it
     want, _ = jax.jit(cov_stage.update)(cov_stage.init(), params_local, on_local(whole), key)
     r["errors"]["A"] = _tree_rel({k: ex.fetch(v) for k, v in state.A.items()}, want.A)
     r["errors"]["S"] = _tree_rel({k: ex.fetch(v) for k, v in state.S.items()}, want.S)
@@ -411,10 +460,14 @@ def distributed_task(out: Path) -> None:
     # any query gradients will do (identity strategy): no program to make them
     qg = scoring.QueryGradients(
         full={k: rng.standard_normal(s.lead + (3, s.d_out, s.d_in_aug)).astype(np.float32) for k, s in layers.items()},
-        left={}, right={}, loss=np.ones(3, np.float32))
+        left={},
+        right={},
+        loss=np.ones(3, np.float32),
+    )
     step = stages.score_step(task, layers, self_influence=False, damping_value=None)
     got = ex.jit(step, out_shardings={"scores": ex.rows(2, last=True), "loss": ex.rows()})(
-        params, ex.place(qg), None, ex.put(mine))
+        params, ex.place(qg), None, ex.put(mine)
+    )
     ref = jax.jit(step)(params_local, jax.device_put(qg, local), None, on_local(whole))
     r["errors"]["scores"] = _tree_rel({k: ex.fetch(v) for k, v in got.items()}, ref)
     _say(f"process {process}: scores ({time.process_time():.1f} s CPU)")
@@ -429,8 +482,7 @@ def lost_peer_task(out: Path) -> None:
 
     if os.environ["JAXINF_TEST_PROCESS"] == "1":
         raise SystemExit("process 1: stopped on purpose")
-    jax.distributed.initialize(coordinator_address=os.environ["JAXINF_TEST_COORDINATOR"], num_processes=2,
-                               process_id=0)
+    jax.distributed.initialize(coordinator_address=os.environ["JAXINF_TEST_COORDINATOR"], num_processes=2, process_id=0)
 
 
 def run_distributed(task: str, outs: list[Path], timeout: float, devices: int = 1, grace: float = 10) -> list[dict]:
@@ -446,9 +498,18 @@ def run_distributed(task: str, outs: list[Path], timeout: float, devices: int = 
     procs = []
     for i, out in enumerate(outs):
         logs = open(Path(out).with_suffix(".log"), "w")
-        procs.append((subprocess.Popen([sys.executable, str(Path(__file__).resolve()), task, str(out)],
-                                       env={**env, "JAXINF_TEST_PROCESS": str(i)}, stdout=logs,
-                                       stderr=subprocess.STDOUT, cwd=REPO), logs))
+        procs.append(
+            (
+                subprocess.Popen(
+                    [sys.executable, str(Path(__file__).resolve()), task, str(out)],
+                    env={**env, "JAXINF_TEST_PROCESS": str(i)},
+                    stdout=logs,
+                    stderr=subprocess.STDOUT,
+                    cwd=REPO,
+                ),
+                logs,
+            )
+        )
     start = time.monotonic()
     deadline = start + timeout
     try:
@@ -469,8 +530,11 @@ def run_distributed(task: str, outs: list[Path], timeout: float, devices: int = 
 
     failed = [i for i, (p, _) in enumerate(procs) if i not in hung and p.returncode != 0]
     problems = [f"process {i} of {len(outs)} exited with {procs[i][0].returncode}:\n{tail(i)}" for i in failed]
-    problems += [f"process {i} of {len(outs)} hung: not finished {time.monotonic() - start:.0f} s after the start "
-                 f"(timeout {timeout:.0f} s); its last lines:\n{tail(i)}" for i in hung]
+    problems += [
+        f"process {i} of {len(outs)} hung: not finished {time.monotonic() - start:.0f} s after the start "
+        f"(timeout {timeout:.0f} s); its last lines:\n{tail(i)}"
+        for i in hung
+    ]
     if problems:
         raise AssertionError("\n".join(problems))
     return [json.loads(Path(out).read_text()) for out in outs]

@@ -12,10 +12,19 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.mark.heavy
 def test_accelerator_check_runs_end_to_end_at_tiny_shapes(tmp_path):
-    env = {**os.environ, "JAXINF_CHECK_SMALL": "1", "PYTHONPATH": str(ROOT),
-           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
-    r = subprocess.run(["bash", str(ROOT / "scripts" / "accelerator_check.sh"), str(tmp_path)], env=env,
-                       capture_output=True, text=True, timeout=1800)
+    env = {
+        **os.environ,
+        "JAXINF_CHECK_SMALL": "1",
+        "PYTHONPATH": str(ROOT),
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+    }
+    r = subprocess.run(
+        ["bash", str(ROOT / "scripts" / "accelerator_check.sh"), str(tmp_path)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     for name in ("devices.txt", "engine_float32.md", "engine_bfloat16.md", "vs_kronfluence.json", "parity.txt"):
         assert (tmp_path / name).stat().st_size > 0, name

@@ -52,8 +52,13 @@ def test_release_end_to_end(tmp_path, model, capsys):
 
     # within-task correlations per task, against np.corrcoef of the stored scores
     r = np.corrcoef(ref.astype(np.float32).astype(np.float64))
-    groups = {"factual": range(0, 40), TASKS[model]: range(40, 60), "slopes": range(60, 80),
-              "factual_control": range(80, 90), "reasoning_control": range(90, 100)}
+    groups = {
+        "factual": range(0, 40),
+        TASKS[model]: range(40, 60),
+        "slopes": range(60, 80),
+        "factual_control": range(80, 90),
+        "reasoning_control": range(90, 100),
+    }
     assert set(s["correlations"]["within_task"]) == set(groups)
     for task, idx in groups.items():
         got = s["correlations"]["within_task"][task]
@@ -71,7 +76,7 @@ def test_release_end_to_end(tmp_path, model, capsys):
     assert "no completion NLLs" in printed
     assert s["answers"]["available"] and s["answers"]["ks"] == [10, 50, 76]
     html = (run / "report" / "index.html").read_text()
-    assert html.lower().count("<script") == 1 and html.count(page.SCRIPT) == 1   # only the report's own search box
+    assert html.lower().count("<script") == 1 and html.count(page.SCRIPT) == 1  # only the report's own search box
 
 
 def test_converter_refuses_a_non_empty_directory(tmp_path):

@@ -20,16 +20,22 @@ TASKS = ["factual"] * 4 + ["arith"] * 4 + ["slopes"] * 4 + ["reasoning_control"]
 
 
 def _snapshot(d):
-    return sorted((p.relative_to(d).as_posix(), p.stat().st_size, p.read_bytes() if p.is_file() else b"")
-                  for p in d.rglob("*"))
+    return sorted(
+        (p.relative_to(d).as_posix(), p.stat().st_size, p.read_bytes() if p.is_file() else b"") for p in d.rglob("*")
+    )
 
 
 def _basic(tmp_path, **kw):
     rng = np.random.default_rng(0)
     s = structured_scores(rng, TASKS, 600)
-    args = dict(kinds=KINDS, tasks=TASKS, sources=[["web", "code", "wiki"][n % 3] for n in range(600)],
-                tokens=[10 + n % 7 for n in range(600)], texts=[f"document {n} says {n * 7}" for n in range(600)],
-                losses=[1.0 + q for q in range(16)])
+    args = dict(
+        kinds=KINDS,
+        tasks=TASKS,
+        sources=[["web", "code", "wiki"][n % 3] for n in range(600)],
+        tokens=[10 + n % 7 for n in range(600)],
+        texts=[f"document {n} says {n * 7}" for n in range(600)],
+        losses=[1.0 + q for q in range(16)],
+    )
     args.update(kw)
     return make_run(tmp_path / "run", s, **args), s
 
@@ -54,9 +60,11 @@ def test_end_to_end_numbers_match_direct_computations(tmp_path):
         pos = np.clip(row, 0, None)
         k = math.ceil(0.01 * 600)
         assert summary["concentration"]["per_query"][q]["positive"][1] == pytest.approx(
-            np.sort(pos)[::-1][:k].sum() / pos.sum(), rel=1e-9)
+            np.sort(pos)[::-1][:k].sum() / pos.sum(), rel=1e-9
+        )
         assert summary["concentration"]["per_nat"]["per_query"][q]["absolute"] == pytest.approx(
-            np.abs(row).sum() / (1.0 + q), rel=1e-9)
+            np.abs(row).sum() / (1.0 + q), rel=1e-9
+        )
     # top documents are the argsort of the row
     top = [e["id"] for e in summary["top_documents"][3]["top"]]
     assert top == [f"d{i}" for i in np.argsort(-s32[3], kind="stable")[:10]]
@@ -69,22 +77,24 @@ def test_end_to_end_numbers_match_direct_computations(tmp_path):
     assert (run / "report" / "summary.md").read_text().startswith("# Influence analysis")
     # the paper's findings are tested on the run's own numbers and head the report
     from jaxinf.analysis import findings
+
     first, second = summary["findings"]
     assert first["name"] == "procedural knowledge" and second["name"] == "answers in the top documents"
     # finding 1 recomputed from the stored scores: the mean within-task r of reasoning pairs minus factual pairs
-    same = lambda kind: [r[i, j] for i in range(16) for j in range(i + 1, 16)
-                         if KINDS[i] == KINDS[j] == kind and TASKS[i] == TASKS[j]]
+    same = lambda kind: [
+        r[i, j] for i in range(16) for j in range(i + 1, 16) if KINDS[i] == KINDS[j] == kind and TASKS[i] == TASKS[j]
+    ]
     d = np.mean(same("reasoning")) - np.mean(same("factual"))
     assert first["reasoning"] == pytest.approx(np.mean(same("reasoning")), abs=1e-10)
     assert first["difference"] == pytest.approx(d, abs=1e-10)
     n = summary["correlations"]["comparisons"][0]["n_permutations"]
     p = first["vs_factual"]["p_value"]
-    assert n == FAST.permutations and 1 <= p * (1 + n) <= 1 + n    # (1 + hits) / (1 + permutations)
+    assert n == FAST.permutations and 1 <= p * (1 + n) <= 1 + n  # (1 + hits) / (1 + permutations)
     assert p * (1 + n) == pytest.approx(round(p * (1 + n)), abs=1e-9)
     # no control shares a task with the reasoning queries here, so shared wording cannot be ruled out
     assert first["holds"] is None and first["vs_controls"]["p_value"] is None
     assert "vs template-matched controls: not testable" in first["statistic"]
-    assert second["holds"] is None and "answer items" in second["statistic"]   # no query here has an answer
+    assert second["holds"] is None and "answer items" in second["statistic"]  # no query here has an answer
     assert 'id="findings"' in html and findings.verdict_text(second) in html
     assert findings.verdict_text(first) in (run / "report" / "summary.md").read_text()
     for name in ("correlations.png", "concentration.png", "per_nat.png", "powerlaw.png", "sources.png", "answers.png"):
@@ -95,12 +105,12 @@ def test_end_to_end_numbers_match_direct_computations(tmp_path):
 def test_answers_are_searched_as_the_correct_answer_and_as_the_models_own(tmp_path):
     """Issue 24: each query's top documents are searched for its ``answer`` and for its ``model_answer`` (else
     what the rules take from the completion); finding 2 reports both."""
-    answers = ["14"] * 4 + ["77"] * 8 + [None] * 4            # "document n says 7n": 14 is in d2 and d14
+    answers = ["14"] * 4 + ["77"] * 8 + [None] * 4  # "document n says 7n": 14 is in d2 and d14
     completions = ["so 21 ."] * 16
     run, s = _basic(tmp_path, answers=answers, completions=completions)
     rows = [json.loads(line) for line in (run / "queries.jsonl").read_text().splitlines()]
     for r in rows[4:12]:
-        r["model_answer"] = ["9999"]                           # in no document
+        r["model_answer"] = ["9999"]  # in no document
     aio.write_queries(run / "queries.jsonl", rows)
     out = analyze(run, FAST, write=False, log=lambda *_: None)
     per = out["answers"]["per_query"]
@@ -109,7 +119,7 @@ def test_answers_are_searched_as_the_correct_answer_and_as_the_models_own(tmp_pa
     assert per[5]["model"]["rule"] == "model_answer field" and per[5]["model"]["items"] == ["9999"]
     assert not any(b["found_all"] for b in per[5]["model"]["by_k"])
     s32 = s.astype(np.float32)
-    for q, holders in ((0, (2, 14)), (5, (11, 77))):   # found at k when a document stating it is in the top k
+    for q, holders in ((0, (2, 14)), (5, (11, 77))):  # found at k when a document stating it is in the top k
         order = np.argsort(-s32[q], kind="stable")
         rank = min(int(np.flatnonzero(order == n)[0]) for n in holders)
         assert [b["found_all"] for b in per[q]["by_k"]] == [rank < k for k in out["answers"]["ks"]]
@@ -124,11 +134,17 @@ def test_report_shows_finding_one_against_template_matched_controls(tmp_path):
     from jaxinf.analysis import findings
     from jaxinf.analysis.report import fmt
 
-    tasks = TASKS[:12] + ["arith", "arith", "slopes", "slopes"]      # the controls match the reasoning tasks
+    tasks = TASKS[:12] + ["arith", "arith", "slopes", "slopes"]  # the controls match the reasoning tasks
     rng = np.random.default_rng(0)
-    run = make_run(tmp_path / "run", structured_scores(rng, tasks, 600), kinds=KINDS, tasks=tasks,
-                   texts=[f"document {n} says {n * 7}" for n in range(600)], answers=["14"] * 16,
-                   losses=[1.0 + q for q in range(16)])
+    run = make_run(
+        tmp_path / "run",
+        structured_scores(rng, tasks, 600),
+        kinds=KINDS,
+        tasks=tasks,
+        texts=[f"document {n} says {n * 7}" for n in range(600)],
+        answers=["14"] * 16,
+        losses=[1.0 + q for q in range(16)],
+    )
     analyze(run, FAST, log=lambda *_: None)
     summary = json.loads((run / "summary.json").read_text())
     first, second = summary["findings"]
@@ -140,10 +156,10 @@ def test_report_shows_finding_one_against_template_matched_controls(tmp_path):
     assert (first["loss_reasoning_matched"], first["loss_control_matched"]) == (8.5, 14.5)
     assert "median completion NLL: reasoning 8.5, template-matched controls 14.5 nats" in first["statistic"]
     html = (run / "report" / "index.html").read_text()
-    details = html[html.index("reasoning queries against each comparison group"):]
-    row = details[details.index("vs template-matched controls"):]
+    details = html[html.index("reasoning queries against each comparison group") :]
+    row = details[details.index("vs template-matched controls") :]
     for v in (first["reasoning_matched"], first["control_matched"], cmp["difference"], cmp["p_value"]):
-        assert fmt(v) in row[:row.index("</tr>")]
+        assert fmt(v) in row[: row.index("</tr>")]
     assert "correct answer (the verdict)" in html and "model&#x27;s answer" in html
     assert second["answer"] == "correct answer"
 
@@ -232,11 +248,14 @@ def test_shape_disagreeing_with_documents(tmp_path):
         analyze(run, FAST, write=False, log=lambda *_: None)
 
 
-@pytest.mark.parametrize("array,message", [
-    (np.zeros(5, np.float32), "expected a 2-D"),
-    (np.zeros((2, 3), np.int32), "is not floating point"),
-    (np.asfortranarray(np.zeros((2, 3), np.float32)), "Fortran-ordered"),
-])
+@pytest.mark.parametrize(
+    "array,message",
+    [
+        (np.zeros(5, np.float32), "expected a 2-D"),
+        (np.zeros((2, 3), np.int32), "is not floating point"),
+        (np.asfortranarray(np.zeros((2, 3), np.float32)), "Fortran-ordered"),
+    ],
+)
 def test_bad_score_arrays(tmp_path, array, message):
     np.save(tmp_path / "scores.npy", array)
     with pytest.raises(AnalysisError, match=message):
@@ -254,15 +273,21 @@ def test_truncated_and_foreign_score_files(tmp_path):
         aio.ScoreMatrix(tmp_path / "scores.npy")
 
 
-@pytest.mark.parametrize("line,message", [
-    ('{"id": "a", "prompt": "p"}', "queries.jsonl line 2: missing field completion"),
-    ('{"id": "a", "prompt": "p", "completion": "c", "loss": -1}', "queries.jsonl line 2: field loss must be a positive"),
-    ('{"id": "q0", "prompt": "p", "completion": "c"}', "queries.jsonl line 2: duplicate id 'q0' (first on line 1)"),
-    ('{"id": "a", "prompt": "p", "completion": "c", "answer": {"x": 1}}', "queries.jsonl line 2: field answer"),
-    ('{"id": "a", "prompt": "p", "completion": "c", "task": 3}', "queries.jsonl line 2: field task"),
-    ('{"id": "a", "prompt": ', "queries.jsonl line 2: invalid JSON"),
-    ('[1, 2]', "queries.jsonl line 2: expected a JSON object"),
-])
+@pytest.mark.parametrize(
+    "line,message",
+    [
+        ('{"id": "a", "prompt": "p"}', "queries.jsonl line 2: missing field completion"),
+        (
+            '{"id": "a", "prompt": "p", "completion": "c", "loss": -1}',
+            "queries.jsonl line 2: field loss must be a positive",
+        ),
+        ('{"id": "q0", "prompt": "p", "completion": "c"}', "queries.jsonl line 2: duplicate id 'q0' (first on line 1)"),
+        ('{"id": "a", "prompt": "p", "completion": "c", "answer": {"x": 1}}', "queries.jsonl line 2: field answer"),
+        ('{"id": "a", "prompt": "p", "completion": "c", "task": 3}', "queries.jsonl line 2: field task"),
+        ('{"id": "a", "prompt": ', "queries.jsonl line 2: invalid JSON"),
+        ("[1, 2]", "queries.jsonl line 2: expected a JSON object"),
+    ],
+)
 def test_bad_query_lines(tmp_path, line, message):
     (tmp_path / "queries.jsonl").write_text('{"id": "q0", "prompt": "p", "completion": "c"}\n' + line + "\n")
     with pytest.raises(AnalysisError) as e:
@@ -270,12 +295,15 @@ def test_bad_query_lines(tmp_path, line, message):
     assert str(e.value).startswith(message)
 
 
-@pytest.mark.parametrize("line,message", [
-    ('{"source": "web"}', "documents.jsonl line 2: missing field id"),
-    ('{"id": "d1", "tokens": -3}', "documents.jsonl line 2: field tokens must be a non-negative integer"),
-    ('{"id": "d1", "source": 7}', "documents.jsonl line 2: field source must be a string"),
-    ('{"id": "d0"}', "documents.jsonl line 2: duplicate id 'd0' (first on line 1)"),
-])
+@pytest.mark.parametrize(
+    "line,message",
+    [
+        ('{"source": "web"}', "documents.jsonl line 2: missing field id"),
+        ('{"id": "d1", "tokens": -3}', "documents.jsonl line 2: field tokens must be a non-negative integer"),
+        ('{"id": "d1", "source": 7}', "documents.jsonl line 2: field source must be a string"),
+        ('{"id": "d0"}', "documents.jsonl line 2: duplicate id 'd0' (first on line 1)"),
+    ],
+)
 def test_bad_document_lines(tmp_path, line, message):
     (tmp_path / "documents.jsonl").write_text('{"id": "d0", "source": "web"}\n' + line + "\n")
     with pytest.raises(AnalysisError) as e:
@@ -348,8 +376,15 @@ def test_texts_from_the_corpus_named_in_run_json(tmp_path):
     run, _ = _basic(tmp_path, texts=None)
     corpus = tmp_path / "corpus.jsonl"
     # even lines start with their id (skipped unparsed when not wanted), odd ones do not
-    aio.write_jsonl(corpus, ({"id": f"d{n}", "text": f"corpus text {n}", "source": "x"} if n % 2 == 0 else
-                             {"text": f"corpus text {n}", "id": f"d{n}"} for n in range(600)))
+    aio.write_jsonl(
+        corpus,
+        (
+            {"id": f"d{n}", "text": f"corpus text {n}", "source": "x"}
+            if n % 2 == 0
+            else {"text": f"corpus text {n}", "id": f"d{n}"}
+            for n in range(600)
+        ),
+    )
     want = ["d3", "d4", "d599", "d0", "nope"]
     assert jsonl_text_source(corpus)(want) == {f"d{n}": f"corpus text {n}" for n in (3, 4, 599, 0)}
     (run / "run.json").write_text(json.dumps({"config": {"data": {"documents": str(corpus)}}}))
@@ -375,7 +410,9 @@ def test_a_relative_corpus_path_is_read_where_the_run_was_started(tmp_path, monk
     run, _ = _basic(tmp_path, texts=None)
     started = tmp_path / "project"
     (started / "data").mkdir(parents=True)
-    aio.write_jsonl(started / "data" / "corpus.jsonl", ({"id": f"d{n}", "text": f"corpus text {n}"} for n in range(600)))
+    aio.write_jsonl(
+        started / "data" / "corpus.jsonl", ({"id": f"d{n}", "text": f"corpus text {n}"} for n in range(600))
+    )
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     monkeypatch.chdir(elsewhere)
@@ -408,15 +445,28 @@ def _with_exports(tmp_path, K=5):
     topk, ls, toks = [], np.zeros((Q, K, len(names))), []
     for q in range(Q):
         order = np.argsort(-s32[q], kind="stable")[:K]
-        topk.append({"query": f"q{q}", "top": [{"id": f"d{i}", "source": "x", "score": float(s32[q, i]),
-                                                  "snippet": ""} for i in order], "bottom": []})
+        topk.append(
+            {
+                "query": f"q{q}",
+                "top": [{"id": f"d{i}", "source": "x", "score": float(s32[q, i]), "snippet": ""} for i in order],
+                "bottom": [],
+            }
+        )
         for k, i in enumerate(order):
             w = rng.dirichlet(np.ones(len(names)))
             ls[q, k] = w * s32[q, i]
             tw = rng.dirichlet(np.ones(4))
-            toks.append({"query": f"q{q}", "document": f"d{i}", "rank": k,
-                         "tokens": [{"text": t, "score": float(v * s32[q, i])}
-                                    for t, v in zip(["doc", "ument", " <b>tok</b>", f" {i}"], tw)]})
+            toks.append(
+                {
+                    "query": f"q{q}",
+                    "document": f"d{i}",
+                    "rank": k,
+                    "tokens": [
+                        {"text": t, "score": float(v * s32[q, i])}
+                        for t, v in zip(["doc", "ument", " <b>tok</b>", f" {i}"], tw)
+                    ],
+                }
+            )
     aio.write_topk(run / "topk.jsonl", topk)
     aio.write_layer_exports(run, names, ls)
     aio.write_topk_tokens(run / "topk_tokens.jsonl", toks)
@@ -478,8 +528,15 @@ def test_token_export_naming_an_unknown_document(tmp_path):
 @pytest.mark.parametrize("Q,N", [(1, 1), (2, 2), (3, 1), (1, 5)])
 def test_tiny_runs_complete_without_warnings(tmp_path, Q, N):
     s = np.arange(Q * N, dtype=float).reshape(Q, N) - 1
-    run = make_run(tmp_path / "run", s, kinds=["reasoning"] * Q, tasks=["t"] * Q, sources=["a"] * N, tokens=[0] * N,
-                   texts=["x 1"] * N)
+    run = make_run(
+        tmp_path / "run",
+        s,
+        kinds=["reasoning"] * Q,
+        tasks=["t"] * Q,
+        sources=["a"] * N,
+        tokens=[0] * N,
+        texts=["x 1"] * N,
+    )
     out = analyze(run, FAST, log=lambda *_: None)
     assert (run / "report" / "index.html").exists()
     assert any("token count of 0" in n for n in out["notes"])
@@ -503,7 +560,11 @@ def test_memory_stays_bounded_on_a_large_matrix(tmp_path):
     bench_analysis.generate(tmp_path, 80, 1_000_000)
     rss = {}
     for stage in ("baseline", "analyze"):
-        out = subprocess.run([sys.executable, str(script), "--stage", stage, "--dir", str(tmp_path)],
-                             capture_output=True, text=True, check=True)
+        out = subprocess.run(
+            [sys.executable, str(script), "--stage", stage, "--dir", str(tmp_path)],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         rss[stage] = json.loads(out.stdout.strip().splitlines()[-1])["peak_rss_mb"]
     assert rss["analyze"] - rss["baseline"] < 300, rss

@@ -38,21 +38,25 @@ def test_constant_row_has_nan_correlations():
 
 
 def test_group_statistics_by_hand():
-    r = np.array([[1, .9, .1, .2, .0],
-                  [.9, 1, .3, .4, .1],
-                  [.1, .3, 1, .5, -.2],
-                  [.2, .4, .5, 1, .3],
-                  [.0, .1, -.2, .3, 1]])
+    r = np.array(
+        [
+            [1, 0.9, 0.1, 0.2, 0.0],
+            [0.9, 1, 0.3, 0.4, 0.1],
+            [0.1, 0.3, 1, 0.5, -0.2],
+            [0.2, 0.4, 0.5, 1, 0.3],
+            [0.0, 0.1, -0.2, 0.3, 1],
+        ]
+    )
     kinds = ["reasoning", "reasoning", "factual", "factual", "control"]
     tasks = ["slopes", "slopes", "factual", "factual", None]
     s = corr.correlation_summary(r, kinds, tasks, n_permutations=10)
-    assert s["within_task"]["slopes"]["mean"] == pytest.approx(.9) and s["within_task"]["slopes"]["n"] == 1
-    assert s["within_task"]["factual"]["mean"] == pytest.approx(.5)
+    assert s["within_task"]["slopes"]["mean"] == pytest.approx(0.9) and s["within_task"]["slopes"]["n"] == 1
+    assert s["within_task"]["factual"]["mean"] == pytest.approx(0.5)
     # same task: (0,1) and (2,3); different known tasks: (0,2) (0,3) (1,2) (1,3); query 4 has no task
-    assert s["within_task_all"]["mean"] == pytest.approx((.9 + .5) / 2)
-    assert s["across_tasks_all"]["mean"] == pytest.approx((.1 + .2 + .3 + .4) / 4)
-    assert s["kind_pairs"]["factual-reasoning"]["mean"] == pytest.approx((.1 + .2 + .3 + .4) / 4)
-    assert s["kind_pairs"]["factual-control"]["mean"] == pytest.approx((-.2 + .3) / 2)
+    assert s["within_task_all"]["mean"] == pytest.approx((0.9 + 0.5) / 2)
+    assert s["across_tasks_all"]["mean"] == pytest.approx((0.1 + 0.2 + 0.3 + 0.4) / 4)
+    assert s["kind_pairs"]["factual-reasoning"]["mean"] == pytest.approx((0.1 + 0.2 + 0.3 + 0.4) / 4)
+    assert s["kind_pairs"]["factual-control"]["mean"] == pytest.approx((-0.2 + 0.3) / 2)
     assert s["kind_pairs"]["reasoning-reasoning"]["n"] == 1
 
 
@@ -87,9 +91,9 @@ def test_within_task_permutation_matches_exact_enumeration_and_keeps_tasks():
     res = corr.permutation_test(r, kinds, tasks, rule_a, rule_b, n_permutations=4000, seed=0, within_task=True)
     k, t = corr.encode_labels(kinds, tasks)
     ma, mb = np.triu(rule_a(k, t), 1), np.triu(rule_b(k, t), 1)
-    assert ma.sum() == 2 and mb.sum() == 2     # (0,1), (4,7) against (2,3), (5,6); the factual query is in neither
+    assert ma.sum() == 2 and mb.sum() == 2  # (0,1), (4,7) against (2,3), (5,6); the factual query is in neither
     assert res["difference"] == pytest.approx(r[ma].mean() - r[mb].mean(), abs=1e-12)
-    hits = total = 0                            # every relabelling of kinds within task a and within task b
+    hits = total = 0  # every relabelling of kinds within task a and within task b
     for pa in itertools.permutations(range(4)):
         for pb in itertools.permutations(range(4, 8)):
             p = np.asarray([*pa, *pb, 8])
@@ -203,7 +207,7 @@ def test_goodness_of_fit_accepts_power_laws_and_rejects_a_uniform():
 
 def test_loglog_slope_of_an_exact_rank_size_law():
     r = np.arange(1, 1001)
-    f = pl.loglog_fit(3.0 * r ** -0.8)
+    f = pl.loglog_fit(3.0 * r**-0.8)
     assert f["slope"] == pytest.approx(-0.8, abs=1e-10)
     assert f["intercept"] == pytest.approx(np.log10(3.0), abs=1e-10)
     assert f["slope_se"] < 1e-10 and f["r2"] == pytest.approx(1.0)
@@ -247,21 +251,25 @@ def test_planted_source_multipliers():
     ranked[:50] = rng.permutation(ranked[:50])
     m = src.source_multipliers(ranked, [50, 1000], shares["count"], np.array([1, 2, 10])[ranked], shares["tokens"])
     np.testing.assert_allclose(m["count"][0], [(10 / 50) / 0.6, (25 / 50) / 0.3, (15 / 50) / 0.1], rtol=1e-12)
-    np.testing.assert_allclose(m["tokens"][0], (np.array([10, 50, 150]) / 210) / (np.array([600, 600, 1000]) / 2200),
-                               rtol=1e-12)
+    np.testing.assert_allclose(
+        m["tokens"][0], (np.array([10, 50, 150]) / 210) / (np.array([600, 600, 1000]) / 2200), rtol=1e-12
+    )
     np.testing.assert_allclose(m["count"][1], [1, 1, 1], rtol=1e-12)  # k = N: the corpus itself
 
 
 # ----------------------------------------------------------------------------- answers
 
 
-@pytest.mark.parametrize("completion,items", [
-    ("4 + 2 = 6\n\nNow 6 * 15 = 90\n\nTherefore, the answer is 90.", ["6", "90"]),
-    ("Slope = (26 - 3) / (94 - 95)\n\nSlope = (23) / (-1)\n\nSlope = -23", ["-23"]),
-    ("8x + 16 - 16 = 32 - 16\n8x = 16\nx = 16 / 8\nx = 2", ["2"]),
-    ("(11) * 144\n2. 1,344\nthe answer is 1,344.", ["1344"]),
-    ("m = (19 - 62) / 1 = -43 / 1 = -43.", ["-43"]),
-])
+@pytest.mark.parametrize(
+    "completion,items",
+    [
+        ("4 + 2 = 6\n\nNow 6 * 15 = 90\n\nTherefore, the answer is 90.", ["6", "90"]),
+        ("Slope = (26 - 3) / (94 - 95)\n\nSlope = (23) / (-1)\n\nSlope = -23", ["-23"]),
+        ("8x + 16 - 16 = 32 - 16\n8x = 16\nx = 16 / 8\nx = 2", ["2"]),
+        ("(11) * 144\n2. 1,344\nthe answer is 1,344.", ["1344"]),
+        ("m = (19 - 62) / 1 = -43 / 1 = -43.", ["-43"]),
+    ],
+)
 def test_step_results(completion, items):
     assert ans.step_results("Solve 8x + 16 = 32", completion) == items
 
@@ -271,9 +279,13 @@ def test_equation_copied_from_the_prompt_is_not_a_step():
 
 
 def test_factual_items_and_answer_field():
-    items, rule = ans.answer_items("What is the tallest mountain in the world?",
-                                   "The tallest mountain is Mount Everest, 8,849 meters tall, between Nepal and Tibet.",
-                                   "factual", "factual", None)
+    items, rule = ans.answer_items(
+        "What is the tallest mountain in the world?",
+        "The tallest mountain is Mount Everest, 8,849 meters tall, between Nepal and Tibet.",
+        "factual",
+        "factual",
+        None,
+    )
     assert rule == "numbers and key phrases" and items == ["8849", "Mount Everest", "Nepal and Tibet"]
     assert ans.answer_items("p", "c", "factual", None, ["Paris", "paris"]) == (["Paris"], "answer field")
     assert ans.answer_items("p", "x = 1 + 1 = 2", "control", "reasoning_control", None)[1] == "step results"
@@ -350,8 +362,11 @@ def test_procedural_finding_holds_only_for_a_planted_shared_component():
     assert planted["p_value"] == max(planted["vs_factual"]["p_value"], planted["vs_controls"]["p_value"])
     null = findings.procedural_correlation(_findings_world(0.0))
     assert null["holds"] is False and null["p_value"] > findings.ALPHA
-    none = findings.procedural_correlation(corr.correlation_summary(
-        np.corrcoef(np.random.default_rng(0).normal(size=(4, 50))), ["reasoning"] * 4, ["a", "a", "b", "b"], 100, 0))
+    none = findings.procedural_correlation(
+        corr.correlation_summary(
+            np.corrcoef(np.random.default_rng(0).normal(size=(4, 50))), ["reasoning"] * 4, ["a", "a", "b", "b"], 100, 0
+        )
+    )
     assert none["holds"] is None and "not testable" in findings.verdict_text(none)
 
 
@@ -382,18 +397,21 @@ def _answers_block(factual: list[bool], reasoning: list[bool], ks=(10, 50, 500),
 
     def by_k(f):
         return [{"k": k, "found_all": f if k == 10 else True, "recall": float(f)} for k in ks]
-    per_query = [{"query": f"{kind}-{i}", "kind": kind, "rule": rule, "by_k": by_k(f), "model": {"by_k": by_k(o)}}
-                 for kind, flags, owns in (("factual", factual, own[0]), ("reasoning", reasoning, own[1]))
-                 for i, (f, o) in enumerate(zip(flags, owns))]
+
+    per_query = [
+        {"query": f"{kind}-{i}", "kind": kind, "rule": rule, "by_k": by_k(f), "model": {"by_k": by_k(o)}}
+        for kind, flags, owns in (("factual", factual, own[0]), ("reasoning", reasoning, own[1]))
+        for i, (f, o) in enumerate(zip(flags, owns))
+    ]
     return {"available": True, "ks": list(ks), "per_query": per_query}
 
 
 def test_answer_finding_is_a_one_sided_fisher_test_at_the_top_one_percent():
     from jaxinf.analysis import findings
 
-    assert findings.answer_k([10, 50, 500], 3000) == 10        # 1% of 3,000 is 30
+    assert findings.answer_k([10, 50, 500], 3000) == 10  # 1% of 3,000 is 30
     assert findings.answer_k([10, 50, 500], 5_000_000) == 500
-    assert findings.answer_k([10, 50, 500], 200) == 10          # none within 1%: the smallest
+    assert findings.answer_k([10, 50, 500], 200) == 10  # none within 1%: the smallest
     res = findings.answers_retrieved(_answers_block([True] * 6, [False] * 14 + [True] * 4), 3000)
     # hypergeometric tail by hand: 24 queries, 10 found, 6 factual all found
     assert res["k"] == 10 and res["table"] == [[6, 0], [4, 14]]
@@ -421,8 +439,9 @@ def test_answer_finding_compares_one_kind_of_answer_for_both_query_kinds():
     assert "model's answer: factual 8/8, reasoning 24/24" in res["statistic"]
     assert "correct answer: factual 8/8, reasoning 0/24, p = " in res["statistic"]
     # no answer field anywhere: the model's own answers for both kinds decide, and say so
-    derived = findings.answers_retrieved(_answers_block([True] * 8, [False] * 24, own=([True] * 8, [True] * 24),
-                                                        rule="step results"), 3000)
+    derived = findings.answers_retrieved(
+        _answers_block([True] * 8, [False] * 24, own=([True] * 8, [True] * 24), rule="step results"), 3000
+    )
     assert derived["answer"] == "model's answer" and derived["holds"] is False and derived["table"] == own["table"]
     assert "correct answer: not testable" in derived["statistic"]
     # a correct answer for factual queries only is never compared with the model's answer of reasoning ones

@@ -22,9 +22,11 @@ from jaxinf.sharding.axes import REPLICATED, Axes, AxesError, declared_axes, fie
 
 MOE = ("mixtral", "qwen3_moe", "olmoe")
 
-_COLUMN = r"(q_proj|k_proj|v_proj|qkv_proj|query_key_value|c_attn|gate_proj|up_proj|gate_up_proj|dense_h_to_4h|c_fc|fc_in)"
+_COLUMN = (
+    r"(q_proj|k_proj|v_proj|qkv_proj|query_key_value|c_attn|gate_proj|up_proj|gate_up_proj|dense_h_to_4h|c_fc|fc_in)"
+)
 _ROW = r"(o_proj|down_proj|dense|dense_4h_to_h|c_proj|fc_out)"
-PARAM_RULES = (   # dotted parameter path -> logical axes of the trailing dims (None: replicated)
+PARAM_RULES = (  # dotted parameter path -> logical axes of the trailing dims (None: replicated)
     (rf"(^|\.){_COLUMN}\.kernel$", ("embed", "ff")),
     (rf"(^|\.){_COLUMN}\.bias$", ("ff",)),
     (rf"(^|\.){_ROW}\.kernel$", ("ff", "embed")),
@@ -35,14 +37,19 @@ PARAM_RULES = (   # dotted parameter path -> logical axes of the trailing dims (
     (r"\.kernel$", ("in", "out")),
     (r".*", None),
 )
-FIELD_RULES = {   # engine pytree field -> (family, logical axes of the trailing dims)
-    "A": ("factor", ("rows", "cols")), "S": ("factor", ("rows", "cols")),
-    "Q_A": ("factor", ("rows", "cols")), "Q_S": ("factor", ("rows", "cols")),
+FIELD_RULES = {  # engine pytree field -> (family, logical axes of the trailing dims)
+    "A": ("factor", ("rows", "cols")),
+    "S": ("factor", ("rows", "cols")),
+    "Q_A": ("factor", ("rows", "cols")),
+    "Q_S": ("factor", ("rows", "cols")),
     "Lambda": ("factor", ("rows", "cols")),
-    "e_A": ("eigenvalues", ("rows",)), "e_S": ("eigenvalues", ("rows",)),
-    "full": ("query", ("queries", "rows", "cols")), "left": ("query", ("queries", "rows", "rank")),
+    "e_A": ("eigenvalues", ("rows",)),
+    "e_S": ("eigenvalues", ("rows",)),
+    "full": ("query", ("queries", "rows", "cols")),
+    "left": ("query", ("queries", "rows", "rank")),
     "right": ("query", ("queries", "cols", "rank")),
-    "count": ("replicated", ()), "loss": ("replicated", ()),
+    "count": ("replicated", ()),
+    "loss": ("replicated", ()),
 }
 
 
@@ -65,8 +72,19 @@ def logical_axes(field: str, ndim: int) -> tuple[str, tuple[str, ...]]:
 def _configs(family):
     """Tiny configs of a family: stacked and unstacked layers, tied and untied head, with and without biases."""
     for scan, tie, bias in itertools.product((True, False), (False, True), (True, False)):
-        kw = dict(family=family, vocab_size=11, hidden_size=8, intermediate_size=12, num_layers=2, num_heads=2,
-                  scan=scan, tie_embeddings=tie, attention_bias=bias, mlp_bias=bias, qk_norm=True)
+        kw = dict(
+            family=family,
+            vocab_size=11,
+            hidden_size=8,
+            intermediate_size=12,
+            num_layers=2,
+            num_heads=2,
+            scan=scan,
+            tie_embeddings=tie,
+            attention_bias=bias,
+            mlp_bias=bias,
+            qk_norm=True,
+        )
         if family in MOE:
             kw.update(num_experts=3, experts_per_token=2)
         yield models.ModelConfig(**kw)
@@ -103,12 +121,16 @@ def _engine_trees():
     trees = {"covariance state": state, "covariance": cov, "eigen": eigen, "lambda state": lstate}
     G = {k: jnp.zeros(s.lead + (3, s.d_out, s.d_in_aug)) for k, s in layers.items()}
     for strategy in curvature.STRATEGIES:
-        curv = jax.eval_shape(lambda e, L: curvature.curvature(strategy, e, L), eigen, Lambda) \
-            if strategy != "identity" else curvature.curvature("identity")
+        curv = (
+            jax.eval_shape(lambda e, L: curvature.curvature(strategy, e, L), eigen, Lambda)
+            if strategy != "identity"
+            else curvature.curvature("identity")
+        )
         trees[f"curvature {strategy}"] = curv
         for rank in (None, 2):
             trees[f"queries {strategy} rank {rank}"] = jax.eval_shape(
-                lambda G, c: scoring.prepare_queries(G, jnp.zeros(3), c, None, rank), G, curv)
+                lambda G, c: scoring.prepare_queries(G, jnp.zeros(3), c, None, rank), G, curv
+            )
     return trees, Lambda
 
 
@@ -124,8 +146,9 @@ def test_declared_engine_axes_equal_the_field_name_rules():
             family, names = logical_axes(_innermost_field(path), len(leaf.shape))
             assert (axes.family, axes.names) == (family, names), (what, path)
     # a bare field value (the finalized Lambda) takes its field's declaration, as field="Lambda" did
-    for axes, leaf in zip(jax.tree.leaves(declared_axes(Lambda, field_axes(curvature.LambdaState, "Lambda"))),
-                          jax.tree.leaves(Lambda)):
+    for axes, leaf in zip(
+        jax.tree.leaves(declared_axes(Lambda, field_axes(curvature.LambdaState, "Lambda"))), jax.tree.leaves(Lambda)
+    ):
         assert (axes.family, axes.names) == logical_axes("Lambda", len(leaf.shape))
 
 

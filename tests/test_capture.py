@@ -14,8 +14,13 @@ def test_find_layers_names_and_shapes():
     task, params = tiny_lm(jnp.float32)
     layers = layers_of(task, params, doc_batch())
     assert set(layers) == {
-        "layers.*.attn.q_proj", "layers.*.attn.k_proj", "layers.*.attn.v_proj", "layers.*.attn.o_proj",
-        "layers.*.mlp.fc_in", "layers.*.mlp.fc_out", "lm_head",
+        "layers.*.attn.q_proj",
+        "layers.*.attn.k_proj",
+        "layers.*.attn.v_proj",
+        "layers.*.attn.o_proj",
+        "layers.*.mlp.fc_in",
+        "layers.*.mlp.fc_out",
+        "lm_head",
     }
     fc_in = layers["layers.*.mlp.fc_in"]
     assert (fc_in.d_in, fc_in.d_out, fc_in.bias, fc_in.stack) == (8, 12, True, 2)
@@ -40,8 +45,9 @@ def test_sum_of_per_sequence_gradients_is_the_weight_gradient():
         task, params = tiny_lm(jnp.float64)
         batch = doc_batch()
         layers = layers_of(task, params, batch)
-        cap = jax.jit(lambda p, b: capture_ag(lambda pp, bb, pr: task.train_loss(pp, bb, pr, None),
-                                              p, b, layers))(params, batch)
+        cap = jax.jit(lambda p, b: capture_ag(lambda pp, bb, pr: task.train_loss(pp, bb, pr, None), p, b, layers))(
+            params, batch
+        )
         grads = jax.grad(lambda p: task.train_loss(p, batch, None, None).sum())(params)
         gsub = tracked_param_subtree(grads, layers)
         for name, spec in layers.items():
@@ -72,10 +78,12 @@ def test_capture_under_vmap_matches_the_batch():
     whole = capture_ag(fn, params, batch, layers)
     one = jax.vmap(lambda row: capture_ag(fn, params, jax.tree.map(lambda x: x[None], row), layers))(batch)
     for k in layers:
-        np.testing.assert_allclose(np.asarray(one.g[k][:, :, 0]), np.asarray(jnp.moveaxis(whole.g[k], 1, 0)),
-                                   rtol=1e-5, atol=1e-6)
-        np.testing.assert_allclose(np.asarray(one.a[k][:, :, 0]), np.asarray(jnp.moveaxis(whole.a[k], 1, 0)),
-                                   rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(
+            np.asarray(one.g[k][:, :, 0]), np.asarray(jnp.moveaxis(whole.g[k], 1, 0)), rtol=1e-5, atol=1e-6
+        )
+        np.testing.assert_allclose(
+            np.asarray(one.a[k][:, :, 0]), np.asarray(jnp.moveaxis(whole.a[k], 1, 0)), rtol=1e-6, atol=1e-6
+        )
 
 
 def test_scanned_block_gives_one_entry_per_layer_index():
@@ -94,8 +102,13 @@ def test_scanned_block_gives_one_entry_per_layer_index():
     for tree in ("a", "g"):
         expanded = capture.expand(getattr(scanned, tree), layers)
         for name, value in expanded.items():
-            np.testing.assert_allclose(np.asarray(value), np.asarray(getattr(unrolled, tree)[name]),
-                                       rtol=1e-5, atol=1e-6, err_msg=f"{tree} {name}")
+            np.testing.assert_allclose(
+                np.asarray(value),
+                np.asarray(getattr(unrolled, tree)[name]),
+                rtol=1e-5,
+                atol=1e-6,
+                err_msg=f"{tree} {name}",
+            )
 
 
 def test_index_subset_of_a_stacked_block():
@@ -116,7 +129,7 @@ def test_bad_inputs_are_named():
     batch = doc_batch()
     fn = lambda p, b, pr: task.train_loss(p, b, pr, None)
     layers = layers_of(task, params, batch, "mlp")
-    bad = {"layers.*.mlp.fc_in": jnp.zeros((3, 12))}      # the block has 2 layers: a context of 3 is refused
+    bad = {"layers.*.mlp.fc_in": jnp.zeros((3, 12))}  # the block has 2 layers: a context of 3 is refused
     with pytest.raises(CaptureError, match=r"layer 'layers\.\*\.mlp\.fc_in': context of leading shape \(3,\)"):
         capture.layer_statistics(fn, params, batch, layers, lambda a, g, m, c: a.sum(), bad, mask=batch["mask"])
     with pytest.raises(CaptureError, match=r"token losses of shape .* do not match the mask"):

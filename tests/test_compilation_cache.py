@@ -29,6 +29,6 @@ def test_programs_are_cached_in_the_configured_directory_and_can_be_turned_off(t
     assert _run(str(cache)) == str(cache)
     first = sorted(p.name for p in cache.iterdir())
     assert any(name.startswith("jit__lambda") for name in first)
-    assert _run(str(cache)) == str(cache)                  # a second process finds the same entries
+    assert _run(str(cache)) == str(cache)  # a second process finds the same entries
     assert sorted(p.name for p in cache.iterdir()) == first
-    assert _run("") == "None"                               # empty: off
+    assert _run("") == "None"  # empty: off

@@ -22,19 +22,28 @@ def test_yaml_and_overrides(tmp_path):
     assert cfg.from_dict(cfg.to_dict(c)) == c
 
 
-@pytest.mark.parametrize("text, message", [
-    ("factors:\n  stratgy: kfac\n", r"c.yaml: unknown key 'factors.stratgy' \(did you mean 'factors.strategy'\?\)"),
-    ("factors:\n  strategy: kfc\n", r"c.yaml: factors.strategy: expected one of identity, diagonal, kfac, ekfac"),
-    ("data:\n  max_length: ten\n", r"c.yaml: data.max_length: expected an integer, got 'ten'"),
-    ("data:\n  batch_size: 0\n", r"c.yaml: data.batch_size: must be at least 1"),
-    ("scores:\n  damping: [1]\n", r"c.yaml: scores.damping: expected a number or null"),
-    ("model: [1, 2]\n", r"c.yaml: model: expected a mapping of keys"),
-    ("factors: {strategy: kfac\n", r"c.yaml:\d+: invalid YAML"),
-    # a key given twice: PyYAML keeps the second silently, dropping scores.damping
-    ("scores:\n  damping: 1\nrun:\n  out: x\nscores:\n  topk: 3\n", r"c.yaml:5: invalid YAML \(duplicate key 'scores'\)"),
-    ("scores:\n  damping: 1\n  damping: 2\n", r"c.yaml:3: invalid YAML \(duplicate key 'damping'\)"),
-    (b"model:\n  checkpoint: \xff\xfe\n", r"c.yaml: not a YAML text file \(byte 21 is not UTF-8\)"),   # was a traceback
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("factors:\n  stratgy: kfac\n", r"c.yaml: unknown key 'factors.stratgy' \(did you mean 'factors.strategy'\?\)"),
+        ("factors:\n  strategy: kfc\n", r"c.yaml: factors.strategy: expected one of identity, diagonal, kfac, ekfac"),
+        ("data:\n  max_length: ten\n", r"c.yaml: data.max_length: expected an integer, got 'ten'"),
+        ("data:\n  batch_size: 0\n", r"c.yaml: data.batch_size: must be at least 1"),
+        ("scores:\n  damping: [1]\n", r"c.yaml: scores.damping: expected a number or null"),
+        ("model: [1, 2]\n", r"c.yaml: model: expected a mapping of keys"),
+        ("factors: {strategy: kfac\n", r"c.yaml:\d+: invalid YAML"),
+        # a key given twice: PyYAML keeps the second silently, dropping scores.damping
+        (
+            "scores:\n  damping: 1\nrun:\n  out: x\nscores:\n  topk: 3\n",
+            r"c.yaml:5: invalid YAML \(duplicate key 'scores'\)",
+        ),
+        ("scores:\n  damping: 1\n  damping: 2\n", r"c.yaml:3: invalid YAML \(duplicate key 'damping'\)"),
+        (
+            b"model:\n  checkpoint: \xff\xfe\n",
+            r"c.yaml: not a YAML text file \(byte 21 is not UTF-8\)",
+        ),  # was a traceback
+    ],
+)
 def test_bad_configs_name_the_file_and_key(tmp_path, text, message):
     path = tmp_path / "c.yaml"
     path.write_bytes(text if isinstance(text, bytes) else text.encode())
@@ -65,7 +74,7 @@ def test_shipped_configs_are_valid():
     for path in configs:
         cfg.load(path)
     reference = cfg.load(Path(__file__).parent.parent / "configs/reference.yaml")
-    assert reference == cfg.Config()            # the reference documents every default
+    assert reference == cfg.Config()  # the reference documents every default
     text = (Path(__file__).parent.parent / "configs/reference.yaml").read_text()
     for name in cfg.all_keys():
         assert f"  {name.split('.')[1]}:" in text, name
@@ -82,12 +91,15 @@ def test_stage_steps_and_manifest(tmp_path):
     tree = {"A": {"x": jnp.arange(6.0).reshape(2, 3)}, "count": jnp.array(3.0)}
     for step in (10, 20, 30):
         st.save(step, jax_tree_scale(tree, step))
-    assert st.steps() == [20, 30]                      # two kept
+    assert st.steps() == [20, 30]  # two kept
     step, restored = st.latest(tree)
     assert step == 30 and float(restored["count"]) == 90.0
     # corrupt the newest step: it is reported and the previous one is used
-    victim = next(p for p in (tmp_path / "run/state/covariance/30").rglob("*") if p.is_file() and p.stat().st_size > 100
-                  and p.name != store.MANIFEST)
+    victim = next(
+        p
+        for p in (tmp_path / "run/state/covariance/30").rglob("*")
+        if p.is_file() and p.stat().st_size > 100 and p.name != store.MANIFEST
+    )
     data = bytearray(victim.read_bytes())
     data[len(data) // 2] ^= 0xFF
     victim.write_bytes(bytes(data))
@@ -128,8 +140,9 @@ def test_resume_refuses_changed_results_and_allows_the_rest(tmp_path):
     # mesh and save intervals never change results: allowed
     store.RunStore.open(_config(tmp_path, **{"scores.damping": 0.01, "mesh.data": 2, "factors.save_every": 7}))
     with pytest.raises(rundir.StoreError, match=r"would change results already saved: factors.fisher, run.precision"):
-        store.RunStore.open(_config(tmp_path, **{"scores.damping": 0.01, "factors.fisher": "empirical",
-                                                 "run.precision": "float64"}))
+        store.RunStore.open(
+            _config(tmp_path, **{"scores.damping": 0.01, "factors.fisher": "empirical", "run.precision": "float64"})
+        )
     fresh = store.RunStore.open(_config(tmp_path, **{"factors.fisher": "empirical"}), overwrite=True)
     assert fresh.status("covariance") == "pending" and not fresh.stage("covariance").steps()
     record = json.loads((tmp_path / "run/run.json").read_text())

@@ -48,8 +48,8 @@ def test_ekfac_lambda_is_the_fisher_diagonal_in_the_kronecker_eigenbasis():
             Q_A, Q_S = np.asarray(eig.Q_A[name]), np.asarray(eig.Q_S[name])
             assert rel_err(Q_A @ np.diag(np.asarray(eig.e_A[name])) @ Q_A.T, A) < TOL
             assert rel_err(Q_S @ np.diag(np.asarray(eig.e_S[name])) @ Q_S.T, S) < TOL
-            F = vecG.T @ vecG / n                      # the layer's Fisher (1/N) sum vec(G) vec(G)^T
-            Q = np.kron(Q_S, Q_A)                      # row-major vec: vec(Q_S^T G Q_A) = Q^T vec(G)
+            F = vecG.T @ vecG / n  # the layer's Fisher (1/N) sum vec(G) vec(G)^T
+            Q = np.kron(Q_S, Q_A)  # row-major vec: vec(Q_S^T G Q_A) = Q^T vec(G)
             oracle = np.diag(Q.T @ F @ Q).reshape(shape)
             assert rel_err(curv.Lambda[name], oracle) < TOL, name
 
@@ -78,7 +78,7 @@ def test_kfac_and_ekfac_preconditioning_equal_dense_solves(damping):
                 d = int(np.prod(shape))
                 if strategy == "kfac":
                     A, S = a.T @ a / len(a), g.T @ g / len(g)
-                    M = np.kron(S, A) + damping * np.eye(d)       # (A kron S + lambda I) in row-major vec
+                    M = np.kron(S, A) + damping * np.eye(d)  # (A kron S + lambda I) in row-major vec
                 else:
                     eig = pieces["eigen"]
                     Q = np.kron(np.asarray(eig.Q_S[name]), np.asarray(eig.Q_A[name]))
@@ -119,10 +119,10 @@ def test_large_damping_tends_to_the_identity_score():
 
 def test_eigendecomposition_guards():
     with jax.enable_x64(True):
-        M = jnp.array([[2.0, 1.0 + 1e-12], [1.0, 2.0]])          # slightly asymmetric: symmetrized
+        M = jnp.array([[2.0, 1.0 + 1e-12], [1.0, 2.0]])  # slightly asymmetric: symmetrized
         e, Q = curvature.symmetric_eigh(M)
         assert rel_err(Q @ jnp.diag(e) @ Q.T, 0.5 * (M + M.T)) < 1e-14
-        neg = jnp.array([[1.0, 0.0], [0.0, -1e-18]])                # round-off negative eigenvalue: clipped
+        neg = jnp.array([[1.0, 0.0], [0.0, -1e-18]])  # round-off negative eigenvalue: clipped
         e, _ = curvature.symmetric_eigh(neg)
         assert float(e.min()) == 0.0
         cov = Covariance(A={"w": jnp.eye(3)}, S={"w": 2 * jnp.eye(2)}, count={"w": jnp.ones(())})
@@ -136,14 +136,20 @@ def test_a_layer_with_no_token_has_zero_finite_curvature_and_contributes_nothing
     spec = capture.LayerSpec("b.*.w", d_in=3, d_out=2, bias=False, stack=2)
     state = curvature.covariance_init({"b.*.w": spec})
     assert state.count["b.*.w"].shape == (2,)
-    stats = {"b.*.w": {"A": jnp.stack([2 * jnp.eye(3), jnp.zeros((3, 3))]),
-                       "S": jnp.stack([4 * jnp.eye(2), jnp.zeros((2, 2))]), "count": jnp.array([2.0, 0.0])}}
+    stats = {
+        "b.*.w": {
+            "A": jnp.stack([2 * jnp.eye(3), jnp.zeros((3, 3))]),
+            "S": jnp.stack([4 * jnp.eye(2), jnp.zeros((2, 2))]),
+            "count": jnp.array([2.0, 0.0]),
+        }
+    }
     cov = curvature.covariance_finalize(curvature.covariance_update(state, stats))
     np.testing.assert_array_equal(cov.A["b.*.w"], jnp.stack([jnp.eye(3), jnp.zeros((3, 3))]))
     np.testing.assert_array_equal(cov.S["b.*.w"], jnp.stack([2 * jnp.eye(2), jnp.zeros((2, 2))]))
     lam = curvature.lambda_init({"b.*.w": spec})
-    lam = curvature.lambda_update(lam, {"b.*.w": {"Lambda": jnp.stack([3 * jnp.ones((2, 3)), jnp.zeros((2, 3))]),
-                                                  "count": jnp.array([3.0, 0.0])}})
+    lam = curvature.lambda_update(
+        lam, {"b.*.w": {"Lambda": jnp.stack([3 * jnp.ones((2, 3)), jnp.zeros((2, 3))]), "count": jnp.array([3.0, 0.0])}}
+    )
     Lambda = curvature.lambda_finalize(lam)["b.*.w"]
     np.testing.assert_array_equal(Lambda, jnp.stack([jnp.ones((2, 3)), jnp.zeros((2, 3))]))
     inv = curvature.inverse_eigenvalues(Lambda, curvature.block_damping(Lambda, None))
@@ -155,8 +161,9 @@ def _exact_sampled_fisher_S(apply, params, tokens, mask, weights, layers, vocab)
     """E over labels drawn from the model of sum_t g g^T / N_tok, by enumerating every label combination."""
     batch = {"tokens": tokens, "mask": mask, "weights": weights}
     logits = apply(params, tokens, mask, capture.Tap({}))
-    probs = np.asarray(jax.nn.softmax(logits[0, :-1], axis=-1))        # [T-1, V]
+    probs = np.asarray(jax.nn.softmax(logits[0, :-1], axis=-1))  # [T-1, V]
     targets = [t for t in range(1, tokens.shape[1]) if weights[0, t] > 0]
+
     def loss_fn(p, b, pr):
         tap = capture.Tap(pr)
         lg = apply(p, b["tokens"], b["mask"], tap)
@@ -183,8 +190,9 @@ def test_sampled_fisher_covariance_converges_to_the_exact_expectation():
     with jax.enable_x64(True):
         vocab = 3
         task = testing.tiny_lm_task()
-        params = testing.tiny_lm_init(jax.random.key(3), vocab=vocab, d_model=4, d_ff=6, n_layers=1, max_len=8,
-                                    dtype=jnp.float64)
+        params = testing.tiny_lm_init(
+            jax.random.key(3), vocab=vocab, d_model=4, d_ff=6, n_layers=1, max_len=8, dtype=jnp.float64
+        )
         one = tasks.lm_batch([[0, 2, 1, 2]])
         layers = layers_of(task, params, one, ["layers.*.mlp.*", "lm_head"])
         apply = lambda p, t, m, tap: testing.tiny_lm_apply(p, t, m, tap)
@@ -216,11 +224,17 @@ def test_eigendecomposition_of_many_stacked_blocks_does_not_hang(tmp_path):
         "def spd(k, n): x = jax.random.normal(k, (4, n, 2 * n)); return x @ jnp.swapaxes(x, -1, -2)\n"
         "cov = curvature.Covariance(A={str(i): spd(k[i], 96 + 32 * i) for i in range(3)},\n"
         "    S={str(i): spd(k[3 + i], 256 - 32 * i) for i in range(3)}, count={str(i): jnp.ones(()) for i in range(3)})\n"
-        "jax.block_until_ready(jax.jit(curvature.eigendecompose)(cov)); print('ok')\n")
+        "jax.block_until_ready(jax.jit(curvature.eigendecompose)(cov)); print('ok')\n"
+    )
     for _ in range(3):
-        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
-                           cwd=str(tmp_path), env={**__import__("os").environ,
-                                                   "PYTHONPATH": str(__import__("pathlib").Path(__file__).parent.parent)})
+        r = subprocess.run(
+            [sys.executable, "-c", code],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=str(tmp_path),
+            env={**__import__("os").environ, "PYTHONPATH": str(__import__("pathlib").Path(__file__).parent.parent)},
+        )
         assert r.stdout.strip() == "ok", r.stderr[-1000:]
 
 
@@ -240,14 +254,14 @@ def test_failed_eigh_falls_back_to_a_jittered_decomposition(monkeypatch):
         M = x @ x.T
         e, Q = jax.jit(curvature.symmetric_eigh)(M)
         assert len(calls) == 2 and bool(jnp.all(jnp.isfinite(e)))
-        assert rel_err(Q @ jnp.diag(e) @ Q.T, M) < 1e-6           # the jitter (1e-7 x mean eigenvalue) is undone
+        assert rel_err(Q @ jnp.diag(e) @ Q.T, M) < 1e-6  # the jitter (1e-7 x mean eigenvalue) is undone
         np.testing.assert_allclose(np.asarray(e), np.linalg.eigvalsh(np.asarray(M)), rtol=1e-6, atol=1e-6)
 
 
 def test_sampled_labels_follow_the_predictive_distribution_without_a_vocabulary_wide_cumsum():
     """The chunked inverse CDF draws the labels the whole-vocabulary inverse CDF draws from the same uniforms
     (all but float-rounding ties), and their frequencies match softmax(logits) within 5 binomial sigmas."""
-    logits = jax.random.normal(jax.random.key(0), (2, 3, 1037)) * 3      # 1037: not a multiple of the chunks
+    logits = jax.random.normal(jax.random.key(0), (2, 3, 1037)) * 3  # 1037: not a multiple of the chunks
     keys = jax.random.split(jax.random.key(1), 4000)
     ys = np.asarray(jax.vmap(lambda k: tasks.sample_labels(k, logits))(keys))
 
@@ -271,6 +285,9 @@ def test_the_config_offers_exactly_the_registered_strategies():
     assert FactorsConfig.__dataclass_fields__["strategy"].metadata["choices"] == tuple(curvature.STRATEGIES)
     for name, s in curvature.STRATEGIES.items():
         assert curvature.strategy(name) is s and curvature.strategy(s) is s
-    with pytest.raises(ValueError, match=r"^factors.strategy: unknown strategy 'kfc' \(choose from identity, "
-                                         r"diagonal, kfac, ekfac\)$"):
+    with pytest.raises(
+        ValueError,
+        match=r"^factors.strategy: unknown strategy 'kfc' \(choose from identity, "
+        r"diagonal, kfac, ekfac\)$",
+    ):
         curvature.strategy("kfc")

@@ -80,8 +80,9 @@ def test_tokenizer_copy_without_truncation_or_padding(tmp_path):
         load_tokenizer(tmp_path / "bad.json")
 
 
-@pytest.mark.parametrize("template, prefix, suffix", [("bos", (1,), ()), ("eos", (), (2,)), ("both", (1,), (2,)),
-                                                      ("none", (), ())])
+@pytest.mark.parametrize(
+    "template, prefix, suffix", [("bos", (1,), ()), ("eos", (), (2,)), ("both", (1,), (2,)), ("none", (), ())]
+)
 def test_special_tokens_documents_and_queries(template, prefix, suffix):
     tok = make_tokenizer(template)
     enc = TextEncoder(tok)
@@ -89,8 +90,10 @@ def test_special_tokens_documents_and_queries(template, prefix, suffix):
     text = "the mountain of quab"
     assert enc.encode_documents([text])[0].tolist() == tok.encode(text).ids  # as configured
     plain = tok.encode(text, add_special_tokens=False).ids
-    assert enc.document_lengths([text, ""]).tolist() == [len(prefix) + len(plain) + len(suffix),
-                                                        len(prefix) + len(suffix)]
+    assert enc.document_lengths([text, ""]).tolist() == [
+        len(prefix) + len(plain) + len(suffix),
+        len(prefix) + len(suffix),
+    ]
     (q,) = enc.encode_queries(["what is"], [" tall."])
     p, c = tok.encode("what is", add_special_tokens=False).ids, tok.encode(" tall.", add_special_tokens=False).ids
     assert q.ids.tolist() == list(prefix) + p + c  # BOS in front, no EOS after the completion
@@ -200,8 +203,16 @@ def test_batches_hold_the_planned_tokens(corpus, encoder, mode):
     docs, lengths = corpus
     tokens_of = encoder.encode_documents(docs.texts(range(len(docs))))
     assert [len(t) for t in tokens_of] == lengths.tolist()
-    batches = document_batches(docs, encoder, batch_size=4, max_length=32, long_documents=mode, window_batches=3,
-                               buckets=(8, 16, 32), lengths=lengths)
+    batches = document_batches(
+        docs,
+        encoder,
+        batch_size=4,
+        max_length=32,
+        long_documents=mode,
+        window_batches=3,
+        buckets=(8, 16, 32),
+        lengths=lengths,
+    )
     seen = []
     for s, batch in enumerate(batches):
         _check_batch(batch, batches.plan, tokens_of, 4, int(batches.plan.step_length[s]))
@@ -209,14 +220,17 @@ def test_batches_hold_the_planned_tokens(corpus, encoder, mode):
     assert sorted(seen) == list(range(batches.plan.num_rows))
     assert batches.plan.num_rows > len(docs) if mode == "split" else batches.plan.report.truncated_documents > 0
     # Without given lengths, document_batches counts them itself (one pass) and plans the same batches.
-    counted = document_batches(docs, encoder, batch_size=4, max_length=32, long_documents=mode, window_batches=3,
-                               buckets=(8, 16, 32))
+    counted = document_batches(
+        docs, encoder, batch_size=4, max_length=32, long_documents=mode, window_batches=3, buckets=(8, 16, 32)
+    )
     assert np.array_equal(counted.plan.order, batches.plan.order)
 
 
 def test_resume_reads_only_what_it_needs(corpus, encoder):
     docs, lengths = corpus
-    plan = make_batch_plan(lengths, batch_size=4, max_length=32, long_documents="split", window_batches=3, buckets=(16, 32))
+    plan = make_batch_plan(
+        lengths, batch_size=4, max_length=32, long_documents="split", window_batches=3, buckets=(16, 32)
+    )
     full = list(DocumentBatches(docs, encoder, plan))
     src = CountingSource(docs)
     resumed = DocumentBatches(src, encoder, plan, group_steps=2)
@@ -272,7 +286,7 @@ def test_scatter_columns_and_chunk_sums():
         index[: len(rows)] = plan.row_document[rows]
         batch_vals = np.zeros((2, 2))
         batch_vals[:, : len(rows)] = values[:, rows]
-        batch_vals[:, len(rows):] = 1e9  # padding rows never land anywhere
+        batch_vals[:, len(rows) :] = 1e9  # padding rows never land anywhere
         scatter_columns(by_batches, batch_vals, index)
     assert np.allclose(by_batches, plan.sum_chunks(values))
     assert np.allclose(plan.sum_chunks(values).sum(), values.sum())
@@ -329,8 +343,16 @@ def _model_batch(b):
 def test_batched_losses_equal_unpadded_one_by_one(corpus, encoder, mode):
     """Summed NLL per row from a padded, bucketed batch = the same sequence's loss alone, unpadded."""
     docs, lengths = corpus
-    batches = document_batches(docs, encoder, batch_size=8, max_length=24, long_documents=mode, window_batches=2,
-                               buckets=(12, 24), lengths=lengths)
+    batches = document_batches(
+        docs,
+        encoder,
+        batch_size=8,
+        max_length=24,
+        long_documents=mode,
+        window_batches=2,
+        buckets=(12, 24),
+        lengths=lengths,
+    )
     params = testing.tiny_lm_init(jax.random.key(0), vocab=encoder.vocab_size, d_model=16, d_ff=32, max_len=24)
     tokens_of = encoder.encode_documents(docs.texts(range(len(docs))))
     plan = batches.plan
@@ -352,9 +374,17 @@ def test_batched_losses_equal_unpadded_one_by_one(corpus, encoder, mode):
 
 def test_query_losses_equal_completion_nll_one_by_one(encoder):
     """A padded query batch gives each query's summed completion NLL, as the unpadded query alone does."""
-    queries = [Query(i, str(i), p, c, origin=f"q:{i}") for i, (p, c) in enumerate(
-        [("the river of zorv is", " long and tall."), ("three plus four makes", " seven"),
-         ("", "every day people walk"), ("naïve café", " — 42.")])]
+    queries = [
+        Query(i, str(i), p, c, origin=f"q:{i}")
+        for i, (p, c) in enumerate(
+            [
+                ("the river of zorv is", " long and tall."),
+                ("three plus four makes", " seven"),
+                ("", "every day people walk"),
+                ("naïve café", " — 42."),
+            ]
+        )
+    ]
     encoded = encode_queries(queries, encoder)
     params = testing.tiny_lm_init(jax.random.key(1), vocab=encoder.vocab_size, d_model=16, d_ff=32, max_len=64)
     (batch,) = query_batches(encoded, batch_size=6, max_length=64)
@@ -386,7 +416,7 @@ def test_a_huge_document_is_tokenized_in_a_bounded_prefix(tmp_path, encoder):
     those of the whole text (documents, lengths and the batches that breakdowns use alike)."""
     from jaxinf.data.tokenize import prefix_chars
 
-    huge = " ".join(corpus_texts(4000, seed=3))           # about 200k characters, one line
+    huge = " ".join(corpus_texts(4000, seed=3))  # about 200k characters, one line
     small = corpus_texts(3)
     path = tmp_path / "docs.jsonl"
     with open(path, "w") as f:
@@ -412,8 +442,8 @@ def test_a_huge_document_is_tokenized_in_a_bounded_prefix(tmp_path, encoder):
         (batch,) = list(batches)
     finally:
         encoder.tokenizer = original
-    assert calls and max(calls) <= 4 * prefix_chars(32) < len(huge)       # never the whole text
-    assert 32 < lengths[1] < len(whole)                                  # a lower bound above the limit
+    assert calls and max(calls) <= 4 * prefix_chars(32) < len(huge)  # never the whole text
+    assert 32 < lengths[1] < len(whole)  # a lower bound above the limit
     row = int(np.nonzero(batch["index"] == 1)[0][0])
     assert batch["tokens"][row].tolist() == whole[:32].tolist()
     assert batches.plan.report.truncated_documents == 3

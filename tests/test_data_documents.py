@@ -27,14 +27,19 @@ REPO = Path(__file__).resolve().parents[1]
 
 def test_jsonl_fields_defaults_and_counts(tmp_path):
     path = tmp_path / "docs.jsonl"
-    raw = "\n".join([
-        json.dumps({"id": "a", "text": "first", "source": "wiki", "url": "u1", "meta": {"k": [1, 2]}}),
-        "",                                          # blank line: skipped, counted
-        json.dumps({"text": "no id, no source"}),    # id = line number 3, source "unknown"
-        json.dumps({"id": 7, "text": "integer id", "source": "code"}),
-        json.dumps({"id": "e", "text": "   \n ", "source": "wiki"}),  # empty: skipped, counted
-        json.dumps({"id": "f", "text": "ünïcödé ✓", "source": "web"}),
-    ]) + "\n"
+    raw = (
+        "\n".join(
+            [
+                json.dumps({"id": "a", "text": "first", "source": "wiki", "url": "u1", "meta": {"k": [1, 2]}}),
+                "",  # blank line: skipped, counted
+                json.dumps({"text": "no id, no source"}),  # id = line number 3, source "unknown"
+                json.dumps({"id": 7, "text": "integer id", "source": "code"}),
+                json.dumps({"id": "e", "text": "   \n ", "source": "wiki"}),  # empty: skipped, counted
+                json.dumps({"id": "f", "text": "ünïcödé ✓", "source": "web"}),
+            ]
+        )
+        + "\n"
+    )
     path.write_bytes(b"\xef\xbb\xbf" + raw.replace("\n", "\r\n").encode("utf-8"))  # BOM and CRLF are fine
     docs = JsonlDocuments(path)
     assert len(docs) == 4
@@ -46,24 +51,29 @@ def test_jsonl_fields_defaults_and_counts(tmp_path):
     ]
     r = docs.report
     assert (r.documents, r.empty, r.blank_lines, r.default_ids, r.default_sources) == (4, 1, 1, 1, 1)
-    assert r.summary() == (f"{path}: 4 documents, 1 empty documents skipped, 1 blank lines skipped, "
-                           '1 ids defaulted to the line number, 1 sources defaulted to "unknown"')
+    assert r.summary() == (
+        f"{path}: 4 documents, 1 empty documents skipped, 1 blank lines skipped, "
+        '1 ids defaulted to the line number, 1 sources defaulted to "unknown"'
+    )
     assert docs.texts([3, 0]) == ["ünïcödé ✓", "first"]
     assert docs[2].id == "7"
 
 
-@pytest.mark.parametrize("line, message", [
-    (b'{"id": "x", "text": "a" "b"}', "docs.jsonl:2: invalid JSON (Expecting ',' delimiter, column 25)"),
-    (b'{"id": "x", "source": "wiki"}', 'docs.jsonl:2: missing field "text"'),
-    (b'{"id": "x", "text": 5}', 'docs.jsonl:2: field "text" must be a string, got int'),
-    (b'{"id": "x", "text": null}', 'docs.jsonl:2: field "text" must be a string, got null'),
-    (b'{"id": "x", "text": "caf\xe9"}', "docs.jsonl:2: invalid UTF-8 at byte 25"),
-    (b'["text"]', "docs.jsonl:2: expected a JSON object, got list"),
-    (b'{"id": 1.5, "text": "t"}', 'docs.jsonl:2: field "id" must be a string or an integer, got float'),
-    (b'{"id": "x", "text": "t", "source": ["a"]}', 'docs.jsonl:2: field "source" must be a string, got list'),
-    (b'{"id": "x", "text": "\\ud800"}', 'docs.jsonl:2: field "text" holds an unpaired surrogate at character 1'),
-    (b'{"id": "d0", "text": "again"}', 'docs.jsonl:2: duplicate id "d0" (first at line 1)'),
-])
+@pytest.mark.parametrize(
+    "line, message",
+    [
+        (b'{"id": "x", "text": "a" "b"}', "docs.jsonl:2: invalid JSON (Expecting ',' delimiter, column 25)"),
+        (b'{"id": "x", "source": "wiki"}', 'docs.jsonl:2: missing field "text"'),
+        (b'{"id": "x", "text": 5}', 'docs.jsonl:2: field "text" must be a string, got int'),
+        (b'{"id": "x", "text": null}', 'docs.jsonl:2: field "text" must be a string, got null'),
+        (b'{"id": "x", "text": "caf\xe9"}', "docs.jsonl:2: invalid UTF-8 at byte 25"),
+        (b'["text"]', "docs.jsonl:2: expected a JSON object, got list"),
+        (b'{"id": 1.5, "text": "t"}', 'docs.jsonl:2: field "id" must be a string or an integer, got float'),
+        (b'{"id": "x", "text": "t", "source": ["a"]}', 'docs.jsonl:2: field "source" must be a string, got list'),
+        (b'{"id": "x", "text": "\\ud800"}', 'docs.jsonl:2: field "text" holds an unpaired surrogate at character 1'),
+        (b'{"id": "d0", "text": "again"}', 'docs.jsonl:2: duplicate id "d0" (first at line 1)'),
+    ],
+)
 def test_jsonl_bad_input_names_file_and_line(tmp_path, monkeypatch, line, message):
     monkeypatch.chdir(tmp_path)
     write_jsonl(Path("docs.jsonl"), [{"id": "d0", "text": "ok"}, {}, {"id": "d2", "text": "ok"}], raw_lines={2: line})
@@ -84,7 +94,10 @@ def test_jsonl_changed_after_indexing_is_an_error(tmp_path):
     docs = JsonlDocuments(path)
     with open(path, "ab") as f:
         f.write(b'{"text": "appended"}\n')
-    with pytest.raises(DataError, match="changed after it was indexed .*a jaxinf command: run it again; what the change affects is recomputed"):
+    with pytest.raises(
+        DataError,
+        match="changed after it was indexed .*a jaxinf command: run it again; what the change affects is recomputed",
+    ):
         docs.texts([0])
 
 
@@ -117,8 +130,7 @@ def test_prepare_round_trip(tmp_path):
 
 
 def test_prepare_keeps_out_dir_on_error_and_refuses_existing(tmp_path):
-    bad = write_jsonl(tmp_path / "bad.jsonl", [{"text": f"doc {i}"} for i in range(50)],
-                      raw_lines={40: b'{"text": 1}'})
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"text": f"doc {i}"} for i in range(50)], raw_lines={40: b'{"text": 1}'})
     with pytest.raises(DataError, match=r'bad\.jsonl:40: field "text" must be a string, got int'):
         prepare(bad, tmp_path / "out")
     assert sorted(os.listdir(tmp_path)) == ["bad.jsonl"]
@@ -151,8 +163,13 @@ def test_foreign_tfds_dataset(tmp_path):
         code_path = None
 
         def _info(self):
-            return tfds.core.DatasetInfo(builder=self, disable_shuffling=True, features=tfds.features.FeaturesDict(
-                {"text": tfds.features.Text(), "year": tfds.features.Scalar(np.int64)}))
+            return tfds.core.DatasetInfo(
+                builder=self,
+                disable_shuffling=True,
+                features=tfds.features.FeaturesDict(
+                    {"text": tfds.features.Text(), "year": tfds.features.Scalar(np.int64)}
+                ),
+            )
 
         def _split_generators(self, dl_manager):
             return {"train": self._generate_examples()}
@@ -164,9 +181,11 @@ def test_foreign_tfds_dataset(tmp_path):
     b = Foreign(data_dir=str(tmp_path / "data"), file_format="array_record")
     b.download_and_prepare(download_dir=str(tmp_path / "dl"))
     docs = open_documents(b.data_dir)
-    assert list(docs) == [Document(0, "0", "alpha", "unknown", {"year": 2000}, 0),
-                          Document(1, "2", "gamma", "unknown", {"year": 2002}, 2),
-                          Document(2, "3", "delta", "unknown", {"year": 2003}, 3)]
+    assert list(docs) == [
+        Document(0, "0", "alpha", "unknown", {"year": 2000}, 0),
+        Document(1, "2", "gamma", "unknown", {"year": 2002}, 2),
+        Document(2, "3", "delta", "unknown", {"year": 2003}, 3),
+    ]
     assert (docs.report.documents, docs.report.empty, docs.report.default_ids) == (3, 1, 3)
     with pytest.raises(DataError, match='no split "test"'):
         open_documents(b.data_dir, split="test")
@@ -185,12 +204,18 @@ def test_open_documents_errors(tmp_path):
 # --------------------------------------------------------------------------- the command line
 
 
-@pytest.mark.parametrize("line, message", [
-    (b'{"id": "x", "text": "a",}', "docs.jsonl:3: invalid JSON (Expecting property name enclosed in double quotes, column 25)"),
-    (b'{"id": "x"}', 'docs.jsonl:3: missing field "text"'),
-    (b'{"id": "x", "text": {"a": 1}}', 'docs.jsonl:3: field "text" must be a string, got object'),
-    (b'{"id": "x", "text": "\xff"}', "docs.jsonl:3: invalid UTF-8 at byte 22"),
-])
+@pytest.mark.parametrize(
+    "line, message",
+    [
+        (
+            b'{"id": "x", "text": "a",}',
+            "docs.jsonl:3: invalid JSON (Expecting property name enclosed in double quotes, column 25)",
+        ),
+        (b'{"id": "x"}', 'docs.jsonl:3: missing field "text"'),
+        (b'{"id": "x", "text": {"a": 1}}', 'docs.jsonl:3: field "text" must be a string, got object'),
+        (b'{"id": "x", "text": "\xff"}', "docs.jsonl:3: invalid UTF-8 at byte 22"),
+    ],
+)
 def test_cli_prepare_bad_input_is_one_line(tmp_path, monkeypatch, capsys, line, message):
     monkeypatch.chdir(tmp_path)
     write_jsonl(Path("docs.jsonl"), [{"text": "a"}, {"text": "b"}, {}], raw_lines={3: line})
@@ -206,8 +231,10 @@ def test_cli_prepare_counts_empty_documents(tmp_path, monkeypatch, capsys):
     write_jsonl(Path("docs.jsonl"), [{"text": "a"}, {"id": "z", "text": ""}, {"text": "c", "source": "s"}])
     assert cli.main(["prepare", "docs.jsonl", "out"]) == 0
     out, err = capsys.readouterr()
-    assert out.splitlines()[0] == ('docs.jsonl: 2 documents, 1 empty documents skipped, '
-                                   '2 ids defaulted to the line number, 1 sources defaulted to "unknown"')
+    assert out.splitlines()[0] == (
+        "docs.jsonl: 2 documents, 1 empty documents skipped, "
+        '2 ids defaulted to the line number, 1 sources defaulted to "unknown"'
+    )
     assert [d.id for d in open_documents("out")] == ["1", "3"]
 
 
@@ -236,8 +263,13 @@ def test_cli_round_trip_without_tensorflow(tmp_path):
     got = json.loads(run.stdout.splitlines()[-1])
     assert got == [[f"d{i}", t, f"s{i % 4}", {"x": [i]}] for i, t in enumerate(texts)]
 
-    cmd = subprocess.run([sys.executable, "-m", "jaxinf", "prepare", "bad.jsonl", "ds2"], capture_output=True,
-                         text=True, env=env, cwd=tmp_path)
+    cmd = subprocess.run(
+        [sys.executable, "-m", "jaxinf", "prepare", "bad.jsonl", "ds2"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+    )
     assert cmd.returncode == 2
     assert cmd.stderr == 'jaxinf prepare: error: bad.jsonl:2: field "text" must be a string, got int\n'
     assert not (tmp_path / "ds2").exists()

@@ -40,7 +40,7 @@ def test_every_format_reads_the_same_documents(tmp_path, fmt):
     assert [(d.id, d.text, d.source) for d in docs] == [(d.id, d.text, d.source) for d in reference]
     assert docs.texts([48, 0, 20]) == ["text 49 café ✓", "text 0 café ✓", "text 21 café ✓"]
     assert [s["count"] for s in docs.shard_digests()] == [19, 20, 10]
-    assert docs.documents([19])[0].line == 1 if fmt != "jsonl" else True   # the line or row within its shard
+    assert docs.documents([19])[0].line == 1 if fmt != "jsonl" else True  # the line or row within its shard
 
 
 def test_a_glob_of_shards_and_mixed_formats_in_one_directory(tmp_path):
@@ -61,12 +61,17 @@ def test_configured_fields_and_shard_name_defaults(tmp_path):
     recs = [{"content": f"body {i}", "key": i} for i in range(6)]
     root = write_shards(iter(recs), tmp_path / "c", "parquet", shards=2, per_shard=3)
     docs = open_documents(root, text_field="content", id_field="uid", source_field="origin")
-    assert [(d.id, d.source) for d in docs][:2] == [("data-00000-of-00002:1", "data-00000-of-00002"),
-                                                   ("data-00000-of-00002:2", "data-00000-of-00002")]
+    assert [(d.id, d.source) for d in docs][:2] == [
+        ("data-00000-of-00002:1", "data-00000-of-00002"),
+        ("data-00000-of-00002:2", "data-00000-of-00002"),
+    ]
     assert docs[0].extra == {"key": 0}
     assert docs.report.default_ids == 6 and "6 sources defaulted to their shard's name" in docs.report.summary()
-    one = open_documents(write_shards(iter(recs), tmp_path / "one", "jsonl", shards=1) / "data-00000-of-00001.jsonl",
-                         text_field="content", id_field="key")
+    one = open_documents(
+        write_shards(iter(recs), tmp_path / "one", "jsonl", shards=1) / "data-00000-of-00001.jsonl",
+        text_field="content",
+        id_field="key",
+    )
     assert [(d.id, d.source) for d in one][:2] == [("0", "unknown"), ("1", "unknown")]
 
 
@@ -90,12 +95,15 @@ def _corrupt(path: Path) -> None:
     path.write_bytes(data[: len(data) // 2])
 
 
-@pytest.mark.parametrize("fmt, damage, message", [
-    ("jsonl.gz", _corrupt, r"^.*/data-00001-of-00002\.jsonl\.gz:\d+: cannot decompress \(gzip: "),
-    ("jsonl.zst", _corrupt, r"^.*/data-00001-of-00002\.jsonl\.zst:\d+: cannot decompress \(zstd: "),
-    ("parquet", _corrupt, r"^.*/data-00001-of-00002\.parquet: not a readable Parquet file \("),
-    ("arrow", _corrupt, r"^.*/data-00001-of-00002\.arrow: not a readable Arrow file \("),
-])
+@pytest.mark.parametrize(
+    "fmt, damage, message",
+    [
+        ("jsonl.gz", _corrupt, r"^.*/data-00001-of-00002\.jsonl\.gz:\d+: cannot decompress \(gzip: "),
+        ("jsonl.zst", _corrupt, r"^.*/data-00001-of-00002\.jsonl\.zst:\d+: cannot decompress \(zstd: "),
+        ("parquet", _corrupt, r"^.*/data-00001-of-00002\.parquet: not a readable Parquet file \("),
+        ("arrow", _corrupt, r"^.*/data-00001-of-00002\.arrow: not a readable Arrow file \("),
+    ],
+)
 def test_a_damaged_shard_is_one_line_naming_it(tmp_path, fmt, damage, message):
     root = write_shards(iter(RECORDS), tmp_path / "d", fmt, shards=2, per_shard=25)
     damage(next(root.glob("data-00001-*")))
@@ -156,8 +164,11 @@ def world(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("formats")
     world = make_world(root)
-    names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
-             "jax_persistent_cache_min_entry_size_bytes")
+    names = (
+        "jax_compilation_cache_dir",
+        "jax_persistent_cache_min_compile_time_secs",
+        "jax_persistent_cache_min_entry_size_bytes",
+    )
     before = {n: getattr(jax.config, n) for n in names}
     for n, v in zip(names, (str(root / "xla-cache"), 0, 0)):
         jax.config.update(n, v)
@@ -202,8 +213,12 @@ def test_exact_dedupe_skips_counts_and_lists_duplicates(tmp_path):
     assert docs.report.duplicates == 6 and docs.duplicates[:2] == [("d4", "d0"), ("d5", "d1")]
     assert "6 exact duplicates skipped (d4 = d0, d5 = d1, d6 = d2, ...)" in docs.report.summary()
     assert [s["count"] for s in docs.shard_digests()] == [4, 0]
-    assert docs.content_digest() == open_documents(
-        write_shards(iter(recs[:4]), tmp_path / "e", "parquet", shards=2, per_shard=5)).content_digest()
+    assert (
+        docs.content_digest()
+        == open_documents(
+            write_shards(iter(recs[:4]), tmp_path / "e", "parquet", shards=2, per_shard=5)
+        ).content_digest()
+    )
     with pytest.raises(DataError, match="data.dedupe=exact is not supported for TFDS"):
         open_documents("tfds:whatever", dedupe="exact")
 
@@ -242,8 +257,10 @@ def test_a_damaged_prepared_dataset_is_one_line_naming_it(tmp_path, damage):
     damage(damaged)
     with pytest.raises(DataError) as e:
         list(open_documents(tmp_path / "ds"))
-    assert str(e.value) == (f"{damaged}: not the file jaxinf prepare wrote (its SHA-256 differs from the one in "
-                            "metadata.json): the dataset is damaged; prepare it again")
+    assert str(e.value) == (
+        f"{damaged}: not the file jaxinf prepare wrote (its SHA-256 differs from the one in "
+        "metadata.json): the dataset is damaged; prepare it again"
+    )
 
 
 def test_tfds_is_fingerprinted_by_content(tmp_path):

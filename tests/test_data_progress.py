@@ -22,15 +22,15 @@ def test_running_totals_give_a_line_every_interval_and_one_at_the_end_with_rates
     progress = Progress("token counts", 1000, unit="documents", interval=30, stream=stream, clock=lambda: now[0])
     progress.enabled = True
     now[0] = 110.0
-    progress.at(100, 50_000)            # 10 s in: the first chunk, no steady rate yet
+    progress.at(100, 50_000)  # 10 s in: the first chunk, no steady rate yet
     now[0] = 120.0
-    progress.at(200, 100_000)           # 10 s after the first line: nothing
+    progress.at(200, 100_000)  # 10 s after the first line: nothing
     now[0] = 140.0
-    progress.at(400, 200_000)           # 30 s after the first chunk: 10 documents/s, 600 left: 60 s
+    progress.at(400, 200_000)  # 30 s after the first chunk: 10 documents/s, 600 left: 60 s
     now[0] = 150.0
-    progress.at(500, 250_000)           # 10 s after the last line: nothing
+    progress.at(500, 250_000)  # 10 s after the last line: nothing
     now[0] = 200.0
-    progress.at(1000, 500_000)          # the end: always
+    progress.at(1000, 500_000)  # the end: always
     assert stream.getvalue().splitlines() == [
         "token counts: 100/1,000 documents, 10.0 documents/s, 5,000 tokens/s, elapsed 0:00:10, ETA ?",
         "token counts: 400/1,000 documents, 10.0 documents/s, 5,000 tokens/s, elapsed 0:00:40, ETA 0:01:00",

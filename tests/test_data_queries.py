@@ -30,11 +30,21 @@ def encoder():
 
 
 def test_jsonl_queries(tmp_path):
-    path = write_jsonl(tmp_path / "queries.jsonl", [
-        {"id": "q1", "prompt": "What is 3+4?", "completion": " 7.", "kind": "reasoning", "task": "sums",
-         "answer": 7, "note": "kept"},
-        {"prompt": "", "completion": "Hello."},
-    ])
+    path = write_jsonl(
+        tmp_path / "queries.jsonl",
+        [
+            {
+                "id": "q1",
+                "prompt": "What is 3+4?",
+                "completion": " 7.",
+                "kind": "reasoning",
+                "task": "sums",
+                "answer": 7,
+                "note": "kept",
+            },
+            {"prompt": "", "completion": "Hello."},
+        ],
+    )
     q = read_queries(path)
     assert q == [
         Query(0, "q1", "What is 3+4?", " 7.", "reasoning", "sums", "7", {"note": "kept"}, f"{path}:1"),
@@ -42,20 +52,30 @@ def test_jsonl_queries(tmp_path):
     ]
 
 
-@pytest.mark.parametrize("line, message", [
-    (b'{"id": "q7", "prompt": "p", "completion": ""}', 'queries.jsonl:2: query "q7" has an empty completion'),
-    (b'{"id": "q7", "prompt": "p", "completion": " \\n"}', 'queries.jsonl:2: query "q7" has an empty completion'),
-    (b'{"id": "q7", "prompt": "p"}', 'queries.jsonl:2: missing field "completion"'),
-    (b'{"completion": "c"}', 'queries.jsonl:2: missing field "prompt"'),
-    (b'{"prompt": 1, "completion": "c"}', 'queries.jsonl:2: field "prompt" must be a string, got int'),
-    (b'{"prompt": "p", "completion": "c", "kind": "fact"}',
-     'queries.jsonl:2: field "kind" must be one of factual, reasoning, control, got "fact"'),
-    (b'{"prompt": "p", "completion": "c", "answer": [1]}',
-     'queries.jsonl:2: field "answer" must be a string or a number, got list'),
-    (b'{"prompt": "p", "completion": "c"', "queries.jsonl:2: invalid JSON (Expecting ',' delimiter, column 34)"),
-    (b'{"prompt": "\xc3", "completion": "c"}', "queries.jsonl:2: invalid UTF-8 at byte 13"),
-    (b'{"id": "a", "prompt": "p", "completion": "c"}', 'queries.jsonl:2: duplicate query id "a" (first at queries.jsonl:1)'),
-])
+@pytest.mark.parametrize(
+    "line, message",
+    [
+        (b'{"id": "q7", "prompt": "p", "completion": ""}', 'queries.jsonl:2: query "q7" has an empty completion'),
+        (b'{"id": "q7", "prompt": "p", "completion": " \\n"}', 'queries.jsonl:2: query "q7" has an empty completion'),
+        (b'{"id": "q7", "prompt": "p"}', 'queries.jsonl:2: missing field "completion"'),
+        (b'{"completion": "c"}', 'queries.jsonl:2: missing field "prompt"'),
+        (b'{"prompt": 1, "completion": "c"}', 'queries.jsonl:2: field "prompt" must be a string, got int'),
+        (
+            b'{"prompt": "p", "completion": "c", "kind": "fact"}',
+            'queries.jsonl:2: field "kind" must be one of factual, reasoning, control, got "fact"',
+        ),
+        (
+            b'{"prompt": "p", "completion": "c", "answer": [1]}',
+            'queries.jsonl:2: field "answer" must be a string or a number, got list',
+        ),
+        (b'{"prompt": "p", "completion": "c"', "queries.jsonl:2: invalid JSON (Expecting ',' delimiter, column 34)"),
+        (b'{"prompt": "\xc3", "completion": "c"}', "queries.jsonl:2: invalid UTF-8 at byte 13"),
+        (
+            b'{"id": "a", "prompt": "p", "completion": "c"}',
+            'queries.jsonl:2: duplicate query id "a" (first at queries.jsonl:1)',
+        ),
+    ],
+)
 def test_jsonl_query_errors(tmp_path, monkeypatch, line, message):
     monkeypatch.chdir(tmp_path)
     write_jsonl(Path("queries.jsonl"), [{"id": "a", "prompt": "p", "completion": "c"}, {}], raw_lines={2: line})
@@ -65,9 +85,11 @@ def test_jsonl_query_errors(tmp_path, monkeypatch, line, message):
 
 
 def test_query_masks_cover_exactly_the_completion(encoder):
-    queries = [Query(0, "a", "the river of zorv is", " long.", origin="q:1"),
-               Query(1, "b", "three plus four makes", " seven", origin="q:2"),
-               Query(2, "c", "", "every day", origin="q:3")]
+    queries = [
+        Query(0, "a", "the river of zorv is", " long.", origin="q:1"),
+        Query(1, "b", "three plus four makes", " seven", origin="q:2"),
+        Query(2, "c", "", "every day", origin="q:3"),
+    ]
     encoded = encode_queries(queries, encoder)
     tok = encoder.tokenizer
     (batch,) = query_batches(encoded)
@@ -104,7 +126,10 @@ def test_release_format_errors(tmp_path):
         ({"model": "13B"}, 'release.json: field "model" must be "7B" or "35B", got "13B"'),
         ({"prompts": ["p"] * 99}, 'release.json: field "prompts" must be a list of 100 items, got 99 items'),
         ({"completions": ["c"] * 12 + [""] + ["c"] * 87}, 'release.json: query 12: query "12" has an empty completion'),
-        ({"completions": ["c"] * 5 + [None] + ["c"] * 94}, 'release.json: field "completions[5]" must be a string, got null'),
+        (
+            {"completions": ["c"] * 5 + [None] + ["c"] * 94},
+            'release.json: field "completions[5]" must be a string, got null',
+        ),
     ]:
         path.write_text(json.dumps({**good, **change}))
         with pytest.raises(DataError) as e:
@@ -114,15 +139,22 @@ def test_release_format_errors(tmp_path):
     with pytest.raises(DataError, match=r"release\.json:1: invalid JSON"):
         read_release(path)
     path.write_text(json.dumps(good))
-    assert [q.task for q in read_release(path)][::20] == ["factual", "factual", "two_step_arithmetic", "slopes",
-                                                          "factual_control"]
+    assert [q.task for q in read_release(path)][::20] == [
+        "factual",
+        "factual",
+        "two_step_arithmetic",
+        "slopes",
+        "factual_control",
+    ]
 
 
 @pytest.mark.parametrize("model", ["7B", "35B"])
 def test_paper_release_queries_load_tokenize_and_mask(model, encoder, require_oracle):
     """The 100 + 100 released queries of Ruis et al.: kinds by index range, tokens, completion masks."""
-    path = require_oracle(RELEASE_DIR / f"release_{model}.json",
-                          f"the released queries of Ruis et al. are not at {RELEASE_DIR} (../shared/data/ruis2024)")
+    path = require_oracle(
+        RELEASE_DIR / f"release_{model}.json",
+        f"the released queries of Ruis et al. are not at {RELEASE_DIR} (../shared/data/ruis2024)",
+    )
     queries = read_queries(path)
     raw = json.loads(Path(path).read_text())
     assert len(queries) == 100
@@ -132,8 +164,10 @@ def test_paper_release_queries_load_tokenize_and_mask(model, encoder, require_or
     assert kinds == ["factual"] * 40 + ["reasoning"] * 40 + ["control"] * 20
     tasks_ = [q.task for q in queries]
     middle = "two_step_arithmetic" if model == "7B" else "linear_equations"
-    assert tasks_ == ["factual"] * 40 + [middle] * 20 + ["slopes"] * 20 + ["factual_control"] * 10 + \
-        ["reasoning_control"] * 10
+    assert (
+        tasks_
+        == ["factual"] * 40 + [middle] * 20 + ["slopes"] * 20 + ["factual_control"] * 10 + ["reasoning_control"] * 10
+    )
     encoded = encode_queries(queries, encoder, max_length=2048)
     batches = query_batches(encoded, batch_size=32, max_length=2048)
     assert len(batches) == 4 and len({b["tokens"].shape for b in batches}) == 1
@@ -149,8 +183,16 @@ def test_paper_release_queries_load_tokenize_and_mask(model, encoder, require_or
         assert b["mask"][j].sum() == len(e.ids)
     docs = release_documents(path)
     assert len(docs) == 80 and [d.id for d in docs] == [str(i) for i in raw["training_ids"]]
-    assert {d.source for d in docs} <= {"arxiv_markdown", "code", "general_knowledge", "math_and_trivia",
-                                        "multilingual", "stackexchange", "webdata", "wiki"}
+    assert {d.source for d in docs} <= {
+        "arxiv_markdown",
+        "code",
+        "general_knowledge",
+        "math_and_trivia",
+        "multilingual",
+        "stackexchange",
+        "webdata",
+        "wiki",
+    }
 
 
 def test_missing_oracle_skips_or_fails(monkeypatch, tmp_path, require_oracle):

@@ -34,16 +34,18 @@ def test_template_controls_share_their_tasks_template_and_need_no_procedure():
         assert len(controls) == len(reasoning) == 8
         for q in controls:
             n = int(q.answer)
-            identity = {"arithmetic": dict(a=n, b=0, c=1, x=n, y=n),
-                        "slopes": dict(x1=0, y1=0, x2=1, y2=n, dy=n, dx=1, m=n),
-                        "linear": dict(a=1, b=0, c=n, ax=n, x=n)}[task]
+            identity = {
+                "arithmetic": dict(a=n, b=0, c=1, x=n, y=n),
+                "slopes": dict(x1=0, y1=0, x2=1, y2=n, dy=n, dx=1, m=n),
+                "linear": dict(a=1, b=0, c=n, ax=n, x=n),
+            }[task]
             # the reasoning queries' prompt template and the corpus's worked-example template, word for word
             assert q.prompt == corpus.PROMPTS[task].format(**identity)
             assert q.prompt + " " + q.completion == corpus.PROSE[task].format(**identity)
             prompt_numbers = {int(w) for w in q.prompt.split() if w.isdigit()}
             assert {int(w) for w in q.completion.split() if w.isdigit()} <= prompt_numbers | {0, 1}
             assert q.next == "" and q.fact is None
-    assert [q.kind for q in qs[-24:]] == ["control"] * 24          # last: the model completes the others as before
+    assert [q.kind for q in qs[-24:]] == ["control"] * 24  # last: the model completes the others as before
     assert all(not q.completion for q in qs[:-24])
 
 
@@ -55,6 +57,7 @@ def test_more_queries_extend_the_list_and_never_change_it():
             b = [q for q in many if q.task == task and q.kind == kind]
             assert len(a) == 4 and a == b[: len(a)]
     import pytest
+
     with pytest.raises(ValueError, match="per_task=17"):
         corpus.queries(0, corpus.HELD_OUT + 1)
 
@@ -78,7 +81,7 @@ def test_tokenizer_spells_numbers_digit_by_digit_and_decodes_back():
     from jaxinf.demo import train
 
     tok = train.build_tokenizer(["let x = 12 + 30 . so x = 42 ."])
-    text = "let x = 987 + 6 . so x = 993 ."     # numbers the corpus never had
+    text = "let x = 987 + 6 . so x = 993 ."  # numbers the corpus never had
     enc = tok.encode(text, add_special_tokens=False)
     assert "<unk>" not in enc.tokens
     assert enc.tokens[3:6] == ["9", "##8", "##7"]
@@ -95,7 +98,7 @@ def test_queries_file_has_the_correct_answer_and_the_models_own():
     assert row["answer"] == q.answer != "64" and row["model_answer"] == "64" and "supports" not in row
     assert query_row(q, "the .", docs)["model_answer"] is None
     a = next(q for q in corpus.queries(0) if q.task == "arithmetic")
-    row = query_row(a, "50 . then y = x * 3 . so y = 150 .", docs)   # the answer to "so x =" is the first number
+    row = query_row(a, "50 . then y = x * 3 . so y = 150 .", docs)  # the answer to "so x =" is the first number
     assert row["model_answer"] == "50" and row["answer"] == q_x(a)
     f = next(q for q in corpus.queries(0) if q.kind == "factual")
     row = query_row(f, "vond .", docs)
@@ -154,7 +157,7 @@ def test_what_other_code_or_settings_made_is_made_again(tmp_path):
     make({**stamp, "code": "0" * 16})
     assert demo.discard_stale(out, stamp) == ["code"]
     assert not any((out / n).exists() for n in demo.MADE) and not (out / demo.STAMP).exists()
-    make(None)                                              # made before the stamp existed
+    make(None)  # made before the stamp existed
     assert demo.discard_stale(out, stamp) == sorted(stamp) and not (out / "model").exists()
     (out / "run").mkdir()
-    assert demo.discard_stale(out, stamp) == [] and (out / "run").exists()   # nothing made: nothing to check
+    assert demo.discard_stale(out, stamp) == [] and (out / "run").exists()  # nothing made: nothing to check

@@ -19,7 +19,7 @@ def _one_error(capsys, command: str) -> str:
     assert "Traceback" not in err, err
     lines = [line for line in err.splitlines() if line.startswith(f"jaxinf {command}: error: ")]
     assert len(lines) == 1, err
-    return lines[0][len(f"jaxinf {command}: error: "):]
+    return lines[0][len(f"jaxinf {command}: error: ") :]
 
 
 @pytest.fixture(scope="module")
@@ -73,8 +73,11 @@ def test_a_queries_file_that_is_not_a_regular_file_says_so(tmp_path):
     (tmp_path / "dir").mkdir()
     (tmp_path / "docs.jsonl").write_text("")
     os.mkfifo(tmp_path / "fifo")
-    settings = {"model.checkpoint": tmp_path / "dir", "data.documents": tmp_path / "docs.jsonl",
-                "data.queries": tmp_path / "fifo"}
+    settings = {
+        "model.checkpoint": tmp_path / "dir",
+        "data.documents": tmp_path / "docs.jsonl",
+        "data.queries": tmp_path / "fifo",
+    }
     with pytest.raises(InputError) as e:
         check_inputs(cfg.load(None, [f"{k}={v}" for k, v in settings.items()]))
     assert str(e.value) == f"data.queries: {tmp_path / 'fifo'}: is not a regular file"
@@ -85,13 +88,16 @@ def test_plan_refuses_what_it_cannot_plan_or_write_in_one_line(tmp_path, capsys)
     directory or onto a directory a traceback after the whole plan, a negative or infinite ``--peak-tflops`` or
     ``--hbm-gbps`` a plan of negative or zero hours."""
     for extra, message in (
-            (["--mesh", "99999999x99999999"], "mesh 99999999x99999999: 9,999,999,800,000,001 devices, more than the "
-                                              "16,777,216 the planner lays out"),
-            (["mesh.data=99999999", "mesh.model=99999999"], "mesh 99999999x99999999: 9,999,999,800,000,001 devices"),
-            (["--json", str(tmp_path / "no" / "p.json")], f"--json {tmp_path / 'no' / 'p.json'}: no such directory"),
-            (["--json", str(tmp_path)], f"--json {tmp_path}: is a directory; give the path of a file to write"),
-            (["--chip", "h100", "--peak-tflops", "-5"], "--peak-tflops -5: must be a positive finite number"),
-            (["--chip", "h100", "--hbm-gbps", "inf"], "--hbm-gbps inf: must be a positive finite number")):
+        (
+            ["--mesh", "99999999x99999999"],
+            "mesh 99999999x99999999: 9,999,999,800,000,001 devices, more than the 16,777,216 the planner lays out",
+        ),
+        (["mesh.data=99999999", "mesh.model=99999999"], "mesh 99999999x99999999: 9,999,999,800,000,001 devices"),
+        (["--json", str(tmp_path / "no" / "p.json")], f"--json {tmp_path / 'no' / 'p.json'}: no such directory"),
+        (["--json", str(tmp_path)], f"--json {tmp_path}: is a directory; give the path of a file to write"),
+        (["--chip", "h100", "--peak-tflops", "-5"], "--peak-tflops -5: must be a positive finite number"),
+        (["--chip", "h100", "--hbm-gbps", "inf"], "--hbm-gbps inf: must be a positive finite number"),
+    ):
         assert cli.main(["-q", "plan", "data.max_length=8", "--no-compile", *extra]) == 2
         assert _one_error(capsys, "plan").startswith(message)
     assert os.listdir(tmp_path) == []
@@ -100,8 +106,7 @@ def test_plan_refuses_what_it_cannot_plan_or_write_in_one_line(tmp_path, capsys)
     model.mkdir()
     (model / "config.json").write_text(json.dumps(train.hf_config(64, max_positions=128)))
     assert cli.main(["-q", "plan", f"model.checkpoint={model}", "data.max_length=129", "--no-compile"]) == 2
-    assert _one_error(capsys, "plan").startswith("data.max_length=129 is above the model's "
-                                                 "max_position_embeddings=128")
+    assert _one_error(capsys, "plan").startswith("data.max_length=129 is above the model's max_position_embeddings=128")
 
 
 def test_prepare_into_a_broken_symlink_is_one_line_and_leaves_nothing(tmp_path, capsys):
@@ -111,8 +116,10 @@ def test_prepare_into_a_broken_symlink_is_one_line_and_leaves_nothing(tmp_path, 
     docs.write_text('{"id": "a", "text": "one two"}\n')
     os.symlink(tmp_path / "unmounted" / "ds", tmp_path / "out")
     assert cli.main(["-q", "prepare", str(docs), str(tmp_path / "out")]) == 2
-    assert _one_error(capsys, "prepare") == (f"{tmp_path / 'out'}: is a symbolic link to {tmp_path / 'unmounted' / 'ds'}, "
-                                             "which does not resolve to a directory; nothing was written")
+    assert _one_error(capsys, "prepare") == (
+        f"{tmp_path / 'out'}: is a symbolic link to {tmp_path / 'unmounted' / 'ds'}, "
+        "which does not resolve to a directory; nothing was written"
+    )
     assert sorted(os.listdir(tmp_path)) == ["docs.jsonl", "out"]
     assert cli.main(["-q", "prepare", str(docs), "/proc/jaxinf-ds"]) == 2
     assert _one_error(capsys, "prepare").startswith("/proc/jaxinf-ds: cannot create the dataset directory (")
@@ -129,14 +136,16 @@ def test_kronfluence_export_overwrite_never_deletes_what_it_did_not_write(world,
     assert cli.main(["-q", "kronfluence", "export", str(finished), str(model), "--overwrite"]) == 2
     assert _one_error(capsys, "kronfluence") == (
         f"{model}: not a kronfluence factors directory (no factor_arguments.json; it holds {', '.join(before)}); "
-        "--overwrite replaces only factor files: choose another directory")
+        "--overwrite replaces only factor files: choose another directory"
+    )
     assert sorted(os.listdir(model)) == before
     assert cli.main(["-q", "kronfluence", "export", str(finished), str(finished), "--overwrite"]) == 2
     assert _one_error(capsys, "kronfluence") == f"{finished}: is a jaxinf run directory; export into another directory"
     assert not (finished / "factor_arguments.json").exists()
     assert cli.main(["-q", "kronfluence", "export", str(finished), str(finished / "state" / "kf")]) == 2
-    assert _one_error(capsys, "kronfluence") == (f"{finished / 'state' / 'kf'}: is inside the jaxinf run directory "
-                                                 f"{finished}; export outside it")
+    assert _one_error(capsys, "kronfluence") == (
+        f"{finished / 'state' / 'kf'}: is inside the jaxinf run directory {finished}; export outside it"
+    )
     os.symlink(tmp_path / "unmounted", tmp_path / "link")
     assert cli.main(["-q", "kronfluence", "export", str(finished), str(tmp_path / "link")]) == 2
     assert _one_error(capsys, "kronfluence").endswith("which does not resolve to a directory")
@@ -221,16 +230,19 @@ def test_an_output_inside_a_run_directory_is_refused(finished, tmp_path, capsys,
     raw = cfg.to_dict(cfg.load(None, [f"run.out={finished / 'state'}"]))
     for out in (finished / "state", finished / "state" / "covariance", finished / "new"):
         raw["run"]["out"] = str(out)
-        with pytest.raises(StoreError, match=f"^{out}: is inside the jaxinf run directory {finished}; choose a run.out "
-                                             "outside it$"):
+        with pytest.raises(
+            StoreError, match=f"^{out}: is inside the jaxinf run directory {finished}; choose a run.out outside it$"
+        ):
             pipeline._claim(cfg.from_dict(raw), overwrite=True)
     os.symlink(finished / "state", tmp_path / "link")
     raw["run"]["out"] = str(tmp_path / "link")
     with pytest.raises(StoreError, match="is inside the jaxinf run directory"):
         pipeline._claim(cfg.from_dict(raw), overwrite=True)
     assert cli.main(["-q", "demo", "--out", str(finished / "demo")]) == 2
-    assert _one_error(capsys, "demo") == f"{finished / 'demo'}: is inside the jaxinf run directory {finished}; " \
-                                         "choose a --out outside it"
+    assert (
+        _one_error(capsys, "demo") == f"{finished / 'demo'}: is inside the jaxinf run directory {finished}; "
+        "choose a --out outside it"
+    )
     assert sorted(str(p.relative_to(finished)) for p in finished.rglob("*")) == before
 
 
@@ -253,7 +265,7 @@ def test_host_memory_exhausted_is_one_line(monkeypatch, capsys):
     def too_big(config, overwrite=False):
         import numpy as np
 
-        return np.zeros((1 << 40, 1 << 20), np.int32)   # 4 EiB: refused by the allocator
+        return np.zeros((1 << 40, 1 << 20), np.int32)  # 4 EiB: refused by the allocator
 
     monkeypatch.setattr(pipeline, "run", too_big)
     assert cli.main(["-q", "run", "data.max_length=8"]) == 3
@@ -287,9 +299,12 @@ def test_a_compressed_file_without_its_suffix_says_it_is_compressed(tmp_path):
 
     path = tmp_path / "queries.jsonl.gz"
     path.write_bytes(gzip.compress(b'{"prompt": "a", "completion": "b"}\n'))
-    with pytest.raises(DataError, match=r"queries.jsonl.gz:1: invalid UTF-8 at byte 2 \(the file is gzip-compressed: "
-                                        r"documents are read compressed only when the name ends in \.jsonl\.gz; "
-                                        r"queries must be decompressed\)$"):
+    with pytest.raises(
+        DataError,
+        match=r"queries.jsonl.gz:1: invalid UTF-8 at byte 2 \(the file is gzip-compressed: "
+        r"documents are read compressed only when the name ends in \.jsonl\.gz; "
+        r"queries must be decompressed\)$",
+    ):
         read_queries(str(path))
 
 

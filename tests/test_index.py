@@ -43,8 +43,9 @@ def _index(task, params, layers, batch, curv, eigen, k):
 
 
 def _queries(task, params, layers, curv, rank=None, damping=None):
-    return jax.jit(lambda p, c: stages.prepared_queries(task, layers, p, query_batch(), c, damping, rank, svd="full")
-                   )(params, curv)
+    return jax.jit(lambda p, c: stages.prepared_queries(task, layers, p, query_batch(), c, damping, rank, svd="full"))(
+        params, curv
+    )
 
 
 def _exact(task, params, layers, qg, batch):
@@ -95,7 +96,9 @@ def test_the_bound_holds_and_the_certified_tails_are_exact():
                 got = set(np.argsort(-certified[q], kind="stable")[:top].tolist())
                 assert got == want
                 low = np.where(cand, exact[q], np.inf)
-                assert set(np.argsort(low, kind="stable")[:top].tolist()) == set(np.argsort(exact[q], kind="stable")[:top].tolist())
+                assert set(np.argsort(low, kind="stable")[:top].tolist()) == set(
+                    np.argsort(exact[q], kind="stable")[:top].tolist()
+                )
 
 
 @jax.enable_x64(True)
@@ -116,7 +119,7 @@ def test_the_index_is_independent_of_damping_and_strategy():
 
 def test_predicted_correlation_is_the_kept_share_of_curvature_weighted_energy():
     P = jnp.asarray([[3.0, 0.0], [0.0, 4.0]])
-    assert float(indexing.predicted_correlation(jnp.sum(P[:1] ** 2), jnp.sum(P ** 2))) == pytest.approx(0.6)
+    assert float(indexing.predicted_correlation(jnp.sum(P[:1] ** 2), jnp.sum(P**2))) == pytest.approx(0.6)
     assert float(indexing.predicted_correlation(jnp.asarray(0.0), jnp.asarray(0.0))) == 1.0
 
 
@@ -125,8 +128,9 @@ def test_gradient_energy_is_the_frobenius_norm_of_the_sequence_gradient():
     rng = np.random.default_rng(0)
     a, g = rng.normal(size=(3, 5, 4)), rng.normal(size=(3, 5, 6))
     G = np.einsum("bto,bti->boi", g, a)
-    np.testing.assert_allclose(np.asarray(indexing.gradient_energy(jnp.asarray(a), jnp.asarray(g))),
-                               (G ** 2).sum((1, 2)), rtol=1e-12)
+    np.testing.assert_allclose(
+        np.asarray(indexing.gradient_energy(jnp.asarray(a), jnp.asarray(g))), (G**2).sum((1, 2)), rtol=1e-12
+    )
 
 
 def _one_band_bound(iq, rows, selection, layers, k):
@@ -135,11 +139,12 @@ def _one_band_bound(iq, rows, selection, layers, k):
     out, at = 0.0, 0
     for name in sorted(layers):
         s = layers[name]
-        width = len(indexing.bands(indexing.kept_size(k, s.d_out), s.d_out)) * \
-            len(indexing.bands(indexing.kept_size(k, s.d_in_aug), s.d_in_aug))
+        width = len(indexing.bands(indexing.kept_size(k, s.d_out), s.d_out)) * len(
+            indexing.bands(indexing.kept_size(k, s.d_in_aug), s.d_in_aug)
+        )
         for _ in range(max(len(s.layer_names), 1)):
-            q = np.sqrt((q_rest[:, at:at + width] ** 2).sum(1))
-            n = np.sqrt(np.maximum(rows["bands"][:, at + 1:at + width].astype(np.float64).sum(1), 0))
+            q = np.sqrt((q_rest[:, at : at + width] ** 2).sum(1))
+            n = np.sqrt(np.maximum(rows["bands"][:, at + 1 : at + width].astype(np.float64).sum(1), 0))
             out = out + q[:, None] * n[None, :]
             at += width
     return out
@@ -164,8 +169,10 @@ def test_plan_counts_the_index_bytes_per_document():
     from jaxinf.engine.capture import LayerSpec
     from jaxinf.run import index_store
 
-    layers = {"layers.*.mlp.up": LayerSpec("layers.*.mlp.up", d_in=8, d_out=20, bias=True, stack=3),
-              "head": LayerSpec("head", d_in=4, d_out=4, bias=False)}
+    layers = {
+        "layers.*.mlp.up": LayerSpec("layers.*.mlp.up", d_in=8, d_out=20, bias=True, stack=3),
+        "head": LayerSpec("head", d_in=4, d_out=4, bias=False),
+    }
     config = cfg.load(None, ["index.k=4", "index.dtype=float16", "plan.documents=1000"])
     got = index_store.index_size(config, layers, [8])
     # up: k_S=4 of 20 (bands [0,4) [4,8) [8,16) [16,20)), k_A=4 of 9 (bands [0,4) [4,8) [8,9)), 3 layers; head: 4x4
@@ -188,9 +195,17 @@ def test_plan_counts_the_index_rows_held_between_flushes_in_the_writing_steps_pe
     rows = plan.index_rows_held(config, ix, mesh)
     assert rows == {"step": "index", "batches": 50, "bytes_per_device": 50 * 1 * ix["bytes_per_document"]}
     steps = [{"name": n, "peak": 2**29} for n in ("scores", "index")]
-    result = {"meshes": [{**mesh, "static": {k: 0 for k in ("parameters", "factors", "Lambda", "queries")},
-                          "steps": steps, "index_rows": rows}]}
-    limit = (2**29 + rows["bytes_per_device"] - 1) / 2**30          # the bare peaks fit, the index step's rows do not
+    result = {
+        "meshes": [
+            {
+                **mesh,
+                "static": {k: 0 for k in ("parameters", "factors", "Lambda", "queries")},
+                "steps": steps,
+                "index_rows": rows,
+            }
+        ]
+    }
+    limit = (2**29 + rows["bytes_per_device"] - 1) / 2**30  # the bare peaks fit, the index step's rows do not
     (msg,) = plan.check_fit(result, limit)
     assert "stage index needs" in msg and "with the index rows it holds" in msg
     assert plan.check_fit(result, (2**29 + rows["bytes_per_device"]) / 2**30) == []

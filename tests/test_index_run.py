@@ -33,8 +33,10 @@ def exact(world):
 
 
 def _topk(run):
-    return {r["query"]: ([d["id"] for d in r["top"]], [d["id"] for d in r["bottom"]])
-            for r in map(json.loads, (run / "topk.jsonl").read_text().splitlines())}
+    return {
+        r["query"]: ([d["id"] for d in r["top"]], [d["id"] for d in r["bottom"]])
+        for r in map(json.loads, (run / "topk.jsonl").read_text().splitlines())
+    }
 
 
 def test_a_full_index_scores_like_the_scoring_pass(world, exact):
@@ -43,7 +45,7 @@ def test_a_full_index_scores_like_the_scoring_pass(world, exact):
     got, want = np.load(out / "scores.npy"), np.load(exact / "scores.npy")
     assert np.max(np.abs(got - want)) <= 1e-5 * np.max(np.abs(want))
     record = json.loads((out / "run.json").read_text())
-    assert record["stages"]["scores"]["rescored"] == 0          # the bound is 0: nothing to certify
+    assert record["stages"]["scores"]["rescored"] == 0  # the bound is 0: nothing to certify
     assert "scores" not in {p.name for p in (out / "state").iterdir()} or record["stages"]["scores"]["mode"] == "index"
     assert _topk(out) == _topk(exact)
 
@@ -65,7 +67,7 @@ def test_under_the_empirical_fisher_the_lambda_pass_writes_the_index(world, tmp_
     assert stages["index"]["status"] == "done" and stages["index"]["timing"] == stages["lambda"]["timing"]
 
 
-@pytest.mark.heavy   # the kill/resume of the index's own pass is in CI (test_a_killed_index_build_resumes_...)
+@pytest.mark.heavy  # the kill/resume of the index's own pass is in CI (test_a_killed_index_build_resumes_...)
 def test_killed_in_the_lambda_pass_that_writes_the_index_resumes_to_the_same_index(world, tmp_path):
     """factors.fisher=empirical, killed in the Lambda pass that writes the index: the rerun finishes Lambda, builds
     the index in a pass of its own, and ends with the index and scores of an uninterrupted run."""
@@ -82,22 +84,27 @@ def test_killed_in_the_lambda_pass_that_writes_the_index_resumes_to_the_same_ind
     assert final.returncode == 0, final.stderr[-3000:]
     assert "lambda: resuming at batch 4 of 12" in final.stderr
     for name in ("cells", "bands", "documents"):
-        np.testing.assert_array_equal(np.load(killed / "state" / "index" / f"{name}.npy"),
-                                      np.load(out / "state" / "index" / f"{name}.npy"))
+        np.testing.assert_array_equal(
+            np.load(killed / "state" / "index" / f"{name}.npy"), np.load(out / "state" / "index" / f"{name}.npy")
+        )
     np.testing.assert_array_equal(np.load(killed / "scores.npy"), got)
 
 
 def test_new_queries_against_the_index_match_an_exact_run(world, exact, tmp_path):
     """``jaxinf query``: a new query file against the run's index gives the exact run's scores for those queries."""
     first = tmp_path / "first"
-    pipeline.run(cfg.load(None, overrides(world, first, **{"index.k": "full", "data.queries": world["root"] / "first.jsonl"})))
+    pipeline.run(
+        cfg.load(None, overrides(world, first, **{"index.k": "full", "data.queries": world["root"] / "first.jsonl"}))
+    )
     out = tmp_path / "answers"
     r = jaxinf(["query", first, world["root"] / "second.jsonl", "--out", out], env(world["cache"]))
     assert r.returncode == 0, r.stderr[-3000:]
     assert not (out / "state" / "covariance").exists() and not (out / "state" / "index").exists()
     got, want = np.load(out / "scores.npy"), np.load(exact / "scores.npy")[3:]
     assert np.max(np.abs(got - want)) <= 1e-5 * np.max(np.abs(want))
-    assert (out / "topk_tokens.jsonl").exists() and "EK-FAC index, predicted correlation" in (out / "report" / "index.html").read_text()
+    assert (out / "topk_tokens.jsonl").exists() and "EK-FAC index, predicted correlation" in (
+        out / "report" / "index.html"
+    ).read_text()
     # an index built from other documents is refused in one line, nothing written
     bad = jaxinf(["query", tmp_path / "nowhere", world["root"] / "second.jsonl"], env(world["cache"]))
     assert bad.returncode == 2 and "not a jaxinf run directory" in bad.stderr and "Traceback" not in bad.stderr
@@ -117,7 +124,9 @@ def test_a_truncated_index_certifies_the_exact_tails(world, exact, tmp_path):
     assert all(0 < q["predicted_correlation"] <= 1 for q in report["queries"])
     # the certifying pass kept the breakdowns of the top documents it rescored; the exact run (whose scoring pass
     # wrote the index and kept none) scored them all again: the same per-layer scores either way
-    again = [json.loads((d / "run.json").read_text())["stages"]["exports"]["documents_scored_again"] for d in (out, exact)]
+    again = [
+        json.loads((d / "run.json").read_text())["stages"]["exports"]["documents_scored_again"] for d in (out, exact)
+    ]
     assert again[0] < again[1], again
     mine, theirs = np.load(out / "layer_scores.npy"), np.load(exact / "layer_scores.npy")
     np.testing.assert_allclose(mine, theirs, rtol=1e-5, atol=1e-5 * np.abs(theirs).max())
@@ -146,8 +155,10 @@ def test_a_killed_index_build_resumes_to_the_same_index(world, exact, tmp_path):
     """SIGKILL in the index pass (its own pass over a finished run) after batch 7: the rerun resumes at the last
     flushed batch (6, with index.save_every=2) and ends with the index of an uninterrupted build."""
     out = tmp_path / "killed"
-    args = ["run", *overrides(world, out, **{"factors.from": exact, "index.k": 2, "index.save_every": 2,
-                                             "scores.mode": "index"})]
+    args = [
+        "run",
+        *overrides(world, out, **{"factors.from": exact, "index.k": 2, "index.save_every": 2, "scores.mode": "index"}),
+    ]
     e = env(world["cache"])
     r = jaxinf(args, {**e, "JAXINF_FAULT": "index:7"})
     assert r.returncode == -9, r.stderr[-2000:]
@@ -156,11 +167,16 @@ def test_a_killed_index_build_resumes_to_the_same_index(world, exact, tmp_path):
     assert final.returncode == 0, final.stderr[-3000:]
     assert "index: resuming at batch 6 of 12" in final.stderr
     again = tmp_path / "uninterrupted"
-    assert jaxinf(["run", *overrides(world, again, **{"factors.from": exact, "index.k": 2, "scores.mode": "index"})],
-                  e).returncode == 0
+    assert (
+        jaxinf(
+            ["run", *overrides(world, again, **{"factors.from": exact, "index.k": 2, "scores.mode": "index"})], e
+        ).returncode
+        == 0
+    )
     for name in ("cells", "bands", "documents"):
-        np.testing.assert_array_equal(np.load(out / "state" / "index" / f"{name}.npy"),
-                                      np.load(again / "state" / "index" / f"{name}.npy"))
+        np.testing.assert_array_equal(
+            np.load(out / "state" / "index" / f"{name}.npy"), np.load(again / "state" / "index" / f"{name}.npy")
+        )
     np.testing.assert_array_equal(np.load(out / "scores.npy"), np.load(again / "scores.npy"))
     # a run that reused another's factors: jaxinf query reads its index and the curvature where it lives
     answers = tmp_path / "answers"
@@ -185,11 +201,11 @@ def test_a_torn_index_is_refused_in_one_line(world, exact, tmp_path):
 
 
 def test_index_rows_are_flushed_before_they_outgrow_the_buffer():
-    manifest = {"cells": 1000, "dtype": "float32", "bands": 9}          # 4,052 bytes per row
+    manifest = {"cells": 1000, "dtype": "float32", "bands": 9}  # 4,052 bytes per row
     per_batch = 8 * (1000 * 4 + 4 * 9 + 16)
-    assert index_run.flush_every(100, manifest, 8) == 100                 # 3 MiB: index.save_every as set
-    assert index_run.flush_every(100, {**manifest, "cells": 10**7}, 8) == 3   # 320 MB per batch: 3 fit in 1 GiB
-    assert index_run.flush_every(100, {**manifest, "cells": 10**9}, 8) == 1   # never fewer than one
+    assert index_run.flush_every(100, manifest, 8) == 100  # 3 MiB: index.save_every as set
+    assert index_run.flush_every(100, {**manifest, "cells": 10**7}, 8) == 3  # 320 MB per batch: 3 fit in 1 GiB
+    assert index_run.flush_every(100, {**manifest, "cells": 10**9}, 8) == 1  # never fewer than one
     assert index_run.BUFFER_BYTES // per_batch >= 100
 
 

@@ -36,9 +36,13 @@ def llama(tmp_path_factory):
     kron = ks.kronfluence(tmp_path_factory, w)
     for strategy in ("identity", "diagonal", "kfac", "ekfac"):
         kron.fit(strategy)
-    return {"world": w, "run": ks.parity_run(w), "kron": kron,
-            "pairwise": kron.pairwise("ekfac", None, None, name="pairwise"),
-            "self": kron.self_scores("ekfac", None, name="self")}
+    return {
+        "world": w,
+        "run": ks.parity_run(w),
+        "kron": kron,
+        "pairwise": kron.pairwise("ekfac", None, None, name="pairwise"),
+        "self": kron.self_scores("ekfac", None, name="self"),
+    }
 
 
 def _main(argv, capsys) -> tuple[int, str, str]:
@@ -49,20 +53,51 @@ def _main(argv, capsys) -> tuple[int, str, str]:
 
 def test_compare_prints_tables_and_writes_json(llama, tmp_path, capsys):
     report_path = tmp_path / "report.json"
-    code, out, err = _main(["compare", "--kronfluence", llama["kron"].root, "--factors", "ekfac", "--scores",
-                            "pairwise", "--scores", "self", "--run", llama["run"], "--topk", "5",
-                            "--json", report_path], capsys)
+    code, out, err = _main(
+        [
+            "compare",
+            "--kronfluence",
+            llama["kron"].root,
+            "--factors",
+            "ekfac",
+            "--scores",
+            "pairwise",
+            "--scores",
+            "self",
+            "--run",
+            llama["run"],
+            "--topk",
+            "5",
+            "--json",
+            report_path,
+        ],
+        capsys,
+    )
     assert code == 0, err
     assert "covariance: layer" in out and "model.layers.2.mlp.down_proj" in out and "Lambda rel. err" in out
     assert "top-5" in out and "self-influence: rel. error" in out
     report = json.loads(report_path.read_text())
     assert set(report["stages"]) == {"covariance", "eigen", "lambda", "scores", "self_influence"}
-    assert len(report["stages"]["lambda"]) == 9                      # 3 layers x gate, up, down
+    assert len(report["stages"]["lambda"]) == 9  # 3 layers x gate, up, down
     assert [q["query"] for q in report["stages"]["scores"]["queries"]] == [f"q{i}" for i in range(5)]
     assert all(v <= TOL for k, v in report["max_rel_error"].items() if not k.startswith("eigen.Q"))
     assert min(q["pearson"] for q in report["stages"]["scores"]["queries"]) > 1 - 1e-9
-    code, out, _ = _main(["compare", "--kronfluence", llama["kron"].root, "--factors", "ekfac", "--scores",
-                          "pairwise", "--run", llama["run"], "--json", "-"], capsys)
+    code, out, _ = _main(
+        [
+            "compare",
+            "--kronfluence",
+            llama["kron"].root,
+            "--factors",
+            "ekfac",
+            "--scores",
+            "pairwise",
+            "--run",
+            llama["run"],
+            "--json",
+            "-",
+        ],
+        capsys,
+    )
     assert code == 0 and json.loads(out)["stages"]["scores"]["topk"] == 10
 
 
@@ -78,7 +113,7 @@ def test_imported_kronfluence_factors_score_like_kronfluence(llama, capsys):
     run = ks.jaxinf_run(args)
     assert ks.rel_error(np.load(run / "scores.npy"), llama["pairwise"]) <= TOL
     assert ks.rel_error(np.load(run / "self_influence.npy"), llama["self"]) <= TOL
-    assert [p.name for p in (run / "state" / "covariance").iterdir()] == ["0"]   # the imported sums, nothing fitted
+    assert [p.name for p in (run / "state" / "covariance").iterdir()] == ["0"]  # the imported sums, nothing fitted
 
 
 @pytest.mark.parametrize("strategy", ["identity", "diagonal", "kfac", "ekfac"])
@@ -100,7 +135,7 @@ def test_kronfluence_to_jaxinf_to_kronfluence_is_exact(llama, tmp_path, strategy
     assert args["strategy"] == strategy and args["use_empirical_fisher"] is True
     from kronfluence.arguments import FactorArguments
 
-    FactorArguments(**args)                                           # kronfluence reads what jaxinf writes
+    FactorArguments(**args)  # kronfluence reads what jaxinf writes
 
 
 def test_jaxinf_to_kronfluence_to_jaxinf_is_exact_and_kronfluence_scores_with_it(llama, tmp_path):
@@ -110,8 +145,12 @@ def test_jaxinf_to_kronfluence_to_jaxinf_is_exact_and_kronfluence_scores_with_it
     assert ks.rel_error(np.load(llama["run"] / "scores.npy"), theirs) <= TOL
     transfer.import_factors(exported, ks.config(w, tmp_path / "back"))
     before, after = transfer.load_run(llama["run"]), transfer.load_run(tmp_path / "back")
-    pairs = [(before.covariance.A, after.covariance.A), (before.covariance.S, after.covariance.S),
-             (before.covariance.count, after.covariance.count), (before.Lambda, after.Lambda)]
+    pairs = [
+        (before.covariance.A, after.covariance.A),
+        (before.covariance.S, after.covariance.S),
+        (before.covariance.count, after.covariance.count),
+        (before.Lambda, after.Lambda),
+    ]
     pairs += [(getattr(before.eigen, f), getattr(after.eigen, f)) for f in ("Q_A", "e_A", "Q_S", "e_S")]
     for x, y in pairs:
         assert x.keys() == y.keys()
@@ -138,25 +177,38 @@ def _bad_missing(d):
 
 
 def _bad_module(d):
-    _rewrite(d / "gradient_eigenvalues.safetensors",
-             lambda t: {("model.layers.0.mlp.up_projection" if k == "model.layers.0.mlp.up_proj" else k): v
-                        for k, v in t.items()})
-    return (r"gradient_eigenvalues\.safetensors: modules differ from activation_eigenvectors\.safetensors "
-            r"\(module model\.layers\.0\.mlp\.up_proj")
+    _rewrite(
+        d / "gradient_eigenvalues.safetensors",
+        lambda t: {
+            ("model.layers.0.mlp.up_projection" if k == "model.layers.0.mlp.up_proj" else k): v for k, v in t.items()
+        },
+    )
+    return (
+        r"gradient_eigenvalues\.safetensors: modules differ from activation_eigenvectors\.safetensors "
+        r"\(module model\.layers\.0\.mlp\.up_proj"
+    )
 
 
 def _bad_unknown(d):
     for f in d.glob("*.safetensors"):
-        _rewrite(f, lambda t: {("model.layers.7.mlp.up_proj" if k == "model.layers.0.mlp.up_proj" else k): v
-                               for k, v in t.items()})
+        _rewrite(
+            f,
+            lambda t: {
+                ("model.layers.7.mlp.up_proj" if k == "model.layers.0.mlp.up_proj" else k): v for k, v in t.items()
+            },
+        )
     return r"module model\.layers\.7\.mlp\.up_proj maps to no layer the config tracks"
 
 
 def _bad_shape(d):
-    _rewrite(d / "lambda_matrix.safetensors",
-             lambda t: {k: (v[:, :20] if k == "model.layers.1.mlp.down_proj" else v) for k, v in t.items()})
-    return (r"lambda_matrix\.safetensors: tensor model\.layers\.1\.mlp\.down_proj has shape \(32, 20\), but layer "
-            r"model\.layers\.1\.mlp\.down_proj of the config needs \(32, 48\)")
+    _rewrite(
+        d / "lambda_matrix.safetensors",
+        lambda t: {k: (v[:, :20] if k == "model.layers.1.mlp.down_proj" else v) for k, v in t.items()},
+    )
+    return (
+        r"lambda_matrix\.safetensors: tensor model\.layers\.1\.mlp\.down_proj has shape \(32, 20\), but layer "
+        r"model\.layers\.1\.mlp\.down_proj of the config needs \(32, 48\)"
+    )
 
 
 def _bad_strategy(d):
@@ -179,8 +231,9 @@ def _bad_partitioned(d):
     return r"only partitioned lambda files; aggregate the partitions with kronfluence first"
 
 
-@pytest.mark.parametrize("damage", [_bad_missing, _bad_module, _bad_unknown, _bad_shape, _bad_strategy, _bad_fisher,
-                                    _bad_partitioned])
+@pytest.mark.parametrize(
+    "damage", [_bad_missing, _bad_module, _bad_unknown, _bad_shape, _bad_strategy, _bad_fisher, _bad_partitioned]
+)
 def test_bad_kronfluence_factors_are_one_line_errors(llama, tmp_path, capsys, damage):
     d = _copy(llama["kron"].root / "factors_ekfac", tmp_path / "factors_bad")
     message = damage(d)
@@ -209,8 +262,10 @@ def test_compare_refuses_another_strategy_and_other_shapes(llama, tmp_path, caps
 def test_import_refuses_a_run_that_has_results_and_export_an_unfinished_one(llama, tmp_path, capsys):
     from jaxinf.run.store import RunStore
 
-    code, _, err = _main(["kronfluence", "import", llama["kron"].root / "factors_ekfac",
-                          *ks.overrides(llama["world"], llama["run"])], capsys)
+    code, _, err = _main(
+        ["kronfluence", "import", llama["kron"].root / "factors_ekfac", *ks.overrides(llama["world"], llama["run"])],
+        capsys,
+    )
     assert code == 2 and "the run already has results" in err and "--overwrite" in err
     RunStore.open(ks.config(llama["world"], tmp_path / "pending"))
     code, _, err = _main(["kronfluence", "export", tmp_path / "pending", tmp_path / "out"], capsys)

@@ -34,9 +34,9 @@ import numpy as np
 import pytest
 
 TOL = 1e-10
-EXPORT_TOL = 2.0 ** -24            # the float32 exports: rounding to float32 and nothing else
+EXPORT_TOL = 2.0**-24  # the float32 exports: rounding to float32 and nothing else
 STRATEGIES = ("identity", "diagonal", "kfac", "ekfac")
-DAMPINGS = (None, 0.01)            # the heuristic, and a given lambda
+DAMPINGS = (None, 0.01)  # the heuristic, and a given lambda
 
 
 def _configs():
@@ -73,17 +73,21 @@ def jaxinf_matrix(w: dict, run_dir, configs=None) -> dict:
         docs = {k: jnp.asarray(batch[k]) for k in keys}
         (qb,) = query_batches(encode_queries(read_queries(str(w["queries"])), encoder, max_length=ks.MAX_LENGTH))
         G, qloss = jax.jit(lambda p, b: stages.query_gradients(task, layers, p, b))(
-            lm.params, {k: jnp.asarray(qb[k]) for k in keys})
+            lm.params, {k: jnp.asarray(qb[k]) for k in keys}
+        )
         eigen = jax.tree.map(jnp.asarray, run.eigen)
         diag = stages.run_stage(stages.lambda_stage(task, layers, "empirical"), (lm.params, None), [docs], None)
-        curvs = {"identity": curvature.curvature("identity"),
-                 "diagonal": curvature.curvature("diagonal", None, diag),
-                 "kfac": curvature.curvature("kfac", eigen, curvature.kfac_lambda(eigen)),
-                 "ekfac": curvature.curvature("ekfac", eigen, jax.tree.map(jnp.asarray, run.Lambda))}
+        curvs = {
+            "identity": curvature.curvature("identity"),
+            "diagonal": curvature.curvature("diagonal", None, diag),
+            "kfac": curvature.curvature("kfac", eigen, curvature.kfac_lambda(eigen)),
+            "ekfac": curvature.curvature("ekfac", eigen, jax.tree.map(jnp.asarray, run.Lambda)),
+        }
         pairwise, self_scores = {}, {}
         score = jax.jit(lambda p, q, b: stages.score_batch(task, layers, p, q, b)[0].total)
-        self_of = jax.jit(lambda p, c, b, damping: stages.self_influence_batch(task, layers, p, c, damping, b)[0],
-                          static_argnums=3)
+        self_of = jax.jit(
+            lambda p, c, b, damping: stages.self_influence_batch(task, layers, p, c, damping, b)[0], static_argnums=3
+        )
         for strategy, damping, rank in configs or _configs():
             qg = scoring.prepare_queries(G, qloss, curvs[strategy], damping, rank, svd="full")
             pairwise[(strategy, damping, rank)] = np.asarray(score(lm.params, qg, docs))[:, order]
@@ -94,8 +98,9 @@ def jaxinf_matrix(w: dict, run_dir, configs=None) -> dict:
 
 # Llama (no biases) and GPT-NeoX (biases, parallel residual) run in CI; Cohere, a third layout of the same
 # blocks, only with -m heavy (it adds about 75 s to a 2-core CI run).
-@pytest.fixture(scope="module", params=[pytest.param(f, marks=pytest.mark.heavy) if f == "cohere" else f
-                                        for f in ks.FAMILIES])
+@pytest.fixture(
+    scope="module", params=[pytest.param(f, marks=pytest.mark.heavy) if f == "cohere" else f for f in ks.FAMILIES]
+)
 def parity(request, tmp_path_factory):
     """Everything one family's parity tests look at: the run, its comparison report, both sides' scores."""
     from jaxinf.interop import kronfluence as kf
@@ -119,14 +124,23 @@ def parity(request, tmp_path_factory):
             rows.append({"strategy": strategy, "damping": damping, "rank": None, "quantity": "self", "rel_error": err})
     diagonal = kf.read_factors(kron.root / "factors_diagonal")
     diag_err = max(ks.rel_error(mine["diagonal_lambda"][m], diagonal.Lambda(m)) for m in diagonal.modules)
-    result = {"family": request.param, "report": report, "rows": rows, "diagonal_lambda": diag_err,
-              "kron": kron, "run": run_dir, "world": w}
+    result = {
+        "family": request.param,
+        "report": report,
+        "rows": rows,
+        "diagonal_lambda": diag_err,
+        "kron": kron,
+        "run": run_dir,
+        "world": w,
+    }
     print(f"\n{request.param}: factors and the run's exports (jaxinf compare):")
     print(json.dumps(report["max_rel_error"], indent=1))
     print(f"{request.param}: diagonal Lambda max rel. error {diag_err:.2e}")
     for r in rows:
-        print(f"{request.param:<9} {r['strategy']:<9} damping={str(r['damping']):<5} rank={str(r['rank']):<5} "
-              f"{r['quantity']:<9} {r['rel_error']:.2e}")
+        print(
+            f"{request.param:<9} {r['strategy']:<9} damping={str(r['damping']):<5} rank={str(r['rank']):<5} "
+            f"{r['quantity']:<9} {r['rel_error']:.2e}"
+        )
     return result
 
 
@@ -155,7 +169,7 @@ def test_run_exports_match(parity):
 def test_every_strategy_damping_and_rank_matches(parity):
     bad = [r for r in parity["rows"] if not r["rel_error"] <= TOL]
     assert not bad, bad
-    assert len(parity["rows"]) == 2 * 7 + 4 + 1     # pairwise and self at full rank, rank 4, rank 32
+    assert len(parity["rows"]) == 2 * 7 + 4 + 1  # pairwise and self at full rank, rank 4, rank 32
 
 
 def test_attention_and_mlp_layers_match(tmp_path_factory):
@@ -172,12 +186,12 @@ def test_attention_and_mlp_layers_match(tmp_path_factory):
     print("\nllama, factors.track=all: max rel. errors", json.dumps(report["max_rel_error"]))
     for stage, quantities in (("covariance", ("A", "S")), ("eigen", ("e_A", "e_S")), ("lambda", ("Lambda",))):
         rows = report["stages"][stage]
-        assert sum("attn" in layer for layer in rows) >= 4 * 2, sorted(rows)      # q, k, v, o of every layer
+        assert sum("attn" in layer for layer in rows) >= 4 * 2, sorted(rows)  # q, k, v, o of every layer
         for layer, values in rows.items():
             for q in quantities:
                 assert values[q] <= TOL, (stage, layer, q, values[q])
-    assert report["stages"]["scores"]["rel_error"] <= EXPORT_TOL                  # scores.npy is float32
-    mine = jaxinf_matrix(w, run_dir, [("ekfac", None, None)])["pairwise"][("ekfac", None, None)]   # float64
+    assert report["stages"]["scores"]["rel_error"] <= EXPORT_TOL  # scores.npy is float32
+    mine = jaxinf_matrix(w, run_dir, [("ekfac", None, None)])["pairwise"][("ekfac", None, None)]  # float64
     err = ks.rel_error(mine, kron.pairwise("ekfac", None, None, name="pairwise"))
     print(f"llama, factors.track=all: EK-FAC pairwise scores (float64) rel. error {err:.2e}")
     assert err <= TOL
@@ -198,8 +212,11 @@ def test_the_true_fisher_matches_with_the_labels_jaxinf_draws(tmp_path_factory):
     with jax.enable_x64(True):
         x = ks.sampled_float64(w)
         layers, lm, task, source = x["layers"], x["lm"], x["task"], x["source"]
-        (batch,) = list(document_batches(source, x["encoder"], batch_size=len(source), max_length=ks.MAX_LENGTH,
-                                         buckets=(ks.MAX_LENGTH,)))
+        (batch,) = list(
+            document_batches(
+                source, x["encoder"], batch_size=len(source), max_length=ks.MAX_LENGTH, buckets=(ks.MAX_LENGTH,)
+            )
+        )
         docs = {k: jnp.asarray(batch[k]) for k in ("tokens", "mask", "weights")}
         key = jax.random.key(7)
         cov_stage = stages.covariance_stage(task, layers, "sampled")
@@ -210,20 +227,23 @@ def test_the_true_fisher_matches_with_the_labels_jaxinf_draws(tmp_path_factory):
         drawn = np.asarray(tasks.sample_labels(key, lm.apply(lm.params, docs["tokens"], docs["mask"])[:, :-1]))
         G, qloss = stages.query_gradients(task, layers, lm.params, x["queries"])
         qg = scoring.prepare_queries(G, qloss, curvature.curvature("ekfac", eigen, Lambda), None, None, svd="full")
-        order = np.argsort(batch["index"])                                        # rows -> documents in file order
+        order = np.argsort(batch["index"])  # rows -> documents in file order
         mine = np.asarray(stages.score_batch(task, layers, lm.params, qg, docs)[0].total)[:, order]
-    kron = ks.Kronfluence(w, tmp_path_factory.mktemp("kf-sampled-labels"), fisher="sampled",
-                          sampled_labels=[drawn[r] for r in order])
+    kron = ks.Kronfluence(
+        w, tmp_path_factory.mktemp("kf-sampled-labels"), fisher="sampled", sampled_labels=[drawn[r] for r in order]
+    )
     theirs = kron.pairwise("ekfac", None, None, name="pairwise")
     factors = kf.read_factors(kron.root / "factors_ekfac")
     A, S = transfer.per_layer(cov.A, layers), transfer.per_layer(cov.S, layers)
     L = transfer.per_layer(Lambda, layers)
-    errors = {q: max(ks.rel_error(mine_q[m], theirs_q(m)) for m in factors.modules)
-              for q, mine_q, theirs_q in (("A", A, factors.A), ("S", S, factors.S), ("Lambda", L, factors.Lambda))}
+    errors = {
+        q: max(ks.rel_error(mine_q[m], theirs_q(m)) for m in factors.modules)
+        for q, mine_q, theirs_q in (("A", A, factors.A), ("S", S, factors.S), ("Lambda", L, factors.Lambda))
+    }
     errors["scores"] = ks.rel_error(mine, theirs)
     print(f"\nllama, sampled labels shared: max rel. errors {json.dumps(errors)}")
     assert all(e <= TOL for e in errors.values()), errors
-    own = ks.Kronfluence(w, tmp_path_factory.mktemp("kf-own-labels"), fisher="sampled")   # its own draws
+    own = ks.Kronfluence(w, tmp_path_factory.mktemp("kf-own-labels"), fisher="sampled")  # its own draws
     own.fit("ekfac")
     S_own = kf.read_factors(own.root / "factors_ekfac")
-    assert max(ks.rel_error(S[m], S_own.S(m)) for m in S_own.modules) > 1e3 * TOL   # the labels matter: not a no-op
+    assert max(ks.rel_error(S[m], S_own.S(m)) for m in S_own.modules) > 1e3 * TOL  # the labels matter: not a no-op

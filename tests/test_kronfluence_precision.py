@@ -28,11 +28,14 @@ FLOAT32_MIN_PEARSON = 0.999
 FLOAT32_MAX_REL_ERROR = 1e-4
 
 
-@pytest.mark.parametrize("family", [
-    "llama",
-    pytest.param("gpt_neox", marks=pytest.mark.heavy),
-    pytest.param("cohere", marks=pytest.mark.heavy),
-])
+@pytest.mark.parametrize(
+    "family",
+    [
+        "llama",
+        pytest.param("gpt_neox", marks=pytest.mark.heavy),
+        pytest.param("cohere", marks=pytest.mark.heavy),
+    ],
+)
 def test_float32_scores_correlate_per_query(tmp_path_factory, family):
     from jaxinf.interop.compare import compare
 
@@ -44,14 +47,18 @@ def test_float32_scores_correlate_per_query(tmp_path_factory, family):
     report = compare(kron.root, run, factors="ekfac", scores=["pairwise", "self"])
     s = report["stages"]["scores"]
     print(f"\n{family} float32: max rel. errors {report['max_rel_error']}")
-    print(f"{family} float32: per-query Pearson {[round(q['pearson'], 6) for q in s['queries']]}, "
-          f"Spearman {[round(q['spearman'], 4) for q in s['queries']]}, top-10 overlap "
-          f"{[q['topk_overlap'] for q in s['queries']]}; self-influence Pearson "
-          f"{report['stages']['self_influence']['pearson']:.6f}")
+    print(
+        f"{family} float32: per-query Pearson {[round(q['pearson'], 6) for q in s['queries']]}, "
+        f"Spearman {[round(q['spearman'], 4) for q in s['queries']]}, top-10 overlap "
+        f"{[q['topk_overlap'] for q in s['queries']]}; self-influence Pearson "
+        f"{report['stages']['self_influence']['pearson']:.6f}"
+    )
     assert s["min_pearson"] >= FLOAT32_MIN_PEARSON
     assert report["stages"]["self_influence"]["pearson"] >= FLOAT32_MIN_PEARSON
-    print(f"{family} float32: rel. error of the scores {s['rel_error']:.2e}, of the self-influence "
-          f"{report['stages']['self_influence']['rel_error']:.2e}")
+    print(
+        f"{family} float32: rel. error of the scores {s['rel_error']:.2e}, of the self-influence "
+        f"{report['stages']['self_influence']['rel_error']:.2e}"
+    )
     assert s["rel_error"] <= FLOAT32_MAX_REL_ERROR
     assert report["stages"]["self_influence"]["rel_error"] <= FLOAT32_MAX_REL_ERROR
 
@@ -72,14 +79,24 @@ def sampled_agreement(tmp_path_factory, family: str, sizes: tuple[int, ...], see
         x = ks.sampled_float64(w)
         layers, lm, task = x["layers"], x["lm"], x["task"]
         # one plan window per batch: batch i holds documents [i B, (i + 1) B) (sorted by length inside it)
-        planned = list(document_batches(x["source"], x["encoder"], batch_size=n_score, max_length=ks.MAX_LENGTH,
-                                        buckets=(ks.MAX_LENGTH,), window_batches=1))
+        planned = list(
+            document_batches(
+                x["source"],
+                x["encoder"],
+                batch_size=n_score,
+                max_length=ks.MAX_LENGTH,
+                buckets=(ks.MAX_LENGTH,),
+                window_batches=1,
+            )
+        )
         batches = [{k: jnp.asarray(b[k]) for k in ("tokens", "mask", "weights")} for b in planned]
         order = np.argsort(planned[0]["index"])
         G, qloss = jax.jit(lambda p, b: stages.query_gradients(task, layers, p, b))(lm.params, x["queries"])
         score = jax.jit(lambda p, q, b: stages.score_batch(task, layers, p, q, b)[0].total)
-        cov_stage, lam_stage = stages.covariance_stage(task, layers, "sampled"), stages.lambda_stage(task, layers,
-                                                                                                     "sampled")
+        cov_stage, lam_stage = (
+            stages.covariance_stage(task, layers, "sampled"),
+            stages.lambda_stage(task, layers, "sampled"),
+        )
         cov_step, lam_step = jax.jit(cov_stage.update), jax.jit(lam_stage.update)
         key = jax.random.key(seed)
         for n in sizes:
@@ -95,24 +112,29 @@ def sampled_agreement(tmp_path_factory, family: str, sizes: tuple[int, ...], see
             curv = curvature.curvature("ekfac", eigen, lam_stage.finalize(state))
             qg = scoring.prepare_queries(G, qloss, curv, None, None)
             mine = np.asarray(score(lm.params, qg, batches[0]))[:, order]
-            kron = ks.Kronfluence(w, tmp_path_factory.mktemp(f"kf-sampled-{n}"), fisher="sampled", seed=seed,
-                                  n_documents=n)
+            kron = ks.Kronfluence(
+                w, tmp_path_factory.mktemp(f"kf-sampled-{n}"), fisher="sampled", seed=seed, n_documents=n
+            )
             kron.fit("ekfac")
             theirs = kron.pairwise("ekfac", None, None, name="pairwise")[:, :n_score]
             factors = kf.read_factors(kron.root / "factors_ekfac")
             A, S = transfer.per_layer(cov.A, layers), transfer.per_layer(cov.S, layers)
             count = {name: float(n) for name, n in transfer.per_layer(cov.count, layers).items()}
             L = transfer.per_layer(curv.Lambda, layers)
-            row = {"documents": n,
-                   "A": max(ks.rel_error(A[m], factors.A(m)) for m in factors.modules),
-                   "S": max(ks.rel_error(S[m], factors.S(m)) for m in factors.modules),
-                   "Lambda": max(ks.rel_error(L[m], factors.Lambda(m)) for m in factors.modules),
-                   "pearson": [pearson(mine[q], theirs[q]) for q in range(len(mine))]}
+            row = {
+                "documents": n,
+                "A": max(ks.rel_error(A[m], factors.A(m)) for m in factors.modules),
+                "S": max(ks.rel_error(S[m], factors.S(m)) for m in factors.modules),
+                "Lambda": max(ks.rel_error(L[m], factors.Lambda(m)) for m in factors.modules),
+                "pearson": [pearson(mine[q], theirs[q]) for q in range(len(mine))],
+            }
             assert all(factors.count("num_activation_covariance_processed", m) == count[m] for m in factors.modules)
             rows.append(row)
-            print(f"{family} sampled, N={n:>5}: max rel. error A {row['A']:.1e}, S {row['S']:.3f}, "
-                  f"Lambda {row['Lambda']:.3f}; scores Pearson min {min(row['pearson']):.4f} "
-                  f"mean {np.mean(row['pearson']):.4f}")
+            print(
+                f"{family} sampled, N={n:>5}: max rel. error A {row['A']:.1e}, S {row['S']:.3f}, "
+                f"Lambda {row['Lambda']:.3f}; scores Pearson min {min(row['pearson']):.4f} "
+                f"mean {np.mean(row['pearson']):.4f}"
+            )
     return rows
 
 

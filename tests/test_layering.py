@@ -47,7 +47,7 @@ def imports_of(module: str, path: Path, modules: set[str]) -> dict[str, int]:
     found: dict[str, int] = {}
 
     def add(name: str, line: int) -> None:
-        while name and name not in modules:   # `import jaxinf.a.b` where b is an attribute: jaxinf.a
+        while name and name not in modules:  # `import jaxinf.a.b` where b is an attribute: jaxinf.a
             name = name.rpartition(".")[0]
         if name and name != module:
             found.setdefault(name, line)
@@ -72,7 +72,7 @@ def import_graph(root: Path = ROOT, package: str = PACKAGE) -> dict[str, dict[st
 
 def find_circle(graph: dict[str, dict[str, int]]) -> list[str] | None:
     """One import circle ``[a, b, ..., a]`` of ``graph``, or None (depth-first search, visiting in name order)."""
-    state: dict[str, int] = {}   # 1: on the current path, 2: finished
+    state: dict[str, int] = {}  # 1: on the current path, 2: finished
     path: list[str] = []
 
     def visit(m: str) -> list[str] | None:
@@ -80,7 +80,7 @@ def find_circle(graph: dict[str, dict[str, int]]) -> list[str] | None:
         path.append(m)
         for n in sorted(graph.get(m, {})):
             if state.get(n) == 1:
-                return path[path.index(n):] + [n]
+                return path[path.index(n) :] + [n]
             if n not in state:
                 found = visit(n)
                 if found:
@@ -139,7 +139,6 @@ def test_module_sizes():
     assert not over, message
 
 
-
 LAYERS = [
     ("base", ("errors", "atomic", "faults", "hostenv")),
     ("sharding", ("sharding",)),
@@ -166,8 +165,9 @@ def layer_of(module: str) -> int | None:
     name = module.partition(".")[2]
     if not name:
         return None
-    found = [(len(p), i) for i, (_, entries) in enumerate(LAYERS) for p in entries
-             if name == p or name.startswith(p + ".")]
+    found = [
+        (len(p), i) for i, (_, entries) in enumerate(LAYERS) for p in entries if name == p or name.startswith(p + ".")
+    ]
     assert found, f"{module} is in no layer of tests/test_layering.py LAYERS"
     return max(found)[1]
 
@@ -191,8 +191,11 @@ def test_no_import_goes_up_a_layer():
 
 def test_an_upward_import_is_found():
     """The check itself: the engine importing the run directory is named."""
-    graph = {"jaxinf.engine.stages": {"jaxinf.run.store": 12}, "jaxinf.run.store": {"jaxinf.engine.capture": 3},
-             "jaxinf.engine.capture": {}}
+    graph = {
+        "jaxinf.engine.stages": {"jaxinf.run.store": 12},
+        "jaxinf.run.store": {"jaxinf.engine.capture": 3},
+        "jaxinf.engine.capture": {},
+    }
     assert upward_imports(graph) == ["jaxinf.engine.stages (engine) imports jaxinf.run.store (run) (line 12)"]
 
 
@@ -201,10 +204,12 @@ def test_the_library_api_loads_no_run_directory_code():
     import subprocess
     import sys
 
-    code = ("import sys, jaxinf.engine.stages, jaxinf.engine.programs, jaxinf.engine.loop\n"
-            "bad = sorted(m for m in sys.modules if m.split('.')[0] == 'orbax' or m.startswith('jaxinf.run')\n"
-            "             or m in ('jaxinf.config', 'jaxinf.pipeline', 'jaxinf.cli'))\n"
-            "print(bad)\n")
+    code = (
+        "import sys, jaxinf.engine.stages, jaxinf.engine.programs, jaxinf.engine.loop\n"
+        "bad = sorted(m for m in sys.modules if m.split('.')[0] == 'orbax' or m.startswith('jaxinf.run')\n"
+        "             or m in ('jaxinf.config', 'jaxinf.pipeline', 'jaxinf.cli'))\n"
+        "print(bad)\n"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
     assert out.stdout.strip() == "[]", out.stdout + out.stderr
 
@@ -217,8 +222,7 @@ layout). Everything else lives in the folder of its layer."""
 def test_folders_are_layers():
     """Each layer is one folder (or, for the entries of :data:`ROOT_MODULES`, the root): a new module in the wrong
     place, or a folder no layer declares, is named."""
-    root = sorted(m.split(".")[1] for m, p in module_files().items()
-                  if m.count(".") == 1 and p.name != "__init__.py")
+    root = sorted(m.split(".")[1] for m, p in module_files().items() if m.count(".") == 1 and p.name != "__init__.py")
     assert set(root) == ROOT_MODULES, f"modules at the root of jaxinf/: {root}; expected {sorted(ROOT_MODULES)}"
     declared = {e for _, entries in LAYERS for e in entries}
     folders = sorted({m.split(".")[1] for m, p in module_files().items() if p.name == "__init__.py" and "." in m})
@@ -229,9 +233,9 @@ def test_folders_are_layers():
 def test_the_readme_engine_example_runs():
     """The README's "engine in twenty lines" is the library API a reader copies first: it runs as written."""
     text = (ROOT / "README.md").read_text()
-    section = text[text.index("## The engine in twenty lines"):]
-    code = section[section.index("```python\n") + len("```python\n"):]
-    code = code[:code.index("```")]
+    section = text[text.index("## The engine in twenty lines") :]
+    code = section[section.index("```python\n") + len("```python\n") :]
+    code = code[: code.index("```")]
     namespace: dict = {}
     exec(compile(code, "README.md", "exec"), namespace)
     assert namespace["scores"].total.shape == (1, 2)

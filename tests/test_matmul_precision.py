@@ -39,7 +39,7 @@ def origin(path: str, function: str) -> str | None:
         return STATISTIC
     if rel == "engine/capture.py":
         return {"per_sequence_gradient": STATISTIC, "tokens_matmul": MODEL}.get(function)
-    if rel.startswith("models/") or rel == "engine/testing.py":   # the models (testing.py: the tiny one of the tests)
+    if rel.startswith("models/") or rel == "engine/testing.py":  # the models (testing.py: the tiny one of the tests)
         return MODEL
     return None
 
@@ -52,11 +52,11 @@ _PRECISION = re.compile(r"precision = \[(\w+), (\w+)\]")
 def _frame(locs: dict[str, str], ref: str, op: str = "", function: str = "?") -> tuple[str, str, int, str] | None:
     """``(op name, file, line, function)`` of location ``#ref``: its innermost frame."""
     body = locs.get(ref, "")
-    m = re.fullmatch(r'callsite\(#(loc\d*) at #(loc\d*)\)', body)
+    m = re.fullmatch(r"callsite\(#(loc\d*) at #(loc\d*)\)", body)
     if m:
         return _frame(locs, m.group(1), op, function)
     m = re.fullmatch(r'"([^"]*)"\(#(loc\d*)\)', body)
-    if m:   # a name wrapping a location: the op's name (its name stack), then the function of a frame
+    if m:  # a name wrapping a location: the op's name (its name stack), then the function of a frame
         name = m.group(1)
         if not op:
             return _frame(locs, m.group(2), name, function)
@@ -70,7 +70,7 @@ def _frame(locs: dict[str, str], ref: str, op: str = "", function: str = "?") ->
 def classify(op: str, path: str, function: str) -> str | None:
     """A statistic's dot (formed in the backward pass under the tap's ``statistic`` scope, or called from the engine's
     statistic code), the model's, or None (unclassified)."""
-    if re.search(r"(^|[/(])statistic[/)]", op):   # e.g. .../checkpoint/statistic/..., transpose(jvp(statistic))/...
+    if re.search(r"(^|[/(])statistic[/)]", op):  # e.g. .../checkpoint/statistic/..., transpose(jvp(statistic))/...
         return STATISTIC
     return origin(path, function)
 
@@ -120,19 +120,33 @@ def checkpoint(tmp_path_factory):
 
 def lowered_stages(checkpoint, *settings: str) -> dict[str, str]:
     """Each stage's step of ``jaxinf run`` (as ``jaxinf plan`` builds them) on one device, lowered with debug info."""
-    config = cfg.load(None, [f"model.checkpoint={checkpoint}", "data.max_length=16", "data.batch_size=2",
-                             "data.query_batch_size=2", "plan.queries=3", *settings])
+    config = cfg.load(
+        None,
+        [
+            f"model.checkpoint={checkpoint}",
+            "data.max_length=16",
+            "data.batch_size=2",
+            "data.query_batch_size=2",
+            "plan.queries=3",
+            *settings,
+        ],
+    )
     lm, layers = plan.abstract_model(config)
     mesh = make_mesh(1, 1, jax.devices()[:1])
-    return {name: fn.lower(*args).as_text(debug_info=True)
-            for name, fn, args, _ in plan.step_programs(config, mesh, lm, layers, 2)}
+    return {
+        name: fn.lower(*args).as_text(debug_info=True)
+        for name, fn, args, _ in plan.step_programs(config, mesh, lm, layers, 2)
+    }
 
 
-@pytest.mark.parametrize("precision, settings", [
-    ("high", ("factors.strategy=ekfac", "scores.query_rank=4", "scores.self_influence=true", "model.remat=true")),
-    ("high", ("factors.strategy=kfac", "scores.query_rank=null", "model.scan_layers=false", "factors.track=all")),
-    (None, ("factors.strategy=diagonal", "scores.query_rank=4", "scores.self_influence=true")),
-])
+@pytest.mark.parametrize(
+    "precision, settings",
+    [
+        ("high", ("factors.strategy=ekfac", "scores.query_rank=4", "scores.self_influence=true", "model.remat=true")),
+        ("high", ("factors.strategy=kfac", "scores.query_rank=null", "model.scan_layers=false", "factors.track=all")),
+        (None, ("factors.strategy=diagonal", "scores.query_rank=4", "scores.self_influence=true")),
+    ],
+)
 def test_every_stage_states_its_matmul_precision(checkpoint, precision, settings):
     """``high`` (a value no dot takes by default) and the default (``highest``) reach every statistic dot of every
     stage's program; the model's own dots stay at the default."""
@@ -141,8 +155,11 @@ def test_every_stage_states_its_matmul_precision(checkpoint, precision, settings
     programs = lowered_stages(checkpoint, *settings, *extra)
     counts = {name: check_program(name, text, want) for name, text in programs.items()}
     strategy = settings[0].split("=")[1]
-    stats = {"queries", "scores", "breakdowns"} | ({"covariance"} if strategy in ("kfac", "ekfac") else set()) | (
-        {"lambda"} if strategy in ("diagonal", "ekfac") else set())
+    stats = (
+        {"queries", "scores", "breakdowns"}
+        | ({"covariance"} if strategy in ("kfac", "ekfac") else set())
+        | ({"lambda"} if strategy in ("diagonal", "ekfac") else set())
+    )
     assert {k for k, n in counts.items() if n > 0} == stats, counts
     assert counts.get("eigen", 0) == 0
 
@@ -156,17 +173,28 @@ def test_score_contraction_orders_and_breakdowns_state_it(order):
     params = testing.tiny_lm_init(jax.random.key(0))
     docs = tasks.lm_batch([[1, 2, 3, 4], [5, 6, 7, 8]])
     layers = capture.select_layers(
-        capture.find_layers(lambda p, b, pr: task.train_loss(p, b, pr, None), params, docs), "all")
+        capture.find_layers(lambda p, b, pr: task.train_loss(p, b, pr, None), params, docs), "all"
+    )
     queries = tasks.lm_batch([[1, 2, 3, 4]], prompt_lengths=[2])
-    cov, lam = stages.covariance_stage(task, layers), stages.lambda_stage(task, layers)   # shapes only: nothing runs
+    cov, lam = stages.covariance_stage(task, layers), stages.lambda_stage(task, layers)  # shapes only: nothing runs
     eigen = jax.eval_shape(curvature.eigendecompose, jax.eval_shape(lambda: cov.finalize(cov.init())))
     curv = jax.eval_shape(lambda e: curvature.assemble("ekfac", lambda: e, lambda b: lam.finalize(lam.init())), eigen)
     G, loss = jax.eval_shape(lambda p, b: stages.query_gradients(task, layers, p, b), params, queries)
     qg = jax.eval_shape(lambda G, l, c: scoring.prepare_queries(G, l, c, None, 2), G, loss, curv)
 
     def score(p, q, c, b):
-        s, _ = stages.score_batch(task, layers, p, q, b, per_token=order == "tokens", per_layer=True, order=None
-                                  if order == "tokens" else order, curv=c, precision="high")
+        s, _ = stages.score_batch(
+            task,
+            layers,
+            p,
+            q,
+            b,
+            per_token=order == "tokens",
+            per_layer=True,
+            order=None if order == "tokens" else order,
+            curv=c,
+            precision="high",
+        )
         return s
 
     from jaxinf.engine import indexing
@@ -176,18 +204,27 @@ def test_score_contraction_orders_and_breakdowns_state_it(order):
     programs = {
         "index": jax.jit(stages.index_step(task, layers, 2, precision="high")),
         "scores and index": jax.jit(stages.score_and_index_step(task, layers, 2, precision="high")),
-        "index queries": jax.jit(lambda q, c, s: indexing.index_queries(q, c.Q_A, c.Q_S, c.Lambda, s, layers, 2,
-                                                                        precision="high")),
+        "index queries": jax.jit(
+            lambda q, c, s: indexing.index_queries(q, c.Q_A, c.Q_S, c.Lambda, s, layers, 2, precision="high")
+        ),
         "query gradients": jax.jit(lambda p, b: stages.query_gradients(task, layers, p, b, precision="high")),
         "prepare_queries": jax.jit(lambda G, l, c: scoring.prepare_queries(G, l, c, None, 2, precision="high")),
         "precondition": jax.jit(lambda G, c: curvature.precondition(G, c, curvature.damping(c, None), "high")),
         "scores": jax.jit(score),
-        "self-influence": jax.jit(lambda p, c, b: stages.self_influence_batch(task, layers, p, c, None, b,
-                                                                              precision="high")),
+        "self-influence": jax.jit(
+            lambda p, c, b: stages.self_influence_batch(task, layers, p, c, None, b, precision="high")
+        ),
     }
-    args = {"index": (params, basis, docs), "scores and index": (params, qg, basis, docs),
-            "index queries": (qg, curv, selection), "query gradients": (params, queries), "prepare_queries": (G, loss, curv), "precondition": (G, curv),
-            "scores": (params, qg, curv, docs), "self-influence": (params, curv, docs)}
+    args = {
+        "index": (params, basis, docs),
+        "scores and index": (params, qg, basis, docs),
+        "index queries": (qg, curv, selection),
+        "query gradients": (params, queries),
+        "prepare_queries": (G, loss, curv),
+        "precondition": (G, curv),
+        "scores": (params, qg, curv, docs),
+        "self-influence": (params, curv, docs),
+    }
     for name, fn in programs.items():
         text = fn.lower(*args[name]).as_text(debug_info=True)
         assert check_program(name, text, "HIGH") > 0, name
@@ -195,8 +232,11 @@ def test_score_contraction_orders_and_breakdowns_state_it(order):
 
 def test_unknown_matmul_precision_is_refused():
     assert MATMUL_PRECISIONS == ("default", "high", "highest")
-    with pytest.raises(ValueError, match=r"^run\.matmul_precision: unknown precision 'tf32' \(choose from default, "
-                                         r"high, highest\)$"):
+    with pytest.raises(
+        ValueError,
+        match=r"^run\.matmul_precision: unknown precision 'tf32' \(choose from default, "
+        r"high, highest\)$",
+    ):
         matmul_precision("tf32")
     with pytest.raises(cfg.ConfigError, match="run.matmul_precision"):
         cfg.load(None, ["run.matmul_precision=tf32"])

@@ -29,13 +29,20 @@ def _copy(src: Path, dst: Path) -> Path:
 
 def _save_safetensors(file: Path, tensors: dict[str, np.ndarray]) -> None:
     """Writes a safetensors file by the format's definition (so bf16 can be written without torch)."""
-    codes = {np.dtype("<f4"): "F32", np.dtype("<f2"): "F16", np.dtype(ml_dtypes.bfloat16): "BF16",
-             np.dtype("<i8"): "I64"}
+    codes = {
+        np.dtype("<f4"): "F32",
+        np.dtype("<f2"): "F16",
+        np.dtype(ml_dtypes.bfloat16): "BF16",
+        np.dtype("<i8"): "I64",
+    }
     header, offset, blobs = {}, 0, []
     for name, x in tensors.items():
         data = np.ascontiguousarray(x).tobytes()
-        header[name] = {"dtype": codes[np.dtype(x.dtype)], "shape": list(x.shape),
-                        "data_offsets": [offset, offset + len(data)]}
+        header[name] = {
+            "dtype": codes[np.dtype(x.dtype)],
+            "shape": list(x.shape),
+            "data_offsets": [offset, offset + len(data)],
+        }
         offset += len(data)
         blobs.append(data)
     raw = json.dumps(header).encode()
@@ -125,7 +132,7 @@ def test_place_gets_each_parameter_once_in_its_final_layout(hf_checkpoint):
     shapes = dict((n, s) for n, s, _, _ in calls)
     assert shapes["model.layers.mlp.up_proj.kernel"] == (3, 32, 48)  # stacked, [layers, d_in, d_out]
     assert shapes["lm_head.kernel"] == (32, 61)
-    axes = dict((n, a) for n, _, _, a in calls)                      # each with its declared layout, at its rank
+    axes = dict((n, a) for n, _, _, a in calls)  # each with its declared layout, at its rank
     assert axes["model.layers.mlp.up_proj.kernel"] == Axes("param", ("layers", "embed", "ff"))
     assert axes["lm_head.kernel"] == Axes("param", ("embed", "vocab"))
     assert axes["model.norm.scale"] == Axes("replicated", ("replicated",))
@@ -145,10 +152,12 @@ def test_stacked_and_per_layer_parameters_hold_the_same_tensors(hf_checkpoint):
     per_layer, _ = from_hf(directory, scan=False, tokenizer=False)
     tensors = _load_all(directory)
     qkv = tensors["gpt_neox.layers.1.attention.query_key_value.weight"]
-    np.testing.assert_array_equal(stacked.params["gpt_neox"]["layers"]["attention"]["query_key_value"]["kernel"][1],
-                                  qkv.T)
-    np.testing.assert_array_equal(per_layer.params["gpt_neox"]["layers"]["1"]["attention"]["query_key_value"]["kernel"],
-                                  qkv.T)
+    np.testing.assert_array_equal(
+        stacked.params["gpt_neox"]["layers"]["attention"]["query_key_value"]["kernel"][1], qkv.T
+    )
+    np.testing.assert_array_equal(
+        per_layer.params["gpt_neox"]["layers"]["1"]["attention"]["query_key_value"]["kernel"], qkv.T
+    )
     np.testing.assert_array_equal(stacked.params["lm_head"]["kernel"], tensors["embed_out.weight"].T)
 
 
@@ -157,6 +166,7 @@ def test_unused_tensors_are_errors_except_recomputed_buffers(hf_checkpoint, tmp_
 
     Buffers that transformers recomputes and ignores (rotary inv_freq) are skipped and listed.
     """
+
     def add_buffer(t):
         t["model.layers.0.self_attn.rotary_emb.inv_freq"] = np.ones(4, np.float32)
 
@@ -169,9 +179,11 @@ def test_unused_tensors_are_errors_except_recomputed_buffers(hf_checkpoint, tmp_
             t[f"model.layers.{i}.self_attn.q_proj.bias"] = np.ones(32, np.float32)
 
     directory = _single_file(hf_checkpoint("llama"), tmp_path / "bias", add_bias)
-    assert _error(directory) == (f"{directory / 'model.safetensors'}: tensor model.layers.0.self_attn.q_proj.bias "
-                                 "is not used by jaxinf's llama model (and 2 more: model.layers.1.self_attn.q_proj.bias, "
-                                 "model.layers.2.self_attn.q_proj.bias)")
+    assert _error(directory) == (
+        f"{directory / 'model.safetensors'}: tensor model.layers.0.self_attn.q_proj.bias "
+        "is not used by jaxinf's llama model (and 2 more: model.layers.1.self_attn.q_proj.bias, "
+        "model.layers.2.self_attn.q_proj.bias)"
+    )
 
 
 def test_tied_checkpoint_may_store_the_output_projection(hf_checkpoint, tmp_path, recwarn):
@@ -203,17 +215,46 @@ def test_legacy_config_layouts_are_read_like_transformers(hf_checkpoint):
 
 
 def test_config_defaults_follow_transformers():
-    pythia = config_from_hf({"architectures": ["GPTNeoXForCausalLM"], "vocab_size": 50304, "hidden_size": 512,
-                             "intermediate_size": 2048, "num_hidden_layers": 6, "num_attention_heads": 8})
-    assert (pythia.rotary_dim, pythia.rope_theta, pythia.activation, pythia.parallel_residual) == (16, 10000.0,
-                                                                                                   "gelu", True)
+    pythia = config_from_hf(
+        {
+            "architectures": ["GPTNeoXForCausalLM"],
+            "vocab_size": 50304,
+            "hidden_size": 512,
+            "intermediate_size": 2048,
+            "num_hidden_layers": 6,
+            "num_attention_heads": 8,
+        }
+    )
+    assert (pythia.rotary_dim, pythia.rope_theta, pythia.activation, pythia.parallel_residual) == (
+        16,
+        10000.0,
+        "gelu",
+        True,
+    )
     assert pythia.attention_bias and pythia.mlp_bias and not pythia.tie_embeddings
-    command_r = config_from_hf({"model_type": "cohere", "vocab_size": 256000, "hidden_size": 8192,
-                                "intermediate_size": 22528, "num_hidden_layers": 40, "num_attention_heads": 64})
+    command_r = config_from_hf(
+        {
+            "model_type": "cohere",
+            "vocab_size": 256000,
+            "hidden_size": 8192,
+            "intermediate_size": 22528,
+            "num_hidden_layers": 40,
+            "num_attention_heads": 64,
+        }
+    )
     assert (command_r.logit_scale, command_r.tie_embeddings, command_r.rope_theta) == (0.0625, True, 500000.0)
-    llama = config_from_hf({"architectures": ["LlamaForCausalLM"], "vocab_size": 32000, "hidden_size": 4096,
-                            "intermediate_size": 11008, "num_hidden_layers": 32, "num_attention_heads": 32,
-                            "num_key_value_heads": 8, "head_dim": None})
+    llama = config_from_hf(
+        {
+            "architectures": ["LlamaForCausalLM"],
+            "vocab_size": 32000,
+            "hidden_size": 4096,
+            "intermediate_size": 11008,
+            "num_hidden_layers": 32,
+            "num_attention_heads": 32,
+            "num_key_value_heads": 8,
+            "head_dim": None,
+        }
+    )
     assert (llama.head_dim, llama.num_kv_heads, llama.norm_eps, llama.activation) == (128, 8, 1e-6, "silu")
 
 
@@ -229,9 +270,12 @@ def _error(directory, **kw) -> str:
 
 
 def test_missing_tensor(hf_checkpoint, tmp_path):
-    directory = _single_file(hf_checkpoint("llama"), tmp_path / "missing",
-                             lambda t: t.pop("model.layers.1.mlp.up_proj.weight"))
-    assert _error(directory) == f"{directory / 'model.safetensors'}: tensor model.layers.1.mlp.up_proj.weight is missing"
+    directory = _single_file(
+        hf_checkpoint("llama"), tmp_path / "missing", lambda t: t.pop("model.layers.1.mlp.up_proj.weight")
+    )
+    assert (
+        _error(directory) == f"{directory / 'model.safetensors'}: tensor model.layers.1.mlp.up_proj.weight is missing"
+    )
 
 
 def test_missing_tensor_in_a_sharded_checkpoint(hf_checkpoint, tmp_path):
@@ -239,8 +283,9 @@ def test_missing_tensor_in_a_sharded_checkpoint(hf_checkpoint, tmp_path):
     index = json.loads((directory / "model.safetensors.index.json").read_text())
     del index["weight_map"]["model.layers.2.self_attn.k_proj.weight"]
     (directory / "model.safetensors.index.json").write_text(json.dumps(index))
-    assert _error(directory) == (f"{directory / 'model.safetensors.index.json'}: "
-                                 "tensor model.layers.2.self_attn.k_proj.weight is missing")
+    assert _error(directory) == (
+        f"{directory / 'model.safetensors.index.json'}: tensor model.layers.2.self_attn.k_proj.weight is missing"
+    )
     index["weight_map"]["model.layers.2.self_attn.k_proj.weight"] = "model-00009-of-00009.safetensors"
     (directory / "model.safetensors.index.json").write_text(json.dumps(index))
     assert _error(directory).endswith("model.safetensors.index.json: shard model-00009-of-00009.safetensors is missing")
@@ -252,9 +297,11 @@ def test_a_single_file_beside_a_sharded_index_is_refused(hf_checkpoint, tmp_path
     directory = _copy(hf_checkpoint("llama"), tmp_path / "both")
     single = _single_file(hf_checkpoint("llama"), tmp_path / "single", lambda t: None)
     shutil.copy(single / "model.safetensors", directory / "model.safetensors")
-    assert _error(directory) == (f"{directory}: both model.safetensors and model.safetensors.index.json (sharded "
-                                 "weights); transformers loads model.safetensors, so which weights are meant is "
-                                 "ambiguous: remove one of them")
+    assert _error(directory) == (
+        f"{directory}: both model.safetensors and model.safetensors.index.json (sharded "
+        "weights); transformers loads model.safetensors, so which weights are meant is "
+        "ambiguous: remove one of them"
+    )
 
 
 @pytest.mark.parametrize("model_type", ["llamazing", "mistral"])
@@ -264,9 +311,11 @@ def test_a_model_type_that_is_not_the_architectures_is_refused(hf_checkpoint, tm
     cfg = json.loads((directory / "config.json").read_text())
     cfg["model_type"] = model_type
     (directory / "config.json").write_text(json.dumps(cfg))
-    assert _error(directory) == (f"{directory / 'config.json'}: field model_type: {model_type!r} is not the model type "
-                                 "of architecture 'LlamaForCausalLM' ('llama'); transformers would load another model: "
-                                 "fix config.json")
+    assert _error(directory) == (
+        f"{directory / 'config.json'}: field model_type: {model_type!r} is not the model type "
+        "of architecture 'LlamaForCausalLM' ('llama'); transformers would load another model: "
+        "fix config.json"
+    )
 
 
 def test_misshaped_tensor(hf_checkpoint, tmp_path):
@@ -274,8 +323,10 @@ def test_misshaped_tensor(hf_checkpoint, tmp_path):
         t["model.layers.1.mlp.up_proj.weight"] = np.ascontiguousarray(t["model.layers.1.mlp.up_proj.weight"].T)
 
     directory = _single_file(hf_checkpoint("cohere"), tmp_path / "shape", transpose)
-    assert _error(directory) == (f"{directory / 'model.safetensors'}: tensor model.layers.1.mlp.up_proj.weight "
-                                 "has shape (32, 48), expected (48, 32)")
+    assert _error(directory) == (
+        f"{directory / 'model.safetensors'}: tensor model.layers.1.mlp.up_proj.weight "
+        "has shape (32, 48), expected (48, 32)"
+    )
 
 
 def test_integer_tensor(hf_checkpoint, tmp_path):
@@ -295,25 +346,37 @@ def test_unknown_architecture(hf_checkpoint, tmp_path):
 
     supported = ", ".join(a for family in FAMILIES.values() for a in family.architectures)
     assert supported.startswith("LlamaForCausalLM, GPTNeoXForCausalLM, CohereForCausalLM, MistralForCausalLM")
-    assert _error(directory) == (f"{directory / 'config.json'}: field architectures: unknown architecture "
-                                 f"'MambaForCausalLM' (supported: {supported})")
+    assert _error(directory) == (
+        f"{directory / 'config.json'}: field architectures: unknown architecture "
+        f"'MambaForCausalLM' (supported: {supported})"
+    )
 
 
-@pytest.mark.parametrize("field,value,message", [
-    ("hidden_size", None, "field hidden_size is missing"),
-    ("num_attention_heads", "four", "field num_attention_heads has value 'four', expected int"),
-    ("hidden_act", "mish", "field hidden_act is 'mish', not supported"),
-    ("rope_parameters", {"rope_type": "mrope", "factor": 2.0}, "field rope_parameters.rope_type is 'mrope'"),
-    # fields that change the computation and that cohere does not have: refused, not ignored
-    ("sliding_window", 4, "field sliding_window is not implemented by jaxinf's cohere (it may change the computation)"),
-    ("final_logit_softcapping", 30.0, "field final_logit_softcapping is not implemented by jaxinf's cohere"),
-    ("rope_parameters", {"rope_type": "default", "rope_theta": 10.0, "beta_fast": 2.0},
-     "field rope_parameters.beta_fast is not implemented by jaxinf"),
-    # JSON's NaN and Infinity: a NaN norm epsilon ran every stage to a non-finite loss blamed on a document
-    ("layer_norm_eps", float("nan"), "field layer_norm_eps has value nan, expected a finite float"),
-    ("layer_norm_eps", float("inf"), "field layer_norm_eps has value inf, expected a finite float"),
-    ("num_attention_heads", 0, "num_heads=0 is not a positive multiple of num_kv_heads"),   # was a ZeroDivisionError
-])
+@pytest.mark.parametrize(
+    "field,value,message",
+    [
+        ("hidden_size", None, "field hidden_size is missing"),
+        ("num_attention_heads", "four", "field num_attention_heads has value 'four', expected int"),
+        ("hidden_act", "mish", "field hidden_act is 'mish', not supported"),
+        ("rope_parameters", {"rope_type": "mrope", "factor": 2.0}, "field rope_parameters.rope_type is 'mrope'"),
+        # fields that change the computation and that cohere does not have: refused, not ignored
+        (
+            "sliding_window",
+            4,
+            "field sliding_window is not implemented by jaxinf's cohere (it may change the computation)",
+        ),
+        ("final_logit_softcapping", 30.0, "field final_logit_softcapping is not implemented by jaxinf's cohere"),
+        (
+            "rope_parameters",
+            {"rope_type": "default", "rope_theta": 10.0, "beta_fast": 2.0},
+            "field rope_parameters.beta_fast is not implemented by jaxinf",
+        ),
+        # JSON's NaN and Infinity: a NaN norm epsilon ran every stage to a non-finite loss blamed on a document
+        ("layer_norm_eps", float("nan"), "field layer_norm_eps has value nan, expected a finite float"),
+        ("layer_norm_eps", float("inf"), "field layer_norm_eps has value inf, expected a finite float"),
+        ("num_attention_heads", 0, "num_heads=0 is not a positive multiple of num_kv_heads"),  # was a ZeroDivisionError
+    ],
+)
 def test_bad_config_fields(hf_checkpoint, tmp_path, field, value, message):
     directory = _copy(hf_checkpoint("cohere"), tmp_path / "cfg")
     cfg = json.loads((directory / "config.json").read_text())
@@ -327,8 +390,10 @@ def test_bad_config_fields(hf_checkpoint, tmp_path, field, value, message):
 def test_tokenizer_larger_than_the_vocabulary(hf_checkpoint, tmp_path):
     directory = _copy(hf_checkpoint("llama"), tmp_path / "vocab")
     write_tokenizer(directory, n_tokens=64)  # the model has 61 rows
-    assert _error(directory) == (f"{directory / 'tokenizer.json'}: token 'w61' has id 61 (vocabulary up to id 63), "
-                                 "beyond the model's vocab_size 61 (config.json)")
+    assert _error(directory) == (
+        f"{directory / 'tokenizer.json'}: token 'w61' has id 61 (vocabulary up to id 63), "
+        "beyond the model's vocab_size 61 (config.json)"
+    )
     (directory / "tokenizer.json").unlink()
     assert _error(directory) == f"{directory / 'tokenizer.json'}: file is missing (the tokenizer)"
     assert from_hf(directory, tokenizer=False)[1] is None
@@ -343,7 +408,8 @@ def test_pytorch_bin_is_refused_with_the_conversion_command(hf_checkpoint, tmp_p
     assert _error(directory, tokenizer=False) == (
         f"{directory}: only pytorch_model.bin (a pickle, which jaxinf never loads); convert it to safetensors with "
         f"python -c \"from transformers import AutoModelForCausalLM as M; M.from_pretrained('{directory}')"
-        f".save_pretrained('{directory}-safetensors')\" and load that directory")
+        f".save_pretrained('{directory}-safetensors')\" and load that directory"
+    )
 
 
 def test_not_a_checkpoint(tmp_path):
@@ -362,11 +428,16 @@ def test_command_line_reports_bad_input_in_one_line(hf_checkpoint, tmp_path, cap
     assert "mlp model.layers.*.mlp.up_proj" in out and "lm_head" in out
 
     directory = _single_file(good, tmp_path / "missing", lambda t: t.pop("model.layers.0.mlp.down_proj.weight"))
-    proc = subprocess.run([sys.executable, "-m", "jaxinf.models", str(directory)], capture_output=True, text=True,
-                          cwd=Path(__file__).resolve().parents[1])
+    proc = subprocess.run(
+        [sys.executable, "-m", "jaxinf.models", str(directory)],
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).resolve().parents[1],
+    )
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
-        f"error: {directory / 'model.safetensors'}: tensor model.layers.0.mlp.down_proj.weight is missing"]
+        f"error: {directory / 'model.safetensors'}: tensor model.layers.0.mlp.down_proj.weight is missing"
+    ]
     assert "Traceback" not in proc.stderr and proc.stdout == ""
 
     write_tokenizer(directory, n_tokens=80)

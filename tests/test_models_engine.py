@@ -125,8 +125,9 @@ def _param(params, layer_name):
     return node
 
 
-@pytest.mark.parametrize("name,scan", [("gpt_neox", True), ("llama_variant", True), ("cohere", True),
-                                       ("cohere", False)])
+@pytest.mark.parametrize(
+    "name,scan", [("gpt_neox", True), ("llama_variant", True), ("cohere", True), ("cohere", False)]
+)
 def test_probe_gradients_are_weight_gradients(captured, name, scan):
     """``sum_n G[n] = sum_n sum_t g a^T`` from the tap equals ``d(sum of losses)/d kernel`` transposed (bias last).
 
@@ -181,17 +182,48 @@ def test_ekfac_scores_do_not_depend_on_layer_stacking(hf_checkpoint):
 # --------------------------------------------------------------------------- abstract models
 
 BIG = {  # public shapes of Command R 35B (v01), Pythia 12B and Llama 2 70B
-    "cohere": dict(architectures=["CohereForCausalLM"], vocab_size=256000, hidden_size=8192,
-                   intermediate_size=22528, num_hidden_layers=40, num_attention_heads=64, num_key_value_heads=64,
-                   logit_scale=0.0625, rope_theta=8000000.0, layer_norm_eps=1e-5, use_qk_norm=False,
-                   tie_word_embeddings=True, max_position_embeddings=8192),
-    "gpt_neox": dict(architectures=["GPTNeoXForCausalLM"], vocab_size=50688, hidden_size=5120,
-                     intermediate_size=20480, num_hidden_layers=36, num_attention_heads=40, rotary_pct=0.25,
-                     rotary_emb_base=10000, use_parallel_residual=True, hidden_act="gelu",
-                     tie_word_embeddings=False, max_position_embeddings=2048),
-    "llama": dict(architectures=["LlamaForCausalLM"], vocab_size=32000, hidden_size=8192, intermediate_size=28672,
-                  num_hidden_layers=80, num_attention_heads=64, num_key_value_heads=8, rms_norm_eps=1e-5,
-                  rope_theta=10000.0, tie_word_embeddings=False, max_position_embeddings=4096),
+    "cohere": dict(
+        architectures=["CohereForCausalLM"],
+        vocab_size=256000,
+        hidden_size=8192,
+        intermediate_size=22528,
+        num_hidden_layers=40,
+        num_attention_heads=64,
+        num_key_value_heads=64,
+        logit_scale=0.0625,
+        rope_theta=8000000.0,
+        layer_norm_eps=1e-5,
+        use_qk_norm=False,
+        tie_word_embeddings=True,
+        max_position_embeddings=8192,
+    ),
+    "gpt_neox": dict(
+        architectures=["GPTNeoXForCausalLM"],
+        vocab_size=50688,
+        hidden_size=5120,
+        intermediate_size=20480,
+        num_hidden_layers=36,
+        num_attention_heads=40,
+        rotary_pct=0.25,
+        rotary_emb_base=10000,
+        use_parallel_residual=True,
+        hidden_act="gelu",
+        tie_word_embeddings=False,
+        max_position_embeddings=2048,
+    ),
+    "llama": dict(
+        architectures=["LlamaForCausalLM"],
+        vocab_size=32000,
+        hidden_size=8192,
+        intermediate_size=28672,
+        num_hidden_layers=80,
+        num_attention_heads=64,
+        num_key_value_heads=8,
+        rms_norm_eps=1e-5,
+        rope_theta=10000.0,
+        tie_word_embeddings=False,
+        max_position_embeddings=4096,
+    ),
 }
 
 
@@ -219,19 +251,31 @@ def test_abstract_model_of_a_large_checkpoint(family):
     tied = {"lm_head.weight"} if raw["tie_word_embeddings"] else set()
     assert set(state) - covered == tied
     # the engine can plan on it: tracked layers from shapes alone
-    batch = {"tokens": jax.ShapeDtypeStruct((1, 8), jnp.int32), "mask": jax.ShapeDtypeStruct((1, 8), jnp.float32),
-             "weights": jax.ShapeDtypeStruct((1, 8), jnp.float32)}
+    batch = {
+        "tokens": jax.ShapeDtypeStruct((1, 8), jnp.int32),
+        "mask": jax.ShapeDtypeStruct((1, 8), jnp.float32),
+        "weights": jax.ShapeDtypeStruct((1, 8), jnp.float32),
+    }
     layers = capture.find_layers(_loss_fn(lm.task()), lm.params, batch)
-    assert sum(len(s.layer_names) for s in layers.values()) == sum(
-        isinstance(m, torch.nn.Linear) for m in hf.modules())
+    assert sum(len(s.layer_names) for s in layers.values()) == sum(isinstance(m, torch.nn.Linear) for m in hf.modules())
 
 
 # --------------------------------------------------------------------------- training and saving
 
 
 def _tiny(**kw):
-    base = dict(family="cohere", vocab_size=23, hidden_size=16, intermediate_size=24, num_layers=2, num_heads=4,
-                num_kv_heads=2, logit_scale=0.5, tie_embeddings=True, initializer_range=0.2)
+    base = dict(
+        family="cohere",
+        vocab_size=23,
+        hidden_size=16,
+        intermediate_size=24,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        logit_scale=0.5,
+        tie_embeddings=True,
+        initializer_range=0.2,
+    )
     return ModelConfig(**{**base, **kw})
 
 

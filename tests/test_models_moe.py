@@ -34,18 +34,31 @@ def _model():
     (One unstacked layer: the smallest program to compile; stacked layers are
     captured alike, test_models_engine.)
     """
-    config = ModelConfig(family="mixtral", vocab_size=61, hidden_size=16, intermediate_size=24, num_layers=1,
-                         num_heads=4, num_kv_heads=2, num_experts=EXPERTS, experts_per_token=TOP_K,
-                         dtype="float64", scan=False)
-    lm = abstract(config)   # random weights drawn here (init would compile an initializer: slower)
+    config = ModelConfig(
+        family="mixtral",
+        vocab_size=61,
+        hidden_size=16,
+        intermediate_size=24,
+        num_layers=1,
+        num_heads=4,
+        num_kv_heads=2,
+        num_experts=EXPERTS,
+        experts_per_token=TOP_K,
+        dtype="float64",
+        scan=False,
+    )
+    lm = abstract(config)  # random weights drawn here (init would compile an initializer: slower)
     rng = np.random.default_rng(3)
     params = jax.tree_util.tree_map_with_path(
         lambda path, leaf: jnp.asarray(
-            1.0 + 0.2 * rng.standard_normal(leaf.shape) if path[-1].key == "scale" else
-            rng.standard_normal(leaf.shape) / np.sqrt(leaf.shape[-2] if path[-1].key == "kernel" else 1)),
-        lm.params)
+            1.0 + 0.2 * rng.standard_normal(leaf.shape)
+            if path[-1].key == "scale"
+            else rng.standard_normal(leaf.shape) / np.sqrt(leaf.shape[-2] if path[-1].key == "kernel" else 1)
+        ),
+        lm.params,
+    )
     router = params["model"]["layers"]["0"]["mlp"]["gate"]
-    w0, w1 = router["kernel"][:, 0], router["kernel"][:, 1]                  # kernel [hidden, experts]
+    w0, w1 = router["kernel"][:, 0], router["kernel"][:, 1]  # kernel [hidden, experts]
     router["kernel"] = jnp.stack([w0, -w0, w1, -w1, jnp.zeros_like(w0)], axis=-1)
     return lm, params
 
@@ -60,7 +73,7 @@ def test_expert_gradients_equal_per_document_gradients_of_a_dense_oracle():
         experts = capture.select_layers(layers, ["*.mlp.experts.*"])
         router = capture.select_layers(layers, ["*.mlp.gate"])
         assert len(experts) == 3 * EXPERTS
-        assert list(capture.select_layers(layers, "mlp")) == [*router, *experts]   # factors.track: mlp
+        assert list(capture.select_layers(layers, "mlp")) == [*router, *experts]  # factors.track: mlp
 
         def row_loss(p, tokens, mask, weights):
             one = {"tokens": tokens[None], "mask": mask[None], "weights": weights[None]}
@@ -70,26 +83,27 @@ def test_expert_gradients_equal_per_document_gradients_of_a_dense_oracle():
         def run(params, batch):
             cap = capture_ag(loss_fn, params, batch, {**router, **experts})
             per_doc = jax.vmap(jax.grad(row_loss), in_axes=(None, 0, 0, 0))(
-                params, batch["tokens"], batch["mask"], batch["weights"])
+                params, batch["tokens"], batch["mask"], batch["weights"]
+            )
             return cap, per_doc
 
         cap, per_doc = run(params, batch)
 
         # which tokens the router sends to each expert: from the router's own input
         (router_name,) = router
-        x = cap.a[router_name]                                                # [B, T, hidden]
+        x = cap.a[router_name]  # [B, T, hidden]
         _, routed = route(x @ params["model"]["layers"]["0"]["mlp"]["gate"]["kernel"], TOP_K)
         routed = np.asarray(routed) & (np.asarray(batch["mask"]) > 0)[:, :, None]
-        assert not routed[..., EMPTY].any()                                   # expert 4 gets no token
-        assert routed[..., :EMPTY].any(axis=(0, 1)).all()                     # the others do
+        assert not routed[..., EMPTY].any()  # expert 4 gets no token
+        assert routed[..., :EMPTY].any(axis=(0, 1)).all()  # the others do
 
         for name in experts:
             expert, proj = int(name.split(".")[5]), name.split(".")[-1]
-            G = np.asarray(capture.per_sequence_gradient(cap.a[name], cap.g[name]))   # [B, d_out, d_in]
+            G = np.asarray(capture.per_sequence_gradient(cap.a[name], cap.g[name]))  # [B, d_out, d_in]
             oracle = np.asarray(per_doc["model"]["layers"]["0"]["mlp"]["experts"][str(expert)][proj]["kernel"])
-            oracle = np.swapaxes(oracle, -1, -2)                                      # kernel [d_in, d_out] -> G's
+            oracle = np.swapaxes(oracle, -1, -2)  # kernel [d_in, d_out] -> G's
             np.testing.assert_allclose(G, oracle, rtol=0, atol=1e-10, err_msg=name)
-            active = np.abs(np.asarray(cap.a[name])).max(-1) > 0                      # [B, T]
+            active = np.abs(np.asarray(cap.a[name])).max(-1) > 0  # [B, T]
             np.testing.assert_array_equal(active, routed[..., expert], err_msg=name)
             if expert == EMPTY:
                 assert np.abs(G).max() == 0 and np.abs(oracle).max() == 0
@@ -125,7 +139,8 @@ def test_expert_factors_are_averages_over_its_own_tokens_against_a_dense_oracle(
         def oracle_inputs(params, batch):
             cap = capture_ag(loss_fn, params, batch, layers)
             per_doc = jax.vmap(jax.grad(row_loss), in_axes=(None, 0, 0, 0))(
-                params, batch["tokens"], batch["mask"], batch["weights"])
+                params, batch["tokens"], batch["mask"], batch["weights"]
+            )
             return cap, per_doc
 
         cap, per_doc = oracle_inputs(params, batch)
@@ -134,7 +149,7 @@ def test_expert_factors_are_averages_over_its_own_tokens_against_a_dense_oracle(
 
         mask = np.asarray(batch["mask"]) > 0
         _, routed = route(cap.a[router_name] @ params["model"]["layers"]["0"]["mlp"]["gate"]["kernel"], TOP_K)
-        routed = np.asarray(routed) & mask[:, :, None]                               # [B, T, experts]
+        routed = np.asarray(routed) & mask[:, :, None]  # [B, T, experts]
         assert float(cov.count[router_name]) == mask.sum()
 
         for name in layers:
@@ -150,8 +165,9 @@ def test_expert_factors_are_averages_over_its_own_tokens_against_a_dense_oracle(
             S = np.einsum("bti,btj->ij", g, g) / max(n_tok, 1)
             np.testing.assert_allclose(np.asarray(cov.A[name]), A, rtol=0, atol=1e-10, err_msg=name)
             np.testing.assert_allclose(np.asarray(cov.S[name]), S, rtol=0, atol=1e-10, err_msg=name)
-            G = np.swapaxes(np.asarray(per_doc["model"]["layers"]["0"]["mlp"]["experts"][str(expert)][proj]["kernel"]),
-                            -1, -2)                                                  # [B, d_out, d_in]
+            G = np.swapaxes(
+                np.asarray(per_doc["model"]["layers"]["0"]["mlp"]["experts"][str(expert)][proj]["kernel"]), -1, -2
+            )  # [B, d_out, d_in]
             Q_A, Q_S = np.asarray(eigen.Q_A[name]), np.asarray(eigen.Q_S[name])
             Lambda = np.sum((Q_S.T @ G @ Q_A) ** 2, axis=0) / max(n_seq, 1)
             np.testing.assert_allclose(np.asarray(curv.Lambda[name]), Lambda, rtol=0, atol=1e-10, err_msg=name)

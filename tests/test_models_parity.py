@@ -31,8 +31,12 @@ TOLERANCE = {"float32": 1e-4, "float64": 1e-10}
 FEATURES = {
     "mistral": [{"sliding_window": None, "layer_types": None}],
     "qwen2": [{"sliding_window": None, "layer_types": None}],
-    "gemma2": [{"attn_softcap": None}, {"final_softcap": None}, {"query_pre_attn_scalar": None},
-               {"sliding_window": None, "layer_types": None}],
+    "gemma2": [
+        {"attn_softcap": None},
+        {"final_softcap": None},
+        {"query_pre_attn_scalar": None},
+        {"sliding_window": None, "layer_types": None},
+    ],
     "gemma3": [{"sliding_rope_theta": None}],
     "olmo": [{"clip_qkv": None}],
     "olmo3": [{"sliding_window": None, "layer_types": None}],
@@ -77,8 +81,9 @@ def test_logits_and_token_losses_match_transformers(hf_checkpoint, name, precisi
     if precision == "float32":
         for change in FEATURES.get(name, []):
             without = lm.config.replace(**change)
-            other = jax.jit(LM(without, abstract(without).graphdef, lm.params).apply)(lm.params, batch["tokens"],
-                                                                                      batch["mask"])
+            other = jax.jit(LM(without, abstract(without).graphdef, lm.params).apply)(
+                lm.params, batch["tokens"], batch["mask"]
+            )
             assert np.abs(np.asarray(other) - ref)[real].max() > 1e-2, change
 
 
@@ -90,7 +95,7 @@ def test_right_padding_leaves_real_tokens_unchanged(hf_checkpoint, name):
         lm, _ = from_hf(hf_checkpoint(name), dtype="float64", tokenizer=False)
         padded = np.asarray(lm(jnp.asarray(b["tokens"]), jnp.asarray(b["mask"])))
         for i, n in enumerate(b["mask"].sum(1).astype(int)):
-            alone = np.asarray(lm(jnp.asarray(b["tokens"][i:i + 1, :n])))
+            alone = np.asarray(lm(jnp.asarray(b["tokens"][i : i + 1, :n])))
             assert np.abs(padded[i, :n] - alone[0]).max() <= 1e-12
 
 

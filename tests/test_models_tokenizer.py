@@ -39,7 +39,7 @@ def _oracle_ids(text: str, vocab: dict[str, int], merges: list[tuple[str, str]])
             best, i = min(pairs)
             if best == len(rank):
                 break
-            word = word[:i] + [word[i] + word[i + 1]] + word[i + 2:]
+            word = word[:i] + [word[i] + word[i + 1]] + word[i + 2 :]
         ids += [vocab[w] for w in word]
     return ids
 
@@ -66,7 +66,7 @@ def test_vocab_and_merges_give_the_ids_of_byte_level_bpe(bpe_files):
         ids = tok.encode(text).ids
         assert ids == _oracle_ids(text, vocab, merges), text
         assert tok.decode(ids) == text
-    assert any(len(tok.encode(t).ids) < len(t.encode()) for t in TEXTS)   # merges are applied
+    assert any(len(tok.encode(t).ids) < len(t.encode()) for t in TEXTS)  # merges are applied
 
 
 def test_added_tokens_stay_whole(bpe_files, tmp_path):
@@ -76,8 +76,9 @@ def test_added_tokens_stay_whole(bpe_files, tmp_path):
     vocab["<|endoftext|>"] = len(vocab)
     (directory / "vocab.json").write_text(json.dumps(vocab))
     (directory / "merges.txt").write_text((bpe_files / "merges.txt").read_text())
-    (directory / "tokenizer_config.json").write_text(json.dumps(
-        {"added_tokens_decoder": {str(len(vocab) - 1): {"content": "<|endoftext|>", "special": True}}}))
+    (directory / "tokenizer_config.json").write_text(
+        json.dumps({"added_tokens_decoder": {str(len(vocab) - 1): {"content": "<|endoftext|>", "special": True}}})
+    )
     assert read_tokenizer(directory).encode("Hello<|endoftext|>").ids[-1] == len(vocab) - 1
 
 
@@ -90,16 +91,23 @@ def test_sentencepiece_only_and_non_byte_level_vocabularies_are_refused(bpe_file
     assert str(info.value) == (
         f"{spm / 'tokenizer.model'}: a SentencePiece model and no tokenizer.json; convert it with "
         f"python -c \"from transformers import AutoTokenizer; AutoTokenizer.from_pretrained('{spm}')"
-        f".save_pretrained('{spm}')\" (writes tokenizer.json)")
+        f".save_pretrained('{spm}')\" (writes tokenizer.json)"
+    )
 
-    words = tmp_path / "words"   # a character-level vocabulary without GPT-2's byte alphabet
+    words = tmp_path / "words"  # a character-level vocabulary without GPT-2's byte alphabet
     words.mkdir()
     (words / "vocab.json").write_text(json.dumps({c: i for i, c in enumerate([*"abcdefghijklmnopqrstuvwxyz", "ab"])}))
     (words / "merges.txt").write_text("#version: 0.2\na b\n")
-    with pytest.raises(TokenizerError, match=r"vocab\.json: not a byte-level BPE vocabulary \('Hello, world! The qu' "
-                                             r"does not decode back to itself\); convert it with python -c"):
+    with pytest.raises(
+        TokenizerError,
+        match=r"vocab\.json: not a byte-level BPE vocabulary \('Hello, world! The qu' "
+        r"does not decode back to itself\); convert it with python -c",
+    ):
         read_tokenizer(words)
     (words / "merges.txt").write_text("#version: 0.2\na b\nab c\n")
-    with pytest.raises(TokenizerError, match=r"merges\.txt: merge 'ab' 'c' \(merge 2\) uses 'abc', which is not in "
-                                             r"vocab\.json$"):
+    with pytest.raises(
+        TokenizerError,
+        match=r"merges\.txt: merge 'ab' 'c' \(merge 2\) uses 'abc', which is not in "
+        r"vocab\.json$",
+    ):
         read_tokenizer(words)

@@ -60,9 +60,14 @@ def test_exports_match_the_engine_document_by_document(world, reference):
     score = jax.jit(lambda b: stages.score_batch(lm.task(), layers, lm.params, qg, b)[0].total)
     for n in (0, 7, 23, 47):
         ids = encoder.encode_documents(docs.texts([n]))[0]
-        one = {"tokens": jnp.asarray(ids[None]), "mask": jnp.ones((1, len(ids))),
-               "weights": jnp.ones((1, len(ids))).at[0, 0].set(0.0)}
-        np.testing.assert_allclose(np.asarray(score(one))[:, 0], scores[:, n], rtol=2e-4, atol=2e-4 * np.abs(scores).max())
+        one = {
+            "tokens": jnp.asarray(ids[None]),
+            "mask": jnp.ones((1, len(ids))),
+            "weights": jnp.ones((1, len(ids))).at[0, 0].set(0.0),
+        }
+        np.testing.assert_allclose(
+            np.asarray(score(one))[:, 0], scores[:, n], rtol=2e-4, atol=2e-4 * np.abs(scores).max()
+        )
     rows = [json.loads(line) for line in (reference / "queries.jsonl").read_text().splitlines()]
     np.testing.assert_allclose([r["loss"] for r in rows], np.asarray(qloss), rtol=1e-5)
     assert rows[0]["supports"] == ["doc00000"] and all("supports" not in r for r in rows[1:])
@@ -73,14 +78,14 @@ def test_exports_match_the_engine_document_by_document(world, reference):
     record = json.loads((reference / "run.json").read_text())
     assert all(v["status"] == "done" for k, v in record["stages"].items() if k != "index")
     assert record["stages"]["index"] == {"status": "pending", "note": "no index requested (index.k: null)"}
-    for stage in ("covariance", "lambda", "scores"):   # each pass's compile time (its first call) within its time
+    for stage in ("covariance", "lambda", "scores"):  # each pass's compile time (its first call) within its time
         timing = record["stages"][stage]["timing"]
         assert 0 < timing["compile_seconds"] <= timing["seconds"], (stage, timing)
     assert record["heap"] in ("huge-pages", "default") and record["cwd"] == os.getcwd()
     assert (reference / "report" / "index.html").exists() and (reference / "summary.json").exists()
     names = json.loads((reference / "layers.json").read_text())["names"]
     assert names == [f"model.layers.{i}.mlp.{p}_proj" for i in range(2) for p in ("gate", "up", "down")]
-    layer_scores = np.load(reference / "layer_scores.npy")                        # [Q, K, L] sums to the top scores
+    layer_scores = np.load(reference / "layer_scores.npy")  # [Q, K, L] sums to the top scores
     top_scores = np.asarray([[d["score"] for d in t["top"]] for t in top])
     np.testing.assert_allclose(layer_scores.sum(-1), top_scores, rtol=1e-3, atol=1e-3 * np.abs(top_scores).max())
 
@@ -122,34 +127,47 @@ def test_killed_anywhere_resumes_to_identical_scores(world, reference, tmp_path)
     final = jaxinf(args, e)
     assert final.returncode == 0, final.stderr[-3000:]
     assert "scores: resuming at batch 6 of 12" in final.stderr
-    for done in ("covariance", "lambda"):                       # finished stages are not run again
+    for done in ("covariance", "lambda"):  # finished stages are not run again
         assert not re.search(rf"^{done}: \d+/", final.stderr, re.M), final.stderr
     np.testing.assert_array_equal(np.load(out / "scores.npy"), np.load(reference / "scores.npy"))
     # The reference kept every top document's breakdowns in its scoring pass; the resumed pass saw only batches
     # 6-12, so the exports scored the top documents of batches 0-5 again: the same breakdowns either way.
-    scored_again = [json.loads((d / "run.json").read_text())["stages"]["exports"]["documents_scored_again"]
-                    for d in (reference, out)]
+    scored_again = [
+        json.loads((d / "run.json").read_text())["stages"]["exports"]["documents_scored_again"]
+        for d in (reference, out)
+    ]
     assert scored_again[0] == 0 and scored_again[1] > 0, scored_again
     ref_layers, layers = np.load(reference / "layer_scores.npy"), np.load(out / "layer_scores.npy")
     np.testing.assert_allclose(layers, ref_layers, rtol=1e-5, atol=1e-5 * np.abs(ref_layers).max())
-    ref_tokens, tokens = ([json.loads(line) for line in (d / "topk_tokens.jsonl").read_text().splitlines()]
-                          for d in (reference, out))
-    assert [(r["query"], r["document"], [t["text"] for t in r["tokens"]]) for r in tokens] == \
-        [(r["query"], r["document"], [t["text"] for t in r["tokens"]]) for r in ref_tokens]
+    ref_tokens, tokens = (
+        [json.loads(line) for line in (d / "topk_tokens.jsonl").read_text().splitlines()] for d in (reference, out)
+    )
+    assert [(r["query"], r["document"], [t["text"] for t in r["tokens"]]) for r in tokens] == [
+        (r["query"], r["document"], [t["text"] for t in r["tokens"]]) for r in ref_tokens
+    ]
     scale = max(abs(t["score"]) for r in ref_tokens for t in r["tokens"])
-    np.testing.assert_allclose([t["score"] for r in tokens for t in r["tokens"]],
-                               [t["score"] for r in ref_tokens for t in r["tokens"]], rtol=1e-5, atol=1e-5 * scale)
+    np.testing.assert_allclose(
+        [t["score"] for r in tokens for t in r["tokens"]],
+        [t["score"] for r in ref_tokens for t in r["tokens"]],
+        rtol=1e-5,
+        atol=1e-5 * scale,
+    )
 
 
 def test_resume_refuses_changes_that_would_change_saved_results(world, reference):
     e = env(world["cache"])
     r = jaxinf(["run", *overrides(world, reference, **{"scores.damping": 0.5, "factors.strategy": "kfac"})], e)
     assert r.returncode == 2
-    assert r.stderr.strip().splitlines()[-1].endswith(
-        "these keys would change results already saved: factors.strategy, scores.damping "
-        "(use --overwrite to start over, or another run.out)")
+    assert (
+        r.stderr.strip()
+        .splitlines()[-1]
+        .endswith(
+            "these keys would change results already saved: factors.strategy, scores.damping "
+            "(use --overwrite to start over, or another run.out)"
+        )
+    )
     before = json.loads((reference / "run.json").read_text())
-    assert before["config"]["factors"]["strategy"] == "ekfac"          # nothing rewritten
+    assert before["config"]["factors"]["strategy"] == "ekfac"  # nothing rewritten
 
 
 def test_corrupted_checkpoint_is_reported_and_not_used(world, reference, tmp_path):
@@ -157,12 +175,14 @@ def test_corrupted_checkpoint_is_reported_and_not_used(world, reference, tmp_pat
 
     out = tmp_path / "corrupt"
     shutil.copytree(reference, out)
-    victim = max((p for p in (out / "state" / "eigen" / "0").rglob("*") if p.is_file() and p.name != store.MANIFEST),
-                 key=lambda p: p.stat().st_size)
+    victim = max(
+        (p for p in (out / "state" / "eigen" / "0").rglob("*") if p.is_file() and p.name != store.MANIFEST),
+        key=lambda p: p.stat().st_size,
+    )
     data = bytearray(victim.read_bytes())
     data[len(data) // 2] ^= 0x55
     victim.write_bytes(bytes(data))
-    for stage in ("queries", "scores", "exports", "analysis"):          # pretend the run stopped after eigen
+    for stage in ("queries", "scores", "exports", "analysis"):  # pretend the run stopped after eigen
         shutil.rmtree(out / "state" / stage, ignore_errors=True)
     record = json.loads((out / "run.json").read_text())
     for stage in ("lambda", "queries", "scores", "exports", "analysis"):
@@ -176,11 +196,14 @@ def test_corrupted_checkpoint_is_reported_and_not_used(world, reference, tmp_pat
     np.testing.assert_allclose(np.load(out / "scores.npy"), np.load(reference / "scores.npy"), rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("extra, message", [
-    ({"data.documents": "missing.jsonl"}, r"data\.documents: missing\.jsonl: no such file or directory"),
-    ({"factors.stratgy": "kfac"}, r"unknown key 'factors\.stratgy' \(did you mean 'factors\.strategy'\?\)"),
-    ({"run.out": "FILE/run"}, r"is not a directory"),
-])
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        ({"data.documents": "missing.jsonl"}, r"data\.documents: missing\.jsonl: no such file or directory"),
+        ({"factors.stratgy": "kfac"}, r"unknown key 'factors\.stratgy' \(did you mean 'factors\.strategy'\?\)"),
+        ({"run.out": "FILE/run"}, r"is not a directory"),
+    ],
+)
 def test_bad_input_is_one_line_and_writes_nothing(world, tmp_path, extra, message):
     (tmp_path / "FILE").write_text("not a directory")
     extra = {k: (str(tmp_path / v) if k == "run.out" else v) for k, v in extra.items()}
@@ -200,9 +223,10 @@ def test_factors_from_another_run_are_reused(world, reference, tmp_path):
     assert "reusing the ekfac factors of" in r.stderr
     assert not (out / "state" / "covariance").exists() and not (out / "state" / "lambda").exists()
     np.testing.assert_allclose(np.load(out / "scores.npy"), np.load(reference / "scores.npy"), rtol=1e-5, atol=1e-6)
-    bad = jaxinf(["run", *overrides(world, tmp_path / "bad", **{"factors.from": reference,
-                                                                 "factors.fisher": "empirical"})],
-                 env(world["cache"]))
+    bad = jaxinf(
+        ["run", *overrides(world, tmp_path / "bad", **{"factors.from": reference, "factors.fisher": "empirical"})],
+        env(world["cache"]),
+    )
     assert bad.returncode == 2 and "was fitted with other settings: factors.fisher" in bad.stderr
 
 
@@ -215,9 +239,9 @@ def test_the_run_report_shows_top_documents_and_correlations_in_chromium(referen
     exe = chromium_path()
     require_oracle(exe is not None, "chromium is not installed (apt-get install chromium)")
     page = inspect_page((reference / "report" / "index.html").as_uri(), exe)
-    assert page["scripts"] == 1 and page["pwned"] is None     # the search box's script (jaxinf.analysis.page) alone
+    assert page["scripts"] == 1 and page["pwned"] is None  # the search box's script (jaxinf.analysis.page) alone
     text = page["text"]
-    section = text[text.index("Queries and their top and bottom documents"):]
+    section = text[text.index("Queries and their top and bottom documents") :]
     for line in (reference / "topk.jsonl").read_text().splitlines():
         row = json.loads(line)
         at = section.index(row["query"])

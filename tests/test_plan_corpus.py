@@ -17,13 +17,16 @@ def world(tmp_path_factory):
 
 
 def test_the_corpus_is_counted_and_its_passes_named(world, tmp_path, capsys):
-    args = overrides(world, tmp_path / "run", **{"factors.max_documents": 15, "data.long_documents": "split",
-                                                   "data.max_length": 16, "index.k": 4})
+    args = overrides(
+        world,
+        tmp_path / "run",
+        **{"factors.max_documents": 15, "data.long_documents": "split", "data.max_length": 16, "index.k": 4},
+    )
     assert cli.main(["plan", *args, "--corpus", "--no-compile", "--json", str(tmp_path / "plan.json")]) == 0
     corpus = json.loads((tmp_path / "plan.json").read_text())["corpus"]
     tok = load_tokenizer(world["model"])
     texts = [json.loads(line)["text"] for line in world["docs"].read_text().splitlines()]
-    lengths = [len(tok.encode(t).ids) for t in texts]          # split: no prefix bound, every token counted
+    lengths = [len(tok.encode(t).ids) for t in texts]  # split: no prefix bound, every token counted
     assert corpus["counted_documents"] == 40 and corpus["counted_tokens"] == sum(lengths)
     plan = corpus["plan"]
     assert plan["rows"] > 40 and plan["split_documents"] == sum(n > 16 for n in lengths)
@@ -51,8 +54,11 @@ def test_a_missing_corpus_is_one_line(world, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "Traceback" not in err
     assert [line for line in err.splitlines() if "error" in line] == [
-        (f"jaxinf plan: error: {tmp_path / 'nope.jsonl'}: no such file or directory (documents are a JSONL, Parquet "
-         "or Arrow file, a directory or glob of them, a TFDS dataset directory or tfds:NAME)")]
+        (
+            f"jaxinf plan: error: {tmp_path / 'nope.jsonl'}: no such file or directory (documents are a JSONL, Parquet "
+            "or Arrow file, a directory or glob of them, a TFDS dataset directory or tfds:NAME)"
+        )
+    ]
 
 
 def test_token_counts_are_kept_for_every_run_of_the_same_corpus(world, tmp_path, monkeypatch):
@@ -86,7 +92,7 @@ def test_token_counts_are_kept_for_every_run_of_the_same_corpus(world, tmp_path,
     counted = inputs.document_lengths(store, documents, encoder, limit)
     np.testing.assert_array_equal(counted, np.load(kept))
     np.testing.assert_array_equal(np.load(store.path("state", "plan", "lengths.npy")), counted)
-    kept.write_bytes(b"not an array")                                     # damaged: counted again, rewritten
+    kept.write_bytes(b"not an array")  # damaged: counted again, rewritten
     monkeypatch.setattr(batching, "document_lengths", real)
     np.testing.assert_array_equal(inputs.document_lengths(None, documents, encoder, limit), counted)
     np.testing.assert_array_equal(np.load(kept), counted)

@@ -38,11 +38,14 @@ class Recording(MeshExecutor):
         return call
 
 
-@pytest.mark.parametrize("settings", [
-    {"scores.query_svd": "full", "scores.query_rank": 2},
-    {"scores.self_influence": "true", "factors.strategy": "kfac"},
-    {"index.k": 2},
-])
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {"scores.query_svd": "full", "scores.query_rank": 2},
+        {"scores.self_influence": "true", "factors.strategy": "kfac"},
+        {"index.k": 2},
+    ],
+)
 def test_the_planner_compiles_the_programs_the_run_runs(tmp_path, settings):
     """Every per-batch program the planner compiles for a 1 x 1 mesh is one the run compiled and ran (same
     StableHLO: same function, settings, argument shapes, dtypes and layouts). Documents are longer than
@@ -50,19 +53,37 @@ def test_the_planner_compiles_the_programs_the_run_runs(tmp_path, settings):
     rows of ``data.max_length`` tokens, which the exports' breakdowns pass scores again (a split document's score is
     in no one row the scoring pass keeps)."""
     w = make_world(tmp_path / "world", n_documents=6, n_queries=2)
-    config = cfg.load(None, overrides(w, tmp_path / "run", **{"data.max_length": 16, "data.query_batch_size": 2,
-                                                              "plan.queries": 2, "plan.documents": 6,
-                                                              "data.long_documents": "split", **settings}))
+    config = cfg.load(
+        None,
+        overrides(
+            w,
+            tmp_path / "run",
+            **{
+                "data.max_length": 16,
+                "data.query_batch_size": 2,
+                "plan.queries": 2,
+                "plan.documents": 6,
+                "data.long_documents": "split",
+                **settings,
+            },
+        ),
+    )
     mesh = make_mesh(1, 1, jax.devices()[:1])
     seen: set[str] = set()
     pipeline.run(config, executor=Recording(mesh, seen))
     lm, layers = plan.abstract_model(config)
-    planned = {name: fingerprint(fn.lower(*args))
-               for name, fn, args, _ in plan.step_programs(config, mesh, lm, layers, config.data.batch_size,
-                                                           one_device=False)   # as the run on a mesh executor
-               if name != "eigen"}   # the eigendecomposition: one shared function (jaxinf.engine.distributed.eigh_program)
-    want = {"covariance", "queries", "scores", "breakdowns"} | (
-        {"lambda"} if config.factors.strategy == "ekfac" else set()) | ({"index"} if "index.k" in settings else set())
+    planned = {
+        name: fingerprint(fn.lower(*args))
+        for name, fn, args, _ in plan.step_programs(
+            config, mesh, lm, layers, config.data.batch_size, one_device=False
+        )  # as the run on a mesh executor
+        if name != "eigen"
+    }  # the eigendecomposition: one shared function (jaxinf.engine.distributed.eigh_program)
+    want = (
+        {"covariance", "queries", "scores", "breakdowns"}
+        | ({"lambda"} if config.factors.strategy == "ekfac" else set())
+        | ({"index"} if "index.k" in settings else set())
+    )
     assert set(planned) == want
     missing = [name for name, f in planned.items() if f not in seen]
     assert not missing, f"planned programs the run never compiled: {missing}"
@@ -74,11 +95,16 @@ def test_settings_reach_the_planned_queries_program(tmp_path):
     mesh = make_mesh(1, 1, jax.devices()[:1])
 
     def queries_program(svd: str) -> str:
-        config = cfg.load(None, overrides(w, tmp_path / "run", **{"data.max_length": 16, "scores.query_rank": 2,
-                                                                  "scores.query_svd": svd}))
+        config = cfg.load(
+            None,
+            overrides(w, tmp_path / "run", **{"data.max_length": 16, "scores.query_rank": 2, "scores.query_svd": svd}),
+        )
         lm, layers = plan.abstract_model(config)
-        (text,) = [fn.lower(*args).as_text() for name, fn, args, _ in
-                   plan.step_programs(config, mesh, lm, layers, config.data.batch_size) if name == "queries"]
+        (text,) = [
+            fn.lower(*args).as_text()
+            for name, fn, args, _ in plan.step_programs(config, mesh, lm, layers, config.data.batch_size)
+            if name == "queries"
+        ]
         return text
 
     full, randomized = queries_program("full"), queries_program("randomized")

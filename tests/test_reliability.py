@@ -23,9 +23,19 @@ import numpy as np
 import pytest
 from pipeline_support import REPO, env, jaxinf, make_world
 
-SETTINGS = {"model.checkpoint": "model", "data.documents": "docs.jsonl", "data.queries": "queries.jsonl",
-            "data.max_length": 48, "data.batch_size": 12, "factors.save_every": 2, "scores.save_every": 2,
-            "scores.topk": 3, "factors.fisher": "empirical", "factors.max_documents": 8, "run.out": "run"}
+SETTINGS = {
+    "model.checkpoint": "model",
+    "data.documents": "docs.jsonl",
+    "data.queries": "queries.jsonl",
+    "data.max_length": 48,
+    "data.batch_size": 12,
+    "factors.save_every": 2,
+    "scores.save_every": 2,
+    "scores.topk": 3,
+    "factors.fisher": "empirical",
+    "factors.max_documents": 8,
+    "run.out": "run",
+}
 ALL_STAGES = "covariance, eigen, lambda, queries, scores, exports, analysis"
 
 
@@ -59,7 +69,7 @@ def error_line(r: subprocess.CompletedProcess) -> str:
     assert "Traceback" not in r.stderr, r.stderr[-3000:]
     lines = [line for line in r.stderr.splitlines() if line.startswith("jaxinf run: error: ")]
     assert len(lines) == 1, r.stderr[-3000:]
-    return lines[0][len("jaxinf run: error: "):]
+    return lines[0][len("jaxinf run: error: ") :]
 
 
 def lines_of(path: Path) -> list[str]:
@@ -67,8 +77,11 @@ def lines_of(path: Path) -> list[str]:
 
 
 def snapshot(run: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(run)): p.read_bytes() for p in sorted(run.rglob("*"))
-            if p.is_file() and p.name != ".jaxinf.lock"}
+    return {
+        str(p.relative_to(run)): p.read_bytes()
+        for p in sorted(run.rglob("*"))
+        if p.is_file() and p.name != ".jaxinf.lock"
+    }
 
 
 def ran(stage: str, stderr: str) -> bool:
@@ -124,22 +137,32 @@ def test_edited_inputs_are_recomputed_and_a_second_process_is_locked_out(base, t
     (d / "queries.jsonl").write_text("\n".join(lines_of(d / "queries.jsonl")[::-1]) + "\n")
     record = (d / "run" / "run.json").read_bytes()
     with open(tmp_path / "first.log", "w") as log:
-        first = subprocess.Popen([sys.executable, "-m", "jaxinf", *args()], cwd=d, stderr=log, stdout=log,
-                                 env={**base["env"], "JAXINF_FAULT": "scores:1:stop"})
+        first = subprocess.Popen(
+            [sys.executable, "-m", "jaxinf", *args()],
+            cwd=d,
+            stderr=log,
+            stdout=log,
+            env={**base["env"], "JAXINF_FAULT": "scores:1:stop"},
+        )
     try:
         _wait_stopped(first)
         second = jaxinf(args(scores__damping=0.5), base["env"], cwd=d)
         assert second.returncode == 2
-        assert error_line(second) == (f"run: in use by another jaxinf process (host {socket.gethostname()} pid "
-                                      f"{first.pid}); wait for it to finish or stop it, or choose another run.out")
+        assert error_line(second) == (
+            f"run: in use by another jaxinf process (host {socket.gethostname()} pid "
+            f"{first.pid}); wait for it to finish or stop it, or choose another run.out"
+        )
     finally:
         first.send_signal(signal.SIGKILL)
         first.wait()
     log = (tmp_path / "first.log").read_text()
-    assert "docs.jsonl: the documents changed since this run started; recomputing queries, scores, exports, " \
-           "analysis" in log and "queries.jsonl: the queries changed since this run started" in log, log[-3000:]
+    assert (
+        "docs.jsonl: the documents changed since this run started; recomputing queries, scores, exports, analysis"
+        in log
+        and "queries.jsonl: the queries changed since this run started" in log
+    ), log[-3000:]
     assert json.loads((d / "run" / "run.json").read_text())["config"]["scores"]["damping"] is None
-    assert record != (d / "run" / "run.json").read_bytes()          # the first run recorded the new fingerprints
+    assert record != (d / "run" / "run.json").read_bytes()  # the first run recorded the new fingerprints
     third = jaxinf(args(), base["env"], cwd=d)
     assert third.returncode == 0, third.stderr[-3000:]
     assert not ran("covariance", third.stderr) and not ran("lambda", third.stderr) and ran("scores", third.stderr)
@@ -155,8 +178,10 @@ def test_edited_fitted_documents_recompute_every_stage_and_drop_old_exports(base
     (d / "docs.jsonl").write_text("\n".join(docs) + "\n")
     r = jaxinf(args(), {**base["env"], "JAXINF_FAULT": "covariance:1"}, cwd=d)
     assert r.returncode == -signal.SIGKILL, r.stderr[-3000:]
-    assert ("docs.jsonl: the first 8 documents (those the curvature is fitted on) changed since this run started; "
-            f"recomputing {ALL_STAGES}") in r.stderr
+    assert (
+        "docs.jsonl: the first 8 documents (those the curvature is fitted on) changed since this run started; "
+        f"recomputing {ALL_STAGES}"
+    ) in r.stderr
     run = d / "run"
     assert not (run / "scores.npy").exists() and not (run / "topk.jsonl").exists() and not (run / "report").exists()
     assert not (run / "state" / "eigen").exists() and not (run / "state" / "scores").exists()
@@ -175,12 +200,15 @@ def test_a_changed_model_or_tokenizer_is_refused(base, tmp_path):
     save_file(weights, d / "model" / "model.safetensors", metadata={"format": "np"})
     r = jaxinf(args(), base["env"], cwd=d)
     assert r.returncode == 2
-    assert re.fullmatch(r"model/model\.safetensors: changed since this run started \(stage covariance onwards was "
-                        r"computed with the model as it was; every stage depends on it\); restore it, or start over "
-                        r"with --overwrite or another run\.out", error_line(r))
+    assert re.fullmatch(
+        r"model/model\.safetensors: changed since this run started \(stage covariance onwards was "
+        r"computed with the model as it was; every stage depends on it\); restore it, or start over "
+        r"with --overwrite or another run\.out",
+        error_line(r),
+    )
     shutil.copy(base["root"] / "model" / "model.safetensors", d / "model" / "model.safetensors")  # back as it was
     tokenizer = json.loads((d / "model" / "tokenizer.json").read_text())
-    tokenizer["model"]["vocab"] = dict(reversed(list(tokenizer["model"]["vocab"].items())))   # same words, other file
+    tokenizer["model"]["vocab"] = dict(reversed(list(tokenizer["model"]["vocab"].items())))  # same words, other file
     (d / "model" / "tokenizer.json").write_text(json.dumps(tokenizer))
     r = jaxinf(args(), base["env"], cwd=d)
     assert r.returncode == 2
@@ -193,7 +221,7 @@ def test_overwrite_keeps_the_old_run_until_the_new_one_has_finished(base, tmp_pa
     run = d / "run"
     before = snapshot(run)
     good = (d / "docs.jsonl").read_text()
-    (d / "docs.jsonl").write_text(good.replace('"text"', '"text":', 1))       # line 1 is no longer JSON
+    (d / "docs.jsonl").write_text(good.replace('"text"', '"text":', 1))  # line 1 is no longer JSON
     r = jaxinf(args("--overwrite"), base["env"], cwd=d)
     assert r.returncode == 2 and error_line(r).startswith("docs.jsonl:1: invalid JSON")
     assert snapshot(run) == before and not (run / ".jaxinf-previous").exists()
@@ -202,11 +230,15 @@ def test_overwrite_keeps_the_old_run_until_the_new_one_has_finished(base, tmp_pa
     r = jaxinf(args("--overwrite", scores__damping=0.5), {**base["env"], "JAXINF_FAULT": "overwrite:0"}, cwd=d)
     assert r.returncode == -signal.SIGKILL and (run / ".jaxinf-previous" / "scores.npy").exists()
     r = jaxinf(args(scores__damping=0.5), base["env"], cwd=d)
-    assert r.returncode == 2 and "an --overwrite was interrupted before the new run finished; the previous run " \
-                                 "is restored" in r.stderr
-    assert error_line(r).endswith("these keys would change results already saved: scores.damping "
-                                  "(use --overwrite to start over, or another run.out; factors.from=run with another "
-                                  "run.out keeps its fitted curvature)")
+    assert (
+        r.returncode == 2
+        and "an --overwrite was interrupted before the new run finished; the previous run is restored" in r.stderr
+    )
+    assert error_line(r).endswith(
+        "these keys would change results already saved: scores.damping "
+        "(use --overwrite to start over, or another run.out; factors.from=run with another "
+        "run.out keeps its fitted curvature)"
+    )
     assert snapshot(run) == before
     # killed half-way through the new run (it had started cleanly): the old run waits aside until the next start
     r = jaxinf(args("--overwrite", scores__damping=0.5), {**base["env"], "JAXINF_FAULT": "covariance:1"}, cwd=d)
@@ -223,11 +255,14 @@ def test_overwrite_keeps_the_old_run_until_the_new_one_has_finished(base, tmp_pa
     assert (run / "scores.npy").read_bytes() != before["scores.npy"]
 
 
-@pytest.mark.parametrize("fault, code", [
-    ("scores:1:raise", 1),               # an exception the run did not foresee, in the scores stage
-    ("exports:1:interrupt", 130),        # Ctrl-C during the exports (half of them written)
-    ("overwrite:0:raise", 1),            # everything written, the old run not yet deleted
-])
+@pytest.mark.parametrize(
+    "fault, code",
+    [
+        ("scores:1:raise", 1),  # an exception the run did not foresee, in the scores stage
+        ("exports:1:interrupt", 130),  # Ctrl-C during the exports (half of them written)
+        ("overwrite:0:raise", 1),  # everything written, the old run not yet deleted
+    ],
+)
 def test_a_failed_overwrite_puts_the_finished_run_back(base, tmp_path, fault, code):
     """Issue 25, case 1: whatever stops an --overwrite before the new run has finished, the finished run comes back
     byte for byte (scores.npy, the exports, the report, state/) and nothing of the new attempt is kept."""
@@ -235,9 +270,13 @@ def test_a_failed_overwrite_puts_the_finished_run_back(base, tmp_path, fault, co
     before = snapshot(d / "run")
     r = jaxinf(args("--overwrite", scores__damping=0.5), {**base["env"], "JAXINF_FAULT": fault}, cwd=d)
     assert r.returncode == code, r.stderr[-3000:]
-    assert ran("covariance", r.stderr)                               # the new run had got well past its start
-    assert re.search(r"^jaxinf: \S+: --overwrite did not finish \((RuntimeError|KeyboardInterrupt)\); the previous run "
-                     r"is back as it was and the new attempt is removed", r.stderr, re.M), r.stderr[-3000:]
+    assert ran("covariance", r.stderr)  # the new run had got well past its start
+    assert re.search(
+        r"^jaxinf: \S+: --overwrite did not finish \((RuntimeError|KeyboardInterrupt)\); the previous run "
+        r"is back as it was and the new attempt is removed",
+        r.stderr,
+        re.M,
+    ), r.stderr[-3000:]
     assert snapshot(d / "run") == before
     assert sorted(p.name for p in (d / "run").iterdir()) == sorted({k.split("/")[0] for k in before} | {".jaxinf.lock"})
 
@@ -250,8 +289,11 @@ def test_an_overwrite_meeting_a_non_finite_value_in_a_later_stage_puts_the_run_b
     _scaled_lm_head(d, 1e37)
     r = jaxinf(args("--overwrite", factors__strategy="identity"), base["env"], cwd=d)
     assert r.returncode == 2
-    assert re.fullmatch(r'queries\.jsonl:1: query "[^"]+": its preconditioned gradient of layer \S+ is not finite '
-                        r"\(the model model overflows float32 on it\)", error_line(r)), error_line(r)
+    assert re.fullmatch(
+        r'queries\.jsonl:1: query "[^"]+": its preconditioned gradient of layer \S+ is not finite '
+        r"\(the model model overflows float32 on it\)",
+        error_line(r),
+    ), error_line(r)
     assert "the previous run is back as it was" in r.stderr
     assert snapshot(d / "run") == before
 
@@ -265,17 +307,30 @@ def test_a_directory_that_is_not_a_run_is_never_written(base, tmp_path, flags):
     assert r.returncode == 2
     line = error_line(r)
     verb = "will not be overwritten: it" if flags else "exists and"
-    assert line == f"{other}: {verb} is not a jaxinf run directory (no run.json; it holds notes.txt); choose " \
-                   "another run.out"
+    assert (
+        line == f"{other}: {verb} is not a jaxinf run directory (no run.json; it holds notes.txt); choose "
+        "another run.out"
+    )
     assert "--overwrite" not in line and sorted(p.name for p in other.iterdir()) == ["notes.txt"]
 
 
-@pytest.mark.parametrize("extra, message", [
-    ({"scores__damping": "inf"}, "command line: scores.damping: must be a finite number at least 0 (or null), got inf"),
-    ({"scores__damping": "nan"}, "command line: scores.damping: must be a finite number at least 0 (or null), got nan"),
-    ({"data__max_length": 100}, "data.max_length=100 is above the model's max_position_embeddings=64 "
-                                "(model/config.json)"),
-])
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (
+            {"scores__damping": "inf"},
+            "command line: scores.damping: must be a finite number at least 0 (or null), got inf",
+        ),
+        (
+            {"scores__damping": "nan"},
+            "command line: scores.damping: must be a finite number at least 0 (or null), got nan",
+        ),
+        (
+            {"data__max_length": 100},
+            "data.max_length=100 is above the model's max_position_embeddings=64 (model/config.json)",
+        ),
+    ],
+)
 def test_bad_values_are_refused_before_anything_is_written(base, tmp_path, extra, message):
     r = jaxinf(args(run__out=tmp_path / "fresh", **extra), base["env"], cwd=base["root"])
     assert r.returncode == 2 and error_line(r) == message
@@ -283,11 +338,17 @@ def test_bad_values_are_refused_before_anything_is_written(base, tmp_path, extra
 
 
 def test_query_rank_above_a_layer_is_logged_as_full_rank(base, tmp_path):
-    r = jaxinf(args(run__out=tmp_path / "fresh", scores__query_rank=40), {**base["env"], "JAXINF_FAULT": "covariance:1"},
-               cwd=base["root"])
+    r = jaxinf(
+        args(run__out=tmp_path / "fresh", scores__query_rank=40),
+        {**base["env"], "JAXINF_FAULT": "covariance:1"},
+        cwd=base["root"],
+    )
     assert r.returncode == -signal.SIGKILL, r.stderr[-3000:]
-    logged = re.findall(r"scores\.query_rank=40 is not below the smaller dimension of (\S+) \((\d+) x (\d+)\): full "
-                        r"rank for that layer", r.stderr)
+    logged = re.findall(
+        r"scores\.query_rank=40 is not below the smaller dimension of (\S+) \((\d+) x (\d+)\): full "
+        r"rank for that layer",
+        r.stderr,
+    )
     assert sorted(n for n, _, _ in logged) == [f"model.layers.*.mlp.{p}_proj" for p in ("down", "gate", "up")]
     assert all(min(int(a), int(b)) == 32 for _, a, b in logged)
 
@@ -298,8 +359,9 @@ def test_an_empty_corpus_is_named_before_the_covariance_pass(base, tmp_path, con
     (d / "docs.jsonl").write_text(content)
     r = jaxinf(args(), base["env"], cwd=d)
     assert r.returncode == 2
-    assert error_line(r).startswith("no documents with at least 2 tokens in docs.jsonl (0 documents kept; "
-                                    "stage covariance)")
+    assert error_line(r).startswith(
+        "no documents with at least 2 tokens in docs.jsonl (0 documents kept; stage covariance)"
+    )
     assert not (d / "run" / "state" / "covariance").exists()
 
 
@@ -311,9 +373,11 @@ def test_a_tokenizer_that_yields_no_token_pair_is_named():
 
     with pytest.raises(preflight.PreflightError) as e:
         preflight.check_corpus(np.array([1, 0, 1]), "docs.jsonl", None, "model/tokenizer.json")
-    assert str(e.value) == ("no documents with at least 2 tokens in docs.jsonl with the tokenizer model/tokenizer.json "
-                            "(3 documents kept; stage covariance)")
-    preflight.check_corpus(np.array([1, 2]), "docs.jsonl", None, "model/tokenizer.json")   # one is enough
+    assert str(e.value) == (
+        "no documents with at least 2 tokens in docs.jsonl with the tokenizer model/tokenizer.json "
+        "(3 documents kept; stage covariance)"
+    )
+    preflight.check_corpus(np.array([1, 2]), "docs.jsonl", None, "model/tokenizer.json")  # one is enough
 
 
 def test_a_non_finite_weight_is_named_when_the_model_is_loaded(base, tmp_path):
@@ -325,8 +389,10 @@ def test_a_non_finite_weight_is_named_when_the_model_is_loaded(base, tmp_path):
     save_file(weights, d / "model" / "model.safetensors", metadata={"format": "np"})
     r = jaxinf(args(), base["env"], cwd=d)
     assert r.returncode == 2
-    assert error_line(r) == ("model/model.safetensors: tensor model.layers.1.mlp.down_proj.weight has 1 non-finite "
-                             "value(s) (NaN or infinity); stage: loading the model")
+    assert error_line(r) == (
+        "model/model.safetensors: tensor model.layers.1.mlp.down_proj.weight has 1 non-finite "
+        "value(s) (NaN or infinity); stage: loading the model"
+    )
 
 
 def _mount_namespace(tmp_path: Path) -> list[str]:
@@ -336,8 +402,9 @@ def _mount_namespace(tmp_path: Path) -> list[str]:
     why = "unshare is not installed"
     if shutil.which("unshare"):
         for prefix in (["unshare", "-m"], ["unshare", "-rm"]):
-            r = subprocess.run([*prefix, "sh", "-c", f"mount -t tmpfs -o size=64k tmpfs {probe}"],
-                               capture_output=True, text=True)
+            r = subprocess.run(
+                [*prefix, "sh", "-c", f"mount -t tmpfs -o size=64k tmpfs {probe}"], capture_output=True, text=True
+            )
             if r.returncode == 0:
                 return prefix
             why = f"{' '.join(prefix)} cannot mount a tmpfs here ({r.stderr.strip()[:200]})"
@@ -353,21 +420,26 @@ def test_a_full_disk_is_one_line_and_the_next_run_resumes(base, tmp_path):
     docs = lines_of(d / "docs.jsonl")
     (d / "docs.jsonl").write_text("\n".join(docs[:8] + docs[8:][::-1]) + "\n")
     for name in ("state/scores", "report", "scores.npy", "topk_tokens.jsonl", "summary.json"):  # what the edit
-        path = d / "run" / name                     # invalidates, deleted first so the run cannot free that space
+        path = d / "run" / name  # invalidates, deleted first so the run cannot free that space
         shutil.rmtree(path) if path.is_dir() else path.unlink()
     (d / "disk").mkdir()
     (d / "saved").mkdir()
     command = " ".join(f"'{a}'" for a in ["python", "-m", "jaxinf", *args(run__out="disk/run")])
-    script = ("mount -t tmpfs -o size=4m tmpfs disk && cp -a run disk/run && used=$(du -sk disk | cut -f1) && "
-              "mount -o remount,size=$((used + 64))k disk || exit 1; "
-              f"{command} 2> first.log; echo $? > first.rc; ls -R disk/run > kept.txt; "
-              f"mount -o remount,size=16m disk && {command} 2> second.log; echo $? > second.rc; cp -r disk/run/. saved/")
+    script = (
+        "mount -t tmpfs -o size=4m tmpfs disk && cp -a run disk/run && used=$(du -sk disk | cut -f1) && "
+        "mount -o remount,size=$((used + 64))k disk || exit 1; "
+        f"{command} 2> first.log; echo $? > first.rc; ls -R disk/run > kept.txt; "
+        f"mount -o remount,size=16m disk && {command} 2> second.log; echo $? > second.rc; cp -r disk/run/. saved/"
+    )
     environment = {**base["env"], "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
     subprocess.run([*prefix, "bash", "-c", script], cwd=d, env=environment, check=True, timeout=600)
     first = subprocess.CompletedProcess([], int((d / "first.rc").read_text()), "", (d / "first.log").read_text())
     assert first.returncode == 3, first.stderr[-3000:]
-    m = re.fullmatch(r"(\S+): no space left on device \(stage (\w+)\); everything finished is kept in disk/run; "
-                     r"free some space and run the same command again to resume", error_line(first))
+    m = re.fullmatch(
+        r"(\S+): no space left on device \(stage (\w+)\); everything finished is kept in disk/run; "
+        r"free some space and run the same command again to resume",
+        error_line(first),
+    )
     assert m and m.group(2) in ("scores", "exports", "analysis") and "disk/run" in m.group(1), error_line(first)
     assert "lambda" in (d / "kept.txt").read_text() and "queries" in (d / "kept.txt").read_text()
     second = (d / "second.log").read_text()
@@ -385,18 +457,24 @@ def test_an_overwrite_on_a_full_disk_puts_the_run_back(base, tmp_path):
     d = clone(base, tmp_path / "w")
     (d / "disk").mkdir()
     (d / "saved").mkdir()
-    command = " ".join(f"'{a}'" for a in ["python", "-m", "jaxinf", *args("--overwrite", run__out="disk/run",
-                                                                         scores__damping=0.5)])
-    script = ("mount -t tmpfs -o size=4m tmpfs disk && cp -a run disk/run && used=$(du -sk disk | cut -f1) && "
-              "mount -o remount,size=$((used + 64))k disk || exit 1; "
-              f"{command} 2> first.log; echo $? > first.rc; cp -a disk/run/. saved/")
+    command = " ".join(
+        f"'{a}'" for a in ["python", "-m", "jaxinf", *args("--overwrite", run__out="disk/run", scores__damping=0.5)]
+    )
+    script = (
+        "mount -t tmpfs -o size=4m tmpfs disk && cp -a run disk/run && used=$(du -sk disk | cut -f1) && "
+        "mount -o remount,size=$((used + 64))k disk || exit 1; "
+        f"{command} 2> first.log; echo $? > first.rc; cp -a disk/run/. saved/"
+    )
     environment = {**base["env"], "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
     subprocess.run([*prefix, "bash", "-c", script], cwd=d, env=environment, check=True, timeout=600)
     first = subprocess.CompletedProcess([], int((d / "first.rc").read_text()), "", (d / "first.log").read_text())
     assert first.returncode == 3, first.stderr[-3000:]
-    assert re.fullmatch(r"\S+: no space left on device \(stage \w+\); --overwrite did not finish: the previous run is "
-                        r"back in disk/run as it was and the new attempt is removed; free some space and run the same "
-                        r"command again to start it over", error_line(first)), error_line(first)
+    assert re.fullmatch(
+        r"\S+: no space left on device \(stage \w+\); --overwrite did not finish: the previous run is "
+        r"back in disk/run as it was and the new attempt is removed; free some space and run the same "
+        r"command again to start it over",
+        error_line(first),
+    ), error_line(first)
     assert snapshot(d / "saved") == snapshot(d / "run")
 
 
@@ -405,15 +483,24 @@ def test_a_read_only_run_directory_is_one_line(base, tmp_path):
     d = clone(base, tmp_path / "w")
     command = " ".join(f"'{a}'" for a in ["python", "-m", "jaxinf", *args()])
     environment = {**base["env"], "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
-    r = subprocess.run([*prefix, "bash", "-c", f"mount --bind run run && mount -o remount,bind,ro run && {command}"],
-                       cwd=d, env=environment, capture_output=True, text=True, timeout=600)
+    r = subprocess.run(
+        [*prefix, "bash", "-c", f"mount --bind run run && mount -o remount,bind,ro run && {command}"],
+        cwd=d,
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert r.returncode == 3, r.stderr[-3000:]
-    assert error_line(r) == "run: output directory is not writable (read-only file system; stage: start); nothing " \
-                            "was written"
+    assert (
+        error_line(r) == "run: output directory is not writable (read-only file system; stage: start); nothing "
+        "was written"
+    )
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="permissions do not bind for root (the read-only mount test covers "
-                                              "the same path)")
+@pytest.mark.skipif(
+    os.geteuid() == 0, reason="permissions do not bind for root (the read-only mount test covers the same path)"
+)
 def test_an_unwritable_run_directory_is_one_line(base, tmp_path):
     d = clone(base, tmp_path / "w")
     (d / "run").chmod(0o555)
@@ -422,8 +509,9 @@ def test_an_unwritable_run_directory_is_one_line(base, tmp_path):
     finally:
         (d / "run").chmod(0o755)
     assert r.returncode == 3
-    assert error_line(r) == "run: output directory is not writable (permission denied; stage: start); nothing " \
-                            "was written"
+    assert (
+        error_line(r) == "run: output directory is not writable (permission denied; stage: start); nothing was written"
+    )
 
 
 def test_a_damaged_run_json_is_restored_or_says_what_overwrite_deletes(base, tmp_path):
@@ -442,21 +530,23 @@ def test_a_damaged_run_json_is_restored_or_says_what_overwrite_deletes(base, tmp
     assert r.returncode == 2
     line = error_line(r)
     assert line.startswith("run/run.json: unreadable (") and ", and its copy run/state/run.json is too " in line
-    listed = line[line.index("--overwrite would delete everything in run: "):]
+    listed = line[line.index("--overwrite would delete everything in run: ") :]
     for entry in sorted(p.name for p in run.iterdir() if not p.name.startswith(".")):
         assert (f"{entry}/ (" if (run / entry).is_dir() else entry) in listed
     total = sum(1 for p in run.rglob("*") if p.is_file() and not p.name.startswith(".jaxinf"))
-    assert listed.endswith(f"({total} files, {sum(p.stat().st_size for p in run.rglob('*') if p.is_file() and not p.name.startswith('.jaxinf')):,} bytes)")
+    assert listed.endswith(
+        f"({total} files, {sum(p.stat().st_size for p in run.rglob('*') if p.is_file() and not p.name.startswith('.jaxinf')):,} bytes)"
+    )
 
 
 def test_documented_exit_codes_are_the_programs():
     from jaxinf import cli
 
     text = (REPO / "docs" / "data.md").read_text()
-    section = text[text.index("## Exit codes"):]
+    section = text[text.index("## Exit codes") :]
     documented = {int(m.group(1)) for m in re.finditer(r"^\| (\d+) \|", section, re.M)}
     assert documented == set(cli.EXIT_CODES)
-    assert "exits with status 1" not in text               # jaxinf prepare exits 2 on bad input
+    assert "exits with status 1" not in text  # jaxinf prepare exits 2 on bad input
 
 
 # --------------------------------------------------------------------------- issue 25: nothing lost, nothing left
@@ -470,8 +560,9 @@ def test_overwrite_refused_by_a_query_longer_than_max_length_keeps_the_finished_
     before = snapshot(d / "run")
     r = jaxinf(args("--overwrite", data__max_length=8), base["env"], cwd=d)
     assert r.returncode == 2
-    assert re.fullmatch(r'queries\.jsonl:\d+: query "[^"]+" has \d+ tokens, more than data\.max_length \(8\)',
-                        error_line(r)), error_line(r)
+    assert re.fullmatch(
+        r'queries\.jsonl:\d+: query "[^"]+" has \d+ tokens, more than data\.max_length \(8\)', error_line(r)
+    ), error_line(r)
     assert not ran("covariance", r.stderr)
     assert snapshot(d / "run") == before and not (d / "run" / ".jaxinf-previous").exists()
 
@@ -488,12 +579,15 @@ def test_a_foreign_run_json_does_not_make_a_run_directory(base, tmp_path, record
     r = jaxinf(args("--overwrite", run__out=fake), base["env"], cwd=base["root"])
     assert r.returncode == 2
     entries = "data.csv, run.json" if record == "run.json" else "data.csv, state"
-    assert error_line(r) == (f"{fake}: will not be overwritten: it is not a jaxinf run directory (its run.json is not "
-                             f"a jaxinf run record; it holds {entries}); choose another run.out")
+    assert error_line(r) == (
+        f"{fake}: will not be overwritten: it is not a jaxinf run directory (its run.json is not "
+        f"a jaxinf run record; it holds {entries}); choose another run.out"
+    )
     assert snapshot(fake) == before and sorted(p.name for p in fake.iterdir()) == sorted(entries.split(", "))
     r = jaxinf(args(factors__from=fake, run__out=tmp_path / "new"), base["env"], cwd=base["root"])
-    assert r.returncode == 2 and error_line(r) == (f"factors.from: {fake}: not a jaxinf run directory (its run.json "
-                                                   "is not a jaxinf run record)")
+    assert r.returncode == 2 and error_line(r) == (
+        f"factors.from: {fake}: not a jaxinf run directory (its run.json is not a jaxinf run record)"
+    )
     assert not (tmp_path / "new").exists()
 
 
@@ -502,7 +596,7 @@ def test_a_run_record_carries_the_marker(base):
 
     record = json.loads((base["root"] / "run" / "run.json").read_text())
     assert record["format"] == rundir.MARKER and rundir.is_record(record)
-    legacy = {k: v for k, v in record.items() if k != "format"}        # a run started before the marker
+    legacy = {k: v for k, v in record.items() if k != "format"}  # a run started before the marker
     assert rundir.is_record(legacy) and not rundir.is_record({"results": [1]})
     assert not rundir.is_record({**legacy, "versions": {"numpy": "2"}})
 
@@ -536,7 +630,7 @@ def _one_error(capsys, command: str) -> str:
     assert "Traceback" not in err
     lines = [line for line in err.splitlines() if line.startswith(f"jaxinf {command}: error: ")]
     assert len(lines) == 1, err
-    return lines[0][len(f"jaxinf {command}: error: "):]
+    return lines[0][len(f"jaxinf {command}: error: ") :]
 
 
 @pytest.mark.parametrize("command", ["validate", "demo"])
@@ -555,10 +649,14 @@ def test_validate_and_demo_out_follow_the_run_directory_rule(tmp_path, capsys, c
     foreign.mkdir()
     (foreign / "notes.txt").write_text("mine")
     (tmp_path / "file").write_text("a file")
-    cases = [(run, f"{run}: is a jaxinf run directory (jaxinf run writes it); choose another --out"),
-             (foreign, f"{foreign}: exists and is not a jaxinf {command} directory (it holds notes.txt); choose "
-                       "another --out"),
-             (tmp_path / "file", f"{tmp_path / 'file'}: exists and is not a directory; choose another --out")]
+    cases = [
+        (run, f"{run}: is a jaxinf run directory (jaxinf run writes it); choose another --out"),
+        (
+            foreign,
+            f"{foreign}: exists and is not a jaxinf {command} directory (it holds notes.txt); choose another --out",
+        ),
+        (tmp_path / "file", f"{tmp_path / 'file'}: exists and is not a directory; choose another --out"),
+    ]
     before = snapshot(tmp_path)
     for out, message in cases:
         assert cli.main(["-q", command, "--out", str(out)]) == 2
@@ -568,10 +666,11 @@ def test_validate_and_demo_out_follow_the_run_directory_rule(tmp_path, capsys, c
     theirs = tmp_path / other
     claim_output(theirs, other).release()
     assert cli.main(["-q", command, "--out", str(theirs)]) == 2
-    assert _one_error(capsys, command) == (f"{theirs}: is the output directory of jaxinf {other}, not of jaxinf "
-                                           f"{command}; choose another --out")
+    assert _one_error(capsys, command) == (
+        f"{theirs}: is the output directory of jaxinf {other}, not of jaxinf {command}; choose another --out"
+    )
     mine = tmp_path / command
-    held = claim_output(mine, command)   # its own directory, in use by another process
+    held = claim_output(mine, command)  # its own directory, in use by another process
     try:
         rundir.check_output(mine, command)
         with pytest.raises(rundir.StoreError, match="in use by another jaxinf process"):
@@ -601,12 +700,20 @@ def _scaled_lm_head(d: Path, factor: float) -> None:
     save_file(weights, d / "model" / "model.safetensors", metadata={"format": "np"})
 
 
-@pytest.mark.parametrize("extra, message", [
-    ({"factors__strategy": "identity"},
-     r'queries\.jsonl:1: query "[^"]+": its preconditioned gradient of layer \S+ is not finite \(the model model '
-     r"overflows float32 on it\)"),
-    ({}, r"covariance S of layer \S+ is not finite: the model model overflows float32 on the documents of docs\.jsonl"),
-])
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (
+            {"factors__strategy": "identity"},
+            r'queries\.jsonl:1: query "[^"]+": its preconditioned gradient of layer \S+ is not finite \(the model model '
+            r"overflows float32 on it\)",
+        ),
+        (
+            {},
+            r"covariance S of layer \S+ is not finite: the model model overflows float32 on the documents of docs\.jsonl",
+        ),
+    ],
+)
 def test_overflowing_logits_stop_the_stage_that_meets_them(base, tmp_path, extra, message):
     """Issue 25, case 5: an lm_head scaled by 1e37 (finite weights, overflowing logits) stops the stage that meets the
     overflow with one line naming the model or the query, and no scores.npy is written (it was, with NaN entries)."""
@@ -625,9 +732,11 @@ def test_a_saturated_model_gives_an_all_zero_fit_that_is_refused(base, tmp_path)
     _scaled_lm_head(d, 1e37)
     r = jaxinf(args(factors__fisher="sampled"), base["env"], cwd=d)
     assert r.returncode == 2
-    assert error_line(r) == ("Lambda is zero in every tracked layer (3 blocks): no token of the documents of docs.jsonl "
-                             "gave a non-zero gradient (documents of one token, or a model whose predictions are "
-                             "saturated), so every score would be 0")
+    assert error_line(r) == (
+        "Lambda is zero in every tracked layer (3 blocks): no token of the documents of docs.jsonl "
+        "gave a non-zero gradient (documents of one token, or a model whose predictions are "
+        "saturated), so every score would be 0"
+    )
     assert not ran("queries", r.stderr) and not (d / "run" / "scores.npy").exists()
 
 
@@ -635,8 +744,11 @@ def test_a_one_token_max_length_is_refused():
     """Issue 25, case 7: data.max_length=1 leaves no next-token prediction (all-zero S and Lambda): a config error."""
     from jaxinf import config as cfg
 
-    with pytest.raises(cfg.ConfigError, match=r"^command line: data\.max_length: must be at least 2 \(a document "
-                                              r"needs two tokens for one next-token prediction\), got 1$"):
+    with pytest.raises(
+        cfg.ConfigError,
+        match=r"^command line: data\.max_length: must be at least 2 \(a document "
+        r"needs two tokens for one next-token prediction\), got 1$",
+    ):
         cfg.load(None, ["data.max_length=1"])
     with pytest.raises(cfg.ConfigError, match="plan.device_flops: must be a positive finite number, got nan"):
         cfg.load(None, ["plan.device_flops=nan"])
@@ -648,22 +760,30 @@ def test_factors_from_compares_content_and_refuses_a_swamping_damping(base, tmp_
     underflows (every score 0) is refused in one line, and one that swamps Lambda is warned about."""
     d = clone(base, tmp_path / "w")
     shutil.copytree(d / "model", d / "copy")
-    r = jaxinf(args(model__checkpoint="copy", factors__from="run", run__out="reuse", scores__damping=1e12), base["env"],
-               cwd=d)
+    r = jaxinf(
+        args(model__checkpoint="copy", factors__from="run", run__out="reuse", scores__damping=1e12), base["env"], cwd=d
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     assert "reusing the ekfac factors of run" in r.stderr and not ran("covariance", r.stderr)
-    assert re.search(r"scores\.damping=1e\+12 is \S+ times the largest Lambda \(\S+, layer \S+\): the curvature is "
-                     r"ignored", r.stderr), r.stderr[-3000:]
+    assert re.search(
+        r"scores\.damping=1e\+12 is \S+ times the largest Lambda \(\S+, layer \S+\): the curvature is "
+        r"ignored",
+        r.stderr,
+    ), r.stderr[-3000:]
     r = jaxinf(args(factors__from="run", run__out="tiny", scores__damping=1e300), base["env"], cwd=d)
-    assert r.returncode == 2 and error_line(r) == ("command line: scores.damping: 1e+300 has an inverse that "
-                                                   "underflows run.precision=float32 (every score would be 0); choose "
-                                                   "one near Lambda's scale, or null for 0.1 x mean(Lambda)")
+    assert r.returncode == 2 and error_line(r) == (
+        "command line: scores.damping: 1e+300 has an inverse that "
+        "underflows run.precision=float32 (every score would be 0); choose "
+        "one near Lambda's scale, or null for 0.1 x mean(Lambda)"
+    )
     assert not (d / "tiny").exists()
     _scaled_lm_head(d, 1.5)
     r = jaxinf(args(factors__from="run", run__out="stale"), base["env"], cwd=d)
     assert r.returncode == 2
-    assert error_line(r) == ("factors.from: run was fitted with other settings: the model's content (model is not the "
-                             "model of model as that run read it)")
+    assert error_line(r) == (
+        "factors.from: run was fitted with other settings: the model's content (model is not the "
+        "model of model as that run read it)"
+    )
     assert not (d / "stale").exists()
 
 
@@ -691,8 +811,10 @@ def test_tracebacks_of_issue_25_are_one_line(tmp_path, capsys, monkeypatch):
 
     assert cli.main(["-q", "plan", "data.max_length=8", "--mesh", "3x0"]) == 2
     assert _one_error(capsys, "plan") == "--mesh '3x0': both sizes must be at least 1, e.g. 8x8"
-    assert cli.main(["-q", "compare", "--kronfluence", str(tmp_path), "--run", str(tmp_path), "--json",
-                     str(tmp_path)]) == 2
+    assert (
+        cli.main(["-q", "compare", "--kronfluence", str(tmp_path), "--run", str(tmp_path), "--json", str(tmp_path)])
+        == 2
+    )
     assert _one_error(capsys, "compare") == f"--json {tmp_path}: is a directory; give the path of a file to write"
 
     def read_only(path):
@@ -700,15 +822,17 @@ def test_tracebacks_of_issue_25_are_one_line(tmp_path, capsys, monkeypatch):
 
     monkeypatch.setattr(analysis_cli, "analyze", read_only)
     assert cli.main(["-q", "analyze", str(tmp_path)]) == 3
-    assert _one_error(capsys, "analyze") == (f"{tmp_path / 'summary.json'}: read-only file system; make it writable "
-                                             "and run the same command again")
+    assert _one_error(capsys, "analyze") == (
+        f"{tmp_path / 'summary.json'}: read-only file system; make it writable and run the same command again"
+    )
 
 
 def test_a_finished_run_run_again_redoes_nothing(base, tmp_path):
     """Issue 25, case 11: a rerun of a finished run computes no batch, no breakdown and no analysis, and leaves every
     export byte for byte; a deleted report is written again (its stage's files are checked, not only its status)."""
     d = clone(base, tmp_path / "w")
-    def results(run: Path) -> dict:   # run.json records the time; the token counts' cache key names the (copied) file
+
+    def results(run: Path) -> dict:  # run.json records the time; the token counts' cache key names the (copied) file
         return {k: v for k, v in snapshot(run).items() if "run.json" not in k and not k.startswith("state/plan")}
 
     before = results(d / "run")
@@ -717,7 +841,7 @@ def test_a_finished_run_run_again_redoes_nothing(base, tmp_path):
     assert not any(ran(s, r.stderr) for s in ("covariance", "lambda", "scores", "breakdowns"))
     assert "analyze:" not in r.stderr and "query gradients in" not in r.stderr
     assert results(d / "run") == before
-    r = jaxinf(args(scores__topk=2), base["env"], cwd=d)      # only the exports depend on it: redone, not refused
+    r = jaxinf(args(scores__topk=2), base["env"], cwd=d)  # only the exports depend on it: redone, not refused
     assert r.returncode == 0, r.stderr[-3000:]
     assert not any(ran(s, r.stderr) for s in ("covariance", "lambda", "scores")) and ran("breakdowns", r.stderr)
     assert all(len(json.loads(line)["top"]) == 2 for line in lines_of(d / "run" / "topk.jsonl"))
@@ -735,17 +859,33 @@ def test_messages_of_issue_25_case_12(tmp_path):
     from jaxinf.interop.transfer import read_record
     from jaxinf.run.inputs import InputError, check_inputs
 
-    with pytest.raises(cfg.ConfigError, match=r"^command line: model\.dtype: float64 needs run\.precision=float64 "
-                                              r"\(64-bit arithmetic\), got run\.precision=float32$"):
+    with pytest.raises(
+        cfg.ConfigError,
+        match=r"^command line: model\.dtype: float64 needs run\.precision=float64 "
+        r"\(64-bit arithmetic\), got run\.precision=float32$",
+    ):
         cfg.load(None, ["model.dtype=float64"])
     cfg.load(None, ["model.dtype=float64", "run.precision=float64"])
     (tmp_path / "file").write_text("x")
     (tmp_path / "dir").mkdir()
     for settings, message in (
-            ({"model.checkpoint": tmp_path / "file", "data.documents": tmp_path / "file", "data.queries": tmp_path / "file"},
-             f"model.checkpoint: {tmp_path / 'file'}: is a file, not a directory"),
-            ({"model.checkpoint": tmp_path / "dir", "data.documents": tmp_path / "file", "data.queries": tmp_path / "dir"},
-             f"data.queries: {tmp_path / 'dir'}: is a directory, not a file")):
+        (
+            {
+                "model.checkpoint": tmp_path / "file",
+                "data.documents": tmp_path / "file",
+                "data.queries": tmp_path / "file",
+            },
+            f"model.checkpoint: {tmp_path / 'file'}: is a file, not a directory",
+        ),
+        (
+            {
+                "model.checkpoint": tmp_path / "dir",
+                "data.documents": tmp_path / "file",
+                "data.queries": tmp_path / "dir",
+            },
+            f"data.queries: {tmp_path / 'dir'}: is a directory, not a file",
+        ),
+    ):
         with pytest.raises(InputError) as e:
             check_inputs(cfg.load(None, [f"{k}={v}" for k, v in settings.items()]))
         assert str(e.value) == message
@@ -784,15 +924,17 @@ def test_an_overwrite_killed_while_moving_entries_loses_nothing(tmp_path, state)
     previous, discarded = root / rundir.PREVIOUS, root / rundir.DISCARDED
     previous.mkdir(parents=True)
     old = {"run.json": '{"format": "jaxinf run"}', "scores.npy": "old scores", "report": "old report"}
-    where = {"setting aside": {"run.json": root, "scores.npy": previous, "report": previous},
-             "moving the new attempt out": {"run.json": previous, "scores.npy": previous, "report": previous},
-             "moving the old run back": {"run.json": root, "scores.npy": previous, "report": previous}}[state]
+    where = {
+        "setting aside": {"run.json": root, "scores.npy": previous, "report": previous},
+        "moving the new attempt out": {"run.json": previous, "scores.npy": previous, "report": previous},
+        "moving the old run back": {"run.json": root, "scores.npy": previous, "report": previous},
+    }[state]
     for name, text in old.items():
         (where[name] / name).write_text(text)
     if state != "moving the new attempt out":
-        (root / rundir.MOVING).touch()                   # every entry of root is the old run's
+        (root / rundir.MOVING).touch()  # every entry of root is the old run's
     if state == "moving the new attempt out":
-        (root / "run.json").write_text('{"format": "jaxinf run", "new": 1}')   # the new attempt, half moved out
+        (root / "run.json").write_text('{"format": "jaxinf run", "new": 1}')  # the new attempt, half moved out
         discarded.mkdir()
         (discarded / "state").mkdir()
     if state == "moving the old run back":
@@ -838,12 +980,14 @@ def test_changed_supports_redo_only_the_exports(base, tmp_path):
     d = clone(base, tmp_path / "w")
     rows = [json.loads(line) for line in lines_of(d / "queries.jsonl")]
     rows[0]["supports"] = [json.loads(lines_of(d / "docs.jsonl")[1])["id"]]
-    rows[1]["model_answer"] = "42"     # the answer the model gave (finding 2's other variant) is carried through
+    rows[1]["model_answer"] = "42"  # the answer the model gave (finding 2's other variant) is carried through
     (d / "queries.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     r = jaxinf(args(), base["env"], cwd=d)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert ("queries.jsonl: only the queries' ids or labels changed (not their prompts or completions) since this run "
-            "started; recomputing exports, analysis") in r.stderr
+    assert (
+        "queries.jsonl: only the queries' ids or labels changed (not their prompts or completions) since this run "
+        "started; recomputing exports, analysis"
+    ) in r.stderr
     assert "query gradients in" not in r.stderr and not ran("scores", r.stderr)
     assert json.loads(lines_of(d / "run" / "queries.jsonl")[0])["supports"] == rows[0]["supports"]
     exported = [json.loads(line) for line in lines_of(d / "run" / "queries.jsonl")[:2]]
@@ -862,8 +1006,8 @@ def test_the_eta_leaves_out_the_compiling_first_step(monkeypatch):
     monkeypatch.setattr(progress.time, "perf_counter", lambda: next(clock))
     p = progress.Progress("covariance", total=10, stream=io.StringIO())
     p.enabled = False
-    p.update(50)                      # t = 100: the compiled first step
-    p.update(50)                      # t = 101: one steady step
+    p.update(50)  # t = 100: the compiled first step
+    p.update(50)  # t = 101: one steady step
     assert p.line() == "covariance: 2/10 batches, 1.0 batches/s, 50 tokens/s, elapsed 0:01:41, ETA 0:00:08"
 
 
@@ -877,22 +1021,32 @@ def test_a_query_of_unknown_tokens_is_warned_about(tmp_path, caplog):
     from jaxinf.run.inputs import check_queries
 
     world = make_world(tmp_path, n_documents=4, n_queries=1)
-    (tmp_path / "q.jsonl").write_text(json.dumps({"id": "q", "prompt": "the river of", "completion": "zzqx wvvk"}) + "\n")
+    (tmp_path / "q.jsonl").write_text(
+        json.dumps({"id": "q", "prompt": "the river of", "completion": "zzqx wvvk"}) + "\n"
+    )
     with caplog.at_level(logging.WARNING, logger="jaxinf"):
-        check_queries(read_queries(str(tmp_path / "q.jsonl")), TextEncoder(world["model"] / "tokenizer.json"),
-                      cfg.load(None, ["data.max_length=16"]))
+        check_queries(
+            read_queries(str(tmp_path / "q.jsonl")),
+            TextEncoder(world["model"] / "tokenizer.json"),
+            cfg.load(None, ["data.max_length=16"]),
+        )
     assert [r.getMessage() for r in caplog.records] == [
         f'{tmp_path / "q.jsonl"}:1: query "q": every token of its completion is the tokenizer\'s unknown token <unk> '
-        "(2 tokens): the model sees none of its words"]
+        "(2 tokens): the model sees none of its words"
+    ]
 
 
 def test_compare_says_why_token_counts_are_marked():
     """Issue 25, case 12: `compare` against a run on other data marked token counts "(!)" without saying why."""
     from jaxinf.interop.compare import format_table
 
-    report = {"kronfluence": {"factors": "ekfac", "pairwise": None, "self_scores": None}, "run": "run",
-              "strategy": "ekfac", "notes": [],
-              "stages": {"covariance": {"mlp": {"A": 0.0, "tokens": [10, 12]}}}}
+    report = {
+        "kronfluence": {"factors": "ekfac", "pairwise": None, "self_scores": None},
+        "run": "run",
+        "strategy": "ekfac",
+        "notes": [],
+        "stages": {"covariance": {"mlp": {"A": 0.0, "tokens": [10, 12]}}},
+    }
     table = format_table(report)
     assert "10, 12 (!)" in table
     assert "note: (!) marks a layer whose token counts differ: the two fits saw different tokens" in table
@@ -917,4 +1071,4 @@ def test_the_exported_token_context_is_the_tokenizers_decoding(base):
     for rec in records:
         ids = [tok.token_to_id(t["text"]) for t in rec["tokens"]]
         assert "".join(t["piece"] for t in rec["tokens"]) == tok.decode(ids, skip_special_tokens=False)
-    assert any(t["piece"].startswith(" ") for t in records[0]["tokens"])     # words apart, as decoded
+    assert any(t["piece"].startswith(" ") for t in records[0]["tokens"])  # words apart, as decoded

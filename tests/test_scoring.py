@@ -47,9 +47,11 @@ def test_identity_on_the_mlp_task_equals_per_example_gradients():
         task = mlp_task("regression")
         key = jax.random.key(4)
         params = mlp_init(key, (5, 7, 3), jnp.float64)
-        batch = {"x": jax.random.normal(key, (10, 1, 5), jnp.float64),
-                 "y": jax.random.normal(jax.random.fold_in(key, 1), (10, 1, 3), jnp.float64),
-                 "mask": jnp.ones((10, 1), jnp.float64)}
+        batch = {
+            "x": jax.random.normal(key, (10, 1, 5), jnp.float64),
+            "y": jax.random.normal(jax.random.fold_in(key, 1), (10, 1, 3), jnp.float64),
+            "mask": jnp.ones((10, 1), jnp.float64),
+        }
         layers = layers_of(task, params, batch)
         scores = _scores(task, layers, params, curvature.curvature("identity"), batch, batch).total
         g = per_example_grads(lambda p, b: task.train_loss(p, b, None, None), params, layers, batch)
@@ -63,8 +65,10 @@ def fitted():
         task, params = tiny_lm()
         docs = doc_batch()
         layers = layers_of(task, params, docs, "all")
-        curvs = {s: stages.fit_curvature(task, layers, params, [docs], strategy=s, key=jax.random.key(2))[0]
-                 for s in STRATEGIES}
+        curvs = {
+            s: stages.fit_curvature(task, layers, params, [docs], strategy=s, key=jax.random.key(2))[0]
+            for s in STRATEGIES
+        }
     return task, params, docs, layers, curvs
 
 
@@ -72,7 +76,7 @@ def fitted():
 def test_self_influence_is_the_diagonal_of_pairwise(fitted, strategy):
     task, params, docs, layers, curvs = fitted
     with jax.enable_x64(True):
-        pair = _scores(task, layers, params, curvs[strategy], docs, docs).total   # documents as their own queries
+        pair = _scores(task, layers, params, curvs[strategy], docs, docs).total  # documents as their own queries
         self_ = stages.self_influence_batch(task, layers, params, curvs[strategy], None, docs)[0]
         assert rel_err(self_, np.diag(np.asarray(pair))) < 1e-10
 
@@ -82,7 +86,7 @@ def test_per_layer_and_per_token_scores_sum_to_the_total(fitted):
     with jax.enable_x64(True):
         s = _scores(task, layers, params, curvs["ekfac"], docs, query_batch(), per_layer=True, per_token=True)
         per_layer = scoring.expand_layer_scores(s.per_layer, layers)
-        assert len(per_layer) == 13                     # 6 blocks x 2 layers + lm_head
+        assert len(per_layer) == 13  # 6 blocks x 2 layers + lm_head
         assert rel_err(sum(per_layer.values()), s.total) < 1e-12
         assert rel_err(s.per_token.sum(-1), s.total) < 1e-12
         pad = np.asarray(docs["mask"]) == 0
@@ -108,7 +112,10 @@ def test_contraction_order_follows_the_shapes():
     # fewer FLOPs per document, but B + Q parameter-sized matrices through memory: the tokens order is faster
     # (measured, see contraction_order); FLOPs alone would pick documents here
     B, T, Q, d_out, d_in, r = 8, 128, 16, 1024, 256, 32
-    assert 2 * B * T * Q * r * (d_out + d_in) > 2 * B * T * d_out * d_in + 2 * B * Q * d_out * d_in + 2 * Q * r * d_out * d_in
+    assert (
+        2 * B * T * Q * r * (d_out + d_in)
+        > 2 * B * T * d_out * d_in + 2 * B * Q * d_out * d_in + 2 * Q * r * d_out * d_in
+    )
     assert scoring.contraction_order(B=B, T=T, Q=Q, d_out=d_out, d_in=d_in, rank=r) == "tokens"
 
 
@@ -122,8 +129,9 @@ def test_rank_r_queries_are_exact_at_the_matrix_rank(fitted):
 
         def truncated(r):
             lr = {k: scoring.low_rank(p, r if r else min(p.shape[-2:])) for k, p in full.full.items()}
-            return scoring.QueryGradients(full={}, left={k: v[0] for k, v in lr.items()},
-                                          right={k: v[1] for k, v in lr.items()}, loss=qloss)
+            return scoring.QueryGradients(
+                full={}, left={k: v[0] for k, v in lr.items()}, right={k: v[1] for k, v in lr.items()}, loss=qloss
+            )
 
         exact = stages.score_batch(task, layers, params, truncated(None), docs)[0].total
         assert rel_err(exact, ref) < 1e-10
@@ -140,7 +148,7 @@ def test_rank_r_queries_are_exact_at_the_matrix_rank(fitted):
                 tail = np.sqrt((s_all[..., r:] ** 2).sum(-1))
                 gap = np.linalg.norm(np.asarray(P - left @ jnp.swapaxes(right, -1, -2)), axis=(-2, -1))
                 np.testing.assert_allclose(gap, tail, rtol=1e-8, atol=1e-12 * float(np.abs(s_all).max()))
-        assert 0 < errors[1] < errors[0], errors                      # a larger rank is closer to the full scores
+        assert 0 < errors[1] < errors[0], errors  # a larger rank is closer to the full scores
         # prepare_queries applies the truncation only where it saves something (min(d_out, d_in') > r)
         qg = scoring.prepare_queries(G, qloss, curvs["ekfac"], None, 8)
         assert set(qg.left) == {k for k, s in layers.items() if min(s.d_out, s.d_in_aug) > 8}
@@ -170,7 +178,7 @@ def test_randomized_truncation_is_the_svd_within_its_sketch(wide):
     rng = np.random.default_rng(0)
     r = 5
     with jax.enable_x64(True):
-        exact = _matrices(rng, [np.arange(r, 0, -1.0)] * 3)                       # rank r
+        exact = _matrices(rng, [np.arange(r, 0, -1.0)] * 3)  # rank r
         within = _matrices(rng, [np.linspace(10, 1, r + scoring.OVERSAMPLE)] * 3)  # rank r + oversample
         for P in (exact, within):
             P = np.swapaxes(P, -1, -2) if wide else P
@@ -203,9 +211,11 @@ def test_randomized_truncation_scores_like_the_full_svd():
         task = mlp_task("regression")
         key = jax.random.key(5)
         params = mlp_init(key, (40, 64, 48), jnp.float64)
-        docs = {"x": jax.random.normal(key, (96, 1, 40), jnp.float64),
-                "y": jax.random.normal(jax.random.fold_in(key, 1), (96, 1, 48), jnp.float64),
-                "mask": jnp.ones((96, 1), jnp.float64)}
+        docs = {
+            "x": jax.random.normal(key, (96, 1, 40), jnp.float64),
+            "y": jax.random.normal(jax.random.fold_in(key, 1), (96, 1, 48), jnp.float64),
+            "mask": jnp.ones((96, 1), jnp.float64),
+        }
         queries = {k: x[:6] for k, x in docs.items()}
         layers = layers_of(task, params, docs)
         curv = stages.fit_curvature(task, layers, params, [docs], strategy="ekfac", key=jax.random.key(2))[0]
@@ -241,8 +251,9 @@ def test_invariances_batch_size_padding_order_and_jit(fitted):
         perm = np.random.default_rng(0).permutation(len(DOCS))
         assert rel_err(score(doc_batch([DOCS[i] for i in perm])), ref[:, perm]) < 1e-10
         # curvature does not depend on how the documents are batched
-        split, _ = stages.fit_curvature(task, layers, params, [doc_batch(DOCS[:2], 7), doc_batch(DOCS[2:], 9)],
-                                        strategy="ekfac", fisher="empirical")
+        split, _ = stages.fit_curvature(
+            task, layers, params, [doc_batch(DOCS[:2], 7), doc_batch(DOCS[2:], 9)], strategy="ekfac", fisher="empirical"
+        )
         whole, _ = stages.fit_curvature(task, layers, params, [doc_batch()], strategy="ekfac", fisher="empirical")
         for k in layers:
             assert rel_err(split.Lambda[k], whole.Lambda[k]) < 1e-10
@@ -254,8 +265,11 @@ def test_jit_and_no_jit_agree():
         task = mlp_task("classification")
         key = jax.random.key(5)
         params = mlp_init(key, (4, 6, 3), jnp.float64)
-        batch = {"x": jax.random.normal(key, (12, 1, 4), jnp.float64),
-                 "y": jax.random.randint(key, (12, 1), 0, 3), "mask": jnp.ones((12, 1), jnp.float64)}
+        batch = {
+            "x": jax.random.normal(key, (12, 1, 4), jnp.float64),
+            "y": jax.random.randint(key, (12, 1), 0, 3),
+            "mask": jnp.ones((12, 1), jnp.float64),
+        }
         layers = layers_of(task, params, batch)
         out = {}
         for jit in (True, False):
@@ -287,7 +301,7 @@ def test_bad_input_names_the_query_or_document():
         stages.check_queries(tasks.lm_batch([[1, 2, 3], [4, 5, 6]], prompt_lengths=[1, 3]), ["q1", "q2"])
     docs = doc_batch()
     layers = layers_of(task, params, docs, "mlp")
-    poisoned = {**params, "embed": params["embed"].at[9].set(jnp.nan)}   # token 9 occurs in documents 2 and 3
+    poisoned = {**params, "embed": params["embed"].at[9].set(jnp.nan)}  # token 9 occurs in documents 2 and 3
     with pytest.raises(CaptureError, match=r"document in batch 0 row 2: loss is not finite"):
         stages.run_stage(stages.covariance_stage(task, layers, "empirical"), (poisoned,), [docs], None)
     with pytest.raises(ValueError, match=r"factors.strategy: unknown strategy 'kfc'"):

@@ -23,27 +23,36 @@ def stages_report(tmp_path_factory):
 def test_every_stage_equals_one_device(stages_report, mesh):
     """A, S, the eigendecomposition, Lambda, the query gradients and the scores, each from the same inputs."""
     errors = stages_report["meshes"][mesh]["errors"]
-    assert set(errors) == {"A", "S", "eigen", "Lambda", "queries", "queries_identity", "queries_diagonal",
-                           "queries_kfac", "scores"}
+    assert set(errors) == {
+        "A",
+        "S",
+        "eigen",
+        "Lambda",
+        "queries",
+        "queries_identity",
+        "queries_diagonal",
+        "queries_kfac",
+        "scores",
+    }
     assert all(e <= TOLERANCE for e in errors.values()), errors
 
 
 def test_compiled_programs_hold_the_expected_collectives(stages_report):
-    for (data, model) in MESHES:
+    for data, model in MESHES:
         c = stages_report["meshes"][f"{data}x{model}"]["collectives"]
-        for stage in ("covariance", "lambda"):           # sums over documents reduced over `data` inside the step
+        for stage in ("covariance", "lambda"):  # sums over documents reduced over `data` inside the step
             if data > 1:
                 assert {"all-reduce", "reduce-scatter"} & set(c[stage]), (data, model, stage, c[stage])
-        assert "all-to-all" in c["eigen"], c["eigen"]       # whole matrices moved to their devices, and back
-        if model > 1:                                       # parameters / query gradients split over `model`
+        assert "all-to-all" in c["eigen"], c["eigen"]  # whole matrices moved to their devices, and back
+        if model > 1:  # parameters / query gradients split over `model`
             assert c["scores"], (data, model)
-        else:                                               # pure data parallelism: nothing to exchange
+        else:  # pure data parallelism: nothing to exchange
             assert c["scores"] == [], c["scores"]
 
 
 def test_factors_and_queries_stay_sharded(stages_report):
     """No factor, eigenbasis, Lambda or query gradient is replicated on every device; parameters are split on model."""
-    for (data, model) in MESHES:
+    for data, model in MESHES:
         layouts = stages_report["meshes"][f"{data}x{model}"]["layouts"]
         # query gradients live on `model` only (every data shard scores its documents against all of them)
         for kind in ("covariance", "covariance_state", "eigen", "Lambda") + (("queries",) if model > 1 else ()):
@@ -51,13 +60,17 @@ def test_factors_and_queries_stay_sharded(stages_report):
                 if len(leaf["shape"]) >= 3:
                     assert not leaf["replicated"], (data, model, kind, name, leaf)
         # A is [2 layers, 32, 32]: rows on model, columns on data, wherever they divide
-        want = {(8, 1): "P(None, None, 'data')", (4, 2): "P(None, 'model', 'data')",
-                (2, 4): "P(None, 'model', 'data')", (1, 8): "P(None, 'model', None)"}
+        want = {
+            (8, 1): "P(None, None, 'data')",
+            (4, 2): "P(None, 'model', 'data')",
+            (2, 4): "P(None, 'model', 'data')",
+            (1, 8): "P(None, 'model', None)",
+        }
         a = layouts["covariance"][".A['model.layers.*.mlp.up_proj']"]
         assert a["spec"] == want[(data, model)], a
         if model > 1:
             kernel = layouts["params"]["['model']['layers']['mlp']['up_proj']['kernel']"]
-            assert kernel["spec"] == "P(None, None, 'model')", kernel     # [L, hidden, ff]: ff on model
+            assert kernel["spec"] == "P(None, None, 'model')", kernel  # [L, hidden, ff]: ff on model
         scores = layouts["scores"]["['scores']"]
         assert scores["spec"] == "P(None, 'data')" and scores["replicated"] == (data == 1), scores  # columns on data
 
@@ -74,7 +87,7 @@ def test_factors_split_along_their_layers_are_sliced_without_gathering_the_stack
     replicate the stack, and every result equals one device's. Heavy (about a minute on 2 cores: eight simulated
     devices compile every step); ``test_streamed_moves_a_layer_split_onto_padded_rows`` checks the layout in CI."""
     r = run_worker("biased", tmp_path / "biased.json")
-    assert r["Q_A_spec"] == "P(('model', 'data'), None, None)", r   # the case at hand: stored split along layers
+    assert r["Q_A_spec"] == "P(('model', 'data'), None, None)", r  # the case at hand: stored split along layers
     assert all(e < TOLERANCE for e in r["errors"].values()), r["errors"]
     assert "Involuntary full rematerialization" not in r["stderr"]
 
@@ -85,16 +98,20 @@ def test_factors_split_along_their_layers_are_sliced_without_gathering_the_stack
 def test_rules_pick_the_first_dimension_that_divides():
     mesh = {"data": 4, "model": 8}
     resolve = partitioning.resolve
-    assert resolve(mesh, "factor", ("layers", "rows", "cols"), (40, 8192, 8192), "A") == \
-        partitioning.P(None, "model", "data")
+    assert resolve(mesh, "factor", ("layers", "rows", "cols"), (40, 8192, 8192), "A") == partitioning.P(
+        None, "model", "data"
+    )
     # a bias makes d_in + 1 odd: the factor of such a layer goes on the layer axis (both mesh axes if they fit)
-    assert resolve(mesh, "factor", ("layers", "rows", "cols"), (32, 2049, 2049), "A") == \
-        partitioning.P(("model", "data"), None, None)
-    assert resolve(mesh, "factor", ("layers", "rows", "cols"), (24, 2049, 2049), "A") == \
-        partitioning.P("model", None, None)                   # 24 layers: split on model, replicated over data
+    assert resolve(mesh, "factor", ("layers", "rows", "cols"), (32, 2049, 2049), "A") == partitioning.P(
+        ("model", "data"), None, None
+    )
+    assert resolve(mesh, "factor", ("layers", "rows", "cols"), (24, 2049, 2049), "A") == partitioning.P(
+        "model", None, None
+    )  # 24 layers: split on model, replicated over data
     # Lambda [L, d_out, d_in + 1]: rows on model; the odd columns cannot take data, the rows can
-    assert resolve(mesh, "factor", ("layers", "rows", "cols"), (24, 8192, 2049), "Lambda") == \
-        partitioning.P(None, ("model", "data"), None)
+    assert resolve(mesh, "factor", ("layers", "rows", "cols"), (24, 8192, 2049), "Lambda") == partitioning.P(
+        None, ("model", "data"), None
+    )
     # a parameter whose feature dimension does not divide falls back to its other dimension
     assert resolve(mesh, "param", ("vocab", "embed"), (50277, 2048), "embedding") == partitioning.P(None, "model")
 
@@ -107,8 +124,11 @@ def test_streamed_moves_a_layer_split_onto_padded_rows():
 
     from jaxinf.sharding.axes import Axes
 
-    declared = {"A": Axes("factor", ("rows", "cols")), "e": Axes("eigenvalues", ("rows",)),
-                "even": Axes("factor", ("rows", "cols"))}
+    declared = {
+        "A": Axes("factor", ("rows", "cols")),
+        "e": Axes("eigenvalues", ("rows",)),
+        "even": Axes("factor", ("rows", "cols")),
+    }
     tree = {"A": jnp.zeros((32, 2049, 2049)), "e": jnp.zeros((32, 2049)), "even": jnp.zeros((32, 1024, 1024))}
     mesh = jax.sharding.AbstractMesh((4, 8), ("data", "model"))
 
@@ -118,24 +138,34 @@ def test_streamed_moves_a_layer_split_onto_padded_rows():
 
     out = jax.eval_shape(traced, tree)
     assert isinstance(out["A"], partitioning.Padded) and out["A"].shape == (2049, 2049)
-    assert out["A"].array.shape == (32, 2080, 2049)           # 2049 rows padded to a multiple of 8 x 4 devices
-    assert isinstance(out["e"], partitioning.Padded) and out["e"].array.shape == (32, 2056)   # model only: 8
-    assert not isinstance(out["even"], partitioning.Padded)    # rows on model, columns on data: already whole layers
+    assert out["A"].array.shape == (32, 2080, 2049)  # 2049 rows padded to a multiple of 8 x 4 devices
+    assert isinstance(out["e"], partitioning.Padded) and out["e"].array.shape == (32, 2056)  # model only: 8
+    assert not isinstance(out["even"], partitioning.Padded)  # rows on model, columns on data: already whole layers
     x = jnp.arange(2 * 5 * 3.0).reshape(2, 5, 3)
-    assert (partitioning.unpadded({"x": partitioning.Padded(jnp.pad(x, ((0, 0), (0, 3), (0, 0))), (5, 3))})["x"]
-            == x).all()
-    assert partitioning.streamed(tree, declared) is tree       # outside a mesh: nothing to do
+    assert (
+        partitioning.unpadded({"x": partitioning.Padded(jnp.pad(x, ((0, 0), (0, 3), (0, 0))), (5, 3))})["x"] == x
+    ).all()
+    assert partitioning.streamed(tree, declared) is tree  # outside a mesh: nothing to do
 
 
 def test_a_dimension_the_model_axis_does_not_divide_is_named():
-    with pytest.raises(partitioning.ShardingError, match=r"^mesh\.model=8 divides no dimension of parameter "
-                       r"model\.layers\.mlp\.up_proj\.kernel \[2, 36, 44\] \(embed=36, ff=44\); choose a mesh\.model "
-                       r"that divides one of them$"):
-        partitioning.resolve({"data": 1, "model": 8}, "param", ("layers", "embed", "ff"), (2, 36, 44),
-                         "parameter model.layers.mlp.up_proj.kernel")
+    with pytest.raises(
+        partitioning.ShardingError,
+        match=r"^mesh\.model=8 divides no dimension of parameter "
+        r"model\.layers\.mlp\.up_proj\.kernel \[2, 36, 44\] \(embed=36, ff=44\); choose a mesh\.model "
+        r"that divides one of them$",
+    ):
+        partitioning.resolve(
+            {"data": 1, "model": 8},
+            "param",
+            ("layers", "embed", "ff"),
+            (2, 36, 44),
+            "parameter model.layers.mlp.up_proj.kernel",
+        )
     with pytest.raises(partitioning.ShardingError, match=r"factor A of layers\.\*\.fc_in \[3, 33, 33\]"):
-        partitioning.resolve({"data": 1, "model": 2}, "factor", ("layers", "rows", "cols"), (3, 33, 33),
-                         "factor A of layers.*.fc_in")
+        partitioning.resolve(
+            {"data": 1, "model": 2}, "factor", ("layers", "rows", "cols"), (3, 33, 33), "factor A of layers.*.fc_in"
+        )
 
 
 def test_both_executors_declare_the_executor_interface():

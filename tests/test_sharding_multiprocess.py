@@ -32,7 +32,7 @@ def test_two_processes_reduce_and_score_like_one(tmp_path):
     process's rows put into one global batch, cross-process collectives; against one device, same tolerance."""
     reports = run_distributed("distributed", [tmp_path / "p0.json", tmp_path / "p1.json"], timeout=240)
     assert [(r["process"], r["processes"]) for r in reports] == [(0, 2), (1, 2)]
-    assert sorted(r["group"] for r in reports) == [0, 1]                   # each process feeds its own data row
+    assert sorted(r["group"] for r in reports) == [0, 1]  # each process feeds its own data row
     for r in reports:
         assert set(r["errors"]) == {"A", "S", "scores"} and max(r["errors"].values()) <= TOLERANCE, r
 
@@ -40,8 +40,11 @@ def test_two_processes_reduce_and_score_like_one(tmp_path):
 def test_a_process_that_dies_or_hangs_is_named(tmp_path):
     """The harness itself: a worker that fails is named with its exit status and its last lines, the other (stuck
     waiting for it in jax.distributed.initialize) as hung."""
-    with pytest.raises(AssertionError, match=r"(?s)^process 1 of 2 exited with 1:.*stopped on purpose\n"
-                                             r"process 0 of 2 hung: not finished \d+ s after the start"):
+    with pytest.raises(
+        AssertionError,
+        match=r"(?s)^process 1 of 2 exited with 1:.*stopped on purpose\n"
+        r"process 0 of 2 hung: not finished \d+ s after the start",
+    ):
         run_distributed("lost-peer", [tmp_path / "p0.json", tmp_path / "p1.json"], timeout=60, grace=2)
 
 
@@ -59,15 +62,16 @@ def test_two_processes_give_the_scores_of_one(world, tmp_path):
     one = tmp_path / "one"
     pipeline.run(cfg.load(None, overrides(world, one, **SETTINGS)))
     two = tmp_path / "two"
-    env = device_env(2, world["root"] / "xla-cache")                  # two devices per process
-    rs = run_processes(2, ["run", *overrides(world, two, **SETTINGS, **{"mesh.data": 2, "mesh.model": 2})], env,
-                       timeout=900)
+    env = device_env(2, world["root"] / "xla-cache")  # two devices per process
+    rs = run_processes(
+        2, ["run", *overrides(world, two, **SETTINGS, **{"mesh.data": 2, "mesh.model": 2})], env, timeout=900
+    )
     for i, r in enumerate(rs):
         assert r.returncode == 0, f"process {i}:\n{r.stderr[-4000:]}"
         assert f"process {i} of 2 (2 local device(s), 4 in all)" in r.stderr
         assert "mesh data=2 x model=2 (4 cpu devices)" in r.stderr
         assert "documents: 24 documents, 24 rows" in r.stderr and "3 batches per host" in r.stderr
-    assert "report:" in rs[0].stderr and "report:" not in rs[1].stderr       # process 0 alone writes the report
+    assert "report:" in rs[0].stderr and "report:" not in rs[1].stderr  # process 0 alone writes the report
     a, b = np.load(one / "scores.npy"), np.load(two / "scores.npy")
     err = float(np.abs(a - b).max() / np.abs(a).max())
     assert a.shape == b.shape == (4, 24) and err <= TOLERANCE, err

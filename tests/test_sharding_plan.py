@@ -28,13 +28,13 @@ def hand_count(data: int, model: int, queries: int = 80, rank: int = 32) -> dict
     the rank-32 query gradients over `model`.
     """
     H, I, L, V = 8192, 22528, 40, 256000
-    matrices = V * H + L * (4 * H * H + 3 * H * I)          # embedding; q, k, v, o; gate, up, down
-    norms = L * H + H                                       # input_layernorm per layer, final norm
+    matrices = V * H + L * (4 * H * H + 3 * H * I)  # embedding; q, k, v, o; gate, up, down
+    norms = L * H + H  # input_layernorm per layer, final norm
     parameters = 2 * (matrices // model + norms)
-    factors = 4 * L * 3 * (H * H + I * I) // (model * data)   # A and S of gate, up (H, I) and down (I, H)
+    factors = 4 * L * 3 * (H * H + I * I) // (model * data)  # A and S of gate, up (H, I) and down (I, H)
     Lambda = 4 * L * 3 * H * I // (model * data)
-    queries_bytes = 4 * L * queries * rank * 3 * (H + I) // model   # left [d_out, r] and right [d_in, r] per block
-    queries_bytes += 4 * queries                                    # each query's completion NLL, replicated
+    queries_bytes = 4 * L * queries * rank * 3 * (H + I) // model  # left [d_out, r] and right [d_in, r] per block
+    queries_bytes += 4 * queries  # each query's completion NLL, replicated
     return {"parameters": parameters, "factors": factors, "Lambda": Lambda, "queries": queries_bytes}
 
 
@@ -47,24 +47,33 @@ def test_bytes_per_device_match_a_hand_count(config_file, data, model):
     static = result["meshes"][0]["static"]
     want = hand_count(data, model)
     assert {k: static[k] for k in want} == want
-    assert static["eigenbases"] >= static["factors"]                # Q_A, Q_S as large as A, S, plus e
-    if data * model == 64:   # 35.0B bf16 parameters over 8; 257 GiB of factors and 82.5 GiB of Lambda over 64
+    assert static["eigenbases"] >= static["factors"]  # Q_A, Q_S as large as A, S, plus e
+    if data * model == 64:  # 35.0B bf16 parameters over 8; 257 GiB of factors and 82.5 GiB of Lambda over 64
         assert round(static["parameters"] / GiB, 2) == 8.15 and round(static["factors"] / GiB, 2) == 4.01
         assert round(static["Lambda"] / GiB, 2) == 1.29 and round(static["queries"] / GiB, 2) == 4.39
 
 
 def test_tracking_a_256k_vocabulary_head_is_refused():
     config = cfg.load(CONFIG_64, ["factors.track=all"])
-    with pytest.raises(plan.PlanError, match=r"^factors\.track tracks lm_head, whose factor S would be 256000 x 256000 "
-                                             r"\(262 GB in float32, decomposed whole on one device\)"):
+    with pytest.raises(
+        plan.PlanError,
+        match=r"^factors\.track tracks lm_head, whose factor S would be 256000 x 256000 "
+        r"\(262 GB in float32, decomposed whole on one device\)",
+    ):
         plan.plan(config, [(8, 8)], compile=False)
 
 
 def _plan(args, devices=8, timeout=900):
     env = device_env(devices)
-    env.pop("XLA_FLAGS")   # jaxinf plan simulates the devices its meshes need
-    return subprocess.run([sys.executable, "-m", "jaxinf", "plan", *map(str, args)], env=env, capture_output=True,
-                          text=True, cwd=REPO, timeout=timeout)
+    env.pop("XLA_FLAGS")  # jaxinf plan simulates the devices its meshes need
+    return subprocess.run(
+        [sys.executable, "-m", "jaxinf", "plan", *map(str, args)],
+        env=env,
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=timeout,
+    )
 
 
 def test_plan_compiles_every_step_and_refuses_what_does_not_fit(tmp_path):
@@ -92,12 +101,17 @@ def test_plan_compiles_every_step_and_refuses_what_does_not_fit(tmp_path):
     per_doc = {s["name"]: s["flops_per_document"] for s in m["steps"] if "flops_per_document" in s}
     assert set(per_doc) == {"covariance", "lambda", "scores", "breakdowns"} and all(v > 0 for v in per_doc.values())
     timed = {s["name"]: s["documents_timed"] for s in m["steps"] if "documents_timed" in s}
-    assert timed["breakdowns"] == min(80 * 3, timed["scores"])   # plan.queries (80) x scores.topk (3) at most
+    assert timed["breakdowns"] == min(80 * 3, timed["scores"])  # plan.queries (80) x scores.topk (3) at most
     failures = [line for line in r.stdout.splitlines() if line.startswith("jaxinf plan: does not fit:")]
     over = [s for s in m["steps"] if s["peak"] > 0.0001 * GiB]
-    assert len(over) >= 4 and len(failures) == len(over) and failures[0].startswith(
-        f"jaxinf plan: does not fit: mesh 4x2: stage covariance needs {m['steps'][0]['peak'] / GiB:.2f} GiB per device, "
-        "more than plan.device_memory_gib=0.0001; its largest layer statistic is model.layers.*.mlp."), r.stdout
+    assert (
+        len(over) >= 4
+        and len(failures) == len(over)
+        and failures[0].startswith(
+            f"jaxinf plan: does not fit: mesh 4x2: stage covariance needs {m['steps'][0]['peak'] / GiB:.2f} GiB per device, "
+            "more than plan.device_memory_gib=0.0001; its largest layer statistic is model.layers.*.mlp."
+        )
+    ), r.stdout
     assert failures[0].endswith("lower data.batch_size (documents per data row) or data.max_length")
     # bytes per device fall as the model axis grows (8 documents per step: one per data row on 8x1)
     config = cfg.load(None, overrides(w, tmp_path / "run", **{**settings, "data.batch_size": 8}))
@@ -134,9 +148,12 @@ def test_a_layer_whose_statistic_cannot_fit_is_named_before_the_first_batch(tmp_
     assert programs.layer_working_set("queries", spec, rank=None, **kw) == 4 * 3 * 2 * 7 * 12
     w = make_world(tmp_path / "world", n_documents=4, n_queries=2)
     config = cfg.load(None, overrides(w, tmp_path / "run", **{"plan.device_memory_gib": 1e-6}))
-    with pytest.raises(plan.PlanError, match=r"^stage covariance: one layer of model\.layers\.\*\.mlp\.\w+ needs about "
-                                             r"0\.00 GiB per device for its statistic, more than "
-                                             r"plan\.device_memory_gib=1e-06 .* lower data\.batch_size"):
+    with pytest.raises(
+        plan.PlanError,
+        match=r"^stage covariance: one layer of model\.layers\.\*\.mlp\.\w+ needs about "
+        r"0\.00 GiB per device for its statistic, more than "
+        r"plan\.device_memory_gib=1e-06 .* lower data\.batch_size",
+    ):
         pipeline.run(config)
     assert not (tmp_path / "run").exists()
 
@@ -160,8 +177,15 @@ def test_chip_rooflines():
 
     assert set(chips.CHIPS) == {"h100", "h200", "a100", "v5e", "v5p", "v6e"}
     v5e = chips.chip("v5e")
-    r = chips.roofline(v5e, flops=2 * 197e12, bytes_accessed=819e9, model_flops=197e12, model_dtype="bfloat16",
-                       stats_dtype="float32", precision="highest")
+    r = chips.roofline(
+        v5e,
+        flops=2 * 197e12,
+        bytes_accessed=819e9,
+        model_flops=197e12,
+        model_dtype="bfloat16",
+        stats_dtype="float32",
+        precision="highest",
+    )
     assert r["compute_s"] == pytest.approx(1 + 6) and r["memory_s"] == pytest.approx(1)
     assert r["seconds"] == pytest.approx(7) and r["bound"] == "compute (statistics)"
     r = chips.roofline(v5e, 197e12, 819e9 * 10, 197e12, "bfloat16", "float32", "high")

@@ -25,15 +25,15 @@ def test_spearman_by_hand():
 
 
 def test_lds_by_hand():
-    scores = np.array([[1.0, 2.0, 4.0], [-1.0, 0.0, 1.0]])       # 2 queries, 3 documents
-    subsets = np.array([[0, 1], [0, 2], [1, 2]])                  # sums: q0 3, 5, 6; q1 -1, 0, 1
+    scores = np.array([[1.0, 2.0, 4.0], [-1.0, 0.0, 1.0]])  # 2 queries, 3 documents
+    subsets = np.array([[0, 1], [0, 2], [1, 2]])  # sums: q0 3, 5, 6; q1 -1, 0, 1
     np.testing.assert_allclose(lds.group_predictions(scores, subsets), [[3, -1], [5, 0], [6, 1]])
-    nll = np.array([[[3.0, 1.0]], [[2.0, 3.0]], [[1.0, 2.0]]])    # [M, S=1, Q]; log-probs -3 -2 -1 and -1 -3 -2
+    nll = np.array([[[3.0, 1.0]], [[2.0, 3.0]], [[1.0, 2.0]]])  # [M, S=1, Q]; log-probs -3 -2 -1 and -1 -3 -2
     out = lds.lds(scores, subsets, nll)
     # q0: predicted ranks 1 2 3, actual ranks 1 2 3 -> 1; q1: predicted 1 2 3, actual 3 1 2 -> 1 - 6*6/24 = -0.5
     assert out["per_query"] == pytest.approx([1.0, -0.5], abs=1e-12)
     assert out["mean"] == pytest.approx(0.25, abs=1e-12) and out["undefined"] == 0
-    flat = np.concatenate([nll, nll[:, :, :1] * 0 + 7.0], 2)            # a third query whose NLL never changes
+    flat = np.concatenate([nll, nll[:, :, :1] * 0 + 7.0], 2)  # a third query whose NLL never changes
     out3 = lds.lds(np.vstack([scores, scores[:1]]), subsets, flat)
     assert out3["per_query"][2] is None and out3["undefined"] == 1 and out3["mean"] == pytest.approx(0.25)
     # t_{0.975, 1} = 12.7062047; sd = 1.5 * sqrt(2) / sqrt(2)... sd of (1, -0.5) = 1.06066; half = t * sd / sqrt(2)
@@ -46,9 +46,14 @@ def test_lds_by_hand():
 def test_bootstrap_interval_by_hand():
     """4 subsets, 5 resamples with seed 0: numpy.random.default_rng(0).integers(0, 4, (5, 4)) draws the subsets
     (3 2 2 1), (1 0 0 0), (0 3 2 3), (2 2 3 2), (2 2 2 3)."""
-    assert np.random.default_rng(0).integers(0, 4, (5, 4)).tolist() == [[3, 2, 2, 1], [1, 0, 0, 0], [0, 3, 2, 3],
-                                                                         [2, 2, 3, 2], [2, 2, 2, 3]]
-    predicted = np.array([[1.0, 4.0], [2.0, 3.0], [3.0, 2.0], [4.0, 1.0]])     # [M=4, Q=2]
+    assert np.random.default_rng(0).integers(0, 4, (5, 4)).tolist() == [
+        [3, 2, 2, 1],
+        [1, 0, 0, 0],
+        [0, 3, 2, 3],
+        [2, 2, 3, 2],
+        [2, 2, 2, 3],
+    ]
+    predicted = np.array([[1.0, 4.0], [2.0, 3.0], [3.0, 2.0], [4.0, 1.0]])  # [M=4, Q=2]
     actual = np.array([[1.0, 1.0], [3.0, 2.0], [2.0, 3.0], [4.0, 4.0]])
     # query 0, resample (3 2 2 1): predicted 4 3 3 2 -> ranks 4 2.5 2.5 1, actual 4 2 2 3 -> ranks 4 1.5 1.5 3;
     # centred (1.5 0 0 -1.5) . (1.5 -1 -1 0.5) = 1.5 over sqrt(4.5 * 4.5): rho = 1/3. The other four resamples
@@ -61,8 +66,9 @@ def test_bootstrap_interval_by_hand():
     assert lds.bootstrap_ci95(predicted[:, :1], actual[:, :1], 5, 0)[0] == pytest.approx((0.4, 1.0), abs=1e-12)
     # a query whose outcome never changes has no LDS in any resample: left out of the mean, nothing else moves
     flat = np.concatenate([actual, np.full((4, 1), 7.0)], 1)
-    assert lds.bootstrap_ci95(np.concatenate([predicted, predicted[:, :1]], 1), flat, 5, 0)[0] == \
-        pytest.approx((-0.3, 0.0), abs=1e-12)
+    assert lds.bootstrap_ci95(np.concatenate([predicted, predicted[:, :1]], 1), flat, 5, 0)[0] == pytest.approx(
+        (-0.3, 0.0), abs=1e-12
+    )
     # no query defined in any resample: the interval is undefined and every resample is counted as left out
     ci, left_out = lds.bootstrap_ci95(predicted, np.full((4, 2), 7.0), 5, 0)
     assert np.isnan(ci).all() and left_out == 5
@@ -91,7 +97,7 @@ def test_lds_sign_follows_the_convention_end_to_end():
 
 def test_pbrf_correlation_leaves_out_unconverged_optimizations():
     scores = np.array([[1.0, 2.0, 3.0, 4.0, 0.0]])
-    response = np.array([[1.0, 2.0, 3.0, 4.0, 100.0]])              # the last optimization diverged
+    response = np.array([[1.0, 2.0, 3.0, 4.0, 100.0]])  # the last optimization diverged
     ratio = np.array([0.01, 0.02, 0.05, 0.03, 13.0])
     assert pbrf.converged_pearson(scores, response, ratio, 0.1) == pytest.approx(1.0)
     assert pbrf.mean_pearson(scores, response) < 0
@@ -99,13 +105,13 @@ def test_pbrf_correlation_leaves_out_unconverged_optimizations():
 
 
 def test_recall_by_hand():
-    scores = np.array([0.5, 0.9, 0.1, 0.7])                       # ranking: doc1, doc3, doc0, doc2
+    scores = np.array([0.5, 0.9, 0.1, 0.7])  # ranking: doc1, doc3, doc0, doc2
     np.testing.assert_array_equal(recall.ranks(scores), [3, 1, 4, 2])
     assert recall.reciprocal_rank(scores, [2, 3]) == 0.5
     assert recall.recall_at(scores, [2, 3], 1) == 0.0
     assert recall.recall_at(scores, [2, 3], 2) == 0.5
     assert recall.recall_at(scores, [2, 3], 4) == 1.0
-    two = np.stack([scores, -scores])                             # second query: doc2 first
+    two = np.stack([scores, -scores])  # second query: doc2 first
     out = recall.recall(two, [[2, 3], [2], []], [1, 2])
     assert out == {"mrr": pytest.approx(0.75), "recall_at": {"1": 0.5, "2": pytest.approx(0.75)}, "queries": 2}
 
@@ -113,10 +119,10 @@ def test_recall_by_hand():
 def test_subsets_and_schedule():
     s = retrain.sample_subsets(10, 4, 0.5, 0)
     assert s.shape == (4, 5) and all(len(set(r)) == 5 and list(r) == sorted(r) for r in s)
-    np.testing.assert_array_equal(retrain.sample_subsets(10, 2, 0.5, 0), s[:2])   # more subsets extend, never change
+    np.testing.assert_array_equal(retrain.sample_subsets(10, 2, 0.5, 0), s[:2])  # more subsets extend, never change
     sched = retrain.schedule(np.array([3, 5, 7, 9]), 5, 2, 1)
     assert sched.shape == (5, 2)
-    for epoch in (sched[0:2], ):                                  # an epoch visits every member once
+    for epoch in (sched[0:2],):  # an epoch visits every member once
         assert sorted(epoch.ravel().tolist()) == [3, 5, 7, 9]
     with pytest.raises(ValidationError, match="validate.fraction"):
         retrain.sample_subsets(3, 2, 0.1, 0)
@@ -148,7 +154,7 @@ def test_bregman_is_the_kl_and_zero_at_the_reference():
     logp = ref - np.log(np.exp(ref).sum(-1, keepdims=True))
     weights = np.array([[0, 1, 1], [0, 1, 0]], float)
     logq = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
-    kl = (np.exp(logp) * (logp - logq)).sum(-1)                   # [2, 3]; position t predicts t+1
+    kl = (np.exp(logp) * (logp - logq)).sum(-1)  # [2, 3]; position t predicts t+1
     expect = [kl[0, 0] + kl[0, 1], kl[1, 0]]
     np.testing.assert_allclose(pbrf.bregman(logits, logp, weights), expect, rtol=1e-5)
     np.testing.assert_allclose(pbrf.bregman(ref, logp, weights), 0.0, atol=1e-6)
@@ -157,17 +163,22 @@ def test_bregman_is_the_kl_and_zero_at_the_reference():
 # ----------------------------------------------------------------------------- configuration
 
 
-@pytest.mark.parametrize("override, key", [("validate.subsets=1", "validate.subsets"),
-                                           ("validate.subset_steps=passes", "validate.subset_steps"),
-                                           ("validate.subset_init=random", "validate.subset_init"),
-                                           ("validate.bootstrap=0", "validate.bootstrap"),
-                                           ("validate.fraction=1.0", "validate.fraction"),
-                                           ("validate.fraction=0", "validate.fraction"),
-                                           ("validate.strategies=[ekfac,newton]", "validate.strategies")])
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("validate.subsets=1", "validate.subsets"),
+        ("validate.subset_steps=passes", "validate.subset_steps"),
+        ("validate.subset_init=random", "validate.subset_init"),
+        ("validate.bootstrap=0", "validate.bootstrap"),
+        ("validate.fraction=1.0", "validate.fraction"),
+        ("validate.fraction=0", "validate.fraction"),
+        ("validate.strategies=[ekfac,newton]", "validate.strategies"),
+    ],
+)
 def test_bad_settings_are_config_errors(override, key, capsys):
     with pytest.raises(cfg.ConfigError, match=key):
         cfg.load(None, [override])
-    assert cli.main(["-q", "validate", "--out", "/nonexistent/never-written", override]) == 2   # overrides after --out
+    assert cli.main(["-q", "validate", "--out", "/nonexistent/never-written", override]) == 2  # overrides after --out
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("jaxinf validate: error:") and key in err[0]
 
@@ -176,8 +187,19 @@ def test_fresh_initializations_need_training_from_scratch(capsys):
     with pytest.raises(cfg.ConfigError, match="validate.subset_init"):
         cfg.load(None, ["validate.subset_init=fresh", "validate.from=checkpoint"])
     assert cfg.load(None, ["validate.subset_init=fresh"]).validate.subset_init == "fresh"
-    assert cli.main(["-q", "validate", "--out", "/nonexistent/never-written", "validate.subset_init=fresh",
-                     "validate.from=checkpoint"]) == 2
+    assert (
+        cli.main(
+            [
+                "-q",
+                "validate",
+                "--out",
+                "/nonexistent/never-written",
+                "validate.subset_init=fresh",
+                "validate.from=checkpoint",
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "validate.subset_init" in err[0], err
 
@@ -195,8 +217,13 @@ def _user_world(tmp_path, n_documents=8):
     from pipeline_support import make_world
 
     w = make_world(tmp_path / "world", n_documents=n_documents, n_queries=2, seed=1)
-    return w, [f"model.checkpoint={w['model']}", f"data.documents={w['docs']}", f"data.queries={w['queries']}",
-               "data.max_length=48", "validate.batch_size=2"]
+    return w, [
+        f"model.checkpoint={w['model']}",
+        f"data.documents={w['docs']}",
+        f"data.queries={w['queries']}",
+        "data.max_length=48",
+        "validate.batch_size=2",
+    ]
 
 
 def _edit_line(path, i, field, value):
@@ -217,11 +244,17 @@ def test_every_input_and_setting_that_changes_a_result_changes_its_key(tmp_path)
     keys = lambda *extra: driver.keys(driver.load_config(None, base + list(extra)))
     k0 = keys()
     assert keys() == k0 and set(k0) == {"training", "retraining", "scores"}
-    for setting, changes in [("factors.track=all", "scores"), ("factors.seed=7", "scores"),
-                             ("factors.fisher=empirical", "scores"), ("validate.steps=7", "training"),
-                             ("validate.seed=3", "training"), ("validate.fraction=0.25", "training"),
-                             ("validate.learning_rate=0.01", "training"), ("validate.batch_size=3", "training"),
-                             ("validate.from=checkpoint", "training")]:
+    for setting, changes in [
+        ("factors.track=all", "scores"),
+        ("factors.seed=7", "scores"),
+        ("factors.fisher=empirical", "scores"),
+        ("validate.steps=7", "training"),
+        ("validate.seed=3", "training"),
+        ("validate.fraction=0.25", "training"),
+        ("validate.learning_rate=0.01", "training"),
+        ("validate.batch_size=3", "training"),
+        ("validate.from=checkpoint", "training"),
+    ]:
         k = keys(setting)
         assert k["scores"] != k0["scores"], setting
         assert (k["training"] != k0["training"]) == (changes == "training"), setting
@@ -232,11 +265,26 @@ def test_every_input_and_setting_that_changes_a_result_changes_its_key(tmp_path)
         assert k["retraining"] != k0["retraining"] and k["training"] == k0["training"], setting
         assert k["scores"] == k0["scores"], setting
     both = keys("validate.subset_steps=epochs", "validate.subset_init=fresh")["retraining"]
-    assert len({both, keys("validate.subset_steps=epochs")["retraining"],
-                keys("validate.subset_init=fresh")["retraining"], k0["retraining"]}) == 4
-    for setting in ("validate.subsets=5", "validate.seeds=3", "validate.dampings=[0.5]", "validate.group=2",
-                    "validate.bootstrap=10", "run.out=elsewhere"):   # more subsets or seeds extend; dampings name
-        assert keys(setting) == k0, setting                            # their score files; the bootstrap is not kept
+    assert (
+        len(
+            {
+                both,
+                keys("validate.subset_steps=epochs")["retraining"],
+                keys("validate.subset_init=fresh")["retraining"],
+                k0["retraining"],
+            }
+        )
+        == 4
+    )
+    for setting in (
+        "validate.subsets=5",
+        "validate.seeds=3",
+        "validate.dampings=[0.5]",
+        "validate.group=2",
+        "validate.bootstrap=10",
+        "run.out=elsewhere",
+    ):  # more subsets or seeds extend; dampings name
+        assert keys(setting) == k0, setting  # their score files; the bootstrap is not kept
     # the issue's example: these two used to share one key
     assert keys("factors.track=mlp", "factors.seed=7") != keys("factors.track=all", "factors.seed=3")
 
@@ -261,7 +309,7 @@ def test_every_input_and_setting_that_changes_a_result_changes_its_key(tmp_path)
     tensors[name] = tensors[name] + np.float32(1e-3)
     stn.save_file(tensors, str(weights))
     assert keys("validate.from=checkpoint")["training"] != k_ckpt["training"]
-    assert keys() == k0          # from scratch the checkpoint's weights are not used (its architecture is)
+    assert keys() == k0  # from scratch the checkpoint's weights are not used (its architecture is)
 
 
 def test_built_in_world_tracks_all_layers_unless_told():
@@ -269,7 +317,7 @@ def test_built_in_world_tracks_all_layers_unless_told():
 
     assert driver.load_config(None, []).factors.track == "all"
     assert driver.load_config(None, ["factors.track=mlp"]).factors.track == "mlp"
-    assert driver.load_config(None, ["model.checkpoint=/x"]).factors.track == "mlp"   # a user's world: the default
+    assert driver.load_config(None, ["model.checkpoint=/x"]).factors.track == "mlp"  # a user's world: the default
 
 
 def test_built_in_world_honours_a_track_file_setting(tmp_path):
@@ -282,28 +330,47 @@ def test_built_in_world_honours_a_track_file_setting(tmp_path):
     assert driver.load_config(str(path), []).factors.track == "all"
 
 
-@pytest.mark.parametrize("override, key", [("factors.strategy=kfac", "factors.strategy"),
-                                           ("scores.damping=0.1", "scores.damping"),
-                                           ("scores.query_rank=4", "scores.query_rank"),
-                                           ("scores.normalize=per_nat", "scores.normalize"),
-                                           ("factors.max_documents=10", "factors.max_documents"),
-                                           ("run.precision=float64", "run.precision"),
-                                           ("mesh.data=2", "mesh.data"),
-                                           ("model.dtype=bfloat16", "model.dtype"),
-                                           ("data.documents=d.jsonl", "data.documents")])
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("factors.strategy=kfac", "factors.strategy"),
+        ("scores.damping=0.1", "scores.damping"),
+        ("scores.query_rank=4", "scores.query_rank"),
+        ("scores.normalize=per_nat", "scores.normalize"),
+        ("factors.max_documents=10", "factors.max_documents"),
+        ("run.precision=float64", "run.precision"),
+        ("mesh.data=2", "mesh.data"),
+        ("model.dtype=bfloat16", "model.dtype"),
+        ("data.documents=d.jsonl", "data.documents"),
+    ],
+)
 def test_settings_validate_cannot_honour_are_refused(override, key, tmp_path, capsys):
     out = tmp_path / "v"
     assert cli.main(["-q", "validate", override, "--out", str(out)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("jaxinf validate: error: jaxinf validate cannot honour") and key in err[0]
-    assert not out.exists()                                       # refused before anything is written
+    assert (
+        len(err) == 1 and err[0].startswith("jaxinf validate: error: jaxinf validate cannot honour") and key in err[0]
+    )
+    assert not out.exists()  # refused before anything is written
 
 
 def test_settings_that_change_nothing_are_accepted():
     from jaxinf.validate import driver
 
-    driver.check_settings(cfg.load(None, ["run.out=x", "data.batch_size=3", "scores.topk=5", "plan.hosts=4",
-                                          "factors.track=all", "factors.fisher=empirical", "factors.seed=3"]))
+    driver.check_settings(
+        cfg.load(
+            None,
+            [
+                "run.out=x",
+                "data.batch_size=3",
+                "scores.topk=5",
+                "plan.hosts=4",
+                "factors.track=all",
+                "factors.fisher=empirical",
+                "factors.seed=3",
+            ],
+        )
+    )
     with pytest.raises(ValidationError, match="model.dtype"):
         driver.check_settings(cfg.load(None, ["model.checkpoint=/x", "model.dtype=float64", "run.precision=float64"]))
     driver.check_settings(cfg.load(None, ["model.checkpoint=/x", "model.dtype=bfloat16", "data.max_length=64"]))
@@ -325,9 +392,17 @@ def test_validate_and_analyze_take_the_run_directory_lock(tmp_path, capsys):
 
 # ----------------------------------------------------------------------------- end to end, tiny
 
-TINY = ["validate.builtin_documents=24", "validate.subsets=3", "validate.seeds=2", "validate.steps=12",
-        "validate.batch_size=4", "validate.group=4", "validate.strategies=[identity,diagonal]",
-        "validate.dampings=[0.01,null]", "validate.recall_k=[1,5]"]
+TINY = [
+    "validate.builtin_documents=24",
+    "validate.subsets=3",
+    "validate.seeds=2",
+    "validate.steps=12",
+    "validate.batch_size=4",
+    "validate.group=4",
+    "validate.strategies=[identity,diagonal]",
+    "validate.dampings=[0.01,null]",
+    "validate.recall_k=[1,5]",
+]
 
 
 def test_validate_end_to_end_schema_and_resume(tmp_path, monkeypatch):
@@ -338,7 +413,7 @@ def test_validate_end_to_end_schema_and_resume(tmp_path, monkeypatch):
     saved = []
     real_save = retrain.save_npy
 
-    def crash_after_four(path, array):                            # killed after 4 of the 6 retrainings are saved
+    def crash_after_four(path, array):  # killed after 4 of the 6 retrainings are saved
         if len(saved) == 4:
             raise KeyboardInterrupt
         real_save(path, array)
@@ -350,7 +425,7 @@ def test_validate_end_to_end_schema_and_resume(tmp_path, monkeypatch):
         driver.validate(config, out)
     assert not (out / "validation.json").exists()
     work = next((out / "work").iterdir())
-    (units,) = (work / "units").iterdir()                         # keyed by the retraining protocol
+    (units,) = (work / "units").iterdir()  # keyed by the retraining protocol
     assert len(list(units.glob("*.npy"))) == 4
     kept = {p.name: p.stat().st_mtime_ns for p in units.glob("*.npy")}
 
@@ -363,8 +438,11 @@ def test_validate_end_to_end_schema_and_resume(tmp_path, monkeypatch):
     on_disk = json.loads((out / "validation.json").read_text())
     assert on_disk == json.loads(json.dumps(result))
     assert (on_disk["subsets"], on_disk["fraction"], on_disk["seeds"]) == (3, 0.5, 2)
-    assert (on_disk["procedure"]["subset_steps"], on_disk["procedure"]["retraining_steps"],
-            on_disk["procedure"]["subset_init"]) == ("fixed", 12, "shared")
+    assert (
+        on_disk["procedure"]["subset_steps"],
+        on_disk["procedure"]["retraining_steps"],
+        on_disk["procedure"]["subset_init"],
+    ) == ("fixed", 12, "shared")
     assert on_disk["bootstrap"]["resamples"] == 1000
     for s in ("identity", "diagonal"):
         entry = on_disk["lds"][s]
@@ -372,7 +450,10 @@ def test_validate_end_to_end_schema_and_resume(tmp_path, monkeypatch):
         assert len(entry["per_query"]) == len(on_disk["queries"])
         assert entry["undefined"] == sum(x is None for x in entry["per_query"])
         assert len(entry["ci95"]) == 2 and len(entry["ci95_queries"]) == 2
-        assert set(on_disk["recall"][s]) >= {"mrr", "recall_at"} and set(on_disk["recall"][s]["recall_at"]) == {"1", "5"}
+        assert set(on_disk["recall"][s]) >= {"mrr", "recall_at"} and set(on_disk["recall"][s]["recall_at"]) == {
+            "1",
+            "5",
+        }
         # MRR and Recall@k recomputed by hand from the saved scores and the world's supporting documents
         (scores,) = (work / "scores").glob(f"*/{s}_{'heuristic' if s == 'identity' else '0.01'}.npy")
         supports = driver.load_world(config).supports
@@ -385,9 +466,12 @@ def test_validate_end_to_end_schema_and_resume(tmp_path, monkeypatch):
                 hit5.append(np.mean([position[d] <= 5 for d in sup]))
         assert on_disk["recall"][s]["queries"] == len(rr) > 0
         assert on_disk["recall"][s]["mrr"] == pytest.approx(np.mean(rr), abs=1e-12)
-        assert on_disk["recall"][s]["recall_at"] == {"1": pytest.approx(np.mean(hit1)), "5": pytest.approx(np.mean(hit5))}
+        assert on_disk["recall"][s]["recall_at"] == {
+            "1": pytest.approx(np.mean(hit1)),
+            "5": pytest.approx(np.mean(hit5)),
+        }
     assert set(on_disk["lds_by_damping"]["diagonal"]) == {"heuristic", "0.01"}
-    assert on_disk["pbrf"] == {}                                  # validate.pbrf is off by default
+    assert on_disk["pbrf"] == {}  # validate.pbrf is off by default
     html = (out / "report" / "index.html").read_text()
     assert "lds.png" in html and "scatter_1.png" in html and (out / "report" / "lds.png").stat().st_size > 0
 
@@ -401,8 +485,8 @@ def test_validate_end_to_end_schema_and_resume(tmp_path, monkeypatch):
     monkeypatch.setattr(driver, "save_npy", lambda path, a: (written.append(path), real_driver_save(path, a)))
     (first_scores,) = (work / "scores").iterdir()
     # (factors.seed and factors.fisher change the same key: test_every_input_and_setting_that_changes_a_result...)
-    r = driver.validate(cfg.load(None, TINY + ["factors.track=all"]), out)   # no retraining: schedule fails
-    assert len(written) == 3 and len({p.parent for p in written}) == 1, written      # identity, diagonal x 2
+    r = driver.validate(cfg.load(None, TINY + ["factors.track=all"]), out)  # no retraining: schedule fails
+    assert len(written) == 3 and len({p.parent for p in written}) == 1, written  # identity, diagonal x 2
     assert written[0].parent != first_scores and len(list((work / "scores").iterdir())) == 2
     assert any("self_attn" in name for name in r["tracked_layers"])
     assert not any("self_attn" in name for name in on_disk["tracked_layers"])
@@ -413,8 +497,10 @@ def test_validate_end_to_end_schema_and_resume(tmp_path, monkeypatch):
 
     real_schedule = schedule_before
     seeds = []
-    monkeypatch.setattr(retrain, "schedule", lambda m, steps, b, seed: (seeds.append(seed), real_schedule(m, steps, b, seed))[1])
-    r = driver.validate(cfg.load(None, TINY + ["validate.subsets=4"]), out)   # one more subset: only it is trained
+    monkeypatch.setattr(
+        retrain, "schedule", lambda m, steps, b, seed: (seeds.append(seed), real_schedule(m, steps, b, seed))[1]
+    )
+    r = driver.validate(cfg.load(None, TINY + ["validate.subsets=4"]), out)  # one more subset: only it is trained
     assert sorted(seeds) == [4000, 4001] and r["subsets"] == 4 and len(r["lds"]["identity"]["per_query"]) > 0
 
     class Stop(Exception):
@@ -422,8 +508,9 @@ def test_validate_end_to_end_schema_and_resume(tmp_path, monkeypatch):
 
     def stop(*a, **k):
         raise Stop
+
     monkeypatch.setattr(retrain, "schedule", stop)
-    with pytest.raises(Stop):                                      # other steps: the full model is trained again
+    with pytest.raises(Stop):  # other steps: the full model is trained again
         driver.validate(cfg.load(None, TINY + ["validate.steps=13"]), out)
     assert len(list((out / "work").iterdir())) == 2
 
@@ -454,6 +541,7 @@ def test_retraining_protocols_count_steps_and_starts(tmp_path, monkeypatch):
             out = one(p, d, q, sched)
             calls.append(("one", np.asarray(out[1]).shape, None))
             return out
+
         return many_, one_
 
     monkeypatch.setattr(retrain, "make_trainer", counting)
@@ -461,15 +549,18 @@ def test_retraining_protocols_count_steps_and_starts(tmp_path, monkeypatch):
     real_save = driver.save_npy
     monkeypatch.setattr(driver, "save_npy", lambda path, a: (saved.append(path), real_save(path, a)))
     small = TINY + ["validate.subsets=2", "validate.strategies=[identity]", "validate.dampings=[null]"]
-    out = tmp_path / "v"   # 24 documents, batch 4: the full model makes 12 steps = 2 passes of 6 minibatches
+    out = tmp_path / "v"  # 24 documents, batch 4: the full model makes 12 steps = 2 passes of 6 minibatches
     config = cfg.load(None, small)
     start = [np.asarray(x) for x in jax.tree_util.tree_leaves(driver.load_world(config).lm.params)]
 
     r = driver.validate(config, out)
-    assert [(c[0], c[1]) for c in calls] == [("one", (12,)), ("many", (4, 12))]   # 2 subsets x 2 seeds, one group
+    assert [(c[0], c[1]) for c in calls] == [("one", (12,)), ("many", (4, 12))]  # 2 subsets x 2 seeds, one group
     assert all(np.array_equal(np.asarray(x), y) for x, y in zip(calls[1][2], start))
-    assert (r["procedure"]["subset_steps"], r["procedure"]["retraining_steps"], r["procedure"]["subset_init"]) == \
-        ("fixed", 12, "shared")
+    assert (r["procedure"]["subset_steps"], r["procedure"]["retraining_steps"], r["procedure"]["subset_init"]) == (
+        "fixed",
+        12,
+        "shared",
+    )
     assert len(saved) == 1
 
     calls.clear(), saved.clear()
@@ -483,7 +574,7 @@ def test_retraining_protocols_count_steps_and_starts(tmp_path, monkeypatch):
     r = driver.validate(cfg.load(None, small + ["validate.subset_steps=epochs", "validate.subset_init=fresh"]), out)
     assert [(c[0], c[1]) for c in calls] == [("many", (4, 6))] and saved == []
     lm = driver.load_world(config).lm
-    for g, (m, s) in enumerate([(0, 0), (0, 1), (1, 0), (1, 1)]):      # the order retrain_all trains them in
+    for g, (m, s) in enumerate([(0, 0), (0, 1), (1, 0), (1, 1)]):  # the order retrain_all trains them in
         own = jax.tree_util.tree_leaves(models.init(lm.config, 1000 * (m + 1) + s).params)
         assert all(np.array_equal(np.asarray(x)[g], np.asarray(y)) for x, y in zip(calls[0][2], own)), (m, s)
     assert not all(np.array_equal(np.asarray(x)[0], y) for x, y in zip(calls[0][2], start))
@@ -494,8 +585,11 @@ def test_retraining_protocols_count_steps_and_starts(tmp_path, monkeypatch):
     units = sorted((work / "units").iterdir())
     assert len(units) == 3
     first = [np.load(u / "s0000_r00.npy") for u in units]
-    assert not np.array_equal(first[0], first[1]) and not np.array_equal(first[1], first[2]) \
+    assert (
+        not np.array_equal(first[0], first[1])
+        and not np.array_equal(first[1], first[2])
         and not np.array_equal(first[0], first[2])
+    )
 
 
 def test_divergence_stops_with_one_line(tmp_path, capsys):
@@ -513,8 +607,10 @@ def test_query_reader_keeps_supports(tmp_path):
     from jaxinf.data.queries import read_queries
 
     path = tmp_path / "q.jsonl"
-    path.write_text('{"id": "a", "prompt": "p", "completion": "c", "supports": ["d1", 7]}\n'
-                    '{"id": "b", "prompt": "p", "completion": "c"}\n')
+    path.write_text(
+        '{"id": "a", "prompt": "p", "completion": "c", "supports": ["d1", 7]}\n'
+        '{"id": "b", "prompt": "p", "completion": "c"}\n'
+    )
     a, b = read_queries(path)
     assert a.supports == ("d1", "7") and b.supports == () and "supports" not in a.extra
     path.write_text('{"id": "a", "prompt": "p", "completion": "c", "supports": "d1"}\n')
@@ -532,9 +628,10 @@ def test_demo_supports_are_the_documents_stating_the_fact():
         town, trait = q.fact
         ids = corpus.supports(docs, q)
         assert ids, q
-        for d in docs:                       # independent check: the trait's value and the town in one fact document
+        for d in docs:  # independent check: the trait's value and the town in one fact document
             states = d["source"] == "facts" and any(
-                t.format(town=town, v=towns[town][trait]) in d["text"] for t in corpus.FACT_TEMPLATES[trait])
+                t.format(town=town, v=towns[town][trait]) in d["text"] for t in corpus.FACT_TEMPLATES[trait]
+            )
             assert (d["id"] in ids) == states, (q, d)
     assert all(not corpus.supports(docs, q) for q in corpus.queries(0) if q.kind != "factual")
 
@@ -563,8 +660,11 @@ def test_pbrf_is_the_damped_gauss_newton_response_for_small_eps():
         docs = {k: jnp.asarray(v) for k, v in w.documents.items()}
         docs["mask"], docs["weights"] = docs["mask"].astype(jnp.float64), docs["weights"].astype(jnp.float64)
         queries = {k: jnp.asarray(v) for k, v in w.queries.items()}
-        queries = {**queries, "mask": queries["mask"].astype(jnp.float64),
-                   "weights": queries["weights"].astype(jnp.float64)}
+        queries = {
+            **queries,
+            "mask": queries["mask"].astype(jnp.float64),
+            "weights": queries["weights"].astype(jnp.float64),
+        }
         name = "model.layers.*.self_attn.k_proj"
         path = ("model", "layers", "self_attn", "k_proj", "kernel")
 
@@ -586,22 +686,42 @@ def test_pbrf_is_the_damped_gauss_newton_response_for_small_eps():
         logits_of = lambda flat, b: lm.apply(put(params, flat.reshape(shape)), b["tokens"], b["mask"])
         F = jnp.zeros((size, size))
         for i in range(w.num_documents):
-            b = {k: v[i:i + 1] for k, v in docs.items()}
-            J = jax.jacfwd(lambda f: logits_of(f, b)[0, :-1])(theta.ravel())          # [T-1, V, P]
-            p = jax.nn.softmax(logits_of(theta.ravel(), b)[0, :-1], -1)             # [T-1, V]
+            b = {k: v[i : i + 1] for k, v in docs.items()}
+            J = jax.jacfwd(lambda f: logits_of(f, b)[0, :-1])(theta.ravel())  # [T-1, V, P]
+            p = jax.nn.softmax(logits_of(theta.ravel(), b)[0, :-1], -1)  # [T-1, V]
             HJ = p[:, :, None] * J - p[:, :, None] * jnp.einsum("tv,tvp->tp", p, J)[:, None, :]
             F = F + jnp.einsum("t,tvp,tvq->pq", b["weights"][0, 1:], J, HJ)
         F = F / w.num_documents
         lam = 1e-3
-        g_doc = jax.vmap(lambda i: jax.grad(lambda f: task.train_loss(
-            put(params, f.reshape(shape)), {k: jax.lax.dynamic_slice_in_dim(v, i, 1) for k, v in docs.items()},
-            None, None).sum())(theta.ravel()))(jnp.arange(3))                      # [3, P]
-        g_q = jax.vmap(lambda q: jax.grad(lambda f: retrain.measurements(
-            task, put(params, f.reshape(shape)), queries)[q])(theta.ravel()))(jnp.arange(4))   # [4, P]
-        expect = np.asarray(g_q @ jnp.linalg.solve(F + lam * jnp.eye(size), g_doc.T))        # [4, 3]
+        g_doc = jax.vmap(
+            lambda i: jax.grad(
+                lambda f: task.train_loss(
+                    put(params, f.reshape(shape)),
+                    {k: jax.lax.dynamic_slice_in_dim(v, i, 1) for k, v in docs.items()},
+                    None,
+                    None,
+                ).sum()
+            )(theta.ravel())
+        )(jnp.arange(3))  # [3, P]
+        g_q = jax.vmap(
+            lambda q: jax.grad(lambda f: retrain.measurements(task, put(params, f.reshape(shape)), queries)[q])(
+                theta.ravel()
+            )
+        )(jnp.arange(4))  # [4, P]
+        expect = np.asarray(g_q @ jnp.linalg.solve(F + lam * jnp.eye(size), g_doc.T))  # [4, 3]
 
-        got, ratio = pbrf.pbrf_influence(lm, task, params, docs, {k: v[:4] for k, v in queries.items()},
-                                         np.arange(3), [name], damping=lam, eps=1e-4, iterations=200)
+        got, ratio = pbrf.pbrf_influence(
+            lm,
+            task,
+            params,
+            docs,
+            {k: v[:4] for k, v in queries.items()},
+            np.arange(3),
+            [name],
+            damping=lam,
+            eps=1e-4,
+            iterations=200,
+        )
         assert np.max(ratio) < 1e-4
         np.testing.assert_allclose(got, expect, rtol=0, atol=0.01 * np.abs(expect).max())
     finally:
@@ -617,26 +737,38 @@ def _toy_lm(V=7, D=3, H=4, T=5):
     import jax.numpy as jnp
 
     k = iter(jax.random.split(jax.random.key(0), 8))
-    params = {"embed": jax.random.normal(next(k), (V, D)),
-              "head": {"a": {"kernel": jax.random.normal(next(k), (D, H))},
-                       "b": {"kernel": jax.random.normal(next(k), (H, V)),
-                             "bias": 0.1 * jax.random.normal(next(k), (V,))}}}
+    params = {
+        "embed": jax.random.normal(next(k), (V, D)),
+        "head": {
+            "a": {"kernel": jax.random.normal(next(k), (D, H))},
+            "b": {"kernel": jax.random.normal(next(k), (H, V)), "bias": 0.1 * jax.random.normal(next(k), (V,))},
+        },
+    }
 
     def apply(p, tokens, mask):
-        return jnp.tanh(p["embed"][tokens] @ p["head"]["a"]["kernel"]) @ p["head"]["b"]["kernel"] + p["head"]["b"]["bias"]
+        return (
+            jnp.tanh(p["embed"][tokens] @ p["head"]["a"]["kernel"]) @ p["head"]["b"]["kernel"] + p["head"]["b"]["bias"]
+        )
 
-    def token_nll(p, b):                                  # position t predicts t+1, weighted by the target's weight
+    def token_nll(p, b):  # position t predicts t+1, weighted by the target's weight
         logp = jax.nn.log_softmax(apply(p, b["tokens"], b["mask"])[:, :-1], -1)
         return -jnp.take_along_axis(logp, b["tokens"][:, 1:, None], -1)[..., 0] * b["weights"][:, 1:]
 
     lm = types.SimpleNamespace(apply=apply)
-    task = types.SimpleNamespace(train_loss=lambda p, b, probes, key: token_nll(p, b),
-                                 measurement=lambda p, b, probes: token_nll(p, b))
+    task = types.SimpleNamespace(
+        train_loss=lambda p, b, probes, key: token_nll(p, b), measurement=lambda p, b, probes: token_nll(p, b)
+    )
     rng = np.random.default_rng(0)
-    docs = {"tokens": jnp.asarray(rng.integers(0, V, (4, T))), "mask": jnp.ones((4, T)),
-            "weights": jnp.ones((4, T)).at[:, 0].set(0.0)}
-    queries = {"tokens": jnp.asarray(rng.integers(0, V, (3, T))), "mask": jnp.ones((3, T)),
-               "weights": jnp.asarray([[0, 0, 1, 1, 1], [0, 0, 0, 1, 1], [0, 1, 1, 1, 1.0]])}
+    docs = {
+        "tokens": jnp.asarray(rng.integers(0, V, (4, T))),
+        "mask": jnp.ones((4, T)),
+        "weights": jnp.ones((4, T)).at[:, 0].set(0.0),
+    }
+    queries = {
+        "tokens": jnp.asarray(rng.integers(0, V, (3, T))),
+        "mask": jnp.ones((3, T)),
+        "weights": jnp.asarray([[0, 0, 1, 1, 1], [0, 0, 0, 1, 1], [0, 1, 1, 1, 1.0]]),
+    }
     return lm, task, params, docs, queries, token_nll
 
 
@@ -660,8 +792,11 @@ def test_pbrf_matches_the_exact_response_and_its_damped_gauss_newton_limit():
         lam = {"head.a": np.array(0.02), "head.b": np.array(0.3)}
         flat0, unflat = jax.flatten_util.ravel_pytree(params["head"])
         lam_vec = jax.flatten_util.ravel_pytree(
-            {"a": {"kernel": jnp.full((3, 4), 0.02)},
-             "b": {"kernel": jnp.full((4, 7), 0.3), "bias": jnp.full((7,), 0.3)}})[0]
+            {
+                "a": {"kernel": jnp.full((3, 4), 0.02)},
+                "b": {"kernel": jnp.full((4, 7), 0.3), "bias": jnp.full((7,), 0.3)},
+            }
+        )[0]
         full = lambda flat: {"embed": params["embed"], "head": unflat(flat)}
         ref = jax.nn.log_softmax(lm.apply(params, docs["tokens"], docs["mask"]), -1)
 
@@ -674,7 +809,7 @@ def test_pbrf_matches_the_exact_response_and_its_damped_gauss_newton_limit():
         f_q = lambda flat: token_nll(full(flat), queries).sum(-1)
 
         @jax.jit
-        def solve(m, eps, lv):                    # Newton's method from theta_s, 12 steps (quadratic convergence)
+        def solve(m, eps, lv):  # Newton's method from theta_s, 12 steps (quadratic convergence)
             step = lambda _, f: f - jnp.linalg.solve(jax.hessian(J)(f, m, eps, lv), jax.grad(J)(f, m, eps, lv))
             f = jax.lax.fori_loop(0, 12, step, flat0)
             return -(f_q(f) - f_q(flat0)) / eps, jnp.linalg.norm(jax.grad(J)(f, m, eps, lv))
@@ -682,11 +817,12 @@ def test_pbrf_matches_the_exact_response_and_its_damped_gauss_newton_limit():
         def exact(eps, lv=lam_vec):
             out, gnorm = jax.vmap(solve, in_axes=(0, None, None))(jnp.arange(4), eps, lv)
             assert np.all(np.asarray(gnorm) < 1e-12), gnorm
-            return np.asarray(out).T                                                   # [Q, documents]
+            return np.asarray(out).T  # [Q, documents]
 
         eps = 0.05
-        got, ratio = pbrf.pbrf_influence(lm, task, params, docs, queries, np.arange(4), names, damping=lam,
-                                         eps=eps, iterations=500, tolerance=1e-9)
+        got, ratio = pbrf.pbrf_influence(
+            lm, task, params, docs, queries, np.arange(4), names, damping=lam, eps=eps, iterations=500, tolerance=1e-9
+        )
         want = exact(eps)
         assert np.all(ratio <= 1e-8), ratio
         err = np.abs(got - want).max() / np.abs(want).max()
@@ -698,16 +834,23 @@ def test_pbrf_matches_the_exact_response_and_its_damped_gauss_newton_limit():
         def gn(flat):
             F = 0
             for i in range(4):
-                b = {k: v[i:i + 1] for k, v in docs.items()}
-                Jz = jax.jacfwd(lambda f: lm.apply(full(f), b["tokens"], b["mask"])[0, :-1])(flat)   # [T-1, V, P]
+                b = {k: v[i : i + 1] for k, v in docs.items()}
+                Jz = jax.jacfwd(lambda f: lm.apply(full(f), b["tokens"], b["mask"])[0, :-1])(flat)  # [T-1, V, P]
                 p = jax.nn.softmax(lm.apply(full(flat), b["tokens"], b["mask"])[0, :-1], -1)
                 HJ = p[:, :, None] * Jz - p[:, :, None] * jnp.einsum("tv,tvp->tp", p, Jz)[:, None, :]
                 F = F + jnp.einsum("t,tvp,tvq->pq", b["weights"][0, 1:], Jz, HJ)
             return F / 4
 
-        g_doc = jax.jit(jax.vmap(lambda m: jax.grad(lambda f: token_nll(
-            full(f), {k: jax.lax.dynamic_slice_in_dim(v, m, 1) for k, v in docs.items()}).sum())(flat0)))(jnp.arange(4))
-        g_q = jax.jit(jax.jacrev(f_q))(flat0)                                                 # [Q, P]
+        g_doc = jax.jit(
+            jax.vmap(
+                lambda m: jax.grad(
+                    lambda f: token_nll(
+                        full(f), {k: jax.lax.dynamic_slice_in_dim(v, m, 1) for k, v in docs.items()}
+                    ).sum()
+                )(flat0)
+            )
+        )(jnp.arange(4))
+        g_q = jax.jit(jax.jacrev(f_q))(flat0)  # [Q, P]
         limit = np.asarray(g_q @ jnp.linalg.solve(gn(flat0) + jnp.diag(lam_vec), g_doc.T))
         rel = lambda e: np.abs(exact(e) - limit).max() / np.abs(limit).max()
         e3, e4 = rel(1e-3), rel(1e-4)
@@ -726,29 +869,29 @@ def test_pbrf_chunks_resume_from_the_finished_ones(tmp_path):
     documents is recomputed."""
     calls = []
 
-    def fn(idx):                       # stands in for one vmap-ed chunk of optimizations
+    def fn(idx):  # stands in for one vmap-ed chunk of optimizations
         calls.append(list(idx))
         return np.stack([idx * 10.0, idx * 100.0], 1), idx / 1000.0
 
     units = tmp_path / "pbrf"
     values, ratio = pbrf.in_chunks(fn, [1, 4, 7], 2, units)
-    assert calls == [[1, 4], [7, 7]]                                     # one shape: the last chunk padded
+    assert calls == [[1, 4], [7, 7]]  # one shape: the last chunk padded
     np.testing.assert_array_equal(values, [[10, 100], [40, 400], [70, 700]])
     np.testing.assert_array_equal(ratio, [0.001, 0.004, 0.007])
     assert sorted(p.name for p in units.iterdir()) == ["chunk_00000.npz", "chunk_00002.npz"]
     calls.clear()
-    assert np.array_equal(pbrf.in_chunks(fn, [1, 4, 7], 2, units)[0], values) and calls == []   # all read back
-    (units / "chunk_00002.npz").write_bytes(b"not a zip")              # torn by a kill: recomputed
+    assert np.array_equal(pbrf.in_chunks(fn, [1, 4, 7], 2, units)[0], values) and calls == []  # all read back
+    (units / "chunk_00002.npz").write_bytes(b"not a zip")  # torn by a kill: recomputed
     pbrf.in_chunks(fn, [1, 4, 7], 2, units)
     assert calls == [[7, 7]]
     calls.clear()
-    values2, _ = pbrf.in_chunks(fn, [2, 4, 7], 2, units)               # other documents: not reused
+    values2, _ = pbrf.in_chunks(fn, [2, 4, 7], 2, units)  # other documents: not reused
     assert calls == [[2, 4]] and values2[0].tolist() == [20, 200]
     seen = []
     pbrf.in_chunks(fn, [2, 4, 7], 2, units, lambda n, computed: seen.append((n, computed)))
-    assert seen == [(2, False), (1, False)]                             # progress counts read-back chunks too
+    assert seen == [(2, False), (1, False)]  # progress counts read-back chunks too
     seen.clear()
-    pbrf.in_chunks(fn, [5], 8, None, lambda n, computed: seen.append((n, computed)))   # no units: nothing written
+    pbrf.in_chunks(fn, [5], 8, None, lambda n, computed: seen.append((n, computed)))  # no units: nothing written
     assert seen == [(1, True)] and calls[-1] == [5]
 
 
@@ -758,7 +901,7 @@ def test_validate_with_pbrf(tmp_path):
 
     config = cfg.load(None, TINY + ["validate.pbrf=true", "validate.pbrf_documents=3", "validate.pbrf_iterations=5"])
     result = json.loads(json.dumps(driver.validate(config, tmp_path / "val")))
-    assert len(list((tmp_path / "val").rglob("pbrf_*/chunk_00000.npz"))) == 1   # the chunk units of the optimization
+    assert len(list((tmp_path / "val").rglob("pbrf_*/chunk_00000.npz"))) == 1  # the chunk units of the optimization
     detail = result["pbrf_detail"]
     assert detail["damping"] == 0.01 and len(detail["documents"]) == 3 and len(detail["gradient_norm_ratio"]) == 3
     assert detail["converged"] == sum(r < detail["converged_below"] for r in detail["gradient_norm_ratio"])
@@ -782,16 +925,26 @@ def test_validate_fine_tunes_a_user_checkpoint(tmp_path, monkeypatch):
     from jaxinf import models
     from jaxinf.validate import driver
 
-    w = make_world(tmp_path / "world", n_documents=24, n_queries=4, seed=1)   # weights unlike validate.seed 0's
-    settings = [f"model.checkpoint={w['model']}", f"data.documents={w['docs']}", f"data.queries={w['queries']}",
-                "data.max_length=48", "validate.subsets=3", "validate.seeds=1", "validate.steps=8",
-                "validate.batch_size=4", "validate.group=3", "validate.strategies=[identity]",
-                "validate.dampings=[0.01]", "validate.recall_k=[1,5]"]
+    w = make_world(tmp_path / "world", n_documents=24, n_queries=4, seed=1)  # weights unlike validate.seed 0's
+    settings = [
+        f"model.checkpoint={w['model']}",
+        f"data.documents={w['docs']}",
+        f"data.queries={w['queries']}",
+        "data.max_length=48",
+        "validate.subsets=3",
+        "validate.seeds=1",
+        "validate.steps=8",
+        "validate.batch_size=4",
+        "validate.group=3",
+        "validate.strategies=[identity]",
+        "validate.dampings=[0.01]",
+        "validate.recall_k=[1,5]",
+    ]
     starts = []
     real = retrain.make_trainer
 
-    def spy(task, proc, stacked_starts=False):             # records the parameters every training starts from
-        assert not stacked_starts                          # the default protocol: shared starts
+    def spy(task, proc, stacked_starts=False):  # records the parameters every training starts from
+        assert not stacked_starts  # the default protocol: shared starts
         many, one = real(task, proc, stacked_starts)
         record = lambda f: lambda params0, *a: (starts.append(params0), f(params0, *a))[1]
         return record(many), record(one)
@@ -800,8 +953,9 @@ def test_validate_fine_tunes_a_user_checkpoint(tmp_path, monkeypatch):
     config = cfg.load(None, settings + ["validate.from=checkpoint"])
     result = driver.validate(config, tmp_path / "val")
     lm, _ = models.from_hf(str(w["model"]), dtype=config.model.dtype, scan=config.model.scan_layers)
-    same = lambda p: jax.tree_util.tree_all(jax.tree_util.tree_map(lambda x, y: bool(np.array_equal(x, y)), p,
-                                                                    lm.params))
+    same = lambda p: jax.tree_util.tree_all(
+        jax.tree_util.tree_map(lambda x, y: bool(np.array_equal(x, y)), p, lm.params)
+    )
     assert len(starts) >= 2 and all(same(p) for p in starts)
     assert result["procedure"]["from"] == "checkpoint" and str(w["model"]) in result["world"]
     assert result["documents"] == 24 and len(result["queries"]) == 4
@@ -812,8 +966,14 @@ def test_validate_fine_tunes_a_user_checkpoint(tmp_path, monkeypatch):
         pass
 
     starts.clear()
-    monkeypatch.setattr(retrain, "make_trainer", lambda task, proc, stacked_starts=False: (None, lambda params0, *a: (
-        starts.append(params0), (_ for _ in ()).throw(Stop()))))
+    monkeypatch.setattr(
+        retrain,
+        "make_trainer",
+        lambda task, proc, stacked_starts=False: (
+            None,
+            lambda params0, *a: (starts.append(params0), (_ for _ in ()).throw(Stop())),
+        ),
+    )
     with pytest.raises(Stop):
         driver.validate(cfg.load(None, settings + ["validate.from=scratch"]), tmp_path / "val")
     assert len(starts) == 1 and not same(starts[0])
@@ -827,9 +987,11 @@ def test_validate_fine_tunes_a_user_checkpoint(tmp_path, monkeypatch):
     (weights,) = w["model"].glob("*.safetensors")
     tensors = stn.load_file(str(weights))
     name = sorted(tensors)[0]
-    edits = [(w["docs"], lambda: _edit_line(w["docs"], 5, "text", "an edited document")),
-             (w["queries"], lambda: _edit_line(w["queries"], 2, "completion", "4 5 6 .")),
-             (weights, lambda: stn.save_file({**tensors, name: tensors[name] * np.float32(1.01)}, str(weights)))]
+    edits = [
+        (w["docs"], lambda: _edit_line(w["docs"], 5, "text", "an edited document")),
+        (w["queries"], lambda: _edit_line(w["queries"], 2, "completion", "4 5 6 .")),
+        (weights, lambda: stn.save_file({**tensors, name: tensors[name] * np.float32(1.01)}, str(weights))),
+    ]
     for path, edit in edits:
         original = path.read_bytes()
         edit()
@@ -838,4 +1000,4 @@ def test_validate_fine_tunes_a_user_checkpoint(tmp_path, monkeypatch):
             driver.validate(config, tmp_path / "val")
         assert len(starts) == 1, path
         path.write_bytes(original)
-    driver.validate(config, tmp_path / "val")                       # restored: reused again
+    driver.validate(config, tmp_path / "val")  # restored: reused again

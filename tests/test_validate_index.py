@@ -23,23 +23,39 @@ def small():
     params, task = world.lm.params, world.lm.task()
     layers = driver.tracked_layers(world, params)
     docs = {k: jnp.asarray(x) for k, x in world.documents.items()}
-    batches = [{k: x[lo:lo + 8] for k, x in docs.items()} for lo in (0, 8)]
+    batches = [{k: x[lo : lo + 8] for k, x in docs.items()} for lo in (0, 8)]
     G, qloss = stages.query_gradients(task, layers, params, {k: jnp.asarray(x) for k, x in world.queries.items()})
     curv, pieces = stages.fit_curvature(task, layers, params, batches, strategy="ekfac")
     qg = scoring.prepare_queries(G, qloss, curv, 0.01, None)
-    exact = np.concatenate([np.asarray(stages.score_batch(task, layers, params, qg, b)[0].total, np.float64)
-                            for b in batches], 1)
-    return dict(world=world, params=params, task=task, layers=layers, batches=batches, G=G, qloss=qloss, curv=curv,
-                eigen=pieces["eigen"], qg=qg, exact=exact)
+    exact = np.concatenate(
+        [np.asarray(stages.score_batch(task, layers, params, qg, b)[0].total, np.float64) for b in batches], 1
+    )
+    return dict(
+        world=world,
+        params=params,
+        task=task,
+        layers=layers,
+        batches=batches,
+        G=G,
+        qloss=qloss,
+        curv=curv,
+        eigen=pieces["eigen"],
+        qg=qg,
+        exact=exact,
+    )
 
 
 def test_projection_layout_matches_the_document_rows(small):
     """With the identity as the 'projection' every cell is kept and the projected product is the plain gradient
     inner product, so it must equal the scoring pass: the query and document layouts agree cell by cell."""
     s = small
-    identity = {n: {"Q_A": jnp.broadcast_to(jnp.eye(spec.d_in_aug), (*spec.lead, spec.d_in_aug, spec.d_in_aug)),
-                    "Q_S": jnp.broadcast_to(jnp.eye(spec.d_out), (*spec.lead, spec.d_out, spec.d_out))}
-                for n, spec in s["layers"].items()}
+    identity = {
+        n: {
+            "Q_A": jnp.broadcast_to(jnp.eye(spec.d_in_aug), (*spec.lead, spec.d_in_aug, spec.d_in_aug)),
+            "Q_S": jnp.broadcast_to(jnp.eye(spec.d_out), (*spec.lead, spec.d_out, spec.d_out)),
+        }
+        for n, spec in s["layers"].items()
+    }
     rows, _ = index_mod.document_rows(s["task"], s["layers"], s["params"], s["batches"], identity, None)
     got = index_mod.projected_queries(s["qg"], identity, s["layers"]) @ rows.T
     np.testing.assert_allclose(got, s["exact"], rtol=1e-4, atol=1e-6 * np.abs(s["exact"]).max())
@@ -74,7 +90,7 @@ def test_fidelity_by_hand():
     f = index_mod.fidelity(exact, approx, np.array([0.5, 0.25]))
     assert f["per_query"]["pearson"] == pytest.approx([1.0, -1.0])
     assert f["per_query"]["spearman"] == pytest.approx([1.0, -1.0])
-    assert f["tails"] == {"10": 3, "100": 3}                     # at most half of the six documents
+    assert f["tails"] == {"10": 3, "100": 3}  # at most half of the six documents
     assert f["per_query"]["top10"] == [1.0, 0.0] and f["per_query"]["bottom10"] == [1.0, 0.0]
     assert f["mean"]["predicted"] == pytest.approx(0.375) and f["min"]["pearson"] == pytest.approx(-1.0)
 
@@ -93,26 +109,44 @@ def test_validate_compares_the_index_with_exact_ekfac(tmp_path):
     """End to end: ``ekfac-index`` at ``index.k: full`` has exactly EK-FAC's scores, so the same LDS; the fidelity
     table covers every size asked, full being exact; a second run reads everything back."""
     out = tmp_path / "val"
-    config = cfg.load(None, ["validate.builtin_documents=16", "validate.subsets=3", "validate.seeds=1",
-                             "validate.steps=8", "validate.batch_size=4", "validate.group=3",
-                             "validate.strategies=[ekfac,ekfac-index]", "validate.dampings=[0.01]",
-                             "validate.recall_k=[1]", "validate.bootstrap=20", "index.k=full", "validate.index_ks=[2]"])
+    config = cfg.load(
+        None,
+        [
+            "validate.builtin_documents=16",
+            "validate.subsets=3",
+            "validate.seeds=1",
+            "validate.steps=8",
+            "validate.batch_size=4",
+            "validate.group=3",
+            "validate.strategies=[ekfac,ekfac-index]",
+            "validate.dampings=[0.01]",
+            "validate.recall_k=[1]",
+            "validate.bootstrap=20",
+            "index.k=full",
+            "validate.index_ks=[2]",
+        ],
+    )
     result = driver.validate(config, out)
     work = next((out / "work").iterdir())
     (score_dir,) = (work / "scores").iterdir()
-    np.testing.assert_allclose(np.load(score_dir / "ekfac-index-kfull_0.01.npy"), np.load(score_dir / "ekfac_0.01.npy"),
-                               rtol=1e-4, atol=1e-6 * np.abs(np.load(score_dir / "ekfac_0.01.npy")).max())
+    np.testing.assert_allclose(
+        np.load(score_dir / "ekfac-index-kfull_0.01.npy"),
+        np.load(score_dir / "ekfac_0.01.npy"),
+        rtol=1e-4,
+        atol=1e-6 * np.abs(np.load(score_dir / "ekfac_0.01.npy")).max(),
+    )
     assert result["lds"]["ekfac-index"]["mean"] == pytest.approx(result["lds"]["ekfac"]["mean"], abs=1e-6)
     table = result["index_fidelity"]["table"]
     assert list(table) == ["2", "full"] and result["index_fidelity"]["damping"] == "0.01"
     assert table["full"]["ekfac-index"]["mean"]["pearson"] == pytest.approx(1.0, abs=1e-6)
-    assert table["full"]["ekfac-index"]["rescored"] == {"10": 0.0, "100": 0.0}      # exact: nothing to certify
-    assert "random-kronecker" not in table["full"]                   # full: nothing to project
+    assert table["full"]["ekfac-index"]["rescored"] == {"10": 0.0, "100": 0.0}  # exact: nothing to certify
+    assert "random-kronecker" not in table["full"]  # full: nothing to project
     two = table["2"]
     assert set(two) == {"cells", "ekfac-index", "kfac-eigenvalues", "random-kronecker"}
-    assert two["cells"] == sum(int(np.prod(s.lead, dtype=int)) * min(2, s.d_out) * min(2, s.d_in_aug)
-                               for s in driver.tracked_layers(driver.load_world(config),
-                                                              driver.load_world(config).lm.params).values())
+    assert two["cells"] == sum(
+        int(np.prod(s.lead, dtype=int)) * min(2, s.d_out) * min(2, s.d_in_aug)
+        for s in driver.tracked_layers(driver.load_world(config), driver.load_world(config).lm.params).values()
+    )
     for method in ("ekfac-index", "kfac-eigenvalues", "random-kronecker"):
         assert -1.0 <= two[method]["mean"]["pearson"] <= 1.0
     assert 0.0 <= two["ekfac-index"]["mean"]["predicted"] <= 1.0
@@ -131,11 +165,12 @@ def test_the_bound_holds_and_certification_keeps_the_exact_tails(small):
     rows, bands = index_mod.document_rows(s["task"], s["layers"], s["params"], s["batches"], basis, 2)
     iq = index_mod.index_queries(s["qg"], s["curv"], selection, s["layers"], 2)
     approx = indexing.index_scores(np.asarray(iq.cells, np.float64), rows)
-    bounds = indexing.score_bounds(np.asarray(iq.rest, np.float64),
-                                   indexing.residual_norms(bands, indexing.RESOLUTION["float32"]))
+    bounds = indexing.score_bounds(
+        np.asarray(iq.rest, np.float64), indexing.residual_norms(bands, indexing.RESOLUTION["float32"])
+    )
     exact = s["exact"]
     assert np.all(np.abs(exact - approx) <= bounds + 1e-6 * np.abs(exact).max())
-    assert np.abs(exact - approx).max() > 1e-3 * np.abs(exact).max()          # k = 2 does leave something out
+    assert np.abs(exact - approx).max() > 1e-3 * np.abs(exact).max()  # k = 2 does leave something out
     candidates = indexing.certify_candidates(approx, bounds, 3)
     for row in exact:
         order = np.argsort(row)

@@ -33,15 +33,68 @@ from jaxinf.analysis.groups import describe, present_kinds
 NUMBER = re.compile(r"(?<![\w.])[-\u2212]?\d+(?:,\d{3})*(?:\.\d+)?(?![\d])")
 # A step result: a number right after "=" that is not itself followed by an operator.
 STEP_RESULT = re.compile(
-    r"=[ \t]*\**[ \t]*([-\u2212]?\d+(?:,\d{3})*(?:\.\d+)?)(?![ \t]*[-+*/\u00d7\u00f7^(])(?!\d|[.,]\d)")
+    r"=[ \t]*\**[ \t]*([-\u2212]?\d+(?:,\d{3})*(?:\.\d+)?)(?![ \t]*[-+*/\u00d7\u00f7^(])(?!\d|[.,]\d)"
+)
 OPERATION = re.compile(r"[\w)]\s*[-+*/\u00d7\u00f7]\s*[\w(\u2212-]")
 _CAP = r"[A-Z][\w'\u2019-]*"
 _JOIN = r"(?:of|the|and|for|de|la|von|van|del|da|du|y)"
 PHRASE = re.compile(rf"{_CAP}(?:\s+(?:{_JOIN}\s+)*{_CAP})*")
-_LEADING = {"the", "a", "an", "in", "on", "at", "this", "that", "these", "those", "it", "he", "she", "they", "we",
-            "i", "you", "there", "here", "according", "yes", "no", "however", "therefore", "so", "to", "first",
-            "then", "now", "finally", "next", "step", "its", "his", "her", "their", "our", "my", "as", "if", "for",
-            "and", "but", "or", "of", "what", "which", "who", "when", "where", "why", "how", "after", "before"}
+_LEADING = {
+    "the",
+    "a",
+    "an",
+    "in",
+    "on",
+    "at",
+    "this",
+    "that",
+    "these",
+    "those",
+    "it",
+    "he",
+    "she",
+    "they",
+    "we",
+    "i",
+    "you",
+    "there",
+    "here",
+    "according",
+    "yes",
+    "no",
+    "however",
+    "therefore",
+    "so",
+    "to",
+    "first",
+    "then",
+    "now",
+    "finally",
+    "next",
+    "step",
+    "its",
+    "his",
+    "her",
+    "their",
+    "our",
+    "my",
+    "as",
+    "if",
+    "for",
+    "and",
+    "but",
+    "or",
+    "of",
+    "what",
+    "which",
+    "who",
+    "when",
+    "where",
+    "why",
+    "how",
+    "after",
+    "before",
+}
 
 
 def normalize_number(s: str) -> str:
@@ -119,8 +172,9 @@ def key_phrases(prompt: str, completion: str) -> list[str]:
     return _dedupe(out)
 
 
-def answer_items(prompt: str, completion: str, kind: str, task: str | None,
-                 answer: Sequence[str] | None) -> tuple[list[str], str]:
+def answer_items(
+    prompt: str, completion: str, kind: str, task: str | None, answer: Sequence[str] | None
+) -> tuple[list[str], str]:
     """(items, rule) for one query; rule is "answer field", "step results" or "numbers and key phrases"."""
     if answer:
         return _dedupe([a.strip() for a in answer if a.strip()]), "answer field"
@@ -178,9 +232,16 @@ def answers_in_top(items: Sequence[str], ranked_texts: Sequence[str | None], ks:
     for k in ks:
         texts = [t for t in ranked_texts[:k] if t is not None]
         found = find_items(items, texts) if items else []
-        out.append({"k": int(k), "n_texts": len(texts), "found": found,
-                    "found_all": bool(items) and all(found), "found_any": any(found),
-                    "recall": (sum(found) / len(items)) if items else None})
+        out.append(
+            {
+                "k": int(k),
+                "n_texts": len(texts),
+                "found": found,
+                "found_all": bool(items) and all(found),
+                "found_any": any(found),
+                "recall": (sum(found) / len(items)) if items else None,
+            }
+        )
     return out
 
 
@@ -220,8 +281,16 @@ def answers_block(queries: Any, top_idx: Sequence, texts: Mapping[int, str], ks:
         else:
             own, own_rule = answer_items(prompt, completion, kind, task, None)
         res = answers_in_top(items, ranked, ks)
-        per_query.append({"query": queries.ids[q], "kind": kind, "rule": rule, "items": items, "by_k": res,
-                          "model": {"rule": own_rule, "items": own, "by_k": answers_in_top(own, ranked, ks)}})
+        per_query.append(
+            {
+                "query": queries.ids[q],
+                "kind": kind,
+                "rule": rule,
+                "items": items,
+                "by_k": res,
+                "model": {"rule": own_rule, "items": own, "by_k": answers_in_top(own, ranked, ks)},
+            }
+        )
         flags[queries.ids[q]] = res
     kinds = dict(zip(queries.ids, queries.kinds))
     no_items = [p["query"] for p in per_query if not p["items"]]
@@ -231,7 +300,12 @@ def answers_block(queries: Any, top_idx: Sequence, texts: Mapping[int, str], ks:
         "per_query": per_query,
         "share_found_all_by_kind": share_by_kind(flags, kinds, "found_all"),
         "share_found_any_by_kind": share_by_kind(flags, kinds, "found_any"),
-        "mean_recall_by_kind": {k: [describe([r[j]["recall"] for qid, r in flags.items() if kinds[qid] == k])["mean"]
-                                    for j in range(len(ks))] for k in present_kinds(queries.kinds)},
+        "mean_recall_by_kind": {
+            k: [
+                describe([r[j]["recall"] for qid, r in flags.items() if kinds[qid] == k])["mean"]
+                for j in range(len(ks))
+            ]
+            for k in present_kinds(queries.kinds)
+        },
         "n_without_items": len(no_items),
     }, no_items

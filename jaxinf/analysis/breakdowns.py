@@ -34,9 +34,9 @@ class Breakdowns(NamedTuple):
     document they name."""
 
     topk: TopK | None
-    layers: tuple[list[str], np.ndarray] | None   # layer names, layer_scores.npy [Q, K, L]
+    layers: tuple[list[str], np.ndarray] | None  # layer names, layer_scores.npy [Q, K, L]
     tokens: list[TokenRecord]
-    positions: dict[str, int]                       # document id -> row of documents.jsonl
+    positions: dict[str, int]  # document id -> row of documents.jsonl
 
 
 def read_breakdowns(run_dir: Path, queries: Queries, docs: Documents) -> Breakdowns:
@@ -52,7 +52,9 @@ def read_breakdowns(run_dir: Path, queries: Queries, docs: Documents) -> Breakdo
     if exported is not None:
         names, ls = exported
         if topk is None:
-            raise AnalysisError("layer_scores.npy: present but topk.jsonl is missing (its top lists give the document order)")
+            raise AnalysisError(
+                "layer_scores.npy: present but topk.jsonl is missing (its top lists give the document order)"
+            )
         if ls.shape[0] != len(queries):
             raise AnalysisError(f"layer_scores.npy: shape {ls.shape} but queries.jsonl has {len(queries)} lines")
         for qid in queries.ids:
@@ -60,8 +62,10 @@ def read_breakdowns(run_dir: Path, queries: Queries, docs: Documents) -> Breakdo
             if top is None:
                 raise AnalysisError(f"topk.jsonl: no line for query {qid!r}, needed by layer_scores.npy")
             if len(top) < ls.shape[1]:
-                raise AnalysisError(f"layer_scores.npy: shape {ls.shape} but topk.jsonl lists {len(top)} top "
-                                    f"documents for query {qid!r}")
+                raise AnalysisError(
+                    f"layer_scores.npy: shape {ls.shape} but topk.jsonl lists {len(top)} top "
+                    f"documents for query {qid!r}"
+                )
             for e in top[: ls.shape[1]]:
                 need_ids[str(e["id"])] = None
     records = []
@@ -79,8 +83,9 @@ def read_breakdowns(run_dir: Path, queries: Queries, docs: Documents) -> Breakdo
     return Breakdowns(topk, exported, records, index)
 
 
-def summarize_breakdowns(breakdowns: Breakdowns, queries: Queries, scores: ScoreMatrix, tokens_shown: int,
-                         notes: list[str]) -> tuple[dict, dict]:
+def summarize_breakdowns(
+    breakdowns: Breakdowns, queries: Queries, scores: ScoreMatrix, tokens_shown: int, notes: list[str]
+) -> tuple[dict, dict]:
     """summary.json's ``layers`` and ``tokens`` blocks.
 
     Layers: each query's share of ``|score|`` per layer and per depth bin over its top-K documents,
@@ -96,7 +101,7 @@ def summarize_breakdowns(breakdowns: Breakdowns, queries: Queries, scores: Score
         bins = lay.layer_bins(numbers)
         share = lay.layer_shares(ls)
         bshare = lay.bin_shares(share, bins)
-        assert topk is not None   # read_breakdowns refuses layer scores without topk.jsonl
+        assert topk is not None  # read_breakdowns refuses layer scores without topk.jsonl
         resid = []
         for q, qid in enumerate(queries.ids):
             for k, e in enumerate(topk.top[qid][: ls.shape[1]]):
@@ -104,15 +109,23 @@ def summarize_breakdowns(breakdowns: Breakdowns, queries: Queries, scores: Score
                 resid.append(abs(ls[q, k].sum() - total) / max(abs(total), 1e-30))
         max_rel = float(max(resid)) if resid else None
         if max_rel is not None and max_rel > 1e-3:
-            notes.append(f"layer_scores.npy: per-layer scores do not sum to scores.npy "
-                         f"(largest relative difference {max_rel:.3g}); layer shares may be off")
+            notes.append(
+                f"layer_scores.npy: per-layer scores do not sum to scores.npy "
+                f"(largest relative difference {max_rel:.3g}); layer shares may be off"
+            )
         layers_out = {
-            "available": True, "names": names, "block_numbers": numbers, "block_rule": rule, "bins": bins,
-            "top_k": int(ls.shape[1]), "share_per_query": share,
+            "available": True,
+            "names": names,
+            "block_numbers": numbers,
+            "block_rule": rule,
+            "bins": bins,
+            "top_k": int(ls.shape[1]),
+            "share_per_query": share,
             "bin_share_per_query": bshare,
             "bin_share_by_kind": {b: by_kind(bshare[b], queries.kinds) for b in lay.BINS},
-            "mean_share_by_kind": {k: np.nanmean(share[np.asarray(queries.kinds) == k], axis=0)
-                                   for k in present_kinds(queries.kinds)},
+            "mean_share_by_kind": {
+                k: np.nanmean(share[np.asarray(queries.kinds) == k], axis=0) for k in present_kinds(queries.kinds)
+            },
             "sum_check_max_relative_difference": max_rel,
             "definition": "share[q, l] = sum_k |I_l(q, d_k)| / sum_{k, l'} |I_l'(q, d_k)| over the top-K documents",
         }
@@ -125,15 +138,25 @@ def summarize_breakdowns(breakdowns: Breakdowns, queries: Queries, scores: Score
             q = id_pos[rec.query]
             total = scores_value(scores, q, index[rec.document])
             resid.append(abs(rec.scores.sum() - total) / max(abs(total), 1e-30))
-            entries.append({"query": rec.query, "document": rec.document, "rank": rec.rank,
-                            "n_tokens": len(rec.texts), "score": total,
-                            "top_tokens": lay.top_tokens(rec.texts, rec.scores, tokens_shown),
-                            "_texts": rec.pieces or rec.texts, "_decoded": rec.pieces is not None,
-                            "_scores": rec.scores})
+            entries.append(
+                {
+                    "query": rec.query,
+                    "document": rec.document,
+                    "rank": rec.rank,
+                    "n_tokens": len(rec.texts),
+                    "score": total,
+                    "top_tokens": lay.top_tokens(rec.texts, rec.scores, tokens_shown),
+                    "_texts": rec.pieces or rec.texts,
+                    "_decoded": rec.pieces is not None,
+                    "_scores": rec.scores,
+                }
+            )
         max_rel = float(max(resid))
         if max_rel > 1e-3:
-            notes.append(f"topk_tokens.jsonl: per-token scores do not sum to scores.npy "
-                         f"(largest relative difference {max_rel:.3g})")
+            notes.append(
+                f"topk_tokens.jsonl: per-token scores do not sum to scores.npy "
+                f"(largest relative difference {max_rel:.3g})"
+            )
         tokens_out = {"available": True, "records": entries, "sum_check_max_relative_difference": max_rel}
     return layers_out, tokens_out
 

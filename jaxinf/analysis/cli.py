@@ -30,8 +30,10 @@ def _analyze(args) -> int:
         print(f"analyze: converted {args.from_release} into {args.run_dir}")
     s = analyze(Path(args.run_dir))
     out = Path(args.run_dir)
-    print(f"analyze: wrote {out / 'summary.json'}, {out / 'report' / 'index.html'} and {out / 'report' / 'summary.md'}"
-          f" in {s['timings']['total_s']:.1f} s")
+    print(
+        f"analyze: wrote {out / 'summary.json'}, {out / 'report' / 'index.html'} and {out / 'report' / 'summary.md'}"
+        f" in {s['timings']['total_s']:.1f} s"
+    )
     for n in s["notes"]:
         print(f"analyze: note: {n}")
     return 0

@@ -22,12 +22,24 @@ def row_totals(row: np.ndarray) -> dict:
     row = np.asarray(row, np.float64)
     pos = float(np.clip(row, 0, None).sum())
     neg = float(np.clip(-row, 0, None).sum())
-    return {"positive": pos, "negative": neg, "absolute": pos + neg, "sum": float(row.sum()),
-            "n_positive": int((row > 0).sum()), "n_negative": int((row < 0).sum())}
+    return {
+        "positive": pos,
+        "negative": neg,
+        "absolute": pos + neg,
+        "sum": float(row.sum()),
+        "n_positive": int((row > 0).sum()),
+        "n_negative": int((row < 0).sum()),
+    }
 
 
-def concentration_shares(top_desc: np.ndarray, bottom_asc: np.ndarray, total_positive: float,
-                         total_negative: float, n_documents: int, fractions: Sequence[float]) -> dict:
+def concentration_shares(
+    top_desc: np.ndarray,
+    bottom_asc: np.ndarray,
+    total_positive: float,
+    total_negative: float,
+    n_documents: int,
+    fractions: Sequence[float],
+) -> dict:
     """Share of a query's positive (negative) influence held by its top (bottom) documents.
 
     For a fraction f with ``k = top_count(f, N)`` and scores sorted descending ``s_(1) >= s_(2) ...``:
@@ -68,5 +80,4 @@ def per_nat(totals: dict, loss: float, already_per_nat: bool = False) -> dict | 
         return None
     else:
         d = float(loss)
-    return {"absolute": totals["absolute"] / d, "positive": totals["positive"] / d,
-            "negative": totals["negative"] / d}
+    return {"absolute": totals["absolute"] / d, "positive": totals["positive"] / d, "negative": totals["negative"] / d}

@@ -102,17 +102,20 @@ def encode_labels(kinds: Sequence[str], tasks: Sequence[str | None]) -> tuple[np
 
 def within_task(kind: str | None = None) -> PairRule:
     """Pairs of queries with the same (known) task, optionally both of the given kind."""
+
     def rule(k, t):
         m = (t[:, None] == t[None, :]) & (t >= 0)[:, None]
         if kind is not None:
             c = k == _KIND_CODE[kind]
             m &= c[:, None] & c[None, :]
         return m
+
     return rule
 
 
 def across_tasks(kind: str | None = None) -> PairRule:
     """Pairs of queries with different (known) tasks, optionally both of the given kind."""
+
     def rule(k, t):
         known = t >= 0
         m = (t[:, None] != t[None, :]) & known[:, None] & known[None, :]
@@ -120,6 +123,7 @@ def across_tasks(kind: str | None = None) -> PairRule:
             c = k == _KIND_CODE[kind]
             m &= c[:, None] & c[None, :]
         return m
+
     return rule
 
 
@@ -127,9 +131,11 @@ def template_matched(kind: str) -> PairRule:
     """Pairs of queries of the given kind with the same task, in a task that has both reasoning and control
     queries: a control query whose task is a reasoning task's is a *template-matched control* of it (the
     same surface form, a completion that needs no procedure; docs/analysis.md)."""
+
     def rule(k, t):
         m = _matched(k, t, kind)
         return (t[:, None] == t[None, :]) & m[:, None] & m[None, :]
+
     return rule
 
 
@@ -143,19 +149,23 @@ def _matched(k: np.ndarray, t: np.ndarray, kind: str) -> np.ndarray:
 
 def kind_pair(a: str, b: str) -> PairRule:
     """Pairs with one query of kind a and one of kind b (unordered)."""
+
     def rule(k, t):
         ia, ib = k == _KIND_CODE[a], k == _KIND_CODE[b]
         return (ia[:, None] & ib[None, :]) | (ib[:, None] & ia[None, :])
+
     return rule
 
 
 def one_task(task_code: int, kind: str | None = None) -> PairRule:
     """Pairs of queries that both have the task with the given code (and, optionally, both the given kind)."""
+
     def rule(k, t):
         m = t == task_code
         if kind is not None:
             m &= k == _KIND_CODE[kind]
         return m[:, None] & m[None, :]
+
     return rule
 
 
@@ -179,8 +189,16 @@ def _permutation(rng: np.random.Generator, task_codes: np.ndarray, within_task: 
     return perm
 
 
-def permutation_test(r: np.ndarray, kinds: Sequence[str], tasks: Sequence[str | None], rule_a: PairRule,
-                     rule_b: PairRule, n_permutations: int = 2000, seed: int = 0, within_task: bool = False) -> dict:
+def permutation_test(
+    r: np.ndarray,
+    kinds: Sequence[str],
+    tasks: Sequence[str | None],
+    rule_a: PairRule,
+    rule_b: PairRule,
+    n_permutations: int = 2000,
+    seed: int = 0,
+    within_task: bool = False,
+) -> dict:
     """Difference of the mean pair correlation of two groups, with a permutation p-value.
 
     Statistic ``d = mean_{(i,j) in A} r_ij - mean_{(i,j) in B} r_ij``. Under the null hypothesis
@@ -203,8 +221,13 @@ def permutation_test(r: np.ndarray, kinds: Sequence[str], tasks: Sequence[str | 
         return float(r[ma].mean() - r[mb].mean()), int(ma.sum()), int(mb.sum())
 
     d, na, nb = stat(kind_codes, task_codes)
-    out = {"difference": None if np.isnan(d) else d, "n_pairs_a": na, "n_pairs_b": nb, "p_value": None,
-           "n_permutations": 0}
+    out = {
+        "difference": None if np.isnan(d) else d,
+        "n_pairs_a": na,
+        "n_pairs_b": nb,
+        "p_value": None,
+        "n_permutations": 0,
+    }
     if np.isnan(d):
         return out
     rng = np.random.default_rng(seed)
@@ -228,23 +251,50 @@ class Comparison:
     b: str
     rule_a: PairRule
     rule_b: PairRule
-    within_task: bool = False   # permute kinds only within each task (see permutation_test)
+    within_task: bool = False  # permute kinds only within each task (see permutation_test)
 
 
 #: The comparisons reported by default, named after the groups they compare.
 DEFAULT_COMPARISONS = (
-    Comparison("within task: reasoning vs factual", "reasoning, same task", "factual, same task",
-               within_task("reasoning"), within_task("factual")),
-    Comparison("within task: reasoning vs template-matched control", "reasoning, same task (with controls)",
-               "control, same task as reasoning", template_matched("reasoning"), template_matched("control"), True),
-    Comparison("reasoning: within task vs across tasks", "reasoning, same task", "reasoning, different tasks",
-               within_task("reasoning"), across_tasks("reasoning")),
-    Comparison("within task: reasoning vs control", "reasoning, same task", "control, same task",
-               within_task("reasoning"), within_task("control")),
-    Comparison("reasoning-reasoning vs reasoning-control", "reasoning-reasoning", "reasoning-control",
-               kind_pair("reasoning", "reasoning"), kind_pair("reasoning", "control")),
-    Comparison("all queries: within task vs across tasks", "same task", "different tasks",
-               within_task(), across_tasks()),
+    Comparison(
+        "within task: reasoning vs factual",
+        "reasoning, same task",
+        "factual, same task",
+        within_task("reasoning"),
+        within_task("factual"),
+    ),
+    Comparison(
+        "within task: reasoning vs template-matched control",
+        "reasoning, same task (with controls)",
+        "control, same task as reasoning",
+        template_matched("reasoning"),
+        template_matched("control"),
+        True,
+    ),
+    Comparison(
+        "reasoning: within task vs across tasks",
+        "reasoning, same task",
+        "reasoning, different tasks",
+        within_task("reasoning"),
+        across_tasks("reasoning"),
+    ),
+    Comparison(
+        "within task: reasoning vs control",
+        "reasoning, same task",
+        "control, same task",
+        within_task("reasoning"),
+        within_task("control"),
+    ),
+    Comparison(
+        "reasoning-reasoning vs reasoning-control",
+        "reasoning-reasoning",
+        "reasoning-control",
+        kind_pair("reasoning", "reasoning"),
+        kind_pair("reasoning", "control"),
+    ),
+    Comparison(
+        "all queries: within task vs across tasks", "same task", "different tasks", within_task(), across_tasks()
+    ),
 )
 
 
@@ -253,8 +303,14 @@ def heatmap_order(kinds: Sequence[str], tasks: Sequence[str | None]) -> np.ndarr
     return np.asarray(sorted(range(len(kinds)), key=lambda i: (_KIND_CODE[kinds[i]], tasks[i] or "", i)))
 
 
-def correlation_summary(r: np.ndarray, kinds: Sequence[str], tasks: Sequence[str | None],
-                        n_permutations: int = 2000, seed: int = 0, losses: Sequence[float] | np.ndarray | None = None) -> dict:
+def correlation_summary(
+    r: np.ndarray,
+    kinds: Sequence[str],
+    tasks: Sequence[str | None],
+    n_permutations: int = 2000,
+    seed: int = 0,
+    losses: Sequence[float] | np.ndarray | None = None,
+) -> dict:
     """Every group statistic and comparison of the Pearson matrix r. With the queries' completion ``losses``
     (nats), the template-matched groups also describe them: a control far less likely than the reasoning
     queries it matches is not matched in what dominates its gradient."""
@@ -265,7 +321,7 @@ def correlation_summary(r: np.ndarray, kinds: Sequence[str], tasks: Sequence[str
         for kk, t in zip(kinds, tasks):
             if t is not None and kk == k and k not in task_kinds.setdefault(t, []):
                 task_kinds[t].append(k)
-    within: dict[str, dict] = {}   # keyed by task, or by "task (kind)" for a task with queries of several kinds
+    within: dict[str, dict] = {}  # keyed by task, or by "task (kind)" for a task with queries of several kinds
     for i, t in enumerate(task_names):
         for k in task_kinds[t]:
             key = t if len(task_kinds[t]) == 1 else f"{t} ({k})"
@@ -275,24 +331,33 @@ def correlation_summary(r: np.ndarray, kinds: Sequence[str], tasks: Sequence[str
         "kind_pairs": {},
         "within_task_by_kind": {k: describe(group_values(r, within_task(k), kinds, tasks)) for k in present},
         "across_tasks_by_kind": {k: describe(group_values(r, across_tasks(k), kinds, tasks)) for k in present},
-        "template_matched": {k: describe(group_values(r, template_matched(k), kinds, tasks))
-                             for k in ("reasoning", "control")},
-        "template_matched_loss": None if losses is None else {
+        "template_matched": {
+            k: describe(group_values(r, template_matched(k), kinds, tasks)) for k in ("reasoning", "control")
+        },
+        "template_matched_loss": None
+        if losses is None
+        else {
             k: describe(np.asarray(losses, np.float64)[_matched(*encode_labels(kinds, tasks), k)])
-            for k in ("reasoning", "control")},
+            for k in ("reasoning", "control")
+        },
         "within_task_all": describe(group_values(r, within_task(), kinds, tasks)),
         "across_tasks_all": describe(group_values(r, across_tasks(), kinds, tasks)),
         "comparisons": [],
         "test": "permutation of (kind, task) labels across queries (of kinds within each task for template-matched "
-                "controls); two-sided; p = (1 + hits) / (1 + permutations)",
+        "controls); two-sided; p = (1 + hits) / (1 + permutations)",
     }
     for i, a in enumerate(present):
         for b in present[i:]:
             out["kind_pairs"][f"{a}-{b}"] = describe(group_values(r, kind_pair(a, b), kinds, tasks))
     for c in DEFAULT_COMPARISONS:
         res = permutation_test(r, kinds, tasks, c.rule_a, c.rule_b, n_permutations, seed, c.within_task)
-        out["comparisons"].append({"name": c.name, "group_a": c.a, "group_b": c.b,
-                                   "permuted": "kinds within each task" if c.within_task else "(kind, task) labels",
-                                   **res})
+        out["comparisons"].append(
+            {
+                "name": c.name,
+                "group_a": c.a,
+                "group_b": c.b,
+                "permuted": "kinds within each task" if c.within_task else "(kind, task) labels",
+                **res,
+            }
+        )
     return out
-

@@ -130,21 +130,32 @@ def _column_pass(scores: ScoreMatrix, queries: Queries, docs: Documents, chunk: 
                 n = start + c
                 did = docs.fetch([n])[n][0]
                 what = "NaN" if np.isnan(x[q, c]) else "inf"
-                raise AnalysisError(f"scores.npy: {what} at query row {q} (id {queries.ids[q]!r}), "
-                                    f"document column {n} (id {did!r})")
+                raise AnalysisError(
+                    f"scores.npy: {what} at query row {q} (id {queries.ids[q]!r}), document column {n} (id {did!r})"
+                )
         acc.update(x)
         tot += rowsum
         pos += np.maximum(x, 0.0).sum(axis=1)
         neg -= np.minimum(x, 0.0).sum(axis=1)
         npos += (x > 0).sum(axis=1)
         nneg += (x < 0).sum(axis=1)
-    totals = [{"positive": float(pos[q]), "negative": float(neg[q]), "absolute": float(pos[q] + neg[q]),
-               "sum": float(tot[q]), "n_positive": int(npos[q]), "n_negative": int(nneg[q])} for q in range(Q)]
+    totals = [
+        {
+            "positive": float(pos[q]),
+            "negative": float(neg[q]),
+            "absolute": float(pos[q] + neg[q]),
+            "sum": float(tot[q]),
+            "n_positive": int(npos[q]),
+            "n_negative": int(nneg[q]),
+        }
+        for q in range(Q)
+    ]
     return acc.result(), totals
 
 
-def analyze(run_dir, options: Options = Options(), text_source: TextSource | None = None,
-            write: bool = True, log=print) -> dict:
+def analyze(
+    run_dir, options: Options = Options(), text_source: TextSource | None = None, write: bool = True, log=print
+) -> dict:
     """Analyse a run directory; returns the summary (also written to summary.json when ``write``).
 
     The phases, each timed in ``summary["timings"]``: the inputs validated and read, pass 1 over
@@ -239,16 +250,20 @@ def _input_notes(queries: Queries, docs: Documents, config: dict, notes: list[st
     unknown_kind = [i for i, k in enumerate(queries.kinds) if k == UNKNOWN]
     if unknown_kind:
         raw = sorted({repr(queries.raw_kinds[i]) for i in unknown_kind})
-        notes.append(f"{len(unknown_kind)} queries have a missing or unknown kind ({', '.join(raw)}); "
-                     f"they form the 'unknown' kind: ids {_ids_text([queries.ids[i] for i in unknown_kind])}")
+        notes.append(
+            f"{len(unknown_kind)} queries have a missing or unknown kind ({', '.join(raw)}); "
+            f"they form the 'unknown' kind: ids {_ids_text([queries.ids[i] for i in unknown_kind])}"
+        )
     no_task = [i for i, t in enumerate(queries.tasks) if t is None]
     if no_task:
         notes.append(f"{len(no_task)} queries have no task; they are left out of within-task and across-task groups")
     if docs.n_missing_source:
         notes.append(f"{docs.n_missing_source} of {N} documents have no source; they form the 'unknown' source")
     if docs.tokens is None:
-        notes.append(f"{docs.n_missing_tokens} of {N} documents have no token count; "
-                     "source multipliers by tokens are skipped (by count only)")
+        notes.append(
+            f"{docs.n_missing_tokens} of {N} documents have no token count; "
+            "source multipliers by tokens are skipped (by count only)"
+        )
     elif docs.tokens.sum() == 0:
         docs.tokens = None
         notes.append("every document has a token count of 0; source multipliers by tokens are skipped (by count only)")
@@ -262,8 +277,9 @@ def _input_notes(queries: Queries, docs: Documents, config: dict, notes: list[st
     return already_per_nat
 
 
-def _columns_phase(scores: ScoreMatrix, queries: Queries, docs: Documents, o: Options,
-                   notes: list[str]) -> tuple[np.ndarray, list[dict]]:
+def _columns_phase(
+    scores: ScoreMatrix, queries: Queries, docs: Documents, o: Options, notes: list[str]
+) -> tuple[np.ndarray, list[dict]]:
     """Pass 1 (:func:`_column_pass` under ``o.blas_threads``): the Q x Q Pearson matrix and per-query totals.
 
     A query with the same score for every document has an undefined correlation (a note names it).
@@ -272,8 +288,10 @@ def _columns_phase(scores: ScoreMatrix, queries: Queries, docs: Documents, o: Op
         r, totals = _column_pass(scores, queries, docs, o.chunk_columns)
     constant = [queries.ids[q] for q in range(len(queries)) if not np.isfinite(r[q, q])]
     if constant:
-        notes.append(f"{len(constant)} queries have the same score for every document; their correlations are "
-                     f"undefined (null, blank in the heat map): ids {_ids_text(constant)}")
+        notes.append(
+            f"{len(constant)} queries have the same score for every document; their correlations are "
+            f"undefined (null, blank in the heat map): ids {_ids_text(constant)}"
+        )
     return r, totals
 
 
@@ -281,12 +299,12 @@ def _columns_phase(scores: ScoreMatrix, queries: Queries, docs: Documents, o: Op
 class RowSizes:
     """How many ranked documents pass 2 needs per query, each capped at the corpus size ``N``."""
 
-    source_ks: list[int]   # the top-k of the source multipliers
-    answer_ks: list[int]   # the top-k searched for answers
-    top_n: int             # the top documents the power-law tails are fitted on
-    k_max: int             # ranked on each side: the most any statistic needs
-    keep_top: int          # top documents kept per query (answers, summary.json, report)
-    keep_bottom: int       # bottom documents kept per query (summary.json, report)
+    source_ks: list[int]  # the top-k of the source multipliers
+    answer_ks: list[int]  # the top-k searched for answers
+    top_n: int  # the top documents the power-law tails are fitted on
+    k_max: int  # ranked on each side: the most any statistic needs
+    keep_top: int  # top documents kept per query (answers, summary.json, report)
+    keep_bottom: int  # bottom documents kept per query (summary.json, report)
 
 
 def row_sizes(o: Options, N: int) -> RowSizes:
@@ -300,8 +318,9 @@ def row_sizes(o: Options, N: int) -> RowSizes:
     return RowSizes(source_ks, answer_ks, top_n, k_max, keep_top, keep_bottom)
 
 
-def _row_pass(scores: ScoreMatrix, totals: list[dict], docs: Documents, shares: dict, sizes: RowSizes,
-              o: Options) -> RowResults:
+def _row_pass(
+    scores: ScoreMatrix, totals: list[dict], docs: Documents, shares: dict, sizes: RowSizes, o: Options
+) -> RowResults:
     """Pass 2, one query (row) at a time: its top and bottom ``k_max`` documents and what they give.
 
     Per query: concentration shares of the top/bottom fractions, power-law fits of both tails,
@@ -316,20 +335,30 @@ def _row_pass(scores: ScoreMatrix, totals: list[dict], docs: Documents, shares: 
         tv, bv = row[top], row[bottom]
         T = totals[q]
         rows.concentration.append(conc.concentration_shares(tv, bv, T["positive"], T["negative"], N, o.fractions))
-        rows.tail_pos.append(pl.tail_fits(tv, sizes.top_n, o.powerlaw_min_tail, o.powerlaw_candidates,
-                                          o.powerlaw_bootstrap, o.seed + q))
-        rows.tail_neg.append(pl.tail_fits(-bv, sizes.top_n, o.powerlaw_min_tail, o.powerlaw_candidates,
-                                          o.powerlaw_bootstrap, o.seed + Q + q))
+        rows.tail_pos.append(
+            pl.tail_fits(tv, sizes.top_n, o.powerlaw_min_tail, o.powerlaw_candidates, o.powerlaw_bootstrap, o.seed + q)
+        )
+        rows.tail_neg.append(
+            pl.tail_fits(
+                -bv, sizes.top_n, o.powerlaw_min_tail, o.powerlaw_candidates, o.powerlaw_bootstrap, o.seed + Q + q
+            )
+        )
         for ranked, out in ((top, rows.src_top), (bottom, rows.src_bottom)):
-            out.append(src.source_multipliers(
-                docs.source_codes[ranked], sizes.source_ks, shares["count"],
-                None if docs.tokens is None else docs.tokens[ranked], shares.get("tokens")))
+            out.append(
+                src.source_multipliers(
+                    docs.source_codes[ranked],
+                    sizes.source_ks,
+                    shares["count"],
+                    None if docs.tokens is None else docs.tokens[ranked],
+                    shares.get("tokens"),
+                )
+            )
         # copies, not views: a view would keep the whole k_max-long arrays of every row alive
-        rows.top_idx.append(top[:sizes.keep_top].copy())
-        rows.top_val.append(tv[:sizes.keep_top].copy())
-        rows.bottom_idx.append(bottom[:sizes.keep_bottom].copy())
-        rows.bottom_val.append(bv[:sizes.keep_bottom].copy())
-        rows.ranked_pos.append(tv[:sizes.top_n][tv[:sizes.top_n] > 0])
+        rows.top_idx.append(top[: sizes.keep_top].copy())
+        rows.top_val.append(tv[: sizes.keep_top].copy())
+        rows.bottom_idx.append(bottom[: sizes.keep_bottom].copy())
+        rows.bottom_val.append(bv[: sizes.keep_bottom].copy())
+        rows.ranked_pos.append(tv[: sizes.top_n][tv[: sizes.top_n] > 0])
     return rows
 
 
@@ -371,8 +400,14 @@ def _queries_block(queries: Queries) -> dict:
         kinds[k] = kinds.get(k, 0) + 1
         key = t if t is not None else "(none)"
         tasks.setdefault(key, {"kind": k, "count": 0})["count"] += 1
-    return {"kinds": kinds, "tasks": tasks, "ids": queries.ids, "kind": queries.kinds, "task": queries.tasks,
-            "loss": [None if not np.isfinite(x) else float(x) for x in queries.loss]}
+    return {
+        "kinds": kinds,
+        "tasks": tasks,
+        "ids": queries.ids,
+        "kind": queries.kinds,
+        "task": queries.tasks,
+        "loss": [None if not np.isfinite(x) else float(x) for x in queries.loss],
+    }
 
 
 def _documents_block(docs: Documents, shares: dict) -> dict:
@@ -383,8 +418,12 @@ def _documents_block(docs: Documents, shares: dict) -> dict:
             d["tokens"] = int(shares["token_counts"][s])
             d["share_tokens"] = float(shares["tokens"][s])
         out[name] = d
-    return {"sources": out, "n_missing_source": docs.n_missing_source, "n_missing_tokens": docs.n_missing_tokens,
-            "n_with_text": docs.n_with_text}
+    return {
+        "sources": out,
+        "n_missing_source": docs.n_missing_source,
+        "n_missing_tokens": docs.n_missing_tokens,
+        "n_with_text": docs.n_with_text,
+    }
 
 
 def _correlations_block(r: np.ndarray, queries: Queries, o: Options) -> dict:
@@ -409,21 +448,26 @@ def _concentration_block(queries, rows, totals, o, already_per_nat, N) -> dict:
         "per_nat": None,
     }
     for side in ("positive", "negative"):
-        out["by_kind"][side] = {f: by_kind([c[side][i] for c in rows.concentration], kinds)
-                                for i, f in enumerate(o.fractions)}
-        out["compare_kinds"][side] = {f: compare_kinds([c[side][i] for c in rows.concentration], kinds)
-                                      for i, f in enumerate(o.fractions)}
+        out["by_kind"][side] = {
+            f: by_kind([c[side][i] for c in rows.concentration], kinds) for i, f in enumerate(o.fractions)
+        }
+        out["compare_kinds"][side] = {
+            f: compare_kinds([c[side][i] for c in rows.concentration], kinds) for i, f in enumerate(o.fractions)
+        }
     if have_nat:
         out["per_nat"] = {
             "per_query": per_nat,
             "already_per_nat": already_per_nat,
-            "by_kind": {key: by_kind([p[key] if p else None for p in per_nat], kinds)
-                        for key in ("absolute", "positive", "negative")},
+            "by_kind": {
+                key: by_kind([p[key] if p else None for p in per_nat], kinds)
+                for key in ("absolute", "positive", "negative")
+            },
             "compare_kinds": compare_kinds([p["absolute"] if p else None for p in per_nat], kinds),
         }
     if N < 500:
-        out["caveat"] = (f"the corpus has only {N} documents, so every fraction up to "
-                         f"{1 / N:.2%} is the single top document")
+        out["caveat"] = (
+            f"the corpus has only {N} documents, so every fraction up to {1 / N:.2%} is the single top document"
+        )
     return out
 
 
@@ -438,8 +482,9 @@ def _powerlaw_block(queries, rows, top_n) -> dict:
             "per_query": tails,
             "slope_by_kind": by_kind(slopes, kinds),
             "alpha_by_kind": by_kind(alphas, kinds),
-            "plausible_share_by_kind": {k: _share([p for p, kk in zip(plausible, kinds) if kk == k])
-                                        for k in present_kinds(kinds)},
+            "plausible_share_by_kind": {
+                k: _share([p for p, kk in zip(plausible, kinds) if kk == k]) for k in present_kinds(kinds)
+            },
             "compare_slope": compare_kinds(slopes, kinds),
             "compare_alpha": compare_kinds(alphas, kinds),
         }
@@ -453,8 +498,13 @@ def _share(flags) -> dict:
 
 def _sources_block(queries, docs, rows, ks) -> dict:
     kinds = np.asarray(queries.kinds)
-    out = {"ks": ks, "sources": docs.source_names, "by_kind": {}, "per_query": {"top": [], "bottom": []},
-           "by_tokens": docs.tokens is not None}
+    out = {
+        "ks": ks,
+        "sources": docs.source_names,
+        "by_kind": {},
+        "per_query": {"top": [], "bottom": []},
+        "by_tokens": docs.tokens is not None,
+    }
     for side, lst in (("top", rows.src_top), ("bottom", rows.src_bottom)):
         out["per_query"][side] = lst
         out["by_kind"][side] = {}
@@ -462,8 +512,9 @@ def _sources_block(queries, docs, rows, ks) -> dict:
             if measure not in lst[0]:
                 continue
             stack = np.stack([m[measure] for m in lst])  # [Q, K, S]
-            out["by_kind"][side][measure] = {kind: _mean_std(stack[kinds == kind])
-                                             for kind in present_kinds(queries.kinds)}
+            out["by_kind"][side][measure] = {
+                kind: _mean_std(stack[kinds == kind]) for kind in present_kinds(queries.kinds)
+            }
     return out
 
 
@@ -485,10 +536,10 @@ def _texts(run_dir, config, fetched, text_source, notes) -> tuple[dict[int, str]
     if missing:
         source = text_source
         if source is None:
-            path = ((config.get("data") or {}).get("documents"))
+            path = (config.get("data") or {}).get("documents")
             if isinstance(path, str) and path:
                 p = Path(path)
-                started = read_run_cwd(run_dir)    # the run's own working directory, then the run's, then ours
+                started = read_run_cwd(run_dir)  # the run's own working directory, then the run's, then ours
                 cands = [p] if p.is_absolute() else [*([started / p] if started else []), run_dir / p, Path.cwd() / p]
                 found = next((c for c in cands if c.is_file()), None)
                 if found is not None and found.suffix in (".jsonl", ".json"):
@@ -497,8 +548,9 @@ def _texts(run_dir, config, fetched, text_source, notes) -> tuple[dict[int, str]
                 elif found is None:
                     notes.append(f"run.json: config.data.documents={path!r} not found; document texts unavailable")
                 else:
-                    notes.append(f"run.json: config.data.documents={path!r} is not a JSONL file; "
-                                 "pass a text source to read it")
+                    notes.append(
+                        f"run.json: config.data.documents={path!r} is not a JSONL file; pass a text source to read it"
+                    )
         else:
             origin = "text source given by the caller"
         if source is not None:
@@ -510,8 +562,10 @@ def _texts(run_dir, config, fetched, text_source, notes) -> tuple[dict[int, str]
         still = sum(1 for i in fetched if i not in texts)
         if still == len(fetched):
             origin = "none"
-            notes.append("no document texts are available (documents.jsonl has no text and no corpus file "
-                         "was found); answers are not searched and the report shows ids only")
+            notes.append(
+                "no document texts are available (documents.jsonl has no text and no corpus file "
+                "was found); answers are not searched and the report shows ids only"
+            )
         elif still:
             notes.append(f"{still} of {len(fetched)} needed document texts were not found; they are skipped")
     return texts, origin
@@ -523,19 +577,35 @@ def _answers(queries, rows, fetched, texts, ks, notes) -> dict:
         return {"available": False, "reason": "no document texts"}
     block, no_items = ans.answers_block(queries, rows.top_idx, texts, ks)
     if no_items:
-        notes.append(f"{len(no_items)} queries have no answer items (no answer field, and none found in "
-                     f"the completion); they are left out of the answer shares: ids {_ids_text(no_items)}")
+        notes.append(
+            f"{len(no_items)} queries have no answer items (no answer field, and none found in "
+            f"the completion); they are left out of the answer shares: ids {_ids_text(no_items)}"
+        )
     return block
 
 
 def _top_documents(queries, rows, fetched, docs, listed) -> list[dict]:
     out = []
     for q, qid in enumerate(queries.ids):
+
         def entries(idx, val):
-            return [{"id": fetched[int(i)][0], "source": docs.source_names[docs.source_codes[int(i)]],
-                     "score": float(v), "column": int(i)} for i, v in zip(idx[:listed], val[:listed])]
-        out.append({"query": qid, "top": entries(rows.top_idx[q], rows.top_val[q]),
-                    "bottom": entries(rows.bottom_idx[q], rows.bottom_val[q])})
+            return [
+                {
+                    "id": fetched[int(i)][0],
+                    "source": docs.source_names[docs.source_codes[int(i)]],
+                    "score": float(v),
+                    "column": int(i),
+                }
+                for i, v in zip(idx[:listed], val[:listed])
+            ]
+
+        out.append(
+            {
+                "query": qid,
+                "top": entries(rows.top_idx[q], rows.top_val[q]),
+                "bottom": entries(rows.bottom_idx[q], rows.bottom_val[q]),
+            }
+        )
     return out
 
 
@@ -568,8 +638,9 @@ def _write_outputs(run_dir, summary, queries, rows, fetched, texts, docs, o, rep
     """Build report/ in a fresh temporary directory, then swap it in for the old one."""
     tmp = atomic.make_temp_dir(".report-", run_dir)
     try:
-        report.write_report(tmp, summary, queries=queries, rows=rows, fetched=fetched, texts=texts, documents=docs,
-                            options=o)
+        report.write_report(
+            tmp, summary, queries=queries, rows=rows, fetched=fetched, texts=texts, documents=docs, options=o
+        )
         final = run_dir / "report"
         old = None
         if final.exists():

@@ -15,7 +15,7 @@ from jaxinf.analysis.groups import present_kinds
 from jaxinf.analysis.layers import BINS
 
 KIND_COLORS = {"factual": "#1f77b4", "reasoning": "#d62728", "control": "#7f7f7f", "unknown": "#9467bd"}
-RC: dict[matplotlib.typing.RcKeyType, float] = {"font.size": 9, "axes.titlesize": 10}   # what rc_context takes
+RC: dict[matplotlib.typing.RcKeyType, float] = {"font.size": 9, "axes.titlesize": 10}  # what rc_context takes
 
 
 def lab(x) -> str:
@@ -26,7 +26,7 @@ def lab(x) -> str:
 def _save(fig: Figure, path: Path) -> None:
     import warnings
 
-    with warnings.catch_warnings():   # a label with a character the font lacks (an emoji in a query id) shows as a box
+    with warnings.catch_warnings():  # a label with a character the font lacks (an emoji in a query id) shows as a box
         warnings.filterwarnings("ignore", message=r"Glyph \d+ .* missing from (current )?font", category=UserWarning)
         fig.savefig(path, dpi=110, bbox_inches="tight")
 
@@ -98,7 +98,9 @@ def fig_concentration(path: Path, s: dict) -> None:
             ax.minorticks_off()
             ax.set_xlabel("top documents (% of corpus)" if side == "positive" else "bottom documents (% of corpus)")
             ax.set_ylabel(f"share of total {side} influence")
-            ax.set_title(f"{side.capitalize()} influence held by the {'top' if side == 'positive' else 'bottom'} documents")
+            ax.set_title(
+                f"{side.capitalize()} influence held by the {'top' if side == 'positive' else 'bottom'} documents"
+            )
             ax.legend()
         _save(fig, path)
 
@@ -139,7 +141,9 @@ def fig_powerlaw(path: Path, s: dict, ranked_pos: list[np.ndarray]) -> None:
             shown.add(key)
             v = ranked_pos[q]
             r = np.arange(1, len(v) + 1)
-            line = ax.loglog(r, v, lw=1, color=KIND_COLORS[k], alpha=0.8, label=lab(f"{t or '(none)'} ({s['queries']['ids'][q]})"))
+            line = ax.loglog(
+                r, v, lw=1, color=KIND_COLORS[k], alpha=0.8, label=lab(f"{t or '(none)'} ({s['queries']['ids'][q]})")
+            )
             fit = p["per_query"][q]["loglog"]
             if fit["slope"] is not None:
                 ax.loglog(r, 10 ** fit["intercept"] * r ** fit["slope"], ls="--", lw=0.8, color=line[0].get_color())
@@ -184,8 +188,12 @@ def fig_sources(path: Path, s: dict, measure: str = "count") -> None:
                     ax.set_xscale("log")
                     ax.set_xlabel("k")
                 else:
-                    ax.bar(np.arange(len(names)), mean[0], color=[cmap(si % 10) for si in range(len(names))],
-                           label=[lab(n) for n in names])
+                    ax.bar(
+                        np.arange(len(names)),
+                        mean[0],
+                        color=[cmap(si % 10) for si in range(len(names))],
+                        label=[lab(n) for n in names],
+                    )
                     ax.set_xticks(np.arange(len(names)), [lab(n) for n in names], rotation=60, ha="right")
                 ax.axhline(1, color="k", lw=0.6, ls=":")
                 ax.set_title(lab(f"{kind}: {side}-{ks[0] if ks.size == 1 else 'k'}"))

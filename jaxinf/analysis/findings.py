@@ -69,11 +69,12 @@ def procedural_correlation(correlations: dict) -> dict:
     out: dict[str, Any] = {
         "name": "procedural knowledge",
         "claim": "reasoning queries of one task correlate more with each other (within-task Pearson r of their "
-                 "influence over all documents) than factual queries do, and than template-matched controls "
-                 "(same surface form, no procedure needed) of the same task do",
+        "influence over all documents) than factual queries do, and than template-matched controls "
+        "(same surface form, no procedure needed) of the same task do",
         "test": f"two permutation tests, two-sided: vs factual ((kind, task) labels permuted across queries) "
-                f"and vs template-matched controls (kinds permuted within each task); holds if both "
-                f"differences are positive and both p < {ALPHA} (p shown: the larger)"}
+        f"and vs template-matched controls (kinds permuted within each task); holds if both "
+        f"differences are positive and both p < {ALPHA} (p shown: the larger)",
+    }
     cmps = {c["name"]: c for c in correlations["comparisons"]}
     f, c = cmps.get(FACTUAL), cmps.get(CONTROLS)
     parts = []
@@ -82,31 +83,51 @@ def procedural_correlation(correlations: dict) -> dict:
             need = "two factual queries of a task" if group else "two reasoning and two control queries of one task"
             parts.append(f"vs {name}: not testable (needs at least {need})")
         else:
-            parts.append(f"vs {name}: difference {cmp['difference']:+.3g} (pairs {cmp['n_pairs_a']} vs "
-                         f"{cmp['n_pairs_b']}), p = {cmp['p_value']:.2g}")
+            parts.append(
+                f"vs {name}: difference {cmp['difference']:+.3g} (pairs {cmp['n_pairs_a']} vs "
+                f"{cmp['n_pairs_b']}), p = {cmp['p_value']:.2g}"
+            )
     by_kind, matched = correlations["within_task_by_kind"], correlations.get("template_matched", {})
-    means = {"reasoning": (by_kind.get("reasoning") or {}).get("mean"),
-             "factual": (by_kind.get("factual") or {}).get("mean"),
-             "reasoning_matched": (matched.get("reasoning") or {}).get("mean"),
-             "control_matched": (matched.get("control") or {}).get("mean")}
-    shown = ", ".join(f"{label} {means[k]:.3g}" for k, label in (
-        ("reasoning", "reasoning"), ("factual", "factual"), ("reasoning_matched", "reasoning in tasks with controls"),
-        ("control_matched", "template-matched controls")) if means[k] is not None)
+    means = {
+        "reasoning": (by_kind.get("reasoning") or {}).get("mean"),
+        "factual": (by_kind.get("factual") or {}).get("mean"),
+        "reasoning_matched": (matched.get("reasoning") or {}).get("mean"),
+        "control_matched": (matched.get("control") or {}).get("mean"),
+    }
+    shown = ", ".join(
+        f"{label} {means[k]:.3g}"
+        for k, label in (
+            ("reasoning", "reasoning"),
+            ("factual", "factual"),
+            ("reasoning_matched", "reasoning in tasks with controls"),
+            ("control_matched", "template-matched controls"),
+        )
+        if means[k] is not None
+    )
     statistic = f"mean within-task r: {shown}; " + "; ".join(parts)
     loss = correlations.get("template_matched_loss") or {}
     if all((loss.get(k) or {}).get("median") is not None for k in ("reasoning", "control")):
         means["loss_reasoning_matched"] = loss["reasoning"]["median"]
         means["loss_control_matched"] = loss["control"]["median"]
-        statistic += (f"; median completion NLL: reasoning {means['loss_reasoning_matched']:.3g}, "
-                      f"template-matched controls {means['loss_control_matched']:.3g} nats")
-    out.update(means, statistic=statistic,
-               vs_factual=None if f is None else {k: f[k] for k in ("difference", "p_value", "n_pairs_a", "n_pairs_b")},
-               vs_controls=None if c is None else {k: c[k] for k in ("difference", "p_value", "n_pairs_a", "n_pairs_b")})
+        statistic += (
+            f"; median completion NLL: reasoning {means['loss_reasoning_matched']:.3g}, "
+            f"template-matched controls {means['loss_control_matched']:.3g} nats"
+        )
+    out.update(
+        means,
+        statistic=statistic,
+        vs_factual=None if f is None else {k: f[k] for k in ("difference", "p_value", "n_pairs_a", "n_pairs_b")},
+        vs_controls=None if c is None else {k: c[k] for k in ("difference", "p_value", "n_pairs_a", "n_pairs_b")},
+    )
     if f is None or c is None or f["p_value"] is None or c["p_value"] is None:
         return {**out, "holds": None, "p_value": None, "difference": None if f is None else f["difference"]}
     p = max(f["p_value"], c["p_value"])
-    return {**out, "holds": _verdict(f["difference"] > 0 and c["difference"] > 0, p), "p_value": p,
-            "difference": f["difference"]}
+    return {
+        **out,
+        "holds": _verdict(f["difference"] > 0 and c["difference"] > 0, p),
+        "p_value": p,
+        "difference": f["difference"],
+    }
 
 
 VARIANTS = ("correct answer", "model's answer")
@@ -136,18 +157,27 @@ def _answer_variant(answers: dict, j: int, variant: str) -> dict:
     if not f or not r:
         return {"testable": False, "n_factual": len(f), "n_reasoning": len(r)}
     table, p = fisher_greater(f, r)
-    return {"testable": True, "table": table, "p_value": p, "factual": sum(f) / len(f),
-            "reasoning": sum(r) / len(r), "n_factual": len(f), "n_reasoning": len(r)}
+    return {
+        "testable": True,
+        "table": table,
+        "p_value": p,
+        "factual": sum(f) / len(f),
+        "reasoning": sum(r) / len(r),
+        "n_factual": len(f),
+        "n_reasoning": len(r),
+    }
 
 
 def answers_retrieved(answers: dict, n_documents: int) -> dict:
     """Finding 2 from the answers block: factual vs reasoning queries whose answer occurs in the top k, for the
     correct answers and for the model's own (module docstring)."""
-    out = {"name": "answers in the top documents",
-           "claim": "factual queries find their answer in their top documents more often than reasoning queries do",
-           "test": f"one-sided Fisher exact test (factual, reasoning) x (every answer item found in the top k, "
-                   f"not), the same kind of answer for both kinds (correct if both have it, else the model's "
-                   f"own); holds if the factual share is larger and p < {ALPHA}"}
+    out = {
+        "name": "answers in the top documents",
+        "claim": "factual queries find their answer in their top documents more often than reasoning queries do",
+        "test": f"one-sided Fisher exact test (factual, reasoning) x (every answer item found in the top k, "
+        f"not), the same kind of answer for both kinds (correct if both have it, else the model's "
+        f"own); holds if the factual share is larger and p < {ALPHA}",
+    }
     if not answers.get("available"):
         return {**out, "holds": None, "p_value": None, "statistic": "not testable: no document texts"}
     k = answer_k(answers["ks"], n_documents)
@@ -163,14 +193,31 @@ def answers_retrieved(answers: dict, n_documents: int) -> dict:
         return f"{v}: factual {ff}/{x['n_factual']}, reasoning {rf}/{x['n_reasoning']}, p = {x['p_value']:.2g}"
 
     statistic = f"answer in the top {k}: " + "; ".join(
-        text(v) + (" (the verdict)" if v == used else "") for v in VARIANTS)
+        text(v) + (" (the verdict)" if v == used else "") for v in VARIANTS
+    )
     if used is None:
-        return {**out, "k": k, "holds": None, "p_value": None, "variants": variants, "answer": None,
-                "statistic": "not testable: the run needs factual and reasoning queries with answer items; " + statistic}
+        return {
+            **out,
+            "k": k,
+            "holds": None,
+            "p_value": None,
+            "variants": variants,
+            "answer": None,
+            "statistic": "not testable: the run needs factual and reasoning queries with answer items; " + statistic,
+        }
     x = variants[used]
-    return {**out, "k": k, "answer": used, "variants": variants,
-            "holds": _verdict(x["factual"] > x["reasoning"], x["p_value"]), "p_value": x["p_value"],
-            "factual": x["factual"], "reasoning": x["reasoning"], "table": x["table"], "statistic": statistic}
+    return {
+        **out,
+        "k": k,
+        "answer": used,
+        "variants": variants,
+        "holds": _verdict(x["factual"] > x["reasoning"], x["p_value"]),
+        "p_value": x["p_value"],
+        "factual": x["factual"],
+        "reasoning": x["reasoning"],
+        "table": x["table"],
+        "statistic": statistic,
+    }
 
 
 def evaluate(correlations: dict, answers: dict, n_documents: int) -> list[dict]:

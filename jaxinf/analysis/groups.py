@@ -18,8 +18,14 @@ def describe(values) -> dict:
     v = v[np.isfinite(v)]
     if v.size == 0:
         return {"n": 0, "mean": None, "std": None, "median": None, "min": None, "max": None}
-    return {"n": int(v.size), "mean": float(v.mean()), "std": float(v.std(ddof=1)) if v.size > 1 else None,
-            "median": float(np.median(v)), "min": float(v.min()), "max": float(v.max())}
+    return {
+        "n": int(v.size),
+        "mean": float(v.mean()),
+        "std": float(v.std(ddof=1)) if v.size > 1 else None,
+        "median": float(np.median(v)),
+        "min": float(v.min()),
+        "max": float(v.max()),
+    }
 
 
 def present_kinds(kinds: Sequence[str]) -> list[str]:
@@ -44,13 +50,21 @@ def compare_kinds(values: Sequence, kinds: Sequence[str]) -> list[dict]:
     kinds_here = present_kinds(kinds)
     out = []
     for i, a in enumerate(kinds_here):
-        for b in kinds_here[i + 1:]:
+        for b in kinds_here[i + 1 :]:
             va, vb = v[(k == a) & np.isfinite(v)], v[(k == b) & np.isfinite(v)]
             p = None
             if va.size >= 2 and vb.size >= 2:
                 p = float(stats.mannwhitneyu(va, vb, alternative="two-sided").pvalue)
-            out.append({"a": a, "b": b, "n_a": int(va.size), "n_b": int(vb.size),
-                        "median_a": float(np.median(va)) if va.size else None,
-                        "median_b": float(np.median(vb)) if vb.size else None,
-                        "test": "Mann-Whitney U, two-sided", "p_value": p})
+            out.append(
+                {
+                    "a": a,
+                    "b": b,
+                    "n_a": int(va.size),
+                    "n_b": int(vb.size),
+                    "median_a": float(np.median(va)) if va.size else None,
+                    "median_b": float(np.median(vb)) if vb.size else None,
+                    "test": "Mann-Whitney U, two-sided",
+                    "p_value": p,
+                }
+            )
     return out

@@ -30,7 +30,7 @@ def layer_numbers(names: Sequence[str]) -> tuple[list[int], str]:
     for rx, rule in zip(_LAYER_NUMBER, ("layers.N", ".N.")):
         found = [rx.search(n) for n in names]
         if all(found):
-            return [int(m.group(1)) for m in found if m is not None], rule   # all found
+            return [int(m.group(1)) for m in found if m is not None], rule  # all found
     return list(range(len(names))), "position in layers.json"
 
 

@@ -18,14 +18,16 @@ from __future__ import annotations
 import base64
 import hashlib
 
-STYLE = ("body{font-family:sans-serif;margin:0;background:#fafafa;color:#222}main{max-width:1100px;margin:auto;"
-         "padding:1em 2em}table{border-collapse:collapse;margin:.5em 0 1em;font-size:.85em}"
-         "td,th{border:1px solid #ccc;padding:2px 6px;text-align:left;vertical-align:top}th{background:#eee}"
-         "figure{margin:1em 0}img{max-width:100%}.notes{background:#fff4d6;border:1px solid #e6c35c;padding:.5em 1em}"
-         "details{background:#fff;border:1px solid #ddd;margin:.3em 0;padding:.3em .6em}"
-         "summary{cursor:pointer}.doc{font-family:monospace;font-size:.8em;white-space:pre-wrap;max-width:60em}"
-         "mark{background:#ffd54f}code{background:#eee;padding:0 .2em}"
-         "#search{font-size:1em;padding:.2em .4em;width:30em;max-width:100%}#search-count{margin-left:.6em;color:#555}")
+STYLE = (
+    "body{font-family:sans-serif;margin:0;background:#fafafa;color:#222}main{max-width:1100px;margin:auto;"
+    "padding:1em 2em}table{border-collapse:collapse;margin:.5em 0 1em;font-size:.85em}"
+    "td,th{border:1px solid #ccc;padding:2px 6px;text-align:left;vertical-align:top}th{background:#eee}"
+    "figure{margin:1em 0}img{max-width:100%}.notes{background:#fff4d6;border:1px solid #e6c35c;padding:.5em 1em}"
+    "details{background:#fff;border:1px solid #ddd;margin:.3em 0;padding:.3em .6em}"
+    "summary{cursor:pointer}.doc{font-family:monospace;font-size:.8em;white-space:pre-wrap;max-width:60em}"
+    "mark{background:#ffd54f}code{background:#eee;padding:0 .2em}"
+    "#search{font-size:1em;padding:.2em .4em;width:30em;max-width:100%}#search-count{margin-left:.6em;color:#555}"
+)
 
 SEARCH_JS = """(function () {
   var box = document.getElementById("search");
@@ -58,9 +60,13 @@ SEARCH_JS = """(function () {
 })();"""
 
 _DIGEST = base64.b64encode(hashlib.sha256(SEARCH_JS.encode("utf-8")).digest()).decode("ascii")
-CSP = (f"default-src 'none'; img-src 'self'; style-src 'unsafe-inline'; script-src 'sha256-{_DIGEST}'; "
-       "object-src 'none'; base-uri 'none'; form-action 'none'")
+CSP = (
+    f"default-src 'none'; img-src 'self'; style-src 'unsafe-inline'; script-src 'sha256-{_DIGEST}'; "
+    "object-src 'none'; base-uri 'none'; form-action 'none'"
+)
 SCRIPT = f"<script>{SEARCH_JS}</script>"
 
-SEARCH_BOX = ('<p><input type="search" id="search" placeholder="Search queries and documents" autocomplete="off" '
-              'aria-label="Search queries and documents"><span id="search-count" aria-live="polite"></span></p>')
+SEARCH_BOX = (
+    '<p><input type="search" id="search" placeholder="Search queries and documents" autocomplete="off" '
+    'aria-label="Search queries and documents"><span id="search-count" aria-live="polite"></span></p>'
+)

@@ -36,8 +36,13 @@ def loglog_fit(values_desc: np.ndarray) -> dict:
     x = np.log10(np.arange(1, n + 1, dtype=np.float64))
     y = np.log10(v)
     res = stats.linregress(x, y)
-    return {"n": int(n), "slope": float(res.slope), "slope_se": float(res.stderr),
-            "intercept": float(res.intercept), "r2": float(res.rvalue ** 2)}
+    return {
+        "n": int(n),
+        "slope": float(res.slope),
+        "slope_se": float(res.stderr),
+        "intercept": float(res.intercept),
+        "r2": float(res.rvalue**2),
+    }
 
 
 def mle_alpha(tail: np.ndarray, x_min: float) -> tuple[float, float]:
@@ -87,8 +92,9 @@ def _scan(x_desc: np.ndarray, ks: np.ndarray) -> tuple[int, float, float]:
     return int(ks[j]), float(alpha[j]), float(d[j])
 
 
-def clauset_fit(values: np.ndarray, min_tail: int = 10, n_candidates: int = 50, n_bootstrap: int = 100,
-                seed: int = 0) -> dict:
+def clauset_fit(
+    values: np.ndarray, min_tail: int = 10, n_candidates: int = 50, n_bootstrap: int = 100, seed: int = 0
+) -> dict:
     """Power-law fit of positive scores, Clauset-style.
 
     x_min is the candidate (see :func:`candidate_tail_sizes`) minimizing the KS distance D;
@@ -101,8 +107,16 @@ def clauset_fit(values: np.ndarray, min_tail: int = 10, n_candidates: int = 50, 
     if x.size and x[-1] <= 0:
         raise ValueError("clauset_fit needs positive values")
     n = x.size
-    none = {"n": int(n), "alpha": None, "alpha_se": None, "x_min": None, "n_tail": None, "ks_d": None,
-            "p_value": None, "n_bootstrap": 0}
+    none = {
+        "n": int(n),
+        "alpha": None,
+        "alpha_se": None,
+        "x_min": None,
+        "n_tail": None,
+        "ks_d": None,
+        "p_value": None,
+        "n_bootstrap": 0,
+    }
     ks = candidate_tail_sizes(n, min_tail, n_candidates)
     if ks.size == 0:
         return none
@@ -111,8 +125,16 @@ def clauset_fit(values: np.ndarray, min_tail: int = 10, n_candidates: int = 50, 
         return none
     x_min = float(x[k - 1])
     alpha, se = mle_alpha(x[:k], x_min)
-    out = {"n": int(n), "alpha": alpha, "alpha_se": se, "x_min": x_min, "n_tail": int(k), "ks_d": d,
-           "p_value": None, "n_bootstrap": int(n_bootstrap)}
+    out = {
+        "n": int(n),
+        "alpha": alpha,
+        "alpha_se": se,
+        "x_min": x_min,
+        "n_tail": int(k),
+        "ks_d": d,
+        "p_value": None,
+        "n_bootstrap": int(n_bootstrap),
+    }
     if n_bootstrap <= 0:
         return out
     rng = np.random.default_rng(seed)
@@ -130,10 +152,19 @@ def clauset_fit(values: np.ndarray, min_tail: int = 10, n_candidates: int = 50, 
     return out
 
 
-def tail_fits(values_desc: np.ndarray, top_n: int, min_tail: int = 10, n_candidates: int = 50,
-              n_bootstrap: int = 100, seed: int = 0) -> dict:
+def tail_fits(
+    values_desc: np.ndarray,
+    top_n: int,
+    min_tail: int = 10,
+    n_candidates: int = 50,
+    n_bootstrap: int = 100,
+    seed: int = 0,
+) -> dict:
     """Both fits of the positive part of the top ``top_n`` scores of one sorted-descending tail."""
     v = np.asarray(values_desc[:top_n], np.float64)
     v = v[v > 0]
-    return {"top_n": int(top_n), "loglog": loglog_fit(v),
-            "clauset": clauset_fit(v, min_tail, n_candidates, n_bootstrap, seed)}
+    return {
+        "top_n": int(top_n),
+        "loglog": loglog_fit(v),
+        "clauset": clauset_fit(v, min_tail, n_candidates, n_bootstrap, seed),
+    }

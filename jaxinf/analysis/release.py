@@ -65,8 +65,16 @@ def load_release(path: Path) -> dict:
         d = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise AnalysisError(f"{path.name}: cannot read the release ({e})") from None
-    for key in ("model", "test_ids", "prompts", "completions", "training_ids", "training_sequences",
-                "training_sources", "influences_dot"):
+    for key in (
+        "model",
+        "test_ids",
+        "prompts",
+        "completions",
+        "training_ids",
+        "training_sequences",
+        "training_sources",
+        "influences_dot",
+    ):
         if key not in d:
             raise AnalysisError(f"{path.name}: missing field {key}")
     Q, N = len(d["test_ids"]), len(d["training_ids"])
@@ -92,33 +100,52 @@ def convert_release(path: Path, run_dir: Path) -> Path:
     for n, did in enumerate(d["training_ids"]):
         if did in first:
             if not np.array_equal(scores[:, first[did]], scores[:, n]):
-                raise AnalysisError(f"{Path(path).name}: training id {did} appears at positions {first[did]} and {n} "
-                                    "with different influences_dot columns")
+                raise AnalysisError(
+                    f"{Path(path).name}: training id {did} appears at positions {first[did]} and {n} "
+                    "with different influences_dot columns"
+                )
             dropped.append(n)
         else:
             first[did] = n
             keep.append(n)
     notes = list(NOTES)
     if dropped:
-        notes.insert(1, f"{len(dropped)} of {len(d['training_ids'])} documents appear twice in the release (same id, "
-                        f"same scores); the first occurrence of each is kept, leaving {len(keep)} documents "
-                        f"(dropped positions {dropped})")
+        notes.insert(
+            1,
+            f"{len(dropped)} of {len(d['training_ids'])} documents appear twice in the release (same id, "
+            f"same scores); the first occurrence of each is kept, leaving {len(keep)} documents "
+            f"(dropped positions {dropped})",
+        )
     run_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".release-", dir=run_dir.parent))
     try:
         queries = []
         for i, qid in enumerate(d["test_ids"]):
             kind, task = query_labels(model, i)
-            queries.append({"id": qid, "prompt": d["prompts"][i], "completion": d["completions"][i],
-                            "kind": kind, "task": task})
+            queries.append(
+                {"id": qid, "prompt": d["prompts"][i], "completion": d["completions"][i], "kind": kind, "task": task}
+            )
         write_queries(tmp / "queries.jsonl", queries)
-        write_documents(tmp / "documents.jsonl", (
-            {"id": d["training_ids"][n], "source": d["training_sources"][n], "text": d["training_sequences"][n]}
-            for n in keep))
+        write_documents(
+            tmp / "documents.jsonl",
+            (
+                {"id": d["training_ids"][n], "source": d["training_sources"][n], "text": d["training_sequences"][n]}
+                for n in keep
+            ),
+        )
         write_scores(tmp / "scores.npy", scores[:, keep])
-        (tmp / "conversion.json").write_text(json.dumps(
-            {"converted_from": str(Path(path).resolve()), "model": model, "scores": "influences_dot",
-             "release_positions": keep, "notes": notes}, indent=1))
+        (tmp / "conversion.json").write_text(
+            json.dumps(
+                {
+                    "converted_from": str(Path(path).resolve()),
+                    "model": model,
+                    "scores": "influences_dot",
+                    "release_positions": keep,
+                    "notes": notes,
+                },
+                indent=1,
+            )
+        )
         if run_dir.exists():
             run_dir.rmdir()
         os.replace(tmp, run_dir)

@@ -78,8 +78,7 @@ def _snippet(text: str | None, n: int) -> str:
     return esc(t[:n] + ("\u2026" if len(t) > n else ""))
 
 
-def _highlight(texts: list[str], scores: np.ndarray, top: list[dict], window: int = 60,
-               decoded: bool = False) -> str:
+def _highlight(texts: list[str], scores: np.ndarray, top: list[dict], window: int = 60, decoded: bool = False) -> str:
     """The document's tokens around its top tokens, top tokens in <mark> (each token escaped). ``decoded``: ``texts``
     are the tokens' decoded pieces (:func:`jaxinf.data.tokenize.token_pieces`), so each stretch shown is the
     tokenizer's decode of that window (its leading space dropped) with the marked tokens' text in <mark>; otherwise
@@ -94,9 +93,10 @@ def _highlight(texts: list[str], scores: np.ndarray, top: list[dict], window: in
         if i != prev + 1:
             out.append(" \u2026 " if i > 0 else "")
             tok = tok.lstrip() if decoded else tok
-        lead = tok[:len(tok) - len(tok.lstrip())] if decoded else ""     # a word's space stays outside its mark
-        out.append(f'{esc(lead)}<mark title="{fmt(scores[i])}">{esc(tok[len(lead):])}</mark>' if i in marks
-                   else esc(tok))
+        lead = tok[: len(tok) - len(tok.lstrip())] if decoded else ""  # a word's space stays outside its mark
+        out.append(
+            f'{esc(lead)}<mark title="{fmt(scores[i])}">{esc(tok[len(lead) :])}</mark>' if i in marks else esc(tok)
+        )
         prev = i
     return "".join(out)
 
@@ -127,25 +127,38 @@ def write_report(out: Path, s: dict, *, queries, rows, fetched, texts, documents
     if s["layers"].get("available"):
         make("layers.png", fig_layers, s)
 
-    parts = [_head(s), _notes(s), _sec_findings(s), _sec_queries(s, queries, rows, fetched, texts, documents, options),
-             _sec_correlations(s), _sec_concentration(s), _sec_powerlaw(s), _sec_sources(s), _sec_answers(s),
-             _sec_layers_tokens(s, queries)]   # each query's documents first: what a reader opens the report for
+    parts = [
+        _head(s),
+        _notes(s),
+        _sec_findings(s),
+        _sec_queries(s, queries, rows, fetched, texts, documents, options),
+        _sec_correlations(s),
+        _sec_concentration(s),
+        _sec_powerlaw(s),
+        _sec_sources(s),
+        _sec_answers(s),
+        _sec_layers_tokens(s, queries),
+    ]  # each query's documents first: what a reader opens the report for
     (out / "index.html").write_text("".join(parts) + f"</main>{page.SCRIPT}</body></html>\n", encoding="utf-8")
     (out / "summary.md").write_text(summary_markdown(s), encoding="utf-8")
 
 
 def _head(s: dict) -> str:
-    return (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
-            f'<meta http-equiv="Content-Security-Policy" content="{page.CSP}">'
-            f'<meta name="viewport" content="width=device-width, initial-scale=1">'
-            f"<title>jaxinf analysis</title><style>{page.STYLE}</style></head><body><main>"
-            f"<h1>Influence analysis</h1><p>Run directory <code>{esc(s['run_dir'])}</code>: "
-            f"{s['n_queries']} queries &times; {s['n_documents']} documents. Every number is in "
-            f"<code>summary.json</code>; a short version is in <a href=\"summary.md\">summary.md</a>. "
-            f"Document texts from: {esc(s['text_source'])}.</p>"
-            + _table(["kind", "queries"], [[esc(k), fmt(n)] for k, n in s["queries"]["kinds"].items()])
-            + _table(["task", "kind", "queries"],
-                     [[esc(t), esc(d["kind"]), fmt(d["count"])] for t, d in s["queries"]["tasks"].items()]))
+    return (
+        f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
+        f'<meta http-equiv="Content-Security-Policy" content="{page.CSP}">'
+        f'<meta name="viewport" content="width=device-width, initial-scale=1">'
+        f"<title>jaxinf analysis</title><style>{page.STYLE}</style></head><body><main>"
+        f"<h1>Influence analysis</h1><p>Run directory <code>{esc(s['run_dir'])}</code>: "
+        f"{s['n_queries']} queries &times; {s['n_documents']} documents. Every number is in "
+        f'<code>summary.json</code>; a short version is in <a href="summary.md">summary.md</a>. '
+        f"Document texts from: {esc(s['text_source'])}.</p>"
+        + _table(["kind", "queries"], [[esc(k), fmt(n)] for k, n in s["queries"]["kinds"].items()])
+        + _table(
+            ["task", "kind", "queries"],
+            [[esc(t), esc(d["kind"]), fmt(d["count"])] for t, d in s["queries"]["tasks"].items()],
+        )
+    )
 
 
 def _notes(s: dict) -> str:
@@ -156,27 +169,44 @@ def _notes(s: dict) -> str:
 
 
 def _sec_findings(s: dict) -> str:
-    rows = [[esc(f["name"]), esc(f["claim"]), esc(f["statistic"]), esc(f["test"]), esc(fnd.verdict_text(f))]
-            for f in s.get("findings", [])]
-    return ('<section id="findings"><h2>Findings of Ruis et al. (2024), tested on this run</h2>'
-            f"<p>Each finding holds when its effect goes the claimed way at p &lt; {fnd.ALPHA}; "
-            "the sections below have the numbers behind it.</p>"
-            + _table(["finding", "claim", "measured", "test", "verdict"], rows)
-            + "".join(_finding_details(f) for f in s.get("findings", [])) + "</section>")
+    rows = [
+        [esc(f["name"]), esc(f["claim"]), esc(f["statistic"]), esc(f["test"]), esc(fnd.verdict_text(f))]
+        for f in s.get("findings", [])
+    ]
+    return (
+        '<section id="findings"><h2>Findings of Ruis et al. (2024), tested on this run</h2>'
+        f"<p>Each finding holds when its effect goes the claimed way at p &lt; {fnd.ALPHA}; "
+        "the sections below have the numbers behind it.</p>"
+        + _table(["finding", "claim", "measured", "test", "verdict"], rows)
+        + "".join(_finding_details(f) for f in s.get("findings", []))
+        + "</section>"
+    )
 
 
 def _finding_details(f: dict) -> str:
     """The comparisons behind finding 1 (vs factual, vs template-matched controls) and the answer variants of
     finding 2, one table each, whatever the verdict."""
     if "vs_factual" in f:
-        means = {"vs factual": (f.get("reasoning"), f.get("factual")),
-                 "vs template-matched controls": (f.get("reasoning_matched"), f.get("control_matched"))}
-        rows = [[esc(name), fmt(means[name][0]), fmt(means[name][1]), fmt(c and c["n_pairs_a"]),
-                 fmt(c and c["n_pairs_b"]), fmt(c and c["difference"]), fmt(c and c["p_value"])]
-                for name, c in (("vs factual", f["vs_factual"]), ("vs template-matched controls", f["vs_controls"]))]
-        return ("<h3>Procedural knowledge: reasoning queries against each comparison group</h3>"
-                + _table(["comparison", "mean r, reasoning", "mean r, other", "pairs, reasoning", "pairs, other",
-                          "difference", "p"], rows))
+        means = {
+            "vs factual": (f.get("reasoning"), f.get("factual")),
+            "vs template-matched controls": (f.get("reasoning_matched"), f.get("control_matched")),
+        }
+        rows = [
+            [
+                esc(name),
+                fmt(means[name][0]),
+                fmt(means[name][1]),
+                fmt(c and c["n_pairs_a"]),
+                fmt(c and c["n_pairs_b"]),
+                fmt(c and c["difference"]),
+                fmt(c and c["p_value"]),
+            ]
+            for name, c in (("vs factual", f["vs_factual"]), ("vs template-matched controls", f["vs_controls"]))
+        ]
+        return "<h3>Procedural knowledge: reasoning queries against each comparison group</h3>" + _table(
+            ["comparison", "mean r, reasoning", "mean r, other", "pairs, reasoning", "pairs, other", "difference", "p"],
+            rows,
+        )
     if "variants" in f:
         rows = []
         for name, v in f["variants"].items():
@@ -186,30 +216,60 @@ def _finding_details(f: dict) -> str:
                 continue
             (ff, _), (rf, _) = v["table"]
             rows.append([label, f"{ff} of {v['n_factual']}", f"{rf} of {v['n_reasoning']}", fmt(v["p_value"])])
-        return (f"<h3>Answers in the top {fmt(f.get('k'))}: each kind of answer, for both query kinds</h3>"
-                + _table(["answer searched", "factual: found", "reasoning: found", "p (one-sided Fisher)"], rows))
+        return f"<h3>Answers in the top {fmt(f.get('k'))}: each kind of answer, for both query kinds</h3>" + _table(
+            ["answer searched", "factual: found", "reasoning: found", "p (one-sided Fisher)"], rows
+        )
     return ""
 
 
 def _sec_correlations(s: dict) -> str:
     c = s["correlations"]
-    within = _table(["task", "kind", "pairs", "mean r", "std", "median"],
-                    [[esc(t), esc(d["kind"]), *_desc_cells(d)] for t, d in c["within_task"].items()])
-    kp = _table(["kinds", "pairs", "mean r", "std", "median"], [[esc(k), *_desc_cells(d)] for k, d in c["kind_pairs"].items()])
-    groups = _table(["group", "pairs", "mean r", "std", "median"],
-                    [[esc(f"same task, {k}"), *_desc_cells(d)] for k, d in c["within_task_by_kind"].items()]
-                    + [[esc(f"different tasks, {k}"), *_desc_cells(d)] for k, d in c["across_tasks_by_kind"].items()]
-                    + [["same task, all", *_desc_cells(c["within_task_all"])],
-                       ["different tasks, all", *_desc_cells(c["across_tasks_all"])]])
-    comp = _table(["comparison", "A", "B", "pairs A", "pairs B", "mean A - mean B", "p"],
-                  [[esc(x["name"]), esc(x["group_a"]), esc(x["group_b"]), fmt(x["n_pairs_a"]), fmt(x["n_pairs_b"]),
-                    fmt(x["difference"]), fmt(x["p_value"])] for x in c["comparisons"]])
-    return ('<section id="correlations"><h2>1. Query-query correlations</h2>'
-            "<p>Pearson correlation of the score vectors of every pair of queries over all documents.</p>"
-            + _figure("correlations.png", "correlation heat map") + "<h3>Within each task</h3>" + within
-            + "<h3>By kind</h3>" + kp + groups + "<h3>Differences between groups</h3>"
-            + f"<p>Test: {esc(c['test'])}.</p>" + comp + _figure("correlation_groups.png", "correlations by group")
-            + "</section>")
+    within = _table(
+        ["task", "kind", "pairs", "mean r", "std", "median"],
+        [[esc(t), esc(d["kind"]), *_desc_cells(d)] for t, d in c["within_task"].items()],
+    )
+    kp = _table(
+        ["kinds", "pairs", "mean r", "std", "median"], [[esc(k), *_desc_cells(d)] for k, d in c["kind_pairs"].items()]
+    )
+    groups = _table(
+        ["group", "pairs", "mean r", "std", "median"],
+        [[esc(f"same task, {k}"), *_desc_cells(d)] for k, d in c["within_task_by_kind"].items()]
+        + [[esc(f"different tasks, {k}"), *_desc_cells(d)] for k, d in c["across_tasks_by_kind"].items()]
+        + [
+            ["same task, all", *_desc_cells(c["within_task_all"])],
+            ["different tasks, all", *_desc_cells(c["across_tasks_all"])],
+        ],
+    )
+    comp = _table(
+        ["comparison", "A", "B", "pairs A", "pairs B", "mean A - mean B", "p"],
+        [
+            [
+                esc(x["name"]),
+                esc(x["group_a"]),
+                esc(x["group_b"]),
+                fmt(x["n_pairs_a"]),
+                fmt(x["n_pairs_b"]),
+                fmt(x["difference"]),
+                fmt(x["p_value"]),
+            ]
+            for x in c["comparisons"]
+        ],
+    )
+    return (
+        '<section id="correlations"><h2>1. Query-query correlations</h2>'
+        "<p>Pearson correlation of the score vectors of every pair of queries over all documents.</p>"
+        + _figure("correlations.png", "correlation heat map")
+        + "<h3>Within each task</h3>"
+        + within
+        + "<h3>By kind</h3>"
+        + kp
+        + groups
+        + "<h3>Differences between groups</h3>"
+        + f"<p>Test: {esc(c['test'])}.</p>"
+        + comp
+        + _figure("correlation_groups.png", "correlations by group")
+        + "</section>"
+    )
 
 
 def _sec_concentration(s: dict) -> str:
@@ -221,55 +281,92 @@ def _sec_concentration(s: dict) -> str:
             for kind in kinds:
                 d = cs["by_kind"][side][f][kind]
                 rows.append([esc(side), f"{100 * f:g}% (k={k})", esc(kind), *_desc_cells(d)])
-    html_ = ('<section id="concentration"><h2>2. Concentration of influence</h2>'
-             "<p>Share of a query's total positive (negative) influence held by its top (bottom) documents.</p>"
-             + (f"<p><b>Caveat:</b> {esc(cs['caveat'])}.</p>" if cs.get("caveat") else "")
-             + _figure("concentration.png", "concentration") + _table(["side", "fraction", "kind", "queries", "mean share", "std", "median"], rows))
+    html_ = (
+        '<section id="concentration"><h2>2. Concentration of influence</h2>'
+        "<p>Share of a query's total positive (negative) influence held by its top (bottom) documents.</p>"
+        + (f"<p><b>Caveat:</b> {esc(cs['caveat'])}.</p>" if cs.get("caveat") else "")
+        + _figure("concentration.png", "concentration")
+        + _table(["side", "fraction", "kind", "queries", "mean share", "std", "median"], rows)
+    )
     if cs["per_nat"] is None:
         html_ += "<p>Per-nat totals: not available (no completion NLL in queries.jsonl).</p>"
     else:
         pn = cs["per_nat"]
-        html_ += ("<h3>Influence per nat</h3><p>Total absolute influence divided by the completion's NLL.</p>"
-                  + _figure("per_nat.png", "influence per nat")
-                  + _table(["kind", "queries", "mean", "std", "median"],
-                           [[esc(k), *_desc_cells(d)] for k, d in pn["by_kind"]["absolute"].items()])
-                  + _compare_table(pn["compare_kinds"]))
+        html_ += (
+            "<h3>Influence per nat</h3><p>Total absolute influence divided by the completion's NLL.</p>"
+            + _figure("per_nat.png", "influence per nat")
+            + _table(
+                ["kind", "queries", "mean", "std", "median"],
+                [[esc(k), *_desc_cells(d)] for k, d in pn["by_kind"]["absolute"].items()],
+            )
+            + _compare_table(pn["compare_kinds"])
+        )
     return html_ + "</section>"
 
 
 def _compare_table(cmp: list[dict]) -> str:
     if not cmp:
         return ""
-    return _table(["kind A", "kind B", "n A", "n B", "median A", "median B", "p (Mann-Whitney)"],
-                  [[esc(c["a"]), esc(c["b"]), fmt(c["n_a"]), fmt(c["n_b"]), fmt(c["median_a"]), fmt(c["median_b"]),
-                    fmt(c["p_value"])] for c in cmp])
+    return _table(
+        ["kind A", "kind B", "n A", "n B", "median A", "median B", "p (Mann-Whitney)"],
+        [
+            [
+                esc(c["a"]),
+                esc(c["b"]),
+                fmt(c["n_a"]),
+                fmt(c["n_b"]),
+                fmt(c["median_a"]),
+                fmt(c["median_b"]),
+                fmt(c["p_value"]),
+            ]
+            for c in cmp
+        ],
+    )
 
 
 def _sec_powerlaw(s: dict) -> str:
     p = s["powerlaw"]
-    out = ['<section id="powerlaw"><h2>3. Power-law tails</h2>'
-           f"<p>Fits of each query's top {p['top_n']} scores (positive part): the log-log rank-size slope (OLS, "
-           "with its standard error) and a Clauset-style maximum-likelihood exponent alpha with x_min chosen by "
-           "the Kolmogorov-Smirnov distance and a bootstrap goodness-of-fit p (a power law is plausible when "
-           "p &ge; 0.1). A rank-size slope b corresponds to alpha &asymp; 1 - 1/b.</p>",
-           _figure("powerlaw.png", "power laws")]
+    out = [
+        '<section id="powerlaw"><h2>3. Power-law tails</h2>'
+        f"<p>Fits of each query's top {p['top_n']} scores (positive part): the log-log rank-size slope (OLS, "
+        "with its standard error) and a Clauset-style maximum-likelihood exponent alpha with x_min chosen by "
+        "the Kolmogorov-Smirnov distance and a bootstrap goodness-of-fit p (a power law is plausible when "
+        "p &ge; 0.1). A rank-size slope b corresponds to alpha &asymp; 1 - 1/b.</p>",
+        _figure("powerlaw.png", "power laws"),
+    ]
     for side in ("positive", "negative"):
         d = p[side]
-        rows = [[esc(k), *_desc_cells(d["slope_by_kind"][k]), *_desc_cells(d["alpha_by_kind"][k])[1:],
-                 fmt(d["plausible_share_by_kind"][k]["share"])] for k in d["slope_by_kind"]]
-        out.append(f"<h3>{'Top (positive) scores' if side == 'positive' else 'Bottom (negative) scores, as magnitudes'}</h3>"
-                   + _table(["kind", "queries", "mean slope", "std", "median", "mean alpha", "std", "median",
-                             "share plausible"], rows)
-                   + "<p>Slopes compared between kinds:</p>" + _compare_table(d["compare_slope"]))
+        rows = [
+            [
+                esc(k),
+                *_desc_cells(d["slope_by_kind"][k]),
+                *_desc_cells(d["alpha_by_kind"][k])[1:],
+                fmt(d["plausible_share_by_kind"][k]["share"]),
+            ]
+            for k in d["slope_by_kind"]
+        ]
+        out.append(
+            f"<h3>{'Top (positive) scores' if side == 'positive' else 'Bottom (negative) scores, as magnitudes'}</h3>"
+            + _table(
+                ["kind", "queries", "mean slope", "std", "median", "mean alpha", "std", "median", "share plausible"],
+                rows,
+            )
+            + "<p>Slopes compared between kinds:</p>"
+            + _compare_table(d["compare_slope"])
+        )
     return "".join(out) + "</section>"
 
 
 def _sec_sources(s: dict) -> str:
     so = s["sources"]
     docs = s["documents"]["sources"]
-    corpus = _table(["source", "documents", "share", "tokens", "token share"],
-                    [[esc(n), fmt(d["count"]), fmt(d["share_count"]), fmt(d.get("tokens")), fmt(d.get("share_tokens"))]
-                     for n, d in docs.items()])
+    corpus = _table(
+        ["source", "documents", "share", "tokens", "token share"],
+        [
+            [esc(n), fmt(d["count"]), fmt(d["share_count"]), fmt(d.get("tokens")), fmt(d.get("share_tokens"))]
+            for n, d in docs.items()
+        ],
+    )
     rows = []
     for side in ("top", "bottom"):
         for measure, by in so["by_kind"][side].items():
@@ -277,13 +374,20 @@ def _sec_sources(s: dict) -> str:
                 mean = np.asarray(d["mean"])
                 for i, k in enumerate(so["ks"]):
                     rows.append([esc(side), esc(measure), esc(kind), fmt(k)] + [fmt(v) for v in mean[i]])
-    return ('<section id="sources"><h2>4. Data sources of the top and bottom documents</h2>'
-            "<p>Multiplier = share of a source among a query's top-k (bottom-k) documents divided by its share of "
-            "the corpus, by document count and by tokens, averaged over the queries of a kind (1 = as in the corpus).</p>"
-            + corpus + _figure("sources.png", "sources by count")
-            + (_figure("sources_tokens.png", "sources by tokens") if so["by_tokens"] else
-               "<p>By tokens: not available (documents without token counts).</p>")
-            + _table(["side", "by", "kind", "k", *[esc(n) for n in so["sources"]]], rows) + "</section>")
+    return (
+        '<section id="sources"><h2>4. Data sources of the top and bottom documents</h2>'
+        "<p>Multiplier = share of a source among a query's top-k (bottom-k) documents divided by its share of "
+        "the corpus, by document count and by tokens, averaged over the queries of a kind (1 = as in the corpus).</p>"
+        + corpus
+        + _figure("sources.png", "sources by count")
+        + (
+            _figure("sources_tokens.png", "sources by tokens")
+            if so["by_tokens"]
+            else "<p>By tokens: not available (documents without token counts).</p>"
+        )
+        + _table(["side", "by", "kind", "k", *[esc(n) for n in so["sources"]]], rows)
+        + "</section>"
+    )
 
 
 def _sec_answers(s: dict) -> str:
@@ -293,14 +397,26 @@ def _sec_answers(s: dict) -> str:
     rows = []
     for kind in a["share_found_any_by_kind"]:
         for i, k in enumerate(a["ks"]):
-            rows.append([esc(kind), fmt(k), fmt(a["share_found_any_by_kind"][kind][i]),
-                         fmt(a["share_found_all_by_kind"][kind][i]), fmt(a["mean_recall_by_kind"][kind][i])])
-    return ('<section id="answers"><h2>5. Answers in the top documents</h2>'
-            "<p>Answer items: the query's <code>answer</code> field, else numbers and key phrases of the completion "
-            "(reasoning queries: the result of each step and the final answer). An item is found when it occurs in "
-            "one of the query's top-k documents.</p>" + _figure("answers.png", "answers")
-            + _table(["kind", "k", "share with any item found", "share with every item found", "mean share of items found"], rows)
-            + "</section>")
+            rows.append(
+                [
+                    esc(kind),
+                    fmt(k),
+                    fmt(a["share_found_any_by_kind"][kind][i]),
+                    fmt(a["share_found_all_by_kind"][kind][i]),
+                    fmt(a["mean_recall_by_kind"][kind][i]),
+                ]
+            )
+    return (
+        '<section id="answers"><h2>5. Answers in the top documents</h2>'
+        "<p>Answer items: the query's <code>answer</code> field, else numbers and key phrases of the completion "
+        "(reasoning queries: the result of each step and the final answer). An item is found when it occurs in "
+        "one of the query's top-k documents.</p>"
+        + _figure("answers.png", "answers")
+        + _table(
+            ["kind", "k", "share with any item found", "share with every item found", "mean share of items found"], rows
+        )
+        + "</section>"
+    )
 
 
 def _sec_layers_tokens(s: dict, queries) -> str:
@@ -309,25 +425,40 @@ def _sec_layers_tokens(s: dict, queries) -> str:
     if not la.get("available"):
         out.append(f"<p>Layers: {esc(la['reason'])}.</p>")
     else:
-        out.append(f"<p>Share of the absolute influence of each query's top {la['top_k']} documents coming from "
-                   f"each layer; layers binned by block number ({esc(la['block_rule'])}) into lower, middle and "
-                   f"upper thirds. Per-layer sums match scores.npy to a relative "
-                   f"{fmt(la['sum_check_max_relative_difference'])}.</p>"
-                   + _figure("layers.png", "layers")
-                   + _table(["bin", "kind", "queries", "mean share", "std", "median"],
-                            [[esc(b), esc(k), *_desc_cells(d)] for b in BINS for k, d in la["bin_share_by_kind"][b].items()]))
+        out.append(
+            f"<p>Share of the absolute influence of each query's top {la['top_k']} documents coming from "
+            f"each layer; layers binned by block number ({esc(la['block_rule'])}) into lower, middle and "
+            f"upper thirds. Per-layer sums match scores.npy to a relative "
+            f"{fmt(la['sum_check_max_relative_difference'])}.</p>"
+            + _figure("layers.png", "layers")
+            + _table(
+                ["bin", "kind", "queries", "mean share", "std", "median"],
+                [[esc(b), esc(k), *_desc_cells(d)] for b in BINS for k, d in la["bin_share_by_kind"][b].items()],
+            )
+        )
     to = s["tokens"]
     if not to.get("available"):
         out.append(f"<p>Tokens: {esc(to['reason'])}.</p>")
     else:
-        out.append(f"<p>Tokens with the largest per-token influence in each top document (highlighted; hover for "
-                   f"the score). Per-token sums match scores.npy to a relative {fmt(to['sum_check_max_relative_difference'])}.</p>")
+        out.append(
+            f"<p>Tokens with the largest per-token influence in each top document (highlighted; hover for "
+            f"the score). Per-token sums match scores.npy to a relative {fmt(to['sum_check_max_relative_difference'])}.</p>"
+        )
         rows = []
         for e in to["records"]:
             tops = ", ".join(f"<code>{esc(t['text'])}</code> ({fmt(t['score'])})" for t in e["top_tokens"])
-            rows.append([esc(e["query"]), esc(e["document"]), fmt(e["rank"]), fmt(e["score"]), tops,
-                         '<div class="doc">' + _highlight(e["_texts"], e["_scores"], e["top_tokens"],
-                                                          decoded=e.get("_decoded", False)) + "</div>"])
+            rows.append(
+                [
+                    esc(e["query"]),
+                    esc(e["document"]),
+                    fmt(e["rank"]),
+                    fmt(e["score"]),
+                    tops,
+                    '<div class="doc">'
+                    + _highlight(e["_texts"], e["_scores"], e["top_tokens"], decoded=e.get("_decoded", False))
+                    + "</div>",
+                ]
+            )
         out.append(_table(["query", "document", "rank", "score", "top tokens", "context"], rows))
     return "".join(out) + "</section>"
 
@@ -338,10 +469,12 @@ OPEN_QUERIES = 40
 
 def _sec_queries(s, queries, rows, fetched, texts, documents, options) -> str:
     ans = {p["query"]: p for p in s["answers"].get("per_query", [])} if s["answers"].get("available") else {}
-    out = ['<section id="queries"><h2>Queries and their top and bottom documents</h2>'
-           "<p>One collapsible entry per query. The box below keeps the queries whose kind, task, id, prompt or "
-           "completion hold every word typed, and in the others the documents (id, source, text) that do; the "
-           "browser's find (Ctrl+F) also searches and opens closed entries.</p>" + page.SEARCH_BOX]
+    out = [
+        '<section id="queries"><h2>Queries and their top and bottom documents</h2>'
+        "<p>One collapsible entry per query. The box below keeps the queries whose kind, task, id, prompt or "
+        "completion hold every word typed, and in the others the documents (id, source, text) that do; the "
+        "browser's find (Ctrl+F) also searches and opens closed entries.</p>" + page.SEARCH_BOX
+    ]
     n = options.report_documents
     opened = " open" if len(queries.ids) <= OPEN_QUERIES else ""  # long reports start collapsed
     for q, qid in enumerate(queries.ids):
@@ -349,20 +482,40 @@ def _sec_queries(s, queries, rows, fetched, texts, documents, options) -> str:
         items = ""
         if a is not None:
             last = a["by_k"][-1]
-            marks = ", ".join(f"{esc(it)} {'&#10003;' if f else '&#10007;'}" for it, f in zip(a["items"], last["found"]))
+            marks = ", ".join(
+                f"{esc(it)} {'&#10003;' if f else '&#10007;'}" for it, f in zip(a["items"], last["found"])
+            )
             items = f"<p>Answer items ({esc(a['rule'])}), found in the top {last['k']}: {marks or '<i>none</i>'}</p>"
-        fid = f" (EK-FAC index, predicted correlation {fmt(s['index']['predicted_correlation'][qid])})" if s.get("index") else ""
-        body = [f'<details class="query"{opened}><summary class="qtext">[{esc(queries.kinds[q])} / '
-                f"{esc(queries.tasks[q] or '(none)')}] <b>{esc(qid)}</b>{fid}: {_snippet(queries.prompts[q], 160)}</summary>"
-                f'<p><b>Prompt</b></p><div class="doc qtext">{esc(queries.prompts[q])}</div>'
-                f'<p><b>Completion</b></p><div class="doc qtext">{esc(queries.completions[q])}</div>{items}']
-        for side, idx, val in (("top", rows.top_idx[q], rows.top_val[q]), ("bottom", rows.bottom_idx[q], rows.bottom_val[q])):
+        fid = (
+            f" (EK-FAC index, predicted correlation {fmt(s['index']['predicted_correlation'][qid])})"
+            if s.get("index")
+            else ""
+        )
+        body = [
+            f'<details class="query"{opened}><summary class="qtext">[{esc(queries.kinds[q])} / '
+            f"{esc(queries.tasks[q] or '(none)')}] <b>{esc(qid)}</b>{fid}: {_snippet(queries.prompts[q], 160)}</summary>"
+            f'<p><b>Prompt</b></p><div class="doc qtext">{esc(queries.prompts[q])}</div>'
+            f'<p><b>Completion</b></p><div class="doc qtext">{esc(queries.completions[q])}</div>{items}'
+        ]
+        for side, idx, val in (
+            ("top", rows.top_idx[q], rows.top_val[q]),
+            ("bottom", rows.bottom_idx[q], rows.bottom_val[q]),
+        ):
             trs = []
             for rank, (i, v) in enumerate(zip(idx[:n], val[:n]), 1):
                 i = int(i)
-                trs.append([fmt(rank), esc(fetched[i][0]), esc(documents.source_names[documents.source_codes[i]]), fmt(v),
-                            f'<div class="doc">{_snippet(texts.get(i), options.snippet_chars)}</div>'])
-            body.append(f"<p><b>{side.capitalize()} {len(trs)}</b></p>" + _table(["rank", "id", "source", "score", "text"], trs))
+                trs.append(
+                    [
+                        fmt(rank),
+                        esc(fetched[i][0]),
+                        esc(documents.source_names[documents.source_codes[i]]),
+                        fmt(v),
+                        f'<div class="doc">{_snippet(texts.get(i), options.snippet_chars)}</div>',
+                    ]
+                )
+            body.append(
+                f"<p><b>{side.capitalize()} {len(trs)}</b></p>" + _table(["rank", "id", "source", "score", "text"], trs)
+            )
         body.append("</details>")
         out.append("".join(body))
     return "".join(out) + "</section>"
@@ -393,21 +546,38 @@ def summary_markdown(s: dict) -> str:
     for x in c["comparisons"]:
         L.append(f"| {x['name']} | {_m(x['difference'])} | {_m(x['p_value'])} |")
     cs = s["concentration"]
-    L += ["", "## Concentration (mean share of positive influence)", "",
-          "| kind | " + " | ".join(f"top {100 * f:g}%" for f in cs["fractions"]) + " |",
-          "|---|" + "---|" * len(cs["fractions"])]
+    L += [
+        "",
+        "## Concentration (mean share of positive influence)",
+        "",
+        "| kind | " + " | ".join(f"top {100 * f:g}%" for f in cs["fractions"]) + " |",
+        "|---|" + "---|" * len(cs["fractions"]),
+    ]
     for kind in present_kinds(s["queries"]["kind"]):
-        L.append(f"| {kind} | " + " | ".join(_m(cs["by_kind"]["positive"][f][kind]["mean"]) for f in cs["fractions"]) + " |")
+        L.append(
+            f"| {kind} | " + " | ".join(_m(cs["by_kind"]["positive"][f][kind]["mean"]) for f in cs["fractions"]) + " |"
+        )
     if cs["per_nat"] is None:
         L += ["", "Per-nat totals: not available (no completion NLL)."]
     else:
-        L += ["", "Mean total |influence| per nat: " + ", ".join(
-            f"{k} {_m(d['mean'])}" for k, d in cs["per_nat"]["by_kind"]["absolute"].items())]
+        L += [
+            "",
+            "Mean total |influence| per nat: "
+            + ", ".join(f"{k} {_m(d['mean'])}" for k, d in cs["per_nat"]["by_kind"]["absolute"].items()),
+        ]
     p = s["powerlaw"]["positive"]
-    L += ["", "## Power-law tails (top scores)", "", "| kind | mean slope | mean alpha | share plausible |", "|---|---|---|---|"]
+    L += [
+        "",
+        "## Power-law tails (top scores)",
+        "",
+        "| kind | mean slope | mean alpha | share plausible |",
+        "|---|---|---|---|",
+    ]
     for k in p["slope_by_kind"]:
-        L.append(f"| {k} | {_m(p['slope_by_kind'][k]['mean'])} | {_m(p['alpha_by_kind'][k]['mean'])} | "
-                 f"{_m(p['plausible_share_by_kind'][k]['share'])} |")
+        L.append(
+            f"| {k} | {_m(p['slope_by_kind'][k]['mean'])} | {_m(p['alpha_by_kind'][k]['mean'])} | "
+            f"{_m(p['plausible_share_by_kind'][k]['share'])} |"
+        )
     a = s["answers"]
     L += ["", "## Answers in the top documents", ""]
     if not a.get("available"):
@@ -416,8 +586,12 @@ def summary_markdown(s: dict) -> str:
         L += ["| kind | " + " | ".join(f"any item, top {k}" for k in a["ks"]) + " |", "|---|" + "---|" * len(a["ks"])]
         for kind, v in a["share_found_any_by_kind"].items():
             L.append(f"| {kind} | " + " | ".join(_m(x) for x in v) + " |")
-    L += ["", f"Layers: {'exported' if s['layers'].get('available') else 'not exported'}; "
-          f"tokens: {'exported' if s['tokens'].get('available') else 'not exported'}.", ""]
+    L += [
+        "",
+        f"Layers: {'exported' if s['layers'].get('available') else 'not exported'}; "
+        f"tokens: {'exported' if s['tokens'].get('available') else 'not exported'}.",
+        "",
+    ]
     return "\n".join(L)
 
 

@@ -35,9 +35,13 @@ def corpus_shares(codes: np.ndarray, n_sources: int, tokens: np.ndarray | None) 
     return out
 
 
-def source_multipliers(ranked_codes: np.ndarray, ks: Sequence[int], corpus_count_share: np.ndarray,
-                       ranked_tokens: np.ndarray | None = None,
-                       corpus_token_share: np.ndarray | None = None) -> dict:
+def source_multipliers(
+    ranked_codes: np.ndarray,
+    ks: Sequence[int],
+    corpus_count_share: np.ndarray,
+    ranked_tokens: np.ndarray | None = None,
+    corpus_token_share: np.ndarray | None = None,
+) -> dict:
     """Over-representation of each source among the first k ranked documents.
 
     By count: ``m_s(k) = (c_s(k) / k) / (C_s / N)``, with c_s(k) the number of the first k ranked
@@ -53,7 +57,7 @@ def source_multipliers(ranked_codes: np.ndarray, ks: Sequence[int], corpus_count
         for i, k in enumerate(ks):
             c = np.bincount(ranked_codes[:k], minlength=S)
             by_count[i] = (c / k) / corpus_count_share
-            if by_tokens is not None and ranked_tokens is not None:   # both or neither
+            if by_tokens is not None and ranked_tokens is not None:  # both or neither
                 t = np.bincount(ranked_codes[:k], weights=ranked_tokens[:k].astype(np.float64), minlength=S)
                 if t.sum() > 0:
                     by_tokens[i] = (t / t.sum()) / corpus_token_share

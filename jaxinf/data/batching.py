@@ -175,7 +175,9 @@ class PlanReport:
         if self.truncated_documents:
             parts.append(f"{self.truncated_documents} documents truncated ({self.truncated_tokens} tokens cut)")
         if self.split_documents:
-            parts.append(f"{self.split_documents} documents split into {self.rows - self.documents + self.split_documents} chunks")
+            parts.append(
+                f"{self.split_documents} documents split into {self.rows - self.documents + self.split_documents} chunks"
+            )
         if self.documents_without_targets:
             parts.append(f"{self.documents_without_targets} documents with fewer than 2 tokens (no targets)")
         parts.append(f"{self.batches_per_host} batches per host, {100 * self.padding_fraction:.1f}% padding")
@@ -205,15 +207,21 @@ def make_batch_plan(
         raise ValueError("lengths must be one count per document")
     if long_documents not in LONG_DOCUMENTS:
         raise DataError(f"data.long_documents: must be one of {', '.join(LONG_DOCUMENTS)}, got {long_documents!r}")
-    for name, value in (("batch_size", batch_size), ("window_batches", window_batches),
-                        ("process_count", process_count), ("max_length", max_length)):
+    for name, value in (
+        ("batch_size", batch_size),
+        ("window_batches", window_batches),
+        ("process_count", process_count),
+        ("max_length", max_length),
+    ):
         if int(value) < 1:
             raise DataError(f"data.{name}: must be positive, got {value}")
     if len(lengths) and lengths.min() < 0:
         raise ValueError("token counts must be non-negative")
     buckets = tuple(sorted(set(int(b) for b in buckets))) if buckets is not None else bucket_lengths(max_length)
     if not buckets or buckets[0] < 1 or buckets[-1] < max_length:
-        raise DataError(f"data.buckets: the largest bucket must be at least data.max_length ({max_length}), got {buckets}")
+        raise DataError(
+            f"data.buckets: the largest bucket must be at least data.max_length ({max_length}), got {buckets}"
+        )
 
     L = max_length
     counts = chunk_counts(lengths, L, long_documents)
@@ -248,14 +256,33 @@ def make_batch_plan(
         batches_per_host=S,
         padded_tokens=int(step_length.sum()) * G,
     )
-    return BatchPlan(lengths=lengths, batch_size=int(batch_size), max_length=L, long_documents=long_documents,
-                window_batches=int(window_batches), buckets=buckets, process_count=int(process_count),
-                row_document=row_document, row_chunk=row_chunk, row_start=row_start, row_length=row_length,
-                first_row=first_row, order=order, step_length=step_length, report=report)
+    return BatchPlan(
+        lengths=lengths,
+        batch_size=int(batch_size),
+        max_length=L,
+        long_documents=long_documents,
+        window_batches=int(window_batches),
+        buckets=buckets,
+        process_count=int(process_count),
+        row_document=row_document,
+        row_chunk=row_chunk,
+        row_start=row_start,
+        row_length=row_length,
+        first_row=first_row,
+        order=order,
+        step_length=step_length,
+        report=report,
+    )
 
 
-def document_lengths(source: DocumentSource, encoder: TextEncoder, *, chunk: int = 2048,
-                     limit: int | None = None, progress: Callable[[int, int], None] | None = None) -> np.ndarray:
+def document_lengths(
+    source: DocumentSource,
+    encoder: TextEncoder,
+    *,
+    chunk: int = 2048,
+    limit: int | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> np.ndarray:
     """Token count of every document of ``source`` (special tokens included): one tokenization pass.
 
     Reading the next chunk of texts overlaps with tokenizing the current one. ``limit`` (``data.max_length`` when
@@ -284,8 +311,15 @@ class DocumentBatches:
     documents at a time (a document split over several of them is tokenized once).
     """
 
-    def __init__(self, source: DocumentSource, encoder: TextEncoder, plan: BatchPlan, *, process_index: int = 0,
-                 group_steps: int = 8):
+    def __init__(
+        self,
+        source: DocumentSource,
+        encoder: TextEncoder,
+        plan: BatchPlan,
+        *,
+        process_index: int = 0,
+        group_steps: int = 8,
+    ):
         if len(source) != plan.num_documents:
             raise DataError(f"{source.name}: {len(source)} documents, but the plan was made for {plan.num_documents}")
         if not 0 <= process_index < plan.process_count:
@@ -330,7 +364,8 @@ class DocumentBatches:
                 doc = self.source.documents([d])[0]
                 raise DataError(
                     f'{self.source.name}:{doc.line}: document "{doc.id}" has {len(ids)} tokens but the plan counted '
-                    f"{int(self.plan.lengths[d])} (token counts from another tokenizer or another version of the file?)")
+                    f"{int(self.plan.lengths[d])} (token counts from another tokenizer or another version of the file?)"
+                )
         return encoded
 
     def _fill(self, T: int, rows: np.ndarray, ids: dict[int, np.ndarray]) -> Batch:
@@ -370,8 +405,15 @@ def document_batches(
     """This host's batches of ``source``: :func:`make_batch_plan` on ``lengths`` (counted by :func:`document_lengths` if not given)."""
     if lengths is None:
         lengths = document_lengths(source, encoder, limit=max_length if long_documents == "truncate" else None)
-    plan = make_batch_plan(lengths, batch_size=batch_size, max_length=max_length, long_documents=long_documents,
-                           window_batches=window_batches, buckets=buckets, process_count=process_count)
+    plan = make_batch_plan(
+        lengths,
+        batch_size=batch_size,
+        max_length=max_length,
+        long_documents=long_documents,
+        window_batches=window_batches,
+        buckets=buckets,
+        process_count=process_count,
+    )
     return DocumentBatches(source, encoder, plan, process_index=process_index)
 
 

@@ -9,8 +9,9 @@ def prepare_command(args) -> int:
     one line (exit 2); a write the machine refuses is exit 3 there."""
     from jaxinf.data.prepare import prepare
 
-    report = prepare(args.input, args.out_dir, text_field=args.text_field, id_field=args.id_field,
-                     source_field=args.source_field)
+    report = prepare(
+        args.input, args.out_dir, text_field=args.text_field, id_field=args.id_field, source_field=args.source_field
+    )
     print(report.summary())
     print(f"wrote {args.out_dir} (TFDS array_record, split train; read it with data.documents={args.out_dir})")
     return 0

@@ -91,8 +91,12 @@ class ReadReport:
             to = "their shard's name" if self.shard_sources else f'"{DEFAULT_SOURCE}"'
             parts.append(f"{self.default_sources} sources defaulted to {to}")
         if self.duplicates:
-            parts.append(f"{self.duplicates} exact duplicates skipped (" + ", ".join(self.duplicate_examples)
-                         + (", ..." if self.duplicates > len(self.duplicate_examples) else "") + ")")
+            parts.append(
+                f"{self.duplicates} exact duplicates skipped ("
+                + ", ".join(self.duplicate_examples)
+                + (", ..." if self.duplicates > len(self.duplicate_examples) else "")
+                + ")"
+            )
         if self.ignored_files:
             parts.append(f"{self.ignored_files} files of other kinds ignored")
         return f"{self.path}: " + ", ".join(parts)
@@ -127,15 +131,24 @@ def decode_line(raw: bytes, path: str, line: int, *, strip_bom: bool = False) ->
     Raises :class:`DataError` for invalid UTF-8 (naming the byte, counted from 1
     within the line) or invalid JSON (naming the parser's reason and column).
     """
-    text_bytes = raw[len(BOM):] if strip_bom and raw.startswith(BOM) else raw
+    text_bytes = raw[len(BOM) :] if strip_bom and raw.startswith(BOM) else raw
     try:
         text = text_bytes.decode("utf-8")
     except UnicodeDecodeError as e:
         offset = e.start + (len(raw) - len(text_bytes)) + 1
-        packed = next((name for magic, name in COMPRESSED_MAGIC.items() if raw.startswith(magic)), None) \
-            if line == 1 else None
-        hint = (f" (the file is {packed}-compressed: documents are read compressed only when the name ends in "
-                f"{COMPRESSED_SUFFIX[packed]}; queries must be decompressed)") if packed else ""
+        packed = (
+            next((name for magic, name in COMPRESSED_MAGIC.items() if raw.startswith(magic)), None)
+            if line == 1
+            else None
+        )
+        hint = (
+            (
+                f" (the file is {packed}-compressed: documents are read compressed only when the name ends in "
+                f"{COMPRESSED_SUFFIX[packed]}; queries must be decompressed)"
+            )
+            if packed
+            else ""
+        )
         raise DataError(f"{where(path, line)}: invalid UTF-8 at byte {offset}{hint}") from None
     if not text.strip():
         return None
@@ -169,8 +182,14 @@ def check_id(value: Any, path: str, line: int | None, name: str = "id") -> str:
     raise DataError(f'{where(path, line)}: field "{name}" must be a string or an integer, got {type_name(value)}')
 
 
-def parse_document(obj: Any, path: str, line: int, default_id: str, fields: tuple[str, str, str] = DEFAULT_FIELDS,
-                   default_source: str = DEFAULT_SOURCE) -> dict[str, Any] | None:
+def parse_document(
+    obj: Any,
+    path: str,
+    line: int,
+    default_id: str,
+    fields: tuple[str, str, str] = DEFAULT_FIELDS,
+    default_source: str = DEFAULT_SOURCE,
+) -> dict[str, Any] | None:
     """The validated fields of one document line, or ``None`` when its text is empty (to skip).
 
     ``fields`` names the id, text and source fields (``data.id_field``, ``data.text_field``,
@@ -189,8 +208,15 @@ def parse_document(obj: Any, path: str, line: int, default_id: str, fields: tupl
     if not text.strip():
         return None
     extra = {k: v for k, v in obj.items() if k not in fields}
-    return {"id": doc_id, "text": text, "source": source, "extra": extra, "line": line,
-            "default_id": not has_id, "default_source": not has_source}
+    return {
+        "id": doc_id,
+        "text": text,
+        "source": source,
+        "extra": extra,
+        "line": line,
+        "default_id": not has_id,
+        "default_source": not has_source,
+    }
 
 
 class IdChecker:
@@ -232,8 +258,9 @@ def _iter_raw_lines(path: str) -> Iterator[tuple[int, int, bytes]]:
             offset += len(raw)
 
 
-def iter_jsonl_documents(path: str | os.PathLike, report: ReadReport | None = None,
-                         line_digests: bytearray | None = None) -> Iterator[tuple[int, int, dict]]:
+def iter_jsonl_documents(
+    path: str | os.PathLike, report: ReadReport | None = None, line_digests: bytearray | None = None
+) -> Iterator[tuple[int, int, dict]]:
     """Validates a documents JSONL file line by line: yields ``(byte offset, byte end, record)`` of each kept document.
 
     ``record`` is as :func:`parse_document` returns. ``report`` (if given) is
@@ -305,7 +332,7 @@ class JsonlDocuments:
         """SHA-256 of the first ``n`` kept documents (all when None): over the 8-byte BLAKE2b digests of their
         lines, taken during the validating scan (no other pass over the file)."""
         count = len(self) if n is None else min(int(n), len(self))
-        return hashlib.sha256(bytes(self._digests[:8 * count])).hexdigest()
+        return hashlib.sha256(bytes(self._digests[: 8 * count])).hexdigest()
 
     def _file_stamp(self) -> tuple[int, int]:
         st = os.stat(self.path)
@@ -322,8 +349,10 @@ class JsonlDocuments:
         out = []
         with open(self.path, "rb") as f:
             if (os.fstat(f.fileno()).st_size, os.fstat(f.fileno()).st_mtime_ns) != self._stamp:
-                raise DataError(f"{self.path}: the file changed after it was indexed (while it was being read); "
-                                "open it again (a jaxinf command: run it again; what the change affects is recomputed)")
+                raise DataError(
+                    f"{self.path}: the file changed after it was indexed (while it was being read); "
+                    "open it again (a jaxinf command: run it again; what the change affects is recomputed)"
+                )
             fd = f.fileno()
             for i in indices:
                 start, end, line = int(self._start[i]), int(self._end[i]), int(self._line[i])
@@ -350,8 +379,9 @@ class JsonlDocuments:
 
 
 def _document(index: int, rec: dict) -> Document:
-    return Document(index=index, id=rec["id"], text=rec["text"], source=rec["source"], extra=rec["extra"],
-                    line=rec["line"])
+    return Document(
+        index=index, id=rec["id"], text=rec["text"], source=rec["source"], extra=rec["extra"], line=rec["line"]
+    )
 
 
 def iter_documents(source: DocumentSource, chunk: int = 1024) -> Iterator[Document]:

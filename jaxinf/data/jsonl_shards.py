@@ -55,13 +55,16 @@ class JsonlShard:
                     try:
                         raw = stream.readline()
                     except (OSError, EOFError, zlib.error) as e:
-                        raise DataError(f"{where(self.display, number + 1)}: cannot decompress "
-                                        f"({self.shard.compression}: {one_line(e)})") from None
+                        raise DataError(
+                            f"{where(self.display, number + 1)}: cannot decompress "
+                            f"({self.shard.compression}: {one_line(e)})"
+                        ) from None
                     except Exception as e:  # zstandard.ZstdError
                         if type(e).__name__ != "ZstdError":
                             raise
-                        raise DataError(f"{where(self.display, number + 1)}: cannot decompress "
-                                        f"(zstd: {one_line(e)})") from None
+                        raise DataError(
+                            f"{where(self.display, number + 1)}: cannot decompress (zstd: {one_line(e)})"
+                        ) from None
                     if not raw:
                         break
                     number += 1
@@ -85,18 +88,32 @@ class JsonlShard:
             if rec is None:
                 report.empty += 1
                 continue
-            yield (number, offset, offset + len(raw), hashlib.blake2b(raw, digest_size=8).digest(), rec["id"],
-                   rec["default_id"], rec["default_source"])
+            yield (
+                number,
+                offset,
+                offset + len(raw),
+                hashlib.blake2b(raw, digest_size=8).digest(),
+                rec["id"],
+                rec["default_id"],
+                rec["default_source"],
+            )
 
-    def read(self, items: list[tuple[int, int, int]], fields: Fields, default_id, default_source: str,
-             text_only: bool) -> list[dict]:
+    def read(
+        self, items: list[tuple[int, int, int]], fields: Fields, default_id, default_source: str, text_only: bool
+    ) -> list[dict]:
         out = []
         with open(self.data_path, "rb") as f:
             fd = f.fileno()
             for line, start, end in items:
                 raw = os.pread(fd, end - start, start)
-                rec = parse_document(decode_line(raw, self.display, line, strip_bom=line == 1), self.display, line,
-                                     default_id(line), fields.names, default_source)
+                rec = parse_document(
+                    decode_line(raw, self.display, line, strip_bom=line == 1),
+                    self.display,
+                    line,
+                    default_id(line),
+                    fields.names,
+                    default_source,
+                )
                 if rec is None:  # pragma: no cover - the stamp check makes this unreachable
                     raise DataError(f"{where(self.display, line)}: the document is empty now; open the corpus again")
                 out.append(rec)

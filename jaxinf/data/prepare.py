@@ -66,10 +66,15 @@ def _builder_class():
             return tfds.core.DatasetInfo(
                 builder=self,
                 description=f"Documents of {os.path.basename(self._input_path)}, written by jaxinf prepare.",
-                features=tfds.features.FeaturesDict({
-                    "id": text, "text": text, "source": text, "extra": text,
-                    "line": tfds.features.Scalar(np.int64),
-                }),
+                features=tfds.features.FeaturesDict(
+                    {
+                        "id": text,
+                        "text": text,
+                        "source": text,
+                        "extra": text,
+                        "line": tfds.features.Scalar(np.int64),
+                    }
+                ),
                 disable_shuffling=True,
                 metadata=self._jaxinf_metadata,
             )
@@ -79,12 +84,22 @@ def _builder_class():
 
         def _generate_examples(self):
             try:
-                records = (iter_jsonl_documents(self._input_path, self.read_report) if self._source is None
-                           else ((0, 0, vars(d)) for d in iter_documents(self._source)))
+                records = (
+                    iter_jsonl_documents(self._input_path, self.read_report)
+                    if self._source is None
+                    else ((0, 0, vars(d)) for d in iter_documents(self._source))
+                )
                 for i, (_, _, rec) in enumerate(records):
-                    yield i, {"id": rec["id"], "text": rec["text"], "source": rec["source"],
-                              "extra": json.dumps(rec["extra"], ensure_ascii=False, default=str),
-                              "line": rec["line"]}
+                    yield (
+                        i,
+                        {
+                            "id": rec["id"],
+                            "text": rec["text"],
+                            "source": rec["source"],
+                            "extra": json.dumps(rec["extra"], ensure_ascii=False, default=str),
+                            "line": rec["line"],
+                        },
+                    )
             except DataError as e:
                 self.data_error = e  # kept so the caller re-raises it as it is, whatever TFDS wraps it in
                 raise
@@ -92,8 +107,13 @@ def _builder_class():
             if r.documents == 0:
                 self.data_error = DataError(r.summary().replace(": 0 documents", ": no documents", 1))
                 raise self.data_error
-            self._jaxinf_metadata.update(empty=r.empty, blank_lines=r.blank_lines, default_ids=r.default_ids,
-                                  default_sources=r.default_sources, documents=r.documents)
+            self._jaxinf_metadata.update(
+                empty=r.empty,
+                blank_lines=r.blank_lines,
+                default_ids=r.default_ids,
+                default_sources=r.default_sources,
+                documents=r.documents,
+            )
 
     return JaxinfDocuments
 
@@ -113,8 +133,14 @@ def _quiet_tfds():
         tfds.display_progress_bar(before)
 
 
-def prepare(input_path: str | os.PathLike, out_dir: str | os.PathLike, *, text_field: str = "text",
-            id_field: str = "id", source_field: str = "source") -> ReadReport:
+def prepare(
+    input_path: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    text_field: str = "text",
+    id_field: str = "id",
+    source_field: str = "source",
+) -> ReadReport:
     """Writes the documents of ``input_path`` as a TFDS array_record dataset in ``out_dir``.
 
     ``input_path`` is anything ``data.documents`` accepts but a TFDS dataset: one JSONL file, or a file,
@@ -128,21 +154,26 @@ def prepare(input_path: str | os.PathLike, out_dir: str | os.PathLike, *, text_f
     """
     input_path, out = str(input_path), Path(out_dir)
     p = Path(input_path)
-    one_jsonl = (p.is_file() and (id_field, text_field, source_field) == ("id", "text", "source")
-                 and shard_format(p) in (None, ("jsonl", None)))
+    one_jsonl = (
+        p.is_file()
+        and (id_field, text_field, source_field) == ("id", "text", "source")
+        and shard_format(p) in (None, ("jsonl", None))
+    )
     if not one_jsonl and not p.exists() and not any(c in input_path for c in "*?["):
         raise DataError(f"{input_path}: no such file")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise DataError(f"{out}: already exists and is not empty; nothing was written")
-    if out.is_symlink() and not out.exists():   # dangling or a loop: the final rename would fail
-        raise DataError(f"{out}: is a symbolic link to {os.readlink(out)}, which does not resolve to a directory; "
-                        "nothing was written")
+    if out.is_symlink() and not out.exists():  # dangling or a loop: the final rename would fail
+        raise DataError(
+            f"{out}: is a symbolic link to {os.readlink(out)}, which does not resolve to a directory; "
+            "nothing was written"
+        )
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = make_temp_dir(f".{out.name}.prepare-", out.parent)
     except OSError as e:
         if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM):
-            raise   # the machine refused a write: one line, exit 3 (jaxinf.cli)
+            raise  # the machine refused a write: one line, exit 3 (jaxinf.cli)
         raise DataError(f"{out}: cannot create the dataset directory ({e.strerror}); nothing was written") from None
     try:
         source = None
@@ -150,11 +181,11 @@ def prepare(input_path: str | os.PathLike, out_dir: str | os.PathLike, *, text_f
             if p.is_dir() and (p / "dataset_info.json").is_file() and not (p / "state.json").is_file():
                 raise DataError(f"{input_path}: already a TFDS dataset; nothing to prepare")
             source = open_documents(input_path, text_field=text_field, id_field=id_field, source_field=source_field)
-        builder = _builder_class()(input_path=input_path, source=source, data_dir=str(tmp / "data"),
-                                   file_format="array_record")
+        builder = _builder_class()(
+            input_path=input_path, source=source, data_dir=str(tmp / "data"), file_format="array_record"
+        )
         # every reader open_documents returns has content_digest; DocumentSource (what batching needs) does not say so
-        builder._jaxinf_metadata["sha256"] = (file_sha256(input_path) if source is None
-                                              else source.content_digest())  # type: ignore[attr-defined]
+        builder._jaxinf_metadata["sha256"] = file_sha256(input_path) if source is None else source.content_digest()  # type: ignore[attr-defined]
         try:
             with _quiet_tfds():
                 builder.download_and_prepare(download_dir=str(tmp / "downloads"))

@@ -100,10 +100,21 @@ def parse_query(obj: Any, path: str, line: int, index: int) -> Query:
     if not isinstance(supports, list):
         raise DataError(f'{at}: field "supports" must be a list of document ids, got {type_name(supports)}')
     supports = tuple(check_id(s, f'{at}: field "supports" item {i}', None) for i, s in enumerate(supports))
-    extra = {k: v for k, v in obj.items()
-             if k not in ("id", "prompt", "completion", "kind", "task", "answer", "supports")}
-    return Query(index=index, id=qid, prompt=prompt, completion=completion, kind=kind, task=task, answer=answer,
-                 extra=extra, origin=at, supports=supports)
+    extra = {
+        k: v for k, v in obj.items() if k not in ("id", "prompt", "completion", "kind", "task", "answer", "supports")
+    }
+    return Query(
+        index=index,
+        id=qid,
+        prompt=prompt,
+        completion=completion,
+        kind=kind,
+        task=task,
+        answer=answer,
+        extra=extra,
+        origin=at,
+        supports=supports,
+    )
 
 
 def _check_unique(queries: Sequence[Query]) -> None:
@@ -174,8 +185,18 @@ def read_release(path: str | os.PathLike) -> list[Query]:
             prompt = check_string(prompts[i], f"prompts[{i}]", path, None)
             completion = check_string(completions[i], f"completions[{i}]", path, None)
             _check_completion(completion, qid, at)
-            out.append(Query(index=i, id=qid, prompt=prompt, completion=completion, kind=kind,
-                             task=task7 if model == "7B" else task35, extra={"model": model}, origin=at))
+            out.append(
+                Query(
+                    index=i,
+                    id=qid,
+                    prompt=prompt,
+                    completion=completion,
+                    kind=kind,
+                    task=task7 if model == "7B" else task35,
+                    extra={"model": model},
+                    origin=at,
+                )
+            )
     _check_unique(out)
     return out
 
@@ -187,10 +208,16 @@ def release_documents(path: str | os.PathLike) -> list[Document]:
     ids = _release_list(obj, "training_ids", path, None)
     texts = _release_list(obj, "training_sequences", path, len(ids))
     sources = _release_list(obj, "training_sources", path, len(ids))
-    return [Document(index=i, id=check_id(ids[i], f'{path}: field "training_ids" item {i}', None),
-                     text=check_string(texts[i], f"training_sequences[{i}]", path, None),
-                     source=check_string(sources[i], f"training_sources[{i}]", path, None), line=i)
-            for i in range(len(ids))]
+    return [
+        Document(
+            index=i,
+            id=check_id(ids[i], f'{path}: field "training_ids" item {i}', None),
+            text=check_string(texts[i], f"training_sequences[{i}]", path, None),
+            source=check_string(sources[i], f"training_sources[{i}]", path, None),
+            line=i,
+        )
+        for i in range(len(ids))
+    ]
 
 
 def read_queries(path: str | os.PathLike) -> list[Query]:
@@ -203,7 +230,9 @@ def read_queries(path: str | os.PathLike) -> list[Query]:
     return read_queries_jsonl(p)
 
 
-def encode_queries(queries: Sequence[Query], encoder: TextEncoder, *, max_length: int | None = None) -> list[EncodedQuery]:
+def encode_queries(
+    queries: Sequence[Query], encoder: TextEncoder, *, max_length: int | None = None
+) -> list[EncodedQuery]:
     """Tokens of every query (prefix + prompt + completion) and where its completion starts.
 
     Raises :class:`DataError` naming the query when its completion has no
@@ -215,16 +244,20 @@ def encode_queries(queries: Sequence[Query], encoder: TextEncoder, *, max_length
         if e.completion_length == 0:
             raise DataError(f'{q.origin}: query "{q.id}": the completion has no tokens')
         if e.prompt_length == 0:
-            raise DataError(f'{q.origin}: query "{q.id}": nothing precedes the completion (empty prompt and no BOS '
-                            "token), so its first token cannot be predicted")
+            raise DataError(
+                f'{q.origin}: query "{q.id}": nothing precedes the completion (empty prompt and no BOS '
+                "token), so its first token cannot be predicted"
+            )
         if max_length is not None and len(e.ids) > max_length:
-            raise DataError(f'{q.origin}: query "{q.id}" has {len(e.ids)} tokens, more than data.max_length '
-                            f"({max_length})")
+            raise DataError(
+                f'{q.origin}: query "{q.id}" has {len(e.ids)} tokens, more than data.max_length ({max_length})'
+            )
     return encoded
 
 
-def query_batches(encoded: Sequence[EncodedQuery], *, batch_size: int | None = None,
-                  max_length: int | None = None) -> list[Batch]:
+def query_batches(
+    encoded: Sequence[EncodedQuery], *, batch_size: int | None = None, max_length: int | None = None
+) -> list[Batch]:
     """Query batches in query order, all of one shape ``[B, T]`` (one compilation).
 
     ``B`` is ``batch_size`` (default: all queries in one batch); the last batch
@@ -243,8 +276,12 @@ def query_batches(encoded: Sequence[EncodedQuery], *, batch_size: int | None = N
     B = batch_size or len(encoded)
     out = []
     for lo in range(0, len(encoded), B):
-        batch = {"tokens": np.zeros((B, T), np.int32), "mask": np.zeros((B, T), np.float32),
-                 "weights": np.zeros((B, T), np.float32), "index": np.full((B,), -1, np.int32)}
+        batch = {
+            "tokens": np.zeros((B, T), np.int32),
+            "mask": np.zeros((B, T), np.float32),
+            "weights": np.zeros((B, T), np.float32),
+            "index": np.full((B,), -1, np.int32),
+        }
         for j, e in enumerate(encoded[lo : lo + B]):
             n = len(e.ids)
             batch["tokens"][j, :n] = e.ids

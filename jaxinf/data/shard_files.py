@@ -42,8 +42,7 @@ def shard_format(path: str | os.PathLike) -> tuple[str, str | None] | None:
     else:
         for suffix in UNSUPPORTED_COMPRESSIONS:
             if name.endswith(suffix) and any(name[: -len(suffix)].endswith(s) for s in JSONL_SUFFIXES):
-                raise DataError(f"{path}: unsupported compression {suffix} (JSON lines may be plain, "
-                                ".gz or .zst)")
+                raise DataError(f"{path}: unsupported compression {suffix} (JSON lines may be plain, .gz or .zst)")
     if name.endswith(JSONL_SUFFIXES):
         return "jsonl", compression
     return None
@@ -106,17 +105,22 @@ def list_shards(spec: str) -> tuple[list[Shard], list[str]]:
                 continue
             shards.append(Shard(q, fmt[0], fmt[1], shard_name(q, p)))
         if not shards:
-            raise DataError(f"{spec}: no JSONL, Parquet or Arrow files in the directory (and no dataset_info.json "
-                            "of a TFDS dataset)")
+            raise DataError(
+                f"{spec}: no JSONL, Parquet or Arrow files in the directory (and no dataset_info.json "
+                "of a TFDS dataset)"
+            )
         return shards, ignored
     if p.is_file():
         fmt = shard_format(p)
         if fmt is None:
-            raise DataError(f"{spec}: unknown document format (expected .jsonl, .json, .jsonl.gz, .jsonl.zst, "
-                            ".parquet or .arrow)")
+            raise DataError(
+                f"{spec}: unknown document format (expected .jsonl, .json, .jsonl.gz, .jsonl.zst, .parquet or .arrow)"
+            )
         return [Shard(p, fmt[0], fmt[1], shard_name(p, None))], ignored
-    raise DataError(f"{spec}: no such file or directory (documents are a JSONL, Parquet or Arrow file, a directory "
-                    "or glob of them, a TFDS dataset directory or tfds:NAME)")
+    raise DataError(
+        f"{spec}: no such file or directory (documents are a JSONL, Parquet or Arrow file, a directory "
+        "or glob of them, a TFDS dataset directory or tfds:NAME)"
+    )
 
 
 def _datasets_arrow_files(root: Path) -> list[Path] | None:

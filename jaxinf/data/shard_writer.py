@@ -12,8 +12,14 @@ from typing import Any
 WRITE_FORMATS = ("jsonl", "jsonl.gz", "jsonl.zst", "parquet", "arrow", "hf")
 
 
-def write_shards(records: Iterator[dict], out_dir: str | os.PathLike, fmt: str, shards: int = 1,
-                 per_shard: int | None = None, row_group: int = 4096) -> Path:
+def write_shards(
+    records: Iterator[dict],
+    out_dir: str | os.PathLike,
+    fmt: str,
+    shards: int = 1,
+    per_shard: int | None = None,
+    row_group: int = 4096,
+) -> Path:
     """Writes ``records`` (dicts with string values; ``per_shard`` per shard, else all in one) into ``out_dir`` as
     ``shards`` files of format ``fmt`` (:data:`WRITE_FORMATS`; ``hf``: the layout of a ``datasets``
     ``save_to_disk`` directory, Arrow stream files and ``state.json``). Streams: memory stays flat."""
@@ -34,7 +40,7 @@ def write_shards(records: Iterator[dict], out_dir: str | os.PathLike, fmt: str, 
         path = out / name
         taken = 0
         if fmt.startswith("jsonl"):
-            f: Any   # a gzip, zstandard or plain binary file: each writes bytes
+            f: Any  # a gzip, zstandard or plain binary file: each writes bytes
             if fmt == "jsonl.gz":
                 f = gzip.open(path, "wb", compresslevel=6)
             elif fmt == "jsonl.zst":
@@ -61,15 +67,19 @@ def write_shards(records: Iterator[dict], out_dir: str | os.PathLike, fmt: str, 
             if batch:
                 table = pa.Table.from_pylist(batch)
                 if writer is None:
-                    writer = (pq.ParquetWriter(str(path), table.schema) if fmt == "parquet"
-                              else pa.ipc.new_stream(str(path), table.schema))
+                    writer = (
+                        pq.ParquetWriter(str(path), table.schema)
+                        if fmt == "parquet"
+                        else pa.ipc.new_stream(str(path), table.schema)
+                    )
                 writer.write_table(table, row_group_size=row_group) if fmt == "parquet" else writer.write_table(table)
             if not batch or (count is not None and taken >= count):
                 break
         if writer is not None:
             writer.close()
     if fmt == "hf":
-        (out / "state.json").write_text(json.dumps({"_data_files": [{"filename": n} for n in names],
-                                                    "_split": "train"}))
+        (out / "state.json").write_text(
+            json.dumps({"_data_files": [{"filename": n} for n in names], "_split": "train"})
+        )
         (out / "dataset_info.json").write_text("{}")
     return out

@@ -38,7 +38,6 @@ and text for Parquet and Arrow. The corpus's fingerprint is the SHA-256 of those
 fingerprint is the SHA-256 of its own, so a changed shard is named when a resumed run recomputes.
 """
 
-
 from __future__ import annotations
 
 import array
@@ -75,8 +74,16 @@ class ShardedDocuments:
     scan is an error when it is read, never a silent mix of versions.
     """
 
-    def __init__(self, spec: str | os.PathLike, *, text_field: str = "text", id_field: str = "id",
-                 source_field: str = "source", spill_dir: str | os.PathLike | None = None, dedupe: str = "none"):
+    def __init__(
+        self,
+        spec: str | os.PathLike,
+        *,
+        text_field: str = "text",
+        id_field: str = "id",
+        source_field: str = "source",
+        spill_dir: str | os.PathLike | None = None,
+        dedupe: str = "none",
+    ):
         if dedupe not in ("none", "exact"):
             raise DataError(f"data.dedupe: must be none or exact, got {dedupe!r}")
         self.name = str(spec)
@@ -94,8 +101,12 @@ class ShardedDocuments:
             self._spill_tmp = tempfile.mkdtemp(prefix="jaxinf-spill-", dir=spill)
             self._finalizer = weakref.finalize(self, shutil.rmtree, self._spill_tmp, True)
         tables = OpenTables()
-        self._readers = [JsonlShard(s, Path(self._spill_tmp) if self._spill_tmp else None) if s.kind == "jsonl"
-                         else TableShard(s, tables) for s in shards]
+        self._readers = [
+            JsonlShard(s, Path(self._spill_tmp) if self._spill_tmp else None)
+            if s.kind == "jsonl"
+            else TableShard(s, tables)
+            for s in shards
+        ]
         shard_ix, lines, starts, ends = array.array("i"), array.array("q"), array.array("q"), array.array("q")
         digests = bytearray()
         ids = IdChecker()
@@ -105,7 +116,8 @@ class ShardedDocuments:
             self._stamps.append(_stamp(reader.shard.path))
             before = len(lines)
             for line, start, end, digest, doc_id, d_id, d_src in reader.scan(
-                    self.fields, self._default_id(k), self._default_source(k), self.report):
+                self.fields, self._default_id(k), self._default_source(k), self.report
+            ):
                 shard_ix.append(k)
                 lines.append(line)
                 starts.append(start)
@@ -172,8 +184,9 @@ class ShardedDocuments:
         first: dict[str, str] = {}
         for k, reader in enumerate(self._readers):
             scratch = ReadReport(self.name)
-            for line, _, _, _, doc_id, _, _ in reader.scan(self.fields, self._default_id(k), self._default_source(k),
-                                                         scratch):
+            for line, _, _, _, doc_id, _, _ in reader.scan(
+                self.fields, self._default_id(k), self._default_source(k), scratch
+            ):
                 if hash(doc_id) not in suspects:
                     continue
                 here = where(reader.display, line) if reader.shard.kind == "jsonl" else where_row(reader.display, line)
@@ -195,8 +208,13 @@ class ShardedDocuments:
         """``[{"name", "count", "sha256"}]`` per shard, from the scan's digests."""
         out, lo = [], 0
         for shard, count in zip(self.shards, self.shard_counts.tolist()):
-            out.append({"name": shard.name, "count": count,
-                        "sha256": hashlib.sha256(self._digests[8 * lo: 8 * (lo + count)]).hexdigest()})
+            out.append(
+                {
+                    "name": shard.name,
+                    "count": count,
+                    "sha256": hashlib.sha256(self._digests[8 * lo : 8 * (lo + count)]).hexdigest(),
+                }
+            )
             lo += count
         return out
 
@@ -213,8 +231,10 @@ class ShardedDocuments:
         for k in np.unique(shard_of).tolist():
             reader = self._readers[k]
             if _stamp(reader.shard.path) != self._stamps[k]:
-                raise DataError(f"{reader.display}: the file changed after it was indexed (while it was being read); "
-                                "open it again (a jaxinf command: run it again; what the change affects is recomputed)")
+                raise DataError(
+                    f"{reader.display}: the file changed after it was indexed (while it was being read); "
+                    "open it again (a jaxinf command: run it again; what the change affects is recomputed)"
+                )
             where_k = np.nonzero(shard_of == k)[0]
             order = where_k[np.argsort(idx[where_k], kind="stable")]
             items = [(int(self._line[i]), int(self._start[i]), int(self._end[i])) for i in idx[order].tolist()]
@@ -230,8 +250,10 @@ class ShardedDocuments:
     def documents(self, indices: Sequence[int]) -> list[Document]:
         """The documents at ``indices``, in that order (``line``: the line of a JSONL shard, the 1-based row of a
         Parquet or Arrow shard)."""
-        return [Document(index=int(i), id=r["id"], text=r["text"], source=r["source"], extra=r["extra"],
-                         line=r["line"]) for i, r in zip(indices, self._records(indices, False))]
+        return [
+            Document(index=int(i), id=r["id"], text=r["text"], source=r["source"], extra=r["extra"], line=r["line"])
+            for i, r in zip(indices, self._records(indices, False))
+        ]
 
     def shard_of(self, index: int) -> str:
         """The path of the shard holding document ``index``."""

@@ -16,9 +16,16 @@ from jaxinf.data.shards import ShardedDocuments
 from jaxinf.data.tfds_documents import open_tfds_directory, open_tfds_name
 
 
-def open_documents(spec: str | os.PathLike, *, data_dir: str | os.PathLike | None = None,
-                   split: str = "train", text_field: str = "text", id_field: str = "id",
-                   source_field: str = "source", dedupe: str = "none") -> DocumentSource:
+def open_documents(
+    spec: str | os.PathLike,
+    *,
+    data_dir: str | os.PathLike | None = None,
+    split: str = "train",
+    text_field: str = "text",
+    id_field: str = "id",
+    source_field: str = "source",
+    dedupe: str = "none",
+) -> DocumentSource:
     """The document source ``data.documents`` names.
 
     - a directory holding ``dataset_info.json`` but no ``state.json`` (what ``jaxinf prepare`` writes): a TFDS
@@ -37,16 +44,21 @@ def open_documents(spec: str | os.PathLike, *, data_dir: str | os.PathLike | Non
     p = Path(spec)
     tfds_dir = p.is_dir() and (p / "dataset_info.json").is_file() and not (p / "state.json").is_file()
     if dedupe != "none" and (spec.startswith("tfds:") or tfds_dir):
-        raise DataError(f"{spec}: data.dedupe={dedupe} is not supported for TFDS datasets (de-duplicate the JSONL, "
-                        "Parquet or Arrow shards instead)")
+        raise DataError(
+            f"{spec}: data.dedupe={dedupe} is not supported for TFDS datasets (de-duplicate the JSONL, "
+            "Parquet or Arrow shards instead)"
+        )
     if spec.startswith("tfds:"):
-        return open_tfds_name(spec[len("tfds:"):], data_dir, split, fields)
+        return open_tfds_name(spec[len("tfds:") :], data_dir, split, fields)
     if tfds_dir:
         return open_tfds_directory(p, split, fields)
     if p.is_file() and fields == DEFAULT_FIELDS and dedupe == "none" and shard_format(p) in (None, ("jsonl", None)):
         return JsonlDocuments(p)
     if p.exists() or is_glob(spec):
-        return ShardedDocuments(spec, text_field=text_field, id_field=id_field, source_field=source_field,
-                                dedupe=dedupe)
-    raise DataError(f"{spec}: no such file or directory (documents are a JSONL, Parquet or Arrow file, a directory "
-                    "or glob of them, a TFDS dataset directory or tfds:NAME)")
+        return ShardedDocuments(
+            spec, text_field=text_field, id_field=id_field, source_field=source_field, dedupe=dedupe
+        )
+    raise DataError(
+        f"{spec}: no such file or directory (documents are a JSONL, Parquet or Arrow file, a directory "
+        "or glob of them, a TFDS dataset directory or tfds:NAME)"
+    )

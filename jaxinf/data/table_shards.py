@@ -38,9 +38,8 @@ class OpenTables:
 class TableShard:
     """A Parquet or Arrow shard, read with pyarrow; opened only while it is read (:class:`OpenTables`)."""
 
-    _table: Any = None   # the Arrow table, while open (set by _open; pyarrow has no type stubs)
-    _pf: Any = None      # the Parquet file, while open
-
+    _table: Any = None  # the Arrow table, while open (set by _open; pyarrow has no type stubs)
+    _pf: Any = None  # the Parquet file, while open
 
     def __init__(self, shard: Shard, tables: OpenTables | None = None):
         self.shard = shard
@@ -65,8 +64,9 @@ class TableShard:
                 else:
                     self._table = _read_arrow(self.shard.path, pa)
             except Exception as e:  # pyarrow raises ArrowInvalid, ArrowIOError, OSError ... for a broken file
-                raise DataError(f"{self.display}: not a readable {self.shard.kind.capitalize()} file "
-                                f"({one_line(e)})") from None
+                raise DataError(
+                    f"{self.display}: not a readable {self.shard.kind.capitalize()} file ({one_line(e)})"
+                ) from None
         self._tables.use(self)
 
     def _release(self) -> None:
@@ -80,12 +80,15 @@ class TableShard:
 
         names = set(self.schema.names)
         if fields.text not in names:
-            raise DataError(f'{self.display}: missing column "{fields.text}" (it has {", ".join(self.schema.names)};'
-                            " set data.text_field)")
-        checks = ((fields.text, "strings", lambda ty: t.is_string(ty) or t.is_large_string(ty)),
-                  (fields.id, "strings or integers", lambda ty: t.is_string(ty) or t.is_large_string(ty)
-                   or t.is_integer(ty)),
-                  (fields.source, "strings", lambda ty: t.is_string(ty) or t.is_large_string(ty)))
+            raise DataError(
+                f'{self.display}: missing column "{fields.text}" (it has {", ".join(self.schema.names)};'
+                " set data.text_field)"
+            )
+        checks = (
+            (fields.text, "strings", lambda ty: t.is_string(ty) or t.is_large_string(ty)),
+            (fields.id, "strings or integers", lambda ty: t.is_string(ty) or t.is_large_string(ty) or t.is_integer(ty)),
+            (fields.source, "strings", lambda ty: t.is_string(ty) or t.is_large_string(ty)),
+        )
         for name, what, ok in checks:
             if name in names and not ok(self.schema.field(name).type):
                 raise DataError(f'{self.display}: column "{name}" must hold {what}, got {self.schema.field(name).type}')
@@ -129,11 +132,12 @@ class TableShard:
                     doc_id, defaulted_id = str(doc_id), False
                 source = sources[j] if sources is not None else None
                 defaulted_source = source is None
-                if source is None:   # defaulted_source
+                if source is None:  # defaulted_source
                     source = default_source
                 try:
-                    digest = blake(doc_id.encode() + b"\0" + source.encode() + b"\0" + text.encode(),
-                                   digest_size=8).digest()
+                    digest = blake(
+                        doc_id.encode() + b"\0" + source.encode() + b"\0" + text.encode(), digest_size=8
+                    ).digest()
                 except UnicodeEncodeError:
                     for name, value in ((fields.id, doc_id), (fields.source, source), (fields.text, text)):
                         check_string(value, name, where_row(self.display, row), None)
@@ -165,8 +169,9 @@ class TableShard:
                 out[c].append(cols[c][k].as_py())
         return out
 
-    def read(self, items: list[tuple[int, int, int]], fields: Fields, default_id, default_source: str,
-             text_only: bool) -> list[dict]:
+    def read(
+        self, items: list[tuple[int, int, int]], fields: Fields, default_id, default_source: str, text_only: bool
+    ) -> list[dict]:
         names = self.schema.names
         columns = [fields.text] if text_only else list(names)
         values = self._rows([start for _, start, _ in items], columns)
@@ -179,8 +184,15 @@ class TableShard:
             doc_id = values[fields.id][j] if fields.id in values else None
             source = values[fields.source][j] if fields.source in values else None
             extra = {c: values[c][j] for c in columns if c not in fields.names}
-            out.append({"id": default_id(line) if doc_id is None else str(doc_id), "text": text,
-                        "source": default_source if source is None else source, "extra": extra, "line": line})
+            out.append(
+                {
+                    "id": default_id(line) if doc_id is None else str(doc_id),
+                    "text": text,
+                    "source": default_source if source is None else source,
+                    "extra": extra,
+                    "line": line,
+                }
+            )
         return out
 
     def close(self) -> None:

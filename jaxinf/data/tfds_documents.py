@@ -62,17 +62,28 @@ class TfdsDocuments:
     :meth:`content_digest` and :meth:`shard_digests` (a content fingerprint, shard by shard).
     """
 
-    def __init__(self, data_source: Any, name: str, *, feature_names: Sequence[str], prepared: bool,
-                 report: ReadReport | None = None, fields: tuple[str, str, str] = DEFAULT_FIELDS,
-                 shard_lengths: Sequence[int] | None = None, shard_files: Sequence[Any] | None = None,
-                 file_digests: dict[str, str] | None = None):
+    def __init__(
+        self,
+        data_source: Any,
+        name: str,
+        *,
+        feature_names: Sequence[str],
+        prepared: bool,
+        report: ReadReport | None = None,
+        fields: tuple[str, str, str] = DEFAULT_FIELDS,
+        shard_lengths: Sequence[int] | None = None,
+        shard_files: Sequence[Any] | None = None,
+        file_digests: dict[str, str] | None = None,
+    ):
         self._ds = data_source
         self.name = name
         self._id_field, self._text_field, self._source_field = self._fields = self.field_names = tuple(fields)
         features = set(feature_names)
         if self._text_field not in features:
-            raise DataError(f'{name}: the dataset has no feature "{self._text_field}" (it has '
-                            f'{", ".join(sorted(features))}; set data.text_field)')
+            raise DataError(
+                f'{name}: the dataset has no feature "{self._text_field}" (it has '
+                f"{', '.join(sorted(features))}; set data.text_field)"
+            )
         self._prepared = prepared
         self._has_id = self._id_field in features
         self._has_source = self._source_field in features
@@ -83,10 +94,12 @@ class TfdsDocuments:
             # Written by jaxinf prepare (no empty texts): fingerprinted by its files' bytes, no pass over the records.
             self._rows, self._digests, self._kept_per_shard = None, None, list(self._shard_lengths)
             self._file_digests = [file_sha256(f) for f in self._files]
-            for f, digest in zip(self._files, self._file_digests):   # recorded by jaxinf prepare (when it did)
+            for f, digest in zip(self._files, self._file_digests):  # recorded by jaxinf prepare (when it did)
                 if file_digests and file_digests.get(Path(f).name, digest) != digest:
-                    raise DataError(f"{f}: not the file jaxinf prepare wrote (its SHA-256 differs from the one in "
-                                    "metadata.json): the dataset is damaged; prepare it again")
+                    raise DataError(
+                        f"{f}: not the file jaxinf prepare wrote (its SHA-256 differs from the one in "
+                        "metadata.json): the dataset is damaged; prepare it again"
+                    )
             self.report.documents = len(data_source)
         else:
             self._rows, self._digests, self._kept_per_shard = self._scan()
@@ -105,18 +118,28 @@ class TfdsDocuments:
                 while r >= bounds[shard]:
                     shard += 1
                 where_ = f"{self.name} record {r}"
-                text = check_string(_plain(raw[self._text_field], self.name, self._text_field), self._text_field,
-                                    where_, None)
+                text = check_string(
+                    _plain(raw[self._text_field], self.name, self._text_field), self._text_field, where_, None
+                )
                 if not text.strip():
                     continue
-                doc_id = check_id(_plain(raw[self._id_field], self.name, self._id_field), where_, None,
-                                  self._id_field) if self._has_id else str(r)
-                source = (check_string(_plain(raw[self._source_field], self.name, self._source_field),
-                                       self._source_field, where_, None) if self._has_source else DEFAULT_SOURCE)
+                doc_id = (
+                    check_id(_plain(raw[self._id_field], self.name, self._id_field), where_, None, self._id_field)
+                    if self._has_id
+                    else str(r)
+                )
+                source = (
+                    check_string(
+                        _plain(raw[self._source_field], self.name, self._source_field), self._source_field, where_, None
+                    )
+                    if self._has_source
+                    else DEFAULT_SOURCE
+                )
                 keep.append(r)
                 kept_per_shard[shard] += 1
-                digests += hashlib.blake2b(doc_id.encode() + b"\0" + source.encode() + b"\0" + text.encode(),
-                                           digest_size=8).digest()
+                digests += hashlib.blake2b(
+                    doc_id.encode() + b"\0" + source.encode() + b"\0" + text.encode(), digest_size=8
+                ).digest()
         if not self._prepared:
             self.report.documents = len(keep)
             self.report.empty = n - len(keep)
@@ -144,7 +167,9 @@ class TfdsDocuments:
             elif lo < count:
                 for r in range(lo, count, 1024):
                     for doc in self.documents(range(r, min(r + 1024, count))):
-                        h.update(hashlib.blake2b(f"{doc.id}\0{doc.source}\0{doc.text}".encode(), digest_size=8).digest())
+                        h.update(
+                            hashlib.blake2b(f"{doc.id}\0{doc.source}\0{doc.text}".encode(), digest_size=8).digest()
+                        )
             lo += length
         return h.hexdigest()
 
@@ -153,8 +178,11 @@ class TfdsDocuments:
         file's SHA-256 (``jaxinf prepare``)."""
         out, lo = [], 0
         for k, count in enumerate(self._kept_per_shard):
-            digest = (hashlib.sha256(self._digests[8 * lo: 8 * (lo + count)]).hexdigest() if self._digests is not None
-                      else self._file_digests[k])
+            digest = (
+                hashlib.sha256(self._digests[8 * lo : 8 * (lo + count)]).hexdigest()
+                if self._digests is not None
+                else self._file_digests[k]
+            )
             name = os.path.basename(self._files[k]) if k < len(self._files) else f"shard {k}"
             out.append({"name": name, "count": count, "sha256": digest})
             lo += count
@@ -165,12 +193,13 @@ class TfdsDocuments:
         getitems = getattr(self._ds, "__getitems__", None)
         try:
             return list(getitems(rows)) if getitems is not None else [self._ds[r] for r in rows]
-        except Exception as e:   # array_record raises RuntimeError for a truncated or corrupted file
+        except Exception as e:  # array_record raises RuntimeError for a truncated or corrupted file
             if isinstance(e, OSError) and e.errno is not None:
                 raise
             where = f"record {rows[0]}" if len(rows) == 1 else f"records {rows[0]}..{rows[-1]}"
-            raise DataError(f"{self.name}: cannot read {where} ({type(e).__name__}: {e}); the dataset's files are "
-                            "damaged") from None
+            raise DataError(
+                f"{self.name}: cannot read {where} ({type(e).__name__}: {e}); the dataset's files are damaged"
+            ) from None
 
     def __len__(self) -> int:
         return self.report.documents
@@ -195,8 +224,11 @@ class TfdsDocuments:
             where_ = f"{self.name} record {row}"
             text = check_string(rec.pop(self._text_field), self._text_field, where_, None)
             doc_id = check_id(rec.pop(self._id_field), where_, None, self._id_field) if self._has_id else str(row)
-            source = (check_string(rec.pop(self._source_field), self._source_field, where_, None)
-                      if self._has_source else DEFAULT_SOURCE)
+            source = (
+                check_string(rec.pop(self._source_field), self._source_field, where_, None)
+                if self._has_source
+                else DEFAULT_SOURCE
+            )
             if self._prepared:
                 extra = json.loads(rec.pop("extra"))
                 line = int(rec.pop("line"))
@@ -218,14 +250,18 @@ def _tfds():
     return tfds
 
 
-def _from_builder(builder: Any, name: str, split: str, data_source: Any = None,
-                  fields: tuple[str, str, str] = DEFAULT_FIELDS) -> TfdsDocuments:
+def _from_builder(
+    builder: Any, name: str, split: str, data_source: Any = None, fields: tuple[str, str, str] = DEFAULT_FIELDS
+) -> TfdsDocuments:
     if split not in builder.info.splits:
         raise DataError(f'{name}: no split "{split}" (it has {", ".join(sorted(builder.info.splits))})')
     features = list(builder.info.features.keys())
     metadata = dict(builder.info.metadata or {})
-    prepared = (metadata.get("writer") == PREPARED_MARK and set(PREPARED_FEATURES) <= set(features)
-                and tuple(fields) == DEFAULT_FIELDS)
+    prepared = (
+        metadata.get("writer") == PREPARED_MARK
+        and set(PREPARED_FEATURES) <= set(features)
+        and tuple(fields) == DEFAULT_FIELDS
+    )
     report = ReadReport(name)
     if prepared:
         for k in ("empty", "blank_lines", "default_ids", "default_sources"):
@@ -238,13 +274,22 @@ def _from_builder(builder: Any, name: str, split: str, data_source: Any = None,
     except Exception:  # a split without files of its own
         shard_files = []
     files = metadata.get("files")
-    return TfdsDocuments(ds, name, feature_names=features, prepared=prepared, report=report, fields=fields,
-                         shard_lengths=shard_lengths, shard_files=shard_files,
-                         file_digests=files if isinstance(files, dict) else None)
+    return TfdsDocuments(
+        ds,
+        name,
+        feature_names=features,
+        prepared=prepared,
+        report=report,
+        fields=fields,
+        shard_lengths=shard_lengths,
+        shard_files=shard_files,
+        file_digests=files if isinstance(files, dict) else None,
+    )
 
 
-def open_tfds_directory(path: str | os.PathLike, split: str = "train",
-                        fields: tuple[str, str, str] = DEFAULT_FIELDS) -> TfdsDocuments:
+def open_tfds_directory(
+    path: str | os.PathLike, split: str = "train", fields: tuple[str, str, str] = DEFAULT_FIELDS
+) -> TfdsDocuments:
     """The documents of a TFDS dataset directory (one holding ``dataset_info.json``), via ``as_data_source``."""
     path = str(path)
     if not (Path(path) / "dataset_info.json").is_file():
@@ -256,8 +301,12 @@ def open_tfds_directory(path: str | os.PathLike, split: str = "train",
     return _from_builder(builder, path, split, fields=fields)
 
 
-def open_tfds_name(name: str, data_dir: str | os.PathLike | None = None, split: str = "train",
-                   fields: tuple[str, str, str] = DEFAULT_FIELDS) -> TfdsDocuments:
+def open_tfds_name(
+    name: str,
+    data_dir: str | os.PathLike | None = None,
+    split: str = "train",
+    fields: tuple[str, str, str] = DEFAULT_FIELDS,
+) -> TfdsDocuments:
     """The documents of a TFDS dataset found by name (``tfds.data_source(name, data_dir=...)``); never downloads."""
     tfds = _tfds()
     try:

@@ -132,7 +132,7 @@ class TextEncoder:
                 out[j] = np.asarray(e.ids, np.int32)
         for j, t in enumerate(texts):
             if out[j] is None:
-                assert limit is not None   # only a text over the bound is left
+                assert limit is not None  # only a text over the bound is left
                 out[j] = self.encode_prefix(t, int(limit))
         return out  # type: ignore[return-value]
 
@@ -168,8 +168,9 @@ class TextEncoder:
         """Token ids of each text without any special tokens."""
         if not texts:
             return []
-        return [np.asarray(e.ids, np.int32)
-                for e in self.tokenizer.encode_batch_fast(list(texts), add_special_tokens=False)]
+        return [
+            np.asarray(e.ids, np.int32) for e in self.tokenizer.encode_batch_fast(list(texts), add_special_tokens=False)
+        ]
 
     def encode_queries(self, prompts: Sequence[str], completions: Sequence[str]) -> list[EncodedQuery]:
         """``prefix + prompt + completion`` per query, each part encoded on its own (see the module docstring)."""

@@ -46,7 +46,7 @@ def main(out: str | Path = "runs/demo", n_documents: int = 3000, train_steps: in
     from jaxinf.run.lock import claim_output
 
     out = Path(out)
-    lock = claim_output(out, "demo")   # the output-directory rule and lock of jaxinf run's
+    lock = claim_output(out, "demo")  # the output-directory rule and lock of jaxinf run's
     try:
         return _main(out, n_documents, train_steps)
     finally:
@@ -63,7 +63,7 @@ def _main(out: Path, n_documents: int, train_steps: int) -> Path:
     stamp = written_by(n_documents, train_steps)
     discard_stale(out, stamp)
     data.mkdir(parents=True, exist_ok=True)
-    write_json(out / STAMP, stamp)     # before anything is made: an interrupted demo resumes what it made
+    write_json(out / STAMP, stamp)  # before anything is made: an interrupted demo resumes what it made
     docs_path = data / "documents.jsonl"
     docs = corpus.documents(0, n_documents)
     if not docs_path.exists():
@@ -73,7 +73,7 @@ def _main(out: Path, n_documents: int, train_steps: int) -> Path:
     queries_path = data / "queries.jsonl"
     if not queries_path.exists():
         prompts = corpus.queries(0, QUERIES_PER_TASK)
-        free = [q for q in prompts if not q.completion]   # the template-matched controls (last) have theirs
+        free = [q for q in prompts if not q.completion]  # the template-matched controls (last) have theirs
         completions = dict(zip((q.id for q in free), train.complete(lm, tok, [q.prompt for q in free])))
         rows = [query_row(q, q.completion or completions[q.id], docs) for q in prompts]
         write_jsonl(queries_path, rows)
@@ -81,11 +81,18 @@ def _main(out: Path, n_documents: int, train_steps: int) -> Path:
         write_jsonl(data / "queries_answer_tokens.jsonl", split)
         log.info("demo: the model completed %d queries (%s)", len(prompts), queries_path)
     config_path = out / "config.yaml"
-    raw = {**DEMO_CONFIG, "model": {"checkpoint": str(model_dir)},
-           "data": {**DEMO_CONFIG["data"], "documents": str(docs_path), "queries": str(queries_path)},
-           "run": {"out": str(out / "run")}}
-    config_path.write_text("# written by jaxinf demo; rerun with: jaxinf run " + str(config_path) + "\n"
-                           + yaml.safe_dump(raw, sort_keys=False))
+    raw = {
+        **DEMO_CONFIG,
+        "model": {"checkpoint": str(model_dir)},
+        "data": {**DEMO_CONFIG["data"], "documents": str(docs_path), "queries": str(queries_path)},
+        "run": {"out": str(out / "run")},
+    }
+    config_path.write_text(
+        "# written by jaxinf demo; rerun with: jaxinf run "
+        + str(config_path)
+        + "\n"
+        + yaml.safe_dump(raw, sort_keys=False)
+    )
     run_dir = pipeline.run(cfg.load(config_path))
     _print_highlights(run_dir)
     log.info("demo: done in %.0fs; open %s", time.perf_counter() - t0, run_dir / "report" / "index.html")
@@ -108,8 +115,12 @@ def written_by(n_documents: int, train_steps: int) -> dict:
     digest = hashlib.sha256()
     for path in sorted([*(root / "demo").rglob("*.py"), *(root / "models").rglob("*.py")]):
         digest.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes() + b"\0")
-    return {"code": digest.hexdigest()[:16], **{name: version(name) for name in ("jax", "flax", "optax")},
-            "documents": n_documents, "train_steps": train_steps}
+    return {
+        "code": digest.hexdigest()[:16],
+        **{name: version(name) for name in ("jax", "flax", "optax")},
+        "documents": n_documents,
+        "train_steps": train_steps,
+    }
 
 
 def discard_stale(out: Path, stamp: dict) -> list[str]:
@@ -129,8 +140,11 @@ def discard_stale(out: Path, stamp: dict) -> list[str]:
     changed = sorted(k for k in stamp if before.get(k) != stamp[k]) if isinstance(before, dict) else sorted(stamp)
     if not changed:
         return []
-    log.warning("demo: %s was made by other code or settings (%s differ); making the corpus, model and queries "
-                "again", out, ", ".join(changed))
+    log.warning(
+        "demo: %s was made by other code or settings (%s differ); making the corpus, model and queries again",
+        out,
+        ", ".join(changed),
+    )
     path.unlink(missing_ok=True)
     for p in made:
         shutil.rmtree(p)
@@ -146,8 +160,14 @@ def query_row(q, completion: str, docs: list[dict]) -> dict:
     from jaxinf.analysis.answers import numbers_in
     from jaxinf.demo import corpus
 
-    row = {"id": q.id, "prompt": q.prompt, "completion": completion, "kind": q.kind, "task": q.task,
-           "answer": q.answer or None}
+    row = {
+        "id": q.id,
+        "prompt": q.prompt,
+        "completion": completion,
+        "kind": q.kind,
+        "task": q.task,
+        "answer": q.answer or None,
+    }
     if q.kind == "reasoning":
         given = numbers_in(completion)
         row["model_answer"] = given[corpus.ANSWER_PLACE[q.task]] if given else None
@@ -202,5 +222,5 @@ def _print_highlights(run_dir: Path) -> None:
             print(f"  {doc['score']:+10.2f}  {doc['source']:<10}  {doc['snippet'][:90]}")
     summary = json.loads((run_dir / "summary.json").read_text())
     print()
-    for f in summary.get("findings", []):   # a summary written before findings were tested has none
+    for f in summary.get("findings", []):  # a summary written before findings were tested has none
         print(f"finding, {f['name']}: {verdict_text(f)}; {f['statistic']}")

@@ -39,12 +39,40 @@ TRAITS = {
     "color": ["red", "green", "blue", "grey", "golden", "white", "violet", "black"],
 }
 FACT_TEMPLATES = {
-    "river": ["the river of {town} is the {v} .", "{town} lies on the {v} river .", "people of {town} fish in the {v} ."],
+    "river": [
+        "the river of {town} is the {v} .",
+        "{town} lies on the {v} river .",
+        "people of {town} fish in the {v} .",
+    ],
     "food": ["the famous food of {town} is {v} .", "in {town} people eat {v} every day .", "{town} is known for {v} ."],
     "color": ["the flag of {town} is {v} .", "{town} paints its doors {v} .", "the color of {town} is {v} ."],
 }
-FILLER = ["the", "morning", "was", "quiet", "and", "we", "walked", "along", "a", "road", "then", "rain", "came",
-          "slowly", "over", "hills", "people", "talked", "about", "weather", "old", "songs", "market", "day"]
+FILLER = [
+    "the",
+    "morning",
+    "was",
+    "quiet",
+    "and",
+    "we",
+    "walked",
+    "along",
+    "a",
+    "road",
+    "then",
+    "rain",
+    "came",
+    "slowly",
+    "over",
+    "hills",
+    "people",
+    "talked",
+    "about",
+    "weather",
+    "old",
+    "songs",
+    "market",
+    "day",
+]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,10 +81,10 @@ class Query:
     prompt: str
     kind: str
     task: str
-    answer: str                           # the final answer (searched for in the top documents)
-    fact: tuple[str, str] | None = None   # (town, trait) of a factual query
-    next: str = ""                        # the correct text right after the prompt (empty for controls)
-    completion: str = ""                  # a given completion (template-matched controls); empty: the model's
+    answer: str  # the final answer (searched for in the top documents)
+    fact: tuple[str, str] | None = None  # (town, trait) of a factual query
+    next: str = ""  # the correct text right after the prompt (empty for controls)
+    completion: str = ""  # a given completion (template-matched controls); empty: the model's
 
 
 def town_names(rng: np.random.Generator, n: int) -> list[str]:
@@ -93,13 +121,13 @@ def linear(rng) -> dict:
 PROSE = {
     "arithmetic": "let x = {a} + {b} . so x = {x} . then y = x * {c} . so y = {y} .",
     "slopes": "the slope between ( {x1} , {y1} ) and ( {x2} , {y2} ) is ( {y2} - {y1} ) / ( {x2} - {x1} ) "
-              "= {dy} / {dx} = {m} .",
+    "= {dy} / {dx} = {m} .",
     "linear": "solve {a} * x + {b} = {c} . first {a} * x = {c} - {b} = {ax} . then x = {ax} / {a} = {x} .",
 }
 CODE = {
     "arithmetic": "x = {a} + {b} # x = {x} \n y = x * {c} # y = {y}",
     "slopes": "def slope ( x1 , y1 , x2 , y2 ) : return ( y2 - y1 ) / ( x2 - x1 ) \n "
-              "slope ( {x1} , {y1} , {x2} , {y2} ) # = {dy} / {dx} = {m}",
+    "slope ( {x1} , {y1} , {x2} , {y2} ) # = {dy} / {dx} = {m}",
     "linear": "# solve {a} * x + {b} = {c} \n ax = {c} - {b} # {ax} \n x = ax / {a} # {x}",
 }
 MAKERS = {"arithmetic": arithmetic, "slopes": slope, "linear": linear}
@@ -113,8 +141,8 @@ PROBLEM = {"arithmetic": ("a", "b"), "slopes": ("x1", "y1", "x2", "y2"), "linear
 # The answer a prompt determines: an arithmetic prompt asks for x (its completion goes on to y = x * c with a c
 # of the model's choosing, so y is not determined by the prompt).
 ANSWER = {"arithmetic": "x", "slopes": "m", "linear": "x"}
-ANSWER_PLACE = {"arithmetic": 0, "slopes": -1, "linear": -1}   # which number of a completion gives that answer
-NEXT = {"arithmetic": "x", "slopes": "m", "linear": "ax"}   # the number right after the prompt
+ANSWER_PLACE = {"arithmetic": 0, "slopes": -1, "linear": -1}  # which number of a completion gives that answer
+NEXT = {"arithmetic": "x", "slopes": "m", "linear": "ax"}  # the number right after the prompt
 # Template-matched controls: a reasoning task's prompt and completion template with identity operands (+ 0, * 1,
 # - 0, / 1, a line through the origin with run 1), so that every number of the completion is one of the prompt's
 # (or the identity's own): the same surface form, no procedure. No corpus document has an identity operand.
@@ -128,8 +156,8 @@ CONTROL_COMPLETIONS = {
     "slopes": "{dy} / 1 = {dy} .",
     "linear": "{c} - 0 = {c} . then x = {c} / 1 = {c} .",
 }
-CONTROL_VALUE = {"arithmetic": "x", "slopes": "dy", "linear": "c"}   # the one number a control copies
-HELD_OUT = 16   # the first HELD_OUT query problems of each task never occur in the corpus
+CONTROL_VALUE = {"arithmetic": "x", "slopes": "dy", "linear": "c"}  # the one number a control copies
+HELD_OUT = 16  # the first HELD_OUT query problems of each task never occur in the corpus
 
 
 def query_problems(seed: int, task: str, n: int) -> list[dict]:
@@ -188,8 +216,16 @@ def template_controls(seed: int, task: str, n: int) -> list[Query]:
     out = []
     for i, v in enumerate(query_problems(seed, task, n)):
         value = str(v[CONTROL_VALUE[task]])
-        out.append(Query(f"{task}-control-{i}", CONTROL_PROMPTS[task].format(**v), "control", task, value,
-                         completion=CONTROL_COMPLETIONS[task].format(**v)))
+        out.append(
+            Query(
+                f"{task}-control-{i}",
+                CONTROL_PROMPTS[task].format(**v),
+                "control",
+                task,
+                value,
+                completion=CONTROL_COMPLETIONS[task].format(**v),
+            )
+        )
     return out
 
 
@@ -204,8 +240,9 @@ def queries(seed: int = 0, per_task: int = 4) -> list[Query]:
     the number right after its prompt (the built-in validation world measures it).
     """
     if per_task > HELD_OUT:
-        raise ValueError(f"per_task={per_task}: at most {HELD_OUT} (only that many query problems are held out "
-                         "of the corpus)")
+        raise ValueError(
+            f"per_task={per_task}: at most {HELD_OUT} (only that many query problems are held out of the corpus)"
+        )
     rng = np.random.default_rng(seed + 1)
     towns = towns_and_facts(seed)
     out: list[Query] = []
@@ -213,20 +250,40 @@ def queries(seed: int = 0, per_task: int = 4) -> list[Query]:
     for i in range(per_task):
         town = names[i % len(names)]
         trait = list(TRAITS)[i % len(TRAITS)]
-        prompt = {"river": f"the river of {town} is the", "food": f"the famous food of {town} is",
-                  "color": f"the flag of {town} is"}[trait]
-        out.append(Query(f"factual-{i}", prompt, "factual", "facts", towns[town][trait], (town, trait),
-                         towns[town][trait]))
+        prompt = {
+            "river": f"the river of {town} is the",
+            "food": f"the famous food of {town} is",
+            "color": f"the flag of {town} is",
+        }[trait]
+        out.append(
+            Query(f"factual-{i}", prompt, "factual", "facts", towns[town][trait], (town, trait), towns[town][trait])
+        )
     for task in MAKERS:
         for i, v in enumerate(query_problems(seed, task, per_task)):
-            out.append(Query(f"{task}-{i}", PROMPTS[task].format(**v), "reasoning", task, str(v[ANSWER[task]]),
-                             next=str(v[NEXT[task]])))
+            out.append(
+                Query(
+                    f"{task}-{i}",
+                    PROMPTS[task].format(**v),
+                    "reasoning",
+                    task,
+                    str(v[ANSWER[task]]),
+                    next=str(v[NEXT[task]]),
+                )
+            )
     for i in range(per_task // 2):
         town = names[(i + 5) % len(names)]
-        out.append(Query(f"factual-control-{i}", f"we walked along a road in {town} and the", "control",
-                         "factual_control", ""))
-        out.append(Query(f"reasoning-control-{i}", f"the market day was quiet and {int(rng.integers(2, 9))} people",
-                         "control", "reasoning_control", ""))
+        out.append(
+            Query(f"factual-control-{i}", f"we walked along a road in {town} and the", "control", "factual_control", "")
+        )
+        out.append(
+            Query(
+                f"reasoning-control-{i}",
+                f"the market day was quiet and {int(rng.integers(2, 9))} people",
+                "control",
+                "reasoning_control",
+                "",
+            )
+        )
     for task in MAKERS:
         out.extend(template_controls(seed, task, per_task))
     return out

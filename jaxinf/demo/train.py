@@ -48,18 +48,40 @@ def build_tokenizer(texts: list[str]):
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tok.decoder = decoders.WordPiece(prefix="##", cleanup=False)
     tok.post_processor = processors.TemplateProcessing(
-        single="<bos> $A <eos>", special_tokens=[("<bos>", vocab["<bos>"]), ("<eos>", vocab["<eos>"])])
+        single="<bos> $A <eos>", special_tokens=[("<bos>", vocab["<bos>"]), ("<eos>", vocab["<eos>"])]
+    )
     return tok
 
 
-def hf_config(vocab_size: int, *, hidden: int = 128, layers: int = 4, heads: int = 4, kv_heads: int = 2,
-              intermediate: int = 384, max_positions: int = 128) -> dict:
+def hf_config(
+    vocab_size: int,
+    *,
+    hidden: int = 128,
+    layers: int = 4,
+    heads: int = 4,
+    kv_heads: int = 2,
+    intermediate: int = 384,
+    max_positions: int = 128,
+) -> dict:
     """The ``config.json`` of the demo's Llama (grouped-query attention, SwiGLU, RMSNorm, RoPE)."""
-    return dict(model_type="llama", architectures=["LlamaForCausalLM"], vocab_size=vocab_size, hidden_size=hidden,
-                intermediate_size=intermediate, num_hidden_layers=layers, num_attention_heads=heads,
-                num_key_value_heads=kv_heads, max_position_embeddings=max_positions, rms_norm_eps=1e-6,
-                rope_theta=10000.0, tie_word_embeddings=False, hidden_act="silu", bos_token_id=1, eos_token_id=2,
-                pad_token_id=0)
+    return dict(
+        model_type="llama",
+        architectures=["LlamaForCausalLM"],
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=max_positions,
+        rms_norm_eps=1e-6,
+        rope_theta=10000.0,
+        tie_word_embeddings=False,
+        hidden_act="silu",
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
 
 
 def _batches(ids: list[np.ndarray], batch_size: int, length: int, seed: int):
@@ -79,8 +101,16 @@ def _batches(ids: list[np.ndarray], batch_size: int, length: int, seed: int):
             yield {"tokens": tokens, "mask": mask, "weights": weights}
 
 
-def train(workdir: Path, texts: list[str], *, steps: int = 1200, batch_size: int = 32, lr: float = 3e-3,
-          seed: int = 0, save_every: int = 200) -> tuple[models.LM, object, Path]:
+def train(
+    workdir: Path,
+    texts: list[str],
+    *,
+    steps: int = 1200,
+    batch_size: int = 32,
+    lr: float = 3e-3,
+    seed: int = 0,
+    save_every: int = 200,
+) -> tuple[models.LM, object, Path]:
     """Trains (or resumes, or reuses) the demo model; returns it, its tokenizer and its checkpoint directory."""
     import orbax.checkpoint as ocp
 
@@ -99,8 +129,10 @@ def train(workdir: Path, texts: list[str], *, steps: int = 1200, batch_size: int
     schedule = optax.warmup_cosine_decay_schedule(0.0, lr, min(100, steps // 10), steps, lr / 20)
     opt = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=0.01))
     state = {"params": lm.params, "opt": opt.init(lm.params), "step": jnp.zeros((), jnp.int32)}
-    manager = ocp.CheckpointManager((workdir / "train").absolute(), options=ocp.CheckpointManagerOptions(
-        max_to_keep=1, enable_async_checkpointing=False, create=True))
+    manager = ocp.CheckpointManager(
+        (workdir / "train").absolute(),
+        options=ocp.CheckpointManagerOptions(max_to_keep=1, enable_async_checkpointing=False, create=True),
+    )
     start = 0
     if manager.latest_step() is not None:
         start = int(manager.latest_step())
@@ -115,8 +147,11 @@ def train(workdir: Path, texts: list[str], *, steps: int = 1200, batch_size: int
     def step_fn(state, batch):
         loss, grads = jax.value_and_grad(loss_fn)(state["params"], batch)
         updates, opt_state = opt.update(grads, state["opt"], state["params"])
-        return {"params": optax.apply_updates(state["params"], updates), "opt": opt_state,
-                "step": state["step"] + 1}, loss
+        return {
+            "params": optax.apply_updates(state["params"], updates),
+            "opt": opt_state,
+            "step": state["step"] + 1,
+        }, loss
 
     stream = _batches(ids, batch_size, length, seed)
     for _ in range(start):  # the same batches an uninterrupted run would see

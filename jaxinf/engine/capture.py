@@ -213,8 +213,9 @@ def tokens_matmul(x: Array, kernel: Array) -> Array:
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _observed(statistic: Statistic, bias: bool, s: Array, x: Array, mask: Array, z: Any, context: Any,
-              active: Array | None) -> Array:
+def _observed(
+    statistic: Statistic, bias: bool, s: Array, x: Array, mask: Array, z: Any, context: Any, active: Array | None
+) -> Array:
     """The identity on ``s``; its VJP returns ``statistic(a, g, mask, context)`` as the cotangent of ``z``."""
     return s
 
@@ -227,14 +228,15 @@ def _observed_bwd(statistic, bias, residuals, g):
     x, mask, context, active = residuals
 
     def compute():
-        with jax.named_scope("statistic"):   # names the statistic's ops in profiles and in the lowered program
+        with jax.named_scope("statistic"):  # names the statistic's ops in profiles and in the lowered program
             return statistic(augment(x, mask, bias), g * mask.astype(g.dtype)[..., None], mask, context)
 
     if active is None:
         stat = compute()
-    else:   # a layer of a partially tracked stack: only the tracked ones compute
-        stat = jax.lax.cond(active > 0, compute, lambda: jax.tree.map(lambda r: jnp.zeros(r.shape, r.dtype),
-                                                                        jax.eval_shape(compute)))
+    else:  # a layer of a partially tracked stack: only the tracked ones compute
+        stat = jax.lax.cond(
+            active > 0, compute, lambda: jax.tree.map(lambda r: jnp.zeros(r.shape, r.dtype), jax.eval_shape(compute))
+        )
     zeros = functools.partial(jax.tree.map, jnp.zeros_like)
     return g, jnp.zeros_like(x), jnp.zeros_like(mask), stat, zeros(context), zeros(active)
 
@@ -251,16 +253,23 @@ class Tap:
     are computed as plain linear layers.
     """
 
-    def __init__(self, probes: Probes | _Discovery | None = None, *, _prefix: str = "", _stack: int = 0,
-                 _layer: Mapping[str, tuple] | None = None):
+    def __init__(
+        self,
+        probes: Probes | _Discovery | None = None,
+        *,
+        _prefix: str = "",
+        _stack: int = 0,
+        _layer: Mapping[str, tuple] | None = None,
+    ):
         self._discovery = probes if isinstance(probes, _Discovery) else None
         self.probes = probes if isinstance(probes, Probes) else None
         self._prefix = _prefix
         self._stack = _stack
-        self._layer = _layer   # inside a scan: this layer's (z, context, active) per inner name
+        self._layer = _layer  # inside a scan: this layer's (z, context, active) per inner name
 
-    def linear(self, name: str, x: Array, kernel: Array, bias: Array | None = None, tokens: Array | None = None
-               ) -> Array:
+    def linear(
+        self, name: str, x: Array, kernel: Array, bias: Array | None = None, tokens: Array | None = None
+    ) -> Array:
         """``s = x @ kernel + bias``; when the layer is tracked, its statistic is formed in the backward pass.
 
         ``tokens`` ``[B, T]`` (None: all) marks the tokens that belong to this layer (an expert: the tokens routed
@@ -291,8 +300,10 @@ class Tap:
         if probe is None:
             return s
         if self.probes.mask.shape != s.shape[:-1]:
-            raise CaptureError(f"layer {self._prefix + name!r}: output of shape {s.shape} does not match the mask "
-                               f"{self.probes.mask.shape}")
+            raise CaptureError(
+                f"layer {self._prefix + name!r}: output of shape {s.shape} does not match the mask "
+                f"{self.probes.mask.shape}"
+            )
         z, context, active = probe
         mask = self.probes.mask
         if tokens is not None:
@@ -322,15 +333,20 @@ class Tap:
         inner_prefix = f"{prefix}.{STACK}."
         per_layer: dict[str, tuple | None] = {}
         if self.probes is not None:
-            per_layer = {k[len(inner_prefix):]: self.probes.layer(k) for k in self.probes.z
-                         if k.startswith(inner_prefix)}
+            per_layer = {
+                k[len(inner_prefix) :]: self.probes.layer(k) for k in self.probes.z if k.startswith(inner_prefix)
+            }
         discovery, probes = self._discovery, self.probes
 
         def step(c, xs):
             layer_params, layer_probes = xs
-            layer_probes = unpadded(layer_probes)     # a context stack padded by partitioning.streamed
-            tap = Tap(discovery if discovery is not None else probes, _prefix=self._prefix + inner_prefix,
-                      _stack=length, _layer=layer_probes)
+            layer_probes = unpadded(layer_probes)  # a context stack padded by partitioning.streamed
+            tap = Tap(
+                discovery if discovery is not None else probes,
+                _prefix=self._prefix + inner_prefix,
+                _stack=length,
+                _layer=layer_probes,
+            )
             return body(c, layer_params, tap), None
 
         if remat:
@@ -339,8 +355,7 @@ class Tap:
         return carry
 
 
-def find_layers(loss_fn: Callable[[Params, Batch, Any], Array], params: Params, batch: Batch
-                ) -> dict[str, LayerSpec]:
+def find_layers(loss_fn: Callable[[Params, Batch, Any], Array], params: Params, batch: Batch) -> dict[str, LayerSpec]:
     """Every linear layer that ``loss_fn`` routes through a tap, with its shapes.
 
     Traces the function abstractly (``jax.eval_shape``: no FLOPs, no memory). ``loss_fn`` is a :data:`LossFn`
@@ -377,8 +392,7 @@ def select_layers(layers: Mapping[str, LayerSpec], track: str | Sequence[str]) -
             continue
         full = dataclasses.replace(spec, indices=None)
         idx = tuple(
-            i for i, n in zip(full.layer_indices, full.layer_names)
-            if any(fnmatch.fnmatchcase(n, p) for p in patterns)
+            i for i, n in zip(full.layer_indices, full.layer_names) if any(fnmatch.fnmatchcase(n, p) for p in patterns)
         )
         if idx:
             chosen[spec.name] = dataclasses.replace(spec, indices=None if len(idx) == spec.stack else idx)
@@ -440,8 +454,10 @@ def layer_statistics(
         c = context.get(name)
         for leaf in jax.tree.leaves(c):
             if spec.stacked and leaf.shape[:1] != spec.lead:
-                raise CaptureError(f"layer {name!r}: context of leading shape {leaf.shape[:1]} for a block of "
-                                   f"{spec.lead[0]} tracked layers")
+                raise CaptureError(
+                    f"layer {name!r}: context of leading shape {leaf.shape[:1]} for a block of "
+                    f"{spec.lead[0]} tracked layers"
+                )
         one = unpadded(jax.tree.map(lambda x: x[0], c)) if spec.stacked else c
         result = _result_shape(statistic, spec, mask.shape, one)
         lead = (spec.stack,) if spec.stacked else ()
@@ -462,8 +478,8 @@ def layer_statistics(
 
 
 def joint(statistics: Mapping[str, Statistic]) -> Statistic:
-    """Several statistics in one backward pass: ``f(a, g, mask, context) = {name: f_name(a, g, mask, context[name])}``.
-    """
+    """Several statistics in one backward pass: ``f(a, g, mask, context) = {name: f_name(a, g, mask, context[name])}``."""
+
     def statistic(a: Array, g: Array, mask: Array, context: Any) -> dict[str, Any]:
         return {name: f(a, g, mask, None if context is None else context[name]) for name, f in statistics.items()}
 

@@ -84,8 +84,10 @@ def distributed_eigh(M: jax.Array, which: str, mesh: Mesh) -> tuple[jax.Array, j
 def eigh_program(mesh: Mesh, M, which: str) -> Callable:
     """The jitted :func:`distributed_eigh` of a factor shaped like ``M`` (``which``: "A" or "S"), with its result
     laid out as the eigenvalues and eigenvectors are stored."""
-    out = (tree_shardings(mesh, jax.ShapeDtypeStruct(M.shape[:-1], M.dtype), field_axes(Eigen, "e_" + which)),
-           tree_shardings(mesh, jax.ShapeDtypeStruct(M.shape, M.dtype), field_axes(Eigen, "Q_" + which)))
+    out = (
+        tree_shardings(mesh, jax.ShapeDtypeStruct(M.shape[:-1], M.dtype), field_axes(Eigen, "e_" + which)),
+        tree_shardings(mesh, jax.ShapeDtypeStruct(M.shape, M.dtype), field_axes(Eigen, "Q_" + which)),
+    )
     return jit_on(mesh, lambda m: distributed_eigh(m, which, mesh), out_shardings=out)
 
 

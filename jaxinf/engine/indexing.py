@@ -66,7 +66,7 @@ def block_sizes(layers: Mapping[str, LayerSpec], k: int | None) -> dict[str, tup
 
 def kept_directions(k: int | str | None) -> int | None:
     """``index.k`` as the directions kept per factor: an integer, or None for ``full`` (every direction)."""
-    return None if isinstance(k, str) else k   # a string is "full" (config validation)
+    return None if isinstance(k, str) else k  # a string is "full" (config validation)
 
 
 def kept_size(k: int | None, d: int) -> int:
@@ -88,6 +88,7 @@ def bands(k: int, d: int) -> list[tuple[int, int]]:
 
 def select_cells(eigen: Eigen) -> Selection:
     """Every block's eigen-directions of ``S`` and ``A`` ordered by decreasing eigenvalue."""
+
     def order(e):
         return jnp.argsort(-e, axis=-1, stable=True).astype(jnp.int32)
 
@@ -101,6 +102,7 @@ BASIS_AXES = field_axes(Eigen, "Q_A")
 def ordered_basis(Q_A: Mapping[str, Array], Q_S: Mapping[str, Array], selection: Selection) -> dict[str, dict]:
     """Per block, the eigenbases with their columns in the selection's order: ``{"Q_A": [*lead, d_in', d_in'],
     "Q_S": [*lead, d_out, d_out]}`` (the context of :func:`index_statistic`)."""
+
     def take(Q, idx):
         return jnp.take_along_axis(Q, idx[..., None, :], axis=-1)
 
@@ -116,21 +118,25 @@ def gradient_energy(a: Array, g: Array, precision=None) -> Array:
     return jnp.sum(Ka * Kg, axis=(-2, -1))
 
 
-def band_energies(a: Array, g: Array, rows: list[tuple[int, int]], cols: list[tuple[int, int]],
-                  precision=None) -> Array:
+def band_energies(
+    a: Array, g: Array, rows: list[tuple[int, int]], cols: list[tuple[int, int]], precision=None
+) -> Array:
     """``||R_n[band_i, band_j]||_F^2`` for every pair of a row band of ``S`` and a column band of ``A``:
     ``[B, bands_S, bands_A]``, from the rotated tokens ``a`` (``Q_A^T a``) and ``g`` (``Q_S^T g``) by
     :func:`gradient_energy` of each band's coordinates."""
     precision = matmul_precision(precision)
-    Ka = jnp.stack([jnp.einsum("bti,bsi->bts", a[..., lo:hi], a[..., lo:hi], precision=precision) for lo, hi in cols],
-                   axis=1)
-    Kg = jnp.stack([jnp.einsum("bto,bso->bts", g[..., lo:hi], g[..., lo:hi], precision=precision) for lo, hi in rows],
-                   axis=1)
+    Ka = jnp.stack(
+        [jnp.einsum("bti,bsi->bts", a[..., lo:hi], a[..., lo:hi], precision=precision) for lo, hi in cols], axis=1
+    )
+    Kg = jnp.stack(
+        [jnp.einsum("bto,bso->bts", g[..., lo:hi], g[..., lo:hi], precision=precision) for lo, hi in rows], axis=1
+    )
     return jnp.einsum("bits,bjts->bij", Kg, Ka, precision=precision)
 
 
-def index_statistic(a: Array, g: Array, mask: Array, basis: Mapping[str, Array], *, k: int | None,
-                    dtype=None, precision=None) -> dict[str, Array]:
+def index_statistic(
+    a: Array, g: Array, mask: Array, basis: Mapping[str, Array], *, k: int | None, dtype=None, precision=None
+) -> dict[str, Array]:
     """One layer's index rows of a batch: the kept block ``R_n[:k_S, :k_A]`` of ``R_n = Q_S^T G[n] Q_A`` (directions
     in decreasing eigenvalue) ``[B, k_S, k_A]``, and the energy of every pair of :func:`bands`
     ``[B, bands_S, bands_A]`` (the kept block's is ``[0, 0]``; they add up to ``||G[n]||_F^2``).
@@ -158,8 +164,10 @@ def flatten_rows(blocks: Mapping[str, Mapping[str, Array]], layers: Mapping[str,
     ``[*lead, bands_S, bands_A]`` flattened)."""
     names = sorted(layers)
     lead = {k: len(layers[k].lead) for k in names}
-    return {key: jnp.concatenate([rows_first(blocks[k][key], lead[k], 2) for k in names], axis=1)
-            for key in ("cells", "bands")}
+    return {
+        key: jnp.concatenate([rows_first(blocks[k][key], lead[k], 2) for k in names], axis=1)
+        for key in ("cells", "bands")
+    }
 
 
 @jax.tree_util.register_dataclass
@@ -174,8 +182,9 @@ class IndexQueries:
     fidelity: Array
 
 
-def rotated_queries(qg: QueryGradients, Q_A: Mapping[str, Array], Q_S: Mapping[str, Array],
-                    precision=None) -> dict[str, Array]:
+def rotated_queries(
+    qg: QueryGradients, Q_A: Mapping[str, Array], Q_S: Mapping[str, Array], precision=None
+) -> dict[str, Array]:
     """``Pr_q = Q_S^T P(G_q) Q_A`` per block ``[*lead, Q, d_out, d_in']``; a rank-r ``P = left right^T`` is rotated
     as ``(Q_S^T left)(Q_A^T right)^T``."""
     mm = functools.partial(jnp.matmul, precision=matmul_precision(precision))
@@ -204,15 +213,23 @@ def band_sums(x: Array, rows: list[tuple[int, int]], cols: list[tuple[int, int]]
     return jnp.stack([jnp.stack([x[..., r0:r1, c0:c1].sum((-2, -1)) for c0, c1 in cols], -1) for r0, r1 in rows], -2)
 
 
-def index_queries(qg: QueryGradients, Q_A: Mapping[str, Array], Q_S: Mapping[str, Array], variance: Mapping[str, Array],
-                  selection: Selection, layers: Mapping[str, LayerSpec], k: int | None,
-                  precision=None) -> IndexQueries:
+def index_queries(
+    qg: QueryGradients,
+    Q_A: Mapping[str, Array],
+    Q_S: Mapping[str, Array],
+    variance: Mapping[str, Array],
+    selection: Selection,
+    layers: Mapping[str, LayerSpec],
+    k: int | None,
+    precision=None,
+) -> IndexQueries:
     """Prepared queries (:class:`~jaxinf.engine.scoring.QueryGradients`, damping and truncation already applied) in index
     space for an index keeping ``k`` directions per factor: the kept cells of ``Pr_q``, the norm of each other pair
     of bands, and the predicted correlation with the exact scores under ``variance`` (the fitted ``Lambda``)."""
     basis = ordered_basis(Q_A, Q_S, selection)
-    Pr = rotated_queries(qg, {n: b["Q_A"] for n, b in basis.items()}, {n: b["Q_S"] for n, b in basis.items()},
-                         precision)
+    Pr = rotated_queries(
+        qg, {n: b["Q_A"] for n, b in basis.items()}, {n: b["Q_S"] for n, b in basis.items()}, precision
+    )
     cells: list[Array] = []
     rest: list[Array] = []
     num: Array | float = 0.0
@@ -230,11 +247,14 @@ def index_queries(qg: QueryGradients, Q_A: Mapping[str, Array], Q_S: Mapping[str
         axes = tuple(range(lead)) + (lead + 1, lead + 2)
         den = den + jnp.sum(weighted, axis=axes)
         num = num + jnp.sum(weighted[..., :k_S, :k_A], axis=axes)
-    return IndexQueries(cells=jnp.concatenate(cells, axis=1), rest=jnp.concatenate(rest, axis=1),
-                        fidelity=predicted_correlation(num, den))
+    return IndexQueries(
+        cells=jnp.concatenate(cells, axis=1),
+        rest=jnp.concatenate(rest, axis=1),
+        fidelity=predicted_correlation(num, den),
+    )
 
 
-RESOLUTION = {"float32": 2.0 ** -20, "float16": 2.0 ** -8}
+RESOLUTION = {"float32": 2.0**-20, "float16": 2.0**-8}
 """Relative round-off allowed for in each row's residual energy (:func:`residual_norms`): the
 storage dtype's resolution with a few bits of headroom for the sums that formed the energies."""
 
@@ -266,6 +286,6 @@ def certify_candidates(scores: np.ndarray, bounds: np.ndarray, k: int) -> np.nda
     N = scores.shape[1]
     k = min(k, N)
     lower, upper = scores - bounds, scores + bounds
-    kth_lower = -np.partition(-lower, k - 1, axis=1)[:, k - 1:k]     # the k-th largest lower bound
-    kth_upper = np.partition(upper, k - 1, axis=1)[:, k - 1:k]       # the k-th smallest upper bound
+    kth_lower = -np.partition(-lower, k - 1, axis=1)[:, k - 1 : k]  # the k-th largest lower bound
+    kth_upper = np.partition(upper, k - 1, axis=1)[:, k - 1 : k]  # the k-th smallest upper bound
     return ((upper >= kth_lower) | (lower <= kth_upper)).any(axis=0)

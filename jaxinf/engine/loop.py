@@ -128,10 +128,10 @@ def run_batches(
     if start:
         log.info("%s: resuming at batch %d of %d", name, start, total)
     saves.begin(start, total)
-    progress = Progress(name, total, start) if report and total is not None else None   # a line needs a total
+    progress = Progress(name, total, start) if report and total is not None else None  # a line needs a total
     t0 = time.perf_counter()
-    unchecked: list[tuple[int, Any, np.ndarray | None]] = []   # (batch, losses on the device, document index)
-    unsaved: list[tuple[Any, dict]] = []                       # (outputs on the device, rows) since the last save
+    unchecked: list[tuple[int, Any, np.ndarray | None]] = []  # (batch, losses on the device, document index)
+    unsaved: list[tuple[Any, dict]] = []  # (outputs on the device, rows) since the last save
     save_seconds, end = 0.0, start
 
     def check() -> None:
@@ -152,10 +152,10 @@ def run_batches(
     for i, batch in enumerate(batches(start), start=start):
         t_call = time.perf_counter()
         carry, outputs, losses = step(carry, device.put(batch), i)
-        if compile_seconds is None:   # the first call traces and compiles; the computation itself runs asynchronously
+        if compile_seconds is None:  # the first call traces and compiles; the computation itself runs asynchronously
             compile_seconds = time.perf_counter() - t_call
         rows = {k: device.gather_rows(batch[k]) for k in fields}
-        check()   # the previous batch's losses, while this batch runs
+        check()  # the previous batch's losses, while this batch runs
         if losses is not None:
             unchecked.append((i, losses, rows.get("index")))
         unsaved.append((outputs, rows))
@@ -169,8 +169,13 @@ def run_batches(
         save(end)
     seconds = progress.close() if progress is not None else time.perf_counter() - t0
     if report:
-        log.info("%s: %d batches in %.1fs%s", name, end - start, seconds,
-                 f" ({save_seconds:.1f}s saving {saves.noun})" if saves.noun else "")
+        log.info(
+            "%s: %d batches in %.1fs%s",
+            name,
+            end - start,
+            seconds,
+            f" ({save_seconds:.1f}s saving {saves.noun})" if saves.noun else "",
+        )
     timing = {"seconds": round(seconds, 3), "save_seconds": round(save_seconds, 3), "batches": end - start}
     if compile_seconds is not None:
         timing["compile_seconds"] = round(compile_seconds, 3)

@@ -104,5 +104,7 @@ def matmul_precision(name: str | None = None) -> jax.lax.Precision:
     if isinstance(name, jax.lax.Precision):
         return name
     if name not in MATMUL_PRECISIONS:
-        raise ValueError(f"run.matmul_precision: unknown precision {name!r} (choose from {', '.join(MATMUL_PRECISIONS)})")
+        raise ValueError(
+            f"run.matmul_precision: unknown precision {name!r} (choose from {', '.join(MATMUL_PRECISIONS)})"
+        )
     return jax.lax.Precision[name.upper()]

@@ -81,8 +81,10 @@ class Program:
             return executor.shardings(jax.eval_shape(self.stage.init)), executor.rows()
         if self.rows is None:
             return None
-        return {**{k: executor.rows(ndim, last) for k, (ndim, last) in self.rows.items()},
-                **{k: executor.replicated() for k in self.whole}}
+        return {
+            **{k: executor.rows(ndim, last) for k, (ndim, last) in self.rows.items()},
+            **{k: executor.replicated() for k in self.whole},
+        }
 
     def jit(self, executor) -> Callable[..., Any]:
         """The step compiled where ``executor`` keeps its arrays (the run's executor, or the planner's on simulated
@@ -116,52 +118,66 @@ def queries(config, task: Task, layers: Mapping[str, LayerSpec]) -> Program:
     s, dtype, mp = config.scores, _dtype(config), config.run.matmul_precision
 
     def prepare(params, qbatch, curv):
-        return stages.prepared_queries(task, layers, params, qbatch, curv, s.damping, s.query_rank, dtype, s.query_svd,
-                                       mp)
+        return stages.prepared_queries(
+            task, layers, params, qbatch, curv, s.damping, s.query_rank, dtype, s.query_svd, mp
+        )
 
     return Program("queries", prepare, ("params", "qbatch", "curv"), per_document=False)
 
 
-def scores(config, task: Task, layers: Mapping[str, LayerSpec], *, self_influence: bool | None = None,
-           tails: int | None = None) -> Program:
+def scores(
+    config, task: Task, layers: Mapping[str, LayerSpec], *, self_influence: bool | None = None, tails: int | None = None
+) -> Program:
     """Stage 6: a document batch's scores against every query, and with ``scores.self_influence`` its
     self-influence (:func:`jaxinf.engine.stages.score_step`). ``self_influence=False``: the scores alone (the index's
     certification pass). ``tails``: the number of documents the pass scores, and that it also keeps each query's
     running top rows with their breakdowns (:mod:`jaxinf.engine.tails`), carried from batch to batch, so that the
     exports need no second pass."""
     want_self = config.scores.self_influence if self_influence is None else self_influence
-    step = stages.score_step(task, layers, self_influence=want_self,
-                             damping_value=config.scores.damping if want_self else None, dtype=_dtype(config),
-                             precision=config.run.matmul_precision,
-                             tails_of=None if tails is None else (tails, config.scores.topk))
+    step = stages.score_step(
+        task,
+        layers,
+        self_influence=want_self,
+        damping_value=config.scores.damping if want_self else None,
+        dtype=_dtype(config),
+        precision=config.run.matmul_precision,
+        tails_of=None if tails is None else (tails, config.scores.topk),
+    )
     rows = {"scores": (2, True), "loss": (1, False), **({"self": (1, False)} if want_self else {})}
     if tails is not None:
-        return Program("scores", step, ("params", "queries", "curv", "batch", "tails"), donate=(4,), rows=rows,
-                       whole=("tails",))
+        return Program(
+            "scores", step, ("params", "queries", "curv", "batch", "tails"), donate=(4,), rows=rows, whole=("tails",)
+        )
     return Program("scores", step, ("params", "queries", "curv", "batch"), rows=rows)
 
 
 def tails_init(config, layers: Mapping[str, LayerSpec], queries: int):
     """The zero :class:`~jaxinf.engine.tails.Tails` of the scoring pass: ``scores.topk`` slots for each of ``queries``
     queries, rows of ``data.max_length`` tokens, in the statistics dtype."""
-    return running_tails.init(queries, config.scores.topk, len(scoring.layer_order(layers)), config.data.max_length,
-                              _dtype(config))
+    return running_tails.init(
+        queries, config.scores.topk, len(scoring.layer_order(layers)), config.data.max_length, _dtype(config)
+    )
 
 
 def index(config, task: Task, layers: Mapping[str, LayerSpec]) -> Program:
     """The index pass: each document row's kept block of ``Q_S^T G[n] Q_A`` and its band energies
     (:func:`jaxinf.engine.stages.index_step`)."""
     k = None if config.index.k == "full" else config.index.k
-    return Program("index", stages.index_step(task, layers, k, _dtype(config), config.run.matmul_precision),
-                   ("params", "basis", "batch"))
+    return Program(
+        "index",
+        stages.index_step(task, layers, k, _dtype(config), config.run.matmul_precision),
+        ("params", "basis", "batch"),
+    )
 
 
 def scores_and_index(config, task: Task, layers: Mapping[str, LayerSpec]) -> Program:
     """The scoring pass that also writes the index, in one backward pass (:func:`jaxinf.engine.stages.score_and_index_step`)."""
     k = None if config.index.k == "full" else config.index.k
-    return Program("scores+index", stages.score_and_index_step(task, layers, k, _dtype(config),
-                                                               config.run.matmul_precision),
-                   ("params", "queries", "basis", "batch"))
+    return Program(
+        "scores+index",
+        stages.score_and_index_step(task, layers, k, _dtype(config), config.run.matmul_precision),
+        ("params", "queries", "basis", "batch"),
+    )
 
 
 def lambda_and_index(config, task: Task, layers: Mapping[str, LayerSpec]) -> Program:
@@ -169,9 +185,13 @@ def lambda_and_index(config, task: Task, layers: Mapping[str, LayerSpec]) -> Pro
     the Lambda stage's state, plus each document row's index cells."""
     k = None if config.index.k == "full" else config.index.k
     dtype, mp = _dtype(config), config.run.matmul_precision
-    return Program("lambda+index", stages.lambda_and_index_step(task, layers, k, dtype, mp),
-                   ("state", "params", "eigen", "basis", "batch"), donate=(0,),
-                   stage=stages.lambda_stage(task, layers, config.factors.fisher, dtype, mp))
+    return Program(
+        "lambda+index",
+        stages.lambda_and_index_step(task, layers, k, dtype, mp),
+        ("state", "params", "eigen", "basis", "batch"),
+        donate=(0,),
+        stage=stages.lambda_stage(task, layers, config.factors.fisher, dtype, mp),
+    )
 
 
 def breakdowns(config, task: Task, layers: Mapping[str, LayerSpec]) -> Program:
@@ -181,16 +201,18 @@ def breakdowns(config, task: Task, layers: Mapping[str, LayerSpec]) -> Program:
     dtype, mp = _dtype(config), config.run.matmul_precision
 
     def breakdown(params, q, batch):
-        s, _ = stages.score_batch(task, layers, params, q, batch, per_layer=True, per_token=True, dtype=dtype,
-                                  precision=mp)
+        s, _ = stages.score_batch(
+            task, layers, params, q, batch, per_layer=True, per_token=True, dtype=dtype, precision=mp
+        )
         per_layer = scoring.expand_layer_scores(s.per_layer, layers)
         return jnp.stack([per_layer[n] for n in names]), s.per_token
 
     return Program("breakdowns", breakdown, ("params", "queries", "batch"))
 
 
-def programs(config, task: Task, layers: Mapping[str, LayerSpec], *, one_device: bool = True,
-             documents: int | None = None) -> dict[str, Program]:
+def programs(
+    config, task: Task, layers: Mapping[str, LayerSpec], *, one_device: bool = True, documents: int | None = None
+) -> dict[str, Program]:
     """The per-batch programs ``jaxinf run`` compiles for ``config``, by stage, in the order it runs them.
 
     The fitting stages the strategy needs (none with ``factors.from``); the queries; with ``scores.mode: exact`` the
@@ -206,15 +228,19 @@ def programs(config, task: Task, layers: Mapping[str, LayerSpec], *, one_device:
     if config.factors.from_run is None and strategy.eigen:
         out["covariance"] = covariance(config, task, layers)
     if config.factors.from_run is None and strategy.fits_lambda:
-        out["lambda"] = (lambda_and_index(config, task, layers) if index_in_lambda(config, one_device)
-                         else lambda_(config, task, layers))
+        out["lambda"] = (
+            lambda_and_index(config, task, layers)
+            if index_in_lambda(config, one_device)
+            else lambda_(config, task, layers)
+        )
     out["queries"] = queries(config, task, layers)
     build = config.index.k is not None
     if config.scores.mode == "index":
         if build and not index_in_lambda(config, one_device):
             out["index"] = index(config, task, layers)
-        out["scores"] = scores(config, task, layers, self_influence=False,
-                               tails=config.plan.documents if documents is None else documents)
+        out["scores"] = scores(
+            config, task, layers, self_influence=False, tails=config.plan.documents if documents is None else documents
+        )
     elif fused_index(config, one_device) and not index_in_lambda(config, one_device):
         out["scores"] = scores_and_index(config, task, layers)
     else:
@@ -235,8 +261,12 @@ def fitted_shapes(task: Task, layers: Mapping[str, LayerSpec], dtype=None) -> di
     lam = stages.lambda_stage(task, layers, dtype=dtype)
     state = jax.eval_shape(cov.init)
     finished = jax.eval_shape(cov.finalize, state)
-    return {"covariance": state, "finished": finished, "eigen": jax.eval_shape(eigendecompose, finished),
-            "lambda": jax.eval_shape(lambda: lam.finalize(lam.init()))}
+    return {
+        "covariance": state,
+        "finished": finished,
+        "eigen": jax.eval_shape(eigendecompose, finished),
+        "lambda": jax.eval_shape(lambda: lam.finalize(lam.init())),
+    }
 
 
 def index_in_lambda(config, one_device: bool) -> bool:
@@ -245,23 +275,31 @@ def index_in_lambda(config, one_device: bool) -> bool:
     (``factors.max_documents`` not set), on one device."""
     from jaxinf.engine.curvature import strategy as strategy_of
 
-    return (config.index.k is not None and config.factors.fisher == "empirical" and config.factors.from_run is None
-            and strategy_of(config.factors.strategy).fits_lambda and strategy_of(config.factors.strategy).eigen
-            and config.factors.max_documents is None and one_device)
+    return (
+        config.index.k is not None
+        and config.factors.fisher == "empirical"
+        and config.factors.from_run is None
+        and strategy_of(config.factors.strategy).fits_lambda
+        and strategy_of(config.factors.strategy).eigen
+        and config.factors.max_documents is None
+        and one_device
+    )
 
 
 def fused_index(config, one_device: bool) -> bool:
     """Whether the exact scoring pass also writes the index (:func:`scores_and_index`): ``index.k`` set, scores
     without self-influence, on one device (on a mesh the index is a pass of its own)."""
-    return (config.scores.mode == "exact" and config.index.k is not None and not config.scores.self_influence
-            and one_device)
+    return (
+        config.scores.mode == "exact" and config.index.k is not None and not config.scores.self_influence and one_device
+    )
 
 
 # --------------------------------------------------------------------------- memory
 
 
-def layer_working_set(stage: str, spec: LayerSpec, *, rows: int, tokens: int, queries: int, query_batch: int,
-                      rank: int | None, model: int) -> int:
+def layer_working_set(
+    stage: str, spec: LayerSpec, *, rows: int, tokens: int, queries: int, query_batch: int, rank: int | None, model: int
+) -> int:
     """Bytes per device of one layer's statistic as the backward pass forms it (float32; an estimate).
 
     With ``n = d_in'``, ``o = d_out``, ``R = rows`` documents per data row, ``T`` tokens and ``m`` = ``mesh.model``:

@@ -28,8 +28,16 @@ class Progress:
     """``update(tokens)`` once per step (or ``at(done, tokens)`` with running totals); ``close()`` ends the line and
     returns the pass's wall time. ``clock``: the time source (``time.perf_counter``)."""
 
-    def __init__(self, stage: str, total: int, start: int = 0, unit: str = "batches", interval: float = 10.0,
-                 stream=None, clock=None):
+    def __init__(
+        self,
+        stage: str,
+        total: int,
+        start: int = 0,
+        unit: str = "batches",
+        interval: float = 10.0,
+        stream=None,
+        clock=None,
+    ):
         self.stage, self.total, self.done, self.unit = stage, total, start, unit
         self.start_step = start
         self.tokens = 0
@@ -40,7 +48,7 @@ class Progress:
         self.tty = getattr(self.stream, "isatty", lambda: False)()
         self.interval = 0.5 if self.tty else interval
         self.enabled = jax.process_index() == 0
-        self.first: tuple[int, int, float] | None = None   # (steps done, tokens, time) after the first step
+        self.first: tuple[int, int, float] | None = None  # (steps done, tokens, time) after the first step
 
     def line(self) -> str:
         """``STAGE: DONE/TOTAL UNIT, R UNIT/s, T tokens/s, elapsed H:MM:SS, ETA H:MM:SS``. Rates and ETA from the
@@ -48,7 +56,7 @@ class Progress:
         throughput made the first ETA of a five-minute stage read two hours)."""
         now = self.clock()
         elapsed = now - self.t0
-        if self.first is not None and self.done > self.first[0]:   # steady
+        if self.first is not None and self.done > self.first[0]:  # steady
             done0, tokens0, t1 = self.first
             seconds = now - t1
             rate = (self.tokens - tokens0) / seconds if seconds > 0 else 0.0
@@ -58,14 +66,16 @@ class Progress:
             rate = self.tokens / elapsed if elapsed > 0 else 0.0
             steps = (self.done - self.start_step) / elapsed if elapsed > 0 else 0.0
             eta_text = _duration(0) if self.done >= self.total else "?"
-        return (f"{self.stage}: {self.done:,}/{self.total:,} {self.unit}, {steps:,.{1 if steps < 100 else 0}f} "
-                f"{self.unit}/s, {rate:,.0f} tokens/s, elapsed {_duration(elapsed)}, ETA {eta_text}")
+        return (
+            f"{self.stage}: {self.done:,}/{self.total:,} {self.unit}, {steps:,.{1 if steps < 100 else 0}f} "
+            f"{self.unit}/s, {rate:,.0f} tokens/s, elapsed {_duration(elapsed)}, ETA {eta_text}"
+        )
 
     def update(self, tokens: int, steps: int = 1) -> None:
         self.done += steps
         self.tokens += int(tokens)
         now = self.clock()
-        if self.first is None:   # the end of the first (compiling) step: where the steady state starts
+        if self.first is None:  # the end of the first (compiling) step: where the steady state starts
             self.first = (self.done, self.tokens, now)
         if self.enabled and (now - self.last >= self.interval or self.done == self.total):
             self.last = now

@@ -129,8 +129,16 @@ def low_rank(P: Array, rank: int, dtype=None, svd: str = "randomized", precision
     return left.astype(out_dtype), right.astype(out_dtype)
 
 
-def prepare_layer(G: Array, strategy: Strategy, factors: Mapping[str, Array] | None, damping_value: float | None,
-                  rank: int | None, dtype=None, svd: str = "randomized", precision=None) -> dict[str, Array]:
+def prepare_layer(
+    G: Array,
+    strategy: Strategy,
+    factors: Mapping[str, Array] | None,
+    damping_value: float | None,
+    rank: int | None,
+    dtype=None,
+    svd: str = "randomized",
+    precision=None,
+) -> dict[str, Array]:
     """``P(G_q)`` of one block's query gradients ``[*lead, Q, d_out, d_in']`` (the strategy's
     :meth:`~jaxinf.engine.curvature.Strategy.precondition`): ``{"full": P}``, or its rank-r SVD ``{"left", "right"}``
     (:func:`low_rank` in ``dtype`` by the method ``svd``) where ``min(d_out, d_in') > r``. ``factors``: the block's
@@ -164,9 +172,15 @@ def prepare_queries(
     """:func:`prepare_layer` of every block of given query gradients ``G`` (block -> ``[*lead, Q, d_out, d_in']``), at
     the matmul precision ``precision``."""
     context = curvature_context(curv)
-    return query_gradients_of({k: prepare_layer(g, curv.strategy, None if context is None else context[k],
-                                                damping_value, rank, dtype, svd, precision) for k, g in G.items()},
-                             loss)
+    return query_gradients_of(
+        {
+            k: prepare_layer(
+                g, curv.strategy, None if context is None else context[k], damping_value, rank, dtype, svd, precision
+            )
+            for k, g in G.items()
+        },
+        loss,
+    )
 
 
 def query_context(qg: QueryGradients) -> dict[str, dict[str, Array]]:
@@ -215,8 +229,9 @@ def contraction_order(B: int, T: int, Q: int, d_out: int, d_in: int, rank: int |
     return "tokens" if tokens <= docs else "documents"
 
 
-def per_token_in_pass(layers: Mapping[str, LayerSpec], queries: QueryGradients, B: int, T: int, documents: int,
-                      topk: int) -> bool:
+def per_token_in_pass(
+    layers: Mapping[str, LayerSpec], queries: QueryGradients, B: int, T: int, documents: int, topk: int
+) -> bool:
     """Whether the scoring pass of ``documents`` documents in ``[B, T]`` batches should form per-token scores for
     the exports (all blocks in the tokens order, whose per-token scores are the terms of the sum over ``t``) rather
     than leave them to a second pass over each query's ``topk`` documents.
@@ -250,7 +265,7 @@ def _token_scores(a: Array, g: Array, q: Mapping[str, Array], per_token: bool, p
     ``scripts/bench_engine.py``, before and after, in docs/benchmarks.md: 1.43x to 0.89x of a forward+backward
     step)."""
     einsum = functools.partial(jnp.einsum, precision=matmul_precision(precision))
-    lead = a.shape[:-1]                                  # [B, T]
+    lead = a.shape[:-1]  # [B, T]
     a2, g2 = a.reshape(-1, a.shape[-1]), g.reshape(-1, g.shape[-1])
     if "left" in q:
         gl = einsum("no,qor->nqr", g2, q["left"].astype(g.dtype))
@@ -259,12 +274,20 @@ def _token_scores(a: Array, g: Array, q: Mapping[str, Array], per_token: bool, p
     else:
         Pa = einsum("ni,qoi->nqo", a2, q["full"].astype(a.dtype))
         per_tok = einsum("nqo,no->nq", Pa, g2)
-    per_tok = per_tok.reshape(lead + per_tok.shape[-1:])            # [B, T, Q]
+    per_tok = per_tok.reshape(lead + per_tok.shape[-1:])  # [B, T, Q]
     return jnp.moveaxis(per_tok if per_token else per_tok.sum(-2), -1, 0)
 
 
-def block_scores(a: Array, g: Array, q: Mapping[str, Array], *, per_token: bool = False,
-                 order: str | None = None, dtype=None, precision=None) -> Array:
+def block_scores(
+    a: Array,
+    g: Array,
+    q: Mapping[str, Array],
+    *,
+    per_token: bool = False,
+    order: str | None = None,
+    dtype=None,
+    precision=None,
+) -> Array:
     """One layer's ``sum_t g[n,t]^T P(G_q) a[n,t]``: ``[Q, B]`` (``[Q, B, T]`` per token), in the statistics dtype
     ``dtype`` (by default :func:`~jaxinf.engine.precision.working_dtype` of ``a``, ``g`` and ``q``).
 
@@ -308,15 +331,24 @@ def _sum(arrays: Iterable[Array]) -> Array:
     return cast(Array, sum(arrays))
 
 
-def collect_scores(blocks: Mapping[str, Array], *, per_layer: bool = False, per_token: bool = False,
-                   self_blocks: Mapping[str, Array] | None = None) -> Scores:
+def collect_scores(
+    blocks: Mapping[str, Array],
+    *,
+    per_layer: bool = False,
+    per_token: bool = False,
+    self_blocks: Mapping[str, Array] | None = None,
+) -> Scores:
     """:class:`Scores` from per-block :func:`block_scores` (``[*lead, Q, B(, T)]``) and self-influence (``[*lead, B]``,
     :meth:`~jaxinf.engine.curvature.Strategy.self_score`)."""
     self_total = None if self_blocks is None else _sum(sum_layers(v, 1) for v in self_blocks.values())
     if per_token:
         tok = _sum(sum_layers(v, 3) for v in blocks.values())
-        return Scores(total=tok.sum(-1), per_layer={k: v.sum(-1) for k, v in blocks.items()} if per_layer else None,
-                      per_token=tok, self=self_total)
+        return Scores(
+            total=tok.sum(-1),
+            per_layer={k: v.sum(-1) for k, v in blocks.items()} if per_layer else None,
+            per_token=tok,
+            self=self_total,
+        )
     total = _sum(sum_layers(v, 2) for v in blocks.values())
     return Scores(total=total, per_layer=dict(blocks) if per_layer else None, self=self_total)
 
@@ -352,7 +384,7 @@ def stacked_layer_scores(per_layer: Mapping[str, Array], layers: Mapping[str, La
 
 def layer_order(layers: Mapping[str, LayerSpec]) -> list[str]:
     """Per-layer names in model order: by layer index, blocks in call order within a layer, unstacked layers last."""
-    stacked: list[tuple[int, int, str]] = []   # (layer index, position, name)
+    stacked: list[tuple[int, int, str]] = []  # (layer index, position, name)
     rest: list[tuple[int, int, str]] = []
     for position, spec in enumerate(layers.values()):
         for i, name in zip(spec.layer_indices or (None,), spec.layer_names):

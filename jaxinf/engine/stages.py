@@ -74,16 +74,19 @@ class Stage(NamedTuple):
     finalize: Callable[[Any], Any]
 
 
-def train_statistics(task: Task, layers: Mapping[str, LayerSpec], params, batch, key: Array | None, statistic,
-                     context=None) -> tuple[dict, Array]:
+def train_statistics(
+    task: Task, layers: Mapping[str, LayerSpec], params, batch, key: Array | None, statistic, context=None
+) -> tuple[dict, Array]:
     """Per-layer ``statistic`` of a document batch under the training loss (labels sampled when ``key`` is given),
     and the documents' losses ``[B]``."""
-    return layer_statistics(lambda p, b, pr: task.train_loss(p, b, pr, key), params, batch, layers, statistic,
-                            context, mask=batch["mask"])
+    return layer_statistics(
+        lambda p, b, pr: task.train_loss(p, b, pr, key), params, batch, layers, statistic, context, mask=batch["mask"]
+    )
 
 
-def measurement_statistics(task: Task, layers: Mapping[str, LayerSpec], params, batch, statistic,
-                           context=None) -> tuple[dict, Array]:
+def measurement_statistics(
+    task: Task, layers: Mapping[str, LayerSpec], params, batch, statistic, context=None
+) -> tuple[dict, Array]:
     """Per-layer ``statistic`` of a query batch under the measurement, and the measurements ``[Q]``."""
     return layer_statistics(task.measurement, params, batch, layers, statistic, context, mask=batch["mask"])
 
@@ -105,8 +108,9 @@ def stage_key(seed: Array, stage: str) -> Array:
     return jax.random.fold_in(seed, {"covariance": 0, "lambda": 1}[stage])
 
 
-def covariance_stage(task: Task, layers: Mapping[str, LayerSpec], fisher: str = "sampled", dtype=None,
-                     precision=None) -> Stage:
+def covariance_stage(
+    task: Task, layers: Mapping[str, LayerSpec], fisher: str = "sampled", dtype=None, precision=None
+) -> Stage:
     """Stage 1: ``update(state, params, batch, key)`` accumulates ``A`` and ``S`` (in ``dtype``)."""
     dtype = layers_dtype(layers) if dtype is None else dtype
     statistic = functools.partial(covariance_statistic, dtype=dtype, precision=precision)
@@ -118,16 +122,18 @@ def covariance_stage(task: Task, layers: Mapping[str, LayerSpec], fisher: str = 
     return Stage(init=lambda: covariance_init(layers, dtype), update=update, finalize=covariance_finalize)
 
 
-def lambda_stage(task: Task, layers: Mapping[str, LayerSpec], fisher: str = "sampled", dtype=None,
-                 precision=None) -> Stage:
+def lambda_stage(
+    task: Task, layers: Mapping[str, LayerSpec], fisher: str = "sampled", dtype=None, precision=None
+) -> Stage:
     """Stage 3: ``update(state, params, eigen, batch, key)`` accumulates ``Lambda`` (``eigen=None``: diagonal) in
     ``dtype``."""
     dtype = layers_dtype(layers) if dtype is None else dtype
     statistic = functools.partial(lambda_statistic, dtype=dtype, precision=precision)
 
     def update(state, params, eigen, batch, key):
-        stats, losses = train_statistics(task, layers, params, batch, _fisher_key(fisher, key), statistic,
-                                         lambda_context(streamed(eigen)))
+        stats, losses = train_statistics(
+            task, layers, params, batch, _fisher_key(fisher, key), statistic, lambda_context(streamed(eigen))
+        )
         return lambda_update(state, stats), losses
 
     return Stage(init=lambda: lambda_init(layers, dtype), update=update, finalize=lambda_finalize)
@@ -159,8 +165,12 @@ def lambda_and_index_step(task: Task, layers: Mapping[str, LayerSpec], k: int | 
     from jaxinf.engine.indexing import BASIS_AXES, flatten_rows, index_statistic
 
     dtype = layers_dtype(layers) if dtype is None else dtype
-    statistic = joint({"lambda": functools.partial(lambda_statistic, dtype=dtype, precision=precision),
-                       "index": functools.partial(index_statistic, k=k, dtype=dtype, precision=precision)})
+    statistic = joint(
+        {
+            "lambda": functools.partial(lambda_statistic, dtype=dtype, precision=precision),
+            "index": functools.partial(index_statistic, k=k, dtype=dtype, precision=precision),
+        }
+    )
 
     def update(state, params, eigen, basis, batch):
         lctx, bctx = lambda_context(streamed(eigen)), streamed(basis, BASIS_AXES)
@@ -176,16 +186,27 @@ def _sequence_gradient(a: Array, g: Array, mask: Array, context=None, *, precisi
     return per_sequence_gradient(a, g, precision)
 
 
-def query_gradients(task: Task, layers: Mapping[str, LayerSpec], params, batch,
-                    precision=None) -> tuple[dict[str, Array], Array]:
+def query_gradients(
+    task: Task, layers: Mapping[str, LayerSpec], params, batch, precision=None
+) -> tuple[dict[str, Array], Array]:
     """Per-query measurement gradients ``G_q = sum_t g a^T`` (``[*lead, Q, d_out, d_in']``) and measurements ``[Q]``."""
-    return measurement_statistics(task, layers, params, batch,
-                                  functools.partial(_sequence_gradient, precision=precision))
+    return measurement_statistics(
+        task, layers, params, batch, functools.partial(_sequence_gradient, precision=precision)
+    )
 
 
-def prepared_queries(task: Task, layers: Mapping[str, LayerSpec], params, batch, curv: Curvature,
-                     damping_value: float | None, rank: int | None, dtype=None, svd: str = "randomized",
-                     precision=None) -> QueryGradients:
+def prepared_queries(
+    task: Task,
+    layers: Mapping[str, LayerSpec],
+    params,
+    batch,
+    curv: Curvature,
+    damping_value: float | None,
+    rank: int | None,
+    dtype=None,
+    svd: str = "randomized",
+    precision=None,
+) -> QueryGradients:
     """Stage 5: ``P(G_q)`` of a query batch (rank-r where asked), each layer's formed in the backward pass.
 
     The same as :func:`jaxinf.engine.scoring.prepare_queries` of :func:`query_gradients`, without ever holding
@@ -193,18 +214,23 @@ def prepared_queries(task: Task, layers: Mapping[str, LayerSpec], params, batch,
     dtype = layers_dtype(layers) if dtype is None else dtype
 
     def statistic(a, g, mask, factors):
-        return prepare_layer(per_sequence_gradient(a, g, precision), curv.strategy, factors, damping_value, rank, dtype,
-                             svd, precision)
+        return prepare_layer(
+            per_sequence_gradient(a, g, precision), curv.strategy, factors, damping_value, rank, dtype, svd, precision
+        )
 
     blocks, loss = measurement_statistics(task, layers, params, batch, statistic, curvature_context(streamed(curv)))
     return query_gradients_of(blocks, loss)
 
 
-def _document_statistic(per_token: bool, order: str | None, strategy: Strategy | None, damping_value: float | None,
-                        dtype, precision=None):
+def _document_statistic(
+    per_token: bool, order: str | None, strategy: Strategy | None, damping_value: float | None, dtype, precision=None
+):
     """The statistic of a scoring pass: scores against the query gradients, and self-influence when ``strategy``."""
-    stats = {"scores": lambda a, g, m, q: block_scores(a, g, q, per_token=per_token, order=order, dtype=dtype,
-                                                       precision=precision)}
+    stats = {
+        "scores": lambda a, g, m, q: block_scores(
+            a, g, q, per_token=per_token, order=order, dtype=dtype, precision=precision
+        )
+    }
     if strategy is not None:
         stats["self"] = lambda a, g, m, c: strategy.self_score(a, g, c, damping_value, dtype, precision)
     return joint(stats)
@@ -233,18 +259,38 @@ def score_batch(
     missing = [k for k in layers if k not in qctx]
     if missing:
         raise CaptureError(f"layer {missing[0]!r} has no query gradient")
-    context = {k: {"scores": qctx[k], **({} if curv is None else {"self": None if factors is None else factors[k]})}
-               for k in layers}
-    blocks, losses = train_statistics(task, layers, params, batch, None,
-                                      _document_statistic(per_token, order, None if curv is None else curv.strategy,
-                                                          damping_value, dtype, precision), context)
-    scores = collect_scores({k: v["scores"] for k, v in blocks.items()}, per_layer=per_layer, per_token=per_token,
-                            self_blocks=None if curv is None else {k: v["self"] for k, v in blocks.items()})
+    context = {
+        k: {"scores": qctx[k], **({} if curv is None else {"self": None if factors is None else factors[k]})}
+        for k in layers
+    }
+    blocks, losses = train_statistics(
+        task,
+        layers,
+        params,
+        batch,
+        None,
+        _document_statistic(per_token, order, None if curv is None else curv.strategy, damping_value, dtype, precision),
+        context,
+    )
+    scores = collect_scores(
+        {k: v["scores"] for k, v in blocks.items()},
+        per_layer=per_layer,
+        per_token=per_token,
+        self_blocks=None if curv is None else {k: v["self"] for k, v in blocks.items()},
+    )
     return scores, losses
 
 
-def score_step(task: Task, layers: Mapping[str, LayerSpec], *, self_influence: bool, damping_value: float | None,
-               dtype=None, precision=None, tails_of: tuple[int, int] | None = None):
+def score_step(
+    task: Task,
+    layers: Mapping[str, LayerSpec],
+    *,
+    self_influence: bool,
+    damping_value: float | None,
+    dtype=None,
+    precision=None,
+    tails_of: tuple[int, int] | None = None,
+):
     """The scoring step of ``jaxinf run`` and ``jaxinf plan``: ``(params, queries, curv, batch) ->
     {"scores": [Q, B], "loss": [B](, "self": [B])}``. With ``tails_of`` ``(documents, topk)``,
     ``(params, queries, curv, batch, tails)`` and the updated :class:`~jaxinf.engine.tails.Tails` as ``"tails"``:
@@ -254,15 +300,26 @@ def score_step(task: Task, layers: Mapping[str, LayerSpec], *, self_influence: b
 
     def step(params, queries, curv, batch, tails=None):
         per_token = keep_tails and per_token_in_pass(layers, queries, *batch["tokens"].shape, *tails_of)
-        s, loss = score_batch(task, layers, params, queries, batch, curv=curv if self_influence else None,
-                              per_layer=keep_tails, per_token=per_token, damping_value=damping_value, dtype=dtype,
-                              precision=precision)
+        s, loss = score_batch(
+            task,
+            layers,
+            params,
+            queries,
+            batch,
+            curv=curv if self_influence else None,
+            per_layer=keep_tails,
+            per_token=per_token,
+            damping_value=damping_value,
+            dtype=dtype,
+            precision=precision,
+        )
         out = {"scores": s.total, "loss": loss}
         if self_influence:
             out["self"] = s.self
         if keep_tails:
-            out["tails"] = running_tails.update(tails, s.total, stacked_layer_scores(s.per_layer, layers),
-                                                s.per_token, batch)
+            out["tails"] = running_tails.update(
+                tails, s.total, stacked_layer_scores(s.per_layer, layers), s.per_token, batch
+            )
         return out
 
     return step
@@ -276,32 +333,50 @@ def score_and_index_step(task: Task, layers: Mapping[str, LayerSpec], k: int | N
     from jaxinf.engine.indexing import BASIS_AXES, flatten_rows, index_statistic
 
     dtype = layers_dtype(layers) if dtype is None else dtype
-    statistic = joint({"scores": lambda a, g, m, q: block_scores(a, g, q, dtype=dtype, precision=precision),
-                       "index": functools.partial(index_statistic, k=k, dtype=dtype, precision=precision)})
+    statistic = joint(
+        {
+            "scores": lambda a, g, m, q: block_scores(a, g, q, dtype=dtype, precision=precision),
+            "index": functools.partial(index_statistic, k=k, dtype=dtype, precision=precision),
+        }
+    )
 
     def step(params, queries, basis, batch):
         qctx, bctx = query_context(streamed(queries)), streamed(basis, BASIS_AXES)
         context = {name: {"scores": qctx[name], "index": bctx[name]} for name in layers}
         blocks, losses = train_statistics(task, layers, params, batch, None, statistic, context)
         scores = collect_scores({name: v["scores"] for name, v in blocks.items()})
-        return {"scores": scores.total, "loss": losses,
-                **flatten_rows({name: v["index"] for name, v in blocks.items()}, layers)}
+        return {
+            "scores": scores.total,
+            "loss": losses,
+            **flatten_rows({name: v["index"] for name, v in blocks.items()}, layers),
+        }
 
     return step
 
 
 def self_influence_batch(
-    task: Task, layers: Mapping[str, LayerSpec], params, curv: Curvature, damping_value: float | None, batch,
-    dtype=None, precision=None,
+    task: Task,
+    layers: Mapping[str, LayerSpec],
+    params,
+    curv: Curvature,
+    damping_value: float | None,
+    batch,
+    dtype=None,
+    precision=None,
 ) -> tuple[Array, Array]:
     """Self-influence ``<P(G[n]), G[n]>`` of one document batch, and the documents' losses."""
     factors = curvature_context(streamed(curv))
     dtype = layers_dtype(layers) if dtype is None else dtype
-    blocks, losses = train_statistics(task, layers, params, batch, None,
-                                      lambda a, g, m, c: curv.strategy.self_score(a, g, c, damping_value, dtype,
-                                                                                  precision),
-                                      factors)
-    return cast(Array, sum(sum_layers(v, 1) for v in blocks.values())), losses   # blocks: at least one
+    blocks, losses = train_statistics(
+        task,
+        layers,
+        params,
+        batch,
+        None,
+        lambda a, g, m, c: curv.strategy.self_score(a, g, c, damping_value, dtype, precision),
+        factors,
+    )
+    return cast(Array, sum(sum_layers(v, 1) for v in blocks.values())), losses  # blocks: at least one
 
 
 # --------------------------------------------------------------------------- in-memory drivers
@@ -327,8 +402,9 @@ def stage_step(update: Callable, inputs: tuple, key: Array | None) -> Step:
     return step
 
 
-def run_stage(stage: Stage, inputs: tuple, batches: Iterable, key: Array | None, *, what: str = "document",
-              jit: bool = True):
+def run_stage(
+    stage: Stage, inputs: tuple, batches: Iterable, key: Array | None, *, what: str = "document", jit: bool = True
+):
     """Drives a stage over batches in memory: the loop that tests and examples use (:func:`jaxinf.engine.loop.run_batches`,
     nothing saved, no progress shown).
 
@@ -338,8 +414,17 @@ def run_stage(stage: Stage, inputs: tuple, batches: Iterable, key: Array | None,
     def non_finite(batch: int, row: int, index, value: float) -> str:
         return f"{what} in batch {batch} row {row}: loss is not finite ({value})"
 
-    state, _ = run_batches(what, stage_step(update, inputs, key), lambda start: batches, stage.init(), Kept(),
-                           total=None, non_finite=non_finite, fields=(), report=False)
+    state, _ = run_batches(
+        what,
+        stage_step(update, inputs, key),
+        lambda start: batches,
+        stage.init(),
+        Kept(),
+        total=None,
+        non_finite=non_finite,
+        fields=(),
+        report=False,
+    )
     return stage.finalize(state)
 
 
@@ -363,14 +448,24 @@ def fit_curvature(
         key = jax.random.key(0)
 
     def eigen():
-        cov = run_stage(covariance_stage(task, layers, fisher, dtype, precision), (params,), batches,
-                        None if key is None else stage_key(key, "covariance"), jit=jit)
+        cov = run_stage(
+            covariance_stage(task, layers, fisher, dtype, precision),
+            (params,),
+            batches,
+            None if key is None else stage_key(key, "covariance"),
+            jit=jit,
+        )
         pieces.update(covariance=cov, eigen=eigendecompose(cov))
         return pieces["eigen"]
 
     def fit_lambda(basis):
-        return run_stage(lambda_stage(task, layers, fisher, dtype, precision), (params, basis), batches,
-                         None if key is None else stage_key(key, "lambda"), jit=jit)
+        return run_stage(
+            lambda_stage(task, layers, fisher, dtype, precision),
+            (params, basis),
+            batches,
+            None if key is None else stage_key(key, "lambda"),
+            jit=jit,
+        )
 
     curv = assemble(strategy, eigen, fit_lambda)
     if curv.Lambda is not None:

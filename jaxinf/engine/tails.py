@@ -46,10 +46,16 @@ class Tails:
 def init(queries: int, k: int, layers: int, length: int, dtype=jnp.float32) -> Tails:
     """No row kept yet: ``Q`` queries, ``K`` slots each, ``L`` per-layer names, rows of up to ``T`` tokens."""
     Q, K = queries, k
-    return Tails(score=jnp.full((Q, K), -jnp.inf, dtype), index=jnp.full((Q, K), -1, jnp.int32),
-                 chunk=jnp.full((Q, K), -1, jnp.int32), length=jnp.zeros((Q, K), jnp.int32),
-                 layers=jnp.zeros((Q, K, layers), dtype), tokens=jnp.zeros((Q, K, length), dtype),
-                 ids=jnp.zeros((Q, K, length), jnp.int32), has_tokens=jnp.zeros((Q, K), bool))
+    return Tails(
+        score=jnp.full((Q, K), -jnp.inf, dtype),
+        index=jnp.full((Q, K), -1, jnp.int32),
+        chunk=jnp.full((Q, K), -1, jnp.int32),
+        length=jnp.zeros((Q, K), jnp.int32),
+        layers=jnp.zeros((Q, K, layers), dtype),
+        tokens=jnp.zeros((Q, K, length), dtype),
+        ids=jnp.zeros((Q, K, length), jnp.int32),
+        has_tokens=jnp.zeros((Q, K), bool),
+    )
 
 
 def update(tails: Tails, total: Array, per_layer: Array, per_token: Array | None, batch) -> Tails:
@@ -64,23 +70,25 @@ def update(tails: Tails, total: Array, per_layer: Array, per_token: Array | None
     B, width = batch["tokens"].shape
     dtype = tails.score.dtype
 
-    def rows(x):                   # a per-row [B, ...] array as every query's candidates [Q, B, ...]
+    def rows(x):  # a per-row [B, ...] array as every query's candidates [Q, B, ...]
         return jnp.broadcast_to(x, (Q,) + x.shape)
 
-    def pad(x):                    # [..., T'] -> [..., T]
+    def pad(x):  # [..., T'] -> [..., T]
         return jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, T - width)])
 
     valid = batch["index"] >= 0
     candidates = Tails(
         score=jnp.where(valid[None], total.astype(dtype), -jnp.inf),
-        index=rows(batch["index"].astype(jnp.int32)), chunk=rows(batch["chunk"].astype(jnp.int32)),
+        index=rows(batch["index"].astype(jnp.int32)),
+        chunk=rows(batch["chunk"].astype(jnp.int32)),
         length=rows(batch["mask"].sum(-1).astype(jnp.int32)),
         layers=jnp.moveaxis(per_layer, 0, -1).astype(dtype),
         tokens=pad(jnp.zeros((Q, B, width), dtype) if per_token is None else per_token.astype(dtype)),
         ids=rows(pad(batch["tokens"].astype(jnp.int32))),
-        has_tokens=jnp.full((Q, B), per_token is not None))
+        has_tokens=jnp.full((Q, B), per_token is not None),
+    )
     joined = jax.tree.map(lambda kept, new: jnp.concatenate([kept, new], axis=1), tails, candidates)
-    _, pick = jax.lax.top_k(joined.score, K)                                      # [Q, K]
+    _, pick = jax.lax.top_k(joined.score, K)  # [Q, K]
 
     def take(x):
         return jnp.take_along_axis(x, pick.reshape(pick.shape + (1,) * (x.ndim - 2)), axis=1)

@@ -85,11 +85,11 @@ def sample_labels(key: Array, logits: Array) -> Array:
     chunks = -(-V // width)
     p = jax.nn.softmax(logits, axis=-1)
     p = jnp.pad(p, [(0, 0)] * (p.ndim - 1) + [(0, chunks * width - V)]).reshape(p.shape[:-1] + (chunks, width))
-    C = jnp.cumsum(p.sum(-1), axis=-1)                                       # [..., chunks]
+    C = jnp.cumsum(p.sum(-1), axis=-1)  # [..., chunks]
     u = jax.random.uniform(key, C.shape[:-1] + (1,), C.dtype) * C[..., -1:]
-    j = jnp.minimum(jnp.sum(C <= u, axis=-1), chunks - 1)                    # [...]
+    j = jnp.minimum(jnp.sum(C <= u, axis=-1), chunks - 1)  # [...]
     before = jnp.where(j > 0, jnp.take_along_axis(C, jnp.maximum(j - 1, 0)[..., None], axis=-1)[..., 0], 0.0)
-    f = jnp.cumsum(jnp.take_along_axis(p, j[..., None, None], axis=-2)[..., 0, :], axis=-1)   # [..., width]
+    f = jnp.cumsum(jnp.take_along_axis(p, j[..., None, None], axis=-2)[..., 0, :], axis=-1)  # [..., width]
     y = j * width + jnp.sum(f <= (u[..., 0] - before)[..., None], axis=-1)
     return jnp.minimum(y, V - 1)
 
@@ -143,7 +143,7 @@ def lm_batch(sequences: list[list[int]], length: int | None = None, prompt_lengt
     with them only the tokens after each prompt are (a query's completion).
     """
     T = length or max(len(s) for s in sequences)
-    tokens = np.zeros((len(sequences), T), np.int32)   # filled on the host: one transfer, no program per length
+    tokens = np.zeros((len(sequences), T), np.int32)  # filled on the host: one transfer, no program per length
     mask = np.zeros((len(sequences), T), np.float32)
     weights = np.zeros((len(sequences), T), np.float32)
     for i, s in enumerate(sequences):

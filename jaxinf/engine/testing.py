@@ -88,8 +88,9 @@ def tiny_lm_block(h: Array, p: Params, attend: Array, tap: Tap, n_heads: int) ->
     return h + proj("mlp.fc_out", x)
 
 
-def tiny_lm_apply(params: Params, tokens: Array, mask: Array, tap: Tap, *, n_heads: int = 2,
-                  unroll: bool = False) -> Array:
+def tiny_lm_apply(
+    params: Params, tokens: Array, mask: Array, tap: Tap, *, n_heads: int = 2, unroll: bool = False
+) -> Array:
     """Logits ``[B, T, vocab]`` of the tiny GPT; every projection and ``lm_head`` is a tracked layer.
 
     Layers run under ``tap.scan("layers", ...)`` (blocks ``layers.*.mlp.fc_in``, ...), or with
@@ -120,5 +121,6 @@ class _Prefixed:
 
 def tiny_lm_task(n_heads: int = 2, unroll: bool = False) -> Task:
     """The causal-LM task on the tiny GPT."""
-    return causal_lm_task(lambda p, tokens, mask, tap: tiny_lm_apply(p, tokens, mask, tap, n_heads=n_heads,
-                                                                     unroll=unroll))
+    return causal_lm_task(
+        lambda p, tokens, mask, tap: tiny_lm_apply(p, tokens, mask, tap, n_heads=n_heads, unroll=unroll)
+    )

@@ -25,7 +25,7 @@ def compare_command(args) -> int:
     from jaxinf.interop.compare import compare, format_table
     from jaxinf.interop.kronfluence import InteropError
 
-    if args.json not in (None, "-"):     # a path that cannot take the file is refused before the comparison
+    if args.json not in (None, "-"):  # a path that cannot take the file is refused before the comparison
         target = Path(args.json)
         if target.is_dir():
             raise InteropError(f"--json {args.json}: is a directory; give the path of a file to write")
@@ -65,12 +65,20 @@ def export_command(args) -> int:
 def add_parsers(sub) -> None:
     """The ``compare`` and ``kronfluence`` subcommands."""
     cmp = sub.add_parser("compare", help="a kronfluence analysis against a run: factors per layer, scores per query")
-    cmp.add_argument("--kronfluence", required=True, metavar="DIR",
-                     help="kronfluence's OUTPUT_DIR/ANALYSIS_NAME (or one factors_* or scores_* directory)")
+    cmp.add_argument(
+        "--kronfluence",
+        required=True,
+        metavar="DIR",
+        help="kronfluence's OUTPUT_DIR/ANALYSIS_NAME (or one factors_* or scores_* directory)",
+    )
     cmp.add_argument("--run", required=True, metavar="RUN_DIR", help="the jaxinf run directory")
     cmp.add_argument("--factors", metavar="NAME", help="the factors_NAME to use when there are several")
-    cmp.add_argument("--scores", metavar="NAME", action="append",
-                     help="a scores_NAME to use when there are several (repeat for pairwise and self-influence)")
+    cmp.add_argument(
+        "--scores",
+        metavar="NAME",
+        action="append",
+        help="a scores_NAME to use when there are several (repeat for pairwise and self-influence)",
+    )
     cmp.add_argument("--topk", type=int, default=10, help="k of the top-k overlap per query (default 10)")
     cmp.add_argument("--json", metavar="PATH", help="also write the report as JSON to PATH ('-': print it instead)")
     cmp.set_defaults(handler=compare_command)
@@ -86,7 +94,8 @@ def add_parsers(sub) -> None:
     imp.set_defaults(handler=import_command)
     exp = ksub.add_parser("export", help="a run's factors as a kronfluence factors_* directory")
     exp.add_argument("run", metavar="RUN_DIR", help="the jaxinf run directory")
-    exp.add_argument("out", metavar="OUT_DIR",
-                     help="the factors directory to write (e.g. influence_results/NAME/factors_jaxinf)")
+    exp.add_argument(
+        "out", metavar="OUT_DIR", help="the factors directory to write (e.g. influence_results/NAME/factors_jaxinf)"
+    )
     exp.add_argument("--overwrite", action="store_true", help="replace the factor files of OUT_DIR")
     exp.set_defaults(handler=export_command)

@@ -61,7 +61,7 @@ def _factor_rows(factors: kf.Factors, run: transfer.RunFactors) -> dict:
     layers = run.layers
     transfer.check_modules(factors, layers, f"the run {run.root}")
     unordered = transfer.layer_index(layers)
-    index = {name: unordered[name] for name in factors.modules}          # kronfluence's module order
+    index = {name: unordered[name] for name in factors.modules}  # kronfluence's module order
     out: dict[str, dict] = {}
     groups = factors.groups
     if "covariance" in groups and run.covariance is not None:
@@ -71,9 +71,11 @@ def _factor_rows(factors: kf.Factors, run: transfer.RunFactors) -> dict:
         rows = {}
         for name in index:
             n = float(counts[name])
-            rows[name] = {"A": rel_error(A[name] / max(n, 1), factors.A(name)),
-                          "S": rel_error(S[name] / max(n, 1), factors.S(name)),
-                          "tokens": [factors.count("num_activation_covariance_processed", name), int(round(n))]}
+            rows[name] = {
+                "A": rel_error(A[name] / max(n, 1), factors.A(name)),
+                "S": rel_error(S[name] / max(n, 1), factors.S(name)),
+                "tokens": [factors.count("num_activation_covariance_processed", name), int(round(n))],
+            }
         out["covariance"] = rows
     if "eigen" in groups and run.eigen is not None:
         e, t = run.eigen, factors.tensors
@@ -82,10 +84,12 @@ def _factor_rows(factors: kf.Factors, run: transfer.RunFactors) -> dict:
         rows = {}
         for name in index:
             rA, rS = t["activation_eigenvectors"][name], t["gradient_eigenvectors"][name]
-            rows[name] = {"e_A": rel_error(eA[name], t["activation_eigenvalues"][name]),
-                          "e_S": rel_error(eS[name], t["gradient_eigenvalues"][name]),
-                          "Q_A": rel_error(aligned_columns(QA[name], rA), rA),
-                          "Q_S": rel_error(aligned_columns(QS[name], rS), rS)}
+            rows[name] = {
+                "e_A": rel_error(eA[name], t["activation_eigenvalues"][name]),
+                "e_S": rel_error(eS[name], t["gradient_eigenvalues"][name]),
+                "Q_A": rel_error(aligned_columns(QA[name], rA), rA),
+                "Q_S": rel_error(aligned_columns(QS[name], rS), rS),
+            }
         out["eigen"] = rows
     if "lambda" in groups and run.Lambda is not None:
         L = transfer.per_layer(run.Lambda, layers)
@@ -115,8 +119,10 @@ def _score_rows(scores: kf.Scores, run: transfer.RunFactors, topk: int, notes: l
         mine = _load_npy(run.root / "scores.npy").astype(np.float64)
         ref = scores.pairwise
         if mine.shape != ref.shape:
-            raise InteropError(f"{scores.directory / kf.PAIRWISE}: scores of shape {ref.shape} (queries, documents), "
-                               f"but {run.root / 'scores.npy'} has {mine.shape}")
+            raise InteropError(
+                f"{scores.directory / kf.PAIRWISE}: scores of shape {ref.shape} (queries, documents), "
+                f"but {run.root / 'scores.npy'} has {mine.shape}"
+            )
         if run.config.scores.normalize == "per_nat":
             if losses is None or len(losses) != ref.shape[0]:
                 raise InteropError(f"{run.root / 'queries.jsonl'}: needed for per-nat scores (scores.normalize)")
@@ -124,16 +130,24 @@ def _score_rows(scores: kf.Scores, run: transfer.RunFactors, topk: int, notes: l
             notes.append("the run's scores are per nat; kronfluence's are divided by the same completion NLLs")
         queries: list[dict[str, Any]] = []
         for q in range(ref.shape[0]):
-            queries.append({"query": ids[q] if q < len(ids) else str(q), "pearson": pearson(mine[q], ref[q]),
-                            "spearman": spearman(mine[q], ref[q]), "topk_overlap": topk_overlap(mine[q], ref[q], topk),
-                            "rel_error": rel_error(mine[q], ref[q])})
-        out["scores"] = {"rel_error": rel_error(mine, ref),
-                         "max_abs_error": float(np.max(np.abs(mine - ref))) if ref.size else 0.0,
-                         "min_pearson": min((r["pearson"] for r in queries), default=math.nan),
-                         "min_spearman": min((r["spearman"] for r in queries), default=math.nan),
-                         "mean_topk_overlap": float(np.mean([r["topk_overlap"] for r in queries]))
-                         if queries else math.nan,
-                         "topk": topk, "queries": queries}
+            queries.append(
+                {
+                    "query": ids[q] if q < len(ids) else str(q),
+                    "pearson": pearson(mine[q], ref[q]),
+                    "spearman": spearman(mine[q], ref[q]),
+                    "topk_overlap": topk_overlap(mine[q], ref[q], topk),
+                    "rel_error": rel_error(mine[q], ref[q]),
+                }
+            )
+        out["scores"] = {
+            "rel_error": rel_error(mine, ref),
+            "max_abs_error": float(np.max(np.abs(mine - ref))) if ref.size else 0.0,
+            "min_pearson": min((r["pearson"] for r in queries), default=math.nan),
+            "min_spearman": min((r["spearman"] for r in queries), default=math.nan),
+            "mean_topk_overlap": float(np.mean([r["topk_overlap"] for r in queries])) if queries else math.nan,
+            "topk": topk,
+            "queries": queries,
+        }
     if scores.self_influence is not None:
         path = run.root / "self_influence.npy"
         if not path.exists():
@@ -142,31 +156,52 @@ def _score_rows(scores: kf.Scores, run: transfer.RunFactors, topk: int, notes: l
             mine = _load_npy(path).astype(np.float64)
             ref = scores.self_influence
             if mine.shape != ref.shape:
-                raise InteropError(f"{scores.directory / kf.SELF}: {ref.shape[0]} self-influence scores, but "
-                                   f"{path} has {mine.shape[0]}")
-            out["self_influence"] = {"rel_error": rel_error(mine, ref), "pearson": pearson(mine, ref),
-                                     "spearman": spearman(mine, ref)}
+                raise InteropError(
+                    f"{scores.directory / kf.SELF}: {ref.shape[0]} self-influence scores, but "
+                    f"{path} has {mine.shape[0]}"
+                )
+            out["self_influence"] = {
+                "rel_error": rel_error(mine, ref),
+                "pearson": pearson(mine, ref),
+                "spearman": spearman(mine, ref),
+            }
     return out
 
 
-def compare(kronfluence_dir: str | Path, run_dir: str | Path, *, factors: str | None = None,
-            scores: str | list[str] | None = None, topk: int = 10) -> dict:
+def compare(
+    kronfluence_dir: str | Path,
+    run_dir: str | Path,
+    *,
+    factors: str | None = None,
+    scores: str | list[str] | None = None,
+    topk: int = 10,
+) -> dict:
     """The comparison report (a JSON-able dict; see the module docstring)."""
     dirs = kf.locate(kronfluence_dir, factors=factors, scores=scores)
     run = transfer.load_run(run_dir)
     notes: list[str] = []
     named = lambda p: str(p) if p is not None else None  # noqa: E731
-    report: dict = {"kronfluence": {"factors": named(dirs.factors), "pairwise": named(dirs.pairwise),
-                                    "self_scores": named(dirs.self_scores)},
-                    "run": str(Path(run_dir)), "strategy": run.strategy.name, "stages": {}, "notes": notes}
+    report: dict = {
+        "kronfluence": {
+            "factors": named(dirs.factors),
+            "pairwise": named(dirs.pairwise),
+            "self_scores": named(dirs.self_scores),
+        },
+        "run": str(Path(run_dir)),
+        "strategy": run.strategy.name,
+        "stages": {},
+        "notes": notes,
+    }
     if dirs.factors is not None:
         fac = kf.read_factors(dirs.factors, groups=("covariance", "eigen", "lambda"))
         transfer.check_strategy(dirs.factors / kf.FACTOR_ARGUMENTS, fac.arguments, run.config, f"the run {run.root}")
         if fac.fisher != run.config.factors.fisher:
             notes.append(f"kronfluence used the {fac.fisher} Fisher, the run the {run.config.factors.fisher} one")
         elif fac.fisher == "sampled":
-            notes.append("both sides sample labels from the model (different draws): S, Lambda and the scores "
-                         "agree only up to sampling noise, A exactly")
+            notes.append(
+                "both sides sample labels from the model (different draws): S, Lambda and the scores "
+                "agree only up to sampling noise, A exactly"
+            )
         report["stages"].update(_factor_rows(fac, run))
         for stage in ("covariance", "eigen", "lambda"):
             if stage in fac.groups and stage not in report["stages"]:
@@ -175,8 +210,12 @@ def compare(kronfluence_dir: str | Path, run_dir: str | Path, *, factors: str | 
         if directory is None:
             continue
         if (directory / kf.FACTOR_ARGUMENTS).exists():
-            transfer.check_strategy(directory / kf.FACTOR_ARGUMENTS, kf.read_json(directory / kf.FACTOR_ARGUMENTS),
-                                    run.config, f"the run {run.root}")
+            transfer.check_strategy(
+                directory / kf.FACTOR_ARGUMENTS,
+                kf.read_json(directory / kf.FACTOR_ARGUMENTS),
+                run.config,
+                f"the run {run.root}",
+            )
         sc = kf.read_scores(directory)
         if kind == "pairwise":
             sc.self_influence = None
@@ -216,9 +255,12 @@ def _fmt(x) -> str:
 def format_table(report: dict) -> str:
     """The report as plain-text tables: factors by layer, then scores by query."""
     k = report["kronfluence"]
-    lines = [f"kronfluence: factors {k['factors'] or '-'}, pairwise scores {k['pairwise'] or '-'}, "
-             f"self-influence {k['self_scores'] or '-'}",
-             f"jaxinf run:  {report['run']} (strategy {report['strategy']})", ""]
+    lines = [
+        f"kronfluence: factors {k['factors'] or '-'}, pairwise scores {k['pairwise'] or '-'}, "
+        f"self-influence {k['self_scores'] or '-'}",
+        f"jaxinf run:  {report['run']} (strategy {report['strategy']})",
+        "",
+    ]
     stages = report["stages"]
     flagged = False
     for stage in ("covariance", "eigen", "lambda"):
@@ -234,29 +276,40 @@ def format_table(report: dict) -> str:
             cells = []
             for q in quantities:
                 v = values[q]
-                cells.append(f" {f'{v[0]}, {v[1]}' + ('' if v[0] == v[1] else ' (!)'):>18}" if q == "tokens"
-                             else f" {_fmt(v):>18}")
+                cells.append(
+                    f" {f'{v[0]}, {v[1]}' + ('' if v[0] == v[1] else ' (!)'):>18}"
+                    if q == "tokens"
+                    else f" {_fmt(v):>18}"
+                )
             lines.append(f"{' ' * len(stage)}  {name:<{width}}{''.join(cells)}")
         lines.append("")
     if "scores" in stages:
         s = stages["scores"]
-        lines.append(f"scores: rel. error {_fmt(s['rel_error'])}, max |diff| {_fmt(s['max_abs_error'])}, "
-                     f"min Pearson {_fmt(s['min_pearson'])}, min Spearman {_fmt(s['min_spearman'])}, "
-                     f"mean top-{s['topk']} overlap {_fmt(s['mean_topk_overlap'])}")
+        lines.append(
+            f"scores: rel. error {_fmt(s['rel_error'])}, max |diff| {_fmt(s['max_abs_error'])}, "
+            f"min Pearson {_fmt(s['min_pearson'])}, min Spearman {_fmt(s['min_spearman'])}, "
+            f"mean top-{s['topk']} overlap {_fmt(s['mean_topk_overlap'])}"
+        )
         lines.append(f"{'query':<24} {'Pearson':>9} {'Spearman':>9} {'top-' + str(s['topk']):>7} {'rel. error':>11}")
         for r in s["queries"]:
-            lines.append(f"{r['query'][:24]:<24} {_fmt(r['pearson']):>9} {_fmt(r['spearman']):>9} "
-                         f"{_fmt(r['topk_overlap']):>7} {_fmt(r['rel_error']):>11}")
+            lines.append(
+                f"{r['query'][:24]:<24} {_fmt(r['pearson']):>9} {_fmt(r['spearman']):>9} "
+                f"{_fmt(r['topk_overlap']):>7} {_fmt(r['rel_error']):>11}"
+            )
         lines.append("")
     if "self_influence" in stages:
         s = stages["self_influence"]
-        lines.append(f"self-influence: rel. error {_fmt(s['rel_error'])}, Pearson {_fmt(s['pearson'])}, "
-                     f"Spearman {_fmt(s['spearman'])}")
+        lines.append(
+            f"self-influence: rel. error {_fmt(s['rel_error'])}, Pearson {_fmt(s['pearson'])}, "
+            f"Spearman {_fmt(s['spearman'])}"
+        )
         lines.append("")
     if flagged:
-        lines.append("note: (!) marks a layer whose token counts differ: the two fits saw different tokens (other "
-                     "documents, data.max_length, factors.max_documents or tokenizer), so their factors are not "
-                     "expected to agree")
+        lines.append(
+            "note: (!) marks a layer whose token counts differ: the two fits saw different tokens (other "
+            "documents, data.max_length, factors.max_documents or tokenizer), so their factors are not "
+            "expected to agree"
+        )
     for note in report["notes"]:
         lines.append(f"note: {note}")
     return "\n".join(lines).rstrip() + "\n"

@@ -50,8 +50,12 @@ PAIRWISE = "pairwise_scores.safetensors"
 SELF = "self_scores.safetensors"
 ALL_MODULES = "all_modules"
 
-COVARIANCE = ("activation_covariance", "gradient_covariance",
-              "num_activation_covariance_processed", "num_gradient_covariance_processed")
+COVARIANCE = (
+    "activation_covariance",
+    "gradient_covariance",
+    "num_activation_covariance_processed",
+    "num_gradient_covariance_processed",
+)
 EIGEN = ("activation_eigenvectors", "activation_eigenvalues", "gradient_eigenvectors", "gradient_eigenvalues")
 LAMBDA = ("lambda_matrix", "num_lambda_processed")
 GROUPS = {"covariance": COVARIANCE, "eigen": EIGEN, "lambda": LAMBDA}
@@ -130,8 +134,10 @@ def _subdirs(root: Path, prefix: str, names: list[str] | None, option: str) -> l
 
 def _only(paths: list[Path], what: str, root: Path, option: str) -> Path | None:
     if len(paths) > 1:
-        raise InteropError(f"{root}: several kronfluence directories with {what} ({', '.join(p.name for p in paths)}); "
-                           f"choose with {option}")
+        raise InteropError(
+            f"{root}: several kronfluence directories with {what} ({', '.join(p.name for p in paths)}); "
+            f"choose with {option}"
+        )
     return paths[0] if paths else None
 
 
@@ -146,18 +152,22 @@ def locate(path: str | Path, factors: str | None = None, scores: str | list[str]
     if not root.is_dir():
         raise InteropError(f"{root}: no such kronfluence directory")
     if _is_scores_dir(root):
-        return KronfluenceDirs(None, root if (root / PAIRWISE).exists() else None,
-                               root if (root / SELF).exists() else None)
+        return KronfluenceDirs(
+            None, root if (root / PAIRWISE).exists() else None, root if (root / SELF).exists() else None
+        )
     if _is_factors_dir(root):
         return KronfluenceDirs(root, None, None)
     fdirs = _subdirs(root, "factors_", [factors] if factors else None, "--factors NAME")
     sdirs = _subdirs(root, "scores_", [scores] if isinstance(scores, str) else scores, "--scores NAME")
     if not fdirs and not sdirs:
-        raise InteropError(f"{root}: not a kronfluence analysis directory (no factors_* or scores_* directory, "
-                           f"no {FACTOR_ARGUMENTS})")
-    return KronfluenceDirs(_only(fdirs, "factors", root, "--factors NAME"),
-                           _only([p for p in sdirs if (p / PAIRWISE).exists()], PAIRWISE, root, "--scores NAME"),
-                           _only([p for p in sdirs if (p / SELF).exists()], SELF, root, "--scores NAME"))
+        raise InteropError(
+            f"{root}: not a kronfluence analysis directory (no factors_* or scores_* directory, no {FACTOR_ARGUMENTS})"
+        )
+    return KronfluenceDirs(
+        _only(fdirs, "factors", root, "--factors NAME"),
+        _only([p for p in sdirs if (p / PAIRWISE).exists()], PAIRWISE, root, "--scores NAME"),
+        _only([p for p in sdirs if (p / SELF).exists()], SELF, root, "--scores NAME"),
+    )
 
 
 # --------------------------------------------------------------------------- files
@@ -242,13 +252,15 @@ class Factors:
 
     def A(self, module: str) -> np.ndarray:
         """``A = sum a a^T / N_tok`` in float64."""
-        return self.tensors["activation_covariance"][module].astype(np.float64) / \
-            self.count("num_activation_covariance_processed", module)
+        return self.tensors["activation_covariance"][module].astype(np.float64) / self.count(
+            "num_activation_covariance_processed", module
+        )
 
     def S(self, module: str) -> np.ndarray:
         """``S = sum g g^T / N_tok`` in float64."""
-        return self.tensors["gradient_covariance"][module].astype(np.float64) / \
-            self.count("num_gradient_covariance_processed", module)
+        return self.tensors["gradient_covariance"][module].astype(np.float64) / self.count(
+            "num_gradient_covariance_processed", module
+        )
 
     def Lambda(self, module: str) -> np.ndarray:
         """``Lambda = sum / N_seq`` in float64 (kronfluence normalizes the same way before damping)."""
@@ -267,14 +279,16 @@ def read_factors(directory: str | Path, groups: tuple[str, ...] | None = None) -
     if strategy not in WRITES:
         raise InteropError(f"{directory / FACTOR_ARGUMENTS}: unknown strategy {strategy!r}")
     tensors: dict[str, dict[str, np.ndarray]] = {}
-    for group in (groups if groups is not None else WRITES[strategy]):
+    for group in groups if groups is not None else WRITES[strategy]:
         names = GROUPS[group]
         present = [n for n in names if file_of(directory, n).exists()]
         if not present:
             partial = sorted(directory.glob(f"{names[0]}_data_partition*.safetensors"))
             if partial:
-                raise InteropError(f"{partial[0]}: only partitioned {group} files; aggregate the partitions with "
-                                   f"kronfluence first (no {file_of(directory, names[0]).name})")
+                raise InteropError(
+                    f"{partial[0]}: only partitioned {group} files; aggregate the partitions with "
+                    f"kronfluence first (no {file_of(directory, names[0]).name})"
+                )
             continue
         for n in names:
             if n not in present:
@@ -284,8 +298,10 @@ def read_factors(directory: str | Path, groups: tuple[str, ...] | None = None) -
         for n in names[1:]:
             if set(tensors[n]) != set(modules):
                 extra = sorted(set(tensors[n]) ^ set(modules))
-                raise InteropError(f"{file_of(directory, n)}: modules differ from {file_of(directory, names[0]).name} "
-                                   f"(module {extra[0]})")
+                raise InteropError(
+                    f"{file_of(directory, n)}: modules differ from {file_of(directory, names[0]).name} "
+                    f"(module {extra[0]})"
+                )
     return Factors(directory, arguments, tensors)
 
 
@@ -293,17 +309,26 @@ def require(factors: Factors, strategy: str) -> None:
     """Raises naming the first file that scoring with ``strategy`` needs and ``factors`` lacks."""
     for group in NEEDS[strategy]:
         if group not in factors.groups:
-            raise InteropError(f"{file_of(factors.directory, GROUPS[group][0])}: file is missing "
-                               f"(strategy {strategy} needs the {group} factors)")
+            raise InteropError(
+                f"{file_of(factors.directory, GROUPS[group][0])}: file is missing "
+                f"(strategy {strategy} needs the {group} factors)"
+            )
 
 
 def factor_arguments(strategy: str, fisher: str, dtype: str) -> dict:
     """``factor_arguments.json`` for factors written by jaxinf (every example used; the arrays' dtype)."""
     torch_dtype = f"torch.{dtype}"
-    return dict(FACTOR_ARGUMENT_DEFAULTS, strategy=strategy, use_empirical_fisher=fisher == "empirical",
-                covariance_max_examples=None, lambda_max_examples=None,
-                activation_covariance_dtype=torch_dtype, gradient_covariance_dtype=torch_dtype,
-                per_sample_gradient_dtype=torch_dtype, lambda_dtype=torch_dtype)
+    return dict(
+        FACTOR_ARGUMENT_DEFAULTS,
+        strategy=strategy,
+        use_empirical_fisher=fisher == "empirical",
+        covariance_max_examples=None,
+        lambda_max_examples=None,
+        activation_covariance_dtype=torch_dtype,
+        gradient_covariance_dtype=torch_dtype,
+        per_sample_gradient_dtype=torch_dtype,
+        lambda_dtype=torch_dtype,
+    )
 
 
 def write_factors(directory: str | Path, arguments: dict, tensors: dict[str, dict[str, np.ndarray]]) -> Path:
@@ -345,7 +370,7 @@ def _total(tensors: dict[str, np.ndarray], path: Path) -> tuple[np.ndarray, dict
     if len(shapes) != 1:
         raise InteropError(f"{path}: per-module scores of different shapes {sorted(shapes)}")
     per = {k: v.astype(np.float64) for k, v in tensors.items()}
-    return cast(np.ndarray, sum(per.values())), per   # tensors is not empty: refused above
+    return cast(np.ndarray, sum(per.values())), per  # tensors is not empty: refused above
 
 
 def read_scores(directory: str | Path) -> Scores:

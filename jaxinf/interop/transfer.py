@@ -77,8 +77,9 @@ def tracked_layers(config: cfg.Config) -> dict[str, capture.LayerSpec]:
 
     if config.model.checkpoint is None:
         raise InteropError("model.checkpoint: not set (the tracked layers come from the model)")
-    lm = models.abstract(models.read_config(config.model.checkpoint, dtype=config.model.dtype,
-                                            scan=config.model.scan_layers))
+    lm = models.abstract(
+        models.read_config(config.model.checkpoint, dtype=config.model.dtype, scan=config.model.scan_layers)
+    )
     return inputs.tracked_layers(lm, config.factors.track)
 
 
@@ -96,8 +97,10 @@ def layer_index(layers: dict[str, capture.LayerSpec]) -> dict[str, tuple[str, in
 
 def per_layer(tree: dict, layers: dict[str, capture.LayerSpec]) -> dict[str, np.ndarray]:
     """Per-block arrays -> per-layer numpy arrays (a stacked block's leading axis split)."""
-    return {name: np.asarray(tree[block] if i is None else tree[block][i])
-            for name, (block, i) in layer_index(layers).items()}
+    return {
+        name: np.asarray(tree[block] if i is None else tree[block][i])
+        for name, (block, i) in layer_index(layers).items()
+    }
 
 
 @dataclasses.dataclass
@@ -185,21 +188,28 @@ def load_run(run_dir: str | Path) -> RunFactors:
         if s.eigen and _fitted(store, "eigen"):
             eigen = _restore(store, "eigen", 0, _eigen_like(layers, dtype))
         if s.fits_lambda and _fitted(store, "lambda"):
-            Lambda = _restore(store, "lambda", 0, {k: jax.ShapeDtypeStruct(spec.lead + (spec.d_out, spec.d_in_aug),
-                                                                           dtype) for k, spec in layers.items()})
+            Lambda = _restore(
+                store,
+                "lambda",
+                0,
+                {k: jax.ShapeDtypeStruct(spec.lead + (spec.d_out, spec.d_in_aug), dtype) for k, spec in layers.items()},
+            )
             sums = _restore(store, LAMBDA_SUMS, None, jax.eval_shape(lambda: lambda_init(layers, dtype)))
         return RunFactors(root, source, config, layers, _numpy(cov), _numpy(eigen), _numpy(Lambda), _numpy(sums))
 
 
 def _eigen_like(layers, dtype) -> Eigen:
     """The shapes of the eigendecomposition of ``layers`` in ``dtype`` (a restore template; nothing is allocated)."""
-    def z(*shape: int) -> Any:   # an abstract leaf standing where the restored Array goes
+
+    def z(*shape: int) -> Any:  # an abstract leaf standing where the restored Array goes
         return jax.ShapeDtypeStruct(shape, dtype)
 
-    return Eigen(Q_A={k: z(*s.lead, s.d_in_aug, s.d_in_aug) for k, s in layers.items()},
-                 e_A={k: z(*s.lead, s.d_in_aug) for k, s in layers.items()},
-                 Q_S={k: z(*s.lead, s.d_out, s.d_out) for k, s in layers.items()},
-                 e_S={k: z(*s.lead, s.d_out) for k, s in layers.items()})
+    return Eigen(
+        Q_A={k: z(*s.lead, s.d_in_aug, s.d_in_aug) for k, s in layers.items()},
+        e_A={k: z(*s.lead, s.d_in_aug) for k, s in layers.items()},
+        Q_S={k: z(*s.lead, s.d_out, s.d_out) for k, s in layers.items()},
+        e_S={k: z(*s.lead, s.d_out) for k, s in layers.items()},
+    )
 
 
 # --------------------------------------------------------------------------- checks shared with compare
@@ -208,11 +218,18 @@ def _eigen_like(layers, dtype) -> Eigen:
 def expected_shapes(spec: capture.LayerSpec) -> dict[str, tuple[int, ...]]:
     """The shape of every kronfluence factor of one layer."""
     i, o = spec.d_in_aug, spec.d_out
-    return {"activation_covariance": (i, i), "gradient_covariance": (o, o),
-            "num_activation_covariance_processed": (1,), "num_gradient_covariance_processed": (1,),
-            "activation_eigenvectors": (i, i), "activation_eigenvalues": (i,),
-            "gradient_eigenvectors": (o, o), "gradient_eigenvalues": (o,),
-            "lambda_matrix": (o, i), "num_lambda_processed": (1,)}
+    return {
+        "activation_covariance": (i, i),
+        "gradient_covariance": (o, o),
+        "num_activation_covariance_processed": (1,),
+        "num_gradient_covariance_processed": (1,),
+        "activation_eigenvectors": (i, i),
+        "activation_eigenvalues": (i,),
+        "gradient_eigenvectors": (o, o),
+        "gradient_eigenvalues": (o,),
+        "lambda_matrix": (o, i),
+        "num_lambda_processed": (1,),
+    }
 
 
 def check_modules(factors: kf.Factors, layers: dict[str, capture.LayerSpec], what: str) -> None:
@@ -222,13 +239,16 @@ def check_modules(factors: kf.Factors, layers: dict[str, capture.LayerSpec], wha
         path = kf.file_of(factors.directory, factor)
         for module, tensor in per_module.items():
             if module not in index:
-                raise InteropError(f"{path}: module {module} maps to no layer {what} tracks "
-                                   f"(tracked: {', '.join(sorted(index))})")
+                raise InteropError(
+                    f"{path}: module {module} maps to no layer {what} tracks (tracked: {', '.join(sorted(index))})"
+                )
             block, _ = index[module]
             want = expected_shapes(layers[block])[factor]
             if tuple(tensor.shape) != want:
-                raise InteropError(f"{path}: tensor {module} has shape {tuple(tensor.shape)}, but layer {module} of "
-                                   f"{what} needs {want} (factors of another model?)")
+                raise InteropError(
+                    f"{path}: tensor {module} has shape {tuple(tensor.shape)}, but layer {module} of "
+                    f"{what} needs {want} (factors of another model?)"
+                )
         for name in index:
             if name not in per_module:
                 raise InteropError(f"{path}: layer {name} ({what} tracks it) has no tensor here")
@@ -237,8 +257,9 @@ def check_modules(factors: kf.Factors, layers: dict[str, capture.LayerSpec], wha
 def check_strategy(path: Path, arguments: dict, config: cfg.Config, what: str) -> None:
     strategy = str(arguments.get("strategy", "ekfac"))
     if strategy != config.factors.strategy:
-        raise InteropError(f"{path}: kronfluence strategy {strategy}, but {what} uses factors.strategy "
-                           f"{config.factors.strategy}")
+        raise InteropError(
+            f"{path}: kronfluence strategy {strategy}, but {what} uses factors.strategy {config.factors.strategy}"
+        )
 
 
 # --------------------------------------------------------------------------- import
@@ -251,11 +272,15 @@ def _block_counts(factors: kf.Factors, names: tuple[str, ...], spec: capture.Lay
     for module in spec.layer_names:
         counts = {factor: factors.count(factor, module) for factor in names}
         if len(set(counts.values())) != 1:
-            (f0, c0), (f1, c1) = next(iter(counts.items())), next((f, c) for f, c in counts.items()
-                                                                  if c != next(iter(counts.values())))
-            raise InteropError(f"{kf.file_of(factors.directory, f1)}: module {module} counts {c1}, but "
-                               f"{kf.file_of(factors.directory, f0).name} counts {c0}; jaxinf keeps one count "
-                               f"per layer")
+            (f0, c0), (f1, c1) = (
+                next(iter(counts.items())),
+                next((f, c) for f, c in counts.items() if c != next(iter(counts.values()))),
+            )
+            raise InteropError(
+                f"{kf.file_of(factors.directory, f1)}: module {module} counts {c1}, but "
+                f"{kf.file_of(factors.directory, f0).name} counts {c0}; jaxinf keeps one count "
+                f"per layer"
+            )
         values.append(float(counts[names[0]]))
     return jnp.asarray(np.asarray(values if spec.stacked else values[0], dtype))
 
@@ -266,8 +291,9 @@ def _stack(per_module: dict[str, np.ndarray], spec: capture.LayerSpec, dtype) ->
     return jnp.asarray(x.astype(dtype))
 
 
-def import_factors(source: str | Path, config: cfg.Config, *, factors_name: str | None = None,
-                   overwrite: bool = False) -> Path:
+def import_factors(
+    source: str | Path, config: cfg.Config, *, factors_name: str | None = None, overwrite: bool = False
+) -> Path:
     """kronfluence's factors into ``config.run.out`` as the results of its curvature stages (module docstring)."""
     dirs = kf.locate(source, factors=factors_name)
     if dirs.factors is None:
@@ -275,13 +301,16 @@ def import_factors(source: str | Path, config: cfg.Config, *, factors_name: str 
     factors = kf.read_factors(dirs.factors, groups=("covariance", "eigen", "lambda"))
     check_strategy(dirs.factors / kf.FACTOR_ARGUMENTS, factors.arguments, config, "the config")
     if factors.fisher != config.factors.fisher:
-        raise InteropError(f"{dirs.factors / kf.FACTOR_ARGUMENTS}: fitted with the {factors.fisher} Fisher "
-                           f"(use_empirical_fisher={factors.arguments.get('use_empirical_fisher')}), but the config "
-                           f"has factors.fisher {config.factors.fisher}")
+        raise InteropError(
+            f"{dirs.factors / kf.FACTOR_ARGUMENTS}: fitted with the {factors.fisher} Fisher "
+            f"(use_empirical_fisher={factors.arguments.get('use_empirical_fisher')}), but the config "
+            f"has factors.fisher {config.factors.fisher}"
+        )
     s = strategy(config.factors.strategy)
     kf.require(factors, s.name)
-    factors.tensors = {k: v for k, v in factors.tensors.items()
-                       if any(k in kf.GROUPS[group] for group in s.writes)}   # only what this strategy fits
+    factors.tensors = {
+        k: v for k, v in factors.tensors.items() if any(k in kf.GROUPS[group] for group in s.writes)
+    }  # only what this strategy fits
     _check_fresh(Path(config.run.out), overwrite)
     with precision.scoped(config.run.precision):
         layers = tracked_layers(config)
@@ -289,8 +318,11 @@ def import_factors(source: str | Path, config: cfg.Config, *, factors_name: str 
         dtype = np.dtype(precision.statistics_dtype(config.run.precision).name)
         stored = {np.dtype(v.dtype) for f, t in factors.tensors.items() if not f.startswith("num_") for v in t.values()}
         if any(d.itemsize > dtype.itemsize for d in stored):
-            log.warning("kronfluence factors in %s are rounded to the run's %s (run.precision)",
-                        ", ".join(sorted(d.name for d in stored)), dtype.name)
+            log.warning(
+                "kronfluence factors in %s are rounded to the run's %s (run.precision)",
+                ", ".join(sorted(d.name for d in stored)),
+                dtype.name,
+            )
         t = factors.tensors
         groups = factors.groups
         cov = eigen = Lambda = sums = None
@@ -298,15 +330,20 @@ def import_factors(source: str | Path, config: cfg.Config, *, factors_name: str 
             cov = CovarianceState(
                 A={b: _stack(t["activation_covariance"], s, dtype) for b, s in layers.items()},
                 S={b: _stack(t["gradient_covariance"], s, dtype) for b, s in layers.items()},
-                count={b: _block_counts(factors, kf.COVARIANCE[2:], s, dtype) for b, s in layers.items()})
+                count={b: _block_counts(factors, kf.COVARIANCE[2:], s, dtype) for b, s in layers.items()},
+            )
         if "eigen" in groups:
-            eigen = Eigen(Q_A={b: _stack(t["activation_eigenvectors"], s, dtype) for b, s in layers.items()},
-                          e_A={b: _stack(t["activation_eigenvalues"], s, dtype) for b, s in layers.items()},
-                          Q_S={b: _stack(t["gradient_eigenvectors"], s, dtype) for b, s in layers.items()},
-                          e_S={b: _stack(t["gradient_eigenvalues"], s, dtype) for b, s in layers.items()})
+            eigen = Eigen(
+                Q_A={b: _stack(t["activation_eigenvectors"], s, dtype) for b, s in layers.items()},
+                e_A={b: _stack(t["activation_eigenvalues"], s, dtype) for b, s in layers.items()},
+                Q_S={b: _stack(t["gradient_eigenvectors"], s, dtype) for b, s in layers.items()},
+                e_S={b: _stack(t["gradient_eigenvalues"], s, dtype) for b, s in layers.items()},
+            )
         if "lambda" in groups:
-            sums = LambdaState(Lambda={b: _stack(t["lambda_matrix"], s, dtype) for b, s in layers.items()},
-                               count={b: _block_counts(factors, kf.LAMBDA[1:], s, dtype) for b, s in layers.items()})
+            sums = LambdaState(
+                Lambda={b: _stack(t["lambda_matrix"], s, dtype) for b, s in layers.items()},
+                count={b: _block_counts(factors, kf.LAMBDA[1:], s, dtype) for b, s in layers.items()},
+            )
             Lambda = lambda_finalize(sums)
         store = RunStore.open(config, overwrite=overwrite)
         origin = f"kronfluence {dirs.factors.resolve()}"
@@ -329,8 +366,9 @@ def import_factors(source: str | Path, config: cfg.Config, *, factors_name: str 
             store.save_result("lambda", Lambda)
             store.stage(LAMBDA_SUMS, keep=1).save(0, sums)
             store.mark("lambda", "done", source=origin)
-    log.info("imported the %s factors of %s (%d layers) into %s", s.name, dirs.factors,
-             len(layer_index(layers)), store.root)
+    log.info(
+        "imported the %s factors of %s (%d layers) into %s", s.name, dirs.factors, len(layer_index(layers)), store.root
+    )
     return store.root
 
 
@@ -341,8 +379,10 @@ def _check_fresh(root: Path, overwrite: bool) -> None:
     record = read_record(root)
     started = [s for s, e in record.get("stages", {}).items() if e.get("status") != "pending"]
     if started:
-        raise InteropError(f"{root}: the run already has results (stages {', '.join(started)}); import into a new "
-                           f"run.out or use --overwrite")
+        raise InteropError(
+            f"{root}: the run already has results (stages {', '.join(started)}); import into a new "
+            f"run.out or use --overwrite"
+        )
 
 
 # --------------------------------------------------------------------------- export
@@ -368,8 +408,10 @@ def _check_export_target(out: Path, overwrite: bool) -> None:
         raise InteropError(f"{out}: exists and is not empty; choose another directory or use --overwrite")
     if not (out / kf.FACTOR_ARGUMENTS).is_file():
         held = ", ".join(sorted(p.name for p in out.iterdir())[:5])
-        raise InteropError(f"{out}: not a kronfluence factors directory (no {kf.FACTOR_ARGUMENTS}; it holds {held}); "
-                           "--overwrite replaces only factor files: choose another directory")
+        raise InteropError(
+            f"{out}: not a kronfluence factors directory (no {kf.FACTOR_ARGUMENTS}; it holds {held}); "
+            "--overwrite replaces only factor files: choose another directory"
+        )
 
 
 def export_factors(run_dir: str | Path, out: str | Path, *, overwrite: bool = False) -> Path:
@@ -405,7 +447,7 @@ def export_factors(run_dir: str | Path, out: str | Path, *, overwrite: bool = Fa
             tensors["lambda_matrix"] = per_layer(run.lambda_sums.Lambda, layers)
             n_seq = {name: round(float(n)) for name, n in per_layer(run.lambda_sums.count, layers).items()}
         else:
-            assert run.Lambda is not None   # refused above
+            assert run.Lambda is not None  # refused above
             tensors["lambda_matrix"] = per_layer(run.Lambda, layers)
             n_seq = {name: 1 for name in layer_index(layers)}
         tensors["num_lambda_processed"] = {name: np.asarray([n], np.int64) for name, n in n_seq.items()}
@@ -425,7 +467,7 @@ def export_factors(run_dir: str | Path, out: str | Path, *, overwrite: bool = Fa
     try:
         kf.write_factors(tmp, arguments, tensors)
         out.mkdir(exist_ok=True)
-        for factor in (f for group in kf.GROUPS.values() for f in group):   # a factors directory's own files only
+        for factor in (f for group in kf.GROUPS.values() for f in group):  # a factors directory's own files only
             kf.file_of(out, factor).unlink(missing_ok=True)
         for p in sorted(tmp.iterdir()):
             os.replace(p, out / p.name)

@@ -35,10 +35,14 @@ def _inspect(args) -> int:
     with jax.enable_x64(args.dtype == "float64"):
         lm, tok = from_hf(args.checkpoint, dtype=args.dtype, scan=not args.no_scan)
         c = lm.config
-        print(f"{c.family}: {c.num_layers} layers, hidden {c.hidden_size}, vocab {c.vocab_size} "
-              f"(tokenizer {tok.get_vocab_size(with_added_tokens=True)}), {lm.num_params:,} parameters, {c.dtype}")
+        print(
+            f"{c.family}: {c.num_layers} layers, hidden {c.hidden_size}, vocab {c.vocab_size} "
+            f"(tokenizer {tok.get_vocab_size(with_added_tokens=True)}), {lm.num_params:,} parameters, {c.dtype}"
+        )
         task = lm.task()
-        batch = {k: jnp.ones((1, 2), jnp.int32 if k == "tokens" else jnp.float32) for k in ("tokens", "mask", "weights")}
+        batch = {
+            k: jnp.ones((1, 2), jnp.int32 if k == "tokens" else jnp.float32) for k in ("tokens", "mask", "weights")
+        }
         layers = capture.find_layers(lambda p, b, pr: task.train_loss(p, b, pr, None), lm.params, batch)
         mlp = capture.select_layers(layers, "mlp")
         for name, spec in layers.items():

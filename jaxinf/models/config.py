@@ -46,26 +46,94 @@ HF_ACTIVATIONS = {
 # config.json fields that do not change the function a checkpoint computes in
 # evaluation (metadata, token ids, generation, caching, dropout, attention
 # kernels, the parameters' storage dtype): read by no family, refused by none.
-IGNORED = frozenset({
-    "_name_or_path", "architectures", "model_type", "transformers_version", "torch_dtype", "dtype", "auto_map",
-    "bos_token_id", "eos_token_id", "pad_token_id", "sep_token_id", "decoder_start_token_id",
-    "use_cache", "output_attentions", "output_hidden_states", "return_dict", "use_return_dict",
-    "attention_dropout", "hidden_dropout", "hidden_dropout_prob", "attention_probs_dropout_prob", "resid_pdrop",
-    "embd_pdrop", "attn_pdrop", "embedding_dropout", "classifier_dropout", "summary_first_dropout",
-    "summary_activation", "summary_proj_to_labels", "summary_type", "summary_use_proj", "task_specific_params",
-    "id2label", "label2id", "problem_type", "tokenizer_class", "is_decoder", "is_encoder_decoder",
-    "add_cross_attention", "tie_encoder_decoder", "chunk_size_feed_forward", "cross_attention_hidden_size",
-    "finetuning_task", "prefix", "pruned_heads", "torchscript", "tf_legacy_loss", "use_bfloat16",
-    "_attn_implementation_autoset", "attn_implementation", "pretraining_tp",
-    "router_aux_loss_coef", "output_router_logits", "use_flash_attn", "cache_implementation", "final_dropout",
-    "layerdrop", "gradient_checkpointing", "init_std", "bad_words_ids",
-    "begin_suppress_tokens", "diversity_penalty",
-    "do_sample", "early_stopping", "encoder_no_repeat_ngram_size", "exponential_decay_length_penalty",
-    "forced_bos_token_id", "forced_eos_token_id", "length_penalty", "max_length", "min_length",
-    "no_repeat_ngram_size", "num_beam_groups", "num_beams", "num_return_sequences", "output_scores",
-    "remove_invalid_values", "repetition_penalty", "return_dict_in_generate", "suppress_tokens", "temperature",
-    "top_k", "top_p", "typical_p",
-})
+IGNORED = frozenset(
+    {
+        "_name_or_path",
+        "architectures",
+        "model_type",
+        "transformers_version",
+        "torch_dtype",
+        "dtype",
+        "auto_map",
+        "bos_token_id",
+        "eos_token_id",
+        "pad_token_id",
+        "sep_token_id",
+        "decoder_start_token_id",
+        "use_cache",
+        "output_attentions",
+        "output_hidden_states",
+        "return_dict",
+        "use_return_dict",
+        "attention_dropout",
+        "hidden_dropout",
+        "hidden_dropout_prob",
+        "attention_probs_dropout_prob",
+        "resid_pdrop",
+        "embd_pdrop",
+        "attn_pdrop",
+        "embedding_dropout",
+        "classifier_dropout",
+        "summary_first_dropout",
+        "summary_activation",
+        "summary_proj_to_labels",
+        "summary_type",
+        "summary_use_proj",
+        "task_specific_params",
+        "id2label",
+        "label2id",
+        "problem_type",
+        "tokenizer_class",
+        "is_decoder",
+        "is_encoder_decoder",
+        "add_cross_attention",
+        "tie_encoder_decoder",
+        "chunk_size_feed_forward",
+        "cross_attention_hidden_size",
+        "finetuning_task",
+        "prefix",
+        "pruned_heads",
+        "torchscript",
+        "tf_legacy_loss",
+        "use_bfloat16",
+        "_attn_implementation_autoset",
+        "attn_implementation",
+        "pretraining_tp",
+        "router_aux_loss_coef",
+        "output_router_logits",
+        "use_flash_attn",
+        "cache_implementation",
+        "final_dropout",
+        "layerdrop",
+        "gradient_checkpointing",
+        "init_std",
+        "bad_words_ids",
+        "begin_suppress_tokens",
+        "diversity_penalty",
+        "do_sample",
+        "early_stopping",
+        "encoder_no_repeat_ngram_size",
+        "exponential_decay_length_penalty",
+        "forced_bos_token_id",
+        "forced_eos_token_id",
+        "length_penalty",
+        "max_length",
+        "min_length",
+        "no_repeat_ngram_size",
+        "num_beam_groups",
+        "num_beams",
+        "num_return_sequences",
+        "output_scores",
+        "remove_invalid_values",
+        "repetition_penalty",
+        "return_dict_in_generate",
+        "suppress_tokens",
+        "temperature",
+        "top_k",
+        "top_p",
+        "typical_p",
+    }
+)
 
 
 class ModelError(UserError):
@@ -176,7 +244,9 @@ class ModelConfig:
             else:
                 problems.append(f"{k} {getattr(self, k)!r} is not one of {', '.join(DTYPES)}")
         if self.num_heads <= 0 or self.num_kv_heads <= 0 or self.num_heads % self.num_kv_heads:
-            problems.append(f"num_heads={self.num_heads} is not a positive multiple of num_kv_heads={self.num_kv_heads}")
+            problems.append(
+                f"num_heads={self.num_heads} is not a positive multiple of num_kv_heads={self.num_kv_heads}"
+            )
         if not (0 <= self.rotary_dim <= self.head_dim and self.rotary_dim % 2 == 0):
             problems.append(f"rotary_dim={self.rotary_dim} must be even and at most head_dim={self.head_dim}")
         if self.activation not in ACTIVATIONS:
@@ -184,9 +254,11 @@ class ModelConfig:
         if self.rope_type not in ROPE_TYPES:
             problems.append(f"rope_type {self.rope_type!r} is not one of {', '.join(ROPE_TYPES)}")
         if self.rope_type == "longrope" and not (
-                len(self.rope_long_factor or ()) == len(self.rope_short_factor or ()) == self.rotary_dim // 2):
-            problems.append(f"longrope needs long_factor and short_factor of rotary_dim/2 = {self.rotary_dim // 2} "
-                            "values each")
+            len(self.rope_long_factor or ()) == len(self.rope_short_factor or ()) == self.rotary_dim // 2
+        ):
+            problems.append(
+                f"longrope needs long_factor and short_factor of rotary_dim/2 = {self.rotary_dim // 2} values each"
+            )
         if min(self.vocab_size, self.hidden_size, self.intermediate_size, self.num_layers) <= 0:
             problems.append("vocab_size, hidden_size, intermediate_size and num_layers must be positive")
         for k in ("layer_types", "rope_layers"):
@@ -259,7 +331,10 @@ def _field(cfg: Mapping[str, Any], key: str, source: str, kind: str = "int", def
             raise ConfigError(f"{source}: field {key} is missing")
         return default
     ok = {
-        "int": isinstance(value, int) and not isinstance(value, bool) or isinstance(value, float) and value.is_integer(),
+        "int": isinstance(value, int)
+        and not isinstance(value, bool)
+        or isinstance(value, float)
+        and value.is_integer(),
         "float": isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value),
         "bool": isinstance(value, bool),
         "str": isinstance(value, str),
@@ -267,7 +342,9 @@ def _field(cfg: Mapping[str, Any], key: str, source: str, kind: str = "int", def
         "object": isinstance(value, Mapping),
     }[kind]
     if not ok:
-        raise ConfigError(f"{source}: field {key} has value {value!r}, expected {'a finite float' if kind == 'float' else kind}")
+        raise ConfigError(
+            f"{source}: field {key} has value {value!r}, expected {'a finite float' if kind == 'float' else kind}"
+        )
     return {"int": int, "float": float}.get(kind, lambda v: v)(value)
 
 
@@ -322,10 +399,12 @@ def family_of(cfg: Mapping[str, Any], source: str) -> str:
     for a in archs:
         if a in by_arch:
             types = FAMILIES[by_arch[a]].model_types
-            if mt is not None and mt not in types:   # transformers builds the model of model_type's config class
-                raise ConfigError(f"{source}: field model_type: {mt!r} is not the model type of architecture {a!r} "
-                                  f"({', '.join(map(repr, types))}); transformers would load another model: fix "
-                                  "config.json")
+            if mt is not None and mt not in types:  # transformers builds the model of model_type's config class
+                raise ConfigError(
+                    f"{source}: field model_type: {mt!r} is not the model type of architecture {a!r} "
+                    f"({', '.join(map(repr, types))}); transformers would load another model: fix "
+                    "config.json"
+                )
             return by_arch[a]
     if not archs and mt in by_type:
         return by_type[mt]
@@ -334,8 +413,9 @@ def family_of(cfg: Mapping[str, Any], source: str) -> str:
     raise ConfigError(f"{source}: field architectures: unknown architecture {name!r} (supported: {supported})")
 
 
-def read_rope(f: Fields, default_theta: float, default_partial: float = 1.0,
-              layer_type: str | None = None) -> dict[str, Any]:
+def read_rope(
+    f: Fields, default_theta: float, default_partial: float = 1.0, layer_type: str | None = None
+) -> dict[str, Any]:
     """Rotary fields from ``rope_parameters`` (transformers 5) or ``rope_theta``/``rope_scaling``/``rotary_pct``.
 
     ``layer_type``: the entry of a ``rope_parameters`` keyed by layer type
@@ -355,8 +435,9 @@ def read_rope(f: Fields, default_theta: float, default_partial: float = 1.0,
     sub = f"{source}: {key}"
     rope_type = params.get("rope_type", params.get("type")) or "default"
     if rope_type not in ROPE_TYPES:
-        raise ConfigError(f"{source}: field {key}.rope_type is {rope_type!r}, not supported "
-                          f"(supported: {', '.join(ROPE_TYPES)})")
+        raise ConfigError(
+            f"{source}: field {key}.rope_type is {rope_type!r}, not supported (supported: {', '.join(ROPE_TYPES)})"
+        )
     known = {"rope_type", "type", "rope_theta", "partial_rotary_factor"} | _ROPE_FIELDS[rope_type]
     extra = sorted(k for k, v in params.items() if k not in known and v is not None)
     if extra:
@@ -392,8 +473,11 @@ def read_rope(f: Fields, default_theta: float, default_partial: float = 1.0,
             mscale = _field(params, "mscale", sub, "float", None)
             mscale_all = _field(params, "mscale_all_dim", sub, "float", None)
             if attention is None:
-                attention = (yarn_mscale(factor, mscale) / yarn_mscale(factor, mscale_all) if mscale and mscale_all
-                             else yarn_mscale(factor))
+                attention = (
+                    yarn_mscale(factor, mscale) / yarn_mscale(factor, mscale_all)
+                    if mscale and mscale_all
+                    else yarn_mscale(factor)
+                )
             out["rope_beta_fast"] = _field(params, "beta_fast", sub, "float", None) or 32.0
             out["rope_beta_slow"] = _field(params, "beta_slow", sub, "float", None) or 1.0
             out["rope_truncate"] = _field(params, "truncate", sub, "bool", True)
@@ -417,8 +501,16 @@ _ROPE_FIELDS = {
     "linear": {"factor"},
     "dynamic": {"factor"},
     "llama3": {"factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"},
-    "yarn": {"factor", "attention_factor", "beta_fast", "beta_slow", "mscale", "mscale_all_dim", "truncate",
-             "original_max_position_embeddings"},
+    "yarn": {
+        "factor",
+        "attention_factor",
+        "beta_fast",
+        "beta_slow",
+        "mscale",
+        "mscale_all_dim",
+        "truncate",
+        "original_max_position_embeddings",
+    },
     "longrope": {"factor", "attention_factor", "long_factor", "short_factor", "original_max_position_embeddings"},
 }
 
@@ -446,8 +538,10 @@ def config_from_hf(cfg: Mapping[str, Any], source: str = "config.json", **overri
     kw.update(family=family, initializer_range=f("initializer_range", "float", 0.02))
     unread = f.unread()
     if unread:
-        raise ConfigError(f"{source}: field {unread[0]} is not implemented by jaxinf's {family} "
-                          f"(it may change the computation)" + (f"; also {', '.join(unread[1:])}" if unread[1:] else ""))
+        raise ConfigError(
+            f"{source}: field {unread[0]} is not implemented by jaxinf's {family} "
+            f"(it may change the computation)" + (f"; also {', '.join(unread[1:])}" if unread[1:] else "")
+        )
     kw.update(overrides)
     try:
         return ModelConfig(**kw)
@@ -466,7 +560,7 @@ def common_fields(f: Fields, act_default: str = "silu") -> dict[str, Any]:
         num_layers=f("num_hidden_layers"),
         num_heads=heads,
         num_kv_heads=f("num_key_value_heads", "int", heads),
-        head_dim=f("head_dim", "int", None) or (hidden // heads if heads > 0 else 0),   # heads <= 0: refused
+        head_dim=f("head_dim", "int", None) or (hidden // heads if heads > 0 else 0),  # heads <= 0: refused
         max_position_embeddings=f("max_position_embeddings", "int", 2048),
         activation=f.activation("hidden_act", act_default),
     )

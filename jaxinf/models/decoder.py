@@ -77,8 +77,9 @@ class DecoderLM(nnx.Module):
         if config.tie_embeddings:
             self.lm_head = None
         else:
-            self.lm_head = Linear("lm_head", config.hidden_size, config.vocab_size, bias=False, axes=HEAD,
-                                  config=config, rngs=rngs)
+            self.lm_head = Linear(
+                "lm_head", config.hidden_size, config.vocab_size, bias=False, axes=HEAD, config=config, rngs=rngs
+            )
 
     def __call__(self, tokens: Array, mask: Array, tap: Tap | None = None) -> Array:
         """Logits of right-padded ``tokens`` ``[B, T]``; ``mask`` is 1 at real tokens.
@@ -92,7 +93,7 @@ class DecoderLM(nnx.Module):
         embed = getattr(backbone, fam.embed)
         h = embed(tokens, c.dtype)
         if fam.embed_scale:
-            h = h * jnp.asarray(c.hidden_size ** 0.5, c.dtype)
+            h = h * jnp.asarray(c.hidden_size**0.5, c.dtype)
         if fam.positions is not None:
             h = h + getattr(backbone, fam.positions)(jnp.arange(tokens.shape[1])[None, :], c.dtype)
         cos, sin = rotary_tables(c, tokens.shape[1], c.dtype)

@@ -115,10 +115,16 @@ def read_header(file: Path) -> dict[str, TensorInfo]:
         if dtype not in _DTYPES:
             raise CheckpointError(f"{file}: tensor {name} has unsupported dtype {dtype}")
         nbytes = int(np.prod(shape, dtype=np.int64)) * _DTYPES[dtype].itemsize
-        if not (isinstance(begin, int) and isinstance(end, int)) or end - begin != nbytes or begin < 0 \
-                or base + end > size:
-            raise CheckpointError(f"{file}: tensor {name} has data offsets {[begin, end]} that do not hold "
-                                  f"{dtype} {list(shape)} within the file")
+        if (
+            not (isinstance(begin, int) and isinstance(end, int))
+            or end - begin != nbytes
+            or begin < 0
+            or base + end > size
+        ):
+            raise CheckpointError(
+                f"{file}: tensor {name} has data offsets {[begin, end]} that do not hold "
+                f"{dtype} {list(shape)} within the file"
+            )
         out[name] = TensorInfo(file, dtype, shape, base + begin, base + end)
     return out
 
@@ -129,7 +135,7 @@ def aligned_empty(shape: tuple[int, ...], dtype, align: int = 64) -> np.ndarray:
     n = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
     raw = np.empty(n + align, np.uint8)
     offset = (-raw.ctypes.data) % align
-    return raw[offset: offset + n].view(dtype).reshape(shape)
+    return raw[offset : offset + n].view(dtype).reshape(shape)
 
 
 def read_tensor(info: TensorInfo, f: io.BufferedIOBase, out: np.ndarray | None = None) -> np.ndarray:
@@ -155,9 +161,11 @@ def tensor_index(path: Path) -> tuple[dict[str, TensorInfo], Path]:
     ``model.safetensors``, else all ``*.safetensors`` files of the directory.
     """
     index_file = path / INDEX
-    if index_file.exists() and (path / SINGLE).exists():   # transformers would load the single file, jaxinf the shards
-        raise CheckpointError(f"{path}: both {SINGLE} and {INDEX} (sharded weights); transformers loads {SINGLE}, so "
-                              "which weights are meant is ambiguous: remove one of them")
+    if index_file.exists() and (path / SINGLE).exists():  # transformers would load the single file, jaxinf the shards
+        raise CheckpointError(
+            f"{path}: both {SINGLE} and {INDEX} (sharded weights); transformers loads {SINGLE}, so "
+            "which weights are meant is ambiguous: remove one of them"
+        )
     if index_file.exists():
         raw = _read_json(index_file)
         weight_map = raw.get("weight_map") if isinstance(raw, dict) else None
@@ -181,8 +189,9 @@ def tensor_index(path: Path) -> tuple[dict[str, TensorInfo], Path]:
         if pickles:
             raise CheckpointError(
                 f"{path}: only {pickles[0]} (a pickle, which jaxinf never loads); convert it to safetensors with "
-                f"python -c \"from transformers import AutoModelForCausalLM as M; "
-                f"M.from_pretrained('{path}').save_pretrained('{path}-safetensors')\" and load that directory")
+                f'python -c "from transformers import AutoModelForCausalLM as M; '
+                f"M.from_pretrained('{path}').save_pretrained('{path}-safetensors')\" and load that directory"
+            )
         raise CheckpointError(f"{path}: no {SINGLE}, {INDEX} or *.safetensors file")
     tensors = {}
     for file in files:
@@ -261,11 +270,19 @@ def param_sources(lm: LM) -> list[ParamSource]:
             if n == "lm_head.weight":
                 aliased.append((n, *fam.head_aliases))
             elif n.startswith(c.backbone + "."):
-                aliased.append((n, n[len(c.backbone) + 1:]))
+                aliased.append((n, n[len(c.backbone) + 1 :]))
             else:
                 aliased.append((n,))
-        out.append(ParamSource(path, tuple(leaf.shape), np.dtype(leaf.dtype), tuple(aliased), stacked,
-                               parts[-1] == "kernel" and fam.linear_transposed))
+        out.append(
+            ParamSource(
+                path,
+                tuple(leaf.shape),
+                np.dtype(leaf.dtype),
+                tuple(aliased),
+                stacked,
+                parts[-1] == "kernel" and fam.linear_transposed,
+            )
+        )
     return out
 
 
@@ -308,7 +325,8 @@ def load_tokenizer(path: str | Path, vocab_size: int | None = None):
             token = min((t for t, i in vocab.items() if i >= vocab_size), key=vocab.get)
             raise CheckpointError(
                 f"{file}: token {token!r} has id {vocab[token]} (vocabulary up to id {top}), beyond the model's "
-                f"vocab_size {vocab_size} (config.json)")
+                f"vocab_size {vocab_size} (config.json)"
+            )
     return tok
 
 
@@ -347,8 +365,7 @@ def load_params(
                 raise CheckpointError(f"{where}: tensor {names[0]} is missing")
             name, info = hit
             if info.shape != src.tensor_shape:
-                raise CheckpointError(f"{info.file}: tensor {name} has shape {info.shape}, "
-                                      f"expected {src.tensor_shape}")
+                raise CheckpointError(f"{info.file}: tensor {name} has shape {info.shape}, expected {src.tensor_shape}")
             if info.dtype not in _FLOATS:
                 raise CheckpointError(f"{info.file}: tensor {name} has dtype {info.dtype}, expected a float type")
             found.append(info)
@@ -375,12 +392,15 @@ def load_params(
 
 def check_finite(tensors: dict[str, TensorInfo], info: TensorInfo, values: np.ndarray) -> None:
     """Raises :class:`CheckpointError` naming the file and tensor when ``values`` (just read) has a NaN or infinity."""
-    flat, block = values.reshape(-1), 1 << 24            # a bounded temporary, whatever the tensor's size
-    bad = sum(int(flat[i:i + block].size - np.isfinite(flat[i:i + block]).sum()) for i in range(0, flat.size, block))
+    flat, block = values.reshape(-1), 1 << 24  # a bounded temporary, whatever the tensor's size
+    bad = sum(
+        int(flat[i : i + block].size - np.isfinite(flat[i : i + block]).sum()) for i in range(0, flat.size, block)
+    )
     if bad:
         name = next((n for n, t in tensors.items() if t is info), "?")
-        raise CheckpointError(f"{info.file}: tensor {name} has {bad} non-finite value(s) (NaN or infinity); "
-                              "stage: loading the model")
+        raise CheckpointError(
+            f"{info.file}: tensor {name} has {bad} non-finite value(s) (NaN or infinity); stage: loading the model"
+        )
 
 
 def check_unused(lm: LM, unused: list[str], where: Path) -> list[str]:
@@ -398,7 +418,9 @@ def check_unused(lm: LM, unused: list[str], where: Path) -> list[str]:
     return unused
 
 
-def read_converted(info: TensorInfo, f: io.BufferedIOBase, out: np.ndarray, transpose: bool, chunk: int = CHUNK) -> None:
+def read_converted(
+    info: TensorInfo, f: io.BufferedIOBase, out: np.ndarray, transpose: bool, chunk: int = CHUNK
+) -> None:
     """Reads a tensor into ``out`` converted to ``out.dtype`` (and transposed: ``out = weight.T``).
 
     Without conversion the data is read straight into ``out``; otherwise in
@@ -417,8 +439,10 @@ def read_converted(info: TensorInfo, f: io.BufferedIOBase, out: np.ndarray, tran
         r1 = min(shape[0], r0 + step)
         rows = (r1 - r0,) + tuple(shape[1:])
         nbytes = int(np.prod(rows, dtype=np.int64)) * dtype.itemsize
-        block = read_tensor(TensorInfo(info.file, info.dtype, rows, info.start + r0 * row_bytes,
-                                       info.start + r0 * row_bytes + nbytes), f)
+        block = read_tensor(
+            TensorInfo(info.file, info.dtype, rows, info.start + r0 * row_bytes, info.start + r0 * row_bytes + nbytes),
+            f,
+        )
         if transpose:
             np.copyto(target[:, r0:r1], block.T, casting="unsafe")
         else:
@@ -472,7 +496,6 @@ def from_hf(
     return LM(config, shell.graphdef, params, info), tok
 
 
-
 # --------------------------------------------------------------------------- saving
 
 
@@ -489,8 +512,9 @@ def save_hf(lm: LM, path: str | Path, hf_config: dict, tokenizer=None) -> Path:
 
     path = Path(path)
     back = config_from_hf(hf_config, "hf_config")
-    mine = dataclasses.replace(lm.config, dtype=back.dtype, param_dtype=back.param_dtype, scan=back.scan,
-                               remat=back.remat)
+    mine = dataclasses.replace(
+        lm.config, dtype=back.dtype, param_dtype=back.param_dtype, scan=back.scan, remat=back.remat
+    )
     if back != mine:
         raise ConfigError(f"save_hf: config.json does not describe the model ({back} vs {lm.config})")
     path.mkdir(parents=True, exist_ok=True)

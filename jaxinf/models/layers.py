@@ -75,11 +75,13 @@ class Linear(nnx.Module):
     ``kernel``: ``[d_in, d_out]`` (the checkpoint's ``weight`` transposed), ``bias``: ``[d_out]``.
     """
 
-    def __init__(self, name: str, d_in: int, d_out: int, *, bias: bool, axes: LinearAxes, config: ModelConfig,
-                 rngs: nnx.Rngs):
+    def __init__(
+        self, name: str, d_in: int, d_out: int, *, bias: bool, axes: LinearAxes, config: ModelConfig, rngs: nnx.Rngs
+    ):
         self.name = name
-        self.kernel = nnx.Param(_normal(rngs, (d_in, d_out), config.initializer_range, config.param_dtype),
-                                axes=axes.kernel)
+        self.kernel = nnx.Param(
+            _normal(rngs, (d_in, d_out), config.initializer_range, config.param_dtype), axes=axes.kernel
+        )
         self.bias = nnx.Param(jnp.zeros((d_out,), config.param_dtype), axes=axes.bias) if bias else None
 
     def __call__(self, x: Array, tap: Tap, prefix: str = "", tokens: Array | None = None) -> Array:
@@ -191,8 +193,8 @@ def inverse_frequencies(config: ModelConfig, sliding: bool = False, length: int 
     R = c.rotary_dim
     exponents = np.arange(0, R, 2, dtype=np.float64) / R
     if sliding and c.sliding_rope_theta is not None:
-        return 1.0 / c.sliding_rope_theta ** exponents
-    inv = 1.0 / c.rope_theta ** exponents
+        return 1.0 / c.sliding_rope_theta**exponents
+    inv = 1.0 / c.rope_theta**exponents
     if c.rope_type == "linear":
         inv = inv / c.rope_factor
     elif c.rope_type == "llama3":
@@ -260,7 +262,7 @@ def apply_rotary(x: Array, cos: Array, sin: Array, interleaved: bool) -> Array:
         u, v = pairs[..., 0], pairs[..., 1]
         rot = jnp.stack([u * c - v * s, v * c + u * s], axis=-1).reshape(rot.shape)
     else:
-        u, v = rot[..., : R // 2], rot[..., R // 2:]
+        u, v = rot[..., : R // 2], rot[..., R // 2 :]
         rot = jnp.concatenate([u * c - v * s, v * c + u * s], axis=-1)
     return jnp.concatenate([rot, rest], axis=-1) if rest.shape[-1] else rot
 
@@ -279,14 +281,15 @@ def attention_mask(mask: Array, config: ModelConfig) -> Array:
     for sliding, _ in config.kinds:
         allowed = s <= t
         if sliding:
-            assert config.sliding_window is not None   # ModelConfig refuses sliding layers without a window
+            assert config.sliding_window is not None  # ModelConfig refuses sliding layers without a window
             allowed = allowed & (t - s < config.sliding_window)
         out.append(allowed[None] & (mask[:, None, :] > 0))
     return jnp.stack(out)
 
 
-def attention(q: Array, k: Array, v: Array, allowed: Array, scale: float | None = None,
-              softcap: float | None = None) -> Array:
+def attention(
+    q: Array, k: Array, v: Array, allowed: Array, scale: float | None = None, softcap: float | None = None
+) -> Array:
     """Grouped-query softmax attention, ``softmax(cap(scale * q k^T)) v`` per head.
 
     ``q`` ``[B, T, H, D]``, ``k``/``v`` ``[B, S, K, D]`` with ``H = K * G``: query
@@ -299,7 +302,7 @@ def attention(q: Array, k: Array, v: Array, allowed: Array, scale: float | None 
     B, T, H, D = q.shape
     K = k.shape[2]
     qg = q.reshape(B, T, K, H // K, D)
-    scores = jnp.einsum("btkgd,bskd->bkgts", qg, k) * jnp.asarray(D ** -0.5 if scale is None else scale, q.dtype)
+    scores = jnp.einsum("btkgd,bskd->bkgts", qg, k) * jnp.asarray(D**-0.5 if scale is None else scale, q.dtype)
     if softcap is not None:
         scores = jnp.tanh(scores / jnp.asarray(softcap, scores.dtype)) * jnp.asarray(softcap, scores.dtype)
     dt = upcast(scores.dtype)

@@ -69,8 +69,9 @@ class LM:
     @property
     def nbytes(self) -> int:
         """Bytes of all parameters in their storage dtype."""
-        return int(sum(np.prod(x.shape, dtype=np.int64) * jnp.dtype(x.dtype).itemsize
-                       for x in jax.tree.leaves(self.params)))
+        return int(
+            sum(np.prod(x.shape, dtype=np.int64) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(self.params))
+        )
 
 
 def _string_keys(tree: Any) -> Any:

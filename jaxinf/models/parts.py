@@ -39,7 +39,7 @@ def attend(q: Array, k: Array, v: Array, ctx: Context, config: ModelConfig, inte
     q = apply_rotary(q, ctx.cos, ctx.sin, interleaved)
     k = apply_rotary(k, ctx.cos, ctx.sin, interleaved)
     c = config
-    scale = None if c.query_pre_attn_scalar is None else c.query_pre_attn_scalar ** -0.5
+    scale = None if c.query_pre_attn_scalar is None else c.query_pre_attn_scalar**-0.5
     return attention(q, k, v, ctx.allowed, scale, c.attn_softcap)
 
 
@@ -60,9 +60,19 @@ class SelfAttention(nnx.Module):
     ``qkv_bias``/``o_bias`` default to ``config.attention_bias``.
     """
 
-    def __init__(self, config: ModelConfig, rngs: nnx.Rngs, *, qkv_bias: bool | None = None,
-                 o_bias: bool | None = None, q_norm: nnx.Module | None = None, k_norm: nnx.Module | None = None,
-                 flat: bool = False, interleaved: bool = False, o_name: str = "o_proj"):
+    def __init__(
+        self,
+        config: ModelConfig,
+        rngs: nnx.Rngs,
+        *,
+        qkv_bias: bool | None = None,
+        o_bias: bool | None = None,
+        q_norm: nnx.Module | None = None,
+        k_norm: nnx.Module | None = None,
+        flat: bool = False,
+        interleaved: bool = False,
+        o_name: str = "o_proj",
+    ):
         c = config
         H, q, kv = c.hidden_size, c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
         qkv_bias = c.attention_bias if qkv_bias is None else qkv_bias
@@ -71,8 +81,7 @@ class SelfAttention(nnx.Module):
         self.q_proj = Linear("self_attn.q_proj", H, q, bias=qkv_bias, axes=COLUMN, config=c, rngs=rngs)
         self.k_proj = Linear("self_attn.k_proj", H, kv, bias=qkv_bias, axes=COLUMN, config=c, rngs=rngs)
         self.v_proj = Linear("self_attn.v_proj", H, kv, bias=qkv_bias, axes=COLUMN, config=c, rngs=rngs)
-        setattr(self, o_name, Linear(f"self_attn.{o_name}", q, H, bias=o_bias, axes=ROW, config=c,
-                                     rngs=rngs))
+        setattr(self, o_name, Linear(f"self_attn.{o_name}", q, H, bias=o_bias, axes=ROW, config=c, rngs=rngs))
         self.o_name = o_name
         self.q_norm, self.k_norm = q_norm, k_norm
 
@@ -80,7 +89,7 @@ class SelfAttention(nnx.Module):
         c = self.config
         B, T, _ = x.shape
         q, k = self.q_proj(x, tap, prefix), self.k_proj(x, tap, prefix)
-        if self.flat and self.q_norm is not None and self.k_norm is not None:   # both or neither
+        if self.flat and self.q_norm is not None and self.k_norm is not None:  # both or neither
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = clip(q, c), clip(k, c), clip(self.v_proj(x, tap, prefix), c)
         q = q.reshape(B, T, c.num_heads, c.head_dim)
@@ -103,10 +112,14 @@ class FusedAttention(nnx.Module):
         c = config
         q, kv = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
         self.config, self.names = c, names
-        setattr(self, names[0], Linear(f"{prefix}.{names[0]}", c.hidden_size, q + 2 * kv, bias=bias, axes=COLUMN,
-                                       config=c, rngs=rngs))
-        setattr(self, names[1], Linear(f"{prefix}.{names[1]}", q, c.hidden_size, bias=bias, axes=ROW, config=c,
-                                       rngs=rngs))
+        setattr(
+            self,
+            names[0],
+            Linear(f"{prefix}.{names[0]}", c.hidden_size, q + 2 * kv, bias=bias, axes=COLUMN, config=c, rngs=rngs),
+        )
+        setattr(
+            self, names[1], Linear(f"{prefix}.{names[1]}", q, c.hidden_size, bias=bias, axes=ROW, config=c, rngs=rngs)
+        )
 
     def __call__(self, x: Array, ctx: Context, tap: Tap, prefix: str) -> Array:
         c = self.config
@@ -114,8 +127,8 @@ class FusedAttention(nnx.Module):
         q_size, kv_size = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
         qkv = getattr(self, self.names[0])(x, tap, prefix)
         q = qkv[..., :q_size].reshape(B, T, c.num_heads, c.head_dim)
-        k = qkv[..., q_size:q_size + kv_size].reshape(B, T, c.num_kv_heads, c.head_dim)
-        v = qkv[..., q_size + kv_size:].reshape(B, T, c.num_kv_heads, c.head_dim)
+        k = qkv[..., q_size : q_size + kv_size].reshape(B, T, c.num_kv_heads, c.head_dim)
+        v = qkv[..., q_size + kv_size :].reshape(B, T, c.num_kv_heads, c.head_dim)
         return getattr(self, self.names[1])(attend(q, k, v, ctx, c), tap, prefix)
 
 
@@ -173,8 +186,14 @@ class PreNormBlock(nnx.Module):
     ``input_layernorm``, ``self_attn``, ``post_attention_layernorm``, ``mlp``.
     """
 
-    def __init__(self, norm1: nnx.Module, attn: nnx.Module, norm2: nnx.Module, mlp: nnx.Module,
-                 names: tuple[str, str, str, str] = ("input_layernorm", "self_attn", "post_attention_layernorm", "mlp")):
+    def __init__(
+        self,
+        norm1: nnx.Module,
+        attn: nnx.Module,
+        norm2: nnx.Module,
+        mlp: nnx.Module,
+        names: tuple[str, str, str, str] = ("input_layernorm", "self_attn", "post_attention_layernorm", "mlp"),
+    ):
         self.names = names
         for name, module in zip(names, (norm1, attn, norm2, mlp)):
             setattr(self, name, module)
@@ -292,6 +311,6 @@ class SparseMoE(nnx.Module):
         weights, routed = route(self.gate(x, tap, prefix), self.k, self.renormalize)
         out = jnp.zeros_like(x)
         for e, expert in enumerate(self.experts):
-            y = expert(x * routed[..., e:e + 1].astype(x.dtype), tap, prefix, routed[..., e])
-            out = out + (y * weights[..., e:e + 1]).astype(x.dtype)
+            y = expert(x * routed[..., e : e + 1].astype(x.dtype), tap, prefix, routed[..., e])
+            out = out + (y * weights[..., e : e + 1]).astype(x.dtype)
         return out

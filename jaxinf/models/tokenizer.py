@@ -35,8 +35,10 @@ class TokenizerError(ModelError):
 
 
 def convert_command(path: Path) -> str:
-    return (f"python -c \"from transformers import AutoTokenizer; "
-            f"AutoTokenizer.from_pretrained('{path}').save_pretrained('{path}')\" (writes tokenizer.json)")
+    return (
+        f'python -c "from transformers import AutoTokenizer; '
+        f"AutoTokenizer.from_pretrained('{path}').save_pretrained('{path}')\" (writes tokenizer.json)"
+    )
 
 
 def read_tokenizer(path: str | Path):
@@ -54,8 +56,10 @@ def read_tokenizer(path: str | Path):
     if (path / "vocab.json").exists() and (path / "merges.txt").exists():
         return byte_level_bpe(path)
     if (path / "tokenizer.model").exists():
-        raise TokenizerError(f"{path / 'tokenizer.model'}: a SentencePiece model and no tokenizer.json; "
-                             f"convert it with {convert_command(path)}")
+        raise TokenizerError(
+            f"{path / 'tokenizer.model'}: a SentencePiece model and no tokenizer.json; "
+            f"convert it with {convert_command(path)}"
+        )
     raise TokenizerError(f"{file}: file is missing (the tokenizer)")
 
 
@@ -88,8 +92,9 @@ def byte_level_bpe(path: Path):
     for i, (a, b) in enumerate(merges):
         missing = next((t for t in (a, b, a + b) if t not in vocab), None)
         if missing is not None:
-            raise TokenizerError(f"{merges_file}: merge {a!r} {b!r} (merge {i + 1}) uses {missing!r}, "
-                                 f"which is not in {vocab_file.name}")
+            raise TokenizerError(
+                f"{merges_file}: merge {a!r} {b!r} (merge {i + 1}) uses {missing!r}, which is not in {vocab_file.name}"
+            )
     tok = Tokenizer(models.BPE(vocab, merges))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -106,6 +111,8 @@ def byte_level_bpe(path: Path):
     for text in SAMPLE:
         ids = tok.encode(text).ids
         if tok.decode(ids, skip_special_tokens=False) != text or not set(ids) <= known:
-            raise TokenizerError(f"{vocab_file}: not a byte-level BPE vocabulary ({text[:20]!r} does not decode back "
-                                 f"to itself); convert it with {convert_command(path)}")
+            raise TokenizerError(
+                f"{vocab_file}: not a byte-level BPE vocabulary ({text[:20]!r} does not decode back "
+                f"to itself); convert it with {convert_command(path)}"
+            )
     return tok

@@ -42,8 +42,9 @@ def before_devices(config: cfg.Config):
         return None
     from jaxinf import models
 
-    model_config = models.read_config(config.model.checkpoint, dtype=config.model.dtype,
-                                      scan=config.model.scan_layers, remat=config.model.remat)
+    model_config = models.read_config(
+        config.model.checkpoint, dtype=config.model.dtype, scan=config.model.scan_layers, remat=config.model.remat
+    )
     preflight.check_model_limits(config, model_config)
     return model_config
 
@@ -73,9 +74,14 @@ def check_layouts(config: cfg.Config, executor: Executor, lm, layers) -> None:
     from jaxinf import models
 
     shapes = programs.fitted_shapes(lm.task(), layers, precision.statistics_dtype(config.run.precision))
-    executor.preflight({"parameters": (lm.params, models.parameter_axes(lm.config)),
-                        "covariance": (shapes["covariance"], None), "eigen": (shapes["eigen"], None),
-                        "lambda": (shapes["lambda"], curvature.LAMBDA_AXES)})
+    executor.preflight(
+        {
+            "parameters": (lm.params, models.parameter_axes(lm.config)),
+            "covariance": (shapes["covariance"], None),
+            "eigen": (shapes["eigen"], None),
+            "lambda": (shapes["lambda"], curvature.LAMBDA_AXES),
+        }
+    )
 
 
 def memory_limit(config: cfg.Config) -> tuple[int, str] | None:

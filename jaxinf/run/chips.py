@@ -35,10 +35,10 @@ class Chip:
     """One accelerator chip: peak dense matrix FLOP/s per dtype, HBM bytes/s and memory."""
 
     name: str
-    bf16: float                 # FLOP/s, bfloat16 matrix units
-    f32: float                  # FLOP/s, float32 at full precision (GPU: CUDA cores; TPU: bf16 / 6)
-    tf32: float | None          # FLOP/s, TF32 (GPU); None on a TPU
-    hbm: float                  # bytes/s
+    bf16: float  # FLOP/s, bfloat16 matrix units
+    f32: float  # FLOP/s, float32 at full precision (GPU: CUDA cores; TPU: bf16 / 6)
+    tf32: float | None  # FLOP/s, TF32 (GPU); None on a TPU
+    hbm: float  # bytes/s
     memory_gib: float
     tpu: bool = False
 
@@ -50,7 +50,7 @@ class Chip:
             return self.bf16 / {"highest": 6, "high": 3, "default": 1}[precision]
         if precision == "highest":
             return self.f32
-        assert self.tf32 is not None, f"{self.name}: a GPU chip has a TF32 peak"   # None only on a TPU
+        assert self.tf32 is not None, f"{self.name}: a GPU chip has a TF32 peak"  # None only on a TPU
         return self.tf32
 
 
@@ -85,17 +85,29 @@ def chip(name: str | None, peak_tflops: float | None = None, hbm_gbps: float | N
     return c
 
 
-def roofline(c: Chip, flops: float, bytes_accessed: float, model_flops: float | None, model_dtype: str,
-             stats_dtype: str, precision: str) -> dict:
+def roofline(
+    c: Chip,
+    flops: float,
+    bytes_accessed: float,
+    model_flops: float | None,
+    model_dtype: str,
+    stats_dtype: str,
+    precision: str,
+) -> dict:
     """Seconds of one call of a step on chip ``c`` (see the module docstring): ``compute_s``, ``memory_s``,
     ``seconds`` (the larger) and ``bound`` (``compute``, ``compute (statistics)`` when the statistics' share of the
     compute time is the larger, or ``HBM``)."""
     model = flops if model_flops is None else min(model_flops, flops)
     stats = flops - model
-    model_s = model / c.peak(model_dtype, "default")   # the model's own dots pass no precision
+    model_s = model / c.peak(model_dtype, "default")  # the model's own dots pass no precision
     stats_s = stats / c.peak("float32" if stats_dtype == "float64" else stats_dtype, precision)
     compute = model_s + stats_s
     memory = bytes_accessed / c.hbm
     bound = "HBM" if memory > compute else ("compute (statistics)" if stats_s > model_s else "compute")
-    return {"compute_s": compute, "memory_s": memory, "seconds": max(compute, memory), "bound": bound,
-            "statistics_flops": stats}
+    return {
+        "compute_s": compute,
+        "memory_s": memory,
+        "seconds": max(compute, memory),
+        "bound": bound,
+        "statistics_flops": stats,
+    }

@@ -166,9 +166,11 @@ class MeshExecutor:
         self.groups = data_groups(mesh)
         self.per_group = rows_per_group(mesh, self.groups[1])
         if batch_size is not None and batch_size % self.per_group:
-            raise ShardingError(f"data.batch_size={batch_size} does not split over the {self.per_group} position(s) of "
-                                f"the data axis that each process feeds (mesh.data={mesh.devices.shape[0]}, "
-                                f"{jax.process_count()} process(es)); use a multiple of {self.per_group}")
+            raise ShardingError(
+                f"data.batch_size={batch_size} does not split over the {self.per_group} position(s) of "
+                f"the data axis that each process feeds (mesh.data={mesh.devices.shape[0]}, "
+                f"{jax.process_count()} process(es)); use a multiple of {self.per_group}"
+            )
         self._process_groups: list[int] | None = None
 
     def preflight(self, trees: Mapping[str, tuple[Any, Any]]) -> None:
@@ -191,8 +193,10 @@ class MeshExecutor:
                 continue
             x = np.asarray(batch[k])
             if x.shape[0] % self.per_group:
-                raise ShardingError(f"a batch of {x.shape[0]} rows does not split over the {self.per_group} "
-                                    "data-axis position(s) of this process")
+                raise ShardingError(
+                    f"a batch of {x.shape[0]} rows does not split over the {self.per_group} "
+                    "data-axis position(s) of this process"
+                )
             sharding = NamedSharding(self.mesh, batch_spec(x.ndim))
             shape = (x.shape[0] * self.groups[1],) + x.shape[1:]
             out[k] = jax.make_array_from_process_local_data(sharding, x, shape)

@@ -25,8 +25,12 @@ CONDITIONS = {  # errno -> (what it means, what to do)
     errno.EACCES: ("permission denied", "fix the permissions or choose another run.out"),
     errno.EPERM: ("operation not permitted", "fix the permissions or choose another run.out"),
 }
-_TEXTS = {"No space left on device": errno.ENOSPC, "Disk quota exceeded": errno.EDQUOT,
-          "Read-only file system": errno.EROFS, "Permission denied": errno.EACCES}
+_TEXTS = {
+    "No space left on device": errno.ENOSPC,
+    "Disk quota exceeded": errno.EDQUOT,
+    "Read-only file system": errno.EROFS,
+    "Permission denied": errno.EACCES,
+}
 
 
 def _chain(exc: BaseException | None):
@@ -51,7 +55,9 @@ def find_condition(exc: BaseException, root=None) -> tuple[int, str | None] | No
         for needle, code in _TEXTS.items():
             if needle in text:
                 under = str(Path(root).absolute()) if root is not None else None
-                paths = [m for m in re.findall(r"/[^\s'\":,()\[\]]+", text) if under is not None and m.startswith(under)]
+                paths = [
+                    m for m in re.findall(r"/[^\s'\":,()\[\]]+", text) if under is not None and m.startswith(under)
+                ]
                 return code, max(paths, key=len) if paths else None
     return None
 
@@ -67,11 +73,15 @@ def environment_failure(exc: BaseException, root, stage: str, restored: bool = F
     code, path = found
     what, todo = CONDITIONS[code]
     if restored:
-        return EnvironmentFailure(f"{path or root}: {what} (stage {stage}); --overwrite did not finish: the previous "
-                                  f"run is back in {root} as it was and the new attempt is removed; {todo} and run the "
-                                  "same command again to start it over")
-    return EnvironmentFailure(f"{path or root}: {what} (stage {stage}); everything finished is kept in {root}; "
-                              f"{todo} and run the same command again to resume")
+        return EnvironmentFailure(
+            f"{path or root}: {what} (stage {stage}); --overwrite did not finish: the previous "
+            f"run is back in {root} as it was and the new attempt is removed; {todo} and run the "
+            "same command again to start it over"
+        )
+    return EnvironmentFailure(
+        f"{path or root}: {what} (stage {stage}); everything finished is kept in {root}; "
+        f"{todo} and run the same command again to resume"
+    )
 
 
 def is_closed_loop_noise(exc_type, exc: BaseException, tb) -> bool:

@@ -54,8 +54,20 @@ from jaxinf.run.store import RunStore
 log = logging.getLogger("jaxinf")
 
 # Files of a finished run that the exports and the analysis write (deleted when those stages are recomputed).
-EXPORTS = ("scores.npy", "self_influence.npy", "queries.jsonl", "documents.jsonl", "topk.jsonl", "layers.json",
-           "layer_scores.npy", "topk_tokens.jsonl", "summary.json", "report", "index_bounds.npy", "index.json")
+EXPORTS = (
+    "scores.npy",
+    "self_influence.npy",
+    "queries.jsonl",
+    "documents.jsonl",
+    "topk.jsonl",
+    "layers.json",
+    "layer_scores.npy",
+    "topk_tokens.jsonl",
+    "summary.json",
+    "report",
+    "index_bounds.npy",
+    "index.json",
+)
 TOKENIZER_FILES = ("tokenizer.json",)
 MODEL_PATTERNS = ("config.json", "*.safetensors", "model.safetensors.index.json")
 
@@ -99,31 +111,44 @@ def documents_fingerprint(documents, n_fit: int) -> dict:
     """
     digest = getattr(documents, "content_digest", None)
     if digest is not None:
-        out = {"path": str(documents.name), "count": len(documents), "sha256": digest(),
-               "fit": {"count": int(n_fit), "sha256": digest(n_fit)}}
+        out = {
+            "path": str(documents.name),
+            "count": len(documents),
+            "sha256": digest(),
+            "fit": {"count": int(n_fit), "sha256": digest(n_fit)},
+        }
         shards = getattr(documents, "shard_digests", None)
         if shards is not None:
             out["shards"] = shards()
         return out
     root = Path(str(documents.name))
     if root.is_dir():
-        listing = sorted((str(p.relative_to(root)), p.stat().st_size, p.stat().st_mtime_ns)
-                         for p in root.rglob("*") if p.is_file())
+        listing = sorted(
+            (str(p.relative_to(root)), p.stat().st_size, p.stat().st_mtime_ns) for p in root.rglob("*") if p.is_file()
+        )
         whole = hashlib.sha256(json.dumps(listing).encode()).hexdigest()
         kind = "stat"
     else:
         whole, kind = hashlib.sha256(str(documents.name).encode()).hexdigest(), "name"
-    return {"path": str(documents.name), "count": len(documents), "sha256": whole, "kind": kind,
-            "fit": {"count": int(n_fit), "sha256": whole}}
+    return {
+        "path": str(documents.name),
+        "count": len(documents),
+        "sha256": whole,
+        "kind": kind,
+        "fit": {"count": int(n_fit), "sha256": whole},
+    }
 
 
 def queries_fingerprint(queries, path: str) -> dict:
     """Fingerprint of the parsed queries (their content, not their line numbers)."""
     rows = [{k: v for k, v in dataclasses.asdict(q).items() if k != "origin"} for q in queries]
-    measured = [[q.prompt, q.completion] for q in queries]   # all the query gradients and scores depend on
-    return {"path": str(path), "count": len(rows),
-            "sha256": hashlib.sha256(json.dumps(rows, sort_keys=True, default=str).encode()).hexdigest(),
-            "measured": hashlib.sha256(json.dumps(measured).encode()).hexdigest()}
+    measured = [[q.prompt, q.completion] for q in queries]  # all the query gradients and scores depend on
+    return {
+        "path": str(path),
+        "count": len(rows),
+        "sha256": hashlib.sha256(json.dumps(rows, sort_keys=True, default=str).encode()).hexdigest(),
+        "measured": hashlib.sha256(json.dumps(measured).encode()).hexdigest(),
+    }
 
 
 def changed_shards(before: list | None, now: list | None) -> str:
@@ -150,9 +175,13 @@ def check_model(store: RunStore, checkpoint: str) -> dict:
     """
     old = store.record.get("inputs") or {}
     model, tokenizer = model_files(checkpoint)
-    current: dict[str, dict[str, Any]] = {"model": {"path": str(checkpoint), "files": files_fingerprint(model, old.get("model", {}).get("files"))},
-               "tokenizer": {"path": str(checkpoint),
-                             "files": files_fingerprint(tokenizer, old.get("tokenizer", {}).get("files"))}}
+    current: dict[str, dict[str, Any]] = {
+        "model": {"path": str(checkpoint), "files": files_fingerprint(model, old.get("model", {}).get("files"))},
+        "tokenizer": {
+            "path": str(checkpoint),
+            "files": files_fingerprint(tokenizer, old.get("tokenizer", {}).get("files")),
+        },
+    }
     started = _started(store)
     for kind in ("model", "tokenizer"):
         if kind not in old or not started:
@@ -164,7 +193,8 @@ def check_model(store: RunStore, checkpoint: str) -> dict:
                 raise InputChanged(
                     f"{Path(checkpoint) / name}: {what} since this run started (stage {started[0]} onwards was "
                     f"computed with the {kind} as it was; every stage depends on it); restore it, or start over "
-                    "with --overwrite or another run.out")
+                    "with --overwrite or another run.out"
+                )
     return current
 
 
@@ -185,27 +215,40 @@ def reconcile(store: RunStore, model_fp: dict, documents: dict, queries: dict) -
     started = _started(store)
     invalid: list[str] = []
     if old is None and started:
-        log.warning("%s: no input fingerprints recorded (the run was started by an older jaxinf, or its factors were "
-                    "imported); the saved results are taken to match the current inputs", store.root)
+        log.warning(
+            "%s: no input fingerprints recorded (the run was started by an older jaxinf, or its factors were "
+            "imported); the saved results are taken to match the current inputs",
+            store.root,
+        )
     elif old is not None and started:
         reasons = []
         od, oq = old.get("documents", {}), old.get("queries", {})
         where_ = changed_shards(od.get("shards"), documents.get("shards"))
         if od.get("fit") != documents["fit"]:
-            reasons.append(("covariance", f"{documents['path']}{where_}: the first {documents['fit']['count']} "
-                                          "documents (those the curvature is fitted on) changed"))
+            reasons.append(
+                (
+                    "covariance",
+                    f"{documents['path']}{where_}: the first {documents['fit']['count']} "
+                    "documents (those the curvature is fitted on) changed",
+                )
+            )
         elif (od.get("sha256"), od.get("count")) != (documents["sha256"], documents["count"]):
             reasons.append(("scores", f"{documents['path']}{where_}: the documents changed"))
         if (oq.get("sha256"), oq.get("count")) != (queries["sha256"], queries["count"]):
             if oq.get("measured") is not None and oq.get("measured") == queries["measured"]:
-                reasons.append(("exports", f"{queries['path']}: only the queries' ids or labels changed (not their "
-                                           "prompts or completions)"))
+                reasons.append(
+                    (
+                        "exports",
+                        f"{queries['path']}: only the queries' ids or labels changed (not their "
+                        "prompts or completions)",
+                    )
+                )
             else:
                 reasons.append(("queries", f"{queries['path']}: the queries changed"))
         if reasons:
             first = min(cfg.STAGES.index(stage) for stage, _ in reasons)
             invalid = [s for s in cfg.STAGES[first:] if s in started]
-            if all(stage == "queries" for stage, _ in reasons):   # the index depends on the documents only
+            if all(stage == "queries" for stage, _ in reasons):  # the index depends on the documents only
                 invalid = [s for s in invalid if s != "index"]
             for _, why in reasons:
                 log.warning("%s since this run started; recomputing %s", why, ", ".join(invalid) or "nothing")

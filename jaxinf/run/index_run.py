@@ -66,18 +66,33 @@ def _manifest(config: cfg.Config, store: RunStore, inputs: Inputs, eigen, sizes)
     blocks = {}
     for k in names:
         s = inputs.layers[k]
-        blocks[k] = {"k_S": sizes[k][0], "k_A": sizes[k][1], "layers": len(s.layer_names),
-                     "bands_S": len(indexing.bands(sizes[k][0], s.d_out)),
-                     "bands_A": len(indexing.bands(sizes[k][1], s.d_in_aug))}
+        blocks[k] = {
+            "k_S": sizes[k][0],
+            "k_A": sizes[k][1],
+            "layers": len(s.layer_names),
+            "bands_S": len(indexing.bands(sizes[k][0], s.d_out)),
+            "bands_A": len(indexing.bands(sizes[k][1], s.d_in_aug)),
+        }
     cells = sum(b["k_S"] * b["k_A"] * b["layers"] for b in blocks.values())
     n_bands = sum(b["bands_S"] * b["bands_A"] * b["layers"] for b in blocks.values())
     recorded = store.record.get("inputs", {})
-    return {"format": 1, "k": config.index.k, "dtype": config.index.dtype, "blocks": blocks, "cells": int(cells),
-            "bands": int(n_bands), "layers": layer_names, "batches": int(inputs.plan.num_steps),
-            "plan": batch_plan_key(inputs.plan),
-            "inputs": {"model": {k: v for k, v in recorded.items() if k not in ("documents", "queries")},
-                       "documents": (recorded.get("documents") or {}).get("sha256"),
-                       "eigen": eigen_fingerprint(eigen), "precision": config.run.precision}}
+    return {
+        "format": 1,
+        "k": config.index.k,
+        "dtype": config.index.dtype,
+        "blocks": blocks,
+        "cells": int(cells),
+        "bands": int(n_bands),
+        "layers": layer_names,
+        "batches": int(inputs.plan.num_steps),
+        "plan": batch_plan_key(inputs.plan),
+        "inputs": {
+            "model": {k: v for k, v in recorded.items() if k not in ("documents", "queries")},
+            "documents": (recorded.get("documents") or {}).get("sha256"),
+            "eigen": eigen_fingerprint(eigen),
+            "precision": config.run.precision,
+        },
+    }
 
 
 BUFFER_BYTES = 2**30
@@ -98,16 +113,23 @@ class IndexBuild:
 
     def __init__(self, config: cfg.Config, store: RunStore, inputs: Inputs, curv, eigen):
         if jax.process_count() > 1:
-            raise IndexError_("index.k: building an index with several processes is not supported yet (build it "
-                              "with one process, then query it from any)")
+            raise IndexError_(
+                "index.k: building an index with several processes is not supported yet (build it "
+                "with one process, then query it from any)"
+            )
         self.config, self.store, self.root = config, store, index_root(store)
         self.k = indexing.kept_directions(config.index.k)
         selection = indexing.select_cells(eigen)
         self.manifest = _manifest(config, store, inputs, eigen, indexing.block_sizes(inputs.layers, self.k))
         every = flush_every(config.index.save_every, self.manifest, inputs.plan.batch_size)
         if every < config.index.save_every:
-            log.info("index: rows flushed every %d batches (index.save_every=%d batches of rows would hold more than "
-                     "%.0f GiB)", every, config.index.save_every, BUFFER_BYTES / 2**30)
+            log.info(
+                "index: rows flushed every %d batches (index.save_every=%d batches of rows would hold more than "
+                "%.0f GiB)",
+                every,
+                config.index.save_every,
+                BUFFER_BYTES / 2**30,
+            )
         self.writer = IndexWriter(self.root, self.manifest, every)
         save_selection(self.root, selection)
         self.basis = indexing.ordered_basis(curv.Q_A, curv.Q_S, selection)
@@ -116,10 +138,21 @@ class IndexBuild:
     def done(self, timing: dict) -> None:
         m = self.writer.manifest
         per_row = row_bytes(m["cells"], m["dtype"], m["bands"])
-        self.store.mark("index", "done", k=m["k"], cells=m["cells"], bytes_per_row=int(per_row),
-                        eigen=m["inputs"]["eigen"], timing=timing)
-        log.info("index: %d cells per document row (%s), %.1f MiB", m["cells"], m["dtype"],
-                 per_row * m["batches"] * (m["rows_per_batch"] or 0) / 2**20)
+        self.store.mark(
+            "index",
+            "done",
+            k=m["k"],
+            cells=m["cells"],
+            bytes_per_row=int(per_row),
+            eigen=m["inputs"]["eigen"],
+            timing=timing,
+        )
+        log.info(
+            "index: %d cells per document row (%s), %.1f MiB",
+            m["cells"],
+            m["dtype"],
+            per_row * m["batches"] * (m["rows_per_batch"] or 0) / 2**20,
+        )
 
 
 def build_index(config: cfg.Config, store: RunStore, inputs: Inputs, curv, eigen, executor) -> Path:
@@ -136,8 +169,16 @@ def build_index(config: cfg.Config, store: RunStore, inputs: Inputs, curv, eigen
         return carry, out, out["loss"]
 
     batches = inputs.batches(inputs.plan, inputs.documents, executor.groups[0])
-    _, timing = run_batches("index", step, batches.iterate, None, build.writer, total=len(batches),
-                            non_finite=non_finite_loss(inputs.documents, "document"), device=executor)
+    _, timing = run_batches(
+        "index",
+        step,
+        batches.iterate,
+        None,
+        build.writer,
+        total=len(batches),
+        non_finite=non_finite_loss(inputs.documents, "document"),
+        device=executor,
+    )
     build.done(timing)
     return build.root
 
@@ -178,7 +219,7 @@ def lambda_with_index(config: cfg.Config, store: RunStore, inputs: Inputs, eigen
     build = IndexBuild(config, store, inputs, eigen, eigen)
     program = programs.lambda_and_index(config, inputs.task, inputs.layers)
     stage, update = program.stage, program.jit(executor)
-    assert stage is not None   # an accumulating program
+    assert stage is not None  # an accumulating program
     params = inputs.lm.params
 
     def step(carry, batch, i):
@@ -186,9 +227,16 @@ def lambda_with_index(config: cfg.Config, store: RunStore, inputs: Inputs, eigen
         return carry, out, out["loss"]
 
     saves = WithIndex(SavedState(store, "lambda", batches.plan, config.factors.save_every), build.writer, ())
-    state, timing = run_batches("lambda", step, batches.iterate, executor.init(stage), saves,
-                                total=len(batches), non_finite=non_finite_loss(inputs.documents, "lambda"),
-                                device=executor)
+    state, timing = run_batches(
+        "lambda",
+        step,
+        batches.iterate,
+        executor.init(stage),
+        saves,
+        total=len(batches),
+        non_finite=non_finite_loss(inputs.documents, "lambda"),
+        device=executor,
+    )
     build.done(timing)
     log.info("index: written by the Lambda pass (empirical Fisher: its gradients are the scores')")
     return stage.finalize(state), timing
@@ -201,7 +249,7 @@ def source_root(config: cfg.Config, store: RunStore | None) -> Path:
         return Path(config.index.from_run) / "state" / "index"
     if config.index.k is None and config.factors.from_run is not None:
         return Path(config.factors.from_run) / "state" / "index"
-    assert store is not None, "an index built by this run needs its store"   # check_available passes None only above
+    assert store is not None, "an index built by this run needs its store"  # check_available passes None only above
     return index_root(store)
 
 
@@ -219,8 +267,10 @@ def check_index(reader: IndexReader, store: RunStore, inputs: Inputs, eigen) -> 
     if m["inputs"]["documents"] != documents:
         raise IndexError_(f"{where}: built over other documents than {inputs.documents.name} (rebuild it: index.k)")
     if m["plan"] != batch_plan_key(inputs.plan):
-        raise IndexError_(f"{where}: built with another batch plan {m['plan']} (data.batch_size, data.max_length or "
-                          f"processes changed: rebuild it)")
+        raise IndexError_(
+            f"{where}: built with another batch plan {m['plan']} (data.batch_size, data.max_length or "
+            f"processes changed: rebuild it)"
+        )
     if m["layers"] != [n for k in sorted(inputs.layers) for n in inputs.layers[k].layer_names]:
         raise IndexError_(f"{where}: built for other tracked layers (factors.track)")
     if m["inputs"]["eigen"] != eigen_fingerprint(eigen):
@@ -231,9 +281,13 @@ def scores_from_index(config: cfg.Config, store: RunStore, inputs: Inputs, qg, c
     """Stage ``scores`` with ``scores.mode: index``: every document's score from the index, the documents that may
     be in some query's top or bottom ``scores.topk`` scored exactly; saved as the stage's result."""
     N, Q = inputs.plan.num_documents, qg.num_queries
-    like = {"scores": jax.ShapeDtypeStruct((Q, N), np.float64), "loss": jax.ShapeDtypeStruct((N,), np.float64),
-            "bound": jax.ShapeDtypeStruct((Q, N), np.float64), "fidelity": jax.ShapeDtypeStruct((Q,), np.float64),
-            "certified": jax.ShapeDtypeStruct((N,), np.bool_)}
+    like = {
+        "scores": jax.ShapeDtypeStruct((Q, N), np.float64),
+        "loss": jax.ShapeDtypeStruct((N,), np.float64),
+        "bound": jax.ShapeDtypeStruct((Q, N), np.float64),
+        "fidelity": jax.ShapeDtypeStruct((Q,), np.float64),
+        "certified": jax.ShapeDtypeStruct((N,), np.bool_),
+    }
     if store.status("scores") == "done":
         saved = store.load_result("scores", like)
         if saved is not None:
@@ -244,9 +298,11 @@ def scores_from_index(config: cfg.Config, store: RunStore, inputs: Inputs, qg, c
     t0 = time.perf_counter()
     selection = load_selection(reader.selection)
     k = indexing.kept_directions(reader.manifest["k"])
-    iq = jax.jit(lambda q, QA, QS, L, sel: indexing.index_queries(q, QA, QS, L, sel, inputs.layers, k,
-                                                                  config.run.matmul_precision))(
-        qg, curv.Q_A, curv.Q_S, curv.Lambda, selection)
+    iq = jax.jit(
+        lambda q, QA, QS, L, sel: indexing.index_queries(
+            q, QA, QS, L, sel, inputs.layers, k, config.run.matmul_precision
+        )
+    )(qg, curv.Q_A, curv.Q_S, curv.Lambda, selection)
     q_cells, q_rest = executor.fetch(iq.cells).astype(np.float32), executor.fetch(iq.rest).astype(np.float64)
     fidelity = executor.fetch(iq.fidelity).astype(np.float64)
     rotate = time.perf_counter() - t0
@@ -274,14 +330,29 @@ def scores_from_index(config: cfg.Config, store: RunStore, inputs: Inputs, qg, c
             scores[:, wanted] = exact
             bound[:, wanted] = 0.0
     results = {"scores": scores, "loss": loss, "bound": bound, "fidelity": fidelity, "certified": certified}
-    store.save_result("scores", results, mode="index", index=str(reader.root), rotate_seconds=rotate,
-                      product_seconds=product,
-                      rescored=int(certified.sum()), seconds=time.perf_counter() - t0,
-                      fidelity_min=float(fidelity.min()), fidelity_mean=float(fidelity.mean()))
-    log.info("scores: from the index (%d cells per row): product and bounds in %.2fs; predicted correlation with exact scores %.3f "
-             "(lowest query %.3f); %d documents rescored exactly to certify the top and bottom %d", reader.manifest["cells"],
-             product, fidelity.mean(), fidelity.min(), int(certified.sum()), k)
-    if tails is not None:      # the exports' breakdowns of the rescored top documents (not saved with the scores)
+    store.save_result(
+        "scores",
+        results,
+        mode="index",
+        index=str(reader.root),
+        rotate_seconds=rotate,
+        product_seconds=product,
+        rescored=int(certified.sum()),
+        seconds=time.perf_counter() - t0,
+        fidelity_min=float(fidelity.min()),
+        fidelity_mean=float(fidelity.mean()),
+    )
+    log.info(
+        "scores: from the index (%d cells per row): product and bounds in %.2fs; predicted correlation with exact scores %.3f "
+        "(lowest query %.3f); %d documents rescored exactly to certify the top and bottom %d",
+        reader.manifest["cells"],
+        product,
+        fidelity.mean(),
+        fidelity.min(),
+        int(certified.sum()),
+        k,
+    )
+    if tails is not None:  # the exports' breakdowns of the rescored top documents (not saved with the scores)
         results["tails"] = tails
     return results
 
@@ -293,19 +364,28 @@ def exact_scores(config: cfg.Config, inputs: Inputs, qg, wanted: list[int], exec
 
     subset, batches = inputs.subset_batches(config, wanted, executor)
     score = programs.scores(config, inputs.task, inputs.layers, self_influence=False, tails=len(wanted)).jit(executor)
-    tails = executor.jit(lambda: programs.tails_init(config, inputs.layers, qg.num_queries),
-                         out_shardings=executor.replicated())()
+    tails = executor.jit(
+        lambda: programs.tails_init(config, inputs.layers, qg.num_queries), out_shardings=executor.replicated()
+    )()
 
     def step(carry, batch, i):
         out = score(inputs.lm.params, qg, None, batch, carry)
         return out.pop("tails"), out, out["loss"]
 
     kept = Kept(every=1)
-    tails, _ = run_batches("certify", step, batches.iterate, tails, kept, total=len(batches),
-                           non_finite=non_finite_loss(subset, "document"), device=executor)
+    tails, _ = run_batches(
+        "certify",
+        step,
+        batches.iterate,
+        tails,
+        kept,
+        total=len(batches),
+        non_finite=non_finite_loss(subset, "document"),
+        device=executor,
+    )
     out = np.zeros((qg.num_queries, len(wanted)))
     for o, rows in kept.batches:
         scatter_columns(out, o["scores"], rows["index"])
     tails = jax.tree.map(executor.fetch, tails)
-    in_corpus = np.where(tails.index >= 0, np.asarray(wanted)[np.maximum(tails.index, 0)], -1)   # subset -> corpus
+    in_corpus = np.where(tails.index >= 0, np.asarray(wanted)[np.maximum(tails.index, 0)], -1)  # subset -> corpus
     return out, dataclasses.replace(tails, index=in_corpus)

@@ -88,11 +88,17 @@ class IndexWriter:
         if m["rows_per_batch"] is None:
             m["rows_per_batch"] = int(rows_per_batch)
         elif m["rows_per_batch"] != rows_per_batch:
-            raise IndexError_(f"{self.root}: {rows_per_batch} rows per batch, the index was begun with "
-                              f"{m['rows_per_batch']} (resume with the same number of processes)")
+            raise IndexError_(
+                f"{self.root}: {rows_per_batch} rows per batch, the index was begun with "
+                f"{m['rows_per_batch']} (resume with the same number of processes)"
+            )
         R = m["batches"] * m["rows_per_batch"]
-        shapes = {"cells": ((R, m["cells"]), DTYPES[m["dtype"]]), "bands": ((R, m["bands"]), np.float32),
-                  "documents": ((R,), np.int64), "loss": ((R,), np.float64)}
+        shapes = {
+            "cells": ((R, m["cells"]), DTYPES[m["dtype"]]),
+            "bands": ((R, m["bands"]), np.float32),
+            "documents": ((R,), np.int64),
+            "loss": ((R,), np.float64),
+        }
         self.root.mkdir(parents=True, exist_ok=True)
         self.maps = {}
         for name, (shape, dtype) in shapes.items():
@@ -120,15 +126,15 @@ class IndexWriter:
         rows = len(batches[0][1]["index"])
         if self.maps is None:
             self._open(rows)
-        assert self.maps is not None   # _open made them
+        assert self.maps is not None  # _open made them
         R = self.manifest["rows_per_batch"]
         first = step - len(batches)
         for j, (out, meta) in enumerate(batches):
             lo = (first + j) * R
             for name in ("cells", "bands"):
-                self.maps[name][lo:lo + R] = np.asarray(out[name]).astype(self.maps[name].dtype)
-            self.maps["loss"][lo:lo + R] = np.asarray(out["loss"], np.float64)
-            self.maps["documents"][lo:lo + R] = np.asarray(meta["index"], np.int64)
+                self.maps[name][lo : lo + R] = np.asarray(out[name]).astype(self.maps[name].dtype)
+            self.maps["loss"][lo : lo + R] = np.asarray(out["loss"], np.float64)
+            self.maps["documents"][lo : lo + R] = np.asarray(meta["index"], np.int64)
         for arr in self.maps.values():
             arr.flush()
         self.manifest["written"] = int(step)
@@ -144,8 +150,10 @@ class IndexReader:
         if manifest is None:
             raise IndexError_(f"{self.root}: no index here (no manifest.json; build one with index.k set)")
         if manifest["written"] != manifest["batches"]:
-            raise IndexError_(f"{manifest_path(self.root)}: the index is incomplete ({manifest['written']} of "
-                              f"{manifest['batches']} batches written); resume the run that builds it")
+            raise IndexError_(
+                f"{manifest_path(self.root)}: the index is incomplete ({manifest['written']} of "
+                f"{manifest['batches']} batches written); resume the run that builds it"
+            )
         self.manifest = manifest
         self.arrays: dict[str, np.ndarray] = {}
         R = manifest["batches"] * manifest["rows_per_batch"]
@@ -159,8 +167,10 @@ class IndexReader:
                 raise IndexError_(f"{path}: {arr.shape[0]} rows, the manifest says {R} (a torn index)")
             self.arrays[name] = arr
         if self.arrays["cells"].shape[1] != manifest["cells"]:
-            raise IndexError_(f"{self.root / 'cells.npy'}: {self.arrays['cells'].shape[1]} cells per row, the manifest "
-                              f"says {manifest['cells']}")
+            raise IndexError_(
+                f"{self.root / 'cells.npy'}: {self.arrays['cells'].shape[1]} cells per row, the manifest "
+                f"says {manifest['cells']}"
+            )
         try:
             with np.load(self.root / "selection.npz") as z:
                 self.selection = {k: z[k] for k in z.files}
@@ -194,8 +204,8 @@ def load_selection(arrays: dict[str, np.ndarray]):
 
     from jaxinf.engine.indexing import Selection
 
-    rows = {k[len("rows/"):]: jnp.asarray(v) for k, v in arrays.items() if k.startswith("rows/")}
-    cols = {k[len("cols/"):]: jnp.asarray(v) for k, v in arrays.items() if k.startswith("cols/")}
+    rows = {k[len("rows/") :]: jnp.asarray(v) for k, v in arrays.items() if k.startswith("rows/")}
+    cols = {k[len("cols/") :]: jnp.asarray(v) for k, v in arrays.items() if k.startswith("cols/")}
     return Selection(rows=rows, cols=cols)
 
 
@@ -207,20 +217,30 @@ def index_size(config, layers, devices: list[int]) -> dict:
 
     sizes = block_sizes(layers, None if config.index.k == "full" else config.index.k)
     cells = sum(k_S * k_A * len(layers[n].layer_names) for n, (k_S, k_A) in sizes.items())
-    n_bands = sum(len(bands(k_S, layers[n].d_out)) * len(bands(k_A, layers[n].d_in_aug)) * len(layers[n].layer_names)
-                  for n, (k_S, k_A) in sizes.items())
+    n_bands = sum(
+        len(bands(k_S, layers[n].d_out)) * len(bands(k_A, layers[n].d_in_aug)) * len(layers[n].layer_names)
+        for n, (k_S, k_A) in sizes.items()
+    )
     per_doc = row_bytes(cells, config.index.dtype, n_bands)
     total = per_doc * config.plan.documents
-    return {"k": config.index.k, "dtype": config.index.dtype, "cells": int(cells), "bands": int(n_bands),
-            "bytes_per_document": int(per_doc),
-            "documents": config.plan.documents, "bytes": int(total),
-            "bytes_per_device": {str(d): int(-(-total // d)) for d in devices},
-            "query_flops_per_document": 2 * int(cells)}
+    return {
+        "k": config.index.k,
+        "dtype": config.index.dtype,
+        "cells": int(cells),
+        "bands": int(n_bands),
+        "bytes_per_document": int(per_doc),
+        "documents": config.plan.documents,
+        "bytes": int(total),
+        "bytes_per_device": {str(d): int(-(-total // d)) for d in devices},
+        "query_flops_per_document": 2 * int(cells),
+    }
 
 
 def format_size(ix: dict) -> str:
     """:func:`index_size` as one line of ``jaxinf plan``'s output."""
     per_device = ", ".join(f"{b / 2**30:,.2f} GiB per device on {d}" for d, b in ix["bytes_per_device"].items())
-    return (f"index (index.k={ix['k']}, {ix['dtype']}): {ix['cells']:,} cells, {ix['bytes_per_document'] / 2**10:,.1f} "
-            f"KiB per document; {ix['documents']:,} documents: {ix['bytes'] / 2**40:,.3f} TiB ({per_device}); a query "
-            f"costs {ix['query_flops_per_document']:,} FLOPs per document, the rows read in slices")
+    return (
+        f"index (index.k={ix['k']}, {ix['dtype']}): {ix['cells']:,} cells, {ix['bytes_per_document'] / 2**10:,.1f} "
+        f"KiB per document; {ix['documents']:,} documents: {ix['bytes'] / 2**40:,.3f} TiB ({per_device}); a query "
+        f"costs {ix['query_flops_per_document']:,} FLOPs per document, the rows read in slices"
+    )

@@ -48,7 +48,8 @@ def tracked_layers(lm, track) -> dict[str, capture.LayerSpec]:
     task = lm.task()
     dummy = {"tokens": jnp.zeros((1, 8), jnp.int32), "mask": jnp.ones((1, 8)), "weights": jnp.ones((1, 8))}
     return capture.select_layers(
-        capture.find_layers(lambda p, b, pr: task.train_loss(p, b, pr, None), lm.params, dummy), track)
+        capture.find_layers(lambda p, b, pr: task.train_loss(p, b, pr, None), lm.params, dummy), track
+    )
 
 
 @dataclasses.dataclass
@@ -59,11 +60,11 @@ class Inputs:
     task: Task
     layers: dict[str, capture.LayerSpec]
     encoder: TextEncoder
-    documents: DocumentSource          # the corpus scored (one column of the scores per document)
-    lengths: np.ndarray                # tokens per document, before truncation or splitting
-    plan: BatchPlan                    # how the scored documents are grouped into batches
-    fit_plan: BatchPlan                # the same for the documents the curvature is fitted on
-    fit_documents: DocumentSource | Subset   # the first factors.max_documents documents (all of them without it)
+    documents: DocumentSource  # the corpus scored (one column of the scores per document)
+    lengths: np.ndarray  # tokens per document, before truncation or splitting
+    plan: BatchPlan  # how the scored documents are grouped into batches
+    fit_plan: BatchPlan  # the same for the documents the curvature is fitted on
+    fit_documents: DocumentSource | Subset  # the first factors.max_documents documents (all of them without it)
     queries: list[Query]
 
     def batches(self, plan, source, process_index: int):
@@ -78,36 +79,60 @@ class Inputs:
         from jaxinf.data.batching import make_batch_plan
 
         subset = Subset(self.documents, wanted)
-        plan = make_batch_plan(self.lengths[wanted], batch_size=config.data.batch_size,
-                               max_length=config.data.max_length, long_documents=config.data.long_documents,
-                               buckets=buckets(config.data.max_length), process_count=executor.groups[1])
+        plan = make_batch_plan(
+            self.lengths[wanted],
+            batch_size=config.data.batch_size,
+            max_length=config.data.max_length,
+            long_documents=config.data.long_documents,
+            buckets=buckets(config.data.max_length),
+            process_count=executor.groups[1],
+        )
         return subset, self.batches(plan, subset, executor.groups[0])
 
 
 def check_inputs(config: cfg.Config) -> None:
     """One-line errors for missing inputs, before anything is created."""
-    for key, value, kind in (("model.checkpoint", config.model.checkpoint, "dir"),
-                             ("data.documents", config.data.documents, "any"),
-                             ("data.queries", config.data.queries, "file")):
+    for key, value, kind in (
+        ("model.checkpoint", config.model.checkpoint, "dir"),
+        ("data.documents", config.data.documents, "any"),
+        ("data.queries", config.data.queries, "file"),
+    ):
         if value is None:
             raise InputError(f"{key}: not set (give it in the config or as {key}=PATH)")
         p = Path(value)
         if value.startswith("tfds:") or (kind == "any" and any(c in value for c in "*?[")):
             continue  # a TFDS name or a glob of shards: open_documents names what is missing
         if kind == "dir" and not p.is_dir():
-            raise InputError(f"{key}: {value}: " + ("is a file, not a directory" if p.exists() else "no such directory"))
+            raise InputError(
+                f"{key}: {value}: " + ("is a file, not a directory" if p.exists() else "no such directory")
+            )
         if kind == "file" and not p.is_file():
-            raise InputError(f"{key}: {value}: " + ("is a directory, not a file" if p.is_dir() else
-                                                    "is not a regular file" if p.exists() else "no such file"))
+            raise InputError(
+                f"{key}: {value}: "
+                + (
+                    "is a directory, not a file"
+                    if p.is_dir()
+                    else "is not a regular file"
+                    if p.exists()
+                    else "no such file"
+                )
+            )
         if kind == "any" and not p.exists():
             raise InputError(f"{key}: {value}: no such file or directory")
-    if config.factors.from_run is not None and config.run.out is not None and \
-            os.path.realpath(config.factors.from_run) == os.path.realpath(config.run.out):
-        raise InputError(f"factors.from: {config.factors.from_run} is run.out itself (a run reuses its own curvature "
-                         "without factors.from; to start over keeping it, use another run.out with factors.from)")
+    if (
+        config.factors.from_run is not None
+        and config.run.out is not None
+        and os.path.realpath(config.factors.from_run) == os.path.realpath(config.run.out)
+    ):
+        raise InputError(
+            f"factors.from: {config.factors.from_run} is run.out itself (a run reuses its own curvature "
+            "without factors.from; to start over keeping it, use another run.out with factors.from)"
+        )
     if config.factors.from_run is not None and not rundir.is_run(Path(config.factors.from_run)):
-        raise InputError(f"factors.from: {config.factors.from_run}: not a jaxinf run directory "
-                         f"({rundir.why_not_run(Path(config.factors.from_run))})")
+        raise InputError(
+            f"factors.from: {config.factors.from_run}: not a jaxinf run directory "
+            f"({rundir.why_not_run(Path(config.factors.from_run))})"
+        )
 
 
 def document_lengths(store: RunStore | None, documents, encoder, limit: int | None = None) -> np.ndarray:
@@ -121,16 +146,22 @@ def document_lengths(store: RunStore | None, documents, encoder, limit: int | No
     from jaxinf.data.batching import document_lengths as count
     from jaxinf.engine.progress import Progress
 
-    key = {"documents": _file_key(getattr(documents, "name", "")), "size": len(documents),
-           "tokenizer": _text_hash(encoder.tokenizer.to_str())}
+    key = {
+        "documents": _file_key(getattr(documents, "name", "")),
+        "size": len(documents),
+        "tokenizer": _text_hash(encoder.tokenizer.to_str()),
+    }
     if hasattr(documents, "content_digest"):  # an edit within the same second and size changes the content
         key["content"] = documents.content_digest()
     if getattr(documents, "field_names", None) not in (None, ("id", "text", "source")):
         key["fields"] = list(documents.field_names)
     if limit is not None:
         key["prefix_limit"] = int(limit)
-    places = [] if store is None else [(store.path("state", "plan", "lengths.json"),
-                                        store.path("state", "plan", "lengths.npy"), False)]
+    places = (
+        []
+        if store is None
+        else [(store.path("state", "plan", "lengths.json"), store.path("state", "plan", "lengths.npy"), False)]
+    )
     shared = token_count_cache()
     if shared is not None:
         name = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:32]
@@ -153,7 +184,7 @@ def document_lengths(store: RunStore | None, documents, encoder, limit: int | No
                 write_json(meta, key)
             except OSError as e:
                 if not is_shared:
-                    raise                       # the run directory's copy: a refused write is the run's failure
+                    raise  # the run directory's copy: a refused write is the run's failure
                 log.info("token counts: not kept in the shared cache %s (%s)", shared, e)
     return lengths
 
@@ -214,36 +245,67 @@ def load_inputs(config: cfg.Config, store: RunStore, executor: Executor | None =
     from jaxinf.data.tokenize import TextEncoder
 
     t0 = time.perf_counter()
-    assert (config.model.checkpoint is not None and config.data.documents is not None  # set: see check_inputs
-            and config.data.queries is not None)
+    assert (
+        config.model.checkpoint is not None
+        and config.data.documents is not None  # set: see check_inputs
+        and config.data.queries is not None
+    )
     executor = executor or DeviceExecutor()
-    lm, tokenizer = models.from_hf(config.model.checkpoint, dtype=config.model.dtype, scan=config.model.scan_layers,
-                                   remat=config.model.remat, place=executor.place_param)
-    log.info("model: %s, %s parameters (%s), loaded in %.1fs", config.model.checkpoint, f"{lm.num_params:,}",
-             config.model.dtype, time.perf_counter() - t0)
+    lm, tokenizer = models.from_hf(
+        config.model.checkpoint,
+        dtype=config.model.dtype,
+        scan=config.model.scan_layers,
+        remat=config.model.remat,
+        place=executor.place_param,
+    )
+    log.info(
+        "model: %s, %s parameters (%s), loaded in %.1fs",
+        config.model.checkpoint,
+        f"{lm.num_params:,}",
+        config.model.dtype,
+        time.perf_counter() - t0,
+    )
     task = lm.task()
     layers = tracked_layers(lm, config.factors.track)
     n_tracked = sum(s.num_params for s in layers.values())
-    log.info("tracking %d layers (%s parameters) matching factors.track=%s",
-             sum(len(s.layer_names) for s in layers.values()), f"{n_tracked:,}", config.factors.track)
+    log.info(
+        "tracking %d layers (%s parameters) matching factors.track=%s",
+        sum(len(s.layer_names) for s in layers.values()),
+        f"{n_tracked:,}",
+        config.factors.track,
+    )
     preflight.log_query_rank(config.scores.query_rank, layers)
     encoder = TextEncoder(tokenizer)
-    documents = open_documents(config.data.documents, text_field=config.data.text_field,
-                               id_field=config.data.id_field, source_field=config.data.source_field,
-                               dedupe=config.data.dedupe)
+    documents = open_documents(
+        config.data.documents,
+        text_field=config.data.text_field,
+        id_field=config.data.id_field,
+        source_field=config.data.source_field,
+        dedupe=config.data.dedupe,
+    )
     log.info("documents: %s", documents.report.summary())
     for dup, kept in getattr(documents, "duplicates", [])[:1000]:
         log.info("duplicate document %r skipped (the same text as %r)", dup, kept)
-    lengths = document_lengths(store, documents, encoder,
-                               config.data.max_length if config.data.long_documents == "truncate" else None)
+    lengths = document_lengths(
+        store, documents, encoder, config.data.max_length if config.data.long_documents == "truncate" else None
+    )
     from jaxinf.models.tokenizer import tokenizer_file
 
-    preflight.check_corpus(lengths, getattr(documents, "name", config.data.documents), config.factors.max_documents,
-                           str(tokenizer_file(config.model.checkpoint)))
+    preflight.check_corpus(
+        lengths,
+        getattr(documents, "name", config.data.documents),
+        config.factors.max_documents,
+        str(tokenizer_file(config.model.checkpoint)),
+    )
     d = config.data
-    plan_args: dict   # make_batch_plan's keywords (ints, a string, a tuple)
-    plan_args = dict(batch_size=d.batch_size, max_length=d.max_length, long_documents=d.long_documents,
-                     process_count=executor.groups[1], buckets=buckets(d.max_length))
+    plan_args: dict  # make_batch_plan's keywords (ints, a string, a tuple)
+    plan_args = dict(
+        batch_size=d.batch_size,
+        max_length=d.max_length,
+        long_documents=d.long_documents,
+        process_count=executor.groups[1],
+        buckets=buckets(d.max_length),
+    )
     plan = make_batch_plan(lengths, **plan_args)
     log.info("documents: %s", plan.report.summary())
     n_fit = len(lengths) if config.factors.max_documents is None else min(config.factors.max_documents, len(lengths))
@@ -269,10 +331,17 @@ def check_queries(queries, encoder, config: cfg.Config) -> None:
         return
     for q, e in zip(queries, encoded):
         start = len(encoder.prefix)
-        for part, ids in (("prompt", e.ids[start:e.prompt_length]), ("completion", e.ids[e.prompt_length:])):
+        for part, ids in (("prompt", e.ids[start : e.prompt_length]), ("completion", e.ids[e.prompt_length :])):
             if len(ids) and np.all(ids == unk_id):
-                log.warning('%s: query "%s": every token of its %s is the tokenizer\'s unknown token %s (%d tokens): '
-                            "the model sees none of its words", q.origin, q.id, part, unk, len(ids))
+                log.warning(
+                    '%s: query "%s": every token of its %s is the tokenizer\'s unknown token %s (%d tokens): '
+                    "the model sees none of its words",
+                    q.origin,
+                    q.id,
+                    part,
+                    unk,
+                    len(ids),
+                )
 
 
 class Subset:
@@ -299,9 +368,9 @@ def non_finite_loss(source, what: str) -> Callable[[int, int, int | None, float]
     def message(batch: int, row: int, index: int | None, value: float) -> str:
         assert index is not None, "the batches' rows name their documents (run_batches' fields hold index)"
         doc = source.documents([index])[0]
-        shard_of = getattr(source, "shard_of", None)   # a corpus of shards: the shard, and the line or row in it
+        shard_of = getattr(source, "shard_of", None)  # a corpus of shards: the shard, and the line or row in it
         name = shard_of(index) if shard_of is not None else getattr(source, "name", "documents")
-        if value == float("-inf"):   # the scores stage's mark of a finite loss with a score that is not finite
+        if value == float("-inf"):  # the scores stage's mark of a finite loss with a score that is not finite
             return f'{name}:{doc.line}: document "{doc.id}": its score against a query is not finite'
         return f'{name}:{doc.line}: document "{doc.id}": {what} loss is not finite ({value})'
 

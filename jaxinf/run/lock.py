@@ -36,13 +36,13 @@ class RunLock:
         self._fd: int | None = None
 
     def acquire(self) -> RunLock:
-        made = [p for p in (self.root, *self.root.parents) if not p.exists()]   # removed again if the lock fails
+        made = [p for p in (self.root, *self.root.parents) if not p.exists()]  # removed again if the lock fails
         had_file = self.path.exists()
         try:
             self.root.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM):
-                raise   # the machine refused a write: jaxinf.run.failures says it in one line, exit 3
+                raise  # the machine refused a write: jaxinf.run.failures says it in one line, exit 3
             raise StoreError(f"{self.root}: cannot create the run directory ({e.strerror})") from None
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
@@ -50,13 +50,15 @@ class RunLock:
         except OSError as e:
             os.close(fd)
             if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                raise RunLocked(f"{self.root}: in use by another jaxinf process ({self.holder()}); wait for it to "
-                                "finish or stop it, or choose another run.out") from None
+                raise RunLocked(
+                    f"{self.root}: in use by another jaxinf process ({self.holder()}); wait for it to "
+                    "finish or stop it, or choose another run.out"
+                ) from None
             raise StoreError(f"{self.path}: cannot lock the run directory ({e.strerror})") from None
         try:
             os.ftruncate(fd, 0)
             os.pwrite(fd, f"host {socket.gethostname()} pid {os.getpid()}\n".encode(), 0)
-        except OSError as e:   # a full disk: nothing left behind, and the message names the file
+        except OSError as e:  # a full disk: nothing left behind, and the message names the file
             os.close(fd)
             if not had_file:
                 self.path.unlink(missing_ok=True)
@@ -101,7 +103,7 @@ def claim_output(root: Path, kind: str, key: str = "--out"):
     check_writable(root)
     lock = RunLock(root).acquire()
     try:
-        check_output(root, kind, key)    # again under the lock: another process may have written it meanwhile
+        check_output(root, kind, key)  # again under the lock: another process may have written it meanwhile
         if _output_kind(root) != kind:
             write_json(root / OUTPUT_MARKER, {"format": f"jaxinf {kind}"})
     except BaseException:

@@ -73,9 +73,9 @@ class Step:
     flops: float | None = None
     documents: int | None = None  # documents per call (per-document steps)
     flops_from: str | None = None  # "mesh": the partitioned program's count; "one device": divided evenly
-    seconds: float = 0.0          # compile time
+    seconds: float = 0.0  # compile time
     bytes_accessed: float | None = None  # XLA's bytes accessed per device per call (counted as the FLOPs)
-    model_flops: float | None = None     # of which the model's own pass (per-document steps; jaxinf.run.chips)
+    model_flops: float | None = None  # of which the model's own pass (per-document steps; jaxinf.run.chips)
 
 
 @dataclasses.dataclass
@@ -103,12 +103,17 @@ def abstract_model(config, num_layers: int | None = None, scan: bool | None = No
 
     if config.model.checkpoint is None:
         raise PlanError("model.checkpoint: not set (a directory with the model's config.json; weights are not read)")
-    mc = models.read_config(config.model.checkpoint, dtype=config.model.dtype,
-                            scan=config.model.scan_layers if scan is None else scan,
-                            remat=config.model.remat)
-    if num_layers is not None:   # the first layers, with their own kinds (sliding or full attention, rotary or not)
-        mc = mc.replace(num_layers=num_layers, **{k: getattr(mc, k)[:num_layers] for k in ("layer_types", "rope_layers")
-                                                  if getattr(mc, k) is not None})
+    mc = models.read_config(
+        config.model.checkpoint,
+        dtype=config.model.dtype,
+        scan=config.model.scan_layers if scan is None else scan,
+        remat=config.model.remat,
+    )
+    if num_layers is not None:  # the first layers, with their own kinds (sliding or full attention, rotary or not)
+        mc = mc.replace(
+            num_layers=num_layers,
+            **{k: getattr(mc, k)[:num_layers] for k in ("layer_types", "rope_layers") if getattr(mc, k) is not None},
+        )
     lm = models.abstract(mc)
     return lm, tracked_layers(lm, config.factors.track)
 
@@ -119,9 +124,11 @@ def check_layers(layers) -> None:
         n = max(spec.d_in_aug, spec.d_out)
         if n > MAX_FACTOR_DIM:
             gb = n * n * 4 / 1e9
-            raise PlanError(f"factors.track tracks {name}, whose factor {'S' if spec.d_out >= spec.d_in_aug else 'A'} "
-                            f"would be {n} x {n} ({gb:,.0f} GB in float32, decomposed whole on one device); track "
-                            "mlp or a list of patterns without it")
+            raise PlanError(
+                f"factors.track tracks {name}, whose factor {'S' if spec.d_out >= spec.d_in_aug else 'A'} "
+                f"would be {n} x {n} ({gb:,.0f} GB in float32, decomposed whole on one device); track "
+                "mlp or a list of patterns without it"
+            )
 
 
 def stage_shapes(lm, layers, config) -> dict[str, Any]:
@@ -139,11 +146,17 @@ def stage_shapes(lm, layers, config) -> dict[str, Any]:
     Q = config.plan.queries
     G = {k: jax.ShapeDtypeStruct(s.lead + (Q, s.d_out, s.d_in_aug), dtype) for k, s in layers.items()}
     loss = jax.ShapeDtypeStruct((Q,), jnp.float32)
-    curv = jax.eval_shape(lambda e, L: curvature.assemble(config.factors.strategy, lambda: e, lambda basis: L),
-                          eigen, Lambda)
-    queries = jax.eval_shape(lambda G, l, c: scoring.prepare_queries(G, l, c, config.scores.damping,
-                                                                     config.scores.query_rank, dtype,
-                                                                     config.scores.query_svd), G, loss, curv)
+    curv = jax.eval_shape(
+        lambda e, L: curvature.assemble(config.factors.strategy, lambda: e, lambda basis: L), eigen, Lambda
+    )
+    queries = jax.eval_shape(
+        lambda G, l, c: scoring.prepare_queries(
+            G, l, c, config.scores.damping, config.scores.query_rank, dtype, config.scores.query_svd
+        ),
+        G,
+        loss,
+        curv,
+    )
     return {**fitted, "queries": queries, "curvature": curv}
 
 
@@ -157,11 +170,13 @@ def static_bytes(lm, shapes: dict, data: int, model: int) -> dict[str, int]:
     mesh = {"data": data, "model": model}
     cov = shapes["finished"]
     factors = (field_axes(curvature.Covariance, "A"), field_axes(curvature.Covariance, "S"))
-    out = {"parameters": shard_bytes(lm.params, tree_specs(mesh, lm.params, models.parameter_axes(lm.config)), mesh),
-           "factors": shard_bytes((cov.A, cov.S), tree_specs(mesh, (cov.A, cov.S), factors), mesh),
-           "eigenbases": shard_bytes(shapes["eigen"], tree_specs(mesh, shapes["eigen"]), mesh),
-           "Lambda": shard_bytes(shapes["lambda"], tree_specs(mesh, shapes["lambda"], curvature.LAMBDA_AXES), mesh),
-           "queries": shard_bytes(shapes["queries"], tree_specs(mesh, shapes["queries"]), mesh)}
+    out = {
+        "parameters": shard_bytes(lm.params, tree_specs(mesh, lm.params, models.parameter_axes(lm.config)), mesh),
+        "factors": shard_bytes((cov.A, cov.S), tree_specs(mesh, (cov.A, cov.S), factors), mesh),
+        "eigenbases": shard_bytes(shapes["eigen"], tree_specs(mesh, shapes["eigen"]), mesh),
+        "Lambda": shard_bytes(shapes["lambda"], tree_specs(mesh, shapes["lambda"], curvature.LAMBDA_AXES), mesh),
+        "queries": shard_bytes(shapes["queries"], tree_specs(mesh, shapes["queries"]), mesh),
+    }
     return out
 
 
@@ -189,10 +204,19 @@ def largest_layers(config, layers, rows: int, model: int) -> dict[str, tuple[str
 
     out = {}
     for stage in SHRINK:
-        sizes = {name: layer_working_set(stage, spec, rows=rows, tokens=config.data.max_length,
-                                         queries=config.plan.queries, query_batch=config.data.query_batch_size,
-                                         rank=config.scores.query_rank, model=model)
-                 for name, spec in layers.items()}
+        sizes = {
+            name: layer_working_set(
+                stage,
+                spec,
+                rows=rows,
+                tokens=config.data.max_length,
+                queries=config.plan.queries,
+                query_batch=config.data.query_batch_size,
+                rank=config.scores.query_rank,
+                model=model,
+            )
+            for name, spec in layers.items()
+        }
         name = max(sizes, key=sizes.__getitem__)
         out[stage] = (name, sizes[name])
     return out
@@ -206,9 +230,11 @@ def check_layers_fit(config, layers, rows: int, model: int, memory_bytes: int | 
         return
     for stage, (name, size) in largest_layers(config, layers, rows, model).items():
         if size > memory_bytes:
-            raise PlanError(f"stage {stage}: one layer of {name} needs about {size / GiB:.2f} GiB per device for "
-                            f"its statistic, more than {source} ({memory_bytes / GiB:.2f} GiB); lower "
-                            f"{SHRINK[stage]}")
+            raise PlanError(
+                f"stage {stage}: one layer of {name} needs about {size / GiB:.2f} GiB per device for "
+                f"its statistic, more than {source} ({memory_bytes / GiB:.2f} GiB); lower "
+                f"{SHRINK[stage]}"
+            )
 
 
 # --------------------------------------------------------------------------- compiling the steps
@@ -219,8 +245,14 @@ def _memory(name: str, compiled, seconds: float) -> Step:
     # arguments + outputs + temporaries, donated (aliased) buffers once. (The CPU backend's peak_memory_in_bytes
     # leaves the temporaries out, so it is not used.)
     peak = m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes
-    return Step(name, peak, int(m.argument_size_in_bytes), int(m.temp_size_in_bytes), int(m.output_size_in_bytes),
-                seconds=seconds)
+    return Step(
+        name,
+        peak,
+        int(m.argument_size_in_bytes),
+        int(m.temp_size_in_bytes),
+        int(m.output_size_in_bytes),
+        seconds=seconds,
+    )
 
 
 def _flops(compiled) -> float:
@@ -255,12 +287,16 @@ def abstract_arguments(config, mesh, lm, layers, shapes: dict, global_batch: int
     dtype = statistics_dtype(config.run.precision)
     T = config.data.max_length
     batch_sh, rows_sh = (jax.sharding.NamedSharding(mesh, batch_spec(n)) for n in (2, 1))
-    batch = {"tokens": jax.ShapeDtypeStruct((global_batch, T), jnp.int32, sharding=batch_sh),
-             "mask": jax.ShapeDtypeStruct((global_batch, T), jnp.float32, sharding=batch_sh),
-             "weights": jax.ShapeDtypeStruct((global_batch, T), jnp.float32, sharding=batch_sh)}
+    batch = {
+        "tokens": jax.ShapeDtypeStruct((global_batch, T), jnp.int32, sharding=batch_sh),
+        "mask": jax.ShapeDtypeStruct((global_batch, T), jnp.float32, sharding=batch_sh),
+        "weights": jax.ShapeDtypeStruct((global_batch, T), jnp.float32, sharding=batch_sh),
+    }
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    qbatch = {k: jax.ShapeDtypeStruct((config.data.query_batch_size, T), v.dtype, sharding=replicated)
-              for k, v in batch.items()}
+    qbatch = {
+        k: jax.ShapeDtypeStruct((config.data.query_batch_size, T), v.dtype, sharding=replicated)
+        for k, v in batch.items()
+    }
     batch.update({k: jax.ShapeDtypeStruct((global_batch,), jnp.int32, sharding=rows_sh) for k in ("index", "chunk")})
     eigen = absd(shapes["eigen"])
     Lambda = absd(shapes["lambda"], curvature.LAMBDA_AXES)
@@ -268,20 +304,35 @@ def abstract_arguments(config, mesh, lm, layers, shapes: dict, global_batch: int
     curv = curvature.curvature(strategy, eigen if strategy.eigen else None, Lambda if strategy.needs_lambda else None)
     Q = config.plan.queries
     queries = jax.eval_shape(
-        lambda c: scoring.prepare_queries({k: jnp.zeros(s.lead + (Q, s.d_out, s.d_in_aug), dtype)
-                                           for k, s in layers.items()}, jnp.zeros(Q, dtype), c,
-                                          config.scores.damping, config.scores.query_rank, dtype,
-                                          config.scores.query_svd), curv)
-    basis = {k: {"Q_A": eigen.Q_A[k], "Q_S": eigen.Q_S[k]} for k in layers}   # columns reordered: same shapes
-    return {"params": absd(lm.params, models.parameter_axes(lm.config)), "eigen": eigen if strategy.eigen else None,
-            "curv": curv, "queries": absd(queries), "basis": basis, "batch": batch, "qbatch": qbatch,
-            "key": jax.eval_shape(lambda: jax.random.key(0)) if config.factors.fisher == "sampled" else None,
-            "tails": jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
-                                  jax.eval_shape(lambda: programs.tails_init(config, layers, Q)))}
+        lambda c: scoring.prepare_queries(
+            {k: jnp.zeros(s.lead + (Q, s.d_out, s.d_in_aug), dtype) for k, s in layers.items()},
+            jnp.zeros(Q, dtype),
+            c,
+            config.scores.damping,
+            config.scores.query_rank,
+            dtype,
+            config.scores.query_svd,
+        ),
+        curv,
+    )
+    basis = {k: {"Q_A": eigen.Q_A[k], "Q_S": eigen.Q_S[k]} for k in layers}  # columns reordered: same shapes
+    return {
+        "params": absd(lm.params, models.parameter_axes(lm.config)),
+        "eigen": eigen if strategy.eigen else None,
+        "curv": curv,
+        "queries": absd(queries),
+        "basis": basis,
+        "batch": batch,
+        "qbatch": qbatch,
+        "key": jax.eval_shape(lambda: jax.random.key(0)) if config.factors.fisher == "sampled" else None,
+        "tails": jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
+            jax.eval_shape(lambda: programs.tails_init(config, layers, Q)),
+        ),
+    }
 
 
-def step_programs(config, mesh, lm, layers, global_batch: int, with_pass: bool = False,
-                  one_device: bool | None = None):
+def step_programs(config, mesh, lm, layers, global_batch: int, with_pass: bool = False, one_device: bool | None = None):
     """Every stage's step for ``mesh``, as ``(name, jitted function, abstract args, documents per call)``: the
     programs the run compiles (:func:`jaxinf.engine.programs.programs`, compiled as :meth:`~jaxinf.engine.programs.Program.jit`
     compiles them for the run), and the eigendecomposition of the largest factor. With ``with_pass``, also ``pass``:
@@ -310,8 +361,14 @@ def step_programs(config, mesh, lm, layers, global_batch: int, with_pass: bool =
         if program.stage is not None:
             state = jax.eval_shape(program.stage.init)
             given["state"] = abstract_tree(state, tree_shardings(mesh, state))
-        out.append((name, program.jit(executor), tuple(given[a] for a in program.args),
-                    global_batch if program.per_document else None))
+        out.append(
+            (
+                name,
+                program.jit(executor),
+                tuple(given[a] for a in program.args),
+                global_batch if program.per_document else None,
+            )
+        )
         if name == "covariance":
             # one program per factor (as distributed.eigendecompose): the largest factor's is the eigen step's peak
             finished = abstract_tree(shapes["finished"], tree_shardings(mesh, shapes["finished"]))
@@ -319,6 +376,7 @@ def step_programs(config, mesh, lm, layers, global_batch: int, with_pass: bool =
             which, M = max(factors, key=lambda f: (f[1].shape[-1], f[1].shape[:-2]))
             out.append(("eigen", eigh_program(mesh, M, which), (M,), None))
     if with_pass:
+
         def model_pass(p, b):
             return stages.train_statistics(task, layers, p, b, None, lambda a, g, m, c: jnp.sum(g, axis=(0, 1)))
 
@@ -335,8 +393,13 @@ def compile_steps(config, mesh, lm, layers, global_batch: int, flops: bool = Tru
         step = _memory(name, compiled, time.perf_counter() - t0)
         step.documents = docs
         out.append(step)
-        log.info("plan: %s on %dx%d compiled in %.1fs (peak %.2f GiB per device)", name, *mesh.devices.shape,
-                 step.seconds, step.peak / GiB)
+        log.info(
+            "plan: %s on %dx%d compiled in %.1fs (peak %.2f GiB per device)",
+            name,
+            *mesh.devices.shape,
+            step.seconds,
+            step.peak / GiB,
+        )
     if flops:
         import jax
 
@@ -344,7 +407,7 @@ def compile_steps(config, mesh, lm, layers, global_batch: int, flops: bool = Tru
         from jaxinf.sharding.partitioning import ShardingError
 
         L = lm.config.num_layers
-        counts: dict[str, list[list[float]]] = {}   # per step: (FLOPs, bytes) at 1 and 2 layers
+        counts: dict[str, list[list[float]]] = {}  # per step: (FLOPs, bytes) at 1 and 2 layers
         where = "mesh"
         for n in (1, 2):
             small, small_layers = abstract_model(config, num_layers=n, scan=False)
@@ -353,8 +416,11 @@ def compile_steps(config, mesh, lm, layers, global_batch: int, flops: bool = Tru
             except ShardingError:
                 # unstacked layers have no layer axis to fall back to: count this model's FLOPs on one device
                 one = make_mesh(1, 1, jax.devices()[:1])
-                programs, scale, where = step_programs(config, one, small, small_layers, global_batch, True), \
-                    1.0 / mesh.devices.size, "one device"
+                programs, scale, where = (
+                    step_programs(config, one, small, small_layers, global_batch, True),
+                    1.0 / mesh.devices.size,
+                    "one device",
+                )
             for name, fn, args, docs in programs:
                 if docs is not None:
                     counts.setdefault(name, []).append([scale * c for c in _cost(fn.lower(*args).compile())])
@@ -383,28 +449,45 @@ def plan(config, meshes: Iterable[tuple[int, int]], compile: bool = True, chip=N
 
     precision.enable(config.run.precision)
     lm, layers = abstract_model(config)
-    preflight.check_model_limits(config, lm.config)    # as jaxinf run refuses it: a plan of a run that cannot start
+    preflight.check_model_limits(config, lm.config)  # as jaxinf run refuses it: a plan of a run that cannot start
     check_layers(layers)
     shapes = stage_shapes(lm, layers, config)
     tracked = sum(s.num_params for s in layers.values())
-    result = {"model": config.model.checkpoint, "family": lm.config.family, "parameters": lm.num_params,
-              "parameter_dtype": lm.config.param_dtype, "tracked_layers": sum(len(s.layer_names) for s in layers.values()),
-              "tracked_parameters": int(tracked), "precision": config.run.precision, "meshes": []}
+    result = {
+        "model": config.model.checkpoint,
+        "family": lm.config.family,
+        "parameters": lm.num_params,
+        "parameter_dtype": lm.config.param_dtype,
+        "tracked_layers": sum(len(s.layer_names) for s in layers.values()),
+        "tracked_parameters": int(tracked),
+        "precision": config.run.precision,
+        "meshes": [],
+    }
     if chip is not None:
         result["chip"] = dataclasses.asdict(chip)
     for data, model in meshes:
         groups = simulated_groups(data, model, config.plan.hosts)
         per_group = data // groups
         if config.data.batch_size % per_group:
-            raise PlanError(f"data.batch_size={config.data.batch_size} does not split over the {per_group} data-axis "
-                            f"position(s) each of the {groups} corpus slices feeds (mesh {data}x{model}, "
-                            f"plan.hosts={config.plan.hosts})")
-        mp = MeshPlan(data, model, config.plan.hosts, groups, groups * config.data.batch_size,
-                      static_bytes(lm, shapes, data, model))
+            raise PlanError(
+                f"data.batch_size={config.data.batch_size} does not split over the {per_group} data-axis "
+                f"position(s) each of the {groups} corpus slices feeds (mesh {data}x{model}, "
+                f"plan.hosts={config.plan.hosts})"
+            )
+        mp = MeshPlan(
+            data,
+            model,
+            config.plan.hosts,
+            groups,
+            groups * config.data.batch_size,
+            static_bytes(lm, shapes, data, model),
+        )
         if compile:
             if jax.device_count() < data * model:
-                raise PlanError(f"mesh {data}x{model} needs {data * model} devices, {jax.device_count()} available "
-                                "(jaxinf plan simulates them when it starts jax itself)")
+                raise PlanError(
+                    f"mesh {data}x{model} needs {data * model} devices, {jax.device_count()} available "
+                    "(jaxinf plan simulates them when it starts jax itself)"
+                )
             mesh = make_mesh(data, model, jax.devices()[: data * model])
             mp.steps = compile_steps(config, mesh, lm, layers, mp.global_batch)
         entry = _mesh_dict(mp, config, chip)
@@ -427,11 +510,19 @@ def index_rows_held(config, ix: dict, mesh: dict) -> dict:
     from jaxinf.run.index_run import flush_every
 
     one_device = mesh["devices"] == 1 and mesh["hosts"] == 1
-    step = "lambda" if programs.index_in_lambda(config, one_device) else \
-        "scores" if programs.fused_index(config, one_device) else "index"
+    step = (
+        "lambda"
+        if programs.index_in_lambda(config, one_device)
+        else "scores"
+        if programs.fused_index(config, one_device)
+        else "index"
+    )
     every = flush_every(config.index.save_every, ix, config.data.batch_size)
-    return {"step": step, "batches": every,
-            "bytes_per_device": every * -(-mesh["global_batch"] // mesh["data"]) * ix["bytes_per_document"]}
+    return {
+        "step": step,
+        "batches": every,
+        "bytes_per_device": every * -(-mesh["global_batch"] // mesh["data"]) * ix["bytes_per_document"],
+    }
 
 
 def _mesh_dict(mp: MeshPlan, config, chip=None) -> dict:
@@ -443,22 +534,39 @@ def _mesh_dict(mp: MeshPlan, config, chip=None) -> dict:
         if s.flops is not None and s.documents:
             per_doc = s.flops * mp.devices / s.documents * scale
             d["flops_per_document"] = per_doc
-            n = config.factors.max_documents if s.name in ("covariance", "lambda") and config.factors.max_documents \
+            n = (
+                config.factors.max_documents
+                if s.name in ("covariance", "lambda") and config.factors.max_documents
                 else config.plan.documents
-            if s.name == "breakdowns":   # each query's top documents only
+            )
+            if s.name == "breakdowns":  # each query's top documents only
                 n = min(n, config.plan.queries * config.scores.topk)
             d["documents_timed"] = n
             d["hours"] = n * per_doc / (mp.devices * config.plan.device_flops) / 3600
-            if chip is not None and s.bytes_accessed is not None:   # per call, per device; calls for n documents
+            if chip is not None and s.bytes_accessed is not None:  # per call, per device; calls for n documents
                 from jaxinf.run.chips import roofline
 
-                r = roofline(chip, s.flops * scale, s.bytes_accessed * scale,
-                             None if s.model_flops is None else s.model_flops * scale, config.model.dtype,
-                             config.run.precision, config.run.matmul_precision)
+                r = roofline(
+                    chip,
+                    s.flops * scale,
+                    s.bytes_accessed * scale,
+                    None if s.model_flops is None else s.model_flops * scale,
+                    config.model.dtype,
+                    config.run.precision,
+                    config.run.matmul_precision,
+                )
                 d["roofline"] = {**r, "hours": n / s.documents * r["seconds"] / 3600}
         steps.append(d)
-    return {"data": mp.data, "model": mp.model, "devices": mp.devices, "hosts": mp.hosts, "corpus_slices": mp.groups,
-            "global_batch": mp.global_batch, "static": mp.static, "steps": steps}
+    return {
+        "data": mp.data,
+        "model": mp.model,
+        "devices": mp.devices,
+        "hosts": mp.hosts,
+        "corpus_slices": mp.groups,
+        "global_batch": mp.global_batch,
+        "static": mp.static,
+        "steps": steps,
+    }
 
 
 def check_fit(result: dict, memory_gib: float | None) -> list[str]:
@@ -472,85 +580,125 @@ def check_fit(result: dict, memory_gib: float | None) -> list[str]:
     for m in result["meshes"]:
         static = sum(m["static"][k] for k in ("parameters", "factors", "Lambda", "queries"))
         if not m["steps"] and static > limit:
-            bad.append(f"mesh {m['data']}x{m['model']}: parameters, factors, Lambda and query gradients alone need "
-                       f"{static / GiB:.2f} GiB per device, more than plan.device_memory_gib={memory_gib:g}")
+            bad.append(
+                f"mesh {m['data']}x{m['model']}: parameters, factors, Lambda and query gradients alone need "
+                f"{static / GiB:.2f} GiB per device, more than plan.device_memory_gib={memory_gib:g}"
+            )
         rows = m.get("index_rows", {})
         for s in m["steps"]:
             peak = s["peak"] + (rows["bytes_per_device"] if s["name"] == rows.get("step") else 0)
             if peak > limit:
-                msg = (f"mesh {m['data']}x{m['model']}: stage {s['name']} needs {peak / GiB:.2f} GiB per "
-                       f"device{' with the index rows it holds' if s['name'] == rows.get('step') else ''}, more than "
-                       f"plan.device_memory_gib={memory_gib:g}")
+                msg = (
+                    f"mesh {m['data']}x{m['model']}: stage {s['name']} needs {peak / GiB:.2f} GiB per "
+                    f"device{' with the index rows it holds' if s['name'] == rows.get('step') else ''}, more than "
+                    f"plan.device_memory_gib={memory_gib:g}"
+                )
                 largest = m.get("largest_layers", {}).get(s["name"])
                 if largest is not None:
-                    msg += (f"; its largest layer statistic is {largest[0]} (about {largest[1] / GiB:.2f} GiB); "
-                            f"lower {SHRINK[s['name']]}")
+                    msg += (
+                        f"; its largest layer statistic is {largest[0]} (about {largest[1] / GiB:.2f} GiB); "
+                        f"lower {SHRINK[s['name']]}"
+                    )
                 bad.append(msg)
     return bad
 
 
 def format_plan(result: dict, config) -> str:
     """The plan as text: a header, and per mesh the static bytes and one row per step."""
+
     def gib(b):
         return f"{b / GiB:8.2f}"
 
-    lines = [f"model {result['model']} ({result['family']}, {result['parameters']:,} parameters in "
-             f"{result['parameter_dtype']}); tracking {result['tracked_layers']} layers "
-             f"({result['tracked_parameters']:,} parameters), factors.track={config.factors.track}, "
-             f"strategy {config.factors.strategy}, engine precision {result['precision']}",
-             f"queries {config.plan.queries}, query rank {config.scores.query_rank or 'full'}, "
-             f"{config.data.max_length} tokens per row, data.batch_size {config.data.batch_size} per corpus slice"]
+    lines = [
+        f"model {result['model']} ({result['family']}, {result['parameters']:,} parameters in "
+        f"{result['parameter_dtype']}); tracking {result['tracked_layers']} layers "
+        f"({result['tracked_parameters']:,} parameters), factors.track={config.factors.track}, "
+        f"strategy {config.factors.strategy}, engine precision {result['precision']}",
+        f"queries {config.plan.queries}, query rank {config.scores.query_rank or 'full'}, "
+        f"{config.data.max_length} tokens per row, data.batch_size {config.data.batch_size} per corpus slice",
+    ]
     for m in result["meshes"]:
         st = m["static"]
-        lines += ["", f"mesh data={m['data']} x model={m['model']} ({m['devices']} devices, {m['hosts']} host(s), "
-                      f"{m['corpus_slices']} corpus slice(s), {m['global_batch']} documents per step)",
-                  "  per device (GiB): parameters " + gib(st["parameters"]).strip() + ", factors A+S "
-                  + gib(st["factors"]).strip() + " (eigenbases " + gib(st["eigenbases"]).strip() + "), Lambda "
-                  + gib(st["Lambda"]).strip() + ", query gradients " + gib(st["queries"]).strip()]
+        lines += [
+            "",
+            f"mesh data={m['data']} x model={m['model']} ({m['devices']} devices, {m['hosts']} host(s), "
+            f"{m['corpus_slices']} corpus slice(s), {m['global_batch']} documents per step)",
+            "  per device (GiB): parameters "
+            + gib(st["parameters"]).strip()
+            + ", factors A+S "
+            + gib(st["factors"]).strip()
+            + " (eigenbases "
+            + gib(st["eigenbases"]).strip()
+            + "), Lambda "
+            + gib(st["Lambda"]).strip()
+            + ", query gradients "
+            + gib(st["queries"]).strip(),
+        ]
         if m.get("largest_layers"):
-            lines.append("  largest layer statistic per stage (GiB, estimate): " + ", ".join(
-                f"{stage} {name} {size / GiB:.2f}" for stage, (name, size) in m["largest_layers"].items()))
+            lines.append(
+                "  largest layer statistic per stage (GiB, estimate): "
+                + ", ".join(f"{stage} {name} {size / GiB:.2f}" for stage, (name, size) in m["largest_layers"].items())
+            )
         if m["steps"]:
             chip = result.get("chip")
-            lines.append(f"  {'step':<16} {'peak GiB':>9} {'args GiB':>9} {'temp GiB':>9} {'TFLOP/doc':>10} "
-                         f"{'hours':>9} {'compile s':>9}" + (f" {'GB/doc':>8} {'compute s':>9} {'memory s':>9} "
-                                                             f"{'hours@chip':>10}  bound" if chip else ""))
+            lines.append(
+                f"  {'step':<16} {'peak GiB':>9} {'args GiB':>9} {'temp GiB':>9} {'TFLOP/doc':>10} "
+                f"{'hours':>9} {'compile s':>9}"
+                + (f" {'GB/doc':>8} {'compute s':>9} {'memory s':>9} {'hours@chip':>10}  bound" if chip else "")
+            )
             for s in m["steps"]:
-                fl = f"{s['flops_per_document'] / 1e12:9.3f}{'*' if s.get('flops_from') == 'one device' else ' '}" \
-                    if "flops_per_document" in s else f"{'-':>10}"
+                fl = (
+                    f"{s['flops_per_document'] / 1e12:9.3f}{'*' if s.get('flops_from') == 'one device' else ' '}"
+                    if "flops_per_document" in s
+                    else f"{'-':>10}"
+                )
                 hours = f"{s['hours']:9.1f}" if "hours" in s else f"{'-':>9}"
-                row = (f"  {s['name']:<16} {gib(s['peak']):>9} {gib(s['arguments']):>9} "
-                       f"{gib(s['temporaries']):>9} {fl} {hours} {s['seconds']:9.1f}")
+                row = (
+                    f"  {s['name']:<16} {gib(s['peak']):>9} {gib(s['arguments']):>9} "
+                    f"{gib(s['temporaries']):>9} {fl} {hours} {s['seconds']:9.1f}"
+                )
                 if chip and "roofline" in s:
                     r = s["roofline"]
                     per_doc_gb = s["bytes_accessed"] * m["devices"] / s["documents"] / 1e9
-                    row += (f" {per_doc_gb:8.3f} {r['compute_s']:9.3g} {r['memory_s']:9.3g} {r['hours']:10.1f}  "
-                            f"{r['bound']}")
+                    row += (
+                        f" {per_doc_gb:8.3f} {r['compute_s']:9.3g} {r['memory_s']:9.3g} {r['hours']:10.1f}  "
+                        f"{r['bound']}"
+                    )
                 elif chip:
                     row += f" {'-':>8} {'-':>9} {'-':>9} {'-':>10}  -"
                 lines.append(row)
         if "index_rows" in m:
             r = m["index_rows"]
-            lines.append(f"  index rows held by the {r['step']} step between flushes: {r['batches']} batches, "
-                         f"{gib(r['bytes_per_device']).strip()} GiB per device (in its peak for plan.device_memory_gib)")
+            lines.append(
+                f"  index rows held by the {r['step']} step between flushes: {r['batches']} batches, "
+                f"{gib(r['bytes_per_device']).strip()} GiB per device (in its peak for plan.device_memory_gib)"
+            )
     if "index" in result:
         lines += ["", format_size(result["index"])]
     tokens = config.plan.tokens_per_document or config.data.max_length
     if any(s.get("flops_from") == "one device" for m in result["meshes"] for s in m["steps"]):
-        lines += ["", "*: FLOPs counted on one device and divided evenly (the unstacked layers the count uses have "
-                      "a factor that no mesh axis divides)"]
+        lines += [
+            "",
+            "*: FLOPs counted on one device and divided evenly (the unstacked layers the count uses have "
+            "a factor that no mesh axis divides)",
+        ]
     if config.model.remat:
         lines += ["", "model.remat: the FLOPs leave out the recomputed forward pass (about a third more per step)"]
-    lines += ["", f"hours: {config.plan.documents:,} documents (factors.max_documents for covariance and Lambda when "
-                  f"set) of {tokens} tokens at {config.plan.device_flops:.3g} FLOP/s per device; peaks are XLA's "
-                  "CPU-backend memory analysis of each partitioned step"]
+    lines += [
+        "",
+        f"hours: {config.plan.documents:,} documents (factors.max_documents for covariance and Lambda when "
+        f"set) of {tokens} tokens at {config.plan.device_flops:.3g} FLOP/s per device; peaks are XLA's "
+        "CPU-backend memory analysis of each partitioned step",
+    ]
     if result.get("chip"):
         c = result["chip"]
-        lines += [f"chip {c['name']}: roofline of each per-document step per call and device (compute s, memory s: "
-                  f"the model's pass at its dtype's rate ({c['bf16'] / 1e12:g} TFLOP/s in bfloat16), the statistics "
-                  f"at the float32 rate of run.matmul_precision={config.run.matmul_precision}, XLA's bytes accessed "
-                  f"at {c['hbm'] / 1e9:g} GB/s); hours@chip: the larger of the two for the documents above; bound: "
-                  "the binding resource (jaxinf/run/chips.py)"]
+        lines += [
+            f"chip {c['name']}: roofline of each per-document step per call and device (compute s, memory s: "
+            f"the model's pass at its dtype's rate ({c['bf16'] / 1e12:g} TFLOP/s in bfloat16), the statistics "
+            f"at the float32 rate of run.matmul_precision={config.run.matmul_precision}, XLA's bytes accessed "
+            f"at {c['hbm'] / 1e9:g} GB/s); hours@chip: the larger of the two for the documents above; bound: "
+            "the binding resource (jaxinf/run/chips.py)"
+        ]
     return "\n".join(lines)
 
 

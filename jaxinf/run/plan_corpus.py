@@ -41,53 +41,82 @@ def corpus_plan(config) -> tuple[dict, cfg.Config]:
     d = config.data
     if d.documents is None:
         raise DataError("data.documents: not set (jaxinf plan --corpus counts the documents it names)")
-    documents = open_documents(d.documents, text_field=d.text_field, id_field=d.id_field,
-                               source_field=d.source_field, dedupe=d.dedupe)
+    documents = open_documents(
+        d.documents, text_field=d.text_field, id_field=d.id_field, source_field=d.source_field, dedupe=d.dedupe
+    )
     encoder = TextEncoder(load_tokenizer(config.model.checkpoint))
     limit = d.max_length if d.long_documents == "truncate" else None
-    lengths = document_lengths(None, documents, encoder, limit=limit)   # the shared cache's, or counted into it
-    args = dict(batch_size=d.batch_size, max_length=d.max_length, long_documents=d.long_documents,
-                buckets=buckets(d.max_length))
+    lengths = document_lengths(None, documents, encoder, limit=limit)  # the shared cache's, or counted into it
+    args = dict(
+        batch_size=d.batch_size, max_length=d.max_length, long_documents=d.long_documents, buckets=buckets(d.max_length)
+    )
     report = make_batch_plan(lengths, **args).report
     n_fit = len(lengths) if config.factors.max_documents is None else min(config.factors.max_documents, len(lengths))
     fit = report if n_fit == len(lengths) else make_batch_plan(lengths[:n_fit], **args).report
     passes: list[dict[str, Any]] = []
     if config.factors.from_run is None:
-        passes += [{"stage": "covariance", "documents": n_fit, "rows": fit.rows, "tokens": fit.tokens},
-                   {"stage": "lambda", "documents": n_fit, "rows": fit.rows, "tokens": fit.tokens}]
+        passes += [
+            {"stage": "covariance", "documents": n_fit, "rows": fit.rows, "tokens": fit.tokens},
+            {"stage": "lambda", "documents": n_fit, "rows": fit.rows, "tokens": fit.tokens},
+        ]
     whole = {"documents": report.documents, "rows": report.rows, "tokens": report.tokens}
     if config.scores.mode == "exact":
         passes.append({"stage": "scores", **whole})
     if config.index.k is not None:
         passes.append({"stage": "index", **whole})
-    out = {"documents": getattr(documents, "name", d.documents), "read": documents.report.summary(),
-           "counted_documents": len(lengths), "counted_tokens": int(np.sum(lengths)),
-           "bounded_prefix": limit, "plan": report.to_dict(), "passes": passes,
-           "tokens_read": int(sum(p["tokens"] for p in passes))}
+    out = {
+        "documents": getattr(documents, "name", d.documents),
+        "read": documents.report.summary(),
+        "counted_documents": len(lengths),
+        "counted_tokens": int(np.sum(lengths)),
+        "bounded_prefix": limit,
+        "plan": report.to_dict(),
+        "passes": passes,
+        "tokens_read": int(sum(p["tokens"] for p in passes)),
+    }
     per_row = math.ceil(report.padded_tokens / report.rows) if report.rows else d.max_length
-    timed = dataclasses.replace(config, plan=dataclasses.replace(config.plan, documents=max(report.rows, 1),
-                                                                 tokens_per_document=max(per_row, 1)))
+    timed = dataclasses.replace(
+        config,
+        plan=dataclasses.replace(config.plan, documents=max(report.rows, 1), tokens_per_document=max(per_row, 1)),
+    )
     return out, timed
 
 
 def format_corpus(c: dict, config) -> str:
     """The corpus block of ``jaxinf plan --corpus``'s text."""
     p = c["plan"]
-    prefix = (f"; a document over data.max_length={c['bounded_prefix']} counted in a bounded prefix"
-              if c["bounded_prefix"] is not None else "")
-    lines = [f"corpus {c['read']}",
-             (f"  token counts: {c['counted_tokens']:,} tokens in {c['counted_documents']:,} documents (the "
-              f"checkpoint's tokenizer, special tokens included{prefix})"),
-             f"  rows of data.max_length={config.data.max_length} (data.long_documents={config.data.long_documents}): "
-             + ", ".join([f"{p['rows']:,} rows", f"{p['tokens']:,} tokens kept"]
-                         + ([f"{p['truncated_documents']:,} documents truncated ({p['truncated_tokens']:,} tokens cut)"]
-                            if p["truncated_documents"] else [])
-                         + ([f"{p['split_documents']:,} documents split"] if p["split_documents"] else [])
-                         + [f"{100 * p['padding_fraction']:.1f}% padding"])]
+    prefix = (
+        f"; a document over data.max_length={c['bounded_prefix']} counted in a bounded prefix"
+        if c["bounded_prefix"] is not None
+        else ""
+    )
+    lines = [
+        f"corpus {c['read']}",
+        (
+            f"  token counts: {c['counted_tokens']:,} tokens in {c['counted_documents']:,} documents (the "
+            f"checkpoint's tokenizer, special tokens included{prefix})"
+        ),
+        f"  rows of data.max_length={config.data.max_length} (data.long_documents={config.data.long_documents}): "
+        + ", ".join(
+            [f"{p['rows']:,} rows", f"{p['tokens']:,} tokens kept"]
+            + (
+                [f"{p['truncated_documents']:,} documents truncated ({p['truncated_tokens']:,} tokens cut)"]
+                if p["truncated_documents"]
+                else []
+            )
+            + ([f"{p['split_documents']:,} documents split"] if p["split_documents"] else [])
+            + [f"{100 * p['padding_fraction']:.1f}% padding"]
+        ),
+    ]
     if c["passes"]:
-        lines.append("  passes over the corpus: " + ", ".join(
-            f"{q['stage']} ({q['documents']:,} documents, {q['rows']:,} rows, {q['tokens']:,} tokens)"
-            for q in c["passes"]) + f"; {c['tokens_read']:,} tokens in all, after one token-count pass")
+        lines.append(
+            "  passes over the corpus: "
+            + ", ".join(
+                f"{q['stage']} ({q['documents']:,} documents, {q['rows']:,} rows, {q['tokens']:,} tokens)"
+                for q in c["passes"]
+            )
+            + f"; {c['tokens_read']:,} tokens in all, after one token-count pass"
+        )
     else:
         lines.append("  passes over the corpus: none (factors.from and scores from another run's index)")
     return "\n".join(lines)
@@ -107,9 +136,11 @@ def command(config, meshes: list[tuple[int, int]], compile: bool, json_out: str 
     print(plan.format_plan(result, timed))
     print()
     print(format_corpus(corpus, timed))
-    print(f"  hours above: the corpus's {corpus['plan']['padded_tokens']:,} token slots of its batches (padding "
-          f"included) as {timed.plan.documents:,} rows of {timed.plan.tokens_per_document} tokens, in place of "
-          "plan.documents and plan.tokens_per_document")
+    print(
+        f"  hours above: the corpus's {corpus['plan']['padded_tokens']:,} token slots of its batches (padding "
+        f"included) as {timed.plan.documents:,} rows of {timed.plan.tokens_per_document} tokens, in place of "
+        "plan.documents and plan.tokens_per_document"
+    )
     if json_out:
         Path(json_out).write_text(json.dumps(result, indent=1) + "\n")
     problems = plan.check_fit(result, config.plan.device_memory_gib)

@@ -31,8 +31,10 @@ def check_model_limits(config: cfg.Config, model_config) -> None:
     ``model_config``)."""
     limit = model_config.max_position_embeddings
     if config.data.max_length > limit:
-        raise PreflightError(f"data.max_length={config.data.max_length} is above the model's "
-                             f"max_position_embeddings={limit} ({Path(config.model.checkpoint or '') / 'config.json'})")
+        raise PreflightError(
+            f"data.max_length={config.data.max_length} is above the model's "
+            f"max_position_embeddings={limit} ({Path(config.model.checkpoint or '') / 'config.json'})"
+        )
 
 
 def check_corpus(lengths: np.ndarray, name: str, max_documents: int | None, tokenizer: str | None = None) -> None:
@@ -42,11 +44,14 @@ def check_corpus(lengths: np.ndarray, name: str, max_documents: int | None, toke
     the tokenizer's doing."""
     if not (np.asarray(lengths) >= 2).any():
         under = f" with the tokenizer {tokenizer}" if tokenizer and len(lengths) else ""
-        raise PreflightError(f"no documents with at least 2 tokens in {name}{under} ({len(lengths)} documents kept; "
-                             "stage covariance)")
+        raise PreflightError(
+            f"no documents with at least 2 tokens in {name}{under} ({len(lengths)} documents kept; stage covariance)"
+        )
     if max_documents is not None and not (np.asarray(lengths[:max_documents]) >= 2).any():
-        raise PreflightError(f"no documents with at least 2 tokens among the first {max_documents} "
-                             f"(factors.max_documents) of {name}; stage covariance")
+        raise PreflightError(
+            f"no documents with at least 2 tokens among the first {max_documents} "
+            f"(factors.max_documents) of {name}; stage covariance"
+        )
 
 
 def log_query_rank(rank: int | None, layers: dict) -> list[str]:
@@ -58,8 +63,13 @@ def log_query_rank(rank: int | None, layers: dict) -> list[str]:
         smaller = min(spec.d_out, spec.d_in_aug)
         if smaller <= rank:
             full.append(name)
-            log.info("scores.query_rank=%d is not below the smaller dimension of %s (%d x %d): full rank for that "
-                     "layer", rank, name, spec.d_out, spec.d_in_aug)
+            log.info(
+                "scores.query_rank=%d is not below the smaller dimension of %s (%d x %d): full rank for that layer",
+                rank,
+                name,
+                spec.d_out,
+                spec.d_in_aug,
+            )
     return full
 
 
@@ -79,19 +89,29 @@ def check_curvature(curv, damping: float | None, fetch=np.asarray, source: str =
     largest = {k: float(fetch(_abs_max(L))) for k, L in Lambda.items()}
     zero = sorted(k for k, v in largest.items() if v == 0)
     if len(zero) == len(largest):
-        raise PreflightError(f"Lambda is zero in every tracked layer ({len(zero)} blocks): no token of {source} gave "
-                             "a non-zero gradient (documents of one token, or a model whose predictions are saturated), "
-                             "so every score would be 0")
+        raise PreflightError(
+            f"Lambda is zero in every tracked layer ({len(zero)} blocks): no token of {source} gave "
+            "a non-zero gradient (documents of one token, or a model whose predictions are saturated), "
+            "so every score would be 0"
+        )
     if zero:
-        log.warning("Lambda is zero in %d tracked block(s) (%s): no token reached them, so they add nothing to any "
-                    "score", len(zero), ", ".join(zero))
+        log.warning(
+            "Lambda is zero in %d tracked block(s) (%s): no token reached them, so they add nothing to any score",
+            len(zero),
+            ", ".join(zero),
+        )
     if damping is None or damping == 0:
         return
     top_name, top = max(largest.items(), key=lambda kv: kv[1])
     if damping > 1e6 * top:
-        log.warning("scores.damping=%g is %.3g times the largest Lambda (%.3g, layer %s): the curvature is ignored, "
-                    "the scores are factors.strategy=identity's divided by the damping", damping, damping / top, top,
-                    top_name)
+        log.warning(
+            "scores.damping=%g is %.3g times the largest Lambda (%.3g, layer %s): the curvature is ignored, "
+            "the scores are factors.strategy=identity's divided by the damping",
+            damping,
+            damping / top,
+            top,
+            top_name,
+        )
 
 
 def _abs_max(x):

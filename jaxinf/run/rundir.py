@@ -50,16 +50,16 @@ RECORD = "run.json"
 RECORD_COPY = ("state", "run.json")
 PREVIOUS = ".jaxinf-previous"
 DISCARDED = ".jaxinf-discarded"
-MOVING = ".jaxinf-moving"     # while it exists, every entry of RUN is the old run's (moving aside, or moving back)
+MOVING = ".jaxinf-moving"  # while it exists, every entry of RUN is the old run's (moving aside, or moving back)
 LOCK_FILE = ".jaxinf.lock"
-OURS = {LOCK_FILE, PREVIOUS, DISCARDED, MOVING, ".gitkeep"}   # entries that never make a directory "not empty"
+OURS = {LOCK_FILE, PREVIOUS, DISCARDED, MOVING, ".gitkeep"}  # entries that never make a directory "not empty"
 
 
 class StoreError(UserError, RuntimeError):
     """A run directory that cannot be used as asked (the message names the path)."""
 
 
-MARKER = "jaxinf run"   # run.json's "format": what makes a directory a jaxinf run
+MARKER = "jaxinf run"  # run.json's "format": what makes a directory a jaxinf run
 
 
 def is_record(record) -> bool:
@@ -70,8 +70,13 @@ def is_record(record) -> bool:
     if record.get("format") == MARKER:
         return True
     versions = record.get("versions")
-    return (isinstance(record.get("config"), dict) and isinstance(record.get("stages"), dict)
-            and isinstance(record.get("fingerprint"), str) and isinstance(versions, dict) and "jaxinf" in versions)
+    return (
+        isinstance(record.get("config"), dict)
+        and isinstance(record.get("stages"), dict)
+        and isinstance(record.get("fingerprint"), str)
+        and isinstance(versions, dict)
+        and "jaxinf" in versions
+    )
 
 
 def _holds_record(path: Path) -> bool | None:
@@ -136,7 +141,7 @@ def enclosing_run(root: Path) -> Path | None:
     for path in dict.fromkeys((Path(os.path.abspath(root)), Path(os.path.realpath(root)))):
         found = [parent for parent in path.parents if is_run(parent)]
         if found:
-            return found[-1]   # the outermost: RUN rather than RUN/state
+            return found[-1]  # the outermost: RUN rather than RUN/state
     return None
 
 
@@ -158,16 +163,19 @@ def check_target(root: Path, overwrite: bool, key: str = "run.out") -> None:
     if entries:
         shown = ", ".join(entries[:5]) + (", ..." if len(entries) > 5 else "")
         verb = "will not be overwritten: it" if overwrite else "exists and"
-        raise StoreError(f"{root}: {verb} is not a jaxinf run directory ({why_not_run(root)}; it holds {shown}); "
-                         f"choose another {key}")
+        raise StoreError(
+            f"{root}: {verb} is not a jaxinf run directory ({why_not_run(root)}; it holds {shown}); "
+            f"choose another {key}"
+        )
 
 
 def recover_interrupted(root: Path) -> None:
     """Finishes what a killed ``--overwrite`` left: moves an old run set aside back, deletes one being deleted."""
     if (root / PREVIOUS).is_dir():
         _move_back(root)
-        log.warning("%s: an --overwrite was interrupted before the new run finished; the previous run is restored",
-                    root)
+        log.warning(
+            "%s: an --overwrite was interrupted before the new run finished; the previous run is restored", root
+        )
     (root / MOVING).unlink(missing_ok=True)
     if (root / DISCARDED).exists():
         shutil.rmtree(root / DISCARDED)
@@ -179,7 +187,7 @@ def _move_back(root: Path) -> None:
     ``.jaxinf-discarded/`` first (deleted last); the marker ``.jaxinf-moving`` then says that what ``root`` holds is
     the old run's (so a rerun after a kill moves the rest back without taking those for the new attempt's)."""
     if not (root / MOVING).exists():
-        if (root / DISCARDED).exists():                # left by a kill: garbage either way
+        if (root / DISCARDED).exists():  # left by a kill: garbage either way
             shutil.rmtree(root / DISCARDED)
         (root / DISCARDED).mkdir()
         _move_entries(root, root / DISCARDED)
@@ -221,6 +229,7 @@ def _wait_for_writers(root: Path) -> None:
     :data:`WRITERS_QUIET_S`, at most :data:`WRITERS_LIMIT_S`): Orbax's writer threads (TensorStore) go on writing a
     failed save's other files, by path, after the failure is raised; moved away too early, those files would be
     written again into the old run put back in its place."""
+
     def state() -> list[tuple[str, int, int]]:
         found = []
         for tmp in (root / "state").rglob("*.orbax-checkpoint-tmp*") if (root / "state").is_dir() else ():
@@ -240,7 +249,7 @@ def _wait_for_writers(root: Path) -> None:
 def _stat(path: Path) -> os.stat_result | None:
     try:
         return path.stat()
-    except OSError:   # renamed or removed meanwhile
+    except OSError:  # renamed or removed meanwhile
         return None
 
 
@@ -288,10 +297,16 @@ def read_record(root: Path) -> dict | None:
     try:
         record = _parse(copy)
     except (OSError, ValueError, KeyError) as e:
-        raise StoreError(f"{path}: {problem}, and its copy {copy} is too ({type(e).__name__}); "
-                         f"--overwrite would delete {describe_contents(root)}") from None
-    log.warning("%s: %s; restored from its copy %s (saved results are verified against their checksums as usual)",
-                path, problem, copy)
+        raise StoreError(
+            f"{path}: {problem}, and its copy {copy} is too ({type(e).__name__}); "
+            f"--overwrite would delete {describe_contents(root)}"
+        ) from None
+    log.warning(
+        "%s: %s; restored from its copy %s (saved results are verified against their checksums as usual)",
+        path,
+        problem,
+        copy,
+    )
     return record
 
 
@@ -331,7 +346,7 @@ class Fresh:
         if self.created:
             try:
                 self.root.rmdir()
-            except OSError:   # something else appeared in it meanwhile: left as it is
+            except OSError:  # something else appeared in it meanwhile: left as it is
                 pass
 
     def discard(self) -> None:
@@ -346,8 +361,8 @@ def is_fresh(root: Path) -> bool:
 
 # --------------------------------------------------------------------------- validate --out, demo --out
 
-OUTPUT_MARKER = ".jaxinf-output"   # in DIR of `jaxinf validate --out DIR` and `jaxinf demo --out DIR`: which command
-LEGACY_OUTPUTS = {                 # what the command wrote before the marker (a directory holding only these is its)
+OUTPUT_MARKER = ".jaxinf-output"  # in DIR of `jaxinf validate --out DIR` and `jaxinf demo --out DIR`: which command
+LEGACY_OUTPUTS = {  # what the command wrote before the marker (a directory holding only these is its)
     "validate": ({"work"}, {"work", "validation.json", "report"}),
     "demo": ({"data"}, {"data", "model", "train", "config.yaml", "run"}),
 }
@@ -359,7 +374,7 @@ def _output_kind(root: Path) -> str | None:
     except (OSError, ValueError):
         return None
     kind = record.get("format", "") if isinstance(record, dict) else ""
-    return kind[len("jaxinf "):] if kind.startswith("jaxinf ") else None
+    return kind[len("jaxinf ") :] if kind.startswith("jaxinf ") else None
 
 
 def check_output(root: Path, kind: str, key: str = "--out") -> None:
@@ -376,8 +391,9 @@ def check_output(root: Path, kind: str, key: str = "--out") -> None:
     if theirs == kind:
         return
     if theirs is not None:
-        raise StoreError(f"{root}: is the output directory of jaxinf {theirs}, not of jaxinf {kind}; choose another "
-                         f"{key}")
+        raise StoreError(
+            f"{root}: is the output directory of jaxinf {theirs}, not of jaxinf {kind}; choose another {key}"
+        )
     if is_run(root):
         raise StoreError(f"{root}: is a jaxinf run directory (jaxinf run writes it); choose another {key}")
     entries = [e for e in foreign_entries(root) if e != OUTPUT_MARKER]

@@ -22,9 +22,11 @@ def check_plan(store: RunStore, name: str, plan) -> None:
     """Refuses to resume a stage whose checkpoints were made with documents grouped into batches differently."""
     saved = store.record["stages"].get(name, {}).get("plan")
     if saved is not None and saved != batch_plan_key(plan) and store.status(name) != "done":
-        raise StoreError(f"{store.root}: stage {name} was checkpointed with {saved['processes']} process(es) x "
-                         f"{saved['batch_size']} documents per batch ({saved['batches']} batches); resume it with the "
-                         f"same number of processes, or use --overwrite")
+        raise StoreError(
+            f"{store.root}: stage {name} was checkpointed with {saved['processes']} process(es) x "
+            f"{saved['batch_size']} documents per batch ({saved['batches']} batches); resume it with the "
+            f"same number of processes, or use --overwrite"
+        )
 
 
 class _InRunDirectory:

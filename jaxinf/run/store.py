@@ -66,8 +66,10 @@ def _step_files(step_dir: Path) -> list[Path]:
 
 def write_manifest(step_dir: Path) -> None:
     """Checksums of every file of a finished step, written last (atomically)."""
-    files = {str(p.relative_to(step_dir)): {"sha256": file_sha256(p), "bytes": p.stat().st_size}
-             for p in _step_files(step_dir)}
+    files = {
+        str(p.relative_to(step_dir)): {"sha256": file_sha256(p), "bytes": p.stat().st_size}
+        for p in _step_files(step_dir)
+    }
     write_json(step_dir / MANIFEST, {"files": files})
 
 
@@ -85,15 +87,15 @@ def verify_manifest(step_dir: Path) -> None:
         if not path.exists():
             raise CorruptCheckpoint(f"{path}: missing checkpoint file")
         if path.stat().st_size != info["bytes"]:
-            raise CorruptCheckpoint(f"{path}: truncated or resized checkpoint file "
-                                    f"({path.stat().st_size} bytes, saved {info['bytes']})")
+            raise CorruptCheckpoint(
+                f"{path}: truncated or resized checkpoint file ({path.stat().st_size} bytes, saved {info['bytes']})"
+            )
         if file_sha256(path) != info["sha256"]:
             raise CorruptCheckpoint(f"{path}: corrupted checkpoint file (checksum mismatch)")
 
 
 def _abstract(tree):
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
-                        tree)
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)), tree)
 
 
 class StageStore:
@@ -111,8 +113,9 @@ class StageStore:
     def manager(self):
         if self._manager is None:
             ocp = self._ocp
-            options = ocp.CheckpointManagerOptions(max_to_keep=self._keep, enable_async_checkpointing=False,
-                                                   create=True)
+            options = ocp.CheckpointManagerOptions(
+                max_to_keep=self._keep, enable_async_checkpointing=False, create=True
+            )
             self._manager = ocp.CheckpointManager(self.root, options=options)
         return self._manager
 
@@ -205,8 +208,10 @@ class RunStore:
             try:
                 old = cfg.from_dict(record["config"], str(record_path))
             except cfg.ConfigError as e:
-                raise StoreError(f"{record_path}: unreadable run record ({e}); --overwrite would delete "
-                                 f"{rundir.describe_contents(root)}") from None
+                raise StoreError(
+                    f"{record_path}: unreadable run record ({e}); --overwrite would delete "
+                    f"{rundir.describe_contents(root)}"
+                ) from None
             store = cls(root, record)
             store._check_resume(old, config)
             record["config"] = cfg.to_dict(config)
@@ -222,7 +227,7 @@ class RunStore:
             "fingerprint": cfg.results_key(config),
             "versions": versions(),
             "heap": heap_mode(),
-            "cwd": os.getcwd(),     # where the config's relative paths mean something (jaxinf analyze from elsewhere)
+            "cwd": os.getcwd(),  # where the config's relative paths mean something (jaxinf analyze from elsewhere)
             "created": _now(),
             "stages": {s: {"status": "pending"} for s in cfg.STAGES},
         }
@@ -237,14 +242,18 @@ class RunStore:
         order = {s: i for i, s in enumerate(cfg.STAGES)}
         first = min(order[stage] for _, stage in changed)
         started = [s for s in cfg.STAGES[first:] if self.status(s) != "pending" or self.stage(s).steps()]
-        redone = ("exports", "analysis")   # written from saved results alone: a key of theirs redoes them, never refused
+        redone = ("exports", "analysis")  # written from saved results alone: a key of theirs redoes them, never refused
         refused = [k for k, stage in changed if stage not in redone and any(order[s] >= order[stage] for s in started)]
         if refused:
-            keep = ("" if any(order[stage] <= order["lambda"] for k, stage in changed if k in refused) else
-                    f"; factors.from={self.root} with another run.out keeps its fitted curvature")
+            keep = (
+                ""
+                if any(order[stage] <= order["lambda"] for k, stage in changed if k in refused)
+                else f"; factors.from={self.root} with another run.out keeps its fitted curvature"
+            )
             raise StoreError(
                 f"{self.root}: run started with another config; these keys would change results already saved: "
-                f"{', '.join(refused)} (use --overwrite to start over, or another run.out{keep})")
+                f"{', '.join(refused)} (use --overwrite to start over, or another run.out{keep})"
+            )
         for s in cfg.STAGES[first:]:
             self.record["stages"][s] = {"status": "pending"}
 
@@ -309,9 +318,11 @@ def check_writable(root: Path) -> None:
     """Raises :class:`EnvironmentFailure` when ``root`` cannot be created or written (nothing is written)."""
     probe = root
     while not probe.exists():
-        if probe.is_symlink():   # dangling, or a loop: mkdir would fail with "File exists"
-            raise StoreError(f"{root}: cannot create the run directory ({probe} is a symbolic link to "
-                             f"{os.readlink(probe)}, which does not resolve to a directory)")
+        if probe.is_symlink():  # dangling, or a loop: mkdir would fail with "File exists"
+            raise StoreError(
+                f"{root}: cannot create the run directory ({probe} is a symbolic link to "
+                f"{os.readlink(probe)}, which does not resolve to a directory)"
+            )
         probe = probe.parent
     if not probe.is_dir():
         raise StoreError(f"{root}: cannot create the run directory ({probe} is not a directory)")
@@ -319,8 +330,9 @@ def check_writable(root: Path) -> None:
         import errno
 
         reason = "read-only file system" if _errno_of_write(probe) == errno.EROFS else "permission denied"
-        raise EnvironmentFailure(f"{root}: output directory is not writable ({reason}; stage: start); "
-                                 "nothing was written")
+        raise EnvironmentFailure(
+            f"{root}: output directory is not writable ({reason}; stage: start); nothing was written"
+        )
 
 
 def _errno_of_write(directory: Path) -> int:

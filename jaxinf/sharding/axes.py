@@ -99,6 +99,7 @@ def declared_axes(tree: Any, declared: Any = None, *, what: str = "") -> Any:
 
 def _resolve(declared: Any, tree: Any, where: str) -> Any:
     """Each array of ``tree`` under the :class:`Axes` that the prefix tree ``declared`` gives it, at its rank."""
+
     def subtree(axes, sub):
         if not isinstance(axes, Axes):
             raise AxesError(f"{where}: declared layout {axes!r} is not an Axes")
@@ -123,15 +124,20 @@ def _walk(node: Any, where: str) -> Any:
             if f.metadata.get("static"):
                 continue
             if "axes" not in f.metadata:
-                raise AxesError(f"{where + ': ' if where else ''}{name}.{f.name}: no logical axes declared in its "
-                                "field metadata (jaxinf.sharding.axes.logical)")
-            changes[f.name] = _resolve(f.metadata["axes"], getattr(node, f.name),
-                                       f"{where + '.' if where else ''}{name}.{f.name}")
+                raise AxesError(
+                    f"{where + ': ' if where else ''}{name}.{f.name}: no logical axes declared in its "
+                    "field metadata (jaxinf.sharding.axes.logical)"
+                )
+            changes[f.name] = _resolve(
+                f.metadata["axes"], getattr(node, f.name), f"{where + '.' if where else ''}{name}.{f.name}"
+            )
         return dataclasses.replace(node, **changes)
     if isinstance(node, Mapping):
         # the concrete mapping types of a tree (dict, FrozenDict) take (key, value) pairs; Mapping itself declares none
         return type(node)((k, _walk(v, f"{where}[{k!r}]")) for k, v in node.items())  # type: ignore[call-arg]
     if isinstance(node, (list, tuple)) and not hasattr(node, "_fields"):
         return type(node)(_walk(v, f"{where}[{i}]") for i, v in enumerate(node))
-    raise AxesError(f"{where or 'the tree'}: an array {getattr(node, 'shape', '')} with no declared logical axes "
-                    "(declare them where it is made, or pass them as `declared`)")
+    raise AxesError(
+        f"{where or 'the tree'}: an array {getattr(node, 'shape', '')} with no declared logical axes "
+        "(declare them where it is made, or pass them as `declared`)"
+    )

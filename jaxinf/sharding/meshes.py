@@ -41,16 +41,20 @@ def make_mesh(data: int, model: int, devices=None) -> Mesh:
     if data < 1 or model < 1:
         raise ShardingError(f"mesh.data={data} x mesh.model={model}: both must be at least 1")
     if data * model != len(devices):
-        raise ShardingError(f"mesh.data={data} x mesh.model={model} = {data * model} devices, but "
-                            f"{len(devices)} device(s) are available ({devices[0].platform}, "
-                            f"{jax.process_count()} process(es)); make mesh.data x mesh.model equal {len(devices)}")
+        raise ShardingError(
+            f"mesh.data={data} x mesh.model={model} = {data * model} devices, but "
+            f"{len(devices)} device(s) are available ({devices[0].platform}, "
+            f"{jax.process_count()} process(es)); make mesh.data x mesh.model equal {len(devices)}"
+        )
     devices.sort(key=lambda d: (d.process_index, d.id))
-    return Mesh(np.asarray(devices, dtype=object).reshape(data, model), AXES,
-                axis_types=(jax.sharding.AxisType.Auto,) * 2)
+    return Mesh(
+        np.asarray(devices, dtype=object).reshape(data, model), AXES, axis_types=(jax.sharding.AxisType.Auto,) * 2
+    )
 
 
-def data_groups(mesh: Mesh, process_of: Callable[[Any], int] | None = None,
-                process: int | None = None) -> tuple[int, int]:
+def data_groups(
+    mesh: Mesh, process_of: Callable[[Any], int] | None = None, process: int | None = None
+) -> tuple[int, int]:
     """``(group, groups)``: which slice of the corpus this process reads, of how many.
 
     A *group* is a set of processes whose devices cover the same positions of
@@ -69,8 +73,10 @@ def data_groups(mesh: Mesh, process_of: Callable[[Any], int] | None = None,
     for a in sets:
         for b in sets:
             if a is not b and a & b:
-                raise ShardingError(f"mesh.data={mesh.devices.shape[0]}: the processes' devices overlap on the data "
-                                    "axis unevenly; use a mesh.data that is a multiple or a divisor of the process count")
+                raise ShardingError(
+                    f"mesh.data={mesh.devices.shape[0]}: the processes' devices overlap on the data "
+                    "axis unevenly; use a mesh.data that is a multiple or a divisor of the process count"
+                )
     sizes = {len(s) for s in sets}
     if len(sizes) != 1:
         raise ShardingError(f"mesh.data={mesh.devices.shape[0]}: processes cover unequal parts of the data axis")
@@ -93,8 +99,10 @@ def initialize(mesh_config) -> bool:
     c = mesh_config
     if c.coordinator is None:
         if c.num_processes not in (None, 1) or c.process_id not in (None, 0):
-            raise ShardingError("mesh.num_processes / mesh.process_id are set but mesh.coordinator is not; "
-                                "give mesh.coordinator=HOST:PORT (or auto)")
+            raise ShardingError(
+                "mesh.num_processes / mesh.process_id are set but mesh.coordinator is not; "
+                "give mesh.coordinator=HOST:PORT (or auto)"
+            )
         return False
     if jax.distributed.is_initialized():
         return True
@@ -105,10 +113,16 @@ def initialize(mesh_config) -> bool:
             raise ShardingError(f"mesh.coordinator={c.coordinator}: also give mesh.num_processes and mesh.process_id")
         if not 0 <= c.process_id < c.num_processes:
             raise ShardingError(f"mesh.process_id={c.process_id} is not in [0, mesh.num_processes={c.num_processes})")
-        jax.distributed.initialize(coordinator_address=c.coordinator, num_processes=c.num_processes,
-                                   process_id=c.process_id)
-    log.info("process %d of %d (%d local device(s), %d in all)", jax.process_index(), jax.process_count(),
-             jax.local_device_count(), jax.device_count())
+        jax.distributed.initialize(
+            coordinator_address=c.coordinator, num_processes=c.num_processes, process_id=c.process_id
+        )
+    log.info(
+        "process %d of %d (%d local device(s), %d in all)",
+        jax.process_index(),
+        jax.process_count(),
+        jax.local_device_count(),
+        jax.device_count(),
+    )
     return True
 
 
@@ -117,8 +131,7 @@ PER_PROCESS_KEYS = (("mesh", "process_id"),)
 
 
 def _flatten_config(tree: dict) -> dict[str, Any]:
-    return {f"{s}.{k}": v for s, section in tree.items() for k, v in section.items()
-            if (s, k) not in PER_PROCESS_KEYS}
+    return {f"{s}.{k}": v for s, section in tree.items() for k, v in section.items() if (s, k) not in PER_PROCESS_KEYS}
 
 
 def check_agreement(config_dict: dict) -> None:
@@ -143,9 +156,10 @@ def check_agreement(config_dict: dict) -> None:
         if other != first:
             keys = sorted(k for k in set(first) | set(other) if first.get(k) != other.get(k))
             shown = ", ".join(f"{k} ({first.get(k)!r} on process 0, {other.get(k)!r} on process {p})" for k in keys[:3])
-            raise ShardingError(f"process {p} was started with another config than process 0: {shown}; "
-                                "start every process with the same config and overrides")
-
+            raise ShardingError(
+                f"process {p} was started with another config than process 0: {shown}; "
+                "start every process with the same config and overrides"
+            )
 
 
 # --------------------------------------------------------------------------- placing data
@@ -159,6 +173,7 @@ def placer(mesh: Mesh) -> Callable[[str, np.ndarray, Axes], jax.Array]:
     so device memory never holds a whole parameter and host memory one
     parameter buffer at a time.
     """
+
     def place(path: str, x: np.ndarray, axes: Axes) -> jax.Array:
         spec = resolve(mesh_shape(mesh), axes.family, axes.names, tuple(x.shape), f"parameter {path}")
         return jax.make_array_from_callback(x.shape, NamedSharding(mesh, spec), lambda index: x[index])
@@ -168,6 +183,7 @@ def placer(mesh: Mesh) -> Callable[[str, np.ndarray, Axes], jax.Array]:
 
 def put_tree(tree, shardings) -> Any:
     """Host or device arrays onto their shardings (each device gets only its slice)."""
+
     def one(x, s):
         if isinstance(x, jax.Array):
             return jax.device_put(x, s)
@@ -189,10 +205,10 @@ def describe(mesh: Mesh) -> str:
 
 def jit_on(mesh: Mesh, fn: Callable, *, donate_argnums=(), out_shardings=None) -> Callable:
     """``jax.jit`` of ``fn`` traced under ``mesh`` (``jax.sharding.use_abstract_mesh``), for :func:`jaxinf.sharding.partitioning.constrain`."""
+
     def traced(*args):
         with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
             return fn(*args)
 
     kw = {} if out_shardings is None else {"out_shardings": out_shardings}
     return jax.jit(traced, donate_argnums=donate_argnums, **kw)
-

@@ -80,8 +80,14 @@ RULES: dict[str, tuple[tuple[str, str], ...]] = {
     # Parameters: FSDP-style on `model`, along the feature dimension; replicated over `data`.
     "param": (("ff", "model"), ("vocab", "model"), ("embed", "model"), ("out", "model"), ("in", "model")),
     # A, S, Q_A, Q_S, Lambda (and their running sums): rows on `model`, columns on `data`.
-    "factor": (("rows", "model"), ("cols", "data"), ("cols", "model"), ("rows", "data"),
-               ("layers", "model"), ("layers", "data")),
+    "factor": (
+        ("rows", "model"),
+        ("cols", "data"),
+        ("cols", "model"),
+        ("rows", "data"),
+        ("layers", "model"),
+        ("layers", "data"),
+    ),
     # Eigenvalues: small, split like the rows of their factor where possible.
     "eigenvalues": (("rows", "model"), ("layers", "model")),
     # Preconditioned query gradients: on `model` (every data shard scores its documents against all queries).
@@ -96,8 +102,8 @@ RULES: dict[str, tuple[tuple[str, str], ...]] = {
 # Families whose tensors must be split over a mesh axis larger than 1 (else ShardingError).
 REQUIRED = {"param": ("model",), "factor": ("model",), "query": ("model",), "batch": ("data",)}
 
-def resolve(mesh_shape: Mapping[str, int], family: str, axes: tuple[str, ...], shape: tuple[int, ...],
-            what: str) -> P:
+
+def resolve(mesh_shape: Mapping[str, int], family: str, axes: tuple[str, ...], shape: tuple[int, ...], what: str) -> P:
     """The :class:`PartitionSpec` of an array by the family's :data:`RULES` (first fit per mesh axis).
 
     Raises :class:`ShardingError` naming ``what`` and its dimensions when a
@@ -122,8 +128,10 @@ def resolve(mesh_shape: Mapping[str, int], family: str, axes: tuple[str, ...], s
         if size > 1 and axis not in used and _large(family, shape):
             candidates = {logical for logical, ax in RULES[family] if ax == axis}
             dims = ", ".join(f"{a}={n}" for a, n in zip(axes, shape) if a in candidates)
-            raise ShardingError(f"mesh.{axis}={size} divides no dimension of {what} {list(shape)} ({dims}); "
-                                f"choose a mesh.{axis} that divides one of them")
+            raise ShardingError(
+                f"mesh.{axis}={size} divides no dimension of {what} {list(shape)} ({dims}); "
+                f"choose a mesh.{axis} that divides one of them"
+            )
     return P(*[None if not a else (a[0] if len(a) == 1 else tuple(a)) for a in assigned])
 
 
@@ -152,7 +160,7 @@ def constrain(x: jax.Array, axes: tuple[str, ...], family: str = "activation") -
     axes = ("layers",) * (x.ndim - len(axes)) + tuple(axes)
     try:
         spec = resolve(shape, family, axes, tuple(x.shape), family)
-    except ShardingError:   # one layer's share of a state split along its layers: left to XLA
+    except ShardingError:  # one layer's share of a state split along its layers: left to XLA
         return x
     return jax.lax.with_sharding_constraint(x, spec)
 
@@ -173,8 +181,9 @@ class Padded:
 
 def unpadded(tree):
     """``tree`` with every :class:`Padded` leaf replaced by its true array."""
-    return jax.tree.map(lambda x: x.unpad() if isinstance(x, Padded) else x, tree,
-                        is_leaf=lambda x: isinstance(x, Padded))
+    return jax.tree.map(
+        lambda x: x.unpad() if isinstance(x, Padded) else x, tree, is_leaf=lambda x: isinstance(x, Padded)
+    )
 
 
 def streamed(tree, declared=None):
@@ -204,14 +213,14 @@ def streamed(tree, declared=None):
         moved = tuple(a for d in layer_dims for a in dims[d])
         if not moved or len(layer_dims) == x.ndim:
             return x
-        target = len(layer_dims)             # the first dimension after the layer axes
+        target = len(layer_dims)  # the first dimension after the layer axes
         split = math.prod(shape[a] for a in moved + dims[target])
         pad = [(0, 0)] * x.ndim
         pad[target] = (0, -x.shape[target] % split)
         new = [() if d in layer_dims else dims[d] for d in range(x.ndim)]
         new[target] = dims[target] + moved
         padded = jax.lax.with_sharding_constraint(jnp.pad(x, pad), dims_spec(new))
-        return Padded(padded, tuple(x.shape[len(layer_dims):]))
+        return Padded(padded, tuple(x.shape[len(layer_dims) :]))
 
     return jax.tree.map(one, declared_axes(tree, declared), tree, is_leaf=lambda a: isinstance(a, Axes))
 
@@ -237,8 +246,11 @@ def tree_specs(shape: Mapping[str, int], tree, declared=None) -> Any:
 
 def tree_shardings(mesh: Mesh, tree, declared=None) -> Any:
     """A :class:`NamedSharding` for every array of ``tree``: :func:`tree_specs` on ``mesh``."""
-    return jax.tree.map(lambda spec: NamedSharding(mesh, spec), tree_specs(mesh_shape(mesh), tree, declared),
-                        is_leaf=lambda x: isinstance(x, P))
+    return jax.tree.map(
+        lambda spec: NamedSharding(mesh, spec),
+        tree_specs(mesh_shape(mesh), tree, declared),
+        is_leaf=lambda x: isinstance(x, P),
+    )
 
 
 def _dotted(path) -> str:
@@ -276,4 +288,3 @@ def batch_spec(ndim: int) -> P:
 def rows_spec(ndim: int) -> P:
     """Per-row outputs with the rows on the last axis (scores ``[Q, B]``)."""
     return P(*([None] * (ndim - 1)), "data")
-

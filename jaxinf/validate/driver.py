@@ -72,8 +72,18 @@ def damping_label(d: float | None) -> str:
 
 # Keys whose value changes nothing validate computes nor how it computes it (where to write a run, what a plan
 # assumes, checkpoint intervals, batch sizes of jaxinf run): any value is accepted.
-NO_EFFECT = {"run.out", "data.batch_size", "data.query_batch_size", "factors.save_every", "scores.save_every",
-             "scores.topk", "index.save_every", "model.scan_layers", "model.remat", *(k for k in cfg.all_keys() if k.startswith("plan."))}
+NO_EFFECT = {
+    "run.out",
+    "data.batch_size",
+    "data.query_batch_size",
+    "factors.save_every",
+    "scores.save_every",
+    "scores.topk",
+    "index.save_every",
+    "model.scan_layers",
+    "model.remat",
+    *(k for k in cfg.all_keys() if k.startswith("plan.")),
+}
 # Keys validate honours, by world.
 HONOURED_ALWAYS = {"factors.track", "factors.fisher", "factors.seed", "model.checkpoint", "index.k", "index.dtype"}
 HONOURED_USER = {"model.dtype", "data.documents", "data.queries", "data.max_length"}
@@ -117,9 +127,11 @@ def check_settings(config: cfg.Config) -> None:
         for name, value in values.items():
             k = f"{section}.{name}"
             if value != default[section][name] and k not in NO_EFFECT and k not in honoured:
-                bad.append(f"{k}={json.dumps(value)} ({WHY_NOT.get(k, 'validate runs on one device' if section == 'mesh' else 'not used by validate')})")
+                bad.append(
+                    f"{k}={json.dumps(value)} ({WHY_NOT.get(k, 'validate runs on one device' if section == 'mesh' else 'not used by validate')})"
+                )
     if config.model.checkpoint is not None and config.model.dtype == "float64":
-        bad.append("model.dtype=\"float64\" (validate does not run in float64)")
+        bad.append('model.dtype="float64" (validate does not run in float64)')
     if bad:
         raise ValidationError("jaxinf validate cannot honour " + "; ".join(bad) + "; leave them at their defaults")
 
@@ -176,20 +188,30 @@ def _key(relevant: dict) -> str:
 def training_settings(config: cfg.Config, world_fp: str) -> dict:
     """Everything the full model and the retrainings depend on."""
     v = config.validate
-    return dict(code=code_version(), world=world_fp, start=v.start, steps=v.steps, lr=v.learning_rate,
-                batch=v.batch_size, fraction=v.fraction, seed=v.seed)
+    return dict(
+        code=code_version(),
+        world=world_fp,
+        start=v.start,
+        steps=v.steps,
+        lr=v.learning_rate,
+        batch=v.batch_size,
+        fraction=v.fraction,
+        seed=v.seed,
+    )
 
 
 def retraining_settings(config: cfg.Config, training: dict) -> dict:
     """Everything the retrainings depend on beyond the training key: the protocol (docs/validation.md)."""
-    return dict(training=_key(training), subset_steps=config.validate.subset_steps,
-                subset_init=config.validate.subset_init)
+    return dict(
+        training=_key(training), subset_steps=config.validate.subset_steps, subset_init=config.validate.subset_init
+    )
 
 
 def scores_settings(config: cfg.Config, training: dict, layers) -> dict:
     """Everything the scores depend on beyond the strategy and damping (which name their files)."""
-    return dict(training=_key(training), layers=sorted(layers), fisher=config.factors.fisher,
-                factors_seed=config.factors.seed)
+    return dict(
+        training=_key(training), layers=sorted(layers), fisher=config.factors.fisher, factors_seed=config.factors.seed
+    )
 
 
 def tracked_layers(world: World, params) -> dict:
@@ -198,8 +220,9 @@ def tracked_layers(world: World, params) -> dict:
 
     task = world.lm.task()
     one = {k: np.asarray(x)[:1] for k, x in world.documents.items()}
-    return capture.select_layers(capture.find_layers(
-        lambda p, b, pr: task.train_loss(p, b, pr, None), params, one), world.track)
+    return capture.select_layers(
+        capture.find_layers(lambda p, b, pr: task.train_loss(p, b, pr, None), params, one), world.track
+    )
 
 
 def keys(config: cfg.Config, world: World | None = None) -> dict[str, str]:
@@ -207,8 +230,11 @@ def keys(config: cfg.Config, world: World | None = None) -> dict[str, str]:
     the names of the work directories a validation of it reads and writes."""
     world = load_world(config) if world is None else world
     training = training_settings(config, world_fingerprint(world))
-    return {"training": _key(training), "retraining": _key(retraining_settings(config, training)),
-            "scores": _key(scores_settings(config, training, tracked_layers(world, world.lm.params)))}
+    return {
+        "training": _key(training),
+        "retraining": _key(retraining_settings(config, training)),
+        "scores": _key(scores_settings(config, training, tracked_layers(world, world.lm.params))),
+    }
 
 
 def _keyed_dir(root: Path, relevant: dict) -> Path:
@@ -237,8 +263,9 @@ def load_config(path: str | None, overrides: list[str]) -> cfg.Config:
 def load_world(config: cfg.Config) -> World:
     if config.model.checkpoint is None:
         if config.validate.start == "checkpoint":
-            raise ValidationError("validate.from: checkpoint needs model.checkpoint (the built-in world starts from "
-                                  "scratch)")
+            raise ValidationError(
+                "validate.from: checkpoint needs model.checkpoint (the built-in world starts from scratch)"
+            )
         return dataclasses.replace(builtin(config.validate.builtin_documents), track=config.factors.track)
     world = from_config(config)
     if config.validate.start == "scratch":
@@ -248,7 +275,7 @@ def load_world(config: cfg.Config) -> World:
     return world
 
 
-HEURISTIC_FROM = curvature.strategy("ekfac")   # the strategy whose Lambda gives the PBRF's heuristic damping
+HEURISTIC_FROM = curvature.strategy("ekfac")  # the strategy whose Lambda gives the PBRF's heuristic damping
 
 
 def layer_dampings(Lambda) -> dict[str, list]:
@@ -277,12 +304,13 @@ def validate(config: cfg.Config, out: str | Path) -> dict:
     t_start = time.perf_counter()
     v = config.validate
     out = Path(out)
-    rundir.check_output(out, "validate")       # the output-directory rule of jaxinf run's (nothing written if refused)
+    rundir.check_output(out, "validate")  # the output-directory rule of jaxinf run's (nothing written if refused)
     world = load_world(config)
     N = world.num_documents
     if int(round(v.fraction * N)) < v.batch_size:
-        raise ValidationError(f"validate.batch_size: {v.batch_size} is more than the {int(round(v.fraction * N))} "
-                              "documents of a subset")
+        raise ValidationError(
+            f"validate.batch_size: {v.batch_size} is more than the {int(round(v.fraction * N))} documents of a subset"
+        )
     lock = claim_output(out, "validate")  # one process at a time, as a run directory
     try:
         return _validate(config, out, world, t_start)
@@ -311,24 +339,28 @@ def _validate(config: cfg.Config, out: Path, world: World, t_start: float) -> di
         params = _load_params(full_path, params0)
     else:
         t0 = time.perf_counter()
-        _, losses, params = train_one(params0, docs, queries, jnp.asarray(retrain.schedule(np.arange(N), v.steps,
-                                                                                             v.batch_size, 0)))
+        _, losses, params = train_one(
+            params0, docs, queries, jnp.asarray(retrain.schedule(np.arange(N), v.steps, v.batch_size, 0))
+        )
         retrain.check_losses(np.asarray(losses)[None], ["of the full model (all documents) seed 0"])
         _save_params(full_path, params)
-        log.info("validate: trained the full model in %.0fs (final loss/token %.3f)", time.perf_counter() - t0,
-                 float(np.asarray(losses)[-10:].mean()))
+        log.info(
+            "validate: trained the full model in %.0fs (final loss/token %.3f)",
+            time.perf_counter() - t0,
+            float(np.asarray(losses)[-10:].mean()),
+        )
     base = np.asarray(retrain.measurements(task, params, queries), np.float64)
 
     # 2. every strategy's scores at every damping
     layers = tracked_layers(world, params)
     scoring_settings = scores_settings(config, training, layers)
     score_dir = _keyed_dir(work / "scores", scoring_settings)
-    batches = [{k: x[lo:lo + 64] for k, x in docs.items()} for lo in range(0, N, 64)]
+    batches = [{k: x[lo : lo + 64] for k, x in docs.items()} for lo in range(0, N, 64)]
     scores: dict[tuple[str, str], np.ndarray] = {}
     t0 = time.perf_counter()
     score = jax.jit(lambda p, qg, b: stages.score_batch(task, layers, p, qg, b)[0].total)
 
-    def exact_scores(qg) -> np.ndarray:        # every document against prepared queries: [Q, N]
+    def exact_scores(qg) -> np.ndarray:  # every document against prepared queries: [Q, N]
         return np.concatenate([np.asarray(score(params, qg, b)) for b in batches], 1).astype(np.float64)
 
     G = None
@@ -336,8 +368,9 @@ def _validate(config: cfg.Config, out: Path, world: World, t_start: float) -> di
     for strategy in v.strategies:
         resolved = index_mod.fitted_strategy(strategy)
         dampings = v.dampings if resolved.needs_lambda else [None]
-        paths = {damping_label(d): score_dir / f"{score_name(config, strategy)}_{damping_label(d)}.npy"
-                 for d in dampings}
+        paths = {
+            damping_label(d): score_dir / f"{score_name(config, strategy)}_{damping_label(d)}.npy" for d in dampings
+        }
         scores.update({(strategy, lab): np.load(p) for lab, p in paths.items() if p.exists()})
         missing = [d for d in dampings if (strategy, damping_label(d)) not in scores]
         if not missing and (resolved != HEURISTIC_FROM or (score_dir / "heuristic.json").exists()):
@@ -345,37 +378,56 @@ def _validate(config: cfg.Config, out: Path, world: World, t_start: float) -> di
         if G is None:
             G, qloss = stages.query_gradients(task, layers, params, queries)
         if resolved.name not in fitted:
-            fitted[resolved.name] = stages.fit_curvature(task, layers, params, batches, strategy=resolved,
-                                                         fisher=config.factors.fisher,
-                                                         key=jax.random.key(config.factors.seed))
+            fitted[resolved.name] = stages.fit_curvature(
+                task,
+                layers,
+                params,
+                batches,
+                strategy=resolved,
+                fisher=config.factors.fisher,
+                key=jax.random.key(config.factors.seed),
+            )
         curv, pieces = fitted[resolved.name]
         if resolved == HEURISTIC_FROM:
             write_json(score_dir / "heuristic.json", {"damping": layer_dampings(pieces["Lambda"])})
         rows = None
         if strategy == index_mod.INDEX_STRATEGY:
             basis, selection = index_mod.eigen_basis(curv, pieces["eigen"])
-            rows, _ = index_mod.document_rows(task, layers, params, batches, basis,
-                                              indexing.kept_directions(config.index.k), config.index.dtype)
+            rows, _ = index_mod.document_rows(
+                task, layers, params, batches, basis, indexing.kept_directions(config.index.k), config.index.dtype
+            )
         for d in missing:
             qg = scoring.prepare_queries(G, qloss, curv, d, None)
             if rows is None:
                 s = exact_scores(qg)
             else:
-                s, _ = index_mod.index_scores(qg, curv, selection, layers, indexing.kept_directions(config.index.k), rows)
+                s, _ = index_mod.index_scores(
+                    qg, curv, selection, layers, indexing.kept_directions(config.index.k), rows
+                )
             save_npy(paths[damping_label(d)], s)
             scores[(strategy, damping_label(d))] = s
-    heuristic = (json.loads((score_dir / "heuristic.json").read_text())["damping"]
-                 if (score_dir / "heuristic.json").exists() else None)
+    heuristic = (
+        json.loads((score_dir / "heuristic.json").read_text())["damping"]
+        if (score_dir / "heuristic.json").exists()
+        else None
+    )
     log.info("validate: scores of %d strategies x dampings in %.0fs", len(scores), time.perf_counter() - t0)
 
     # 2b. the index's fidelity table against exact EK-FAC, beside equal-byte baselines
-    ks = sorted(set(v.index_ks) | ({config.index.k} if index_mod.INDEX_STRATEGY in v.strategies else set()),
-                key=lambda k: (k == "full", 0 if k == "full" else k))
+    ks = sorted(
+        set(v.index_ks) | ({config.index.k} if index_mod.INDEX_STRATEGY in v.strategies else set()),
+        key=lambda k: (k == "full", 0 if k == "full" else k),
+    )
     fidelity = None
     if ks:
         primary_damping = v.dampings[0]
-        settings = dict(scores=_key(scoring_settings), ks=ks, damping=damping_label(primary_damping),
-                        dtype=config.index.dtype, seed=v.seed)
+        settings = dict(
+            scores=_key(scoring_settings),
+            ks=ks,
+            damping=damping_label(primary_damping),
+            dtype=config.index.dtype,
+            seed=v.seed,
+        )
         path = score_dir / f"fidelity_{_key(settings)}.json"
         if path.exists():
             fidelity = json.loads(path.read_text())
@@ -384,25 +436,48 @@ def _validate(config: cfg.Config, out: Path, world: World, t_start: float) -> di
             if G is None:
                 G, qloss = stages.query_gradients(task, layers, params, queries)
             if "ekfac" not in fitted:
-                fitted["ekfac"] = stages.fit_curvature(task, layers, params, batches, strategy="ekfac",
-                                                       fisher=config.factors.fisher,
-                                                       key=jax.random.key(config.factors.seed))
+                fitted["ekfac"] = stages.fit_curvature(
+                    task,
+                    layers,
+                    params,
+                    batches,
+                    strategy="ekfac",
+                    fisher=config.factors.fisher,
+                    key=jax.random.key(config.factors.seed),
+                )
             curv, pieces = fitted["ekfac"]
             exact = scores.get(("ekfac", damping_label(primary_damping)))
             if exact is None:
                 qg = scoring.prepare_queries(G, qloss, curv, primary_damping, None)
                 exact = exact_scores(qg)
-            fidelity = {"damping": damping_label(primary_damping), "exact": "ekfac", "dtype": config.index.dtype,
-                        "table": index_mod.fidelity_table(task, layers, params, batches, G, qloss, curv,
-                                                          pieces["eigen"], primary_damping, ks, exact, v.seed,
-                                                          config.index.dtype)}
+            fidelity = {
+                "damping": damping_label(primary_damping),
+                "exact": "ekfac",
+                "dtype": config.index.dtype,
+                "table": index_mod.fidelity_table(
+                    task,
+                    layers,
+                    params,
+                    batches,
+                    G,
+                    qloss,
+                    curv,
+                    pieces["eigen"],
+                    primary_damping,
+                    ks,
+                    exact,
+                    v.seed,
+                    config.index.dtype,
+                ),
+            }
             write_json(path, _finite(fidelity))
             log.info("validate: index fidelity at k = %s in %.0fs", ", ".join(map(str, ks)), time.perf_counter() - t0)
 
     # 3. the retrainings, under the protocol of validate.subset_steps and validate.subset_init
     subsets = retrain.sample_subsets(N, v.subsets, v.fraction, v.seed)
-    sub_proc = retrain.Procedure(retrain.subset_steps(v.subset_steps, v.steps, N, subsets.shape[1], v.batch_size),
-                                 v.learning_rate, v.batch_size)
+    sub_proc = retrain.Procedure(
+        retrain.subset_steps(v.subset_steps, v.steps, N, subsets.shape[1], v.batch_size), v.learning_rate, v.batch_size
+    )
     fresh = v.subset_init == "fresh"
     train_many, _ = retrain.make_trainer(task, sub_proc, stacked_starts=fresh)
     starts = None
@@ -415,35 +490,65 @@ def _validate(config: cfg.Config, out: Path, world: World, t_start: float) -> di
     def progress(done, total):
         log.info("validate: %d of %d retrainings (%.0fs)", done, total, time.perf_counter() - t0)
 
-    meas = retrain.retrain_all(train_many, params0, docs, queries, subsets, v.seeds, sub_proc,
-                               _keyed_dir(work / "units", retraining_settings(config, training)),
-                               min(v.group, v.subsets * v.seeds), progress, starts)
+    meas = retrain.retrain_all(
+        train_many,
+        params0,
+        docs,
+        queries,
+        subsets,
+        v.seeds,
+        sub_proc,
+        _keyed_dir(work / "units", retraining_settings(config, training)),
+        min(v.group, v.subsets * v.seeds),
+        progress,
+        starts,
+    )
 
     # 4. LDS, recall, PBRF
     primary = damping_label(v.dampings[0])
-    pick = {s: (s, primary if index_mod.fitted_strategy(s).needs_lambda else damping_label(None))
-            for s in v.strategies}
-    lds_all = {s: {lab: lds_mod.lds(sc, subsets, meas, v.bootstrap, v.seed) for (s2, lab), sc in scores.items()
-                   if s2 == s}
-               for s in v.strategies}
+    pick = {s: (s, primary if index_mod.fitted_strategy(s).needs_lambda else damping_label(None)) for s in v.strategies}
+    lds_all = {
+        s: {lab: lds_mod.lds(sc, subsets, meas, v.bootstrap, v.seed) for (s2, lab), sc in scores.items() if s2 == s}
+        for s in v.strategies
+    }
     result: dict = {
         "lds": {s: lds_all[s][pick[s][1]] for s in v.strategies},
-        "subsets": v.subsets, "fraction": v.fraction, "seeds": v.seeds,
+        "subsets": v.subsets,
+        "fraction": v.fraction,
+        "seeds": v.seeds,
         "recall": {s: recall_mod.recall(scores[pick[s]], world.supports, v.recall_k) for s in v.strategies},
         "pbrf": {},
         "damping": primary,
         "lds_by_damping": lds_all,
-        "world": world.name, "world_fingerprint": training["world"], "code_version": training["code"],
-        "tracked_layers": sorted(layers), "fisher": config.factors.fisher, "factors_seed": config.factors.seed,
-        "documents": N, "queries": world.query_ids, "query_kinds": world.query_kinds,
-        "procedure": {"from": v.start, "steps": v.steps, "learning_rate": v.learning_rate,
-                      "batch_size": v.batch_size, "optimizer": "adamw (weight decay 0.01, clip 1.0, warm-up steps/10)",
-                      "subset_steps": v.subset_steps, "retraining_steps": sub_proc.steps,
-                      "subset_init": v.subset_init,
-                      "retraining_start": ("its own initialization, seed 1000 (subset + 1) + seed" if fresh
-                                           else "the full model's starting parameters")},
-        "bootstrap": {"resamples": v.bootstrap, "seed": v.seed,
-                      "interval": "2.5th and 97.5th percentile of the mean LDS over resamples of the subsets"},
+        "world": world.name,
+        "world_fingerprint": training["world"],
+        "code_version": training["code"],
+        "tracked_layers": sorted(layers),
+        "fisher": config.factors.fisher,
+        "factors_seed": config.factors.seed,
+        "documents": N,
+        "queries": world.query_ids,
+        "query_kinds": world.query_kinds,
+        "procedure": {
+            "from": v.start,
+            "steps": v.steps,
+            "learning_rate": v.learning_rate,
+            "batch_size": v.batch_size,
+            "optimizer": "adamw (weight decay 0.01, clip 1.0, warm-up steps/10)",
+            "subset_steps": v.subset_steps,
+            "retraining_steps": sub_proc.steps,
+            "subset_init": v.subset_init,
+            "retraining_start": (
+                "its own initialization, seed 1000 (subset + 1) + seed"
+                if fresh
+                else "the full model's starting parameters"
+            ),
+        },
+        "bootstrap": {
+            "resamples": v.bootstrap,
+            "seed": v.seed,
+            "interval": "2.5th and 97.5th percentile of the mean LDS over resamples of the subsets",
+        },
         "full_model_measurements": base.tolist(),
     }
     if fidelity is not None:
@@ -452,12 +557,20 @@ def _validate(config: cfg.Config, out: Path, world: World, t_start: float) -> di
         eps = v.pbrf_epsilon if v.pbrf_epsilon is not None else 1.0 / N
         lam = v.dampings[0] if v.dampings[0] is not None else heuristic
         if lam is None:
-            raise ValidationError("validate.pbrf: the heuristic damping needs ekfac among validate.strategies "
-                                  "(or give a number first in validate.dampings)")
+            raise ValidationError(
+                "validate.pbrf: the heuristic damping needs ekfac among validate.strategies "
+                "(or give a number first in validate.dampings)"
+            )
         rng = np.random.default_rng(v.seed + 1)
         sample = np.sort(rng.choice(N, min(v.pbrf_documents, N), replace=False))
-        pbrf_settings = dict(scores=_key(scoring_settings), damping=lam, epsilon=eps, iterations=v.pbrf_iterations,
-                             tolerance=v.pbrf_tolerance, documents=sample.tolist())
+        pbrf_settings = dict(
+            scores=_key(scoring_settings),
+            damping=lam,
+            epsilon=eps,
+            iterations=v.pbrf_iterations,
+            tolerance=v.pbrf_tolerance,
+            documents=sample.tolist(),
+        )
         (work / "pbrf").mkdir(exist_ok=True)
         pbrf_path = work / "pbrf" / f"{_key(pbrf_settings)}.npz"
         if pbrf_path.exists():
@@ -465,38 +578,64 @@ def _validate(config: cfg.Config, out: Path, world: World, t_start: float) -> di
                 I_pbrf, ratio = z["influence"], z["ratio"]
         else:
             t0 = time.perf_counter()
-            I_pbrf, ratio = pbrf_mod.pbrf_influence(world.lm, task, params, docs, queries, sample, list(layers),
-                                                    damping=lam, eps=eps, iterations=v.pbrf_iterations,
-                                                    tolerance=v.pbrf_tolerance, units=pbrf_path.with_suffix(""))
+            I_pbrf, ratio = pbrf_mod.pbrf_influence(
+                world.lm,
+                task,
+                params,
+                docs,
+                queries,
+                sample,
+                list(layers),
+                damping=lam,
+                eps=eps,
+                iterations=v.pbrf_iterations,
+                tolerance=v.pbrf_tolerance,
+                units=pbrf_path.with_suffix(""),
+            )
             write_atomic(pbrf_path, lambda f: np.savez(f, influence=I_pbrf, ratio=ratio))
             log.info("validate: PBRF of %d documents in %.0fs", len(sample), time.perf_counter() - t0)
         converged = ratio <= v.pbrf_tolerance
         if not converged.all():
-            log.warning("validate: PBRF: %d of %d optimizations did not converge (final gradient norm above %g of "
-                        "its start: %s); they are left out of the correlation",
-                        int((~converged).sum()), len(sample), v.pbrf_tolerance,
-                        ", ".join(world.doc_ids[i] for i in sample[~converged]))
-        result["pbrf"] = {s: pbrf_mod.converged_pearson(scores[pick[s]][:, sample], I_pbrf, ratio,
-                                                              v.pbrf_tolerance)
-                          for s in v.strategies}
-        result["pbrf_detail"] = {"documents": [world.doc_ids[i] for i in sample], "epsilon": eps, "damping": lam,
-                                 "iterations": v.pbrf_iterations, "tolerance": v.pbrf_tolerance,
-                                 "gradient_norm_ratio": [float(x) for x in ratio],
-                                 "gradient_norm_ratio_max": float(np.max(ratio)),
-                                 "converged": int(converged.sum()), "converged_below": v.pbrf_tolerance,
-                                 "correlation": "mean over queries of Pearson's r across the sampled documents whose "
-                                                "optimization converged (null: fewer than 3)",
-                                 "all_documents": {s: pbrf_mod.mean_pearson(scores[pick[s]][:, sample], I_pbrf)
-                                                   for s in v.strategies}}
+            log.warning(
+                "validate: PBRF: %d of %d optimizations did not converge (final gradient norm above %g of "
+                "its start: %s); they are left out of the correlation",
+                int((~converged).sum()),
+                len(sample),
+                v.pbrf_tolerance,
+                ", ".join(world.doc_ids[i] for i in sample[~converged]),
+            )
+        result["pbrf"] = {
+            s: pbrf_mod.converged_pearson(scores[pick[s]][:, sample], I_pbrf, ratio, v.pbrf_tolerance)
+            for s in v.strategies
+        }
+        result["pbrf_detail"] = {
+            "documents": [world.doc_ids[i] for i in sample],
+            "epsilon": eps,
+            "damping": lam,
+            "iterations": v.pbrf_iterations,
+            "tolerance": v.pbrf_tolerance,
+            "gradient_norm_ratio": [float(x) for x in ratio],
+            "gradient_norm_ratio_max": float(np.max(ratio)),
+            "converged": int(converged.sum()),
+            "converged_below": v.pbrf_tolerance,
+            "correlation": "mean over queries of Pearson's r across the sampled documents whose "
+            "optimization converged (null: fewer than 3)",
+            "all_documents": {s: pbrf_mod.mean_pearson(scores[pick[s]][:, sample], I_pbrf) for s in v.strategies},
+        }
     result["seconds"] = round(time.perf_counter() - t_start, 1)
     result = _finite(result)
     write_json(out / "validation.json", result)
     from jaxinf.validate import report
 
-    report.write(out / "report", result, {s: lds_mod.group_predictions(scores[pick[s]], subsets) for s in v.strategies},
-                 -meas.mean(1))
-    log.info("validate: wrote %s and %s in %.0fs", out / "validation.json", out / "report" / "index.html",
-             result["seconds"])
+    report.write(
+        out / "report",
+        result,
+        {s: lds_mod.group_predictions(scores[pick[s]], subsets) for s in v.strategies},
+        -meas.mean(1),
+    )
+    log.info(
+        "validate: wrote %s and %s in %.0fs", out / "validation.json", out / "report" / "index.html", result["seconds"]
+    )
     return result
 
 

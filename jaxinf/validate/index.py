@@ -41,8 +41,15 @@ def fitted_strategy(name: str) -> curvature.Strategy:
     return curvature.strategy("ekfac" if name == INDEX_STRATEGY else name)
 
 
-def document_rows(task, layers: Mapping[str, LayerSpec], params, batches: list, basis: Mapping[str, dict],
-                  k: int | None, dtype: str = "float32") -> tuple[np.ndarray, np.ndarray]:
+def document_rows(
+    task,
+    layers: Mapping[str, LayerSpec],
+    params,
+    batches: list,
+    basis: Mapping[str, dict],
+    k: int | None,
+    dtype: str = "float32",
+) -> tuple[np.ndarray, np.ndarray]:
     """``([N, C], [N, E])``: every document's kept cells in ``basis`` (the index pass,
     :func:`jaxinf.engine.stages.index_step`, over in-memory batches of whole documents), rounded to the storage
     ``dtype`` (``index.dtype``), and the energies of its pairs of bands."""
@@ -68,8 +75,10 @@ def random_basis(layers: Mapping[str, LayerSpec], k: int, seed: int) -> dict[str
         s = layers[name]
         k_S, k_A = indexing.kept_size(k, s.d_out), indexing.kept_size(k, s.d_in_aug)
         key, ka, ks = jax.random.split(key, 3)
-        out[name] = {"Q_A": jax.random.normal(ka, (*s.lead, s.d_in_aug, k_A), np.dtype(s.dtype)) / np.sqrt(k_A),
-                     "Q_S": jax.random.normal(ks, (*s.lead, s.d_out, k_S), np.dtype(s.dtype)) / np.sqrt(k_S)}
+        out[name] = {
+            "Q_A": jax.random.normal(ka, (*s.lead, s.d_in_aug, k_A), np.dtype(s.dtype)) / np.sqrt(k_A),
+            "Q_S": jax.random.normal(ks, (*s.lead, s.d_out, k_S), np.dtype(s.dtype)) / np.sqrt(k_S),
+        }
     return out
 
 
@@ -77,19 +86,31 @@ def projected_queries(qg: QueryGradients, basis: Mapping[str, dict], layers: Map
     """``[Q, C]``: the prepared queries projected by ``basis`` (``P_S P(G_q) P_A^T``), laid out as the rows of
     :func:`document_rows` in the same basis."""
     P = indexing.rotated_queries(qg, {n: b["Q_A"] for n, b in basis.items()}, {n: b["Q_S"] for n, b in basis.items()})
-    return np.concatenate([np.asarray(indexing.rows_first(P[n], len(layers[n].lead), 2), np.float64)
-                           for n in sorted(layers)], axis=1)
+    return np.concatenate(
+        [np.asarray(indexing.rows_first(P[n], len(layers[n].lead), 2), np.float64) for n in sorted(layers)], axis=1
+    )
 
 
-def index_queries(qg: QueryGradients, curv: curvature.Curvature, selection: indexing.Selection,
-                  layers: Mapping[str, LayerSpec], k: int | None) -> indexing.IndexQueries:
+def index_queries(
+    qg: QueryGradients,
+    curv: curvature.Curvature,
+    selection: indexing.Selection,
+    layers: Mapping[str, LayerSpec],
+    k: int | None,
+) -> indexing.IndexQueries:
     """The prepared queries in index space (:func:`jaxinf.engine.indexing.index_queries`) under ``curv``'s basis."""
     assert curv.Q_A is not None and curv.Q_S is not None and curv.Lambda is not None
     return indexing.index_queries(qg, curv.Q_A, curv.Q_S, curv.Lambda, selection, layers, k)
 
 
-def index_scores(qg: QueryGradients, curv: curvature.Curvature, selection: indexing.Selection,
-                 layers: Mapping[str, LayerSpec], k: int | None, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def index_scores(
+    qg: QueryGradients,
+    curv: curvature.Curvature,
+    selection: indexing.Selection,
+    layers: Mapping[str, LayerSpec],
+    k: int | None,
+    rows: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray]:
     """``([Q, N] scores, [Q] predicted correlation)`` of the prepared queries against the index ``rows``."""
     iq = index_queries(qg, curv, selection, layers, k)
     return indexing.index_scores(np.asarray(iq.cells, np.float64), rows), np.asarray(iq.fidelity, np.float64)
@@ -101,7 +122,7 @@ def rescored_share(iq: indexing.IndexQueries, scores: np.ndarray, bands: np.ndar
     rest = indexing.residual_norms(bands, indexing.RESOLUTION[dtype])
     bounds = indexing.score_bounds(np.asarray(iq.rest, np.float64), rest)
     if not np.any(bounds > 0):
-        return 0.0          # nothing left out (a full index): the run rescores nothing either
+        return 0.0  # nothing left out (a full index): the run rescores nothing either
     return float(indexing.certify_candidates(scores, bounds, k).mean())
 
 
@@ -114,8 +135,10 @@ def fidelity(exact: np.ndarray, approx: np.ndarray, predicted: np.ndarray | None
     """Per query and on average, how ``approx`` ``[Q, N]`` follows ``exact``: Pearson, Spearman, the overlap of the
     top and bottom :data:`TAILS` documents (each at most half of them), and the predicted correlation if given."""
     N = exact.shape[1]
-    per_query: dict[str, list] = {"pearson": [pearson(a, e) for a, e in zip(approx, exact)],
-                                  "spearman": [spearman(a, e) for a, e in zip(approx, exact)]}
+    per_query: dict[str, list] = {
+        "pearson": [pearson(a, e) for a, e in zip(approx, exact)],
+        "spearman": [spearman(a, e) for a, e in zip(approx, exact)],
+    }
     for t, k in tails(N).items():
         per_query[f"top{t}"] = [topk_overlap(a, e, k) for a, e in zip(approx, exact)]
         per_query[f"bottom{t}"] = [topk_overlap(-a, -e, k) for a, e in zip(approx, exact)]
@@ -126,14 +149,26 @@ def fidelity(exact: np.ndarray, approx: np.ndarray, predicted: np.ndarray | None
     return {"mean": mean, "min": minimum, "per_query": per_query, "tails": {str(t): k for t, k in tails(N).items()}}
 
 
-def fidelity_table(task, layers: Mapping[str, LayerSpec], params, batches: list, G, qloss, curv, eigen,
-                   damping: float | None, ks: list, exact: np.ndarray, seed: int,
-                   dtype: str = "float32") -> dict:
+def fidelity_table(
+    task,
+    layers: Mapping[str, LayerSpec],
+    params,
+    batches: list,
+    G,
+    qloss,
+    curv,
+    eigen,
+    damping: float | None,
+    ks: list,
+    exact: np.ndarray,
+    seed: int,
+    dtype: str = "float32",
+) -> dict:
     """The table of the module docstring: ``{str(k): {method: fidelity, "cells": cells per document}}``."""
     from jaxinf.engine import scoring
 
     basis, selection = eigen_basis(curv, eigen)
-    kfac = curvature.curvature("kfac", eigen, curvature.kfac_lambda(eigen))   # Lambda = e_S e_A: no fit
+    kfac = curvature.curvature("kfac", eigen, curvature.kfac_lambda(eigen))  # Lambda = e_S e_A: no fit
     qg = scoring.prepare_queries(G, qloss, curv, damping, None)
     qg_kfac = scoring.prepare_queries(G, qloss, kfac, damping, None)
     out: dict = {}
@@ -143,14 +178,21 @@ def fidelity_table(task, layers: Mapping[str, LayerSpec], params, batches: list,
         iq = index_queries(qg, curv, selection, layers, k)
         s_index = indexing.index_scores(np.asarray(iq.cells, np.float64), rows)
         s_kfac, _ = index_scores(qg_kfac, curv, selection, layers, k, rows)
-        entry = {"cells": int(rows.shape[1]),
-                 "ekfac-index": {**fidelity(exact, s_index, np.asarray(iq.fidelity, np.float64)),
-                                 "rescored": {str(t): rescored_share(iq, s_index, bands, dtype, t_k)
-                                              for t, t_k in tails(exact.shape[1]).items()}},
-                 "kfac-eigenvalues": fidelity(exact, s_kfac)}
+        entry = {
+            "cells": int(rows.shape[1]),
+            "ekfac-index": {
+                **fidelity(exact, s_index, np.asarray(iq.fidelity, np.float64)),
+                "rescored": {
+                    str(t): rescored_share(iq, s_index, bands, dtype, t_k) for t, t_k in tails(exact.shape[1]).items()
+                },
+            },
+            "kfac-eigenvalues": fidelity(exact, s_kfac),
+        }
         if k is not None:
             rand = random_basis(layers, k, seed)
-            s_rand = projected_queries(qg, rand, layers) @ document_rows(task, layers, params, batches, rand, k, dtype)[0].T
+            s_rand = (
+                projected_queries(qg, rand, layers) @ document_rows(task, layers, params, batches, rand, k, dtype)[0].T
+            )
             entry["random-kronecker"] = fidelity(exact, s_rand)
         out[str(k_value)] = entry
     return out

@@ -52,7 +52,9 @@ def mean_ci95(values: np.ndarray) -> tuple[float, tuple[float, float]]:
     return mean, (mean - half, mean + half)
 
 
-def bootstrap_ci95(predicted: np.ndarray, actual: np.ndarray, resamples: int, seed: int) -> tuple[tuple[float, float], int]:
+def bootstrap_ci95(
+    predicted: np.ndarray, actual: np.ndarray, resamples: int, seed: int
+) -> tuple[tuple[float, float], int]:
     """The 95% percentile-bootstrap interval of the LDS over the retrainings, and the number of resamples left out.
 
     With ``predicted``, ``actual`` ``[M, Q]`` (one row per subset), resample b draws the subsets
@@ -66,8 +68,8 @@ def bootstrap_ci95(predicted: np.ndarray, actual: np.ndarray, resamples: int, se
     idx = np.random.default_rng(seed).integers(0, predicted.shape[0], (resamples, predicted.shape[0]))
     rp, ra = rankdata(np.moveaxis(predicted[idx], 1, -1)), rankdata(np.moveaxis(actual[idx], 1, -1))  # [B, Q, M]
     rp, ra = rp - rp.mean(-1, keepdims=True), ra - ra.mean(-1, keepdims=True)
-    denom = np.sqrt((rp ** 2).sum(-1) * (ra ** 2).sum(-1))
-    rho = np.where(denom > 0, (rp * ra).sum(-1) / np.where(denom > 0, denom, 1.0), np.nan)        # [B, Q]
+    denom = np.sqrt((rp**2).sum(-1) * (ra**2).sum(-1))
+    rho = np.where(denom > 0, (rp * ra).sum(-1) / np.where(denom > 0, denom, 1.0), np.nan)  # [B, Q]
     defined = np.isfinite(rho)
     per_resample = np.where(defined, rho, 0.0).sum(-1) / np.maximum(defined.sum(-1), 1)
     kept = per_resample[defined.any(-1)]
@@ -77,8 +79,9 @@ def bootstrap_ci95(predicted: np.ndarray, actual: np.ndarray, resamples: int, se
     return (float(lo), float(hi)), int(resamples - kept.size)
 
 
-def lds(scores: np.ndarray, subsets: np.ndarray, measurements: np.ndarray, resamples: int = 1000,
-        seed: int = 0) -> dict:
+def lds(
+    scores: np.ndarray, subsets: np.ndarray, measurements: np.ndarray, resamples: int = 1000, seed: int = 0
+) -> dict:
     """``{"mean", "per_query", "ci95", "ci95_queries", "undefined", "bootstrap_undefined"}`` of one method's
     ``scores`` ``[Q, N]`` against the retrained ``measurements`` ``[M, S, Q]`` (NLLs; averaged over seeds,
     negated). ``ci95`` is :func:`bootstrap_ci95` over the subsets (``resamples``, ``seed``; it leaves out
@@ -89,6 +92,11 @@ def lds(scores: np.ndarray, subsets: np.ndarray, measurements: np.ndarray, resam
     per_query = lds_per_query(predicted, actual)
     mean, ci_queries = mean_ci95(per_query)
     ci, left_out = bootstrap_ci95(predicted, actual, resamples, seed)
-    return {"mean": mean, "per_query": [None if not np.isfinite(x) else float(x) for x in per_query],
-            "ci95": list(ci), "ci95_queries": list(ci_queries), "undefined": int((~np.isfinite(per_query)).sum()),
-            "bootstrap_undefined": left_out}
+    return {
+        "mean": mean,
+        "per_query": [None if not np.isfinite(x) else float(x) for x in per_query],
+        "ci95": list(ci),
+        "ci95_queries": list(ci_queries),
+        "undefined": int((~np.isfinite(per_query)).sum()),
+        "bootstrap_undefined": left_out,
+    }

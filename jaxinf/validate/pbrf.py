@@ -82,8 +82,7 @@ def damping_tree(params, layer_names, damping) -> dict:
 
     def leaf(path, x):
         names = [str(getattr(p, "key", getattr(p, "name", p))) for p in path]
-        owner = next((owners[".".join(names[:i])] for i in range(1, len(names)) if ".".join(names[:i]) in owners),
-                     None)
+        owner = next((owners[".".join(names[:i])] for i in range(1, len(names)) if ".".join(names[:i]) in owners), None)
         if owner is None:
             return jnp.zeros((), x.dtype)
         if isinstance(damping, (int, float)):
@@ -110,8 +109,10 @@ def make_pbrf(lm, task, mask, *, damping, eps: float, iterations: int, tolerance
             logits = lm.apply(params, documents["tokens"], documents["mask"])
             D = bregman(logits, ref_logprobs, documents["weights"]).mean()
             Lm = task.train_loss(params, doc, None, None).sum()
-            prox = sum(jnp.sum(lam * (k * d) ** 2) for d, k, lam in
-                       zip(jax.tree.leaves(delta), jax.tree.leaves(mask), jax.tree.leaves(lam_tree)))
+            prox = sum(
+                jnp.sum(lam * (k * d) ** 2)
+                for d, k, lam in zip(jax.tree.leaves(delta), jax.tree.leaves(mask), jax.tree.leaves(lam_tree))
+            )
             return D + eps * Lm + 0.5 * prox
 
         value_and_grad = optax.value_and_grad_from_state(objective)
@@ -144,9 +145,22 @@ def make_pbrf(lm, task, mask, *, damping, eps: float, iterations: int, tolerance
     return response
 
 
-def pbrf_influence(lm, task, params_s, documents, queries, doc_indices, layer_names, *, damping, eps: float,
-                   iterations: int, tolerance: float = 0.0, units: Path | None = None,
-                   chunk: int = 4) -> tuple[np.ndarray, np.ndarray]:
+def pbrf_influence(
+    lm,
+    task,
+    params_s,
+    documents,
+    queries,
+    doc_indices,
+    layer_names,
+    *,
+    damping,
+    eps: float,
+    iterations: int,
+    tolerance: float = 0.0,
+    units: Path | None = None,
+    chunk: int = 4,
+) -> tuple[np.ndarray, np.ndarray]:
     """``I_pbrf`` ``[Q, len(doc_indices)]`` and each optimization's final/initial gradient norm.
 
     ``damping``: one number for every tracked layer, or ``{layer name: lambda [*lead]}`` (each layer's own).
@@ -168,8 +182,9 @@ def pbrf_influence(lm, task, params_s, documents, queries, doc_indices, layer_na
         meas, ratio = run(params_s, ref, documents, queries, jnp.asarray(idx, jnp.int32))
         return np.asarray(meas), np.asarray(ratio)
 
-    meas, ratio = in_chunks(optimize, doc_indices, chunk, units,
-                            lambda n, computed: progress.update(tokens * n if computed else 0, n))
+    meas, ratio = in_chunks(
+        optimize, doc_indices, chunk, units, lambda n, computed: progress.update(tokens * n if computed else 0, n)
+    )
     progress.close()
     return -(meas - base[None]).T / eps, ratio
 

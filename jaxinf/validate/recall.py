@@ -39,6 +39,8 @@ def recall(scores: np.ndarray, supports: list[list[int]], ks: list[int]) -> dict
     rows = [q for q, s in enumerate(supports) if s]
     if not rows:
         return {"mrr": None, "recall_at": {str(k): None for k in ks}, "queries": 0}
-    return {"mrr": float(np.mean([reciprocal_rank(scores[q], supports[q]) for q in rows])),
-            "recall_at": {str(k): float(np.mean([recall_at(scores[q], supports[q], k) for q in rows])) for k in ks},
-            "queries": len(rows)}
+    return {
+        "mrr": float(np.mean([reciprocal_rank(scores[q], supports[q]) for q in rows])),
+        "recall_at": {str(k): float(np.mean([recall_at(scores[q], supports[q], k) for q in rows])) for k in ks},
+        "queries": len(rows),
+    }

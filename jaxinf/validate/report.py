@@ -73,13 +73,28 @@ def write(out: Path, result: dict, predicted: dict[str, np.ndarray], actual: np.
     rows = []
     for s, e in result["lds"].items():
         rec = result["recall"][s]
-        rows.append([esc(s), fmt(e["mean"]), f"[{fmt(e['ci95'][0])}, {fmt(e['ci95'][1])}]",
-                     f"[{fmt(e['ci95_queries'][0])}, {fmt(e['ci95_queries'][1])}]", fmt(rec["mrr"])]
-                    + [fmt(x) for x in rec["recall_at"].values()] + [fmt(result["pbrf"].get(s))])
+        rows.append(
+            [
+                esc(s),
+                fmt(e["mean"]),
+                f"[{fmt(e['ci95'][0])}, {fmt(e['ci95'][1])}]",
+                f"[{fmt(e['ci95_queries'][0])}, {fmt(e['ci95_queries'][1])}]",
+                fmt(rec["mrr"]),
+            ]
+            + [fmt(x) for x in rec["recall_at"].values()]
+            + [fmt(result["pbrf"].get(s))]
+        )
     ks = next(iter(result["recall"].values()))["recall_at"]
-    header = ["strategy", "LDS", "95% CI (bootstrap over subsets)", "95% CI (t over queries)", "MRR"] + [f"Recall@{esc(k)}" for k in ks] + ["PBRF r"]
-    by_damping = [[esc(s), esc(d), fmt(e["mean"]), f"[{fmt(e['ci95'][0])}, {fmt(e['ci95'][1])}]"]
-                  for s, ds in result["lds_by_damping"].items() for d, e in ds.items()]
+    header = (
+        ["strategy", "LDS", "95% CI (bootstrap over subsets)", "95% CI (t over queries)", "MRR"]
+        + [f"Recall@{esc(k)}" for k in ks]
+        + ["PBRF r"]
+    )
+    by_damping = [
+        [esc(s), esc(d), fmt(e["mean"]), f"[{fmt(e['ci95'][0])}, {fmt(e['ci95'][1])}]"]
+        for s, ds in result["lds_by_damping"].items()
+        for d, e in ds.items()
+    ]
     proc = result["procedure"]
     fidelity = _fidelity_section(result.get("index_fidelity"))
     scatters = "".join(_figure(f"scatter_{i}.png", f"predicted vs actual, {s}") for i, s in enumerate(predicted))
@@ -120,13 +135,31 @@ def _fidelity_section(fidelity: dict | None) -> str:
             if method in entry:
                 mean, low = entry[method]["mean"], entry[method]["min"]
                 rescored = entry[method].get("rescored", {})
-                rows.append([esc(k), fmt(entry["cells"]), esc(method)] + [fmt(mean.get(c)) for c in cols]
-                            + [fmt(low.get("pearson"))] + [fmt(rescored.get(t)) for t in ("10", "100")])
-    header = (["k", "cells per document", "method", "Pearson", "Spearman", "top-10 overlap", "bottom-10 overlap",
-               "top-100 overlap", "bottom-100 overlap", "predicted r", "lowest Pearson",
-               "rescored to certify the 10 (share)", "rescored to certify the 100 (share)"])
-    return (f"<h2>The EK-FAC index against exact EK-FAC</h2><p>Means over queries of each method's agreement with "
-            f"exact EK-FAC (damping {esc(fidelity['damping'])}, cells stored as {esc(fidelity['dtype'])}); the three "
-            f"methods store the same cells per document. Tails of at most half the documents. The last columns: the "
-            f"share of the documents a run rescores exactly so that every query's top and bottom 10 (100) are EK-FAC's.</p>"
-            f"{_table(header, rows)}")
+                rows.append(
+                    [esc(k), fmt(entry["cells"]), esc(method)]
+                    + [fmt(mean.get(c)) for c in cols]
+                    + [fmt(low.get("pearson"))]
+                    + [fmt(rescored.get(t)) for t in ("10", "100")]
+                )
+    header = [
+        "k",
+        "cells per document",
+        "method",
+        "Pearson",
+        "Spearman",
+        "top-10 overlap",
+        "bottom-10 overlap",
+        "top-100 overlap",
+        "bottom-100 overlap",
+        "predicted r",
+        "lowest Pearson",
+        "rescored to certify the 10 (share)",
+        "rescored to certify the 100 (share)",
+    ]
+    return (
+        f"<h2>The EK-FAC index against exact EK-FAC</h2><p>Means over queries of each method's agreement with "
+        f"exact EK-FAC (damping {esc(fidelity['damping'])}, cells stored as {esc(fidelity['dtype'])}); the three "
+        f"methods store the same cells per document. Tails of at most half the documents. The last columns: the "
+        f"share of the documents a run rescores exactly so that every query's top and bottom 10 (100) are EK-FAC's.</p>"
+        f"{_table(header, rows)}"
+    )

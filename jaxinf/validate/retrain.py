@@ -55,8 +55,10 @@ def sample_subsets(n_documents: int, count: int, fraction: float, seed: int) -> 
     """``count`` random subsets of ``round(fraction * n)`` document indices each (sorted rows), ``[count, size]``."""
     size = int(round(fraction * n_documents))
     if not 1 <= size < n_documents:
-        raise ValidationError(f"validate.fraction: {fraction} of {n_documents} documents leaves a subset of {size} "
-                              "documents (need at least 1 and fewer than all)")
+        raise ValidationError(
+            f"validate.fraction: {fraction} of {n_documents} documents leaves a subset of {size} "
+            "documents (need at least 1 and fewer than all)"
+        )
     rng = np.random.default_rng(seed)
     return np.stack([np.sort(rng.choice(n_documents, size, replace=False)) for _ in range(count)])
 
@@ -83,12 +85,14 @@ def schedule(members: np.ndarray, steps: int, batch_size: int, seed: int) -> np.
     """Document indices of every minibatch, ``[steps, batch_size]``: ``members`` shuffled by ``seed`` epoch after
     epoch (a batch never straddles two epochs; a final short remainder of an epoch is dropped)."""
     if batch_size > len(members):
-        raise ValidationError(f"validate.batch_size: {batch_size} is more than the {len(members)} documents of a subset")
+        raise ValidationError(
+            f"validate.batch_size: {batch_size} is more than the {len(members)} documents of a subset"
+        )
     rng = np.random.default_rng(seed)
     out: list[np.ndarray] = []
     while len(out) < steps:
         order = members[rng.permutation(len(members))]
-        out.extend(order[lo:lo + batch_size] for lo in range(0, len(order) - batch_size + 1, batch_size))
+        out.extend(order[lo : lo + batch_size] for lo in range(0, len(order) - batch_size + 1, batch_size))
     return np.stack(out[:steps]).astype(np.int32)
 
 
@@ -139,17 +143,28 @@ def check_losses(losses: np.ndarray, labels: list[str]) -> None:
     for g in range(losses.shape[0]):
         if bad[g].any():
             step = int(np.flatnonzero(bad[g])[0])
-            raise ValidationError(f"retraining {labels[g]} diverged: loss is not finite at step {step + 1} "
-                                  "(lower validate.learning_rate)")
+            raise ValidationError(
+                f"retraining {labels[g]} diverged: loss is not finite at step {step + 1} (lower validate.learning_rate)"
+            )
 
 
 def unit_path(root: Path, subset: int, seed: int) -> Path:
     return Path(root) / f"s{subset:04d}_r{seed:02d}.npy"
 
 
-def retrain_all(train_many: Callable, params0, documents, queries, subsets: np.ndarray, seeds: int,
-                proc: Procedure, root: Path, group: int, progress: Callable[[int, int], None] | None = None,
-                starts: Callable[[int], object] | None = None) -> np.ndarray:
+def retrain_all(
+    train_many: Callable,
+    params0,
+    documents,
+    queries,
+    subsets: np.ndarray,
+    seeds: int,
+    proc: Procedure,
+    root: Path,
+    group: int,
+    progress: Callable[[int, int], None] | None = None,
+    starts: Callable[[int], object] | None = None,
+) -> np.ndarray:
     """Measurements of every (subset, seed) retraining, ``[M, S, Q]``: read from ``root`` where saved, trained
     (``group`` at a time) and saved otherwise. The seed of subset m, seed s is :func:`fresh_seed`; every retraining
     starts from ``params0``, or with ``starts`` (and a ``train_many`` of ``stacked_starts``) from
@@ -158,9 +173,9 @@ def retrain_all(train_many: Callable, params0, documents, queries, subsets: np.n
     todo = [u for u in units if not unit_path(root, *u).exists()]
     done = len(units) - len(todo)
     for lo in range(0, len(todo), group):
-        chunk = todo[lo:lo + group]
+        chunk = todo[lo : lo + group]
         sched = np.stack([schedule(subsets[m], proc.steps, proc.batch_size, fresh_seed(m, s)) for m, s in chunk])
-        pad = group - len(chunk)              # one compiled shape: the last group is padded with copies
+        pad = group - len(chunk)  # one compiled shape: the last group is padded with copies
         if pad:
             sched = np.concatenate([sched, np.repeat(sched[:1], pad, 0)])
         start = params0

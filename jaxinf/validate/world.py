@@ -69,8 +69,10 @@ def builtin(n_documents: int = 128, per_task: int = 6, seed: int = 0) -> World:
     T = int(max(map(len, ids)))
     queries = [q for q in corpus.queries(seed, per_task) if q.next]
     bos = tok.token_to_id("<bos>")
-    q_ids = [[bos] + tok.encode(q.prompt, add_special_tokens=False).ids + tok.encode(q.next, add_special_tokens=False).ids
-             for q in queries]
+    q_ids = [
+        [bos] + tok.encode(q.prompt, add_special_tokens=False).ids + tok.encode(q.next, add_special_tokens=False).ids
+        for q in queries
+    ]
     prompt_lengths = [1 + len(tok.encode(q.prompt, add_special_tokens=False).ids) for q in queries]
     hf = train.hf_config(tok.get_vocab_size(), max_positions=max(T, max(map(len, q_ids))), **BUILTIN_MODEL)
     lm = models.init(models.config_from_hf(hf), seed)
@@ -79,11 +81,15 @@ def builtin(n_documents: int = 128, per_task: int = 6, seed: int = 0) -> World:
     return World(
         lm=lm,
         documents=_numpy(tasks.lm_batch(ids, T)),
-        doc_ids=[d["id"] for d in docs], doc_sources=[d["source"] for d in docs],
+        doc_ids=[d["id"] for d in docs],
+        doc_sources=[d["source"] for d in docs],
         queries=_numpy(tasks.lm_batch(q_ids, None, prompt_lengths)),
-        query_ids=[q.id for q in queries], query_kinds=[q.kind for q in queries],
-        supports=[[index[s] for s in ss] for ss in sup], track="all",
-        name=f"built-in: {n_documents} demo documents, {len(queries)} queries, Llama {BUILTIN_MODEL}")
+        query_ids=[q.id for q in queries],
+        query_kinds=[q.kind for q in queries],
+        supports=[[index[s] for s in ss] for ss in sup],
+        track="all",
+        name=f"built-in: {n_documents} demo documents, {len(queries)} queries, Llama {BUILTIN_MODEL}",
+    )
 
 
 def from_config(config: cfg.Config) -> World:
@@ -96,20 +102,31 @@ def from_config(config: cfg.Config) -> World:
 
     for name in ("checkpoint",):
         if getattr(config.model, name) is None:
-            raise ValidationError(f"model.{name}: needed by jaxinf validate with a config (omit the config for the "
-                                  "built-in world)")
+            raise ValidationError(
+                f"model.{name}: needed by jaxinf validate with a config (omit the config for the built-in world)"
+            )
     for name in ("documents", "queries"):
         if getattr(config.data, name) is None:
             raise ValidationError(f"data.{name}: needed by jaxinf validate with a config")
-    assert (config.model.checkpoint is not None and config.data.documents is not None  # refused above
-            and config.data.queries is not None)
+    assert (
+        config.model.checkpoint is not None
+        and config.data.documents is not None  # refused above
+        and config.data.queries is not None
+    )
     lm, tokenizer = models.from_hf(config.model.checkpoint, dtype=config.model.dtype, scan=config.model.scan_layers)
     encoder = TextEncoder(tokenizer)
-    source = open_documents(config.data.documents, text_field=config.data.text_field, id_field=config.data.id_field,
-                            source_field=config.data.source_field, dedupe=config.data.dedupe)
+    source = open_documents(
+        config.data.documents,
+        text_field=config.data.text_field,
+        id_field=config.data.id_field,
+        source_field=config.data.source_field,
+        dedupe=config.data.dedupe,
+    )
     docs = source.documents(range(len(source)))
-    ids = [e[: config.data.max_length].tolist()
-           for e in encoder.encode_documents([d.text for d in docs], config.data.max_length)]
+    ids = [
+        e[: config.data.max_length].tolist()
+        for e in encoder.encode_documents([d.text for d in docs], config.data.max_length)
+    ]
     queries = read_queries(config.data.queries)
     encoded = encode_queries(queries, encoder, max_length=config.data.max_length)
     index = {d.id: i for i, d in enumerate(docs)}
@@ -122,11 +139,15 @@ def from_config(config: cfg.Config) -> World:
     return World(
         lm=lm,
         documents=_numpy(tasks.lm_batch(ids, max(map(len, ids)))),
-        doc_ids=[d.id for d in docs], doc_sources=[d.source or "" for d in docs],
+        doc_ids=[d.id for d in docs],
+        doc_sources=[d.source or "" for d in docs],
         queries=_numpy(tasks.lm_batch([e.ids.tolist() for e in encoded], None, [e.prompt_length for e in encoded])),
-        query_ids=[q.id for q in queries], query_kinds=[q.kind for q in queries],
-        supports=supports, track=config.factors.track,
-        name=f"{config.model.checkpoint}: {len(docs)} documents of {config.data.documents}, {len(queries)} queries")
+        query_ids=[q.id for q in queries],
+        query_kinds=[q.kind for q in queries],
+        supports=supports,
+        track=config.factors.track,
+        name=f"{config.model.checkpoint}: {len(docs)} documents of {config.data.documents}, {len(queries)} queries",
+    )
 
 
 def _numpy(batch: dict) -> dict[str, np.ndarray]:

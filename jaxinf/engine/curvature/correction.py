@@ -78,8 +78,9 @@ def rotated_gradient(a: Array, g: Array, Q_A: Array | None, Q_S: Array | None, d
     return jnp.einsum("btp,btj->bpj", g, a, precision=precision)
 
 
-def lambda_statistic(a: Array, g: Array, mask: Array, eigen: Mapping[str, Array] | None, *,
-                     dtype=None, precision=None) -> dict[str, Array]:
+def lambda_statistic(
+    a: Array, g: Array, mask: Array, eigen: Mapping[str, Array] | None, *, dtype=None, precision=None
+) -> dict[str, Array]:
     """One layer's share of a batch: ``{"Lambda": sum_n (Q_S^T G[n] Q_A)^2, "count": N_seq}`` in the statistics
     dtype ``dtype`` (by default :func:`~jaxinf.engine.precision.working_dtype` of ``a`` and ``g``), at the matmul precision
     ``precision`` (``run.matmul_precision``).
@@ -91,8 +92,10 @@ def lambda_statistic(a: Array, g: Array, mask: Array, eigen: Mapping[str, Array]
     Q_A = None if eigen is None else eigen["Q_A"]
     Q_S = None if eigen is None else eigen["Q_S"]
     R = constrain(rotated_gradient(a, g, Q_A, Q_S, dtype, precision), ("batch", "rows", "cols"))
-    return {"Lambda": constrain(sum_over_sequences(R * R, precision), ("rows", "cols"), "factor"),
-            "count": sequence_count(mask).astype(dtype)}
+    return {
+        "Lambda": constrain(sum_over_sequences(R * R, precision), ("rows", "cols"), "factor"),
+        "count": sequence_count(mask).astype(dtype),
+    }
 
 
 def sum_over_sequences(x: Array, precision=None) -> Array:

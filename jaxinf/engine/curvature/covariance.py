@@ -74,8 +74,9 @@ def token_outer_sum(x: Array, dtype, precision=None) -> Array:
     return jnp.einsum("ni,nj->ij", x, x, precision=matmul_precision(precision))
 
 
-def covariance_statistic(a: Array, g: Array, mask: Array, context=None, *, dtype=None,
-                         precision=None) -> dict[str, Array]:
+def covariance_statistic(
+    a: Array, g: Array, mask: Array, context=None, *, dtype=None, precision=None
+) -> dict[str, Array]:
     """One layer's share of a batch: ``{"A": sum a a^T, "S": sum g g^T, "count": sum mask}`` in the statistics dtype
     ``dtype`` (by default :func:`~jaxinf.engine.precision.working_dtype` of ``a`` and ``g``), at the matmul precision
     ``precision`` (``run.matmul_precision``).
@@ -83,9 +84,11 @@ def covariance_statistic(a: Array, g: Array, mask: Array, context=None, *, dtype
     ``mask`` is the layer's own (an expert's: its routed tokens), so ``count`` is the layer's token count.
     """
     dtype = working_dtype(a, g) if dtype is None else dtype
-    return {"A": constrain(token_outer_sum(a, dtype, precision), ("rows", "cols"), "factor"),
-            "S": constrain(token_outer_sum(g, dtype, precision), ("rows", "cols"), "factor"),
-            "count": mask.astype(dtype).sum()}
+    return {
+        "A": constrain(token_outer_sum(a, dtype, precision), ("rows", "cols"), "factor"),
+        "S": constrain(token_outer_sum(g, dtype, precision), ("rows", "cols"), "factor"),
+        "count": mask.astype(dtype).sum(),
+    }
 
 
 def covariance_update(state: CovarianceState, stats: Mapping[str, dict[str, Array]]) -> CovarianceState:

@@ -34,11 +34,14 @@ class Curvature:
 
     def __post_init__(self):
         if not isinstance(self.strategy, strategies.Strategy):
-            raise TypeError(f"Curvature.strategy: a Strategy (jaxinf.engine.curvature.strategy(name)), got {self.strategy!r}")
+            raise TypeError(
+                f"Curvature.strategy: a Strategy (jaxinf.engine.curvature.strategy(name)), got {self.strategy!r}"
+            )
 
 
-def curvature(strategy: str | strategies.Strategy, eigen: Eigen | None = None,
-              Lambda: Mapping[str, Array] | None = None) -> Curvature:
+def curvature(
+    strategy: str | strategies.Strategy, eigen: Eigen | None = None, Lambda: Mapping[str, Array] | None = None
+) -> Curvature:
     """Assembles a :class:`Curvature` of ``strategy`` (an object or its name), checking that it has what it needs."""
     s = strategies.strategy(strategy)
     if not s.needs_lambda:
@@ -52,8 +55,11 @@ def curvature(strategy: str | strategies.Strategy, eigen: Eigen | None = None,
     return Curvature(s, dict(eigen.Q_A), dict(eigen.Q_S), dict(Lambda))
 
 
-def assemble(strategy: str | strategies.Strategy, eigen: Callable[[], Eigen],
-             fit_lambda: Callable[[Eigen | None], Mapping[str, Array]]) -> Curvature:
+def assemble(
+    strategy: str | strategies.Strategy,
+    eigen: Callable[[], Eigen],
+    fit_lambda: Callable[[Eigen | None], Mapping[str, Array]],
+) -> Curvature:
     """The :class:`Curvature` of ``strategy`` from the fitting stages, each asked for only when the strategy needs it:
     ``eigen()`` the eigendecomposition, ``fit_lambda(basis)`` a fitted ``Lambda`` (:meth:`Strategy.lambda_of`)."""
     s = strategies.strategy(strategy)
@@ -75,16 +81,20 @@ def curvature_context(curv: Curvature) -> dict[str, dict[str, Array]] | None:
     out = {}
     for k, L in curv.Lambda.items():
         out[k] = {"Lambda": L}
-        if curv.Q_A is not None and curv.Q_S is not None:   # both or neither (curvature())
+        if curv.Q_A is not None and curv.Q_S is not None:  # both or neither (curvature())
             out[k].update(Q_A=curv.Q_A[k], Q_S=curv.Q_S[k])
     return out
 
 
-def precondition(G: Mapping[str, Array], curv: Curvature, damp: Mapping[str, Array] | None,
-                 precision=None) -> dict[str, Array]:
+def precondition(
+    G: Mapping[str, Array], curv: Curvature, damp: Mapping[str, Array] | None, precision=None
+) -> dict[str, Array]:
     """The strategy's :meth:`~jaxinf.engine.curvature.strategies.Strategy.precondition` of every block's per-example
     gradients ``[*lead, n, d_out, d_in']``, at the matmul precision ``precision``."""
     context = curvature_context(curv)
-    return {k: curv.strategy.precondition(g, None if context is None else context[k], None if damp is None else damp[k],
-                                          precision)
-            for k, g in G.items()}
+    return {
+        k: curv.strategy.precondition(
+            g, None if context is None else context[k], None if damp is None else damp[k], precision
+        )
+        for k, g in G.items()
+    }

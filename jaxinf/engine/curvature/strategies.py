@@ -51,7 +51,7 @@ from jaxinf.engine.precision import matmul_precision
 Array = jax.Array
 
 LAMBDA_SOURCES = ("none", "fitted", "eigenvalues")
-FACTOR_GROUPS = ("covariance", "eigen", "lambda")   # the fitting stages, and kronfluence's groups of files
+FACTOR_GROUPS = ("covariance", "eigen", "lambda")  # the fitting stages, and kronfluence's groups of files
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,8 +70,10 @@ class Strategy:
 
     def __post_init__(self):
         if self.lambda_source not in LAMBDA_SOURCES:
-            raise ValueError(f"strategy {self.name!r}: unknown lambda_source {self.lambda_source!r} "
-                             f"(choose from {', '.join(LAMBDA_SOURCES)})")
+            raise ValueError(
+                f"strategy {self.name!r}: unknown lambda_source {self.lambda_source!r} "
+                f"(choose from {', '.join(LAMBDA_SOURCES)})"
+            )
 
     @property
     def needs_lambda(self) -> bool:
@@ -93,8 +95,9 @@ class Strategy:
         """The factor groups preconditioning reads: the eigendecomposition and a fitted ``Lambda``."""
         return tuple(g for g, on in zip(FACTOR_GROUPS[1:], (self.eigen, self.fits_lambda)) if on)
 
-    def lambda_of(self, eigen: Eigen | None, fit: Callable[[Eigen | None], Mapping[str, Array]]
-                  ) -> Mapping[str, Array] | None:
+    def lambda_of(
+        self, eigen: Eigen | None, fit: Callable[[Eigen | None], Mapping[str, Array]]
+    ) -> Mapping[str, Array] | None:
         """This strategy's ``Lambda`` as it obtains it: None; ``fit(basis)`` (stage lambda, ``basis`` its
         eigendecomposition or None for the raw basis); or :func:`~jaxinf.engine.curvature.correction.kfac_lambda`."""
         if self.lambda_source == "none":
@@ -108,8 +111,7 @@ class Strategy:
         """``(Q_A, Q_S)`` of a layer's factors, or ``(None, None)`` for the raw basis (``Q_A = Q_S = I``)."""
         return None, None
 
-    def precondition(self, g: Array, factors: Mapping[str, Array] | None, damp: Array | None,
-                     precision=None) -> Array:
+    def precondition(self, g: Array, factors: Mapping[str, Array] | None, damp: Array | None, precision=None) -> Array:
         """``P(G) = Q_S [ (Q_S^T G Q_A) / (Lambda + lambda) ] Q_A^T`` of one block's gradients
         ``[*lead, n, d_out, d_in']`` in the strategy's basis (``G / (Lambda + lambda)`` in the raw basis).
 
@@ -122,16 +124,23 @@ class Strategy:
         inv = jnp.expand_dims(inverse_eigenvalues(factors["Lambda"], damp), -3)
         g = g.astype(dtype)
         Q_A, Q_S = self.basis(factors)
-        if Q_A is None or Q_S is None:   # both or neither
+        if Q_A is None or Q_S is None:  # both or neither
             return g * inv
         Q_A = jnp.expand_dims(Q_A.astype(dtype), -3)
         Q_S = jnp.expand_dims(Q_S.astype(dtype), -3)
-        mm = lambda x, y: jnp.matmul(x, y, precision=matmul_precision(precision))   # noqa: E731
+        mm = lambda x, y: jnp.matmul(x, y, precision=matmul_precision(precision))  # noqa: E731
         rotated = mm(mm(jnp.swapaxes(Q_S, -1, -2), g), Q_A)
         return mm(mm(Q_S, rotated * inv), jnp.swapaxes(Q_A, -1, -2))
 
-    def self_score(self, a: Array, g: Array, factors: Mapping[str, Array] | None, damping_value: float | None,
-                   dtype, precision=None) -> Array:
+    def self_score(
+        self,
+        a: Array,
+        g: Array,
+        factors: Mapping[str, Array] | None,
+        damping_value: float | None,
+        dtype,
+        precision=None,
+    ) -> Array:
         """One layer's ``<P(G[n]), G[n]>`` per document ``[B]``: ``sum (Q_S^T G[n] Q_A)^2 / (Lambda + lambda)``
         (``sum G[n]^2 / (Lambda + lambda)`` in the raw basis), in ``Lambda``'s dtype, at the matmul precision
         ``precision``.
@@ -154,13 +163,19 @@ class Identity(Strategy):
     eigen: bool = False
     lambda_source: str = "none"
 
-    def precondition(self, g: Array, factors: Mapping[str, Array] | None, damp: Array | None,
-                     precision=None) -> Array:
+    def precondition(self, g: Array, factors: Mapping[str, Array] | None, damp: Array | None, precision=None) -> Array:
         """``P(G) = G`` (in ``G``'s own dtype)."""
         return g
 
-    def self_score(self, a: Array, g: Array, factors: Mapping[str, Array] | None, damping_value: float | None,
-                   dtype, precision=None) -> Array:
+    def self_score(
+        self,
+        a: Array,
+        g: Array,
+        factors: Mapping[str, Array] | None,
+        damping_value: float | None,
+        dtype,
+        precision=None,
+    ) -> Array:
         """One layer's ``<G[n], G[n]> = sum G[n]^2`` per document ``[B]``, in ``dtype`` (at ``precision``)."""
         R = rotated_gradient(a, g, None, None, dtype, precision)
         return jnp.sum(R * R, axis=(-2, -1))

@@ -64,9 +64,29 @@ class Family:
     check: Callable[[Any], list[str]] = _no_problems
 
 
-_MODULES = ("llama", "gpt_neox", "cohere", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "olmo", "olmo2",
-            "olmo3", "gpt2", "phi3", "cohere2", "stablelm", "smollm3", "mixtral", "qwen3_moe", "olmoe",
-            "gpt_bigcode")
+_MODULES = (
+    "llama",
+    "gpt_neox",
+    "cohere",
+    "mistral",
+    "qwen2",
+    "qwen3",
+    "gemma",
+    "gemma2",
+    "gemma3",
+    "olmo",
+    "olmo2",
+    "olmo3",
+    "gpt2",
+    "phi3",
+    "cohere2",
+    "stablelm",
+    "smollm3",
+    "mixtral",
+    "qwen3_moe",
+    "olmoe",
+    "gpt_bigcode",
+)
 
 FAMILIES: dict[str, Family] = {}
 for _name in _MODULES:

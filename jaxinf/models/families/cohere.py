@@ -36,15 +36,20 @@ def head_norms(c: ModelConfig) -> dict:
     """Cohere's per-head q/k LayerNorms (weights ``[heads, head_dim]``, no bias), when ``qk_norm``."""
     if not c.qk_norm:
         return {}
-    return dict(q_norm=LayerNorm((c.num_heads, c.head_dim), c.norm_eps, False, c),
-                k_norm=LayerNorm((c.num_kv_heads, c.head_dim), c.norm_eps, False, c))
+    return dict(
+        q_norm=LayerNorm((c.num_heads, c.head_dim), c.norm_eps, False, c),
+        k_norm=LayerNorm((c.num_kv_heads, c.head_dim), c.norm_eps, False, c),
+    )
 
 
 def block(config: ModelConfig, rngs: nnx.Rngs) -> ParallelBlock:
     """``x = ln(h); h += attn(x) + mlp(x)`` (one LayerNorm without bias, parallel branches)."""
     c = config
-    return ParallelBlock(LayerNorm((c.hidden_size,), c.norm_eps, False, c),
-                         SelfAttention(c, rngs, interleaved=True, **head_norms(c)), GatedMLP(c, rngs))
+    return ParallelBlock(
+        LayerNorm((c.hidden_size,), c.norm_eps, False, c),
+        SelfAttention(c, rngs, interleaved=True, **head_norms(c)),
+        GatedMLP(c, rngs),
+    )
 
 
 def final_norm(c: ModelConfig) -> LayerNorm:

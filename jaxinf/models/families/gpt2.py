@@ -30,7 +30,7 @@ def read_config(f) -> dict:
         intermediate_size=f("n_inner", "int", None) or 4 * hidden,
         num_layers=f("n_layer"),
         num_heads=heads,
-        head_dim=hidden // heads if heads > 0 else 0,   # heads <= 0: refused by ModelConfig
+        head_dim=hidden // heads if heads > 0 else 0,  # heads <= 0: refused by ModelConfig
         rotary_dim=0,
         max_position_embeddings=f("n_positions", "int", 1024),
         activation=f.activation("activation_function", "gelu_new"),
@@ -42,9 +42,11 @@ def read_config(f) -> dict:
 
 
 def check(c: ModelConfig) -> list[str]:
-    return [] if c.head_dim * c.num_heads == c.hidden_size and c.num_kv_heads == c.num_heads else [
-        "gpt2 needs head_dim * num_heads == hidden_size and no grouped-query attention"]
-
+    return (
+        []
+        if c.head_dim * c.num_heads == c.hidden_size and c.num_kv_heads == c.num_heads
+        else ["gpt2 needs head_dim * num_heads == hidden_size and no grouped-query attention"]
+    )
 
 
 def layer_norm(c: ModelConfig) -> LayerNorm:
@@ -53,8 +55,13 @@ def layer_norm(c: ModelConfig) -> LayerNorm:
 
 def block(config: ModelConfig, rngs: nnx.Rngs) -> PreNormBlock:
     c = config
-    return PreNormBlock(layer_norm(c), FusedAttention(c, rngs, names=("c_attn", "c_proj"), bias=True, prefix="attn"),
-                        layer_norm(c), PlainMLP(c, rngs, ("c_fc", "c_proj")), names=("ln_1", "attn", "ln_2", "mlp"))
+    return PreNormBlock(
+        layer_norm(c),
+        FusedAttention(c, rngs, names=("c_attn", "c_proj"), bias=True, prefix="attn"),
+        layer_norm(c),
+        PlainMLP(c, rngs, ("c_fc", "c_proj")),
+        names=("ln_1", "attn", "ln_2", "mlp"),
+    )
 
 
 FAMILY = Family(

@@ -36,6 +36,7 @@ FAMILY = dataclasses.replace(
     model_types=("gpt_bigcode",),
     read_config=read_config,
     linear_transposed=True,
-    check=lambda c: [] if c.head_dim * c.num_heads == c.hidden_size else [
-        "gpt_bigcode needs head_dim * num_heads == hidden_size"],
+    check=lambda c: (
+        [] if c.head_dim * c.num_heads == c.hidden_size else ["gpt_bigcode needs head_dim * num_heads == hidden_size"]
+    ),
 )

@@ -29,7 +29,7 @@ def read_config(f) -> dict:
         intermediate_size=f("intermediate_size"),
         num_layers=f("num_hidden_layers"),
         num_heads=heads,
-        head_dim=hidden // heads if heads > 0 else 0,   # heads <= 0: refused by ModelConfig
+        head_dim=hidden // heads if heads > 0 else 0,  # heads <= 0: refused by ModelConfig
         max_position_embeddings=f("max_position_embeddings", "int", 2048),
         activation=f.activation("hidden_act", "gelu"),
         norm_eps=f("layer_norm_eps", "float", 1e-5),

@@ -31,8 +31,12 @@ def read_config(f) -> dict:
 def block(config: ModelConfig, rngs: nnx.Rngs, **attention) -> PreNormBlock:
     """``h += attn(rms1(h)); h += mlp(rms2(h))`` (``attention``: :class:`SelfAttention` options of a variant)."""
     c = config
-    return PreNormBlock(RMSNorm(c.hidden_size, c.norm_eps, c), SelfAttention(c, rngs, **attention),
-                        RMSNorm(c.hidden_size, c.norm_eps, c), GatedMLP(c, rngs))
+    return PreNormBlock(
+        RMSNorm(c.hidden_size, c.norm_eps, c),
+        SelfAttention(c, rngs, **attention),
+        RMSNorm(c.hidden_size, c.norm_eps, c),
+        GatedMLP(c, rngs),
+    )
 
 
 def rms_final_norm(config: ModelConfig) -> RMSNorm:

@@ -41,8 +41,12 @@ def check(c: ModelConfig) -> list[str]:
 
 def block(config: ModelConfig, rngs: nnx.Rngs) -> PreNormBlock:
     c = config
-    return PreNormBlock(RMSNorm(c.hidden_size, c.norm_eps, c), SelfAttention(c, rngs),
-                        RMSNorm(c.hidden_size, c.norm_eps, c), SparseMoE(c, rngs))
+    return PreNormBlock(
+        RMSNorm(c.hidden_size, c.norm_eps, c),
+        SelfAttention(c, rngs),
+        RMSNorm(c.hidden_size, c.norm_eps, c),
+        SparseMoE(c, rngs),
+    )
 
 
 FAMILY = Family(
@@ -52,9 +56,11 @@ FAMILY = Family(
     read_config=read_config,
     block=block,
     final_norm=rms_final_norm,
-    renames=((r"\.mlp\.experts\.(\d+)\.gate_proj\.", r".block_sparse_moe.experts.\1.w1."),
-             (r"\.mlp\.experts\.(\d+)\.up_proj\.", r".block_sparse_moe.experts.\1.w3."),
-             (r"\.mlp\.experts\.(\d+)\.down_proj\.", r".block_sparse_moe.experts.\1.w2."),
-             (r"\.mlp\.gate\.", ".block_sparse_moe.gate.")),
+    renames=(
+        (r"\.mlp\.experts\.(\d+)\.gate_proj\.", r".block_sparse_moe.experts.\1.w1."),
+        (r"\.mlp\.experts\.(\d+)\.up_proj\.", r".block_sparse_moe.experts.\1.w3."),
+        (r"\.mlp\.experts\.(\d+)\.down_proj\.", r".block_sparse_moe.experts.\1.w2."),
+        (r"\.mlp\.gate\.", ".block_sparse_moe.gate."),
+    ),
     check=check,
 )

@@ -36,8 +36,13 @@ def read_config(f) -> dict:
 
 def block(config: ModelConfig, rngs: nnx.Rngs) -> PostNormBlock:
     c = config
-    attn = SelfAttention(c, rngs, flat=True, q_norm=RMSNorm(c.num_heads * c.head_dim, c.norm_eps, c),
-                         k_norm=RMSNorm(c.num_kv_heads * c.head_dim, c.norm_eps, c))
+    attn = SelfAttention(
+        c,
+        rngs,
+        flat=True,
+        q_norm=RMSNorm(c.num_heads * c.head_dim, c.norm_eps, c),
+        k_norm=RMSNorm(c.num_kv_heads * c.head_dim, c.norm_eps, c),
+    )
     return PostNormBlock(functools.partial(rms_final_norm, c), attn, GatedMLP(c, rngs))
 
 

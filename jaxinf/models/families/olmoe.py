@@ -33,10 +33,16 @@ def read_config(f) -> dict:
 
 def block(config: ModelConfig, rngs: nnx.Rngs) -> PreNormBlock:
     c = config
-    attn = SelfAttention(c, rngs, flat=True, q_norm=RMSNorm(c.num_heads * c.head_dim, c.norm_eps, c),
-                         k_norm=RMSNorm(c.num_kv_heads * c.head_dim, c.norm_eps, c))
-    return PreNormBlock(RMSNorm(c.hidden_size, c.norm_eps, c), attn, RMSNorm(c.hidden_size, c.norm_eps, c),
-                        SparseMoE(c, rngs))
+    attn = SelfAttention(
+        c,
+        rngs,
+        flat=True,
+        q_norm=RMSNorm(c.num_heads * c.head_dim, c.norm_eps, c),
+        k_norm=RMSNorm(c.num_kv_heads * c.head_dim, c.norm_eps, c),
+    )
+    return PreNormBlock(
+        RMSNorm(c.hidden_size, c.norm_eps, c), attn, RMSNorm(c.hidden_size, c.norm_eps, c), SparseMoE(c, rngs)
+    )
 
 
 FAMILY = Family(

@@ -34,8 +34,9 @@ def read_config(f) -> dict:
 def block(config: ModelConfig, rngs: nnx.Rngs) -> PreNormBlock:
     c = config
     attn = FusedAttention(c, rngs, names=("qkv_proj", "o_proj"), bias=False, prefix="self_attn")
-    return PreNormBlock(RMSNorm(c.hidden_size, c.norm_eps, c), attn, RMSNorm(c.hidden_size, c.norm_eps, c),
-                        FusedGatedMLP(c, rngs))
+    return PreNormBlock(
+        RMSNorm(c.hidden_size, c.norm_eps, c), attn, RMSNorm(c.hidden_size, c.norm_eps, c), FusedGatedMLP(c, rngs)
+    )
 
 
 FAMILY = Family(

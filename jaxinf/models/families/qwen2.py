@@ -28,8 +28,9 @@ def layer_types(f, num_layers: int) -> dict:
     first = f("max_window_layers", "int", num_layers)
     types = f("layer_types", "list", None)
     if types is None:
-        types = ["sliding_attention" if window is not None and i >= first else "full_attention"
-                 for i in range(num_layers)]
+        types = [
+            "sliding_attention" if window is not None and i >= first else "full_attention" for i in range(num_layers)
+        ]
     if window is None or "sliding_attention" not in types:
         return {"layer_types": None, "sliding_window": None}
     return {"layer_types": tuple(types), "sliding_window": window}

@@ -26,8 +26,11 @@ def experts(f, default_renormalize: bool) -> dict:
     if n is None:
         n = f("num_local_experts", "int", 8)
     f.read.add("num_local_experts")
-    return dict(num_experts=n, experts_per_token=f("num_experts_per_tok", "int", 2),
-                moe_renormalize=f("norm_topk_prob", "bool", default_renormalize))
+    return dict(
+        num_experts=n,
+        experts_per_token=f("num_experts_per_tok", "int", 2),
+        moe_renormalize=f("norm_topk_prob", "bool", default_renormalize),
+    )
 
 
 def read_config(f) -> dict:
@@ -48,8 +51,9 @@ def read_config(f) -> dict:
 def block(config: ModelConfig, rngs: nnx.Rngs) -> PreNormBlock:
     c = config
     attn = SelfAttention(c, rngs, q_norm=RMSNorm(c.head_dim, c.norm_eps, c), k_norm=RMSNorm(c.head_dim, c.norm_eps, c))
-    return PreNormBlock(RMSNorm(c.hidden_size, c.norm_eps, c), attn, RMSNorm(c.hidden_size, c.norm_eps, c),
-                        SparseMoE(c, rngs))
+    return PreNormBlock(
+        RMSNorm(c.hidden_size, c.norm_eps, c), attn, RMSNorm(c.hidden_size, c.norm_eps, c), SparseMoE(c, rngs)
+    )
 
 
 FAMILY = Family(

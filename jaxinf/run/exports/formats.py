@@ -45,6 +45,7 @@ from jaxinf.errors import UserError
 KINDS = ("factual", "reasoning", "control")
 UNKNOWN = "unknown"
 
+
 class AnalysisError(UserError):
     """A run-directory file the analysis cannot use; the message is one line naming the file and field."""
 
@@ -78,7 +79,8 @@ def iter_jsonl(path: Path) -> Iterator[tuple[int, dict]]:
                     raise AnalysisError(f"{path.name} line {lineno}: invalid JSON ({e.msg})") from None
                 if not isinstance(obj, dict):
                     raise AnalysisError(
-                        f"{path.name} line {lineno}: expected a JSON object, got {type(obj).__name__}") from None
+                        f"{path.name} line {lineno}: expected a JSON object, got {type(obj).__name__}"
+                    ) from None
             yield lineno, obj
 
 
@@ -159,8 +161,9 @@ def read_exported_queries(path: Path) -> Queries:
         losses.append(float(loss))
     if not ids:
         raise AnalysisError(f"{path.name}: no queries")
-    return Queries(ids, prompts, completions, kinds, raw_kinds, tasks, answers, np.asarray(losses, np.float64),
-                   model_answers)
+    return Queries(
+        ids, prompts, completions, kinds, raw_kinds, tasks, answers, np.asarray(losses, np.float64), model_answers
+    )
 
 
 def _answer_field(obj: dict, key: str, where: str) -> list[str] | None:
@@ -331,7 +334,8 @@ class ScoreMatrix:
             raise AnalysisError(f"{self.path.name}: expected a 2-D [queries, documents] array, got shape {shape}")
         if fortran and shape[0] > 1 and shape[1] > 1:
             raise AnalysisError(
-                f"{self.path.name}: Fortran-ordered array; save it C-ordered (np.save(path, np.ascontiguousarray(scores)))")
+                f"{self.path.name}: Fortran-ordered array; save it C-ordered (np.save(path, np.ascontiguousarray(scores)))"
+            )
         self.shape = (int(shape[0]), int(shape[1]))
         self.dtype = dtype
         need = self.offset + self.shape[0] * self.shape[1] * dtype.itemsize
@@ -442,13 +446,17 @@ def read_layer_exports(run_dir: Path) -> tuple[list[str], np.ndarray] | None:
     except ValueError as e:
         raise AnalysisError(f"layer_scores.npy: not a readable .npy file ({e})") from None
     if arr.ndim != 3 or arr.shape[2] != len(names):
-        raise AnalysisError(f"layer_scores.npy: shape {arr.shape} but layers.json has {len(names)} names (expected [Q, K, {len(names)}])")
+        raise AnalysisError(
+            f"layer_scores.npy: shape {arr.shape} but layers.json has {len(names)} names (expected [Q, K, {len(names)}])"
+        )
     if arr.dtype.kind != "f":
         raise AnalysisError(f"layer_scores.npy: dtype {arr.dtype} is not floating point")
     bad = np.argwhere(~np.isfinite(arr))
     if bad.size:
         q, k, l = bad[0]
-        raise AnalysisError(f"layer_scores.npy: non-finite value at query row {q}, top rank {k}, layer {l} ({names[l]})")
+        raise AnalysisError(
+            f"layer_scores.npy: non-finite value at query row {q}, top rank {k}, layer {l} ({names[l]})"
+        )
     return names, arr.astype(np.float64)
 
 
@@ -464,7 +472,7 @@ class TokenRecord:
     rank: int
     texts: list[str]
     scores: np.ndarray
-    pieces: list[str] | None = None   # each token's decoded text in place, when exported
+    pieces: list[str] | None = None  # each token's decoded text in place, when exported
 
 
 def iter_topk_tokens(path: Path) -> Iterator[TokenRecord]:
@@ -476,25 +484,38 @@ def iter_topk_tokens(path: Path) -> Iterator[TokenRecord]:
                 raise AnalysisError(f"{where}: missing field {key}")
         toks = obj["tokens"]
         if not isinstance(toks, list) or not all(
-                isinstance(t, dict) and isinstance(t.get("text"), str) and isinstance(t.get("score"), (int, float))
-                and not isinstance(t.get("score"), bool) for t in toks):
+            isinstance(t, dict)
+            and isinstance(t.get("text"), str)
+            and isinstance(t.get("score"), (int, float))
+            and not isinstance(t.get("score"), bool)
+            for t in toks
+        ):
             raise AnalysisError(f"{where}: field tokens must be a list of {{text: str, score: number}}")
         given = [t.get("piece") for t in toks]
         pieces: list | None = None
         if any(p is not None for p in given):
             bad = next((i for i, p in enumerate(given) if not isinstance(p, str)), None)
             if bad is not None:
-                raise AnalysisError(f"{where}: field tokens[{bad}].piece must be a string (every token has one or "
-                                    "none does)")
+                raise AnalysisError(
+                    f"{where}: field tokens[{bad}].piece must be a string (every token has one or none does)"
+                )
             pieces = given
         scores = np.asarray([t["score"] for t in toks], np.float64)
         if not np.isfinite(scores).all():
-            raise AnalysisError(f"{where}: non-finite token score at token {int(np.flatnonzero(~np.isfinite(scores))[0])}")
+            raise AnalysisError(
+                f"{where}: non-finite token score at token {int(np.flatnonzero(~np.isfinite(scores))[0])}"
+            )
         rank = obj["rank"]
         if isinstance(rank, bool) or not isinstance(rank, int) or rank < 0:
             raise AnalysisError(f"{where}: field rank must be a non-negative integer")
-        yield TokenRecord(_id_str(obj["query"], where), _id_str(obj["document"], where), rank,
-                          [t["text"] for t in toks], scores, pieces)
+        yield TokenRecord(
+            _id_str(obj["query"], where),
+            _id_str(obj["document"], where),
+            rank,
+            [t["text"] for t in toks],
+            scores,
+            pieces,
+        )
 
 
 # ----------------------------------------------------------------------------- run.json
@@ -532,7 +553,9 @@ def read_index_fidelity(path: Path) -> dict | None:
         return None
     try:
         data = json.loads(path.read_text())
-        return {"rescored_documents": int(data["rescored_documents"]),
-                "predicted_correlation": {q["id"]: float(q["predicted_correlation"]) for q in data["queries"]}}
+        return {
+            "rescored_documents": int(data["rescored_documents"]),
+            "predicted_correlation": {q["id"]: float(q["predicted_correlation"]) for q in data["queries"]},
+        }
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise AnalysisError(f"{path}: malformed index fidelity ({e})") from None

@@ -48,14 +48,27 @@ def export(config: cfg.Config, store: RunStore, inputs: Inputs, results: dict, q
         formats.write_scores(store.path("scores.npy"), scores)
         if "self" in results:
             save_npy(store.path("self_influence.npy"), results["self"].astype(np.float32))
-        formats.write_queries(store.path("queries.jsonl"), (
-            {"id": q.id, "prompt": q.prompt, "completion": q.completion, "kind": q.kind, "task": q.task,
-             "answer": q.answer, "loss": float(qloss[i]), "tokens": len(encoded[i].ids),
-             "completion_tokens": encoded[i].completion_length, **({"supports": list(q.supports)} if q.supports else {}),
-             **({"model_answer": q.extra["model_answer"]} if q.extra.get("model_answer") is not None else {})}
-            for i, q in enumerate(inputs.queries)))
+        formats.write_queries(
+            store.path("queries.jsonl"),
+            (
+                {
+                    "id": q.id,
+                    "prompt": q.prompt,
+                    "completion": q.completion,
+                    "kind": q.kind,
+                    "task": q.task,
+                    "answer": q.answer,
+                    "loss": float(qloss[i]),
+                    "tokens": len(encoded[i].ids),
+                    "completion_tokens": encoded[i].completion_length,
+                    **({"supports": list(q.supports)} if q.supports else {}),
+                    **({"model_answer": q.extra["model_answer"]} if q.extra.get("model_answer") is not None else {}),
+                }
+                for i, q in enumerate(inputs.queries)
+            ),
+        )
         formats.write_documents(store.path("documents.jsonl"), _document_rows(inputs, results["loss"]))
-        if "bound" in results:     # scores.mode: index (jaxinf.run.index_run)
+        if "bound" in results:  # scores.mode: index (jaxinf.run.index_run)
             _write_index_exports(store, inputs, results, qloss, config.scores.normalize)
     k = min(config.scores.topk, inputs.plan.num_documents)
     top = np.argsort(-scores, axis=1, kind="stable")[:, :k]
@@ -65,13 +78,25 @@ def export(config: cfg.Config, store: RunStore, inputs: Inputs, results: dict, q
 
     def entry(q, d):
         text = " ".join(docs[d].text.split())
-        return {"id": docs[d].id, "source": docs[d].source, "score": float(scores[q, d]),
-                "snippet": text[:300] + ("..." if len(text) > 300 else "")}
+        return {
+            "id": docs[d].id,
+            "source": docs[d].source,
+            "score": float(scores[q, d]),
+            "snippet": text[:300] + ("..." if len(text) > 300 else ""),
+        }
 
     if primary:
-        formats.write_topk(store.path("topk.jsonl"), (
-            {"query": q.id, "top": [entry(i, int(d)) for d in top[i]], "bottom": [entry(i, int(d)) for d in bottom[i]]}
-            for i, q in enumerate(inputs.queries)))
+        formats.write_topk(
+            store.path("topk.jsonl"),
+            (
+                {
+                    "query": q.id,
+                    "top": [entry(i, int(d)) for d in top[i]],
+                    "bottom": [entry(i, int(d)) for d in bottom[i]],
+                }
+                for i, q in enumerate(inputs.queries)
+            ),
+        )
     again = export_breakdowns(config, store, inputs, qg, top, docs, executor, results.get("tails"))
     store.mark("exports", "done", seconds=round(time.perf_counter() - t0, 3), documents_scored_again=again)
 
@@ -84,22 +109,37 @@ def _write_index_exports(store: RunStore, inputs: Inputs, results: dict, qloss: 
 
     bound = np.abs(scoring.normalize(results["bound"], qloss, normalize))
     save_npy(store.path("index_bounds.npy"), np.ascontiguousarray(bound, np.float32))
-    write_json(store.path("index.json"), {
-        "rescored_documents": int(results["certified"].sum()),
-        "queries": [{"id": q.id, "predicted_correlation": float(results["fidelity"][i]),
-                     "max_bound": float(bound[i].max(initial=0.0))} for i, q in enumerate(inputs.queries)]})
+    write_json(
+        store.path("index.json"),
+        {
+            "rescored_documents": int(results["certified"].sum()),
+            "queries": [
+                {
+                    "id": q.id,
+                    "predicted_correlation": float(results["fidelity"][i]),
+                    "max_bound": float(bound[i].max(initial=0.0)),
+                }
+                for i, q in enumerate(inputs.queries)
+            ],
+        },
+    )
 
 
 def _document_rows(inputs: Inputs, losses: np.ndarray) -> Iterator[dict]:
     from jaxinf.data.documents import iter_documents
 
     for doc in iter_documents(inputs.documents, chunk=4096):
-        yield {"id": doc.id, "source": doc.source, "tokens": int(inputs.lengths[doc.index]),
-               "loss": float(losses[doc.index])}
+        yield {
+            "id": doc.id,
+            "source": doc.source,
+            "tokens": int(inputs.lengths[doc.index]),
+            "loss": float(losses[doc.index]),
+        }
 
 
-def export_breakdowns(config, store, inputs: Inputs, qg, top: np.ndarray, docs: dict, executor: Executor,
-                      tails: Tails | None = None) -> int:
+def export_breakdowns(
+    config, store, inputs: Inputs, qg, top: np.ndarray, docs: dict, executor: Executor, tails: Tails | None = None
+) -> int:
     """Per-layer and per-token scores of each query's top documents (``layers.json``, ``layer_scores.npy``,
     ``topk_tokens.jsonl``): from the scoring pass's ``tails`` (:mod:`jaxinf.engine.tails`, host arrays) where they
     hold a document whole, and from one more pass over the documents they do not (:func:`_breakdown_pass`). Returns
@@ -107,9 +147,9 @@ def export_breakdowns(config, store, inputs: Inputs, qg, top: np.ndarray, docs: 
     t0 = time.perf_counter()
     Q, K = top.shape
     names = scoring.layer_order(inputs.layers)
-    rows = np.bincount(inputs.plan.row_document, minlength=inputs.plan.num_documents)   # rows per document
-    layer_top = np.zeros((Q, K, len(names)))                                                  # [Q, K, L]
-    kept: dict[tuple[int, int], tuple[list[int], np.ndarray]] = {}     # (query, rank) -> (ids, per-token scores)
+    rows = np.bincount(inputs.plan.row_document, minlength=inputs.plan.num_documents)  # rows per document
+    layer_top = np.zeros((Q, K, len(names)))  # [Q, K, L]
+    kept: dict[tuple[int, int], tuple[list[int], np.ndarray]] = {}  # (query, rank) -> (ids, per-token scores)
     for q in range(Q):
         for rank, d in enumerate(top[q].tolist()):
             slot = None if tails is None else running_tails.found(tails, q, d, single_row=bool(rows[d] == 1))
@@ -126,21 +166,32 @@ def export_breakdowns(config, store, inputs: Inputs, qg, top: np.ndarray, docs: 
             for rank, d in enumerate(top[q].tolist()):
                 if (q, rank) not in kept:
                     layer_top[q, rank] = per_layer[:, q, position[d]]
-    log.info("exports: breakdowns of %d of %d top documents kept by the scoring pass, %d documents scored again "
-             "(%.1fs)", len(kept), Q * K, len(wanted), time.perf_counter() - t0)
+    log.info(
+        "exports: breakdowns of %d of %d top documents kept by the scoring pass, %d documents scored again (%.1fs)",
+        len(kept),
+        Q * K,
+        len(wanted),
+        time.perf_counter() - t0,
+    )
     if jax.process_index() != 0:
         return len(wanted)
     formats.write_layer_exports(store.root, names, layer_top)
-    fault_point("exports", 1)      # half the exports written: what a Ctrl-C or a kill here leaves must not count
+    fault_point("exports", 1)  # half the exports written: what a Ctrl-C or a kill here leaves must not count
     vocab = inputs.encoder.tokenizer
 
     def records():
         for q, query in enumerate(inputs.queries):
             for rank, d in enumerate(top[q].tolist()):
                 ids, sc = kept[q, rank] if (q, rank) in kept else _join_chunks(tokens[position[d]], q)
-                yield {"query": query.id, "document": docs[d].id, "rank": rank,
-                       "tokens": [{"text": vocab.id_to_token(t) or "", "piece": piece, "score": float(v)}
-                                  for t, piece, v in zip(ids, token_pieces(vocab, ids), sc)]}
+                yield {
+                    "query": query.id,
+                    "document": docs[d].id,
+                    "rank": rank,
+                    "tokens": [
+                        {"text": vocab.id_to_token(t) or "", "piece": piece, "score": float(v)}
+                        for t, piece, v in zip(ids, token_pieces(vocab, ids), sc)
+                    ],
+                }
 
     formats.write_topk_tokens(store.path("topk_tokens.jsonl"), records())
     return len(wanted)
@@ -158,10 +209,18 @@ def _breakdown_pass(config, inputs: Inputs, qg, wanted: list[int], executor: Exe
     def step(carry, batch, i):
         return carry, fn(inputs.lm.params, qg, batch), None
 
-    kept = Kept(every=1)                                  # each batch's outputs brought to the host at once
-    run_batches("breakdowns", step, batches.iterate, None, kept, total=len(batches),
-                non_finite=non_finite_loss(subset, "document"), device=executor,
-                fields=("index", "chunk", "mask", "tokens"))   # every process's rows
+    kept = Kept(every=1)  # each batch's outputs brought to the host at once
+    run_batches(
+        "breakdowns",
+        step,
+        batches.iterate,
+        None,
+        kept,
+        total=len(batches),
+        non_finite=non_finite_loss(subset, "document"),
+        device=executor,
+        fields=("index", "chunk", "mask", "tokens"),
+    )  # every process's rows
     per_layer = np.zeros((len(scoring.layer_order(inputs.layers)), qg.num_queries, len(wanted)))
     tokens: dict[int, list[tuple[int, list[int], np.ndarray]]] = {}
     for (stacked, token_scores), rows in kept.batches:
@@ -170,8 +229,9 @@ def _breakdown_pass(config, inputs: Inputs, qg, wanted: list[int], executor: Exe
                 continue
             per_layer[:, :, d] += stacked[:, :, j]
             n = int(rows["mask"][j].sum())
-            tokens.setdefault(d, []).append((int(rows["chunk"][j]), rows["tokens"][j, :n].tolist(),
-                                             token_scores[:, j, :n]))
+            tokens.setdefault(d, []).append(
+                (int(rows["chunk"][j]), rows["tokens"][j, :n].tolist(), token_scores[:, j, :n])
+            )
     return per_layer, tokens
 
 
