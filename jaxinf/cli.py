@@ -131,11 +131,11 @@ MAX_PLANNED_DEVICES = 1 << 24
 
 def plan_command(args) -> int:
     from jaxinf import config as cfg
-    from jaxinf.run import plan
+    from jaxinf.run import plan, plan_report
     from jaxinf.run.chips import chip
 
     config = cfg.load(*cfg.config_arguments(args.config, args.overrides))
-    meshes = [plan.parse_mesh(m) for m in args.mesh] if args.mesh else [(config.mesh.data, config.mesh.model)]
+    meshes = [plan_report.parse_mesh(m) for m in args.mesh] if args.mesh else [(config.mesh.data, config.mesh.model)]
     for data, model in meshes:  # the planner lays out every device: a 10^16-device mesh was a MemoryError
         if data * model > MAX_PLANNED_DEVICES:
             raise plan.PlanError(
@@ -157,7 +157,7 @@ def plan_command(args) -> int:
         from jaxinf.run import plan_corpus
 
         return plan_corpus.command(config, meshes, compile=not args.no_compile, json_out=args.json, chip=device)
-    return plan.command(config, meshes, compile=not args.no_compile, json_out=args.json, chip=device)
+    return plan_report.command(config, meshes, compile=not args.no_compile, json_out=args.json, chip=device)
 
 
 def validate_command(args) -> int:

@@ -9,6 +9,7 @@ import pytest
 
 from jaxinf import atomic
 from jaxinf import config as cfg
+from jaxinf.config import keys as config_keys
 from jaxinf.run import rundir, store
 
 
@@ -62,8 +63,8 @@ def test_bad_overrides_and_missing_file(tmp_path):
 
 def test_every_key_has_help_and_a_known_stage():
     for section in cfg.SECTIONS:
-        for f in cfg._fields(section):
-            meta = cfg._fields(section)[f].metadata
+        for f in config_keys._fields(section):
+            meta = config_keys._fields(section)[f].metadata
             assert meta["help"] and (meta["affects"] is None or meta["affects"] in cfg.STAGES)
     assert len(cfg.describe().splitlines()) == len(cfg.all_keys()) + len(cfg.SECTIONS)
 

@@ -185,7 +185,7 @@ def test_plan_counts_the_index_rows_held_between_flushes_in_the_writing_steps_pe
     """The rows a pass holds before it flushes them wait on the devices: ``jaxinf plan`` adds them to the peak of the
     step that writes them (the scoring pass here, an index pass of its own on a mesh), and only to that step's."""
     from jaxinf import config as cfg
-    from jaxinf.run import plan
+    from jaxinf.run import plan, plan_report
 
     config = cfg.load(None, ["index.k=full", "index.save_every=50", "data.batch_size=4"])
     ix = {"k": "full", "dtype": "float32", "cells": 2**20, "bands": 64, "bytes_per_document": 4 * 2**20 + 4 * 64 + 16}
@@ -206,6 +206,6 @@ def test_plan_counts_the_index_rows_held_between_flushes_in_the_writing_steps_pe
         ]
     }
     limit = (2**29 + rows["bytes_per_device"] - 1) / 2**30  # the bare peaks fit, the index step's rows do not
-    (msg,) = plan.check_fit(result, limit)
+    (msg,) = plan_report.check_fit(result, limit)
     assert "stage index needs" in msg and "with the index rows it holds" in msg
-    assert plan.check_fit(result, (2**29 + rows["bytes_per_device"]) / 2**30) == []
+    assert plan_report.check_fit(result, (2**29 + rows["bytes_per_device"]) / 2**30) == []

@@ -154,7 +154,7 @@ LAYERS = [
 ]
 """The package's layers, bottom up (docs/architecture.md): a module imports only its own layer and those below.
 Each layer is a folder of the package (``jaxinf/sharding/``, ``jaxinf/engine/``, ``jaxinf/run/``, ...) except
-the base modules, the config, the pipeline and the command line, which sit at its root. The engine (the method's
+the base modules, the pipeline and the command line, which sit at its root. The engine (the method's
 arithmetic, its stages and programs, the per-batch loop) sits on ``sharding`` and ``base`` alone, so
 ``from jaxinf.engine import stages`` is the library without config files, run directories or checkpoints. A module
 is in the layer of the longest entry naming it or a package above it."""
@@ -206,16 +206,16 @@ def test_the_library_api_loads_no_run_directory_code():
 
     code = (
         "import sys, jaxinf.engine.stages, jaxinf.engine.programs, jaxinf.engine.loop\n"
-        "bad = sorted(m for m in sys.modules if m.split('.')[0] == 'orbax' or m.startswith('jaxinf.run')\n"
-        "             or m in ('jaxinf.config', 'jaxinf.pipeline', 'jaxinf.cli'))\n"
+        "bad = sorted(m for m in sys.modules if m.split('.')[0] == 'orbax' or m.startswith(('jaxinf.run', 'jaxinf.config'))\n"
+        "             or m in ('jaxinf.pipeline', 'jaxinf.cli'))\n"
         "print(bad)\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
     assert out.stdout.strip() == "[]", out.stdout + out.stderr
 
 
-ROOT_MODULES = {"errors", "atomic", "faults", "hostenv", "config", "pipeline", "cli", "__main__"}
-"""The only modules at the package's root: the base, the config, the pipeline and the command line (DESIGN.md's
+ROOT_MODULES = {"errors", "atomic", "faults", "hostenv", "pipeline", "cli", "__main__"}
+"""The only modules at the package's root: the base, the pipeline and the command line (DESIGN.md's
 layout). Everything else lives in the folder of its layer."""
 
 

@@ -123,17 +123,17 @@ def format_corpus(c: dict, config) -> str:
 
 
 def command(config, meshes: list[tuple[int, int]], compile: bool, json_out: str | None, chip=None) -> int:
-    """``jaxinf plan --corpus``: :func:`jaxinf.run.plan.command` with the corpus counted and the time estimate made for
+    """``jaxinf plan --corpus``: :func:`jaxinf.run.plan_report.command` with the corpus counted and the time estimate made for
     it."""
     import json
     from pathlib import Path
 
-    from jaxinf.run import plan
+    from jaxinf.run import plan, plan_report
 
     corpus, timed = corpus_plan(config)
     result = plan.plan(timed, meshes, compile=compile, chip=chip)
     result["corpus"] = corpus
-    print(plan.format_plan(result, timed))
+    print(plan_report.format_plan(result, timed))
     print()
     print(format_corpus(corpus, timed))
     print(
@@ -143,7 +143,7 @@ def command(config, meshes: list[tuple[int, int]], compile: bool, json_out: str 
     )
     if json_out:
         Path(json_out).write_text(json.dumps(result, indent=1) + "\n")
-    problems = plan.check_fit(result, config.plan.device_memory_gib)
+    problems = plan_report.check_fit(result, config.plan.device_memory_gib)
     for p in problems:
         print(f"jaxinf plan: does not fit: {p}")
     return 1 if problems else 0

@@ -1,0 +1,322 @@
+"""Reading a run configuration: YAML files and ``section.key=value`` overrides into a checked :class:`Config`.
+
+Each value is coerced to its key's type (:func:`from_dict`), checked against the other keys it constrains
+(:func:`check_values`), and every error is a :class:`ConfigError` of one line naming the file (and line) or the
+command line, and the key.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import types
+import typing
+from pathlib import Path
+from typing import Any, Union
+
+import yaml
+
+from jaxinf.config.keys import (
+    _FIELD_NAMES,
+    _YAML_NAMES,
+    SECTIONS,
+    Config,
+    ConfigError,
+    FactorsConfig,
+    _fields,
+    _section_class,
+    all_keys,
+)
+
+
+def _coerce(value: Any, tp: Any, where: str, choices: tuple | None) -> Any:
+    """``value`` checked against the field's type (and choices); ints are accepted where floats are."""
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        options = typing.get_args(tp)
+        if value is None and type(None) in options:
+            return None
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _coerce(value, option, where, choices)
+            except ConfigError:
+                pass
+        names = " or ".join(_type_name(o) for o in options)
+        raise ConfigError(f"{where}: expected {names}, got {value!r}")
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        return [_coerce(v, item, f"{where}[{i}]", None) for i, v in enumerate(value)]
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        if choices and value not in choices:
+            raise ConfigError(f"{where}: expected one of {', '.join(choices)}, got {value!r}")
+        return value
+    raise TypeError(f"unsupported config type {tp} at {where}")
+
+
+def _type_name(tp) -> str:
+    if tp is type(None):
+        return "null"
+    if typing.get_origin(tp) is list:
+        return "a list"
+    return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(tp, str(tp))
+
+
+def _unknown(where: str, name: str, known: list[str]) -> ConfigError:
+    near = difflib.get_close_matches(name, known, n=1)
+    hint = f" (did you mean {near[0]!r}?)" if near else ""
+    return ConfigError(f"{where}: unknown key {name!r}{hint}")
+
+
+def from_dict(raw: dict, source: str = "config") -> Config:
+    """A validated :class:`Config` from nested dicts; errors name ``source`` and the key."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: expected a mapping of sections, got {type(raw).__name__}")
+    sections = {}
+    for section, values in raw.items():
+        if section not in SECTIONS:
+            raise _unknown(source, str(section), list(SECTIONS))
+        if values is None:
+            values = {}
+        if not isinstance(values, dict):
+            raise ConfigError(f"{source}: {section}: expected a mapping of keys, got {values!r}")
+        fields = _fields(section)
+        hints = typing.get_type_hints(_section_class(section))
+        kwargs = {}
+        for name, value in values.items():
+            field = _YAML_NAMES.get((section, name), name)
+            if field not in fields or field in _FIELD_NAMES and name == field:
+                raise _unknown(source, f"{section}.{name}", all_keys())
+            kwargs[field] = _coerce(
+                value, hints[field], f"{source}: {section}.{name}", fields[field].metadata["choices"]
+            )
+        sections[section] = _section_class(section)(**kwargs)
+    config = Config(**sections)
+    check_values(config, source)
+    return config
+
+
+def check_values(config: Config, source: str) -> None:
+    positive = [
+        ("data", "max_length"),
+        ("data", "batch_size"),
+        ("data", "query_batch_size"),
+        ("factors", "save_every"),
+        ("scores", "save_every"),
+        ("index", "save_every"),
+        ("scores", "topk"),
+        ("mesh", "data"),
+        ("mesh", "model"),
+        ("scores", "query_rank"),
+        ("factors", "max_documents"),
+        ("mesh", "num_processes"),
+        ("plan", "hosts"),
+        ("plan", "documents"),
+        ("plan", "tokens_per_document"),
+        ("plan", "queries"),
+        ("validate", "seeds"),
+        ("validate", "steps"),
+        ("validate", "batch_size"),
+        ("validate", "group"),
+        ("validate", "pbrf_documents"),
+        ("validate", "pbrf_iterations"),
+        ("validate", "builtin_documents"),
+        ("validate", "bootstrap"),
+    ]
+    for section, name in positive:
+        value = getattr(getattr(config, section), name)
+        if value is not None and value < 1:
+            raise ConfigError(f"{source}: {section}.{name}: must be at least 1, got {value}")
+    if config.data.max_length < 2:  # one token has no next token: no loss, all-zero S and Lambda, zero scores
+        raise ConfigError(
+            f"{source}: data.max_length: must be at least 2 (a document needs two tokens for one "
+            f"next-token prediction), got {config.data.max_length}"
+        )
+    if config.mesh.process_id is not None and config.mesh.process_id < 0:
+        raise ConfigError(f"{source}: mesh.process_id: must be non-negative, got {config.mesh.process_id}")
+    for name in ("device_memory_gib", "device_flops"):
+        value = getattr(config.plan, name)
+        if value is not None and not (math.isfinite(value) and value > 0):
+            raise ConfigError(f"{source}: plan.{name}: must be a positive finite number, got {value}")
+    v = config.validate
+    if v.subsets < 2:
+        raise ConfigError(
+            f"{source}: validate.subsets: must be at least 2 (a rank correlation over subsets), got {v.subsets}"
+        )
+    if not 0 < v.fraction < 1:
+        raise ConfigError(f"{source}: validate.fraction: must be in (0, 1), got {v.fraction}")
+    if v.subset_init == "fresh" and v.start == "checkpoint":
+        raise ConfigError(
+            f"{source}: validate.subset_init: fresh starts each retraining from its own random "
+            "initialization, which validate.from: checkpoint (fine-tuning the checkpoint) excludes"
+        )
+    for name in ("learning_rate", "pbrf_epsilon", "pbrf_tolerance"):
+        if getattr(v, name) is not None and not getattr(v, name) > 0:
+            raise ConfigError(f"{source}: validate.{name}: must be positive, got {getattr(v, name)}")
+    if not v.strategies or any(
+        s not in (*FactorsConfig.__dataclass_fields__["strategy"].metadata["choices"], "ekfac-index")
+        for s in v.strategies
+    ):
+        raise ConfigError(
+            f"{source}: validate.strategies: expected a non-empty list of identity, diagonal, kfac, "
+            f"ekfac, ekfac-index, got {v.strategies}"
+        )
+    if "ekfac-index" in v.strategies and config.index.k is None:
+        raise ConfigError(f"{source}: validate.strategies: ekfac-index needs index.k (an integer or full)")
+    if any(not (k == "full" or isinstance(k, int) and not isinstance(k, bool) and k >= 1) for k in v.index_ks):
+        raise ConfigError(
+            f"{source}: validate.index_ks: expected a list of positive integers or full, got {v.index_ks}"
+        )
+    if not v.dampings or any(d is not None and d < 0 for d in v.dampings):
+        raise ConfigError(
+            f"{source}: validate.dampings: expected a non-empty list of null or non-negative numbers, got {v.dampings}"
+        )
+    if not v.recall_k or any(k < 1 for k in v.recall_k):
+        raise ConfigError(
+            f"{source}: validate.recall_k: expected a non-empty list of positive integers, got {v.recall_k}"
+        )
+    k = config.index.k
+    if isinstance(k, str) and k != "full" or isinstance(k, int) and k < 1:
+        raise ConfigError(f"{source}: index.k: expected a positive integer, full or null, got {k!r}")
+    if (
+        config.scores.mode == "index"
+        and k is None
+        and config.factors.from_run is None
+        and config.index.from_run is None
+    ):
+        raise ConfigError(
+            f"{source}: scores.mode: index needs an index: set index.k (an integer or full), or "
+            f"index.from (or factors.from) a run that built one"
+        )
+    if (k is not None or config.scores.mode == "index") and config.factors.strategy not in ("kfac", "ekfac"):
+        raise ConfigError(
+            f"{source}: index.k and scores.mode: index need a Kronecker eigenbasis (factors.strategy "
+            f"ekfac or kfac), got {config.factors.strategy}"
+        )
+    if config.scores.mode == "index" and config.scores.self_influence:
+        raise ConfigError(
+            f"{source}: scores.self_influence needs scores.mode: exact (the index keeps no self-influence)"
+        )
+    damping = config.scores.damping
+    if damping is not None and not (math.isfinite(damping) and damping >= 0):
+        raise ConfigError(f"{source}: scores.damping: must be a finite number at least 0 (or null), got {damping}")
+    if config.model.dtype == "float64" and config.run.precision != "float64":  # 64-bit jax is run.precision's switch
+        raise ConfigError(
+            f"{source}: model.dtype: float64 needs run.precision=float64 (64-bit arithmetic), got "
+            f"run.precision={config.run.precision}"
+        )
+    tiny = 2.0**-149 if config.run.precision == "float32" else 5e-324  # the smallest positive (subnormal) number
+    if damping is not None and damping > 0 and 1.0 / damping < tiny:
+        raise ConfigError(
+            f"{source}: scores.damping: {damping:g} has an inverse that underflows "
+            f"run.precision={config.run.precision} (every score would be 0); choose one near Lambda's "
+            "scale, or null for 0.1 x mean(Lambda)"
+        )
+
+
+def parse_override(text: str) -> tuple[str, str, Any]:
+    """``section.key=value`` -> (section, key, YAML-parsed value)."""
+    if "=" not in text:
+        raise ConfigError(f"command line: override {text!r} is not of the form section.key=value")
+    path, value = text.split("=", 1)
+    if path.count(".") != 1:
+        raise ConfigError(f"command line: override key {path!r} is not of the form section.key")
+    section, name = path.split(".")
+    try:
+        parsed = yaml.safe_load(value) if value != "" else None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"command line: {path}: cannot parse value {value!r} ({e.problem})") from None
+    return section, name, parsed
+
+
+def config_arguments(first: str | None, rest: list[str]) -> tuple[str | None, list[str]]:
+    """A command line's ``CONFIG [section.key=value ...]`` as (path, overrides) for :func:`load`.
+
+    A first argument with ``=`` that is not a file is an override (only overrides: start from the defaults).
+    """
+    path, overrides = first, list(rest)
+    if path is not None and "=" in path and not Path(path).exists():
+        overrides = [path] + overrides
+        path = None
+    return path, overrides
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, except that a key given twice in one mapping is an error (PyYAML keeps the last one,
+    silently dropping the first: a second ``scores:`` section would drop every key of the first)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            name = self.construct_object(key_node, deep=True)
+            if isinstance(name, typing.Hashable) and name in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {name!r}", key_node.start_mark)
+            seen.add(name)
+        return super().construct_mapping(node, deep=deep)
+
+
+def read_yaml(path: str | Path) -> Any:
+    """A config file's YAML (None when empty); a missing, unreadable, non-UTF-8 or invalid file, or a key given
+    twice in one mapping, is a :class:`ConfigError` naming the file (and the line)."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such config file") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read ({e.strerror})") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not a YAML text file (byte {e.start} is not UTF-8)") from None
+    try:
+        return yaml.load(text, Loader=_UniqueKeyLoader)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{path}{line}: invalid YAML ({getattr(e, 'problem', e)})") from None
+
+
+def load(path: str | Path | None, overrides: typing.Sequence[str] = ()) -> Config:
+    """The config of a YAML file (or the defaults when ``path`` is None) with overrides applied."""
+    raw: dict = {}
+    source = "defaults"
+    if path is not None:
+        source = str(path)
+        raw = read_yaml(path) or {}
+    from_dict(raw, source)  # the file alone must be valid, so its errors name the file
+    return with_overrides(raw, overrides, source)
+
+
+def with_overrides(raw: dict, overrides: typing.Sequence[str], source: str) -> Config:
+    """The config of nested dicts ``raw`` (valid on its own, read from ``source``) with ``section.key=value``
+    overrides applied."""
+    raw = {k: dict(v) if isinstance(v, dict) else v for k, v in raw.items()}
+    for text in overrides:
+        section, name, value = parse_override(text)
+        raw.setdefault(section, {})
+        if not isinstance(raw[section], dict):
+            raw[section] = {}
+        raw[section][name] = value
+    return from_dict(raw, "command line" if overrides else source)
