@@ -38,7 +38,7 @@ from jaxinf.engine.distributed import eigendecompose
 from jaxinf.engine.loop import run_batches
 from jaxinf.faults import fault_point
 from jaxinf.hostenv import lapack_threads, mesh_lapack_threads
-from jaxinf.run import checks, failures, fingerprint, index_run, preflight, rundir
+from jaxinf.run import checks, factors_from, failures, fingerprint, index_run, preflight, rundir
 from jaxinf.run.executor import Executor, make_executor
 from jaxinf.run.exports.stage import export
 from jaxinf.run.inputs import Inputs, load_inputs, non_finite_loss, text_source
@@ -49,9 +49,6 @@ from jaxinf.run.store import RunStore, check_writable
 from jaxinf.sharding.meshes import check_agreement, initialize
 
 log = logging.getLogger("jaxinf")
-
-
-# --------------------------------------------------------------------------- execution
 
 
 # --------------------------------------------------------------------------- the stages
@@ -95,7 +92,7 @@ def curvature_stages(config: cfg.Config, store: RunStore, inputs: Inputs, execut
     """The stages the strategy needs: covariance, eigendecomposition and Lambda (or another run's, with
     ``factors.from``)."""
     if config.factors.from_run is not None:
-        return _curvature_from(config, inputs, executor)
+        return factors_from.load(config, inputs, executor)
     strategy = curvature.strategy(config.factors.strategy)
     if not strategy.writes:
         for s in ("covariance", "eigen", "lambda"):
@@ -191,80 +188,6 @@ def _check_finite_tree(tree, what: str, fetch: Callable = np.asarray, why: str =
             _check_finite_tree(v, f"{what} {k}", fetch, why)
         elif hasattr(v, "dtype") and jnp.issubdtype(v.dtype, jnp.inexact) and not bool(fetch(jnp.all(jnp.isfinite(v)))):
             raise stages.CaptureError(f"{what} of layer {k} is not finite{why}")
-
-
-def check_factors_from(config: cfg.Config, model_fp: dict | None) -> RunStore | None:
-    """The run directory of ``factors.from`` (None without it), checked against this run: the settings that change
-    the curvature, and the *content* of the model and tokenizer (``model_fp``, :func:`jaxinf.run.fingerprint.check_model`)
-    against the fingerprints that run recorded, so that weights edited under the same path are refused and the same
-    weights under another path or in a copy are accepted. A run that recorded none (started by an older jaxinf, or
-    with imported factors) is compared by the checkpoint's resolved path."""
-    if config.factors.from_run is None:
-        return None
-    other = Path(config.factors.from_run)
-    try:
-        record = rundir.read_record(other)
-        if record is None:
-            raise StoreError(f"factors.from: {other}: no run.json (nor its copy state/run.json)")
-        theirs = cfg.from_dict(record["config"], str(other / "run.json"))
-    except (cfg.ConfigError, TypeError, KeyError) as e:
-        raise StoreError(f"factors.from: {other / 'run.json'}: unreadable run record ({e})") from None
-    recorded = record.get("inputs") or {}
-    mismatched = []
-    if model_fp is not None and "model" in recorded:
-        for kind in ("model", "tokenizer"):
-            mine = {n: f["sha256"] for n, f in model_fp[kind]["files"].items()}
-            if mine != {n: f.get("sha256") for n, f in recorded.get(kind, {}).get("files", {}).items()}:
-                mismatched.append(
-                    f"the {kind}'s content ({config.model.checkpoint} is not the {kind} of "
-                    f"{theirs.model.checkpoint} as that run read it)"
-                )
-    elif Path(theirs.model.checkpoint or "").resolve() != Path(config.model.checkpoint or "").resolve():
-        mismatched.append("model.checkpoint")
-    mismatched += [f"model.{k}" for k in ("dtype",) if getattr(theirs.model, k) != getattr(config.model, k)]
-    mismatched += [
-        f"factors.{k}"
-        for k in ("strategy", "fisher", "track", "max_documents", "seed")
-        if getattr(theirs.factors, k) != getattr(config.factors, k)
-    ]
-    if theirs.run.precision != config.run.precision:
-        mismatched.append("run.precision")
-    if mismatched:
-        raise StoreError(f"factors.from: {other} was fitted with other settings: {', '.join(mismatched)}")
-    ostore = RunStore(other, record)
-    if ostore.status("lambda") != "done":
-        raise StoreError(f"factors.from: {other} has no finished curvature (stage lambda is {ostore.status('lambda')})")
-    return ostore
-
-
-def _curvature_from(config: cfg.Config, inputs: Inputs, executor: Executor) -> curvature.Curvature:
-    """The fitted curvature of another run directory (``factors.from``), checked against this run's model and layers
-    (:func:`check_factors_from`, at start-up)."""
-    assert config.factors.from_run is not None  # the caller's condition
-    other = Path(config.factors.from_run)
-    record = rundir.read_record(other)
-    assert record is not None  # check_factors_from read it at start-up
-    ostore = RunStore(other, record)
-    strategy = curvature.strategy(config.factors.strategy)
-    if not strategy.writes:
-        return curvature.curvature(strategy)
-    shapes = programs.fitted_shapes(inputs.task, inputs.layers, precision.statistics_dtype(config.run.precision))
-
-    def eigen():
-        eigen = ostore.load_result("eigen", executor.like(shapes["eigen"]))
-        if eigen is None:
-            raise StoreError(f"factors.from: {other}: the eigendecomposition is missing or corrupted")
-        return eigen
-
-    def saved_lambda(basis):
-        Lambda = ostore.load_result("lambda", executor.like(shapes["lambda"], curvature.LAMBDA_AXES))
-        if Lambda is None:
-            raise StoreError(f"factors.from: {other}: Lambda is missing or corrupted")
-        return Lambda
-
-    curv = curvature.assemble(strategy, eigen, saved_lambda)
-    log.info("curvature: reusing the %s factors of %s", strategy.name, other)
-    return curv
 
 
 def queries_stage(config: cfg.Config, store: RunStore, inputs: Inputs, curv, executor: Executor):
@@ -517,7 +440,7 @@ def _run_locked(config: cfg.Config, executor: Executor, claimed: rundir.Aside | 
                 fingerprint.documents_fingerprint(inputs.documents, len(inputs.fit_documents)),
                 fingerprint.queries_fingerprint(inputs.queries, config.data.queries),
             )
-            check_factors_from(config, model_fp)
+            factors_from.check(config, model_fp)
             if jax.process_count() > 1:  # process 0 deleted what changed inputs invalidated
                 from jax.experimental import multihost_utils
 

@@ -17,7 +17,7 @@ from models_support import LEGACY, write_tokenizer
 
 from jaxinf.models import CheckpointError, ModelError, from_hf, parameter_paths, read_config
 from jaxinf.models import __main__ as cli
-from jaxinf.models.config import config_from_hf
+from jaxinf.models.config_json import config_from_hf
 from jaxinf.models.hf import read_converted, read_header, read_tensor, tensor_index
 from jaxinf.sharding.axes import Axes
 

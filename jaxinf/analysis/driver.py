@@ -28,13 +28,13 @@ from threadpoolctl import threadpool_limits
 
 from jaxinf import atomic
 from jaxinf.analysis import answers as ans
+from jaxinf.analysis import blocks
 from jaxinf.analysis import concentration as conc
 from jaxinf.analysis import correlations as corr
 from jaxinf.analysis import findings as fnd
 from jaxinf.analysis import powerlaw as pl
 from jaxinf.analysis import sources as src
 from jaxinf.analysis.breakdowns import read_breakdowns, summarize_breakdowns
-from jaxinf.analysis.groups import by_kind, compare_kinds, present_kinds
 from jaxinf.analysis.texts import TextSource, jsonl_text_source
 from jaxinf.run.exports.formats import (
     UNKNOWN,
@@ -199,7 +199,7 @@ def analyze(
     timings["layers_tokens_s"] = time.time() - t
 
     t = time.time()
-    correlations = _correlations_block(r, queries, o)
+    correlations = blocks.correlations_block(r, queries, o.permutations, o.seed)
     summary = {
         "version": SUMMARY_VERSION,
         "run_dir": str(run_dir),
@@ -207,26 +207,24 @@ def analyze(
         "n_documents": N,
         "options": asdict(o),
         "notes": notes,
-        "queries": _queries_block(queries),
-        "documents": _documents_block(docs, shares),
+        "queries": blocks.queries_block(queries),
+        "documents": blocks.documents_block(docs, shares),
         "correlations": correlations,
         "findings": fnd.evaluate(correlations, answers, N),
-        "concentration": _concentration_block(queries, rows, totals, o, already_per_nat, N),
-        "powerlaw": _powerlaw_block(queries, rows, sizes.top_n),
-        "sources": _sources_block(queries, docs, rows, sizes.source_ks),
+        "concentration": blocks.concentration_block(queries, rows, totals, o, already_per_nat, N),
+        "powerlaw": blocks.powerlaw_block(queries, rows, sizes.top_n),
+        "sources": blocks.sources_block(queries, docs, rows, sizes.source_ks),
         "answers": answers,
         "layers": layers_out,
         "tokens": tokens_out,
-        "top_documents": _top_documents(queries, rows, fetched, docs, o.listed),
+        "top_documents": blocks.top_documents(queries, rows, fetched, docs, o.listed),
         "text_source": text_origin,
         "index": read_index_fidelity(run_dir / "index.json"),
     }
     timings["summaries_s"] = time.time() - t
     if write:
         t = time.time()
-        from jaxinf.analysis import report
-
-        _write_outputs(run_dir, summary, queries, rows, fetched, texts, docs, o, report)
+        _write_outputs(run_dir, summary, queries, rows, fetched, texts, docs, o)
         timings["report_s"] = time.time() - t
     timings["total_s"] = time.time() - t_start
     summary["timings"] = timings
@@ -371,7 +369,7 @@ def _needed_documents(rows: RowResults) -> set[int]:
     return need
 
 
-# ----------------------------------------------------------------------------- blocks
+# ----------------------------------------------------------------------------- texts and answers
 
 
 def _conversion_notes(run_dir: Path) -> list[str]:
@@ -391,142 +389,6 @@ def _conversion_notes(run_dir: Path) -> list[str]:
 def _ids_text(ids, limit: int = 20) -> str:
     s = ", ".join(map(str, ids[:limit]))
     return s + (f", ... ({len(ids) - limit} more)" if len(ids) > limit else "")
-
-
-def _queries_block(queries: Queries) -> dict:
-    kinds: dict[str, int] = {}
-    tasks: dict[str, dict] = {}
-    for k, t in zip(queries.kinds, queries.tasks):
-        kinds[k] = kinds.get(k, 0) + 1
-        key = t if t is not None else "(none)"
-        tasks.setdefault(key, {"kind": k, "count": 0})["count"] += 1
-    return {
-        "kinds": kinds,
-        "tasks": tasks,
-        "ids": queries.ids,
-        "kind": queries.kinds,
-        "task": queries.tasks,
-        "loss": [None if not np.isfinite(x) else float(x) for x in queries.loss],
-    }
-
-
-def _documents_block(docs: Documents, shares: dict) -> dict:
-    out = {}
-    for s, name in enumerate(docs.source_names):
-        d = {"count": int(shares["counts"][s]), "share_count": float(shares["count"][s])}
-        if "tokens" in shares:
-            d["tokens"] = int(shares["token_counts"][s])
-            d["share_tokens"] = float(shares["tokens"][s])
-        out[name] = d
-    return {
-        "sources": out,
-        "n_missing_source": docs.n_missing_source,
-        "n_missing_tokens": docs.n_missing_tokens,
-        "n_with_text": docs.n_with_text,
-    }
-
-
-def _correlations_block(r: np.ndarray, queries: Queries, o: Options) -> dict:
-    """The correlations between queries' scores: pass 1's Pearson matrix, its group summaries and heat-map order."""
-    correlations = corr.correlation_summary(r, queries.kinds, queries.tasks, o.permutations, o.seed, queries.loss)
-    correlations["matrix"] = r
-    correlations["order"] = corr.heatmap_order(queries.kinds, queries.tasks)
-    return correlations
-
-
-def _concentration_block(queries, rows, totals, o, already_per_nat, N) -> dict:
-    kinds = queries.kinds
-    per_nat = [conc.per_nat(totals[q], queries.loss[q], already_per_nat) for q in range(len(kinds))]
-    have_nat = any(p is not None for p in per_nat)
-    out = {
-        "fractions": list(o.fractions),
-        "k": rows.concentration[0]["k"],
-        "per_query": [{"positive": c["positive"], "negative": c["negative"]} for c in rows.concentration],
-        "totals": totals,
-        "by_kind": {},
-        "compare_kinds": {},
-        "per_nat": None,
-    }
-    for side in ("positive", "negative"):
-        out["by_kind"][side] = {
-            f: by_kind([c[side][i] for c in rows.concentration], kinds) for i, f in enumerate(o.fractions)
-        }
-        out["compare_kinds"][side] = {
-            f: compare_kinds([c[side][i] for c in rows.concentration], kinds) for i, f in enumerate(o.fractions)
-        }
-    if have_nat:
-        out["per_nat"] = {
-            "per_query": per_nat,
-            "already_per_nat": already_per_nat,
-            "by_kind": {
-                key: by_kind([p[key] if p else None for p in per_nat], kinds)
-                for key in ("absolute", "positive", "negative")
-            },
-            "compare_kinds": compare_kinds([p["absolute"] if p else None for p in per_nat], kinds),
-        }
-    if N < 500:
-        out["caveat"] = (
-            f"the corpus has only {N} documents, so every fraction up to {1 / N:.2%} is the single top document"
-        )
-    return out
-
-
-def _powerlaw_block(queries, rows, top_n) -> dict:
-    kinds = queries.kinds
-    out = {"top_n": top_n, "positive": {}, "negative": {}}
-    for side, tails in (("positive", rows.tail_pos), ("negative", rows.tail_neg)):
-        slopes = [t["loglog"]["slope"] for t in tails]
-        alphas = [t["clauset"]["alpha"] for t in tails]
-        plausible = [None if t["clauset"]["p_value"] is None else t["clauset"]["p_value"] >= 0.1 for t in tails]
-        out[side] = {
-            "per_query": tails,
-            "slope_by_kind": by_kind(slopes, kinds),
-            "alpha_by_kind": by_kind(alphas, kinds),
-            "plausible_share_by_kind": {
-                k: _share([p for p, kk in zip(plausible, kinds) if kk == k]) for k in present_kinds(kinds)
-            },
-            "compare_slope": compare_kinds(slopes, kinds),
-            "compare_alpha": compare_kinds(alphas, kinds),
-        }
-    return out
-
-
-def _share(flags) -> dict:
-    f = [x for x in flags if x is not None]
-    return {"n": len(f), "share": (sum(f) / len(f)) if f else None}
-
-
-def _sources_block(queries, docs, rows, ks) -> dict:
-    kinds = np.asarray(queries.kinds)
-    out = {
-        "ks": ks,
-        "sources": docs.source_names,
-        "by_kind": {},
-        "per_query": {"top": [], "bottom": []},
-        "by_tokens": docs.tokens is not None,
-    }
-    for side, lst in (("top", rows.src_top), ("bottom", rows.src_bottom)):
-        out["per_query"][side] = lst
-        out["by_kind"][side] = {}
-        for measure in ("count", "tokens"):
-            if measure not in lst[0]:
-                continue
-            stack = np.stack([m[measure] for m in lst])  # [Q, K, S]
-            out["by_kind"][side][measure] = {
-                kind: _mean_std(stack[kinds == kind]) for kind in present_kinds(queries.kinds)
-            }
-    return out
-
-
-def _mean_std(stack: np.ndarray) -> dict:
-    """Mean and standard deviation (ddof=1) over axis 0 of the finite entries; NaN where there are too few."""
-    ok = np.isfinite(stack)
-    n = ok.sum(axis=0)
-    x = np.where(ok, stack, 0.0)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        mean = x.sum(axis=0) / n
-        var = (np.where(ok, stack - mean, 0.0) ** 2).sum(axis=0) / (n - 1)
-    return {"mean": np.where(n > 0, mean, np.nan), "std": np.where(n > 1, np.sqrt(var), np.nan)}
 
 
 def _texts(run_dir, config, fetched, text_source, notes) -> tuple[dict[int, str], str]:
@@ -584,31 +446,6 @@ def _answers(queries, rows, fetched, texts, ks, notes) -> dict:
     return block
 
 
-def _top_documents(queries, rows, fetched, docs, listed) -> list[dict]:
-    out = []
-    for q, qid in enumerate(queries.ids):
-
-        def entries(idx, val):
-            return [
-                {
-                    "id": fetched[int(i)][0],
-                    "source": docs.source_names[docs.source_codes[int(i)]],
-                    "score": float(v),
-                    "column": int(i),
-                }
-                for i, v in zip(idx[:listed], val[:listed])
-            ]
-
-        out.append(
-            {
-                "query": qid,
-                "top": entries(rows.top_idx[q], rows.top_val[q]),
-                "bottom": entries(rows.bottom_idx[q], rows.bottom_val[q]),
-            }
-        )
-    return out
-
-
 # ----------------------------------------------------------------------------- writing
 
 
@@ -634,13 +471,17 @@ def _write_json_atomic(path: Path, obj) -> None:
     atomic.write_atomic(path, json.dumps(to_jsonable(obj), indent=1, ensure_ascii=False, allow_nan=False))
 
 
-def _write_outputs(run_dir, summary, queries, rows, fetched, texts, docs, o, report) -> None:
-    """Build report/ in a fresh temporary directory, then swap it in for the old one."""
+def _write_outputs(run_dir, summary, queries, rows, fetched, texts, docs, o) -> None:
+    """Build report/ (the page, its figures and summary.md) in a fresh temporary directory, then swap it in for
+    the old one."""
+    from jaxinf.analysis import markdown, report  # matplotlib: only when a report is written
+
     tmp = atomic.make_temp_dir(".report-", run_dir)
     try:
         report.write_report(
             tmp, summary, queries=queries, rows=rows, fetched=fetched, texts=texts, documents=docs, options=o
         )
+        (tmp / "summary.md").write_text(markdown.summary_markdown(summary), encoding="utf-8")
         final = run_dir / "report"
         old = None
         if final.exists():

@@ -12,7 +12,8 @@ Tracked layers carry their Hugging Face module names (``model.layers.3.mlp.up_pr
 ``gpt_neox.layers.3.attention.query_key_value``, ``lm_head``); see :mod:`jaxinf.models.decoder`.
 """
 
-from jaxinf.models.config import ConfigError, ModelConfig, ModelError, config_from_hf
+from jaxinf.models.config import ConfigError, ModelConfig, ModelError
+from jaxinf.models.config_json import config_from_hf
 from jaxinf.models.hf import CheckpointError, from_hf, load_tokenizer, read_config, save_hf
 from jaxinf.models.lm import LM, abstract, init, parameter_axes, parameter_paths
 

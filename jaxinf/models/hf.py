@@ -38,7 +38,8 @@ import jax
 import ml_dtypes
 import numpy as np
 
-from jaxinf.models.config import ConfigError, ModelConfig, ModelError, config_from_hf
+from jaxinf.models.config import ConfigError, ModelConfig, ModelError
+from jaxinf.models.config_json import config_from_hf
 from jaxinf.models.lm import LM, abstract, parameter_axes, parameter_paths
 from jaxinf.sharding.axes import Axes
 

@@ -14,9 +14,9 @@ Layout of the output directory ``DIR`` (locked while a validation writes it, :mo
         pbrf/<pbrf key>/chunk_<first>.npz   one chunk of PBRF optimizations (a killed run resumes from them)
 
 Nothing stale is ever reused: each key is a hash of the *content* of what the
-result depends on (:func:`world_fingerprint`: the documents' and queries' token
+result depends on (:func:`~jaxinf.validate.work_keys.world_fingerprint`: the documents' and queries' token
 arrays, the starting parameters and the architecture, i.e. the files as read, not
-their paths), of the code that computes it (:func:`code_version`: the jaxinf
+their paths), of the code that computes it (:func:`~jaxinf.validate.work_keys.code_version`: the jaxinf
 sources and the versions of jax, flax and optax), and of every setting that
 changes it:
 
@@ -39,7 +39,6 @@ in one line (:func:`check_settings`), never ignored.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import math
@@ -59,7 +58,7 @@ from jaxinf.validate import index as index_mod
 from jaxinf.validate import lds as lds_mod
 from jaxinf.validate import pbrf as pbrf_mod
 from jaxinf.validate import recall as recall_mod
-from jaxinf.validate import retrain
+from jaxinf.validate import retrain, work_keys
 from jaxinf.validate.world import ValidationError, World, builtin, from_config
 
 log = logging.getLogger("jaxinf")
@@ -136,84 +135,6 @@ def check_settings(config: cfg.Config) -> None:
         raise ValidationError("jaxinf validate cannot honour " + "; ".join(bad) + "; leave them at their defaults")
 
 
-def code_version() -> str:
-    """A hash of the code that computes every result: the source of every ``jaxinf`` module and the versions of
-    jax, jaxlib, flax and optax (any change to any of them is a new key: nothing computed by other code is kept)."""
-    global _CODE_VERSION
-    if _CODE_VERSION is None:
-        import importlib.metadata as md
-
-        import jaxinf
-
-        h = hashlib.sha256()
-        root = Path(jaxinf.__file__).parent
-        for f in sorted(root.rglob("*.py")):
-            h.update(str(f.relative_to(root)).encode() + b"\0" + f.read_bytes() + b"\0")
-        for name in ("jax", "jaxlib", "flax", "optax"):
-            try:
-                h.update(f"{name}={md.version(name)}\0".encode())
-            except md.PackageNotFoundError:
-                pass
-        _CODE_VERSION = h.hexdigest()[:16]
-    return _CODE_VERSION
-
-
-_CODE_VERSION: str | None = None
-
-
-def _hash_arrays(h, named) -> None:
-    for name, x in named:
-        x = np.ascontiguousarray(np.asarray(x))
-        h.update(f"{name}|{x.dtype.str}|{x.shape}\0".encode())
-        h.update(x.tobytes())
-
-
-def world_fingerprint(world: World) -> str:
-    """A hash of the content validate trains and measures on: the documents' and queries' token, mask and weight
-    arrays (so the files as read and tokenized, not their paths), the documents' ids, the starting parameters and
-    the architecture."""
-    h = hashlib.sha256()
-    _hash_arrays(h, sorted(world.documents.items()))
-    _hash_arrays(h, (("q:" + k, v) for k, v in sorted(world.queries.items())))
-    h.update(json.dumps(world.doc_ids).encode())
-    h.update(repr(world.lm.config).encode())
-    _hash_arrays(h, ((jax.tree_util.keystr(p), x) for p, x in jax.tree_util.tree_leaves_with_path(world.lm.params)))
-    return h.hexdigest()
-
-
-def _key(relevant: dict) -> str:
-    return hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def training_settings(config: cfg.Config, world_fp: str) -> dict:
-    """Everything the full model and the retrainings depend on."""
-    v = config.validate
-    return dict(
-        code=code_version(),
-        world=world_fp,
-        start=v.start,
-        steps=v.steps,
-        lr=v.learning_rate,
-        batch=v.batch_size,
-        fraction=v.fraction,
-        seed=v.seed,
-    )
-
-
-def retraining_settings(config: cfg.Config, training: dict) -> dict:
-    """Everything the retrainings depend on beyond the training key: the protocol (docs/validation.md)."""
-    return dict(
-        training=_key(training), subset_steps=config.validate.subset_steps, subset_init=config.validate.subset_init
-    )
-
-
-def scores_settings(config: cfg.Config, training: dict, layers) -> dict:
-    """Everything the scores depend on beyond the strategy and damping (which name their files)."""
-    return dict(
-        training=_key(training), layers=sorted(layers), fisher=config.factors.fisher, factors_seed=config.factors.seed
-    )
-
-
 def tracked_layers(world: World, params) -> dict:
     """The world's tracked layers (``factors.track`` resolved against the model)."""
     from jaxinf.engine import capture
@@ -229,21 +150,12 @@ def keys(config: cfg.Config, world: World | None = None) -> dict[str, str]:
     """The training, retraining and scores keys (module docstring) of a config (its world loaded when not given):
     the names of the work directories a validation of it reads and writes."""
     world = load_world(config) if world is None else world
-    training = training_settings(config, world_fingerprint(world))
+    training = work_keys.training_settings(config, work_keys.world_fingerprint(world))
     return {
-        "training": _key(training),
-        "retraining": _key(retraining_settings(config, training)),
-        "scores": _key(scores_settings(config, training, tracked_layers(world, world.lm.params))),
+        "training": work_keys.key(training),
+        "retraining": work_keys.key(work_keys.retraining_settings(config, training)),
+        "scores": work_keys.key(work_keys.scores_settings(config, training, tracked_layers(world, world.lm.params))),
     }
-
-
-def _keyed_dir(root: Path, relevant: dict) -> Path:
-    """``root/<hash of relevant>``, with ``key.json`` recording what was hashed."""
-    d = root / _key(relevant)
-    d.mkdir(parents=True, exist_ok=True)
-    if not (d / "key.json").exists():
-        write_json(d / "key.json", relevant)
-    return d
 
 
 def load_config(path: str | None, overrides: list[str]) -> cfg.Config:
@@ -323,8 +235,8 @@ def _validate(config: cfg.Config, out: Path, world: World, t_start: float) -> di
 
     v = config.validate
     N = world.num_documents
-    training = training_settings(config, world_fingerprint(world))
-    work = _keyed_dir(out / "work", training)
+    training = work_keys.training_settings(config, work_keys.world_fingerprint(world))
+    work = work_keys.keyed_dir(out / "work", training)
     log.info("validate: %s; work directory %s", world.name, work)
     proc = retrain.Procedure(v.steps, v.learning_rate, v.batch_size)
     task = world.lm.task()
@@ -353,8 +265,8 @@ def _validate(config: cfg.Config, out: Path, world: World, t_start: float) -> di
 
     # 2. every strategy's scores at every damping
     layers = tracked_layers(world, params)
-    scoring_settings = scores_settings(config, training, layers)
-    score_dir = _keyed_dir(work / "scores", scoring_settings)
+    scoring_settings = work_keys.scores_settings(config, training, layers)
+    score_dir = work_keys.keyed_dir(work / "scores", scoring_settings)
     batches = [{k: x[lo : lo + 64] for k, x in docs.items()} for lo in range(0, N, 64)]
     scores: dict[tuple[str, str], np.ndarray] = {}
     t0 = time.perf_counter()
@@ -422,13 +334,13 @@ def _validate(config: cfg.Config, out: Path, world: World, t_start: float) -> di
     if ks:
         primary_damping = v.dampings[0]
         settings = dict(
-            scores=_key(scoring_settings),
+            scores=work_keys.key(scoring_settings),
             ks=ks,
             damping=damping_label(primary_damping),
             dtype=config.index.dtype,
             seed=v.seed,
         )
-        path = score_dir / f"fidelity_{_key(settings)}.json"
+        path = score_dir / f"fidelity_{work_keys.key(settings)}.json"
         if path.exists():
             fidelity = json.loads(path.read_text())
         else:
@@ -498,7 +410,7 @@ def _validate(config: cfg.Config, out: Path, world: World, t_start: float) -> di
         subsets,
         v.seeds,
         sub_proc,
-        _keyed_dir(work / "units", retraining_settings(config, training)),
+        work_keys.keyed_dir(work / "units", work_keys.retraining_settings(config, training)),
         min(v.group, v.subsets * v.seeds),
         progress,
         starts,
@@ -564,7 +476,7 @@ def _validate(config: cfg.Config, out: Path, world: World, t_start: float) -> di
         rng = np.random.default_rng(v.seed + 1)
         sample = np.sort(rng.choice(N, min(v.pbrf_documents, N), replace=False))
         pbrf_settings = dict(
-            scores=_key(scoring_settings),
+            scores=work_keys.key(scoring_settings),
             damping=lam,
             epsilon=eps,
             iterations=v.pbrf_iterations,
@@ -572,7 +484,7 @@ def _validate(config: cfg.Config, out: Path, world: World, t_start: float) -> di
             documents=sample.tolist(),
         )
         (work / "pbrf").mkdir(exist_ok=True)
-        pbrf_path = work / "pbrf" / f"{_key(pbrf_settings)}.npz"
+        pbrf_path = work / "pbrf" / f"{work_keys.key(pbrf_settings)}.npz"
         if pbrf_path.exists():
             with np.load(pbrf_path, allow_pickle=False) as z:
                 I_pbrf, ratio = z["influence"], z["ratio"]

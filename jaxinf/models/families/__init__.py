@@ -25,7 +25,7 @@ class Family:
     """One model family: config mapping, block, and module (= checkpoint tensor) names.
 
     - ``read_config(fields) -> dict``: :class:`~jaxinf.models.config.ModelConfig`
-      keyword arguments from a :class:`~jaxinf.models.config.Fields` over ``config.json``;
+      keyword arguments from a :class:`~jaxinf.models.config_json.Fields` over ``config.json``;
     - ``block(config, rngs)``: an NNX module ``block(h, ctx, tap, prefix) -> h``;
     - ``final_norm(config)``: the norm after the last block;
     - ``backbone``/``embed``/``layers``/``norm``: attribute names of the

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 from flax import nnx
 
-from jaxinf.models.config import ModelConfig, apply_rope, common_fields, read_rope
+from jaxinf.models.config import ModelConfig
+from jaxinf.models.config_json import apply_rope, common_fields, read_rope
 from jaxinf.models.families import Family
 from jaxinf.models.layers import LayerNorm
 from jaxinf.models.parts import GatedMLP, ParallelBlock, SelfAttention

@@ -8,7 +8,7 @@ names as Cohere's.
 
 from __future__ import annotations
 
-from jaxinf.models.config import apply_rope, common_fields, patterned_layers, read_rope
+from jaxinf.models.config_json import apply_rope, common_fields, patterned_layers, read_rope
 from jaxinf.models.families import Family
 from jaxinf.models.families.cohere import block, final_norm
 

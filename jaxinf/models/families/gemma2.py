@@ -15,7 +15,8 @@ import functools
 
 from flax import nnx
 
-from jaxinf.models.config import ModelConfig, apply_rope, common_fields, patterned_layers, read_rope
+from jaxinf.models.config import ModelConfig
+from jaxinf.models.config_json import apply_rope, common_fields, patterned_layers, read_rope
 from jaxinf.models.families import Family
 from jaxinf.models.families.gemma import gemma_norm
 from jaxinf.models.parts import GatedMLP, SandwichBlock, SelfAttention

@@ -15,7 +15,8 @@ from __future__ import annotations
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxinf.models.config import ModelConfig, apply_rope, read_rope
+from jaxinf.models.config import ModelConfig
+from jaxinf.models.config_json import apply_rope, read_rope
 from jaxinf.models.families import Family
 from jaxinf.models.layers import COLUMN, ROW, LayerNorm, Linear, apply_rotary, attention
 from jaxinf.models.parts import PlainMLP

@@ -13,7 +13,8 @@ import functools
 
 from flax import nnx
 
-from jaxinf.models.config import ModelConfig, apply_rope, common_fields, read_rope
+from jaxinf.models.config import ModelConfig
+from jaxinf.models.config_json import apply_rope, common_fields, read_rope
 from jaxinf.models.families import Family
 from jaxinf.models.families.llama import rms_final_norm
 from jaxinf.models.layers import RMSNorm

@@ -7,7 +7,7 @@ sliding entry unscaled). Checkpoint names as OLMo 2's.
 
 from __future__ import annotations
 
-from jaxinf.models.config import apply_rope, patterned_layers, per_type_rope
+from jaxinf.models.config_json import apply_rope, patterned_layers, per_type_rope
 from jaxinf.models.families import Family
 from jaxinf.models.families.llama import rms_final_norm
 from jaxinf.models.families.olmo2 import block, olmo2_fields

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import functools
 
-from jaxinf.models.config import apply_rope, common_fields, read_rope
+from jaxinf.models.config_json import apply_rope, common_fields, read_rope
 from jaxinf.models.families import Family
 from jaxinf.models.families.llama import block, rms_final_norm
 

@@ -8,7 +8,7 @@ by default the layers without rotary embedding. Checkpoint names as Llama's.
 
 from __future__ import annotations
 
-from jaxinf.models.config import apply_rope, common_fields, read_rope
+from jaxinf.models.config_json import apply_rope, common_fields, read_rope
 from jaxinf.models.families import Family
 from jaxinf.models.families.llama import block, rms_final_norm
 

@@ -1,0 +1,91 @@
+"""``factors.from``: the fitted curvature of another run directory, checked against this run at start-up
+(:func:`check`) and loaded in place of fitting it (:func:`load`)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from jaxinf import config as cfg
+from jaxinf.engine import curvature, precision, programs
+from jaxinf.run import rundir
+from jaxinf.run.executor import Executor
+from jaxinf.run.inputs import Inputs
+from jaxinf.run.rundir import StoreError
+from jaxinf.run.store import RunStore
+
+log = logging.getLogger("jaxinf")
+
+
+def check(config: cfg.Config, model_fp: dict | None) -> RunStore | None:
+    """The run directory of ``factors.from`` (None without it), checked against this run: the settings that change
+    the curvature, and the *content* of the model and tokenizer (``model_fp``, :func:`jaxinf.run.fingerprint.check_model`)
+    against the fingerprints that run recorded, so that weights edited under the same path are refused and the same
+    weights under another path or in a copy are accepted. A run that recorded none (started by an older jaxinf, or
+    with imported factors) is compared by the checkpoint's resolved path."""
+    if config.factors.from_run is None:
+        return None
+    other = Path(config.factors.from_run)
+    try:
+        record = rundir.read_record(other)
+        if record is None:
+            raise StoreError(f"factors.from: {other}: no run.json (nor its copy state/run.json)")
+        theirs = cfg.from_dict(record["config"], str(other / "run.json"))
+    except (cfg.ConfigError, TypeError, KeyError) as e:
+        raise StoreError(f"factors.from: {other / 'run.json'}: unreadable run record ({e})") from None
+    recorded = record.get("inputs") or {}
+    mismatched = []
+    if model_fp is not None and "model" in recorded:
+        for kind in ("model", "tokenizer"):
+            mine = {n: f["sha256"] for n, f in model_fp[kind]["files"].items()}
+            if mine != {n: f.get("sha256") for n, f in recorded.get(kind, {}).get("files", {}).items()}:
+                mismatched.append(
+                    f"the {kind}'s content ({config.model.checkpoint} is not the {kind} of "
+                    f"{theirs.model.checkpoint} as that run read it)"
+                )
+    elif Path(theirs.model.checkpoint or "").resolve() != Path(config.model.checkpoint or "").resolve():
+        mismatched.append("model.checkpoint")
+    mismatched += [f"model.{k}" for k in ("dtype",) if getattr(theirs.model, k) != getattr(config.model, k)]
+    mismatched += [
+        f"factors.{k}"
+        for k in ("strategy", "fisher", "track", "max_documents", "seed")
+        if getattr(theirs.factors, k) != getattr(config.factors, k)
+    ]
+    if theirs.run.precision != config.run.precision:
+        mismatched.append("run.precision")
+    if mismatched:
+        raise StoreError(f"factors.from: {other} was fitted with other settings: {', '.join(mismatched)}")
+    ostore = RunStore(other, record)
+    if ostore.status("lambda") != "done":
+        raise StoreError(f"factors.from: {other} has no finished curvature (stage lambda is {ostore.status('lambda')})")
+    return ostore
+
+
+def load(config: cfg.Config, inputs: Inputs, executor: Executor) -> curvature.Curvature:
+    """The fitted curvature of another run directory (``factors.from``), checked against this run's model and layers
+    (:func:`check`, at start-up)."""
+    assert config.factors.from_run is not None  # the caller's condition
+    other = Path(config.factors.from_run)
+    record = rundir.read_record(other)
+    assert record is not None  # check read it at start-up
+    ostore = RunStore(other, record)
+    strategy = curvature.strategy(config.factors.strategy)
+    if not strategy.writes:
+        return curvature.curvature(strategy)
+    shapes = programs.fitted_shapes(inputs.task, inputs.layers, precision.statistics_dtype(config.run.precision))
+
+    def eigen():
+        eigen = ostore.load_result("eigen", executor.like(shapes["eigen"]))
+        if eigen is None:
+            raise StoreError(f"factors.from: {other}: the eigendecomposition is missing or corrupted")
+        return eigen
+
+    def saved_lambda(basis):
+        Lambda = ostore.load_result("lambda", executor.like(shapes["lambda"], curvature.LAMBDA_AXES))
+        if Lambda is None:
+            raise StoreError(f"factors.from: {other}: Lambda is missing or corrupted")
+        return Lambda
+
+    curv = curvature.assemble(strategy, eigen, saved_lambda)
+    log.info("curvature: reusing the %s factors of %s", strategy.name, other)
+    return curv
