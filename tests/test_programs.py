@@ -111,3 +111,40 @@ def test_settings_reach_the_planned_queries_program(tmp_path):
     assert full != randomized
     assert "rng_bit_generator" in randomized or "threefry" in randomized
     assert "rng_bit_generator" not in full and "threefry" not in full
+
+
+def test_each_program_traces_the_model_once(tmp_path, monkeypatch):
+    """Tracing the model is most of a step's compile time on a deep model, so each trace of a step program traces
+    it once (the backward pass that forms the statistics; the mask's shape is checked from that pass's losses, not
+    by a trace of its own), and the run traces it once more, before its first program, to find the layers."""
+    from jaxinf.models import decoder
+
+    w = make_world(tmp_path / "world", n_documents=6, n_queries=2)
+    config = cfg.load(None, overrides(w, tmp_path / "run", **{"data.max_length": 16, "index.k": 2}))
+    traces = [0]
+    forward = decoder.DecoderLM.__call__
+
+    def counted(self, *args, **kw):
+        traces[0] += 1
+        return forward(self, *args, **kw)
+
+    monkeypatch.setattr(decoder.DecoderLM, "__call__", counted)
+    per_program: list[int] = []  # model traces inside each trace of a step program
+    first: list[int] = []  # model traces before the first program's first trace
+
+    class Counting(MeshExecutor):
+        def jit(self, fn, *, donate_argnums=(), out_shardings=None):
+            def traced(*args):
+                if not first:
+                    first.append(traces[0])
+                before = traces[0]
+                out = fn(*args)
+                per_program.append(traces[0] - before)
+                return out
+
+            return super().jit(traced, donate_argnums=donate_argnums, out_shardings=out_shardings)
+
+    pipeline.run(config, executor=Counting(make_mesh(1, 1, jax.devices()[:1])))
+    assert first == [1]
+    assert per_program and max(per_program) == 1, per_program
+    assert traces[0] == 1 + sum(per_program)

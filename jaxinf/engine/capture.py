@@ -425,6 +425,16 @@ def _full_stack(x: Array, spec: LayerSpec) -> Array:
     return full.at[jnp.asarray(spec.indices)].set(x)
 
 
+def _check_mask(loss_fn: LossFn, params: Params, batch: Batch, mask: Array, shape: tuple | None = None) -> None:
+    """Raises a :class:`CaptureError` when the token losses (of ``shape``; traced abstractly when not given) and the
+    mask differ in shape. :func:`layer_statistics` calls it after its backward pass, and traces the model a second
+    time only when that pass failed, so that a well-formed step is traced once."""
+    if shape is None:
+        shape = jax.eval_shape(lambda p, b: loss_fn(p, b, None), params, batch).shape
+    if tuple(shape) != tuple(mask.shape):
+        raise CaptureError(f"token losses of shape {tuple(shape)} do not match the mask {mask.shape}") from None
+
+
 def layer_statistics(
     loss_fn: LossFn,
     params: Params,
@@ -445,9 +455,6 @@ def layer_statistics(
     if not layers:
         raise CaptureError("no tracked layer")
     mask = jnp.asarray(mask)
-    shape = jax.eval_shape(lambda p, b: loss_fn(p, b, None), params, batch).shape
-    if shape != mask.shape:
-        raise CaptureError(f"token losses of shape {shape} do not match the mask {mask.shape}")
     context = dict(context or {})
     z, ctx, active = {}, {}, {}
     for name, spec in layers.items():
@@ -469,8 +476,13 @@ def layer_statistics(
     def losses_of(z):
         return loss_fn(params, batch, Probes(statistic, z, ctx, active, mask.astype(jnp.float32)))
 
-    token_losses, vjp = jax.vjp(losses_of, z)
-    (stats,) = vjp(jnp.ones_like(token_losses))
+    try:
+        token_losses, vjp = jax.vjp(losses_of, z)
+        (stats,) = vjp(jnp.ones_like(token_losses))
+    except Exception:  # a mask of another shape than the token losses fails somewhere inside the model: name it
+        _check_mask(loss_fn, params, batch, mask)
+        raise
+    _check_mask(loss_fn, params, batch, mask, token_losses.shape)
     for name, spec in layers.items():
         if spec.stacked and spec.indices is not None:
             stats[name] = jax.tree.map(lambda x: x[jnp.asarray(spec.indices)], stats[name])
