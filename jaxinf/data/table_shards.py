@@ -150,8 +150,8 @@ class TableShard:
             if rows and rows[-1] - rows[0] == len(rows) - 1 and rows == sorted(rows):  # a run of rows: one slice
                 part = self._table.slice(rows[0], len(rows))
                 return {c: part.column(c).to_pylist() for c in columns}
-            # One element at a time: Table.take concatenates the chunks of every column first (0.3 s for a 26 MB
-            # shard, for a single row); indexing a chunked column finds the row's chunk and copies nothing else.
+            # One element at a time: Table.take concatenates the chunks of every column first, even for a single row
+            # (docs/benchmarks.md); indexing a chunked column finds the row's chunk and copies nothing else.
             return {c: [self._table.column(c)[r].as_py() for r in rows] for c in columns}
         out: dict[str, list] = {c: [] for c in columns}
         groups = np.searchsorted(self._group_start, rows, side="right") - 1

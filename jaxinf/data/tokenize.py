@@ -88,8 +88,9 @@ def token_pieces(tokenizer: Tokenizer, ids: Sequence[int]) -> list[str]:
 
 
 def prefix_chars(limit: int) -> int:
-    """Characters of a truncated document tokenized at first: ``max(4096, 16 * limit)`` (issue 25: a 66 MB line
-    with ``data.max_length=64`` was tokenized whole, 55 s and 9.6 GB). Shorter texts are tokenized whole."""
+    """Characters of a truncated document tokenized at first: ``max(4096, 16 * limit)`` (issue 25: a line of
+    tens of megabytes was otherwise tokenized whole for a 64-token limit; the figures are in docs/benchmarks.md).
+    Shorter texts are tokenized whole."""
     return max(4096, 16 * int(limit))
 
 
