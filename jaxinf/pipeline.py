@@ -270,9 +270,16 @@ def _join_queries(parts) -> scoring.QueryGradients:
 
 def scores_stage(config: cfg.Config, store: RunStore, inputs: Inputs, qg, curv, executor: Executor) -> dict:
     """Scores of every document row against every query, saved in chunks of ``scores.save_every`` batches
-    (:class:`jaxinf.run.saved.SavedChunks`); a resumed pass keeps the chunks saved."""
+    (:class:`jaxinf.run.saved.SavedChunks`), with each query's tails (:mod:`jaxinf.engine.tails`) saved beside the
+    newest chunk; a resumed pass keeps the chunks saved and starts from their tails, and a finished pass run again
+    (the exports written anew) returns its tails without computing a batch."""
     batches = _batches(inputs, inputs.plan, inputs.documents, executor)
     want_self = config.scores.self_influence
+    fused = (
+        programs.fused_index(config, executor.mesh is None)
+        and store.status("index") != "done"
+        and not store.chunks("scores").steps()
+    )  # the index rides on this pass from its start (jaxinf.run.index_run)
     saves: SavedChunks | index_run.WithIndex
     saves = SavedChunks(
         store,
@@ -280,13 +287,10 @@ def scores_stage(config: cfg.Config, store: RunStore, inputs: Inputs, qg, curv, 
         inputs.plan,
         config.scores.save_every,
         ("scores", "loss", "self") if want_self else ("scores", "loss"),
+        carry=not fused,  # the tails, so that a resumed pass (or a finished one rerun) still has them
     )
     build, tails = None, None
-    if (
-        programs.fused_index(config, executor.mesh is None)
-        and store.status("index") != "done"
-        and not store.chunks("scores").steps()
-    ):  # the index rides on this pass from its start (jaxinf.run.index_run)
+    if fused:
         build = index_run.IndexBuild(config, store, inputs, curv, saved_eigen(config, store, inputs, executor))
         saves = index_run.WithIndex(saves, build.writer, ("scores", "loss"))
         fn = programs.scores_and_index(config, inputs.task, inputs.layers).jit(executor)

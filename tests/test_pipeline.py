@@ -130,13 +130,19 @@ def test_killed_anywhere_resumes_to_identical_scores(world, reference, tmp_path)
     for done in ("covariance", "lambda"):  # finished stages are not run again
         assert not re.search(rf"^{done}: \d+/", final.stderr, re.M), final.stderr
     np.testing.assert_array_equal(np.load(out / "scores.npy"), np.load(reference / "scores.npy"))
-    # The reference kept every top document's breakdowns in its scoring pass; the resumed pass saw only batches
-    # 6-12, so the exports scored the top documents of batches 0-5 again: the same breakdowns either way.
+    # The reference kept every top document's breakdowns in its scoring pass; the resumed pass started from the tails
+    # saved with its chunk at batch 6, so neither scored a document again, and the breakdowns are the same.
     scored_again = [
         json.loads((d / "run.json").read_text())["stages"]["exports"]["documents_scored_again"]
         for d in (reference, out)
     ]
-    assert scored_again[0] == 0 and scored_again[1] > 0, scored_again
+    assert scored_again == [0, 0], scored_again
+    # A finished scoring pass run again (the exports deleted, so written anew) returns its saved tails, computing
+    # no batch: the exports score nothing again either.
+    (out / "topk.jsonl").unlink()
+    again = jaxinf(args, e)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert json.loads((out / "run.json").read_text())["stages"]["exports"]["documents_scored_again"] == 0
     ref_layers, layers = np.load(reference / "layer_scores.npy"), np.load(out / "layer_scores.npy")
     np.testing.assert_allclose(layers, ref_layers, rtol=1e-5, atol=1e-5 * np.abs(ref_layers).max())
     ref_tokens, tokens = (

@@ -266,6 +266,7 @@ def invalidate(store: RunStore, stages: list[str]) -> None:
     if jax.process_index() == 0:
         for s in stages:
             store.stage(s).clear()
+            store.carry(s).clear()
         if "exports" in stages or "scores" in stages:
             for name in EXPORTS:
                 p = store.path(name)

@@ -70,15 +70,21 @@ class SavedChunks(_InRunDirectory):
     """The outputs are the result (the scores): step ``k`` of the stage's store holds the batches since the previous
     step, joined along their last (row) axis: ``index`` (the rows' documents), the ``outputs`` and ``start`` (the
     first batch). ``chunks`` holds them all on the host, the resumed ones first; a resumed pass keeps the chunks that
-    continue each other from batch 0 and starts after them."""
+    continue each other from batch 0 and starts after them.
+
+    With ``carry``, the pass's carry (the scoring pass's tails, :mod:`jaxinf.engine.tails`) is saved after each
+    chunk, the newest only (:meth:`RunStore.carry`), and a resumed pass starts from it where it was saved at the
+    batch the chunks end at; anywhere else (a save cut short between the two, a carry of other shapes) the pass starts
+    from the fresh carry, which is what a carry that misses the skipped batches means to its reader."""
 
     noun = "chunks"
 
-    def __init__(self, store: RunStore, name: str, plan, every: int, outputs: tuple[str, ...]):
+    def __init__(self, store: RunStore, name: str, plan, every: int, outputs: tuple[str, ...], carry: bool = False):
         super().__init__(store, name, plan, every, keep=None)
         self.keys = {"index", "start", *outputs}
         self.chunks: list[dict] = []
         self.end = 0
+        self.carry = store.carry(name) if carry else None
 
     def resume(self, carry) -> tuple[int, Any]:
         chunks, end = [], 0
@@ -94,6 +100,15 @@ class SavedChunks(_InRunDirectory):
             end = step
         self.steps.discard_after(end if chunks else None)
         self.chunks, self.end = chunks, end
+        if self.carry is not None:
+            self.carry.discard_after(end if chunks else None)
+            if chunks and carry is not None and end in self.carry.steps():
+                try:
+                    carry = self.carry.restore(end, carry)
+                except Exception as e:  # corrupted, or saved with other shapes (another scores.topk): start afresh
+                    log.warning(
+                        "%s: carry %d not used (%s); starting it afresh at batch %d", self.carry.root, end, e, end
+                    )
         return end, carry
 
     def save(self, step: int, carry, batches: list[tuple[Any, dict]]) -> None:
@@ -102,6 +117,8 @@ class SavedChunks(_InRunDirectory):
             chunk[key] = np.concatenate([out[key] for out, _ in batches], axis=-1)
         chunk["start"] = np.asarray(self.end, np.int64)
         self.steps.save(step, chunk)
+        if self.carry is not None and carry is not None:
+            self.carry.save(step, carry)
         self.chunks.append(chunk)
         self.end = step
         self._saved(step)

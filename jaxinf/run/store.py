@@ -284,6 +284,11 @@ class RunStore:
     def stage(self, name: str, keep: int | None = 2) -> StageStore:
         return StageStore(self.root / "state" / name, keep)
 
+    def carry(self, name: str) -> StageStore:
+        """The carry of a pass whose result is saved in chunks (the scoring pass's tails), beside its chunks: one
+        step, the newest (cleared with the stage's checkpoints, :func:`jaxinf.run.fingerprint.invalidate`)."""
+        return StageStore(self.root / "state" / f"{name}.carry", keep=1)
+
     def path(self, *parts: str) -> Path:
         return self.root.joinpath(*parts)
 
