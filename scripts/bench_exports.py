@@ -7,9 +7,10 @@ Each round, in fresh ``python -m jaxinf`` processes with a warm compilation cach
 
 1. ``jaxinf run`` (exact EK-FAC with the bench's settings): every stage's time from its ``run.json``; its exports
    take the per-layer and per-token scores of the top documents from the scoring pass.
-2. The same run directory with ``topk.jsonl`` removed, run again: the exports stage runs again alone, and since the
-   scoring pass is then resumed from its saved chunks (no batch computed, no tails kept) the breakdowns come from a
-   second pass over the top documents: the path every run took before the tails.
+2. The same run directory with ``topk.jsonl`` and the tails saved beside the score chunks (``state/scores.carry``)
+   removed, run again: the exports stage runs again alone, and since the scoring pass is then resumed from its
+   saved chunks with no tails (no batch computed) the breakdowns come from a second pass over the top documents:
+   the path every run took before the tails, and a resumed one before they were saved.
 3. With ``--baseline REPO`` (a checkout of an earlier commit): step 1 with that code, for the scoring stage side by
    side (what keeping the tails costs the scoring pass) and the whole process.
 
@@ -22,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -101,6 +103,7 @@ def main(argv=None) -> None:
             row[name] = {"process_seconds": round(seconds, 1), "stages": stages(root / name)}
         kept = breakdowns(root / "this")
         (root / "this" / "topk.jsonl").unlink()
+        shutil.rmtree(root / "this" / "state" / "scores.carry")  # else the rerun takes the saved tails
         seconds = jaxinf(ROOT, ["run", *base, f"run.out={root / 'this'}"], caches["this"])
         again = breakdowns(root / "this")
         row["second_pass"] = {
