@@ -325,3 +325,30 @@ def test_a_damaged_export_of_a_finished_run_is_redone_on_a_rerun(world, finished
     pipeline.run(cfg.load(None, overrides(world, run, **{"data.batch_size": 8, "factors.fisher": "empirical"})))
     assert (run / "scores.npy").read_bytes() == want
     assert (run / "topk.jsonl").read_bytes() == (finished / "topk.jsonl").read_bytes()
+
+
+def test_analyze_does_not_show_texts_of_a_corpus_edited_after_the_run(world, finished, tmp_path, capsys):
+    """``jaxinf analyze RUN`` read the document texts from the corpus named in run.json as it is now: after the
+    corpus was edited, the report showed the new texts beside scores of the old ones, without a word. The corpus
+    is checked against the run's record of it first; an edited one gives no texts and says why."""
+    import shutil
+
+    run, docs = tmp_path / "run", tmp_path / "docs.jsonl"
+    shutil.copytree(finished, run)
+    shutil.copy(world["docs"], docs)
+    record = json.loads((run / "run.json").read_text())
+    record["config"]["data"]["documents"] = str(docs)
+    (run / "run.json").write_text(json.dumps(record))
+    assert cli.main(["-q", "analyze", str(run)]) == 0
+    assert json.loads((run / "summary.json").read_text())["text_source"] == f"{docs} (run.json config.data.documents)"
+    capsys.readouterr()
+    docs.write_text(docs.read_text().replace('"text": "', '"text": "EDITEDAFTER '))
+    assert cli.main(["-q", "analyze", str(run)]) == 0
+    assert "EDITEDAFTER" not in (run / "report" / "index.html").read_text()
+    assert "EDITEDAFTER" not in (run / "summary.json").read_text()
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["text_source"] == "none"
+    notes = summary["notes"]
+    assert f"run.json: config.data.documents: {docs}: its documents changed since the run scored them" in " ".join(
+        notes
+    )
