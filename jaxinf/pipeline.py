@@ -399,7 +399,8 @@ def scores_stage(config: cfg.Config, store: RunStore, inputs: Inputs, qg, curv, 
                 f"scores: the {key} of {config.data.documents} assembled from the saved chunks "
                 f"are not finite ({int((~np.isfinite(value)).sum())} entries)"
             )
-    store.mark("scores", "done", total=len(batches), plan=batch_plan_key(inputs.plan), timing=timing)
+    if timing["batches"] or store.status("scores") != "done":  # a rerun that scored nothing keeps the record
+        store.mark("scores", "done", total=len(batches), plan=batch_plan_key(inputs.plan), timing=timing)
     if build is not None:
         build.done(timing)
     if tails is not None:

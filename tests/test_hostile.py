@@ -352,3 +352,17 @@ def test_analyze_does_not_show_texts_of_a_corpus_edited_after_the_run(world, fin
     assert f"run.json: config.data.documents: {docs}: its documents changed since the run scored them" in " ".join(
         notes
     )
+
+
+def test_a_rerun_of_a_finished_run_keeps_the_scores_stages_record(world, finished, tmp_path):
+    """A rerun of a finished run computes nothing, but it rewrote the scores stage's record in run.json with the
+    timing of the empty pass (0 seconds, 0 batches, no compile time): the first run's timing was lost."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(finished, run)
+    before = json.loads((run / "run.json").read_text())["stages"]
+    assert before["scores"]["timing"]["batches"] == 1
+    settings = {"data.batch_size": 8, "factors.fisher": "empirical"}
+    assert cli.main(["-q", "run", *overrides(world, run, **settings)]) == 0
+    assert json.loads((run / "run.json").read_text())["stages"]["scores"] == before["scores"]
