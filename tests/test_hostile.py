@@ -366,3 +366,30 @@ def test_a_rerun_of_a_finished_run_keeps_the_scores_stages_record(world, finishe
     settings = {"data.batch_size": 8, "factors.fisher": "empirical"}
     assert cli.main(["-q", "run", *overrides(world, run, **settings)]) == 0
     assert json.loads((run / "run.json").read_text())["stages"]["scores"] == before["scores"]
+
+
+@pytest.mark.parametrize(
+    "damage", ["documents.jsonl:dir", "scores.npy:dir", "summary.json:dir", "queries.jsonl:latin1"]
+)
+def test_analyze_on_a_damaged_export_is_one_line(finished, tmp_path, capsys, damage):
+    """``jaxinf analyze RUN`` with a directory where an export belongs (documents.jsonl, scores.npy, or summary.json,
+    which it writes) or a byte that is not UTF-8 in a JSONL export was an IsADirectoryError or UnicodeDecodeError
+    traceback (exit 1): one line naming the file (and line), exit 2."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(finished, run)
+    name, kind = damage.split(":")
+    if kind == "dir":
+        (run / name).unlink()
+        (run / name).mkdir()
+        expected = f"{run / name}: a directory where a file is expected"
+        if name.endswith(".jsonl"):
+            expected = f"{name}: cannot read {run / name} (Is a directory)"
+    else:
+        with open(run / name, "ab") as f:
+            f.write(b"caf\xe9\n")
+        expected = f"{name} line 3: invalid UTF-8 at byte 4"
+    capsys.readouterr()
+    assert cli.main(["-q", "analyze", str(run)]) == 2
+    assert _one_error(capsys, "analyze") == expected
