@@ -393,3 +393,12 @@ def test_analyze_on_a_damaged_export_is_one_line(finished, tmp_path, capsys, dam
     capsys.readouterr()
     assert cli.main(["-q", "analyze", str(run)]) == 2
     assert _one_error(capsys, "analyze") == expected
+
+
+def test_analyze_of_a_directory_that_is_no_run_leaves_nothing(tmp_path, capsys):
+    """``jaxinf analyze DIR`` on a directory holding no run (neither run.json nor scores.npy) refused it, but left
+    its lock file ``.jaxinf.lock`` behind in that directory."""
+    (tmp_path / "data.csv").write_text("precious\n")
+    assert cli.main(["-q", "analyze", str(tmp_path)]) == 2
+    assert _one_error(capsys, "analyze") == f"scores.npy: missing (expected at {tmp_path / 'scores.npy'})"
+    assert sorted(os.listdir(tmp_path)) == ["data.csv"]
