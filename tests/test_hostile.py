@@ -402,3 +402,23 @@ def test_analyze_of_a_directory_that_is_no_run_leaves_nothing(tmp_path, capsys):
     assert cli.main(["-q", "analyze", str(tmp_path)]) == 2
     assert _one_error(capsys, "analyze") == f"scores.npy: missing (expected at {tmp_path / 'scores.npy'})"
     assert sorted(os.listdir(tmp_path)) == ["data.csv"]
+
+
+def test_an_overwrite_refused_by_an_input_error_does_not_say_the_same_command_starts_it_over(
+    world, finished, tmp_path, capsys
+):
+    """The hostile pass's note on one ``--overwrite`` message: refused by an input error (a query longer than
+    ``data.max_length``), the warning gave a Python class name and said "the same command starts it over", which
+    the same command cannot (it is refused again). It now points at the error and says the old run is back."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(finished, run)
+    settings = {"data.batch_size": 8, "factors.fisher": "empirical", "data.max_length": 8}
+    assert cli.main(["-q", "run", *overrides(world, run, **settings), "--overwrite"]) == 2
+    err = capsys.readouterr().err
+    assert (
+        f"jaxinf: {run}: --overwrite stopped on the error below; the previous run is back as it was and the new " in err
+    )
+    assert "DataError" not in err and "starts it over" not in err
+    assert err.strip().splitlines()[-1].startswith("jaxinf run: error: ") and "more than data.max_length (8)" in err
