@@ -422,3 +422,16 @@ def test_an_overwrite_refused_by_an_input_error_does_not_say_the_same_command_st
     )
     assert "DataError" not in err and "starts it over" not in err
     assert err.strip().splitlines()[-1].startswith("jaxinf run: error: ") and "more than data.max_length (8)" in err
+
+
+@pytest.mark.parametrize("value", ["nan", "inf"])
+def test_validate_refuses_a_non_finite_damping(tmp_path, capsys, value):
+    """``validate.dampings=[nan]`` was accepted and ``jaxinf validate`` ran to the end (exit 0) with a NaN damping
+    in its comparison, although ``scores.damping=nan`` is refused: the same rule, refused first, nothing written."""
+    out = tmp_path / "v"
+    assert cli.main(["-q", "validate", "--out", str(out), f"validate.dampings=[null, {value}]"]) == 2
+    assert _one_error(capsys, "validate") == (
+        "command line: validate.dampings: expected a non-empty list of null or finite non-negative numbers, "
+        f"got [None, {float(value)}]"
+    )
+    assert not out.exists()
