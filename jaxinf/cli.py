@@ -354,6 +354,11 @@ def main(argv: list[str] | None = None) -> int:
         from jaxinf.run.failures import CONDITIONS, find_condition
 
         found = find_condition(e)
+        if found is None and isinstance(e, (IsADirectoryError, NotADirectoryError)):  # bad input: a path's kind
+            path = e.filename2 if isinstance(e, IsADirectoryError) and e.filename2 else e.filename
+            kind = "a directory where a file is expected" if isinstance(e, IsADirectoryError) else "not a directory"
+            print(f"jaxinf {args.command}: error: {path}: {kind}", file=sys.stderr)
+            return 2
         if found is None:
             raise
         what, todo = CONDITIONS[found[0]]

@@ -36,6 +36,7 @@ from jaxinf import config as cfg
 from jaxinf.engine import curvature, precision, programs, scoring, stages
 from jaxinf.engine.distributed import eigendecompose
 from jaxinf.engine.loop import run_batches
+from jaxinf.errors import UserError
 from jaxinf.faults import fault_point
 from jaxinf.hostenv import lapack_threads, mesh_lapack_threads
 from jaxinf.run import checks, factors_from, failures, fingerprint, index_run, preflight, rundir
@@ -326,7 +327,8 @@ def scores_stage(config: cfg.Config, store: RunStore, inputs: Inputs, qg, curv, 
                 f"scores: the {key} of {config.data.documents} assembled from the saved chunks "
                 f"are not finite ({int((~np.isfinite(value)).sum())} entries)"
             )
-    store.mark("scores", "done", total=len(batches), plan=batch_plan_key(inputs.plan), timing=timing)
+    if timing["batches"] or store.status("scores") != "done":  # a rerun that scored nothing keeps the record
+        store.mark("scores", "done", total=len(batches), plan=batch_plan_key(inputs.plan), timing=timing)
     if build is not None:
         build.done(timing)
     if tails is not None:
@@ -502,7 +504,13 @@ def _put_back(aside: rundir.Aside, e: BaseException) -> bool:
             aside.previous,
         )
         return False
-    if restored:
+    if restored and isinstance(e, UserError):  # the same command would be refused again: no "starts it over"
+        log.warning(
+            "%s: --overwrite stopped on the error below; the previous run is back as it was and the new attempt is "
+            "removed",
+            aside.root,
+        )
+    elif restored:
         log.warning(
             "%s: --overwrite did not finish (%s); the previous run is back as it was and the new attempt is "
             "removed (the same command starts it over)",

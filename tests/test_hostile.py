@@ -325,3 +325,113 @@ def test_a_damaged_export_of_a_finished_run_is_redone_on_a_rerun(world, finished
     pipeline.run(cfg.load(None, overrides(world, run, **{"data.batch_size": 8, "factors.fisher": "empirical"})))
     assert (run / "scores.npy").read_bytes() == want
     assert (run / "topk.jsonl").read_bytes() == (finished / "topk.jsonl").read_bytes()
+
+
+def test_analyze_does_not_show_texts_of_a_corpus_edited_after_the_run(world, finished, tmp_path, capsys):
+    """``jaxinf analyze RUN`` read the document texts from the corpus named in run.json as it is now: after the
+    corpus was edited, the report showed the new texts beside scores of the old ones, without a word. The corpus
+    is checked against the run's record of it first; an edited one gives no texts and says why."""
+    import shutil
+
+    run, docs = tmp_path / "run", tmp_path / "docs.jsonl"
+    shutil.copytree(finished, run)
+    shutil.copy(world["docs"], docs)
+    record = json.loads((run / "run.json").read_text())
+    record["config"]["data"]["documents"] = str(docs)
+    (run / "run.json").write_text(json.dumps(record))
+    assert cli.main(["-q", "analyze", str(run)]) == 0
+    assert json.loads((run / "summary.json").read_text())["text_source"] == f"{docs} (run.json config.data.documents)"
+    capsys.readouterr()
+    docs.write_text(docs.read_text().replace('"text": "', '"text": "EDITEDAFTER '))
+    assert cli.main(["-q", "analyze", str(run)]) == 0
+    assert "EDITEDAFTER" not in (run / "report" / "index.html").read_text()
+    assert "EDITEDAFTER" not in (run / "summary.json").read_text()
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["text_source"] == "none"
+    notes = summary["notes"]
+    assert f"run.json: config.data.documents: {docs}: its documents changed since the run scored them" in " ".join(
+        notes
+    )
+
+
+def test_a_rerun_of_a_finished_run_keeps_the_scores_stages_record(world, finished, tmp_path):
+    """A rerun of a finished run computes nothing, but it rewrote the scores stage's record in run.json with the
+    timing of the empty pass (0 seconds, 0 batches, no compile time): the first run's timing was lost."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(finished, run)
+    before = json.loads((run / "run.json").read_text())["stages"]
+    assert before["scores"]["timing"]["batches"] == 1
+    settings = {"data.batch_size": 8, "factors.fisher": "empirical"}
+    assert cli.main(["-q", "run", *overrides(world, run, **settings)]) == 0
+    assert json.loads((run / "run.json").read_text())["stages"]["scores"] == before["scores"]
+
+
+@pytest.mark.parametrize(
+    "damage", ["documents.jsonl:dir", "scores.npy:dir", "summary.json:dir", "queries.jsonl:latin1"]
+)
+def test_analyze_on_a_damaged_export_is_one_line(finished, tmp_path, capsys, damage):
+    """``jaxinf analyze RUN`` with a directory where an export belongs (documents.jsonl, scores.npy, or summary.json,
+    which it writes) or a byte that is not UTF-8 in a JSONL export was an IsADirectoryError or UnicodeDecodeError
+    traceback (exit 1): one line naming the file (and line), exit 2."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(finished, run)
+    name, kind = damage.split(":")
+    if kind == "dir":
+        (run / name).unlink()
+        (run / name).mkdir()
+        expected = f"{run / name}: a directory where a file is expected"
+        if name.endswith(".jsonl"):
+            expected = f"{name}: cannot read {run / name} (Is a directory)"
+    else:
+        with open(run / name, "ab") as f:
+            f.write(b"caf\xe9\n")
+        expected = f"{name} line 3: invalid UTF-8 at byte 4"
+    capsys.readouterr()
+    assert cli.main(["-q", "analyze", str(run)]) == 2
+    assert _one_error(capsys, "analyze") == expected
+
+
+def test_analyze_of_a_directory_that_is_no_run_leaves_nothing(tmp_path, capsys):
+    """``jaxinf analyze DIR`` on a directory holding no run (neither run.json nor scores.npy) refused it, but left
+    its lock file ``.jaxinf.lock`` behind in that directory."""
+    (tmp_path / "data.csv").write_text("precious\n")
+    assert cli.main(["-q", "analyze", str(tmp_path)]) == 2
+    assert _one_error(capsys, "analyze") == f"scores.npy: missing (expected at {tmp_path / 'scores.npy'})"
+    assert sorted(os.listdir(tmp_path)) == ["data.csv"]
+
+
+def test_an_overwrite_refused_by_an_input_error_does_not_say_the_same_command_starts_it_over(
+    world, finished, tmp_path, capsys
+):
+    """The hostile pass's note on one ``--overwrite`` message: refused by an input error (a query longer than
+    ``data.max_length``), the warning gave a Python class name and said "the same command starts it over", which
+    the same command cannot (it is refused again). It now points at the error and says the old run is back."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(finished, run)
+    settings = {"data.batch_size": 8, "factors.fisher": "empirical", "data.max_length": 8}
+    assert cli.main(["-q", "run", *overrides(world, run, **settings), "--overwrite"]) == 2
+    err = capsys.readouterr().err
+    assert (
+        f"jaxinf: {run}: --overwrite stopped on the error below; the previous run is back as it was and the new " in err
+    )
+    assert "DataError" not in err and "starts it over" not in err
+    assert err.strip().splitlines()[-1].startswith("jaxinf run: error: ") and "more than data.max_length (8)" in err
+
+
+@pytest.mark.parametrize("value", ["nan", "inf"])
+def test_validate_refuses_a_non_finite_damping(tmp_path, capsys, value):
+    """``validate.dampings=[nan]`` was accepted and ``jaxinf validate`` ran to the end (exit 0) with a NaN damping
+    in its comparison, although ``scores.damping=nan`` is refused: the same rule, refused first, nothing written."""
+    out = tmp_path / "v"
+    assert cli.main(["-q", "validate", "--out", str(out), f"validate.dampings=[null, {value}]"]) == 2
+    assert _one_error(capsys, "validate") == (
+        "command line: validate.dampings: expected a non-empty list of null or finite non-negative numbers, "
+        f"got [None, {float(value)}]"
+    )
+    assert not out.exists()

@@ -13,8 +13,11 @@ def analyze_command(args) -> int:
     (:class:`jaxinf.run.lock.RunLock`) while it writes there, as ``jaxinf run`` does."""
     from jaxinf.run.lock import RunLock
 
-    # a conversion (--from-release) needs an absent or empty directory, so it is not locked before it is made
-    lock = RunLock(args.run_dir).acquire() if not args.from_release and Path(args.run_dir).is_dir() else None
+    # a conversion (--from-release) needs an absent or empty directory, so it is not locked before it is made; a
+    # directory with neither run.json nor scores.npy is refused unwritten (no lock file left in someone's folder)
+    root = Path(args.run_dir)
+    ours = root.is_dir() and any((root / name).exists() for name in ("run.json", "scores.npy"))
+    lock = RunLock(root).acquire() if not args.from_release and ours else None
     try:
         return _analyze(args)
     finally:

@@ -35,7 +35,7 @@ from jaxinf.analysis import findings as fnd
 from jaxinf.analysis import powerlaw as pl
 from jaxinf.analysis import sources as src
 from jaxinf.analysis.breakdowns import read_breakdowns, summarize_breakdowns
-from jaxinf.analysis.texts import TextSource, jsonl_text_source
+from jaxinf.analysis.texts import TextSource, corpus_changed, jsonl_text_source
 from jaxinf.run.exports.formats import (
     UNKNOWN,
     AnalysisError,
@@ -404,7 +404,10 @@ def _texts(run_dir, config, fetched, text_source, notes) -> tuple[dict[int, str]
                 started = read_run_cwd(run_dir)  # the run's own working directory, then the run's, then ours
                 cands = [p] if p.is_absolute() else [*([started / p] if started else []), run_dir / p, Path.cwd() / p]
                 found = next((c for c in cands if c.is_file()), None)
-                if found is not None and found.suffix in (".jsonl", ".json"):
+                changed = None if found is None else corpus_changed(found, run_dir, config.get("data") or {})
+                if changed is not None:
+                    notes.append(f"run.json: config.data.documents: {changed}; document texts unavailable")
+                elif found is not None and found.suffix in (".jsonl", ".json"):
                     source = jsonl_text_source(found)
                     origin = f"{found} (run.json config.data.documents)"
                 elif found is None:

@@ -44,3 +44,31 @@ def jsonl_text_source(path: Path) -> TextSource:
         return out
 
     return texts
+
+
+def corpus_changed(path: Path, run_dir: Path, data: Mapping) -> str | None:
+    """Why the corpus file ``path`` is not the one the run at ``run_dir`` scored, or None when it is.
+
+    The file is opened as the run opened it (``data``: run.json's ``config.data``) and its kept documents' digest
+    (:meth:`jaxinf.data.documents.JsonlDocuments.content_digest`) compared with run.json's
+    ``inputs.documents``; a run that recorded no content digest (a source read by name or listing) is not checked.
+    """
+    from jaxinf.data.errors import DataError
+    from jaxinf.data.sources import open_documents
+
+    try:
+        recorded = json.loads((Path(run_dir) / "run.json").read_text())["inputs"]["documents"]
+        count, digest = int(recorded["count"]), str(recorded["sha256"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if recorded.get("kind") in ("name", "stat"):
+        return None
+    fields = {k: data[k] for k in ("text_field", "id_field", "source_field", "dedupe") if isinstance(data.get(k), str)}
+    try:
+        now = open_documents(path, **fields)
+    except DataError as e:
+        return str(e)
+    content = getattr(now, "content_digest", None)
+    if content is None or (len(now), content()) == (count, digest):
+        return None
+    return f"{path}: its documents changed since the run scored them"

@@ -191,9 +191,10 @@ def check_values(config: Config, source: str) -> None:
         raise ConfigError(
             f"{source}: validate.index_ks: expected a list of positive integers or full, got {v.index_ks}"
         )
-    if not v.dampings or any(d is not None and d < 0 for d in v.dampings):
+    if not v.dampings or any(d is not None and not (math.isfinite(d) and d >= 0) for d in v.dampings):  # as damping
         raise ConfigError(
-            f"{source}: validate.dampings: expected a non-empty list of null or non-negative numbers, got {v.dampings}"
+            f"{source}: validate.dampings: expected a non-empty list of null or finite non-negative numbers, "
+            f"got {v.dampings}"
         )
     if not v.recall_k or any(k < 1 for k in v.recall_k):
         raise ConfigError(

@@ -40,6 +40,8 @@ class _InRunDirectory:
 
     def begin(self, start: int, total: int | None) -> None:
         self.total = total
+        if start == total and self.store.status(self.name) == "done":
+            return  # nothing to compute: a finished stage's record (its timing) stays as it is
         self.store.mark(self.name, "running", step=start, total=total, plan=self.key)
 
     def _saved(self, step: int) -> None:

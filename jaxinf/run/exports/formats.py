@@ -64,8 +64,16 @@ def iter_jsonl(path: Path) -> Iterator[tuple[int, dict]]:
     """
     path = Path(path)
     scan = _SCAN
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    try:
+        f = open(path, "rb")
+    except OSError as e:  # a directory where the file belongs, an unreadable file
+        raise AnalysisError(f"{path.name}: cannot read {path} ({e.strerror})") from None
+    with f:
+        for lineno, raw in enumerate(f, 1):
+            try:  # decoded line by line, so a damaged file is named with its line
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise AnalysisError(f"{path.name} line {lineno}: invalid UTF-8 at byte {e.start + 1}") from None
             try:
                 obj, end = scan(line, 0)
                 if type(obj) is not dict or line[end:].strip():
