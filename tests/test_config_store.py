@@ -1,6 +1,7 @@
 """Configs (YAML, overrides, validation) and the run store (Orbax steps, manifests, resume rules)."""
 
 import json
+import shutil
 from pathlib import Path
 
 import jax.numpy as jnp
@@ -186,3 +187,46 @@ def test_results_and_atomic_npy(tmp_path):
     atomic.save_npy(tmp_path / "s.npy", np.ones((2, 3), np.float32))
     assert np.load(tmp_path / "s.npy").shape == (2, 3)
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_score_chunks_resume_with_their_carry_only_where_it_was_saved_with_them(tmp_path):
+    """The scoring pass's tails are saved beside its newest chunk: a resumed pass starts from them where they were
+    saved at the batch the chunks end at; cut short (the chunk saved, the kill before its carry), corrupted, or of
+    other shapes, it starts from the fresh carry, and the chunks are kept either way."""
+    import types
+
+    from jaxinf.run.saved import SavedChunks
+
+    run = store.RunStore.open(_config(tmp_path))
+    plan = types.SimpleNamespace(process_count=1, batch_size=2, num_steps=6)
+    fresh = {"t": jnp.zeros(2)}
+
+    def rows(first):
+        return [({"scores": np.full((1, 2), float(first))}, {"index": np.array([first, first + 1])})]
+
+    saves = SavedChunks(run, "scores", plan, 2, ("scores",), carry=True)
+    assert saves.resume(fresh)[0] == 0
+    saves.begin(0, 6)
+    saves.save(2, {"t": jnp.array([1.0, 2.0])}, rows(0))
+    saves.save(4, {"t": jnp.array([3.0, 4.0])}, rows(2))
+    assert run.carry("scores").steps() == [4]  # the newest only
+
+    def resumed(like=fresh):
+        again = SavedChunks(run, "scores", plan, 2, ("scores",), carry=True)
+        start, carry = again.resume(like)
+        assert start == 4 and len(again.chunks) == 2
+        return np.asarray(carry["t"])
+
+    np.testing.assert_array_equal(resumed(), [3.0, 4.0])
+    np.testing.assert_array_equal(resumed({"t": jnp.zeros(3)}), [0.0, 0.0, 0.0])  # other shapes: afresh
+    victim = next(
+        p
+        for p in (tmp_path / "run/state/scores.carry/4").rglob("*")
+        if p.is_file() and p.stat().st_size > 100 and p.name != store.MANIFEST
+    )
+    data = bytearray(victim.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    victim.write_bytes(bytes(data))
+    np.testing.assert_array_equal(resumed(), [0.0, 0.0])  # corrupted: afresh
+    shutil.rmtree(tmp_path / "run/state/scores.carry/4")  # the kill between the chunk and its carry
+    np.testing.assert_array_equal(resumed(), [0.0, 0.0])
