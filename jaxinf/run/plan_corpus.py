@@ -125,9 +125,6 @@ def format_corpus(c: dict, config) -> str:
 def command(config, meshes: list[tuple[int, int]], compile: bool, json_out: str | None, chip=None) -> int:
     """``jaxinf plan --corpus``: :func:`jaxinf.run.plan_report.command` with the corpus counted and the time estimate made for
     it."""
-    import json
-    from pathlib import Path
-
     from jaxinf.run import plan, plan_report
 
     corpus, timed = corpus_plan(config)
@@ -141,9 +138,4 @@ def command(config, meshes: list[tuple[int, int]], compile: bool, json_out: str 
         f"included) as {timed.plan.documents:,} rows of {timed.plan.tokens_per_document} tokens, in place of "
         "plan.documents and plan.tokens_per_document"
     )
-    if json_out:
-        Path(json_out).write_text(json.dumps(result, indent=1) + "\n")
-    problems = plan_report.check_fit(result, config.plan.device_memory_gib)
-    for p in problems:
-        print(f"jaxinf plan: does not fit: {p}")
-    return 1 if problems else 0
+    return plan_report.finish(result, config, json_out)

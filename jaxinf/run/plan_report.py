@@ -162,6 +162,12 @@ def command(config, meshes: list[tuple[int, int]] | None, compile: bool, json_ou
     meshes = meshes or [(config.mesh.data, config.mesh.model)]
     result = plan(config, meshes, compile=compile, chip=chip)
     print(format_plan(result, config))
+    return finish(result, config, json_out)
+
+
+def finish(result: dict, config, json_out: str | None) -> int:
+    """The end of every ``jaxinf plan``: the plan written as JSON (``--json``), each step that does not fit
+    ``plan.device_memory_gib`` named, and the exit code (1 when one does not fit)."""
     if json_out:
         Path(json_out).write_text(json.dumps(result, indent=1) + "\n")
     problems = check_fit(result, config.plan.device_memory_gib)
