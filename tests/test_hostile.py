@@ -1,4 +1,4 @@
-"""The second hostile pass of issue 25: cases that gave a traceback, lost data or said something misleading, each
+"""The hostile passes of issue 25: cases that gave a traceback, lost data or said something misleading, each
 through the command line as the user met it."""
 
 from __future__ import annotations
@@ -434,4 +434,24 @@ def test_validate_refuses_a_non_finite_damping(tmp_path, capsys, value):
         "command line: validate.dampings: expected a non-empty list of null or finite non-negative numbers, "
         f"got [None, {float(value)}]"
     )
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    "settings, key",
+    [
+        (["validate.builtin_documents=1"], "validate.builtin_documents"),
+        (["validate.fraction=0.01"], "validate.fraction"),
+        (["validate.batch_size=100"], "validate.batch_size"),
+    ],
+)
+def test_validate_names_the_key_that_made_a_subset_smaller_than_a_batch(tmp_path, capsys, settings, key):
+    """A third-pass leftover: ``validate.builtin_documents=1`` was refused as ``validate.batch_size: 16 is more than
+    the 0 documents of a subset``, naming a key the user never set. The line now leads with the key that differs
+    from its default and names the others that decide a subset's size; nothing is written."""
+    out = tmp_path / "v"
+    assert cli.main(["-q", "validate", "--out", str(out), *settings]) == 2
+    line = _one_error(capsys, "validate")
+    assert line.startswith(f"{key}: a subset holds "), line
+    assert "validate.fraction=" in line and "validate.batch_size=" in line and "validate.builtin_documents=" in line
     assert not out.exists()

@@ -207,6 +207,24 @@ def _load_params(path: Path, like):
         return jax.tree_util.tree_map_with_path(lambda p, x: jnp.asarray(z[jax.tree_util.keystr(p)], x.dtype), like)
 
 
+def subset_too_small(config: cfg.Config, n: int) -> str:
+    """The error of a subset (``validate.fraction`` of the ``n`` documents) smaller than one minibatch
+    (``validate.batch_size``), led by the key the user changed from its default, of the three that decide it."""
+    v, default = config.validate, cfg.Config().validate
+    builtin = config.model.checkpoint is None
+    names = (["builtin_documents"] if builtin else []) + ["fraction", "batch_size"]
+    lead = next((k for k in names if getattr(v, k) != getattr(default, k)), "batch_size")
+    corpus = (
+        f"validate.builtin_documents={v.builtin_documents}" if builtin else f"data.documents {config.data.documents}"
+    )
+    return (
+        f"validate.{lead}: a subset holds {int(round(v.fraction * n))} of the {n} documents ({corpus}, "
+        f"validate.fraction={v.fraction:g}), fewer than validate.batch_size={v.batch_size}; raise "
+        + ("validate.builtin_documents or " if builtin else "")
+        + "validate.fraction, or lower validate.batch_size"
+    )
+
+
 def validate(config: cfg.Config, out: str | Path) -> dict:
     """Runs (or resumes) the whole validation; returns what it writes to ``DIR/validation.json``.
 
@@ -218,11 +236,8 @@ def validate(config: cfg.Config, out: str | Path) -> dict:
     out = Path(out)
     rundir.check_output(out, "validate")  # the output-directory rule of jaxinf run's (nothing written if refused)
     world = load_world(config)
-    N = world.num_documents
-    if int(round(v.fraction * N)) < v.batch_size:
-        raise ValidationError(
-            f"validate.batch_size: {v.batch_size} is more than the {int(round(v.fraction * N))} documents of a subset"
-        )
+    if int(round(v.fraction * world.num_documents)) < v.batch_size:
+        raise ValidationError(subset_too_small(config, world.num_documents))
     lock = claim_output(out, "validate")  # one process at a time, as a run directory
     try:
         return _validate(config, out, world, t_start)
