@@ -387,7 +387,7 @@ def run(config: cfg.Config, overwrite: bool = False, executor: Executor | None =
     content changed since the run started are refused or invalidate the stages depending on them
     (:mod:`jaxinf.run.fingerprint`).
     """
-    model_config = checks.before_devices(config)  # the start-up checks, in order: jaxinf.run.checks
+    model_config, queries = checks.before_devices(config)  # the start-up checks, in order: jaxinf.run.checks
     initialize(config.mesh)  # before anything touches a device
     check_agreement(cfg.to_dict(config))  # every process runs the same config
     precision.enable(config.run.precision)  # float64 arrays, before the model is loaded (jaxinf.engine.precision)
@@ -399,7 +399,7 @@ def run(config: cfg.Config, overwrite: bool = False, executor: Executor | None =
         checks.before_the_run_directory(config, executor, model_config, layouts=made)
         lock, aside = _claim(config, overwrite)
         try:
-            return _run_locked(config, executor, aside)
+            return _run_locked(config, executor, aside, queries)
         finally:
             if lock is not None:
                 lock.release()
@@ -424,7 +424,7 @@ def _claim(config: cfg.Config, overwrite: bool) -> tuple[RunLock | None, rundir.
         raise
 
 
-def _run_locked(config: cfg.Config, executor: Executor, claimed: rundir.Aside | rundir.Fresh | None) -> Path:
+def _run_locked(config: cfg.Config, executor: Executor, claimed: rundir.Aside | rundir.Fresh | None, queries) -> Path:
     store = None
     aside = claimed if isinstance(claimed, rundir.Aside) else None  # --overwrite: back on any failure (BaseException)
     try:
@@ -438,7 +438,7 @@ def _run_locked(config: cfg.Config, executor: Executor, claimed: rundir.Aside | 
             )
             assert config.model.checkpoint is not None and config.data.queries is not None  # run's check_inputs
             model_fp = fingerprint.check_model(store, config.model.checkpoint)
-            inputs = load_inputs(config, store, executor)
+            inputs = load_inputs(config, store, executor, queries)
             fingerprint.check_unchanged(model_fp, config.model.checkpoint)
             fingerprint.reconcile(
                 store,

@@ -14,11 +14,12 @@ from jaxinf import cli
 from jaxinf.demo import train
 
 
-def _one_error(capsys, command: str) -> str:
+def _one_error(capsys, command: str, alone: bool = False) -> str:
     err = capsys.readouterr().err
     assert "Traceback" not in err, err
     lines = [line for line in err.splitlines() if line.startswith(f"jaxinf {command}: error: ")]
     assert len(lines) == 1, err
+    assert not alone or err.strip() == lines[0], err
     return lines[0][len(f"jaxinf {command}: error: ") :]
 
 
@@ -407,21 +408,43 @@ def test_analyze_of_a_directory_that_is_no_run_leaves_nothing(tmp_path, capsys):
 def test_an_overwrite_refused_by_an_input_error_does_not_say_the_same_command_starts_it_over(
     world, finished, tmp_path, capsys
 ):
-    """The hostile pass's note on one ``--overwrite`` message: refused by an input error (a query longer than
-    ``data.max_length``), the warning gave a Python class name and said "the same command starts it over", which
-    the same command cannot (it is refused again). It now points at the error and says the old run is back."""
+    """The hostile pass's note on one ``--overwrite`` message: refused by an input error met after the old run was
+    set aside (a corpus whose ids repeat), the warning gave a Python class name and said "the same command starts it
+    over", which the same command cannot (it is refused again). It now points at the error and says the old run is
+    back."""
     import shutil
 
     run = tmp_path / "run"
     shutil.copytree(finished, run)
-    settings = {"data.batch_size": 8, "factors.fisher": "empirical", "data.max_length": 8}
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text(world["docs"].read_text() + world["docs"].read_text().splitlines()[0] + "\n")
+    settings = {"data.batch_size": 8, "factors.fisher": "empirical", "data.documents": docs}
     assert cli.main(["-q", "run", *overrides(world, run, **settings), "--overwrite"]) == 2
     err = capsys.readouterr().err
     assert (
         f"jaxinf: {run}: --overwrite stopped on the error below; the previous run is back as it was and the new " in err
     )
     assert "DataError" not in err and "starts it over" not in err
-    assert err.strip().splitlines()[-1].startswith("jaxinf run: error: ") and "more than data.max_length (8)" in err
+    assert err.strip().splitlines()[-1].startswith("jaxinf run: error: ") and "doc00000" in err
+
+
+def test_an_overwrite_with_a_query_too_long_is_refused_before_the_old_run_is_set_aside(
+    world, finished, tmp_path, capsys
+):
+    """A third-pass leftover: docs/data.md says every query is tokenized and checked before ``--overwrite`` sets the
+    old run aside, but the check ran after (the old run was moved into .jaxinf-previous/ and back). It now runs with
+    the other start-up checks: one line, the old run's directory never touched (same entries, same inodes)."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(finished, run)
+    before = {p: p.stat().st_ino for p in sorted(run.rglob("*"))}
+    settings = {"data.batch_size": 8, "factors.fisher": "empirical", "data.max_length": 8}
+    assert cli.main(["-q", "run", *overrides(world, run, **settings), "--overwrite"]) == 2
+    line = _one_error(capsys, "run", alone=True)  # the only line: no --overwrite warning, the run was never set aside
+    assert line.endswith("more than data.max_length (8)") and "queries.jsonl:1: " in line, line
+    assert {p: p.stat().st_ino for p in sorted(run.rglob("*"))} == before
+    assert not (run / ".jaxinf-previous").exists()
 
 
 @pytest.mark.parametrize("value", ["nan", "inf"])

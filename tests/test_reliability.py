@@ -602,13 +602,16 @@ def test_a_run_record_carries_the_marker(base):
 
 
 def test_an_input_error_after_the_lock_leaves_nothing_behind(base, tmp_path):
-    """Issue 25, case 12: an error found once the run directory was locked (here a query too long for
-    data.max_length) removes what the start wrote: a new directory is gone, an empty one is empty again."""
-    r = jaxinf(args(run__out=tmp_path / "new", data__max_length=8), base["env"], cwd=base["root"])
-    assert r.returncode == 2 and "more than data.max_length (8)" in error_line(r)
+    """Issue 25, case 12: an error found once the run directory was locked (here a corpus whose ids repeat, found
+    when it is opened) removes what the start wrote: a new directory is gone, an empty one is empty again."""
+    docs = tmp_path / "docs.jsonl"
+    text = (base["root"] / "docs.jsonl").read_text()
+    docs.write_text(text + text.splitlines()[0] + "\n")
+    r = jaxinf(args(run__out=tmp_path / "new", data__documents=docs), base["env"], cwd=base["root"])
+    assert r.returncode == 2 and "doc00000" in error_line(r)
     assert not (tmp_path / "new").exists()
     (tmp_path / "empty").mkdir()
-    r = jaxinf(args(run__out=tmp_path / "empty", data__max_length=8), base["env"], cwd=base["root"])
+    r = jaxinf(args(run__out=tmp_path / "empty", data__documents=docs), base["env"], cwd=base["root"])
     assert r.returncode == 2 and list((tmp_path / "empty").iterdir()) == []
 
 

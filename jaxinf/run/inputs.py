@@ -235,9 +235,13 @@ def buckets(max_length: int) -> tuple[int, ...]:
     return bucket_lengths(max_length, smallest=max(16, min(64, max_length // 8)))
 
 
-def load_inputs(config: cfg.Config, store: RunStore, executor: Executor | None = None) -> Inputs:
+def load_inputs(
+    config: cfg.Config, store: RunStore, executor: Executor | None = None, queries: list[Query] | None = None
+) -> Inputs:
     """Model (each parameter placed by the executor as it is read), tokenizer, tracked layers, documents with
-    their plans (one slice of the corpus per group of processes on the ``data`` axis), and queries."""
+    their plans (one slice of the corpus per group of processes on the ``data`` axis), and queries (``queries``:
+    those :func:`read_checked_queries` read and checked before the run directory was touched; else read and
+    checked here)."""
     from jaxinf import models
     from jaxinf.data.batching import make_batch_plan
     from jaxinf.data.queries import read_queries
@@ -311,10 +315,24 @@ def load_inputs(config: cfg.Config, store: RunStore, executor: Executor | None =
     n_fit = len(lengths) if config.factors.max_documents is None else min(config.factors.max_documents, len(lengths))
     fit_documents = documents if n_fit == len(lengths) else Subset(documents, range(n_fit))
     fit_plan = plan if n_fit == len(lengths) else make_batch_plan(lengths[:n_fit], **plan_args)
-    queries = read_queries(config.data.queries)
+    if queries is None:
+        queries = read_queries(config.data.queries)
+        check_queries(queries, encoder, config)
     log.info("queries: %d from %s", len(queries), config.data.queries)
-    check_queries(queries, encoder, config)
     return Inputs(lm, task, layers, encoder, documents, lengths, plan, fit_plan, fit_documents, queries)
+
+
+def read_checked_queries(config: cfg.Config, vocab_size: int) -> list[Query]:
+    """``data.queries`` read, tokenized with the checkpoint's tokenizer and checked (:func:`check_queries`) before
+    the run directory is touched: a bad query is refused before an ``--overwrite`` sets the old run aside."""
+    from jaxinf import models
+    from jaxinf.data.queries import read_queries
+    from jaxinf.data.tokenize import TextEncoder
+
+    assert config.model.checkpoint is not None and config.data.queries is not None  # see check_inputs
+    queries = read_queries(config.data.queries)
+    check_queries(queries, TextEncoder(models.load_tokenizer(config.model.checkpoint, vocab_size)), config)
+    return queries
 
 
 def check_queries(queries, encoder, config: cfg.Config) -> None:
