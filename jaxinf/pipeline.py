@@ -299,7 +299,8 @@ def scores_stage(config: cfg.Config, store: RunStore, inputs: Inputs, qg, curv, 
     else:  # each query's top rows kept with their breakdowns as the pass goes (jaxinf.engine.tails)
         program = programs.scores(config, inputs.task, inputs.layers, tails=inputs.plan.num_documents)
         tails = executor.jit(
-            lambda: programs.tails_init(config, inputs.layers, qg.num_queries), out_shardings=executor.replicated()
+            lambda: programs.tails_init(config, inputs.layers, qg.num_queries, inputs.plan.num_documents),
+            out_shardings=executor.replicated(),
         )()
         score_fn = program.jit(executor)
 

@@ -478,3 +478,34 @@ def test_validate_names_the_key_that_made_a_subset_smaller_than_a_batch(tmp_path
     assert line.startswith(f"{key}: a subset holds "), line
     assert "validate.fraction=" in line and "validate.batch_size=" in line and "validate.builtin_documents=" in line
     assert not out.exists()
+
+
+def test_a_topk_above_the_number_of_documents_lists_every_document(world, finished, tmp_path, capsys):
+    """``scores.topk=1000000000`` on a corpus of 8 documents sized the scoring pass's running top (``[Q, K, T]``
+    per-token arrays) by ``scores.topk``: a 384 GB allocation traceback after the curvature was fitted (and an
+    abort from XLA for a topk near 2**63). The running top keeps at most every document, as the exports do: the run
+    finishes with every document in each query's top and bottom, and its scores are those of the finished run."""
+    import numpy as np
+
+    out = tmp_path / "run"
+    settings = {"data.batch_size": 8, "factors.fisher": "empirical", "scores.topk": 10**9}
+    assert cli.main(["-q", "run", *overrides(world, out, **settings)]) == 0
+    assert "Traceback" not in capsys.readouterr().err
+    for line in (out / "topk.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        assert len(record["top"]) == len(record["bottom"]) == 8
+    np.testing.assert_array_equal(np.load(out / "scores.npy"), np.load(finished / "scores.npy"))
+
+
+def test_a_topk_beyond_int32_indices_is_refused_in_one_line(world, tmp_path, capsys):
+    """``jaxinf plan`` with ``plan.documents=10**12 scores.topk=10**11`` was a ``lax.top_k`` traceback (int32
+    indices); ``scores.topk`` is bounded like every other key, for every command."""
+    from jaxinf.config import reading
+
+    config = tmp_path / "c.yaml"
+    config.write_text(f"model:\n  checkpoint: {world['model']}\n")
+    assert cli.main(["-q", "plan", str(config), "scores.topk=100000000000", "plan.documents=1000000000000"]) == 2
+    assert _one_error(capsys, "plan") == (
+        f"command line: scores.topk: must be at most {reading.MAX_TOPK:,} (the documents listed per query), "
+        "got 100000000000"
+    )

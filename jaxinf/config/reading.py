@@ -120,6 +120,9 @@ def from_dict(raw: dict, source: str = "config") -> Config:
     return config
 
 
+MAX_TOPK = 2**30  # scores.topk: a top of K + B rows must stay within the int32 indices of lax.top_k
+
+
 def check_values(config: Config, source: str) -> None:
     positive = [
         ("data", "max_length"),
@@ -151,6 +154,11 @@ def check_values(config: Config, source: str) -> None:
         value = getattr(getattr(config, section), name)
         if value is not None and value < 1:
             raise ConfigError(f"{source}: {section}.{name}: must be at least 1, got {value}")
+    if config.scores.topk > MAX_TOPK:  # the running top's top_k over K + B rows indexes them with int32
+        raise ConfigError(
+            f"{source}: scores.topk: must be at most {MAX_TOPK:,} (the documents listed per query), "
+            f"got {config.scores.topk}"
+        )
     if config.data.max_length < 2:  # one token has no next token: no loss, all-zero S and Lambda, zero scores
         raise ConfigError(
             f"{source}: data.max_length: must be at least 2 (a document needs two tokens for one "

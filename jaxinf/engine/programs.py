@@ -141,7 +141,7 @@ def scores(
         damping_value=config.scores.damping if want_self else None,
         dtype=_dtype(config),
         precision=config.run.matmul_precision,
-        tails_of=None if tails is None else (tails, config.scores.topk),
+        tails_of=None if tails is None else (tails, tail_slots(config, tails)),
     )
     rows = {"scores": (2, True), "loss": (1, False), **({"self": (1, False)} if want_self else {})}
     if tails is not None:
@@ -151,11 +151,19 @@ def scores(
     return Program("scores", step, ("params", "queries", "curv", "batch"), rows=rows)
 
 
-def tails_init(config, layers: Mapping[str, LayerSpec], queries: int):
-    """The zero :class:`~jaxinf.engine.tails.Tails` of the scoring pass: ``scores.topk`` slots for each of ``queries``
-    queries, rows of ``data.max_length`` tokens, in the statistics dtype."""
+def tail_slots(config, documents: int) -> int:
+    """The rows a query's running top keeps in a pass over ``documents`` documents: ``scores.topk``, or fewer when
+    there are fewer documents (the exports' top holds at most every document; a larger ``scores.topk`` must not
+    size the tails, whose ``[Q, K, T]`` arrays would not fit any memory)."""
+    return max(1, min(config.scores.topk, documents))
+
+
+def tails_init(config, layers: Mapping[str, LayerSpec], queries: int, documents: int):
+    """The zero :class:`~jaxinf.engine.tails.Tails` of the scoring pass over ``documents`` documents
+    (:func:`tail_slots` slots for each of ``queries`` queries), rows of ``data.max_length`` tokens, in the statistics
+    dtype."""
     return running_tails.init(
-        queries, config.scores.topk, len(scoring.layer_order(layers)), config.data.max_length, _dtype(config)
+        queries, tail_slots(config, documents), len(scoring.layer_order(layers)), config.data.max_length, _dtype(config)
     )
 
 

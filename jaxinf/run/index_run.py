@@ -365,7 +365,8 @@ def exact_scores(config: cfg.Config, inputs: Inputs, qg, wanted: list[int], exec
     subset, batches = inputs.subset_batches(config, wanted, executor)
     score = programs.scores(config, inputs.task, inputs.layers, self_influence=False, tails=len(wanted)).jit(executor)
     tails = executor.jit(
-        lambda: programs.tails_init(config, inputs.layers, qg.num_queries), out_shardings=executor.replicated()
+        lambda: programs.tails_init(config, inputs.layers, qg.num_queries, len(wanted)),
+        out_shardings=executor.replicated(),
     )()
 
     def step(carry, batch, i):

@@ -325,7 +325,7 @@ def abstract_arguments(config, mesh, lm, layers, shapes: dict, global_batch: int
         "key": jax.eval_shape(lambda: jax.random.key(0)) if config.factors.fisher == "sampled" else None,
         "tails": jax.tree.map(
             lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
-            jax.eval_shape(lambda: programs.tails_init(config, layers, Q)),
+            jax.eval_shape(lambda: programs.tails_init(config, layers, Q, config.plan.documents)),
         ),
     }
 
