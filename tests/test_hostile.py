@@ -7,6 +7,7 @@ import json
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 from pipeline_support import make_world, overrides
 
@@ -485,7 +486,6 @@ def test_a_topk_above_the_number_of_documents_lists_every_document(world, finish
     per-token arrays) by ``scores.topk``: a 384 GB allocation traceback after the curvature was fitted (and an
     abort from XLA for a topk near 2**63). The running top keeps at most every document, as the exports do: the run
     finishes with every document in each query's top and bottom, and its scores are those of the finished run."""
-    import numpy as np
 
     out = tmp_path / "run"
     settings = {"data.batch_size": 8, "factors.fisher": "empirical", "scores.topk": 10**9}
@@ -509,3 +509,41 @@ def test_a_topk_beyond_int32_indices_is_refused_in_one_line(world, tmp_path, cap
         f"command line: scores.topk: must be at most {reading.MAX_TOPK:,} (the documents listed per query), "
         "got 100000000000"
     )
+
+
+@pytest.mark.parametrize(
+    "command, setting, message",
+    [
+        (
+            "run",
+            "factors.seed=99999999999999999999999",
+            "factors.seed: must be a 64-bit integer (from -2**63 to 2**63 - 1)",
+        ),
+        ("validate", "validate.seed=-1", "validate.seed: must be an integer from 0 to 2**32 - 1"),
+    ],
+)
+def test_a_seed_out_of_range_is_refused_first(world, tmp_path, capsys, command, setting, message):
+    """``factors.seed=99999999999999999999999`` created the run directory and died in ``jax.random.key`` with an
+    ``OverflowError`` traceback; ``validate.seed=-1`` trained the full model and then died in numpy's generator
+    (``expected non-negative integer``). Both are refused in one line before anything is written."""
+    out = tmp_path / "out"
+    argv = [*overrides(world, out), setting] if command == "run" else ["--out", str(out), setting]
+    assert cli.main(["-q", command, *argv]) == 2
+    assert _one_error(capsys, command).startswith(f"command line: {message}, got ")
+    assert not out.exists()
+
+
+def test_a_query_batch_larger_than_the_queries_holds_only_the_queries(world, tmp_path, capsys):
+    """``data.query_batch_size=10**20`` was a ``ValueError: Maximum allowed dimension exceeded`` traceback (the query
+    batch was padded to that many rows; 1000 would have computed 998 padding rows' gradients for 2 queries): a
+    query batch never holds more rows than there are queries."""
+    from jaxinf.data.queries import query_batches
+    from jaxinf.data.tokenize import EncodedQuery
+
+    encoded = [EncodedQuery(np.arange(5, dtype=np.int32), 2), EncodedQuery(np.arange(4, dtype=np.int32), 3)]
+    (batch,) = query_batches(encoded, batch_size=10**20, max_length=48)
+    assert batch["tokens"].shape[0] == 2 and list(batch["index"]) == [0, 1]
+    out = tmp_path / "run"
+    settings = {"data.batch_size": 8, "factors.fisher": "empirical", "data.query_batch_size": 10**20}
+    assert cli.main(["-q", "run", *overrides(world, out, **settings)]) == 0
+    assert "Traceback" not in capsys.readouterr().err and (out / "scores.npy").exists()

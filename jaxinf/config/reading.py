@@ -154,6 +154,14 @@ def check_values(config: Config, source: str) -> None:
         value = getattr(getattr(config, section), name)
         if value is not None and value < 1:
             raise ConfigError(f"{source}: {section}.{name}: must be at least 1, got {value}")
+    if not -(2**63) <= config.factors.seed < 2**63:  # jax.random.key takes a 64-bit integer
+        raise ConfigError(
+            f"{source}: factors.seed: must be a 64-bit integer (from -2**63 to 2**63 - 1), got {config.factors.seed}"
+        )
+    if not 0 <= config.validate.seed < 2**32:  # numpy's generators take no negative seed; jax keys derive from it
+        raise ConfigError(
+            f"{source}: validate.seed: must be an integer from 0 to 2**32 - 1, got {config.validate.seed}"
+        )
     if config.scores.topk > MAX_TOPK:  # the running top's top_k over K + B rows indexes them with int32
         raise ConfigError(
             f"{source}: scores.topk: must be at most {MAX_TOPK:,} (the documents listed per query), "

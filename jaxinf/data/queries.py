@@ -260,8 +260,9 @@ def query_batches(
 ) -> list[Batch]:
     """Query batches in query order, all of one shape ``[B, T]`` (one compilation).
 
-    ``B`` is ``batch_size`` (default: all queries in one batch); the last batch
-    is filled with padding rows (mask 0, ``index`` -1). ``T`` is the smallest
+    ``B`` is ``batch_size``, or the number of queries when that is fewer (a batch
+    never holds only padding rows; default: all queries in one batch); the last
+    batch is filled with padding rows (mask 0, ``index`` -1). ``T`` is the smallest
     bucket length of ``max_length`` that holds the longest query (default: the
     longest query). Keys: ``tokens``, ``mask``, ``weights`` (1 exactly at the
     completion tokens) and ``index`` (the query's row, -1 for padding).
@@ -273,7 +274,7 @@ def query_batches(
     if longest > buckets[-1]:
         raise DataError(f"data.max_length: a query has {longest} tokens, more than {buckets[-1]}")
     T = next(b for b in buckets if b >= longest)
-    B = batch_size or len(encoded)
+    B = min(batch_size or len(encoded), len(encoded))
     out = []
     for lo in range(0, len(encoded), B):
         batch = {

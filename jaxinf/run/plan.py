@@ -209,7 +209,7 @@ def largest_layers(config, layers, rows: int, model: int) -> dict[str, tuple[str
                 rows=rows,
                 tokens=config.data.max_length,
                 queries=config.plan.queries,
-                query_batch=config.data.query_batch_size,
+                query_batch=min(config.data.query_batch_size, config.plan.queries),
                 rank=config.scores.query_rank,
                 model=model,
             )
@@ -268,7 +268,7 @@ def _cost(compiled) -> tuple[float, float]:
 def abstract_arguments(config, mesh, lm, layers, shapes: dict, global_batch: int) -> dict[str, Any]:
     """Every argument a stage's program takes (:data:`jaxinf.engine.programs.ARGUMENTS`), abstract (shapes, dtypes and the
     shardings the run gives them on ``mesh``; ``shapes``: :func:`stage_shapes`): a batch of ``global_batch`` rows of ``data.max_length`` tokens, a
-    query batch of ``data.query_batch_size``, ``plan.queries`` preconditioned query gradients. ``state`` is
+    query batch of ``data.query_batch_size`` (at most ``plan.queries``), ``plan.queries`` preconditioned query gradients. ``state`` is
     per program (its stage's) and filled in by :func:`step_programs`."""
     import jax
     import jax.numpy as jnp
@@ -292,7 +292,9 @@ def abstract_arguments(config, mesh, lm, layers, shapes: dict, global_batch: int
     }
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     qbatch = {
-        k: jax.ShapeDtypeStruct((config.data.query_batch_size, T), v.dtype, sharding=replicated)
+        k: jax.ShapeDtypeStruct(
+            (min(config.data.query_batch_size, config.plan.queries), T), v.dtype, sharding=replicated
+        )
         for k, v in batch.items()
     }
     batch.update({k: jax.ShapeDtypeStruct((global_batch,), jnp.int32, sharding=rows_sh) for k in ("index", "chunk")})
