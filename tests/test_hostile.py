@@ -547,3 +547,26 @@ def test_a_query_batch_larger_than_the_queries_holds_only_the_queries(world, tmp
     settings = {"data.batch_size": 8, "factors.fisher": "empirical", "data.query_batch_size": 10**20}
     assert cli.main(["-q", "run", *overrides(world, out, **settings)]) == 0
     assert "Traceback" not in capsys.readouterr().err and (out / "scores.npy").exists()
+
+
+def test_validate_bootstrap_is_bounded_and_its_memory_flat(tmp_path, capsys, monkeypatch):
+    """``validate.bootstrap=99999999999999999999`` retrained every model and then died in numpy (``Maximum allowed
+    dimension exceeded``), and a large count formed ``resamples x queries x subsets`` arrays at once (1e6 resamples
+    of 24 queries and 32 subsets: tens of GB). It is refused first above 10**6, and the resamples are ranked a chunk
+    at a time, giving the same interval."""
+    from jaxinf.validate import lds
+
+    out = tmp_path / "v"
+    quick = ["validate.steps=2", "validate.subsets=2", "validate.seeds=1", "validate.builtin_documents=32"]
+    quick += ["validate.batch_size=4", "validate.strategies=[identity]"]
+    assert cli.main(["-q", "validate", "--out", str(out), *quick, "validate.bootstrap=99999999999999999999"]) == 2
+    assert _one_error(capsys, "validate") == (
+        "command line: validate.bootstrap: must be at most 1,000,000 (resamples of a 95% interval), "
+        "got 99999999999999999999"
+    )
+    assert not out.exists()
+    rng = np.random.default_rng(0)
+    predicted, actual = rng.normal(size=(16, 3)), rng.normal(size=(16, 3))
+    whole = lds.bootstrap_ci95(predicted, actual, 200, 7)
+    monkeypatch.setattr(lds, "BOOTSTRAP_CHUNK", 5 * predicted.size)  # 5 resamples at a time
+    assert lds.bootstrap_ci95(predicted, actual, 200, 7) == whole

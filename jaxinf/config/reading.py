@@ -120,6 +120,7 @@ def from_dict(raw: dict, source: str = "config") -> Config:
     return config
 
 
+MAX_BOOTSTRAP = 10**6  # validate.bootstrap: far more than a 95% interval needs, its draws within memory
 MAX_TOPK = 2**30  # scores.topk: a top of K + B rows must stay within the int32 indices of lax.top_k
 
 
@@ -161,6 +162,11 @@ def check_values(config: Config, source: str) -> None:
     if not 0 <= config.validate.seed < 2**32:  # numpy's generators take no negative seed; jax keys derive from it
         raise ConfigError(
             f"{source}: validate.seed: must be an integer from 0 to 2**32 - 1, got {config.validate.seed}"
+        )
+    if config.validate.bootstrap > MAX_BOOTSTRAP:  # its resampled subsets are drawn at once: 8 x subsets bytes each
+        raise ConfigError(
+            f"{source}: validate.bootstrap: must be at most {MAX_BOOTSTRAP:,} (resamples of a 95% interval), "
+            f"got {config.validate.bootstrap}"
         )
     if config.scores.topk > MAX_TOPK:  # the running top's top_k over K + B rows indexes them with int32
         raise ConfigError(

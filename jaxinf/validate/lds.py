@@ -52,6 +52,21 @@ def mean_ci95(values: np.ndarray) -> tuple[float, tuple[float, float]]:
     return mean, (mean - half, mean + half)
 
 
+BOOTSTRAP_CHUNK = 2**22
+"""Elements (resamples x queries x subsets) of the rank arrays :func:`bootstrap_ci95` forms at a time."""
+
+
+def _resampled_lds(predicted: np.ndarray, actual: np.ndarray, idx: np.ndarray) -> np.ndarray:
+    """The LDS of each resample ``idx`` ``[B, M]`` whose value is defined for some query (:func:`bootstrap_ci95`)."""
+    rp, ra = rankdata(np.moveaxis(predicted[idx], 1, -1)), rankdata(np.moveaxis(actual[idx], 1, -1))  # [B, Q, M]
+    rp, ra = rp - rp.mean(-1, keepdims=True), ra - ra.mean(-1, keepdims=True)
+    denom = np.sqrt((rp**2).sum(-1) * (ra**2).sum(-1))
+    rho = np.where(denom > 0, (rp * ra).sum(-1) / np.where(denom > 0, denom, 1.0), np.nan)  # [B, Q]
+    defined = np.isfinite(rho)
+    per_resample = np.where(defined, rho, 0.0).sum(-1) / np.maximum(defined.sum(-1), 1)
+    return per_resample[defined.any(-1)]
+
+
 def bootstrap_ci95(
     predicted: np.ndarray, actual: np.ndarray, resamples: int, seed: int
 ) -> tuple[tuple[float, float], int]:
@@ -66,13 +81,8 @@ def bootstrap_ci95(
     """
     predicted, actual = np.asarray(predicted, float), np.asarray(actual, float)
     idx = np.random.default_rng(seed).integers(0, predicted.shape[0], (resamples, predicted.shape[0]))
-    rp, ra = rankdata(np.moveaxis(predicted[idx], 1, -1)), rankdata(np.moveaxis(actual[idx], 1, -1))  # [B, Q, M]
-    rp, ra = rp - rp.mean(-1, keepdims=True), ra - ra.mean(-1, keepdims=True)
-    denom = np.sqrt((rp**2).sum(-1) * (ra**2).sum(-1))
-    rho = np.where(denom > 0, (rp * ra).sum(-1) / np.where(denom > 0, denom, 1.0), np.nan)  # [B, Q]
-    defined = np.isfinite(rho)
-    per_resample = np.where(defined, rho, 0.0).sum(-1) / np.maximum(defined.sum(-1), 1)
-    kept = per_resample[defined.any(-1)]
+    step = max(1, BOOTSTRAP_CHUNK // max(predicted.size, 1))  # resamples at a time: memory flat in ``resamples``
+    kept = np.concatenate([_resampled_lds(predicted, actual, idx[lo : lo + step]) for lo in range(0, resamples, step)])
     if kept.size == 0:
         return (float("nan"), float("nan")), resamples
     lo, hi = np.percentile(kept, [2.5, 97.5])
