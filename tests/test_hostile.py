@@ -570,3 +570,42 @@ def test_validate_bootstrap_is_bounded_and_its_memory_flat(tmp_path, capsys, mon
     whole = lds.bootstrap_ci95(predicted, actual, 200, 7)
     monkeypatch.setattr(lds, "BOOTSTRAP_CHUNK", 5 * predicted.size)  # 5 resamples at a time
     assert lds.bootstrap_ci95(predicted, actual, 200, 7) == whole
+
+
+@pytest.mark.parametrize(
+    "splits, train, message",
+    [
+        (5, False, "dataset_dict.json: not a datasets DatasetDict file (its splits are not a list of names: 5)"),
+        (
+            "train",
+            False,
+            'dataset_dict.json: not a datasets DatasetDict file (its splits are not a list of names: "train")',
+        ),
+        (
+            ["train"],
+            False,
+            "train: the split train of {d}/dataset_dict.json is not a datasets save_to_disk directory "
+            "(no such directory)",
+        ),
+        (
+            ["train"],
+            True,
+            "train: the split train of {d}/dataset_dict.json is not a datasets save_to_disk directory "
+            "(no state.json in it)",
+        ),
+    ],
+)
+def test_a_damaged_datasetdict_directory_is_one_line(tmp_path, capsys, splits, train, message):
+    """A ``datasets`` DatasetDict directory whose ``dataset_dict.json`` lists its splits as a number was a
+    ``TypeError`` traceback; one whose ``train`` split is missing (or no ``save_to_disk`` directory) fell back to
+    reading the directory as JSONL shards and blamed ``dataset_dict.json:1: missing field "text"``, as if the user
+    had given a document file. Both name the DatasetDict in one line."""
+    d = tmp_path / "dd"
+    d.mkdir()
+    (d / "dataset_dict.json").write_text(json.dumps({"splits": splits}))
+    if train:
+        (d / "train").mkdir()
+        (d / "train" / "notes.jsonl").write_text('{"text": "not a split"}\n')
+    assert cli.main(["-q", "prepare", str(d), str(tmp_path / "out")]) == 2
+    assert _one_error(capsys, "prepare") == f"{d}/" + message.format(d=d)
+    assert not (tmp_path / "out").exists()

@@ -128,11 +128,19 @@ def _datasets_arrow_files(root: Path) -> list[Path] | None:
     if (root / "dataset_dict.json").is_file():
         try:
             splits = json.loads((root / "dataset_dict.json").read_text())["splits"]
+            if not isinstance(splits, list) or not all(isinstance(s, str) for s in splits):
+                raise TypeError(f"its splits are not a list of names: {json.dumps(splits)[:80]}")
         except (ValueError, KeyError, TypeError) as e:
             raise DataError(f"{root / 'dataset_dict.json'}: not a datasets DatasetDict file ({e})") from None
         if "train" not in splits:
             raise DataError(f'{root}: no split "train" (it has {", ".join(map(str, splits))})')
-        return _datasets_arrow_files(root / "train")
+        train = root / "train"
+        if not (train / "state.json").is_file():  # never read the DatasetDict's own files as documents
+            raise DataError(
+                f"{train}: the split train of {root / 'dataset_dict.json'} is not a datasets save_to_disk "
+                f"directory (no {'state.json in it' if train.is_dir() else 'such directory'})"
+            )
+        return _datasets_arrow_files(train)
     state = root / "state.json"
     if not state.is_file():
         return None
