@@ -609,3 +609,28 @@ def test_a_damaged_datasetdict_directory_is_one_line(tmp_path, capsys, splits, t
     assert cli.main(["-q", "prepare", str(d), str(tmp_path / "out")]) == 2
     assert _one_error(capsys, "prepare") == f"{d}/" + message.format(d=d)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("num_hidden_layers", 100000, "model.safetensors: config.json gives the model 100,000 layers, more than the "),
+        ("rms_norm_eps", -1.0, "config.json: norm_eps (rms_norm_eps or layer_norm_eps)=-1.0 must be at least 0"),
+        ("rope_theta", -1.0, "config.json: rope_theta=-1.0 must be positive"),
+    ],
+)
+def test_a_config_json_the_weights_cannot_honour_is_one_line(world, tmp_path, capsys, field, value, message):
+    """A checkpoint's ``config.json`` claiming 10**9 layers hung ``jaxinf run`` (the loader named every layer's
+    tensors, 10**9 per parameter, before finding layer 2 missing); a negative ``rms_norm_eps`` or ``rope_theta``
+    was accepted and every stage computed NaN, blamed on a document (``covariance loss is not finite``). Each is
+    refused in one line naming the checkpoint's file, and the run directory is left uncreated."""
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(world["model"], model)
+    raw = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**raw, field: value}))
+    out = tmp_path / "run"
+    assert cli.main(["-q", "run", *overrides(world, out, **{"model.checkpoint": model})]) == 2
+    assert _one_error(capsys, "run").startswith(f"{model}/{message}")
+    assert not out.exists()

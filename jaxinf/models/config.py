@@ -152,6 +152,11 @@ class ModelConfig:
             problems.append(
                 f"longrope needs long_factor and short_factor of rotary_dim/2 = {self.rotary_dim // 2} values each"
             )
+        if not self.norm_eps >= 0:  # a negative epsilon takes the root of a negative variance: NaN from layer 0
+            problems.append(f"norm_eps (rms_norm_eps or layer_norm_eps)={self.norm_eps} must be at least 0")
+        for k in ("rope_theta", "sliding_rope_theta"):  # the base of theta^(-2i/d): NaN or inf frequencies otherwise
+            if self.rotary_dim and getattr(self, k) is not None and not getattr(self, k) > 0:
+                problems.append(f"{k}={getattr(self, k)} must be positive")
         if min(self.vocab_size, self.hidden_size, self.intermediate_size, self.num_layers) <= 0:
             problems.append("vocab_size, hidden_size, intermediate_size and num_layers must be positive")
         for k in ("layer_types", "rope_layers"):

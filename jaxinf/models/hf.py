@@ -491,6 +491,12 @@ def from_hf(
     except ConfigError as e:
         raise CheckpointError(f"{path}: {e}") from None
     tok = load_tokenizer(path, config.vocab_size) if tokenizer else None
+    tensors, where = tensor_index(path)
+    if config.num_layers > len(tensors):  # each layer has a tensor: fail before naming num_layers x params tensors
+        raise CheckpointError(
+            f"{where}: config.json gives the model {config.num_layers:,} layers, more than the checkpoint's "
+            f"{len(tensors):,} tensors could hold (each layer has its own weights)"
+        )
     shell = abstract(config)
     params, skipped = load_params(path, shell, place)
     info = {"checkpoint": str(path), "skipped_tensors": skipped}
