@@ -96,6 +96,13 @@ def query_command(args) -> int:
     if record is None or "config" not in record:
         raise cfg.ConfigError(f"{run_dir}: not a jaxinf run directory (no run.json)")
     if not (run_dir / "state" / "index" / "manifest.json").is_file():
+        k = ((record.get("config") or {}).get("index") or {}).get("k")
+        if k is not None:  # the run was started to build one: it is being built, or the run stopped first
+            status = ((record.get("stages") or {}).get("index") or {}).get("status", "pending")
+            raise cfg.ConfigError(
+                f"{run_dir}: its EK-FAC index (index.k={k}) is not built yet (stage index {status}); let the run "
+                "finish, or resume it with the same jaxinf run command, then query it"
+            )
         raise cfg.ConfigError(
             f"{run_dir}: the run has no EK-FAC index (build one: jaxinf run CONFIG index.k=32, or index.k=full)"
         )

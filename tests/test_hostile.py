@@ -634,3 +634,24 @@ def test_a_config_json_the_weights_cannot_honour_is_one_line(world, tmp_path, ca
     assert cli.main(["-q", "run", *overrides(world, out, **{"model.checkpoint": model})]) == 2
     assert _one_error(capsys, "run").startswith(f"{model}/{message}")
     assert not out.exists()
+
+
+def test_query_against_a_run_still_building_its_index_says_so(world, finished, tmp_path, capsys):
+    """``jaxinf query RUN Q`` while ``RUN`` (started with ``index.k``) was still fitting said "the run has no EK-FAC
+    index (build one: jaxinf run CONFIG index.k=32 ...)", sending the user to start a run that is already under way.
+    It now says the index is not built yet, with the stage's status, and to let the run finish."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(finished, run)
+    for record in (run / "run.json", run / "state" / "run.json"):
+        r = json.loads(record.read_text())
+        r["config"]["index"]["k"] = 2
+        r["stages"]["index"] = {"status": "running"}
+        record.write_text(json.dumps(r))
+    assert cli.main(["-q", "query", str(run), str(world["queries"]), "--out", str(tmp_path / "q")]) == 2
+    assert _one_error(capsys, "query") == (
+        f"{run}: its EK-FAC index (index.k=2) is not built yet (stage index running); let the run finish, or "
+        "resume it with the same jaxinf run command, then query it"
+    )
+    assert not (tmp_path / "q").exists()
