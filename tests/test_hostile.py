@@ -655,3 +655,36 @@ def test_query_against_a_run_still_building_its_index_says_so(world, finished, t
         "resume it with the same jaxinf run command, then query it"
     )
     assert not (tmp_path / "q").exists()
+
+
+def test_a_ctrl_c_raised_inside_a_garbage_collector_callback_still_stops_the_command(monkeypatch, capsys):
+    """Ctrl-C during ``jaxinf run`` whose ``KeyboardInterrupt`` Python raised inside JAX's ``_xla_gc_callback`` was
+    printed as "Exception ignored in ... Traceback ... KeyboardInterrupt" and lost: the run went on and exited 0.
+    A ``KeyboardInterrupt`` that cannot propagate (here from a ``__del__``) is delivered again to the main thread:
+    the command stops with the usual line and exit 130, without a traceback."""
+    import signal
+    import time
+
+    from jaxinf import pipeline
+
+    finished = []
+
+    class Interrupted:
+        def __del__(self):
+            raise KeyboardInterrupt  # what a SIGINT arriving during a gc callback or __del__ amounts to
+
+    def run(config, overwrite):
+        Interrupted()  # collected at once: its KeyboardInterrupt is unraisable
+        for _ in range(1000):
+            time.sleep(0.001)
+        finished.append(True)
+
+    monkeypatch.setattr(pipeline, "run", run)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal (not under nohup)
+    try:
+        assert cli.main(["-q", "run", "data.max_length=7"]) == 130
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    err = capsys.readouterr().err
+    assert not finished and "Traceback" not in err and "Exception ignored" not in err
+    assert err.strip() == "jaxinf run: interrupted; run it again to resume"
