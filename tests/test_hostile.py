@@ -688,3 +688,24 @@ def test_a_ctrl_c_raised_inside_a_garbage_collector_callback_still_stops_the_com
     err = capsys.readouterr().err
     assert not finished and "Traceback" not in err and "Exception ignored" not in err
     assert err.strip() == "jaxinf run: interrupted; run it again to resume"
+
+
+def test_a_full_disk_met_inside_a_library_names_the_file(tmp_path, monkeypatch, capsys):
+    """``jaxinf prepare`` on a full disk failed inside array_record's writer, whose error is a ``RuntimeError`` that
+    only mentions the file: the line said "a write: no space left on device", naming no path. Outside a run
+    directory the longest absolute path in the library's message is named (here the record file being written)."""
+    from jaxinf.data import prepare
+
+    record = tmp_path / ".out.prepare-x" / "data" / "train.array_record-00000-of-00001"
+
+    def full(*args, **kwargs):
+        raise RuntimeError(
+            f'Failed to finalize writing of split "train": write() failed: No space left on device; writing '
+            f"{record}; at byte 0; Failed to close chunk_writer"
+        )
+
+    monkeypatch.setattr(prepare, "prepare", full)
+    assert cli.main(["-q", "prepare", str(tmp_path / "docs.jsonl"), str(tmp_path / "out")]) == 3
+    assert _one_error(capsys, "prepare") == (
+        f"{record}: no space left on device; free some space and run the same command again"
+    )

@@ -45,7 +45,8 @@ def find_condition(exc: BaseException, root=None) -> tuple[int, str | None] | No
     """(errno, path or None) of the first out-of-space, read-only or permission error in ``exc``'s chain.
 
     The path is the ``OSError``'s file name or, when the condition is known only from a library's message, the
-    longest absolute path in the message under ``root`` (the run directory); None when there is none.
+    longest absolute path in the message under ``root`` (the run directory; any absolute path without ``root``); None
+    when there is none.
     """
     for e in _chain(exc):
         if isinstance(e, OSError) and e.errno in CONDITIONS:
@@ -55,9 +56,7 @@ def find_condition(exc: BaseException, root=None) -> tuple[int, str | None] | No
         for needle, code in _TEXTS.items():
             if needle in text:
                 under = str(Path(root).absolute()) if root is not None else None
-                paths = [
-                    m for m in re.findall(r"/[^\s'\":,()\[\]]+", text) if under is not None and m.startswith(under)
-                ]
+                paths = [m for m in re.findall(r"/[^\s'\":;,()\[\]]+", text) if under is None or m.startswith(under)]
                 return code, max(paths, key=len) if paths else None
     return None
 
