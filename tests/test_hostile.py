@@ -709,3 +709,14 @@ def test_a_full_disk_met_inside_a_library_names_the_file(tmp_path, monkeypatch, 
     assert _one_error(capsys, "prepare") == (
         f"{record}: no space left on device; free some space and run the same command again"
     )
+
+
+def test_compare_refuses_a_topk_below_one(finished, tmp_path, capsys):
+    """``jaxinf compare --topk -3`` was accepted: the overlap of "the top -3" documents took all but the last three
+    and divided by -3, a negative share printed as the top-k overlap. It is refused in one line, before reading."""
+    from jaxinf.analysis.correlations import topk_overlap
+
+    assert cli.main(["-q", "compare", "--kronfluence", str(tmp_path), "--run", str(finished), "--topk", "-3"]) == 2
+    assert _one_error(capsys, "compare") == "--topk -3: must be at least 1"
+    with pytest.raises(ValueError):
+        topk_overlap(np.arange(5.0), np.arange(5.0), -3)

@@ -36,6 +36,8 @@ def spearman(x: np.ndarray, y: np.ndarray) -> float:
 def topk_overlap(x: np.ndarray, ref: np.ndarray, k: int) -> float:
     """Share of ``ref``'s ``k`` largest entries that are among ``x``'s ``k`` largest (ties broken by position;
     NaN for ``k = 0``). The bottom ``k`` are ``topk_overlap(-x, -ref, k)``."""
+    if k < 0:
+        raise ValueError(f"topk_overlap: k must be at least 0, got {k}")
     k = min(k, len(ref))
     if k == 0:
         return float("nan")

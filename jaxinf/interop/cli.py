@@ -25,6 +25,8 @@ def compare_command(args) -> int:
     from jaxinf.interop.compare import compare, format_table
     from jaxinf.interop.kronfluence import InteropError
 
+    if args.topk < 1:  # a negative k sliced all but the last |k| documents: a negative overlap, reported as such
+        raise InteropError(f"--topk {args.topk}: must be at least 1")
     if args.json not in (None, "-"):  # a path that cannot take the file is refused before the comparison
         target = Path(args.json)
         if target.is_dir():
