@@ -334,6 +334,8 @@ def main(argv: list[str] | None = None) -> int:
     add_parsers(sub)  # compare, kronfluence import|export
 
     args, extra = parser.parse_known_args(argv)
+    if any(e in ("-q", "--quiet") for e in extra):  # jaxinf run CONFIG -q ...: the option after the verb
+        args.quiet, extra = True, [e for e in extra if e not in ("-q", "--quiet")]
     if extra and hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
         args.overrides = list(args.overrides) + extra  # jaxinf run CONFIG --overwrite section.key=value ...
     elif extra:

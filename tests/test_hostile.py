@@ -4,6 +4,7 @@ through the command line as the user met it."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 
@@ -720,3 +721,15 @@ def test_compare_refuses_a_topk_below_one(finished, tmp_path, capsys):
     assert _one_error(capsys, "compare") == "--topk -3: must be at least 1"
     with pytest.raises(ValueError):
         topk_overlap(np.arange(5.0), np.arange(5.0), -3)
+
+
+def test_quiet_is_accepted_after_the_verb(monkeypatch):
+    """``jaxinf run CONFIG -q run.out=...`` was refused with argparse's usage and "unrecognized arguments: -q
+    run.out=..." (``-q`` was accepted only before the verb), although ``--overwrite`` may come anywhere."""
+    from jaxinf import pipeline
+
+    seen = {}
+    monkeypatch.setattr(pipeline, "run", lambda config, overwrite: seen.update(config=config))
+    assert cli.main(["run", "-q", "data.max_length=7", "--quiet", "run.out=x"]) == 0
+    assert seen["config"].data.max_length == 7 and seen["config"].run.out == "x"
+    assert logging.getLogger().level == logging.WARNING
