@@ -454,9 +454,9 @@ def test_a_huge_document_is_tokenized_in_a_bounded_prefix(tmp_path, encoder):
 
 
 def test_the_plan_takes_four_bytes_a_row_per_array():
-    """The plan's per-row arrays are int32 (row and token numbers below 2**31), and making it holds one sort key and
-    the sort's result, not the four 8-byte arrays of a sort over three keys: tracemalloc's peak below 60 bytes a
-    document (90 with int64 arrays and np.lexsort), kept below 32 (49 before)."""
+    """The plan's per-row arrays are int32 (row and token numbers below 2**31), one row a document needs no repeat of
+    the chunk counts, and the batch order is sorted a block of windows at a time: tracemalloc's peak below 40 bytes a
+    document (90 with int64 arrays and np.lexsort over the whole plan), kept below 24 (49 before)."""
     import tracemalloc
 
     lengths = np.random.default_rng(0).integers(70, 800, 200_000)
@@ -467,4 +467,4 @@ def test_the_plan_takes_four_bytes_a_row_per_array():
     finally:
         tracemalloc.stop()
     assert plan.row_document.dtype == plan.order.dtype == plan.row_length.dtype == np.int32
-    assert peak / len(lengths) < 60 and kept / len(lengths) < 32, (peak / len(lengths), kept / len(lengths))
+    assert peak / len(lengths) < 40 and kept / len(lengths) < 24, (peak / len(lengths), kept / len(lengths))
