@@ -130,6 +130,28 @@ def test_prepare_round_trip(tmp_path):
     assert by_name.documents([5]) == jsonl.documents([5])
 
 
+def test_prepare_streams_its_records_into_array_record_files_without_tensorflow(tmp_path, monkeypatch):
+    """TFDS's own writer kept every record in memory up to 1 GB and then spilled them through TensorFlow's file
+    API, which is not installed: a corpus over 1 GB failed with ModuleNotFoundError. A spill threshold of 0 makes
+    that happen at any size; ``jaxinf prepare`` no longer goes through it, and starts a new file every
+    ``SHARD_BYTES`` (here a few documents' worth), numbered as TFDS numbers them."""
+    import tensorflow_datasets as tfds
+    from tensorflow_datasets.core import shuffle
+
+    from jaxinf.data import prepare as prepare_module
+
+    monkeypatch.setattr(shuffle, "MAX_MEM_BUFFER_SIZE", 0)
+    monkeypatch.setattr(prepare_module, "SHARD_BYTES", 4000, raising=False)
+    src = documents_file(tmp_path / "docs.jsonl", 120)
+    prepare(src, tmp_path / "ds")
+    files = sorted(p.name for p in (tmp_path / "ds").glob("*.array_record*"))
+    n = len(files)
+    assert n > 2 and files == [f"jaxinf_documents-train.array_record-{k:05d}-of-{n:05d}" for k in range(n)]
+    jsonl, ds = JsonlDocuments(src), open_documents(tmp_path / "ds")
+    assert list(ds) == list(jsonl)
+    assert len(tfds.builder_from_directory(str(tmp_path / "ds")).as_data_source("train")) == 120
+
+
 def test_prepare_keeps_out_dir_on_error_and_refuses_existing(tmp_path):
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"text": f"doc {i}"} for i in range(50)], raw_lines={40: b'{"text": 1}'})
     with pytest.raises(DataError, match=r'bad\.jsonl:40: field "text" must be a string, got int'):
