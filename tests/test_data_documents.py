@@ -297,6 +297,16 @@ def test_cli_round_trip_without_tensorflow(tmp_path):
     assert cmd.stderr == 'jaxinf prepare: error: bad.jsonl:2: field "text" must be a string, got int\n'
     assert not (tmp_path / "ds2").exists()
 
+    # The same input prepared again, in another process, gives the same files (the records' features serialized in
+    # key order; they came in a per-process hash order before), so the dataset's content digest, and a run's
+    # fingerprint of it, do not change.
+    again = subprocess.run(
+        [sys.executable, "-m", "jaxinf", "-q", "prepare", "docs.jsonl", "ds3"], env=env, cwd=tmp_path
+    )
+    assert again.returncode == 0
+    files = [json.loads((tmp_path / d / "metadata.json").read_text())["files"] for d in ("ds", "ds3")]
+    assert files[0] == files[1]
+
 
 def test_a_location_column_takes_four_bytes_a_value_until_one_needs_eight():
     column = UIntColumn()

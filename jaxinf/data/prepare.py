@@ -146,7 +146,9 @@ def _write_train_split(builder) -> None:
     and ``dataset_info.json``, ``features.json`` and ``metadata.json`` are written. Memory is one example whatever
     the corpus: TFDS's own writer (``download_and_prepare``) keeps every record in memory up to 1 GB and then
     spills them through TensorFlow's file API, which jaxinf does not install, so a corpus of more than 1 GB
-    failed there."""
+    failed there. Each record is serialized deterministically (its features in key order, not in the order of a
+    hash table seeded per process), so the same input prepared twice gives the same files, the same content
+    digest, and a run on it reuses what it computed."""
     from array_record.python import array_record_module
     from tensorflow_datasets.core import example_serializer, naming
     from tensorflow_datasets.core import splits as splits_lib
@@ -168,7 +170,7 @@ def _write_train_split(builder) -> None:
                 writer = array_record_module.ArrayRecordWriter(str(paths[-1]), "group_size:1")
                 lengths.append(0)
                 sizes.append(0)
-            record = serializer.serialize_example(features.encode_example(example))
+            record = serializer.get_tf_example(features.encode_example(example)).SerializeToString(deterministic=True)
             writer.write(record)
             lengths[-1] += 1
             sizes[-1] += len(record)
