@@ -211,8 +211,9 @@ class Scorer:
 # --------------------------------------------------------------------------- corpora in every format
 
 
-def word_records(n_docs: int, seed: int = 0, words: int = 20000):
-    """``n_docs`` records ``{"id", "text", "source"}`` of 50-500 Zipf-distributed pseudo-words, generated in blocks."""
+def word_records(n_docs: int, seed: int = 0, words: int = 20000, length: tuple[int, int] = (50, 500)):
+    """``n_docs`` records ``{"id", "text", "source"}`` of ``length`` (50-500) Zipf-distributed pseudo-words, generated
+    in blocks."""
     rng = np.random.default_rng(seed)
     letters = np.array(list("etaoinshrdlcumwfgypbvkjxqz"))
     vocab = np.array(["".join(rng.choice(letters, k)) for k in rng.integers(1, 10, words)], dtype=object)
@@ -220,7 +221,7 @@ def word_records(n_docs: int, seed: int = 0, words: int = 20000):
     zipf /= zipf.sum()
     for lo in range(0, n_docs, 10000):
         hi = min(lo + 10000, n_docs)
-        sizes = rng.integers(50, 501, hi - lo)
+        sizes = rng.integers(length[0], length[1] + 1, hi - lo)
         ids = rng.choice(words, int(sizes.sum()), p=zipf)
         start = 0
         for i, size in zip(range(lo, hi), sizes.tolist()):
@@ -232,8 +233,9 @@ def word_records(n_docs: int, seed: int = 0, words: int = 20000):
 FORMAT_NAMES = ("jsonl", "jsonl.gz", "jsonl.zst", "parquet", "arrow", "hf", "tfds")
 
 
-def write_formats(root: Path, n_docs: int, shards: int, formats) -> dict:
-    """Writes the corpus once per format under ``root``; returns ``{format: (spec, bytes on disk, seconds)}``."""
+def write_formats(root: Path, n_docs: int, shards: int, formats, length: tuple[int, int] = (50, 500)) -> dict:
+    """Writes the corpus (documents of ``length`` words) once per format under ``root``; returns ``{format: (spec,
+    bytes on disk, seconds)}``."""
     from jaxinf.data.prepare import prepare
     from jaxinf.data.shard_writer import write_shards
 
@@ -248,12 +250,12 @@ def write_formats(root: Path, n_docs: int, shards: int, formats) -> dict:
             src = (
                 out["jsonl"][0]
                 if "jsonl" in out
-                else str(write_shards(word_records(n_docs), root / "jsonl-src", "jsonl", shards, per))
+                else str(write_shards(word_records(n_docs, length=length), root / "jsonl-src", "jsonl", shards, per))
             )
             prepare(src, root / "tfds")
             spec = str(root / "tfds")
         else:
-            spec = str(write_shards(word_records(n_docs), root / fmt, fmt, shards, per))
+            spec = str(write_shards(word_records(n_docs, length=length), root / fmt, fmt, shards, per))
         done.touch()
         size = sum(p.stat().st_size for p in Path(spec).rglob("*") if p.is_file())
         out[fmt] = (spec, size, time.perf_counter() - t0)

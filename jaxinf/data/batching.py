@@ -187,6 +187,30 @@ class PlanReport:
         return dict(vars(self), padding_fraction=self.padding_fraction)
 
 
+def _narrowest_int(largest: int) -> np.dtype:
+    """int32 for row and token numbers up to 2**31 - 1 (every corpus but one of billions of rows), else int64: the
+    plan's per-row arrays take 4 bytes a row, not 8."""
+    return np.dtype(np.int32 if largest < 2**31 else np.int64)
+
+
+def _window_order(row_length: np.ndarray, max_length: int, window: int) -> np.ndarray:
+    """The rows in batch order: windows of ``window`` rows in row order, longest first inside each, ties in row order.
+
+    A stable sort by the key ``window number * (max_length + 1) + (max_length - length)``, made over blocks of whole
+    windows (about 65,536 rows) so that the key and the sort's workspace stay that small whatever the corpus: the
+    order itself is the one array of a row each (of ``row_length``'s type)."""
+    R = len(row_length)
+    order = np.empty(R, row_length.dtype)
+    span = window * max(1, 65536 // window)
+    for lo in range(0, R, span):
+        block = row_length[lo : lo + span]
+        key = np.arange(len(block), dtype=np.int64) // window
+        key *= max_length + 1
+        key += max_length - block
+        order[lo : lo + len(block)] = lo + np.argsort(key, kind="stable")
+    return order
+
+
 def make_batch_plan(
     lengths: Sequence[int] | np.ndarray,
     *,
@@ -224,22 +248,30 @@ def make_batch_plan(
         )
 
     L = max_length
-    counts = chunk_counts(lengths, L, long_documents)
-    first_row = (np.cumsum(counts) - counts).astype(np.int64)
-    R = int(counts.sum())
-    row_document = np.repeat(np.arange(len(lengths), dtype=np.int64), counts)
-    row_chunk = np.arange(R, dtype=np.int64) - np.repeat(first_row, counts)
-    stride = L - 1 if long_documents == "split" else L
-    row_start = row_chunk * stride
-    row_length = np.minimum(L, lengths[row_document] - row_start)
+    if long_documents == "truncate" or (L > 1 and int(lengths.max(initial=0)) <= L):  # one row per document
+        R = len(lengths)
+        rows = _narrowest_int(max(R, L))
+        row_document = first_row = np.arange(R, dtype=rows)
+        row_chunk = row_start = np.zeros(R, rows)
+        row_length = np.minimum(lengths, L).astype(rows)
+        split = 0
+    else:
+        counts = chunk_counts(lengths, L, long_documents)
+        R = int(counts.sum())
+        rows = _narrowest_int(max(R, int(lengths.max(initial=0))))
+        first_row = (np.cumsum(counts) - counts).astype(rows)
+        row_document = np.repeat(np.arange(len(lengths), dtype=rows), counts)
+        row_chunk = np.arange(R, dtype=rows) - np.repeat(first_row, counts)
+        row_start = row_chunk * (L - 1)
+        row_length = np.minimum(L, lengths[row_document] - row_start).astype(rows)
+        split = int((counts > 1).sum())
 
     G = process_count * batch_size
-    window = np.arange(R, dtype=np.int64) // (window_batches * G)
-    order = np.lexsort((np.arange(R), -row_length, window)).astype(np.int64)
+    order = _window_order(row_length, L, window_batches * G)
     S = -(-R // G)
-    longest = np.zeros(S * G, np.int64)
+    longest = np.zeros(S * G, rows)
     longest[:R] = row_length[order]
-    step_max = longest.reshape(S, G).max(axis=1) if S else np.zeros(0, np.int64)
+    step_max = longest.reshape(S, G).max(axis=1) if S else np.zeros(0, rows)
     bucket_arr = np.asarray(buckets, np.int64)
     step_length = bucket_arr[np.searchsorted(bucket_arr, np.maximum(step_max, 1))]
 
@@ -249,7 +281,7 @@ def make_batch_plan(
         rows=R,
         truncated_documents=int(truncated.sum()),
         truncated_tokens=int((lengths[truncated] - L).sum()),
-        split_documents=int((counts > 1).sum()),
+        split_documents=split,
         documents_without_targets=int((lengths < 2).sum()),
         tokens=int(row_length.sum()),
         targets=int(np.maximum(row_length - 1, 0).sum()),
@@ -293,13 +325,13 @@ def document_lengths(
     """
     n = len(source)
     spans = [(lo, min(lo + chunk, n)) for lo in range(0, n, chunk)]
-    parts, done, tokens = [], 0, 0
-    for texts in prefetch(source.texts(range(lo, hi)) for lo, hi in spans):
-        parts.append(encoder.document_lengths(texts, limit))
-        done, tokens = done + len(parts[-1]), tokens + int(parts[-1].sum())
+    lengths, tokens = np.zeros(n, np.int64), 0
+    for (lo, hi), texts in zip(spans, prefetch(source.texts(range(lo, hi)) for lo, hi in spans)):
+        lengths[lo:hi] = encoder.document_lengths(texts, limit)
+        tokens += int(lengths[lo:hi].sum())
         if progress is not None:
-            progress(done, tokens)
-    return np.concatenate(parts) if parts else np.zeros(0, np.int64)
+            progress(hi, tokens)
+    return lengths
 
 
 class DocumentBatches:

@@ -12,8 +12,9 @@ with TFDS itself: ``tfds.builder_from_directory(OUT_DIR).as_data_source("train")
 
 Nothing already there is lost: the dataset is written in a temporary
 directory beside ``OUT_DIR`` and renamed to it only when complete and valid;
-an ``OUT_DIR`` that exists and is not empty is refused. TensorFlow is never
-imported (TFDS writes array_record without it).
+an ``OUT_DIR`` that exists and is not empty is refused. The records are streamed
+into array_record files of at most :data:`SHARD_BYTES` (memory: one document,
+whatever the corpus); TensorFlow is never imported.
 """
 
 from __future__ import annotations
@@ -133,6 +134,59 @@ def _quiet_tfds():
         tfds.display_progress_bar(before)
 
 
+SHARD_BYTES = 1 << 30
+"""The serialized size after which :func:`_write_train_split` starts a new array_record file."""
+
+
+def _write_train_split(builder) -> None:
+    """Writes the builder's examples as its ``train`` split and its dataset info, streaming.
+
+    Each example is encoded, serialized and appended to the current array_record file, a new file every
+    :data:`SHARD_BYTES` bytes of records; at the end the files take TFDS's names (``NAME-train.array_record-K-of-N``)
+    and ``dataset_info.json``, ``features.json`` and ``metadata.json`` are written. Memory is one example whatever
+    the corpus: TFDS's own writer (``download_and_prepare``) keeps every record in memory up to 1 GB and then
+    spills them through TensorFlow's file API, which jaxinf does not install, so a corpus of more than 1 GB
+    failed there. Each record is serialized deterministically (its features in key order, not in the order of a
+    hash table seeded per process), so the same input prepared twice gives the same files, the same content
+    digest, and a run on it reuses what it computed."""
+    from array_record.python import array_record_module
+    from tensorflow_datasets.core import example_serializer, naming
+    from tensorflow_datasets.core import splits as splits_lib
+
+    features = builder.info.features
+    serializer = example_serializer.ExampleSerializer(features.get_serialized_info())
+    out = Path(builder.data_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths: list[Path] = []
+    lengths: list[int] = []
+    sizes: list[int] = []
+    writer = None
+    try:
+        for _, example in builder._generate_examples():
+            if writer is None or sizes[-1] >= SHARD_BYTES:
+                if writer is not None:
+                    writer.close()
+                paths.append(out / f".records-{len(paths)}")
+                writer = array_record_module.ArrayRecordWriter(str(paths[-1]), "group_size:1")
+                lengths.append(0)
+                sizes.append(0)
+            record = serializer.get_tf_example(features.encode_example(example)).SerializeToString(deterministic=True)
+            writer.write(record)
+            lengths[-1] += 1
+            sizes[-1] += len(record)
+    finally:
+        if writer is not None:
+            writer.close()
+    template = naming.ShardedFileTemplate(
+        data_dir=out, dataset_name=builder.name, split="train", filetype_suffix="array_record"
+    )
+    for k, path in enumerate(paths):
+        os.rename(path, template.sharded_filepath(shard_index=k, num_shards=len(paths)))
+    split = splits_lib.SplitInfo(name="train", shard_lengths=lengths, num_bytes=sum(sizes), filename_template=template)
+    builder.info.set_splits(splits_lib.SplitDict([split]))
+    builder.info.write_to_directory(out)
+
+
 def prepare(
     input_path: str | os.PathLike,
     out_dir: str | os.PathLike,
@@ -186,15 +240,8 @@ def prepare(
         )
         # every reader open_documents returns has content_digest; DocumentSource (what batching needs) does not say so
         builder._jaxinf_metadata["sha256"] = file_sha256(input_path) if source is None else source.content_digest()  # type: ignore[attr-defined]
-        try:
-            with _quiet_tfds():
-                builder.download_and_prepare(download_dir=str(tmp / "downloads"))
-        except Exception:
-            if builder.data_error is not None:
-                raise builder.data_error from None
-            raise
-        if builder.data_error is not None:  # pragma: no cover - TFDS re-raises generator errors
-            raise builder.data_error
+        with _quiet_tfds():
+            _write_train_split(builder)
         built = Path(builder.data_dir)
         # the SHA-256 of each record file, checked when the dataset is opened: a copy cut short or a flipped byte
         # is named there, rather than read as null or other text (its records are not scanned when opened)

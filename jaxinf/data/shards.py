@@ -30,8 +30,9 @@ What each format costs (see docs/data.md):
   corpus, decode each row group about once per pass).
 - Arrow: the file is memory-mapped; rows are taken from the mapped columns (no copy of the corpus in memory).
 
-Memory: per document, only fixed-size arrays (shard number, line or row, two byte offsets, an 8-byte content
-digest, a 64-bit id hash during the scan): about 48 bytes, whatever the corpus's text.
+Memory: per document, only fixed-size arrays (:mod:`jaxinf.data.locations`: line or row, byte offset and size,
+an 8-byte content digest; 20 bytes while the shards are under 4 GiB) and, during the scan, a 64-bit id hash:
+whatever the corpus's text. A document's shard is found from the documents per shard.
 
 Content digest of a document (8-byte BLAKE2b): of its line for JSONL (compressed or not), of its id, source
 and text for Parquet and Arrow. The corpus's fingerprint is the SHA-256 of those in order; each shard's
@@ -40,7 +41,6 @@ fingerprint is the SHA-256 of its own, so a changed shard is named when a resume
 
 from __future__ import annotations
 
-import array
 import hashlib
 import os
 import shutil
@@ -54,6 +54,7 @@ import numpy as np
 from jaxinf.data.documents import DEFAULT_SOURCE, Document, IdChecker, ReadReport, iter_documents
 from jaxinf.data.errors import DataError, where, where_row
 from jaxinf.data.jsonl_shards import JsonlShard
+from jaxinf.data.locations import LocationsBuilder
 from jaxinf.data.shard_files import Fields, list_shards
 from jaxinf.data.table_shards import OpenTables, TableShard
 
@@ -107,35 +108,26 @@ class ShardedDocuments:
             else TableShard(s, tables)
             for s in shards
         ]
-        shard_ix, lines, starts, ends = array.array("i"), array.array("q"), array.array("q"), array.array("q")
-        digests = bytearray()
+        locations = LocationsBuilder()
         ids = IdChecker()
         counts = []
         self._stamps = []
         for k, reader in enumerate(self._readers):
             self._stamps.append(_stamp(reader.shard.path))
-            before = len(lines)
+            before = len(locations)
             for line, start, end, digest, doc_id, d_id, d_src in reader.scan(
                 self.fields, self._default_id(k), self._default_source(k), self.report
             ):
-                shard_ix.append(k)
-                lines.append(line)
-                starts.append(start)
-                ends.append(end)
-                digests += digest
+                locations.add(line, start, end, digest)
                 ids.add(doc_id)
                 self.report.default_ids += d_id
                 self.report.default_sources += d_src
-            counts.append(len(lines) - before)
+            counts.append(len(locations) - before)
             if _stamp(reader.shard.path) != self._stamps[-1]:
                 raise DataError(f"{reader.display}: changed while it was being read; open the corpus again")
-        self.report.documents = len(lines)
-        self._shard = np.frombuffer(shard_ix, np.int32) if len(shard_ix) else np.zeros(0, np.int32)
-        self._line = np.frombuffer(lines, np.int64) if len(lines) else np.zeros(0, np.int64)
-        self._start = np.frombuffer(starts, np.int64) if len(starts) else np.zeros(0, np.int64)
-        self._end = np.frombuffer(ends, np.int64) if len(ends) else np.zeros(0, np.int64)
-        self._digests = bytes(digests)
-        self.shard_counts = np.asarray(counts, np.int64)
+        self._locations = locations.finish()
+        self.report.documents = len(self._locations)
+        self._set_counts(np.asarray(counts, np.int64))
         suspects = ids.suspects()
         if suspects:
             self._raise_duplicate(suspects)
@@ -165,11 +157,15 @@ class ShardedDocuments:
         self.duplicates = [(docs[a], docs[b]) for a, b in pairs]
         self.report.duplicates = int(len(dropped))
         self.report.duplicate_examples = [f"{a} = {b}" for a, b in self.duplicates[:3]]
-        self._shard, self._line = self._shard[keep], self._line[keep]
-        self._start, self._end = self._start[keep], self._end[keep]
-        self._digests = np.frombuffer(self._digests, np.uint64)[keep].tobytes()
-        self.shard_counts = np.bincount(self._shard, minlength=len(self.shards)).astype(np.int64)
-        self.report.documents = len(self._line)
+        shard = np.repeat(np.arange(len(self.shards)), self.shard_counts)
+        self._set_counts(np.bincount(shard[keep], minlength=len(self.shards)).astype(np.int64))
+        self._locations = self._locations.keep(keep)
+        self.report.documents = len(self._locations)
+
+    def _set_counts(self, counts: np.ndarray) -> None:
+        """Documents per shard; a document's shard is found from their running sum (no per-document shard number)."""
+        self.shard_counts = counts
+        self._shard_end = np.cumsum(counts)
 
     def _default_id(self, k: int):
         if self._single:
@@ -197,12 +193,11 @@ class ShardedDocuments:
     # ------------------------------------------------------------------ access
 
     def __len__(self) -> int:
-        return len(self._line)
+        return len(self._locations)
 
     def content_digest(self, n: int | None = None) -> str:
         """SHA-256 of the first ``n`` kept documents' 8-byte digests (all when None), taken during the scan."""
-        count = len(self) if n is None else min(int(n), len(self))
-        return hashlib.sha256(self._digests[: 8 * count]).hexdigest()
+        return self._locations.digest_of(0, len(self) if n is None else min(int(n), len(self)))
 
     def shard_digests(self) -> list[dict]:
         """``[{"name", "count", "sha256"}]`` per shard, from the scan's digests."""
@@ -212,7 +207,7 @@ class ShardedDocuments:
                 {
                     "name": shard.name,
                     "count": count,
-                    "sha256": hashlib.sha256(self._digests[8 * lo : 8 * (lo + count)]).hexdigest(),
+                    "sha256": self._locations.digest_of(lo, lo + count),
                 }
             )
             lo += count
@@ -227,7 +222,7 @@ class ShardedDocuments:
         if not indices:
             return []
         idx = np.asarray(indices, np.int64)
-        shard_of = self._shard[idx]
+        shard_of = np.searchsorted(self._shard_end, idx, side="right")
         for k in np.unique(shard_of).tolist():
             reader = self._readers[k]
             if _stamp(reader.shard.path) != self._stamps[k]:
@@ -237,7 +232,7 @@ class ShardedDocuments:
                 )
             where_k = np.nonzero(shard_of == k)[0]
             order = where_k[np.argsort(idx[where_k], kind="stable")]
-            items = [(int(self._line[i]), int(self._start[i]), int(self._end[i])) for i in idx[order].tolist()]
+            items = list(self._locations.items(idx[order]))
             recs = reader.read(items, self.fields, self._default_id(k), self._default_source(k), text_only)
             for j, rec in zip(order.tolist(), recs):
                 out[j] = rec
@@ -257,7 +252,7 @@ class ShardedDocuments:
 
     def shard_of(self, index: int) -> str:
         """The path of the shard holding document ``index``."""
-        return self._readers[int(self._shard[int(index)])].display
+        return self._readers[int(np.searchsorted(self._shard_end, int(index), side="right"))].display
 
     def __getitem__(self, i: int) -> Document:
         return self.documents([i])[0]

@@ -106,8 +106,8 @@ class TableShard:
             raise DataError(f"{self.display}: cannot read ({one_line(e)})") from None
 
     def scan(self, fields: Fields, default_id, default_source: str, report: ReadReport):
-        """Validates every row: yields ``(row from 1, row from 0, 0, digest, id, default_id, default_source)`` per
-        kept document."""
+        """Validates every row: yields ``(row from 1, row from 0, row from 0, digest, id, default_id,
+        default_source)`` per kept document (a row's location is its number; it has no byte range)."""
         self.check_columns(fields)
         names = set(self.schema.names)
         has_id, has_source = fields.id in names, fields.source in names
@@ -142,7 +142,7 @@ class TableShard:
                     for name, value in ((fields.id, doc_id), (fields.source, source), (fields.text, text)):
                         check_string(value, name, where_row(self.display, row), None)
                     raise
-                yield row, row - 1, 0, digest, doc_id, defaulted_id, defaulted_source
+                yield row, row - 1, row - 1, digest, doc_id, defaulted_id, defaulted_source
 
     def _rows(self, rows: list[int], columns: list[str]) -> dict[str, list]:
         self._open()
