@@ -181,7 +181,7 @@ def demo_command(args) -> int:
     from jaxinf import demo
 
     enable_compilation_cache()
-    demo.main(args.out)
+    demo.main(args.out, seeds=args.seeds)
     return 0
 
 
@@ -298,6 +298,13 @@ def main(argv: list[str] | None = None) -> int:
 
     demo = sub.add_parser("demo", help="the built-in end-to-end example: corpus, model, influence, report")
     demo.add_argument("--out", default="runs/demo", help="where the demo writes everything (default runs/demo)")
+    demo.add_argument(
+        "--seeds",
+        type=int,
+        default=1,
+        help="train a model for each of the training seeds 0..N-1 on the same corpus (seed k > 0 in OUT/seed-k) and "
+        "write the findings' verdicts across them to OUT/seeds.json, OUT/seeds.md and seed 0's report (default 1)",
+    )
     demo.set_defaults(handler=demo_command)
 
     an = sub.add_parser("analyze", help="the paper's statistics and the report of a run directory")

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import json
+
+import numpy as np
+import pytest
+
 from jaxinf.demo import corpus
 
 
@@ -161,3 +166,87 @@ def test_what_other_code_or_settings_made_is_made_again(tmp_path):
     assert demo.discard_stale(out, stamp) == sorted(stamp) and not (out / "model").exists()
     (out / "run").mkdir()
     assert demo.discard_stale(out, stamp) == [] and (out / "run").exists()  # nothing made: nothing to check
+
+
+def test_the_stamp_covers_the_training_seed():
+    """A model trained from one seed is never reused for another: the seed is part of ``written_by.json``."""
+    from jaxinf import demo
+
+    assert demo.written_by(3000, 1200, 1) != demo.written_by(3000, 1200, 0) == demo.written_by(3000, 1200)
+    assert demo.written_by(3000, 1200, 2)["seed"] == 2
+
+
+def _summary(*verdicts) -> dict:
+    names = ("procedural knowledge", "answers in the top documents")
+    return {
+        "findings": [
+            {"name": n, "holds": v, "p_value": None if v is None else (0.001 if v else 0.2), "statistic": f"s {n}"}
+            for n, v in zip(names, verdicts)
+        ]
+    }
+
+
+def test_seed_table_counts_the_seeds_giving_each_verdict(tmp_path):
+    from jaxinf.analysis import seeds as sd
+
+    runs = [(0, tmp_path / "run", _summary(True, False)), (1, tmp_path / "s1", _summary(False, False))]
+    runs.append((2, tmp_path / "s2", _summary(True, None)))
+    table = sd.seed_table(runs)
+    assert [r["seed"] for r in table["seeds"]] == [0, 1, 2]
+    assert [f["holds"] for f in table["seeds"][1]["findings"]] == [False, False]
+    first, second = table["agreement"]
+    assert first["counts"] == {"holds": 2, "does not hold": 1, "not testable": 0} and first["agree"] == 2
+    assert second["counts"] == {"holds": 0, "does not hold": 2, "not testable": 1} and second["seeds"] == 3
+    assert sd.agreement_text(first) == "holds in 2 of 3 seeds, does not hold in 1"
+    assert sd.agreement_text(second) == "does not hold in 2 of 3 seeds, not testable in 1"
+    text = sd.seeds_markdown(table)
+    assert "| 1 | does not hold (p = 0.2) | does not hold (p = 0.2) |" in text
+    assert "| 2 | holds (p = 0.001) | not testable |" in text
+    assert "- seed 2, answers in the top documents: s answers in the top documents" in text
+    assert sd.read_table(tmp_path) is None
+    (tmp_path / sd.FILE).write_text(json.dumps(table))
+    assert sd.read_table(tmp_path) == table
+
+
+def test_the_report_shows_the_table_when_the_run_has_one():
+    from jaxinf.analysis import report
+    from jaxinf.analysis import seeds as sd
+
+    table = sd.seed_table([(0, "runs/demo/run", _summary(True, False)), (1, "x", _summary(False, False))])
+    html = report._sec_seeds({"seeds": table})
+    assert "over 2 training seeds" in html and "holds in 1 of 2 seeds, does not hold in 1" in html
+    assert html.count("<tr><td>1</td>") == 3  # its verdicts, then its statistic of each finding
+    assert report._sec_seeds({"seeds": None}) == ""
+
+
+@pytest.mark.heavy  # minutes on 2 cores: two small models trained, two jaxinf runs, then the same again
+def test_two_seeds_train_two_models_and_a_rerun_reuses_both(tmp_path):
+    """``--seeds 2``: seed 0 where a one-seed demo puts it, seed 1 in ``seed-1``, their own weights, completions and
+    runs; a table with a row per seed in ``seeds.json`` and in seed 0's summary and report; a second demo reuses
+    every model and run."""
+    from safetensors.numpy import load_file
+
+    from jaxinf import demo
+    from jaxinf.analysis import seeds as sd
+
+    out = tmp_path / "demo"
+    assert demo.main(out, n_documents=200, train_steps=10, seeds=2) == out / "run"
+    made = [out / "model" / "model.safetensors", out / "seed-1" / "model" / "model.safetensors"]
+    made += [out / "run" / "scores.npy", out / "seed-1" / "run" / "scores.npy"]
+    assert all(p.exists() for p in made) and not (out / "seed-0").exists()
+    assert not (out / "seed-1" / "data" / "documents.jsonl").exists()  # one corpus, at the one-seed place
+    w0, w1 = (load_file(p) for p in made[:2])
+    assert w0.keys() == w1.keys() and any(not np.array_equal(w0[k], w1[k]) for k in w0)
+    assert json.loads((out / "seed-1" / demo.STAMP).read_text())["seed"] == 1
+    table = json.loads((out / demo.SEEDS_JSON).read_text())
+    assert [(r["seed"], r["run"]) for r in table["seeds"]] == [(0, str(out / "run")), (1, str(out / "seed-1" / "run"))]
+    for row, run in zip(table["seeds"], (out / "run", out / "seed-1" / "run")):
+        findings = json.loads((run / "summary.json").read_text())["findings"]
+        assert [f["holds"] for f in row["findings"]] == [f["holds"] for f in findings]
+    assert json.loads((out / "run" / "summary.json").read_text())["seeds"] == table == sd.read_table(out / "run")
+    assert 'id="seeds"' in (out / "run" / "report" / "index.html").read_text()
+    assert "Over 2 training seeds" in (out / "run" / "report" / "summary.md").read_text()
+    assert "| 1 |" in (out / demo.SEEDS_MD).read_text()
+    times = [p.stat().st_mtime_ns for p in made]
+    demo.main(out, n_documents=200, train_steps=10, seeds=2)
+    assert [p.stat().st_mtime_ns for p in made] == times

@@ -33,6 +33,7 @@ from jaxinf.analysis import concentration as conc
 from jaxinf.analysis import correlations as corr
 from jaxinf.analysis import findings as fnd
 from jaxinf.analysis import powerlaw as pl
+from jaxinf.analysis import seeds as sd
 from jaxinf.analysis import sources as src
 from jaxinf.analysis.breakdowns import read_breakdowns, summarize_breakdowns
 from jaxinf.analysis.texts import TextSource, corpus_changed, jsonl_text_source
@@ -211,6 +212,7 @@ def analyze(
         "documents": blocks.documents_block(docs, shares),
         "correlations": correlations,
         "findings": fnd.evaluate(correlations, answers, N),
+        "seeds": sd.read_table(run_dir),  # the findings over training seeds, when the run is one of several
         "concentration": blocks.concentration_block(queries, rows, totals, o, already_per_nat, N),
         "powerlaw": blocks.powerlaw_block(queries, rows, sizes.top_n),
         "sources": blocks.sources_block(queries, docs, rows, sizes.source_ks),

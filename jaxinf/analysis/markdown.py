@@ -4,6 +4,7 @@ from the run is made inert (HTML-escaped, table pipes escaped) as the HTML repor
 from __future__ import annotations
 
 from jaxinf.analysis import findings as fnd
+from jaxinf.analysis import seeds as sd
 from jaxinf.analysis.groups import present_kinds
 from jaxinf.analysis.report import esc
 
@@ -22,6 +23,10 @@ def summary_markdown(s: dict) -> str:
     L += ["## Findings of Ruis et al. (2024), tested on this run", ""]
     for f in s.get("findings", []):
         L.append(f"- **{f['name']}** ({f['claim']}): {fnd.verdict_text(f)}. {f['statistic']}. Test: {f['test']}.")
+    if s.get("seeds"):
+        t = s["seeds"]
+        L += ["", f"Over {len(t['seeds'])} training seeds (`seeds.json`):", ""]
+        L += [f"- **{a['name']}**: {sd.agreement_text(a)}." for a in t["agreement"]]
     c = s["correlations"]
     L += ["", "## Within-task correlations", "", "| task | kind | pairs | mean r | std |", "|---|---|---|---|---|"]
     for t, d in c["within_task"].items():

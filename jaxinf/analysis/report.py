@@ -17,6 +17,7 @@ import numpy as np
 
 from jaxinf.analysis import findings as fnd
 from jaxinf.analysis import page
+from jaxinf.analysis import seeds as sd
 from jaxinf.analysis.figures import (
     fig_answers,
     fig_concentration,
@@ -131,6 +132,7 @@ def write_report(out: Path, s: dict, *, queries, rows, fetched, texts, documents
         _head(s),
         _notes(s),
         _sec_findings(s),
+        _sec_seeds(s),
         _sec_queries(s, queries, rows, fetched, texts, documents, options),
         _sec_correlations(s),
         _sec_concentration(s),
@@ -178,6 +180,29 @@ def _sec_findings(s: dict) -> str:
         "the sections below have the numbers behind it.</p>"
         + _table(["finding", "claim", "measured", "test", "verdict"], rows)
         + "".join(_finding_details(f) for f in s.get("findings", []))
+        + "</section>"
+    )
+
+
+def _sec_seeds(s: dict) -> str:
+    """The findings' verdicts over the training seeds (:mod:`jaxinf.analysis.seeds`), when the run has them."""
+    t = s.get("seeds")
+    if not t:
+        return ""
+    names = [a["name"] for a in t["agreement"]]
+    verdicts = [
+        [fmt(r["seed"]), *(esc(fnd.verdict_text(f)) for f in r["findings"]), f"<code>{esc(r['run'])}</code>"]
+        for r in t["seeds"]
+    ]
+    stats = [[fmt(r["seed"]), esc(f["name"]), esc(f["statistic"])] for r in t["seeds"] for f in r["findings"]]
+    items = "".join(f"<li><b>{esc(a['name'])}</b>: {esc(sd.agreement_text(a))}</li>" for a in t["agreement"])
+    return (
+        f'<section id="seeds"><h2>The findings over {len(t["seeds"])} training seeds</h2>'
+        "<p>The same corpus, queries and schedule, a model trained from each seed (its initialization and batch "
+        "order), each completing its own queries and scored in its own run; this run is one of them.</p>"
+        + _table(["seed", *map(esc, names), "run"], verdicts)
+        + f"<ul>{items}</ul>"
+        + _table(["seed", "finding", "measured"], stats)
         + "</section>"
     )
 

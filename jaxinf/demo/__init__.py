@@ -12,6 +12,10 @@
 It also writes ``data/queries_answer_tokens.jsonl`` (:func:`answer_token_row`), the queries
 whose measured tokens are only their answers; scoring it is an option (docs/analysis.md).
 
+With ``--seeds N`` it does steps 2-4 for training seeds ``0 .. N-1`` (the model's initialization and batch
+order) on the same corpus, seed 0 in ``--out`` as above and seed ``k`` in ``--out/seed-k``, and writes the
+findings' verdicts across the seeds (``seeds.json``, ``seeds.md``, and a section of seed 0's report).
+
 Everything lands in ``--out`` (default ``runs/demo``); a second run reuses what exists, if the same code and
 settings wrote it (:func:`written_by`, kept in ``written_by.json``); otherwise the corpus, the model and the
 queries are made again.
@@ -41,35 +45,66 @@ DEMO_CONFIG: dict[str, dict[str, Any]] = {
 QUERIES_PER_TASK = 8
 
 
-def main(out: str | Path = "runs/demo", n_documents: int = 3000, train_steps: int = 1200) -> Path:
-    """Runs (or resumes, or reuses) every step of the demo; returns the run directory."""
+def main(out: str | Path = "runs/demo", n_documents: int = 3000, train_steps: int = 1200, seeds: int = 1) -> Path:
+    """Runs (or resumes, or reuses) every step of the demo for training seeds ``0 .. seeds-1``; returns seed 0's
+    run directory. With more than one seed it also writes the verdicts of the paper's findings across the seeds
+    (:func:`jaxinf.analysis.seeds.seed_table`) as ``seeds.json`` and ``seeds.md`` in ``out``, and into seed 0's
+    report."""
     from jaxinf.run.lock import claim_output
 
+    if seeds < 1:
+        raise ValueError(f"seeds={seeds}: the demo trains at least one model")
     out = Path(out)
     lock = claim_output(out, "demo")  # the output-directory rule and lock of jaxinf run's
     try:
-        return _main(out, n_documents, train_steps)
+        return _main(out, n_documents, train_steps, seeds)
     finally:
         lock.release()
 
 
-def _main(out: Path, n_documents: int, train_steps: int) -> Path:
+def seed_dir(out: Path, seed: int) -> Path:
+    """Where seed ``seed``'s model, queries and run are: ``out`` itself for seed 0 (the layout of a one-seed demo),
+    ``out/seed-<seed>`` for the others."""
+    return out if seed == 0 else out / f"seed-{seed}"
+
+
+def _main(out: Path, n_documents: int, train_steps: int, seeds: int) -> Path:
+    from jaxinf.demo import corpus
+
+    t0 = time.perf_counter()
+    if discard_stale(out, written_by(n_documents, train_steps, 0)):
+        for stale in (out / SEEDS_JSON, out / SEEDS_MD, out / "run" / SEEDS_JSON):
+            stale.unlink(missing_ok=True)  # a table that seed 0's former run was part of
+    docs_path = out / "data" / "documents.jsonl"
+    docs = corpus.documents(0, n_documents)  # one corpus for every seed
+    runs = []
+    for seed in range(seeds):
+        runs.append(_seed(seed_dir(out, seed), seed, docs, docs_path, n_documents, train_steps))
+        if seeds > 1:
+            print(f"\n=== training seed {seed}: {runs[-1]}")
+        _print_highlights(runs[-1])
+    if seeds > 1:
+        _write_seed_table(out, runs)
+    log.info("demo: done in %.0fs; open %s", time.perf_counter() - t0, runs[0] / "report" / "index.html")
+    return runs[0]
+
+
+def _seed(where: Path, seed: int, docs: list[dict], docs_path: Path, n_documents: int, train_steps: int) -> Path:
+    """The demo for one training seed in ``where``: the corpus (written once, at ``docs_path``), the model, its
+    completions of the queries, ``jaxinf run``; returns the run directory."""
     from jaxinf import config as cfg
     from jaxinf import pipeline
     from jaxinf.demo import corpus, train
 
-    t0 = time.perf_counter()
-    data = out / "data"
-    stamp = written_by(n_documents, train_steps)
-    discard_stale(out, stamp)
+    stamp = written_by(n_documents, train_steps, seed)
+    discard_stale(where, stamp)
+    data = where / "data"
     data.mkdir(parents=True, exist_ok=True)
-    write_json(out / STAMP, stamp)  # before anything is made: an interrupted demo resumes what it made
-    docs_path = data / "documents.jsonl"
-    docs = corpus.documents(0, n_documents)
+    write_json(where / STAMP, stamp)  # before anything is made: an interrupted demo resumes what it made
     if not docs_path.exists():
         write_jsonl(docs_path, docs)
         log.info("demo: wrote %d documents to %s", len(docs), docs_path)
-    lm, tok, model_dir = train.train(out, [d["text"] for d in docs], steps=train_steps)
+    lm, tok, model_dir = train.train(where, [d["text"] for d in docs], steps=train_steps, seed=seed)
     queries_path = data / "queries.jsonl"
     if not queries_path.exists():
         prompts = corpus.queries(0, QUERIES_PER_TASK)
@@ -79,13 +114,13 @@ def _main(out: Path, n_documents: int, train_steps: int) -> Path:
         write_jsonl(queries_path, rows)
         split = [r for r in map(answer_token_row, rows) if r is not None]
         write_jsonl(data / "queries_answer_tokens.jsonl", split)
-        log.info("demo: the model completed %d queries (%s)", len(prompts), queries_path)
-    config_path = out / "config.yaml"
+        log.info("demo: the model of seed %d completed %d queries (%s)", seed, len(prompts), queries_path)
+    config_path = where / "config.yaml"
     raw = {
         **DEMO_CONFIG,
         "model": {"checkpoint": str(model_dir)},
         "data": {**DEMO_CONFIG["data"], "documents": str(docs_path), "queries": str(queries_path)},
-        "run": {"out": str(out / "run")},
+        "run": {"out": str(where / "run")},
     }
     config_path.write_text(
         "# written by jaxinf demo; rerun with: jaxinf run "
@@ -93,10 +128,37 @@ def _main(out: Path, n_documents: int, train_steps: int) -> Path:
         + "\n"
         + yaml.safe_dump(raw, sort_keys=False)
     )
-    run_dir = pipeline.run(cfg.load(config_path))
-    _print_highlights(run_dir)
-    log.info("demo: done in %.0fs; open %s", time.perf_counter() - t0, run_dir / "report" / "index.html")
-    return run_dir
+    return pipeline.run(cfg.load(config_path))
+
+
+SEEDS_JSON = "seeds.json"
+SEEDS_MD = "seeds.md"
+
+
+def _write_seed_table(out: Path, runs: list[Path]) -> None:
+    """The findings' verdicts of every seed's run (:func:`jaxinf.analysis.seeds.seed_table`): ``out/seeds.json``,
+    ``out/seeds.md``, printed, and in seed 0's report (its ``seeds.json``, then the analysis run again if its
+    summary has another table)."""
+    from jaxinf.analysis import seeds as sd
+    from jaxinf.analysis.driver import analyze
+    from jaxinf.run.lock import RunLock
+
+    table = sd.seed_table(
+        [(seed, run, json.loads((run / "summary.json").read_text())) for seed, run in enumerate(runs)]
+    )
+    write_json(out / SEEDS_JSON, table)
+    text = sd.seeds_markdown(table)
+    (out / SEEDS_MD).write_text(text)
+    print("\n" + text)
+    first = runs[0]
+    if json.loads((first / "summary.json").read_text()).get("seeds") != table:
+        write_json(first / sd.FILE, table)
+        lock = RunLock(first).acquire()
+        try:
+            analyze(first, log=log.info)
+        finally:
+            lock.release()
+        log.info("demo: the verdicts across seeds added to %s", first / "report" / "index.html")
 
 
 STAMP = "written_by.json"
@@ -104,10 +166,10 @@ MADE = ("data", "model", "train")
 """What the demo makes before ``jaxinf run``: the corpus and queries, the model, its training checkpoints."""
 
 
-def written_by(n_documents: int, train_steps: int) -> dict:
+def written_by(n_documents: int, train_steps: int, seed: int = 0) -> dict:
     """What the demo's corpus, model and queries depend on: the source of the code that makes them
-    (``jaxinf/demo`` and ``jaxinf/models``, hashed), the versions of jax, flax and optax that train the model, and
-    the demo's sizes."""
+    (``jaxinf/demo`` and ``jaxinf/models``, hashed), the versions of jax, flax and optax that train the model, the
+    demo's sizes and the training seed."""
     import hashlib
     from importlib.metadata import version
 
@@ -120,6 +182,7 @@ def written_by(n_documents: int, train_steps: int) -> dict:
         **{name: version(name) for name in ("jax", "flax", "optax")},
         "documents": n_documents,
         "train_steps": train_steps,
+        "seed": seed,
     }
 
 
