@@ -178,8 +178,11 @@ def validate_command(args) -> int:
 
 
 def demo_command(args) -> int:
+    from jaxinf import config as cfg
     from jaxinf import demo
 
+    if args.seeds < 1:  # before the output directory is claimed: nothing is written
+        raise cfg.ConfigError(f"--seeds {args.seeds}: must be at least 1 (the demo trains one model a seed)")
     enable_compilation_cache()
     demo.main(args.out, seeds=args.seeds)
     return 0

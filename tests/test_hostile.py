@@ -733,3 +733,23 @@ def test_quiet_is_accepted_after_the_verb(monkeypatch):
     assert cli.main(["run", "-q", "data.max_length=7", "--quiet", "run.out=x"]) == 0
     assert seen["config"].data.max_length == 7 and seen["config"].run.out == "x"
     assert logging.getLogger().level == logging.WARNING
+
+
+def test_demo_refuses_fewer_than_one_seed_in_one_line(tmp_path, capsys):
+    """``jaxinf demo --seeds 0`` was a ValueError traceback; it is one line, exit 2, and nothing is written."""
+    assert cli.main(["-q", "demo", "--seeds", "0", "--out", str(tmp_path / "demo")]) == 2
+    assert _one_error(capsys, "demo") == "--seeds 0: must be at least 1 (the demo trains one model a seed)"
+    assert not (tmp_path / "demo").exists()
+
+
+@pytest.mark.parametrize("content", ["{", '{"seeds": 3}', "[]"])
+def test_analyze_with_a_damaged_seed_table_is_one_line(finished, tmp_path, capsys, content):
+    """A run's ``seeds.json`` (``jaxinf demo --seeds N``) cut short or rewritten: one line naming it, exit 2."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(finished, run)
+    (run / "seeds.json").write_text(content)
+    capsys.readouterr()
+    assert cli.main(["-q", "analyze", str(run)]) == 2
+    assert _one_error(capsys, "analyze").startswith(f"{run / 'seeds.json'}: not a table of the findings over seeds (")

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from jaxinf.analysis import findings as fnd
+from jaxinf.run.exports.formats import AnalysisError
 
 FILE = "seeds.json"
 
@@ -58,11 +59,25 @@ def agreement_text(a: dict) -> str:
 
 
 def read_table(run_dir: Path) -> dict | None:
-    """The table kept in ``run_dir`` (:data:`FILE`), or None when there is none."""
+    """The table kept in ``run_dir`` (:data:`FILE`), or None when there is none; a damaged one is an
+    :class:`AnalysisError` naming it."""
     path = Path(run_dir) / FILE
     if not path.is_file():
         return None
-    return json.loads(path.read_text())
+    try:
+        table = json.loads(path.read_text())
+        if (
+            not isinstance(table, dict)
+            or not isinstance(table["seeds"], list)
+            or not isinstance(table["agreement"], list)
+        ):
+            raise ValueError("not a table of seeds")
+    except (OSError, UnicodeDecodeError, ValueError, KeyError) as e:
+        raise AnalysisError(
+            f"{path}: not a table of the findings over seeds ({type(e).__name__}: {e}); "
+            "jaxinf demo --seeds N writes it again"
+        ) from None
+    return table
 
 
 def seeds_markdown(table: dict) -> str:
