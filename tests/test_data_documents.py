@@ -73,6 +73,14 @@ def test_jsonl_fields_defaults_and_counts(tmp_path):
         (b'{"id": "x", "text": "t", "source": ["a"]}', 'docs.jsonl:2: field "source" must be a string, got list'),
         (b'{"id": "x", "text": "\\ud800"}', 'docs.jsonl:2: field "text" holds an unpaired surrogate at character 1'),
         (b'{"id": "d0", "text": "again"}', 'docs.jsonl:2: duplicate id "d0" (first at line 1)'),
+        (  # json.loads kept the last "text" without a word
+            b'{"id": "x", "text": "a", "source": "w", "text": "b"}',
+            'docs.jsonl:2: field "text" appears twice (which one is meant?)',
+        ),
+        (
+            b'{"id": "x", "text": "a", "meta": {"k": 1, "k": 2}}',
+            'docs.jsonl:2: field "k" appears twice (which one is meant?)',
+        ),
     ],
 )
 def test_jsonl_bad_input_names_file_and_line(tmp_path, monkeypatch, line, message):

@@ -71,6 +71,10 @@ def test_jsonl_queries(tmp_path):
         (b'{"prompt": "p", "completion": "c"', "queries.jsonl:2: invalid JSON (Expecting ',' delimiter, column 34)"),
         (b'{"prompt": "\xc3", "completion": "c"}', "queries.jsonl:2: invalid UTF-8 at byte 13"),
         (
+            b'{"prompt": "p", "completion": "c", "prompt": "q"}',
+            'queries.jsonl:2: field "prompt" appears twice (which one is meant?)',
+        ),
+        (
             b'{"id": "a", "prompt": "p", "completion": "c"}',
             'queries.jsonl:2: duplicate query id "a" (first at queries.jsonl:1)',
         ),

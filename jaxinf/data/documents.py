@@ -127,11 +127,30 @@ COMPRESSED_MAGIC = {b"\x1f\x8b": "gzip", b"\x28\xb5\x2f\xfd": "zstd"}
 COMPRESSED_SUFFIX = {"gzip": ".jsonl.gz", "zstd": ".jsonl.zst"}
 
 
+class DuplicateKey(ValueError):
+    """A JSON object that names one key twice (the key in ``args[0]``)."""
+
+
+def _unique_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    obj = dict(pairs)
+    if len(obj) != len(pairs):  # json.loads keeps the last value of a repeated key without a word
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise DuplicateKey(key)
+            seen.add(key)
+    return obj
+
+
+STRICT_JSON = json.JSONDecoder(object_pairs_hook=_unique_object)  # JSON whose objects name each key once
+
+
 def decode_line(raw: bytes, path: str, line: int, *, strip_bom: bool = False) -> Any | None:
     """The JSON value of one line, or ``None`` for a blank line.
 
     Raises :class:`DataError` for invalid UTF-8 (naming the byte, counted from 1
-    within the line) or invalid JSON (naming the parser's reason and column).
+    within the line), invalid JSON (naming the parser's reason and column) or an
+    object that names one key twice (naming the key).
     """
     text_bytes = raw[len(BOM) :] if strip_bom and raw.startswith(BOM) else raw
     try:
@@ -155,7 +174,9 @@ def decode_line(raw: bytes, path: str, line: int, *, strip_bom: bool = False) ->
     if not text.strip():
         return None
     try:
-        return json.loads(text)
+        return STRICT_JSON.decode(text)
+    except DuplicateKey as e:
+        raise DataError(f'{where(path, line)}: field "{e.args[0]}" appears twice (which one is meant?)') from None
     except json.JSONDecodeError as e:
         raise DataError(f"{where(path, line)}: invalid JSON ({e.msg}, column {e.colno})") from None
     except RecursionError:

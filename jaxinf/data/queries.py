@@ -35,7 +35,15 @@ from typing import Any
 import numpy as np
 
 from jaxinf.data.batching import Batch, bucket_lengths
-from jaxinf.data.documents import Document, _iter_raw_lines, check_id, check_string, decode_line
+from jaxinf.data.documents import (
+    STRICT_JSON,
+    Document,
+    DuplicateKey,
+    _iter_raw_lines,
+    check_id,
+    check_string,
+    decode_line,
+)
 from jaxinf.data.errors import DataError, type_name, where
 from jaxinf.data.tokenize import EncodedQuery, TextEncoder
 
@@ -146,7 +154,9 @@ def _load_release(path: str) -> dict:
     except OSError as e:
         raise DataError(f"{path}: cannot read ({e.strerror})") from None
     try:
-        obj = json.loads(raw.decode("utf-8"))
+        obj = STRICT_JSON.decode(raw.decode("utf-8"))
+    except DuplicateKey as e:
+        raise DataError(f'{path}: field "{e.args[0]}" appears twice (which one is meant?)') from None
     except UnicodeDecodeError as e:
         raise DataError(f"{path}: invalid UTF-8 at byte {e.start + 1}") from None
     except json.JSONDecodeError as e:
