@@ -96,3 +96,19 @@ def test_missing_oracle_skips_or_fails(monkeypatch):
     with pytest.raises(pytest.fail.Exception, match="required oracle missing under JAXINF_REQUIRE_ORACLES=1: gone"):
         require_oracle(False, "gone")
     require_oracle(True, "present")
+
+
+@pytest.mark.parametrize("content", [None, b"[1]", b"\xff"])
+def test_a_release_that_cannot_be_read_is_named_by_its_whole_path(tmp_path, capsys, content):
+    """``analyze --from-release /nonexistent/release.json`` named only ``release.json``: the user could not tell
+    which of several such files it meant. The whole path is named, with the reason, and nothing is written."""
+    path = tmp_path / "nowhere" / "release.json"
+    if content is not None:
+        path.parent.mkdir()
+        path.write_bytes(content)
+    run = tmp_path / "run"
+    assert cli.main(["-q", "analyze", "--from-release", str(path), str(run)]) == 2
+    err = capsys.readouterr().err.strip()
+    reason = {None: "No such file or directory", b"[1]": "expected a JSON object", b"\xff": "invalid JSON: "}[content]
+    assert err.startswith(f"jaxinf analyze: error: {path}: cannot read the release ({reason}")
+    assert len(err.splitlines()) == 1 and not run.exists()

@@ -63,8 +63,12 @@ def load_release(path: Path) -> dict:
     path = Path(path)
     try:
         d = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise AnalysisError(f"{path.name}: cannot read the release ({e})") from None
+    except OSError as e:
+        raise AnalysisError(f"{path}: cannot read the release ({e.strerror})") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise AnalysisError(f"{path}: cannot read the release (invalid JSON: {e})") from None
+    if not isinstance(d, dict):
+        raise AnalysisError(f"{path}: cannot read the release (expected a JSON object)")
     for key in (
         "model",
         "test_ids",
@@ -76,14 +80,14 @@ def load_release(path: Path) -> dict:
         "influences_dot",
     ):
         if key not in d:
-            raise AnalysisError(f"{path.name}: missing field {key}")
+            raise AnalysisError(f"{path}: missing field {key}")
     Q, N = len(d["test_ids"]), len(d["training_ids"])
     scores = np.asarray(d["influences_dot"], np.float64)
     if scores.shape != (Q, N):
-        raise AnalysisError(f"{path.name}: influences_dot has shape {scores.shape}, expected ({Q}, {N})")
+        raise AnalysisError(f"{path}: influences_dot has shape {scores.shape}, expected ({Q}, {N})")
     for key, n in (("prompts", Q), ("completions", Q), ("training_sequences", N), ("training_sources", N)):
         if len(d[key]) != n:
-            raise AnalysisError(f"{path.name}: {key} has {len(d[key])} entries, expected {n}")
+            raise AnalysisError(f"{path}: {key} has {len(d[key])} entries, expected {n}")
     return d
 
 
