@@ -72,9 +72,6 @@ def _main(out: Path, n_documents: int, train_steps: int, seeds: int) -> Path:
     from jaxinf.demo import corpus
 
     t0 = time.perf_counter()
-    if discard_stale(out, written_by(n_documents, train_steps, 0)):
-        for stale in (out / SEEDS_JSON, out / SEEDS_MD, out / "run" / SEEDS_JSON):
-            stale.unlink(missing_ok=True)  # a table that seed 0's former run was part of
     docs_path = out / "data" / "documents.jsonl"
     docs = corpus.documents(0, n_documents)  # one corpus for every seed
     runs = []
@@ -97,7 +94,9 @@ def _seed(where: Path, seed: int, docs: list[dict], docs_path: Path, n_documents
     from jaxinf.demo import corpus, train
 
     stamp = written_by(n_documents, train_steps, seed)
-    discard_stale(where, stamp)
+    if discard_stale(where, stamp) and seed == 0:  # seed 0's directory holds the table of the seeds
+        for stale in (where / SEEDS_JSON, where / SEEDS_MD, where / "run" / SEEDS_JSON):
+            stale.unlink(missing_ok=True)  # a table that seed 0's former run was part of
     data = where / "data"
     data.mkdir(parents=True, exist_ok=True)
     write_json(where / STAMP, stamp)  # before anything is made: an interrupted demo resumes what it made
