@@ -33,9 +33,7 @@ EXIT_CODES = {
 
 
 def _setup_logging(quiet: bool) -> None:
-    from jaxinf.run.failures import HideLibraryTracebacks, install_unraisable_hook
-
-    install_unraisable_hook()
+    from jaxinf.run.failures import HideLibraryTracebacks
 
     logging.basicConfig(
         level=logging.WARNING if quiet else logging.INFO, format="jaxinf: %(message)s", stream=sys.stderr, force=True
@@ -352,10 +350,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     _setup_logging(args.quiet)
     from jaxinf.errors import EnvironmentFailure, UserError
+    from jaxinf.run.failures import unraisable_hook
 
-    interrupts = _RedeliverInterrupts()
     try:
-        return _handler(args.handler)(args)
+        with unraisable_hook().command():
+            return _handler(args.handler)(args)
     except (EnvironmentFailure, UserError) as e:  # jaxinf.errors: one line, the kind's exit code
         print(f"jaxinf {args.command}: error: {e}", file=sys.stderr)
         return e.exit_code
@@ -388,43 +387,3 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 3
-    finally:
-        interrupts.close()
-
-
-class _RedeliverInterrupts:
-    """A ``sys.unraisablehook`` that gives a lost Ctrl-C back to the main thread while a command runs. Python raises
-    a SIGINT's ``KeyboardInterrupt`` in whatever code runs when the signal arrives; inside a garbage-collector callback
-    (JAX's ``_xla_gc_callback``) or a ``__del__`` it cannot propagate, so Python printed it as a traceback and went
-    on: the run finished as if Ctrl-C had never been pressed. The hook raises it again in the main thread once the
-    callback has returned: from another thread, a moment later (a signal simulated at once would be handled inside
-    the hook or the callback, unraisable again; should it be, the hook runs again), and only while the command still
-    runs (:meth:`close`). Any other unraisable exception goes to the previous hook."""
-
-    def __init__(self):
-        import threading
-
-        self.previous, self.active, self.lock = sys.unraisablehook, True, threading.Lock()
-        sys.unraisablehook = self
-
-    def __call__(self, unraisable) -> None:
-        import _thread
-
-        if unraisable.exc_type is not None and issubclass(unraisable.exc_type, KeyboardInterrupt):
-            _thread.start_new_thread(self._interrupt_later, ())  # unlike threading.Thread.start: no waiting for it
-            return
-        self.previous(unraisable)
-
-    def _interrupt_later(self) -> None:
-        import _thread
-        import time
-
-        time.sleep(0.05)
-        with self.lock:
-            if self.active:
-                _thread.interrupt_main()
-
-    def close(self) -> None:
-        with self.lock:
-            self.active = False
-        sys.unraisablehook = self.previous

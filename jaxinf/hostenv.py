@@ -33,6 +33,14 @@ if TYPE_CHECKING:  # the jaxinf command imports this module before anything else
     from jax.sharding import Mesh
 
 
+def host_memory() -> int | None:
+    """This host's physical memory in bytes (``sysconf``), or None where the system does not say."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
 @contextlib.contextmanager
 def lapack_threads(threads: int = 1) -> Iterator[None]:
     """Caps the BLAS/LAPACK threads of the ``eigh`` and SVD calls XLA makes on the CPU inside the block.

@@ -522,12 +522,19 @@ def _put_back(aside: rundir.Aside, e: BaseException) -> bool:
 
 
 def _finished(store: RunStore, stage: str, files: tuple[str, ...]) -> bool:
-    """Whether ``stage`` is done and its files are in place: a rerun of a finished run redoes nothing (a stage that
-    a changed input or setting invalidated is pending again, :mod:`jaxinf.run.fingerprint`). With several processes the
+    """Whether ``stage`` is done and its files are in place as it wrote them: a rerun of a finished run redoes nothing
+    (a stage that a changed input or setting invalidated is pending again, :mod:`jaxinf.run.fingerprint`; one whose
+    files were edited since is redone from the saved results). With several processes the
     status alone decides, so that every process takes the same branch (the exports' breakdowns are collective)."""
     if store.status(stage) != "done":
         return False
-    return jax.process_count() > 1 or all(rundir.is_whole(store.path(*f.split("/"))) for f in files)
+    if jax.process_count() > 1:
+        return True
+    changed = fingerprint.written_changed(store, stage)
+    if changed:
+        log.warning("%s: changed since this run wrote it; written again", ", ".join(map(str, map(store.path, changed))))
+        return False
+    return all(rundir.is_whole(store.path(*f.split("/"))) for f in files)
 
 
 def _running_stage(store: RunStore | None) -> str:

@@ -330,6 +330,32 @@ def test_a_damaged_export_of_a_finished_run_is_redone_on_a_rerun(world, finished
     assert (run / "topk.jsonl").read_bytes() == (finished / "topk.jsonl").read_bytes()
 
 
+def test_an_edited_but_whole_export_of_a_finished_run_is_written_again(world, finished, tmp_path, caplog):
+    """A finished run whose scores.npy was replaced by a whole file of another shape, or with NaN in it, and whose
+    topk.jsonl was edited line for line, was "finished" on a rerun: exit 0, the edited files kept as the run's
+    results. The exports stage records what it wrote; a rerun names each changed file and writes it again."""
+    import shutil
+
+    import numpy as np
+
+    from jaxinf import config as cfg
+    from jaxinf import pipeline
+
+    run = shutil.copytree(finished, tmp_path / "run")
+    want = {name: (run / name).read_bytes() for name in ("scores.npy", "topk.jsonl")}
+    scores = np.load(run / "scores.npy")
+    scores[0, 0] = np.nan
+    np.save(run / "scores.npy", scores)
+    (run / "topk.jsonl").write_text((run / "topk.jsonl").read_text().replace('"score": ', '"score": 1'))
+    with caplog.at_level("WARNING", logger="jaxinf"):
+        pipeline.run(cfg.load(None, overrides(world, run, **{"data.batch_size": 8, "factors.fisher": "empirical"})))
+    assert {name: (run / name).read_bytes() for name in want} == want
+    assert f"{run / 'scores.npy'}, {run / 'topk.jsonl'}: changed since this run wrote it; written again" in caplog.text
+    np.save(run / "scores.npy", scores[:, :3])  # a whole file of another shape
+    pipeline.run(cfg.load(None, overrides(world, run, **{"data.batch_size": 8, "factors.fisher": "empirical"})))
+    assert (run / "scores.npy").read_bytes() == want["scores.npy"]
+
+
 def test_analyze_does_not_show_texts_of_a_corpus_edited_after_the_run(world, finished, tmp_path, capsys):
     """``jaxinf analyze RUN`` read the document texts from the corpus named in run.json as it is now: after the
     corpus was edited, the report showed the new texts beside scores of the old ones, without a word. The corpus
@@ -550,6 +576,43 @@ def test_a_query_batch_larger_than_the_queries_holds_only_the_queries(world, tmp
     assert "Traceback" not in capsys.readouterr().err and (out / "scores.npy").exists()
 
 
+@pytest.mark.parametrize(
+    "setting, message",
+    [
+        (
+            "validate.steps=99999999999999999999",
+            "validate.steps: must be at most 2,147,483,647 (one scan over int32 steps), got 99999999999999999999",
+        ),
+        (
+            "validate.steps=1000000000",
+            "validate.steps: 1 schedules of 1000000000 steps x 4 documents take 18.6 GiB, more than this host's "
+            "memory (16.0 GiB); lower it",
+        ),
+        (
+            "validate.subsets=99999999999",
+            "validate.subsets: 99999999999 subsets of 16 documents take 11,920.9 GiB, more than this host's "
+            "memory (16.0 GiB); lower it",
+        ),
+    ],
+)
+def test_validate_steps_and_subsets_beyond_memory_are_refused_before_training(
+    tmp_path, capsys, monkeypatch, setting, message
+):
+    """``validate.steps`` or ``validate.subsets`` of 10**20 ran for ever without a line: the minibatch schedule
+    (``[group, steps, batch]``) and the subsets (``[subsets, size]``) are drawn whole before any training, and
+    their lists grew until memory ran out. Both are refused first, naming the key and the memory they need."""
+    from jaxinf import hostenv
+
+    monkeypatch.setattr(hostenv, "host_memory", lambda: 16 * 2**30)
+    monkeypatch.setattr("jaxinf.validate.driver.host_memory", lambda: 16 * 2**30)
+    out = tmp_path / "v"
+    quick = ["validate.steps=2", "validate.subsets=2", "validate.seeds=1", "validate.builtin_documents=32"]
+    quick += ["validate.batch_size=4", "validate.group=1", "validate.strategies=[identity]"]
+    assert cli.main(["-q", "validate", "--out", str(out), *quick, setting]) == 2
+    assert _one_error(capsys, "validate") == message
+    assert not out.exists()
+
+
 def test_validate_bootstrap_is_bounded_and_its_memory_flat(tmp_path, capsys, monkeypatch):
     """``validate.bootstrap=99999999999999999999`` retrained every model and then died in numpy (``Maximum allowed
     dimension exceeded``), and a large count formed ``resamples x queries x subsets`` arrays at once (1e6 resamples
@@ -689,6 +752,36 @@ def test_a_ctrl_c_raised_inside_a_garbage_collector_callback_still_stops_the_com
     err = capsys.readouterr().err
     assert not finished and "Traceback" not in err and "Exception ignored" not in err
     assert err.strip() == "jaxinf run: interrupted; run it again to resume"
+
+
+def test_commands_in_one_process_share_one_unraisable_hook(monkeypatch, capsys):
+    """Every ``cli.main`` call put one more filtering ``sys.unraisablehook`` over the last and never removed it (a
+    notebook or a test process running many commands chained hundreds), and a second hook class gave lost Ctrl-Cs
+    back. One hook does both: installed once, reused by every later command, redelivering Ctrl-C only while a
+    command runs; other unraisable exceptions reach the hook it replaced."""
+    import sys
+    from types import SimpleNamespace
+
+    from jaxinf import pipeline
+    from jaxinf.run import failures
+
+    seen = []
+    monkeypatch.setattr(sys, "unraisablehook", seen.append)
+    monkeypatch.setattr(pipeline, "run", lambda config, overwrite: None)
+    for _ in range(3):
+        assert cli.main(["-q", "run", "data.max_length=7"]) == 0
+    hook = sys.unraisablehook
+    assert isinstance(hook, failures.UnraisableHook) and hook.previous == seen.append and hook.commands == 0
+    try:
+        raise ValueError("other")
+    except ValueError as e:
+        hook(SimpleNamespace(exc_type=ValueError, exc_value=e, exc_traceback=e.__traceback__))
+    assert [type(u.exc_value) for u in seen] == [ValueError]
+    try:
+        raise KeyboardInterrupt
+    except KeyboardInterrupt as e:  # outside a command: not redelivered, passed on
+        hook(SimpleNamespace(exc_type=KeyboardInterrupt, exc_value=e, exc_traceback=e.__traceback__))
+    assert [type(u.exc_value) for u in seen] == [ValueError, KeyboardInterrupt]
 
 
 def test_a_full_disk_met_inside_a_library_names_the_file(tmp_path, monkeypatch, capsys):

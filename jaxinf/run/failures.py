@@ -10,10 +10,12 @@ failed save leaves the previous checkpoint, and the next run resumes from it).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import re
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 from jaxinf.errors import EnvironmentFailure
@@ -92,15 +94,61 @@ def is_closed_loop_noise(exc_type, exc: BaseException, tb) -> bool:
     return tb.tb_frame.f_code.co_name == "call_soon_threadsafe"
 
 
-def install_unraisable_hook() -> None:
-    """Drops :func:`is_closed_loop_noise` exceptions; every other unraisable exception is printed as before."""
-    previous = sys.unraisablehook
+class UnraisableHook:
+    """The process's ``sys.unraisablehook`` while jaxinf runs in it: one, however many commands run (:func:`unraisable_hook`).
 
-    def hook(args):
-        if not is_closed_loop_noise(args.exc_type, args.exc_value, args.exc_traceback):
-            previous(args)
+    - A ``KeyboardInterrupt`` that could not propagate is given back to the main thread while a command runs
+      (:meth:`command`). Python raises a SIGINT's ``KeyboardInterrupt`` in whatever code runs when the signal
+      arrives; inside a garbage-collector callback (JAX's ``_xla_gc_callback``) or a ``__del__`` it cannot
+      propagate, so Python printed it as a traceback and went on: the run finished as if Ctrl-C had never been
+      pressed. It is raised again in the main thread once the callback has returned: from another thread, a moment
+      later (a signal simulated at once would be handled inside the hook or the callback, unraisable again; should
+      it be, the hook runs again), and only while a command still runs.
+    - :func:`is_closed_loop_noise` is dropped, whenever it comes (also as the process exits).
+    - Anything else goes to the hook it replaced.
+    """
 
-    sys.unraisablehook = hook
+    def __init__(self, previous):
+        import threading
+
+        self.previous, self.commands, self.lock = previous, 0, threading.Lock()
+
+    def __call__(self, unraisable) -> None:
+        import _thread
+
+        kind = unraisable.exc_type
+        if kind is not None and issubclass(kind, KeyboardInterrupt) and self.commands:
+            _thread.start_new_thread(self._interrupt_later, ())  # unlike threading.Thread.start: no waiting for it
+        elif not is_closed_loop_noise(kind, unraisable.exc_value, unraisable.exc_traceback):
+            self.previous(unraisable)
+
+    def _interrupt_later(self) -> None:
+        import _thread
+        import time
+
+        time.sleep(0.05)
+        with self.lock:
+            if self.commands:
+                _thread.interrupt_main()
+
+    @contextlib.contextmanager
+    def command(self) -> Iterator[None]:
+        """The block in which a command runs: a lost Ctrl-C inside it stops it."""
+        with self.lock:
+            self.commands += 1
+        try:
+            yield
+        finally:
+            with self.lock:
+                self.commands -= 1
+
+
+def unraisable_hook() -> UnraisableHook:
+    """The process's :class:`UnraisableHook`, put in place over the hook it finds on first use (a second call, a
+    second command in one process, reuses it rather than chaining one more)."""
+    if not isinstance(sys.unraisablehook, UnraisableHook):
+        sys.unraisablehook = UnraisableHook(sys.unraisablehook)
+    return sys.unraisablehook
 
 
 class HideLibraryTracebacks(logging.Filter):

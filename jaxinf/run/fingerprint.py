@@ -53,8 +53,8 @@ from jaxinf.run.store import RunStore
 
 log = logging.getLogger("jaxinf")
 
-# Files of a finished run that the exports and the analysis write (deleted when those stages are recomputed).
-EXPORTS = (
+# Files of a finished run that the exports stage writes (fingerprinted as they are written: :func:`written_changed`).
+EXPORT_FILES = (
     "scores.npy",
     "self_influence.npy",
     "queries.jsonl",
@@ -63,11 +63,11 @@ EXPORTS = (
     "layers.json",
     "layer_scores.npy",
     "topk_tokens.jsonl",
-    "summary.json",
-    "report",
     "index_bounds.npy",
     "index.json",
 )
+# ... and with the analysis's (deleted when those stages are recomputed).
+EXPORTS = (*EXPORT_FILES, "summary.json", "report")
 TOKENIZER_FILES = ("tokenizer.json",)
 MODEL_PATTERNS = ("config.json", "*.safetensors", "model.safetensors.index.json")
 
@@ -92,6 +92,23 @@ def files_fingerprint(paths: list[Path], previous: dict | None) -> dict:
         digest = old["sha256"] if old is not None and old.get("stamp") == st else file_sha256(p)
         out[p.name] = {"sha256": digest, "stamp": st}
     return out
+
+
+def written(store: RunStore, names: tuple[str, ...]) -> dict:
+    """The fingerprint (:func:`files_fingerprint`) of the files among ``names`` that a stage has just written."""
+    return files_fingerprint([p for p in map(store.path, names) if p.is_file()], None)
+
+
+def written_changed(store: RunStore, stage: str) -> list[str]:
+    """The files a finished stage recorded as it wrote them (:func:`written`) that are gone or hold other bytes now:
+    an output edited by hand is written again on a rerun, not kept as the run's result."""
+    recorded = store.record["stages"].get(stage, {}).get("files") or {}
+    changed = []
+    for name, entry in recorded.items():
+        path = store.path(name)
+        if not path.is_file() or files_fingerprint([path], recorded)[name]["sha256"] != entry["sha256"]:
+            changed.append(name)
+    return changed
 
 
 def model_files(checkpoint: str | Path) -> tuple[list[Path], list[Path]]:

@@ -52,6 +52,7 @@ import numpy as np
 from jaxinf import config as cfg
 from jaxinf.atomic import save_npy, write_atomic, write_json
 from jaxinf.engine import curvature, indexing
+from jaxinf.hostenv import host_memory
 from jaxinf.run import rundir
 from jaxinf.run.lock import claim_output
 from jaxinf.validate import index as index_mod
@@ -236,8 +237,10 @@ def validate(config: cfg.Config, out: str | Path) -> dict:
     out = Path(out)
     rundir.check_output(out, "validate")  # the output-directory rule of jaxinf run's (nothing written if refused)
     world = load_world(config)
-    if int(round(v.fraction * world.num_documents)) < v.batch_size:
+    size = int(round(v.fraction * world.num_documents))
+    if size < v.batch_size:
         raise ValidationError(subset_too_small(config, world.num_documents))
+    retrain.check_size(v.steps, v.batch_size, v.group, v.subsets, size, host_memory())
     lock = claim_output(out, "validate")  # one process at a time, as a run directory
     try:
         return _validate(config, out, world, t_start)
@@ -266,6 +269,7 @@ def _validate(config: cfg.Config, out: Path, world: World, t_start: float) -> di
         params = _load_params(full_path, params0)
     else:
         t0 = time.perf_counter()
+        log.info("validate: training the full model: %d steps of %d documents", v.steps, v.batch_size)
         _, losses, params = train_one(
             params0, docs, queries, jnp.asarray(retrain.schedule(np.arange(N), v.steps, v.batch_size, 0))
         )

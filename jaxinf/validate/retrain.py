@@ -51,6 +51,31 @@ class Procedure:
     weight_decay: float = 0.01
 
 
+MAX_SCAN = 2**31 - 1  # a retraining is one lax.scan over its steps, its minibatch indices int32
+
+
+def check_size(steps: int, batch_size: int, group: int, subsets: int, size: int, memory: int | None) -> None:
+    """Refuses, before anything trains, a validation whose arrays cannot exist: the subsets ``[subsets, size]``
+    (int64) and one group's minibatch schedules and loss curves, ``[group, steps, batch_size]`` int32 and
+    ``[group, steps]`` float32, each held whole in host memory (``memory`` bytes, None: unknown), and ``steps``
+    within the scan's int32 indices."""
+    if steps > MAX_SCAN:
+        raise ValidationError(f"validate.steps: must be at most {MAX_SCAN:,} (one scan over int32 steps), got {steps}")
+    arrays = {
+        "validate.subsets": (subsets * size * 8, f"{subsets} subsets of {size} documents"),
+        "validate.steps": (
+            group * steps * (batch_size + 1) * 4,
+            f"{group} schedules of {steps} steps x {batch_size} documents",
+        ),
+    }
+    for name, (need, what) in arrays.items():
+        if memory is not None and need > memory:
+            raise ValidationError(
+                f"{name}: {what} take {need / 2**30:,.1f} GiB, more than this host's memory "
+                f"({memory / 2**30:,.1f} GiB); lower it"
+            )
+
+
 def sample_subsets(n_documents: int, count: int, fraction: float, seed: int) -> np.ndarray:
     """``count`` random subsets of ``round(fraction * n)`` document indices each (sorted rows), ``[count, size]``."""
     size = int(round(fraction * n_documents))

@@ -26,6 +26,7 @@ from jaxinf.engine import tails as running_tails
 from jaxinf.engine.loop import Kept, run_batches
 from jaxinf.engine.tails import Tails
 from jaxinf.faults import fault_point
+from jaxinf.run import fingerprint
 from jaxinf.run.executor import Executor
 from jaxinf.run.exports import formats
 from jaxinf.run.inputs import Inputs, non_finite_loss
@@ -98,7 +99,13 @@ def export(config: cfg.Config, store: RunStore, inputs: Inputs, results: dict, q
             ),
         )
     again = export_breakdowns(config, store, inputs, qg, top, docs, executor, results.get("tails"))
-    store.mark("exports", "done", seconds=round(time.perf_counter() - t0, 3), documents_scored_again=again)
+    store.mark(
+        "exports",
+        "done",
+        seconds=round(time.perf_counter() - t0, 3),
+        documents_scored_again=again,
+        files=fingerprint.written(store, fingerprint.EXPORT_FILES) if primary else {},
+    )
 
 
 def _write_index_exports(store: RunStore, inputs: Inputs, results: dict, qloss: np.ndarray, normalize: str) -> None:
