@@ -18,6 +18,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 MESHES = ((8, 1), (4, 2), (2, 4), (1, 8))
+FSDP_MESHES = ((4, 2),)  # also run with the parameters split over data (mesh.fsdp), reported as "4x2-fsdp"
 TOLERANCE = 1e-5  # max |sharded - single| / max |single|, float32; fixed before the first run
 
 
@@ -144,9 +145,10 @@ def _say(*args) -> None:
 
 
 def _collectives(compiled) -> list[str]:
+    """The collectives of a compiled program, one entry per instruction (sorted)."""
     kinds = ("all-reduce", "reduce-scatter", "all-gather", "all-to-all", "collective-permute")
-    text = compiled.as_text()
-    return sorted(k for k in kinds if f" {k}(" in text or f" {k}-start(" in text)
+    lines = compiled.as_text().splitlines()
+    return sorted(k for line in lines for k in kinds if f" {k}(" in line or f" {k}-start(" in line)
 
 
 def _rel(x, y) -> float:
@@ -233,14 +235,15 @@ def stages_task(out: Path) -> None:
     ref["scores"] = [jax.jit(score_step)(lm.params, ref["queries"], dev(b)) for b in host_batches]
 
     report = {"meshes": {}}
-    for data, model in MESHES:
+    for data, model, fsdp in [(d, m, False) for d, m in MESHES] + [(d, m, True) for d, m in FSDP_MESHES]:
+        name = f"{data}x{model}" + ("-fsdp" if fsdp else "")
         mesh = make_mesh(data, model)
-        ex = MeshExecutor(mesh, batch_size=8)
+        ex = MeshExecutor(mesh, batch_size=8, fsdp=fsdp)
         params = ex.place(lm.params, models.parameter_axes(lm.config))
         r: dict = {"collectives": {}, "errors": {}, "layouts": {}}
 
         # covariance
-        _say(f"{data}x{model}: covariance")
+        _say(f"{name}: covariance")
         state = ex.init(cov_stage)
         up = ex.jit(cov_stage.update, donate_argnums=(0,), out_shardings=(ex.shardings(state), ex.rows()))
         r["collectives"]["covariance"] = _collectives(up.lower(state, params, ex.put(host_batches[0]), key).compile())
@@ -253,7 +256,7 @@ def stages_task(out: Path) -> None:
         r["layouts"]["covariance"] = _layouts(cov)
 
         # eigendecomposition, from the single-device covariance
-        _say(f"{data}x{model}: eigen")
+        _say(f"{name}: eigen")
         placed_cov = ex.place(ref["cov"])
         big = max(placed_cov.A.values(), key=lambda m: m.shape[-1])
         r["collectives"]["eigen"] = _collectives(eigh_program(mesh, big, "A").lower(big).compile())
@@ -263,7 +266,7 @@ def stages_task(out: Path) -> None:
         r["layouts"]["eigen"] = _layouts(eigen)
 
         # Lambda, from the single-device eigenbasis
-        _say(f"{data}x{model}: lambda")
+        _say(f"{name}: lambda")
         placed_eigen = ex.place(ref["eigen"])
         state = ex.init(lam_stage)
         up = ex.jit(lam_stage.update, donate_argnums=(0,), out_shardings=(ex.shardings(state), ex.rows()))
@@ -280,7 +283,7 @@ def stages_task(out: Path) -> None:
         r["layouts"]["Lambda"] = _layouts({"Lambda": Lam})
 
         # query gradients, preconditioned by the single-device curvature
-        _say(f"{data}x{model}: queries")
+        _say(f"{name}: queries")
         pcurv = ex.place(curv)
         qput = ex.put_replicated(qhost)
         prep_fn = ex.jit(lambda p, b, c: stages.prepared_queries(task, layers, p, b, c, None, 4))  # layer by layer
@@ -310,7 +313,7 @@ def stages_task(out: Path) -> None:
             r["errors"]["queries_" + strategy] = _tree_rel(got.full, want.full)
 
         # scores, against the single-device query gradients
-        _say(f"{data}x{model}: scores")
+        _say(f"{name}: scores")
         pq = ex.place(ref["queries"])
         fn = ex.jit(score_step, out_shardings={"scores": ex.rows(2, last=True), "loss": ex.rows()})
         r["collectives"]["scores"] = _collectives(fn.lower(params, pq, ex.put(host_batches[0])).compile())
@@ -321,7 +324,7 @@ def stages_task(out: Path) -> None:
             r["layouts"]["scores"] = _layouts(got)
         r["errors"]["scores"] = max(errs)
         r["layouts"]["params"] = _layouts(params)
-        report["meshes"][f"{data}x{model}"] = r
+        report["meshes"][name] = r
     Path(out).write_text(json.dumps(report, indent=1))
 
 

@@ -8,7 +8,7 @@ count is fixed when jax starts, and this process keeps its single device.
 from __future__ import annotations
 
 import pytest
-from sharding_support import MESHES, TOLERANCE, run_worker
+from sharding_support import FSDP_MESHES, MESHES, TOLERANCE, run_worker
 
 from jaxinf.sharding import partitioning
 
@@ -19,9 +19,10 @@ def stages_report(tmp_path_factory):
     return run_worker("stages", root / "report.json", devices=8, cache=root / "xla-cache")
 
 
-@pytest.mark.parametrize("mesh", [f"{d}x{m}" for d, m in MESHES])
+@pytest.mark.parametrize("mesh", [f"{d}x{m}" for d, m in MESHES] + [f"{d}x{m}-fsdp" for d, m in FSDP_MESHES])
 def test_every_stage_equals_one_device(stages_report, mesh):
-    """A, S, the eigendecomposition, Lambda, the query gradients and the scores, each from the same inputs."""
+    """A, S, the eigendecomposition, Lambda, the query gradients and the scores, each from the same inputs; also with
+    the parameters split over data (``mesh.fsdp``, gathered one layer at a time)."""
     errors = stages_report["meshes"][mesh]["errors"]
     assert set(errors) == {
         "A",
@@ -73,6 +74,24 @@ def test_factors_and_queries_stay_sharded(stages_report):
             assert kernel["spec"] == "P(None, None, 'model')", kernel  # [L, hidden, ff]: ff on model
         scores = layouts["scores"]["['scores']"]
         assert scores["spec"] == "P(None, 'data')" and scores["replicated"] == (data == 1), scores  # columns on data
+
+
+def test_fsdp_splits_parameters_over_both_axes_and_gathers_them_in_the_layer_loop(stages_report):
+    """With ``mesh.fsdp`` every large parameter is stored over ``data`` and ``model`` (1/8 of it per device on 4x2,
+    against 1/2 without), and the steps that run the model gather it over ``data`` (all-gather), one layer's slice
+    at a time inside the layer loop: the stored stack is never whole on a device (no full rematerialization,
+    below), and the results equal one device's (above)."""
+    for data, model in FSDP_MESHES:
+        r = stages_report["meshes"][f"{data}x{model}-fsdp"]
+        plain = stages_report["meshes"][f"{data}x{model}"]
+        kernel = "['model']['layers']['mlp']['up_proj']['kernel']"
+        assert r["layouts"]["params"][kernel]["spec"] == "P(None, 'data', 'model')", r["layouts"]["params"][kernel]
+        assert plain["layouts"]["params"][kernel]["spec"] == "P(None, None, 'model')"
+        embedding = r["layouts"]["params"]["['model']['embed_tokens']['embedding']"]
+        assert embedding["spec"] == "P('model', 'data')", embedding
+        for stage in ("covariance", "lambda", "queries", "scores"):  # more gathers than with parameters on model only
+            count = {name: c["collectives"][stage].count("all-gather") for name, c in (("fsdp", r), ("plain", plain))}
+            assert count["fsdp"] > count["plain"], (stage, count)
 
 
 def test_no_full_rematerialization(stages_report):

@@ -152,6 +152,12 @@ class IndexConfig:
 class MeshConfig:
     data: int = key(1, "devices along the data axis (documents)", None)
     model: int = key(1, "devices along the model axis (parameters, factors, query gradients)", None)
+    fsdp: bool = key(
+        False,
+        "parameters split over the data axis too (FSDP / ZeRO-3), each layer gathered as the layer loop reaches it: "
+        "1/(data x model) of the model per device instead of 1/model, for models whose parameters do not fit",
+        None,
+    )
     coordinator: str | None = key(
         None,
         "multi-process runs: HOST:PORT of process 0's coordinator, or auto (TPU pods, "

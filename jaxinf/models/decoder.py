@@ -26,6 +26,7 @@ from jaxinf.engine.capture import Tap
 from jaxinf.models.config import ModelConfig
 from jaxinf.models.layers import HEAD, POSITIONS, VOCAB, Embed, Linear, attention_mask, rotary_tables
 from jaxinf.models.parts import Context
+from jaxinf.sharding.partitioning import layer_parameter
 
 Array = jax.Array
 
@@ -115,7 +116,9 @@ class DecoderLM(nnx.Module):
                 h = block(h, Context(cos[kind], sin[kind], allowed[kind]), tap, f"{prefix}.{i}.")
         h = getattr(backbone, fam.norm)(h)
         if self.lm_head is None:
-            logits = tap.linear("lm_head", h, embed.embedding[...].T)
+            logits = tap.linear(
+                "lm_head", h, layer_parameter(embed.embedding[...], embed.embedding.get_metadata()["axes"]).T
+            )
         else:
             logits = self.lm_head(h, tap)
         return final_logits(logits, c)

@@ -30,6 +30,7 @@ from flax import nnx
 from jaxinf.engine.capture import Tap
 from jaxinf.models.config import ModelConfig
 from jaxinf.sharding.axes import REPLICATED, Axes, param
+from jaxinf.sharding.partitioning import layer_parameter
 
 Array = jax.Array
 
@@ -87,7 +88,8 @@ class Linear(nnx.Module):
     def __call__(self, x: Array, tap: Tap, prefix: str = "", tokens: Array | None = None) -> Array:
         """``tokens`` ``[B, T]``: the tokens that belong to this layer (an expert's routed tokens; None: all)."""
         bias = None if self.bias is None else self.bias[...]
-        return tap.linear(prefix + self.name, x, self.kernel[...], bias, tokens)
+        kernel = layer_parameter(self.kernel[...], self.kernel.get_metadata()["axes"])  # gathered over data (FSDP)
+        return tap.linear(prefix + self.name, x, kernel, bias, tokens)
 
 
 class Embed(nnx.Module):
@@ -101,7 +103,8 @@ class Embed(nnx.Module):
         self.embedding = nnx.Param(_normal(rngs, shape, config.initializer_range, config.param_dtype), axes=axes)
 
     def __call__(self, tokens: Array, dtype) -> Array:
-        return jnp.take(self.embedding[...], tokens, axis=0).astype(dtype)
+        table = layer_parameter(self.embedding[...], self.embedding.get_metadata()["axes"])
+        return jnp.take(table, tokens, axis=0).astype(dtype)
 
 
 class RMSNorm(nnx.Module):

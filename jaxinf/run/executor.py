@@ -147,7 +147,8 @@ class DeviceExecutor:
 class MeshExecutor:
     """:class:`Executor` on a mesh, every array placed by :mod:`jaxinf.sharding.partitioning`'s rules.
 
-    - parameters go onto their shardings as the checkpoint is read (:meth:`place_param`);
+    - parameters go onto their shardings as the checkpoint is read (:meth:`place_param`): split over ``model``,
+      and over ``data`` too with ``fsdp`` (``mesh.fsdp``; the layer loop gathers one layer at a time);
     - document batches are split over ``data``; each process contributes the
       rows of its own slice of the corpus (:attr:`groups`), as one global batch of
       ``groups x data.batch_size`` rows (``jax.make_array_from_process_local_data``);
@@ -161,8 +162,8 @@ class MeshExecutor:
     :func:`jaxinf.hostenv.mesh_lapack_threads` (as ``jaxinf run`` does).
     """
 
-    def __init__(self, mesh: Mesh, batch_size: int | None = None):
-        self.mesh = mesh
+    def __init__(self, mesh: Mesh, batch_size: int | None = None, fsdp: bool = False):
+        self.mesh, self.fsdp = mesh, fsdp
         self.groups = data_groups(mesh)
         self.per_group = rows_per_group(mesh, self.groups[1])
         if batch_size is not None and batch_size % self.per_group:
@@ -209,7 +210,7 @@ class MeshExecutor:
 
     def place_param(self, path: str, x: np.ndarray, axes) -> jax.Array:
         """One parameter read from a checkpoint, onto the sharding of its declared :class:`~jaxinf.sharding.axes.Axes`."""
-        return placer(self.mesh)(path, x, axes)
+        return placer(self.mesh, self.fsdp)(path, x, axes)
 
     def place(self, tree, declared=None):
         """A pytree moved onto the shardings of its declared logical axes (:meth:`shardings`)."""
@@ -217,8 +218,9 @@ class MeshExecutor:
 
     def shardings(self, tree, declared=None):
         """Each array's sharding under :mod:`jaxinf.sharding.partitioning`'s rules, from the logical axes it declares
-        (``declared`` for a tree that carries none: see :func:`jaxinf.sharding.axes.declared_axes`)."""
-        return tree_shardings(self.mesh, tree, declared)
+        (``declared`` for a tree that carries none: see :func:`jaxinf.sharding.axes.declared_axes`); parameters over
+        ``data`` too with ``mesh.fsdp``."""
+        return tree_shardings(self.mesh, tree, declared, self.fsdp)
 
     def rows(self, ndim: int = 1, last: bool = False) -> NamedSharding:
         """Sharding of per-row outputs: rows over ``data`` on the first (or ``last``) axis."""
@@ -274,4 +276,4 @@ def make_executor(config) -> Executor:
         return DeviceExecutor()
     mesh = make_mesh(config.mesh.data, config.mesh.model)
     log.info("%s", describe(mesh))
-    return MeshExecutor(mesh, batch_size=config.data.batch_size)
+    return MeshExecutor(mesh, batch_size=config.data.batch_size, fsdp=config.mesh.fsdp)

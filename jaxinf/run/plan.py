@@ -158,8 +158,9 @@ def stage_shapes(lm, layers, config) -> dict[str, Any]:
     return {**fitted, "queries": queries, "curvature": curv}
 
 
-def static_bytes(lm, shapes: dict, data: int, model: int) -> dict[str, int]:
-    """Bytes per device of parameters, factors (A, S), eigenbases (Q, e), Lambda and query gradients."""
+def static_bytes(lm, shapes: dict, data: int, model: int, fsdp: bool = False) -> dict[str, int]:
+    """Bytes per device of parameters (over ``data`` too with ``fsdp``), factors (A, S), eigenbases (Q, e), Lambda
+    and query gradients."""
     from jaxinf import models
     from jaxinf.engine import curvature
     from jaxinf.sharding.axes import field_axes
@@ -169,7 +170,7 @@ def static_bytes(lm, shapes: dict, data: int, model: int) -> dict[str, int]:
     cov = shapes["finished"]
     factors = (field_axes(curvature.Covariance, "A"), field_axes(curvature.Covariance, "S"))
     out = {
-        "parameters": shard_bytes(lm.params, tree_specs(mesh, lm.params, models.parameter_axes(lm.config)), mesh),
+        "parameters": shard_bytes(lm.params, tree_specs(mesh, lm.params, models.parameter_axes(lm.config), fsdp), mesh),
         "factors": shard_bytes((cov.A, cov.S), tree_specs(mesh, (cov.A, cov.S), factors), mesh),
         "eigenbases": shard_bytes(shapes["eigen"], tree_specs(mesh, shapes["eigen"]), mesh),
         "Lambda": shard_bytes(shapes["lambda"], tree_specs(mesh, shapes["lambda"], curvature.LAMBDA_AXES), mesh),
@@ -280,7 +281,7 @@ def abstract_arguments(config, mesh, lm, layers, shapes: dict, global_batch: int
     from jaxinf.sharding.partitioning import batch_spec, tree_shardings
 
     def absd(tree, declared=None):
-        return abstract_tree(tree, tree_shardings(mesh, tree, declared))
+        return abstract_tree(tree, tree_shardings(mesh, tree, declared, config.mesh.fsdp))
 
     dtype = statistics_dtype(config.run.precision)
     T = config.data.max_length
@@ -480,7 +481,7 @@ def plan(config, meshes: Iterable[tuple[int, int]], compile: bool = True, chip=N
             config.plan.hosts,
             groups,
             groups * config.data.batch_size,
-            static_bytes(lm, shapes, data, model),
+            static_bytes(lm, shapes, data, model, config.mesh.fsdp),
         )
         if compile:
             if jax.device_count() < data * model:

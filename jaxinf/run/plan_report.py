@@ -67,6 +67,7 @@ def format_plan(result: dict, config) -> str:
             f"{m['corpus_slices']} corpus slice(s), {m['global_batch']} documents per step)",
             "  per device (GiB): parameters "
             + gib(st["parameters"]).strip()
+            + (" (over data and model: mesh.fsdp)" if config.mesh.fsdp else "")
             + ", factors A+S "
             + gib(st["factors"]).strip()
             + " (eigenbases "

@@ -27,7 +27,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 
 from jaxinf.sharding.axes import Axes
-from jaxinf.sharding.partitioning import AXES, ShardingError, mesh_shape, resolve
+from jaxinf.sharding.partitioning import AXES, ShardingError, mesh_shape, resolve, stored_family
 
 log = logging.getLogger("jaxinf")
 
@@ -165,9 +165,9 @@ def check_agreement(config_dict: dict) -> None:
 # --------------------------------------------------------------------------- placing data
 
 
-def placer(mesh: Mesh) -> Callable[[str, np.ndarray, Axes], jax.Array]:
+def placer(mesh: Mesh, fsdp: bool = False) -> Callable[[str, np.ndarray, Axes], jax.Array]:
     """``place(path, host_array, axes)`` for :func:`jaxinf.models.from_hf`: puts one parameter onto the sharding
-    of its declared logical ``axes`` (``path`` names it in errors).
+    of its declared logical ``axes`` (``path`` names it in errors; ``fsdp``: split over ``data`` too).
 
     Each device receives only its own slice (``jax.make_array_from_callback``),
     so device memory never holds a whole parameter and host memory one
@@ -175,7 +175,8 @@ def placer(mesh: Mesh) -> Callable[[str, np.ndarray, Axes], jax.Array]:
     """
 
     def place(path: str, x: np.ndarray, axes: Axes) -> jax.Array:
-        spec = resolve(mesh_shape(mesh), axes.family, axes.names, tuple(x.shape), f"parameter {path}")
+        family = stored_family(axes.family, fsdp)
+        spec = resolve(mesh_shape(mesh), family, axes.names, tuple(x.shape), f"parameter {path}")
         return jax.make_array_from_callback(x.shape, NamedSharding(mesh, spec), lambda index: x[index])
 
     return place

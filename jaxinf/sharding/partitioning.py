@@ -17,8 +17,11 @@ A run's devices form a :class:`jax.sharding.Mesh` with two axes:
   step; score columns come out sharded over ``data``.
 - ``model`` (``mesh.model`` devices): parameters, factors and query gradients.
   Every large parameter is split over ``model`` along one feature dimension
-  (FSDP-style: each device stores ``1/mesh.model`` of it and XLA gathers or
-  partitions the matmuls as its SPMD partitioner sees fit); every factor, its
+  (each device stores ``1/mesh.model`` of it and XLA gathers or partitions the
+  matmuls as its SPMD partitioner sees fit), and with ``mesh.fsdp`` over ``data``
+  too, along another (ZeRO-3 / FSDP: ``1/(mesh.data mesh.model)`` of it per device;
+  the layer loop gathers one layer's parameters over ``data`` as it uses them,
+  :func:`layer_parameter`); every factor, its
   eigenbasis, ``Lambda`` and the preconditioned query gradients are split over
   ``model`` too (and, where a dimension allows it, over ``data``), so no device
   ever holds all of them.
@@ -66,6 +69,7 @@ from jaxinf.errors import UserError
 from jaxinf.sharding.axes import LAYERS, Axes, declared_axes
 
 AXES = ("data", "model")
+FSDP = "param-fsdp"  # the family parameters are stored under with mesh.fsdp (see RULES)
 ALL = AXES  # a dimension split over every device (data-major)
 
 
@@ -77,8 +81,22 @@ class ShardingError(UserError):
 
 # Per family: ordered (logical axis, mesh axis) candidates. First fit wins; see the module docstring.
 RULES: dict[str, tuple[tuple[str, str], ...]] = {
-    # Parameters: FSDP-style on `model`, along the feature dimension; replicated over `data`.
+    # Parameters: on `model`, along the feature dimension; replicated over `data`.
     "param": (("ff", "model"), ("vocab", "model"), ("embed", "model"), ("out", "model"), ("in", "model")),
+    # Parameters with mesh.fsdp: as "param", and over `data` along another dimension (FSDP).
+    FSDP: (
+        ("ff", "model"),
+        ("vocab", "model"),
+        ("embed", "model"),
+        ("out", "model"),
+        ("in", "model"),
+        ("embed", "data"),
+        ("ff", "data"),
+        ("in", "data"),
+        ("out", "data"),
+        ("vocab", "data"),
+        ("positions", "data"),
+    ),
     # A, S, Q_A, Q_S, Lambda (and their running sums): rows on `model`, columns on `data`.
     "factor": (
         ("rows", "model"),
@@ -100,7 +118,12 @@ RULES: dict[str, tuple[tuple[str, str], ...]] = {
 }
 
 # Families whose tensors must be split over a mesh axis larger than 1 (else ShardingError).
-REQUIRED = {"param": ("model",), "factor": ("model",), "query": ("model",), "batch": ("data",)}
+REQUIRED = {"param": ("model",), FSDP: ("model",), "factor": ("model",), "query": ("model",), "batch": ("data",)}
+
+
+def stored_family(family: str, fsdp: bool) -> str:
+    """The family an array of ``family`` is stored under: parameters under :data:`FSDP` with ``mesh.fsdp``."""
+    return FSDP if fsdp and family == "param" else family
 
 
 def resolve(mesh_shape: Mapping[str, int], family: str, axes: tuple[str, ...], shape: tuple[int, ...], what: str) -> P:
@@ -163,6 +186,17 @@ def constrain(x: jax.Array, axes: tuple[str, ...], family: str = "activation") -
     except ShardingError:  # one layer's share of a state split along its layers: left to XLA
         return x
     return jax.lax.with_sharding_constraint(x, spec)
+
+
+def layer_parameter(x: jax.Array, axes: Axes) -> jax.Array:
+    """One layer's parameter ``x`` as the layer computes with it: split over ``model`` only, by the ``param`` rules
+    of its declared ``axes``. Parameters stored over ``data`` as well (``mesh.fsdp``) are gathered over ``data``
+    here, one layer at a time inside the layer loop (the backward pass and a ``remat`` recomputation gather
+    again), so a device holds one layer whole over ``data`` at a time; without ``mesh.fsdp`` this is the layout
+    they are stored in, and outside a mesh ``x`` itself."""
+    if axes.family != "param":
+        return x
+    return constrain(x, axes.names, family="param")
 
 
 @jax.tree_util.register_dataclass
@@ -229,26 +263,27 @@ def mesh_shape(mesh: Mesh) -> dict[str, int]:
     return dict(zip(mesh.axis_names, mesh.devices.shape))
 
 
-def tree_specs(shape: Mapping[str, int], tree, declared=None) -> Any:
+def tree_specs(shape: Mapping[str, int], tree, declared=None, fsdp: bool = False) -> Any:
     """The :class:`PartitionSpec` of every array of ``tree`` (arrays or shapes) on a mesh of ``shape`` (no devices
     needed), from the logical axes the arrays declare (:func:`jaxinf.sharding.axes.declared_axes`; ``declared`` for a
     tree that carries no declarations itself: a model's :func:`~jaxinf.models.parameter_axes`, or
     :func:`~jaxinf.sharding.axes.field_axes` for a field's bare value). An array without a declared layout is an error.
+    ``fsdp``: parameters split over ``data`` too (:func:`stored_family`).
     """
     resolved = declared_axes(tree, declared)
 
     def one(path, axes, leaf):
         what = f"{'parameter' if axes.family == 'param' else axes.family} {_dotted(path) or 'array'}"
-        return resolve(shape, axes.family, axes.names, tuple(leaf.shape), what)
+        return resolve(shape, stored_family(axes.family, fsdp), axes.names, tuple(leaf.shape), what)
 
     return jax.tree_util.tree_map_with_path(one, resolved, tree, is_leaf=lambda x: isinstance(x, Axes))
 
 
-def tree_shardings(mesh: Mesh, tree, declared=None) -> Any:
+def tree_shardings(mesh: Mesh, tree, declared=None, fsdp: bool = False) -> Any:
     """A :class:`NamedSharding` for every array of ``tree``: :func:`tree_specs` on ``mesh``."""
     return jax.tree.map(
         lambda spec: NamedSharding(mesh, spec),
-        tree_specs(mesh_shape(mesh), tree, declared),
+        tree_specs(mesh_shape(mesh), tree, declared, fsdp),
         is_leaf=lambda x: isinstance(x, P),
     )
 
