@@ -462,6 +462,7 @@ def plan(config, meshes: Iterable[tuple[int, int]], compile: bool = True, chip=N
         "tracked_layers": sum(len(s.layer_names) for s in layers.values()),
         "tracked_parameters": int(tracked),
         "precision": config.run.precision,
+        "fsdp": config.mesh.fsdp,
         "meshes": [],
     }
     if chip is not None:

@@ -41,6 +41,12 @@ def check_fit(result: dict, memory_gib: float | None) -> list[str]:
                         f"; its largest layer statistic is {largest[0]} (about {largest[1] / GiB:.2f} GiB); "
                         f"lower {SHRINK[s['name']]}"
                     )
+                params = m["static"]["parameters"]
+                if not result.get("fsdp") and m["data"] > 1:  # the parameters could be split over data too
+                    msg += (
+                        f"; or set mesh.fsdp=true (the parameters take {params / GiB:.2f} GiB per device split over "
+                        f"model alone, about {params / m['data'] / GiB:.2f} over data as well)"
+                    )
                 bad.append(msg)
     return bad
 
