@@ -28,6 +28,8 @@ EXIT_CODES = {
     3: "the machine refused a write: no space left, a read-only or unwritable run directory; one line naming the "
     "path and the stage; everything finished is kept and the same command resumes; also host memory exhausted "
     "(an allocation refused)",
+    4: "another process of a multi-process run stopped (killed, preempted, crashed); one line naming the stage; "
+    "everything finished is kept; start every process again with the same command to resume",
     130: "interrupted (Ctrl-C); the same command resumes",
 }
 
@@ -207,7 +209,14 @@ def entry() -> int:
     except ValueError as e:
         print(f"jaxinf: error: {e}", file=sys.stderr)
         return 2
-    return main(sys.argv[1:])
+    from jaxinf.run.failures import LostProcess
+
+    code = main(sys.argv[1:])
+    if code == LostProcess.exit_code:  # leave without JAX's shutdown barrier: it waits for the lost process, then
+        sys.stdout.flush()  # aborts this one with pages of fatal errors
+        sys.stderr.flush()
+        os._exit(code)
+    return code
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -484,7 +484,10 @@ def _run_locked(config: cfg.Config, executor: Executor, claimed: rundir.Aside | 
     except BaseException as e:
         stage, restored = _running_stage(store), aside is not None and _put_back(aside, e)
         failure = (
-            failures.environment_failure(e, Path(config.run.out), stage, restored) if isinstance(e, Exception) else None
+            failures.environment_failure(e, Path(config.run.out), stage, restored)
+            or failures.lost_process(e, Path(config.run.out), stage, jax.process_count() > 1)
+            if isinstance(e, Exception)
+            else None
         )
         if failure is None:
             raise

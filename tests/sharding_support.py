@@ -61,9 +61,15 @@ def free_port() -> int:
 
 
 def run_processes(
-    n: int, args: list[str], env: dict, per_process: list[list[str]] | None = None, timeout: int = 600
+    n: int,
+    args: list[str],
+    env: dict,
+    per_process: list[list[str]] | None = None,
+    timeout: int = 600,
+    per_process_env: list[dict] | None = None,
 ) -> list[subprocess.CompletedProcess]:
-    """``python -m jaxinf ARGS`` as ``n`` processes of one jax.distributed run on localhost (one CPU device each)."""
+    """``python -m jaxinf ARGS`` as ``n`` processes of one jax.distributed run on localhost (one CPU device each);
+    ``per_process`` adds arguments and ``per_process_env`` environment variables to each."""
     port = free_port()
     procs = []
     for i in range(n):
@@ -72,7 +78,7 @@ def run_processes(
         procs.append(
             subprocess.Popen(
                 [sys.executable, "-m", "jaxinf", *map(str, args), *extra],
-                env=env,
+                env={**env, **(per_process_env[i] if per_process_env else {})},
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
                 text=True,

@@ -846,3 +846,23 @@ def test_analyze_with_a_damaged_seed_table_is_one_line(finished, tmp_path, capsy
     capsys.readouterr()
     assert cli.main(["-q", "analyze", str(run)]) == 2
     assert _one_error(capsys, "analyze").startswith(f"{run / 'seeds.json'}: not a table of the findings over seeds (")
+
+
+def test_a_collective_that_lost_its_peer_is_one_line_only_in_a_run_of_several_processes(tmp_path):
+    """The classification behind exit 4: the error of a collective whose peer process is gone (here Gloo's on a CPU
+    host, wrapped as JAX raises it) is one line naming the stage and the way to resume, in a run of several
+    processes; the same text in a one-process run, or another error, is left alone (a bug keeps its traceback)."""
+    from jaxinf.run import failures
+
+    cause = ValueError("UNKNOWN: Gloo AllGather failed: [pair.cc:547] Connection closed by peer [127.0.0.1]:17093")
+    try:
+        raise RuntimeError("step failed") from cause
+    except RuntimeError as e:
+        lost = failures.lost_process(e, tmp_path, "lambda", distributed=True)
+        assert failures.lost_process(e, tmp_path, "lambda", distributed=False) is None
+    assert isinstance(lost, failures.LostProcess) and lost.exit_code == 4
+    assert str(lost) == (
+        f"another process of this run stopped (Gloo AllGather failed; stage lambda); everything finished is kept in "
+        f"{tmp_path}; start every process again with the same command to resume"
+    )
+    assert failures.lost_process(ValueError("shapes do not match"), tmp_path, "lambda", distributed=True) is None

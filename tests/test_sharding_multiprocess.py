@@ -81,3 +81,28 @@ def test_two_processes_give_the_scores_of_one(world, tmp_path):
     top_one = [json.loads(line)["top"][0]["id"] for line in (one / "topk.jsonl").read_text().splitlines()]
     top_two = [json.loads(line)["top"][0]["id"] for line in (two / "topk.jsonl").read_text().splitlines()]
     assert top_one == top_two
+
+
+@pytest.mark.heavy  # about 4 minutes on 2 cores: a two-process run killed, restarted, and one process for reference
+def test_a_process_killed_mid_stage_stops_the_other_in_one_line_and_a_restart_resumes(world, tmp_path):
+    """Process 1 of two is killed in the Lambda pass (SIGKILL after its second batch): process 0, waiting for it in
+    the next batch's collective, used to end with a traceback and then, at exit, JAX's shutdown barrier aborting it
+    with pages of fatal errors. It now says so in one line (exit 4, the stage named) and leaves; the same command
+    on both processes resumes from the last checkpoint both committed and gives the scores of one process."""
+    one = tmp_path / "one"
+    pipeline.run(cfg.load(None, overrides(world, one, **SETTINGS)))
+    two = tmp_path / "two"
+    env = device_env(2, world["root"] / "xla-cache")
+    args = ["run", *overrides(world, two, **SETTINGS, **{"mesh.data": 2, "mesh.model": 2})]
+    rs = run_processes(2, args, env, timeout=900, per_process_env=[{}, {"JAXINF_FAULT": "lambda:1"}])
+    assert rs[1].returncode == -9, rs[1].stderr[-3000:]
+    err = rs[0].stderr
+    lines = [line for line in err.splitlines() if line.startswith("jaxinf run: error: ")]
+    assert rs[0].returncode == 4 and len(lines) == 1, err[-4000:]
+    assert "another process of this run stopped" in lines[0] and "stage lambda" in lines[0], lines[0]
+    assert "Traceback" not in err and "Check failure" not in err and "Terminating process" not in err, err[-4000:]
+    rs = run_processes(2, args, env, timeout=900)
+    for i, r in enumerate(rs):
+        assert r.returncode == 0, f"process {i}:\n{r.stderr[-4000:]}"
+    a, b = np.load(one / "scores.npy"), np.load(two / "scores.npy")
+    assert float(np.abs(a - b).max() / np.abs(a).max()) <= TOLERANCE

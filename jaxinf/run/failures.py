@@ -85,6 +85,37 @@ def environment_failure(exc: BaseException, root, stage: str, restored: bool = F
     )
 
 
+class LostProcess(EnvironmentFailure):
+    """Another process of a multi-process run stopped (killed, preempted, crashed) while this one waited for it in a
+    collective: one line, exit 4. The command then leaves without JAX's shutdown barrier, which would wait for the
+    lost process and end this one with a fatal error of pages (:func:`jaxinf.cli.entry`)."""
+
+    exit_code = 4
+
+
+# What a collective or the coordination service says when a peer process is gone (Gloo on CPU hosts, NCCL on GPUs)
+_LOST_PEER = re.compile(
+    r"Gloo \w+ failed|Connection (?:closed|reset) by peer|heartbeat timeout|stopped sending heartbeats|"
+    r"NCCL error|remote process exited"
+)
+
+
+def lost_process(exc: BaseException, root, stage: str, distributed: bool) -> LostProcess | None:
+    """The one-line failure for ``exc`` when it is a collective of a multi-process run (``distributed``: this process
+    is one of several, ``jax.distributed``) failing because another process stopped; None otherwise. Saves are
+    collective and atomic, so every process resumes from the last checkpoint all of them committed."""
+    if not distributed:
+        return None
+    for e in _chain(exc):
+        found = _LOST_PEER.search(str(e))
+        if found is not None:
+            return LostProcess(
+                f"another process of this run stopped ({found.group(0)}; stage {stage}); everything finished is "
+                f"kept in {root}; start every process again with the same command to resume"
+            )
+    return None
+
+
 def is_closed_loop_noise(exc_type, exc: BaseException, tb) -> bool:
     """Whether an exception that a C extension could not raise (``sys.unraisablehook``) is TensorStore completing a
     future of a failed Orbax write after Orbax closed its event loop (``RuntimeError: Event loop is closed`` raised
