@@ -291,6 +291,17 @@ def _stack(per_module: dict[str, np.ndarray], spec: capture.LayerSpec, dtype) ->
     return jnp.asarray(x.astype(dtype))
 
 
+def eigen_of(factors: kf.Factors, layers: dict[str, capture.LayerSpec], dtype) -> Eigen:
+    """The eigenbases of kronfluence's ``factors`` (its eigen group) stacked into jaxinf's blocks, in ``dtype``."""
+    t = factors.tensors
+    return Eigen(
+        Q_A={b: _stack(t["activation_eigenvectors"], s, dtype) for b, s in layers.items()},
+        e_A={b: _stack(t["activation_eigenvalues"], s, dtype) for b, s in layers.items()},
+        Q_S={b: _stack(t["gradient_eigenvectors"], s, dtype) for b, s in layers.items()},
+        e_S={b: _stack(t["gradient_eigenvalues"], s, dtype) for b, s in layers.items()},
+    )
+
+
 def import_factors(
     source: str | Path, config: cfg.Config, *, factors_name: str | None = None, overwrite: bool = False
 ) -> Path:
@@ -333,12 +344,7 @@ def import_factors(
                 count={b: _block_counts(factors, kf.COVARIANCE[2:], s, dtype) for b, s in layers.items()},
             )
         if "eigen" in groups:
-            eigen = Eigen(
-                Q_A={b: _stack(t["activation_eigenvectors"], s, dtype) for b, s in layers.items()},
-                e_A={b: _stack(t["activation_eigenvalues"], s, dtype) for b, s in layers.items()},
-                Q_S={b: _stack(t["gradient_eigenvectors"], s, dtype) for b, s in layers.items()},
-                e_S={b: _stack(t["gradient_eigenvalues"], s, dtype) for b, s in layers.items()},
-            )
+            eigen = eigen_of(factors, layers, dtype)
         if "lambda" in groups:
             sums = LambdaState(
                 Lambda={b: _stack(t["lambda_matrix"], s, dtype) for b, s in layers.items()},
