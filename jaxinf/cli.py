@@ -90,6 +90,7 @@ def query_command(args) -> int:
     run_dir = Path(args.run)
     if (run_dir / "manifest.json").is_file() and run_dir.parent.name == "state":  # the index directory itself
         run_dir = run_dir.parent.parent
+    rundir.refuse_inside_run(run_dir, "RUN_OR_INDEX")
     record = rundir.read_record(run_dir) if run_dir.is_dir() else None
     if record is None or "config" not in record:
         raise cfg.ConfigError(f"{run_dir}: not a jaxinf run directory (no run.json)")
@@ -100,6 +101,13 @@ def query_command(args) -> int:
             raise cfg.ConfigError(
                 f"{run_dir}: its EK-FAC index (index.k={k}) is not built yet (stage index {status}); let the run "
                 "finish, or resume it with the same jaxinf run command, then query it"
+            )
+        from jaxinf.run.index_run import borrowed_index
+
+        source = borrowed_index(run_dir)
+        if source is not None:
+            raise cfg.ConfigError(
+                f"{run_dir}: the run built no EK-FAC index: it scored with that of {source}; query it"
             )
         raise cfg.ConfigError(
             f"{run_dir}: the run has no EK-FAC index (build one: jaxinf run CONFIG index.k=32, or index.k=full)"

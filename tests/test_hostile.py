@@ -846,3 +846,63 @@ def test_analyze_with_a_damaged_seed_table_is_one_line(finished, tmp_path, capsy
     capsys.readouterr()
     assert cli.main(["-q", "analyze", str(run)]) == 2
     assert _one_error(capsys, "analyze").startswith(f"{run / 'seeds.json'}: not a table of the findings over seeds (")
+
+
+@pytest.mark.parametrize("command", ["factors.from", "index.from", "query", "analyze", "kronfluence export"])
+def test_a_runs_state_directory_given_as_a_run_is_refused_naming_the_run(world, finished, tmp_path, capsys, command):
+    """``RUN/state`` holds a copy of RUN's record, so given where a run belongs it read as a run whose stages were done
+    and whose results were missing: ``factors.from=RUN/state`` created run.out, warned "stage eigen will be
+    recomputed" and failed with "the eigendecomposition is missing or corrupted"; ``jaxinf query RUN/state`` said
+    "its EK-FAC index is not built yet (stage index done)", ``analyze`` "scores.npy: missing", ``kronfluence
+    export`` "no finished eigendecomposition". Each now names RUN, and nothing is written."""
+    state, out = finished / "state", tmp_path / "out"
+    argv = {
+        "factors.from": ["run", *overrides(world, out, **{"factors.from": state})],
+        "index.from": ["run", *overrides(world, out, **{"index.from": state, "scores.mode": "index"})],
+        "query": ["query", str(state), str(world["queries"]), "--out", str(out)],
+        "analyze": ["analyze", str(state)],
+        "kronfluence export": ["kronfluence", "export", str(state), str(out)],
+    }[command]
+    before = sorted(p.name for p in state.iterdir())
+    assert cli.main(["-q", *argv]) == 2
+    line = _one_error(capsys, argv[0])
+    assert line.endswith(f"{state}: is inside the jaxinf run directory {finished}; give the run directory itself")
+    assert not out.exists() and sorted(p.name for p in state.iterdir()) == before
+
+
+def test_a_run_that_reused_anothers_curvature_or_index_names_that_run(world, finished, tmp_path, capsys):
+    """``factors.from=B`` where B itself reused the curvature of A (its own ``factors.from``) was refused as "B has no
+    finished curvature (stage lambda is pending)", a stage B never runs; ``index.from=B`` (or ``jaxinf query B``)
+    where B scored with A's index said "no index here ... build one with index.k set" or "the run has no EK-FAC
+    index". Each names A, the run that holds what was asked for."""
+    from jaxinf import config as cfg
+    from jaxinf import pipeline
+
+    reused = tmp_path / "reused"
+    pipeline.run(
+        cfg.load(
+            None,
+            overrides(world, reused, **{"data.batch_size": 8, "factors.fisher": "empirical", "factors.from": finished}),
+        )
+    )
+    capsys.readouterr()
+    out = tmp_path / "out"
+    argv = overrides(world, out, **{"factors.fisher": "empirical", "factors.from": reused})
+    assert cli.main(["-q", "run", *argv]) == 2
+    assert _one_error(capsys, "run") == (
+        f"factors.from: {reused} fitted no curvature: it reuses that of {finished} (its factors.from); "
+        f"give factors.from={finished}"
+    )
+    record = json.loads((reused / "run.json").read_text())  # as if B had scored with A's index (scores.mode: index)
+    record["config"]["scores"]["mode"], record["config"]["index"]["from"] = "index", str(finished)
+    for name in ("run.json", "state/run.json"):
+        (reused / name).write_text(json.dumps(record))
+    assert cli.main(["-q", "run", *argv, f"index.from={reused}", "scores.mode=index"]) == 2
+    assert _one_error(capsys, "run") == (
+        f"index.from: {reused} built no EK-FAC index: it scored with that of {finished}; give index.from={finished}"
+    )
+    assert cli.main(["-q", "query", str(reused), str(world["queries"]), "--out", str(out)]) == 2
+    assert _one_error(capsys, "query") == (
+        f"{reused}: the run built no EK-FAC index: it scored with that of {finished}; query it"
+    )
+    assert not out.exists()

@@ -128,6 +128,9 @@ class RunFactors:
 
 
 def read_record(run_dir: Path) -> dict:
+    from jaxinf.run.rundir import refuse_inside_run
+
+    refuse_inside_run(Path(run_dir), "the run")
     path = Path(run_dir) / "run.json"
     if not path.is_file():
         raise InteropError(f"{run_dir}: not a jaxinf run directory (no run.json)")

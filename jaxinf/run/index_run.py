@@ -29,11 +29,13 @@ import numpy as np
 from jaxinf import config as cfg
 from jaxinf.engine import indexing, programs
 from jaxinf.engine.loop import Kept, run_batches
+from jaxinf.run import rundir
 from jaxinf.run.index_store import (
     IndexError_,
     IndexReader,
     IndexWriter,
     load_selection,
+    read_manifest,
     row_bytes,
     save_selection,
 )
@@ -253,11 +255,32 @@ def source_root(config: cfg.Config, store: RunStore | None) -> Path:
     return index_root(store)
 
 
+def borrowed_index(run: Path) -> Path | None:
+    """The run whose index ``run`` scored with (``scores.mode: index`` from its ``index.from`` or ``factors.from``)
+    when it built none of its own, else None (no such run, or one that was to build its own)."""
+    try:
+        record = rundir.read_record(run)
+        theirs = cfg.from_dict(record["config"], str(run / "run.json")) if record else None
+    except (rundir.StoreError, cfg.ConfigError, TypeError, KeyError):
+        return None
+    if theirs is None or theirs.scores.mode != "index" or theirs.index.k is not None:
+        return None
+    return source_root(theirs, None).parent.parent
+
+
 def check_available(config: cfg.Config) -> None:
     """Before anything is created: the index a ``scores.mode: index`` run reads from ``factors.from`` exists, is
     complete and readable (:class:`~jaxinf.run.index_store.IndexReader`); one line naming the file otherwise."""
     if config.scores.mode == "index" and (config.index.from_run is not None or config.index.k is None):
-        IndexReader(source_root(config, None))
+        root = source_root(config, None)
+        source = borrowed_index(root.parent.parent) if read_manifest(root) is None else None
+        if source is not None:
+            key = "index.from" if config.index.from_run is not None else "factors.from"
+            raise IndexError_(
+                f"{key}: {root.parent.parent} built no EK-FAC index: it scored with that of {source}; "
+                f"give index.from={source}"
+            )
+        IndexReader(root)
 
 
 def check_index(reader: IndexReader, store: RunStore, inputs: Inputs, eigen) -> None:
