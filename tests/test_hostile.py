@@ -906,3 +906,22 @@ def test_a_run_that_reused_anothers_curvature_or_index_names_that_run(world, fin
         f"{reused}: the run built no EK-FAC index: it scored with that of {finished}; query it"
     )
     assert not out.exists()
+
+
+@pytest.mark.parametrize("damage", ["deleted", "a directory"])
+def test_a_prepared_dataset_missing_a_shard_is_one_line(world, tmp_path, capsys, damage):
+    """A dataset of ``jaxinf prepare`` whose array_record file was deleted (or replaced by a directory) was a
+    ``FileNotFoundError`` traceback from the SHA-256 of its files, since TFDS opens them only when a record is read."""
+    ds, out = tmp_path / "ds", tmp_path / "out"
+    assert cli.main(["-q", "prepare", str(world["docs"]), str(ds)]) == 0
+    shard = next(ds.glob("*.array_record*"))
+    shard.unlink()
+    if damage == "a directory":
+        shard.mkdir()
+    capsys.readouterr()
+    assert cli.main(["-q", "run", *overrides(world, out, **{"data.documents": ds})]) == 2
+    what = "missing" if damage == "deleted" else "cannot be read (Is a directory)"
+    assert _one_error(capsys, "run") == (
+        f"{shard}: {what}, though dataset_info.json lists it: the dataset is damaged; prepare it again"
+    )
+    assert not out.exists()
