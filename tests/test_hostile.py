@@ -925,3 +925,21 @@ def test_a_prepared_dataset_missing_a_shard_is_one_line(world, tmp_path, capsys,
         f"{shard}: {what}, though dataset_info.json lists it: the dataset is damaged; prepare it again"
     )
     assert not out.exists()
+
+
+def test_analyze_of_a_run_on_a_corpus_directory_does_not_say_it_is_not_found(finished, tmp_path, capsys):
+    """``jaxinf analyze RUN`` of a run whose ``data.documents`` is a directory (shards, a TFDS dataset of ``jaxinf
+    prepare``), there and intact, noted "config.data.documents='DIR' not found; document texts unavailable"."""
+    import shutil
+
+    run, corpus = tmp_path / "run", tmp_path / "corpus"
+    shutil.copytree(finished, run)
+    corpus.mkdir()
+    record = json.loads((run / "run.json").read_text())
+    record["config"]["data"]["documents"] = str(corpus)
+    (run / "run.json").write_text(json.dumps(record))
+    capsys.readouterr()
+    assert cli.main(["analyze", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert "not found" not in out
+    assert f"config.data.documents={str(corpus)!r} is a directory; the report takes document texts" in out
