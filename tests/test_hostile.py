@@ -943,3 +943,26 @@ def test_analyze_of_a_run_on_a_corpus_directory_does_not_say_it_is_not_found(fin
     out = capsys.readouterr().out
     assert "not found" not in out
     assert f"config.data.documents={str(corpus)!r} is a directory; the report takes document texts" in out
+
+
+@pytest.mark.parametrize("value", [float("nan"), 1e300])
+def test_kronfluence_import_refuses_factors_that_are_not_finite(world, finished, tmp_path, capsys, value):
+    """``jaxinf kronfluence import`` wrote a Lambda holding NaN (or a float64 1e300, infinite in the run's float32)
+    into the run; the next ``jaxinf run`` then blamed the first query: "its preconditioned gradient ... is not
+    finite (the model overflows float32 on it)". The import refuses it naming the file and tensor, and writes
+    nothing."""
+    from safetensors.numpy import load_file, save_file
+
+    factors, out = tmp_path / "factors", tmp_path / "out"
+    assert cli.main(["-q", "kronfluence", "export", str(finished), str(factors)]) == 0
+    path = factors / "lambda_matrix.safetensors"
+    tensors = {k: v.astype(np.float64) for k, v in load_file(str(path)).items()}
+    name = sorted(tensors)[1]
+    tensors[name].flat[3] = value
+    save_file(tensors, str(path))
+    capsys.readouterr()
+    argv = ["-q", "kronfluence", "import", str(factors), *overrides(world, out, **{"factors.fisher": "empirical"})]
+    assert cli.main(argv) == 2
+    rounded = "" if np.isnan(value) else " once rounded to float32 (run.precision)"
+    assert _one_error(capsys, "kronfluence") == f"{path}: tensor {name} is not finite{rounded}; nothing was imported"
+    assert not out.exists()
