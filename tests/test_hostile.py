@@ -966,3 +966,70 @@ def test_kronfluence_import_refuses_factors_that_are_not_finite(world, finished,
     rounded = "" if np.isnan(value) else " once rounded to float32 (run.precision)"
     assert _one_error(capsys, "kronfluence") == f"{path}: tensor {name} is not finite{rounded}; nothing was imported"
     assert not out.exists()
+
+
+@pytest.fixture(scope="module")
+def indexed(world, tmp_path_factory):
+    """A finished run of ``world`` that built an EK-FAC index (index.k=4, written by the empirical Fisher's Lambda
+    pass), and its overrides."""
+    from jaxinf import config as cfg
+    from jaxinf import pipeline
+
+    out = tmp_path_factory.mktemp("indexed") / "run"
+    argv = overrides(world, out, **{"data.batch_size": 8, "factors.fisher": "empirical", "index.k": 4})
+    pipeline.run(cfg.load(None, argv))
+    return out, argv
+
+
+@pytest.mark.parametrize("damage", ["removed", "cut short"])
+def test_a_rerun_builds_again_an_index_gone_from_a_finished_run(indexed, tmp_path, caplog, capsys, damage):
+    """A finished run whose ``state/index`` was removed (or whose cells.npy was cut short) was "finished" on a
+    rerun: exit 0, no index, and ``jaxinf query`` then said "its EK-FAC index is not built yet (stage index done);
+    resume it with the same jaxinf run command", which did nothing. The rerun builds it again, byte-identical."""
+    import shutil
+
+    from jaxinf import config as cfg
+    from jaxinf import pipeline
+
+    src, argv = indexed
+    run = tmp_path / "run"
+    shutil.copytree(src, run)
+    index = run / "state" / "index"
+    if damage == "removed":
+        shutil.rmtree(index)
+    else:
+        with open(index / "cells.npy", "r+b") as f:
+            f.truncate(200)
+    with caplog.at_level(logging.WARNING, logger="jaxinf"):
+        pipeline.run(cfg.load(None, [*argv, f"run.out={run}"]))
+    assert "building it again" in caplog.text
+    for name in ("cells.npy", "bands.npy", "documents.npy", "loss.npy", "manifest.json"):
+        assert (index / name).read_bytes() == (src / "state" / "index" / name).read_bytes(), name
+
+
+@pytest.mark.parametrize(
+    "array, value, message",
+    [
+        ("documents", 1000, "row 0 names document 1000, not one of the 8 documents"),
+        ("loss", np.inf, "row 0 is not finite"),
+        ("cells", np.nan, "row 0 is not finite"),
+    ],
+)
+def test_a_query_against_a_damaged_index_is_one_line(world, indexed, tmp_path, capsys, array, value, message):
+    """``jaxinf query RUN Q`` against an index whose documents.npy names a document the run does not have was an
+    ``IndexError`` traceback; a loss of inf in loss.npy was written into the query's documents.jsonl as
+    ``"loss": Infinity``; a NaN cell stopped the exports blaming scores.npy. Each names the index file and row."""
+    import shutil
+
+    src, _ = indexed
+    run = tmp_path / "run"
+    shutil.copytree(src, run)
+    path = run / "state" / "index" / f"{array}.npy"
+    a = np.load(path)
+    a.flat[0] = value
+    np.save(path, a)
+    capsys.readouterr()
+    assert cli.main(["-q", "query", str(run), str(world["queries"]), "--out", str(tmp_path / "q")]) == 2
+    assert _one_error(capsys, "query") == (
+        f"{path}: {message} (a damaged index: remove its manifest.json and run the run {run} again)"
+    )
