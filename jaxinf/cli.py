@@ -155,7 +155,7 @@ def plan_command(args) -> int:
                 f"mesh {data}x{model}: {data * model:,} devices, more than the "
                 f"{MAX_PLANNED_DEVICES:,} the planner lays out"
             )
-    if args.json is not None:  # a path that cannot take the file is refused before the plan is made
+    if args.json not in (None, "-"):  # a path that cannot take the file is refused before the plan is made
         if Path(args.json).is_dir():
             raise plan.PlanError(f"--json {args.json}: is a directory; give the path of a file to write")
         if not Path(args.json).parent.is_dir():
@@ -272,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
         help="plan this mesh instead of mesh.data x mesh.model (repeatable)",
     )
     pl.add_argument("--no-compile", action="store_true", help="only the bytes per device (no XLA compilation)")
-    pl.add_argument("--json", metavar="FILE", help="also write the plan as JSON")
+    pl.add_argument("--json", metavar="FILE", help="also write the plan as JSON ('-': print it, the table on stderr)")
     pl.add_argument(
         "--corpus",
         action="store_true",

@@ -1033,3 +1033,16 @@ def test_a_query_against_a_damaged_index_is_one_line(world, indexed, tmp_path, c
     assert _one_error(capsys, "query") == (
         f"{path}: {message} (a damaged index: remove its manifest.json and run the run {run} again)"
     )
+
+
+@pytest.mark.parametrize("corpus", [False, True])
+def test_plan_json_dash_prints_the_json_as_compare_does(world, tmp_path, capsys, monkeypatch, corpus):
+    """``jaxinf plan --json -`` wrote the plan into a file named ``-`` in the working directory (``jaxinf compare
+    --json -`` prints it): the JSON now goes to stdout alone, the table to stderr, and no file is written."""
+    monkeypatch.chdir(tmp_path)
+    argv = ["-q", "plan", *overrides(world, tmp_path / "run"), "--no-compile", "--json", "-"]
+    assert cli.main(argv + (["--corpus"] if corpus else [])) == 0
+    captured = capsys.readouterr()
+    got = json.loads(captured.out)
+    assert got["meshes"] and ("corpus" in got) == corpus and captured.err.strip()
+    assert os.listdir(tmp_path) == []
