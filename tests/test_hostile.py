@@ -1046,3 +1046,20 @@ def test_plan_json_dash_prints_the_json_as_compare_does(world, tmp_path, capsys,
     got = json.loads(captured.out)
     assert got["meshes"] and ("corpus" in got) == corpus and captured.err.strip()
     assert os.listdir(tmp_path) == []
+
+
+def test_index_k_beside_index_from_is_refused(world, indexed, tmp_path, capsys):
+    """``jaxinf query RUN Q index.k=2`` (or ``jaxinf run ... scores.mode=index index.from=RUN index.k=2``) built an
+    index of its own at k=2, a pass over every document, then scored with RUN's index at k=4: the setting the user
+    gave was silently not the one the scores came from. The two are refused together, before anything is written."""
+    run, argv = indexed
+    out = tmp_path / "out"
+    message = (
+        f"command line: index.k: 2 builds this run's index, but scores.mode: index reads that of index.from ({run}); "
+        "set one of them (a pass over every document built an index never read)"
+    )
+    assert cli.main(["-q", "query", str(run), str(world["queries"]), "--out", str(out), "index.k=2"]) == 2
+    assert _one_error(capsys, "query") == message
+    assert cli.main(["-q", "run", *argv, f"run.out={out}", f"index.from={run}", "index.k=2", "scores.mode=index"]) == 2
+    assert _one_error(capsys, "run") == message
+    assert not out.exists()

@@ -235,6 +235,11 @@ def check_values(config: Config, source: str) -> None:
             f"{source}: scores.mode: index needs an index: set index.k (an integer or full), or "
             f"index.from (or factors.from) a run that built one"
         )
+    if config.scores.mode == "index" and k is not None and config.index.from_run is not None:
+        raise ConfigError(
+            f"{source}: index.k: {k} builds this run's index, but scores.mode: index reads that of index.from "
+            f"({config.index.from_run}); set one of them (a pass over every document built an index never read)"
+        )
     if (k is not None or config.scores.mode == "index") and config.factors.strategy not in ("kfac", "ekfac"):
         raise ConfigError(
             f"{source}: index.k and scores.mode: index need a Kronecker eigenbasis (factors.strategy "
