@@ -874,7 +874,8 @@ def test_a_run_that_reused_anothers_curvature_or_index_names_that_run(world, fin
     """``factors.from=B`` where B itself reused the curvature of A (its own ``factors.from``) was refused as "B has no
     finished curvature (stage lambda is pending)", a stage B never runs; ``index.from=B`` (or ``jaxinf query B``)
     where B scored with A's index said "no index here ... build one with index.k set" or "the run has no EK-FAC
-    index". Each names A, the run that holds what was asked for."""
+    index"; B run again with other queries advised "factors.from=B ... keeps its fitted curvature". Each names A,
+    the run that holds what was asked for."""
     from jaxinf import config as cfg
     from jaxinf import pipeline
 
@@ -892,6 +893,15 @@ def test_a_run_that_reused_anothers_curvature_or_index_names_that_run(world, fin
     assert _one_error(capsys, "run") == (
         f"factors.from: {reused} fitted no curvature: it reuses that of {finished} (its factors.from); "
         f"give factors.from={finished}"
+    )
+    # B run again on other queries: the advice to keep B's curvature named B, which fitted none (A's is kept)
+    queries = tmp_path / "queries.jsonl"
+    queries.write_text(world["queries"].read_text().splitlines()[0] + "\n")
+    again = overrides(world, reused, **{"data.batch_size": 8, "factors.fisher": "empirical", "factors.from": finished})
+    assert cli.main(["-q", "run", *again, f"data.queries={queries}"]) == 2
+    assert _one_error(capsys, "run").endswith(
+        f"(use --overwrite to start over, or another run.out; factors.from={finished} with another run.out keeps "
+        "the curvature it reuses)"
     )
     record = json.loads((reused / "run.json").read_text())  # as if B had scored with A's index (scores.mode: index)
     record["config"]["scores"]["mode"], record["config"]["index"]["from"] = "index", str(finished)
