@@ -121,7 +121,10 @@ def query_command(args) -> int:
             else "no such queries file"
         )
         raise cfg.ConfigError(f"{args.queries}: {what}")
-    out = args.out or str(run_dir.parent / f"{run_dir.name}-{Path(args.queries).stem}")
+    if args.out is not None and not args.out.strip():
+        raise cfg.ConfigError(f"--out {args.out!r}: an empty path; give the output run directory (or leave --out out)")
+    where = Path(os.path.abspath(run_dir))  # RUN given as '.' or '..': beside the run, not '-queries' inside it
+    out = args.out or str(where.parent / f"{where.name}-{Path(args.queries).stem}")
     raw = cfg.to_dict(cfg.from_dict(record["config"], str(run_dir / "run.json")))
     raw["data"]["queries"], raw["run"]["out"] = str(args.queries), str(out)
     curvature_from = raw["factors"]["from"] or str(run_dir)  # where the run's own curvature lives

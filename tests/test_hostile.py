@@ -1073,3 +1073,24 @@ def test_index_k_beside_index_from_is_refused(world, indexed, tmp_path, capsys):
     assert cli.main(["-q", "run", *argv, f"run.out={out}", f"index.from={run}", "index.k=2", "scores.mode=index"]) == 2
     assert _one_error(capsys, "run") == message
     assert not out.exists()
+
+
+def test_an_empty_path_is_refused_not_taken_for_the_working_directory(world, indexed, tmp_path, capsys, monkeypatch):
+    """``run.out=''`` wrote a whole run into the working directory (``Path('')`` is ``.``), and ``jaxinf query RUN Q
+    --out ''`` fell back to the default; ``jaxinf query . Q`` from inside the run defaulted to ``-queries``, inside the
+    run (refused as such), where the documented default is ``RUN-QUERIES`` beside it."""
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["-q", "run", *overrides(world, tmp_path / "x"), "run.out=''"]) == 2
+    assert (
+        _one_error(capsys, "run")
+        == "command line: run.out: an empty string; give a path (or null where the key allows it)"
+    )
+    assert cli.main(["-q", "run", *overrides(world, tmp_path / "x"), "model.checkpoint=' '"]) == 2
+    assert _one_error(capsys, "run").startswith("command line: model.checkpoint: an empty string")
+    run, _ = indexed
+    assert cli.main(["-q", "query", str(run), str(world["queries"]), "--out", ""]) == 2
+    assert _one_error(capsys, "query") == "--out '': an empty path; give the output run directory (or leave --out out)"
+    assert os.listdir(tmp_path) == []
+    monkeypatch.chdir(run)
+    assert cli.main(["-q", "query", ".", str(world["queries"])]) == 0
+    assert (run.parent / f"{run.name}-queries" / "scores.npy").is_file()
