@@ -1094,3 +1094,22 @@ def test_an_empty_path_is_refused_not_taken_for_the_working_directory(world, ind
     monkeypatch.chdir(run)
     assert cli.main(["-q", "query", ".", str(world["queries"])]) == 0
     assert (run.parent / f"{run.name}-queries" / "scores.npy").is_file()
+
+
+def test_a_query_against_an_index_whose_manifest_k_was_changed_is_one_line(world, indexed, tmp_path, capsys):
+    """An index whose manifest.json says another ``k`` than its rows were written with (a hand-edited or damaged
+    manifest) was a numpy ``ValueError: matmul ... mismatch in its core dimension`` traceback in ``jaxinf query``."""
+    import shutil
+
+    src, _ = indexed
+    run = tmp_path / "run"
+    shutil.copytree(src, run)
+    path = run / "state" / "index" / "manifest.json"
+    manifest = json.loads(path.read_text())
+    manifest["k"] = 400
+    path.write_text(json.dumps(manifest))
+    capsys.readouterr()
+    assert cli.main(["-q", "query", str(run), str(world["queries"]), "--out", str(tmp_path / "q")]) == 2
+    assert _one_error(capsys, "query") == (
+        f"{path}: its k (400) does not give its blocks' cells (a damaged manifest: rebuild it)"
+    )

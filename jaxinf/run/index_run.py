@@ -303,6 +303,17 @@ def check_index(reader: IndexReader, store: RunStore, inputs: Inputs, eigen) -> 
         )
     if m["layers"] != [n for k in sorted(inputs.layers) for n in inputs.layers[k].layer_names]:
         raise IndexError_(f"{where}: built for other tracked layers (factors.track)")
+    try:  # the k the query's rotation keeps must be the one the rows were written with (a hand-edited manifest)
+        sizes = indexing.block_sizes(inputs.layers, indexing.kept_directions(m["k"]))
+        consistent = {n: (b["k_S"], b["k_A"]) for n, b in m["blocks"].items()} == {
+            n: tuple(v) for n, v in sizes.items()
+        }
+    except (TypeError, ValueError, KeyError, AttributeError):
+        consistent = False
+    if not consistent:
+        raise IndexError_(
+            f"{where}: its k ({m['k']!r}) does not give its blocks' cells (a damaged manifest: rebuild it)"
+        )
     if m["inputs"]["eigen"] != eigen_fingerprint(eigen):
         raise IndexError_(f"{where}: built in another eigenbasis (the factors were refitted: rebuild it)")
 
