@@ -92,6 +92,7 @@ def query_command(args) -> int:
     run_dir = Path(args.run)
     if (run_dir / "manifest.json").is_file() and run_dir.parent.name == "state":  # the index directory itself
         run_dir = run_dir.parent.parent
+    rundir.refuse_inside_run(run_dir, "RUN_OR_INDEX")
     record = rundir.read_record(run_dir) if run_dir.is_dir() else None
     if record is None or "config" not in record:
         raise cfg.ConfigError(f"{run_dir}: not a jaxinf run directory (no run.json)")
@@ -102,6 +103,13 @@ def query_command(args) -> int:
             raise cfg.ConfigError(
                 f"{run_dir}: its EK-FAC index (index.k={k}) is not built yet (stage index {status}); let the run "
                 "finish, or resume it with the same jaxinf run command, then query it"
+            )
+        from jaxinf.run.index_run import borrowed_index
+
+        source = borrowed_index(run_dir)
+        if source is not None:
+            raise cfg.ConfigError(
+                f"{run_dir}: the run built no EK-FAC index: it scored with that of {source}; query it"
             )
         raise cfg.ConfigError(
             f"{run_dir}: the run has no EK-FAC index (build one: jaxinf run CONFIG index.k=32, or index.k=full)"
@@ -115,7 +123,10 @@ def query_command(args) -> int:
             else "no such queries file"
         )
         raise cfg.ConfigError(f"{args.queries}: {what}")
-    out = args.out or str(run_dir.parent / f"{run_dir.name}-{Path(args.queries).stem}")
+    if args.out is not None and not args.out.strip():
+        raise cfg.ConfigError(f"--out {args.out!r}: an empty path; give the output run directory (or leave --out out)")
+    where = Path(os.path.abspath(run_dir))  # RUN given as '.' or '..': beside the run, not '-queries' inside it
+    out = args.out or str(where.parent / f"{where.name}-{Path(args.queries).stem}")
     raw = cfg.to_dict(cfg.from_dict(record["config"], str(run_dir / "run.json")))
     raw["data"]["queries"], raw["run"]["out"] = str(args.queries), str(out)
     curvature_from = raw["factors"]["from"] or str(run_dir)  # where the run's own curvature lives
@@ -149,7 +160,7 @@ def plan_command(args) -> int:
                 f"mesh {data}x{model}: {data * model:,} devices, more than the "
                 f"{MAX_PLANNED_DEVICES:,} the planner lays out"
             )
-    if args.json is not None:  # a path that cannot take the file is refused before the plan is made
+    if args.json not in (None, "-"):  # a path that cannot take the file is refused before the plan is made
         if Path(args.json).is_dir():
             raise plan.PlanError(f"--json {args.json}: is a directory; give the path of a file to write")
         if not Path(args.json).parent.is_dir():
@@ -273,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
         help="plan this mesh instead of mesh.data x mesh.model (repeatable)",
     )
     pl.add_argument("--no-compile", action="store_true", help="only the bytes per device (no XLA compilation)")
-    pl.add_argument("--json", metavar="FILE", help="also write the plan as JSON")
+    pl.add_argument("--json", metavar="FILE", help="also write the plan as JSON ('-': print it, the table on stderr)")
     pl.add_argument(
         "--corpus",
         action="store_true",

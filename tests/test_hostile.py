@@ -866,3 +866,270 @@ def test_a_collective_that_lost_its_peer_is_one_line_only_in_a_run_of_several_pr
         f"{tmp_path}; start every process again with the same command to resume"
     )
     assert failures.lost_process(ValueError("shapes do not match"), tmp_path, "lambda", distributed=True) is None
+
+
+@pytest.mark.parametrize("command", ["factors.from", "index.from", "query", "analyze", "kronfluence export"])
+def test_a_runs_state_directory_given_as_a_run_is_refused_naming_the_run(world, finished, tmp_path, capsys, command):
+    """``RUN/state`` holds a copy of RUN's record, so given where a run belongs it read as a run whose stages were done
+    and whose results were missing: ``factors.from=RUN/state`` created run.out, warned "stage eigen will be
+    recomputed" and failed with "the eigendecomposition is missing or corrupted"; ``jaxinf query RUN/state`` said
+    "its EK-FAC index is not built yet (stage index done)", ``analyze`` "scores.npy: missing", ``kronfluence
+    export`` "no finished eigendecomposition". Each now names RUN, and nothing is written."""
+    state, out = finished / "state", tmp_path / "out"
+    argv = {
+        "factors.from": ["run", *overrides(world, out, **{"factors.from": state})],
+        "index.from": ["run", *overrides(world, out, **{"index.from": state, "scores.mode": "index"})],
+        "query": ["query", str(state), str(world["queries"]), "--out", str(out)],
+        "analyze": ["analyze", str(state)],
+        "kronfluence export": ["kronfluence", "export", str(state), str(out)],
+    }[command]
+    before = sorted(p.name for p in state.iterdir())
+    assert cli.main(["-q", *argv]) == 2
+    line = _one_error(capsys, argv[0])
+    assert line.endswith(f"{state}: is inside the jaxinf run directory {finished}; give the run directory itself")
+    assert not out.exists() and sorted(p.name for p in state.iterdir()) == before
+
+
+def test_a_run_that_reused_anothers_curvature_or_index_names_that_run(world, finished, tmp_path, capsys):
+    """``factors.from=B`` where B itself reused the curvature of A (its own ``factors.from``) was refused as "B has no
+    finished curvature (stage lambda is pending)", a stage B never runs; ``index.from=B`` (or ``jaxinf query B``)
+    where B scored with A's index said "no index here ... build one with index.k set" or "the run has no EK-FAC
+    index"; B run again with other queries advised "factors.from=B ... keeps its fitted curvature". Each names A,
+    the run that holds what was asked for."""
+    from jaxinf import config as cfg
+    from jaxinf import pipeline
+
+    reused = tmp_path / "reused"
+    pipeline.run(
+        cfg.load(
+            None,
+            overrides(world, reused, **{"data.batch_size": 8, "factors.fisher": "empirical", "factors.from": finished}),
+        )
+    )
+    capsys.readouterr()
+    out = tmp_path / "out"
+    argv = overrides(world, out, **{"factors.fisher": "empirical", "factors.from": reused})
+    assert cli.main(["-q", "run", *argv]) == 2
+    assert _one_error(capsys, "run") == (
+        f"factors.from: {reused} fitted no curvature: it reuses that of {finished} (its factors.from); "
+        f"give factors.from={finished}"
+    )
+    # B run again on other queries: the advice to keep B's curvature named B, which fitted none (A's is kept)
+    queries = tmp_path / "queries.jsonl"
+    queries.write_text(world["queries"].read_text().splitlines()[0] + "\n")
+    again = overrides(world, reused, **{"data.batch_size": 8, "factors.fisher": "empirical", "factors.from": finished})
+    assert cli.main(["-q", "run", *again, f"data.queries={queries}"]) == 2
+    assert _one_error(capsys, "run").endswith(
+        f"(use --overwrite to start over, or another run.out; factors.from={finished} with another run.out keeps "
+        "the curvature it reuses)"
+    )
+    record = json.loads((reused / "run.json").read_text())  # as if B had scored with A's index (scores.mode: index)
+    record["config"]["scores"]["mode"], record["config"]["index"]["from"] = "index", str(finished)
+    for name in ("run.json", "state/run.json"):
+        (reused / name).write_text(json.dumps(record))
+    assert cli.main(["-q", "run", *argv, f"index.from={reused}", "scores.mode=index"]) == 2
+    assert _one_error(capsys, "run") == (
+        f"index.from: {reused} built no EK-FAC index: it scored with that of {finished}; give index.from={finished}"
+    )
+    assert cli.main(["-q", "query", str(reused), str(world["queries"]), "--out", str(out)]) == 2
+    assert _one_error(capsys, "query") == (
+        f"{reused}: the run built no EK-FAC index: it scored with that of {finished}; query it"
+    )
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("damage", ["deleted", "a directory"])
+def test_a_prepared_dataset_missing_a_shard_is_one_line(world, tmp_path, capsys, damage):
+    """A dataset of ``jaxinf prepare`` whose array_record file was deleted (or replaced by a directory) was a
+    ``FileNotFoundError`` traceback from the SHA-256 of its files, since TFDS opens them only when a record is read."""
+    ds, out = tmp_path / "ds", tmp_path / "out"
+    assert cli.main(["-q", "prepare", str(world["docs"]), str(ds)]) == 0
+    shard = next(ds.glob("*.array_record*"))
+    shard.unlink()
+    if damage == "a directory":
+        shard.mkdir()
+    capsys.readouterr()
+    assert cli.main(["-q", "run", *overrides(world, out, **{"data.documents": ds})]) == 2
+    what = "missing" if damage == "deleted" else "cannot be read (Is a directory)"
+    assert _one_error(capsys, "run") == (
+        f"{shard}: {what}, though dataset_info.json lists it: the dataset is damaged; prepare it again"
+    )
+    assert not out.exists()
+
+
+def test_analyze_of_a_run_on_a_corpus_directory_does_not_say_it_is_not_found(finished, tmp_path, capsys):
+    """``jaxinf analyze RUN`` of a run whose ``data.documents`` is a directory (shards, a TFDS dataset of ``jaxinf
+    prepare``), there and intact, noted "config.data.documents='DIR' not found; document texts unavailable"."""
+    import shutil
+
+    run, corpus = tmp_path / "run", tmp_path / "corpus"
+    shutil.copytree(finished, run)
+    corpus.mkdir()
+    record = json.loads((run / "run.json").read_text())
+    record["config"]["data"]["documents"] = str(corpus)
+    (run / "run.json").write_text(json.dumps(record))
+    capsys.readouterr()
+    assert cli.main(["analyze", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert "not found" not in out
+    assert f"config.data.documents={str(corpus)!r} is a directory; the report takes document texts" in out
+
+
+@pytest.mark.parametrize("value", [float("nan"), 1e300])
+def test_kronfluence_import_refuses_factors_that_are_not_finite(world, finished, tmp_path, capsys, value):
+    """``jaxinf kronfluence import`` wrote a Lambda holding NaN (or a float64 1e300, infinite in the run's float32)
+    into the run; the next ``jaxinf run`` then blamed the first query: "its preconditioned gradient ... is not
+    finite (the model overflows float32 on it)". The import refuses it naming the file and tensor, and writes
+    nothing."""
+    from safetensors.numpy import load_file, save_file
+
+    factors, out = tmp_path / "factors", tmp_path / "out"
+    assert cli.main(["-q", "kronfluence", "export", str(finished), str(factors)]) == 0
+    path = factors / "lambda_matrix.safetensors"
+    tensors = {k: v.astype(np.float64) for k, v in load_file(str(path)).items()}
+    name = sorted(tensors)[1]
+    tensors[name].flat[3] = value
+    save_file(tensors, str(path))
+    capsys.readouterr()
+    argv = ["-q", "kronfluence", "import", str(factors), *overrides(world, out, **{"factors.fisher": "empirical"})]
+    assert cli.main(argv) == 2
+    rounded = "" if np.isnan(value) else " once rounded to float32 (run.precision)"
+    assert _one_error(capsys, "kronfluence") == f"{path}: tensor {name} is not finite{rounded}; nothing was imported"
+    assert not out.exists()
+
+
+@pytest.fixture(scope="module")
+def indexed(world, tmp_path_factory):
+    """A finished run of ``world`` that built an EK-FAC index (index.k=4, written by the empirical Fisher's Lambda
+    pass), and its overrides."""
+    from jaxinf import config as cfg
+    from jaxinf import pipeline
+
+    out = tmp_path_factory.mktemp("indexed") / "run"
+    argv = overrides(world, out, **{"data.batch_size": 8, "factors.fisher": "empirical", "index.k": 4})
+    pipeline.run(cfg.load(None, argv))
+    return out, argv
+
+
+@pytest.mark.parametrize("damage", ["removed", "cut short"])
+def test_a_rerun_builds_again_an_index_gone_from_a_finished_run(indexed, tmp_path, caplog, capsys, damage):
+    """A finished run whose ``state/index`` was removed (or whose cells.npy was cut short) was "finished" on a
+    rerun: exit 0, no index, and ``jaxinf query`` then said "its EK-FAC index is not built yet (stage index done);
+    resume it with the same jaxinf run command", which did nothing. The rerun builds it again, byte-identical."""
+    import shutil
+
+    from jaxinf import config as cfg
+    from jaxinf import pipeline
+
+    src, argv = indexed
+    run = tmp_path / "run"
+    shutil.copytree(src, run)
+    index = run / "state" / "index"
+    if damage == "removed":
+        shutil.rmtree(index)
+    else:
+        with open(index / "cells.npy", "r+b") as f:
+            f.truncate(200)
+    with caplog.at_level(logging.WARNING, logger="jaxinf"):
+        pipeline.run(cfg.load(None, [*argv, f"run.out={run}"]))
+    assert "building it again" in caplog.text
+    for name in ("cells.npy", "bands.npy", "documents.npy", "loss.npy", "manifest.json"):
+        assert (index / name).read_bytes() == (src / "state" / "index" / name).read_bytes(), name
+
+
+@pytest.mark.parametrize(
+    "array, value, message",
+    [
+        ("documents", 1000, "row 0 names document 1000, not one of the 8 documents"),
+        ("loss", np.inf, "row 0 is not finite"),
+        ("cells", np.nan, "row 0 is not finite"),
+    ],
+)
+def test_a_query_against_a_damaged_index_is_one_line(world, indexed, tmp_path, capsys, array, value, message):
+    """``jaxinf query RUN Q`` against an index whose documents.npy names a document the run does not have was an
+    ``IndexError`` traceback; a loss of inf in loss.npy was written into the query's documents.jsonl as
+    ``"loss": Infinity``; a NaN cell stopped the exports blaming scores.npy. Each names the index file and row."""
+    import shutil
+
+    src, _ = indexed
+    run = tmp_path / "run"
+    shutil.copytree(src, run)
+    path = run / "state" / "index" / f"{array}.npy"
+    a = np.load(path)
+    a.flat[0] = value
+    np.save(path, a)
+    capsys.readouterr()
+    assert cli.main(["-q", "query", str(run), str(world["queries"]), "--out", str(tmp_path / "q")]) == 2
+    assert _one_error(capsys, "query") == (
+        f"{path}: {message} (a damaged index: remove its manifest.json and run the run {run} again)"
+    )
+
+
+@pytest.mark.parametrize("corpus", [False, True])
+def test_plan_json_dash_prints_the_json_as_compare_does(world, tmp_path, capsys, monkeypatch, corpus):
+    """``jaxinf plan --json -`` wrote the plan into a file named ``-`` in the working directory (``jaxinf compare
+    --json -`` prints it): the JSON now goes to stdout alone, the table to stderr, and no file is written."""
+    monkeypatch.chdir(tmp_path)
+    argv = ["-q", "plan", *overrides(world, tmp_path / "run"), "--no-compile", "--json", "-"]
+    assert cli.main(argv + (["--corpus"] if corpus else [])) == 0
+    captured = capsys.readouterr()
+    got = json.loads(captured.out)
+    assert got["meshes"] and ("corpus" in got) == corpus and captured.err.strip()
+    assert os.listdir(tmp_path) == []
+
+
+def test_index_k_beside_index_from_is_refused(world, indexed, tmp_path, capsys):
+    """``jaxinf query RUN Q index.k=2`` (or ``jaxinf run ... scores.mode=index index.from=RUN index.k=2``) built an
+    index of its own at k=2, a pass over every document, then scored with RUN's index at k=4: the setting the user
+    gave was silently not the one the scores came from. The two are refused together, before anything is written."""
+    run, argv = indexed
+    out = tmp_path / "out"
+    message = (
+        f"command line: index.k: 2 builds this run's index, but scores.mode: index reads that of index.from ({run}); "
+        "set one of them (a pass over every document built an index never read)"
+    )
+    assert cli.main(["-q", "query", str(run), str(world["queries"]), "--out", str(out), "index.k=2"]) == 2
+    assert _one_error(capsys, "query") == message
+    assert cli.main(["-q", "run", *argv, f"run.out={out}", f"index.from={run}", "index.k=2", "scores.mode=index"]) == 2
+    assert _one_error(capsys, "run") == message
+    assert not out.exists()
+
+
+def test_an_empty_path_is_refused_not_taken_for_the_working_directory(world, indexed, tmp_path, capsys, monkeypatch):
+    """``run.out=''`` wrote a whole run into the working directory (``Path('')`` is ``.``), and ``jaxinf query RUN Q
+    --out ''`` fell back to the default; ``jaxinf query . Q`` from inside the run defaulted to ``-queries``, inside the
+    run (refused as such), where the documented default is ``RUN-QUERIES`` beside it."""
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["-q", "run", *overrides(world, tmp_path / "x"), "run.out=''"]) == 2
+    assert (
+        _one_error(capsys, "run")
+        == "command line: run.out: an empty string; give a path (or null where the key allows it)"
+    )
+    assert cli.main(["-q", "run", *overrides(world, tmp_path / "x"), "model.checkpoint=' '"]) == 2
+    assert _one_error(capsys, "run").startswith("command line: model.checkpoint: an empty string")
+    run, _ = indexed
+    assert cli.main(["-q", "query", str(run), str(world["queries"]), "--out", ""]) == 2
+    assert _one_error(capsys, "query") == "--out '': an empty path; give the output run directory (or leave --out out)"
+    assert os.listdir(tmp_path) == []
+    monkeypatch.chdir(run)
+    assert cli.main(["-q", "query", ".", str(world["queries"])]) == 0
+    assert (run.parent / f"{run.name}-queries" / "scores.npy").is_file()
+
+
+def test_a_query_against_an_index_whose_manifest_k_was_changed_is_one_line(world, indexed, tmp_path, capsys):
+    """An index whose manifest.json says another ``k`` than its rows were written with (a hand-edited or damaged
+    manifest) was a numpy ``ValueError: matmul ... mismatch in its core dimension`` traceback in ``jaxinf query``."""
+    import shutil
+
+    src, _ = indexed
+    run = tmp_path / "run"
+    shutil.copytree(src, run)
+    path = run / "state" / "index" / "manifest.json"
+    manifest = json.loads(path.read_text())
+    manifest["k"] = 400
+    path.write_text(json.dumps(manifest))
+    capsys.readouterr()
+    assert cli.main(["-q", "query", str(run), str(world["queries"]), "--out", str(tmp_path / "q")]) == 2
+    assert _one_error(capsys, "query") == (
+        f"{path}: its k (400) does not give its blocks' cells (a damaged manifest: rebuild it)"
+    )

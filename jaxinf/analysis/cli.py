@@ -12,12 +12,13 @@ def analyze_command(args) -> int:
     and exit status 2 from the command line). Holds the run directory's lock
     (:class:`jaxinf.run.lock.RunLock`) while it writes there, as ``jaxinf run`` does."""
     from jaxinf.run.lock import RunLock
-    from jaxinf.run.rundir import LOCK_FILE
+    from jaxinf.run.rundir import LOCK_FILE, refuse_inside_run
 
     # a conversion (--from-release) needs an absent or empty directory, so it is not locked before it is made; a
     # directory with neither run.json nor scores.npy is refused unwritten (no lock file left in someone's folder),
     # unless it has a lock file already: a run or validation that has not written them yet may hold it
     root = Path(args.run_dir)
+    refuse_inside_run(root, "RUN_DIR")
     ours = root.is_dir() and any((root / name).exists() for name in ("run.json", "scores.npy", LOCK_FILE))
     lock = RunLock(root).acquire() if not args.from_release and ours else None
     try:

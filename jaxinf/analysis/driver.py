@@ -412,6 +412,11 @@ def _texts(run_dir, config, fetched, text_source, notes) -> tuple[dict[int, str]
                 elif found is not None and found.suffix in (".jsonl", ".json"):
                     source = jsonl_text_source(found)
                     origin = f"{found} (run.json config.data.documents)"
+                elif found is None and any(c.is_dir() for c in cands):  # shards, a save_to_disk or TFDS directory
+                    notes.append(
+                        f"run.json: config.data.documents={path!r} is a directory; the report takes document texts "
+                        "from one JSONL file only (or documents.jsonl); document texts unavailable"
+                    )
                 elif found is None:
                     notes.append(f"run.json: config.data.documents={path!r} not found; document texts unavailable")
                 else:

@@ -155,6 +155,18 @@ def check_values(config: Config, source: str) -> None:
         value = getattr(getattr(config, section), name)
         if value is not None and value < 1:
             raise ConfigError(f"{source}: {section}.{name}: must be at least 1, got {value}")
+    for section, name in (
+        ("model", "checkpoint"),
+        ("data", "documents"),
+        ("data", "queries"),
+        ("factors", "from_run"),
+        ("index", "from_run"),
+        ("run", "out"),
+    ):  # '' is the working directory to Path: run.out='' wrote a run into it
+        value = getattr(getattr(config, section), name)
+        if isinstance(value, str) and not value.strip():
+            key = f"{section}.{name.replace('from_run', 'from')}"
+            raise ConfigError(f"{source}: {key}: an empty string; give a path (or null where the key allows it)")
     if not -(2**63) <= config.factors.seed < 2**63:  # jax.random.key takes a 64-bit integer
         raise ConfigError(
             f"{source}: factors.seed: must be a 64-bit integer (from -2**63 to 2**63 - 1), got {config.factors.seed}"
@@ -234,6 +246,11 @@ def check_values(config: Config, source: str) -> None:
         raise ConfigError(
             f"{source}: scores.mode: index needs an index: set index.k (an integer or full), or "
             f"index.from (or factors.from) a run that built one"
+        )
+    if config.scores.mode == "index" and k is not None and config.index.from_run is not None:
+        raise ConfigError(
+            f"{source}: index.k: {k} builds this run's index, but scores.mode: index reads that of index.from "
+            f"({config.index.from_run}); set one of them (a pass over every document built an index never read)"
         )
     if (k is not None or config.scores.mode == "index") and config.factors.strategy not in ("kfac", "ekfac"):
         raise ConfigError(

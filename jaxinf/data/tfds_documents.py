@@ -93,7 +93,7 @@ class TfdsDocuments:
         if prepared and len(self._files) == len(self._shard_lengths) and sum(self._shard_lengths) == len(data_source):
             # Written by jaxinf prepare (no empty texts): fingerprinted by its files' bytes, no pass over the records.
             self._rows, self._digests, self._kept_per_shard = None, None, list(self._shard_lengths)
-            self._file_digests = [file_sha256(f) for f in self._files]
+            self._file_digests = [_sha256(f) for f in self._files]
             for f, digest in zip(self._files, self._file_digests):  # recorded by jaxinf prepare (when it did)
                 if file_digests and file_digests.get(Path(f).name, digest) != digest:
                     raise DataError(
@@ -242,6 +242,18 @@ class TfdsDocuments:
 
     def __iter__(self) -> Iterator[Document]:
         return iter_documents(self)
+
+
+def _sha256(path: str) -> str:
+    """The SHA-256 of one of the dataset's array_record files; a file missing or unreadable is one line (TFDS's data
+    source opens its files lazily, so a deleted shard was a FileNotFoundError traceback here)."""
+    try:
+        return file_sha256(path)
+    except OSError as e:
+        what = "missing" if isinstance(e, FileNotFoundError) else f"cannot be read ({e.strerror})"
+        raise DataError(
+            f"{path}: {what}, though dataset_info.json lists it: the dataset is damaged; prepare it again"
+        ) from None
 
 
 def _tfds():

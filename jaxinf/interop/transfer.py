@@ -128,6 +128,9 @@ class RunFactors:
 
 
 def read_record(run_dir: Path) -> dict:
+    from jaxinf.run.rundir import refuse_inside_run
+
+    refuse_inside_run(Path(run_dir), "the run")
     path = Path(run_dir) / "run.json"
     if not path.is_file():
         raise InteropError(f"{run_dir}: not a jaxinf run directory (no run.json)")
@@ -285,20 +288,29 @@ def _block_counts(factors: kf.Factors, names: tuple[str, ...], spec: capture.Lay
     return jnp.asarray(np.asarray(values if spec.stacked else values[0], dtype))
 
 
-def _stack(per_module: dict[str, np.ndarray], spec: capture.LayerSpec, dtype) -> jax.Array:
-    arrays = [np.asarray(per_module[n]) for n in spec.layer_names]
+def _stack(factors: kf.Factors, factor: str, spec: capture.LayerSpec, dtype) -> jax.Array:
+    """A block's tensors of one factor file, stacked over its layers in the run's ``dtype``: every value finite (a NaN
+    imported was blamed later on a query, 'its preconditioned gradient ... is not finite (the model overflows')."""
+    arrays = [np.asarray(factors.tensors[factor][n]) for n in spec.layer_names]
+    for n, a in zip(spec.layer_names, arrays):
+        with np.errstate(over="ignore", invalid="ignore"):  # an overflow is the error below, not a RuntimeWarning
+            finite = bool(np.all(np.isfinite(a.astype(dtype))))
+        if not finite:
+            rounded = f" once rounded to {np.dtype(dtype).name} (run.precision)" if np.all(np.isfinite(a)) else ""
+            raise InteropError(
+                f"{kf.file_of(factors.directory, factor)}: tensor {n} is not finite{rounded}; nothing was imported"
+            )
     x = np.stack(arrays) if spec.stacked else arrays[0]
     return jnp.asarray(x.astype(dtype))
 
 
 def eigen_of(factors: kf.Factors, layers: dict[str, capture.LayerSpec], dtype) -> Eigen:
     """The eigenbases of kronfluence's ``factors`` (its eigen group) stacked into jaxinf's blocks, in ``dtype``."""
-    t = factors.tensors
     return Eigen(
-        Q_A={b: _stack(t["activation_eigenvectors"], s, dtype) for b, s in layers.items()},
-        e_A={b: _stack(t["activation_eigenvalues"], s, dtype) for b, s in layers.items()},
-        Q_S={b: _stack(t["gradient_eigenvectors"], s, dtype) for b, s in layers.items()},
-        e_S={b: _stack(t["gradient_eigenvalues"], s, dtype) for b, s in layers.items()},
+        Q_A={b: _stack(factors, "activation_eigenvectors", s, dtype) for b, s in layers.items()},
+        e_A={b: _stack(factors, "activation_eigenvalues", s, dtype) for b, s in layers.items()},
+        Q_S={b: _stack(factors, "gradient_eigenvectors", s, dtype) for b, s in layers.items()},
+        e_S={b: _stack(factors, "gradient_eigenvalues", s, dtype) for b, s in layers.items()},
     )
 
 
@@ -334,20 +346,19 @@ def import_factors(
                 ", ".join(sorted(d.name for d in stored)),
                 dtype.name,
             )
-        t = factors.tensors
         groups = factors.groups
         cov = eigen = Lambda = sums = None
         if "covariance" in groups:
             cov = CovarianceState(
-                A={b: _stack(t["activation_covariance"], s, dtype) for b, s in layers.items()},
-                S={b: _stack(t["gradient_covariance"], s, dtype) for b, s in layers.items()},
+                A={b: _stack(factors, "activation_covariance", s, dtype) for b, s in layers.items()},
+                S={b: _stack(factors, "gradient_covariance", s, dtype) for b, s in layers.items()},
                 count={b: _block_counts(factors, kf.COVARIANCE[2:], s, dtype) for b, s in layers.items()},
             )
         if "eigen" in groups:
             eigen = eigen_of(factors, layers, dtype)
         if "lambda" in groups:
             sums = LambdaState(
-                Lambda={b: _stack(t["lambda_matrix"], s, dtype) for b, s in layers.items()},
+                Lambda={b: _stack(factors, "lambda_matrix", s, dtype) for b, s in layers.items()},
                 count={b: _block_counts(factors, kf.LAMBDA[1:], s, dtype) for b, s in layers.items()},
             )
             Lambda = lambda_finalize(sums)

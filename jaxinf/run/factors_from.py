@@ -56,6 +56,11 @@ def check(config: cfg.Config, model_fp: dict | None) -> RunStore | None:
     if mismatched:
         raise StoreError(f"factors.from: {other} was fitted with other settings: {', '.join(mismatched)}")
     ostore = RunStore(other, record)
+    if ostore.status("lambda") != "done" and theirs.factors.from_run is not None:  # never fits one of its own
+        raise StoreError(
+            f"factors.from: {other} fitted no curvature: it reuses that of {theirs.factors.from_run} (its "
+            f"factors.from); give factors.from={theirs.factors.from_run}"
+        )
     if ostore.status("lambda") != "done":
         raise StoreError(f"factors.from: {other} has no finished curvature (stage lambda is {ostore.status('lambda')})")
     return ostore

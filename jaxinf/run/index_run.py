@@ -29,11 +29,14 @@ import numpy as np
 from jaxinf import config as cfg
 from jaxinf.engine import indexing, programs
 from jaxinf.engine.loop import Kept, run_batches
+from jaxinf.run import rundir
 from jaxinf.run.index_store import (
     IndexError_,
     IndexReader,
     IndexWriter,
     load_selection,
+    manifest_path,
+    read_manifest,
     row_bytes,
     save_selection,
 )
@@ -159,7 +162,13 @@ def build_index(config: cfg.Config, store: RunStore, inputs: Inputs, curv, eigen
     """Stage ``index`` as a pass of its own (a finished run given ``index.k``, or ``scores.mode: index``): every
     document row's kept block and band energies, written batch by batch (resumable)."""
     if store.status("index") == "done":
-        return index_root(store)
+        try:  # a finished index must be on disk, whole (a rerun said finished, and jaxinf query "not built yet")
+            IndexReader(index_root(store))
+            return index_root(store)
+        except IndexError_ as e:
+            gone = not manifest_path(index_root(store)).exists()
+            log.warning("index: %s; building it again", f"{index_root(store)}: missing" if gone else e)
+            manifest_path(index_root(store)).unlink(missing_ok=True)  # its rows from the first batch, afresh
     build = IndexBuild(config, store, inputs, curv, eigen)
     index_fn = programs.index(config, inputs.task, inputs.layers).jit(executor)
     params = inputs.lm.params
@@ -253,11 +262,32 @@ def source_root(config: cfg.Config, store: RunStore | None) -> Path:
     return index_root(store)
 
 
+def borrowed_index(run: Path) -> Path | None:
+    """The run whose index ``run`` scored with (``scores.mode: index`` from its ``index.from`` or ``factors.from``)
+    when it built none of its own, else None (no such run, or one that was to build its own)."""
+    try:
+        record = rundir.read_record(run)
+        theirs = cfg.from_dict(record["config"], str(run / "run.json")) if record else None
+    except (rundir.StoreError, cfg.ConfigError, TypeError, KeyError):
+        return None
+    if theirs is None or theirs.scores.mode != "index" or theirs.index.k is not None:
+        return None
+    return source_root(theirs, None).parent.parent
+
+
 def check_available(config: cfg.Config) -> None:
     """Before anything is created: the index a ``scores.mode: index`` run reads from ``factors.from`` exists, is
     complete and readable (:class:`~jaxinf.run.index_store.IndexReader`); one line naming the file otherwise."""
     if config.scores.mode == "index" and (config.index.from_run is not None or config.index.k is None):
-        IndexReader(source_root(config, None))
+        root = source_root(config, None)
+        source = borrowed_index(root.parent.parent) if read_manifest(root) is None else None
+        if source is not None:
+            key = "index.from" if config.index.from_run is not None else "factors.from"
+            raise IndexError_(
+                f"{key}: {root.parent.parent} built no EK-FAC index: it scored with that of {source}; "
+                f"give index.from={source}"
+            )
+        IndexReader(root)
 
 
 def check_index(reader: IndexReader, store: RunStore, inputs: Inputs, eigen) -> None:
@@ -273,8 +303,45 @@ def check_index(reader: IndexReader, store: RunStore, inputs: Inputs, eigen) -> 
         )
     if m["layers"] != [n for k in sorted(inputs.layers) for n in inputs.layers[k].layer_names]:
         raise IndexError_(f"{where}: built for other tracked layers (factors.track)")
+    try:  # the k the query's rotation keeps must be the one the rows were written with (a hand-edited manifest)
+        sizes = indexing.block_sizes(inputs.layers, indexing.kept_directions(m["k"]))
+        consistent = {n: (b["k_S"], b["k_A"]) for n, b in m["blocks"].items()} == {
+            n: tuple(v) for n, v in sizes.items()
+        }
+    except (TypeError, ValueError, KeyError, AttributeError):
+        consistent = False
+    if not consistent:
+        raise IndexError_(
+            f"{where}: its k ({m['k']!r}) does not give its blocks' cells (a damaged manifest: rebuild it)"
+        )
     if m["inputs"]["eigen"] != eigen_fingerprint(eigen):
         raise IndexError_(f"{where}: built in another eigenbasis (the factors were refitted: rebuild it)")
+
+
+def _checked_rows(reader: IndexReader, lo: int, hi: int, documents: int) -> dict[str, np.ndarray]:
+    """Rows ``[lo, hi)`` of the index, each a document of the run's (or -1, padding) with finite values: a damaged
+    index was an IndexError traceback (a document out of range) or wrote ``"loss": Infinity`` into documents.jsonl."""
+    a, rebuild = reader.arrays, f"remove its manifest.json and run the run {reader.root.parent.parent} again"
+    rows = {
+        "documents": np.asarray(a["documents"][lo:hi]),
+        "cells": np.asarray(a["cells"][lo:hi], np.float32),
+        "bands": np.asarray(a["bands"][lo:hi]),
+        "loss": np.asarray(a["loss"][lo:hi]),
+    }
+    bad = np.flatnonzero((rows["documents"] < -1) | (rows["documents"] >= documents))
+    if bad.size:
+        raise IndexError_(
+            f"{reader.root / 'documents.npy'}: row {lo + bad[0]} names document {rows['documents'][bad[0]]}, not one "
+            f"of the {documents} documents (a damaged index: {rebuild})"
+        )
+    for name in ("cells", "bands", "loss"):
+        finite = np.isfinite(rows[name]).reshape(hi - lo, -1).all(axis=1)
+        if not finite.all():
+            raise IndexError_(
+                f"{reader.root / f'{name}.npy'}: row {lo + np.flatnonzero(~finite)[0]} is not finite (a damaged "
+                f"index: {rebuild})"
+            )
+    return rows
 
 
 def scores_from_index(config: cfg.Config, store: RunStore, inputs: Inputs, qg, curv, eigen, executor) -> dict:
@@ -309,15 +376,15 @@ def scores_from_index(config: cfg.Config, store: RunStore, inputs: Inputs, qg, c
     t1 = time.perf_counter()
     scores, bound, loss = np.zeros((Q, N)), np.zeros((Q, N)), np.zeros(N)
     eps = indexing.RESOLUTION[reader.manifest["dtype"]]
-    a = reader.arrays
     for lo, hi in reader.slices(ROWS_PER_SLICE):
-        docs = np.asarray(a["documents"][lo:hi])
+        rows = _checked_rows(reader, lo, hi, N)
+        docs = rows["documents"]
         real = docs >= 0
-        s = indexing.index_scores(q_cells, np.asarray(a["cells"][lo:hi], np.float32))
-        b = indexing.score_bounds(q_rest, indexing.residual_norms(np.asarray(a["bands"][lo:hi]), eps))
+        s = indexing.index_scores(q_cells, rows["cells"])
+        b = indexing.score_bounds(q_rest, indexing.residual_norms(rows["bands"], eps))
         np.add.at(scores.T, docs[real], s.T[real])
         np.add.at(bound.T, docs[real], b.T[real])
-        np.add.at(loss, docs[real], np.asarray(a["loss"][lo:hi])[real])
+        np.add.at(loss, docs[real], rows["loss"][real])
     product = time.perf_counter() - t1
     k = min(config.scores.topk, N)
     certified = np.zeros(N, bool)

@@ -128,6 +128,9 @@ def check_inputs(config: cfg.Config) -> None:
             f"factors.from: {config.factors.from_run} is run.out itself (a run reuses its own curvature "
             "without factors.from; to start over keeping it, use another run.out with factors.from)"
         )
+    for key, other in (("factors.from", config.factors.from_run), ("index.from", config.index.from_run)):
+        if other is not None:
+            rundir.refuse_inside_run(Path(other), key)
     if config.factors.from_run is not None and not rundir.is_run(Path(config.factors.from_run)):
         raise InputError(
             f"factors.from: {config.factors.from_run}: not a jaxinf run directory "

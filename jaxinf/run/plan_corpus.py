@@ -130,12 +130,14 @@ def command(config, meshes: list[tuple[int, int]], compile: bool, json_out: str 
     corpus, timed = corpus_plan(config)
     result = plan.plan(timed, meshes, compile=compile, chip=chip)
     result["corpus"] = corpus
-    print(plan_report.format_plan(result, timed))
-    print()
-    print(format_corpus(corpus, timed))
+    out = plan_report.table_stream(json_out)
+    print(plan_report.format_plan(result, timed), file=out)
+    print(file=out)
+    print(format_corpus(corpus, timed), file=out)
     print(
         f"  hours above: the corpus's {corpus['plan']['padded_tokens']:,} token slots of its batches (padding "
         f"included) as {timed.plan.documents:,} rows of {timed.plan.tokens_per_document} tokens, in place of "
-        "plan.documents and plan.tokens_per_document"
+        "plan.documents and plan.tokens_per_document",
+        file=out,
     )
     return plan_report.finish(result, config, json_out)

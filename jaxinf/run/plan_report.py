@@ -5,6 +5,7 @@ the plan (:func:`command`). The plan itself is made by :func:`jaxinf.run.plan.pl
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 from jaxinf.run.index_store import format_size
@@ -165,19 +166,27 @@ def parse_mesh(text: str) -> tuple[int, int]:
     return d, m
 
 
+def table_stream(json_out: str | None):
+    """Where the plan's table goes: stdout, or stderr when ``--json -`` prints the JSON there (as ``jaxinf compare
+    --json -`` does; the plan wrote it into a file named ``-``)."""
+    return sys.stderr if json_out == "-" else sys.stdout
+
+
 def command(config, meshes: list[tuple[int, int]] | None, compile: bool, json_out: str | None, chip=None) -> int:
     meshes = meshes or [(config.mesh.data, config.mesh.model)]
     result = plan(config, meshes, compile=compile, chip=chip)
-    print(format_plan(result, config))
+    print(format_plan(result, config), file=table_stream(json_out))
     return finish(result, config, json_out)
 
 
 def finish(result: dict, config, json_out: str | None) -> int:
     """The end of every ``jaxinf plan``: the plan written as JSON (``--json``), each step that does not fit
     ``plan.device_memory_gib`` named, and the exit code (1 when one does not fit)."""
-    if json_out:
+    if json_out == "-":
+        sys.stdout.write(json.dumps(result, indent=1) + "\n")
+    elif json_out:
         Path(json_out).write_text(json.dumps(result, indent=1) + "\n")
     problems = check_fit(result, config.plan.device_memory_gib)
     for p in problems:
-        print(f"jaxinf plan: does not fit: {p}")
+        print(f"jaxinf plan: does not fit: {p}", file=table_stream(json_out))
     return 1 if problems else 0

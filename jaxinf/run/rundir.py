@@ -145,6 +145,16 @@ def enclosing_run(root: Path) -> Path | None:
     return None
 
 
+def refuse_inside_run(root: Path, key: str) -> None:
+    """Refuses a run directory given as an input (``factors.from``, ``index.from``, ``jaxinf query RUN``, ``analyze``,
+    ``compare --run``, ``kronfluence export``) that lies inside another run: ``RUN/state`` holds a copy of RUN's record,
+    so it read as a run whose stages were done and whose results were missing (``index not built yet (stage index
+    done)``, ``stage eigen will be recomputed``, ``the eigendecomposition is missing or corrupted``)."""
+    outer = enclosing_run(root)
+    if outer is not None:
+        raise StoreError(f"{key}: {root}: is inside the jaxinf run directory {outer}; give the run directory itself")
+
+
 def _refuse_nested(root: Path, key: str) -> None:
     outer = enclosing_run(root)
     if outer is not None:

@@ -248,6 +248,8 @@ class RunStore:
             keep = (
                 ""
                 if any(order[stage] <= order["lambda"] for k, stage in changed if k in refused)
+                else f"; factors.from={old.factors.from_run} with another run.out keeps the curvature it reuses"
+                if old.factors.from_run is not None  # fitted none of its own (a jaxinf query output, for one)
                 else f"; factors.from={self.root} with another run.out keeps its fitted curvature"
             )
             raise StoreError(
