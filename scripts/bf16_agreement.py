@@ -195,9 +195,10 @@ def run_kronfluence(w: dict, mode: str, args, out: Path) -> dict:
     import torch
     from kronfluence.analyzer import Analyzer, prepare_model
 
+    from jaxinf.interop import kronfluence as kf
+
     sys.path.insert(0, str(ROOT / "tests"))  # the PyTorch reference side lives with the tests, not in the package
     import kronfluence_reference as ref
-    from jaxinf.interop import kronfluence as kf
 
     doc_ids, encoded = ref.encoded_inputs(w["model"], w["docs"], w["queries"], w["length"])
     documents = ref.Examples(ref.document_examples(doc_ids, w["length"]))
