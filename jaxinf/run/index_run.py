@@ -321,13 +321,9 @@ def check_index(reader: IndexReader, store: RunStore, inputs: Inputs, eigen) -> 
 def _checked_rows(reader: IndexReader, lo: int, hi: int, documents: int) -> dict[str, np.ndarray]:
     """Rows ``[lo, hi)`` of the index, each a document of the run's (or -1, padding) with finite values: a damaged
     index was an IndexError traceback (a document out of range) or wrote ``"loss": Infinity`` into documents.jsonl."""
-    a, rebuild = reader.arrays, f"remove its manifest.json and run the run {reader.root.parent.parent} again"
-    rows = {
-        "documents": np.asarray(a["documents"][lo:hi]),
-        "cells": np.asarray(a["cells"][lo:hi], np.float32),
-        "bands": np.asarray(a["bands"][lo:hi]),
-        "loss": np.asarray(a["loss"][lo:hi]),
-    }
+    rebuild = f"remove its manifest.json and run the run {reader.root.parent.parent} again"
+    rows = reader.read(lo, hi)  # checked against each batch's checksum
+    rows["cells"] = rows["cells"].astype(np.float32)
     bad = np.flatnonzero((rows["documents"] < -1) | (rows["documents"] >= documents))
     if bad.size:
         raise IndexError_(

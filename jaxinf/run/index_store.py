@@ -13,6 +13,8 @@ invalidates it like any other stage):
   (:func:`jaxinf.engine.indexing.bands`; the kept block's first), block after block: they add up to ``||G||_F^2``.
 - ``documents.npy`` ``[rows]`` int64: the document of each row (-1 for padding; a split document has several).
 - ``loss.npy`` ``[rows]`` float64: each row's training loss (the data's labels).
+- ``checks.npy`` ``[batches]`` uint32: the CRC-32 of each batch's rows as stored (:func:`batch_checksum`), written with
+  them and checked as a query reads them, so a damaged index whose values stay finite is refused, not used.
 - ``selection.npz``: the eigen-directions in decreasing eigenvalue (:class:`jaxinf.engine.indexing.Selection`).
 
 Rows are those of the run's batch plan: batch ``i`` holds rows ``[i R, (i + 1) R)``.
@@ -22,6 +24,8 @@ from __future__ import annotations
 
 import json
 import logging
+import zlib
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +39,16 @@ log = logging.getLogger("jaxinf")
 FORMAT = 1
 DTYPES = {"float32": np.float32, "float16": np.float16}
 ARRAYS = ("cells", "bands", "documents", "loss")
+CHECKSUMS = "crc32"  # the manifest's "checksums": each batch's rows carry one (checks.npy)
+
+
+def batch_checksum(rows: Mapping[str, np.ndarray]) -> int:
+    """The CRC-32 of one batch's rows as stored: the bytes of its ``cells``, ``bands``, ``documents`` and ``loss``, in
+    that order (one ``zlib.crc32`` chained over the four)."""
+    crc = 0
+    for name in ARRAYS:
+        crc = zlib.crc32(np.ascontiguousarray(rows[name]).data, crc)
+    return crc
 
 
 class IndexError_(StoreError):
@@ -74,11 +88,12 @@ class IndexWriter:
     def __init__(self, root: Path, manifest: dict, every: int):
         self.root, self.every = Path(root), every
         old = read_manifest(self.root)
-        keys = ("format", "blocks", "cells", "bands", "layers", "dtype", "batches", "plan", "inputs")
+        manifest = {**manifest, "checksums": CHECKSUMS}
+        keys = ("format", "blocks", "cells", "bands", "layers", "dtype", "batches", "plan", "inputs", "checksums")
         if old is not None and any(old.get(k) != manifest.get(k) for k in keys):
             log.warning("%s: built from other inputs or settings; rebuilding the index", self.root)
             old = None
-            for name in ARRAYS:
+            for name in (*ARRAYS, "checks"):
                 (self.root / f"{name}.npy").unlink(missing_ok=True)
         self.manifest = dict(old) if old is not None else {**manifest, "written": 0, "rows_per_batch": None}
         self.maps: dict[str, np.memmap] | None = None
@@ -98,6 +113,7 @@ class IndexWriter:
             "bands": ((R, m["bands"]), np.float32),
             "documents": ((R,), np.int64),
             "loss": ((R,), np.float64),
+            "checks": ((m["batches"],), np.uint32),
         }
         self.root.mkdir(parents=True, exist_ok=True)
         self.maps = {}
@@ -135,6 +151,7 @@ class IndexWriter:
                 self.maps[name][lo : lo + R] = np.asarray(out[name]).astype(self.maps[name].dtype)
             self.maps["loss"][lo : lo + R] = np.asarray(out["loss"], np.float64)
             self.maps["documents"][lo : lo + R] = np.asarray(meta["index"], np.int64)
+            self.maps["checks"][first + j] = batch_checksum({n: self.maps[n][lo : lo + R] for n in ARRAYS})
         for arr in self.maps.values():
             arr.flush()
         self.manifest["written"] = int(step)
@@ -171,6 +188,15 @@ class IndexReader:
                 f"{self.root / 'cells.npy'}: {self.arrays['cells'].shape[1]} cells per row, the manifest "
                 f"says {manifest['cells']}"
             )
+        self.checks: np.ndarray | None = None  # an index of jaxinf before the checksums: read unchecked
+        if manifest.get("checksums") == CHECKSUMS:
+            path = self.root / "checks.npy"
+            try:
+                self.checks = np.load(path, mmap_mode="r")
+            except (OSError, ValueError) as e:
+                raise IndexError_(f"{path}: unreadable index checksums ({e})") from None
+            if self.checks.shape != (manifest["batches"],):
+                raise IndexError_(f"{path}: {self.checks.shape[0]} checksums, the manifest says {manifest['batches']}")
         try:
             with np.load(self.root / "selection.npz") as z:
                 self.selection = {k: z[k] for k in z.files}
@@ -182,9 +208,28 @@ class IndexReader:
         return int(self.arrays["cells"].shape[0])
 
     def slices(self, rows: int):
-        """``(start, stop)`` of consecutive row slices of at most ``rows`` rows."""
-        for lo in range(0, self.rows, rows):
-            yield lo, min(lo + rows, self.rows)
+        """``(start, stop)`` of consecutive row slices of whole batches, at most ``rows`` rows (at least one batch)."""
+        R = self.manifest["rows_per_batch"]
+        step = max(R, rows - rows % R)
+        for lo in range(0, self.rows, step):
+            yield lo, min(lo + step, self.rows)
+
+    def read(self, lo: int, hi: int) -> dict[str, np.ndarray]:
+        """Rows ``[lo, hi)`` (whole batches, :meth:`slices`) of every array as stored, each batch checked against its
+        checksum: rows that were changed since they were written (a damaged disk, a copy gone wrong, an edit) are
+        refused naming the batch, whatever their values."""
+        rows = {name: np.asarray(self.arrays[name][lo:hi]) for name in ARRAYS}
+        if self.checks is not None:
+            R = self.manifest["rows_per_batch"]
+            for b in range(lo // R, hi // R):
+                part = {name: x[b * R - lo : (b + 1) * R - lo] for name, x in rows.items()}
+                if batch_checksum(part) != int(self.checks[b]):
+                    raise IndexError_(
+                        f"{self.root}: the rows of batch {b} (rows {b * R} to {(b + 1) * R - 1}) do not match their "
+                        f"checksum in checks.npy (a damaged index: remove its manifest.json and run the run "
+                        f"{self.root.parent.parent} again)"
+                    )
+        return rows
 
 
 def save_selection(root: Path, selection) -> None:
