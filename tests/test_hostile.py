@@ -1037,31 +1037,50 @@ def test_a_rerun_builds_again_an_index_gone_from_a_finished_run(indexed, tmp_pat
         assert (index / name).read_bytes() == (src / "state" / "index" / name).read_bytes(), name
 
 
+@pytest.mark.parametrize("checksums", [True, False])
 @pytest.mark.parametrize(
     "array, value, message",
     [
         ("documents", 1000, "row 0 names document 1000, not one of the 8 documents"),
         ("loss", np.inf, "row 0 is not finite"),
         ("cells", np.nan, "row 0 is not finite"),
+        ("cells", "doubled", None),  # finite and in range: only the checksum sees it
     ],
 )
-def test_a_query_against_a_damaged_index_is_one_line(world, indexed, tmp_path, capsys, array, value, message):
+def test_a_query_against_a_damaged_index_is_one_line(
+    world, indexed, tmp_path, capsys, array, value, message, checksums
+):
     """``jaxinf query RUN Q`` against an index whose documents.npy names a document the run does not have was an
     ``IndexError`` traceback; a loss of inf in loss.npy was written into the query's documents.jsonl as
-    ``"loss": Infinity``; a NaN cell stopped the exports blaming scores.npy. Each names the index file and row."""
+    ``"loss": Infinity``; a NaN cell stopped the exports blaming scores.npy; a cell changed to another finite value
+    was used without a word. Each batch's rows carry a CRC-32 (checks.npy), checked as a query reads them: every
+    such change is refused naming the batch. An index of jaxinf before the checksums (no ``checksums`` in its
+    manifest) is still read, its values checked for range and finiteness, naming the file and row."""
     import shutil
 
     src, _ = indexed
     run = tmp_path / "run"
     shutil.copytree(src, run)
-    path = run / "state" / "index" / f"{array}.npy"
+    index = run / "state" / "index"
+    path = index / f"{array}.npy"
     a = np.load(path)
-    a.flat[0] = value
+    a.flat[0] = a.flat[0] * 2 if value == "doubled" else value
     np.save(path, a)
+    if not checksums:
+        if message is None:
+            pytest.skip("without checksums a finite change is not seen (the reason for them)")
+        manifest = json.loads((index / "manifest.json").read_text())
+        del manifest["checksums"]
+        (index / "manifest.json").write_text(json.dumps(manifest))
+        (index / "checks.npy").unlink()
     capsys.readouterr()
     assert cli.main(["-q", "query", str(run), str(world["queries"]), "--out", str(tmp_path / "q")]) == 2
+    rows = json.loads((index / "manifest.json").read_text())["rows_per_batch"]
     assert _one_error(capsys, "query") == (
-        f"{path}: {message} (a damaged index: remove its manifest.json and run the run {run} again)"
+        f"{index}: the rows of batch 0 (rows 0 to {rows - 1}) do not match their checksum in checks.npy (a damaged "
+        f"index: remove its manifest.json and run the run {run} again)"
+        if checksums
+        else f"{path}: {message} (a damaged index: remove its manifest.json and run the run {run} again)"
     )
 
 
@@ -1133,3 +1152,34 @@ def test_a_query_against_an_index_whose_manifest_k_was_changed_is_one_line(world
     assert _one_error(capsys, "query") == (
         f"{path}: its k (400) does not give its blocks' cells (a damaged manifest: rebuild it)"
     )
+
+
+def test_a_factor_or_export_that_is_a_link_to_nothing_is_named_as_such(tmp_path):
+    """``jaxinf compare`` with a factor file (or a run's scores.npy) that is a symbolic link loop said "file is
+    missing", and the user looked for a file that was there: a link to nothing or a loop is named as such."""
+    from jaxinf.interop import compare
+    from jaxinf.interop import kronfluence as kf
+
+    loop = tmp_path / "factors.safetensors"
+    loop.symlink_to(loop)
+    dangling = tmp_path / "scores.npy"
+    dangling.symlink_to(tmp_path / "nowhere.npy")
+    with pytest.raises(
+        kf.InteropError, match=r"factors\.safetensors: a symbolic link to nothing \(or a loop of links\)$"
+    ):
+        kf.read_tensors(loop)
+    with pytest.raises(kf.InteropError, match=r"scores\.npy: a symbolic link to nothing \(or a loop of links\)$"):
+        compare._load_npy(dangling)
+    with pytest.raises(kf.InteropError, match=r"gone\.npy: file is missing \(has the run finished its exports\?\)$"):
+        compare._load_npy(tmp_path / "gone.npy")
+
+
+def test_a_learning_rate_beyond_float32_is_refused_before_training(tmp_path, capsys):
+    """``validate.learning_rate=1e308`` trained, printed numpy's "RuntimeWarning: overflow encountered in cast" (the
+    rate became inf in float32), then said the full model diverged: it is refused first, naming the bound."""
+    out = tmp_path / "v"
+    assert cli.main(["-q", "validate", "--out", str(out), "validate.learning_rate=1e308"]) == 2
+    assert _one_error(capsys, "validate", alone=True) == (
+        "command line: validate.learning_rate: must be at most 3.403e+38 (a float32 number), got 1e+308"
+    )
+    assert not out.exists()

@@ -121,6 +121,7 @@ def from_dict(raw: dict, source: str = "config") -> Config:
 
 
 MAX_BOOTSTRAP = 10**6  # validate.bootstrap: far more than a 95% interval needs, its draws within memory
+FLOAT32_MAX = 3.4028234663852886e38  # the largest float32: validate's rates and tolerances are float32 in training
 MAX_TOPK = 2**30  # scores.topk: a top of K + B rows must stay within the int32 indices of lax.top_k
 
 
@@ -211,6 +212,10 @@ def check_values(config: Config, source: str) -> None:
     for name in ("learning_rate", "pbrf_epsilon", "pbrf_tolerance"):
         if getattr(v, name) is not None and not getattr(v, name) > 0:
             raise ConfigError(f"{source}: validate.{name}: must be positive, got {getattr(v, name)}")
+        if getattr(v, name) is not None and getattr(v, name) > FLOAT32_MAX:  # inf once the training casts it
+            raise ConfigError(
+                f"{source}: validate.{name}: must be at most {FLOAT32_MAX:.4g} (a float32 number), got {getattr(v, name)}"
+            )
     if not v.strategies or any(
         s not in (*FactorsConfig.__dataclass_fields__["strategy"].metadata["choices"], "ekfac-index")
         for s in v.strategies

@@ -99,7 +99,8 @@ def _factor_rows(factors: kf.Factors, run: transfer.RunFactors) -> dict:
 
 def _load_npy(path: Path) -> np.ndarray:
     if not path.exists():
-        raise InteropError(f"{path}: file is missing (has the run finished its exports?)")
+        why = kf.missing(path)
+        raise InteropError(f"{path}: {why}{' (has the run finished its exports?)' if why == 'file is missing' else ''}")
     return np.load(path, allow_pickle=False)
 
 

@@ -173,11 +173,16 @@ def locate(path: str | Path, factors: str | None = None, scores: str | list[str]
 # --------------------------------------------------------------------------- files
 
 
+def missing(path: Path) -> str:
+    """Why ``path`` (which does not exist as far as ``Path.exists`` can tell) cannot be read, in a few words."""
+    return "a symbolic link to nothing (or a loop of links)" if Path(path).is_symlink() else "file is missing"
+
+
 def read_json(path: Path) -> dict:
     try:
         obj = json.loads(Path(path).read_text())
     except FileNotFoundError:
-        raise InteropError(f"{path}: file is missing") from None
+        raise InteropError(f"{path}: {missing(path)}") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise InteropError(f"{path}: not readable JSON ({e})") from None
     if not isinstance(obj, dict):
@@ -192,7 +197,7 @@ def read_tensors(path: Path) -> dict[str, np.ndarray]:
 
     path = Path(path)
     if not path.exists():
-        raise InteropError(f"{path}: file is missing")
+        raise InteropError(f"{path}: {missing(path)}")
     try:
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError, TypeError) as e:
