@@ -145,26 +145,24 @@ def enclosing_run(root: Path) -> Path | None:
     return None
 
 
-def refuse_inside_run(root: Path, key: str) -> None:
-    """Refuses a run directory given as an input (``factors.from``, ``index.from``, ``jaxinf query RUN``, ``analyze``,
-    ``compare --run``, ``kronfluence export``) that lies inside another run: ``RUN/state`` holds a copy of RUN's record,
+def refuse_inside_run(root: Path, key: str, output: bool = False) -> None:
+    """Refuses a directory inside another run directory: as an input (``factors.from``, ``index.from``, ``jaxinf
+    query RUN``, ``analyze``, ``compare --run``, ``kronfluence export``), ``RUN/state`` holds a copy of RUN's record,
     so it read as a run whose stages were done and whose results were missing (``index not built yet (stage index
-    done)``, ``stage eigen will be recomputed``, ``the eigendecomposition is missing or corrupted``)."""
+    done)``, ``stage eigen will be recomputed``, ``the eigendecomposition is missing or corrupted``); as an
+    ``output`` (``key``: ``run.out``, ``--out``), a run written there would replace RUN's own files."""
     outer = enclosing_run(root)
-    if outer is not None:
-        raise StoreError(f"{key}: {root}: is inside the jaxinf run directory {outer}; give the run directory itself")
-
-
-def _refuse_nested(root: Path, key: str) -> None:
-    outer = enclosing_run(root)
-    if outer is not None:
+    if outer is None:
+        return
+    if output:
         raise StoreError(f"{root}: is inside the jaxinf run directory {outer}; choose a {key} outside it")
+    raise StoreError(f"{key}: {root}: is inside the jaxinf run directory {outer}; give the run directory itself")
 
 
 def check_target(root: Path, overwrite: bool, key: str = "run.out") -> None:
     """Refuses a ``run.out`` that exists, is not empty and is not a jaxinf run, with or without ``--overwrite``
     (``key`` names the setting in the message: ``run.out``, ``--out``), and one inside another run directory."""
-    _refuse_nested(root, key)
+    refuse_inside_run(root, key, output=True)
     if not root.exists() or is_run(root) or (root / PREVIOUS).is_dir():
         return
     if not root.is_dir():
@@ -392,7 +390,7 @@ def check_output(root: Path, kind: str, key: str = "--out") -> None:
     ``jaxinf run``'s: a directory that does not exist, is empty, or is that command's own (its marker
     ``.jaxinf-output``, or only what that command writes) is accepted; a file, a jaxinf run directory, another
     command's directory and any other non-empty directory are refused, and nothing is written."""
-    _refuse_nested(root, key)
+    refuse_inside_run(root, key, output=True)
     if not root.exists():
         return
     if not root.is_dir():
