@@ -209,3 +209,48 @@ def test_plan_counts_the_index_rows_held_between_flushes_in_the_writing_steps_pe
     (msg,) = plan_report.check_fit(result, limit)
     assert "stage index needs" in msg and "with the index rows it holds" in msg
     assert plan_report.check_fit(result, (2**29 + rows["bytes_per_device"]) / 2**30) == []
+
+
+def test_only_the_first_process_writes_the_index_and_every_process_resumes_from_its_manifest(tmp_path):
+    """With several processes every process holds each batch's rows: process 0's writer writes them, another's writes
+    no file (two writers of one file on a shared disk) yet counts its batches, and resumes where process 0's manifest
+    says, as process 0 does."""
+    from jaxinf.run.index_store import IndexWriter, read_manifest
+
+    manifest = {
+        "format": 1,
+        "k": 2,
+        "dtype": "float32",
+        "blocks": {},
+        "cells": 3,
+        "bands": 2,
+        "layers": [],
+        "batches": 3,
+        "plan": {"processes": 2, "batch_size": 1, "batches": 3},
+        "rows": "rows-key",
+        "inputs": {},
+    }
+
+    def batch(b):
+        out = {"cells": np.full((2, 3), b, np.float32), "bands": np.ones((2, 2), np.float32), "loss": np.ones(2)}
+        return out, {"index": np.array([2 * b, 2 * b + 1])}
+
+    root = tmp_path / "index"
+    other, first = IndexWriter(root, manifest, 1, primary=False), IndexWriter(root, manifest, 1)
+    for writer in (other, first):
+        writer.begin(*writer.resume(None))
+        writer.save(1, None, [batch(0)])
+        writer.save(2, None, [batch(1)])
+        assert root.exists() == writer.primary
+    assert other.manifest["written"] == first.manifest["written"] == read_manifest(root)["written"] == 2
+    assert sorted(p.name for p in root.iterdir()) == [
+        "bands.npy",
+        "cells.npy",
+        "checks.npy",
+        "documents.npy",
+        "loss.npy",
+        "manifest.json",
+    ]
+    np.testing.assert_array_equal(np.load(root / "documents.npy")[:4], [0, 1, 2, 3])
+    for primary in (False, True):  # a restarted run: both processes resume at the first batch not written
+        assert IndexWriter(root, manifest, 1, primary=primary).resume(None)[0] == 2

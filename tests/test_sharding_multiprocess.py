@@ -17,6 +17,8 @@ differently, and the sampled labels of batch i depend on i.
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -81,6 +83,38 @@ def test_two_processes_give_the_scores_of_one(world, tmp_path):
     top_one = [json.loads(line)["top"][0]["id"] for line in (one / "topk.jsonl").read_text().splitlines()]
     top_two = [json.loads(line)["top"][0]["id"] for line in (two / "topk.jsonl").read_text().splitlines()]
     assert top_one == top_two
+
+
+@pytest.mark.heavy  # about 3 minutes on 2 cores: two processes, one for reference and a query from one process
+def test_two_processes_build_an_index_that_one_process_queries(world, tmp_path):
+    """index.k=full with scores.mode=index on two processes: the index pass (its own pass on a mesh) gathers each
+    batch's rows to both, process 0 writes them and process 1 waits for the last flush before it reads them; the
+    scores are those of one process's exact run. jaxinf query on one process (another batch plan, no coordinator)
+    answers new queries from that index with the same scores."""
+    one = tmp_path / "one"
+    pipeline.run(cfg.load(None, overrides(world, one, **SETTINGS)))
+    two = tmp_path / "two"
+    env = device_env(2, world["root"] / "xla-cache")
+    indexed = {"mesh.data": 2, "mesh.model": 2, "index.k": "full", "scores.mode": "index"}
+    rs = run_processes(2, ["run", *overrides(world, two, **SETTINGS, **indexed)], env, timeout=900)
+    for i, r in enumerate(rs):
+        assert r.returncode == 0, f"process {i}:\n{r.stderr[-4000:]}"
+    a, b = np.load(one / "scores.npy"), np.load(two / "scores.npy")
+    assert float(np.abs(a - b).max() / np.abs(a).max()) <= TOLERANCE
+    manifest = json.loads((two / "state" / "index" / "manifest.json").read_text())
+    assert manifest["written"] == manifest["batches"] == 3 and manifest["rows_per_batch"] == 2 * 4
+    answers = tmp_path / "answers"
+    r = subprocess.run(
+        [sys.executable, "-m", "jaxinf", "query", str(two), str(world["queries"]), "--out", str(answers)]
+        + ["mesh.data=1", "mesh.model=1"],
+        env=device_env(1, world["root"] / "xla-cache"),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert r.returncode == 0, r.stderr[-4000:]
+    c = np.load(answers / "scores.npy")
+    assert float(np.abs(a - c).max() / np.abs(a).max()) <= TOLERANCE
 
 
 @pytest.mark.heavy  # about 4 minutes on 2 cores: a two-process run killed, restarted, and one process for reference

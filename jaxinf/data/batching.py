@@ -43,6 +43,7 @@ A batch (numpy arrays, the causal-LM format of :mod:`jaxinf.engine.tasks`):
 
 from __future__ import annotations
 
+import hashlib
 import queue
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -138,6 +139,14 @@ class BatchPlan:
             raise ValueError(f"process index {process_index} out of range for {self.process_count} processes")
         lo = step * self.process_count * self.batch_size + process_index * self.batch_size
         return self.order[lo : lo + self.batch_size]
+
+    def rows_key(self) -> str:
+        """A digest of the rows the documents are cut into (each row's document, first token and length, in document
+        order), whatever their grouping into batches and hosts: what a result kept per row (the index) depends on."""
+        h = hashlib.sha256()
+        for x in (self.row_document, self.row_start, self.row_length):
+            h.update(np.ascontiguousarray(x, np.int64).tobytes())
+        return h.hexdigest()[:16]
 
     def sum_chunks(self, values: np.ndarray) -> np.ndarray:
         """Per-row values ``[..., R]`` summed over each document's chunks: ``[..., N]``."""

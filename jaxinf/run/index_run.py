@@ -89,6 +89,7 @@ def _manifest(config: cfg.Config, store: RunStore, inputs: Inputs, eigen, sizes)
         "layers": layer_names,
         "batches": int(inputs.plan.num_steps),
         "plan": batch_plan_key(inputs.plan),
+        "rows": inputs.plan.rows_key(),
         "inputs": {
             "model": {k: v for k, v in recorded.items() if k not in ("documents", "queries")},
             "documents": (recorded.get("documents") or {}).get("sha256"),
@@ -115,11 +116,6 @@ class IndexBuild:
     statistic rotates with, and ``k``."""
 
     def __init__(self, config: cfg.Config, store: RunStore, inputs: Inputs, curv, eigen):
-        if jax.process_count() > 1:
-            raise IndexError_(
-                "index.k: building an index with several processes is not supported yet (build it "
-                "with one process, then query it from any)"
-            )
         self.config, self.store, self.root = config, store, index_root(store)
         self.k = indexing.kept_directions(config.index.k)
         selection = indexing.select_cells(eigen)
@@ -133,12 +129,20 @@ class IndexBuild:
                 config.index.save_every,
                 BUFFER_BYTES / 2**30,
             )
-        self.writer = IndexWriter(self.root, self.manifest, every)
-        save_selection(self.root, selection)
+        self.writer = IndexWriter(self.root, self.manifest, every, primary=jax.process_index() == 0)
+        if self.writer.primary:
+            save_selection(self.root, selection)
         self.basis = indexing.ordered_basis(curv.Q_A, curv.Q_S, selection)
         store.mark("index", "running")
 
     def done(self, timing: dict) -> None:
+        """Marks the index done once its last rows are on disk for every process: with several processes, process 0
+        writes the rows (every process holds each batch's, :meth:`~jaxinf.run.executor.MeshExecutor.fetch`) and the
+        others wait here for it before they read them."""
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices("jaxinf: index written")
         m = self.writer.manifest
         per_row = row_bytes(m["cells"], m["dtype"], m["bands"])
         self.store.mark(
@@ -168,7 +172,12 @@ def build_index(config: cfg.Config, store: RunStore, inputs: Inputs, curv, eigen
         except IndexError_ as e:
             gone = not manifest_path(index_root(store)).exists()
             log.warning("index: %s; building it again", f"{index_root(store)}: missing" if gone else e)
-            manifest_path(index_root(store)).unlink(missing_ok=True)  # its rows from the first batch, afresh
+            if jax.process_index() == 0:
+                manifest_path(index_root(store)).unlink(missing_ok=True)  # its rows from the first batch, afresh
+            if jax.process_count() > 1:  # every process resumes from the same (removed) manifest
+                from jax.experimental import multihost_utils
+
+                multihost_utils.sync_global_devices("jaxinf: index set aside")
     build = IndexBuild(config, store, inputs, curv, eigen)
     index_fn = programs.index(config, inputs.task, inputs.layers).jit(executor)
     params = inputs.lm.params
@@ -296,10 +305,11 @@ def check_index(reader: IndexReader, store: RunStore, inputs: Inputs, eigen) -> 
     documents = (store.record.get("inputs", {}).get("documents") or {}).get("sha256")
     if m["inputs"]["documents"] != documents:
         raise IndexError_(f"{where}: built over other documents than {inputs.documents.name} (rebuild it: index.k)")
-    if m["plan"] != batch_plan_key(inputs.plan):
+    # the rows must be the same; their batches and processes may differ (an index from before "rows": the same plan)
+    if not (m["rows"] == inputs.plan.rows_key() if "rows" in m else m["plan"] == batch_plan_key(inputs.plan)):
         raise IndexError_(
-            f"{where}: built with another batch plan {m['plan']} (data.batch_size, data.max_length or "
-            f"processes changed: rebuild it)"
+            f"{where}: built over documents cut into other rows (data.max_length or data.long_documents changed: "
+            f"rebuild it)"
         )
     if m["layers"] != [n for k in sorted(inputs.layers) for n in inputs.layers[k].layer_names]:
         raise IndexError_(f"{where}: built for other tracked layers (factors.track)")

@@ -4,7 +4,8 @@ A run's index lives in ``state/index/`` of its run directory (so a change of the
 invalidates it like any other stage):
 
 - ``manifest.json``: the format version, the cells of each block (``k_S``, ``k_A``, layers), ``index.dtype``,
-  rows per batch and batches, the plan and the fingerprints of the inputs it was built from (model, documents,
+  rows per batch and batches, the plan, ``rows`` (the digest of the documents' rows, whatever their batches:
+  :meth:`jaxinf.data.batching.BatchPlan.rows_key`) and the fingerprints of the inputs it was built from (model, documents,
   eigenbasis), and ``written``: how many batches are on disk. ``written`` is raised only after those batches'
   rows have been flushed, so a killed build resumes at the first batch not written.
 - ``cells.npy`` ``[rows, C]`` (``index.dtype``): each row's kept block of ``Q_S^T G Q_A`` (:mod:`jaxinf.engine.indexing`),
@@ -81,19 +82,34 @@ def read_manifest(root: Path) -> dict | None:
 
 class IndexWriter:
     """The per-batch :class:`jaxinf.engine.loop.Saves` of the index pass: each save writes the rows of the batches since
-    the previous one into the memory maps, flushes them, then records them as written in the manifest."""
+    the previous one into the memory maps, flushes them, then records them as written in the manifest.
+
+    With several processes, every process holds every batch's rows and only the ``primary`` one (process 0) writes
+    them; the others resume from the same manifest and write nothing."""
 
     noun = "index rows"
 
-    def __init__(self, root: Path, manifest: dict, every: int):
-        self.root, self.every = Path(root), every
+    def __init__(self, root: Path, manifest: dict, every: int, primary: bool = True):
+        self.root, self.every, self.primary = Path(root), every, primary
         old = read_manifest(self.root)
         manifest = {**manifest, "checksums": CHECKSUMS}
-        keys = ("format", "blocks", "cells", "bands", "layers", "dtype", "batches", "plan", "inputs", "checksums")
+        keys = (
+            "format",
+            "blocks",
+            "cells",
+            "bands",
+            "layers",
+            "dtype",
+            "batches",
+            "plan",
+            "rows",
+            "inputs",
+            "checksums",
+        )
         if old is not None and any(old.get(k) != manifest.get(k) for k in keys):
             log.warning("%s: built from other inputs or settings; rebuilding the index", self.root)
             old = None
-            for name in (*ARRAYS, "checks"):
+            for name in (*ARRAYS, "checks") if primary else ():
                 (self.root / f"{name}.npy").unlink(missing_ok=True)
         self.manifest = dict(old) if old is not None else {**manifest, "written": 0, "rows_per_batch": None}
         self.maps: dict[str, np.memmap] | None = None
@@ -133,11 +149,15 @@ class IndexWriter:
         return start, carry
 
     def begin(self, start: int, total: int | None) -> None:
-        self.root.mkdir(parents=True, exist_ok=True)
-        write_json(manifest_path(self.root), self.manifest)
+        if self.primary:
+            self.root.mkdir(parents=True, exist_ok=True)
+            write_json(manifest_path(self.root), self.manifest)
 
     def save(self, step: int, carry, batches: list[tuple[Any, dict]]) -> None:
         if not batches:
+            return
+        if not self.primary:
+            self.manifest["written"] = int(step)
             return
         rows = len(batches[0][1]["index"])
         if self.maps is None:
