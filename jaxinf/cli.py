@@ -137,9 +137,12 @@ def query_command(args) -> int:
     raw["factors"]["from"], raw["scores"]["mode"], raw["index"]["k"] = curvature_from, "index", None
     raw["index"]["from"] = str(run_dir)
     raw["scores"]["self_influence"] = False
+    for launch in ("coordinator", "num_processes", "process_id"):  # how the run's processes met, not the query's
+        raw["mesh"][launch] = None
     config = cfg.with_overrides(raw, list(args.overrides), str(run_dir / "run.json"))
     enable_compilation_cache()
-    pipeline.run(config, overwrite=args.overwrite)
+    with rundir.output_named("--out"):  # its messages name the option it has, not the config's run.out
+        pipeline.run(config, overwrite=args.overwrite)
     return 0
 
 
@@ -180,11 +183,13 @@ def plan_command(args) -> int:
 
 def validate_command(args) -> int:
     from jaxinf import config as cfg
+    from jaxinf.run import rundir
     from jaxinf.validate.driver import load_config, validate
 
     config = load_config(*cfg.config_arguments(args.config, args.overrides))
     enable_compilation_cache()
-    validate(config, args.out)
+    with rundir.output_named("--out"):
+        validate(config, args.out)
     return 0
 
 
@@ -194,8 +199,11 @@ def demo_command(args) -> int:
 
     if args.seeds < 1:  # before the output directory is claimed: nothing is written
         raise cfg.ConfigError(f"--seeds {args.seeds}: must be at least 1 (the demo trains one model a seed)")
+    from jaxinf.run import rundir
+
     enable_compilation_cache()
-    demo.main(args.out, seeds=args.seeds)
+    with rundir.output_named("--out"):
+        demo.main(args.out, seeds=args.seeds)
     return 0
 
 

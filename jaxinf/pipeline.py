@@ -22,7 +22,6 @@ on a mesh, shards them.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import time
 from collections.abc import Callable
@@ -171,7 +170,10 @@ def saved_eigen(config: cfg.Config, store: RunStore, inputs: Inputs, executor: E
     source = store
     if config.factors.from_run is not None:
         other = Path(config.factors.from_run)
-        source = RunStore(other, json.loads((other / "run.json").read_text()))
+        record = rundir.read_record(other)  # run.json, or its copy when damaged (factors_from.check read it first)
+        if record is None:
+            raise StoreError(f"factors.from: {other}: no run.json (nor its copy state/run.json)")
+        source = RunStore(other, record)
     shapes = programs.fitted_shapes(inputs.task, inputs.layers, precision.statistics_dtype(config.run.precision))
     eigen = source.load_result("eigen", executor.like(shapes["eigen"]))
     if eigen is None:
@@ -441,13 +443,14 @@ def _run_locked(config: cfg.Config, executor: Executor, claimed: rundir.Aside | 
             model_fp = fingerprint.check_model(store, config.model.checkpoint)
             inputs = load_inputs(config, store, executor, queries)
             fingerprint.check_unchanged(model_fp, config.model.checkpoint)
+            reused = factors_from.check(config, model_fp)
             fingerprint.reconcile(
                 store,
                 model_fp,
                 fingerprint.documents_fingerprint(inputs.documents, len(inputs.fit_documents)),
                 fingerprint.queries_fingerprint(inputs.queries, config.data.queries),
+                fingerprint.curvature_fingerprint(reused),
             )
-            factors_from.check(config, model_fp)
             if jax.process_count() > 1:  # process 0 deleted what changed inputs invalidated
                 from jax.experimental import multihost_utils
 

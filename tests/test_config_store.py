@@ -4,6 +4,7 @@ import json
 import shutil
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -127,6 +128,35 @@ def test_a_relative_run_directory_checkpoints_and_resumes(tmp_path, monkeypatch)
     step, restored = store.RunStore.open(cfg.load(None, ["run.out=runs/mine"])).stage("covariance").latest(tree)
     assert step == 5 and float(restored["count"]) == 3.0
     assert (tmp_path / "runs/mine/state/covariance/5" / store.MANIFEST).is_file()
+
+
+def test_a_stage_saved_on_a_mesh_restores_in_a_process_of_one_device(tmp_path):
+    """A stage saved split over a mesh (two devices here; a pod's run saves its curvature so) restores onto its shapes
+    alone in a process of one device, as factors.from, jaxinf query and jaxinf export read another run's: Orbax took
+    the sharding the checkpoint was saved with and refused it ("Topology mismatch detected")."""
+    import subprocess
+    import sys
+
+    from sharding_support import device_env
+
+    save = (
+        "import jax, numpy as np\n"
+        "from jax.sharding import Mesh, NamedSharding, PartitionSpec as P\n"
+        "from jaxinf.run.store import StageStore\n"
+        "mesh = Mesh(np.array(jax.devices()), ('data',))\n"
+        "x = jax.device_put(np.arange(8.0, dtype=np.float32).reshape(4, 2), NamedSharding(mesh, P('data')))\n"
+        f"StageStore({str(tmp_path / 'eigen')!r}, keep=1).save(0, {{'Q': x}})\n"
+    )
+    r = subprocess.run([sys.executable, "-c", save], env=device_env(2), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    from jaxinf.run.executor import DeviceExecutor
+
+    shapes = {"Q": jax.ShapeDtypeStruct((4, 2), np.float32)}
+    stage = store.StageStore(tmp_path / "eigen", keep=1)
+    on_host, on_device = stage.restore(0, shapes), stage.restore(0, DeviceExecutor().like(shapes))
+    assert isinstance(on_host["Q"], np.ndarray) and isinstance(on_device["Q"], jax.Array)  # a bare shape: the host
+    for restored in (on_host, on_device):
+        np.testing.assert_array_equal(np.asarray(restored["Q"]), np.arange(8.0).reshape(4, 2))
 
 
 def jax_tree_scale(tree, s):

@@ -1172,6 +1172,9 @@ def test_a_factor_or_export_that_is_a_link_to_nothing_is_named_as_such(tmp_path)
         compare._load_npy(dangling)
     with pytest.raises(kf.InteropError, match=r"gone\.npy: file is missing \(has the run finished its exports\?\)$"):
         compare._load_npy(tmp_path / "gone.npy")
+    (tmp_path / "lambda_matrix.safetensors").mkdir()  # was "not a readable safetensors file (No such device ...)"
+    with pytest.raises(kf.InteropError, match=r"lambda_matrix\.safetensors: a directory where a file is expected$"):
+        kf.read_tensors(tmp_path / "lambda_matrix.safetensors")
 
 
 def test_a_learning_rate_beyond_float32_is_refused_before_training(tmp_path, capsys):
@@ -1183,3 +1186,205 @@ def test_a_learning_rate_beyond_float32_is_refused_before_training(tmp_path, cap
         "command line: validate.learning_rate: must be at most 3.403e+38 (a float32 number), got 1e+308"
     )
     assert not out.exists()
+
+
+def test_the_hints_of_a_command_with_out_name_out_not_run_out(world, indexed, tmp_path, capsys):
+    """``jaxinf query RUN Q --out DIR`` refused DIR (another program's directory, one inside a run, one in use, one
+    holding results of another config) telling the user to "choose another run.out", an option query does not
+    have; the hints of a command whose output is ``--out`` (query, validate, demo) name ``--out``."""
+    import errno
+    import shutil
+
+    from jaxinf.run import failures, rundir
+    from jaxinf.run.lock import RunLock
+
+    run, _ = indexed
+    queries = str(world["queries"])
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine\n")
+    started = tmp_path / "started"  # a run of another config: refused with the keys that differ
+    shutil.copytree(run, started)
+    expected = {
+        foreign: "choose another --out",
+        run / "state" / "x": "choose a --out outside it",
+        tmp_path / "locked": "or choose another --out",
+        started: "(use --overwrite to start over, or another --out",
+    }
+    with RunLock(tmp_path / "locked"):
+        for out, hint in expected.items():
+            assert cli.main(["-q", "query", str(run), queries, "--out", str(out)]) == 2
+            message = _one_error(capsys, "query")
+            assert hint in message and "run.out" not in message, message
+    denied = OSError(errno.EACCES, "Permission denied", str(tmp_path / "x"))
+    with rundir.output_named("--out"):
+        assert "or choose another --out" in str(failures.environment_failure(denied, tmp_path, "scores"))
+    assert "or choose another run.out" in str(failures.environment_failure(denied, tmp_path, "scores"))
+
+
+def test_a_query_against_a_run_whose_run_json_is_damaged_reads_its_copy(world, indexed, tmp_path, capsys):
+    """``jaxinf query RUN Q`` on a run whose run.json was cut short (its copy state/run.json intact) was a
+    ``JSONDecodeError`` traceback once the scores began: the eigendecomposition of the run it reuses was found
+    through run.json read as such, where everything else reads the record or its copy (``rundir.read_record``)."""
+    import shutil
+
+    src, _ = indexed
+    run = tmp_path / "run"
+    shutil.copytree(src, run)
+    (run / "run.json").write_text("{\n")
+    out = tmp_path / "q"
+    capsys.readouterr()
+    assert cli.main(["-q", "query", str(run), str(world["queries"]), "--out", str(out)]) == 0
+    assert "restored from its copy" in capsys.readouterr().err
+    assert np.load(out / "scores.npy").shape == (2, 8)
+
+
+def test_a_query_resumed_after_its_run_refitted_the_curvature_recomputes_its_gradients(world, tmp_path, capsys):
+    """``jaxinf query RUN Q --out OUT`` stopped once it had saved its query gradients (here: RUN's index was built
+    over documents edited since); RUN was run again (its curvature fitted again on the edited documents) and the
+    same query resumed: OUT reused the gradients preconditioned with RUN's old curvature against RUN's new index,
+    exit 0, every score wrong (a third of the largest off). A run records the curvature it reuses (factors.from,
+    which a query is) and recomputes from its query gradients on when that curvature was fitted again."""
+    import shutil
+
+    from jaxinf import config as cfg
+    from jaxinf import pipeline
+
+    docs = tmp_path / "docs.jsonl"
+    shutil.copy(world["docs"], docs)
+    run, out = tmp_path / "run", tmp_path / "out"
+    argv = overrides(world, run, **{"data.batch_size": 8, "factors.fisher": "empirical", "index.k": 4})
+    argv.append(f"data.documents={docs}")
+    pipeline.run(cfg.load(None, argv))
+    lines = docs.read_text().splitlines()
+    docs.write_text("\n".join([lines[5].replace(json.loads(lines[5])["id"], json.loads(lines[0])["id"]), *lines[1:]]))
+    query = ["-q", "query", str(run), str(world["queries"]), "--out", str(out)]
+    assert cli.main(query) == 2
+    assert "built over other documents" in _one_error(capsys, "query")
+    pipeline.run(cfg.load(None, argv))  # the curvature fitted again on the edited documents
+    capsys.readouterr()
+    assert cli.main(query) == 0
+    assert "its curvature was fitted again" in capsys.readouterr().err
+    np.testing.assert_allclose(np.load(out / "scores.npy"), np.load(run / "scores.npy"), rtol=1e-5, atol=1e-5)
+
+
+def test_prepare_into_an_output_filled_meanwhile_or_a_link_to_an_empty_directory(tmp_path, capsys, monkeypatch):
+    """Two ``jaxinf prepare`` into one empty OUT at once: the one finishing second converted every document, then
+    died on the final step with ``OSError: [Errno 39] Directory not empty`` (a traceback). OUT a symbolic link to
+    an empty directory converted everything, then was refused as "not a directory"; it is written there."""
+    from jaxinf.data import prepare as prepare_mod
+
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text('{"id": "a", "text": "one two"}\n')
+    target = tmp_path / "target"
+    target.mkdir()
+    os.symlink(target, tmp_path / "link")
+    assert cli.main(["-q", "prepare", str(docs), str(tmp_path / "link")]) == 0
+    assert (target / "dataset_info.json").is_file() and (tmp_path / "link").is_symlink()
+    out = tmp_path / "out"
+    out.mkdir()
+    write = prepare_mod._write_train_split
+
+    def the_other_process_first(builder):
+        write(builder)
+        (out / "theirs.txt").write_text("another process's dataset\n")
+
+    monkeypatch.setattr(prepare_mod, "_write_train_split", the_other_process_first)
+    assert cli.main(["-q", "prepare", str(docs), str(out)]) == 2
+    assert _one_error(capsys, "prepare") == (
+        f"{out}: written by another process meanwhile (no longer empty); nothing was written"
+    )
+    assert os.listdir(out) == ["theirs.txt"]
+    assert sorted(os.listdir(tmp_path)) == ["docs.jsonl", "link", "out", "target"]
+
+
+@pytest.mark.parametrize(
+    "name, content, message",
+    [
+        ("scores.npy", b"zz\n", "scores.npy: not a readable .npy file ("),
+        ("scores.npy", "cut", "scores.npy: not a readable .npy file (Failed to read all data"),
+        ("queries.jsonl", b"{\n", "queries.jsonl line 1: invalid JSON"),
+        ("queries.jsonl", "loss", "queries.jsonl line 1: field loss must be a positive finite number of nats"),
+    ],
+)
+def test_compare_against_a_run_with_a_damaged_export_is_one_line(finished, tmp_path, capsys, name, content, message):
+    """``jaxinf compare --kronfluence DIR --run RUN`` with kronfluence's pairwise scores in DIR and RUN's scores.npy
+    cut short or garbage, or a line of its queries.jsonl damaged, was a numpy ValueError or a JSONDecodeError
+    traceback: the exports are read as jaxinf analyze reads them, a damage named in one line."""
+    import shutil
+
+    from safetensors.numpy import save_file
+
+    from jaxinf.interop import kronfluence as kf
+
+    run = tmp_path / "run"
+    shutil.copytree(finished, run)
+    kron = tmp_path / "kron"
+    kron.mkdir()
+    save_file({"all_modules": np.load(finished / "scores.npy")}, str(kron / kf.PAIRWISE))
+    path = run / name
+    if content == "cut":
+        with open(path, "r+b") as f:
+            f.truncate(150)
+    elif content == "loss":
+        first, *rest = path.read_text().splitlines()
+        path.write_text("\n".join([json.dumps({**json.loads(first), "loss": "x"}), *rest]) + "\n")
+    else:
+        path.write_bytes(content)
+    assert cli.main(["-q", "compare", "--kronfluence", str(kron), "--run", str(run)]) == 2
+    assert message in _one_error(capsys, "compare")
+
+
+def test_a_run_inside_its_documents_directory_is_refused(world, indexed, tmp_path, capsys):
+    """``jaxinf run data.documents=DIR run.out=DIR/run``: DIR's files are listed recursively as shards, so the run
+    read its own run.json as one and stopped blaming it ("DIR/run/run.json:1: invalid JSON"), leaving DIR/run
+    behind; once it had exports, a rerun would read them as documents. Refused before anything is written, for
+    jaxinf query's --out too."""
+    import shutil
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    shutil.copy(world["docs"], corpus / "a.jsonl")
+    out = corpus / "run"
+    assert cli.main(["-q", "run", *overrides(world, out), f"data.documents={corpus}"]) == 2
+    assert _one_error(capsys, "run") == (
+        f"{out}: is inside data.documents ({corpus}), whose every file is read as a document (the run's own files "
+        "would be read as shards); choose a run.out outside it"
+    )
+    run, _ = indexed
+    argv = ["-q", "query", str(run), str(world["queries"]), f"data.documents={corpus}", "--out", str(corpus / "q")]
+    assert cli.main(argv) == 2
+    assert _one_error(capsys, "query").endswith("choose a --out outside it")
+    assert os.listdir(corpus) == ["a.jsonl"]
+
+
+def test_prepare_into_its_input_directory_is_refused(tmp_path, capsys):
+    """``jaxinf prepare DIR DIR/out`` wrote the dataset inside the directory it read, whose files are listed
+    recursively as shards: the next read of DIR (a run, a second prepare) stopped on
+    ``DIR/out/dataset_info.json:1: invalid JSON``. Refused before anything is written."""
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "a.jsonl").write_text('{"id": "a", "text": "one two"}\n')
+    assert cli.main(["-q", "prepare", str(corpus), str(corpus / "out")]) == 2
+    assert _one_error(capsys, "prepare") == (
+        f"{corpus / 'out'}: is inside the input directory {corpus}; choose an OUT_DIR outside it; nothing was written"
+    )
+    assert os.listdir(corpus) == ["a.jsonl"]
+
+
+def test_a_run_read_as_an_input_with_its_record_damaged_does_not_offer_overwrite(world, indexed, tmp_path, capsys):
+    """``jaxinf query RUN Q`` (or ``factors.from=RUN``) with RUN's run.json and its copy both damaged said
+    "--overwrite would delete everything in RUN: ...": RUN is what the command reads, and its --overwrite concerns
+    the output, never RUN. Said so only of the command's own output directory."""
+    import shutil
+
+    src, argv = indexed
+    run = tmp_path / "run"
+    shutil.copytree(src, run)
+    for path in (run / "run.json", run / "state" / "run.json"):
+        path.write_text("[1, 2")
+    assert cli.main(["-q", "query", str(run), str(world["queries"]), "--out", str(tmp_path / "q")]) == 2
+    message = _one_error(capsys, "query")
+    assert message.endswith("is too (JSONDecodeError); the run cannot be read"), message
+    assert cli.main(["-q", "run", *argv, f"run.out={run}"]) == 2
+    assert f"--overwrite would delete everything in {run}: " in _one_error(capsys, "run")

@@ -1001,3 +1001,31 @@ def test_validate_fine_tunes_a_user_checkpoint(tmp_path, monkeypatch):
         assert len(starts) == 1, path
         path.write_bytes(original)
     driver.validate(config, tmp_path / "val")  # restored: reused again
+
+
+def test_a_damaged_file_of_the_work_directory_is_computed_again(tmp_path, caplog):
+    """``jaxinf validate --out DIR`` run again after a file of DIR/work was cut short or overwritten (the full
+    model's full.npz, a retraining's unit, a strategy's scores) was a numpy ValueError traceback: such a file is
+    computed again, with a warning naming it, and the validation is the same."""
+    import logging
+
+    from jaxinf.validate import driver
+
+    out = tmp_path / "val"
+    config = cfg.load(None, TINY + ["validate.subsets=2", "validate.strategies=[identity]", "validate.dampings=[null]"])
+    first = driver.validate(config, out)
+    damaged = [
+        next((out / "work").glob("*/full.npz")),
+        next((out / "work").glob("*/units/*/s0000_r00.npy")),
+        next((out / "work").glob("*/scores/*/identity_*.npy")),
+    ]
+    damaged[0].write_bytes(b"zz")
+    with open(damaged[1], "r+b") as f:
+        f.truncate(100)
+    damaged[2].write_bytes(b"")
+    with caplog.at_level(logging.WARNING, logger="jaxinf"):
+        again = driver.validate(config, out)
+    for path in damaged:
+        assert f"{path}: unreadable (" in caplog.text
+        assert path.stat().st_size > 100
+    assert again["lds"] == first["lds"]

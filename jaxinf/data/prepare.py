@@ -215,6 +215,10 @@ def prepare(
     )
     if not one_jsonl and not p.exists() and not any(c in input_path for c in "*?["):
         raise DataError(f"{input_path}: no such file")
+    if p.is_dir() and Path(os.path.realpath(p)) in (Path(os.path.realpath(out)), *Path(os.path.realpath(out)).parents):
+        raise DataError(  # its files are listed recursively: the next read of INPUT would take the dataset's for shards
+            f"{out}: is inside the input directory {input_path}; choose an OUT_DIR outside it; nothing was written"
+        )
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise DataError(f"{out}: already exists and is not empty; nothing was written")
     if out.is_symlink() and not out.exists():  # dangling or a loop: the final rename would fail
@@ -222,6 +226,8 @@ def prepare(
             f"{out}: is a symbolic link to {os.readlink(out)}, which does not resolve to a directory; "
             "nothing was written"
         )
+    if out.is_symlink():  # a link to an empty directory: the dataset goes there (a rename would replace the link)
+        out = Path(os.path.realpath(out))
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = make_temp_dir(f".{out.name}.prepare-", out.parent)
@@ -248,9 +254,14 @@ def prepare(
         meta = json.loads((built / "metadata.json").read_text())
         meta["files"] = {f.name: file_sha256(f) for f in sorted(built.glob("*.array_record*"))}
         (built / "metadata.json").write_text(json.dumps(meta))
-        if out.exists():
-            out.rmdir()  # empty, checked above
-        os.rename(built, out)
+        try:
+            os.rename(built, out)  # replaces an empty directory, never one another process has filled meanwhile
+        except OSError as e:
+            if e.errno not in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR):
+                raise
+            raise DataError(
+                f"{out}: written by another process meanwhile (no longer empty); nothing was written"
+            ) from None
         return builder.read_report
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

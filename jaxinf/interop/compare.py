@@ -25,7 +25,6 @@ order, documents in document-file order).
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any
@@ -36,6 +35,7 @@ from jaxinf.analysis.correlations import pearson, spearman, topk_overlap
 from jaxinf.interop import kronfluence as kf
 from jaxinf.interop import transfer
 from jaxinf.interop.kronfluence import InteropError
+from jaxinf.run.exports.formats import read_exported_queries
 
 
 def rel_error(x: np.ndarray, ref: np.ndarray) -> float:
@@ -101,16 +101,20 @@ def _load_npy(path: Path) -> np.ndarray:
     if not path.exists():
         why = kf.missing(path)
         raise InteropError(f"{path}: {why}{' (has the run finished its exports?)' if why == 'file is missing' else ''}")
-    return np.load(path, allow_pickle=False)
+    try:
+        return np.load(path, allow_pickle=False)
+    except (ValueError, EOFError) as e:  # cut short, or not a .npy file: a damaged export
+        raise InteropError(f"{path}: not a readable .npy file ({' '.join(str(e).split())})") from None
 
 
 def _query_info(run_dir: Path) -> tuple[list[str], np.ndarray | None]:
+    """The ids and completion losses of the run's exported queries.jsonl, read as jaxinf analyze reads it (a damaged
+    line is one error naming it); no ids and None without the file."""
     path = run_dir / "queries.jsonl"
     if not path.exists():
         return [], None
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    losses = np.asarray([r.get("loss", math.nan) for r in rows], np.float64)
-    return [str(r.get("id", i)) for i, r in enumerate(rows)], losses
+    queries = read_exported_queries(path)
+    return queries.ids, queries.loss
 
 
 def _score_rows(scores: kf.Scores, run: transfer.RunFactors, topk: int, notes: list[str]) -> dict:

@@ -198,6 +198,8 @@ def read_tensors(path: Path) -> dict[str, np.ndarray]:
     path = Path(path)
     if not path.exists():
         raise InteropError(f"{path}: {missing(path)}")
+    if path.is_dir():  # safetensors' mmap says "No such device (os error 19)"
+        raise InteropError(f"{path}: a directory where a file is expected")
     try:
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError, TypeError) as e:

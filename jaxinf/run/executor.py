@@ -21,7 +21,7 @@ from typing import Any, Protocol, runtime_checkable
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import Mesh, NamedSharding, SingleDeviceSharding
 from jax.sharding import PartitionSpec as P
 
 from jaxinf.engine.stages import Stage
@@ -135,7 +135,7 @@ class DeviceExecutor:
         return stage.init()
 
     def like(self, shapes, declared=None):
-        return shapes  # abstract shapes: Orbax restores onto the default device
+        return abstract_tree(shapes, jax.tree.map(lambda _: SingleDeviceSharding(jax.devices()[0]), shapes))
 
     def fetch(self, x) -> np.ndarray:
         return np.asarray(x)

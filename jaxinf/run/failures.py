@@ -19,13 +19,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from jaxinf.errors import EnvironmentFailure
+from jaxinf.run.rundir import output_key
 
-CONDITIONS = {  # errno -> (what it means, what to do)
+CONDITIONS = {  # errno -> (what it means, what to do: {key} is the output setting, jaxinf.run.rundir.output_key)
     errno.ENOSPC: ("no space left on device", "free some space"),
     errno.EDQUOT: ("disk quota exceeded", "free some space or raise the quota"),
-    errno.EROFS: ("read-only file system", "make it writable or choose another run.out"),
-    errno.EACCES: ("permission denied", "fix the permissions or choose another run.out"),
-    errno.EPERM: ("operation not permitted", "fix the permissions or choose another run.out"),
+    errno.EROFS: ("read-only file system", "make it writable or choose another {key}"),
+    errno.EACCES: ("permission denied", "fix the permissions or choose another {key}"),
+    errno.EPERM: ("operation not permitted", "fix the permissions or choose another {key}"),
 }
 _TEXTS = {
     "No space left on device": errno.ENOSPC,
@@ -73,6 +74,7 @@ def environment_failure(exc: BaseException, root, stage: str, restored: bool = F
         return None
     code, path = found
     what, todo = CONDITIONS[code]
+    todo = todo.format(key=output_key())
     if restored:
         return EnvironmentFailure(
             f"{path or root}: {what} (stage {stage}); --overwrite did not finish: the previous "

@@ -48,7 +48,7 @@ from typing import Any
 
 from jaxinf import config as cfg
 from jaxinf.atomic import file_sha256
-from jaxinf.run.rundir import StoreError
+from jaxinf.run.rundir import StoreError, output_key
 from jaxinf.run.store import RunStore
 
 log = logging.getLogger("jaxinf")
@@ -210,7 +210,7 @@ def check_model(store: RunStore, checkpoint: str) -> dict:
                 raise InputChanged(
                     f"{Path(checkpoint) / name}: {what} since this run started (stage {started[0]} onwards was "
                     f"computed with the {kind} as it was; every stage depends on it); restore it, or start over "
-                    "with --overwrite or another run.out"
+                    f"with --overwrite or another {output_key()}"
                 )
     return current
 
@@ -224,11 +224,32 @@ def check_unchanged(model_fp: dict, checkpoint: str) -> None:
                 raise InputChanged(f"{p}: changed while it was being read; run again when it no longer changes")
 
 
-def reconcile(store: RunStore, model_fp: dict, documents: dict, queries: dict) -> list[str]:
-    """Compares the documents and queries with the recorded fingerprints, invalidates the stages that depend on a
-    changed one (logging which and why), records all fingerprints in ``run.json``, and returns the invalidated stages."""
+def curvature_fingerprint(source: RunStore | None) -> dict | None:
+    """Which fitted curvature the run ``source`` holds (None for no run): its path and a hash of the checksums
+    saved with its covariance, eigendecomposition and Lambda, which a refit of that run changes. A run that reuses
+    it (``factors.from``, ``jaxinf query``) records it among its inputs (:func:`reconcile`): its query gradients,
+    preconditioned with that curvature, are never resumed against another."""
+    if source is None:
+        return None
+    from jaxinf.run.store import MANIFEST
+
+    h = hashlib.sha256()
+    for stage in ("covariance", "eigen", "lambda"):
+        manifest = source.stage(stage, keep=1).root / "0" / MANIFEST
+        h.update(f"{stage}:".encode() + (manifest.read_bytes() if manifest.is_file() else b"-"))
+    return {"path": str(source.root), "sha256": h.hexdigest()}
+
+
+def reconcile(
+    store: RunStore, model_fp: dict, documents: dict, queries: dict, factors: dict | None = None
+) -> list[str]:
+    """Compares the documents, queries and reused curvature (``factors``: :func:`curvature_fingerprint` of
+    ``factors.from``) with the recorded fingerprints, invalidates the stages that depend on a changed one (logging
+    which and why), records all fingerprints in ``run.json``, and returns the invalidated stages."""
     old = store.record.get("inputs")
     current = {**model_fp, "documents": documents, "queries": queries}
+    if factors is not None:
+        current["factors"] = factors
     started = _started(store)
     invalid: list[str] = []
     if old is None and started:
@@ -262,10 +283,14 @@ def reconcile(store: RunStore, model_fp: dict, documents: dict, queries: dict) -
                 )
             else:
                 reasons.append(("queries", f"{queries['path']}: the queries changed"))
+        refitted = factors is not None and old.get("factors", factors)["sha256"] != factors["sha256"]
+        if refitted:  # the query gradients were preconditioned with it (and an index built in its eigenbasis)
+            assert factors is not None
+            reasons.append(("queries", f"factors.from: {factors['path']}: its curvature was fitted again"))
         if reasons:
             first = min(cfg.STAGES.index(stage) for stage, _ in reasons)
             invalid = [s for s in cfg.STAGES[first:] if s in started]
-            if all(stage == "queries" for stage, _ in reasons):  # the index depends on the documents only
+            if not refitted and all(stage == "queries" for stage, _ in reasons):  # the index: the documents only
                 invalid = [s for s in invalid if s != "index"]
             for _, why in reasons:
                 log.warning("%s since this run started; recomputing %s", why, ", ".join(invalid) or "nothing")

@@ -128,6 +128,16 @@ def check_inputs(config: cfg.Config) -> None:
             f"factors.from: {config.factors.from_run} is run.out itself (a run reuses its own curvature "
             "without factors.from; to start over keeping it, use another run.out with factors.from)"
         )
+    documents = config.data.documents
+    if (
+        config.run.out is not None and documents is not None and Path(documents).is_dir()
+    ):  # its files are listed (recursively) as shards
+        out, corpus = Path(os.path.realpath(config.run.out)), Path(os.path.realpath(documents))
+        if out == corpus or corpus in out.parents:
+            raise InputError(
+                f"{config.run.out}: is inside data.documents ({documents}), whose every file is read as a "
+                f"document (the run's own files would be read as shards); choose a {rundir.output_key()} outside it"
+            )
     for key, other in (("factors.from", config.factors.from_run), ("index.from", config.index.from_run)):
         if other is not None:
             rundir.refuse_inside_run(Path(other), key)

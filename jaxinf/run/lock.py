@@ -20,7 +20,7 @@ import os
 import socket
 from pathlib import Path
 
-from jaxinf.run.rundir import LOCK_FILE, StoreError
+from jaxinf.run.rundir import LOCK_FILE, StoreError, output_key
 
 
 class RunLocked(StoreError):
@@ -52,7 +52,7 @@ class RunLock:
             if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
                 raise RunLocked(
                     f"{self.root}: in use by another jaxinf process ({self.holder()}); wait for it to "
-                    "finish or stop it, or choose another run.out"
+                    f"finish or stop it, or choose another {output_key()}"
                 ) from None
             raise StoreError(f"{self.path}: cannot lock the run directory ({e.strerror})") from None
         try:

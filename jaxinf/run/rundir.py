@@ -35,11 +35,14 @@ always); otherwise the error says exactly what ``--overwrite`` would delete.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import json
 import logging
 import os
 import shutil
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from jaxinf.errors import UserError
@@ -53,6 +56,25 @@ DISCARDED = ".jaxinf-discarded"
 MOVING = ".jaxinf-moving"  # while it exists, every entry of RUN is the old run's (moving aside, or moving back)
 LOCK_FILE = ".jaxinf.lock"
 OURS = {LOCK_FILE, PREVIOUS, DISCARDED, MOVING, ".gitkeep"}  # entries that never make a directory "not empty"
+
+_OUTPUT_KEY: contextvars.ContextVar[str] = contextvars.ContextVar("jaxinf_output_key", default="run.out")
+
+
+def output_key() -> str:
+    """The setting that names the output directory of the command running, as a message tells the user to change
+    it: ``run.out`` (``jaxinf run``, and any caller of :func:`jaxinf.pipeline.run`), or ``--out`` inside
+    :func:`output_named` (``jaxinf query``, ``validate``, ``demo``, where ``run.out`` is no option of theirs)."""
+    return _OUTPUT_KEY.get()
+
+
+@contextlib.contextmanager
+def output_named(key: str) -> Iterator[None]:
+    """The block of a command whose output directory is the option ``key`` (:func:`output_key`)."""
+    token = _OUTPUT_KEY.set(key)
+    try:
+        yield
+    finally:
+        _OUTPUT_KEY.reset(token)
 
 
 class StoreError(UserError, RuntimeError):
@@ -159,9 +181,10 @@ def refuse_inside_run(root: Path, key: str, output: bool = False) -> None:
     raise StoreError(f"{key}: {root}: is inside the jaxinf run directory {outer}; give the run directory itself")
 
 
-def check_target(root: Path, overwrite: bool, key: str = "run.out") -> None:
+def check_target(root: Path, overwrite: bool) -> None:
     """Refuses a ``run.out`` that exists, is not empty and is not a jaxinf run, with or without ``--overwrite``
-    (``key`` names the setting in the message: ``run.out``, ``--out``), and one inside another run directory."""
+    (the message names the setting: :func:`output_key`), and one inside another run directory."""
+    key = output_key()
     refuse_inside_run(root, key, output=True)
     if not root.exists() or is_run(root) or (root / PREVIOUS).is_dir():
         return
@@ -288,10 +311,11 @@ def _remove_entries(root: Path) -> None:
         shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
 
 
-def read_record(root: Path) -> dict | None:
+def read_record(root: Path, output: bool = False) -> dict | None:
     """``run.json``, or its intact copy ``state/run.json`` (restored, with a warning) when ``run.json`` is damaged
-    or missing; None when neither exists. Raises ``StoreError`` saying what ``--overwrite`` would delete when
-    neither can be read."""
+    or missing; None when neither exists. Raises ``StoreError`` when neither can be read, saying what
+    ``--overwrite`` would delete when ``root`` is the ``output`` of the command (not a run it reads: ``factors.from``,
+    ``jaxinf query RUN``, whose ``--overwrite`` never touches it)."""
     path, copy = root / RECORD, root.joinpath(*RECORD_COPY)
     if not path.exists() and not copy.exists():
         return None
@@ -307,7 +331,7 @@ def read_record(root: Path) -> dict | None:
     except (OSError, ValueError, KeyError) as e:
         raise StoreError(
             f"{path}: {problem}, and its copy {copy} is too ({type(e).__name__}); "
-            f"--overwrite would delete {describe_contents(root)}"
+            + (f"--overwrite would delete {describe_contents(root)}" if output else "the run cannot be read")
         ) from None
     log.warning(
         "%s: %s; restored from its copy %s (saved results are verified against their checksums as usual)",

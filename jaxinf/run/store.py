@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import numpy as np
 
 from jaxinf import config as cfg
 from jaxinf.atomic import file_sha256, write_json
@@ -95,7 +96,19 @@ def verify_manifest(step_dir: Path) -> None:
 
 
 def _abstract(tree):
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)), tree)
+    """``like`` as the targets Orbax restores onto: a leaf with a sharding onto it, a leaf without one into host memory
+    (a numpy template). Orbax would otherwise take the sharding the checkpoint was saved with, and refuse it on any
+    other topology: a run saved on a mesh or by several processes, read by one process on one device."""
+
+    def leaf(x):
+        sharding = getattr(x, "sharding", None)
+        return (
+            np.empty(x.shape, x.dtype)
+            if sharding is None
+            else jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
+        )
+
+    return jax.tree.map(leaf, tree)
 
 
 class StageStore:
@@ -203,7 +216,7 @@ class RunStore:
             for p in root.iterdir():
                 if p.name not in rundir.OURS:
                     shutil.rmtree(p) if p.is_dir() else p.unlink()
-        record = rundir.read_record(root)
+        record = rundir.read_record(root, output=True)
         if record is not None:
             try:
                 old = cfg.from_dict(record["config"], str(record_path))
@@ -245,16 +258,17 @@ class RunStore:
         redone = ("exports", "analysis")  # written from saved results alone: a key of theirs redoes them, never refused
         refused = [k for k, stage in changed if stage not in redone and any(order[s] >= order[stage] for s in started)]
         if refused:
+            key = rundir.output_key()
             keep = (
                 ""
                 if any(order[stage] <= order["lambda"] for k, stage in changed if k in refused)
-                else f"; factors.from={old.factors.from_run} with another run.out keeps the curvature it reuses"
+                else f"; factors.from={old.factors.from_run} with another {key} keeps the curvature it reuses"
                 if old.factors.from_run is not None  # fitted none of its own (a jaxinf query output, for one)
-                else f"; factors.from={self.root} with another run.out keeps its fitted curvature"
+                else f"; factors.from={self.root} with another {key} keeps its fitted curvature"
             )
             raise StoreError(
                 f"{self.root}: run started with another config; these keys would change results already saved: "
-                f"{', '.join(refused)} (use --overwrite to start over, or another run.out{keep})"
+                f"{', '.join(refused)} (use --overwrite to start over, or another {key}{keep})"
             )
         for s in cfg.STAGES[first:]:
             self.record["stages"][s] = {"status": "pending"}

@@ -208,6 +208,11 @@ def _load_params(path: Path, like):
         return jax.tree_util.tree_map_with_path(lambda p, x: jnp.asarray(z[jax.tree_util.keystr(p)], x.dtype), like)
 
 
+def _read_pbrf(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    with np.load(path, allow_pickle=False) as z:
+        return z["influence"], z["ratio"]
+
+
 def subset_too_small(config: cfg.Config, n: int) -> str:
     """The error of a subset (``validate.fraction`` of the ``n`` documents) smaller than one minibatch
     (``validate.batch_size``), led by the key the user changed from its default, of the three that decide it."""
@@ -265,9 +270,8 @@ def _validate(config: cfg.Config, out: Path, world: World, t_start: float) -> di
 
     # 1. the model trained on every document: the one that is scored
     full_path = work / "full.npz"
-    if full_path.exists():
-        params = _load_params(full_path, params0)
-    else:
+    params = work_keys.saved(full_path, lambda p: _load_params(p, params0))
+    if params is None:
         t0 = time.perf_counter()
         log.info("validate: training the full model: %d steps of %d documents", v.steps, v.batch_size)
         _, losses, params = train_one(
@@ -302,7 +306,9 @@ def _validate(config: cfg.Config, out: Path, world: World, t_start: float) -> di
         paths = {
             damping_label(d): score_dir / f"{score_name(config, strategy)}_{damping_label(d)}.npy" for d in dampings
         }
-        scores.update({(strategy, lab): np.load(p) for lab, p in paths.items() if p.exists()})
+        for lab, p in paths.items():
+            if (got := work_keys.saved(p, np.load)) is not None:
+                scores[(strategy, lab)] = got
         missing = [d for d in dampings if (strategy, damping_label(d)) not in scores]
         if not missing and (resolved != HEURISTIC_FROM or (score_dir / "heuristic.json").exists()):
             continue
@@ -504,9 +510,9 @@ def _validate(config: cfg.Config, out: Path, world: World, t_start: float) -> di
         )
         (work / "pbrf").mkdir(exist_ok=True)
         pbrf_path = work / "pbrf" / f"{work_keys.key(pbrf_settings)}.npz"
-        if pbrf_path.exists():
-            with np.load(pbrf_path, allow_pickle=False) as z:
-                I_pbrf, ratio = z["influence"], z["ratio"]
+        found = work_keys.saved(pbrf_path, _read_pbrf)
+        if found is not None:
+            I_pbrf, ratio = found
         else:
             t0 = time.perf_counter()
             I_pbrf, ratio = pbrf_mod.pbrf_influence(

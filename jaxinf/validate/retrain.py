@@ -38,6 +38,7 @@ import numpy as np
 import optax
 
 from jaxinf.atomic import save_npy
+from jaxinf.validate import work_keys
 from jaxinf.validate.world import ValidationError
 
 
@@ -195,7 +196,8 @@ def retrain_all(
     starts from ``params0``, or with ``starts`` (and a ``train_many`` of ``stacked_starts``) from
     ``starts(fresh_seed(m, s))``."""
     units = [(m, s) for m in range(len(subsets)) for s in range(seeds)]
-    todo = [u for u in units if not unit_path(root, *u).exists()]
+    found = {u: work_keys.saved(unit_path(root, *u), np.load) for u in units}
+    todo = [u for u in units if found[u] is None]
     done = len(units) - len(todo)
     for lo in range(0, len(todo), group):
         chunk = todo[lo : lo + group]
@@ -211,8 +213,9 @@ def retrain_all(
         meas, losses = np.asarray(meas)[: len(chunk)], np.asarray(losses)[: len(chunk)]
         check_losses(losses, [f"of subset {m} seed {s}" for m, s in chunk])
         for (m, s), row in zip(chunk, meas):
-            save_npy(unit_path(root, m, s), row.astype(np.float64))
+            found[(m, s)] = row64 = row.astype(np.float64)
+            save_npy(unit_path(root, m, s), row64)
         done += len(chunk)
         if progress is not None:
             progress(done, len(units))
-    return np.stack([[np.load(unit_path(root, m, s)) for s in range(seeds)] for m in range(len(subsets))])
+    return np.stack([[found[(m, s)] for s in range(seeds)] for m in range(len(subsets))])

@@ -7,7 +7,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import jax
 import numpy as np
@@ -15,6 +18,22 @@ import numpy as np
 from jaxinf import config as cfg
 from jaxinf.atomic import write_json
 from jaxinf.validate.world import World
+
+log = logging.getLogger("jaxinf")
+T = TypeVar("T")
+
+
+def saved(path: Path, read: Callable[[Path], T]) -> T | None:
+    """What ``read`` gets from the file ``path`` of the work directory, or None when it is missing or damaged (cut
+    short or garbage: jaxinf writes each atomically, so a hand or another program did it), with a warning naming it:
+    the result is computed again, as a damaged PBRF chunk is (:func:`jaxinf.validate.pbrf`)."""
+    if not path.exists():
+        return None
+    try:
+        return read(path)
+    except (OSError, ValueError, KeyError, EOFError) as e:
+        log.warning("%s: unreadable (%s); computing it again", path, " ".join(str(e).split())[:160])
+        return None
 
 
 def code_version() -> str:
