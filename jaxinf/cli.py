@@ -183,13 +183,11 @@ def plan_command(args) -> int:
 
 def validate_command(args) -> int:
     from jaxinf import config as cfg
-    from jaxinf.run import rundir
     from jaxinf.validate.driver import load_config, validate
 
     config = load_config(*cfg.config_arguments(args.config, args.overrides))
     enable_compilation_cache()
-    with rundir.output_named("--out"):
-        validate(config, args.out)
+    validate(config, args.out)
     return 0
 
 
@@ -199,11 +197,8 @@ def demo_command(args) -> int:
 
     if args.seeds < 1:  # before the output directory is claimed: nothing is written
         raise cfg.ConfigError(f"--seeds {args.seeds}: must be at least 1 (the demo trains one model a seed)")
-    from jaxinf.run import rundir
-
     enable_compilation_cache()
-    with rundir.output_named("--out"):
-        demo.main(args.out, seeds=args.seeds)
+    demo.main(args.out, seeds=args.seeds)
     return 0
 
 

@@ -46,7 +46,7 @@ from jaxinf.run.lock import RunLock
 from jaxinf.run.rundir import StoreError
 from jaxinf.run.saved import SavedChunks, SavedState, batch_plan_key
 from jaxinf.run.store import RunStore, check_writable
-from jaxinf.sharding.meshes import check_agreement, initialize
+from jaxinf.sharding.meshes import barrier, check_agreement, initialize
 
 log = logging.getLogger("jaxinf")
 
@@ -375,10 +375,8 @@ def _open_store(config: cfg.Config, overwrite: bool) -> RunStore:
     """The run directory; with several processes, process 0 creates (or overwrites) it before the others open it."""
     if jax.process_count() == 1:
         return RunStore.open(config, overwrite=overwrite)
-    from jax.experimental import multihost_utils
-
     store = RunStore.open(config, overwrite=overwrite) if jax.process_index() == 0 else None
-    multihost_utils.sync_global_devices("jaxinf: run directory opened")
+    barrier("run directory opened")
     return store or RunStore.open(config, overwrite=False)
 
 
@@ -451,10 +449,7 @@ def _run_locked(config: cfg.Config, executor: Executor, claimed: rundir.Aside | 
                 fingerprint.queries_fingerprint(inputs.queries, config.data.queries),
                 fingerprint.curvature_fingerprint(reused),
             )
-            if jax.process_count() > 1:  # process 0 deleted what changed inputs invalidated
-                from jax.experimental import multihost_utils
-
-                multihost_utils.sync_global_devices("jaxinf: inputs checked")
+            barrier("inputs checked")  # process 0 deleted what changed inputs invalidated
         except BaseException:
             if isinstance(claimed, rundir.Fresh):  # a refused start leaves nothing; a failure later keeps its work
                 claimed.restore()

@@ -51,15 +51,17 @@ def main(out: str | Path = "runs/demo", n_documents: int = 3000, train_steps: in
     (:func:`jaxinf.analysis.seeds.seed_table`) as ``seeds.json`` and ``seeds.md`` in ``out``, and into seed 0's
     report."""
     from jaxinf.run.lock import claim_output
+    from jaxinf.run.rundir import output_named
 
     if seeds < 1:
         raise ValueError(f"seeds={seeds}: the demo trains at least one model")
     out = Path(out)
-    lock = claim_output(out, "demo")  # the output-directory rule and lock of jaxinf run's
-    try:
-        return _main(out, n_documents, train_steps, seeds)
-    finally:
-        lock.release()
+    with output_named("--out"):  # the messages name the command's option, for the demo's runs too
+        lock = claim_output(out, "demo")  # the output-directory rule and lock of jaxinf run's
+        try:
+            return _main(out, n_documents, train_steps, seeds)
+        finally:
+            lock.release()
 
 
 def seed_dir(out: Path, seed: int) -> Path:

@@ -43,6 +43,7 @@ from jaxinf.run.index_store import (
 from jaxinf.run.inputs import Inputs, non_finite_loss
 from jaxinf.run.saved import SavedState, batch_plan_key
 from jaxinf.run.store import RunStore
+from jaxinf.sharding.meshes import barrier
 
 log = logging.getLogger("jaxinf")
 
@@ -139,10 +140,7 @@ class IndexBuild:
         """Marks the index done once its last rows are on disk for every process: with several processes, process 0
         writes the rows (every process holds each batch's, :meth:`~jaxinf.run.executor.MeshExecutor.fetch`) and the
         others wait here for it before they read them."""
-        if jax.process_count() > 1:
-            from jax.experimental import multihost_utils
-
-            multihost_utils.sync_global_devices("jaxinf: index written")
+        barrier("index written")
         m = self.writer.manifest
         per_row = row_bytes(m["cells"], m["dtype"], m["bands"])
         self.store.mark(
@@ -174,10 +172,7 @@ def build_index(config: cfg.Config, store: RunStore, inputs: Inputs, curv, eigen
             log.warning("index: %s; building it again", f"{index_root(store)}: missing" if gone else e)
             if jax.process_index() == 0:
                 manifest_path(index_root(store)).unlink(missing_ok=True)  # its rows from the first batch, afresh
-            if jax.process_count() > 1:  # every process resumes from the same (removed) manifest
-                from jax.experimental import multihost_utils
-
-                multihost_utils.sync_global_devices("jaxinf: index set aside")
+            barrier("index set aside")  # every process resumes from the same (removed) manifest
     build = IndexBuild(config, store, inputs, curv, eigen)
     index_fn = programs.index(config, inputs.task, inputs.layers).jit(executor)
     params = inputs.lm.params

@@ -91,7 +91,7 @@ class RunLock:
         self.release()
 
 
-def claim_output(root: Path, kind: str, key: str = "--out"):
+def claim_output(root: Path, kind: str):
     """The output directory of ``jaxinf validate --out`` or ``jaxinf demo --out`` (``kind``): checked
     (:func:`jaxinf.run.rundir.check_output`), created, locked with a run directory's lock (:class:`RunLock`) and marked as
     ``kind``'s; returns the lock (release it when done)."""
@@ -99,11 +99,11 @@ def claim_output(root: Path, kind: str, key: str = "--out"):
     from jaxinf.run.rundir import OUTPUT_MARKER, _output_kind, check_output
     from jaxinf.run.store import check_writable
 
-    check_output(root, kind, key)
+    check_output(root, kind)
     check_writable(root)
     lock = RunLock(root).acquire()
     try:
-        check_output(root, kind, key)  # again under the lock: another process may have written it meanwhile
+        check_output(root, kind)  # again under the lock: another process may have written it meanwhile
         if _output_kind(root) != kind:
             write_json(root / OUTPUT_MARKER, {"format": f"jaxinf {kind}"})
     except BaseException:

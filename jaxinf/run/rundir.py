@@ -409,11 +409,13 @@ def _output_kind(root: Path) -> str | None:
     return kind[len("jaxinf ") :] if kind.startswith("jaxinf ") else None
 
 
-def check_output(root: Path, kind: str, key: str = "--out") -> None:
+def check_output(root: Path, kind: str) -> None:
     """The rule of ``jaxinf validate --out`` and ``jaxinf demo --out`` (``kind``), as :func:`check_target` is
     ``jaxinf run``'s: a directory that does not exist, is empty, or is that command's own (its marker
     ``.jaxinf-output``, or only what that command writes) is accepted; a file, a jaxinf run directory, another
-    command's directory and any other non-empty directory are refused, and nothing is written."""
+    command's directory and any other non-empty directory are refused (naming :func:`output_key`), and nothing is
+    written."""
+    key = output_key()
     refuse_inside_run(root, key, output=True)
     if not root.exists():
         return

@@ -10,7 +10,7 @@ engine's :func:`jaxinf.sharding.partitioning.constrain` marks take effect.
 **Multi-host.** :func:`initialize` calls ``jax.distributed.initialize`` when
 ``mesh.coordinator`` is set (``auto``: let JAX detect a TPU pod / SLURM / Open
 MPI cluster), before anything touches a device. :func:`check_agreement`
-compares every process's config with process 0's. Each process reads only the
+compares every process's config with process 0's; :func:`barrier` waits for them all. Each process reads only the
 documents of its own slice of the ``data`` axis (:func:`data_groups`) and
 contributes them with ``jax.make_array_from_process_local_data``.
 """
@@ -163,6 +163,16 @@ def check_agreement(config_dict: dict) -> None:
 
 
 # --------------------------------------------------------------------------- placing data
+
+
+def barrier(name: str) -> None:
+    """Waits until every process has reached the barrier ``name``: what process 0 alone wrote before it (a run
+    directory opened, inputs checked, index rows), every process may read after it. Nothing with one process."""
+    if jax.process_count() == 1:
+        return
+    from jax.experimental import multihost_utils
+
+    multihost_utils.sync_global_devices(f"jaxinf: {name}")
 
 
 def placer(mesh: Mesh, fsdp: bool = False) -> Callable[[str, np.ndarray, Axes], jax.Array]:

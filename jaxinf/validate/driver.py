@@ -236,21 +236,22 @@ def validate(config: cfg.Config, out: str | Path) -> dict:
 
     Holds ``DIR``'s lock throughout, under the output-directory rule of ``jaxinf run`` (:func:`jaxinf.run.lock.claim_output`):
     one process at a time writes it, and nothing is written when a setting or the directory is refused."""
-    check_settings(config)
-    t_start = time.perf_counter()
-    v = config.validate
-    out = Path(out)
-    rundir.check_output(out, "validate")  # the output-directory rule of jaxinf run's (nothing written if refused)
-    world = load_world(config)
-    size = int(round(v.fraction * world.num_documents))
-    if size < v.batch_size:
-        raise ValidationError(subset_too_small(config, world.num_documents))
-    retrain.check_size(v.steps, v.batch_size, v.group, v.subsets, size, host_memory())
-    lock = claim_output(out, "validate")  # one process at a time, as a run directory
-    try:
-        return _validate(config, out, world, t_start)
-    finally:
-        lock.release()
+    with rundir.output_named("--out"):  # the messages name the command's option
+        check_settings(config)
+        t_start = time.perf_counter()
+        v = config.validate
+        out = Path(out)
+        rundir.check_output(out, "validate")  # the output-directory rule of jaxinf run's (nothing written if refused)
+        world = load_world(config)
+        size = int(round(v.fraction * world.num_documents))
+        if size < v.batch_size:
+            raise ValidationError(subset_too_small(config, world.num_documents))
+        retrain.check_size(v.steps, v.batch_size, v.group, v.subsets, size, host_memory())
+        lock = claim_output(out, "validate")  # one process at a time, as a run directory
+        try:
+            return _validate(config, out, world, t_start)
+        finally:
+            lock.release()
 
 
 def _validate(config: cfg.Config, out: Path, world: World, t_start: float) -> dict:
