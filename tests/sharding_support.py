@@ -234,8 +234,8 @@ def stages_task(out: Path) -> None:
     prep = jax.jit(lambda G, l, c: scoring.prepare_queries(G, l, c, None, 4))
     ref["queries"] = prep(G, qloss, curv)
 
-    def score_step(p, q, b):
-        s, loss = stages.score_batch(task, layers, p, q, b)
+    def score_step(p, q, b, fsdp=False):
+        s, loss = stages.score_batch(task, layers, p, q, b, fsdp=fsdp)
         return {"scores": s.total, "loss": loss}
 
     ref["scores"] = [jax.jit(score_step)(lm.params, ref["queries"], dev(b)) for b in host_batches]
@@ -320,8 +320,11 @@ def stages_task(out: Path) -> None:
 
         # scores, against the single-device query gradients
         _say(f"{name}: scores")
-        pq = ex.place(ref["queries"])
-        fn = ex.jit(score_step, out_shardings={"scores": ex.rows(2, last=True), "loss": ex.rows()})
+        pq = ex.place(ref["queries"])  # stored over data too with fsdp, gathered one layer at a time
+        fn = ex.jit(
+            lambda p, q, b: score_step(p, q, b, fsdp=fsdp),
+            out_shardings={"scores": ex.rows(2, last=True), "loss": ex.rows()},
+        )
         r["collectives"]["scores"] = _collectives(fn.lower(params, pq, ex.put(host_batches[0])).compile())
         errs = []
         for b, want in zip(host_batches, ref["scores"]):

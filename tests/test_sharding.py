@@ -77,8 +77,8 @@ def test_factors_and_queries_stay_sharded(stages_report):
 
 
 def test_fsdp_splits_parameters_over_both_axes_and_gathers_them_in_the_layer_loop(stages_report):
-    """With ``mesh.fsdp`` every large parameter is stored over ``data`` and ``model`` (1/8 of it per device on 4x2,
-    against 1/2 without), and the steps that run the model gather it over ``data`` (all-gather), one layer's slice
+    """With ``mesh.fsdp`` every large parameter and query gradient is stored over ``data`` and ``model`` (1/8 of it
+    per device on 4x2, against 1/2 without), and the steps that run the model gather it over ``data`` (all-gather), one layer's slice
     at a time inside the layer loop: the stored stack is never whole on a device (no full rematerialization,
     below), and the results equal one device's (above)."""
     for data, model in FSDP_MESHES:
@@ -92,6 +92,12 @@ def test_fsdp_splits_parameters_over_both_axes_and_gathers_them_in_the_layer_loo
         for stage in ("covariance", "lambda", "queries", "scores"):  # more gathers than with parameters on model only
             count = {name: c["collectives"][stage].count("all-gather") for name, c in (("fsdp", r), ("plain", plain))}
             assert count["fsdp"] > count["plain"], (stage, count)
+        # the stored query gradients too: over data as well as model (the scoring step gathers each layer's)
+        for name, leaf in r["layouts"]["queries"].items():
+            if len(leaf["shape"]) >= 3:
+                assert "data" in leaf["spec"] and "model" in leaf["spec"], (name, leaf)
+                before = plain["layouts"]["queries"][name]
+                assert "data" not in before["spec"], (name, before)
 
 
 def test_no_full_rematerialization(stages_report):

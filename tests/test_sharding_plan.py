@@ -57,7 +57,8 @@ def test_bytes_per_device_match_a_hand_count(config_file, data, model):
 def test_llama_70b_parameters_split_over_every_chip_with_fsdp(fsdp, split):
     """Llama 3.1 70B by hand: hidden H 8192, MLP I 28672, key/value width K 1024, 80 layers, vocabulary 128256
     (embedding and head), bf16. With ``mesh.fsdp`` every matrix is split over all 256 chips (its width over
-    ``model``, ``embed`` over ``data``), 0.52 GiB per chip; over ``model`` alone, 8.22 GiB. Norms replicated."""
+    ``model``, ``embed`` over ``data``), 0.52 GiB per chip; over ``model`` alone, 8.22 GiB. Norms replicated. The
+    stored query gradients likewise: 0.33 GiB per chip against 5.27."""
     config = cfg.load(REPO / "configs/plan/llama-3.1-70b_v5e-256.yaml", [f"mesh.fsdp={str(fsdp).lower()}"])
     result = plan.plan(config, [(16, 16)], compile=False)
     assert result["parameters"] == 70_553_706_496  # as published
@@ -68,6 +69,11 @@ def test_llama_70b_parameters_split_over_every_chip_with_fsdp(fsdp, split):
     parameters = result["meshes"][0]["static"]["parameters"]
     assert parameters == 2 * (matrices // split + norms)
     assert round(parameters / GiB, 2) == (0.52 if fsdp else 8.22)
+    # the MLPs' rank-32 query gradients of 80 queries in float32, left [d_out, r] and right [d_in, r] per block
+    # (gate, up: I x H; down: H x I), split the same way (their rows or columns over both axes), the losses replicated
+    queries = result["meshes"][0]["static"]["queries"]
+    assert queries == 4 * L * 80 * 32 * 3 * (H + I) // split + 4 * 80
+    assert round(queries / GiB, 2) == (0.33 if fsdp else 5.27)
 
 
 @pytest.mark.parametrize(

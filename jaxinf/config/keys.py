@@ -154,8 +154,9 @@ class MeshConfig:
     model: int = key(1, "devices along the model axis (parameters, factors, query gradients)", None)
     fsdp: bool = key(
         False,
-        "parameters split over the data axis too (FSDP / ZeRO-3), each layer gathered as the layer loop reaches it: "
-        "1/(data x model) of the model per device instead of 1/model, for models whose parameters do not fit",
+        "parameters and the stored query gradients split over the data axis too (FSDP / ZeRO-3), each layer "
+        "gathered as the layer loop reaches it: 1/(data x model) of them per device instead of 1/model, for models "
+        "whose parameters do not fit",
         None,
     )
     coordinator: str | None = key(

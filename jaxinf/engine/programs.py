@@ -142,6 +142,7 @@ def scores(
         dtype=_dtype(config),
         precision=config.run.matmul_precision,
         tails_of=None if tails is None else (tails, tail_slots(config, tails)),
+        fsdp=config.mesh.fsdp,
     )
     rows = {"scores": (2, True), "loss": (1, False), **({"self": (1, False)} if want_self else {})}
     if tails is not None:
@@ -183,7 +184,7 @@ def scores_and_index(config, task: Task, layers: Mapping[str, LayerSpec]) -> Pro
     k = None if config.index.k == "full" else config.index.k
     return Program(
         "scores+index",
-        stages.score_and_index_step(task, layers, k, _dtype(config), config.run.matmul_precision),
+        stages.score_and_index_step(task, layers, k, _dtype(config), config.run.matmul_precision, config.mesh.fsdp),
         ("params", "queries", "basis", "batch"),
     )
 
@@ -210,7 +211,16 @@ def breakdowns(config, task: Task, layers: Mapping[str, LayerSpec]) -> Program:
 
     def breakdown(params, q, batch):
         s, _ = stages.score_batch(
-            task, layers, params, q, batch, per_layer=True, per_token=True, dtype=dtype, precision=mp
+            task,
+            layers,
+            params,
+            q,
+            batch,
+            per_layer=True,
+            per_token=True,
+            dtype=dtype,
+            precision=mp,
+            fsdp=config.mesh.fsdp,
         )
         per_layer = scoring.expand_layer_scores(s.per_layer, layers)
         return jnp.stack([per_layer[n] for n in names]), s.per_token

@@ -250,12 +250,14 @@ def score_batch(
     damping_value: float | None = None,
     dtype=None,
     precision=None,
+    fsdp: bool = False,
 ) -> tuple[Scores, Array]:
     """Stage 6: pairwise scores of one document batch against all queries (and, given ``curv``, the documents'
-    self-influence, in the same backward pass), and the documents' losses."""
+    self-influence, in the same backward pass), and the documents' losses. ``fsdp``: the query gradients are
+    stored over ``data`` too (``mesh.fsdp``) and gathered one layer at a time (:func:`streamed`)."""
     dtype = layers_dtype(layers) if dtype is None else dtype
     factors = None if curv is None else curvature_context(streamed(curv))
-    qctx = query_context(streamed(queries))
+    qctx = query_context(streamed(queries, fsdp=fsdp))
     missing = [k for k in layers if k not in qctx]
     if missing:
         raise CaptureError(f"layer {missing[0]!r} has no query gradient")
@@ -290,6 +292,7 @@ def score_step(
     dtype=None,
     precision=None,
     tails_of: tuple[int, int] | None = None,
+    fsdp: bool = False,
 ):
     """The scoring step of ``jaxinf run`` and ``jaxinf plan``: ``(params, queries, curv, batch) ->
     {"scores": [Q, B], "loss": [B](, "self": [B])}``. With ``tails_of`` ``(documents, topk)``,
@@ -312,6 +315,7 @@ def score_step(
             damping_value=damping_value,
             dtype=dtype,
             precision=precision,
+            fsdp=fsdp,
         )
         out = {"scores": s.total, "loss": loss}
         if self_influence:
@@ -325,7 +329,9 @@ def score_step(
     return step
 
 
-def score_and_index_step(task: Task, layers: Mapping[str, LayerSpec], k: int | None, dtype=None, precision=None):
+def score_and_index_step(
+    task: Task, layers: Mapping[str, LayerSpec], k: int | None, dtype=None, precision=None, fsdp: bool = False
+):
     """The scoring pass that also writes the EK-FAC index (``index.k`` in a run with ``scores.mode: exact``):
     ``(params, queries, basis, batch) -> {"scores": [Q, B], "loss": [B], "cells": [B, C], "bands": [B, E]}``. One
     backward pass forms both statistics where each layer's ``a`` and ``g`` exist (:func:`index_step`'s rows,
@@ -341,7 +347,7 @@ def score_and_index_step(task: Task, layers: Mapping[str, LayerSpec], k: int | N
     )
 
     def step(params, queries, basis, batch):
-        qctx, bctx = query_context(streamed(queries)), streamed(basis, BASIS_AXES)
+        qctx, bctx = query_context(streamed(queries, fsdp=fsdp)), streamed(basis, BASIS_AXES)
         context = {name: {"scores": qctx[name], "index": bctx[name]} for name in layers}
         blocks, losses = train_statistics(task, layers, params, batch, None, statistic, context)
         scores = collect_scores({name: v["scores"] for name, v in blocks.items()})

@@ -159,8 +159,8 @@ def stage_shapes(lm, layers, config) -> dict[str, Any]:
 
 
 def static_bytes(lm, shapes: dict, data: int, model: int, fsdp: bool = False) -> dict[str, int]:
-    """Bytes per device of parameters (over ``data`` too with ``fsdp``), factors (A, S), eigenbases (Q, e), Lambda
-    and query gradients."""
+    """Bytes per device of parameters and query gradients (both over ``data`` too with ``fsdp``), factors (A, S),
+    eigenbases (Q, e) and Lambda."""
     from jaxinf import models
     from jaxinf.engine import curvature
     from jaxinf.sharding.axes import field_axes
@@ -174,7 +174,7 @@ def static_bytes(lm, shapes: dict, data: int, model: int, fsdp: bool = False) ->
         "factors": shard_bytes((cov.A, cov.S), tree_specs(mesh, (cov.A, cov.S), factors), mesh),
         "eigenbases": shard_bytes(shapes["eigen"], tree_specs(mesh, shapes["eigen"]), mesh),
         "Lambda": shard_bytes(shapes["lambda"], tree_specs(mesh, shapes["lambda"], curvature.LAMBDA_AXES), mesh),
-        "queries": shard_bytes(shapes["queries"], tree_specs(mesh, shapes["queries"]), mesh),
+        "queries": shard_bytes(shapes["queries"], tree_specs(mesh, shapes["queries"], fsdp=fsdp), mesh),
     }
     return out
 

@@ -70,6 +70,7 @@ from jaxinf.sharding.axes import LAYERS, Axes, declared_axes
 
 AXES = ("data", "model")
 FSDP = "param-fsdp"  # the family parameters are stored under with mesh.fsdp (see RULES)
+QUERY_FSDP = "query-fsdp"  # the family query gradients are stored under with mesh.fsdp
 ALL = AXES  # a dimension split over every device (data-major)
 
 
@@ -110,6 +111,19 @@ RULES: dict[str, tuple[tuple[str, str], ...]] = {
     "eigenvalues": (("rows", "model"), ("layers", "model")),
     # Preconditioned query gradients: on `model` (every data shard scores its documents against all queries).
     "query": (("rows", "model"), ("cols", "model"), ("layers", "model"), ("queries", "model"), ("rank", "model")),
+    # Stored query gradients with mesh.fsdp: as "query", and over `data` along another dimension (never `layers`,
+    # which the layer loop slices); each layer is gathered over `data` as it is scored (see `streamed`).
+    QUERY_FSDP: (
+        ("rows", "model"),
+        ("cols", "model"),
+        ("layers", "model"),
+        ("queries", "model"),
+        ("rank", "model"),
+        ("rows", "data"),
+        ("cols", "data"),
+        ("queries", "data"),
+        ("rank", "data"),
+    ),
     # Large intermediates the engine marks with `constrain`: documents on `data`, features on `model`.
     "activation": (("batch", "data"), ("rows", "model"), ("cols", "model"), ("layers", "model"), ("vocab", "model")),
     # Document batches and everything with one entry per document row.
@@ -118,12 +132,23 @@ RULES: dict[str, tuple[tuple[str, str], ...]] = {
 }
 
 # Families whose tensors must be split over a mesh axis larger than 1 (else ShardingError).
-REQUIRED = {"param": ("model",), FSDP: ("model",), "factor": ("model",), "query": ("model",), "batch": ("data",)}
+REQUIRED = {
+    "param": ("model",),
+    FSDP: ("model",),
+    "factor": ("model",),
+    "query": ("model",),
+    QUERY_FSDP: ("model",),
+    "batch": ("data",),
+}
+
+STORED_FSDP = {"param": FSDP, "query": QUERY_FSDP}
+"""With ``mesh.fsdp``, the families stored over ``data`` too (ZeRO-3) and gathered over it where they are used."""
 
 
 def stored_family(family: str, fsdp: bool) -> str:
-    """The family an array of ``family`` is stored under: parameters under :data:`FSDP` with ``mesh.fsdp``."""
-    return FSDP if fsdp and family == "param" else family
+    """The family an array of ``family`` is stored under: parameters and query gradients under their
+    :data:`STORED_FSDP` family with ``mesh.fsdp``, everything else under its own."""
+    return STORED_FSDP.get(family, family) if fsdp else family
 
 
 def resolve(mesh_shape: Mapping[str, int], family: str, axes: tuple[str, ...], shape: tuple[int, ...], what: str) -> P:
@@ -206,11 +231,17 @@ class Padded:
 
     array: jax.Array
     shape: tuple[int, ...] = dataclasses.field(metadata=dict(static=True))
+    layout: P | None = dataclasses.field(default=None, metadata=dict(static=True))
 
     def unpad(self) -> jax.Array:
-        """The true array: ``array`` sliced to ``shape`` on its trailing dimensions (any leading layer axis kept)."""
+        """The true array: ``array`` sliced to ``shape`` on its trailing dimensions (any leading layer axis kept);
+        with a ``layout`` (one layer's), constrained to it: a stack stored over ``data`` as well (``mesh.fsdp``)
+        gathered over ``data`` one layer at a time."""
         lead = self.array.ndim - len(self.shape)
-        return self.array[(slice(None),) * lead + tuple(slice(0, n) for n in self.shape)]
+        x = self.array[(slice(None),) * lead + tuple(slice(0, n) for n in self.shape)]
+        if self.layout is None:
+            return x
+        return jax.lax.with_sharding_constraint(x, P(*(None,) * lead, *self.layout))
 
 
 def unpadded(tree):
@@ -220,10 +251,15 @@ def unpadded(tree):
     )
 
 
-def streamed(tree, declared=None):
+def streamed(tree, declared=None, fsdp: bool = False):
     """``tree`` (stacked state that a layer loop slices one layer at a time: eigenbases, ``Lambda``, query
     gradients) with no mesh axis on its ``layers`` axis, inside a step traced under a mesh; ``tree`` itself
     otherwise.
+
+    ``fsdp``: the arrays of a family stored over ``data`` too (:func:`stored_family`: the query gradients) are
+    gathered over ``data`` one layer at a time, as the layer loop takes each layer (a :class:`Padded` with that
+    layer's ``layout``; an array without a ``layers`` axis, one layer's, is constrained here), as
+    :func:`layer_parameter` gathers the parameters.
 
     An array whose rules split its layers, because no mesh axis divides its other dimensions (the
     ``d_in + 1`` rows of a factor of a layer with a bias), would make XLA's partitioner gather the whole stack
@@ -245,6 +281,11 @@ def streamed(tree, declared=None):
             return x
         layer_dims = [d for d, name in enumerate(axes.names) if name == LAYERS]
         moved = tuple(a for d in layer_dims for a in dims[d])
+        gathered = fsdp and stored_family(axes.family, True) != axes.family
+        if gathered and not layer_dims:
+            return jax.lax.with_sharding_constraint(x, dims_spec(dims))
+        if gathered and not moved:
+            return Padded(x, tuple(x.shape[len(layer_dims) :]), dims_spec(dims[len(layer_dims) :]))
         if not moved or len(layer_dims) == x.ndim:
             return x
         target = len(layer_dims)  # the first dimension after the layer axes
