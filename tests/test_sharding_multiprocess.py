@@ -59,15 +59,17 @@ def world(tmp_path_factory):
 SETTINGS = {"factors.fisher": "empirical", "data.max_length": 32, "factors.save_every": 3, "scores.save_every": 3}
 
 
-@pytest.mark.heavy  # 100 s on 2 cores: two processes each compiling every stage
-def test_two_processes_give_the_scores_of_one(world, tmp_path):
+@pytest.mark.heavy  # 100 s on 2 cores per case: two processes each compiling every stage
+@pytest.mark.parametrize("fsdp", [False, True])
+def test_two_processes_give_the_scores_of_one(world, tmp_path, fsdp):
+    """Also with ``mesh.fsdp``: parameters and query gradients stored over ``data``, here across the processes, and
+    gathered one layer at a time by every step."""
     one = tmp_path / "one"
     pipeline.run(cfg.load(None, overrides(world, one, **SETTINGS)))
     two = tmp_path / "two"
     env = device_env(2, world["root"] / "xla-cache")  # two devices per process
-    rs = run_processes(
-        2, ["run", *overrides(world, two, **SETTINGS, **{"mesh.data": 2, "mesh.model": 2})], env, timeout=900
-    )
+    mesh = {"mesh.data": 2, "mesh.model": 2, "mesh.fsdp": fsdp}
+    rs = run_processes(2, ["run", *overrides(world, two, **SETTINGS, **mesh)], env, timeout=900)
     for i, r in enumerate(rs):
         assert r.returncode == 0, f"process {i}:\n{r.stderr[-4000:]}"
         assert f"process {i} of 2 (2 local device(s), 4 in all)" in r.stderr
