@@ -483,6 +483,22 @@ def distributed_task(out: Path) -> None:
     ref = jax.jit(step)(params_local, jax.device_put(qg, local), None, on_local(whole))
     r["errors"]["scores"] = _tree_rel({k: ex.fetch(v) for k, v in got.items()}, ref)
     _say(f"process {process}: scores ({time.process_time():.1f} s CPU)")
+
+    # the index read by two processes: each one's slice of rows shared exactly, a damaged slice refused on both
+    from jaxinf.run import index_run
+
+    mine_rows = {
+        "documents": np.arange(process + 1, dtype=np.int64),
+        "scores": np.full((2, process + 1), 0.1 + process),
+    }
+    r["exchanged"] = [
+        {k: v.tolist() for k, v in part.items()}
+        for part in index_run._share({**mine_rows, "loss": np.zeros(process + 1)})
+    ]
+    try:
+        index_run._share({"error": np.asarray("rows 4-8 damaged")} if process == 1 else mine_rows)
+    except index_run.IndexError_ as e:
+        r["refused"] = str(e)
     Path(out).write_text(json.dumps(r))
 
 

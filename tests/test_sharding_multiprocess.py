@@ -37,6 +37,12 @@ def test_two_processes_reduce_and_score_like_one(tmp_path):
     assert sorted(r["group"] for r in reports) == [0, 1]  # each process feeds its own data row
     for r in reports:
         assert set(r["errors"]) == {"A", "S", "scores"} and max(r["errors"].values()) <= TOLERANCE, r
+        # each process's index rows reach every process bit for bit (float64 through devices without x64)
+        assert r["exchanged"] == [
+            {"documents": [0], "scores": [[0.1], [0.1]], "loss": [0.0]},
+            {"documents": [0, 1], "scores": [[1.1, 1.1], [1.1, 1.1]], "loss": [0.0, 0.0]},
+        ], r["exchanged"]
+        assert r["refused"] == "rows 4-8 damaged"  # one process's damaged rows stop both, in the same words
 
 
 def test_a_process_that_dies_or_hangs_is_named(tmp_path):
@@ -90,8 +96,9 @@ def test_two_processes_give_the_scores_of_one(world, tmp_path, fsdp):
 @pytest.mark.heavy  # about 3 minutes on 2 cores: two processes, one for reference and a query from one process
 def test_two_processes_build_an_index_that_one_process_queries(world, tmp_path):
     """index.k=full with scores.mode=index on two processes: the index pass (its own pass on a mesh) gathers each
-    batch's rows to both, process 0 writes them and process 1 waits for the last flush before it reads them; the
-    scores are those of one process's exact run. jaxinf query on one process (another batch plan, no coordinator)
+    batch's rows to both, process 0 writes them and process 1 waits for the last flush; each process then reads and
+    multiplies its own slices of the rows and they exchange the products; the scores are those of one process's
+    exact run. jaxinf query on one process (another batch plan, no coordinator)
     answers new queries from that index with the same scores."""
     one = tmp_path / "one"
     pipeline.run(cfg.load(None, overrides(world, one, **SETTINGS)))
@@ -101,6 +108,9 @@ def test_two_processes_build_an_index_that_one_process_queries(world, tmp_path):
     rs = run_processes(2, ["run", *overrides(world, two, **SETTINGS, **indexed)], env, timeout=900)
     for i, r in enumerate(rs):
         assert r.returncode == 0, f"process {i}:\n{r.stderr[-4000:]}"
+    # each reads its own slices of the 24 rows (batches of 8): process 0 the first and third, process 1 the second
+    assert "this process read 16 of the index's 24 rows" in rs[0].stderr, rs[0].stderr[-3000:]
+    assert "this process read 8 of the index's 24 rows" in rs[1].stderr, rs[1].stderr[-3000:]
     a, b = np.load(one / "scores.npy"), np.load(two / "scores.npy")
     assert float(np.abs(a - b).max() / np.abs(a).max()) <= TOLERANCE
     manifest = json.loads((two / "state" / "index" / "manifest.json").read_text())

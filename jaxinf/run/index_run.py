@@ -12,13 +12,16 @@ Scoring. The prepared queries are rotated into the eigenbasis (:func:`jaxinf.eng
 with the stored rows slice by slice, and summed into their documents (a split document has several rows), with a
 bound on each score's error. The documents whose interval reaches any query's k-th score, in either tail, are
 scored again exactly (one forward and backward pass over those documents only) and their exact scores replace the
-index's, so ``topk.jsonl``'s top and bottom ``scores.topk`` are exactly what the scoring pass would give.
+index's, so ``topk.jsonl``'s top and bottom ``scores.topk`` are exactly what the scoring pass would give. With
+several processes each reads and multiplies only its own slices of the rows, and the processes exchange the
+products (:func:`_share`), so every process holds every score, as after the exact scoring pass.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io
 import logging
 import time
 from pathlib import Path
@@ -43,12 +46,17 @@ from jaxinf.run.index_store import (
 from jaxinf.run.inputs import Inputs, non_finite_loss
 from jaxinf.run.saved import SavedState, batch_plan_key
 from jaxinf.run.store import RunStore
-from jaxinf.sharding.meshes import barrier
+from jaxinf.sharding.meshes import barrier, exchange
 
 log = logging.getLogger("jaxinf")
 
 ROWS_PER_SLICE = 65536
 """Index rows multiplied per matrix product (bounded memory: ``ROWS_PER_SLICE x cells`` of the index at a time)."""
+
+EXCHANGE_BYTES = 1 << 30
+"""With several processes, each reads and multiplies its own slices of the index and the processes exchange their
+scores, bounds and losses (``16 (Q + 1)`` bytes a row): at most this many bytes of every process's together per
+round (what each device of the all-gather holds)."""
 
 
 def eigen_fingerprint(eigen) -> str:
@@ -345,6 +353,38 @@ def _checked_rows(reader: IndexReader, lo: int, hi: int, documents: int) -> dict
     return rows
 
 
+def _slice_scores(reader: IndexReader, rows: tuple[int, int] | None, documents: int, q_cells, q_rest, eps) -> dict:
+    """The index scores ``[Q, R]`` of rows ``[lo, hi)`` and their bounds, with the rows' documents and losses; nothing
+    (``rows`` None: a process with no slice in the last round), or the refusal of damaged rows as ``error``."""
+    if rows is None:
+        return {"documents": np.zeros(0, np.int64)}
+    try:
+        r = _checked_rows(reader, *rows, documents)
+    except IndexError_ as e:
+        return {"error": np.asarray(str(e))}
+    return {
+        "documents": np.asarray(r["documents"], np.int64),
+        "scores": indexing.index_scores(q_cells, r["cells"]),
+        "bound": indexing.score_bounds(q_rest, indexing.residual_norms(r["bands"], eps)),
+        "loss": np.asarray(r["loss"], np.float64),
+    }
+
+
+def _share(part: dict) -> list[dict]:
+    """Every process's :func:`_slice_scores` (the one process's own, alone), exactly (as bytes,
+    :func:`jaxinf.sharding.meshes.exchange`); damaged rows on any process refused on all, in the same words."""
+    if jax.process_count() == 1:
+        parts = [part]
+    else:
+        buffer = io.BytesIO()
+        np.savez(buffer, **part)
+        parts = [dict(np.load(io.BytesIO(raw), allow_pickle=False)) for raw in exchange(buffer.getvalue())]
+    for p in parts:
+        if "error" in p:
+            raise IndexError_(str(p["error"]))
+    return [p for p in parts if p["documents"].size]
+
+
 def scores_from_index(config: cfg.Config, store: RunStore, inputs: Inputs, qg, curv, eigen, executor) -> dict:
     """Stage ``scores`` with ``scores.mode: index``: every document's score from the index, the documents that may
     be in some query's top or bottom ``scores.topk`` scored exactly; saved as the stage's result."""
@@ -377,16 +417,24 @@ def scores_from_index(config: cfg.Config, store: RunStore, inputs: Inputs, qg, c
     t1 = time.perf_counter()
     scores, bound, loss = np.zeros((Q, N)), np.zeros((Q, N)), np.zeros(N)
     eps = indexing.RESOLUTION[reader.manifest["dtype"]]
-    for lo, hi in reader.slices(ROWS_PER_SLICE):
-        rows = _checked_rows(reader, lo, hi, N)
-        docs = rows["documents"]
-        real = docs >= 0
-        s = indexing.index_scores(q_cells, rows["cells"])
-        b = indexing.score_bounds(q_rest, indexing.residual_norms(rows["bands"], eps))
-        np.add.at(scores.T, docs[real], s.T[real])
-        np.add.at(bound.T, docs[real], b.T[real])
-        np.add.at(loss, docs[real], rows["loss"][real])
+    processes, me = jax.process_count(), jax.process_index()
+    rows = ROWS_PER_SLICE
+    if processes > 1:  # the rows shared among the processes, each round's exchange bounded
+        rows = max(1, min(rows, EXCHANGE_BYTES // (processes * 16 * (Q + 1)), -(-reader.rows // processes)))
+    slices = list(reader.slices(rows))
+    read = 0
+    for first in range(0, len(slices), processes):  # each process reads and multiplies its own slice of each round
+        mine = slices[first + me] if first + me < len(slices) else None
+        read += 0 if mine is None else mine[1] - mine[0]
+        for part in _share(_slice_scores(reader, mine, N, q_cells, q_rest, eps)):
+            docs = part["documents"]
+            real = docs >= 0
+            np.add.at(scores.T, docs[real], part["scores"].T[real])
+            np.add.at(bound.T, docs[real], part["bound"].T[real])
+            np.add.at(loss, docs[real], part["loss"][real])
     product = time.perf_counter() - t1
+    if processes > 1:
+        log.info("scores: this process read %d of the index's %d rows", read, reader.rows)
     k = min(config.scores.topk, N)
     certified = np.zeros(N, bool)
     tails = None

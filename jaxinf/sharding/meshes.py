@@ -10,7 +10,8 @@ engine's :func:`jaxinf.sharding.partitioning.constrain` marks take effect.
 **Multi-host.** :func:`initialize` calls ``jax.distributed.initialize`` when
 ``mesh.coordinator`` is set (``auto``: let JAX detect a TPU pod / SLURM / Open
 MPI cluster), before anything touches a device. :func:`check_agreement`
-compares every process's config with process 0's; :func:`barrier` waits for them all. Each process reads only the
+compares every process's config with process 0's; :func:`exchange` gives every process
+the bytes of all, :func:`barrier` waits for them all. Each process reads only the
 documents of its own slice of the ``data`` axis (:func:`data_groups`) and
 contributes them with ``jax.make_array_from_process_local_data``.
 """
@@ -142,15 +143,8 @@ def check_agreement(config_dict: dict) -> None:
     """
     if jax.process_count() == 1:
         return
-    from jax.experimental import multihost_utils
-
     mine = _flatten_config(config_dict)
-    raw = np.frombuffer(json.dumps(mine, sort_keys=True, default=str).encode(), np.uint8)
-    lengths = np.asarray(multihost_utils.process_allgather(np.asarray([raw.size], np.int64))).reshape(-1)
-    padded = np.zeros(int(lengths.max()), np.uint8)
-    padded[: raw.size] = raw
-    everyone = np.asarray(multihost_utils.process_allgather(padded)).reshape(len(lengths), -1)
-    configs = [json.loads(bytes(everyone[p, : lengths[p]]).decode()) for p in range(len(lengths))]
+    configs = [json.loads(raw.decode()) for raw in exchange(json.dumps(mine, sort_keys=True, default=str).encode())]
     first = configs[0]
     for p, other in enumerate(configs[1:], start=1):
         if other != first:
@@ -163,6 +157,21 @@ def check_agreement(config_dict: dict) -> None:
 
 
 # --------------------------------------------------------------------------- placing data
+
+
+def exchange(payload: bytes) -> list[bytes]:
+    """Every process's ``payload`` (any length), in process order, on every process: an all-gather of bytes, so that
+    host values cross exactly whatever ``jax_enable_x64`` says of the devices they travel through."""
+    if jax.process_count() == 1:
+        return [payload]
+    from jax.experimental import multihost_utils
+
+    raw = np.frombuffer(payload, np.uint8)
+    lengths = np.asarray(multihost_utils.process_allgather(np.asarray([raw.size], np.int32))).reshape(-1)
+    padded = np.zeros(max(1, int(lengths.max())), np.uint8)
+    padded[: raw.size] = raw
+    everyone = np.asarray(multihost_utils.process_allgather(padded)).reshape(len(lengths), -1)
+    return [bytes(everyone[p, : lengths[p]]) for p in range(len(lengths))]
 
 
 def barrier(name: str) -> None:
