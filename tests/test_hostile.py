@@ -1388,3 +1388,23 @@ def test_a_run_read_as_an_input_with_its_record_damaged_does_not_offer_overwrite
     assert message.endswith("is too (JSONDecodeError); the run cannot be read"), message
     assert cli.main(["-q", "run", *argv, f"run.out={run}"]) == 2
     assert f"--overwrite would delete everything in {run}: " in _one_error(capsys, "run")
+
+
+@pytest.mark.parametrize("name", ["model.safetensors", "config.json", "tokenizer.json", "queries"])
+def test_an_input_that_is_a_link_to_nothing_is_named_as_such(world, tmp_path, capsys, name):
+    """A checkpoint's ``model.safetensors`` that is a symbolic link to nothing (a moved blob of a Hugging Face cache,
+    a volume not mounted) was "cannot be read (No such file or directory)", and the user looked for a file that was
+    there; so are ``config.json``, ``tokenizer.json`` and a queries file. Nothing is created."""
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(world["model"], model)
+    queries = tmp_path / "queries.jsonl"
+    target = queries if name == "queries" else model / name
+    target.unlink(missing_ok=True)
+    target.symlink_to(tmp_path / "unmounted" / name)
+    mine = {**world, "model": model, "queries": queries if name == "queries" else world["queries"]}
+    assert cli.main(["-q", "run", *overrides(mine, tmp_path / "out")]) == 2
+    message = _one_error(capsys, "run")
+    assert "a symbolic link to nothing (or a loop of links)" in message and str(target) in message, message
+    assert not (tmp_path / "out").exists()

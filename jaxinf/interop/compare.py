@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from jaxinf.analysis.correlations import pearson, spearman, topk_overlap
+from jaxinf.errors import missing
 from jaxinf.interop import kronfluence as kf
 from jaxinf.interop import transfer
 from jaxinf.interop.kronfluence import InteropError
@@ -99,7 +100,7 @@ def _factor_rows(factors: kf.Factors, run: transfer.RunFactors) -> dict:
 
 def _load_npy(path: Path) -> np.ndarray:
     if not path.exists():
-        why = kf.missing(path)
+        why = missing(path)
         raise InteropError(f"{path}: {why}{' (has the run finished its exports?)' if why == 'file is missing' else ''}")
     try:
         return np.load(path, allow_pickle=False)
