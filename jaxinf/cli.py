@@ -193,12 +193,22 @@ def validate_command(args) -> int:
     return 0
 
 
+MAX_DEMO_SEEDS = 100
+"""The most training seeds ``jaxinf demo --seeds`` takes: each is a model trained, completing its queries and scored
+(a few minutes on 2 CPU cores, and a run directory, each), so a hundred is hours already and more is a typo."""
+
+
 def demo_command(args) -> int:
     from jaxinf import config as cfg
     from jaxinf import demo
 
     if args.seeds < 1:  # before the output directory is claimed: nothing is written
         raise cfg.ConfigError(f"--seeds {args.seeds}: must be at least 1 (the demo trains one model a seed)")
+    if args.seeds > MAX_DEMO_SEEDS:  # 10^11 seeds was accepted: a run directory written for seed after seed, for ever
+        raise cfg.ConfigError(
+            f"--seeds {args.seeds}: at most {MAX_DEMO_SEEDS} (each seed trains, completes and scores its own model: "
+            "a few minutes and a run directory a seed); nothing was written"
+        )
     from jaxinf.run import rundir
 
     enable_compilation_cache()
@@ -332,7 +342,8 @@ def main(argv: list[str] | None = None) -> int:
         type=int,
         default=1,
         help="train a model for each of the training seeds 0..N-1 on the same corpus (seed k > 0 in OUT/seed-k) and "
-        "write the findings' verdicts across them to OUT/seeds.json, OUT/seeds.md and seed 0's report (default 1)",
+        "write the findings' verdicts across them to OUT/seeds.json, OUT/seeds.md and seed 0's report (default 1, "
+        f"at most {MAX_DEMO_SEEDS}: a few minutes a seed)",
     )
     demo.set_defaults(handler=demo_command)
 

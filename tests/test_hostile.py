@@ -835,6 +835,21 @@ def test_demo_refuses_fewer_than_one_seed_in_one_line(tmp_path, capsys):
     assert not (tmp_path / "demo").exists()
 
 
+def test_demo_refuses_an_absurd_number_of_seeds_in_one_line(tmp_path, capsys):
+    """``jaxinf demo --seeds 99999999999`` was accepted: it wrote the corpus and trained seed after seed, a run
+    directory each, for ever. More than :data:`jaxinf.cli.MAX_DEMO_SEEDS` is refused before anything is written,
+    and ``--help`` states the bound."""
+    assert cli.main(["-q", "demo", "--seeds", "99999999999", "--out", str(tmp_path / "demo")]) == 2
+    assert _one_error(capsys, "demo", alone=True) == (
+        f"--seeds 99999999999: at most {cli.MAX_DEMO_SEEDS} (each seed trains, completes and scores its own model: "
+        "a few minutes and a run directory a seed); nothing was written"
+    )
+    assert not (tmp_path / "demo").exists()
+    with pytest.raises(SystemExit):
+        cli.main(["demo", "--help"])
+    assert f"at most {cli.MAX_DEMO_SEEDS}" in " ".join(capsys.readouterr().out.split())
+
+
 @pytest.mark.parametrize("content", ["{", '{"seeds": 3}', "[]"])
 def test_analyze_with_a_damaged_seed_table_is_one_line(finished, tmp_path, capsys, content):
     """A run's ``seeds.json`` (``jaxinf demo --seeds N``) cut short or rewritten: one line naming it, exit 2."""
