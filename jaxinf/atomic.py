@@ -1,5 +1,6 @@
-"""Atomic file writes: a reader sees the old file or the new one, never half of either; and the one digest of a
-file's bytes (:func:`file_sha256`) that checkpoints, input fingerprints and prepared datasets record.
+"""Atomic file writes: a reader sees the old file or the new one, never half of either; the one digest of a
+file's bytes (:func:`file_sha256`) that checkpoints, input fingerprints and prepared datasets record; and the one
+reader of the ``.npy`` and ``.npz`` files a user (or a damaged disk) could have changed (:func:`load_npy`).
 
 Shared by the run store, the data layer and the analysis (which does not import JAX).
 """
@@ -9,13 +10,18 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import os
 import tempfile
+import zipfile
+import zlib
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from jaxinf.errors import UserError
 
 
 def current_umask() -> int:
@@ -100,3 +106,79 @@ def file_sha256(path: str | os.PathLike) -> str:
         for block in iter(lambda: f.read(1 << 22), b""):
             h.update(block)
     return h.hexdigest()
+
+
+class ArrayFileError(UserError):
+    """A file that should hold a numpy array and does not: its message is ``NAME: REASON`` in one line, in jaxinf's
+    words (never numpy's, which speak of ``allow_pickle``); ``reason`` is the part after the name."""
+
+    def __init__(self, label: str, reason: str):
+        super().__init__(f"{label}: {reason}")
+        self.reason = reason
+
+
+def npy_header(path: str | os.PathLike, name: str | None = None) -> tuple[tuple[int, ...], bool, np.dtype, int]:
+    """The ``(shape, fortran_order, dtype, data offset)`` of the ``.npy`` file ``path``, checked: a file that is not
+    one (no header, a header that does not parse), one that holds Python objects (a pickle inside, which jaxinf
+    never loads) or one shorter than its header announces raises :class:`ArrayFileError` naming ``name`` (default:
+    the path). An ``OSError`` (missing, unreadable) is raised as it is."""
+    label = str(path) if name is None else name
+    with open(path, "rb") as f:
+        shape, fortran, dtype = _header(f, label)
+        offset, size = f.tell(), os.fstat(f.fileno()).st_size
+    need = offset + dtype.itemsize * math.prod(shape)
+    if size < need:
+        raise ArrayFileError(label, f"cut short ({size:,} bytes, its header describes {need:,}): a damaged file")
+    return shape, fortran, dtype, offset
+
+
+def _header(f, label: str) -> tuple[tuple[int, ...], bool, np.dtype]:
+    fmt = np.lib.format
+    try:
+        version = fmt.read_magic(f)
+    except (ValueError, EOFError):
+        raise ArrayFileError(label, "not a numpy array file (no .npy header)") from None
+    try:
+        if version == (1, 0):
+            shape, fortran, dtype = fmt.read_array_header_1_0(f)
+        elif version == (2, 0):
+            shape, fortran, dtype = fmt.read_array_header_2_0(f)
+        else:
+            raise ArrayFileError(label, f"a .npy file of version {version[0]}.{version[1]}, which jaxinf does not read")
+    except (ValueError, EOFError, SyntaxError) as e:
+        if isinstance(e, ArrayFileError):
+            raise
+        raise ArrayFileError(label, "not a valid numpy array file (its header does not parse)") from None
+    if dtype.hasobject:
+        raise ArrayFileError(label, "holds Python objects, not numbers (a pickle, which jaxinf never loads)")
+    return shape, fortran, dtype
+
+
+def load_npy(path: str | os.PathLike, *, mmap_mode: Any = None, name: str | None = None) -> np.ndarray:
+    """The array of the ``.npy`` file ``path`` (memory-mapped with ``mmap_mode``), checked by :func:`npy_header`
+    first: anything but a whole numeric array raises :class:`ArrayFileError` naming ``name`` (default: the path)."""
+    npy_header(path, name)
+    try:
+        return np.load(path, mmap_mode=mmap_mode, allow_pickle=False)
+    except (ValueError, EOFError):  # a file changed between the check and the read
+        raise ArrayFileError(str(path) if name is None else name, "not a valid numpy array file") from None
+
+
+def load_npz(path: str | os.PathLike, *, name: str | None = None) -> dict[str, np.ndarray]:
+    """Every array of the ``.npz`` archive ``path``, read whole and checked as :func:`load_npy` checks one (each
+    named ``NAME[KEY]``); an archive that is not a zip file or is damaged raises :class:`ArrayFileError`."""
+    label = str(path) if name is None else name
+    try:
+        with zipfile.ZipFile(path) as z:
+            for info in z.infolist():
+                with z.open(info) as f:
+                    _header(f, f"{label}[{info.filename.removesuffix('.npy')}]")
+    except (zipfile.BadZipFile, zlib.error, EOFError, ValueError) as e:
+        if isinstance(e, ArrayFileError):
+            raise
+        raise ArrayFileError(label, "not a numpy archive (.npz) file, or a damaged one") from None
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return {k: z[k] for k in z.files}
+    except (zipfile.BadZipFile, zlib.error, EOFError, ValueError):
+        raise ArrayFileError(label, "a damaged numpy archive (.npz) file (an array cut short)") from None

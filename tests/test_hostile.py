@@ -1316,8 +1316,8 @@ def test_prepare_into_an_output_filled_meanwhile_or_a_link_to_an_empty_directory
 @pytest.mark.parametrize(
     "name, content, message",
     [
-        ("scores.npy", b"zz\n", "scores.npy: not a readable .npy file ("),
-        ("scores.npy", "cut", "scores.npy: not a readable .npy file (Failed to read all data"),
+        ("scores.npy", b"zz\n", "scores.npy: not a numpy array file (no .npy header)"),
+        ("scores.npy", "cut", "scores.npy: cut short (150 bytes, its header describes "),
         ("queries.jsonl", b"{\n", "queries.jsonl line 1: invalid JSON"),
         ("queries.jsonl", "loss", "queries.jsonl line 1: field loss must be a positive finite number of nats"),
     ],
@@ -1423,3 +1423,79 @@ def test_an_input_that_is_a_link_to_nothing_is_named_as_such(world, tmp_path, ca
     message = _one_error(capsys, "run")
     assert "a symbolic link to nothing (or a loop of links)" in message and str(target) in message, message
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    "command, name, content, message",
+    [
+        ("analyze", "scores.npy", "random", "scores.npy: not a numpy array file (no .npy header)"),
+        ("analyze", "layer_scores.npy", "random", "layer_scores.npy: not a numpy array file (no .npy header)"),
+        (
+            "analyze",
+            "layer_scores.npy",
+            "objects",
+            "layer_scores.npy: holds Python objects, not numbers (a pickle, which jaxinf never loads)",
+        ),
+        ("analyze", "scores.npy", "objects", "scores.npy: holds Python objects, not numbers (a pickle, which"),
+    ],
+)
+def test_a_garbage_or_pickled_npy_file_is_named_without_numpys_words(
+    finished, tmp_path, capsys, command, name, content, message
+):
+    """A ``.npy`` export replaced by random bytes or by a pickled object array was one line carrying numpy's own
+    words ("This file contains pickled (object) data. If you trust the file you can load it unsafely using the
+    `allow_pickle=` keyword argument"): an invitation to unpickle a file jaxinf never writes. It says which file
+    and that it is not a numpy array file (or holds objects), through the one reader
+    (:func:`jaxinf.atomic.load_npy`)."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(finished, run)
+    if content == "random":
+        (run / name).write_bytes(np.random.default_rng(0).bytes(500))
+    else:
+        np.save(run / name, np.array([[{"a": 1}]], dtype=object), allow_pickle=True)
+    capsys.readouterr()
+    assert cli.main(["-q", command, str(run)]) == 2
+    got = _one_error(capsys, command)
+    assert got.startswith(message), got
+    assert "pickle=" not in got and "pickled" not in got and "magic" not in got
+
+
+@pytest.mark.parametrize("content", ["random", "objects", "cut short", "empty"])
+def test_the_one_reader_of_numpy_files_names_each_damage(tmp_path, content):
+    """:func:`jaxinf.atomic.load_npy` and :func:`~jaxinf.atomic.load_npz` (every ``.npy``/``.npz`` a user could
+    have changed: exports, the index, validate's work files, the token-count cache) refuse each damage in one line
+    naming the file, never in numpy's words; a whole file reads as ``np.load`` reads it."""
+    from jaxinf.atomic import ArrayFileError, load_npy, load_npz
+    from jaxinf.interop import compare
+    from jaxinf.interop.kronfluence import InteropError
+
+    whole = np.arange(100.0)
+    np.save(tmp_path / "a.npy", whole)
+    np.savez(tmp_path / "a.npz", x=whole, y=np.ones(3, np.int64))
+    assert np.array_equal(load_npy(tmp_path / "a.npy"), whole)
+    assert np.array_equal(load_npy(tmp_path / "a.npy", mmap_mode="r"), whole)
+    assert set(load_npz(tmp_path / "a.npz")) == {"x", "y"}
+    for suffix in ("npy", "npz"):
+        path = tmp_path / f"bad.{suffix}"
+        if content == "random":
+            path.write_bytes(np.random.default_rng(0).bytes(300))
+        elif content == "objects":
+            if suffix == "npy":
+                np.save(path, np.array([None, 1], dtype=object), allow_pickle=True)
+            else:
+                np.savez(path, x=np.array([None], dtype=object))
+        elif content == "cut short":
+            path.write_bytes((tmp_path / f"a.{suffix}").read_bytes()[:300])
+        else:
+            path.write_bytes(b"")
+        with pytest.raises(ArrayFileError) as e:
+            (load_npy if suffix == "npy" else load_npz)(path)
+        text = str(e.value)
+        assert text.startswith(f"{path}") and "\n" not in text and "pickle=" not in text and "magic" not in text, text
+        if content == "objects":
+            assert "holds Python objects, not numbers" in text
+        if suffix == "npy":  # jaxinf compare's reader of a run's scores.npy
+            with pytest.raises(InteropError, match=f"^{path}: "):
+                compare._load_npy(path)

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxinf import config as cfg
-from jaxinf.atomic import save_npy, write_json
+from jaxinf.atomic import load_npy, save_npy, write_json
 from jaxinf.engine import capture
 from jaxinf.errors import UserError, missing
 from jaxinf.run import preflight, rundir
@@ -220,7 +220,7 @@ def _read_counts(meta: Path, path: Path, key: dict) -> np.ndarray | None:
     try:
         if json.loads(meta.read_text()) != key:
             return None
-        lengths = np.load(path)
+        lengths = load_npy(path)
     except (OSError, ValueError, EOFError):
         return None
     return lengths if lengths.ndim == 1 and len(lengths) == key["size"] else None

@@ -142,9 +142,9 @@ def is_whole(path: Path) -> bool:
         if not path.is_file():
             return False
         if path.suffix == ".npy":
-            import numpy as np
+            from jaxinf.atomic import npy_header
 
-            np.load(path, mmap_mode="r", allow_pickle=False)
+            npy_header(path)
         elif path.suffix == ".json":
             json.loads(path.read_text())
         elif path.suffix == ".jsonl":

@@ -40,6 +40,7 @@ from pathlib import Path
 import numpy as np
 
 from jaxinf import atomic
+from jaxinf.atomic import ArrayFileError, load_npy, npy_header
 from jaxinf.errors import UserError
 
 KINDS = ("factual", "reasoning", "control")
@@ -324,18 +325,10 @@ class ScoreMatrix:
         self.path = Path(path)
         if not self.path.exists():
             raise AnalysisError(f"{self.path.name}: missing (expected at {self.path})")
-        with open(self.path, "rb") as f:
-            try:
-                version = np.lib.format.read_magic(f)
-                if version == (1, 0):
-                    shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
-                elif version == (2, 0):
-                    shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
-                else:
-                    raise ValueError(f"unsupported .npy version {version}")
-            except ValueError as e:
-                raise AnalysisError(f"{self.path.name}: not a readable .npy file ({e})") from None
-            self.offset = f.tell()
+        try:
+            shape, fortran, dtype, self.offset = npy_header(self.path, self.path.name)
+        except ArrayFileError as e:
+            raise AnalysisError(str(e)) from None
         if dtype.kind != "f":
             raise AnalysisError(f"{self.path.name}: dtype {dtype} is not floating point")
         if len(shape) != 2:
@@ -345,11 +338,7 @@ class ScoreMatrix:
                 f"{self.path.name}: Fortran-ordered array; save it C-ordered (np.save(path, np.ascontiguousarray(scores)))"
             )
         self.shape = (int(shape[0]), int(shape[1]))
-        self.dtype = dtype
-        need = self.offset + self.shape[0] * self.shape[1] * dtype.itemsize
-        size = self.path.stat().st_size
-        if size < need:
-            raise AnalysisError(f"{self.path.name}: truncated ({size} bytes, header says {need})")
+        self.dtype = dtype  # a file shorter than its header says was refused by npy_header
 
     def _read(self, f, out_row: np.ndarray, q: int, start: int) -> None:
         nbytes = out_row.size * self.dtype.itemsize
@@ -450,9 +439,9 @@ def read_layer_exports(run_dir: Path) -> tuple[list[str], np.ndarray] | None:
     if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
         raise AnalysisError("layers.json: field names must be a non-empty list of strings")
     try:
-        arr = np.load(ls, allow_pickle=False)
-    except ValueError as e:
-        raise AnalysisError(f"layer_scores.npy: not a readable .npy file ({e})") from None
+        arr = load_npy(ls, name="layer_scores.npy")
+    except ArrayFileError as e:
+        raise AnalysisError(str(e)) from None
     if arr.ndim != 3 or arr.shape[2] != len(names):
         raise AnalysisError(
             f"layer_scores.npy: shape {arr.shape} but layers.json has {len(names)} names (expected [Q, K, {len(names)}])"
