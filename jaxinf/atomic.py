@@ -8,14 +8,20 @@ Shared by the run store, the data layer and the analysis (which does not import 
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import hashlib
 import json
+import logging
 import math
 import os
+import re
+import shutil
+import socket
 import tempfile
 import zipfile
 import zlib
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +57,100 @@ def make_temp_dir(prefix: str, parent: Path) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
     os.chmod(tmp, usual_mode(directory=True))
     return tmp
+
+
+class LockFailed(OSError):
+    """``flock`` itself failed (a file system without locks), not because another process holds the lock."""
+
+
+def hold_lock(path: Path) -> int | None:
+    """An exclusive advisory lock (``flock``, non-blocking) on the file ``path``, created if missing: its descriptor
+    (closing it releases the lock), or None while another process holds it. The lock is the kernel's, released
+    however its holder ends (SIGKILL, OOM), so a file left behind is no obstacle. A lock file removed or replaced
+    while this process waited for it is opened again, so its holder may remove it when done (:func:`drop_lock`).
+    Raises the ``OSError`` of ``open`` as it is, and :class:`LockFailed` when ``flock`` cannot lock at all."""
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            os.close(fd)
+            if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                return None
+            raise LockFailed(e.errno, e.strerror, str(path)) from None
+        try:
+            if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                return fd
+        except FileNotFoundError:
+            pass
+        os.close(fd)  # removed by its holder meanwhile: lock the file now at the path
+
+
+def drop_lock(path: Path, fd: int) -> None:
+    """Removes the lock file ``path`` held through ``fd`` (:func:`hold_lock`), then releases it."""
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+    os.close(fd)
+
+
+def lock_holder(path: Path) -> str:
+    """``host H pid P`` as the holder of the lock file ``path`` wrote it (:func:`write_holder`), or that it is
+    unknown."""
+    try:
+        text = Path(path).read_text().strip()
+    except OSError:
+        text = ""
+    return text or "holder unknown"
+
+
+def write_holder(fd: int) -> None:
+    """Writes ``host H pid P`` of this process into the lock file held through ``fd``, for :func:`lock_holder`."""
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"host {socket.gethostname()} pid {os.getpid()}\n".encode(), 0)
+
+
+log = logging.getLogger("jaxinf")
+
+
+@contextlib.contextmanager
+def building_dir(prefix: str, parent: Path, busy: Callable[[str], Exception]) -> Iterator[Path]:
+    """A new temporary directory ``parent/PREFIXxxxxxxxx`` to build a directory in (the caller renames it into
+    place), removed at the end however the block ends, under the lock file ``parent/PREFIXlock`` (:func:`hold_lock`,
+    removed at the end too): one process at a time builds with ``prefix``, and the others get ``busy(holder)``
+    raised (``host H pid P``). So a temporary directory with this prefix that another process left (one killed by
+    SIGKILL, OOM or a lost machine, which could not remove it) is seen under the lock as a dead writer's and removed
+    first, with a warning naming it; never one a live process is writing."""
+    path = parent / f"{prefix}lock"
+    fd = hold_lock(path)
+    if fd is None:
+        raise busy(lock_holder(path))
+    try:
+        with contextlib.suppress(OSError):
+            write_holder(fd)
+        left = [p for p in parent.iterdir() if _is_temp_dir(p, prefix)]
+        for p in left:
+            shutil.rmtree(p, ignore_errors=True)
+        if left:
+            log.warning(
+                "%s: removed %s left by a process killed while it wrote (%s)",
+                parent,
+                "a temporary directory" if len(left) == 1 else f"{len(left)} temporary directories",
+                ", ".join(sorted(p.name for p in left)),
+            )
+        tmp = make_temp_dir(prefix, parent)
+        try:
+            yield tmp
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    finally:
+        drop_lock(path, fd)
+
+
+def _is_temp_dir(p: Path, prefix: str) -> bool:
+    """Whether ``p`` is a directory ``tempfile.mkdtemp(prefix=prefix)`` makes: the prefix and 8 random characters
+    (so that ``.ds.prepare-`` never takes the temporary directory of OUT ``ds.prepare-x`` for its own)."""
+    rest = p.name[len(prefix) :] if p.name.startswith(prefix) else ""
+    return re.fullmatch(r"[a-z0-9_]{8}", rest) is not None and p.is_dir() and not p.is_symlink()
 
 
 def write_atomic(path: Path, data: bytes | str | Callable[[Any], None]) -> None:

@@ -42,10 +42,10 @@ from jaxinf.run import checks, factors_from, failures, fingerprint, index_run, p
 from jaxinf.run.executor import Executor, make_executor
 from jaxinf.run.exports.stage import export
 from jaxinf.run.inputs import Inputs, load_inputs, non_finite_loss, text_source
-from jaxinf.run.lock import RunLock
+from jaxinf.run.lock import RunLock, claim_run
 from jaxinf.run.rundir import StoreError
 from jaxinf.run.saved import SavedChunks, SavedState, batch_plan_key
-from jaxinf.run.store import RunStore, check_writable
+from jaxinf.run.store import RunStore
 from jaxinf.sharding.meshes import check_agreement, initialize
 
 log = logging.getLogger("jaxinf")
@@ -414,17 +414,7 @@ def _claim(config: cfg.Config, overwrite: bool) -> tuple[RunLock | None, rundir.
     the start fails (:class:`jaxinf.run.rundir.Fresh`)."""
     if jax.process_index() != 0:
         return None, None
-    root = Path(config.run.out)
-    check_writable(root)
-    rundir.check_target(root, overwrite)
-    fresh = rundir.Fresh(root, created=not root.exists()) if rundir.is_fresh(root) else None
-    lock = RunLock(root).acquire()
-    try:
-        rundir.recover_interrupted(root)
-        return lock, ((rundir.set_aside(root) if overwrite else None) or fresh)  # Fresh: undone if the start fails
-    except BaseException:
-        lock.release()
-        raise
+    return claim_run(Path(config.run.out), overwrite)  # Fresh: undone if the start fails
 
 
 def _run_locked(config: cfg.Config, executor: Executor, claimed: rundir.Aside | rundir.Fresh | None, queries) -> Path:

@@ -1499,3 +1499,123 @@ def test_the_one_reader_of_numpy_files_names_each_damage(tmp_path, content):
         if suffix == "npy":  # jaxinf compare's reader of a run's scores.npy
             with pytest.raises(InteropError, match=f"^{path}: "):
                 compare._load_npy(path)
+
+
+def test_analyze_and_kronfluence_read_the_copy_of_a_damaged_run_json(world, finished, tmp_path, capsys):
+    """``jaxinf analyze RUN`` on a run whose run.json was cut short (its copy state/run.json intact) was "run.json:
+    invalid JSON", ``jaxinf kronfluence export RUN`` "unreadable run record", where ``jaxinf run`` and ``jaxinf
+    query`` read the copy: both read the record through the one reader (``rundir.read_record``), the report as it
+    was (its document texts, found through the record's config) and the factors whole."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(finished, run)
+    (run / "summary.json").unlink()
+    (run / "run.json").write_text("{\n")
+    capsys.readouterr()
+    assert cli.main(["-q", "analyze", str(run)]) == 0
+    assert "restored from its copy" in capsys.readouterr().err
+    assert (
+        json.loads((run / "summary.json").read_text())["notes"]
+        == json.loads((finished / "summary.json").read_text())["notes"]
+    )
+    assert cli.main(["-q", "kronfluence", "export", str(run), str(tmp_path / "factors")]) == 0
+    assert cli.main(["-q", "kronfluence", "export", str(finished), str(tmp_path / "intact")]) == 0
+    made = sorted(p.name for p in (tmp_path / "factors").iterdir())
+    assert "lambda_matrix.safetensors" in made and made == sorted(p.name for p in (tmp_path / "intact").iterdir())
+    from safetensors.numpy import load_file
+
+    for name in (n for n in made if n.endswith(".safetensors")):
+        got, want = load_file(str(tmp_path / "factors" / name)), load_file(str(tmp_path / "intact" / name))
+        assert got.keys() == want.keys() and all(np.array_equal(got[k], want[k]) for k in got), name
+
+
+def test_kronfluence_import_holds_the_runs_lock_and_leaves_nothing_when_refused(
+    world, finished, tmp_path, capsys, monkeypatch
+):
+    """``jaxinf kronfluence import`` wrote the curvature into ``run.out`` without its lock, while a ``jaxinf run`` of
+    the same directory could be writing it: it claims the directory as ``jaxinf run`` does
+    (:func:`jaxinf.run.lock.claim_run`): refused in one line naming the holder while another process holds it,
+    and a failure leaves a new directory as it was (nothing)."""
+    from jaxinf.run.lock import RunLock
+
+    factors, out = tmp_path / "factors", tmp_path / "out"
+    assert cli.main(["-q", "kronfluence", "export", str(finished), str(factors)]) == 0
+    argv = ["-q", "kronfluence", "import", str(factors), *overrides(world, out, **{"factors.fisher": "empirical"})]
+    out.mkdir()
+    with RunLock(out):  # another jaxinf process writing it
+        capsys.readouterr()
+        assert cli.main(argv) == 2
+        assert _one_error(capsys, "kronfluence").startswith(f"{out}: in use by another jaxinf process (host ")
+        assert sorted(p.name for p in out.iterdir()) == [".jaxinf.lock"]
+    (out / ".jaxinf.lock").unlink()
+    import errno
+
+    from jaxinf.interop import transfer
+
+    def full(store, *args):
+        store.mark("covariance", "done")  # run.json written, then the disk is full
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with monkeypatch.context() as m:
+        m.setattr(transfer, "_write_imported", full)
+        assert cli.main(argv) == 3
+    assert list(out.iterdir()) == []  # the empty directory it found, as it was
+    assert cli.main(argv) == 0
+    assert json.loads((out / "run.json").read_text())["stages"]["lambda"]["status"] == "done"
+    assert (out / ".jaxinf.lock").exists()  # it held the lock while it wrote
+
+
+def test_a_killed_prepare_leaves_nothing_the_next_one_keeps_and_never_takes_a_live_ones(tmp_path):
+    """A SIGKILLed ``jaxinf prepare DOCS OUT`` left ``.OUT.prepare-XXXXXXXX`` (the whole dataset, unfinished) beside
+    OUT for ever, unmentioned. Each prepare of OUT holds a lock beside it (:func:`jaxinf.atomic.building_dir`): the
+    next prepare removes what a killed one left, saying so; a prepare of OUT that is still writing (here stopped,
+    SIGSTOP, holding its lock) is never touched: a second one is refused naming it."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from pipeline_support import env, jaxinf
+
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text('{"id": "a", "text": "one two"}\n{"id": "b", "text": "three"}\n')
+    out = tmp_path / "ds"
+    environment = env(tmp_path / "cache")
+    r = jaxinf(["prepare", docs, out], {**environment, "JAXINF_FAULT": "prepare:0"})
+    assert r.returncode == -signal.SIGKILL, r.stderr
+    left = [p.name for p in tmp_path.iterdir() if p.name.startswith(".ds.prepare-")]
+    assert len(left) == 2 and ".ds.prepare-lock" in left and not out.exists()  # what the kill leaves
+    other = tmp_path / ".ds.prepare-x"  # an OUT named ds.prepare-x is not ds's
+    other.mkdir()
+    r = jaxinf(["prepare", docs, out], environment)
+    assert r.returncode == 0, r.stderr
+    (temp,) = (name for name in left if name != ".ds.prepare-lock")
+    assert f"removed a temporary directory left by a process killed while it wrote ({temp})" in r.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".ds.prepare-x", "docs.jsonl", "ds"]
+    # a prepare still writing (stopped with its lock held) is left alone; the second is refused in one line
+    live = subprocess.Popen(
+        [sys.executable, "-m", "jaxinf", "prepare", str(docs), str(tmp_path / "ds2")],
+        env={**environment, "JAXINF_FAULT": "prepare:0:stop"},
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        for _ in range(600):
+            status = open(f"/proc/{live.pid}/stat").read().rsplit(")", 1)[1].split()[0]
+            if status == "T":
+                break
+            time.sleep(0.1)
+        before = sorted(p.name for p in tmp_path.iterdir())
+        r = jaxinf(["prepare", docs, tmp_path / "ds2"], environment)
+        assert r.returncode == 2
+        assert r.stderr.strip().startswith(
+            f"jaxinf prepare: error: {tmp_path / 'ds2'}: being prepared by another jaxinf prepare (host "
+        ), r.stderr
+        assert f"pid {live.pid})" in r.stderr
+        assert sorted(p.name for p in tmp_path.iterdir()) == before
+    finally:
+        live.kill()
+        live.wait()
+    r = jaxinf(["prepare", docs, tmp_path / "ds2"], environment)
+    assert r.returncode == 0 and "removed a temporary directory" in r.stderr, r.stderr
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".ds2.")]

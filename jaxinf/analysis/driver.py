@@ -46,8 +46,8 @@ from jaxinf.run.exports.formats import (
     read_documents,
     read_exported_queries,
     read_index_fidelity,
-    read_run_config,
-    read_run_cwd,
+    read_run_record,
+    run_cwd,
 )
 
 SUMMARY_VERSION = 1
@@ -167,7 +167,8 @@ def analyze(
     t_start = time.time()
     timings: dict[str, float] = {}
     queries, docs, scores = _validate(run_dir)
-    config = read_run_config(run_dir)
+    record = read_run_record(run_dir)  # run.json, or its copy state/run.json when it is damaged
+    config = record.get("config") or {}
     breakdowns = read_breakdowns(run_dir, queries, docs)
     Q, N = scores.shape
     notes: list[str] = _conversion_notes(run_dir)
@@ -188,7 +189,7 @@ def analyze(
 
     t = time.time()
     fetched = docs.fetch(_needed_documents(rows))
-    texts, text_origin = _texts(run_dir, config, fetched, text_source, notes)
+    texts, text_origin = _texts(run_dir, record, fetched, text_source, notes)
     timings["fetch_texts_s"] = time.time() - t
 
     t = time.time()
@@ -393,7 +394,8 @@ def _ids_text(ids, limit: int = 20) -> str:
     return s + (f", ... ({len(ids) - limit} more)" if len(ids) > limit else "")
 
 
-def _texts(run_dir, config, fetched, text_source, notes) -> tuple[dict[int, str], str]:
+def _texts(run_dir, record, fetched, text_source, notes) -> tuple[dict[int, str], str]:
+    config = record.get("config") or {}
     texts = {i: t for i, (_, t) in fetched.items() if t is not None}
     missing = [i for i in fetched if i not in texts]
     origin = "documents.jsonl"
@@ -403,10 +405,10 @@ def _texts(run_dir, config, fetched, text_source, notes) -> tuple[dict[int, str]
             path = (config.get("data") or {}).get("documents")
             if isinstance(path, str) and path:
                 p = Path(path)
-                started = read_run_cwd(run_dir)  # the run's own working directory, then the run's, then ours
+                started = run_cwd(record)  # the run's own working directory, then the run's, then ours
                 cands = [p] if p.is_absolute() else [*([started / p] if started else []), run_dir / p, Path.cwd() / p]
                 found = next((c for c in cands if c.is_file()), None)
-                changed = None if found is None else corpus_changed(found, run_dir, config.get("data") or {})
+                changed = None if found is None else corpus_changed(found, record, config.get("data") or {})
                 if changed is not None:
                     notes.append(f"run.json: config.data.documents: {changed}; document texts unavailable")
                 elif found is not None and found.suffix in (".jsonl", ".json"):

@@ -518,28 +518,20 @@ def iter_topk_tokens(path: Path) -> Iterator[TokenRecord]:
 # ----------------------------------------------------------------------------- run.json
 
 
-def read_run_config(run_dir: Path) -> dict:
-    """The resolved config of run.json, or {} when run.json is absent (e.g. converted runs)."""
-    p = Path(run_dir) / "run.json"
-    if not p.exists():
-        return {}
-    try:
-        meta = json.loads(p.read_text())
-    except json.JSONDecodeError as e:
-        raise AnalysisError(f"run.json: invalid JSON ({e.msg})") from None
-    cfg = meta.get("config", {}) if isinstance(meta, dict) else {}
-    if not isinstance(cfg, dict):
-        raise AnalysisError("run.json: field config must be an object")
-    return cfg
+def read_run_record(run_dir: Path) -> dict:
+    """The run's record: ``run.json``, or its copy ``state/run.json`` (with a warning) when ``run.json`` is damaged
+    or missing, read by the one reader of both (:func:`jaxinf.run.rundir.read_record`); {} when the run has neither
+    (a converted release); both damaged is one line naming both. Its ``config`` (the resolved config), ``cwd`` (the
+    working directory ``jaxinf run`` was started in, against which the config's relative paths were read, absent in
+    runs older than the field) and ``inputs`` (the fingerprint of each input's content) are what the report uses."""
+    from jaxinf.run import rundir
+
+    return rundir.read_record(Path(run_dir)) or {}
 
 
-def read_run_cwd(run_dir: Path) -> Path | None:
-    """The working directory ``jaxinf run`` was started in (``run.json``'s ``cwd``), against which the config's
-    relative paths were read; None when run.json is absent, unreadable or older than the field."""
-    try:
-        cwd = json.loads((Path(run_dir) / "run.json").read_text()).get("cwd")
-    except (OSError, ValueError, AttributeError):
-        return None
+def run_cwd(record: dict) -> Path | None:
+    """The record's ``cwd`` (:func:`read_run_record`), or None when it has none."""
+    cwd = record.get("cwd")
     return Path(cwd) if isinstance(cwd, str) and cwd else None
 
 
