@@ -1619,3 +1619,23 @@ def test_a_killed_prepare_leaves_nothing_the_next_one_keeps_and_never_takes_a_li
     r = jaxinf(["prepare", docs, tmp_path / "ds2"], environment)
     assert r.returncode == 0 and "removed a temporary directory" in r.stderr, r.stderr
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".ds2.")]
+
+
+def test_analyze_of_a_run_in_use_does_not_say_to_choose_another_run_out(finished, tmp_path, capsys):
+    """``jaxinf analyze RUN`` while ``jaxinf run`` writes RUN said "... or choose another run.out": analyze has no
+    run.out, and another directory is not the run the user wants analysed; it says to wait for the writer."""
+    import shutil
+
+    from jaxinf.run.lock import RunLock
+
+    run = tmp_path / "run"
+    shutil.copytree(finished, run)
+    before = (run / "summary.json").read_bytes()
+    with RunLock(run):
+        capsys.readouterr()
+        assert cli.main(["-q", "analyze", str(run)]) == 2
+        message = _one_error(capsys, "analyze")
+    assert message.startswith(f"{run}: in use by another jaxinf process (host ") and message.endswith(
+        "); wait for it to finish or stop it"
+    ), message
+    assert (run / "summary.json").read_bytes() == before

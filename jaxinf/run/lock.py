@@ -29,8 +29,11 @@ class RunLocked(StoreError):
 class RunLock:
     """The lock of run directory ``root`` (created if missing); ``acquire`` raises :class:`RunLocked` when held."""
 
-    def __init__(self, root: str | Path):
+    def __init__(self, root: str | Path, reader: bool = False):
+        """``reader``: the command reads the run and writes only its own derived files into it (``jaxinf analyze``
+        RUN_DIR): refused while another process holds it, without the hint to choose another output directory."""
         self.root = Path(root)
+        self.reader = reader
         self.path = self.root / LOCK_FILE
         self._fd: int | None = None
 
@@ -50,7 +53,7 @@ class RunLock:
         if fd is None:
             raise RunLocked(
                 f"{self.root}: in use by another jaxinf process ({self.holder()}); wait for it to "
-                f"finish or stop it, or choose another {output_key()}"
+                + ("finish or stop it" if self.reader else f"finish or stop it, or choose another {output_key()}")
             )
         try:
             write_holder(fd)
