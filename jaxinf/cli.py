@@ -193,6 +193,17 @@ def validate_command(args) -> int:
     return 0
 
 
+def prepare_command(args) -> int:
+    """``jaxinf prepare`` (:func:`jaxinf.data.cli.prepare_command`), refused first when OUT_DIR lies inside a jaxinf
+    run directory (its ``state/``, say), as every other command's output is: the run's ``--overwrite`` would
+    delete the dataset, and the data layer knows nothing of run directories."""
+    from jaxinf.data.cli import prepare_command as prepare
+    from jaxinf.run import rundir
+
+    rundir.refuse_inside_run(Path(args.out_dir), "OUT_DIR", output=True)
+    return prepare(args)
+
+
 MAX_DEMO_SEEDS = 100
 """The most training seeds ``jaxinf demo --seeds`` takes: each is a model trained, completing its queries and scored
 (a few minutes on 2 CPU cores, and a run directory, each), so a hundred is hours already and more is a typo."""
@@ -374,7 +385,7 @@ def main(argv: list[str] | None = None) -> int:
             help=f"the field holding each document's {name} (data.{name}_field; default {name})",
         )
     prep.add_argument("out_dir", metavar="OUT_DIR", help="the dataset directory to write (must not exist or be empty)")
-    prep.set_defaults(handler="jaxinf.data.cli:prepare_command")
+    prep.set_defaults(handler=prepare_command)
 
     from jaxinf.interop.cli import add_parsers
 

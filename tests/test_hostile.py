@@ -1639,3 +1639,45 @@ def test_analyze_of_a_run_in_use_does_not_say_to_choose_another_run_out(finished
         "); wait for it to finish or stop it"
     ), message
     assert (run / "summary.json").read_bytes() == before
+
+
+@pytest.mark.parametrize(
+    "setting, message",
+    [
+        ("validate.strategies=[ekfac,kfac,ekfac]", "validate.strategies: ekfac is listed twice"),
+        ("validate.dampings=[null,0.1,null]", "validate.dampings: null is listed twice"),
+        ("validate.dampings=[1,1.0]", "validate.dampings: 1.0 is listed twice"),
+        ("validate.recall_k=[5,5]", "validate.recall_k: 5 is listed twice"),
+    ],
+)
+def test_validate_refuses_a_list_that_names_an_entry_twice(tmp_path, capsys, setting, message):
+    """``validate.strategies=[ekfac,ekfac]`` (or a damping, a Recall@k listed twice) was accepted: each strategy was
+    trained and scored twice, for a report with the same row twice. Refused before anything is written."""
+    assert cli.main(["-q", "validate", "--out", str(tmp_path / "v"), setting]) == 2
+    assert _one_error(capsys, "validate").startswith(f"command line: {message}, got ")
+    assert not (tmp_path / "v").exists()
+
+
+def test_prepare_into_a_run_directory_is_refused(finished, tmp_path, capsys):
+    """``jaxinf prepare DOCS RUN/state/ds`` wrote the dataset inside a run directory, where every other command
+    refuses its output (the run's ``--overwrite`` deletes what is there); refused in one line, nothing written."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(finished, run)
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text('{"id": "a", "text": "one two"}\n')
+    before = sorted(p.name for p in (run / "state").iterdir())
+    assert cli.main(["-q", "prepare", str(docs), str(run / "state" / "ds")]) == 2
+    assert _one_error(capsys, "prepare", alone=True) == (
+        f"{run / 'state' / 'ds'}: is inside the jaxinf run directory {run}; choose a OUT_DIR outside it"
+    )
+    assert sorted(p.name for p in (run / "state").iterdir()) == before
+
+
+def test_compare_with_a_file_for_its_kronfluence_directory_says_it_is_a_file(finished, tmp_path, capsys):
+    """``jaxinf compare --kronfluence FILE`` said "no such kronfluence directory" of a file that exists."""
+    (tmp_path / "scores.safetensors").write_bytes(b"x")
+    argv = ["-q", "compare", "--kronfluence", str(tmp_path / "scores.safetensors"), "--run", str(finished)]
+    assert cli.main(argv) == 2
+    assert _one_error(capsys, "compare") == f"{tmp_path / 'scores.safetensors'}: a file, not a kronfluence directory"

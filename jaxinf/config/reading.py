@@ -239,6 +239,12 @@ def check_values(config: Config, source: str) -> None:
         raise ConfigError(
             f"{source}: validate.recall_k: expected a non-empty list of positive integers, got {v.recall_k}"
         )
+    for name in ("strategies", "dampings", "recall_k", "index_ks"):  # each a row or column of the report, keyed by it
+        values = list(getattr(v, name))
+        twice = [x for i, x in enumerate(values) if x in values[:i]]
+        if twice:
+            shown = "null" if twice[0] is None else twice[0]
+            raise ConfigError(f"{source}: validate.{name}: {shown} is listed twice, got {values}")
     k = config.index.k
     if isinstance(k, str) and k != "full" or isinstance(k, int) and k < 1:
         raise ConfigError(f"{source}: index.k: expected a positive integer, full or null, got {k!r}")

@@ -150,7 +150,8 @@ def locate(path: str | Path, factors: str | None = None, scores: str | list[str]
     """
     root = Path(path)
     if not root.is_dir():
-        raise InteropError(f"{root}: no such kronfluence directory")
+        why = "a file, not a kronfluence directory" if root.exists() else missing(root, "no such kronfluence directory")
+        raise InteropError(f"{root}: {why}")
     if _is_scores_dir(root):
         return KronfluenceDirs(
             None, root if (root / PAIRWISE).exists() else None, root if (root / SELF).exists() else None
