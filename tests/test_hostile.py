@@ -1681,3 +1681,23 @@ def test_compare_with_a_file_for_its_kronfluence_directory_says_it_is_a_file(fin
     argv = ["-q", "compare", "--kronfluence", str(tmp_path / "scores.safetensors"), "--run", str(finished)]
     assert cli.main(argv) == 2
     assert _one_error(capsys, "compare") == f"{tmp_path / 'scores.safetensors'}: a file, not a kronfluence directory"
+
+
+def test_what_a_killed_analysis_left_in_the_run_directory_is_removed_by_the_next(finished, tmp_path, capsys):
+    """An analysis killed while it wrote the report left ``RUN/.report-XXXXXXXX`` (the report half-built) or, killed
+    between its two renames, ``RUN/.report-old-PID`` (the previous report) in the run directory for ever. The next
+    analysis of the run removes both, saying so; the report is whole."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(finished, run)
+    for name in (".report-k1ll3d_x", ".report-old-99999"):
+        (run / name).mkdir()
+        (run / name / "index.html").write_text("<html>half")
+    capsys.readouterr()
+    assert cli.main(["-q", "analyze", str(run)]) == 0
+    assert "removed a temporary directory left by a process killed while it wrote (.report-k1ll3d_x)" in (
+        capsys.readouterr().err
+    )
+    assert not [p.name for p in run.iterdir() if p.name.startswith(".report")]
+    assert (run / "report" / "index.html").read_text().endswith("</html>\n")

@@ -485,15 +485,20 @@ def _write_json_atomic(path: Path, obj) -> None:
 
 def _write_outputs(run_dir, summary, queries, rows, fetched, texts, docs, o) -> None:
     """Build report/ (the page, its figures and summary.md) in a fresh temporary directory, then swap it in for
-    the old one."""
+    the old one. One analysis of a run at a time builds (:func:`jaxinf.atomic.building_dir`), so what a killed one
+    left in the run directory (its temporary directory, or the old report it was replacing) is removed first."""
     from jaxinf.analysis import markdown, report  # matplotlib: only when a report is written
 
-    tmp = atomic.make_temp_dir(".report-", run_dir)
-    try:
+    def busy(holder: str) -> AnalysisError:
+        return AnalysisError(f"{run_dir}: its report is being written by another process ({holder}); wait for it")
+
+    with atomic.building_dir(".report-", run_dir, busy) as tmp:
         report.write_report(
             tmp, summary, queries=queries, rows=rows, fetched=fetched, texts=texts, documents=docs, options=o
         )
         (tmp / "summary.md").write_text(markdown.summary_markdown(summary), encoding="utf-8")
+        for stale in run_dir.glob(".report-old-*"):  # a killed swap's old report (report/ is rewritten below)
+            shutil.rmtree(stale, ignore_errors=True)
         final = run_dir / "report"
         old = None
         if final.exists():
@@ -502,6 +507,3 @@ def _write_outputs(run_dir, summary, queries, rows, fetched, texts, docs, o) -> 
         os.replace(tmp, final)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
