@@ -371,6 +371,17 @@ def analysis_stage(store: RunStore, inputs: Inputs) -> None:
 # --------------------------------------------------------------------------- the run
 
 
+def refuse_unfinished_import(store: RunStore) -> None:
+    """A run whose ``jaxinf kronfluence import`` was killed part-way (its record's ``imported`` not complete) is
+    refused: run on, it fitted the stages the import had not saved yet itself, a curvature half kronfluence's."""
+    imported = store.record.get("imported") or {}
+    if imported.get("complete") is False:
+        raise StoreError(
+            f"{store.root}: the import of {imported.get('from')} into it was interrupted; run the same jaxinf "
+            "kronfluence import again to finish it (or start over with --overwrite)"
+        )
+
+
 def _open_store(config: cfg.Config, overwrite: bool) -> RunStore:
     """The run directory; with several processes, process 0 creates (or overwrites) it before the others open it."""
     if jax.process_count() == 1:
@@ -423,6 +434,7 @@ def _run_locked(config: cfg.Config, executor: Executor, claimed: rundir.Aside | 
     try:
         try:
             store = _open_store(config, overwrite=False)
+            refuse_unfinished_import(store)
             log.info(
                 "run directory %s (config fingerprint %s, host heap %s)",
                 store.root,

@@ -1701,3 +1701,36 @@ def test_what_a_killed_analysis_left_in_the_run_directory_is_removed_by_the_next
     )
     assert not [p.name for p in run.iterdir() if p.name.startswith(".report")]
     assert (run / "report" / "index.html").read_text().endswith("</html>\n")
+
+
+def test_a_killed_kronfluence_import_is_finished_by_the_same_import_and_refused_by_run(
+    world, finished, tmp_path, capsys
+):
+    """``jaxinf kronfluence import`` SIGKILLed between two stages left a run whose covariance was kronfluence's and
+    whose eigendecomposition and Lambda were pending: ``jaxinf run`` then fitted those itself (a curvature half
+    kronfluence's, without a word) and the same import again was refused ("the run already has results"). The
+    record says the import is unfinished until it is whole: run refuses it, the same import finishes it."""
+    import signal
+
+    from pipeline_support import env, jaxinf
+
+    factors, out = tmp_path / "factors", tmp_path / "out"
+    assert cli.main(["-q", "kronfluence", "export", str(finished), str(factors)]) == 0
+    argv = ["kronfluence", "import", factors, *overrides(world, out, **{"factors.fisher": "empirical"})]
+    environment = env(tmp_path / "cache")
+    r = jaxinf(argv, {**environment, "JAXINF_FAULT": "eigen:before-manifest:0"})
+    assert r.returncode == -signal.SIGKILL, r.stderr
+    record = json.loads((out / "run.json").read_text())
+    assert record["stages"]["covariance"]["status"] == "done" and record["stages"]["lambda"]["status"] == "pending"
+    capsys.readouterr()
+    assert cli.main(["-q", "run", *overrides(world, out, **{"factors.fisher": "empirical"})]) == 2
+    assert _one_error(capsys, "run") == (
+        f"{out}: the import of kronfluence {factors.resolve()} into it was interrupted; run the same jaxinf "
+        "kronfluence import again to finish it (or start over with --overwrite)"
+    )
+    assert json.loads((out / "run.json").read_text()) == record  # refused, nothing fitted
+    r = jaxinf(argv, environment)
+    assert r.returncode == 0, r.stderr
+    record = json.loads((out / "run.json").read_text())
+    assert record["imported"]["complete"] is True
+    assert all(record["stages"][s]["source"].startswith("kronfluence ") for s in ("covariance", "eigen", "lambda"))

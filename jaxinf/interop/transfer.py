@@ -331,7 +331,8 @@ def import_factors(
         k: v for k, v in factors.tensors.items() if any(k in kf.GROUPS[group] for group in s.writes)
     }  # only what this strategy fits
     root = Path(config.run.out)
-    _check_fresh(root, overwrite)  # refused before the factors are converted (and again under the lock)
+    origin = f"kronfluence {dirs.factors.resolve()}"
+    _check_fresh(root, overwrite, origin)  # refused before the factors are converted (and again under the lock)
     with precision.scoped(config.run.precision):
         layers = tracked_layers(config)
         check_modules(factors, layers, "the config")
@@ -362,9 +363,13 @@ def import_factors(
         lock, claimed = claim_run(root, overwrite)  # jaxinf run's claim: locked, and undone if the import fails
         try:
             if not overwrite:
-                _check_fresh(root, overwrite)  # another process may have started the run meanwhile
+                _check_fresh(root, overwrite, origin)  # another process may have started the run meanwhile
             store = RunStore.open(config, overwrite=False)  # --overwrite: the old run was set aside by the claim
-            _write_imported(store, s, f"kronfluence {dirs.factors.resolve()}", cov, eigen, Lambda, sums)
+            # until the last stage is saved, the record says the import is unfinished: a kill (SIGKILL, OOM) leaves
+            # a run that jaxinf run refuses and that the same import finishes (_check_fresh), never half of one
+            store.update(imported={"from": origin, "complete": False})
+            _write_imported(store, s, origin, cov, eigen, Lambda, sums)
+            store.update(imported={"from": origin, "complete": True})
             if isinstance(claimed, rundir.Aside):  # the import is whole: only now can the old run go
                 claimed.discard()
         except BaseException:
@@ -402,11 +407,20 @@ def _write_imported(store: RunStore, s: Strategy, origin: str, cov, eigen, Lambd
         store.mark("lambda", "done", source=origin)
 
 
-def _check_fresh(root: Path, overwrite: bool) -> None:
-    """Import writes the curvature of a run that has computed nothing yet (or is overwritten)."""
+def _check_fresh(root: Path, overwrite: bool, origin: str) -> None:
+    """Import writes the curvature of a run that has computed nothing yet (or is overwritten), or finishes an import
+    of the same factors (``origin``) that was killed (the record's ``imported``)."""
     record = None if overwrite else rundir.read_record(root, output=True)
     if record is None:
         return
+    imported = record.get("imported") or {}
+    if imported.get("complete") is False:
+        if imported.get("from") == origin:
+            return
+        raise InteropError(
+            f"{root}: an import of {imported.get('from')} into it was interrupted; import those factors again to "
+            "finish it, or use --overwrite"
+        )
     started = [s for s, e in record.get("stages", {}).items() if e.get("status") != "pending"]
     if started:
         raise InteropError(
