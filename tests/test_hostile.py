@@ -1694,6 +1694,8 @@ def test_what_a_killed_analysis_left_in_the_run_directory_is_removed_by_the_next
     for name in (".report-k1ll3d_x", ".report-old-99999"):
         (run / name).mkdir()
         (run / name / "index.html").write_text("<html>half")
+    shutil.rmtree(run / "report")
+    (run / "report").write_text("a file where the report belongs\n")  # replaced, and not left as .report-old-PID
     capsys.readouterr()
     assert cli.main(["-q", "analyze", str(run)]) == 0
     assert "removed a temporary directory left by a process killed while it wrote (.report-k1ll3d_x)" in (
@@ -1734,3 +1736,24 @@ def test_a_killed_kronfluence_import_is_finished_by_the_same_import_and_refused_
     record = json.loads((out / "run.json").read_text())
     assert record["imported"]["complete"] is True
     assert all(record["stages"][s]["source"].startswith("kronfluence ") for s in ("covariance", "eigen", "lambda"))
+
+
+def test_a_stage_directory_made_a_file_is_recomputed(world, finished, tmp_path, caplog):
+    """``RUN/state/eigen`` replaced by a file stopped a rerun with "state/eigen/0/jaxinf_manifest.json: not a
+    directory" (a path that is nowhere): it is a damaged checkpoint, recomputed as a missing one is, to the same
+    scores."""
+    import shutil
+
+    from jaxinf import config as cfg
+    from jaxinf import pipeline
+
+    run = tmp_path / "run"
+    shutil.copytree(finished, run)
+    shutil.rmtree(run / "state" / "eigen")
+    (run / "state" / "eigen").write_text("x\n")
+    (run / "scores.npy").unlink()
+    with caplog.at_level(logging.WARNING, logger="jaxinf"):
+        pipeline.run(cfg.load(None, overrides(world, run, **{"data.batch_size": 8, "factors.fisher": "empirical"})))
+    assert "incomplete checkpoint (no jaxinf_manifest.json): stage eigen will be recomputed" in caplog.text
+    assert (run / "state" / "eigen").is_dir()
+    assert np.array_equal(np.load(run / "scores.npy"), np.load(finished / "scores.npy"))

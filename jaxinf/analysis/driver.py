@@ -498,7 +498,7 @@ def _write_outputs(run_dir, summary, queries, rows, fetched, texts, docs, o) -> 
         )
         (tmp / "summary.md").write_text(markdown.summary_markdown(summary), encoding="utf-8")
         for stale in run_dir.glob(".report-old-*"):  # a killed swap's old report (report/ is rewritten below)
-            shutil.rmtree(stale, ignore_errors=True)
+            _remove(stale)
         final = run_dir / "report"
         old = None
         if final.exists():
@@ -506,4 +506,12 @@ def _write_outputs(run_dir, summary, queries, rows, fetched, texts, docs, o) -> 
             os.replace(final, old)
         os.replace(tmp, final)
         if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+            _remove(old)
+
+
+def _remove(path: Path) -> None:
+    """``path`` removed, a directory with its files or a file (``report`` made a file by hand), as far as it can."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)

@@ -521,12 +521,13 @@ def iter_topk_tokens(path: Path) -> Iterator[TokenRecord]:
 def read_run_record(run_dir: Path) -> dict:
     """The run's record: ``run.json``, or its copy ``state/run.json`` (with a warning) when ``run.json`` is damaged
     or missing, read by the one reader of both (:func:`jaxinf.run.rundir.read_record`); {} when the run has neither
-    (a converted release); both damaged is one line naming both. Its ``config`` (the resolved config), ``cwd`` (the
+    (a converted release); both damaged is one line naming both. A run.json of its ``config`` alone (scores another
+    tool wrote, with a run.json written for them) is read as it is. Its ``config`` (the resolved config), ``cwd`` (the
     working directory ``jaxinf run`` was started in, against which the config's relative paths were read, absent in
     runs older than the field) and ``inputs`` (the fingerprint of each input's content) are what the report uses."""
     from jaxinf.run import rundir
 
-    return rundir.read_record(Path(run_dir)) or {}
+    return rundir.read_record(Path(run_dir), config_only=True) or {}
 
 
 def run_cwd(record: dict) -> Path | None:
