@@ -1651,8 +1651,9 @@ def test_analyze_of_a_run_in_use_does_not_say_to_choose_another_run_out(finished
     ],
 )
 def test_validate_refuses_a_list_that_names_an_entry_twice(tmp_path, capsys, setting, message):
-    """``validate.strategies=[ekfac,ekfac]`` (or a damping, a Recall@k listed twice) was accepted: each strategy was
-    trained and scored twice, for a report with the same row twice. Refused before anything is written."""
+    """``validate.strategies=[identity,identity]`` (or a damping, a Recall@k listed twice) was accepted and silently
+    collapsed (validation.json and the report keyed by it show it once): a typo for another entry went unnoticed
+    after the whole validation. Refused before anything is written."""
     assert cli.main(["-q", "validate", "--out", str(tmp_path / "v"), setting]) == 2
     assert _one_error(capsys, "validate").startswith(f"command line: {message}, got ")
     assert not (tmp_path / "v").exists()
