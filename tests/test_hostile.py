@@ -1758,3 +1758,21 @@ def test_a_stage_directory_made_a_file_is_recomputed(world, finished, tmp_path, 
     assert "incomplete checkpoint (no jaxinf_manifest.json): stage eigen will be recomputed" in caplog.text
     assert (run / "state" / "eigen").is_dir()
     assert np.array_equal(np.load(run / "scores.npy"), np.load(finished / "scores.npy"))
+
+
+def test_a_query_against_an_index_array_that_is_a_link_to_nothing_says_so(world, indexed, tmp_path, capsys):
+    """An index array (``state/index/cells.npy``) that is a symbolic link to nothing was "unreadable index array (No
+    such file or directory)"; it is named as a link to nothing (:func:`jaxinf.errors.missing`)."""
+    import shutil
+
+    src, _ = indexed
+    run = tmp_path / "run"
+    shutil.copytree(src, run)
+    cells = run / "state" / "index" / "cells.npy"
+    cells.unlink()
+    cells.symlink_to(tmp_path / "unmounted" / "cells.npy")
+    capsys.readouterr()
+    assert cli.main(["-q", "query", str(run), str(world["queries"]), "--out", str(tmp_path / "q")]) == 2
+    assert _one_error(capsys, "query") == (
+        f"{cells}: unreadable index array (a symbolic link to nothing (or a loop of links))"
+    )

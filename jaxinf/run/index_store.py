@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 
 from jaxinf.atomic import ArrayFileError, load_npy, load_npz, npy_header, write_json
+from jaxinf.errors import missing
 from jaxinf.run.rundir import StoreError
 
 log = logging.getLogger("jaxinf")
@@ -205,7 +206,8 @@ class IndexReader:
             except ArrayFileError as e:
                 raise IndexError_(f"{path}: unreadable index array ({e.reason})") from None
             except OSError as e:
-                raise IndexError_(f"{path}: unreadable index array ({e.strerror or e})") from None
+                why = missing(path) if isinstance(e, FileNotFoundError) else e.strerror or e
+                raise IndexError_(f"{path}: unreadable index array ({why})") from None
             if arr.shape[0] != R:
                 raise IndexError_(f"{path}: {arr.shape[0]} rows, the manifest says {R} (a torn index)")
             self.arrays[name] = arr
@@ -222,7 +224,8 @@ class IndexReader:
             except ArrayFileError as e:
                 raise IndexError_(f"{path}: unreadable index checksums ({e.reason})") from None
             except OSError as e:
-                raise IndexError_(f"{path}: unreadable index checksums ({e.strerror or e})") from None
+                why = missing(path) if isinstance(e, FileNotFoundError) else e.strerror or e
+                raise IndexError_(f"{path}: unreadable index checksums ({why})") from None
             if self.checks.shape != (manifest["batches"],):
                 raise IndexError_(f"{path}: {self.checks.shape[0]} checksums, the manifest says {manifest['batches']}")
         try:
@@ -230,7 +233,8 @@ class IndexReader:
         except ArrayFileError as e:
             raise IndexError_(f"{self.root / 'selection.npz'}: unreadable ({e.reason})") from None
         except OSError as e:
-            raise IndexError_(f"{self.root / 'selection.npz'}: unreadable ({e.strerror or e})") from None
+            why = missing(self.root / "selection.npz") if isinstance(e, FileNotFoundError) else e.strerror or e
+            raise IndexError_(f"{self.root / 'selection.npz'}: unreadable ({why})") from None
 
     @property
     def rows(self) -> int:
