@@ -1776,3 +1776,26 @@ def test_a_query_against_an_index_array_that_is_a_link_to_nothing_says_so(world,
     assert _one_error(capsys, "query") == (
         f"{cells}: unreadable index array (a symbolic link to nothing (or a loop of links))"
     )
+
+
+def test_a_path_key_starting_with_a_tilde_is_in_the_home_directory(world, tmp_path, monkeypatch, capsys):
+    """``run.out=~/runs/x`` (the shell does not expand ``~`` after ``key=``) or ``out: ~/runs/x`` in a YAML config
+    made a directory literally called ``~`` in the working directory, which ``rm -rf ~`` then takes for the home
+    directory; ``data.queries=~/q.jsonl`` was "no such file". A path key's leading ``~`` is the home directory."""
+    import shutil
+
+    from jaxinf import config as cfg
+
+    home, work = tmp_path / "home", tmp_path / "work"
+    home.mkdir()
+    work.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(work)
+    shutil.copy(world["queries"], home / "q.jsonl")
+    (tmp_path / "c.yaml").write_text("run:\n  out: ~/runs/y\ndata:\n  queries: ~/q.jsonl\n")
+    config = cfg.load(tmp_path / "c.yaml", ["model.checkpoint=~/model", "data.documents=~/d/*.jsonl"])
+    assert (config.run.out, config.data.queries) == (f"{home}/runs/y", f"{home}/q.jsonl")
+    assert (config.model.checkpoint, config.data.documents) == (f"{home}/model", f"{home}/d/*.jsonl")
+    argv = ["-q", "run", *overrides(world, Path("~/runs/x"), **{"data.queries": "~/q.jsonl"}), "data.batch_size=8"]
+    assert cli.main(argv) == 0
+    assert (home / "runs" / "x" / "scores.npy").is_file() and os.listdir(work) == []
