@@ -68,9 +68,17 @@ def hold_lock(path: Path) -> int | None:
     (closing it releases the lock), or None while another process holds it. The lock is the kernel's, released
     however its holder ends (SIGKILL, OOM), so a file left behind is no obstacle. A lock file removed or replaced
     while this process waited for it is opened again, so its holder may remove it when done (:func:`drop_lock`).
-    Raises the ``OSError`` of ``open`` as it is, and :class:`LockFailed` when ``flock`` cannot lock at all."""
-    while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    Raises the ``OSError`` of ``open`` as it is, and :class:`LockFailed` when ``flock`` cannot lock at all or
+    ``path`` is a symbolic link (never followed)."""
+    while True:  # O_NOFOLLOW: a link planted at the path would have this process truncate its target (ELOOP)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        except OSError as e:
+            if e.errno != errno.ELOOP:
+                raise
+            raise LockFailed(
+                e.errno, "a symbolic link where the lock file belongs, never followed: remove it", str(path)
+            ) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:

@@ -1799,3 +1799,30 @@ def test_a_path_key_starting_with_a_tilde_is_in_the_home_directory(world, tmp_pa
     argv = ["-q", "run", *overrides(world, Path("~/runs/x"), **{"data.queries": "~/q.jsonl"}), "data.batch_size=8"]
     assert cli.main(argv) == 0
     assert (home / "runs" / "x" / "scores.npy").is_file() and os.listdir(work) == []
+
+
+def test_a_lock_file_that_is_a_symbolic_link_is_never_followed(finished, tmp_path, capsys):
+    """A symbolic link planted where a lock file belongs (``RUN/.jaxinf.lock``, or ``.OUT.prepare-lock`` in a shared
+    directory) was followed: the process wrote its host and pid over the link's target (any file it may write,
+    truncated). The link is never followed: one line naming it, the target untouched."""
+    import shutil
+
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious\n")
+    run = tmp_path / "run"
+    shutil.copytree(finished, run)
+    (run / ".jaxinf.lock").unlink(missing_ok=True)
+    (run / ".jaxinf.lock").symlink_to(victim)
+    capsys.readouterr()
+    assert cli.main(["-q", "analyze", str(run)]) == 2
+    assert _one_error(capsys, "analyze") == (
+        f"{run / '.jaxinf.lock'}: cannot lock the run directory (a symbolic link where the lock file belongs, never "
+        "followed: remove it)"
+    )
+    docs, shared = tmp_path / "docs.jsonl", tmp_path / "shared"
+    docs.write_text('{"id": "a", "text": "one two"}\n')
+    shared.mkdir()
+    (shared / ".ds.prepare-lock").symlink_to(victim)
+    assert cli.main(["-q", "prepare", str(docs), str(shared / "ds")]) == 2
+    assert _one_error(capsys, "prepare").startswith(f"{shared / '.ds.prepare-lock'}: cannot create the dataset ")
+    assert victim.read_text() == "precious\n" and not (shared / "ds").exists()

@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from jaxinf.atomic import building_dir, file_sha256
+from jaxinf.atomic import LockFailed, building_dir, file_sha256
 from jaxinf.data.documents import ReadReport, iter_documents, iter_jsonl_documents
 from jaxinf.data.errors import DataError
 from jaxinf.data.shard_files import shard_format
@@ -243,7 +243,10 @@ def prepare(
         except OSError as e:
             if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM):
                 raise  # the machine refused a write: one line, exit 3 (jaxinf.cli)
-            raise DataError(f"{out}: cannot create the dataset directory ({e.strerror}); nothing was written") from None
+            where = e.filename if isinstance(e, LockFailed) else out  # the lock file beside OUT
+            raise DataError(
+                f"{where}: cannot create the dataset directory ({e.strerror}); nothing was written"
+            ) from None
         return _prepare_into(tmp, out, input_path, p, one_jsonl, text_field, id_field, source_field)
 
 
