@@ -191,12 +191,33 @@ def validate_command(args) -> int:
     return 0
 
 
+def prepare_command(args) -> int:
+    """``jaxinf prepare`` (:func:`jaxinf.data.cli.prepare_command`), refused first when OUT_DIR lies inside a jaxinf
+    run directory (its ``state/``, say), as every other command's output is: the run's ``--overwrite`` would
+    delete the dataset, and the data layer knows nothing of run directories."""
+    from jaxinf.data.cli import prepare_command as prepare
+    from jaxinf.run import rundir
+
+    rundir.refuse_inside_run(Path(args.out_dir), "OUT_DIR", output=True)
+    return prepare(args)
+
+
+MAX_DEMO_SEEDS = 100
+"""The most training seeds ``jaxinf demo --seeds`` takes: each is a model trained, completing its queries and scored
+(a few minutes on 2 CPU cores, and a run directory, each), so a hundred is hours already and more is a typo."""
+
+
 def demo_command(args) -> int:
     from jaxinf import config as cfg
     from jaxinf import demo
 
     if args.seeds < 1:  # before the output directory is claimed: nothing is written
         raise cfg.ConfigError(f"--seeds {args.seeds}: must be at least 1 (the demo trains one model a seed)")
+    if args.seeds > MAX_DEMO_SEEDS:  # 10^11 seeds was accepted: a run directory written for seed after seed, for ever
+        raise cfg.ConfigError(
+            f"--seeds {args.seeds}: at most {MAX_DEMO_SEEDS} (each seed trains, completes and scores its own model: "
+            "a few minutes and a run directory a seed); nothing was written"
+        )
     enable_compilation_cache()
     demo.main(args.out, seeds=args.seeds)
     return 0
@@ -327,7 +348,8 @@ def main(argv: list[str] | None = None) -> int:
         type=int,
         default=1,
         help="train a model for each of the training seeds 0..N-1 on the same corpus (seed k > 0 in OUT/seed-k) and "
-        "write the findings' verdicts across them to OUT/seeds.json, OUT/seeds.md and seed 0's report (default 1)",
+        "write the findings' verdicts across them to OUT/seeds.json, OUT/seeds.md and seed 0's report (default 1, "
+        f"at most {MAX_DEMO_SEEDS}: a few minutes a seed)",
     )
     demo.set_defaults(handler=demo_command)
 
@@ -358,7 +380,7 @@ def main(argv: list[str] | None = None) -> int:
             help=f"the field holding each document's {name} (data.{name}_field; default {name})",
         )
     prep.add_argument("out_dir", metavar="OUT_DIR", help="the dataset directory to write (must not exist or be empty)")
-    prep.set_defaults(handler="jaxinf.data.cli:prepare_command")
+    prep.set_defaults(handler=prepare_command)
 
     from jaxinf.interop.cli import add_parsers
 

@@ -12,6 +12,8 @@ subclass (``DataError``, ``StoreError``, ...), so an error says where it comes f
 
 from __future__ import annotations
 
+import os
+
 
 class JaxinfError(Exception):
     """Every error jaxinf raises on purpose."""
@@ -29,3 +31,11 @@ class EnvironmentFailure(JaxinfError, RuntimeError):
     """The machine refuses what a run needs (no space left, a read-only or unwritable run directory): exit 3."""
 
     exit_code = 3
+
+
+def missing(path: str | os.PathLike, absent: str = "file is missing") -> str:
+    """Why ``path``, which does not exist as far as ``Path.exists`` can tell, cannot be read, in a few words: a
+    symbolic link to nothing (a target moved or a volume not mounted) or a loop of links is named as such, so that
+    the user does not look for a file that is there; anything else is ``absent``. The one wording of every message
+    about a file that cannot be found."""
+    return "a symbolic link to nothing (or a loop of links)" if os.path.islink(path) else absent

@@ -17,9 +17,10 @@ def fault_point(where: str, step: int) -> None:
     (:func:`jaxinf.engine.loop.run_batches`; before any save it triggers; the exports'
     pass is ``breakdowns``), ``exports:1`` half-way through writing the exports,
     ``<stage>:before-manifest:<step>`` after Orbax has
-    committed a step but before its manifest is written, and ``overwrite:0``
+    committed a step but before its manifest is written, ``overwrite:0``
     after a run started with ``--overwrite`` has finished but before the old run
-    is deleted.
+    is deleted, and ``prepare:0`` once ``jaxinf prepare`` has written the dataset
+    in its temporary directory, before it is renamed into place.
     """
     point = os.environ.get("JAXINF_FAULT")
     if point == f"{where}:{step}":

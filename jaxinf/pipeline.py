@@ -42,10 +42,10 @@ from jaxinf.run import checks, factors_from, failures, fingerprint, index_run, p
 from jaxinf.run.executor import Executor, make_executor
 from jaxinf.run.exports.stage import export
 from jaxinf.run.inputs import Inputs, load_inputs, non_finite_loss, text_source
-from jaxinf.run.lock import RunLock
+from jaxinf.run.lock import RunLock, claim_run
 from jaxinf.run.rundir import StoreError
 from jaxinf.run.saved import SavedChunks, SavedState, batch_plan_key
-from jaxinf.run.store import RunStore, check_writable
+from jaxinf.run.store import RunStore
 from jaxinf.sharding.meshes import barrier, check_agreement, initialize
 
 log = logging.getLogger("jaxinf")
@@ -371,6 +371,17 @@ def analysis_stage(store: RunStore, inputs: Inputs) -> None:
 # --------------------------------------------------------------------------- the run
 
 
+def refuse_unfinished_import(store: RunStore) -> None:
+    """A run whose ``jaxinf kronfluence import`` was killed part-way (its record's ``imported`` not complete) is
+    refused: run on, it fitted the stages the import had not saved yet itself, a curvature half kronfluence's."""
+    imported = store.record.get("imported") or {}
+    if imported.get("complete") is False:
+        raise StoreError(
+            f"{store.root}: the import of {imported.get('from')} into it was interrupted; run the same jaxinf "
+            "kronfluence import again to finish it (or start over with --overwrite)"
+        )
+
+
 def _open_store(config: cfg.Config, overwrite: bool) -> RunStore:
     """The run directory; with several processes, process 0 creates (or overwrites) it before the others open it."""
     if jax.process_count() == 1:
@@ -412,17 +423,7 @@ def _claim(config: cfg.Config, overwrite: bool) -> tuple[RunLock | None, rundir.
     the start fails (:class:`jaxinf.run.rundir.Fresh`)."""
     if jax.process_index() != 0:
         return None, None
-    root = Path(config.run.out)
-    check_writable(root)
-    rundir.check_target(root, overwrite)
-    fresh = rundir.Fresh(root, created=not root.exists()) if rundir.is_fresh(root) else None
-    lock = RunLock(root).acquire()
-    try:
-        rundir.recover_interrupted(root)
-        return lock, ((rundir.set_aside(root) if overwrite else None) or fresh)  # Fresh: undone if the start fails
-    except BaseException:
-        lock.release()
-        raise
+    return claim_run(Path(config.run.out), overwrite)  # Fresh: undone if the start fails
 
 
 def _run_locked(config: cfg.Config, executor: Executor, claimed: rundir.Aside | rundir.Fresh | None, queries) -> Path:
@@ -431,6 +432,7 @@ def _run_locked(config: cfg.Config, executor: Executor, claimed: rundir.Aside | 
     try:
         try:
             store = _open_store(config, overwrite=False)
+            refuse_unfinished_import(store)
             log.info(
                 "run directory %s (config fingerprint %s, host heap %s)",
                 store.root,

@@ -835,6 +835,21 @@ def test_demo_refuses_fewer_than_one_seed_in_one_line(tmp_path, capsys):
     assert not (tmp_path / "demo").exists()
 
 
+def test_demo_refuses_an_absurd_number_of_seeds_in_one_line(tmp_path, capsys):
+    """``jaxinf demo --seeds 99999999999`` was accepted: it wrote the corpus and trained seed after seed, a run
+    directory each, for ever. More than :data:`jaxinf.cli.MAX_DEMO_SEEDS` is refused before anything is written,
+    and ``--help`` states the bound."""
+    assert cli.main(["-q", "demo", "--seeds", "99999999999", "--out", str(tmp_path / "demo")]) == 2
+    assert _one_error(capsys, "demo", alone=True) == (
+        f"--seeds 99999999999: at most {cli.MAX_DEMO_SEEDS} (each seed trains, completes and scores its own model: "
+        "a few minutes and a run directory a seed); nothing was written"
+    )
+    assert not (tmp_path / "demo").exists()
+    with pytest.raises(SystemExit):
+        cli.main(["demo", "--help"])
+    assert f"at most {cli.MAX_DEMO_SEEDS}" in " ".join(capsys.readouterr().out.split())
+
+
 @pytest.mark.parametrize("content", ["{", '{"seeds": 3}', "[]"])
 def test_analyze_with_a_damaged_seed_table_is_one_line(finished, tmp_path, capsys, content):
     """A run's ``seeds.json`` (``jaxinf demo --seeds N``) cut short or rewritten: one line naming it, exit 2."""
@@ -1301,8 +1316,8 @@ def test_prepare_into_an_output_filled_meanwhile_or_a_link_to_an_empty_directory
 @pytest.mark.parametrize(
     "name, content, message",
     [
-        ("scores.npy", b"zz\n", "scores.npy: not a readable .npy file ("),
-        ("scores.npy", "cut", "scores.npy: not a readable .npy file (Failed to read all data"),
+        ("scores.npy", b"zz\n", "scores.npy: not a numpy array file (no .npy header)"),
+        ("scores.npy", "cut", "scores.npy: cut short (150 bytes, its header describes "),
         ("queries.jsonl", b"{\n", "queries.jsonl line 1: invalid JSON"),
         ("queries.jsonl", "loss", "queries.jsonl line 1: field loss must be a positive finite number of nats"),
     ],
@@ -1388,3 +1403,426 @@ def test_a_run_read_as_an_input_with_its_record_damaged_does_not_offer_overwrite
     assert message.endswith("is too (JSONDecodeError); the run cannot be read"), message
     assert cli.main(["-q", "run", *argv, f"run.out={run}"]) == 2
     assert f"--overwrite would delete everything in {run}: " in _one_error(capsys, "run")
+
+
+@pytest.mark.parametrize("name", ["model.safetensors", "config.json", "tokenizer.json", "queries"])
+def test_an_input_that_is_a_link_to_nothing_is_named_as_such(world, tmp_path, capsys, name):
+    """A checkpoint's ``model.safetensors`` that is a symbolic link to nothing (a moved blob of a Hugging Face cache,
+    a volume not mounted) was "cannot be read (No such file or directory)", and the user looked for a file that was
+    there; so are ``config.json``, ``tokenizer.json`` and a queries file. Nothing is created."""
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(world["model"], model)
+    queries = tmp_path / "queries.jsonl"
+    target = queries if name == "queries" else model / name
+    target.unlink(missing_ok=True)
+    target.symlink_to(tmp_path / "unmounted" / name)
+    mine = {**world, "model": model, "queries": queries if name == "queries" else world["queries"]}
+    assert cli.main(["-q", "run", *overrides(mine, tmp_path / "out")]) == 2
+    message = _one_error(capsys, "run")
+    assert "a symbolic link to nothing (or a loop of links)" in message and str(target) in message, message
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    "command, name, content, message",
+    [
+        ("analyze", "scores.npy", "random", "scores.npy: not a numpy array file (no .npy header)"),
+        ("analyze", "layer_scores.npy", "random", "layer_scores.npy: not a numpy array file (no .npy header)"),
+        (
+            "analyze",
+            "layer_scores.npy",
+            "objects",
+            "layer_scores.npy: holds Python objects, not numbers (a pickle, which jaxinf never loads)",
+        ),
+        ("analyze", "scores.npy", "objects", "scores.npy: holds Python objects, not numbers (a pickle, which"),
+    ],
+)
+def test_a_garbage_or_pickled_npy_file_is_named_without_numpys_words(
+    finished, tmp_path, capsys, command, name, content, message
+):
+    """A ``.npy`` export replaced by random bytes or by a pickled object array was one line carrying numpy's own
+    words ("This file contains pickled (object) data. If you trust the file you can load it unsafely using the
+    `allow_pickle=` keyword argument"): an invitation to unpickle a file jaxinf never writes. It says which file
+    and that it is not a numpy array file (or holds objects), through the one reader
+    (:func:`jaxinf.atomic.load_npy`)."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(finished, run)
+    if content == "random":
+        (run / name).write_bytes(np.random.default_rng(0).bytes(500))
+    else:
+        np.save(run / name, np.array([[{"a": 1}]], dtype=object), allow_pickle=True)
+    capsys.readouterr()
+    assert cli.main(["-q", command, str(run)]) == 2
+    got = _one_error(capsys, command)
+    assert got.startswith(message), got
+    assert "pickle=" not in got and "pickled" not in got and "magic" not in got
+
+
+@pytest.mark.parametrize("content", ["random", "objects", "cut short", "empty"])
+def test_the_one_reader_of_numpy_files_names_each_damage(tmp_path, content):
+    """:func:`jaxinf.atomic.load_npy` and :func:`~jaxinf.atomic.load_npz` (every ``.npy``/``.npz`` a user could
+    have changed: exports, the index, validate's work files, the token-count cache) refuse each damage in one line
+    naming the file, never in numpy's words; a whole file reads as ``np.load`` reads it."""
+    from jaxinf.atomic import ArrayFileError, load_npy, load_npz
+    from jaxinf.interop import compare
+    from jaxinf.interop.kronfluence import InteropError
+
+    whole = np.arange(100.0)
+    np.save(tmp_path / "a.npy", whole)
+    np.savez(tmp_path / "a.npz", x=whole, y=np.ones(3, np.int64))
+    assert np.array_equal(load_npy(tmp_path / "a.npy"), whole)
+    assert np.array_equal(load_npy(tmp_path / "a.npy", mmap_mode="r"), whole)
+    assert set(load_npz(tmp_path / "a.npz")) == {"x", "y"}
+    for suffix in ("npy", "npz"):
+        path = tmp_path / f"bad.{suffix}"
+        if content == "random":
+            path.write_bytes(np.random.default_rng(0).bytes(300))
+        elif content == "objects":
+            if suffix == "npy":
+                np.save(path, np.array([None, 1], dtype=object), allow_pickle=True)
+            else:
+                np.savez(path, x=np.array([None], dtype=object))
+        elif content == "cut short":
+            path.write_bytes((tmp_path / f"a.{suffix}").read_bytes()[:300])
+        else:
+            path.write_bytes(b"")
+        with pytest.raises(ArrayFileError) as e:
+            (load_npy if suffix == "npy" else load_npz)(path)
+        text = str(e.value)
+        assert text.startswith(f"{path}") and "\n" not in text and "pickle=" not in text and "magic" not in text, text
+        if content == "objects":
+            assert "holds Python objects, not numbers" in text
+        if suffix == "npy":  # jaxinf compare's reader of a run's scores.npy
+            with pytest.raises(InteropError, match=f"^{path}: "):
+                compare._load_npy(path)
+
+
+def test_analyze_and_kronfluence_read_the_copy_of_a_damaged_run_json(world, finished, tmp_path, capsys):
+    """``jaxinf analyze RUN`` on a run whose run.json was cut short (its copy state/run.json intact) was "run.json:
+    invalid JSON", ``jaxinf kronfluence export RUN`` "unreadable run record", where ``jaxinf run`` and ``jaxinf
+    query`` read the copy: both read the record through the one reader (``rundir.read_record``), the report as it
+    was (its document texts, found through the record's config) and the factors whole."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(finished, run)
+    (run / "summary.json").unlink()
+    (run / "run.json").write_text("{\n")
+    capsys.readouterr()
+    assert cli.main(["-q", "analyze", str(run)]) == 0
+    assert "restored from its copy" in capsys.readouterr().err
+    assert (
+        json.loads((run / "summary.json").read_text())["notes"]
+        == json.loads((finished / "summary.json").read_text())["notes"]
+    )
+    assert cli.main(["-q", "kronfluence", "export", str(run), str(tmp_path / "factors")]) == 0
+    assert cli.main(["-q", "kronfluence", "export", str(finished), str(tmp_path / "intact")]) == 0
+    made = sorted(p.name for p in (tmp_path / "factors").iterdir())
+    assert "lambda_matrix.safetensors" in made and made == sorted(p.name for p in (tmp_path / "intact").iterdir())
+    from safetensors.numpy import load_file
+
+    for name in (n for n in made if n.endswith(".safetensors")):
+        got, want = load_file(str(tmp_path / "factors" / name)), load_file(str(tmp_path / "intact" / name))
+        assert got.keys() == want.keys() and all(np.array_equal(got[k], want[k]) for k in got), name
+
+
+def test_kronfluence_import_holds_the_runs_lock_and_leaves_nothing_when_refused(
+    world, finished, tmp_path, capsys, monkeypatch
+):
+    """``jaxinf kronfluence import`` wrote the curvature into ``run.out`` without its lock, while a ``jaxinf run`` of
+    the same directory could be writing it: it claims the directory as ``jaxinf run`` does
+    (:func:`jaxinf.run.lock.claim_run`): refused in one line naming the holder while another process holds it,
+    and a failure leaves a new directory as it was (nothing)."""
+    from jaxinf.run.lock import RunLock
+
+    factors, out = tmp_path / "factors", tmp_path / "out"
+    assert cli.main(["-q", "kronfluence", "export", str(finished), str(factors)]) == 0
+    argv = ["-q", "kronfluence", "import", str(factors), *overrides(world, out, **{"factors.fisher": "empirical"})]
+    out.mkdir()
+    with RunLock(out):  # another jaxinf process writing it
+        capsys.readouterr()
+        assert cli.main(argv) == 2
+        assert _one_error(capsys, "kronfluence").startswith(f"{out}: in use by another jaxinf process (host ")
+        assert sorted(p.name for p in out.iterdir()) == [".jaxinf.lock"]
+    (out / ".jaxinf.lock").unlink()
+    import errno
+
+    from jaxinf.interop import transfer
+
+    def full(store, *args):
+        store.mark("covariance", "done")  # run.json written, then the disk is full
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with monkeypatch.context() as m:
+        m.setattr(transfer, "_write_imported", full)
+        assert cli.main(argv) == 3
+    assert list(out.iterdir()) == []  # the empty directory it found, as it was
+    assert cli.main(argv) == 0
+    assert json.loads((out / "run.json").read_text())["stages"]["lambda"]["status"] == "done"
+    assert (out / ".jaxinf.lock").exists()  # it held the lock while it wrote
+
+
+def test_a_killed_prepare_leaves_nothing_the_next_one_keeps_and_never_takes_a_live_ones(tmp_path):
+    """A SIGKILLed ``jaxinf prepare DOCS OUT`` left ``.OUT.prepare-XXXXXXXX`` (the whole dataset, unfinished) beside
+    OUT for ever, unmentioned. Each prepare of OUT holds a lock beside it (:func:`jaxinf.atomic.building_dir`): the
+    next prepare removes what a killed one left, saying so; a prepare of OUT that is still writing (here stopped,
+    SIGSTOP, holding its lock) is never touched: a second one is refused naming it."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from pipeline_support import env, jaxinf
+
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text('{"id": "a", "text": "one two"}\n{"id": "b", "text": "three"}\n')
+    out = tmp_path / "ds"
+    environment = env(tmp_path / "cache")
+    r = jaxinf(["prepare", docs, out], {**environment, "JAXINF_FAULT": "prepare:0"})
+    assert r.returncode == -signal.SIGKILL, r.stderr
+    left = [p.name for p in tmp_path.iterdir() if p.name.startswith(".ds.prepare-")]
+    assert len(left) == 2 and ".ds.prepare-lock" in left and not out.exists()  # what the kill leaves
+    other = tmp_path / ".ds.prepare-x"  # an OUT named ds.prepare-x is not ds's
+    other.mkdir()
+    r = jaxinf(["prepare", docs, out], environment)
+    assert r.returncode == 0, r.stderr
+    (temp,) = (name for name in left if name != ".ds.prepare-lock")
+    assert f"removed a temporary directory left by a process killed while it wrote ({temp})" in r.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".ds.prepare-x", "docs.jsonl", "ds"]
+    # a prepare still writing (stopped with its lock held) is left alone; the second is refused in one line
+    live = subprocess.Popen(
+        [sys.executable, "-m", "jaxinf", "prepare", str(docs), str(tmp_path / "ds2")],
+        env={**environment, "JAXINF_FAULT": "prepare:0:stop"},
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        for _ in range(600):
+            status = open(f"/proc/{live.pid}/stat").read().rsplit(")", 1)[1].split()[0]
+            if status == "T":
+                break
+            time.sleep(0.1)
+        before = sorted(p.name for p in tmp_path.iterdir())
+        r = jaxinf(["prepare", docs, tmp_path / "ds2"], environment)
+        assert r.returncode == 2
+        assert r.stderr.strip().startswith(
+            f"jaxinf prepare: error: {tmp_path / 'ds2'}: being prepared by another jaxinf prepare (host "
+        ), r.stderr
+        assert f"pid {live.pid})" in r.stderr
+        assert sorted(p.name for p in tmp_path.iterdir()) == before
+    finally:
+        live.kill()
+        live.wait()
+    r = jaxinf(["prepare", docs, tmp_path / "ds2"], environment)
+    assert r.returncode == 0 and "removed a temporary directory" in r.stderr, r.stderr
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".ds2.")]
+
+
+def test_analyze_of_a_run_in_use_does_not_say_to_choose_another_run_out(finished, tmp_path, capsys):
+    """``jaxinf analyze RUN`` while ``jaxinf run`` writes RUN said "... or choose another run.out": analyze has no
+    run.out, and another directory is not the run the user wants analysed; it says to wait for the writer."""
+    import shutil
+
+    from jaxinf.run.lock import RunLock
+
+    run = tmp_path / "run"
+    shutil.copytree(finished, run)
+    before = (run / "summary.json").read_bytes()
+    with RunLock(run):
+        capsys.readouterr()
+        assert cli.main(["-q", "analyze", str(run)]) == 2
+        message = _one_error(capsys, "analyze")
+    assert message.startswith(f"{run}: in use by another jaxinf process (host ") and message.endswith(
+        "); wait for it to finish or stop it"
+    ), message
+    assert (run / "summary.json").read_bytes() == before
+
+
+@pytest.mark.parametrize(
+    "setting, message",
+    [
+        ("validate.strategies=[ekfac,kfac,ekfac]", "validate.strategies: ekfac is listed twice"),
+        ("validate.dampings=[null,0.1,null]", "validate.dampings: null is listed twice"),
+        ("validate.dampings=[1,1.0]", "validate.dampings: 1.0 is listed twice"),
+        ("validate.recall_k=[5,5]", "validate.recall_k: 5 is listed twice"),
+    ],
+)
+def test_validate_refuses_a_list_that_names_an_entry_twice(tmp_path, capsys, setting, message):
+    """``validate.strategies=[identity,identity]`` (or a damping, a Recall@k listed twice) was accepted and silently
+    collapsed (validation.json and the report keyed by it show it once): a typo for another entry went unnoticed
+    after the whole validation. Refused before anything is written."""
+    assert cli.main(["-q", "validate", "--out", str(tmp_path / "v"), setting]) == 2
+    assert _one_error(capsys, "validate").startswith(f"command line: {message}, got ")
+    assert not (tmp_path / "v").exists()
+
+
+def test_prepare_into_a_run_directory_is_refused(finished, tmp_path, capsys):
+    """``jaxinf prepare DOCS RUN/state/ds`` wrote the dataset inside a run directory, where every other command
+    refuses its output (the run's ``--overwrite`` deletes what is there); refused in one line, nothing written."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(finished, run)
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text('{"id": "a", "text": "one two"}\n')
+    before = sorted(p.name for p in (run / "state").iterdir())
+    assert cli.main(["-q", "prepare", str(docs), str(run / "state" / "ds")]) == 2
+    assert _one_error(capsys, "prepare", alone=True) == (
+        f"{run / 'state' / 'ds'}: is inside the jaxinf run directory {run}; choose a OUT_DIR outside it"
+    )
+    assert sorted(p.name for p in (run / "state").iterdir()) == before
+
+
+def test_compare_with_a_file_for_its_kronfluence_directory_says_it_is_a_file(finished, tmp_path, capsys):
+    """``jaxinf compare --kronfluence FILE`` said "no such kronfluence directory" of a file that exists."""
+    (tmp_path / "scores.safetensors").write_bytes(b"x")
+    argv = ["-q", "compare", "--kronfluence", str(tmp_path / "scores.safetensors"), "--run", str(finished)]
+    assert cli.main(argv) == 2
+    assert _one_error(capsys, "compare") == f"{tmp_path / 'scores.safetensors'}: a file, not a kronfluence directory"
+
+
+def test_what_a_killed_analysis_left_in_the_run_directory_is_removed_by_the_next(finished, tmp_path, capsys):
+    """An analysis killed while it wrote the report left ``RUN/.report-XXXXXXXX`` (the report half-built) or, killed
+    between its two renames, ``RUN/.report-old-PID`` (the previous report) in the run directory for ever. The next
+    analysis of the run removes both, saying so; the report is whole."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(finished, run)
+    for name in (".report-k1ll3d_x", ".report-old-99999"):
+        (run / name).mkdir()
+        (run / name / "index.html").write_text("<html>half")
+    shutil.rmtree(run / "report")
+    (run / "report").write_text("a file where the report belongs\n")  # replaced, and not left as .report-old-PID
+    capsys.readouterr()
+    assert cli.main(["-q", "analyze", str(run)]) == 0
+    assert "removed a temporary directory left by a process killed while it wrote (.report-k1ll3d_x)" in (
+        capsys.readouterr().err
+    )
+    assert not [p.name for p in run.iterdir() if p.name.startswith(".report")]
+    assert (run / "report" / "index.html").read_text().endswith("</html>\n")
+
+
+def test_a_killed_kronfluence_import_is_finished_by_the_same_import_and_refused_by_run(
+    world, finished, tmp_path, capsys
+):
+    """``jaxinf kronfluence import`` SIGKILLed between two stages left a run whose covariance was kronfluence's and
+    whose eigendecomposition and Lambda were pending: ``jaxinf run`` then fitted those itself (a curvature half
+    kronfluence's, without a word) and the same import again was refused ("the run already has results"). The
+    record says the import is unfinished until it is whole: run refuses it, the same import finishes it."""
+    import signal
+
+    from pipeline_support import env, jaxinf
+
+    factors, out = tmp_path / "factors", tmp_path / "out"
+    assert cli.main(["-q", "kronfluence", "export", str(finished), str(factors)]) == 0
+    argv = ["kronfluence", "import", factors, *overrides(world, out, **{"factors.fisher": "empirical"})]
+    environment = env(tmp_path / "cache")
+    r = jaxinf(argv, {**environment, "JAXINF_FAULT": "eigen:before-manifest:0"})
+    assert r.returncode == -signal.SIGKILL, r.stderr
+    record = json.loads((out / "run.json").read_text())
+    assert record["stages"]["covariance"]["status"] == "done" and record["stages"]["lambda"]["status"] == "pending"
+    capsys.readouterr()
+    assert cli.main(["-q", "run", *overrides(world, out, **{"factors.fisher": "empirical"})]) == 2
+    assert _one_error(capsys, "run") == (
+        f"{out}: the import of kronfluence {factors.resolve()} into it was interrupted; run the same jaxinf "
+        "kronfluence import again to finish it (or start over with --overwrite)"
+    )
+    assert json.loads((out / "run.json").read_text()) == record  # refused, nothing fitted
+    r = jaxinf(argv, environment)
+    assert r.returncode == 0, r.stderr
+    record = json.loads((out / "run.json").read_text())
+    assert record["imported"]["complete"] is True
+    assert all(record["stages"][s]["source"].startswith("kronfluence ") for s in ("covariance", "eigen", "lambda"))
+
+
+def test_a_stage_directory_made_a_file_is_recomputed(world, finished, tmp_path, caplog):
+    """``RUN/state/eigen`` replaced by a file stopped a rerun with "state/eigen/0/jaxinf_manifest.json: not a
+    directory" (a path that is nowhere): it is a damaged checkpoint, recomputed as a missing one is, to the same
+    scores."""
+    import shutil
+
+    from jaxinf import config as cfg
+    from jaxinf import pipeline
+
+    run = tmp_path / "run"
+    shutil.copytree(finished, run)
+    shutil.rmtree(run / "state" / "eigen")
+    (run / "state" / "eigen").write_text("x\n")
+    (run / "scores.npy").unlink()
+    with caplog.at_level(logging.WARNING, logger="jaxinf"):
+        pipeline.run(cfg.load(None, overrides(world, run, **{"data.batch_size": 8, "factors.fisher": "empirical"})))
+    assert "incomplete checkpoint (no jaxinf_manifest.json): stage eigen will be recomputed" in caplog.text
+    assert (run / "state" / "eigen").is_dir()
+    assert np.array_equal(np.load(run / "scores.npy"), np.load(finished / "scores.npy"))
+
+
+def test_a_query_against_an_index_array_that_is_a_link_to_nothing_says_so(world, indexed, tmp_path, capsys):
+    """An index array (``state/index/cells.npy``) that is a symbolic link to nothing was "unreadable index array (No
+    such file or directory)"; it is named as a link to nothing (:func:`jaxinf.errors.missing`)."""
+    import shutil
+
+    src, _ = indexed
+    run = tmp_path / "run"
+    shutil.copytree(src, run)
+    cells = run / "state" / "index" / "cells.npy"
+    cells.unlink()
+    cells.symlink_to(tmp_path / "unmounted" / "cells.npy")
+    capsys.readouterr()
+    assert cli.main(["-q", "query", str(run), str(world["queries"]), "--out", str(tmp_path / "q")]) == 2
+    assert _one_error(capsys, "query") == (
+        f"{cells}: unreadable index array (a symbolic link to nothing (or a loop of links))"
+    )
+
+
+def test_a_path_key_starting_with_a_tilde_is_in_the_home_directory(world, tmp_path, monkeypatch, capsys):
+    """``run.out=~/runs/x`` (the shell does not expand ``~`` after ``key=``) or ``out: ~/runs/x`` in a YAML config
+    made a directory literally called ``~`` in the working directory, which ``rm -rf ~`` then takes for the home
+    directory; ``data.queries=~/q.jsonl`` was "no such file". A path key's leading ``~`` is the home directory."""
+    import shutil
+
+    from jaxinf import config as cfg
+
+    home, work = tmp_path / "home", tmp_path / "work"
+    home.mkdir()
+    work.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(work)
+    shutil.copy(world["queries"], home / "q.jsonl")
+    (tmp_path / "c.yaml").write_text("run:\n  out: ~/runs/y\ndata:\n  queries: ~/q.jsonl\n")
+    config = cfg.load(tmp_path / "c.yaml", ["model.checkpoint=~/model", "data.documents=~/d/*.jsonl"])
+    assert (config.run.out, config.data.queries) == (f"{home}/runs/y", f"{home}/q.jsonl")
+    assert (config.model.checkpoint, config.data.documents) == (f"{home}/model", f"{home}/d/*.jsonl")
+    argv = ["-q", "run", *overrides(world, Path("~/runs/x"), **{"data.queries": "~/q.jsonl"}), "data.batch_size=8"]
+    assert cli.main(argv) == 0
+    assert (home / "runs" / "x" / "scores.npy").is_file() and os.listdir(work) == []
+
+
+def test_a_lock_file_that_is_a_symbolic_link_is_never_followed(finished, tmp_path, capsys):
+    """A symbolic link planted where a lock file belongs (``RUN/.jaxinf.lock``, or ``.OUT.prepare-lock`` in a shared
+    directory) was followed: the process wrote its host and pid over the link's target (any file it may write,
+    truncated). The link is never followed: one line naming it, the target untouched."""
+    import shutil
+
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious\n")
+    run = tmp_path / "run"
+    shutil.copytree(finished, run)
+    (run / ".jaxinf.lock").unlink(missing_ok=True)
+    (run / ".jaxinf.lock").symlink_to(victim)
+    capsys.readouterr()
+    assert cli.main(["-q", "analyze", str(run)]) == 2
+    assert _one_error(capsys, "analyze") == (
+        f"{run / '.jaxinf.lock'}: cannot lock the run directory (a symbolic link where the lock file belongs, never "
+        "followed: remove it)"
+    )
+    docs, shared = tmp_path / "docs.jsonl", tmp_path / "shared"
+    docs.write_text('{"id": "a", "text": "one two"}\n')
+    shared.mkdir()
+    (shared / ".ds.prepare-lock").symlink_to(victim)
+    assert cli.main(["-q", "prepare", str(docs), str(shared / "ds")]) == 2
+    assert _one_error(capsys, "prepare").startswith(f"{shared / '.ds.prepare-lock'}: cannot create the dataset ")
+    assert victim.read_text() == "precious\n" and not (shared / "ds").exists()

@@ -20,7 +20,7 @@ def analyze_command(args) -> int:
     root = Path(args.run_dir)
     refuse_inside_run(root, "RUN_DIR")
     ours = root.is_dir() and any((root / name).exists() for name in ("run.json", "scores.npy", LOCK_FILE))
-    lock = RunLock(root).acquire() if not args.from_release and ours else None
+    lock = RunLock(root, reader=True).acquire() if not args.from_release and ours else None
     try:
         return _analyze(args)
     finally:

@@ -46,8 +46,8 @@ from jaxinf.run.exports.formats import (
     read_documents,
     read_exported_queries,
     read_index_fidelity,
-    read_run_config,
-    read_run_cwd,
+    read_run_record,
+    run_cwd,
 )
 
 SUMMARY_VERSION = 1
@@ -167,7 +167,8 @@ def analyze(
     t_start = time.time()
     timings: dict[str, float] = {}
     queries, docs, scores = _validate(run_dir)
-    config = read_run_config(run_dir)
+    record = read_run_record(run_dir)  # run.json, or its copy state/run.json when it is damaged
+    config = record.get("config") or {}
     breakdowns = read_breakdowns(run_dir, queries, docs)
     Q, N = scores.shape
     notes: list[str] = _conversion_notes(run_dir)
@@ -188,7 +189,7 @@ def analyze(
 
     t = time.time()
     fetched = docs.fetch(_needed_documents(rows))
-    texts, text_origin = _texts(run_dir, config, fetched, text_source, notes)
+    texts, text_origin = _texts(run_dir, record, fetched, text_source, notes)
     timings["fetch_texts_s"] = time.time() - t
 
     t = time.time()
@@ -393,7 +394,8 @@ def _ids_text(ids, limit: int = 20) -> str:
     return s + (f", ... ({len(ids) - limit} more)" if len(ids) > limit else "")
 
 
-def _texts(run_dir, config, fetched, text_source, notes) -> tuple[dict[int, str], str]:
+def _texts(run_dir, record, fetched, text_source, notes) -> tuple[dict[int, str], str]:
+    config = record.get("config") or {}
     texts = {i: t for i, (_, t) in fetched.items() if t is not None}
     missing = [i for i in fetched if i not in texts]
     origin = "documents.jsonl"
@@ -403,10 +405,10 @@ def _texts(run_dir, config, fetched, text_source, notes) -> tuple[dict[int, str]
             path = (config.get("data") or {}).get("documents")
             if isinstance(path, str) and path:
                 p = Path(path)
-                started = read_run_cwd(run_dir)  # the run's own working directory, then the run's, then ours
+                started = run_cwd(record)  # the run's own working directory, then the run's, then ours
                 cands = [p] if p.is_absolute() else [*([started / p] if started else []), run_dir / p, Path.cwd() / p]
                 found = next((c for c in cands if c.is_file()), None)
-                changed = None if found is None else corpus_changed(found, run_dir, config.get("data") or {})
+                changed = None if found is None else corpus_changed(found, record, config.get("data") or {})
                 if changed is not None:
                     notes.append(f"run.json: config.data.documents: {changed}; document texts unavailable")
                 elif found is not None and found.suffix in (".jsonl", ".json"):
@@ -483,15 +485,20 @@ def _write_json_atomic(path: Path, obj) -> None:
 
 def _write_outputs(run_dir, summary, queries, rows, fetched, texts, docs, o) -> None:
     """Build report/ (the page, its figures and summary.md) in a fresh temporary directory, then swap it in for
-    the old one."""
+    the old one. One analysis of a run at a time builds (:func:`jaxinf.atomic.building_dir`), so what a killed one
+    left in the run directory (its temporary directory, or the old report it was replacing) is removed first."""
     from jaxinf.analysis import markdown, report  # matplotlib: only when a report is written
 
-    tmp = atomic.make_temp_dir(".report-", run_dir)
-    try:
+    def busy(holder: str) -> AnalysisError:
+        return AnalysisError(f"{run_dir}: its report is being written by another process ({holder}); wait for it")
+
+    with atomic.building_dir(".report-", run_dir, busy) as tmp:
         report.write_report(
             tmp, summary, queries=queries, rows=rows, fetched=fetched, texts=texts, documents=docs, options=o
         )
         (tmp / "summary.md").write_text(markdown.summary_markdown(summary), encoding="utf-8")
+        for stale in run_dir.glob(".report-old-*"):  # a killed swap's old report (report/ is rewritten below)
+            _remove(stale)
         final = run_dir / "report"
         old = None
         if final.exists():
@@ -499,7 +506,12 @@ def _write_outputs(run_dir, summary, queries, rows, fetched, texts, docs, o) -> 
             os.replace(final, old)
         os.replace(tmp, final)
         if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+            _remove(old)
+
+
+def _remove(path: Path) -> None:
+    """``path`` removed, a directory with its files or a file (``report`` made a file by hand), as far as it can."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)

@@ -46,20 +46,20 @@ def jsonl_text_source(path: Path) -> TextSource:
     return texts
 
 
-def corpus_changed(path: Path, run_dir: Path, data: Mapping) -> str | None:
-    """Why the corpus file ``path`` is not the one the run at ``run_dir`` scored, or None when it is.
+def corpus_changed(path: Path, record: Mapping, data: Mapping) -> str | None:
+    """Why the corpus file ``path`` is not the one the run of ``record`` (its run.json) scored, or None when it is.
 
-    The file is opened as the run opened it (``data``: run.json's ``config.data``) and its kept documents' digest
-    (:meth:`jaxinf.data.documents.JsonlDocuments.content_digest`) compared with run.json's
+    The file is opened as the run opened it (``data``: the record's ``config.data``) and its kept documents' digest
+    (:meth:`jaxinf.data.documents.JsonlDocuments.content_digest`) compared with the record's
     ``inputs.documents``; a run that recorded no content digest (a source read by name or listing) is not checked.
     """
     from jaxinf.data.errors import DataError
     from jaxinf.data.sources import open_documents
 
     try:
-        recorded = json.loads((Path(run_dir) / "run.json").read_text())["inputs"]["documents"]
+        recorded = record["inputs"]["documents"]
         count, digest = int(recorded["count"]), str(recorded["sha256"])
-    except (OSError, ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError):
         return None
     if recorded.get("kind") in ("name", "stat"):
         return None

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import math
+import os
 import types
 import typing
 from pathlib import Path
@@ -90,6 +91,19 @@ def _unknown(where: str, name: str, known: list[str]) -> ConfigError:
     return ConfigError(f"{where}: unknown key {name!r}{hint}")
 
 
+PATH_KEYS = {
+    ("model", "checkpoint"),
+    ("data", "documents"),
+    ("data", "queries"),
+    ("factors", "from_run"),
+    ("index", "from_run"),
+    ("run", "out"),
+}
+"""The keys that name a path: a leading ``~`` or ``~user`` is the home directory, as a shell expands it in an
+argument but not after ``key=`` (``run.out=~/runs/x`` made a directory called ``~`` in the working directory, which
+``rm -rf ~`` then takes for the home directory), nor in a YAML config."""
+
+
 def from_dict(raw: dict, source: str = "config") -> Config:
     """A validated :class:`Config` from nested dicts; errors name ``source`` and the key."""
     if raw is None:
@@ -114,6 +128,8 @@ def from_dict(raw: dict, source: str = "config") -> Config:
             kwargs[field] = _coerce(
                 value, hints[field], f"{source}: {section}.{name}", fields[field].metadata["choices"]
             )
+            if (section, field) in PATH_KEYS and isinstance(kwargs[field], str) and kwargs[field].startswith("~"):
+                kwargs[field] = os.path.expanduser(kwargs[field])
         sections[section] = _section_class(section)(**kwargs)
     config = Config(**sections)
     check_values(config, source)
@@ -239,6 +255,12 @@ def check_values(config: Config, source: str) -> None:
         raise ConfigError(
             f"{source}: validate.recall_k: expected a non-empty list of positive integers, got {v.recall_k}"
         )
+    for name in ("strategies", "dampings", "recall_k", "index_ks"):  # each a row or column of the report, keyed by it
+        values = list(getattr(v, name))
+        twice = [x for i, x in enumerate(values) if x in values[:i]]
+        if twice:
+            shown = "null" if twice[0] is None else twice[0]
+            raise ConfigError(f"{source}: validate.{name}: {shown} is listed twice, got {values}")
     k = config.index.k
     if isinstance(k, str) and k != "full" or isinstance(k, int) and k < 1:
         raise ConfigError(f"{source}: index.k: expected a positive integer, full or null, got {k!r}")

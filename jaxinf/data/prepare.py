@@ -24,18 +24,18 @@ import errno
 import io
 import json
 import os
-import shutil
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from jaxinf.atomic import file_sha256, make_temp_dir
+from jaxinf.atomic import LockFailed, building_dir, file_sha256
 from jaxinf.data.documents import ReadReport, iter_documents, iter_jsonl_documents
 from jaxinf.data.errors import DataError
 from jaxinf.data.shard_files import shard_format
 from jaxinf.data.sources import open_documents
 from jaxinf.data.tfds_documents import PREPARED_MARK
+from jaxinf.faults import fault_point
 
 BUILDER_NAME = "jaxinf_documents"
 DATASET_VERSION = "1.0.0"
@@ -228,40 +228,55 @@ def prepare(
         )
     if out.is_symlink():  # a link to an empty directory: the dataset goes there (a rename would replace the link)
         out = Path(os.path.realpath(out))
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = make_temp_dir(f".{out.name}.prepare-", out.parent)
-    except OSError as e:
-        if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM):
-            raise  # the machine refused a write: one line, exit 3 (jaxinf.cli)
-        raise DataError(f"{out}: cannot create the dataset directory ({e.strerror}); nothing was written") from None
-    try:
-        source = None
-        if not one_jsonl:
-            if p.is_dir() and (p / "dataset_info.json").is_file() and not (p / "state.json").is_file():
-                raise DataError(f"{input_path}: already a TFDS dataset; nothing to prepare")
-            source = open_documents(input_path, text_field=text_field, id_field=id_field, source_field=source_field)
-        builder = _builder_class()(
-            input_path=input_path, source=source, data_dir=str(tmp / "data"), file_format="array_record"
+
+    def busy(holder: str) -> DataError:
+        return DataError(
+            f"{out}: being prepared by another jaxinf prepare ({holder}); wait for it to finish or stop it, or "
+            "choose another OUT_DIR; nothing was written"
         )
-        # every reader open_documents returns has content_digest; DocumentSource (what batching needs) does not say so
-        builder._jaxinf_metadata["sha256"] = file_sha256(input_path) if source is None else source.content_digest()  # type: ignore[attr-defined]
-        with _quiet_tfds():
-            _write_train_split(builder)
-        built = Path(builder.data_dir)
-        # the SHA-256 of each record file, checked when the dataset is opened: a copy cut short or a flipped byte
-        # is named there, rather than read as null or other text (its records are not scanned when opened)
-        meta = json.loads((built / "metadata.json").read_text())
-        meta["files"] = {f.name: file_sha256(f) for f in sorted(built.glob("*.array_record*"))}
-        (built / "metadata.json").write_text(json.dumps(meta))
+
+    with contextlib.ExitStack() as stack:
         try:
-            os.rename(built, out)  # replaces an empty directory, never one another process has filled meanwhile
+            out.parent.mkdir(parents=True, exist_ok=True)
+            # one prepare of OUT at a time (a lock beside it); what a killed one left beside OUT is removed first
+            tmp = stack.enter_context(building_dir(f".{out.name}.prepare-", out.parent, busy))
         except OSError as e:
-            if e.errno not in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR):
-                raise
+            if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM):
+                raise  # the machine refused a write: one line, exit 3 (jaxinf.cli)
+            where = e.filename if isinstance(e, LockFailed) else out  # the lock file beside OUT
             raise DataError(
-                f"{out}: written by another process meanwhile (no longer empty); nothing was written"
+                f"{where}: cannot create the dataset directory ({e.strerror}); nothing was written"
             ) from None
-        return builder.read_report
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        return _prepare_into(tmp, out, input_path, p, one_jsonl, text_field, id_field, source_field)
+
+
+def _prepare_into(
+    tmp: Path, out: Path, input_path: str, p: Path, one_jsonl: bool, text_field: str, id_field: str, source_field: str
+) -> ReadReport:
+    """The dataset built in ``tmp`` and renamed to ``out`` (:func:`prepare`)."""
+    source = None
+    if not one_jsonl:
+        if p.is_dir() and (p / "dataset_info.json").is_file() and not (p / "state.json").is_file():
+            raise DataError(f"{input_path}: already a TFDS dataset; nothing to prepare")
+        source = open_documents(input_path, text_field=text_field, id_field=id_field, source_field=source_field)
+    builder = _builder_class()(
+        input_path=input_path, source=source, data_dir=str(tmp / "data"), file_format="array_record"
+    )
+    # every reader open_documents returns has content_digest; DocumentSource (what batching needs) does not say so
+    builder._jaxinf_metadata["sha256"] = file_sha256(input_path) if source is None else source.content_digest()  # type: ignore[attr-defined]
+    with _quiet_tfds():
+        _write_train_split(builder)
+    built = Path(builder.data_dir)
+    # the SHA-256 of each record file, checked when the dataset is opened: a copy cut short or a flipped byte
+    # is named there, rather than read as null or other text (its records are not scanned when opened)
+    meta = json.loads((built / "metadata.json").read_text())
+    meta["files"] = {f.name: file_sha256(f) for f in sorted(built.glob("*.array_record*"))}
+    (built / "metadata.json").write_text(json.dumps(meta))
+    fault_point("prepare", 0)  # the dataset whole in its temporary directory, not yet in place
+    try:
+        os.rename(built, out)  # replaces an empty directory, never one another process has filled meanwhile
+    except OSError as e:
+        if e.errno not in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR):
+            raise
+        raise DataError(f"{out}: written by another process meanwhile (no longer empty); nothing was written") from None
+    return builder.read_report

@@ -32,6 +32,8 @@ from typing import Any
 import numpy as np
 
 from jaxinf.analysis.correlations import pearson, spearman, topk_overlap
+from jaxinf.atomic import ArrayFileError, load_npy
+from jaxinf.errors import missing
 from jaxinf.interop import kronfluence as kf
 from jaxinf.interop import transfer
 from jaxinf.interop.kronfluence import InteropError
@@ -99,12 +101,12 @@ def _factor_rows(factors: kf.Factors, run: transfer.RunFactors) -> dict:
 
 def _load_npy(path: Path) -> np.ndarray:
     if not path.exists():
-        why = kf.missing(path)
+        why = missing(path)
         raise InteropError(f"{path}: {why}{' (has the run finished its exports?)' if why == 'file is missing' else ''}")
     try:
-        return np.load(path, allow_pickle=False)
-    except (ValueError, EOFError) as e:  # cut short, or not a .npy file: a damaged export
-        raise InteropError(f"{path}: not a readable .npy file ({' '.join(str(e).split())})") from None
+        return load_npy(path)
+    except ArrayFileError as e:  # cut short, or not a .npy file: a damaged export
+        raise InteropError(str(e)) from None
 
 
 def _query_info(run_dir: Path) -> tuple[list[str], np.ndarray | None]:

@@ -42,7 +42,7 @@ from typing import Any, cast
 import numpy as np
 
 from jaxinf.engine.curvature.strategies import STRATEGIES
-from jaxinf.errors import UserError
+from jaxinf.errors import UserError, missing
 
 FACTOR_ARGUMENTS = "factor_arguments.json"
 SCORE_ARGUMENTS = "score_arguments.json"
@@ -150,7 +150,8 @@ def locate(path: str | Path, factors: str | None = None, scores: str | list[str]
     """
     root = Path(path)
     if not root.is_dir():
-        raise InteropError(f"{root}: no such kronfluence directory")
+        why = "a file, not a kronfluence directory" if root.exists() else missing(root, "no such kronfluence directory")
+        raise InteropError(f"{root}: {why}")
     if _is_scores_dir(root):
         return KronfluenceDirs(
             None, root if (root / PAIRWISE).exists() else None, root if (root / SELF).exists() else None
@@ -171,11 +172,6 @@ def locate(path: str | Path, factors: str | None = None, scores: str | list[str]
 
 
 # --------------------------------------------------------------------------- files
-
-
-def missing(path: Path) -> str:
-    """Why ``path`` (which does not exist as far as ``Path.exists`` can tell) cannot be read, in a few words."""
-    return "a symbolic link to nothing (or a loop of links)" if Path(path).is_symlink() else "file is missing"
 
 
 def read_json(path: Path) -> dict:
@@ -299,7 +295,9 @@ def read_factors(directory: str | Path, groups: tuple[str, ...] | None = None) -
             continue
         for n in names:
             if n not in present:
-                raise InteropError(f"{file_of(directory, n)}: file is missing ({group} of strategy {strategy})")
+                raise InteropError(
+                    f"{file_of(directory, n)}: {missing(file_of(directory, n))} ({group} of strategy {strategy})"
+                )
             tensors[n] = read_tensors(file_of(directory, n))
         modules = list(tensors[names[0]])
         for n in names[1:]:

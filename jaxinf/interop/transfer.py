@@ -38,7 +38,6 @@ run's precision is the factors' dtype.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -61,6 +60,8 @@ from jaxinf.engine.curvature import (
 )
 from jaxinf.interop import kronfluence as kf
 from jaxinf.interop.kronfluence import InteropError
+from jaxinf.run import rundir
+from jaxinf.run.lock import claim_run
 from jaxinf.run.store import CorruptCheckpoint, RunStore
 
 log = logging.getLogger("jaxinf")
@@ -128,19 +129,14 @@ class RunFactors:
 
 
 def read_record(run_dir: Path) -> dict:
-    from jaxinf.run.rundir import refuse_inside_run
-
-    refuse_inside_run(Path(run_dir), "the run")
-    path = Path(run_dir) / "run.json"
-    if not path.is_file():
+    """The record of the run ``run_dir`` reads from: ``run.json``, or its copy ``state/run.json`` when it is damaged
+    (:func:`jaxinf.run.rundir.read_record`, the one reader of both: a damaged run.json of a run that has its copy
+    was refused here)."""
+    rundir.refuse_inside_run(Path(run_dir), "the run")
+    record = rundir.read_record(Path(run_dir))
+    if record is None:
         raise InteropError(f"{run_dir}: not a jaxinf run directory (no run.json)")
-    try:
-        record = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise InteropError(f"{path}: unreadable run record ({e})") from None
-    from jaxinf.run.rundir import is_record
-
-    if not is_record(record) or not isinstance(record.get("config"), dict):
+    if not rundir.is_record(record):
         raise InteropError(f"{run_dir}: not a jaxinf run directory (its run.json is not a jaxinf run record)")
     return record
 
@@ -334,7 +330,9 @@ def import_factors(
     factors.tensors = {
         k: v for k, v in factors.tensors.items() if any(k in kf.GROUPS[group] for group in s.writes)
     }  # only what this strategy fits
-    _check_fresh(Path(config.run.out), overwrite)
+    root = Path(config.run.out)
+    origin = f"kronfluence {dirs.factors.resolve()}"
+    _check_fresh(root, overwrite, origin)  # refused before the factors are converted (and again under the lock)
     with precision.scoped(config.run.precision):
         layers = tracked_layers(config)
         check_modules(factors, layers, "the config")
@@ -362,38 +360,67 @@ def import_factors(
                 count={b: _block_counts(factors, kf.LAMBDA[1:], s, dtype) for b, s in layers.items()},
             )
             Lambda = lambda_finalize(sums)
-        store = RunStore.open(config, overwrite=overwrite)
-        origin = f"kronfluence {dirs.factors.resolve()}"
-        if not s.eigen:
-            for stage in ("covariance", "eigen"):
-                store.mark(stage, "done", skipped=f"{s.name} strategy")
-        if cov is not None:
-            store.stage("covariance").save(0, cov)
-            store.mark("covariance", "done", source=origin)
-        elif s.covariance:
-            store.mark("covariance", "done", skipped=f"not in {origin}")
-        if eigen is not None:
-            store.save_result("eigen", eigen)
-            store.mark("eigen", "done", source=origin)
-        if not s.needs_lambda:
-            store.mark("lambda", "done", skipped=f"{s.name} strategy")
-        elif not s.fits_lambda:
-            store.mark("lambda", "done", source=f"{s.name} {s.lambda_source}")
-        else:
-            store.save_result("lambda", Lambda)
-            store.stage(LAMBDA_SUMS, keep=1).save(0, sums)
-            store.mark("lambda", "done", source=origin)
+        lock, claimed = claim_run(root, overwrite)  # jaxinf run's claim: locked, and undone if the import fails
+        try:
+            if not overwrite:
+                _check_fresh(root, overwrite, origin)  # another process may have started the run meanwhile
+            store = RunStore.open(config, overwrite=False)  # --overwrite: the old run was set aside by the claim
+            # until the last stage is saved, the record says the import is unfinished: a kill (SIGKILL, OOM) leaves
+            # a run that jaxinf run refuses and that the same import finishes (_check_fresh), never half of one
+            store.update(imported={"from": origin, "complete": False})
+            _write_imported(store, s, origin, cov, eigen, Lambda, sums)
+            store.update(imported={"from": origin, "complete": True})
+            if isinstance(claimed, rundir.Aside):  # the import is whole: only now can the old run go
+                claimed.discard()
+        except BaseException:
+            if claimed is not None:
+                claimed.restore()
+            raise
+        finally:
+            lock.release()
     log.info(
         "imported the %s factors of %s (%d layers) into %s", s.name, dirs.factors, len(layer_index(layers)), store.root
     )
     return store.root
 
 
-def _check_fresh(root: Path, overwrite: bool) -> None:
-    """Import writes the curvature of a run that has computed nothing yet (or is overwritten)."""
-    if overwrite or not (root / "run.json").exists():
+def _write_imported(store: RunStore, s: Strategy, origin: str, cov, eigen, Lambda, sums) -> None:
+    """The imported curvature saved as the results of the run's curvature stages, each marked done."""
+    if not s.eigen:
+        for stage in ("covariance", "eigen"):
+            store.mark(stage, "done", skipped=f"{s.name} strategy")
+    if cov is not None:
+        store.stage("covariance").save(0, cov)
+        store.mark("covariance", "done", source=origin)
+    elif s.covariance:
+        store.mark("covariance", "done", skipped=f"not in {origin}")
+    if eigen is not None:
+        store.save_result("eigen", eigen)
+        store.mark("eigen", "done", source=origin)
+    if not s.needs_lambda:
+        store.mark("lambda", "done", skipped=f"{s.name} strategy")
+    elif not s.fits_lambda:
+        store.mark("lambda", "done", source=f"{s.name} {s.lambda_source}")
+    else:
+        store.save_result("lambda", Lambda)
+        store.stage(LAMBDA_SUMS, keep=1).save(0, sums)
+        store.mark("lambda", "done", source=origin)
+
+
+def _check_fresh(root: Path, overwrite: bool, origin: str) -> None:
+    """Import writes the curvature of a run that has computed nothing yet (or is overwritten), or finishes an import
+    of the same factors (``origin``) that was killed (the record's ``imported``)."""
+    record = None if overwrite else rundir.read_record(root, output=True)
+    if record is None:
         return
-    record = read_record(root)
+    imported = record.get("imported") or {}
+    if imported.get("complete") is False:
+        if imported.get("from") == origin:
+            return
+        raise InteropError(
+            f"{root}: an import of {imported.get('from')} into it was interrupted; import those factors again to "
+            "finish it, or use --overwrite"
+        )
     started = [s for s, e in record.get("stages", {}).items() if e.get("status") != "pending"]
     if started:
         raise InteropError(
@@ -409,8 +436,6 @@ def _check_export_target(out: Path, overwrite: bool) -> None:
     """``jaxinf kronfluence export``'s OUT_DIR: absent, empty, or (with ``overwrite``) a kronfluence factors directory
     (its ``factor_arguments.json``); never a jaxinf run directory or any other non-empty directory, whose
     ``*.safetensors`` (a model's weights) ``--overwrite`` used to delete."""
-    from jaxinf.run import rundir
-
     if out.is_symlink() and not out.exists():
         raise InteropError(f"{out}: is a symbolic link to {out.readlink()}, which does not resolve to a directory")
     if out.exists() and not out.is_dir():
@@ -474,21 +499,24 @@ def export_factors(run_dir: str | Path, out: str | Path, *, overwrite: bool = Fa
     dtype = dtypes.pop() if len(dtypes) == 1 else ("float64" if run.config.run.precision == "float64" else "float32")
     arguments = kf.factor_arguments(s.name, run.config.factors.fisher, dtype)
     # written beside OUT_DIR first, then moved in: a write that fails (a full disk) leaves OUT_DIR as it was
+    # (one export into OUT_DIR at a time, under a lock beside it; what a killed one left there is removed first)
     import os
-    import shutil
 
-    from jaxinf.atomic import make_temp_dir
+    from jaxinf.atomic import building_dir
+
+    def busy(holder: str) -> InteropError:
+        return InteropError(
+            f"{out}: being written by another jaxinf kronfluence export ({holder}); wait for it to finish or stop "
+            "it, or choose another OUT_DIR"
+        )
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = make_temp_dir(f".{out.name}.export-", out.parent)
-    try:
+    with building_dir(f".{out.name}.export-", out.parent, busy) as tmp:
         kf.write_factors(tmp, arguments, tensors)
         out.mkdir(exist_ok=True)
         for factor in (f for group in kf.GROUPS.values() for f in group):  # a factors directory's own files only
             kf.file_of(out, factor).unlink(missing_ok=True)
         for p in sorted(tmp.iterdir()):
             os.replace(p, out / p.name)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     log.info("exported the %s factors of %s (%d layers) to %s", s.name, run.source, len(layer_index(layers)), out)
     return out

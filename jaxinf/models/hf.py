@@ -38,6 +38,7 @@ import jax
 import ml_dtypes
 import numpy as np
 
+from jaxinf.errors import missing
 from jaxinf.models.config import ConfigError, ModelConfig, ModelError
 from jaxinf.models.config_json import config_from_hf
 from jaxinf.models.lm import LM, abstract, parameter_axes, parameter_paths
@@ -98,6 +99,8 @@ def read_header(file: Path) -> dict[str, TensorInfo]:
             if n > min(_MAX_HEADER, size - 8):
                 raise CheckpointError(f"{file}: not a safetensors file (header size {n} exceeds the file)")
             header = json.loads(f.read(n))
+    except FileNotFoundError:
+        raise CheckpointError(f"{file}: {missing(file)}") from None
     except OSError as e:
         raise CheckpointError(f"{file}: cannot be read ({e.strerror or e})") from None
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -176,7 +179,7 @@ def tensor_index(path: Path) -> tuple[dict[str, TensorInfo], Path]:
         for fname in sorted(set(weight_map.values())):
             file = path / str(fname)
             if not file.exists():
-                raise CheckpointError(f"{index_file}: shard {fname} is missing")
+                raise CheckpointError(f"{index_file}: shard {fname} is {missing(file, 'missing')}")
             headers[fname] = read_header(file)
         tensors: dict[str, TensorInfo] = {}
         for name, fname in weight_map.items():
@@ -207,7 +210,7 @@ def _read_json(file: Path) -> Any:
     try:
         return json.loads(file.read_text())
     except FileNotFoundError:
-        raise CheckpointError(f"{file}: file is missing") from None
+        raise CheckpointError(f"{file}: {missing(file)}") from None
     except OSError as e:
         raise CheckpointError(f"{file}: cannot be read ({e.strerror or e})") from None
     except (UnicodeDecodeError, json.JSONDecodeError) as e:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from jaxinf.errors import missing
 from jaxinf.models.config import ModelError
 
 SAMPLE = (
@@ -60,7 +61,7 @@ def read_tokenizer(path: str | Path):
             f"{path / 'tokenizer.model'}: a SentencePiece model and no tokenizer.json; "
             f"convert it with {convert_command(path)}"
         )
-    raise TokenizerError(f"{file}: file is missing (the tokenizer)")
+    raise TokenizerError(f"{file}: {missing(file)} (the tokenizer)")
 
 
 def tokenizer_file(path: str | Path) -> Path:

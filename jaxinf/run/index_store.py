@@ -32,7 +32,8 @@ from typing import Any
 
 import numpy as np
 
-from jaxinf.atomic import write_json
+from jaxinf.atomic import ArrayFileError, load_npy, load_npz, npy_header, write_json
+from jaxinf.errors import missing
 from jaxinf.run.rundir import StoreError
 
 log = logging.getLogger("jaxinf")
@@ -137,7 +138,11 @@ class IndexWriter:
             path = self.root / f"{name}.npy"
             mode = "r+" if path.exists() and m["written"] > 0 else "w+"
             try:
+                if mode == "r+":  # a file damaged by hand is named in jaxinf's words, not numpy's
+                    npy_header(path)
                 arr = np.lib.format.open_memmap(path, mode=mode, dtype=dtype, shape=shape if mode == "w+" else None)
+            except ArrayFileError as e:
+                raise IndexError_(f"{path}: cannot open the index array ({e.reason})") from None
             except (ValueError, OSError) as e:
                 raise IndexError_(f"{path}: cannot open the index array ({e})") from None
             if arr.shape != shape or arr.dtype != dtype:
@@ -197,9 +202,12 @@ class IndexReader:
         for name in ARRAYS:
             path = self.root / f"{name}.npy"
             try:
-                arr = np.load(path, mmap_mode="r")
-            except (OSError, ValueError) as e:
-                raise IndexError_(f"{path}: unreadable index array ({e})") from None
+                arr = load_npy(path, mmap_mode="r")
+            except ArrayFileError as e:
+                raise IndexError_(f"{path}: unreadable index array ({e.reason})") from None
+            except OSError as e:
+                why = missing(path) if isinstance(e, FileNotFoundError) else e.strerror or e
+                raise IndexError_(f"{path}: unreadable index array ({why})") from None
             if arr.shape[0] != R:
                 raise IndexError_(f"{path}: {arr.shape[0]} rows, the manifest says {R} (a torn index)")
             self.arrays[name] = arr
@@ -212,16 +220,21 @@ class IndexReader:
         if manifest.get("checksums") == CHECKSUMS:
             path = self.root / "checks.npy"
             try:
-                self.checks = np.load(path, mmap_mode="r")
-            except (OSError, ValueError) as e:
-                raise IndexError_(f"{path}: unreadable index checksums ({e})") from None
+                self.checks = load_npy(path, mmap_mode="r")
+            except ArrayFileError as e:
+                raise IndexError_(f"{path}: unreadable index checksums ({e.reason})") from None
+            except OSError as e:
+                why = missing(path) if isinstance(e, FileNotFoundError) else e.strerror or e
+                raise IndexError_(f"{path}: unreadable index checksums ({why})") from None
             if self.checks.shape != (manifest["batches"],):
                 raise IndexError_(f"{path}: {self.checks.shape[0]} checksums, the manifest says {manifest['batches']}")
         try:
-            with np.load(self.root / "selection.npz") as z:
-                self.selection = {k: z[k] for k in z.files}
-        except (OSError, ValueError) as e:
-            raise IndexError_(f"{self.root / 'selection.npz'}: unreadable ({e})") from None
+            self.selection = load_npz(self.root / "selection.npz")
+        except ArrayFileError as e:
+            raise IndexError_(f"{self.root / 'selection.npz'}: unreadable ({e.reason})") from None
+        except OSError as e:
+            why = missing(self.root / "selection.npz") if isinstance(e, FileNotFoundError) else e.strerror or e
+            raise IndexError_(f"{self.root / 'selection.npz'}: unreadable ({why})") from None
 
     @property
     def rows(self) -> int:

@@ -21,9 +21,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxinf import config as cfg
-from jaxinf.atomic import save_npy, write_json
+from jaxinf.atomic import load_npy, save_npy, write_json
 from jaxinf.engine import capture
-from jaxinf.errors import UserError
+from jaxinf.errors import UserError, missing
 from jaxinf.run import preflight, rundir
 from jaxinf.run.executor import DeviceExecutor, Executor
 from jaxinf.run.store import RunStore
@@ -104,7 +104,7 @@ def check_inputs(config: cfg.Config) -> None:
             continue  # a TFDS name or a glob of shards: open_documents names what is missing
         if kind == "dir" and not p.is_dir():
             raise InputError(
-                f"{key}: {value}: " + ("is a file, not a directory" if p.exists() else "no such directory")
+                f"{key}: {value}: " + ("is a file, not a directory" if p.exists() else missing(p, "no such directory"))
             )
         if kind == "file" and not p.is_file():
             raise InputError(
@@ -114,11 +114,11 @@ def check_inputs(config: cfg.Config) -> None:
                     if p.is_dir()
                     else "is not a regular file"
                     if p.exists()
-                    else "no such file"
+                    else missing(p, "no such file")
                 )
             )
         if kind == "any" and not p.exists():
-            raise InputError(f"{key}: {value}: no such file or directory")
+            raise InputError(f"{key}: {value}: {missing(p, 'no such file or directory')}")
     if (
         config.factors.from_run is not None
         and config.run.out is not None
@@ -220,7 +220,7 @@ def _read_counts(meta: Path, path: Path, key: dict) -> np.ndarray | None:
     try:
         if json.loads(meta.read_text()) != key:
             return None
-        lengths = np.load(path)
+        lengths = load_npy(path)
     except (OSError, ValueError, EOFError):
         return None
     return lengths if lengths.ndim == 1 and len(lengths) == key["size"] else None

@@ -1,6 +1,6 @@
 """The run directory's lock: one ``jaxinf run`` at a time writes a run directory.
 
-An advisory lock (``fcntl.flock``, exclusive, non-blocking) on ``RUN/.jaxinf.lock``,
+An advisory lock (``fcntl.flock``, exclusive, non-blocking: :func:`jaxinf.atomic.hold_lock`) on ``RUN/.jaxinf.lock``,
 held from before ``run.json`` is read until the process ends. The file holds the
 holder's host and pid, for the message a second process gets; the lock itself is
 the kernel's, released when the holder exits however it exits (SIGKILL, OOM,
@@ -15,11 +15,10 @@ with ``fcntl`` byte-range locks there); a file system without locks makes
 from __future__ import annotations
 
 import errno
-import fcntl
 import os
-import socket
 from pathlib import Path
 
+from jaxinf.atomic import LockFailed, hold_lock, lock_holder, write_holder
 from jaxinf.run.rundir import LOCK_FILE, StoreError, output_key
 
 
@@ -30,8 +29,11 @@ class RunLocked(StoreError):
 class RunLock:
     """The lock of run directory ``root`` (created if missing); ``acquire`` raises :class:`RunLocked` when held."""
 
-    def __init__(self, root: str | Path):
+    def __init__(self, root: str | Path, reader: bool = False):
+        """``reader``: the command reads the run and writes only its own derived files into it (``jaxinf analyze``
+        RUN_DIR): refused while another process holds it, without the hint to choose another output directory."""
         self.root = Path(root)
+        self.reader = reader
         self.path = self.root / LOCK_FILE
         self._fd: int | None = None
 
@@ -44,20 +46,17 @@ class RunLock:
             if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM):
                 raise  # the machine refused a write: jaxinf.run.failures says it in one line, exit 3
             raise StoreError(f"{self.root}: cannot create the run directory ({e.strerror})") from None
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as e:
-            os.close(fd)
-            if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                raise RunLocked(
-                    f"{self.root}: in use by another jaxinf process ({self.holder()}); wait for it to "
-                    f"finish or stop it, or choose another {output_key()}"
-                ) from None
+            fd = hold_lock(self.path)
+        except LockFailed as e:
             raise StoreError(f"{self.path}: cannot lock the run directory ({e.strerror})") from None
+        if fd is None:
+            raise RunLocked(
+                f"{self.root}: in use by another jaxinf process ({self.holder()}); wait for it to "
+                + ("finish or stop it" if self.reader else f"finish or stop it, or choose another {output_key()}")
+            )
         try:
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, f"host {socket.gethostname()} pid {os.getpid()}\n".encode(), 0)
+            write_holder(fd)
         except OSError as e:  # a full disk: nothing left behind, and the message names the file
             os.close(fd)
             if not had_file:
@@ -73,11 +72,7 @@ class RunLock:
 
     def holder(self) -> str:
         """``host H pid P`` as the holder wrote it (or that it is unknown)."""
-        try:
-            text = self.path.read_text().strip()
-        except OSError:
-            text = ""
-        return text or "holder unknown"
+        return lock_holder(self.path)
 
     def release(self) -> None:
         if self._fd is not None:
@@ -89,6 +84,29 @@ class RunLock:
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+def claim_run(root: Path, overwrite: bool):
+    """The run directory ``root`` claimed for writing, as ``jaxinf run`` and ``jaxinf kronfluence import`` write one:
+    checked (never another kind of directory, :func:`jaxinf.run.rundir.check_target`), locked (:class:`RunLock`), a
+    killed ``--overwrite`` finished (:func:`~jaxinf.run.rundir.recover_interrupted`), and with ``overwrite`` the old
+    run set aside (:func:`~jaxinf.run.rundir.set_aside`). Returns the lock (release it when done) and what to undo
+    if the command fails: the :class:`~jaxinf.run.rundir.Aside` (put the old run back; ``discard`` it once the new
+    one is whole), or a :class:`~jaxinf.run.rundir.Fresh` for a directory created or found empty (``restore``
+    leaves nothing), or None."""
+    from jaxinf.run import rundir
+    from jaxinf.run.store import check_writable
+
+    check_writable(root)
+    rundir.check_target(root, overwrite)
+    fresh = rundir.Fresh(root, created=not root.exists()) if rundir.is_fresh(root) else None
+    lock = RunLock(root).acquire()
+    try:
+        rundir.recover_interrupted(root)
+        return lock, ((rundir.set_aside(root) if overwrite else None) or fresh)
+    except BaseException:
+        lock.release()
+        raise
 
 
 def claim_output(root: Path, kind: str):

@@ -142,9 +142,9 @@ def is_whole(path: Path) -> bool:
         if not path.is_file():
             return False
         if path.suffix == ".npy":
-            import numpy as np
+            from jaxinf.atomic import npy_header
 
-            np.load(path, mmap_mode="r", allow_pickle=False)
+            npy_header(path)
         elif path.suffix == ".json":
             json.loads(path.read_text())
         elif path.suffix == ".jsonl":
@@ -311,23 +311,24 @@ def _remove_entries(root: Path) -> None:
         shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
 
 
-def read_record(root: Path, output: bool = False) -> dict | None:
+def read_record(root: Path, output: bool = False, config_only: bool = False) -> dict | None:
     """``run.json``, or its intact copy ``state/run.json`` (restored, with a warning) when ``run.json`` is damaged
     or missing; None when neither exists. Raises ``StoreError`` when neither can be read, saying what
     ``--overwrite`` would delete when ``root`` is the ``output`` of the command (not a run it reads: ``factors.from``,
-    ``jaxinf query RUN``, whose ``--overwrite`` never touches it)."""
+    ``jaxinf query RUN``, whose ``--overwrite`` never touches it). ``config_only``: any JSON object whose ``config``,
+    if any, is an object (``jaxinf analyze`` of scores another tool wrote, with a run.json written for them)."""
     path, copy = root / RECORD, root.joinpath(*RECORD_COPY)
     if not path.exists() and not copy.exists():
         return None
     problem = None
     try:
-        return _parse(path)
+        return _parse(path, config_only)
     except FileNotFoundError:
         problem = "missing"
     except (OSError, ValueError, KeyError) as e:
         problem = f"unreadable ({e})"
     try:
-        record = _parse(copy)
+        record = _parse(copy, config_only)
     except (OSError, ValueError, KeyError) as e:
         raise StoreError(
             f"{path}: {problem}, and its copy {copy} is too ({type(e).__name__}); "
@@ -342,9 +343,11 @@ def read_record(root: Path, output: bool = False) -> dict | None:
     return record
 
 
-def _parse(path: Path) -> dict:
+def _parse(path: Path, config_only: bool = False) -> dict:
     record = json.loads(path.read_text())
-    if not isinstance(record, dict) or not isinstance(record["config"], dict) or not isinstance(record["stages"], dict):
+    if not isinstance(record, dict) or not isinstance(record.get("config", {} if config_only else None), dict):
+        raise ValueError("not a run record")
+    if not config_only and not isinstance(record["stages"], dict):
         raise ValueError("not a run record")
     return record
 

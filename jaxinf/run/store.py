@@ -79,9 +79,9 @@ def verify_manifest(step_dir: Path) -> None:
     manifest = step_dir / MANIFEST
     try:
         files = json.loads(manifest.read_text())["files"]
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):  # NotADirectoryError: the stage's or step's directory is a file
         raise CorruptCheckpoint(f"{step_dir}: incomplete checkpoint (no {MANIFEST})") from None
-    except (ValueError, KeyError):
+    except (ValueError, KeyError, IsADirectoryError):
         raise CorruptCheckpoint(f"{manifest}: unreadable manifest") from None
     for rel, info in files.items():
         path = step_dir / rel
@@ -183,6 +183,9 @@ class StageStore:
         self._manager = None
 
     def clear(self) -> None:
+        """Every step removed (and the stage's directory; a file or link in its place too: jaxinf's own path)."""
+        if self.root.is_symlink() or (self.root.exists() and not self.root.is_dir()):
+            self.root.unlink()
         shutil.rmtree(self.root, ignore_errors=True)
         self._manager = None
 

@@ -50,7 +50,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxinf import config as cfg
-from jaxinf.atomic import save_npy, write_atomic, write_json
+from jaxinf.atomic import load_npy, load_npz, save_npy, write_atomic, write_json
 from jaxinf.engine import curvature, indexing
 from jaxinf.hostenv import host_memory
 from jaxinf.run import rundir
@@ -204,13 +204,13 @@ def _save_params(path: Path, params) -> None:
 
 
 def _load_params(path: Path, like):
-    with np.load(path, allow_pickle=False) as z:
-        return jax.tree_util.tree_map_with_path(lambda p, x: jnp.asarray(z[jax.tree_util.keystr(p)], x.dtype), like)
+    z = load_npz(path)
+    return jax.tree_util.tree_map_with_path(lambda p, x: jnp.asarray(z[jax.tree_util.keystr(p)], x.dtype), like)
 
 
 def _read_pbrf(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    with np.load(path, allow_pickle=False) as z:
-        return z["influence"], z["ratio"]
+    z = load_npz(path)
+    return z["influence"], z["ratio"]
 
 
 def subset_too_small(config: cfg.Config, n: int) -> str:
@@ -308,7 +308,7 @@ def _validate(config: cfg.Config, out: Path, world: World, t_start: float) -> di
             damping_label(d): score_dir / f"{score_name(config, strategy)}_{damping_label(d)}.npy" for d in dampings
         }
         for lab, p in paths.items():
-            if (got := work_keys.saved(p, np.load)) is not None:
+            if (got := work_keys.saved(p, load_npy)) is not None:
                 scores[(strategy, lab)] = got
         missing = [d for d in dampings if (strategy, damping_label(d)) not in scores]
         if not missing and (resolved != HEURISTIC_FROM or (score_dir / "heuristic.json").exists()):

@@ -44,7 +44,7 @@ import numpy as np
 import optax
 
 from jaxinf.analysis.correlations import pearson
-from jaxinf.atomic import write_atomic
+from jaxinf.atomic import load_npz, write_atomic
 from jaxinf.engine.progress import Progress
 from jaxinf.validate.retrain import measurements
 
@@ -223,10 +223,10 @@ def _read_unit(path: Path | None, idx: np.ndarray) -> tuple[np.ndarray, np.ndarr
     if path is None or not path.exists():
         return None
     try:
-        with np.load(path, allow_pickle=False) as z:
-            if not np.array_equal(z["documents"], idx):
-                return None
-            return z["values"], z["ratio"]
+        z = load_npz(path)
+        if not np.array_equal(z["documents"], idx):
+            return None
+        return z["values"], z["ratio"]
     except (OSError, ValueError, KeyError, EOFError):
         return None
 

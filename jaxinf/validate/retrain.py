@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxinf.atomic import save_npy
+from jaxinf.atomic import load_npy, save_npy
 from jaxinf.validate import work_keys
 from jaxinf.validate.world import ValidationError
 
@@ -196,7 +196,7 @@ def retrain_all(
     starts from ``params0``, or with ``starts`` (and a ``train_many`` of ``stacked_starts``) from
     ``starts(fresh_seed(m, s))``."""
     units = [(m, s) for m in range(len(subsets)) for s in range(seeds)]
-    found = {u: work_keys.saved(unit_path(root, *u), np.load) for u in units}
+    found = {u: work_keys.saved(unit_path(root, *u), load_npy) for u in units}
     todo = [u for u in units if found[u] is None]
     done = len(units) - len(todo)
     for lo in range(0, len(todo), group):

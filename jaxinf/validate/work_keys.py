@@ -16,7 +16,7 @@ import jax
 import numpy as np
 
 from jaxinf import config as cfg
-from jaxinf.atomic import write_json
+from jaxinf.atomic import ArrayFileError, write_json
 from jaxinf.validate.world import World
 
 log = logging.getLogger("jaxinf")
@@ -32,7 +32,8 @@ def saved(path: Path, read: Callable[[Path], T]) -> T | None:
     try:
         return read(path)
     except (OSError, ValueError, KeyError, EOFError) as e:
-        log.warning("%s: unreadable (%s); computing it again", path, " ".join(str(e).split())[:160])
+        why = e.reason if isinstance(e, ArrayFileError) else " ".join(str(e).split())[:160]
+        log.warning("%s: unreadable (%s); computing it again", path, why)
         return None
 
 

@@ -40,6 +40,7 @@ from pathlib import Path
 import numpy as np
 
 from jaxinf import atomic
+from jaxinf.atomic import ArrayFileError, load_npy, npy_header
 from jaxinf.errors import UserError
 
 KINDS = ("factual", "reasoning", "control")
@@ -324,18 +325,10 @@ class ScoreMatrix:
         self.path = Path(path)
         if not self.path.exists():
             raise AnalysisError(f"{self.path.name}: missing (expected at {self.path})")
-        with open(self.path, "rb") as f:
-            try:
-                version = np.lib.format.read_magic(f)
-                if version == (1, 0):
-                    shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
-                elif version == (2, 0):
-                    shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
-                else:
-                    raise ValueError(f"unsupported .npy version {version}")
-            except ValueError as e:
-                raise AnalysisError(f"{self.path.name}: not a readable .npy file ({e})") from None
-            self.offset = f.tell()
+        try:
+            shape, fortran, dtype, self.offset = npy_header(self.path, self.path.name)
+        except ArrayFileError as e:
+            raise AnalysisError(str(e)) from None
         if dtype.kind != "f":
             raise AnalysisError(f"{self.path.name}: dtype {dtype} is not floating point")
         if len(shape) != 2:
@@ -345,11 +338,7 @@ class ScoreMatrix:
                 f"{self.path.name}: Fortran-ordered array; save it C-ordered (np.save(path, np.ascontiguousarray(scores)))"
             )
         self.shape = (int(shape[0]), int(shape[1]))
-        self.dtype = dtype
-        need = self.offset + self.shape[0] * self.shape[1] * dtype.itemsize
-        size = self.path.stat().st_size
-        if size < need:
-            raise AnalysisError(f"{self.path.name}: truncated ({size} bytes, header says {need})")
+        self.dtype = dtype  # a file shorter than its header says was refused by npy_header
 
     def _read(self, f, out_row: np.ndarray, q: int, start: int) -> None:
         nbytes = out_row.size * self.dtype.itemsize
@@ -450,9 +439,9 @@ def read_layer_exports(run_dir: Path) -> tuple[list[str], np.ndarray] | None:
     if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
         raise AnalysisError("layers.json: field names must be a non-empty list of strings")
     try:
-        arr = np.load(ls, allow_pickle=False)
-    except ValueError as e:
-        raise AnalysisError(f"layer_scores.npy: not a readable .npy file ({e})") from None
+        arr = load_npy(ls, name="layer_scores.npy")
+    except ArrayFileError as e:
+        raise AnalysisError(str(e)) from None
     if arr.ndim != 3 or arr.shape[2] != len(names):
         raise AnalysisError(
             f"layer_scores.npy: shape {arr.shape} but layers.json has {len(names)} names (expected [Q, K, {len(names)}])"
@@ -529,28 +518,21 @@ def iter_topk_tokens(path: Path) -> Iterator[TokenRecord]:
 # ----------------------------------------------------------------------------- run.json
 
 
-def read_run_config(run_dir: Path) -> dict:
-    """The resolved config of run.json, or {} when run.json is absent (e.g. converted runs)."""
-    p = Path(run_dir) / "run.json"
-    if not p.exists():
-        return {}
-    try:
-        meta = json.loads(p.read_text())
-    except json.JSONDecodeError as e:
-        raise AnalysisError(f"run.json: invalid JSON ({e.msg})") from None
-    cfg = meta.get("config", {}) if isinstance(meta, dict) else {}
-    if not isinstance(cfg, dict):
-        raise AnalysisError("run.json: field config must be an object")
-    return cfg
+def read_run_record(run_dir: Path) -> dict:
+    """The run's record: ``run.json``, or its copy ``state/run.json`` (with a warning) when ``run.json`` is damaged
+    or missing, read by the one reader of both (:func:`jaxinf.run.rundir.read_record`); {} when the run has neither
+    (a converted release); both damaged is one line naming both. A run.json of its ``config`` alone (scores another
+    tool wrote, with a run.json written for them) is read as it is. Its ``config`` (the resolved config), ``cwd`` (the
+    working directory ``jaxinf run`` was started in, against which the config's relative paths were read, absent in
+    runs older than the field) and ``inputs`` (the fingerprint of each input's content) are what the report uses."""
+    from jaxinf.run import rundir
+
+    return rundir.read_record(Path(run_dir), config_only=True) or {}
 
 
-def read_run_cwd(run_dir: Path) -> Path | None:
-    """The working directory ``jaxinf run`` was started in (``run.json``'s ``cwd``), against which the config's
-    relative paths were read; None when run.json is absent, unreadable or older than the field."""
-    try:
-        cwd = json.loads((Path(run_dir) / "run.json").read_text()).get("cwd")
-    except (OSError, ValueError, AttributeError):
-        return None
+def run_cwd(record: dict) -> Path | None:
+    """The record's ``cwd`` (:func:`read_run_record`), or None when it has none."""
+    cwd = record.get("cwd")
     return Path(cwd) if isinstance(cwd, str) and cwd else None
 
 
