@@ -1671,7 +1671,7 @@ def test_prepare_into_a_run_directory_is_refused(finished, tmp_path, capsys):
     before = sorted(p.name for p in (run / "state").iterdir())
     assert cli.main(["-q", "prepare", str(docs), str(run / "state" / "ds")]) == 2
     assert _one_error(capsys, "prepare", alone=True) == (
-        f"{run / 'state' / 'ds'}: is inside the jaxinf run directory {run}; choose a OUT_DIR outside it"
+        f"{run / 'state' / 'ds'}: is inside the jaxinf run directory {run}; choose an OUT_DIR outside it"
     )
     assert sorted(p.name for p in (run / "state").iterdir()) == before
 
@@ -1774,7 +1774,7 @@ def test_a_query_against_an_index_array_that_is_a_link_to_nothing_says_so(world,
     capsys.readouterr()
     assert cli.main(["-q", "query", str(run), str(world["queries"]), "--out", str(tmp_path / "q")]) == 2
     assert _one_error(capsys, "query") == (
-        f"{cells}: unreadable index array (a symbolic link to nothing (or a loop of links))"
+        f"{cells}: unreadable index array: a symbolic link to nothing (or a loop of links)"
     )
 
 

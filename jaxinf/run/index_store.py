@@ -204,10 +204,10 @@ class IndexReader:
             try:
                 arr = load_npy(path, mmap_mode="r")
             except ArrayFileError as e:
-                raise IndexError_(f"{path}: unreadable index array ({e.reason})") from None
+                raise IndexError_(f"{path}: unreadable index array: {e.reason}") from None
             except OSError as e:
                 why = missing(path) if isinstance(e, FileNotFoundError) else e.strerror or e
-                raise IndexError_(f"{path}: unreadable index array ({why})") from None
+                raise IndexError_(f"{path}: unreadable index array: {why}") from None
             if arr.shape[0] != R:
                 raise IndexError_(f"{path}: {arr.shape[0]} rows, the manifest says {R} (a torn index)")
             self.arrays[name] = arr
@@ -222,19 +222,19 @@ class IndexReader:
             try:
                 self.checks = load_npy(path, mmap_mode="r")
             except ArrayFileError as e:
-                raise IndexError_(f"{path}: unreadable index checksums ({e.reason})") from None
+                raise IndexError_(f"{path}: unreadable index checksums: {e.reason}") from None
             except OSError as e:
                 why = missing(path) if isinstance(e, FileNotFoundError) else e.strerror or e
-                raise IndexError_(f"{path}: unreadable index checksums ({why})") from None
+                raise IndexError_(f"{path}: unreadable index checksums: {why}") from None
             if self.checks.shape != (manifest["batches"],):
                 raise IndexError_(f"{path}: {self.checks.shape[0]} checksums, the manifest says {manifest['batches']}")
         try:
             self.selection = load_npz(self.root / "selection.npz")
         except ArrayFileError as e:
-            raise IndexError_(f"{self.root / 'selection.npz'}: unreadable ({e.reason})") from None
+            raise IndexError_(f"{self.root / 'selection.npz'}: unreadable: {e.reason}") from None
         except OSError as e:
             why = missing(self.root / "selection.npz") if isinstance(e, FileNotFoundError) else e.strerror or e
-            raise IndexError_(f"{self.root / 'selection.npz'}: unreadable ({why})") from None
+            raise IndexError_(f"{self.root / 'selection.npz'}: unreadable: {why}") from None
 
     @property
     def rows(self) -> int:

@@ -177,7 +177,8 @@ def refuse_inside_run(root: Path, key: str, output: bool = False) -> None:
     if outer is None:
         return
     if output:
-        raise StoreError(f"{root}: is inside the jaxinf run directory {outer}; choose a {key} outside it")
+        article = "an" if key[:1] in "AEIOU" else "a"  # a run.out, a --out, an OUT_DIR
+        raise StoreError(f"{root}: is inside the jaxinf run directory {outer}; choose {article} {key} outside it")
     raise StoreError(f"{key}: {root}: is inside the jaxinf run directory {outer}; give the run directory itself")
 
 
