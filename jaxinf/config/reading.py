@@ -172,14 +172,7 @@ def check_values(config: Config, source: str) -> None:
         value = getattr(getattr(config, section), name)
         if value is not None and value < 1:
             raise ConfigError(f"{source}: {section}.{name}: must be at least 1, got {value}")
-    for section, name in (
-        ("model", "checkpoint"),
-        ("data", "documents"),
-        ("data", "queries"),
-        ("factors", "from_run"),
-        ("index", "from_run"),
-        ("run", "out"),
-    ):  # '' is the working directory to Path: run.out='' wrote a run into it
+    for section, name in sorted(PATH_KEYS):  # '' is the working directory to Path: run.out='' wrote a run into it
         value = getattr(getattr(config, section), name)
         if isinstance(value, str) and not value.strip():
             key = f"{section}.{name.replace('from_run', 'from')}"
