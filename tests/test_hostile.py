@@ -1169,6 +1169,26 @@ def test_a_query_against_an_index_whose_manifest_k_was_changed_is_one_line(world
     )
 
 
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", None])
+def test_a_query_against_an_index_whose_manifest_dtype_was_changed_is_one_line(world, indexed, tmp_path, capsys, dtype):
+    """A manifest.json whose ``dtype`` is not a dtype jaxinf writes (bfloat16, null) was a ``KeyError`` traceback in
+    ``jaxinf query``; one that names the other dtype than cells.npy holds gave certificates for the wrong resolution."""
+    import shutil
+
+    src, _ = indexed
+    run = tmp_path / "run"
+    shutil.copytree(src, run)
+    path = run / "state" / "index" / "manifest.json"
+    manifest = json.loads(path.read_text())
+    manifest["dtype"] = dtype
+    path.write_text(json.dumps(manifest))
+    capsys.readouterr()
+    assert cli.main(["-q", "query", str(run), str(world["queries"]), "--out", str(tmp_path / "q")]) == 2
+    assert _one_error(capsys, "query") == (
+        f"{path}: its dtype ({dtype!r}) is not that of cells.npy (float32) (a damaged manifest: rebuild it)"
+    )
+
+
 @pytest.mark.parametrize("damage", ["out of range", "cut short", "float", "missing", "repeated"])
 def test_a_query_against_an_index_whose_selection_is_damaged_is_one_line(world, indexed, tmp_path, capsys, damage):
     """selection.npz (the order of each block's eigen-directions) carries no checksum: an index out of range gave

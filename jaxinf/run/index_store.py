@@ -216,6 +216,14 @@ class IndexReader:
                 f"{self.root / 'cells.npy'}: {self.arrays['cells'].shape[1]} cells per row, the manifest "
                 f"says {manifest['cells']}"
             )
+        # the resolution its certificates allow for is the manifest's dtype's: one edited to another dtype (or to a
+        # name jaxinf does not know, a KeyError traceback) would certify float16 rows as float32
+        dtype, stored = manifest.get("dtype"), self.arrays["cells"].dtype
+        if not isinstance(dtype, str) or dtype not in DTYPES or stored != np.dtype(DTYPES[dtype]):
+            raise IndexError_(
+                f"{manifest_path(self.root)}: its dtype ({dtype!r}) is not that of cells.npy ({stored}) (a damaged "
+                f"manifest: rebuild it)"
+            )
         self.checks: np.ndarray | None = None  # an index of jaxinf before the checksums: read unchecked
         if manifest.get("checksums") == CHECKSUMS:
             path = self.root / "checks.npy"
