@@ -1169,6 +1169,35 @@ def test_a_query_against_an_index_whose_manifest_k_was_changed_is_one_line(world
     )
 
 
+@pytest.mark.parametrize(
+    "key, value, what",
+    [
+        ("rows_per_batch", None, "is not a count"),
+        ("rows_per_batch", "8", "is not a count"),
+        ("cells", "384", "is not a count"),
+        ("batches", True, "is not a count"),
+        ("inputs", None, "do not say what the index was built from"),
+    ],
+)
+def test_a_query_against_an_index_whose_manifest_counts_were_changed_is_one_line(
+    world, indexed, tmp_path, capsys, key, value, what
+):
+    """A manifest.json whose counts are not numbers (``rows_per_batch: null``, ``inputs: null``) was a ``TypeError``
+    traceback in ``jaxinf query``; a count written as a string was "cells.npy: 8 rows, the manifest says 8"."""
+    import shutil
+
+    src, _ = indexed
+    run = tmp_path / "run"
+    shutil.copytree(src, run)
+    path = run / "state" / "index" / "manifest.json"
+    manifest = json.loads(path.read_text())
+    manifest[key] = value
+    path.write_text(json.dumps(manifest))
+    capsys.readouterr()
+    assert cli.main(["-q", "query", str(run), str(world["queries"]), "--out", str(tmp_path / "q")]) == 2
+    assert _one_error(capsys, "query") == f"{path}: its {key} ({value!r}) {what} (a damaged manifest: rebuild it)"
+
+
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16", None])
 def test_a_query_against_an_index_whose_manifest_dtype_was_changed_is_one_line(world, indexed, tmp_path, capsys, dtype):
     """A manifest.json whose ``dtype`` is not a dtype jaxinf writes (bfloat16, null) was a ``KeyError`` traceback in

@@ -191,6 +191,18 @@ class IndexReader:
         manifest = read_manifest(self.root)
         if manifest is None:
             raise IndexError_(f"{self.root}: no index here (no manifest.json; build one with index.k set)")
+        for key in ("batches", "written", "rows_per_batch", "cells", "bands"):  # an edit: was a traceback or a
+            value = manifest.get(key)  # riddle ("8 rows, the manifest says 8" of a string "8")
+            if type(value) is not int or value < 0:
+                raise IndexError_(
+                    f"{manifest_path(self.root)}: its {key} ({value!r}) is not a count (a damaged manifest: rebuild it)"
+                )
+        inputs = manifest.get("inputs")
+        if not isinstance(inputs, dict) or not {"documents", "eigen"} <= inputs.keys():
+            raise IndexError_(
+                f"{manifest_path(self.root)}: its inputs ({inputs!r}) do not say what the index was built from (a "
+                f"damaged manifest: rebuild it)"
+            )
         if manifest["written"] != manifest["batches"]:
             raise IndexError_(
                 f"{manifest_path(self.root)}: the index is incomplete ({manifest['written']} of "
