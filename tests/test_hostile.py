@@ -1177,6 +1177,7 @@ def test_a_query_against_an_index_whose_manifest_k_was_changed_is_one_line(world
         ("cells", "384", "is not a count"),
         ("batches", True, "is not a count"),
         ("inputs", None, "do not say what the index was built from"),
+        ("written", 2, "is more than its batches (1)"),
     ],
 )
 def test_a_query_against_an_index_whose_manifest_counts_were_changed_is_one_line(

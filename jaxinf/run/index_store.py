@@ -203,6 +203,11 @@ class IndexReader:
                 f"{manifest_path(self.root)}: its inputs ({inputs!r}) do not say what the index was built from (a "
                 f"damaged manifest: rebuild it)"
             )
+        if manifest["written"] > manifest["batches"]:  # was "the index is incomplete (2 of 1 batches written)"
+            raise IndexError_(
+                f"{manifest_path(self.root)}: its written ({manifest['written']}) is more than its batches "
+                f"({manifest['batches']}) (a damaged manifest: rebuild it)"
+            )
         if manifest["written"] != manifest["batches"]:
             raise IndexError_(
                 f"{manifest_path(self.root)}: the index is incomplete ({manifest['written']} of "
