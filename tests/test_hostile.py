@@ -1169,6 +1169,90 @@ def test_a_query_against_an_index_whose_manifest_k_was_changed_is_one_line(world
     )
 
 
+@pytest.mark.parametrize(
+    "key, value, what",
+    [
+        ("rows_per_batch", None, "is not a count"),
+        ("rows_per_batch", "8", "is not a count"),
+        ("cells", "384", "is not a count"),
+        ("batches", True, "is not a count"),
+        ("inputs", None, "do not say what the index was built from"),
+        ("written", 2, "is more than its batches (1)"),
+    ],
+)
+def test_a_query_against_an_index_whose_manifest_counts_were_changed_is_one_line(
+    world, indexed, tmp_path, capsys, key, value, what
+):
+    """A manifest.json whose counts are not numbers (``rows_per_batch: null``, ``inputs: null``) was a ``TypeError``
+    traceback in ``jaxinf query``; a count written as a string was "cells.npy: 8 rows, the manifest says 8"."""
+    import shutil
+
+    src, _ = indexed
+    run = tmp_path / "run"
+    shutil.copytree(src, run)
+    path = run / "state" / "index" / "manifest.json"
+    manifest = json.loads(path.read_text())
+    manifest[key] = value
+    path.write_text(json.dumps(manifest))
+    capsys.readouterr()
+    assert cli.main(["-q", "query", str(run), str(world["queries"]), "--out", str(tmp_path / "q")]) == 2
+    assert _one_error(capsys, "query") == f"{path}: its {key} ({value!r}) {what} (a damaged manifest: rebuild it)"
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", None])
+def test_a_query_against_an_index_whose_manifest_dtype_was_changed_is_one_line(world, indexed, tmp_path, capsys, dtype):
+    """A manifest.json whose ``dtype`` is not a dtype jaxinf writes (bfloat16, null) was a ``KeyError`` traceback in
+    ``jaxinf query``; one that names the other dtype than cells.npy holds gave certificates for the wrong resolution."""
+    import shutil
+
+    src, _ = indexed
+    run = tmp_path / "run"
+    shutil.copytree(src, run)
+    path = run / "state" / "index" / "manifest.json"
+    manifest = json.loads(path.read_text())
+    manifest["dtype"] = dtype
+    path.write_text(json.dumps(manifest))
+    capsys.readouterr()
+    assert cli.main(["-q", "query", str(run), str(world["queries"]), "--out", str(tmp_path / "q")]) == 2
+    assert _one_error(capsys, "query") == (
+        f"{path}: its dtype ({dtype!r}) is not that of cells.npy (float32) (a damaged manifest: rebuild it)"
+    )
+
+
+@pytest.mark.parametrize("damage", ["out of range", "cut short", "float", "missing", "repeated"])
+def test_a_query_against_an_index_whose_selection_is_damaged_is_one_line(world, indexed, tmp_path, capsys, damage):
+    """selection.npz (the order of each block's eigen-directions) carries no checksum: an index out of range gave
+    scores of NaN blamed on scores.npy, a row cut short a numpy matmul traceback, a float or a missing block a
+    ``TypeError``/``KeyError`` traceback, a repeated direction wrong scores without a word. It is the order of the
+    run's eigenvalues, so it is checked against them."""
+    import shutil
+
+    src, _ = indexed
+    run = tmp_path / "run"
+    shutil.copytree(src, run)
+    path = run / "state" / "index" / "selection.npz"
+    arrays = dict(np.load(path))
+    key = sorted(k for k in arrays if k.startswith("rows/"))[0]
+    if damage == "out of range":
+        arrays[key] = arrays[key] + 1000
+    elif damage == "cut short":
+        arrays[key] = arrays[key][..., :-1]
+    elif damage == "float":
+        arrays[key] = arrays[key].astype(np.float32)
+    elif damage == "missing":
+        del arrays[key]
+    else:
+        arrays[key][..., 0] = arrays[key][..., 1]
+    with open(path, "wb") as f:
+        np.savez(f, **arrays)
+    capsys.readouterr()
+    assert cli.main(["-q", "query", str(run), str(world["queries"]), "--out", str(tmp_path / "q")]) == 2
+    what = "missing" if damage == "missing" else "not the order of the eigenvalues the index was built in"
+    assert _one_error(capsys, "query") == (
+        f"{path}: {key} is {what} (a damaged index: remove its manifest.json and run the run {run} again)"
+    )
+
+
 def test_a_factor_or_export_that_is_a_link_to_nothing_is_named_as_such(tmp_path):
     """``jaxinf compare`` with a factor file (or a run's scores.npy) that is a symbolic link loop said "file is
     missing", and the user looked for a file that was there: a link to nothing or a loop is named as such."""

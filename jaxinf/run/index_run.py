@@ -329,6 +329,18 @@ def check_index(reader: IndexReader, store: RunStore, inputs: Inputs, eigen) -> 
         )
     if m["inputs"]["eigen"] != eigen_fingerprint(eigen):
         raise IndexError_(f"{where}: built in another eigenbasis (the factors were refitted: rebuild it)")
+    # the order of the directions is a function of the eigenvalues: a damaged selection.npz (an index out of range,
+    # a block missing, another shape or dtype) was a traceback in the rotation or NaN scores, a repeated one wrong ones
+    expected = jax.device_get(indexing.select_cells(eigen))
+    for part, want in (("rows", expected.rows), ("cols", expected.cols)):
+        for name in sorted(want):
+            got = reader.selection.get(f"{part}/{name}")
+            if got is None or got.dtype.kind not in "iu" or not np.array_equal(got, np.asarray(want[name])):
+                raise IndexError_(
+                    f"{reader.root / 'selection.npz'}: {part}/{name} is "
+                    f"{'missing' if got is None else 'not the order of the eigenvalues the index was built in'} "
+                    f"(a damaged index: remove its manifest.json and run the run {reader.root.parent.parent} again)"
+                )
 
 
 def _checked_rows(reader: IndexReader, lo: int, hi: int, documents: int) -> dict[str, np.ndarray]:

@@ -191,6 +191,23 @@ class IndexReader:
         manifest = read_manifest(self.root)
         if manifest is None:
             raise IndexError_(f"{self.root}: no index here (no manifest.json; build one with index.k set)")
+        for key in ("batches", "written", "rows_per_batch", "cells", "bands"):  # an edit: was a traceback or a
+            value = manifest.get(key)  # riddle ("8 rows, the manifest says 8" of a string "8")
+            if type(value) is not int or value < 0:
+                raise IndexError_(
+                    f"{manifest_path(self.root)}: its {key} ({value!r}) is not a count (a damaged manifest: rebuild it)"
+                )
+        inputs = manifest.get("inputs")
+        if not isinstance(inputs, dict) or not {"documents", "eigen"} <= inputs.keys():
+            raise IndexError_(
+                f"{manifest_path(self.root)}: its inputs ({inputs!r}) do not say what the index was built from (a "
+                f"damaged manifest: rebuild it)"
+            )
+        if manifest["written"] > manifest["batches"]:  # was "the index is incomplete (2 of 1 batches written)"
+            raise IndexError_(
+                f"{manifest_path(self.root)}: its written ({manifest['written']}) is more than its batches "
+                f"({manifest['batches']}) (a damaged manifest: rebuild it)"
+            )
         if manifest["written"] != manifest["batches"]:
             raise IndexError_(
                 f"{manifest_path(self.root)}: the index is incomplete ({manifest['written']} of "
@@ -215,6 +232,14 @@ class IndexReader:
             raise IndexError_(
                 f"{self.root / 'cells.npy'}: {self.arrays['cells'].shape[1]} cells per row, the manifest "
                 f"says {manifest['cells']}"
+            )
+        # the resolution its certificates allow for is the manifest's dtype's: one edited to another dtype (or to a
+        # name jaxinf does not know, a KeyError traceback) would certify float16 rows as float32
+        dtype, stored = manifest.get("dtype"), self.arrays["cells"].dtype
+        if not isinstance(dtype, str) or dtype not in DTYPES or stored != np.dtype(DTYPES[dtype]):
+            raise IndexError_(
+                f"{manifest_path(self.root)}: its dtype ({dtype!r}) is not that of cells.npy ({stored}) (a damaged "
+                f"manifest: rebuild it)"
             )
         self.checks: np.ndarray | None = None  # an index of jaxinf before the checksums: read unchecked
         if manifest.get("checksums") == CHECKSUMS:
