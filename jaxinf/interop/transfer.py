@@ -132,8 +132,15 @@ def read_record(run_dir: Path) -> dict:
     """The record of the run ``run_dir`` reads from: ``run.json``, or its copy ``state/run.json`` when it is damaged
     (:func:`jaxinf.run.rundir.read_record`, the one reader of both: a damaged run.json of a run that has its copy
     was refused here)."""
-    rundir.refuse_inside_run(Path(run_dir), "the run")
-    record = rundir.read_record(Path(run_dir))
+    root = Path(run_dir)
+    rundir.refuse_inside_run(root, "the run")
+    try:
+        record = rundir.read_record(root)
+    except rundir.StoreError:
+        if not root.joinpath(*rundir.RECORD_COPY).exists() and rundir.is_json(root / rundir.RECORD):
+            record = {}  # another tool's run.json (whole JSON, no copy of a jaxinf record): named below
+        else:
+            raise
     if record is None:
         raise InteropError(f"{run_dir}: not a jaxinf run directory (no run.json)")
     if not rundir.is_record(record):
