@@ -134,13 +134,7 @@ def read_record(run_dir: Path) -> dict:
     was refused here)."""
     root = Path(run_dir)
     rundir.refuse_inside_run(root, "the run")
-    try:
-        record = rundir.read_record(root)
-    except rundir.StoreError:
-        if not root.joinpath(*rundir.RECORD_COPY).exists() and rundir.is_json(root / rundir.RECORD):
-            record = {}  # another tool's run.json (whole JSON, no copy of a jaxinf record): named below
-        else:
-            raise
+    record = rundir.read_record(root, config_only=True)  # any JSON object: another tool's run.json is named below
     if record is None:
         raise InteropError(f"{run_dir}: not a jaxinf run directory (no run.json)")
     if not rundir.is_record(record):

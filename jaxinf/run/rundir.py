@@ -344,15 +344,6 @@ def read_record(root: Path, output: bool = False, config_only: bool = False) -> 
     return record
 
 
-def is_json(path: Path) -> bool:
-    """Whether ``path`` holds whole JSON (a record of another tool's, say), as opposed to a damaged or missing file."""
-    try:
-        json.loads(path.read_text())
-    except (OSError, ValueError):
-        return False
-    return True
-
-
 def _parse(path: Path, config_only: bool = False) -> dict:
     record = json.loads(path.read_text())
     if not isinstance(record, dict) or not isinstance(record.get("config", {} if config_only else None), dict):
