@@ -294,7 +294,9 @@ def scores_stage(config: cfg.Config, store: RunStore, inputs: Inputs, qg, curv, 
     )
     build, tails = None, None
     if fused:
-        build = index_run.IndexBuild(config, store, inputs, curv, saved_eigen(config, store, inputs, executor))
+        build = index_run.IndexBuild(
+            config, store, inputs, curv, saved_eigen(config, store, inputs, executor), executor
+        )
         saves = index_run.WithIndex(saves, build.writer, ("scores", "loss"))
         fn = programs.scores_and_index(config, inputs.task, inputs.layers).jit(executor)
         score_fn = lambda p, q, c, b: fn(p, q, build.basis, b)  # noqa: E731

@@ -419,11 +419,12 @@ def distributed_task(out: Path) -> None:
     import time
 
     import jax
+    import jax.numpy as jnp
     import numpy as np
 
     from jaxinf import config as cfg
     from jaxinf.engine import capture, scoring, stages, testing
-    from jaxinf.run.executor import MeshExecutor
+    from jaxinf.run.executor import MeshExecutor, covers_rows
     from jaxinf.sharding import meshes
 
     process = int(os.environ["JAXINF_TEST_PROCESS"])
@@ -483,6 +484,17 @@ def distributed_task(out: Path) -> None:
     ref = jax.jit(step)(params_local, jax.device_put(qg, local), None, on_local(whole))
     r["errors"]["scores"] = _tree_rel({k: ex.fetch(v) for k, v in got.items()}, ref)
     _say(f"process {process}: scores ({time.process_time():.1f} s CPU)")
+
+    # a per-row output's rows of this process's slice of the corpus (what it writes of the index): read from its own
+    # devices when they hold them (rows over data), gathered and cut when they hold only some of their columns
+    r["local"] = {}
+    for name, spec in (("rows", ("data", None)), ("columns", (None, "data"))):
+        made = jax.jit(
+            lambda: jnp.arange(8.0).reshape(4, 2),
+            out_shardings=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*spec)),
+        )()
+        r["local"][name] = [covers_rows(made.sharding, made.shape, mesh, 2), ex.local_rows(made).tolist()]
+    r["writes_group"] = ex.writes_group
 
     # the index read by two processes: each one's slice of rows shared exactly, a damaged slice refused on both
     from jaxinf.run import index_run

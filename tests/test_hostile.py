@@ -1199,6 +1199,37 @@ def test_a_query_against_an_index_whose_manifest_counts_were_changed_is_one_line
     assert _one_error(capsys, "query") == f"{path}: its {key} ({value!r}) {what} (a damaged manifest: rebuild it)"
 
 
+@pytest.mark.parametrize("edit", ["bands", "block layers", "parts 0", "parts 3"])
+def test_a_query_against_an_index_whose_manifest_widths_or_parts_were_changed_is_one_line(
+    world, indexed, tmp_path, capsys, edit
+):
+    """The manifest's band energies per row and its blocks' layers were never compared with each other or with
+    bands.npy (an edited count was used as it stood); ``parts`` (one per slice of the corpus the writing processes
+    read) that is not a count, or does not split a batch's rows, is refused too."""
+    import shutil
+
+    src, _ = indexed
+    run = tmp_path / "run"
+    shutil.copytree(src, run)
+    path = run / "state" / "index" / "manifest.json"
+    manifest = json.loads(path.read_text())
+    cells, bands = manifest["cells"], manifest["bands"]
+    if edit == "bands":
+        manifest["bands"] = bands = bands + 1
+    elif edit == "block layers":
+        next(iter(manifest["blocks"].values()))["layers"] += 1
+    else:
+        manifest["parts"] = int(edit.split()[1])
+    path.write_text(json.dumps(manifest))
+    capsys.readouterr()
+    assert cli.main(["-q", "query", str(run), str(world["queries"]), "--out", str(tmp_path / "q")]) == 2
+    why = {
+        "parts 0": "its parts (0) is not a count",
+        "parts 3": f"its {manifest['rows_per_batch']} rows per batch do not split into its 3 parts",
+    }.get(edit, f"its blocks do not give its {cells} cells and {bands} band energies per row")
+    assert _one_error(capsys, "query") == f"{path}: {why} (a damaged manifest: rebuild it)"
+
+
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16", None])
 def test_a_query_against_an_index_whose_manifest_dtype_was_changed_is_one_line(world, indexed, tmp_path, capsys, dtype):
     """A manifest.json whose ``dtype`` is not a dtype jaxinf writes (bfloat16, null) was a ``KeyError`` traceback in

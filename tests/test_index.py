@@ -5,6 +5,8 @@ test_scoring.py): the index must reproduce its scores from the stored blocks alo
 
 from __future__ import annotations
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -211,46 +213,66 @@ def test_plan_counts_the_index_rows_held_between_flushes_in_the_writing_steps_pe
     assert plan_report.check_fit(result, (2**29 + rows["bytes_per_device"]) / 2**30) == []
 
 
-def test_only_the_first_process_writes_the_index_and_every_process_resumes_from_its_manifest(tmp_path):
-    """With several processes every process holds each batch's rows: process 0's writer writes them, another's writes
-    no file (two writers of one file on a shared disk) yet counts its batches, and resumes where process 0's manifest
-    says, as process 0 does."""
-    from jaxinf.run.index_store import IndexWriter, read_manifest
+def test_each_data_group_writes_its_own_part_of_the_index_and_a_reader_reads_every_part(tmp_path):
+    """Three processes in two data groups: each group's first process writes its own rows of each batch into its
+    part (the second process of group 1 writes nothing, two writers of one file on a shared disk), from its rows
+    alone (an output fetched whole, the scores' loss, is cut to them); every process resumes where process 0's
+    manifest says; a reader reads both parts, each part's batches checked against its own checksums; a build
+    begun in two parts is not resumed in one."""
+    from jaxinf.run.index_store import IndexError_, IndexReader, IndexWriter, read_manifest
 
     manifest = {
         "format": 1,
         "k": 2,
         "dtype": "float32",
-        "blocks": {},
+        "blocks": {"mlp": {"k_S": 1, "k_A": 3, "layers": 1, "bands_S": 1, "bands_A": 2}},
         "cells": 3,
         "bands": 2,
-        "layers": [],
+        "layers": ["mlp.0"],
         "batches": 3,
-        "plan": {"processes": 2, "batch_size": 1, "batches": 3},
+        "plan": {"processes": 3, "batch_size": 2, "batches": 3},
         "rows": "rows-key",
-        "inputs": {},
+        "inputs": {"documents": "d", "eigen": "e"},
     }
 
-    def batch(b):
-        out = {"cells": np.full((2, 3), b, np.float32), "bands": np.ones((2, 2), np.float32), "loss": np.ones(2)}
-        return out, {"index": np.array([2 * b, 2 * b + 1])}
+    def batch(b, g):  # group g's two rows of batch b's four (the documents of all four, as the loop gathers them)
+        out = {"cells": np.full((2, 3), 10 * b + g, np.float32), "bands": np.ones((2, 2), np.float32)}
+        out["loss"] = np.arange(4.0) + 4 * b  # fetched whole
+        return out, {"index": np.arange(4) + 4 * b}
 
     root = tmp_path / "index"
-    other, first = IndexWriter(root, manifest, 1, primary=False), IndexWriter(root, manifest, 1)
-    for writer in (other, first):
-        writer.begin(*writer.resume(None))
-        writer.save(1, None, [batch(0)])
-        writer.save(2, None, [batch(1)])
-        assert root.exists() == writer.primary
-    assert other.manifest["written"] == first.manifest["written"] == read_manifest(root)["written"] == 2
-    assert sorted(p.name for p in root.iterdir()) == [
-        "bands.npy",
-        "cells.npy",
-        "checks.npy",
-        "documents.npy",
-        "loss.npy",
-        "manifest.json",
+    writers = [
+        (IndexWriter(root, manifest, 1, (0, 2)), 0),  # process 0, primary
+        (IndexWriter(root, manifest, 1, (1, 2), primary=False), 1),
+        (IndexWriter(root, manifest, 1, (1, 2), writes=False, primary=False), 1),
     ]
-    np.testing.assert_array_equal(np.load(root / "documents.npy")[:4], [0, 1, 2, 3])
-    for primary in (False, True):  # a restarted run: both processes resume at the first batch not written
-        assert IndexWriter(root, manifest, 1, primary=primary).resume(None)[0] == 2
+    for writer, _ in writers:
+        writer.begin(*writer.resume(None))
+    for b in range(3):
+        for writer, g in writers:
+            writer.save(b + 1, None, [batch(b, g)])
+    assert read_manifest(root)["written"] == 3 and read_manifest(root)["parts"] == 2
+    assert sorted(p.name for p in root.iterdir()) == ["manifest.json", "part-0-of-2", "part-1-of-2"]
+    np.testing.assert_array_equal(np.load(root / "part-1-of-2" / "documents.npy"), [2, 3, 6, 7, 10, 11])
+    np.testing.assert_array_equal(np.load(root / "part-1-of-2" / "loss.npy"), [2, 3, 6, 7, 10, 11])
+    np.testing.assert_array_equal(np.load(root / "part-0-of-2" / "cells.npy")[:, 0], [0, 0, 10, 10, 20, 20])
+    for _, g in writers:  # a restarted run: every process resumes after the last batch written
+        assert IndexWriter(root, manifest, 1, (g, 2), primary=False).resume(None)[0] == 3
+    np.savez(root / "selection.npz", **{"rows/mlp": np.arange(1), "cols/mlp": np.arange(3)})
+    reader = IndexReader(root)
+    assert reader.rows == 12 and list(reader.slices(4)) == [(0, 4), (4, 6), (6, 10), (10, 12)]
+    np.testing.assert_array_equal(reader.read(6, 12)["documents"], [2, 3, 6, 7, 10, 11])
+    assert reader.where("cells", 8) == f"{root / 'part-1-of-2' / 'cells.npy'}: row 2"
+    cells = np.load(root / "part-1-of-2" / "cells.npy", mmap_mode="r+")
+    cells[3, 1] = 5.0  # batch 1 of part 1
+    cells.flush()
+    with pytest.raises(IndexError_, match=r"part-1-of-2: the rows of batch 1 \(rows 8 to 9\) do not match"):
+        IndexReader(root).read(6, 12)
+    np.testing.assert_array_equal(IndexReader(root).read(0, 6)["documents"], [0, 1, 4, 5, 8, 9])  # part 0 intact
+    fresh = {**manifest, "batches": 4}  # another batch plan: begun afresh, and the parts of the old one removed
+    IndexWriter(root, {**fresh}, 1, (0, 1))
+    assert sorted(p.name for p in root.iterdir()) == ["manifest.json", "selection.npz"]
+    writers[0][0].manifest["written"] = 1
+    (root / "manifest.json").write_text(json.dumps(writers[0][0].manifest))
+    with pytest.raises(IndexError_, match=r"begun in 2 part\(s\).*this run reads it in 1"):
+        IndexWriter(root, manifest, 1, (0, 1))

@@ -43,6 +43,10 @@ def test_two_processes_reduce_and_score_like_one(tmp_path):
             {"documents": [0, 1], "scores": [[1.1, 1.1], [1.1, 1.1]], "loss": [0.0, 0.0]},
         ], r["exchanged"]
         assert r["refused"] == "rows 4-8 damaged"  # one process's damaged rows stop both, in the same words
+        # each process is its group's one writer, and has its group's rows of a per-row output (rows 2g and 2g + 1)
+        # whether its devices hold them (read locally) or only their columns (gathered and cut)
+        own = [[2.0 * (2 * r["group"] + i), 2.0 * (2 * r["group"] + i) + 1] for i in range(2)]
+        assert r["writes_group"] and r["local"] == {"rows": [True, own], "columns": [False, own]}, r["local"]
 
 
 def test_a_process_that_dies_or_hangs_is_named(tmp_path):
@@ -95,9 +99,9 @@ def test_two_processes_give_the_scores_of_one(world, tmp_path, fsdp):
 
 @pytest.mark.heavy  # about 3 minutes on 2 cores: two processes, one for reference and a query from one process
 def test_two_processes_build_an_index_that_one_process_queries(world, tmp_path):
-    """index.k=full with scores.mode=index on two processes: the index pass (its own pass on a mesh) gathers each
-    batch's rows to both, process 0 writes them and process 1 waits for the last flush; each process then reads and
-    multiplies its own slices of the rows and they exchange the products; the scores are those of one process's
+    """index.k=full with scores.mode=index on two processes: in the index pass (its own pass on a mesh) each process
+    writes the rows of its own slice of the corpus, from its own devices, into a part of its own; each process then
+    reads and multiplies its own slices of the rows and they exchange the products; the scores are those of one process's
     exact run. jaxinf query on one process (another batch plan, no coordinator)
     answers new queries from that index with the same scores."""
     one = tmp_path / "one"
@@ -108,13 +112,19 @@ def test_two_processes_build_an_index_that_one_process_queries(world, tmp_path):
     rs = run_processes(2, ["run", *overrides(world, two, **SETTINGS, **indexed)], env, timeout=900)
     for i, r in enumerate(rs):
         assert r.returncode == 0, f"process {i}:\n{r.stderr[-4000:]}"
-    # each reads its own slices of the 24 rows (batches of 8): process 0 the first and third, process 1 the second
-    assert "this process read 16 of the index's 24 rows" in rs[0].stderr, rs[0].stderr[-3000:]
-    assert "this process read 8 of the index's 24 rows" in rs[1].stderr, rs[1].stderr[-3000:]
+    # each reads its own slice of the 24 rows (two parts of 12): here the part it wrote
+    for r in rs:
+        assert "this process read 12 of the index's 24 rows" in r.stderr, r.stderr[-3000:]
     a, b = np.load(one / "scores.npy"), np.load(two / "scores.npy")
     assert float(np.abs(a - b).max() / np.abs(a).max()) <= TOLERANCE
     manifest = json.loads((two / "state" / "index" / "manifest.json").read_text())
     assert manifest["written"] == manifest["batches"] == 3 and manifest["rows_per_batch"] == 2 * 4
+    # each process wrote the rows of its own slice of the corpus, in a part of its own: 3 batches of 4 rows each
+    assert manifest["parts"] == 2
+    for i, r in enumerate(rs):
+        assert f"index: this process wrote part {i} of 2" in r.stderr, r.stderr[-3000:]
+        part = two / "state" / "index" / f"part-{i}-of-2"
+        assert np.load(part / "cells.npy", mmap_mode="r").shape[0] == 3 * 4
     answers = tmp_path / "answers"
     r = subprocess.run(
         [sys.executable, "-m", "jaxinf", "query", str(two), str(world["queries"]), "--out", str(answers)]

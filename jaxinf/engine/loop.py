@@ -53,6 +53,8 @@ class Device(Protocol):
 
     def gather_rows(self, local: np.ndarray) -> np.ndarray: ...
 
+    def local_rows(self, x) -> np.ndarray: ...
+
 
 class _InMemory:
     """Batches used as given (arrays already), results read with ``np.asarray``: the library's in-memory loops."""
@@ -65,6 +67,9 @@ class _InMemory:
 
     def gather_rows(self, local) -> np.ndarray:
         return np.asarray(local)
+
+    def local_rows(self, x) -> np.ndarray:
+        return np.asarray(x)
 
 
 IN_MEMORY = _InMemory()
@@ -81,6 +86,11 @@ class Saves(Protocol):
     @property
     def noun(self) -> str:
         """What the closing log line says the saving time was spent on ("" for nothing saved)."""
+
+    @property
+    def local(self) -> tuple[str, ...]:
+        """The outputs (keys of a batch's dict of outputs) it needs only this process's rows of
+        (:meth:`Device.local_rows`: never gathered from the other processes); the others are fetched whole."""
 
     def resume(self, carry) -> tuple[int, Any]:
         """The first batch to compute and the carry to start from (``carry`` is the fresh one)."""
@@ -103,6 +113,13 @@ def check_losses(losses: np.ndarray, index: np.ndarray | None, batch: int, non_f
     if rows.size:
         row = int(rows[0])
         raise CaptureError(non_finite(batch, row, None if index is None else int(index[row]), float(losses[row])))
+
+
+def _fetch(device: Device, out, local: tuple[str, ...]):
+    """A batch's outputs on the host: the keys ``local`` names as this process's rows, the rest whole."""
+    if not local:
+        return jax.tree.map(device.fetch, out)
+    return {k: (device.local_rows(v) if k in local else jax.tree.map(device.fetch, v)) for k, v in out.items()}
 
 
 def run_batches(
@@ -142,7 +159,7 @@ def run_batches(
     def save(at: int) -> None:
         nonlocal save_seconds, unsaved
         check()
-        fetched = [(None if out is None else jax.tree.map(device.fetch, out), rows) for out, rows in unsaved]
+        fetched = [(None if out is None else _fetch(device, out, saves.local), rows) for out, rows in unsaved]
         t_save = time.perf_counter()
         saves.save(at, carry, fetched)
         save_seconds += time.perf_counter() - t_save
@@ -190,6 +207,7 @@ class Kept:
     is not resumed. ``every=1`` brings each batch's outputs to the host as soon as the next one is running."""
 
     noun = ""
+    local: tuple[str, ...] = ()
 
     def __init__(self, every: int | None = None):
         self.every = every

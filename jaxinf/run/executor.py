@@ -99,6 +99,16 @@ class Executor(Protocol):
     def gather_rows(self, local: np.ndarray) -> np.ndarray:
         """Per-row host values of this process's batch, for the global batch (lined up with :meth:`fetch`)."""
 
+    def local_rows(self, x) -> np.ndarray:
+        """The rows of a per-row output (rows on the first axis) that this process's slice of the corpus holds:
+        :meth:`fetch`'s rows ``[g u, (g + 1) u)`` for data group g of ``G`` (``u`` = rows / G), read from this
+        process's own devices, never gathered from the others'."""
+
+    @property
+    def writes_group(self) -> bool:
+        """Whether this process is its data group's first: the one that writes what belongs to its slice of the
+        corpus (its part of the index)."""
+
 
 class DeviceExecutor:
     """:class:`Executor` on the default device: JAX places everything, one process reads every document."""
@@ -142,6 +152,11 @@ class DeviceExecutor:
 
     def gather_rows(self, local: np.ndarray) -> np.ndarray:
         return np.asarray(local)
+
+    def local_rows(self, x) -> np.ndarray:
+        return np.asarray(x)
+
+    writes_group = True
 
 
 class MeshExecutor:
@@ -261,12 +276,59 @@ class MeshExecutor:
         from jax.experimental import multihost_utils
 
         every = np.asarray(multihost_utils.process_allgather(local))  # [processes, rows, ...]
+        return np.concatenate([every[p] for p in self._group_first()], axis=0)
+
+    def _group_first(self) -> list[int]:
+        """The first process of each data group, group by group."""
         if self._process_groups is None:
             first: dict[int, int] = {}
             for p in range(jax.process_count()):
                 first.setdefault(data_groups(self.mesh, process=p)[0], p)
             self._process_groups = [first[g] for g in range(self.groups[1])]
-        return np.concatenate([every[p] for p in self._process_groups], axis=0)
+        return self._process_groups
+
+    @property
+    def writes_group(self) -> bool:
+        return jax.process_index() == self._group_first()[self.groups[0]]
+
+    def local_rows(self, x) -> np.ndarray:
+        """This process's data group's rows of ``x`` from the shards on its own devices; when those do not hold them
+        whole (an output split across processes on another axis) they are gathered (:meth:`fetch`) and sliced. Which
+        of the two is decided from the sharding alone, so every process takes the same path (a gather is collective)."""
+        if jax.process_count() == 1:
+            return np.asarray(x)
+        g, G = self.groups
+        u = x.shape[0] // G
+        if not covers_rows(x.sharding, x.shape, self.mesh, G):
+            return self.fetch(x)[g * u : (g + 1) * u]
+        out = np.empty((u,) + x.shape[1:], x.dtype)
+        done = set()
+        for shard in x.addressable_shards:
+            index = tuple(i.indices(n) for i, n in zip(shard.index, x.shape))
+            lo, hi = max(index[0][0], g * u), min(index[0][1], (g + 1) * u)
+            if hi <= lo or index in done:
+                continue
+            done.add(index)
+            rows = slice(lo - index[0][0], hi - index[0][0])
+            out[(slice(lo - g * u, hi - g * u),) + shard.index[1:]] = np.asarray(shard.data)[rows]
+        return out
+
+
+def covers_rows(sharding, shape: tuple[int, ...], mesh: Mesh, groups: int) -> bool:
+    """Whether every process's devices hold, between them, the whole of its data group's rows of an array of
+    ``shape`` placed by ``sharding`` (rows on the first axis, ``groups`` groups of ``shape[0] / groups`` rows each).
+    The same answer on every process: it reads only the sharding's map of every device's slice."""
+    u = shape[0] // groups
+    group: dict[int, int] = {}  # process -> its data group
+    held: dict[int, dict[tuple, int]] = {}  # process -> the distinct blocks of its group's rows its devices hold
+    for device, index in sharding.devices_indices_map(shape).items():
+        p = device.process_index
+        g = group.setdefault(p, data_groups(mesh, process=p)[0])
+        bounds = [i.indices(n)[:2] for i, n in zip(index, shape)]
+        bounds[0] = (max(bounds[0][0], g * u), min(bounds[0][1], (g + 1) * u))
+        held.setdefault(p, {})[tuple(bounds)] = int(np.prod([max(0, hi - lo) for lo, hi in bounds]))
+    whole = u * int(np.prod(shape[1:]))
+    return all(sum(blocks.values()) == whole for blocks in held.values())
 
 
 def make_executor(config) -> Executor:

@@ -121,10 +121,10 @@ def flush_every(save_every: int, manifest: dict, rows_per_batch: int) -> int:
 
 
 class IndexBuild:
-    """An index being written: its writer (the per-batch saves), the eigenbases in decreasing eigenvalue that its
-    statistic rotates with, and ``k``."""
+    """An index being written: its writer (the per-batch saves: this process's part, :class:`IndexWriter`), the
+    eigenbases in decreasing eigenvalue that its statistic rotates with, and ``k``."""
 
-    def __init__(self, config: cfg.Config, store: RunStore, inputs: Inputs, curv, eigen):
+    def __init__(self, config: cfg.Config, store: RunStore, inputs: Inputs, curv, eigen, executor):
         self.config, self.store, self.root = config, store, index_root(store)
         self.k = indexing.kept_directions(config.index.k)
         selection = indexing.select_cells(eigen)
@@ -138,16 +138,22 @@ class IndexBuild:
                 config.index.save_every,
                 BUFFER_BYTES / 2**30,
             )
-        self.writer = IndexWriter(self.root, self.manifest, every, primary=jax.process_index() == 0)
+        self.writer = IndexWriter(
+            self.root,
+            self.manifest,
+            every,
+            executor.groups,
+            writes=executor.writes_group,
+            primary=jax.process_index() == 0,
+        )
         if self.writer.primary:
             save_selection(self.root, selection)
         self.basis = indexing.ordered_basis(curv.Q_A, curv.Q_S, selection)
         store.mark("index", "running")
 
     def done(self, timing: dict) -> None:
-        """Marks the index done once its last rows are on disk for every process: with several processes, process 0
-        writes the rows (every process holds each batch's, :meth:`~jaxinf.run.executor.MeshExecutor.fetch`) and the
-        others wait here for it before they read them."""
+        """Marks the index done once its last rows are on disk for every process: with several processes, each data
+        group's first process writes its part and the others wait here for every part before they read them."""
         barrier("index written")
         m = self.writer.manifest
         per_row = row_bytes(m["cells"], m["dtype"], m["bands"])
@@ -166,6 +172,9 @@ class IndexBuild:
             m["dtype"],
             per_row * m["batches"] * (m["rows_per_batch"] or 0) / 2**20,
         )
+        g, parts = self.writer.part
+        if parts > 1 and self.writer.writes:
+            log.info("index: this process wrote part %d of %d (%s)", g, parts, self.writer.files)
 
 
 def build_index(config: cfg.Config, store: RunStore, inputs: Inputs, curv, eigen, executor) -> Path:
@@ -181,7 +190,7 @@ def build_index(config: cfg.Config, store: RunStore, inputs: Inputs, curv, eigen
             if jax.process_index() == 0:
                 manifest_path(index_root(store)).unlink(missing_ok=True)  # its rows from the first batch, afresh
             barrier("index set aside")  # every process resumes from the same (removed) manifest
-    build = IndexBuild(config, store, inputs, curv, eigen)
+    build = IndexBuild(config, store, inputs, curv, eigen, executor)
     index_fn = programs.index(config, inputs.task, inputs.layers).jit(executor)
     params = inputs.lm.params
 
@@ -215,6 +224,7 @@ class WithIndex:
     def __init__(self, saves, writer: IndexWriter, keys: tuple[str, ...]):
         self.saves, self.writer, self.keys = saves, writer, keys
         self.noun = f"{saves.noun} and index rows"
+        self.local = tuple(k for k in writer.local if k not in keys)  # what the pass's own saves need is whole
 
     @property
     def every(self) -> int | None:
@@ -237,7 +247,7 @@ def lambda_with_index(config: cfg.Config, store: RunStore, inputs: Inputs, eigen
     """Stage ``lambda`` and the index in one pass over every document (:func:`jaxinf.engine.programs.index_in_lambda`):
     the Lambda sums checkpointed as :func:`jaxinf.pipeline.accumulate` does, each batch's index rows written beside
     them. Returns Lambda and the pass's timing; the index is marked done."""
-    build = IndexBuild(config, store, inputs, eigen, eigen)
+    build = IndexBuild(config, store, inputs, eigen, eigen, executor)
     program = programs.lambda_and_index(config, inputs.task, inputs.layers)
     stage, update = program.stage, program.jit(executor)
     assert stage is not None  # an accumulating program
@@ -352,15 +362,14 @@ def _checked_rows(reader: IndexReader, lo: int, hi: int, documents: int) -> dict
     bad = np.flatnonzero((rows["documents"] < -1) | (rows["documents"] >= documents))
     if bad.size:
         raise IndexError_(
-            f"{reader.root / 'documents.npy'}: row {lo + bad[0]} names document {rows['documents'][bad[0]]}, not one "
+            f"{reader.where('documents', lo + int(bad[0]))} names document {rows['documents'][bad[0]]}, not one "
             f"of the {documents} documents (a damaged index: {rebuild})"
         )
     for name in ("cells", "bands", "loss"):
         finite = np.isfinite(rows[name]).reshape(hi - lo, -1).all(axis=1)
         if not finite.all():
             raise IndexError_(
-                f"{reader.root / f'{name}.npy'}: row {lo + np.flatnonzero(~finite)[0]} is not finite (a damaged "
-                f"index: {rebuild})"
+                f"{reader.where(name, lo + int(np.flatnonzero(~finite)[0]))} is not finite (a damaged index: {rebuild})"
             )
     return rows
 

@@ -4,7 +4,7 @@ A run's index lives in ``state/index/`` of its run directory (so a change of the
 invalidates it like any other stage):
 
 - ``manifest.json``: the format version, the cells of each block (``k_S``, ``k_A``, layers), ``index.dtype``,
-  rows per batch and batches, the plan, ``rows`` (the digest of the documents' rows, whatever their batches:
+  rows per batch and batches, ``parts`` (below), the plan, ``rows`` (the digest of the documents' rows, whatever their batches:
   :meth:`jaxinf.data.batching.BatchPlan.rows_key`) and the fingerprints of the inputs it was built from (model, documents,
   eigenbasis), and ``written``: how many batches are on disk. ``written`` is raised only after those batches'
   rows have been flushed, so a killed build resumes at the first batch not written.
@@ -18,13 +18,20 @@ invalidates it like any other stage):
   them and checked as a query reads them, so a damaged index whose values stay finite is refused, not used.
 - ``selection.npz``: the eigen-directions in decreasing eigenvalue (:class:`jaxinf.engine.indexing.Selection`).
 
-Rows are those of the run's batch plan: batch ``i`` holds rows ``[i R, (i + 1) R)``.
+Rows are those of the run's batch plan. The arrays above (all but the manifest and the selection) are written in
+``parts``, one per slice of the corpus that the processes read (their *data groups*,
+:func:`jaxinf.sharding.meshes.data_groups`): each batch's ``R`` rows are ``parts`` runs of ``u = R / parts`` rows, the
+g-th read by group g, and part g's files (:func:`part_root`: ``state/index`` itself for one part, else
+``part-G-of-P/``) hold its run of every batch, batch ``i`` at rows ``[i u, (i + 1) u)``. Each group's first process
+writes its own part from the rows its own devices computed, so no process gathers or writes another's rows. The
+index's rows are read part after part: row ``g (batches u) + r`` is row ``r`` of part g.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import shutil
 import zlib
 from collections.abc import Mapping
 from pathlib import Path
@@ -35,6 +42,7 @@ import numpy as np
 from jaxinf.atomic import ArrayFileError, load_npy, load_npz, npy_header, write_json
 from jaxinf.errors import missing
 from jaxinf.run.rundir import StoreError
+from jaxinf.sharding.meshes import barrier
 
 log = logging.getLogger("jaxinf")
 
@@ -67,6 +75,12 @@ def manifest_path(root: Path) -> Path:
     return Path(root) / "manifest.json"
 
 
+def part_root(root: Path, part: int, parts: int) -> Path:
+    """Where part ``part`` of ``parts`` keeps its arrays: the index's own directory when there is one part (an index
+    built by one host reads as before parts existed), ``part-G-of-P/`` beside the manifest otherwise."""
+    return Path(root) if parts == 1 else Path(root) / f"part-{part}-of-{parts}"
+
+
 def read_manifest(root: Path) -> dict | None:
     """The manifest of the index at ``root``, or None if there is none; a malformed one raises naming the file."""
     path = manifest_path(root)
@@ -82,18 +96,31 @@ def read_manifest(root: Path) -> dict | None:
 
 
 class IndexWriter:
-    """The per-batch :class:`jaxinf.engine.loop.Saves` of the index pass: each save writes the rows of the batches since
-    the previous one into the memory maps, flushes them, then records them as written in the manifest.
+    """The per-batch :class:`jaxinf.engine.loop.Saves` of the index pass: each save writes this process's part of the
+    rows of the batches since the previous one into the memory maps and flushes them; once every process has
+    (a barrier), the ``primary`` process (process 0) records them as written in the manifest.
 
-    With several processes, every process holds every batch's rows and only the ``primary`` one (process 0) writes
-    them; the others resume from the same manifest and write nothing."""
+    ``part`` is ``(g, parts)``: this process reads slice g of the corpus (its data group). The loop hands it only
+    those rows of each output (:attr:`local`, :meth:`jaxinf.run.executor.MeshExecutor.local_rows`) and every row's
+    document; the group's first process (``writes``) writes them, the others of its group write nothing."""
 
     noun = "index rows"
+    local = ("cells", "bands", "loss")  # this process's rows only, never gathered from the others
 
-    def __init__(self, root: Path, manifest: dict, every: int, primary: bool = True):
-        self.root, self.every, self.primary = Path(root), every, primary
+    def __init__(
+        self,
+        root: Path,
+        manifest: dict,
+        every: int,
+        part: tuple[int, int] = (0, 1),
+        *,
+        writes: bool = True,
+        primary: bool = True,
+    ):
+        self.root, self.every, self.part, self.writes, self.primary = Path(root), every, part, writes, primary
+        self.files = part_root(self.root, *part)
         old = read_manifest(self.root)
-        manifest = {**manifest, "checksums": CHECKSUMS}
+        manifest = {**manifest, "checksums": CHECKSUMS, "parts": part[1]}
         keys = (
             "format",
             "blocks",
@@ -110,9 +137,25 @@ class IndexWriter:
         if old is not None and any(old.get(k) != manifest.get(k) for k in keys):
             log.warning("%s: built from other inputs or settings; rebuilding the index", self.root)
             old = None
-            for name in (*ARRAYS, "checks") if primary else ():
-                (self.root / f"{name}.npy").unlink(missing_ok=True)
+            if writes:  # this part's rows from the first batch (files of a part it does not write are left alone)
+                for name in (*ARRAYS, "checks"):
+                    (self.files / f"{name}.npy").unlink(missing_ok=True)
+        if old is not None and old.get("parts", 1) != part[1] and old.get("written"):
+            raise IndexError_(
+                f"{manifest_path(self.root)}: begun in {old.get('parts', 1)} part(s), one per slice of the corpus the "
+                f"processes read; this run reads it in {part[1]} (resume with the same mesh, or remove the manifest "
+                f"to begin the index again)"
+            )
         self.manifest = dict(old) if old is not None else {**manifest, "written": 0, "rows_per_batch": None}
+        self.manifest["parts"] = part[1]
+        if primary and not self.manifest["written"]:  # begun afresh: no rows of another layout left on the disk
+            ours = {part_root(self.root, g, part[1]) for g in range(part[1])}
+            for stale in self.root.glob("part-*-of-*") if self.root.is_dir() else ():
+                if stale not in ours and stale.is_dir() and not stale.is_symlink():
+                    shutil.rmtree(stale)
+            if part[1] > 1:
+                for name in (*ARRAYS, "checks"):
+                    (self.root / f"{name}.npy").unlink(missing_ok=True)
         self.maps: dict[str, np.memmap] | None = None
 
     def _open(self, rows_per_batch: int) -> None:
@@ -124,18 +167,18 @@ class IndexWriter:
                 f"{self.root}: {rows_per_batch} rows per batch, the index was begun with "
                 f"{m['rows_per_batch']} (resume with the same number of processes)"
             )
-        R = m["batches"] * m["rows_per_batch"]
+        U = m["batches"] * (m["rows_per_batch"] // self.part[1])
         shapes = {
-            "cells": ((R, m["cells"]), DTYPES[m["dtype"]]),
-            "bands": ((R, m["bands"]), np.float32),
-            "documents": ((R,), np.int64),
-            "loss": ((R,), np.float64),
+            "cells": ((U, m["cells"]), DTYPES[m["dtype"]]),
+            "bands": ((U, m["bands"]), np.float32),
+            "documents": ((U,), np.int64),
+            "loss": ((U,), np.float64),
             "checks": ((m["batches"],), np.uint32),
         }
-        self.root.mkdir(parents=True, exist_ok=True)
+        self.files.mkdir(parents=True, exist_ok=True)
         self.maps = {}
         for name, (shape, dtype) in shapes.items():
-            path = self.root / f"{name}.npy"
+            path = self.files / f"{name}.npy"
             mode = "r+" if path.exists() and m["written"] > 0 else "w+"
             try:
                 if mode == "r+":  # a file damaged by hand is named in jaxinf's words, not numpy's
@@ -161,63 +204,42 @@ class IndexWriter:
     def save(self, step: int, carry, batches: list[tuple[Any, dict]]) -> None:
         if not batches:
             return
-        if not self.primary:
-            self.manifest["written"] = int(step)
-            return
-        rows = len(batches[0][1]["index"])
-        if self.maps is None:
-            self._open(rows)
-        assert self.maps is not None  # _open made them
-        R = self.manifest["rows_per_batch"]
-        first = step - len(batches)
-        for j, (out, meta) in enumerate(batches):
-            lo = (first + j) * R
-            for name in ("cells", "bands"):
-                self.maps[name][lo : lo + R] = np.asarray(out[name]).astype(self.maps[name].dtype)
-            self.maps["loss"][lo : lo + R] = np.asarray(out["loss"], np.float64)
-            self.maps["documents"][lo : lo + R] = np.asarray(meta["index"], np.int64)
-            self.maps["checks"][first + j] = batch_checksum({n: self.maps[n][lo : lo + R] for n in ARRAYS})
-        for arr in self.maps.values():
-            arr.flush()
+        if self.writes:
+            rows = len(batches[0][1]["index"])  # every process's rows of a batch (its documents: gathered)
+            if self.maps is None:
+                self._open(rows)
+            assert self.maps is not None  # _open made them
+            g, u = self.part[0], rows // self.part[1]
+            first = step - len(batches)
+
+            def own(x) -> np.ndarray:  # an output the pass fetched whole (the scores' loss) cut to this part's rows
+                x = np.asarray(x)
+                return x[g * u : (g + 1) * u] if len(x) == rows else x
+
+            for j, (out, meta) in enumerate(batches):
+                lo = (first + j) * u
+                for name in ("cells", "bands"):
+                    self.maps[name][lo : lo + u] = own(out[name]).astype(self.maps[name].dtype)
+                self.maps["loss"][lo : lo + u] = own(out["loss"]).astype(np.float64)
+                self.maps["documents"][lo : lo + u] = own(meta["index"]).astype(np.int64)
+                self.maps["checks"][first + j] = batch_checksum({n: self.maps[n][lo : lo + u] for n in ARRAYS})
+            for arr in self.maps.values():
+                arr.flush()
+        barrier(f"index rows to batch {step} flushed")  # every part's, before the manifest says they are written
         self.manifest["written"] = int(step)
-        write_json(manifest_path(self.root), self.manifest)
+        if self.primary:
+            write_json(manifest_path(self.root), self.manifest)
 
 
-class IndexReader:
-    """A finished index, opened read-only: its manifest, selection and memory-mapped arrays."""
+class _Part:
+    """One part of a finished index, opened read-only: its directory, memory-mapped arrays and checksums, and the
+    index row its first row is."""
 
-    def __init__(self, root: Path):
-        self.root = Path(root)
-        manifest = read_manifest(self.root)
-        if manifest is None:
-            raise IndexError_(f"{self.root}: no index here (no manifest.json; build one with index.k set)")
-        for key in ("batches", "written", "rows_per_batch", "cells", "bands"):  # an edit: was a traceback or a
-            value = manifest.get(key)  # riddle ("8 rows, the manifest says 8" of a string "8")
-            if type(value) is not int or value < 0:
-                raise IndexError_(
-                    f"{manifest_path(self.root)}: its {key} ({value!r}) is not a count (a damaged manifest: rebuild it)"
-                )
-        inputs = manifest.get("inputs")
-        if not isinstance(inputs, dict) or not {"documents", "eigen"} <= inputs.keys():
-            raise IndexError_(
-                f"{manifest_path(self.root)}: its inputs ({inputs!r}) do not say what the index was built from (a "
-                f"damaged manifest: rebuild it)"
-            )
-        if manifest["written"] > manifest["batches"]:  # was "the index is incomplete (2 of 1 batches written)"
-            raise IndexError_(
-                f"{manifest_path(self.root)}: its written ({manifest['written']}) is more than its batches "
-                f"({manifest['batches']}) (a damaged manifest: rebuild it)"
-            )
-        if manifest["written"] != manifest["batches"]:
-            raise IndexError_(
-                f"{manifest_path(self.root)}: the index is incomplete ({manifest['written']} of "
-                f"{manifest['batches']} batches written); resume the run that builds it"
-            )
-        self.manifest = manifest
+    def __init__(self, files: Path, first: int, manifest: dict, rows: int):
+        self.files, self.first = files, first
         self.arrays: dict[str, np.ndarray] = {}
-        R = manifest["batches"] * manifest["rows_per_batch"]
         for name in ARRAYS:
-            path = self.root / f"{name}.npy"
+            path = files / f"{name}.npy"
             try:
                 arr = load_npy(path, mmap_mode="r")
             except ArrayFileError as e:
@@ -225,25 +247,19 @@ class IndexReader:
             except OSError as e:
                 why = missing(path) if isinstance(e, FileNotFoundError) else e.strerror or e
                 raise IndexError_(f"{path}: unreadable index array: {why}") from None
-            if arr.shape[0] != R:
-                raise IndexError_(f"{path}: {arr.shape[0]} rows, the manifest says {R} (a torn index)")
+            if arr.shape[0] != rows:
+                raise IndexError_(f"{path}: {arr.shape[0]} rows, the manifest says {rows} (a torn index)")
             self.arrays[name] = arr
-        if self.arrays["cells"].shape[1] != manifest["cells"]:
-            raise IndexError_(
-                f"{self.root / 'cells.npy'}: {self.arrays['cells'].shape[1]} cells per row, the manifest "
-                f"says {manifest['cells']}"
-            )
-        # the resolution its certificates allow for is the manifest's dtype's: one edited to another dtype (or to a
-        # name jaxinf does not know, a KeyError traceback) would certify float16 rows as float32
-        dtype, stored = manifest.get("dtype"), self.arrays["cells"].dtype
-        if not isinstance(dtype, str) or dtype not in DTYPES or stored != np.dtype(DTYPES[dtype]):
-            raise IndexError_(
-                f"{manifest_path(self.root)}: its dtype ({dtype!r}) is not that of cells.npy ({stored}) (a damaged "
-                f"manifest: rebuild it)"
-            )
+        for name in ("cells", "bands"):
+            shape = self.arrays[name].shape
+            if len(shape) != 2 or shape[1] != manifest[name]:
+                width = shape[1] if len(shape) == 2 else f"{len(shape) - 1}-dimensional"
+                raise IndexError_(
+                    f"{files / f'{name}.npy'}: {width} {name} per row, the manifest says {manifest[name]}"
+                )
         self.checks: np.ndarray | None = None  # an index of jaxinf before the checksums: read unchecked
         if manifest.get("checksums") == CHECKSUMS:
-            path = self.root / "checks.npy"
+            path = files / "checks.npy"
             try:
                 self.checks = load_npy(path, mmap_mode="r")
             except ArrayFileError as e:
@@ -253,6 +269,69 @@ class IndexReader:
                 raise IndexError_(f"{path}: unreadable index checksums: {why}") from None
             if self.checks.shape != (manifest["batches"],):
                 raise IndexError_(f"{path}: {self.checks.shape[0]} checksums, the manifest says {manifest['batches']}")
+
+
+class IndexReader:
+    """A finished index, opened read-only: its manifest, selection and parts (memory-mapped arrays)."""
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+        manifest = read_manifest(self.root)
+        where = manifest_path(self.root)
+        if manifest is None:
+            raise IndexError_(f"{self.root}: no index here (no manifest.json; build one with index.k set)")
+        manifest.setdefault("parts", 1)  # an index from before parts: its arrays beside the manifest
+        for key in ("batches", "written", "rows_per_batch", "cells", "bands", "parts"):  # an edit: was a traceback
+            value = manifest.get(key)  # or a riddle ("8 rows, the manifest says 8" of a string "8")
+            if type(value) is not int or value < (key == "parts"):
+                raise IndexError_(f"{where}: its {key} ({value!r}) is not a count (a damaged manifest: rebuild it)")
+        inputs = manifest.get("inputs")
+        if not isinstance(inputs, dict) or not {"documents", "eigen"} <= inputs.keys():
+            raise IndexError_(
+                f"{where}: its inputs ({inputs!r}) do not say what the index was built from (a damaged manifest: "
+                f"rebuild it)"
+            )
+        if manifest["written"] > manifest["batches"]:  # was "the index is incomplete (2 of 1 batches written)"
+            raise IndexError_(
+                f"{where}: its written ({manifest['written']}) is more than its batches ({manifest['batches']}) (a "
+                f"damaged manifest: rebuild it)"
+            )
+        if manifest["written"] != manifest["batches"]:
+            raise IndexError_(
+                f"{where}: the index is incomplete ({manifest['written']} of {manifest['batches']} batches "
+                f"written); resume the run that builds it"
+            )
+        if manifest["rows_per_batch"] % manifest["parts"]:
+            raise IndexError_(
+                f"{where}: its {manifest['rows_per_batch']} rows per batch do not split into its {manifest['parts']} "
+                f"parts (a damaged manifest: rebuild it)"
+            )
+        try:  # the blocks' cells and band energies are the rows' widths (bands were unchecked: an edit, a traceback)
+            blocks = manifest["blocks"].values()
+            widths = (
+                sum(b["k_S"] * b["k_A"] * b["layers"] for b in blocks),
+                sum(b["bands_S"] * b["bands_A"] * b["layers"] for b in blocks),
+            )
+        except (AttributeError, KeyError, TypeError):
+            widths = None
+        if widths != (manifest["cells"], manifest["bands"]):
+            raise IndexError_(
+                f"{where}: its blocks do not give its {manifest['cells']} cells and {manifest['bands']} band "
+                f"energies per row (a damaged manifest: rebuild it)"
+            )
+        self.manifest = manifest
+        self.unit = manifest["rows_per_batch"] // manifest["parts"]  # a batch's rows in one part
+        self.per_part = manifest["batches"] * self.unit
+        P = manifest["parts"]
+        self.parts = [_Part(part_root(self.root, g, P), g * self.per_part, manifest, self.per_part) for g in range(P)]
+        # the resolution its certificates allow for is the manifest's dtype's: one edited to another dtype (or to a
+        # name jaxinf does not know, a KeyError traceback) would certify float16 rows as float32
+        dtype, stored = manifest.get("dtype"), {p.arrays["cells"].dtype for p in self.parts}
+        if not isinstance(dtype, str) or dtype not in DTYPES or stored != {np.dtype(DTYPES[dtype])}:
+            raise IndexError_(
+                f"{where}: its dtype ({dtype!r}) is not that of cells.npy ({', '.join(map(str, sorted(stored, key=str)))}) "
+                f"(a damaged manifest: rebuild it)"
+            )
         try:
             self.selection = load_npz(self.root / "selection.npz")
         except ArrayFileError as e:
@@ -263,29 +342,36 @@ class IndexReader:
 
     @property
     def rows(self) -> int:
-        return int(self.arrays["cells"].shape[0])
+        return self.per_part * len(self.parts)
+
+    def where(self, name: str, row: int) -> str:
+        """Index row ``row`` as the file of array ``name`` that holds it and its row there: ``PATH: row R``."""
+        part = self.parts[row // self.per_part]
+        return f"{part.files / f'{name}.npy'}: row {row - part.first}"
 
     def slices(self, rows: int):
-        """``(start, stop)`` of consecutive row slices of whole batches, at most ``rows`` rows (at least one batch)."""
-        R = self.manifest["rows_per_batch"]
-        step = max(R, rows - rows % R)
-        for lo in range(0, self.rows, step):
-            yield lo, min(lo + step, self.rows)
+        """``(start, stop)`` of consecutive row slices of whole batches of one part each, at most ``rows`` rows (at
+        least one batch's rows of a part)."""
+        step = max(self.unit, rows - rows % self.unit)
+        for part in self.parts:
+            for lo in range(0, self.per_part, step):
+                yield part.first + lo, part.first + min(lo + step, self.per_part)
 
     def read(self, lo: int, hi: int) -> dict[str, np.ndarray]:
-        """Rows ``[lo, hi)`` (whole batches, :meth:`slices`) of every array as stored, each batch checked against its
-        checksum: rows that were changed since they were written (a damaged disk, a copy gone wrong, an edit) are
-        refused naming the batch, whatever their values."""
-        rows = {name: np.asarray(self.arrays[name][lo:hi]) for name in ARRAYS}
-        if self.checks is not None:
-            R = self.manifest["rows_per_batch"]
-            for b in range(lo // R, hi // R):
-                part = {name: x[b * R - lo : (b + 1) * R - lo] for name, x in rows.items()}
-                if batch_checksum(part) != int(self.checks[b]):
+        """Rows ``[lo, hi)`` (whole batches of one part, :meth:`slices`) of every array as stored, each batch checked
+        against its checksum: rows that were changed since they were written (a damaged disk, a copy gone wrong, an
+        edit) are refused naming the batch, whatever their values."""
+        part, u = self.parts[lo // self.per_part], self.unit
+        a, b = lo - part.first, hi - part.first
+        rows = {name: np.asarray(part.arrays[name][a:b]) for name in ARRAYS}
+        if part.checks is not None:
+            for i in range(a // u, b // u):
+                piece = {name: x[i * u - a : (i + 1) * u - a] for name, x in rows.items()}
+                if batch_checksum(piece) != int(part.checks[i]):
                     raise IndexError_(
-                        f"{self.root}: the rows of batch {b} (rows {b * R} to {(b + 1) * R - 1}) do not match their "
-                        f"checksum in checks.npy (a damaged index: remove its manifest.json and run the run "
-                        f"{self.root.parent.parent} again)"
+                        f"{part.files}: the rows of batch {i} (rows {part.first + i * u} to "
+                        f"{part.first + (i + 1) * u - 1}) do not match their checksum in checks.npy (a damaged index: "
+                        f"remove its manifest.json and run the run {self.root.parent.parent} again)"
                     )
         return rows
 

@@ -32,6 +32,8 @@ def check_plan(store: RunStore, name: str, plan) -> None:
 class _InRunDirectory:
     """A stage of the run directory saved every ``every`` batches of ``plan``; its progress recorded in ``run.json``."""
 
+    local: tuple[str, ...] = ()  # every output fetched whole
+
     def __init__(self, store: RunStore, name: str, plan, every: int, keep: int | None):
         check_plan(store, name, plan)
         self.store, self.name, self.every, self.key = store, name, every, batch_plan_key(plan)
