@@ -181,6 +181,13 @@ def test_plan_counts_the_index_bytes_per_document():
     assert got["cells"] == 3 * 16 + 16
     assert got["bytes_per_document"] == 2 * got["cells"] + 4 * (3 * 4 * 3 + 1) + 16
     assert got["bytes"] == 1000 * got["bytes_per_document"] and got["bytes_per_device"]["8"] == got["bytes"] // 8
+    # a query of plan.queries (80) on the hosts: the rotated queries, one slice (here every row, as float32, with its
+    # scores and bounds), and every document's score, bound (float64) and loss
+    E = 3 * 4 * 3 + 1
+    assert got["query_host_bytes"] == (
+        80 * (4 * 64 + 8 * E) + 1000 * (4 * 64 + 4 * E + 16 + 16 * 80) + 1000 * (16 * 80 + 8)
+    )
+    assert "80 queries (plan.queries) hold 0.00 GiB of host memory per process" in index_store.format_size(got)
 
 
 def test_plan_counts_the_index_rows_held_between_flushes_in_the_writing_steps_peak():

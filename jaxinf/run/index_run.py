@@ -41,6 +41,7 @@ from jaxinf.run.index_store import (
     manifest_path,
     read_manifest,
     row_bytes,
+    rows_per_slice,
     save_selection,
 )
 from jaxinf.run.inputs import Inputs, non_finite_loss
@@ -50,8 +51,6 @@ from jaxinf.sharding.meshes import barrier, exchange
 
 log = logging.getLogger("jaxinf")
 
-ROWS_PER_SLICE = 65536
-"""Index rows multiplied per matrix product (bounded memory: ``ROWS_PER_SLICE x cells`` of the index at a time)."""
 
 EXCHANGE_BYTES = 1 << 30
 """With several processes, each reads and multiplies its own slices of the index and the processes exchange their
@@ -358,7 +357,7 @@ def _checked_rows(reader: IndexReader, lo: int, hi: int, documents: int) -> dict
     index was an IndexError traceback (a document out of range) or wrote ``"loss": Infinity`` into documents.jsonl."""
     rebuild = f"remove its manifest.json and run the run {reader.root.parent.parent} again"
     rows = reader.read(lo, hi)  # checked against each batch's checksum
-    rows["cells"] = rows["cells"].astype(np.float32)
+    rows["cells"] = rows["cells"].astype(np.float32, copy=False)  # float32 rows stay the page cache's, uncopied
     bad = np.flatnonzero((rows["documents"] < -1) | (rows["documents"] >= documents))
     if bad.size:
         raise IndexError_(
@@ -439,7 +438,7 @@ def scores_from_index(config: cfg.Config, store: RunStore, inputs: Inputs, qg, c
     scores, bound, loss = np.zeros((Q, N)), np.zeros((Q, N)), np.zeros(N)
     eps = indexing.RESOLUTION[reader.manifest["dtype"]]
     processes, me = jax.process_count(), jax.process_index()
-    rows = ROWS_PER_SLICE
+    rows = rows_per_slice(reader.manifest)
     if processes > 1:  # the rows shared among the processes, each round's exchange bounded
         rows = max(1, min(rows, EXCHANGE_BYTES // (processes * 16 * (Q + 1)), -(-reader.rows // processes)))
     slices = list(reader.slices(rows))
@@ -475,6 +474,7 @@ def scores_from_index(config: cfg.Config, store: RunStore, inputs: Inputs, qg, c
         rotate_seconds=rotate,
         product_seconds=product,
         rescored=int(certified.sum()),
+        slices=len(slices),
         seconds=time.perf_counter() - t0,
         fidelity_min=float(fidelity.min()),
         fidelity_mean=float(fidelity.mean()),

@@ -42,7 +42,6 @@ import numpy as np
 from jaxinf.atomic import ArrayFileError, load_npy, load_npz, npy_header, write_json
 from jaxinf.errors import missing
 from jaxinf.run.rundir import StoreError
-from jaxinf.sharding.meshes import barrier
 
 log = logging.getLogger("jaxinf")
 
@@ -69,6 +68,17 @@ def row_bytes(cells: int, dtype: str, bands: int) -> int:
     """Bytes of one row on disk: its ``cells`` in ``dtype`` (an ``index.dtype``), ``bands`` float32 band energies,
     and its document (int64) and loss (float64)."""
     return int(cells * np.dtype(DTYPES[dtype]).itemsize + 4 * bands + 16)
+
+
+SLICE_BYTES = 2**30
+"""The most bytes of index rows (as float32) a process reads and multiplies at a time: a full index of wide layers
+makes rows of megabytes, and a slice of a fixed number of rows would be the whole index (12.9 GB at once, then a
+float32 copy of it, on the bench world)."""
+
+
+def rows_per_slice(manifest: dict) -> int:
+    """Index rows read and multiplied per matrix product: :data:`SLICE_BYTES` of them as float32 (at least one)."""
+    return max(1, SLICE_BYTES // row_bytes(manifest["cells"], "float32", manifest["bands"]))
 
 
 def manifest_path(root: Path) -> Path:
@@ -225,6 +235,8 @@ class IndexWriter:
                 self.maps["checks"][first + j] = batch_checksum({n: self.maps[n][lo : lo + u] for n in ARRAYS})
             for arr in self.maps.values():
                 arr.flush()
+        from jaxinf.sharding.meshes import barrier  # jax, which jaxinf plan must not import before its devices are set
+
         barrier(f"index rows to batch {step} flushed")  # every part's, before the manifest says they are written
         self.manifest["written"] = int(step)
         if self.primary:
@@ -422,7 +434,22 @@ def index_size(config, layers, devices: list[int]) -> dict:
         "bytes": int(total),
         "bytes_per_device": {str(d): int(-(-total // d)) for d in devices},
         "query_flops_per_document": 2 * int(cells),
+        "queries": config.plan.queries,
+        "query_host_bytes": query_host_bytes(int(cells), int(n_bands), config.plan.queries, config.plan.documents),
     }
+
+
+def query_host_bytes(cells: int, bands: int, queries: int, documents: int) -> int:
+    """Host memory of a process answering ``queries`` from an index of ``documents`` rows (the product runs on the
+    hosts, in slices, and needs no device memory): the rotated queries ``Q (4 cells + 8 bands)``, one slice of rows
+    as float32 (:func:`rows_per_slice`, at most :data:`SLICE_BYTES`) and its scores and bounds ``16 Q rows``, and
+    every document's score, bound and loss, which each process holds after the exchange: ``16 Q N + 8 N``."""
+    rows = min(documents, rows_per_slice({"cells": cells, "bands": bands}))
+    return (
+        queries * (4 * cells + 8 * bands)
+        + rows * (row_bytes(cells, "float32", bands) + 16 * queries)
+        + documents * (16 * queries + 8)
+    )
 
 
 def format_size(ix: dict) -> str:
@@ -431,5 +458,7 @@ def format_size(ix: dict) -> str:
     return (
         f"index (index.k={ix['k']}, {ix['dtype']}): {ix['cells']:,} cells, {ix['bytes_per_document'] / 2**10:,.1f} "
         f"KiB per document; {ix['documents']:,} documents: {ix['bytes'] / 2**40:,.3f} TiB ({per_device}); a query "
-        f"costs {ix['query_flops_per_document']:,} FLOPs per document, the rows read in slices"
+        f"costs {ix['query_flops_per_document']:,} FLOPs per document, the rows read in slices; "
+        f"{ix['queries']:,} queries (plan.queries) hold {ix['query_host_bytes'] / 2**30:,.2f} GiB of host memory "
+        f"per process, no device memory"
     )
