@@ -80,24 +80,17 @@ class ShardingError(UserError):
 
 # --------------------------------------------------------------------------- logical axes and rules
 
+# Parameters: on `model`, along the feature dimension; replicated over `data`.
+_PARAM = (("ff", "model"), ("vocab", "model"), ("embed", "model"), ("out", "model"), ("in", "model"))
+# Preconditioned query gradients: on `model` (every data shard scores its documents against all queries).
+_QUERY = (("rows", "model"), ("cols", "model"), ("layers", "model"), ("queries", "model"), ("rank", "model"))
+
 # Per family: ordered (logical axis, mesh axis) candidates. First fit wins; see the module docstring.
 RULES: dict[str, tuple[tuple[str, str], ...]] = {
-    # Parameters: on `model`, along the feature dimension; replicated over `data`.
-    "param": (("ff", "model"), ("vocab", "model"), ("embed", "model"), ("out", "model"), ("in", "model")),
+    "param": _PARAM,
     # Parameters with mesh.fsdp: as "param", and over `data` along another dimension (FSDP).
-    FSDP: (
-        ("ff", "model"),
-        ("vocab", "model"),
-        ("embed", "model"),
-        ("out", "model"),
-        ("in", "model"),
-        ("embed", "data"),
-        ("ff", "data"),
-        ("in", "data"),
-        ("out", "data"),
-        ("vocab", "data"),
-        ("positions", "data"),
-    ),
+    FSDP: _PARAM
+    + (("embed", "data"), ("ff", "data"), ("in", "data"), ("out", "data"), ("vocab", "data"), ("positions", "data")),
     # A, S, Q_A, Q_S, Lambda (and their running sums): rows on `model`, columns on `data`.
     "factor": (
         ("rows", "model"),
@@ -109,21 +102,10 @@ RULES: dict[str, tuple[tuple[str, str], ...]] = {
     ),
     # Eigenvalues: small, split like the rows of their factor where possible.
     "eigenvalues": (("rows", "model"), ("layers", "model")),
-    # Preconditioned query gradients: on `model` (every data shard scores its documents against all queries).
-    "query": (("rows", "model"), ("cols", "model"), ("layers", "model"), ("queries", "model"), ("rank", "model")),
+    "query": _QUERY,
     # Stored query gradients with mesh.fsdp: as "query", and over `data` along another dimension (never `layers`,
     # which the layer loop slices); each layer is gathered over `data` as it is scored (see `streamed`).
-    QUERY_FSDP: (
-        ("rows", "model"),
-        ("cols", "model"),
-        ("layers", "model"),
-        ("queries", "model"),
-        ("rank", "model"),
-        ("rows", "data"),
-        ("cols", "data"),
-        ("queries", "data"),
-        ("rank", "data"),
-    ),
+    QUERY_FSDP: _QUERY + (("rows", "data"), ("cols", "data"), ("queries", "data"), ("rank", "data")),
     # Large intermediates the engine marks with `constrain`: documents on `data`, features on `model`.
     "activation": (("batch", "data"), ("rows", "model"), ("cols", "model"), ("layers", "model"), ("vocab", "model")),
     # Document batches and everything with one entry per document row.
