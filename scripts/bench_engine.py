@@ -29,7 +29,7 @@ import time
 import jax
 import jax.numpy as jnp
 
-from jaxinf.engine import capture, curvature, scoring, stages, tails, testing
+from jaxinf.engine import capture, curvature, indexing, scoring, stages, tails, testing
 from jaxinf.hostenv import lapack_threads
 
 
@@ -59,6 +59,7 @@ def main(argv=None) -> None:
     ap.add_argument("--rank", type=int, default=32)
     ap.add_argument("--track", default="mlp")
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--index-k", type=int, default=32, help="index.k of the rows that write the index")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="parameter dtype")
     ap.add_argument("--peak-tflops", type=float, help="the device's peak TFLOP/s for --dtype: adds an MFU column")
     args = ap.parse_args(argv)
@@ -116,6 +117,17 @@ def main(argv=None) -> None:
         step = stages.score_step(task, layers, self_influence=False, damping_value=None, tails_of=(documents, 100))
         return jax.jit(lambda p, q, b, t: step(p, q, None, b, t)["tails"].score)
 
+    # the EK-FAC index written by the pass that forms each document's gradient under the data's labels
+    basis = indexing.ordered_basis(curv.Q_A, curv.Q_S, indexing.select_cells(eigen))
+    emp_stage = stages.lambda_stage(task, layers, "empirical")
+    emp_step = jax.jit(emp_stage.update)
+
+    def lambda_writing(k):
+        return jax.jit(stages.lambda_and_index_step(task, layers, k))
+
+    def scores_writing(k):
+        return jax.jit(lambda p, q, bs, b: stages.score_and_index_step(task, layers, k)(p, q, bs, b)["scores"])
+
     rows_batch = {**batch, "index": jnp.arange(B, dtype=jnp.int32), "chunk": jnp.zeros(B, jnp.int32)}
     tails0 = tails.init(args.queries, 100, len(scoring.layer_order(layers)), T)
     in_pass = {n: scoring.per_token_in_pass(layers, qg, B, T, n, 100) for n in (B, 10**9)}
@@ -140,6 +152,27 @@ def main(argv=None) -> None:
             f"scores + running top 100 of a 10^9-document corpus (per-token kept: {in_pass[10**9]})",
             with_tails(10**9),
             (params, qg, rows_batch, tails0),
+        ),
+        ("Lambda update, empirical Fisher (data labels)", emp_step, (emp_stage.init(), params, eigen, batch, key)),
+        (
+            f"Lambda update, empirical Fisher, writing the index (index.k={args.index_k})",
+            lambda_writing(args.index_k),
+            (emp_stage.init(), params, eigen, basis, batch),
+        ),
+        (
+            "Lambda update, empirical Fisher, writing the index (index.k=full)",
+            lambda_writing(None),
+            (emp_stage.init(), params, eigen, basis, batch),
+        ),
+        (
+            f"scores ({args.queries} queries, rank {args.rank}), writing the index (index.k={args.index_k})",
+            scores_writing(args.index_k),
+            (params, qg, basis, batch),
+        ),
+        (
+            f"scores ({args.queries} queries, rank {args.rank}), writing the index (index.k=full)",
+            scores_writing(None),
+            (params, qg, basis, batch),
         ),
         ("engine pass alone (forward, backward to every tracked layer)", capture_step, (params, batch)),
         ("scores, tokens order in every block", score_in("tokens"), (params, qg, batch)),
