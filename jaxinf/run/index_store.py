@@ -1,4 +1,5 @@
-"""The index on disk: one dense ``[rows, cells]`` array per run, written batch by batch, resumable after a kill.
+"""The index on disk: one dense ``[rows, cells]`` array per run (in parts, one per slice of the corpus), written batch
+by batch, resumable after a kill.
 
 A run's index lives in ``state/index/`` of its run directory (so a change of the documents or of the model
 invalidates it like any other stage):
@@ -14,7 +15,7 @@ invalidates it like any other stage):
   (:func:`jaxinf.engine.indexing.bands`; the kept block's first), block after block: they add up to ``||G||_F^2``.
 - ``documents.npy`` ``[rows]`` int64: the document of each row (-1 for padding; a split document has several).
 - ``loss.npy`` ``[rows]`` float64: each row's training loss (the data's labels).
-- ``checks.npy`` ``[batches]`` uint32: the CRC-32 of each batch's rows as stored (:func:`batch_checksum`), written with
+- ``checks.npy`` ``[batches]`` uint32: the CRC-32 of each batch's rows (in its part) as stored (:func:`batch_checksum`), written with
   them and checked as a query reads them, so a damaged index whose values stay finite is refused, not used.
 - ``selection.npz``: the eigen-directions in decreasing eigenvalue (:class:`jaxinf.engine.indexing.Selection`).
 
