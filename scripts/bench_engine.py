@@ -118,7 +118,8 @@ def main(argv=None) -> None:
         return jax.jit(lambda p, q, b, t: step(p, q, None, b, t)["tails"].score)
 
     # the EK-FAC index written by the pass that forms each document's gradient under the data's labels
-    basis = indexing.ordered_basis(curv.Q_A, curv.Q_S, indexing.select_cells(eigen))
+    selection = indexing.select_cells(eigen)
+    basis = indexing.ordered_basis(curv.Q_A, curv.Q_S, selection)
     emp_stage = stages.lambda_stage(task, layers, "empirical")
     emp_step = jax.jit(emp_stage.update)
 
@@ -157,12 +158,12 @@ def main(argv=None) -> None:
         (
             f"Lambda update, empirical Fisher, writing the index (index.k={args.index_k})",
             lambda_writing(args.index_k),
-            (emp_stage.init(), params, eigen, basis, batch),
+            (emp_stage.init(), params, eigen, selection, batch),
         ),
         (
             "Lambda update, empirical Fisher, writing the index (index.k=full)",
             lambda_writing(None),
-            (emp_stage.init(), params, eigen, basis, batch),
+            (emp_stage.init(), params, eigen, selection, batch),
         ),
         (
             f"scores ({args.queries} queries, rank {args.rank}), writing the index (index.k={args.index_k})",

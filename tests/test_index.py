@@ -76,6 +76,28 @@ def _full_index_is_exact(dtype, tol, rank):
     np.testing.assert_allclose(rows["bands"].sum(1), (rows["cells"].astype(np.float64) ** 2).sum(1), rtol=tol * 100)
 
 
+@pytest.mark.parametrize("k", [2, None])
+@jax.enable_x64(True)
+def test_the_lambda_pass_forms_the_index_rows_and_its_lambda_from_one_rotation(k):
+    """Under the empirical Fisher the Lambda pass writes the index from the rotated gradients it forms anyway
+    (``index_from_rotated``: a gather, and each pair of bands' energy as a sum of squares): the rows of the index's
+    own pass (``index_statistic``: band energies from the tokens' Gram matrices) and the Lambda sums of the plain
+    Lambda pass, in float64."""
+    task, params, layers, batch, curv, eigen = _fit(jnp.float64)
+    selection, want = _index(task, params, layers, batch, curv, eigen, k)
+    plain = stages.lambda_stage(task, layers, "empirical")
+    lam_want, _ = jax.jit(plain.update)(plain.init(), params, eigen, batch, None)
+    lam_got, got = jax.jit(stages.lambda_and_index_step(task, layers, k))(plain.init(), params, eigen, selection, batch)
+    for name in ("cells", "bands", "loss"):
+        scale = np.abs(want[name]).max()
+        assert np.abs(np.asarray(got[name]) - want[name]).max() <= 1e-10 * scale, name
+    for name in lam_want.Lambda:
+        scale = np.abs(np.asarray(lam_want.Lambda[name])).max()
+        assert np.abs(np.asarray(lam_got.Lambda[name] - lam_want.Lambda[name])).max() <= 1e-12 * scale, name
+    for name in lam_want.count:
+        np.testing.assert_array_equal(np.asarray(lam_got.count[name]), np.asarray(lam_want.count[name]))
+
+
 @jax.enable_x64(True)
 def test_the_bound_holds_and_the_certified_tails_are_exact():
     task, params, layers, batch, curv, eigen = _fit(jnp.float64)

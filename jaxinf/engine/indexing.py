@@ -152,6 +152,38 @@ def index_statistic(
     return {"cells": block, "bands": band_energies(a, g, bands(k_S, g.shape[-1]), bands(k_A, a.shape[-1]), p)}
 
 
+def index_from_rotated(R: Array, rows: Array, cols: Array, *, k: int | None) -> dict[str, Array]:
+    """:func:`index_statistic`'s rows of one layer from its documents' rotated gradients ``R_n = Q_S^T G[n] Q_A``
+    ``[B, d_out, d_in']`` in the eigenbasis's own order, as the Lambda pass forms them: the directions taken in the
+    selection's order (``rows`` ``[d_out]``, ``cols`` ``[d_in']``, :func:`select_cells`), the kept block
+    ``R_n[:k_S, :k_A]``, and each pair of bands' energy as the sum of ``R_n^2`` over its cells. The same rows at no
+    second rotation: a pass that has ``R_n`` adds a gather and these sums."""
+    R = jnp.take(jnp.take(R, rows, axis=-2), cols, axis=-1)
+    k_S, k_A = kept_size(k, R.shape[-2]), kept_size(k, R.shape[-1])
+    R2 = R * R
+    by_rows = jnp.stack([R2[:, lo:hi].sum(axis=1) for lo, hi in bands(k_S, R.shape[-2])], axis=1)
+    energies = jnp.stack([by_rows[..., lo:hi].sum(axis=-1) for lo, hi in bands(k_A, R.shape[-1])], axis=-1)
+    return {"cells": R[:, :k_S, :k_A], "bands": energies}
+
+
+def lambda_and_index_statistic(
+    a: Array, g: Array, mask: Array, context: Mapping[str, Array], *, k: int | None, dtype=None, precision=None
+) -> dict[str, dict[str, Array]]:
+    """One layer's Lambda sums and index rows from one rotation: ``R_n = Q_S^T G[n] Q_A``
+    (:func:`~jaxinf.engine.curvature.rotated_gradient`), then ``{"lambda":``
+    :func:`~jaxinf.engine.curvature.lambda_sums` ``, "index":`` :func:`index_from_rotated` ``}``. ``context``: the
+    layer's eigenbases ``Q_A``, ``Q_S`` and its selection's ``rows``, ``cols``."""
+    from jaxinf.engine.curvature import lambda_sums, rotated_gradient
+    from jaxinf.sharding.partitioning import constrain
+
+    dtype = working_dtype(a, g) if dtype is None else dtype
+    R = constrain(rotated_gradient(a, g, context["Q_A"], context["Q_S"], dtype, precision), ("batch", "rows", "cols"))
+    return {
+        "lambda": lambda_sums(R, mask, precision),
+        "index": index_from_rotated(R, context["rows"], context["cols"], k=k),
+    }
+
+
 def rows_first(x: Array, lead: int, trailing: int) -> Array:
     """``[*lead, B, *trailing]`` -> ``[B, prod(lead) * prod(trailing)]`` (a block's entries of one row, in order)."""
     x = jnp.moveaxis(x, lead, 0)

@@ -35,6 +35,7 @@ ARGUMENTS = {
     "curv": "the curvature: eigenbases, Lambda or K-FAC eigenvalues, as the strategy keeps them",
     "queries": "the preconditioned query gradients P(G_q) (full or rank-r factors)",
     "basis": "per block, the eigenbases with columns in the index's order (jaxinf.engine.indexing.ordered_basis)",
+    "selection": "per block, the eigen-directions in the index's order (jaxinf.engine.indexing.select_cells)",
     "batch": "a document batch: tokens, mask, weights [B, T]; index (its documents, -1 for padding), chunk [B]",
     "qbatch": "a query batch: tokens, mask, weights [q, T] (weights 1 at the completion)",
     "tails": "each query's running top rows of the scoring pass, with their breakdowns (jaxinf.engine.tails.Tails)",
@@ -197,7 +198,7 @@ def lambda_and_index(config, task: Task, layers: Mapping[str, LayerSpec]) -> Pro
     return Program(
         "lambda+index",
         stages.lambda_and_index_step(task, layers, k, dtype, mp),
-        ("state", "params", "eigen", "basis", "batch"),
+        ("state", "params", "eigen", "selection", "batch"),
         donate=(0,),
         stage=stages.lambda_stage(task, layers, config.factors.fisher, dtype, mp),
     )

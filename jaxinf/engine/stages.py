@@ -158,23 +158,21 @@ def index_step(task: Task, layers: Mapping[str, LayerSpec], k: int | None, dtype
 
 def lambda_and_index_step(task: Task, layers: Mapping[str, LayerSpec], k: int | None, dtype=None, precision=None):
     """The Lambda pass that also writes the EK-FAC index, under the empirical Fisher (whose gradients, under the
-    data's labels, are the ones the scores and the index use): ``(state, params, eigen, basis, batch) -> (state,
-    {"cells": [B, C], "bands": [B, E], "loss": [B]})``. One backward pass forms both statistics where each layer's
-    ``a`` and ``g`` exist (:func:`lambda_stage`'s update, :func:`index_step`'s rows), so a run that scores from the
-    index needs no pass over the corpus besides the covariance and this one."""
-    from jaxinf.engine.indexing import BASIS_AXES, flatten_rows, index_statistic
+    data's labels, are the ones the scores and the index use): ``(state, params, eigen, selection, batch) -> (state,
+    {"cells": [B, C], "bands": [B, E], "loss": [B]})``. Each layer's documents' gradients are rotated into the
+    eigenbasis once, where its ``a`` and ``g`` exist, and that rotation gives both its Lambda sums and its index rows
+    (:func:`jaxinf.engine.indexing.lambda_and_index_statistic`), so a run that scores from the index needs no pass
+    over the corpus besides the covariance and this one, and the index costs this pass a gather and its band sums.
+    ``selection``: the eigen-directions in decreasing eigenvalue (:func:`jaxinf.engine.indexing.select_cells`)."""
+    from jaxinf.engine.indexing import flatten_rows, lambda_and_index_statistic
 
     dtype = layers_dtype(layers) if dtype is None else dtype
-    statistic = joint(
-        {
-            "lambda": functools.partial(lambda_statistic, dtype=dtype, precision=precision),
-            "index": functools.partial(index_statistic, k=k, dtype=dtype, precision=precision),
-        }
-    )
+    statistic = functools.partial(lambda_and_index_statistic, k=k, dtype=dtype, precision=precision)
 
-    def update(state, params, eigen, basis, batch):
-        lctx, bctx = lambda_context(streamed(eigen)), streamed(basis, BASIS_AXES)
-        context = {name: {"lambda": lctx[name], "index": bctx[name]} for name in layers}
+    def update(state, params, eigen, selection, batch):
+        bases = lambda_context(streamed(eigen))
+        assert bases is not None  # the index needs an eigenbasis
+        context = {name: {**bases[name], "rows": selection.rows[name], "cols": selection.cols[name]} for name in layers}
         blocks, losses = train_statistics(task, layers, params, batch, None, statistic, context)
         state = lambda_update(state, {name: v["lambda"] for name, v in blocks.items()})
         return state, {**flatten_rows({name: v["index"] for name, v in blocks.items()}, layers), "loss": losses}

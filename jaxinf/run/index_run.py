@@ -120,8 +120,9 @@ def flush_every(save_every: int, manifest: dict, rows_per_batch: int) -> int:
 
 
 class IndexBuild:
-    """An index being written: its writer (the per-batch saves: this process's part, :class:`IndexWriter`), the
-    eigenbases in decreasing eigenvalue that its statistic rotates with, and ``k``."""
+    """An index being written: its writer (the per-batch saves: this process's part, :class:`IndexWriter`), the order
+    of the eigen-directions (``selection``), the eigenbases in that order that an index statistic rotates with
+    (``basis``), and ``k``."""
 
     def __init__(self, config: cfg.Config, store: RunStore, inputs: Inputs, curv, eigen, executor):
         self.config, self.store, self.root = config, store, index_root(store)
@@ -147,6 +148,7 @@ class IndexBuild:
         )
         if self.writer.primary:
             save_selection(self.root, selection)
+        self.selection = selection
         self.basis = indexing.ordered_basis(curv.Q_A, curv.Q_S, selection)
         store.mark("index", "running")
 
@@ -253,7 +255,7 @@ def lambda_with_index(config: cfg.Config, store: RunStore, inputs: Inputs, eigen
     params = inputs.lm.params
 
     def step(carry, batch, i):
-        carry, out = update(carry, params, eigen, build.basis, batch)
+        carry, out = update(carry, params, eigen, build.selection, batch)
         return carry, out, out["loss"]
 
     saves = WithIndex(SavedState(store, "lambda", batches.plan, config.factors.save_every), build.writer, ())

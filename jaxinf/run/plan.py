@@ -275,7 +275,7 @@ def abstract_arguments(config, mesh, lm, layers, shapes: dict, global_batch: int
     import jax.numpy as jnp
 
     from jaxinf import models
-    from jaxinf.engine import curvature, programs, scoring
+    from jaxinf.engine import curvature, indexing, programs, scoring
     from jaxinf.engine.precision import statistics_dtype
     from jaxinf.sharding.meshes import abstract_tree
     from jaxinf.sharding.partitioning import batch_spec, tree_shardings
@@ -317,12 +317,17 @@ def abstract_arguments(config, mesh, lm, layers, shapes: dict, global_batch: int
         curv,
     )
     basis = {k: {"Q_A": eigen.Q_A[k], "Q_S": eigen.Q_S[k]} for k in layers}  # columns reordered: same shapes
+    selection = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
+        jax.eval_shape(indexing.select_cells, eigen),
+    )
     return {
         "params": absd(lm.params, models.parameter_axes(lm.config)),
         "eigen": eigen if strategy.eigen else None,
         "curv": curv,
         "queries": absd(queries),
         "basis": basis,
+        "selection": selection,
         "batch": batch,
         "qbatch": qbatch,
         "key": jax.eval_shape(lambda: jax.random.key(0)) if config.factors.fisher == "sampled" else None,

@@ -16,6 +16,7 @@ from jaxinf.engine.curvature.correction import (
     lambda_finalize,
     lambda_init,
     lambda_statistic,
+    lambda_sums,
     lambda_update,
     rotated_gradient,
 )
@@ -65,6 +66,7 @@ __all__ = [
     "lambda_finalize",
     "lambda_init",
     "lambda_statistic",
+    "lambda_sums",
     "lambda_update",
     "precondition",
     "rotated_gradient",

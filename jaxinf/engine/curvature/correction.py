@@ -92,9 +92,15 @@ def lambda_statistic(
     Q_A = None if eigen is None else eigen["Q_A"]
     Q_S = None if eigen is None else eigen["Q_S"]
     R = constrain(rotated_gradient(a, g, Q_A, Q_S, dtype, precision), ("batch", "rows", "cols"))
+    return lambda_sums(R, mask, precision)
+
+
+def lambda_sums(R: Array, mask: Array, precision=None) -> dict[str, Array]:
+    """``{"Lambda": sum_n R_n^2, "count": N_seq}`` of a batch's rotated gradients ``R`` ``[B, d_out, d_in']``
+    (:func:`rotated_gradient`): :func:`lambda_statistic` of a pass that has ``R`` (and uses it for more)."""
     return {
         "Lambda": constrain(sum_over_sequences(R * R, precision), ("rows", "cols"), "factor"),
-        "count": sequence_count(mask).astype(dtype),
+        "count": sequence_count(mask).astype(R.dtype),
     }
 
 
