@@ -135,12 +135,11 @@ def curvature_stages(config: cfg.Config, store: RunStore, inputs: Inputs, execut
     def fit_lambda(basis):
         Lambda = store.load_result("lambda", executor.like(shapes["lambda"], curvature.LAMBDA_AXES))
         if Lambda is None:
-            if (
-                programs.index_in_lambda(config, executor.mesh is None)
-                and store.status("index") != "done"
-                and not store.stage("lambda").steps()
-            ):  # the index rides on this pass from its start
-                Lambda, timing = index_run.lambda_with_index(config, store, inputs, basis, fit_batches, executor)
+            fused = None
+            if programs.index_in_lambda(config, executor.mesh is None) and store.status("index") != "done":
+                fused = index_run.lambda_with_index(config, store, inputs, basis, fit_batches, executor)
+            if fused is not None:  # the index rode on this pass
+                Lambda, timing = fused
             else:
                 Lambda, timing = accumulate(
                     store,

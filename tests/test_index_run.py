@@ -74,10 +74,35 @@ def test_under_the_empirical_fisher_the_lambda_pass_writes_the_index(world, tmp_
     assert stages["index"]["status"] == "done" and stages["index"]["timing"] == stages["lambda"]["timing"]
 
 
+def test_a_lambda_pass_resumed_past_the_index_rows_leaves_the_index_to_a_pass_of_its_own(
+    world, tmp_path, monkeypatch, caplog
+):
+    """A run stopped in its Lambda pass before it was asked for an index (so no rows were written beside its
+    checkpoints), then resumed with ``index.k=full``: the resumed Lambda pass cannot write rows it has passed, so it
+    runs alone and the index is built by a pass of its own; its scores are the exact pass's. Had the index ridden on
+    the resumed pass, its first rows would have been zeros marked written."""
+    empirical = {"factors.fisher": "empirical", "factors.save_every": 2}
+    out = tmp_path / "resumed"
+    monkeypatch.setenv("JAXINF_FAULT", "lambda:5:raise")
+    with pytest.raises(RuntimeError, match="fault injected"):
+        pipeline.run(cfg.load(None, overrides(world, out, **empirical)))
+    monkeypatch.delenv("JAXINF_FAULT")
+    oracle = tmp_path / "oracle"
+    pipeline.run(cfg.load(None, overrides(world, oracle, **empirical)))
+    with caplog.at_level("INFO", logger="jaxinf"):
+        pipeline.run(cfg.load(None, overrides(world, out, **{**empirical, "index.k": "full", "scores.mode": "index"})))
+    assert "lambda: resuming at batch 4" in caplog.text and "a pass of its own follows" in caplog.text
+    got, want = np.load(out / "scores.npy"), np.load(oracle / "scores.npy")
+    assert np.max(np.abs(got - want)) <= 1e-5 * np.max(np.abs(want))
+    stages = json.loads((out / "run.json").read_text())["stages"]
+    assert stages["index"]["status"] == "done" and stages["index"]["timing"] != stages["lambda"]["timing"]
+
+
 @pytest.mark.heavy  # the kill/resume of the index's own pass is in CI (test_a_killed_index_build_resumes_...)
 def test_killed_in_the_lambda_pass_that_writes_the_index_resumes_to_the_same_index(world, tmp_path):
-    """factors.fisher=empirical, killed in the Lambda pass that writes the index: the rerun finishes Lambda, builds
-    the index in a pass of its own, and ends with the index and scores of an uninterrupted run."""
+    """factors.fisher=empirical, killed in the Lambda pass that writes the index: the rerun resumes Lambda and the
+    index together from the last checkpoint (the rows before it were flushed first), so every row comes from the one
+    statistic, and ends with the index and scores of an uninterrupted run, bit for bit."""
     empirical = {"factors.fisher": "empirical"}
     out = tmp_path / "fused"
     pipeline.run(cfg.load(None, overrides(world, out, **{**empirical, "index.k": "full", "scores.mode": "index"})))
@@ -90,6 +115,7 @@ def test_killed_in_the_lambda_pass_that_writes_the_index_resumes_to_the_same_ind
     final = jaxinf(args, e)
     assert final.returncode == 0, final.stderr[-3000:]
     assert "lambda: resuming at batch 4 of 12" in final.stderr
+    assert "index: written by the Lambda pass" in final.stderr and "a pass of its own follows" not in final.stderr
     for name in ("cells", "bands", "documents"):
         np.testing.assert_array_equal(
             np.load(killed / "state" / "index" / f"{name}.npy"), np.load(out / "state" / "index" / f"{name}.npy")

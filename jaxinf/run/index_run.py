@@ -247,8 +247,15 @@ class WithIndex:
 def lambda_with_index(config: cfg.Config, store: RunStore, inputs: Inputs, eigen, batches, executor):
     """Stage ``lambda`` and the index in one pass over every document (:func:`jaxinf.engine.programs.index_in_lambda`):
     the Lambda sums checkpointed as :func:`jaxinf.pipeline.accumulate` does, each batch's index rows written beside
-    them. Returns Lambda and the pass's timing; the index is marked done."""
+    them. Returns Lambda and the pass's timing, the index marked done; or None where the index cannot ride on this
+    pass: a Lambda pass resumed past the rows on disk (begun without the index, or with other index settings), which
+    then runs alone and the index in a pass of its own. A pass killed after both were saved resumes both, so every
+    row comes from the one statistic (:func:`jaxinf.engine.indexing.lambda_and_index_statistic`)."""
     build = IndexBuild(config, store, inputs, eigen, eigen, executor)
+    checkpoints = store.stage("lambda").steps()  # rows are flushed before each checkpoint: written >= the newest
+    if checkpoints and build.writer.manifest["written"] < checkpoints[-1]:
+        log.info("index: not on the Lambda pass resumed at a checkpoint past its rows; a pass of its own follows")
+        return None
     program = programs.lambda_and_index(config, inputs.task, inputs.layers)
     stage, update = program.stage, program.jit(executor)
     assert stage is not None  # an accumulating program
