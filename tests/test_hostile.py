@@ -1910,3 +1910,20 @@ def test_a_lock_file_that_is_a_symbolic_link_is_never_followed(finished, tmp_pat
     assert cli.main(["-q", "prepare", str(docs), str(shared / "ds")]) == 2
     assert _one_error(capsys, "prepare").startswith(f"{shared / '.ds.prepare-lock'}: cannot create the dataset ")
     assert victim.read_text() == "precious\n" and not (shared / "ds").exists()
+
+
+@pytest.mark.parametrize("command", ["run", "plan"])
+def test_a_null_field_of_config_json_is_named_null_not_missing(world, tmp_path, capsys, command):
+    """A required ``config.json`` field written as ``null`` (``"hidden_size": null``, as a script that dumps ``None``
+    writes it) was "field hidden_size is missing", sending the user to look for a field that is there."""
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(world["model"], model)
+    raw = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**raw, "hidden_size": None}))
+    out = tmp_path / "run"
+    args = overrides(world, out, **{"model.checkpoint": model})
+    assert cli.main(["-q", command, *args, *(["--no-compile"] if command == "plan" else [])]) == 2
+    assert _one_error(capsys, command) == f"{model / 'config.json'}: field hidden_size is null, expected int"
+    assert not out.exists()
