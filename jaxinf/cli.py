@@ -141,7 +141,10 @@ def query_command(args) -> int:
         raw["mesh"][launch] = None
     config = cfg.with_overrides(raw, list(args.overrides), str(run_dir / "run.json"))
     enable_compilation_cache()
-    with rundir.output_named("--out"):  # its messages name the option it has, not the config's run.out
+    from jaxinf.run import factors_from
+
+    # its messages name the option it has, not the config's run.out, and the keys its run fixes, not factors.from
+    with rundir.output_named("--out"), factors_from.queried():
         pipeline.run(config, overwrite=args.overwrite)
     return 0
 

@@ -1927,3 +1927,32 @@ def test_a_null_field_of_config_json_is_named_null_not_missing(world, tmp_path, 
     assert cli.main(["-q", command, *args, *(["--no-compile"] if command == "plan" else [])]) == 2
     assert _one_error(capsys, command) == f"{model / 'config.json'}: field hidden_size is null, expected int"
     assert not out.exists()
+
+
+def test_a_query_with_another_model_names_model_checkpoint_not_factors_from(world, indexed, tmp_path, capsys):
+    """``jaxinf query RUN Q model.checkpoint=OTHER`` (other weights) said "factors.from: RUN was fitted with other
+    settings: the model's content (...)", naming a key the user never wrote: the query sets ``factors.from``
+    itself. It names model.checkpoint (and any other key the run fixes) and says the query's must be the run's;
+    the same weights in a copy are still accepted."""
+    import shutil
+
+    from safetensors.numpy import load_file, save_file
+
+    run, _ = indexed
+    model = tmp_path / "model"
+    shutil.copytree(world["model"], model)
+    weights = load_file(model / "model.safetensors")
+    name = sorted(weights)[0]
+    save_file({**weights, name: weights[name] * 2}, model / "model.safetensors", metadata={"format": "pt"})
+    out = tmp_path / "q"
+    assert (
+        cli.main(["-q", "query", str(run), str(world["queries"]), "--out", str(out), f"model.checkpoint={model}"]) == 2
+    )
+    assert _one_error(capsys, "query") == (
+        f"model.checkpoint (the model in {model} is not what {run} read from {world['model']}): a query is scored "
+        f"with the model and curvature of its run {run}, fitted with other values of these; leave them out"
+    )
+    args = ["-q", "query", str(run), str(world["queries"]), "--out", str(out), "model.dtype=bfloat16", "factors.seed=3"]
+    assert cli.main(args) == 2
+    assert _one_error(capsys, "query").startswith("model.dtype, factors.seed: a query is scored with the model and ")
+    assert not out.exists()
