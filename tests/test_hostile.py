@@ -1956,3 +1956,27 @@ def test_a_query_with_another_model_names_model_checkpoint_not_factors_from(worl
     assert cli.main(args) == 2
     assert _one_error(capsys, "query").startswith("model.dtype, factors.seed: a query is scored with the model and ")
     assert not out.exists()
+
+
+def test_validate_warns_of_a_query_made_only_of_unknown_words_as_run_does(world, tmp_path, caplog):
+    """``jaxinf validate CONFIG`` read its queries past jaxinf run's checks: with the demo's word-level tokenizer a
+    query made only of words it does not know became ``<unk>`` tokens without a word (jaxinf run warns). The world of
+    a config checks its queries with run's one check (:func:`jaxinf.run.inputs.check_queries`): one line per query,
+    prompt and completion together."""
+    from jaxinf import config as cfg
+    from jaxinf.validate.world import from_config
+
+    queries = tmp_path / "q.jsonl"
+    queries.write_text(
+        json.dumps({"id": "unk", "prompt": "Xyzzy plugh", "completion": "Frobozz!"})
+        + "\n"
+        + json.dumps({"id": "ok", "prompt": "the river of", "completion": "1 2 3 ."})
+        + "\n"
+    )
+    config = cfg.load(None, overrides(world, tmp_path / "v", **{"data.queries": queries}))
+    with caplog.at_level(logging.WARNING, logger="jaxinf"):
+        from_config(config)
+    assert [r.getMessage() for r in caplog.records] == [
+        f'{queries}:1: query "unk": every token of its prompt and completion is the tokenizer\'s unknown token <unk> '
+        "(3 tokens): the model sees none of its words"
+    ]
