@@ -1980,3 +1980,56 @@ def test_validate_warns_of_a_query_made_only_of_unknown_words_as_run_does(world,
         f'{queries}:1: query "unk": every token of its prompt and completion is the tokenizer\'s unknown token <unk> '
         "(3 tokens): the model sees none of its words"
     ]
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("stages.covariance", None, "field stages.covariance is null, expected an object"),
+        ("inputs", "x", "field inputs is a string, expected an object"),
+        ("inputs.model.files", [], "field inputs.model.files is a list, expected an object"),
+        ("stages.exports.files", "x", "field stages.exports.files is a string, expected an object"),
+        ("stages.scores.plan", None, "field stages.scores.plan is null, expected an object"),
+        ("stages", "DELETE", "no field stages"),
+    ],
+)
+def test_a_run_json_with_a_field_of_another_type_is_one_line_naming_it(
+    world, finished, tmp_path, capsys, field, value, message
+):
+    """A run.json (and its copy) whose ``stages.covariance`` was null, whose ``inputs`` was a string or whose
+    ``stages.exports.files`` a string was an ``AttributeError`` traceback wherever jaxinf first read the field (a
+    missing ``stages`` said "unreadable ('stages')"). The one reader of run records checks every field it reads
+    against the shape jaxinf writes (:data:`jaxinf.run.rundir.RECORD_SHAPE`): one line naming the field, nothing
+    touched; a damaged run.json beside an intact copy is restored from the copy as before."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(finished, run)
+    before = {p: p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()}
+
+    def damage(path):
+        record = json.loads(path.read_text())
+        *parents, last = field.split(".")
+        entry = record
+        for key in parents:
+            entry = entry[key]
+        if value == "DELETE":
+            del entry[last]
+        else:
+            entry[last] = value
+        path.write_text(json.dumps(record))
+
+    for path in (run / "run.json", run / "state" / "run.json"):
+        damage(path)
+    damaged = {p: p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()}
+    assert cli.main(["-q", "run", *overrides(world, run, **{"data.batch_size": 8, "factors.fisher": "empirical"})]) == 2
+    assert _one_error(capsys, "run").startswith(
+        f"{run / 'run.json'}: unreadable (not a run record: {message}), and its copy {run / 'state' / 'run.json'} is "
+        "too (ValueError); --overwrite would delete everything in "
+    )
+    assert cli.main(["-q", "run", *overrides(world, tmp_path / "other", **{"factors.from": run})]) == 2
+    assert _one_error(capsys, "run").endswith("the run cannot be read")
+    assert {p: p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()} == damaged
+    (run / "state" / "run.json").write_bytes(before[run / "state" / "run.json"])  # the copy intact again
+    assert cli.main(["-q", "run", *overrides(world, run, **{"data.batch_size": 8, "factors.fisher": "empirical"})]) == 0
+    assert "restored from its copy" in capsys.readouterr().err
