@@ -85,14 +85,22 @@ def run_command(args) -> int:
 
 
 def query_command(args) -> int:
-    from jaxinf import config as cfg
-    from jaxinf import pipeline
     from jaxinf.run import rundir
+    from jaxinf.run.lock import reading
 
     run_dir = Path(args.run)
     if (run_dir / "manifest.json").is_file() and run_dir.parent.name == "state":  # the index directory itself
         run_dir = run_dir.parent.parent
     rundir.refuse_inside_run(run_dir, "RUN_OR_INDEX")
+    with reading((run_dir,)):  # never read while a jaxinf run rewrites it, nor rewritten while read
+        return _query(args, run_dir)
+
+
+def _query(args, run_dir: Path) -> int:
+    from jaxinf import config as cfg
+    from jaxinf import pipeline
+    from jaxinf.run import rundir
+
     record = rundir.read_record(run_dir) if run_dir.is_dir() else None
     if record is None or "config" not in record:
         raise cfg.ConfigError(f"{run_dir}: not a jaxinf run directory (no run.json)")

@@ -2033,3 +2033,34 @@ def test_a_run_json_with_a_field_of_another_type_is_one_line_naming_it(
     (run / "state" / "run.json").write_bytes(before[run / "state" / "run.json"])  # the copy intact again
     assert cli.main(["-q", "run", *overrides(world, run, **{"data.batch_size": 8, "factors.fisher": "empirical"})]) == 0
     assert "restored from its copy" in capsys.readouterr().err
+
+
+def test_a_run_being_read_is_not_rewritten_and_one_being_written_is_not_read(world, indexed, tmp_path, capsys):
+    """``jaxinf query RUN Q`` started just before ``jaxinf run --overwrite`` of RUN said "RUN: the eigendecomposition
+    is missing or corrupted (stage eigen)" (the overwrite had set RUN aside under the query), and a query started
+    during the overwrite "the index is incomplete (21 of 50 batches written)": the commands that read a run
+    (``query``, ``factors.from``, ``index.from``, ``kronfluence export``, ``compare``) took no lock. They hold a
+    shared lock on it (:func:`jaxinf.run.lock.reading`): refused in one line while a run writes it, and a run that
+    would write it while it is read is refused, its files untouched."""
+    from jaxinf.run.lock import RunLock, reading
+
+    run, argv = indexed
+    before = {p: p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file() and p.name != ".jaxinf.lock"}
+    with RunLock(run):  # a jaxinf run writing it
+        holder = (run / ".jaxinf.lock").read_text().strip()
+        message = f"{run}: being written by another jaxinf process ({holder}); wait for it to finish, then read it"
+        assert cli.main(["-q", "query", str(run), str(world["queries"]), "--out", str(tmp_path / "q")]) == 2
+        assert _one_error(capsys, "query") == message
+        assert cli.main(["-q", "run", *overrides(world, tmp_path / "f", **{"factors.from": run})]) == 2
+        assert _one_error(capsys, "run") == message
+        assert cli.main(["-q", "kronfluence", "export", str(run), str(tmp_path / "k")]) == 2
+        assert _one_error(capsys, "kronfluence") == message
+    assert not any((tmp_path / name).exists() for name in ("q", "f", "k"))
+    with reading((run,)):  # a query reading it
+        assert cli.main(["-q", "run", "--overwrite", *argv]) == 2
+        assert _one_error(capsys, "run") == (
+            f"{run}: in use by another jaxinf process (reading it); wait for it to finish or stop it, or choose "
+            "another run.out"
+        )
+    assert {p: p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file() and p.name != ".jaxinf.lock"} == before
+
