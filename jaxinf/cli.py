@@ -265,6 +265,23 @@ def entry() -> int:
     return code
 
 
+def _refuse_undecodable(argv: list[str]) -> None:
+    """Refuses an argument holding bytes that are not UTF-8 (Python keeps them as lone surrogates): as a path it
+    failed deep inside a library (tensorstore, array_record) or when the report wrote it, each a traceback after
+    work was done; as a ``key=value`` a YAML ReaderError. Every path and value of jaxinf is UTF-8 text, as in a
+    YAML config."""
+    from jaxinf.config import ConfigError
+
+    for arg in argv:
+        at = next((i for i, c in enumerate(arg) if "\udc80" <= c <= "\udcff"), None)
+        if at is not None:
+            shown = arg.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+            raise ConfigError(
+                f"argument '{shown}': not UTF-8 text (byte 0x{ord(arg[at]) - 0xDC00:02x} at character {at + 1}); "
+                "jaxinf takes its paths and values as UTF-8 text (rename the file or directory)"
+            )
+
+
 def main(argv: list[str] | None = None) -> int:
     """The command line on ``argv`` (default ``sys.argv[1:]``), in this process as it is (no restart)."""
     parser = argparse.ArgumentParser(prog="jaxinf", description="EK-FAC influence functions for LLMs in JAX")
@@ -410,6 +427,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         with unraisable_hook().command():
+            _refuse_undecodable(sys.argv[1:] if argv is None else argv)
             return _handler(args.handler)(args)
     except (EnvironmentFailure, UserError) as e:  # jaxinf.errors: one line, the kind's exit code
         print(f"jaxinf {args.command}: error: {e}", file=sys.stderr)

@@ -2064,3 +2064,27 @@ def test_a_run_being_read_is_not_rewritten_and_one_being_written_is_not_read(wor
         )
     assert {p: p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file() and p.name != ".jaxinf.lock"} == before
 
+
+def test_an_argument_that_is_not_utf8_is_one_line_and_writes_nothing(world, finished, tmp_path, capsys):
+    """A path with a byte that is not UTF-8 (``run.out=$'runs/o\\xff'``: Python keeps it as a lone surrogate) was a
+    traceback in each command: a YAML ``ReaderError`` without ``.problem`` for a ``key=value``, tensorstore's "Unable
+    to cast Python instance" for ``query --out``, a ``UnicodeEncodeError`` while ``analyze`` wrote the report, and
+    array_record's ``TypeError`` after ``prepare`` had converted every document. Each is refused first, in one line
+    naming the argument; a control character in a value is one line too."""
+    bad = str(tmp_path) + "/o\udcffx"
+    for command, argv in (
+        ("run", ["run", *overrides(world, Path(bad))]),
+        ("query", ["query", str(finished), str(world["queries"]), "--out", bad]),
+        ("analyze", ["analyze", bad]),
+        ("prepare", ["prepare", str(world["docs"]), bad]),
+    ):
+        assert cli.main(["-q", *argv]) == 2
+        assert _one_error(capsys, command).startswith(
+            f"argument '{'run.out=' if command == 'run' else ''}{tmp_path}/o\\xffx': not UTF-8 text (byte 0xff at "
+        )
+    assert os.listdir(tmp_path) == []
+    assert cli.main(["-q", "run", *overrides(world, tmp_path / "o\x01x")]) == 2
+    assert _one_error(capsys, "run") == (
+        f"command line: run.out: cannot parse value '{tmp_path}/o\\x01x' (special characters are not allowed)"
+    )
+    assert os.listdir(tmp_path) == []

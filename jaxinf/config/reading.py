@@ -309,7 +309,8 @@ def parse_override(text: str) -> tuple[str, str, Any]:
     try:
         parsed = yaml.safe_load(value) if value != "" else None
     except yaml.YAMLError as e:
-        raise ConfigError(f"command line: {path}: cannot parse value {value!r} ({e.problem})") from None
+        why = getattr(e, "problem", None) or getattr(e, "reason", None) or type(e).__name__
+        raise ConfigError(f"command line: {path}: cannot parse value {value!r} ({why})") from None
     return section, name, parsed
 
 
