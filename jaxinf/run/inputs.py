@@ -194,7 +194,7 @@ def document_lengths(store: RunStore | None, documents, encoder, limit: int | No
                 continue
             try:
                 save_npy(path, lengths)
-                write_json(meta, key)
+                write_json(meta, {**key, "counts_sha256": _counts_digest(lengths)})
             except OSError as e:
                 if not is_shared:
                     raise  # the run directory's copy: a refused write is the run's failure
@@ -215,15 +215,26 @@ def token_count_cache() -> Path | None:
     return Path(where) if where else None
 
 
+def _counts_digest(lengths: np.ndarray) -> str:
+    return hashlib.sha256(
+        f"{lengths.dtype}{lengths.shape}".encode() + np.ascontiguousarray(lengths).tobytes()
+    ).hexdigest()
+
+
 def _read_counts(meta: Path, path: Path, key: dict) -> np.ndarray | None:
-    """The counts kept at ``path`` if ``meta`` holds ``key`` and they are whole (anything else: None, count again)."""
+    """The counts kept at ``path`` if ``meta`` holds ``key`` and their checksum (anything else: None, count again).
+    Without the checksum, counts edited or damaged into another valid ``.npy`` of the same size were trusted, and
+    every later run on the corpus stopped at its first batch ("has 41 tokens but the plan counted 2") without naming
+    the cache file."""
     try:
-        if json.loads(meta.read_text()) != key:
+        kept = json.loads(meta.read_text())
+        if not isinstance(kept, dict) or {k: v for k, v in kept.items() if k != "counts_sha256"} != key:
             return None
         lengths = load_npy(path)
     except (OSError, ValueError, EOFError):
         return None
-    return lengths if lengths.ndim == 1 and len(lengths) == key["size"] else None
+    whole = lengths.ndim == 1 and len(lengths) == key["size"] and kept.get("counts_sha256") == _counts_digest(lengths)
+    return lengths if whole else None
 
 
 def _file_key(name: str) -> list:
