@@ -96,11 +96,27 @@ def query_command(args) -> int:
         return _query(args, run_dir)
 
 
+QUERY_SETS = {
+    "data.queries": "QUERIES, the command's second argument",
+    "run.out": "--out",
+    "factors.from": "RUN_OR_INDEX: the curvature of the run queried",
+    "index.from": "RUN_OR_INDEX: the run queried",
+    "scores.mode": "index: jaxinf query scores with the run's index",
+}
+"""The keys ``jaxinf query`` sets itself, and from what: an override of one was taken over the command's own argument
+(``data.queries=X`` scored X, not QUERIES, without a word) or met a check that named a key the user never wrote
+(``run.out=RUN``: "factors.from: RUN is run.out itself")."""
+
+
 def _query(args, run_dir: Path) -> int:
     from jaxinf import config as cfg
     from jaxinf import pipeline
     from jaxinf.run import rundir
 
+    for override in args.overrides:
+        key = override.split("=", 1)[0].strip()
+        if key in QUERY_SETS:
+            raise cfg.ConfigError(f"command line: {key}: set by jaxinf query itself ({QUERY_SETS[key]}); leave it out")
     record = rundir.read_record(run_dir) if run_dir.is_dir() else None
     if record is None or "config" not in record:
         raise cfg.ConfigError(f"{run_dir}: not a jaxinf run directory (no run.json)")

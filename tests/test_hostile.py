@@ -2088,3 +2088,26 @@ def test_an_argument_that_is_not_utf8_is_one_line_and_writes_nothing(world, fini
         f"command line: run.out: cannot parse value '{tmp_path}/o\\x01x' (special characters are not allowed)"
     )
     assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize(
+    "override, what",
+    [
+        ("data.queries", "QUERIES, the command's second argument"),
+        ("run.out", "--out"),
+        ("factors.from", "RUN_OR_INDEX: the curvature of the run queried"),
+        ("scores.mode", "index: jaxinf query scores with the run's index"),
+    ],
+)
+def test_a_query_refuses_overrides_of_the_keys_it_sets_itself(world, indexed, tmp_path, capsys, override, what):
+    """``jaxinf query RUN Q data.queries=X`` scored X, not Q, without a word; ``run.out=RUN`` was refused as
+    "factors.from: RUN is run.out itself", a key the user never wrote; ``factors.from=OTHER`` as "built in another
+    eigenbasis (the factors were refitted)"; ``scores.mode=exact`` made the query a pass over every document. The keys
+    the command sets from its own arguments are refused in one line naming what sets them; nothing is written."""
+    run, _ = indexed
+    value = {"data.queries": world["queries"], "run.out": run, "factors.from": run, "scores.mode": "exact"}[override]
+    out = tmp_path / "q"
+    argv = ["-q", "query", str(run), str(world["queries"]), "--out", str(out), f"{override}={value}"]
+    assert cli.main(argv) == 2
+    assert _one_error(capsys, "query") == f"command line: {override}: set by jaxinf query itself ({what}); leave it out"
+    assert os.listdir(tmp_path) == []
