@@ -85,14 +85,38 @@ def run_command(args) -> int:
 
 
 def query_command(args) -> int:
-    from jaxinf import config as cfg
-    from jaxinf import pipeline
     from jaxinf.run import rundir
+    from jaxinf.run.lock import reading
 
     run_dir = Path(args.run)
     if (run_dir / "manifest.json").is_file() and run_dir.parent.name == "state":  # the index directory itself
         run_dir = run_dir.parent.parent
     rundir.refuse_inside_run(run_dir, "RUN_OR_INDEX")
+    with reading((run_dir,)):  # never read while a jaxinf run rewrites it, nor rewritten while read
+        return _query(args, run_dir)
+
+
+QUERY_SETS = {
+    "data.queries": "QUERIES, the command's second argument",
+    "run.out": "--out",
+    "factors.from": "RUN_OR_INDEX: the curvature of the run queried",
+    "index.from": "RUN_OR_INDEX: the run queried",
+    "scores.mode": "index: jaxinf query scores with the run's index",
+}
+"""The keys ``jaxinf query`` sets itself, and from what: an override of one was taken over the command's own argument
+(``data.queries=X`` scored X, not QUERIES, without a word) or met a check that named a key the user never wrote
+(``run.out=RUN``: "factors.from: RUN is run.out itself")."""
+
+
+def _query(args, run_dir: Path) -> int:
+    from jaxinf import config as cfg
+    from jaxinf import pipeline
+    from jaxinf.run import rundir
+
+    for override in args.overrides:
+        key = override.split("=", 1)[0].strip()
+        if key in QUERY_SETS:
+            raise cfg.ConfigError(f"command line: {key}: set by jaxinf query itself ({QUERY_SETS[key]}); leave it out")
     record = rundir.read_record(run_dir) if run_dir.is_dir() else None
     if record is None or "config" not in record:
         raise cfg.ConfigError(f"{run_dir}: not a jaxinf run directory (no run.json)")
@@ -141,7 +165,10 @@ def query_command(args) -> int:
         raw["mesh"][launch] = None
     config = cfg.with_overrides(raw, list(args.overrides), str(run_dir / "run.json"))
     enable_compilation_cache()
-    with rundir.output_named("--out"):  # its messages name the option it has, not the config's run.out
+    from jaxinf.run import factors_from
+
+    # its messages name the option it has, not the config's run.out, and the keys its run fixes, not factors.from
+    with rundir.output_named("--out"), factors_from.queried():
         pipeline.run(config, overwrite=args.overwrite)
     return 0
 
@@ -252,6 +279,23 @@ def entry() -> int:
         sys.stderr.flush()
         os._exit(code)
     return code
+
+
+def _refuse_undecodable(argv: list[str]) -> None:
+    """Refuses an argument holding bytes that are not UTF-8 (Python keeps them as lone surrogates): as a path it
+    failed deep inside a library (tensorstore, array_record) or when the report wrote it, each a traceback after
+    work was done; as a ``key=value`` a YAML ReaderError. Every path and value of jaxinf is UTF-8 text, as in a
+    YAML config."""
+    from jaxinf.config import ConfigError
+
+    for arg in argv:
+        at = next((i for i, c in enumerate(arg) if "\udc80" <= c <= "\udcff"), None)
+        if at is not None:
+            shown = arg.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+            raise ConfigError(
+                f"argument '{shown}': not UTF-8 text (byte 0x{ord(arg[at]) - 0xDC00:02x} at character {at + 1}); "
+                "jaxinf takes its paths and values as UTF-8 text (rename the file or directory)"
+            )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -399,6 +443,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         with unraisable_hook().command():
+            _refuse_undecodable(sys.argv[1:] if argv is None else argv)
             return _handler(args.handler)(args)
     except (EnvironmentFailure, UserError) as e:  # jaxinf.errors: one line, the kind's exit code
         print(f"jaxinf {args.command}: error: {e}", file=sys.stderr)

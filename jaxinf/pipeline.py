@@ -42,7 +42,7 @@ from jaxinf.run import checks, factors_from, failures, fingerprint, index_run, p
 from jaxinf.run.executor import Executor, make_executor
 from jaxinf.run.exports.stage import export
 from jaxinf.run.inputs import Inputs, load_inputs, non_finite_loss, text_source
-from jaxinf.run.lock import RunLock, claim_run
+from jaxinf.run.lock import RunLock, claim_run, reading
 from jaxinf.run.rundir import StoreError
 from jaxinf.run.saved import SavedChunks, SavedState, batch_plan_key
 from jaxinf.run.store import RunStore
@@ -400,6 +400,12 @@ def run(config: cfg.Config, overwrite: bool = False, executor: Executor | None =
     content changed since the run started are refused or invalidate the stages depending on them
     (:mod:`jaxinf.run.fingerprint`).
     """
+    # the runs it reads are not rewritten meanwhile, nor read while one is (jaxinf.run.lock.reading)
+    with reading((config.factors.from_run, config.index.from_run), output=config.run.out):
+        return _run(config, overwrite, executor)
+
+
+def _run(config: cfg.Config, overwrite: bool, executor: Executor | None) -> Path:
     model_config, queries = checks.before_devices(config)  # the start-up checks, in order: jaxinf.run.checks
     initialize(config.mesh)  # before anything touches a device
     check_agreement(cfg.to_dict(config))  # every process runs the same config

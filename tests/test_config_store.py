@@ -34,6 +34,12 @@ def test_yaml_and_overrides(tmp_path):
         ("data:\n  batch_size: 0\n", r"c.yaml: data.batch_size: must be at least 1"),
         ("scores:\n  damping: [1]\n", r"c.yaml: scores.damping: expected a number or null"),
         ("model: [1, 2]\n", r"c.yaml: model: expected a mapping of keys"),
+        # a dotted key at the top of the file, as on the command line: "unknown key" without saying how to write it
+        (
+            "data.max_length: 8\n",
+            r"c.yaml: unknown key 'data.max_length' \(a YAML config nests keys in sections: write it as 'data:' "
+            r"with 'max_length:' indented under it\)",
+        ),
         ("factors: {strategy: kfac\n", r"c.yaml:\d+: invalid YAML"),
         # a key given twice: PyYAML keeps the second silently, dropping scores.damping
         (

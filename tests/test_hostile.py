@@ -1941,3 +1941,204 @@ def test_a_lock_file_that_is_a_symbolic_link_is_never_followed(finished, tmp_pat
     assert cli.main(["-q", "prepare", str(docs), str(shared / "ds")]) == 2
     assert _one_error(capsys, "prepare").startswith(f"{shared / '.ds.prepare-lock'}: cannot create the dataset ")
     assert victim.read_text() == "precious\n" and not (shared / "ds").exists()
+
+
+@pytest.mark.parametrize("command", ["run", "plan"])
+def test_a_null_field_of_config_json_is_named_null_not_missing(world, tmp_path, capsys, command):
+    """A required ``config.json`` field written as ``null`` (``"hidden_size": null``, as a script that dumps ``None``
+    writes it) was "field hidden_size is missing", sending the user to look for a field that is there."""
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(world["model"], model)
+    raw = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**raw, "hidden_size": None}))
+    out = tmp_path / "run"
+    args = overrides(world, out, **{"model.checkpoint": model})
+    assert cli.main(["-q", command, *args, *(["--no-compile"] if command == "plan" else [])]) == 2
+    assert _one_error(capsys, command) == f"{model / 'config.json'}: field hidden_size is null, expected int"
+    assert not out.exists()
+
+
+def test_a_query_with_another_model_names_model_checkpoint_not_factors_from(world, indexed, tmp_path, capsys):
+    """``jaxinf query RUN Q model.checkpoint=OTHER`` (other weights) said "factors.from: RUN was fitted with other
+    settings: the model's content (...)", naming a key the user never wrote: the query sets ``factors.from``
+    itself. It names model.checkpoint (and any other key the run fixes) and says the query's must be the run's;
+    the same weights in a copy are still accepted."""
+    import shutil
+
+    from safetensors.numpy import load_file, save_file
+
+    run, _ = indexed
+    model = tmp_path / "model"
+    shutil.copytree(world["model"], model)
+    weights = load_file(model / "model.safetensors")
+    name = sorted(weights)[0]
+    save_file({**weights, name: weights[name] * 2}, model / "model.safetensors", metadata={"format": "pt"})
+    out = tmp_path / "q"
+    assert (
+        cli.main(["-q", "query", str(run), str(world["queries"]), "--out", str(out), f"model.checkpoint={model}"]) == 2
+    )
+    assert _one_error(capsys, "query") == (
+        f"model.checkpoint (the model in {model} is not what {run} read from {world['model']}): a query is scored "
+        f"with the model and curvature of its run {run}, fitted with other values of these; leave them out"
+    )
+    args = ["-q", "query", str(run), str(world["queries"]), "--out", str(out), "model.dtype=bfloat16", "factors.seed=3"]
+    assert cli.main(args) == 2
+    assert _one_error(capsys, "query").startswith("model.dtype, factors.seed: a query is scored with the model and ")
+    assert not out.exists()
+
+
+def test_validate_warns_of_a_query_made_only_of_unknown_words_as_run_does(world, tmp_path, caplog):
+    """``jaxinf validate CONFIG`` read its queries past jaxinf run's checks: with the demo's word-level tokenizer a
+    query made only of words it does not know became ``<unk>`` tokens without a word (jaxinf run warns). The world of
+    a config checks its queries with run's one check (:func:`jaxinf.run.inputs.check_queries`): one line per query,
+    prompt and completion together."""
+    from jaxinf import config as cfg
+    from jaxinf.validate.world import from_config
+
+    queries = tmp_path / "q.jsonl"
+    queries.write_text(
+        json.dumps({"id": "unk", "prompt": "Xyzzy plugh", "completion": "Frobozz!"})
+        + "\n"
+        + json.dumps({"id": "ok", "prompt": "the river of", "completion": "1 2 3 ."})
+        + "\n"
+    )
+    config = cfg.load(None, overrides(world, tmp_path / "v", **{"data.queries": queries}))
+    with caplog.at_level(logging.WARNING, logger="jaxinf"):
+        from_config(config)
+    assert [r.getMessage() for r in caplog.records] == [
+        f'{queries}:1: query "unk": every token of its prompt and completion is the tokenizer\'s unknown token <unk> '
+        "(3 tokens): the model sees none of its words"
+    ]
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("stages.covariance", None, "field stages.covariance is null, expected an object"),
+        ("inputs", "x", "field inputs is a string, expected an object"),
+        ("inputs.model.files", [], "field inputs.model.files is a list, expected an object"),
+        ("stages.exports.files", "x", "field stages.exports.files is a string, expected an object"),
+        ("stages.scores.plan", None, "field stages.scores.plan is null, expected an object"),
+        ("stages", "DELETE", "no field stages"),
+    ],
+)
+def test_a_run_json_with_a_field_of_another_type_is_one_line_naming_it(
+    world, finished, tmp_path, capsys, field, value, message
+):
+    """A run.json (and its copy) whose ``stages.covariance`` was null, whose ``inputs`` was a string or whose
+    ``stages.exports.files`` a string was an ``AttributeError`` traceback wherever jaxinf first read the field (a
+    missing ``stages`` said "unreadable ('stages')"). The one reader of run records checks every field it reads
+    against the shape jaxinf writes (:data:`jaxinf.run.rundir.RECORD_SHAPE`): one line naming the field, nothing
+    touched; a damaged run.json beside an intact copy is restored from the copy as before."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(finished, run)
+    before = {p: p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()}
+
+    def damage(path):
+        record = json.loads(path.read_text())
+        *parents, last = field.split(".")
+        entry = record
+        for key in parents:
+            entry = entry[key]
+        if value == "DELETE":
+            del entry[last]
+        else:
+            entry[last] = value
+        path.write_text(json.dumps(record))
+
+    for path in (run / "run.json", run / "state" / "run.json"):
+        damage(path)
+    damaged = {p: p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()}
+    assert cli.main(["-q", "run", *overrides(world, run, **{"data.batch_size": 8, "factors.fisher": "empirical"})]) == 2
+    assert _one_error(capsys, "run").startswith(
+        f"{run / 'run.json'}: unreadable (not a run record: {message}), and its copy {run / 'state' / 'run.json'} is "
+        "too (ValueError); --overwrite would delete everything in "
+    )
+    assert cli.main(["-q", "run", *overrides(world, tmp_path / "other", **{"factors.from": run})]) == 2
+    assert _one_error(capsys, "run").endswith("the run cannot be read")
+    assert {p: p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()} == damaged
+    (run / "state" / "run.json").write_bytes(before[run / "state" / "run.json"])  # the copy intact again
+    assert cli.main(["-q", "run", *overrides(world, run, **{"data.batch_size": 8, "factors.fisher": "empirical"})]) == 0
+    assert "restored from its copy" in capsys.readouterr().err
+
+
+def test_a_run_being_read_is_not_rewritten_and_one_being_written_is_not_read(world, indexed, tmp_path, capsys):
+    """``jaxinf query RUN Q`` started just before ``jaxinf run --overwrite`` of RUN said "RUN: the eigendecomposition
+    is missing or corrupted (stage eigen)" (the overwrite had set RUN aside under the query), and a query started
+    during the overwrite "the index is incomplete (21 of 50 batches written)": the commands that read a run
+    (``query``, ``factors.from``, ``index.from``, ``kronfluence export``, ``compare``) took no lock. They hold a
+    shared lock on it (:func:`jaxinf.run.lock.reading`): refused in one line while a run writes it, and a run that
+    would write it while it is read is refused, its files untouched."""
+    from jaxinf.run.lock import RunLock, reading
+
+    run, argv = indexed
+    before = {p: p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file() and p.name != ".jaxinf.lock"}
+    with RunLock(run):  # a jaxinf run writing it
+        holder = (run / ".jaxinf.lock").read_text().strip()
+        message = f"{run}: being written by another jaxinf process ({holder}); wait for it to finish, then read it"
+        assert cli.main(["-q", "query", str(run), str(world["queries"]), "--out", str(tmp_path / "q")]) == 2
+        assert _one_error(capsys, "query") == message
+        assert cli.main(["-q", "run", *overrides(world, tmp_path / "f", **{"factors.from": run})]) == 2
+        assert _one_error(capsys, "run") == message
+        assert cli.main(["-q", "kronfluence", "export", str(run), str(tmp_path / "k")]) == 2
+        assert _one_error(capsys, "kronfluence") == message
+    assert not any((tmp_path / name).exists() for name in ("q", "f", "k"))
+    with reading((run,)):  # a query reading it
+        assert cli.main(["-q", "run", "--overwrite", *argv]) == 2
+        assert _one_error(capsys, "run") == (
+            f"{run}: in use by another jaxinf process (reading it); wait for it to finish or stop it, or choose "
+            "another run.out"
+        )
+    assert {p: p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file() and p.name != ".jaxinf.lock"} == before
+
+
+def test_an_argument_that_is_not_utf8_is_one_line_and_writes_nothing(world, finished, tmp_path, capsys):
+    """A path with a byte that is not UTF-8 (``run.out=$'runs/o\\xff'``: Python keeps it as a lone surrogate) was a
+    traceback in each command: a YAML ``ReaderError`` without ``.problem`` for a ``key=value``, tensorstore's "Unable
+    to cast Python instance" for ``query --out``, a ``UnicodeEncodeError`` while ``analyze`` wrote the report, and
+    array_record's ``TypeError`` after ``prepare`` had converted every document. Each is refused first, in one line
+    naming the argument; a control character in a value is one line too."""
+    bad = str(tmp_path) + "/o\udcffx"
+    for command, argv in (
+        ("run", ["run", *overrides(world, Path(bad))]),
+        ("query", ["query", str(finished), str(world["queries"]), "--out", bad]),
+        ("analyze", ["analyze", bad]),
+        ("prepare", ["prepare", str(world["docs"]), bad]),
+    ):
+        assert cli.main(["-q", *argv]) == 2
+        assert _one_error(capsys, command).startswith(
+            f"argument '{'run.out=' if command == 'run' else ''}{tmp_path}/o\\xffx': not UTF-8 text (byte 0xff at "
+        )
+    assert os.listdir(tmp_path) == []
+    assert cli.main(["-q", "run", *overrides(world, tmp_path / "o\x01x")]) == 2
+    assert _one_error(capsys, "run") == (
+        f"command line: run.out: cannot parse value '{tmp_path}/o\\x01x' (special characters are not allowed)"
+    )
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize(
+    "override, what",
+    [
+        ("data.queries", "QUERIES, the command's second argument"),
+        ("run.out", "--out"),
+        ("factors.from", "RUN_OR_INDEX: the curvature of the run queried"),
+        ("scores.mode", "index: jaxinf query scores with the run's index"),
+    ],
+)
+def test_a_query_refuses_overrides_of_the_keys_it_sets_itself(world, indexed, tmp_path, capsys, override, what):
+    """``jaxinf query RUN Q data.queries=X`` scored X, not Q, without a word; ``run.out=RUN`` was refused as
+    "factors.from: RUN is run.out itself", a key the user never wrote; ``factors.from=OTHER`` as "built in another
+    eigenbasis (the factors were refitted)"; ``scores.mode=exact`` made the query a pass over every document. The keys
+    the command sets from its own arguments are refused in one line naming what sets them; nothing is written."""
+    run, _ = indexed
+    value = {"data.queries": world["queries"], "run.out": run, "factors.from": run, "scores.mode": "exact"}[override]
+    out = tmp_path / "q"
+    argv = ["-q", "query", str(run), str(world["queries"]), "--out", str(out), f"{override}={value}"]
+    assert cli.main(argv) == 2
+    assert _one_error(capsys, "query") == f"command line: {override}: set by jaxinf query itself ({what}); leave it out"
+    assert os.listdir(tmp_path) == []

@@ -100,3 +100,29 @@ def test_token_counts_are_kept_for_every_run_of_the_same_corpus(world, tmp_path,
     edited.write_text(world["docs"].read_text().replace("a", "b", 1))
     inputs.document_lengths(None, open_documents(edited), encoder, limit)
     assert len(list(cache.glob("*.npy"))) == 2
+
+
+def test_token_counts_edited_into_another_valid_array_are_counted_again(world, tmp_path, monkeypatch, capsys):
+    """The shared token-count cache (or a run's state/plan/lengths.npy) rewritten as another valid array of the same
+    size (bit rot, a hand edit, another tool) was trusted: every run on the corpus stopped at its first batch with
+    'document "..." has 41 tokens but the plan counted 2', naming neither the cache file nor a way out. The counts
+    are kept with their checksum, and counts that do not match it are counted again."""
+    import numpy as np
+
+    from jaxinf.run import inputs
+
+    cache = tmp_path / "counts"
+    monkeypatch.setenv(inputs.TOKEN_COUNT_CACHE, str(cache))
+    assert cli.main(["-q", "plan", *overrides(world, tmp_path / "run"), "--corpus", "--no-compile"]) == 0
+    (kept,) = cache.glob("*.npy")
+    counted = np.load(kept)
+    np.save(kept, np.full_like(counted, 2))
+    assert cli.main(["-q", "run", *overrides(world, tmp_path / "run", **{"data.batch_size": 8})]) == 0
+    np.testing.assert_array_equal(np.load(kept), counted)  # counted again and kept again
+    lengths = tmp_path / "run" / "state" / "plan" / "lengths.npy"
+    np.testing.assert_array_equal(np.load(lengths), counted)
+    np.save(lengths, np.full_like(counted, 2))
+    np.save(kept, np.full_like(counted, 2))
+    capsys.readouterr()
+    assert cli.main(["-q", "run", *overrides(world, tmp_path / "run", **{"data.batch_size": 8})]) == 0
+    np.testing.assert_array_equal(np.load(lengths), counted)

@@ -784,8 +784,8 @@ def test_factors_from_compares_content_and_refuses_a_swamping_damping(base, tmp_
     r = jaxinf(args(factors__from="run", run__out="stale"), base["env"], cwd=d)
     assert r.returncode == 2
     assert error_line(r) == (
-        "factors.from: run was fitted with other settings: the model's content (model is not the "
-        "model of model as that run read it)"
+        "factors.from: run was fitted with other settings: model.checkpoint (the model in model is not what "
+        "run read from model)"
     )
     assert not (d / "stale").exists()
 

@@ -113,6 +113,12 @@ def from_dict(raw: dict, source: str = "config") -> Config:
     sections = {}
     for section, values in raw.items():
         if section not in SECTIONS:
+            head, _, rest = str(section).partition(".")
+            if head in SECTIONS and rest:  # `data.max_length: 8` at the top of a YAML file: a key of a section
+                raise ConfigError(
+                    f"{source}: unknown key {section!r} (a YAML config nests keys in sections: write it as "
+                    f"'{head}:' with '{rest}:' indented under it)"
+                )
             raise _unknown(source, str(section), list(SECTIONS))
         if values is None:
             values = {}
@@ -309,7 +315,8 @@ def parse_override(text: str) -> tuple[str, str, Any]:
     try:
         parsed = yaml.safe_load(value) if value != "" else None
     except yaml.YAMLError as e:
-        raise ConfigError(f"command line: {path}: cannot parse value {value!r} ({e.problem})") from None
+        why = getattr(e, "problem", None) or getattr(e, "reason", None) or type(e).__name__
+        raise ConfigError(f"command line: {path}: cannot parse value {value!r} ({why})") from None
     return section, name, parsed
 
 

@@ -33,7 +33,10 @@ def compare_command(args) -> int:
             raise InteropError(f"--json {args.json}: is a directory; give the path of a file to write")
         if not target.parent.is_dir():
             raise InteropError(f"--json {args.json}: no such directory {target.parent}")
-    report = compare(args.kronfluence, args.run, factors=args.factors, scores=args.scores, topk=args.topk)
+    from jaxinf.run.lock import reading
+
+    with reading((args.run,)):  # never read while a jaxinf run rewrites it (jaxinf.run.lock.reading)
+        report = compare(args.kronfluence, args.run, factors=args.factors, scores=args.scores, topk=args.topk)
     table = format_table(report)
     report = _strict(report)
     if args.json == "-":
@@ -58,8 +61,10 @@ def import_command(args) -> int:
 
 def export_command(args) -> int:
     from jaxinf.interop.transfer import export_factors
+    from jaxinf.run.lock import reading
 
-    out = export_factors(args.run, args.out, overwrite=args.overwrite)
+    with reading((args.run,)):  # never read while a jaxinf run rewrites it (jaxinf.run.lock.reading)
+        out = export_factors(args.run, args.out, overwrite=args.overwrite)
     print(f"{out}: kronfluence factors (use it as OUTPUT_DIR/ANALYSIS_NAME/factors_NAME)")
     return 0
 

@@ -123,9 +123,14 @@ IGNORED = frozenset(
 def _field(cfg: Mapping[str, Any], key: str, source: str, kind: str = "int", default: Any = ...) -> Any:
     """``cfg[key]`` checked to be of ``kind`` (int, float, bool, str); absent or null gives ``default``."""
     value = cfg.get(key)
+    expected = "a finite float" if kind == "float" else kind
     if value is None:
         if default is ...:
-            raise ConfigError(f"{source}: field {key} is missing")
+            raise ConfigError(
+                f"{source}: field {key} is null, expected {expected}"
+                if key in cfg
+                else f"{source}: field {key} is missing"
+            )
         return default
     ok = {
         "int": isinstance(value, int)
@@ -139,9 +144,7 @@ def _field(cfg: Mapping[str, Any], key: str, source: str, kind: str = "int", def
         "object": isinstance(value, Mapping),
     }[kind]
     if not ok:
-        raise ConfigError(
-            f"{source}: field {key} has value {value!r}, expected {'a finite float' if kind == 'float' else kind}"
-        )
+        raise ConfigError(f"{source}: field {key} has value {value!r}, expected {expected}")
     return {"int": int, "float": float}.get(kind, lambda v: v)(value)
 
 

@@ -3,7 +3,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import logging
+from collections.abc import Iterator
 from pathlib import Path
 
 from jaxinf import config as cfg
@@ -15,6 +18,20 @@ from jaxinf.run.rundir import StoreError
 from jaxinf.run.store import RunStore
 
 log = logging.getLogger("jaxinf")
+
+
+_QUERIED: contextvars.ContextVar[bool] = contextvars.ContextVar("factors_from_queried", default=False)
+
+
+@contextlib.contextmanager
+def queried() -> Iterator[None]:
+    """The block of ``jaxinf query RUN_OR_INDEX``, which sets ``factors.from`` itself: :func:`check` names the keys
+    of the query that differ from its run's, not a ``factors.from`` the user never wrote."""
+    token = _QUERIED.set(True)
+    try:
+        yield
+    finally:
+        _QUERIED.reset(token)
 
 
 def check(config: cfg.Config, model_fp: dict | None) -> RunStore | None:
@@ -36,13 +53,17 @@ def check(config: cfg.Config, model_fp: dict | None) -> RunStore | None:
     recorded = record.get("inputs") or {}
     mismatched = []
     if model_fp is not None and "model" in recorded:
-        for kind in ("model", "tokenizer"):
-            mine = {n: f["sha256"] for n, f in model_fp[kind]["files"].items()}
-            if mine != {n: f.get("sha256") for n, f in recorded.get(kind, {}).get("files", {}).items()}:
-                mismatched.append(
-                    f"the {kind}'s content ({config.model.checkpoint} is not the {kind} of "
-                    f"{theirs.model.checkpoint} as that run read it)"
-                )
+        changed = [
+            kind
+            for kind in ("model", "tokenizer")
+            if {n: f["sha256"] for n, f in model_fp[kind]["files"].items()}
+            != {n: f.get("sha256") for n, f in recorded.get(kind, {}).get("files", {}).items()}
+        ]
+        if changed:
+            mismatched.append(
+                f"model.checkpoint (the {' and '.join(changed)} in {config.model.checkpoint} "
+                f"{'is' if len(changed) == 1 else 'are'} not what {other} read from {theirs.model.checkpoint})"
+            )
     elif Path(theirs.model.checkpoint or "").resolve() != Path(config.model.checkpoint or "").resolve():
         mismatched.append("model.checkpoint")
     mismatched += [f"model.{k}" for k in ("dtype",) if getattr(theirs.model, k) != getattr(config.model, k)]
@@ -54,6 +75,11 @@ def check(config: cfg.Config, model_fp: dict | None) -> RunStore | None:
     if theirs.run.precision != config.run.precision:
         mismatched.append("run.precision")
     if mismatched:
+        if _QUERIED.get():
+            raise StoreError(
+                f"{', '.join(mismatched)}: a query is scored with the model and curvature of its run {other}, "
+                "fitted with other values of these; leave them out"
+            )
         raise StoreError(f"factors.from: {other} was fitted with other settings: {', '.join(mismatched)}")
     ostore = RunStore(other, record)
     if ostore.status("lambda") != "done" and theirs.factors.from_run is not None:  # never fits one of its own

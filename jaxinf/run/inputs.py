@@ -194,7 +194,7 @@ def document_lengths(store: RunStore | None, documents, encoder, limit: int | No
                 continue
             try:
                 save_npy(path, lengths)
-                write_json(meta, key)
+                write_json(meta, {**key, "counts_sha256": _counts_digest(lengths)})
             except OSError as e:
                 if not is_shared:
                     raise  # the run directory's copy: a refused write is the run's failure
@@ -215,15 +215,26 @@ def token_count_cache() -> Path | None:
     return Path(where) if where else None
 
 
+def _counts_digest(lengths: np.ndarray) -> str:
+    return hashlib.sha256(
+        f"{lengths.dtype}{lengths.shape}".encode() + np.ascontiguousarray(lengths).tobytes()
+    ).hexdigest()
+
+
 def _read_counts(meta: Path, path: Path, key: dict) -> np.ndarray | None:
-    """The counts kept at ``path`` if ``meta`` holds ``key`` and they are whole (anything else: None, count again)."""
+    """The counts kept at ``path`` if ``meta`` holds ``key`` and their checksum (anything else: None, count again).
+    Without the checksum, counts edited or damaged into another valid ``.npy`` of the same size were trusted, and
+    every later run on the corpus stopped at its first batch ("has 41 tokens but the plan counted 2") without naming
+    the cache file."""
     try:
-        if json.loads(meta.read_text()) != key:
+        kept = json.loads(meta.read_text())
+        if not isinstance(kept, dict) or {k: v for k, v in kept.items() if k != "counts_sha256"} != key:
             return None
         lengths = load_npy(path)
     except (OSError, ValueError, EOFError):
         return None
-    return lengths if lengths.ndim == 1 and len(lengths) == key["size"] else None
+    whole = lengths.ndim == 1 and len(lengths) == key["size"] and kept.get("counts_sha256") == _counts_digest(lengths)
+    return lengths if whole else None
 
 
 def _file_key(name: str) -> list:
@@ -348,10 +359,13 @@ def read_checked_queries(config: cfg.Config, vocab_size: int) -> list[Query]:
     return queries
 
 
-def check_queries(queries, encoder, config: cfg.Config) -> None:
+def check_queries(queries, encoder, config: cfg.Config) -> list:
     """Every query tokenized and checked against the settings (a completion with tokens, the query within
     ``data.max_length``, one batch shape) at start-up, before an ``--overwrite`` deletes the old run and before any
-    pass: the queries stage would otherwise meet a bad query only after the curvature was fitted."""
+    pass: the queries stage would otherwise meet a bad query only after the curvature was fitted. A prompt or
+    completion made only of the tokenizer's unknown token (words it does not know: the model sees none of them)
+    is one warning line per query. Every command that reads queries checks them here (``jaxinf run``, ``query``,
+    ``validate``). Returns their encodings (:func:`jaxinf.data.queries.encode_queries`)."""
     from jaxinf.data.queries import encode_queries, query_batches
 
     encoded = encode_queries(queries, encoder, max_length=config.data.max_length)
@@ -359,20 +373,24 @@ def check_queries(queries, encoder, config: cfg.Config) -> None:
     unk = getattr(getattr(encoder.tokenizer, "model", None), "unk_token", None)
     unk_id = encoder.tokenizer.token_to_id(unk) if isinstance(unk, str) else None
     if unk_id is None:
-        return
+        return encoded
     for q, e in zip(queries, encoded):
         start = len(encoder.prefix)
-        for part, ids in (("prompt", e.ids[start : e.prompt_length]), ("completion", e.ids[e.prompt_length :])):
-            if len(ids) and np.all(ids == unk_id):
-                log.warning(
-                    '%s: query "%s": every token of its %s is the tokenizer\'s unknown token %s (%d tokens): '
-                    "the model sees none of its words",
-                    q.origin,
-                    q.id,
-                    part,
-                    unk,
-                    len(ids),
-                )
+        parts = {"prompt": e.ids[start : e.prompt_length], "completion": e.ids[e.prompt_length :]}
+        unknown = [part for part, ids in parts.items() if len(ids) and np.all(ids == unk_id)]
+        if unknown:
+            n = sum(len(parts[part]) for part in unknown)
+            log.warning(
+                '%s: query "%s": every token of its %s is the tokenizer\'s unknown token %s (%d token%s): '
+                "the model sees none of its words",
+                q.origin,
+                q.id,
+                " and ".join(unknown),
+                unk,
+                n,
+                "" if n == 1 else "s",
+            )
+    return encoded
 
 
 class Subset:

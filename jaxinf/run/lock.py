@@ -14,8 +14,11 @@ with ``fcntl`` byte-range locks there); a file system without locks makes
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import fcntl
 import os
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from jaxinf.atomic import LockFailed, hold_lock, lock_holder, write_holder
@@ -51,8 +54,9 @@ class RunLock:
         except LockFailed as e:
             raise StoreError(f"{self.path}: cannot lock the run directory ({e.strerror})") from None
         if fd is None:
+            holder = "reading it" if _only_read(self.path) else self.holder()
             raise RunLocked(
-                f"{self.root}: in use by another jaxinf process ({self.holder()}); wait for it to "
+                f"{self.root}: in use by another jaxinf process ({holder}); wait for it to "
                 + ("finish or stop it" if self.reader else f"finish or stop it, or choose another {output_key()}")
             )
         try:
@@ -128,3 +132,63 @@ def claim_output(root: Path, kind: str):
         lock.release()
         raise
     return lock
+
+
+def _shared_lock(path: Path) -> int | None:
+    """A shared advisory lock on the lock file ``path``, opened for reading (never created, never through a link):
+    its descriptor, or None when there is none to take (no lock file: a directory no jaxinf run writes, since every
+    run keeps its lock file, or a file system without locks); raises ``BlockingIOError`` while a writer holds it."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError as e:
+        os.close(fd)
+        if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            raise BlockingIOError(e.errno, e.strerror) from None
+        return None
+    return fd
+
+
+def _only_read(path: Path) -> bool:
+    """Whether the lock ``path``, which this process could not take, is held only by readers (:func:`reading`)."""
+    try:
+        fd = _shared_lock(path)
+    except BlockingIOError:
+        return False
+    if fd is None:
+        return False
+    os.close(fd)
+    return True
+
+
+@contextlib.contextmanager
+def reading(roots: Iterable[str | Path | None], output: str | Path | None = None) -> Iterator[None]:
+    """Shared locks on the run directories a command reads (``factors.from``, ``index.from``, ``jaxinf query``'s
+    RUN, ``kronfluence export``'s RUN), held until the block ends: no ``jaxinf run`` (nor analyze, nor import) writes
+    one meanwhile (its exclusive lock says the run is being read), and the command does not start while one writes
+    it, which would have it read a run set aside or half recomputed ("the eigendecomposition is missing or
+    corrupted"). Nothing is created in them. ``output``: the command's own run directory, never locked here (its
+    exclusive lock is)."""
+    mine = os.path.realpath(output) if output is not None else None
+    fds: list[int] = []
+    try:
+        for root in dict.fromkeys(os.path.realpath(r) for r in roots if r is not None):
+            if root == mine or not os.path.isdir(root):
+                continue
+            path = Path(root) / LOCK_FILE
+            try:
+                fd = _shared_lock(path)
+            except BlockingIOError:
+                raise RunLocked(
+                    f"{root}: being written by another jaxinf process ({lock_holder(path)}); wait for it to "
+                    "finish, then read it"
+                ) from None
+            if fd is not None:
+                fds.append(fd)
+        yield
+    finally:
+        for fd in fds:
+            os.close(fd)

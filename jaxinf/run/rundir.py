@@ -344,12 +344,61 @@ def read_record(root: Path, output: bool = False, config_only: bool = False) -> 
     return record
 
 
+_FILES = {"*": {"sha256": str}}
+RECORD_SHAPE: dict = {
+    "config": dict,
+    "fingerprint": str,
+    "stages": {"*": {"status": str, "files": _FILES, "plan": {"processes": int, "batch_size": int, "batches": int}}},
+    "inputs": {
+        "model": {"files": _FILES},
+        "tokenizer": {"files": _FILES},
+        "documents": dict,
+        "queries": dict,
+        "factors": {"sha256": str},
+    },
+    "imported": dict,
+}
+"""The fields of ``run.json`` that jaxinf reads, each with the type it writes there (a mapping: an object whose
+fields have these shapes; ``"*"``: every entry of it). A field may be absent (a record of an older jaxinf), never
+another type or null: one hand-edited or damaged field was a traceback wherever it was first read."""
+
+_JSON_TYPES = {dict: "an object", str: "a string", int: "an integer", list: "a list"}
+
+
+def _json_type(value) -> str:
+    if value is None:
+        return "null"
+    for t, name in ((bool, "a boolean"), *_JSON_TYPES.items(), (float, "a number")):
+        if isinstance(value, t):
+            return name
+    return type(value).__name__
+
+
+def shape_problem(value, shape, where: str = "") -> str | None:
+    """The first field of ``value`` (parsed JSON) that is not of ``shape`` (:data:`RECORD_SHAPE`), as ``field a.b
+    is null, expected an object``; None when every field present is."""
+    kind = dict if isinstance(shape, dict) else shape
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        return f"field {where or '(the record)'} is {_json_type(value)}, expected {_JSON_TYPES[kind]}"
+    if isinstance(shape, dict):
+        for key, sub in shape.items():
+            for name in value if key == "*" else [key] if key in value else []:
+                problem = shape_problem(value[name], sub, f"{where}.{name}" if where else str(name))
+                if problem is not None:
+                    return problem
+    return None
+
+
 def _parse(path: Path, config_only: bool = False) -> dict:
     record = json.loads(path.read_text())
-    if not isinstance(record, dict) or not isinstance(record.get("config", {} if config_only else None), dict):
-        raise ValueError("not a run record")
-    if not config_only and not isinstance(record["stages"], dict):
-        raise ValueError("not a run record")
+    if not isinstance(record, dict):
+        raise ValueError(f"not a run record: {_json_type(record)}, not an object")
+    for key in () if config_only else ("config", "stages"):
+        if key not in record:
+            raise ValueError(f"not a run record: no field {key}")
+    problem = shape_problem(record, {"config": dict} if config_only else RECORD_SHAPE)
+    if problem is not None:
+        raise ValueError(f"not a run record: {problem}")
     return record
 
 

@@ -95,10 +95,11 @@ def builtin(n_documents: int = 128, per_task: int = 6, seed: int = 0) -> World:
 def from_config(config: cfg.Config) -> World:
     """The world of a config: ``model.checkpoint``, ``data.documents``, ``data.queries`` (module docstring)."""
     from jaxinf import models
-    from jaxinf.data.queries import encode_queries, read_queries
+    from jaxinf.data.queries import read_queries
     from jaxinf.data.sources import open_documents
     from jaxinf.data.tokenize import TextEncoder
     from jaxinf.engine import tasks
+    from jaxinf.run.inputs import check_queries
 
     for name in ("checkpoint",):
         if getattr(config.model, name) is None:
@@ -128,7 +129,7 @@ def from_config(config: cfg.Config) -> World:
         for e in encoder.encode_documents([d.text for d in docs], config.data.max_length)
     ]
     queries = read_queries(config.data.queries)
-    encoded = encode_queries(queries, encoder, max_length=config.data.max_length)
+    encoded = check_queries(queries, encoder, config)  # jaxinf run's checks and warnings (unknown words)
     index = {d.id: i for i, d in enumerate(docs)}
     supports = []
     for q in queries:
