@@ -458,6 +458,7 @@ def _run_locked(config: cfg.Config, executor: Executor, claimed: rundir.Aside | 
                 fingerprint.queries_fingerprint(inputs.queries, config.data.queries),
                 fingerprint.curvature_fingerprint(reused),
             )
+            index_run.check_borrowed(config, store, inputs)  # another run's index over these rows, before any pass
             barrier("inputs checked")  # process 0 deleted what changed inputs invalidated
         except BaseException:
             if isinstance(claimed, rundir.Fresh):  # a refused start leaves nothing; a failure later keeps its work

@@ -223,14 +223,17 @@ def test_a_killed_index_build_resumes_to_the_same_index(world, exact, tmp_path):
 def test_an_index_answers_a_run_that_batches_its_documents_differently(world, exact, tmp_path):
     """The index's rows are the documents' rows, whatever batches and processes they were grouped in: a run that
     batches them by 8 (as one on another number of processes does) scores from the index of one that batched them by
-    4, like the exact run; a run that cuts them into other rows (another data.max_length) is refused in one line."""
+    4, like the exact run; a run that cuts them into other rows (another data.max_length) is refused in one line, at
+    its start: nothing computed, nothing left behind (it was refused at its scores stage, after its query gradients,
+    leaving run.json, state/ and its lock)."""
     reuse = {"factors.from": exact, "index.from": exact, "scores.mode": "index"}
     out = tmp_path / "by8"
     pipeline.run(cfg.load(None, overrides(world, out, **reuse, **{"data.batch_size": 8})))
     got, want = np.load(out / "scores.npy"), np.load(exact / "scores.npy")
     assert np.max(np.abs(got - want)) <= 1e-5 * np.max(np.abs(want))
-    with pytest.raises(index_run.IndexError_, match=r"manifest.json: built over documents cut into other rows"):
+    with pytest.raises(index_run.IndexError_, match=r"manifest.json: built over documents cut into other rows \(anot"):
         pipeline.run(cfg.load(None, overrides(world, tmp_path / "short", **reuse, **{"data.max_length": 64})))
+    assert not (tmp_path / "short").exists()
 
 
 def test_a_torn_index_is_refused_in_one_line(world, exact, tmp_path):
