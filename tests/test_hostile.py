@@ -1369,12 +1369,15 @@ def test_a_query_against_a_run_whose_run_json_is_damaged_reads_its_copy(world, i
     assert np.load(out / "scores.npy").shape == (2, 8)
 
 
-def test_a_query_resumed_after_its_run_refitted_the_curvature_recomputes_its_gradients(world, tmp_path, capsys):
-    """``jaxinf query RUN Q --out OUT`` stopped once it had saved its query gradients (here: RUN's index was built
-    over documents edited since); RUN was run again (its curvature fitted again on the edited documents) and the
+def test_a_query_resumed_after_its_run_refitted_the_curvature_recomputes_its_gradients(
+    world, tmp_path, capsys, monkeypatch
+):
+    """``jaxinf query RUN Q --out OUT`` stopped once it had saved its query gradients (here: a failure in its
+    certifying pass); RUN's documents were edited and RUN was run again (its curvature fitted again on them) and the
     same query resumed: OUT reused the gradients preconditioned with RUN's old curvature against RUN's new index,
     exit 0, every score wrong (a third of the largest off). A run records the curvature it reuses (factors.from,
-    which a query is) and recomputes from its query gradients on when that curvature was fitted again."""
+    which a query is) and recomputes from its query gradients on when that curvature was fitted again. (A query
+    against an index over other documents than its run's is refused at its start, leaving nothing.)"""
     import shutil
 
     from jaxinf import config as cfg
@@ -1386,15 +1389,21 @@ def test_a_query_resumed_after_its_run_refitted_the_curvature_recomputes_its_gra
     argv = overrides(world, run, **{"data.batch_size": 8, "factors.fisher": "empirical", "index.k": 4})
     argv.append(f"data.documents={docs}")
     pipeline.run(cfg.load(None, argv))
+    query = ["-q", "query", str(run), str(world["queries"]), "--out", str(out)]
+    monkeypatch.setenv("JAXINF_FAULT", "certify:1:raise")  # stopped after its query gradients were saved
+    with pytest.raises(RuntimeError, match="fault injected"):
+        cli.main(query)
+    monkeypatch.delenv("JAXINF_FAULT")
+    assert (out / "state" / "queries").exists()
     lines = docs.read_text().splitlines()
     docs.write_text("\n".join([lines[5].replace(json.loads(lines[5])["id"], json.loads(lines[0])["id"]), *lines[1:]]))
-    query = ["-q", "query", str(run), str(world["queries"]), "--out", str(out)]
+    capsys.readouterr()
     assert cli.main(query) == 2
     assert "built over other documents" in _one_error(capsys, "query")
     pipeline.run(cfg.load(None, argv))  # the curvature fitted again on the edited documents
     capsys.readouterr()
-    assert cli.main(query) == 0
-    assert "its curvature was fitted again" in capsys.readouterr().err
+    assert cli.main(query) == 0  # its gradients, whether set aside with the documents' change or by the refit's,
+    # are not reused: the scores are those of RUN's new curvature and index
     np.testing.assert_allclose(np.load(out / "scores.npy"), np.load(run / "scores.npy"), rtol=1e-5, atol=1e-5)
 
 

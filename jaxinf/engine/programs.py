@@ -169,15 +169,20 @@ def tails_init(config, layers: Mapping[str, LayerSpec], queries: int, documents:
     )
 
 
-def index(config, task: Task, layers: Mapping[str, LayerSpec]) -> Program:
+def index(config, task: Task, layers: Mapping[str, LayerSpec], as_lambda: bool = False) -> Program:
     """The index pass: each document row's kept block of ``Q_S^T G[n] Q_A`` and its band energies
-    (:func:`jaxinf.engine.stages.index_step`)."""
+    (:func:`jaxinf.engine.stages.index_step`); ``as_lambda``: from each document's whole rotated gradient, as the
+    Lambda pass that writes the index forms them (:func:`jaxinf.engine.stages.index_from_rotation_step`), for an
+    index that pass would have written."""
     k = None if config.index.k == "full" else config.index.k
-    return Program(
-        "index",
-        stages.index_step(task, layers, k, _dtype(config), config.run.matmul_precision),
-        ("params", "basis", "batch"),
-    )
+    dtype, mp = _dtype(config), config.run.matmul_precision
+    if as_lambda:
+        return Program(
+            "index",
+            stages.index_from_rotation_step(task, layers, k, dtype, mp),
+            ("params", "eigen", "selection", "batch"),
+        )
+    return Program("index", stages.index_step(task, layers, k, dtype, mp), ("params", "basis", "batch"))
 
 
 def scores_and_index(config, task: Task, layers: Mapping[str, LayerSpec]) -> Program:

@@ -156,6 +156,26 @@ def index_step(task: Task, layers: Mapping[str, LayerSpec], k: int | None, dtype
     return step
 
 
+def index_from_rotation_step(task: Task, layers: Mapping[str, LayerSpec], k: int | None, dtype=None, precision=None):
+    """The index pass that forms each document's rotated gradient as the Lambda pass does: ``(params, eigen, selection,
+    batch) -> {"cells", "bands", "loss"}``, the rows of :func:`lambda_and_index_step` to the last bit (the same
+    :func:`jaxinf.engine.indexing.lambda_and_index_statistic`, its Lambda sums dropped). It rebuilds an index that
+    pass wrote (a run whose index went missing) without a byte changed."""
+    from jaxinf.engine.indexing import flatten_rows, lambda_and_index_statistic
+
+    dtype = layers_dtype(layers) if dtype is None else dtype
+    statistic = functools.partial(lambda_and_index_statistic, k=k, dtype=dtype, precision=precision)
+
+    def step(params, eigen, selection, batch):
+        bases = lambda_context(streamed(eigen))
+        assert bases is not None  # the index needs an eigenbasis
+        context = {name: {**bases[name], "rows": selection.rows[name], "cols": selection.cols[name]} for name in layers}
+        blocks, losses = train_statistics(task, layers, params, batch, None, statistic, context)
+        return {**flatten_rows({name: v["index"] for name, v in blocks.items()}, layers), "loss": losses}
+
+    return step
+
+
 def lambda_and_index_step(task: Task, layers: Mapping[str, LayerSpec], k: int | None, dtype=None, precision=None):
     """The Lambda pass that also writes the EK-FAC index, under the empirical Fisher (whose gradients, under the
     data's labels, are the ones the scores and the index use): ``(state, params, eigen, selection, batch) -> (state,

@@ -192,11 +192,13 @@ def build_index(config: cfg.Config, store: RunStore, inputs: Inputs, curv, eigen
                 manifest_path(index_root(store)).unlink(missing_ok=True)  # its rows from the first batch, afresh
             barrier("index set aside")  # every process resumes from the same (removed) manifest
     build = IndexBuild(config, store, inputs, curv, eigen, executor)
-    index_fn = programs.index(config, inputs.task, inputs.layers).jit(executor)
+    # the rows the Lambda pass writes where it writes them (so an index of its rebuilt here is the same to the bit)
+    as_lambda = programs.index_in_lambda(config, executor.mesh is None)
+    index_fn = programs.index(config, inputs.task, inputs.layers, as_lambda).jit(executor)
     params = inputs.lm.params
 
     def step(carry, batch, i):
-        out = index_fn(params, build.basis, batch)
+        out = index_fn(params, eigen, build.selection, batch) if as_lambda else index_fn(params, build.basis, batch)
         return carry, out, out["loss"]
 
     batches = inputs.batches(inputs.plan, inputs.documents, executor.groups[0])
