@@ -156,6 +156,14 @@ def index_step(task: Task, layers: Mapping[str, LayerSpec], k: int | None, dtype
     return step
 
 
+def _rotation_context(eigen, selection, layers: Mapping[str, LayerSpec]) -> dict[str, dict[str, Any]]:
+    """Per block, :func:`jaxinf.engine.indexing.lambda_and_index_statistic`'s context: the eigenbases ``Q_A``,
+    ``Q_S`` and the selection's ``rows``, ``cols``."""
+    bases = lambda_context(streamed(eigen))
+    assert bases is not None  # the index needs an eigenbasis
+    return {name: {**bases[name], "rows": selection.rows[name], "cols": selection.cols[name]} for name in layers}
+
+
 def index_from_rotation_step(task: Task, layers: Mapping[str, LayerSpec], k: int | None, dtype=None, precision=None):
     """The index pass that forms each document's rotated gradient as the Lambda pass does: ``(params, eigen, selection,
     batch) -> {"cells", "bands", "loss"}``, the rows of :func:`lambda_and_index_step` to the last bit (the same
@@ -167,9 +175,7 @@ def index_from_rotation_step(task: Task, layers: Mapping[str, LayerSpec], k: int
     statistic = functools.partial(lambda_and_index_statistic, k=k, dtype=dtype, precision=precision)
 
     def step(params, eigen, selection, batch):
-        bases = lambda_context(streamed(eigen))
-        assert bases is not None  # the index needs an eigenbasis
-        context = {name: {**bases[name], "rows": selection.rows[name], "cols": selection.cols[name]} for name in layers}
+        context = _rotation_context(eigen, selection, layers)
         blocks, losses = train_statistics(task, layers, params, batch, None, statistic, context)
         return {**flatten_rows({name: v["index"] for name, v in blocks.items()}, layers), "loss": losses}
 
@@ -190,9 +196,7 @@ def lambda_and_index_step(task: Task, layers: Mapping[str, LayerSpec], k: int | 
     statistic = functools.partial(lambda_and_index_statistic, k=k, dtype=dtype, precision=precision)
 
     def update(state, params, eigen, selection, batch):
-        bases = lambda_context(streamed(eigen))
-        assert bases is not None  # the index needs an eigenbasis
-        context = {name: {**bases[name], "rows": selection.rows[name], "cols": selection.cols[name]} for name in layers}
+        context = _rotation_context(eigen, selection, layers)
         blocks, losses = train_statistics(task, layers, params, batch, None, statistic, context)
         state = lambda_update(state, {name: v["lambda"] for name, v in blocks.items()})
         return state, {**flatten_rows({name: v["index"] for name, v in blocks.items()}, layers), "loss": losses}
