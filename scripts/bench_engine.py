@@ -118,8 +118,8 @@ def main(argv=None) -> None:
         return jax.jit(lambda p, q, b, t: step(p, q, None, b, t)["tails"].score)
 
     # the EK-FAC index written by the pass that forms each document's gradient under the data's labels
-    selection = indexing.select_cells(eigen)
-    basis = indexing.ordered_basis(curv.Q_A, curv.Q_S, selection)
+    selection = {k: indexing.select_cells(eigen, k) for k in (args.index_k, None)}
+    basis = {k: indexing.ordered_basis(curv.Q_A, curv.Q_S, sel) for k, sel in selection.items()}
     emp_stage = stages.lambda_stage(task, layers, "empirical")
     emp_step = jax.jit(emp_stage.update)
 
@@ -158,22 +158,22 @@ def main(argv=None) -> None:
         (
             f"Lambda update, empirical Fisher, writing the index (index.k={args.index_k})",
             lambda_writing(args.index_k),
-            (emp_stage.init(), params, eigen, selection, batch),
+            (emp_stage.init(), params, eigen, selection[args.index_k], batch),
         ),
         (
             "Lambda update, empirical Fisher, writing the index (index.k=full)",
             lambda_writing(None),
-            (emp_stage.init(), params, eigen, selection, batch),
+            (emp_stage.init(), params, eigen, selection[None], batch),
         ),
         (
             f"scores ({args.queries} queries, rank {args.rank}), writing the index (index.k={args.index_k})",
             scores_writing(args.index_k),
-            (params, qg, basis, batch),
+            (params, qg, basis[args.index_k], batch),
         ),
         (
             f"scores ({args.queries} queries, rank {args.rank}), writing the index (index.k=full)",
             scores_writing(None),
-            (params, qg, basis, batch),
+            (params, qg, basis[None], batch),
         ),
         ("engine pass alone (forward, backward to every tracked layer)", capture_step, (params, batch)),
         ("scores, tokens order in every block", score_in("tokens"), (params, qg, batch)),

@@ -11,6 +11,11 @@
    (its own process, compilation cache warm from a first call) against ``jaxinf run`` of the same queries with
    ``factors.from`` (the exact scoring pass): whole process and scoring stage.
 
+With ``--decay ALPHA`` the world's random Llama is given decaying spectra before anything runs (:func:`decay`): its
+RMSNorm scales and the MLP's hidden units are scaled by ``i^-ALPHA`` (in a random order), so its Kronecker factors'
+eigenvalues fall off as a trained model's do, where the random model's are nearly flat. The same documents and
+queries; ``--root`` should then differ from the flat world's.
+
 With ``--empirical-whole-run`` instead: under ``factors.fisher: empirical`` the Lambda pass writes the index, so
 ``jaxinf run index.k=full scores.mode=index`` makes two passes over the corpus where the exact run makes three;
 both whole runs (fresh processes, the compilation cache warm from a first call of each), ``--repeat`` times
@@ -77,6 +82,33 @@ def agreement(got: np.ndarray, want: np.ndarray) -> dict:
     }
 
 
+def decay(model: Path, alpha: float, seed: int = 0) -> None:
+    """Rescales the Llama checkpoint at ``model`` in place so that its Kronecker factors' spectra decay: every
+    RMSNorm scale becomes ``i^-alpha`` (``i = 1 .. hidden``, randomly permuted, normalized to keep the RMS), and each
+    MLP's hidden unit ``i`` is scaled by ``i^-alpha`` on ``up_proj``'s output and, in another order, on
+    ``down_proj``'s input. The inputs of every MLP projection, and the gradients reaching them, then have a few
+    dominant directions."""
+    import torch
+    import transformers
+
+    m = transformers.LlamaForCausalLM.from_pretrained(model)
+    gen = torch.Generator().manual_seed(seed)
+
+    def profile(n):
+        p = torch.arange(1, n + 1, dtype=torch.float32) ** -alpha
+        return (p * n**0.5 / p.norm())[torch.randperm(n, generator=gen)]
+
+    with torch.no_grad():
+        for layer in m.model.layers:
+            for norm in (layer.input_layernorm, layer.post_attention_layernorm):
+                norm.weight.copy_(profile(norm.weight.shape[0]))
+            hidden = profile(layer.mlp.up_proj.weight.shape[0])
+            layer.mlp.up_proj.weight.mul_(hidden[:, None])
+            layer.mlp.down_proj.weight.mul_(torch.roll(hidden, 7)[None, :])
+        m.model.norm.weight.copy_(profile(m.model.norm.weight.shape[0]))
+    m.save_pretrained(model)
+
+
 def main(argv=None) -> None:
     import bench_vs_kronfluence as bench
 
@@ -97,6 +129,10 @@ def main(argv=None) -> None:
         help="the whole-run comparison under the empirical Fisher (see the module docstring)",
     )
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--decay", type=float, help="give the world's model decaying spectra (see the module docstring)")
+    ap.add_argument(
+        "--no-new-queries", action="store_true", help="skip step 3 (the new queries against the largest-k index)"
+    )
     args = ap.parse_args(argv)
     ks = args.k or ["8", "32", "full"]
     size = bench.SIZES[args.size]
@@ -110,6 +146,8 @@ def main(argv=None) -> None:
         if args.reuse
         else bench.build(root / "world", size)
     )
+    if args.decay and not args.reuse:
+        decay(w["model"], args.decay)
     new_queries = root / "world" / "new_queries.jsonl"
     rng = np.random.default_rng(1)
     words = lambda n: " ".join(f"w{t}" for t in rng.integers(1, size["vocab"], n))  # noqa: E731
@@ -181,6 +219,11 @@ def main(argv=None) -> None:
         }
         result["k"][k] = row
         print(f"k={k}: {json.dumps(row)}", flush=True)
+    result["decay"] = args.decay
+    if args.no_new_queries:
+        if args.json:
+            Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
+        return
     largest = root / f"index-{ks[-1]}"
     answers = root / "answers"
     jaxinf(["query", largest, new_queries, "--out", answers, "--overwrite"], cache)  # fills the cache

@@ -1250,7 +1250,7 @@ def test_a_query_against_an_index_whose_manifest_dtype_was_changed_is_one_line(w
     )
 
 
-@pytest.mark.parametrize("damage", ["out of range", "cut short", "float", "missing", "repeated"])
+@pytest.mark.parametrize("damage", ["out of range", "cut short", "float", "missing", "repeated", "other cells"])
 def test_a_query_against_an_index_whose_selection_is_damaged_is_one_line(world, indexed, tmp_path, capsys, damage):
     """selection.npz (the order of each block's eigen-directions) carries no checksum: an index out of range gave
     scores of NaN blamed on scores.npy, a row cut short a numpy matmul traceback, a float or a missing block a
@@ -1263,8 +1263,10 @@ def test_a_query_against_an_index_whose_selection_is_damaged_is_one_line(world, 
     shutil.copytree(src, run)
     path = run / "state" / "index" / "selection.npz"
     arrays = dict(np.load(path))
-    key = sorted(k for k in arrays if k.startswith("rows/"))[0]
-    if damage == "out of range":
+    key = sorted(k for k in arrays if k.startswith("cells/" if damage == "other cells" else "rows/"))[0]
+    if damage == "other cells":  # still in range and increasing, but not the cells of the largest e_S e_A
+        arrays[key] = arrays[key] + 1
+    elif damage == "out of range":
         arrays[key] = arrays[key] + 1000
     elif damage == "cut short":
         arrays[key] = arrays[key][..., :-1]
@@ -1278,7 +1280,10 @@ def test_a_query_against_an_index_whose_selection_is_damaged_is_one_line(world, 
         np.savez(f, **arrays)
     capsys.readouterr()
     assert cli.main(["-q", "query", str(run), str(world["queries"]), "--out", str(tmp_path / "q")]) == 2
-    what = "missing" if damage == "missing" else "not the order of the eigenvalues the index was built in"
+    what = {
+        "missing": "missing",
+        "other cells": "not the cells the eigenvalues the index was built in select",
+    }.get(damage, "not the order of the eigenvalues the index was built in")
     assert _one_error(capsys, "query") == (
         f"{path}: {key} is {what} (a damaged index: remove its manifest.json and run the run {run} again)"
     )

@@ -38,7 +38,7 @@ def _fit_now(dtype, track, docs):
 
 
 def _index(task, params, layers, batch, curv, eigen, k):
-    selection = indexing.select_cells(eigen)
+    selection = indexing.select_cells(eigen, k)
     basis = indexing.ordered_basis(curv.Q_A, curv.Q_S, selection)
     rows = jax.jit(stages.index_step(task, layers, k))(params, basis, batch)
     return selection, {name: np.asarray(v) for name, v in rows.items()}
@@ -72,8 +72,8 @@ def _full_index_is_exact(dtype, tol, rank):
     bound = indexing.score_bounds(np.asarray(iq.rest), indexing.residual_norms(rows["bands"], 1e-7))
     assert np.all(bound == 0)
     np.testing.assert_allclose(np.asarray(iq.fidelity), 1.0)
-    # one band per block, the kept one: its energy is ||G[n]||^2, the sum of the squared cells
-    np.testing.assert_allclose(rows["bands"].sum(1), (rows["cells"].astype(np.float64) ** 2).sum(1), rtol=tol * 100)
+    # every cell kept: nothing is left in the bands
+    assert np.all(rows["bands"] == 0)
 
 
 @pytest.mark.parametrize("k", [2, None])
@@ -158,7 +158,8 @@ def test_gradient_energy_is_the_frobenius_norm_of_the_sequence_gradient():
 
 
 def _one_band_bound(iq, rows, selection, layers, k):
-    """The bound with the whole rest of each layer as one band: ||Pr_q,rest|| ||R_n,rest|| per layer."""
+    """The bound with the whole rest of each layer (every cell not kept) as one band: ||Pr_q,rest|| ||R_n,rest|| per
+    layer."""
     q_rest = np.asarray(iq.rest, np.float64)
     out, at = 0.0, 0
     for name in sorted(layers):
@@ -168,7 +169,7 @@ def _one_band_bound(iq, rows, selection, layers, k):
         )
         for _ in range(max(len(s.layer_names), 1)):
             q = np.sqrt((q_rest[:, at : at + width] ** 2).sum(1))
-            n = np.sqrt(np.maximum(rows["bands"][:, at + 1 : at + width].astype(np.float64).sum(1), 0))
+            n = np.sqrt(np.maximum(rows["bands"][:, at : at + width].astype(np.float64).sum(1), 0))
             out = out + q[:, None] * n[None, :]
             at += width
     return out
@@ -184,8 +185,57 @@ def test_select_cells_orders_by_decreasing_eigenvalue():
 
     e = {"x": jnp.asarray([0.1, 3.0, 2.0, 0.0])}
     eig = Eigen(Q_A={"x": jnp.eye(4)}, e_A=e, Q_S={"x": jnp.eye(4)}, e_S=e)
-    sel = indexing.select_cells(eig)
+    sel = indexing.select_cells(eig, 1)
     assert np.asarray(sel.rows["x"]).tolist() == [1, 2, 0, 3]
+    assert np.asarray(sel.cells["x"]).tolist() == [0]  # (3.0, 3.0), the first cell
+
+
+def test_the_kept_cells_are_those_of_the_largest_kfac_eigenvalues_not_a_square_block():
+    """A staircase: with ``e_S`` = (100, 1, 0.5, ...) one direction of ``S`` dominates, so the ``k^2`` = 4 cells kept
+    are its row's four largest, not the square block of two directions of each factor. Brute force over every cell
+    of random decreasing spectra (with lead axes: each layer its own staircase): every cell outside the kept ones has
+    a smaller ``e_S e_A`` than every kept one, and a kept cell's whole upper-left corner is kept."""
+    e_S = jnp.asarray([100.0, 1.0, 0.5, 0.25, 0.1, 0.05, 0.01, 0.0])
+    e_A = jnp.asarray([4.0, 3.0, 2.0, 1.0, 0.9, 0.3, -1e-9, 0.0, 0.0, 0.0])
+    assert np.asarray(indexing.kept_cells(e_S, e_A, 2)).tolist() == [0, 1, 2, 3]
+    rng = np.random.default_rng(0)
+    for _trial in range(30):
+        d_out, d_in = int(rng.integers(2, 40)), int(rng.integers(2, 40))
+        e_S = -np.sort(-(rng.exponential(size=(2, d_out)) ** 3), axis=-1)
+        e_A = -np.sort(-(rng.exponential(size=(2, d_in)) ** 3), axis=-1)
+        k = int(rng.integers(1, 6))
+        n = min(k, d_out) * min(k, d_in)
+        cells = np.asarray(indexing.kept_cells(jnp.asarray(e_S), jnp.asarray(e_A), k))
+        assert cells.shape == (2, n)
+        for layer in range(2):
+            P = (e_S[layer, :, None] * e_A[layer, None, :]).ravel()
+            kept = np.zeros(d_out * d_in, bool)
+            kept[cells[layer]] = True
+            assert kept.sum() == n and np.all(np.diff(cells[layer]) > 0)
+            assert n == d_out * d_in or P[kept].min() >= P[~kept].max()
+            grid = kept.reshape(d_out, d_in)
+            for i, j in zip(*np.nonzero(grid)):
+                assert grid[: i + 1, : j + 1].all()
+    # every direction kept: every cell, in place
+    assert np.asarray(indexing.kept_cells(jnp.ones(8), jnp.ones(10), None)).tolist() == list(range(80))
+
+
+@jax.enable_x64(True)
+def test_the_kept_cells_and_the_bands_hold_the_whole_gradient_energy():
+    """``sum cells^2 + sum bands = ||G[n]||_F^2`` for every row, truncated or not: the bands hold exactly what the
+    kept cells leave out (and a full index leaves nothing)."""
+    task, params, layers, batch, curv, eigen = _fit(jnp.float64)
+    G, _ = jax.jit(lambda p, b: stages.train_statistics(task, layers, p, b, None, stages._sequence_gradient))(
+        params, batch
+    )  # per block [*lead, B, d_out, d_in']: the brute-force per-sequence gradients
+    energy = sum(
+        np.asarray(G[name] ** 2).sum((-2, -1)).reshape(-1, np.shape(G[name])[len(s.lead)]).sum(0)
+        for name, s in layers.items()
+    )
+    for k in (1, 2, None):
+        _, rows = _index(task, params, layers, batch, curv, eigen, k)
+        got = (rows["cells"] ** 2).sum(1) + rows["bands"].sum(1)
+        np.testing.assert_allclose(got, energy, rtol=1e-10)
 
 
 def test_plan_counts_the_index_bytes_per_document():
@@ -248,10 +298,10 @@ def test_each_data_group_writes_its_own_part_of_the_index_and_a_reader_reads_eve
     alone (an output fetched whole, the scores' loss, is cut to them); every process resumes where process 0's
     manifest says; a reader reads both parts, each part's batches checked against its own checksums; a build
     begun in two parts is not resumed in one."""
-    from jaxinf.run.index_store import IndexError_, IndexReader, IndexWriter, read_manifest
+    from jaxinf.run.index_store import FORMAT, IndexError_, IndexReader, IndexWriter, read_manifest
 
     manifest = {
-        "format": 1,
+        "format": FORMAT,
         "k": 2,
         "dtype": "float32",
         "blocks": {"mlp": {"k_S": 1, "k_A": 3, "layers": 1, "bands_S": 1, "bands_A": 2}},

@@ -270,3 +270,37 @@ def test_query_refuses_its_own_run_as_out_and_a_directory_as_queries(world, exac
     assert sorted(p.relative_to(exact) for p in exact.rglob("*")) == before
     assert cli.main(["query", str(exact), str(world["root"])]) == 2
     assert f"{world['root']}: is a directory, not a queries file" in capsys.readouterr().err
+
+
+def test_an_index_of_an_earlier_format_is_refused_by_a_query_and_rebuilt_by_a_rerun(world, exact, tmp_path):
+    """An index written before the kept cells became those of the largest ``e_S e_A`` (format 1: a square block)
+    holds other cells under the same manifest fields: a query against it says so in one line and names what
+    rebuilds it, and the run run again rebuilds it (nothing else recomputed) to the same rows as the original."""
+    import shutil
+
+    run = tmp_path / "copy"
+    shutil.copytree(exact, run)
+    manifest = run / "state" / "index" / "manifest.json"
+    m = json.loads(manifest.read_text())
+    manifest.write_text(json.dumps({**m, "format": 1}))
+    r = jaxinf(["query", run, world["root"] / "second.jsonl", "--out", tmp_path / "out"], env(world["cache"]))
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert (
+        r.stderr.strip()
+        .splitlines()[-1]
+        .endswith(
+            f"{manifest}: an index of format 1, written by an earlier jaxinf; this one reads format "
+            f"{m['format']} (run the run {run} again to rebuild it)"
+        )
+    )
+    record = json.loads((run / "run.json").read_text())
+    r = jaxinf(["run", *overrides(world, run, **{"index.k": "full"})], env(world["cache"]))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert json.loads(manifest.read_text())["format"] == m["format"]
+    after = json.loads((run / "run.json").read_text())["stages"]
+    for stage in ("covariance", "lambda", "scores"):
+        assert after[stage] == record["stages"][stage], stage  # only the index was built again
+    for name in ("cells", "bands", "documents"):
+        np.testing.assert_array_equal(
+            np.load(run / "state" / "index" / f"{name}.npy"), np.load(exact / "state" / "index" / f"{name}.npy")
+        )

@@ -199,7 +199,7 @@ def test_score_contraction_orders_and_breakdowns_state_it(order):
 
     from jaxinf.engine import indexing
 
-    selection = jax.eval_shape(indexing.select_cells, eigen)
+    selection = jax.eval_shape(lambda e: indexing.select_cells(e, 2), eigen)
     basis = jax.eval_shape(lambda c, s: indexing.ordered_basis(c.Q_A, c.Q_S, s), curv, selection)
     programs = {
         "index": jax.jit(stages.index_step(task, layers, 2, precision="high")),

@@ -63,7 +63,7 @@ def test_projection_layout_matches_the_document_rows(small):
 
 def test_a_full_index_scores_like_the_scoring_pass(small):
     s = small
-    basis, selection = index_mod.eigen_basis(s["curv"], s["eigen"])
+    basis, selection = index_mod.eigen_basis(s["curv"], s["eigen"], None)
     rows, _ = index_mod.document_rows(s["task"], s["layers"], s["params"], s["batches"], basis, None)
     got, predicted = index_mod.index_scores(s["qg"], s["curv"], selection, s["layers"], None, rows)
     np.testing.assert_allclose(got, s["exact"], rtol=1e-4, atol=1e-6 * np.abs(s["exact"]).max())
@@ -161,7 +161,7 @@ def test_the_bound_holds_and_certification_keeps_the_exact_tails(small):
     """At k = 2 on the built-in world: every |exact - index| is within its bound, and the documents certification
     rescores include each query's exact top and bottom 3 (so the rescored tails are EK-FAC's)."""
     s = small
-    basis, selection = index_mod.eigen_basis(s["curv"], s["eigen"])
+    basis, selection = index_mod.eigen_basis(s["curv"], s["eigen"], 2)
     rows, bands = index_mod.document_rows(s["task"], s["layers"], s["params"], s["batches"], basis, 2)
     iq = index_mod.index_queries(s["qg"], s["curv"], selection, s["layers"], 2)
     approx = indexing.index_scores(np.asarray(iq.cells, np.float64), rows)

@@ -133,9 +133,8 @@ class ScoresConfig:
 class IndexConfig:
     k: int | str | None = key(
         None,
-        "EK-FAC index: eigen-directions kept per factor and layer (the block "
-        "(Q_S^T G Q_A)[:k, :k] of the largest eigenvalues), full (every cell: exact), or "
-        "null (no index)",
+        "EK-FAC index: k x k cells of Q_S^T G Q_A kept per layer (those of the largest "
+        "K-FAC eigenvalues e_S e_A), full (every cell: exact), or null (no index)",
         "index",
     )
     dtype: str = key("float32", "EK-FAC index: storage dtype of the kept cells", "index", ("float32", "float16"))

@@ -5,9 +5,10 @@ For a tracked layer the influence of document n on query q is (:mod:`jaxinf.engi
 
     <P(G_q), G[n]>_F = sum_ij  Pr_q[i, j] R_n[i, j],     Pr_q = Q_S^T P(G_q) Q_A,   R_n = Q_S^T G[n] Q_A
 
-because ``Q_S`` and ``Q_A`` are orthogonal. The index stores, per document and layer, the block
-``R_n[rows, cols]`` of the eigen-directions with the largest eigenvalues (``k_S`` of ``S``, ``k_A`` of ``A``:
-:func:`select_cells`) and the energy of the rest, band by band (``||G[n]||_F^2 = ||R_n||_F^2`` in all).
+because ``Q_S`` and ``Q_A`` are orthogonal. The index stores, per document and layer, the ``k_S k_A`` cells of
+``R_n`` whose K-FAC eigenvalues ``e_S[i] e_A[j]`` are the largest (:func:`kept_cells`: a staircase in the
+directions of decreasing eigenvalue, not a square block, so a few dominant directions of one factor are kept with
+many of the other's) and the energy of the rest, band by band (``||G[n]||_F^2 = ||R_n||_F^2`` in all).
 Nothing about the queries, the damping or the eigenvalue correction is baked in: a query set, a damping
 sweep, or K-FAC instead of EK-FAC, is one matrix product against the stored blocks
 (:func:`index_scores`).
@@ -15,7 +16,7 @@ sweep, or K-FAC instead of EK-FAC, is one matrix product against the stored bloc
 What the block leaves out is bounded. By Cauchy-Schwarz, per layer,
 
     |exact - index| = |sum_{ij not kept} Pr_q[i, j] R_n[i, j]|
-                    <= sum_{bands (b, c) not kept} ||Pr_q[b, c]||_F ||R_n[b, c]||_F
+                    <= sum_{bands (b, c)} ||Pr_q[b, c] off the kept cells||_F ||R_n[b, c] off the kept cells||_F
 
 with the directions cut into :func:`bands` of growing width past the kept ones; the index stores each
 document's energy in every pair of bands (:func:`score_bounds`). Documents whose bound
@@ -43,7 +44,7 @@ from jaxinf.engine.capture import LayerSpec
 from jaxinf.engine.curvature.eigen import Eigen
 from jaxinf.engine.precision import matmul_precision, working_dtype
 from jaxinf.engine.scoring import QueryGradients
-from jaxinf.sharding.axes import field_axes
+from jaxinf.sharding.axes import REPLICATED, field_axes
 
 Array = jax.Array
 
@@ -51,16 +52,19 @@ Array = jax.Array
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class Selection:
-    """The eigen-directions of every block ordered by decreasing eigenvalue: ``rows`` ``[*lead, d_out]`` (columns
-    of ``Q_S``) and ``cols`` ``[*lead, d_in']`` (columns of ``Q_A``). The index keeps the first ``k_S`` rows and
-    ``k_A`` columns in this order (:func:`block_sizes`); the others fall into :func:`bands`."""
+    """The eigen-directions of every block ordered by decreasing eigenvalue, ``rows`` ``[*lead, d_out]`` (columns
+    of ``Q_S``) and ``cols`` ``[*lead, d_in']`` (columns of ``Q_A``), and the cells the index keeps in that order:
+    ``cells`` ``[*lead, k_S k_A]``, flat positions ``i * d_in' + j`` (:func:`kept_cells`). Every other cell falls
+    into :func:`bands`."""
 
     rows: dict[str, Array]
     cols: dict[str, Array]
+    cells: dict[str, Array]
 
 
 def block_sizes(layers: Mapping[str, LayerSpec], k: int | None) -> dict[str, tuple[int, int]]:
-    """``(k_S, k_A)`` of each block: ``min(k, d_out)``, ``min(k, d_in')`` (``k=None``: every direction)."""
+    """``(k_S, k_A)`` of each block: ``min(k, d_out)``, ``min(k, d_in')`` (``k=None``: every direction). The index
+    keeps ``k_S k_A`` cells of the block (:func:`kept_cells`), and its :func:`bands` start at ``k_S`` and ``k_A``."""
     return {name: (kept_size(k, s.d_out), kept_size(k, s.d_in_aug)) for name, s in layers.items()}
 
 
@@ -72,6 +76,37 @@ def kept_directions(k: int | str | None) -> int | None:
 def kept_size(k: int | None, d: int) -> int:
     """Directions kept of a factor of ``d`` (``k=None``: all of them)."""
     return d if k is None else min(k, d)
+
+
+def candidate_cells(n: int, d_out: int, d_in: int) -> np.ndarray:
+    """The flat positions ``i * d_in' + j`` (row-major) of every cell that can be among the ``n`` kept
+    (:func:`kept_cells`): those with ``(i + 1)(j + 1) <= n``. With both spectra in decreasing order, every cell above
+    and to the left of a cell has at least its ``e_S e_A`` and an earlier position, so a kept cell brings its whole
+    ``(i + 1) x (j + 1)`` corner along: about ``n ln n`` candidates, not ``d_out d_in'``."""
+    rows = np.arange(min(n, d_out))
+    widths = np.minimum(n // (rows + 1), d_in)
+    return np.concatenate([i * d_in + np.arange(w) for i, w in zip(rows, widths)]).astype(np.int32)
+
+
+def kept_cells(e_S: Array, e_A: Array, k: int | None) -> Array:
+    """The cells the index keeps of a block whose eigenvalues, in decreasing order, are ``e_S`` ``[*lead, d_out]``
+    and ``e_A`` ``[*lead, d_in']``: the ``n = k_S k_A`` cells ``(i, j)`` with the largest ``e_S[i] e_A[j]``
+    (negative round-off clipped to 0; ties by position), as flat positions ``i * d_in' + j`` in increasing order
+    ``[*lead, n]`` (every cell, in place, for a full index).
+
+    ``e_S[i] e_A[j]`` is K-FAC's variance of cell ``(i, j)`` of a rotated gradient, known before the Lambda pass
+    (which may write the index) begins. The kept cells form a staircase, not the square block of the ``k`` first
+    directions of each factor: where one factor's first eigenvalues dwarf the rest, its first directions are kept
+    with many of the other's. On factors whose spectra decay, as trained models' do, that keeps far more of a query's
+    curvature-weighted energy in the same bytes (docs/benchmarks.md)."""
+    d_out, d_in = e_S.shape[-1], e_A.shape[-1]
+    n = kept_size(k, d_out) * kept_size(k, d_in)
+    if n == d_out * d_in:
+        return jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (*e_S.shape[:-1], n))
+    candidates = candidate_cells(n, d_out, d_in)
+    P = jnp.maximum(e_S[..., candidates // d_in], 0) * jnp.maximum(e_A[..., candidates % d_in], 0)
+    order = jnp.argsort(-P, axis=-1, stable=True)[..., :n]  # candidates are in position order: ties by position
+    return jnp.sort(jnp.take(jnp.asarray(candidates), order), axis=-1)
 
 
 def bands(k: int, d: int) -> list[tuple[int, int]]:
@@ -86,27 +121,48 @@ def bands(k: int, d: int) -> list[tuple[int, int]]:
     return out
 
 
-def select_cells(eigen: Eigen) -> Selection:
-    """Every block's eigen-directions of ``S`` and ``A`` ordered by decreasing eigenvalue."""
+def select_cells(eigen: Eigen, k: int | None) -> Selection:
+    """Every block's eigen-directions of ``S`` and ``A`` ordered by decreasing eigenvalue, and the cells an index
+    keeping ``k_S k_A`` of them keeps (:func:`kept_cells`)."""
 
     def order(e):
         return jnp.argsort(-e, axis=-1, stable=True).astype(jnp.int32)
 
-    return Selection(rows={k: order(v) for k, v in eigen.e_S.items()}, cols={k: order(v) for k, v in eigen.e_A.items()})
+    rows = {name: order(v) for name, v in eigen.e_S.items()}
+    cols = {name: order(v) for name, v in eigen.e_A.items()}
+    cells = {
+        name: kept_cells(
+            jnp.take_along_axis(eigen.e_S[name], rows[name], axis=-1),
+            jnp.take_along_axis(eigen.e_A[name], cols[name], axis=-1),
+            k,
+        )
+        for name in rows
+    }
+    return Selection(rows=rows, cols=cols, cells=cells)
 
 
 BASIS_AXES = field_axes(Eigen, "Q_A")
-"""The layout of every array of an :func:`ordered_basis` (a factor's eigenbasis, as :class:`Eigen` declares it)."""
+"""The layout of an :func:`ordered_basis`'s eigenbases (a factor's eigenbasis, as :class:`Eigen` declares it)."""
+
+
+def basis_axes(basis: Mapping[str, Mapping[str, Array]]) -> dict[str, dict]:
+    """The declared layout of an :func:`ordered_basis`: the eigenbases as :class:`Eigen` lays them out, the kept
+    cells' positions (a few integers per layer) on every device."""
+    return {name: {key: (REPLICATED if key == "cells" else BASIS_AXES) for key in b} for name, b in basis.items()}
 
 
 def ordered_basis(Q_A: Mapping[str, Array], Q_S: Mapping[str, Array], selection: Selection) -> dict[str, dict]:
-    """Per block, the eigenbases with their columns in the selection's order: ``{"Q_A": [*lead, d_in', d_in'],
-    "Q_S": [*lead, d_out, d_out]}`` (the context of :func:`index_statistic`)."""
+    """Per block, the eigenbases with their columns in the selection's order and the kept cells: ``{"Q_A": [*lead,
+    d_in', d_in'], "Q_S": [*lead, d_out, d_out], "cells": [*lead, k_S k_A]}`` (the context of
+    :func:`index_statistic`)."""
 
     def take(Q, idx):
         return jnp.take_along_axis(Q, idx[..., None, :], axis=-1)
 
-    return {k: {"Q_A": take(Q_A[k], selection.cols[k]), "Q_S": take(Q_S[k], selection.rows[k])} for k in selection.rows}
+    return {
+        k: {"Q_A": take(Q_A[k], selection.cols[k]), "Q_S": take(Q_S[k], selection.rows[k]), "cells": selection.cells[k]}
+        for k in selection.rows
+    }
 
 
 def gradient_energy(a: Array, g: Array, precision=None) -> Array:
@@ -134,36 +190,71 @@ def band_energies(
     return jnp.einsum("bits,bjts->bij", Kg, Ka, precision=precision)
 
 
+def block_cells(k_S: int, k_A: int, d_in: int) -> np.ndarray:
+    """The flat positions (in a block of ``d_in`` columns) of the square block ``[:k_S, :k_A]``: the cells a
+    projection without a selection keeps (``validate``'s random Kronecker baseline)."""
+    return (np.arange(k_S)[:, None] * d_in + np.arange(k_A)[None, :]).ravel().astype(np.int32)
+
+
+def kept_mask(cells: Array, d_out: int, d_in: int) -> Array:
+    """``[*lead, d_out, d_in']``: True at the kept cells (flat positions ``cells`` ``[*lead, n]``)."""
+    flat = cells.reshape(-1, cells.shape[-1])
+    mask = jax.vmap(lambda p: jnp.zeros(d_out * d_in, jnp.bool_).at[p].set(True))(flat)
+    return mask.reshape(*cells.shape[:-1], d_out, d_in)
+
+
+def kept_band_energies(kept: Array, cells: Array, d_in: int, rows: list[tuple[int, int]], cols: list[tuple[int, int]]):
+    """``[B, bands_S, bands_A]``: the energy of the kept cells ``kept`` ``[B, n]`` (at flat positions ``cells``
+    ``[n]`` of a block of ``d_in`` columns) in each pair of :func:`bands`."""
+    bi = jnp.searchsorted(jnp.asarray([lo for lo, _ in rows]), cells // d_in, side="right") - 1
+    bj = jnp.searchsorted(jnp.asarray([lo for lo, _ in cols]), cells % d_in, side="right") - 1
+    sums = jax.ops.segment_sum((kept * kept).T, bi * len(cols) + bj, num_segments=len(rows) * len(cols))  # [pairs, B]
+    return sums.T.reshape(kept.shape[0], len(rows), len(cols))
+
+
 def index_statistic(
     a: Array, g: Array, mask: Array, basis: Mapping[str, Array], *, k: int | None, dtype=None, precision=None
 ) -> dict[str, Array]:
-    """One layer's index rows of a batch: the kept block ``R_n[:k_S, :k_A]`` of ``R_n = Q_S^T G[n] Q_A`` (directions
-    in decreasing eigenvalue) ``[B, k_S, k_A]``, and the energy of every pair of :func:`bands`
-    ``[B, bands_S, bands_A]`` (the kept block's is ``[0, 0]``; they add up to ``||G[n]||_F^2``).
+    """One layer's index rows of a batch: the kept cells of ``R_n = Q_S^T G[n] Q_A`` (directions in decreasing
+    eigenvalue; ``basis["cells"]``, :func:`kept_cells`, or the square block of ``k`` directions where the basis has
+    none) ``[B, k_S k_A]``, and the energy off the kept cells in every pair of :func:`bands` ``[B, bands_S,
+    bands_A]`` (the cells' and the bands' energies add up to ``||G[n]||_F^2``).
 
     ``basis``: the layer's :func:`ordered_basis`. Computed in ``dtype`` (by default the working dtype of ``a``, ``g``)
-    at the matmul ``precision`` (:func:`~jaxinf.engine.precision.matmul_precision`)."""
+    at the matmul ``precision`` (:func:`~jaxinf.engine.precision.matmul_precision`). Cell ``(i, j)`` is
+    ``sum_t (Q_S^T g_t)[i] (Q_A^T a_t)[j]``, a product over tokens of the rotated tokens' coordinates (``T`` products
+    per cell and document, as many as a square block's); the bands' energies come from the tokens' Gram matrices
+    (:func:`band_energies`), less the kept cells' own."""
     dtype = working_dtype(a, g) if dtype is None else dtype
     p = matmul_precision(precision)
     a = jnp.einsum("bti,ij->btj", a.astype(dtype), basis["Q_A"].astype(dtype), precision=p)
     g = jnp.einsum("bto,op->btp", g.astype(dtype), basis["Q_S"].astype(dtype), precision=p)
-    k_S, k_A = kept_size(k, g.shape[-1]), kept_size(k, a.shape[-1])
-    block = jnp.einsum("btp,btj->bpj", g[..., :k_S], a[..., :k_A], precision=p)
-    return {"cells": block, "bands": band_energies(a, g, bands(k_S, g.shape[-1]), bands(k_A, a.shape[-1]), p)}
+    d_out, d_in = g.shape[-1], a.shape[-1]
+    k_S, k_A = kept_size(k, d_out), kept_size(k, d_in)
+    rows, cols = bands(k_S, d_out), bands(k_A, d_in)
+    if k_S * k_A == d_out * d_in:  # every cell kept, in place: the whole block, and nothing left over
+        kept = jnp.einsum("btp,btj->bpj", g, a, precision=p).reshape(-1, d_out * d_in)
+        return {"cells": kept, "bands": jnp.zeros((kept.shape[0], len(rows), len(cols)), kept.dtype)}
+    cells = basis["cells"] if "cells" in basis else jnp.asarray(block_cells(k_S, k_A, d_in))
+    kept = jnp.einsum("btn,btn->bn", g[..., cells // d_in], a[..., cells % d_in], precision=p)
+    energies = band_energies(a, g, rows, cols, p) - kept_band_energies(kept, cells, d_in, rows, cols)
+    return {"cells": kept, "bands": energies}
 
 
-def index_from_rotated(R: Array, rows: Array, cols: Array, *, k: int | None) -> dict[str, Array]:
+def index_from_rotated(R: Array, rows: Array, cols: Array, cells: Array, *, k: int | None) -> dict[str, Array]:
     """:func:`index_statistic`'s rows of one layer from its documents' rotated gradients ``R_n = Q_S^T G[n] Q_A``
     ``[B, d_out, d_in']`` in the eigenbasis's own order, as the Lambda pass forms them: the directions taken in the
-    selection's order (``rows`` ``[d_out]``, ``cols`` ``[d_in']``, :func:`select_cells`), the kept block
-    ``R_n[:k_S, :k_A]``, and each pair of bands' energy as the sum of ``R_n^2`` over its cells. The same rows at no
-    second rotation: a pass that has ``R_n`` adds a gather and these sums."""
+    selection's order (``rows`` ``[d_out]``, ``cols`` ``[d_in']``, :func:`select_cells`), the kept ``cells``, and
+    each pair of bands' energy off them as the sum of ``R_n^2`` over its other cells. The same rows at no second
+    rotation: a pass that has ``R_n`` adds a gather and these sums."""
     R = jnp.take(jnp.take(R, rows, axis=-2), cols, axis=-1)
-    k_S, k_A = kept_size(k, R.shape[-2]), kept_size(k, R.shape[-1])
-    R2 = R * R
-    by_rows = jnp.stack([R2[:, lo:hi].sum(axis=1) for lo, hi in bands(k_S, R.shape[-2])], axis=1)
-    energies = jnp.stack([by_rows[..., lo:hi].sum(axis=-1) for lo, hi in bands(k_A, R.shape[-1])], axis=-1)
-    return {"cells": R[:, :k_S, :k_A], "bands": energies}
+    d_out, d_in = R.shape[-2:]
+    k_S, k_A = kept_size(k, d_out), kept_size(k, d_in)
+    kept = jnp.take(R.reshape(-1, d_out * d_in), cells, axis=1)
+    R2 = jnp.where(kept_mask(cells, d_out, d_in), 0, R * R)
+    by_rows = jnp.stack([R2[:, lo:hi].sum(axis=1) for lo, hi in bands(k_S, d_out)], axis=1)
+    energies = jnp.stack([by_rows[..., lo:hi].sum(axis=-1) for lo, hi in bands(k_A, d_in)], axis=-1)
+    return {"cells": kept, "bands": energies}
 
 
 def lambda_and_index_statistic(
@@ -172,7 +263,7 @@ def lambda_and_index_statistic(
     """One layer's Lambda sums and index rows from one rotation: ``R_n = Q_S^T G[n] Q_A``
     (:func:`~jaxinf.engine.curvature.rotated_gradient`), then ``{"lambda":``
     :func:`~jaxinf.engine.curvature.lambda_sums` ``, "index":`` :func:`index_from_rotated` ``}``. ``context``: the
-    layer's eigenbases ``Q_A``, ``Q_S`` and its selection's ``rows``, ``cols``."""
+    layer's eigenbases ``Q_A``, ``Q_S`` and its selection's ``rows``, ``cols``, ``cells``."""
     from jaxinf.engine.curvature import lambda_sums, rotated_gradient
     from jaxinf.sharding.partitioning import constrain
 
@@ -180,7 +271,7 @@ def lambda_and_index_statistic(
     R = constrain(rotated_gradient(a, g, context["Q_A"], context["Q_S"], dtype, precision), ("batch", "rows", "cols"))
     return {
         "lambda": lambda_sums(R, mask, precision),
-        "index": index_from_rotated(R, context["rows"], context["cols"], k=k),
+        "index": index_from_rotated(R, context["rows"], context["cols"], context["cells"], k=k),
     }
 
 
@@ -192,22 +283,22 @@ def rows_first(x: Array, lead: int, trailing: int) -> Array:
 
 def flatten_rows(blocks: Mapping[str, Mapping[str, Array]], layers: Mapping[str, LayerSpec]) -> dict[str, Array]:
     """Per-block :func:`index_statistic` results (``[*lead, B, ...]``) as one row per sequence: ``cells``
-    ``[B, C]`` (blocks in name order, each ``[*lead, k_S, k_A]`` flattened) and ``bands`` ``[B, E]`` (each block's
+    ``[B, C]`` (blocks in name order, each ``[*lead, k_S k_A]`` flattened) and ``bands`` ``[B, E]`` (each block's
     ``[*lead, bands_S, bands_A]`` flattened)."""
     names = sorted(layers)
     lead = {k: len(layers[k].lead) for k in names}
     return {
-        key: jnp.concatenate([rows_first(blocks[k][key], lead[k], 2) for k in names], axis=1)
-        for key in ("cells", "bands")
+        key: jnp.concatenate([rows_first(blocks[k][key], lead[k], trailing) for k in names], axis=1)
+        for key, trailing in (("cells", 1), ("bands", 2))
     }
 
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class IndexQueries:
-    """Queries in index space: ``cells`` ``[Q, C]`` (the kept block of ``Pr_q = Q_S^T P(G_q) Q_A``, laid out as the
-    index's rows), ``rest`` ``[Q, E]`` (``||Pr_q[band_i, band_j]||_F`` of every pair of bands, 0 for the kept block)
-    and ``fidelity`` ``[Q]`` (:func:`predicted_correlation`)."""
+    """Queries in index space: ``cells`` ``[Q, C]`` (the kept cells of ``Pr_q = Q_S^T P(G_q) Q_A``, laid out as the
+    index's rows), ``rest`` ``[Q, E]`` (``||Pr_q[band_i, band_j]||_F`` off the kept cells, every pair of bands) and
+    ``fidelity`` ``[Q]`` (:func:`predicted_correlation`)."""
 
     cells: Array
     rest: Array
@@ -245,6 +336,11 @@ def band_sums(x: Array, rows: list[tuple[int, int]], cols: list[tuple[int, int]]
     return jnp.stack([jnp.stack([x[..., r0:r1, c0:c1].sum((-2, -1)) for c0, c1 in cols], -1) for r0, r1 in rows], -2)
 
 
+def take_cells(x: Array, cells: Array) -> Array:
+    """``x`` ``[*lead, Q, d_out, d_in']`` at each block's kept cells ``cells`` ``[*lead, n]``: ``[*lead, Q, n]``."""
+    return jnp.take_along_axis(x.reshape(*x.shape[:-2], -1), jnp.expand_dims(cells, -2), axis=-1)
+
+
 def index_queries(
     qg: QueryGradients,
     Q_A: Mapping[str, Array],
@@ -256,8 +352,9 @@ def index_queries(
     precision=None,
 ) -> IndexQueries:
     """Prepared queries (:class:`~jaxinf.engine.scoring.QueryGradients`, damping and truncation already applied) in index
-    space for an index keeping ``k`` directions per factor: the kept cells of ``Pr_q``, the norm of each other pair
-    of bands, and the predicted correlation with the exact scores under ``variance`` (the fitted ``Lambda``)."""
+    space for an index keeping ``k_S k_A`` cells per block (``selection.cells``): the kept cells of ``Pr_q``, the norm
+    off them in each pair of bands, and the predicted correlation with the exact scores under ``variance`` (the
+    fitted ``Lambda``)."""
     basis = ordered_basis(Q_A, Q_S, selection)
     Pr = rotated_queries(
         qg, {n: b["Q_A"] for n, b in basis.items()}, {n: b["Q_S"] for n, b in basis.items()}, precision
@@ -269,16 +366,16 @@ def index_queries(
     for name in sorted(layers):
         lead, s = len(layers[name].lead), layers[name]
         k_S, k_A = kept_size(k, s.d_out), kept_size(k, s.d_in_aug)
-        P = Pr[name]
-        cells.append(rows_first(P[..., :k_S, :k_A], lead, 2))
-        norms = jnp.sqrt(band_sums(P * P, bands(k_S, s.d_out), bands(k_A, s.d_in_aug)))
-        rest.append(rows_first(norms.at[..., 0, 0].set(0.0), lead, 2))
+        P, at = Pr[name], selection.cells[name]  # [*lead, Q, d_out, d_in'], [*lead, n]
+        cells.append(rows_first(take_cells(P, at), lead, 1))
+        left = jnp.where(jnp.expand_dims(kept_mask(selection.cells[name], s.d_out, s.d_in_aug), -3), 0, P * P)
+        rest.append(rows_first(jnp.sqrt(band_sums(left, bands(k_S, s.d_out), bands(k_A, s.d_in_aug))), lead, 2))
         var = jnp.take_along_axis(variance[name], selection.rows[name][..., :, None], axis=-2)
         var = jnp.expand_dims(jnp.take_along_axis(var, selection.cols[name][..., None, :], axis=-1), -3)
         weighted = P * P * var.astype(P.dtype)
         axes = tuple(range(lead)) + (lead + 1, lead + 2)
         den = den + jnp.sum(weighted, axis=axes)
-        num = num + jnp.sum(weighted[..., :k_S, :k_A], axis=axes)
+        num = num + jnp.sum(take_cells(weighted, at), axis=tuple(range(lead)) + (lead + 1,))
     return IndexQueries(
         cells=jnp.concatenate(cells, axis=1),
         rest=jnp.concatenate(rest, axis=1),

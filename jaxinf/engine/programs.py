@@ -170,7 +170,7 @@ def tails_init(config, layers: Mapping[str, LayerSpec], queries: int, documents:
 
 
 def index(config, task: Task, layers: Mapping[str, LayerSpec], as_lambda: bool = False) -> Program:
-    """The index pass: each document row's kept block of ``Q_S^T G[n] Q_A`` and its band energies
+    """The index pass: each document row's kept cells of ``Q_S^T G[n] Q_A`` and its band energies
     (:func:`jaxinf.engine.stages.index_step`); ``as_lambda``: from each document's whole rotated gradient, as the
     Lambda pass that writes the index forms them (:func:`jaxinf.engine.stages.index_from_rotation_step`), for an
     index that pass would have written."""

@@ -141,16 +141,18 @@ def lambda_stage(
 
 def index_step(task: Task, layers: Mapping[str, LayerSpec], k: int | None, dtype=None, precision=None):
     """The index pass (:mod:`jaxinf.engine.indexing`): ``(params, basis, batch) -> {"cells": [B, C], "bands": [B, E],
-    "loss": [B]}``, each document row's kept block of ``Q_S^T G[n] Q_A`` (``k`` directions per factor, None: all)
-    under the data's labels (the gradients the scores use) and the energy of each pair of bands of the rest.
-    ``basis``: per block, the eigenbases in decreasing eigenvalue (:func:`jaxinf.engine.indexing.ordered_basis`)."""
-    from jaxinf.engine.indexing import BASIS_AXES, flatten_rows, index_statistic
+    "loss": [B]}``, each document row's kept cells of ``Q_S^T G[n] Q_A`` (``k_S k_A`` of them, ``k`` None: all)
+    under the data's labels (the gradients the scores use) and the energy of the rest in each pair of bands.
+    ``basis``: per block, the eigenbases in decreasing eigenvalue and the kept cells
+    (:func:`jaxinf.engine.indexing.ordered_basis`)."""
+    from jaxinf.engine.indexing import basis_axes, flatten_rows, index_statistic
 
     dtype = layers_dtype(layers) if dtype is None else dtype
     statistic = functools.partial(index_statistic, k=k, dtype=dtype, precision=precision)
 
     def step(params, basis, batch):
-        blocks, losses = train_statistics(task, layers, params, batch, None, statistic, streamed(basis, BASIS_AXES))
+        context = streamed(basis, basis_axes(basis))
+        blocks, losses = train_statistics(task, layers, params, batch, None, statistic, context)
         return {**flatten_rows(blocks, layers), "loss": losses}
 
     return step
@@ -158,10 +160,18 @@ def index_step(task: Task, layers: Mapping[str, LayerSpec], k: int | None, dtype
 
 def _rotation_context(eigen, selection, layers: Mapping[str, LayerSpec]) -> dict[str, dict[str, Any]]:
     """Per block, :func:`jaxinf.engine.indexing.lambda_and_index_statistic`'s context: the eigenbases ``Q_A``,
-    ``Q_S`` and the selection's ``rows``, ``cols``."""
+    ``Q_S`` and the selection's ``rows``, ``cols`` and ``cells``."""
     bases = lambda_context(streamed(eigen))
     assert bases is not None  # the index needs an eigenbasis
-    return {name: {**bases[name], "rows": selection.rows[name], "cols": selection.cols[name]} for name in layers}
+    return {
+        name: {
+            **bases[name],
+            "rows": selection.rows[name],
+            "cols": selection.cols[name],
+            "cells": selection.cells[name],
+        }
+        for name in layers
+    }
 
 
 def index_from_rotation_step(task: Task, layers: Mapping[str, LayerSpec], k: int | None, dtype=None, precision=None):
@@ -358,7 +368,7 @@ def score_and_index_step(
     ``(params, queries, basis, batch) -> {"scores": [Q, B], "loss": [B], "cells": [B, C], "bands": [B, E]}``. One
     backward pass forms both statistics where each layer's ``a`` and ``g`` exist (:func:`index_step`'s rows,
     :func:`score_batch`'s scores), so the index costs its rotation and copy, not another pass."""
-    from jaxinf.engine.indexing import BASIS_AXES, flatten_rows, index_statistic
+    from jaxinf.engine.indexing import basis_axes, flatten_rows, index_statistic
 
     dtype = layers_dtype(layers) if dtype is None else dtype
     statistic = joint(
@@ -369,7 +379,7 @@ def score_and_index_step(
     )
 
     def step(params, queries, basis, batch):
-        qctx, bctx = query_context(streamed(queries, fsdp=fsdp)), streamed(basis, BASIS_AXES)
+        qctx, bctx = query_context(streamed(queries, fsdp=fsdp)), streamed(basis, basis_axes(basis))
         context = {name: {"scores": qctx[name], "index": bctx[name]} for name in layers}
         blocks, losses = train_statistics(task, layers, params, batch, None, statistic, context)
         scores = collect_scores({name: v["scores"] for name, v in blocks.items()})

@@ -34,6 +34,8 @@ from jaxinf.engine import indexing, programs
 from jaxinf.engine.loop import Kept, run_batches
 from jaxinf.run import rundir
 from jaxinf.run.index_store import (
+    FORMAT,
+    PARTS,
     IndexError_,
     IndexReader,
     IndexWriter,
@@ -88,7 +90,7 @@ def _manifest(config: cfg.Config, store: RunStore, inputs: Inputs, eigen, sizes)
     n_bands = sum(b["bands_S"] * b["bands_A"] * b["layers"] for b in blocks.values())
     recorded = store.record.get("inputs", {})
     return {
-        "format": 1,
+        "format": FORMAT,
         "k": config.index.k,
         "dtype": config.index.dtype,
         "blocks": blocks,
@@ -127,7 +129,7 @@ class IndexBuild:
     def __init__(self, config: cfg.Config, store: RunStore, inputs: Inputs, curv, eigen, executor):
         self.config, self.store, self.root = config, store, index_root(store)
         self.k = indexing.kept_directions(config.index.k)
-        selection = indexing.select_cells(eigen)
+        selection = indexing.select_cells(eigen, self.k)
         self.manifest = _manifest(config, store, inputs, eigen, indexing.block_sizes(inputs.layers, self.k))
         every = flush_every(config.index.save_every, self.manifest, inputs.plan.batch_size)
         if every < config.index.save_every:
@@ -180,7 +182,7 @@ class IndexBuild:
 
 def build_index(config: cfg.Config, store: RunStore, inputs: Inputs, curv, eigen, executor) -> Path:
     """Stage ``index`` as a pass of its own (a finished run given ``index.k``, or ``scores.mode: index``): every
-    document row's kept block and band energies, written batch by batch (resumable)."""
+    document row's kept cells and band energies, written batch by batch (resumable)."""
     if store.status("index") == "done":
         try:  # a finished index must be on disk, whole (a rerun said finished, and jaxinf query "not built yet")
             IndexReader(index_root(store))
@@ -347,6 +349,14 @@ def check_borrowed(config: cfg.Config, store: RunStore, inputs: Inputs) -> None:
     check_rows(reader.manifest, reader.root / "manifest.json", store, inputs)
 
 
+WRONG_SELECTION = {
+    "rows": "not the order of the eigenvalues the index was built in",
+    "cols": "not the order of the eigenvalues the index was built in",
+    "cells": "not the cells the eigenvalues the index was built in select",
+}
+"""What a part of ``selection.npz`` that differs from its recomputation is, in :func:`check_index`'s refusal."""
+
+
 def check_index(reader: IndexReader, store: RunStore, inputs: Inputs, eigen) -> None:
     """Refuses, in one line, an index built over other documents, rows, layers or eigenbasis than this run's."""
     m, where = reader.manifest, reader.root / "manifest.json"
@@ -368,14 +378,14 @@ def check_index(reader: IndexReader, store: RunStore, inputs: Inputs, eigen) -> 
         raise IndexError_(f"{where}: built in another eigenbasis (the factors were refitted: rebuild it)")
     # the order of the directions is a function of the eigenvalues: a damaged selection.npz (an index out of range,
     # a block missing, another shape or dtype) was a traceback in the rotation or NaN scores, a repeated one wrong ones
-    expected = jax.device_get(indexing.select_cells(eigen))
-    for part, want in (("rows", expected.rows), ("cols", expected.cols)):
+    expected = jax.device_get(indexing.select_cells(eigen, indexing.kept_directions(m["k"])))
+    for part, want in ((p, getattr(expected, p)) for p in PARTS):
         for name in sorted(want):
             got = reader.selection.get(f"{part}/{name}")
             if got is None or got.dtype.kind not in "iu" or not np.array_equal(got, np.asarray(want[name])):
                 raise IndexError_(
                     f"{reader.root / 'selection.npz'}: {part}/{name} is "
-                    f"{'missing' if got is None else 'not the order of the eigenvalues the index was built in'} "
+                    f"{'missing' if got is None else WRONG_SELECTION[part]} "
                     f"(a damaged index: remove its manifest.json and run the run {reader.root.parent.parent} again)"
                 )
 

@@ -9,15 +9,17 @@ invalidates it like any other stage):
   :meth:`jaxinf.data.batching.BatchPlan.rows_key`) and the fingerprints of the inputs it was built from (model, documents,
   eigenbasis), and ``written``: how many batches are on disk. ``written`` is raised only after those batches'
   rows have been flushed, so a killed build resumes at the first batch not written.
-- ``cells.npy`` ``[rows, C]`` (``index.dtype``): each row's kept block of ``Q_S^T G Q_A`` (:mod:`jaxinf.engine.indexing`),
-  a memory map: a query reads it in slices, never whole.
-- ``bands.npy`` ``[rows, E]`` float32: the energy of ``Q_S^T G Q_A`` in each pair of bands of eigen-directions
-  (:func:`jaxinf.engine.indexing.bands`; the kept block's first), block after block: they add up to ``||G||_F^2``.
+- ``cells.npy`` ``[rows, C]`` (``index.dtype``): each row's kept cells of ``Q_S^T G Q_A`` (:mod:`jaxinf.engine.indexing`,
+  :func:`~jaxinf.engine.indexing.kept_cells`), a memory map: a query reads it in slices, never whole.
+- ``bands.npy`` ``[rows, E]`` float32: the energy of ``Q_S^T G Q_A`` off the kept cells in each pair of bands of
+  eigen-directions (:func:`jaxinf.engine.indexing.bands`), block after block: with the cells' own it adds up to
+  ``||G||_F^2``.
 - ``documents.npy`` ``[rows]`` int64: the document of each row (-1 for padding; a split document has several).
 - ``loss.npy`` ``[rows]`` float64: each row's training loss (the data's labels).
 - ``checks.npy`` ``[batches]`` uint32: the CRC-32 of each batch's rows (in its part) as stored (:func:`batch_checksum`), written with
   them and checked as a query reads them, so a damaged index whose values stay finite is refused, not used.
-- ``selection.npz``: the eigen-directions in decreasing eigenvalue (:class:`jaxinf.engine.indexing.Selection`).
+- ``selection.npz``: the eigen-directions in decreasing eigenvalue and the kept cells
+  (:class:`jaxinf.engine.indexing.Selection`).
 
 Rows are those of the run's batch plan. The arrays above (all but the manifest and the selection) are written in
 ``parts``, one per slice of the corpus that the processes read (their *data groups*,
@@ -46,7 +48,7 @@ from jaxinf.run.rundir import StoreError
 
 log = logging.getLogger("jaxinf")
 
-FORMAT = 1
+FORMAT = 2
 DTYPES = {"float32": np.float32, "float16": np.float16}
 ARRAYS = ("cells", "bands", "documents", "loss")
 CHECKSUMS = "crc32"  # the manifest's "checksums": each batch's rows carry one (checks.npy)
@@ -92,8 +94,9 @@ def part_root(root: Path, part: int, parts: int) -> Path:
     return Path(root) if parts == 1 else Path(root) / f"part-{part}-of-{parts}"
 
 
-def read_manifest(root: Path) -> dict | None:
-    """The manifest of the index at ``root``, or None if there is none; a malformed one raises naming the file."""
+def read_manifest(root: Path, older: bool = False) -> dict | None:
+    """The manifest of the index at ``root``, or None if there is none; a malformed one raises naming the file, and
+    so does one of an earlier format (kept cells of another layout) unless ``older`` (a writer, which rebuilds it)."""
     path = manifest_path(root)
     if not path.exists():
         return None
@@ -101,8 +104,14 @@ def read_manifest(root: Path) -> dict | None:
         manifest = json.loads(path.read_text())
     except (OSError, ValueError) as e:
         raise IndexError_(f"{path}: unreadable index manifest ({e})") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("format"), int):
         raise IndexError_(f"{path}: not an index manifest of format {FORMAT}")
+    if manifest["format"] != FORMAT and not (older and manifest["format"] < FORMAT):
+        raise IndexError_(
+            f"{path}: an index of format {manifest['format']}, written by "
+            f"{'an earlier' if manifest['format'] < FORMAT else 'a later'} jaxinf; this one reads format {FORMAT} "
+            f"(run the run {Path(root).parent.parent} again to rebuild it)"
+        )
     return manifest
 
 
@@ -130,7 +139,7 @@ class IndexWriter:
     ):
         self.root, self.every, self.part, self.writes, self.primary = Path(root), every, part, writes, primary
         self.files = part_root(self.root, *part)
-        old = read_manifest(self.root)
+        old = read_manifest(self.root, older=True)  # an earlier format's index is rebuilt, like one of other settings
         manifest = {**manifest, "checksums": CHECKSUMS, "parts": part[1]}
         keys = (
             "format",
@@ -389,14 +398,18 @@ class IndexReader:
         return rows
 
 
+PARTS = ("rows", "cols", "cells")
+"""The fields of a :class:`jaxinf.engine.indexing.Selection`, each saved per block in ``selection.npz``."""
+
+
 def save_selection(root: Path, selection) -> None:
-    """The order of the eigen-directions as ``selection.npz`` (``rows/NAME`` and ``cols/NAME`` per block)."""
+    """The order of the eigen-directions and the kept cells as ``selection.npz`` (``rows/NAME``, ``cols/NAME`` and
+    ``cells/NAME`` per block)."""
     from jaxinf.atomic import write_atomic
 
-    arrays = {f"rows/{k}": np.asarray(v) for k, v in selection.rows.items()}
-    arrays.update({f"cols/{k}": np.asarray(v) for k, v in selection.cols.items()})
+    arrays = {f"{part}/{k}": np.asarray(v) for part in PARTS for k, v in getattr(selection, part).items()}
     Path(root).mkdir(parents=True, exist_ok=True)
-    # the names are rows/... and cols/..., never savez's own keyword allow_pickle
+    # the names are rows/..., cols/... and cells/..., never savez's own keyword allow_pickle
     write_atomic(Path(root) / "selection.npz", lambda f: np.savez(f, **arrays))  # type: ignore[arg-type]
 
 
@@ -406,9 +419,12 @@ def load_selection(arrays: dict[str, np.ndarray]):
 
     from jaxinf.engine.indexing import Selection
 
-    rows = {k[len("rows/") :]: jnp.asarray(v) for k, v in arrays.items() if k.startswith("rows/")}
-    cols = {k[len("cols/") :]: jnp.asarray(v) for k, v in arrays.items() if k.startswith("cols/")}
-    return Selection(rows=rows, cols=cols)
+    return Selection(
+        **{
+            part: {k[len(part) + 1 :]: jnp.asarray(v) for k, v in arrays.items() if k.startswith(part + "/")}
+            for part in PARTS
+        }
+    )
 
 
 def index_size(config, layers, devices: list[int]) -> dict:

@@ -316,11 +316,13 @@ def abstract_arguments(config, mesh, lm, layers, shapes: dict, global_batch: int
         ),
         curv,
     )
-    basis = {k: {"Q_A": eigen.Q_A[k], "Q_S": eigen.Q_S[k]} for k in layers}  # columns reordered: same shapes
     selection = jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
-        jax.eval_shape(indexing.select_cells, eigen),
+        jax.eval_shape(lambda e: indexing.select_cells(e, indexing.kept_directions(config.index.k)), eigen),
     )
+    basis = {  # columns reordered: the eigenbases' shapes
+        k: {"Q_A": eigen.Q_A[k], "Q_S": eigen.Q_S[k], "cells": selection.cells[k]} for k in layers
+    }
     return {
         "params": absd(lm.params, models.parameter_axes(lm.config)),
         "eigen": eigen if strategy.eigen else None,

@@ -330,10 +330,9 @@ def _validate(config: cfg.Config, out: Path, world: World, t_start: float) -> di
             write_json(score_dir / "heuristic.json", {"damping": layer_dampings(pieces["Lambda"])})
         rows = None
         if strategy == index_mod.INDEX_STRATEGY:
-            basis, selection = index_mod.eigen_basis(curv, pieces["eigen"])
-            rows, _ = index_mod.document_rows(
-                task, layers, params, batches, basis, indexing.kept_directions(config.index.k), config.index.dtype
-            )
+            k = indexing.kept_directions(config.index.k)
+            basis, selection = index_mod.eigen_basis(curv, pieces["eigen"], k)
+            rows, _ = index_mod.document_rows(task, layers, params, batches, basis, k, config.index.dtype)
         for d in missing:
             qg = scoring.prepare_queries(G, qloss, curv, d, None)
             if rows is None:

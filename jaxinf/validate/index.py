@@ -1,14 +1,15 @@
 """The EK-FAC index in ``jaxinf validate``: a strategy beside exact EK-FAC, and how close it comes at each size.
 
 - The strategy ``ekfac-index`` (in ``validate.strategies``) is EK-FAC's scores as the index keeping ``index.k``
-  directions per factor gives them (:mod:`jaxinf.engine.indexing`: the kept block of every document's rotated
+  directions per factor gives them (:mod:`jaxinf.engine.indexing`: the kept cells of every document's rotated
   gradient against the queries' rotated, damped gradients), before any certification: what LDS, recall and PBRF
   see is the approximation itself. With ``index.k: full`` it equals EK-FAC.
 - The fidelity table (``validate.index_ks``, and ``index.k`` when ``ekfac-index`` is compared) sets three
   methods that store the same number of cells per document against exact EK-FAC at the primary damping:
 
-  ``ekfac-index``       the index (the block of the ``k`` largest eigen-directions of ``S`` and ``A``);
-  ``kfac-eigenvalues``  the same block with the queries preconditioned by K-FAC's eigenvalues ``e_S e_A``
+  ``ekfac-index``       the index (the ``k_S k_A`` cells of the largest ``e_S e_A``,
+                        :func:`jaxinf.engine.indexing.kept_cells`);
+  ``kfac-eigenvalues``  the same cells with the queries preconditioned by K-FAC's eigenvalues ``e_S e_A``
                         instead of ``Lambda`` (LoGra's PCA projection, preconditioned in its own basis);
   ``random-kronecker``  a random Kronecker projection ``P_S G[n] P_A^T`` (``P`` Gaussian, entries of variance
                         ``1/k``, so ``E[P^T P] = I``), as the projected gradient indexes of bergson and LoGra
@@ -59,9 +60,9 @@ def document_rows(
     return rows, np.concatenate([np.asarray(o["bands"], np.float64) for o in out])
 
 
-def eigen_basis(curv: curvature.Curvature, eigen) -> tuple[dict[str, dict], indexing.Selection]:
-    """The index's basis (eigenvectors in decreasing eigenvalue) and the selection that orders it."""
-    selection = indexing.select_cells(eigen)
+def eigen_basis(curv: curvature.Curvature, eigen, k: int | None) -> tuple[dict[str, dict], indexing.Selection]:
+    """The index's basis (eigenvectors in decreasing eigenvalue, the cells kept at ``k``) and its selection."""
+    selection = indexing.select_cells(eigen, k)
     assert curv.Q_A is not None and curv.Q_S is not None
     return indexing.ordered_basis(curv.Q_A, curv.Q_S, selection), selection
 
@@ -83,11 +84,15 @@ def random_basis(layers: Mapping[str, LayerSpec], k: int, seed: int) -> dict[str
 
 
 def projected_queries(qg: QueryGradients, basis: Mapping[str, dict], layers: Mapping[str, LayerSpec]) -> np.ndarray:
-    """``[Q, C]``: the prepared queries projected by ``basis`` (``P_S P(G_q) P_A^T``), laid out as the rows of
-    :func:`document_rows` in the same basis."""
+    """``[Q, C]``: the prepared queries projected by ``basis`` (``P_S P(G_q) P_A^T``, every cell of the projected
+    block), laid out as the rows of :func:`document_rows` in the same basis."""
     P = indexing.rotated_queries(qg, {n: b["Q_A"] for n, b in basis.items()}, {n: b["Q_S"] for n, b in basis.items()})
     return np.concatenate(
-        [np.asarray(indexing.rows_first(P[n], len(layers[n].lead), 2), np.float64) for n in sorted(layers)], axis=1
+        [
+            np.asarray(indexing.rows_first(P[n].reshape(*P[n].shape[:-2], -1), len(layers[n].lead), 1), np.float64)
+            for n in sorted(layers)
+        ],
+        axis=1,
     )
 
 
@@ -167,13 +172,13 @@ def fidelity_table(
     """The table of the module docstring: ``{str(k): {method: fidelity, "cells": cells per document}}``."""
     from jaxinf.engine import scoring
 
-    basis, selection = eigen_basis(curv, eigen)
     kfac = curvature.curvature("kfac", eigen, curvature.kfac_lambda(eigen))  # Lambda = e_S e_A: no fit
     qg = scoring.prepare_queries(G, qloss, curv, damping, None)
     qg_kfac = scoring.prepare_queries(G, qloss, kfac, damping, None)
     out: dict = {}
     for k_value in ks:
         k = indexing.kept_directions(k_value)
+        basis, selection = eigen_basis(curv, eigen, k)
         rows, bands = document_rows(task, layers, params, batches, basis, k, dtype)
         iq = index_queries(qg, curv, selection, layers, k)
         s_index = indexing.index_scores(np.asarray(iq.cells, np.float64), rows)
