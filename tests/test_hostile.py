@@ -1524,7 +1524,10 @@ def test_a_run_read_as_an_input_with_its_record_damaged_does_not_offer_overwrite
         path.write_text("[1, 2")
     assert cli.main(["-q", "query", str(run), str(world["queries"]), "--out", str(tmp_path / "q")]) == 2
     message = _one_error(capsys, "query")
-    assert message.endswith("is too (JSONDecodeError); the run cannot be read"), message
+    assert message.endswith(  # the copy's reason, not its error type alone ("is too (JSONDecodeError)")
+        f"and its copy {run / 'state' / 'run.json'} is unreadable (not JSON: Expecting ',' delimiter at line 1, "
+        "column 6); the run cannot be read"
+    ), message
     assert cli.main(["-q", "run", *argv, f"run.out={run}"]) == 2
     assert f"--overwrite would delete everything in {run}: " in _one_error(capsys, "run")
 
@@ -2065,7 +2068,7 @@ def test_a_run_json_with_a_field_of_another_type_is_one_line_naming_it(
     assert cli.main(["-q", "run", *overrides(world, run, **{"data.batch_size": 8, "factors.fisher": "empirical"})]) == 2
     assert _one_error(capsys, "run").startswith(
         f"{run / 'run.json'}: unreadable (not a run record: {message}), and its copy {run / 'state' / 'run.json'} is "
-        "too (ValueError); --overwrite would delete everything in "
+        f"unreadable (not a run record: {message}); --overwrite would delete everything in "
     )
     assert cli.main(["-q", "run", *overrides(world, tmp_path / "other", **{"factors.from": run})]) == 2
     assert _one_error(capsys, "run").endswith("the run cannot be read")

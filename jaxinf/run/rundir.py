@@ -324,15 +324,13 @@ def read_record(root: Path, output: bool = False, config_only: bool = False) -> 
     problem = None
     try:
         return _parse(path, config_only)
-    except FileNotFoundError:
-        problem = "missing"
     except (OSError, ValueError, KeyError) as e:
-        problem = f"unreadable ({e})"
+        problem = _unreadable(e)
     try:
         record = _parse(copy, config_only)
     except (OSError, ValueError, KeyError) as e:
         raise StoreError(
-            f"{path}: {problem}, and its copy {copy} is too ({type(e).__name__}); "
+            f"{path}: {problem}, and its copy {copy} is {_unreadable(e)}; "
             + (f"--overwrite would delete {describe_contents(root)}" if output else "the run cannot be read")
         ) from None
     log.warning(
@@ -387,6 +385,20 @@ def shape_problem(value, shape, where: str = "") -> str | None:
                 if problem is not None:
                     return problem
     return None
+
+
+def _unreadable(e: BaseException) -> str:
+    """Why a run record could not be read, for a message naming its file: "missing", "unreadable (Permission
+    denied)", "unreadable (not JSON: ...)" (the copy of a damaged run.json was named by its error type alone)."""
+    if isinstance(e, FileNotFoundError):
+        return "missing"
+    if isinstance(e, json.JSONDecodeError):
+        return f"unreadable (not JSON: {e.msg} at line {e.lineno}, column {e.colno})"
+    if isinstance(e, UnicodeDecodeError):
+        return f"unreadable (not UTF-8 text at byte {e.start + 1})"
+    if isinstance(e, OSError):
+        return f"unreadable ({e.strerror or e})"
+    return f"unreadable ({e})"
 
 
 def _parse(path: Path, config_only: bool = False) -> dict:
