@@ -73,15 +73,23 @@ def run_command(args) -> int:
     if args.help_config:
         print(cfg.describe())
         return 0
+    config = _given_config(args)
+    enable_compilation_cache()
+    pipeline.run(config, overwrite=args.overwrite)
+    return 0
+
+
+def _given_config(args):
+    """The config of a command that needs one (``run``, ``plan``): its file and overrides, in any order; neither
+    given is one line saying what to give (argparse's "required: config, section.key=value" read as if both were)."""
+    from jaxinf import config as cfg
+
     path, overrides = cfg.config_arguments(args.config, args.overrides)
     if path is None and not overrides:
         raise cfg.ConfigError(
             "give a config file or section.key=value overrides (configs/reference.yaml lists every key)"
         )
-    config = cfg.load(path, overrides)
-    enable_compilation_cache()
-    pipeline.run(config, overwrite=args.overwrite)
-    return 0
+    return cfg.load(path, overrides)
 
 
 def query_command(args) -> int:
@@ -178,11 +186,10 @@ MAX_PLANNED_DEVICES = 1 << 24
 
 
 def plan_command(args) -> int:
-    from jaxinf import config as cfg
     from jaxinf.run import plan, plan_report
     from jaxinf.run.chips import chip
 
-    config = cfg.load(*cfg.config_arguments(args.config, args.overrides))
+    config = _given_config(args)
     meshes = [plan_report.parse_mesh(m) for m in args.mesh] if args.mesh else [(config.mesh.data, config.mesh.model)]
     for data, model in meshes:  # the planner lays out every device: a 10^16-device mesh was a MemoryError
         if data * model > MAX_PLANNED_DEVICES:
@@ -311,7 +318,7 @@ def main(argv: list[str] | None = None) -> int:
         help="YAML config (configs/reference.yaml lists every key); optional when "
         "every setting is given as an override",
     )
-    run.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
+    run.add_argument("overrides", nargs="*", default=[], metavar="section.key=value", help="config overrides")
     run.add_argument(
         "--overwrite",
         action="store_true",
@@ -331,6 +338,7 @@ def main(argv: list[str] | None = None) -> int:
     qu.add_argument(
         "overrides",
         nargs="*",
+        default=[],  # optional: argparse names a nargs="*" argument without a default among the required ones
         metavar="section.key=value",
         help="overrides of the run's config (scores.damping, scores.query_rank, factors.strategy=kfac, ...)",
     )
@@ -343,8 +351,13 @@ def main(argv: list[str] | None = None) -> int:
         help="memory and cost of each stage on a mesh, from the model's config.json alone "
         "(no weights): bytes per device, XLA's compiled peak per step, FLOPs per document, time",
     )
-    pl.add_argument("config", help="YAML config (model.checkpoint: a directory with config.json; see configs/paper/)")
-    pl.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
+    pl.add_argument(
+        "config",
+        nargs="?",
+        help="YAML config (model.checkpoint: a directory with config.json; see configs/paper/); optional when every "
+        "setting is given as an override",
+    )
+    pl.add_argument("overrides", nargs="*", default=[], metavar="section.key=value", help="config overrides")
     pl.add_argument(
         "--mesh",
         action="append",
@@ -379,7 +392,7 @@ def main(argv: list[str] | None = None) -> int:
         help="YAML config (model.checkpoint, data.documents, data.queries and the "
         "validate.* keys); omit it for the built-in world",
     )
-    va.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
+    va.add_argument("overrides", nargs="*", default=[], metavar="section.key=value", help="config overrides")
     va.add_argument(
         "--out", default="runs/validate", help="output directory, resumed when it exists (default runs/validate)"
     )

@@ -95,7 +95,7 @@ def add_parsers(sub) -> None:
     imp = ksub.add_parser("import", help="kronfluence factors into the run directory of a config (run.out)")
     imp.add_argument("kronfluence", metavar="DIR", help="a kronfluence factors_* directory (or its analysis directory)")
     imp.add_argument("config", nargs="?", help="YAML config of the run (its model, factors.* and run.* settings)")
-    imp.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
+    imp.add_argument("overrides", nargs="*", default=[], metavar="section.key=value", help="config overrides")
     imp.add_argument("--factors", metavar="NAME", help="the factors_NAME to import when there are several")
     imp.add_argument("--overwrite", action="store_true", help="replace whatever the run directory holds")
     imp.set_defaults(handler=import_command)
