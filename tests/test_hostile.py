@@ -2154,3 +2154,68 @@ def test_a_query_refuses_overrides_of_the_keys_it_sets_itself(world, indexed, tm
     assert cli.main(argv) == 2
     assert _one_error(capsys, "query") == f"command line: {override}: set by jaxinf query itself ({what}); leave it out"
     assert os.listdir(tmp_path) == []
+
+
+# --------------------------------------------------------------------------- the tenth hostile pass
+
+
+def _tree(root: Path) -> dict:
+    return {p: p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("value", ["NaN", "Infinity", "-1e999"])
+def test_a_query_answer_that_is_not_a_finite_number_is_refused_naming_its_line(world, tmp_path, capsys, value):
+    """A query's ``"answer": NaN`` (or ``Infinity``, or ``1e999``: infinite once read) was exported as the text
+    "NaN"; refused as any other invalid field is, naming the file, line and field, before anything is written."""
+    queries = tmp_path / "q.jsonl"
+    queries.write_text(
+        '{"id": "a", "prompt": "the river of milin is the", "completion": "1 2 3 .", "answer": 7}\n'
+        f'{{"id": "b", "prompt": "the river of milin is the", "completion": "1 2 3 .", "answer": {value}}}\n'
+    )
+    out = tmp_path / "run"
+    assert cli.main(["-q", "run", *overrides(world, out, **{"data.queries": queries})]) == 2
+    shown = {"NaN": "NaN", "Infinity": "Infinity", "-1e999": "-Infinity"}[value]
+    assert _one_error(capsys, "run") == f'{queries}:2: field "answer" must be a string or a finite number, got {shown}'
+    assert not out.exists()
+
+
+def test_run_and_query_refuse_supports_naming_no_document_before_anything_is_set_aside(
+    world, indexed, tmp_path, capsys
+):
+    """``supports`` naming a document missing from the corpus was refused by ``jaxinf validate`` but accepted by
+    ``jaxinf run`` and ``jaxinf query`` (exported as given). All three share one check
+    (:func:`jaxinf.data.queries.support_rows`), made before the run directory is touched: an ``--overwrite`` of a
+    finished run keeps it as it was, and a new one is not made."""
+    import shutil
+
+    src, argv = indexed
+    run = tmp_path / "run"
+    shutil.copytree(src, run)
+    before = _tree(run)
+    queries = tmp_path / "q.jsonl"
+    queries.write_text(
+        '{"id": "a", "prompt": "the river of milin is the", "completion": "1 2 3 .", "supports": ["doc00001", 3]}\n'
+    )
+    message = f'{queries}:1: query "a": supports names unknown document id "3"'
+    assert cli.main(["-q", "run", "--overwrite", *argv, f"run.out={run}", f"data.queries={queries}"]) == 2
+    assert _one_error(capsys, "run") == message
+    assert _tree(run) == before and sorted(os.listdir(run)) == sorted(os.listdir(src))
+    assert cli.main(["-q", "query", str(run), str(queries), "--out", str(tmp_path / "q")]) == 2
+    assert _one_error(capsys, "query") == message
+    assert not (tmp_path / "q").exists() and _tree(run) == before
+
+
+def test_plan_and_query_without_arguments_do_not_say_overrides_are_required(capsys):
+    """``jaxinf plan`` with no argument printed argparse's "the following arguments are required: config,
+    section.key=value", as if overrides were required (``jaxinf query`` too); plan now says what ``jaxinf run``
+    says, and query's usage names only what it needs."""
+    assert cli.main(["-q", "plan"]) == 2
+    assert _one_error(capsys, "plan", alone=True) == (
+        "give a config file or section.key=value overrides (configs/reference.yaml lists every key)"
+    )
+    with pytest.raises(SystemExit) as e:
+        cli.main(["-q", "query"])
+    assert e.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        "jaxinf query: error: the following arguments are required: RUN_OR_INDEX, QUERIES"
+    )
