@@ -127,7 +127,7 @@ def _query(args, run_dir: Path) -> int:
             raise cfg.ConfigError(f"command line: {key}: set by jaxinf query itself ({QUERY_SETS[key]}); leave it out")
     record = rundir.read_record(run_dir) if run_dir.is_dir() else None
     if record is None or "config" not in record:
-        raise cfg.ConfigError(f"{run_dir}: not a jaxinf run directory (no run.json)")
+        raise cfg.ConfigError(f"{run_dir}: not a jaxinf run directory ({rundir.why_not_run(run_dir)})")
     if not (run_dir / "state" / "index" / "manifest.json").is_file():
         k = ((record.get("config") or {}).get("index") or {}).get("k")
         if k is not None:  # the run was started to build one: it is being built, or the run stopped first

@@ -2219,3 +2219,29 @@ def test_plan_and_query_without_arguments_do_not_say_overrides_are_required(caps
     assert capsys.readouterr().err.splitlines()[-1] == (
         "jaxinf query: error: the following arguments are required: RUN_OR_INDEX, QUERIES"
     )
+
+
+def test_index_from_that_is_no_run_or_is_never_read_is_refused_naming_it(world, indexed, tmp_path, capsys):
+    """``index.from=MISSING`` (or a file) said "MISSING/state/index: no index here", naming a path the user never
+    wrote, as though a run were there; ``factors.from`` and ``jaxinf query`` said "no run.json" of a path that does
+    not exist. And ``index.from`` with ``scores.mode: exact`` was ignored without a word: a pass over every document,
+    the index never read. Each is refused in one line naming index.from, before anything is written."""
+    run, argv = indexed
+    (tmp_path / "file").write_text("x")
+    out = tmp_path / "out"
+    for key, value, why in (
+        ("index.from", tmp_path / "missing", "no such directory"),
+        ("index.from", tmp_path / "file", "a file, not a directory"),
+        ("factors.from", tmp_path / "missing", "no such directory"),
+    ):
+        extra = ["index.k=null", "scores.mode=index"] if key == "index.from" else []
+        assert cli.main(["-q", "run", *argv, f"run.out={out}", *extra, f"{key}={value}"]) == 2
+        assert _one_error(capsys, "run") == f"{key}: {value}: not a jaxinf run directory ({why})"
+    assert cli.main(["-q", "query", str(tmp_path / "missing"), str(world["queries"]), "--out", str(out)]) == 2
+    assert _one_error(capsys, "query") == f"{tmp_path / 'missing'}: not a jaxinf run directory (no such directory)"
+    assert cli.main(["-q", "run", *argv, f"run.out={out}", "index.k=null", f"index.from={run}"]) == 2
+    assert _one_error(capsys, "run") == (
+        f"index.from: {run}: read only with scores.mode: index, got scores.mode: exact (a pass over every document, "
+        "the index never read); set scores.mode: index, or leave index.from out"
+    )
+    assert sorted(os.listdir(tmp_path)) == ["file"]

@@ -141,10 +141,14 @@ def check_inputs(config: cfg.Config) -> None:
     for key, other in (("factors.from", config.factors.from_run), ("index.from", config.index.from_run)):
         if other is not None:
             rundir.refuse_inside_run(Path(other), key)
-    if config.factors.from_run is not None and not rundir.is_run(Path(config.factors.from_run)):
-        raise InputError(
-            f"factors.from: {config.factors.from_run}: not a jaxinf run directory "
-            f"({rundir.why_not_run(Path(config.factors.from_run))})"
+    for key, other in (("factors.from", config.factors.from_run), ("index.from", config.index.from_run)):
+        if other is not None and not rundir.is_run(Path(other)):  # index.from was "X/state/index: no index here"
+            raise InputError(f"{key}: {other}: not a jaxinf run directory ({rundir.why_not_run(Path(other))})")
+    if config.index.from_run is not None and config.scores.mode != "index":  # here, not in the config's checks: a
+        raise InputError(  # run recorded with it (it was ignored) is still read, queried and resumed
+            f"index.from: {config.index.from_run}: read only with scores.mode: index, got scores.mode: "
+            f"{config.scores.mode} (a pass over every document, the index never read); set scores.mode: index, "
+            "or leave index.from out"
         )
 
 

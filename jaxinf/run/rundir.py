@@ -122,6 +122,8 @@ def is_run(root: Path) -> bool:
 
 def why_not_run(root: Path) -> str:
     """Why ``root`` (not :func:`is_run`) is not a jaxinf run directory, in a few words."""
+    if not root.is_dir():  # "no run.json" of a path that does not exist, or of a file
+        return "a file, not a directory" if root.exists() else "no such directory"
     if (root / RECORD).exists() or root.joinpath(*RECORD_COPY).exists():
         return "its run.json is not a jaxinf run record"
     return "no run.json"
