@@ -110,10 +110,14 @@ QUERY_SETS = {
     "factors.from": "RUN_OR_INDEX: the curvature of the run queried",
     "index.from": "RUN_OR_INDEX: the run queried",
     "scores.mode": "index: jaxinf query scores with the run's index",
+    "index.k": "RUN_OR_INDEX: the run's index, as built; a query builds none",
+    "index.dtype": "RUN_OR_INDEX: the run's index, as built",
 }
 """The keys ``jaxinf query`` sets itself, and from what: an override of one was taken over the command's own argument
 (``data.queries=X`` scored X, not QUERIES, without a word) or met a check that named a key the user never wrote
-(``run.out=RUN``: "factors.from: RUN is run.out itself")."""
+(``run.out=RUN``: "factors.from: RUN is run.out itself"; ``index.k=8``: "index.k: 8 builds this run's index, but
+scores.mode: index reads that of index.from"; ``index.dtype=float32`` against a float16 index: accepted, recorded,
+and never applied)."""
 
 
 def _query(args, run_dir: Path) -> int:

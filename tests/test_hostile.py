@@ -2140,6 +2140,8 @@ def test_an_argument_that_is_not_utf8_is_one_line_and_writes_nothing(world, fini
         ("run.out", "--out"),
         ("factors.from", "RUN_OR_INDEX: the curvature of the run queried"),
         ("scores.mode", "index: jaxinf query scores with the run's index"),
+        ("index.k", "RUN_OR_INDEX: the run's index, as built; a query builds none"),  # named index.from (pass 10)
+        ("index.dtype", "RUN_OR_INDEX: the run's index, as built"),  # accepted, recorded, never applied (pass 10)
     ],
 )
 def test_a_query_refuses_overrides_of_the_keys_it_sets_itself(world, indexed, tmp_path, capsys, override, what):
@@ -2148,7 +2150,14 @@ def test_a_query_refuses_overrides_of_the_keys_it_sets_itself(world, indexed, tm
     eigenbasis (the factors were refitted)"; ``scores.mode=exact`` made the query a pass over every document. The keys
     the command sets from its own arguments are refused in one line naming what sets them; nothing is written."""
     run, _ = indexed
-    value = {"data.queries": world["queries"], "run.out": run, "factors.from": run, "scores.mode": "exact"}[override]
+    value = {
+        "data.queries": world["queries"],
+        "run.out": run,
+        "factors.from": run,
+        "scores.mode": "exact",
+        "index.k": 8,
+        "index.dtype": "float16",
+    }[override]
     out = tmp_path / "q"
     argv = ["-q", "query", str(run), str(world["queries"]), "--out", str(out), f"{override}={value}"]
     assert cli.main(argv) == 2
