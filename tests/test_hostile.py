@@ -2254,3 +2254,24 @@ def test_index_from_that_is_no_run_or_is_never_read_is_refused_naming_it(world, 
         "the index never read); set scores.mode: index, or leave index.from out"
     )
     assert sorted(os.listdir(tmp_path)) == ["file"]
+
+
+def test_a_query_resumed_with_other_queries_names_its_argument_and_offers_no_key_it_refuses(
+    world, indexed, tmp_path, capsys
+):
+    """``jaxinf query RUN Q2 --out OUT`` where OUT answered Q1 was refused naming ``data.queries`` and offering
+    "factors.from=RUN with another --out keeps the curvature it reuses": both keys jaxinf query sets itself and
+    refuses as overrides. It names QUERIES and offers only what the command takes; OUT is kept as it was."""
+    run, _ = indexed
+    out = tmp_path / "q"
+    assert cli.main(["-q", "query", str(run), str(world["queries"]), "--out", str(out)]) == 0
+    capsys.readouterr()
+    before = _tree(out)
+    other = tmp_path / "other.jsonl"
+    other.write_text('{"id": "a", "prompt": "the river of milin is the", "completion": "1 2 ."}\n')
+    assert cli.main(["-q", "query", str(run), str(other), "--out", str(out)]) == 2
+    assert _one_error(capsys, "query") == (
+        f"{out}: run started with another config; these keys would change results already saved: data.queries "
+        "(QUERIES) (use --overwrite to start over, or another --out)"
+    )
+    assert _tree(out) == before
