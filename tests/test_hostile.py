@@ -2275,3 +2275,29 @@ def test_a_query_resumed_with_other_queries_names_its_argument_and_offers_no_key
         "(QUERIES) (use --overwrite to start over, or another --out)"
     )
     assert _tree(out) == before
+
+
+def test_a_file_size_limit_is_one_line_and_the_same_command_resumes(world, finished, tmp_path, capsys):
+    """A write past the process's file-size limit (``ulimit -f``; Python ignores SIGXFSZ, so the write fails with
+    EFBIG, "File too large") was a traceback with exit 1, from jaxinf's own writes and from Orbax's alike. It is the
+    machine refusing a write, as a full disk is: one line naming the file and the stage, exit 3, everything finished
+    kept, and the same command, run again without the limit, finishes with the same scores."""
+    import subprocess
+    import sys
+
+    from pipeline_support import env
+
+    out = tmp_path / "run"
+    argv = ["-q", "run", *overrides(world, out, **{"data.batch_size": 8, "factors.fisher": "empirical"})]
+    environment = env(tmp_path / "xla")
+    environment.pop("JAX_COMPILATION_CACHE_DIR")
+    environment["JAXINF_COMPILATION_CACHE"] = ""  # no cache entry meets the limit
+
+    limited = ["bash", "-c", 'ulimit -f 12 && exec "$@"', "-", sys.executable, "-m", "jaxinf", *argv]  # 12 KiB
+    r = subprocess.run(limited, capture_output=True, text=True, env=environment)
+    assert r.returncode == 3 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    lines = [line for line in r.stderr.splitlines() if line.startswith("jaxinf run: error: ")]
+    assert len(lines) == 1 and f": file too large (over the file-size limit: ulimit -f, " in lines[0], r.stderr
+    assert f"everything finished is kept in {out}; raise the limit or choose another run.out" in lines[0]
+    assert cli.main(argv) == 0
+    np.testing.assert_array_equal(np.load(out / "scores.npy"), np.load(finished / "scores.npy"))
