@@ -2169,7 +2169,8 @@ def test_a_query_refuses_overrides_of_the_keys_it_sets_itself(world, indexed, tm
 
 
 def _tree(root: Path) -> dict:
-    return {p: p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+    """Every file under ``root`` with its bytes, but the lock file (it names the last process that held it)."""
+    return {p: p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file() and p.name != ".jaxinf.lock"}
 
 
 @pytest.mark.parametrize("value", ["NaN", "Infinity", "-1e999"])
@@ -2301,3 +2302,23 @@ def test_a_file_size_limit_is_one_line_and_the_same_command_resumes(world, finis
     assert f"everything finished is kept in {out}; raise the limit or choose another run.out" in lines[0]
     assert cli.main(argv) == 0
     np.testing.assert_array_equal(np.load(out / "scores.npy"), np.load(finished / "scores.npy"))
+
+
+def test_a_figure_the_machine_refused_to_write_is_named(finished, tmp_path):
+    """``jaxinf analyze`` past a file-size limit (or on a full disk) said "a write: file too large": matplotlib's
+    image writer fails with an error naming no file. The figure it was writing is named; nothing of the run is
+    lost and the report's temporary directory is removed."""
+    import shutil
+    import subprocess
+    import sys
+
+    from pipeline_support import env
+
+    run = shutil.copytree(finished, tmp_path / "run")
+    before = _tree(run)
+    limited = ["bash", "-c", 'ulimit -f 4 && exec "$@"', "-", sys.executable, "-m", "jaxinf", "-q", "analyze", str(run)]
+    r = subprocess.run(limited, capture_output=True, text=True, env=env(tmp_path / "xla"))
+    assert r.returncode == 3 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    line = next(line for line in r.stderr.splitlines() if line.startswith("jaxinf analyze: error: "))
+    assert line.startswith(f"jaxinf analyze: error: {run}/.report-") and ".png: file too large (" in line, line
+    assert _tree(run) == before and not [p for p in os.listdir(run) if p.startswith(".report-")]
