@@ -203,10 +203,9 @@ def plan_command(args) -> int:
                 f"{MAX_PLANNED_DEVICES:,} the planner lays out"
             )
     if args.json not in (None, "-"):  # a path that cannot take the file is refused before the plan is made
-        if Path(args.json).is_dir():
-            raise plan.PlanError(f"--json {args.json}: is a directory; give the path of a file to write")
-        if not Path(args.json).parent.is_dir():
-            raise plan.PlanError(f"--json {args.json}: no such directory {Path(args.json).parent}")
+        from jaxinf.run.rundir import check_output_file
+
+        check_output_file(args.json, "--json")
     try:
         device = chip(args.chip, args.peak_tflops, args.hbm_gbps)
     except ValueError as e:

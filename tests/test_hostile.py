@@ -2322,3 +2322,31 @@ def test_a_figure_the_machine_refused_to_write_is_named(finished, tmp_path):
     line = next(line for line in r.stderr.splitlines() if line.startswith("jaxinf analyze: error: "))
     assert line.startswith(f"jaxinf analyze: error: {run}/.report-") and ".png: file too large (" in line, line
     assert _tree(run) == before and not [p for p in os.listdir(run) if p.startswith(".report-")]
+
+
+def test_a_json_output_that_is_a_device_or_inside_a_run_is_refused_first(finished, tmp_path, capsys):
+    """``jaxinf compare ... --json RUN/scores.npy`` (or ``jaxinf plan ... --json`` there) replaced the run's scores
+    with the report, exit 0; ``--json /dev/full`` (as root) or a FIFO was replaced by a regular file (the atomic
+    write renames a new file over the path). Both commands check their ``--json`` with one rule
+    (:func:`jaxinf.run.rundir.check_output_file`), before any work: one line, nothing touched."""
+    import shutil
+
+    run = shutil.copytree(finished, tmp_path / "run")
+    before = _tree(run)
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    for target, message in (
+        (
+            fifo,
+            f"--json {fifo}: is not a regular file (a device, FIFO or socket, which the write would replace); give "
+            "the path of a file to write, or --json - to print it",
+        ),
+        (run / "scores.npy", f"{run / 'scores.npy'}: is inside the jaxinf run directory {run}; choose a --json outside it"),
+        (run / "new.json", f"{run / 'new.json'}: is inside the jaxinf run directory {run}; choose a --json outside it"),
+    ):
+        argv = ["-q", "compare", "--kronfluence", str(tmp_path / "k"), "--run", str(run), "--json", str(target)]
+        assert cli.main(argv) == 2
+        assert _one_error(capsys, "compare") == message
+        assert cli.main(["-q", "plan", "data.max_length=8", "--no-compile", "--json", str(target)]) == 2
+        assert _one_error(capsys, "plan") == message
+    assert _tree(run) == before and sorted(os.listdir(tmp_path)) == ["fifo", "run"] and fifo.is_fifo()

@@ -28,11 +28,9 @@ def compare_command(args) -> int:
     if args.topk < 1:  # a negative k sliced all but the last |k| documents: a negative overlap, reported as such
         raise InteropError(f"--topk {args.topk}: must be at least 1")
     if args.json not in (None, "-"):  # a path that cannot take the file is refused before the comparison
-        target = Path(args.json)
-        if target.is_dir():
-            raise InteropError(f"--json {args.json}: is a directory; give the path of a file to write")
-        if not target.parent.is_dir():
-            raise InteropError(f"--json {args.json}: no such directory {target.parent}")
+        from jaxinf.run.rundir import check_output_file
+
+        check_output_file(args.json, "--json")
     from jaxinf.run.lock import reading
 
     with reading((args.run,)):  # never read while a jaxinf run rewrites it (jaxinf.run.lock.reading)

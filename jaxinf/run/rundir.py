@@ -184,6 +184,24 @@ def refuse_inside_run(root: Path, key: str, output: bool = False) -> None:
     raise StoreError(f"{key}: {root}: is inside the jaxinf run directory {outer}; give the run directory itself")
 
 
+def check_output_file(path: str, option: str) -> None:
+    """Refuses, before any work, a file option's path (``--json`` of ``plan`` and ``compare``) that cannot take the
+    file or must not: a directory, a missing directory, a path that exists and is not a regular file (the atomic
+    write renames a new file over it: ``/dev/full`` or a FIFO was replaced by a regular file), or a path inside a
+    jaxinf run directory (``--json RUN/scores.npy`` replaced the run's scores with the report)."""
+    target = Path(path)
+    if target.is_dir():
+        raise StoreError(f"{option} {path}: is a directory; give the path of a file to write")
+    if not target.parent.is_dir():
+        raise StoreError(f"{option} {path}: no such directory {target.parent}")
+    if target.exists() and not target.is_file():
+        raise StoreError(
+            f"{option} {path}: is not a regular file (a device, FIFO or socket, which the write would replace); give "
+            f"the path of a file to write, or {option} - to print it"
+        )
+    refuse_inside_run(target, option, output=True)
+
+
 def check_target(root: Path, overwrite: bool) -> None:
     """Refuses a ``run.out`` that exists, is not empty and is not a jaxinf run, with or without ``--overwrite``
     (the message names the setting: :func:`output_key`), and one inside another run directory."""
