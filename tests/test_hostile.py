@@ -2350,3 +2350,23 @@ def test_a_json_output_that_is_a_device_or_inside_a_run_is_refused_first(finishe
         assert cli.main(["-q", "plan", "data.max_length=8", "--no-compile", "--json", str(target)]) == 2
         assert _one_error(capsys, "plan") == message
     assert _tree(run) == before and sorted(os.listdir(tmp_path)) == ["fifo", "run"] and fifo.is_fifo()
+
+
+def test_a_kronfluence_name_the_directory_given_cannot_honour_is_refused(finished, tmp_path, capsys):
+    """``jaxinf compare --kronfluence FACTORS_DIR --factors other`` (or ``kronfluence import``) compared or imported
+    FACTORS_DIR, the name ignored without a word: ``--factors``/``--scores`` pick among an analysis directory's
+    ``factors_*`` and ``scores_*``. A name that is not the directory's own is refused in one line."""
+    analysis = tmp_path / "analysis"
+    analysis.mkdir()
+    factors = analysis / "factors_ekfac"
+    assert cli.main(["-q", "kronfluence", "export", str(finished), str(factors)]) == 0
+    capsys.readouterr()
+    argv = ["-q", "compare", "--kronfluence", str(factors), "--run", str(finished)]
+    assert cli.main([*argv, "--factors", "other"]) == 2
+    assert _one_error(capsys, "compare") == (
+        f"--factors NAME: picks among the factors_* and scores_* of an analysis directory, but {factors} is one "
+        f"factors directory itself; give the analysis directory ({analysis}), or leave --factors out"
+    )
+    assert cli.main([*argv, "--factors", "ekfac"]) == 0  # its own name
+    assert cli.main(["-q", "compare", "--kronfluence", str(analysis), "--run", str(finished), "--factors", "other"]) == 2
+    assert "factors_other: no such kronfluence directory (factors_* here: factors_ekfac" in _one_error(capsys, "compare")
