@@ -160,8 +160,6 @@ def _query(args, run_dir: Path) -> int:
             else "no such queries file"
         )
         raise cfg.ConfigError(f"{args.queries}: {what}")
-    if args.out is not None and not args.out.strip():
-        raise cfg.ConfigError(f"--out {args.out!r}: an empty path; give the output run directory (or leave --out out)")
     where = Path(os.path.abspath(run_dir))  # RUN given as '.' or '..': beside the run, not '-queries' inside it
     out = args.out or str(where.parent / f"{where.name}-{Path(args.queries).stem}")
     raw = cfg.to_dict(cfg.from_dict(record["config"], str(run_dir / "run.json")))
@@ -307,6 +305,25 @@ def _refuse_undecodable(argv: list[str]) -> None:
                 f"argument '{shown}': not UTF-8 text (byte 0x{ord(arg[at]) - 0xDC00:02x} at character {at + 1}); "
                 "jaxinf takes its paths and values as UTF-8 text (rename the file or directory)"
             )
+
+
+PATH_ARGUMENTS = {"out": "--out", "out_dir": "OUT_DIR", "json": "--json"}
+"""The arguments that name a path a command writes, as its usage names them: an empty one (``--out ''``, a shell
+variable never set) is refused, never taken for the working directory (``Path('')`` is ``.``): ``validate --out ''``
+and ``kronfluence export RUN ''`` wrote into it, ``prepare DOCS ''`` failed with a traceback after converting every
+document, and ``query --out ''`` fell back to its default."""
+
+
+def _refuse_empty_paths(args) -> None:
+    from jaxinf.config import ConfigError
+
+    for name, label in PATH_ARGUMENTS.items():
+        value = getattr(args, name, None)
+        if args.command == "kronfluence" and name == "out":  # kronfluence export RUN_DIR OUT_DIR
+            label = "OUT_DIR"
+        if isinstance(value, str) and not value.strip():
+            leave = f" (or leave {label} out)" if label.startswith("--") else ""
+            raise ConfigError(f"{label} {value!r}: an empty path; give the path to write{leave}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -461,6 +478,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with unraisable_hook().command():
             _refuse_undecodable(sys.argv[1:] if argv is None else argv)
+            _refuse_empty_paths(args)
             return _handler(args.handler)(args)
     except (EnvironmentFailure, UserError) as e:  # jaxinf.errors: one line, the kind's exit code
         print(f"jaxinf {args.command}: error: {e}", file=sys.stderr)

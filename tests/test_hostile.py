@@ -1143,7 +1143,7 @@ def test_an_empty_path_is_refused_not_taken_for_the_working_directory(world, ind
     assert _one_error(capsys, "run").startswith("command line: model.checkpoint: an empty string")
     run, _ = indexed
     assert cli.main(["-q", "query", str(run), str(world["queries"]), "--out", ""]) == 2
-    assert _one_error(capsys, "query") == "--out '': an empty path; give the output run directory (or leave --out out)"
+    assert _one_error(capsys, "query") == "--out '': an empty path; give the path to write (or leave --out out)"
     assert os.listdir(tmp_path) == []
     monkeypatch.chdir(run)
     assert cli.main(["-q", "query", ".", str(world["queries"])]) == 0
@@ -2370,3 +2370,34 @@ def test_a_kronfluence_name_the_directory_given_cannot_honour_is_refused(finishe
     assert cli.main([*argv, "--factors", "ekfac"]) == 0  # its own name
     assert cli.main(["-q", "compare", "--kronfluence", str(analysis), "--run", str(finished), "--factors", "other"]) == 2
     assert "factors_other: no such kronfluence directory (factors_* here: factors_ekfac" in _one_error(capsys, "compare")
+
+
+def test_every_path_a_command_writes_refuses_an_empty_one_and_prepare_the_working_directory(
+    world, finished, tmp_path, capsys, monkeypatch
+):
+    """An empty path (``''``, a shell variable never set) is ``.``: ``validate --out ''`` and ``kronfluence export
+    RUN ''`` wrote into the working directory, ``prepare DOCS ''`` (or ``.``) converted every document, then failed
+    its final rename with an EBUSY traceback, and by the directory's own name replaced the working directory (the
+    shell left in a removed one). Every path argument a command writes is refused when empty, by one rule
+    (:data:`jaxinf.cli.PATH_ARGUMENTS`), and prepare refuses the working directory; nothing is written."""
+    monkeypatch.chdir(tmp_path)
+    for argv, command, message in (
+        (["validate", "--out", ""], "validate", "--out '': an empty path; give the path to write (or leave --out out)"),
+        (["demo", "--out", " "], "demo", "--out ' ': an empty path; give the path to write (or leave --out out)"),
+        (["prepare", str(world["docs"]), ""], "prepare", "OUT_DIR '': an empty path; give the path to write"),
+        (["kronfluence", "export", str(finished), ""], "kronfluence", "OUT_DIR '': an empty path; give the path to write"),
+        (
+            ["plan", "data.max_length=8", "--no-compile", "--json", ""],
+            "plan",
+            "--json '': an empty path; give the path to write (or leave --json out)",
+        ),
+        (
+            ["prepare", str(world["docs"]), "."],
+            "prepare",
+            ".: is the working directory, which the finished dataset would replace (leaving the shell in a removed "
+            "directory); give a new directory's path; nothing was written",
+        ),
+    ):
+        assert cli.main(["-q", *argv]) == 2
+        assert _one_error(capsys, command) == message
+        assert os.listdir(tmp_path) == []
