@@ -453,14 +453,17 @@ def _run_locked(
             inputs = load_inputs(config, store, executor, queries, corpus)
             fingerprint.check_unchanged(model_fp, config.model.checkpoint)
             reused = factors_from.check(config, model_fp)
+            documents = fingerprint.documents_fingerprint(inputs.documents, len(inputs.fit_documents))
+            # another run's index over these rows, before any pass and before reconcile deletes the results that
+            # changed inputs invalidate: a refused query deleted the finished results of its --out
+            index_run.check_borrowed(config, store, inputs, documents)
             fingerprint.reconcile(
                 store,
                 model_fp,
-                fingerprint.documents_fingerprint(inputs.documents, len(inputs.fit_documents)),
+                documents,
                 fingerprint.queries_fingerprint(inputs.queries, config.data.queries),
                 fingerprint.curvature_fingerprint(reused),
             )
-            index_run.check_borrowed(config, store, inputs)  # another run's index over these rows, before any pass
             barrier("inputs checked")  # process 0 deleted what changed inputs invalidated
         except BaseException:
             if isinstance(claimed, rundir.Fresh):  # a refused start leaves nothing; a failure later keeps its work

@@ -2401,3 +2401,37 @@ def test_every_path_a_command_writes_refuses_an_empty_one_and_prepare_the_workin
         assert cli.main(["-q", *argv]) == 2
         assert _one_error(capsys, command) == message
         assert os.listdir(tmp_path) == []
+
+
+def test_a_query_refused_for_documents_changed_under_its_index_keeps_its_finished_results(
+    world, indexed, tmp_path, capsys
+):
+    """``jaxinf query RUN Q --out OUT`` again after the corpus changed under RUN's index: the start deleted OUT's
+    finished scores, exports and report ("changed since this run started; recomputing ...") and only then refused
+    the index built over other documents, offering ``index.k``, which jaxinf query refuses. The index is checked
+    before anything is invalidated: OUT is kept as it was, the message says how to go on, and with the documents
+    restored the same command recomputes nothing."""
+    import shutil
+
+    run, _ = indexed
+    docs = shutil.copy(world["docs"], tmp_path / "docs.jsonl")
+    out = tmp_path / "q"
+    argv = ["-q", "query", str(run), str(world["queries"]), "--out", str(out), f"data.documents={docs}"]
+    assert cli.main(argv) == 0
+    capsys.readouterr()
+
+    def kept():  # all but the token counts' cache (state/plan), counted again for the documents as they are
+        return {p: b for p, b in _tree(out).items() if p.parent.name != "plan"}
+
+    before = kept()
+    original = Path(docs).read_text()
+    Path(docs).write_text(original.replace("came over day", "came over night"))
+    assert cli.main(argv) == 2
+    assert _one_error(capsys, "query") == (
+        f"{run / 'state' / 'index' / 'manifest.json'}: built over other documents than {docs} ({run}: restore the "
+        "documents it was built over, or run its jaxinf run again to rebuild it)"
+    )
+    assert kept() == before
+    Path(docs).write_text(original)
+    assert cli.main(argv) == 0
+    assert kept() == before
