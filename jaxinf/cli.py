@@ -26,9 +26,8 @@ EXIT_CODES = {
     2: "bad input, config or run directory, one line naming the file, line, key or path: also a run directory in "
     "use by another process, a changed model or tokenizer, a refused --overwrite",
     3: "the machine refused a write: no space left, a file-size limit, a read-only or unwritable run directory; one "
-    "line naming the "
-    "path and the stage; everything finished is kept and the same command resumes; also host memory exhausted "
-    "(an allocation refused)",
+    "line naming the path and the stage; everything finished is kept and the same command resumes; also host "
+    "memory exhausted (an allocation refused)",
     4: "another process of a multi-process run stopped (killed, preempted, crashed); one line naming the stage; "
     "everything finished is kept; start every process again with the same command to resume",
     130: "interrupted (Ctrl-C); the same command resumes",

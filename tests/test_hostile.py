@@ -2298,7 +2298,7 @@ def test_a_file_size_limit_is_one_line_and_the_same_command_resumes(world, finis
     r = subprocess.run(limited, capture_output=True, text=True, env=environment)
     assert r.returncode == 3 and "Traceback" not in r.stderr, r.stderr[-3000:]
     lines = [line for line in r.stderr.splitlines() if line.startswith("jaxinf run: error: ")]
-    assert len(lines) == 1 and f": file too large (over the file-size limit: ulimit -f, " in lines[0], r.stderr
+    assert len(lines) == 1 and ": file too large (over the file-size limit: ulimit -f, " in lines[0], r.stderr
     assert f"everything finished is kept in {out}; raise the limit or choose another run.out" in lines[0]
     assert cli.main(argv) == 0
     np.testing.assert_array_equal(np.load(out / "scores.npy"), np.load(finished / "scores.npy"))
@@ -2341,7 +2341,10 @@ def test_a_json_output_that_is_a_device_or_inside_a_run_is_refused_first(finishe
             f"--json {fifo}: is not a regular file (a device, FIFO or socket, which the write would replace); give "
             "the path of a file to write, or --json - to print it",
         ),
-        (run / "scores.npy", f"{run / 'scores.npy'}: is inside the jaxinf run directory {run}; choose a --json outside it"),
+        (
+            run / "scores.npy",
+            f"{run / 'scores.npy'}: is inside the jaxinf run directory {run}; choose a --json outside it",
+        ),
         (run / "new.json", f"{run / 'new.json'}: is inside the jaxinf run directory {run}; choose a --json outside it"),
     ):
         argv = ["-q", "compare", "--kronfluence", str(tmp_path / "k"), "--run", str(run), "--json", str(target)]
@@ -2368,8 +2371,12 @@ def test_a_kronfluence_name_the_directory_given_cannot_honour_is_refused(finishe
         f"factors directory itself; give the analysis directory ({analysis}), or leave --factors out"
     )
     assert cli.main([*argv, "--factors", "ekfac"]) == 0  # its own name
-    assert cli.main(["-q", "compare", "--kronfluence", str(analysis), "--run", str(finished), "--factors", "other"]) == 2
-    assert "factors_other: no such kronfluence directory (factors_* here: factors_ekfac" in _one_error(capsys, "compare")
+    assert (
+        cli.main(["-q", "compare", "--kronfluence", str(analysis), "--run", str(finished), "--factors", "other"]) == 2
+    )
+    assert "factors_other: no such kronfluence directory (factors_* here: factors_ekfac" in _one_error(
+        capsys, "compare"
+    )
 
 
 def test_every_path_a_command_writes_refuses_an_empty_one_and_prepare_the_working_directory(
@@ -2385,7 +2392,11 @@ def test_every_path_a_command_writes_refuses_an_empty_one_and_prepare_the_workin
         (["validate", "--out", ""], "validate", "--out '': an empty path; give the path to write (or leave --out out)"),
         (["demo", "--out", " "], "demo", "--out ' ': an empty path; give the path to write (or leave --out out)"),
         (["prepare", str(world["docs"]), ""], "prepare", "OUT_DIR '': an empty path; give the path to write"),
-        (["kronfluence", "export", str(finished), ""], "kronfluence", "OUT_DIR '': an empty path; give the path to write"),
+        (
+            ["kronfluence", "export", str(finished), ""],
+            "kronfluence",
+            "OUT_DIR '': an empty path; give the path to write",
+        ),
         (
             ["plan", "data.max_length=8", "--no-compile", "--json", ""],
             "plan",

@@ -153,11 +153,12 @@ def locate(path: str | Path, factors: str | None = None, scores: str | list[str]
         why = "a file, not a kronfluence directory" if root.exists() else missing(root, "no such kronfluence directory")
         raise InteropError(f"{root}: {why}")
     own = "scores" if _is_scores_dir(root) else "factors" if _is_factors_dir(root) else None
-    names = {"--factors": [factors] if factors else [], "--scores": [scores] if isinstance(scores, str) else scores or []}
+    names = {
+        "--factors": [factors] if factors else [],
+        "--scores": [scores] if isinstance(scores, str) else scores or [],
+    }
     given = [  # a name given is the directory's own, or it was ignored without a word
-        option
-        for option, values in names.items()
-        if any(root.name not in (v, option[2:] + "_" + v) for v in values)
+        option for option, values in names.items() if any(root.name not in (v, option[2:] + "_" + v) for v in values)
     ]
     if own is not None and given:
         raise InteropError(

@@ -325,7 +325,9 @@ def check_available(config: cfg.Config) -> None:
 def check_rows(m: dict, where: Path, documents: str | None, inputs: Inputs) -> None:
     """Refuses, in one line, an index (manifest ``m`` at ``where``) built over other documents or rows than this
     run's: what the documents and their batch plan decide, known before any pass (:func:`check_borrowed`)."""
-    if m["inputs"]["documents"] != documents:  # documents: the SHA-256 of this run's (fingerprint.documents_fingerprint)
+    if (
+        m["inputs"]["documents"] != documents
+    ):  # documents: the SHA-256 of this run's (fingerprint.documents_fingerprint)
         from jaxinf.run.factors_from import in_query
 
         rebuild = (  # jaxinf query takes no index.k: the run that built the index builds it again
