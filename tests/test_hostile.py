@@ -446,7 +446,14 @@ def test_an_overwrite_refused_by_an_input_error_does_not_say_the_same_command_st
     shutil.copytree(finished, run)
     docs = tmp_path / "docs.jsonl"
     docs.write_text(world["docs"].read_text() + world["docs"].read_text().splitlines()[0] + "\n")
-    settings = {"data.batch_size": 8, "factors.fisher": "empirical", "data.documents": docs}
+    queries = tmp_path / "queries.jsonl"  # no supports: their ids would be checked against the corpus first, and the
+    queries.write_text(  # repeated id refused before the old run is set aside
+        "".join(
+            json.dumps({k: v for k, v in json.loads(line).items() if k != "supports"}) + "\n"
+            for line in world["queries"].read_text().splitlines()
+        )
+    )
+    settings = {"data.batch_size": 8, "factors.fisher": "empirical", "data.documents": docs, "data.queries": queries}
     assert cli.main(["-q", "run", *overrides(world, run, **settings), "--overwrite"]) == 2
     err = capsys.readouterr().err
     assert (
@@ -1123,7 +1130,10 @@ def test_index_k_beside_index_from_is_refused(world, indexed, tmp_path, capsys):
         "set one of them (a pass over every document built an index never read)"
     )
     assert cli.main(["-q", "query", str(run), str(world["queries"]), "--out", str(out), "index.k=2"]) == 2
-    assert _one_error(capsys, "query") == message
+    assert _one_error(capsys, "query") == (  # a key jaxinf query sets itself (pass 10: it named index.from)
+        "command line: index.k: set by jaxinf query itself (RUN_OR_INDEX: the run's index, as built; a query builds "
+        "none); leave it out"
+    )
     assert cli.main(["-q", "run", *argv, f"run.out={out}", f"index.from={run}", "index.k=2", "scores.mode=index"]) == 2
     assert _one_error(capsys, "run") == message
     assert not out.exists()
