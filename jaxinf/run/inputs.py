@@ -371,7 +371,8 @@ def check_supports(queries: list[Query], config: cfg.Config):
     if not any(q.supports for q in queries):
         return None
     corpus = open_corpus(config)
-    support_rows(queries, (d.id for d in iter_documents(corpus)))
+    if len(corpus):  # an empty corpus is named as such, by the corpus check (preflight.check_corpus), not by its ids
+        support_rows(queries, (d.id for d in iter_documents(corpus)))
     return corpus
 
 
