@@ -25,9 +25,9 @@ EXIT_CODES = {
     "(a bug: a traceback)",
     2: "bad input, config or run directory, one line naming the file, line, key or path: also a run directory in "
     "use by another process, a changed model or tokenizer, a refused --overwrite",
-    3: "the machine refused a write: no space left, a read-only or unwritable run directory; one line naming the "
-    "path and the stage; everything finished is kept and the same command resumes; also host memory exhausted "
-    "(an allocation refused)",
+    3: "the machine refused a write: no space left, a file-size limit, a read-only or unwritable run directory; one "
+    "line naming the path and the stage; everything finished is kept and the same command resumes; also host "
+    "memory exhausted (an allocation refused)",
     4: "another process of a multi-process run stopped (killed, preempted, crashed); one line naming the stage; "
     "everything finished is kept; start every process again with the same command to resume",
     130: "interrupted (Ctrl-C); the same command resumes",
@@ -73,15 +73,23 @@ def run_command(args) -> int:
     if args.help_config:
         print(cfg.describe())
         return 0
+    config = _given_config(args)
+    enable_compilation_cache()
+    pipeline.run(config, overwrite=args.overwrite)
+    return 0
+
+
+def _given_config(args):
+    """The config of a command that needs one (``run``, ``plan``): its file and overrides, in any order; neither
+    given is one line saying what to give (argparse's "required: config, section.key=value" read as if both were)."""
+    from jaxinf import config as cfg
+
     path, overrides = cfg.config_arguments(args.config, args.overrides)
     if path is None and not overrides:
         raise cfg.ConfigError(
             "give a config file or section.key=value overrides (configs/reference.yaml lists every key)"
         )
-    config = cfg.load(path, overrides)
-    enable_compilation_cache()
-    pipeline.run(config, overwrite=args.overwrite)
-    return 0
+    return cfg.load(path, overrides)
 
 
 def query_command(args) -> int:
@@ -102,10 +110,14 @@ QUERY_SETS = {
     "factors.from": "RUN_OR_INDEX: the curvature of the run queried",
     "index.from": "RUN_OR_INDEX: the run queried",
     "scores.mode": "index: jaxinf query scores with the run's index",
+    "index.k": "RUN_OR_INDEX: the run's index, as built; a query builds none",
+    "index.dtype": "RUN_OR_INDEX: the run's index, as built",
 }
 """The keys ``jaxinf query`` sets itself, and from what: an override of one was taken over the command's own argument
 (``data.queries=X`` scored X, not QUERIES, without a word) or met a check that named a key the user never wrote
-(``run.out=RUN``: "factors.from: RUN is run.out itself")."""
+(``run.out=RUN``: "factors.from: RUN is run.out itself"; ``index.k=8``: "index.k: 8 builds this run's index, but
+scores.mode: index reads that of index.from"; ``index.dtype=float32`` against a float16 index: accepted, recorded,
+and never applied)."""
 
 
 def _query(args, run_dir: Path) -> int:
@@ -119,7 +131,7 @@ def _query(args, run_dir: Path) -> int:
             raise cfg.ConfigError(f"command line: {key}: set by jaxinf query itself ({QUERY_SETS[key]}); leave it out")
     record = rundir.read_record(run_dir) if run_dir.is_dir() else None
     if record is None or "config" not in record:
-        raise cfg.ConfigError(f"{run_dir}: not a jaxinf run directory (no run.json)")
+        raise cfg.ConfigError(f"{run_dir}: not a jaxinf run directory ({rundir.why_not_run(run_dir)})")
     if not (run_dir / "state" / "index" / "manifest.json").is_file():
         k = ((record.get("config") or {}).get("index") or {}).get("k")
         if k is not None:  # the run was started to build one: it is being built, or the run stopped first
@@ -147,8 +159,6 @@ def _query(args, run_dir: Path) -> int:
             else "no such queries file"
         )
         raise cfg.ConfigError(f"{args.queries}: {what}")
-    if args.out is not None and not args.out.strip():
-        raise cfg.ConfigError(f"--out {args.out!r}: an empty path; give the output run directory (or leave --out out)")
     where = Path(os.path.abspath(run_dir))  # RUN given as '.' or '..': beside the run, not '-queries' inside it
     out = args.out or str(where.parent / f"{where.name}-{Path(args.queries).stem}")
     raw = cfg.to_dict(cfg.from_dict(record["config"], str(run_dir / "run.json")))
@@ -178,11 +188,10 @@ MAX_PLANNED_DEVICES = 1 << 24
 
 
 def plan_command(args) -> int:
-    from jaxinf import config as cfg
     from jaxinf.run import plan, plan_report
     from jaxinf.run.chips import chip
 
-    config = cfg.load(*cfg.config_arguments(args.config, args.overrides))
+    config = _given_config(args)
     meshes = [plan_report.parse_mesh(m) for m in args.mesh] if args.mesh else [(config.mesh.data, config.mesh.model)]
     for data, model in meshes:  # the planner lays out every device: a 10^16-device mesh was a MemoryError
         if data * model > MAX_PLANNED_DEVICES:
@@ -191,10 +200,9 @@ def plan_command(args) -> int:
                 f"{MAX_PLANNED_DEVICES:,} the planner lays out"
             )
     if args.json not in (None, "-"):  # a path that cannot take the file is refused before the plan is made
-        if Path(args.json).is_dir():
-            raise plan.PlanError(f"--json {args.json}: is a directory; give the path of a file to write")
-        if not Path(args.json).parent.is_dir():
-            raise plan.PlanError(f"--json {args.json}: no such directory {Path(args.json).parent}")
+        from jaxinf.run.rundir import check_output_file
+
+        check_output_file(args.json, "--json")
     try:
         device = chip(args.chip, args.peak_tflops, args.hbm_gbps)
     except ValueError as e:
@@ -298,6 +306,25 @@ def _refuse_undecodable(argv: list[str]) -> None:
             )
 
 
+PATH_ARGUMENTS = {"out": "--out", "out_dir": "OUT_DIR", "json": "--json"}
+"""The arguments that name a path a command writes, as its usage names them: an empty one (``--out ''``, a shell
+variable never set) is refused, never taken for the working directory (``Path('')`` is ``.``): ``validate --out ''``
+and ``kronfluence export RUN ''`` wrote into it, ``prepare DOCS ''`` failed with a traceback after converting every
+document, and ``query --out ''`` fell back to its default."""
+
+
+def _refuse_empty_paths(args) -> None:
+    from jaxinf.config import ConfigError
+
+    for name, label in PATH_ARGUMENTS.items():
+        value = getattr(args, name, None)
+        if args.command == "kronfluence" and name == "out":  # kronfluence export RUN_DIR OUT_DIR
+            label = "OUT_DIR"
+        if isinstance(value, str) and not value.strip():
+            leave = f" (or leave {label} out)" if label.startswith("--") else ""
+            raise ConfigError(f"{label} {value!r}: an empty path; give the path to write{leave}")
+
+
 def main(argv: list[str] | None = None) -> int:
     """The command line on ``argv`` (default ``sys.argv[1:]``), in this process as it is (no restart)."""
     parser = argparse.ArgumentParser(prog="jaxinf", description="EK-FAC influence functions for LLMs in JAX")
@@ -311,7 +338,7 @@ def main(argv: list[str] | None = None) -> int:
         help="YAML config (configs/reference.yaml lists every key); optional when "
         "every setting is given as an override",
     )
-    run.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
+    run.add_argument("overrides", nargs="*", default=[], metavar="section.key=value", help="config overrides")
     run.add_argument(
         "--overwrite",
         action="store_true",
@@ -331,6 +358,7 @@ def main(argv: list[str] | None = None) -> int:
     qu.add_argument(
         "overrides",
         nargs="*",
+        default=[],  # optional: argparse names a nargs="*" argument without a default among the required ones
         metavar="section.key=value",
         help="overrides of the run's config (scores.damping, scores.query_rank, factors.strategy=kfac, ...)",
     )
@@ -343,8 +371,13 @@ def main(argv: list[str] | None = None) -> int:
         help="memory and cost of each stage on a mesh, from the model's config.json alone "
         "(no weights): bytes per device, XLA's compiled peak per step, FLOPs per document, time",
     )
-    pl.add_argument("config", help="YAML config (model.checkpoint: a directory with config.json; see configs/paper/)")
-    pl.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
+    pl.add_argument(
+        "config",
+        nargs="?",
+        help="YAML config (model.checkpoint: a directory with config.json; see configs/paper/); optional when every "
+        "setting is given as an override",
+    )
+    pl.add_argument("overrides", nargs="*", default=[], metavar="section.key=value", help="config overrides")
     pl.add_argument(
         "--mesh",
         action="append",
@@ -379,7 +412,7 @@ def main(argv: list[str] | None = None) -> int:
         help="YAML config (model.checkpoint, data.documents, data.queries and the "
         "validate.* keys); omit it for the built-in world",
     )
-    va.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
+    va.add_argument("overrides", nargs="*", default=[], metavar="section.key=value", help="config overrides")
     va.add_argument(
         "--out", default="runs/validate", help="output directory, resumed when it exists (default runs/validate)"
     )
@@ -444,6 +477,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with unraisable_hook().command():
             _refuse_undecodable(sys.argv[1:] if argv is None else argv)
+            _refuse_empty_paths(args)
             return _handler(args.handler)(args)
     except (EnvironmentFailure, UserError) as e:  # jaxinf.errors: one line, the kind's exit code
         print(f"jaxinf {args.command}: error: {e}", file=sys.stderr)

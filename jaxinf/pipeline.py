@@ -406,7 +406,7 @@ def run(config: cfg.Config, overwrite: bool = False, executor: Executor | None =
 
 
 def _run(config: cfg.Config, overwrite: bool, executor: Executor | None) -> Path:
-    model_config, queries = checks.before_devices(config)  # the start-up checks, in order: jaxinf.run.checks
+    model_config, queries, corpus = checks.before_devices(config)  # the start-up checks, in order: jaxinf.run.checks
     initialize(config.mesh)  # before anything touches a device
     check_agreement(cfg.to_dict(config))  # every process runs the same config
     precision.enable(config.run.precision)  # float64 arrays, before the model is loaded (jaxinf.engine.precision)
@@ -418,7 +418,7 @@ def _run(config: cfg.Config, overwrite: bool, executor: Executor | None) -> Path
         checks.before_the_run_directory(config, executor, model_config, layouts=made)
         lock, aside = _claim(config, overwrite)
         try:
-            return _run_locked(config, executor, aside, queries)
+            return _run_locked(config, executor, aside, queries, corpus)
         finally:
             if lock is not None:
                 lock.release()
@@ -433,7 +433,9 @@ def _claim(config: cfg.Config, overwrite: bool) -> tuple[RunLock | None, rundir.
     return claim_run(Path(config.run.out), overwrite)  # Fresh: undone if the start fails
 
 
-def _run_locked(config: cfg.Config, executor: Executor, claimed: rundir.Aside | rundir.Fresh | None, queries) -> Path:
+def _run_locked(
+    config: cfg.Config, executor: Executor, claimed: rundir.Aside | rundir.Fresh | None, queries, corpus
+) -> Path:
     store = None
     aside = claimed if isinstance(claimed, rundir.Aside) else None  # --overwrite: back on any failure (BaseException)
     try:
@@ -448,17 +450,20 @@ def _run_locked(config: cfg.Config, executor: Executor, claimed: rundir.Aside | 
             )
             assert config.model.checkpoint is not None and config.data.queries is not None  # run's check_inputs
             model_fp = fingerprint.check_model(store, config.model.checkpoint)
-            inputs = load_inputs(config, store, executor, queries)
+            inputs = load_inputs(config, store, executor, queries, corpus)
             fingerprint.check_unchanged(model_fp, config.model.checkpoint)
             reused = factors_from.check(config, model_fp)
+            documents = fingerprint.documents_fingerprint(inputs.documents, len(inputs.fit_documents))
+            # another run's index over these rows, before any pass and before reconcile deletes the results that
+            # changed inputs invalidate: a refused query deleted the finished results of its --out
+            index_run.check_borrowed(config, store, inputs, documents)
             fingerprint.reconcile(
                 store,
                 model_fp,
-                fingerprint.documents_fingerprint(inputs.documents, len(inputs.fit_documents)),
+                documents,
                 fingerprint.queries_fingerprint(inputs.queries, config.data.queries),
                 fingerprint.curvature_fingerprint(reused),
             )
-            index_run.check_borrowed(config, store, inputs)  # another run's index over these rows, before any pass
             barrier("inputs checked")  # process 0 deleted what changed inputs invalidated
         except BaseException:
             if isinstance(claimed, rundir.Fresh):  # a refused start leaves nothing; a failure later keeps its work

@@ -446,7 +446,14 @@ def test_an_overwrite_refused_by_an_input_error_does_not_say_the_same_command_st
     shutil.copytree(finished, run)
     docs = tmp_path / "docs.jsonl"
     docs.write_text(world["docs"].read_text() + world["docs"].read_text().splitlines()[0] + "\n")
-    settings = {"data.batch_size": 8, "factors.fisher": "empirical", "data.documents": docs}
+    queries = tmp_path / "queries.jsonl"  # no supports: their ids would be checked against the corpus first, and the
+    queries.write_text(  # repeated id refused before the old run is set aside
+        "".join(
+            json.dumps({k: v for k, v in json.loads(line).items() if k != "supports"}) + "\n"
+            for line in world["queries"].read_text().splitlines()
+        )
+    )
+    settings = {"data.batch_size": 8, "factors.fisher": "empirical", "data.documents": docs, "data.queries": queries}
     assert cli.main(["-q", "run", *overrides(world, run, **settings), "--overwrite"]) == 2
     err = capsys.readouterr().err
     assert (
@@ -1123,7 +1130,10 @@ def test_index_k_beside_index_from_is_refused(world, indexed, tmp_path, capsys):
         "set one of them (a pass over every document built an index never read)"
     )
     assert cli.main(["-q", "query", str(run), str(world["queries"]), "--out", str(out), "index.k=2"]) == 2
-    assert _one_error(capsys, "query") == message
+    assert _one_error(capsys, "query") == (  # a key jaxinf query sets itself (pass 10: it named index.from)
+        "command line: index.k: set by jaxinf query itself (RUN_OR_INDEX: the run's index, as built; a query builds "
+        "none); leave it out"
+    )
     assert cli.main(["-q", "run", *argv, f"run.out={out}", f"index.from={run}", "index.k=2", "scores.mode=index"]) == 2
     assert _one_error(capsys, "run") == message
     assert not out.exists()
@@ -1143,7 +1153,7 @@ def test_an_empty_path_is_refused_not_taken_for_the_working_directory(world, ind
     assert _one_error(capsys, "run").startswith("command line: model.checkpoint: an empty string")
     run, _ = indexed
     assert cli.main(["-q", "query", str(run), str(world["queries"]), "--out", ""]) == 2
-    assert _one_error(capsys, "query") == "--out '': an empty path; give the output run directory (or leave --out out)"
+    assert _one_error(capsys, "query") == "--out '': an empty path; give the path to write (or leave --out out)"
     assert os.listdir(tmp_path) == []
     monkeypatch.chdir(run)
     assert cli.main(["-q", "query", ".", str(world["queries"])]) == 0
@@ -1529,7 +1539,10 @@ def test_a_run_read_as_an_input_with_its_record_damaged_does_not_offer_overwrite
         path.write_text("[1, 2")
     assert cli.main(["-q", "query", str(run), str(world["queries"]), "--out", str(tmp_path / "q")]) == 2
     message = _one_error(capsys, "query")
-    assert message.endswith("is too (JSONDecodeError); the run cannot be read"), message
+    assert message.endswith(  # the copy's reason, not its error type alone ("is too (JSONDecodeError)")
+        f"and its copy {run / 'state' / 'run.json'} is unreadable (not JSON: Expecting ',' delimiter at line 1, "
+        "column 6); the run cannot be read"
+    ), message
     assert cli.main(["-q", "run", *argv, f"run.out={run}"]) == 2
     assert f"--overwrite would delete everything in {run}: " in _one_error(capsys, "run")
 
@@ -2070,7 +2083,7 @@ def test_a_run_json_with_a_field_of_another_type_is_one_line_naming_it(
     assert cli.main(["-q", "run", *overrides(world, run, **{"data.batch_size": 8, "factors.fisher": "empirical"})]) == 2
     assert _one_error(capsys, "run").startswith(
         f"{run / 'run.json'}: unreadable (not a run record: {message}), and its copy {run / 'state' / 'run.json'} is "
-        "too (ValueError); --overwrite would delete everything in "
+        f"unreadable (not a run record: {message}); --overwrite would delete everything in "
     )
     assert cli.main(["-q", "run", *overrides(world, tmp_path / "other", **{"factors.from": run})]) == 2
     assert _one_error(capsys, "run").endswith("the run cannot be read")
@@ -2142,6 +2155,8 @@ def test_an_argument_that_is_not_utf8_is_one_line_and_writes_nothing(world, fini
         ("run.out", "--out"),
         ("factors.from", "RUN_OR_INDEX: the curvature of the run queried"),
         ("scores.mode", "index: jaxinf query scores with the run's index"),
+        ("index.k", "RUN_OR_INDEX: the run's index, as built; a query builds none"),  # named index.from (pass 10)
+        ("index.dtype", "RUN_OR_INDEX: the run's index, as built"),  # accepted, recorded, never applied (pass 10)
     ],
 )
 def test_a_query_refuses_overrides_of_the_keys_it_sets_itself(world, indexed, tmp_path, capsys, override, what):
@@ -2150,9 +2165,299 @@ def test_a_query_refuses_overrides_of_the_keys_it_sets_itself(world, indexed, tm
     eigenbasis (the factors were refitted)"; ``scores.mode=exact`` made the query a pass over every document. The keys
     the command sets from its own arguments are refused in one line naming what sets them; nothing is written."""
     run, _ = indexed
-    value = {"data.queries": world["queries"], "run.out": run, "factors.from": run, "scores.mode": "exact"}[override]
+    value = {
+        "data.queries": world["queries"],
+        "run.out": run,
+        "factors.from": run,
+        "scores.mode": "exact",
+        "index.k": 8,
+        "index.dtype": "float16",
+    }[override]
     out = tmp_path / "q"
     argv = ["-q", "query", str(run), str(world["queries"]), "--out", str(out), f"{override}={value}"]
     assert cli.main(argv) == 2
     assert _one_error(capsys, "query") == f"command line: {override}: set by jaxinf query itself ({what}); leave it out"
     assert os.listdir(tmp_path) == []
+
+
+# --------------------------------------------------------------------------- the tenth hostile pass
+
+
+def _tree(root: Path) -> dict:
+    """Every file under ``root`` with its bytes, but the lock file (it names the last process that held it)."""
+    return {p: p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file() and p.name != ".jaxinf.lock"}
+
+
+@pytest.mark.parametrize("value", ["NaN", "Infinity", "-1e999"])
+def test_a_query_answer_that_is_not_a_finite_number_is_refused_naming_its_line(world, tmp_path, capsys, value):
+    """A query's ``"answer": NaN`` (or ``Infinity``, or ``1e999``: infinite once read) was exported as the text
+    "NaN"; refused as any other invalid field is, naming the file, line and field, before anything is written."""
+    queries = tmp_path / "q.jsonl"
+    queries.write_text(
+        '{"id": "a", "prompt": "the river of milin is the", "completion": "1 2 3 .", "answer": 7}\n'
+        f'{{"id": "b", "prompt": "the river of milin is the", "completion": "1 2 3 .", "answer": {value}}}\n'
+    )
+    out = tmp_path / "run"
+    assert cli.main(["-q", "run", *overrides(world, out, **{"data.queries": queries})]) == 2
+    shown = {"NaN": "NaN", "Infinity": "Infinity", "-1e999": "-Infinity"}[value]
+    assert _one_error(capsys, "run") == f'{queries}:2: field "answer" must be a string or a finite number, got {shown}'
+    assert not out.exists()
+
+
+def test_run_and_query_refuse_supports_naming_no_document_before_anything_is_set_aside(
+    world, indexed, tmp_path, capsys
+):
+    """``supports`` naming a document missing from the corpus was refused by ``jaxinf validate`` but accepted by
+    ``jaxinf run`` and ``jaxinf query`` (exported as given). All three share one check
+    (:func:`jaxinf.data.queries.support_rows`), made before the run directory is touched: an ``--overwrite`` of a
+    finished run keeps it as it was, and a new one is not made."""
+    import shutil
+
+    src, argv = indexed
+    run = tmp_path / "run"
+    shutil.copytree(src, run)
+    before = _tree(run)
+    queries = tmp_path / "q.jsonl"
+    queries.write_text(
+        '{"id": "a", "prompt": "the river of milin is the", "completion": "1 2 3 .", "supports": ["doc00001", 3]}\n'
+    )
+    message = f'{queries}:1: query "a": supports names unknown document id "3"'
+    assert cli.main(["-q", "run", "--overwrite", *argv, f"run.out={run}", f"data.queries={queries}"]) == 2
+    assert _one_error(capsys, "run") == message
+    assert _tree(run) == before and sorted(os.listdir(run)) == sorted(os.listdir(src))
+    assert cli.main(["-q", "query", str(run), str(queries), "--out", str(tmp_path / "q")]) == 2
+    assert _one_error(capsys, "query") == message
+    assert not (tmp_path / "q").exists() and _tree(run) == before
+
+
+def test_plan_and_query_without_arguments_do_not_say_overrides_are_required(capsys):
+    """``jaxinf plan`` with no argument printed argparse's "the following arguments are required: config,
+    section.key=value", as if overrides were required (``jaxinf query`` too); plan now says what ``jaxinf run``
+    says, and query's usage names only what it needs."""
+    assert cli.main(["-q", "plan"]) == 2
+    assert _one_error(capsys, "plan", alone=True) == (
+        "give a config file or section.key=value overrides (configs/reference.yaml lists every key)"
+    )
+    with pytest.raises(SystemExit) as e:
+        cli.main(["-q", "query"])
+    assert e.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        "jaxinf query: error: the following arguments are required: RUN_OR_INDEX, QUERIES"
+    )
+
+
+def test_index_from_that_is_no_run_or_is_never_read_is_refused_naming_it(world, indexed, tmp_path, capsys):
+    """``index.from=MISSING`` (or a file) said "MISSING/state/index: no index here", naming a path the user never
+    wrote, as though a run were there; ``factors.from`` and ``jaxinf query`` said "no run.json" of a path that does
+    not exist. And ``index.from`` with ``scores.mode: exact`` was ignored without a word: a pass over every document,
+    the index never read. Each is refused in one line naming index.from, before anything is written."""
+    run, argv = indexed
+    (tmp_path / "file").write_text("x")
+    out = tmp_path / "out"
+    for key, value, why in (
+        ("index.from", tmp_path / "missing", "no such directory"),
+        ("index.from", tmp_path / "file", "a file, not a directory"),
+        ("factors.from", tmp_path / "missing", "no such directory"),
+    ):
+        extra = ["index.k=null", "scores.mode=index"] if key == "index.from" else []
+        assert cli.main(["-q", "run", *argv, f"run.out={out}", *extra, f"{key}={value}"]) == 2
+        assert _one_error(capsys, "run") == f"{key}: {value}: not a jaxinf run directory ({why})"
+    assert cli.main(["-q", "query", str(tmp_path / "missing"), str(world["queries"]), "--out", str(out)]) == 2
+    assert _one_error(capsys, "query") == f"{tmp_path / 'missing'}: not a jaxinf run directory (no such directory)"
+    assert cli.main(["-q", "run", *argv, f"run.out={out}", "index.k=null", f"index.from={run}"]) == 2
+    assert _one_error(capsys, "run") == (
+        f"index.from: {run}: read only with scores.mode: index, got scores.mode: exact (a pass over every document, "
+        "the index never read); set scores.mode: index, or leave index.from out"
+    )
+    assert sorted(os.listdir(tmp_path)) == ["file"]
+
+
+def test_a_query_resumed_with_other_queries_names_its_argument_and_offers_no_key_it_refuses(
+    world, indexed, tmp_path, capsys
+):
+    """``jaxinf query RUN Q2 --out OUT`` where OUT answered Q1 was refused naming ``data.queries`` and offering
+    "factors.from=RUN with another --out keeps the curvature it reuses": both keys jaxinf query sets itself and
+    refuses as overrides. It names QUERIES and offers only what the command takes; OUT is kept as it was."""
+    run, _ = indexed
+    out = tmp_path / "q"
+    assert cli.main(["-q", "query", str(run), str(world["queries"]), "--out", str(out)]) == 0
+    capsys.readouterr()
+    before = _tree(out)
+    other = tmp_path / "other.jsonl"
+    other.write_text('{"id": "a", "prompt": "the river of milin is the", "completion": "1 2 ."}\n')
+    assert cli.main(["-q", "query", str(run), str(other), "--out", str(out)]) == 2
+    assert _one_error(capsys, "query") == (
+        f"{out}: run started with another config; these keys would change results already saved: data.queries "
+        "(QUERIES) (use --overwrite to start over, or another --out)"
+    )
+    assert _tree(out) == before
+
+
+def test_a_file_size_limit_is_one_line_and_the_same_command_resumes(world, finished, tmp_path, capsys):
+    """A write past the process's file-size limit (``ulimit -f``; Python ignores SIGXFSZ, so the write fails with
+    EFBIG, "File too large") was a traceback with exit 1, from jaxinf's own writes and from Orbax's alike. It is the
+    machine refusing a write, as a full disk is: one line naming the file and the stage, exit 3, everything finished
+    kept, and the same command, run again without the limit, finishes with the same scores."""
+    import subprocess
+    import sys
+
+    from pipeline_support import env
+
+    out = tmp_path / "run"
+    argv = ["-q", "run", *overrides(world, out, **{"data.batch_size": 8, "factors.fisher": "empirical"})]
+    environment = env(tmp_path / "xla")
+    environment.pop("JAX_COMPILATION_CACHE_DIR")
+    environment["JAXINF_COMPILATION_CACHE"] = ""  # no cache entry meets the limit
+
+    limited = ["bash", "-c", 'ulimit -f 12 && exec "$@"', "-", sys.executable, "-m", "jaxinf", *argv]  # 12 KiB
+    r = subprocess.run(limited, capture_output=True, text=True, env=environment)
+    assert r.returncode == 3 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    lines = [line for line in r.stderr.splitlines() if line.startswith("jaxinf run: error: ")]
+    assert len(lines) == 1 and ": file too large (over the file-size limit: ulimit -f, " in lines[0], r.stderr
+    assert f"everything finished is kept in {out}; raise the limit or choose another run.out" in lines[0]
+    assert cli.main(argv) == 0
+    np.testing.assert_array_equal(np.load(out / "scores.npy"), np.load(finished / "scores.npy"))
+
+
+def test_a_figure_the_machine_refused_to_write_is_named(finished, tmp_path):
+    """``jaxinf analyze`` past a file-size limit (or on a full disk) said "a write: file too large": matplotlib's
+    image writer fails with an error naming no file. The figure it was writing is named; nothing of the run is
+    lost and the report's temporary directory is removed."""
+    import shutil
+    import subprocess
+    import sys
+
+    from pipeline_support import env
+
+    run = shutil.copytree(finished, tmp_path / "run")
+    before = _tree(run)
+    limited = ["bash", "-c", 'ulimit -f 4 && exec "$@"', "-", sys.executable, "-m", "jaxinf", "-q", "analyze", str(run)]
+    r = subprocess.run(limited, capture_output=True, text=True, env=env(tmp_path / "xla"))
+    assert r.returncode == 3 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    line = next(line for line in r.stderr.splitlines() if line.startswith("jaxinf analyze: error: "))
+    assert line.startswith(f"jaxinf analyze: error: {run}/.report-") and ".png: file too large (" in line, line
+    assert _tree(run) == before and not [p for p in os.listdir(run) if p.startswith(".report-")]
+
+
+def test_a_json_output_that_is_a_device_or_inside_a_run_is_refused_first(finished, tmp_path, capsys):
+    """``jaxinf compare ... --json RUN/scores.npy`` (or ``jaxinf plan ... --json`` there) replaced the run's scores
+    with the report, exit 0; ``--json /dev/full`` (as root) or a FIFO was replaced by a regular file (the atomic
+    write renames a new file over the path). Both commands check their ``--json`` with one rule
+    (:func:`jaxinf.run.rundir.check_output_file`), before any work: one line, nothing touched."""
+    import shutil
+
+    run = shutil.copytree(finished, tmp_path / "run")
+    before = _tree(run)
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    for target, message in (
+        (
+            fifo,
+            f"--json {fifo}: is not a regular file (a device, FIFO or socket, which the write would replace); give "
+            "the path of a file to write, or --json - to print it",
+        ),
+        (
+            run / "scores.npy",
+            f"{run / 'scores.npy'}: is inside the jaxinf run directory {run}; choose a --json outside it",
+        ),
+        (run / "new.json", f"{run / 'new.json'}: is inside the jaxinf run directory {run}; choose a --json outside it"),
+    ):
+        argv = ["-q", "compare", "--kronfluence", str(tmp_path / "k"), "--run", str(run), "--json", str(target)]
+        assert cli.main(argv) == 2
+        assert _one_error(capsys, "compare") == message
+        assert cli.main(["-q", "plan", "data.max_length=8", "--no-compile", "--json", str(target)]) == 2
+        assert _one_error(capsys, "plan") == message
+    assert _tree(run) == before and sorted(os.listdir(tmp_path)) == ["fifo", "run"] and fifo.is_fifo()
+
+
+def test_a_kronfluence_name_the_directory_given_cannot_honour_is_refused(finished, tmp_path, capsys):
+    """``jaxinf compare --kronfluence FACTORS_DIR --factors other`` (or ``kronfluence import``) compared or imported
+    FACTORS_DIR, the name ignored without a word: ``--factors``/``--scores`` pick among an analysis directory's
+    ``factors_*`` and ``scores_*``. A name that is not the directory's own is refused in one line."""
+    analysis = tmp_path / "analysis"
+    analysis.mkdir()
+    factors = analysis / "factors_ekfac"
+    assert cli.main(["-q", "kronfluence", "export", str(finished), str(factors)]) == 0
+    capsys.readouterr()
+    argv = ["-q", "compare", "--kronfluence", str(factors), "--run", str(finished)]
+    assert cli.main([*argv, "--factors", "other"]) == 2
+    assert _one_error(capsys, "compare") == (
+        f"--factors NAME: picks among the factors_* and scores_* of an analysis directory, but {factors} is one "
+        f"factors directory itself; give the analysis directory ({analysis}), or leave --factors out"
+    )
+    assert cli.main([*argv, "--factors", "ekfac"]) == 0  # its own name
+    assert (
+        cli.main(["-q", "compare", "--kronfluence", str(analysis), "--run", str(finished), "--factors", "other"]) == 2
+    )
+    assert "factors_other: no such kronfluence directory (factors_* here: factors_ekfac" in _one_error(
+        capsys, "compare"
+    )
+
+
+def test_every_path_a_command_writes_refuses_an_empty_one_and_prepare_the_working_directory(
+    world, finished, tmp_path, capsys, monkeypatch
+):
+    """An empty path (``''``, a shell variable never set) is ``.``: ``validate --out ''`` and ``kronfluence export
+    RUN ''`` wrote into the working directory, ``prepare DOCS ''`` (or ``.``) converted every document, then failed
+    its final rename with an EBUSY traceback, and by the directory's own name replaced the working directory (the
+    shell left in a removed one). Every path argument a command writes is refused when empty, by one rule
+    (:data:`jaxinf.cli.PATH_ARGUMENTS`), and prepare refuses the working directory; nothing is written."""
+    monkeypatch.chdir(tmp_path)
+    for argv, command, message in (
+        (["validate", "--out", ""], "validate", "--out '': an empty path; give the path to write (or leave --out out)"),
+        (["demo", "--out", " "], "demo", "--out ' ': an empty path; give the path to write (or leave --out out)"),
+        (["prepare", str(world["docs"]), ""], "prepare", "OUT_DIR '': an empty path; give the path to write"),
+        (
+            ["kronfluence", "export", str(finished), ""],
+            "kronfluence",
+            "OUT_DIR '': an empty path; give the path to write",
+        ),
+        (
+            ["plan", "data.max_length=8", "--no-compile", "--json", ""],
+            "plan",
+            "--json '': an empty path; give the path to write (or leave --json out)",
+        ),
+        (
+            ["prepare", str(world["docs"]), "."],
+            "prepare",
+            ".: is the working directory, which the finished dataset would replace (leaving the shell in a removed "
+            "directory); give a new directory's path; nothing was written",
+        ),
+    ):
+        assert cli.main(["-q", *argv]) == 2
+        assert _one_error(capsys, command) == message
+        assert os.listdir(tmp_path) == []
+
+
+def test_a_query_refused_for_documents_changed_under_its_index_keeps_its_finished_results(
+    world, indexed, tmp_path, capsys
+):
+    """``jaxinf query RUN Q --out OUT`` again after the corpus changed under RUN's index: the start deleted OUT's
+    finished scores, exports and report ("changed since this run started; recomputing ...") and only then refused
+    the index built over other documents, offering ``index.k``, which jaxinf query refuses. The index is checked
+    before anything is invalidated: OUT is kept as it was, the message says how to go on, and with the documents
+    restored the same command recomputes nothing."""
+    import shutil
+
+    run, _ = indexed
+    docs = shutil.copy(world["docs"], tmp_path / "docs.jsonl")
+    out = tmp_path / "q"
+    argv = ["-q", "query", str(run), str(world["queries"]), "--out", str(out), f"data.documents={docs}"]
+    assert cli.main(argv) == 0
+    capsys.readouterr()
+
+    def kept():  # all but the token counts' cache (state/plan), counted again for the documents as they are
+        return {p: b for p, b in _tree(out).items() if p.parent.name != "plan"}
+
+    before = kept()
+    original = Path(docs).read_text()
+    Path(docs).write_text(original.replace("came over day", "came over night"))
+    assert cli.main(argv) == 2
+    assert _one_error(capsys, "query") == (
+        f"{run / 'state' / 'index' / 'manifest.json'}: built over other documents than {docs} ({run}: restore the "
+        "documents it was built over, or run its jaxinf run again to rebuild it)"
+    )
+    assert kept() == before
+    Path(docs).write_text(original)
+    assert cli.main(argv) == 0
+    assert kept() == before

@@ -271,7 +271,7 @@ def test_import_refuses_a_run_that_has_results_and_export_an_unfinished_one(llam
     code, _, err = _main(["kronfluence", "export", tmp_path / "pending", tmp_path / "out"], capsys)
     assert code == 2 and "state/eigen: the run has no finished eigendecomposition" in err
     code, _, err = _main(["kronfluence", "export", tmp_path / "nothing", tmp_path / "out"], capsys)
-    assert code == 2 and "nothing: not a jaxinf run directory (no run.json)" in err
+    assert code == 2 and "nothing: not a jaxinf run directory (no such directory)" in err
 
 
 def test_compare_divides_kronfluence_by_the_completion_nll_for_per_nat_runs(llama, tmp_path):

@@ -529,7 +529,10 @@ def test_a_damaged_run_json_is_restored_or_says_what_overwrite_deletes(base, tmp
     r = jaxinf(args(), base["env"], cwd=d)
     assert r.returncode == 2
     line = error_line(r)
-    assert line.startswith("run/run.json: unreadable (") and ", and its copy run/state/run.json is too " in line
+    assert (
+        line.startswith("run/run.json: unreadable (")
+        and ", and its copy run/state/run.json is unreadable (not JSON: " in line
+    )
     listed = line[line.index("--overwrite would delete everything in run: ") :]
     for entry in sorted(p.name for p in run.iterdir() if not p.name.startswith(".")):
         assert (f"{entry}/ (" if (run / entry).is_dir() else entry) in listed

@@ -28,7 +28,12 @@ def _save(fig: Figure, path: Path) -> None:
 
     with warnings.catch_warnings():  # a label with a character the font lacks (an emoji in a query id) shows as a box
         warnings.filterwarnings("ignore", message=r"Glyph \d+ .* missing from (current )?font", category=UserWarning)
-        fig.savefig(path, dpi=110, bbox_inches="tight")
+        try:
+            fig.savefig(path, dpi=110, bbox_inches="tight")
+        except OSError as e:  # PIL's failed write names no file ("a write: no space left"): name the figure
+            if e.filename is None:
+                raise OSError(e.errno, e.strerror, str(path)) from e
+            raise
 
 
 # ----------------------------------------------------------------------------- figures

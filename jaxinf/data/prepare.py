@@ -207,6 +207,11 @@ def prepare(
     is left as it was. Returns the counts of what was kept, skipped and defaulted.
     """
     input_path, out = str(input_path), Path(out_dir)
+    if os.path.realpath(out) == os.path.realpath(os.getcwd()):  # "." failed its final rename (EBUSY, a traceback
+        raise DataError(  # after every document was converted); by another name, the dataset replaced the directory
+            f"{out}: is the working directory, which the finished dataset would replace (leaving the shell in a "
+            "removed directory); give a new directory's path; nothing was written"
+        )
     p = Path(input_path)
     one_jsonl = (
         p.is_file()

@@ -8,7 +8,7 @@ JSONL, one object per line (only ``prompt`` and ``completion`` required)::
 - ``completion``: a non-empty string (empty or only whitespace is an error naming the query).
 - ``id``: a string or integer, default the 1-based line number; unique in the file.
 - ``kind``: ``factual``, ``reasoning`` or ``control`` when given; ``task``: a string;
-  ``answer``: a string or a number (kept as text); ``supports``: a list of ids (strings or integers) of the
+  ``answer``: a string or a finite number (kept as text); ``supports``: a list of ids (strings or integers) of the
   documents known to carry the answer (recall in ``jaxinf validate``). Other fields go to ``extra``.
 
 The release format (``../shared/data/ruis2024/release_*.json``): one JSON object
@@ -26,8 +26,9 @@ only the completion's tokens are targets (``weights``).
 from __future__ import annotations
 
 import json
+import math
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -101,6 +102,8 @@ def parse_query(obj: Any, path: str, line: int, index: int) -> Query:
     if answer is not None:
         if isinstance(answer, bool) or not isinstance(answer, (str, int, float)):
             raise DataError(f'{at}: field "answer" must be a string or a number, got {type_name(answer)}')
+        if isinstance(answer, float) and not math.isfinite(answer):  # NaN, 1e999: kept as the text "NaN"
+            raise DataError(f'{at}: field "answer" must be a string or a finite number, got {json.dumps(answer)}')
         answer = check_string(answer, "answer", path, line) if isinstance(answer, str) else json.dumps(answer)
     supports = obj.get("supports")
     if supports is None:
@@ -131,6 +134,24 @@ def _check_unique(queries: Sequence[Query]) -> None:
         if q.id in seen:
             raise DataError(f'{q.origin}: duplicate query id "{q.id}" (first at {seen[q.id]})')
         seen[q.id] = q.origin
+
+
+def support_rows(queries: Sequence[Query], document_ids: Iterable[str]) -> list[list[int]]:
+    """Each query's ``supports`` as rows of the documents whose ids ``document_ids`` lists in document order; a
+    :class:`DataError` naming the query and the first id no document has. Only the ids some query names are kept
+    (``document_ids`` may be a pass over millions). The one check of ``supports`` (``jaxinf run``, ``query``,
+    ``validate``)."""
+    wanted = {s for q in queries for s in q.supports}
+    rows: dict[str, int] = {}
+    if wanted:
+        for i, doc_id in enumerate(document_ids):
+            if doc_id in wanted:
+                rows[doc_id] = i
+    for q in queries:
+        missing = [s for s in q.supports if s not in rows]
+        if missing:
+            raise DataError(f'{q.origin}: query "{q.id}": supports names unknown document id "{missing[0]}"')
+    return [[rows[s] for s in q.supports] for q in queries]
 
 
 def read_queries_jsonl(path: str | os.PathLike) -> list[Query]:

@@ -28,11 +28,9 @@ def compare_command(args) -> int:
     if args.topk < 1:  # a negative k sliced all but the last |k| documents: a negative overlap, reported as such
         raise InteropError(f"--topk {args.topk}: must be at least 1")
     if args.json not in (None, "-"):  # a path that cannot take the file is refused before the comparison
-        target = Path(args.json)
-        if target.is_dir():
-            raise InteropError(f"--json {args.json}: is a directory; give the path of a file to write")
-        if not target.parent.is_dir():
-            raise InteropError(f"--json {args.json}: no such directory {target.parent}")
+        from jaxinf.run.rundir import check_output_file
+
+        check_output_file(args.json, "--json")
     from jaxinf.run.lock import reading
 
     with reading((args.run,)):  # never read while a jaxinf run rewrites it (jaxinf.run.lock.reading)
@@ -95,7 +93,7 @@ def add_parsers(sub) -> None:
     imp = ksub.add_parser("import", help="kronfluence factors into the run directory of a config (run.out)")
     imp.add_argument("kronfluence", metavar="DIR", help="a kronfluence factors_* directory (or its analysis directory)")
     imp.add_argument("config", nargs="?", help="YAML config of the run (its model, factors.* and run.* settings)")
-    imp.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
+    imp.add_argument("overrides", nargs="*", default=[], metavar="section.key=value", help="config overrides")
     imp.add_argument("--factors", metavar="NAME", help="the factors_NAME to import when there are several")
     imp.add_argument("--overwrite", action="store_true", help="replace whatever the run directory holds")
     imp.set_defaults(handler=import_command)

@@ -152,6 +152,19 @@ def locate(path: str | Path, factors: str | None = None, scores: str | list[str]
     if not root.is_dir():
         why = "a file, not a kronfluence directory" if root.exists() else missing(root, "no such kronfluence directory")
         raise InteropError(f"{root}: {why}")
+    own = "scores" if _is_scores_dir(root) else "factors" if _is_factors_dir(root) else None
+    names = {
+        "--factors": [factors] if factors else [],
+        "--scores": [scores] if isinstance(scores, str) else scores or [],
+    }
+    given = [  # a name given is the directory's own, or it was ignored without a word
+        option for option, values in names.items() if any(root.name not in (v, option[2:] + "_" + v) for v in values)
+    ]
+    if own is not None and given:
+        raise InteropError(
+            f"{given[0]} NAME: picks among the factors_* and scores_* of an analysis directory, but {root} is one "
+            f"{own} directory itself; give the analysis directory ({root.parent}), or leave {given[0]} out"
+        )
     if _is_scores_dir(root):
         return KronfluenceDirs(
             None, root if (root / PAIRWISE).exists() else None, root if (root / SELF).exists() else None

@@ -136,7 +136,7 @@ def read_record(run_dir: Path) -> dict:
     rundir.refuse_inside_run(root, "the run")
     record = rundir.read_record(root, config_only=True)  # any JSON object: another tool's run.json is named below
     if record is None:
-        raise InteropError(f"{run_dir}: not a jaxinf run directory (no run.json)")
+        raise InteropError(f"{run_dir}: not a jaxinf run directory ({rundir.why_not_run(root)})")
     if not rundir.is_record(record):
         raise InteropError(f"{run_dir}: not a jaxinf run directory (its run.json is not a jaxinf run record)")
     return record

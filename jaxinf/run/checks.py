@@ -11,13 +11,15 @@ Before any device is touched (:func:`before_devices`):
 3. ``data.max_length`` fits the model's positions (:func:`jaxinf.run.preflight.check_model_limits`);
 4. every query is read, tokenized and checked against ``data.max_length`` and ``data.query_batch_size``
    (:func:`jaxinf.run.inputs.read_checked_queries`), so a bad query is refused before ``--overwrite`` sets the
-   old run aside.
+   old run aside;
+5. the ``supports`` ids the queries name are ids of ``data.documents`` (:func:`jaxinf.run.inputs.check_supports`:
+   the corpus is opened here, once, only when a query names some).
 
 With the devices, the mesh and the precision set up (:func:`before_the_run_directory`), from the model's shapes
 alone (no weights):
 
-5. every parameter and stage state fits the mesh's layouts (:func:`check_layouts`; on a mesh the run made);
-6. no tracked layer's statistic alone exceeds a device's memory (:func:`check_statistics`; with
+6. every parameter and stage state fits the mesh's layouts (:func:`check_layouts`; on a mesh the run made);
+7. no tracked layer's statistic alone exceeds a device's memory (:func:`check_statistics`; with
    ``plan.device_memory_gib`` or an accelerator's reported memory).
 
 Later checks need what only the run has: the content of the inputs against the run directory
@@ -33,27 +35,29 @@ from jaxinf import config as cfg
 from jaxinf.engine import curvature, precision, programs
 from jaxinf.run import index_run, preflight
 from jaxinf.run.executor import Executor
-from jaxinf.run.inputs import check_inputs, read_checked_queries, tracked_layers
+from jaxinf.run.inputs import check_inputs, check_supports, read_checked_queries, tracked_layers
 
 
 def before_devices(config: cfg.Config) -> tuple:
-    """Checks 1-4 of the module docstring; returns the model's config (its ``config.json``, read once) and the
-    checked queries, or ``(None, None)`` without ``model.checkpoint``."""
+    """Checks 1-5 of the module docstring; returns the model's config (its ``config.json``, read once), the
+    checked queries and the corpus opened to check their ``supports`` (None when none names any), or
+    ``(None, None, None)`` without ``model.checkpoint``."""
     check_inputs(config)
     index_run.check_available(config)
     if config.model.checkpoint is None:
-        return None, None
+        return None, None, None
     from jaxinf import models
 
     model_config = models.read_config(
         config.model.checkpoint, dtype=config.model.dtype, scan=config.model.scan_layers, remat=config.model.remat
     )
     preflight.check_model_limits(config, model_config)
-    return model_config, read_checked_queries(config, model_config.vocab_size)
+    queries = read_checked_queries(config, model_config.vocab_size)
+    return model_config, queries, check_supports(queries, config)
 
 
 def before_the_run_directory(config: cfg.Config, executor: Executor, model_config, layouts: bool) -> None:
-    """Checks 5 (with ``layouts``: the run made ``executor`` from ``mesh.*``) and 6 of the module docstring, from
+    """Checks 6 (with ``layouts``: the run made ``executor`` from ``mesh.*``) and 7 of the module docstring, from
     the abstract model of ``model_config`` (built once, only when a check needs it)."""
     if model_config is None:
         return

@@ -34,6 +34,11 @@ def queried() -> Iterator[None]:
         _QUERIED.reset(token)
 
 
+def in_query() -> bool:
+    """Whether this is the block of ``jaxinf query`` (:func:`queried`), whose messages name its arguments."""
+    return _QUERIED.get()
+
+
 def check(config: cfg.Config, model_fp: dict | None) -> RunStore | None:
     """The run directory of ``factors.from`` (None without it), checked against this run: the settings that change
     the curvature, and the *content* of the model and tokenizer (``model_fp``, :func:`jaxinf.run.fingerprint.check_model`)
@@ -75,7 +80,7 @@ def check(config: cfg.Config, model_fp: dict | None) -> RunStore | None:
     if theirs.run.precision != config.run.precision:
         mismatched.append("run.precision")
     if mismatched:
-        if _QUERIED.get():
+        if in_query():
             raise StoreError(
                 f"{', '.join(mismatched)}: a query is scored with the model and curvature of its run {other}, "
                 "fitted with other values of these; leave them out"

@@ -1,4 +1,5 @@
-"""Failures of the machine rather than of the input, said in one line: no space left, read-only, no permission.
+"""Failures of the machine rather than of the input, said in one line: no space left, read-only, no permission, a
+file-size limit.
 
 :func:`environment_failure` looks through an exception and its causes (Orbax
 and TensorStore wrap the ``OSError`` of a failed write in their own types, or
@@ -27,12 +28,17 @@ CONDITIONS = {  # errno -> (what it means, what to do: {key} is the output setti
     errno.EROFS: ("read-only file system", "make it writable or choose another {key}"),
     errno.EACCES: ("permission denied", "fix the permissions or choose another {key}"),
     errno.EPERM: ("operation not permitted", "fix the permissions or choose another {key}"),
+    errno.EFBIG: (  # a write past the process's file-size limit (SIGXFSZ, which Python ignores) or the file system's
+        "file too large (over the file-size limit: ulimit -f, or the file system's largest file)",
+        "raise the limit or choose another {key}",
+    ),
 }
 _TEXTS = {
     "No space left on device": errno.ENOSPC,
     "Disk quota exceeded": errno.EDQUOT,
     "Read-only file system": errno.EROFS,
     "Permission denied": errno.EACCES,
+    "File too large": errno.EFBIG,
 }
 
 

@@ -324,12 +324,21 @@ def check_available(config: cfg.Config) -> None:
         IndexReader(root)
 
 
-def check_rows(m: dict, where: Path, store: RunStore, inputs: Inputs) -> None:
+def check_rows(m: dict, where: Path, documents: str | None, inputs: Inputs) -> None:
     """Refuses, in one line, an index (manifest ``m`` at ``where``) built over other documents or rows than this
     run's: what the documents and their batch plan decide, known before any pass (:func:`check_borrowed`)."""
-    documents = (store.record.get("inputs", {}).get("documents") or {}).get("sha256")
-    if m["inputs"]["documents"] != documents:
-        raise IndexError_(f"{where}: built over other documents than {inputs.documents.name} (rebuild it: index.k)")
+    if (
+        m["inputs"]["documents"] != documents
+    ):  # documents: the SHA-256 of this run's (fingerprint.documents_fingerprint)
+        from jaxinf.run.factors_from import in_query
+
+        rebuild = (  # jaxinf query takes no index.k: the run that built the index builds it again
+            f"{where.parent.parent.parent}: restore the documents it was built over, or run its jaxinf run again to "
+            "rebuild it"
+            if in_query()
+            else "rebuild it: index.k"
+        )
+        raise IndexError_(f"{where}: built over other documents than {inputs.documents.name} ({rebuild})")
     # the rows must be the same; their batches and processes may differ (an index from before "rows": the same plan)
     if not (m["rows"] == inputs.plan.rows_key() if "rows" in m else m["plan"] == batch_plan_key(inputs.plan)):
         raise IndexError_(
@@ -338,7 +347,7 @@ def check_rows(m: dict, where: Path, store: RunStore, inputs: Inputs) -> None:
         )
 
 
-def check_borrowed(config: cfg.Config, store: RunStore, inputs: Inputs) -> None:
+def check_borrowed(config: cfg.Config, store: RunStore, inputs: Inputs, documents: dict) -> None:
     """At the start of a ``scores.mode: index`` run that reads another run's index (``index.from``, ``factors.from``,
     ``jaxinf query``): its documents and rows (:func:`check_rows`), before any pass or query gradient, so that a
     refusal leaves nothing behind."""
@@ -346,7 +355,7 @@ def check_borrowed(config: cfg.Config, store: RunStore, inputs: Inputs) -> None:
     if config.scores.mode != "index" or not borrowed:
         return
     reader = IndexReader(source_root(config, store))
-    check_rows(reader.manifest, reader.root / "manifest.json", store, inputs)
+    check_rows(reader.manifest, reader.root / "manifest.json", documents.get("sha256"), inputs)
 
 
 WRONG_SELECTION = {
@@ -360,7 +369,7 @@ WRONG_SELECTION = {
 def check_index(reader: IndexReader, store: RunStore, inputs: Inputs, eigen) -> None:
     """Refuses, in one line, an index built over other documents, rows, layers or eigenbasis than this run's."""
     m, where = reader.manifest, reader.root / "manifest.json"
-    check_rows(m, where, store, inputs)
+    check_rows(m, where, (store.record.get("inputs", {}).get("documents") or {}).get("sha256"), inputs)
     if m["layers"] != [n for k in sorted(inputs.layers) for n in inputs.layers[k].layer_names]:
         raise IndexError_(f"{where}: built for other tracked layers (factors.track)")
     try:  # the k the query's rotation keeps must be the one the rows were written with (a hand-edited manifest)

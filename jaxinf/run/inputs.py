@@ -141,10 +141,14 @@ def check_inputs(config: cfg.Config) -> None:
     for key, other in (("factors.from", config.factors.from_run), ("index.from", config.index.from_run)):
         if other is not None:
             rundir.refuse_inside_run(Path(other), key)
-    if config.factors.from_run is not None and not rundir.is_run(Path(config.factors.from_run)):
-        raise InputError(
-            f"factors.from: {config.factors.from_run}: not a jaxinf run directory "
-            f"({rundir.why_not_run(Path(config.factors.from_run))})"
+    for key, other in (("factors.from", config.factors.from_run), ("index.from", config.index.from_run)):
+        if other is not None and not rundir.is_run(Path(other)):  # index.from was "X/state/index: no index here"
+            raise InputError(f"{key}: {other}: not a jaxinf run directory ({rundir.why_not_run(Path(other))})")
+    if config.index.from_run is not None and config.scores.mode != "index":  # here, not in the config's checks: a
+        raise InputError(  # run recorded with it (it was ignored) is still read, queried and resumed
+            f"index.from: {config.index.from_run}: read only with scores.mode: index, got scores.mode: "
+            f"{config.scores.mode} (a pass over every document, the index never read); set scores.mode: index, "
+            "or leave index.from out"
         )
 
 
@@ -260,16 +264,19 @@ def buckets(max_length: int) -> tuple[int, ...]:
 
 
 def load_inputs(
-    config: cfg.Config, store: RunStore, executor: Executor | None = None, queries: list[Query] | None = None
+    config: cfg.Config,
+    store: RunStore,
+    executor: Executor | None = None,
+    queries: list[Query] | None = None,
+    corpus=None,
 ) -> Inputs:
     """Model (each parameter placed by the executor as it is read), tokenizer, tracked layers, documents with
     their plans (one slice of the corpus per group of processes on the ``data`` axis), and queries (``queries``:
     those :func:`read_checked_queries` read and checked before the run directory was touched; else read and
-    checked here)."""
+    checked here; ``corpus``: ``data.documents`` opened then, to check their ``supports``)."""
     from jaxinf import models
     from jaxinf.data.batching import make_batch_plan
     from jaxinf.data.queries import read_queries
-    from jaxinf.data.sources import open_documents
     from jaxinf.data.tokenize import TextEncoder
 
     t0 = time.perf_counter()
@@ -304,13 +311,7 @@ def load_inputs(
     )
     preflight.log_query_rank(config.scores.query_rank, layers)
     encoder = TextEncoder(tokenizer)
-    documents = open_documents(
-        config.data.documents,
-        text_field=config.data.text_field,
-        id_field=config.data.id_field,
-        source_field=config.data.source_field,
-        dedupe=config.data.dedupe,
-    )
+    documents = corpus if corpus is not None else open_corpus(config)
     log.info("documents: %s", documents.report.summary())
     for dup, kept in getattr(documents, "duplicates", [])[:1000]:
         log.info("duplicate document %r skipped (the same text as %r)", dup, kept)
@@ -344,6 +345,35 @@ def load_inputs(
         check_queries(queries, encoder, config)
     log.info("queries: %d from %s", len(queries), config.data.queries)
     return Inputs(lm, task, layers, encoder, documents, lengths, plan, fit_plan, fit_documents, queries)
+
+
+def open_corpus(config: cfg.Config):
+    """``data.documents`` opened with the ``data.*`` field names and ``data.dedupe`` (its validating scan)."""
+    from jaxinf.data.sources import open_documents
+
+    assert config.data.documents is not None  # see check_inputs
+    return open_documents(
+        config.data.documents,
+        text_field=config.data.text_field,
+        id_field=config.data.id_field,
+        source_field=config.data.source_field,
+        dedupe=config.data.dedupe,
+    )
+
+
+def check_supports(queries: list[Query], config: cfg.Config):
+    """The documents of ``data.documents`` opened when a query names ``supports``, each id checked to be one of
+    theirs (:func:`jaxinf.data.queries.support_rows`) before the run directory is touched; None when no query names
+    any (the corpus is opened later, by :func:`load_inputs`)."""
+    from jaxinf.data.documents import iter_documents
+    from jaxinf.data.queries import support_rows
+
+    if not any(q.supports for q in queries):
+        return None
+    corpus = open_corpus(config)
+    if len(corpus):  # an empty corpus is named as such, by the corpus check (preflight.check_corpus), not by its ids
+        support_rows(queries, (d.id for d in iter_documents(corpus)))
+    return corpus
 
 
 def read_checked_queries(config: cfg.Config, vocab_size: int) -> list[Query]:

@@ -122,6 +122,8 @@ def is_run(root: Path) -> bool:
 
 def why_not_run(root: Path) -> str:
     """Why ``root`` (not :func:`is_run`) is not a jaxinf run directory, in a few words."""
+    if not root.is_dir():  # "no run.json" of a path that does not exist, or of a file
+        return "a file, not a directory" if root.exists() else "no such directory"
     if (root / RECORD).exists() or root.joinpath(*RECORD_COPY).exists():
         return "its run.json is not a jaxinf run record"
     return "no run.json"
@@ -180,6 +182,24 @@ def refuse_inside_run(root: Path, key: str, output: bool = False) -> None:
         article = "an" if key[:1] in "AEIOU" else "a"  # a run.out, a --out, an OUT_DIR
         raise StoreError(f"{root}: is inside the jaxinf run directory {outer}; choose {article} {key} outside it")
     raise StoreError(f"{key}: {root}: is inside the jaxinf run directory {outer}; give the run directory itself")
+
+
+def check_output_file(path: str, option: str) -> None:
+    """Refuses, before any work, a file option's path (``--json`` of ``plan`` and ``compare``) that cannot take the
+    file or must not: a directory, a missing directory, a path that exists and is not a regular file (the atomic
+    write renames a new file over it: ``/dev/full`` or a FIFO was replaced by a regular file), or a path inside a
+    jaxinf run directory (``--json RUN/scores.npy`` replaced the run's scores with the report)."""
+    target = Path(path)
+    if target.is_dir():
+        raise StoreError(f"{option} {path}: is a directory; give the path of a file to write")
+    if not target.parent.is_dir():
+        raise StoreError(f"{option} {path}: no such directory {target.parent}")
+    if target.exists() and not target.is_file():
+        raise StoreError(
+            f"{option} {path}: is not a regular file (a device, FIFO or socket, which the write would replace); give "
+            f"the path of a file to write, or {option} - to print it"
+        )
+    refuse_inside_run(target, option, output=True)
 
 
 def check_target(root: Path, overwrite: bool) -> None:
@@ -324,15 +344,13 @@ def read_record(root: Path, output: bool = False, config_only: bool = False) -> 
     problem = None
     try:
         return _parse(path, config_only)
-    except FileNotFoundError:
-        problem = "missing"
     except (OSError, ValueError, KeyError) as e:
-        problem = f"unreadable ({e})"
+        problem = _unreadable(e)
     try:
         record = _parse(copy, config_only)
     except (OSError, ValueError, KeyError) as e:
         raise StoreError(
-            f"{path}: {problem}, and its copy {copy} is too ({type(e).__name__}); "
+            f"{path}: {problem}, and its copy {copy} is {_unreadable(e)}; "
             + (f"--overwrite would delete {describe_contents(root)}" if output else "the run cannot be read")
         ) from None
     log.warning(
@@ -387,6 +405,20 @@ def shape_problem(value, shape, where: str = "") -> str | None:
                 if problem is not None:
                     return problem
     return None
+
+
+def _unreadable(e: BaseException) -> str:
+    """Why a run record could not be read, for a message naming its file: "missing", "unreadable (Permission
+    denied)", "unreadable (not JSON: ...)" (the copy of a damaged run.json was named by its error type alone)."""
+    if isinstance(e, FileNotFoundError):
+        return "missing"
+    if isinstance(e, json.JSONDecodeError):
+        return f"unreadable (not JSON: {e.msg} at line {e.lineno}, column {e.colno})"
+    if isinstance(e, UnicodeDecodeError):
+        return f"unreadable (not UTF-8 text at byte {e.start + 1})"
+    if isinstance(e, OSError):
+        return f"unreadable ({e.strerror or e})"
+    return f"unreadable ({e})"
 
 
 def _parse(path: Path, config_only: bool = False) -> dict:

@@ -95,11 +95,10 @@ def builtin(n_documents: int = 128, per_task: int = 6, seed: int = 0) -> World:
 def from_config(config: cfg.Config) -> World:
     """The world of a config: ``model.checkpoint``, ``data.documents``, ``data.queries`` (module docstring)."""
     from jaxinf import models
-    from jaxinf.data.queries import read_queries
-    from jaxinf.data.sources import open_documents
+    from jaxinf.data.queries import read_queries, support_rows
     from jaxinf.data.tokenize import TextEncoder
     from jaxinf.engine import tasks
-    from jaxinf.run.inputs import check_queries
+    from jaxinf.run.inputs import check_queries, open_corpus
 
     for name in ("checkpoint",):
         if getattr(config.model, name) is None:
@@ -116,13 +115,7 @@ def from_config(config: cfg.Config) -> World:
     )
     lm, tokenizer = models.from_hf(config.model.checkpoint, dtype=config.model.dtype, scan=config.model.scan_layers)
     encoder = TextEncoder(tokenizer)
-    source = open_documents(
-        config.data.documents,
-        text_field=config.data.text_field,
-        id_field=config.data.id_field,
-        source_field=config.data.source_field,
-        dedupe=config.data.dedupe,
-    )
+    source = open_corpus(config)
     docs = source.documents(range(len(source)))
     ids = [
         e[: config.data.max_length].tolist()
@@ -130,13 +123,7 @@ def from_config(config: cfg.Config) -> World:
     ]
     queries = read_queries(config.data.queries)
     encoded = check_queries(queries, encoder, config)  # jaxinf run's checks and warnings (unknown words)
-    index = {d.id: i for i, d in enumerate(docs)}
-    supports = []
-    for q in queries:
-        missing = [s for s in q.supports if s not in index]
-        if missing:
-            raise ValidationError(f'{q.origin}: query "{q.id}": supports names unknown document id "{missing[0]}"')
-        supports.append([index[s] for s in q.supports])
+    supports = support_rows(queries, (d.id for d in docs))
     return World(
         lm=lm,
         documents=_numpy(tasks.lm_batch(ids, max(map(len, ids)))),
