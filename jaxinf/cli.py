@@ -325,6 +325,13 @@ def _refuse_empty_paths(args) -> None:
             raise ConfigError(f"{label} {value!r}: an empty path; give the path to write{leave}")
 
 
+def _config_arguments(parser: argparse.ArgumentParser, config_help: str) -> None:
+    """A command's optional YAML config and its ``section.key=value`` overrides (every one optional: a command given
+    neither says so itself, in one line)."""
+    parser.add_argument("config", nargs="?", help=config_help)
+    parser.add_argument("overrides", nargs="*", default=[], metavar="section.key=value", help="config overrides")
+
+
 def main(argv: list[str] | None = None) -> int:
     """The command line on ``argv`` (default ``sys.argv[1:]``), in this process as it is (no restart)."""
     parser = argparse.ArgumentParser(prog="jaxinf", description="EK-FAC influence functions for LLMs in JAX")
@@ -332,13 +339,9 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="all stages of a config, resumable: curvature, queries, scores, exports, report")
-    run.add_argument(
-        "config",
-        nargs="?",
-        help="YAML config (configs/reference.yaml lists every key); optional when "
-        "every setting is given as an override",
+    _config_arguments(
+        run, "YAML config (configs/reference.yaml lists every key); optional when every setting is given as an override"
     )
-    run.add_argument("overrides", nargs="*", default=[], metavar="section.key=value", help="config overrides")
     run.add_argument(
         "--overwrite",
         action="store_true",
@@ -371,13 +374,11 @@ def main(argv: list[str] | None = None) -> int:
         help="memory and cost of each stage on a mesh, from the model's config.json alone "
         "(no weights): bytes per device, XLA's compiled peak per step, FLOPs per document, time",
     )
-    pl.add_argument(
-        "config",
-        nargs="?",
-        help="YAML config (model.checkpoint: a directory with config.json; see configs/paper/); optional when every "
+    _config_arguments(
+        pl,
+        "YAML config (model.checkpoint: a directory with config.json; see configs/paper/); optional when every "
         "setting is given as an override",
     )
-    pl.add_argument("overrides", nargs="*", default=[], metavar="section.key=value", help="config overrides")
     pl.add_argument(
         "--mesh",
         action="append",
@@ -406,13 +407,11 @@ def main(argv: list[str] | None = None) -> int:
         help="LDS, recall and PBRF of each strategy (retraining on random subsets); "
         "without model.checkpoint, on the built-in world",
     )
-    va.add_argument(
-        "config",
-        nargs="?",
-        help="YAML config (model.checkpoint, data.documents, data.queries and the "
-        "validate.* keys); omit it for the built-in world",
+    _config_arguments(
+        va,
+        "YAML config (model.checkpoint, data.documents, data.queries and the validate.* keys); omit it for the "
+        "built-in world",
     )
-    va.add_argument("overrides", nargs="*", default=[], metavar="section.key=value", help="config overrides")
     va.add_argument(
         "--out", default="runs/validate", help="output directory, resumed when it exists (default runs/validate)"
     )
