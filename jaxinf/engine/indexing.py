@@ -110,10 +110,10 @@ def kept_cells(e_S: Array, e_A: Array, k: int | None) -> Array:
 
 
 def bands(k: int, d: int) -> list[tuple[int, int]]:
-    """The eigen-directions ``0 .. d-1`` (decreasing eigenvalue) cut into bands: the kept ``[0, k)``, then
+    """The eigen-directions ``0 .. d-1`` (decreasing eigenvalue) cut into bands: the first ``[0, k)``, then
     ``[k, 2k)``, ``[2k, 4k)``, ... (each twice the last) up to ``d``. The bound on a score's error is a
-    Cauchy-Schwarz inequality per pair of bands, so it is tight where a query's and a document's energy sit in
-    the same bands, and costs one stored number per pair."""
+    Cauchy-Schwarz inequality per pair of bands over the cells not kept, so it is tight where a query's and a
+    document's left-over energy sit in the same bands, and costs one stored number per pair."""
     out, lo, width = [(0, k)], k, k
     while lo < d:
         out.append((lo, min(lo + width, d)))
