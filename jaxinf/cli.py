@@ -175,10 +175,8 @@ def _query(args, run_dir: Path) -> int:
         raw["mesh"][launch] = None
     config = cfg.with_overrides(raw, list(args.overrides), str(run_dir / "run.json"))
     enable_compilation_cache()
-    from jaxinf.run import factors_from
-
     # its messages name the option it has, not the config's run.out, and the keys its run fixes, not factors.from
-    with rundir.output_named("--out"), factors_from.queried():
+    with rundir.output_named("--out"), rundir.queried():
         pipeline.run(config, overwrite=args.overwrite)
     return 0
 

@@ -3,10 +3,7 @@
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import logging
-from collections.abc import Iterator
 from pathlib import Path
 
 from jaxinf import config as cfg
@@ -18,25 +15,6 @@ from jaxinf.run.rundir import StoreError
 from jaxinf.run.store import RunStore
 
 log = logging.getLogger("jaxinf")
-
-
-_QUERIED: contextvars.ContextVar[bool] = contextvars.ContextVar("factors_from_queried", default=False)
-
-
-@contextlib.contextmanager
-def queried() -> Iterator[None]:
-    """The block of ``jaxinf query RUN_OR_INDEX``, which sets ``factors.from`` itself: :func:`check` names the keys
-    of the query that differ from its run's, not a ``factors.from`` the user never wrote."""
-    token = _QUERIED.set(True)
-    try:
-        yield
-    finally:
-        _QUERIED.reset(token)
-
-
-def in_query() -> bool:
-    """Whether this is the block of ``jaxinf query`` (:func:`queried`), whose messages name its arguments."""
-    return _QUERIED.get()
 
 
 def check(config: cfg.Config, model_fp: dict | None) -> RunStore | None:
@@ -80,7 +58,7 @@ def check(config: cfg.Config, model_fp: dict | None) -> RunStore | None:
     if theirs.run.precision != config.run.precision:
         mismatched.append("run.precision")
     if mismatched:
-        if in_query():
+        if rundir.in_query():
             raise StoreError(
                 f"{', '.join(mismatched)}: a query is scored with the model and curvature of its run {other}, "
                 "fitted with other values of these; leave them out"

@@ -330,12 +330,10 @@ def check_rows(m: dict, where: Path, documents: str | None, inputs: Inputs) -> N
     if (
         m["inputs"]["documents"] != documents
     ):  # documents: the SHA-256 of this run's (fingerprint.documents_fingerprint)
-        from jaxinf.run.factors_from import in_query
-
         rebuild = (  # jaxinf query takes no index.k: the run that built the index builds it again
             f"{where.parent.parent.parent}: restore the documents it was built over, or run its jaxinf run again to "
             "rebuild it"
-            if in_query()
+            if rundir.in_query()
             else "rebuild it: index.k"
         )
         raise IndexError_(f"{where}: built over other documents than {inputs.documents.name} ({rebuild})")

@@ -77,6 +77,26 @@ def output_named(key: str) -> Iterator[None]:
         _OUTPUT_KEY.reset(token)
 
 
+_QUERIED: contextvars.ContextVar[bool] = contextvars.ContextVar("jaxinf_queried", default=False)
+
+
+@contextlib.contextmanager
+def queried() -> Iterator[None]:
+    """The block of ``jaxinf query RUN_OR_INDEX``, which sets ``factors.from`` itself: :func:`check` names the keys
+    of the query that differ from its run's (:mod:`jaxinf.run.factors_from`), not a ``factors.from`` the user
+    never wrote, and a resumed query names its QUERIES argument (:class:`jaxinf.run.store.RunStore`)."""
+    token = _QUERIED.set(True)
+    try:
+        yield
+    finally:
+        _QUERIED.reset(token)
+
+
+def in_query() -> bool:
+    """Whether this is the block of ``jaxinf query`` (:func:`queried`), whose messages name its arguments."""
+    return _QUERIED.get()
+
+
 class StoreError(UserError, RuntimeError):
     """A run directory that cannot be used as asked (the message names the path)."""
 

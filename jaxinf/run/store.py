@@ -261,14 +261,14 @@ class RunStore:
         redone = ("exports", "analysis")  # written from saved results alone: a key of theirs redoes them, never refused
         refused = [k for k, stage in changed if stage not in redone and any(order[s] >= order[stage] for s in started)]
         if refused:
-            from jaxinf.run.factors_from import in_query  # (imports this module)
-
             key = rundir.output_key()
-            if in_query():  # it sets data.queries and factors.from itself: named by its arguments, offered no key
+            if (
+                rundir.in_query()
+            ):  # it sets data.queries and factors.from itself: named by its arguments, offered no key
                 refused = [f"{k} (QUERIES)" if k == "data.queries" else k for k in refused]
             keep = (
                 ""
-                if in_query() or any(order[stage] <= order["lambda"] for k, stage in changed if k in refused)
+                if rundir.in_query() or any(order[stage] <= order["lambda"] for k, stage in changed if k in refused)
                 else f"; factors.from={old.factors.from_run} with another {key} keeps the curvature it reuses"
                 if old.factors.from_run is not None  # fitted none of its own (a jaxinf query output, for one)
                 else f"; factors.from={self.root} with another {key} keeps its fitted curvature"
