@@ -190,12 +190,6 @@ def band_energies(
     return jnp.einsum("bits,bjts->bij", Kg, Ka, precision=precision)
 
 
-def block_cells(k_S: int, k_A: int, d_in: int) -> np.ndarray:
-    """The flat positions (in a block of ``d_in`` columns) of the square block ``[:k_S, :k_A]``: the cells a
-    projection without a selection keeps (``validate``'s random Kronecker baseline)."""
-    return (np.arange(k_S)[:, None] * d_in + np.arange(k_A)[None, :]).ravel().astype(np.int32)
-
-
 def kept_mask(cells: Array, d_out: int, d_in: int) -> Array:
     """``[*lead, d_out, d_in']``: True at the kept cells (flat positions ``cells`` ``[*lead, n]``)."""
     flat = cells.reshape(-1, cells.shape[-1])
@@ -216,8 +210,7 @@ def index_statistic(
     a: Array, g: Array, mask: Array, basis: Mapping[str, Array], *, k: int | None, dtype=None, precision=None
 ) -> dict[str, Array]:
     """One layer's index rows of a batch: the kept cells of ``R_n = Q_S^T G[n] Q_A`` (directions in decreasing
-    eigenvalue; ``basis["cells"]``, :func:`kept_cells`, or the square block of ``k`` directions where the basis has
-    none) ``[B, k_S k_A]``, and the energy off the kept cells in every pair of :func:`bands` ``[B, bands_S,
+    eigenvalue; ``basis["cells"]``, :func:`kept_cells`) ``[B, k_S k_A]``, and the energy off the kept cells in every pair of :func:`bands` ``[B, bands_S,
     bands_A]`` (the cells' and the bands' energies add up to ``||G[n]||_F^2``).
 
     ``basis``: the layer's :func:`ordered_basis`. Computed in ``dtype`` (by default the working dtype of ``a``, ``g``)
@@ -235,7 +228,7 @@ def index_statistic(
     if k_S * k_A == d_out * d_in:  # every cell kept, in place: the whole block, and nothing left over
         kept = jnp.einsum("btp,btj->bpj", g, a, precision=p).reshape(-1, d_out * d_in)
         return {"cells": kept, "bands": jnp.zeros((kept.shape[0], len(rows), len(cols)), kept.dtype)}
-    cells = basis["cells"] if "cells" in basis else jnp.asarray(block_cells(k_S, k_A, d_in))
+    cells = basis["cells"]
     kept = jnp.einsum("btn,btn->bn", g[..., cells // d_in], a[..., cells % d_in], precision=p)
     energies = band_energies(a, g, rows, cols, p) - kept_band_energies(kept, cells, d_in, rows, cols)
     return {"cells": kept, "bands": energies}
@@ -368,7 +361,7 @@ def index_queries(
         k_S, k_A = kept_size(k, s.d_out), kept_size(k, s.d_in_aug)
         P, at = Pr[name], selection.cells[name]  # [*lead, Q, d_out, d_in'], [*lead, n]
         cells.append(rows_first(take_cells(P, at), lead, 1))
-        left = jnp.where(jnp.expand_dims(kept_mask(selection.cells[name], s.d_out, s.d_in_aug), -3), 0, P * P)
+        left = jnp.where(jnp.expand_dims(kept_mask(at, s.d_out, s.d_in_aug), -3), 0, P * P)
         rest.append(rows_first(jnp.sqrt(band_sums(left, bands(k_S, s.d_out), bands(k_A, s.d_in_aug))), lead, 2))
         var = jnp.take_along_axis(variance[name], selection.rows[name][..., :, None], axis=-2)
         var = jnp.expand_dims(jnp.take_along_axis(var, selection.cols[name][..., None, :], axis=-1), -3)

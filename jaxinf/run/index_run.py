@@ -326,10 +326,9 @@ def check_available(config: cfg.Config) -> None:
 
 def check_rows(m: dict, where: Path, documents: str | None, inputs: Inputs) -> None:
     """Refuses, in one line, an index (manifest ``m`` at ``where``) built over other documents or rows than this
-    run's: what the documents and their batch plan decide, known before any pass (:func:`check_borrowed`)."""
-    if (
-        m["inputs"]["documents"] != documents
-    ):  # documents: the SHA-256 of this run's (fingerprint.documents_fingerprint)
+    run's (``documents``: the SHA-256 of its documents, :func:`jaxinf.run.fingerprint.documents_fingerprint`): what
+    the documents and their batch plan decide, known before any pass (:func:`check_borrowed`)."""
+    if m["inputs"]["documents"] != documents:
         rebuild = (  # jaxinf query takes no index.k: the run that built the index builds it again
             f"{where.parent.parent.parent}: restore the documents it was built over, or run its jaxinf run again to "
             "rebuild it"

@@ -139,10 +139,10 @@ def check_inputs(config: cfg.Config) -> None:
                 f"document (the run's own files would be read as shards); choose a {rundir.output_key()} outside it"
             )
     for key, other in (("factors.from", config.factors.from_run), ("index.from", config.index.from_run)):
-        if other is not None:
-            rundir.refuse_inside_run(Path(other), key)
-    for key, other in (("factors.from", config.factors.from_run), ("index.from", config.index.from_run)):
-        if other is not None and not rundir.is_run(Path(other)):  # index.from was "X/state/index: no index here"
+        if other is None:
+            continue
+        rundir.refuse_inside_run(Path(other), key)
+        if not rundir.is_run(Path(other)):  # index.from was "X/state/index: no index here"
             raise InputError(f"{key}: {other}: not a jaxinf run directory ({rundir.why_not_run(Path(other))})")
     if config.index.from_run is not None and config.scores.mode != "index":  # here, not in the config's checks: a
         raise InputError(  # run recorded with it (it was ignored) is still read, queried and resumed

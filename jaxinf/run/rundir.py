@@ -82,8 +82,8 @@ _QUERIED: contextvars.ContextVar[bool] = contextvars.ContextVar("jaxinf_queried"
 
 @contextlib.contextmanager
 def queried() -> Iterator[None]:
-    """The block of ``jaxinf query RUN_OR_INDEX``, which sets ``factors.from`` itself: :func:`check` names the keys
-    of the query that differ from its run's (:mod:`jaxinf.run.factors_from`), not a ``factors.from`` the user
+    """The block of ``jaxinf query RUN_OR_INDEX``, which sets ``factors.from`` itself: its messages name the keys of
+    the query that differ from its run's (:func:`jaxinf.run.factors_from.check`), not a ``factors.from`` the user
     never wrote, and a resumed query names its QUERIES argument (:class:`jaxinf.run.store.RunStore`)."""
     token = _QUERIED.set(True)
     try:
