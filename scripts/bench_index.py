@@ -1,6 +1,6 @@
 """The EK-FAC index against the exact scoring pass, on the bench world of ``bench_vs_kronfluence.py``.
 
-    python scripts/bench_index.py [--size small] [--k 8 --k 32 --k full] [--json PATH]
+    python scripts/bench_index.py [--size small] [--k 8 --k 32 --k full] [--documents N] [--topk 100] [--json PATH]
 
 1. ``jaxinf run`` with ``scores.mode: exact`` (the oracle): every stage's time from its ``run.json``.
 2. For each ``k``: ``jaxinf run`` with ``factors.from`` the oracle, ``index.k=k`` and ``scores.mode: index``
@@ -15,6 +15,12 @@ With ``--decay ALPHA`` the world's random Llama is given decaying spectra before
 RMSNorm scales and the MLP's hidden units are scaled by ``i^-ALPHA`` (in a random order), so its Kronecker factors'
 eigenvalues fall off as a trained model's do, where the random model's are nearly flat. The same documents and
 queries; ``--root`` should then differ from the flat world's.
+
+``--documents N`` overrides the size's number of documents (more random documents of the same kind) and ``--topk``
+the tails every run reports and the index certifies (``scores.topk``, default 100). A new query's process pays a
+fixed cost (its gradients, programs, the analysis) plus an exact rescoring of the documents in its certified tails,
+at most ``2 x topk`` per query whatever the corpus; the exact rerun pays a whole scoring pass. Growing the corpus
+with ``--documents`` at a small ``--topk`` shows where the first stops being a fraction of the second.
 
 With ``--empirical-whole-run`` instead: under ``factors.fisher: empirical`` the Lambda pass writes the index, so
 ``jaxinf run index.k=full scores.mode=index`` makes two passes over the corpus where the exact run makes three;
@@ -117,6 +123,8 @@ def main(argv=None) -> None:
     ap.add_argument("--k", action="append", help="index.k values (default 8, 32, full)")
     ap.add_argument("--root", default="/tmp/jaxinf-bench-index")
     ap.add_argument("--query-rank", type=int, default=32)
+    ap.add_argument("--documents", type=int, help="override the size's number of documents")
+    ap.add_argument("--topk", type=int, default=100, help="scores.topk of every run (the tails certified)")
     ap.add_argument("--json")
     ap.add_argument(
         "--reuse",
@@ -135,7 +143,7 @@ def main(argv=None) -> None:
     )
     args = ap.parse_args(argv)
     ks = args.k or ["8", "32", "full"]
-    size = bench.SIZES[args.size]
+    size = dict(bench.SIZES[args.size], **({"documents": args.documents} if args.documents else {}))
     root = Path(args.root)
     w = (
         {
@@ -168,12 +176,12 @@ def main(argv=None) -> None:
         "factors.fisher=sampled",
         f"scores.query_rank={args.query_rank}",
         "scores.query_svd=full",
-        "scores.topk=100",
+        f"scores.topk={args.topk}",
     ]
     cache = root / "xla"
     if args.empirical_whole_run:
         return empirical_whole_run(base, root, cache, args)
-    result = {"size": args.size, "documents": size["documents"], "queries": size["queries"], "k": {}}
+    result = {"size": args.size, "documents": size["documents"], "queries": size["queries"], "topk": args.topk, "k": {}}
     exact = root / "exact"
 
     def done(run: Path) -> bool:
@@ -246,6 +254,8 @@ def main(argv=None) -> None:
         "index_scores_stage_seconds": qrec["scores"]["seconds"],
         "exact_scores_stage_seconds": stage_seconds(exact_new).get("scores"),
         "rescored": qrec["scores"]["rescored"],
+        "query_stages": stage_seconds(answers),
+        "exact_stages": stage_seconds(exact_new),
         **agreement(np.load(answers / "scores.npy"), np.load(exact_new / "scores.npy")),
     }
     print(f"new queries: {json.dumps(result['new_queries'])}", flush=True)
