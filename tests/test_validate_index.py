@@ -175,5 +175,10 @@ def test_the_bound_holds_and_certification_keeps_the_exact_tails(small):
     for row in exact:
         order = np.argsort(row)
         assert candidates[order[-3:]].all() and candidates[order[:3]].all()
-    share = index_mod.rescored_share(iq, approx, bands, "float32", 3)
-    assert share == pytest.approx(candidates.mean())
+    got, _, rescored, counts = indexing.certify(approx, bounds, 3, lambda docs: exact[:, docs])
+    assert not np.any(rescored & ~candidates) and sum(counts) == rescored.sum()
+    for row, certified in zip(exact, got):
+        assert set(np.argsort(certified)[-3:]) == set(np.argsort(row)[-3:])
+        assert set(np.argsort(certified)[:3]) == set(np.argsort(row)[:3])
+    share = index_mod.rescored_share(iq, approx, bands, "float32", 3, exact)
+    assert share == pytest.approx(rescored.mean())

@@ -87,8 +87,15 @@ def update(tails: Tails, total: Array, per_layer: Array, per_token: Array | None
         ids=rows(pad(batch["tokens"].astype(jnp.int32))),
         has_tokens=jnp.full((Q, B), per_token is not None),
     )
-    joined = jax.tree.map(lambda kept, new: jnp.concatenate([kept, new], axis=1), tails, candidates)
-    _, pick = jax.lax.top_k(joined.score, K)  # [Q, K]
+    return merge(tails, candidates, K)
+
+
+def merge(a: Tails, b: Tails, k: int) -> Tails:
+    """The ``k`` rows of highest score per query among ``a``'s and ``b``'s (``lax.top_k`` over both, best first):
+    a batch's rows into the running top (:func:`update`), or the tails of two passes over disjoint documents into
+    one (the index's certification, :func:`jaxinf.engine.indexing.certify`)."""
+    joined = jax.tree.map(lambda x, y: jnp.concatenate([jnp.asarray(x), jnp.asarray(y)], axis=1), a, b)
+    _, pick = jax.lax.top_k(joined.score, k)  # [Q, k]
 
     def take(x):
         return jnp.take_along_axis(x, pick.reshape(pick.shape + (1,) * (x.ndim - 2)), axis=1)

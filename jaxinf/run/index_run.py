@@ -31,6 +31,7 @@ import numpy as np
 
 from jaxinf import config as cfg
 from jaxinf.engine import indexing, programs
+from jaxinf.engine import tails as running_tails
 from jaxinf.engine.loop import Kept, run_batches
 from jaxinf.run import rundir
 from jaxinf.run.index_store import (
@@ -500,15 +501,20 @@ def scores_from_index(config: cfg.Config, store: RunStore, inputs: Inputs, qg, c
     if processes > 1:
         log.info("scores: this process read %d of the index's %d rows", read, reader.rows)
     k = min(config.scores.topk, N)
-    certified = np.zeros(N, bool)
+    certified, rounds = np.zeros(N, bool), [0, 0]
     tails = None
     if np.any(bound > 0):
-        certified = indexing.certify_candidates(scores, bound, k)
-        wanted = np.flatnonzero(certified).tolist()
-        if wanted:
-            exact, tails = exact_scores(config, inputs, qg, wanted, executor)
-            scores[:, wanted] = exact
-            bound[:, wanted] = 0.0
+        found = []  # each round's tails
+
+        def rescore(docs: np.ndarray) -> np.ndarray:
+            exact, round_tails = exact_scores(config, inputs, qg, docs.tolist(), executor)
+            found.append(round_tails)
+            return exact
+
+        scores, bound, certified, rounds = indexing.certify(scores, bound, k, rescore)
+        for more in found:  # one set of tails: each query's top rows of both rounds
+            tails = more if tails is None else running_tails.merge(tails, more, programs.tail_slots(config, N))
+        tails = None if tails is None else jax.tree.map(np.asarray, tails)
     results = {"scores": scores, "loss": loss, "bound": bound, "fidelity": fidelity, "certified": certified}
     store.save_result(
         "scores",
@@ -518,6 +524,7 @@ def scores_from_index(config: cfg.Config, store: RunStore, inputs: Inputs, qg, c
         rotate_seconds=rotate,
         product_seconds=product,
         rescored=int(certified.sum()),
+        rescored_rounds=rounds,
         slices=len(slices),
         seconds=time.perf_counter() - t0,
         fidelity_min=float(fidelity.min()),

@@ -121,14 +121,17 @@ def index_scores(
     return indexing.index_scores(np.asarray(iq.cells, np.float64), rows), np.asarray(iq.fidelity, np.float64)
 
 
-def rescored_share(iq: indexing.IndexQueries, scores: np.ndarray, bands: np.ndarray, dtype: str, k: int) -> float:
-    """The share of the documents that certification scores exactly again (:func:`jaxinf.engine.indexing
-    .certify_candidates`, the union over queries) so that every query's top and bottom ``k`` are exact."""
+def rescored_share(
+    iq: indexing.IndexQueries, scores: np.ndarray, bands: np.ndarray, dtype: str, k: int, exact: np.ndarray
+) -> float:
+    """The share of the documents that certification scores exactly again (:func:`jaxinf.engine.indexing.certify`'s
+    two rounds, the union over queries, with ``exact`` ``[Q, N]`` as the rescoring) so that every query's top and
+    bottom ``k`` are exact."""
     rest = indexing.residual_norms(bands, indexing.RESOLUTION[dtype])
     bounds = indexing.score_bounds(np.asarray(iq.rest, np.float64), rest)
     if not np.any(bounds > 0):
         return 0.0  # nothing left out (a full index): the run rescores nothing either
-    return float(indexing.certify_candidates(scores, bounds, k).mean())
+    return float(indexing.certify(scores, bounds, k, lambda docs: exact[:, docs])[2].mean())
 
 
 def tails(n_documents: int) -> dict[int, int]:
@@ -188,7 +191,8 @@ def fidelity_table(
             "ekfac-index": {
                 **fidelity(exact, s_index, np.asarray(iq.fidelity, np.float64)),
                 "rescored": {
-                    str(t): rescored_share(iq, s_index, bands, dtype, t_k) for t, t_k in tails(exact.shape[1]).items()
+                    str(t): rescored_share(iq, s_index, bands, dtype, t_k, exact)
+                    for t, t_k in tails(exact.shape[1]).items()
                 },
             },
             "kfac-eigenvalues": fidelity(exact, s_kfac),
