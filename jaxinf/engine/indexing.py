@@ -439,8 +439,9 @@ def certify(
     2. the documents :func:`certify_candidates` still finds in reach of those, not rescored yet.
 
     A subset of the one round of :func:`certify_candidates` on the index bounds (bounds only shrink), so never more
-    documents rescored, and fewer where the bounds are wide against the gaps between scores. Returns the scores and bounds with the rescored documents' columns exact (bound 0), the mask of the rescored
-    ``[N]``, and how many each round rescored."""
+    documents rescored, and fewer where the bounds are wide against the gaps between scores. Returns the scores and
+    bounds with the rescored documents' columns exact (bound 0), the mask of the rescored ``[N]``, and how many each
+    round rescored."""
     scores, bounds = np.array(scores, np.float64), np.array(bounds, np.float64)
     done = np.zeros(scores.shape[1], bool)
     counts = []
