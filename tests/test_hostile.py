@@ -2465,3 +2465,30 @@ def test_a_query_refused_for_documents_changed_under_its_index_keeps_its_finishe
     Path(docs).write_text(original)
     assert cli.main(argv) == 0
     assert kept() == before
+
+
+def test_every_path_a_command_reads_refuses_an_empty_one(finished, tmp_path, capsys, monkeypatch):
+    """The eleventh pass: ``jaxinf analyze ''`` analyzed the working directory (``Path('')`` is ``.``), ``query ''
+    Q``, ``compare --run ''`` and ``kronfluence export '' OUT`` named ``.``, and ``prepare '' OUT`` refused OUT as
+    inside "the input directory " (named as nothing). Every path a command reads is refused when empty, by the rule of
+    the paths it writes (:data:`jaxinf.cli.INPUT_ARGUMENTS`), named as the command's usage names it."""
+    import shutil
+
+    monkeypatch.chdir(shutil.copytree(finished, tmp_path / "run"))  # a run here: '' must not be read as it
+    before = _tree(Path("."))
+    for argv, command, label in (
+        (["analyze", ""], "analyze", "RUN_DIR ''"),
+        (["analyze", str(tmp_path / "new"), "--from-release", " "], "analyze", "--from-release ' '"),
+        (["query", "", "q.jsonl"], "query", "RUN_OR_INDEX ''"),
+        (["query", ".", ""], "query", "QUERIES ''"),
+        (["compare", "--kronfluence", "", "--run", "."], "compare", "--kronfluence ''"),
+        (["compare", "--kronfluence", str(tmp_path), "--run", ""], "compare", "--run ''"),
+        (["kronfluence", "export", "", str(tmp_path / "k")], "kronfluence", "RUN_DIR ''"),
+        (["kronfluence", "import", "", "data.max_length=8"], "kronfluence", "DIR ''"),
+        (["prepare", "", str(tmp_path / "ds")], "prepare", "INPUT ''"),
+        (["run", ""], "run", "CONFIG ''"),
+    ):
+        assert cli.main(["-q", *argv]) == 2
+        message = _one_error(capsys, command, alone=True)
+        assert message.startswith(f"{label}: an empty path; give the path to read"), message
+    assert _tree(Path(".")) == before and sorted(os.listdir(tmp_path)) == ["run"]
