@@ -512,7 +512,7 @@ def export_factors(run_dir: str | Path, out: str | Path, *, overwrite: bool = Fa
         )
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    with building_dir(f".{out.name}.export-", out.parent, busy) as tmp:
+    with building_dir(f".{out.name}.export-", out.parent, busy, out) as tmp:
         kf.write_factors(tmp, arguments, tensors)
         out.mkdir(exist_ok=True)
         for factor in (f for group in kf.GROUPS.values() for f in group):  # a factors directory's own files only
