@@ -2493,3 +2493,32 @@ def test_every_path_a_command_reads_refuses_an_empty_one(finished, tmp_path, cap
         message = _one_error(capsys, command, alone=True)
         assert message.startswith(f"{label}: an empty path; give the path to read"), message
     assert _tree(Path(".")) == before and sorted(os.listdir(tmp_path)) == ["run"]
+
+
+def test_a_file_whose_lines_end_in_a_carriage_return_alone_says_so(tmp_path, capsys):
+    """The eleventh pass: documents or queries with old Mac line ends (``\\r`` alone) were one line of "invalid JSON
+    (Extra data, column 142)". It is one line naming the file and line, how many lines ran together and why; a bare
+    carriage return inside a line (JSON whitespace) is still read, and a real JSON error beside one is still named
+    as such."""
+    from jaxinf.data.errors import DataError
+    from jaxinf.data.queries import read_queries
+
+    docs = tmp_path / "docs.jsonl"
+    docs.write_bytes(b'{"id": "a", "text": "one two"}\r{"id": "b", "text": "three"}\r{"id": "c", "text": "x"}\r')
+    assert cli.main(["-q", "prepare", str(docs), str(tmp_path / "ds")]) == 2
+    assert _one_error(capsys, "prepare", alone=True) == (
+        f"{docs}:1: 3 lines separated by a carriage return alone (\\r, old Mac line ends); JSONL lines end in \\n "
+        "(or \\r\\n): convert the file (tr '\\r' '\\n' < OLD > NEW)"
+    )
+    queries = tmp_path / "q.jsonl"
+    queries.write_bytes(
+        b'{"id": "q", "prompt": "a", "completion": "b"}\n{"id": "r", "prompt": "a", "completion": "b"}\r'
+    )
+    queries.write_bytes(queries.read_bytes() + b'{"id": "s", "prompt": "a", "completion": "b"}\r\n')
+    with pytest.raises(DataError, match=r"q\.jsonl:2: 2 lines separated by a carriage return alone"):
+        read_queries(queries)
+    queries.write_bytes(b'{"id": "q",\r"prompt": "a", "completion": "b"}\r\n{"id": "r",\r"prompt": x}\n')
+    with pytest.raises(DataError, match=r"q\.jsonl:2: invalid JSON \(Expecting value, column 23\)$"):
+        read_queries(queries)
+    queries.write_bytes(b'{"id": "q",\r"prompt": "a", "completion": "b"}\r\n')
+    assert [q.id for q in read_queries(queries)] == ["q"]
