@@ -2574,3 +2574,33 @@ def test_a_file_whose_lines_end_in_a_carriage_return_alone_says_so(tmp_path, cap
         read_queries(queries)
     queries.write_bytes(b'{"id": "q",\r"prompt": "a", "completion": "b"}\r\n')
     assert [q.id for q in read_queries(queries)] == ["q"]
+
+
+def test_a_run_or_query_resumed_with_its_paths_spelled_otherwise_is_not_refused(
+    world, finished, indexed, tmp_path, capsys, monkeypatch
+):
+    """The eleventh pass: a finished run resumed with its model named by a relative path (or with a trailing slash),
+    or a query's output resumed with its run named ``idx`` where it was ``/abs/idx``, was refused ("these keys would
+    change results already saved: model.checkpoint", "factors.from, index.from") and offered --overwrite, which
+    discards every result. Paths compare by what they name, from the directory each was given in; another file is
+    still refused."""
+    import shutil
+
+    run = shutil.copytree(finished, tmp_path / "run")
+    before = {p: p.stat().st_ino for p in sorted(run.rglob("*")) if p.suffix == ".npy"}
+    monkeypatch.chdir(world["model"].parent)
+    settings = {"data.batch_size": 8, "factors.fisher": "empirical", "model.checkpoint": "./model/"}
+    assert cli.main(["-q", "run", *overrides(world, run, **settings)]) == 0
+    assert {p: p.stat().st_ino for p in sorted(run.rglob("*")) if p.suffix == ".npy"} == before  # nothing redone
+    idx, _ = indexed
+    out = tmp_path / "q"
+    assert cli.main(["-q", "query", str(idx), str(world["queries"]), "--out", str(out)]) == 0
+    scores = (out / "scores.npy").stat().st_ino
+    monkeypatch.chdir(idx.parent)
+    assert cli.main(["-q", "query", f"./{idx.name}/", str(world["queries"]), "--out", str(out)]) == 0
+    assert (out / "scores.npy").stat().st_ino == scores
+    capsys.readouterr()
+    other = shutil.copy(world["queries"], tmp_path / "other.jsonl")  # the same content elsewhere: another path
+    settings["data.queries"], settings["model.checkpoint"] = other, world["model"]
+    assert cli.main(["-q", "run", *overrides(world, run, **settings)]) == 2
+    assert "these keys would change results already saved: data.queries" in _one_error(capsys, "run")

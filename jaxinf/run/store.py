@@ -252,7 +252,13 @@ class RunStore:
         return store
 
     def _check_resume(self, old: cfg.Config, new: cfg.Config) -> None:
-        changed = cfg.changed_keys(old, new)
+        """Refuses ``new`` when a key that changes results differs from ``old`` (the record's) and the stage it affects
+        has saved progress; else marks the stages it affects pending. Paths compare by what they name, each from the
+        working directory it was given in (the record's ``cwd``), not by their spelling."""
+        where = self.record.get("cwd")
+        changed = cfg.changed_keys(
+            cfg.located(old, where if isinstance(where, str) else os.getcwd()), cfg.located(new, os.getcwd())
+        )
         if not changed:
             return
         order = {s: i for i, s in enumerate(cfg.STAGES)}
