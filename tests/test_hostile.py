@@ -2604,3 +2604,16 @@ def test_a_run_or_query_resumed_with_its_paths_spelled_otherwise_is_not_refused(
     settings["data.queries"], settings["model.checkpoint"] = other, world["model"]
     assert cli.main(["-q", "run", *overrides(world, run, **settings)]) == 2
     assert "these keys would change results already saved: data.queries" in _one_error(capsys, "run")
+
+
+def test_plan_corpus_refuses_a_corpus_the_run_refuses(world, tmp_path, capsys):
+    """The eleventh pass: ``jaxinf plan --corpus`` on an empty corpus planned "0 documents, 0 rows" and timed "the
+    corpus's 0 token slots ... as 1 rows of 48 tokens", where ``jaxinf run`` refuses the corpus in one line. The plan
+    reads the corpus with the run's reader and makes the run's check."""
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text('{"id": "a", "text": "   "}\n')
+    argv = ["-q", "plan", f"model.checkpoint={world['model']}", f"data.documents={docs}", "data.max_length=48"]
+    assert cli.main([*argv, "--no-compile", "--corpus"]) == 2
+    assert _one_error(capsys, "plan", alone=True) == (
+        f"no documents with at least 2 tokens in {docs} (0 documents kept; stage covariance)"
+    )
