@@ -2617,3 +2617,34 @@ def test_plan_corpus_refuses_a_corpus_the_run_refuses(world, tmp_path, capsys):
     assert _one_error(capsys, "plan", alone=True) == (
         f"no documents with at least 2 tokens in {docs} (0 documents kept; stage covariance)"
     )
+
+
+def test_a_query_with_kfac_against_an_ekfac_index_is_scored_as_documented(world, indexed, tmp_path, capsys):
+    """The eleventh pass: docs/method.md says one index answers K-FAC (``factors.strategy=kfac``) as well as EK-FAC,
+    and ``jaxinf query --help`` offers ``factors.strategy=kfac``, but the query was refused ("factors.strategy: a query
+    is scored with the model and curvature of its run, fitted with other values of these"): an EK-FAC fit holds K-FAC's
+    eigenvalue products (:func:`jaxinf.run.factors_from.holds`). Its certified top documents are those, with the
+    scores, of an exact K-FAC pass on the same curvature; EK-FAC from a K-FAC fit is still refused."""
+    run, argv = indexed
+    out = tmp_path / "q"
+    assert cli.main(["-q", "query", str(run), str(world["queries"]), "--out", str(out), "factors.strategy=kfac"]) == 0
+    exact = tmp_path / "exact"
+    settings = [f"run.out={exact}", f"factors.from={run}", "factors.strategy=kfac", "index.k=null"]
+    assert cli.main(["-q", "run", *argv, *settings]) == 0
+
+    def top(root):
+        return [
+            (t["query"], [(d["id"], d["score"]) for d in t["top"]]) for t in map(json.loads, open(root / "topk.jsonl"))
+        ]
+
+    assert [[i for i, _ in docs] for _, docs in top(out)] == [[i for i, _ in docs] for _, docs in top(exact)]
+    for (_, ours), (_, theirs) in zip(top(out), top(exact)):
+        np.testing.assert_allclose([s for _, s in ours], [s for _, s in theirs], rtol=1e-5)
+    capsys.readouterr()
+    assert (
+        cli.main(
+            ["-q", "run", *argv, f"run.out={tmp_path / 'back'}", f"factors.from={exact}", "factors.strategy=ekfac"]
+        )
+        == 2
+    )
+    assert _one_error(capsys, "run") == f"factors.from: {exact} was fitted with other settings: factors.strategy"
