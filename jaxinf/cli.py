@@ -161,7 +161,7 @@ def _query(args, run_dir: Path) -> int:
         raise cfg.ConfigError(f"{args.queries}: {what}")
     where = Path(os.path.abspath(run_dir))  # RUN given as '.' or '..': beside the run, not '-queries' inside it
     out = args.out or str(where.parent / f"{where.name}-{Path(args.queries).stem}")
-    raw = cfg.to_dict(cfg.from_dict(record["config"], str(run_dir / "run.json")))
+    raw = cfg.to_dict(rundir.recorded_config(record, run_dir))
     raw["data"]["queries"], raw["run"]["out"] = str(args.queries), str(out)
     curvature_from = raw["factors"]["from"] or str(run_dir)  # where the run's own curvature lives
     if os.path.realpath(out) in (os.path.realpath(run_dir), os.path.realpath(curvature_from)):  # loops: no raise

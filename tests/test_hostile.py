@@ -2648,3 +2648,22 @@ def test_a_query_with_kfac_against_an_ekfac_index_is_scored_as_documented(world,
         == 2
     )
     assert _one_error(capsys, "run") == f"factors.from: {exact} was fitted with other settings: factors.strategy"
+
+
+def test_a_run_with_relative_paths_is_queried_and_exported_from_another_directory(world, tmp_path, capsys, monkeypatch):
+    """The eleventh pass: ``jaxinf query RUN Q`` from another directory than the run's, on a run started with
+    relative paths (``model.checkpoint=model``), failed with "model.checkpoint: model: no such directory": the run's
+    paths were read from the query's working directory, though run.json records the one the run was started in
+    (``cwd``). Every reader of another run's config reads its paths from there (:func:`jaxinf.run.rundir
+    .recorded_config`): the query, ``factors.from`` and ``kronfluence export``."""
+    monkeypatch.chdir(world["model"].parent)
+    run = tmp_path / "run"
+    settings = {"model.checkpoint": "model", "data.documents": "docs.jsonl", "data.queries": "queries.jsonl"}
+    argv = overrides(world, run, **{"data.batch_size": 8, "factors.fisher": "empirical", "index.k": 4, **settings})
+    assert cli.main(["-q", "run", *argv]) == 0
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["-q", "query", str(run), str(world["queries"]), "--out", "q"]) == 0
+    assert (tmp_path / "q" / "topk.jsonl").read_text() == (run / "topk.jsonl").read_text()
+    assert cli.main(["-q", "kronfluence", "export", str(run), "kf"]) == 0
+    assert (tmp_path / "kf" / "factor_arguments.json").is_file()
+    capsys.readouterr()

@@ -169,7 +169,7 @@ def load_run(run_dir: str | Path) -> RunFactors:
     """The curvature of a run directory (following ``factors.from``); arrays in the run's precision."""
     root = Path(run_dir)
     record = read_record(root)
-    config = cfg.from_dict(record["config"], str(root / "run.json"))
+    config = rundir.recorded_config(record, root)
     source, store = root, RunStore(root, record)
     seen = {root.resolve()}
     while config.factors.from_run is not None and not _fitted(store, "eigen") and not _fitted(store, "lambda"):

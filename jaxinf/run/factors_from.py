@@ -30,7 +30,7 @@ def check(config: cfg.Config, model_fp: dict | None) -> RunStore | None:
         record = rundir.read_record(other)
         if record is None:
             raise StoreError(f"factors.from: {other}: no run.json (nor its copy state/run.json)")
-        theirs = cfg.from_dict(record["config"], str(other / "run.json"))
+        theirs = rundir.recorded_config(record, other)
     except (cfg.ConfigError, TypeError, KeyError) as e:
         raise StoreError(f"factors.from: {other / 'run.json'}: unreadable run record ({e})") from None
     recorded = record.get("inputs") or {}
