@@ -2667,3 +2667,32 @@ def test_a_run_with_relative_paths_is_queried_and_exported_from_another_director
     assert cli.main(["-q", "kronfluence", "export", str(run), "kf"]) == 0
     assert (tmp_path / "kf" / "factor_arguments.json").is_file()
     capsys.readouterr()
+
+
+def test_an_index_array_the_machine_refused_is_one_line_and_the_same_command_resumes(
+    world, indexed, tmp_path, capsys, monkeypatch
+):
+    """The eleventh pass: an index array refused by the machine (a full disk, ``ulimit -f``: EFBIG) was "cannot open
+    the index array ([Errno 27] File too large)", exit 2, as if the index were damaged. It is the run's one line for a
+    machine limit: the file, what to do, exit 3; the same command then finishes with the scores and index of a run
+    never stopped."""
+    import errno
+
+    src, argv = indexed
+    opened = np.lib.format.open_memmap
+
+    def refused(path, *args, **kwargs):
+        if Path(path).name == "cells.npy":
+            raise OSError(errno.EFBIG, "File too large")
+        return opened(path, *args, **kwargs)
+
+    monkeypatch.setattr(np.lib.format, "open_memmap", refused)
+    out = tmp_path / "run"
+    assert cli.main(["-q", "run", *argv, f"run.out={out}"]) == 3
+    line = _one_error(capsys, "run")
+    assert line.startswith(f"{out / 'state' / 'index' / 'cells.npy'}: file too large (over the file-size limit"), line
+    assert line.endswith("raise the limit or choose another run.out and run the same command again to resume"), line
+    monkeypatch.setattr(np.lib.format, "open_memmap", opened)
+    assert cli.main(["-q", "run", *argv, f"run.out={out}"]) == 0
+    np.testing.assert_array_equal(np.load(out / "scores.npy"), np.load(src / "scores.npy"))
+    np.testing.assert_array_equal(np.load(out / "state/index/cells.npy"), np.load(src / "state/index/cells.npy"))
