@@ -2666,6 +2666,19 @@ def test_a_run_with_relative_paths_is_queried_and_exported_from_another_director
     assert (tmp_path / "q" / "topk.jsonl").read_text() == (run / "topk.jsonl").read_text()
     assert cli.main(["-q", "kronfluence", "export", str(run), "kf"]) == 0
     assert (tmp_path / "kf" / "factor_arguments.json").is_file()
+    # the run moved with its inputs, resumed with the same relative paths: the same paths, not a changed key
+    import shutil
+
+    moved = shutil.copytree(world["model"].parent, tmp_path / "moved")
+    shutil.copytree(run, moved / "run")
+    monkeypatch.chdir(moved)
+
+    def results():  # but the token counts' cache (state/plan), keyed by the documents' path: counted again
+        return {p: p.stat().st_ino for p in sorted((moved / "run").rglob("*.npy")) if p.parent.name != "plan"}
+
+    before = results()
+    assert cli.main(["-q", "run", *argv, "run.out=run"]) == 0
+    assert results() == before
     capsys.readouterr()
 
 

@@ -253,12 +253,15 @@ class RunStore:
 
     def _check_resume(self, old: cfg.Config, new: cfg.Config) -> None:
         """Refuses ``new`` when a key that changes results differs from ``old`` (the record's) and the stage it affects
-        has saved progress; else marks the stages it affects pending. Paths compare by what they name, each from the
-        working directory it was given in (the record's ``cwd``), not by their spelling."""
+        has saved progress; else marks the stages it affects pending. A path key differs only when both its spelling
+        and what it names (from the working directory it was given in: the record's ``cwd``) differ: the same files
+        by another path are not a change, nor the same relative paths of a run directory moved with its inputs (the
+        content of the model, documents and queries is compared apart, :mod:`jaxinf.run.fingerprint`)."""
         where = self.record.get("cwd")
-        changed = cfg.changed_keys(
+        located = cfg.changed_keys(
             cfg.located(old, where if isinstance(where, str) else os.getcwd()), cfg.located(new, os.getcwd())
         )
+        changed = [k for k in cfg.changed_keys(old, new) if k in located]
         if not changed:
             return
         order = {s: i for i, s in enumerate(cfg.STAGES)}
