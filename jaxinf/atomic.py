@@ -121,13 +121,16 @@ log = logging.getLogger("jaxinf")
 
 
 @contextlib.contextmanager
-def building_dir(prefix: str, parent: Path, busy: Callable[[str], Exception]) -> Iterator[Path]:
-    """A new temporary directory ``parent/PREFIXxxxxxxxx`` to build a directory in (the caller renames it into
-    place), removed at the end however the block ends, under the lock file ``parent/PREFIXlock`` (:func:`hold_lock`,
-    removed at the end too): one process at a time builds with ``prefix``, and the others get ``busy(holder)``
-    raised (``host H pid P``). So a temporary directory with this prefix that another process left (one killed by
-    SIGKILL, OOM or a lost machine, which could not remove it) is seen under the lock as a dead writer's and removed
-    first, with a warning naming it; never one a live process is writing."""
+def building_dir(prefix: str, parent: Path, busy: Callable[[str], Exception], final: Path) -> Iterator[Path]:
+    """A new temporary directory ``parent/PREFIXxxxxxxxx`` to build the directory ``final`` in (the caller renames it,
+    or moves its files, into place), removed at the end however the block ends, under the lock file
+    ``parent/PREFIXlock`` (:func:`hold_lock`, removed at the end too): one process at a time builds with ``prefix``,
+    and the others get ``busy(holder)`` raised (``host H pid P``). So a temporary directory with this prefix that
+    another process left (one killed by SIGKILL, OOM or a lost machine, which could not remove it) is seen under the
+    lock as a dead writer's and removed first, with a warning naming it; never one a live process is writing.
+
+    A write refused inside the block (a full disk, a file-size limit) names the file where it was going in ``final``,
+    not in the temporary directory, which is gone by the time the message is read."""
     path = parent / f"{prefix}lock"
     fd = hold_lock(path)
     if fd is None:
@@ -148,10 +151,27 @@ def building_dir(prefix: str, parent: Path, busy: Callable[[str], Exception]) ->
         tmp = make_temp_dir(prefix, parent)
         try:
             yield tmp
+        except OSError as e:
+            renamed = _named_in(e, tmp, final)
+            if renamed is None:
+                raise
+            raise renamed from e
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     finally:
         drop_lock(path, fd)
+
+
+def _named_in(e: OSError, tmp: Path, final: Path) -> OSError | None:
+    """``e`` (same errno and reason) naming the file of ``final`` that its file under ``tmp`` was to become; None when
+    it names no file under ``tmp``."""
+    if not isinstance(e.filename, str):
+        return None
+    try:
+        inside = Path(e.filename).relative_to(tmp)
+    except ValueError:
+        return None
+    return OSError(e.errno, e.strerror, str(final / inside) if inside.parts else str(final))
 
 
 def _is_temp_dir(p: Path, prefix: str) -> bool:

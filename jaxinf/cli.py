@@ -161,7 +161,7 @@ def _query(args, run_dir: Path) -> int:
         raise cfg.ConfigError(f"{args.queries}: {what}")
     where = Path(os.path.abspath(run_dir))  # RUN given as '.' or '..': beside the run, not '-queries' inside it
     out = args.out or str(where.parent / f"{where.name}-{Path(args.queries).stem}")
-    raw = cfg.to_dict(cfg.from_dict(record["config"], str(run_dir / "run.json")))
+    raw = cfg.to_dict(rundir.recorded_config(record, run_dir))
     raw["data"]["queries"], raw["run"]["out"] = str(args.queries), str(out)
     curvature_from = raw["factors"]["from"] or str(run_dir)  # where the run's own curvature lives
     if os.path.realpath(out) in (os.path.realpath(run_dir), os.path.realpath(curvature_from)):  # loops: no raise
@@ -304,23 +304,46 @@ def _refuse_undecodable(argv: list[str]) -> None:
             )
 
 
-PATH_ARGUMENTS = {"out": "--out", "out_dir": "OUT_DIR", "json": "--json"}
-"""The arguments that name a path a command writes, as its usage names them: an empty one (``--out ''``, a shell
+PATH_ARGUMENTS = ("out", "out_dir", "json")
+"""The arguments that name a path a command writes (each named as its usage names it): an empty one (``--out ''``, a shell
 variable never set) is refused, never taken for the working directory (``Path('')`` is ``.``): ``validate --out ''``
 and ``kronfluence export RUN ''`` wrote into it, ``prepare DOCS ''`` failed with a traceback after converting every
 document, and ``query --out ''`` fell back to its default."""
 
+INPUT_ARGUMENTS = ("config", "run", "run_dir", "queries", "input", "kronfluence", "from_release")
+"""The arguments that name a path a command reads (``analyze RUN_DIR`` writes its report there too): an empty one is
+refused as well, never read as the working directory (``jaxinf analyze ''`` analyzed it, ``query '' Q``, ``compare
+--run ''`` and ``kronfluence export '' OUT`` named ``.``; ``prepare '' OUT`` refused OUT as inside ``the input
+directory``, named as nothing)."""
 
-def _refuse_empty_paths(args) -> None:
+
+def _chosen_parser(parser: argparse.ArgumentParser, args) -> argparse.ArgumentParser:
+    """The (sub)parser of the command ``args`` holds (``kronfluence export``: its ``export`` parser), whose arguments
+    name themselves as its usage does."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            chosen = action.choices.get(getattr(args, action.dest, None) or "")
+            if chosen is not None:
+                return _chosen_parser(chosen, args)
+    return parser
+
+
+def _refuse_empty_paths(parser: argparse.ArgumentParser, args) -> None:
+    """Every path argument of the command (:data:`PATH_ARGUMENTS`, :data:`INPUT_ARGUMENTS`) given as an empty or blank
+    string: one line naming it as the command's usage does."""
     from jaxinf.config import ConfigError
 
-    for name, label in PATH_ARGUMENTS.items():
-        value = getattr(args, name, None)
-        if args.command == "kronfluence" and name == "out":  # kronfluence export RUN_DIR OUT_DIR
-            label = "OUT_DIR"
+    for action in _chosen_parser(parser, args)._actions:
+        writes = action.dest in PATH_ARGUMENTS
+        if not writes and action.dest not in INPUT_ARGUMENTS:
+            continue
+        value = getattr(args, action.dest, None)
         if isinstance(value, str) and not value.strip():
-            leave = f" (or leave {label} out)" if label.startswith("--") else ""
-            raise ConfigError(f"{label} {value!r}: an empty path; give the path to write{leave}")
+            label = action.option_strings[-1] if action.option_strings else action.metavar or action.dest.upper()
+            leave = f" (or leave {label} out)" if action.option_strings and not action.required else ""
+            raise ConfigError(
+                f"{label} {value!r}: an empty path; give the path to {'write' if writes else 'read'}{leave}"
+            )
 
 
 def _config_arguments(parser: argparse.ArgumentParser, config_help: str) -> None:
@@ -474,7 +497,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with unraisable_hook().command():
             _refuse_undecodable(sys.argv[1:] if argv is None else argv)
-            _refuse_empty_paths(args)
+            _refuse_empty_paths(parser, args)
             return _handler(args.handler)(args)
     except (EnvironmentFailure, UserError) as e:  # jaxinf.errors: one line, the kind's exit code
         print(f"jaxinf {args.command}: error: {e}", file=sys.stderr)

@@ -437,30 +437,82 @@ def test_an_overwrite_refused_by_an_input_error_does_not_say_the_same_command_st
     world, finished, tmp_path, capsys
 ):
     """The hostile pass's note on one ``--overwrite`` message: refused by an input error met after the old run was
-    set aside (a corpus whose ids repeat), the warning gave a Python class name and said "the same command starts it
-    over", which the same command cannot (it is refused again). It now points at the error and says the old run is
-    back."""
+    set aside, the warning gave a Python class name and said "the same command starts it over", which the same
+    command cannot (it is refused again). It now points at the error and says the old run is back. (The pass met it
+    with a corpus whose ids repeat, refused before anything is set aside since the eleventh pass; a weight that is not
+    finite is found only when the weights are read, after.)"""
+    import shutil
+
+    from safetensors.numpy import load_file, save_file
+
+    run = tmp_path / "run"
+    shutil.copytree(finished, run)
+    model = shutil.copytree(world["model"], tmp_path / "model")
+    weights = load_file(model / "model.safetensors")
+    name = next(k for k in sorted(weights) if k.endswith("down_proj.weight"))
+    weights[name][0, 0] = np.nan
+    save_file(weights, model / "model.safetensors", metadata={"format": "np"})
+    settings = {"data.batch_size": 8, "factors.fisher": "empirical", "model.checkpoint": model}
+    assert cli.main(["-q", "run", *overrides(world, run, **settings), "--overwrite"]) == 2
+    err = capsys.readouterr().err
+    assert (
+        f"jaxinf: {run}: --overwrite stopped on the error below; the previous run is back as it was and the new " in err
+    )
+    assert "Error" not in err.replace("jaxinf run: error", "") and "starts it over" not in err
+    assert err.strip().splitlines()[-1].startswith("jaxinf run: error: ") and name in err
+    assert sorted(os.listdir(run)) == sorted(os.listdir(finished))
+
+
+@pytest.mark.parametrize("damage", ["repeated id", "bad JSON", "no text", "empty", "old Mac line ends", "dedupe"])
+def test_an_overwrite_refused_for_its_corpus_never_sets_the_old_run_aside(world, finished, tmp_path, capsys, damage):
+    """The eleventh pass: with ``--overwrite`` and queries naming no ``supports``, a corpus error (a repeated id, a
+    line that is no JSON or has no text, an empty corpus) was found only after the old run was set aside (and put
+    back); a ``supports`` id skipped by ``data.dedupe`` was called "unknown". The corpus is opened, scanned and checked with the other start-up checks, before the lock: one line, the
+    old run's directory never touched (same entries, same inodes), no --overwrite warning."""
     import shutil
 
     run = tmp_path / "run"
     shutil.copytree(finished, run)
-    docs = tmp_path / "docs.jsonl"
-    docs.write_text(world["docs"].read_text() + world["docs"].read_text().splitlines()[0] + "\n")
-    queries = tmp_path / "queries.jsonl"  # no supports: their ids would be checked against the corpus first, and the
-    queries.write_text(  # repeated id refused before the old run is set aside
+    before = {p: p.stat().st_ino for p in sorted(run.rglob("*"))}
+    lines = world["docs"].read_text().splitlines(keepends=True)
+    docs, queries = tmp_path / "docs.jsonl", tmp_path / "queries.jsonl"
+    queries.write_text(  # no supports: the corpus was opened up front only to check them
         "".join(
             json.dumps({k: v for k, v in json.loads(line).items() if k != "supports"}) + "\n"
             for line in world["queries"].read_text().splitlines()
         )
     )
     settings = {"data.batch_size": 8, "factors.fisher": "empirical", "data.documents": docs, "data.queries": queries}
+    if damage == "repeated id":
+        docs.write_text("".join(lines) + lines[0])
+        message = f'{docs}:{len(lines) + 1}: duplicate id "doc00000" (first at line 1)'
+    elif damage == "bad JSON":
+        docs.write_text("".join(lines[:2]) + "{oops\n" + "".join(lines[2:]))
+        message = f"{docs}:3: invalid JSON (Expecting property name enclosed in double quotes, column 2)"
+    elif damage == "no text":
+        docs.write_text("".join(lines[:4]) + '{"id": "x"}\n')
+        message = f'{docs}:5: missing field "text"'
+    elif damage == "empty":
+        docs.write_text("\n")
+        message = f"no documents with at least 2 tokens in {docs} (0 documents kept; stage covariance)"
+    elif damage == "old Mac line ends":
+        docs.write_text("".join(lines).replace("\n", "\r"))
+        message = f"{docs}:1: {len(lines)} lines separated by a carriage return alone"
+    else:  # a supports id the corpus has, skipped by data.dedupe as the duplicate of an earlier document
+        docs.write_text(lines[0].replace("doc00000", "first") + "".join(lines))
+        settings["data.dedupe"] = "exact"
+        queries.write_text(
+            '{"id": "a", "prompt": "the river of milin is the", "completion": "1 2 3 .", "supports": ["doc00000"]}\n'
+        )
+        message = (
+            f'{queries}:1: query "a": supports names document "doc00000", which data.dedupe: exact skipped as a '
+            'duplicate of "first" (the same text); name "first" instead'
+        )
     assert cli.main(["-q", "run", *overrides(world, run, **settings), "--overwrite"]) == 2
-    err = capsys.readouterr().err
-    assert (
-        f"jaxinf: {run}: --overwrite stopped on the error below; the previous run is back as it was and the new " in err
-    )
-    assert "DataError" not in err and "starts it over" not in err
-    assert err.strip().splitlines()[-1].startswith("jaxinf run: error: ") and "doc00000" in err
+    line = _one_error(capsys, "run", alone=True)  # the only line: no --overwrite warning, the run was never set aside
+    assert line.startswith(message), line
+    assert {p: p.stat().st_ino for p in sorted(run.rglob("*"))} == before
+    assert not (run / ".jaxinf-previous").exists()
 
 
 def test_an_overwrite_with_a_query_too_long_is_refused_before_the_old_run_is_set_aside(
@@ -2321,8 +2373,9 @@ def test_a_file_size_limit_is_one_line_and_the_same_command_resumes(world, finis
 
 def test_a_figure_the_machine_refused_to_write_is_named(finished, tmp_path):
     """``jaxinf analyze`` past a file-size limit (or on a full disk) said "a write: file too large": matplotlib's
-    image writer fails with an error naming no file. The figure it was writing is named; nothing of the run is
-    lost and the report's temporary directory is removed."""
+    image writer fails with an error naming no file. The figure it was writing is named where it was going (the
+    eleventh pass: it was named in the report's temporary directory, gone by the time the message is read); nothing of
+    the run is lost and the temporary directory is removed."""
     import shutil
     import subprocess
     import sys
@@ -2335,7 +2388,7 @@ def test_a_figure_the_machine_refused_to_write_is_named(finished, tmp_path):
     r = subprocess.run(limited, capture_output=True, text=True, env=env(tmp_path / "xla"))
     assert r.returncode == 3 and "Traceback" not in r.stderr, r.stderr[-3000:]
     line = next(line for line in r.stderr.splitlines() if line.startswith("jaxinf analyze: error: "))
-    assert line.startswith(f"jaxinf analyze: error: {run}/.report-") and ".png: file too large (" in line, line
+    assert line.startswith(f"jaxinf analyze: error: {run}/report/") and ".png: file too large (" in line, line
     assert _tree(run) == before and not [p for p in os.listdir(run) if p.startswith(".report-")]
 
 
@@ -2465,3 +2518,194 @@ def test_a_query_refused_for_documents_changed_under_its_index_keeps_its_finishe
     Path(docs).write_text(original)
     assert cli.main(argv) == 0
     assert kept() == before
+
+
+def test_every_path_a_command_reads_refuses_an_empty_one(finished, tmp_path, capsys, monkeypatch):
+    """The eleventh pass: ``jaxinf analyze ''`` analyzed the working directory (``Path('')`` is ``.``), ``query ''
+    Q``, ``compare --run ''`` and ``kronfluence export '' OUT`` named ``.``, and ``prepare '' OUT`` refused OUT as
+    inside "the input directory " (named as nothing). Every path a command reads is refused when empty, by the rule of
+    the paths it writes (:data:`jaxinf.cli.INPUT_ARGUMENTS`), named as the command's usage names it."""
+    import shutil
+
+    monkeypatch.chdir(shutil.copytree(finished, tmp_path / "run"))  # a run here: '' must not be read as it
+    before = _tree(Path("."))
+    for argv, command, label in (
+        (["analyze", ""], "analyze", "RUN_DIR ''"),
+        (["analyze", str(tmp_path / "new"), "--from-release", " "], "analyze", "--from-release ' '"),
+        (["query", "", "q.jsonl"], "query", "RUN_OR_INDEX ''"),
+        (["query", ".", ""], "query", "QUERIES ''"),
+        (["compare", "--kronfluence", "", "--run", "."], "compare", "--kronfluence ''"),
+        (["compare", "--kronfluence", str(tmp_path), "--run", ""], "compare", "--run ''"),
+        (["kronfluence", "export", "", str(tmp_path / "k")], "kronfluence", "RUN_DIR ''"),
+        (["kronfluence", "import", "", "data.max_length=8"], "kronfluence", "DIR ''"),
+        (["prepare", "", str(tmp_path / "ds")], "prepare", "INPUT ''"),
+        (["run", ""], "run", "CONFIG ''"),
+    ):
+        assert cli.main(["-q", *argv]) == 2
+        message = _one_error(capsys, command, alone=True)
+        assert message.startswith(f"{label}: an empty path; give the path to read"), message
+    assert _tree(Path(".")) == before and sorted(os.listdir(tmp_path)) == ["run"]
+
+
+def test_a_file_whose_lines_end_in_a_carriage_return_alone_says_so(tmp_path, capsys):
+    """The eleventh pass: documents or queries with old Mac line ends (``\\r`` alone) were one line of "invalid JSON
+    (Extra data, column 142)". It is one line naming the file and line, how many lines ran together and why; a bare
+    carriage return inside a line (JSON whitespace) is still read, and a real JSON error beside one is still named
+    as such."""
+    from jaxinf.data.errors import DataError
+    from jaxinf.data.queries import read_queries
+
+    docs = tmp_path / "docs.jsonl"
+    docs.write_bytes(b'{"id": "a", "text": "one two"}\r{"id": "b", "text": "three"}\r{"id": "c", "text": "x"}\r')
+    assert cli.main(["-q", "prepare", str(docs), str(tmp_path / "ds")]) == 2
+    assert _one_error(capsys, "prepare", alone=True) == (
+        f"{docs}:1: 3 lines separated by a carriage return alone (\\r, old Mac line ends); JSONL lines end in \\n "
+        "(or \\r\\n): convert the file (tr '\\r' '\\n' < OLD > NEW)"
+    )
+    queries = tmp_path / "q.jsonl"
+    queries.write_bytes(
+        b'{"id": "q", "prompt": "a", "completion": "b"}\n{"id": "r", "prompt": "a", "completion": "b"}\r'
+    )
+    queries.write_bytes(queries.read_bytes() + b'{"id": "s", "prompt": "a", "completion": "b"}\r\n')
+    with pytest.raises(DataError, match=r"q\.jsonl:2: 2 lines separated by a carriage return alone"):
+        read_queries(queries)
+    queries.write_bytes(b'{"id": "q",\r"prompt": "a", "completion": "b"}\r\n{"id": "r",\r"prompt": x}\n')
+    with pytest.raises(DataError, match=r"q\.jsonl:2: invalid JSON \(Expecting value, column 23\)$"):
+        read_queries(queries)
+    queries.write_bytes(b'{"id": "q",\r"prompt": "a", "completion": "b"}\r\n')
+    assert [q.id for q in read_queries(queries)] == ["q"]
+
+
+def test_a_run_or_query_resumed_with_its_paths_spelled_otherwise_is_not_refused(
+    world, finished, indexed, tmp_path, capsys, monkeypatch
+):
+    """The eleventh pass: a finished run resumed with its model named by a relative path (or with a trailing slash),
+    or a query's output resumed with its run named ``idx`` where it was ``/abs/idx``, was refused ("these keys would
+    change results already saved: model.checkpoint", "factors.from, index.from") and offered --overwrite, which
+    discards every result. Paths compare by what they name, from the directory each was given in; another file is
+    still refused."""
+    import shutil
+
+    run = shutil.copytree(finished, tmp_path / "run")
+    before = {p: p.stat().st_ino for p in sorted(run.rglob("*")) if p.suffix == ".npy"}
+    monkeypatch.chdir(world["model"].parent)
+    settings = {"data.batch_size": 8, "factors.fisher": "empirical", "model.checkpoint": "./model/"}
+    assert cli.main(["-q", "run", *overrides(world, run, **settings)]) == 0
+    assert {p: p.stat().st_ino for p in sorted(run.rglob("*")) if p.suffix == ".npy"} == before  # nothing redone
+    idx, _ = indexed
+    out = tmp_path / "q"
+    assert cli.main(["-q", "query", str(idx), str(world["queries"]), "--out", str(out)]) == 0
+    scores = (out / "scores.npy").stat().st_ino
+    monkeypatch.chdir(idx.parent)
+    assert cli.main(["-q", "query", f"./{idx.name}/", str(world["queries"]), "--out", str(out)]) == 0
+    assert (out / "scores.npy").stat().st_ino == scores
+    capsys.readouterr()
+    other = shutil.copy(world["queries"], tmp_path / "other.jsonl")  # the same content elsewhere: another path
+    settings["data.queries"], settings["model.checkpoint"] = other, world["model"]
+    assert cli.main(["-q", "run", *overrides(world, run, **settings)]) == 2
+    assert "these keys would change results already saved: data.queries" in _one_error(capsys, "run")
+
+
+def test_plan_corpus_refuses_a_corpus_the_run_refuses(world, tmp_path, capsys):
+    """The eleventh pass: ``jaxinf plan --corpus`` on an empty corpus planned "0 documents, 0 rows" and timed "the
+    corpus's 0 token slots ... as 1 rows of 48 tokens", where ``jaxinf run`` refuses the corpus in one line. The plan
+    reads the corpus with the run's reader and makes the run's check."""
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text('{"id": "a", "text": "   "}\n')
+    argv = ["-q", "plan", f"model.checkpoint={world['model']}", f"data.documents={docs}", "data.max_length=48"]
+    assert cli.main([*argv, "--no-compile", "--corpus"]) == 2
+    assert _one_error(capsys, "plan", alone=True) == (
+        f"no documents with at least 2 tokens in {docs} (0 documents kept; stage covariance)"
+    )
+
+
+def test_a_query_with_kfac_against_an_ekfac_index_is_scored_as_documented(world, indexed, tmp_path, capsys):
+    """The eleventh pass: docs/method.md says one index answers K-FAC (``factors.strategy=kfac``) as well as EK-FAC,
+    and ``jaxinf query --help`` offers ``factors.strategy=kfac``, but the query was refused ("factors.strategy: a query
+    is scored with the model and curvature of its run, fitted with other values of these"): an EK-FAC fit holds K-FAC's
+    eigenvalue products (:func:`jaxinf.run.factors_from.holds`). Its certified top documents are those, with the
+    scores, of an exact K-FAC pass on the same curvature; EK-FAC from a K-FAC fit is still refused."""
+    run, argv = indexed
+    out = tmp_path / "q"
+    assert cli.main(["-q", "query", str(run), str(world["queries"]), "--out", str(out), "factors.strategy=kfac"]) == 0
+    exact = tmp_path / "exact"
+    settings = [f"run.out={exact}", f"factors.from={run}", "factors.strategy=kfac", "index.k=null"]
+    assert cli.main(["-q", "run", *argv, *settings]) == 0
+
+    def top(root):
+        return [
+            (t["query"], [(d["id"], d["score"]) for d in t["top"]]) for t in map(json.loads, open(root / "topk.jsonl"))
+        ]
+
+    assert [[i for i, _ in docs] for _, docs in top(out)] == [[i for i, _ in docs] for _, docs in top(exact)]
+    for (_, ours), (_, theirs) in zip(top(out), top(exact)):
+        np.testing.assert_allclose([s for _, s in ours], [s for _, s in theirs], rtol=1e-5)
+    capsys.readouterr()
+    assert (
+        cli.main(
+            ["-q", "run", *argv, f"run.out={tmp_path / 'back'}", f"factors.from={exact}", "factors.strategy=ekfac"]
+        )
+        == 2
+    )
+    assert _one_error(capsys, "run") == f"factors.from: {exact} was fitted with other settings: factors.strategy"
+
+
+def test_a_run_with_relative_paths_is_queried_and_exported_from_another_directory(world, tmp_path, capsys, monkeypatch):
+    """The eleventh pass: ``jaxinf query RUN Q`` from another directory than the run's, on a run started with
+    relative paths (``model.checkpoint=model``), failed with "model.checkpoint: model: no such directory": the run's
+    paths were read from the query's working directory, though run.json records the one the run was started in
+    (``cwd``). Every reader of another run's config reads its paths from there (:func:`jaxinf.run.rundir
+    .recorded_config`): the query, ``factors.from`` and ``kronfluence export``."""
+    monkeypatch.chdir(world["model"].parent)
+    run = tmp_path / "run"
+    settings = {"model.checkpoint": "model", "data.documents": "docs.jsonl", "data.queries": "queries.jsonl"}
+    argv = overrides(world, run, **{"data.batch_size": 8, "factors.fisher": "empirical", "index.k": 4, **settings})
+    assert cli.main(["-q", "run", *argv]) == 0
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["-q", "query", str(run), str(world["queries"]), "--out", "q"]) == 0
+    assert (tmp_path / "q" / "topk.jsonl").read_text() == (run / "topk.jsonl").read_text()
+    assert cli.main(["-q", "kronfluence", "export", str(run), "kf"]) == 0
+    assert (tmp_path / "kf" / "factor_arguments.json").is_file()
+    # the run moved with its inputs, resumed with the same relative paths: the same paths, not a changed key
+    import shutil
+
+    moved = shutil.copytree(world["model"].parent, tmp_path / "moved")
+    shutil.copytree(run, moved / "run")
+    monkeypatch.chdir(moved)
+
+    def results():  # but the token counts' cache (state/plan), keyed by the documents' path: counted again
+        return {p: p.stat().st_ino for p in sorted((moved / "run").rglob("*.npy")) if p.parent.name != "plan"}
+
+    before = results()
+    assert cli.main(["-q", "run", *argv, "run.out=run"]) == 0
+    assert results() == before
+    capsys.readouterr()
+
+
+def test_an_index_array_the_machine_refused_is_one_line_and_the_same_command_resumes(
+    world, indexed, tmp_path, capsys, monkeypatch
+):
+    """The eleventh pass: an index array refused by the machine (a full disk, ``ulimit -f``: EFBIG) was "cannot open
+    the index array ([Errno 27] File too large)", exit 2, as if the index were damaged. It is the run's one line for a
+    machine limit: the file, what to do, exit 3; the same command then finishes with the scores and index of a run
+    never stopped."""
+    import errno
+
+    src, argv = indexed
+    opened = np.lib.format.open_memmap
+
+    def refused(path, *args, **kwargs):
+        if Path(path).name == "cells.npy":
+            raise OSError(errno.EFBIG, "File too large")
+        return opened(path, *args, **kwargs)
+
+    monkeypatch.setattr(np.lib.format, "open_memmap", refused)
+    out = tmp_path / "run"
+    assert cli.main(["-q", "run", *argv, f"run.out={out}"]) == 3
+    line = _one_error(capsys, "run")
+    assert line.startswith(f"{out / 'state' / 'index' / 'cells.npy'}: file too large (over the file-size limit"), line
+    assert line.endswith("raise the limit or choose another run.out and run the same command again to resume"), line
+    monkeypatch.setattr(np.lib.format, "open_memmap", opened)
+    assert cli.main(["-q", "run", *argv, f"run.out={out}"]) == 0
+    np.testing.assert_array_equal(np.load(out / "scores.npy"), np.load(src / "scores.npy"))
+    np.testing.assert_array_equal(np.load(out / "state/index/cells.npy"), np.load(src / "state/index/cells.npy"))

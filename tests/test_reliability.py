@@ -788,7 +788,7 @@ def test_factors_from_compares_content_and_refuses_a_swamping_damping(base, tmp_
     assert r.returncode == 2
     assert error_line(r) == (
         "factors.from: run was fitted with other settings: model.checkpoint (the model in model is not what "
-        "run read from model)"
+        f"run read from {base['root'] / 'model'})"  # as that run read it: from where it was started (base's)
     )
     assert not (d / "stale").exists()
 

@@ -492,7 +492,7 @@ def _write_outputs(run_dir, summary, queries, rows, fetched, texts, docs, o) -> 
     def busy(holder: str) -> AnalysisError:
         return AnalysisError(f"{run_dir}: its report is being written by another process ({holder}); wait for it")
 
-    with atomic.building_dir(".report-", run_dir, busy) as tmp:
+    with atomic.building_dir(".report-", run_dir, busy, run_dir / "report") as tmp:
         report.write_report(
             tmp, summary, queries=queries, rows=rows, fetched=fetched, texts=texts, documents=docs, options=o
         )

@@ -104,6 +104,23 @@ argument but not after ``key=`` (``run.out=~/runs/x`` made a directory called ``
 ``rm -rf ~`` then takes for the home directory), nor in a YAML config."""
 
 
+def located(config: Config, cwd: str) -> Config:
+    """``config`` with each path key (:data:`PATH_KEYS`) the absolute, resolved path it names from the working
+    directory ``cwd`` (a ``tfds:NAME`` as it is), so that two configs naming the same files by other spellings
+    (relative and absolute, a trailing slash, ``./``, a symbolic link) compare equal: a run resumed with its model
+    or a query's run named by another path was refused as a changed key, and offered ``--overwrite``."""
+    import dataclasses
+
+    sections: dict[str, dict[str, str]] = {}
+    for section, name in PATH_KEYS:
+        value = getattr(getattr(config, section), name)
+        if isinstance(value, str) and not value.startswith("tfds:"):
+            sections.setdefault(section, {})[name] = os.path.realpath(os.path.join(cwd, value))
+    return dataclasses.replace(
+        config, **{s: dataclasses.replace(getattr(config, s), **fields) for s, fields in sections.items()}
+    )
+
+
 def from_dict(raw: dict, source: str = "config") -> Config:
     """A validated :class:`Config` from nested dicts; errors name ``source`` and the key."""
     if raw is None:

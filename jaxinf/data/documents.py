@@ -178,6 +178,13 @@ def decode_line(raw: bytes, path: str, line: int, *, strip_bom: bool = False) ->
     except DuplicateKey as e:
         raise DataError(f'{where(path, line)}: field "{e.args[0]}" appears twice (which one is meant?)') from None
     except json.JSONDecodeError as e:
+        before = text[: e.pos]  # a value, then a bare carriage return (JSON whitespace, but no line end here)
+        if e.msg == "Extra data" and "\r" in before[len(before.rstrip()) :]:
+            runs = text.rstrip().count("\r") + 1
+            raise DataError(
+                f"{where(path, line)}: {runs} lines separated by a carriage return alone (\\r, old Mac line ends); "
+                "JSONL lines end in \\n (or \\r\\n): convert the file (tr '\\r' '\\n' < OLD > NEW)"
+            ) from None
         raise DataError(f"{where(path, line)}: invalid JSON ({e.msg}, column {e.colno})") from None
     except RecursionError:
         raise DataError(f"{where(path, line)}: invalid JSON (nested too deeply)") from None

@@ -244,7 +244,7 @@ def prepare(
         try:
             out.parent.mkdir(parents=True, exist_ok=True)
             # one prepare of OUT at a time (a lock beside it); what a killed one left beside OUT is removed first
-            tmp = stack.enter_context(building_dir(f".{out.name}.prepare-", out.parent, busy))
+            tmp = stack.enter_context(building_dir(f".{out.name}.prepare-", out.parent, busy, out))
         except OSError as e:
             if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM):
                 raise  # the machine refused a write: one line, exit 3 (jaxinf.cli)

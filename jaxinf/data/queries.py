@@ -28,7 +28,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -136,11 +136,16 @@ def _check_unique(queries: Sequence[Query]) -> None:
         seen[q.id] = q.origin
 
 
-def support_rows(queries: Sequence[Query], document_ids: Iterable[str]) -> list[list[int]]:
+def support_rows(
+    queries: Sequence[Query], document_ids: Iterable[str], duplicate_of: Callable[[str], str | None] | None = None
+) -> list[list[int]]:
     """Each query's ``supports`` as rows of the documents whose ids ``document_ids`` lists in document order; a
     :class:`DataError` naming the query and the first id no document has. Only the ids some query names are kept
     (``document_ids`` may be a pass over millions). The one check of ``supports`` (``jaxinf run``, ``query``,
-    ``validate``)."""
+    ``validate``).
+
+    ``duplicate_of`` (the corpus's, with ``data.dedupe: exact``): the id of the document kept in place of a skipped
+    duplicate, so that an id the corpus has but skipped is named as such, with the id to name instead."""
     wanted = {s for q in queries for s in q.supports}
     rows: dict[str, int] = {}
     if wanted:
@@ -150,6 +155,12 @@ def support_rows(queries: Sequence[Query], document_ids: Iterable[str]) -> list[
     for q in queries:
         missing = [s for s in q.supports if s not in rows]
         if missing:
+            kept = duplicate_of(missing[0]) if duplicate_of is not None else None
+            if kept is not None:
+                raise DataError(
+                    f'{q.origin}: query "{q.id}": supports names document "{missing[0]}", which data.dedupe: exact '
+                    f'skipped as a duplicate of "{kept}" (the same text); name "{kept}" instead'
+                )
             raise DataError(f'{q.origin}: query "{q.id}": supports names unknown document id "{missing[0]}"')
     return [[rows[s] for s in q.supports] for q in queries]
 

@@ -41,6 +41,7 @@ fingerprint is the SHA-256 of its own, so a changed shard is named when a resume
 
 from __future__ import annotations
 
+import array
 import hashlib
 import os
 import shutil
@@ -132,18 +133,22 @@ class ShardedDocuments:
         if suspects:
             self._raise_duplicate(suspects)
         self.duplicates: list[tuple[str, str]] = []
+        self._dropped = (np.zeros(0, np.int64), np.zeros(0, np.int64))  # see duplicate_of
         if dedupe == "exact":
             self._dedupe()
 
     def _dedupe(self, listed: int = 1000) -> None:
         """Exact de-duplication (``data.dedupe: exact``): of documents with the same text (16-byte BLAKE2b of it,
-        from one more sequential read of the texts), the first is kept; the others are skipped and counted
-        (``report.duplicates``), and the first ``listed`` are kept as (id, id of the document kept) pairs."""
+        from one more sequential read of the documents), the first is kept; the others are skipped and counted
+        (``report.duplicates``), the first ``listed`` kept as (id, id of the document kept) pairs, and every one
+        findable by its id (:meth:`duplicate_of`: 16 bytes a skipped document)."""
         n = len(self)
         text_digests = bytearray()
+        id_hashes = array.array("q")
         for lo in range(0, n, 4096):
-            for text in self.texts(range(lo, min(lo + 4096, n))):
-                text_digests += hashlib.blake2b(text.encode("utf-8"), digest_size=16).digest()
+            for doc in self.documents(range(lo, min(lo + 4096, n))):
+                text_digests += hashlib.blake2b(doc.text.encode("utf-8"), digest_size=16).digest()
+                id_hashes.append(hash(doc.id))
         keys = np.frombuffer(bytes(text_digests), np.uint64).reshape(n, 2) if n else np.zeros((0, 2), np.uint64)
         _, first, inverse = np.unique(keys, axis=0, return_index=True, return_inverse=True)
         inverse = np.asarray(inverse).reshape(-1)
@@ -157,10 +162,23 @@ class ShardedDocuments:
         self.duplicates = [(docs[a], docs[b]) for a, b in pairs]
         self.report.duplicates = int(len(dropped))
         self.report.duplicate_examples = [f"{a} = {b}" for a, b in self.duplicates[:3]]
+        hashes, kept_as = np.frombuffer(id_hashes, np.int64)[dropped], (np.cumsum(keep) - 1)[first[inverse[dropped]]]
+        order = np.argsort(hashes, kind="stable")
+        self._dropped = (hashes[order], kept_as[order].astype(np.int64))
         shard = np.repeat(np.arange(len(self.shards)), self.shard_counts)
         self._set_counts(np.bincount(shard[keep], minlength=len(self.shards)).astype(np.int64))
         self._locations = self._locations.keep(keep)
         self.report.documents = len(self._locations)
+
+    def duplicate_of(self, doc_id: str) -> str | None:
+        """The id of the document kept in place of the document ``doc_id`` that ``data.dedupe: exact`` skipped (the
+        first with its text), or None when no skipped document has that id (found by its 64-bit hash: a collision
+        with another id, vanishingly rare, would name that id's kept document)."""
+        hashes, kept_as = self._dropped
+        at = int(np.searchsorted(hashes, hash(doc_id)))
+        if at == len(hashes) or hashes[at] != hash(doc_id):
+            return None
+        return self.documents([int(kept_as[at])])[0].id
 
     def _set_counts(self, counts: np.ndarray) -> None:
         """Documents per shard; a document's shard is found from their running sum (no per-document shard number)."""

@@ -169,7 +169,7 @@ def load_run(run_dir: str | Path) -> RunFactors:
     """The curvature of a run directory (following ``factors.from``); arrays in the run's precision."""
     root = Path(run_dir)
     record = read_record(root)
-    config = cfg.from_dict(record["config"], str(root / "run.json"))
+    config = rundir.recorded_config(record, root)
     source, store = root, RunStore(root, record)
     seen = {root.resolve()}
     while config.factors.from_run is not None and not _fitted(store, "eigen") and not _fitted(store, "lambda"):
@@ -512,7 +512,7 @@ def export_factors(run_dir: str | Path, out: str | Path, *, overwrite: bool = Fa
         )
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    with building_dir(f".{out.name}.export-", out.parent, busy) as tmp:
+    with building_dir(f".{out.name}.export-", out.parent, busy, out) as tmp:
         kf.write_factors(tmp, arguments, tensors)
         out.mkdir(exist_ok=True)
         for factor in (f for group in kf.GROUPS.values() for f in group):  # a factors directory's own files only

@@ -12,8 +12,8 @@ Before any device is touched (:func:`before_devices`):
 4. every query is read, tokenized and checked against ``data.max_length`` and ``data.query_batch_size``
    (:func:`jaxinf.run.inputs.read_checked_queries`), so a bad query is refused before ``--overwrite`` sets the
    old run aside;
-5. the ``supports`` ids the queries name are ids of ``data.documents`` (:func:`jaxinf.run.inputs.check_supports`:
-   the corpus is opened here, once, only when a query names some).
+5. ``data.documents`` is opened, once (its validating scan: the format, every line or row, the ids), is not empty,
+   and holds the ``supports`` ids the queries name (:func:`jaxinf.run.inputs.checked_corpus`).
 
 With the devices, the mesh and the precision set up (:func:`before_the_run_directory`), from the model's shapes
 alone (no weights):
@@ -35,13 +35,12 @@ from jaxinf import config as cfg
 from jaxinf.engine import curvature, precision, programs
 from jaxinf.run import index_run, preflight
 from jaxinf.run.executor import Executor
-from jaxinf.run.inputs import check_inputs, check_supports, read_checked_queries, tracked_layers
+from jaxinf.run.inputs import check_inputs, checked_corpus, read_checked_queries, tracked_layers
 
 
 def before_devices(config: cfg.Config) -> tuple:
     """Checks 1-5 of the module docstring; returns the model's config (its ``config.json``, read once), the
-    checked queries and the corpus opened to check their ``supports`` (None when none names any), or
-    ``(None, None, None)`` without ``model.checkpoint``."""
+    checked queries and the checked corpus, or ``(None, None, None)`` without ``model.checkpoint``."""
     check_inputs(config)
     index_run.check_available(config)
     if config.model.checkpoint is None:
@@ -53,7 +52,7 @@ def before_devices(config: cfg.Config) -> tuple:
     )
     preflight.check_model_limits(config, model_config)
     queries = read_checked_queries(config, model_config.vocab_size)
-    return model_config, queries, check_supports(queries, config)
+    return model_config, queries, checked_corpus(queries, config)
 
 
 def before_the_run_directory(config: cfg.Config, executor: Executor, model_config, layouts: bool) -> None:

@@ -30,7 +30,7 @@ def check(config: cfg.Config, model_fp: dict | None) -> RunStore | None:
         record = rundir.read_record(other)
         if record is None:
             raise StoreError(f"factors.from: {other}: no run.json (nor its copy state/run.json)")
-        theirs = cfg.from_dict(record["config"], str(other / "run.json"))
+        theirs = rundir.recorded_config(record, other)
     except (cfg.ConfigError, TypeError, KeyError) as e:
         raise StoreError(f"factors.from: {other / 'run.json'}: unreadable run record ({e})") from None
     recorded = record.get("inputs") or {}
@@ -52,9 +52,11 @@ def check(config: cfg.Config, model_fp: dict | None) -> RunStore | None:
     mismatched += [f"model.{k}" for k in ("dtype",) if getattr(theirs.model, k) != getattr(config.model, k)]
     mismatched += [
         f"factors.{k}"
-        for k in ("strategy", "fisher", "track", "max_documents", "seed")
+        for k in ("fisher", "track", "max_documents", "seed")
         if getattr(theirs.factors, k) != getattr(config.factors, k)
     ]
+    if not holds(theirs.factors.strategy, config.factors.strategy):
+        mismatched.append("factors.strategy")
     if theirs.run.precision != config.run.precision:
         mismatched.append("run.precision")
     if mismatched:
@@ -73,6 +75,14 @@ def check(config: cfg.Config, model_fp: dict | None) -> RunStore | None:
     if ostore.status("lambda") != "done":
         raise StoreError(f"factors.from: {other} has no finished curvature (stage lambda is {ostore.status('lambda')})")
     return ostore
+
+
+def holds(fitted: str, wanted: str) -> bool:
+    """Whether the curvature fitted for the strategy ``fitted`` holds all that the strategy ``wanted`` preconditions
+    with: the same strategy, or K-FAC (whose Lambda is the eigenvalue products) from any fit with an eigendecomposition
+    (EK-FAC's: an EK-FAC run, or its index, answers K-FAC queries too, docs/method.md)."""
+    have, want = curvature.strategy(fitted), curvature.strategy(wanted)
+    return have.name == want.name or (want.lambda_source == "eigenvalues" and have.eigen)
 
 
 def load(config: cfg.Config, inputs: Inputs, executor: Executor) -> curvature.Curvature:

@@ -302,7 +302,7 @@ def borrowed_index(run: Path) -> Path | None:
     when it built none of its own, else None (no such run, or one that was to build its own)."""
     try:
         record = rundir.read_record(run)
-        theirs = cfg.from_dict(record["config"], str(run / "run.json")) if record else None
+        theirs = rundir.recorded_config(record, run) if record else None
     except (rundir.StoreError, cfg.ConfigError, TypeError, KeyError):
         return None
     if theirs is None or theirs.scores.mode != "index" or theirs.index.k is not None:

@@ -44,6 +44,7 @@ import numpy as np
 
 from jaxinf.atomic import ArrayFileError, load_npy, load_npz, npy_header, write_json
 from jaxinf.errors import missing
+from jaxinf.run.failures import CONDITIONS
 from jaxinf.run.rundir import StoreError
 
 log = logging.getLogger("jaxinf")
@@ -206,7 +207,11 @@ class IndexWriter:
                 arr = np.lib.format.open_memmap(path, mode=mode, dtype=dtype, shape=shape if mode == "w+" else None)
             except ArrayFileError as e:
                 raise IndexError_(f"{path}: cannot open the index array ({e.reason})") from None
-            except (ValueError, OSError) as e:
+            except OSError as e:
+                if e.errno in CONDITIONS:  # the machine refused the file (a full disk, ulimit -f): the run's one
+                    raise OSError(e.errno, e.strerror, str(path)) from e  # line, exit 3, resumable (run.failures)
+                raise IndexError_(f"{path}: cannot open the index array ({e})") from None
+            except ValueError as e:
                 raise IndexError_(f"{path}: cannot open the index array ({e})") from None
             if arr.shape != shape or arr.dtype != dtype:
                 raise IndexError_(f"{path}: shape {arr.shape} {arr.dtype}, expected {shape} {np.dtype(dtype)}")

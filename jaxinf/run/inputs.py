@@ -273,7 +273,7 @@ def load_inputs(
     """Model (each parameter placed by the executor as it is read), tokenizer, tracked layers, documents with
     their plans (one slice of the corpus per group of processes on the ``data`` axis), and queries (``queries``:
     those :func:`read_checked_queries` read and checked before the run directory was touched; else read and
-    checked here; ``corpus``: ``data.documents`` opened then, to check their ``supports``)."""
+    checked here; ``corpus``: ``data.documents`` opened then, by :func:`checked_corpus`; else opened here)."""
     from jaxinf import models
     from jaxinf.data.batching import make_batch_plan
     from jaxinf.data.queries import read_queries
@@ -361,18 +361,24 @@ def open_corpus(config: cfg.Config):
     )
 
 
-def check_supports(queries: list[Query], config: cfg.Config):
-    """The documents of ``data.documents`` opened when a query names ``supports``, each id checked to be one of
-    theirs (:func:`jaxinf.data.queries.support_rows`) before the run directory is touched; None when no query names
-    any (the corpus is opened later, by :func:`load_inputs`)."""
+def checked_corpus(queries: list[Query], config: cfg.Config):
+    """``data.documents`` opened (:func:`open_corpus`: its validating scan finds a file that is no corpus, bad UTF-8
+    or JSON, a missing field, a repeated id, a shard that cannot be read), an empty corpus refused
+    (:func:`jaxinf.run.preflight.check_corpus`) and the ``supports`` ids the queries name checked to be ids of its
+    documents (:func:`jaxinf.data.queries.support_rows`), before the run directory is touched: an ``--overwrite``
+    refused for its corpus keeps the old run where it is. The scan is the one the run needs anyway (the corpus is
+    passed on to :func:`load_inputs`); the token counts, a tokenization of every document, are left to the run
+    under its lock (a second run refused by the lock would otherwise tokenize the whole corpus for nothing), so a
+    corpus whose every document is shorter than 2 tokens is refused after an ``--overwrite`` set the old run aside,
+    and puts it back."""
     from jaxinf.data.documents import iter_documents
     from jaxinf.data.queries import support_rows
 
-    if not any(q.supports for q in queries):
-        return None
     corpus = open_corpus(config)
-    if len(corpus):  # an empty corpus is named as such, by the corpus check (preflight.check_corpus), not by its ids
-        support_rows(queries, (d.id for d in iter_documents(corpus)))
+    if not len(corpus):  # named as such, not by the ids that supports names
+        preflight.check_corpus(np.zeros(0, np.int64), getattr(corpus, "name", str(config.data.documents)), None)
+    if any(q.supports for q in queries):
+        support_rows(queries, (d.id for d in iter_documents(corpus)), getattr(corpus, "duplicate_of", None))
     return corpus
 
 

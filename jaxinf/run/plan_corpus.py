@@ -22,6 +22,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from jaxinf.run import preflight
+
 if TYPE_CHECKING:
     from jaxinf import config as cfg
 
@@ -30,23 +32,29 @@ def corpus_plan(config) -> tuple[dict, cfg.Config]:
     """The corpus of ``config`` counted (a JSON-able dict: documents, tokens, the plan's report, the passes) and
     ``config`` with ``plan.documents`` and ``plan.tokens_per_document`` set to the corpus's rows and its batches'
     token slots per row (padding, padding rows of the last batches included: what the steps compute). Raises
-    :class:`jaxinf.data.errors.DataError` for a bad corpus, as a run would."""
+    :class:`jaxinf.data.errors.DataError` for a bad corpus and :class:`jaxinf.run.preflight.PreflightError` for one
+    without a document of 2 tokens (an empty one: planned as 0 documents in "1 rows of 48 tokens"), as a run would
+    (the run's own reader and check: :func:`jaxinf.run.inputs.open_corpus`, :func:`jaxinf.run.preflight.check_corpus`)."""
     from jaxinf.data.batching import make_batch_plan
     from jaxinf.data.errors import DataError
-    from jaxinf.data.sources import open_documents
     from jaxinf.data.tokenize import TextEncoder
     from jaxinf.models.hf import load_tokenizer
-    from jaxinf.run.inputs import buckets, document_lengths
+    from jaxinf.models.tokenizer import tokenizer_file
+    from jaxinf.run.inputs import buckets, document_lengths, open_corpus
 
     d = config.data
     if d.documents is None:
         raise DataError("data.documents: not set (jaxinf plan --corpus counts the documents it names)")
-    documents = open_documents(
-        d.documents, text_field=d.text_field, id_field=d.id_field, source_field=d.source_field, dedupe=d.dedupe
-    )
+    documents = open_corpus(config)
     encoder = TextEncoder(load_tokenizer(config.model.checkpoint))
     limit = d.max_length if d.long_documents == "truncate" else None
     lengths = document_lengths(None, documents, encoder, limit=limit)  # the shared cache's, or counted into it
+    preflight.check_corpus(
+        lengths,
+        getattr(documents, "name", d.documents),
+        config.factors.max_documents,
+        str(tokenizer_file(config.model.checkpoint)),
+    )
     args = dict(
         batch_size=d.batch_size, max_length=d.max_length, long_documents=d.long_documents, buckets=buckets(d.max_length)
     )

@@ -45,6 +45,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from jaxinf import config as cfg
 from jaxinf.errors import UserError
 
 log = logging.getLogger("jaxinf")
@@ -380,6 +381,17 @@ def read_record(root: Path, output: bool = False, config_only: bool = False) -> 
         copy,
     )
     return record
+
+
+def recorded_config(record: dict, root: Path) -> cfg.Config:
+    """The config the run in ``root`` recorded (its ``record``'s ``config``), each path key read as the run read it:
+    from the directory it was started in (the record's ``cwd``; the working directory for a record without one).
+    ``jaxinf query RUN``, ``factors.from`` and ``kronfluence export`` started elsewhere read a run's relative paths
+    from their own directory ("model.checkpoint: model: no such directory"). Raises ``ConfigError``."""
+    where = record.get("cwd")
+    return cfg.located(
+        cfg.from_dict(record["config"], str(root / RECORD)), where if isinstance(where, str) and where else os.getcwd()
+    )
 
 
 _FILES = {"*": {"sha256": str}}

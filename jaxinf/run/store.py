@@ -252,7 +252,16 @@ class RunStore:
         return store
 
     def _check_resume(self, old: cfg.Config, new: cfg.Config) -> None:
-        changed = cfg.changed_keys(old, new)
+        """Refuses ``new`` when a key that changes results differs from ``old`` (the record's) and the stage it affects
+        has saved progress; else marks the stages it affects pending. A path key differs only when both its spelling
+        and what it names (from the working directory it was given in: the record's ``cwd``) differ: the same files
+        by another path are not a change, nor the same relative paths of a run directory moved with its inputs (the
+        content of the model, documents and queries is compared apart, :mod:`jaxinf.run.fingerprint`)."""
+        where = self.record.get("cwd")
+        located = cfg.changed_keys(
+            cfg.located(old, where if isinstance(where, str) else os.getcwd()), cfg.located(new, os.getcwd())
+        )
+        changed = [k for k in cfg.changed_keys(old, new) if k in located]
         if not changed:
             return
         order = {s: i for i, s in enumerate(cfg.STAGES)}

@@ -123,7 +123,7 @@ def from_config(config: cfg.Config) -> World:
     ]
     queries = read_queries(config.data.queries)
     encoded = check_queries(queries, encoder, config)  # jaxinf run's checks and warnings (unknown words)
-    supports = support_rows(queries, (d.id for d in docs))
+    supports = support_rows(queries, (d.id for d in docs), getattr(source, "duplicate_of", None))
     return World(
         lm=lm,
         documents=_numpy(tasks.lm_batch(ids, max(map(len, ids)))),
