@@ -73,7 +73,7 @@ def accumulate(
     saves = SavedState(store, name, batches.plan, save_every)
     state, timing = run_batches(
         name,
-        stages.stage_step(program.jit(executor), step_inputs, key),
+        stages.stage_step(program.jit(executor, batches), step_inputs, key),
         batches.iterate,
         executor.init(stage),
         saves,
@@ -297,7 +297,7 @@ def scores_stage(config: cfg.Config, store: RunStore, inputs: Inputs, qg, curv, 
             config, store, inputs, curv, saved_eigen(config, store, inputs, executor), executor
         )
         saves = index_run.WithIndex(saves, build.writer, ("scores", "loss"))
-        fn = programs.scores_and_index(config, inputs.task, inputs.layers).jit(executor)
+        fn = programs.scores_and_index(config, inputs.task, inputs.layers).jit(executor, batches)
         score_fn = lambda p, q, c, b: fn(p, q, build.basis, b)  # noqa: E731
     else:  # each query's top rows kept with their breakdowns as the pass goes (jaxinf.engine.tails)
         program = programs.scores(config, inputs.task, inputs.layers, tails=inputs.plan.num_documents)
@@ -305,7 +305,7 @@ def scores_stage(config: cfg.Config, store: RunStore, inputs: Inputs, qg, curv, 
             lambda: programs.tails_init(config, inputs.layers, qg.num_queries, inputs.plan.num_documents),
             out_shardings=executor.replicated(),
         )()
-        score_fn = program.jit(executor)
+        score_fn = program.jit(executor, batches)
 
     def step(carry, batch, i):
         out = score_fn(inputs.lm.params, qg, curv, batch, *(() if carry is None else (carry,)))

@@ -394,6 +394,13 @@ class DocumentBatches:
             for s, r in zip(steps, rows):
                 yield self._fill(int(self.plan.step_length[s]), r, ids)
 
+    def shapes(self) -> list[Batch]:
+        """One batch of padding (no document) for each length the batches come in, in the order the batches first
+        meet them: the shapes of the pass, for programs compiled ahead of their first batch
+        (:class:`jaxinf.engine.ahead.Ahead`)."""
+        lengths = dict.fromkeys(int(t) for t in self.plan.step_length)
+        return [self._fill(t, np.zeros(0, np.int64), {}) for t in lengths]
+
     def _tokenize(self, docs: np.ndarray) -> list[np.ndarray]:
         limit = self.plan.max_length if self.plan.long_documents == "truncate" else None
         encoded = self.encoder.encode_documents(self.source.texts(docs.tolist()), limit)

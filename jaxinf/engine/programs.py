@@ -22,8 +22,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from jaxinf.engine import ahead, scoring, stages
 from jaxinf.engine import precision as precisions
-from jaxinf.engine import scoring, stages
 from jaxinf.engine import tails as running_tails
 from jaxinf.engine.capture import LayerSpec
 from jaxinf.engine.tasks import Task
@@ -87,10 +87,14 @@ class Program:
             **{k: executor.replicated() for k in self.whole},
         }
 
-    def jit(self, executor) -> Callable[..., Any]:
+    def jit(self, executor, batches=None) -> Callable[..., Any]:
         """The step compiled where ``executor`` keeps its arrays (the run's executor, or the planner's on simulated
-        devices)."""
-        return executor.jit(self.fn, donate_argnums=self.donate, out_shardings=self.out_shardings(executor))
+        devices). ``batches``: the pass's batches (:class:`jaxinf.data.batching.DocumentBatches`), whose other shapes'
+        programs then compile in the background from the first call on (:class:`jaxinf.engine.ahead.Ahead`)."""
+        fn = executor.jit(self.fn, donate_argnums=self.donate, out_shardings=self.out_shardings(executor))
+        if batches is None or not ahead.enabled():
+            return fn
+        return ahead.Ahead(fn, self.args.index("batch"), [executor.put(b) for b in batches.shapes()])
 
 
 # --------------------------------------------------------------------------- the programs

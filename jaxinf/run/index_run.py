@@ -197,14 +197,14 @@ def build_index(config: cfg.Config, store: RunStore, inputs: Inputs, curv, eigen
     build = IndexBuild(config, store, inputs, curv, eigen, executor)
     # the rows the Lambda pass writes where it writes them (so an index of its rebuilt here is the same to the bit)
     as_lambda = programs.index_in_lambda(config, executor.mesh is None)
-    index_fn = programs.index(config, inputs.task, inputs.layers, as_lambda).jit(executor)
+    batches = inputs.batches(inputs.plan, inputs.documents, executor.groups[0])
+    index_fn = programs.index(config, inputs.task, inputs.layers, as_lambda).jit(executor, batches)
     params = inputs.lm.params
 
     def step(carry, batch, i):
         out = index_fn(params, eigen, build.selection, batch) if as_lambda else index_fn(params, build.basis, batch)
         return carry, out, out["loss"]
 
-    batches = inputs.batches(inputs.plan, inputs.documents, executor.groups[0])
     _, timing = run_batches(
         "index",
         step,
@@ -262,7 +262,7 @@ def lambda_with_index(config: cfg.Config, store: RunStore, inputs: Inputs, eigen
         log.info("index: not on the Lambda pass resumed at a checkpoint past its rows; a pass of its own follows")
         return None
     program = programs.lambda_and_index(config, inputs.task, inputs.layers)
-    stage, update = program.stage, program.jit(executor)
+    stage, update = program.stage, program.jit(executor, batches)
     assert stage is not None  # an accumulating program
     params = inputs.lm.params
 
@@ -551,7 +551,8 @@ def exact_scores(config: cfg.Config, inputs: Inputs, qg, wanted: list[int], exec
     from jaxinf.data.batching import scatter_columns
 
     subset, batches = inputs.subset_batches(config, wanted, executor)
-    score = programs.scores(config, inputs.task, inputs.layers, self_influence=False, tails=len(wanted)).jit(executor)
+    score = programs.scores(config, inputs.task, inputs.layers, self_influence=False, tails=len(wanted))
+    score = score.jit(executor, batches)
     tails = executor.jit(
         lambda: programs.tails_init(config, inputs.layers, qg.num_queries, len(wanted)),
         out_shardings=executor.replicated(),

@@ -211,7 +211,7 @@ def _breakdown_pass(config, inputs: Inputs, qg, wanted: list[int], executor: Exe
     The pass is not resumed (the exports stage runs again whole) and checks no loss: the scoring stage has already
     checked these documents'."""
     subset, batches = inputs.subset_batches(config, wanted, executor)
-    fn = programs.breakdowns(config, inputs.task, inputs.layers).jit(executor)
+    fn = programs.breakdowns(config, inputs.task, inputs.layers).jit(executor, batches)
 
     def step(carry, batch, i):
         return carry, fn(inputs.lm.params, qg, batch), None
