@@ -26,7 +26,8 @@ def test_accelerator_check_runs_end_to_end_at_tiny_shapes(tmp_path):
         timeout=1800,
     )
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    for name in ("devices.txt", "engine_float32.md", "engine_bfloat16.md", "vs_kronfluence.json", "parity.txt"):
+    names = ("devices.txt", "engine_float32.md", "engine_bfloat16.md", "vs_kronfluence.json", "parity.txt")
+    for name in (*names, "compile_ahead.md"):
         assert (tmp_path / name).stat().st_size > 0, name
     for dtype in ("float32", "bfloat16"):
         table = (tmp_path / f"engine_{dtype}.md").read_text()
@@ -34,3 +35,4 @@ def test_accelerator_check_runs_end_to_end_at_tiny_shapes(tmp_path):
         mfu = [line.rsplit("|", 2)[-2].strip() for line in table.splitlines() if line.startswith("| scores (")]
         assert mfu and mfu[0].endswith("%"), table
     assert " passed" in (tmp_path / "parity.txt").read_text()
+    assert "same bits in every round: True" in (tmp_path / "compile_ahead.md").read_text()

@@ -51,9 +51,10 @@ def test_a_step_that_cannot_compile_ahead_runs_as_it_would_have():
     assert calls == [3, 5, 5] and float(state) == 2 * (3 + 5 + 5)
 
 
-def test_a_pass_compiles_ahead_unless_switched_off(monkeypatch):
+def test_a_pass_compiles_ahead_where_asked_and_not_on_the_cpu_by_default(monkeypatch):
     """``Program.jit`` with the pass's batches wraps the step in :class:`Ahead`, with a batch of each of their
-    shapes; ``JAXINF_COMPILE_AHEAD=0`` leaves the plain jitted step."""
+    shapes, where ``JAXINF_COMPILE_AHEAD=1``; ``0`` leaves the plain jitted step, and so does the CPU backend
+    when it is not set (an accelerator's would compile ahead)."""
     from jaxinf.engine.programs import Program
     from jaxinf.run.executor import DeviceExecutor
 
@@ -62,8 +63,11 @@ def test_a_pass_compiles_ahead_unless_switched_off(monkeypatch):
             return [{"tokens": np.zeros((2, n), np.int32)} for n in (4, 8)]
 
     program = Program("p", lambda state, b: (state, None), ("state", "batch"))
+    monkeypatch.setenv("JAXINF_COMPILE_AHEAD", "1")
     step = program.jit(DeviceExecutor(), Batches())
     assert isinstance(step, Ahead) and step.batch == 1
     assert [b["tokens"].shape for b in step.upcoming] == [(2, 4), (2, 8)]
     monkeypatch.setenv("JAXINF_COMPILE_AHEAD", "0")
     assert not isinstance(program.jit(DeviceExecutor(), Batches()), Ahead)
+    monkeypatch.delenv("JAXINF_COMPILE_AHEAD")
+    assert isinstance(program.jit(DeviceExecutor(), Batches()), Ahead) == (jax.default_backend() != "cpu")

@@ -103,6 +103,30 @@ def _failure(stderr: str) -> str:
     return "\n".join(kept)[-3000:]
 
 
+def test_compiling_ahead_runs_the_same_programs(world, reference, tmp_path, monkeypatch):
+    """A run whose passes compile their other batch lengths in the background (``JAXINF_COMPILE_AHEAD=1``, the
+    accelerators' default, :mod:`jaxinf.engine.ahead`) writes the reference run's scores to the bit: the reference
+    compiles each length at its first batch (the CPU's default). The world's documents come in several lengths, so
+    every pass runs programs compiled ahead."""
+    from jaxinf.engine import ahead
+
+    made: list[ahead.Ahead] = []
+    init = ahead.Ahead.__init__
+
+    def recording(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        made.append(self)
+
+    monkeypatch.setattr(ahead.Ahead, "__init__", recording)
+    monkeypatch.setenv("JAXINF_COMPILE_AHEAD", "1")
+    out = tmp_path / "ahead"
+    pipeline.run(cfg.load(None, overrides(world, out)))
+    for name in ("scores.npy", "layer_scores.npy"):
+        np.testing.assert_array_equal(np.load(out / name), np.load(reference / name))
+    compiled = [[f.exception() for f in a.compiled.values()] for a in made]
+    assert len(made) == 3 and all(c and not any(c) for c in compiled)  # covariance, Lambda, scores: ran ahead
+
+
 def _saved_steps(run_dir: Path, stage: str) -> list[int]:
     root = run_dir / "state" / stage
     return sorted(int(p.name) for p in root.iterdir() if (p / store.MANIFEST).exists()) if root.exists() else []

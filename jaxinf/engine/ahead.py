@@ -12,9 +12,9 @@ step as before.
 The programs are the ones the step compiles itself (the same function, the same abstract arguments: every argument
 of the first call as its shape, dtype and sharding, with the batch's leaves replaced), so the results are the same
 bits. Compiling ahead only moves the work: it pays where the host has cores the steps leave idle (an accelerator's
-host; on a CPU host, the gaps between the step's own threads), and it writes what it compiles to the persistent
-compilation cache as the step itself would. A program that fails to compile ahead is compiled again by the step,
-which reports the error where it would have.
+host), not where the steps use them all (a CPU host: off there unless asked for, :func:`enabled`), and it writes what
+it compiles to the persistent compilation cache as the step itself would. A program that fails to compile ahead is
+compiled again by the step, which reports the error where it would have.
 """
 
 from __future__ import annotations
@@ -28,13 +28,18 @@ from typing import Any
 import jax
 
 SWITCH = "JAXINF_COMPILE_AHEAD"
-"""The environment variable that turns compiling ahead off (``0``), e.g. to measure it
-(``scripts/bench_compile_ahead.py``)."""
+"""The environment variable that turns compiling ahead on (``1``) or off (``0``) whatever the backend, e.g. to
+measure it (``scripts/bench_compile_ahead.py``)."""
 
 
 def enabled() -> bool:
-    """Whether passes compile their other programs ahead (unless ``$JAXINF_COMPILE_AHEAD`` is ``0``)."""
-    return os.environ.get(SWITCH, "1").strip() != "0"
+    """Whether passes compile their other programs ahead: on an accelerator, whose host's cores idle while the device
+    computes; not on the CPU, whose steps already use every core (measured slower there, docs/benchmarks.md,
+    "Compiling ahead"). ``$JAXINF_COMPILE_AHEAD`` (``1`` or ``0``) decides instead where it is set."""
+    setting = os.environ.get(SWITCH, "").strip()
+    if setting in ("0", "1"):
+        return setting == "1"
+    return jax.default_backend() != "cpu"
 
 
 def abstract(x) -> Any:
