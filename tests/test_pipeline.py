@@ -125,6 +125,7 @@ def test_compiling_ahead_runs_the_same_programs(world, reference, tmp_path, monk
         np.testing.assert_array_equal(np.load(out / name), np.load(reference / name))
     compiled = [[f.exception() for f in a.compiled.values()] for a in made]
     assert len(made) == 3 and all(c and not any(c) for c in compiled)  # covariance, Lambda, scores: ran ahead
+    assert all(a.calls_ahead > 0 for a in made)
 
 
 def _saved_steps(run_dir: Path, stage: str) -> list[int]:

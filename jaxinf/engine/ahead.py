@@ -19,6 +19,7 @@ compiled again by the step, which reports the error where it would have.
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 from collections.abc import Callable, Sequence
@@ -26,6 +27,8 @@ from concurrent.futures import Future
 from typing import Any
 
 import jax
+
+log = logging.getLogger("jaxinf")
 
 SWITCH = "JAXINF_COMPILE_AHEAD"
 """The environment variable that turns compiling ahead on (``1``) or off (``0``) whatever the backend, e.g. to
@@ -43,9 +46,12 @@ def enabled() -> bool:
 
 
 def abstract(x) -> Any:
-    """``x``'s shape, dtype and sharding, without its value (leaves that are not arrays as they are)."""
+    """``x``'s shape, dtype and sharding, without its value (leaves that are not arrays as they are). An array not
+    committed to its device (made outside any placement, as a batch's PRNG key is) has no sharding here: a jitted
+    call moves it where the others are, and so must the program compiled ahead."""
     if isinstance(x, jax.Array):
-        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding, weak_type=getattr(x, "weak_type", False))
+        sharding = x.sharding if getattr(x, "committed", True) else None
+        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding, weak_type=getattr(x, "weak_type", False))
     return x
 
 
@@ -71,6 +77,7 @@ class Ahead:
     def __init__(self, fn: Callable, batch: int, upcoming: Sequence[Any]):
         self.fn, self.batch, self.upcoming = fn, batch, list(upcoming)
         self.compiled: dict[tuple, Future] = {}
+        self.calls_ahead = 0  # calls that ran a program compiled ahead
 
     def __call__(self, *args):
         program = self.compiled.get(signature(args[self.batch]))
@@ -80,7 +87,14 @@ class Ahead:
             except Exception:  # compiled again by the step below, which raises the error where it would have
                 compiled = None
             if compiled is not None:
-                return compiled(*args)
+                try:
+                    out = compiled(*args)  # arguments are checked before anything runs or is donated
+                except (TypeError, ValueError) as e:  # not the arguments it was compiled for (a layout that moved)
+                    log.debug("compiled ahead for other arguments (%s); the step compiles its own", e)
+                    self.compiled.pop(signature(args[self.batch]))
+                else:
+                    self.calls_ahead += 1
+                    return out
         if not self.upcoming:
             return self.fn(*args)
         shapes = [abstract(x) for x in jax.tree.leaves(args)]  # before the call, which may donate them
