@@ -257,9 +257,8 @@ class RunStore:
         and what it names (from the working directory it was given in: the record's ``cwd``) differ: the same files
         by another path are not a change, nor the same relative paths of a run directory moved with its inputs (the
         content of the model, documents and queries is compared apart, :mod:`jaxinf.run.fingerprint`)."""
-        where = self.record.get("cwd")
         located = cfg.changed_keys(
-            cfg.located(old, where if isinstance(where, str) else os.getcwd()), cfg.located(new, os.getcwd())
+            cfg.located(old, rundir.recorded_cwd(self.record) or os.getcwd()), cfg.located(new, os.getcwd())
         )
         changed = [k for k in cfg.changed_keys(old, new) if k in located]
         if not changed:
