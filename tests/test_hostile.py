@@ -2339,8 +2339,8 @@ def test_a_query_resumed_with_other_queries_names_its_argument_and_offers_no_key
     other.write_text('{"id": "a", "prompt": "the river of milin is the", "completion": "1 2 ."}\n')
     assert cli.main(["-q", "query", str(run), str(other), "--out", str(out)]) == 2
     assert _one_error(capsys, "query") == (
-        f"{out}: run started with another config; these keys would change results already saved: data.queries "
-        "(QUERIES) (use --overwrite to start over, or another --out)"
+        f"QUERIES: {other} holds other queries than {world['queries']}, which {out} answers; give another --out "
+        "for them"
     )
     assert _tree(out) == before
 
@@ -2582,8 +2582,7 @@ def test_a_run_or_query_resumed_with_its_paths_spelled_otherwise_is_not_refused(
     """The eleventh pass: a finished run resumed with its model named by a relative path (or with a trailing slash),
     or a query's output resumed with its run named ``idx`` where it was ``/abs/idx``, was refused ("these keys would
     change results already saved: model.checkpoint", "factors.from, index.from") and offered --overwrite, which
-    discards every result. Paths compare by what they name, from the directory each was given in; another file is
-    still refused."""
+    discards every result. Paths compare by what they name, from the directory each was given in."""
     import shutil
 
     run = shutil.copytree(finished, tmp_path / "run")
@@ -2599,11 +2598,7 @@ def test_a_run_or_query_resumed_with_its_paths_spelled_otherwise_is_not_refused(
     monkeypatch.chdir(idx.parent)
     assert cli.main(["-q", "query", f"./{idx.name}/", str(world["queries"]), "--out", str(out)]) == 0
     assert (out / "scores.npy").stat().st_ino == scores
-    capsys.readouterr()
-    other = shutil.copy(world["queries"], tmp_path / "other.jsonl")  # the same content elsewhere: another path
-    settings["data.queries"], settings["model.checkpoint"] = other, world["model"]
-    assert cli.main(["-q", "run", *overrides(world, run, **settings)]) == 2
-    assert "these keys would change results already saved: data.queries" in _one_error(capsys, "run")
+    # the same content under another path, and other content: test_inputs_under_another_path_are_compared_by_content
 
 
 def test_plan_corpus_refuses_a_corpus_the_run_refuses(world, tmp_path, capsys):
@@ -2715,3 +2710,65 @@ def test_an_index_array_the_machine_refused_is_one_line_and_the_same_command_res
     assert cli.main(["-q", "run", *argv, f"run.out={out}"]) == 0
     np.testing.assert_array_equal(np.load(out / "scores.npy"), np.load(src / "scores.npy"))
     np.testing.assert_array_equal(np.load(out / "state/index/cells.npy"), np.load(src / "state/index/cells.npy"))
+
+
+def test_inputs_under_another_path_are_compared_by_content(world, finished, indexed, tmp_path, capsys):
+    """The twelfth pass (a leftover of the eleventh): the same queries (or documents, or model) under another path
+    on a rerun of a finished run were refused as a changed key, and the hint offered --overwrite, which discards the
+    curvature. The model, documents and queries are compared by content, as factors.from compares them: the same
+    content goes on and recomputes nothing; other content under another path is refused with the run as it was,
+    naming the curvature (or the index) it can reuse instead of --overwrite."""
+    import shutil
+
+    run = shutil.copytree(finished, tmp_path / "run")
+    settings = {"data.batch_size": 8, "factors.fisher": "empirical"}
+    inodes = {p: p.stat().st_ino for p in sorted(run.rglob("*")) if p.suffix == ".npy"}
+    moved = {
+        "data.queries": shutil.copy(world["queries"], tmp_path / "q.jsonl"),
+        "data.documents": shutil.copy(world["docs"], tmp_path / "d.jsonl"),
+        "model.checkpoint": shutil.copytree(world["model"], tmp_path / "m"),
+    }
+    assert cli.main(["-q", "run", *overrides(world, run, **settings, **moved)]) == 0
+    assert {p: p.stat().st_ino for p in sorted(run.rglob("*")) if p.suffix == ".npy"} == inodes  # nothing redone
+    capsys.readouterr()
+
+    def kept():  # but the token counts' cache (state/plan), keyed by content: counted for the documents given
+        return {p: b for p, b in _tree(run).items() if p.parent != run / "state" / "plan"}
+
+    before = kept()
+    lines = Path(world["queries"]).read_text().splitlines()
+    (tmp_path / "q1.jsonl").write_text(lines[0] + "\n")
+    assert cli.main(["-q", "run", *overrides(world, run, **settings, **{"data.queries": tmp_path / "q1.jsonl"})]) == 2
+    error = _one_error(capsys, "run")
+    assert error == (
+        f"data.queries: {tmp_path / 'q1.jsonl'} holds other queries than {moved['data.queries']}, which this run's "
+        f"saved results answer; factors.from={run} with another run.out reuses this run's curvature to score them"
+    )
+    assert kept() == before
+    docs = Path(world["docs"]).read_text().splitlines()
+    last = json.loads(docs[-1])
+    (tmp_path / "d1.jsonl").write_text("\n".join([*docs[:-1], json.dumps({**last, "text": last["text"] + " x"})]))
+    assert cli.main(["-q", "run", *overrides(world, run, **settings, **{"data.documents": tmp_path / "d1.jsonl"})]) == 2
+    error = _one_error(capsys, "run")
+    assert error.startswith(
+        f"data.documents: {tmp_path / 'd1.jsonl'} holds other documents than {moved['data.documents']}"
+    )
+    assert f"factors.from={run} with another run.out" in error and "--overwrite" not in error
+    assert kept() == before
+    other = shutil.copytree(world["model"], tmp_path / "m1")
+    with open(other / "config.json", "a") as f:
+        f.write("\n")  # the same settings, other bytes
+    assert cli.main(["-q", "run", *overrides(world, run, **settings, **{"model.checkpoint": other})]) == 2
+    assert _one_error(capsys, "run") == (
+        f"model.checkpoint: {other} is not the model this run was computed with (that of {moved['model.checkpoint']}: "
+        "config.json differs; every stage depends on it); give that model (a copy is accepted), or another run.out "
+        "for this one"
+    )
+    assert kept() == before
+    idx, argv = indexed  # a run with an index offers jaxinf query
+    copy = shutil.copytree(idx, tmp_path / "idx")
+    argv = [a for a in argv if not a.startswith(("run.out=", "data.queries="))]
+    assert cli.main(["-q", "run", *argv, f"run.out={copy}", f"data.queries={tmp_path / 'q1.jsonl'}"]) == 2
+    assert f"jaxinf query {copy} {tmp_path / 'q1.jsonl'} --out DIR scores them from its index" in _one_error(
+        capsys, "run"
+    )
