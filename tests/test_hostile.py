@@ -2366,6 +2366,7 @@ def test_a_file_size_limit_is_one_line_and_the_same_command_resumes(world, finis
     assert r.returncode == 3 and "Traceback" not in r.stderr, r.stderr[-3000:]
     lines = [line for line in r.stderr.splitlines() if line.startswith("jaxinf run: error: ")]
     assert len(lines) == 1 and ": file too large (over the file-size limit: ulimit -f, " in lines[0], r.stderr
+    assert lines[0].startswith(f"jaxinf run: error: {out}/state/covariance/1: "), lines[0]  # not Orbax's temporary
     assert f"everything finished is kept in {out}; raise the limit or choose another run.out" in lines[0]
     assert cli.main(argv) == 0
     np.testing.assert_array_equal(np.load(out / "scores.npy"), np.load(finished / "scores.npy"))
@@ -2772,3 +2773,29 @@ def test_inputs_under_another_path_are_compared_by_content(world, finished, inde
     assert f"jaxinf query {copy} {tmp_path / 'q1.jsonl'} --out DIR scores them from its index" in _one_error(
         capsys, "run"
     )
+
+
+@pytest.mark.parametrize(
+    "path, named",
+    [
+        (
+            "/r/state/covariance/1.orbax-checkpoint-tmp/default.orbax-checkpoint-tmp/ocdbt.process_0/d/ef13",
+            "/r/state/covariance/1",
+        ),
+        ("/r/state/lambda/4.orbax-checkpoint-tmp-1733/default", "/r/state/lambda/4"),
+        ("/r/state/scores/2/default.partial_save.orbax-checkpoint-tmp-5/x", "/r/state/scores/2/default"),
+        ("/r/scores.npy.tmp", "/r/scores.npy.tmp"),
+    ],
+)
+def test_a_refused_write_inside_an_orbax_checkpoint_names_the_checkpoint(tmp_path, path, named):
+    """The twelfth pass (a leftover of the eleventh): a file-size limit or a full disk met while Orbax wrote a
+    checkpoint named the file in Orbax's temporary directory (``1.orbax-checkpoint-tmp/default.orbax-checkpoint-tmp/
+    ocdbt.process_0/d/ef13...``), removed by the time the message is read; it names the checkpoint it was going to be,
+    from the error's file name and from a library's message alike."""
+    import errno
+
+    from jaxinf.run import failures
+
+    assert failures.find_condition(OSError(errno.EFBIG, "File too large", path)) == (errno.EFBIG, named)
+    wrapped = RuntimeError(f"ocdbt write failed: No space left on device [path='{path}']")
+    assert failures.find_condition(wrapped, "/r") == (errno.ENOSPC, named)
