@@ -2290,11 +2290,9 @@ def test_plan_and_query_without_arguments_do_not_say_overrides_are_required(caps
     assert _one_error(capsys, "plan", alone=True) == (
         "give a config file or section.key=value overrides (configs/reference.yaml lists every key)"
     )
-    with pytest.raises(SystemExit) as e:
-        cli.main(["-q", "query"])
-    assert e.value.code == 2
-    assert capsys.readouterr().err.splitlines()[-1] == (
-        "jaxinf query: error: the following arguments are required: RUN_OR_INDEX, QUERIES"
+    assert cli.main(["-q", "query"]) == 2
+    assert _one_error(capsys, "query", alone=True) == (
+        "the following arguments are required: RUN_OR_INDEX, QUERIES (see jaxinf query --help)"
     )
 
 
@@ -2773,6 +2771,42 @@ def test_inputs_under_another_path_are_compared_by_content(world, finished, inde
     assert f"jaxinf query {copy} {tmp_path / 'q1.jsonl'} --out DIR scores them from its index" in _one_error(
         capsys, "run"
     )
+
+
+@pytest.mark.parametrize(
+    "argv, command, message",
+    [
+        (["plan", "c.yaml", "--mesh", "-1x2"], "plan", "--mesh '-1x2': both sizes must be at least 1, e.g. 8x8"),
+        (["plan", "c.yaml", "--mesh", "-1"], "plan", "--mesh '-1': expected DATAxMODEL, e.g. 8x8"),
+        (["plan", "c.yaml", "--mesh"], "plan", "argument --mesh: expected one argument (see jaxinf plan --help)"),
+        (
+            ["plan", "c.yaml", "--chip", "tpu"],
+            "plan",
+            "argument --chip: invalid choice: 'tpu' (choose from 'h100', 'h200', 'a100', 'v5e', 'v5p', 'v6e') "
+            "(see jaxinf plan --help)",
+        ),
+        (["demo", "--seeds", "x"], "demo", "argument --seeds: invalid int value: 'x' (see jaxinf demo --help)"),
+        (["run", "c.yaml", "--bogus"], "run", "unrecognized arguments: --bogus (see jaxinf run --help)"),
+        (
+            ["kronfluence", "export", "r"],
+            "kronfluence export",
+            "the following arguments are required: OUT_DIR (see jaxinf kronfluence export --help)",
+        ),
+    ],
+)
+def test_an_argument_the_parser_refuses_is_one_line_with_status_2(
+    tmp_path, capsys, monkeypatch, argv, command, message
+):
+    """The twelfth pass: ``jaxinf plan CONFIG --mesh -1x2`` printed argparse's usage block and "argument --mesh:
+    expected one argument" (a value starting with '-' taken for an option), and every other refusal of the parser
+    (an unknown option or choice, a value of another type) printed the usage and raised SystemExit from inside
+    main. Each is now the one line of every other refusal, with status 2; a value starting with '-' reaches the
+    option's own check."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "c.yaml").write_text("{}\n")
+    assert cli.main(argv) == 2
+    assert _one_error(capsys, command, alone=True) == message
+    assert sorted(tmp_path.iterdir()) == [tmp_path / "c.yaml"]
 
 
 @pytest.mark.parametrize(
