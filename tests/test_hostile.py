@@ -2833,3 +2833,31 @@ def test_a_refused_write_inside_an_orbax_checkpoint_names_the_checkpoint(tmp_pat
     assert failures.find_condition(OSError(errno.EFBIG, "File too large", path)) == (errno.EFBIG, named)
     wrapped = RuntimeError(f"ocdbt write failed: No space left on device [path='{path}']")
     assert failures.find_condition(wrapped, "/r") == (errno.ENOSPC, named)
+
+
+def test_a_full_disk_met_by_prepares_record_writer_names_the_output(world, tmp_path, capsys, monkeypatch):
+    """The twelfth pass, ``jaxinf prepare DOCS OUT`` on a full disk (a 100 KiB tmpfs): array_record's writer fails
+    with an error that names the file only in its text, and the one line named it in the temporary directory the
+    dataset is built in (``.OUT.prepare-4zre3m88/data/jaxinf_documents/1.0.0/.records-0``), gone by the time it is
+    read. It names the file where it was going in OUT, as for an ``OSError``; nothing is left behind."""
+    from array_record.python import array_record_module
+
+    class Full:
+        def __init__(self, path, options):
+            self.path = path
+
+        def write(self, record):
+            raise ValueError(f"RESOURCE_EXHAUSTED: {self.path}: No space left on device")
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(array_record_module, "ArrayRecordWriter", Full)
+    out = tmp_path / "ds"
+    assert cli.main(["-q", "prepare", str(world["docs"]), str(out)]) == 3
+    error = _one_error(capsys, "prepare")
+    assert error.startswith(f"{out}/") and error.endswith(
+        "/.records-0: no space left on device; free some space and run the same command again"
+    ), error
+    assert ".prepare-" not in error
+    assert sorted(tmp_path.iterdir()) == []
