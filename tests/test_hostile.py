@@ -2861,3 +2861,26 @@ def test_a_full_disk_met_by_prepares_record_writer_names_the_output(world, tmp_p
     ), error
     assert ".prepare-" not in error
     assert sorted(tmp_path.iterdir()) == []
+
+
+def test_plan_json_refused_by_the_machine_names_it_and_leaves_no_empty_file(world, tmp_path):
+    """The twelfth pass: ``jaxinf plan CONFIG --json FILE`` on a full disk (a tmpfs filled up; here a file-size limit
+    of zero, the same refusal) said "a write: no space left on device", naming no file, and left an empty FILE
+    (Path.write_text opens, truncates, then fails to write). It is written as every other output is
+    (atomic.write_atomic): the line names FILE, and no FILE is left."""
+    import subprocess
+    import sys
+
+    from pipeline_support import env
+
+    out = tmp_path / "plan.json"
+    environment = env(tmp_path / "xla")
+    environment.pop("JAX_COMPILATION_CACHE_DIR")
+    environment["JAXINF_COMPILATION_CACHE"] = ""  # no cache entry meets the limit
+    argv = ["plan", f"model.checkpoint={world['model']}", "data.max_length=64", "--no-compile", "--json", str(out)]
+    limited = ["bash", "-c", 'ulimit -f 0 && exec "$@"', "-", sys.executable, "-m", "jaxinf", *argv]
+    r = subprocess.run(limited, capture_output=True, text=True, env=environment, cwd=tmp_path)
+    assert r.returncode == 3 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    lines = [line for line in r.stderr.splitlines() if line.startswith("jaxinf plan: error: ")]
+    assert len(lines) == 1 and lines[0].startswith(f"jaxinf plan: error: {out}: file too large"), r.stderr
+    assert [p.name for p in tmp_path.iterdir() if "plan" in p.name] == []  # nor its temporary file
