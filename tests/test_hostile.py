@@ -2884,3 +2884,21 @@ def test_plan_json_refused_by_the_machine_names_it_and_leaves_no_empty_file(worl
     lines = [line for line in r.stderr.splitlines() if line.startswith("jaxinf plan: error: ")]
     assert len(lines) == 1 and lines[0].startswith(f"jaxinf plan: error: {out}: file too large"), r.stderr
     assert [p.name for p in tmp_path.iterdir() if "plan" in p.name] == []  # nor its temporary file
+
+
+def test_other_queries_under_another_path_go_on_when_nothing_saved_depends_on_them(world, tmp_path, monkeypatch):
+    """A run stopped in its Lambda pass, resumed with other queries under another path, goes on: no saved result
+    depends on the queries yet (compared by content, as test_inputs_under_another_path_are_compared_by_content
+    shows; the refusal is only for results that the other queries would discard), and its exports are the new
+    queries'."""
+    out = tmp_path / "run"
+    settings = {"data.batch_size": 4, "factors.fisher": "empirical"}
+    monkeypatch.setenv("JAXINF_FAULT", "lambda:1:raise")
+    with pytest.raises(RuntimeError, match="fault injected at lambda:1"):
+        cli.main(["-q", "run", *overrides(world, out, **settings)])
+    monkeypatch.delenv("JAXINF_FAULT")
+    lines = Path(world["queries"]).read_text().splitlines()
+    (tmp_path / "q1.jsonl").write_text(lines[1] + "\n")
+    assert cli.main(["-q", "run", *overrides(world, out, **settings, **{"data.queries": tmp_path / "q1.jsonl"})]) == 0
+    exported = [json.loads(line)["id"] for line in (out / "queries.jsonl").read_text().splitlines()]
+    assert exported == [json.loads(lines[1])["id"]]

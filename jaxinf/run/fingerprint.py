@@ -269,7 +269,7 @@ def reconcile(
     elif old is not None and started:
         reasons = []
         od, oq = old.get("documents", {}), old.get("queries", {})
-        _refuse_other_inputs(store, od, documents, oq, queries)
+        _refuse_other_inputs(store, started, od, documents, oq, queries)
         where_ = changed_shards(od.get("shards"), documents.get("shards"))
         if od.get("fit") != documents["fit"]:
             reasons.append(
@@ -308,20 +308,29 @@ def reconcile(
     return invalid
 
 
-def _refuse_other_inputs(store: RunStore, od: dict, documents: dict, oq: dict, queries: dict) -> None:
+def _refuse_other_inputs(
+    store: RunStore, started: list[str], od: dict, documents: dict, oq: dict, queries: dict
+) -> None:
     """Refuses documents or queries given under another path than the run read them from (``store.moved``) whose
     content differs from what the saved results were computed with: unlike an edit in place, which leaves nothing to
     keep the old results for, these are other inputs, and recomputing would discard results the old ones still hold.
     The same content under another path goes on (a queries file whose ids or labels alone differ too: only the
-    exports are written again). The message names the cheapest way on: the run's curvature (or its index) reused
+    exports are written again), and so does other content of which no saved result depends (a run stopped before
+    its first stage that reads it). The message names the cheapest way on: the run's curvature (or its index) reused
     for the other inputs in another output directory, not ``--overwrite``, which discards it."""
     key, root = output_key(), store.root
+
+    def saved(first: str, but: tuple[str, ...] = ()) -> bool:  # a result computed from it, not written again cheaply
+        later = cfg.STAGES[cfg.STAGES.index(first) :]
+        return any(s in later and s not in ("exports", "analysis", *but) for s in started)
+
     from_run = (store.record.get("config") or {}).get("factors", {}).get("from")  # the curvature it reused, if any
     fitted = from_run if isinstance(from_run, str) and from_run else str(root)
     reuse = f"factors.from={fitted} with another {key} reuses this run's curvature"
-    if "data.documents" in store.moved and (od.get("sha256"), od.get("count")) != (
-        documents["sha256"],
-        documents["count"],
+    if (
+        "data.documents" in store.moved
+        and (od.get("sha256"), od.get("count")) != (documents["sha256"], documents["count"])
+        and saved("covariance" if od.get("fit") != documents["fit"] else "scores")
     ):
         raise StoreError(
             f"data.documents: {documents['path']} holds other documents than {store.moved['data.documents']}, "
@@ -329,8 +338,10 @@ def _refuse_other_inputs(store: RunStore, od: dict, documents: dict, oq: dict, q
             + ("give another --out" if rundir.in_query() else f"{reuse} (fitted on those) to score these")
         )
     if "data.queries" in store.moved and (oq.get("sha256"), oq.get("count")) != (queries["sha256"], queries["count"]):
-        if oq.get("measured") is not None and oq.get("measured") == queries["measured"]:
-            return  # only ids or labels: the exports, written again from the saved scores (reconcile)
+        if (oq.get("measured") is not None and oq.get("measured") == queries["measured"]) or not saved(
+            "queries", but=("index",)
+        ):
+            return  # only ids or labels (the exports, written again from the saved scores), or nothing saved yet
         if rundir.in_query():
             raise StoreError(
                 f"QUERIES: {queries['path']} holds other queries than {store.moved['data.queries']}, which {root} "
