@@ -993,10 +993,9 @@ def test_a_run_that_reused_anothers_curvature_or_index_names_that_run(world, fin
     queries.write_text(world["queries"].read_text().splitlines()[0] + "\n")
     again = overrides(world, reused, **{"data.batch_size": 8, "factors.fisher": "empirical", "factors.from": finished})
     assert cli.main(["-q", "run", *again, f"data.queries={queries}"]) == 2
-    assert _one_error(capsys, "run").endswith(
-        f"(use --overwrite to start over, or another run.out; factors.from={finished} with another run.out keeps "
-        "the curvature it reuses)"
-    )
+    error = _one_error(capsys, "run")  # other queries under another path: compared by content, never --overwrite
+    assert error.endswith(f"; factors.from={finished} with another run.out reuses this run's curvature to score them")
+    assert "--overwrite" not in error
     record = json.loads((reused / "run.json").read_text())  # as if B had scored with A's index (scores.mode: index)
     record["config"]["scores"]["mode"], record["config"]["index"]["from"] = "index", str(finished)
     for name in ("run.json", "state/run.json"):
