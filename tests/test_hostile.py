@@ -2901,3 +2901,33 @@ def test_other_queries_under_another_path_go_on_when_nothing_saved_depends_on_th
     assert cli.main(["-q", "run", *overrides(world, out, **settings, **{"data.queries": tmp_path / "q1.jsonl"})]) == 0
     exported = [json.loads(line)["id"] for line in (out / "queries.jsonl").read_text().splitlines()]
     assert exported == [json.loads(lines[1])["id"]]
+
+
+def test_a_query_against_a_run_whose_model_was_edited_in_place_says_so(world, tmp_path, capsys):
+    """The twelfth pass: ``jaxinf query RUN Q`` after RUN's weights were edited in place said "model.checkpoint (the
+    model in M is not what RUN read from M): a query is scored with the model and curvature of its run RUN, fitted
+    with other values of these; leave them out", though the user gave no model.checkpoint to leave out (and
+    ``factors.from=RUN`` called it "fitted with other settings"). The same directory edited since is said as such,
+    with what to do: restore it, or fit RUN again."""
+    import shutil
+
+    from safetensors.numpy import load_file, save_file
+
+    model = shutil.copytree(world["model"], tmp_path / "model")
+    run = tmp_path / "run"
+    settings = {"data.batch_size": 8, "factors.fisher": "empirical", "index.k": 2, "model.checkpoint": model}
+    assert cli.main(["-q", "run", *overrides(world, run, **settings)]) == 0
+    weights = load_file(model / "model.safetensors")
+    name = sorted(weights)[0]
+    save_file({**weights, name: weights[name] * 2}, model / "model.safetensors", metadata={"format": "pt"})
+    capsys.readouterr()
+    message = (
+        f"{model}: the model changed since {run} read it (its curvature was fitted with the model as it was); "
+        f"restore it, or fit {run} again (jaxinf run --overwrite)"
+    )
+    assert cli.main(["-q", "query", str(run), str(world["queries"]), "--out", str(tmp_path / "q")]) == 2
+    assert _one_error(capsys, "query") == message
+    del settings["index.k"]
+    assert cli.main(["-q", "run", *overrides(world, tmp_path / "r", **settings, **{"factors.from": run})]) == 2
+    assert _one_error(capsys, "run") == message
+    assert not (tmp_path / "q").exists() and not (tmp_path / "r").exists()
