@@ -130,7 +130,9 @@ def building_dir(prefix: str, parent: Path, busy: Callable[[str], Exception], fi
     lock as a dead writer's and removed first, with a warning naming it; never one a live process is writing.
 
     A write refused inside the block (a full disk, a file-size limit) names the file where it was going in ``final``,
-    not in the temporary directory, which is gone by the time the message is read."""
+    not in the temporary directory, which is gone by the time the message is read: an ``OSError``'s file name, or a
+    library's error that says so only in its text (array_record's writer, whose message named
+    ``.OUT.prepare-xxxxxxxx/data/.../.records-0``)."""
     path = parent / f"{prefix}lock"
     fd = hold_lock(path)
     if fd is None:
@@ -156,6 +158,10 @@ def building_dir(prefix: str, parent: Path, busy: Callable[[str], Exception], fi
             if renamed is None:
                 raise
             raise renamed from e
+        except Exception as e:  # a library's failed write, known only from its text (array_record's, in prepare)
+            if type(e).__module__.startswith("jaxinf") or str(tmp) not in str(e):
+                raise
+            raise RuntimeError(str(e).replace(str(tmp), str(final))) from e
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     finally:

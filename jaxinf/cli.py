@@ -23,7 +23,8 @@ EXIT_CODES = {
     0: "success",
     1: "jaxinf plan: a planned step does not fit (plan.device_memory_gib); any command: an unexpected error "
     "(a bug: a traceback)",
-    2: "bad input, config or run directory, one line naming the file, line, key or path: also a run directory in "
+    2: "bad input, config or run directory, or an argument the command line refuses (an unknown option, a value of "
+    "another kind), one line naming the file, line, key, path or argument: also a run directory in "
     "use by another process, a changed model or tokenizer, a refused --overwrite",
     3: "the machine refused a write: no space left, a file-size limit, a read-only or unwritable run directory; one "
     "line naming the path and the stage; everything finished is kept and the same command resumes; also host "
@@ -346,6 +347,47 @@ def _refuse_empty_paths(parser: argparse.ArgumentParser, args) -> None:
             )
 
 
+class _UsageError(Exception):
+    """An argument the command line's parser refused (:class:`_Parser`): ``prog`` names the command."""
+
+    def __init__(self, prog: str, message: str):
+        super().__init__(message)
+        self.prog = prog
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse's parser whose refusals follow the error policy of every other refusal (:data:`EXIT_CODES`): one line
+    ``jaxinf COMMAND: error: ...`` and status 2, returned by :func:`main`, not the usage block above the line and a
+    ``SystemExit`` from inside the parser (``jaxinf plan CONFIG --mesh -1x2``, ``--chip foo``, an unknown option or
+    verb). ``--help`` still prints the usage. Subparsers are of the same class (argparse makes them so)."""
+
+    def error(self, message: str):  # type: ignore[override]
+        raise _UsageError(self.prog, f"{message} (see jaxinf{self.prog[len('jaxinf') :]} --help)")
+
+
+def _joined_values(parser: argparse.ArgumentParser, argv: list[str]) -> list[str]:
+    """``argv`` with each value that starts with ``-`` joined to the option before it that takes one (``--mesh
+    -1x2`` as ``--mesh=-1x2``): argparse takes such a value for an option and refuses "--mesh: expected one
+    argument", where the option's own check names what is wrong with the value. A known option is never joined."""
+    options: set[str] = set()
+    valued: set[str] = set()
+    todo = [parser]
+    while todo:
+        for action in todo.pop()._actions:
+            options.update(action.option_strings)
+            if action.option_strings and action.nargs is None:
+                valued.update(action.option_strings)
+            if isinstance(action, argparse._SubParsersAction):
+                todo.extend(action.choices.values())
+    out: list[str] = []
+    for arg in argv:
+        if out and out[-1] in valued and arg.startswith("-") and arg not in ("-", "--") and arg not in options:
+            out[-1] = f"{out[-1]}={arg}"
+        else:
+            out.append(arg)
+    return out
+
+
 def _config_arguments(parser: argparse.ArgumentParser, config_help: str) -> None:
     """A command's optional YAML config and its ``section.key=value`` overrides (every one optional: a command given
     neither says so itself, in one line)."""
@@ -355,7 +397,7 @@ def _config_arguments(parser: argparse.ArgumentParser, config_help: str) -> None
 
 def main(argv: list[str] | None = None) -> int:
     """The command line on ``argv`` (default ``sys.argv[1:]``), in this process as it is (no restart)."""
-    parser = argparse.ArgumentParser(prog="jaxinf", description="EK-FAC influence functions for LLMs in JAX")
+    parser = _Parser(prog="jaxinf", description="EK-FAC influence functions for LLMs in JAX")
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -483,13 +525,17 @@ def main(argv: list[str] | None = None) -> int:
 
     add_parsers(sub)  # compare, kronfluence import|export
 
-    args, extra = parser.parse_known_args(argv)
-    if any(e in ("-q", "--quiet") for e in extra):  # jaxinf run CONFIG -q ...: the option after the verb
-        args.quiet, extra = True, [e for e in extra if e not in ("-q", "--quiet")]
-    if extra and hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
-        args.overrides = list(args.overrides) + extra  # jaxinf run CONFIG --overwrite section.key=value ...
-    elif extra:
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    try:
+        args, extra = parser.parse_known_args(_joined_values(parser, sys.argv[1:] if argv is None else list(argv)))
+        if any(e in ("-q", "--quiet") for e in extra):  # jaxinf run CONFIG -q ...: the option after the verb
+            args.quiet, extra = True, [e for e in extra if e not in ("-q", "--quiet")]
+        if extra and hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+            args.overrides = list(args.overrides) + extra  # jaxinf run CONFIG --overwrite section.key=value ...
+        elif extra:
+            _chosen_parser(parser, args).error(f"unrecognized arguments: {' '.join(extra)}")
+    except _UsageError as e:
+        print(f"{e.prog}: error: {e}", file=sys.stderr)
+        return 2
     _setup_logging(args.quiet)
     from jaxinf.errors import EnvironmentFailure, UserError
     from jaxinf.run.failures import unraisable_hook

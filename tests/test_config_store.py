@@ -266,3 +266,32 @@ def test_score_chunks_resume_with_their_carry_only_where_it_was_saved_with_them(
     np.testing.assert_array_equal(resumed(), [0.0, 0.0])  # corrupted: afresh
     shutil.rmtree(tmp_path / "run/state/scores.carry/4")  # the kill between the chunk and its carry
     np.testing.assert_array_equal(resumed(), [0.0, 0.0])
+
+
+def test_the_records_working_directory_is_read_by_one_helper():
+    """The twelfth pass: the record's ``cwd`` was read with the same fallback in three places (the recorded config,
+    the store's change check, the analysis's corpus lookup), which could drift apart; now one helper,
+    ``rundir.recorded_cwd``, reads it and the others call it."""
+    import ast
+
+    root = Path(__file__).resolve().parents[1] / "jaxinf"
+    reads = []
+    for path in sorted(root.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            is_get = (
+                isinstance(node, ast.Call)
+                and isinstance(node.func, ast.Attribute)
+                and node.func.attr == "get"
+                and any(isinstance(a, ast.Constant) and a.value == "cwd" for a in node.args)
+            )
+            is_item = (
+                isinstance(node, ast.Subscript)
+                and isinstance(node.ctx, ast.Load)
+                and isinstance(node.slice, ast.Constant)
+                and node.slice.value == "cwd"
+            )
+            if is_get or is_item:
+                reads.append(f"{path.relative_to(root.parent)}:{node.lineno}")
+    assert len(reads) == 1 and reads[0].startswith("jaxinf/run/rundir.py:"), reads
+    assert rundir.recorded_cwd({"cwd": "/somewhere"}) == "/somewhere"
+    assert [rundir.recorded_cwd(r) for r in ({}, {"cwd": ""}, {"cwd": 5}, {"cwd": None})] == [None] * 4

@@ -993,10 +993,9 @@ def test_a_run_that_reused_anothers_curvature_or_index_names_that_run(world, fin
     queries.write_text(world["queries"].read_text().splitlines()[0] + "\n")
     again = overrides(world, reused, **{"data.batch_size": 8, "factors.fisher": "empirical", "factors.from": finished})
     assert cli.main(["-q", "run", *again, f"data.queries={queries}"]) == 2
-    assert _one_error(capsys, "run").endswith(
-        f"(use --overwrite to start over, or another run.out; factors.from={finished} with another run.out keeps "
-        "the curvature it reuses)"
-    )
+    error = _one_error(capsys, "run")  # other queries under another path: compared by content, never --overwrite
+    assert error.endswith(f"; factors.from={finished} with another run.out reuses this run's curvature to score them")
+    assert "--overwrite" not in error
     record = json.loads((reused / "run.json").read_text())  # as if B had scored with A's index (scores.mode: index)
     record["config"]["scores"]["mode"], record["config"]["index"]["from"] = "index", str(finished)
     for name in ("run.json", "state/run.json"):
@@ -2290,11 +2289,9 @@ def test_plan_and_query_without_arguments_do_not_say_overrides_are_required(caps
     assert _one_error(capsys, "plan", alone=True) == (
         "give a config file or section.key=value overrides (configs/reference.yaml lists every key)"
     )
-    with pytest.raises(SystemExit) as e:
-        cli.main(["-q", "query"])
-    assert e.value.code == 2
-    assert capsys.readouterr().err.splitlines()[-1] == (
-        "jaxinf query: error: the following arguments are required: RUN_OR_INDEX, QUERIES"
+    assert cli.main(["-q", "query"]) == 2
+    assert _one_error(capsys, "query", alone=True) == (
+        "the following arguments are required: RUN_OR_INDEX, QUERIES (see jaxinf query --help)"
     )
 
 
@@ -2339,8 +2336,8 @@ def test_a_query_resumed_with_other_queries_names_its_argument_and_offers_no_key
     other.write_text('{"id": "a", "prompt": "the river of milin is the", "completion": "1 2 ."}\n')
     assert cli.main(["-q", "query", str(run), str(other), "--out", str(out)]) == 2
     assert _one_error(capsys, "query") == (
-        f"{out}: run started with another config; these keys would change results already saved: data.queries "
-        "(QUERIES) (use --overwrite to start over, or another --out)"
+        f"QUERIES: {other} holds other queries than {world['queries']}, which {out} answers; give another --out "
+        "for them"
     )
     assert _tree(out) == before
 
@@ -2366,6 +2363,7 @@ def test_a_file_size_limit_is_one_line_and_the_same_command_resumes(world, finis
     assert r.returncode == 3 and "Traceback" not in r.stderr, r.stderr[-3000:]
     lines = [line for line in r.stderr.splitlines() if line.startswith("jaxinf run: error: ")]
     assert len(lines) == 1 and ": file too large (over the file-size limit: ulimit -f, " in lines[0], r.stderr
+    assert lines[0].startswith(f"jaxinf run: error: {out}/state/covariance/1: "), lines[0]  # not Orbax's temporary
     assert f"everything finished is kept in {out}; raise the limit or choose another run.out" in lines[0]
     assert cli.main(argv) == 0
     np.testing.assert_array_equal(np.load(out / "scores.npy"), np.load(finished / "scores.npy"))
@@ -2582,8 +2580,7 @@ def test_a_run_or_query_resumed_with_its_paths_spelled_otherwise_is_not_refused(
     """The eleventh pass: a finished run resumed with its model named by a relative path (or with a trailing slash),
     or a query's output resumed with its run named ``idx`` where it was ``/abs/idx``, was refused ("these keys would
     change results already saved: model.checkpoint", "factors.from, index.from") and offered --overwrite, which
-    discards every result. Paths compare by what they name, from the directory each was given in; another file is
-    still refused."""
+    discards every result. Paths compare by what they name, from the directory each was given in."""
     import shutil
 
     run = shutil.copytree(finished, tmp_path / "run")
@@ -2599,11 +2596,7 @@ def test_a_run_or_query_resumed_with_its_paths_spelled_otherwise_is_not_refused(
     monkeypatch.chdir(idx.parent)
     assert cli.main(["-q", "query", f"./{idx.name}/", str(world["queries"]), "--out", str(out)]) == 0
     assert (out / "scores.npy").stat().st_ino == scores
-    capsys.readouterr()
-    other = shutil.copy(world["queries"], tmp_path / "other.jsonl")  # the same content elsewhere: another path
-    settings["data.queries"], settings["model.checkpoint"] = other, world["model"]
-    assert cli.main(["-q", "run", *overrides(world, run, **settings)]) == 2
-    assert "these keys would change results already saved: data.queries" in _one_error(capsys, "run")
+    # the same content under another path, and other content: test_inputs_under_another_path_are_compared_by_content
 
 
 def test_plan_corpus_refuses_a_corpus_the_run_refuses(world, tmp_path, capsys):
@@ -2715,3 +2708,226 @@ def test_an_index_array_the_machine_refused_is_one_line_and_the_same_command_res
     assert cli.main(["-q", "run", *argv, f"run.out={out}"]) == 0
     np.testing.assert_array_equal(np.load(out / "scores.npy"), np.load(src / "scores.npy"))
     np.testing.assert_array_equal(np.load(out / "state/index/cells.npy"), np.load(src / "state/index/cells.npy"))
+
+
+def test_inputs_under_another_path_are_compared_by_content(world, finished, indexed, tmp_path, capsys):
+    """The twelfth pass (a leftover of the eleventh): the same queries (or documents, or model) under another path
+    on a rerun of a finished run were refused as a changed key, and the hint offered --overwrite, which discards the
+    curvature. The model, documents and queries are compared by content, as factors.from compares them: the same
+    content goes on and recomputes nothing; other content under another path is refused with the run as it was,
+    naming the curvature (or the index) it can reuse instead of --overwrite."""
+    import shutil
+
+    run = shutil.copytree(finished, tmp_path / "run")
+    settings = {"data.batch_size": 8, "factors.fisher": "empirical"}
+    inodes = {p: p.stat().st_ino for p in sorted(run.rglob("*")) if p.suffix == ".npy"}
+    moved = {
+        "data.queries": shutil.copy(world["queries"], tmp_path / "q.jsonl"),
+        "data.documents": shutil.copy(world["docs"], tmp_path / "d.jsonl"),
+        "model.checkpoint": shutil.copytree(world["model"], tmp_path / "m"),
+    }
+    assert cli.main(["-q", "run", *overrides(world, run, **settings, **moved)]) == 0
+    assert {p: p.stat().st_ino for p in sorted(run.rglob("*")) if p.suffix == ".npy"} == inodes  # nothing redone
+    capsys.readouterr()
+
+    def kept():  # but the token counts' cache (state/plan), keyed by content: counted for the documents given
+        return {p: b for p, b in _tree(run).items() if p.parent != run / "state" / "plan"}
+
+    before = kept()
+    lines = Path(world["queries"]).read_text().splitlines()
+    (tmp_path / "q1.jsonl").write_text(lines[0] + "\n")
+    assert cli.main(["-q", "run", *overrides(world, run, **settings, **{"data.queries": tmp_path / "q1.jsonl"})]) == 2
+    error = _one_error(capsys, "run")
+    assert error == (
+        f"data.queries: {tmp_path / 'q1.jsonl'} holds other queries than {moved['data.queries']}, which this run's "
+        f"saved results answer; factors.from={run} with another run.out reuses this run's curvature to score them"
+    )
+    assert kept() == before
+    docs = Path(world["docs"]).read_text().splitlines()
+    last = json.loads(docs[-1])
+    (tmp_path / "d1.jsonl").write_text("\n".join([*docs[:-1], json.dumps({**last, "text": last["text"] + " x"})]))
+    assert cli.main(["-q", "run", *overrides(world, run, **settings, **{"data.documents": tmp_path / "d1.jsonl"})]) == 2
+    error = _one_error(capsys, "run")
+    assert error.startswith(
+        f"data.documents: {tmp_path / 'd1.jsonl'} holds other documents than {moved['data.documents']}"
+    )
+    assert f"factors.from={run} with another run.out" in error and "--overwrite" not in error
+    assert kept() == before
+    other = shutil.copytree(world["model"], tmp_path / "m1")
+    with open(other / "config.json", "a") as f:
+        f.write("\n")  # the same settings, other bytes
+    assert cli.main(["-q", "run", *overrides(world, run, **settings, **{"model.checkpoint": other})]) == 2
+    assert _one_error(capsys, "run") == (
+        f"model.checkpoint: {other} is not the model this run was computed with (that of {moved['model.checkpoint']}: "
+        "config.json differs; every stage depends on it); give that model (a copy is accepted), or another run.out "
+        "for this one"
+    )
+    assert kept() == before
+    idx, argv = indexed  # a run with an index offers jaxinf query
+    copy = shutil.copytree(idx, tmp_path / "idx")
+    argv = [a for a in argv if not a.startswith(("run.out=", "data.queries="))]
+    assert cli.main(["-q", "run", *argv, f"run.out={copy}", f"data.queries={tmp_path / 'q1.jsonl'}"]) == 2
+    assert f"jaxinf query {copy} {tmp_path / 'q1.jsonl'} --out DIR scores them from its index" in _one_error(
+        capsys, "run"
+    )
+
+
+@pytest.mark.parametrize(
+    "argv, command, message",
+    [
+        (["plan", "c.yaml", "--mesh", "-1x2"], "plan", "--mesh '-1x2': both sizes must be at least 1, e.g. 8x8"),
+        (["plan", "c.yaml", "--mesh", "-1"], "plan", "--mesh '-1': expected DATAxMODEL, e.g. 8x8"),
+        (["plan", "c.yaml", "--mesh"], "plan", "argument --mesh: expected one argument (see jaxinf plan --help)"),
+        (
+            ["plan", "c.yaml", "--chip", "tpu"],
+            "plan",
+            "argument --chip: invalid choice: 'tpu' (choose from 'h100', 'h200', 'a100', 'v5e', 'v5p', 'v6e') "
+            "(see jaxinf plan --help)",
+        ),
+        (["demo", "--seeds", "x"], "demo", "argument --seeds: invalid int value: 'x' (see jaxinf demo --help)"),
+        (["run", "c.yaml", "--bogus"], "run", "unrecognized arguments: --bogus (see jaxinf run --help)"),
+        (
+            ["kronfluence", "export", "r"],
+            "kronfluence export",
+            "the following arguments are required: OUT_DIR (see jaxinf kronfluence export --help)",
+        ),
+    ],
+)
+def test_an_argument_the_parser_refuses_is_one_line_with_status_2(
+    tmp_path, capsys, monkeypatch, argv, command, message
+):
+    """The twelfth pass: ``jaxinf plan CONFIG --mesh -1x2`` printed argparse's usage block and "argument --mesh:
+    expected one argument" (a value starting with '-' taken for an option), and every other refusal of the parser
+    (an unknown option or choice, a value of another type) printed the usage and raised SystemExit from inside
+    main. Each is now the one line of every other refusal, with status 2; a value starting with '-' reaches the
+    option's own check."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "c.yaml").write_text("{}\n")
+    assert cli.main(argv) == 2
+    assert _one_error(capsys, command, alone=True) == message
+    assert sorted(tmp_path.iterdir()) == [tmp_path / "c.yaml"]
+
+
+@pytest.mark.parametrize(
+    "path, named",
+    [
+        (
+            "/r/state/covariance/1.orbax-checkpoint-tmp/default.orbax-checkpoint-tmp/ocdbt.process_0/d/ef13",
+            "/r/state/covariance/1",
+        ),
+        ("/r/state/lambda/4.orbax-checkpoint-tmp-1733/default", "/r/state/lambda/4"),
+        ("/r/state/scores/2/default.partial_save.orbax-checkpoint-tmp-5/x", "/r/state/scores/2/default"),
+        ("/r/scores.npy.tmp", "/r/scores.npy.tmp"),
+    ],
+)
+def test_a_refused_write_inside_an_orbax_checkpoint_names_the_checkpoint(tmp_path, path, named):
+    """The twelfth pass (a leftover of the eleventh): a file-size limit or a full disk met while Orbax wrote a
+    checkpoint named the file in Orbax's temporary directory (``1.orbax-checkpoint-tmp/default.orbax-checkpoint-tmp/
+    ocdbt.process_0/d/ef13...``), removed by the time the message is read; it names the checkpoint it was going to be,
+    from the error's file name and from a library's message alike."""
+    import errno
+
+    from jaxinf.run import failures
+
+    assert failures.find_condition(OSError(errno.EFBIG, "File too large", path)) == (errno.EFBIG, named)
+    wrapped = RuntimeError(f"ocdbt write failed: No space left on device [path='{path}']")
+    assert failures.find_condition(wrapped, "/r") == (errno.ENOSPC, named)
+
+
+def test_a_full_disk_met_by_prepares_record_writer_names_the_output(world, tmp_path, capsys, monkeypatch):
+    """The twelfth pass, ``jaxinf prepare DOCS OUT`` on a full disk (a 100 KiB tmpfs): array_record's writer fails
+    with an error that names the file only in its text, and the one line named it in the temporary directory the
+    dataset is built in (``.OUT.prepare-4zre3m88/data/jaxinf_documents/1.0.0/.records-0``), gone by the time it is
+    read. It names the file where it was going in OUT, as for an ``OSError``; nothing is left behind."""
+    from array_record.python import array_record_module
+
+    class Full:
+        def __init__(self, path, options):
+            self.path = path
+
+        def write(self, record):
+            raise ValueError(f"RESOURCE_EXHAUSTED: {self.path}: No space left on device")
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(array_record_module, "ArrayRecordWriter", Full)
+    out = tmp_path / "ds"
+    assert cli.main(["-q", "prepare", str(world["docs"]), str(out)]) == 3
+    error = _one_error(capsys, "prepare")
+    assert error.startswith(f"{out}/") and error.endswith(
+        "/.records-0: no space left on device; free some space and run the same command again"
+    ), error
+    assert ".prepare-" not in error
+    assert sorted(tmp_path.iterdir()) == []
+
+
+def test_plan_json_refused_by_the_machine_names_it_and_leaves_no_empty_file(world, tmp_path):
+    """The twelfth pass: ``jaxinf plan CONFIG --json FILE`` on a full disk (a tmpfs filled up; here a file-size limit
+    of zero, the same refusal) said "a write: no space left on device", naming no file, and left an empty FILE
+    (Path.write_text opens, truncates, then fails to write). It is written as every other output is
+    (atomic.write_atomic): the line names FILE, and no FILE is left."""
+    import subprocess
+    import sys
+
+    from pipeline_support import env
+
+    out = tmp_path / "plan.json"
+    environment = env(tmp_path / "xla")
+    environment.pop("JAX_COMPILATION_CACHE_DIR")
+    environment["JAXINF_COMPILATION_CACHE"] = ""  # no cache entry meets the limit
+    argv = ["plan", f"model.checkpoint={world['model']}", "data.max_length=64", "--no-compile", "--json", str(out)]
+    limited = ["bash", "-c", 'ulimit -f 0 && exec "$@"', "-", sys.executable, "-m", "jaxinf", *argv]
+    r = subprocess.run(limited, capture_output=True, text=True, env=environment, cwd=tmp_path)
+    assert r.returncode == 3 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    lines = [line for line in r.stderr.splitlines() if line.startswith("jaxinf plan: error: ")]
+    assert len(lines) == 1 and lines[0].startswith(f"jaxinf plan: error: {out}: file too large"), r.stderr
+    assert [p.name for p in tmp_path.iterdir() if "plan" in p.name] == []  # nor its temporary file
+
+
+def test_other_queries_under_another_path_go_on_when_nothing_saved_depends_on_them(world, tmp_path, monkeypatch):
+    """A run stopped in its Lambda pass, resumed with other queries under another path, goes on: no saved result
+    depends on the queries yet (compared by content, as test_inputs_under_another_path_are_compared_by_content
+    shows; the refusal is only for results that the other queries would discard), and its exports are the new
+    queries'."""
+    out = tmp_path / "run"
+    settings = {"data.batch_size": 4, "factors.fisher": "empirical"}
+    monkeypatch.setenv("JAXINF_FAULT", "lambda:1:raise")
+    with pytest.raises(RuntimeError, match="fault injected at lambda:1"):
+        cli.main(["-q", "run", *overrides(world, out, **settings)])
+    monkeypatch.delenv("JAXINF_FAULT")
+    lines = Path(world["queries"]).read_text().splitlines()
+    (tmp_path / "q1.jsonl").write_text(lines[1] + "\n")
+    assert cli.main(["-q", "run", *overrides(world, out, **settings, **{"data.queries": tmp_path / "q1.jsonl"})]) == 0
+    exported = [json.loads(line)["id"] for line in (out / "queries.jsonl").read_text().splitlines()]
+    assert exported == [json.loads(lines[1])["id"]]
+
+
+def test_a_query_against_a_run_whose_model_was_edited_in_place_says_so(world, tmp_path, capsys):
+    """The twelfth pass: ``jaxinf query RUN Q`` after RUN's weights were edited in place said "model.checkpoint (the
+    model in M is not what RUN read from M): a query is scored with the model and curvature of its run RUN, fitted
+    with other values of these; leave them out", though the user gave no model.checkpoint to leave out (and
+    ``factors.from=RUN`` called it "fitted with other settings"). The same directory edited since is said as such,
+    with what to do: restore it, or fit RUN again."""
+    import shutil
+
+    from safetensors.numpy import load_file, save_file
+
+    model = shutil.copytree(world["model"], tmp_path / "model")
+    run = tmp_path / "run"
+    settings = {"data.batch_size": 8, "factors.fisher": "empirical", "index.k": 2, "model.checkpoint": model}
+    assert cli.main(["-q", "run", *overrides(world, run, **settings)]) == 0
+    weights = load_file(model / "model.safetensors")
+    name = sorted(weights)[0]
+    save_file({**weights, name: weights[name] * 2}, model / "model.safetensors", metadata={"format": "pt"})
+    capsys.readouterr()
+    message = (
+        f"{model}: the model changed since {run} read it (its curvature was fitted with the model as it was); "
+        f"restore it, or fit {run} again (jaxinf run --overwrite)"
+    )
+    assert cli.main(["-q", "query", str(run), str(world["queries"]), "--out", str(tmp_path / "q")]) == 2
+    assert _one_error(capsys, "query") == message
+    del settings["index.k"]
+    assert cli.main(["-q", "run", *overrides(world, tmp_path / "r", **settings, **{"factors.from": run})]) == 2
+    assert _one_error(capsys, "run") == message
+    assert not (tmp_path / "q").exists() and not (tmp_path / "r").exists()

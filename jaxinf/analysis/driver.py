@@ -47,8 +47,8 @@ from jaxinf.run.exports.formats import (
     read_exported_queries,
     read_index_fidelity,
     read_run_record,
-    run_cwd,
 )
+from jaxinf.run.rundir import recorded_cwd
 
 SUMMARY_VERSION = 1
 
@@ -405,8 +405,10 @@ def _texts(run_dir, record, fetched, text_source, notes) -> tuple[dict[int, str]
             path = (config.get("data") or {}).get("documents")
             if isinstance(path, str) and path:
                 p = Path(path)
-                started = run_cwd(record)  # the run's own working directory, then the run's, then ours
-                cands = [p] if p.is_absolute() else [*([started / p] if started else []), run_dir / p, Path.cwd() / p]
+                started = recorded_cwd(record)  # the run's own working directory, then the run's, then ours
+                cands = (
+                    [p] if p.is_absolute() else [*([Path(started, p)] if started else []), run_dir / p, Path.cwd() / p]
+                )
                 found = next((c for c in cands if c.is_file()), None)
                 changed = None if found is None else corpus_changed(found, record, config.get("data") or {})
                 if changed is not None:

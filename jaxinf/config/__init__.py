@@ -35,6 +35,7 @@ from jaxinf.config.keys import (
     yaml_name,
 )
 from jaxinf.config.reading import (
+    CONTENT_KEYS,
     check_values,
     config_arguments,
     from_dict,
@@ -46,6 +47,7 @@ from jaxinf.config.reading import (
 )
 
 __all__ = [
+    "CONTENT_KEYS",
     "SECTIONS",
     "STAGES",
     "Config",

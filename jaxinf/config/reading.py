@@ -104,6 +104,12 @@ argument but not after ``key=`` (``run.out=~/runs/x`` made a directory called ``
 ``rm -rf ~`` then takes for the home directory), nor in a YAML config."""
 
 
+CONTENT_KEYS = ("model.checkpoint", "data.documents", "data.queries")
+"""The path keys whose content a run records (``run.json``'s ``inputs``, :mod:`jaxinf.run.fingerprint`): a resumed
+run compares what they hold, not where it is, so the same files moved, copied or named by another path are no
+change, and other files under another path are refused there by their content, with the cheapest way on."""
+
+
 def located(config: Config, cwd: str) -> Config:
     """``config`` with each path key (:data:`PATH_KEYS`) the absolute, resolved path it names from the working
     directory ``cwd`` (a ``tfds:NAME`` as it is), so that two configs naming the same files by other spellings

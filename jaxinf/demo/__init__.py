@@ -31,7 +31,7 @@ from typing import Any
 
 import yaml
 
-from jaxinf.atomic import write_json, write_jsonl
+from jaxinf.atomic import write_atomic, write_json, write_jsonl
 
 log = logging.getLogger("jaxinf")
 
@@ -123,11 +123,12 @@ def _seed(where: Path, seed: int, docs: list[dict], docs_path: Path, n_documents
         "data": {**DEMO_CONFIG["data"], "documents": str(docs_path), "queries": str(queries_path)},
         "run": {"out": str(where / "run")},
     }
-    config_path.write_text(
+    write_atomic(
+        config_path,
         "# written by jaxinf demo; rerun with: jaxinf run "
         + str(config_path)
         + "\n"
-        + yaml.safe_dump(raw, sort_keys=False)
+        + yaml.safe_dump(raw, sort_keys=False),
     )
     return pipeline.run(cfg.load(config_path))
 
@@ -149,7 +150,7 @@ def _write_seed_table(out: Path, runs: list[Path]) -> None:
     )
     write_json(out / SEEDS_JSON, table)
     text = sd.seeds_markdown(table)
-    (out / SEEDS_MD).write_text(text)
+    write_atomic(out / SEEDS_MD, text)
     print("\n" + text)
     first = runs[0]
     if json.loads((first / "summary.json").read_text()).get("seeds") != table:

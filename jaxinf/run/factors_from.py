@@ -42,6 +42,13 @@ def check(config: cfg.Config, model_fp: dict | None) -> RunStore | None:
             if {n: f["sha256"] for n, f in model_fp[kind]["files"].items()}
             != {n: f.get("sha256") for n, f in recorded.get(kind, {}).get("files", {}).items()}
         ]
+        if changed and Path(theirs.model.checkpoint or "").resolve() == Path(config.model.checkpoint or "").resolve():
+            what = " and ".join(changed)  # the same directory, edited in place since: no setting to leave out or change
+            raise StoreError(
+                f"{config.model.checkpoint}: the {what} changed since {other} read {'it' if len(changed) == 1 else 'them'}"
+                f" (its curvature was fitted with the {what} as {'it was' if len(changed) == 1 else 'they were'}); "
+                f"restore {'it' if len(changed) == 1 else 'them'}, or fit {other} again (jaxinf run --overwrite)"
+            )
         if changed:
             mismatched.append(
                 f"model.checkpoint (the {' and '.join(changed)} in {config.model.checkpoint} "

@@ -59,15 +59,32 @@ def find_condition(exc: BaseException, root=None) -> tuple[int, str | None] | No
     """
     for e in _chain(exc):
         if isinstance(e, OSError) and e.errno in CONDITIONS:
-            return e.errno, e.filename if isinstance(e.filename, str) else None
+            return e.errno, final_path(e.filename) if isinstance(e.filename, str) else None
     for e in _chain(exc):
         text = str(e)
         for needle, code in _TEXTS.items():
             if needle in text:
                 under = str(Path(root).absolute()) if root is not None else None
                 paths = [m for m in re.findall(r"/[^\s'\":;,()\[\]]+", text) if under is None or m.startswith(under)]
-                return code, max(paths, key=len) if paths else None
+                return code, final_path(max(paths, key=len)) if paths else None
     return None
+
+
+_ORBAX_TMP = re.compile(r"^(.+?)(?:\.partial_save)?\.orbax-checkpoint-tmp[^/]*$")
+
+
+def final_path(path: str) -> str:
+    """``path`` as the user will find it: a file inside a checkpoint Orbax was still writing (under its temporary
+    directory ``STEP.orbax-checkpoint-tmp-NNN/...``, renamed to ``STEP`` once whole, removed on failure) is named
+    by the checkpoint it was going to be, ``.../state/covariance/1``, not by a temporary path that is gone by the
+    time the message is read (a file-size limit named ``1.orbax-checkpoint-tmp/default.orbax-checkpoint-tmp/
+    ocdbt.process_0/d/ef13...``)."""
+    parts = Path(path).parts
+    for i, part in enumerate(parts):
+        found = _ORBAX_TMP.match(part)
+        if found is not None:
+            return str(Path(*parts[:i], found.group(1)))
+    return path
 
 
 def environment_failure(exc: BaseException, root, stage: str, restored: bool = False) -> EnvironmentFailure | None:

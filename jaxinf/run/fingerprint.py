@@ -48,6 +48,7 @@ from typing import Any
 
 from jaxinf import config as cfg
 from jaxinf.atomic import file_sha256
+from jaxinf.run import rundir
 from jaxinf.run.rundir import StoreError, output_key
 from jaxinf.run.store import RunStore
 
@@ -207,6 +208,13 @@ def check_model(store: RunStore, checkpoint: str) -> dict:
         for name in sorted(set(before) | set(now)):
             if before.get(name, {}).get("sha256") != now.get(name, {}).get("sha256"):
                 what = "is new" if name not in before else "is gone" if name not in now else "changed"
+                if "model.checkpoint" in store.moved:  # another directory than the run read: not an edit
+                    raise InputChanged(
+                        f"model.checkpoint: {checkpoint} is not the {kind} this run was computed with (that of "
+                        f"{store.moved['model.checkpoint']}: {name} {'differs' if what == 'changed' else what}; "
+                        f"every stage depends on it); give that {kind} (a copy is accepted), or another "
+                        f"{output_key()} for this one"
+                    )
                 raise InputChanged(
                     f"{Path(checkpoint) / name}: {what} since this run started (stage {started[0]} onwards was "
                     f"computed with the {kind} as it was; every stage depends on it); restore it, or start over "
@@ -261,6 +269,7 @@ def reconcile(
     elif old is not None and started:
         reasons = []
         od, oq = old.get("documents", {}), old.get("queries", {})
+        _refuse_other_inputs(store, started, od, documents, oq, queries)
         where_ = changed_shards(od.get("shards"), documents.get("shards"))
         if od.get("fit") != documents["fit"]:
             reasons.append(
@@ -297,6 +306,54 @@ def reconcile(
             invalidate(store, invalid)
     store.update(inputs=current)
     return invalid
+
+
+def _refuse_other_inputs(
+    store: RunStore, started: list[str], od: dict, documents: dict, oq: dict, queries: dict
+) -> None:
+    """Refuses documents or queries given under another path than the run read them from (``store.moved``) whose
+    content differs from what the saved results were computed with: unlike an edit in place, which leaves nothing to
+    keep the old results for, these are other inputs, and recomputing would discard results the old ones still hold.
+    The same content under another path goes on (a queries file whose ids or labels alone differ too: only the
+    exports are written again), and so does other content of which no saved result depends (a run stopped before
+    its first stage that reads it). The message names the cheapest way on: the run's curvature (or its index) reused
+    for the other inputs in another output directory, not ``--overwrite``, which discards it."""
+    key, root = output_key(), store.root
+
+    def saved(first: str, but: tuple[str, ...] = ()) -> bool:  # a result computed from it, not written again cheaply
+        later = cfg.STAGES[cfg.STAGES.index(first) :]
+        return any(s in later and s not in ("exports", "analysis", *but) for s in started)
+
+    from_run = (store.record.get("config") or {}).get("factors", {}).get("from")  # the curvature it reused, if any
+    fitted = from_run if isinstance(from_run, str) and from_run else str(root)
+    reuse = f"factors.from={fitted} with another {key} reuses this run's curvature"
+    if (
+        "data.documents" in store.moved
+        and (od.get("sha256"), od.get("count")) != (documents["sha256"], documents["count"])
+        and saved("covariance" if od.get("fit") != documents["fit"] else "scores")
+    ):
+        raise StoreError(
+            f"data.documents: {documents['path']} holds other documents than {store.moved['data.documents']}, "
+            f"which this run's saved results were computed with; "
+            + ("give another --out" if rundir.in_query() else f"{reuse} (fitted on those) to score these")
+        )
+    if "data.queries" in store.moved and (oq.get("sha256"), oq.get("count")) != (queries["sha256"], queries["count"]):
+        if (oq.get("measured") is not None and oq.get("measured") == queries["measured"]) or not saved(
+            "queries", but=("index",)
+        ):
+            return  # only ids or labels (the exports, written again from the saved scores), or nothing saved yet
+        if rundir.in_query():
+            raise StoreError(
+                f"QUERIES: {queries['path']} holds other queries than {store.moved['data.queries']}, which {root} "
+                f"answers; give another --out for them"
+            )
+        indexed = store.status("index") == "done"
+        raise StoreError(
+            f"data.queries: {queries['path']} holds other queries than {store.moved['data.queries']}, which this "
+            f"run's saved results answer; "
+            + (f"jaxinf query {root} {queries['path']} --out DIR scores them from its index, or " if indexed else "")
+            + f"{reuse} to score them"
+        )
 
 
 def invalidate(store: RunStore, stages: list[str]) -> None:

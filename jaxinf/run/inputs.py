@@ -163,13 +163,11 @@ def document_lengths(store: RunStore | None, documents, encoder, limit: int | No
     from jaxinf.data.batching import document_lengths as count
     from jaxinf.engine.progress import Progress
 
-    key = {
-        "documents": _file_key(getattr(documents, "name", "")),
-        "size": len(documents),
-        "tokenizer": _text_hash(encoder.tokenizer.to_str()),
-    }
-    if hasattr(documents, "content_digest"):  # an edit within the same second and size changes the content
-        key["content"] = documents.content_digest()
+    key: dict = {"size": len(documents), "tokenizer": _text_hash(encoder.tokenizer.to_str())}
+    if hasattr(documents, "content_digest"):  # by content (an edit within the same second and size changes it; the
+        key["content"] = documents.content_digest()  # same documents moved or copied are the same counts)
+    else:
+        key["documents"] = _file_key(getattr(documents, "name", ""))
     if getattr(documents, "field_names", None) not in (None, ("id", "text", "source")):
         key["fields"] = list(documents.field_names)
     if limit is not None:

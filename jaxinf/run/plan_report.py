@@ -8,6 +8,7 @@ import json
 import sys
 from pathlib import Path
 
+from jaxinf.atomic import write_atomic
 from jaxinf.run.index_store import format_size
 from jaxinf.run.plan import GiB, PlanError, plan
 
@@ -185,7 +186,7 @@ def finish(result: dict, config, json_out: str | None) -> int:
     if json_out == "-":
         sys.stdout.write(json.dumps(result, indent=1) + "\n")
     elif json_out:
-        Path(json_out).write_text(json.dumps(result, indent=1) + "\n")
+        write_atomic(Path(json_out), json.dumps(result, indent=1) + "\n")  # never a half-written file
     problems = check_fit(result, config.plan.device_memory_gib)
     for p in problems:
         print(f"jaxinf plan: does not fit: {p}", file=table_stream(json_out))

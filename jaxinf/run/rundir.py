@@ -388,10 +388,15 @@ def recorded_config(record: dict, root: Path) -> cfg.Config:
     from the directory it was started in (the record's ``cwd``; the working directory for a record without one).
     ``jaxinf query RUN``, ``factors.from`` and ``kronfluence export`` started elsewhere read a run's relative paths
     from their own directory ("model.checkpoint: model: no such directory"). Raises ``ConfigError``."""
+    return cfg.located(cfg.from_dict(record["config"], str(root / RECORD)), recorded_cwd(record) or os.getcwd())
+
+
+def recorded_cwd(record: dict) -> str | None:
+    """The working directory the run of ``record`` was started in (its ``cwd``), against which its config's relative
+    paths were read; None for a record without one (a run older than the field, or a damaged field): each reader
+    then falls back as it must (this process's working directory, or the run directory too for the analysis)."""
     where = record.get("cwd")
-    return cfg.located(
-        cfg.from_dict(record["config"], str(root / RECORD)), where if isinstance(where, str) and where else os.getcwd()
-    )
+    return where if isinstance(where, str) and where else None
 
 
 _FILES = {"*": {"sha256": str}}

@@ -196,6 +196,9 @@ class RunStore:
     def __init__(self, root: Path, record: dict):
         self.root = Path(root)
         self.record = record
+        self.moved: dict[
+            str, str
+        ] = {}  # content keys named otherwise on a resume -> the path the run read (_check_resume)
 
     # ------------------------------------------------------------------ opening
 
@@ -255,13 +258,17 @@ class RunStore:
         """Refuses ``new`` when a key that changes results differs from ``old`` (the record's) and the stage it affects
         has saved progress; else marks the stages it affects pending. A path key differs only when both its spelling
         and what it names (from the working directory it was given in: the record's ``cwd``) differ: the same files
-        by another path are not a change, nor the same relative paths of a run directory moved with its inputs (the
-        content of the model, documents and queries is compared apart, :mod:`jaxinf.run.fingerprint`)."""
-        where = self.record.get("cwd")
-        located = cfg.changed_keys(
-            cfg.located(old, where if isinstance(where, str) else os.getcwd()), cfg.located(new, os.getcwd())
-        )
+        by another path are not a change, nor the same relative paths of a run directory moved with its inputs. The
+        model, documents and queries under another path (:data:`jaxinf.config.CONTENT_KEYS`) are no change of key at
+        all: they are kept in ``moved`` and compared by their content once read (:mod:`jaxinf.run.fingerprint`)."""
+        was = cfg.located(old, rundir.recorded_cwd(self.record) or os.getcwd())
+        located = cfg.changed_keys(was, cfg.located(new, os.getcwd()))
         changed = [k for k in cfg.changed_keys(old, new) if k in located]
+        # another path for the model, documents or queries: compared by content once they are read (reconcile)
+        self.moved = {
+            k: str(cfg.to_dict(was)[k.split(".")[0]][k.split(".")[1]]) for k, _ in changed if k in cfg.CONTENT_KEYS
+        }
+        changed = [(k, stage) for k, stage in changed if k not in self.moved]
         if not changed:
             return
         order = {s: i for i, s in enumerate(cfg.STAGES)}

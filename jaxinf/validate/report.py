@@ -15,6 +15,7 @@ from matplotlib.figure import Figure
 
 from jaxinf.analysis.figures import RC, _save, lab
 from jaxinf.analysis.report import CSP, _figure, _table, esc, fmt
+from jaxinf.atomic import write_atomic
 from jaxinf.validate.index import METHODS
 
 
@@ -121,7 +122,7 @@ the query's log-probability under the models retrained on the subset, both stand
 {fidelity}
 </body></html>
 """
-    (out / "index.html").write_text(page, encoding="utf-8")
+    write_atomic(out / "index.html", page)
 
 
 def _fidelity_section(fidelity: dict | None) -> str:

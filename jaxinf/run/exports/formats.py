@@ -530,12 +530,6 @@ def read_run_record(run_dir: Path) -> dict:
     return rundir.read_record(Path(run_dir), config_only=True) or {}
 
 
-def run_cwd(record: dict) -> Path | None:
-    """The record's ``cwd`` (:func:`read_run_record`), or None when it has none."""
-    cwd = record.get("cwd")
-    return Path(cwd) if isinstance(cwd, str) and cwd else None
-
-
 def read_index_fidelity(path: Path) -> dict | None:
     """``index.json`` of a run scored from the EK-FAC index (each query's predicted correlation with the exact
     scores, the documents rescored to certify the tails), or None when there is none (exact scores)."""
