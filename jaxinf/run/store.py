@@ -196,9 +196,8 @@ class RunStore:
     def __init__(self, root: Path, record: dict):
         self.root = Path(root)
         self.record = record
-        self.moved: dict[
-            str, str
-        ] = {}  # content keys named otherwise on a resume -> the path the run read (_check_resume)
+        # the content keys named otherwise on a resume -> the path the run read them from (_check_resume)
+        self.moved: dict[str, str] = {}
 
     # ------------------------------------------------------------------ opening
 
