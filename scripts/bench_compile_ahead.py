@@ -73,18 +73,7 @@ def main(argv=None) -> None:
         docs = root / "world" / f"docs-{args.documents}.jsonl"
         lines = Path(w["docs"]).read_text().splitlines(keepends=True)[: args.documents]
         docs.write_text("".join(lines))
-    base = [
-        f"model.checkpoint={w['model']}",
-        f"data.documents={docs}",
-        f"data.queries={w['queries']}",
-        f"data.max_length={size['length']}",
-        "data.batch_size=8",
-        f"data.query_batch_size={size['queries']}",
-        "factors.strategy=ekfac",
-        "factors.fisher=sampled",
-        "scores.query_rank=32",
-        "scores.query_svd=randomized",
-    ]
+    base = bench.run_settings({**w, "docs": docs}, size, query_svd="randomized")
     rows: dict[str, list[dict]] = {k: [] for k in ("ahead, cold", "plain, cold", "ahead, warm", "plain, warm")}
     for r in range(args.repeat):
         order = (True, False) if r % 2 == 0 else (False, True)

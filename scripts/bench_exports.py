@@ -78,19 +78,7 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     size, root = bench.SIZES[args.size], Path(args.root)
     w = bench.build(root / "world", size)
-    base = [
-        f"model.checkpoint={w['model']}",
-        f"data.documents={w['docs']}",
-        f"data.queries={w['queries']}",
-        f"data.max_length={size['length']}",
-        "data.batch_size=8",
-        f"data.query_batch_size={size['queries']}",
-        "factors.strategy=ekfac",
-        "factors.fisher=sampled",
-        f"scores.query_rank={args.query_rank}",
-        "scores.query_svd=full",
-        "scores.topk=100",
-    ]
+    base = [*bench.run_settings(w, size, query_svd="full", query_rank=args.query_rank), "scores.topk=100"]
     repos = {"this": ROOT, **({"baseline": Path(args.baseline).resolve()} if args.baseline else {})}
     caches = {name: root / f"xla-{name}" for name in repos}
     for name, repo in repos.items():  # fills each code's compilation cache

@@ -165,19 +165,7 @@ def main(argv=None) -> None:
             for i in range(size["queries"])
         )
     )
-    base = [
-        f"model.checkpoint={w['model']}",
-        f"data.documents={w['docs']}",
-        f"data.queries={w['queries']}",
-        f"data.max_length={size['length']}",
-        "data.batch_size=8",
-        f"data.query_batch_size={size['queries']}",
-        "factors.strategy=ekfac",
-        "factors.fisher=sampled",
-        f"scores.query_rank={args.query_rank}",
-        "scores.query_svd=full",
-        f"scores.topk={args.topk}",
-    ]
+    base = [*bench.run_settings(w, size, query_svd="full", query_rank=args.query_rank), f"scores.topk={args.topk}"]
     cache = root / "xla"
     if args.empirical_whole_run:
         return empirical_whole_run(base, root, cache, args)

@@ -111,6 +111,23 @@ class Stage:
 # --------------------------------------------------------------------------- the world
 
 
+def run_settings(w: dict, size: dict, *, query_svd: str, batch_size: int = 8, query_rank: int = 32) -> list[str]:
+    """The ``key=value`` settings of a ``jaxinf run`` of the world ``w`` (:func:`build`) as every bench runs it:
+    EK-FAC under the true Fisher, the size's length and query batch, the queries at ``query_rank``."""
+    return [
+        f"model.checkpoint={w['model']}",
+        f"data.documents={w['docs']}",
+        f"data.queries={w['queries']}",
+        f"data.max_length={size['length']}",
+        f"data.batch_size={batch_size}",
+        f"data.query_batch_size={size['queries']}",
+        "factors.strategy=ekfac",
+        "factors.fisher=sampled",
+        f"scores.query_rank={query_rank}",
+        f"scores.query_svd={query_svd}",
+    ]
+
+
 def build(root: Path, size: dict, seed: int = 0) -> dict:
     """A random Llama checkpoint with a word-level tokenizer, documents and queries."""
     import torch
@@ -519,18 +536,7 @@ def whole_process(w: dict, size: dict, args, root: Path) -> dict:
     import subprocess
 
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    overrides = [
-        f"model.checkpoint={w['model']}",
-        f"data.documents={w['docs']}",
-        f"data.queries={w['queries']}",
-        f"data.max_length={size['length']}",
-        f"data.batch_size={args.batch_size}",
-        f"data.query_batch_size={size['queries']}",
-        "factors.strategy=ekfac",
-        "factors.fisher=sampled",
-        f"scores.query_rank={args.query_rank}",
-        f"scores.query_svd={args.query_svd}",
-    ]
+    overrides = run_settings(w, size, query_svd=args.query_svd, batch_size=args.batch_size, query_rank=args.query_rank)
     out = {}
     for label, cache in (("jaxinf, cold", root / "xla-cold"), ("jaxinf, second run", root / "xla-cold")):
         run_dir = root / ("process-" + label.split(", ")[1].replace(" ", "-"))

@@ -22,7 +22,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import Future
 from typing import Any
 
@@ -74,7 +74,7 @@ class Ahead:
     """``fn`` (a jitted step), with the programs for the batches ``upcoming`` compiled in a background thread from
     its first call on. ``batch``: the position of the batch among ``fn``'s arguments."""
 
-    def __init__(self, fn: Callable, batch: int, upcoming: Sequence[Any]):
+    def __init__(self, fn: Any, batch: int, upcoming: Sequence[Any]):  # fn: a jitted function (its lower, too)
         self.fn, self.batch, self.upcoming = fn, batch, list(upcoming)
         self.compiled: dict[tuple, Future] = {}
         self.calls_ahead = 0  # calls that ran a program compiled ahead

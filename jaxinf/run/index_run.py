@@ -551,8 +551,8 @@ def exact_scores(config: cfg.Config, inputs: Inputs, qg, wanted: list[int], exec
     from jaxinf.data.batching import scatter_columns
 
     subset, batches = inputs.subset_batches(config, wanted, executor)
-    score = programs.scores(config, inputs.task, inputs.layers, self_influence=False, tails=len(wanted))
-    score = score.jit(executor, batches)
+    program = programs.scores(config, inputs.task, inputs.layers, self_influence=False, tails=len(wanted))
+    score = program.jit(executor, batches)
     tails = executor.jit(
         lambda: programs.tails_init(config, inputs.layers, qg.num_queries, len(wanted)),
         out_shardings=executor.replicated(),
