@@ -80,21 +80,22 @@ class Ahead:
         self.calls_ahead = 0  # calls that ran a program compiled ahead
 
     def __call__(self, *args):
-        program = self.compiled.get(signature(args[self.batch]))
+        key = signature(args[self.batch])
+        program = self.compiled.get(key)
         if program is not None:
             try:
                 compiled = program.result()
-            except Exception:  # compiled again by the step below, which raises the error where it would have
+            except Exception:  # noqa: BLE001 - not compiled ahead: the step below compiles it, and raises its error
                 compiled = None
             if compiled is not None:
                 try:
                     out = compiled(*args)  # arguments are checked before anything runs or is donated
                 except (TypeError, ValueError) as e:  # not the arguments it was compiled for (a layout that moved)
                     log.debug("compiled ahead for other arguments (%s); the step compiles its own", e)
-                    self.compiled.pop(signature(args[self.batch]))
                 else:
                     self.calls_ahead += 1
                     return out
+            self.compiled.pop(key)  # the step's own program for this shape from now on
         if not self.upcoming:
             return self.fn(*args)
         shapes = [abstract(x) for x in jax.tree.leaves(args)]  # before the call, which may donate them
@@ -106,21 +107,20 @@ class Ahead:
         """Compiles the step for each upcoming batch but the first call's, in a daemon thread of the lowest
         priority (it takes the cores the steps leave idle; a run that ends or fails does not wait for it)."""
         first = signature(args[self.batch])
-        structure = jax.tree.structure(args)
-        todo: list[tuple[tuple, Future, tuple]] = []
+        base = list(jax.tree.unflatten(jax.tree.structure(args), shapes))
+        todo: list[tuple[Future, tuple]] = []
         for batch in self.upcoming:
             key = signature(batch)
             if key == first or key in self.compiled:
                 continue
-            call = list(jax.tree.unflatten(structure, shapes))
-            call[self.batch] = jax.tree.map(abstract, batch)
+            call = [*base[: self.batch], jax.tree.map(abstract, batch), *base[self.batch + 1 :]]
             self.compiled[key] = Future()
-            todo.append((key, self.compiled[key], tuple(call)))
+            todo.append((self.compiled[key], tuple(call)))
         self.upcoming = []
 
         def compile_all() -> None:
             lowest_priority()
-            for _, future, call in todo:
+            for future, call in todo:
                 try:
                     future.set_result(self.fn.lower(*call).compile())
                 except Exception as e:  # noqa: BLE001 - handed to the call that needs it

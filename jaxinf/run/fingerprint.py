@@ -48,8 +48,7 @@ from typing import Any
 
 from jaxinf import config as cfg
 from jaxinf.atomic import file_sha256
-from jaxinf.run import rundir
-from jaxinf.run.rundir import StoreError, output_key
+from jaxinf.run.rundir import StoreError, in_query, output_key
 from jaxinf.run.store import RunStore
 
 log = logging.getLogger("jaxinf")
@@ -335,14 +334,14 @@ def _refuse_other_inputs(
         raise StoreError(
             f"data.documents: {documents['path']} holds other documents than {store.moved['data.documents']}, "
             f"which this run's saved results were computed with; "
-            + ("give another --out" if rundir.in_query() else f"{reuse} (fitted on those) to score these")
+            + ("give another --out" if in_query() else f"{reuse} (fitted on those) to score these")
         )
     if "data.queries" in store.moved and (oq.get("sha256"), oq.get("count")) != (queries["sha256"], queries["count"]):
         if (oq.get("measured") is not None and oq.get("measured") == queries["measured"]) or not saved(
             "queries", but=("index",)
         ):
             return  # only ids or labels (the exports, written again from the saved scores), or nothing saved yet
-        if rundir.in_query():
+        if in_query():
             raise StoreError(
                 f"QUERIES: {queries['path']} holds other queries than {store.moved['data.queries']}, which {root} "
                 f"answers; give another --out for them"
